@@ -1,0 +1,86 @@
+"""The ``banaserve`` command line: argument parsing and wiring only."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from services.common.errors import BanaServeError
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate a completion in-process and stream it to stdout")
+    p.add_argument("--model", default="tiny-llama", help="prepared model name or model directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from services.engine.generate_cli import run_generate
+
+    return run_generate(args)
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="manage local models")
+    msub = p.add_subparsers(dest="models_command", required=True)
+    prep = msub.add_parser("prepare", help="build tiny-llama and convert smollm2-135m locally")
+    prep.add_argument("names", nargs="*", help="models to prepare (default: all)")
+    prep.add_argument("--dir", default=None, help="models directory (default: $BANASERVE_HOME/models)")
+    prep.add_argument("--force", action="store_true", help="rebuild even if present")
+    prep.set_defaults(func=_run_models_prepare)
+
+
+def _run_models_prepare(args: argparse.Namespace) -> int:
+    from services.engine.models.prepare import run_prepare_cli
+
+    return run_prepare_cli(args)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks")
+    bsub = p.add_subparsers(dest="bench_command", required=True)
+    eng = bsub.add_parser("engine", help="engine prefill/decode throughput vs vLLM and transformers")
+    from bench.engine_bench import add_arguments
+
+    add_arguments(eng)
+    eng.set_defaults(func=_run_bench_engine)
+
+
+def _run_bench_engine(args: argparse.Namespace) -> int:
+    from bench.engine_bench import run
+
+    return run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="banaserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_models(sub)
+    _add_bench(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BanaServeError as exc:
+        print(f"banaserve: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
