@@ -1,0 +1,168 @@
+"""Paged attention over the KV cache, and the partial-attention hook.
+
+Every layer of a step first writes the new tokens' K/V into their cache slots,
+then attends: decoding sequences (one query each) in one batched call over
+their gathered blocks, prefilling sequences one by one with a causal mask that
+is offset by the context they already have.
+
+Partial attention (DESIGN.md §3, hook 2): attention over a chosen subset of a
+sequence's blocks returns the *unnormalised* output ``O = sum_j e^(s_j - m) v_j``
+with the row max ``m`` and denominator ``l = sum_j e^(s_j - m)``, so results
+computed in different places merge exactly with ``merge_partials``.
+
+GQA is handled by grouping query heads under their KV head
+(``[kv_heads, group * q_len, head_dim]``), so K/V are never repeated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSpan:
+    """One sequence's rows in a flattened step: ``q_len`` new tokens after ``ctx_len - q_len``."""
+
+    q_start: int
+    q_len: int
+    ctx_len: int
+    block_table: torch.Tensor  # [blocks needed for ctx_len]
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] flat cache slot of each new token
+    prefills: list[PrefillSpan]
+    # Decode rows (one token each), batched:
+    decode_rows: torch.Tensor | None = None  # [B] row of each decode token in the step
+    decode_blocks: torch.Tensor | None = None  # [B * max_blocks] block ids, padded
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] True = attend
+
+    @property
+    def num_decodes(self) -> int:
+        return 0 if self.decode_rows is None else int(self.decode_rows.numel())
+
+
+@dataclass
+class PartialAttention:
+    out: torch.Tensor  # [q_len, heads, head_dim], unnormalised
+    max: torch.Tensor  # [q_len, heads]
+    denom: torch.Tensor  # [q_len, heads]
+
+    def normalized(self) -> torch.Tensor:
+        return self.out / self.denom.unsqueeze(-1)
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+             k: torch.Tensor, v: torch.Tensor) -> None:
+    """Store new K/V ``[tokens, kv_heads, head_dim]`` into a layer's paged cache."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+
+
+def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """``[len(block_ids) * block_size, kv_heads, head_dim]``, contiguous."""
+    return cache.index_select(0, block_ids).flatten(0, 1)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Attention output ``[tokens, heads, head_dim]`` for a step's queries ``q``."""
+    out = torch.empty_like(q)
+    for span in meta.prefills:
+        rows = slice(span.q_start, span.q_start + span.q_len)
+        k = gather_blocks(k_cache, span.block_table)[: span.ctx_len]
+        v = gather_blocks(v_cache, span.block_table)[: span.ctx_len]
+        out[rows] = _prefill_attention(q[rows], k, v, scale)
+    if meta.num_decodes:
+        out[meta.decode_rows] = _decode_attention(q[meta.decode_rows], k_cache, v_cache, meta, scale)
+    return out
+
+
+def _group(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``[n, heads, d]`` -> ``[kv_heads, group * n, d]`` (query heads under their KV head)."""
+    n, heads, d = q.shape
+    return q.view(n, num_kv_heads, heads // num_kv_heads, d).permute(1, 2, 0, 3).reshape(
+        num_kv_heads, -1, d)
+
+
+def _ungroup(o: torch.Tensor, n: int) -> torch.Tensor:
+    kv_heads, gn, d = o.shape
+    return o.view(kv_heads, gn // n, n, d).permute(2, 0, 1, 3).reshape(n, -1, d)
+
+
+def _causal_mask(q_len: int, ctx_len: int, group: int, device: torch.device) -> torch.Tensor:
+    q_pos = torch.arange(ctx_len - q_len, ctx_len, device=device)
+    mask = torch.arange(ctx_len, device=device)[None, :] <= q_pos[:, None]
+    return mask.repeat(group, 1)
+
+
+def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       scale: float) -> torch.Tensor:
+    n, kv_heads = q.shape[0], k.shape[1]
+    qg = _group(q, kv_heads)
+    mask = _causal_mask(n, k.shape[0], q.shape[1] // kv_heads, q.device)
+    o = F.scaled_dot_product_attention(qg, k.transpose(0, 1), v.transpose(0, 1),
+                                       attn_mask=mask, scale=scale)
+    return _ungroup(o, n)
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    b, heads, d = q.shape
+    kv_heads = k_cache.shape[2]
+    k = k_cache.index_select(0, meta.decode_blocks).view(b, -1, kv_heads, d).transpose(1, 2)
+    v = v_cache.index_select(0, meta.decode_blocks).view(b, -1, kv_heads, d).transpose(1, 2)
+    qg = q.view(b, kv_heads, heads // kv_heads, d)
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=meta.decode_mask, scale=scale)
+    return o.reshape(b, heads, d)
+
+
+# -- hook 2: partial attention ----------------------------------------------------------
+
+
+def partial_attention(q: torch.Tensor, q_positions: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor, kv_positions: torch.Tensor,
+                      scale: float) -> PartialAttention:
+    """Unnormalised attention of ``q`` ``[n, heads, d]`` over keys ``[s, kv_heads, d]``.
+
+    Causality comes from the absolute positions: query i sees key j iff
+    ``kv_positions[j] <= q_positions[i]``. A row that sees no key gets
+    ``max = -inf``, ``denom = 0`` and a zero output, which merges as "nothing".
+    """
+    n, heads, d = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    qg = _group(q, kv_heads).float()
+    scores = torch.matmul(qg, k.float().transpose(0, 1).transpose(1, 2)) * scale
+    visible = (kv_positions[None, :] <= q_positions[:, None]).repeat(group, 1)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    m = scores.amax(dim=-1, keepdim=True)
+    p = torch.exp(scores - torch.where(torch.isinf(m), torch.zeros_like(m), m))
+    o = torch.matmul(p, v.float().transpose(0, 1))
+    return PartialAttention(out=_ungroup(o, n), max=_ungroup(m, n).squeeze(-1),
+                            denom=_ungroup(p.sum(-1, keepdim=True), n).squeeze(-1))
+
+
+def merge_partials(parts: list[PartialAttention]) -> PartialAttention:
+    """Exact log-sum-exp merge: ``m = max m_i``, ``O = sum e^(m_i-m) O_i``, ``l = sum e^(m_i-m) l_i``."""
+    if not parts:
+        raise ValueError("merge_partials needs at least one partial result")
+    m = torch.stack([p.max for p in parts]).amax(dim=0)
+    safe_m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    out = torch.zeros_like(parts[0].out)
+    denom = torch.zeros_like(parts[0].denom)
+    for p in parts:
+        w = torch.exp(p.max - safe_m)
+        out += w.unsqueeze(-1) * p.out
+        denom += w * p.denom
+    return PartialAttention(out=out, max=m, denom=denom)
+
+
+def block_positions(block_indices: list[int], block_size: int, ctx_len: int) -> torch.Tensor:
+    """Absolute token positions held by the given blocks of a sequence of ``ctx_len`` tokens."""
+    pos = [i * block_size + j for i in block_indices for j in range(block_size)]
+    return torch.tensor([p for p in pos if p < ctx_len], dtype=torch.long)

@@ -1,0 +1,154 @@
+"""KV block allocation and the prefix cache.
+
+Invariants:
+- a block is in ``_free`` iff its ``ref_count`` is 0; ``_free`` is ordered
+  least-recently-freed first, so allocation evicts the coldest cached block;
+- ``_cached`` maps a chained block hash to the one block holding that content;
+  a block keeps its hash while free (reusable) until it is evicted;
+- a hit is accepted only if the block's tokens equal the request's tokens, so a
+  hash collision can never serve wrong KV.
+
+A sequence's blocks are freed tail first: the end of a sequence is the least
+likely to be shared, so it is evicted before the prefix it extends.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from services.common.hashing import ROOT_HASH, BlockHash, hash_block
+from services.engine.sequence import Sequence
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: BlockHash | None = None
+    token_ids: tuple[int, ...] = ()
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, fingerprint: str,
+                 enable_prefix_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.fingerprint = fingerprint
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self._cached: dict[BlockHash, int] = {}
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cached)
+
+    # -- prefix cache --------------------------------------------------------------
+
+    def find_cached_prefix(self, seq: Sequence) -> list[int]:
+        """Ids of cached blocks holding the longest prefix of ``seq``'s tokens.
+
+        At least one token is always left to compute, since the step that
+        computes it produces the logits for the next token.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        hits: list[int] = []
+        parent = ROOT_HASH
+        for i in range((seq.num_tokens - 1) // self.block_size):
+            tokens = seq.block_tokens(i)
+            parent = hash_block(parent, tokens, self.fingerprint)
+            block_id = self._cached.get(parent)
+            if block_id is None or self.blocks[block_id].token_ids != tuple(tokens):
+                break
+            hits.append(block_id)
+        return hits
+
+    def lookup_hashes(self, hashes: list[BlockHash]) -> int:
+        """How many leading ``hashes`` the cache holds (for load reports and routing)."""
+        count = 0
+        for h in hashes:
+            if h not in self._cached:
+                break
+            count += 1
+        return count
+
+    # -- allocation ------------------------------------------------------------------
+
+    def num_new_blocks(self, seq: Sequence, num_new_tokens: int) -> int:
+        return max(0, seq.blocks_needed(seq.num_computed_tokens + num_new_tokens) - seq.num_blocks)
+
+    def can_admit(self, seq: Sequence, hits: list[int], num_new_tokens: int) -> bool:
+        """Whether ``seq`` (no blocks yet) fits with ``hits`` reused and the rest fresh."""
+        total = seq.blocks_needed(len(hits) * self.block_size + num_new_tokens)
+        hits_in_free = sum(1 for b in hits if self.blocks[b].ref_count == 0)
+        return total - len(hits) <= self.num_free_blocks - hits_in_free
+
+    def admit(self, seq: Sequence, hits: list[int]) -> None:
+        """Give ``seq`` its cached prefix: reference the hit blocks and skip their tokens."""
+        if seq.block_table:
+            raise RuntimeError(f"sequence {seq.request_id} already holds blocks")
+        for block_id in hits:
+            self._ref(block_id)
+        seq.block_table = list(hits)
+        seq.block_hashes = [self.blocks[b].block_hash for b in hits]  # type: ignore[misc]
+        seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.block_size
+
+    def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
+        return self.num_new_blocks(seq, num_new_tokens) <= self.num_free_blocks
+
+    def append(self, seq: Sequence, num_new_tokens: int) -> None:
+        """Allocate the blocks ``seq`` needs to compute ``num_new_tokens`` more tokens."""
+        needed = self.num_new_blocks(seq, num_new_tokens)
+        if needed > self.num_free_blocks:
+            raise RuntimeError(f"need {needed} blocks, {self.num_free_blocks} free")
+        for _ in range(needed):
+            seq.block_table.append(self._take_free())
+
+    def commit_full_blocks(self, seq: Sequence) -> None:
+        """Hash and cache every block of ``seq`` that is now full and computed."""
+        num_full = seq.num_computed_tokens // self.block_size
+        parent = seq.block_hashes[-1] if seq.block_hashes else ROOT_HASH
+        for i in range(len(seq.block_hashes), num_full):
+            tokens = tuple(seq.block_tokens(i))
+            parent = hash_block(parent, tokens, self.fingerprint)
+            seq.block_hashes.append(parent)
+            block = self.blocks[seq.block_table[i]]
+            block.block_hash, block.token_ids = parent, tokens
+            if self.enable_prefix_caching:
+                self._cached.setdefault(parent, block.block_id)
+
+    def free(self, seq: Sequence) -> None:
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._free[block_id] = None
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_computed_tokens = 0
+
+    # -- internals ------------------------------------------------------------------
+
+    def _ref(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self._free[block_id]
+        block.ref_count += 1
+
+    def _take_free(self) -> int:
+        block_id, _ = self._free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.block_hash is not None and self._cached.get(block.block_hash) == block_id:
+            del self._cached[block.block_hash]
+        block.block_hash, block.token_ids = None, ()
+        block.ref_count = 1
+        return block_id

@@ -1,0 +1,339 @@
+"""The engine: requests in, tokens out, one scheduled step at a time.
+
+Lifecycle of a request:
+1. ``add_request`` validates it and queues a WAITING sequence;
+2. each ``step`` schedules a batch, runs the model once, samples a token for
+   every sequence whose tokens are all computed, and reports new tokens and text;
+3. a request leaves when it finishes (stop token, stop string, max_tokens,
+   context limit) or is aborted; its blocks go back to the pool either way.
+
+KV can also arrive from elsewhere (a prefill worker, a migration):
+``begin_import`` reserves blocks, ``import_kv`` fills them one layer at a time,
+``finish_import`` joins the sequence to the running batch (hook 3).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from services.common.config import EngineConfig
+from services.common.errors import (
+    ConfigError, InvalidRequestError, OutOfRangeError, RequestNotFoundError, ResourceExhaustedError)
+from services.common.types import FinishReason, RequestOutput, SamplingParams
+from services.engine.attention import PartialAttention, block_positions, gather_blocks, partial_attention
+from services.engine.block_manager import BlockManager
+from services.engine.kv_cache import KVCache, KVLayout
+from services.engine.model_runner import ModelRunner
+from services.engine.models.loader import DTYPES, load_model
+from services.engine.models.prepare import resolve_model
+from services.engine.sampler import Sampler
+from services.engine.scheduler import Scheduler
+from services.engine.sequence import Sequence, SequenceStatus
+from services.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+Prompt = str | list[int]
+LogitsHook = Callable[[list[Sequence], torch.Tensor], None]
+
+
+@dataclass(eq=False)
+class _Request:
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer
+    stop_ids: frozenset[int]
+    num_emitted_chars: int = 0
+
+
+@dataclass
+class Completion:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    num_cached_tokens: int = 0
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, logits_hook: LogitsHook | None = None) -> None:
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.config = config
+        path = resolve_model(config.model)
+        loaded = load_model(path, config.dtype, config.device)
+        self.model, self.spec, self.fingerprint = loaded.model, loaded.spec, loaded.fingerprint
+        self.tokenizer = Tokenizer(path)
+        num_blocks = config.num_kv_blocks or config.kv_cache_bytes // KVCache.bytes_per_block(
+            self.spec.num_layers, config.block_size, self.spec.num_kv_heads, self.spec.head_dim,
+            DTYPES[config.dtype])
+        self.max_model_len = self._max_model_len(num_blocks)
+        self.kv_cache = KVCache(self.spec.num_layers, num_blocks, config.block_size,
+                                self.spec.num_kv_heads, self.spec.head_dim, DTYPES[config.dtype],
+                                config.device)
+        self.block_manager = BlockManager(num_blocks, config.block_size, self.fingerprint,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.kv_cache, config.device)
+        self.sampler = Sampler()
+        self.logits_hook = logits_hook
+        eos = set(self.spec.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        self._requests: dict[str, _Request] = {}
+        self._importing: dict[str, _Request] = {}
+        self._arrivals = itertools.count()
+
+    def _max_model_len(self, num_blocks: int) -> int:
+        limit = self.spec.max_position_embeddings
+        if self.spec.sliding_window:
+            limit = min(limit, self.spec.sliding_window)
+        requested = self.config.max_model_len
+        if requested is not None and requested > limit:
+            raise ConfigError(f"max_model_len {requested} exceeds the model's limit {limit}")
+        capacity = num_blocks * self.config.block_size
+        if requested is not None and requested > capacity:
+            raise ConfigError(f"max_model_len {requested} exceeds the KV pool ({capacity} tokens)")
+        return min(requested or limit, capacity)
+
+    # -- requests --------------------------------------------------------------------------
+
+    def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty")
+            return self.tokenizer.encode_chat(prompt) if chat else self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def _check_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise InvalidRequestError("prompt is empty")
+        vocab = self.spec.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"token id {bad} outside the vocabulary [0, {vocab})")
+        if len(token_ids) >= self.max_model_len:
+            raise OutOfRangeError(
+                f"prompt has {len(token_ids)} tokens; this model serves at most "
+                f"{self.max_model_len - 1} prompt tokens")
+
+    def _new_request(self, request_id: str, token_ids: list[int], params: SamplingParams,
+                     num_prompt_tokens: int | None = None) -> _Request:
+        if request_id in self._requests or request_id in self._importing:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        seq = Sequence(request_id, token_ids, params, self.config.block_size,
+                       num_prompt_tokens=num_prompt_tokens or len(token_ids),
+                       arrival=next(self._arrivals))
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        return _Request(seq, IncrementalDetokenizer(self.tokenizer), frozenset(stop_ids))
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams,
+                    chat: bool = False) -> None:
+        token_ids = self.encode(prompt, chat)
+        self._check_prompt(token_ids)
+        request = self._new_request(request_id, token_ids, params)
+        self._requests[request_id] = request
+        self.scheduler.add(request.seq)
+
+    def abort(self, request_id: str) -> RequestOutput:
+        request = self._requests.pop(request_id, None) or self._importing.pop(request_id, None)
+        if request is None:
+            raise RequestNotFoundError(f"no request {request_id!r}")
+        request.seq.finish_reason = FinishReason.ABORT
+        self.scheduler.finish(request.seq)
+        return RequestOutput(request_id, [], "", True, FinishReason.ABORT,
+                             request.seq.num_prompt_tokens, request.seq.num_cached_tokens)
+
+    @property
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    # -- stepping --------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        inputs = self.runner.prepare(batch)
+        logits = self.runner.run(inputs)
+        sampled = [batch.seqs[i] for i in inputs.sample_seq_index]
+        if self.logits_hook is not None:
+            self.logits_hook(sampled, logits)
+        tokens = self.sampler(logits, [s.params for s in sampled],
+                              [s.num_output_tokens for s in sampled])
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            seq.num_computed_tokens += n
+            self.block_manager.commit_full_blocks(seq)
+        return [self._append_token(self._requests[seq.request_id], token)
+                for seq, token in zip(sampled, tokens, strict=True)]
+
+    def _append_token(self, request: _Request, token: int) -> RequestOutput:
+        seq = request.seq
+        seq.token_ids.append(token)
+        request.detokenizer.add([token])
+        reason = self._finish_reason(request, token)
+        text = request.detokenizer.text
+        if reason is None:
+            # Hold back what could be the start of a stop string.
+            hold = max((len(s) - 1 for s in seq.params.stop), default=0)
+            end = max(request.num_emitted_chars, len(text) - hold)
+        else:
+            end = self._stop_string_end(request, text) if seq.params.stop else len(text)
+            self._finish(request, reason)
+        delta = text[request.num_emitted_chars : end]
+        request.num_emitted_chars = end
+        return RequestOutput(seq.request_id, [token], delta, reason is not None, reason,
+                             seq.num_prompt_tokens, seq.num_cached_tokens)
+
+    def _finish_reason(self, request: _Request, token: int) -> FinishReason | None:
+        seq = request.seq
+        if token in request.stop_ids:
+            return FinishReason.STOP
+        if seq.params.stop and any(s in request.detokenizer.text for s in seq.params.stop):
+            return FinishReason.STOP
+        if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    @staticmethod
+    def _stop_string_end(request: _Request, text: str) -> int:
+        found = [text.find(s) for s in request.seq.params.stop if s in text]
+        return min(found, default=len(text))
+
+    def _finish(self, request: _Request, reason: FinishReason) -> None:
+        request.seq.finish_reason = reason
+        self.scheduler.finish(request.seq)
+        del self._requests[request.seq.request_id]
+
+    # -- convenience -----------------------------------------------------------------------
+
+    def stream(self, prompt: Prompt, params: SamplingParams, request_id: str = "stream",
+               chat: bool = False) -> Iterator[RequestOutput]:
+        """Run one request to completion, yielding its outputs as they are produced."""
+        self.add_request(request_id, prompt, params, chat)
+        try:
+            while request_id in self._requests:
+                yield from (o for o in self.step() if o.request_id == request_id)
+        finally:
+            if request_id in self._requests:
+                self.abort(request_id)
+
+    def generate(self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams],
+                 chat: bool = False) -> list[Completion]:
+        """Run every prompt to completion in one continuous batch; results in prompt order."""
+        all_params = params if isinstance(params, list) else [params] * len(prompts)
+        base = next(self._arrivals)
+        results = {}
+        for i, (prompt, p) in enumerate(zip(prompts, all_params, strict=True)):
+            rid = f"generate-{base}-{i}"
+            self.add_request(rid, prompt, p, chat)
+            seq = self._requests[rid].seq
+            results[rid] = Completion(rid, list(seq.token_ids))
+        while any(rid in self._requests for rid in results):
+            for out in self.step():
+                done = results.get(out.request_id)
+                if done is not None:
+                    done.token_ids += out.new_token_ids
+                    done.text += out.text_delta
+                    done.finish_reason = out.finish_reason
+                    done.num_cached_tokens = out.num_cached_tokens
+        return list(results.values())
+
+    # -- hook 3: per-layer KV export / import -----------------------------------------------
+
+    def _seq(self, request_id: str) -> Sequence:
+        request = self._requests.get(request_id) or self._importing.get(request_id)
+        if request is None:
+            raise RequestNotFoundError(f"no request {request_id!r}")
+        return request.seq
+
+    def kv_layout(self, request_id: str, layer: int) -> KVLayout:
+        seq = self._seq(request_id)
+        return KVLayout(self.fingerprint, layer, seq.num_computed_tokens, tuple(seq.block_hashes),
+                        self.kv_cache.dtype_name, self.config.block_size, self.spec.num_kv_heads,
+                        self.spec.head_dim)
+
+    def export_kv(self, request_id: str, layer: int) -> tuple[torch.Tensor, KVLayout]:
+        """One layer of a request's computed KV, as a tensor and its layout."""
+        layout = self.kv_layout(request_id, layer)
+        seq = self._seq(request_id)
+        return self.kv_cache.export_layer(layer, seq.block_table[: layout.num_blocks], layout), layout
+
+    def begin_import(self, request_id: str, token_ids: list[int], num_prompt_tokens: int,
+                     num_kv_tokens: int, params: SamplingParams) -> None:
+        """Reserve blocks for a sequence whose first ``num_kv_tokens`` tokens' KV will be imported."""
+        self._check_prompt(token_ids[:num_prompt_tokens])
+        if not 0 < num_kv_tokens < len(token_ids):
+            raise InvalidRequestError(
+                f"num_kv_tokens must be in [1, {len(token_ids) - 1}], got {num_kv_tokens}")
+        request = self._new_request(request_id, list(token_ids), params, num_prompt_tokens)
+        seq = request.seq
+        if len(self.scheduler.running) + len(self._importing) >= self.config.max_num_seqs:
+            raise ResourceExhaustedError(f"already running {self.config.max_num_seqs} sequences")
+        if not self.block_manager.can_append(seq, num_kv_tokens):
+            raise ResourceExhaustedError(
+                f"{seq.blocks_needed(num_kv_tokens)} KV blocks needed, "
+                f"{self.block_manager.num_free_blocks} free")
+        self.block_manager.append(seq, num_kv_tokens)
+        seq.num_computed_tokens = num_kv_tokens
+        request.detokenizer.add(seq.output_token_ids)
+        request.num_emitted_chars = len(request.detokenizer.text)
+        self._importing[request_id] = request
+
+    def import_kv(self, request_id: str, data: torch.Tensor, layout: KVLayout) -> None:
+        request = self._importing.get(request_id)
+        if request is None:
+            raise RequestNotFoundError(f"no import in progress for {request_id!r}")
+        seq = request.seq
+        if layout.fingerprint != self.fingerprint:
+            raise InvalidRequestError("KV was computed by a different model or dtype")
+        if layout.num_tokens != seq.num_computed_tokens:
+            raise InvalidRequestError(
+                f"KV covers {layout.num_tokens} tokens, {seq.num_computed_tokens} were reserved")
+        self.kv_cache.import_layer(seq.block_table, data, layout)
+
+    def finish_import(self, request_id: str) -> None:
+        """Join an imported sequence to the running batch."""
+        request = self._importing.pop(request_id, None)
+        if request is None:
+            raise RequestNotFoundError(f"no import in progress for {request_id!r}")
+        seq = request.seq
+        self.block_manager.commit_full_blocks(seq)
+        seq.status = SequenceStatus.RUNNING
+        self.scheduler.running.append(seq)
+        self._requests[request_id] = request
+
+    # -- hook 2: partial attention ---------------------------------------------------------
+
+    def partial_attention(self, request_id: str, layer: int, q: torch.Tensor,
+                          q_positions: torch.Tensor, block_indices: list[int]) -> PartialAttention:
+        """Attention of ``q`` over the given blocks (indices into the request's block table)."""
+        seq = self._seq(request_id)
+        ctx = seq.num_computed_tokens
+        if any(not 0 <= i < seq.blocks_needed(ctx) for i in block_indices):
+            raise InvalidRequestError(f"block index outside the request's {seq.blocks_needed(ctx)} blocks")
+        ids = torch.tensor([seq.block_table[i] for i in block_indices], dtype=torch.long)
+        positions = block_positions(block_indices, self.config.block_size, ctx)
+        keep = torch.tensor([p < ctx for i in block_indices for p in
+                             range(i * self.config.block_size, (i + 1) * self.config.block_size)])
+        k_cache, v_cache = self.kv_cache.layer(layer)
+        k = gather_blocks(k_cache, ids)[keep]
+        v = gather_blocks(v_cache, ids)[keep]
+        return partial_attention(q, q_positions, k, v, positions, self.spec.head_dim ** -0.5)
+
+    # -- stats -----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        bm = self.block_manager
+        return {
+            "num_blocks": bm.num_blocks,
+            "num_free_blocks": bm.num_free_blocks,
+            "num_cached_blocks": bm.num_cached_blocks,
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_importing": len(self._importing),
+        }

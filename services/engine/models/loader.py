@@ -1,0 +1,141 @@
+"""Load a Hugging Face model directory (config.json + one or sharded safetensors).
+
+Hugging Face stores q/k/v and gate/up as separate matrices; they are written
+into the fused parameters here, so the checkpoint stays in its standard layout.
+The model fingerprint hashes the config, every weight byte and the dtype, so
+two checkpoints with the same shapes never share cached KV.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from services.common.errors import ModelFormatError
+from services.engine.models.llama import LlamaForCausalLM, ModelSpec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_FUSED = {  # HF name -> (fused param, index of the part)
+    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+}
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaForCausalLM
+    spec: ModelSpec
+    fingerprint: str
+    path: Path
+
+
+def read_config(path: Path) -> dict:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelFormatError(f"{path} has no config.json")
+    return json.loads(config_file.read_text())
+
+
+def weight_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelFormatError(f"{path} has no *.safetensors weights")
+    return files
+
+
+def fingerprint(path: Path, dtype: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update((path / "config.json").read_bytes())
+    for file in weight_files(path):
+        with file.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    h.update(dtype.encode())
+    return h.hexdigest()
+
+
+def _num_parts(param: str) -> int:
+    return 3 if ".qkv_proj." in param else 2 if ".gate_up_proj." in param else 1
+
+
+def _part_slice(spec: ModelSpec, param: str, part: int) -> tuple[int, int]:
+    """(offset, size) of part ``part`` of a fused parameter."""
+    if ".qkv_proj." in param:
+        q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        return [(0, q), (q, kv), (q + kv, kv)][part]
+    return part * spec.intermediate_size, spec.intermediate_size
+
+
+def _target(name: str, spec: ModelSpec) -> tuple[str, int | None] | None:
+    """Our parameter name for a checkpoint tensor, with the fused part index; None to skip."""
+    if name == "lm_head.weight":
+        return None if spec.tie_word_embeddings else (name, None)
+    if name.endswith("rotary_emb.inv_freq"):
+        return None
+    m = _LAYER.match(name)
+    if m:
+        module, _, kind = m.group(2).rpartition(".")
+        if module in _FUSED:
+            fused, part = _FUSED[module]
+            return f"layers.{m.group(1)}.{fused}.{kind}", part
+        return f"layers.{m.group(1)}.{m.group(2)}", None
+    if name.startswith("model."):
+        return name.removeprefix("model."), None
+    raise ModelFormatError(f"unexpected tensor {name!r} in checkpoint")
+
+
+def _load_weights(model: LlamaForCausalLM, path: Path, spec: ModelSpec) -> None:
+    params = dict(model.named_parameters())
+    pending = {name: _num_parts(name) for name in params}
+    for file in weight_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                target = _target(name, spec)
+                if target is None:
+                    continue
+                _copy(params, target, f.get_tensor(name), spec, name)
+                pending[target[0]] -= 1
+    missing = [n for n, left in pending.items() if left > 0]
+    if missing:
+        raise ModelFormatError(f"checkpoint in {path} lacks {', '.join(sorted(missing)[:5])}")
+
+
+def _copy(params: dict, target: tuple[str, int | None], tensor: torch.Tensor, spec: ModelSpec,
+          source: str) -> None:
+    name, part = target
+    if name not in params:
+        raise ModelFormatError(f"checkpoint tensor {source!r} matches no parameter")
+    param = params[name].data
+    if part is not None:
+        param = param.narrow(0, *_part_slice(spec, name, part))
+    if tuple(param.shape) != tuple(tensor.shape):
+        raise ModelFormatError(f"{source}: shape {tuple(tensor.shape)} != expected {tuple(param.shape)}")
+    param.copy_(tensor)
+
+
+def load_model(path: Path, dtype: str = "float32", device: str = "cpu",
+               max_position: int | None = None) -> LoadedModel:
+    if dtype not in DTYPES:
+        raise ModelFormatError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    spec = ModelSpec.from_config(read_config(path))
+    max_position = max_position or spec.max_position_embeddings
+    with torch.device("meta"):
+        model = LlamaForCausalLM(spec, max_position)
+    model = model.to_empty(device=device).to(DTYPES[dtype])
+    model.rope = model.rope.__class__(spec.rope, spec.head_dim, max_position).to(device)
+    if spec.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    with torch.no_grad():
+        _load_weights(model, path, spec)
+    model.eval().requires_grad_(False)
+    return LoadedModel(model, spec, fingerprint(path, dtype), path)

@@ -1,0 +1,74 @@
+"""Sequence state.
+
+A sequence moves WAITING -> RUNNING -> FINISHED; preemption sends it from
+RUNNING back to WAITING with its KV dropped (it is recomputed from its tokens,
+generated ones included). Only the scheduler changes ``status``.
+``num_computed_tokens`` counts tokens whose KV is in the cache; the tokens
+after it are what the next step must compute.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from services.common.hashing import BlockHash
+from services.common.types import FinishReason, SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams
+    block_size: int
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_prompt_tokens: int = 0
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at admission
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[BlockHash] = field(default_factory=list)  # of full, computed blocks
+    finish_reason: FinishReason | None = None
+    arrival: int = 0  # FCFS order
+
+    def __post_init__(self) -> None:
+        if not self.num_prompt_tokens:
+            self.num_prompt_tokens = len(self.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_table)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def is_prefilling(self) -> bool:
+        """True while prompt (or recomputed) tokens remain beyond the last sampled one."""
+        return self.num_tokens - self.num_computed_tokens > 1
+
+    def block_tokens(self, index: int) -> list[int]:
+        start = index * self.block_size
+        return self.token_ids[start : start + self.block_size]
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)

@@ -1,0 +1,104 @@
+"""Tokenizer, chat template and incremental detokenization.
+
+Encoding uses ``tokenizer.json`` through the ``tokenizers`` library, so special
+tokens (BOS...) are added exactly as Hugging Face's fast tokenizer adds them.
+Chat prompts are rendered with the checkpoint's jinja2 chat template and then
+encoded without special tokens, as ``apply_chat_template`` does.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
+from services.common.errors import InvalidRequestError, ModelFormatError
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):  # AddedToken serialised form
+        return value.get("content")
+    return value
+
+
+def _raise_exception(message: str) -> None:
+    raise InvalidRequestError(f"chat template: {message}")
+
+
+class Tokenizer:
+    def __init__(self, path: Path) -> None:
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            raise ModelFormatError(f"{path} has no tokenizer.json")
+        self._tok = HFTokenizer.from_file(str(file))
+        cfg_file = path / "tokenizer_config.json"
+        cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        self.bos_token = _token_text(cfg.get("bos_token"))
+        self.eos_token = _token_text(cfg.get("eos_token"))
+        self.chat_template = cfg.get("chat_template")
+        template_file = path / "chat_template.jinja"
+        if self.chat_template is None and template_file.is_file():
+            self.chat_template = template_file.read_text()
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return None if self.eos_token is None else self._tok.token_to_id(self.eos_token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, str]],
+                            add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise InvalidRequestError("this model has no chat template; send a plain prompt")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[jinja2.ext.loopcontrols])
+        env.globals["raise_exception"] = _raise_exception
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+    def encode_chat(self, prompt: str) -> list[int]:
+        text = self.apply_chat_template([{"role": "user", "content": prompt}])
+        return self.encode(text, add_special_tokens=False)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of output tokens into text deltas.
+
+    Decoding one token at a time breaks multi-byte characters and drops the
+    leading space some decoders strip, so each step decodes a short window
+    (the tokens already emitted since the last boundary plus the new ones) and
+    emits only what the window adds. A window ending in U+FFFD is an
+    incomplete character and is held back until the next token completes it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self.token_ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+        self.text = ""
+
+    def add(self, token_ids: list[int]) -> str:
+        self.token_ids.extend(token_ids)
+        decode = self._tokenizer.decode
+        prefix = decode(self.token_ids[self._prefix_offset : self._read_offset])
+        full = decode(self.token_ids[self._prefix_offset :])
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        delta = full[len(prefix) :]
+        self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)
+        self.text += delta
+        return delta

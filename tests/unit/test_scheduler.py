@@ -1,0 +1,132 @@
+from services.engine.sequence import SequenceStatus
+from tests.unit.factories import assert_no_leaks, make_scheduler, make_seq
+
+
+def run_step(sched):
+    """Schedule, then do what the engine does after the model ran; returns the batch."""
+    batch = sched.schedule()
+    for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+        seq.num_computed_tokens += n
+        sched.block_manager.commit_full_blocks(seq)
+        if seq.num_computed_tokens == seq.num_tokens:
+            seq.token_ids.append(7)
+            if seq.num_output_tokens >= seq.params.max_tokens:
+                sched.finish(seq)
+    return batch
+
+
+def plan(batch):
+    return [(s.request_id, n) for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)]
+
+
+def drain(sched, max_steps=200):
+    for _ in range(max_steps):
+        if not sched.num_unfinished:
+            return
+        run_step(sched)
+    raise AssertionError("scheduler did not finish")
+
+
+def test_chunked_prefill_under_token_budget():
+    sched = make_scheduler(num_blocks=16, budget=16)
+    a, b, c = make_seq(10), make_seq(10), make_seq(10)
+    for s in (a, b, c):
+        sched.add(s)
+    assert plan(run_step(sched)) == [(a.request_id, 10), (b.request_id, 6)]
+    assert c.status is SequenceStatus.WAITING
+    # a decodes (1), b finishes its prompt (4), c fits in the remaining 11.
+    assert plan(run_step(sched)) == [(a.request_id, 1), (b.request_id, 4), (c.request_id, 10)]
+    assert plan(run_step(sched)) == [(a.request_id, 1), (b.request_id, 1), (c.request_id, 1)]
+    drain(sched)
+    assert_no_leaks(sched.block_manager)
+
+
+def test_budget_exhausted_by_running_admits_nothing():
+    sched = make_scheduler(num_blocks=16, budget=4)
+    a, b = make_seq(9), make_seq(3)
+    sched.add(a)
+    sched.add(b)
+    assert plan(run_step(sched)) == [(a.request_id, 4)]
+    assert plan(run_step(sched)) == [(a.request_id, 4)]
+    assert plan(run_step(sched)) == [(a.request_id, 1), (b.request_id, 3)]
+    drain(sched)
+    assert_no_leaks(sched.block_manager)
+
+
+def test_max_num_seqs_caps_the_running_batch():
+    sched = make_scheduler(num_blocks=32, max_num_seqs=2, budget=64)
+    seqs = [make_seq(3) for _ in range(3)]
+    for s in seqs:
+        sched.add(s)
+    assert plan(run_step(sched)) == [(seqs[0].request_id, 3), (seqs[1].request_id, 3)]
+    assert seqs[2].status is SequenceStatus.WAITING
+    drain(sched)
+    assert_no_leaks(sched.block_manager)
+
+
+def test_preemption_by_recompute_frees_the_newest_and_requeues_it_first():
+    sched = make_scheduler(num_blocks=4, budget=64)  # 16 token slots
+    a, b = make_seq(7, max_tokens=6), make_seq(7, max_tokens=6)
+    sched.add(a)
+    sched.add(b)
+    run_step(sched)  # both prefilled: 2 blocks each, pool full; each now has 8 tokens
+    assert sched.block_manager.num_free_blocks == 0
+    assert run_step(sched).preempted == []  # position 7 still fits in block 2
+    batch = run_step(sched)  # a needs a third block for position 8: b is preempted
+    assert batch.preempted == [b]
+    assert plan(batch) == [(a.request_id, 1)]
+    assert b.status is SequenceStatus.WAITING and b.block_table == [] and b.num_computed_tokens == 0
+    assert list(sched.waiting) == [b] and sched.running == [a]
+    assert b.num_tokens == 9  # its generated tokens are kept and recomputed
+    drain(sched)
+    assert a.output_token_ids == [7] * 6 and b.output_token_ids == [7] * 6
+    assert_no_leaks(sched.block_manager)
+
+
+def test_running_sequence_preempts_itself_when_it_is_the_newest():
+    sched = make_scheduler(num_blocks=3, budget=64)
+    a, b = make_seq(4, max_tokens=3), make_seq(7, max_tokens=3)
+    sched.add(a)
+    sched.add(b)
+    run_step(sched)  # a: 1 block (4 tokens), b: 2 blocks
+    batch = run_step(sched)  # a needs block 2 for its 5th token, none free: b (newest) goes
+    assert batch.preempted == [b]
+    drain(sched)
+    assert_no_leaks(sched.block_manager)
+
+
+def test_fcfs_head_of_queue_blocks_smaller_requests():
+    sched = make_scheduler(num_blocks=4, budget=64)
+    a = make_seq(9, max_tokens=3)  # 3 blocks
+    big, small = make_seq(9), make_seq(2)
+    for s in (a, big, small):
+        sched.add(s)
+    assert plan(run_step(sched)) == [(a.request_id, 9)]  # big does not fit; small waits behind it
+    assert list(sched.waiting) == [big, small]
+    drain(sched)
+    assert_no_leaks(sched.block_manager)
+
+
+def test_readmission_after_preemption_hits_its_own_cached_blocks():
+    sched = make_scheduler(num_blocks=5, budget=64)
+    a, b = make_seq(11, max_tokens=2), make_seq(8, max_tokens=8)
+    sched.add(a)
+    sched.add(b)
+    run_step(sched)  # a: 3 blocks, 12 tokens; b: 2 blocks, 9 tokens; pool full
+    batch = run_step(sched)  # b needs a block for position 8: b, the newest, preempts itself
+    assert batch.preempted == [b] and plan(batch) == [(a.request_id, 1)]
+    assert a.status is SequenceStatus.FINISHED
+    batch = run_step(sched)
+    assert plan(batch) == [(b.request_id, 1)]  # its two full blocks came back from the cache
+    assert b.num_cached_tokens == 8
+    drain(sched)
+    assert_no_leaks(sched.block_manager)
+
+
+def test_finish_of_waiting_sequence_removes_it():
+    sched = make_scheduler()
+    a = make_seq(3)
+    sched.add(a)
+    sched.finish(a)
+    assert a.status is SequenceStatus.FINISHED and not sched.waiting
+    assert_no_leaks(sched.block_manager)
