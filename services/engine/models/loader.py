@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from services.common.errors import ModelFormatError
 from services.engine.models.llama import LlamaForCausalLM, ModelSpec
+from services.engine.models.packed_linear import pack_linears, packing_supported
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -138,4 +139,6 @@ def load_model(path: Path, dtype: str = "float32", device: str = "cpu",
     with torch.no_grad():
         _load_weights(model, path, spec)
     model.eval().requires_grad_(False)
+    if packing_supported(DTYPES[dtype], torch.device(device)):
+        pack_linears(model)
     return LoadedModel(model, spec, fingerprint(path, dtype), path)

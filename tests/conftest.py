@@ -1,0 +1,36 @@
+"""Shared fixtures: models are built once per session into a temporary models dir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # One intra-op thread: tiny models gain nothing from two, and on a 2-core
+    # machine OpenMP spinning against any other busy process costs ~30x.
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(models_dir: Path) -> Path:
+    from services.engine.models.prepare import prepare_model
+
+    return prepare_model("tiny-llama", models_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real pretrained model, prepared into the user's models dir (slow tests only)."""
+    from services.common.config import models_dir as default_models_dir
+    from services.engine.models.prepare import prepare_model
+
+    return prepare_model("smollm2-135m", default_models_dir())
