@@ -12,7 +12,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate a completion in-process and stream it to stdout")
     p.add_argument("--model", default="tiny-llama", help="prepared model name or model directory")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the model's chat template"
+    )
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -35,7 +37,9 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     msub = p.add_subparsers(dest="models_command", required=True)
     prep = msub.add_parser("prepare", help="build tiny-llama and convert smollm2-135m locally")
     prep.add_argument("names", nargs="*", help="models to prepare (default: all)")
-    prep.add_argument("--dir", default=None, help="models directory (default: $BANASERVE_HOME/models)")
+    prep.add_argument(
+        "--dir", default=None, help="models directory (default: $BANASERVE_HOME/models)"
+    )
     prep.add_argument("--force", action="store_true", help="rebuild even if present")
     prep.set_defaults(func=_run_models_prepare)
 
@@ -49,7 +53,9 @@ def _run_models_prepare(args: argparse.Namespace) -> int:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks")
     bsub = p.add_subparsers(dest="bench_command", required=True)
-    eng = bsub.add_parser("engine", help="engine prefill/decode throughput vs vLLM and transformers")
+    eng = bsub.add_parser(
+        "engine", help="engine prefill/decode throughput vs vLLM and transformers"
+    )
     from bench.engine_bench import add_arguments
 
     add_arguments(eng)

@@ -16,8 +16,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(scope="session")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("models")
+def banaserve_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private BANASERVE_HOME for the session (subprocesses get it via the environment)."""
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="session")
+def models_dir(banaserve_home: Path) -> Path:
+    return banaserve_home / "models"
 
 
 @pytest.fixture(scope="session")

@@ -40,19 +40,31 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _require(bool(self.model), "model must name a prepared model or a model directory")
         _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128),
-                 f"block_size must be a power of two up to 128, got {self.block_size}")
-        _require(self.num_kv_blocks is None or self.num_kv_blocks > 0,
-                 f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
-        _require(self.kv_cache_bytes > 0, f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
+        _require(
+            self.block_size in (1, 2, 4, 8, 16, 32, 64, 128),
+            f"block_size must be a power of two up to 128, got {self.block_size}",
+        )
+        _require(
+            self.num_kv_blocks is None or self.num_kv_blocks > 0,
+            f"num_kv_blocks must be positive, got {self.num_kv_blocks}",
+        )
+        _require(
+            self.kv_cache_bytes > 0, f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}"
+        )
         _require(self.max_num_seqs > 0, f"max_num_seqs must be positive, got {self.max_num_seqs}")
-        _require(self.max_num_batched_tokens >= self.block_size,
-                 "max_num_batched_tokens must be at least block_size, "
-                 f"got {self.max_num_batched_tokens} < {self.block_size}")
-        _require(self.max_model_len is None or self.max_model_len > 0,
-                 f"max_model_len must be positive, got {self.max_model_len}")
-        _require(self.num_threads is None or self.num_threads > 0,
-                 f"num_threads must be positive, got {self.num_threads}")
+        _require(
+            self.max_num_batched_tokens >= self.block_size,
+            "max_num_batched_tokens must be at least block_size, "
+            f"got {self.max_num_batched_tokens} < {self.block_size}",
+        )
+        _require(
+            self.max_model_len is None or self.max_model_len > 0,
+            f"max_model_len must be positive, got {self.max_model_len}",
+        )
+        _require(
+            self.num_threads is None or self.num_threads > 0,
+            f"num_threads must be positive, got {self.num_threads}",
+        )
 
 
 def banaserve_home() -> Path:

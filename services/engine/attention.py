@@ -56,8 +56,13 @@ class PartialAttention:
         return self.out / self.denom.unsqueeze(-1)
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-             k: torch.Tensor, v: torch.Tensor) -> None:
+def write_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+) -> None:
     """Store new K/V ``[tokens, kv_heads, head_dim]`` into a layer's paged cache."""
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
@@ -68,8 +73,13 @@ def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     return cache.index_select(0, block_ids).flatten(0, 1)
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
     """Attention output ``[tokens, heads, head_dim]`` for a step's queries ``q``."""
     out = torch.empty_like(q)
     for span in meta.prefills:
@@ -78,15 +88,20 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         v = gather_blocks(v_cache, span.block_table)[: span.ctx_len]
         out[rows] = _prefill_attention(q[rows], k, v, scale)
     if meta.num_decodes:
-        out[meta.decode_rows] = _decode_attention(q[meta.decode_rows], k_cache, v_cache, meta, scale)
+        out[meta.decode_rows] = _decode_attention(
+            q[meta.decode_rows], k_cache, v_cache, meta, scale
+        )
     return out
 
 
 def _group(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """``[n, heads, d]`` -> ``[kv_heads, group * n, d]`` (query heads under their KV head)."""
     n, heads, d = q.shape
-    return q.view(n, num_kv_heads, heads // num_kv_heads, d).permute(1, 2, 0, 3).reshape(
-        num_kv_heads, -1, d)
+    return (
+        q.view(n, num_kv_heads, heads // num_kv_heads, d)
+        .permute(1, 2, 0, 3)
+        .reshape(num_kv_heads, -1, d)
+    )
 
 
 def _ungroup(o: torch.Tensor, n: int) -> torch.Tensor:
@@ -100,18 +115,25 @@ def _causal_mask(q_len: int, ctx_len: int, group: int, device: torch.device) -> 
     return mask.repeat(group, 1)
 
 
-def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       scale: float) -> torch.Tensor:
+def _prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
     n, kv_heads = q.shape[0], k.shape[1]
     qg = _group(q, kv_heads)
     mask = _causal_mask(n, k.shape[0], q.shape[1] // kv_heads, q.device)
-    o = F.scaled_dot_product_attention(qg, k.transpose(0, 1), v.transpose(0, 1),
-                                       attn_mask=mask, scale=scale)
+    o = F.scaled_dot_product_attention(
+        qg, k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
+    )
     return _ungroup(o, n)
 
 
-def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def _decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
     b, heads, d = q.shape
     kv_heads = k_cache.shape[2]
     k = k_cache.index_select(0, meta.decode_blocks).view(b, -1, kv_heads, d).transpose(1, 2)
@@ -124,9 +146,14 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 # -- hook 2: partial attention ----------------------------------------------------------
 
 
-def partial_attention(q: torch.Tensor, q_positions: torch.Tensor, k: torch.Tensor,
-                      v: torch.Tensor, kv_positions: torch.Tensor,
-                      scale: float) -> PartialAttention:
+def partial_attention(
+    q: torch.Tensor,
+    q_positions: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_positions: torch.Tensor,
+    scale: float,
+) -> PartialAttention:
     """Unnormalised attention of ``q`` ``[n, heads, d]`` over keys ``[s, kv_heads, d]``.
 
     Causality comes from the absolute positions: query i sees key j iff
@@ -143,8 +170,11 @@ def partial_attention(q: torch.Tensor, q_positions: torch.Tensor, k: torch.Tenso
     m = scores.amax(dim=-1, keepdim=True)
     p = torch.exp(scores - torch.where(torch.isinf(m), torch.zeros_like(m), m))
     o = torch.matmul(p, v.float().transpose(0, 1))
-    return PartialAttention(out=_ungroup(o, n), max=_ungroup(m, n).squeeze(-1),
-                            denom=_ungroup(p.sum(-1, keepdim=True), n).squeeze(-1))
+    return PartialAttention(
+        out=_ungroup(o, n),
+        max=_ungroup(m, n).squeeze(-1),
+        denom=_ungroup(p.sum(-1, keepdim=True), n).squeeze(-1),
+    )
 
 
 def merge_partials(parts: list[PartialAttention]) -> PartialAttention:

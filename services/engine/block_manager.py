@@ -30,8 +30,9 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, fingerprint: str,
-                 enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, fingerprint: str, enable_prefix_caching: bool = True
+    ) -> None:
         self.block_size = block_size
         self.fingerprint = fingerprint
         self.enable_prefix_caching = enable_prefix_caching

@@ -22,9 +22,19 @@ import torch
 
 from services.common.config import EngineConfig
 from services.common.errors import (
-    ConfigError, InvalidRequestError, OutOfRangeError, RequestNotFoundError, ResourceExhaustedError)
+    ConfigError,
+    InvalidRequestError,
+    OutOfRangeError,
+    RequestNotFoundError,
+    ResourceExhaustedError,
+)
 from services.common.types import FinishReason, RequestOutput, SamplingParams
-from services.engine.attention import PartialAttention, block_positions, gather_blocks, partial_attention
+from services.engine.attention import (
+    PartialAttention,
+    block_positions,
+    gather_blocks,
+    partial_attention,
+)
 from services.engine.block_manager import BlockManager
 from services.engine.kv_cache import KVCache, KVLayout
 from services.engine.model_runner import ModelRunner
@@ -67,16 +77,28 @@ class Engine:
         self.model, self.spec, self.fingerprint = loaded.model, loaded.spec, loaded.fingerprint
         self.tokenizer = Tokenizer(path)
         num_blocks = config.num_kv_blocks or config.kv_cache_bytes // KVCache.bytes_per_block(
-            self.spec.num_layers, config.block_size, self.spec.num_kv_heads, self.spec.head_dim,
-            DTYPES[config.dtype])
+            self.spec.num_layers,
+            config.block_size,
+            self.spec.num_kv_heads,
+            self.spec.head_dim,
+            DTYPES[config.dtype],
+        )
         self.max_model_len = self._max_model_len(num_blocks)
-        self.kv_cache = KVCache(self.spec.num_layers, num_blocks, config.block_size,
-                                self.spec.num_kv_heads, self.spec.head_dim, DTYPES[config.dtype],
-                                config.device)
-        self.block_manager = BlockManager(num_blocks, config.block_size, self.fingerprint,
-                                          config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens)
+        self.kv_cache = KVCache(
+            self.spec.num_layers,
+            num_blocks,
+            config.block_size,
+            self.spec.num_kv_heads,
+            self.spec.head_dim,
+            DTYPES[config.dtype],
+            config.device,
+        )
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, self.fingerprint, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
+        )
         self.runner = ModelRunner(self.model, self.kv_cache, config.device)
         self.sampler = Sampler()
         self.logits_hook = logits_hook
@@ -119,20 +141,32 @@ class Engine:
         if len(token_ids) >= self.max_model_len:
             raise OutOfRangeError(
                 f"prompt has {len(token_ids)} tokens; this model serves at most "
-                f"{self.max_model_len - 1} prompt tokens")
+                f"{self.max_model_len - 1} prompt tokens"
+            )
 
-    def _new_request(self, request_id: str, token_ids: list[int], params: SamplingParams,
-                     num_prompt_tokens: int | None = None) -> _Request:
+    def _new_request(
+        self,
+        request_id: str,
+        token_ids: list[int],
+        params: SamplingParams,
+        num_prompt_tokens: int | None = None,
+    ) -> _Request:
         if request_id in self._requests or request_id in self._importing:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        seq = Sequence(request_id, token_ids, params, self.config.block_size,
-                       num_prompt_tokens=num_prompt_tokens or len(token_ids),
-                       arrival=next(self._arrivals))
+        seq = Sequence(
+            request_id,
+            token_ids,
+            params,
+            self.config.block_size,
+            num_prompt_tokens=num_prompt_tokens or len(token_ids),
+            arrival=next(self._arrivals),
+        )
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         return _Request(seq, IncrementalDetokenizer(self.tokenizer), frozenset(stop_ids))
 
-    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams,
-                    chat: bool = False) -> None:
+    def add_request(
+        self, request_id: str, prompt: Prompt, params: SamplingParams, chat: bool = False
+    ) -> None:
         token_ids = self.encode(prompt, chat)
         self._check_prompt(token_ids)
         request = self._new_request(request_id, token_ids, params)
@@ -145,8 +179,15 @@ class Engine:
             raise RequestNotFoundError(f"no request {request_id!r}")
         request.seq.finish_reason = FinishReason.ABORT
         self.scheduler.finish(request.seq)
-        return RequestOutput(request_id, [], "", True, FinishReason.ABORT,
-                             request.seq.num_prompt_tokens, request.seq.num_cached_tokens)
+        return RequestOutput(
+            request_id,
+            [],
+            "",
+            True,
+            FinishReason.ABORT,
+            request.seq.num_prompt_tokens,
+            request.seq.num_cached_tokens,
+        )
 
     @property
     def has_unfinished_requests(self) -> bool:
@@ -163,13 +204,16 @@ class Engine:
         sampled = [batch.seqs[i] for i in inputs.sample_seq_index]
         if self.logits_hook is not None:
             self.logits_hook(sampled, logits)
-        tokens = self.sampler(logits, [s.params for s in sampled],
-                              [s.num_output_tokens for s in sampled])
+        tokens = self.sampler(
+            logits, [s.params for s in sampled], [s.num_output_tokens for s in sampled]
+        )
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
             self.block_manager.commit_full_blocks(seq)
-        return [self._append_token(self._requests[seq.request_id], token)
-                for seq, token in zip(sampled, tokens, strict=True)]
+        return [
+            self._append_token(self._requests[seq.request_id], token)
+            for seq, token in zip(sampled, tokens, strict=True)
+        ]
 
     def _append_token(self, request: _Request, token: int) -> RequestOutput:
         seq = request.seq
@@ -186,8 +230,15 @@ class Engine:
             self._finish(request, reason)
         delta = text[request.num_emitted_chars : end]
         request.num_emitted_chars = end
-        return RequestOutput(seq.request_id, [token], delta, reason is not None, reason,
-                             seq.num_prompt_tokens, seq.num_cached_tokens)
+        return RequestOutput(
+            seq.request_id,
+            [token],
+            delta,
+            reason is not None,
+            reason,
+            seq.num_prompt_tokens,
+            seq.num_cached_tokens,
+        )
 
     def _finish_reason(self, request: _Request, token: int) -> FinishReason | None:
         seq = request.seq
@@ -211,8 +262,9 @@ class Engine:
 
     # -- convenience -----------------------------------------------------------------------
 
-    def stream(self, prompt: Prompt, params: SamplingParams, request_id: str = "stream",
-               chat: bool = False) -> Iterator[RequestOutput]:
+    def stream(
+        self, prompt: Prompt, params: SamplingParams, request_id: str = "stream", chat: bool = False
+    ) -> Iterator[RequestOutput]:
         """Run one request to completion, yielding its outputs as they are produced."""
         self.add_request(request_id, prompt, params, chat)
         try:
@@ -222,8 +274,12 @@ class Engine:
             if request_id in self._requests:
                 self.abort(request_id)
 
-    def generate(self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams],
-                 chat: bool = False) -> list[Completion]:
+    def generate(
+        self,
+        prompts: list[Prompt],
+        params: SamplingParams | list[SamplingParams],
+        chat: bool = False,
+    ) -> list[Completion]:
         """Run every prompt to completion in one continuous batch; results in prompt order."""
         all_params = params if isinstance(params, list) else [params] * len(prompts)
         base = next(self._arrivals)
@@ -253,23 +309,39 @@ class Engine:
 
     def kv_layout(self, request_id: str, layer: int) -> KVLayout:
         seq = self._seq(request_id)
-        return KVLayout(self.fingerprint, layer, seq.num_computed_tokens, tuple(seq.block_hashes),
-                        self.kv_cache.dtype_name, self.config.block_size, self.spec.num_kv_heads,
-                        self.spec.head_dim)
+        return KVLayout(
+            self.fingerprint,
+            layer,
+            seq.num_computed_tokens,
+            tuple(seq.block_hashes),
+            self.kv_cache.dtype_name,
+            self.config.block_size,
+            self.spec.num_kv_heads,
+            self.spec.head_dim,
+        )
 
     def export_kv(self, request_id: str, layer: int) -> tuple[torch.Tensor, KVLayout]:
         """One layer of a request's computed KV, as a tensor and its layout."""
         layout = self.kv_layout(request_id, layer)
         seq = self._seq(request_id)
-        return self.kv_cache.export_layer(layer, seq.block_table[: layout.num_blocks], layout), layout
+        return self.kv_cache.export_layer(
+            layer, seq.block_table[: layout.num_blocks], layout
+        ), layout
 
-    def begin_import(self, request_id: str, token_ids: list[int], num_prompt_tokens: int,
-                     num_kv_tokens: int, params: SamplingParams) -> None:
+    def begin_import(
+        self,
+        request_id: str,
+        token_ids: list[int],
+        num_prompt_tokens: int,
+        num_kv_tokens: int,
+        params: SamplingParams,
+    ) -> None:
         """Reserve blocks for a sequence whose first ``num_kv_tokens`` tokens' KV will be imported."""
         self._check_prompt(token_ids[:num_prompt_tokens])
         if not 0 < num_kv_tokens < len(token_ids):
             raise InvalidRequestError(
-                f"num_kv_tokens must be in [1, {len(token_ids) - 1}], got {num_kv_tokens}")
+                f"num_kv_tokens must be in [1, {len(token_ids) - 1}], got {num_kv_tokens}"
+            )
         request = self._new_request(request_id, list(token_ids), params, num_prompt_tokens)
         seq = request.seq
         if len(self.scheduler.running) + len(self._importing) >= self.config.max_num_seqs:
@@ -277,7 +349,8 @@ class Engine:
         if not self.block_manager.can_append(seq, num_kv_tokens):
             raise ResourceExhaustedError(
                 f"{seq.blocks_needed(num_kv_tokens)} KV blocks needed, "
-                f"{self.block_manager.num_free_blocks} free")
+                f"{self.block_manager.num_free_blocks} free"
+            )
         self.block_manager.append(seq, num_kv_tokens)
         seq.num_computed_tokens = num_kv_tokens
         request.detokenizer.add(seq.output_token_ids)
@@ -293,7 +366,8 @@ class Engine:
             raise InvalidRequestError("KV was computed by a different model or dtype")
         if layout.num_tokens != seq.num_computed_tokens:
             raise InvalidRequestError(
-                f"KV covers {layout.num_tokens} tokens, {seq.num_computed_tokens} were reserved")
+                f"KV covers {layout.num_tokens} tokens, {seq.num_computed_tokens} were reserved"
+            )
         self.kv_cache.import_layer(seq.block_table, data, layout)
 
     def finish_import(self, request_id: str) -> None:
@@ -309,21 +383,34 @@ class Engine:
 
     # -- hook 2: partial attention ---------------------------------------------------------
 
-    def partial_attention(self, request_id: str, layer: int, q: torch.Tensor,
-                          q_positions: torch.Tensor, block_indices: list[int]) -> PartialAttention:
+    def partial_attention(
+        self,
+        request_id: str,
+        layer: int,
+        q: torch.Tensor,
+        q_positions: torch.Tensor,
+        block_indices: list[int],
+    ) -> PartialAttention:
         """Attention of ``q`` over the given blocks (indices into the request's block table)."""
         seq = self._seq(request_id)
         ctx = seq.num_computed_tokens
         if any(not 0 <= i < seq.blocks_needed(ctx) for i in block_indices):
-            raise InvalidRequestError(f"block index outside the request's {seq.blocks_needed(ctx)} blocks")
+            raise InvalidRequestError(
+                f"block index outside the request's {seq.blocks_needed(ctx)} blocks"
+            )
         ids = torch.tensor([seq.block_table[i] for i in block_indices], dtype=torch.long)
         positions = block_positions(block_indices, self.config.block_size, ctx)
-        keep = torch.tensor([p < ctx for i in block_indices for p in
-                             range(i * self.config.block_size, (i + 1) * self.config.block_size)])
+        keep = torch.tensor(
+            [
+                p < ctx
+                for i in block_indices
+                for p in range(i * self.config.block_size, (i + 1) * self.config.block_size)
+            ]
+        )
         k_cache, v_cache = self.kv_cache.layer(layer)
         k = gather_blocks(k_cache, ids)[keep]
         v = gather_blocks(v_cache, ids)[keep]
-        return partial_attention(q, q_positions, k, v, positions, self.spec.head_dim ** -0.5)
+        return partial_attention(q, q_positions, k, v, positions, self.spec.head_dim**-0.5)
 
     # -- stats -----------------------------------------------------------------------------
 

@@ -13,14 +13,23 @@ from services.common.types import SamplingParams
 def run_generate(args: argparse.Namespace) -> int:
     from services.engine.engine import Engine
 
-    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            seed=args.seed, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        ignore_eos=args.ignore_eos,
+    )
     started = time.perf_counter()
-    engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, num_threads=args.threads,
-                                 max_num_seqs=1))
+    engine = Engine(
+        EngineConfig(model=args.model, dtype=args.dtype, num_threads=args.threads, max_num_seqs=1)
+    )
     loaded = time.perf_counter()
-    print(f"[banaserve] loaded {engine.config.model} ({args.dtype}) in {loaded - started:.2f}s",
-          file=sys.stderr)
+    print(
+        f"[banaserve] loaded {engine.config.model} ({args.dtype}) in {loaded - started:.2f}s",
+        file=sys.stderr,
+    )
     num_tokens, first = 0, None
     for out in engine.stream(args.prompt, params, chat=args.chat):
         first = first or time.perf_counter()
@@ -32,6 +41,9 @@ def run_generate(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     done = time.perf_counter()
     rate = (num_tokens - 1) / (done - first) if first and num_tokens > 1 and done > first else 0.0
-    print(f"[banaserve] {num_tokens} tokens, finish={reason}, ttft={(first or done) - loaded:.3f}s, "
-          f"{rate:.1f} tok/s", file=sys.stderr)
+    print(
+        f"[banaserve] {num_tokens} tokens, finish={reason}, ttft={(first or done) - loaded:.3f}s, "
+        f"{rate:.1f} tok/s",
+        file=sys.stderr,
+    )
     return 0

@@ -47,8 +47,16 @@ class KVLayout:
 
 
 class KVCache:
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -57,8 +65,9 @@ class KVCache:
         self.head_dim = head_dim
 
     @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
-                        dtype: torch.dtype) -> int:
+    def bytes_per_block(
+        num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
         element = torch.empty((), dtype=dtype).element_size()
         return 2 * num_layers * block_size * num_kv_heads * head_dim * element
 
@@ -77,8 +86,9 @@ class KVCache:
         """A copy of ``layer``'s K and V in ``block_ids``: ``[2, n, block_size, kv_heads, d]``."""
         self._check(layout, layer, len(block_ids))
         index = torch.tensor(block_ids, dtype=torch.long, device=self.k.device)
-        return torch.stack([self.k[layer].index_select(0, index),
-                            self.v[layer].index_select(0, index)])
+        return torch.stack(
+            [self.k[layer].index_select(0, index), self.v[layer].index_select(0, index)]
+        )
 
     def import_layer(self, block_ids: list[int], data: torch.Tensor, layout: KVLayout) -> None:
         """Write an exported layer into ``block_ids`` of this cache after checking its layout."""
@@ -86,7 +96,8 @@ class KVCache:
         if tuple(data.shape) != layout.shape or DTYPE_NAMES.get(data.dtype) != layout.dtype:
             raise InvalidRequestError(
                 f"KV tensor {tuple(data.shape)} {data.dtype} does not match its layout "
-                f"{layout.shape} {layout.dtype}")
+                f"{layout.shape} {layout.dtype}"
+            )
         index = torch.tensor(block_ids, dtype=torch.long, device=self.k.device)
         self.k[layout.layer].index_copy_(0, index, data[0].to(self.k.device))
         self.v[layout.layer].index_copy_(0, index, data[1].to(self.v.device))
@@ -95,7 +106,9 @@ class KVCache:
         expected = (self.dtype_name, self.block_size, self.num_kv_heads, self.head_dim)
         got = (layout.dtype, layout.block_size, layout.num_kv_heads, layout.head_dim)
         if got != expected:
-            raise InvalidRequestError(f"KV layout (dtype, block, heads, dim) {got} != cache {expected}")
+            raise InvalidRequestError(
+                f"KV layout (dtype, block, heads, dim) {got} != cache {expected}"
+            )
         if not 0 <= layer < self.num_layers:
             raise InvalidRequestError(f"layer {layer} outside 0..{self.num_layers - 1}")
         if layout.num_blocks != num_blocks:

@@ -59,10 +59,17 @@ class ModelRunner:
         meta = AttentionMetadata(slot_mapping=self._tensor(slots), prefills=prefills)
         if decodes:
             self._add_decodes(meta, decodes)
-        return StepInputs(self._tensor(ids), self._tensor(positions), meta,
-                          self._tensor(sample_rows), sample_index)
+        return StepInputs(
+            self._tensor(ids),
+            self._tensor(positions),
+            meta,
+            self._tensor(sample_rows),
+            sample_index,
+        )
 
-    def _add_decodes(self, meta: AttentionMetadata, decodes: list[tuple[int, int, list[int]]]) -> None:
+    def _add_decodes(
+        self, meta: AttentionMetadata, decodes: list[tuple[int, int, list[int]]]
+    ) -> None:
         width = max(len(table) for _, _, table in decodes)
         padded = [table + [0] * (width - len(table)) for _, _, table in decodes]
         ctx = self._tensor([c for _, c, _ in decodes])

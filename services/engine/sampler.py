@@ -41,8 +41,9 @@ class Sampler:
         self._generator = torch.Generator()
         self._generator.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
-                 token_index: list[int]) -> list[int]:
+    def __call__(
+        self, logits: torch.Tensor, params: list[SamplingParams], token_index: list[int]
+    ) -> list[int]:
         """One token per row of ``logits`` ``[rows, vocab]``; ``token_index`` is each row's output position."""
         logits = logits.float()
         tokens = logits.argmax(dim=-1).tolist()

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from services.common.errors import (
-    ConfigError, InvalidRequestError, ModelNotFoundError, OutOfRangeError, RequestNotFoundError)
+    ConfigError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    OutOfRangeError,
+    RequestNotFoundError,
+)
 from services.common.types import FinishReason, SamplingParams
 from tests.engine.helpers import assert_no_leaks, make_engine
 
@@ -75,8 +80,9 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(engine):
     p = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=7, max_tokens=20, ignore_eos=True)
     a = engine.generate([PROMPT], p)[0].token_ids
     b = engine.generate([PROMPT, "unrelated prompt"], p)[0].token_ids  # batch does not matter
-    c = engine.generate([PROMPT], SamplingParams(temperature=1.0, seed=8, max_tokens=20,
-                                                 ignore_eos=True))[0].token_ids
+    c = engine.generate(
+        [PROMPT], SamplingParams(temperature=1.0, seed=8, max_tokens=20, ignore_eos=True)
+    )[0].token_ids
     assert a == b
     assert a != c
 
@@ -109,10 +115,13 @@ def test_abandoned_stream_is_aborted(engine):
 
 @pytest.mark.parametrize(
     ("prompt", "error", "match"),
-    [("", InvalidRequestError, "empty"),
-     ([], InvalidRequestError, "empty"),
-     ([1, 99999], InvalidRequestError, "outside the vocabulary"),
-     ([5] * 5000, OutOfRangeError, "at most 2047 prompt tokens")])
+    [
+        ("", InvalidRequestError, "empty"),
+        ([], InvalidRequestError, "empty"),
+        ([1, 99999], InvalidRequestError, "outside the vocabulary"),
+        ([5] * 5000, OutOfRangeError, "at most 2047 prompt tokens"),
+    ],
+)
 def test_bad_prompts_are_rejected_clearly(engine, prompt, error, match):
     with pytest.raises(error, match=match):
         engine.add_request("bad", prompt, greedy())
@@ -127,8 +136,15 @@ def test_duplicate_request_id_is_rejected(engine):
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"max_tokens": 0}, "max_tokens"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
-     ({"temperature": -1}, "temperature"), ({"top_k": -1}, "top_k"), ({"stop": ("",)}, "stop")])
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_k": -1}, "top_k"),
+        ({"stop": ("",)}, "stop"),
+    ],
+)
 def test_bad_sampling_params(kwargs, match):
     with pytest.raises(InvalidRequestError, match=match):
         SamplingParams(**kwargs)

@@ -56,7 +56,7 @@ def test_partial_attention_over_random_block_splits_merges_exactly(tiny_llama):
     q_pos = torch.tensor([ctx - 1])
     layer = 2
     k_all, v_all = (t[seq.block_table].flatten(0, 1)[:ctx] for t in engine.kv_cache.layer(layer))
-    reference = dense_attention(q, k_all, v_all, spec.head_dim ** -0.5)
+    reference = dense_attention(q, k_all, v_all, spec.head_dim**-0.5)
     whole = engine.partial_attention("s", layer, q, q_pos, list(range(num_blocks)))
     assert torch.allclose(whole.normalized().double(), reference, atol=1e-6)
     rng = random.Random(0)
@@ -78,12 +78,16 @@ def test_partial_attention_respects_causality_for_prefill_queries(tiny_llama):
     spec = engine.spec
     q = torch.randn(3, spec.num_heads, spec.head_dim)
     q_pos = torch.tensor([0, 15, 39])
-    k_all, v_all = (t[engine._seq("s").block_table].flatten(0, 1)[:40] for t in engine.kv_cache.layer(0))
+    k_all, v_all = (
+        t[engine._seq("s").block_table].flatten(0, 1)[:40] for t in engine.kv_cache.layer(0)
+    )
     parts = [engine.partial_attention("s", 0, q, q_pos, [b]) for b in (2, 0, 1)]
-    assert torch.isinf(parts[0].max[0]).all() and (parts[0].denom[0] == 0).all()  # pos 0 sees no block 2
+    assert (
+        torch.isinf(parts[0].max[0]).all() and (parts[0].denom[0] == 0).all()
+    )  # pos 0 sees no block 2
     merged = merge_partials(parts).normalized().double()
     for i, p in enumerate(q_pos.tolist()):
-        ref = dense_attention(q[i : i + 1], k_all[: p + 1], v_all[: p + 1], spec.head_dim ** -0.5)
+        ref = dense_attention(q[i : i + 1], k_all[: p + 1], v_all[: p + 1], spec.head_dim**-0.5)
         assert torch.allclose(merged[i : i + 1], ref, atol=1e-6)
     with pytest.raises(InvalidRequestError, match="block index"):
         engine.partial_attention("s", 0, q, q_pos, [3])
@@ -99,7 +103,9 @@ def continue_decoding(engine, request_id, steps):
 
 
 @pytest.mark.parametrize("decoded_before_export", [1, 6])
-def test_export_every_layer_import_and_continue_is_token_identical(tiny_llama, decoded_before_export):
+def test_export_every_layer_import_and_continue_is_token_identical(
+    tiny_llama, decoded_before_export
+):
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     a, b = make_engine(tiny_llama), make_engine(tiny_llama)
     a.add_request("s", prompt_ids(37, 4), params)

@@ -11,7 +11,13 @@ from transformers import AutoModelForCausalLM
 
 from services.common.types import SamplingParams
 from tests.engine.helpers import (
-    GREEDY, LogitsRecorder, assert_no_leaks, hf_logits, make_engine, rel_error)
+    GREEDY,
+    LogitsRecorder,
+    assert_no_leaks,
+    hf_logits,
+    make_engine,
+    rel_error,
+)
 
 TOLERANCE = 1e-4
 
@@ -58,7 +64,9 @@ def test_batched_decode_of_mixed_lengths(tiny_llama, hf_tiny):
     rec = LogitsRecorder()
     engine = make_engine(tiny_llama, logits_hook=rec)
     prompts = [prompt_ids(n, 10 + n) for n in (1, 5, 16, 17, 33, 64, 130)]
-    completions = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    completions = engine.generate(
+        prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    )
     check_all_sampled_logits(engine, rec, hf_tiny, completions)
     assert [len(c.token_ids) for c in completions] == [12] * 7
     assert_no_leaks(engine)
@@ -79,7 +87,9 @@ def test_prefix_cache_hit_logits(tiny_llama, hf_tiny):
 def test_greedy_64_tokens_identical(tiny_llama, hf_tiny):
     engine = make_engine(tiny_llama)
     texts = ["Return the value of", "class Foo:\n    def", "The module provides a way to"]
-    completions = engine.generate(texts, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
+    completions = engine.generate(
+        texts, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    )
     for c in completions:
         ids = torch.tensor([c.prompt_token_ids])
         ref = hf_tiny.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False)
@@ -102,10 +112,14 @@ def test_preemption_does_not_change_greedy_output(tiny_llama):
 def test_smollm2_greedy_matches_transformers(smollm2):
     hf = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
     engine = make_engine(smollm2)
-    questions = ["What is the capital of France?", "Write a haiku about the sea.",
-                 "List three prime numbers."]
-    completions = engine.generate(questions, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True),
-                                  chat=True)
+    questions = [
+        "What is the capital of France?",
+        "Write a haiku about the sea.",
+        "List three prime numbers.",
+    ]
+    completions = engine.generate(
+        questions, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True), chat=True
+    )
     for c in completions:
         ids = torch.tensor([c.prompt_token_ids])
         ref = hf.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False)
@@ -116,6 +130,7 @@ def test_smollm2_greedy_matches_transformers(smollm2):
 @pytest.mark.slow
 def test_smollm2_answers_paris(smollm2):
     engine = make_engine(smollm2)
-    [c] = engine.generate(["What is the capital of France?"],
-                          SamplingParams(temperature=0, max_tokens=32), chat=True)
+    [c] = engine.generate(
+        ["What is the capital of France?"], SamplingParams(temperature=0, max_tokens=32), chat=True
+    )
     assert c.text == "The capital of France is Paris."

@@ -16,7 +16,11 @@ _ids = itertools.count()
 def make_seq(tokens: list[int] | int, max_tokens: int = 8) -> Sequence:
     """A sequence with the given tokens, or that many tokens unique to it (no prefix hits)."""
     n = next(_ids)
-    token_ids = list(range(1000 * (n + 1), 1000 * (n + 1) + tokens)) if isinstance(tokens, int) else list(tokens)
+    token_ids = (
+        list(range(1000 * (n + 1), 1000 * (n + 1) + tokens))
+        if isinstance(tokens, int)
+        else list(tokens)
+    )
     return Sequence(f"r{n}", token_ids, SamplingParams(max_tokens=max_tokens), BLOCK_SIZE)
 
 

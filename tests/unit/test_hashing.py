@@ -27,9 +27,12 @@ def test_chain_golden():
 
 
 def test_definition_is_blake2b_of_documented_encoding():
-    fp = "model-a".encode()
+    fp = b"model-a"
     data = ROOT_HASH + struct.pack("<I", len(fp)) + fp + struct.pack("<4I", 0, 1, 2, 3)
-    assert hash_block(ROOT_HASH, [0, 1, 2, 3], "model-a") == hashlib.blake2b(data, digest_size=16).digest()
+    assert (
+        hash_block(ROOT_HASH, [0, 1, 2, 3], "model-a")
+        == hashlib.blake2b(data, digest_size=16).digest()
+    )
 
 
 def test_chain_depends_on_parent_fingerprint_and_tokens():

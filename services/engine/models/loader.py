@@ -111,8 +111,9 @@ def _load_weights(model: LlamaForCausalLM, path: Path, spec: ModelSpec) -> None:
         raise ModelFormatError(f"checkpoint in {path} lacks {', '.join(sorted(missing)[:5])}")
 
 
-def _copy(params: dict, target: tuple[str, int | None], tensor: torch.Tensor, spec: ModelSpec,
-          source: str) -> None:
+def _copy(
+    params: dict, target: tuple[str, int | None], tensor: torch.Tensor, spec: ModelSpec, source: str
+) -> None:
     name, part = target
     if name not in params:
         raise ModelFormatError(f"checkpoint tensor {source!r} matches no parameter")
@@ -120,12 +121,15 @@ def _copy(params: dict, target: tuple[str, int | None], tensor: torch.Tensor, sp
     if part is not None:
         param = param.narrow(0, *_part_slice(spec, name, part))
     if tuple(param.shape) != tuple(tensor.shape):
-        raise ModelFormatError(f"{source}: shape {tuple(tensor.shape)} != expected {tuple(param.shape)}")
+        raise ModelFormatError(
+            f"{source}: shape {tuple(tensor.shape)} != expected {tuple(param.shape)}"
+        )
     param.copy_(tensor)
 
 
-def load_model(path: Path, dtype: str = "float32", device: str = "cpu",
-               max_position: int | None = None) -> LoadedModel:
+def load_model(
+    path: Path, dtype: str = "float32", device: str = "cpu", max_position: int | None = None
+) -> LoadedModel:
     if dtype not in DTYPES:
         raise ModelFormatError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     spec = ModelSpec.from_config(read_config(path))

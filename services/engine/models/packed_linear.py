@@ -22,9 +22,12 @@ _BATCH_HINT = 16
 
 
 def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
-    return (device.type == "cpu" and dtype == torch.bfloat16
-            and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    return (
+        device.type == "cpu"
+        and dtype == torch.bfloat16
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
 
 
 class PackedLinear(nn.Module):
@@ -44,8 +47,12 @@ def pack_linears(model: nn.Module) -> int:
 
     Falls back to the plain layers (and says so) if oneDNN refuses a weight.
     """
-    targets = [(parent, name, child) for parent in model.modules()
-               for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+    targets = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear)
+    ]
     try:
         packed = [(parent, name, PackedLinear(child)) for parent, name, child in targets]
     except RuntimeError as exc:

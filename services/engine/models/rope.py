@@ -43,8 +43,11 @@ def _yarn(base: float, dim: int, p: dict[str, Any], max_pos: int) -> tuple[torch
     attention = p.get("attention_factor")
     if attention is None:
         mscale, mscale_all = p.get("mscale"), p.get("mscale_all_dim")
-        attention = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all)
-                     if mscale and mscale_all else _yarn_mscale(factor))
+        attention = (
+            _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all)
+            if mscale and mscale_all
+            else _yarn_mscale(factor)
+        )
     beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
 
     def correction_dim(rotations: float) -> float:
@@ -72,12 +75,14 @@ def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
     params["rope_type"] = rope_type
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ModelFormatError(
-            f"rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+            f"rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+        )
     return params
 
 
-def inv_freq_and_scale(params: dict[str, Any], head_dim: int,
-                       max_position: int) -> tuple[torch.Tensor, float]:
+def inv_freq_and_scale(
+    params: dict[str, Any], head_dim: int, max_position: int
+) -> tuple[torch.Tensor, float]:
     base, rope_type = float(params["rope_theta"]), params["rope_type"]
     dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
     if dim != head_dim:
@@ -103,8 +108,9 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("cos", emb.cos() * scale, persistent=False)
         self.register_buffer("sin", emb.sin() * scale, persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor,
-                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate ``q`` ``[n, heads, d]`` and ``k`` ``[n, kv_heads, d]`` by their positions."""
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
