@@ -36,6 +36,7 @@ def test_layer_ranges_compose_to_the_full_forward(tiny_llama):
         model.forward_layers(full, inputs.positions, kv, inputs.meta, 2, 1)
 
 
+# Partial attention runs in float32; the reference in float64.
 def dense_attention(q, k, v, scale):
     """Textbook softmax attention with K/V heads repeated for GQA (the reference)."""
     group = q.shape[1] // k.shape[1]
@@ -52,13 +53,13 @@ def test_partial_attention_over_random_block_splits_merges_exactly(tiny_llama):
     num_blocks, ctx = seq.num_blocks, seq.num_computed_tokens
     assert (num_blocks, ctx) == (5, 75)
     spec = engine.spec
-    q = torch.randn(1, spec.num_heads, spec.head_dim)
+    q = torch.randn(1, spec.num_heads, spec.head_dim, generator=torch.Generator().manual_seed(0))
     q_pos = torch.tensor([ctx - 1])
     layer = 2
     k_all, v_all = (t[seq.block_table].flatten(0, 1)[:ctx] for t in engine.kv_cache.layer(layer))
     reference = dense_attention(q, k_all, v_all, spec.head_dim**-0.5)
     whole = engine.partial_attention("s", layer, q, q_pos, list(range(num_blocks)))
-    assert torch.allclose(whole.normalized().double(), reference, atol=1e-6)
+    assert torch.allclose(whole.normalized().double(), reference, rtol=1e-5, atol=1e-5)
     rng = random.Random(0)
     for _ in range(10):
         blocks = list(range(num_blocks))
@@ -66,7 +67,7 @@ def test_partial_attention_over_random_block_splits_merges_exactly(tiny_llama):
         cuts = sorted(rng.sample(range(1, num_blocks), rng.randint(1, num_blocks - 1)))
         parts = [blocks[a:b] for a, b in zip([0, *cuts], [*cuts, num_blocks], strict=True)]
         merged = merge_partials([engine.partial_attention("s", layer, q, q_pos, p) for p in parts])
-        assert torch.allclose(merged.normalized().double(), reference, atol=1e-6), parts
+        assert torch.allclose(merged.normalized().double(), reference, rtol=1e-5, atol=1e-5), parts
     engine.abort("s")
     assert_no_leaks(engine)
 
@@ -76,7 +77,7 @@ def test_partial_attention_respects_causality_for_prefill_queries(tiny_llama):
     engine.add_request("s", prompt_ids(40, 3), SamplingParams(temperature=0, max_tokens=3))
     engine.step()
     spec = engine.spec
-    q = torch.randn(3, spec.num_heads, spec.head_dim)
+    q = torch.randn(3, spec.num_heads, spec.head_dim, generator=torch.Generator().manual_seed(1))
     q_pos = torch.tensor([0, 15, 39])
     k_all, v_all = (
         t[engine._seq("s").block_table].flatten(0, 1)[:40] for t in engine.kv_cache.layer(0)
@@ -88,7 +89,7 @@ def test_partial_attention_respects_causality_for_prefill_queries(tiny_llama):
     merged = merge_partials(parts).normalized().double()
     for i, p in enumerate(q_pos.tolist()):
         ref = dense_attention(q[i : i + 1], k_all[: p + 1], v_all[: p + 1], spec.head_dim**-0.5)
-        assert torch.allclose(merged[i : i + 1], ref, atol=1e-6)
+        assert torch.allclose(merged[i : i + 1], ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(InvalidRequestError, match="block index"):
         engine.partial_attention("s", 0, q, q_pos, [3])
     engine.abort("s")
