@@ -109,7 +109,9 @@ def _ungroup(o: torch.Tensor, n: int) -> torch.Tensor:
     return o.view(kv_heads, gn // n, n, d).permute(2, 0, 1, 3).reshape(n, -1, d)
 
 
-def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def _prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
     # 4-D inputs with enable_gqa take torch's CPU flash kernel; 3-D ones fall back to
     # the math path, which is 3-10x slower. With no earlier context, the causal mask
     # is the kernel's own (top-left aligned); after a cached prefix or an earlier

@@ -203,7 +203,7 @@ class Engine:
         logits = self.runner.run(inputs)
         sampled = [batch.seqs[i] for i in inputs.sample_seq_index]
         if self.logits_hook is not None:
-            self.logits_hook(sampled, logits)
+            self.logits_hook(sampled, logits.float())
         tokens = self.sampler(
             logits, [s.params for s in sampled], [s.num_output_tokens for s in sampled]
         )

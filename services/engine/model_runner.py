@@ -83,6 +83,6 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, inputs: StepInputs) -> torch.Tensor:
-        """Logits ``[len(sample_rows), vocab]`` (float32) for the rows that sample."""
+        """Logits ``[len(sample_rows), vocab]``, in the model's dtype, for the rows that sample."""
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
-        return self.model.compute_logits(hidden[inputs.sample_rows]).float()
+        return self.model.compute_logits(hidden[inputs.sample_rows])

@@ -21,7 +21,7 @@ from torch import nn
 from services.common.errors import ModelFormatError
 from services.engine.attention import AttentionMetadata, paged_attention, write_kv
 from services.engine.kv_cache import KVCache
-from services.engine.models.rope import RotaryEmbedding, rope_parameters
+from services.engine.models.rope import RotaryEmbedding, RotaryTables, apply_rotary, rope_parameters
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
@@ -88,47 +88,33 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # As Hugging Face does it for half types: normalise in float32, scale in the model dtype.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # One fused kernel (accumulating in float32 for half types). Hugging Face rounds
+        # to the half type once more before scaling; that differs only in bfloat16's last bit.
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec, layer: int) -> None:
         super().__init__()
         self.layer = layer
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            spec.num_heads,
-            spec.num_kv_heads,
-            spec.head_dim,
-        )
-        self.q_size, self.kv_size = (
-            spec.num_heads * spec.head_dim,
-            spec.num_kv_heads * spec.head_dim,
-        )
-        self.qkv_proj = nn.Linear(
-            spec.hidden_size, self.q_size + 2 * self.kv_size, bias=spec.attention_bias
-        )
+        self.num_heads, self.num_kv_heads = spec.num_heads, spec.num_kv_heads
+        self.head_dim = spec.head_dim
+        self.q_size = spec.num_heads * spec.head_dim
+        qkv_size = self.q_size + 2 * spec.num_kv_heads * spec.head_dim
+        self.qkv_proj = nn.Linear(spec.hidden_size, qkv_size, bias=spec.attention_bias)
         self.o_proj = nn.Linear(self.q_size, spec.hidden_size, bias=False)
         self.scale = spec.head_dim**-0.5
 
     def forward(
-        self,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        rope: RotaryEmbedding,
-        kv_cache: KVCache,
-        meta: AttentionMetadata,
+        self, x: torch.Tensor, rotary: RotaryTables, kv_cache: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(n, self.num_heads, self.head_dim)
-        k = k.view(n, self.num_kv_heads, self.head_dim)
-        v = v.view(n, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
+        heads = self.num_heads + 2 * self.num_kv_heads
+        qkv = self.qkv_proj(x).view(n, heads, self.head_dim)
+        # q and k heads are adjacent: rotate them in one pass.
+        qk = apply_rotary(qkv[:, : self.num_heads + self.num_kv_heads], rotary)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.num_heads + self.num_kv_heads :]
         k_cache, v_cache = kv_cache.layer(self.layer)
         write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
         o = paged_attention(q, k_cache, v_cache, meta, self.scale)
@@ -159,12 +145,11 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rope: RotaryEmbedding,
+        rotary: RotaryTables,
         kv_cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv_cache, meta)
+        x = x + self.self_attn(self.input_layernorm(x), rotary, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -200,8 +185,9 @@ class LlamaForCausalLM(nn.Module):
         end = self.num_layers if end is None else end
         if not 0 <= start <= end <= self.num_layers:
             raise ValueError(f"layer range [{start}, {end}) outside [0, {self.num_layers})")
+        rotary = self.rope(positions, hidden.dtype)  # once per call, shared by every layer
         for layer in self.layers[start:end]:
-            hidden = layer(hidden, positions, self.rope, kv_cache, meta)
+            hidden = layer(hidden, rotary, kv_cache, meta)
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 from services.common.errors import ModelFormatError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+RotaryTables = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [n, 1, head_dim]
 
 
 def _base_inv_freq(base: float, dim: int) -> torch.Tensor:
@@ -108,13 +109,17 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("cos", emb.cos() * scale, persistent=False)
         self.register_buffer("sin", emb.sin() * scale, persistent=False)
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate ``q`` ``[n, heads, d]`` and ``k`` ``[n, kv_heads, d]`` by their positions."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryTables:
+        """cos/sin rows for ``positions``, shaped to broadcast over heads, in ``dtype``."""
+        cos = self.cos[positions].unsqueeze(1).to(dtype)
+        sin = self.sin[positions].unsqueeze(1).to(dtype)
+        return cos, sin
+
+
+def apply_rotary(x: torch.Tensor, tables: RotaryTables) -> torch.Tensor:
+    """Rotate ``x`` ``[n, heads, d]`` by its rows' positions (Hugging Face's rotate-half form)."""
+    cos, sin = tables
+    return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
