@@ -45,3 +45,19 @@ def assert_no_leaks(engine: Engine) -> None:
     assert stats["num_free_blocks"] == stats["num_blocks"], stats
     assert stats["num_running"] == stats["num_waiting"] == stats["num_importing"] == 0, stats
     assert not engine.has_unfinished_requests
+
+
+def hf_greedy(hf_model, prompt_ids: list[int], num_tokens: int) -> list[int]:
+    """Plain greedy decoding with transformers' KV cache and no logits processing.
+
+    (``generate(min_new_tokens=...)`` would mask EOS; ``ignore_eos`` only keeps going past it.)
+    """
+    tokens: list[int] = []
+    with torch.no_grad():
+        out = hf_model(torch.tensor([prompt_ids]), use_cache=True)
+        for _ in range(num_tokens):
+            tokens.append(int(out.logits[0, -1].argmax()))
+            out = hf_model(
+                torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True
+            )
+    return tokens

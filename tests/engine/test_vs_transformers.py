@@ -14,6 +14,7 @@ from tests.engine.helpers import (
     GREEDY,
     LogitsRecorder,
     assert_no_leaks,
+    hf_greedy,
     hf_logits,
     make_engine,
     rel_error,
@@ -91,9 +92,7 @@ def test_greedy_64_tokens_identical(tiny_llama, hf_tiny):
         texts, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     )
     for c in completions:
-        ids = torch.tensor([c.prompt_token_ids])
-        ref = hf_tiny.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False)
-        assert c.token_ids == ref[0, ids.shape[1] :].tolist()
+        assert c.token_ids == hf_greedy(hf_tiny, c.prompt_token_ids, 64)
     assert len({tuple(c.token_ids) for c in completions}) == 3
     assert_no_leaks(engine)
 
@@ -121,9 +120,7 @@ def test_smollm2_greedy_matches_transformers(smollm2):
         questions, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True), chat=True
     )
     for c in completions:
-        ids = torch.tensor([c.prompt_token_ids])
-        ref = hf.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False)
-        assert c.token_ids == ref[0, ids.shape[1] :].tolist()
+        assert c.token_ids == hf_greedy(hf, c.prompt_token_ids, 64)
     assert_no_leaks(engine)
 
 
