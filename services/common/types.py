@@ -25,6 +25,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    detokenize: bool = True  # False: token ids only, no text (as vLLM's option of that name)
 
     def __post_init__(self) -> None:
         _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
@@ -33,6 +34,7 @@ class SamplingParams:
         _check(self.max_tokens > 0, f"max_tokens must be > 0, got {self.max_tokens}")
         _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be >= 0")
         _check(all(self.stop), "stop strings must be non-empty")
+        _check(self.detokenize or not self.stop, "stop strings need detokenize=True")
 
     @property
     def greedy(self) -> bool:

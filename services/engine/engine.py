@@ -218,7 +218,8 @@ class Engine:
     def _append_token(self, request: _Request, token: int) -> RequestOutput:
         seq = request.seq
         seq.token_ids.append(token)
-        request.detokenizer.add([token])
+        if seq.params.detokenize:
+            request.detokenizer.add([token])
         reason = self._finish_reason(request, token)
         text = request.detokenizer.text
         if reason is None:

@@ -181,3 +181,11 @@ def test_bfloat16_engine_runs_and_mostly_agrees_with_float32(tiny_llama):
     bf16 = bf16_engine.generate([PROMPT], greedy(8))[0].token_ids
     assert bf16[:2] == f32[:2]  # reduced precision may diverge later, not at once
     assert_no_leaks(bf16_engine)
+
+
+def test_detokenize_off_gives_the_same_tokens_and_no_text(engine):
+    [ref] = engine.generate([PROMPT], greedy(10))
+    [c] = engine.generate([PROMPT], greedy(10, detokenize=False))
+    assert c.token_ids == ref.token_ids and ref.text and c.text == ""
+    with pytest.raises(InvalidRequestError, match="detokenize"):
+        SamplingParams(stop=("x",), detokenize=False)
