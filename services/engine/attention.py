@@ -192,9 +192,3 @@ def merge_partials(parts: list[PartialAttention]) -> PartialAttention:
         out += w.unsqueeze(-1) * p.out
         denom += w * p.denom
     return PartialAttention(out=out, max=m, denom=denom)
-
-
-def block_positions(block_indices: list[int], block_size: int, ctx_len: int) -> torch.Tensor:
-    """Absolute token positions held by the given blocks of a sequence of ``ctx_len`` tokens."""
-    pos = [i * block_size + j for i in block_indices for j in range(block_size)]
-    return torch.tensor([p for p in pos if p < ctx_len], dtype=torch.long)

@@ -73,15 +73,6 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
-    def lookup_hashes(self, hashes: list[BlockHash]) -> int:
-        """How many leading ``hashes`` the cache holds (for load reports and routing)."""
-        count = 0
-        for h in hashes:
-            if h not in self._cached:
-                break
-            count += 1
-        return count
-
     # -- allocation ------------------------------------------------------------------
 
     def num_new_blocks(self, seq: Sequence, num_new_tokens: int) -> int:

@@ -31,7 +31,6 @@ from services.common.errors import (
 from services.common.types import FinishReason, RequestOutput, SamplingParams
 from services.engine.attention import (
     PartialAttention,
-    block_positions,
     gather_blocks,
     partial_attention,
 )
@@ -338,7 +337,11 @@ class Engine:
         params: SamplingParams,
     ) -> None:
         """Reserve blocks for a sequence whose first ``num_kv_tokens`` tokens' KV will be imported."""
-        self._check_prompt(token_ids[:num_prompt_tokens])
+        self._check_prompt(token_ids)  # the whole sequence must fit the context too
+        if not 0 < num_prompt_tokens <= len(token_ids):
+            raise InvalidRequestError(
+                f"num_prompt_tokens must be in [1, {len(token_ids)}], got {num_prompt_tokens}"
+            )
         if not 0 < num_kv_tokens < len(token_ids):
             raise InvalidRequestError(
                 f"num_kv_tokens must be in [1, {len(token_ids) - 1}], got {num_kv_tokens}"
@@ -400,18 +403,13 @@ class Engine:
                 f"block index outside the request's {seq.blocks_needed(ctx)} blocks"
             )
         ids = torch.tensor([seq.block_table[i] for i in block_indices], dtype=torch.long)
-        positions = block_positions(block_indices, self.config.block_size, ctx)
-        keep = torch.tensor(
-            [
-                p < ctx
-                for i in block_indices
-                for p in range(i * self.config.block_size, (i + 1) * self.config.block_size)
-            ]
-        )
+        bs = self.config.block_size
+        slots = (torch.tensor(block_indices)[:, None] * bs + torch.arange(bs)).flatten()
+        keep = slots < ctx  # the last block may be partly filled
         k_cache, v_cache = self.kv_cache.layer(layer)
         k = gather_blocks(k_cache, ids)[keep]
         v = gather_blocks(v_cache, ids)[keep]
-        return partial_attention(q, q_positions, k, v, positions, self.spec.head_dim**-0.5)
+        return partial_attention(q, q_positions, k, v, slots[keep], self.spec.head_dim**-0.5)
 
     # -- stats -----------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ def run_generate(args: argparse.Namespace) -> int:
         f"[banaserve] loaded {engine.config.model} ({args.dtype}) in {loaded - started:.2f}s",
         file=sys.stderr,
     )
-    num_tokens, first = 0, None
+    num_tokens, first, reason = 0, None, "?"
     for out in engine.stream(args.prompt, params, chat=args.chat):
         first = first or time.perf_counter()
         num_tokens += len(out.new_token_ids)

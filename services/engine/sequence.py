@@ -57,15 +57,6 @@ class Sequence:
     def num_blocks(self) -> int:
         return len(self.block_table)
 
-    @property
-    def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
-
-    @property
-    def is_prefilling(self) -> bool:
-        """True while prompt (or recomputed) tokens remain beyond the last sampled one."""
-        return self.num_tokens - self.num_computed_tokens > 1
-
     def block_tokens(self, index: int) -> list[int]:
         start = index * self.block_size
         return self.token_ids[start : start + self.block_size]
