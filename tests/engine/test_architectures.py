@@ -49,11 +49,11 @@ ROPES = {
 }
 
 
-def build(tmp_path, tiny_llama, config_cls, model_cls, **extra):
+def build(tmp_path, tiny_llama, config_cls, model_cls, shard_size="5GB", **extra):
     torch.manual_seed(0)
     model = model_cls(config_cls(**SMALL, **extra)).eval()
     out = tmp_path / "model"
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, max_shard_size=shard_size)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_llama / name, out / name)
     return model, out
@@ -125,3 +125,15 @@ def test_unsupported_architecture_is_refused(tmp_path, tiny_llama):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelFormatError, match="GPT2LMHeadModel"):
         make_engine(path)
+
+
+def test_sharded_checkpoint(tmp_path, tiny_llama):
+    hf, path = build(
+        tmp_path,
+        tiny_llama,
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        shard_size="500KB",
+    )
+    assert len(list(path.glob("*.safetensors"))) > 3
+    compare(path, hf)
