@@ -1,0 +1,240 @@
+"""The router's logic, without grpc: workers come and go, requests get a worker pair.
+
+Per request (``Router.route``):
+
+1. workers silent for longer than ``report_timeout_s`` are removed (every public call does
+   this first, so the answer never depends on when someone last swept);
+2. the prompt's block hashes are computed once, with the cluster's fingerprint and block size;
+3. decode candidates are the HEALTHY decode/mixed workers whose estimated free KV blocks fit
+   prompt + max_tokens; none → ``ResourceExhaustedError``;
+4. prefill candidates are the HEALTHY prefill workers, plus the mixed workers that fit (a mixed
+   worker decodes what it prefills); the policy picks one;
+5. decode worker = the prefill worker if it is mixed (colocated), else the candidate with the
+   most free blocks;
+6. the assignment is counted against both workers' load estimates at once, so a burst arriving
+   between two load reports spreads out instead of piling onto the worker that looked idlest.
+
+Policy ``colocated`` is the vLLM-style baseline of DESIGN.md §1: mixed workers only, each request
+prefilled and decoded on one worker, chosen by prefix affinity. Any other policy over a cluster of
+mixed workers is colocated too, just chosen differently.
+
+Not thread-safe: the servicer calls it from one event loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from services.common.errors import ConfigError, InvalidRequestError, ResourceExhaustedError
+from services.common.hashing import block_hashes
+from services.router.policies import (
+    LoadPolicy,
+    PrefillPolicy,
+    PrefixAffinityPolicy,
+    RequestView,
+    RoundRobinPolicy,
+    most_free_blocks,
+)
+from services.router.registry import (
+    LoadReport,
+    WorkerCapacity,
+    WorkerInfo,
+    WorkerRegistry,
+    WorkerRole,
+)
+
+POLICIES = ("load", "round_robin", "prefix_affinity", "colocated")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    policy: str = "load"
+    # Ten missed reports at the ~100 ms cadence.
+    report_timeout_s: float = 1.0
+    # Entries (block hashes) in prefix_affinity's LRU map; 64 Ki blocks of 16 tokens ≈ 1 M tokens.
+    affinity_capacity: int = 1 << 16
+    # Queued prefill tokens that make U_compute = 1: two full steps at the engine's default
+    # token budget (2 x 2048), i.e. a new prompt would wait about two steps.
+    prefill_capacity_tokens: int = 4096
+
+    def __post_init__(self) -> None:
+        _require(self.policy in POLICIES, f"policy must be one of {POLICIES}, got {self.policy!r}")
+        _require(
+            math.isfinite(self.report_timeout_s) and self.report_timeout_s > 0,
+            f"report_timeout_s must be positive, got {self.report_timeout_s}",
+        )
+        _require(
+            self.affinity_capacity > 0,
+            f"affinity_capacity must be positive, got {self.affinity_capacity}",
+        )
+        _require(
+            self.prefill_capacity_tokens > 0,
+            f"prefill_capacity_tokens must be positive, got {self.prefill_capacity_tokens}",
+        )
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidRequestError(message)
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    max_tokens: int
+
+    def __post_init__(self) -> None:
+        _check(bool(self.request_id), "request_id must be non-empty")
+        _check(len(self.prompt_token_ids) > 0, "prompt must have at least one token")
+        _check(all(t >= 0 for t in self.prompt_token_ids), "prompt token ids must be >= 0")
+        _check(self.max_tokens > 0, f"max_tokens must be > 0, got {self.max_tokens}")
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Where one request runs. Worker snapshots are from just before this assignment."""
+
+    request_id: str
+    prefill: WorkerInfo
+    decode: WorkerInfo
+    num_kv_blocks: int  # blocks to reserve on the decode worker
+
+    @property
+    def colocated(self) -> bool:
+        return self.prefill.worker_id == self.decode.worker_id
+
+
+def make_policy(config: RouterConfig) -> PrefillPolicy:
+    if config.policy == "load":
+        return LoadPolicy()
+    if config.policy == "round_robin":
+        return RoundRobinPolicy()
+    return PrefixAffinityPolicy(config.affinity_capacity)  # prefix_affinity, colocated
+
+
+class Router:
+    """Registry + policy. The servicer translates RPCs into these calls and nothing more."""
+
+    def __init__(
+        self, config: RouterConfig | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.config = config or RouterConfig()
+        self._registry = WorkerRegistry(
+            self.config.report_timeout_s, self.config.prefill_capacity_tokens, clock
+        )
+        self._policy = make_policy(self.config)
+        self._colocated = self.config.policy == "colocated"
+
+    def register(
+        self, worker_id: str, address: str, role: WorkerRole, capacity: WorkerCapacity
+    ) -> WorkerInfo:
+        return self._registry.register(worker_id, address, role, capacity)
+
+    def report(self, worker_id: str, load: LoadReport) -> bool:
+        """False: the report is older than one already seen and was ignored."""
+        return self._registry.report(worker_id, load)
+
+    def remove(self, worker_id: str, reason: str) -> None:
+        self._registry.remove(worker_id, reason)
+
+    def expire(self) -> list[str]:
+        """Ids of workers just removed for missing reports; for a periodic sweep and logs."""
+        return self._registry.expire()
+
+    def workers(self) -> list[WorkerInfo]:
+        """Every worker ever registered, REMOVED ones included, sorted by id."""
+        return self._registry.all()
+
+    def route(self, request: RouteRequest) -> Assignment:
+        healthy = self._registry.healthy()
+        view = _view(request, healthy)
+        prefills, decoders = self._candidates(healthy, view)
+        prefill = self._policy.choose(prefills, view)
+        decode = prefill if prefill.role is WorkerRole.MIXED else most_free_blocks(decoders)
+        self._record(prefill, decode, view)
+        return Assignment(request.request_id, prefill, decode, view.num_kv_blocks)
+
+    def _candidates(
+        self, healthy: Sequence[WorkerInfo], view: RequestView
+    ) -> tuple[list[WorkerInfo], list[WorkerInfo]]:
+        """(prefill candidates, decode candidates that fit), both non-empty, or raise."""
+        if self._colocated:
+            prefill_roles, decode_roles = {WorkerRole.MIXED}, {WorkerRole.MIXED}
+        else:
+            prefill_roles = {WorkerRole.PREFILL, WorkerRole.MIXED}
+            decode_roles = {WorkerRole.DECODE, WorkerRole.MIXED}
+        prefill_capable = self._with_role(healthy, prefill_roles, "prefill", view)
+        decoders = self._with_role(healthy, decode_roles, "decode", view)
+        fits = [w for w in decoders if w.num_free_blocks >= view.num_kv_blocks]
+        if not fits:
+            raise _no_room(view, decoders, _names(decode_roles))
+        # A mixed worker keeps what it prefills, so it must fit itself; a prefill worker
+        # hands off to one of ``fits``.
+        prefills = [w for w in prefill_capable if w.role is WorkerRole.PREFILL or w in fits]
+        if not prefills:
+            raise _no_room(view, prefill_capable, _names(prefill_roles - {WorkerRole.PREFILL}))
+        return prefills, fits
+
+    def _with_role(
+        self, healthy: Sequence[WorkerInfo], roles: set[WorkerRole], job: str, view: RequestView
+    ) -> list[WorkerInfo]:
+        workers = [w for w in healthy if w.role in roles]
+        if not workers:
+            raise ResourceExhaustedError(
+                f"no healthy {_names(roles)} worker to {job} request {view.request_id!r} "
+                f"(policy {self.config.policy!r})"
+            )
+        return workers
+
+    def _record(self, prefill: WorkerInfo, decode: WorkerInfo, view: RequestView) -> None:
+        if prefill.worker_id == decode.worker_id:
+            self._registry.assign(prefill.worker_id, view.num_prompt_tokens, view.num_kv_blocks)
+            return
+        self._registry.assign(prefill.worker_id, view.num_prompt_tokens, 0)
+        self._registry.assign(decode.worker_id, 0, view.num_kv_blocks)
+
+
+def _view(request: RouteRequest, healthy: Sequence[WorkerInfo]) -> RequestView:
+    if not healthy:
+        raise ResourceExhaustedError(
+            f"no healthy worker is registered to serve request {request.request_id!r}"
+        )
+    # Every healthy worker has the same fingerprint and block size (registry invariant).
+    capacity = healthy[0].capacity
+    num_tokens = len(request.prompt_token_ids) + request.max_tokens
+    return RequestView(
+        request_id=request.request_id,
+        num_prompt_tokens=len(request.prompt_token_ids),
+        max_tokens=request.max_tokens,
+        block_hashes=tuple(
+            block_hashes(request.prompt_token_ids, capacity.block_size, capacity.model_fingerprint)
+        ),
+        num_kv_blocks=-(-num_tokens // capacity.block_size),
+    )
+
+
+def _no_room(view: RequestView, workers: Sequence[WorkerInfo], kind: str) -> ResourceExhaustedError:
+    need = (
+        f"request {view.request_id!r} needs {view.num_kv_blocks} KV blocks "
+        f"({view.num_prompt_tokens} prompt + {view.max_tokens} max_tokens tokens)"
+    )
+    largest = max(w.capacity.num_kv_blocks for w in workers)
+    if view.num_kv_blocks > largest:
+        return ResourceExhaustedError(
+            f"{need}, more than any {kind} worker holds in total (largest: {largest})"
+        )
+    most_free = max(w.num_free_blocks for w in workers)
+    return ResourceExhaustedError(f"{need}; the most free on any {kind} worker now is {most_free}")
+
+
+def _names(roles: set[WorkerRole]) -> str:
+    return " or ".join(sorted(r.value for r in roles))

@@ -1,0 +1,285 @@
+"""Worker registry: which workers can serve, and how loaded each one looks right now.
+
+Lifecycle of an entry; only this module changes ``status``:
+
+    register ──► HEALTHY ──(no report for > report_timeout_s, or remove())──► REMOVED
+                    ▲                                                            │
+                    └───────────────────────── register again ◄─────────────────┘
+
+Load as the router sees it = the worker's last report + what the router assigned to it since.
+A report replaces the estimate wholesale (in-flight bumps are reset, not subtracted): the
+worker's counters already include, or have finished, what was sent before it. A report sent
+just before an assignment arrived understates the load for one report period (~100 ms); the
+next report corrects it.
+
+Liveness is judged on the router's clock, at receipt. A report's own timestamp is the worker's
+clock and is compared only with that worker's earlier reports, to drop reordered ones.
+
+Invariant: every HEALTHY worker has the same model fingerprint and block size, so a request's
+block hashes mean the same on each of them and KV can move between any two.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from services.common.errors import InvalidRequestError, RequestNotFoundError
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidRequestError(message)
+
+
+class WorkerRole(enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+    MIXED = "mixed"  # colocated: prefills and decodes its own requests
+
+
+class WorkerStatus(enum.Enum):
+    HEALTHY = "healthy"
+    REMOVED = "removed"
+
+
+@dataclass(frozen=True)
+class WorkerCapacity:
+    """What a worker declares once, at registration."""
+
+    num_kv_blocks: int
+    block_size: int
+    model_fingerprint: str
+
+    def __post_init__(self) -> None:
+        _check(self.num_kv_blocks > 0, f"num_kv_blocks must be > 0, got {self.num_kv_blocks}")
+        _check(self.block_size > 0, f"block_size must be > 0, got {self.block_size}")
+        _check(bool(self.model_fingerprint), "model_fingerprint must be non-empty")
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """One periodic load report; ``timestamp`` is on the worker's clock (seconds)."""
+
+    num_queued_prefill_tokens: int
+    num_running_seqs: int
+    num_free_blocks: int
+    num_used_blocks: int
+    step_time_s: float
+    busy_fraction: float
+    timestamp: float
+
+    def __post_init__(self) -> None:
+        for name in ("num_queued_prefill_tokens", "num_running_seqs"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("num_free_blocks", "num_used_blocks"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        _check(
+            math.isfinite(self.step_time_s) and self.step_time_s >= 0,
+            f"step_time_s must be finite and >= 0, got {self.step_time_s}",
+        )
+        _check(
+            0.0 <= self.busy_fraction <= 1.0,
+            f"busy_fraction must be in [0, 1], got {self.busy_fraction}",
+        )
+        _check(math.isfinite(self.timestamp), f"timestamp must be finite, got {self.timestamp}")
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A read-only snapshot of one worker, with the router's current load estimate.
+
+    Policies choose among these and ``ListWorkers`` returns them; neither can change the
+    registry through one.
+    """
+
+    worker_id: str
+    address: str
+    role: WorkerRole
+    status: WorkerStatus
+    capacity: WorkerCapacity
+    last_report: LoadReport | None  # None until the first report after registering
+    num_queued_tokens: int  # reported + assigned since the report
+    num_free_blocks: int  # reported - reserved since the report
+    num_used_blocks: int  # reported + reserved since the report
+    utilisation_compute: float
+    utilisation_memory: float
+    seconds_since_seen: float
+    removed_reason: str
+
+    @property
+    def utilisation(self) -> float:
+        """DESIGN.md §5: U = max(U_compute, U_memory)."""
+        return max(self.utilisation_compute, self.utilisation_memory)
+
+
+@dataclass
+class _Worker:
+    worker_id: str
+    address: str
+    role: WorkerRole
+    capacity: WorkerCapacity
+    last_seen: float  # router clock
+    status: WorkerStatus = WorkerStatus.HEALTHY
+    last_report: LoadReport | None = None
+    num_inflight_tokens: int = 0
+    num_inflight_blocks: int = 0
+    removed_reason: str = ""
+    # Kept apart from last_report so a restarted worker's clock may start over.
+    last_timestamp: float | None = None
+
+
+def _check_address(address: str) -> None:
+    host, sep, port = address.rpartition(":")
+    _check(
+        bool(sep) and bool(host) and port.isdigit() and 0 < int(port) < 65536,
+        f"address must be host:port with a port in 1..65535, got {address!r}",
+    )
+
+
+class WorkerRegistry:
+    """Owns every worker entry; the router's only source of worker state."""
+
+    def __init__(
+        self,
+        report_timeout_s: float,
+        prefill_capacity_tokens: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._timeout = report_timeout_s
+        # Queued prefill tokens that count as a fully busy worker (U_compute = 1).
+        self._prefill_capacity = prefill_capacity_tokens
+        self._clock = clock
+        self._workers: dict[str, _Worker] = {}
+
+    def register(
+        self, worker_id: str, address: str, role: WorkerRole, capacity: WorkerCapacity
+    ) -> WorkerInfo:
+        """Add a worker, or replace one with the same id (a restart): load starts empty."""
+        now = self._clock()
+        self._expire(now)
+        _check(bool(worker_id), "worker_id must be non-empty")
+        _check_address(address)
+        _check(isinstance(role, WorkerRole), f"role must be a WorkerRole, got {role!r}")
+        self._check_same_model(worker_id, capacity)
+        worker = _Worker(worker_id, address, role, capacity, last_seen=now)
+        self._workers[worker_id] = worker
+        return self._snapshot(worker, now)
+
+    def report(self, worker_id: str, load: LoadReport) -> bool:
+        """Record a load report. False: it is older than one already seen, and ignored."""
+        now = self._clock()
+        self._expire(now)
+        worker = self._live(worker_id)
+        blocks = load.num_free_blocks + load.num_used_blocks
+        _check(
+            blocks <= worker.capacity.num_kv_blocks,
+            f"worker {worker_id!r} reports {blocks} KV blocks (free + used), "
+            f"more than the {worker.capacity.num_kv_blocks} it registered",
+        )
+        if worker.last_timestamp is not None and load.timestamp <= worker.last_timestamp:
+            return False
+        worker.last_seen = now
+        worker.last_timestamp = load.timestamp
+        worker.last_report = load
+        worker.num_inflight_tokens = 0
+        worker.num_inflight_blocks = 0
+        return True
+
+    def remove(self, worker_id: str, reason: str) -> None:
+        """Take a worker out now (deregistration, or a call to it failed)."""
+        self._expire(self._clock())
+        self._remove(self._live(worker_id), reason)
+
+    def expire(self) -> list[str]:
+        """Remove every worker silent for longer than the timeout; returns their ids."""
+        return self._expire(self._clock())
+
+    def assign(self, worker_id: str, num_tokens: int, num_blocks: int) -> None:
+        """Count work the router just sent, until the worker's next report covers it."""
+        worker = self._live(worker_id)
+        worker.num_inflight_tokens += num_tokens
+        worker.num_inflight_blocks += num_blocks
+
+    def healthy(self) -> list[WorkerInfo]:
+        """Snapshots of the HEALTHY workers, sorted by id."""
+        now = self._clock()
+        self._expire(now)
+        return [self._snapshot(w, now) for w in self._healthy_workers()]
+
+    def all(self) -> list[WorkerInfo]:
+        """Snapshots of every worker ever registered (REMOVED ones too), sorted by id."""
+        now = self._clock()
+        self._expire(now)
+        return [self._snapshot(w, now) for w in sorted(self._workers.values(), key=_by_id)]
+
+    def _healthy_workers(self) -> list[_Worker]:
+        live = (w for w in self._workers.values() if w.status is WorkerStatus.HEALTHY)
+        return sorted(live, key=_by_id)
+
+    def _expire(self, now: float) -> list[str]:
+        # Strictly longer than the timeout: a report exactly on the deadline still counts.
+        expired = [w for w in self._healthy_workers() if now - w.last_seen > self._timeout]
+        for worker in expired:
+            self._remove(worker, f"no load report for {now - worker.last_seen:.3f} s")
+        return [w.worker_id for w in expired]
+
+    def _remove(self, worker: _Worker, reason: str) -> None:
+        worker.status = WorkerStatus.REMOVED
+        worker.removed_reason = reason
+        worker.num_inflight_tokens = 0
+        worker.num_inflight_blocks = 0
+
+    def _live(self, worker_id: str) -> _Worker:
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            raise RequestNotFoundError(f"unknown worker {worker_id!r}; register it first")
+        if worker.status is WorkerStatus.REMOVED:
+            raise RequestNotFoundError(
+                f"worker {worker_id!r} was removed ({worker.removed_reason}); register it again"
+            )
+        return worker
+
+    def _check_same_model(self, worker_id: str, capacity: WorkerCapacity) -> None:
+        others = (w for w in self._healthy_workers() if w.worker_id != worker_id)
+        for other in others:
+            theirs = other.capacity
+            _check(
+                theirs.model_fingerprint == capacity.model_fingerprint
+                and theirs.block_size == capacity.block_size,
+                f"worker {worker_id!r} serves model {capacity.model_fingerprint!r} with "
+                f"block size {capacity.block_size}, but healthy worker {other.worker_id!r} "
+                f"serves {theirs.model_fingerprint!r} with block size {theirs.block_size}; "
+                "one router serves one model",
+            )
+
+    def _snapshot(self, worker: _Worker, now: float) -> WorkerInfo:
+        total = worker.capacity.num_kv_blocks
+        report = worker.last_report
+        reported_free = report.num_free_blocks if report else total
+        reported_used = report.num_used_blocks if report else 0
+        queued = (report.num_queued_prefill_tokens if report else 0) + worker.num_inflight_tokens
+        used = min(total, reported_used + worker.num_inflight_blocks)
+        busy = report.busy_fraction if report else 0.0
+        return WorkerInfo(
+            worker_id=worker.worker_id,
+            address=worker.address,
+            role=worker.role,
+            status=worker.status,
+            capacity=worker.capacity,
+            last_report=report,
+            num_queued_tokens=queued,
+            num_free_blocks=max(0, reported_free - worker.num_inflight_blocks),
+            num_used_blocks=used,
+            utilisation_compute=max(busy, queued / self._prefill_capacity),
+            utilisation_memory=used / total,
+            seconds_since_seen=now - worker.last_seen,
+            removed_reason=worker.removed_reason,
+        )
+
+
+def _by_id(worker: _Worker) -> str:
+    return worker.worker_id

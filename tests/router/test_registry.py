@@ -1,0 +1,209 @@
+"""Worker registry: registration, reports, expiry, re-registration, load estimates."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.errors import InvalidRequestError, RequestNotFoundError
+from services.router.registry import (
+    LoadReport,
+    WorkerCapacity,
+    WorkerRegistry,
+    WorkerRole,
+    WorkerStatus,
+)
+from tests.router.factories import BLOCK_SIZE, FakeClock, capacity, load
+
+
+def make_registry(clock: FakeClock, timeout: float = 1.0) -> WorkerRegistry:
+    return WorkerRegistry(report_timeout_s=timeout, prefill_capacity_tokens=1000, clock=clock)
+
+
+def test_register_starts_healthy_and_idle() -> None:
+    clock = FakeClock(5.0)
+    registry = make_registry(clock)
+    info = registry.register("p0", "127.0.0.1:9000", WorkerRole.PREFILL, capacity(80))
+    assert info.status is WorkerStatus.HEALTHY
+    assert (info.worker_id, info.address, info.role) == ("p0", "127.0.0.1:9000", WorkerRole.PREFILL)
+    assert info.last_report is None
+    assert (info.num_queued_tokens, info.num_free_blocks, info.num_used_blocks) == (0, 80, 0)
+    assert info.utilisation == 0.0
+    assert info.seconds_since_seen == 0.0
+
+
+def test_missed_reports_remove_a_worker_strictly_after_the_timeout() -> None:
+    clock = FakeClock()
+    registry = make_registry(clock)
+    registry.register("p0", "h:1", WorkerRole.PREFILL, capacity())
+    registry.register("d0", "h:2", WorkerRole.DECODE, capacity())
+    clock.advance(0.5)
+    assert registry.report("d0", load(timestamp=0.5))
+    clock.advance(0.5)  # p0 silent for exactly the timeout: still in
+    assert [w.worker_id for w in registry.healthy()] == ["d0", "p0"]
+    clock.advance(0.01)
+    assert registry.expire() == ["p0"]
+    assert registry.expire() == []
+    assert [w.worker_id for w in registry.healthy()] == ["d0"]
+    [d0, p0] = registry.all()
+    assert (d0.status, p0.status) == (WorkerStatus.HEALTHY, WorkerStatus.REMOVED)
+    assert p0.removed_reason == "no load report for 1.010 s"
+    clock.advance(0.5)  # d0 last reported at 0.5
+    assert [w.status for w in registry.all()] == [WorkerStatus.REMOVED] * 2
+
+
+def test_a_removed_worker_must_register_again() -> None:
+    clock = FakeClock()
+    registry = make_registry(clock)
+    registry.register("p0", "h:1", WorkerRole.PREFILL, capacity())
+    registry.report("p0", load(queued=500, timestamp=7.0))
+    clock.advance(2.0)
+    with pytest.raises(RequestNotFoundError, match=r"'p0' was removed \(no load report"):
+        registry.report("p0", load(timestamp=8.0))
+    info = registry.register("p0", "h:2", WorkerRole.PREFILL, capacity())
+    assert (info.status, info.address, info.num_queued_tokens) == (WorkerStatus.HEALTHY, "h:2", 0)
+    assert info.removed_reason == ""
+    # A restarted worker's clock may start over: its first report is never "stale".
+    assert registry.report("p0", load(queued=3, timestamp=0.1))
+    assert registry.healthy()[0].num_queued_tokens == 3
+
+
+def test_remove_takes_a_worker_out_at_once() -> None:
+    registry = make_registry(FakeClock())
+    registry.register("d0", "h:1", WorkerRole.DECODE, capacity())
+    registry.remove("d0", "stream to d0 failed")
+    assert registry.healthy() == []
+    assert registry.all()[0].removed_reason == "stream to d0 failed"
+    with pytest.raises(RequestNotFoundError, match="'d0' was removed"):
+        registry.remove("d0", "again")
+
+
+def test_report_from_unknown_worker() -> None:
+    registry = make_registry(FakeClock())
+    with pytest.raises(RequestNotFoundError, match="unknown worker 'x'; register it first"):
+        registry.report("x", load())
+
+
+def test_reordered_reports_are_ignored() -> None:
+    clock = FakeClock()
+    registry = make_registry(clock)
+    registry.register("p0", "h:1", WorkerRole.PREFILL, capacity())
+    assert registry.report("p0", load(queued=10, timestamp=2.0))
+    clock.advance(0.9)
+    assert not registry.report("p0", load(queued=99, timestamp=1.5))
+    assert not registry.report("p0", load(queued=99, timestamp=2.0))
+    assert registry.healthy()[0].num_queued_tokens == 10
+    clock.advance(0.2)  # an ignored report does not keep a worker alive
+    assert registry.expire() == ["p0"]
+
+
+def test_utilisation_is_the_max_of_compute_and_memory() -> None:
+    clock = FakeClock()
+    registry = make_registry(clock)  # 1000 queued tokens = fully busy
+    registry.register("p0", "h:1", WorkerRole.PREFILL, capacity(100))
+    registry.report("p0", load(queued=300, busy=0.2, free=60, used=40))
+    [info] = registry.healthy()
+    assert (info.utilisation_compute, info.utilisation_memory) == (0.3, 0.4)
+    assert info.utilisation == 0.4
+    registry.report("p0", load(queued=0, busy=0.9, free=60, used=40, timestamp=2.0))
+    assert registry.healthy()[0].utilisation == 0.9
+
+
+def test_assignments_count_until_the_next_report() -> None:
+    registry = make_registry(FakeClock())
+    registry.register("m0", "h:1", WorkerRole.MIXED, capacity(100))
+    registry.report("m0", load(queued=100, free=90, used=10))
+    registry.assign("m0", num_tokens=50, num_blocks=5)
+    registry.assign("m0", num_tokens=50, num_blocks=95)
+    [info] = registry.healthy()
+    # Free blocks never go below zero, used never above the total.
+    assert (info.num_queued_tokens, info.num_free_blocks, info.num_used_blocks) == (200, 0, 100)
+    assert info.utilisation_memory == 1.0
+    registry.report("m0", load(queued=120, free=80, used=20, timestamp=2.0))
+    [info] = registry.healthy()
+    assert (info.num_queued_tokens, info.num_free_blocks, info.num_used_blocks) == (120, 80, 20)
+
+
+def test_every_healthy_worker_serves_one_model() -> None:
+    clock = FakeClock()
+    registry = make_registry(clock)
+    registry.register("p0", "h:1", WorkerRole.PREFILL, capacity())
+    with pytest.raises(InvalidRequestError, match="one router serves one model"):
+        registry.register("d0", "h:2", WorkerRole.DECODE, capacity(fingerprint="other"))
+    with pytest.raises(InvalidRequestError, match="block size 32"):
+        registry.register("d0", "h:2", WorkerRole.DECODE, WorkerCapacity(100, 32, "test-model"))
+    # The only worker may come back with another model; so may anyone once p0 is gone.
+    registry.register("p0", "h:1", WorkerRole.PREFILL, capacity(fingerprint="v2"))
+    clock.advance(1.5)
+    registry.register("d0", "h:2", WorkerRole.DECODE, capacity(fingerprint="v3"))
+    assert [w.capacity.model_fingerprint for w in registry.healthy()] == ["v3"]
+
+
+@pytest.mark.parametrize(
+    ("worker_id", "address", "message"),
+    [
+        ("", "h:1", "worker_id must be non-empty"),
+        ("p0", "h", "address must be host:port"),
+        ("p0", ":80", "address must be host:port"),
+        ("p0", "h:0", "port in 1..65535, got 'h:0'"),
+        ("p0", "h:65536", "port in 1..65535"),
+        ("p0", "h:http", "port in 1..65535"),
+    ],
+)
+def test_invalid_registration(worker_id: str, address: str, message: str) -> None:
+    registry = make_registry(FakeClock())
+    with pytest.raises(InvalidRequestError, match=message):
+        registry.register(worker_id, address, WorkerRole.PREFILL, capacity())
+    assert registry.all() == []
+
+
+def test_ipv6_address_and_role_type() -> None:
+    registry = make_registry(FakeClock())
+    registry.register("p0", "[::1]:9000", WorkerRole.PREFILL, capacity())
+    with pytest.raises(InvalidRequestError, match="role must be a WorkerRole"):
+        registry.register("p1", "h:1", "prefill", capacity())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"num_kv_blocks": 0}, "num_kv_blocks must be > 0"),
+        ({"block_size": 0}, "block_size must be > 0"),
+        ({"model_fingerprint": ""}, "model_fingerprint must be non-empty"),
+    ],
+)
+def test_invalid_capacity(fields: dict[str, object], message: str) -> None:
+    good: dict[str, object] = {
+        "num_kv_blocks": 10,
+        "block_size": BLOCK_SIZE,
+        "model_fingerprint": "m",
+    }
+    with pytest.raises(InvalidRequestError, match=message):
+        WorkerCapacity(**(good | fields))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"num_queued_prefill_tokens": -1}, "num_queued_prefill_tokens must be >= 0, got -1"),
+        ({"num_running_seqs": -1}, "num_running_seqs must be >= 0"),
+        ({"num_free_blocks": -1}, "num_free_blocks must be >= 0"),
+        ({"num_used_blocks": -1}, "num_used_blocks must be >= 0"),
+        ({"step_time_s": -0.1}, "step_time_s must be finite and >= 0"),
+        ({"step_time_s": float("nan")}, "step_time_s must be finite"),
+        ({"busy_fraction": 1.5}, r"busy_fraction must be in \[0, 1\], got 1.5"),
+        ({"busy_fraction": float("nan")}, "busy_fraction must be in"),
+        ({"timestamp": float("inf")}, "timestamp must be finite"),
+    ],
+)
+def test_invalid_load_report(fields: dict[str, object], message: str) -> None:
+    good = load().__dict__
+    with pytest.raises(InvalidRequestError, match=message):
+        LoadReport(**(good | fields))
+
+
+def test_report_with_more_blocks_than_registered() -> None:
+    registry = make_registry(FakeClock())
+    registry.register("d0", "h:1", WorkerRole.DECODE, capacity(100))
+    with pytest.raises(InvalidRequestError, match="reports 101 KV blocks .* than the 100"):
+        registry.report("d0", load(free=100, used=1))
+    assert registry.healthy()[0].last_report is None

@@ -1,0 +1,256 @@
+"""Router.route end to end over the pure core: worker pairs, bursts, KV fit, colocated mode."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+
+from services.common.errors import ConfigError, InvalidRequestError, ResourceExhaustedError
+from services.router.core import Router, RouterConfig, RouteRequest
+from services.router.registry import WorkerRole, WorkerStatus
+from tests.router.factories import FakeClock, capacity, load, make_router, request
+
+
+def report_all(router: Router, timestamp: float = 1.0, **fields: float) -> None:
+    for worker in router.workers():
+        router.report(worker.worker_id, load(timestamp=timestamp, **fields))  # type: ignore[arg-type]
+
+
+def assert_estimates_match_reports(router: Router) -> None:
+    """Leak check: once every worker has reported, no in-flight estimate is left over."""
+    for w in router.workers():
+        assert w.last_report is not None
+        assert w.num_queued_tokens == w.last_report.num_queued_prefill_tokens
+        assert w.num_free_blocks == w.last_report.num_free_blocks
+
+
+def test_burst_between_reports_spreads_under_load() -> None:
+    router = make_router("load", prefill=2, decode=1)
+    report_all(router)
+    picks = [router.route(request(80, shared_prefix=64)).prefill.worker_id for _ in range(10)]
+    # In-flight tokens make the worker just chosen look busier until the next report.
+    assert picks == ["p0", "p1"] * 5
+    assert {w.worker_id: w.num_queued_tokens for w in router.workers()} == {
+        "d0": 0,
+        "p0": 400,
+        "p1": 400,
+    }
+    report_all(router, timestamp=2.0)
+    assert_estimates_match_reports(router)
+
+
+def test_burst_piles_onto_the_prefix_holder_under_prefix_affinity() -> None:
+    router = make_router("prefix_affinity", prefill=2, decode=1)
+    report_all(router)
+    picks = [router.route(request(80, shared_prefix=64)).prefill.worker_id for _ in range(10)]
+    # The hotspot load-aware routing avoids: all 10 on one worker, the other idle.
+    assert Counter(picks) == {"p0": 10}
+    assert [w.num_queued_tokens for w in router.workers()] == [0, 800, 0]
+    # Even once p0 reports it is saturated, the shared prefix keeps it there...
+    router.report("p0", load(queued=800, busy=1.0, timestamp=2.0))
+    router.report("p1", load(timestamp=2.0))
+    assert router.route(request(80, shared_prefix=64)).prefill.worker_id == "p0"
+    # ...while a prompt with no cached prefix falls back to the least loaded.
+    assert router.route(request(80)).prefill.worker_id == "p1"
+
+
+def test_decode_worker_has_the_most_free_blocks_that_fit() -> None:
+    router = make_router("load", prefill=1, decode=2)
+    router.report("p0", load())
+    router.report("d0", load(free=30, used=70))
+    router.report("d1", load(free=32, used=68))
+    # 40 prompt + 8 max_tokens = 48 tokens = 3 blocks of 16, reserved at once.
+    assignments = [router.route(request(40, max_tokens=8)) for _ in range(3)]
+    assert [a.decode.worker_id for a in assignments] == ["d1", "d0", "d1"]
+    assert [a.num_kv_blocks for a in assignments] == [3, 3, 3]
+    assert [w.num_free_blocks for w in router.workers()[:2]] == [27, 26]
+    assert router.route(request(41, max_tokens=8)).num_kv_blocks == 4  # 49 tokens
+    assert not assignments[0].colocated
+
+
+def test_not_enough_free_blocks_now() -> None:
+    router = make_router("load", prefill=1, decode=2)
+    router.report("d0", load(free=30, used=70))
+    router.report("d1", load(free=27, used=73))
+    with pytest.raises(
+        ResourceExhaustedError,
+        match=r"needs 40 KV blocks \(600 prompt \+ 40 max_tokens tokens\); "
+        "the most free on any decode or mixed worker now is 30",
+    ):
+        router.route(request(600, max_tokens=40))
+    # The failed request reserved nothing.
+    assert [w.num_free_blocks for w in router.workers()] == [30, 27, 100]
+    assert router.workers()[2].num_queued_tokens == 0
+
+
+def test_request_larger_than_any_decode_worker() -> None:
+    router = make_router("load", prefill=1, decode=1)
+    with pytest.raises(
+        ResourceExhaustedError,
+        match=r"needs 101 KV blocks .*more than any decode or mixed worker holds in total \(largest: 100\)",
+    ):
+        router.route(request(1600, max_tokens=1))
+
+
+def test_mixed_workers_prefill_and_decode_their_own_requests() -> None:
+    router = make_router("load", mixed=2)
+    report_all(router)
+    assignments = [router.route(request(40)) for _ in range(3)]
+    assert [(a.prefill.worker_id, a.decode.worker_id) for a in assignments] == [
+        ("m0", "m0"),
+        ("m1", "m1"),
+        ("m0", "m0"),
+    ]
+    assert all(a.colocated for a in assignments)
+    # Both the prompt tokens and the KV blocks land on the one worker.
+    m0 = router.workers()[0]
+    assert (m0.num_queued_tokens, m0.num_free_blocks) == (80, 94)
+
+
+def test_a_mixed_worker_without_room_is_skipped() -> None:
+    router = make_router("load", mixed=2)
+    router.report("m0", load(free=2, used=0, busy=0.0))
+    router.report("m1", load(free=100, busy=0.5))
+    assert router.route(request(40)).prefill.worker_id == "m1"
+    router.report("m1", load(free=2, used=98, timestamp=2.0))
+    with pytest.raises(
+        ResourceExhaustedError, match="most free on any decode or mixed worker now is 2"
+    ):
+        router.route(request(40))
+
+
+def test_full_mixed_worker_with_room_only_on_a_decode_worker() -> None:
+    router = make_router("load", decode=1, mixed=1)
+    router.report("m0", load(free=0, used=100))
+    with pytest.raises(ResourceExhaustedError, match="the most free on any mixed worker now is 0"):
+        router.route(request(40))
+
+
+def test_a_prefill_worker_may_hand_off_to_a_mixed_worker() -> None:
+    router = make_router("load", prefill=1, mixed=1)
+    router.report("m0", load(busy=0.5))
+    assignment = router.route(request(40))
+    assert (assignment.prefill.worker_id, assignment.decode.worker_id) == ("p0", "m0")
+
+
+def test_colocated_policy_uses_mixed_workers_only_with_prefix_affinity() -> None:
+    router = make_router("colocated", prefill=1, decode=1, mixed=2)
+    report_all(router)
+    pairs = [router.route(request(80, shared_prefix=64)) for _ in range(4)]
+    assert [(a.prefill.worker_id, a.decode.worker_id) for a in pairs] == [("m0", "m0")] * 4
+    assert router.route(request(80)).prefill.worker_id == "m1"
+
+
+def test_colocated_policy_without_mixed_workers() -> None:
+    router = make_router("colocated", prefill=1, decode=1)
+    with pytest.raises(
+        ResourceExhaustedError,
+        match=r"no healthy mixed worker to prefill request 'r\d+' \(policy 'colocated'\)",
+    ):
+        router.route(request())
+
+
+def test_round_robin_order() -> None:
+    router = make_router("round_robin", prefill=3, decode=1)
+    router.report("p0", load(busy=1.0))  # load is ignored
+    picks = [router.route(request()).prefill.worker_id for _ in range(4)]
+    assert picks == ["p0", "p1", "p2", "p0"]
+    router.remove("p1", "drained")
+    assert [router.route(request()).prefill.worker_id for _ in range(3)] == ["p2", "p0", "p2"]
+
+
+@pytest.mark.parametrize(
+    ("prefill", "decode", "message"),
+    [
+        (0, 0, r"no healthy worker is registered to serve request 'r\d+'"),
+        (1, 0, r"no healthy decode or mixed worker to decode request 'r\d+' \(policy 'load'\)"),
+        (0, 1, r"no healthy mixed or prefill worker to prefill request"),
+    ],
+)
+def test_missing_roles(prefill: int, decode: int, message: str) -> None:
+    router = make_router("load", prefill=prefill, decode=decode)
+    with pytest.raises(ResourceExhaustedError, match=message):
+        router.route(request())
+
+
+def test_silent_workers_stop_receiving_requests() -> None:
+    clock = FakeClock()
+    router = make_router("load", prefill=2, decode=1, clock=clock)
+    clock.advance(0.6)
+    router.report("p1", load(busy=0.9, timestamp=0.6))
+    router.report("d0", load(timestamp=0.6))
+    assert router.route(request()).prefill.worker_id == "p0"  # idle, 0.6 s since seen
+    clock.advance(0.5)
+    # p0 silent for 1.1 s: removed on this call, before choosing.
+    assert router.route(request()).prefill.worker_id == "p1"
+    assert [(w.worker_id, w.status) for w in router.workers()] == [
+        ("d0", WorkerStatus.HEALTHY),
+        ("p0", WorkerStatus.REMOVED),
+        ("p1", WorkerStatus.HEALTHY),
+    ]
+    clock.advance(0.6)
+    assert router.expire() == ["d0", "p1"]
+    with pytest.raises(ResourceExhaustedError, match="no healthy worker is registered"):
+        router.route(request())
+    router.register("p0", "127.0.0.1:9000", WorkerRole.PREFILL, capacity())
+    router.register("d0", "127.0.0.1:9100", WorkerRole.DECODE, capacity())
+    assert router.route(request()).prefill.worker_id == "p0"
+
+
+def test_assignment_carries_addresses() -> None:
+    router = make_router("load", prefill=1, decode=1)
+    assignment = router.route(RouteRequest("req-1", (1, 2, 3), 4))
+    assert assignment.request_id == "req-1"
+    assert (assignment.prefill.address, assignment.decode.address) == (
+        "127.0.0.1:9000",
+        "127.0.0.1:9100",
+    )
+    assert assignment.num_kv_blocks == 1
+
+
+@pytest.mark.parametrize(
+    ("request_id", "tokens", "max_tokens", "message"),
+    [
+        ("", (1,), 1, "request_id must be non-empty"),
+        ("r", (), 1, "prompt must have at least one token"),
+        ("r", (1, -2), 1, "prompt token ids must be >= 0"),
+        ("r", (1,), 0, "max_tokens must be > 0, got 0"),
+    ],
+)
+def test_invalid_requests(
+    request_id: str, tokens: tuple[int, ...], max_tokens: int, message: str
+) -> None:
+    with pytest.raises(InvalidRequestError, match=message):
+        RouteRequest(request_id, tokens, max_tokens)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"policy": "random"}, r"policy must be one of \('load', 'round_robin', "),
+        ({"report_timeout_s": 0.0}, "report_timeout_s must be positive, got 0.0"),
+        ({"report_timeout_s": math.inf}, "report_timeout_s must be positive"),
+        ({"affinity_capacity": 0}, "affinity_capacity must be positive"),
+        ({"prefill_capacity_tokens": -1}, "prefill_capacity_tokens must be positive"),
+    ],
+)
+def test_invalid_config(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        RouterConfig(**fields)  # type: ignore[arg-type]
+
+
+def test_default_config() -> None:
+    config = Router(clock=FakeClock()).config
+    assert (config.policy, config.report_timeout_s) == ("load", 1.0)
+
+
+def test_colocated_policy_when_no_mixed_worker_has_room() -> None:
+    router = make_router("colocated", decode=1, mixed=2)
+    router.report("m0", load(free=1, used=99))
+    router.report("m1", load(free=2, used=98))
+    with pytest.raises(
+        ResourceExhaustedError, match=r"needs 3 KV blocks .*most free on any mixed worker now is 2"
+    ):
+        router.route(request(40))
