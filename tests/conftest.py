@@ -13,6 +13,11 @@ def pytest_configure(config: pytest.Config) -> None:
     import torch
 
     torch.set_num_threads(1)
+    # Generated gRPC code is built, never committed: bring it up to date before any
+    # test module that imports it is collected.
+    from services.rpc.codegen import generate
+
+    generate()
 
 
 @pytest.fixture(scope="session")

@@ -74,3 +74,64 @@ def banaserve_home() -> Path:
 
 def models_dir() -> Path:
     return banaserve_home() / "models"
+
+
+TRACING_EXPORTERS = ("none", "console", "otlp")
+
+
+@dataclass(frozen=True)
+class RpcConfig:
+    """How a gRPC server listens and how channels to peers behave (services/rpc)."""
+
+    # Loopback only: nothing in this project is exposed beyond the host.
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: the OS picks a free port and the server reports it
+    # KV layers travel as single messages; gRPC's default 4 MiB limit is far too small.
+    max_message_bytes: int = 256 << 20
+    # On SIGTERM/stop: how long in-flight calls may run before they are cancelled.
+    grace_s: float = 5.0
+    # HTTP/2 keepalive pings find a peer that vanished without closing its connection.
+    keepalive_s: float = 10.0
+    keepalive_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        _require(
+            self.host in ("127.0.0.1", "::1"),
+            f"host must be a loopback IP (127.0.0.1 or ::1), got {self.host!r}",
+        )
+        _require(0 <= self.port <= 65535, f"port must be in 0..65535, got {self.port}")
+        _require(
+            1024 <= self.max_message_bytes < (1 << 31),
+            f"max_message_bytes must be in [1 KiB, 2 GiB), got {self.max_message_bytes}",
+        )
+        _require(self.grace_s >= 0, f"grace_s must be >= 0, got {self.grace_s}")
+        _require(self.keepalive_s > 0, f"keepalive_s must be positive, got {self.keepalive_s}")
+        _require(
+            self.keepalive_timeout_s > 0,
+            f"keepalive_timeout_s must be positive, got {self.keepalive_timeout_s}",
+        )
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    """Where OpenTelemetry spans go: nowhere, stderr (``console``) or an OTLP/gRPC collector."""
+
+    exporter: str = "none"
+    otlp_endpoint: str = ""  # "HOST:PORT" of the collector; required for, and only for, otlp
+    service_name: str = "banaserve"
+    sample_ratio: float = 1.0  # share of new traces recorded; children follow their parent
+
+    def __post_init__(self) -> None:
+        _require(
+            self.exporter in TRACING_EXPORTERS,
+            f"tracing exporter must be one of {TRACING_EXPORTERS}, got {self.exporter!r}",
+        )
+        _require(
+            bool(self.otlp_endpoint) == (self.exporter == "otlp"),
+            "otlp_endpoint must be set exactly when the exporter is otlp, "
+            f"got exporter={self.exporter!r} otlp_endpoint={self.otlp_endpoint!r}",
+        )
+        _require(bool(self.service_name), "service_name must be non-empty")
+        _require(
+            0 <= self.sample_ratio <= 1, f"sample_ratio must be in [0, 1], got {self.sample_ratio}"
+        )

@@ -1,0 +1,49 @@
+"""Channel and server options, and the one way a service opens a channel to another.
+
+Both ends of every call use the same message-size limit (KV layers travel as single messages,
+far beyond gRPC's 4 MiB default) and compatible keepalive settings: the client pings an idle
+connection so a peer that vanished without closing it is found, and the server accepts those
+pings instead of answering them with GOAWAY ``too_many_pings``.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from services.common.config import RpcConfig
+from services.rpc.tracing import DISABLED, Tracing
+
+Options = list[tuple[str, int]]
+
+
+def _common_options(config: RpcConfig) -> Options:
+    return [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.keepalive_time_ms", int(config.keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+def channel_options(config: RpcConfig) -> Options:
+    # 0: keep pinging however long the connection stays idle (the default stops after two).
+    return [*_common_options(config), ("grpc.http2.max_pings_without_data", 0)]
+
+
+def server_options(config: RpcConfig) -> Options:
+    return [
+        *_common_options(config),
+        # Accept client pings at the rate the clients above send them (with slack for jitter).
+        ("grpc.http2.min_ping_interval_without_data_ms", int(config.keepalive_s * 500)),
+        # gRPC lets a second server bind a port already in use (SO_REUSEPORT) and then splits
+        # connections between the two; a port clash must fail loudly instead.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def open_channel(target: str, config: RpcConfig, tracing: Tracing = DISABLED) -> grpc.aio.Channel:
+    """An insecure channel (peers are on loopback) to ``target`` ("HOST:PORT")."""
+    return grpc.aio.insecure_channel(
+        target, options=channel_options(config), interceptors=tracing.client_interceptors()
+    )

@@ -1,0 +1,155 @@
+"""gRPC server bootstrap shared by every BanaServe service.
+
+Lifecycle of a server:
+  1. ``start_server`` binds loopback (port 0: the OS picks, ``RunningServer.port`` says which),
+     installs the tracing and error interceptors, the standard health service and server
+     reflection, starts, and marks every service and the server as a whole (``""``) SERVING;
+  2. ``set_serving`` flips one service's health while it runs (a worker that stops accepting);
+  3. ``stop`` (or SIGTERM/SIGINT under ``serve_until_signal``) drains: health turns NOT_SERVING
+     everywhere first, so health-checking peers stop sending, then new calls are refused and
+     calls in flight get ``grace_s`` to finish before they are cancelled.
+
+Interceptor order matters: tracing is outermost so its span records the status the error
+interceptor produced from a domain exception (services/rpc/status.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.config import RpcConfig
+from services.rpc.channels import server_options
+from services.rpc.status import ErrorInterceptor
+from services.rpc.tracing import DISABLED, Tracing
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@dataclass(frozen=True)
+class Service:
+    """One servicer and how to add it: ``name`` is the proto's full service name."""
+
+    name: str
+    add: Callable[[grpc.aio.Server], None]
+
+    @classmethod
+    def bind(
+        cls,
+        servicer: Any,
+        add_to_server: Callable[[Any, grpc.aio.Server], None],
+        descriptor: ServiceDescriptor,
+    ) -> Service:
+        """E.g. ``Service.bind(impl, decode_pb2_grpc.add_DecodeServiceServicer_to_server,
+        decode_pb2.DESCRIPTOR.services_by_name["DecodeService"])``."""
+        return cls(descriptor.full_name, lambda server: add_to_server(servicer, server))
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class RunningServer:
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        health_servicer: health.aio.HealthServicer,
+        config: RpcConfig,
+        port: int,
+        names: Sequence[str],
+    ) -> None:
+        self._server = server
+        self._health = health_servicer
+        self._config = config
+        self.port = port
+        self.service_names = tuple(names)
+
+    @property
+    def address(self) -> str:
+        return _address(self._config.host, self.port)
+
+    async def set_serving(self, name: str, serving: bool) -> None:
+        await self._health.set(name, SERVING if serving else NOT_SERVING)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drains and stops; returns once every call has ended (at most ``grace_s`` later)."""
+        grace = self._config.grace_s if grace_s is None else grace_s
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+        log.info("stopped %s", self.address)
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()
+
+    async def serve_until_signal(
+        self, signals: Iterable[signal.Signals] = DRAIN_SIGNALS
+    ) -> signal.Signals | None:
+        """Serves until one of ``signals`` arrives, then drains; returns the signal, or None if
+        the server stopped for another reason. Handlers stay installed through the drain, so a
+        second Ctrl-C does not interrupt it."""
+        loop = asyncio.get_running_loop()
+        received: asyncio.Future[signal.Signals] = loop.create_future()
+        terminated = asyncio.ensure_future(self.wait())
+        signals = tuple(signals)
+        for signum in signals:
+            loop.add_signal_handler(signum, _resolve_once, received, signum)
+        try:
+            await asyncio.wait({received, terminated}, return_when=asyncio.FIRST_COMPLETED)
+            if not received.done():
+                return None
+            sig = received.result()
+            log.info(
+                "%s: %s, draining for up to %.1fs", self.address, sig.name, self._config.grace_s
+            )
+            await self.stop()
+            return sig
+        finally:
+            terminated.cancel()
+            for signum in signals:
+                loop.remove_signal_handler(signum)
+
+
+def _resolve_once(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+async def start_server(
+    services: Sequence[Service],
+    config: RpcConfig,
+    *,
+    tracing: Tracing = DISABLED,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> RunningServer:
+    server = grpc.aio.server(
+        interceptors=[*tracing.server_interceptors(), ErrorInterceptor(), *interceptors],
+        options=server_options(config),
+    )
+    for service in services:
+        service.add(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [service.name for service in services]
+    reflection.enable_server_reflection(
+        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    port = server.add_insecure_port(_address(config.host, config.port))
+    await server.start()
+    for name in ("", *names):  # "": the server as a whole, as the health protocol defines
+        await health_servicer.set(name, SERVING)
+    running = RunningServer(server, health_servicer, config, port, names)
+    log.info("serving %s on %s", ", ".join(names) or "(health only)", running.address)
+    return running

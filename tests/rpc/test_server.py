@@ -1,0 +1,190 @@
+"""The rpc layer on a real in-process server (port 0): health, reflection, status codes on the
+wire, message-size limits, graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from services.common.config import RpcConfig
+from services.common.errors import ConfigError
+from services.rpc.gen.banaserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+from services.rpc.server import start_server
+from tests.rpc.helpers import DECODE_SERVICE, SECRET, FakeDecode, fake_decode_service, serving
+
+C = grpc.StatusCode
+
+
+def reserve(request_id="r1", num_tokens=4, max_tokens=8):
+    return decode_pb2.ReserveKVRequest(
+        request_id=request_id,
+        prompt_token_ids=list(range(num_tokens)),
+        sampling=common_pb2.SamplingParams(max_tokens=max_tokens),
+    )
+
+
+async def rpc_error(call) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value
+
+
+def test_health_reports_serving_per_service_and_overall():
+    async def main():
+        async with serving() as (server, channel, _):
+            stub = health_pb2_grpc.HealthStub(channel)
+            for name in ("", DECODE_SERVICE):
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=name))
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            unknown = await rpc_error(stub.Check(health_pb2.HealthCheckRequest(service="nope")))
+            assert unknown.code() == C.NOT_FOUND
+
+            await server.set_serving(DECODE_SERVICE, False)
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=DECODE_SERVICE))
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+    asyncio.run(main())
+
+
+def test_reflection_lists_the_services():
+    async def main():
+        async with serving() as (_, channel, _):
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            request = reflection_pb2.ServerReflectionRequest(list_services="")
+            async for reply in stub.ServerReflectionInfo(iter([request])):
+                return {s.name for s in reply.list_services_response.service}
+
+    assert asyncio.run(main()) == {
+        DECODE_SERVICE,
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
+
+
+def test_bound_port_is_reported_and_loopback_only():
+    async def main():
+        async with serving() as (server, channel, _):
+            assert server.port > 0 and server.address == f"127.0.0.1:{server.port}"
+            stub = decode_pb2_grpc.DecodeServiceStub(channel)
+            stats = await stub.Stats(decode_pb2.DecodeServiceStatsRequest())
+            assert (stats.kv.num_blocks_total, stats.kv.num_blocks_used) == (8, 0)
+
+    asyncio.run(main())
+
+
+def test_domain_errors_arrive_as_their_status_codes():
+    async def main():
+        async with serving() as (_, channel, _):
+            stub = decode_pb2_grpc.DecodeServiceStub(channel)
+            bad = await rpc_error(stub.ReserveKV(reserve(max_tokens=0)))
+            too_long = await rpc_error(stub.ReserveKV(reserve(num_tokens=9)))
+            bug = await rpc_error(stub.ReserveKV(reserve(request_id="boom")))
+            ok = await stub.ReserveKV(reserve())
+            return bad, too_long, bug, ok
+
+    bad, too_long, bug, ok = asyncio.run(main())
+    assert (bad.code(), bad.details()) == (C.INVALID_ARGUMENT, "max_tokens must be > 0, got 0")
+    assert (too_long.code(), too_long.details()) == (C.OUT_OF_RANGE, "prompt has 9 tokens, limit 8")
+    assert bug.code() == C.INTERNAL and SECRET not in bug.details()
+    assert ok.reservation_id == "res-1"
+
+
+def test_error_in_a_stream_ends_it_with_its_code_after_the_frames_sent():
+    async def main():
+        async with serving() as (_, channel, _):
+            stub = decode_pb2_grpc.DecodeServiceStub(channel)
+            call = stub.StreamTokens(decode_pb2.StreamTokensRequest(request_id="r9"))
+            frames = []
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for frame in call:
+                    frames.append(frame)
+            return frames, info.value
+
+    frames, error = asyncio.run(main())
+    assert [list(f.delta.token_ids) for f in frames] == [[1]]
+    assert (error.code(), error.details()) == (C.NOT_FOUND, "request 'r9' is gone")
+
+
+def test_oversized_message_is_resource_exhausted_and_the_server_stays_healthy():
+    config = RpcConfig(max_message_bytes=64 << 10, grace_s=0.5)
+
+    async def main():
+        async with serving(config) as (_, channel, _):
+            stub = decode_pb2_grpc.DecodeServiceStub(channel)
+            # 100k token ids of up to 3 varint bytes each: ~290 KiB, past the 64 KiB limit.
+            error = await rpc_error(stub.ReserveKV(reserve(num_tokens=100_000)))
+            health = health_pb2_grpc.HealthStub(channel)
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=DECODE_SERVICE))
+            return error, reply.status
+
+    error, status = asyncio.run(main())
+    assert error.code() == C.RESOURCE_EXHAUSTED
+    assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_stop_drains_in_flight_calls_within_the_grace_period():
+    async def main():
+        async with serving(RpcConfig(grace_s=0.3)) as (server, channel, servicer):
+            stub = decode_pb2_grpc.DecodeServiceStub(channel)
+            call = stub.StreamTokens(decode_pb2.StreamTokensRequest(request_id="slow"))
+            await call.read()
+            await servicer.slow_started.wait()
+            start = time.monotonic()
+            await server.stop()
+            elapsed = time.monotonic() - start
+            cut = await rpc_error(call.read())
+            after = await rpc_error(stub.Stats(decode_pb2.DecodeServiceStatsRequest(), timeout=1))
+            return elapsed, cut.code(), after.code()
+
+    elapsed, cut, after = asyncio.run(main())
+    assert 0.25 <= elapsed < 1.5  # waited for the call, then cut it at the grace period
+    assert cut in (C.CANCELLED, C.UNAVAILABLE)
+    assert after == C.UNAVAILABLE
+
+
+def test_sigterm_drains_and_returns_the_signal():
+    async def main():
+        servicer = FakeDecode()
+        server = await start_server([fake_decode_service(servicer)], RpcConfig(grace_s=0.2))
+        task = asyncio.create_task(server.serve_until_signal())
+        await asyncio.sleep(0.05)
+        # Sending SIGTERM without the handler in place would kill the test process.
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        os.kill(os.getpid(), signal.SIGTERM)
+        return await asyncio.wait_for(task, timeout=2)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    assert asyncio.run(main()) == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == previous
+
+
+def test_a_port_in_use_fails_loudly():
+    async def main():
+        async with serving() as (server, _, _):
+            with pytest.raises(RuntimeError):
+                await start_server([], RpcConfig(port=server.port))
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"host": "0.0.0.0"},
+        {"port": -1},
+        {"port": 70000},
+        {"max_message_bytes": 10},
+        {"grace_s": -1},
+        {"keepalive_s": 0},
+    ],
+)
+def test_rpc_config_rejects_bad_values(kwargs):
+    with pytest.raises(ConfigError):
+        RpcConfig(**kwargs)
