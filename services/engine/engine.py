@@ -10,6 +10,12 @@ Lifecycle of a request:
 KV can also arrive from elsewhere (a prefill worker, a migration):
 ``begin_import`` reserves blocks, ``import_kv`` fills them one layer at a time,
 ``finish_import`` joins the sequence to the running batch (hook 3).
+
+KV can leave while a step computes: ``step(on_layer_done=hook)`` calls
+``hook(layer, ctx)`` after each layer, and ``export_kv`` inside the hook covers
+the tokens this step is computing (``ctx.num_tokens``), not only those computed
+before it. The hook runs on the stepping thread; exports are copies, so they may
+be sent from another thread while the next layers compute.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from services.common.errors import (
     RequestNotFoundError,
     ResourceExhaustedError,
 )
+from services.common.hashing import ROOT_HASH, BlockHash, hash_block
 from services.common.types import FinishReason, RequestOutput, SamplingParams
 from services.engine.attention import (
     PartialAttention,
@@ -46,6 +53,19 @@ from services.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 Prompt = str | list[int]
 LogitsHook = Callable[[list[Sequence], torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """The step in progress, as a layer hook sees it."""
+
+    # Request id -> tokens whose KV exists once every layer of this step has run.
+    num_tokens: dict[str, int]
+    # Requests whose tokens are all computed after this step (they sample a token).
+    sampling: tuple[str, ...]
+
+
+LayerDoneHook = Callable[[int, StepContext], None]
 
 
 @dataclass(eq=False)
@@ -108,6 +128,7 @@ class Engine:
         self._requests: dict[str, _Request] = {}
         self._importing: dict[str, _Request] = {}
         self._arrivals = itertools.count()
+        self._step: StepContext | None = None  # set only while a hooked step runs
 
     def _max_model_len(self, num_blocks: int) -> int:
         limit = self.spec.max_position_embeddings
@@ -129,6 +150,10 @@ class Engine:
                 raise InvalidRequestError("prompt is empty")
             return self.tokenizer.encode_chat(prompt) if chat else self.tokenizer.encode(prompt)
         return list(prompt)
+
+    def check_prompt(self, token_ids: list[int]) -> None:
+        """Raise what ``add_request`` would for this prompt; reads no request state."""
+        self._check_prompt(token_ids)
 
     def _check_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
@@ -194,13 +219,25 @@ class Engine:
 
     # -- stepping --------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, on_layer_done: LayerDoneHook | None = None) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
         inputs = self.runner.prepare(batch)
-        logits = self.runner.run(inputs)
         sampled = [batch.seqs[i] for i in inputs.sample_seq_index]
+        if on_layer_done is None:
+            logits = self.runner.run(inputs)
+        else:
+            pairs = zip(batch.seqs, batch.num_new_tokens, strict=True)
+            ctx = StepContext(
+                {s.request_id: s.num_computed_tokens + n for s, n in pairs},
+                tuple(s.request_id for s in sampled),
+            )
+            self._step = ctx
+            try:
+                logits = self.runner.run(inputs, lambda layer: on_layer_done(layer, ctx))
+            finally:
+                self._step = None
         if self.logits_hook is not None:
             self.logits_hook(sampled, logits.float())
         tokens = self.sampler(
@@ -309,16 +346,29 @@ class Engine:
 
     def kv_layout(self, request_id: str, layer: int) -> KVLayout:
         seq = self._seq(request_id)
+        num_tokens = seq.num_computed_tokens
+        if self._step is not None:
+            num_tokens = self._step.num_tokens.get(request_id, num_tokens)
         return KVLayout(
             self.fingerprint,
             layer,
-            seq.num_computed_tokens,
-            tuple(seq.block_hashes),
+            num_tokens,
+            self._full_block_hashes(seq, num_tokens),
             self.kv_cache.dtype_name,
             self.config.block_size,
             self.spec.num_kv_heads,
             self.spec.head_dim,
         )
+
+    def _full_block_hashes(self, seq: Sequence, num_tokens: int) -> tuple[BlockHash, ...]:
+        # Inside a hooked step the blocks this step fills are not committed yet; their hashes
+        # are the ones commit_full_blocks will give them after the step.
+        hashes = list(seq.block_hashes)
+        parent = hashes[-1] if hashes else ROOT_HASH
+        for i in range(len(hashes), num_tokens // self.config.block_size):
+            parent = hash_block(parent, seq.block_tokens(i), self.fingerprint)
+            hashes.append(parent)
+        return tuple(hashes)
 
     def export_kv(self, request_id: str, layer: int) -> tuple[torch.Tensor, KVLayout]:
         """One layer of a request's computed KV, as a tensor and its layout."""
@@ -384,6 +434,38 @@ class Engine:
         seq.status = SequenceStatus.RUNNING
         self.scheduler.running.append(seq)
         self._requests[request_id] = request
+
+    def begin_prompt_import(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
+        """``begin_import`` of a prompt's KV before its first token exists.
+
+        A decode worker reserves blocks while the prefill worker still computes, so the first
+        token (sampled after the last layer) arrives only at ``finish_prompt_import``; until
+        then a placeholder stands in for it, which reserves the room it needs in the context.
+        """
+        self._check_prompt(prompt_token_ids)  # its messages speak of the prompt, not of +1
+        n = len(prompt_token_ids)
+        self.begin_import(request_id, [*prompt_token_ids, 0], n, n, params)
+
+    def finish_prompt_import(self, request_id: str, first_token_id: int) -> RequestOutput:
+        """Join a ``begin_prompt_import`` sequence to the batch with its real first token.
+
+        Returns that token's output exactly as a local prefill step would have (so the text
+        held back for stop strings matches the prefill worker's); it may finish the request.
+        """
+        request = self._importing.get(request_id)
+        if request is None:
+            raise RequestNotFoundError(f"no import in progress for {request_id!r}")
+        if not 0 <= first_token_id < self.spec.vocab_size:
+            raise InvalidRequestError(
+                f"first token id {first_token_id} outside the vocabulary [0, {self.spec.vocab_size})"
+            )
+        request.seq.token_ids.pop()  # the placeholder
+        request.detokenizer = IncrementalDetokenizer(self.tokenizer)
+        request.num_emitted_chars = 0
+        self.finish_import(request_id)
+        return self._append_token(request, first_token_id)
 
     # -- hook 2: partial attention ---------------------------------------------------------
 

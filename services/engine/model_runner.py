@@ -14,7 +14,7 @@ import torch
 
 from services.engine.attention import AttentionMetadata, PrefillSpan
 from services.engine.kv_cache import KVCache
-from services.engine.models.llama import LlamaForCausalLM
+from services.engine.models.llama import LlamaForCausalLM, OnLayerDone
 from services.engine.scheduler import ScheduledBatch
 
 
@@ -82,7 +82,9 @@ class ModelRunner:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
     @torch.inference_mode()
-    def run(self, inputs: StepInputs) -> torch.Tensor:
+    def run(self, inputs: StepInputs, on_layer_done: OnLayerDone | None = None) -> torch.Tensor:
         """Logits ``[len(sample_rows), vocab]``, in the model's dtype, for the rows that sample."""
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
+        hidden = self.model(
+            inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta, on_layer_done
+        )
         return self.model.compute_logits(hidden[inputs.sample_rows])

@@ -11,6 +11,7 @@ contiguous range, hidden states in and out) -> ``compute_logits``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,9 @@ from services.engine.kv_cache import KVCache
 from services.engine.models.rope import RotaryEmbedding, RotaryTables, apply_rotary, rope_parameters
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+
+# Called with a layer's index once that layer has run (its KV is written), before the next one.
+OnLayerDone = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -180,14 +184,21 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
         start: int = 0,
         end: int | None = None,
+        on_layer_done: OnLayerDone | None = None,
     ) -> torch.Tensor:
-        """Run decoder layers ``[start, end)`` on ``hidden`` and return the new hidden states."""
+        """Run decoder layers ``[start, end)`` on ``hidden`` and return the new hidden states.
+
+        ``on_layer_done(i)`` runs after layer ``i`` has written its KV and before layer ``i + 1``
+        starts, so layer ``i``'s KV can leave while the rest computes (DESIGN.md §4 step 3).
+        """
         end = self.num_layers if end is None else end
         if not 0 <= start <= end <= self.num_layers:
             raise ValueError(f"layer range [{start}, {end}) outside [0, {self.num_layers})")
         rotary = self.rope(positions, hidden.dtype)  # once per call, shared by every layer
-        for layer in self.layers[start:end]:
-            hidden = layer(hidden, rotary, kv_cache, meta)
+        for index in range(start, end):
+            hidden = self.layers[index](hidden, rotary, kv_cache, meta)
+            if on_layer_done is not None:
+                on_layer_done(index)
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -199,5 +210,8 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_cache: KVCache,
         meta: AttentionMetadata,
+        on_layer_done: OnLayerDone | None = None,
     ) -> torch.Tensor:
-        return self.forward_layers(self.embed(input_ids), positions, kv_cache, meta)
+        return self.forward_layers(
+            self.embed(input_ids), positions, kv_cache, meta, on_layer_done=on_layer_done
+        )

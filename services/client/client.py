@@ -1,0 +1,301 @@
+"""Sync and async clients of RouterService; see the package docstring for use.
+
+A Generate stream is ``started``, ``delta``..., ``finished`` (router.proto); ``_Accumulator``
+folds the frames into deltas for the caller and one ``GenerationResult`` at the end, with TTFT
+and tokens/s measured here, on the client's clock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+MAX_MESSAGE_BYTES = 256 << 20
+_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+_FINISH = {
+    common_pb2.FINISH_REASON_STOP: "stop",
+    common_pb2.FINISH_REASON_LENGTH: "length",
+    common_pb2.FINISH_REASON_ABORT: "abort",
+}
+_ROLES = {
+    common_pb2.WORKER_ROLE_PREFILL: "prefill",
+    common_pb2.WORKER_ROLE_DECODE: "decode",
+    common_pb2.WORKER_ROLE_MIXED: "mixed",
+}
+
+
+class BanaServeClientError(Exception):
+    """A call failed: ``code`` is the gRPC status code, ``message`` the server's explanation."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+def _error(exc: grpc.RpcError) -> BanaServeClientError:
+    return BanaServeClientError(exc.code(), exc.details() or "")  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class Delta:
+    token_ids: tuple[int, ...]
+    text: str
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str  # "stop", "length" or "abort"
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    ttft_s: float  # call start to first token, on this client's clock
+    total_s: float
+    tokens_per_s: float  # output tokens after the first, per second after the first
+    prefill_worker_id: str
+    decode_worker_id: str
+    server_timings: router_pb2.Timings
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    worker_id: str
+    address: str
+    role: str
+    active: bool
+    num_running_seqs: int
+    num_kv_blocks_free: int
+    num_kv_blocks_used: int
+
+
+def _sampling(**params: Any) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(**{k: v for k, v in params.items() if v is not None})
+
+
+def _request(
+    prompt: str | Sequence[int], request_id: str, chat: bool, **sampling: Any
+) -> router_pb2.GenerateRequest:
+    message = router_pb2.GenerateRequest(
+        request_id=request_id, chat=chat, sampling=_sampling(**sampling)
+    )
+    if isinstance(prompt, str):
+        message.text = prompt
+    else:
+        message.token_ids.ids.extend(prompt)
+    return message
+
+
+@dataclass
+class _Accumulator:
+    start: float = field(default_factory=time.perf_counter)
+    first: float | None = None
+    request_id: str = ""
+    started: router_pb2.GenerateStarted | None = None
+    token_ids: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    result: GenerationResult | None = None
+
+    def add(self, frame: router_pb2.GenerateResponse) -> Delta | None:
+        kind = frame.WhichOneof("frame")
+        if kind == "started":
+            self.started = frame.started
+            self.request_id = frame.started.request_id
+        elif kind == "delta":
+            self.first = self.first or time.perf_counter()
+            self.token_ids.extend(frame.delta.token_ids)
+            self.text.append(frame.delta.text)
+            return Delta(tuple(frame.delta.token_ids), frame.delta.text)
+        else:
+            self.result = self._finish(frame.finished)
+        return None
+
+    def _finish(self, finished: router_pb2.GenerateFinished) -> GenerationResult:
+        done = time.perf_counter()
+        first = self.first or done
+        num_after_first = max(0, len(self.token_ids) - 1)
+        rate = num_after_first / (done - first) if num_after_first and done > first else 0.0
+        started = self.started or router_pb2.GenerateStarted()
+        return GenerationResult(
+            request_id=self.request_id,
+            text="".join(self.text),
+            token_ids=tuple(self.token_ids),
+            finish_reason=_FINISH.get(finished.finish_reason, "unspecified"),
+            num_prompt_tokens=finished.usage.num_prompt_tokens,
+            num_cached_tokens=finished.usage.num_cached_tokens,
+            ttft_s=first - self.start,
+            total_s=done - self.start,
+            tokens_per_s=rate,
+            prefill_worker_id=started.prefill_worker_id,
+            decode_worker_id=started.decode_worker_id,
+            server_timings=finished.timings,
+        )
+
+
+class Generation:
+    """Iterate for deltas; ``result`` is set once the stream has ended."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._acc = _Accumulator()
+
+    @property
+    def request_id(self) -> str:
+        return self._acc.request_id
+
+    @property
+    def result(self) -> GenerationResult:
+        if self._acc.result is None:
+            raise RuntimeError("the generation has not finished; iterate it to the end first")
+        return self._acc.result
+
+    def __iter__(self) -> Iterator[Delta]:
+        try:
+            for frame in self._call:
+                delta = self._acc.add(frame)
+                if delta is not None:
+                    yield delta
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class AsyncGeneration(Generation):
+    def __aiter__(self) -> AsyncIterator[Delta]:
+        return self._frames()
+
+    async def _frames(self) -> AsyncIterator[Delta]:
+        try:
+            async for frame in self._call:
+                delta = self._acc.add(frame)
+                if delta is not None:
+                    yield delta
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+
+
+def _workers(reply: router_pb2.ListWorkersResponse) -> list[WorkerStatus]:
+    return [
+        WorkerStatus(
+            worker_id=w.info.worker_id,
+            address=w.info.address,
+            role=_ROLES.get(w.info.role, "unspecified"),
+            active=w.state == router_pb2.WORKER_STATE_ACTIVE,
+            num_running_seqs=w.last_load.num_running_seqs,
+            num_kv_blocks_free=w.last_load.num_kv_blocks_free,
+            num_kv_blocks_used=w.last_load.num_kv_blocks_used,
+        )
+        for w in reply.workers
+    ]
+
+
+class BanaServeClient:
+    """Blocking client. ``generate`` keyword arguments are SamplingParams fields (None: the
+    server's default); ``timeout_s`` is the request's deadline."""
+
+    def __init__(self, target: str) -> None:
+        self._channel = grpc.insecure_channel(target, options=_OPTIONS)
+        self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        timeout_s: float | None = None,
+        request_id: str = "",
+        chat: bool = False,
+        **sampling: Any,
+    ) -> Generation:
+        message = _request(prompt, request_id, chat, **sampling)
+        return Generation(self._stub.Generate(message, timeout=timeout_s))
+
+    def complete(self, prompt: str | Sequence[int], **kwargs: Any) -> GenerationResult:
+        generation = self.generate(prompt, **kwargs)
+        for _ in generation:
+            pass
+        return generation.result
+
+    def abort(self, request_id: str, timeout_s: float = 5.0) -> None:
+        try:
+            self._stub.Abort(router_pb2.AbortRequest(request_id=request_id), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+
+    def list_workers(self, timeout_s: float = 5.0) -> list[WorkerStatus]:
+        try:
+            return _workers(
+                self._stub.ListWorkers(router_pb2.ListWorkersRequest(), timeout=timeout_s)
+            )
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> BanaServeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncBanaServeClient:
+    """The same over grpc.aio; create and use it inside one event loop."""
+
+    def __init__(self, target: str) -> None:
+        self._channel = grpc.aio.insecure_channel(target, options=_OPTIONS)
+        self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        timeout_s: float | None = None,
+        request_id: str = "",
+        chat: bool = False,
+        **sampling: Any,
+    ) -> AsyncGeneration:
+        message = _request(prompt, request_id, chat, **sampling)
+        return AsyncGeneration(self._stub.Generate(message, timeout=timeout_s))
+
+    async def complete(self, prompt: str | Sequence[int], **kwargs: Any) -> GenerationResult:
+        generation = self.generate(prompt, **kwargs)
+        async for _ in generation:
+            pass
+        return generation.result
+
+    async def abort(self, request_id: str, timeout_s: float = 5.0) -> None:
+        try:
+            await self._stub.Abort(
+                router_pb2.AbortRequest(request_id=request_id), timeout=timeout_s
+            )
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+
+    async def list_workers(self, timeout_s: float = 5.0) -> list[WorkerStatus]:
+        try:
+            reply = await self._stub.ListWorkers(router_pb2.ListWorkersRequest(), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+        return _workers(reply)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncBanaServeClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,119 @@
+"""``python -m services.decode``: flags/env -> config -> engine, worker, server -> serve.
+
+Prints ``LISTENING HOST:PORT`` on stdout once the server accepts calls (a launcher parses it),
+serves until SIGTERM/SIGINT, then drains and frees every block. With ``--router`` it registers
+there and reports its load every ``--report-interval`` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+
+from services.common.config import EngineConfig, RpcConfig, TracingConfig
+from services.decode.clients import LoadReporter, worker_info
+from services.decode.core import DecodeConfig, DecodeWorker
+from services.decode.servicer import decode_service
+from services.engine.engine import Engine
+from services.rpc.channels import open_channel
+from services.rpc.server import start_server
+from services.rpc.tracing import setup_tracing
+
+log = logging.getLogger("services.decode")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="python -m services.decode", description=__doc__)
+    p.add_argument("--port", type=int, default=int(env("BANASERVE_DECODE_PORT", "0")))
+    p.add_argument("--model", default=env("BANASERVE_MODEL", "tiny-llama"))
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--kv-cache-bytes", type=int, default=1 << 30)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--role", choices=("decode", "mixed"), default="decode")
+    p.add_argument("--worker-id", default=None, help="default: decode-<hostname>-<port>")
+    p.add_argument("--router", default=env("BANASERVE_ROUTER", ""), help="HOST:PORT")
+    p.add_argument("--report-interval", type=float, default=0.1)
+    p.add_argument("--max-lease", type=float, default=60.0)
+    p.add_argument("--tracing", choices=("none", "console", "otlp"), default="none")
+    p.add_argument("--otlp-endpoint", default="")
+    p.add_argument("--log-level", default=env("BANASERVE_LOG_LEVEL", "INFO"))
+    return p.parse_args(argv)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        kv_cache_bytes=args.kv_cache_bytes,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        num_threads=args.threads,
+    )
+
+
+def _reporter(args: argparse.Namespace, worker: DecodeWorker, address: str, rpc: RpcConfig):
+    engine = worker.engine
+    worker_id = args.worker_id or f"{args.role}-{socket.gethostname()}-{address.rsplit(':', 1)[1]}"
+    info = worker_info(
+        worker_id,
+        address,
+        args.role == "mixed",
+        args.model,
+        engine.fingerprint,
+        engine.config.block_size,
+        engine.block_manager.num_blocks,
+        engine.max_model_len,
+    )
+    channel = open_channel(args.router, rpc)
+    return LoadReporter(channel, info, worker.load, args.report_interval), channel
+
+
+async def serve(args: argparse.Namespace) -> None:
+    tracing = setup_tracing(
+        TracingConfig(args.tracing, args.otlp_endpoint, service_name="banaserve-decode")
+    )
+    rpc = RpcConfig(port=args.port)
+    engine = await asyncio.to_thread(Engine, engine_config(args))
+    worker = DecodeWorker(
+        engine,
+        DecodeConfig(
+            default_lease_s=min(args.max_lease, DecodeConfig.default_lease_s),
+            max_lease_s=args.max_lease,
+        ),
+    )
+    await worker.start()
+    server = await start_server([decode_service(worker)], rpc, tracing=tracing)
+    print(f"LISTENING {server.address}", flush=True)
+    reporter = channel = task = None
+    if args.router:
+        reporter, channel = _reporter(args, worker, server.address, rpc)
+        task = asyncio.create_task(reporter.run())
+    try:
+        await server.serve_until_signal()
+    finally:
+        if reporter is not None and task is not None and channel is not None:
+            reporter.stop()
+            await asyncio.wait({task}, timeout=2.0)
+            await channel.close()
+        await worker.stop()
+        tracing.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(message)s")
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Calls from the decode worker to other services: its registration and load reports.
+
+``LoadReporter.run`` holds one RouterService.ReportLoad call open: the first frame says who the
+worker is, then a ``load`` frame every ``interval_s``. ``stop`` half-closes the call, which the
+router reads as a clean deregistration; a call that breaks (router gone, registration refused)
+is retried after ``retry_s`` until ``stop``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+
+from services.decode.load import LoadSnapshot
+from services.decode.servicer import duration
+from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def load_to_proto(load: LoadSnapshot) -> router_pb2.LoadReport:
+    return router_pb2.LoadReport(
+        num_queued_prefill_tokens=load.num_queued_prefill_tokens,
+        num_running_seqs=load.num_running_seqs,
+        num_waiting_seqs=load.num_waiting_seqs,
+        num_kv_blocks_used=load.num_blocks_used,
+        num_kv_blocks_free=load.num_blocks_free,
+        step_time=duration(load.step_time_s),
+        busy_fraction=load.busy_fraction,
+        window=duration(load.window_s),
+    )
+
+
+class LoadReporter:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        info: router_pb2.WorkerInfo,
+        load: Callable[[], Awaitable[LoadSnapshot]],
+        interval_s: float = 0.1,
+        retry_s: float = 1.0,
+    ) -> None:
+        self._stub = router_pb2_grpc.RouterServiceStub(channel)
+        self._info = info
+        self._load = load
+        self._interval_s = interval_s
+        self._retry_s = retry_s
+        self._stopped = asyncio.Event()
+
+    async def frames(self) -> AsyncIterator[router_pb2.ReportLoadRequest]:
+        yield router_pb2.ReportLoadRequest(worker=self._info)
+        while not self._stopped.is_set():
+            yield router_pb2.ReportLoadRequest(load=load_to_proto(await self._load()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), self._interval_s)
+
+    async def run(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                await self._stub.ReportLoad(self.frames())
+            except grpc.aio.AioRpcError as exc:
+                log.warning("load reports to the router failed: %s %s", exc.code(), exc.details())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), self._retry_s)
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
+def worker_info(
+    worker_id: str,
+    address: str,
+    mixed: bool,
+    model: str,
+    fingerprint: str,
+    block_size: int,
+    num_kv_blocks: int,
+    max_model_len: int,
+) -> router_pb2.WorkerInfo:
+    role = common_pb2.WORKER_ROLE_MIXED if mixed else common_pb2.WORKER_ROLE_DECODE
+    return router_pb2.WorkerInfo(
+        worker_id=worker_id,
+        address=address,
+        role=role,
+        model=model,
+        fingerprint=fingerprint,
+        block_size=block_size,
+        num_kv_blocks=num_kv_blocks,
+        max_model_len=max_model_len,
+    )

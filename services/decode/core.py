@@ -1,0 +1,443 @@
+"""The decode worker's logic, without grpc (decode.proto has the wire lifecycle).
+
+A request passes through one table entry whose status only this module changes:
+
+1. RESERVED  - ``reserve`` took the prompt's blocks (``Engine.begin_prompt_import``) under a
+               lease, and a deadline when the request has one;
+2. RECEIVING - ``receive`` got the transfer's header and writes each layer as its last chunk
+               arrives (``Engine.import_kv``);
+3. RUNNING   - the end frame brought the first token (``Engine.finish_prompt_import``); the
+               engine loop steps the batch and queues every output for ``stream``;
+4. DONE      - finished, released, expired (lease before step 3, deadline at any step), its
+               transfer broke or its stream was cancelled: the engine holds nothing for it. The
+               entry stays only until its stream has read the last event.
+
+Every engine call runs on one worker thread, in submission order: steps are CPU-bound and the
+engine is not thread-safe, so an abort submitted before a ``stats`` call is always visible to it.
+The table itself is touched only from the event loop. Every wait is bounded: a lease or
+deadline is enforced by ``expire_overdue`` (swept every ``sweep_interval_s``), and a stream
+waits at most ``stream_idle_timeout_s`` for its next event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from services.common.errors import ConfigError, InvalidRequestError, RequestNotFoundError
+from services.common.hashing import block_hashes
+from services.common.types import FinishReason, RequestOutput, SamplingParams
+from services.decode.load import LoadMeter, LoadSnapshot
+from services.decode.transfer import (
+    LayerAssembler,
+    LayerChunk,
+    TransferEnd,
+    TransferFrame,
+    TransferHeader,
+    TransferResult,
+)
+from services.engine.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    default_lease_s: float = 10.0
+    max_lease_s: float = 60.0
+    sweep_interval_s: float = 0.05
+    # Longest a stream waits for its next event (the lease and deadline normally end it sooner).
+    stream_idle_timeout_s: float = 60.0
+    # How long a request that finished before anyone streamed it keeps its tokens.
+    finished_retention_s: float = 30.0
+    # The engine loop rechecks for work at least this often when idle.
+    idle_poll_s: float = 0.5
+    load_window_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("default_lease_s", "max_lease_s", "sweep_interval_s", "idle_poll_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.default_lease_s > self.max_lease_s:
+            raise ConfigError("default_lease_s must not exceed max_lease_s")
+
+
+class RequestStatus(enum.Enum):
+    RESERVED = "reserved"
+    RECEIVING = "receiving"
+    RUNNING = "running"
+    DONE = "done"
+
+
+# -- the stream's events and the views of the table (servicer.py maps them to protos) -------
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    token_ids: list[int]
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: FinishReason
+    num_completion_tokens: int  # the prefill worker's first token included
+
+
+StreamEvent = TokenDelta | Finished
+
+
+@dataclass(frozen=True)
+class Reservation:
+    request_id: str
+    reservation_id: str
+    status: RequestStatus
+    num_blocks: int
+    lease_s: float  # granted (from ``reserve``) or left (in ``stats``)
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    num_blocks_total: int
+    num_blocks_free: int
+    num_blocks_cached: int
+    num_running_seqs: int
+    num_waiting_seqs: int
+    reservations: list[Reservation]
+
+    @property
+    def num_blocks_used(self) -> int:
+        return self.num_blocks_total - self.num_blocks_free
+
+
+@dataclass(eq=False)
+class _Entry:
+    request_id: str
+    reservation_id: str
+    prompt_token_ids: list[int]
+    num_blocks: int
+    lease_expiry: float
+    deadline: float | None
+    status: RequestStatus = RequestStatus.RESERVED
+    events: asyncio.Queue[StreamEvent] = field(default_factory=asyncio.Queue)
+    streaming: bool = False
+    num_completion_tokens: int = 0
+    done_at: float = math.inf
+
+
+class DecodeWorker:
+    """Owns an engine and the table of its requests; see the module docstring for the flow."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        config: DecodeConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.engine = engine
+        self.config = config or DecodeConfig()
+        self._clock = clock
+        self.meter = LoadMeter(self.config.load_window_s, clock)
+        self._table: dict[str, _Entry] = {}
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="decode-engine")
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._engine_loop(), name="decode-engine-loop"),
+            asyncio.create_task(self._sweep_loop(), name="decode-sweeper"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        freed = [self._free(e) for e in list(self._table.values())]
+        for future in freed:
+            await asyncio.wrap_future(future)
+        self._executor.shutdown(wait=True)
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.wrap_future(self._executor.submit(fn, *args))
+
+    # -- 1. reserve ------------------------------------------------------------------------
+
+    async def reserve(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        lease_s: float | None = None,
+        timeout_s: float | None = None,
+    ) -> Reservation:
+        if not request_id:
+            raise InvalidRequestError("request_id is empty")
+        if request_id in self._table:
+            raise InvalidRequestError(f"request id {request_id!r} already exists here")
+        if lease_s is not None and lease_s <= 0:
+            raise InvalidRequestError(f"lease must be positive, got {lease_s}s")
+        if timeout_s is not None and timeout_s <= 0:
+            raise TimeoutError(f"request {request_id!r} arrived after its deadline")
+        lease = min(lease_s or self.config.default_lease_s, self.config.max_lease_s)
+        now = self._clock()
+        entry = _Entry(
+            request_id,
+            uuid.uuid4().hex,
+            list(prompt_token_ids),
+            -(-len(prompt_token_ids) // self.engine.config.block_size),
+            now + lease,
+            None if timeout_s is None else now + timeout_s,
+        )
+        self._table[request_id] = entry
+        try:
+            await self._call(
+                self.engine.begin_prompt_import, request_id, entry.prompt_token_ids, params
+            )
+        except BaseException:
+            self._free(entry)
+            raise
+        return Reservation(request_id, entry.reservation_id, entry.status, entry.num_blocks, lease)
+
+    # -- 2. receive ------------------------------------------------------------------------
+
+    async def receive(self, frames: AsyncIterator[TransferFrame]) -> TransferResult:
+        """Runs one transfer: header, chunks, end. Anything else, or a break, frees the entry."""
+        entry: _Entry | None = None
+        try:
+            header = await anext(frames, None)
+            if not isinstance(header, TransferHeader):
+                raise InvalidRequestError("a transfer must start with its header")
+            entry = self._claim(header)
+            self._check_layout(entry, header)
+            assembler = LayerAssembler(header.layout, header.num_layers)
+            async for frame in frames:
+                if isinstance(frame, LayerChunk):
+                    data = assembler.add(frame)
+                    if data is not None:
+                        layout = replace(header.layout, layer=frame.layer)
+                        await self._call(self.engine.import_kv, entry.request_id, data, layout)
+                elif isinstance(frame, TransferEnd):
+                    assembler.check_complete()
+                    await self._start_running(entry, frame.first_token_id)
+                    entry = None  # the stream owns it now
+                    return TransferResult(assembler.num_layers, assembler.num_bytes)
+                else:
+                    raise InvalidRequestError("a transfer has exactly one header")
+                self._check_live(entry)
+            raise InvalidRequestError("the transfer ended without its end frame")
+        finally:
+            if entry is not None:
+                self._free(entry)
+
+    def _claim(self, header: TransferHeader) -> _Entry:
+        entry = self._table.get(header.request_id)
+        if entry is None or entry.reservation_id != header.reservation_id:
+            raise RequestNotFoundError(
+                f"no reservation {header.reservation_id!r} for request {header.request_id!r}"
+            )
+        self._check_live(entry)
+        if entry.status is not RequestStatus.RESERVED:
+            raise InvalidRequestError(f"reservation {header.reservation_id!r} is already in use")
+        entry.status = RequestStatus.RECEIVING
+        return entry
+
+    def _check_live(self, entry: _Entry) -> None:
+        if entry.status is RequestStatus.DONE or self._table.get(entry.request_id) is not entry:
+            raise RequestNotFoundError(f"reservation of {entry.request_id!r} expired or released")
+
+    def _check_layout(self, entry: _Entry, header: TransferHeader) -> None:
+        e, got = self.engine, header.layout
+        mine = (e.kv_cache.dtype_name, e.config.block_size, e.spec.num_kv_heads, e.spec.head_dim)
+        theirs = (got.dtype, got.block_size, got.num_kv_heads, got.head_dim)
+        if got.fingerprint != e.fingerprint:
+            raise InvalidRequestError("KV was computed by a different model or dtype")
+        if theirs != mine or header.num_layers != e.spec.num_layers:
+            raise InvalidRequestError(
+                f"KV layout (dtype, block, heads, dim, layers) {(*theirs, header.num_layers)} "
+                f"!= this worker's {(*mine, e.spec.num_layers)}"
+            )
+        if got.num_tokens != len(entry.prompt_token_ids):
+            raise InvalidRequestError(
+                f"KV covers {got.num_tokens} tokens, the reservation {len(entry.prompt_token_ids)}"
+            )
+        expected = block_hashes(entry.prompt_token_ids, got.block_size, e.fingerprint)
+        if list(got.block_hashes) != expected:
+            raise InvalidRequestError("KV block hashes do not match the reserved prompt")
+
+    async def _start_running(self, entry: _Entry, first_token_id: int) -> None:
+        output = await self._call(
+            self.engine.finish_prompt_import, entry.request_id, first_token_id
+        )
+        if entry.status is RequestStatus.DONE:  # freed meanwhile: its abort is queued already
+            raise RequestNotFoundError(f"reservation of {entry.request_id!r} expired or released")
+        entry.status = RequestStatus.RUNNING
+        entry.num_completion_tokens = 1
+        if output.finished:  # the first token ended it; the engine holds nothing
+            self._finish(entry, output.finish_reason or FinishReason.STOP)
+        self._wake.set()
+
+    # -- 3. run and stream -----------------------------------------------------------------
+
+    async def _engine_loop(self) -> None:
+        while True:
+            if not any(e.status is RequestStatus.RUNNING for e in self._table.values()):
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.config.idle_poll_s)
+                continue
+            start = self._clock()
+            try:
+                outputs = await self._call(self.engine.step)
+            except Exception:
+                log.exception("engine step failed; aborting every running request")
+                for entry in [e for e in self._table.values() if e.status is RequestStatus.RUNNING]:
+                    self._free(entry)
+                continue
+            self.meter.record(start, self._clock())
+            self._dispatch(outputs)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            entry = self._table.get(out.request_id)
+            if entry is None or entry.status is RequestStatus.DONE:
+                continue  # released while the step ran; its abort is queued
+            entry.num_completion_tokens += len(out.new_token_ids)
+            entry.events.put_nowait(TokenDelta(list(out.new_token_ids), out.text_delta))
+            if out.finished:
+                self._finish(entry, out.finish_reason or FinishReason.STOP)
+
+    def _finish(self, entry: _Entry, reason: FinishReason) -> None:
+        entry.status = RequestStatus.DONE
+        entry.done_at = self._clock()
+        entry.events.put_nowait(Finished(reason, entry.num_completion_tokens))
+
+    async def stream(self, request_id: str) -> AsyncIterator[StreamEvent]:
+        """Token deltas after the first token, then one ``Finished``. Closing early aborts."""
+        entry = self._table.get(request_id)
+        if entry is None:
+            raise RequestNotFoundError(f"no request {request_id!r} here")
+        if entry.streaming:
+            raise InvalidRequestError(f"request {request_id!r} is already being streamed")
+        entry.streaming = True
+        finished = False
+        try:
+            while not finished:
+                event = await asyncio.wait_for(
+                    entry.events.get(), self.config.stream_idle_timeout_s
+                )
+                finished = isinstance(event, Finished)
+                yield event
+        finally:
+            if not finished:
+                self._free(entry)
+            if self._table.get(request_id) is entry:
+                del self._table[request_id]
+
+    # -- 4. release, expiry, stats ----------------------------------------------------------
+
+    async def release(self, request_id: str) -> tuple[bool, int]:
+        """Frees whatever ``request_id`` holds: (found, number of blocks freed)."""
+        entry = self._table.get(request_id)
+        if entry is None:
+            return False, 0
+        return True, await asyncio.wrap_future(self._free(entry))
+
+    def _free(self, entry: _Entry) -> Future[int]:
+        """Ends ``entry`` now (its stream, if any, gets ``Finished(ABORT)``) and queues the
+        engine abort; the future says how many blocks that freed."""
+        holds_blocks = entry.status is not RequestStatus.DONE
+        if holds_blocks:
+            self._finish(entry, FinishReason.ABORT)
+        if not entry.streaming and self._table.get(entry.request_id) is entry:
+            del self._table[entry.request_id]
+        if not holds_blocks:
+            done: Future[int] = Future()
+            done.set_result(0)
+            return done
+        return self._executor.submit(self._abort, entry.request_id)
+
+    def _abort(self, request_id: str) -> int:  # on the engine thread
+        before = self.engine.block_manager.num_free_blocks
+        with contextlib.suppress(RequestNotFoundError):
+            self.engine.abort(request_id)
+        return self.engine.block_manager.num_free_blocks - before
+
+    def expire_overdue(self) -> list[str]:
+        """Frees every entry whose lease or deadline has passed; returns their request ids."""
+        now = self._clock()
+        expired = []
+        for entry in list(self._table.values()):
+            waiting = entry.status in (RequestStatus.RESERVED, RequestStatus.RECEIVING)
+            late = entry.deadline is not None and now >= entry.deadline
+            if entry.status is not RequestStatus.DONE and (
+                late or (waiting and now >= entry.lease_expiry)
+            ):
+                self._free(entry)
+                expired.append(entry.request_id)
+            elif not entry.streaming and now - entry.done_at > self.config.finished_retention_s:
+                del self._table[entry.request_id]
+        return expired
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sweep_interval_s)
+            for request_id in self.expire_overdue():
+                log.info("request %s: lease or deadline passed, freed", request_id)
+
+    async def stats(self) -> WorkerStats:
+        stats = await self._call(self.engine.stats)
+        now = self._clock()
+        open_ = [
+            Reservation(
+                e.request_id,
+                e.reservation_id,
+                e.status,
+                e.num_blocks,
+                max(0.0, e.lease_expiry - now),
+            )
+            for e in self._table.values()
+            if e.status in (RequestStatus.RESERVED, RequestStatus.RECEIVING)
+        ]
+        return WorkerStats(
+            stats["num_blocks"],
+            stats["num_free_blocks"],
+            stats["num_cached_blocks"],
+            stats["num_running"],
+            stats["num_waiting"],
+            open_,
+        )
+
+    async def load(self) -> LoadSnapshot:
+        """This worker's load for a report. A decode worker queues no prompts of its own; a
+        preempted sequence waits to recompute its tokens, which counts as queued prefill."""
+        stats = await self.stats()
+        queued = await self._call(self._queued_tokens)
+        step_time, busy = self.meter.snapshot()
+        return LoadSnapshot(
+            queued,
+            stats.num_running_seqs,
+            stats.num_waiting_seqs,
+            stats.num_blocks_used,
+            stats.num_blocks_free,
+            step_time,
+            busy,
+            self.config.load_window_s,
+        )
+
+    def _queued_tokens(self) -> int:  # on the engine thread
+        waiting = self.engine.scheduler.waiting
+        return sum(seq.num_tokens - seq.num_computed_tokens for seq in waiting)

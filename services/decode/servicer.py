@@ -1,0 +1,189 @@
+"""DecodeService: protos in, ``DecodeWorker`` calls, protos out; nothing else.
+
+Domain errors propagate as they are: ``services.rpc.status.ErrorInterceptor`` (installed on
+every server) maps them to status codes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from google.protobuf.duration_pb2 import Duration
+
+from services.common.errors import BanaServeError, InvalidRequestError
+from services.common.types import FinishReason, SamplingParams
+from services.decode import core, transfer
+from services.engine.kv_cache import KVLayout
+from services.rpc.gen.banaserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+from services.rpc.server import Service
+from services.rpc.streams import drain
+
+log = logging.getLogger(__name__)
+
+_SAMPLING_OPTIONAL = ("temperature", "top_p", "seed", "max_tokens", "detokenize")
+_DTYPES = {
+    common_pb2.DTYPE_FLOAT32: "float32",
+    common_pb2.DTYPE_BFLOAT16: "bfloat16",
+    common_pb2.DTYPE_FLOAT16: "float16",
+}
+_FINISH = {
+    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: common_pb2.FINISH_REASON_ABORT,
+}
+_STATES = {
+    core.RequestStatus.RESERVED: decode_pb2.RESERVATION_STATE_RESERVED,
+    core.RequestStatus.RECEIVING: decode_pb2.RESERVATION_STATE_RECEIVING,
+}
+
+
+def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
+    """Absent optional fields take the dataclass defaults; present ones are validated."""
+    kwargs = {name: getattr(msg, name) for name in _SAMPLING_OPTIONAL if msg.HasField(name)}
+    return SamplingParams(
+        top_k=msg.top_k,
+        stop_token_ids=tuple(msg.stop_token_ids),
+        stop=tuple(msg.stop),
+        ignore_eos=msg.ignore_eos,
+        **kwargs,
+    )
+
+
+def seconds(msg: Duration) -> float:
+    return msg.seconds + msg.nanos / 1e9
+
+
+def duration(s: float) -> Duration:
+    msg = Duration()
+    msg.FromNanoseconds(round(s * 1e9))
+    return msg
+
+
+def header_from_proto(msg: decode_pb2.KVTransferHeader) -> transfer.TransferHeader:
+    lay = msg.layout
+    if lay.dtype not in _DTYPES:
+        raise InvalidRequestError(f"KV layout has no valid dtype ({lay.dtype})")
+    layout = KVLayout(
+        lay.fingerprint,
+        0,
+        lay.num_tokens,
+        tuple(lay.block_hashes),
+        _DTYPES[lay.dtype],
+        lay.block_size,
+        lay.num_kv_heads,
+        lay.head_dim,
+    )
+    if layout.block_size == 0:
+        raise InvalidRequestError("KV layout has block_size 0")
+    return transfer.TransferHeader(msg.request_id, msg.reservation_id, layout, lay.num_layers)
+
+
+async def frames_from_proto(
+    requests: AsyncIterator[decode_pb2.TransferKVRequest],
+) -> AsyncIterator[transfer.TransferFrame]:
+    async for msg in requests:
+        kind = msg.WhichOneof("frame")
+        if kind == "header":
+            yield header_from_proto(msg.header)
+        elif kind == "layer":
+            c = msg.layer
+            yield transfer.LayerChunk(c.layer, c.first_block, c.num_blocks, c.data)
+        elif kind == "end":
+            yield transfer.TransferEnd(msg.end.first_token_id)
+        else:
+            raise InvalidRequestError("empty TransferKV frame")
+
+
+def event_to_proto(event: core.StreamEvent) -> decode_pb2.StreamTokensResponse:
+    if isinstance(event, core.TokenDelta):
+        delta = common_pb2.TokenDelta(token_ids=event.token_ids, text=event.text)
+        return decode_pb2.StreamTokensResponse(delta=delta)
+    finished = decode_pb2.DecodeFinished(
+        finish_reason=_FINISH[event.reason], num_completion_tokens=event.num_completion_tokens
+    )
+    return decode_pb2.StreamTokensResponse(finished=finished)
+
+
+def stats_to_proto(stats: core.WorkerStats) -> decode_pb2.DecodeServiceStatsResponse:
+    kv = common_pb2.KVPoolStats(
+        num_blocks_total=stats.num_blocks_total,
+        num_blocks_used=stats.num_blocks_used,
+        num_blocks_free=stats.num_blocks_free,
+        num_blocks_cached=stats.num_blocks_cached,
+    )
+    reservations = [
+        decode_pb2.Reservation(
+            request_id=r.request_id,
+            reservation_id=r.reservation_id,
+            state=_STATES[r.status],
+            num_blocks=r.num_blocks,
+            lease_left=duration(r.lease_s),
+        )
+        for r in stats.reservations
+    ]
+    return decode_pb2.DecodeServiceStatsResponse(
+        kv=kv,
+        num_running_seqs=stats.num_running_seqs,
+        num_waiting_seqs=stats.num_waiting_seqs,
+        reservations=reservations,
+    )
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
+    def __init__(self, worker: core.DecodeWorker) -> None:
+        self._worker = worker
+
+    async def ReserveKV(self, request, context):
+        reservation = await self._worker.reserve(
+            request.request_id,
+            list(request.prompt_token_ids),
+            sampling_from_proto(request.sampling),
+            seconds(request.lease) if request.HasField("lease") else None,
+            seconds(request.timeout) if request.HasField("timeout") else None,
+        )
+        return decode_pb2.ReserveKVResponse(
+            reservation_id=reservation.reservation_id,
+            num_blocks=reservation.num_blocks,
+            lease=duration(reservation.lease_s),
+        )
+
+    async def TransferKV(self, request_iterator, context):
+        try:
+            result = await self._worker.receive(frames_from_proto(request_iterator))
+        except BanaServeError:
+            await drain(request_iterator)  # so the sender sees this status, not INTERNAL
+            raise
+        return decode_pb2.TransferKVResponse(
+            num_layers=result.num_layers, num_bytes=result.num_bytes
+        )
+
+    async def StreamTokens(self, request, context):
+        events = self._worker.stream(request.request_id)
+        try:
+            async for event in events:
+                yield event_to_proto(event)
+        finally:
+            await events.aclose()
+
+    async def Release(self, request, context):
+        found, num_blocks = await self._worker.release(request.request_id)
+        log.info(
+            "release %s (%s): found=%s blocks=%d",
+            request.request_id,
+            decode_pb2.ReleaseReason.Name(request.reason),
+            found,
+            num_blocks,
+        )
+        return decode_pb2.ReleaseResponse(found=found, num_blocks_freed=num_blocks)
+
+    async def Stats(self, request, context):
+        return stats_to_proto(await self._worker.stats())
+
+
+def decode_service(worker: core.DecodeWorker) -> Service:
+    return Service.bind(
+        DecodeServicer(worker),
+        decode_pb2_grpc.add_DecodeServiceServicer_to_server,
+        decode_pb2.DESCRIPTOR.services_by_name["DecodeService"],
+    )

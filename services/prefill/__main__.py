@@ -1,0 +1,78 @@
+"""``python -m services.prefill``: config → wiring → serve.
+
+Prints ``LISTENING HOST:PORT`` on stdout (flushed) once the server accepts calls, for launchers
+to parse; logs go to stderr. SIGTERM/SIGINT drain the server, then the worker stops after the
+step in flight and its channels close.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from services.common.config import EngineConfig, RpcConfig, TracingConfig
+from services.engine.engine import Engine
+from services.prefill.clients import DEFAULT_MAX_CHUNK_BYTES, GrpcKVTransport
+from services.prefill.core import PrefillWorker
+from services.prefill.servicer import prefill_service
+from services.rpc.server import start_server
+from services.rpc.tracing import setup_tracing
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m services.prefill", description=__doc__)
+    p.add_argument("--port", type=int, default=0, help="0: the OS picks one")
+    p.add_argument("--model", default="tiny-llama", help="prepared model name or directory")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-chunk-bytes", type=int, default=DEFAULT_MAX_CHUNK_BYTES)
+    p.add_argument("--tracing", choices=("none", "console", "otlp"), default="none")
+    p.add_argument("--otlp-endpoint", default="")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    rpc = RpcConfig(port=args.port)
+    tracing = setup_tracing(
+        TracingConfig(
+            exporter=args.tracing, otlp_endpoint=args.otlp_endpoint, service_name="prefill"
+        )
+    )
+    engine = Engine(
+        EngineConfig(
+            model=args.model,
+            dtype=args.dtype,
+            num_threads=args.threads,
+            num_kv_blocks=args.num_kv_blocks,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+        )
+    )
+    transport = GrpcKVTransport(rpc, tracing, args.max_chunk_bytes)
+    worker = PrefillWorker(engine, transport)
+    worker.start()
+    server = await start_server([prefill_service(worker)], rpc, tracing=tracing)
+    print(f"LISTENING {server.address}", flush=True)
+    try:
+        await server.serve_until_signal()
+    finally:
+        await worker.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    asyncio.run(serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""PrefillService over ``PrefillWorker``: proto <-> domain, nothing else.
+
+Domain errors become status codes in services/rpc/status.py; a failed KV transfer carries the
+status its peer (or the channel) gave, and is answered with that code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf import duration_pb2
+
+from services.common.types import FinishReason, SamplingParams
+from services.prefill.core import FirstToken, PrefillRequest, PrefillResult, PrefillWorker
+from services.prefill.transport import KVTarget, TransferError
+from services.rpc.gen.banaserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
+from services.rpc.server import Service
+
+# Fields whose domain default is not the proto3 zero value: read only when present.
+_OPTIONAL_SAMPLING = ("temperature", "top_p", "seed", "max_tokens", "detokenize")
+
+
+def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
+    kwargs = {name: getattr(msg, name) for name in _OPTIONAL_SAMPLING if msg.HasField(name)}
+    return SamplingParams(
+        top_k=msg.top_k,
+        stop_token_ids=tuple(msg.stop_token_ids),
+        stop=tuple(msg.stop),
+        ignore_eos=msg.ignore_eos,
+        **kwargs,
+    )
+
+
+def request_from_proto(msg: prefill_pb2.PrefillRequest) -> PrefillRequest:
+    target = KVTarget(msg.target.worker_id, msg.target.address, msg.target.reservation_id)
+    return PrefillRequest(
+        msg.request_id, list(msg.prompt_token_ids), sampling_from_proto(msg.sampling), target
+    )
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(round(seconds * 1e9))
+    return d
+
+
+def finish_reason_to_proto(reason: FinishReason | None) -> int:
+    if reason is None:
+        return common_pb2.FINISH_REASON_UNSPECIFIED
+    return common_pb2.FinishReason.Value(f"FINISH_REASON_{reason.name}")
+
+
+def response_to_proto(event: FirstToken | PrefillResult) -> prefill_pb2.PrefillResponse:
+    if isinstance(event, FirstToken):
+        delta = common_pb2.TokenDelta(token_ids=event.token_ids, text=event.text)
+        return prefill_pb2.PrefillResponse(first_token=delta)
+    transfer = event.transfer
+    done = prefill_pb2.PrefillDone(
+        finish_reason=finish_reason_to_proto(event.finish_reason),
+        num_prompt_tokens=event.num_prompt_tokens,
+        num_cached_tokens=event.num_cached_tokens,
+        queued=duration(event.queued_s),
+        prefill=duration(event.prefill_s),
+        kv_transfer=duration(transfer.transfer_s if transfer else 0.0),
+        kv_transfer_exposed=duration(transfer.exposed_s if transfer else 0.0),
+        kv_bytes=transfer.num_bytes if transfer else 0,
+    )
+    return prefill_pb2.PrefillResponse(done=done)
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
+    def __init__(self, worker: PrefillWorker) -> None:
+        self._worker = worker
+
+    async def Prefill(
+        self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[prefill_pb2.PrefillResponse]:
+        try:
+            events = self._worker.prefill(request_from_proto(request), context.time_remaining())
+            async for event in events:
+                yield response_to_proto(event)
+        except TransferError as exc:
+            await context.abort(grpc.StatusCode[exc.code], exc.message)
+
+    async def Stats(
+        self, request: prefill_pb2.PrefillServiceStatsRequest, context: grpc.aio.ServicerContext
+    ) -> prefill_pb2.PrefillServiceStatsResponse:
+        s = self._worker.stats()
+        kv = common_pb2.KVPoolStats(
+            num_blocks_total=s.num_blocks_total,
+            num_blocks_used=s.num_blocks_used,
+            num_blocks_free=s.num_blocks_free,
+            num_blocks_cached=s.num_blocks_cached,
+        )
+        return prefill_pb2.PrefillServiceStatsResponse(
+            kv=kv,
+            num_queued_prefill_tokens=s.num_queued_prefill_tokens,
+            num_running_seqs=s.num_running_seqs,
+            num_open_transfers=s.num_open_transfers,
+        )
+
+
+def prefill_service(worker: PrefillWorker) -> Service:
+    return Service.bind(
+        PrefillServicer(worker),
+        prefill_pb2_grpc.add_PrefillServiceServicer_to_server,
+        prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"],
+    )

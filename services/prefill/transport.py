@@ -1,0 +1,90 @@
+"""How a prefill worker hands a request's KV to a decode worker (DESIGN.md §4, step 3).
+
+One ``KVSender`` carries one request's KV; a ``KVTransport`` opens them. Who calls what, and
+when (all on the prefill worker's event loop unless marked otherwise):
+
+1. ``KVTransport.open(target, request_id, num_layers)`` — the worker, when the request is
+   admitted and before its prompt computes, so connecting overlaps queueing and compute;
+2. ``KVSender.send_layer(data, layout)`` — the engine's stepping thread, from the layer hook,
+   once per layer as soon as that layer's KV is written (``data`` is a copy the engine no longer
+   touches). It must not block: the sending happens elsewhere while the next layer computes;
+3. ``KVSender.finish(first_token_id, compute_done_at)`` — the worker, after the step that
+   sampled the first token; sends the end frame and waits (bounded by ``timeout_s``) for the
+   receiver to acknowledge every layer. Raises ``TransferError`` if the transfer failed;
+4. ``KVSender.abort()`` — the worker, instead of ``finish``, on cancel, deadline or error (and
+   when the first token already ends the request). Idempotent; the receiver then frees its
+   reservation. A sender that was neither finished nor aborted is a leak.
+
+``failed`` may be read at any time: a transfer that already broke (unreachable target, a
+rejected header) lets the worker fail the request before spending more compute on it.
+
+The first implementation is a gRPC client stream to ``DecodeService.TransferKV``
+(``services/prefill/clients.py``); UCX arrives with the kvstore.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from services.engine.kv_cache import KVLayout
+
+
+class TransferError(Exception):
+    """A transfer failed; ``code`` names the gRPC status the caller should see (e.g.
+    ``"UNAVAILABLE"``, or the receiver's own status when it rejected the KV)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class KVTarget:
+    worker_id: str
+    address: str  # DecodeService "HOST:PORT"
+    reservation_id: str
+
+
+@dataclass(frozen=True)
+class TransferStats:
+    num_layers: int
+    num_bytes: int
+    # From the first KV byte sent to the receiver's acknowledgement.
+    transfer_s: float
+    # The part of transfer_s after compute finished: what compute did not hide.
+    exposed_s: float
+
+
+class KVSender(ABC):
+    @abstractmethod
+    def send_layer(self, data: torch.Tensor, layout: KVLayout) -> None:
+        """Queue one layer's KV (thread-safe, never blocks)."""
+
+    @abstractmethod
+    async def finish(self, first_token_id: int, compute_done_at: float) -> TransferStats:
+        """Send the end frame and wait for the receiver to acknowledge the whole transfer."""
+
+    @abstractmethod
+    async def abort(self) -> None:
+        """Stop the transfer; the receiver frees what it reserved."""
+
+    @property
+    @abstractmethod
+    def failed(self) -> TransferError | None:
+        """The error that already ended the transfer, if any."""
+
+
+class KVTransport(ABC):
+    @abstractmethod
+    async def open(
+        self, target: KVTarget, request_id: str, num_layers: int, timeout_s: float | None
+    ) -> KVSender:
+        """Start a transfer of ``num_layers`` layers into ``target``'s reservation."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release connections; senders still open are aborted."""

@@ -1,0 +1,260 @@
+"""RouterService: protos ↔ the router core (``core.Router``, ``core.RequestDriver``), nothing else.
+
+Statuses the core's exceptions do not get from the shared table (services/rpc/status.py) are
+chosen here: a lost worker or no worker of a needed role → UNAVAILABLE, a duplicate request id
+or worker id → ALREADY_EXISTS, a worker's own failure → the worker's status, passed on.
+
+ReportLoad lifecycle per call: first frame ``worker`` → ``Router.register``; each ``load`` frame →
+``Router.report`` (a worker removed meanwhile, e.g. after missing reports, is registered again:
+its call is still alive, so it has recovered); half-close, a broken call or a bad frame →
+``Router.remove``. Only the call that registered a worker id removes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import Callable, Sequence
+
+import grpc
+
+from services.common.errors import InvalidRequestError, ModelNotFoundError, RequestNotFoundError
+from services.common.types import FinishReason, SamplingParams
+from services.router import core
+from services.router.clients import duration, seconds
+from services.router.registry import (
+    LoadReport,
+    WorkerCapacity,
+    WorkerInfo,
+    WorkerRole,
+    WorkerStatus,
+)
+from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+# text, chat → token ids; None: the router has no tokenizer and takes token ids only.
+Encoder = Callable[[str, bool], Sequence[int]]
+
+ROLE_FROM_PROTO = {
+    common_pb2.WORKER_ROLE_PREFILL: WorkerRole.PREFILL,
+    common_pb2.WORKER_ROLE_DECODE: WorkerRole.DECODE,
+    common_pb2.WORKER_ROLE_MIXED: WorkerRole.MIXED,
+}
+FINISH_TO_PROTO = {
+    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: common_pb2.FINISH_REASON_ABORT,
+}
+
+
+def sampling_from_proto(message: common_pb2.SamplingParams) -> SamplingParams:
+    defaults = SamplingParams()
+
+    def get(name: str):  # optional fields: absent → the domain default
+        return getattr(message, name) if message.HasField(name) else getattr(defaults, name)
+
+    return SamplingParams(
+        temperature=get("temperature"),
+        top_k=message.top_k,
+        top_p=get("top_p"),
+        seed=message.seed if message.HasField("seed") else None,
+        max_tokens=get("max_tokens"),
+        stop_token_ids=tuple(message.stop_token_ids),
+        stop=tuple(message.stop),
+        ignore_eos=message.ignore_eos,
+        detokenize=get("detokenize"),
+    )
+
+
+def _event_to_proto(event: core.Event) -> router_pb2.GenerateResponse:
+    if isinstance(event, core.Started):
+        return router_pb2.GenerateResponse(
+            started=router_pb2.GenerateStarted(
+                request_id=event.request_id,
+                num_prompt_tokens=event.num_prompt_tokens,
+                prefill_worker_id=event.prefill_worker_id,
+                decode_worker_id=event.decode_worker_id,
+            )
+        )
+    if isinstance(event, core.Delta):
+        delta = common_pb2.TokenDelta(token_ids=event.token_ids, text=event.text)
+        return router_pb2.GenerateResponse(delta=delta)
+    t = event.timings
+    return router_pb2.GenerateResponse(
+        finished=router_pb2.GenerateFinished(
+            finish_reason=FINISH_TO_PROTO[event.finish_reason],
+            usage=router_pb2.Usage(
+                num_prompt_tokens=event.num_prompt_tokens,
+                num_completion_tokens=event.num_completion_tokens,
+                num_cached_tokens=event.num_cached_tokens,
+            ),
+            timings=router_pb2.Timings(
+                routing=duration(t.routing_s),
+                ttft=duration(t.ttft_s),
+                total=duration(t.total_s),
+                prefill=duration(t.prefill_s),
+                kv_transfer=duration(t.kv_transfer_s),
+                kv_transfer_exposed=duration(t.kv_transfer_exposed_s),
+                kv_bytes=t.kv_bytes,
+            ),
+        )
+    )
+
+
+def _load_from_proto(message: router_pb2.LoadReport, sequence: int) -> LoadReport:
+    # The proto has no timestamp: frames of one call arrive in order, so their sequence number
+    # serves as the registry's "worker clock" for dropping reordered reports.
+    return LoadReport(
+        num_queued_prefill_tokens=message.num_queued_prefill_tokens,
+        num_running_seqs=message.num_running_seqs,
+        num_free_blocks=message.num_kv_blocks_free,
+        num_used_blocks=message.num_kv_blocks_used,
+        step_time_s=seconds(message.step_time),
+        busy_fraction=message.busy_fraction,
+        timestamp=float(sequence),
+    )
+
+
+def _load_to_proto(load: LoadReport) -> router_pb2.LoadReport:
+    return router_pb2.LoadReport(
+        num_queued_prefill_tokens=load.num_queued_prefill_tokens,
+        num_running_seqs=load.num_running_seqs,
+        num_kv_blocks_used=load.num_used_blocks,
+        num_kv_blocks_free=load.num_free_blocks,
+        step_time=duration(load.step_time_s),
+        busy_fraction=load.busy_fraction,
+    )
+
+
+class RouterServicer(router_pb2_grpc.RouterServiceServicer):
+    def __init__(
+        self, driver: core.RequestDriver, model: str = "", encode: Encoder | None = None
+    ) -> None:
+        self._driver = driver
+        self._router = driver.router
+        self._model = model  # "": the model of the first worker to register
+        self._encode = encode
+        self._connected: dict[str, router_pb2.WorkerInfo] = {}
+
+    async def Generate(self, request, context):
+        generate_input = self._generate_input(request)
+        request_id = generate_input.request_id
+        try:
+            # No await from this check to the job's creation: the callback is this call's.
+            self._driver.check_new(request_id)
+            events = self._driver.generate(generate_input, context.time_remaining())
+            context.add_done_callback(
+                lambda _: context.cancelled() and self._driver.cancel(request_id)
+            )
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    yield _event_to_proto(event)
+        except (core.WorkerLostError, core.NoWorkerError) as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except core.DuplicateRequestError as exc:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        except core.WorkerCallError as exc:
+            await context.abort(grpc.StatusCode[exc.code], str(exc))
+
+    def _generate_input(self, request: router_pb2.GenerateRequest) -> core.GenerateInput:
+        if request.model and self._model and request.model != self._model:
+            raise ModelNotFoundError(
+                f"model {request.model!r} is not served; this router serves {self._model!r}"
+            )
+        sampling = sampling_from_proto(request.sampling)
+        kind = request.WhichOneof("prompt")
+        if kind == "token_ids":
+            tokens = tuple(request.token_ids.ids)
+        elif kind == "text" and request.text:
+            if self._encode is None:
+                raise InvalidRequestError(
+                    "this router has no tokenizer (started without --model); send token_ids"
+                )
+            tokens = tuple(self._encode(request.text, request.chat))
+        else:
+            raise InvalidRequestError("prompt is empty: set text or token_ids")
+        if not tokens:
+            raise InvalidRequestError("prompt is empty: it has no tokens")
+        return core.GenerateInput(request.request_id or core.new_request_id(), tokens, sampling)
+
+    async def Abort(self, request, context):
+        self._driver.abort(request.request_id)
+        return router_pb2.AbortResponse()
+
+    async def ListWorkers(self, request, context):
+        workers = [self._worker_to_proto(w) for w in self._router.workers()]
+        return router_pb2.ListWorkersResponse(workers=[w for w in workers if w is not None])
+
+    def _worker_to_proto(self, worker: WorkerInfo) -> router_pb2.Worker | None:
+        info = self._connected.get(worker.worker_id)
+        if info is None:  # its call has ended: it is gone, not stale
+            return None
+        state = (
+            router_pb2.WORKER_STATE_ACTIVE
+            if worker.status is WorkerStatus.HEALTHY
+            else router_pb2.WORKER_STATE_STALE
+        )
+        message = router_pb2.Worker(
+            info=info, state=state, since_last_load=duration(worker.seconds_since_seen)
+        )
+        if worker.last_report is not None:
+            message.last_load.CopyFrom(_load_to_proto(worker.last_report))
+        return message
+
+    async def ReportLoad(self, request_iterator, context):
+        frames = aiter(request_iterator)
+        worker = await self._register(await anext(frames, None), context)
+        reason = "report stream broke"
+        try:
+            for sequence in itertools.count(1):
+                frame = await anext(frames, None)
+                if frame is None:
+                    # grpc.aio ends the request stream the same way for a half-close and for a
+                    # cancelled (broken) call, and marks the context cancelled a moment later:
+                    # wait that moment, so the log says which it was. Removal is the same.
+                    await asyncio.sleep(0.05)
+                    if not context.cancelled():
+                        reason = "deregistered (report stream closed)"
+                    break
+                self._report(worker, frame, sequence)
+        finally:
+            del self._connected[worker.worker_id]
+            with contextlib.suppress(RequestNotFoundError):
+                self._router.remove(worker.worker_id, reason)
+        return router_pb2.ReportLoadResponse()
+
+    async def _register(self, frame, context) -> router_pb2.WorkerInfo:
+        if frame is None or not frame.HasField("worker"):
+            raise InvalidRequestError("the first ReportLoad frame must be `worker`")
+        info = frame.worker
+        if info.worker_id in self._connected:
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"worker {info.worker_id!r} is already connected on another ReportLoad call",
+            )
+        if self._model and info.model != self._model:
+            raise InvalidRequestError(
+                f"worker {info.worker_id!r} serves model {info.model!r}; "
+                f"this router serves {self._model!r}"
+            )
+        self._register_info(info)
+        self._model = self._model or info.model
+        self._connected[info.worker_id] = info
+        return info
+
+    def _register_info(self, info: router_pb2.WorkerInfo) -> None:
+        role = ROLE_FROM_PROTO.get(info.role)
+        if role is None:
+            raise InvalidRequestError(f"worker {info.worker_id!r} has no role")
+        capacity = WorkerCapacity(info.num_kv_blocks, info.block_size, info.fingerprint)
+        self._router.register(info.worker_id, info.address, role, capacity)
+
+    def _report(self, info: router_pb2.WorkerInfo, frame, sequence: int) -> None:
+        if not frame.HasField("load"):
+            raise InvalidRequestError("every ReportLoad frame after the first must be `load`")
+        load = _load_from_proto(frame.load, sequence)
+        try:
+            self._router.report(info.worker_id, load)
+        except RequestNotFoundError:  # removed (missed reports, a failed call) but still here
+            self._register_info(info)
+            self._router.report(info.worker_id, load)

@@ -1,0 +1,95 @@
+"""DecodeWorker without grpc, on an injected clock: leases, deadlines, load metering."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.common.errors import InvalidRequestError
+from services.common.types import FinishReason
+from services.decode.core import DecodeConfig, DecodeWorker, Finished, RequestStatus
+from services.decode.load import LoadMeter
+from tests.decode.helpers import GREEDY, prompt_ids
+from tests.engine.helpers import assert_no_leaks, make_engine
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_lease_and_deadline_expire_on_the_injected_clock(tiny_llama):
+    clock = FakeClock()
+    worker = DecodeWorker(
+        make_engine(tiny_llama), DecodeConfig(default_lease_s=2.0, max_lease_s=5.0), clock
+    )
+
+    async def main():
+        granted = await worker.reserve("a", prompt_ids(17, 1), GREEDY, lease_s=60.0)
+        assert (granted.lease_s, granted.num_blocks, granted.status) == (
+            5.0,
+            2,
+            RequestStatus.RESERVED,
+        )
+        await worker.reserve("b", prompt_ids(40, 2), GREEDY, lease_s=1.0, timeout_s=0.5)
+        with pytest.raises(InvalidRequestError, match="lease must be positive"):
+            await worker.reserve("c", [1, 2], GREEDY, lease_s=0.0)
+        with pytest.raises(TimeoutError):
+            await worker.reserve("c", [1, 2], GREEDY, timeout_s=-1.0)
+        stats = await worker.stats()
+        assert [(r.request_id, r.lease_s) for r in stats.reservations] == [("a", 5.0), ("b", 1.0)]
+        assert stats.num_blocks_used == 5
+
+        clock.now += 0.5  # b's deadline, before its lease
+        assert worker.expire_overdue() == ["b"]
+        clock.now += 4.0
+        assert worker.expire_overdue() == []
+        clock.now += 0.5  # a's (shortened) lease
+        assert worker.expire_overdue() == ["a"]
+        stats = await worker.stats()
+        assert stats.num_blocks_used == 0 and stats.reservations == []
+        assert await worker.release("a") == (False, 0)
+
+    asyncio.run(main())
+    asyncio.run(worker.stop())
+    assert_no_leaks(worker.engine)
+
+
+def test_a_stream_waiting_on_a_reservation_ends_when_its_lease_does(tiny_llama):
+    clock = FakeClock()
+    worker = DecodeWorker(make_engine(tiny_llama), DecodeConfig(), clock)
+
+    async def main():
+        await worker.reserve("a", prompt_ids(5, 3), GREEDY, lease_s=2.0)
+        events = worker.stream("a")
+        pending = asyncio.ensure_future(anext(events))
+        await asyncio.sleep(0.01)
+        assert not pending.done()
+        clock.now += 2.0
+        worker.expire_overdue()
+        assert await pending == Finished(FinishReason.ABORT, 0)
+        await events.aclose()
+        assert (await worker.stats()).num_blocks_used == 0
+
+    asyncio.run(main())
+    asyncio.run(worker.stop())
+    assert_no_leaks(worker.engine)
+
+
+def test_load_meter_reports_mean_step_and_busy_share_of_the_window():
+    clock = FakeClock()
+    meter = LoadMeter(1.0, clock)
+    assert meter.snapshot() == (0.0, 0.0)
+    meter.record(99.0, 99.2)  # straddles the window's start: only 0.1 s of it counts
+    meter.record(99.5, 99.6)
+    meter.record(99.8, 100.0)
+    clock.now = 100.1
+    step, busy = meter.snapshot()
+    assert step == pytest.approx((0.2 + 0.1 + 0.2) / 3)
+    assert busy == pytest.approx(0.1 + 0.1 + 0.2)
+    clock.now = 101.5
+    assert meter.snapshot() == (0.0, 0.0)

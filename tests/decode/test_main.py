@@ -1,0 +1,100 @@
+"""``python -m services.decode`` as a real process, and its load reports to a router."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+
+import grpc
+
+from services.common.config import RpcConfig
+from services.decode.clients import LoadReporter, worker_info
+from services.decode.load import LoadSnapshot
+from services.rpc.channels import open_channel
+from services.rpc.gen.banaserve.v1 import (
+    common_pb2,
+    decode_pb2,
+    decode_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
+)
+from services.rpc.server import Service, start_server
+
+
+def test_process_prints_its_address_serves_and_drains_on_sigterm(tiny_llama):
+    cmd = [sys.executable, "-m", "services.decode", "--port", "0", "--model", str(tiny_llama)]
+    cmd += ["--threads", "1", "--num-kv-blocks", "32"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline().split()
+        assert line[0] == "LISTENING", line
+
+        async def stats():
+            channel = grpc.aio.insecure_channel(line[1])
+            reply = await decode_pb2_grpc.DecodeServiceStub(channel).Stats(
+                decode_pb2.DecodeServiceStatsRequest(), timeout=5
+            )
+            await channel.close()
+            return reply
+
+        reply = asyncio.run(stats())
+        assert (reply.kv.num_blocks_total, reply.kv.num_blocks_used) == (32, 0)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+class FakeRouter(router_pb2_grpc.RouterServiceServicer):
+    def __init__(self) -> None:
+        self.frames: list[router_pb2.ReportLoadRequest] = []
+        self.ended = asyncio.Event()
+
+    async def ReportLoad(self, request_iterator, context):
+        async for frame in request_iterator:
+            self.frames.append(frame)
+        self.ended.set()  # a half-close: clean deregistration
+        return router_pb2.ReportLoadResponse()
+
+
+def test_load_reporter_registers_then_reports_until_stopped():
+    snapshot = LoadSnapshot(7, 2, 1, 5, 27, 0.004, 0.25, 1.0)
+
+    async def load():
+        return snapshot
+
+    async def main():
+        router = FakeRouter()
+        rpc = RpcConfig(grace_s=0.5)
+        service = Service.bind(
+            router,
+            router_pb2_grpc.add_RouterServiceServicer_to_server,
+            router_pb2.DESCRIPTOR.services_by_name["RouterService"],
+        )
+        server = await start_server([service], rpc)
+        channel = open_channel(server.address, rpc)
+        info = worker_info("decode-0", "127.0.0.1:1", False, "tiny-llama", "fp", 16, 32, 512)
+        reporter = LoadReporter(channel, info, load, interval_s=0.01)
+        task = asyncio.create_task(reporter.run())
+        while len(router.frames) < 4:
+            await asyncio.sleep(0.01)
+        reporter.stop()
+        await asyncio.wait_for(router.ended.wait(), 2)
+        await asyncio.wait_for(task, 2)
+        await channel.close()
+        await server.stop(0)
+        first, *loads = router.frames
+        assert first.worker.worker_id == "decode-0"
+        assert first.worker.role == common_pb2.WORKER_ROLE_DECODE
+        assert all(f.WhichOneof("frame") == "load" for f in loads)
+        report = loads[0].load
+        assert (report.num_queued_prefill_tokens, report.num_running_seqs) == (7, 2)
+        assert (report.num_kv_blocks_used, report.num_kv_blocks_free) == (5, 27)
+        assert report.step_time.ToMilliseconds() == 4 and report.busy_fraction == 0.25
+
+    asyncio.run(main())

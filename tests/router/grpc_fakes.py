@@ -1,0 +1,194 @@
+"""In-process servers for router tests: the real router, and minimal fake workers.
+
+The fakes serve PrefillService and DecodeService on one server each, record every call (with
+whether it carried a deadline) in one shared log, and follow the protocol of prefill.proto /
+decode.proto just far enough to exercise the router's orchestration. Behaviour per worker:
+``tokens`` to produce, ``finish_on_prefill``, ``hang_decode`` (StreamTokens stalls after one
+delta, for cancel/abort/deadline tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from services.common.config import RpcConfig
+from services.router.clients import GrpcWorkerClients, duration
+from services.router.core import DriverConfig, RequestDriver, Router, RouterConfig
+from services.router.registry import WorkerRole
+from services.router.servicer import RouterServicer
+from services.rpc.channels import open_channel
+from services.rpc.gen.banaserve.v1 import (
+    common_pb2,
+    decode_pb2,
+    decode_pb2_grpc,
+    prefill_pb2,
+    prefill_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
+)
+from services.rpc.server import RunningServer, Service, start_server
+from tests.router.factories import capacity, load
+
+RPC = RpcConfig(grace_s=0.1)
+
+
+@dataclass
+class CallLog:
+    calls: list[tuple] = field(default_factory=list)
+    deadlines: list[tuple[str, float | None]] = field(default_factory=list)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+    stream_cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def record(self, context, *call) -> None:
+        self.calls.append(call)
+        self.deadlines.append((call[0], context.time_remaining()))
+
+
+class FakeWorker(prefill_pb2_grpc.PrefillServiceServicer, decode_pb2_grpc.DecodeServiceServicer):
+    def __init__(
+        self,
+        worker_id: str,
+        log: CallLog,
+        tokens: tuple[int, ...] = (7, 8, 9, 10),
+        finish_on_prefill: bool = False,
+        hang_decode: bool = False,
+    ) -> None:
+        self.worker_id, self.log, self.tokens = worker_id, log, tokens
+        self.finish_on_prefill, self.hang_decode = finish_on_prefill, hang_decode
+
+    async def ReserveKV(self, request, context):
+        self.log.record(context, "reserve", self.worker_id, request.request_id)
+        assert request.HasField("timeout") and request.HasField("lease")
+        return decode_pb2.ReserveKVResponse(reservation_id=f"res-{request.request_id}")
+
+    async def Prefill(self, request, context):
+        t = request.target
+        self.log.record(
+            context, "prefill", self.worker_id, request.request_id, t.worker_id, t.reservation_id
+        )
+        first = common_pb2.TokenDelta(token_ids=[self.tokens[0]], text=f"<{self.tokens[0]}>")
+        yield prefill_pb2.PrefillResponse(first_token=first)
+        reason = common_pb2.FINISH_REASON_STOP if self.finish_on_prefill else 0
+        done = prefill_pb2.PrefillDone(
+            finish_reason=reason,
+            num_prompt_tokens=len(request.prompt_token_ids),
+            num_cached_tokens=16,
+            prefill=duration(0.25),
+            kv_transfer=duration(0.125),
+            kv_transfer_exposed=duration(0.0625),
+            kv_bytes=4096,
+        )
+        yield prefill_pb2.PrefillResponse(done=done)
+
+    async def StreamTokens(self, request, context):
+        self.log.record(context, "stream", self.worker_id, request.request_id)
+        try:
+            for token in self.tokens[1:]:
+                delta = common_pb2.TokenDelta(token_ids=[token], text=f"<{token}>")
+                yield decode_pb2.StreamTokensResponse(delta=delta)
+                if self.hang_decode:
+                    await asyncio.sleep(30)
+            finished = decode_pb2.DecodeFinished(
+                finish_reason=common_pb2.FINISH_REASON_LENGTH,
+                num_completion_tokens=len(self.tokens),
+            )
+            yield decode_pb2.StreamTokensResponse(finished=finished)
+        except asyncio.CancelledError:
+            self.log.stream_cancelled.set()
+            raise
+
+    async def Release(self, request, context):
+        reason = decode_pb2.ReleaseReason.Name(request.reason)
+        self.log.record(context, "release", self.worker_id, request.request_id, reason)
+        self.log.released.set()
+        return decode_pb2.ReleaseResponse(found=True)
+
+
+def worker_services(worker: FakeWorker) -> list[Service]:
+    return [
+        Service.bind(
+            worker,
+            prefill_pb2_grpc.add_PrefillServiceServicer_to_server,
+            prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"],
+        ),
+        Service.bind(
+            worker,
+            decode_pb2_grpc.add_DecodeServiceServicer_to_server,
+            decode_pb2.DESCRIPTOR.services_by_name["DecodeService"],
+        ),
+    ]
+
+
+def dead_address() -> str:
+    """A loopback port nobody listens on: calls to it fail with UNAVAILABLE at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+@dataclass
+class Cluster:
+    router: Router
+    driver: RequestDriver
+    stub: router_pb2_grpc.RouterServiceStub
+    log: CallLog
+    workers: dict[str, FakeWorker]
+
+    def add(self, worker_id: str, role: WorkerRole, address: str) -> None:
+        self.router.register(worker_id, address, role, capacity())
+        self.router.report(worker_id, load())
+
+
+@asynccontextmanager
+async def cluster(
+    prefill: int = 1,
+    decode: int = 1,
+    dead: tuple[str, ...] = (),
+    report_timeout_s: float = 60.0,
+    **behaviour,
+) -> AsyncIterator[Cluster]:
+    """A router with fake workers p0.., d0.. registered (each in ``dead`` at a dead address)."""
+    router = Router(RouterConfig(report_timeout_s=report_timeout_s))
+    clients = GrpcWorkerClients(RPC)
+    driver = RequestDriver(router, clients, DriverConfig(release_timeout_s=1.0))
+    servicer = RouterServicer(driver, encode=lambda text, chat: [ord(c) for c in text])
+    servers: list[RunningServer] = []
+    router_server = await start_server([router_service(servicer)], RPC)
+    channel = open_channel(router_server.address, RPC)
+    log = CallLog()
+    stub = router_pb2_grpc.RouterServiceStub(channel)
+    stub._router_address = router_server.address  # for clients that open their own channel
+    c = Cluster(router, driver, stub, log, {})
+    try:
+        for prefix, role, count in (
+            ("p", WorkerRole.PREFILL, prefill),
+            ("d", WorkerRole.DECODE, decode),
+        ):
+            for i in range(count):
+                worker_id = f"{prefix}{i}"
+                if worker_id in dead:
+                    c.add(worker_id, role, dead_address())
+                    continue
+                worker = FakeWorker(worker_id, log, **behaviour)
+                server = await start_server(worker_services(worker), RPC)
+                servers.append(server)
+                c.workers[worker_id] = worker
+                c.add(worker_id, role, server.address)
+        yield c
+    finally:
+        await channel.close()
+        await clients.close()
+        for server in (router_server, *servers):
+            await server.stop(0)
+
+
+def router_service(servicer: RouterServicer) -> Service:
+    return Service.bind(
+        servicer,
+        router_pb2_grpc.add_RouterServiceServicer_to_server,
+        router_pb2.DESCRIPTOR.services_by_name["RouterService"],
+    )

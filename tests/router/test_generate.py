@@ -1,0 +1,247 @@
+"""Generate through the real router over gRPC, against fake workers (grpc_fakes.py): the call
+sequence, relaying, deadlines, cancellation, abort, retry on worker loss, and bad input."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from services.router.registry import WorkerStatus
+from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2
+from tests.router.grpc_fakes import cluster
+
+C = grpc.StatusCode
+PROMPT = list(range(1, 21))
+
+
+def request(request_id: str = "r1", prompt=PROMPT, **sampling) -> router_pb2.GenerateRequest:
+    sampling.setdefault("max_tokens", 4)
+    return router_pb2.GenerateRequest(
+        request_id=request_id,
+        token_ids=common_pb2.TokenIds(ids=prompt),
+        sampling=common_pb2.SamplingParams(**sampling),
+    )
+
+
+async def collect(call) -> list[router_pb2.GenerateResponse]:
+    return [frame async for frame in call]
+
+
+async def status_of(call) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await collect(call)
+    return info.value
+
+
+def seconds(d) -> float:
+    return d.seconds + d.nanos / 1e9
+
+
+def test_generate_reserves_prefills_then_streams_and_relays_everything():
+    async def main():
+        async with cluster() as c:
+            frames = await collect(c.stub.Generate(request(), timeout=5))
+            assert c.log.calls == [
+                ("reserve", "d0", "r1"),
+                ("prefill", "p0", "r1", "d0", "res-r1"),
+                ("stream", "d0", "r1"),
+            ]
+            # The callee sees a deadline on every call, no later than the client's.
+            assert all(0 < left <= 5 for _, left in c.log.deadlines)
+            kinds = [f.WhichOneof("frame") for f in frames]
+            assert kinds == ["started", "delta", "delta", "delta", "delta", "finished"]
+            started = frames[0].started
+            assert (started.request_id, started.num_prompt_tokens) == ("r1", 20)
+            assert (started.prefill_worker_id, started.decode_worker_id) == ("p0", "d0")
+            assert [list(f.delta.token_ids) for f in frames[1:5]] == [[7], [8], [9], [10]]
+            assert "".join(f.delta.text for f in frames[1:5]) == "<7><8><9><10>"
+            done = frames[-1].finished
+            assert done.finish_reason == common_pb2.FINISH_REASON_LENGTH
+            usage = done.usage
+            assert (usage.num_prompt_tokens, usage.num_completion_tokens) == (20, 4)
+            assert usage.num_cached_tokens == 16
+            t = done.timings
+            assert 0 < seconds(t.routing) <= seconds(t.ttft) <= seconds(t.total) < 5
+            assert (seconds(t.prefill), seconds(t.kv_transfer)) == (0.25, 0.125)
+            assert (seconds(t.kv_transfer_exposed), t.kv_bytes) == (0.0625, 4096)
+            assert c.driver.num_running == 0
+
+    asyncio.run(main())
+
+
+def test_text_prompt_is_tokenized_and_router_assigns_an_id():
+    async def main():
+        async with cluster() as c:
+            message = router_pb2.GenerateRequest(text="hi", sampling={"max_tokens": 4})
+            frames = await collect(c.stub.Generate(message, timeout=5))
+            assert frames[0].started.request_id.startswith("req-")
+            assert frames[0].started.num_prompt_tokens == 2
+
+    asyncio.run(main())
+
+
+def test_first_token_ending_the_request_releases_the_reservation():
+    async def main():
+        async with cluster(finish_on_prefill=True) as c:
+            frames = await collect(c.stub.Generate(request(), timeout=5))
+            assert [f.WhichOneof("frame") for f in frames] == ["started", "delta", "finished"]
+            assert frames[-1].finished.finish_reason == common_pb2.FINISH_REASON_STOP
+            assert frames[-1].finished.usage.num_completion_tokens == 1
+            assert c.log.calls[-1] == (
+                "release",
+                "d0",
+                "r1",
+                "RELEASE_REASON_FINISHED_ON_PREFILL",
+            )
+            assert [call[0] for call in c.log.calls] == ["reserve", "prefill", "release"]
+
+    asyncio.run(main())
+
+
+def test_client_cancel_releases_on_the_decode_worker():
+    async def main():
+        async with cluster(hang_decode=True) as c:
+            call = c.stub.Generate(request(), timeout=5)
+            kinds = [(await call.read()).WhichOneof("frame") for _ in range(3)]
+            assert kinds == ["started", "delta", "delta"]
+            call.cancel()
+            await asyncio.wait_for(c.log.released.wait(), 3)
+            await asyncio.wait_for(c.log.stream_cancelled.wait(), 3)
+            assert c.log.calls[-1] == ("release", "d0", "r1", "RELEASE_REASON_ABORTED")
+            assert c.log.deadlines[-1][1] is not None  # the cleanup call is bounded too
+            assert c.driver.num_running == 0
+
+    asyncio.run(main())
+
+
+def test_deadline_expiry_releases_and_reports_deadline_exceeded():
+    async def main():
+        async with cluster(hang_decode=True) as c:
+            error = await status_of(c.stub.Generate(request(), timeout=0.5))
+            assert error.code() == C.DEADLINE_EXCEEDED
+            await asyncio.wait_for(c.log.released.wait(), 3)
+            assert c.log.calls[-1] == ("release", "d0", "r1", "RELEASE_REASON_DEADLINE_EXCEEDED")
+
+    asyncio.run(main())
+
+
+def test_abort_ends_the_stream_with_reason_abort_and_releases():
+    async def main():
+        async with cluster(hang_decode=True) as c:
+            call = c.stub.Generate(request("victim"), timeout=5)
+            for _ in range(3):
+                await call.read()
+            await c.stub.Abort(router_pb2.AbortRequest(request_id="victim"), timeout=2)
+            rest = []
+            while (frame := await call.read()) is not grpc.aio.EOF:
+                rest.append(frame)
+            assert [f.WhichOneof("frame") for f in rest] == ["finished"]
+            assert rest[0].finished.finish_reason == common_pb2.FINISH_REASON_ABORT
+            await asyncio.wait_for(c.log.released.wait(), 3)
+            assert c.log.calls[-1] == ("release", "d0", "victim", "RELEASE_REASON_ABORTED")
+            unknown = c.stub.Abort(router_pb2.AbortRequest(request_id="victim"), timeout=2)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await unknown
+            assert info.value.code() == C.NOT_FOUND
+            assert "no running request 'victim'" in info.value.details()
+
+    asyncio.run(main())
+
+
+def test_duplicate_live_request_id_is_already_exists():
+    async def main():
+        async with cluster(hang_decode=True) as c:
+            first = c.stub.Generate(request("dup"), timeout=5)
+            await first.read()
+            error = await status_of(c.stub.Generate(request("dup"), timeout=5))
+            assert error.code() == C.ALREADY_EXISTS
+            assert "'dup' is already running" in error.details()
+            first.cancel()
+
+    asyncio.run(main())
+
+
+def test_lost_prefill_worker_is_removed_and_the_request_retried_on_another():
+    async def main():
+        async with cluster(prefill=2, dead=("p0",)) as c:
+            frames = await collect(c.stub.Generate(request(), timeout=5))
+            assert frames[0].started.prefill_worker_id == "p1"
+            assert frames[-1].finished.finish_reason == common_pb2.FINISH_REASON_LENGTH
+            assert c.log.calls == [
+                ("reserve", "d0", "r1"),
+                # p0 unreachable: the reservation is released, which shows d0 is alive.
+                ("release", "d0", "r1", "RELEASE_REASON_PEER_LOST"),
+                ("reserve", "d0", "r1"),
+                ("prefill", "p1", "r1", "d0", "res-r1"),
+                ("stream", "d0", "r1"),
+            ]
+            status = {w.worker_id: w.status for w in c.router.workers()}
+            assert status == {
+                "d0": WorkerStatus.HEALTHY,
+                "p0": WorkerStatus.REMOVED,
+                "p1": WorkerStatus.HEALTHY,
+            }
+
+    asyncio.run(main())
+
+
+def test_lost_decode_worker_is_removed_and_the_request_retried_on_another():
+    async def main():
+        async with cluster(decode=2, dead=("d0",)) as c:
+            frames = await collect(c.stub.Generate(request(), timeout=5))
+            assert frames[0].started.decode_worker_id == "d1"
+            assert [call[:2] for call in c.log.calls] == [
+                ("reserve", "d1"),
+                ("prefill", "p0"),
+                ("stream", "d1"),
+            ]
+            assert c.router.workers()[0].status is WorkerStatus.REMOVED
+
+    asyncio.run(main())
+
+
+def test_losing_a_worker_twice_fails_with_unavailable():
+    async def main():
+        async with cluster(prefill=2, dead=("p0", "p1")) as c:
+            error = await status_of(c.stub.Generate(request(), timeout=5))
+            assert error.code() == C.UNAVAILABLE
+            assert "worker 'p1' was lost before the first token, after a retry" in error.details()
+            assert c.driver.num_running == 0
+
+    asyncio.run(main())
+
+
+def test_no_workers_is_unavailable_with_a_clear_message():
+    async def main():
+        async with cluster(prefill=0, decode=1) as c:
+            error = await status_of(c.stub.Generate(request(), timeout=5))
+            assert error.code() == C.UNAVAILABLE
+            assert "no healthy mixed or prefill worker to prefill request 'r1'" in error.details()
+            assert c.log.calls == []
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        (router_pb2.GenerateRequest(text=""), "prompt is empty"),
+        (router_pb2.GenerateRequest(), "prompt is empty"),
+        (request(prompt=[]), "prompt is empty"),
+        (request(max_tokens=0), "max_tokens must be > 0, got 0"),
+        (request(top_p=0.0), "top_p must be in (0, 1], got 0.0"),
+        (request(top_p=1.5), "top_p must be in (0, 1], got 1.5"),
+        (request(temperature=-1.0), "temperature must be >= 0"),
+    ],
+)
+def test_bad_input_is_invalid_argument_before_any_worker_call(message, expected):
+    async def main():
+        async with cluster() as c:
+            error = await status_of(c.stub.Generate(message, timeout=5))
+            assert error.code() == C.INVALID_ARGUMENT
+            assert expected in error.details()
+            assert c.log.calls == []
+
+    asyncio.run(main())
