@@ -23,10 +23,22 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--router",
+        default=None,
+        metavar="HOST:PORT",
+        help="send the request to a running cluster's router instead of running in-process "
+        "(--model, --dtype and --threads are then the cluster's)",
+    )
+    p.add_argument("--timeout", type=float, default=None, help="request deadline in seconds")
     p.set_defaults(func=_run_generate)
 
 
 def _run_generate(args: argparse.Namespace) -> int:
+    if args.router:
+        from services.client.generate_cli import run_remote_generate
+
+        return run_remote_generate(args)
     from services.engine.generate_cli import run_generate
 
     return run_generate(args)

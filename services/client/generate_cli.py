@@ -28,8 +28,8 @@ def run_remote_generate(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
         except BanaServeClientError as exc:
             sys.stdout.write("\n")
-            print(f"[banaserve] error: {exc}", file=sys.stderr)
-            return 1
+            print(f"banaserve: error: {exc}", file=sys.stderr)
+            return 2
     sys.stdout.write("\n")
     r = stream.result
     print(

@@ -14,11 +14,11 @@ import os
 import socket
 
 from services.common.config import EngineConfig, RpcConfig, TracingConfig
-from services.decode.clients import LoadReporter, worker_info
 from services.decode.core import DecodeConfig, DecodeWorker
 from services.decode.servicer import decode_service
 from services.engine.engine import Engine
 from services.rpc.channels import open_channel
+from services.rpc.load_reports import LoadReporter, worker_info
 from services.rpc.server import start_server
 from services.rpc.tracing import setup_tracing
 
@@ -67,7 +67,7 @@ def _reporter(args: argparse.Namespace, worker: DecodeWorker, address: str, rpc:
     info = worker_info(
         worker_id,
         address,
-        args.role == "mixed",
+        args.role,
         args.model,
         engine.fingerprint,
         engine.config.block_size,

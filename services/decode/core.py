@@ -35,8 +35,8 @@ from typing import Any
 
 from services.common.errors import ConfigError, InvalidRequestError, RequestNotFoundError
 from services.common.hashing import block_hashes
+from services.common.load import LoadMeter, LoadSnapshot
 from services.common.types import FinishReason, RequestOutput, SamplingParams
-from services.decode.load import LoadMeter, LoadSnapshot
 from services.decode.transfer import (
     LayerAssembler,
     LayerChunk,

@@ -9,19 +9,17 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-from google.protobuf.duration_pb2 import Duration
-
 from services.common.errors import BanaServeError, InvalidRequestError
-from services.common.types import FinishReason, SamplingParams
+from services.common.types import FinishReason
 from services.decode import core, transfer
 from services.engine.kv_cache import KVLayout
+from services.rpc.convert import duration, sampling_from_proto, seconds
 from services.rpc.gen.banaserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from services.rpc.server import Service
 from services.rpc.streams import drain
 
 log = logging.getLogger(__name__)
 
-_SAMPLING_OPTIONAL = ("temperature", "top_p", "seed", "max_tokens", "detokenize")
 _DTYPES = {
     common_pb2.DTYPE_FLOAT32: "float32",
     common_pb2.DTYPE_BFLOAT16: "bfloat16",
@@ -36,28 +34,6 @@ _STATES = {
     core.RequestStatus.RESERVED: decode_pb2.RESERVATION_STATE_RESERVED,
     core.RequestStatus.RECEIVING: decode_pb2.RESERVATION_STATE_RECEIVING,
 }
-
-
-def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
-    """Absent optional fields take the dataclass defaults; present ones are validated."""
-    kwargs = {name: getattr(msg, name) for name in _SAMPLING_OPTIONAL if msg.HasField(name)}
-    return SamplingParams(
-        top_k=msg.top_k,
-        stop_token_ids=tuple(msg.stop_token_ids),
-        stop=tuple(msg.stop),
-        ignore_eos=msg.ignore_eos,
-        **kwargs,
-    )
-
-
-def seconds(msg: Duration) -> float:
-    return msg.seconds + msg.nanos / 1e9
-
-
-def duration(s: float) -> Duration:
-    msg = Duration()
-    msg.FromNanoseconds(round(s * 1e9))
-    return msg
 
 
 def header_from_proto(msg: decode_pb2.KVTransferHeader) -> transfer.TransferHeader:

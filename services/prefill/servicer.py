@@ -9,27 +9,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf import duration_pb2
 
-from services.common.types import FinishReason, SamplingParams
+from services.common.types import FinishReason
 from services.prefill.core import FirstToken, PrefillRequest, PrefillResult, PrefillWorker
 from services.prefill.transport import KVTarget, TransferError
+from services.rpc.convert import duration, sampling_from_proto
 from services.rpc.gen.banaserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 from services.rpc.server import Service
 
 # Fields whose domain default is not the proto3 zero value: read only when present.
-_OPTIONAL_SAMPLING = ("temperature", "top_p", "seed", "max_tokens", "detokenize")
-
-
-def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
-    kwargs = {name: getattr(msg, name) for name in _OPTIONAL_SAMPLING if msg.HasField(name)}
-    return SamplingParams(
-        top_k=msg.top_k,
-        stop_token_ids=tuple(msg.stop_token_ids),
-        stop=tuple(msg.stop),
-        ignore_eos=msg.ignore_eos,
-        **kwargs,
-    )
 
 
 def request_from_proto(msg: prefill_pb2.PrefillRequest) -> PrefillRequest:
@@ -37,12 +25,6 @@ def request_from_proto(msg: prefill_pb2.PrefillRequest) -> PrefillRequest:
     return PrefillRequest(
         msg.request_id, list(msg.prompt_token_ids), sampling_from_proto(msg.sampling), target
     )
-
-
-def duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(round(seconds * 1e9))
-    return d
 
 
 def finish_reason_to_proto(reason: FinishReason | None) -> int:

@@ -14,14 +14,8 @@ import sys
 
 from services.common.config import RpcConfig, TracingConfig
 from services.router.clients import GrpcWorkerClients
-from services.router.core import (
-    POLICIES,
-    DriverConfig,
-    RequestDriver,
-    Router,
-    RouterConfig,
-    expire_periodically,
-)
+from services.router.core import POLICIES, Router, RouterConfig
+from services.router.driver import DriverConfig, RequestDriver, expire_periodically
 from services.router.servicer import Encoder, RouterServicer
 from services.rpc.gen.banaserve.v1 import router_pb2, router_pb2_grpc
 from services.rpc.server import Service, start_server

@@ -15,11 +15,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf.duration_pb2 import Duration
 
 from services.common.config import RpcConfig
-from services.common.types import FinishReason, SamplingParams
-from services.router.core import (
+from services.common.types import FinishReason
+from services.router.driver import (
     DecodeResult,
     Delta,
     GenerateInput,
@@ -30,6 +29,7 @@ from services.router.core import (
 )
 from services.router.registry import WorkerInfo
 from services.rpc.channels import open_channel
+from services.rpc.convert import duration, sampling_to_proto, seconds
 from services.rpc.gen.banaserve.v1 import (
     common_pb2,
     decode_pb2,
@@ -50,30 +50,6 @@ RELEASE_TO_PROTO = {
     ReleaseReason.PEER_LOST: decode_pb2.RELEASE_REASON_PEER_LOST,
     ReleaseReason.FINISHED_ON_PREFILL: decode_pb2.RELEASE_REASON_FINISHED_ON_PREFILL,
 }
-
-
-def seconds(duration: Duration) -> float:
-    return duration.seconds + duration.nanos / 1e9
-
-
-def duration(value_s: float) -> Duration:
-    d = Duration()
-    d.FromNanoseconds(int(value_s * 1e9))
-    return d
-
-
-def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
-    return common_pb2.SamplingParams(
-        temperature=params.temperature,
-        top_k=params.top_k,
-        top_p=params.top_p,
-        seed=params.seed,
-        max_tokens=params.max_tokens,
-        stop_token_ids=params.stop_token_ids,
-        stop=params.stop,
-        ignore_eos=params.ignore_eos,
-        detokenize=params.detokenize,
-    )
 
 
 def _delta(frame: common_pb2.TokenDelta) -> Delta:

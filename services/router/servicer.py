@@ -1,4 +1,4 @@
-"""RouterService: protos ↔ the router core (``core.Router``, ``core.RequestDriver``), nothing else.
+"""RouterService: protos ↔ the router core (``core.Router``, ``driver.RequestDriver``), nothing else.
 
 Statuses the core's exceptions do not get from the shared table (services/rpc/status.py) are
 chosen here: a lost worker or no worker of a needed role → UNAVAILABLE, a duplicate request id
@@ -20,9 +20,9 @@ from collections.abc import Callable, Sequence
 import grpc
 
 from services.common.errors import InvalidRequestError, ModelNotFoundError, RequestNotFoundError
-from services.common.types import FinishReason, SamplingParams
+from services.common.types import FinishReason
 from services.router import core
-from services.router.clients import duration, seconds
+from services.router import driver as drv
 from services.router.registry import (
     LoadReport,
     WorkerCapacity,
@@ -30,6 +30,7 @@ from services.router.registry import (
     WorkerRole,
     WorkerStatus,
 )
+from services.rpc.convert import duration, sampling_from_proto, seconds
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 # text, chat → token ids; None: the router has no tokenizer and takes token ids only.
@@ -47,27 +48,8 @@ FINISH_TO_PROTO = {
 }
 
 
-def sampling_from_proto(message: common_pb2.SamplingParams) -> SamplingParams:
-    defaults = SamplingParams()
-
-    def get(name: str):  # optional fields: absent → the domain default
-        return getattr(message, name) if message.HasField(name) else getattr(defaults, name)
-
-    return SamplingParams(
-        temperature=get("temperature"),
-        top_k=message.top_k,
-        top_p=get("top_p"),
-        seed=message.seed if message.HasField("seed") else None,
-        max_tokens=get("max_tokens"),
-        stop_token_ids=tuple(message.stop_token_ids),
-        stop=tuple(message.stop),
-        ignore_eos=message.ignore_eos,
-        detokenize=get("detokenize"),
-    )
-
-
-def _event_to_proto(event: core.Event) -> router_pb2.GenerateResponse:
-    if isinstance(event, core.Started):
+def _event_to_proto(event: drv.Event) -> router_pb2.GenerateResponse:
+    if isinstance(event, drv.Started):
         return router_pb2.GenerateResponse(
             started=router_pb2.GenerateStarted(
                 request_id=event.request_id,
@@ -76,7 +58,7 @@ def _event_to_proto(event: core.Event) -> router_pb2.GenerateResponse:
                 decode_worker_id=event.decode_worker_id,
             )
         )
-    if isinstance(event, core.Delta):
+    if isinstance(event, drv.Delta):
         delta = common_pb2.TokenDelta(token_ids=event.token_ids, text=event.text)
         return router_pb2.GenerateResponse(delta=delta)
     t = event.timings
@@ -128,7 +110,7 @@ def _load_to_proto(load: LoadReport) -> router_pb2.LoadReport:
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(
-        self, driver: core.RequestDriver, model: str = "", encode: Encoder | None = None
+        self, driver: drv.RequestDriver, model: str = "", encode: Encoder | None = None
     ) -> None:
         self._driver = driver
         self._router = driver.router
@@ -149,14 +131,14 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             async with contextlib.aclosing(events):
                 async for event in events:
                     yield _event_to_proto(event)
-        except (core.WorkerLostError, core.NoWorkerError) as exc:
+        except (drv.WorkerLostError, core.NoWorkerError) as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except core.DuplicateRequestError as exc:
+        except drv.DuplicateRequestError as exc:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
-        except core.WorkerCallError as exc:
+        except drv.WorkerCallError as exc:
             await context.abort(grpc.StatusCode[exc.code], str(exc))
 
-    def _generate_input(self, request: router_pb2.GenerateRequest) -> core.GenerateInput:
+    def _generate_input(self, request: router_pb2.GenerateRequest) -> drv.GenerateInput:
         if request.model and self._model and request.model != self._model:
             raise ModelNotFoundError(
                 f"model {request.model!r} is not served; this router serves {self._model!r}"
@@ -175,7 +157,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             raise InvalidRequestError("prompt is empty: set text or token_ids")
         if not tokens:
             raise InvalidRequestError("prompt is empty: it has no tokens")
-        return core.GenerateInput(request.request_id or core.new_request_id(), tokens, sampling)
+        return drv.GenerateInput(request.request_id or drv.new_request_id(), tokens, sampling)
 
     async def Abort(self, request, context):
         self._driver.abort(request.request_id)

@@ -7,9 +7,9 @@ import asyncio
 import pytest
 
 from services.common.errors import InvalidRequestError
+from services.common.load import LoadMeter
 from services.common.types import FinishReason
 from services.decode.core import DecodeConfig, DecodeWorker, Finished, RequestStatus
-from services.decode.load import LoadMeter
 from tests.decode.helpers import GREEDY, prompt_ids
 from tests.engine.helpers import assert_no_leaks, make_engine
 

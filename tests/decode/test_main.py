@@ -11,8 +11,7 @@ import sys
 import grpc
 
 from services.common.config import RpcConfig
-from services.decode.clients import LoadReporter, worker_info
-from services.decode.load import LoadSnapshot
+from services.common.load import LoadSnapshot
 from services.rpc.channels import open_channel
 from services.rpc.gen.banaserve.v1 import (
     common_pb2,
@@ -21,6 +20,7 @@ from services.rpc.gen.banaserve.v1 import (
     router_pb2,
     router_pb2_grpc,
 )
+from services.rpc.load_reports import LoadReporter, worker_info
 from services.rpc.server import Service, start_server
 
 
@@ -78,7 +78,7 @@ def test_load_reporter_registers_then_reports_until_stopped():
         )
         server = await start_server([service], rpc)
         channel = open_channel(server.address, rpc)
-        info = worker_info("decode-0", "127.0.0.1:1", False, "tiny-llama", "fp", 16, 32, 512)
+        info = worker_info("decode-0", "127.0.0.1:1", "decode", "tiny-llama", "fp", 16, 32, 512)
         reporter = LoadReporter(channel, info, load, interval_s=0.01)
         task = asyncio.create_task(reporter.run())
         while len(router.frames) < 4:

@@ -16,11 +16,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from services.common.config import RpcConfig
-from services.router.clients import GrpcWorkerClients, duration
-from services.router.core import DriverConfig, RequestDriver, Router, RouterConfig
+from services.router.clients import GrpcWorkerClients
+from services.router.core import Router, RouterConfig
+from services.router.driver import DriverConfig, RequestDriver
 from services.router.registry import WorkerRole
 from services.router.servicer import RouterServicer
 from services.rpc.channels import open_channel
+from services.rpc.convert import duration
 from services.rpc.gen.banaserve.v1 import (
     common_pb2,
     decode_pb2,

@@ -1,4 +1,4 @@
-"""Calls from the decode worker to other services: its registration and load reports.
+"""A worker's registration and load reports to the router (prefill, decode and mixed workers).
 
 ``LoadReporter.run`` holds one RouterService.ReportLoad call open: the first frame says who the
 worker is, then a ``load`` frame every ``interval_s``. ``stop`` half-closes the call, which the
@@ -15,11 +15,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
-from services.decode.load import LoadSnapshot
-from services.decode.servicer import duration
+from services.common.load import LoadSnapshot
+from services.rpc.convert import duration
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+ROLES = {
+    "prefill": common_pb2.WORKER_ROLE_PREFILL,
+    "decode": common_pb2.WORKER_ROLE_DECODE,
+    "mixed": common_pb2.WORKER_ROLE_MIXED,
+}
 
 
 def load_to_proto(load: LoadSnapshot) -> router_pb2.LoadReport:
@@ -74,18 +80,17 @@ class LoadReporter:
 def worker_info(
     worker_id: str,
     address: str,
-    mixed: bool,
+    role: str,
     model: str,
     fingerprint: str,
     block_size: int,
     num_kv_blocks: int,
     max_model_len: int,
 ) -> router_pb2.WorkerInfo:
-    role = common_pb2.WORKER_ROLE_MIXED if mixed else common_pb2.WORKER_ROLE_DECODE
     return router_pb2.WorkerInfo(
         worker_id=worker_id,
         address=address,
-        role=role,
+        role=ROLES[role],
         model=model,
         fingerprint=fingerprint,
         block_size=block_size,
