@@ -17,8 +17,7 @@ from services.common.config import EngineConfig, RpcConfig, TracingConfig
 from services.decode.core import DecodeConfig, DecodeWorker
 from services.decode.servicer import decode_service
 from services.engine.engine import Engine
-from services.rpc.channels import open_channel
-from services.rpc.load_reports import LoadReporter, worker_info
+from services.rpc.load_reports import reporting_to, worker_info
 from services.rpc.server import start_server
 from services.rpc.tracing import setup_tracing
 
@@ -61,10 +60,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     )
 
 
-def _reporter(args: argparse.Namespace, worker: DecodeWorker, address: str, rpc: RpcConfig):
-    engine = worker.engine
+def _worker_info(args: argparse.Namespace, engine: Engine, address: str):
     worker_id = args.worker_id or f"{args.role}-{socket.gethostname()}-{address.rsplit(':', 1)[1]}"
-    info = worker_info(
+    return worker_info(
         worker_id,
         address,
         args.role,
@@ -74,8 +72,6 @@ def _reporter(args: argparse.Namespace, worker: DecodeWorker, address: str, rpc:
         engine.block_manager.num_blocks,
         engine.max_model_len,
     )
-    channel = open_channel(args.router, rpc)
-    return LoadReporter(channel, info, worker.load, args.report_interval), channel
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -94,17 +90,11 @@ async def serve(args: argparse.Namespace) -> None:
     await worker.start()
     server = await start_server([decode_service(worker)], rpc, tracing=tracing)
     print(f"LISTENING {server.address}", flush=True)
-    reporter = channel = task = None
-    if args.router:
-        reporter, channel = _reporter(args, worker, server.address, rpc)
-        task = asyncio.create_task(reporter.run())
+    info = _worker_info(args, engine, server.address)
     try:
-        await server.serve_until_signal()
+        async with reporting_to(args.router, info, worker.load, rpc, args.report_interval):
+            await server.serve_until_signal()
     finally:
-        if reporter is not None and task is not None and channel is not None:
-            reporter.stop()
-            await asyncio.wait({task}, timeout=2.0)
-            await channel.close()
         await worker.stop()
         tracing.shutdown()
 

@@ -17,6 +17,7 @@ from services.engine.engine import Engine
 from services.prefill.clients import DEFAULT_MAX_CHUNK_BYTES, GrpcKVTransport
 from services.prefill.core import PrefillWorker
 from services.prefill.servicer import prefill_service
+from services.rpc.load_reports import reporting_to, worker_info
 from services.rpc.server import start_server
 from services.rpc.tracing import setup_tracing
 
@@ -30,6 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-chunk-bytes", type=int, default=DEFAULT_MAX_CHUNK_BYTES)
+    p.add_argument("--router", default=None, metavar="HOST:PORT", help="register and report load")
+    p.add_argument("--worker-id", default=None, help="default: prefill-PORT")
+    p.add_argument("--report-interval", type=float, default=0.1, help="seconds between reports")
     p.add_argument("--tracing", choices=("none", "console", "otlp"), default="none")
     p.add_argument("--otlp-endpoint", default="")
     p.add_argument("--log-level", default="INFO")
@@ -57,8 +61,19 @@ async def serve(args: argparse.Namespace) -> None:
     worker.start()
     server = await start_server([prefill_service(worker)], rpc, tracing=tracing)
     print(f"LISTENING {server.address}", flush=True)
+    info = worker_info(
+        args.worker_id or f"prefill-{server.address.rsplit(':', 1)[1]}",
+        server.address,
+        "prefill",
+        args.model,
+        engine.fingerprint,
+        engine.config.block_size,
+        engine.block_manager.num_blocks,
+        engine.max_model_len,
+    )
     try:
-        await server.serve_until_signal()
+        async with reporting_to(args.router, info, worker.load, rpc, args.report_interval):
+            await server.serve_until_signal()
     finally:
         await worker.stop()
 

@@ -33,11 +33,15 @@ from typing import TypeVar
 import torch
 
 from services.common.errors import InvalidRequestError, RequestNotFoundError
+from services.common.load import LoadMeter, LoadSnapshot
 from services.common.types import FinishReason, RequestOutput, SamplingParams
 from services.engine.engine import Engine, StepContext
 from services.prefill.transport import KVSender, KVTarget, KVTransport, TransferStats
 
 T = TypeVar("T")
+
+
+LOAD_WINDOW_S = 1.0  # the window of the busy fraction in load reports
 
 
 class JobStatus(enum.Enum):
@@ -124,6 +128,7 @@ class PrefillWorker:
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
         self._step_started_at = 0.0
+        self.meter = LoadMeter(LOAD_WINDOW_S, clock)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -232,6 +237,7 @@ class PrefillWorker:
                 continue
             self._step_started_at = self._clock()
             outputs = await loop.run_in_executor(self._executor, self.engine.step, self._on_layer)
+            self.meter.record(self._step_started_at, self._clock())
             self._finish_step(outputs)
         self._apply_pending()
         for request_id in list(self._jobs):
@@ -293,4 +299,19 @@ class PrefillWorker:
             num_queued_prefill_tokens=sum(len(j.request.prompt_token_ids) for j in queued),
             num_running_seqs=sum(j.status is JobStatus.COMPUTING for j in jobs),
             num_open_transfers=sum(j.status is JobStatus.TRANSFERRING for j in jobs),
+        )
+
+    async def load(self) -> LoadSnapshot:
+        """This worker's load for a report to the router."""
+        stats = self.stats()
+        step_time, busy = self.meter.snapshot()
+        return LoadSnapshot(
+            stats.num_queued_prefill_tokens,
+            stats.num_running_seqs,
+            0,
+            stats.num_blocks_used,
+            stats.num_blocks_free,
+            step_time,
+            busy,
+            LOAD_WINDOW_S,
         )

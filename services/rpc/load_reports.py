@@ -15,7 +15,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
+from services.common.config import RpcConfig
 from services.common.load import LoadSnapshot
+from services.rpc.channels import open_channel
 from services.rpc.convert import duration
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 
@@ -97,3 +99,27 @@ def worker_info(
         num_kv_blocks=num_kv_blocks,
         max_model_len=max_model_len,
     )
+
+
+@contextlib.asynccontextmanager
+async def reporting_to(
+    router: str | None,
+    info: router_pb2.WorkerInfo,
+    load: Callable[[], Awaitable[LoadSnapshot]],
+    rpc: RpcConfig,
+    interval_s: float = 0.1,
+) -> AsyncIterator[None]:
+    """Registers with ``router`` and reports load while the block runs (nothing if no router)."""
+    if not router:
+        yield
+        return
+    channel = open_channel(router, rpc)
+    reporter = LoadReporter(channel, info, load, interval_s)
+    task = asyncio.create_task(reporter.run())
+    try:
+        yield
+    finally:
+        reporter.stop()
+        await asyncio.wait({task}, timeout=2.0)
+        task.cancel()
+        await channel.close()
