@@ -80,11 +80,26 @@ def _run_bench_engine(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _add_up(sub: argparse._SubParsersAction) -> None:
+    from services.launcher import add_arguments
+
+    p = sub.add_parser("up", help="start a local cluster: router, prefill and decode workers")
+    add_arguments(p)
+    p.set_defaults(func=_run_up)
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    from services.launcher import run_up
+
+    return run_up(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="banaserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_models(sub)
+    _add_up(sub)
     _add_bench(sub)
     return parser
 

@@ -7,11 +7,6 @@ must be free afterwards.
 
 from __future__ import annotations
 
-import os
-import queue
-import subprocess
-import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,8 +14,9 @@ import grpc
 import pytest
 import torch
 
-from services.client.client import BanaServeClient
+from services.client.client import BanaServeClient, BanaServeClientError
 from services.common.types import SamplingParams
+from services.launcher import ClusterSpec, LocalCluster
 from services.rpc.gen.banaserve.v1 import (
     decode_pb2,
     decode_pb2_grpc,
@@ -30,72 +26,23 @@ from services.rpc.gen.banaserve.v1 import (
 from tests.engine.helpers import make_engine
 
 pytestmark = pytest.mark.e2e
-START_TIMEOUT_S = 60
-
-
-class Service:
-    def __init__(self, module: str, args: list[str], env: dict[str, str], log) -> None:
-        self.name = module.rsplit(".", 1)[1]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", module, "--port", "0", *args],
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-            env=env,
-        )
-        self.address = self._wait_listening()
-
-    def _wait_listening(self) -> str:
-        lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(
-            target=lambda: [lines.put(line) for line in self.proc.stdout], daemon=True
-        ).start()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            try:
-                line = lines.get(timeout=0.5)
-            except queue.Empty:
-                assert self.proc.poll() is None, f"{self.name} exited with {self.proc.returncode}"
-                continue
-            if line.startswith("LISTENING "):
-                return line.split()[1]
-        raise AssertionError(f"{self.name} did not start within {START_TIMEOUT_S}s")
-
-    def stop(self) -> int:
-        self.proc.terminate()
-        return self.proc.wait(timeout=15)
 
 
 @pytest.fixture(scope="module")
 def cluster(banaserve_home, tiny_llama, tmp_path_factory):
-    env = {**os.environ, "BANASERVE_HOME": str(banaserve_home), "OMP_NUM_THREADS": "1"}
-    log = open(tmp_path_factory.mktemp("logs") / "cluster.log", "w")  # noqa: SIM115
-    services = []
-    try:
-        router = Service("services.router", ["--model", "tiny-llama"], env, log)
-        services.append(router)
-        worker_args = [
-            "--model",
-            "tiny-llama",
-            "--threads",
-            "1",
-            "--num-kv-blocks",
-            "512",
-            "--router",
-            router.address,
-        ]
-        services.append(Service("services.decode", worker_args, env, log))
-        services.append(Service("services.prefill", worker_args, env, log))
-        with BanaServeClient(router.address) as client:
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while len([w for w in client.list_workers() if w.active]) < 2:
-                assert time.monotonic() < deadline, "workers did not register"
-                time.sleep(0.1)
-        yield {s.name: s for s in services}
-    finally:
-        codes = [s.stop() for s in reversed(services)]
-        log.close()
-    assert codes == [0] * len(codes), f"services exited with {codes}"
+    env = {"BANASERVE_HOME": str(banaserve_home)}
+    with open(tmp_path_factory.mktemp("logs") / "cluster.log", "w") as log:
+        cluster = LocalCluster(ClusterSpec(num_kv_blocks=512, extra_env=env), log)
+        cluster.start()
+        try:
+            yield {
+                "router": cluster.router,
+                "prefill": cluster.child("prefill-0"),
+                "decode": cluster.child("decode-0"),
+            }
+        finally:
+            codes = cluster.stop()
+    assert set(codes.values()) == {0}, f"services exited with {codes}"
 
 
 def prompt_ids(n: int, seed: int) -> list[int]:
@@ -142,3 +89,75 @@ def test_bad_input_gets_invalid_argument_and_the_cluster_stays_up(cluster):
         result = client.complete([5, 6, 7], temperature=0.0, max_tokens=3, timeout_s=30)
         assert len(result.token_ids) >= 1
     assert_workers_idle(cluster)
+
+
+def wait_idle(cluster, timeout_s: float = 10.0) -> None:
+    """Freeing after a cancel or deadline is asynchronous: poll, bounded."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            assert_workers_idle(cluster)
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_cancel_mid_stream_and_deadline_expiry_free_every_block(cluster):
+    with BanaServeClient(cluster["router"].address) as client:
+        stream = client.generate(
+            prompt_ids(60, 1), temperature=0.0, max_tokens=2000, ignore_eos=True, timeout_s=60
+        )
+        for i, _ in enumerate(stream):
+            if i == 3:
+                stream.cancel()
+                break
+        with pytest.raises(BanaServeClientError) as err:
+            client.complete(
+                prompt_ids(80, 2), temperature=0.0, max_tokens=2000, ignore_eos=True, timeout_s=0.5
+            )
+        assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_idle(cluster)
+
+
+def decode_stats(address: str):
+    with grpc.insecure_channel(address) as ch:
+        return decode_pb2_grpc.DecodeServiceStub(ch).Stats(decode_pb2.DecodeServiceStatsRequest())
+
+
+def test_killed_decode_worker_fails_the_request_fast_and_the_rest_serves_on(
+    banaserve_home, tiny_llama, tmp_path
+):
+    spec = ClusterSpec(
+        num_decode=2, num_kv_blocks=512, extra_env={"BANASERVE_HOME": str(banaserve_home)}
+    )
+    with open(tmp_path / "cluster.log", "w") as log:
+        cluster = LocalCluster(spec, log)
+        cluster.start()
+        try:
+            decodes = [cluster.child("decode-0"), cluster.child("decode-1")]
+            with BanaServeClient(cluster.router.address) as client:
+                stream = client.generate(
+                    prompt_ids(40, 3),
+                    temperature=0.0,
+                    max_tokens=3000,
+                    ignore_eos=True,
+                    timeout_s=30,
+                )
+                started = time.monotonic()
+                with pytest.raises(BanaServeClientError) as err:
+                    for i, _ in enumerate(stream):
+                        if i == 3:  # mid-stream: kill the worker decoding it
+                            busy = [d for d in decodes if decode_stats(d.address).num_running_seqs]
+                            assert len(busy) == 1
+                            busy[0].proc.kill()
+                assert err.value.code == grpc.StatusCode.UNAVAILABLE
+                assert time.monotonic() - started < 30  # failed with a reason, well in time
+                # The router takes the dead worker out; new requests go to the survivor.
+                result = client.complete(
+                    prompt_ids(10, 4), temperature=0.0, max_tokens=4, ignore_eos=True, timeout_s=30
+                )
+                assert len(result.token_ids) == 4
+        finally:
+            cluster.stop()

@@ -1,0 +1,96 @@
+"""``banaserve up`` as a user runs it: one process per service, ready line, clean stop."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from services.common.types import SamplingParams
+from tests.engine.helpers import make_engine
+
+pytestmark = pytest.mark.e2e
+
+
+def start_up(home: Path) -> tuple[subprocess.Popen, list[str]]:
+    env = {**os.environ, "BANASERVE_HOME": str(home)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "up", "--num-kv-blocks", "512"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    lines = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        assert line, f"banaserve up ended early: {proc.stderr.read()[-2000:]}"
+        lines.append(line.rstrip("\n"))
+        if line.startswith("cluster ready"):
+            return proc, lines
+    raise AssertionError("banaserve up did not become ready")
+
+
+def children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def test_up_prints_services_serves_generate_and_stops_cleanly(banaserve_home, tiny_llama):
+    proc, lines = start_up(banaserve_home)
+    try:
+        assert [line.split()[0] for line in lines[:3]] == ["router", "prefill-0", "decode-0"]
+        assert all(re.fullmatch(r"\S+ 127\.0\.0\.1:\d+", line) for line in lines[:3])
+        router = lines[0].split()[1]
+        prompt = "Return the value of"
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "services.cli",
+                "generate",
+                "--router",
+                router,
+                "--prompt",
+                prompt,
+                "--max-tokens",
+                "12",
+                "--ignore-eos",
+                "--timeout",
+                "60",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        assert run.returncode == 0, run.stderr
+        [expected] = make_engine(tiny_llama).generate(
+            [prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        )
+        assert run.stdout == expected.text + "\n"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    assert code == 0, proc.stderr.read()[-2000:]
+
+
+def test_up_reports_a_killed_child_and_stops_the_rest(banaserve_home, tiny_llama):
+    proc, _ = start_up(banaserve_home)
+    kids = children(proc.pid)
+    os.kill(kids[-1], signal.SIGKILL)  # the last worker started
+    code = proc.wait(timeout=60)
+    stderr = proc.stderr.read()
+    assert code == 1
+    assert re.search(r"(prefill|decode)-0 exited unexpectedly with code -9", stderr), stderr
+    assert all(not Path(f"/proc/{pid}").exists() or _is_zombie(pid) for pid in kids)
+
+
+def _is_zombie(pid: int) -> bool:
+    return " Z " in Path(f"/proc/{pid}/stat").read_text()
