@@ -5,7 +5,6 @@ BIN := $(VENV)/bin
 # The local CPU build; a GPU user brings their own: `make setup TORCH_SPEC=torch`.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
-PROMPT ?= What is the capital of France?
 
 .PHONY: setup protos demo models test test-slow lint buf-lint format bench-setup bench clean
 
@@ -28,7 +27,7 @@ models: setup
 	$(BIN)/banaserve models prepare
 
 demo: models
-	$(BIN)/banaserve generate --model smollm2-135m --chat --prompt "$(PROMPT)"
+	$(BIN)/banaserve demo
 
 test: setup
 	$(BIN)/python -m pytest -q

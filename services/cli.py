@@ -94,12 +94,29 @@ def _run_up(args: argparse.Namespace) -> int:
     return run_up(args)
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from services.demo import add_arguments
+
+    p = sub.add_parser(
+        "demo", help="start a local cluster on the real model and ask it a few questions"
+    )
+    add_arguments(p)
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from services.demo import run_demo
+
+    return run_demo(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="banaserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_models(sub)
     _add_up(sub)
+    _add_demo(sub)
     _add_bench(sub)
     return parser
 

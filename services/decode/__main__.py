@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import logging
 import os
-import socket
 
 from services.common.config import EngineConfig, RpcConfig, TracingConfig
 from services.decode.core import DecodeConfig, DecodeWorker
@@ -37,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--role", choices=("decode", "mixed"), default="decode")
-    p.add_argument("--worker-id", default=None, help="default: decode-<hostname>-<port>")
+    p.add_argument("--worker-id", default=None, help="default: ROLE-PORT")
     p.add_argument("--router", default=env("BANASERVE_ROUTER", ""), help="HOST:PORT")
     p.add_argument("--report-interval", type=float, default=0.1)
     p.add_argument("--max-lease", type=float, default=60.0)
@@ -61,7 +60,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def _worker_info(args: argparse.Namespace, engine: Engine, address: str):
-    worker_id = args.worker_id or f"{args.role}-{socket.gethostname()}-{address.rsplit(':', 1)[1]}"
+    worker_id = args.worker_id or f"{args.role}-{address.rsplit(':', 1)[1]}"
     return worker_info(
         worker_id,
         address,
