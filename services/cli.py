@@ -72,6 +72,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
     add_arguments(eng)
     eng.set_defaults(func=_run_bench_engine)
+    srv = bsub.add_parser("serve", help="load generator: grpc:// router or openai:// (vLLM) server")
+    from bench.serve_bench import add_arguments as add_serve_arguments
+
+    add_serve_arguments(srv)
+    srv.set_defaults(func=_run_bench_serve)
 
 
 def _run_bench_engine(args: argparse.Namespace) -> int:
@@ -108,6 +113,12 @@ def _run_demo(args: argparse.Namespace) -> int:
     from services.demo import run_demo
 
     return run_demo(args)
+
+
+def _run_bench_serve(args: argparse.Namespace) -> int:
+    from bench.serve_bench import run
+
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:

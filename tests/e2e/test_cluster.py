@@ -7,6 +7,9 @@ must be free afterwards.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -161,3 +164,44 @@ def test_killed_decode_worker_fails_the_request_fast_and_the_rest_serves_on(
                 assert len(result.token_ids) == 4
         finally:
             cluster.stop()
+
+
+def test_load_generator_against_the_cluster(cluster, tmp_path):
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "bench",
+            "serve",
+            "--target",
+            f"grpc://{cluster['router'].address}",
+            "--workload",
+            "sharegpt-like",
+            "--num-requests",
+            "6",
+            "--rate",
+            "inf",
+            "--max-model-len",
+            "256",
+            "--output-len",
+            "8",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+            "--vocab-range",
+            "5:4000",  # tiny-llama's vocabulary
+            "--timeout",
+            "60",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    report = json.loads((tmp_path / "serve.json").read_text())
+    summary = report["summary"]
+    assert summary["num_ok"] == 6
+    assert len(report["requests"]) == 6
+    assert "TTFT" in (tmp_path / "serve.md").read_text()
+    wait_idle(cluster)
