@@ -11,8 +11,10 @@ import argparse
 import asyncio
 import logging
 import os
+import sys
 
 from services.common.config import EngineConfig, RpcConfig, TracingConfig
+from services.common.logs import configure_logging
 from services.decode.core import DecodeConfig, DecodeWorker
 from services.decode.servicer import decode_service
 from services.engine.engine import Engine
@@ -98,11 +100,12 @@ async def serve(args: argparse.Namespace) -> None:
         tracing.shutdown()
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(message)s")
+    configure_logging(args.log_level)
     asyncio.run(serve(args))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

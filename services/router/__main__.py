@@ -13,6 +13,7 @@ import logging
 import sys
 
 from services.common.config import RpcConfig, TracingConfig
+from services.common.logs import configure_logging
 from services.router.clients import GrpcWorkerClients
 from services.router.core import POLICIES, Router, RouterConfig
 from services.router.driver import DriverConfig, RequestDriver, expire_periodically
@@ -96,11 +97,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.log_level)
     asyncio.run(serve(args))
     return 0
 
