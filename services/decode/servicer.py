@@ -10,26 +10,21 @@ import logging
 from collections.abc import AsyncIterator
 
 from services.common.errors import BanaServeError, InvalidRequestError
-from services.common.types import FinishReason
 from services.decode import core, transfer
 from services.engine.kv_cache import KVLayout
-from services.rpc.convert import duration, sampling_from_proto, seconds
+from services.rpc.convert import (
+    DTYPE_FROM_PROTO,
+    FINISH_TO_PROTO,
+    duration,
+    sampling_from_proto,
+    seconds,
+)
 from services.rpc.gen.banaserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from services.rpc.server import Service
 from services.rpc.streams import drain
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {
-    common_pb2.DTYPE_FLOAT32: "float32",
-    common_pb2.DTYPE_BFLOAT16: "bfloat16",
-    common_pb2.DTYPE_FLOAT16: "float16",
-}
-_FINISH = {
-    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
-    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
-    FinishReason.ABORT: common_pb2.FINISH_REASON_ABORT,
-}
 _STATES = {
     core.RequestStatus.RESERVED: decode_pb2.RESERVATION_STATE_RESERVED,
     core.RequestStatus.RECEIVING: decode_pb2.RESERVATION_STATE_RECEIVING,
@@ -38,14 +33,14 @@ _STATES = {
 
 def header_from_proto(msg: decode_pb2.KVTransferHeader) -> transfer.TransferHeader:
     lay = msg.layout
-    if lay.dtype not in _DTYPES:
+    if lay.dtype not in DTYPE_FROM_PROTO:
         raise InvalidRequestError(f"KV layout has no valid dtype ({lay.dtype})")
     layout = KVLayout(
         lay.fingerprint,
         0,
         lay.num_tokens,
         tuple(lay.block_hashes),
-        _DTYPES[lay.dtype],
+        DTYPE_FROM_PROTO[lay.dtype],
         lay.block_size,
         lay.num_kv_heads,
         lay.head_dim,
@@ -76,7 +71,8 @@ def event_to_proto(event: core.StreamEvent) -> decode_pb2.StreamTokensResponse:
         delta = common_pb2.TokenDelta(token_ids=event.token_ids, text=event.text)
         return decode_pb2.StreamTokensResponse(delta=delta)
     finished = decode_pb2.DecodeFinished(
-        finish_reason=_FINISH[event.reason], num_completion_tokens=event.num_completion_tokens
+        finish_reason=FINISH_TO_PROTO[event.reason],
+        num_completion_tokens=event.num_completion_tokens,
     )
     return decode_pb2.StreamTokensResponse(finished=finished)
 

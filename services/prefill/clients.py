@@ -21,29 +21,12 @@ from services.common.config import RpcConfig
 from services.engine.kv_cache import KVLayout
 from services.prefill.transport import KVSender, KVTarget, KVTransport, TransferError, TransferStats
 from services.rpc.channels import open_channel
+from services.rpc.convert import layout_to_proto
 from services.rpc.gen.banaserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from services.rpc.tracing import DISABLED, Tracing
 
-DTYPES = {
-    "float32": common_pb2.DTYPE_FLOAT32,
-    "bfloat16": common_pb2.DTYPE_BFLOAT16,
-    "float16": common_pb2.DTYPE_FLOAT16,
-}
 # A layer is split so that no message comes near the channel's size limit.
 DEFAULT_MAX_CHUNK_BYTES = 16 << 20
-
-
-def layout_to_proto(layout: KVLayout, num_layers: int) -> common_pb2.KVLayout:
-    return common_pb2.KVLayout(
-        fingerprint=layout.fingerprint,
-        num_tokens=layout.num_tokens,
-        block_hashes=list(layout.block_hashes),
-        dtype=DTYPES[layout.dtype],
-        block_size=layout.block_size,
-        num_kv_heads=layout.num_kv_heads,
-        head_dim=layout.head_dim,
-        num_layers=num_layers,
-    )
 
 
 def layer_chunks(

@@ -10,10 +10,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from services.common.types import FinishReason
 from services.prefill.core import FirstToken, PrefillRequest, PrefillResult, PrefillWorker
 from services.prefill.transport import KVTarget, TransferError
-from services.rpc.convert import duration, sampling_from_proto
+from services.rpc.convert import duration, finish_to_proto, sampling_from_proto
 from services.rpc.gen.banaserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 from services.rpc.server import Service
 
@@ -27,19 +26,13 @@ def request_from_proto(msg: prefill_pb2.PrefillRequest) -> PrefillRequest:
     )
 
 
-def finish_reason_to_proto(reason: FinishReason | None) -> int:
-    if reason is None:
-        return common_pb2.FINISH_REASON_UNSPECIFIED
-    return common_pb2.FinishReason.Value(f"FINISH_REASON_{reason.name}")
-
-
 def response_to_proto(event: FirstToken | PrefillResult) -> prefill_pb2.PrefillResponse:
     if isinstance(event, FirstToken):
         delta = common_pb2.TokenDelta(token_ids=event.token_ids, text=event.text)
         return prefill_pb2.PrefillResponse(first_token=delta)
     transfer = event.transfer
     done = prefill_pb2.PrefillDone(
-        finish_reason=finish_reason_to_proto(event.finish_reason),
+        finish_reason=finish_to_proto(event.finish_reason),
         num_prompt_tokens=event.num_prompt_tokens,
         num_cached_tokens=event.num_cached_tokens,
         queued=duration(event.queued_s),

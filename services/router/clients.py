@@ -29,7 +29,7 @@ from services.router.driver import (
 )
 from services.router.registry import WorkerInfo
 from services.rpc.channels import open_channel
-from services.rpc.convert import duration, sampling_to_proto, seconds
+from services.rpc.convert import FINISH_FROM_PROTO, duration, sampling_to_proto, seconds
 from services.rpc.gen.banaserve.v1 import (
     common_pb2,
     decode_pb2,
@@ -39,11 +39,6 @@ from services.rpc.gen.banaserve.v1 import (
 )
 from services.rpc.tracing import DISABLED, Tracing
 
-FINISH_FROM_PROTO = {
-    common_pb2.FINISH_REASON_STOP: FinishReason.STOP,
-    common_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
-    common_pb2.FINISH_REASON_ABORT: FinishReason.ABORT,
-}
 RELEASE_TO_PROTO = {
     ReleaseReason.ABORTED: decode_pb2.RELEASE_REASON_ABORTED,
     ReleaseReason.DEADLINE_EXCEEDED: decode_pb2.RELEASE_REASON_DEADLINE_EXCEEDED,

@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 import grpc
 
 from services.common.errors import InvalidRequestError, ModelNotFoundError, RequestNotFoundError
-from services.common.types import FinishReason
 from services.router import core
 from services.router import driver as drv
 from services.router.registry import (
@@ -30,7 +29,7 @@ from services.router.registry import (
     WorkerRole,
     WorkerStatus,
 )
-from services.rpc.convert import duration, sampling_from_proto, seconds
+from services.rpc.convert import FINISH_TO_PROTO, duration, sampling_from_proto, seconds
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 # text, chat → token ids; None: the router has no tokenizer and takes token ids only.
@@ -40,11 +39,6 @@ ROLE_FROM_PROTO = {
     common_pb2.WORKER_ROLE_PREFILL: WorkerRole.PREFILL,
     common_pb2.WORKER_ROLE_DECODE: WorkerRole.DECODE,
     common_pb2.WORKER_ROLE_MIXED: WorkerRole.MIXED,
-}
-FINISH_TO_PROTO = {
-    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
-    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
-    FinishReason.ABORT: common_pb2.FINISH_REASON_ABORT,
 }
 
 

@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from google.protobuf.duration_pb2 import Duration
 
-from services.common.types import SamplingParams
+from services.common.types import FinishReason, SamplingParams
 from services.rpc.gen.banaserve.v1 import common_pb2
+
+if TYPE_CHECKING:  # the engine imports torch; this module must not
+    from services.engine.kv_cache import KVLayout
+
+FINISH_TO_PROTO = {
+    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: common_pb2.FINISH_REASON_ABORT,
+}
+FINISH_FROM_PROTO = {v: k for k, v in FINISH_TO_PROTO.items()}
+DTYPE_TO_PROTO = {
+    "float32": common_pb2.DTYPE_FLOAT32,
+    "bfloat16": common_pb2.DTYPE_BFLOAT16,
+    "float16": common_pb2.DTYPE_FLOAT16,
+}
+DTYPE_FROM_PROTO = {v: k for k, v in DTYPE_TO_PROTO.items()}
 
 # Proto3-optional fields of SamplingParams: absent means the domain default.
 _OPTIONAL_SAMPLING = ("temperature", "top_p", "seed", "max_tokens", "detokenize")
@@ -44,4 +62,21 @@ def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
         stop=params.stop,
         ignore_eos=params.ignore_eos,
         detokenize=params.detokenize,
+    )
+
+
+def finish_to_proto(reason: FinishReason | None) -> int:
+    return common_pb2.FINISH_REASON_UNSPECIFIED if reason is None else FINISH_TO_PROTO[reason]
+
+
+def layout_to_proto(layout: KVLayout, num_layers: int) -> common_pb2.KVLayout:
+    return common_pb2.KVLayout(
+        fingerprint=layout.fingerprint,
+        num_tokens=layout.num_tokens,
+        block_hashes=list(layout.block_hashes),
+        dtype=DTYPE_TO_PROTO[layout.dtype],
+        block_size=layout.block_size,
+        num_kv_heads=layout.num_kv_heads,
+        head_dim=layout.head_dim,
+        num_layers=num_layers,
     )

@@ -15,14 +15,13 @@ from services.common.types import SamplingParams
 from services.decode.core import DecodeConfig, DecodeWorker
 from services.decode.servicer import decode_service
 from services.engine.engine import Engine
-from services.engine.kv_cache import KVLayout
 from services.rpc.channels import open_channel
+from services.rpc.convert import layout_to_proto
 from services.rpc.gen.banaserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from services.rpc.server import start_server
 from tests.engine.helpers import make_engine
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-DTYPES = {"float32": common_pb2.DTYPE_FLOAT32, "bfloat16": common_pb2.DTYPE_BFLOAT16}
 
 
 def prompt_ids(n: int, seed: int) -> list[int]:
@@ -83,19 +82,6 @@ async def assert_clean(stub: decode_pb2_grpc.DecodeServiceStub, within_s: float 
         await asyncio.sleep(0.02)
 
 
-def layout_proto(layout: KVLayout, num_layers: int) -> common_pb2.KVLayout:
-    return common_pb2.KVLayout(
-        fingerprint=layout.fingerprint,
-        num_tokens=layout.num_tokens,
-        block_hashes=list(layout.block_hashes),
-        dtype=DTYPES[layout.dtype],
-        block_size=layout.block_size,
-        num_kv_heads=layout.num_kv_heads,
-        head_dim=layout.head_dim,
-        num_layers=num_layers,
-    )
-
-
 def tensor_bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().view(torch.uint8).numpy().tobytes()
 
@@ -132,7 +118,7 @@ class PrefillSide:
         header = decode_pb2.KVTransferHeader(
             request_id=request_id,
             reservation_id=reservation_id,
-            layout=layout_proto(layout, num_layers),
+            layout=layout_to_proto(layout, num_layers),
         )
         yield decode_pb2.TransferKVRequest(header=header)
         for layer in reversed(range(num_layers)):  # any order of layers is allowed
