@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import importlib.util
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -47,6 +45,7 @@ from bench.engine_report import (
 )
 from bench.engine_runners import SYSTEMS, package_version
 from bench.engine_workload import Workload, build_plan, plan_to_json
+from bench.machine import loadavg, machine_info
 from services.common.config import DTYPES, banaserve_home, models_dir
 from services.common.errors import ConfigError, ModelNotFoundError
 
@@ -304,38 +303,6 @@ def run_system(system: str, dtype: str, args: argparse.Namespace, paths: dict[st
 # ---- report -----------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def loadavg() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
-def machine_info(threads: int) -> dict:
-    return {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu_model": cpu_model(),
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "threads": threads,
-        "torch": package_version("torch"),
-        "transformers": package_version("transformers"),
-        "vllm": None,
-        "loadavg_before": loadavg(),
-    }
-
-
 def build_report(
     workload: Workload, args: argparse.Namespace, model_dir: Path, runs: dict[str, dict],
     machine: dict,
@@ -375,7 +342,12 @@ def run(args: argparse.Namespace) -> int:
     workload = workload_from_args(args)
     model_dir = resolve_model(args.model)
     paths = prepare_out(args, workload, model_dir)
-    machine = machine_info(args.threads)
+    machine = machine_info(
+        threads=args.threads,
+        torch=package_version("torch"),
+        transformers=package_version("transformers"),
+        vllm=None,
+    )
     runs: dict[str, dict] = {}
     started = time.monotonic()
     todo = [(s, d) for d in args.dtypes for s in args.systems]

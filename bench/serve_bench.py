@@ -19,17 +19,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import json
 import math
-import os
-import platform
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.engine_bench import cpu_model, loadavg
+from bench.machine import loadavg, machine_info
 from bench.serve_report import OK, RequestRecord, render_markdown, summarise
 from bench.serve_targets import Endpoint, Sampling, Target, TargetError, make_target, parse_target
 from bench.serve_workload import WORKLOADS, Request, WorkloadSpec, arrival_times, make_request
@@ -284,17 +281,6 @@ def config_of(args: argparse.Namespace, spec: WorkloadSpec, num_requests: int) -
         "seed": args.seed,
         "slo_ttft_ms": args.slo_ttft_ms,
         "slo_tpot_ms": args.slo_tpot_ms,
-    }
-
-
-def machine_info() -> dict:
-    return {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu_model": cpu_model(),
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "loadavg_before": loadavg(),
     }
 
 
