@@ -50,13 +50,19 @@ def test_stop_token_id_ends_generation_and_is_kept(engine):
 
 
 def test_eos_stops_unless_ignored(engine):
-    eos = engine.tokenizer.eos_token_id
-    assert eos in engine.eos_token_ids
+    assert engine.tokenizer.eos_token_id in engine.eos_token_ids
     [ref] = engine.generate([PROMPT], greedy(8))
-    # Make the 3rd generated token an EOS by declaring it one for a copy of the params.
-    params = SamplingParams(temperature=0, max_tokens=8, stop_token_ids=(ref.token_ids[2],))
-    [c] = engine.generate([PROMPT], params)
-    assert c.finish_reason is FinishReason.STOP and len(c.token_ids) <= 3
+    eos = ref.token_ids[2]  # let the model's 3rd greedy token play EOS
+    first = ref.token_ids.index(eos)
+    saved, engine.eos_token_ids = engine.eos_token_ids, frozenset({eos})
+    try:
+        [stopped] = engine.generate([PROMPT], SamplingParams(temperature=0, max_tokens=8))
+        [ignored] = engine.generate([PROMPT], greedy(8))
+    finally:
+        engine.eos_token_ids = saved
+    assert stopped.token_ids == ref.token_ids[: first + 1]
+    assert stopped.finish_reason is FinishReason.STOP
+    assert ignored.token_ids == ref.token_ids and ignored.finish_reason is FinishReason.LENGTH
 
 
 def test_stop_string_truncates_text(engine):
