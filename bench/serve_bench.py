@@ -204,6 +204,7 @@ async def send(
                     record.chunks.append((time.perf_counter() - sent, n))
                     record.num_output_tokens += n
             record.status = OK
+            record.server = target.server_side(request)
         except TimeoutError:
             record.fail("TIMEOUT", f"no end of stream within {timeout_s:g} s")
         except TargetError as exc:

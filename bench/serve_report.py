@@ -29,6 +29,13 @@ import numpy as np
 OK = "OK"
 NOT_SENT = "NOT_SENT"  # the run's deadline came before the request could be sent
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2e")
+SERVER_METRICS = ("routing", "prefill", "kv_transfer", "kv_transfer_exposed")
+SERVER_LABELS = {
+    "routing": "routing (router)",
+    "prefill": "prefill compute",
+    "kv_transfer": "KV transfer",
+    "kv_transfer_exposed": "KV transfer exposed",
+}
 LABELS = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2e": "E2E latency"}
 PERCENTILES = (50, 90, 99)
 MAX_MESSAGE = 200
@@ -48,6 +55,8 @@ class RequestRecord:
     e2e_s: float | None = None
     num_output_tokens: int = 0
     prefix_id: int | None = None
+    # What the server reported (gRPC targets): SERVER_METRICS in s, kv_mib, num_cached_tokens.
+    server: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -139,6 +148,7 @@ def summarise(records: Sequence[RequestRecord], slo_ttft_ms: float, slo_tpot_ms:
         "output_throughput": per_second(num_out, seconds),
         "total_token_throughput": per_second(num_in + num_out, seconds),
         **{f"{m}_ms": distribution(values[m]) for m in LATENCY_METRICS},
+        "server": server_summary(ok, num_in),
         "slo": {
             "ttft_ms": slo_ttft_ms,
             "tpot_ms": slo_tpot_ms,
@@ -146,6 +156,24 @@ def summarise(records: Sequence[RequestRecord], slo_ttft_ms: float, slo_tpot_ms:
             "attainment": num_met / len(records) if records else None,
             "goodput": per_second(num_met, seconds),
         },
+    }
+
+
+def server_summary(ok: Sequence[RequestRecord], num_prompt_tokens: int) -> dict | None:
+    """Server-reported timings, the share of KV transfer hidden behind compute (1 − exposed /
+    transfer, summed over requests) and the prefix-cache hit rate (cached / prompt tokens)."""
+    reported = [r.server for r in ok if r.server]
+    if not reported:
+        return None
+    transfer = sum(s["kv_transfer_s"] for s in reported)
+    exposed = sum(s["kv_transfer_exposed_s"] for s in reported)
+    cached = sum(s["num_cached_tokens"] for s in reported)
+    return {
+        **{f"{m}_ms": distribution([s[f"{m}_s"] for s in reported]) for m in SERVER_METRICS},
+        "kv_mib_mean": sum(s["kv_mib"] for s in reported) / len(reported),
+        "kv_hidden_share": 1 - exposed / transfer if transfer > 0 else None,
+        "num_cached_tokens": cached,
+        "prefix_hit_rate": cached / num_prompt_tokens if num_prompt_tokens else None,
     }
 
 
@@ -162,6 +190,26 @@ def latency_table(summary: dict) -> list[str]:
     for m in LATENCY_METRICS:
         dist = summary[f"{m}_ms"]
         lines.append(f"| {LABELS[m]} | " + " | ".join(fmt(dist[c]) for c in cols) + " |")
+    return lines
+
+
+def server_table(summary: dict) -> list[str]:
+    server = summary.get("server")
+    if not server:
+        return []
+    cols = ["mean", *(f"p{p}" for p in PERCENTILES)]
+    lines = ["", "| server-side (ms) | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for m in SERVER_METRICS:
+        dist = server[f"{m}_ms"]
+        lines.append(f"| {SERVER_LABELS[m]} | " + " | ".join(fmt(dist[c], 2) for c in cols) + " |")
+    hidden = server["kv_hidden_share"]
+    hit = server["prefix_hit_rate"]
+    lines += [
+        "",
+        f"KV per request: {fmt(server['kv_mib_mean'])} MiB mean · share of KV transfer hidden "
+        f"behind compute: {'n/a' if hidden is None else f'{100 * hidden:.1f} %'} · prefix-cache "
+        f"hit rate: {'n/a' if hit is None else f'{100 * hit:.1f} %'}",
+    ]
     return lines
 
 
@@ -215,6 +263,7 @@ def render_markdown(report: dict) -> str:
         *throughput_table(summary),
         "",
         *latency_table(summary),
+        *server_table(summary),
         *failure_lines(summary),
         "",
         "Method: " + METHOD,

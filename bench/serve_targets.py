@@ -71,6 +71,10 @@ def parse_target(url: str) -> Endpoint:
 class Target(Protocol):
     def stream(self, request: Request, timeout_s: float) -> AsyncIterator[int]: ...
 
+    def server_side(self, request: Request) -> dict[str, float]:
+        """What the server reported about a finished request (empty when it reports nothing)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -91,6 +95,7 @@ class GrpcTarget:
 
         self._client = AsyncBanaServeClient(endpoint.address)
         self._sampling = sampling
+        self._server_side: dict[int, dict[str, float]] = {}
 
     async def stream(self, request: Request, timeout_s: float) -> AsyncIterator[int]:
         from services.client.client import BanaServeClientError
@@ -117,9 +122,25 @@ class GrpcTarget:
             raise TargetError("INCOMPLETE", "the stream ended without a finished frame") from None
         if finish == "abort":
             raise TargetError("ABORTED", "the server aborted the request")
+        self._server_side[request.index] = server_side(generation.result)
+
+    def server_side(self, request: Request) -> dict[str, float]:
+        return self._server_side.pop(request.index, {})
 
     async def close(self) -> None:
         await self._client.close()
+
+
+def server_side(result) -> dict[str, float]:
+    """The router's timings of one request (``router.proto`` ``Timings``), in seconds / MiB."""
+    t = result.server_timings
+    return {
+        f"{name}_s": getattr(t, name).ToTimedelta().total_seconds()
+        for name in ("routing", "prefill", "kv_transfer", "kv_transfer_exposed")
+    } | {
+        "kv_mib": t.kv_bytes / 2**20,
+        "num_cached_tokens": result.num_cached_tokens,
+    }
 
 
 # ---- openai -----------------------------------------------------------------------------
@@ -234,6 +255,9 @@ class OpenAITarget:
                     yield n
         if usage is not None and usage > counted:
             yield usage - counted
+
+    def server_side(self, request: Request) -> dict[str, float]:
+        return {}  # an OpenAI server reports no per-request timings
 
     async def close(self) -> None:
         return None

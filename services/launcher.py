@@ -34,6 +34,8 @@ class ClusterSpec:
     model: str = "tiny-llama"
     num_prefill: int = 1
     num_decode: int = 1
+    # Colocated workers (``--role mixed``): prefill and decode their own requests.
+    num_mixed: int = 0
     threads: int = 1
     pin: bool = False
     policy: str = "load"
@@ -41,8 +43,16 @@ class ClusterSpec:
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.num_prefill < 1 or self.num_decode < 1:
-            raise ConfigError("a cluster needs at least one prefill and one decode worker")
+        counts = (self.num_prefill, self.num_decode, self.num_mixed)
+        if min(counts) < 0:
+            raise ConfigError(f"worker counts must be >= 0, got {counts}")
+        if self.num_prefill + self.num_mixed < 1 or self.num_decode + self.num_mixed < 1:
+            raise ConfigError(
+                "a cluster needs a worker that prefills and one that decodes "
+                "(at least one prefill and one decode worker, or one mixed worker)"
+            )
+        if self.policy == "colocated" and self.num_mixed < 1:
+            raise ConfigError("policy 'colocated' needs at least one mixed worker (--mixed K)")
         if self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
 
@@ -118,6 +128,12 @@ class LocalCluster:
                 self._spawn(f"decode-{i}", "services.decode", self._worker_args(i))
                 for i in range(self.spec.num_decode)
             ]
+            workers += [
+                self._spawn(
+                    f"mixed-{i}", "services.decode", [*self._worker_args(i), "--role", "mixed"]
+                )
+                for i in range(self.spec.num_mixed)
+            ]
             self._pin(workers)
             for worker in workers:
                 worker.wait_listening(deadline)
@@ -177,12 +193,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny-llama", help="prepared model name or directory")
     p.add_argument("--prefill", type=int, default=1, help="prefill workers")
     p.add_argument("--decode", type=int, default=1, help="decode workers")
+    p.add_argument(
+        "--mixed", type=int, default=0, help="mixed workers (prefill and decode, colocated)"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--pin", action="store_true", help="pin each worker to its own CPU")
     p.add_argument(
         "--policy",
         default="load",
-        choices=("load", "round_robin", "prefix_affinity"),
+        choices=("load", "round_robin", "prefix_affinity", "colocated"),
         help="routing policy",
     )
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks per worker")
@@ -193,6 +212,7 @@ def run_up(args: argparse.Namespace) -> int:
         args.model,
         args.prefill,
         args.decode,
+        args.mixed,
         args.threads,
         args.pin,
         args.policy,

@@ -86,6 +86,7 @@ async def serve(args: argparse.Namespace) -> None:
         DecodeConfig(
             default_lease_s=min(args.max_lease, DecodeConfig.default_lease_s),
             max_lease_s=args.max_lease,
+            prefill_locally=args.role == "mixed",
         ),
     )
     await worker.start()

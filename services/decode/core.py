@@ -12,6 +12,11 @@ A request passes through one table entry whose status only this module changes:
                transfer broke or its stream was cancelled: the engine holds nothing for it. The
                entry stays only until its stream has read the last event.
 
+A mixed worker (``DecodeConfig.prefill_locally``) also takes ``reserve(prefill_locally=True)``:
+the prompt joins the engine's batch at once (``Engine.add_request``) and the entry starts at
+RUNNING; the engine prefills it alongside the running decodes and the stream carries every
+token, the first included.
+
 Every engine call runs on one worker thread, in submission order: steps are CPU-bound and the
 engine is not thread-safe, so an abort submitted before a ``stats`` call is always visible to it.
 The table itself is touched only from the event loop. Every wait is bounded: a lease or
@@ -33,7 +38,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from services.common.errors import ConfigError, InvalidRequestError, RequestNotFoundError
+from services.common.errors import (
+    ConfigError,
+    InvalidRequestError,
+    RequestNotFoundError,
+)
 from services.common.hashing import block_hashes
 from services.common.load import LoadMeter, LoadSnapshot
 from services.common.types import FinishReason, RequestOutput, SamplingParams
@@ -62,6 +71,8 @@ class DecodeConfig:
     # The engine loop rechecks for work at least this often when idle.
     idle_poll_s: float = 0.5
     load_window_s: float = 1.0
+    # A mixed (colocated) worker: ``reserve`` may ask it to prefill the prompt itself.
+    prefill_locally: bool = False
 
     def __post_init__(self) -> None:
         for name in ("default_lease_s", "max_lease_s", "sweep_interval_s", "idle_poll_s"):
@@ -91,6 +102,7 @@ class TokenDelta:
 class Finished:
     reason: FinishReason
     num_completion_tokens: int  # the prefill worker's first token included
+    num_cached_tokens: int = 0  # prefix-cache hits of a local prefill
 
 
 StreamEvent = TokenDelta | Finished
@@ -131,6 +143,7 @@ class _Entry:
     events: asyncio.Queue[StreamEvent] = field(default_factory=asyncio.Queue)
     streaming: bool = False
     num_completion_tokens: int = 0
+    num_cached_tokens: int = 0
     done_at: float = math.inf
 
 
@@ -183,7 +196,10 @@ class DecodeWorker:
         params: SamplingParams,
         lease_s: float | None = None,
         timeout_s: float | None = None,
+        prefill_locally: bool = False,
     ) -> Reservation:
+        if prefill_locally and not self.config.prefill_locally:
+            raise ConfigError("this is a decode worker: only a mixed worker prefills locally")
         if not request_id:
             raise InvalidRequestError("request_id is empty")
         if request_id in self._table:
@@ -204,13 +220,25 @@ class DecodeWorker:
         )
         self._table[request_id] = entry
         try:
-            await self._call(
-                self.engine.begin_prompt_import, request_id, entry.prompt_token_ids, params
-            )
+            if prefill_locally:
+                await self._call(
+                    self.engine.add_request, request_id, entry.prompt_token_ids, params
+                )
+                self._start_local(entry)
+            else:
+                await self._call(
+                    self.engine.begin_prompt_import, request_id, entry.prompt_token_ids, params
+                )
         except BaseException:
             self._free(entry)
             raise
         return Reservation(request_id, entry.reservation_id, entry.status, entry.num_blocks, lease)
+
+    def _start_local(self, entry: _Entry) -> None:
+        if entry.status is RequestStatus.DONE:  # freed meanwhile: its abort is queued already
+            raise RequestNotFoundError(f"request {entry.request_id!r} was released")
+        entry.status = RequestStatus.RUNNING
+        self._wake.set()
 
     # -- 2. receive ------------------------------------------------------------------------
 
@@ -316,6 +344,7 @@ class DecodeWorker:
             if entry is None or entry.status is RequestStatus.DONE:
                 continue  # released while the step ran; its abort is queued
             entry.num_completion_tokens += len(out.new_token_ids)
+            entry.num_cached_tokens = out.num_cached_tokens
             entry.events.put_nowait(TokenDelta(list(out.new_token_ids), out.text_delta))
             if out.finished:
                 self._finish(entry, out.finish_reason or FinishReason.STOP)
@@ -323,7 +352,9 @@ class DecodeWorker:
     def _finish(self, entry: _Entry, reason: FinishReason) -> None:
         entry.status = RequestStatus.DONE
         entry.done_at = self._clock()
-        entry.events.put_nowait(Finished(reason, entry.num_completion_tokens))
+        entry.events.put_nowait(
+            Finished(reason, entry.num_completion_tokens, entry.num_cached_tokens)
+        )
 
     async def stream(self, request_id: str) -> AsyncIterator[StreamEvent]:
         """Token deltas after the first token, then one ``Finished``. Closing early aborts."""

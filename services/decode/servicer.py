@@ -73,6 +73,7 @@ def event_to_proto(event: core.StreamEvent) -> decode_pb2.StreamTokensResponse:
     finished = decode_pb2.DecodeFinished(
         finish_reason=FINISH_TO_PROTO[event.reason],
         num_completion_tokens=event.num_completion_tokens,
+        num_cached_tokens=event.num_cached_tokens,
     )
     return decode_pb2.StreamTokensResponse(finished=finished)
 
@@ -113,6 +114,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             sampling_from_proto(request.sampling),
             seconds(request.lease) if request.HasField("lease") else None,
             seconds(request.timeout) if request.HasField("timeout") else None,
+            request.prefill_locally,
         )
         return decode_pb2.ReserveKVResponse(
             reservation_id=reservation.reservation_id,

@@ -60,13 +60,20 @@ class GrpcDecodeClient:
         self._worker = worker
         self._stub = stub
 
-    async def reserve(self, request: GenerateInput, lease_s: float, timeout_s: float) -> str:
+    async def reserve(
+        self,
+        request: GenerateInput,
+        lease_s: float,
+        timeout_s: float,
+        prefill_locally: bool = False,
+    ) -> str:
         message = decode_pb2.ReserveKVRequest(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
             sampling=sampling_to_proto(request.sampling),
             lease=duration(lease_s),
             timeout=duration(timeout_s),
+            prefill_locally=prefill_locally,
         )
         try:
             reply = await self._stub.ReserveKV(message, timeout=timeout_s)
@@ -87,6 +94,7 @@ class GrpcDecodeClient:
                 yield DecodeResult(
                     FINISH_FROM_PROTO.get(frame.finished.finish_reason, FinishReason.ABORT),
                     frame.finished.num_completion_tokens,
+                    frame.finished.num_cached_tokens,
                 )
 
     async def release(self, request_id: str, reason: ReleaseReason, timeout_s: float) -> None:

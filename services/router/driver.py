@@ -6,6 +6,8 @@ Lifecycle of one request (DESIGN.md §4; router.proto, decode.proto, prefill.pro
   3. PREFILLING - ``PrefillClient.prefill`` on P into that reservation; its first token is
                  relayed at once (preceded by the ``Started`` event: the pair is final now);
   4. DECODING  - ``DecodeClient.stream_tokens`` on D; deltas relayed; ``Finished`` last.
+A colocated assignment (P is D, a mixed worker) skips step 3: D reserves with
+``prefill_locally`` and its stream starts with the first token.
 A worker lost in 2-3 (before the first token) is removed and the request routed again, once.
 Abort, client cancellation, the deadline, or a failure after step 2 release D's reservation
 (``DecodeClient.release``): nothing a request held outlives it. Every call gets what is left of
@@ -116,6 +118,7 @@ class PrefillResult:
 class DecodeResult:
     finish_reason: FinishReason
     num_completion_tokens: int  # the prefill worker's first token included
+    num_cached_tokens: int = 0  # prefix-cache hits of a local (colocated) prefill
 
 
 @dataclass(frozen=True)
@@ -147,7 +150,11 @@ class DecodeClient(Protocol):
     """The router's calls to one decode (or mixed) worker; failures raise ``WorkerCallError``."""
 
     async def reserve(
-        self, request: GenerateInput, lease_s: float, timeout_s: float
+        self,
+        request: GenerateInput,
+        lease_s: float,
+        timeout_s: float,
+        prefill_locally: bool = False,
     ) -> str:  # the reservation id
         ...
 
@@ -376,13 +383,18 @@ class _Attempt:
         try:
             lease = min(self._driver.config.lease_s, self._driver.remaining(self._job))
             reservation = await self._decode.reserve(
-                self._request, lease, self._driver.remaining(self._job)
+                self._request,
+                lease,
+                self._driver.remaining(self._job),
+                prefill_locally=self._assignment.colocated,
             )
         except WorkerCallError as exc:
             if exc.lost:
                 raise _LostBeforeFirstToken(self._assignment.decode.worker_id, exc) from None
             raise
         try:
+            if self._assignment.colocated:
+                return await self._colocated()
             return await self._prefill_then_decode(reservation)
         except asyncio.CancelledError:
             await self._release(self._job.release_reason)
@@ -411,6 +423,30 @@ class _Attempt:
         if outcome is None:
             raise self._protocol_error(decode.worker_id, "StreamTokens ended without finished")
         return self._finished(result, outcome)
+
+    async def _colocated(self) -> Finished:
+        """P is D: D prefills in its own batch; its stream's first delta is the first token."""
+        self._routing_s = self._driver.now() - self._arrival
+        outcome: DecodeResult | None = None
+        first = True
+        try:
+            async for frame in self._decode.stream_tokens(
+                self._request.request_id, self._remaining()
+            ):
+                if isinstance(frame, Delta) and first:
+                    first = False
+                    self._emit_first(frame)
+                elif isinstance(frame, Delta):
+                    self._job.events.put_nowait(frame)
+                else:
+                    outcome = frame
+        except WorkerCallError as exc:
+            if exc.lost and first:
+                raise _LostBeforeFirstToken(self._assignment.decode.worker_id, exc) from None
+            raise
+        if outcome is None:
+            raise self._protocol_error(self._assignment.decode.worker_id, "no finished frame")
+        return self._finished(_LOCAL_PREFILL, outcome)
 
     async def _run_prefill(self, target: KVTarget) -> PrefillResult:
         first, result = False, None
@@ -481,9 +517,13 @@ class _Attempt:
             decode.finish_reason,
             len(self._request.prompt_token_ids),
             decode.num_completion_tokens,
-            prefill.num_cached_tokens,
+            prefill.num_cached_tokens or decode.num_cached_tokens,
             timings,
         )
+
+
+# What a colocated attempt knows of its prefill: it ran inside D's batch, not timed apart.
+_LOCAL_PREFILL = PrefillResult(None, 0, 0, 0.0, 0.0, 0.0, 0)
 
 
 def _aborted(request: GenerateInput, arrival: float, now: float) -> Finished:

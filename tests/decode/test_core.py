@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from services.common.errors import InvalidRequestError
+from services.common.errors import ConfigError, InvalidRequestError
 from services.common.load import LoadMeter
 from services.common.types import FinishReason
 from services.decode.core import DecodeConfig, DecodeWorker, Finished, RequestStatus
@@ -93,3 +93,52 @@ def test_load_meter_reports_mean_step_and_busy_share_of_the_window():
     assert busy == pytest.approx(0.1 + 0.1 + 0.2)
     clock.now = 101.5
     assert meter.snapshot() == (0.0, 0.0)
+
+
+def test_mixed_worker_prefills_locally_and_streams_every_token(tiny_llama):
+    engine = make_engine(tiny_llama)
+    prompts = [prompt_ids(n, seed) for seed, n in enumerate((5, 40, 70))]
+    expected = [c.token_ids for c in make_engine(tiny_llama).generate(prompts, GREEDY)]
+    worker = DecodeWorker(engine, DecodeConfig(prefill_locally=True))
+
+    async def run(request_id: str, prompt: list[int]) -> tuple[list[int], Finished]:
+        granted = await worker.reserve(request_id, prompt, GREEDY, prefill_locally=True)
+        assert granted.status is RequestStatus.RUNNING  # no transfer to wait for
+        tokens, last = [], None
+        async for event in worker.stream(request_id):
+            if isinstance(event, Finished):
+                last = event
+            else:
+                tokens += event.token_ids
+        return tokens, last
+
+    async def main():
+        await worker.start()
+        try:
+            # Concurrent: the three prompts prefill and decode in one continuous batch.
+            results = await asyncio.gather(*(run(f"r{i}", p) for i, p in enumerate(prompts)))
+            assert [tokens for tokens, _ in results] == expected
+            assert all(last.reason is FinishReason.LENGTH for _, last in results)
+            assert [last.num_completion_tokens for _, last in results] == [12, 12, 12]
+            # The same 40-token prompt again: its two full blocks come from the prefix cache.
+            tokens, last = await run("again", prompts[1])
+            assert (tokens, last.num_cached_tokens) == (expected[1], 32)
+            assert (await worker.stats()).reservations == []
+        finally:
+            await worker.stop()
+
+    asyncio.run(main())
+    assert_no_leaks(worker.engine)
+
+
+def test_decode_only_worker_refuses_local_prefill(tiny_llama):
+    worker = DecodeWorker(make_engine(tiny_llama))
+
+    async def main():
+        with pytest.raises(ConfigError, match="only a mixed worker prefills locally"):
+            await worker.reserve("a", prompt_ids(8, 1), GREEDY, prefill_locally=True)
+        assert (await worker.stats()).num_blocks_used == 0
+
+    asyncio.run(main())
+    asyncio.run(worker.stop())
+    assert_no_leaks(worker.engine)

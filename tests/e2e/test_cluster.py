@@ -64,23 +64,33 @@ def assert_workers_idle(cluster) -> None:
 
 
 def test_concurrent_greedy_requests_match_the_in_process_engine(cluster, tiny_llama):
-    prompts = [prompt_ids(n, n) for n in (3, 17, 40, 64, 100, 150, 9, 33)]
-    max_tokens = 24
-    expected = make_engine(tiny_llama).generate(
-        prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    )
-    with BanaServeClient(cluster["router"].address) as client, ThreadPoolExecutor(8) as pool:
+    assert_same_as_engine(cluster["router"].address, tiny_llama, num_requests=32)
+    assert_workers_idle(cluster)
+
+
+def assert_same_as_engine(router: str, model, num_requests: int) -> None:
+    """``num_requests`` concurrent greedy requests of mixed lengths (1-150 tokens) and mixed
+    max_tokens: every output token-identical to the in-process engine's."""
+    g = torch.Generator().manual_seed(num_requests)
+    lengths = torch.randint(1, 151, (num_requests,), generator=g).tolist()
+    prompts = [prompt_ids(n, seed) for seed, n in enumerate(lengths)]
+    params = [
+        SamplingParams(temperature=0, max_tokens=8 + 4 * (i % 5), ignore_eos=True)
+        for i in range(num_requests)
+    ]
+    expected = make_engine(model).generate(prompts, params)
+    with BanaServeClient(router) as client, ThreadPoolExecutor(num_requests) as pool:
         results = list(
             pool.map(
-                lambda p: client.complete(
-                    p, temperature=0.0, max_tokens=max_tokens, ignore_eos=True, timeout_s=60
+                lambda p, sp: client.complete(
+                    p, temperature=0.0, max_tokens=sp.max_tokens, ignore_eos=True, timeout_s=120
                 ),
                 prompts,
+                params,
             )
         )
     assert [list(r.token_ids) for r in results] == [c.token_ids for c in expected]
     assert [r.text for r in results] == [c.text for c in expected]
-    assert_workers_idle(cluster)
 
 
 def test_bad_input_gets_invalid_argument_and_the_cluster_stays_up(cluster):
@@ -205,3 +215,26 @@ def test_load_generator_against_the_cluster(cluster, tmp_path):
     assert len(report["requests"]) == 6
     assert "TTFT" in (tmp_path / "serve.md").read_text()
     wait_idle(cluster)
+
+
+def test_colocated_mixed_workers_match_the_in_process_engine(banaserve_home, tiny_llama, tmp_path):
+    spec = ClusterSpec(
+        num_prefill=0,
+        num_decode=0,
+        num_mixed=2,
+        policy="colocated",
+        num_kv_blocks=512,
+        extra_env={"BANASERVE_HOME": str(banaserve_home)},
+    )
+    with open(tmp_path / "cluster.log", "w") as log:
+        cluster = LocalCluster(spec, log)
+        cluster.start()
+        try:
+            assert [c.name for c in cluster.children] == ["router", "mixed-0", "mixed-1"]
+            assert_same_as_engine(cluster.router.address, tiny_llama, num_requests=16)
+            for name in ("mixed-0", "mixed-1"):
+                stats = decode_stats(cluster.child(name).address)
+                assert stats.kv.num_blocks_used == 0 and not stats.reservations, stats
+        finally:
+            codes = cluster.stop()
+    assert set(codes.values()) == {0}, f"services exited with {codes}"

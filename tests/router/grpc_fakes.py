@@ -61,9 +61,14 @@ class FakeWorker(prefill_pb2_grpc.PrefillServiceServicer, decode_pb2_grpc.Decode
     ) -> None:
         self.worker_id, self.log, self.tokens = worker_id, log, tokens
         self.finish_on_prefill, self.hang_decode = finish_on_prefill, hang_decode
+        self.local: set[str] = set()  # requests reserved with prefill_locally
 
     async def ReserveKV(self, request, context):
-        self.log.record(context, "reserve", self.worker_id, request.request_id)
+        call = ("reserve", self.worker_id, request.request_id)
+        if request.prefill_locally:
+            call += ("prefill_locally",)
+            self.local.add(request.request_id)
+        self.log.record(context, *call)
         assert request.HasField("timeout") and request.HasField("lease")
         return decode_pb2.ReserveKVResponse(reservation_id=f"res-{request.request_id}")
 
@@ -88,8 +93,9 @@ class FakeWorker(prefill_pb2_grpc.PrefillServiceServicer, decode_pb2_grpc.Decode
 
     async def StreamTokens(self, request, context):
         self.log.record(context, "stream", self.worker_id, request.request_id)
+        local = request.request_id in self.local
         try:
-            for token in self.tokens[1:]:
+            for token in self.tokens[0 if local else 1 :]:
                 delta = common_pb2.TokenDelta(token_ids=[token], text=f"<{token}>")
                 yield decode_pb2.StreamTokensResponse(delta=delta)
                 if self.hang_decode:
@@ -97,6 +103,7 @@ class FakeWorker(prefill_pb2_grpc.PrefillServiceServicer, decode_pb2_grpc.Decode
             finished = decode_pb2.DecodeFinished(
                 finish_reason=common_pb2.FINISH_REASON_LENGTH,
                 num_completion_tokens=len(self.tokens),
+                num_cached_tokens=32 if local else 0,
             )
             yield decode_pb2.StreamTokensResponse(finished=finished)
         except asyncio.CancelledError:
@@ -149,12 +156,14 @@ class Cluster:
 async def cluster(
     prefill: int = 1,
     decode: int = 1,
+    mixed: int = 0,
+    policy: str = "load",
     dead: tuple[str, ...] = (),
     report_timeout_s: float = 60.0,
     **behaviour,
 ) -> AsyncIterator[Cluster]:
     """A router with fake workers p0.., d0.. registered (each in ``dead`` at a dead address)."""
-    router = Router(RouterConfig(report_timeout_s=report_timeout_s))
+    router = Router(RouterConfig(policy=policy, report_timeout_s=report_timeout_s))
     clients = GrpcWorkerClients(RPC)
     driver = RequestDriver(router, clients, DriverConfig(release_timeout_s=1.0))
     servicer = RouterServicer(driver, encode=lambda text, chat: [ord(c) for c in text])
@@ -169,6 +178,7 @@ async def cluster(
         for prefix, role, count in (
             ("p", WorkerRole.PREFILL, prefill),
             ("d", WorkerRole.DECODE, decode),
+            ("m", WorkerRole.MIXED, mixed),
         ):
             for i in range(count):
                 worker_id = f"{prefix}{i}"

@@ -229,6 +229,23 @@ def test_summary_throughput_goodput_and_failures():
     assert s["itl_ms"]["mean"] == pytest.approx((100 + 50 + 50 + 500) / 4)
 
 
+def test_server_side_summary_hidden_share_and_hit_rate():
+    def served(transfer_s: float, exposed_s: float, cached: int) -> RequestRecord:
+        r = record([(0.1, 1)], 0.1)  # 10 prompt tokens
+        r.server = {"routing_s": 0.002, "prefill_s": 0.05, "kv_transfer_s": transfer_s,
+                    "kv_transfer_exposed_s": exposed_s, "kv_mib": 3.0,
+                    "num_cached_tokens": cached}  # fmt: skip
+        return r
+
+    s = summarise([served(0.3, 0.03, 8), served(0.1, 0.01, 0)], 1000, 1000)["server"]
+    assert s["kv_hidden_share"] == pytest.approx(1 - 0.04 / 0.4)
+    assert s["prefix_hit_rate"] == pytest.approx(8 / 20)
+    assert s["routing_ms"]["mean"] == pytest.approx(2.0)
+    assert s["kv_transfer_ms"]["p50"] == pytest.approx(200.0)
+    assert s["kv_mib_mean"] == 3.0
+    assert summarise([record([(0.1, 1)], 0.1)], 1000, 1000)["server"] is None  # openai://
+
+
 def test_summary_of_nothing_sent_has_no_rates():
     s = summarise([RequestRecord(0, 5, 5, 0.0)], 100, 100)
     assert s["failures"] == {"NOT_SENT": 1}
@@ -316,6 +333,10 @@ class FakeTarget:
     def __init__(self, chunk: int = 1) -> None:
         self.chunk = chunk
         self.closed = 0
+
+    def server_side(self, request: Request) -> dict[str, float]:
+        return {"routing_s": 0.001, "prefill_s": 0.0, "kv_transfer_s": 0.0,
+                "kv_transfer_exposed_s": 0.0, "kv_mib": 0.0, "num_cached_tokens": 0}  # fmt: skip
 
     async def stream(self, request: Request, timeout_s: float) -> AsyncIterator[int]:
         try:
