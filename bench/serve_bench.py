@@ -27,7 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bench.machine import loadavg, machine_info
-from bench.serve_report import OK, RequestRecord, render_markdown, summarise
+from bench.serve_report import OK, RequestRecord, load_summary, render_markdown, summarise
 from bench.serve_targets import Endpoint, Sampling, Target, TargetError, make_target, parse_target
 from bench.serve_workload import WORKLOADS, Request, WorkloadSpec, arrival_times, make_request
 from services.common.errors import ConfigError
@@ -252,11 +252,29 @@ async def bench(args: argparse.Namespace, plan: list[tuple[Request, float]]) -> 
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     progress = Progress(len(plan), enabled=not args.no_progress)
+    samples: list[dict[str, int]] = []
+    sampler = asyncio.create_task(sample_queues(target, samples))
     try:
-        return await drive(target, plan, args, progress)
+        return await drive(target, plan, args, progress), samples
     finally:
+        sampler.cancel()
+        await asyncio.gather(sampler, return_exceptions=True)
         progress.close()
         await target.close()
+
+
+async def sample_queues(target: Target, samples: list[dict[str, int]], every_s=0.1) -> None:
+    """Queued prefill tokens per prefill worker, every ``every_s`` (for the load skew)."""
+    while True:
+        try:
+            queues = await target.prefill_queues()
+        except Exception:  # a sample missed is not a failed run
+            queues = {}
+        if queues is None:
+            return
+        if queues:
+            samples.append(queues)
+        await asyncio.sleep(every_s)
 
 
 # ---- report -----------------------------------------------------------------------------
@@ -285,12 +303,16 @@ def config_of(args: argparse.Namespace, spec: WorkloadSpec, num_requests: int) -
     }
 
 
-def build_report(config: dict, machine: dict, records: list[RequestRecord]) -> dict:
+def build_report(
+    config: dict, machine: dict, records: list[RequestRecord], samples: list | None = None
+) -> dict:
+    summary = summarise(records, config["slo_ttft_ms"], config["slo_tpot_ms"])
+    summary["load"] = load_summary(samples or [], records)
     return {
         "benchmark": "serve",
         "config": config,
         "machine": machine,
-        "summary": summarise(records, config["slo_ttft_ms"], config["slo_tpot_ms"]),
+        "summary": summary,
         "requests": [r.to_json() for r in records],
     }
 
@@ -312,9 +334,9 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_from_args(args, spec)
     machine = machine_info()
     started = time.monotonic()
-    records = asyncio.run(bench(args, plan))
+    records, samples = asyncio.run(bench(args, plan))
     machine |= {"loadavg_after": loadavg(), "wall_seconds": round(time.monotonic() - started, 1)}
-    report = build_report(config_of(args, spec, len(plan)), machine, records)
+    report = build_report(config_of(args, spec, len(plan)), machine, records, samples)
     markdown = render_markdown(report)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

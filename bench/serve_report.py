@@ -177,6 +177,23 @@ def server_summary(ok: Sequence[RequestRecord], num_prompt_tokens: int) -> dict 
     }
 
 
+def load_summary(samples: Sequence[dict[str, int]], records: Sequence[RequestRecord]) -> dict:
+    """How evenly prefill work spread: per prefill worker, the mean of its queued prefill
+    tokens over the run's samples and the requests it prefilled; skew = max / mean of those
+    means (1.0 is perfectly even; N workers all on one worker gives N)."""
+    workers = sorted({w for s in samples for w in s})
+    queued = {w: float(np.mean([s.get(w, 0) for s in samples])) for w in workers}
+    counts = Counter(r.server.get("prefill_worker") for r in records if r.ok and r.server)
+    counts.pop(None, None)
+    mean = float(np.mean(list(queued.values()))) if queued else 0.0
+    return {
+        "num_samples": len(samples),
+        "mean_queued_prefill_tokens": queued,
+        "queued_skew": max(queued.values()) / mean if mean > 0 else None,
+        "requests_per_prefill_worker": dict(sorted(counts.items())),
+    }
+
+
 # ---- markdown -----------------------------------------------------------------------------
 
 
@@ -211,6 +228,21 @@ def server_table(summary: dict) -> list[str]:
         f"hit rate: {'n/a' if hit is None else f'{100 * hit:.1f} %'}",
     ]
     return lines
+
+
+def load_lines(summary: dict) -> list[str]:
+    load = summary.get("load") or {}
+    if not load.get("num_samples") and not load.get("requests_per_prefill_worker"):
+        return []
+    skew = load.get("queued_skew")
+    queued = ", ".join(f"{w} {v:.0f}" for w, v in load["mean_queued_prefill_tokens"].items())
+    counts = ", ".join(f"{w} {n}" for w, n in load["requests_per_prefill_worker"].items())
+    return [
+        "",
+        f"Prefill load: skew (max/mean queued prefill tokens) "
+        f"{'n/a' if skew is None else f'{skew:.2f}'} · mean queued tokens: {queued or 'n/a'} · "
+        f"requests per prefill worker: {counts or 'n/a'} ({load['num_samples']} samples)",
+    ]
 
 
 def throughput_table(summary: dict) -> list[str]:
@@ -264,6 +296,7 @@ def render_markdown(report: dict) -> str:
         "",
         *latency_table(summary),
         *server_table(summary),
+        *load_lines(summary),
         *failure_lines(summary),
         "",
         "Method: " + METHOD,

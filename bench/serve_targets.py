@@ -75,6 +75,10 @@ class Target(Protocol):
         """What the server reported about a finished request (empty when it reports nothing)."""
         ...
 
+    async def prefill_queues(self) -> dict[str, int] | None:
+        """Queued prefill tokens per prefill-capable worker now (None: not observable)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -127,6 +131,14 @@ class GrpcTarget:
     def server_side(self, request: Request) -> dict[str, float]:
         return self._server_side.pop(request.index, {})
 
+    async def prefill_queues(self) -> dict[str, int] | None:
+        workers = await self._client.list_workers(timeout_s=1.0)
+        return {
+            w.worker_id: w.num_queued_prefill_tokens
+            for w in workers
+            if w.active and w.role in ("prefill", "mixed")
+        }
+
     async def close(self) -> None:
         await self._client.close()
 
@@ -140,6 +152,7 @@ def server_side(result) -> dict[str, float]:
     } | {
         "kv_mib": t.kv_bytes / 2**20,
         "num_cached_tokens": result.num_cached_tokens,
+        "prefill_worker": result.prefill_worker_id,
     }
 
 
@@ -258,6 +271,9 @@ class OpenAITarget:
 
     def server_side(self, request: Request) -> dict[str, float]:
         return {}  # an OpenAI server reports no per-request timings
+
+    async def prefill_queues(self) -> dict[str, int] | None:
+        return None
 
     async def close(self) -> None:
         return None

@@ -1,13 +1,21 @@
 """``banaserve up``: a local cluster, every service its own process on 127.0.0.1.
 
 Lifecycle:
-1. the router starts first; each service prints ``LISTENING HOST:PORT`` once it serves;
-2. the workers start together, each pointed at the router, and register with it;
-3. the cluster is ready once every worker shows as active in the router's ``ListWorkers``;
-4. it runs until SIGINT/SIGTERM, or until a child exits on its own, which is reported and
+1. Redis starts first (``redis-server`` if installed, else the embedded fakeredis server) on a
+   port picked here; it is ready once it answers PING;
+2. the kvstore nodes and the router start next; each service prints ``LISTENING HOST:PORT``
+   once it serves. The nodes share Redis under a key prefix unique to this cluster, so two
+   clusters on one Redis never see each other's blocks;
+3. the workers start together, each pointed at the router (prefill workers also at kvstore-0:
+   any node answers lookups), and register with it;
+4. the cluster is ready once every worker shows as active in the router's ``ListWorkers``;
+5. it runs until SIGINT/SIGTERM, or until a child exits on its own, which is reported and
    brings the rest down (a half cluster is worse than none);
-5. stopping sends SIGTERM to the workers, then the router, and waits (bounded) for each;
-   a child that does not exit in time is killed and reported.
+6. stopping goes in reverse start order (workers, router, kvstore nodes, Redis last, so the
+   nodes can withdraw their blocks), sending SIGTERM and waiting (bounded) for each; a child
+   that does not exit in time is killed and reported.
+
+``--kvstore 0`` leaves out Redis and the kvstore nodes; prefill workers then get no store.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import queue
+import secrets
 import signal
 import subprocess
 import sys
@@ -24,9 +33,11 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from services.common.errors import ConfigError
+from services.rpc.dataplane import KINDS as DATA_TRANSPORTS
 
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 15.0
+HOST = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,10 @@ class ClusterSpec:
     pin: bool = False
     policy: str = "load"
     num_kv_blocks: int | None = None
+    # KV store nodes sharing one Redis; 0: no store (and no Redis).
+    num_kvstore: int = 1
+    kvstore_transport: str = "ucx"
+    kvstore_capacity_bytes: int = 1 << 30
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -55,16 +70,38 @@ class ClusterSpec:
             raise ConfigError("policy 'colocated' needs at least one mixed worker (--mixed K)")
         if self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        if self.num_kvstore < 0:
+            raise ConfigError(f"kvstore nodes must be >= 0, got {self.num_kvstore}")
+        if self.kvstore_transport not in DATA_TRANSPORTS:
+            raise ConfigError(
+                f"kvstore transport must be one of {', '.join(DATA_TRANSPORTS)}, "
+                f"got {self.kvstore_transport!r}"
+            )
+        if self.kvstore_capacity_bytes < 1:
+            raise ConfigError(
+                f"kvstore capacity must be >= 1 byte, got {self.kvstore_capacity_bytes}"
+            )
 
 
 class Child:
-    """One service process; ``address`` is known once it printed its LISTENING line."""
+    """One service process; ``address`` is known once ``wait_ready`` returned."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: IO[str]) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        log: IO[str],
+        announces: bool = True,
+    ) -> None:
+        """``announces``: the process prints ``LISTENING HOST:PORT`` on stdout, which is then
+        read here; otherwise its stdout goes to ``log`` with its stderr."""
         self.name = name
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        stdout = subprocess.PIPE if announces else log
+        self.proc = subprocess.Popen(argv, stdout=stdout, stderr=log, text=True, env=env)
         self._lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
+        if announces:
+            threading.Thread(target=self._read, daemon=True).start()
         self.address = ""
 
     def _read(self) -> None:
@@ -72,20 +109,22 @@ class Child:
         for line in self.proc.stdout:
             self._lines.put(line)
 
-    def wait_listening(self, deadline: float) -> str:
+    def wait_ready(self, deadline: float) -> str:
+        """Waits for the ``LISTENING HOST:PORT`` line; returns the address."""
         while time.monotonic() < deadline:
             try:
                 line = self._lines.get(timeout=0.2)
             except queue.Empty:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(
-                        f"{self.name} exited with code {self.proc.returncode}"
-                    ) from None
+                self._raise_if_exited()
                 continue
             if line.startswith("LISTENING "):
                 self.address = line.split()[1]
                 return self.address
         raise RuntimeError(f"{self.name} did not start within {START_TIMEOUT_S:.0f}s")
+
+    def _raise_if_exited(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with code {self.proc.returncode}")
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -97,16 +136,53 @@ class Child:
             return self.proc.wait()
 
 
+class RedisChild(Child):
+    """Redis on a port picked up front: ``redis-server`` prints no LISTENING line, so it is
+    ready once it answers PING (the embedded fallback is checked the same way)."""
+
+    def __init__(self, env: dict[str, str], log: IO[str]) -> None:
+        from services.kvstore.redis_server import free_port, redis_command
+
+        # Bound, closed and handed over: another process could take it in between, in which
+        # case Redis fails to bind and exits, which start() reports.
+        self.port = free_port(HOST)
+        super().__init__("redis", redis_command(self.port, HOST), env, log, announces=False)
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    def wait_ready(self, deadline: float) -> str:
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        client = redis.Redis(HOST, self.port, socket_timeout=0.5, retry=Retry(NoBackoff(), 0))
+        try:
+            while time.monotonic() < deadline:
+                self._raise_if_exited()
+                try:
+                    if client.ping():
+                        self.address = f"{HOST}:{self.port}"
+                        return self.address
+                except (redis.ConnectionError, redis.TimeoutError):
+                    time.sleep(0.05)
+        finally:
+            client.close()
+        raise RuntimeError(f"redis did not answer PING within {START_TIMEOUT_S:.0f}s")
+
+
 class LocalCluster:
     def __init__(self, spec: ClusterSpec, log: IO[str] = sys.stderr) -> None:
         self.spec = spec
         self.log = log
         self.children: list[Child] = []
         self._env = {**os.environ, "OMP_NUM_THREADS": str(spec.threads), **spec.extra_env}
+        self.kvstore_key_prefix = f"banaserve:kv:{secrets.token_hex(4)}"
 
     @property
     def router(self) -> Child:
-        return self.children[0]
+        return self.child("router")
 
     def child(self, name: str) -> Child:
         return next(c for c in self.children if c.name == name)
@@ -114,29 +190,18 @@ class LocalCluster:
     def start(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         try:
+            nodes = self._spawn_kvstore(deadline)
             router = self._spawn(
                 "router",
                 "services.router",
                 ["--model", self.spec.model, "--policy", self.spec.policy],
             )
-            router.wait_listening(deadline)
-            workers = [
-                self._spawn(f"prefill-{i}", "services.prefill", self._worker_args(i))
-                for i in range(self.spec.num_prefill)
-            ]
-            workers += [
-                self._spawn(f"decode-{i}", "services.decode", self._worker_args(i))
-                for i in range(self.spec.num_decode)
-            ]
-            workers += [
-                self._spawn(
-                    f"mixed-{i}", "services.decode", [*self._worker_args(i), "--role", "mixed"]
-                )
-                for i in range(self.spec.num_mixed)
-            ]
+            for child in [*nodes, router]:
+                child.wait_ready(deadline)
+            workers = self._spawn_workers(nodes[0].address if nodes else None)
             self._pin(workers)
             for worker in workers:
-                worker.wait_listening(deadline)
+                worker.wait_ready(deadline)
             self._wait_registered(len(workers), deadline)
         except BaseException:
             self.stop()
@@ -148,7 +213,43 @@ class LocalCluster:
         self.children.append(child)
         return child
 
-    def _worker_args(self, index: int) -> list[str]:
+    def _spawn_kvstore(self, deadline: float) -> list[Child]:
+        """Starts Redis and waits for it (the nodes connect at start), then spawns the nodes."""
+        if not self.spec.num_kvstore:
+            return []
+        redis = RedisChild(self._env, self.log)
+        self.children.append(redis)
+        redis.wait_ready(deadline)
+        args = [
+            "--redis",
+            redis.url,
+            "--key-prefix",
+            self.kvstore_key_prefix,
+            "--data-transport",
+            self.spec.kvstore_transport,
+            "--capacity-bytes",
+            str(self.spec.kvstore_capacity_bytes),
+        ]
+        return [
+            self._spawn(f"kvstore-{i}", "services.kvstore", [*args, "--node-id", f"kvstore-{i}"])
+            for i in range(self.spec.num_kvstore)
+        ]
+
+    def _spawn_workers(self, kvstore: str | None) -> list[Child]:
+        common = self._worker_args()
+        prefill = [*common, "--kvstore", kvstore] if kvstore else common
+        roles = [
+            ("prefill", "services.prefill", prefill, self.spec.num_prefill),
+            ("decode", "services.decode", common, self.spec.num_decode),
+            ("mixed", "services.decode", [*common, "--role", "mixed"], self.spec.num_mixed),
+        ]
+        return [
+            self._spawn(f"{role}-{i}", module, args)
+            for role, module, args, count in roles
+            for i in range(count)
+        ]
+
+    def _worker_args(self) -> list[str]:
         args = [
             "--model",
             self.spec.model,
@@ -185,7 +286,7 @@ class LocalCluster:
         return [(c.name, c.proc.returncode) for c in self.children if c.proc.poll() is not None]
 
     def stop(self) -> dict[str, int]:
-        """Workers first, then the router; returns every child's exit code."""
+        """Reverse start order (workers, router, kvstore nodes, Redis); every child's exit code."""
         return {c.name: c.stop() for c in reversed(self.children)}
 
 
@@ -205,18 +306,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="routing policy",
     )
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks per worker")
+    p.add_argument(
+        "--kvstore", type=int, default=1, help="KV store nodes (0: no store and no Redis)"
+    )
+    p.add_argument(
+        "--kvstore-transport",
+        default="ucx",
+        choices=DATA_TRANSPORTS,
+        help="the KV store's data plane",
+    )
+    p.add_argument(
+        "--kvstore-capacity-bytes", type=int, default=1 << 30, help="host memory per KV store node"
+    )
 
 
 def run_up(args: argparse.Namespace) -> int:
     spec = ClusterSpec(
-        args.model,
-        args.prefill,
-        args.decode,
-        args.mixed,
-        args.threads,
-        args.pin,
-        args.policy,
-        args.num_kv_blocks,
+        model=args.model,
+        num_prefill=args.prefill,
+        num_decode=args.decode,
+        num_mixed=args.mixed,
+        threads=args.threads,
+        pin=args.pin,
+        policy=args.policy,
+        num_kv_blocks=args.num_kv_blocks,
+        num_kvstore=args.kvstore,
+        kvstore_transport=args.kvstore_transport,
+        kvstore_capacity_bytes=args.kvstore_capacity_bytes,
     )
     cluster = LocalCluster(spec)
     stopping = threading.Event()

@@ -77,6 +77,7 @@ class WorkerStatus:
     num_running_seqs: int
     num_kv_blocks_free: int
     num_kv_blocks_used: int
+    num_queued_prefill_tokens: int = 0
 
 
 def _sampling(**params: Any) -> common_pb2.SamplingParams:
@@ -196,6 +197,7 @@ def _workers(reply: router_pb2.ListWorkersResponse) -> list[WorkerStatus]:
             num_running_seqs=w.last_load.num_running_seqs,
             num_kv_blocks_free=w.last_load.num_kv_blocks_free,
             num_kv_blocks_used=w.last_load.num_kv_blocks_used,
+            num_queued_prefill_tokens=w.last_load.num_queued_prefill_tokens,
         )
         for w in reply.workers
     ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 BlockHash = bytes
 HASH_SIZE = 16
@@ -48,3 +48,22 @@ def block_hashes(
         parent = hash_block(parent, token_ids[start : start + block_size], fingerprint)
         hashes.append(parent)
     return hashes
+
+
+def place(block_hash: BlockHash, node_ids: Iterable[str]) -> str:
+    """The kvstore node that should store ``block_hash``: rendezvous (highest-random-weight)
+    hashing, shared by every writer so that a block has one home.
+
+    Removing a node moves only the blocks it was chosen for. BLAKE2b, not ``hash()``, so every
+    process agrees; the hash is fixed-length, so ``hash || node_id`` is unambiguous.
+    """
+    if len(block_hash) != HASH_SIZE:
+        raise ValueError(f"block hash must be {HASH_SIZE} bytes, got {len(block_hash)}")
+
+    def weight(node_id: str) -> tuple[bytes, str]:
+        return hashlib.blake2b(block_hash + node_id.encode(), digest_size=8).digest(), node_id
+
+    ids = list(node_ids)
+    if not ids:
+        raise ValueError("place() needs at least one node")
+    return max(ids, key=weight)

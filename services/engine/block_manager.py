@@ -6,7 +6,10 @@ Invariants:
 - ``_cached`` maps a chained block hash to the one block holding that content;
   a block keeps its hash while free (reusable) until it is evicted;
 - a hit is accepted only if the block's tokens equal the request's tokens, so a
-  hash collision can never serve wrong KV.
+  hash collision can never serve wrong KV;
+- a block gets its hash (and so can be a hit) only in ``commit_full_blocks``,
+  once its KV is in place; blocks whose KV is still arriving from elsewhere
+  (``admit_with_prefix``) have none, so a failed fetch frees them hashless.
 
 A sequence's blocks are freed tail first: the end of a sequence is the least
 likely to be shared, so it is evicted before the prefix it extends.
@@ -93,6 +96,16 @@ class BlockManager:
         seq.block_table = list(hits)
         seq.block_hashes = [self.blocks[b].block_hash for b in hits]  # type: ignore[misc]
         seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.block_size
+
+    def admit_with_prefix(self, seq: Sequence, hits: list[int], num_prefix_tokens: int) -> None:
+        """``admit`` plus fresh blocks for the rest of a prefix whose KV is written elsewhere.
+
+        Every prefix token counts as computed, so steps compute only the suffix. The fresh
+        blocks stay unhashed until the caller commits them, once their KV has arrived.
+        """
+        self.admit(seq, hits)
+        self.append(seq, num_prefix_tokens - seq.num_computed_tokens)
+        seq.num_computed_tokens = seq.num_cached_tokens = num_prefix_tokens
 
     def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
         return self.num_new_blocks(seq, num_new_tokens) <= self.num_free_blocks

@@ -11,6 +11,13 @@ KV can also arrive from elsewhere (a prefill worker, a migration):
 ``begin_import`` reserves blocks, ``import_kv`` fills them one layer at a time,
 ``finish_import`` joins the sequence to the running batch (hook 3).
 
+A prompt prefix can arrive from a remote store while its suffix computes:
+``add_request_with_prefix`` reserves blocks for the prefix and returns a ``PrefixFetch``;
+the fetcher calls ``write_prefix_layer`` per layer from any thread, and a step waits
+before each layer until that layer of the prefix is in place (prefix_fetch.py). If a
+fetch fails, ``step`` raises ``PrefixFetchError`` having kept nothing, and the caller
+``recompute_prefix``es (or aborts) the request.
+
 KV can leave while a step computes: ``step(on_layer_done=hook)`` calls
 ``hook(layer, ctx)`` after each layer, and ``export_kv`` inside the hook covers
 the tokens this step is computing (``ctx.num_tokens``), not only those computed
@@ -23,6 +30,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -34,7 +42,7 @@ from services.common.errors import (
     RequestNotFoundError,
     ResourceExhaustedError,
 )
-from services.common.hashing import ROOT_HASH, BlockHash, hash_block
+from services.common.hashing import ROOT_HASH, BlockHash, block_hashes, hash_block
 from services.common.types import FinishReason, RequestOutput, SamplingParams
 from services.engine.attention import (
     PartialAttention,
@@ -43,12 +51,18 @@ from services.engine.attention import (
 )
 from services.engine.block_manager import BlockManager
 from services.engine.kv_cache import KVCache, KVLayout
-from services.engine.model_runner import ModelRunner
+from services.engine.model_runner import ModelRunner, StepInputs
 from services.engine.models.loader import DTYPES, load_model
 from services.engine.models.prepare import resolve_model
+from services.engine.prefix_fetch import (
+    DEFAULT_LAYER_TIMEOUT_S,
+    PrefixFetch,
+    fetch_error,
+    wait_for_layer,
+)
 from services.engine.sampler import Sampler
-from services.engine.scheduler import Scheduler
-from services.engine.sequence import Sequence, SequenceStatus
+from services.engine.scheduler import ScheduledBatch, Scheduler
+from services.engine.sequence import Sequence
 from services.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 Prompt = str | list[int]
@@ -116,7 +130,10 @@ class Engine:
             num_blocks, config.block_size, self.fingerprint, config.enable_prefix_caching
         )
         self.scheduler = Scheduler(
-            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
+            self.block_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            on_preempt=lambda seq: self._cancel_fetch(seq.request_id, "preempted"),
         )
         self.runner = ModelRunner(self.model, self.kv_cache, config.device)
         self.sampler = Sampler()
@@ -127,6 +144,8 @@ class Engine:
         self.eos_token_ids = frozenset(eos)
         self._requests: dict[str, _Request] = {}
         self._importing: dict[str, _Request] = {}
+        # Prefix fetches not yet settled; read (never changed) by fetcher threads.
+        self._fetches: dict[str, PrefixFetch] = {}
         self._arrivals = itertools.count()
         self._step: StepContext | None = None  # set only while a hooked step runs
 
@@ -158,15 +177,18 @@ class Engine:
     def _check_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
             raise InvalidRequestError("prompt is empty")
-        vocab = self.spec.vocab_size
-        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequestError(f"token id {bad} outside the vocabulary [0, {vocab})")
+        self._check_vocab(token_ids)
         if len(token_ids) >= self.max_model_len:
             raise OutOfRangeError(
                 f"prompt has {len(token_ids)} tokens; this model serves at most "
                 f"{self.max_model_len - 1} prompt tokens"
             )
+
+    def _check_vocab(self, token_ids: list[int]) -> None:
+        vocab = self.spec.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"token id {bad} outside the vocabulary [0, {vocab})")
 
     def _new_request(
         self,
@@ -202,6 +224,7 @@ class Engine:
         if request is None:
             raise RequestNotFoundError(f"no request {request_id!r}")
         request.seq.finish_reason = FinishReason.ABORT
+        self._cancel_fetch(request_id, "aborted")
         self.scheduler.finish(request.seq)
         return RequestOutput(
             request_id,
@@ -220,24 +243,14 @@ class Engine:
     # -- stepping --------------------------------------------------------------------------
 
     def step(self, on_layer_done: LayerDoneHook | None = None) -> list[RequestOutput]:
+        if self._fetches:
+            self._settle_fetches()
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
         inputs = self.runner.prepare(batch)
         sampled = [batch.seqs[i] for i in inputs.sample_seq_index]
-        if on_layer_done is None:
-            logits = self.runner.run(inputs)
-        else:
-            pairs = zip(batch.seqs, batch.num_new_tokens, strict=True)
-            ctx = StepContext(
-                {s.request_id: s.num_computed_tokens + n for s, n in pairs},
-                tuple(s.request_id for s in sampled),
-            )
-            self._step = ctx
-            try:
-                logits = self.runner.run(inputs, lambda layer: on_layer_done(layer, ctx))
-            finally:
-                self._step = None
+        logits = self._run(batch, inputs, sampled, on_layer_done)
         if self.logits_hook is not None:
             self.logits_hook(sampled, logits.float())
         tokens = self.sampler(
@@ -250,6 +263,43 @@ class Engine:
             self._append_token(self._requests[seq.request_id], token)
             for seq, token in zip(sampled, tokens, strict=True)
         ]
+
+    def _run(
+        self,
+        batch: ScheduledBatch,
+        inputs: StepInputs,
+        sampled: list[Sequence],
+        on_layer_done: LayerDoneHook | None,
+    ) -> torch.Tensor:
+        """The model over ``batch``, each layer waiting for the prefix KV it reads.
+
+        Raises ``PrefixFetchError`` if that KV fails to arrive. Nothing is advanced or sampled
+        then: the batch keeps the blocks it was scheduled with and the next step recomputes
+        the same tokens, overwriting the KV slots this one wrote past ``num_computed_tokens``.
+        """
+        fetches = self._pending_fetches(batch) if self._fetches else ()
+        gate = partial(wait_for_layer, fetches) if fetches else None
+        if on_layer_done is None:
+            logits = self.runner.run(inputs, before_layer=gate)
+        else:
+            pairs = zip(batch.seqs, batch.num_new_tokens, strict=True)
+            ctx = StepContext(
+                {s.request_id: s.num_computed_tokens + n for s, n in pairs},
+                tuple(s.request_id for s in sampled),
+            )
+            self._step = ctx
+            try:
+                logits = self.runner.run(inputs, lambda layer: on_layer_done(layer, ctx), gate)
+            finally:
+                self._step = None
+        for fetch in fetches:  # every layer arrived: the step's commit hashes the blocks
+            self._fetches.pop(fetch.request_id, None)
+        return logits
+
+    def _pending_fetches(self, batch: ScheduledBatch) -> tuple[PrefixFetch, ...]:
+        return tuple(
+            self._fetches[s.request_id] for s in batch.seqs if s.request_id in self._fetches
+        )
 
     def _append_token(self, request: _Request, token: int) -> RequestOutput:
         seq = request.seq
@@ -387,7 +437,15 @@ class Engine:
         params: SamplingParams,
     ) -> None:
         """Reserve blocks for a sequence whose first ``num_kv_tokens`` tokens' KV will be imported."""
-        self._check_prompt(token_ids)  # the whole sequence must fit the context too
+        # The imported KV plus the token computed next must fit the context, so the longest
+        # prompt a prefill worker accepts (max_model_len - 1 tokens) imports with its first
+        # token; a sequence longer than that would have finished where it came from.
+        self._check_vocab(token_ids)
+        if len(token_ids) > self.max_model_len:
+            raise OutOfRangeError(
+                f"sequence has {len(token_ids)} tokens; this model's context is "
+                f"{self.max_model_len} tokens"
+            )
         if not 0 < num_prompt_tokens <= len(token_ids):
             raise InvalidRequestError(
                 f"num_prompt_tokens must be in [1, {len(token_ids)}], got {num_prompt_tokens}"
@@ -431,8 +489,7 @@ class Engine:
             raise RequestNotFoundError(f"no import in progress for {request_id!r}")
         seq = request.seq
         self.block_manager.commit_full_blocks(seq)
-        seq.status = SequenceStatus.RUNNING
-        self.scheduler.running.append(seq)
+        self.scheduler.join_running(seq)
         self._requests[request_id] = request
 
     def begin_prompt_import(
@@ -466,6 +523,138 @@ class Engine:
         request.num_emitted_chars = 0
         self.finish_import(request_id)
         return self._append_token(request, first_token_id)
+
+    # -- prefix fetch: a cached prefix arriving layer by layer (DESIGN.md §4 step 3) ---------
+
+    def add_request_with_prefix(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        num_prefix_tokens: int,
+        timeout_s: float = DEFAULT_LAYER_TIMEOUT_S,
+    ) -> PrefixFetch:
+        """Add a prompt whose first ``num_prefix_tokens`` tokens' KV is fetched, not computed.
+
+        Engine thread. Prefix blocks the local cache holds are reused; the rest get fresh blocks
+        now, which the returned fetch names for the fetcher to fill. The sequence joins the
+        running batch at once and steps compute only its suffix, layer ``l`` waiting (at most
+        ``timeout_s``) until layer ``l`` of the prefix has arrived.
+        """
+        token_ids = list(prompt_token_ids)
+        self._check_prompt(token_ids)
+        bs = self.config.block_size
+        if not 0 < num_prefix_tokens < len(token_ids) or num_prefix_tokens % bs:
+            raise InvalidRequestError(
+                f"num_prefix_tokens must be a multiple of {bs} in [{bs}, {len(token_ids) - 1}], "
+                f"got {num_prefix_tokens}"
+            )
+        if timeout_s <= 0:
+            raise InvalidRequestError(f"timeout_s must be positive, got {timeout_s}")
+        request = self._new_request(request_id, token_ids, params)
+        seq = request.seq
+        hits = self.block_manager.find_cached_prefix(seq)[: num_prefix_tokens // bs]
+        self._reserve_prefix(seq, hits, num_prefix_tokens)
+        fetch = self._new_fetch(seq, len(hits), num_prefix_tokens // bs, timeout_s)
+        self.scheduler.join_running(seq)
+        self._requests[request_id] = request
+        if fetch.pending:
+            self._fetches[request_id] = fetch
+        return fetch
+
+    def _reserve_prefix(self, seq: Sequence, hits: list[int], num_prefix_tokens: int) -> None:
+        if len(self.scheduler.running) + len(self._importing) >= self.config.max_num_seqs:
+            raise ResourceExhaustedError(f"already running {self.config.max_num_seqs} sequences")
+        num_fetched = num_prefix_tokens - len(hits) * self.config.block_size
+        if not self.block_manager.can_admit(seq, hits, num_fetched):
+            raise ResourceExhaustedError(
+                f"{seq.blocks_needed(num_fetched)} KV blocks needed, "
+                f"{self.block_manager.num_free_blocks} free"
+            )
+        self.block_manager.admit_with_prefix(seq, hits, num_prefix_tokens)
+
+    def _new_fetch(
+        self, seq: Sequence, num_local: int, num_blocks: int, timeout_s: float
+    ) -> PrefixFetch:
+        bs = self.config.block_size
+        hashes = tuple(block_hashes(seq.token_ids[: num_blocks * bs], bs, self.fingerprint))
+        hashes = hashes[num_local:]
+        layouts = tuple(
+            KVLayout(
+                self.fingerprint,
+                layer,
+                len(hashes) * bs,
+                hashes,
+                self.kv_cache.dtype_name,
+                bs,
+                self.spec.num_kv_heads,
+                self.spec.head_dim,
+            )
+            for layer in range(self.spec.num_layers)
+        )
+        indices = tuple(range(num_local, num_blocks))
+        block_ids = tuple(seq.block_table[num_local:num_blocks])
+        return PrefixFetch(seq.request_id, indices, hashes, layouts, timeout_s, block_ids)
+
+    def write_prefix_layer(
+        self, request_id: str, layer: int, data: torch.Tensor, layout: KVLayout | None = None
+    ) -> bool:
+        """Write one layer of a pending prefix fetch; any thread, while ``step`` runs or not.
+
+        ``data`` is ``[2, len(fetch.block_indices), block_size, kv_heads, head_dim]`` (K then V,
+        as ``export_kv`` gives), checked against ``fetch.layouts[layer]`` and against ``layout``
+        if one is given. False, writing nothing, when no one needs the layer any more (the
+        request was aborted, preempted or recomputed, or its fetch failed): stop fetching.
+        A malformed write raises ``InvalidRequestError`` and fails the fetch.
+        """
+        fetch = self._fetches.get(request_id)
+        if fetch is None:
+            return False
+        return fetch.write(layer, lambda: self._import_prefix_layer(fetch, layer, data, layout))
+
+    def _import_prefix_layer(
+        self, fetch: PrefixFetch, layer: int, data: torch.Tensor, layout: KVLayout | None
+    ) -> None:
+        expected = fetch.layouts[layer]
+        if layout is not None and layout.fingerprint != self.fingerprint:
+            raise InvalidRequestError("KV was computed by a different model or dtype")
+        if layout is not None and (layout.layer, layout.block_hashes) != (
+            layer,
+            fetch.block_hashes,
+        ):
+            raise InvalidRequestError(f"KV is not layer {layer} of the fetched blocks")
+        self.kv_cache.import_layer(list(fetch.block_ids), data, layout or expected)
+
+    def fail_prefix(self, request_id: str, reason: str) -> bool:
+        """Any thread: the prefix will not arrive; a step waiting for it raises at once."""
+        fetch = self._fetches.get(request_id)
+        return fetch is not None and fetch.fail(reason)
+
+    def recompute_prefix(self, request_id: str) -> None:
+        """Engine thread: give up on a request's prefix fetch and compute its whole prompt.
+
+        The fetched blocks are freed without a hash; those the local cache had stay cached,
+        so the recompute usually starts from them.
+        """
+        if request_id not in self._fetches:
+            raise RequestNotFoundError(f"no prefix fetch in progress for {request_id!r}")
+        self._cancel_fetch(request_id, "recomputing the prefix")
+        self.scheduler.requeue(self._requests[request_id].seq)
+
+    def _cancel_fetch(self, request_id: str, reason: str) -> None:
+        # Before the request's blocks are freed: no write can land in them afterwards.
+        fetch = self._fetches.pop(request_id, None)
+        if fetch is not None:
+            fetch.cancel(reason)
+
+    def _settle_fetches(self) -> None:
+        """Raise for failed fetches; give complete ones' blocks their hashes (cache hits now)."""
+        failed = [f for f in self._fetches.values() if f.failed]
+        if failed:
+            raise fetch_error(failed)
+        for request_id in [r for r, f in self._fetches.items() if f.complete]:
+            del self._fetches[request_id]
+            self.block_manager.commit_full_blocks(self._requests[request_id].seq)
 
     # -- hook 2: partial attention ---------------------------------------------------------
 
@@ -504,4 +693,5 @@ class Engine:
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "num_importing": len(self._importing),
+            "num_prefix_fetches": len(self._fetches),
         }

@@ -4,10 +4,15 @@ A step is flattened: every scheduled sequence contributes its new tokens
 (one for a decoding sequence, a chunk for a prefilling one) to one
 ``[num_tokens]`` input. Logits are computed only for the rows whose sequence
 has all its tokens computed after this step, i.e. the ones that sample.
+
+A step may be gated: ``before_layer(i)`` runs before layer ``i`` starts and may
+block until KV that layer reads is in place (a prefix arriving layer by layer)
+or raise to abandon the step. Ungated steps run the model in one call.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +21,8 @@ from services.engine.attention import AttentionMetadata, PrefillSpan
 from services.engine.kv_cache import KVCache
 from services.engine.models.llama import LlamaForCausalLM, OnLayerDone
 from services.engine.scheduler import ScheduledBatch
+
+BeforeLayer = Callable[[int], None]
 
 
 @dataclass
@@ -82,9 +89,35 @@ class ModelRunner:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
     @torch.inference_mode()
-    def run(self, inputs: StepInputs, on_layer_done: OnLayerDone | None = None) -> torch.Tensor:
+    def run(
+        self,
+        inputs: StepInputs,
+        on_layer_done: OnLayerDone | None = None,
+        before_layer: BeforeLayer | None = None,
+    ) -> torch.Tensor:
         """Logits ``[len(sample_rows), vocab]``, in the model's dtype, for the rows that sample."""
-        hidden = self.model(
-            inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta, on_layer_done
-        )
+        if before_layer is None:
+            hidden = self.model(
+                inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta, on_layer_done
+            )
+        else:
+            hidden = self._run_gated(inputs, on_layer_done, before_layer)
         return self.model.compute_logits(hidden[inputs.sample_rows])
+
+    def _run_gated(
+        self, inputs: StepInputs, on_layer_done: OnLayerDone | None, before_layer: BeforeLayer
+    ) -> torch.Tensor:
+        # One layer range per layer (hook 1), bit-identical to the one-call forward.
+        hidden = self.model.embed(inputs.input_ids)
+        for layer in range(self.model.num_layers):
+            before_layer(layer)
+            hidden = self.model.forward_layers(
+                hidden,
+                inputs.positions,
+                self.kv_cache,
+                inputs.meta,
+                layer,
+                layer + 1,
+                on_layer_done,
+            )
+        return hidden

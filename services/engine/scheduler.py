@@ -12,12 +12,17 @@ When a running sequence needs a block and none is free, the newest running
 sequence is preempted: its blocks are freed and it goes back to the front of
 the queue to be recomputed later (its freed blocks stay in the prefix cache, so
 the recompute is usually a cache hit). No waiting sequence is admitted in a step
-that preempted.
+that preempted. ``on_preempt(seq)`` runs before the blocks are freed, so whatever
+still writes into them (a prefix fetch) can be stopped first.
+
+A sequence whose KV starts elsewhere (an import, a fetched prefix) skips the queue:
+it already holds its blocks and joins ``running`` directly (``join_running``).
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.engine.block_manager import BlockManager
@@ -40,11 +45,16 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(
-        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        on_preempt: Callable[[Sequence], None] | None = None,
     ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.on_preempt = on_preempt
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -55,6 +65,18 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
+
+    def join_running(self, seq: Sequence) -> None:
+        """Add a sequence that already holds its blocks to the running batch."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def requeue(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks and put it first in the queue, to be recomputed."""
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
@@ -109,8 +131,7 @@ class Scheduler:
             budget -= n
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
-        self.running.remove(seq)
-        self.block_manager.free(seq)
-        seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        if self.on_preempt is not None:
+            self.on_preempt(seq)
+        self.requeue(seq)
         batch.preempted.append(seq)

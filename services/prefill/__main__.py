@@ -16,6 +16,7 @@ from services.common.logs import configure_logging
 from services.engine.engine import Engine
 from services.prefill.clients import DEFAULT_MAX_CHUNK_BYTES, GrpcKVTransport
 from services.prefill.core import PrefillWorker
+from services.prefill.kvstore_client import KVStoreClient
 from services.prefill.servicer import prefill_service
 from services.rpc.load_reports import reporting_to, worker_info
 from services.rpc.server import start_server
@@ -32,6 +33,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-chunk-bytes", type=int, default=DEFAULT_MAX_CHUNK_BYTES)
     p.add_argument("--router", default=None, metavar="HOST:PORT", help="register and report load")
+    p.add_argument(
+        "--kvstore",
+        default=None,
+        metavar="HOST:PORT",
+        help="a kvstore node: reuse cached prefixes from the global KV store, write new blocks",
+    )
+    p.add_argument("--kvstore-timeout", type=float, default=2.0, help="bound on each store call")
+    p.add_argument(
+        "--no-kvstore-overlap",
+        dest="kvstore_overlap",
+        action="store_false",
+        help="fetch a cached prefix whole before computing (baseline for the layer-wise overlap)",
+    )
     p.add_argument("--worker-id", default=None, help="default: prefill-PORT")
     p.add_argument("--report-interval", type=float, default=0.1, help="seconds between reports")
     p.add_argument("--tracing", choices=("none", "console", "otlp"), default="none")
@@ -57,7 +71,8 @@ async def serve(args: argparse.Namespace) -> None:
         )
     )
     transport = GrpcKVTransport(rpc, tracing, args.max_chunk_bytes)
-    worker = PrefillWorker(engine, transport)
+    store = KVStoreClient(args.kvstore, rpc, args.kvstore_timeout) if args.kvstore else None
+    worker = PrefillWorker(engine, transport, store=store, store_overlap=args.kvstore_overlap)
     worker.start()
     server = await start_server([prefill_service(worker)], rpc, tracing=tracing)
     print(f"LISTENING {server.address}", flush=True)

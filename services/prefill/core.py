@@ -13,6 +13,14 @@ A request passes through (``JobStatus``, changed only by the coroutine that owns
                    for the decode worker to acknowledge every layer;
 4. DONE / ABORTED.
 
+With a global KV store (``store``), step 1 also looks the prompt's full blocks up there and pins
+the longest cached prefix; the request then enters the engine with that prefix marked computed
+(``Engine.add_request_with_prefix``) and a fetch task writes its KV in layer by layer while the
+step computes the suffix (layer l+1 in flight while layer l computes). A fetch that fails makes
+the step raise ``PrefixFetchError``; the request is recomputed from scratch, output unchanged.
+After the first token, the prompt's new full blocks are written back to the store in the
+background, off the TTFT path.
+
 Only ``_step_loop`` touches the engine, and only between steps (adds and aborts queue up in
 ``_pending`` and ``_to_abort``); the layer hook, which runs during a step, only reads it. Every
 wait is bounded by the request's deadline; a cancel, a deadline or a failed transfer aborts the
@@ -24,21 +32,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
 
-from services.common.errors import InvalidRequestError, RequestNotFoundError
+from services.common.errors import BanaServeError, InvalidRequestError, RequestNotFoundError
+from services.common.hashing import block_hashes
 from services.common.load import LoadMeter, LoadSnapshot
 from services.common.types import FinishReason, RequestOutput, SamplingParams
 from services.engine.engine import Engine, StepContext
+from services.engine.kv_cache import KVLayout
+from services.engine.prefix_fetch import PrefixFetch, PrefixFetchError
+from services.prefill.kvstore_client import CachedPrefix, KVStoreClient, StoreError
 from services.prefill.transport import KVSender, KVTarget, KVTransport, TransferStats
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 LOAD_WINDOW_S = 1.0  # the window of the busy fraction in load reports
@@ -98,6 +112,12 @@ class _Job:
     status: JobStatus = JobStatus.QUEUED
     sender: KVSender | None = None
     scheduled_at: float | None = None  # written by the stepping thread
+    prefix: CachedPrefix | None = None  # pinned in the global store
+    num_store_blocks: int = 0  # prompt blocks the store had
+    prefetched: list[torch.Tensor] | None = None  # every prefix layer (overlap off)
+    # Layers handed to the sender (and kept for the store's write-back), by layer: a step that
+    # failed on a prefix fetch runs again and must not send a layer twice.
+    kv_layers: dict[int, tuple[torch.Tensor, KVLayout]] = field(default_factory=dict)
 
     @property
     def request_id(self) -> str:
@@ -110,9 +130,18 @@ class PrefillWorker:
         engine: Engine,
         transport: KVTransport,
         clock: Callable[[], float] = time.monotonic,
+        store: KVStoreClient | None = None,
+        store_overlap: bool = True,
     ) -> None:
         self.engine = engine
         self._transport = transport
+        self._store = store
+        # False: a store prefix is fetched whole before its request computes (the baseline
+        # the layer-wise overlap is measured against).
+        self._store_overlap = store_overlap
+        self._background: set[asyncio.Task[None]] = set()
+        self.num_store_hit_tokens = 0
+        self.num_store_fallbacks = 0
         self._clock = clock
         # Intra-op threads are per thread under OpenMP: give the stepping thread the engine's.
         self._executor = ThreadPoolExecutor(
@@ -141,8 +170,13 @@ class PrefillWorker:
         self._wake.set()
         if self._loop_task is not None:
             await self._loop_task
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         self._executor.shutdown(wait=True)
         await self._transport.close()
+        if self._store is not None:
+            await self._store.close()
 
     # -- requests --------------------------------------------------------------------------
 
@@ -172,12 +206,17 @@ class PrefillWorker:
                 ),
                 deadline,
             )
+            if self._store is not None:
+                job.prefix = await self._lookup(request.prompt_token_ids)
+                if job.prefix is not None and not self._store_overlap:
+                    job.prefetched = await self._bounded(self._read_all(job.prefix), deadline)
             self._pending.append(job)
             self._wake.set()
             output, computed_at = await self._bounded(asyncio.shield(job.computed), deadline)
             if job.sender.failed is not None:
                 raise job.sender.failed
             yield FirstToken(output.new_token_ids, output.text_delta)
+            self._write_back_later(job)
             transfer = None
             if output.finish_reason is None:
                 job.status = JobStatus.TRANSFERRING
@@ -217,6 +256,9 @@ class PrefillWorker:
                 await job.sender.abort()  # no-op after finish; frees the reservation otherwise
             return
         job.status = JobStatus.ABORTED
+        if job.prefix is not None:  # pinned, never handed to a fetch
+            self._spawn(self._store.release(job.prefix))
+            job.prefix = None
         if job in self._pending:
             self._pending.remove(job)
         elif not job.computed.done():
@@ -236,7 +278,13 @@ class PrefillWorker:
                 await self._wake.wait()
                 continue
             self._step_started_at = self._clock()
-            outputs = await loop.run_in_executor(self._executor, self.engine.step, self._on_layer)
+            try:
+                outputs = await loop.run_in_executor(
+                    self._executor, self.engine.step, self._on_layer
+                )
+            except PrefixFetchError as exc:
+                self._recompute(exc)
+                continue
             self.meter.record(self._step_started_at, self._clock())
             self._finish_step(outputs)
         self._apply_pending()
@@ -249,14 +297,131 @@ class PrefillWorker:
         self._to_abort.clear()
         for job in self._pending:
             try:
-                self.engine.add_request(
-                    job.request_id, job.request.prompt_token_ids, job.request.params
-                )
+                self._add(job)
             except Exception as exc:  # validated already; anything here fails only this job
                 job.computed.set_exception(exc)
                 continue
             job.status = JobStatus.COMPUTING
         self._pending.clear()
+
+    def _add(self, job: _Job) -> None:
+        request, prefix = job.request, job.prefix
+        job.prefix = None
+        if prefix is not None:
+            try:
+                fetch = self.engine.add_request_with_prefix(
+                    job.request_id,
+                    request.prompt_token_ids,
+                    request.params,
+                    prefix.num_blocks * self.engine.config.block_size,
+                )
+            except BanaServeError as exc:  # no room for the prefix now: compute it instead
+                self._spawn(self._store.release(prefix))
+                log.info("request %s: store prefix not used: %s", job.request_id, exc)
+            else:
+                self.num_store_hit_tokens += prefix.num_blocks * self.engine.config.block_size
+                job.num_store_blocks = prefix.num_blocks
+                if job.prefetched is None:
+                    self._spawn(self._fetch(fetch, prefix))
+                else:
+                    self._write_prefetched(fetch, job.prefetched)
+                    self._spawn(self._store.release(prefix))
+                return
+        self.engine.add_request(job.request_id, request.prompt_token_ids, request.params)
+
+    def _recompute(self, error: PrefixFetchError) -> None:
+        log.warning("prefix fetch failed (%s); recomputing %s", error, error.request_ids)
+        for request_id in error.request_ids:
+            self.num_store_fallbacks += 1
+            with contextlib.suppress(RequestNotFoundError):
+                self.engine.recompute_prefix(request_id)
+
+    # -- the global KV store ---------------------------------------------------------------
+
+    async def _lookup(self, prompt: list[int]) -> CachedPrefix | None:
+        """The prompt's longest prefix pinned in the store; None on a miss or any failure.
+        Leaves at least one token to compute (the first token is sampled from it)."""
+        bs = self.engine.config.block_size
+        hashes = block_hashes(prompt[: (len(prompt) - 1) // bs * bs], bs, self.engine.fingerprint)
+        if not hashes:
+            return None
+        try:
+            return await self._store.lookup(hashes)
+        except StoreError as exc:
+            log.warning("kvstore lookup failed, computing the whole prompt: %s", exc)
+            return None
+
+    async def _fetch(self, fetch: PrefixFetch, prefix: CachedPrefix) -> None:
+        """Writes the prefix's KV into the engine layer by layer, reading layer l+1 from the
+        store while layer l is written (and the step computes)."""
+        try:
+            if not fetch.pending:
+                return
+            like = self._block_like()
+            positions = fetch.block_indices
+            read = asyncio.ensure_future(self._store.read_layer(prefix, 0, positions, like))
+            for layer in range(fetch.num_layers):
+                data = await read
+                if layer + 1 < fetch.num_layers:
+                    nxt = self._store.read_layer(prefix, layer + 1, positions, like)
+                    read = asyncio.ensure_future(nxt)
+                if not self.engine.write_prefix_layer(fetch.request_id, layer, data):
+                    break  # nobody needs it any more (aborted, recomputed)
+        except Exception as exc:
+            self.engine.fail_prefix(fetch.request_id, f"store read failed: {exc}")
+            with contextlib.suppress(Exception):
+                read.cancel()
+        finally:
+            await self._store.release(prefix)
+
+    async def _read_all(self, prefix: CachedPrefix) -> list[torch.Tensor] | None:
+        like = self._block_like()
+        positions = range(prefix.num_blocks)
+        try:
+            return [
+                await self._store.read_layer(prefix, layer, positions, like)
+                for layer in range(self.engine.spec.num_layers)
+            ]
+        except StoreError as exc:
+            log.warning("kvstore read failed, computing the whole prompt: %s", exc)
+            return None
+
+    def _write_prefetched(self, fetch: PrefixFetch, layers: list[torch.Tensor]) -> None:
+        if fetch.pending:
+            for layer, data in enumerate(layers):
+                self.engine.write_prefix_layer(
+                    fetch.request_id, layer, data[:, fetch.block_indices]
+                )
+
+    def _block_like(self) -> torch.Tensor:
+        """One block of one layer, as the store returns it: ``[2, bs, kv_heads, head_dim]``."""
+        spec, kv = self.engine.spec, self.engine.kv_cache
+        return torch.empty(
+            2, self.engine.config.block_size, spec.num_kv_heads, spec.head_dim, dtype=kv.k.dtype
+        )
+
+    def _write_back_later(self, job: _Job) -> None:
+        if self._store is not None and job.kv_layers:
+            layers = [job.kv_layers[layer] for layer in sorted(job.kv_layers)]
+            job.kv_layers = {}
+            self._spawn(self._write_back(job.request_id, layers, job.num_store_blocks))
+
+    async def _write_back(
+        self, request_id: str, layers: list[tuple[torch.Tensor, KVLayout]], num_known: int
+    ) -> None:
+        hashes = layers[0][1].block_hashes[num_known:]
+        if not hashes:
+            return
+        tensors = [data[:, num_known : num_known + len(hashes)] for data, _ in layers]
+        try:
+            await self._store.write_back(hashes, tensors)
+        except StoreError as exc:
+            log.warning("request %s: KV write-back to the store failed: %s", request_id, exc)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _on_layer(self, layer: int, ctx: StepContext) -> None:
         """Runs on the stepping thread after each layer: hand the layer's KV of every prompt
@@ -269,8 +434,11 @@ class PrefillWorker:
         for request_id in ctx.sampling:
             job = self._jobs.get(request_id)
             if job is not None and job.sender is not None and job.status is JobStatus.COMPUTING:
+                if layer in job.kv_layers:
+                    continue  # sent by an earlier try of this step (same KV)
                 data, layout = self.engine.export_kv(request_id, layer)
                 job.sender.send_layer(data, layout)
+                job.kv_layers[layer] = (data, layout) if self._store is not None else (None, None)
 
     def _finish_step(self, outputs: list[RequestOutput]) -> None:
         done_at = self._clock()

@@ -222,6 +222,7 @@ def test_colocated_mixed_workers_match_the_in_process_engine(banaserve_home, tin
         num_prefill=0,
         num_decode=0,
         num_mixed=2,
+        num_kvstore=0,  # mixed workers do not use the store
         policy="colocated",
         num_kv_blocks=512,
         extra_env={"BANASERVE_HOME": str(banaserve_home)},

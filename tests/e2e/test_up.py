@@ -18,10 +18,10 @@ from tests.engine.helpers import make_engine
 pytestmark = pytest.mark.e2e
 
 
-def start_up(home: Path) -> tuple[subprocess.Popen, list[str]]:
+def start_up(home: Path, *flags: str) -> tuple[subprocess.Popen, list[str]]:
     env = {**os.environ, "BANASERVE_HOME": str(home)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "up", "--num-kv-blocks", "512"],
+        [sys.executable, "-m", "services.cli", "up", "--num-kv-blocks", "512", *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -43,12 +43,33 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
+def cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+
+
+def is_redis(argv: list[str]) -> bool:
+    return "redis-server" in Path(argv[0]).name or "services.kvstore.redis_server" in argv
+
+
+def is_kvstore(argv: list[str]) -> bool:
+    return "services.kvstore" in argv
+
+
+def gone(pid: int) -> bool:
+    return not Path(f"/proc/{pid}").exists() or _is_zombie(pid)
+
+
 def test_up_prints_services_serves_generate_and_stops_cleanly(banaserve_home, tiny_llama):
     proc, lines = start_up(banaserve_home)
+    kids = children(proc.pid)
     try:
-        assert [line.split()[0] for line in lines[:3]] == ["router", "prefill-0", "decode-0"]
-        assert all(re.fullmatch(r"\S+ 127\.0\.0\.1:\d+", line) for line in lines[:3])
-        router = lines[0].split()[1]
+        names = ["redis", "kvstore-0", "router", "prefill-0", "decode-0"]
+        assert [line.split()[0] for line in lines[:5]] == names
+        assert all(re.fullmatch(r"\S+ 127\.0\.0\.1:\d+", line) for line in lines[:5])
+        assert lines[5].startswith("cluster ready")
+        assert sum(is_redis(cmdline(pid)) for pid in kids) == 1
+        assert sum(is_kvstore(cmdline(pid)) for pid in kids) == 1
+        router = lines[2].split()[1]
         prompt = "Return the value of"
         run = subprocess.run(
             [
@@ -79,6 +100,7 @@ def test_up_prints_services_serves_generate_and_stops_cleanly(banaserve_home, ti
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
     assert code == 0, proc.stderr.read()[-2000:]
+    assert all(gone(pid) for pid in kids)  # Redis and the kvstore node included
 
 
 def test_up_reports_a_killed_child_and_stops_the_rest(banaserve_home, tiny_llama):
@@ -89,7 +111,29 @@ def test_up_reports_a_killed_child_and_stops_the_rest(banaserve_home, tiny_llama
     stderr = proc.stderr.read()
     assert code == 1
     assert re.search(r"(prefill|decode)-0 exited unexpectedly with code -9", stderr), stderr
-    assert all(not Path(f"/proc/{pid}").exists() or _is_zombie(pid) for pid in kids)
+    assert all(gone(pid) for pid in kids)
+
+
+def test_up_reports_a_killed_kvstore_node_and_stops_the_rest(banaserve_home, tiny_llama):
+    proc, _ = start_up(banaserve_home)
+    kids = children(proc.pid)
+    [node] = [pid for pid in kids if is_kvstore(cmdline(pid))]
+    os.kill(node, signal.SIGKILL)
+    code = proc.wait(timeout=60)
+    stderr = proc.stderr.read()
+    assert code == 1
+    assert "kvstore-0 exited unexpectedly with code -9" in stderr, stderr
+    assert all(gone(pid) for pid in kids)
+
+
+def test_up_without_kvstore_starts_no_redis(banaserve_home, tiny_llama):
+    proc, lines = start_up(banaserve_home, "--kvstore", "0")
+    argvs = [cmdline(pid) for pid in children(proc.pid)]
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=60)
+    assert code == 0, proc.stderr.read()[-2000:]
+    assert [line.split()[0] for line in lines] == ["router", "prefill-0", "decode-0", "cluster"]
+    assert len(argvs) == 3 and not any(is_redis(a) or is_kvstore(a) for a in argvs)
 
 
 def _is_zombie(pid: int) -> bool:

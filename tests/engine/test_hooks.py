@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from services.common.errors import InvalidRequestError
+from services.common.errors import InvalidRequestError, OutOfRangeError
 from services.common.types import SamplingParams
 from services.engine.attention import merge_partials
 from tests.engine.helpers import assert_no_leaks, make_engine
@@ -144,3 +144,17 @@ def test_import_rejects_mismatched_kv(tiny_llama):
     a.abort("s")
     assert_no_leaks(a)
     assert_no_leaks(b)
+
+
+def test_prompt_import_accepts_the_longest_prompt_a_prefill_worker_accepts(tiny_llama):
+    engine = make_engine(tiny_llama, max_model_len=64)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    longest = list(range(5, 68))  # 63 tokens: max_model_len - 1
+    engine.check_prompt(longest)  # what a prefill worker checks
+    engine.begin_prompt_import("r", longest, params)
+    out = engine.finish_prompt_import("r", 7)
+    # The first token fills the context: the request ends there, as a local prefill would.
+    assert (out.new_token_ids, out.finished, out.finish_reason.value) == ([7], True, "length")
+    with pytest.raises(OutOfRangeError, match="at most 63 prompt tokens"):
+        engine.begin_prompt_import("s", [*longest, 9], params)
+    assert_no_leaks(engine)

@@ -21,6 +21,7 @@ from bench.serve_report import (
     RequestRecord,
     distribution,
     inter_token_latencies,
+    load_summary,
     meets_slo,
     render_markdown,
     summarise,
@@ -246,6 +247,18 @@ def test_server_side_summary_hidden_share_and_hit_rate():
     assert summarise([record([(0.1, 1)], 0.1)], 1000, 1000)["server"] is None  # openai://
 
 
+def test_load_summary_skew_and_requests_per_worker():
+    samples = [{"p0": 300, "p1": 100}, {"p0": 100, "p1": 0}, {"p0": 200}]
+    records = [record([(0.1, 1)], 0.1) for _ in range(3)]
+    for r, worker in zip(records, ("p0", "p0", "p1"), strict=True):
+        r.server = {"prefill_worker": worker}
+    load = load_summary(samples, records)
+    assert load["mean_queued_prefill_tokens"] == {"p0": 200.0, "p1": 100 / 3}
+    assert load["queued_skew"] == pytest.approx(200 / ((200 + 100 / 3) / 2))
+    assert load["requests_per_prefill_worker"] == {"p0": 2, "p1": 1}
+    assert load_summary([], [])["queued_skew"] is None
+
+
 def test_summary_of_nothing_sent_has_no_rates():
     s = summarise([RequestRecord(0, 5, 5, 0.0)], 100, 100)
     assert s["failures"] == {"NOT_SENT": 1}
@@ -337,6 +350,9 @@ class FakeTarget:
     def server_side(self, request: Request) -> dict[str, float]:
         return {"routing_s": 0.001, "prefill_s": 0.0, "kv_transfer_s": 0.0,
                 "kv_transfer_exposed_s": 0.0, "kv_mib": 0.0, "num_cached_tokens": 0}  # fmt: skip
+
+    async def prefill_queues(self) -> dict[str, int] | None:
+        return None
 
     async def stream(self, request: Request, timeout_s: float) -> AsyncIterator[int]:
         try:

@@ -1,0 +1,95 @@
+"""``python -m services.kvstore``: flags -> pool, metadata, data plane, gRPC server -> serve.
+
+Prints ``LISTENING HOST:PORT`` (the KVStoreService) once both planes accept calls, serves until
+SIGTERM/SIGINT, then withdraws its blocks from Redis and stops. A restarted node comes back with
+a new incarnation and withdraws whatever its previous life announced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from services.common.config import RpcConfig, TracingConfig
+from services.common.logs import configure_logging
+from services.kvstore.core import KVStoreConfig, KVStoreNode
+from services.kvstore.disk import DiskTier
+from services.kvstore.metadata import MetadataStore, NodeInfo
+from services.kvstore.pool import BlockPool, PoolConfig
+from services.kvstore.servicer import data_handler, kvstore_service
+from services.rpc import dataplane
+from services.rpc.server import start_server
+from services.rpc.tracing import setup_tracing
+
+log = logging.getLogger("services.kvstore")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="python -m services.kvstore", description=__doc__)
+    p.add_argument("--port", type=int, default=0, help="KVStoreService port; 0: the OS picks")
+    p.add_argument("--data-port", type=int, default=0, help="data plane port; 0: the OS picks")
+    p.add_argument("--data-transport", choices=dataplane.KINDS, default="ucx")
+    p.add_argument("--redis", default=env("BANASERVE_REDIS", "redis://127.0.0.1:6379/0"))
+    p.add_argument("--key-prefix", default="banaserve:kv", help="Redis key namespace")
+    p.add_argument("--node-id", default=None, help="default: kvstore-PORT")
+    p.add_argument("--capacity-bytes", type=int, default=1 << 30, help="host-memory pool")
+    p.add_argument("--disk-dir", default=None, help="spill evicted blocks here (optional)")
+    p.add_argument("--disk-capacity-bytes", type=int, default=4 << 30)
+    p.add_argument("--reservation-ttl", type=float, default=30.0)
+    p.add_argument("--pin-ttl", type=float, default=30.0)
+    p.add_argument("--heartbeat-interval", type=float, default=1.0)
+    p.add_argument("--tracing", choices=("none", "console", "otlp"), default="none")
+    p.add_argument("--otlp-endpoint", default="")
+    p.add_argument("--log-level", default=env("BANASERVE_LOG_LEVEL", "INFO"))
+    return p.parse_args(argv)
+
+
+def make_pool(args: argparse.Namespace) -> BlockPool:
+    disk = None
+    if args.disk_dir:
+        disk = DiskTier(Path(args.disk_dir), args.disk_capacity_bytes)
+    return BlockPool(PoolConfig(args.capacity_bytes, args.reservation_ttl, args.pin_ttl), disk)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    tracing = setup_tracing(
+        TracingConfig(args.tracing, args.otlp_endpoint, service_name="banaserve-kvstore")
+    )
+    pool = make_pool(args)
+    metadata = MetadataStore.from_url(args.redis, prefix=args.key_prefix)
+    node = KVStoreNode(pool, metadata, KVStoreConfig(heartbeat_interval_s=args.heartbeat_interval))
+    pool.on_evict = node.on_evict
+    data = dataplane.serve(args.data_transport, data_handler(node), port=args.data_port)
+    await data.start()
+    server = await start_server([kvstore_service(node)], RpcConfig(port=args.port), tracing=tracing)
+    info = NodeInfo(
+        args.node_id or f"kvstore-{server.address.rsplit(':', 1)[1]}",
+        server.address,
+        data.address,
+        args.data_transport,
+    )
+    await node.start(info)
+    print(f"LISTENING {server.address}", flush=True)
+    log.info("node %s: data plane %s over %s", info.node_id, data.address, args.data_transport)
+    try:
+        await server.serve_until_signal()
+    finally:
+        await node.stop()
+        await data.stop()
+        tracing.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(args.log_level)
+    asyncio.run(serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""One kvstore node's logic, without grpc (kvstore.proto has the wire lifecycle).
+
+The node owns a ``BlockPool`` (host memory, optional disk tier) and keeps Redis in step with it
+through a ``MetadataSession``:
+
+1. ``commit`` makes a reservation's blocks readable, then announces them (an announce that
+   fails while Redis is down is not lost: the session re-announces every holding on resync);
+2. blocks the pool evicts are queued by ``on_evict`` and withdrawn by a background task, so a
+   lookup may briefly name a block that is gone; ``pin`` then pins less, and the reader
+   recomputes the rest — metadata may lag data, never the reverse for long;
+3. ``expire`` runs every ``sweep_interval_s``: reservations and pins past their TTL are freed.
+
+Data plane requests (``handle_data``) read one layer of a pin's blocks or write one layer of a
+reservation's blocks; the payload is those blocks' bytes, block after block.
+
+Single-threaded: every method runs on the node's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from services.common.errors import ConfigError, InvalidRequestError, RequestNotFoundError
+from services.common.hashing import BlockHash
+from services.kvstore.metadata import (
+    BlockEntry,
+    MetadataSession,
+    MetadataStore,
+    MetadataUnavailableError,
+    NodeInfo,
+    NodeNotRegisteredError,
+)
+from services.kvstore.pool import BlockPool, BlockStatus, PoolStats, ReadPin, WriteReservation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KVStoreConfig:
+    sweep_interval_s: float = 1.0
+    heartbeat_interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("sweep_interval_s", "heartbeat_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class PinResult:
+    pin: ReadPin
+    num_layers: int
+    layer_bytes: int  # 0 when nothing is pinned
+
+
+@dataclass(frozen=True)
+class DataRead:
+    pin_id: int
+    layer: int
+    num_blocks: int
+
+
+@dataclass(frozen=True)
+class DataWrite:
+    reservation_id: int
+    layer: int
+    block_hashes: tuple[BlockHash, ...]
+
+
+class KVStoreNode:
+    """A pool plus its Redis metadata; see the module docstring for the flow."""
+
+    def __init__(
+        self,
+        pool: BlockPool,
+        metadata: MetadataStore,
+        config: KVStoreConfig | None = None,
+    ) -> None:
+        self.pool = pool
+        self.metadata = metadata
+        self.config = config or KVStoreConfig()
+        self.node: NodeInfo | None = None  # known once the servers are bound: ``start``
+        self.session: MetadataSession | None = None
+        self._pinned: dict[int, tuple[BlockHash, ...]] = {}  # pin id -> its blocks
+        self._to_withdraw: list[BlockHash] = []
+        self._withdraw_wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def on_evict(self, hashes: list[BlockHash]) -> None:
+        """The pool's eviction callback: queue the withdrawals (never calls into the pool)."""
+        self._to_withdraw += hashes
+        self._withdraw_wake.set()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self, node: NodeInfo) -> None:
+        """Registers ``node`` (this node's addresses) in Redis and starts the background work."""
+        self.node = node
+        self.session = MetadataSession(
+            self.metadata, node, self.holdings, interval_s=self.config.heartbeat_interval_s
+        )
+        await self.session.start()
+        self._tasks = [
+            asyncio.create_task(self._sweep_loop(), name="kvstore-sweep"),
+            asyncio.create_task(self._withdraw_loop(), name="kvstore-withdraw"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.session is not None:
+            await self.session.stop(deregister=True)
+        await self.metadata.close()
+
+    def holdings(self) -> list[BlockEntry]:
+        return [
+            BlockEntry(b.block_hash, b.num_bytes, b.num_layers)
+            for b in self.pool.blocks.values()
+            if b.status is BlockStatus.COMMITTED
+        ]
+
+    # -- control plane ---------------------------------------------------------------------
+
+    async def lookup(self, hashes: Sequence[BlockHash]) -> tuple[list[str], list[NodeInfo]]:
+        """(node id per block of the longest cached prefix, live nodes)."""
+        locations = await self.metadata.longest_prefix(hashes)
+        return [loc.node_id for loc in locations], await self.metadata.live_nodes()
+
+    def pin(self, hashes: Sequence[BlockHash]) -> PinResult:
+        pin = self.pool.pin(hashes)
+        self._pinned[pin.pin_id] = pin.hashes
+        if not pin.hashes:
+            return PinResult(pin, 0, 0)
+        first = self.pool.blocks[pin.hashes[0]]
+        return PinResult(pin, first.num_layers, len(first.layers[0]))
+
+    def unpin(self, pin_id: int) -> None:
+        self._pinned.pop(pin_id, None)
+        self.pool.unpin(pin_id)
+
+    def reserve(
+        self, hashes: Sequence[BlockHash], num_layers: int, layer_bytes: int
+    ) -> WriteReservation:
+        return self.pool.reserve(hashes, num_layers, layer_bytes)
+
+    async def commit(self, reservation_id: int) -> int:
+        committed = self.pool.commit(reservation_id)
+        entries = [self._entry(h) for h in committed]
+        if entries:
+            try:
+                await self.metadata.announce(self.node, entries)
+            except (MetadataUnavailableError, NodeNotRegisteredError) as exc:
+                # Not lost: the session announces every holding when it next syncs.
+                log.warning("announce of %d blocks deferred: %s", len(entries), exc)
+        return len(committed)
+
+    def abort(self, reservation_id: int) -> None:
+        self.pool.abort(reservation_id)
+
+    def stats(self) -> PoolStats:
+        return self.pool.stats()
+
+    def _entry(self, block_hash: BlockHash) -> BlockEntry:
+        block = self.pool.blocks[block_hash]
+        return BlockEntry(block_hash, block.num_bytes, block.num_layers)
+
+    # -- data plane ------------------------------------------------------------------------
+
+    def read(self, request: DataRead) -> bytes:
+        hashes = self._pinned.get(request.pin_id)
+        if hashes is None:
+            raise RequestNotFoundError(f"no pin {request.pin_id} (expired or released)")
+        if not 0 < request.num_blocks <= len(hashes):
+            raise InvalidRequestError(
+                f"pin {request.pin_id} holds {len(hashes)} blocks, {request.num_blocks} asked"
+            )
+        views = [
+            self.pool.read(request.pin_id, h, request.layer) for h in hashes[: request.num_blocks]
+        ]
+        return b"".join(views)
+
+    def write(self, request: DataWrite, payload: memoryview) -> int:
+        n = len(request.block_hashes)
+        if n == 0 or len(payload) % n:
+            raise InvalidRequestError(f"{len(payload)} bytes do not split into {n} blocks")
+        size = len(payload) // n
+        for i, block_hash in enumerate(request.block_hashes):
+            chunk = payload[i * size : (i + 1) * size]
+            self.pool.write(request.reservation_id, block_hash, request.layer, chunk)
+        return len(payload)
+
+    # -- background ------------------------------------------------------------------------
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sweep_interval_s)
+            expired = self.pool.expire()
+            for pin_id in expired.pin_ids:
+                self._pinned.pop(pin_id, None)
+            if expired.reservation_ids or expired.pin_ids:
+                log.info(
+                    "expired %d reservations, %d pins",
+                    len(expired.reservation_ids),
+                    len(expired.pin_ids),
+                )
+
+    async def _withdraw_loop(self) -> None:
+        while True:
+            await self._withdraw_wake.wait()
+            self._withdraw_wake.clear()
+            hashes, self._to_withdraw = self._to_withdraw, []
+            try:
+                await self.metadata.withdraw(self.node, hashes)
+            except (MetadataUnavailableError, NodeNotRegisteredError) as exc:
+                # Retried until it lands (a resync after a Redis restart also drops them, since
+                # registering withdraws everything and only holdings are announced again).
+                log.warning("withdraw of %d evicted blocks deferred: %s", len(hashes), exc)
+                self._to_withdraw = hashes + self._to_withdraw
+                await asyncio.sleep(self.config.heartbeat_interval_s)
+                self._withdraw_wake.set()

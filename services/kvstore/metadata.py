@@ -1,0 +1,567 @@
+"""Where each cached KV block lives: the kvstore's metadata, kept in Redis (DESIGN.md §2, §4).
+
+Redis holds metadata only; block payloads stay in the nodes' host memory and move over the data
+plane. Every key lives under one prefix (default ``banaserve:kv``) so clusters and tests isolate:
+
+    {prefix}:nodes              set   node ids ever registered (for the sweep of dead nodes)
+    {prefix}:node:{node_id}     hash  incarnation, grpc_address, data_address, data_transport;
+                                      PEXPIRE node TTL, refreshed by every heartbeat
+    {prefix}:owned:{node_id}    set   hex block hashes whose entry names this node
+    {prefix}:block:{hex hash}   hash  node, size, layers, last_use (wall-clock seconds)
+
+Invariant (every script keeps it atomically): a block entry names node n exactly when its hash is
+in n's owned set. A block has one location; the last announce wins.
+
+Lifecycle of a node:
+1. ``register_node`` withdraws every entry the node id owned before (a restarted process no
+   longer holds that data), then writes the node key with its TTL;
+2. ``announce`` / ``withdraw`` / ``touch`` as blocks are stored, evicted and read;
+   announcing is refused unless the node key carries the caller's incarnation;
+3. ``heartbeat`` refreshes the TTL; ``MetadataSession`` runs it and re-registers and re-announces
+   everything the node holds when the node key is gone or Redis's run_id changed (restart);
+4. ``deregister_node`` on clean shutdown withdraws everything; a node that dies instead stops
+   being returned as soon as its key expires, and ``sweep_dead_nodes`` later deletes its entries.
+
+Metadata is a hint: a fetch can still find a block evicted after the lookup, and the data plane
+answers that with not-found. Scripts build key names from ARGV, so they need a standalone Redis
+(not Redis Cluster). ``longest_prefix`` is one EVALSHA: one round trip whatever the length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from services.common.errors import BanaServeError, ConfigError
+from services.common.hashing import HASH_SIZE, BlockHash, place  # noqa: F401 (re-exported)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "banaserve:kv"
+_NODE_ID = re.compile(r"[A-Za-z0-9._-]+")
+_BATCH = 1024  # entries per script call: bounds how long one call blocks Redis
+
+
+class MetadataUnavailableError(BanaServeError):
+    """Redis cannot be reached (down, restarting, timed out); callers recompute instead."""
+
+
+class NodeNotRegisteredError(BanaServeError, LookupError):
+    """The node key is gone or belongs to another incarnation; the session will re-register."""
+
+
+def new_incarnation() -> str:
+    return secrets.token_hex(8)
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    node_id: str
+    grpc_address: str
+    data_address: str
+    data_transport: str  # "ucx", "grpc", "tcp"...
+    incarnation: str = field(default_factory=new_incarnation)  # new per process start
+
+    def __post_init__(self) -> None:
+        if not _NODE_ID.fullmatch(self.node_id):
+            raise ConfigError(f"node_id must match {_NODE_ID.pattern}, got {self.node_id!r}")
+        for name in ("grpc_address", "data_address", "data_transport", "incarnation"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} must be non-empty")
+
+
+@dataclass(frozen=True)
+class BlockEntry:
+    """One block a node holds, as announced."""
+
+    block_hash: BlockHash
+    size_bytes: int
+    num_layers: int
+
+    def __post_init__(self) -> None:
+        _check_hash(self.block_hash)
+        if self.size_bytes < 0 or self.num_layers <= 0:
+            raise ValueError(f"bad size/layers: {self.size_bytes}/{self.num_layers}")
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where one block of a cached prefix can be fetched from."""
+
+    block_hash: BlockHash
+    node_id: str
+    data_address: str
+    data_transport: str
+    size_bytes: int
+    num_layers: int
+
+
+class NodeStatus(enum.Enum):
+    ALIVE = "alive"  # the key carried our incarnation; its TTL is refreshed
+    MISSING = "missing"  # expired, deregistered or lost by Redis: register again
+    SUPERSEDED = "superseded"  # another incarnation took the node id
+
+
+def _check_hash(block_hash: bytes) -> None:
+    if len(block_hash) != HASH_SIZE:
+        raise ValueError(f"block hash must be {HASH_SIZE} bytes, got {len(block_hash)}")
+
+
+# Shared by register, deregister and sweep: drop every entry a node id owns.
+_LUA_WITHDRAW_ALL = """
+local function withdraw_all(prefix, node_id)
+  local owned = prefix .. ':owned:' .. node_id
+  for _, hex in ipairs(redis.call('SMEMBERS', owned)) do
+    local block = prefix .. ':block:' .. hex
+    if redis.call('HGET', block, 'node') == node_id then redis.call('DEL', block) end
+  end
+  redis.call('DEL', owned)
+end
+"""
+
+# ARGV: prefix, node_id, incarnation, grpc_address, data_address, data_transport, ttl_ms,
+# takeover ('1': replace any incarnation, as a starting process does) -> 1, or 0 if refused
+_LUA_REGISTER = (
+    _LUA_WITHDRAW_ALL
+    + """
+local prefix, node_id = ARGV[1], ARGV[2]
+local node = prefix .. ':node:' .. node_id
+local incarnation = redis.call('HGET', node, 'incarnation')
+if ARGV[8] ~= '1' and incarnation and incarnation ~= ARGV[3] then return 0 end
+withdraw_all(prefix, node_id)
+redis.call('DEL', node)
+redis.call('HSET', node, 'incarnation', ARGV[3], 'grpc_address', ARGV[4],
+           'data_address', ARGV[5], 'data_transport', ARGV[6])
+redis.call('PEXPIRE', node, ARGV[7])
+redis.call('SADD', prefix .. ':nodes', node_id)
+return 1
+"""
+)
+
+# ARGV: prefix, node_id, incarnation, ttl_ms -> 1 alive, 0 missing, -1 superseded
+_LUA_HEARTBEAT = """
+local node = ARGV[1] .. ':node:' .. ARGV[2]
+local incarnation = redis.call('HGET', node, 'incarnation')
+if not incarnation then return 0 end
+if incarnation ~= ARGV[3] then return -1 end
+redis.call('PEXPIRE', node, ARGV[4])
+return 1
+"""
+
+# ARGV: prefix, node_id, incarnation. A newer incarnation's registration is left alone.
+_LUA_DEREGISTER = (
+    _LUA_WITHDRAW_ALL
+    + """
+local prefix, node_id = ARGV[1], ARGV[2]
+local node = prefix .. ':node:' .. node_id
+local incarnation = redis.call('HGET', node, 'incarnation')
+if incarnation and incarnation ~= ARGV[3] then return 0 end
+withdraw_all(prefix, node_id)
+redis.call('DEL', node)
+redis.call('SREM', prefix .. ':nodes', node_id)
+return 1
+"""
+)
+
+# ARGV: prefix, node_id, incarnation, now, then (hex, size, layers) per block
+_LUA_ANNOUNCE = """
+local prefix, node_id = ARGV[1], ARGV[2]
+if redis.call('HGET', prefix .. ':node:' .. node_id, 'incarnation') ~= ARGV[3] then
+  return redis.error_reply('NOTREGISTERED node ' .. node_id)
+end
+local owned = prefix .. ':owned:' .. node_id
+for i = 5, #ARGV, 3 do
+  local hex = ARGV[i]
+  local block = prefix .. ':block:' .. hex
+  local old = redis.call('HGET', block, 'node')
+  if old and old ~= node_id then redis.call('SREM', prefix .. ':owned:' .. old, hex) end
+  redis.call('HSET', block, 'node', node_id, 'size', ARGV[i + 1], 'layers', ARGV[i + 2],
+             'last_use', ARGV[4])
+  redis.call('SADD', owned, hex)
+end
+return (#ARGV - 4) / 3
+"""
+
+# ARGV: prefix, node_id, incarnation, hex... -> entries removed
+_LUA_WITHDRAW = """
+local prefix, node_id = ARGV[1], ARGV[2]
+local incarnation = redis.call('HGET', prefix .. ':node:' .. node_id, 'incarnation')
+if incarnation and incarnation ~= ARGV[3] then return 0 end
+local owned = prefix .. ':owned:' .. node_id
+local removed = 0
+for i = 4, #ARGV do
+  local block = prefix .. ':block:' .. ARGV[i]
+  if redis.call('HGET', block, 'node') == node_id then
+    redis.call('DEL', block)
+    removed = removed + 1
+  end
+  redis.call('SREM', owned, ARGV[i])
+end
+return removed
+"""
+
+# ARGV: prefix, now, hex... -> entries touched (missing ones are not created)
+_LUA_TOUCH = """
+local touched = 0
+for i = 3, #ARGV do
+  local block = ARGV[1] .. ':block:' .. ARGV[i]
+  if redis.call('EXISTS', block) == 1 then
+    redis.call('HSET', block, 'last_use', ARGV[2])
+    touched = touched + 1
+  end
+end
+return touched
+"""
+
+# ARGV: prefix, hex... -> {node_id, data_address, data_transport, size, layers} per hit, stopping
+# at the first block with no entry or whose node key is gone.
+_LUA_LONGEST_PREFIX = """
+local prefix = ARGV[1]
+local nodes = {}
+local hits = {}
+for i = 2, #ARGV do
+  local entry = redis.call('HMGET', prefix .. ':block:' .. ARGV[i], 'node', 'size', 'layers')
+  local node_id = entry[1]
+  if not node_id then break end
+  local node = nodes[node_id]
+  if node == nil then
+    node = redis.call('HMGET', prefix .. ':node:' .. node_id, 'data_address', 'data_transport')
+    if not node[1] then node = false end
+    nodes[node_id] = node
+  end
+  if not node then break end
+  hits[#hits + 1] = {node_id, node[1], node[2], entry[2], entry[3]}
+end
+return hits
+"""
+
+# ARGV: prefix -> number of dead nodes whose entries were deleted
+_LUA_SWEEP = (
+    _LUA_WITHDRAW_ALL
+    + """
+local prefix = ARGV[1]
+local swept = 0
+for _, node_id in ipairs(redis.call('SMEMBERS', prefix .. ':nodes')) do
+  if redis.call('EXISTS', prefix .. ':node:' .. node_id) == 0 then
+    withdraw_all(prefix, node_id)
+    redis.call('SREM', prefix .. ':nodes', node_id)
+    swept = swept + 1
+  end
+end
+return swept
+"""
+)
+
+
+@contextlib.contextmanager
+def _unavailable_on_error() -> Iterator[None]:
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as e:
+        raise MetadataUnavailableError(f"kvstore metadata (Redis) unavailable: {e}") from e
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _chunks(items: Sequence, size: int) -> list[Sequence]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def _hex_chunks(hashes: Sequence[BlockHash]) -> list[Sequence]:
+    return _chunks([h.hex() for h in hashes], _BATCH)
+
+
+class MetadataStore:
+    """Async access to the metadata in one Redis; every method is one or a few round trips."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        prefix: str = DEFAULT_PREFIX,
+        node_ttl_s: float = 3.0,
+        clock: Callable[[], float] = time.time,  # wall clock: last_use is compared across hosts
+    ) -> None:
+        if not prefix:
+            raise ConfigError("metadata prefix must be non-empty")
+        if node_ttl_s <= 0:
+            raise ConfigError(f"node_ttl_s must be positive, got {node_ttl_s}")
+        self.client = client
+        self.prefix = prefix
+        self.node_ttl_s = node_ttl_s
+        self.clock = clock
+        script = client.register_script
+        self._register = script(_LUA_REGISTER)
+        self._heartbeat = script(_LUA_HEARTBEAT)
+        self._deregister = script(_LUA_DEREGISTER)
+        self._announce = script(_LUA_ANNOUNCE)
+        self._withdraw = script(_LUA_WITHDRAW)
+        self._touch = script(_LUA_TOUCH)
+        self._longest_prefix = script(_LUA_LONGEST_PREFIX)
+        self._sweep = script(_LUA_SWEEP)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        socket_timeout_s: float = 1.0,
+        connect_timeout_s: float = 0.5,
+        **kwargs,
+    ) -> MetadataStore:
+        """A store with bounded timeouts and one immediate retry, which reconnects after a
+        Redis restart; a Redis that is down fails within about two timeouts."""
+        client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=connect_timeout_s,
+            retry=Retry(NoBackoff(), 1),
+        )
+        return cls(client, **kwargs)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    @property
+    def _ttl_ms(self) -> int:
+        return max(1, round(self.node_ttl_s * 1000))
+
+    async def _call(self, script, *args) -> object:
+        return (await self._call_batched(script, args, [()]))[0]
+
+    async def _call_batched(self, script, head: Sequence, chunks: Iterable[Sequence]) -> list:
+        """One script call per chunk, all pipelined: one round trip, plus one SCRIPT EXISTS
+        when there is more than one chunk."""
+        calls = [[self.prefix, *head, *chunk] for chunk in chunks]
+        with _unavailable_on_error():
+            try:
+                if len(calls) == 1:
+                    return [await script(args=calls[0])]
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for args in calls:
+                        await script(args=args, client=pipe)
+                    return await pipe.execute()
+            except redis.exceptions.ResponseError as e:
+                if "NOTREGISTERED" in str(e):  # a pipeline prefixes the command's position
+                    raise NodeNotRegisteredError(str(e)) from None
+                raise
+
+    async def register_node(self, node: NodeInfo, takeover: bool = True) -> bool:
+        """Withdraws every entry ``node.node_id`` owned, then (re)writes its node key.
+
+        A starting process takes the id over from any older incarnation (``takeover``); a
+        re-registration passes False and gets False back if a newer incarnation holds the id.
+        """
+        registered = await self._call(
+            self._register,
+            node.node_id,
+            node.incarnation,
+            node.grpc_address,
+            node.data_address,
+            node.data_transport,
+            self._ttl_ms,
+            "1" if takeover else "0",
+        )
+        return registered == 1
+
+    async def heartbeat(self, node: NodeInfo) -> NodeStatus:
+        status = await self._call(self._heartbeat, node.node_id, node.incarnation, self._ttl_ms)
+        return {1: NodeStatus.ALIVE, 0: NodeStatus.MISSING}.get(status, NodeStatus.SUPERSEDED)
+
+    async def deregister_node(self, node: NodeInfo) -> None:
+        await self._call(self._deregister, node.node_id, node.incarnation)
+
+    async def announce(self, node: NodeInfo, entries: Sequence[BlockEntry]) -> None:
+        """Records ``entries`` as held by ``node``; raises NodeNotRegisteredError if its key is
+        gone (the session re-announces everything once it has re-registered)."""
+        if not entries:
+            return
+        flat = [v for e in entries for v in (e.block_hash.hex(), e.size_bytes, e.num_layers)]
+        head = (node.node_id, node.incarnation, repr(self.clock()))
+        await self._call_batched(self._announce, head, _chunks(flat, 3 * _BATCH))
+
+    async def withdraw(self, node: NodeInfo, hashes: Sequence[BlockHash]) -> int:
+        """Removes the entries of ``hashes`` that ``node`` owns; returns how many it removed."""
+        if not hashes:
+            return 0
+        head = (node.node_id, node.incarnation)
+        return sum(await self._call_batched(self._withdraw, head, _hex_chunks(hashes)))
+
+    async def touch(self, hashes: Sequence[BlockHash]) -> int:
+        """Sets last use of the existing entries to now; returns how many exist."""
+        if not hashes:
+            return 0
+        head = (repr(self.clock()),)
+        return sum(await self._call_batched(self._touch, head, _hex_chunks(hashes)))
+
+    async def longest_prefix(self, hashes: Sequence[BlockHash]) -> list[Location]:
+        """Locations of the longest prefix of ``hashes`` held by live nodes (one round trip)."""
+        if not hashes:
+            return []
+        rows = await self._call(self._longest_prefix, *(h.hex() for h in hashes))
+        return [
+            Location(h, _text(node), _text(address), _text(transport), int(size), int(layers))
+            for h, (node, address, transport, size, layers) in zip(hashes, rows, strict=False)
+        ]
+
+    async def live_nodes(self) -> list[NodeInfo]:
+        """Registered nodes whose key has not expired, by node id (input to ``place``)."""
+        with _unavailable_on_error():
+            node_ids = sorted(_text(n) for n in await self.client.smembers(self._key("nodes")))
+            async with self.client.pipeline(transaction=False) as pipe:
+                for node_id in node_ids:
+                    pipe.hgetall(self._key("node", node_id))
+                rows = await pipe.execute()
+        return [
+            NodeInfo(node_id=node_id, **{_text(k): _text(v) for k, v in row.items()})
+            for node_id, row in zip(node_ids, rows, strict=True)
+            if row
+        ]
+
+    async def sweep_dead_nodes(self) -> int:
+        """Deletes the entries of nodes whose key expired; returns how many nodes it swept."""
+        return await self._call(self._sweep)
+
+    async def server_run_id(self) -> str | None:
+        """Redis's run_id, new at every server start; None where INFO is not supported."""
+        with _unavailable_on_error():
+            try:
+                info = await self.client.info("server")
+            except redis.exceptions.ResponseError:
+                return None  # the embedded fakeredis server has no INFO
+        return info.get("run_id")
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+
+class MetadataSession:
+    """Keeps one node registered and its holdings announced, across node expiry and Redis
+    restarts.
+
+    Every ``interval_s`` it reads Redis's run_id and heartbeats. A first beat, a changed run_id
+    or a missing node key triggers a resync: register (which withdraws stale entries) and
+    announce ``holdings()`` in full. While Redis is down beats fail, are logged once per outage
+    and retried with exponential backoff up to ``max_backoff_s``; the loop never dies of it. A
+    superseded node (same id, newer incarnation) stops the loop: the newer process owns the id.
+    """
+
+    def __init__(
+        self,
+        store: MetadataStore,
+        node: NodeInfo,
+        holdings: Callable[[], Sequence[BlockEntry]],
+        *,
+        interval_s: float = 1.0,
+        max_backoff_s: float = 5.0,
+        sweep_every: int = 10,  # beats between sweeps of dead nodes; 0: never
+    ) -> None:
+        if not 0 < interval_s < store.node_ttl_s or max_backoff_s < interval_s:
+            raise ConfigError(
+                f"need 0 < interval_s < node TTL and interval_s <= max_backoff_s, got "
+                f"{interval_s}, {store.node_ttl_s}, {max_backoff_s}"
+            )
+        self.store = store
+        self.node = node
+        self.holdings = holdings
+        self.interval_s = interval_s
+        self.max_backoff_s = max_backoff_s
+        self.sweep_every = sweep_every
+        self.num_syncs = 0
+        self.num_failures = 0
+        self.superseded = False
+        self._synced = False
+        self._run_id: str | None = None
+        self._num_beats = 0
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def synced(self) -> bool:
+        return self._synced
+
+    async def start(self) -> None:
+        """Tries a first sync now (Redis being down is not an error) and starts the loop."""
+        delay = await self._beat_logged()
+        self._task = asyncio.create_task(self._run(delay), name=f"metadata-{self.node.node_id}")
+
+    async def stop(self, deregister: bool = True) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if deregister and not self.superseded:
+            try:
+                await self.store.deregister_node(self.node)
+            except MetadataUnavailableError as e:
+                log.warning("could not deregister %s: %s", self.node.node_id, e)
+
+    async def __aenter__(self) -> MetadataSession:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def _run(self, delay: float | None) -> None:
+        while delay is not None:
+            await asyncio.sleep(delay)
+            delay = await self._beat_logged()
+
+    async def _beat_logged(self) -> float | None:
+        """One beat; returns the delay before the next, or None to stop."""
+        try:
+            keep_going = await self._beat()
+        except (MetadataUnavailableError, NodeNotRegisteredError) as e:
+            self._synced = False
+            self.num_failures += 1
+            if self.num_failures == 1:
+                log.warning("kvstore metadata: %s; retrying with backoff", e)
+            return min(self.interval_s * 2 ** (self.num_failures - 1), self.max_backoff_s)
+        if self.num_failures:
+            log.info("kvstore metadata reachable again after %d failures", self.num_failures)
+            self.num_failures = 0
+        return self.interval_s if keep_going else None
+
+    async def _beat(self) -> bool:
+        run_id = await self.store.server_run_id()
+        if not self._synced or run_id != self._run_id:
+            return await self._sync(run_id)
+        status = await self.store.heartbeat(self.node)
+        if status is NodeStatus.SUPERSEDED:
+            return self._give_up()
+        if status is NodeStatus.MISSING:
+            log.warning("node key of %s missing; re-announcing", self.node.node_id)
+            return await self._sync(run_id)
+        self._num_beats += 1
+        if self.sweep_every and self._num_beats % self.sweep_every == 0:
+            await self.store.sweep_dead_nodes()
+        return True
+
+    async def _sync(self, run_id: str | None) -> bool:
+        self._synced = False
+        if not await self.store.register_node(self.node, takeover=self.num_syncs == 0):
+            return self._give_up()
+        await self.store.announce(self.node, list(self.holdings()))
+        self._run_id = run_id
+        self._synced = True
+        self.num_syncs += 1
+        return True
+
+    def _give_up(self) -> bool:
+        log.error("node %s was taken by a newer incarnation; stopping", self.node.node_id)
+        self.superseded = True
+        return False

@@ -1,0 +1,448 @@
+"""The kvstore's host-memory block pool: bounded in bytes, two-phase writes, pinned reads, LRU.
+
+A block is named by its chained content hash and holds ``num_layers`` buffers of
+``layer_bytes`` each, so a reader can fetch layer 0 of a run of blocks before layer 1.
+
+Block states; only ``BlockPool`` changes them:
+
+    reserve() --> WRITING --commit()--> COMMITTED --eviction--> disk tier (if any) or gone
+                     |                      ^                        |
+              abort(), expire()             +------ pin() promotes --+
+                     v
+                   gone
+
+Who calls what, when:
+
+1. A writer calls ``reserve(hashes, num_layers, layer_bytes)``. It is given only the hashes
+   it must write (``to_write``); hashes already stored, in memory or on disk, come back as
+   ``existing`` and hashes an earlier reservation is writing as ``in_flight`` (the first
+   reservation wins). Memory for ``to_write`` is taken now, evicting least recently used
+   unpinned COMMITTED blocks, or ``ResourceExhaustedError`` is raised and nothing changed.
+2. It fills every layer of every block with ``write`` (or receives into ``write_buffer``),
+   then calls ``commit``, which returns the committed hashes for the caller to announce to
+   the metadata service, or ``abort``.
+3. A reader calls ``pin(hashes)``: the longest prefix held is pinned (blocks found only on
+   disk are promoted back into memory, room permitting), ``read`` returns read-only views
+   without copying, and ``unpin`` releases them.
+4. The owner calls ``expire()`` periodically: reservations and pins older than their TTL are
+   dropped, so a writer or reader that dies cannot hold memory or blocks forever. ``expire``
+   never removes a committed block.
+5. ``on_evict(hashes)`` is called synchronously, once at the end of a ``reserve`` or ``pin``
+   that made blocks unavailable from this store: dropped from memory with no disk tier,
+   dropped by the disk tier's own bound, or found corrupt on disk. A block moved to disk is
+   still served and is not reported. The callback must not call back into the pool; the
+   metadata layer queues the hashes and withdraws their entries.
+
+Every ``reserve`` and ``pin`` opens an entry, even one with nothing to write or pin, that ends
+in ``commit``/``abort``, ``unpin`` or ``expire``. Ids count from 1, separately for each.
+
+Invariants:
+- ``num_bytes_used`` is the size of every block in memory, WRITING included, and never
+  exceeds ``capacity_bytes``; use (the LRU order) is a commit, a promotion or a pin;
+- a hash lives in at most one tier; a pinned or WRITING block is never evicted;
+- buffers are never reused: a view held past its pin's expiry reads stale but intact bytes.
+
+Single-threaded: every method is called from one asyncio event loop.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from services.common.errors import (
+    ConfigError,
+    InvalidRequestError,
+    RequestNotFoundError,
+    ResourceExhaustedError,
+)
+from services.common.hashing import HASH_SIZE, BlockHash
+from services.kvstore.disk import DiskTier
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    capacity_bytes: int
+    reservation_ttl_s: float = 30.0
+    pin_ttl_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.capacity_bytes <= 0:
+            raise ConfigError(f"capacity_bytes must be positive, got {self.capacity_bytes}")
+        if self.reservation_ttl_s <= 0:
+            raise ConfigError(f"reservation_ttl_s must be positive, got {self.reservation_ttl_s}")
+        if self.pin_ttl_s <= 0:
+            raise ConfigError(f"pin_ttl_s must be positive, got {self.pin_ttl_s}")
+
+
+class BlockStatus(enum.Enum):
+    WRITING = enum.auto()  # reserve() made it; commit() or abort()/expire() end it
+    COMMITTED = enum.auto()  # readable; eviction or nothing ends it
+
+
+class Tier(enum.Enum):
+    MEMORY = "memory"
+    DISK = "disk"
+
+
+@dataclass
+class Block:
+    block_hash: BlockHash
+    layers: list[bytearray]
+    status: BlockStatus
+    reservation_id: int | None = None  # the writer while WRITING
+    num_pins: int = 0
+    layers_written: set[int] = field(default_factory=set)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_bytes(self) -> int:
+        return len(self.layers) * len(self.layers[0])
+
+
+@dataclass(frozen=True)
+class WriteReservation:
+    reservation_id: int
+    to_write: tuple[BlockHash, ...]  # this writer's job, in request order
+    existing: tuple[BlockHash, ...]  # already stored (memory or disk)
+    in_flight: tuple[BlockHash, ...]  # an earlier reservation is writing them
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class ReadPin:
+    pin_id: int
+    hashes: tuple[BlockHash, ...]  # the pinned prefix of the requested hashes
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class Expired:
+    reservation_ids: tuple[int, ...]
+    pin_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    capacity_bytes: int
+    num_bytes_used: int
+    num_blocks: int
+    num_committed_blocks: int
+    num_pinned_blocks: int
+    num_reservations: int
+    num_pins: int
+    num_disk_blocks: int
+    num_disk_bytes: int
+    num_evicted: int
+    num_promoted: int
+
+
+class BlockPool:
+    def __init__(
+        self,
+        config: PoolConfig,
+        disk: DiskTier | None = None,
+        on_evict: Callable[[list[BlockHash]], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.disk = disk
+        self._on_evict = on_evict
+        self._clock = clock
+        self.blocks: dict[BlockHash, Block] = {}
+        self._lru: OrderedDict[BlockHash, None] = OrderedDict()  # COMMITTED, least recent first
+        self._reservations: dict[int, WriteReservation] = {}
+        self._pins: dict[int, ReadPin] = {}
+        self._reservation_ids = itertools.count(1)
+        self._pin_ids = itertools.count(1)
+        self.num_bytes_used = 0
+        self.num_evicted = 0
+        self.num_promoted = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_reservations(self) -> int:
+        return len(self._reservations)
+
+    @property
+    def num_pins(self) -> int:
+        return len(self._pins)
+
+    def lru_order(self) -> list[BlockHash]:
+        """Committed blocks in memory, least recently used first."""
+        return list(self._lru)
+
+    def locate(self, block_hash: BlockHash) -> Tier | None:
+        """Where a readable copy is; None for a miss or a block still being written."""
+        block = self.blocks.get(block_hash)
+        if block is not None:
+            return Tier.MEMORY if block.status is BlockStatus.COMMITTED else None
+        if self.disk is not None and block_hash in self.disk:
+            return Tier.DISK
+        return None
+
+    def contains(self, block_hash: BlockHash) -> bool:
+        return self.locate(block_hash) is not None
+
+    def stats(self) -> PoolStats:
+        return PoolStats(
+            capacity_bytes=self.config.capacity_bytes,
+            num_bytes_used=self.num_bytes_used,
+            num_blocks=len(self.blocks),
+            num_committed_blocks=len(self._lru),
+            num_pinned_blocks=sum(1 for b in self.blocks.values() if b.num_pins),
+            num_reservations=len(self._reservations),
+            num_pins=len(self._pins),
+            num_disk_blocks=len(self.disk) if self.disk is not None else 0,
+            num_disk_bytes=self.disk.num_bytes if self.disk is not None else 0,
+            num_evicted=self.num_evicted,
+            num_promoted=self.num_promoted,
+        )
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def reserve(
+        self, hashes: Sequence[BlockHash], num_layers: int, layer_bytes: int
+    ) -> WriteReservation:
+        _check_hashes(hashes)
+        if len(set(hashes)) != len(hashes):
+            raise InvalidRequestError("a reservation cannot name a block twice")
+        if num_layers <= 0 or layer_bytes <= 0:
+            raise InvalidRequestError(
+                f"num_layers and layer_bytes must be positive, got {num_layers}, {layer_bytes}"
+            )
+        to_write, existing, in_flight = [], [], []
+        for h in hashes:
+            block = self.blocks.get(h)
+            if block is not None and block.status is BlockStatus.WRITING:
+                in_flight.append(h)
+            elif self.contains(h):
+                existing.append(h)
+            else:
+                to_write.append(h)
+        num_bytes = len(to_write) * num_layers * layer_bytes
+        victims = self._victims(num_bytes)
+        if victims is None:
+            raise ResourceExhaustedError(
+                f"cannot make room for {num_bytes} bytes: {self.num_bytes_used} of "
+                f"{self.config.capacity_bytes} used, the rest pinned or being written"
+            )
+        gone = self._evict(victims)
+        reservation = WriteReservation(
+            next(self._reservation_ids),
+            tuple(to_write),
+            tuple(existing),
+            tuple(in_flight),
+            self._clock() + self.config.reservation_ttl_s,
+        )
+        for h in to_write:
+            layers = [bytearray(layer_bytes) for _ in range(num_layers)]
+            self._add(Block(h, layers, BlockStatus.WRITING, reservation.reservation_id))
+        self._reservations[reservation.reservation_id] = reservation
+        self._announce(gone)
+        return reservation
+
+    def write(
+        self,
+        reservation_id: int,
+        block_hash: BlockHash,
+        layer: int,
+        data: bytes | bytearray | memoryview,
+    ) -> None:
+        block = self._block_to_write(reservation_id, block_hash, layer)
+        source = memoryview(data).cast("B")
+        if source.nbytes != len(block.layers[layer]):
+            raise InvalidRequestError(
+                f"layer {layer} of {block_hash.hex()} is {len(block.layers[layer])} bytes, "
+                f"got {source.nbytes}"
+            )
+        memoryview(block.layers[layer])[:] = source
+        block.layers_written.add(layer)
+
+    def write_buffer(self, reservation_id: int, block_hash: BlockHash, layer: int) -> memoryview:
+        """A writable view of one layer for a data plane to receive into; counts as written."""
+        block = self._block_to_write(reservation_id, block_hash, layer)
+        block.layers_written.add(layer)
+        return memoryview(block.layers[layer])
+
+    def commit(self, reservation_id: int) -> list[BlockHash]:
+        """Make the reservation's blocks readable; returns them for the caller to announce."""
+        reservation = self._reservation(reservation_id)
+        blocks = [self.blocks[h] for h in reservation.to_write]
+        unfinished = [b.block_hash.hex() for b in blocks if len(b.layers_written) < b.num_layers]
+        if unfinished:
+            raise InvalidRequestError(
+                f"reservation {reservation_id}: blocks not fully written: {unfinished}"
+            )
+        del self._reservations[reservation_id]
+        for block in blocks:
+            block.status = BlockStatus.COMMITTED
+            block.reservation_id = None
+            self._lru[block.block_hash] = None
+        return list(reservation.to_write)
+
+    def abort(self, reservation_id: int) -> None:
+        reservation = self._reservation(reservation_id)
+        del self._reservations[reservation_id]
+        for h in reservation.to_write:
+            self._remove(self.blocks[h])
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def pin(self, hashes: Sequence[BlockHash]) -> ReadPin:
+        """Pin the longest prefix of ``hashes`` held here; stops at the first miss."""
+        _check_hashes(hashes)
+        pinned: list[BlockHash] = []
+        gone: list[BlockHash] = []
+        for h in hashes:
+            block = self._readable(h, gone)
+            if block is None:
+                break
+            block.num_pins += 1
+            self._lru.move_to_end(h)
+            pinned.append(h)
+        pin = ReadPin(next(self._pin_ids), tuple(pinned), self._clock() + self.config.pin_ttl_s)
+        self._pins[pin.pin_id] = pin
+        self._announce(gone)
+        return pin
+
+    def read(self, pin_id: int, block_hash: BlockHash, layer: int) -> memoryview:
+        """A read-only view of one layer of a pinned block (no copy)."""
+        pin = self._pin(pin_id)
+        if block_hash not in pin.hashes:
+            raise InvalidRequestError(f"pin {pin_id} does not hold {block_hash.hex()}")
+        block = self.blocks[block_hash]
+        _check_layer(block, layer)
+        return memoryview(block.layers[layer]).toreadonly()
+
+    def unpin(self, pin_id: int) -> None:
+        pin = self._pin(pin_id)
+        del self._pins[pin_id]
+        for h in pin.hashes:
+            self.blocks[h].num_pins -= 1
+
+    def expire(self) -> Expired:
+        """Abort reservations and release pins past their TTL."""
+        now = self._clock()
+        reservation_ids = tuple(
+            r.reservation_id for r in self._reservations.values() if r.expires_at <= now
+        )
+        pin_ids = tuple(p.pin_id for p in self._pins.values() if p.expires_at <= now)
+        for reservation_id in reservation_ids:
+            self.abort(reservation_id)
+        for pin_id in pin_ids:
+            self.unpin(pin_id)
+        return Expired(reservation_ids, pin_ids)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _reservation(self, reservation_id: int) -> WriteReservation:
+        reservation = self._reservations.get(reservation_id)
+        if reservation is None:
+            raise RequestNotFoundError(f"no open reservation {reservation_id}")
+        return reservation
+
+    def _pin(self, pin_id: int) -> ReadPin:
+        pin = self._pins.get(pin_id)
+        if pin is None:
+            raise RequestNotFoundError(f"no open pin {pin_id}")
+        return pin
+
+    def _block_to_write(self, reservation_id: int, block_hash: BlockHash, layer: int) -> Block:
+        self._reservation(reservation_id)
+        block = self.blocks.get(block_hash)
+        if block is None or block.reservation_id != reservation_id:
+            raise InvalidRequestError(
+                f"reservation {reservation_id} is not writing {block_hash.hex()}"
+            )
+        _check_layer(block, layer)
+        return block
+
+    def _readable(self, block_hash: BlockHash, gone: list[BlockHash]) -> Block | None:
+        """The committed block in memory, promoted from disk if need be; None for a miss."""
+        block = self.blocks.get(block_hash)
+        if block is not None:
+            return block if block.status is BlockStatus.COMMITTED else None
+        if self.disk is None or block_hash not in self.disk:
+            return None
+        return self._promote(self.disk, block_hash, gone)
+
+    def _promote(
+        self, disk: DiskTier, block_hash: BlockHash, gone: list[BlockHash]
+    ) -> Block | None:
+        layers = disk.get(block_hash)
+        if layers is None:  # unreadable: the disk tier deleted it
+            gone.append(block_hash)
+            return None
+        victims = self._victims(len(layers) * len(layers[0]))
+        if victims is None:
+            return None
+        # Off the disk before evicting to it, so the disk's own bound cannot drop it.
+        disk.discard(block_hash)
+        gone.extend(self._evict(victims))
+        block = Block(block_hash, layers, BlockStatus.COMMITTED)
+        self._add(block)
+        self._lru[block_hash] = None
+        self.num_promoted += 1
+        return block
+
+    def _victims(self, num_bytes: int) -> list[Block] | None:
+        """Least recently used unpinned committed blocks freeing ``num_bytes``; None if none do."""
+        free = self.config.capacity_bytes - self.num_bytes_used
+        victims: list[Block] = []
+        for h in self._lru:
+            if free >= num_bytes:
+                break
+            block = self.blocks[h]
+            if block.num_pins == 0:
+                victims.append(block)
+                free += block.num_bytes
+        return victims if free >= num_bytes else None
+
+    def _evict(self, victims: list[Block]) -> list[BlockHash]:
+        """Move victims out of memory; returns the hashes no tier holds any more."""
+        gone: list[BlockHash] = []
+        for block in victims:
+            self._remove(block)
+            self.num_evicted += 1
+            if self.disk is None:
+                gone.append(block.block_hash)
+            else:
+                gone.extend(self.disk.put(block.block_hash, block.layers))
+        return gone
+
+    def _add(self, block: Block) -> None:
+        self.blocks[block.block_hash] = block
+        self.num_bytes_used += block.num_bytes
+
+    def _remove(self, block: Block) -> None:
+        del self.blocks[block.block_hash]
+        self._lru.pop(block.block_hash, None)
+        self.num_bytes_used -= block.num_bytes
+
+    def _announce(self, gone: list[BlockHash]) -> None:
+        if gone and self._on_evict is not None:
+            self._on_evict(gone)
+
+
+def _check_hashes(hashes: Sequence[BlockHash]) -> None:
+    for h in hashes:
+        if not isinstance(h, bytes) or len(h) != HASH_SIZE:
+            raise InvalidRequestError(f"a block hash is {HASH_SIZE} bytes, got {h!r}")
+
+
+def _check_layer(block: Block, layer: int) -> None:
+    if not 0 <= layer < block.num_layers:
+        raise InvalidRequestError(
+            f"layer {layer} out of range for {block.block_hash.hex()} ({block.num_layers} layers)"
+        )

@@ -1,0 +1,184 @@
+"""A local Redis for the kvstore's metadata: the real ``redis-server``, or an embedded stand-in.
+
+``RedisServer`` runs ``redis-server`` as a child bound to 127.0.0.1 with persistence off, so a
+``restart()`` comes back empty, as a lost Redis does. Where no ``redis-server`` is installed it
+runs fakeredis's ``TcpFakeServer`` in a child process instead (``python -m
+services.kvstore.redis_server --port N``, which prints ``LISTENING 127.0.0.1:N`` and serves until
+SIGTERM) and logs a warning. The fallback speaks RESP and runs Lua (EVAL, EVALSHA, SCRIPT LOAD,
+so ``register_script``) through the ``lupa`` package of the ``fakeredis[lua]`` extra; it has no
+INFO command, so a Redis restart there is noticed by the node key going missing, not by run_id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from services.common.logs import configure_logging
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+START_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 5.0
+
+
+def free_port(host: str = HOST) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def redis_command(port: int, host: str = HOST, embedded: bool | None = None) -> list[str]:
+    """The argv that serves Redis on ``host:port`` in the foreground: ``redis-server`` when it is
+    installed (or ``embedded=False``), else the embedded fakeredis server."""
+    executable = shutil.which("redis-server")
+    if embedded is None:
+        embedded = executable is None
+        if embedded:
+            log.warning("redis-server not found: using the embedded fakeredis server")
+    if embedded:
+        module = "services.kvstore.redis_server"
+        return [sys.executable, "-m", module, "--host", host, "--port", str(port)]
+    if executable is None:
+        raise FileNotFoundError("redis-server is not installed (`make setup` installs it)")
+    return [
+        executable,
+        "--bind", host,
+        "--port", str(port),
+        "--save", "",  # no RDB snapshots: a restart loses everything
+        "--appendonly", "no",
+        "--daemonize", "no",
+        "--loglevel", "warning",
+    ]  # fmt: skip
+
+
+class RedisServer:
+    """A Redis child process on a fixed port for its whole life (``restart`` keeps it)."""
+
+    def __init__(
+        self, port: int | None = None, host: str = HOST, embedded: bool | None = None
+    ) -> None:
+        self.host = host
+        self.embedded = shutil.which("redis-server") is None if embedded is None else embedded
+        if embedded is None and self.embedded:
+            log.warning("redis-server not found: using the embedded fakeredis server")
+        self.port = port or free_port(host)
+        self._proc: subprocess.Popen | None = None
+        # Redis's own log, quoted when it fails to start; lives as long as this object.
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> RedisServer:
+        if self.running:
+            raise RuntimeError(f"redis already running on port {self.port}")
+        argv = redis_command(self.port, self.host, self.embedded)
+        self._proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        self._wait_ping(timeout_s)
+        return self
+
+    def _wait_ping(self, timeout_s: float) -> None:
+        client = redis.Redis(
+            host=self.host, port=self.port, socket_timeout=0.5, retry=Retry(NoBackoff(), 0)
+        )
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                if not self.running:
+                    raise RuntimeError(f"redis exited on start: {self._log_tail()}")
+                try:
+                    if client.ping():
+                        return
+                except (redis.ConnectionError, redis.TimeoutError):
+                    time.sleep(0.02)
+        finally:
+            client.close()
+        self.stop()
+        raise RuntimeError(f"redis did not answer PING within {timeout_s:.0f}s: {self._log_tail()}")
+
+    def _log_tail(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")[-2000:]
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.terminate()
+        try:
+            self._proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+
+    def restart(self) -> None:
+        """Stop and start again on the same port; the data is gone (persistence is off)."""
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        self._log.close()
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def serve_embedded(host: str, port: int) -> None:
+    """Serve fakeredis over TCP until SIGTERM/SIGINT."""
+    from fakeredis import TcpFakeServer
+
+    server = TcpFakeServer((host, port))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    # shutdown() waits for serve_forever() to return, so they cannot share a thread.
+    thread = threading.Thread(target=server.serve_forever, name="fakeredis", daemon=True)
+    thread.start()
+    print(f"LISTENING {host}:{server.server_address[1]}", flush=True)
+    stop.wait()
+    server.shutdown()
+    server.server_close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m services.kvstore.redis_server", description=__doc__)
+    p.add_argument("--host", default=HOST)
+    p.add_argument("--port", type=int, default=0, help="0: any free port")
+    args = p.parse_args(argv)
+    configure_logging("WARNING")
+    log.warning("serving the embedded fakeredis server, not a real Redis")
+    serve_embedded(args.host, args.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""The prefill worker's side of the global KV cache store (kvstore.proto has the lifecycle).
+
+Who calls what, and when (all on the prefill worker's event loop):
+
+1. ``lookup(hashes)`` before a request is added to the engine: the longest prefix of the
+   prompt's full blocks cached on live nodes, pinned there (``Pin`` per node); the usable
+   prefix ends at the first block a node could not pin (evicted since Redis said otherwise);
+2. ``read_layer(prefix, layer, positions)`` per layer while the suffix computes: layer ``layer``
+   of the pinned blocks at ``positions``, as one tensor shaped like ``Engine.export_kv``'s
+   output (``[2, n, block_size, kv_heads, head_dim]``);
+3. ``release(prefix)`` once every layer arrived or the fetch failed: unpins (best effort; pins
+   expire anyway);
+4. ``write_back(hashes, layers)`` after the first token went out: the prompt's new full blocks,
+   placed by hash over the live nodes, written two-phase (Reserve → data-plane writes → Commit).
+
+Every call is bounded by ``timeout_s``; any failure raises ``StoreError`` and the caller
+recomputes — the store can make a request faster, never wrong or stuck.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from services.common.config import RpcConfig
+from services.common.hashing import BlockHash, place
+from services.rpc import dataplane
+from services.rpc.channels import open_channel
+from services.rpc.gen.banaserve.v1 import kvstore_pb2, kvstore_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+TRANSPORTS = {
+    kvstore_pb2.DATA_TRANSPORT_UCX: "ucx",
+    kvstore_pb2.DATA_TRANSPORT_TCP: "tcp",
+    kvstore_pb2.DATA_TRANSPORT_GRPC: "grpc",
+}
+
+
+class StoreError(Exception):
+    """The store could not help with this request; recompute."""
+
+
+@dataclass(frozen=True)
+class Node:
+    node_id: str
+    grpc_address: str
+    data_address: str
+    transport: str
+
+
+@dataclass(frozen=True)
+class PinnedRun:
+    """Blocks ``start .. start + len(hashes)`` of the prefix, pinned on one node."""
+
+    node: Node
+    pin_id: int
+    start: int
+    num_blocks: int
+
+
+@dataclass(frozen=True)
+class CachedPrefix:
+    num_blocks: int  # usable: every block before it is pinned on some node
+    runs: tuple[PinnedRun, ...]
+    layer_bytes: int
+
+
+class KVStoreClient:
+    def __init__(
+        self,
+        address: str,
+        rpc: RpcConfig | None = None,
+        timeout_s: float = 2.0,
+    ) -> None:
+        self._address = address
+        self._rpc = rpc or RpcConfig()
+        self._timeout_s = timeout_s
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._data: dict[str, dataplane.DataClient] = {}
+        self._nodes: list[Node] = []
+
+    def _stub(self, address: str) -> kvstore_pb2_grpc.KVStoreServiceStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = open_channel(address, self._rpc)
+        return kvstore_pb2_grpc.KVStoreServiceStub(channel)
+
+    async def _data_client(self, node: Node) -> dataplane.DataClient:
+        client = self._data.get(node.data_address)
+        if client is None:
+            client = await dataplane.connect(node.transport, node.data_address, self._timeout_s)
+            self._data[node.data_address] = client
+        return client
+
+    async def close(self) -> None:
+        for client in self._data.values():
+            with contextlib.suppress(Exception):
+                await client.close()
+        for channel in self._channels.values():
+            await channel.close()
+        self._data.clear()
+        self._channels.clear()
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def lookup(self, hashes: Sequence[BlockHash]) -> CachedPrefix | None:
+        """The usable cached prefix of ``hashes``, pinned; None when nothing is cached."""
+        try:
+            reply = await self._stub(self._address).Lookup(
+                kvstore_pb2.LookupRequest(block_hashes=list(hashes)), timeout=self._timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise StoreError(f"lookup failed: {exc.code().name}: {exc.details()}") from None
+        self._nodes = [_node(n) for n in reply.nodes]
+        if not reply.node_ids:
+            return None
+        return await self._pin(hashes, list(reply.node_ids))
+
+    async def _pin(self, hashes: Sequence[BlockHash], owners: list[str]) -> CachedPrefix | None:
+        by_id = {n.node_id: n for n in self._nodes}
+        runs: list[PinnedRun] = []
+        layer_bytes = 0
+        start = 0
+        while start < len(owners):
+            end = start
+            while end < len(owners) and owners[end] == owners[start]:
+                end += 1
+            node = by_id.get(owners[start])
+            if node is None:
+                break
+            reply = await self._call(
+                node, "Pin", kvstore_pb2.PinRequest(block_hashes=hashes[start:end])
+            )
+            if reply.num_pinned:
+                runs.append(PinnedRun(node, reply.pin_id, start, reply.num_pinned))
+                layer_bytes = reply.layer_bytes
+            elif reply.pin_id:
+                await self._unpin(node, reply.pin_id)
+            if reply.num_pinned < end - start:
+                start += reply.num_pinned
+                break
+            start = end
+        if not runs:
+            return None
+        return CachedPrefix(start, tuple(runs), layer_bytes)
+
+    async def read_layer(
+        self, prefix: CachedPrefix, layer: int, positions: Sequence[int], like: torch.Tensor
+    ) -> torch.Tensor:
+        """Layer ``layer`` of the prefix blocks at ``positions`` shaped and typed like ``like``
+        (one block of one layer: ``[2, block_size, kv_heads, head_dim]``)."""
+        reads = [self._read_run(run, layer) for run in prefix.runs]
+        payloads = await asyncio.gather(*reads)
+        blocks: list[torch.Tensor] = []
+        for run, payload in zip(prefix.runs, payloads, strict=True):
+            data = torch.frombuffer(payload, dtype=like.dtype).view(run.num_blocks, *like.shape)
+            blocks += list(data)
+        return torch.stack([blocks[p] for p in positions], dim=1)
+
+    async def _read_run(self, run: PinnedRun, layer: int) -> bytearray | memoryview:
+        read = kvstore_pb2.KVDataRead(pin_id=run.pin_id, layer=layer, num_blocks=run.num_blocks)
+        header = kvstore_pb2.KVDataRequest(read=read).SerializeToString()
+        client = await self._data_client(run.node)
+        try:
+            _, payload = await client.request(header, b"", self._timeout_s)
+        except dataplane.DataPlaneError as exc:
+            raise StoreError(f"read from {run.node.node_id} failed: {exc}") from None
+        return payload
+
+    async def release(self, prefix: CachedPrefix) -> None:
+        for run in prefix.runs:
+            await self._unpin(run.node, run.pin_id)
+
+    async def _unpin(self, node: Node, pin_id: int) -> None:
+        with contextlib.suppress(StoreError):
+            await self._call(node, "Unpin", kvstore_pb2.UnpinRequest(pin_id=pin_id))
+
+    # -- writes ----------------------------------------------------------------------------
+
+    async def write_back(self, hashes: Sequence[BlockHash], layers: Sequence[torch.Tensor]) -> int:
+        """Stores blocks ``hashes`` whose KV is ``layers[l][:, i]`` (``[2, n, bs, h, d]`` per
+        layer); returns how many blocks this writer stored (others were there or in flight)."""
+        if not hashes or not self._nodes:
+            return 0
+        node_ids = [n.node_id for n in self._nodes]
+        by_id = {n.node_id: n for n in self._nodes}
+        groups: dict[str, list[int]] = {}
+        for i, block_hash in enumerate(hashes):
+            groups.setdefault(place(block_hash, node_ids), []).append(i)
+        written = await asyncio.gather(
+            *(self._write_node(by_id[nid], hashes, idx, layers) for nid, idx in groups.items())
+        )
+        return sum(written)
+
+    async def _write_node(
+        self,
+        node: Node,
+        hashes: Sequence[BlockHash],
+        indices: list[int],
+        layers: Sequence[torch.Tensor],
+    ) -> int:
+        block = layers[0][:, 0]
+        layer_bytes = block.numel() * block.element_size()
+        mine = [hashes[i] for i in indices]
+        reply = await self._call(
+            node,
+            "Reserve",
+            kvstore_pb2.ReserveRequest(
+                block_hashes=mine, num_layers=len(layers), layer_bytes=layer_bytes
+            ),
+        )
+        todo = [indices[j] for j in reply.to_write]
+        try:
+            if todo:
+                client = await self._data_client(node)
+                for layer, data in enumerate(layers):
+                    await self._write_layer(client, reply.reservation_id, layer, data, todo, hashes)
+            await self._call(
+                node, "Commit", kvstore_pb2.CommitRequest(reservation_id=reply.reservation_id)
+            )
+        except BaseException:
+            with contextlib.suppress(StoreError):
+                request = kvstore_pb2.KVStoreServiceAbortRequest(
+                    reservation_id=reply.reservation_id
+                )
+                await self._call(node, "Abort", request)
+            raise
+        return len(todo)
+
+    async def _write_layer(
+        self,
+        client: dataplane.DataClient,
+        reservation_id: int,
+        layer: int,
+        data: torch.Tensor,
+        todo: list[int],
+        hashes: Sequence[BlockHash],
+    ) -> None:
+        # [2, n, bs, h, d] -> the chosen blocks, block after block: [k, 2, bs, h, d].
+        payload = data[:, todo].transpose(0, 1).contiguous()
+        write = kvstore_pb2.KVDataWrite(
+            reservation_id=reservation_id, layer=layer, block_hashes=[hashes[i] for i in todo]
+        )
+        header = kvstore_pb2.KVDataRequest(write=write).SerializeToString()
+        try:
+            await client.request(header, payload.view(torch.uint8).numpy(), self._timeout_s)
+        except dataplane.DataPlaneError as exc:
+            raise StoreError(f"write to {client!r} failed: {exc}") from None
+
+    async def _call(self, node: Node, method: str, message):
+        try:
+            return await getattr(self._stub(node.grpc_address), method)(
+                message, timeout=self._timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise StoreError(
+                f"{method} on {node.node_id} failed: {exc.code().name}: {exc.details()}"
+            ) from None
+
+
+def _node(msg: kvstore_pb2.KVStoreNode) -> Node:
+    return Node(
+        msg.node_id, msg.grpc_address, msg.data_address, TRANSPORTS.get(msg.data_transport, "grpc")
+    )

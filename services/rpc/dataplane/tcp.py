@@ -1,0 +1,237 @@
+"""The raw-TCP data plane: the baseline the UCX plane is measured against.
+
+Wire: every message is a ``Frame`` (base.py) followed by ``header_len`` header bytes and
+``payload_len`` payload bytes, on one TCP connection with ``TCP_NODELAY``. Both directions
+carry request ids, so one connection multiplexes concurrent requests: a single reader task per
+side dispatches frames, and writers take a per-connection lock for a whole message.
+
+Why the event loop's socket calls (``sock_recv_into``, ``sock_sendall``) and not asyncio
+streams: on Python 3.11 a stream copies every payload twice or more (``StreamReader`` buffers
+then slices for ``readexactly``; ``transport.write`` copies whatever the kernel did not take at
+once), while ``sock_recv_into`` lands the bytes straight in the preallocated ``bytearray`` that
+the receiver gets, and ``sock_sendall`` sends from the caller's buffer.
+
+A message is always written whole: the write runs in a task of the connection, and a caller that
+times out stops waiting for it but never cuts a frame in half (which would desynchronise the
+stream for every other request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+
+from services.rpc.dataplane.base import (
+    DEFAULT_GRACE_S,
+    DEFAULT_TIMEOUT_S,
+    DataClient,
+    DataPlaneError,
+    DataServer,
+    Frame,
+    FrameType,
+    Handler,
+    Payload,
+    PendingRequests,
+    Tasks,
+    answer,
+    as_bytes_view,
+    bounded,
+    checked_header,
+    error_of,
+    join_address,
+    shielded,
+    split_address,
+    unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+# Up to this size header and payload go out in one send (one copy of a small payload is cheaper
+# than a second system call).
+COALESCE_BYTES = 64 << 10
+_BROKEN = (OSError, EOFError, ValueError)
+_CLOSE_WAIT_S = 1.0  # how long a stopping server waits for clients to close after its FIN  # ValueError: a frame that makes no sense
+
+
+def _tune(sock: socket.socket) -> socket.socket:
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+async def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
+    loop = asyncio.get_running_loop()
+    while view.nbytes:
+        n = await loop.sock_recv_into(sock, view)
+        if n == 0:
+            raise EOFError("connection closed by peer")
+        view = view[n:]
+
+
+async def _read_message(sock: socket.socket) -> tuple[Frame, bytes, bytearray]:
+    head = bytearray(Frame.SIZE)
+    await _recv_exactly(sock, memoryview(head))
+    frame = Frame.unpack(head)
+    header = bytearray(frame.header_len)
+    await _recv_exactly(sock, memoryview(header))
+    payload = bytearray(frame.payload_len)
+    await _recv_exactly(sock, memoryview(payload))
+    return frame, bytes(header), payload
+
+
+class _Connection:
+    """One socket, either side: whole-message writes and the tasks that use the socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.tasks = Tasks()
+        self._write_lock = asyncio.Lock()
+
+    async def _write(self, frame: Frame, header: bytes, payload: memoryview) -> None:
+        loop = asyncio.get_running_loop()
+        async with self._write_lock:
+            if payload.nbytes <= COALESCE_BYTES:
+                await loop.sock_sendall(self.sock, b"".join((frame.pack(), header, payload)))
+            else:
+                await loop.sock_sendall(self.sock, frame.pack() + header)
+                await loop.sock_sendall(self.sock, payload)
+
+    async def send(self, frame: Frame, header: bytes, payload: memoryview) -> None:
+        """Writes one message; the caller may stop waiting, the write still completes."""
+        await shielded(self.tasks.spawn(self._write(frame, header, payload)))
+
+    async def close(self) -> None:
+        # Tasks first: closing a socket the selector still watches breaks the loop.
+        await self.tasks.cancel()
+        self.sock.close()
+
+
+class TcpServer(DataServer):
+    def __init__(self, handler: Handler, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._handler = handler
+        self._host, self._port = host, port
+        self._listener: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._tasks = Tasks()  # the accept loop and one task per connection
+        self._connections: set[_Connection] = set()
+
+    @property
+    def address(self) -> str:
+        return join_address(self._host, self._port)
+
+    async def start(self) -> None:
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        listener = socket.create_server((self._host, self._port), family=family, backlog=128)
+        listener.setblocking(False)
+        self._listener, self._port = listener, listener.getsockname()[1]
+        self._accept_task = self._tasks.spawn(self._accept(listener))
+        log.info("tcp data plane on %s", self.address)
+
+    async def stop(self, grace_s: float = DEFAULT_GRACE_S) -> None:
+        if self._listener is None or self._accept_task is None:
+            return
+        self._stopping = True  # requests from now on are refused as UNAVAILABLE
+        self._accept_task.cancel()
+        await asyncio.wait({self._accept_task}, timeout=1.0)
+        self._listener.close()
+        self._listener = None
+        handlers = Tasks()
+        for conn in self._connections:
+            handlers.spawn(conn.tasks.wait(grace_s))
+        await handlers.wait(grace_s + 0.1)
+        # FIN after the replies already written (a close with unread input could send RST and
+        # drop them); clients close on EOF, which ends their connection tasks here.
+        for conn in self._connections:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_WR)
+        await self._tasks.wait(_CLOSE_WAIT_S)
+        await self._tasks.cancel()  # connection tasks close their sockets as they unwind
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            sock, _ = await loop.sock_accept(listener)
+            self._tasks.spawn(self._serve(_Connection(_tune(sock))))
+
+    async def _serve(self, conn: _Connection) -> None:
+        self._connections.add(conn)
+        try:
+            while True:
+                frame, header, payload = await _read_message(conn.sock)
+                if frame.type is not FrameType.REQUEST:
+                    raise ValueError(f"expected a request, got {frame.type.name}")
+                conn.tasks.spawn(self._answer(conn, frame.request_id, header, payload))
+        except _BROKEN as exc:
+            log.debug("tcp data plane connection ended: %r", exc)
+        finally:
+            self._connections.discard(conn)
+            await conn.close()
+
+    async def _answer(self, conn: _Connection, rid: int, header: bytes, payload: bytearray) -> None:
+        reply = await answer(self._handler, rid, header, payload, self._stopping)
+        try:
+            await conn.send(*reply)
+        except OSError as exc:
+            log.debug("tcp data plane: reply to %d lost: %r", rid, exc)
+
+
+class TcpClient(DataClient):
+    def __init__(self, sock: socket.socket, address: str) -> None:
+        self._conn = _Connection(sock)
+        self._address = address
+        self._pending = PendingRequests()
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    @classmethod
+    async def connect(cls, address: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> TcpClient:
+        host, port = split_address(address)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = _tune(socket.socket(family, socket.SOCK_STREAM))
+        loop = asyncio.get_running_loop()
+        try:
+            await bounded(loop.sock_connect(sock, (host, port)), timeout_s, f"connect {address}")
+        except OSError as exc:
+            sock.close()
+            raise unavailable(f"cannot connect to {address}: {exc}") from exc
+        except DataPlaneError:
+            sock.close()
+            raise
+        return cls(sock, address)
+
+    async def request(
+        self, header: bytes, payload: Payload = b"", timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> tuple[bytes, bytearray]:
+        view, header = as_bytes_view(payload), checked_header(header)
+        rid, future = self._pending.open()
+        frame = Frame(rid, FrameType.REQUEST, len(header), view.nbytes)
+        try:
+            return await bounded(self._call(frame, header, view, future), timeout_s, "request")
+        except OSError as exc:
+            raise unavailable(f"connection to {self._address} lost: {exc}") from exc
+        finally:
+            self._pending.discard(rid, future)
+
+    async def _call(self, frame: Frame, header: bytes, view: memoryview, future) -> tuple:
+        await self._conn.send(frame, header, view)
+        return await future
+
+    async def close(self) -> None:
+        self._pending.fail_all(unavailable(f"client to {self._address} closed"))
+        self._reader.cancel()
+        await asyncio.wait({self._reader}, timeout=1.0)
+        await self._conn.close()
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                frame, header, payload = await _read_message(self._conn.sock)
+                if frame.type is FrameType.ERROR:
+                    self._pending.resolve(frame.request_id, error=error_of(frame, header))
+                else:
+                    self._pending.resolve(frame.request_id, (header, payload))
+        except _BROKEN as exc:
+            self._pending.fail_all(unavailable(f"connection to {self._address} lost: {exc!r}"))
+            await self._conn.close()  # a stopping server waits for this

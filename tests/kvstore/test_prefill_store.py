@@ -1,0 +1,177 @@
+"""Prefill workers sharing prefixes through a real kvstore node (real Redis, real data plane).
+
+Worker A prefills a prompt and writes its full blocks back; worker B, which never saw it, gets
+the prefix from the store layer by layer while it computes the suffix. B's output must equal a
+run with no store, token for token; a store that fails mid-fetch or is gone changes nothing
+but speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+import pytest
+
+from services.common.config import RpcConfig
+from services.common.types import SamplingParams
+from services.kvstore.core import KVStoreNode
+from services.kvstore.metadata import MetadataStore, NodeInfo
+from services.kvstore.pool import BlockPool, PoolConfig
+from services.kvstore.servicer import data_handler, kvstore_service
+from services.prefill.clients import GrpcKVTransport
+from services.prefill.core import FirstToken, PrefillRequest, PrefillResult, PrefillWorker
+from services.prefill.kvstore_client import KVStoreClient
+from services.prefill.transport import KVTarget
+from services.rpc import dataplane
+from services.rpc.server import start_server
+from tests.engine.helpers import assert_no_leaks, make_engine
+from tests.prefill.helpers import ImportingDecode, cluster, prompt_ids
+
+RPC = RpcConfig(grace_s=0.2)
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+
+@dataclass
+class Store:
+    node: KVStoreNode
+    address: str
+    data: dataplane.DataServer
+    server: object
+
+
+@asynccontextmanager
+async def kvstore_node(redis_url: str, prefix: str, transport: str, capacity: int = 64 << 20):
+    pool = BlockPool(PoolConfig(capacity))
+    node = KVStoreNode(pool, MetadataStore.from_url(redis_url, prefix=prefix))
+    pool._on_evict = node.on_evict
+    data = dataplane.serve(transport, data_handler(node))
+    await data.start()
+    server = await start_server([kvstore_service(node)], RPC)
+    await node.start(NodeInfo("kvstore-0", server.address, data.address, transport))
+    try:
+        yield Store(node, server.address, data, server)
+    finally:
+        await server.stop(0)
+        await node.stop()
+        await data.stop()
+
+
+async def prefill_on(
+    worker: PrefillWorker, decode: ImportingDecode, address: str, rid: str, prompt
+):
+    decode.reservations[f"res-{rid}"] = (prompt, GREEDY)
+    request = PrefillRequest(rid, prompt, GREEDY, KVTarget("decode-0", address, f"res-{rid}"))
+    frames = [f async for f in worker.prefill(request, timeout_s=20)]
+    first, result = frames
+    assert isinstance(first, FirstToken) and isinstance(result, PrefillResult)
+    return first.token_ids + decode.decode_all()[rid], result
+
+
+async def wait_for(predicate, within_s: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + within_s
+    while not predicate():
+        assert loop.time() < end, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+def committed(store: Store) -> int:
+    stats = store.node.stats()
+    return stats.num_committed_blocks if stats.num_reservations == 0 else -1
+
+
+def reference(model, prompt) -> list[int]:
+    return make_engine(model).generate([prompt], GREEDY)[0].token_ids
+
+
+@pytest.mark.parametrize(
+    ("transport", "overlap"), [("ucx", True), ("tcp", True), ("grpc", True), ("tcp", False)]
+)
+def test_prefix_written_by_a_is_fetched_by_b_token_identically(
+    tiny_llama, redis_server, kv_prefix, transport, overlap
+):
+    prompt = prompt_ids(100, 5)  # 6 full blocks of 16 + 4 tokens
+    expected = reference(tiny_llama, prompt)
+    engines = [make_engine(tiny_llama) for _ in range(2)]
+    decode = ImportingDecode(make_engine(tiny_llama))
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            store = await stack.enter_async_context(
+                kvstore_node(redis_server.url, kv_prefix, transport)
+            )
+            c = await stack.enter_async_context(cluster(engines[0], decode))
+            workers = []
+            for engine in engines:
+                client = KVStoreClient(store.address, RPC)
+                worker = PrefillWorker(
+                    engine, GrpcKVTransport(RPC), store=client, store_overlap=overlap
+                )
+                worker.start()
+                stack.push_async_callback(worker.stop)
+                workers.append(worker)
+            tokens_a, result_a = await prefill_on(workers[0], decode, c.decode_address, "a", prompt)
+            assert (tokens_a, result_a.num_cached_tokens) == (expected, 0)
+            # The write-back runs after the first token: wait until the node holds all 6 blocks.
+            await wait_for(lambda: committed(store) == 6)
+            tokens_b, result_b = await prefill_on(workers[1], decode, c.decode_address, "b", prompt)
+            assert (tokens_b, result_b.num_cached_tokens) == (expected, 96)
+            assert (workers[1].num_store_hit_tokens, workers[1].num_store_fallbacks) == (96, 0)
+            await wait_for(lambda: store.node.stats().num_pins == 0)
+            stats = store.node.stats()
+            assert (stats.num_blocks, stats.num_reservations) == (6, 0)
+
+    asyncio.run(main())
+    for engine in (*engines, decode.engine):
+        assert_no_leaks(engine)
+
+
+def test_store_failing_mid_fetch_or_gone_changes_nothing_but_speed(
+    tiny_llama, redis_server, kv_prefix
+):
+    prompt = prompt_ids(120, 6)
+    expected = reference(tiny_llama, prompt)
+    engines = [make_engine(tiny_llama) for _ in range(3)]
+    decode = ImportingDecode(make_engine(tiny_llama))
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            store = await stack.enter_async_context(
+                kvstore_node(redis_server.url, kv_prefix, "tcp")
+            )
+            c = await stack.enter_async_context(cluster(engines[0], decode))
+            workers = []
+            for engine in engines:
+                client = KVStoreClient(store.address, RPC, timeout_s=1.0)
+                worker = PrefillWorker(engine, GrpcKVTransport(RPC), store=client)
+                worker.start()
+                stack.push_async_callback(worker.stop)
+                workers.append(worker)
+            await prefill_on(workers[0], decode, c.decode_address, "a", prompt)
+            await wait_for(lambda: committed(store) == 7)
+            # Reads fail after the lookup and pin succeeded: the step fails, B recomputes.
+            real_read = store.node.read
+            calls = []
+
+            def failing_read(request):
+                calls.append(request.layer)
+                if request.layer >= 2:
+                    raise RuntimeError("disk on fire")
+                return real_read(request)
+
+            store.node.read = failing_read
+            tokens_b, _ = await prefill_on(workers[1], decode, c.decode_address, "b", prompt)
+            assert tokens_b == expected
+            assert workers[1].num_store_fallbacks == 1 and 2 in calls
+            store.node.read = real_read
+            # The store gone altogether: lookups fail fast, C computes everything.
+            await store.server.stop(0)
+            await store.data.stop()
+            tokens_c, result_c = await prefill_on(workers[2], decode, c.decode_address, "c", prompt)
+            assert (tokens_c, result_c.num_cached_tokens) == (expected, 0)
+
+    asyncio.run(main())
+    for engine in (*engines, decode.engine):
+        assert_no_leaks(engine)
