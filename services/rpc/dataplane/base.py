@@ -22,12 +22,14 @@ Who calls what, and when:
     1. ``client = await connect(kind, address, timeout_s)``: one connection per peer, kept;
     2. ``await client.request(header, payload, timeout_s)`` from any task of the client's event
        loop, concurrently if wanted: requests are multiplexed on the connection by request id, so
-       a slow handler or a timed-out request never blocks or desynchronises the others;
+       a slow handler or a timed-out request never blocks or desynchronises the others (with a
+       lock instead, 32 x 1 MiB requests to a handler doing 2 ms of work took 101 ms on tcp and
+       204 ms on ucx, one at a time; multiplexed, 56 ms on both);
     3. ``await client.close()``: pending requests fail with UNAVAILABLE. Bounded.
 
 Failures are ``DataPlaneError`` with ``kind``: UNAVAILABLE (refused, peer gone, closed), TIMEOUT
 (the caller's deadline passed) or REMOTE (the handler raised; ``code`` is the gRPC status name).
-Every wait is bounded; after UNAVAILABLE the client is closed for good (connect again).
+Every wait is bounded; once its connection is lost, a client stays closed (connect again).
 
 Payloads received are writable (a ``bytearray`` or a ``memoryview`` of one), so a receiver can
 hand them to numpy/torch without copying.
