@@ -34,3 +34,8 @@ class RequestNotFoundError(BanaServeError, LookupError):
 
 class ResourceExhaustedError(BanaServeError):
     """Not enough KV blocks or queue space, now or ever, for the request."""
+
+
+class DependencyUnavailableError(BanaServeError):
+    """A service this one depends on (e.g. the kvstore's Redis) cannot be reached now; the
+    caller may retry or do without."""

@@ -44,7 +44,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from services.common.errors import BanaServeError, ConfigError
+from services.common.errors import BanaServeError, ConfigError, DependencyUnavailableError
 from services.common.hashing import HASH_SIZE, BlockHash, place  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ _NODE_ID = re.compile(r"[A-Za-z0-9._-]+")
 _BATCH = 1024  # entries per script call: bounds how long one call blocks Redis
 
 
-class MetadataUnavailableError(BanaServeError):
+class MetadataUnavailableError(DependencyUnavailableError):
     """Redis cannot be reached (down, restarting, timed out); callers recompute instead."""
 
 

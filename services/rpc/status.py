@@ -33,6 +33,7 @@ STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     # elsewhere may work, changing the request will not.
     errors.ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ModelFormatError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.DependencyUnavailableError: grpc.StatusCode.UNAVAILABLE,
     # Every wait in a service is bounded; one that runs out is a deadline, not a bug.
     TimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED,
 }

@@ -25,6 +25,7 @@ C = grpc.StatusCode
         (errors.ConfigError("block_size 16 != 32"), C.FAILED_PRECONDITION),
         (errors.ModelFormatError("architecture 'Mamba' unsupported"), C.FAILED_PRECONDITION),
         (TimeoutError("no KV within 2.0 s"), C.DEADLINE_EXCEEDED),
+        (errors.DependencyUnavailableError("redis at :6379 is down"), C.UNAVAILABLE),
     ],
 )
 def test_each_domain_error_maps_to_its_code_with_its_message(exc, code):

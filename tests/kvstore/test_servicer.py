@@ -1,0 +1,130 @@
+"""KVStoreService and its data plane on in-process servers (port 0), against a real Redis:
+the two-phase write and pinned read over the wire, byte for byte, and the status codes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import grpc
+import pytest
+
+from services.common.config import RpcConfig
+from services.kvstore.core import KVStoreNode
+from services.kvstore.metadata import MetadataStore, NodeInfo
+from services.kvstore.pool import BlockPool, PoolConfig
+from services.kvstore.servicer import data_handler, kvstore_service
+from services.rpc import dataplane
+from services.rpc.channels import open_channel
+from services.rpc.gen.banaserve.v1 import kvstore_pb2 as pb
+from services.rpc.gen.banaserve.v1 import kvstore_pb2_grpc
+from services.rpc.server import start_server
+
+RPC = RpcConfig(grace_s=0.1)
+C = grpc.StatusCode
+LAYERS, LAYER_BYTES = 3, 1024
+HASHES = [bytes([i]) * 16 for i in range(1, 5)]
+
+
+async def serve_node(redis_url: str, prefix: str, capacity: int):
+    pool = BlockPool(PoolConfig(capacity))
+    node = KVStoreNode(pool, MetadataStore.from_url(redis_url, prefix=prefix))
+    data = dataplane.serve("tcp", data_handler(node))
+    await data.start()
+    server = await start_server([kvstore_service(node)], RPC)
+    await node.start(NodeInfo("kvstore-0", server.address, data.address, "tcp"))
+    return node, server, data
+
+
+async def code_of(call) -> C:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value.code()
+
+
+def test_write_commit_lookup_pin_read_over_the_wire(redis_server, kv_prefix):
+    payload = [os.urandom(2 * LAYER_BYTES) for _ in range(LAYERS)]  # 2 blocks per layer
+
+    async def main():
+        node, server, data = await serve_node(redis_server.url, kv_prefix, 64 * LAYER_BYTES)
+        channel = open_channel(server.address, RPC)
+        stub = kvstore_pb2_grpc.KVStoreServiceStub(channel)
+        client = await dataplane.connect("tcp", data.address, 5)
+        try:
+            reserve = pb.ReserveRequest(
+                block_hashes=HASHES[:2], num_layers=LAYERS, layer_bytes=LAYER_BYTES
+            )
+            reply = await stub.Reserve(reserve)
+            assert list(reply.to_write) == [0, 1]
+            # Committing before every layer is written: INVALID_ARGUMENT, nothing announced.
+            commit = pb.CommitRequest(reservation_id=reply.reservation_id)
+            assert await code_of(stub.Commit(commit)) == C.INVALID_ARGUMENT
+            for layer in range(LAYERS):
+                write = pb.KVDataWrite(
+                    reservation_id=reply.reservation_id, layer=layer, block_hashes=HASHES[:2]
+                )
+                header = pb.KVDataRequest(write=write).SerializeToString()
+                await client.request(header, payload[layer])
+            assert (await stub.Commit(commit)).num_committed == 2
+            # A second writer of the same blocks is told to write nothing.
+            assert list((await stub.Reserve(reserve)).to_write) == []
+
+            found = await stub.Lookup(pb.LookupRequest(block_hashes=HASHES))
+            assert list(found.node_ids) == ["kvstore-0", "kvstore-0"]
+            assert [n.data_transport for n in found.nodes] == [pb.DATA_TRANSPORT_TCP]
+            pin = await stub.Pin(pb.PinRequest(block_hashes=HASHES))
+            assert (pin.num_pinned, pin.num_layers, pin.layer_bytes) == (2, LAYERS, LAYER_BYTES)
+            for layer in range(LAYERS):
+                read = pb.KVDataRead(pin_id=pin.pin_id, layer=layer, num_blocks=2)
+                _, got = await client.request(pb.KVDataRequest(read=read).SerializeToString())
+                assert bytes(got) == payload[layer]
+            await stub.Unpin(pb.UnpinRequest(pin_id=pin.pin_id))
+            # A read of a released pin is NOT_FOUND, and the node serves on.
+            with pytest.raises(dataplane.DataPlaneError) as info:
+                read = pb.KVDataRead(pin_id=pin.pin_id, layer=0, num_blocks=1)
+                await client.request(pb.KVDataRequest(read=read).SerializeToString())
+            assert info.value.code == "NOT_FOUND"
+            stats = await stub.Stats(pb.KVStoreServiceStatsRequest())
+            assert (stats.num_blocks, stats.num_pins, stats.num_reservations) == (2, 0, 1)
+            await stub.Abort(pb.KVStoreServiceAbortRequest(reservation_id=reply.reservation_id + 1))
+            stats = await stub.Stats(pb.KVStoreServiceStatsRequest())
+            assert (stats.num_pins, stats.num_reservations, stats.metadata_synced) == (0, 0, True)
+        finally:
+            await client.close()
+            await channel.close()
+            await server.stop(0)
+            await node.stop()
+            await data.stop()
+
+    asyncio.run(main())
+
+
+def test_status_codes_for_a_full_pool_and_for_redis_down(redis_server, kv_prefix):
+    async def main():
+        node, server, data = await serve_node(redis_server.url, kv_prefix, 4 * LAYER_BYTES)
+        channel = open_channel(server.address, RPC)
+        stub = kvstore_pb2_grpc.KVStoreServiceStub(channel)
+        try:
+            too_big = pb.ReserveRequest(
+                block_hashes=HASHES[:2], num_layers=LAYERS, layer_bytes=LAYER_BYTES
+            )
+            assert await code_of(stub.Reserve(too_big)) == C.RESOURCE_EXHAUSTED
+            bad = pb.ReserveRequest(block_hashes=[b"short"], num_layers=1, layer_bytes=8)
+            assert await code_of(stub.Reserve(bad)) == C.INVALID_ARGUMENT
+            # Redis down: lookups are UNAVAILABLE (callers recompute), quickly.
+            redis_server.stop()
+            try:
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                lookup = stub.Lookup(pb.LookupRequest(block_hashes=HASHES), timeout=10)
+                assert await code_of(lookup) == C.UNAVAILABLE
+                assert loop.time() - started < 5
+            finally:
+                redis_server.start()
+        finally:
+            await channel.close()
+            await server.stop(0)
+            await node.stop()
+            await data.stop()
+
+    asyncio.run(main())
