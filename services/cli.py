@@ -77,6 +77,32 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
     add_serve_arguments(srv)
     srv.set_defaults(func=_run_bench_serve)
+    tr = bsub.add_parser(
+        "transport", help="data-plane throughput: UCX vs TCP vs gRPC, server in its own process"
+    )
+    from bench.transport_bench import add_arguments as add_transport_arguments
+
+    add_transport_arguments(tr)
+    tr.set_defaults(func=_run_bench_transport)
+    st = bsub.add_parser(
+        "store-ttft", help="TTFT of a long prompt, cold vs its prefix served by the KV store"
+    )
+    from bench.store_ttft import add_arguments as add_store_arguments
+
+    add_store_arguments(st)
+    st.set_defaults(func=_run_bench_store_ttft)
+
+
+def _run_bench_store_ttft(args: argparse.Namespace) -> int:
+    from bench.store_ttft import run
+
+    return run(args)
+
+
+def _run_bench_transport(args: argparse.Namespace) -> int:
+    from bench.transport_bench import run
+
+    return run(args)
 
 
 def _run_bench_engine(args: argparse.Namespace) -> int:

@@ -55,6 +55,8 @@ class ClusterSpec:
     num_kvstore: int = 1
     kvstore_transport: str = "ucx"
     kvstore_capacity_bytes: int = 1 << 30
+    # False: prefill workers fetch a cached prefix whole before computing (a baseline).
+    kvstore_overlap: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -238,6 +240,8 @@ class LocalCluster:
     def _spawn_workers(self, kvstore: str | None) -> list[Child]:
         common = self._worker_args()
         prefill = [*common, "--kvstore", kvstore] if kvstore else common
+        if kvstore and not self.spec.kvstore_overlap:
+            prefill.append("--no-kvstore-overlap")
         roles = [
             ("prefill", "services.prefill", prefill, self.spec.num_prefill),
             ("decode", "services.decode", common, self.spec.num_decode),
@@ -318,6 +322,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kvstore-capacity-bytes", type=int, default=1 << 30, help="host memory per KV store node"
     )
+    p.add_argument(
+        "--no-kvstore-overlap",
+        dest="kvstore_overlap",
+        action="store_false",
+        help="prefill workers fetch a cached prefix whole before computing (baseline)",
+    )
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -333,6 +343,7 @@ def run_up(args: argparse.Namespace) -> int:
         num_kvstore=args.kvstore,
         kvstore_transport=args.kvstore_transport,
         kvstore_capacity_bytes=args.kvstore_capacity_bytes,
+        kvstore_overlap=args.kvstore_overlap,
     )
     cluster = LocalCluster(spec)
     stopping = threading.Event()

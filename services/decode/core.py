@@ -19,6 +19,10 @@ token, the first included.
 
 Every engine call runs on one worker thread, in submission order: steps are CPU-bound and the
 engine is not thread-safe, so an abort submitted before a ``stats`` call is always visible to it.
+The one exception is ``Engine.import_kv``, a copy into blocks only the importing request holds:
+it runs on a second thread, so KV keeps arriving while a decode step runs (queued behind the
+steps, a 30-layer transfer would wait 30 steps). An abort of a request whose import is in
+flight waits for that import, so no copy ever lands in blocks freed to someone else.
 The table itself is touched only from the event loop. Every wait is bounded: a lease or
 deadline is enforced by ``expire_overdue`` (swept every ``sweep_interval_s``), and a stream
 waits at most ``stream_idle_timeout_s`` for its next event.
@@ -145,6 +149,7 @@ class _Entry:
     num_completion_tokens: int = 0
     num_cached_tokens: int = 0
     done_at: float = math.inf
+    importing: Future[None] | None = None  # the layer being copied in, off the engine thread
 
 
 class DecodeWorker:
@@ -162,6 +167,7 @@ class DecodeWorker:
         self.meter = LoadMeter(self.config.load_window_s, clock)
         self._table: dict[str, _Entry] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="decode-engine")
+        self._importer = ThreadPoolExecutor(1, thread_name_prefix="decode-import")
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -182,6 +188,7 @@ class DecodeWorker:
         freed = [self._free(e) for e in list(self._table.values())]
         for future in freed:
             await asyncio.wrap_future(future)
+        self._importer.shutdown(wait=True)
         self._executor.shutdown(wait=True)
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -257,7 +264,7 @@ class DecodeWorker:
                     data = assembler.add(frame)
                     if data is not None:
                         layout = replace(header.layout, layer=frame.layer)
-                        await self._call(self.engine.import_kv, entry.request_id, data, layout)
+                        await self._import(entry, data, layout)
                 elif isinstance(frame, TransferEnd):
                     assembler.check_complete()
                     await self._start_running(entry, frame.first_token_id)
@@ -270,6 +277,15 @@ class DecodeWorker:
         finally:
             if entry is not None:
                 self._free(entry)
+
+    async def _import(self, entry: _Entry, data: Any, layout: Any) -> None:
+        # Checked right before submitting, on the event loop: a ``_free`` after this sees the
+        # import in flight and waits for it; one before it makes this raise.
+        self._check_live(entry)
+        entry.importing = self._importer.submit(
+            self.engine.import_kv, entry.request_id, data, layout
+        )
+        await asyncio.wrap_future(entry.importing)
 
     def _claim(self, header: TransferHeader) -> _Entry:
         entry = self._table.get(header.request_id)
@@ -399,7 +415,16 @@ class DecodeWorker:
             done: Future[int] = Future()
             done.set_result(0)
             return done
-        return self._executor.submit(self._abort, entry.request_id)
+        if entry.importing is None or entry.importing.done():
+            return self._executor.submit(self._abort, entry.request_id)
+        freed: Future[int] = Future()
+
+        def abort_after_import(_: Future[None]) -> None:
+            aborted = self._executor.submit(self._abort, entry.request_id)
+            aborted.add_done_callback(lambda f: _copy_result(f, freed))
+
+        entry.importing.add_done_callback(abort_after_import)
+        return freed
 
     def _abort(self, request_id: str) -> int:  # on the engine thread
         before = self.engine.block_manager.num_free_blocks
@@ -472,3 +497,10 @@ class DecodeWorker:
     def _queued_tokens(self) -> int:  # on the engine thread
         waiting = self.engine.scheduler.waiting
         return sum(seq.num_tokens - seq.num_computed_tokens for seq in waiting)
+
+
+def _copy_result(source: Future[int], target: Future[int]) -> None:
+    if source.exception() is not None:
+        target.set_exception(source.exception())
+    else:
+        target.set_result(source.result())

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from services.common.errors import ConfigError, InvalidRequestError
+from services.common.errors import ConfigError, InvalidRequestError, RequestNotFoundError
 from services.common.load import LoadMeter
 from services.common.types import FinishReason
 from services.decode.core import DecodeConfig, DecodeWorker, Finished, RequestStatus
@@ -141,4 +141,54 @@ def test_decode_only_worker_refuses_local_prefill(tiny_llama):
 
     asyncio.run(main())
     asyncio.run(worker.stop())
+    assert_no_leaks(worker.engine)
+
+
+def test_release_during_an_import_waits_for_the_copy_then_frees(tiny_llama):
+    """KV is copied in off the engine thread; an abort in the middle of a copy must not free
+    the blocks under it (they could go to another request while the copy still writes)."""
+    import threading
+    import time
+
+    from services.decode.transfer import LayerChunk, TransferHeader
+    from tests.decode.helpers import PrefillSide, tensor_bytes
+
+    engine = make_engine(tiny_llama)
+    worker = DecodeWorker(engine)
+    prompt = prompt_ids(40, 3)
+    side = PrefillSide(tiny_llama)
+    side.prefill("r", prompt, GREEDY)
+    data, layout = side.engine.export_kv("r", 0)
+    copying, events = threading.Event(), []
+    real_import = engine.import_kv
+
+    def slow_import(*args):
+        copying.set()
+        time.sleep(0.3)
+        real_import(*args)
+        events.append("copied")
+
+    engine.import_kv = slow_import
+    real_abort = engine.abort
+    engine.abort = lambda rid: (events.append("aborted"), real_abort(rid))[1]
+
+    async def frames(reservation_id):
+        yield TransferHeader("r", reservation_id, layout, engine.spec.num_layers)
+        yield LayerChunk(0, 0, data.shape[1], tensor_bytes(data))
+        await asyncio.sleep(10)  # the rest never comes
+
+    async def main():
+        await worker.start()
+        try:
+            granted = await worker.reserve("r", prompt, GREEDY)
+            receiving = asyncio.create_task(worker.receive(frames(granted.reservation_id)))
+            await asyncio.to_thread(copying.wait, 5)
+            assert await worker.release("r") == (True, 3)  # waited for the copy, then freed
+            assert events == ["copied", "aborted"]
+            with pytest.raises(RequestNotFoundError, match="expired or released"):
+                await receiving
+        finally:
+            await worker.stop()
+
+    asyncio.run(main())
     assert_no_leaks(worker.engine)
