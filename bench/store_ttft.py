@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     summary = summarise(rows)
     report = {
         "benchmark": "store-ttft",
-        "config": vars(args),
+        "config": {k: v for k, v in vars(args).items() if not callable(v)},
         "machine": machine_info(),
         "summary": summary,
         "pairs": rows,

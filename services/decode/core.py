@@ -479,23 +479,28 @@ class DecodeWorker:
 
     async def load(self) -> LoadSnapshot:
         """This worker's load for a report. A decode worker queues no prompts of its own; a
-        preempted sequence waits to recompute its tokens, which counts as queued prefill."""
-        stats = await self.stats()
-        queued = await self._call(self._queued_tokens)
+        preempted sequence (or, on a mixed worker, a prompt) waits to compute its tokens, which
+        counts as queued prefill.
+
+        Read on the event loop while a step may run, not queued behind it: a long step (a
+        2,000-token prompt on a mixed worker takes seconds) must not make the worker miss its
+        reports and look dead. The counters read are sizes and ints, so a report is at worst
+        a moment stale; ``stats`` (the RPC, used for leak checks) stays exact."""
+        stats = self.engine.stats()
         step_time, busy = self.meter.snapshot()
         return LoadSnapshot(
-            queued,
-            stats.num_running_seqs,
-            stats.num_waiting_seqs,
-            stats.num_blocks_used,
-            stats.num_blocks_free,
+            self._queued_tokens(),
+            stats["num_running"],
+            stats["num_waiting"],
+            stats["num_blocks"] - stats["num_free_blocks"],
+            stats["num_free_blocks"],
             step_time,
             busy,
             self.config.load_window_s,
         )
 
-    def _queued_tokens(self) -> int:  # on the engine thread
-        waiting = self.engine.scheduler.waiting
+    def _queued_tokens(self) -> int:
+        waiting = list(self.engine.scheduler.waiting)  # a copy: the deque may change meanwhile
         return sum(seq.num_tokens - seq.num_computed_tokens for seq in waiting)
 
 

@@ -192,3 +192,38 @@ def test_release_during_an_import_waits_for_the_copy_then_frees(tiny_llama):
 
     asyncio.run(main())
     assert_no_leaks(worker.engine)
+
+
+def test_load_report_does_not_wait_for_a_long_step(tiny_llama):
+    """A mixed worker's step over a long prompt takes seconds; its load reports must keep
+    flowing meanwhile, or the router takes it for dead."""
+    import threading
+
+    engine = make_engine(tiny_llama)
+    worker = DecodeWorker(engine, DecodeConfig(prefill_locally=True))
+    release, stepping = threading.Event(), threading.Event()
+    real_step = engine.step
+
+    def long_step(*args):
+        stepping.set()
+        release.wait(10)
+        return real_step(*args)
+
+    engine.step = long_step
+
+    async def main():
+        await worker.start()
+        try:
+            await worker.reserve("r", prompt_ids(70, 1), GREEDY, prefill_locally=True)
+            await asyncio.to_thread(stepping.wait, 5)
+            load = await asyncio.wait_for(worker.load(), 0.5)  # the step is still blocked
+            # The stalled step has not scheduled the prompt yet: it waits, 70 tokens queued.
+            queued = (load.num_running_seqs, load.num_waiting_seqs, load.num_queued_prefill_tokens)
+            assert queued == (0, 1, 70)
+        finally:
+            release.set()
+            await worker.release("r")
+            await worker.stop()
+
+    asyncio.run(main())
+    assert_no_leaks(worker.engine)
