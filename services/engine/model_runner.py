@@ -95,29 +95,15 @@ class ModelRunner:
         on_layer_done: OnLayerDone | None = None,
         before_layer: BeforeLayer | None = None,
     ) -> torch.Tensor:
-        """Logits ``[len(sample_rows), vocab]``, in the model's dtype, for the rows that sample."""
-        if before_layer is None:
-            hidden = self.model(
-                inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta, on_layer_done
-            )
-        else:
-            hidden = self._run_gated(inputs, on_layer_done, before_layer)
-        return self.model.compute_logits(hidden[inputs.sample_rows])
+        """Logits ``[len(sample_rows), vocab]``, in the model's dtype, for the rows that sample.
 
-    def _run_gated(
-        self, inputs: StepInputs, on_layer_done: OnLayerDone | None, before_layer: BeforeLayer
-    ) -> torch.Tensor:
-        # One layer range per layer (hook 1), bit-identical to the one-call forward.
-        hidden = self.model.embed(inputs.input_ids)
-        for layer in range(self.model.num_layers):
-            before_layer(layer)
-            hidden = self.model.forward_layers(
-                hidden,
-                inputs.positions,
-                self.kv_cache,
-                inputs.meta,
-                layer,
-                layer + 1,
-                on_layer_done,
-            )
-        return hidden
+        ``before_layer(i)`` (a prefix fetch's gate) runs before layer ``i`` reads the cache."""
+        hidden = self.model(
+            inputs.input_ids,
+            inputs.positions,
+            self.kv_cache,
+            inputs.meta,
+            on_layer_done,
+            before_layer,
+        )
+        return self.model.compute_logits(hidden[inputs.sample_rows])

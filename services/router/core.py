@@ -57,6 +57,11 @@ class NoWorkerError(ResourceExhaustedError):
     """No healthy worker of a role the request needs (as opposed to workers without room)."""
 
 
+class NoRoomNowError(ResourceExhaustedError):
+    """Every worker that could hold the request is full right now, but one could hold it once
+    running requests end: the driver waits (until the deadline) instead of failing."""
+
+
 def require_config(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -243,7 +248,7 @@ def _no_room(view: RequestView, workers: Sequence[WorkerInfo], kind: str) -> Res
             f"{need}, more than any {kind} worker holds in total (largest: {largest})"
         )
     most_free = max(w.num_free_blocks for w in workers)
-    return ResourceExhaustedError(f"{need}; the most free on any {kind} worker now is {most_free}")
+    return NoRoomNowError(f"{need}; the most free on any {kind} worker now is {most_free}")
 
 
 def _names(roles: set[WorkerRole]) -> str:

@@ -8,6 +8,9 @@ Lifecycle of one request (DESIGN.md §4; router.proto, decode.proto, prefill.pro
   4. DECODING  - ``DecodeClient.stream_tokens`` on D; deltas relayed; ``Finished`` last.
 A colocated assignment (P is D, a mixed worker) skips step 3: D reserves with
 ``prefill_locally`` and its stream starts with the first token.
+A request no worker has room for *now* waits in step 1 (re-routed every
+``DriverConfig.admission_poll_s``) until one has, or its deadline passes: a burst queues at the
+router instead of failing; one that could never fit fails at once (RESOURCE_EXHAUSTED).
 A worker lost in 2-3 (before the first token) is removed and the request routed again, once.
 Abort, client cancellation, the deadline, or a failure after step 2 release D's reservation
 (``DecodeClient.release``): nothing a request held outlives it. Every call gets what is left of
@@ -35,6 +38,7 @@ from services.common.errors import BanaServeError, InvalidRequestError, RequestN
 from services.common.types import FinishReason, SamplingParams
 from services.router.core import (
     Assignment,
+    NoRoomNowError,
     Router,
     RouteRequest,
     check_request,
@@ -187,9 +191,11 @@ class DriverConfig:
     default_timeout_s: float = 600.0
     # Bound on the cleanup call after abort, cancel or failure.
     release_timeout_s: float = 2.0
+    # How often a request waiting for room (NoRoomNowError) is routed again.
+    admission_poll_s: float = 0.05
 
     def __post_init__(self) -> None:
-        for name in ("lease_s", "default_timeout_s", "release_timeout_s"):
+        for name in ("lease_s", "default_timeout_s", "release_timeout_s", "admission_poll_s"):
             value = getattr(self, name)
             require_config(
                 math.isfinite(value) and value > 0, f"{name} must be positive, got {value}"
@@ -321,7 +327,7 @@ class RequestDriver:
             request.request_id, request.prompt_token_ids, request.sampling.max_tokens
         )
         for attempt in (1, 2):
-            assignment = self.router.route(route)
+            assignment = await self._admit(job, route)
             try:
                 return await _Attempt(self, job, request, assignment, arrival).run()
             except _LostBeforeFirstToken as lost:
@@ -332,6 +338,14 @@ class RequestDriver:
                         f"before the first token, after a retry ({lost.error})"
                     ) from None
         raise AssertionError("unreachable")
+
+    async def _admit(self, job: _Job, route: RouteRequest) -> Assignment:
+        """Route, waiting while every worker that could take the request is full."""
+        while True:
+            try:
+                return self.router.route(route)
+            except NoRoomNowError:
+                await asyncio.sleep(min(self.config.admission_poll_s, self.remaining(job)))
 
     def _forget(self, worker_id: str, reason: str) -> None:
         with contextlib.suppress(RequestNotFoundError):  # already removed (its stream broke)

@@ -10,6 +10,7 @@ import pytest
 
 from services.router.registry import WorkerStatus
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2
+from tests.router.factories import NUM_BLOCKS, load
 from tests.router.grpc_fakes import cluster
 
 C = grpc.StatusCode
@@ -260,6 +261,46 @@ def test_cancel_of_a_colocated_request_releases_it():
             await asyncio.wait_for(c.log.released.wait(), 3)
             assert c.log.calls[-1] == ("release", "m0", "r1", "RELEASE_REASON_ABORTED")
             assert c.driver.num_running == 0
+
+    asyncio.run(main())
+
+
+def test_a_request_waits_for_decode_room_instead_of_failing():
+    async def main():
+        async with cluster() as c:
+            c.router.report("d0", load(free=0, used=NUM_BLOCKS, timestamp=2.0))  # d0 is full
+            call = c.stub.Generate(request(), timeout=5)
+            await asyncio.sleep(0.3)
+            assert c.log.calls == []  # queued at the router, no worker called yet
+            c.router.report("d0", load(timestamp=3.0))  # running requests ended
+            frames = await collect(call)
+            assert frames[-1].finished.finish_reason == common_pb2.FINISH_REASON_LENGTH
+            assert [call[0] for call in c.log.calls] == ["reserve", "prefill", "stream"]
+
+    asyncio.run(main())
+
+
+def test_a_request_that_never_gets_room_ends_at_its_deadline():
+    async def main():
+        async with cluster() as c:
+            c.router.report("d0", load(free=0, used=NUM_BLOCKS, timestamp=2.0))
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            error = await status_of(c.stub.Generate(request(), timeout=0.5))
+            assert error.code() == C.DEADLINE_EXCEEDED
+            assert loop.time() - started < 1.5
+            assert c.log.calls == [] and c.driver.num_running == 0
+
+    asyncio.run(main())
+
+
+def test_a_request_larger_than_any_worker_fails_at_once():
+    async def main():
+        async with cluster() as c:
+            big = request(prompt=list(range(1, 30)), max_tokens=NUM_BLOCKS * 16)
+            error = await status_of(c.stub.Generate(big, timeout=5))
+            assert error.code() == C.RESOURCE_EXHAUSTED
+            assert "more than any decode or mixed worker holds in total" in error.details()
 
     asyncio.run(main())
 

@@ -185,17 +185,22 @@ class LlamaForCausalLM(nn.Module):
         start: int = 0,
         end: int | None = None,
         on_layer_done: OnLayerDone | None = None,
+        before_layer: OnLayerDone | None = None,
     ) -> torch.Tensor:
         """Run decoder layers ``[start, end)`` on ``hidden`` and return the new hidden states.
 
         ``on_layer_done(i)`` runs after layer ``i`` has written its KV and before layer ``i + 1``
         starts, so layer ``i``'s KV can leave while the rest computes (DESIGN.md §4 step 3).
+        ``before_layer(i)`` runs before layer ``i`` reads the cache, so KV arriving from
+        elsewhere (a prefix fetch) need only be there by then.
         """
         end = self.num_layers if end is None else end
         if not 0 <= start <= end <= self.num_layers:
             raise ValueError(f"layer range [{start}, {end}) outside [0, {self.num_layers})")
         rotary = self.rope(positions, hidden.dtype)  # once per call, shared by every layer
         for index in range(start, end):
+            if before_layer is not None:
+                before_layer(index)
             hidden = self.layers[index](hidden, rotary, kv_cache, meta)
             if on_layer_done is not None:
                 on_layer_done(index)
@@ -211,7 +216,13 @@ class LlamaForCausalLM(nn.Module):
         kv_cache: KVCache,
         meta: AttentionMetadata,
         on_layer_done: OnLayerDone | None = None,
+        before_layer: OnLayerDone | None = None,
     ) -> torch.Tensor:
         return self.forward_layers(
-            self.embed(input_ids), positions, kv_cache, meta, on_layer_done=on_layer_done
+            self.embed(input_ids),
+            positions,
+            kv_cache,
+            meta,
+            on_layer_done=on_layer_done,
+            before_layer=before_layer,
         )
