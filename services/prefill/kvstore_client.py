@@ -158,11 +158,16 @@ class KVStoreClient:
         (one block of one layer: ``[2, block_size, kv_heads, head_dim]``)."""
         reads = [self._read_run(run, layer) for run in prefix.runs]
         payloads = await asyncio.gather(*reads)
-        blocks: list[torch.Tensor] = []
-        for run, payload in zip(prefix.runs, payloads, strict=True):
-            data = torch.frombuffer(payload, dtype=like.dtype).view(run.num_blocks, *like.shape)
-            blocks += list(data)
-        return torch.stack([blocks[p] for p in positions], dim=1)
+        runs = [
+            torch.frombuffer(payload, dtype=like.dtype).view(run.num_blocks, *like.shape)
+            for run, payload in zip(prefix.runs, payloads, strict=True)
+        ]
+        # [n, 2, ...] -> [2, n, ...] as a view: the engine's write is then the only copy (the
+        # usual case: every pinned block is wanted, from one node).
+        blocks = runs[0] if len(runs) == 1 else torch.cat(runs)
+        if list(positions) != list(range(blocks.shape[0])):
+            blocks = blocks[list(positions)]
+        return blocks.transpose(0, 1)
 
     async def _read_run(self, run: PinnedRun, layer: int) -> bytearray | memoryview:
         read = kvstore_pb2.KVDataRead(pin_id=run.pin_id, layer=layer, num_blocks=run.num_blocks)

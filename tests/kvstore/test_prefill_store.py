@@ -42,14 +42,16 @@ class Store:
 
 
 @asynccontextmanager
-async def kvstore_node(redis_url: str, prefix: str, transport: str, capacity: int = 64 << 20):
+async def kvstore_node(
+    redis_url: str, prefix: str, transport: str, capacity: int = 64 << 20, node_id="kvstore-0"
+):
     pool = BlockPool(PoolConfig(capacity))
     node = KVStoreNode(pool, MetadataStore.from_url(redis_url, prefix=prefix))
     pool._on_evict = node.on_evict
     data = dataplane.serve(transport, data_handler(node))
     await data.start()
     server = await start_server([kvstore_service(node)], RPC)
-    await node.start(NodeInfo("kvstore-0", server.address, data.address, transport))
+    await node.start(NodeInfo(node_id, server.address, data.address, transport))
     try:
         yield Store(node, server.address, data, server)
     finally:
@@ -171,6 +173,43 @@ def test_store_failing_mid_fetch_or_gone_changes_nothing_but_speed(
             await store.data.stop()
             tokens_c, result_c = await prefill_on(workers[2], decode, c.decode_address, "c", prompt)
             assert (tokens_c, result_c.num_cached_tokens) == (expected, 0)
+
+    asyncio.run(main())
+    for engine in (*engines, decode.engine):
+        assert_no_leaks(engine)
+
+
+def test_blocks_are_placed_by_hash_over_two_nodes_and_fetched_from_both(
+    tiny_llama, redis_server, kv_prefix
+):
+    prompt = prompt_ids(200, 8)  # 12 full blocks
+    expected = reference(tiny_llama, prompt)
+    engines = [make_engine(tiny_llama) for _ in range(2)]
+    decode = ImportingDecode(make_engine(tiny_llama))
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            stores = [
+                await stack.enter_async_context(
+                    kvstore_node(redis_server.url, kv_prefix, "tcp", node_id=f"kvstore-{i}")
+                )
+                for i in range(2)
+            ]
+            c = await stack.enter_async_context(cluster(engines[0], decode))
+            workers = []
+            for engine in engines:
+                # Each worker knows one node; lookups return every live node.
+                client = KVStoreClient(stores[0].address, RPC)
+                worker = PrefillWorker(engine, GrpcKVTransport(RPC), store=client)
+                worker.start()
+                stack.push_async_callback(worker.stop)
+                workers.append(worker)
+            await prefill_on(workers[0], decode, c.decode_address, "a", prompt)
+            await wait_for(lambda: sum(committed(s) for s in stores) == 12)
+            per_node = [committed(s) for s in stores]
+            assert min(per_node) > 0  # rendezvous placement spread the 12 blocks
+            tokens_b, result_b = await prefill_on(workers[1], decode, c.decode_address, "b", prompt)
+            assert (tokens_b, result_b.num_cached_tokens) == (expected, 192)
 
     asyncio.run(main())
     for engine in (*engines, decode.engine):
