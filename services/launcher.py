@@ -38,6 +38,7 @@ from services.rpc.dataplane import KINDS as DATA_TRANSPORTS
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 15.0
 HOST = "127.0.0.1"
+KV_TRANSPORTS = (*DATA_TRANSPORTS, "none")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class ClusterSpec:
     # KV store nodes sharing one Redis; 0: no store (and no Redis).
     num_kvstore: int = 1
     kvstore_transport: str = "ucx"
+    # The data plane decode (and mixed) workers take KV on; "none": the TransferKV stream only.
+    kv_transport: str = "ucx"
     kvstore_capacity_bytes: int = 1 << 30
     # False: prefill workers fetch a cached prefix whole before computing (a baseline).
     kvstore_overlap: bool = True
@@ -78,6 +81,10 @@ class ClusterSpec:
             raise ConfigError(
                 f"kvstore transport must be one of {', '.join(DATA_TRANSPORTS)}, "
                 f"got {self.kvstore_transport!r}"
+            )
+        if self.kv_transport not in KV_TRANSPORTS:
+            raise ConfigError(
+                f"kv transport must be one of {', '.join(KV_TRANSPORTS)}, got {self.kv_transport!r}"
             )
         if self.kvstore_capacity_bytes < 1:
             raise ConfigError(
@@ -242,10 +249,11 @@ class LocalCluster:
         prefill = [*common, "--kvstore", kvstore] if kvstore else common
         if kvstore and not self.spec.kvstore_overlap:
             prefill.append("--no-kvstore-overlap")
+        decode = [*common, "--kv-transport", self.spec.kv_transport]
         roles = [
             ("prefill", "services.prefill", prefill, self.spec.num_prefill),
-            ("decode", "services.decode", common, self.spec.num_decode),
-            ("mixed", "services.decode", [*common, "--role", "mixed"], self.spec.num_mixed),
+            ("decode", "services.decode", decode, self.spec.num_decode),
+            ("mixed", "services.decode", [*decode, "--role", "mixed"], self.spec.num_mixed),
         ]
         return [
             self._spawn(f"{role}-{i}", module, args)
@@ -320,6 +328,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the KV store's data plane",
     )
     p.add_argument(
+        "--kv-transport",
+        default="ucx",
+        choices=KV_TRANSPORTS,
+        help="the data plane KV moves on from prefill to decode workers (none: gRPC stream)",
+    )
+    p.add_argument(
         "--kvstore-capacity-bytes", type=int, default=1 << 30, help="host memory per KV store node"
     )
     p.add_argument(
@@ -342,6 +356,7 @@ def run_up(args: argparse.Namespace) -> int:
         num_kv_blocks=args.num_kv_blocks,
         num_kvstore=args.kvstore,
         kvstore_transport=args.kvstore_transport,
+        kv_transport=args.kv_transport,
         kvstore_capacity_bytes=args.kvstore_capacity_bytes,
         kvstore_overlap=args.kvstore_overlap,
     )

@@ -2,7 +2,8 @@
 
 Prints ``LISTENING HOST:PORT`` on stdout once the server accepts calls (a launcher parses it),
 serves until SIGTERM/SIGINT, then drains and frees every block. With ``--router`` it registers
-there and reports its load every ``--report-interval`` seconds.
+there and reports its load every ``--report-interval`` seconds. ``--kv-transport`` (default ucx)
+also serves KV transfers on a data plane, which ReserveKV names; ``none``: TransferKV only.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import sys
 from services.common.config import EngineConfig, RpcConfig, TracingConfig
 from services.common.logs import configure_logging
 from services.decode.core import DecodeConfig, DecodeWorker
-from services.decode.servicer import decode_service
+from services.decode.dataplane_receiver import DataPlaneReceiver
+from services.decode.servicer import decode_service, kv_data_handler
 from services.engine.engine import Engine
+from services.rpc import dataplane
 from services.rpc.load_reports import reporting_to, worker_info
 from services.rpc.server import start_server
 from services.rpc.tracing import setup_tracing
@@ -42,6 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--router", default=env("BANASERVE_ROUTER", ""), help="HOST:PORT")
     p.add_argument("--report-interval", type=float, default=0.1)
     p.add_argument("--max-lease", type=float, default=60.0)
+    p.add_argument(
+        "--kv-transport",
+        choices=(*dataplane.KINDS, "none"),
+        default="ucx",
+        help="the data plane KV transfers may arrive on (none: the TransferKV stream only)",
+    )
     p.add_argument("--tracing", choices=("none", "console", "otlp"), default="none")
     p.add_argument("--otlp-endpoint", default="")
     p.add_argument("--log-level", default=env("BANASERVE_LOG_LEVEL", "INFO"))
@@ -90,13 +99,24 @@ async def serve(args: argparse.Namespace) -> None:
         ),
     )
     await worker.start()
-    server = await start_server([decode_service(worker)], rpc, tracing=tracing)
+    receiver = DataPlaneReceiver(worker)
+    data = None
+    if args.kv_transport != "none":
+        data = dataplane.serve(args.kv_transport, kv_data_handler(receiver))
+        await data.start()
+    service = decode_service(
+        worker, data.address if data else "", args.kv_transport if data else ""
+    )
+    server = await start_server([service], rpc, tracing=tracing)
     print(f"LISTENING {server.address}", flush=True)
     info = _worker_info(args, engine, server.address)
     try:
         async with reporting_to(args.router, info, worker.load, rpc, args.report_interval):
             await server.serve_until_signal()
     finally:
+        if data is not None:
+            await data.stop()
+            await receiver.stop()
         await worker.stop()
         tracing.shutdown()
 

@@ -150,6 +150,7 @@ class _Entry:
     num_cached_tokens: int = 0
     done_at: float = math.inf
     importing: Future[None] | None = None  # the layer being copied in, off the engine thread
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # set with status DONE
 
 
 class DecodeWorker:
@@ -299,6 +300,17 @@ class DecodeWorker:
         entry.status = RequestStatus.RECEIVING
         return entry
 
+    def ended(self, request_id: str) -> asyncio.Event:
+        """Set once ``request_id`` holds nothing here (finished, released, expired). A frame
+        source that waits on its sender (the data-plane receiver) stops waiting then: unlike a
+        broken gRPC stream, a silent sender there is noticed by nobody else."""
+        entry = self._table.get(request_id)
+        if entry is not None:
+            return entry.ended
+        gone = asyncio.Event()
+        gone.set()
+        return gone
+
     def _check_live(self, entry: _Entry) -> None:
         if entry.status is RequestStatus.DONE or self._table.get(entry.request_id) is not entry:
             raise RequestNotFoundError(f"reservation of {entry.request_id!r} expired or released")
@@ -367,6 +379,7 @@ class DecodeWorker:
 
     def _finish(self, entry: _Entry, reason: FinishReason) -> None:
         entry.status = RequestStatus.DONE
+        entry.ended.set()
         entry.done_at = self._clock()
         entry.events.put_nowait(
             Finished(reason, entry.num_completion_tokens, entry.num_cached_tokens)

@@ -1,4 +1,5 @@
-"""DecodeService: protos in, ``DecodeWorker`` calls, protos out; nothing else.
+"""DecodeService and the KV data-plane handler: protos in, ``DecodeWorker`` (or
+``DataPlaneReceiver``) calls, protos out; nothing else.
 
 Domain errors propagate as they are: ``services.rpc.status.ErrorInterceptor`` (installed on
 every server) maps them to status codes.
@@ -9,16 +10,21 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
+from google.protobuf.message import DecodeError
+
 from services.common.errors import BanaServeError, InvalidRequestError
 from services.decode import core, transfer
+from services.decode.dataplane_receiver import DataPlaneReceiver
 from services.engine.kv_cache import KVLayout
 from services.rpc.convert import (
+    DATA_TRANSPORT_TO_PROTO,
     DTYPE_FROM_PROTO,
     FINISH_TO_PROTO,
     duration,
     sampling_from_proto,
     seconds,
 )
+from services.rpc.dataplane import Handler
 from services.rpc.gen.banaserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from services.rpc.server import Service
 from services.rpc.streams import drain
@@ -104,8 +110,12 @@ def stats_to_proto(stats: core.WorkerStats) -> decode_pb2.DecodeServiceStatsResp
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
-    def __init__(self, worker: core.DecodeWorker) -> None:
+    def __init__(
+        self, worker: core.DecodeWorker, data_address: str = "", data_transport: str = ""
+    ) -> None:
         self._worker = worker
+        self._data_address = data_address  # the KV data plane, if this worker serves one
+        self._data_transport = DATA_TRANSPORT_TO_PROTO.get(data_transport, 0)
 
     async def ReserveKV(self, request, context):
         reservation = await self._worker.reserve(
@@ -120,6 +130,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             reservation_id=reservation.reservation_id,
             num_blocks=reservation.num_blocks,
             lease=duration(reservation.lease_s),
+            data_address=self._data_address,
+            data_transport=self._data_transport,
         )
 
     async def TransferKV(self, request_iterator, context):
@@ -155,9 +167,45 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         return stats_to_proto(await self._worker.stats())
 
 
-def decode_service(worker: core.DecodeWorker) -> Service:
+def kv_data_handler(receiver: DataPlaneReceiver) -> Handler:
+    """The data-plane form of TransferKV: a ``KVTransferFrame`` header per message, a layer's
+    bytes as its payload (decode.proto)."""
+
+    async def handle(header: bytes, payload: memoryview) -> tuple[bytes, bytes]:
+        try:
+            msg = decode_pb2.KVTransferFrame.FromString(header)
+        except DecodeError:
+            raise InvalidRequestError("malformed KVTransferFrame") from None
+        kind, reservation_id = msg.WhichOneof("frame"), msg.reservation_id
+        if kind == "header":
+            if msg.header.reservation_id != reservation_id:
+                raise InvalidRequestError("the frame and its header name different reservations")
+            await receiver.open(header_from_proto(msg.header))
+        elif kind == "layer":
+            c = msg.layer
+            chunk = transfer.LayerChunk(c.layer, c.first_block, c.num_blocks, payload)
+            await receiver.layer(reservation_id, chunk)
+        elif kind == "end":
+            end = transfer.TransferEnd(msg.end.first_token_id)
+            result = await receiver.end(reservation_id, end)
+            response = decode_pb2.TransferKVResponse(
+                num_layers=result.num_layers, num_bytes=result.num_bytes
+            )
+            return response.SerializeToString(), b""
+        elif kind == "abort":
+            receiver.abort(reservation_id)
+        else:
+            raise InvalidRequestError("empty KVTransferFrame")
+        return b"", b""
+
+    return handle
+
+
+def decode_service(
+    worker: core.DecodeWorker, data_address: str = "", data_transport: str = ""
+) -> Service:
     return Service.bind(
-        DecodeServicer(worker),
+        DecodeServicer(worker, data_address, data_transport),
         decode_pb2_grpc.add_DecodeServiceServicer_to_server,
         decode_pb2.DESCRIPTOR.services_by_name["DecodeService"],
     )

@@ -30,7 +30,8 @@ class LayerChunk:
     layer: int
     first_block: int
     num_blocks: int
-    data: bytes
+    # bytes (a gRPC frame) or a writable buffer (a data-plane payload, used without a copy).
+    data: bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,9 @@ class LayerAssembler:
     def add(self, chunk: LayerChunk) -> torch.Tensor | None:
         first, n = chunk.first_block, chunk.num_blocks
         self._check(chunk)
-        data = torch.frombuffer(bytearray(chunk.data), dtype=self.dtype)
+        data = torch.frombuffer(_writable(chunk.data), dtype=self.dtype)
         data = data.view(2, n, *self.block_shape)
-        self.num_bytes += len(chunk.data)
+        self.num_bytes += data.nbytes
         if first == 0 and n == self.num_blocks and chunk.layer not in self._partial:
             self._complete.add(chunk.layer)
             return data
@@ -95,9 +96,10 @@ class LayerAssembler:
             )
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         expected = 2 * chunk.num_blocks * math.prod(self.block_shape) * itemsize
-        if len(chunk.data) != expected:
+        num_bytes = memoryview(chunk.data).nbytes
+        if num_bytes != expected:
             raise InvalidRequestError(
-                f"layer {chunk.layer}: {len(chunk.data)} bytes for {chunk.num_blocks} blocks, "
+                f"layer {chunk.layer}: {num_bytes} bytes for {chunk.num_blocks} blocks, "
                 f"expected {expected}"
             )
 
@@ -105,3 +107,10 @@ class LayerAssembler:
         if len(self._complete) != self.num_layers:
             missing = sorted(set(range(self.num_layers)) - self._complete)
             raise InvalidRequestError(f"transfer ended with layers {missing} incomplete")
+
+
+def _writable(data: bytes | bytearray | memoryview) -> bytearray | memoryview:
+    """A buffer torch may view: ``bytes`` are copied (torch warns on read-only memory), a
+    writable buffer is used as it is."""
+    view = memoryview(data)
+    return bytearray(view) if view.readonly else view

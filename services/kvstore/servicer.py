@@ -5,16 +5,9 @@ from __future__ import annotations
 from services.common.errors import InvalidRequestError
 from services.kvstore import core
 from services.kvstore.metadata import NodeInfo
-from services.rpc.convert import duration
+from services.rpc.convert import DATA_TRANSPORT_TO_PROTO, duration
 from services.rpc.gen.banaserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 from services.rpc.server import Service
-
-TRANSPORT_TO_PROTO = {
-    "ucx": kvstore_pb2.DATA_TRANSPORT_UCX,
-    "tcp": kvstore_pb2.DATA_TRANSPORT_TCP,
-    "grpc": kvstore_pb2.DATA_TRANSPORT_GRPC,
-}
-TRANSPORT_FROM_PROTO = {v: k for k, v in TRANSPORT_TO_PROTO.items()}
 
 
 def node_to_proto(node: NodeInfo) -> kvstore_pb2.KVStoreNode:
@@ -22,7 +15,7 @@ def node_to_proto(node: NodeInfo) -> kvstore_pb2.KVStoreNode:
         node_id=node.node_id,
         grpc_address=node.grpc_address,
         data_address=node.data_address,
-        data_transport=TRANSPORT_TO_PROTO.get(node.data_transport, 0),
+        data_transport=DATA_TRANSPORT_TO_PROTO.get(node.data_transport, 0),
     )
 
 

@@ -16,6 +16,7 @@ from services.common.logs import configure_logging
 from services.engine.engine import Engine
 from services.prefill.clients import DEFAULT_MAX_CHUNK_BYTES, GrpcKVTransport
 from services.prefill.core import PrefillWorker
+from services.prefill.dataplane_transport import DataPlaneKVTransport, TargetKVTransport
 from services.prefill.kvstore_client import KVStoreClient
 from services.prefill.servicer import prefill_service
 from services.rpc.load_reports import reporting_to, worker_info
@@ -32,6 +33,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-chunk-bytes", type=int, default=DEFAULT_MAX_CHUNK_BYTES)
+    p.add_argument(
+        "--kv-transport",
+        choices=("auto", "grpc"),
+        default="auto",
+        help="auto: KV to a decode worker's data plane when it has one; grpc: TransferKV only",
+    )
     p.add_argument("--router", default=None, metavar="HOST:PORT", help="register and report load")
     p.add_argument(
         "--kvstore",
@@ -70,7 +77,10 @@ async def serve(args: argparse.Namespace) -> None:
             max_num_batched_tokens=args.max_num_batched_tokens,
         )
     )
-    transport = GrpcKVTransport(rpc, tracing, args.max_chunk_bytes)
+    transport = TargetKVTransport(
+        GrpcKVTransport(rpc, tracing, args.max_chunk_bytes),
+        DataPlaneKVTransport(args.max_chunk_bytes) if args.kv_transport == "auto" else None,
+    )
     store = KVStoreClient(args.kvstore, rpc, args.kvstore_timeout) if args.kvstore else None
     worker = PrefillWorker(engine, transport, store=store, store_overlap=args.kvstore_overlap)
     worker.start()

@@ -32,15 +32,10 @@ from services.common.config import RpcConfig
 from services.common.hashing import BlockHash, place
 from services.rpc import dataplane
 from services.rpc.channels import open_channel
+from services.rpc.convert import DATA_TRANSPORT_FROM_PROTO
 from services.rpc.gen.banaserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-TRANSPORTS = {
-    kvstore_pb2.DATA_TRANSPORT_UCX: "ucx",
-    kvstore_pb2.DATA_TRANSPORT_TCP: "tcp",
-    kvstore_pb2.DATA_TRANSPORT_GRPC: "grpc",
-}
 
 
 class StoreError(Exception):
@@ -272,5 +267,8 @@ class KVStoreClient:
 
 def _node(msg: kvstore_pb2.KVStoreNode) -> Node:
     return Node(
-        msg.node_id, msg.grpc_address, msg.data_address, TRANSPORTS.get(msg.data_transport, "grpc")
+        msg.node_id,
+        msg.grpc_address,
+        msg.data_address,
+        DATA_TRANSPORT_FROM_PROTO.get(msg.data_transport, "grpc"),
     )

@@ -12,7 +12,12 @@ import grpc
 
 from services.prefill.core import FirstToken, PrefillRequest, PrefillResult, PrefillWorker
 from services.prefill.transport import KVTarget, TransferError
-from services.rpc.convert import duration, finish_to_proto, sampling_from_proto
+from services.rpc.convert import (
+    DATA_TRANSPORT_FROM_PROTO,
+    duration,
+    finish_to_proto,
+    sampling_from_proto,
+)
 from services.rpc.gen.banaserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 from services.rpc.server import Service
 
@@ -20,7 +25,11 @@ from services.rpc.server import Service
 
 
 def request_from_proto(msg: prefill_pb2.PrefillRequest) -> PrefillRequest:
-    target = KVTarget(msg.target.worker_id, msg.target.address, msg.target.reservation_id)
+    t = msg.target
+    transport = DATA_TRANSPORT_FROM_PROTO.get(t.data_transport, "")
+    target = KVTarget(
+        t.worker_id, t.address, t.reservation_id, t.data_address if transport else "", transport
+    )
     return PrefillRequest(
         msg.request_id, list(msg.prompt_token_ids), sampling_from_proto(msg.sampling), target
     )

@@ -18,8 +18,10 @@ when (all on the prefill worker's event loop unless marked otherwise):
 ``failed`` may be read at any time: a transfer that already broke (unreachable target, a
 rejected header) lets the worker fail the request before spending more compute on it.
 
-The first implementation is a gRPC client stream to ``DecodeService.TransferKV``
-(``services/prefill/clients.py``); UCX arrives with the kvstore.
+Implementations: a gRPC client stream to ``DecodeService.TransferKV``
+(``services/prefill/clients.py``), and data-plane messages to the decode worker's data plane,
+UCX by default (``services/prefill/dataplane_transport.py``, which also picks one of the two per
+target).
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class KVTarget:
     worker_id: str
     address: str  # DecodeService "HOST:PORT"
     reservation_id: str
+    data_address: str = ""  # the decode worker's data plane, "HOST:PORT"; "": none
+    data_transport: str = ""  # its kind (services.rpc.dataplane.KINDS) when it has one
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,19 @@ from services.router.driver import (
     KVTarget,
     PrefillResult,
     ReleaseReason,
+    Reservation,
     WorkerCallError,
 )
 from services.router.registry import WorkerInfo
 from services.rpc.channels import open_channel
-from services.rpc.convert import FINISH_FROM_PROTO, duration, sampling_to_proto, seconds
+from services.rpc.convert import (
+    DATA_TRANSPORT_FROM_PROTO,
+    DATA_TRANSPORT_TO_PROTO,
+    FINISH_FROM_PROTO,
+    duration,
+    sampling_to_proto,
+    seconds,
+)
 from services.rpc.gen.banaserve.v1 import (
     common_pb2,
     decode_pb2,
@@ -66,7 +74,7 @@ class GrpcDecodeClient:
         lease_s: float,
         timeout_s: float,
         prefill_locally: bool = False,
-    ) -> str:
+    ) -> Reservation:
         message = decode_pb2.ReserveKVRequest(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
@@ -79,7 +87,8 @@ class GrpcDecodeClient:
             reply = await self._stub.ReserveKV(message, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise _call_error(self._worker, "ReserveKV", exc) from None
-        return reply.reservation_id
+        transport = DATA_TRANSPORT_FROM_PROTO.get(reply.data_transport, "")
+        return Reservation(reply.reservation_id, reply.data_address if transport else "", transport)
 
     async def stream_tokens(
         self, request_id: str, timeout_s: float
@@ -121,6 +130,8 @@ class GrpcPrefillClient:
                 worker_id=target.worker_id,
                 address=target.address,
                 reservation_id=target.reservation_id,
+                data_address=target.data_address,
+                data_transport=DATA_TRANSPORT_TO_PROTO.get(target.data_transport, 0),
             ),
         )
         call = self._stub.Prefill(message, timeout=timeout_s)

@@ -2,7 +2,7 @@
 
 Lifecycle of one request (DESIGN.md §4; router.proto, decode.proto, prefill.proto):
   1. ROUTED    - ``Router.route`` picks prefill worker P and decode worker D;
-  2. RESERVED  - ``DecodeClient.reserve`` on D (the KV lease starts);
+  2. RESERVED  - ``DecodeClient.reserve`` on D (the KV lease starts; D names its data plane);
   3. PREFILLING - ``PrefillClient.prefill`` on P into that reservation; its first token is
                  relayed at once (preceded by the ``Started`` event: the pair is final now);
   4. DECODING  - ``DecodeClient.stream_tokens`` on D; deltas relayed; ``Finished`` last.
@@ -78,10 +78,21 @@ class DuplicateRequestError(InvalidRequestError):
 
 
 @dataclass(frozen=True)
+class Reservation:
+    """What ``DecodeClient.reserve`` got: the reservation, and D's data plane if it has one."""
+
+    reservation_id: str
+    data_address: str = ""  # "HOST:PORT"; "": D takes KV over TransferKV only
+    data_transport: str = ""  # "ucx", "tcp" or "grpc" (services.rpc.dataplane.KINDS)
+
+
+@dataclass(frozen=True)
 class KVTarget:
     worker_id: str
     address: str
     reservation_id: str
+    data_address: str = ""
+    data_transport: str = ""
 
 
 @dataclass(frozen=True)
@@ -159,8 +170,7 @@ class DecodeClient(Protocol):
         lease_s: float,
         timeout_s: float,
         prefill_locally: bool = False,
-    ) -> str:  # the reservation id
-        ...
+    ) -> Reservation: ...
 
     def stream_tokens(
         self, request_id: str, timeout_s: float
@@ -419,9 +429,15 @@ class _Attempt:
             await self._release(ReleaseReason.PEER_LOST)
             raise
 
-    async def _prefill_then_decode(self, reservation: str) -> Finished:
+    async def _prefill_then_decode(self, reservation: Reservation) -> Finished:
         decode = self._assignment.decode
-        target = KVTarget(decode.worker_id, decode.address, reservation)
+        target = KVTarget(
+            decode.worker_id,
+            decode.address,
+            reservation.reservation_id,
+            reservation.data_address,
+            reservation.data_transport,
+        )
         self._routing_s = self._driver.now() - self._arrival
         result = await self._run_prefill(target)
         if result.finish_reason is not None:

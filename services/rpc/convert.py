@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from google.protobuf.duration_pb2 import Duration
 
 from services.common.types import FinishReason, SamplingParams
-from services.rpc.gen.banaserve.v1 import common_pb2
+from services.rpc.gen.banaserve.v1 import common_pb2, kvstore_pb2
 
 if TYPE_CHECKING:  # the engine imports torch; this module must not
     from services.engine.kv_cache import KVLayout
@@ -24,6 +24,14 @@ DTYPE_TO_PROTO = {
     "float16": common_pb2.DTYPE_FLOAT16,
 }
 DTYPE_FROM_PROTO = {v: k for k, v in DTYPE_TO_PROTO.items()}
+# A data plane's kind (services.rpc.dataplane.KINDS) <-> DataTransport. A worker without one
+# ("") is UNSPECIFIED on the wire.
+DATA_TRANSPORT_TO_PROTO = {
+    "ucx": kvstore_pb2.DATA_TRANSPORT_UCX,
+    "tcp": kvstore_pb2.DATA_TRANSPORT_TCP,
+    "grpc": kvstore_pb2.DATA_TRANSPORT_GRPC,
+}
+DATA_TRANSPORT_FROM_PROTO = {v: k for k, v in DATA_TRANSPORT_TO_PROTO.items()}
 
 # Proto3-optional fields of SamplingParams: absent means the domain default.
 _OPTIONAL_SAMPLING = ("temperature", "top_p", "seed", "max_tokens", "detokenize")

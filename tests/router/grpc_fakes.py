@@ -2,7 +2,8 @@
 
 The fakes serve PrefillService and DecodeService on one server each, record every call (with
 whether it carried a deadline) in one shared log, and follow the protocol of prefill.proto /
-decode.proto just far enough to exercise the router's orchestration. Behaviour per worker:
+decode.proto just far enough to exercise the router's orchestration (a decode worker's
+reservation names a data plane, which the prefill call must carry on). Behaviour per worker:
 ``tokens`` to produce, ``finish_on_prefill``, ``hang_decode`` (StreamTokens stalls after one
 delta, for cancel/abort/deadline tests).
 """
@@ -27,6 +28,7 @@ from services.rpc.gen.banaserve.v1 import (
     common_pb2,
     decode_pb2,
     decode_pb2_grpc,
+    kvstore_pb2,
     prefill_pb2,
     prefill_pb2_grpc,
     router_pb2,
@@ -42,6 +44,8 @@ RPC = RpcConfig(grace_s=0.1)
 class CallLog:
     calls: list[tuple] = field(default_factory=list)
     deadlines: list[tuple[str, float | None]] = field(default_factory=list)
+    # request id -> the KV target's data plane as the prefill worker got it: (address, transport)
+    data_planes: dict[str, tuple[str, int]] = field(default_factory=dict)
     released: asyncio.Event = field(default_factory=asyncio.Event)
     stream_cancelled: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -70,13 +74,18 @@ class FakeWorker(prefill_pb2_grpc.PrefillServiceServicer, decode_pb2_grpc.Decode
             self.local.add(request.request_id)
         self.log.record(context, *call)
         assert request.HasField("timeout") and request.HasField("lease")
-        return decode_pb2.ReserveKVResponse(reservation_id=f"res-{request.request_id}")
+        return decode_pb2.ReserveKVResponse(
+            reservation_id=f"res-{request.request_id}",
+            data_address=f"data-{self.worker_id}:1",
+            data_transport=kvstore_pb2.DATA_TRANSPORT_TCP,
+        )
 
     async def Prefill(self, request, context):
         t = request.target
         self.log.record(
             context, "prefill", self.worker_id, request.request_id, t.worker_id, t.reservation_id
         )
+        self.log.data_planes[request.request_id] = (t.data_address, t.data_transport)
         first = common_pb2.TokenDelta(token_ids=[self.tokens[0]], text=f"<{self.tokens[0]}>")
         yield prefill_pb2.PrefillResponse(first_token=first)
         reason = common_pb2.FINISH_REASON_STOP if self.finish_on_prefill else 0

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from services.router.registry import WorkerStatus
-from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2
+from services.rpc.gen.banaserve.v1 import common_pb2, kvstore_pb2, router_pb2
 from tests.router.factories import NUM_BLOCKS, load
 from tests.router.grpc_fakes import cluster
 
@@ -49,6 +49,8 @@ def test_generate_reserves_prefills_then_streams_and_relays_everything():
                 ("prefill", "p0", "r1", "d0", "res-r1"),
                 ("stream", "d0", "r1"),
             ]
+            # D's data plane, from its reservation, reaches P with the target.
+            assert c.log.data_planes == {"r1": ("data-d0:1", kvstore_pb2.DATA_TRANSPORT_TCP)}
             # The callee sees a deadline on every call, no later than the client's (give or take
             # the rounding of grpc's timeout header, seen as up to ~10 ms on a busy machine).
             assert all(0 < left <= 5.05 for _, left in c.log.deadlines), c.log.deadlines
