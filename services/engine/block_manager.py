@@ -76,6 +76,16 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
+    def num_cached_hashes(self, hashes: list[BlockHash]) -> int:
+        """How many of ``hashes`` (a chain) are cached here, from the first: a cheap read-only
+        estimate (no token check) for deciding whether to ask a remote store at all."""
+        if not self.enable_prefix_caching:
+            return 0
+        n = 0
+        while n < len(hashes) and hashes[n] in self._cached:
+            n += 1
+        return n
+
     # -- allocation ------------------------------------------------------------------
 
     def num_new_blocks(self, seq: Sequence, num_new_tokens: int) -> int:

@@ -69,6 +69,7 @@ class DataWrite:
     reservation_id: int
     layer: int
     block_hashes: tuple[BlockHash, ...]
+    num_layers: int = 1  # layers [layer, layer + num_layers), one after another
 
 
 class KVStoreNode:
@@ -187,13 +188,22 @@ class KVStoreNode:
         return b"".join(views)
 
     def write(self, request: DataWrite, payload: memoryview) -> int:
-        n = len(request.block_hashes)
+        n = len(request.block_hashes) * request.num_layers
         if n == 0 or len(payload) % n:
-            raise InvalidRequestError(f"{len(payload)} bytes do not split into {n} blocks")
+            raise InvalidRequestError(
+                f"{len(payload)} bytes do not split into {request.num_layers} layers of "
+                f"{len(request.block_hashes)} blocks"
+            )
         size = len(payload) // n
-        for i, block_hash in enumerate(request.block_hashes):
+        for i in range(n):
+            layer, block = divmod(i, len(request.block_hashes))
             chunk = payload[i * size : (i + 1) * size]
-            self.pool.write(request.reservation_id, block_hash, request.layer, chunk)
+            self.pool.write(
+                request.reservation_id,
+                request.block_hashes[block],
+                request.layer + layer,
+                chunk,
+            )
         return len(payload)
 
     # -- background ------------------------------------------------------------------------

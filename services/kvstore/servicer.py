@@ -88,7 +88,9 @@ def data_handler(node: core.KVStoreNode):
             return kvstore_pb2.KVDataResponse(num_bytes=len(data)).SerializeToString(), data
         if op == "write":
             w = request.write
-            write = core.DataWrite(w.reservation_id, w.layer, tuple(w.block_hashes))
+            write = core.DataWrite(
+                w.reservation_id, w.layer, tuple(w.block_hashes), max(1, w.num_layers)
+            )
             num = node.write(write, payload)
             return kvstore_pb2.KVDataResponse(num_bytes=num).SerializeToString(), b""
         raise InvalidRequestError("empty KVDataRequest")

@@ -343,8 +343,10 @@ class PrefillWorker:
         Leaves at least one token to compute (the first token is sampled from it)."""
         bs = self.engine.config.block_size
         hashes = block_hashes(prompt[: (len(prompt) - 1) // bs * bs], bs, self.engine.fingerprint)
-        if not hashes:
-            return None
+        # Read from the event loop while a step may run: a dict read, at worst stale, and a
+        # stale answer only costs or saves one lookup.
+        if not hashes or self.engine.block_manager.num_cached_hashes(hashes) == len(hashes):
+            return None  # this worker's own prefix cache has all of it
         try:
             return await self._store.lookup(hashes)
         except StoreError as exc:

@@ -220,8 +220,7 @@ class KVStoreClient:
         try:
             if todo:
                 client = await self._data_client(node)
-                for layer, data in enumerate(layers):
-                    await self._write_layer(client, reply.reservation_id, layer, data, todo, hashes)
+                await self._write_layers(client, reply.reservation_id, layers, todo, hashes)
             await self._call(
                 node, "Commit", kvstore_pb2.CommitRequest(reservation_id=reply.reservation_id)
             )
@@ -234,19 +233,22 @@ class KVStoreClient:
             raise
         return len(todo)
 
-    async def _write_layer(
+    async def _write_layers(
         self,
         client: dataplane.DataClient,
         reservation_id: int,
-        layer: int,
-        data: torch.Tensor,
+        layers: Sequence[torch.Tensor],
         todo: list[int],
         hashes: Sequence[BlockHash],
     ) -> None:
-        # [2, n, bs, h, d] -> the chosen blocks, block after block: [k, 2, bs, h, d].
-        payload = data[:, todo].transpose(0, 1).contiguous()
+        """Every layer of the chosen blocks in one message (kvstore.proto ``KVDataWrite``):
+        per layer ``[2, n, bs, h, d]`` -> ``[k, 2, bs, h, d]``, layer after layer."""
+        payload = torch.stack([data[:, todo].transpose(0, 1) for data in layers])
         write = kvstore_pb2.KVDataWrite(
-            reservation_id=reservation_id, layer=layer, block_hashes=[hashes[i] for i in todo]
+            reservation_id=reservation_id,
+            layer=0,
+            block_hashes=[hashes[i] for i in todo],
+            num_layers=len(layers),
         )
         header = kvstore_pb2.KVDataRequest(write=write).SerializeToString()
         try:
