@@ -23,6 +23,7 @@ Not thread-safe: the servicer calls it from one event loop.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from services.common.errors import (
     ConfigError,
     InvalidRequestError,
+    RequestNotFoundError,
     ResourceExhaustedError,
 )
 from services.common.hashing import block_hashes
@@ -157,6 +159,11 @@ class Router:
     def report(self, worker_id: str, load: LoadReport) -> bool:
         """False: the report is older than one already seen and was ignored."""
         return self._registry.report(worker_id, load)
+
+    def mark_full(self, worker_id: str) -> None:
+        """A worker refused a reservation the estimate allowed: no room there until it reports."""
+        with contextlib.suppress(RequestNotFoundError):  # removed meanwhile
+            self._registry.mark_full(worker_id)
 
     def remove(self, worker_id: str, reason: str) -> None:
         self._registry.remove(worker_id, reason)

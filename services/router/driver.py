@@ -336,10 +336,17 @@ class RequestDriver:
         route = RouteRequest(
             request.request_id, request.prompt_token_ids, request.sampling.max_tokens
         )
-        for attempt in (1, 2):
+        attempt = 1
+        while True:
             assignment = await self._admit(job, route)
             try:
                 return await _Attempt(self, job, request, assignment, arrival).run()
+            except _FullOnReserve as full:
+                # The router's estimate was a report behind the worker: count it full until
+                # its next report, and wait for room like any request that does not fit now.
+                self.router.mark_full(full.worker_id)
+                await asyncio.sleep(min(self.config.admission_poll_s, self.remaining(job)))
+                continue
             except _LostBeforeFirstToken as lost:
                 self._forget(lost.worker_id, str(lost.error))
                 if attempt == 2:
@@ -347,7 +354,7 @@ class RequestDriver:
                         f"request {request.request_id!r}: worker {lost.worker_id!r} was lost "
                         f"before the first token, after a retry ({lost.error})"
                     ) from None
-        raise AssertionError("unreachable")
+                attempt += 1
 
     async def _admit(self, job: _Job, route: RouteRequest) -> Assignment:
         """Route, waiting while every worker that could take the request is full."""
@@ -377,6 +384,12 @@ class RequestDriver:
 
 def new_request_id() -> str:
     return f"req-{uuid.uuid4().hex[:16]}"
+
+
+class _FullOnReserve(Exception):
+    def __init__(self, worker_id: str) -> None:
+        super().__init__(worker_id)
+        self.worker_id = worker_id
 
 
 class _LostBeforeFirstToken(Exception):
@@ -415,6 +428,8 @@ class _Attempt:
         except WorkerCallError as exc:
             if exc.lost:
                 raise _LostBeforeFirstToken(self._assignment.decode.worker_id, exc) from None
+            if exc.code == "RESOURCE_EXHAUSTED":
+                raise _FullOnReserve(self._assignment.decode.worker_id) from None
             raise
         try:
             if self._assignment.colocated:

@@ -204,6 +204,12 @@ class WorkerRegistry:
         worker.num_inflight_tokens += num_tokens
         worker.num_inflight_blocks += num_blocks
 
+    def mark_full(self, worker_id: str) -> None:
+        """The worker refused a reservation: count it as having no free block until its next
+        report (which is newer than the refusal)."""
+        worker = self._live(worker_id)
+        worker.num_inflight_blocks = worker.capacity.num_kv_blocks
+
     def healthy(self) -> list[WorkerInfo]:
         """Snapshots of the HEALTHY workers, sorted by id."""
         now = self._clock()

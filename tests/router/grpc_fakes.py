@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import grpc
+
 from services.common.config import RpcConfig
 from services.router.clients import GrpcWorkerClients
 from services.router.core import Router, RouterConfig
@@ -62,9 +64,11 @@ class FakeWorker(prefill_pb2_grpc.PrefillServiceServicer, decode_pb2_grpc.Decode
         tokens: tuple[int, ...] = (7, 8, 9, 10),
         finish_on_prefill: bool = False,
         hang_decode: bool = False,
+        full_reserves: int = 0,
     ) -> None:
         self.worker_id, self.log, self.tokens = worker_id, log, tokens
         self.finish_on_prefill, self.hang_decode = finish_on_prefill, hang_decode
+        self.full_reserves = full_reserves  # refuse this many ReserveKV calls, as a full pool
         self.local: set[str] = set()  # requests reserved with prefill_locally
 
     async def ReserveKV(self, request, context):
@@ -74,6 +78,9 @@ class FakeWorker(prefill_pb2_grpc.PrefillServiceServicer, decode_pb2_grpc.Decode
             self.local.add(request.request_id)
         self.log.record(context, *call)
         assert request.HasField("timeout") and request.HasField("lease")
+        if self.full_reserves:
+            self.full_reserves -= 1
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "72 KV blocks needed, 6 free")
         return decode_pb2.ReserveKVResponse(
             reservation_id=f"res-{request.request_id}",
             data_address=f"data-{self.worker_id}:1",

@@ -282,6 +282,21 @@ def test_a_request_waits_for_decode_room_instead_of_failing():
     asyncio.run(main())
 
 
+def test_a_reservation_refused_for_room_waits_for_the_next_report_and_retries():
+    async def main():
+        async with cluster(full_reserves=1) as c:
+            call = c.stub.Generate(request(), timeout=5)
+            await asyncio.sleep(0.3)
+            # Refused once: d0 counts as full until it reports, so nothing else was tried.
+            assert c.log.calls == [("reserve", "d0", "r1")]
+            c.router.report("d0", load(timestamp=2.0))
+            frames = await collect(call)
+            assert frames[-1].finished.finish_reason == common_pb2.FINISH_REASON_LENGTH
+            assert [call[0] for call in c.log.calls] == ["reserve", "reserve", "prefill", "stream"]
+
+    asyncio.run(main())
+
+
 def test_a_request_that_never_gets_room_ends_at_its_deadline():
     async def main():
         async with cluster() as c:
