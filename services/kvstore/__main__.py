@@ -63,7 +63,6 @@ async def serve(args: argparse.Namespace) -> None:
     pool = make_pool(args)
     metadata = MetadataStore.from_url(args.redis, prefix=args.key_prefix)
     node = KVStoreNode(pool, metadata, KVStoreConfig(heartbeat_interval_s=args.heartbeat_interval))
-    pool.on_evict = node.on_evict
     data = dataplane.serve(args.data_transport, data_handler(node), port=args.data_port)
     await data.start()
     server = await start_server([kvstore_service(node)], RpcConfig(port=args.port), tracing=tracing)

@@ -82,6 +82,7 @@ class KVStoreNode:
         config: KVStoreConfig | None = None,
     ) -> None:
         self.pool = pool
+        pool.on_evict = self.on_evict  # this node withdraws what its pool evicts
         self.metadata = metadata
         self.config = config or KVStoreConfig()
         self.node: NodeInfo | None = None  # known once the servers are bound: ``start``

@@ -154,7 +154,8 @@ class BlockPool:
     ) -> None:
         self.config = config
         self.disk = disk
-        self._on_evict = on_evict
+        # Public: the metadata layer that withdraws evicted blocks is built after the pool.
+        self.on_evict = on_evict
         self._clock = clock
         self.blocks: dict[BlockHash, Block] = {}
         self._lru: OrderedDict[BlockHash, None] = OrderedDict()  # COMMITTED, least recent first
@@ -431,8 +432,8 @@ class BlockPool:
         self.num_bytes_used -= block.num_bytes
 
     def _announce(self, gone: list[BlockHash]) -> None:
-        if gone and self._on_evict is not None:
-            self._on_evict(gone)
+        if gone and self.on_evict is not None:
+            self.on_evict(gone)
 
 
 def _check_hashes(hashes: Sequence[BlockHash]) -> None:

@@ -101,6 +101,7 @@ async def serve(args: argparse.Namespace) -> None:
             await server.serve_until_signal()
     finally:
         await worker.stop()
+        tracing.shutdown()  # flush spans, as the other services do
 
 
 def main(argv: list[str] | None = None) -> int:

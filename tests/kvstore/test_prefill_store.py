@@ -47,7 +47,6 @@ async def kvstore_node(
 ):
     pool = BlockPool(PoolConfig(capacity))
     node = KVStoreNode(pool, MetadataStore.from_url(redis_url, prefix=prefix))
-    pool._on_evict = node.on_evict
     data = dataplane.serve(transport, data_handler(node))
     await data.start()
     server = await start_server([kvstore_service(node)], RPC)

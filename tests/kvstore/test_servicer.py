@@ -128,3 +128,42 @@ def test_status_codes_for_a_full_pool_and_for_redis_down(redis_server, kv_prefix
             await data.stop()
 
     asyncio.run(main())
+
+
+def test_blocks_the_pool_evicts_are_withdrawn_from_redis(redis_server, kv_prefix):
+    """Metadata must not keep naming blocks that are gone: the node withdraws evictions."""
+
+    async def write(stub, client, hashes) -> None:
+        reserve = pb.ReserveRequest(block_hashes=hashes, num_layers=1, layer_bytes=LAYER_BYTES)
+        reply = await stub.Reserve(reserve)
+        write = pb.KVDataWrite(reservation_id=reply.reservation_id, block_hashes=hashes)
+        header = pb.KVDataRequest(write=write).SerializeToString()
+        await client.request(header, os.urandom(len(hashes) * LAYER_BYTES))
+        await stub.Commit(pb.CommitRequest(reservation_id=reply.reservation_id))
+
+    async def main():
+        # Room for two blocks of one layer.
+        node, server, data = await serve_node(redis_server.url, kv_prefix, 2 * LAYER_BYTES)
+        channel = open_channel(server.address, RPC)
+        stub = kvstore_pb2_grpc.KVStoreServiceStub(channel)
+        client = await dataplane.connect("tcp", data.address, 5)
+        try:
+            await write(stub, client, HASHES[:2])
+            lookup = pb.LookupRequest(block_hashes=HASHES[:2])
+            assert len((await stub.Lookup(lookup)).node_ids) == 2
+            await write(stub, client, HASHES[2:4])  # evicts the first two (LRU)
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 3
+            while (await stub.Lookup(lookup)).node_ids:
+                assert loop.time() < end, "evicted blocks still announced in Redis"
+                await asyncio.sleep(0.02)
+            later = pb.LookupRequest(block_hashes=HASHES[2:4])
+            assert len((await stub.Lookup(later)).node_ids) == 2
+        finally:
+            await client.close()
+            await channel.close()
+            await server.stop(0)
+            await node.stop()
+            await data.stop()
+
+    asyncio.run(main())
