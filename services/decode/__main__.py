@@ -15,14 +15,13 @@ import os
 import sys
 
 from services.common.config import EngineConfig, RpcConfig, TracingConfig
-from services.common.logs import configure_logging
 from services.decode.core import DecodeConfig, DecodeWorker
 from services.decode.dataplane_receiver import DataPlaneReceiver
 from services.decode.servicer import decode_service, kv_data_handler
 from services.engine.engine import Engine
 from services.rpc import dataplane
 from services.rpc.load_reports import reporting_to, worker_info
-from services.rpc.server import start_server
+from services.rpc.server import run_service, start_server
 from services.rpc.tracing import setup_tracing
 
 log = logging.getLogger("services.decode")
@@ -122,10 +121,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    configure_logging(args.log_level)
-    asyncio.run(serve(args))
-    return 0
+    return run_service(parse_args, serve, argv)
 
 
 if __name__ == "__main__":

@@ -8,21 +8,19 @@ a new incarnation and withdraws whatever its previous life announced.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
 from pathlib import Path
 
 from services.common.config import RpcConfig, TracingConfig
-from services.common.logs import configure_logging
 from services.kvstore.core import KVStoreConfig, KVStoreNode
 from services.kvstore.disk import DiskTier
 from services.kvstore.metadata import MetadataStore, NodeInfo
 from services.kvstore.pool import BlockPool, PoolConfig
 from services.kvstore.servicer import data_handler, kvstore_service
 from services.rpc import dataplane
-from services.rpc.server import start_server
+from services.rpc.server import run_service, start_server
 from services.rpc.tracing import setup_tracing
 
 log = logging.getLogger("services.kvstore")
@@ -84,10 +82,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    configure_logging(args.log_level)
-    asyncio.run(serve(args))
-    return 0
+    return run_service(parse_args, serve, argv)
 
 
 if __name__ == "__main__":

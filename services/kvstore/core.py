@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,9 +44,12 @@ log = logging.getLogger(__name__)
 class KVStoreConfig:
     sweep_interval_s: float = 1.0
     heartbeat_interval_s: float = 1.0
+    # How stale the live-node list a lookup returns may be (writers place blocks over it); it
+    # spares every lookup a second Redis round trip.
+    node_list_ttl_s: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("sweep_interval_s", "heartbeat_interval_s"):
+        for name in ("sweep_interval_s", "heartbeat_interval_s", "node_list_ttl_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -88,6 +92,8 @@ class KVStoreNode:
         self.node: NodeInfo | None = None  # known once the servers are bound: ``start``
         self.session: MetadataSession | None = None
         self._pinned: dict[int, tuple[BlockHash, ...]] = {}  # pin id -> its blocks
+        self._nodes: list[NodeInfo] | None = None  # live nodes, as of ``_nodes_at``
+        self._nodes_at = 0.0
         self._to_withdraw: list[BlockHash] = []
         self._withdraw_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -133,7 +139,13 @@ class KVStoreNode:
     async def lookup(self, hashes: Sequence[BlockHash]) -> tuple[list[str], list[NodeInfo]]:
         """(node id per block of the longest cached prefix, live nodes)."""
         locations = await self.metadata.longest_prefix(hashes)
-        return [loc.node_id for loc in locations], await self.metadata.live_nodes()
+        return [loc.node_id for loc in locations], await self._live_nodes()
+
+    async def _live_nodes(self) -> list[NodeInfo]:
+        now = time.monotonic()
+        if self._nodes is None or now - self._nodes_at > self.config.node_list_ttl_s:
+            self._nodes, self._nodes_at = await self.metadata.live_nodes(), now
+        return self._nodes
 
     def pin(self, hashes: Sequence[BlockHash]) -> PinResult:
         pin = self.pool.pin(hashes)

@@ -8,11 +8,9 @@ step in flight and its channels close.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
 from services.common.config import EngineConfig, RpcConfig, TracingConfig
-from services.common.logs import configure_logging
 from services.engine.engine import Engine
 from services.prefill.clients import DEFAULT_MAX_CHUNK_BYTES, GrpcKVTransport
 from services.prefill.core import PrefillWorker
@@ -20,7 +18,7 @@ from services.prefill.dataplane_transport import DataPlaneKVTransport, TargetKVT
 from services.prefill.kvstore_client import KVStoreClient
 from services.prefill.servicer import prefill_service
 from services.rpc.load_reports import reporting_to, worker_info
-from services.rpc.server import start_server
+from services.rpc.server import run_service, start_server
 from services.rpc.tracing import setup_tracing
 
 
@@ -105,10 +103,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    configure_logging(args.log_level)
-    asyncio.run(serve(args))
-    return 0
+    return run_service(parse_args, serve, argv)
 
 
 if __name__ == "__main__":

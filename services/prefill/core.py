@@ -115,9 +115,10 @@ class _Job:
     prefix: CachedPrefix | None = None  # pinned in the global store
     num_store_blocks: int = 0  # prompt blocks the store had
     prefetched: list[torch.Tensor] | None = None  # every prefix layer (overlap off)
-    # Layers handed to the sender (and kept for the store's write-back), by layer: a step that
-    # failed on a prefix fetch runs again and must not send a layer twice.
-    kv_layers: dict[int, tuple[torch.Tensor, KVLayout]] = field(default_factory=dict)
+    # Layers handed to the sender: a step that failed on a prefix fetch runs again and must not
+    # send a layer twice. With a store they are also kept, in layer order, for the write-back.
+    num_layers_sent: int = 0
+    kv_layers: list[tuple[torch.Tensor, KVLayout]] = field(default_factory=list)
 
     @property
     def request_id(self) -> str:
@@ -356,24 +357,23 @@ class PrefillWorker:
     async def _fetch(self, fetch: PrefixFetch, prefix: CachedPrefix) -> None:
         """Writes the prefix's KV into the engine layer by layer, reading layer l+1 from the
         store while layer l is written (and the step computes)."""
+        like, positions = self._block_like(), fetch.block_indices
+        num_layers = fetch.num_layers if fetch.pending else 0
+        read: asyncio.Future[torch.Tensor] | None = None
         try:
-            if not fetch.pending:
-                return
-            like = self._block_like()
-            positions = fetch.block_indices
-            read = asyncio.ensure_future(self._store.read_layer(prefix, 0, positions, like))
-            for layer in range(fetch.num_layers):
-                data = await read
-                if layer + 1 < fetch.num_layers:
+            for layer in range(num_layers):
+                data = await (read or self._store.read_layer(prefix, layer, positions, like))
+                read = None
+                if layer + 1 < num_layers:
                     nxt = self._store.read_layer(prefix, layer + 1, positions, like)
                     read = asyncio.ensure_future(nxt)
                 if not self.engine.write_prefix_layer(fetch.request_id, layer, data):
                     break  # nobody needs it any more (aborted, recomputed)
         except Exception as exc:
             self.engine.fail_prefix(fetch.request_id, f"store read failed: {exc}")
-            with contextlib.suppress(Exception):
-                read.cancel()
         finally:
+            if read is not None and not read.cancel():
+                read.exception()  # a read that ended meanwhile: nobody wants its layer
             await self._store.release(prefix)
 
     async def _read_all(self, prefix: CachedPrefix) -> list[torch.Tensor] | None:
@@ -404,8 +404,7 @@ class PrefillWorker:
 
     def _write_back_later(self, job: _Job) -> None:
         if self._store is not None and job.kv_layers:
-            layers = [job.kv_layers[layer] for layer in sorted(job.kv_layers)]
-            job.kv_layers = {}
+            layers, job.kv_layers = job.kv_layers, []
             self._spawn(self._write_back(job.request_id, layers, job.num_store_blocks))
 
     async def _write_back(
@@ -436,11 +435,13 @@ class PrefillWorker:
         for request_id in ctx.sampling:
             job = self._jobs.get(request_id)
             if job is not None and job.sender is not None and job.status is JobStatus.COMPUTING:
-                if layer in job.kv_layers:
+                if layer < job.num_layers_sent:
                     continue  # sent by an earlier try of this step (same KV)
                 data, layout = self.engine.export_kv(request_id, layer)
                 job.sender.send_layer(data, layout)
-                job.kv_layers[layer] = (data, layout) if self._store is not None else (None, None)
+                job.num_layers_sent += 1
+                if self._store is not None:
+                    job.kv_layers.append((data, layout))
 
     def _finish_step(self, outputs: list[RequestOutput]) -> None:
         done_at = self._clock()

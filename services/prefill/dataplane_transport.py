@@ -186,13 +186,8 @@ class DataPlaneKVSender(KVSender):
         if self._failed is not None:
             raise self._failed
         self._ended = True
-        acked_at = self._clock()
-        started = compute_done_at if self._first_sent_at is None else self._first_sent_at
-        return TransferStats(
-            self._num_layers,
-            self._num_bytes,
-            acked_at - started,
-            max(0.0, acked_at - max(started, compute_done_at)),
+        return TransferStats.measured(
+            self._num_layers, self._num_bytes, self._first_sent_at, compute_done_at, self._clock()
         )
 
     async def abort(self) -> None:

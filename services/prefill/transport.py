@@ -62,6 +62,25 @@ class TransferStats:
     # The part of transfer_s after compute finished: what compute did not hide.
     exposed_s: float
 
+    @classmethod
+    def measured(
+        cls,
+        num_layers: int,
+        num_bytes: int,
+        first_sent_at: float | None,
+        compute_done_at: float,
+        acked_at: float,
+    ) -> TransferStats:
+        """The one way every transport times a transfer (None: nothing left before compute
+        finished, so the transfer starts there)."""
+        started = compute_done_at if first_sent_at is None else first_sent_at
+        return cls(
+            num_layers,
+            num_bytes,
+            acked_at - started,
+            max(0.0, acked_at - max(started, compute_done_at)),
+        )
+
 
 class KVSender(ABC):
     @abstractmethod

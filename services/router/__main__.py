@@ -13,13 +13,12 @@ import logging
 import sys
 
 from services.common.config import RpcConfig, TracingConfig
-from services.common.logs import configure_logging
 from services.router.clients import GrpcWorkerClients
 from services.router.core import POLICIES, Router, RouterConfig
 from services.router.driver import DriverConfig, RequestDriver, expire_periodically
 from services.router.servicer import Encoder, RouterServicer
 from services.rpc.gen.banaserve.v1 import router_pb2, router_pb2_grpc
-from services.rpc.server import Service, start_server
+from services.rpc.server import Service, run_service, start_server
 from services.rpc.tracing import setup_tracing
 
 log = logging.getLogger("services.router")
@@ -96,10 +95,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    configure_logging(args.log_level)
-    asyncio.run(serve(args))
-    return 0
+    return run_service(parse_args, serve, argv)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.config import RpcConfig
+from services.common.logs import configure_logging
 from services.rpc.channels import server_options
 from services.rpc.status import ErrorInterceptor
 from services.rpc.tracing import DISABLED, Tracing
@@ -153,3 +154,15 @@ async def start_server(
     running = RunningServer(server, health_servicer, config, port, names)
     log.info("serving %s on %s", ", ".join(names) or "(health only)", running.address)
     return running
+
+
+def run_service(
+    parse_args: Callable[[list[str] | None], Any],
+    serve: Callable[[Any], Any],
+    argv: list[str] | None = None,
+) -> int:
+    """Every service's ``main``: flags, logging, then ``serve(args)`` until it returns."""
+    args = parse_args(argv)
+    configure_logging(args.log_level)
+    asyncio.run(serve(args))
+    return 0
