@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from contextlib import asynccontextmanager
 
 import grpc
 import pytest
@@ -26,14 +27,25 @@ LAYERS, LAYER_BYTES = 3, 1024
 HASHES = [bytes([i]) * 16 for i in range(1, 5)]
 
 
-async def serve_node(redis_url: str, prefix: str, capacity: int):
+@asynccontextmanager
+async def served_node(redis_url: str, prefix: str, capacity: int):
+    """A kvstore node on port 0 (tcp data plane): yields its gRPC stub and a data-plane client."""
     pool = BlockPool(PoolConfig(capacity))
     node = KVStoreNode(pool, MetadataStore.from_url(redis_url, prefix=prefix))
     data = dataplane.serve("tcp", data_handler(node))
     await data.start()
     server = await start_server([kvstore_service(node)], RPC)
     await node.start(NodeInfo("kvstore-0", server.address, data.address, "tcp"))
-    return node, server, data
+    channel = open_channel(server.address, RPC)
+    client = await dataplane.connect("tcp", data.address, 5)
+    try:
+        yield kvstore_pb2_grpc.KVStoreServiceStub(channel), client
+    finally:
+        await client.close()
+        await channel.close()
+        await server.stop(0)
+        await node.stop()
+        await data.stop()
 
 
 async def code_of(call) -> C:
@@ -46,11 +58,7 @@ def test_write_commit_lookup_pin_read_over_the_wire(redis_server, kv_prefix):
     payload = [os.urandom(2 * LAYER_BYTES) for _ in range(LAYERS)]  # 2 blocks per layer
 
     async def main():
-        node, server, data = await serve_node(redis_server.url, kv_prefix, 64 * LAYER_BYTES)
-        channel = open_channel(server.address, RPC)
-        stub = kvstore_pb2_grpc.KVStoreServiceStub(channel)
-        client = await dataplane.connect("tcp", data.address, 5)
-        try:
+        async with served_node(redis_server.url, kv_prefix, 64 * LAYER_BYTES) as (stub, client):
             reserve = pb.ReserveRequest(
                 block_hashes=HASHES[:2], num_layers=LAYERS, layer_bytes=LAYER_BYTES
             )
@@ -89,22 +97,13 @@ def test_write_commit_lookup_pin_read_over_the_wire(redis_server, kv_prefix):
             await stub.Abort(pb.KVStoreServiceAbortRequest(reservation_id=reply.reservation_id + 1))
             stats = await stub.Stats(pb.KVStoreServiceStatsRequest())
             assert (stats.num_pins, stats.num_reservations, stats.metadata_synced) == (0, 0, True)
-        finally:
-            await client.close()
-            await channel.close()
-            await server.stop(0)
-            await node.stop()
-            await data.stop()
 
     asyncio.run(main())
 
 
 def test_status_codes_for_a_full_pool_and_for_redis_down(redis_server, kv_prefix):
     async def main():
-        node, server, data = await serve_node(redis_server.url, kv_prefix, 4 * LAYER_BYTES)
-        channel = open_channel(server.address, RPC)
-        stub = kvstore_pb2_grpc.KVStoreServiceStub(channel)
-        try:
+        async with served_node(redis_server.url, kv_prefix, 4 * LAYER_BYTES) as (stub, client):
             too_big = pb.ReserveRequest(
                 block_hashes=HASHES[:2], num_layers=LAYERS, layer_bytes=LAYER_BYTES
             )
@@ -121,11 +120,6 @@ def test_status_codes_for_a_full_pool_and_for_redis_down(redis_server, kv_prefix
                 assert loop.time() - started < 5
             finally:
                 redis_server.start()
-        finally:
-            await channel.close()
-            await server.stop(0)
-            await node.stop()
-            await data.stop()
 
     asyncio.run(main())
 
@@ -143,11 +137,7 @@ def test_blocks_the_pool_evicts_are_withdrawn_from_redis(redis_server, kv_prefix
 
     async def main():
         # Room for two blocks of one layer.
-        node, server, data = await serve_node(redis_server.url, kv_prefix, 2 * LAYER_BYTES)
-        channel = open_channel(server.address, RPC)
-        stub = kvstore_pb2_grpc.KVStoreServiceStub(channel)
-        client = await dataplane.connect("tcp", data.address, 5)
-        try:
+        async with served_node(redis_server.url, kv_prefix, 2 * LAYER_BYTES) as (stub, client):
             await write(stub, client, HASHES[:2])
             lookup = pb.LookupRequest(block_hashes=HASHES[:2])
             assert len((await stub.Lookup(lookup)).node_ids) == 2
@@ -159,11 +149,5 @@ def test_blocks_the_pool_evicts_are_withdrawn_from_redis(redis_server, kv_prefix
                 await asyncio.sleep(0.02)
             later = pb.LookupRequest(block_hashes=HASHES[2:4])
             assert len((await stub.Lookup(later)).node_ids) == 2
-        finally:
-            await client.close()
-            await channel.close()
-            await server.stop(0)
-            await node.stop()
-            await data.stop()
 
     asyncio.run(main())

@@ -232,6 +232,33 @@ class PendingRequests:
         else:
             future.set_result(result)
 
+    async def call(
+        self,
+        send: Callable[[Frame, bytes, memoryview], Awaitable[None]],
+        header: bytes,
+        payload: Payload,
+        timeout_s: float,
+        lost: tuple[type[BaseException], ...],
+        address: str,
+    ) -> tuple[bytes, bytearray]:
+        """One request on a multiplexed connection: ``send`` its frame, then wait (bounded) for
+        the response the connection's reader hands to ``resolve``. The transport's own errors
+        (``lost``) mean the connection is gone: UNAVAILABLE."""
+        view, header = as_bytes_view(payload), checked_header(header)
+        rid, future = self.open()
+        frame = Frame(rid, FrameType.REQUEST, len(header), view.nbytes)
+
+        async def exchange() -> tuple[bytes, bytearray]:
+            await send(frame, header, view)
+            return await future
+
+        try:
+            return await bounded(exchange(), timeout_s, "request")
+        except lost as exc:
+            raise unavailable(f"connection to {address} lost: {exc!r}") from exc
+        finally:
+            self.discard(rid, future)
+
     def refuse_new(self, error: DataPlaneError) -> None:
         """Later ``open`` calls raise ``error``; requests already open still get answers."""
         if self.error is None:

@@ -36,9 +36,7 @@ from services.rpc.dataplane.base import (
     PendingRequests,
     Tasks,
     answer,
-    as_bytes_view,
     bounded,
-    checked_header,
     error_of,
     join_address,
     shielded,
@@ -204,19 +202,9 @@ class TcpClient(DataClient):
     async def request(
         self, header: bytes, payload: Payload = b"", timeout_s: float = DEFAULT_TIMEOUT_S
     ) -> tuple[bytes, bytearray]:
-        view, header = as_bytes_view(payload), checked_header(header)
-        rid, future = self._pending.open()
-        frame = Frame(rid, FrameType.REQUEST, len(header), view.nbytes)
-        try:
-            return await bounded(self._call(frame, header, view, future), timeout_s, "request")
-        except OSError as exc:
-            raise unavailable(f"connection to {self._address} lost: {exc}") from exc
-        finally:
-            self._pending.discard(rid, future)
-
-    async def _call(self, frame: Frame, header: bytes, view: memoryview, future) -> tuple:
-        await self._conn.send(frame, header, view)
-        return await future
+        return await self._pending.call(
+            self._conn.send, header, payload, timeout_s, (OSError,), self._address
+        )
 
     async def close(self) -> None:
         self._pending.fail_all(unavailable(f"client to {self._address} closed"))
