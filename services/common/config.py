@@ -31,6 +31,10 @@ class EngineConfig:
     # KV pool size: an explicit block count wins over the byte budget.
     num_kv_blocks: int | None = None
     kv_cache_bytes: int = 1 << 30
+    # Weights held + KV pools must fit; the KV pool gets every block the weights leave and
+    # grows or shrinks as layers leave or return (services/engine/memory.py). Replaces the two
+    # options above.
+    memory_budget_bytes: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
@@ -50,6 +54,14 @@ class EngineConfig:
         )
         _require(
             self.kv_cache_bytes > 0, f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}"
+        )
+        _require(
+            self.memory_budget_bytes is None or self.memory_budget_bytes > 0,
+            f"memory_budget_bytes must be positive, got {self.memory_budget_bytes}",
+        )
+        _require(
+            self.memory_budget_bytes is None or self.num_kv_blocks is None,
+            "set num_kv_blocks or memory_budget_bytes, not both",
         )
         _require(self.max_num_seqs > 0, f"max_num_seqs must be positive, got {self.max_num_seqs}")
         _require(
@@ -88,6 +100,10 @@ class RpcConfig:
     port: int = 0  # 0: the OS picks a free port and the server reports it
     # KV layers travel as single messages; gRPC's default 4 MiB limit is far too small.
     max_message_bytes: int = 256 << 20
+    # What a server accepts per message, when less than max_message_bytes: a client API whose
+    # requests are small (the router's) refuses a huge message before reading it
+    # (RESOURCE_EXHAUSTED), instead of decoding it on its event loop. None: max_message_bytes.
+    max_receive_message_bytes: int | None = None
     # On SIGTERM/stop: how long in-flight calls may run before they are cancelled.
     grace_s: float = 5.0
     # HTTP/2 keepalive pings find a peer that vanished without closing its connection.
@@ -104,12 +120,24 @@ class RpcConfig:
             1024 <= self.max_message_bytes < (1 << 31),
             f"max_message_bytes must be in [1 KiB, 2 GiB), got {self.max_message_bytes}",
         )
+        _require(
+            self.max_receive_message_bytes is None
+            or 1024 <= self.max_receive_message_bytes <= self.max_message_bytes,
+            "max_receive_message_bytes must be in [1 KiB, max_message_bytes], "
+            f"got {self.max_receive_message_bytes}",
+        )
         _require(self.grace_s >= 0, f"grace_s must be >= 0, got {self.grace_s}")
         _require(self.keepalive_s > 0, f"keepalive_s must be positive, got {self.keepalive_s}")
         _require(
             self.keepalive_timeout_s > 0,
             f"keepalive_timeout_s must be positive, got {self.keepalive_timeout_s}",
         )
+
+    @property
+    def server_receive_bytes(self) -> int:
+        if self.max_receive_message_bytes is None:
+            return self.max_message_bytes
+        return self.max_receive_message_bytes
 
 
 @dataclass(frozen=True)

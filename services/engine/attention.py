@@ -17,9 +17,15 @@ GQA is handled by grouping query heads under their KV head
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+from services.engine import paged_decode
+
+if TYPE_CHECKING:
+    from services.engine.located_attention import LocatedBatch
 
 
 @dataclass
@@ -37,9 +43,12 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] flat cache slot of each new token
     prefills: list[PrefillSpan]
     # Decode rows (one token each), batched:
-    decode_rows: torch.Tensor | None = None  # [B] row of each decode token in the step
+    decode_rows: torch.Tensor | None = None  # [B] row of each decode token in the step, ascending
     decode_blocks: torch.Tensor | None = None  # [B * max_blocks] block ids, padded
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] True = attend
+    decode_lens: torch.Tensor | None = None  # [B] context length of each decode row
+    # Sequences with blocks on a helper: in neither list above (located_attention.py).
+    located: LocatedBatch | None = None
 
     @property
     def num_decodes(self) -> int:
@@ -81,6 +90,8 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Attention output ``[tokens, heads, head_dim]`` for a step's queries ``q``."""
+    if 0 < meta.num_decodes == q.shape[0]:  # decodes only: their rows are q's, in order
+        return _decode_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     for span in meta.prefills:
         rows = slice(span.q_start, span.q_start + span.q_len)
@@ -137,6 +148,13 @@ def _decode_attention(
     scale: float,
 ) -> torch.Tensor:
     b, heads, d = q.shape
+    if paged_decode.supports(q, k_cache):
+        # Reads each sequence's blocks where they lie: no gathered copy, no padding.
+        lens = meta.decode_lens
+        if lens is None:
+            lens = meta.decode_mask.view(b, -1).sum(-1)
+        tables = meta.decode_blocks.view(b, -1)
+        return paged_decode.decode(q, k_cache, v_cache, tables, lens, scale)
     kv_heads = k_cache.shape[2]
     k = k_cache.index_select(0, meta.decode_blocks).view(b, -1, kv_heads, d).transpose(1, 2)
     v = v_cache.index_select(0, meta.decode_blocks).view(b, -1, kv_heads, d).transpose(1, 2)

@@ -13,6 +13,14 @@ Invariants:
 
 A sequence's blocks are freed tail first: the end of a sequence is the least
 likely to be shared, so it is evicted before the prefix it extends.
+
+While some of the engine's layers run elsewhere (a remote stage), blocks it computes hold KV
+for its local layers only: ``cache_paused`` then stops both hits and new entries, so the
+prefix cache only ever serves blocks whose KV is complete here.
+
+The pool can change size at run time (layers leaving or returning under a memory budget):
+``grow`` adds empty blocks, ``plan_shrink``/``shrink`` remove the highest ids after moving the
+blocks still in use below the cut (the caller moves their KV and rewrites block tables).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[BlockHash, int] = {}
+        self.cache_paused = False
 
     @property
     def num_blocks(self) -> int:
@@ -63,7 +72,7 @@ class BlockManager:
         At least one token is always left to compute, since the step that
         computes it produces the logits for the next token.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or self.cache_paused:
             return []
         hits: list[int] = []
         parent = ROOT_HASH
@@ -79,7 +88,7 @@ class BlockManager:
     def num_cached_hashes(self, hashes: list[BlockHash]) -> int:
         """How many of ``hashes`` (a chain) are cached here, from the first: a cheap read-only
         estimate (no token check) for deciding whether to ask a remote store at all."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or self.cache_paused:
             return 0
         n = 0
         while n < len(hashes) and hashes[n] in self._cached:
@@ -136,20 +145,91 @@ class BlockManager:
             tokens = tuple(seq.block_tokens(i))
             parent = hash_block(parent, tokens, self.fingerprint)
             seq.block_hashes.append(parent)
-            block = self.blocks[seq.block_table[i]]
+            block = self.blocks[seq.block_id(i)]
             block.block_hash, block.token_ids = parent, tokens
-            if self.enable_prefix_caching:
+            if self.enable_prefix_caching and not self.cache_paused:
                 self._cached.setdefault(parent, block.block_id)
 
     def free(self, seq: Sequence) -> None:
-        for block_id in reversed(seq.block_table):
+        self.release(list(reversed(seq.block_table)))
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_computed_tokens = 0
+        seq.num_remote_blocks = 0
+
+    # -- blocks held outside any sequence (hosted for another engine, a recall) ---------
+
+    def allocate(self, num_blocks: int) -> list[int]:
+        """``num_blocks`` fresh blocks, each with one reference, owned by the caller."""
+        if num_blocks > self.num_free_blocks:
+            raise RuntimeError(f"need {num_blocks} blocks, {self.num_free_blocks} free")
+        return [self._take_free() for _ in range(num_blocks)]
+
+    def release(self, block_ids: list[int]) -> None:
+        """Drop one reference to each block, in order (the first freed is evicted first)."""
+        for block_id in block_ids:
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
                 self._free[block_id] = None
-        seq.block_table = []
-        seq.block_hashes = []
-        seq.num_computed_tokens = 0
+
+    def drop_cached(self) -> int:
+        """Empty the prefix cache (its KV is no longer complete here); how many it held.
+
+        Blocks in use keep their hash, so their sequences' chains stay intact."""
+        dropped = len(self._cached)
+        for block_id in self._cached.values():
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                block.block_hash, block.token_ids = None, ()
+        self._cached.clear()
+        return dropped
+
+    # -- resizing ---------------------------------------------------------------------
+
+    def grow(self, num_blocks: int) -> None:
+        """Add ``num_blocks`` empty blocks; they are taken before any cached free block."""
+        start = len(self.blocks)
+        self.blocks += [Block(i) for i in range(start, start + num_blocks)]
+        for block_id in range(start + num_blocks - 1, start - 1, -1):
+            self._free[block_id] = None
+            self._free.move_to_end(block_id, last=False)
+
+    def plan_shrink(self, num_blocks: int) -> dict[int, int] | None:
+        """Moves (old id -> new id) that empty every block at or above ``num_blocks``.
+
+        None if the blocks in use do not fit below the cut. Nothing changes until ``shrink``.
+        """
+        used_above = [b.block_id for b in self.blocks[num_blocks:] if b.ref_count > 0]
+        free_below = [b for b in self._free if b < num_blocks]
+        if len(used_above) > len(free_below):
+            return None
+        return dict(zip(used_above, free_below, strict=False))
+
+    def shrink(self, num_blocks: int, moves: dict[int, int]) -> None:
+        """Apply ``plan_shrink``'s moves to the block metadata and cut the pool.
+
+        The caller copies each moved block's KV and rewrites every table that names it.
+        """
+        for old, new in moves.items():
+            self._take_free_id(new)
+            src, dst = self.blocks[old], self.blocks[new]
+            dst.ref_count, dst.block_hash, dst.token_ids = (
+                src.ref_count,
+                src.block_hash,
+                src.token_ids,
+            )
+            if src.block_hash is not None and self._cached.get(src.block_hash) == old:
+                self._cached[src.block_hash] = new
+            src.ref_count, src.block_hash, src.token_ids = 0, None, ()
+        for block in self.blocks[num_blocks:]:
+            if (
+                block.block_hash is not None
+                and self._cached.get(block.block_hash) == block.block_id
+            ):
+                del self._cached[block.block_hash]
+            self._free.pop(block.block_id, None)
+        del self.blocks[num_blocks:]
 
     # -- internals ------------------------------------------------------------------
 
@@ -161,9 +241,16 @@ class BlockManager:
 
     def _take_free(self) -> int:
         block_id, _ = self._free.popitem(last=False)
+        self._evict(block_id)
+        return block_id
+
+    def _take_free_id(self, block_id: int) -> None:
+        del self._free[block_id]
+        self._evict(block_id)
+
+    def _evict(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if block.block_hash is not None and self._cached.get(block.block_hash) == block_id:
             del self._cached[block.block_hash]
         block.block_hash, block.token_ids = None, ()
         block.ref_count = 1
-        return block_id

@@ -1,10 +1,19 @@
-"""The paged KV cache and per-layer KV export/import (DESIGN.md §3, hook 3).
+"""Paged KV pools and per-layer KV export/import (DESIGN.md §3, hook 3).
 
-Per layer, K and V are ``[num_blocks, block_size, num_kv_heads, head_dim]``
-views into two tensors that hold every layer. A layer's KV for a list of blocks
-leaves the cache as one tensor ``[2, num_blocks, block_size, kv_heads, head_dim]``
-(K then V) plus a ``KVLayout`` that says exactly what it is, so a receiver can
-check it before writing and KV can stream out one layer at a time.
+A ``KVCache`` is the pool of one layer range: for every layer it holds, K and V are
+``[num_blocks, block_size, num_kv_heads, head_dim]`` tensors, and one block id names the same
+slot in every one of them (a sequence has one block table for all the layers). An engine's own
+pool covers the layers it holds; a range hosted for another engine gets a pool of its own.
+
+Layers can leave and return (layer migration under a memory budget), and the block count can
+grow and shrink (``resize``). Each layer is its own tensor, so a resize reallocates one layer at
+a time: the extra memory it needs at any moment is one layer's, never a second pool.
+
+A layer's KV for a list of blocks leaves the cache as one tensor
+``[2, num_blocks, block_size, kv_heads, head_dim]`` (K then V) plus a ``KVLayout`` that says
+exactly what it is, so a receiver can check it before writing and KV can stream out one layer
+at a time. A layout may start at a later block (``first_block``), so a delta written after a
+copy can follow it.
 """
 
 from __future__ import annotations
@@ -21,11 +30,11 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 
 @dataclass(frozen=True)
 class KVLayout:
-    """Describes one exported layer of one sequence's KV.
+    """Describes one exported layer of one sequence's KV: blocks ``[first_block, ...)``.
 
-    ``block_hashes`` names the full blocks by content (the wire identity of a
-    block); ``num_tokens`` says how many token slots are valid, so a trailing
-    partial block (which has no hash) is carried too.
+    ``block_hashes`` names the full blocks of that range by content (the wire identity of a
+    block); ``num_tokens`` is where the range ends (tokens ``[0, num_tokens)`` of the sequence
+    exist once it is written), so a trailing partial block (which has no hash) is carried too.
     """
 
     fingerprint: str
@@ -36,10 +45,15 @@ class KVLayout:
     block_size: int
     num_kv_heads: int
     head_dim: int
+    first_block: int = 0
 
     @property
     def num_blocks(self) -> int:
-        return -(-self.num_tokens // self.block_size)
+        return -(-self.num_tokens // self.block_size) - self.first_block
+
+    @property
+    def first_token(self) -> int:
+        return self.first_block * self.block_size
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -49,7 +63,7 @@ class KVLayout:
 class KVCache:
     def __init__(
         self,
-        num_layers: int,
+        layers: range,
         num_blocks: int,
         block_size: int,
         num_kv_heads: int,
@@ -57,12 +71,16 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ) -> None:
-        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.num_blocks = num_blocks
+        self._layer_block_bytes = self.bytes_per_block(1, block_size, num_kv_heads, head_dim, dtype)
+        self._k: dict[int, torch.Tensor] = {}
+        self._v: dict[int, torch.Tensor] = {}
+        self.add_layers(layers)
 
     @staticmethod
     def bytes_per_block(
@@ -72,23 +90,93 @@ class KVCache:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * element
 
     @property
+    def layers(self) -> range:
+        """The layers this pool holds (contiguous)."""
+        if not self._k:
+            return range(0)
+        return range(min(self._k), max(self._k) + 1)
+
+    @property
     def num_layers(self) -> int:
-        return self.k.shape[0]
+        return len(self._k)
 
     @property
     def dtype_name(self) -> str:
-        return DTYPE_NAMES[self.k.dtype]
+        return DTYPE_NAMES[self.dtype]
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes one block takes across the layers held."""
+        return self.layer_block_bytes * self.num_layers
+
+    @property
+    def layer_block_bytes(self) -> int:
+        return self._layer_block_bytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.block_bytes * self.num_blocks
+
+    def holds(self, layer: int) -> bool:
+        return layer in self._k
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[index], self.v[index]
+        if index not in self._k:
+            raise InvalidRequestError(f"layer {index} is not held here (held: {self.layers})")
+        return self._k[index], self._v[index]
+
+    # -- shape changes (engine thread, between steps) ------------------------------------
+
+    def add_layers(self, layers: range) -> None:
+        """Allocate empty K/V for ``layers``; the held range must stay contiguous."""
+        held = self.layers
+        if held and layers and not (layers.stop == held.start or layers.start == held.stop):
+            raise InvalidRequestError(f"layers {layers} do not extend the held range {held}")
+        for index in layers:
+            self._k[index] = self._empty(self.num_blocks)
+            self._v[index] = self._empty(self.num_blocks)
+
+    def drop_layers(self, layers: range) -> None:
+        """Free the K/V of ``layers`` (a range at either end of the held one)."""
+        held = self.layers
+        if layers and not (layers.stop == held.stop or layers.start == held.start):
+            raise InvalidRequestError(f"layers {layers} are not at an end of the held range {held}")
+        for index in layers:
+            del self._k[index], self._v[index]
+
+    def resize(self, num_blocks: int) -> None:
+        """Change the block count, keeping blocks ``[0, min(old, new))``; one layer at a time."""
+        keep = min(num_blocks, self.num_blocks)
+        for store in (self._k, self._v):
+            for index, old in store.items():
+                new = self._empty(num_blocks)
+                new[:keep].copy_(old[:keep])
+                store[index] = new
+                del old
+        self.num_blocks = num_blocks
+
+    def move_blocks(self, moves: dict[int, int]) -> None:
+        """Copy each block ``old`` into ``new`` in every layer (before a shrink drops ``old``)."""
+        if not moves:
+            return
+        src = torch.tensor(list(moves), dtype=torch.long, device=self.device)
+        dst = torch.tensor(list(moves.values()), dtype=torch.long, device=self.device)
+        for store in (self._k, self._v):
+            for tensor in store.values():
+                tensor.index_copy_(0, dst, tensor.index_select(0, src))
+
+    def _empty(self, num_blocks: int) -> torch.Tensor:
+        shape = (num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    # -- export / import ---------------------------------------------------------------
 
     def export_layer(self, layer: int, block_ids: list[int], layout: KVLayout) -> torch.Tensor:
         """A copy of ``layer``'s K and V in ``block_ids``: ``[2, n, block_size, kv_heads, d]``."""
         self._check(layout, layer, len(block_ids))
-        index = torch.tensor(block_ids, dtype=torch.long, device=self.k.device)
-        return torch.stack(
-            [self.k[layer].index_select(0, index), self.v[layer].index_select(0, index)]
-        )
+        k, v = self.layer(layer)
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        return torch.stack([k.index_select(0, index), v.index_select(0, index)])
 
     def import_layer(self, block_ids: list[int], data: torch.Tensor, layout: KVLayout) -> None:
         """Write an exported layer into ``block_ids`` of this cache after checking its layout."""
@@ -98,9 +186,10 @@ class KVCache:
                 f"KV tensor {tuple(data.shape)} {data.dtype} does not match its layout "
                 f"{layout.shape} {layout.dtype}"
             )
-        index = torch.tensor(block_ids, dtype=torch.long, device=self.k.device)
-        self.k[layout.layer].index_copy_(0, index, data[0].to(self.k.device))
-        self.v[layout.layer].index_copy_(0, index, data[1].to(self.v.device))
+        k, v = self.layer(layout.layer)
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        k.index_copy_(0, index, data[0].to(self.device))
+        v.index_copy_(0, index, data[1].to(self.device))
 
     def _check(self, layout: KVLayout, layer: int, num_blocks: int) -> None:
         expected = (self.dtype_name, self.block_size, self.num_kv_heads, self.head_dim)
@@ -109,7 +198,7 @@ class KVCache:
             raise InvalidRequestError(
                 f"KV layout (dtype, block, heads, dim) {got} != cache {expected}"
             )
-        if not 0 <= layer < self.num_layers:
-            raise InvalidRequestError(f"layer {layer} outside 0..{self.num_layers - 1}")
+        if not self.holds(layer):
+            raise InvalidRequestError(f"layer {layer} is not held here (held: {self.layers})")
         if layout.num_blocks != num_blocks:
             raise InvalidRequestError(f"layout covers {layout.num_blocks} blocks, got {num_blocks}")

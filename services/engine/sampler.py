@@ -4,6 +4,17 @@ A seeded request draws each token from a generator seeded by
 ``(seed, index of the token)``, not from a generator carried along: the draw
 for token i is then the same whether or not the sequence was preempted,
 recomputed or moved to another worker in between.
+
+Every ``SamplingParams`` that validates samples without error, whatever its values
+(the invariant a step relies on: no request can make a step fail by what it asks):
+
+- a temperature below ``MIN_TEMPERATURE`` is greedy; any other is applied in float32 to
+  ``logits - max``, so the top token's scaled logit is exactly 0 and nothing overflows
+  to +inf (a huge temperature flattens the row; it cannot make NaN);
+- top-p always keeps the most likely token, however small ``top_p`` is (in float32 a
+  ``top_p`` of 1e-300 is 0);
+- a row whose probabilities still come out non-finite or all zero (non-finite logits from
+  the model itself) takes the greedy token instead of failing the whole step.
 """
 
 from __future__ import annotations
@@ -13,6 +24,13 @@ import torch
 from services.common.types import SamplingParams
 
 _SEED_STRIDE = 1_000_003
+_MAX_FLOAT32 = torch.finfo(torch.float32).max
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature`` with the row's maximum at 0 (float32)."""
+    row = logits.float()
+    return (row - row.max()) / min(temperature, _MAX_FLOAT32)
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -24,6 +42,7 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
         probs = sorted_logits.softmax(-1)
         # Drop a token when the tokens before it already reach top_p; the first always stays.
         drop = (probs.cumsum(-1) - probs) >= top_p
+        drop[0] = False
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return logits
 
@@ -34,6 +53,10 @@ def _generator(params: SamplingParams, index: int, fallback: torch.Generator) ->
     g = torch.Generator()
     g.manual_seed((params.seed * _SEED_STRIDE + index) & 0x7FFF_FFFF_FFFF_FFFF)
     return g
+
+
+def _usable(probs: torch.Tensor) -> bool:
+    return bool(torch.isfinite(probs).all()) and float(probs.sum()) > 0
 
 
 class Sampler:
@@ -50,8 +73,10 @@ class Sampler:
         for row, p in enumerate(params):
             if p.greedy:
                 continue
-            row_logits = _filter_top_k_top_p(logits[row].float() / p.temperature, p.top_k, p.top_p)
-            probs = row_logits.softmax(-1)
+            scaled = _filter_top_k_top_p(_scaled(logits[row], p.temperature), p.top_k, p.top_p)
+            probs = scaled.softmax(-1)
+            if not _usable(probs):
+                continue  # the greedy token (see the module docstring)
             g = _generator(p, token_index[row], self._generator)
             tokens[row] = int(torch.multinomial(probs, 1, generator=g).item())
         return tokens

@@ -183,7 +183,7 @@ def test_chat_template_prompt(engine):
 def test_bfloat16_engine_runs_and_mostly_agrees_with_float32(tiny_llama):
     f32 = make_engine(tiny_llama).generate([PROMPT], greedy(8))[0].token_ids
     bf16_engine = make_engine(tiny_llama, dtype="bfloat16")
-    assert bf16_engine.kv_cache.k.dtype == torch.bfloat16
+    assert bf16_engine.kv_cache.dtype == torch.bfloat16
     bf16 = bf16_engine.generate([PROMPT], greedy(8))[0].token_ids
     assert bf16[:2] == f32[:2]  # reduced precision may diverge later, not at once
     assert_no_leaks(bf16_engine)

@@ -122,6 +122,8 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache.layer(self.layer)
         write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
         o = paged_attention(q, k_cache, v_cache, meta, self.scale)
+        if meta.located is not None:
+            meta.located.attend(self.layer, q, k_cache, v_cache, o, self.scale)
         return self.o_proj(o.reshape(n, self.q_size))
 
 
@@ -157,6 +159,17 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class DroppedLayer(nn.Module):
+    """Stands in for a decoder layer whose weights left this worker (layer migration)."""
+
+    def __init__(self, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, *args: object) -> torch.Tensor:
+        raise RuntimeError(f"layer {self.layer} is not held here: its weights were dropped")
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(self, spec: ModelSpec, max_position: int) -> None:
         super().__init__()
@@ -172,6 +185,19 @@ class LlamaForCausalLM(nn.Module):
     @property
     def num_layers(self) -> int:
         return self.spec.num_layers
+
+    def holds_layer(self, index: int) -> bool:
+        return not isinstance(self.layers[index], DroppedLayer)
+
+    def drop_layers(self, layers: range) -> None:
+        """Free the weights of ``layers``; running them raises until they are put back."""
+        for index in layers:
+            self.layers[index] = DroppedLayer(index)
+
+    def put_layers(self, layers: dict[int, nn.Module]) -> None:
+        """Install decoder layers (loaded again, or received from another worker)."""
+        for index, layer in layers.items():
+            self.layers[index] = layer
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from services.common.errors import ModelFormatError
-from services.engine.models.llama import LlamaForCausalLM, ModelSpec
+from services.engine.models.llama import DecoderLayer, LlamaForCausalLM, ModelSpec
 from services.engine.models.packed_linear import pack_linears, packing_supported
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -95,14 +96,16 @@ def _target(name: str, spec: ModelSpec) -> tuple[str, int | None] | None:
     raise ModelFormatError(f"unexpected tensor {name!r} in checkpoint")
 
 
-def _load_weights(model: LlamaForCausalLM, path: Path, spec: ModelSpec) -> None:
-    params = dict(model.named_parameters())
+def _load_weights(
+    params: dict[str, torch.Tensor], path: Path, spec: ModelSpec, partial: bool = False
+) -> None:
+    """Fill ``params`` from the checkpoint; ``partial``: skip tensors for other parameters."""
     pending = {name: _num_parts(name) for name in params}
     for file in weight_files(path):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 target = _target(name, spec)
-                if target is None:
+                if target is None or (partial and target[0] not in params):
                     continue
                 _copy(params, target, f.get_tensor(name), spec, name)
                 pending[target[0]] -= 1
@@ -141,8 +144,24 @@ def load_model(
     if spec.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     with torch.no_grad():
-        _load_weights(model, path, spec)
+        _load_weights(dict(model.named_parameters()), path, spec)
     model.eval().requires_grad_(False)
     if packing_supported(DTYPES[dtype], torch.device(device)):
         pack_linears(model)
     return LoadedModel(model, spec, fingerprint(path, dtype), path)
+
+
+def load_layers(
+    path: Path, spec: ModelSpec, dtype: str, device: str, layers: range
+) -> dict[int, DecoderLayer]:
+    """Decoder ``layers`` alone, from the checkpoint (a donor taking its layers back)."""
+    with torch.device("meta"):
+        holder = nn.ModuleDict({str(i): DecoderLayer(spec, i) for i in layers})
+    holder = holder.to_empty(device=device).to(DTYPES[dtype])
+    params = {f"layers.{name}": p for name, p in holder.named_parameters()}
+    with torch.no_grad():
+        _load_weights(params, path, spec, partial=True)
+    holder.eval().requires_grad_(False)
+    if packing_supported(DTYPES[dtype], torch.device(device)):
+        pack_linears(holder)
+    return {i: holder[str(i)] for i in layers}  # type: ignore[misc]

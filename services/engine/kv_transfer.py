@@ -1,0 +1,214 @@
+"""A sequence's KV leaving and arriving one layer at a time (DESIGN.md §3, hook 3).
+
+Export (engine thread, or a layer hook during a step): ``export`` copies one layer of a request's
+computed KV, or of a token range of it, as a tensor and its ``KVLayout``. Inside a hooked step
+it covers the tokens the step is computing too (``step_tokens``), not only those before it.
+
+Import, for a sequence whose KV was computed elsewhere (a prefill worker, a migration):
+
+1. ``begin_import`` reserves blocks for the first ``num_kv_tokens`` tokens and parks the request;
+2. ``import_kv`` writes one layer (any order), after checking its layout and fingerprint;
+3. ``finish_import`` joins the sequence to the running batch.
+
+``restore`` writes a layer of KV into a *running* sequence's blocks for tokens it has already
+computed: the layers of a layer migration coming back from the helper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from services.common.errors import (
+    InvalidRequestError,
+    OutOfRangeError,
+    RequestNotFoundError,
+    ResourceExhaustedError,
+)
+from services.common.hashing import ROOT_HASH, BlockHash, hash_block
+from services.common.types import SamplingParams
+from services.engine.block_manager import BlockManager
+from services.engine.kv_cache import KVCache, KVLayout
+from services.engine.requests import RequestState, RequestTable
+from services.engine.scheduler import Scheduler
+from services.engine.sequence import Sequence
+from services.engine.tokenizer import IncrementalDetokenizer
+
+NewRequest = Callable[[str, list[int], SamplingParams, int], RequestState]
+
+
+class KVTransfer:
+    def __init__(
+        self,
+        requests: RequestTable,
+        block_manager: BlockManager,
+        scheduler: Scheduler,
+        kv_cache: KVCache,
+        fingerprint: str,
+        new_request: NewRequest,
+    ) -> None:
+        self.requests = requests
+        self.block_manager = block_manager
+        self.scheduler = scheduler
+        self.kv_cache = kv_cache
+        self.fingerprint = fingerprint
+        self.new_request = new_request
+        self.block_size = block_manager.block_size
+        # Request id -> tokens whose KV exists once the step in progress has run (hooked steps).
+        self.step_tokens: dict[str, int] | None = None
+
+    # -- export --------------------------------------------------------------------------
+
+    def layout(
+        self, request_id: str, layer: int, start_token: int = 0, end_token: int | None = None
+    ) -> KVLayout:
+        seq = self.requests.seq(request_id)
+        num_tokens = seq.num_computed_tokens
+        if self.step_tokens is not None:
+            num_tokens = self.step_tokens.get(request_id, num_tokens)
+        end = num_tokens if end_token is None else end_token
+        if not 0 <= start_token <= end <= num_tokens:
+            raise InvalidRequestError(f"tokens [{start_token}, {end}) of {num_tokens} computed")
+        first = start_token // self.block_size
+        if first < seq.num_remote_blocks:
+            raise InvalidRequestError(
+                f"blocks before {seq.num_remote_blocks} of {request_id} are held by a helper"
+            )
+        return KVLayout(
+            self.fingerprint,
+            layer,
+            end,
+            self.full_block_hashes(seq, end)[first:],
+            self.kv_cache.dtype_name,
+            self.block_size,
+            self.kv_cache.num_kv_heads,
+            self.kv_cache.head_dim,
+            first,
+        )
+
+    def full_block_hashes(self, seq: Sequence, num_tokens: int) -> tuple[BlockHash, ...]:
+        # Inside a hooked step the blocks this step fills are not committed yet; their hashes
+        # are the ones commit_full_blocks will give them after the step.
+        hashes = list(seq.block_hashes)
+        parent = hashes[-1] if hashes else ROOT_HASH
+        for i in range(len(hashes), num_tokens // self.block_size):
+            parent = hash_block(parent, seq.block_tokens(i), self.fingerprint)
+            hashes.append(parent)
+        return tuple(hashes[: num_tokens // self.block_size])
+
+    def export(
+        self, request_id: str, layer: int, start_token: int = 0, end_token: int | None = None
+    ) -> tuple[torch.Tensor, KVLayout]:
+        layout = self.layout(request_id, layer, start_token, end_token)
+        blocks = self._blocks(self.requests.seq(request_id), layout)
+        return self.kv_cache.export_layer(layer, blocks, layout), layout
+
+    @staticmethod
+    def _blocks(seq: Sequence, layout: KVLayout) -> list[int]:
+        first = layout.first_block - seq.num_remote_blocks
+        return seq.block_table[first : first + layout.num_blocks]
+
+    # -- import --------------------------------------------------------------------------
+
+    def begin_import(
+        self,
+        request_id: str,
+        token_ids: list[int],
+        num_prompt_tokens: int,
+        num_kv_tokens: int,
+        params: SamplingParams,
+        max_num_seqs: int,
+    ) -> None:
+        # The imported KV plus the token computed next must fit the context, so the longest
+        # prompt a prefill worker accepts (max_model_len - 1 tokens) imports with its first
+        # token; a sequence longer than that would have finished where it came from.
+        self.requests.check_vocab(token_ids)
+        if len(token_ids) > self.requests.max_model_len:
+            raise OutOfRangeError(
+                f"sequence has {len(token_ids)} tokens; this model's context is "
+                f"{self.requests.max_model_len} tokens"
+            )
+        if not 0 < num_prompt_tokens <= len(token_ids):
+            raise InvalidRequestError(
+                f"num_prompt_tokens must be in [1, {len(token_ids)}], got {num_prompt_tokens}"
+            )
+        if not 0 < num_kv_tokens < len(token_ids):
+            raise InvalidRequestError(
+                f"num_kv_tokens must be in [1, {len(token_ids) - 1}], got {num_kv_tokens}"
+            )
+        request = self.new_request(request_id, list(token_ids), params, num_prompt_tokens)
+        seq = request.seq
+        if len(self.scheduler.running) + len(self.requests.importing) >= max_num_seqs:
+            raise ResourceExhaustedError(f"already running {max_num_seqs} sequences")
+        if not self.block_manager.can_append(seq, num_kv_tokens):
+            raise ResourceExhaustedError(
+                f"{seq.blocks_needed(num_kv_tokens)} KV blocks needed, "
+                f"{self.block_manager.num_free_blocks} free"
+            )
+        self.block_manager.append(seq, num_kv_tokens)
+        seq.num_computed_tokens = num_kv_tokens
+        request.detokenizer.add(seq.output_token_ids)
+        request.num_emitted_chars = len(request.detokenizer.text)
+        self.requests.importing[request_id] = request
+
+    def import_kv(self, request_id: str, data: torch.Tensor, layout: KVLayout) -> None:
+        request = self.requests.importing.get(request_id)
+        if request is None:
+            raise RequestNotFoundError(f"no import in progress for {request_id!r}")
+        seq = request.seq
+        if layout.fingerprint != self.fingerprint:
+            raise InvalidRequestError("KV was computed by a different model or dtype")
+        if layout.num_tokens != seq.num_computed_tokens:
+            raise InvalidRequestError(
+                f"KV covers {layout.num_tokens} tokens, {seq.num_computed_tokens} were reserved"
+            )
+        self.kv_cache.import_layer(seq.block_table, data, layout)
+
+    def finish_import(self, request_id: str) -> RequestState:
+        """Join an imported sequence to the running batch."""
+        request = self.requests.importing.pop(request_id, None)
+        if request is None:
+            raise RequestNotFoundError(f"no import in progress for {request_id!r}")
+        self.block_manager.commit_full_blocks(request.seq)
+        self.scheduler.join_running(request.seq)
+        self.requests.active[request_id] = request
+        return request
+
+    def finish_prompt_import(
+        self, request_id: str, first_token_id: int, vocab_size: int
+    ) -> RequestState:
+        """``finish_import`` of a ``begin_prompt_import`` sequence: its placeholder token goes
+        and the detokenizer restarts, so the first token's output is a prefill step's."""
+        request = self.requests.importing.get(request_id)
+        if request is None:
+            raise RequestNotFoundError(f"no import in progress for {request_id!r}")
+        if not 0 <= first_token_id < vocab_size:
+            raise InvalidRequestError(
+                f"first token id {first_token_id} outside the vocabulary [0, {vocab_size})"
+            )
+        request.seq.token_ids.pop()  # the placeholder
+        request.detokenizer = IncrementalDetokenizer(self.requests.tokenizer)
+        request.num_emitted_chars = 0
+        return self.finish_import(request_id)
+
+    def restore(self, request_id: str, data: torch.Tensor, layout: KVLayout) -> None:
+        """Write a layer of KV for tokens a running sequence already computed."""
+        request = self.requests.active.get(request_id)
+        if request is None:
+            raise RequestNotFoundError(f"no running request {request_id!r}")
+        seq = request.seq
+        if layout.fingerprint != self.fingerprint:
+            raise InvalidRequestError("KV was computed by a different model or dtype")
+        if (
+            layout.num_tokens > seq.num_computed_tokens
+            or layout.first_block < seq.num_remote_blocks
+        ):
+            raise InvalidRequestError(
+                f"KV of tokens [{layout.first_token}, {layout.num_tokens}) does not lie in the "
+                f"{seq.num_computed_tokens} local tokens of {request_id}"
+            )
+        expected = self.full_block_hashes(seq, layout.num_tokens)[layout.first_block :]
+        if layout.block_hashes and layout.block_hashes != expected:
+            raise InvalidRequestError(f"KV is not of {request_id}'s blocks")
+        self.kv_cache.import_layer(self._blocks(seq, layout), data, layout)

@@ -1,0 +1,79 @@
+"""What a request emits per token: the token, the text it adds, and whether it finished.
+
+Text is detokenized incrementally. While a request has stop strings, the tail that could be the
+start of one is held back; when one appears the text ends right before it. Finish reasons:
+a stop token (EOS unless ``ignore_eos``) or stop string -> STOP; ``max_tokens`` or the context
+limit -> LENGTH.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from services.common.types import FinishReason, RequestOutput
+from services.engine.requests import RequestState
+
+
+@dataclass
+class Completion:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    num_cached_tokens: int = 0
+
+
+def append_token(request: RequestState, token: int, max_model_len: int) -> RequestOutput:
+    """Add ``token`` to the request; the output says if it finished (the caller frees it)."""
+    seq = request.seq
+    seq.token_ids.append(token)
+    if seq.params.detokenize:
+        request.detokenizer.add([token])
+    reason = finish_reason(request, token, max_model_len)
+    text = request.detokenizer.text
+    if reason is None:
+        hold = max((len(s) - 1 for s in seq.params.stop), default=0)
+        end = max(request.num_emitted_chars, len(text) - hold)
+    else:
+        end = _stop_string_end(request, text) if seq.params.stop else len(text)
+    delta = text[request.num_emitted_chars : end]
+    request.num_emitted_chars = end
+    return RequestOutput(
+        seq.request_id,
+        [token],
+        delta,
+        reason is not None,
+        reason,
+        seq.num_prompt_tokens,
+        seq.num_cached_tokens,
+    )
+
+
+def finish_reason(request: RequestState, token: int, max_model_len: int) -> FinishReason | None:
+    seq = request.seq
+    if token in request.stop_ids:
+        return FinishReason.STOP
+    if seq.params.stop and any(s in request.detokenizer.text for s in seq.params.stop):
+        return FinishReason.STOP
+    if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= max_model_len:
+        return FinishReason.LENGTH
+    return None
+
+
+def _stop_string_end(request: RequestState, text: str) -> int:
+    found = [text.find(s) for s in request.seq.params.stop if s in text]
+    return min(found, default=len(text))
+
+
+def aborted(request: RequestState) -> RequestOutput:
+    seq = request.seq
+    return RequestOutput(
+        seq.request_id,
+        [],
+        "",
+        True,
+        FinishReason.ABORT,
+        seq.num_prompt_tokens,
+        seq.num_cached_tokens,
+    )

@@ -1,0 +1,43 @@
+"""The engine's state and counters as one immutable value, published after every step.
+
+``Engine.snapshot`` is replaced (one reference assignment) at the end of each step and after
+every call that changes what it reports, on the engine thread. Load reports and RPC handlers on
+other threads read it without touching engine internals and without waiting behind a step; it is
+at most one step old.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.engine.memory import MemoryReport
+
+
+@dataclass(frozen=True)
+class HostedRange:
+    owner: str
+    start: int
+    end: int
+    num_seqs: int
+    num_blocks: int  # of its own pool
+    num_blocks_used: int
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    num_blocks: int
+    num_free_blocks: int
+    num_cached_blocks: int
+    num_running: int
+    num_waiting: int
+    num_importing: int
+    num_prefix_fetches: int
+    num_steps: int  # steps that ran a batch and committed it
+    num_failed_steps: int  # steps a fetch or a port failed (nothing kept)
+    stages: tuple[tuple[int, int, bool], ...]  # (start, end, remote) per stage
+    num_layers_held: int
+    num_located_seqs: int  # own sequences with blocks on a helper
+    num_remote_blocks: int  # those blocks
+    hosted_layers: tuple[HostedRange, ...]  # layer ranges run here for other engines
+    num_hosted_blocks: int  # blocks held here for other engines' attention
+    memory: MemoryReport

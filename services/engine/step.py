@@ -1,0 +1,164 @@
+"""One engine step: plan -> execute(stages) -> commit.
+
+1. **plan** — the scheduler picks the batch (running sequences first, then waiting ones) and the
+   runner turns it into tensors. With a remote stage and ``num_micro_batches=2`` the batch is cut
+   in two halves of about equal tokens, unless a layer hook or a prefix fetch needs the step
+   whole.
+2. **execute** — embedding, then the layout's stages in order (local ones here, remote ones
+   through their ``StagePort``), then the logits of the rows that sample. Before each layer a
+   pending prefix fetch may be waited for; after each local layer ``on_layer_done`` may run.
+3. **commit** — sample one token per finished row, advance every scheduled sequence by the tokens
+   it computed, hash the blocks that became full, and build the outputs.
+
+*A failed step never happened*: if execute raises (a prefix that did not arrive, a port that
+failed), commit does not run: no ``num_computed_tokens`` moves and nothing is sampled, so the
+next step computes the same tokens again and overwrites, identically, whatever KV this one wrote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from services.common.types import FinishReason, RequestOutput
+from services.engine.kv_transfer import KVTransfer
+from services.engine.model_runner import ModelRunner, StepInputs
+from services.engine.outputs import append_token
+from services.engine.placement import Placement
+from services.engine.prefix_fetch import PrefixFetch, PrefixFetches, wait_for_layer
+from services.engine.requests import RequestState, RequestTable
+from services.engine.sampler import Sampler
+from services.engine.scheduler import ScheduledBatch, Scheduler
+from services.engine.sequence import Sequence
+
+LogitsHook = Callable[[list[Sequence], torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """The step in progress, as a layer hook sees it."""
+
+    # Request id -> tokens whose KV exists once every layer of this step has run.
+    num_tokens: dict[str, int]
+    # Requests whose tokens are all computed after this step (they sample a token).
+    sampling: tuple[str, ...]
+
+
+LayerDoneHook = Callable[[int, StepContext], None]
+
+
+@dataclass
+class StepPlan:
+    batch: ScheduledBatch
+    parts: list[StepInputs]  # one per micro-batch, in batch order
+    sampled: list[Sequence]  # in the order of the logits rows
+    fetches: tuple[PrefixFetch, ...]  # pending prefix fetches the step must wait for
+
+
+class Stepper:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        runner: ModelRunner,
+        requests: RequestTable,
+        fetches: PrefixFetches,
+        kv: KVTransfer,
+        placement: Placement,
+        finish: Callable[[RequestState, FinishReason], None],
+        logits_hook: LogitsHook | None,
+    ) -> None:
+        self.scheduler = scheduler
+        self.runner = runner
+        self.requests = requests
+        self.fetches = fetches
+        self.kv = kv
+        self.placement = placement
+        self.finish = finish
+        self.logits_hook = logits_hook
+        self.sampler = Sampler()
+
+    def plan(self, hooked: bool) -> StepPlan | None:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return None
+        fetches = self.fetches.pending_in(batch.seqs)
+        layout = self.placement.layout
+        halves = [batch]
+        if layout.remote and layout.num_micro_batches == 2 and not hooked and not fetches:
+            halves = _split(batch)
+        parts = [
+            self.runner.prepare(
+                half, self.placement.located or None, layout.remote, layout.timeout_s
+            )
+            for half in halves
+        ]
+        sampled = [
+            h.seqs[i] for h, p in zip(halves, parts, strict=True) for i in p.sample_seq_index
+        ]
+        return StepPlan(batch, parts, sampled, fetches)
+
+    def execute(self, plan: StepPlan, on_layer_done: LayerDoneHook | None) -> torch.Tensor:
+        """The logits of the sampled rows; raises if a fetch or a port fails (nothing kept)."""
+        layout = self.placement.layout
+        if len(plan.parts) > 1:
+            return self.runner.run_micro_batches(plan.parts, layout)
+        inputs, fetches = plan.parts[0], plan.fetches
+        gate = partial(wait_for_layer, fetches) if fetches else None
+        remote = layout if layout.remote else None
+        if on_layer_done is None:
+            logits = self.runner.run(inputs, before_layer=gate, layout=remote)
+        else:
+            pairs = zip(plan.batch.seqs, plan.batch.num_new_tokens, strict=True)
+            ctx = StepContext(
+                {s.request_id: s.num_computed_tokens + n for s, n in pairs},
+                tuple(s.request_id for s in plan.sampled),
+            )
+            self.kv.step_tokens = ctx.num_tokens
+            try:
+                logits = self.runner.run(
+                    inputs, lambda layer: on_layer_done(layer, ctx), gate, remote
+                )
+            finally:
+                self.kv.step_tokens = None
+        self.fetches.arrived(fetches)  # every layer arrived: commit hashes the blocks
+        return logits
+
+    def commit(self, plan: StepPlan, logits: torch.Tensor) -> list[RequestOutput]:
+        sampled = plan.sampled
+        if self.logits_hook is not None:
+            self.logits_hook(sampled, logits.float())
+        tokens = self.sampler(
+            logits, [s.params for s in sampled], [s.num_output_tokens for s in sampled]
+        )
+        bm = self.scheduler.block_manager
+        for seq, n in zip(plan.batch.seqs, plan.batch.num_new_tokens, strict=True):
+            seq.num_computed_tokens += n
+            bm.commit_full_blocks(seq)
+        self.placement.mark_computed(plan.batch.seqs, plan.batch.num_new_tokens)
+        outputs = []
+        for seq, token in zip(sampled, tokens, strict=True):
+            request = self.requests.active[seq.request_id]
+            out = append_token(request, token, self.requests.max_model_len)
+            if out.finish_reason is not None:
+                self.finish(request, out.finish_reason)
+            outputs.append(out)
+        return outputs
+
+
+def _split(batch: ScheduledBatch) -> list[ScheduledBatch]:
+    """Two contiguous halves of about equal tokens (one if the batch has a single sequence)."""
+    if len(batch.seqs) < 2:
+        return [batch]
+    total, acc, cut = batch.num_tokens, 0, 1
+    for i, n in enumerate(batch.num_new_tokens[:-1]):
+        acc += n
+        cut = i + 1
+        if 2 * acc >= total:
+            break
+    return [
+        ScheduledBatch(batch.seqs[:cut], batch.num_new_tokens[:cut]),
+        ScheduledBatch(batch.seqs[cut:], batch.num_new_tokens[cut:]),
+    ]
