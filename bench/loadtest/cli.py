@@ -1,0 +1,258 @@
+"""``banaserve loadtest SERVICE``: drive one service alone, bounded, and report per RPC.
+
+    banaserve loadtest kvstore --target HOST:PORT --users 32 --duration 30s
+    banaserve loadtest router --target HOST:PORT --rate 10,20,40 --duration 20s \\
+        --p99-target-ms 1000
+
+Lifecycle of a run:
+1. the service's scenario is built from the flags and set up (``setup``: connections, data
+   the iterations need, in-process peers) and ``--warmup`` iterations run unrecorded; the
+   first failure there ends the run with its status, before any load is sent;
+2. each step (one per value of ``--users`` or ``--rate``) is one bounded run of the driver
+   (``bench.loadtest.driver``), then the service's own counters are read until they show
+   nothing left behind (polled up to ``SETTLE_S``: freeing after a cancel is asynchronous);
+3. the report (``bench.loadtest.report``) is written to ``--out`` as ``SERVICE[-LABEL].json``,
+   ``.csv`` and ``-samples.csv``, and printed as markdown.
+Exit status: 0 when every step had successful iterations and left nothing behind, else 1;
+2 for bad flags or a failed warm-up; the coordinator's load test says it does not exist yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import enum
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from bench.loadtest import decode, kvstore, prefill, router
+from bench.loadtest.driver import (
+    LoadSpec,
+    Loop,
+    RunResult,
+    Scenario,
+    process_cpu_seconds,
+    run_load,
+    status_of,
+    warm_up,
+)
+from bench.loadtest.report import Slo, render_markdown, step_summary, sweep_summary, write_files
+from bench.machine import loadavg, machine_info
+from bench.transport_bench import size_list
+from services.common.errors import ConfigError
+from services.rpc.dataplane import DataPlaneError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "loadtest"
+SETTLE_S = 5.0
+UNITS_S = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+COORDINATOR_NOT_YET = (
+    "banaserve loadtest coordinator: the coordinator service does not exist yet (DESIGN.md §5: "
+    "migration is not built); its load test joins once it does. Load tests exist for: "
+    "router, prefill, decode, kvstore."
+)
+
+
+class Service(enum.Enum):
+    ROUTER = "router"
+    PREFILL = "prefill"
+    DECODE = "decode"
+    KVSTORE = "kvstore"
+    COORDINATOR = "coordinator"
+
+
+HELP = {
+    Service.ROUTER: "Generate through the router (its real workers, or --stub-workers)",
+    Service.PREFILL: "Prefill on a prefill worker, its KV sent to an in-process sink",
+    Service.DECODE: "ReserveKV + KV transfer + StreamTokens on a decode worker",
+    Service.KVSTORE: "Lookup / Pin / data-plane read / two-phase write / Unpin on a kvstore",
+    Service.COORDINATOR: "not yet: the coordinator service does not exist",
+}
+MODULES = {
+    Service.ROUTER: router,
+    Service.PREFILL: prefill,
+    Service.DECODE: decode,
+    Service.KVSTORE: kvstore,
+}
+
+
+def seconds(text: str) -> float:
+    """ "30s", "500ms", "2m", "1h" or a plain number of seconds."""
+    number = text.rstrip("mshMSH")
+    unit = text[len(number) :].lower() or "s"
+    try:
+        value = float(number) * UNITS_S[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(
+            f"expected a duration like 30s or 500ms, got {text!r}"
+        ) from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive duration, got {text!r}")
+    return value
+
+
+def number_list(kind: type):
+    def parse(text: str) -> list:
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            values = []
+        if not values or min(values) <= 0:
+            raise argparse.ArgumentTypeError(f"expected positive numbers like 8 or 8,16; {text!r}")
+        return values
+
+    return parse
+
+
+def add_common(p: argparse.ArgumentParser, target_required: bool = True) -> None:
+    p.add_argument(
+        "--target", required=target_required, metavar="HOST:PORT", help="the service's gRPC address"
+    )
+    load = p.add_mutually_exclusive_group()
+    load.add_argument("--users", type=number_list(int), default=None,
+                      help="closed loop: concurrent users, or a list (a sweep); default 1")  # fmt: skip
+    load.add_argument("--rate", type=number_list(float), default=None,
+                      help="open loop: Poisson arrivals per second, or a list (a sweep)")  # fmt: skip
+    p.add_argument("--duration", type=seconds, default=30.0, help="per step (default 30s)")
+    p.add_argument("--max-requests", type=int, default=None, help="per step, at most")
+    p.add_argument("--timeout", type=seconds, default=30.0, help="per iteration (default 30s)")
+    p.add_argument("--max-in-flight", type=int, default=1024, help="open loop: at most in flight")
+    p.add_argument("--warmup", type=int, default=1, help="unrecorded iterations first")
+    p.add_argument("--p99-target-ms", type=float, default=None,
+                   help="SLO: each step passes if the --slo name's p99 is within this")  # fmt: skip
+    p.add_argument("--slo", default=None, help="the name the SLO applies to (default: iteration)")
+    p.add_argument("--server-pid", type=number_list(int), default=None, metavar="PID[,PID]",
+                   help="local processes of the service: report their CPU use per step")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="output directory")
+    p.add_argument("--label", default="", help="file suffix: SERVICE-LABEL.json")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="service", required=True, metavar="SERVICE")
+    for service in Service:
+        sp = sub.add_parser(service.value, help=HELP[service], description=HELP[service])
+        sp.set_defaults(loadtest_service=service)
+        add_common(sp, target_required=service is not Service.COORDINATOR)
+        if service in MODULES:
+            MODULES[service].add_arguments(sp)
+
+
+def build_scenario(service: Service, args: argparse.Namespace) -> Scenario:
+    try:
+        if service is Service.KVSTORE:
+            (layer_bytes,) = size_list(args.layer_bytes)
+            load = kvstore.KVStoreLoad(
+                args.op, args.num_prefixes, args.num_blocks, args.num_layers, layer_bytes,
+                args.write_fraction, seed=args.seed,
+            )  # fmt: skip
+            return kvstore.KVStoreScenario(args.target, load)
+        if service is Service.DECODE:
+            load = decode.DecodeLoad(
+                args.model, args.dtype, args.block_size, args.prompt_len, args.max_tokens,
+                args.kv_transport, seed=args.seed,
+            )  # fmt: skip
+            return decode.DecodeScenario(args.target, load)
+        if service is Service.PREFILL:
+            load = prefill.PrefillLoad(
+                args.prompt_len, args.vocab_range, args.sink_transport, seed=args.seed
+            )
+            return prefill.PrefillScenario(args.target, load)
+        load = router.RouterLoad(
+            args.prompt_len, args.max_tokens, args.vocab_range, args.stub_workers, args.model,
+            seed=args.seed,
+        )  # fmt: skip
+        return router.RouterScenario(args.target, load)
+    except (argparse.ArgumentTypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def specs_of(args: argparse.Namespace) -> list[LoadSpec]:
+    common = {
+        "duration_s": args.duration,
+        "max_requests": args.max_requests,
+        "timeout_s": args.timeout,
+        "max_in_flight": args.max_in_flight,
+        "seed": args.seed,
+    }
+    if args.rate:
+        return [LoadSpec(Loop.OPEN, rate=r, **common) for r in args.rate]
+    return [LoadSpec(Loop.CLOSED, users=u, **common) for u in args.users or [1]]
+
+
+async def settled_state(scenario: Scenario) -> dict:
+    """The service's counters once nothing is left behind, or as they are after SETTLE_S."""
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        state = await scenario.server_state()
+        if not state.get("leaks") or time.monotonic() > deadline:
+            return state
+        await asyncio.sleep(0.1)
+
+
+def server_cpu(pids: list[int] | None) -> dict[int, float] | None:
+    """CPU seconds of each watched process still alive (one that died is left out)."""
+    if not pids:
+        return None
+    seconds = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            seconds[pid] = process_cpu_seconds(pid)
+    return seconds
+
+
+async def drive(
+    scenario: Scenario, specs: list[LoadSpec], warmup: int, pids: list[int] | None = None
+) -> tuple[list[RunResult], list[dict]]:
+    try:
+        try:
+            await scenario.setup()
+        except (OSError, grpc.RpcError, DataPlaneError, TimeoutError) as exc:
+            message = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            raise ConfigError(f"setup failed: {status_of(exc)}: {message}") from exc
+        await warm_up(scenario, warmup)
+        results, steps = [], []
+        for i, spec in enumerate(specs):
+            print(f"loadtest: step {i}: {spec.label} for {spec.duration_s:g} s", file=sys.stderr)
+            before = server_cpu(pids)
+            result = await run_load(scenario, spec)
+            after = server_cpu(pids)
+            used = None if before is None else {p: after[p] - before[p] for p in after}
+            results.append(result)
+            steps.append(step_summary(result, await settled_state(scenario), used))
+        return results, steps
+    finally:
+        await scenario.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    service = args.loadtest_service
+    if service is Service.COORDINATOR:
+        print(COORDINATOR_NOT_YET, file=sys.stderr)
+        return 2
+    scenario = build_scenario(service, args)
+    specs = specs_of(args)
+    slo_name = args.slo or scenario.name
+    slo = Slo(slo_name, args.p99_target_ms) if args.p99_target_ms else None
+    machine = machine_info()
+    results, steps = asyncio.run(drive(scenario, specs, args.warmup, args.server_pid))
+    machine["loadavg_after"] = loadavg()
+    report = {
+        "service": service.value,
+        "target": args.target,
+        "scenario": scenario.describe(),
+        "machine": machine,
+        "steps": steps,
+        "sweep": sweep_summary(steps, slo),
+    }
+    stem = f"{service.value}-{args.label}" if args.label else service.value
+    paths = write_files(report, results, Path(args.out), stem)
+    print(render_markdown(report))
+    print("loadtest: wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    ok = all(s["num_iterations"] and s["rpcs"][0]["ok"] for s in steps)
+    clean = not any(s["server_after"].get("leaks") for s in steps)
+    return 0 if ok and clean else 1

@@ -1,0 +1,135 @@
+"""The prefill worker's load test: its ``Prefill`` RPC, with the KV going to a sink.
+
+A ``Prefill`` call needs a decode target to stream the prompt's KV to. Here that target is
+``stubs.KVSink`` in this process, not a decode worker: it acknowledges every message as it
+arrives, so the prefill worker is what is measured (a real decode worker would add its own
+reservation, import and decode work to every request, and could be the one that saturates).
+The sink serves the data plane (``--sink-transport``, default ucx, like a decode worker's) and
+the ``TransferKV`` stream; the worker picks by its own ``--kv-transport``.
+
+Each iteration is one ``Prefill`` of a fresh prompt of ``--prompt-len`` seeded token ids drawn
+from ``--vocab-range`` (distinct prompts: no prefix-cache hits, unless the worker has a
+kvstore holding them), greedy, ``max_tokens`` 2 and ``ignore_eos`` so the first token never
+ends the request and the whole KV is always sent. Recorded: ``Prefill`` (call to ``done``,
+its prompt tokens count towards tokens/s and its KV bytes towards GB/s) and
+``Prefill first token``. After each run the worker's ``Stats`` is the leak check (no block used,
+no transfer open, nothing queued), and the sink has no transfer open.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import uuid
+from dataclasses import dataclass
+
+import grpc
+
+from bench.loadtest.driver import Recorder, ScenarioError
+from bench.loadtest.stubs import KVSink
+from services.common.config import RpcConfig
+from services.common.errors import ConfigError
+from services.rpc import dataplane
+from services.rpc.channels import open_channel
+from services.rpc.gen.banaserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
+
+SINK_TRANSPORTS = (*dataplane.KINDS, "stream")
+
+
+@dataclass(frozen=True)
+class PrefillLoad:
+    prompt_len: int = 128
+    vocab: tuple[int, int] = (5, 4000)
+    sink_transport: str = "ucx"
+    rpc_timeout_s: float = 60.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.prompt_len < 1:
+            raise ConfigError(f"prompt length must be >= 1, got {self.prompt_len}")
+        if self.sink_transport not in SINK_TRANSPORTS:
+            raise ConfigError(f"sink transport must be one of {', '.join(SINK_TRANSPORTS)}")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from bench.serve_bench import vocab_range
+
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per request")
+    p.add_argument("--vocab-range", type=vocab_range, default=(5, 4000),
+                   help="prompt token ids from [LOW, HIGH) (default 5:4000, tiny-llama's)")  # fmt: skip
+    p.add_argument("--sink-transport", choices=SINK_TRANSPORTS, default="ucx",
+                   help="the KV sink's data plane (stream: TransferKV only)")  # fmt: skip
+
+
+class PrefillScenario:
+    name = "request"
+
+    def __init__(self, target: str, load: PrefillLoad, rpc: RpcConfig | None = None) -> None:
+        self.target = target
+        self.load = load
+        self._rpc = rpc or RpcConfig()
+        self._nonce = uuid.uuid4().hex[:8]
+        self._sink = KVSink(load.sink_transport)
+        self._channel: grpc.aio.Channel | None = None
+
+    def describe(self) -> dict:
+        return {
+            "prompt_len": self.load.prompt_len,
+            "decode_target": f"in-process KV sink ({self.load.sink_transport})",
+        }
+
+    async def setup(self) -> None:
+        await self._sink.start()
+        self._channel = open_channel(self.target, self._rpc)
+        self._stub = prefill_pb2_grpc.PrefillServiceStub(self._channel)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+        await self._sink.stop()
+
+    async def server_state(self) -> dict:
+        s = await self._stub.Stats(prefill_pb2.PrefillServiceStatsRequest(), timeout=10)
+        leaks = []
+        if s.kv.num_blocks_used:
+            leaks.append(f"{s.kv.num_blocks_used} blocks used")
+        if s.num_open_transfers or self._sink.num_open:
+            leaks.append(f"{s.num_open_transfers} transfers open ({self._sink.num_open} at sink)")
+        if s.num_running_seqs or s.num_queued_prefill_tokens:
+            leaks.append(f"{s.num_running_seqs} running, {s.num_queued_prefill_tokens} queued")
+        return {
+            "num_blocks_used": s.kv.num_blocks_used,
+            "num_open_transfers": s.num_open_transfers,
+            "sink_transfers": self._sink.num_transfers,
+            "sink_bytes": self._sink.num_bytes,
+            "leaks": ", ".join(leaks),
+        }
+
+    def _prompt(self, index: int) -> list[int]:
+        rng = random.Random(f"{self.load.seed}:{self._nonce}:prompt:{index}")
+        low, high = self.load.vocab
+        return [rng.randrange(low, high) for _ in range(self.load.prompt_len)]
+
+    async def run_one(self, index: int, rec: Recorder) -> None:
+        request_id = f"loadtest-{self._nonce}-{index}"
+        prompt = self._prompt(index)
+        request = prefill_pb2.PrefillRequest(
+            request_id=request_id,
+            prompt_token_ids=prompt,
+            sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True),
+            target=self._sink.target(request_id),
+        )
+        start = rec.clock()
+        async with rec.rpc("Prefill") as counts:
+            done = None
+            async for frame in self._stub.Prefill(request, timeout=self.load.rpc_timeout_s):
+                if frame.WhichOneof("frame") == "first_token":
+                    rec.mark("Prefill first token", start)
+                else:
+                    done = frame.done
+            if done is None:
+                raise ScenarioError("INCOMPLETE", "Prefill ended without done")
+            if done.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                raise ScenarioError("FINISHED", "the first token ended the request")
+            counts.num_tokens = done.num_prompt_tokens
+            counts.num_bytes = done.kv_bytes

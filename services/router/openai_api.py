@@ -1,0 +1,376 @@
+"""The OpenAI-compatible HTTP API: a translation layer over the router's request driver.
+
+Lifecycle of one ``POST /v1/completions`` or ``/v1/chat/completions``:
+  1. PARSED    - the JSON body (at most ``max_body_bytes``, else 413) becomes a request
+                 (``openai_schema``); a named model other than the served one is 404; the prompt
+                 is checked and tokenized as gRPC ``Generate``'s is (``services/router/
+                 prompts.py``: the same limits, off the event loop; a chat is the model's chat
+                 template over its messages), stop conditions checked against the shared
+                 limits, sampling validated into ``SamplingParams``: a ``drv.GenerateInput``;
+  2. STARTED   - ``RequestDriver.generate``, the path gRPC ``Generate`` takes, with the
+                 ``X-Request-Timeout`` header (seconds) as the deadline, or the driver's default.
+                 A stream waits for its first event before answering 200, so a request that
+                 fails before its first token (no worker, too large, deadline) gets its status;
+  3. RELAYED   - each delta becomes an SSE event ``data: {json}\\n\\n``, then a chunk with the
+                 finish reason, the usage chunk if ``stream_options.include_usage``, and
+                 ``data: [DONE]\\n\\n``; without ``stream``, one JSON body at the end. An error
+                 after the 200 goes out as one ``data: {"error": ...}`` event before [DONE];
+  4. a client that disconnects at any step stops its request: the driver's event stream is
+     closed, which cancels the request's work and waits for it to release every block it held
+     on every worker, as for a cancelled gRPC call.
+
+Errors keep OpenAI's shape, with the status of ``openai_errors.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from services.common.errors import ModelNotFoundError
+from services.common.limits import MIN_RECEIVE_BYTES, PromptLimits, check_name, check_stop
+from services.router import driver as drv
+from services.router import openai_schema as schema
+from services.router.openai_errors import (
+    BodyTooLargeError,
+    error_json,
+    error_response,
+    http_error,
+    internal_error,
+)
+from services.router.openai_schema import Kind, Rendering, Usage
+from services.router.prompts import Encoder, PromptEncoder, model_context
+from services.router.registry import WorkerRole, WorkerStatus
+
+T = TypeVar("T")
+TIMEOUT_HEADER = "x-request-timeout"
+DONE = "data: [DONE]\n\n"
+# JSON spends more bytes than protobuf on a prompt: up to 11 per token id ("4294967295,"
+# against a 5-byte varint), 6 per character escaped as \uXXXX.
+JSON_BYTES_PER_PROTO_BYTE = 8
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the API says about, and needs of, the model the router serves."""
+
+    name: str  # the id clients send as ``model``
+    root: str  # where it was loaded from
+    context_len: int  # the model's own limit; a worker's KV pool may cap it further
+    # (text, rendered chat) -> token ids: a rendered chat template is encoded without adding
+    # special tokens (its text has them), as ``Tokenizer.encode_chat`` does.
+    encode: Encoder
+    render_chat: Callable[[list[dict[str, str]]], str]
+
+
+def load_served_model(name: str) -> ServedModel:
+    """The prepared model ``name`` (or a model directory): its tokenizer and context length."""
+    from services.engine.models.prepare import resolve_model
+    from services.engine.tokenizer import Tokenizer
+
+    path = resolve_model(name)
+    tokenizer = Tokenizer(path)
+
+    def encode(text: str, rendered_chat: bool) -> Sequence[int]:
+        return tokenizer.encode(text, add_special_tokens=not rendered_chat)
+
+    return ServedModel(name, str(path), model_context(path), encode, tokenizer.apply_chat_template)
+
+
+def max_body_bytes(limits: PromptLimits) -> int:
+    """The largest body read: any request within ``limits`` fits, written as JSON."""
+    return max(MIN_RECEIVE_BYTES, JSON_BYTES_PER_PROTO_BYTE * limits.max_request_bytes)
+
+
+class ClientDisconnectedError(Exception):
+    """The HTTP client went away before its response was complete."""
+
+
+@dataclass(frozen=True)
+class _Call:
+    input: drv.GenerateInput
+    timeout_s: float | None
+    stream: bool
+    rendering: Rendering
+
+
+class OpenAIApi:
+    """The Starlette app (``.app``) over one driver. Runs on the driver's event loop."""
+
+    def __init__(
+        self,
+        driver: drv.RequestDriver,
+        model: ServedModel,
+        limits: PromptLimits | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._driver = driver
+        self._router = driver.router
+        self._model = model
+        self._prompts = PromptEncoder(model.encode, limits)
+        self.max_body_bytes = max_body_bytes(self._prompts.limits)
+        self._clock = clock
+        self._created = int(clock())
+        self.app = Starlette(
+            routes=[
+                Route("/health", self.health),
+                Route("/ready", self.ready),
+                Route("/v1/models", self.models),
+                Route("/v1/models/{model:path}", self.model),
+                Route("/v1/completions", self.completions, methods=["POST"]),
+                Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            ],
+            exception_handlers={HTTPException: http_error, Exception: internal_error},
+        )
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(self, request: Request) -> Response:
+        """200 once a prefill-capable and a decode-capable worker are registered, else 503."""
+        roles = [w.role for w in self._router.workers() if w.status is WorkerStatus.HEALTHY]
+        counts = {role.value: roles.count(role) for role in WorkerRole}
+        colocated = self._router.config.policy == "colocated"
+        prefill = counts["mixed"] + (0 if colocated else counts["prefill"])
+        decode = counts["mixed"] + (0 if colocated else counts["decode"])
+        ready = prefill > 0 and decode > 0
+        body = {"status": "ready" if ready else "not_ready", "workers": counts}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [self._card()]})
+
+    async def model(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        if name != self._model.name:
+            return error_response(self._unknown_model(name))
+        return JSONResponse(self._card())
+
+    def _card(self) -> dict[str, Any]:
+        m = self._model
+        return schema.model_card(m.name, m.root, self._created, self._context_limit())
+
+    def _unknown_model(self, name: str) -> ModelNotFoundError:
+        return ModelNotFoundError(
+            f"model {name!r} is not served; this router serves {self._model.name!r}"
+        )
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, Kind.COMPLETION)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, Kind.CHAT)
+
+    def close(self) -> None:
+        self._prompts.close()
+
+    async def _generate(self, request: Request, kind: Kind) -> Response:
+        try:
+            call = await self._prepare(kind, await self._body(request), request.headers)
+        except Exception as exc:
+            return error_response(exc)
+        events = self._driver.generate(call.input, call.timeout_s)
+        if call.stream:
+            return await self._stream(request, call, events)
+        return await self._collect(request, call, events)
+
+    async def _body(self, request: Request) -> bytes:
+        """The body, read no further than ``max_body_bytes``."""
+        limit = self.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        too_large = BodyTooLargeError(f"the request body is over {limit} bytes")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+        return bytes(body)
+
+    async def _prepare(self, kind: Kind, body: bytes, headers: Mapping[str, str]) -> _Call:
+        cls = schema.ChatRequest if kind is Kind.CHAT else schema.CompletionRequest
+        req = schema.parse(cls, body)
+        check_name(req.model or "", "model")
+        if req.model is not None and req.model != self._model.name:
+            raise self._unknown_model(req.model)
+        stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
+        check_stop(stop, req.stop_token_ids or [])
+        context = self._context_limit()
+        tokens = await self._tokens(kind, req, context)
+        sampling = schema.sampling_params(req, len(tokens), context, kind)
+        request_id = f"{'chatcmpl' if kind is Kind.CHAT else 'cmpl'}-{uuid.uuid4().hex}"
+        rendering = Rendering(
+            kind,
+            request_id,
+            self._model.name,
+            int(self._clock()),
+            tokens,
+            return_token_ids=req.return_token_ids,
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        )
+        generate_input = drv.GenerateInput(request_id, tokens, sampling)
+        return _Call(generate_input, request_timeout(headers), req.stream, rendering)
+
+    async def _tokens(self, kind: Kind, req: Any, context: int) -> tuple[int, ...]:
+        if kind is Kind.CHAT:
+            messages = schema.chat_messages(req)
+            # Bounded before rendering, as the rendered text is before encoding.
+            self._prompts.limits.check_text("".join(m["content"] for m in messages))
+            text = self._model.render_chat(messages)
+            return await self._prompts.encode(text, True, context)
+        prompt = schema.completion_prompt(req)
+        if isinstance(prompt, str):
+            return await self._prompts.encode(prompt, False, context)
+        self._prompts.check_num_tokens(len(prompt), context)
+        return prompt
+
+    def _context_limit(self) -> int:
+        """The largest context of a decode-capable worker now (what it declared, else its KV
+        pool), within the model's; the model's while none is registered."""
+        contexts = [
+            w.capacity.max_model_len or w.capacity.num_kv_blocks * w.capacity.block_size
+            for w in self._router.workers()
+            if w.status is WorkerStatus.HEALTHY and w.role is not WorkerRole.PREFILL
+        ]
+        return min(self._model.context_len, max(contexts, default=self._model.context_len))
+
+    async def _collect(self, request: Request, call: _Call, events: drv.EventStream) -> Response:
+        async def run() -> dict[str, Any]:
+            text: list[str] = []
+            token_ids: list[int] = []
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    if isinstance(event, drv.Delta):
+                        text.append(event.text)
+                        token_ids.extend(event.token_ids)
+                    elif isinstance(event, drv.Finished):
+                        reason, usage = event.finish_reason, Usage.of(event)
+                        return call.rendering.response("".join(text), (*token_ids,), reason, usage)
+            raise RuntimeError(f"request {call.input.request_id!r} ended without finishing")
+
+        try:
+            body = await self._unless_disconnected(request, call, run())
+        except ClientDisconnectedError:
+            return Response(status_code=499)
+        except Exception as exc:
+            return error_response(exc)
+        return JSONResponse(body)
+
+    async def _stream(self, request: Request, call: _Call, events: drv.EventStream) -> Response:
+        async def first() -> drv.Event:
+            return await anext(events)
+
+        try:
+            event = await self._unless_disconnected(request, call, first())
+        except Exception as exc:
+            await events.aclose()
+            if isinstance(exc, ClientDisconnectedError):
+                return Response(status_code=499)
+            return error_response(exc)
+        return SSEResponse(self._sse(call.rendering, event, events))
+
+    async def _sse(
+        self, rendering: Rendering, first: drv.Event, events: drv.EventStream
+    ) -> AsyncIterator[str]:
+        async with contextlib.aclosing(events):
+            try:
+                for chunk in _chunks(rendering, first):
+                    yield chunk
+                async for event in events:
+                    for chunk in _chunks(rendering, event):
+                        yield chunk
+            except Exception as exc:
+                yield _sse(error_json(exc)[1])
+        yield DONE
+
+    async def _unless_disconnected(
+        self, request: Request, call: _Call, work: Coroutine[Any, Any, T]
+    ) -> T:
+        """``work``'s result, unless the client disconnects first: then the request is
+        cancelled (its blocks released) and ClientDisconnectedError raised."""
+        task = asyncio.ensure_future(work)
+        watcher = asyncio.ensure_future(_disconnected(request.receive))
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            raise ClientDisconnectedError(call.input.request_id)
+        finally:
+            watcher.cancel()
+            if not task.done():
+                # Closing the driver's event stream stops the request and waits for its
+                # release; cancelling it through ``RequestDriver.cancel`` as well would cancel
+                # that release midway.
+                task.cancel()
+                await asyncio.wait({task})
+
+
+def _chunks(rendering: Rendering, event: drv.Event) -> list[str]:
+    if isinstance(event, drv.Delta):
+        return [_sse(rendering.chunk(event.text, event.token_ids, None))]
+    if isinstance(event, drv.Finished):
+        chunks = [_sse(rendering.chunk("", (), event.finish_reason))]
+        if rendering.include_usage:
+            chunks.append(_sse(rendering.usage_chunk(Usage.of(event))))
+        return chunks
+    return []  # Started: nothing the client sees
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class SSEResponse(StreamingResponse):
+    """An SSE response that closes its body however it ends (finished, failed, or cut off by a
+    disconnect). Starlette may abandon the body generator suspended at a ``yield``, and a
+    request must not wait for garbage collection to be stopped: closing the body closes the
+    driver's event stream, which cancels the request's work once and waits for its release.
+    (``RequestDriver.cancel`` is not called as well: a second cancellation would interrupt
+    that release.)"""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str]) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache"})
+        self._content = content
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._content.aclose()  # type: ignore[attr-defined]
+
+
+def request_timeout(headers: Mapping[str, str]) -> float | None:
+    value = headers.get(TIMEOUT_HEADER)
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise schema.InvalidFieldError(
+            None, f"the {TIMEOUT_HEADER} header must be a positive number of seconds, got {value!r}"
+        )
+    return seconds

@@ -1,0 +1,347 @@
+"""The OpenAI API's JSON shapes: requests parsed into the driver's types, results rendered back.
+
+Requests (``/v1/completions``, ``/v1/chat/completions``) are pydantic models in strict mode
+(``"5"`` is not an int): fields we honour are typed, unknown fields are ignored, and the common
+fields we cannot honour (``n > 1``, logprobs, penalties, ...) are accepted only at their no-op
+values and otherwise refused with 400, never silently ignored. Values are checked where the gRPC
+path checks them (``SamplingParams``, the driver, the workers); here only what the proto types
+would have refused on the wire (integer widths) and what OpenAI's shape adds.
+
+Responses and stream chunks follow OpenAI's objects (``text_completion``, ``chat.completion``,
+``chat.completion.chunk``); ``return_token_ids`` (a vLLM extension) adds the token ids.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import pydantic
+from pydantic import BaseModel, ConfigDict
+
+from services.common.errors import InvalidRequestError, OutOfRangeError
+from services.common.types import FinishReason, SamplingParams
+from services.router import driver as drv
+
+UINT32 = 1 << 32
+INT32 = 1 << 31
+UINT64 = 1 << 64
+# OpenAI's documented default for /v1/completions; chat defaults to the rest of the context.
+DEFAULT_COMPLETION_MAX_TOKENS = 16
+
+
+class InvalidFieldError(InvalidRequestError):
+    """A request field is wrong; ``param`` names it (OpenAI's ``error.param``)."""
+
+    def __init__(self, param: str | None, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class Kind(enum.Enum):
+    COMPLETION = "text_completion"
+    CHAT = "chat.completion"
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    include_usage: bool = False
+
+
+class _GenerateRequest(BaseModel):
+    """Fields both endpoints share."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    return_token_ids: bool = False
+    user: str | None = None
+    # Accepted only at these values (checked by ``check_supported``), any type.
+    n: Any = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    repetition_penalty: Any = None
+    min_tokens: Any = None
+    logit_bias: Any = None
+    response_format: Any = None
+    tools: Any = None
+    use_beam_search: Any = None
+    include_stop_str_in_output: Any = None
+
+
+class CompletionRequest(_GenerateRequest):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: Any = None
+    best_of: Any = None
+    suffix: Any = None
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class ChatRequest(_GenerateRequest):
+    messages: list[ChatMessage]
+
+
+# field -> the values that change nothing (anything else is refused).
+_NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
+    "n": (None, 1),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "repetition_penalty": (None, 1),
+    "min_tokens": (None, 0),
+    "logit_bias": (None, {}),
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []),
+    "use_beam_search": (None, False),
+    "include_stop_str_in_output": (None, False),
+}
+
+
+def parse(cls: type[CompletionRequest] | type[ChatRequest], body: bytes) -> Any:
+    """The request, or ``InvalidFieldError`` naming the first bad field."""
+    try:
+        request = cls.model_validate_json(body)
+    except pydantic.ValidationError as exc:
+        error = exc.errors()[0]
+        if error["type"] == "json_invalid":
+            raise InvalidFieldError(None, f"the body is not valid JSON: {error['msg']}") from None
+        param = ".".join(str(p) for p in error["loc"]) or None
+        raise InvalidFieldError(param, f"{param}: {error['msg']}") from None
+    check_supported(request)
+    return request
+
+
+def check_supported(request: _GenerateRequest) -> None:
+    for name, allowed in _NO_OP_VALUES.items():
+        value = getattr(request, name, None)
+        if not any(_same(value, a) for a in allowed):
+            raise InvalidFieldError(
+                name, f"{name}={json.dumps(value)} is not supported (accepted: {_show(allowed)})"
+            )
+
+
+def _same(value: Any, allowed: Any) -> bool:
+    """Equality that keeps JSON's types apart: ``0`` is not ``false``, ``1.0`` is ``1``."""
+    if value is None or allowed is None:
+        return value is allowed
+    if isinstance(value, bool) != isinstance(allowed, bool):
+        return False
+    return bool(value == allowed)
+
+
+def _show(values: tuple[Any, ...]) -> str:
+    return " or ".join(json.dumps(v) for v in values)
+
+
+def completion_prompt(request: CompletionRequest) -> str | tuple[int, ...]:
+    """One prompt: text or token ids (a list holding one of either is unwrapped)."""
+    prompt = request.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+        if len(prompt) != 1:
+            raise InvalidFieldError("prompt", "one prompt per request (batches are not supported)")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InvalidFieldError("prompt", "prompt is empty")
+        return prompt
+    return token_ids("prompt", prompt)
+
+
+def token_ids(param: str, ids: list[int]) -> tuple[int, ...]:
+    if not ids:
+        raise InvalidFieldError(param, f"{param} is empty")
+    bad = next((t for t in ids if not 0 <= t < UINT32), None)
+    if bad is not None:
+        raise InvalidFieldError(param, f"{param}: token id {bad} is not in [0, 2^32)")
+    return tuple(ids)
+
+
+def chat_messages(request: ChatRequest) -> list[dict[str, str]]:
+    """Messages as the chat template takes them; text parts joined by newlines (as vLLM)."""
+    if not request.messages:
+        raise InvalidFieldError("messages", "messages is empty")
+    return [
+        {"role": m.role, "content": _content(i, m.content)} for i, m in enumerate(request.messages)
+    ]
+
+
+def _content(index: int, content: str | list[ContentPart] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    for part in content:
+        if part.type != "text" or part.text is None:
+            raise InvalidFieldError(
+                f"messages.{index}.content",
+                f"messages.{index}.content: only text parts are supported, got {part.type!r}",
+            )
+    return "\n".join(part.text or "" for part in content)
+
+
+def sampling_params(
+    request: _GenerateRequest, num_prompt_tokens: int, context_len: int, kind: Kind
+) -> SamplingParams:
+    """``max_completion_tokens`` wins over ``max_tokens``; absent, a completion gets OpenAI's
+    default and a chat the rest of the context (``context_len`` tokens in all)."""
+    max_tokens = request.max_completion_tokens
+    if max_tokens is None:
+        max_tokens = request.max_tokens
+    if max_tokens is None and kind is Kind.COMPLETION:
+        max_tokens = DEFAULT_COMPLETION_MAX_TOKENS
+    elif max_tokens is None:
+        max_tokens = context_len - num_prompt_tokens
+        if max_tokens < 1:
+            raise OutOfRangeError(
+                f"the prompt has {num_prompt_tokens} tokens; the context holds {context_len}"
+            )
+    _within("max_tokens", max_tokens, INT32)
+    _within("top_k", request.top_k or 0, INT32)
+    if request.seed is not None:
+        _within("seed", request.seed, UINT64)
+    stop = request.stop if isinstance(request.stop, list) else [request.stop] * bool(request.stop)
+    return SamplingParams(
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_k=0 if request.top_k in (None, -1) else request.top_k,  # -1: no cut, as vLLM
+        top_p=1.0 if request.top_p is None else request.top_p,
+        seed=request.seed,
+        max_tokens=max_tokens,
+        stop_token_ids=token_ids("stop_token_ids", request.stop_token_ids)
+        if request.stop_token_ids
+        else (),
+        stop=tuple(stop),
+        ignore_eos=request.ignore_eos,
+    )
+
+
+def _within(name: str, value: int, bound: int) -> None:
+    if value >= bound:
+        raise InvalidFieldError(name, f"{name} must be < {bound}, got {value}")
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+    @classmethod
+    def of(cls, finished: drv.Finished) -> Usage:
+        return cls(
+            finished.num_prompt_tokens, finished.num_completion_tokens, finished.num_cached_tokens
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
+
+
+@dataclass
+class Rendering:
+    """Renders one request's response or stream chunks; remembers whether a chunk went out."""
+
+    kind: Kind
+    request_id: str
+    model: str
+    created: int
+    prompt_token_ids: tuple[int, ...]
+    return_token_ids: bool = False
+    include_usage: bool = False
+    _sent_first: bool = False
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model}
+
+    def chunk(
+        self, text: str, token_ids: tuple[int, ...], finish: FinishReason | None
+    ) -> dict[str, Any]:
+        """A stream chunk. The first one carries the role (chat) and prompt ids (if asked):
+        no chunk without a token goes ahead of the first token."""
+        first, self._sent_first = not self._sent_first, True
+        if self.kind is Kind.CHAT:
+            delta: dict[str, Any] = {"role": "assistant"} if first else {}
+            if first or finish is None:
+                delta["content"] = text
+            choice: dict[str, Any] = {"index": 0, "delta": delta}
+        else:
+            choice = {"index": 0, "text": text}
+        choice |= {"logprobs": None, "finish_reason": None if finish is None else finish.value}
+        self._add_ids(choice, token_ids, first)
+        chunk = self._head(self._chunk_object) | {"choices": [choice]}
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    @property
+    def _chunk_object(self) -> str:
+        return "chat.completion.chunk" if self.kind is Kind.CHAT else Kind.COMPLETION.value
+
+    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
+        return self._head(self._chunk_object) | {"choices": [], "usage": usage.to_json()}
+
+    def response(
+        self, text: str, token_ids: tuple[int, ...], finish: FinishReason, usage: Usage
+    ) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0}
+        if self.kind is Kind.CHAT:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        choice |= {"logprobs": None, "finish_reason": finish.value}
+        self._add_ids(choice, token_ids, first=True)
+        return self._head(self.kind.value) | {"choices": [choice], "usage": usage.to_json()}
+
+    def _add_ids(self, choice: dict[str, Any], token_ids: tuple[int, ...], first: bool) -> None:
+        if not self.return_token_ids:
+            return
+        choice["token_ids"] = list(token_ids)
+        if first:
+            choice["prompt_token_ids"] = list(self.prompt_token_ids)
+
+
+def error_body(message: str, type_: str, code: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def model_card(name: str, root: str, created: int, max_model_len: int) -> dict[str, Any]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": created,
+        "owned_by": "banaserve",
+        "root": root,
+        "parent": None,
+        "max_model_len": max_model_len,
+    }

@@ -1,0 +1,151 @@
+"""A short smoke run of every service's load test (``banaserve loadtest``) against real service
+processes (conftest.py), each a couple of seconds at low load: the report must hold sane
+figures — iterations done, no error, p50 ≤ p90 ≤ p99 ≤ max, throughput = successes over the
+measured window, the exact bytes and tokens each RPC moves — and the service must be left with
+nothing held."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.serve_workload import arrival_times
+from services.cli import main
+
+pytestmark = pytest.mark.integration
+
+DURATION_S = 1.5
+
+
+def loadtest(out: Path, service: str, *argv: str) -> dict:
+    args = ["loadtest", service, *argv, "--out", str(out), "--label", "smoke", "--timeout", "20s"]
+    if "--duration" not in argv:
+        args += ["--duration", f"{DURATION_S:g}s"]
+    assert main(args) == 0
+    report = json.loads((out / f"{service}-smoke.json").read_text())
+    rows = list(csv.DictReader((out / f"{service}-smoke.csv").open()))
+    assert [(r["step"], r["name"]) for r in rows] == [
+        (str(i), r["name"]) for i, step in enumerate(report["steps"]) for r in step["rpcs"]
+    ]
+    return report
+
+
+def assert_sane(step: dict, names: list[str]) -> dict[str, dict]:
+    """Every name, in order; no error; ordered percentiles; throughput = ok / window."""
+    assert step["num_iterations"] > 0
+    assert [r["name"] for r in step["rpcs"]] == names
+    for r in step["rpcs"]:
+        assert (r["ok"], r["errors"], r["error_codes"]) == (r["count"], 0, {}), r
+        lat = r["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"], r
+        assert r["throughput_per_s"] == pytest.approx(r["ok"] / step["duration_s"])
+    assert step["server_after"]["leaks"] == ""
+    return {r["name"]: r for r in step["rpcs"]}
+
+
+def assert_closed_loop_window(step: dict) -> None:
+    # Users start iterations until DURATION_S; the last ones end after it (the window starts
+    # at the first iteration, a moment after the run).
+    assert DURATION_S - 0.05 <= step["duration_s"] < DURATION_S + 20
+
+
+def test_kvstore_fetches_exact_bytes_and_leaves_no_pin(service_procs, tmp_path, capsys):
+    layout = ["--num-blocks", "2", "--num-layers", "3", "--layer-bytes", "4KiB"]
+    node = service_procs["kvstore"]
+    report = loadtest(tmp_path, "kvstore", "--target", node.address, "--users", "2",
+                      "--op", "read", *layout, "--server-pid", str(node.popen.pid))  # fmt: skip
+    (step,) = report["steps"]
+    rows = assert_sane(step, ["fetch", "Lookup", "Pin", "DataRead", "Unpin"])
+    n = rows["fetch"]["ok"]
+    assert [rows[k]["ok"] for k in ("Lookup", "Pin", "Unpin")] == [n, n, n]
+    assert rows["DataRead"]["ok"] == 3 * n  # one run (one node), three layers
+    assert rows["DataRead"]["bytes"] == 3 * n * 2 * 4096
+    assert rows["DataRead"]["gb_per_s"] == pytest.approx(
+        rows["DataRead"]["bytes"] / step["duration_s"] / 1e9
+    )
+    assert_closed_loop_window(step)
+    (counters,) = step["server_after"]["nodes"].values()
+    assert (counters["num_pins"], counters["num_reservations"]) == (0, 0)
+    assert list(step["server_cpu_s"]) == [str(node.popen.pid)]  # JSON keys are strings
+    assert 0 < step["server_cpu_share"] < 2
+    assert "# Load test: kvstore" in capsys.readouterr().out
+
+
+def test_kvstore_write_sweep_finds_its_best_step(service_procs, tmp_path):
+    target = service_procs["kvstore"].address
+    report = loadtest(tmp_path, "kvstore", "--target", target, "--op", "write",
+                      "--rate", "5,10", "--duration", "1s", "--p99-target-ms", "5000",
+                      "--layer-bytes", "4KiB", "--seed", "7")  # fmt: skip
+    assert [s["load"] for s in report["steps"]] == ["5/s", "10/s"]
+    for step, rate in zip(report["steps"], (5.0, 10.0), strict=True):
+        rows = assert_sane(step, ["store", "Reserve", "DataWrite", "Commit"])
+        assert rows["store"]["count"] == len(arrival_times(rate, 1.0, 7, None, 1.0))
+        assert rows["DataWrite"]["bytes"] == rows["store"]["ok"] * 4 * 4 * 4096
+        assert step["slo"]["pass"] is True
+    sweep = report["sweep"]
+    best = max(range(2), key=lambda i: report["steps"][i]["rpcs"][0]["throughput_per_s"])
+    assert (sweep["name"], sweep["best_step"]) == ("store", best)
+
+
+def test_decode_imports_kv_and_streams_every_token(service_procs, tmp_path):
+    target = service_procs["decode"].address
+    report = loadtest(tmp_path, "decode", "--target", target, "--users", "2",
+                      "--prompt-len", "20", "--max-tokens", "4")  # fmt: skip
+    (step,) = report["steps"]
+    rows = assert_sane(
+        step, ["request", "ReserveKV", "TransferKV", "StreamTokens first token", "StreamTokens"]
+    )
+    n = rows["request"]["ok"]
+    assert rows["StreamTokens"]["tokens"] == 3 * n  # the first token came with the transfer
+    assert rows["TransferKV"]["bytes"] == n * report["scenario"]["kv_bytes_per_request"]
+    assert_closed_loop_window(step)
+    assert (step["server_after"]["num_blocks_used"], step["server_after"]["num_reservations"]) == (
+        0,
+        0,
+    )
+
+
+def test_prefill_sends_each_prompt_to_the_sink_at_the_poisson_rate(service_procs, tmp_path):
+    target = service_procs["prefill"].address
+    report = loadtest(tmp_path, "prefill", "--target", target, "--rate", "4",
+                      "--prompt-len", "32", "--sink-transport", "tcp")  # fmt: skip
+    (step,) = report["steps"]
+    rows = assert_sane(step, ["request", "Prefill first token", "Prefill"])
+    planned = arrival_times(4.0, 1.0, 0, None, DURATION_S)
+    assert rows["request"]["count"] == len(planned)
+    assert rows["Prefill"]["tokens"] == 32 * len(planned)
+    assert planned[-1] - 0.05 <= step["duration_s"] < DURATION_S + 20
+    after = step["server_after"]
+    assert after["sink_transfers"] == len(planned) + 1  # and the warm-up's
+    assert after["sink_bytes"] == rows["Prefill"]["bytes"] * (len(planned) + 1) // len(planned)
+    assert (after["num_blocks_used"], after["num_open_transfers"]) == (0, 0)
+
+
+def test_router_generates_through_its_real_workers(service_procs, tmp_path):
+    target = service_procs["router"].address
+    report = loadtest(tmp_path, "router", "--target", target, "--users", "2",
+                      "--prompt-len", "8", "--max-tokens", "4")  # fmt: skip
+    (step,) = report["steps"]
+    rows = assert_sane(step, ["request", "Generate first token", "Generate"])
+    assert rows["Generate"]["tokens"] == 4 * rows["request"]["ok"]
+    assert_closed_loop_window(step)
+    assert sorted(w.split("-")[0] for w in step["server_after"]["workers"]) == [
+        "decode",
+        "prefill",
+    ]
+
+
+def test_router_alone_with_stub_workers(service_procs, tmp_path):
+    router = service_procs["bare-router"].address
+    report = loadtest(tmp_path, "router", "--target", router, "--users", "4",
+                      "--max-tokens", "4", "--stub-workers")  # fmt: skip
+    (step,) = report["steps"]
+    rows = assert_sane(step, ["request", "Generate first token", "Generate"])
+    assert rows["Generate"]["tokens"] == 4 * rows["request"]["ok"]
+    assert set(step["server_after"]["workers"]) == {
+        "loadtest-stub-prefill",
+        "loadtest-stub-decode",
+    }

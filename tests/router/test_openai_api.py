@@ -1,0 +1,476 @@
+"""The OpenAI-compatible HTTP API over the real router driver, against fake workers
+(grpc_fakes.py): response and chunk shapes byte for byte, usage, every error's status and body,
+readiness, and cancellation of a request whose client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+from contextlib import asynccontextmanager
+
+import httpx2
+
+from services.common.errors import InvalidRequestError
+from services.common.limits import MAX_STOP_STRINGS, MIN_RECEIVE_BYTES, PromptLimits
+from services.common.types import SamplingParams
+from services.router.openai_api import OpenAIApi, ServedModel
+from services.router.openai_server import HttpServer
+from tests.router.factories import NUM_BLOCKS
+from tests.router.grpc_fakes import cluster
+
+CREATED = 1_700_000_000
+PROMPT = list(range(1, 21))
+USAGE = {
+    "prompt_tokens": 20,
+    "completion_tokens": 4,
+    "total_tokens": 24,
+    "prompt_tokens_details": {"cached_tokens": 16},
+}
+
+
+def encode(text: str, rendered_chat: bool = False) -> list[int]:
+    return [ord(c) for c in text]
+
+
+def render_chat(messages: list[dict[str, str]]) -> str:
+    return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+
+def encode_chat(messages: list[dict[str, str]]) -> list[int]:
+    return encode(render_chat(messages), True)
+
+
+MODEL = ServedModel("tiny", "/models/tiny", 64, encode, render_chat)
+LIMITS = PromptLimits.for_context(64)
+
+
+@asynccontextmanager
+async def served(**kwargs):
+    """(fake cluster, HTTP client of the API on it)."""
+    async with cluster(**kwargs) as c:
+        api = OpenAIApi(c.driver, MODEL, LIMITS, clock=lambda: float(CREATED))
+        http = HttpServer(api.app, "127.0.0.1", 0, grace_s=0.1, on_stop=api.close)
+        await http.start()
+        try:
+            async with httpx2.AsyncClient(base_url=f"http://{http.address}", timeout=10) as client:
+                yield c, client
+        finally:
+            await http.stop()
+
+
+def run(test, **kwargs):
+    async def main():
+        async with served(**kwargs) as (c, client):
+            await test(c, client)
+
+    asyncio.run(main())
+
+
+def events(raw: str) -> list[dict | str]:
+    """SSE events: each exactly ``data: ...\\n\\n``; JSON payloads decoded, ``[DONE]`` kept."""
+    assert raw.endswith("\n\n")
+    parts = raw.removesuffix("\n\n").split("\n\n")
+    assert all(p.startswith("data: ") and "\n" not in p for p in parts), raw
+    return [p[6:] if p == "data: [DONE]" else json.loads(p[6:]) for p in parts]
+
+
+def completion(**fields) -> dict:
+    return {"model": "tiny", "prompt": PROMPT, "max_tokens": 4} | fields
+
+
+def chat(**fields) -> dict:
+    return {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]} | fields
+
+
+def test_completion_with_token_ids_relays_text_finish_reason_and_usage():
+    async def test(c, client):
+        r = await client.post("/v1/completions", json=completion())
+        assert r.status_code == 200
+        body = r.json()
+        assert body.pop("id").startswith("cmpl-")
+        assert body == {
+            "object": "text_completion",
+            "created": CREATED,
+            "model": "tiny",
+            "choices": [
+                {"index": 0, "text": "<7><8><9><10>", "logprobs": None, "finish_reason": "length"}
+            ],
+            "usage": USAGE,
+        }
+        assert [call[0] for call in c.log.calls] == ["reserve", "prefill", "stream"]
+        assert c.driver.num_running == 0
+
+    run(test)
+
+
+def test_text_prompt_is_tokenized_by_the_model_and_prompt_lists_of_one_are_unwrapped():
+    async def test(c, client):
+        for prompt in ("hello", ["hello"], [encode("hello")]):
+            r = await client.post("/v1/completions", json=completion(prompt=prompt))
+            assert r.json()["usage"]["prompt_tokens"] == 5
+
+    run(test)
+
+
+def test_completion_stream_is_one_data_event_per_token_then_finish_usage_and_done():
+    async def test(c, client):
+        body = completion(stream=True, stream_options={"include_usage": True})
+        r = await client.post("/v1/completions", json=body)
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        chunks = events(r.text)
+        assert chunks[-1] == "[DONE]"
+        request_id = chunks[0]["id"]
+        assert request_id.startswith("cmpl-")
+        head = {"id": request_id, "object": "text_completion", "created": CREATED, "model": "tiny"}
+        choice = {"index": 0, "logprobs": None}
+        assert chunks[:-1] == [
+            *(
+                head | {"choices": [choice | {"text": t, "finish_reason": None}], "usage": None}
+                for t in ("<7>", "<8>", "<9>", "<10>")
+            ),
+            head | {"choices": [choice | {"text": "", "finish_reason": "length"}], "usage": None},
+            head | {"choices": [], "usage": USAGE},
+        ]
+
+    run(test)
+
+
+def test_a_stream_has_no_usage_unless_asked():
+    async def test(c, client):
+        r = await client.post("/v1/completions", json=completion(stream=True))
+        chunks = events(r.text)
+        assert len(chunks) == 6 and chunks[-1] == "[DONE]"
+        assert all("usage" not in chunk and chunk["choices"] for chunk in chunks[:-1])
+
+    run(test)
+
+
+def test_chat_stream_carries_the_role_with_the_first_token_not_ahead_of_it():
+    async def test(c, client):
+        r = await client.post("/v1/chat/completions", json=chat(max_tokens=4, stream=True))
+        chunks = events(r.text)
+        assert chunks[0]["id"].startswith("chatcmpl-")
+        assert {chunk["object"] for chunk in chunks[:-1]} == {"chat.completion.chunk"}
+        assert [
+            (ch["choices"][0]["delta"], ch["choices"][0]["finish_reason"]) for ch in chunks[:-1]
+        ] == [
+            ({"role": "assistant", "content": "<7>"}, None),
+            ({"content": "<8>"}, None),
+            ({"content": "<9>"}, None),
+            ({"content": "<10>"}, None),
+            ({}, "length"),
+        ]
+
+    run(test)
+
+
+def test_chat_message_content_parts_are_joined_and_rendered_by_the_chat_template():
+    async def test(c, client):
+        messages = [
+            {"role": "system", "content": "be brief"},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+            },
+        ]
+        r = await client.post("/v1/chat/completions", json=chat(messages=messages, max_tokens=4))
+        body = r.json()
+        assert body["object"] == "chat.completion"
+        assert body["choices"] == [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "<7><8><9><10>"},
+                "logprobs": None,
+                "finish_reason": "length",
+            }
+        ]
+        expected = encode_chat(
+            [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a\nb"}]
+        )
+        assert body["usage"]["prompt_tokens"] == len(expected) == 36
+
+    run(test)
+
+
+def test_return_token_ids_adds_the_token_ids_and_the_prompt_ids_once():
+    async def test(c, client):
+        r = await client.post(
+            "/v1/completions", json=completion(stream=True, return_token_ids=True)
+        )
+        choices = [chunk["choices"][0] for chunk in events(r.text)[:-1]]
+        assert [ch["token_ids"] for ch in choices] == [[7], [8], [9], [10], []]
+        assert choices[0]["prompt_token_ids"] == PROMPT
+        assert all("prompt_token_ids" not in ch for ch in choices[1:])
+
+    run(test)
+
+
+def test_models_health_and_readiness():
+    async def test(c, client):
+        card = {
+            "id": "tiny",
+            "object": "model",
+            "created": CREATED,
+            "owned_by": "banaserve",
+            "root": "/models/tiny",
+            "parent": None,
+            "max_model_len": 64,
+        }
+        assert (await client.get("/v1/models")).json() == {"object": "list", "data": [card]}
+        assert (await client.get("/v1/models/tiny")).json() == card
+        r = await client.get("/health")
+        assert (r.status_code, r.json()) == (200, {"status": "ok"})
+        r = await client.get("/ready")
+        workers = {"prefill": 1, "decode": 1, "mixed": 0}
+        assert (r.status_code, r.json()) == (200, {"status": "ready", "workers": workers})
+
+    run(test)
+
+
+def test_not_ready_without_a_decode_worker_and_requests_are_503():
+    async def test(c, client):
+        r = await client.get("/ready")
+        workers = {"prefill": 1, "decode": 0, "mixed": 0}
+        assert (r.status_code, r.json()) == (503, {"status": "not_ready", "workers": workers})
+        r = await client.post("/v1/completions", json=completion())
+        assert r.status_code == 503
+        body = r.json()["error"]
+        assert re.fullmatch(
+            r"no healthy decode or mixed worker to decode request 'cmpl-[0-9a-f]{32}' "
+            r"\(policy 'load'\)",
+            body.pop("message"),
+        )
+        assert body == {"type": "service_unavailable_error", "param": None, "code": "unavailable"}
+
+    run(test, decode=0)
+
+
+def error(message: str, type_: str, code: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def invalid(message: str, param: str | None = None) -> dict:
+    return error(message, "invalid_request_error", "invalid_argument", param)
+
+
+def sampling_error(**params) -> str:
+    try:
+        SamplingParams(**params)
+    except InvalidRequestError as exc:
+        return str(exc)
+    raise AssertionError(f"{params} are valid")
+
+
+BAD_REQUESTS = [
+    (completion(n=2), invalid("n=2 is not supported (accepted: null or 1)", "n")),
+    (completion(max_tokens="4"), invalid("max_tokens: Input should be a valid integer", "max_tokens")),
+    # Sampling values are checked where the gRPC path checks them, with the same message.
+    (completion(max_tokens=0), invalid(sampling_error(max_tokens=0))),
+    (completion(max_completion_tokens=0, max_tokens=4), invalid(sampling_error(max_tokens=0))),
+    (completion(top_p=1.5), invalid(sampling_error(top_p=1.5))),
+    (completion(temperature=-1), invalid(sampling_error(temperature=-1.0))),
+    (completion(prompt=[]), invalid("prompt is empty", "prompt")),
+    (completion(prompt=""), invalid("prompt is empty", "prompt")),
+    (completion(prompt=["a", "b"]), invalid("one prompt per request (batches are not supported)", "prompt")),
+    (completion(prompt=[1, -1]), invalid("prompt: token id -1 is not in [0, 2^32)", "prompt")),
+    (completion(seed=1 << 64), invalid(f"seed must be < {1 << 64}, got {1 << 64}", "seed")),
+    (completion(logprobs=1), invalid("logprobs=1 is not supported (accepted: null or false)", "logprobs")),
+    (completion(echo=True), invalid("echo=true is not supported (accepted: null or false)", "echo")),
+    (completion(presence_penalty=0.5), invalid("presence_penalty=0.5 is not supported (accepted: null or 0)", "presence_penalty")),
+    (completion(stop=["x"] * 17), invalid(f"17 stop strings; at most {MAX_STOP_STRINGS} are allowed")),
+    (chat(messages=[]), invalid("messages is empty", "messages")),
+    (
+        chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+        invalid("messages.0.content: only text parts are supported, got 'image_url'", "messages.0.content"),
+    ),
+    (chat(messages=[{"content": "hi"}]), invalid("messages.0.role: Field required", "messages.0.role")),
+]  # fmt: skip
+
+
+def test_bad_requests_are_400_in_openai_shape_before_any_worker_call():
+    async def test(c, client):
+        for body, expected in BAD_REQUESTS:
+            path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+            for stream in (False, True):
+                r = await client.post(path, json=body | {"stream": stream})
+                assert (r.status_code, r.json()) == (400, expected), (body, stream)
+        assert c.log.calls == []
+
+    run(test)
+
+
+def test_malformed_json_a_bad_timeout_header_and_unknown_fields():
+    async def test(c, client):
+        r = await client.post("/v1/completions", content=b"{not json")
+        assert r.status_code == 400
+        assert r.json()["error"]["message"].startswith("the body is not valid JSON: ")
+        r = await client.post(
+            "/v1/completions", json=completion(), headers={"X-Request-Timeout": "-1"}
+        )
+        message = "the x-request-timeout header must be a positive number of seconds, got '-1'"
+        assert (r.status_code, r.json()) == (400, invalid(message))
+        extras = {"user": "u", "frequency_penalty": 0, "logit_bias": {}, "no_such_field": [1]}
+        r = await client.post("/v1/completions", json=completion(**extras))
+        assert r.status_code == 200
+
+    run(test)
+
+
+def test_unknown_model_is_404_and_unknown_paths_and_methods_keep_the_shape():
+    async def test(c, client):
+        message = "model 'gpt-4' is not served; this router serves 'tiny'"
+        expected = error(message, "not_found_error", "model_not_found")
+        r = await client.post("/v1/chat/completions", json=chat(model="gpt-4"))
+        assert (r.status_code, r.json()) == (404, expected)
+        r = await client.get("/v1/models/gpt-4")
+        assert (r.status_code, r.json()) == (404, expected)
+        r = await client.get("/v1/nothing")
+        assert (r.status_code, r.json()) == (404, error("Not Found", "not_found_error", "404"))
+        r = await client.get("/v1/completions")
+        assert r.status_code == 405
+        assert r.json() == error("Method Not Allowed", "invalid_request_error", "405")
+
+    run(test)
+
+
+def test_a_request_larger_than_any_worker_is_429_resource_exhausted():
+    async def test(c, client):
+        r = await client.post("/v1/completions", json=completion(max_tokens=NUM_BLOCKS * 16))
+        assert r.status_code == 429
+        body = r.json()["error"]
+        assert (body["type"], body["code"]) == ("rate_limit_error", "resource_exhausted")
+        assert "more than any decode or mixed worker holds in total" in body["message"]
+
+    run(test)
+
+
+async def stream_ended(c) -> None:
+    """The decode worker's stream was cancelled (so it frees the request's blocks) and the
+    driver holds nothing. Whether the router's Release call also lands is the driver's race
+    (a deadline can cancel the release the failed stream started), not the HTTP layer's."""
+    await asyncio.wait_for(c.log.stream_cancelled.wait(), 10)
+    assert c.driver.num_running == 0
+
+
+def test_deadline_from_the_timeout_header_is_504_and_releases_the_blocks():
+    async def test(c, client):
+        headers = {"X-Request-Timeout": "0.3"}
+        r = await client.post("/v1/completions", json=completion(), headers=headers)
+        assert r.status_code == 504
+        body = r.json()["error"]
+        assert (body["type"], body["code"]) == ("timeout_error", "deadline_exceeded")
+        await stream_ended(c)
+
+    run(test, hang_decode=True)
+
+
+def test_a_deadline_after_the_first_token_ends_the_stream_with_an_error_event():
+    async def test(c, client):
+        headers = {"X-Request-Timeout": "2"}
+        r = await client.post("/v1/completions", json=completion(stream=True), headers=headers)
+        assert r.status_code == 200
+        chunks = events(r.text)
+        assert [ch["choices"][0]["text"] for ch in chunks[:2]] == ["<7>", "<8>"]
+        assert chunks[2]["error"]["code"] == "deadline_exceeded"
+        assert chunks[2]["error"]["type"] == "timeout_error"
+        assert chunks[3:] == ["[DONE]"]
+        await stream_ended(c)
+
+    run(test, hang_decode=True)
+
+
+async def _take(lines, n: int):
+    async for line in lines:
+        yield line
+        n -= 1
+        if n == 0:
+            return
+
+
+def test_a_streaming_client_that_disconnects_cancels_its_request():
+    async def test(c, client):
+        body = completion(stream=True)
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            # Two tokens: the first from the prefill worker, the second from the decode
+            # worker's stream, which is then open.
+            data = [line async for line in _take(r.aiter_lines(), 3)]
+            assert [line[:6] for line in data] == ["data: ", "", "data: "]
+            assert c.driver.num_running == 1
+        # Closed mid-stream: the router cancels the request and releases its reservation.
+        await asyncio.wait_for(c.log.released.wait(), 10)
+        await asyncio.wait_for(c.log.stream_cancelled.wait(), 10)
+        assert c.log.calls[-1] == ("release", "d0", c.log.calls[0][2], "RELEASE_REASON_ABORTED")
+        assert c.driver.num_running == 0
+
+    run(test, hang_decode=True)
+
+
+def test_a_waiting_non_streaming_client_that_disconnects_cancels_its_request():
+    async def test(c, client):
+        host, port = str(client.base_url.host), client.base_url.port
+        reader, writer = await asyncio.open_connection(host, port)
+        body = json.dumps(completion()).encode()
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        writer.write(head.encode() + body)
+        while not any(call[0] == "stream" for call in c.log.calls):
+            await asyncio.sleep(0.01)  # bounded by wait_for below; no event exists for it
+        writer.close()
+        await asyncio.wait_for(c.log.released.wait(), 10)
+        assert c.log.calls[-1][-1] == "RELEASE_REASON_ABORTED"
+        assert c.driver.num_running == 0
+
+    async def bounded(c, client):
+        await asyncio.wait_for(test(c, client), 30)
+
+    run(bounded, hang_decode=True)
+
+
+def out_of_range(message: str) -> dict:
+    return error(message, "invalid_request_error", "out_of_range")
+
+
+def test_prompts_over_the_shared_limits_are_400_out_of_range_and_large_bodies_413():
+    async def test(c, client):
+        # The context is 64 tokens (LIMITS, and the fake workers' pools are larger).
+        too_long = "prompt has 64 tokens; at most 63 are accepted (a context of 64 tokens)"
+        for body in (completion(prompt=[5] * 64), completion(prompt="x" * 64)):
+            r = await client.post("/v1/completions", json=body)
+            assert (r.status_code, r.json()) == (400, out_of_range(too_long))
+        r = await client.post("/v1/completions", json=completion(prompt="x" * 63))
+        assert r.status_code == 200
+        chat_body = chat(messages=[{"role": "user", "content": "x" * 47}])
+        r = await client.post("/v1/chat/completions", json=chat_body)  # 64 tokens rendered
+        assert (r.status_code, r.json()) == (400, out_of_range(too_long))
+        text = "x" * (LIMITS.max_text_bytes + 1)
+        r = await client.post("/v1/completions", json=completion(prompt=text))
+        message = f"prompt text is over {LIMITS.max_text_bytes} bytes, the most accepted (for a context of 64 tokens)"
+        assert (r.status_code, r.json()) == (400, out_of_range(message))
+        r = await client.post("/v1/completions", content=b" " * (MIN_RECEIVE_BYTES + 1))
+        message = f"the request body is over {MIN_RECEIVE_BYTES} bytes"
+        expected = error(message, "invalid_request_error", "resource_exhausted")
+        assert (r.status_code, r.json()) == (413, expected)
+        assert [call[0] for call in c.log.calls] == ["reserve", "prefill", "stream"]
+
+    run(test)
+
+
+def test_connections_are_accepted_with_tcp_nodelay():
+    """Without it a response's headers and body wait for the client's delayed ACK (~40 ms)."""
+
+    async def main():
+        async with cluster() as c:
+            api = OpenAIApi(c.driver, MODEL, LIMITS)
+            http = HttpServer(api.app, "127.0.0.1", 0, grace_s=0.1, on_stop=api.close)
+            await http.start()
+            try:
+                async with httpx2.AsyncClient(base_url=f"http://{http.address}") as client:
+                    assert (await client.get("/health")).status_code == 200
+                    [sock] = http.connection_sockets()
+                    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+            finally:
+                await http.stop()
+
+    asyncio.run(main())
