@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup redis protos demo models test test-slow lint buf-lint format bench-setup bench clean
+.PHONY: setup redis protos demo models test test-slow fuzz lint buf-lint format bench-setup bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,15 @@ test: setup
 
 test-slow: models
 	$(BIN)/python -m pytest -q -m slow
+
+# Every RPC of every service fuzzed with about FUZZ_INPUTS generated inputs against real
+# processes (docs/reliability.md); the counts per service and per method go to FUZZ_REPORT.
+FUZZ_INPUTS ?= 10000
+FUZZ_REPORT ?= build/fuzz-report.md
+fuzz: setup
+	mkdir -p $(dir $(FUZZ_REPORT))
+	BANASERVE_FUZZ_INPUTS=$(FUZZ_INPUTS) BANASERVE_FUZZ_REPORT=$(FUZZ_REPORT) \
+		$(BIN)/python -m pytest -q tests/fuzz
 
 lint: setup
 	$(BIN)/ruff check .

@@ -147,6 +147,22 @@ def _run_bench_serve(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _add_loadtest(sub: argparse._SubParsersAction) -> None:
+    from bench.loadtest.cli import add_arguments
+
+    p = sub.add_parser(
+        "loadtest", help="drive one service alone (router, prefill, decode, kvstore), per RPC"
+    )
+    add_arguments(p)
+    p.set_defaults(func=_run_loadtest)
+
+
+def _run_loadtest(args: argparse.Namespace) -> int:
+    from bench.loadtest.cli import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="banaserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_up(sub)
     _add_demo(sub)
     _add_bench(sub)
+    _add_loadtest(sub)
     return parser
 
 

@@ -9,11 +9,15 @@ Lifecycle:
 3. the workers start together, each pointed at the router (prefill workers also at kvstore-0:
    any node answers lookups), and register with it;
 4. the cluster is ready once every worker shows as active in the router's ``ListWorkers``;
-5. it runs until SIGINT/SIGTERM, or until a child exits on its own, which is reported and
-   brings the rest down (a half cluster is worse than none);
+5. it runs until SIGINT/SIGTERM. A child that exits on its own is restarted on the port it had,
+   after a growing delay, and the rest serve on (``services/supervisor.py``: Redis comes back
+   empty and the nodes announce their blocks again; workers register again and the router
+   admits them; workers reconnect to a restarted router); a child that keeps dying
+   (``--max-restarts`` within ``--restart-window``) brings the cluster down;
 6. stopping goes in reverse start order (workers, router, kvstore nodes, Redis last, so the
    nodes can withdraw their blocks), sending SIGTERM and waiting (bounded) for each; a child
-   that does not exit in time is killed and reported.
+   that does not exit in time is killed and reported. Children run in process groups of their
+   own, so a Ctrl-C in the terminal reaches the launcher alone and this order holds.
 
 ``--kvstore 0`` leaves out Redis and the kvstore nodes; prefill workers then get no store.
 """
@@ -22,22 +26,25 @@ from __future__ import annotations
 
 import argparse
 import os
-import queue
 import secrets
 import signal
-import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import IO
 
+from services.child_process import Child, RedisChild
 from services.common.errors import ConfigError
 from services.rpc.dataplane import KINDS as DATA_TRANSPORTS
+from services.supervisor import (
+    START_TIMEOUT_S,
+    ChildState,
+    Supervisor,
+    add_restart_arguments,
+    restart_config,
+)
 
-START_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 15.0
-HOST = "127.0.0.1"
 KV_TRANSPORTS = (*DATA_TRANSPORTS, "none")
 
 
@@ -90,95 +97,6 @@ class ClusterSpec:
             raise ConfigError(
                 f"kvstore capacity must be >= 1 byte, got {self.kvstore_capacity_bytes}"
             )
-
-
-class Child:
-    """One service process; ``address`` is known once ``wait_ready`` returned."""
-
-    def __init__(
-        self,
-        name: str,
-        argv: list[str],
-        env: dict[str, str],
-        log: IO[str],
-        announces: bool = True,
-    ) -> None:
-        """``announces``: the process prints ``LISTENING HOST:PORT`` on stdout, which is then
-        read here; otherwise its stdout goes to ``log`` with its stderr."""
-        self.name = name
-        stdout = subprocess.PIPE if announces else log
-        self.proc = subprocess.Popen(argv, stdout=stdout, stderr=log, text=True, env=env)
-        self._lines: queue.Queue[str] = queue.Queue()
-        if announces:
-            threading.Thread(target=self._read, daemon=True).start()
-        self.address = ""
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
-
-    def wait_ready(self, deadline: float) -> str:
-        """Waits for the ``LISTENING HOST:PORT`` line; returns the address."""
-        while time.monotonic() < deadline:
-            try:
-                line = self._lines.get(timeout=0.2)
-            except queue.Empty:
-                self._raise_if_exited()
-                continue
-            if line.startswith("LISTENING "):
-                self.address = line.split()[1]
-                return self.address
-        raise RuntimeError(f"{self.name} did not start within {START_TIMEOUT_S:.0f}s")
-
-    def _raise_if_exited(self) -> None:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"{self.name} exited with code {self.proc.returncode}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            return self.proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-
-class RedisChild(Child):
-    """Redis on a port picked up front: ``redis-server`` prints no LISTENING line, so it is
-    ready once it answers PING (the embedded fallback is checked the same way)."""
-
-    def __init__(self, env: dict[str, str], log: IO[str]) -> None:
-        from services.kvstore.redis_server import free_port, redis_command
-
-        # Bound, closed and handed over: another process could take it in between, in which
-        # case Redis fails to bind and exits, which start() reports.
-        self.port = free_port(HOST)
-        super().__init__("redis", redis_command(self.port, HOST), env, log, announces=False)
-
-    @property
-    def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
-
-    def wait_ready(self, deadline: float) -> str:
-        import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-
-        client = redis.Redis(HOST, self.port, socket_timeout=0.5, retry=Retry(NoBackoff(), 0))
-        try:
-            while time.monotonic() < deadline:
-                self._raise_if_exited()
-                try:
-                    if client.ping():
-                        self.address = f"{HOST}:{self.port}"
-                        return self.address
-                except (redis.ConnectionError, redis.TimeoutError):
-                    time.sleep(0.05)
-        finally:
-            client.close()
-        raise RuntimeError(f"redis did not answer PING within {START_TIMEOUT_S:.0f}s")
 
 
 class LocalCluster:
@@ -280,7 +198,8 @@ class LocalCluster:
             return
         cpus = sorted(os.sched_getaffinity(0))
         for i, worker in enumerate(workers):
-            os.sched_setaffinity(worker.proc.pid, {cpus[i % len(cpus)]})
+            worker.cpus = {cpus[i % len(cpus)]}
+            os.sched_setaffinity(worker.proc.pid, worker.cpus)
 
     def _wait_registered(self, num_workers: int, deadline: float) -> None:
         from services.client.client import BanaServeClient
@@ -342,6 +261,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="prefill workers fetch a cached prefix whole before computing (baseline)",
     )
+    add_restart_arguments(p)
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -360,6 +280,7 @@ def run_up(args: argparse.Namespace) -> int:
         kvstore_capacity_bytes=args.kvstore_capacity_bytes,
         kvstore_overlap=args.kvstore_overlap,
     )
+    restarts = restart_config(args)
     cluster = LocalCluster(spec)
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -371,17 +292,24 @@ def run_up(args: argparse.Namespace) -> int:
         return 1
     for child in cluster.children:
         print(f"{child.name} {child.address}", flush=True)
+    if cluster.router.http_address:
+        print(f"openai http://{cluster.router.http_address}/v1", flush=True)
     print(
         f"cluster ready: generate with `banaserve generate --router {cluster.router.address}`",
         flush=True,
     )
-    dead: list[tuple[str, int]] = []
-    while not stopping.is_set() and not (dead := cluster.exited()):
-        stopping.wait(0.5)
-    for name, code in dead:
-        print(f"banaserve: {name} exited unexpectedly with code {code}; stopping", file=sys.stderr)
+    supervisor = Supervisor(cluster.children, restarts, sys.stdout, stopping=stopping)
+    if reason := supervisor.run():
+        print(f"banaserve: error: {reason}; stopping the cluster", file=sys.stderr)
+    return 1 if _stop(cluster, supervisor) or reason else 0
+
+
+def _stop(cluster: LocalCluster, supervisor: Supervisor) -> bool:
+    """Stops every child; True if one that was serving did not stop cleanly (one waiting to
+    be restarted, or still starting, has no clean stop to make)."""
+    serving = {n for n, state in supervisor.states().items() if state is ChildState.RUNNING}
     codes = cluster.stop()
-    bad = {n: c for n, c in codes.items() if c != 0 and (n, c) not in dead}
+    bad = {n: c for n, c in codes.items() if c != 0 and n in serving}
     for name, code in bad.items():
         print(f"banaserve: {name} stopped with code {code}", file=sys.stderr)
-    return 1 if dead or bad else 0
+    return bool(bad)

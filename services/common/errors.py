@@ -16,6 +16,10 @@ class InvalidRequestError(BanaServeError, ValueError):
     """A request is malformed (empty prompt, bad sampling parameter...)."""
 
 
+class MalformedMessageError(InvalidRequestError):
+    """A request's bytes do not decode as the message its method takes."""
+
+
 class OutOfRangeError(InvalidRequestError):
     """A request is well-formed but exceeds a limit (prompt longer than the context...)."""
 
@@ -34,6 +38,15 @@ class RequestNotFoundError(BanaServeError, LookupError):
 
 class ResourceExhaustedError(BanaServeError):
     """Not enough KV blocks or queue space, now or ever, for the request."""
+
+
+class AlreadyExistsError(BanaServeError):
+    """A live request already has this id (ids of ended requests may be used again)."""
+
+
+class StepFailedError(BanaServeError):
+    """The engine step computing the request failed; the request was dropped and the worker
+    serves on. The message names a reference into the worker's log, never the cause itself."""
 
 
 class DependencyUnavailableError(BanaServeError):

@@ -2,7 +2,8 @@
 
 Prints ``LISTENING HOST:PORT`` on stdout once the server accepts calls (a launcher parses it),
 serves until SIGTERM/SIGINT, then drains and frees every block. With ``--router`` it registers
-there and reports its load every ``--report-interval`` seconds. ``--kv-transport`` (default ucx)
+there and reports its load every ``--report-interval`` seconds. Should the worker's engine loop
+die, its health turns NOT_SERVING, it leaves the router, and the process exits with status 1. ``--kv-transport`` (default ucx)
 also serves KV transfers on a data plane, which ReserveKV names; ``none``: TransferKV only.
 """
 
@@ -20,7 +21,7 @@ from services.decode.dataplane_receiver import DataPlaneReceiver
 from services.decode.servicer import decode_service, kv_data_handler
 from services.engine.engine import Engine
 from services.rpc import dataplane
-from services.rpc.load_reports import reporting_to, worker_info
+from services.rpc.load_reports import reporting_to, serve_while_alive, worker_info
 from services.rpc.server import run_service, start_server
 from services.rpc.tracing import setup_tracing
 
@@ -109,15 +110,21 @@ async def serve(args: argparse.Namespace) -> None:
     server = await start_server([service], rpc, tracing=tracing)
     print(f"LISTENING {server.address}", flush=True)
     info = _worker_info(args, engine, server.address)
+    assert worker.died is not None  # set by start()
+    died = None
     try:
-        async with reporting_to(args.router, info, worker.load, rpc, args.report_interval):
-            await server.serve_until_signal()
+        async with reporting_to(
+            args.router, info, worker.load, rpc, args.report_interval
+        ) as reporter:
+            died = await serve_while_alive(server, worker.died, reporter)
     finally:
         if data is not None:
             await data.stop()
             await receiver.stop()
         await worker.stop()
         tracing.shutdown()
+    if died is not None:
+        raise SystemExit(f"{args.role} worker: the engine loop died ({died!r})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,18 @@ flight waits for that import, so no copy ever lands in blocks freed to someone e
 The table itself is touched only from the event loop. Every wait is bounded: a lease or
 deadline is enforced by ``expire_overdue`` (swept every ``sweep_interval_s``), and a stream
 waits at most ``stream_idle_timeout_s`` for its next event.
+
+Request ids: the engine knows each entry by its own id (``_Entry.engine_id``: the request id
+and a number), so an ended request's queued abort or last step output can never reach a new
+request that reuses its id. A ``reserve`` of an id whose entry is DONE replaces that entry (its
+unread tokens, if any, are dropped); one whose entry still runs waits up to
+``DecodeConfig.id_reuse_wait_s`` for it to end, then gets ``AlreadyExistsError``.
+
+A step that raises fails only the requests it computed: their streams end with
+``StepFailedError`` (INTERNAL, with a log reference), their blocks are freed, and the loop
+steps on. Should the loop itself end unexpectedly, every entry is freed, later reserves are
+refused (UNAVAILABLE) and ``died`` resolves, so the process can turn its health NOT_SERVING and
+leave the router.
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import itertools
 import logging
 import math
 import time
@@ -43,9 +56,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from services.common.errors import (
+    AlreadyExistsError,
+    BanaServeError,
     ConfigError,
+    DependencyUnavailableError,
     InvalidRequestError,
     RequestNotFoundError,
+    StepFailedError,
 )
 from services.common.hashing import block_hashes
 from services.common.load import LoadMeter, LoadSnapshot
@@ -77,8 +94,12 @@ class DecodeConfig:
     load_window_s: float = 1.0
     # A mixed (colocated) worker: ``reserve`` may ask it to prefill the prompt itself.
     prefill_locally: bool = False
+    # How long a reserve waits for a running request with the same id to end.
+    id_reuse_wait_s: float = 0.5
 
     def __post_init__(self) -> None:
+        if not self.id_reuse_wait_s >= 0:
+            raise ConfigError(f"id_reuse_wait_s must be >= 0, got {self.id_reuse_wait_s}")
         for name in ("default_lease_s", "max_lease_s", "sweep_interval_s", "idle_poll_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -113,6 +134,13 @@ StreamEvent = TokenDelta | Finished
 
 
 @dataclass(frozen=True)
+class _Failed:
+    """Ends a stream with an error instead of ``Finished`` (the stream raises it)."""
+
+    error: BanaServeError
+
+
+@dataclass(frozen=True)
 class Reservation:
     request_id: str
     reservation_id: str
@@ -138,13 +166,14 @@ class WorkerStats:
 @dataclass(eq=False)
 class _Entry:
     request_id: str
+    engine_id: str  # unique per entry: what the engine and its outputs name
     reservation_id: str
     prompt_token_ids: list[int]
     num_blocks: int
     lease_expiry: float
     deadline: float | None
     status: RequestStatus = RequestStatus.RESERVED
-    events: asyncio.Queue[StreamEvent] = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue[StreamEvent | _Failed] = field(default_factory=asyncio.Queue)
     streaming: bool = False
     num_completion_tokens: int = 0
     num_cached_tokens: int = 0
@@ -166,15 +195,20 @@ class DecodeWorker:
         self.config = config or DecodeConfig()
         self._clock = clock
         self.meter = LoadMeter(self.config.load_window_s, clock)
-        self._table: dict[str, _Entry] = {}
+        self._table: dict[str, _Entry] = {}  # by request id
+        self._live: dict[str, _Entry] = {}  # by engine id, until the entry is DONE
+        self._numbers = itertools.count(1)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="decode-engine")
         self._importer = ThreadPoolExecutor(1, thread_name_prefix="decode-import")
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        # Resolves with the error that ended the engine loop, if it ever ends unasked.
+        self.died: asyncio.Future[BaseException] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.died = asyncio.get_running_loop().create_future()
         self._tasks = [
             asyncio.create_task(self._engine_loop(), name="decode-engine-loop"),
             asyncio.create_task(self._sweep_loop(), name="decode-sweeper"),
@@ -183,9 +217,8 @@ class DecodeWorker:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            await asyncio.wait(self._tasks)  # a loop that died has reported it already
         freed = [self._free(e) for e in list(self._table.values())]
         for future in freed:
             await asyncio.wrap_future(future)
@@ -210,16 +243,17 @@ class DecodeWorker:
             raise ConfigError("this is a decode worker: only a mixed worker prefills locally")
         if not request_id:
             raise InvalidRequestError("request_id is empty")
-        if request_id in self._table:
-            raise InvalidRequestError(f"request id {request_id!r} already exists here")
         if lease_s is not None and lease_s <= 0:
             raise InvalidRequestError(f"lease must be positive, got {lease_s}s")
         if timeout_s is not None and timeout_s <= 0:
             raise TimeoutError(f"request {request_id!r} arrived after its deadline")
+        self._check_alive()
+        await self._wait_for_id(request_id, timeout_s)
         lease = min(lease_s or self.config.default_lease_s, self.config.max_lease_s)
         now = self._clock()
         entry = _Entry(
             request_id,
+            f"{request_id}#{next(self._numbers)}",
             uuid.uuid4().hex,
             list(prompt_token_ids),
             -(-len(prompt_token_ids) // self.engine.config.block_size),
@@ -227,20 +261,45 @@ class DecodeWorker:
             None if timeout_s is None else now + timeout_s,
         )
         self._table[request_id] = entry
+        self._live[entry.engine_id] = entry
+        add = self.engine.add_request if prefill_locally else self.engine.begin_prompt_import
         try:
+            await self._call(add, entry.engine_id, entry.prompt_token_ids, params)
             if prefill_locally:
-                await self._call(
-                    self.engine.add_request, request_id, entry.prompt_token_ids, params
-                )
                 self._start_local(entry)
-            else:
-                await self._call(
-                    self.engine.begin_prompt_import, request_id, entry.prompt_token_ids, params
-                )
         except BaseException:
             self._free(entry)
             raise
         return Reservation(request_id, entry.reservation_id, entry.status, entry.num_blocks, lease)
+
+    def engine_id(self, request_id: str) -> str:
+        """The id this worker's engine knows ``request_id``'s current entry by."""
+        entry = self._table.get(request_id)
+        if entry is None:
+            raise RequestNotFoundError(f"no request {request_id!r} here")
+        return entry.engine_id
+
+    def _check_alive(self) -> None:
+        if self.died is not None and self.died.done():
+            raise DependencyUnavailableError(
+                "this decode worker's engine loop has stopped; it is shutting down"
+            )
+
+    async def _wait_for_id(self, request_id: str, timeout_s: float | None) -> None:
+        """Returns once ``request_id`` is free here: an entry that ended only waits for its
+        stream to read it, and is replaced; a running one is waited for, briefly."""
+        old = self._table.get(request_id)
+        if old is not None and old.status is not RequestStatus.DONE:
+            wait = self.config.id_reuse_wait_s
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(old.ended.wait(), min(wait, timeout_s or wait))
+        old = self._table.get(request_id)
+        if old is not None and old.status is not RequestStatus.DONE:
+            raise AlreadyExistsError(
+                f"request id {request_id!r} already exists here (still running)"
+            )
+        if old is not None:
+            del self._table[request_id]  # its stream, if one is open, keeps its own entry
 
     def _start_local(self, entry: _Entry) -> None:
         if entry.status is RequestStatus.DONE:  # freed meanwhile: its abort is queued already
@@ -284,7 +343,7 @@ class DecodeWorker:
         # import in flight and waits for it; one before it makes this raise.
         self._check_live(entry)
         entry.importing = self._importer.submit(
-            self.engine.import_kv, entry.request_id, data, layout
+            self.engine.import_kv, entry.engine_id, data, layout
         )
         await asyncio.wrap_future(entry.importing)
 
@@ -335,9 +394,7 @@ class DecodeWorker:
             raise InvalidRequestError("KV block hashes do not match the reserved prompt")
 
     async def _start_running(self, entry: _Entry, first_token_id: int) -> None:
-        output = await self._call(
-            self.engine.finish_prompt_import, entry.request_id, first_token_id
-        )
+        output = await self._call(self.engine.finish_prompt_import, entry.engine_id, first_token_id)
         if entry.status is RequestStatus.DONE:  # freed meanwhile: its abort is queued already
             raise RequestNotFoundError(f"reservation of {entry.request_id!r} expired or released")
         entry.status = RequestStatus.RUNNING
@@ -349,6 +406,17 @@ class DecodeWorker:
     # -- 3. run and stream -----------------------------------------------------------------
 
     async def _engine_loop(self) -> None:
+        try:
+            await self._steps()
+        except Exception as exc:  # reported through ``died``; nobody awaits this task
+            log.critical("the decode engine loop died; freeing every request", exc_info=exc)
+            for entry in list(self._table.values()):
+                message = f"this decode worker's engine loop stopped while {entry.request_id!r} ran"
+                self._free(entry, DependencyUnavailableError(message))
+            if self.died is not None and not self.died.done():
+                self.died.set_result(exc)
+
+    async def _steps(self) -> None:
         while True:
             if not any(e.status is RequestStatus.RUNNING for e in self._table.values()):
                 self._wake.clear()
@@ -358,17 +426,34 @@ class DecodeWorker:
             start = self._clock()
             try:
                 outputs = await self._call(self.engine.step)
-            except Exception:
-                log.exception("engine step failed; aborting every running request")
-                for entry in [e for e in self._table.values() if e.status is RequestStatus.RUNNING]:
-                    self._free(entry)
+            except Exception as exc:
+                self._fail_step(exc)
                 continue
             self.meter.record(start, self._clock())
             self._dispatch(outputs)
 
+    def _fail_step(self, error: Exception) -> None:
+        """A step raised: fail the requests it computed and step on. The engine names them
+        when it can (an error with ``request_ids``); otherwise they are the sequences it was
+        running (a preempted one waits, and was not in the step). No layer hook is passed to
+        tell exactly: a hooked step runs without micro-batches."""
+        ref = uuid.uuid4().hex[:12]
+        ids = getattr(error, "request_ids", None)
+        if ids is None:
+            ids = [seq.request_id for seq in list(self.engine.scheduler.running)]
+        log.error("engine step failed (ref %s); failing %s", ref, list(ids), exc_info=error)
+        for engine_id in ids:
+            entry = self._live.get(engine_id)
+            if entry is not None:
+                message = (
+                    f"the engine step computing request {entry.request_id!r} failed "
+                    f"(ref {ref} in the decode worker's log); the request was dropped"
+                )
+                self._free(entry, StepFailedError(message))
+
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
-            entry = self._table.get(out.request_id)
+            entry = self._live.get(out.request_id)
             if entry is None or entry.status is RequestStatus.DONE:
                 continue  # released while the step ran; its abort is queued
             entry.num_completion_tokens += len(out.new_token_ids)
@@ -378,12 +463,14 @@ class DecodeWorker:
                 self._finish(entry, out.finish_reason or FinishReason.STOP)
 
     def _finish(self, entry: _Entry, reason: FinishReason) -> None:
+        self._end(entry, Finished(reason, entry.num_completion_tokens, entry.num_cached_tokens))
+
+    def _end(self, entry: _Entry, last: Finished | _Failed) -> None:
+        self._live.pop(entry.engine_id, None)
         entry.status = RequestStatus.DONE
         entry.ended.set()
         entry.done_at = self._clock()
-        entry.events.put_nowait(
-            Finished(reason, entry.num_completion_tokens, entry.num_cached_tokens)
-        )
+        entry.events.put_nowait(last)
 
     async def stream(self, request_id: str) -> AsyncIterator[StreamEvent]:
         """Token deltas after the first token, then one ``Finished``. Closing early aborts."""
@@ -399,6 +486,9 @@ class DecodeWorker:
                 event = await asyncio.wait_for(
                     entry.events.get(), self.config.stream_idle_timeout_s
                 )
+                if isinstance(event, _Failed):
+                    finished = True
+                    raise event.error
                 finished = isinstance(event, Finished)
                 yield event
         finally:
@@ -414,35 +504,41 @@ class DecodeWorker:
         entry = self._table.get(request_id)
         if entry is None:
             return False, 0
-        return True, await asyncio.wrap_future(self._free(entry))
+        # Shielded: a Release call cancelled while the abort waits for the engine thread must
+        # not cancel the abort too (the entry is already gone, its blocks would stay held).
+        return True, await asyncio.shield(asyncio.wrap_future(self._free(entry)))
 
-    def _free(self, entry: _Entry) -> Future[int]:
-        """Ends ``entry`` now (its stream, if any, gets ``Finished(ABORT)``) and queues the
-        engine abort; the future says how many blocks that freed."""
+    def _free(self, entry: _Entry, error: BanaServeError | None = None) -> Future[int]:
+        """Ends ``entry`` now (its stream, if any, gets ``Finished(ABORT)``, or ``error``) and
+        queues the engine abort; the future says how many blocks that freed. An entry that
+        failed (``error``) stays, as a finished one does, until a stream has read the error."""
         holds_blocks = entry.status is not RequestStatus.DONE
-        if holds_blocks:
+        if holds_blocks and error is None:
             self._finish(entry, FinishReason.ABORT)
-        if not entry.streaming and self._table.get(entry.request_id) is entry:
+        elif holds_blocks:
+            self._end(entry, _Failed(error))
+        keep = error is not None or entry.streaming
+        if not keep and self._table.get(entry.request_id) is entry:
             del self._table[entry.request_id]
         if not holds_blocks:
             done: Future[int] = Future()
             done.set_result(0)
             return done
         if entry.importing is None or entry.importing.done():
-            return self._executor.submit(self._abort, entry.request_id)
+            return self._executor.submit(self._abort, entry.engine_id)
         freed: Future[int] = Future()
 
         def abort_after_import(_: Future[None]) -> None:
-            aborted = self._executor.submit(self._abort, entry.request_id)
+            aborted = self._executor.submit(self._abort, entry.engine_id)
             aborted.add_done_callback(lambda f: _copy_result(f, freed))
 
         entry.importing.add_done_callback(abort_after_import)
         return freed
 
-    def _abort(self, request_id: str) -> int:  # on the engine thread
+    def _abort(self, engine_id: str) -> int:  # on the engine thread
         before = self.engine.block_manager.num_free_blocks
         with contextlib.suppress(RequestNotFoundError):
-            self.engine.abort(request_id)
+            self.engine.abort(engine_id)
         return self.engine.block_manager.num_free_blocks - before
 
     def expire_overdue(self) -> list[str]:

@@ -2,7 +2,8 @@
 ``DataPlaneReceiver``) calls, protos out; nothing else.
 
 Domain errors propagate as they are: ``services.rpc.status.ErrorInterceptor`` (installed on
-every server) maps them to status codes.
+every server) maps them to status codes. Ids, the layout's fingerprint and block hashes, and stop
+conditions are checked against services/common/limits.py before anything else.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-from google.protobuf.message import DecodeError
-
 from services.common.errors import BanaServeError, InvalidRequestError
+from services.common.limits import check_block_hashes, check_id, check_name, check_stop
 from services.decode import core, transfer
 from services.decode.dataplane_receiver import DataPlaneReceiver
 from services.engine.kv_cache import KVLayout
@@ -27,6 +27,7 @@ from services.rpc.convert import (
 from services.rpc.dataplane import Handler
 from services.rpc.gen.banaserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from services.rpc.server import Service
+from services.rpc.status import decode_request
 from services.rpc.streams import drain
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,10 @@ _STATES = {
 
 def header_from_proto(msg: decode_pb2.KVTransferHeader) -> transfer.TransferHeader:
     lay = msg.layout
+    check_id(msg.request_id, "request_id")
+    check_id(msg.reservation_id, "reservation_id")
+    check_name(lay.fingerprint, "layout.fingerprint")
+    check_block_hashes(lay.block_hashes, "layout.block_hashes")
     if lay.dtype not in DTYPE_FROM_PROTO:
         raise InvalidRequestError(f"KV layout has no valid dtype ({lay.dtype})")
     layout = KVLayout(
@@ -53,6 +58,10 @@ def header_from_proto(msg: decode_pb2.KVTransferHeader) -> transfer.TransferHead
     )
     if layout.block_size == 0:
         raise InvalidRequestError("KV layout has block_size 0")
+    if lay.first_block != 0:
+        raise InvalidRequestError(
+            f"a KV handoff carries the whole prompt (first_block 0), got {lay.first_block}"
+        )
     return transfer.TransferHeader(msg.request_id, msg.reservation_id, layout, lay.num_layers)
 
 
@@ -109,6 +118,13 @@ def stats_to_proto(stats: core.WorkerStats) -> decode_pb2.DecodeServiceStatsResp
     )
 
 
+def _release_reason(number: int) -> str:
+    # The reason is for logs only, and proto3 enums are open: a number this build does not
+    # know is logged as it is, never raised on (``ReleaseReason.Name`` would raise).
+    value = decode_pb2.ReleaseReason.DESCRIPTOR.values_by_number.get(number)
+    return value.name if value is not None else f"reason {number}"
+
+
 class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     def __init__(
         self, worker: core.DecodeWorker, data_address: str = "", data_transport: str = ""
@@ -118,6 +134,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self._data_transport = DATA_TRANSPORT_TO_PROTO.get(data_transport, 0)
 
     async def ReserveKV(self, request, context):
+        check_id(request.request_id, "request_id")
+        check_stop(request.sampling.stop, request.sampling.stop_token_ids)
         reservation = await self._worker.reserve(
             request.request_id,
             list(request.prompt_token_ids),
@@ -145,6 +163,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         )
 
     async def StreamTokens(self, request, context):
+        check_id(request.request_id, "request_id")
         events = self._worker.stream(request.request_id)
         try:
             async for event in events:
@@ -153,11 +172,12 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             await events.aclose()
 
     async def Release(self, request, context):
+        check_id(request.request_id, "request_id")
         found, num_blocks = await self._worker.release(request.request_id)
         log.info(
             "release %s (%s): found=%s blocks=%d",
             request.request_id,
-            decode_pb2.ReleaseReason.Name(request.reason),
+            _release_reason(request.reason),
             found,
             num_blocks,
         )
@@ -172,11 +192,9 @@ def kv_data_handler(receiver: DataPlaneReceiver) -> Handler:
     bytes as its payload (decode.proto)."""
 
     async def handle(header: bytes, payload: memoryview) -> tuple[bytes, bytes]:
-        try:
-            msg = decode_pb2.KVTransferFrame.FromString(header)
-        except DecodeError:
-            raise InvalidRequestError("malformed KVTransferFrame") from None
+        msg = decode_request(decode_pb2.KVTransferFrame, header)
         kind, reservation_id = msg.WhichOneof("frame"), msg.reservation_id
+        check_id(reservation_id, "reservation_id")
         if kind == "header":
             if msg.header.reservation_id != reservation_id:
                 raise InvalidRequestError("the frame and its header name different reservations")

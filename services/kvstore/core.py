@@ -13,6 +13,11 @@ through a ``MetadataSession``:
 Data plane requests (``handle_data``) read one layer of a pin's blocks or write one layer of a
 reservation's blocks; the payload is those blocks' bytes, block after block.
 
+Every call that names block hashes checks them with ``check_block_hashes`` first (the one
+check, services/common/limits.py), so Lookup, Pin, Reserve and writes accept the same hashes.
+``unpin`` and ``abort`` are idempotent (kvstore.proto): an unknown, expired or already released
+id is a no-op, since the caller only wants it gone.
+
 Single-threaded: every method runs on the node's event loop.
 """
 
@@ -23,10 +28,11 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from services.common.errors import ConfigError, InvalidRequestError, RequestNotFoundError
 from services.common.hashing import BlockHash
+from services.common.limits import check_block_hashes
 from services.kvstore.metadata import (
     BlockEntry,
     MetadataSession,
@@ -138,6 +144,7 @@ class KVStoreNode:
 
     async def lookup(self, hashes: Sequence[BlockHash]) -> tuple[list[str], list[NodeInfo]]:
         """(node id per block of the longest cached prefix, live nodes)."""
+        check_block_hashes(hashes)
         locations = await self.metadata.longest_prefix(hashes)
         return [loc.node_id for loc in locations], await self._live_nodes()
 
@@ -148,20 +155,24 @@ class KVStoreNode:
         return self._nodes
 
     def pin(self, hashes: Sequence[BlockHash]) -> PinResult:
+        check_block_hashes(hashes)
         pin = self.pool.pin(hashes)
+        if not pin.hashes:  # nothing to hold: no pin, id 0 (kvstore.proto), none left to expire
+            self.pool.unpin(pin.pin_id)
+            return PinResult(replace(pin, pin_id=0), 0, 0)
         self._pinned[pin.pin_id] = pin.hashes
-        if not pin.hashes:
-            return PinResult(pin, 0, 0)
         first = self.pool.blocks[pin.hashes[0]]
         return PinResult(pin, first.num_layers, len(first.layers[0]))
 
     def unpin(self, pin_id: int) -> None:
         self._pinned.pop(pin_id, None)
-        self.pool.unpin(pin_id)
+        with contextlib.suppress(RequestNotFoundError):
+            self.pool.unpin(pin_id)
 
     def reserve(
         self, hashes: Sequence[BlockHash], num_layers: int, layer_bytes: int
     ) -> WriteReservation:
+        check_block_hashes(hashes)
         return self.pool.reserve(hashes, num_layers, layer_bytes)
 
     async def commit(self, reservation_id: int) -> int:
@@ -176,7 +187,8 @@ class KVStoreNode:
         return len(committed)
 
     def abort(self, reservation_id: int) -> None:
-        self.pool.abort(reservation_id)
+        with contextlib.suppress(RequestNotFoundError):
+            self.pool.abort(reservation_id)
 
     def stats(self) -> PoolStats:
         return self.pool.stats()
@@ -201,6 +213,7 @@ class KVStoreNode:
         return b"".join(views)
 
     def write(self, request: DataWrite, payload: memoryview) -> int:
+        check_block_hashes(request.block_hashes)
         n = len(request.block_hashes) * request.num_layers
         if n == 0 or len(payload) % n:
             raise InvalidRequestError(

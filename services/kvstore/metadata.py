@@ -46,6 +46,7 @@ from redis.backoff import NoBackoff
 
 from services.common.errors import BanaServeError, ConfigError, DependencyUnavailableError
 from services.common.hashing import HASH_SIZE, BlockHash, place  # noqa: F401 (re-exported)
+from services.common.limits import check_block_hashes
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +116,7 @@ class NodeStatus(enum.Enum):
 
 
 def _check_hash(block_hash: bytes) -> None:
-    if len(block_hash) != HASH_SIZE:
-        raise ValueError(f"block hash must be {HASH_SIZE} bytes, got {len(block_hash)}")
+    check_block_hashes([block_hash], "block_hash")  # InvalidRequestError, a ValueError
 
 
 # Shared by register, deregister and sweep: drop every entry a node id owns.

@@ -60,7 +60,8 @@ from services.common.errors import (
     RequestNotFoundError,
     ResourceExhaustedError,
 )
-from services.common.hashing import HASH_SIZE, BlockHash
+from services.common.hashing import BlockHash
+from services.common.limits import check_block_hashes
 from services.kvstore.disk import DiskTier
 
 
@@ -436,10 +437,7 @@ class BlockPool:
             self.on_evict(gone)
 
 
-def _check_hashes(hashes: Sequence[BlockHash]) -> None:
-    for h in hashes:
-        if not isinstance(h, bytes) or len(h) != HASH_SIZE:
-            raise InvalidRequestError(f"a block hash is {HASH_SIZE} bytes, got {h!r}")
+_check_hashes = check_block_hashes  # the one check (services/common/limits.py)
 
 
 def _check_layer(block: Block, layer: int) -> None:

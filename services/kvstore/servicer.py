@@ -8,6 +8,7 @@ from services.kvstore.metadata import NodeInfo
 from services.rpc.convert import DATA_TRANSPORT_TO_PROTO, duration
 from services.rpc.gen.banaserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 from services.rpc.server import Service
+from services.rpc.status import decode_request
 
 
 def node_to_proto(node: NodeInfo) -> kvstore_pb2.KVStoreNode:
@@ -80,7 +81,7 @@ def data_handler(node: core.KVStoreNode):
     """The data-plane handler: a ``KVDataRequest`` header, payload in or out."""
 
     async def handle(header: bytes, payload: memoryview) -> tuple[bytes, object]:
-        request = kvstore_pb2.KVDataRequest.FromString(header)
+        request = decode_request(kvstore_pb2.KVDataRequest, header)
         op = request.WhichOneof("op")
         if op == "read":
             r = request.read

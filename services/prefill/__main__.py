@@ -2,7 +2,8 @@
 
 Prints ``LISTENING HOST:PORT`` on stdout (flushed) once the server accepts calls, for launchers
 to parse; logs go to stderr. SIGTERM/SIGINT drain the server, then the worker stops after the
-step in flight and its channels close.
+step in flight and its channels close. Should the worker's step loop die, its health turns
+NOT_SERVING, it leaves the router, and the process exits with status 1.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from services.prefill.core import PrefillWorker
 from services.prefill.dataplane_transport import DataPlaneKVTransport, TargetKVTransport
 from services.prefill.kvstore_client import KVStoreClient
 from services.prefill.servicer import prefill_service
-from services.rpc.load_reports import reporting_to, worker_info
+from services.rpc.load_reports import reporting_to, serve_while_alive, worker_info
 from services.rpc.server import run_service, start_server
 from services.rpc.tracing import setup_tracing
 
@@ -94,12 +95,18 @@ async def serve(args: argparse.Namespace) -> None:
         engine.block_manager.num_blocks,
         engine.max_model_len,
     )
+    assert worker.died is not None  # set by start()
+    died = None
     try:
-        async with reporting_to(args.router, info, worker.load, rpc, args.report_interval):
-            await server.serve_until_signal()
+        async with reporting_to(
+            args.router, info, worker.load, rpc, args.report_interval
+        ) as reporter:
+            died = await serve_while_alive(server, worker.died, reporter)
     finally:
         await worker.stop()
         tracing.shutdown()  # flush spans, as the other services do
+    if died is not None:
+        raise SystemExit(f"prefill worker: the step loop died ({died!r})")
 
 
 def main(argv: list[str] | None = None) -> int:

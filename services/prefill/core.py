@@ -19,12 +19,25 @@ the longest cached prefix; the request then enters the engine with that prefix m
 step computes the suffix (layer l+1 in flight while layer l computes). A fetch that fails makes
 the step raise ``PrefixFetchError``; the request is recomputed from scratch, output unchanged.
 After the first token, the prompt's new full blocks are written back to the store in the
-background, off the TTFT path.
+background, off the TTFT path. The store side of all this is ``store_prefix.py``.
 
 Only ``_step_loop`` touches the engine, and only between steps (adds and aborts queue up in
 ``_pending`` and ``_to_abort``); the layer hook, which runs during a step, only reads it. Every
 wait is bounded by the request's deadline; a cancel, a deadline or a failed transfer aborts the
 sender and drops the request from the engine, so no block outlives its request.
+
+The engine knows each job by its own id (``_Job.engine_id``, the request id and a number), so
+an ended request whose abort is still queued, or whose last step is still running, never meets
+a new request that reuses its id. A request id is in use from ``prefill`` until its job starts
+ending; a new request with the id of one still in use waits up to ``id_reuse_wait_s`` for it
+(the old call's cancellation may still be on its way), then gets ``AlreadyExistsError``.
+
+A step that raises (other than ``PrefixFetchError``) fails only the requests it computed: each
+gets ``StepFailedError`` (INTERNAL, with a log reference), loses its blocks, and the loop steps
+on. Should the loop itself end unexpectedly, every job still waiting for it fails with
+``DependencyUnavailableError`` (UNAVAILABLE: the router retries elsewhere), later requests are
+refused the same way, and ``died`` resolves, so the process can turn its health NOT_SERVING and
+leave the router.
 """
 
 from __future__ import annotations
@@ -32,8 +45,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import itertools
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,14 +56,21 @@ from typing import TypeVar
 
 import torch
 
-from services.common.errors import BanaServeError, InvalidRequestError, RequestNotFoundError
-from services.common.hashing import block_hashes
+from services.common.errors import (
+    AlreadyExistsError,
+    BanaServeError,
+    DependencyUnavailableError,
+    InvalidRequestError,
+    RequestNotFoundError,
+    StepFailedError,
+)
 from services.common.load import LoadMeter, LoadSnapshot
 from services.common.types import FinishReason, RequestOutput, SamplingParams
 from services.engine.engine import Engine, StepContext
 from services.engine.kv_cache import KVLayout
-from services.engine.prefix_fetch import PrefixFetch, PrefixFetchError
-from services.prefill.kvstore_client import CachedPrefix, KVStoreClient, StoreError
+from services.engine.prefix_fetch import PrefixFetchError
+from services.prefill.kvstore_client import CachedPrefix, KVStoreClient
+from services.prefill.store_prefix import StorePrefixes
 from services.prefill.transport import KVSender, KVTarget, KVTransport, TransferStats
 
 T = TypeVar("T")
@@ -56,6 +78,8 @@ log = logging.getLogger(__name__)
 
 
 LOAD_WINDOW_S = 1.0  # the window of the busy fraction in load reports
+# How long a new request waits for an ended one with the same id to let go of it.
+ID_REUSE_WAIT_S = 0.5
 
 
 class JobStatus(enum.Enum):
@@ -107,9 +131,12 @@ class WorkerStats:
 @dataclass(eq=False)
 class _Job:
     request: PrefillRequest
+    engine_id: str  # unique per job: what the engine, the hook and the step outputs name
     arrived_at: float
     computed: asyncio.Future[tuple[RequestOutput, float]]
     status: JobStatus = JobStatus.QUEUED
+    # Set once the job lets go of its request id (it has started ending).
+    released: asyncio.Event = field(default_factory=asyncio.Event)
     sender: KVSender | None = None
     scheduled_at: float | None = None  # written by the stepping thread
     prefix: CachedPrefix | None = None  # pinned in the global store
@@ -133,10 +160,12 @@ class PrefillWorker:
         clock: Callable[[], float] = time.monotonic,
         store: KVStoreClient | None = None,
         store_overlap: bool = True,
+        id_reuse_wait_s: float = ID_REUSE_WAIT_S,
     ) -> None:
         self.engine = engine
+        self._id_reuse_wait_s = id_reuse_wait_s
         self._transport = transport
-        self._store = store
+        self._store = None if store is None else StorePrefixes(engine, store)
         # False: a store prefix is fetched whole before its request computes (the baseline
         # the layer-wise overlap is measured against).
         self._store_overlap = store_overlap
@@ -151,18 +180,24 @@ class PrefillWorker:
             initializer=torch.set_num_threads,
             initargs=(torch.get_num_threads(),),
         )
-        self._jobs: dict[str, _Job] = {}
+        self._jobs: dict[str, _Job] = {}  # by engine id
+        self._in_use: dict[str, _Job] = {}  # by request id, until the job starts ending
+        self._numbers = itertools.count(1)
         self._pending: list[_Job] = []
-        self._to_abort: list[str] = []
+        self._to_abort: list[str] = []  # engine ids
         self._wake = asyncio.Event()
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
         self._step_started_at = 0.0
+        self._step_ids: tuple[str, ...] | None = None  # the running step's engine ids
         self.meter = LoadMeter(LOAD_WINDOW_S, clock)
+        # Resolves with the error that ended the step loop, if it ever ends unasked.
+        self.died: asyncio.Future[BaseException] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.died = asyncio.get_running_loop().create_future()
         self._loop_task = asyncio.create_task(self._step_loop())
 
     async def stop(self) -> None:
@@ -170,7 +205,7 @@ class PrefillWorker:
         self._stopping = True
         self._wake.set()
         if self._loop_task is not None:
-            await self._loop_task
+            await asyncio.wait({self._loop_task})  # a loop that died has reported it already
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -184,8 +219,6 @@ class PrefillWorker:
     def validate(self, request: PrefillRequest) -> None:
         if not request.request_id:
             raise InvalidRequestError("request_id is empty")
-        if request.request_id in self._jobs:
-            raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
         if not request.target.address:
             raise InvalidRequestError("target.address is empty (a DecodeService HOST:PORT)")
         if not request.target.reservation_id:
@@ -197,9 +230,13 @@ class PrefillWorker:
     ) -> AsyncIterator[FirstToken | PrefillResult]:
         """Yields the first token, then the result once the decode worker has the KV."""
         self.validate(request)
+        self._check_alive()
         deadline = None if timeout_s is None else self._clock() + timeout_s
-        job = _Job(request, self._clock(), asyncio.get_running_loop().create_future())
-        self._jobs[request.request_id] = job
+        await self._wait_for_id(request.request_id, deadline)
+        engine_id = f"{request.request_id}#{next(self._numbers)}"
+        job = _Job(request, engine_id, self._clock(), asyncio.get_running_loop().create_future())
+        self._jobs[engine_id] = job
+        self._in_use[request.request_id] = job
         try:
             job.sender = await self._bounded(
                 self._transport.open(
@@ -208,9 +245,11 @@ class PrefillWorker:
                 deadline,
             )
             if self._store is not None:
-                job.prefix = await self._lookup(request.prompt_token_ids)
+                job.prefix = await self._store.lookup(request.prompt_token_ids)
                 if job.prefix is not None and not self._store_overlap:
-                    job.prefetched = await self._bounded(self._read_all(job.prefix), deadline)
+                    prefetch = self._store.read_all(job.prefix)
+                    job.prefetched = await self._bounded(prefetch, deadline)
+            self._check_alive()
             self._pending.append(job)
             self._wake.set()
             output, computed_at = await self._bounded(asyncio.shield(job.computed), deadline)
@@ -241,6 +280,26 @@ class PrefillWorker:
             transfer,
         )
 
+    def _check_alive(self) -> None:
+        if self.died is not None and self.died.done():
+            raise DependencyUnavailableError(
+                "this prefill worker's engine loop has stopped; it is shutting down"
+            )
+
+    async def _wait_for_id(self, request_id: str, deadline: float | None) -> None:
+        """Returns once no running job holds ``request_id`` (see the module docstring)."""
+        old = self._in_use.get(request_id)
+        if old is not None:
+            wait = self._id_reuse_wait_s
+            if deadline is not None:
+                wait = min(wait, max(0.0, deadline - self._clock()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(old.released.wait(), wait)
+        if request_id in self._in_use:
+            raise AlreadyExistsError(
+                f"request id {request_id!r} is already in use by a running request"
+            )
+
     async def _bounded(self, awaitable: Awaitable[T], deadline: float | None) -> T:
         if deadline is None:
             return await awaitable
@@ -251,7 +310,10 @@ class PrefillWorker:
             raise TimeoutError("the request's deadline passed during prefill") from None
 
     async def _end(self, job: _Job) -> None:
-        del self._jobs[job.request_id]
+        if self._in_use.get(job.request_id) is job:
+            del self._in_use[job.request_id]
+        job.released.set()
+        del self._jobs[job.engine_id]
         if job.status is JobStatus.DONE:
             if job.sender is not None:
                 await job.sender.abort()  # no-op after finish; frees the reservation otherwise
@@ -263,7 +325,7 @@ class PrefillWorker:
         if job in self._pending:
             self._pending.remove(job)
         elif not job.computed.done():
-            self._to_abort.append(job.request_id)
+            self._to_abort.append(job.engine_id)
             self._wake.set()
         if job.sender is not None:
             await asyncio.shield(job.sender.abort())
@@ -271,6 +333,17 @@ class PrefillWorker:
     # -- the engine side -------------------------------------------------------------------
 
     async def _step_loop(self) -> None:
+        try:
+            await self._steps()
+        except Exception as exc:  # reported through ``died``; nobody awaits this task
+            self._die(exc)
+        finally:
+            self._pending.clear()  # never added: nothing to free in the engine
+            for engine_id in [*self._to_abort, *self._jobs]:
+                self._drop(engine_id)
+            self._to_abort.clear()
+
+    async def _steps(self) -> None:
         loop = asyncio.get_running_loop()
         while not self._stopping:
             self._apply_pending()
@@ -279,6 +352,7 @@ class PrefillWorker:
                 await self._wake.wait()
                 continue
             self._step_started_at = self._clock()
+            self._step_ids = None
             try:
                 outputs = await loop.run_in_executor(
                     self._executor, self.engine.step, self._on_layer
@@ -286,15 +360,48 @@ class PrefillWorker:
             except PrefixFetchError as exc:
                 self._recompute(exc)
                 continue
+            except Exception as exc:
+                self._fail_step(exc)
+                continue
             self.meter.record(self._step_started_at, self._clock())
             self._finish_step(outputs)
-        self._apply_pending()
-        for request_id in list(self._jobs):
-            self._drop(request_id)
+
+    def _fail_step(self, error: Exception) -> None:
+        """A step raised: fail the requests it computed, free their blocks, step on. They are
+        the ones the engine names (an error with ``request_ids``), else those the layer hook
+        saw, else (it failed before its first layer) every one in the engine."""
+        ref = uuid.uuid4().hex[:12]
+        ids = getattr(error, "request_ids", None) or self._step_ids
+        if ids is None:
+            ids = tuple(i for i, j in self._jobs.items() if j.status is JobStatus.COMPUTING)
+        log.error("engine step failed (ref %s); failing %s", ref, list(ids), exc_info=error)
+        for engine_id in ids:
+            self._drop(engine_id)
+            job = self._jobs.get(engine_id)
+            if job is not None and not job.computed.done():
+                job.computed.set_exception(
+                    StepFailedError(
+                        f"the engine step computing request {job.request_id!r} failed "
+                        f"(ref {ref} in the prefill worker's log); the request was dropped"
+                    )
+                )
+
+    def _die(self, error: BaseException) -> None:
+        log.critical("the prefill step loop died; failing every waiting request", exc_info=error)
+        for job in self._jobs.values():
+            if not job.computed.done():
+                job.computed.set_exception(
+                    DependencyUnavailableError(
+                        "this prefill worker's engine loop stopped while "
+                        f"{job.request_id!r} waited for it"
+                    )
+                )
+        if self.died is not None and not self.died.done():
+            self.died.set_result(error)
 
     def _apply_pending(self) -> None:
-        for request_id in self._to_abort:
-            self._drop(request_id)
+        for engine_id in self._to_abort:
+            self._drop(engine_id)
         self._to_abort.clear()
         for job in self._pending:
             try:
@@ -311,7 +418,7 @@ class PrefillWorker:
         if prefix is not None:
             try:
                 fetch = self.engine.add_request_with_prefix(
-                    job.request_id,
+                    job.engine_id,
                     request.prompt_token_ids,
                     request.params,
                     prefix.num_blocks * self.engine.config.block_size,
@@ -323,12 +430,12 @@ class PrefillWorker:
                 self.num_store_hit_tokens += prefix.num_blocks * self.engine.config.block_size
                 job.num_store_blocks = prefix.num_blocks
                 if job.prefetched is None:
-                    self._spawn(self._fetch(fetch, prefix))
+                    self._spawn(self._store.fetch(fetch, prefix))
                 else:
-                    self._write_prefetched(fetch, job.prefetched)
+                    self._store.write_prefetched(fetch, job.prefetched)
                     self._spawn(self._store.release(prefix))
                 return
-        self.engine.add_request(job.request_id, request.prompt_token_ids, request.params)
+        self.engine.add_request(job.engine_id, request.prompt_token_ids, request.params)
 
     def _recompute(self, error: PrefixFetchError) -> None:
         log.warning("prefix fetch failed (%s); recomputing %s", error, error.request_ids)
@@ -337,87 +444,10 @@ class PrefillWorker:
             with contextlib.suppress(RequestNotFoundError):
                 self.engine.recompute_prefix(request_id)
 
-    # -- the global KV store ---------------------------------------------------------------
-
-    async def _lookup(self, prompt: list[int]) -> CachedPrefix | None:
-        """The prompt's longest prefix pinned in the store; None on a miss or any failure.
-        Leaves at least one token to compute (the first token is sampled from it)."""
-        bs = self.engine.config.block_size
-        hashes = block_hashes(prompt[: (len(prompt) - 1) // bs * bs], bs, self.engine.fingerprint)
-        # Read from the event loop while a step may run: a dict read, at worst stale, and a
-        # stale answer only costs or saves one lookup.
-        if not hashes or self.engine.block_manager.num_cached_hashes(hashes) == len(hashes):
-            return None  # this worker's own prefix cache has all of it
-        try:
-            return await self._store.lookup(hashes)
-        except StoreError as exc:
-            log.warning("kvstore lookup failed, computing the whole prompt: %s", exc)
-            return None
-
-    async def _fetch(self, fetch: PrefixFetch, prefix: CachedPrefix) -> None:
-        """Writes the prefix's KV into the engine layer by layer, reading layer l+1 from the
-        store while layer l is written (and the step computes)."""
-        like, positions = self._block_like(), fetch.block_indices
-        num_layers = fetch.num_layers if fetch.pending else 0
-        read: asyncio.Future[torch.Tensor] | None = None
-        try:
-            for layer in range(num_layers):
-                data = await (read or self._store.read_layer(prefix, layer, positions, like))
-                read = None
-                if layer + 1 < num_layers:
-                    nxt = self._store.read_layer(prefix, layer + 1, positions, like)
-                    read = asyncio.ensure_future(nxt)
-                if not self.engine.write_prefix_layer(fetch.request_id, layer, data):
-                    break  # nobody needs it any more (aborted, recomputed)
-        except Exception as exc:
-            self.engine.fail_prefix(fetch.request_id, f"store read failed: {exc}")
-        finally:
-            if read is not None and not read.cancel():
-                read.exception()  # a read that ended meanwhile: nobody wants its layer
-            await self._store.release(prefix)
-
-    async def _read_all(self, prefix: CachedPrefix) -> list[torch.Tensor] | None:
-        like = self._block_like()
-        positions = range(prefix.num_blocks)
-        try:
-            return [
-                await self._store.read_layer(prefix, layer, positions, like)
-                for layer in range(self.engine.spec.num_layers)
-            ]
-        except StoreError as exc:
-            log.warning("kvstore read failed, computing the whole prompt: %s", exc)
-            return None
-
-    def _write_prefetched(self, fetch: PrefixFetch, layers: list[torch.Tensor]) -> None:
-        if fetch.pending:
-            for layer, data in enumerate(layers):
-                self.engine.write_prefix_layer(
-                    fetch.request_id, layer, data[:, fetch.block_indices]
-                )
-
-    def _block_like(self) -> torch.Tensor:
-        """One block of one layer, as the store returns it: ``[2, bs, kv_heads, head_dim]``."""
-        spec, kv = self.engine.spec, self.engine.kv_cache
-        return torch.empty(
-            2, self.engine.config.block_size, spec.num_kv_heads, spec.head_dim, dtype=kv.k.dtype
-        )
-
     def _write_back_later(self, job: _Job) -> None:
         if self._store is not None and job.kv_layers:
             layers, job.kv_layers = job.kv_layers, []
-            self._spawn(self._write_back(job.request_id, layers, job.num_store_blocks))
-
-    async def _write_back(
-        self, request_id: str, layers: list[tuple[torch.Tensor, KVLayout]], num_known: int
-    ) -> None:
-        hashes = layers[0][1].block_hashes[num_known:]
-        if not hashes:
-            return
-        tensors = [data[:, num_known : num_known + len(hashes)] for data, _ in layers]
-        try:
-            await self._store.write_back(hashes, tensors)
-        except StoreError as exc:
-            log.warning("request %s: KV write-back to the store failed: %s", request_id, exc)
+            self._spawn(self._store.write_back(job.request_id, layers, job.num_store_blocks))
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -428,16 +458,17 @@ class PrefillWorker:
         """Runs on the stepping thread after each layer: hand the layer's KV of every prompt
         that completes in this step to its sender."""
         if layer == 0:
-            for request_id in ctx.num_tokens:
-                job = self._jobs.get(request_id)
+            self._step_ids = tuple(ctx.num_tokens)
+            for engine_id in ctx.num_tokens:
+                job = self._jobs.get(engine_id)
                 if job is not None and job.scheduled_at is None:
                     job.scheduled_at = self._step_started_at
-        for request_id in ctx.sampling:
-            job = self._jobs.get(request_id)
+        for engine_id in ctx.sampling:
+            job = self._jobs.get(engine_id)
             if job is not None and job.sender is not None and job.status is JobStatus.COMPUTING:
                 if layer < job.num_layers_sent:
                     continue  # sent by an earlier try of this step (same KV)
-                data, layout = self.engine.export_kv(request_id, layer)
+                data, layout = self.engine.export_kv(engine_id, layer)
                 job.sender.send_layer(data, layout)
                 job.num_layers_sent += 1
                 if self._store is not None:
@@ -452,9 +483,9 @@ class PrefillWorker:
             if job is not None and not job.computed.done():
                 job.computed.set_result((output, done_at))
 
-    def _drop(self, request_id: str) -> None:
+    def _drop(self, engine_id: str) -> None:
         with contextlib.suppress(RequestNotFoundError):
-            self.engine.abort(request_id)  # frees its blocks; full ones stay cached
+            self.engine.abort(engine_id)  # frees its blocks; full ones stay cached
 
     # -- stats -----------------------------------------------------------------------------
 

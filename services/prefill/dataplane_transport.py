@@ -40,7 +40,7 @@ from services.prefill.transport import KVSender, KVTarget, KVTransport, Transfer
 from services.rpc import dataplane
 from services.rpc.convert import layout_to_proto
 from services.rpc.dataplane import DataClient, DataPlaneError, ErrorKind
-from services.rpc.dataplane.base import DEFAULT_TIMEOUT_S
+from services.rpc.dataplane.base import DEFAULT_TIMEOUT_S, timed_out
 from services.rpc.gen.banaserve.v1 import decode_pb2
 
 # Unanswered chunks per transfer: enough to keep the wire busy while the receiver copies one
@@ -236,17 +236,22 @@ class DataPlaneKVTransport(KVTransport):
         return DataPlaneKVSender(self, target, request_id, num_layers, timeout_s)
 
     async def connection(self, target: KVTarget, timeout_s: float) -> DataClient:
+        """The shared connection, waited for at most ``timeout_s``. The connect itself is
+        bounded by the transport's own timeout, never by the deadline of the request that
+        happened to start it: a request with little time left must not fail the others."""
         task = self._connections.get(target.data_address)
         if task is None or (task.done() and _connected(task) is None):  # retry a failed one
             connect = dataplane.connect(
-                target.data_transport,
-                target.data_address,
-                min(timeout_s, self._connect_timeout_s),
+                target.data_transport, target.data_address, self._connect_timeout_s
             )
             task = asyncio.create_task(connect)
             task.add_done_callback(_retrieve)  # a failure is seen by whoever waits, or no one
             self._connections[target.data_address] = task
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), timeout_s)
+        except TimeoutError:
+            message = f"connect {target.data_address}: not connected within {timeout_s:.3g}s"
+            raise timed_out(message) from None
 
     async def forget(self, address: str, client: DataClient) -> None:
         """Drops a broken connection (a data-plane client stays closed once it lost one)."""

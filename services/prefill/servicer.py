@@ -1,7 +1,9 @@
 """PrefillService over ``PrefillWorker``: proto <-> domain, nothing else.
 
 Domain errors become status codes in services/rpc/status.py; a failed KV transfer carries the
-status its peer (or the channel) gave, and is answered with that code.
+status its peer (or the channel) gave, and is answered with that code. Ids, addresses (their size
+and their HOST:PORT form) and stop conditions are checked against services/common/limits.py
+before anything else (INVALID_ARGUMENT).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from services.common.limits import check_address, check_id, check_stop
 from services.prefill.core import FirstToken, PrefillRequest, PrefillResult, PrefillWorker
 from services.prefill.transport import KVTarget, TransferError
 from services.rpc.convert import (
@@ -24,7 +27,18 @@ from services.rpc.server import Service
 # Fields whose domain default is not the proto3 zero value: read only when present.
 
 
+def check_sizes(msg: prefill_pb2.PrefillRequest) -> None:
+    t = msg.target
+    check_id(msg.request_id, "request_id")
+    check_id(t.worker_id, "target.worker_id")
+    check_id(t.reservation_id, "target.reservation_id")
+    check_address(t.address, "target.address")
+    check_address(t.data_address, "target.data_address")
+    check_stop(msg.sampling.stop, msg.sampling.stop_token_ids)
+
+
 def request_from_proto(msg: prefill_pb2.PrefillRequest) -> PrefillRequest:
+    check_sizes(msg)
     t = msg.target
     transport = DATA_TRANSPORT_FROM_PROTO.get(t.data_transport, "")
     target = KVTarget(

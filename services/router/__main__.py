@@ -1,7 +1,10 @@
 """``python -m services.router``: config → wiring → serve.
 
 Prints ``LISTENING HOST:PORT`` on stdout (flushed) once the server accepts calls, for launchers
-to parse; logs go to stderr. SIGTERM/SIGINT drain the server, then the channels close.
+to parse; before it, ``HTTP HOST:PORT`` once the OpenAI-compatible HTTP API accepts requests
+(``--http-port``; off with ``--no-http``, or without ``--model``). Logs go to stderr.
+SIGTERM/SIGINT drain the server, then the HTTP API stops (``grace_s`` for its requests), then
+the channels close.
 """
 
 from __future__ import annotations
@@ -13,10 +16,14 @@ import logging
 import sys
 
 from services.common.config import RpcConfig, TracingConfig
+from services.common.limits import PromptLimits
 from services.router.clients import GrpcWorkerClients
 from services.router.core import POLICIES, Router, RouterConfig
 from services.router.driver import DriverConfig, RequestDriver, expire_periodically
-from services.router.servicer import Encoder, RouterServicer
+from services.router.openai_api import OpenAIApi, load_served_model
+from services.router.openai_server import HttpServer
+from services.router.prompts import Encoder, PromptEncoder, prompt_limits
+from services.router.servicer import RouterServicer
 from services.rpc.gen.banaserve.v1 import router_pb2, router_pb2_grpc
 from services.rpc.server import Service, run_service, start_server
 from services.rpc.tracing import setup_tracing
@@ -33,6 +40,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="",
         help="prepared model name or directory: its tokenizer encodes text prompts and only "
         "workers of that model may register (default: token ids only, first worker's model)",
+    )
+    p.add_argument(
+        "--http-port", type=int, default=0, help="the OpenAI-compatible HTTP API (0: the OS picks)"
+    )
+    p.add_argument("--no-http", action="store_true", help="serve no HTTP API")
+    # Prompt limits (docs/services.md, "Limits"): default from the model's context (--model).
+    p.add_argument("--max-prompt-tokens", type=int, default=None)
+    p.add_argument("--max-text-bytes", type=int, default=None, help="default: 32 per token")
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=None,
+        help="gRPC receive limit of the client API (default: 2x the largest valid request, "
+        "at least 4 MiB); larger messages are refused unread with RESOURCE_EXHAUSTED",
     )
     p.add_argument("--report-timeout-s", type=float, default=1.0)
     p.add_argument("--expire-interval-s", type=float, default=0.25)
@@ -58,8 +79,34 @@ def load_encoder(model: str) -> Encoder | None:
     return encode
 
 
+def load_prompts(args: argparse.Namespace) -> PromptEncoder:
+    model_dir = None
+    if args.model:
+        from services.engine.models.prepare import resolve_model
+
+        model_dir = resolve_model(args.model)
+    limits = prompt_limits(model_dir, args.max_prompt_tokens, args.max_text_bytes)
+    return PromptEncoder(load_encoder(args.model), limits)
+
+
+async def start_http(
+    args: argparse.Namespace, driver: RequestDriver, rpc: RpcConfig, limits: PromptLimits
+) -> HttpServer | None:
+    if args.no_http:
+        return None
+    if not args.model:
+        log.warning("no OpenAI HTTP API: it needs --model (the name it serves, its tokenizer)")
+        return None
+    api = OpenAIApi(driver, load_served_model(args.model), limits)
+    http = HttpServer(api.app, rpc.host, args.http_port, rpc.grace_s, on_stop=api.close)
+    await http.start()
+    return http
+
+
 async def serve(args: argparse.Namespace) -> None:
-    rpc = RpcConfig(port=args.port)
+    prompts = load_prompts(args)
+    receive = args.max_request_bytes or prompts.limits.receive_bytes
+    rpc = RpcConfig(port=args.port, max_receive_message_bytes=receive)
     tracing = setup_tracing(
         TracingConfig(
             exporter=args.tracing, otlp_endpoint=args.otlp_endpoint, service_name="router"
@@ -72,7 +119,7 @@ async def serve(args: argparse.Namespace) -> None:
         clients,
         DriverConfig(lease_s=args.lease_s, default_timeout_s=args.default_timeout_s),
     )
-    servicer = RouterServicer(driver, model=args.model, encode=load_encoder(args.model))
+    servicer = RouterServicer(driver, model=args.model, prompts=prompts)
     service = Service.bind(
         servicer,
         router_pb2_grpc.add_RouterServiceServicer_to_server,
@@ -84,14 +131,20 @@ async def serve(args: argparse.Namespace) -> None:
             router, args.expire_interval_s, lambda ids: log.warning("workers expired: %s", ids)
         )
     )
+    http = await start_http(args, driver, rpc, prompts.limits)
+    if http is not None:
+        print(f"HTTP {http.address}", flush=True)
     print(f"LISTENING {server.address}", flush=True)
     try:
         await server.serve_until_signal()
     finally:
+        if http is not None:
+            await http.stop()
         sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sweeper
         await clients.close()
+        prompts.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,8 @@ Per request (``Router.route``):
    this first, so the answer never depends on when someone last swept);
 2. the prompt's block hashes are computed once, with the cluster's fingerprint and block size;
 3. decode candidates are the HEALTHY decode/mixed workers whose estimated free KV blocks fit
-   prompt + max_tokens; none → ``ResourceExhaustedError``;
+   prompt + max_tokens, or the context (``max_model_len``) if that is shorter: a request ends
+   there whatever its max_tokens; none → ``ResourceExhaustedError``;
 4. prefill candidates are the HEALTHY prefill workers, plus the mixed workers that fit (a mixed
    worker decodes what it prefills); the policy picks one;
 5. decode worker = the prefill worker if it is mixed (colocated), else the candidate with the
@@ -233,6 +234,9 @@ def _view(request: RouteRequest, healthy: Sequence[WorkerInfo]) -> RequestView:
     # Every healthy worker has the same fingerprint and block size (registry invariant).
     capacity = healthy[0].capacity
     num_tokens = len(request.prompt_token_ids) + request.max_tokens
+    contexts = [w.capacity.max_model_len for w in healthy]
+    if all(contexts):  # every worker declared its context: none holds more than the largest
+        num_tokens = min(num_tokens, max(contexts))
     return RequestView(
         request_id=request.request_id,
         num_prompt_tokens=len(request.prompt_token_ids),

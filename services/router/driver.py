@@ -19,6 +19,16 @@ the deadline as its own; a request without one gets ``DriverConfig.default_timeo
 The work runs in its own task and hands events to the caller through a queue, so the caller
 waits on one thing (the queue, bounded by the deadline), and abort, cancel and deadline all end
 the request the same way: cancel the task, whose handler releases what it holds.
+
+Request ids: an id is taken while its request runs (a second request with it gets
+``DuplicateRequestError``, ALREADY_EXISTS, before any work) and free again once the request has
+ended, even while its cleanup still runs. A new request with the id of one still releasing waits
+for that release (at most ``release_timeout_s`` + 1 s, within its own deadline) before it
+reserves anything, so the old request's Release can never free the new one's reservation; a
+release that takes longer fails the new request with ALREADY_EXISTS, still before any work.
+
+Usage: ``Finished.num_completion_tokens`` is the number of tokens this driver delivered to the
+caller, however the request ended.
 """
 
 from __future__ import annotations
@@ -30,11 +40,11 @@ import enum
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from services.common.errors import BanaServeError, InvalidRequestError, RequestNotFoundError
+from services.common.errors import AlreadyExistsError, BanaServeError, RequestNotFoundError
 from services.common.types import FinishReason, SamplingParams
 from services.router.core import (
     Assignment,
@@ -73,7 +83,7 @@ class WorkerLostError(BanaServeError):
     """The request failed because a worker was lost and no retry was left (UNAVAILABLE)."""
 
 
-class DuplicateRequestError(InvalidRequestError):
+class DuplicateRequestError(AlreadyExistsError):
     """A live request already has this id (ALREADY_EXISTS)."""
 
 
@@ -217,8 +227,30 @@ class _Job:
     request_id: str
     deadline: float
     events: asyncio.Queue[Event | _Stop]
+    ticket: object  # the EventStream of the call that opened it
     release_reason: ReleaseReason = ReleaseReason.ABORTED
     task: asyncio.Task[None] | None = None
+    # The caller has its outcome (or is gone): the id is free, the cleanup may still run.
+    ending: bool = False
+    # The cleanup of the last request with this id, if it was still running at the open.
+    predecessor: asyncio.Task[None] | None = None
+
+
+class EventStream:
+    """The events of one ``RequestDriver.generate`` call: an async iterator that ``cancel``
+    also takes, to stop this call's request and never a later one with the same id."""
+
+    def __init__(self, events: Callable[[EventStream], AsyncGenerator[Event, None]]) -> None:
+        self._events = events(self)  # the generator knows its stream: the job's ticket
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        return await self._events.__anext__()
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
 
 
 @dataclass(frozen=True)
@@ -246,62 +278,98 @@ class RequestDriver:
 
     @property
     def num_running(self) -> int:
-        return len(self._jobs)
+        return sum(not job.ending for job in self._jobs.values())
+
+    def _live(self, request_id: str) -> _Job | None:
+        job = self._jobs.get(request_id)
+        return None if job is None or job.ending else job
 
     def abort(self, request_id: str) -> None:
-        job = self._jobs.get(request_id)
+        job = self._live(request_id)
         if job is None:
             raise RequestNotFoundError(f"no running request {request_id!r}")
         job.events.put_nowait(_Stop())
 
-    def cancel(self, request_id: str) -> None:
+    def cancel(self, request_id: str, stream: EventStream | None = None) -> None:
         """The caller's call is over (grpc's done callback): stop the request's work now.
+        ``stream``: the call's own ``generate`` stream, so that a callback running late never
+        stops a newer request that reuses the id.
 
         Not left to the event generator's ``finally``: grpc may drop a cancelled handler's
         generator unclosed, and then that runs only when the generator is garbage-collected.
         """
-        job = self._jobs.pop(request_id, None)
-        if job is None or job.task is None:
+        job = self._jobs.get(request_id)
+        if job is None or job.task is None or (stream is not None and job.ticket is not stream):
             return
+        job.ending = True
         if self._clock() >= job.deadline:
             job.release_reason = ReleaseReason.DEADLINE_EXCEEDED
         job.task.cancel()
 
-    async def generate(
-        self, request: GenerateInput, timeout_s: float | None = None
-    ) -> AsyncIterator[Event]:
+    def generate(self, request: GenerateInput, timeout_s: float | None = None) -> EventStream:
         """Events of one request: Started, Delta..., Finished (reason ABORT after ``abort``)."""
+        return EventStream(lambda stream: self._generate(request, timeout_s, stream))
+
+    async def _generate(
+        self, request: GenerateInput, timeout_s: float | None, ticket: object
+    ) -> AsyncGenerator[Event, None]:
         arrival = self._clock()
-        job = self._open(request, arrival + (timeout_s or self.config.default_timeout_s))
+        job = self._open(request, arrival + (timeout_s or self.config.default_timeout_s), ticket)
         request = dataclasses.replace(request, request_id=job.request_id)
         task = job.task = asyncio.create_task(self._run(job, request, arrival))
+        task.add_done_callback(lambda _: self._close(job))
+        num_delivered = 0  # completion tokens handed to the caller
         try:
             while True:
                 event = await self._next(job, task)
                 if isinstance(event, _Stop):
-                    yield _aborted(request, arrival, self._clock())
+                    yield _aborted(request, arrival, self._clock(), num_delivered)
                     return
+                if isinstance(event, Delta):
+                    num_delivered += len(event.token_ids)
+                elif isinstance(event, Finished):
+                    event = dataclasses.replace(event, num_completion_tokens=num_delivered)
                 yield event
                 if isinstance(event, Finished):
                     return
         finally:
-            if self._jobs.get(job.request_id) is job:
-                del self._jobs[job.request_id]
+            job.ending = True
             if self._clock() >= job.deadline:  # grpc may cancel us at the deadline first
                 job.release_reason = ReleaseReason.DEADLINE_EXCEEDED
             await self._stop(task)
 
     def check_new(self, request_id: str) -> None:
-        if request_id in self._jobs:
+        if self._live(request_id) is not None:
             raise DuplicateRequestError(f"request id {request_id!r} is already running")
 
-    def _open(self, request: GenerateInput, deadline: float) -> _Job:
+    def _open(self, request: GenerateInput, deadline: float, ticket: object) -> _Job:
         check_request(len(request.prompt_token_ids) > 0, "prompt must have at least one token")
         request_id = request.request_id or new_request_id()
         self.check_new(request_id)
-        job = _Job(request_id, deadline, asyncio.Queue())
+        job = _Job(request_id, deadline, asyncio.Queue(), ticket)
+        old = self._jobs.get(request_id)  # ending, its cleanup still running
+        if old is not None and old.task is not None and not old.task.done():
+            job.predecessor = old.task
         self._jobs[request_id] = job
         return job
+
+    def _close(self, job: _Job) -> None:
+        """The job's task is done: nothing of it runs any more."""
+        if self._jobs.get(job.request_id) is job:
+            del self._jobs[job.request_id]
+
+    async def _after_predecessor(self, job: _Job) -> None:
+        """Waits, bounded, for the cleanup of the last request with this id (module docstring)."""
+        if job.predecessor is None:
+            return
+        bound = min(self.config.release_timeout_s + 1.0, self.remaining(job))
+        done, _ = await asyncio.wait({job.predecessor}, timeout=bound)
+        job.predecessor = None
+        if not done:
+            raise DuplicateRequestError(
+                f"request id {job.request_id!r} is still being released by the request that "
+                "used it before; try again shortly"
+            )
 
     async def _next(self, job: _Job, task: asyncio.Task[None]) -> Event | _Stop:
         remaining = job.deadline - self._clock()
@@ -325,6 +393,7 @@ class RequestDriver:
 
     async def _run(self, job: _Job, request: GenerateInput, arrival: float) -> None:
         try:
+            await self._after_predecessor(job)
             finished = await self._serve(job, request, arrival)
             job.events.put_nowait(finished)
         except asyncio.CancelledError:
@@ -425,6 +494,11 @@ class _Attempt:
                 self._driver.remaining(self._job),
                 prefill_locally=self._assignment.colocated,
             )
+        except asyncio.CancelledError:
+            # Cancelled while D was reserving: the call may have reserved already, and
+            # cancelling it does not undo that (the lease would hold the blocks for 30 s).
+            await self._release(self._job.release_reason)
+            raise
         except WorkerCallError as exc:
             if exc.lost:
                 raise _LostBeforeFirstToken(self._assignment.decode.worker_id, exc) from None
@@ -571,9 +645,13 @@ class _Attempt:
 _LOCAL_PREFILL = PrefillResult(None, 0, 0, 0.0, 0.0, 0.0, 0)
 
 
-def _aborted(request: GenerateInput, arrival: float, now: float) -> Finished:
+def _aborted(request: GenerateInput, arrival: float, now: float, num_delivered: int) -> Finished:
     return Finished(
-        FinishReason.ABORT, len(request.prompt_token_ids), 0, 0, Timings(total_s=now - arrival)
+        FinishReason.ABORT,
+        len(request.prompt_token_ids),
+        num_delivered,
+        0,
+        Timings(total_s=now - arrival),
     )
 
 

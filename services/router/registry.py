@@ -53,11 +53,15 @@ class WorkerCapacity:
     num_kv_blocks: int
     block_size: int
     model_fingerprint: str
+    # Tokens a sequence may hold here (prompt + output); 0: not declared. A request ends
+    # (LENGTH) when it reaches it, whatever its max_tokens.
+    max_model_len: int = 0
 
     def __post_init__(self) -> None:
         _check(self.num_kv_blocks > 0, f"num_kv_blocks must be > 0, got {self.num_kv_blocks}")
         _check(self.block_size > 0, f"block_size must be > 0, got {self.block_size}")
         _check(bool(self.model_fingerprint), "model_fingerprint must be non-empty")
+        _check(self.max_model_len >= 0, f"max_model_len must be >= 0, got {self.max_model_len}")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,11 @@
 """RouterService: protos ↔ the router core (``core.Router``, ``driver.RequestDriver``), nothing else.
 
+Every client-controlled size is checked before any work, with the shared bounds of
+services/common/limits.py: ids, model name and stop conditions (INVALID_ARGUMENT), the prompt
+(OUT_OF_RANGE; text is tokenized off the event loop, services/router/prompts.py). So bad input
+fails before the first frame, and no request can stall the calls, streams and load reports that
+share this event loop.
+
 Statuses the core's exceptions do not get from the shared table (services/rpc/status.py) are
 chosen here: a lost worker or no worker of a needed role → UNAVAILABLE, a duplicate request id
 or worker id → ALREADY_EXISTS, a worker's own failure → the worker's status, passed on.
@@ -15,13 +21,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Callable, Sequence
 
 import grpc
 
 from services.common.errors import InvalidRequestError, ModelNotFoundError, RequestNotFoundError
+from services.common.limits import check_address, check_id, check_name, check_stop
 from services.router import core
 from services.router import driver as drv
+from services.router.prompts import Encoder, PromptEncoder
 from services.router.registry import (
     LoadReport,
     WorkerCapacity,
@@ -31,9 +38,6 @@ from services.router.registry import (
 )
 from services.rpc.convert import FINISH_TO_PROTO, duration, sampling_from_proto, seconds
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
-
-# text, chat → token ids; None: the router has no tokenizer and takes token ids only.
-Encoder = Callable[[str, bool], Sequence[int]]
 
 ROLE_FROM_PROTO = {
     common_pb2.WORKER_ROLE_PREFILL: WorkerRole.PREFILL,
@@ -102,25 +106,41 @@ def _load_to_proto(load: LoadReport) -> router_pb2.LoadReport:
     )
 
 
+def _time_left(context: grpc.aio.ServicerContext) -> float | None:
+    """What is left of the call's deadline; None: it has none. grpc-aio answers 0 for a
+    deadline already past, which the driver would take for "no deadline" (and its default of
+    minutes): such a request is refused here, before it reserves anything."""
+    left = context.time_remaining()
+    if left is not None and left <= 0:
+        raise TimeoutError("the request's deadline passed before it was routed")
+    return left
+
+
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(
-        self, driver: drv.RequestDriver, model: str = "", encode: Encoder | None = None
+        self,
+        driver: drv.RequestDriver,
+        model: str = "",
+        encode: Encoder | None = None,
+        prompts: PromptEncoder | None = None,
     ) -> None:
+        """``prompts`` checks and encodes prompts; without it, one with default limits over
+        ``encode`` (None: token ids only)."""
         self._driver = driver
         self._router = driver.router
         self._model = model  # "": the model of the first worker to register
-        self._encode = encode
+        self._prompts = prompts or PromptEncoder(encode)
         self._connected: dict[str, router_pb2.WorkerInfo] = {}
 
     async def Generate(self, request, context):
-        generate_input = self._generate_input(request)
+        generate_input = await self._generate_input(request)
         request_id = generate_input.request_id
         try:
             # No await from this check to the job's creation: the callback is this call's.
             self._driver.check_new(request_id)
-            events = self._driver.generate(generate_input, context.time_remaining())
+            events = self._driver.generate(generate_input, _time_left(context))
             context.add_done_callback(
-                lambda _: context.cancelled() and self._driver.cancel(request_id)
+                lambda _: context.cancelled() and self._driver.cancel(request_id, events)
             )
             async with contextlib.aclosing(events):
                 async for event in events:
@@ -132,28 +152,31 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         except drv.WorkerCallError as exc:
             await context.abort(grpc.StatusCode[exc.code], str(exc))
 
-    def _generate_input(self, request: router_pb2.GenerateRequest) -> drv.GenerateInput:
+    async def _generate_input(self, request: router_pb2.GenerateRequest) -> drv.GenerateInput:
+        check_id(request.request_id, "request_id")
+        check_name(request.model, "model")
         if request.model and self._model and request.model != self._model:
             raise ModelNotFoundError(
                 f"model {request.model!r} is not served; this router serves {self._model!r}"
             )
+        check_stop(request.sampling.stop, request.sampling.stop_token_ids)
         sampling = sampling_from_proto(request.sampling)
-        kind = request.WhichOneof("prompt")
-        if kind == "token_ids":
-            tokens = tuple(request.token_ids.ids)
-        elif kind == "text" and request.text:
-            if self._encode is None:
-                raise InvalidRequestError(
-                    "this router has no tokenizer (started without --model); send token_ids"
-                )
-            tokens = tuple(self._encode(request.text, request.chat))
-        else:
-            raise InvalidRequestError("prompt is empty: set text or token_ids")
-        if not tokens:
-            raise InvalidRequestError("prompt is empty: it has no tokens")
+        tokens = await self._prompt(request)
         return drv.GenerateInput(request.request_id or drv.new_request_id(), tokens, sampling)
 
+    async def _prompt(self, request: router_pb2.GenerateRequest) -> tuple[int, ...]:
+        # The largest context of a worker connected now: a longer prompt fits none of them.
+        context = max((w.max_model_len for w in self._connected.values()), default=0) or None
+        kind = request.WhichOneof("prompt")
+        if kind == "token_ids":
+            self._prompts.check_num_tokens(len(request.token_ids.ids), context)
+            return tuple(request.token_ids.ids)
+        if kind == "text" and request.text:
+            return await self._prompts.encode(request.text, request.chat, context)
+        raise InvalidRequestError("prompt is empty: set text or token_ids")
+
     async def Abort(self, request, context):
+        check_id(request.request_id, "request_id")
         self._driver.abort(request.request_id)
         return router_pb2.AbortResponse()
 
@@ -203,6 +226,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         if frame is None or not frame.HasField("worker"):
             raise InvalidRequestError("the first ReportLoad frame must be `worker`")
         info = frame.worker
+        check_id(info.worker_id, "worker_id")
+        check_address(info.address, "address")
+        for field in ("model", "fingerprint"):
+            check_name(getattr(info, field), field)
         if info.worker_id in self._connected:
             await context.abort(
                 grpc.StatusCode.ALREADY_EXISTS,
@@ -222,7 +249,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         role = ROLE_FROM_PROTO.get(info.role)
         if role is None:
             raise InvalidRequestError(f"worker {info.worker_id!r} has no role")
-        capacity = WorkerCapacity(info.num_kv_blocks, info.block_size, info.fingerprint)
+        capacity = WorkerCapacity(
+            info.num_kv_blocks, info.block_size, info.fingerprint, info.max_model_len
+        )
         self._router.register(info.worker_id, info.address, role, capacity)
 
     def _report(self, info: router_pb2.WorkerInfo, frame, sequence: int) -> None:

@@ -16,10 +16,10 @@ from services.rpc.tracing import DISABLED, Tracing
 Options = list[tuple[str, int]]
 
 
-def _common_options(config: RpcConfig) -> Options:
+def _common_options(config: RpcConfig, receive_bytes: int) -> Options:
     return [
         ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", receive_bytes),
         ("grpc.keepalive_time_ms", int(config.keepalive_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -28,12 +28,15 @@ def _common_options(config: RpcConfig) -> Options:
 
 def channel_options(config: RpcConfig) -> Options:
     # 0: keep pinging however long the connection stays idle (the default stops after two).
-    return [*_common_options(config), ("grpc.http2.max_pings_without_data", 0)]
+    return [
+        *_common_options(config, config.max_message_bytes),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
 
 
 def server_options(config: RpcConfig) -> Options:
     return [
-        *_common_options(config),
+        *_common_options(config, config.server_receive_bytes),
         # Accept client pings at the rate the clients above send them (with slack for jitter).
         ("grpc.http2.min_ping_interval_without_data_ms", int(config.keepalive_s * 500)),
         # gRPC lets a second server bind a port already in use (SO_REUSEPORT) and then splits

@@ -87,4 +87,5 @@ def layout_to_proto(layout: KVLayout, num_layers: int) -> common_pb2.KVLayout:
         num_kv_heads=layout.num_kv_heads,
         head_dim=layout.head_dim,
         num_layers=num_layers,
+        first_block=layout.first_block,
     )

@@ -4,6 +4,11 @@
 worker is, then a ``load`` frame every ``interval_s``. ``stop`` half-closes the call, which the
 router reads as a clean deregistration; a call that breaks (router gone, registration refused)
 is retried after ``retry_s`` until ``stop``.
+
+A worker whose engine loop has died must not stay in the router: ``serve_while_alive`` serves
+until a signal or until the loop dies. Then, in this order, the server's health turns
+NOT_SERVING, the reporter deregisters, and the server drains and stops; the worker then exits
+non-zero, for its supervisor to restart it.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ import grpc
 
 from services.common.config import RpcConfig
 from services.common.load import LoadSnapshot
-from services.rpc.channels import open_channel
+from services.rpc.channels import channel_options
 from services.rpc.convert import duration
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+from services.rpc.server import RunningServer
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +107,19 @@ def worker_info(
     )
 
 
+def router_channel(router: str, rpc: RpcConfig, reconnect_s: float = 1.0) -> grpc.aio.Channel:
+    """A channel that tries to reconnect every ``reconnect_s`` while the router is down, not
+    on gRPC's default backoff (growing to 2 minutes), so a worker registers again with a
+    restarted router within about ``reconnect_s`` of its return."""
+    backoff_ms = int(reconnect_s * 1000)
+    options = [
+        *channel_options(rpc),
+        ("grpc.initial_reconnect_backoff_ms", backoff_ms),
+        ("grpc.max_reconnect_backoff_ms", backoff_ms),
+    ]
+    return grpc.aio.insecure_channel(router, options=options)
+
+
 @contextlib.asynccontextmanager
 async def reporting_to(
     router: str | None,
@@ -108,18 +127,43 @@ async def reporting_to(
     load: Callable[[], Awaitable[LoadSnapshot]],
     rpc: RpcConfig,
     interval_s: float = 0.1,
-) -> AsyncIterator[None]:
-    """Registers with ``router`` and reports load while the block runs (nothing if no router)."""
+) -> AsyncIterator[LoadReporter | None]:
+    """Registers with ``router`` and reports load while the block runs (nothing if no router).
+    Yields the reporter (None without a router), whose ``stop`` deregisters early."""
     if not router:
-        yield
+        yield None
         return
-    channel = open_channel(router, rpc)
+    channel = router_channel(router, rpc)
     reporter = LoadReporter(channel, info, load, interval_s)
     task = asyncio.create_task(reporter.run())
     try:
-        yield
+        yield reporter
     finally:
         reporter.stop()
         await asyncio.wait({task}, timeout=2.0)
         task.cancel()
         await channel.close()
+
+
+async def serve_while_alive(
+    server: RunningServer,
+    died: asyncio.Future[BaseException],
+    reporter: LoadReporter | None,
+) -> BaseException | None:
+    """Serves until SIGTERM/SIGINT (drained then; returns None) or until ``died`` resolves:
+    then health NOT_SERVING, deregistration and a drain (module docstring), and the loop's
+    error is returned. The server has stopped either way."""
+    serving = asyncio.ensure_future(server.serve_until_signal())
+    await asyncio.wait({serving, died}, return_when=asyncio.FIRST_COMPLETED)
+    if serving.done():
+        serving.result()
+        return None
+    error = died.result()
+    log.critical("the engine loop died (%r): health NOT_SERVING, leaving the router", error)
+    for name in ("", *server.service_names):
+        await server.set_serving(name, False)
+    if reporter is not None:
+        reporter.stop()
+    await server.stop()  # serve_until_signal returns once the server has terminated
+    await serving
+    return error

@@ -2,6 +2,11 @@
 
 Servicers raise the exceptions of ``services.common.errors``; ``ErrorInterceptor`` (installed
 by ``services.rpc.server`` on every server) turns each into ``context.abort(code, message)``.
+It also owns the requests that never reach a servicer: bytes that do not decode as the method's
+request message (unary or streamed) are answered INVALID_ARGUMENT (``MalformedMessageError``).
+grpc-aio would answer UNKNOWN for a unary one, since it decodes before any handler runs, so the
+interceptor's deserializer hands the handler a marker instead of raising, and the handler (or
+the request stream, message by message) turns the marker into the error.
 An error class maps through its MRO, so a subclass gets its own entry if it has one and its
 parent's otherwise. Anything not in the table is a bug: it becomes INTERNAL with a reference
 that points at the server's log, never with its message or traceback (which may hold paths,
@@ -10,25 +15,34 @@ tensors or other requests' data).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from services.common import errors
 
 log = logging.getLogger(__name__)
+_M = TypeVar("_M", bound=Message)
 
 STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     # Before InvalidRequestError in meaning, and found first because it is the subclass.
     errors.OutOfRangeError: grpc.StatusCode.OUT_OF_RANGE,
     errors.InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    # Bytes that are not the method's request message: the request is malformed, not the server.
+    errors.MalformedMessageError: grpc.StatusCode.INVALID_ARGUMENT,
     errors.ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
     errors.RequestNotFoundError: grpc.StatusCode.NOT_FOUND,
     errors.ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
+    # A bug met while computing this request; its message carries only a log reference.
+    errors.StepFailedError: grpc.StatusCode.INTERNAL,
     # The server, not the caller, is set up wrong for this call: retrying the same request
     # elsewhere may work, changing the request will not.
     errors.ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
@@ -55,15 +69,64 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> N
     await context.abort(code, message)
 
 
+def decode_request(message_type: type[_M], data: bytes) -> _M:
+    """A request message a handler parses itself (a data-plane header): bytes that do not
+    decode are ``MalformedMessageError``, as on gRPC."""
+    try:
+        return message_type.FromString(data)
+    except Exception:  # DecodeError, or anything else a parser raises on hostile bytes
+        name = message_type.DESCRIPTOR.full_name
+        raise errors.MalformedMessageError(f"{len(data)} bytes do not decode as {name}") from None
+
+
 def _passes_through(exc: BaseException) -> bool:
     # The servicer (or a wrapper further in) already chose a status and aborted.
     return isinstance(exc, grpc.aio.AbortError)
 
 
-def _wrap_unary_response(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+@dataclass(frozen=True)
+class _Undecodable:
+    """What the deserializer returns for bytes that are not a request message."""
+
+    num_bytes: int
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:  # a raw-bytes method: nothing to decode
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # DecodeError, or anything else a parser raises on hostile bytes
+            return _Undecodable(len(data))
+
+    return deserialize
+
+
+def _decoded(request: Any, method: str) -> Any:
+    if isinstance(request, _Undecodable):
+        raise errors.MalformedMessageError(
+            f"{request.num_bytes} bytes do not decode as the request message of {method}"
+        )
+    return request
+
+
+def _as_is(request: Any) -> Any:
+    return request
+
+
+async def _decoded_stream(requests: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _decoded(request, method)
+
+
+def _wrap_unary_response(
+    behavior: Callable[..., Awaitable[Any]], unpack: Callable[[Any], Any]
+) -> Callable[..., Awaitable[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await behavior(request, context)
+            return await behavior(unpack(request), context)
         except Exception as exc:
             if _passes_through(exc):
                 raise
@@ -72,10 +135,12 @@ def _wrap_unary_response(behavior: Callable[..., Awaitable[Any]]) -> Callable[..
     return handler
 
 
-def _wrap_stream_response(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
+def _wrap_stream_response(
+    behavior: Callable[..., AsyncIterator[Any]], unpack: Callable[[Any], Any]
+) -> Callable[..., Any]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            async for response in behavior(request, context):
+            async for response in behavior(unpack(request), context):
                 yield response
         except Exception as exc:
             if _passes_through(exc):
@@ -85,11 +150,21 @@ def _wrap_stream_response(behavior: Callable[..., AsyncIterator[Any]]) -> Callab
     return handler
 
 
-def translate_errors(behavior: Callable[..., Any]) -> Callable[..., Any]:
-    """Wraps one aio handler (coroutine or async generator) so domain errors become statuses."""
+def translate_errors(
+    behavior: Callable[..., Any], method: str = "", request_streaming: bool | None = None
+) -> Callable[..., Any]:
+    """Wraps one aio handler (coroutine or async generator) so domain errors become statuses.
+    With ``request_streaming`` set, a request the deserializer could not decode (``_tolerant``)
+    becomes ``MalformedMessageError`` too: at once for a unary request, when the handler reads
+    it for a streamed one (so messages before it are handled as usual)."""
+    unpack: Callable[[Any], Any] = _as_is
+    if request_streaming is not None:
+        unpack = functools.partial(
+            _decoded_stream if request_streaming else _decoded, method=method
+        )
     if inspect.isasyncgenfunction(behavior):
-        return _wrap_stream_response(behavior)
-    return _wrap_unary_response(behavior)
+        return _wrap_stream_response(behavior, unpack)
+    return _wrap_unary_response(behavior, unpack)
 
 
 _HANDLER_KINDS = {
@@ -102,7 +177,8 @@ _HANDLER_KINDS = {
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Applies ``translate_errors`` to every method of every service on a server."""
+    """Applies ``translate_errors`` to every method of every service on a server, and decodes
+    their requests tolerantly (module docstring)."""
 
     async def intercept_service(
         self,
@@ -112,9 +188,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: grpc answers UNIMPLEMENTED itself
             return handler
-        attr, make = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
+        streaming = handler.request_streaming
+        attr, make = _HANDLER_KINDS[(streaming, handler.response_streaming)]
+        behavior = getattr(handler, attr)
         return make(
-            translate_errors(getattr(handler, attr)),
-            request_deserializer=handler.request_deserializer,
+            translate_errors(behavior, handler_call_details.method, streaming),
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )

@@ -80,7 +80,7 @@ def test_reserve_rejects_what_cannot_fit_or_is_malformed(tiny_llama):
             empty = await rpc_error(stub.ReserveKV(reserve_request("e", [])))
             assert empty.code() == C.INVALID_ARGUMENT and "empty" in empty.details()
             again = await rpc_error(stub.ReserveKV(reserve_request("a", [1, 2])))
-            assert again.code() == C.INVALID_ARGUMENT and "already exists" in again.details()
+            assert again.code() == C.ALREADY_EXISTS and "already exists" in again.details()
             stats = await stub.Stats(decode_pb2.DecodeServiceStatsRequest())
             assert [(r.request_id, r.num_blocks) for r in stats.reservations] == [("a", 7)]
             assert stats.reservations[0].state == decode_pb2.RESERVATION_STATE_RESERVED

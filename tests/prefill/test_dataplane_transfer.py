@@ -149,7 +149,11 @@ def test_kv_lands_byte_exact_and_decode_continues_token_identically(tiny_llama, 
             request.sampling.ignore_eos = True
             first, done = await run_prefill(h.prefill, request)
             for layer in range(num_layers):
-                got, want = exported(decode_engine, "r1", layer), exported(reference, "ref", layer)
+                engine_id = h.worker.engine_id("r1")
+                got, want = (
+                    exported(decode_engine, engine_id, layer),
+                    exported(reference, "ref", layer),
+                )
                 assert got.numpy().tobytes() == want.numpy().tobytes(), layer
             await h.worker.start()
             tokens = list(first.first_token.token_ids) + await stream(h.decode, "r1")

@@ -165,4 +165,4 @@ def test_duplicate_request_id_in_flight_is_rejected(tiny_llama):
             return got
 
     code, details = asyncio.run(main())
-    assert code == INVALID and "request id 'r1' is already in use" in details
+    assert code == grpc.StatusCode.ALREADY_EXISTS and "request id 'r1' is already in use" in details

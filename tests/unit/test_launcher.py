@@ -8,6 +8,7 @@ import pytest
 
 from services.common.errors import ConfigError
 from services.launcher import ClusterSpec, add_arguments
+from services.supervisor import RestartConfig, restart_config
 
 
 def test_kv_transport_defaults_to_ucx_and_accepts_none_but_nothing_else():
@@ -18,3 +19,10 @@ def test_kv_transport_defaults_to_ucx_and_accepts_none_but_nothing_else():
     assert ClusterSpec(kv_transport="tcp").kv_transport == "tcp"
     with pytest.raises(ConfigError, match="kv transport"):
         ClusterSpec(kv_transport="rdma")
+
+
+def test_up_takes_the_restart_flags():
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--max-restarts", "0", "--restart-backoff", "0.2"])
+    assert restart_config(args) == RestartConfig(max_restarts=0, backoff_s=0.2)

@@ -1,0 +1,197 @@
+"""A service process of the local cluster, which can be started again on the same port.
+
+``Child`` runs one service with ``--port 0`` and learns its address from the ``LISTENING
+HOST:PORT`` line it prints; ``RedisChild`` runs Redis on a port picked up front and knows it is
+ready when it answers PING. ``respawn`` (``services/supervisor.py`` calls it) runs the same
+argv again with the port the child had, after checking no socket still listens there.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import subprocess
+import threading
+import time
+from typing import IO
+
+from services.supervisor import START_TIMEOUT_S, PortInUseError
+
+STOP_TIMEOUT_S = 15.0
+HOST = "127.0.0.1"
+
+
+class Child:
+    """One service process. ``address`` is known once it is ready and kept across restarts:
+    ``respawn`` starts the same argv again on the same port."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        log: IO[str],
+        announces: bool = True,
+    ) -> None:
+        """``announces``: the process prints ``LISTENING HOST:PORT`` on stdout, which is then
+        read here; otherwise its stdout goes to ``log`` with its stderr."""
+        self.name = name
+        self.argv = argv
+        self.address = ""
+        self.http_address = ""  # "HOST:PORT" of an ``HTTP HOST:PORT`` line (the router's API)
+        self.cpus: set[int] = set()  # pinned to these (all if empty), again after a restart
+        self._env = env
+        self._log = log
+        self._announces = announces
+        self._popen(argv)
+
+    def _popen(self, argv: list[str]) -> None:
+        stdout = subprocess.PIPE if self._announces else self._log
+        # A process group of its own: a Ctrl-C in the terminal reaches the launcher only, which
+        # then stops the children in order (workers first, Redis last), each exactly once.
+        self.proc = subprocess.Popen(
+            argv, stdout=stdout, stderr=self._log, text=True, env=self._env, process_group=0
+        )
+        # A fresh queue per process: a dead one's reader thread never feeds the next one's.
+        self._lines: queue.Queue[str] = queue.Queue()
+        if self._announces:
+            threading.Thread(target=_read_lines, args=(self.proc, self._lines), daemon=True).start()
+        if self.cpus:
+            os.sched_setaffinity(self.proc.pid, self.cpus)
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    def restart_argv(self) -> list[str]:
+        """The argv that serves on the port the child had (it was started with ``--port 0``)."""
+        argv = with_flag(self.argv, "--port", str(self.port))
+        if self.http_address:
+            argv = with_flag(argv, "--http-port", self.http_address.rsplit(":", 1)[1])
+        return argv
+
+    def respawn(self) -> None:
+        """Starts the process again on its old ports; ``poll_ready`` says when it serves."""
+        addresses = [a for a in (self.address, self.http_address) if a]
+        for port in [int(a.rsplit(":", 1)[1]) for a in addresses]:
+            if port_in_use(port):
+                raise PortInUseError(f"port {HOST}:{port} is still in use")
+        self._popen(self.restart_argv())
+
+    def poll_ready(self, timeout_s: float = 0.0) -> bool:
+        """True once the ``LISTENING HOST:PORT`` line came (``address`` is then set); waits up
+        to ``timeout_s`` for each line."""
+        try:
+            while True:
+                line = self._lines.get(timeout=timeout_s) if timeout_s else self._lines.get_nowait()
+                if line.startswith("HTTP "):  # printed before LISTENING
+                    self.http_address = line.split()[1]
+                if line.startswith("LISTENING "):
+                    self.address = line.split()[1]
+                    return True
+        except queue.Empty:
+            return False
+
+    def wait_ready(self, deadline: float) -> str:
+        """Waits for the ``LISTENING HOST:PORT`` line; returns the address."""
+        while time.monotonic() < deadline:
+            if self.poll_ready(timeout_s=0.2):
+                return self.address
+            self._raise_if_exited()
+        raise RuntimeError(f"{self.name} did not start within {START_TIMEOUT_S:.0f}s")
+
+    def exit_code(self) -> int | None:
+        return self.proc.poll()
+
+    def _raise_if_exited(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with code {self.proc.returncode}")
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            return self.proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def _read_lines(proc: subprocess.Popen[str], lines: queue.Queue[str]) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.put(line)
+
+
+def with_flag(argv: list[str], flag: str, value: str) -> list[str]:
+    """``argv`` with ``flag``'s value replaced by ``value`` (appended if ``flag`` is absent)."""
+    if flag not in argv:
+        return [*argv, flag, value]
+    i = argv.index(flag)
+    return [*argv[: i + 1], value, *argv[i + 2 :]]
+
+
+def port_in_use(port: int, host: str = HOST) -> bool:
+    """Whether a socket listens on ``host:port``. Connections of a dead server left in
+    TIME_WAIT do not count: gRPC servers and Redis bind with SO_REUSEADDR, as this probe does."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+class RedisChild(Child):
+    """Redis on a port picked up front: ``redis-server`` prints no LISTENING line, so it is
+    ready once it answers PING (the embedded fallback is checked the same way)."""
+
+    def __init__(self, env: dict[str, str], log: IO[str]) -> None:
+        from services.kvstore.redis_server import free_port, redis_command
+
+        # Bound, closed and handed over: another process could take it in between, in which
+        # case Redis fails to bind and exits, which start() reports.
+        self._port = free_port(HOST)
+        super().__init__("redis", redis_command(self._port, HOST), env, log, announces=False)
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    def restart_argv(self) -> list[str]:
+        return self.argv  # the port is in it already
+
+    def poll_ready(self, timeout_s: float = 0.0) -> bool:
+        """One PING (``timeout_s`` is not used: a PING is answered or refused at once)."""
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        client = redis.Redis(HOST, self.port, socket_timeout=0.5, retry=Retry(NoBackoff(), 0))
+        try:
+            if client.ping():
+                self.address = f"{HOST}:{self.port}"
+                return True
+        except (redis.ConnectionError, redis.TimeoutError):
+            pass
+        finally:
+            client.close()
+        return False
+
+    def wait_ready(self, deadline: float) -> str:
+        while time.monotonic() < deadline:
+            self._raise_if_exited()
+            if self.poll_ready():
+                return self.address
+            time.sleep(0.05)
+        raise RuntimeError(f"redis did not answer PING within {START_TIMEOUT_S:.0f}s")

@@ -1,0 +1,161 @@
+"""Issue 8, items 3 and 5 at the router: an ended request's id may be used again at once, and
+the new request never meets the old one's cleanup; the usage a request reports counts the
+tokens it delivered, however it ended."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import grpc
+
+from services.common.types import FinishReason, SamplingParams
+from services.router import driver as drv
+from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2
+from tests.router.grpc_fakes import FakeWorker, cluster
+from tests.router.test_generate import collect, request
+
+RELEASE_S = 0.3  # how long the fake decode worker takes to answer Release
+
+
+def slow_release(monkeypatch) -> None:
+    """Release answers (and is logged) only after RELEASE_S, as a busy worker would."""
+    original = FakeWorker.Release
+
+    async def release(self, message, context):
+        await asyncio.sleep(RELEASE_S)
+        return await original(self, message, context)
+
+    monkeypatch.setattr(FakeWorker, "Release", release)
+
+
+def first_stream_hangs(monkeypatch) -> None:
+    """The first StreamTokens call stalls after one delta (the old request); later ones run."""
+    original = FakeWorker.StreamTokens
+    calls = itertools.count()
+
+    async def stream_tokens(self, message, context):
+        self.hang_decode = next(calls) == 0
+        async for frame in original(self, message, context):
+            yield frame
+
+    monkeypatch.setattr(FakeWorker, "StreamTokens", stream_tokens)
+
+
+def test_an_id_reused_right_after_a_cancel_waits_for_the_old_release(monkeypatch):
+    slow_release(monkeypatch)
+    first_stream_hangs(monkeypatch)
+
+    async def main():
+        async with cluster() as c:
+            old = c.stub.Generate(request("same"), timeout=5)
+            kinds = [(await old.read()).WhichOneof("frame") for _ in range(3)]
+            assert kinds == ["started", "delta", "delta"]
+            old.cancel()
+            frames = await collect(c.stub.Generate(request("same"), timeout=5))
+            return frames, c.log.calls
+
+    frames, calls = asyncio.run(main())
+    assert frames[-1].finished.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert frames[-1].finished.usage.num_completion_tokens == 4
+    # The old request's Release completed before the new one reserved anything: it cannot
+    # have freed the new reservation.
+    assert calls == [
+        ("reserve", "d0", "same"),
+        ("prefill", "p0", "same", "d0", "res-same"),
+        ("stream", "d0", "same"),
+        ("release", "d0", "same", "RELEASE_REASON_ABORTED"),
+        ("reserve", "d0", "same"),
+        ("prefill", "p0", "same", "d0", "res-same"),
+        ("stream", "d0", "same"),
+    ]
+
+
+def generate_input(request_id: str) -> drv.GenerateInput:
+    return drv.GenerateInput(request_id, (1, 2, 3), SamplingParams(max_tokens=4))
+
+
+def test_a_late_cancel_of_an_old_call_never_stops_a_new_request_with_its_id():
+    """grpc runs a call's done callback after its handler returned; by then a new request may
+    hold the id. ``cancel`` names the call's own stream, so the new request runs on."""
+
+    async def main():
+        async with cluster() as c:
+            old = c.driver.generate(generate_input("x"), 5)
+            old_events = [event async for event in old]
+            new = c.driver.generate(generate_input("x"), 5)
+            started = await anext(new)
+            c.driver.cancel("x", old)  # the old call's callback, late
+            new_events = await asyncio.wait_for(collect_events(new), 3)
+            c.driver.cancel("x", new)  # the new call's own: nothing left to stop
+            return old_events[-1], started, new_events[-1], c.driver.num_running
+
+    old_done, started, new_done, running = asyncio.run(main())
+    assert old_done.finish_reason == new_done.finish_reason == FinishReason.LENGTH
+    assert isinstance(started, drv.Started) and started.request_id == "x"
+    assert new_done.num_completion_tokens == 4
+    assert running == 0
+
+
+async def collect_events(stream) -> list[drv.Event]:
+    return [event async for event in stream]
+
+
+def test_abort_reports_the_tokens_delivered_before_it():
+    async def main():
+        async with cluster(hang_decode=True) as c:
+            call = c.stub.Generate(request("victim", max_tokens=100), timeout=5)
+            frames = [await call.read() for _ in range(3)]  # started, first token, one more
+            await c.stub.Abort(router_pb2.AbortRequest(request_id="victim"), timeout=2)
+            rest = []
+            while (frame := await call.read()) is not grpc.aio.EOF:
+                rest.append(frame)
+            return frames, rest
+
+    frames, rest = asyncio.run(main())
+    delivered = sum(len(f.delta.token_ids) for f in frames if f.HasField("delta"))
+    assert delivered == 2
+    (finished,) = [f.finished for f in rest]
+    assert finished.finish_reason == common_pb2.FINISH_REASON_ABORT
+    assert (finished.usage.num_prompt_tokens, finished.usage.num_completion_tokens) == (20, 2)
+
+
+def test_usage_counts_delivered_tokens_whatever_the_worker_reports(monkeypatch):
+    original = FakeWorker.StreamTokens
+
+    async def overcounting(self, message, context):
+        async for frame in original(self, message, context):
+            if frame.HasField("finished"):
+                frame.finished.num_completion_tokens = 99
+            yield frame
+
+    monkeypatch.setattr(FakeWorker, "StreamTokens", overcounting)
+
+    async def main():
+        async with cluster() as c:
+            return await collect(c.stub.Generate(request("r"), timeout=5))
+
+    frames = asyncio.run(main())
+    assert sum(len(f.delta.token_ids) for f in frames if f.HasField("delta")) == 4
+    assert frames[-1].finished.usage.num_completion_tokens == 4
+
+
+def test_a_duplicate_of_a_live_request_is_refused_before_any_work():
+    async def main():
+        async with cluster(hang_decode=True) as c:
+            live = c.stub.Generate(request("dup"), timeout=5)
+            await live.read()
+            try:
+                await collect(c.stub.Generate(request("dup"), timeout=5))
+            except grpc.aio.AioRpcError as exc:
+                error = exc
+            calls = list(c.log.calls)
+            live.cancel()
+            return error, calls
+
+    error, calls = asyncio.run(main())
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.ALREADY_EXISTS,
+        "request id 'dup' is already running",
+    )
+    assert [c for c in calls if c[0] == "reserve"] == [("reserve", "d0", "dup")]  # the live one

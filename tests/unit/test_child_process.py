@@ -1,0 +1,100 @@
+"""A launcher child respawned on the port it had, even while its old connections are in
+TIME_WAIT, and not while another socket listens there (a tiny real server stands in for a
+service: it prints ``LISTENING HOST:PORT`` like every BanaServe service)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from services.child_process import HOST, Child, port_in_use, with_flag
+from services.supervisor import PortInUseError
+
+# Binds --port with SO_REUSEADDR (as gRPC servers and Redis do), greets each connection with
+# one byte, keeps it open, and exits 0 on SIGTERM.
+SERVER = r"""
+import signal, socket, sys
+port = int(sys.argv[sys.argv.index("--port") + 1])
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("127.0.0.1", port))
+server.listen()
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+print(f"LISTENING 127.0.0.1:{server.getsockname()[1]}", flush=True)
+conns = []
+while True:
+    conn = server.accept()[0]
+    conn.sendall(b"x")
+    conns.append(conn)
+"""
+TIME_WAIT = "06"  # the state column of /proc/net/tcp
+
+
+def test_with_flag_replaces_a_flags_value_or_appends_it():
+    argv = ["python", "-m", "services.router", "--port", "0", "--model", "m"]
+    assert with_flag(argv, "--port", "4242") == [*argv[:4], "4242", "--model", "m"]
+    assert with_flag(argv, "--http-port", "80") == [*argv, "--http-port", "80"]
+    assert argv[4] == "0"  # not changed in place
+
+
+def test_a_listening_socket_makes_a_port_in_use_a_closed_one_does_not():
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((HOST, 0))
+        port = listener.getsockname()[1]
+        listener.listen()
+        assert port_in_use(port)
+    assert not port_in_use(port)
+
+
+def tcp_states(port: int) -> list[str]:
+    """The states of the IPv4 TCP sockets whose local port is ``port``."""
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return [r.split()[3] for r in rows if int(r.split()[1].split(":")[1], 16) == port]
+
+
+def greet(address: str) -> socket.socket:
+    host, port = address.rsplit(":", 1)
+    conn = socket.create_connection((host, int(port)), timeout=5)
+    assert conn.recv(1) == b"x"  # accepted by the server
+    return conn
+
+
+@pytest.mark.integration
+def test_a_killed_child_comes_back_on_its_port_while_its_old_connections_are_in_time_wait(
+    tmp_path,
+):
+    argv = [sys.executable, "-c", SERVER, "--port", "0"]
+    with open(tmp_path / "child.log", "w") as log:
+        child = Child("svc", argv, dict(os.environ), log)
+        try:
+            address = child.wait_ready(time.monotonic() + 30)
+            port, first_pid = child.port, child.proc.pid
+            conn = greet(address)
+            child.kill()  # its socket closes first: that end goes to TIME_WAIT
+            assert conn.recv(1) == b""
+            conn.close()
+            assert TIME_WAIT in tcp_states(port)
+            assert not port_in_use(port)
+            assert child.restart_argv() == [sys.executable, "-c", SERVER, "--port", str(port)]
+            child.respawn()
+            assert child.wait_ready(time.monotonic() + 30) == address
+            assert child.proc.pid != first_pid and child.exit_code() is None
+            greet(address).close()
+            assert child.stop() == 0
+            # Another process listens on the port now: no respawn, no process started.
+            with socket.socket() as squatter:
+                squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                squatter.bind((HOST, port))
+                squatter.listen()
+                stopped = child.proc
+                with pytest.raises(PortInUseError, match=f"port {HOST}:{port} is still in use"):
+                    child.respawn()
+                assert child.proc is stopped
+        finally:
+            child.stop()
