@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup redis protos demo models test test-slow fuzz lint buf-lint format bench-setup bench clean
+.PHONY: setup redis protos demo models test test-slow fuzz lint buf-lint format bench-setup bench clean \
+	compose-smoke
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +46,13 @@ test: setup
 
 test-slow: models
 	$(BIN)/python -m pytest -q -m slow
+
+# docker-compose.yml for real, under rootful podman (docs/deploy.md, "Smoke test"): installs and
+# configures podman, runc, mmdebstrap and docker-compose itself (root, Debian), builds a local
+# base and the image, runs 1 prefill + 1 decode on tiny-llama, and takes it down again.
+COMPOSE_SMOKE_TIMEOUT ?= 1800
+compose-smoke: models
+	timeout $(COMPOSE_SMOKE_TIMEOUT) bash deploy/smoke/smoke.sh
 
 # Every RPC of every service fuzzed with about FUZZ_INPUTS generated inputs against real
 # processes (docs/reliability.md); the counts per service and per method go to FUZZ_REPORT.

@@ -12,7 +12,11 @@ Lifecycle of a run:
 2. for each dtype, for each system: start ``python -m bench.engine_runners`` in a fresh process
    (vLLM under the interpreter that has it) with ``--threads`` OpenMP/MKL threads and, for vLLM,
    its CPU-backend variables; its log goes to ``OUT/logs/SYSTEM-DTYPE.log``. A system that cannot
-   run is recorded as ``{"error": ...}`` and shown as "n/a (reason)", never fatal;
+   run is recorded as ``{"error": ...}`` and shown as "n/a (reason)", never fatal. By default
+   (``--interleave``) every system of a dtype is started at once and, once all have loaded,
+   call ``i`` of the plan runs on each of them in turn (which system goes first rotates with
+   ``i``), so on a shared machine a burst of load falls on every system alike rather than on
+   whichever ran during it; ``--no-interleave`` runs one system after the other;
 3. turn timings into medians and ratios, write ``OUT/engine.json`` and ``OUT/engine.md``, print
    the table.
 
@@ -140,6 +144,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--timeout", type=float, default=1800.0, help="seconds allowed per system × dtype process"
     )
+    p.add_argument(
+        "--first-cpu",
+        type=int,
+        default=0,
+        help="every runner is bound to --threads cores from this one (vLLM binds its "
+        "threads there anyway; binding the others too gives all the same cores)",
+    )
+    p.add_argument(
+        "--interleave",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="load every system of a dtype at once and run each call on all of them in turn "
+        "(default), so a shared machine's load falls on all alike; --no-interleave runs one "
+        "system after the other",
+    )
     p.add_argument("--out", default=str(REPO_ROOT / "bench" / "results"),
                    help="output directory for engine.json, engine.md and logs/")  # fmt: skip
 
@@ -211,13 +230,19 @@ def preload_libs(python: str, tcmalloc: Path = TCMALLOC) -> list[str]:
     return [str(p) for p in (tcmalloc, iomp) if p.is_file()]
 
 
-def vllm_cpu_bind(threads: int) -> str:
-    """Core ids for ``VLLM_CPU_OMP_THREADS_BIND``: the first ``threads`` cores."""
-    return "0" if threads == 1 else f"0-{threads - 1}"
+def vllm_cpu_bind(threads: int, first_cpu: int = 0) -> str:
+    """Core ids for ``VLLM_CPU_OMP_THREADS_BIND`` (and every runner's ``--cpus``): ``threads``
+    cores from ``first_cpu``."""
+    last = first_cpu + threads - 1
+    return str(first_cpu) if threads == 1 else f"{first_cpu}-{last}"
 
 
 def runner_env(
-    system: str, threads: int, base: Mapping[str, str], preload: Sequence[str] = ()
+    system: str,
+    threads: int,
+    base: Mapping[str, str],
+    preload: Sequence[str] = (),
+    first_cpu: int = 0,
 ) -> dict[str, str]:
     """The environment a runner process starts with: thread counts fixed before any import."""
     env = dict(base)
@@ -229,7 +254,7 @@ def runner_env(
         env |= {
             "VLLM_HOST_IP": "127.0.0.1",
             "VLLM_CACHE_ROOT": str(banaserve_home() / "vllm"),
-            "VLLM_CPU_OMP_THREADS_BIND": vllm_cpu_bind(threads),
+            "VLLM_CPU_OMP_THREADS_BIND": vllm_cpu_bind(threads, first_cpu),
             "VLLM_NO_USAGE_STATS": "1",
             "DO_NOT_TRACK": "1",
         }
@@ -271,7 +296,7 @@ def spawn_runner(
     cmd = [
         python, "-m", "bench.engine_runners", system, "--model", str(paths["model"]),
         "--dtype", dtype, "--threads", str(args.threads), "--plan", str(paths["plan"]),
-        "--json-out", str(result_path),
+        "--json-out", str(result_path), "--cpus", vllm_cpu_bind(args.threads, args.first_cpu),
     ]  # fmt: skip
     with log_path.open("w") as log:
         returncode = run_in_own_group(cmd, env, log, args.timeout)
@@ -282,17 +307,21 @@ def spawn_runner(
     return {"error": f"runner exited {returncode} without a result:\n{tail(log_path)}"}
 
 
+def interpreter(system: str, args: argparse.Namespace) -> tuple[str | None, str, list[str]]:
+    """``(python, reason it is missing, LD_PRELOAD libraries)`` for a system's runner."""
+    if system != "vllm":
+        return sys.executable, "", []
+    python, reason = find_vllm_python(args.python_vllm, can_import_vllm())
+    preload = preload_libs(python) if python and args.vllm_preload == "auto" else []
+    return python, reason, preload
+
+
 def run_system(system: str, dtype: str, args: argparse.Namespace, paths: dict[str, Path]) -> dict:
-    python, reason = sys.executable, ""
-    preload: list[str] = []
-    if system == "vllm":
-        python, reason = find_vllm_python(args.python_vllm, can_import_vllm())
-        if python and args.vllm_preload == "auto":
-            preload = preload_libs(python)
+    python, reason, preload = interpreter(system, args)
     if python is None:
         result = {"error": reason}
     else:
-        env = runner_env(system, args.threads, os.environ, preload)
+        env = runner_env(system, args.threads, os.environ, preload, args.first_cpu)
         result = spawn_runner(python, system, dtype, args, paths, env)
         result["python"] = python
         if preload:
@@ -324,6 +353,7 @@ def build_report(
         "targets": target_results(workload, runs, args.dtypes) if "banaserve" in args.systems
         else [],
         "agreement": agreement(runs, args.dtypes),
+        "interleaved": getattr(args, "interleave", False),
     }  # fmt: skip
 
 
@@ -350,7 +380,18 @@ def run(args: argparse.Namespace) -> int:
     )
     runs: dict[str, dict] = {}
     started = time.monotonic()
-    todo = [(s, d) for d in args.dtypes for s in args.systems]
+    if args.interleave:
+        from bench import engine_interleave  # it builds on this module's process helpers
+
+        num_calls = len(json.loads(paths["plan"].read_text())["calls"])
+        for dtype in args.dtypes:
+            print(
+                f"{dtype}: {', '.join(args.systems)} interleaved ...", file=sys.stderr, flush=True
+            )
+            t0 = time.monotonic()
+            runs |= engine_interleave.run_interleaved(dtype, num_calls, args, paths)
+            print(f"      {time.monotonic() - t0:.0f}s", file=sys.stderr, flush=True)
+    todo = [] if args.interleave else [(s, d) for d in args.dtypes for s in args.systems]
     for i, (system, dtype) in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {system} {dtype} ...", file=sys.stderr, flush=True)
         t0 = time.monotonic()

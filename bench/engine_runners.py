@@ -7,7 +7,8 @@ Lifecycle: 1. pin torch to ``--threads`` (the parent already set ``OMP_NUM_THREA
 for vLLM, its CPU-backend variables, before this interpreter started); 2. load the model
 (timed, not measured); 3. run every call of the plan in order, the warm-up round included,
 timing each ``generate`` call with ``time.perf_counter`` and checking that every prompt got
-exactly ``max_tokens`` tokens; 4. write RESULT.json: ``{"timings": [...], "versions": ...}`` or
+exactly ``max_tokens`` tokens — or, with ``--reply-fd``, only the calls the parent asks for, one
+at a time, so that every system's call ``i`` runs next to the others' (interleaved); 4. write RESULT.json: ``{"timings": [...], "versions": ...}`` or
 ``{"error": "..."}``. The parent turns timings into tok/s (``bench.engine_workload``).
 
 Systems: ``banaserve`` (our engine), ``transformers`` (``model.generate``), ``vllm`` (the
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import sys
 import time
@@ -27,6 +29,7 @@ import traceback
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
+from typing import IO
 
 from bench.engine_workload import (
     Call,
@@ -189,6 +192,23 @@ def run_calls(generate: GenerateFn, calls: list[Call]) -> tuple[list[Timing], li
     return timings, first_output
 
 
+def serve_calls(
+    generate: GenerateFn, calls: list[Call], commands: IO[str], replies: IO[str]
+) -> tuple[list[Timing], list[int]]:
+    """Interleaved mode: run call ``i`` for each line ``i`` read from ``commands`` and answer
+    ``{"index": i, "seconds": s}`` on ``replies``, until ``commands`` ends."""
+    timings: list[Timing] = []
+    first_output: list[int] = []
+    for line in commands:
+        index = int(line)
+        t, out = run_calls(generate, [calls[index]])
+        timings += t
+        first_output = first_output or out
+        replies.write(json.dumps({"index": index, "seconds": t[0].seconds}) + "\n")
+        replies.flush()
+    return timings, first_output
+
+
 def benchmark(args: argparse.Namespace, workload: Workload, calls: list[Call]) -> dict:
     model_dir = Path(args.model)
     model_config = json.loads((model_dir / "config.json").read_text())
@@ -196,7 +216,13 @@ def benchmark(args: argparse.Namespace, workload: Workload, calls: list[Call]) -
     start = time.perf_counter()
     generate = LOADERS[args.system](model_dir, args.dtype, args.threads, limits)
     load_seconds = time.perf_counter() - start
-    timings, first_output = run_calls(generate, calls)
+    if args.reply_fd is None:
+        timings, first_output = run_calls(generate, calls)
+    else:
+        with open(args.reply_fd, "w") as replies:
+            replies.write(json.dumps({"ready": True}) + "\n")
+            replies.flush()
+            timings, first_output = serve_calls(generate, calls, sys.stdin, replies)
     return {
         "load_seconds": load_seconds,
         "limits": vars(limits),
@@ -213,11 +239,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--plan", required=True, help="plan JSON written by bench.engine_bench")
     p.add_argument("--json-out", required=True)
+    p.add_argument(
+        "--cpus",
+        default=None,
+        help="bind this process to these cores before loading, e.g. 0 or 0-1 (as vLLM binds "
+        "its threads)",
+    )
+    p.add_argument(
+        "--reply-fd",
+        type=int,
+        default=None,
+        help="interleaved mode: after loading, run the call index read from each stdin line "
+        "and answer on this file descriptor (bench.engine_bench drives it)",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.cpus is not None:
+        first, _, last = args.cpus.partition("-")
+        os.sched_setaffinity(0, range(int(first), int(last or first) + 1))
     workload, calls = plan_from_json(json.loads(Path(args.plan).read_text()))
     result: dict = {"system": args.system, "dtype": args.dtype, "threads": args.threads}
     try:

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from services.common.errors import BanaServeError
+from services.rpc.probe import add_health_parser
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +32,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "(--model, --dtype and --threads are then the cluster's)",
     )
     p.add_argument("--timeout", type=float, default=None, help="request deadline in seconds")
+    p.add_argument("--tls-dir", default="", help="with --router: the client certificate's dir")
+    p.add_argument(
+        "--api-token-file", default="", help="with --router: send the file's first token"
+    )
     p.set_defaults(func=_run_generate)
 
 
@@ -62,8 +67,11 @@ def _run_models_prepare(args: argparse.Namespace) -> int:
     return run_prepare_cli(args)
 
 
-def _add_bench(sub: argparse._SubParsersAction) -> None:
+def _add_bench(sub: argparse._SubParsersAction, full: bool = True) -> None:
     p = sub.add_parser("bench", help="benchmarks")
+    if not full:  # the benchmarks import torch and vLLM glue: seconds, for no other command
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        return
     bsub = p.add_subparsers(dest="bench_command", required=True)
     eng = bsub.add_parser(
         "engine", help="engine prefill/decode throughput vs vLLM and transformers"
@@ -163,20 +171,57 @@ def _run_loadtest(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_certs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "certs", help="create a cluster CA and one certificate per service role (docs/security.md)"
+    )
+    p.add_argument("dir", help="directory to write ca.crt, <role>.crt/.key, dataplane.secret to")
+    p.add_argument("--days", type=int, default=365, help="validity of every certificate")
+    p.add_argument(
+        "--host", action="append", default=[], help="extra DNS name in every certificate"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace the files DIR holds")
+    p.set_defaults(func=_run_certs)
+
+
+def _run_certs(args: argparse.Namespace) -> int:
+    from services.rpc.certs import create_certs
+
+    for path in create_certs(args.dir, days=args.days, hosts=args.host, overwrite=args.overwrite):
+        print(path)
+    return 0
+
+
+def _add_migrations(sub: argparse._SubParsersAction) -> None:
+    from services.coordinator import cli
+
+    p = sub.add_parser("migrate", help="start, revert or abort a migration (the coordinator)")
+    cli.add_migrate_arguments(p)
+    p.set_defaults(func=cli.run_migrate)
+    p = sub.add_parser("migrations", help="list the coordinator's migrations, or describe one")
+    cli.add_migrations_arguments(p)
+    p.set_defaults(func=cli.run_migrations)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole CLI; the ``bench`` commands' own flags only when ``argv`` runs one (or when
+    ``argv`` is None), since building them imports torch."""
     parser = argparse.ArgumentParser(prog="banaserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_models(sub)
     _add_up(sub)
     _add_demo(sub)
-    _add_bench(sub)
+    _add_bench(sub, full=argv is None or "bench" in argv)
     _add_loadtest(sub)
+    _add_certs(sub)
+    add_health_parser(sub)
+    _add_migrations(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(sys.argv[1:] if argv is None else argv).parse_args(argv)
     try:
         return args.func(args)
     except BanaServeError as exc:

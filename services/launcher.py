@@ -8,7 +8,9 @@ Lifecycle:
    clusters on one Redis never see each other's blocks;
 3. the workers start together, each pointed at the router (prefill workers also at kvstore-0:
    any node answers lookups), and register with it;
-4. the cluster is ready once every worker shows as active in the router's ``ListWorkers``;
+4. the cluster is ready once every worker shows as active in the router's ``ListWorkers``
+   (and, with ``--coordinator``, once the coordinator serves: it finds the workers through the
+   router and keeps its migrations in the same Redis under a key prefix of its own);
 5. it runs until SIGINT/SIGTERM. A child that exits on its own is restarted on the port it had,
    after a growing delay, and the rest serve on (``services/supervisor.py``: Redis comes back
    empty and the nodes announce their blocks again; workers register again and the router
@@ -19,7 +21,8 @@ Lifecycle:
    that does not exit in time is killed and reported. Children run in process groups of their
    own, so a Ctrl-C in the terminal reaches the launcher alone and this order holds.
 
-``--kvstore 0`` leaves out Redis and the kvstore nodes; prefill workers then get no store.
+``--kvstore 0`` leaves out the kvstore nodes, and Redis too unless ``--coordinator`` needs it;
+prefill workers then get no store.
 """
 
 from __future__ import annotations
@@ -32,11 +35,14 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO
 
 from services.child_process import Child, RedisChild
+from services.common.engine_args import KV_TRANSPORTS
 from services.common.errors import ConfigError
 from services.rpc.dataplane import KINDS as DATA_TRANSPORTS
+from services.rpc.security import add_security_args, read_tokens, security_argv
 from services.supervisor import (
     START_TIMEOUT_S,
     ChildState,
@@ -44,8 +50,6 @@ from services.supervisor import (
     add_restart_arguments,
     restart_config,
 )
-
-KV_TRANSPORTS = (*DATA_TRANSPORTS, "none")
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,15 @@ class ClusterSpec:
     # False: prefill workers fetch a cached prefix whole before computing (a baseline).
     kvstore_overlap: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The coordinator service (services/coordinator/): runs migrations on request.
+    coordinator: bool = False
+    # Mutual TLS (``banaserve certs DIR``) and the client API's tokens: off by default on
+    # 127.0.0.1, given to every service when set (docs/security.md).
+    tls_dir: str = ""
+    api_token_file: str = ""
+    # Extra flags per service module ("router", "prefill", "decode", "kvstore"), appended to
+    # its command line (e.g. the admission limits, docs/reliability.md).
+    service_args: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         counts = (self.num_prefill, self.num_decode, self.num_mixed)
@@ -92,6 +105,12 @@ class ClusterSpec:
         if self.kv_transport not in KV_TRANSPORTS:
             raise ConfigError(
                 f"kv transport must be one of {', '.join(KV_TRANSPORTS)}, got {self.kv_transport!r}"
+            )
+        store_transport = self.kvstore_transport if self.num_kvstore else ""
+        if self.tls_dir and "ucx" in (self.kv_transport, store_transport):
+            raise ConfigError(
+                "with --tls-dir every data plane must authenticate its peers and UCX does not "
+                "(docs/security.md): pass --kv-transport tcp and --kvstore-transport tcp"
             )
         if self.kvstore_capacity_bytes < 1:
             raise ConfigError(
@@ -130,19 +149,22 @@ class LocalCluster:
             for worker in workers:
                 worker.wait_ready(deadline)
             self._wait_registered(len(workers), deadline)
+            self._spawn_coordinator(deadline)
         except BaseException:
             self.stop()
             raise
 
     def _spawn(self, name: str, module: str, args: list[str]) -> Child:
         argv = [sys.executable, "-m", module, "--port", "0", *args]
+        argv += security_argv(self.spec.tls_dir, self.spec.api_token_file)
+        argv += self.spec.service_args.get(module.rsplit(".", 1)[-1], ())
         child = Child(name, argv, self._env, self.log)
         self.children.append(child)
         return child
 
     def _spawn_kvstore(self, deadline: float) -> list[Child]:
         """Starts Redis and waits for it (the nodes connect at start), then spawns the nodes."""
-        if not self.spec.num_kvstore:
+        if not (self.spec.num_kvstore or self.spec.coordinator):
             return []
         redis = RedisChild(self._env, self.log)
         self.children.append(redis)
@@ -162,12 +184,20 @@ class LocalCluster:
             for i in range(self.spec.num_kvstore)
         ]
 
+    def _spawn_coordinator(self, deadline: float) -> None:
+        if not self.spec.coordinator:
+            return
+        redis = self.child("redis")
+        prefix = f"banaserve:coord:{self.kvstore_key_prefix.rsplit(':', 1)[1]}"
+        args = ["--router", self.router.address, "--redis", redis.url, "--key-prefix", prefix]
+        self._spawn("coordinator", "services.coordinator", args).wait_ready(deadline)
+
     def _spawn_workers(self, kvstore: str | None) -> list[Child]:
         common = self._worker_args()
         prefill = [*common, "--kvstore", kvstore] if kvstore else common
         if kvstore and not self.spec.kvstore_overlap:
             prefill.append("--no-kvstore-overlap")
-        decode = [*common, "--kv-transport", self.spec.kv_transport]
+        decode = common
         roles = [
             ("prefill", "services.prefill", prefill, self.spec.num_prefill),
             ("decode", "services.decode", decode, self.spec.num_decode),
@@ -187,6 +217,8 @@ class LocalCluster:
             str(self.spec.threads),
             "--router",
             self.router.address,
+            "--kv-transport",  # the same plane on both ends of the handoff
+            self.spec.kv_transport,
         ]
         if self.spec.num_kv_blocks:
             args += ["--num-kv-blocks", str(self.spec.num_kv_blocks)]
@@ -204,7 +236,8 @@ class LocalCluster:
     def _wait_registered(self, num_workers: int, deadline: float) -> None:
         from services.client.client import BanaServeClient
 
-        with BanaServeClient(self.router.address) as client:
+        token = read_tokens(Path(self.spec.api_token_file))[0] if self.spec.api_token_file else ""
+        with BanaServeClient(self.router.address, tls_dir=self.spec.tls_dir, token=token) as client:
             while sum(w.active for w in client.list_workers()) < num_workers:
                 if time.monotonic() > deadline:
                     raise RuntimeError("workers did not register with the router in time")
@@ -261,6 +294,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="prefill workers fetch a cached prefix whole before computing (baseline)",
     )
+    p.add_argument(
+        "--coordinator", action="store_true", help="also start the coordinator (migrations)"
+    )
+    add_security_args(p)
     add_restart_arguments(p)
 
 
@@ -279,6 +316,9 @@ def run_up(args: argparse.Namespace) -> int:
         kv_transport=args.kv_transport,
         kvstore_capacity_bytes=args.kvstore_capacity_bytes,
         kvstore_overlap=args.kvstore_overlap,
+        coordinator=args.coordinator,
+        tls_dir=args.tls_dir,
+        api_token_file=args.api_token_file,
     )
     restarts = restart_config(args)
     cluster = LocalCluster(spec)

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 
 from services.common.config import RpcConfig
 from services.common.errors import InvalidRequestError, RequestNotFoundError
-from services.common.load import LoadSnapshot
+from services.common.load import LoadReport
 from services.rpc import dataplane
 from services.rpc.convert import DATA_TRANSPORT_TO_PROTO, duration
 from services.rpc.gen.banaserve.v1 import (
@@ -214,10 +214,10 @@ class StubWorkers:
                 reporting_to(self.router, info, self._load, self._rpc)
             )
 
-    async def _load(self) -> LoadSnapshot:
+    async def _load(self) -> LoadReport:
         self.decode.expire()
         running = len(self.decode.reserved)
-        return LoadSnapshot(0, running, 0, 0, STUB_BLOCKS, 0.0, 0.0, 1.0)
+        return LoadReport(0, running, 0, 0, STUB_BLOCKS, 0.0, 0.0, 1.0)
 
     async def wait_registered(self) -> None:
         """Until the router lists both stubs as active (bounded)."""

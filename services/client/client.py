@@ -10,10 +10,12 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 
+from services.rpc import security
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 MAX_MESSAGE_BYTES = 256 << 20
@@ -203,12 +205,26 @@ def _workers(reply: router_pb2.ListWorkersResponse) -> list[WorkerStatus]:
     ]
 
 
+def _tls(tls_dir: str) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, Any]]]:
+    """The ``client`` role certificate of ``banaserve certs DIR`` (docs/security.md)."""
+    if not tls_dir:
+        return None, list(_OPTIONS)
+    files = security.TlsFiles.in_dir(Path(tls_dir), security.Role.CLIENT)
+    return security.channel_credentials(files), [*_OPTIONS, *security.channel_options()]
+
+
 class BanaServeClient:
     """Blocking client. ``generate`` keyword arguments are SamplingParams fields (None: the
-    server's default); ``timeout_s`` is the request's deadline."""
+    server's default); ``timeout_s`` is the request's deadline. ``tls_dir``: mutual TLS with
+    the client certificate there; ``token``: the bearer token the router's client API wants."""
 
-    def __init__(self, target: str) -> None:
-        self._channel = grpc.insecure_channel(target, options=_OPTIONS)
+    def __init__(self, target: str, *, tls_dir: str = "", token: str = "") -> None:
+        credentials, options = _tls(tls_dir)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        self._metadata = security.bearer_metadata(token)
         self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
 
     def generate(
@@ -221,7 +237,7 @@ class BanaServeClient:
         **sampling: Any,
     ) -> Generation:
         message = _request(prompt, request_id, chat, **sampling)
-        return Generation(self._stub.Generate(message, timeout=timeout_s))
+        return Generation(self._stub.Generate(message, timeout=timeout_s, metadata=self._metadata))
 
     def complete(self, prompt: str | Sequence[int], **kwargs: Any) -> GenerationResult:
         generation = self.generate(prompt, **kwargs)
@@ -231,14 +247,20 @@ class BanaServeClient:
 
     def abort(self, request_id: str, timeout_s: float = 5.0) -> None:
         try:
-            self._stub.Abort(router_pb2.AbortRequest(request_id=request_id), timeout=timeout_s)
+            self._stub.Abort(
+                router_pb2.AbortRequest(request_id=request_id),
+                timeout=timeout_s,
+                metadata=self._metadata,
+            )
         except grpc.RpcError as exc:
             raise _error(exc) from None
 
     def list_workers(self, timeout_s: float = 5.0) -> list[WorkerStatus]:
         try:
             return _workers(
-                self._stub.ListWorkers(router_pb2.ListWorkersRequest(), timeout=timeout_s)
+                self._stub.ListWorkers(
+                    router_pb2.ListWorkersRequest(), timeout=timeout_s, metadata=self._metadata
+                )
             )
         except grpc.RpcError as exc:
             raise _error(exc) from None
@@ -256,8 +278,13 @@ class BanaServeClient:
 class AsyncBanaServeClient:
     """The same over grpc.aio; create and use it inside one event loop."""
 
-    def __init__(self, target: str) -> None:
-        self._channel = grpc.aio.insecure_channel(target, options=_OPTIONS)
+    def __init__(self, target: str, *, tls_dir: str = "", token: str = "") -> None:
+        credentials, options = _tls(tls_dir)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
+        self._metadata = security.bearer_metadata(token)
         self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
 
     def generate(
@@ -270,7 +297,9 @@ class AsyncBanaServeClient:
         **sampling: Any,
     ) -> AsyncGeneration:
         message = _request(prompt, request_id, chat, **sampling)
-        return AsyncGeneration(self._stub.Generate(message, timeout=timeout_s))
+        return AsyncGeneration(
+            self._stub.Generate(message, timeout=timeout_s, metadata=self._metadata)
+        )
 
     async def complete(self, prompt: str | Sequence[int], **kwargs: Any) -> GenerationResult:
         generation = self.generate(prompt, **kwargs)
@@ -281,14 +310,18 @@ class AsyncBanaServeClient:
     async def abort(self, request_id: str, timeout_s: float = 5.0) -> None:
         try:
             await self._stub.Abort(
-                router_pb2.AbortRequest(request_id=request_id), timeout=timeout_s
+                router_pb2.AbortRequest(request_id=request_id),
+                timeout=timeout_s,
+                metadata=self._metadata,
             )
         except grpc.RpcError as exc:
             raise _error(exc) from None
 
     async def list_workers(self, timeout_s: float = 5.0) -> list[WorkerStatus]:
         try:
-            reply = await self._stub.ListWorkers(router_pb2.ListWorkersRequest(), timeout=timeout_s)
+            reply = await self._stub.ListWorkers(
+                router_pb2.ListWorkersRequest(), timeout=timeout_s, metadata=self._metadata
+            )
         except grpc.RpcError as exc:
             raise _error(exc) from None
         return _workers(reply)

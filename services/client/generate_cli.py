@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from services.client.client import BanaServeClient, BanaServeClientError
+from services.rpc.security import read_tokens
 
 
 def run_remote_generate(args: argparse.Namespace) -> int:
-    with BanaServeClient(args.router) as client:
+    token = read_tokens(Path(args.api_token_file))[0] if args.api_token_file else ""
+    with BanaServeClient(args.router, tls_dir=args.tls_dir, token=token) as client:
         stream = client.generate(
             args.prompt,
             chat=args.chat,

@@ -6,11 +6,17 @@ section already built.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from services.common.errors import ConfigError
+
+if TYPE_CHECKING:  # only a type: services/common never imports grpc
+    from services.rpc.security import SecurityConfig
 
 DTYPES = ("float32", "bfloat16")
 
@@ -44,6 +50,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _require(bool(self.model), "model must name a prepared model or a model directory")
         _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _require(
+            re.fullmatch(r"cpu|cuda(:[0-9]+)?", self.device) is not None,
+            f"device must be cpu, cuda or cuda:N, got {self.device!r}",
+        )
         _require(
             self.block_size in (1, 2, 4, 8, 16, 32, 64, 128),
             f"block_size must be a power of two up to 128, got {self.block_size}",
@@ -91,11 +101,19 @@ def models_dir() -> Path:
 TRACING_EXPORTERS = ("none", "console", "otlp")
 
 
+def _is_reachable_ip(host: str) -> bool:
+    try:
+        return not ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class RpcConfig:
     """How a gRPC server listens and how channels to peers behave (services/rpc)."""
 
-    # Loopback only: nothing in this project is exposed beyond the host.
+    # The IP to bind and to tell peers: loopback unless a deployment gives the container's or
+    # pod's own (services/common/network.py); never a wildcard, since peers are told it.
     host: str = "127.0.0.1"
     port: int = 0  # 0: the OS picks a free port and the server reports it
     # KV layers travel as single messages; gRPC's default 4 MiB limit is far too small.
@@ -109,11 +127,13 @@ class RpcConfig:
     # HTTP/2 keepalive pings find a peer that vanished without closing its connection.
     keepalive_s: float = 10.0
     keepalive_timeout_s: float = 5.0
+    # Mutual TLS and the client API's token (services/rpc/security.py); None: plaintext, open.
+    security: SecurityConfig | None = None
 
     def __post_init__(self) -> None:
         _require(
-            self.host in ("127.0.0.1", "::1"),
-            f"host must be a loopback IP (127.0.0.1 or ::1), got {self.host!r}",
+            _is_reachable_ip(self.host),
+            f"host must be an IP address peers can reach (not 0.0.0.0 or ::), got {self.host!r}",
         )
         _require(0 <= self.port <= 65535, f"port must be in 0..65535, got {self.port}")
         _require(

@@ -3,6 +3,32 @@
 
 from __future__ import annotations
 
+import enum
+
+
+class ErrorCode(enum.StrEnum):
+    """Why a call failed, as gRPC names it; what a driver or transport records and compares
+    (``is ErrorCode.UNAVAILABLE``), never the name as a string. services/rpc/status.py maps it
+    to and from ``grpc.StatusCode`` in its one table. (A ``StrEnum`` so that logs, reports and
+    JSON show the name.)"""
+
+    CANCELLED = "CANCELLED"
+    UNKNOWN = "UNKNOWN"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    ABORTED = "ABORTED"
+    OUT_OF_RANGE = "OUT_OF_RANGE"
+    UNIMPLEMENTED = "UNIMPLEMENTED"
+    INTERNAL = "INTERNAL"
+    UNAVAILABLE = "UNAVAILABLE"
+    DATA_LOSS = "DATA_LOSS"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+
 
 class BanaServeError(Exception):
     """Base of every error BanaServe raises on purpose."""
@@ -47,6 +73,15 @@ class AlreadyExistsError(BanaServeError):
 class StepFailedError(BanaServeError):
     """The engine step computing the request failed; the request was dropped and the worker
     serves on. The message names a reference into the worker's log, never the cause itself."""
+
+
+class PreconditionError(BanaServeError):
+    """The request is valid, but what it acts on is not in a state that allows it now (a
+    migration that is not ACTIVE asked to revert, a worker already in a live migration)."""
+
+
+class PermissionDeniedError(BanaServeError):
+    """The caller may not act on this: another client's request (docs/security.md)."""
 
 
 class DependencyUnavailableError(BanaServeError):

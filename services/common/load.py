@@ -1,24 +1,94 @@
-"""A worker's load over a sliding window (DESIGN.md §5), for its reports to the router."""
+"""A worker's load (DESIGN.md §5): the one report type, its utilisation, and the step meter.
+
+Workers build a ``LoadReport`` from their engine's counters every ~100 ms and send it to the
+router (``services/rpc/load_reports.py`` converts it to and from router.proto ``LoadReport``);
+the router keeps the last one per worker and judges load with ``utilisation``.
+"""
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from services.common.errors import InvalidRequestError
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidRequestError(message)
+
+
+_COUNTS = (
+    "num_queued_prefill_tokens",
+    "num_running_seqs",
+    "num_waiting_seqs",
+    "num_blocks_used",
+    "num_blocks_free",
+    "num_hosted_layers",
+    "num_hosted_blocks",
+)
+
 
 @dataclass(frozen=True)
-class LoadSnapshot:
-    """What a load report carries (router.proto ``LoadReport``), over the last window."""
+class LoadReport:
+    """What a worker reports (router.proto ``LoadReport``), over its last window.
 
-    num_queued_prefill_tokens: int
+    Hosted work is what the worker does for others' migrations: layers it runs for another
+    worker's sequences, and KV blocks it holds for another worker's attention. Hosted blocks
+    come from the worker's own KV pool, so they are also counted in ``num_blocks_used``.
+    """
+
+    num_queued_prefill_tokens: int  # prompt tokens admitted but not yet computed
     num_running_seqs: int
     num_waiting_seqs: int
     num_blocks_used: int
     num_blocks_free: int
-    step_time_s: float
-    busy_fraction: float
+    step_time_s: float  # mean engine step over the window
+    busy_fraction: float  # share of the window spent stepping, in [0, 1]
     window_s: float
+    num_hosted_layers: int = 0
+    num_hosted_blocks: int = 0
+
+    def __post_init__(self) -> None:
+        for name in _COUNTS:
+            value = getattr(self, name)
+            _check(value >= 0, f"{name} must be >= 0, got {value}")
+        _check(
+            math.isfinite(self.step_time_s) and self.step_time_s >= 0,
+            f"step_time_s must be finite and >= 0, got {self.step_time_s}",
+        )
+        _check(
+            0.0 <= self.busy_fraction <= 1.0,
+            f"busy_fraction must be in [0, 1], got {self.busy_fraction}",
+        )
+        _check(
+            math.isfinite(self.window_s) and self.window_s >= 0,
+            f"window_s must be finite and >= 0, got {self.window_s}",
+        )
+
+    @property
+    def num_blocks(self) -> int:
+        return self.num_blocks_used + self.num_blocks_free
+
+
+def utilisation_compute(report: LoadReport, prefill_capacity_tokens: int) -> float:
+    """Busy fraction, or queued prefill work over what counts as a full worker if higher."""
+    return max(report.busy_fraction, report.num_queued_prefill_tokens / prefill_capacity_tokens)
+
+
+def utilisation_memory(report: LoadReport) -> float:
+    """KV blocks used over the pool; a worker without a free block (or any) is full."""
+    if report.num_blocks_free == 0:
+        return 1.0
+    return report.num_blocks_used / report.num_blocks
+
+
+def utilisation(report: LoadReport, prefill_capacity_tokens: int) -> float:
+    """DESIGN.md §5: ``U = max(U_compute, U_memory)``. ``prefill_capacity_tokens``: queued
+    prompt tokens that count as a fully busy worker (``U_compute = 1``)."""
+    return max(utilisation_compute(report, prefill_capacity_tokens), utilisation_memory(report))
 
 
 class LoadMeter:

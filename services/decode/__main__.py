@@ -15,13 +15,29 @@ import logging
 import os
 import sys
 
-from services.common.config import EngineConfig, RpcConfig, TracingConfig
+from services.common.config import RpcConfig, TracingConfig
+from services.common.engine_args import (
+    NO_KV_TRANSPORT,
+    add_engine_args,
+    add_kv_transport_arg,
+    engine_config,
+)
+from services.common.metrics import EngineCollector, add_metrics_args, start_metrics
+from services.common.network import add_host_args, resolve_host
 from services.decode.core import DecodeConfig, DecodeWorker
 from services.decode.dataplane_receiver import DataPlaneReceiver
 from services.decode.servicer import decode_service, kv_data_handler
 from services.engine.engine import Engine
+from services.migration.worker import add_migration_args, start_migration
 from services.rpc import dataplane
+from services.rpc.admission import add_admission_args, admission_interceptors, reservation_quota
 from services.rpc.load_reports import reporting_to, serve_while_alive, worker_info
+from services.rpc.security import (
+    Role,
+    add_security_args,
+    secure_data_planes,
+    security_config,
+)
 from services.rpc.server import run_service, start_server
 from services.rpc.tracing import setup_tracing
 
@@ -32,42 +48,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
     p = argparse.ArgumentParser(prog="python -m services.decode", description=__doc__)
     p.add_argument("--port", type=int, default=int(env("BANASERVE_DECODE_PORT", "0")))
-    p.add_argument("--model", default=env("BANASERVE_MODEL", "tiny-llama"))
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--kv-cache-bytes", type=int, default=1 << 30)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-model-len", type=int, default=None)
+    add_engine_args(p, model_default=env("BANASERVE_MODEL", "tiny-llama"))
+    add_kv_transport_arg(p)
     p.add_argument("--role", choices=("decode", "mixed"), default="decode")
     p.add_argument("--worker-id", default=None, help="default: ROLE-PORT")
     p.add_argument("--router", default=env("BANASERVE_ROUTER", ""), help="HOST:PORT")
     p.add_argument("--report-interval", type=float, default=0.1)
     p.add_argument("--max-lease", type=float, default=60.0)
-    p.add_argument(
-        "--kv-transport",
-        choices=(*dataplane.KINDS, "none"),
-        default="ucx",
-        help="the data plane KV transfers may arrive on (none: the TransferKV stream only)",
-    )
     p.add_argument("--tracing", choices=("none", "console", "otlp"), default="none")
     p.add_argument("--otlp-endpoint", default="")
     p.add_argument("--log-level", default=env("BANASERVE_LOG_LEVEL", "INFO"))
+    add_security_args(p)
+    add_admission_args(p, reservations=True)
+    add_host_args(p)
+    add_metrics_args(p)
+    add_migration_args(p)
     return p.parse_args(argv)
-
-
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        model=args.model,
-        dtype=args.dtype,
-        block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks,
-        kv_cache_bytes=args.kv_cache_bytes,
-        max_num_seqs=args.max_num_seqs,
-        max_model_len=args.max_model_len,
-        num_threads=args.threads,
-    )
 
 
 def _worker_info(args: argparse.Namespace, engine: Engine, address: str):
@@ -88,7 +84,12 @@ async def serve(args: argparse.Namespace) -> None:
     tracing = setup_tracing(
         TracingConfig(args.tracing, args.otlp_endpoint, service_name="banaserve-decode")
     )
-    rpc = RpcConfig(port=args.port)
+    rpc = RpcConfig(
+        host=resolve_host(args.host),
+        port=args.port,
+        security=security_config(args, Role(args.role)),
+    )
+    secure_data_planes(rpc.security)
     engine = await asyncio.to_thread(Engine, engine_config(args))
     worker = DecodeWorker(
         engine,
@@ -101,13 +102,24 @@ async def serve(args: argparse.Namespace) -> None:
     await worker.start()
     receiver = DataPlaneReceiver(worker)
     data = None
-    if args.kv_transport != "none":
-        data = dataplane.serve(args.kv_transport, kv_data_handler(receiver))
+    if args.kv_transport != NO_KV_TRANSPORT:
+        data = dataplane.serve(args.kv_transport, kv_data_handler(receiver), host=rpc.host)
         await data.start()
+    seqs = engine.config.max_num_seqs
     service = decode_service(
-        worker, data.address if data else "", args.kv_transport if data else ""
+        worker,
+        data.address if data else "",
+        args.kv_transport if data else "",
+        reservation_quota(args, seqs),
     )
-    server = await start_server([service], rpc, tracing=tracing)
+    migration = await start_migration(args, worker, rpc.host)
+    server = await start_server(
+        [service, migration.service],
+        rpc,
+        tracing=tracing,
+        interceptors=admission_interceptors(args, seqs),
+    )
+    await start_metrics(args, rpc.host, EngineCollector(args.role, args.model, engine, worker))
     print(f"LISTENING {server.address}", flush=True)
     info = _worker_info(args, engine, server.address)
     assert worker.died is not None  # set by start()
@@ -118,6 +130,7 @@ async def serve(args: argparse.Namespace) -> None:
         ) as reporter:
             died = await serve_while_alive(server, worker.died, reporter)
     finally:
+        await migration.stop()
         if data is not None:
             await data.stop()
             await receiver.stop()

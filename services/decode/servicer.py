@@ -8,14 +8,17 @@ conditions are checked against services/common/limits.py before anything else.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
+from services.common.admission import Hold, HoldQuota
 from services.common.errors import BanaServeError, InvalidRequestError
 from services.common.limits import check_block_hashes, check_id, check_name, check_stop
 from services.decode import core, transfer
 from services.decode.dataplane_receiver import DataPlaneReceiver
 from services.engine.kv_cache import KVLayout
+from services.rpc.admission import client_identity
 from services.rpc.convert import (
     DATA_TRANSPORT_TO_PROTO,
     DTYPE_FROM_PROTO,
@@ -127,23 +130,39 @@ def _release_reason(number: int) -> str:
 
 class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     def __init__(
-        self, worker: core.DecodeWorker, data_address: str = "", data_transport: str = ""
+        self,
+        worker: core.DecodeWorker,
+        data_address: str = "",
+        data_transport: str = "",
+        quota: HoldQuota | None = None,
     ) -> None:
         self._worker = worker
+        # Per-client cap on reservations held (services/rpc/admission.py): one caller cannot
+        # take every sequence slot. Each hold is dropped once its request holds nothing here.
+        self._quota = quota
+        self._watchers: set[asyncio.Task[None]] = set()
         self._data_address = data_address  # the KV data plane, if this worker serves one
         self._data_transport = DATA_TRANSPORT_TO_PROTO.get(data_transport, 0)
 
     async def ReserveKV(self, request, context):
         check_id(request.request_id, "request_id")
         check_stop(request.sampling.stop, request.sampling.stop_token_ids)
-        reservation = await self._worker.reserve(
-            request.request_id,
-            list(request.prompt_token_ids),
-            sampling_from_proto(request.sampling),
-            seconds(request.lease) if request.HasField("lease") else None,
-            seconds(request.timeout) if request.HasField("timeout") else None,
-            request.prefill_locally,
-        )
+        hold = self._quota.take(client_identity(context)) if self._quota else None
+        try:
+            reservation = await self._worker.reserve(
+                request.request_id,
+                list(request.prompt_token_ids),
+                sampling_from_proto(request.sampling),
+                seconds(request.lease) if request.HasField("lease") else None,
+                seconds(request.timeout) if request.HasField("timeout") else None,
+                request.prefill_locally,
+            )
+        except BaseException:
+            if hold is not None:
+                hold.drop()
+            raise
+        if hold is not None:
+            self._drop_when_ended(hold, request.request_id)
         return decode_pb2.ReserveKVResponse(
             reservation_id=reservation.reservation_id,
             num_blocks=reservation.num_blocks,
@@ -151,6 +170,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             data_address=self._data_address,
             data_transport=self._data_transport,
         )
+
+    def _drop_when_ended(self, hold: Hold, request_id: str) -> None:
+        watcher = asyncio.ensure_future(self._worker.ended(request_id).wait())
+        self._watchers.add(watcher)
+        watcher.add_done_callback(lambda task: (self._watchers.discard(task), hold.drop()))
 
     async def TransferKV(self, request_iterator, context):
         try:
@@ -220,10 +244,13 @@ def kv_data_handler(receiver: DataPlaneReceiver) -> Handler:
 
 
 def decode_service(
-    worker: core.DecodeWorker, data_address: str = "", data_transport: str = ""
+    worker: core.DecodeWorker,
+    data_address: str = "",
+    data_transport: str = "",
+    quota: HoldQuota | None = None,
 ) -> Service:
     return Service.bind(
-        DecodeServicer(worker, data_address, data_transport),
+        DecodeServicer(worker, data_address, data_transport, quota),
         decode_pb2_grpc.add_DecodeServiceServicer_to_server,
         decode_pb2.DESCRIPTOR.services_by_name["DecodeService"],
     )

@@ -1,20 +1,20 @@
 """A KV transfer's frames as the decode worker sees them, and the assembly of each layer.
 
 A transfer is one header, layer chunks in any order of layers (a layer may come in several
-chunks of whole blocks), and one end frame. ``LayerAssembler`` checks every chunk against the
-header's layout before it copies a byte and hands each layer out once all its blocks are in.
+chunks of whole blocks, each in the KV wire layout of services/common/kv_wire.py), and one end
+frame. ``LayerAssembler`` checks every chunk against the header's layout before it copies a byte
+and hands each layer out once all its blocks are in.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
+from services.common import kv_wire
 from services.common.errors import InvalidRequestError
-from services.engine.kv_cache import KVLayout
-from services.engine.models.loader import DTYPES
+from services.common.kv_layout import KVLayout
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,7 @@ class LayerAssembler:
     def __init__(self, layout: KVLayout, num_layers: int) -> None:
         self.num_layers = num_layers
         self.num_blocks = layout.num_blocks
-        self.block_shape = (layout.block_size, layout.num_kv_heads, layout.head_dim)
-        self.dtype = DTYPES[layout.dtype]
+        self.layout = layout
         self.num_bytes = 0
         self._partial: dict[int, tuple[torch.Tensor, set[int]]] = {}
         self._complete: set[int] = set()
@@ -63,16 +62,15 @@ class LayerAssembler:
     def add(self, chunk: LayerChunk) -> torch.Tensor | None:
         first, n = chunk.first_block, chunk.num_blocks
         self._check(chunk)
-        data = torch.frombuffer(_writable(chunk.data), dtype=self.dtype)
-        data = data.view(2, n, *self.block_shape)
+        data = kv_wire.decode_blocks(chunk.data, self.layout, n)  # a view, no copy
         self.num_bytes += data.nbytes
         if first == 0 and n == self.num_blocks and chunk.layer not in self._partial:
             self._complete.add(chunk.layer)
             return data
-        shape = (2, self.num_blocks, *self.block_shape)
-        buf, seen = self._partial.setdefault(
-            chunk.layer, (torch.empty(shape, dtype=self.dtype), set())
-        )
+        if chunk.layer not in self._partial:
+            empty = kv_wire.empty_layer(data.dtype, self.num_blocks, self.layout.block_shape)
+            self._partial[chunk.layer] = (empty, set())
+        buf, seen = self._partial[chunk.layer]
         blocks = set(range(first, first + n))
         if blocks & seen:
             raise InvalidRequestError(f"layer {chunk.layer}: blocks sent twice")
@@ -94,8 +92,7 @@ class LayerAssembler:
                 f"layer {chunk.layer}: blocks [{chunk.first_block}, "
                 f"{chunk.first_block + chunk.num_blocks}) outside the {self.num_blocks} reserved"
             )
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        expected = 2 * chunk.num_blocks * math.prod(self.block_shape) * itemsize
+        expected = chunk.num_blocks * kv_wire.layout_block_nbytes(self.layout)
         num_bytes = memoryview(chunk.data).nbytes
         if num_bytes != expected:
             raise InvalidRequestError(
@@ -107,10 +104,3 @@ class LayerAssembler:
         if len(self._complete) != self.num_layers:
             missing = sorted(set(range(self.num_layers)) - self._complete)
             raise InvalidRequestError(f"transfer ended with layers {missing} incomplete")
-
-
-def _writable(data: bytes | bytearray | memoryview) -> bytearray | memoryview:
-    """A buffer torch may view: ``bytes`` are copied (torch warns on read-only memory), a
-    writable buffer is used as it is."""
-    view = memoryview(data)
-    return bytearray(view) if view.readonly else view

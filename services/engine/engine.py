@@ -38,6 +38,7 @@ from services.common.errors import (
     ResourceExhaustedError,
 )
 from services.common.types import FinishReason, RequestOutput, SamplingParams
+from services.engine import paged_decode
 from services.engine.attention import PartialAttention
 from services.engine.block_manager import BlockManager
 from services.engine.kv_cache import KVCache, KVLayout
@@ -81,6 +82,8 @@ class Engine:
             torch.set_num_threads(config.num_threads)
         self.config = config
         self.path = resolve_model(config.model)
+        if torch.device(config.device).type == "cpu":
+            paged_decode.load()  # build/load the C++ kernels now, not in the first request's step
         loaded = load_model(self.path, config.dtype, config.device)
         self.model, self.spec, self.fingerprint = loaded.model, loaded.spec, loaded.fingerprint
         self.tokenizer = Tokenizer(self.path)

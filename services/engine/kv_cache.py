@@ -10,7 +10,8 @@ grow and shrink (``resize``). Each layer is its own tensor, so a resize realloca
 a time: the extra memory it needs at any moment is one layer's, never a second pool.
 
 A layer's KV for a list of blocks leaves the cache as one tensor
-``[2, num_blocks, block_size, kv_heads, head_dim]`` (K then V) plus a ``KVLayout`` that says
+``[2, num_blocks, block_size, kv_heads, head_dim]`` (K then V; a view of block-major memory,
+the wire's layout: services/common/kv_wire.py) plus a ``KVLayout`` that says
 exactly what it is, so a receiver can check it before writing and KV can stream out one layer
 at a time. A layout may start at a later block (``first_block``), so a delta written after a
 copy can follow it.
@@ -18,46 +19,13 @@ copy can follow it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from services.common.errors import InvalidRequestError
-from services.common.hashing import BlockHash
+from services.common.kv_layout import KVLayout
+from services.common.kv_wire import DTYPE_NAMES
 
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-@dataclass(frozen=True)
-class KVLayout:
-    """Describes one exported layer of one sequence's KV: blocks ``[first_block, ...)``.
-
-    ``block_hashes`` names the full blocks of that range by content (the wire identity of a
-    block); ``num_tokens`` is where the range ends (tokens ``[0, num_tokens)`` of the sequence
-    exist once it is written), so a trailing partial block (which has no hash) is carried too.
-    """
-
-    fingerprint: str
-    layer: int
-    num_tokens: int
-    block_hashes: tuple[BlockHash, ...]
-    dtype: str
-    block_size: int
-    num_kv_heads: int
-    head_dim: int
-    first_block: int = 0
-
-    @property
-    def num_blocks(self) -> int:
-        return -(-self.num_tokens // self.block_size) - self.first_block
-
-    @property
-    def first_token(self) -> int:
-        return self.first_block * self.block_size
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (2, self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+__all__ = ["DTYPE_NAMES", "KVCache", "KVLayout"]  # the last two re-exported: imported from here
 
 
 class KVCache:
@@ -172,11 +140,13 @@ class KVCache:
     # -- export / import ---------------------------------------------------------------
 
     def export_layer(self, layer: int, block_ids: list[int], layout: KVLayout) -> torch.Tensor:
-        """A copy of ``layer``'s K and V in ``block_ids``: ``[2, n, block_size, kv_heads, d]``."""
+        """A copy of ``layer``'s K and V in ``block_ids``: ``[2, n, block_size, kv_heads, d]``,
+        a view of block-major memory, so its wire bytes (kv_wire.py) need no second copy."""
         self._check(layout, layer, len(block_ids))
         k, v = self.layer(layer)
         index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        return torch.stack([k.index_select(0, index), v.index_select(0, index)])
+        blocks = torch.stack([k.index_select(0, index), v.index_select(0, index)], dim=1)
+        return blocks.transpose(0, 1)
 
     def import_layer(self, block_ids: list[int], data: torch.Tensor, layout: KVLayout) -> None:
         """Write an exported layer into ``block_ids`` of this cache after checking its layout."""

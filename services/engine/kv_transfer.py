@@ -27,9 +27,10 @@ from services.common.errors import (
     ResourceExhaustedError,
 )
 from services.common.hashing import ROOT_HASH, BlockHash, hash_block
+from services.common.kv_layout import KVLayout
 from services.common.types import SamplingParams
 from services.engine.block_manager import BlockManager
-from services.engine.kv_cache import KVCache, KVLayout
+from services.engine.kv_cache import KVCache
 from services.engine.requests import RequestState, RequestTable
 from services.engine.scheduler import Scheduler
 from services.engine.sequence import Sequence

@@ -1,5 +1,8 @@
 """Paged decode attention in C++ (``csrc/paged_decode.cpp``), built at first use.
 
+The same library carries the engine's other CPU kernel, the small-batch matmul of
+``csrc/small_gemm.cpp`` (used by ``models/packed_linear.py``): ``load()`` builds and loads both.
+
 The torch path gathers every decoding sequence's blocks into one padded tensor
 before SDPA; this kernel reads K/V rows where they lie in the cache, one
 ``(sequence, kv head)`` at a time with the query heads of its group together,
@@ -7,14 +10,14 @@ so nothing is copied and no padded slot is computed.
 
 Lifecycle (one process):
 
-1. the first decode step asks ``supports(q, k_cache)``; on CPU tensors of a
-   supported dtype that calls ``load()`` once;
+1. the engine calls ``load()`` when it is created (``Engine.__init__``, so no request pays
+   the build); otherwise the first decode step's ``supports(q, k_cache)`` does, once;
 2. ``load()`` looks for the shared library in ``kernel_cache_dir()``, named by a
-   hash of the source, the compile command, torch's version and the CPU's flags,
+   hash of the sources, the compile command, torch's version and the CPU's flags,
    so a stale or foreign build is never picked up. If it is missing, g++ builds it
    (a few seconds; under a file lock, so concurrent processes build it once) and
    the finished file is renamed into place. ``torch.ops.load_library`` registers
-   ``torch.ops.banaserve.paged_decode``;
+   ``torch.ops.banaserve.paged_decode`` and ``torch.ops.banaserve.small_gemm``;
 3. if anything fails (no compiler, a compile error, an unloadable library) the
    reason is logged once and ``supports`` answers ``False`` for the rest of the
    process: callers keep the torch path, which gives the same results.
@@ -35,7 +38,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
+SOURCES = tuple(
+    Path(__file__).parent / "csrc" / name for name in ("paged_decode.cpp", "small_gemm.cpp")
+)
 DTYPES = (torch.float32, torch.bfloat16)
 HEAD_SIZES = (32, 64, 128)  # the kernel's compiled variants (dispatch_head_size)
 COMPILE_TIMEOUT_S = 600.0
@@ -53,7 +58,7 @@ def kernel_cache_dir() -> Path:
     return Path.home() / ".cache" / "banaserve" / "kernels"
 
 
-def compile_command(source: Path, output: Path) -> list[str]:
+def compile_command(sources: tuple[Path, ...], output: Path) -> list[str]:
     torch_dir = Path(torch.__file__).parent
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     return [
@@ -61,7 +66,7 @@ def compile_command(source: Path, output: Path) -> list[str]:
         *("-O3", "-march=native", "-std=c++20", "-fPIC", "-shared", "-fopenmp-simd", "-w"),
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
         f"-I{torch_dir / 'include'}",
-        str(source),
+        *map(str, sources),
         "-o",
         str(output),
         f"-L{torch_dir / 'lib'}",
@@ -79,13 +84,14 @@ def _cpu_flags() -> str:
 
 
 def library_path(cache_dir: Path) -> Path:
-    """Where the build for this source, compiler command, torch and CPU lives."""
+    """Where the build for these sources, compiler command, torch and CPU lives."""
     key = hashlib.blake2b(digest_size=8)
-    key.update(SOURCE.read_bytes())
-    key.update(" ".join(compile_command(Path("src"), Path("out"))).encode())
+    for source in SOURCES:
+        key.update(source.read_bytes())
+    key.update(" ".join(compile_command((Path("src"),), Path("out"))).encode())
     key.update(torch.__version__.encode())
     key.update(_cpu_flags().encode())
-    return cache_dir / f"paged_decode_{key.hexdigest()}.so"
+    return cache_dir / f"kernels_{key.hexdigest()}.so"
 
 
 def build(cache_dir: Path) -> Path:
@@ -99,10 +105,10 @@ def build(cache_dir: Path) -> Path:
         if path.exists():  # another process built it while we waited
             return path
         scratch = path.with_suffix(f".{os.getpid()}.tmp")
-        command = compile_command(SOURCE, scratch)
+        command = compile_command(SOURCES, scratch)
         if shutil.which(command[0]) is None:
             raise FileNotFoundError(f"no C++ compiler {command[0]!r} on PATH")
-        log.info("building the paged decode kernel: %s", " ".join(command))
+        log.info("building the engine's CPU kernels: %s", " ".join(command))
         done = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         if done.returncode != 0:
             scratch.unlink(missing_ok=True)

@@ -41,3 +41,22 @@ class EngineSnapshot:
     hosted_layers: tuple[HostedRange, ...]  # layer ranges run here for other engines
     num_hosted_blocks: int  # blocks held here for other engines' attention
     memory: MemoryReport
+
+    @property
+    def num_hosted_layers(self) -> int:
+        """Layers run here for other engines, over every hosted range (a load report's)."""
+        return sum(r.end - r.start for r in self.hosted_layers)
+
+
+@dataclass(frozen=True)
+class LoopSnapshot:
+    """``EngineLoop.snapshot`` (loop.py): the engine's snapshot and the loop's own counters,
+    published together after every step and every batch of commands."""
+
+    engine: EngineSnapshot
+    num_waiting_tokens: int  # tokens the waiting sequences have still to compute
+    num_steps: int  # steps that ran a batch
+    num_failed_steps: int  # steps that raised: their requests failed
+    num_prefix_fallbacks: int  # requests whose prefix fetch failed, recomputed
+    num_commands: int  # commands run
+    num_idle_waits: int  # times the engine thread slept for lack of work

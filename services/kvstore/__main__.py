@@ -14,12 +14,21 @@ import sys
 from pathlib import Path
 
 from services.common.config import RpcConfig, TracingConfig
+from services.common.metrics import KVStoreCollector, add_metrics_args, start_metrics
+from services.common.network import add_host_args, resolve_host
 from services.kvstore.core import KVStoreConfig, KVStoreNode
 from services.kvstore.disk import DiskTier
 from services.kvstore.metadata import MetadataStore, NodeInfo
 from services.kvstore.pool import BlockPool, PoolConfig
 from services.kvstore.servicer import data_handler, kvstore_service
 from services.rpc import dataplane
+from services.rpc.admission import KVSTORE_CAPACITY, add_admission_args, admission_interceptors
+from services.rpc.security import (
+    Role,
+    add_security_args,
+    secure_data_planes,
+    security_config,
+)
 from services.rpc.server import run_service, start_server
 from services.rpc.tracing import setup_tracing
 
@@ -44,6 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tracing", choices=("none", "console", "otlp"), default="none")
     p.add_argument("--otlp-endpoint", default="")
     p.add_argument("--log-level", default=env("BANASERVE_LOG_LEVEL", "INFO"))
+    add_security_args(p)
+    add_admission_args(p)
+    add_host_args(p)
+    add_metrics_args(p)
     return p.parse_args(argv)
 
 
@@ -61,9 +74,17 @@ async def serve(args: argparse.Namespace) -> None:
     pool = make_pool(args)
     metadata = MetadataStore.from_url(args.redis, prefix=args.key_prefix)
     node = KVStoreNode(pool, metadata, KVStoreConfig(heartbeat_interval_s=args.heartbeat_interval))
-    data = dataplane.serve(args.data_transport, data_handler(node), port=args.data_port)
+    host = resolve_host(args.host)
+    security = security_config(args, Role.KVSTORE)
+    secure_data_planes(security)
+    data = dataplane.serve(args.data_transport, data_handler(node), host=host, port=args.data_port)
     await data.start()
-    server = await start_server([kvstore_service(node)], RpcConfig(port=args.port), tracing=tracing)
+    server = await start_server(
+        [kvstore_service(node)],
+        RpcConfig(host=host, port=args.port, security=security),
+        tracing=tracing,
+        interceptors=admission_interceptors(args, KVSTORE_CAPACITY),
+    )
     info = NodeInfo(
         args.node_id or f"kvstore-{server.address.rsplit(':', 1)[1]}",
         server.address,
@@ -71,6 +92,7 @@ async def serve(args: argparse.Namespace) -> None:
         args.data_transport,
     )
     await node.start(info)
+    await start_metrics(args, host, KVStoreCollector(node))
     print(f"LISTENING {server.address}", flush=True)
     log.info("node %s: data plane %s over %s", info.node_id, data.address, args.data_transport)
     try:

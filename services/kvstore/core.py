@@ -11,7 +11,8 @@ through a ``MetadataSession``:
 3. ``expire`` runs every ``sweep_interval_s``: reservations and pins past their TTL are freed.
 
 Data plane requests (``handle_data``) read one layer of a pin's blocks or write one layer of a
-reservation's blocks; the payload is those blocks' bytes, block after block.
+reservation's blocks; the payload is those blocks' bytes, block after block (each block's
+layer one opaque slab: the KV wire layout of services/common/kv_wire.py, never looked into).
 
 Every call that names block hashes checks them with ``check_block_hashes`` first (the one
 check, services/common/limits.py), so Lookup, Pin, Reserve and writes accept the same hashes.

@@ -27,6 +27,10 @@ Who calls what, when:
 4. The owner calls ``expire()`` periodically: reservations and pins older than their TTL are
    dropped, so a writer or reader that dies cannot hold memory or blocks forever. ``expire``
    never removes a committed block.
+A committed block carries a checksum (services/kvstore/checksum.py), verified when ``pin``
+finds it in memory or promotes it from disk: a block whose bytes changed is dropped and read as
+a miss (``num_corrupt`` counts them), so it is recomputed rather than served.
+
 5. ``on_evict(hashes)`` is called synchronously, once at the end of a ``reserve`` or ``pin``
    that made blocks unavailable from this store: dropped from memory with no disk tier,
    dropped by the disk tier's own bound, or found corrupt on disk. A block moved to disk is
@@ -49,6 +53,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -62,7 +67,10 @@ from services.common.errors import (
 )
 from services.common.hashing import BlockHash
 from services.common.limits import check_block_hashes
+from services.kvstore.checksum import block_checksum, intact
 from services.kvstore.disk import DiskTier
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,7 @@ class Block:
     reservation_id: int | None = None  # the writer while WRITING
     num_pins: int = 0
     layers_written: set[int] = field(default_factory=set)
+    checksum: int | None = None  # set at commit
 
     @property
     def num_layers(self) -> int:
@@ -167,6 +176,8 @@ class BlockPool:
         self.num_bytes_used = 0
         self.num_evicted = 0
         self.num_promoted = 0
+        self.num_corrupt = 0
+        self._disk_checksums: dict[BlockHash, int | None] = {}  # blocks the disk tier holds
 
     @property
     def num_blocks(self) -> int:
@@ -290,6 +301,7 @@ class BlockPool:
         for block in blocks:
             block.status = BlockStatus.COMMITTED
             block.reservation_id = None
+            block.checksum = block_checksum(block.layers)
             self._lru[block.block_hash] = None
         return list(reservation.to_write)
 
@@ -374,7 +386,9 @@ class BlockPool:
         """The committed block in memory, promoted from disk if need be; None for a miss."""
         block = self.blocks.get(block_hash)
         if block is not None:
-            return block if block.status is BlockStatus.COMMITTED else None
+            if block.status is not BlockStatus.COMMITTED:
+                return None
+            return block if self._intact(block, gone) else None
         if self.disk is None or block_hash not in self.disk:
             return None
         return self._promote(self.disk, block_hash, gone)
@@ -383,7 +397,14 @@ class BlockPool:
         self, disk: DiskTier, block_hash: BlockHash, gone: list[BlockHash]
     ) -> Block | None:
         layers = disk.get(block_hash)
+        checksum = self._disk_checksums.pop(block_hash, None)
         if layers is None:  # unreadable: the disk tier deleted it
+            gone.append(block_hash)
+            return None
+        if not intact(layers, checksum):
+            log.warning("kvstore: block %s changed on disk; dropped", block_hash.hex())
+            self.num_corrupt += 1
+            disk.discard(block_hash)
             gone.append(block_hash)
             return None
         victims = self._victims(len(layers) * len(layers[0]))
@@ -392,7 +413,7 @@ class BlockPool:
         # Off the disk before evicting to it, so the disk's own bound cannot drop it.
         disk.discard(block_hash)
         gone.extend(self._evict(victims))
-        block = Block(block_hash, layers, BlockStatus.COMMITTED)
+        block = Block(block_hash, layers, BlockStatus.COMMITTED, checksum=checksum)
         self._add(block)
         self._lru[block_hash] = None
         self.num_promoted += 1
@@ -420,8 +441,24 @@ class BlockPool:
             if self.disk is None:
                 gone.append(block.block_hash)
             else:
-                gone.extend(self.disk.put(block.block_hash, block.layers))
+                self._disk_checksums[block.block_hash] = block.checksum
+                dropped = self.disk.put(block.block_hash, block.layers)
+                for h in dropped:
+                    self._disk_checksums.pop(h, None)
+                gone.extend(dropped)
         return gone
+
+    def _intact(self, block: Block, gone: list[BlockHash]) -> bool:
+        """Verifies a committed block in memory; a changed one is dropped (unless a reader
+        holds it pinned: it stays until unpinned, and is never handed out again)."""
+        if intact(block.layers, block.checksum):
+            return True
+        log.warning("kvstore: block %s changed in memory; dropped", block.block_hash.hex())
+        self.num_corrupt += 1
+        if block.num_pins == 0:
+            self._remove(block)
+            gone.append(block.block_hash)
+        return False
 
     def _add(self, block: Block) -> None:
         self.blocks[block.block_hash] = block

@@ -11,14 +11,35 @@ from __future__ import annotations
 import argparse
 import sys
 
-from services.common.config import EngineConfig, RpcConfig, TracingConfig
+from services.common.config import RpcConfig, TracingConfig
+from services.common.engine_args import (
+    NO_KV_TRANSPORT,
+    add_engine_args,
+    add_kv_transport_arg,
+    engine_config,
+)
+from services.common.metrics import EngineCollector, add_metrics_args, start_metrics
+from services.common.network import add_host_args, resolve_host
 from services.engine.engine import Engine
+from services.migration.worker import (
+    PREFILL_CANNOT_DONATE,
+    add_migration_args,
+    start_migration,
+)
 from services.prefill.clients import DEFAULT_MAX_CHUNK_BYTES, GrpcKVTransport
 from services.prefill.core import PrefillWorker
 from services.prefill.dataplane_transport import DataPlaneKVTransport, TargetKVTransport
+from services.prefill.kv_targets import checked_by_router
 from services.prefill.kvstore_client import KVStoreClient
 from services.prefill.servicer import prefill_service
+from services.rpc.admission import add_admission_args, admission_interceptors
 from services.rpc.load_reports import reporting_to, serve_while_alive, worker_info
+from services.rpc.security import (
+    Role,
+    add_security_args,
+    secure_data_planes,
+    security_config,
+)
 from services.rpc.server import run_service, start_server
 from services.rpc.tracing import setup_tracing
 
@@ -26,18 +47,9 @@ from services.rpc.tracing import setup_tracing
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m services.prefill", description=__doc__)
     p.add_argument("--port", type=int, default=0, help="0: the OS picks one")
-    p.add_argument("--model", default="tiny-llama", help="prepared model name or directory")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    add_engine_args(p)
+    add_kv_transport_arg(p)
     p.add_argument("--max-chunk-bytes", type=int, default=DEFAULT_MAX_CHUNK_BYTES)
-    p.add_argument(
-        "--kv-transport",
-        choices=("auto", "grpc"),
-        default="auto",
-        help="auto: KV to a decode worker's data plane when it has one; grpc: TransferKV only",
-    )
     p.add_argument("--router", default=None, metavar="HOST:PORT", help="register and report load")
     p.add_argument(
         "--kvstore",
@@ -57,33 +69,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tracing", choices=("none", "console", "otlp"), default="none")
     p.add_argument("--otlp-endpoint", default="")
     p.add_argument("--log-level", default="INFO")
+    add_security_args(p)
+    add_admission_args(p)
+    add_host_args(p)
+    add_metrics_args(p)
+    add_migration_args(p)
     return p.parse_args(argv)
 
 
 async def serve(args: argparse.Namespace) -> None:
-    rpc = RpcConfig(port=args.port)
+    rpc = RpcConfig(
+        host=resolve_host(args.host),
+        port=args.port,
+        security=security_config(args, Role.PREFILL),
+    )
+    secure_data_planes(rpc.security)
     tracing = setup_tracing(
         TracingConfig(
             exporter=args.tracing, otlp_endpoint=args.otlp_endpoint, service_name="prefill"
         )
     )
-    engine = Engine(
-        EngineConfig(
-            model=args.model,
-            dtype=args.dtype,
-            num_threads=args.threads,
-            num_kv_blocks=args.num_kv_blocks,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-        )
-    )
+    engine = Engine(engine_config(args))
+    data_plane = args.kv_transport != NO_KV_TRANSPORT
     transport = TargetKVTransport(
         GrpcKVTransport(rpc, tracing, args.max_chunk_bytes),
-        DataPlaneKVTransport(args.max_chunk_bytes) if args.kv_transport == "auto" else None,
+        DataPlaneKVTransport(args.max_chunk_bytes) if data_plane else None,
     )
+    if args.router:  # KV only to workers the router registered (docs/security.md)
+        transport = checked_by_router(transport, args.router, rpc)
     store = KVStoreClient(args.kvstore, rpc, args.kvstore_timeout) if args.kvstore else None
     worker = PrefillWorker(engine, transport, store=store, store_overlap=args.kvstore_overlap)
     worker.start()
-    server = await start_server([prefill_service(worker)], rpc, tracing=tracing)
+    migration = await start_migration(args, worker, rpc.host, PREFILL_CANNOT_DONATE)
+    server = await start_server(
+        [prefill_service(worker), migration.service],
+        rpc,
+        tracing=tracing,
+        interceptors=admission_interceptors(args, engine.config.max_num_seqs),
+    )
+    await start_metrics(args, rpc.host, EngineCollector("prefill", args.model, engine, worker))
     print(f"LISTENING {server.address}", flush=True)
     info = worker_info(
         args.worker_id or f"prefill-{server.address.rsplit(':', 1)[1]}",
@@ -103,6 +127,7 @@ async def serve(args: argparse.Namespace) -> None:
         ) as reporter:
             died = await serve_while_alive(server, worker.died, reporter)
     finally:
+        await migration.stop()
         await worker.stop()
         tracing.shutdown()  # flush spans, as the other services do
     if died is not None:

@@ -17,12 +17,14 @@ from collections.abc import Callable
 import grpc
 import torch
 
+from services.common import kv_wire
 from services.common.config import RpcConfig
-from services.engine.kv_cache import KVLayout
+from services.common.kv_layout import KVLayout
 from services.prefill.transport import KVSender, KVTarget, KVTransport, TransferError, TransferStats
 from services.rpc.channels import open_channel
 from services.rpc.convert import layout_to_proto
 from services.rpc.gen.banaserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+from services.rpc.status import error_code
 from services.rpc.tracing import DISABLED, Tracing
 
 # A layer is split so that no message comes near the channel's size limit.
@@ -32,7 +34,8 @@ DEFAULT_MAX_CHUNK_BYTES = 16 << 20
 def layer_chunks(
     data: torch.Tensor, layer: int, max_chunk_bytes: int
 ) -> list[common_pb2.KVLayerChunk]:
-    """``data`` ``[2, blocks, ...]`` as chunks of whole blocks, raw little-endian bytes each."""
+    """``data`` ``[2, blocks, ...]`` as chunks of whole blocks in the KV wire layout
+    (services/common/kv_wire.py)."""
     num_blocks = data.shape[1]
     block_bytes = max(1, data.nbytes // max(1, num_blocks))
     step = max(1, max_chunk_bytes // block_bytes)
@@ -41,7 +44,7 @@ def layer_chunks(
             layer=layer,
             first_block=first,
             num_blocks=min(step, num_blocks - first),
-            data=data[:, first : first + step].contiguous().view(torch.uint8).numpy().tobytes(),
+            data=kv_wire.encode(data, first, step).tobytes(),
         )
         for first in range(0, num_blocks, step)
     ]
@@ -97,7 +100,8 @@ class GrpcKVSender(KVSender):
         except grpc.aio.AioRpcError as exc:
             where = self._target.worker_id or self._target.address
             details = exc.details() or exc.code().name
-            self._failed = TransferError(exc.code().name, f"KV transfer to {where}: {details}")
+            code = error_code(exc.code())
+            self._failed = TransferError(code, f"KV transfer to {where}: {details}")
             return None
 
     async def _write_all(self) -> None:

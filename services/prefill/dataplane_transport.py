@@ -33,8 +33,9 @@ from typing import Any
 
 import torch
 
-from services.common.errors import InvalidRequestError
-from services.engine.kv_cache import KVLayout
+from services.common import kv_wire
+from services.common.errors import ErrorCode, InvalidRequestError
+from services.common.kv_layout import KVLayout
 from services.prefill.clients import DEFAULT_MAX_CHUNK_BYTES
 from services.prefill.transport import KVSender, KVTarget, KVTransport, TransferError, TransferStats
 from services.rpc import dataplane
@@ -67,26 +68,26 @@ def _frame(reservation_id: str, **frame: Any) -> bytes:
 def layer_messages(
     data: torch.Tensor, layer: int, reservation_id: str, max_chunk_bytes: int
 ) -> list[_Message]:
-    """``data`` ``[2, blocks, ...]`` as chunks of whole blocks; a layer that fits in one chunk
-    is sent from the exported tensor itself."""
+    """``data`` ``[2, blocks, ...]`` as chunks of whole blocks in the KV wire layout
+    (services/common/kv_wire.py): each chunk a view of the exported tensor, no copy."""
     num_blocks = data.shape[1]
     step = max(1, max_chunk_bytes // max(1, data.nbytes // max(1, num_blocks)))
     messages = []
     for first in range(0, num_blocks, step):
-        chunk = data[:, first : first + step].contiguous()  # no copy for a whole layer
-        ref = decode_pb2.KVTransferLayer(layer=layer, first_block=first, num_blocks=chunk.shape[1])
-        payload = chunk.view(torch.uint8).numpy()
-        messages.append(_Message(_frame(reservation_id, layer=ref), payload, chunk.nbytes))
+        payload = kv_wire.encode(data, first, step)
+        count = min(step, num_blocks - first)
+        ref = decode_pb2.KVTransferLayer(layer=layer, first_block=first, num_blocks=count)
+        messages.append(_Message(_frame(reservation_id, layer=ref), payload, payload.nbytes))
     return messages
 
 
 def transfer_error(exc: DataPlaneError, where: str) -> TransferError:
     if exc.kind is ErrorKind.UNAVAILABLE:
-        code = "UNAVAILABLE"
+        code = ErrorCode.UNAVAILABLE
     elif exc.kind is ErrorKind.TIMEOUT:
-        code = "DEADLINE_EXCEEDED"
+        code = ErrorCode.DEADLINE_EXCEEDED
     else:
-        code = exc.code or "UNKNOWN"
+        code = exc.code or ErrorCode.UNKNOWN
     return TransferError(code, f"KV transfer to {where}: {exc.message}")
 
 

@@ -28,7 +28,9 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from services.common import kv_wire
 from services.common.config import RpcConfig
+from services.common.errors import InvalidRequestError
 from services.common.hashing import BlockHash, place
 from services.rpc import dataplane
 from services.rpc.channels import open_channel
@@ -153,16 +155,17 @@ class KVStoreClient:
         (one block of one layer: ``[2, block_size, kv_heads, head_dim]``)."""
         reads = [self._read_run(run, layer) for run in prefix.runs]
         payloads = await asyncio.gather(*reads)
+        dtype, block_shape = kv_wire.DTYPE_NAMES[like.dtype], tuple(like.shape[1:])
         runs = [
-            torch.frombuffer(payload, dtype=like.dtype).view(run.num_blocks, *like.shape)
+            _decode_run(run, payload, dtype, block_shape)
             for run, payload in zip(prefix.runs, payloads, strict=True)
         ]
-        # [n, 2, ...] -> [2, n, ...] as a view: the engine's write is then the only copy (the
-        # usual case: every pinned block is wanted, from one node).
-        blocks = runs[0] if len(runs) == 1 else torch.cat(runs)
-        if list(positions) != list(range(blocks.shape[0])):
-            blocks = blocks[list(positions)]
-        return blocks.transpose(0, 1)
+        # Views of the payloads: the engine's write is then the only copy (the usual case:
+        # every pinned block is wanted, from one node).
+        blocks = runs[0] if len(runs) == 1 else torch.cat(runs, dim=1)
+        if list(positions) != list(range(blocks.shape[1])):
+            blocks = blocks[:, list(positions)]
+        return blocks
 
     async def _read_run(self, run: PinnedRun, layer: int) -> bytearray | memoryview:
         read = kvstore_pb2.KVDataRead(pin_id=run.pin_id, layer=layer, num_blocks=run.num_blocks)
@@ -207,7 +210,7 @@ class KVStoreClient:
         layers: Sequence[torch.Tensor],
     ) -> int:
         block = layers[0][:, 0]
-        layer_bytes = block.numel() * block.element_size()
+        layer_bytes = kv_wire.block_nbytes(kv_wire.DTYPE_NAMES[block.dtype], block.shape[1:])
         mine = [hashes[i] for i in indices]
         reply = await self._call(
             node,
@@ -241,9 +244,9 @@ class KVStoreClient:
         todo: list[int],
         hashes: Sequence[BlockHash],
     ) -> None:
-        """Every layer of the chosen blocks in one message (kvstore.proto ``KVDataWrite``):
-        per layer ``[2, n, bs, h, d]`` -> ``[k, 2, bs, h, d]``, layer after layer."""
-        payload = torch.stack([data[:, todo].transpose(0, 1) for data in layers])
+        """Every layer of the chosen blocks in one message (kvstore.proto ``KVDataWrite``), in
+        the KV wire layout (services/common/kv_wire.py), layer after layer."""
+        payload = kv_wire.encode_layers(layers, todo)
         write = kvstore_pb2.KVDataWrite(
             reservation_id=reservation_id,
             layer=0,
@@ -252,7 +255,7 @@ class KVStoreClient:
         )
         header = kvstore_pb2.KVDataRequest(write=write).SerializeToString()
         try:
-            await client.request(header, payload.view(torch.uint8).numpy(), self._timeout_s)
+            await client.request(header, payload, self._timeout_s)
         except dataplane.DataPlaneError as exc:
             raise StoreError(f"write to {client!r} failed: {exc}") from None
 
@@ -265,6 +268,15 @@ class KVStoreClient:
             raise StoreError(
                 f"{method} on {node.node_id} failed: {exc.code().name}: {exc.details()}"
             ) from None
+
+
+def _decode_run(
+    run: PinnedRun, payload: bytearray | memoryview, dtype: str, block_shape: tuple[int, ...]
+) -> torch.Tensor:
+    try:
+        return kv_wire.decode(payload, dtype, block_shape, run.num_blocks)
+    except InvalidRequestError as exc:
+        raise StoreError(f"read from {run.node.node_id}: {exc}") from None
 
 
 def _node(msg: kvstore_pb2.KVStoreNode) -> Node:

@@ -31,14 +31,15 @@ from dataclasses import dataclass
 
 import torch
 
-from services.engine.kv_cache import KVLayout
+from services.common.errors import ErrorCode
+from services.common.kv_layout import KVLayout
 
 
 class TransferError(Exception):
-    """A transfer failed; ``code`` names the gRPC status the caller should see (e.g.
-    ``"UNAVAILABLE"``, or the receiver's own status when it rejected the KV)."""
+    """A transfer failed; ``code`` is the status the caller should see (e.g. UNAVAILABLE, or
+    the receiver's own status when it rejected the KV)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message

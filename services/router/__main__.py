@@ -15,8 +15,11 @@ import contextlib
 import logging
 import sys
 
+from services.common.admission import AdmissionController
 from services.common.config import RpcConfig, TracingConfig
 from services.common.limits import PromptLimits
+from services.common.metrics import RequestMetrics, RouterCollector, add_metrics_args, start_metrics
+from services.common.network import add_host_args, resolve_host
 from services.router.clients import GrpcWorkerClients
 from services.router.core import POLICIES, Router, RouterConfig
 from services.router.driver import DriverConfig, RequestDriver, expire_periodically
@@ -24,7 +27,14 @@ from services.router.openai_api import OpenAIApi, load_served_model
 from services.router.openai_server import HttpServer
 from services.router.prompts import Encoder, PromptEncoder, prompt_limits
 from services.router.servicer import RouterServicer
+from services.rpc.admission import (
+    ROUTER_CAPACITY,
+    AdmissionInterceptor,
+    add_admission_args,
+    admission_config,
+)
 from services.rpc.gen.banaserve.v1 import router_pb2, router_pb2_grpc
+from services.rpc.security import Role, add_security_args, require_bearer, security_config
 from services.rpc.server import Service, run_service, start_server
 from services.rpc.tracing import setup_tracing
 
@@ -62,6 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tracing", choices=("none", "console", "otlp"), default="none")
     p.add_argument("--otlp-endpoint", default="")
     p.add_argument("--log-level", default="INFO")
+    add_security_args(p)
+    add_admission_args(p)
+    add_host_args(p)
+    add_metrics_args(p)
     return p.parse_args(argv)
 
 
@@ -90,15 +104,21 @@ def load_prompts(args: argparse.Namespace) -> PromptEncoder:
 
 
 async def start_http(
-    args: argparse.Namespace, driver: RequestDriver, rpc: RpcConfig, limits: PromptLimits
+    args: argparse.Namespace,
+    driver: RequestDriver,
+    rpc: RpcConfig,
+    limits: PromptLimits,
+    admission: AdmissionController | None = None,
 ) -> HttpServer | None:
     if args.no_http:
         return None
     if not args.model:
         log.warning("no OpenAI HTTP API: it needs --model (the name it serves, its tokenizer)")
         return None
-    api = OpenAIApi(driver, load_served_model(args.model), limits)
-    http = HttpServer(api.app, rpc.host, args.http_port, rpc.grace_s, on_stop=api.close)
+    api = OpenAIApi(driver, load_served_model(args.model), limits, admission=admission)
+    tokens = rpc.security.api_tokens if rpc.security is not None else ()
+    app = require_bearer(api.app, tokens) if tokens else api.app
+    http = HttpServer(app, rpc.host, args.http_port, rpc.grace_s, on_stop=api.close)
     await http.start()
     return http
 
@@ -106,7 +126,13 @@ async def start_http(
 async def serve(args: argparse.Namespace) -> None:
     prompts = load_prompts(args)
     receive = args.max_request_bytes or prompts.limits.receive_bytes
-    rpc = RpcConfig(port=args.port, max_receive_message_bytes=receive)
+    security = security_config(args, Role.ROUTER)
+    rpc = RpcConfig(
+        host=resolve_host(args.host),
+        port=args.port,
+        max_receive_message_bytes=receive,
+        security=security,
+    )
     tracing = setup_tracing(
         TracingConfig(
             exporter=args.tracing, otlp_endpoint=args.otlp_endpoint, service_name="router"
@@ -119,21 +145,24 @@ async def serve(args: argparse.Namespace) -> None:
         clients,
         DriverConfig(lease_s=args.lease_s, default_timeout_s=args.default_timeout_s),
     )
+    driver.observer = requests = RequestMetrics()
     servicer = RouterServicer(driver, model=args.model, prompts=prompts)
     service = Service.bind(
         servicer,
         router_pb2_grpc.add_RouterServiceServicer_to_server,
         router_pb2.DESCRIPTOR.services_by_name["RouterService"],
     )
-    server = await start_server([service], rpc, tracing=tracing)
+    admission = AdmissionInterceptor(AdmissionController(admission_config(args, ROUTER_CAPACITY)))
+    server = await start_server([service], rpc, tracing=tracing, interceptors=[admission])
     sweeper = asyncio.create_task(
         expire_periodically(
             router, args.expire_interval_s, lambda ids: log.warning("workers expired: %s", ids)
         )
     )
-    http = await start_http(args, driver, rpc, prompts.limits)
+    http = await start_http(args, driver, rpc, prompts.limits, admission.controller)
     if http is not None:
         print(f"HTTP {http.address}", flush=True)
+    await start_metrics(args, rpc.host, RouterCollector(router), requests.registry)
     print(f"LISTENING {server.address}", flush=True)
     try:
         await server.serve_until_signal()

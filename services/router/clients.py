@@ -45,6 +45,7 @@ from services.rpc.gen.banaserve.v1 import (
     prefill_pb2,
     prefill_pb2_grpc,
 )
+from services.rpc.status import error_code
 from services.rpc.tracing import DISABLED, Tracing
 
 RELEASE_TO_PROTO = {
@@ -60,7 +61,7 @@ def _delta(frame: common_pb2.TokenDelta) -> Delta:
 
 
 def _call_error(worker: WorkerInfo, call: str, exc: grpc.aio.AioRpcError) -> WorkerCallError:
-    return WorkerCallError(worker.worker_id, call, exc.code().name, exc.details() or "")
+    return WorkerCallError(worker.worker_id, call, error_code(exc.code()), exc.details() or "")
 
 
 class GrpcDecodeClient:

@@ -37,6 +37,7 @@ from services.common.errors import (
     ResourceExhaustedError,
 )
 from services.common.hashing import block_hashes
+from services.common.load import LoadReport
 from services.router.policies import (
     LoadPolicy,
     PrefillPolicy,
@@ -46,7 +47,6 @@ from services.router.policies import (
     most_free_blocks,
 )
 from services.router.registry import (
-    LoadReport,
     WorkerCapacity,
     WorkerInfo,
     WorkerRegistry,
@@ -157,9 +157,9 @@ class Router:
     ) -> WorkerInfo:
         return self._registry.register(worker_id, address, role, capacity)
 
-    def report(self, worker_id: str, load: LoadReport) -> bool:
-        """False: the report is older than one already seen and was ignored."""
-        return self._registry.report(worker_id, load)
+    def report(self, worker_id: str, load: LoadReport, timestamp: float) -> bool:
+        """False: the report is older (``timestamp``) than one already seen and was ignored."""
+        return self._registry.report(worker_id, load, timestamp)
 
     def mark_full(self, worker_id: str) -> None:
         """A worker refused a reservation the estimate allowed: no room there until it reports."""

@@ -44,7 +44,13 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from services.common.errors import AlreadyExistsError, BanaServeError, RequestNotFoundError
+from services.common.errors import (
+    AlreadyExistsError,
+    BanaServeError,
+    ErrorCode,
+    PermissionDeniedError,
+    RequestNotFoundError,
+)
 from services.common.types import FinishReason, SamplingParams
 from services.router.core import (
     Assignment,
@@ -65,10 +71,10 @@ class ReleaseReason(enum.Enum):
 
 
 class WorkerCallError(BanaServeError):
-    """A call to a worker failed. ``code`` is the gRPC status name it failed with (a string,
+    """A call to a worker failed with ``code`` (its gRPC status, mapped in services/rpc/status.py
     so that this module stays free of grpc); the servicer passes it on to the client."""
 
-    def __init__(self, worker_id: str, call: str, code: str, message: str) -> None:
+    def __init__(self, worker_id: str, call: str, code: ErrorCode, message: str) -> None:
         super().__init__(f"{call} on worker {worker_id!r} failed with {code}: {message}")
         self.worker_id = worker_id
         self.call = call
@@ -76,7 +82,7 @@ class WorkerCallError(BanaServeError):
 
     @property
     def lost(self) -> bool:
-        return self.code == "UNAVAILABLE"
+        return self.code is ErrorCode.UNAVAILABLE
 
 
 class WorkerLostError(BanaServeError):
@@ -110,6 +116,8 @@ class GenerateInput:
     request_id: str  # "" → the driver assigns one
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
+    # Who may abort it: the caller's identity (services.rpc.security.caller_identity).
+    owner: str = ""
 
 
 @dataclass(frozen=True)
@@ -169,6 +177,14 @@ class Finished:
 
 
 Event = Started | Delta | Finished
+
+
+class RequestObserver(Protocol):
+    """Told by the driver, on its event loop, how each request ended."""
+
+    def finished(self, event: Finished) -> None: ...
+
+    def failed(self, exc: BaseException) -> None: ...
 
 
 class DecodeClient(Protocol):
@@ -234,6 +250,7 @@ class _Job:
     ending: bool = False
     # The cleanup of the last request with this id, if it was still running at the open.
     predecessor: asyncio.Task[None] | None = None
+    owner: str = ""
 
 
 class EventStream:
@@ -275,6 +292,8 @@ class RequestDriver:
         self._clients = clients
         self._clock = clock
         self._jobs: dict[str, _Job] = {}
+        # Told of every request that ends (services/common/metrics.py); None: nobody listens.
+        self.observer: RequestObserver | None = None
 
     @property
     def num_running(self) -> int:
@@ -284,10 +303,13 @@ class RequestDriver:
         job = self._jobs.get(request_id)
         return None if job is None or job.ending else job
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, caller: str | None = None) -> None:
+        """``caller`` (None: the router itself) must be the request's owner."""
         job = self._live(request_id)
         if job is None:
             raise RequestNotFoundError(f"no running request {request_id!r}")
+        if caller is not None and caller != job.owner:
+            raise PermissionDeniedError(f"request {request_id!r} is another client's")
         job.events.put_nowait(_Stop())
 
     def cancel(self, request_id: str, stream: EventStream | None = None) -> None:
@@ -323,20 +345,31 @@ class RequestDriver:
             while True:
                 event = await self._next(job, task)
                 if isinstance(event, _Stop):
-                    yield _aborted(request, arrival, self._clock(), num_delivered)
+                    aborted = _aborted(request, arrival, self._clock(), num_delivered)
+                    self._observe(aborted)
+                    yield aborted
                     return
                 if isinstance(event, Delta):
                     num_delivered += len(event.token_ids)
                 elif isinstance(event, Finished):
                     event = dataclasses.replace(event, num_completion_tokens=num_delivered)
+                    self._observe(event)
                 yield event
                 if isinstance(event, Finished):
                     return
+        except Exception as exc:
+            if self.observer is not None:
+                self.observer.failed(exc)
+            raise
         finally:
             job.ending = True
             if self._clock() >= job.deadline:  # grpc may cancel us at the deadline first
                 job.release_reason = ReleaseReason.DEADLINE_EXCEEDED
             await self._stop(task)
+
+    def _observe(self, finished: Finished) -> None:
+        if self.observer is not None:
+            self.observer.finished(finished)
 
     def check_new(self, request_id: str) -> None:
         if self._live(request_id) is not None:
@@ -346,7 +379,7 @@ class RequestDriver:
         check_request(len(request.prompt_token_ids) > 0, "prompt must have at least one token")
         request_id = request.request_id or new_request_id()
         self.check_new(request_id)
-        job = _Job(request_id, deadline, asyncio.Queue(), ticket)
+        job = _Job(request_id, deadline, asyncio.Queue(), ticket, owner=request.owner)
         old = self._jobs.get(request_id)  # ending, its cleanup still running
         if old is not None and old.task is not None and not old.task.done():
             job.predecessor = old.task
@@ -502,7 +535,7 @@ class _Attempt:
         except WorkerCallError as exc:
             if exc.lost:
                 raise _LostBeforeFirstToken(self._assignment.decode.worker_id, exc) from None
-            if exc.code == "RESOURCE_EXHAUSTED":
+            if exc.code is ErrorCode.RESOURCE_EXHAUSTED:
                 raise _FullOnReserve(self._assignment.decode.worker_id) from None
             raise
         try:
@@ -620,7 +653,9 @@ class _Attempt:
         return self._driver.remaining(self._job)
 
     def _protocol_error(self, worker_id: str, what: str) -> WorkerCallError:
-        return WorkerCallError(worker_id, "stream", "INTERNAL", f"protocol violation: {what}")
+        return WorkerCallError(
+            worker_id, "stream", ErrorCode.INTERNAL, f"protocol violation: {what}"
+        )
 
     def _finished(self, prefill: PrefillResult, decode: DecodeResult) -> Finished:
         timings = Timings(

@@ -41,6 +41,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from services.common.admission import AdmissionController, MethodClass, OverloadedError
 from services.common.errors import ModelNotFoundError
 from services.common.limits import MIN_RECEIVE_BYTES, PromptLimits, check_name, check_stop
 from services.router import driver as drv
@@ -49,12 +50,14 @@ from services.router.openai_errors import (
     BodyTooLargeError,
     error_json,
     error_response,
+    http_client_identity,
     http_error,
     internal_error,
 )
 from services.router.openai_schema import Kind, Rendering, Usage
 from services.router.prompts import Encoder, PromptEncoder, model_context
 from services.router.registry import WorkerRole, WorkerStatus
+from services.rpc.security import caller_of_token, token_from_header
 
 T = TypeVar("T")
 TIMEOUT_HEADER = "x-request-timeout"
@@ -117,8 +120,12 @@ class OpenAIApi:
         model: ServedModel,
         limits: PromptLimits | None = None,
         clock: Callable[[], float] = time.time,
+        admission: AdmissionController | None = None,
     ) -> None:
+        """``admission``: the router's (its gRPC API's) controller, so both APIs share its
+        limits; None: every request admitted."""
         self._driver = driver
+        self._admission = admission
         self._router = driver.router
         self._model = model
         self._prompts = PromptEncoder(model.encode, limits)
@@ -179,6 +186,25 @@ class OpenAIApi:
         self._prompts.close()
 
     async def _generate(self, request: Request, kind: Kind) -> Response:
+        """Admitted first (``services/common/admission.py``: shed at once with 429 or 503 and
+        a Retry-After); the slot is held until the response has been sent or cut off."""
+        if self._admission is None:
+            return await self._generate_admitted(request, kind)
+        try:
+            ticket = await self._admission.admit(MethodClass.WORK, http_client_identity(request))
+        except OverloadedError as exc:
+            return error_response(exc)
+        response: Response | None = None
+        try:
+            response = await self._generate_admitted(request, kind)
+            return response
+        finally:
+            if isinstance(response, SSEResponse):
+                response.on_close = ticket.release
+            else:
+                ticket.release()
+
+    async def _generate_admitted(self, request: Request, kind: Kind) -> Response:
         try:
             call = await self._prepare(kind, await self._body(request), request.headers)
         except Exception as exc:
@@ -223,7 +249,8 @@ class OpenAIApi:
             return_token_ids=req.return_token_ids,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
         )
-        generate_input = drv.GenerateInput(request_id, tokens, sampling)
+        owner = caller_of_token(token_from_header(headers.get("authorization")))
+        generate_input = drv.GenerateInput(request_id, tokens, sampling, owner)
         return _Call(generate_input, request_timeout(headers), req.stream, rendering)
 
     async def _tokens(self, kind: Kind, req: Any, context: int) -> tuple[int, ...]:
@@ -353,12 +380,16 @@ class SSEResponse(StreamingResponse):
     def __init__(self, content: AsyncIterator[str]) -> None:
         super().__init__(content, headers={"Cache-Control": "no-cache"})
         self._content = content
+        self.on_close: Callable[[], None] = lambda: None  # after the body is closed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self._content.aclose()  # type: ignore[attr-defined]
+            try:
+                await self._content.aclose()  # type: ignore[attr-defined]
+            finally:
+                self.on_close()
 
 
 def request_timeout(headers: Mapping[str, str]) -> float | None:

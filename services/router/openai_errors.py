@@ -5,6 +5,10 @@ One chain decides a status: the domain error -> the gRPC code ``Generate`` fails
 errors) -> the HTTP status (``HTTP_STATUS``). The body is ``{"error": {"message", "type",
 "param", "code"}}``: ``code`` the gRPC code in lower case (``model_not_found`` for an unknown
 model), ``param`` the request field at fault when one is known.
+
+Overload (``services/common/admission.py``): a request shed because its client holds its share
+is 429 (``rate_limit_error``), one shed because the router is full (queue full, or no slot
+within the wait) is 503; every 429 and 503 carries a ``Retry-After`` header (whole seconds).
 """
 
 from __future__ import annotations
@@ -16,13 +20,22 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from services.common.admission import (
+    CLIENT_METADATA_KEY,
+    MAX_CLIENT_NAME,
+    Outcome,
+    OverloadedError,
+)
 from services.common.errors import ModelNotFoundError, OutOfRangeError
 from services.router import core
 from services.router import driver as drv
 from services.router.openai_schema import error_body
-from services.rpc.status import status_for
+from services.rpc.admission import retry_after_header
+from services.rpc.security import caller_of_token, token_from_header
+from services.rpc.status import grpc_code, status_for
 
 Code = grpc.StatusCode
+DEFAULT_RETRY_AFTER_S = 1.0  # a worker's RESOURCE_EXHAUSTED, an unavailable cluster
 HTTP_STATUS = {
     Code.INVALID_ARGUMENT: 400,
     Code.OUT_OF_RANGE: 400,
@@ -54,7 +67,7 @@ def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, drv.WorkerLostError | core.NoWorkerError):
         return Code.UNAVAILABLE, str(exc)
     if isinstance(exc, drv.WorkerCallError):
-        return Code[exc.code], str(exc)
+        return grpc_code(exc.code), str(exc)
     if isinstance(exc, BodyTooLargeError):
         return Code.RESOURCE_EXHAUSTED, str(exc)  # as gRPC refuses a message over its limit
     return status_for(exc)
@@ -63,6 +76,8 @@ def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 def error_json(exc: BaseException) -> tuple[int, dict[str, Any]]:
     code, message = grpc_status(exc)
     status = 413 if isinstance(exc, BodyTooLargeError) else HTTP_STATUS.get(code, 500)
+    if isinstance(exc, OverloadedError) and exc.outcome is not Outcome.SHED_CLIENT_LIMIT:
+        status = 503  # the router as a whole is full, not this client over its share
     if status == 404 and not isinstance(exc, ModelNotFoundError):
         status = 500  # a worker lost track of something: not the client's unknown model
     name = "model_not_found" if isinstance(exc, ModelNotFoundError) else code.name.lower()
@@ -72,7 +87,25 @@ def error_json(exc: BaseException) -> tuple[int, dict[str, Any]]:
 
 def error_response(exc: BaseException) -> Response:
     status, body = error_json(exc)
-    return JSONResponse(body, status_code=status)
+    headers = None
+    if status in (429, 503):
+        retry_after = getattr(exc, "retry_after_s", DEFAULT_RETRY_AFTER_S)
+        headers = {"Retry-After": retry_after_header(retry_after)}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def http_client_identity(request: Request) -> str:
+    """Who is calling, for per-client caps: the HTTP side of ``services.rpc.admission.
+    client_identity``: the bearer token it showed (a digest; verified where the API requires
+    tokens), else the ``x-banaserve-client`` header, else the peer address."""
+    token = caller_of_token(token_from_header(request.headers.get("authorization")))
+    if token:
+        return token
+    name = request.headers.get(CLIENT_METADATA_KEY, "")
+    if name:
+        return "client:" + name[:MAX_CLIENT_NAME]
+    peer = request.client
+    return f"peer:{peer.host}:{peer.port}" if peer is not None else "peer:unknown"
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

@@ -12,8 +12,9 @@ worker's counters already include, or have finished, what was sent before it. A 
 just before an assignment arrived understates the load for one report period (~100 ms); the
 next report corrects it.
 
-Liveness is judged on the router's clock, at receipt. A report's own timestamp is the worker's
-clock and is compared only with that worker's earlier reports, to drop reordered ones.
+Liveness is judged on the router's clock, at receipt. A report's timestamp (the servicer passes
+its frame number on the ReportLoad call) is compared only with that worker's earlier reports, to
+drop reordered ones.
 
 Invariant: every HEALTHY worker has the same model fingerprint and block size, so a request's
 block hashes mean the same on each of them and KV can move between any two.
@@ -25,9 +26,10 @@ import enum
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from services.common.errors import InvalidRequestError, RequestNotFoundError
+from services.common.load import LoadReport, utilisation_compute, utilisation_memory
 
 
 def _check(ok: bool, message: str) -> None:
@@ -62,34 +64,6 @@ class WorkerCapacity:
         _check(self.block_size > 0, f"block_size must be > 0, got {self.block_size}")
         _check(bool(self.model_fingerprint), "model_fingerprint must be non-empty")
         _check(self.max_model_len >= 0, f"max_model_len must be >= 0, got {self.max_model_len}")
-
-
-@dataclass(frozen=True)
-class LoadReport:
-    """One periodic load report; ``timestamp`` is on the worker's clock (seconds)."""
-
-    num_queued_prefill_tokens: int
-    num_running_seqs: int
-    num_free_blocks: int
-    num_used_blocks: int
-    step_time_s: float
-    busy_fraction: float
-    timestamp: float
-
-    def __post_init__(self) -> None:
-        for name in ("num_queued_prefill_tokens", "num_running_seqs"):
-            _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("num_free_blocks", "num_used_blocks"):
-            _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        _check(
-            math.isfinite(self.step_time_s) and self.step_time_s >= 0,
-            f"step_time_s must be finite and >= 0, got {self.step_time_s}",
-        )
-        _check(
-            0.0 <= self.busy_fraction <= 1.0,
-            f"busy_fraction must be in [0, 1], got {self.busy_fraction}",
-        )
-        _check(math.isfinite(self.timestamp), f"timestamp must be finite, got {self.timestamp}")
 
 
 @dataclass(frozen=True)
@@ -173,21 +147,23 @@ class WorkerRegistry:
         self._workers[worker_id] = worker
         return self._snapshot(worker, now)
 
-    def report(self, worker_id: str, load: LoadReport) -> bool:
-        """Record a load report. False: it is older than one already seen, and ignored."""
+    def report(self, worker_id: str, load: LoadReport, timestamp: float) -> bool:
+        """Record a load report stamped ``timestamp`` on the worker's clock. False: it is older
+        than one already seen, and ignored."""
         now = self._clock()
         self._expire(now)
         worker = self._live(worker_id)
-        blocks = load.num_free_blocks + load.num_used_blocks
+        _check(math.isfinite(timestamp), f"timestamp must be finite, got {timestamp}")
+        blocks = load.num_blocks
         _check(
             blocks <= worker.capacity.num_kv_blocks,
             f"worker {worker_id!r} reports {blocks} KV blocks (free + used), "
             f"more than the {worker.capacity.num_kv_blocks} it registered",
         )
-        if worker.last_timestamp is not None and load.timestamp <= worker.last_timestamp:
+        if worker.last_timestamp is not None and timestamp <= worker.last_timestamp:
             return False
         worker.last_seen = now
-        worker.last_timestamp = load.timestamp
+        worker.last_timestamp = timestamp
         worker.last_report = load
         worker.num_inflight_tokens = 0
         worker.num_inflight_blocks = 0
@@ -267,28 +243,34 @@ class WorkerRegistry:
             )
 
     def _snapshot(self, worker: _Worker, now: float) -> WorkerInfo:
-        total = worker.capacity.num_kv_blocks
-        report = worker.last_report
-        reported_free = report.num_free_blocks if report else total
-        reported_used = report.num_used_blocks if report else 0
-        queued = (report.num_queued_prefill_tokens if report else 0) + worker.num_inflight_tokens
-        used = min(total, reported_used + worker.num_inflight_blocks)
-        busy = report.busy_fraction if report else 0.0
+        estimate = _estimate(worker)
         return WorkerInfo(
             worker_id=worker.worker_id,
             address=worker.address,
             role=worker.role,
             status=worker.status,
             capacity=worker.capacity,
-            last_report=report,
-            num_queued_tokens=queued,
-            num_free_blocks=max(0, reported_free - worker.num_inflight_blocks),
-            num_used_blocks=used,
-            utilisation_compute=max(busy, queued / self._prefill_capacity),
-            utilisation_memory=used / total,
+            last_report=worker.last_report,
+            num_queued_tokens=estimate.num_queued_prefill_tokens,
+            num_free_blocks=estimate.num_blocks_free,
+            num_used_blocks=estimate.num_blocks_used,
+            utilisation_compute=utilisation_compute(estimate, self._prefill_capacity),
+            utilisation_memory=utilisation_memory(estimate),
             seconds_since_seen=now - worker.last_seen,
             removed_reason=worker.removed_reason,
         )
+
+
+def _estimate(worker: _Worker) -> LoadReport:
+    """The last report (an idle, empty pool before the first) plus what was assigned since."""
+    total = worker.capacity.num_kv_blocks
+    report = worker.last_report or LoadReport(0, 0, 0, 0, total, 0.0, 0.0, 0.0)
+    return replace(
+        report,
+        num_queued_prefill_tokens=report.num_queued_prefill_tokens + worker.num_inflight_tokens,
+        num_blocks_used=min(total, report.num_blocks_used + worker.num_inflight_blocks),
+        num_blocks_free=max(0, report.num_blocks_free - worker.num_inflight_blocks),
+    )
 
 
 def _by_id(worker: _Worker) -> str:

@@ -30,14 +30,16 @@ from services.router import core
 from services.router import driver as drv
 from services.router.prompts import Encoder, PromptEncoder
 from services.router.registry import (
-    LoadReport,
     WorkerCapacity,
     WorkerInfo,
     WorkerRole,
     WorkerStatus,
 )
-from services.rpc.convert import FINISH_TO_PROTO, duration, sampling_from_proto, seconds
+from services.rpc.convert import FINISH_TO_PROTO, duration, sampling_from_proto
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+from services.rpc.load_reports import load_from_proto, load_to_proto
+from services.rpc.security import caller_identity
+from services.rpc.status import grpc_code
 
 ROLE_FROM_PROTO = {
     common_pb2.WORKER_ROLE_PREFILL: WorkerRole.PREFILL,
@@ -81,31 +83,6 @@ def _event_to_proto(event: drv.Event) -> router_pb2.GenerateResponse:
     )
 
 
-def _load_from_proto(message: router_pb2.LoadReport, sequence: int) -> LoadReport:
-    # The proto has no timestamp: frames of one call arrive in order, so their sequence number
-    # serves as the registry's "worker clock" for dropping reordered reports.
-    return LoadReport(
-        num_queued_prefill_tokens=message.num_queued_prefill_tokens,
-        num_running_seqs=message.num_running_seqs,
-        num_free_blocks=message.num_kv_blocks_free,
-        num_used_blocks=message.num_kv_blocks_used,
-        step_time_s=seconds(message.step_time),
-        busy_fraction=message.busy_fraction,
-        timestamp=float(sequence),
-    )
-
-
-def _load_to_proto(load: LoadReport) -> router_pb2.LoadReport:
-    return router_pb2.LoadReport(
-        num_queued_prefill_tokens=load.num_queued_prefill_tokens,
-        num_running_seqs=load.num_running_seqs,
-        num_kv_blocks_used=load.num_used_blocks,
-        num_kv_blocks_free=load.num_free_blocks,
-        step_time=duration(load.step_time_s),
-        busy_fraction=load.busy_fraction,
-    )
-
-
 def _time_left(context: grpc.aio.ServicerContext) -> float | None:
     """What is left of the call's deadline; None: it has none. grpc-aio answers 0 for a
     deadline already past, which the driver would take for "no deadline" (and its default of
@@ -133,7 +110,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self._connected: dict[str, router_pb2.WorkerInfo] = {}
 
     async def Generate(self, request, context):
-        generate_input = await self._generate_input(request)
+        generate_input = await self._generate_input(request, caller_identity(context))
         request_id = generate_input.request_id
         try:
             # No await from this check to the job's creation: the callback is this call's.
@@ -150,9 +127,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         except drv.DuplicateRequestError as exc:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         except drv.WorkerCallError as exc:
-            await context.abort(grpc.StatusCode[exc.code], str(exc))
+            await context.abort(grpc_code(exc.code), str(exc))
 
-    async def _generate_input(self, request: router_pb2.GenerateRequest) -> drv.GenerateInput:
+    async def _generate_input(
+        self, request: router_pb2.GenerateRequest, owner: str
+    ) -> drv.GenerateInput:
         check_id(request.request_id, "request_id")
         check_name(request.model, "model")
         if request.model and self._model and request.model != self._model:
@@ -162,7 +141,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         check_stop(request.sampling.stop, request.sampling.stop_token_ids)
         sampling = sampling_from_proto(request.sampling)
         tokens = await self._prompt(request)
-        return drv.GenerateInput(request.request_id or drv.new_request_id(), tokens, sampling)
+        request_id = request.request_id or drv.new_request_id()
+        return drv.GenerateInput(request_id, tokens, sampling, owner)
 
     async def _prompt(self, request: router_pb2.GenerateRequest) -> tuple[int, ...]:
         # The largest context of a worker connected now: a longer prompt fits none of them.
@@ -177,7 +157,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
     async def Abort(self, request, context):
         check_id(request.request_id, "request_id")
-        self._driver.abort(request.request_id)
+        self._driver.abort(request.request_id, caller_identity(context))
         return router_pb2.AbortResponse()
 
     async def ListWorkers(self, request, context):
@@ -197,7 +177,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             info=info, state=state, since_last_load=duration(worker.seconds_since_seen)
         )
         if worker.last_report is not None:
-            message.last_load.CopyFrom(_load_to_proto(worker.last_report))
+            message.last_load.CopyFrom(load_to_proto(worker.last_report))
         return message
 
     async def ReportLoad(self, request_iterator, context):
@@ -257,9 +237,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def _report(self, info: router_pb2.WorkerInfo, frame, sequence: int) -> None:
         if not frame.HasField("load"):
             raise InvalidRequestError("every ReportLoad frame after the first must be `load`")
-        load = _load_from_proto(frame.load, sequence)
+        load = load_from_proto(frame.load)
+        # Frames of one call arrive in order: their number orders this worker's reports.
         try:
-            self._router.report(info.worker_id, load)
+            self._router.report(info.worker_id, load, sequence)
         except RequestNotFoundError:  # removed (missed reports, a failed call) but still here
             self._register_info(info)
-            self._router.report(info.worker_id, load)
+            self._router.report(info.worker_id, load, sequence)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import grpc
 
 from services.common.config import RpcConfig
+from services.rpc import security
 from services.rpc.tracing import DISABLED, Tracing
 
-Options = list[tuple[str, int]]
+Options = list[tuple[str, int | str]]
 
 
 def _common_options(config: RpcConfig, receive_bytes: int) -> Options:
@@ -45,8 +46,17 @@ def server_options(config: RpcConfig) -> Options:
     ]
 
 
-def open_channel(target: str, config: RpcConfig, tracing: Tracing = DISABLED) -> grpc.aio.Channel:
-    """An insecure channel (peers are on loopback) to ``target`` ("HOST:PORT")."""
-    return grpc.aio.insecure_channel(
-        target, options=channel_options(config), interceptors=tracing.client_interceptors()
-    )
+def open_channel(
+    target: str, config: RpcConfig, tracing: Tracing = DISABLED, extra_options: Options = ()
+) -> grpc.aio.Channel:
+    """A channel to ``target`` ("HOST:PORT"): mutual TLS with this process's role certificate
+    when ``config.security`` has TLS (services/rpc/security.py), plaintext otherwise. Every
+    channel between services is opened here, so none escapes TLS when it is on."""
+    interceptors = tracing.client_interceptors()
+    options: Options = [*channel_options(config), *extra_options]
+    tls = config.security.tls if config.security is not None else None
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    credentials = security.channel_credentials(tls)
+    options += security.channel_options()
+    return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)

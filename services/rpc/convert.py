@@ -10,7 +10,7 @@ from services.common.types import FinishReason, SamplingParams
 from services.rpc.gen.banaserve.v1 import common_pb2, kvstore_pb2
 
 if TYPE_CHECKING:  # the engine imports torch; this module must not
-    from services.engine.kv_cache import KVLayout
+    from services.common.kv_layout import KVLayout
 
 FINISH_TO_PROTO = {
     FinishReason.STOP: common_pb2.FINISH_REASON_STOP,

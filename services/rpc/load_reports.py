@@ -21,9 +21,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 
 from services.common.config import RpcConfig
-from services.common.load import LoadSnapshot
-from services.rpc.channels import channel_options
-from services.rpc.convert import duration
+from services.common.load import LoadReport
+from services.rpc.channels import open_channel
+from services.rpc.convert import duration, seconds
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 from services.rpc.server import RunningServer
 
@@ -36,7 +36,7 @@ ROLES = {
 }
 
 
-def load_to_proto(load: LoadSnapshot) -> router_pb2.LoadReport:
+def load_to_proto(load: LoadReport) -> router_pb2.LoadReport:
     return router_pb2.LoadReport(
         num_queued_prefill_tokens=load.num_queued_prefill_tokens,
         num_running_seqs=load.num_running_seqs,
@@ -46,6 +46,24 @@ def load_to_proto(load: LoadSnapshot) -> router_pb2.LoadReport:
         step_time=duration(load.step_time_s),
         busy_fraction=load.busy_fraction,
         window=duration(load.window_s),
+        num_hosted_layers=load.num_hosted_layers,
+        num_hosted_blocks=load.num_hosted_blocks,
+    )
+
+
+def load_from_proto(message: router_pb2.LoadReport) -> LoadReport:
+    """InvalidRequestError if a field is out of range (a negative time, a fraction over 1)."""
+    return LoadReport(
+        num_queued_prefill_tokens=message.num_queued_prefill_tokens,
+        num_running_seqs=message.num_running_seqs,
+        num_waiting_seqs=message.num_waiting_seqs,
+        num_blocks_used=message.num_kv_blocks_used,
+        num_blocks_free=message.num_kv_blocks_free,
+        step_time_s=seconds(message.step_time),
+        busy_fraction=message.busy_fraction,
+        window_s=seconds(message.window),
+        num_hosted_layers=message.num_hosted_layers,
+        num_hosted_blocks=message.num_hosted_blocks,
     )
 
 
@@ -54,7 +72,7 @@ class LoadReporter:
         self,
         channel: grpc.aio.Channel,
         info: router_pb2.WorkerInfo,
-        load: Callable[[], Awaitable[LoadSnapshot]],
+        load: Callable[[], Awaitable[LoadReport]],
         interval_s: float = 0.1,
         retry_s: float = 1.0,
     ) -> None:
@@ -113,18 +131,17 @@ def router_channel(router: str, rpc: RpcConfig, reconnect_s: float = 1.0) -> grp
     restarted router within about ``reconnect_s`` of its return."""
     backoff_ms = int(reconnect_s * 1000)
     options = [
-        *channel_options(rpc),
         ("grpc.initial_reconnect_backoff_ms", backoff_ms),
         ("grpc.max_reconnect_backoff_ms", backoff_ms),
     ]
-    return grpc.aio.insecure_channel(router, options=options)
+    return open_channel(router, rpc, extra_options=options)
 
 
 @contextlib.asynccontextmanager
 async def reporting_to(
     router: str | None,
     info: router_pb2.WorkerInfo,
-    load: Callable[[], Awaitable[LoadSnapshot]],
+    load: Callable[[], Awaitable[LoadReport]],
     rpc: RpcConfig,
     interval_s: float = 0.1,
 ) -> AsyncIterator[LoadReporter | None]:

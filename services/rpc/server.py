@@ -1,8 +1,9 @@
 """gRPC server bootstrap shared by every BanaServe service.
 
 Lifecycle of a server:
-  1. ``start_server`` binds loopback (port 0: the OS picks, ``RunningServer.port`` says which),
-     installs the tracing and error interceptors, the standard health service and server
+  1. ``start_server`` binds loopback (port 0: the OS picks, ``RunningServer.port`` says which;
+     mutual TLS and the authorization interceptor when ``config.security`` says so,
+     services/rpc/security.py), installs the tracing and error interceptors, the standard health service and server
      reflection, starts, and marks every service and the server as a whole (``""``) SERVING;
   2. ``set_serving`` flips one service's health while it runs (a worker that stops accepting);
   3. ``stop`` (or SIGTERM/SIGINT under ``serve_until_signal``) drains: health turns NOT_SERVING
@@ -30,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from services.common.config import RpcConfig
 from services.common.logs import configure_logging
 from services.rpc.channels import server_options
+from services.rpc.security import AuthInterceptor, server_credentials
 from services.rpc.status import ErrorInterceptor
 from services.rpc.tracing import DISABLED, Tracing
 
@@ -135,8 +137,10 @@ async def start_server(
     tracing: Tracing = DISABLED,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> RunningServer:
+    # Authorization before any other interceptor counts or admits the call.
+    auth = [AuthInterceptor(config.security)] if config.security is not None else []
     server = grpc.aio.server(
-        interceptors=[*tracing.server_interceptors(), ErrorInterceptor(), *interceptors],
+        interceptors=[*tracing.server_interceptors(), ErrorInterceptor(), *auth, *interceptors],
         options=server_options(config),
     )
     for service in services:
@@ -147,13 +151,21 @@ async def start_server(
     reflection.enable_server_reflection(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(_address(config.host, config.port))
+    port = _add_port(server, config)
     await server.start()
     for name in ("", *names):  # "": the server as a whole, as the health protocol defines
         await health_servicer.set(name, SERVING)
     running = RunningServer(server, health_servicer, config, port, names)
     log.info("serving %s on %s", ", ".join(names) or "(health only)", running.address)
     return running
+
+
+def _add_port(server: grpc.aio.Server, config: RpcConfig) -> int:
+    address = _address(config.host, config.port)
+    tls = config.security.tls if config.security is not None else None
+    if tls is None:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, server_credentials(tls))
 
 
 def run_service(

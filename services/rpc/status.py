@@ -11,6 +11,11 @@ An error class maps through its MRO, so a subclass gets its own entry if it has 
 parent's otherwise. Anything not in the table is a bug: it becomes INTERNAL with a reference
 that points at the server's log, never with its message or traceback (which may hold paths,
 tensors or other requests' data).
+
+A failure recorded by a client of another service (a worker call, a KV transfer, a data-plane
+reply) keeps its status as an ``ErrorCode`` (services.common.errors), translated here, at the
+edge, by ``error_code`` and back by ``grpc_code``: code that decides what to do with a failure
+compares enum members, never status names.
 """
 
 from __future__ import annotations
@@ -48,9 +53,50 @@ STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     errors.ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ModelFormatError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.DependencyUnavailableError: grpc.StatusCode.UNAVAILABLE,
+    errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    # Valid, but the thing acted on is in the wrong state for it; retrying as-is will not help.
+    errors.PreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
+    # A request for a feature that exists in the contract but not (yet) in this server.
+    NotImplementedError: grpc.StatusCode.UNIMPLEMENTED,
     # Every wait in a service is bounded; one that runs out is a deadline, not a bug.
     TimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+
+
+_C = errors.ErrorCode
+# The failure codes a driver, transport or data plane records: one per gRPC status but OK.
+GRPC_CODES: dict[errors.ErrorCode, grpc.StatusCode] = {
+    _C.CANCELLED: grpc.StatusCode.CANCELLED,
+    _C.UNKNOWN: grpc.StatusCode.UNKNOWN,
+    _C.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    _C.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    _C.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    _C.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    _C.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    _C.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    _C.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    _C.ABORTED: grpc.StatusCode.ABORTED,
+    _C.OUT_OF_RANGE: grpc.StatusCode.OUT_OF_RANGE,
+    _C.UNIMPLEMENTED: grpc.StatusCode.UNIMPLEMENTED,
+    _C.INTERNAL: grpc.StatusCode.INTERNAL,
+    _C.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    _C.DATA_LOSS: grpc.StatusCode.DATA_LOSS,
+    _C.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+}
+_ERROR_CODES = {status: code for code, status in GRPC_CODES.items()}
+_ERROR_CODE_VALUES = {status.value[0]: code for status, code in _ERROR_CODES.items()}
+
+
+def grpc_code(code: errors.ErrorCode) -> grpc.StatusCode:
+    return GRPC_CODES[code]
+
+
+def error_code(status: grpc.StatusCode | int) -> errors.ErrorCode:
+    """The code of a failed call (a ``grpc.StatusCode``, or its number as the data plane sends
+    it). OK or a number no gRPC status has is not a failure code: UNKNOWN."""
+    if isinstance(status, grpc.StatusCode):
+        return _ERROR_CODES.get(status, errors.ErrorCode.UNKNOWN)
+    return _ERROR_CODE_VALUES.get(status, errors.ErrorCode.UNKNOWN)
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:

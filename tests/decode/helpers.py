@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from services.common import kv_wire
 from services.common.config import RpcConfig
 from services.common.types import SamplingParams
 from services.decode.core import DecodeConfig, DecodeWorker
@@ -83,7 +84,8 @@ async def assert_clean(stub: decode_pb2_grpc.DecodeServiceStub, within_s: float 
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().view(torch.uint8).numpy().tobytes()
+    """A ``[2, n, ...]`` layer's KV wire bytes (services/common/kv_wire.py)."""
+    return kv_wire.encode(t).tobytes()
 
 
 class PrefillSide:

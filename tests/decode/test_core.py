@@ -227,3 +227,74 @@ def test_load_report_does_not_wait_for_a_long_step(tiny_llama):
 
     asyncio.run(main())
     assert_no_leaks(worker.engine)
+
+
+def test_engine_call_runs_between_steps_and_returns_or_raises(tiny_llama):
+    """``engine_call(fn)``: ``fn(engine)`` on the engine thread, never inside a step; its
+    result, or its exception, comes back to the caller."""
+    import threading
+
+    engine = make_engine(tiny_llama)
+    real_step, in_step, threads = engine.step, threading.Event(), set()
+
+    def marked_step(*args):
+        in_step.set()
+        try:
+            return real_step(*args)
+        finally:
+            in_step.clear()
+
+    engine.step = marked_step
+    worker = DecodeWorker(engine, DecodeConfig(prefill_locally=True))
+
+    def probe(e):
+        threads.add(threading.current_thread().name)
+        return in_step.is_set(), e.snapshot.num_running
+
+    async def main():
+        await worker.start()
+        try:
+            await worker.reserve("r", prompt_ids(30, 2), GREEDY, prefill_locally=True)
+            seen = [await worker.engine_call(probe) for _ in range(5)]
+            assert all(not stepping for stepping, _ in seen)
+            with pytest.raises(RequestNotFoundError):
+                await worker.engine_call(lambda e: e.abort("no-such-request"))
+            events = [e async for e in worker.stream("r")]
+            assert events[-1] == Finished(FinishReason.LENGTH, 12)
+            assert (await worker.engine_call(probe)) == (False, 0)
+            assert worker.snapshot.engine.num_running == 0
+        finally:
+            await worker.stop()
+
+    asyncio.run(main())
+    assert threads == {"decode-engine"}
+    assert_no_leaks(worker.engine)
+
+
+def test_load_report_counts_layers_and_blocks_hosted_for_another_engine(tiny_llama):
+    """DESIGN §5: a helper's report says what it hosts, so the router and the coordinator
+    see the memory and compute it spends on other workers."""
+    owner, engine = make_engine(tiny_llama), make_engine(tiny_llama)
+    worker = DecodeWorker(engine, DecodeConfig())
+
+    async def main():
+        await worker.start()
+        try:
+            before = await worker.load()
+            await worker.engine_call(
+                lambda e: e.migration.host_layers("A", 1, 4, 8, owner.fingerprint)
+            )
+            await worker.engine_call(lambda e: e.migration.publish())
+            hosting = await worker.load()
+            await worker.engine_call(lambda e: e.migration.release_hosted_layers("A"))
+            await worker.engine_call(lambda e: e.migration.publish())
+            after = await worker.load()
+        finally:
+            await worker.stop()
+        return before, hosting, after
+
+    before, hosting, after = asyncio.run(main())
+    assert (before.num_hosted_layers, before.num_hosted_blocks) == (0, 0)
+    assert hosting.num_hosted_layers == 3
+    assert (after.num_hosted_layers, after.num_hosted_blocks) == (0, 0)
+    assert_no_leaks(engine)

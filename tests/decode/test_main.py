@@ -11,7 +11,7 @@ import sys
 import grpc
 
 from services.common.config import RpcConfig
-from services.common.load import LoadSnapshot
+from services.common.load import LoadReport
 from services.rpc.channels import open_channel
 from services.rpc.gen.banaserve.v1 import (
     common_pb2,
@@ -63,7 +63,7 @@ class FakeRouter(router_pb2_grpc.RouterServiceServicer):
 
 
 def test_load_reporter_registers_then_reports_until_stopped():
-    snapshot = LoadSnapshot(7, 2, 1, 5, 27, 0.004, 0.25, 1.0)
+    snapshot = LoadReport(7, 2, 1, 5, 27, 0.004, 0.25, 1.0)
 
     async def load():
         return snapshot

@@ -240,3 +240,11 @@ def test_greedy_bfloat16_differs_from_the_torch_path_only_at_rounding_ties(tiny_
                 top2 = expected.topk(2).values
                 assert float(top2[0] - top2[1]) < 0.05 * float(expected.abs().max())
                 break
+
+
+def test_the_engine_loads_the_kernels_when_created_not_at_its_first_step(tiny_llama, monkeypatch):
+    calls: list[bool] = []
+    monkeypatch.setattr(paged_decode, "load", lambda: calls.append(True) or True)
+    engine = make_engine(tiny_llama)  # float32: no linear asks for the kernels
+    assert calls == [True]
+    assert_no_leaks(engine)

@@ -161,6 +161,12 @@ class ExpiredContext:
     def cancelled(self) -> bool:
         return False
 
+    def invocation_metadata(self) -> tuple:
+        return ()
+
+    def auth_context(self) -> dict:
+        return {}
+
 
 @asynccontextmanager
 async def router_over_fakes(log: CallLog):
@@ -176,7 +182,7 @@ async def router_over_fakes(log: CallLog):
         [("p0", WorkerRole.PREFILL), ("d0", WorkerRole.DECODE)], servers, strict=True
     ):
         router.register(worker_id, server.address, role, capacity())
-        router.report(worker_id, load())
+        router.report(worker_id, load(), 1.0)
     router_server = await start_server([router_service(servicer)], RPC)
     channel = open_channel(router_server.address, RPC)
     try:
@@ -232,7 +238,7 @@ def test_a_release_cancelled_while_the_engine_thread_is_busy_still_frees_the_blo
             await worker.reserve("r", [5, 6, 7], GREEDY)
             assert (await worker.stats()).num_blocks_used == 1
             busy = threading.Event()
-            worker._executor.submit(busy.wait)  # the engine thread is in a long step
+            worker._loop.submit(lambda _: busy.wait())  # the engine thread is in a long step
             release = asyncio.ensure_future(worker.release("r"))
             await asyncio.sleep(0)  # one turn: the release queues its abort and waits on it
             release.cancel()  # the caller gives up

@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from services.common.config import RpcConfig
+from services.common.errors import ErrorCode
 from services.kvstore.core import KVStoreNode
 from services.kvstore.metadata import MetadataStore, NodeInfo
 from services.kvstore.pool import BlockPool, PoolConfig
@@ -91,7 +92,7 @@ def test_write_commit_lookup_pin_read_over_the_wire(redis_server, kv_prefix):
             with pytest.raises(dataplane.DataPlaneError) as info:
                 read = pb.KVDataRead(pin_id=pin.pin_id, layer=0, num_blocks=1)
                 await client.request(pb.KVDataRequest(read=read).SerializeToString())
-            assert info.value.code == "NOT_FOUND"
+            assert info.value.code is ErrorCode.NOT_FOUND
             stats = await stub.Stats(pb.KVStoreServiceStatsRequest())
             assert (stats.num_blocks, stats.num_pins, stats.num_reservations) == (2, 0, 1)
             await stub.Abort(pb.KVStoreServiceAbortRequest(reservation_id=reply.reservation_id + 1))

@@ -83,6 +83,10 @@ def service_procs(banaserve_home, tiny_llama, tmp_path_factory) -> Iterator[dict
             worker = ["--model", "tiny-llama", "--num-kv-blocks", "512", "--router"]
             worker.append(procs[1].address)
             procs.append(spawn("prefill", "services.prefill", worker, env, log))
+            # KV goes only to workers the router registered (docs/security.md): the prefill
+            # load test's sink is not one, so it drives a prefill worker of its own.
+            alone = ["--model", "tiny-llama", "--num-kv-blocks", "512"]
+            procs.append(spawn("bare-prefill", "services.prefill", alone, env, log))
             decode = [*worker, "--kv-transport", "tcp"]
             procs.append(spawn("decode", "services.decode", decode, env, log))
             wait_registered(procs[1].address, 2)

@@ -109,7 +109,7 @@ def test_decode_imports_kv_and_streams_every_token(service_procs, tmp_path):
 
 
 def test_prefill_sends_each_prompt_to_the_sink_at_the_poisson_rate(service_procs, tmp_path):
-    target = service_procs["prefill"].address
+    target = service_procs["bare-prefill"].address
     report = loadtest(tmp_path, "prefill", "--target", target, "--rate", "4",
                       "--prompt-len", "32", "--sink-transport", "tcp")  # fmt: skip
     (step,) = report["steps"]

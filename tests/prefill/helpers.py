@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
+from services.common import kv_wire
 from services.common.config import RpcConfig
 from services.common.errors import RequestNotFoundError
+from services.common.kv_layout import KVLayout
 from services.common.types import SamplingParams
-from services.engine.kv_cache import DTYPE_NAMES, KVLayout
 from services.prefill.clients import GrpcKVTransport
 from services.prefill.core import PrefillWorker
 from services.prefill.servicer import prefill_service
@@ -36,7 +37,6 @@ from services.rpc.server import Service, start_server
 from services.rpc.streams import drain
 
 RPC = RpcConfig(grace_s=0.2)
-TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
 def prompt_ids(n: int, seed: int) -> list[int]:
@@ -59,9 +59,8 @@ def layout_from_proto(msg: common_pb2.KVLayout, layer: int) -> KVLayout:
 
 
 def chunk_tensor(chunk: common_pb2.KVLayerChunk, layout: KVLayout) -> torch.Tensor:
-    """One chunk is ``[2, chunk.num_blocks, block_size, kv_heads, head_dim]`` (K then V)."""
-    shape = (2, chunk.num_blocks, *layout.shape[2:])
-    return torch.frombuffer(bytearray(chunk.data), dtype=TORCH_DTYPES[layout.dtype]).view(shape)
+    """One chunk's ``[2, chunk.num_blocks, block_size, kv_heads, head_dim]`` (K then V)."""
+    return kv_wire.decode_blocks(chunk.data, layout, chunk.num_blocks)
 
 
 @dataclass

@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from services.common.types import SamplingParams
+from services.prefill import __main__ as prefill_main
 from services.prefill.__main__ import parse_args, serve
 from services.prefill.core import PrefillWorker
 from services.rpc.channels import open_channel
@@ -94,7 +95,7 @@ def test_a_request_may_reuse_the_id_of_one_whose_step_failed(tiny_llama):
     assert asyncio.run(main()) == (grpc.StatusCode.INTERNAL, ["first_token", "done"])
 
 
-def broken_finish_step(self, outputs) -> None:
+def broken_finish_step(self, *args) -> None:
     raise RuntimeError("a bug outside any step")
 
 
@@ -130,6 +131,8 @@ def test_a_worker_whose_loop_died_turns_not_serving_leaves_the_router_and_exits(
 ):
     """The wiring of ``python -m services.prefill``, run in this process."""
     monkeypatch.setattr(PrefillWorker, "_finish_step", broken_finish_step)
+    # The probe's KV target is no registered decode worker: let it through to the engine.
+    monkeypatch.setattr(prefill_main, "checked_by_router", lambda transport, *args: transport)
     prompt = prompt_ids(20, 6)
 
     async def probe(stub, seen: list[str]):

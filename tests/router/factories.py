@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import itertools
 
+from services.common.load import LoadReport
 from services.router.core import Router, RouterConfig, RouteRequest
-from services.router.registry import LoadReport, WorkerCapacity, WorkerRole
+from services.router.registry import WorkerCapacity, WorkerRole
 
 BLOCK_SIZE = 16
 FINGERPRINT = "test-model"
@@ -32,17 +33,21 @@ def load(
     free: int = NUM_BLOCKS,
     used: int = 0,
     busy: float = 0.0,
-    timestamp: float = 1.0,
     running: int = 0,
+    hosted_layers: int = 0,
+    hosted_blocks: int = 0,
 ) -> LoadReport:
     return LoadReport(
         num_queued_prefill_tokens=queued,
         num_running_seqs=running,
-        num_free_blocks=free,
-        num_used_blocks=used,
+        num_waiting_seqs=0,
+        num_blocks_used=used,
+        num_blocks_free=free,
         step_time_s=0.01,
         busy_fraction=busy,
-        timestamp=timestamp,
+        window_s=1.0,
+        num_hosted_layers=hosted_layers,
+        num_hosted_blocks=hosted_blocks,
     )
 
 

@@ -165,7 +165,7 @@ class Cluster:
 
     def add(self, worker_id: str, role: WorkerRole, address: str) -> None:
         self.router.register(worker_id, address, role, capacity())
-        self.router.report(worker_id, load())
+        self.router.report(worker_id, load(), 1.0)
 
 
 @asynccontextmanager

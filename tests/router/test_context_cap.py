@@ -22,7 +22,7 @@ def router_with_context(*contexts: int) -> Router:
     for port, (worker_id, role, context) in enumerate(workers, 9000):
         capacity = WorkerCapacity(NUM_BLOCKS, BLOCK_SIZE, FINGERPRINT, context)
         router.register(worker_id, f"127.0.0.1:{port}", role, capacity)
-        router.report(worker_id, load())
+        router.report(worker_id, load(), 1.0)
     return router
 
 

@@ -270,11 +270,11 @@ def test_cancel_of_a_colocated_request_releases_it():
 def test_a_request_waits_for_decode_room_instead_of_failing():
     async def main():
         async with cluster() as c:
-            c.router.report("d0", load(free=0, used=NUM_BLOCKS, timestamp=2.0))  # d0 is full
+            c.router.report("d0", load(free=0, used=NUM_BLOCKS), 2.0)  # d0 is full
             call = c.stub.Generate(request(), timeout=5)
             await asyncio.sleep(0.3)
             assert c.log.calls == []  # queued at the router, no worker called yet
-            c.router.report("d0", load(timestamp=3.0))  # running requests ended
+            c.router.report("d0", load(), 3.0)  # running requests ended
             frames = await collect(call)
             assert frames[-1].finished.finish_reason == common_pb2.FINISH_REASON_LENGTH
             assert [call[0] for call in c.log.calls] == ["reserve", "prefill", "stream"]
@@ -289,7 +289,7 @@ def test_a_reservation_refused_for_room_waits_for_the_next_report_and_retries():
             await asyncio.sleep(0.3)
             # Refused once: d0 counts as full until it reports, so nothing else was tried.
             assert c.log.calls == [("reserve", "d0", "r1")]
-            c.router.report("d0", load(timestamp=2.0))
+            c.router.report("d0", load(), 2.0)
             frames = await collect(call)
             assert frames[-1].finished.finish_reason == common_pb2.FINISH_REASON_LENGTH
             assert [call[0] for call in c.log.calls] == ["reserve", "reserve", "prefill", "stream"]
@@ -300,7 +300,7 @@ def test_a_reservation_refused_for_room_waits_for_the_next_report_and_retries():
 def test_a_request_that_never_gets_room_ends_at_its_deadline():
     async def main():
         async with cluster() as c:
-            c.router.report("d0", load(free=0, used=NUM_BLOCKS, timestamp=2.0))
+            c.router.report("d0", load(free=0, used=NUM_BLOCKS), 2.0)
             loop = asyncio.get_running_loop()
             started = loop.time()
             error = await status_of(c.stub.Generate(request(), timeout=0.5))

@@ -15,7 +15,7 @@ from tests.router.factories import FakeClock, capacity, load, make_router, reque
 
 def report_all(router: Router, timestamp: float = 1.0, **fields: float) -> None:
     for worker in router.workers():
-        router.report(worker.worker_id, load(timestamp=timestamp, **fields))  # type: ignore[arg-type]
+        router.report(worker.worker_id, load(**fields), timestamp)  # type: ignore[arg-type]
 
 
 def assert_estimates_match_reports(router: Router) -> None:
@@ -23,7 +23,7 @@ def assert_estimates_match_reports(router: Router) -> None:
     for w in router.workers():
         assert w.last_report is not None
         assert w.num_queued_tokens == w.last_report.num_queued_prefill_tokens
-        assert w.num_free_blocks == w.last_report.num_free_blocks
+        assert w.num_free_blocks == w.last_report.num_blocks_free
 
 
 def test_burst_between_reports_spreads_under_load() -> None:
@@ -49,8 +49,8 @@ def test_burst_piles_onto_the_prefix_holder_under_prefix_affinity() -> None:
     assert Counter(picks) == {"p0": 10}
     assert [w.num_queued_tokens for w in router.workers()] == [0, 800, 0]
     # Even once p0 reports it is saturated, the shared prefix keeps it there...
-    router.report("p0", load(queued=800, busy=1.0, timestamp=2.0))
-    router.report("p1", load(timestamp=2.0))
+    router.report("p0", load(queued=800, busy=1.0), 2.0)
+    router.report("p1", load(), 2.0)
     assert router.route(request(80, shared_prefix=64)).prefill.worker_id == "p0"
     # ...while a prompt with no cached prefix falls back to the least loaded.
     assert router.route(request(80)).prefill.worker_id == "p1"
@@ -58,9 +58,9 @@ def test_burst_piles_onto_the_prefix_holder_under_prefix_affinity() -> None:
 
 def test_decode_worker_has_the_most_free_blocks_that_fit() -> None:
     router = make_router("load", prefill=1, decode=2)
-    router.report("p0", load())
-    router.report("d0", load(free=30, used=70))
-    router.report("d1", load(free=32, used=68))
+    router.report("p0", load(), 1.0)
+    router.report("d0", load(free=30, used=70), 1.0)
+    router.report("d1", load(free=32, used=68), 1.0)
     # 40 prompt + 8 max_tokens = 48 tokens = 3 blocks of 16, reserved at once.
     assignments = [router.route(request(40, max_tokens=8)) for _ in range(3)]
     assert [a.decode.worker_id for a in assignments] == ["d1", "d0", "d1"]
@@ -72,8 +72,8 @@ def test_decode_worker_has_the_most_free_blocks_that_fit() -> None:
 
 def test_not_enough_free_blocks_now() -> None:
     router = make_router("load", prefill=1, decode=2)
-    router.report("d0", load(free=30, used=70))
-    router.report("d1", load(free=27, used=73))
+    router.report("d0", load(free=30, used=70), 1.0)
+    router.report("d1", load(free=27, used=73), 1.0)
     with pytest.raises(
         ResourceExhaustedError,
         match=r"needs 40 KV blocks \(600 prompt \+ 40 max_tokens tokens\); "
@@ -111,10 +111,10 @@ def test_mixed_workers_prefill_and_decode_their_own_requests() -> None:
 
 def test_a_mixed_worker_without_room_is_skipped() -> None:
     router = make_router("load", mixed=2)
-    router.report("m0", load(free=2, used=0, busy=0.0))
-    router.report("m1", load(free=100, busy=0.5))
+    router.report("m0", load(free=2, used=0, busy=0.0), 1.0)
+    router.report("m1", load(free=100, busy=0.5), 1.0)
     assert router.route(request(40)).prefill.worker_id == "m1"
-    router.report("m1", load(free=2, used=98, timestamp=2.0))
+    router.report("m1", load(free=2, used=98), 2.0)
     with pytest.raises(
         ResourceExhaustedError, match="most free on any decode or mixed worker now is 2"
     ):
@@ -123,14 +123,14 @@ def test_a_mixed_worker_without_room_is_skipped() -> None:
 
 def test_full_mixed_worker_with_room_only_on_a_decode_worker() -> None:
     router = make_router("load", decode=1, mixed=1)
-    router.report("m0", load(free=0, used=100))
+    router.report("m0", load(free=0, used=100), 1.0)
     with pytest.raises(ResourceExhaustedError, match="the most free on any mixed worker now is 0"):
         router.route(request(40))
 
 
 def test_a_prefill_worker_may_hand_off_to_a_mixed_worker() -> None:
     router = make_router("load", prefill=1, mixed=1)
-    router.report("m0", load(busy=0.5))
+    router.report("m0", load(busy=0.5), 1.0)
     assignment = router.route(request(40))
     assert (assignment.prefill.worker_id, assignment.decode.worker_id) == ("p0", "m0")
 
@@ -154,7 +154,7 @@ def test_colocated_policy_without_mixed_workers() -> None:
 
 def test_round_robin_order() -> None:
     router = make_router("round_robin", prefill=3, decode=1)
-    router.report("p0", load(busy=1.0))  # load is ignored
+    router.report("p0", load(busy=1.0), 1.0)  # load is ignored
     picks = [router.route(request()).prefill.worker_id for _ in range(4)]
     assert picks == ["p0", "p1", "p2", "p0"]
     router.remove("p1", "drained")
@@ -179,8 +179,8 @@ def test_silent_workers_stop_receiving_requests() -> None:
     clock = FakeClock()
     router = make_router("load", prefill=2, decode=1, clock=clock)
     clock.advance(0.6)
-    router.report("p1", load(busy=0.9, timestamp=0.6))
-    router.report("d0", load(timestamp=0.6))
+    router.report("p1", load(busy=0.9), 0.6)
+    router.report("d0", load(), 0.6)
     assert router.route(request()).prefill.worker_id == "p0"  # idle, 0.6 s since seen
     clock.advance(0.5)
     # p0 silent for 1.1 s: removed on this call, before choosing.
@@ -248,8 +248,8 @@ def test_default_config() -> None:
 
 def test_colocated_policy_when_no_mixed_worker_has_room() -> None:
     router = make_router("colocated", decode=1, mixed=2)
-    router.report("m0", load(free=1, used=99))
-    router.report("m1", load(free=2, used=98))
+    router.report("m0", load(free=1, used=99), 1.0)
+    router.report("m1", load(free=2, used=98), 1.0)
     with pytest.raises(
         ResourceExhaustedError, match=r"needs 3 KV blocks .*most free on any mixed worker now is 2"
     ):

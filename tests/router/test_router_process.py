@@ -25,7 +25,7 @@ import pytest
 
 from services.common.config import RpcConfig
 from services.common.limits import PromptLimits
-from services.common.load import LoadSnapshot
+from services.common.load import LoadReport
 from services.engine.tokenizer import Tokenizer
 from services.rpc.channels import open_channel
 from services.rpc.gen.banaserve.v1 import common_pb2, decode_pb2, router_pb2, router_pb2_grpc
@@ -54,8 +54,8 @@ class SteadyWorker(FakeWorker):
             yield decode_pb2.StreamTokensResponse(delta=delta)
 
 
-async def idle_load() -> LoadSnapshot:
-    return LoadSnapshot(0, 0, 0, 0, 1000, 0.0, 0.0, 0.1)
+async def idle_load() -> LoadReport:
+    return LoadReport(0, 0, 0, 0, 1000, 0.0, 0.0, 0.1)
 
 
 @asynccontextmanager

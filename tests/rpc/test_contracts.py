@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from services.common.kv_layout import KVLayout
+from services.common.kv_wire import DTYPE_NAMES
 from services.common.types import FinishReason, SamplingParams
-from services.engine.kv_cache import DTYPE_NAMES, KVLayout
 from services.rpc.gen.banaserve.v1 import common_pb2, decode_pb2, prefill_pb2, router_pb2
 
 

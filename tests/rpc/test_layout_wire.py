@@ -4,8 +4,8 @@ prompt is refused before any KV is taken."""
 import pytest
 
 from services.common.errors import InvalidRequestError
+from services.common.kv_layout import KVLayout
 from services.decode.servicer import header_from_proto
-from services.engine.kv_cache import KVLayout
 from services.rpc.convert import layout_to_proto
 from services.rpc.gen.banaserve.v1 import decode_pb2
 

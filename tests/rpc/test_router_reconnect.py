@@ -12,7 +12,7 @@ import asyncio
 import pytest
 
 from services.common.config import RpcConfig
-from services.common.load import LoadSnapshot
+from services.common.load import LoadReport
 from services.rpc.gen.banaserve.v1 import router_pb2, router_pb2_grpc
 from services.rpc.load_reports import reporting_to, worker_info
 from services.rpc.server import Service, start_server
@@ -46,8 +46,8 @@ def router_service(router: RegistrationRouter) -> Service:
     )
 
 
-async def load() -> LoadSnapshot:
-    return LoadSnapshot(0, 0, 0, 0, 32, 0.0, 0.0, 1.0)
+async def load() -> LoadReport:
+    return LoadReport(0, 0, 0, 0, 32, 0.0, 0.0, 1.0)
 
 
 def test_a_worker_registers_again_within_a_second_of_the_router_coming_back():

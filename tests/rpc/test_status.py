@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from services.common import errors
-from services.rpc.status import STATUS_CODES, status_for
+from services.rpc.status import GRPC_CODES, STATUS_CODES, error_code, grpc_code, status_for
 
 C = grpc.StatusCode
 
@@ -65,3 +65,19 @@ def test_every_domain_error_class_has_a_decided_code():
         if issubclass(cls, errors.BanaServeError) and cls is not errors.BanaServeError
     }
     assert domain <= set(STATUS_CODES)
+
+
+def test_every_failure_status_has_one_error_code_and_back():
+    failures = [c for c in grpc.StatusCode if c is not C.OK]
+    assert sorted(GRPC_CODES.values(), key=str) == sorted(failures, key=str)
+    assert [c.name for c in errors.ErrorCode] == [GRPC_CODES[c].name for c in errors.ErrorCode]
+    for code in errors.ErrorCode:
+        status = grpc_code(code)
+        assert error_code(status) is code
+        assert error_code(status.value[0]) is code  # the number the data plane sends
+
+
+def test_ok_or_an_unknown_number_is_no_failure_code():
+    assert error_code(C.OK) is errors.ErrorCode.UNKNOWN
+    assert error_code(0) is errors.ErrorCode.UNKNOWN
+    assert error_code(99) is errors.ErrorCode.UNKNOWN

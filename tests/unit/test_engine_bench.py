@@ -6,11 +6,13 @@ No model, torch or vLLM needed: runs and timings are built by small factories.
 from __future__ import annotations
 
 import argparse
+import io
+import json
 from pathlib import Path
 
 import pytest
 
-from bench import engine_bench, engine_report, engine_runners
+from bench import engine_bench, engine_interleave, engine_report, engine_runners
 from bench.engine_workload import (
     Timing,
     Workload,
@@ -199,6 +201,52 @@ def test_check_lengths_rejects_early_stops():
         engine_runners.check_lengths(call, [[1, 2], [3]])
 
 
+def test_serve_calls_runs_the_requested_calls_and_answers_each():
+    calls = build_plan(small_workload(batches=(2,)), vocab_size=20)
+    asked: list[int] = []
+
+    def generate(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        asked.append(len(asked))
+        return [[7] * max_tokens for _ in prompts]
+
+    i = next(i for i, c in enumerate(calls) if c.round == 1 and c.max_tokens > 1)
+    replies = io.StringIO()
+    timings, first = engine_runners.serve_calls(generate, calls, io.StringIO(f"{i}\n0\n"), replies)
+    assert [(t.round, t.name) for t in timings] == [(1, "batch_total_b2"), (0, "prefill")]
+    assert [json.loads(line)["index"] for line in replies.getvalue().splitlines()] == [i, 0]
+    assert first == [7] * calls[i].max_tokens
+
+
+class FakeRunner:
+    log: list[tuple[str, int]] = []
+
+    def __init__(self, system, dtype, args, paths) -> None:
+        self.system, self.alive = system, system != "broken"
+
+    def reply(self, deadline: float) -> None:
+        FakeRunner.log.append((self.system, -1))
+
+    def run(self, index: int, deadline: float) -> None:
+        FakeRunner.log.append((self.system, index))
+
+    def finish(self, deadline: float) -> dict:
+        return {"system": self.system}
+
+
+def test_interleaved_runs_rotate_which_system_goes_first(monkeypatch):
+    monkeypatch.setattr(engine_interleave, "Runner", FakeRunner)
+    FakeRunner.log = []
+    args = argparse.Namespace(systems=["a", "broken", "c"], timeout=10.0)
+    runs = engine_interleave.run_interleaved("float32", 3, args, {})
+    assert FakeRunner.log == [
+        ("a", -1), ("c", -1),  # wait until both loaded; "broken" never started
+        ("a", 0), ("c", 0),
+        ("c", 1), ("a", 1),  # call 1 starts at the second system ("broken": skipped)
+        ("c", 2), ("a", 2),
+    ]  # fmt: skip
+    assert list(runs) == ["a/float32", "broken/float32", "c/float32"]
+
+
 # ---- processes ----------------------------------------------------------------------------
 
 
@@ -229,6 +277,9 @@ def test_runner_env_fixes_threads_and_vllm_cpu_settings(monkeypatch, tmp_path):
     plain = engine_bench.runner_env("transformers", 1, base)
     assert "VLLM_HOST_IP" not in plain and plain["LD_PRELOAD"] == "/x.so"
     assert engine_bench.vllm_cpu_bind(1) == "0"
+    assert engine_bench.vllm_cpu_bind(1, first_cpu=1) == "1"
+    assert engine_bench.vllm_cpu_bind(2, first_cpu=2) == "2-3"
+    assert engine_bench.runner_env("vllm", 1, base, first_cpu=1)["VLLM_CPU_OMP_THREADS_BIND"] == "1"
 
 
 def test_resolve_model_accepts_a_directory_or_a_prepared_name(monkeypatch, tmp_path):
@@ -296,6 +347,17 @@ def test_report_computes_ratios_targets_and_agreement():
     ]
     assert report["machine"]["vllm"] == "0.32.0"
     assert report["agreement"] == {}  # transformers failed: nothing to compare with
+
+
+def test_targets_are_issue_9s_bar_decode_at_16_and_64_and_prefill_at_0_9():
+    targets = engine_report.targets(small_workload(batches=(1, 16, 64)))
+    assert [(t.metric, t.baseline, t.factor) for t in targets] == [
+        ("decode_b16", "vllm", 1.0),
+        ("decode_b64", "vllm", 1.0),
+        ("prefill_8", "vllm", 0.9),
+        ("decode_b16", "transformers", 3.0),
+        ("prefill_8", "transformers", 3.0),
+    ]
 
 
 def test_markdown_table_shows_medians_ratios_and_na_reasons():

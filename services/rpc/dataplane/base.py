@@ -28,7 +28,7 @@ Who calls what, and when:
     3. ``await client.close()``: pending requests fail with UNAVAILABLE. Bounded.
 
 Failures are ``DataPlaneError`` with ``kind``: UNAVAILABLE (refused, peer gone, closed), TIMEOUT
-(the caller's deadline passed) or REMOTE (the handler raised; ``code`` is the gRPC status name).
+(the caller's deadline passed) or REMOTE (the handler raised; ``code`` is its ``ErrorCode``).
 Every wait is bounded; once its connection is lost, a client stays closed (connect again).
 
 Payloads received are writable (a ``bytearray`` or a ``memoryview`` of one), so a receiver can
@@ -49,7 +49,8 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from services.rpc.status import status_for
+from services.common.errors import ErrorCode
+from services.rpc.status import error_code, status_for
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,9 @@ class ErrorKind(enum.Enum):
 
 
 class DataPlaneError(Exception):
-    """Every failure of a data-plane call. ``code`` is a gRPC status name (REMOTE only)."""
+    """Every failure of a data-plane call. ``code``: the status the peer answered (REMOTE only)."""
 
-    def __init__(self, kind: ErrorKind, message: str, code: str = "") -> None:
+    def __init__(self, kind: ErrorKind, message: str, code: ErrorCode | None = None) -> None:
         super().__init__(f"{kind.value}: {code + ': ' if code else ''}{message}")
         self.kind = kind
         self.message = message
@@ -87,13 +88,6 @@ def unavailable(message: str) -> DataPlaneError:
 
 def timed_out(message: str) -> DataPlaneError:
     return DataPlaneError(ErrorKind.TIMEOUT, message)
-
-
-def status_name(code: int) -> str:
-    for status in grpc.StatusCode:
-        if status.value[0] == code:
-            return status.name
-    return f"STATUS_{code}"
 
 
 def checked_header(header: bytes | bytearray | memoryview) -> bytes:
@@ -167,8 +161,8 @@ class Frame:
 
 def error_of(frame: Frame, header: bytes) -> DataPlaneError:
     message = header.decode("utf-8", errors="replace")
-    code = status_name(frame.status)
-    kind = ErrorKind.UNAVAILABLE if code == "UNAVAILABLE" else ErrorKind.REMOTE
+    code = error_code(frame.status)
+    kind = ErrorKind.UNAVAILABLE if code is ErrorCode.UNAVAILABLE else ErrorKind.REMOTE
     return DataPlaneError(kind, message, code)
 
 

@@ -31,7 +31,9 @@ from services.rpc.dataplane.base import (
     unavailable,
 )
 from services.rpc.gen.banaserve.v1 import dataplane_pb2, dataplane_pb2_grpc
+from services.rpc.security import data_plane_security
 from services.rpc.server import RunningServer, Service, start_server
+from services.rpc.status import error_code
 
 _READY = grpc.ChannelConnectivity.READY
 _FAILED = (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN)
@@ -63,7 +65,8 @@ class GrpcServer(DataServer):
         config: RpcConfig | None = None,
     ) -> None:
         self._handler = handler
-        self._config = config or RpcConfig(host=host, port=port)
+        security = data_plane_security()  # the process's, as for every other server
+        self._config = config or RpcConfig(host=host, port=port, security=security)
         self._server: RunningServer | None = None
 
     @property
@@ -96,7 +99,7 @@ class GrpcClient(DataClient):
     async def connect(
         cls, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, config: RpcConfig | None = None
     ) -> GrpcClient:
-        channel = open_channel(address, config or RpcConfig())
+        channel = open_channel(address, config or RpcConfig(security=data_plane_security()))
         try:
             await bounded(_ready(channel, address), timeout_s, f"connect {address}")
         except DataPlaneError:
@@ -126,7 +129,7 @@ class GrpcClient(DataClient):
             return unavailable(f"{self._address}: {details}")
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
             return timed_out(f"request to {self._address}: {details}")
-        return DataPlaneError(ErrorKind.REMOTE, details, code.name)
+        return DataPlaneError(ErrorKind.REMOTE, details, error_code(code))
 
     async def close(self) -> None:
         self._closed = True

@@ -14,6 +14,13 @@ the receiver gets, and ``sock_sendall`` sends from the caller's buffer.
 A message is always written whole: the write runs in a task of the connection, and a caller that
 times out stops waiting for it but never cuts a frame in half (which would desynchronise the
 stream for every other request).
+
+What a peer can make a side hold is bounded: a frame announcing more than ``max_payload_bytes``
+ends the connection before anything is allocated, and once a frame's head has arrived its header
+and payload must follow within ``read_timeout_s`` (an idle pooled connection has no deadline
+between messages). With a data-plane secret set (peer_auth.py) a connection starts with the
+mutual challenge, within ``peer_auth.HANDSHAKE_S``, and nothing else is read from a peer that
+fails it. The server binds only ``host`` (loopback by default).
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ import asyncio
 import contextlib
 import logging
 import socket
+from dataclasses import dataclass
 
+from services.rpc.dataplane import peer_auth
 from services.rpc.dataplane.base import (
     DEFAULT_GRACE_S,
     DEFAULT_TIMEOUT_S,
@@ -51,6 +60,10 @@ log = logging.getLogger(__name__)
 COALESCE_BYTES = 64 << 10
 _BROKEN = (OSError, EOFError, ValueError)
 _CLOSE_WAIT_S = 1.0  # how long a stopping server waits for clients to close after its FIN  # ValueError: a frame that makes no sense
+# The largest payload one message may announce (a layer of one request's KV is far below it).
+DEFAULT_MAX_PAYLOAD_BYTES = 1 << 30
+# From a frame's head to its last payload byte.
+DEFAULT_READ_TIMEOUT_S = DEFAULT_TIMEOUT_S
 
 
 def _tune(sock: socket.socket) -> socket.socket:
@@ -68,15 +81,46 @@ async def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
         view = view[n:]
 
 
-async def _read_message(sock: socket.socket) -> tuple[Frame, bytes, bytearray]:
+@dataclass(frozen=True)
+class ReadLimits:
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if self.max_payload_bytes < 1 or self.read_timeout_s <= 0:
+            raise ValueError(f"read limits must be positive, got {self}")
+
+
+async def _read_message(sock: socket.socket, limits: ReadLimits) -> tuple[Frame, bytes, bytearray]:
     head = bytearray(Frame.SIZE)
-    await _recv_exactly(sock, memoryview(head))
+    await _recv_exactly(sock, memoryview(head))  # no deadline: a pooled connection may idle
     frame = Frame.unpack(head)
-    header = bytearray(frame.header_len)
-    await _recv_exactly(sock, memoryview(header))
-    payload = bytearray(frame.payload_len)
-    await _recv_exactly(sock, memoryview(payload))
+    if frame.payload_len > limits.max_payload_bytes:
+        raise ValueError(
+            f"frame announces {frame.payload_len} payload bytes, over {limits.max_payload_bytes}"
+        )
+    async with asyncio.timeout(limits.read_timeout_s):  # TimeoutError: an OSError, _BROKEN
+        header = bytearray(frame.header_len)
+        await _recv_exactly(sock, memoryview(header))
+        payload = bytearray(frame.payload_len)
+        await _recv_exactly(sock, memoryview(payload))
     return frame, bytes(header), payload
+
+
+async def _authenticate(sock: socket.socket, key: bytes, server: bool) -> None:
+    loop = asyncio.get_running_loop()
+
+    async def read(n: int) -> bytes:
+        data = bytearray(n)
+        await _recv_exactly(sock, memoryview(data))
+        return bytes(data)
+
+    async def write(data: bytes) -> None:
+        await loop.sock_sendall(sock, data)
+
+    prove = peer_auth.prove_server if server else peer_auth.prove_client
+    async with asyncio.timeout(peer_auth.HANDSHAKE_S):
+        await prove(key, read, write)
 
 
 class _Connection:
@@ -107,9 +151,20 @@ class _Connection:
 
 
 class TcpServer(DataServer):
-    def __init__(self, handler: Handler, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        limits: ReadLimits = ReadLimits(),
+        secret: bytes | None = None,
+    ) -> None:
+        """``secret`` None: the process's (peer_auth.use_secret); b"": no authentication."""
         self._handler = handler
         self._host, self._port = host, port
+        self._limits = limits
+        self._secret = peer_auth.secret() if secret is None else secret
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -157,11 +212,15 @@ class TcpServer(DataServer):
     async def _serve(self, conn: _Connection) -> None:
         self._connections.add(conn)
         try:
+            if self._secret:
+                await _authenticate(conn.sock, self._secret, server=True)
             while True:
-                frame, header, payload = await _read_message(conn.sock)
+                frame, header, payload = await _read_message(conn.sock, self._limits)
                 if frame.type is not FrameType.REQUEST:
                     raise ValueError(f"expected a request, got {frame.type.name}")
                 conn.tasks.spawn(self._answer(conn, frame.request_id, header, payload))
+        except peer_auth.PeerAuthError as exc:
+            log.warning("tcp data plane: refused a peer: %s", exc)
         except _BROKEN as exc:
             log.debug("tcp data plane connection ended: %r", exc)
         finally:
@@ -177,23 +236,32 @@ class TcpServer(DataServer):
 
 
 class TcpClient(DataClient):
-    def __init__(self, sock: socket.socket, address: str) -> None:
+    def __init__(
+        self, sock: socket.socket, address: str, limits: ReadLimits = ReadLimits()
+    ) -> None:
         self._conn = _Connection(sock)
         self._address = address
+        self._limits = limits
         self._pending = PendingRequests()
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     @classmethod
-    async def connect(cls, address: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> TcpClient:
+    async def connect(
+        cls, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, *, secret: bytes | None = None
+    ) -> TcpClient:
+        """``secret`` None: the process's (peer_auth.use_secret); b"": no authentication."""
         host, port = split_address(address)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = _tune(socket.socket(family, socket.SOCK_STREAM))
         loop = asyncio.get_running_loop()
+        key = peer_auth.secret() if secret is None else secret
         try:
             await bounded(loop.sock_connect(sock, (host, port)), timeout_s, f"connect {address}")
-        except OSError as exc:
+            if key:
+                await _authenticate(sock, key, server=False)
+        except (OSError, EOFError, peer_auth.PeerAuthError) as exc:
             sock.close()
-            raise unavailable(f"cannot connect to {address}: {exc}") from exc
+            raise unavailable(f"cannot connect to {address}: {exc!r}") from exc
         except DataPlaneError:
             sock.close()
             raise
@@ -215,7 +283,7 @@ class TcpClient(DataClient):
     async def _read(self) -> None:
         try:
             while True:
-                frame, header, payload = await _read_message(self._conn.sock)
+                frame, header, payload = await _read_message(self._conn.sock, self._limits)
                 if frame.type is FrameType.ERROR:
                     self._pending.resolve(frame.request_id, error=error_of(frame, header))
                 else:

@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# The compose smoke test (`make compose-smoke`, docs/deploy.md): on a bare Debian machine as root,
+# installs and configures podman, builds the base and the image, brings docker-compose.yml up
+# with 1 prefill + 1 decode on tiny-llama and the coordinator (images from
+# deploy/smoke/docker-compose.smoke.yml), mutual TLS and the API token on as in the file,
+# waits for health, sends one greedy request by service name from a client container and two
+# through the published ports (gRPC and the OpenAI HTTP API), checks each text equals
+# `banaserve generate` in-process, scrapes every service's /metrics, finds the request's spans
+# (router, prefill, decode) in the collector's output, and checks `down` leaves nothing behind.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+started=$(date +%s)
+PY=${PY:-.venv/bin/python}
+project=banaserve-smoke
+prompt="The quick brown fox"
+max_tokens=16
+export BANASERVE_GRPC_PORT=${BANASERVE_GRPC_PORT:-50051} BANASERVE_HTTP_PORT=${BANASERVE_HTTP_PORT:-8000}
+export BANASERVE_TRACING_FLAGS="--tracing otlp --otlp-endpoint otel-collector:4317"
+export BANASERVE_MODEL=tiny-llama
+
+step() { echo "== $(($(date +%s) - started))s: $*"; }
+eval "export $(bash deploy/smoke/podman-setup.sh | tail -1)"
+compose=(docker-compose -p "$project" -f docker-compose.yml -f deploy/smoke/docker-compose.smoke.yml)
+
+step "base image"; bash deploy/smoke/build-base.sh
+step "banaserve image"; bash deploy/smoke/build-image.sh
+podman image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' localhost/banaserve:dev
+
+containers() { podman ps -a -q --filter "label=com.docker.compose.project=$project"; }
+pump=""
+stop_service() {  # the API service podman-setup.sh started, if it did
+	local pidfile=/run/podman/banaserve-service.pid
+	if [ -f "$pidfile" ]; then kill "$(cat "$pidfile")" 2>/dev/null || true; rm -f "$pidfile"; fi
+}
+cleanup() {
+	[ -n "$pump" ] && kill "$pump" 2>/dev/null || true
+	"${compose[@]}" down -v --remove-orphans -t 20 >/dev/null 2>&1 || true
+	stop_service
+}
+trap cleanup EXIT
+trap "exit 130" INT TERM
+
+# Podman runs health checks from systemd timers; without systemd (a container, CI) nothing would
+# run them, so this loop does, as the timers would.
+health_pump() {
+	while true; do
+		for c in $(podman ps -q --filter "label=com.docker.compose.project=$project"); do
+			podman healthcheck run "$c" >/dev/null 2>&1 || true
+		done
+		sleep 2
+	done
+}
+health_pump &
+pump=$!
+
+step "up: 1 prefill + 1 decode"
+"${compose[@]}" up -d --no-build --scale prefill=1 --scale decode=1
+status() { podman inspect --format '{{.State.Health.Status}}' "$1" 2>/dev/null || echo none; }
+deadline=$(($(date +%s) + 300))
+for svc in redis kvstore router prefill decode coordinator; do
+	c=$("${compose[@]}" ps -q "$svc" | head -1)
+	until [ "$(status "$c")" = healthy ]; do
+		if [ "$(date +%s)" -gt "$deadline" ]; then
+			"${compose[@]}" logs --tail 30 "$svc"
+			echo "FAIL: $svc not healthy in time"; exit 1
+		fi
+		sleep 1
+	done
+	echo "$svc healthy"
+done
+
+step "expected text: banaserve generate in-process"
+# The very model files the cluster serves, copied out of the image: tiny-llama's tokenizer is
+# trained on the running Python's help texts, so a build on the host's Python may differ.
+home=$(mktemp -d)
+cid=$(podman create "${BANASERVE_IMAGE:-localhost/banaserve:dev}")
+podman cp "$cid:/opt/banaserve/home/models" "$home/models"
+podman rm "$cid" >/dev/null
+expected=$(BANASERVE_HOME=$home .venv/bin/banaserve generate --model tiny-llama --prompt "$prompt" --max-tokens "$max_tokens" 2>/dev/null)
+rm -rf "$home"
+echo "expected: $expected"
+
+trace=$(openssl rand -hex 16 2>/dev/null || $PY -c 'import secrets; print(secrets.token_hex(16))')
+step "greedy request by service name from a client container (trace $trace)"
+inside=$("${compose[@]}" run --rm -T client router:50051 "$prompt" "$max_tokens" "$trace")
+step "greedy requests through the published ports (client certificate and token from the tls volume)"
+tls=$(podman volume inspect "${project}_tls" --format '{{.Mountpoint}}')
+export BANASERVE_TLS_DIR=$tls BANASERVE_API_TOKEN_FILE=$tls/tokens
+outside=$(PYTHONPATH=. $PY deploy/smoke/client.py "127.0.0.1:$BANASERVE_GRPC_PORT" "$prompt" "$max_tokens" "$($PY -c 'import secrets; print(secrets.token_hex(16))')")
+http=$($PY - "$BANASERVE_HTTP_PORT" "$prompt" "$max_tokens" "$tls/tokens" <<'PYEOF'
+import json, sys, urllib.request
+port, prompt, n, tokens = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+token = open(tokens).read().split()[0]
+body = json.dumps({"model": "tiny-llama", "prompt": prompt, "max_tokens": n, "temperature": 0})
+headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body.encode(), headers)
+print(json.load(urllib.request.urlopen(req, timeout=60))["choices"][0]["text"], end="")
+PYEOF
+)
+for got in "$inside" "$outside" "$http"; do
+	if [ "$got" != "$expected" ]; then
+		echo "FAIL: got $(printf %q "$got"), expected $(printf %q "$expected")"; exit 1
+	fi
+done
+echo "all three texts equal the in-process one"
+
+step "scrape /metrics of every service"
+"${compose[@]}" run --rm -T --entrypoint python client - <<'PYEOF'
+import urllib.request
+want = {
+    "router": 'banaserve_router_requests_total{outcome="length"} 3.0',
+    "prefill": "banaserve_worker_kv_blocks{",
+    "decode": "banaserve_worker_kv_blocks{",
+    "kvstore": "banaserve_kvstore_lookup_miss_blocks_total",
+    "coordinator": "# TYPE banaserve_coordinator_migrations gauge",  # no migration ran
+}
+for service, line in want.items():
+    text = urllib.request.urlopen(f"http://{service}:9400/metrics", timeout=10).read().decode()
+    found = [l for l in text.splitlines() if l.startswith(line)]
+    assert found, f"{service}: no {line!r} in /metrics"
+    print(f"{service}: {found[0]}")
+PYEOF
+
+step "the request's spans in the collector's output"
+deadline=$(($(date +%s) + 30))
+until "${compose[@]}" logs --no-color otel-collector | grep "\"trace_id\": \"$trace\"" >/tmp/banaserve-smoke-spans.txt \
+	&& for s in router prefill decode; do grep -q "\"service\": \"[a-z-]*$s\"" /tmp/banaserve-smoke-spans.txt || exit 1; done; do
+	[ "$(date +%s)" -gt "$deadline" ] && { echo "FAIL: spans of $trace missing"; cat /tmp/banaserve-smoke-spans.txt; exit 1; }
+	sleep 1
+done
+sed 's/^[^{]*//' /tmp/banaserve-smoke-spans.txt | $PY -c 'import json,sys; [print(" ", d["service"], d["name"]) for d in map(json.loads, sys.stdin)]'
+
+step "down"
+kill "$pump"; pump=""
+"${compose[@]}" down -v --remove-orphans -t 20
+left=$(containers; podman network ls -q --filter "name=${project}_")
+if [ -n "$left" ]; then echo "FAIL: left behind: $left"; exit 1; fi
+trap - EXIT
+stop_service
+step "compose smoke passed"

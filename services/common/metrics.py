@@ -1,0 +1,332 @@
+"""Prometheus metrics on every service: ``--metrics-port`` (0, the default: off).
+
+Lifecycle:
+1. ``__main__`` builds its service, then calls ``start_metrics(args, host, *collectors)``: an
+   HTTP endpoint (``GET /metrics``) on the service's own event loop, so every collector reads the
+   service's state on the thread that changes it, as the Stats RPCs do;
+2. collectors read what the service already keeps (the engine's counters, the router's
+   registry, the kvstore pool) at scrape time: nothing is copied or updated per step;
+3. the router's request histograms are the exception: the driver tells ``RequestMetrics`` about
+   every request that ends (``RequestDriver.observer``), since a finished request leaves no
+   state behind to read.
+
+Names follow Prometheus conventions (``banaserve_`` prefix, base units, ``_total`` counters);
+docs/deploy.md lists them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+# Seconds: TTFT/E2E from ~1 ms (tiny models on a CPU) to minutes; TPOT from 0.1 ms.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+TPOT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+MAX_REQUEST_BYTES = 8192
+
+
+def add_metrics_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="serve Prometheus metrics on this port, on the service's --host (0: off)",
+    )
+
+
+class MetricsEndpoint:
+    """``GET /metrics`` over HTTP/1.1 on an asyncio server; one response per connection."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self._server: asyncio.Server | None = None
+        self.address = ""
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await asyncio.start_server(self._handle, host, port)
+        bound = self._server.sockets[0].getsockname()
+        self.address = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+            status, body, ctype = self._respond(head[:MAX_REQUEST_BYTES])
+            writer.write(
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    def _respond(self, head: bytes) -> tuple[str, bytes, str]:
+        parts = head.split(b"\r\n", 1)[0].split()
+        if len(parts) != 3 or parts[0] not in (b"GET", b"HEAD"):
+            return "405 Method Not Allowed", b"GET /metrics\n", "text/plain"
+        if parts[1].split(b"?", 1)[0] != b"/metrics":
+            return "404 Not Found", b"GET /metrics\n", "text/plain"
+        body = generate_latest(self.registry)
+        return "200 OK", (b"" if parts[0] == b"HEAD" else body), CONTENT_TYPE_LATEST
+
+
+async def start_metrics(
+    args: argparse.Namespace, host: str, *collectors: Collector
+) -> MetricsEndpoint | None:
+    """Serves ``collectors`` (and process metrics) if ``--metrics-port`` is set; prints
+    ``METRICS HOST:PORT`` on stdout (before the service's ``LISTENING`` line)."""
+    if not args.metrics_port:
+        return None
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    for collector in collectors:
+        registry.register(collector)
+    endpoint = MetricsEndpoint(registry)
+    await endpoint.start(host, args.metrics_port)
+    print(f"METRICS {endpoint.address}", flush=True)
+    return endpoint
+
+
+def _gauge(name: str, doc: str, labels: Sequence[str] = ()) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=list(labels))
+
+
+class EngineCollector(Collector):
+    """A prefill, decode or mixed worker: its engine's KV pool, queues and hosted work
+    (``Engine.stats``, safe from any thread) and the worker's step meter, if it has one."""
+
+    def __init__(self, role: str, model: str, engine: Any, worker: Any = None) -> None:
+        self._labels = [role, model]
+        self._engine, self._meter = engine, getattr(worker, "meter", None)
+
+    def collect(self) -> Iterable[Metric]:
+        s = self._engine.stats()
+        labels = ["role", "model"]
+        blocks = _gauge("banaserve_worker_kv_blocks", "KV blocks by state", [*labels, "state"])
+        blocks.add_metric([*self._labels, "used"], s["num_blocks"] - s["num_free_blocks"])
+        blocks.add_metric([*self._labels, "free"], s["num_free_blocks"])
+        blocks.add_metric([*self._labels, "cached"], s["num_cached_blocks"])
+        yield blocks
+        for key, name, doc in (
+            ("num_running", "banaserve_worker_running_seqs", "sequences being computed"),
+            ("num_waiting", "banaserve_worker_waiting_seqs", "sequences queued for a step"),
+            ("num_importing", "banaserve_worker_importing_seqs", "sequences receiving KV"),
+            ("num_hosted_seqs", "banaserve_worker_hosted_seqs", "sequences hosted for a peer"),
+            ("num_hosted_blocks", "banaserve_worker_hosted_kv_blocks", "KV blocks hosted"),
+        ):
+            if key in s:
+                gauge = _gauge(name, doc, labels)
+                gauge.add_metric(self._labels, s[key])
+                yield gauge
+        hosted = _gauge("banaserve_worker_hosted_layers", "decoder layers run for peers", labels)
+        hosted.add_metric(self._labels, self._engine.snapshot.num_hosted_layers)
+        yield hosted
+        if self._meter is not None:
+            step_s, busy = self._meter.snapshot()
+            for name, doc, value in (
+                ("banaserve_worker_step_seconds", "mean step time over the load window", step_s),
+                ("banaserve_worker_busy_ratio", "share of the load window spent in steps", busy),
+            ):
+                gauge = _gauge(name, doc, labels)
+                gauge.add_metric(self._labels, value)
+                yield gauge
+
+
+class RouterCollector(Collector):
+    """The router's registry: workers by role and status, and each worker's load estimate."""
+
+    def __init__(self, router: Any) -> None:
+        self._router = router
+
+    def collect(self) -> Iterable[Metric]:
+        workers = self._router.workers()
+        counts: dict[tuple[str, str], int] = {}
+        for w in workers:
+            key = (w.role.name.lower(), w.status.name.lower())
+            counts[key] = counts.get(key, 0) + 1
+        total = _gauge("banaserve_router_workers", "registered workers", ["role", "status"])
+        for (role, status), n in sorted(counts.items()):
+            total.add_metric([role, status], n)
+        yield total
+        labels = ["worker_id", "role"]
+        per_worker = {
+            "banaserve_router_worker_queued_tokens": ("prefill tokens queued or assigned", []),
+            "banaserve_router_worker_kv_blocks_free": ("free KV blocks (estimate)", []),
+            "banaserve_router_worker_kv_blocks_used": ("used KV blocks (estimate)", []),
+            "banaserve_router_worker_utilisation_ratio": ("max(compute, memory) share", []),
+        }
+        for w in workers:
+            values = (w.num_queued_tokens, w.num_free_blocks, w.num_used_blocks, w.utilisation)
+            for (_, samples), value in zip(per_worker.values(), values, strict=True):
+                samples.append(([w.worker_id, w.role.name.lower()], value))
+        for name, (doc, samples) in per_worker.items():
+            gauge = _gauge(name, doc, labels)
+            for label_values, value in samples:
+                gauge.add_metric(label_values, value)
+            yield gauge
+
+
+class RequestMetrics:
+    """The router's per-request figures, fed by the driver as each request ends."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "banaserve_router_requests", "requests ended, by outcome", ["outcome"], registry=r
+        )
+        self.ttft = Histogram(
+            "banaserve_router_ttft_seconds",
+            "time to first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "banaserve_router_tpot_seconds",
+            "time per output token after the first",
+            buckets=TPOT_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "banaserve_router_e2e_seconds",
+            "arrival to last token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.kv_transfer = Histogram(
+            "banaserve_router_kv_transfer_seconds",
+            "prefill-to-decode KV transfer time per request",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.kv_bytes = Counter(
+            "banaserve_router_kv_transfer_bytes", "KV bytes moved prefill to decode", registry=r
+        )
+        self.tokens = Counter("banaserve_router_tokens", "tokens by kind", ["kind"], registry=r)
+
+    def finished(self, event: Any) -> None:
+        """A ``Finished`` event: the request's outcome is its finish reason."""
+        t = event.timings
+        self.requests.labels(event.finish_reason.name.lower()).inc()
+        self.tokens.labels("prompt").inc(event.num_prompt_tokens)
+        self.tokens.labels("completion").inc(event.num_completion_tokens)
+        self.tokens.labels("cached").inc(event.num_cached_tokens)
+        if event.num_completion_tokens > 0:
+            self.ttft.observe(t.ttft_s)
+            self.e2e.observe(t.total_s)
+        if event.num_completion_tokens > 1:
+            self.tpot.observe((t.total_s - t.ttft_s) / (event.num_completion_tokens - 1))
+        if t.kv_bytes:
+            self.kv_bytes.inc(t.kv_bytes)
+            self.kv_transfer.observe(t.kv_transfer_s)
+
+    def failed(self, exc: BaseException) -> None:
+        self.requests.labels("error").inc()
+
+    def collectors(self) -> list[Collector]:
+        return [self.registry]  # a registry collects everything registered with it
+
+
+class KVStoreCollector(Collector):
+    """A kvstore node: its pool (host memory and disk tier) and its lookups' hits and misses.
+
+    Hits and misses are counted by wrapping the node's ``lookup`` at wiring time: the node
+    keeps no such counter, and a lookup leaves nothing behind to read.
+    """
+
+    def __init__(self, node: Any) -> None:
+        self._node = node
+        self.num_hit_blocks = 0
+        self.num_missed_blocks = 0
+        lookup: Callable[..., Any] = node.lookup
+
+        async def counted(hashes: Sequence[Any]) -> Any:
+            found = await lookup(hashes)
+            self.num_hit_blocks += len(found[0])
+            self.num_missed_blocks += len(hashes) - len(found[0])
+            return found
+
+        node.lookup = counted
+
+    def collect(self) -> Iterable[Metric]:
+        s = self._node.stats()
+        for name, doc, value in (
+            ("banaserve_kvstore_memory_used_bytes", "host memory held by blocks", s.num_bytes_used),
+            ("banaserve_kvstore_blocks", "blocks held in memory", s.num_blocks),
+            ("banaserve_kvstore_committed_blocks", "blocks readable", s.num_committed_blocks),
+            ("banaserve_kvstore_pinned_blocks", "blocks pinned by readers", s.num_pinned_blocks),
+            ("banaserve_kvstore_reservations", "writes in progress", s.num_reservations),
+            ("banaserve_kvstore_disk_blocks", "blocks on the disk tier", s.num_disk_blocks),
+            ("banaserve_kvstore_disk_used_bytes", "bytes on the disk tier", s.num_disk_bytes),
+        ):
+            gauge = _gauge(name, doc)
+            gauge.add_metric([], value)
+            yield gauge
+        for name, doc, value in (
+            ("banaserve_kvstore_evictions", "blocks evicted from memory", s.num_evicted),
+            ("banaserve_kvstore_promotions", "blocks read back from disk", s.num_promoted),
+            ("banaserve_kvstore_lookup_hit_blocks", "looked-up blocks found", self.num_hit_blocks),
+            (
+                "banaserve_kvstore_lookup_miss_blocks",
+                "looked-up blocks not found",
+                self.num_missed_blocks,
+            ),
+        ):
+            counter = CounterMetricFamily(name, doc)
+            counter.add_metric([], value)
+            yield counter
+
+
+class CoordinatorCollector(Collector):
+    """The coordinator's migrations (``Coordinator.list``, every one it knows, recovered ones
+    included): how many by kind and state, the bytes they moved and the seconds they spent in
+    each state (a state still open counts up to now, on the coordinator's clock)."""
+
+    def __init__(self, coordinator: Any) -> None:
+        self._coordinator = coordinator
+
+    def collect(self) -> Iterable[Metric]:
+        now = self._coordinator.now()
+        count = _gauge("banaserve_coordinator_migrations", "migrations", ["kind", "state"])
+        moved = CounterMetricFamily(
+            "banaserve_coordinator_migration_bytes",
+            "bytes migrations moved",
+            labels=["kind", "what"],
+        )
+        seconds = CounterMetricFamily(
+            "banaserve_coordinator_migration_state_seconds",
+            "seconds migrations spent in each state",
+            labels=["kind", "state"],
+        )
+        counts: dict[tuple[str, str], int] = {}
+        num_bytes: dict[tuple[str, str], int] = {}
+        durations: dict[tuple[str, str], float] = {}
+        for m in self._coordinator.list():
+            kind = m.kind.value
+            counts[kind, m.state.value] = counts.get((kind, m.state.value), 0) + 1
+            for what, n in (("weights", m.num_weight_bytes), ("kv", m.num_kv_bytes)):
+                num_bytes[kind, what] = num_bytes.get((kind, what), 0) + n
+            for t in m.timings:
+                key = (kind, t.state.value)
+                durations[key] = durations.get(key, 0.0) + t.duration(now)
+        for family, values in ((count, counts), (moved, num_bytes), (seconds, durations)):
+            for labels, value in sorted(values.items()):
+                family.add_metric(list(labels), value)
+            yield family

@@ -1,0 +1,1 @@
+"""The coordinator: runs module migrations between live workers as traced state machines."""

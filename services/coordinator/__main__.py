@@ -1,0 +1,115 @@
+"""``python -m services.coordinator``: flags -> Redis store, router, coordinator, gRPC -> serve.
+
+1. connects to Redis (fails at once if it does not answer) and loads every migration, picking
+   the live ones up again (core.Coordinator.recover);
+2. serves CoordinatorService and prints ``LISTENING HOST:PORT``;
+3. renews the workers' leases every ``--renew-interval`` seconds while it serves;
+4. on SIGTERM/SIGINT drains, then stops its tasks WITHOUT aborting live migrations: a
+   coordinator started again on the same Redis (within the lease) carries on with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+
+from opentelemetry import trace
+
+from services.common.config import RpcConfig, TracingConfig
+from services.common.metrics import CoordinatorCollector, add_metrics_args, start_metrics
+from services.common.network import add_host_args, resolve_host
+from services.coordinator.clients import RouterWorkers
+from services.coordinator.core import Coordinator, CoordinatorConfig
+from services.coordinator.servicer import coordinator_service
+from services.coordinator.store import DEFAULT_PREFIX, RedisMigrationStore
+from services.rpc.security import Role, add_security_args, security_config
+from services.rpc.server import run_service, start_server
+from services.rpc.tracing import setup_tracing
+
+log = logging.getLogger("services.coordinator")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    defaults = CoordinatorConfig()
+    p = argparse.ArgumentParser(prog="python -m services.coordinator", description=__doc__)
+    p.add_argument("--port", type=int, default=0, help="CoordinatorService port; 0: the OS picks")
+    p.add_argument("--redis", default=env("BANASERVE_REDIS", "redis://127.0.0.1:6379/0"))
+    p.add_argument("--key-prefix", default=DEFAULT_PREFIX, help="Redis key namespace")
+    p.add_argument(
+        "--router", default="", metavar="HOST:PORT", help="finds the workers (ListWorkers)"
+    )
+    p.add_argument("--lease", type=float, default=defaults.lease_s, metavar="S")
+    p.add_argument("--renew-interval", type=float, default=defaults.renew_interval_s, metavar="S")
+    p.add_argument("--step-timeout", type=float, default=defaults.step_timeout_s, metavar="S")
+    p.add_argument("--copy-rounds", type=int, default=defaults.copy_rounds)
+    p.add_argument("--tracing", choices=("none", "console", "otlp"), default="none")
+    p.add_argument("--otlp-endpoint", default="")
+    p.add_argument("--log-level", default=env("BANASERVE_LOG_LEVEL", "INFO"))
+    add_security_args(p)
+    add_host_args(p)
+    add_metrics_args(p)
+    return p.parse_args(argv)
+
+
+def coordinator_config(args: argparse.Namespace) -> CoordinatorConfig:
+    return CoordinatorConfig(
+        lease_s=args.lease,
+        renew_interval_s=args.renew_interval,
+        step_timeout_s=args.step_timeout,
+        copy_rounds=args.copy_rounds,
+    )
+
+
+async def renew_forever(coordinator: Coordinator, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await coordinator.renew_leases()
+        except Exception:  # a bug here must not end renewals for every other migration
+            log.exception("lease renewal failed")
+
+
+async def serve(args: argparse.Namespace) -> None:
+    config = coordinator_config(args)
+    tracing = setup_tracing(
+        TracingConfig(args.tracing, args.otlp_endpoint, service_name="banaserve-coordinator")
+    )
+    security = security_config(args, Role.COORDINATOR)
+    rpc = RpcConfig(host=resolve_host(args.host), port=args.port, security=security)
+    store = RedisMigrationStore.from_url(args.redis, args.key_prefix)
+    workers = RouterWorkers(args.router, rpc, tracing)
+    tracer = trace.get_tracer("services.coordinator", tracer_provider=tracing.provider)
+    coordinator = Coordinator(store, workers, config, tracer=tracer)
+    try:
+        await store.ping()
+        await coordinator.recover()
+        server = await start_server([coordinator_service(coordinator)], rpc, tracing=tracing)
+        renewals = asyncio.ensure_future(renew_forever(coordinator, config.renew_interval_s))
+        await start_metrics(args, rpc.host, CoordinatorCollector(coordinator))
+        print(f"LISTENING {server.address}", flush=True)
+        live = len(coordinator.list(live_only=True))
+        log.info("router %s, redis %s, %d live migrations", args.router or "-", args.redis, live)
+        try:
+            await server.serve_until_signal()
+        finally:
+            renewals.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewals
+    finally:
+        await coordinator.close()
+        await workers.close()
+        await store.close()
+        tracing.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_service(parse_args, serve, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""``banaserve migrate ...`` and ``banaserve migrations``: the coordinator's API on the command line.
+
+    banaserve migrate layers --donor decode-0 --helper prefill-0 --start 16 [--end 30] [--wait]
+    banaserve migrate revert m-3 [--wait]
+    banaserve migrate abort m-3 [--reason TEXT]
+    banaserve migrations [m-3] [--live]
+
+The coordinator is ``--coordinator HOST:PORT`` (or ``$BANASERVE_COORDINATOR``; ``banaserve up
+--coordinator`` prints it). ``--wait`` follows the migration until its current work is over
+(ACTIVE, DONE or ABORTED) and exits 1 if it was aborted. A refused call prints the status and
+its message and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from services.rpc import security
+from services.rpc.gen.banaserve.v1 import coordinator_pb2 as pb
+from services.rpc.gen.banaserve.v1 import coordinator_pb2_grpc
+
+TIMEOUT_S = 10.0
+SETTLED = {
+    pb.MIGRATION_STATE_ACTIVE,
+    pb.MIGRATION_STATE_DONE,
+    pb.MIGRATION_STATE_ABORTED,
+}
+
+
+def _state(value: int) -> str:
+    return pb.MigrationState.Name(value).removeprefix("MIGRATION_STATE_")
+
+
+def _kind(value: int) -> str:
+    return pb.MigrationKind.Name(value).removeprefix("MIGRATION_KIND_").lower()
+
+
+def _seconds(d) -> float:
+    return d.seconds + d.nanos / 1e9
+
+
+def format_row(m: pb.Migration) -> str:
+    layers = f"[{m.start_layer}, {m.end_layer})"
+    row = f"{m.migration_id:<6} {_kind(m.kind):<7} {_state(m.state):<10} {m.donor:>12} -> "
+    row += f"{m.helper:<12} {layers:<9} kv {m.num_kv_bytes:>12,} B"
+    return row + (f"  {m.reason}" if m.reason else "")
+
+
+def format_migration(m: pb.Migration) -> str:
+    lines = [
+        f"migration   {m.migration_id} ({_kind(m.kind)})",
+        f"state       {_state(m.state)}",
+        f"donor       {m.donor}",
+        f"helper      {m.helper} (data plane {m.helper_data_address or '-'})",
+        f"layers      [{m.start_layer}, {m.end_layer}), {m.num_micro_batches} micro-batches"
+        + (", weights dropped on the donor" if m.drop_weights else ""),
+        f"weights     {m.num_weight_bytes:,} B"
+        + (" (helper had identical weights)" if m.weights_skipped else ""),
+        f"kv          {m.num_kv_bytes:,} B, {m.num_sequences} sequences, "
+        f"{m.num_requeued} recomputed",
+        f"switch      {_seconds(m.switch_pause) * 1000:.1f} ms pause",
+        "timings     "
+        + ", ".join(f"{_state(t.state)} {_seconds(t.duration):.3f} s" for t in m.timings),
+    ]
+    if m.reason:
+        lines.append(f"reason      {m.reason}")
+    if m.trace_id:
+        lines.append(f"trace       {m.trace_id}")
+    return "\n".join(lines)
+
+
+class _Client:
+    def __init__(self, args: argparse.Namespace) -> None:
+        target = args.coordinator
+        if not target:
+            raise SystemExit(
+                "banaserve: error: --coordinator HOST:PORT (or $BANASERVE_COORDINATOR)"
+            )
+        if args.tls_dir:
+            files = security.TlsFiles.in_dir(Path(args.tls_dir), security.Role.CLIENT)
+            credentials = security.channel_credentials(files)
+            self.channel = grpc.secure_channel(target, credentials, security.channel_options())
+        else:
+            self.channel = grpc.insecure_channel(target)
+        token = security.read_tokens(Path(args.api_token_file))[0] if args.api_token_file else ""
+        self.metadata = security.bearer_metadata(token)
+        self.stub = coordinator_pb2_grpc.CoordinatorServiceStub(self.channel)
+
+    def call(self, method: str, request):
+        return getattr(self.stub, method)(request, timeout=TIMEOUT_S, metadata=self.metadata)
+
+    def wait(self, migration_id: str, timeout_s: float) -> pb.Migration:
+        deadline = time.monotonic() + timeout_s
+        request = pb.DescribeMigrationRequest(migration_id=migration_id)
+        while True:
+            m = self.call("DescribeMigration", request).migration
+            if m.state in SETTLED or time.monotonic() > deadline:
+                return m
+            time.sleep(0.1)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--coordinator",
+        default=os.environ.get("BANASERVE_COORDINATOR", ""),
+        metavar="HOST:PORT",
+        help="the coordinator (default: $BANASERVE_COORDINATOR)",
+    )
+    p.add_argument("--tls-dir", default="", help="the client certificate's dir (docs/security.md)")
+    p.add_argument("--api-token-file", default="", help="send the file's first token")
+
+
+def _add_wait(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", action="store_true", help="until ACTIVE, DONE or ABORTED")
+    p.add_argument("--wait-timeout", type=float, default=300.0, metavar="S")
+
+
+def add_migrate_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="migrate_command", required=True)
+    layers = sub.add_parser("layers", help="move the donor's layers [start, end) to the helper")
+    layers.add_argument("--donor", required=True, help="worker id whose layers move")
+    layers.add_argument("--helper", required=True, help="worker id that runs them")
+    layers.add_argument("--start", type=int, required=True, help="first layer that moves (>= 1)")
+    layers.add_argument("--end", type=int, default=None, help="default: the model's layer count")
+    layers.add_argument("--micro-batches", type=int, default=2, choices=(1, 2))
+    layers.add_argument(
+        "--drop-weights", action="store_true", help="the donor frees the moved layers once ACTIVE"
+    )
+    for name, text in (("revert", "take an ACTIVE migration back"), ("abort", "stop a migration")):
+        q = sub.add_parser(name, help=text)
+        q.add_argument("migration_id")
+        if name == "abort":
+            q.add_argument("--reason", default="", help="recorded as the migration's reason")
+        _add_common(q)
+        if name == "revert":
+            _add_wait(q)
+    _add_common(layers)
+    _add_wait(layers)
+
+
+def add_migrations_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("migration_id", nargs="?", help="describe this one (default: list them all)")
+    p.add_argument("--live", action="store_true", help="only migrations not DONE or ABORTED")
+    _add_common(p)
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    client = _Client(args)
+    try:
+        if args.migrate_command == "layers":
+            spec = pb.LayerMigrationSpec(
+                donor=args.donor,
+                helper=args.helper,
+                start_layer=args.start,
+                end_layer=args.end,
+                num_micro_batches=args.micro_batches,
+                drop_weights=args.drop_weights,
+            )
+            request = pb.StartMigrationRequest(kind=pb.MIGRATION_KIND_LAYERS, layers=spec)
+            m = client.call("StartMigration", request).migration
+        elif args.migrate_command == "revert":
+            request = pb.RevertMigrationRequest(migration_id=args.migration_id)
+            m = client.call("RevertMigration", request).migration
+        else:
+            request = pb.AbortMigrationRequest(migration_id=args.migration_id, reason=args.reason)
+            m = client.call("AbortMigration", request).migration
+        if getattr(args, "wait", False):
+            m = client.wait(m.migration_id, args.wait_timeout)
+    except grpc.RpcError as exc:
+        return _refused(exc)
+    finally:
+        client.channel.close()
+    print(format_migration(m), flush=True)
+    return 1 if getattr(args, "wait", False) and m.state == pb.MIGRATION_STATE_ABORTED else 0
+
+
+def run_migrations(args: argparse.Namespace) -> int:
+    client = _Client(args)
+    try:
+        if args.migration_id:
+            request = pb.DescribeMigrationRequest(migration_id=args.migration_id)
+            print(format_migration(client.call("DescribeMigration", request).migration))
+            return 0
+        listed = client.call("ListMigrations", pb.ListMigrationsRequest(live_only=args.live))
+    except grpc.RpcError as exc:
+        return _refused(exc)
+    finally:
+        client.channel.close()
+    for m in listed.migrations:
+        print(format_row(m))
+    if not listed.migrations:
+        print("no migrations")
+    return 0
+
+
+def _refused(exc: grpc.RpcError) -> int:
+    print(f"banaserve: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+    return 2

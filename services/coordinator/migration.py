@@ -1,0 +1,133 @@
+"""A migration's record and the one table of the states it may pass through (DESIGN.md §5).
+
+    PLANNED ──► COPYING ──► SWITCHING ──► ACTIVE ──► REVERTING ──► DONE
+       │           │            │           │            │
+       └───────────┴────────────┴───────────┴────────────┴──► ABORTED
+
+Only the coordinator's core changes ``Migration.state``, and only through ``Migration.enter``,
+which refuses any move the table does not list. Times are the coordinator's clock readings
+(wall-clock seconds by default: the record outlives the process that wrote it).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from services.common.errors import BanaServeError, InvalidRequestError
+
+
+class MigrationKind(enum.Enum):
+    LAYERS = "layers"
+    ATTENTION = "attention"
+
+
+class MigrationState(enum.Enum):
+    PLANNED = "planned"
+    COPYING = "copying"
+    SWITCHING = "switching"
+    ACTIVE = "active"
+    REVERTING = "reverting"
+    DONE = "done"
+    ABORTED = "aborted"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (MigrationState.DONE, MigrationState.ABORTED)
+
+
+S = MigrationState
+TRANSITIONS: dict[MigrationState, frozenset[MigrationState]] = {
+    S.PLANNED: frozenset({S.COPYING, S.ABORTED}),
+    S.COPYING: frozenset({S.SWITCHING, S.ABORTED}),
+    S.SWITCHING: frozenset({S.ACTIVE, S.ABORTED}),
+    S.ACTIVE: frozenset({S.REVERTING, S.ABORTED}),
+    S.REVERTING: frozenset({S.DONE, S.ABORTED}),
+    S.DONE: frozenset(),
+    S.ABORTED: frozenset(),
+}
+
+
+class TransitionError(BanaServeError):
+    """A state change the table does not allow: a bug in the core, never a caller's error."""
+
+
+@dataclass
+class StateTime:
+    state: MigrationState
+    entered_at: float
+    left_at: float | None = None
+
+    def duration(self, now: float) -> float:
+        return (now if self.left_at is None else self.left_at) - self.entered_at
+
+
+@dataclass
+class Migration:
+    """One migration: what moves where, how far it got, and what it cost."""
+
+    migration_id: str
+    kind: MigrationKind
+    donor: str
+    helper: str
+    start_layer: int
+    end_layer: int
+    created_at: float
+    state: MigrationState = MigrationState.PLANNED
+    num_micro_batches: int = 2
+    drop_weights: bool = False
+    helper_data_address: str = ""
+    num_weight_bytes: int = 0
+    num_kv_bytes: int = 0
+    weights_skipped: bool = False
+    num_sequences: int = 0
+    switch_pause_s: float = 0.0
+    num_requeued: int = 0  # sequences a switch or revert sent back to recompute
+    reason: str = ""
+    timings: list[StateTime] = field(default_factory=list)
+    # The migration's trace (its root span), so a restarted coordinator continues the same
+    # trace; 0: not traced.
+    trace_id: int = 0
+    root_span_id: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.timings:
+            self.timings.append(StateTime(self.state, self.created_at))
+
+    @property
+    def live(self) -> bool:
+        return not self.state.terminal
+
+    @property
+    def layers(self) -> range:
+        return range(self.start_layer, self.end_layer)
+
+    def enter(self, state: MigrationState, now: float) -> None:
+        if state not in TRANSITIONS[self.state]:
+            raise TransitionError(f"{self.migration_id}: {self.state.name} -> {state.name}")
+        self.timings[-1].left_at = now
+        self.timings.append(StateTime(state, now))
+        self.state = state
+        if state.terminal:
+            self.timings[-1].left_at = now
+
+    def involves(self, worker_id: str) -> bool:
+        return worker_id in (self.donor, self.helper)
+
+
+def check_layer_request(
+    donor: str, helper: str, start_layer: int, end_layer: int | None, num_micro_batches: int
+) -> None:
+    """What a layer migration request must be before anything else is looked at."""
+    if not donor or not helper:
+        raise InvalidRequestError("a layer migration needs a donor and a helper")
+    if donor == helper:
+        raise InvalidRequestError(f"donor and helper are the same worker ({donor})")
+    if start_layer < 1:
+        raise InvalidRequestError(
+            f"start layer must be >= 1 (the donor keeps layer 0), got {start_layer}"
+        )
+    if end_layer is not None and end_layer <= start_layer:
+        raise InvalidRequestError(f"empty layer range [{start_layer}, {end_layer})")
+    if num_micro_batches not in (1, 2):
+        raise InvalidRequestError(f"micro-batches must be 1 or 2, got {num_micro_batches}")

@@ -1,0 +1,131 @@
+"""What the coordinator needs of the workers: ``Workers`` finds them, ``WorkerPort`` drives one.
+
+Who calls what, and when (one layer migration of donor A's layers ``[k, L)`` to helper B; every
+call comes from the coordinator's event loop, one step at a time per migration):
+
+1. StartMigration: ``Workers.port`` for A and B, ``describe`` on both (layer counts, models);
+2. COPYING: ``A.prepare_donor`` (A records the migration under a lease, answers its layer
+   digests), ``B.prepare_helper`` with them (B hosts the range if its weights are identical,
+   answers its data-plane address; else it names the layers whose weights it lacks), then
+   ``A.copy`` a few times (the KV of A's in-flight sequences that B lacks: everything, then
+   the deltas, while A keeps serving);
+3. SWITCHING: ``A.switch`` (the last delta; A's steps use B from the next step on);
+4. ACTIVE: ``A.activate`` (A frees the moved layers when asked to);
+5. REVERTING: ``A.revert`` (KV back, A takes the layers), then ``release`` on A and on B;
+6. any time: ``abort`` on A then B (each undoes what it holds for the migration);
+7. while the migration lives: ``renew`` on each worker that holds something for it, every
+   ``CoordinatorConfig.renew_interval_s``. A worker whose lease runs out undoes the migration
+   on its own, so no worker waits for a dead coordinator.
+
+Every call is keyed by the migration id. A restarted coordinator repeats only ``revert``,
+``release`` and ``abort`` (core.recover), which a worker that already did them answers
+harmlessly. Failures are raised as ``BanaServeError``s (a worker's refusal keeps its
+meaning: ``InvalidRequestError``, ``ResourceExhaustedError``...); ``LeaseLostError`` from
+``renew`` says the worker no longer holds the migration at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from services.common.errors import BanaServeError, RequestNotFoundError
+
+
+class LeaseLostError(BanaServeError):
+    """The worker holds nothing for this migration (its lease ran out, or it restarted)."""
+
+
+class WorkerNotFoundError(RequestNotFoundError):
+    """No worker with that id is known to the router."""
+
+
+@dataclass(frozen=True)
+class WorkerModel:
+    """What a worker runs, as far as a migration cares."""
+
+    worker_id: str
+    num_layers: int
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Every step call of one layer migration carries this."""
+
+    migration_id: str
+    donor: str
+    helper: str
+    start_layer: int
+    end_layer: int
+    lease_s: float
+    num_micro_batches: int = 2
+    drop_weights: bool = False
+
+
+@dataclass(frozen=True)
+class DonorPrepared:
+    fingerprint: str
+    digests: dict[int, str]  # layer -> weight digest, for the layers the donor holds
+
+
+@dataclass(frozen=True)
+class HelperPrepared:
+    data_address: str  # where the helper takes hidden states and KV
+    data_transport: str = ""
+    # Layers whose weights the helper lacks or holds differently; non-empty: nothing hosted.
+    weights_needed: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Copied:
+    num_kv_bytes: int
+    num_sequences: int
+
+
+@dataclass(frozen=True)
+class Switched:
+    num_kv_bytes: int  # the last delta
+    num_sequences: int
+    pause_s: float  # how long the donor's steps waited
+    num_requeued: int = 0  # sequences sent back to recompute
+
+
+@dataclass(frozen=True)
+class Reverted:
+    num_kv_bytes: int
+    num_sequences: int
+    pause_s: float
+    num_requeued: int = 0
+
+
+class WorkerPort(Protocol):
+    """The MigrationWorker calls on one worker (order and meaning: module docstring)."""
+
+    async def describe(self) -> WorkerModel: ...
+
+    async def prepare_donor(self, plan: LayerPlan) -> DonorPrepared: ...
+
+    async def prepare_helper(self, plan: LayerPlan, donor: DonorPrepared) -> HelperPrepared: ...
+
+    async def copy(self, plan: LayerPlan, helper: HelperPrepared) -> Copied: ...
+
+    async def switch(self, plan: LayerPlan) -> Switched: ...
+
+    async def activate(self, plan: LayerPlan) -> None: ...
+
+    async def revert(self, plan: LayerPlan) -> Reverted: ...
+
+    async def release(self, plan: LayerPlan) -> None: ...
+
+    async def abort(self, migration_id: str, reason: str) -> None: ...
+
+    async def renew(self, migration_id: str, lease_s: float) -> None: ...
+
+
+class Workers(Protocol):
+    """Finds workers by id (the router's ``ListWorkers`` in a cluster)."""
+
+    async def port(self, worker_id: str) -> WorkerPort:
+        """Raises ``WorkerNotFoundError`` for an id no one knows."""
+        ...

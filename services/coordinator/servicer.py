@@ -1,0 +1,103 @@
+"""CoordinatorService: protos in, ``Coordinator`` calls, protos out (nothing else)."""
+
+from __future__ import annotations
+
+from services.common.errors import InvalidRequestError
+from services.coordinator.core import Coordinator
+from services.coordinator.migration import Migration, MigrationKind, MigrationState
+from services.rpc.convert import duration
+from services.rpc.gen.banaserve.v1 import coordinator_pb2 as pb
+from services.rpc.gen.banaserve.v1 import coordinator_pb2_grpc
+from services.rpc.server import Service
+
+STATE_TO_PROTO = {
+    MigrationState.PLANNED: pb.MIGRATION_STATE_PLANNED,
+    MigrationState.COPYING: pb.MIGRATION_STATE_COPYING,
+    MigrationState.SWITCHING: pb.MIGRATION_STATE_SWITCHING,
+    MigrationState.ACTIVE: pb.MIGRATION_STATE_ACTIVE,
+    MigrationState.REVERTING: pb.MIGRATION_STATE_REVERTING,
+    MigrationState.DONE: pb.MIGRATION_STATE_DONE,
+    MigrationState.ABORTED: pb.MIGRATION_STATE_ABORTED,
+}
+KIND_TO_PROTO = {
+    MigrationKind.LAYERS: pb.MIGRATION_KIND_LAYERS,
+    MigrationKind.ATTENTION: pb.MIGRATION_KIND_ATTENTION,
+}
+DEFAULT_MICRO_BATCHES = 2
+
+
+def migration_to_proto(m: Migration, now: float) -> pb.Migration:
+    return pb.Migration(
+        migration_id=m.migration_id,
+        kind=KIND_TO_PROTO[m.kind],
+        state=STATE_TO_PROTO[m.state],
+        donor=m.donor,
+        helper=m.helper,
+        helper_data_address=m.helper_data_address,
+        start_layer=m.start_layer,
+        end_layer=m.end_layer,
+        num_weight_bytes=m.num_weight_bytes,
+        num_kv_bytes=m.num_kv_bytes,
+        weights_skipped=m.weights_skipped,
+        num_sequences=m.num_sequences,
+        switch_pause=duration(m.switch_pause_s),
+        timings=[
+            pb.MigrationTiming(state=STATE_TO_PROTO[t.state], duration=duration(t.duration(now)))
+            for t in m.timings
+        ],
+        reason=m.reason,
+        trace_id=f"{m.trace_id:032x}" if m.trace_id else "",
+        num_micro_batches=m.num_micro_batches,
+        drop_weights=m.drop_weights,
+        num_requeued=m.num_requeued,
+    )
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
+    def __init__(self, coordinator: Coordinator) -> None:
+        self._coordinator = coordinator
+
+    def _out(self, m: Migration) -> pb.Migration:
+        return migration_to_proto(m, self._coordinator.now())
+
+    async def StartMigration(self, request, context):
+        if request.kind == pb.MIGRATION_KIND_ATTENTION:
+            raise NotImplementedError("attention migrations are not implemented yet")
+        if request.kind != pb.MIGRATION_KIND_LAYERS:
+            raise InvalidRequestError("kind must be MIGRATION_KIND_LAYERS")
+        if not request.HasField("layers"):
+            raise InvalidRequestError("a layer migration needs `layers`")
+        spec = request.layers
+        m = await self._coordinator.start_layers(
+            spec.donor,
+            spec.helper,
+            spec.start_layer,
+            spec.end_layer if spec.HasField("end_layer") else None,
+            spec.num_micro_batches if spec.HasField("num_micro_batches") else DEFAULT_MICRO_BATCHES,
+            spec.drop_weights,
+        )
+        return pb.StartMigrationResponse(migration=self._out(m))
+
+    async def RevertMigration(self, request, context):
+        m = await self._coordinator.revert(request.migration_id)
+        return pb.RevertMigrationResponse(migration=self._out(m))
+
+    async def AbortMigration(self, request, context):
+        m = await self._coordinator.abort(request.migration_id, request.reason)
+        return pb.AbortMigrationResponse(migration=self._out(m))
+
+    async def ListMigrations(self, request, context):
+        migrations = self._coordinator.list(live_only=request.live_only)
+        return pb.ListMigrationsResponse(migrations=[self._out(m) for m in migrations])
+
+    async def DescribeMigration(self, request, context):
+        m = self._coordinator.describe(request.migration_id)
+        return pb.DescribeMigrationResponse(migration=self._out(m))
+
+
+def coordinator_service(coordinator: Coordinator) -> Service:
+    return Service.bind(
+        CoordinatorServicer(coordinator),
+        coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server,
+        pb.DESCRIPTOR.services_by_name["CoordinatorService"],
+    )

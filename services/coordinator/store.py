@@ -1,0 +1,133 @@
+"""Every migration's record in Redis, so a restarted coordinator finds each one (core.recover).
+
+Keys, under a prefix (default ``banaserve:coord``):
+
+- ``PREFIX:next_id``: a counter; migration ids are ``m-1``, ``m-2``... for the life of the Redis;
+- ``PREFIX:migration:ID``: one migration's record, a JSON object (``to_record``), rewritten
+  whole on every change (a change is a state entered or a step's figures);
+- ``PREFIX:migrations``: a sorted set of every id, scored by its number, so a listing comes back
+  oldest first.
+
+A record and its index entry are written in one MULTI/EXEC, so a reader never finds an id
+without its record. The JSON carries a ``version``; a record of an unknown version is refused
+loudly rather than guessed at.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from services.common.errors import DependencyUnavailableError
+from services.coordinator.migration import Migration, MigrationKind, MigrationState, StateTime
+
+RECORD_VERSION = 1
+DEFAULT_PREFIX = "banaserve:coord"
+
+
+def to_record(m: Migration) -> dict[str, Any]:
+    return {
+        "version": RECORD_VERSION,
+        "migration_id": m.migration_id,
+        "kind": m.kind.value,
+        "donor": m.donor,
+        "helper": m.helper,
+        "start_layer": m.start_layer,
+        "end_layer": m.end_layer,
+        "created_at": m.created_at,
+        "state": m.state.value,
+        "num_micro_batches": m.num_micro_batches,
+        "drop_weights": m.drop_weights,
+        "helper_data_address": m.helper_data_address,
+        "num_weight_bytes": m.num_weight_bytes,
+        "num_kv_bytes": m.num_kv_bytes,
+        "weights_skipped": m.weights_skipped,
+        "num_sequences": m.num_sequences,
+        "switch_pause_s": m.switch_pause_s,
+        "num_requeued": m.num_requeued,
+        "reason": m.reason,
+        "timings": [[t.state.value, t.entered_at, t.left_at] for t in m.timings],
+        "trace_id": f"{m.trace_id:032x}",
+        "root_span_id": f"{m.root_span_id:016x}",
+    }
+
+
+def from_record(record: dict[str, Any]) -> Migration:
+    if record.get("version") != RECORD_VERSION:
+        raise ValueError(f"migration record of version {record.get('version')!r}")
+    return Migration(
+        migration_id=record["migration_id"],
+        kind=MigrationKind(record["kind"]),
+        donor=record["donor"],
+        helper=record["helper"],
+        start_layer=record["start_layer"],
+        end_layer=record["end_layer"],
+        created_at=record["created_at"],
+        state=MigrationState(record["state"]),
+        num_micro_batches=record["num_micro_batches"],
+        drop_weights=record["drop_weights"],
+        helper_data_address=record["helper_data_address"],
+        num_weight_bytes=record["num_weight_bytes"],
+        num_kv_bytes=record["num_kv_bytes"],
+        weights_skipped=record["weights_skipped"],
+        num_sequences=record["num_sequences"],
+        switch_pause_s=record["switch_pause_s"],
+        num_requeued=record["num_requeued"],
+        reason=record["reason"],
+        timings=[StateTime(MigrationState(s), a, b) for s, a, b in record["timings"]],
+        trace_id=int(record["trace_id"], 16),
+        root_span_id=int(record["root_span_id"], 16),
+    )
+
+
+class RedisMigrationStore:
+    """``core.MigrationStore`` on Redis. Redis errors become ``DependencyUnavailableError``."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str = DEFAULT_PREFIX) -> None:
+        self._redis = client
+        self._prefix = prefix
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = DEFAULT_PREFIX) -> RedisMigrationStore:
+        return cls(aioredis.Redis.from_url(url), prefix)
+
+    def _key(self, migration_id: str) -> str:
+        return f"{self._prefix}:migration:{migration_id}"
+
+    async def next_id(self) -> str:
+        try:
+            return f"m-{await self._redis.incr(f'{self._prefix}:next_id')}"
+        except RedisError as exc:
+            raise DependencyUnavailableError(f"redis: {exc}") from exc
+
+    async def save(self, m: Migration) -> None:
+        number = int(m.migration_id.rsplit("-", 1)[1])
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.set(self._key(m.migration_id), json.dumps(to_record(m)))
+                pipe.zadd(f"{self._prefix}:migrations", {m.migration_id: number})
+                await pipe.execute()
+        except RedisError as exc:
+            raise DependencyUnavailableError(f"redis: {exc}") from exc
+
+    async def load_all(self) -> list[Migration]:
+        try:
+            ids = await self._redis.zrange(f"{self._prefix}:migrations", 0, -1)
+            if not ids:
+                return []
+            records = await self._redis.mget([self._key(i.decode()) for i in ids])
+        except RedisError as exc:
+            raise DependencyUnavailableError(f"redis: {exc}") from exc
+        return [from_record(json.loads(r)) for r in records if r is not None]
+
+    async def ping(self) -> None:
+        try:
+            await self._redis.ping()
+        except RedisError as exc:
+            raise DependencyUnavailableError(f"redis: {exc}") from exc
+
+    async def close(self) -> None:
+        await self._redis.aclose()

@@ -1,0 +1,97 @@
+"""The helper's end of the migration data plane: serves the layers it hosts for donors.
+
+Lifecycle of a hosted range on the helper:
+
+1. the agent's Prepare makes the engine host layers ``[k, L)`` (``engine.migration.host_layers``,
+   on the engine thread) and ``add``s the ``HostedLayers`` here under the migration id;
+2. the donor's messages (services/migration/wire.py) arrive on the data-plane server's event
+   loop; ``handle`` decodes and checks them, then runs the work on a thread of this host
+   (``HostedLayers`` has its own lock and never waits for the engine's step):
+   ``kv_import`` (copy and deltas), ``stage_run`` (every step of the donor once switched),
+   ``kv_export`` (revert), ``held_tokens``, ``release``;
+3. the agent's Release/Abort ``remove``s it before the engine drops the range.
+
+A message for a migration not hosted here is ``RequestNotFoundError`` (NOT_FOUND to the donor);
+a stage the helper cannot serve for some sequences is answered ``failed`` with their ids, which
+the donor's port raises as ``PortError`` (the engine's "a failed step never happened" rule).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from services.common.errors import RequestNotFoundError
+from services.engine.hosting import HostedLayers
+from services.engine.ports import PortError
+from services.migration import wire
+from services.rpc.gen.banaserve.v1 import migration_pb2 as pb
+
+# (migration id, message kind, payload bytes in + out, request ids) after each handled message
+Observer = Callable[[str, str, int, tuple[str, ...]], None]
+
+
+class MigrationHost:
+    def __init__(self, observe: Observer | None = None, num_threads: int = 2) -> None:
+        self._hosted: dict[str, HostedLayers] = {}
+        self._observe = observe or (lambda *_: None)
+        self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="migration-host")
+
+    def add(self, migration_id: str, hosted: HostedLayers) -> None:
+        self._hosted[migration_id] = hosted
+
+    def remove(self, migration_id: str) -> None:
+        self._hosted.pop(migration_id, None)
+
+    def hosted(self, migration_id: str) -> HostedLayers:
+        hosted = self._hosted.get(migration_id)
+        if hosted is None:
+            raise RequestNotFoundError(f"no layers hosted here for migration {migration_id!r}")
+        return hosted
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    async def handle(self, header: bytes, payload: memoryview) -> tuple[bytes, Any]:
+        """The data-plane handler (``services.rpc.dataplane.serve(kind, host.handle)``)."""
+        msg = wire.parse_request(header)
+        hosted = self.hosted(msg.migration_id)
+        kind = msg.WhichOneof("kind")
+        out_header, out_payload, ids = await self._dispatch(hosted, msg, kind, payload)
+        size = memoryview(payload).nbytes + memoryview(out_payload).nbytes
+        self._observe(msg.migration_id, kind, size, ids)
+        return out_header, out_payload
+
+    async def _dispatch(
+        self, hosted: HostedLayers, msg: pb.MigrationDataRequest, kind: str, payload: memoryview
+    ) -> tuple[bytes, Any, tuple[str, ...]]:
+        if kind == "stage_run":
+            work = wire.decode_stage_run(msg.stage_run, payload)
+            try:
+                hidden = await self._run(hosted.run, work)
+            except PortError as e:
+                return wire.encode_failed(e.request_ids, e.reason), b"", work.request_ids
+            return *wire.encode_stage_result(hidden), work.request_ids
+        if kind == "kv_import":
+            m = msg.kv_import
+            data, layout = wire.kv_from(m.layout, m.layer, payload)
+            await self._run(hosted.import_kv, m.request_id, data, layout)
+            return wire.response(ok=True), b"", (m.request_id,)
+        if kind == "kv_export":
+            m = msg.kv_export
+            data, layout = await self._run(
+                hosted.export_kv, m.request_id, m.layer, m.start_token, m.end_token
+            )
+            return *wire.encode_kv_exported(data, layout), (m.request_id,)
+        if kind == "held_tokens":
+            ids = tuple(msg.held_tokens.request_ids)
+            held = [hosted.num_tokens(r) for r in ids]
+            return wire.response(held_tokens=pb.HeldTokens(num_tokens=held)), b"", ids
+        ids = tuple(msg.release.request_ids)
+        await self._run(hosted.release, ids)
+        return wire.response(ok=True), b"", ids
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)

@@ -1,0 +1,73 @@
+"""The donor's data-plane connection to its helper, one per migration.
+
+Opened by the first CopyKV (it names the helper's data plane), closed by Revert, Release or
+Abort. It carries the KV copies both ways and the held-token queries; the donor's
+``DataStagePort`` shares its client for the step traffic. Every method runs on the agent's event
+loop; the engine thread reaches them through the agent's ``_blocking`` during a pause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from services.common.errors import InvalidRequestError
+from services.engine.kv_cache import KVLayout
+from services.migration import wire
+from services.migration.donor import KVChunk
+from services.migration.records import Peer
+from services.rpc import dataplane
+from services.rpc.dataplane import DataClient
+
+OnMoved = Callable[[int, Iterable[str]], None]  # bytes, the sequences they belong to
+
+
+class HelperLink:
+    def __init__(
+        self, client: DataClient, migration_id: str, timeout_s: float, on_moved: OnMoved
+    ) -> None:
+        self.client = client
+        self.migration_id = migration_id
+        self.timeout_s = timeout_s
+        self.on_moved = on_moved
+
+    @classmethod
+    async def connect(
+        cls, helper: Peer, migration_id: str, timeout_s: float, on_moved: OnMoved
+    ) -> HelperLink:
+        if not helper.data_address or helper.data_transport not in dataplane.KINDS:
+            raise InvalidRequestError("the helper's data_address and data_transport are needed")
+        client = await dataplane.connect(helper.data_transport, helper.data_address, timeout_s)
+        return cls(client, migration_id, timeout_s, on_moved)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def _request(self, header: bytes, payload: Any = b"") -> Any:
+        return await self.client.request(header, payload, self.timeout_s)
+
+    async def held(self, request_ids: list[str]) -> dict[str, int]:
+        """Tokens of each sequence the helper holds in every hosted layer."""
+        if not request_ids:
+            return {}
+        header, _ = await self._request(wire.encode_held_tokens(self.migration_id, request_ids))
+        return wire.decode_held_tokens(header, request_ids)
+
+    async def send(self, chunks: list[KVChunk]) -> int:
+        """Every chunk at once (the connection multiplexes them); bytes sent."""
+        messages = [wire.encode_kv_import(self.migration_id, *chunk) for chunk in chunks]
+        await asyncio.gather(*(self._request(h, p) for h, p in messages))
+        num_bytes = sum(data.numel() * data.element_size() for _, data, _ in chunks)
+        self.on_moved(num_bytes, {c[0] for c in chunks})
+        return num_bytes
+
+    async def fetch_kv(
+        self, request_id: str, layer: int, start: int, end: int
+    ) -> tuple[torch.Tensor, KVLayout]:
+        """One layer of a hosted sequence's KV, the blocks holding tokens ``[start, end)``."""
+        header = wire.encode_kv_export(self.migration_id, request_id, layer, start, end)
+        out_header, payload = await self._request(header)
+        return wire.decode_kv_exported(out_header, memoryview(payload), layer)

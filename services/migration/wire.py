@@ -1,0 +1,220 @@
+"""Layer-migration messages on the data plane: one ``MigrationDataRequest`` header, tensor bytes
+in the payload (protos/banaserve/v1/migration.proto).
+
+Every tensor travels as raw little-endian bytes of its exact dtype with a ``TensorSpec`` (dtype,
+shape) in the header, and every decode checks that the payload holds exactly those bytes before
+any receiver touches them: a short, long or mistyped payload is ``InvalidRequestError``, never a
+silently reshaped tensor. KV travels in the project's one KV byte layout
+(services/common/kv_wire.py: block-major, ``encode`` / ``decode_blocks``), described by its
+``KVLayout``, and is decoded as exactly the layout's blocks.
+
+Donor -> helper (request header ``kind``):
+- ``stage_run``: a ``StageWork`` (hidden states in the payload), answered by ``stage_result``;
+- ``kv_import``: one layer of one sequence's KV (``KVLayout`` in the header);
+- ``kv_export``: ask for one layer of a hosted sequence's KV back, answered by ``kv_exported``;
+- ``release`` / ``held_tokens``: free sequences / how many tokens of each the helper holds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from services.common import kv_wire
+from services.common.errors import InvalidRequestError
+from services.common.kv_layout import KVLayout
+from services.common.kv_wire import DTYPE_NAMES, TORCH_DTYPES
+from services.engine.ports import PortError, StageSeq, StageWork
+from services.rpc.convert import DTYPE_FROM_PROTO, DTYPE_TO_PROTO, layout_to_proto
+from services.rpc.gen.banaserve.v1 import common_pb2
+from services.rpc.gen.banaserve.v1 import migration_pb2 as pb
+from services.rpc.status import decode_request
+
+Message = tuple[bytes, object]  # (header, payload with the buffer protocol)
+
+
+# ---- tensors ----------------------------------------------------------------------------
+
+
+def tensor_spec(tensor: torch.Tensor) -> pb.TensorSpec:
+    name = DTYPE_NAMES.get(tensor.dtype)
+    if name is None:
+        raise InvalidRequestError(f"no wire dtype for {tensor.dtype}")
+    return pb.TensorSpec(dtype=DTYPE_TO_PROTO[name], shape=list(tensor.shape))
+
+
+def tensor_bytes(tensor: torch.Tensor) -> object:
+    """The tensor's bytes without a copy when it is already contiguous on the CPU."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy()
+
+
+def tensor_from(spec: pb.TensorSpec, payload: memoryview | bytes) -> torch.Tensor:
+    """The tensor ``spec`` describes, over ``payload``'s bytes (no copy when writable)."""
+    name = DTYPE_FROM_PROTO.get(spec.dtype)
+    if name is None:
+        raise InvalidRequestError(f"unknown tensor dtype {spec.dtype}")
+    dtype, shape = TORCH_DTYPES[name], tuple(spec.shape)
+    expected = math.prod(shape) * dtype.itemsize
+    view = memoryview(payload).cast("B")
+    if view.nbytes != expected:
+        raise InvalidRequestError(
+            f"payload of {view.nbytes} bytes for a {name} tensor {list(shape)} ({expected} bytes)"
+        )
+    if expected == 0:
+        return torch.empty(shape, dtype=dtype)
+    if view.readonly:
+        view = memoryview(bytearray(view))
+    return torch.frombuffer(view, dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+# ---- KV layouts -------------------------------------------------------------------------
+
+
+def layout_from_proto(msg: common_pb2.KVLayout, layer: int) -> KVLayout:
+    name = DTYPE_FROM_PROTO.get(msg.dtype)
+    if name is None:
+        raise InvalidRequestError(f"unknown KV dtype {msg.dtype}")
+    return KVLayout(
+        msg.fingerprint,
+        layer,
+        msg.num_tokens,
+        tuple(bytes(h) for h in msg.block_hashes),
+        name,
+        msg.block_size,
+        msg.num_kv_heads,
+        msg.head_dim,
+        msg.first_block,
+    )
+
+
+def kv_from(
+    msg: common_pb2.KVLayout, layer: int, payload: memoryview
+) -> tuple[torch.Tensor, KVLayout]:
+    """A layer's KV and its layout, checked: the payload is exactly the layout's blocks."""
+    layout = layout_from_proto(msg, layer)
+    if layout.block_size <= 0 or layout.num_blocks <= 0:
+        raise InvalidRequestError(f"KV layout covers no block: {layout}")
+    return kv_wire.decode_blocks(payload, layout, layout.num_blocks), layout
+
+
+# ---- requests (donor -> helper) -------------------------------------------------------------
+
+
+def request(migration_id: str, **kind: object) -> bytes:
+    return pb.MigrationDataRequest(migration_id=migration_id, **kind).SerializeToString()
+
+
+def encode_stage_run(migration_id: str, work: StageWork) -> Message:
+    seqs = [
+        pb.StageSequence(request_id=s.request_id, start=s.start, num_tokens=s.num_tokens)
+        for s in work.seqs
+    ]
+    run = pb.StageRun(
+        start_layer=work.start_layer,
+        end_layer=work.end_layer,
+        seqs=seqs,
+        hidden=tensor_spec(work.hidden),
+    )
+    return request(migration_id, stage_run=run), tensor_bytes(work.hidden)
+
+
+def decode_stage_run(run: pb.StageRun, payload: memoryview) -> StageWork:
+    hidden = tensor_from(run.hidden, payload)
+    seqs = tuple(StageSeq(s.request_id, s.start, s.num_tokens) for s in run.seqs)
+    rows = sum(s.num_tokens for s in seqs)
+    if hidden.dim() != 2 or hidden.shape[0] != rows:
+        raise InvalidRequestError(f"hidden states {list(hidden.shape)} for {rows} rows")
+    if run.start_layer >= run.end_layer:
+        raise InvalidRequestError(f"empty layer range [{run.start_layer}, {run.end_layer})")
+    return StageWork(run.start_layer, run.end_layer, hidden, seqs)
+
+
+def encode_kv_import(
+    migration_id: str, request_id: str, data: torch.Tensor, layout: KVLayout
+) -> Message:
+    msg = pb.KVImport(request_id=request_id, layer=layout.layer, layout=layout_to_proto(layout, 0))
+    if tuple(data.shape) != layout.shape or DTYPE_NAMES.get(data.dtype) != layout.dtype:
+        raise InvalidRequestError(f"KV {list(data.shape)} {data.dtype} is not its layout's")
+    return request(migration_id, kv_import=msg), kv_wire.encode(data)
+
+
+def encode_kv_export(
+    migration_id: str, request_id: str, layer: int, start_token: int, end_token: int
+) -> bytes:
+    msg = pb.KVExport(
+        request_id=request_id, layer=layer, start_token=start_token, end_token=end_token
+    )
+    return request(migration_id, kv_export=msg)
+
+
+def encode_release(migration_id: str, request_ids: list[str]) -> bytes:
+    return request(migration_id, release=pb.SequencesRelease(request_ids=request_ids))
+
+
+def encode_held_tokens(migration_id: str, request_ids: list[str]) -> bytes:
+    return request(migration_id, held_tokens=pb.HeldTokensQuery(request_ids=request_ids))
+
+
+def parse_request(header: bytes) -> pb.MigrationDataRequest:
+    msg = decode_request(pb.MigrationDataRequest, header)
+    if not msg.migration_id or msg.WhichOneof("kind") is None:
+        raise InvalidRequestError("migration data header without a migration id or a kind")
+    return msg
+
+
+# ---- responses (helper -> donor) ----------------------------------------------------------
+
+
+def response(**kind: object) -> bytes:
+    return pb.MigrationDataResponse(**kind).SerializeToString()
+
+
+def encode_stage_result(hidden: torch.Tensor) -> Message:
+    return response(stage_result=pb.StageResult(hidden=tensor_spec(hidden))), tensor_bytes(hidden)
+
+
+def encode_kv_exported(data: torch.Tensor, layout: KVLayout) -> Message:
+    return response(kv_exported=pb.KVExported(layout=layout_to_proto(layout, 0))), kv_wire.encode(
+        data
+    )
+
+
+def parse_response(header: bytes, expected: str) -> pb.MigrationDataResponse:
+    msg = decode_request(pb.MigrationDataResponse, header)
+    if msg.WhichOneof("kind") != expected:
+        raise InvalidRequestError(f"expected {expected}, got {msg.WhichOneof('kind')}")
+    return msg
+
+
+def decode_stage_result(header: bytes, payload: memoryview, work: StageWork) -> torch.Tensor:
+    """The helper's hidden states for ``work`` (its rows, width and dtype checked), or the
+    ``PortError`` the helper answered for some of its sequences."""
+    msg = decode_request(pb.MigrationDataResponse, header)
+    if msg.WhichOneof("kind") == "failed":
+        raise PortError(list(msg.failed.request_ids), msg.failed.reason)
+    hidden = tensor_from(parse_response(header, "stage_result").stage_result.hidden, payload)
+    if tuple(hidden.shape) != tuple(work.hidden.shape) or hidden.dtype != work.hidden.dtype:
+        raise InvalidRequestError(
+            f"helper answered {list(hidden.shape)} {hidden.dtype} for "
+            f"{list(work.hidden.shape)} {work.hidden.dtype}"
+        )
+    return hidden
+
+
+def decode_kv_exported(
+    header: bytes, payload: memoryview, layer: int
+) -> tuple[torch.Tensor, KVLayout]:
+    return kv_from(parse_response(header, "kv_exported").kv_exported.layout, layer, payload)
+
+
+def encode_failed(request_ids: tuple[str, ...], reason: str) -> bytes:
+    return response(failed=pb.SequencesFailed(request_ids=list(request_ids), reason=reason))
+
+
+def decode_held_tokens(header: bytes, request_ids: list[str]) -> dict[str, int]:
+    held = list(parse_response(header, "held_tokens").held_tokens.num_tokens)
+    if len(held) != len(request_ids):
+        raise InvalidRequestError(f"{len(held)} counts for {len(request_ids)} sequences")
+    return dict(zip(request_ids, held, strict=True))

@@ -1,0 +1,92 @@
+"""Wiring a worker for layer migration: flags, config, and the agent's life on the worker.
+
+A worker's ``__main__`` (prefill, decode, mixed) adds the flags with ``add_migration_args``,
+then ``runtime = await start_migration(args, worker, host)`` before its gRPC server starts
+(``runtime.service`` goes into ``start_server``'s list) and ``await runtime.stop()`` on the way
+out. The worker only has to offer ``engine_call`` (fn runs on the engine thread between steps)
+and ``engine`` (whose snapshot the agent reads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from services.engine.engine import Engine
+from services.migration.agent import MigrationAgent
+from services.migration.records import AgentConfig
+from services.migration.servicer import migration_service
+from services.rpc import dataplane
+from services.rpc.server import Service
+
+NO_MIGRATION = "none"
+
+
+class EngineWorker(Protocol):
+    engine: Engine
+
+    async def engine_call(self, fn: Any) -> Any: ...
+
+
+def add_migration_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("layer migration (MigrationWorkerService)")
+    group.add_argument(
+        "--migration-transport",
+        choices=(*dataplane.KINDS, NO_MIGRATION),
+        default="tcp",
+        help="data plane this worker serves hosted layers on; none: it never helps",
+    )
+    group.add_argument(
+        "--migration-lease",
+        type=float,
+        default=AgentConfig.default_lease_s,
+        help="seconds a migration lives here without a coordinator call",
+    )
+    group.add_argument("--migration-max-lease", type=float, default=AgentConfig.max_lease_s)
+
+
+def migration_config(args: argparse.Namespace) -> AgentConfig:
+    return AgentConfig(default_lease_s=args.migration_lease, max_lease_s=args.migration_max_lease)
+
+
+@dataclass
+class MigrationRuntime:
+    agent: MigrationAgent
+    service: Service
+    task: asyncio.Task[None]
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        await self.agent.close()
+
+
+# A prefill worker hands each prompt's KV, every layer, to a decode worker from its own pool
+# as the layer completes (services/prefill/core.py); with [k, L) run on a helper those layers'
+# KV is not there. Until the handoff reads them from the helper it lends layers, never donates.
+PREFILL_CANNOT_DONATE = (
+    "a prefill worker cannot donate layers yet: its KV handoff reads every layer from its own "
+    "pool; it can be a helper"
+)
+
+
+async def start_migration(
+    args: argparse.Namespace, worker: EngineWorker, host: str = "127.0.0.1", donor_refusal: str = ""
+) -> MigrationRuntime:
+    """``donor_refusal``: why this worker can never be a donor (empty: it can)."""
+    kind = "" if args.migration_transport == NO_MIGRATION else args.migration_transport
+    engine = worker.engine
+    agent = MigrationAgent(
+        worker.engine_call,
+        lambda: engine.snapshot,
+        migration_config(args),
+        data_kind=kind,
+        donor_refusal=donor_refusal,
+    )
+    await agent.serve_data(host)
+    task = asyncio.get_running_loop().create_task(agent.run())
+    return MigrationRuntime(agent, migration_service(agent), task)

@@ -1,0 +1,105 @@
+"""``banaserve health HOST:PORT`` (or ``python -m services.rpc.probe``): one gRPC health check.
+
+Exits 0 when the server (or ``--service NAME``) answers SERVING within ``--timeout``, else 1
+with the status or error on stderr: what grpc_health_probe does, without another binary in the
+image. ``HOST`` may be a name (``router:50051``) or ``auto``: the IP a service started with
+``--host auto`` listens on (services/common/network.py), so a container checks itself.
+
+``--registered-at ROUTER``: a worker is ready only once the router also lists it as active (its
+model loaded, since a worker serves only after loading, and its registration admitted), so a
+readiness probe or a compose ``service_healthy`` condition means the worker takes requests.
+``--tls-dir``: mutual TLS with the ``client`` certificate of ``banaserve certs DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.client.client import BanaServeClient, BanaServeClientError
+from services.common.network import AUTO, resolve_host
+
+
+def add_health_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("health", help="check a service's gRPC health (exit 0: SERVING)")
+    add_arguments(p)
+    p.set_defaults(func=run_health)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", metavar="HOST:PORT")
+    p.add_argument("--service", default="", help="a service name (default: the whole server)")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    p.add_argument(
+        "--registered-at",
+        default="",
+        metavar="ROUTER",
+        help="also require the router at ROUTER (HOST:PORT) to list this worker as active",
+    )
+    p.add_argument("--tls-dir", default="", help="mutual TLS (client certificate) for both checks")
+    p.add_argument("--api-token-file", default="", help="bearer token for the router's API")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m services.rpc.probe``: the same check without the CLI's other commands, whose
+    parsers import much more (container health checks run it every few seconds)."""
+    p = argparse.ArgumentParser(prog="python -m services.rpc.probe", description=__doc__)
+    add_arguments(p)
+    return run_health(p.parse_args(argv))
+
+
+def resolve_target(target: str) -> str:
+    host, sep, port = target.rpartition(":")
+    return f"{resolve_host(AUTO)}:{port}" if host == AUTO and sep else target
+
+
+def _channel(target: str, tls_dir: str) -> grpc.Channel:
+    if not tls_dir:
+        return grpc.insecure_channel(target)
+    from services.rpc import security
+
+    files = security.TlsFiles.in_dir(Path(tls_dir), security.Role.CLIENT)
+    credentials = security.channel_credentials(files)
+    return grpc.secure_channel(target, credentials, options=security.channel_options())
+
+
+def check(target: str, service: str = "", timeout_s: float = 3.0, tls_dir: str = "") -> str:
+    """The health status name (``SERVING``, ``NOT_SERVING``, ...); raises grpc.RpcError."""
+    with _channel(target, tls_dir) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def is_registered(address: str, router: str, args: argparse.Namespace) -> bool:
+    token = Path(args.api_token_file).read_text().split()[0] if args.api_token_file else ""
+    with BanaServeClient(router, tls_dir=args.tls_dir, token=token) as client:
+        workers = client.list_workers(timeout_s=args.timeout)
+    return any(w.address == address and w.active for w in workers)
+
+
+def run_health(args: argparse.Namespace) -> int:
+    target = resolve_target(args.target)
+    try:
+        status = check(target, args.service, args.timeout, args.tls_dir)
+        registered = status != "SERVING" or not args.registered_at
+        if not registered and not is_registered(target, args.registered_at, args):
+            status = f"not active at the router {args.registered_at}"
+    except grpc.RpcError as exc:
+        print(f"{target}: {exc.code().name} {exc.details()}", file=sys.stderr)
+        return 1
+    except BanaServeClientError as exc:
+        print(f"{args.registered_at}: {exc}", file=sys.stderr)
+        return 1
+    if status != "SERVING":
+        print(f"{target}: {status}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

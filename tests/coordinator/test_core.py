@@ -1,0 +1,277 @@
+"""The coordinator's state machine over fake workers: every transition, the exact worker calls
+in their order, what each state costs, abort from every state, failures, leases."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.common.errors import (
+    InvalidRequestError,
+    PreconditionError,
+    ResourceExhaustedError,
+)
+from services.coordinator.core import CoordinatorConfig, MigrationNotFoundError
+from services.coordinator.migration import MigrationState, TransitionError
+from services.coordinator.ports import WorkerNotFoundError
+from tests.coordinator.factories import coordinator
+from tests.coordinator.fakes import (
+    DELTA_BYTES,
+    KV_BYTES,
+    FakeClock,
+    FakeCluster,
+)
+
+S = MigrationState
+pytestmark = pytest.mark.timeout(60)
+D, P = "decode-0", "prefill-0"
+FORWARD = [
+    f"{D} prepare donor",
+    f"{P} prepare helper for [2, 3]",
+    f"{D} copy to 127.0.0.1:9000",
+    f"{D} copy to 127.0.0.1:9000",
+    f"{D} switch micro-batches=2",
+    f"{D} activate drop=False",
+]
+REVERT = [f"{D} revert", f"{D} release", f"{P} release"]
+
+
+def states(m) -> list[S]:
+    return [t.state for t in m.timings]
+
+
+def run(redis_server, store_prefix, body, cluster=None, clock=None, **kw):
+    cluster = cluster or FakeCluster()
+    clock = clock or FakeClock()
+
+    async def main():
+        async with coordinator(redis_server.url, store_prefix, cluster, clock, **kw) as coord:
+            await body(coord, cluster, clock)
+
+    asyncio.run(main())
+    return cluster
+
+
+def test_forward_and_revert_in_order_with_bytes_and_times(redis_server, store_prefix):
+    async def body(coord, cluster, clock):
+        m = await coord.start_layers(D, P, 2)
+        assert (m.migration_id, m.state, m.start_layer, m.end_layer) == ("m-1", S.PLANNED, 2, 4)
+        assert cluster.calls == [f"{D} describe", f"{P} describe"]
+        await coord.wait("m-1")
+        assert m.state is S.ACTIVE
+        assert cluster.steps() == FORWARD
+        assert (m.weights_skipped, m.num_weight_bytes) == (True, 0)
+        forward_kv = KV_BYTES + 2 * DELTA_BYTES  # the copy, its delta, the switch's delta
+        assert (m.num_kv_bytes, m.num_sequences, m.switch_pause_s) == (forward_kv, 3, 0.004)
+        assert m.helper_data_address == "127.0.0.1:9000"
+        assert cluster.held() == {D: {"m-1"}, P: {"m-1"}}
+        clock.advance(30.0)
+        await coord.revert("m-1")
+        assert m.state is S.REVERTING
+        await coord.wait("m-1")
+        assert m.state is S.DONE and m.reason == ""
+        assert cluster.steps()[len(FORWARD) :] == REVERT
+        assert m.num_kv_bytes == 2 * forward_kv
+        assert states(m) == [S.PLANNED, S.COPYING, S.SWITCHING, S.ACTIVE, S.REVERTING, S.DONE]
+        assert [t.duration(clock()) for t in m.timings] == [0.0, 0.0, 0.0, 30.0, 0.0, 0.0]
+        assert coord.list(live_only=True) == [] and cluster.held() == {D: set(), P: set()}
+
+    run(redis_server, store_prefix, body)
+
+
+def test_a_helper_without_identical_weights_aborts_before_copying(redis_server, store_prefix):
+    cluster = FakeCluster(D, P)
+    cluster.ports[P].digest = b"\x02"  # a worker started to host layers only
+
+    async def body(coord, cluster, clock):
+        m = await coord.start_layers(D, P, 1, 4, num_micro_batches=1, drop_weights=True)
+        await coord.wait(m.migration_id)
+        assert m.state is S.ABORTED
+        assert m.reason == (
+            "prefill-0 lacks identical weights for layers [1, 2, 3] "
+            "(weight transfer is not implemented by the workers yet)"
+        )
+        assert cluster.steps() == [
+            f"{D} prepare donor",
+            f"{P} prepare helper for [1, 2, 3]",
+            f"{D} abort",
+            f"{P} abort",
+        ]
+        assert cluster.held() == {D: set(), P: set()}
+
+    run(redis_server, store_prefix, body, cluster)
+
+
+def test_micro_batches_and_dropping_reach_the_donor(redis_server, store_prefix):
+    async def body(coord, cluster, clock):
+        m = await coord.start_layers(D, P, 3, num_micro_batches=1, drop_weights=True)
+        await coord.wait(m.migration_id)
+        assert cluster.steps()[-2:] == [f"{D} switch micro-batches=1", f"{D} activate drop=True"]
+
+    run(redis_server, store_prefix, body)
+
+
+# state -> (the step held so that the migration sits in it, the steps made before the abort)
+ABORT_FROM = {
+    S.PLANNED: (None, []),
+    S.COPYING: ((P, "prepare helper for [2, 3]"), FORWARD[:2]),
+    S.SWITCHING: ((D, "switch micro-batches=2"), FORWARD[:5]),
+    S.ACTIVE: (None, FORWARD),
+    S.REVERTING: ((D, "revert"), [*FORWARD, f"{D} revert"]),
+}
+
+
+@pytest.mark.parametrize("state", list(ABORT_FROM), ids=lambda s: s.name)
+def test_abort_from_each_state_undoes_donor_then_helper(redis_server, store_prefix, state):
+    held_step, before = ABORT_FROM[state]
+    cluster = FakeCluster()
+    hold = cluster.hold(*held_step) if held_step else None
+
+    async def body(coord, cluster, clock):
+        m = await coord.start_layers(D, P, 2)
+        if state is S.REVERTING:
+            await coord.wait("m-1")
+            await coord.revert("m-1")
+        if hold is not None:
+            await hold.entered.wait()
+        elif state is S.ACTIVE:
+            await coord.wait("m-1")
+        assert m.state is state
+        await coord.abort("m-1", "operator says so")
+        assert m.state is S.ABORTED and m.reason == "operator says so"
+        assert cluster.steps() == [*before, f"{D} abort", f"{P} abort"]
+        assert states(m)[-2:] == [state, S.ABORTED]
+        assert cluster.held() == {D: set(), P: set()}
+        with pytest.raises(PreconditionError, match="already ABORTED"):
+            await coord.abort("m-1")
+        with pytest.raises(PreconditionError, match="only an ACTIVE migration reverts"):
+            await coord.revert("m-1")
+
+    run(redis_server, store_prefix, body, cluster)
+
+
+def test_a_failed_step_aborts_with_its_reason(redis_server, store_prefix):
+    cluster = FakeCluster()
+    cluster.fail(D, "switch micro-batches=2", ResourceExhaustedError("no room for the delta"))
+
+    async def body(coord, cluster, clock):
+        m = await coord.start_layers(D, P, 2)
+        await coord.wait("m-1")
+        assert m.state is S.ABORTED
+        assert (
+            m.reason == "switch on decode-0 failed: ResourceExhaustedError: no room for the delta"
+        )
+        assert cluster.steps() == [*FORWARD[:5], f"{D} abort", f"{P} abort"]
+        assert cluster.held() == {D: set(), P: set()}
+
+    run(redis_server, store_prefix, body, cluster)
+
+
+def test_a_step_past_its_timeout_aborts(redis_server, store_prefix):
+    cluster = FakeCluster()
+    cluster.hold(P, "prepare helper for [3]")  # never released
+    config = CoordinatorConfig(lease_s=10.0, renew_interval_s=2.0, step_timeout_s=0.05)
+
+    async def body(coord, cluster, clock):
+        m = await coord.start_layers(D, P, 3)
+        await coord.wait("m-1")
+        assert m.state is S.ABORTED
+        assert m.reason == "prepare on prefill-0 failed: TimeoutError: timed out"
+        assert cluster.steps() == [
+            f"{D} prepare donor",
+            f"{P} prepare helper for [3]",
+            f"{D} abort",
+            f"{P} abort",
+        ]
+
+    run(redis_server, store_prefix, body, cluster, config=config)
+
+
+BAD_STARTS = [
+    ((D, D, 2), InvalidRequestError, "same worker"),
+    ((D, "", 2), InvalidRequestError, "needs a donor and a helper"),
+    ((D, P, 0), InvalidRequestError, "start layer must be >= 1"),
+    ((D, P, 3, 3), InvalidRequestError, r"empty layer range \[3, 3\)"),
+    ((D, P, 2, 5), InvalidRequestError, r"\[2, 5\): only \[k, 4\) with 1 <= k < 4 move"),
+    ((D, P, 1, 3), InvalidRequestError, r"\[1, 3\): only \[k, 4\)"),
+    ((D, P, 4), InvalidRequestError, r"\[4, 4\): only"),
+    ((D, P, 2, None, 3), InvalidRequestError, "micro-batches must be 1 or 2, got 3"),
+    ((D, "decode-9", 2), WorkerNotFoundError, "no worker 'decode-9'"),
+]
+
+
+@pytest.mark.parametrize(("args", "error", "match"), BAD_STARTS)
+def test_bad_starts_fail_before_any_work(redis_server, store_prefix, args, error, match):
+    async def body(coord, cluster, clock):
+        with pytest.raises(error, match=match):
+            await coord.start_layers(*args)
+        assert cluster.steps() == [] and coord.list() == []
+
+    run(redis_server, store_prefix, body)
+
+
+def test_one_migration_per_worker_and_same_models(redis_server, store_prefix):
+    cluster = FakeCluster(D, P, "decode-1", "prefill-1")
+    cluster.ports["prefill-1"].num_layers = 6
+
+    async def body(coord, cluster, clock):
+        await coord.start_layers(D, P, 2)
+        for donor, helper in ((P, "decode-1"), ("decode-1", D)):
+            with pytest.raises(PreconditionError, match="already takes part in m-1"):
+                await coord.start_layers(donor, helper, 2)
+        with pytest.raises(PreconditionError, match="different models"):
+            await coord.start_layers("decode-1", "prefill-1", 2)
+        with pytest.raises(PreconditionError, match="only an ACTIVE migration reverts"):
+            await coord.revert("m-1")  # PLANNED: abort it instead
+        with pytest.raises(MigrationNotFoundError):
+            coord.describe("m-7")
+        await coord.wait("m-1")
+        assert [m.migration_id for m in coord.list()] == ["m-1"]
+        await coord.abort("m-1")
+
+    run(redis_server, store_prefix, body, cluster)
+
+
+def test_leases_are_renewed_and_a_lost_worker_aborts(redis_server, store_prefix):
+    async def body(coord, cluster, clock):
+        m = await coord.start_layers(D, P, 2)
+        await coord.wait("m-1")
+        await coord.renew_leases()
+        assert cluster.ports[D].renewals == [("m-1", 10.0)] == cluster.ports[P].renewals
+        cluster.ports[P].unreachable = True
+        clock.advance(9.0)  # under a lease since the last renewal: keep trying
+        await coord.renew_leases()
+        assert m.state is S.ACTIVE
+        clock.advance(1.0)
+        await coord.renew_leases()
+        await asyncio.gather(*coord._background)
+        assert m.state is S.ABORTED
+        assert m.reason.startswith("no lease renewal reached prefill-0 for 10.0 s")
+        assert cluster.held()[D] == set()
+
+    run(redis_server, store_prefix, body)
+
+
+def test_a_worker_that_lost_the_lease_aborts_the_migration(redis_server, store_prefix):
+    async def body(coord, cluster, clock):
+        m = await coord.start_layers(D, P, 2)
+        await coord.wait("m-1")
+        cluster.ports[P].held.clear()  # the helper restarted
+        await coord.renew_leases()
+        await asyncio.gather(*coord._background)
+        assert m.state is S.ABORTED
+        assert m.reason == "prefill-0 no longer holds the migration (its lease ran out)"
+
+    run(redis_server, store_prefix, body)
+
+
+def test_the_table_refuses_skipping_states():
+    from services.coordinator.migration import Migration, MigrationKind
+
+    m = Migration("m-1", MigrationKind.LAYERS, D, P, 2, 4, created_at=0.0)
+    with pytest.raises(TransitionError, match="PLANNED -> ACTIVE"):
+        m.enter(S.ACTIVE, 1.0)
+    m.enter(S.ABORTED, 1.0)
+    with pytest.raises(TransitionError, match="ABORTED -> COPYING"):
+        m.enter(S.COPYING, 2.0)

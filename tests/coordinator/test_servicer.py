@@ -1,0 +1,214 @@
+"""CoordinatorService on an in-process server (port 0) over fake workers and a real Redis: the
+messages it answers and the status code of every bad request, before any worker work."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+
+import grpc
+import pytest
+
+from services.common.config import RpcConfig
+from services.coordinator.servicer import coordinator_service
+from services.rpc.channels import open_channel
+from services.rpc.gen.banaserve.v1 import coordinator_pb2 as pb
+from services.rpc.gen.banaserve.v1 import coordinator_pb2_grpc
+from services.rpc.server import start_server
+from tests.coordinator.factories import coordinator
+from tests.coordinator.fakes import DELTA_BYTES, KV_BYTES, FakeClock, FakeCluster
+
+RPC = RpcConfig(grace_s=0.1)
+C = grpc.StatusCode
+D, P = "decode-0", "prefill-0"
+pytestmark = pytest.mark.timeout(60)
+
+
+@asynccontextmanager
+async def served(redis_url: str, prefix: str, cluster: FakeCluster, clock: FakeClock):
+    async with coordinator(redis_url, prefix, cluster, clock) as coord:
+        server = await start_server([coordinator_service(coord)], RPC)
+        channel = open_channel(server.address, RPC)
+        try:
+            yield coord, coordinator_pb2_grpc.CoordinatorServiceStub(channel), server.address
+        finally:
+            await channel.close()
+            await server.stop(0)
+
+
+def layers(donor=D, helper=P, start=2, **kw) -> pb.StartMigrationRequest:
+    spec = pb.LayerMigrationSpec(donor=donor, helper=helper, start_layer=start, **kw)
+    return pb.StartMigrationRequest(kind=pb.MIGRATION_KIND_LAYERS, layers=spec)
+
+
+async def status_of(call) -> tuple[C, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value.code(), info.value.details()
+
+
+def test_start_describe_list_revert_over_the_wire(redis_server, store_prefix):
+    cluster, clock = FakeCluster(), FakeClock()
+
+    async def main():
+        async with served(redis_server.url, store_prefix, cluster, clock) as (coord, stub, _):
+            started = await stub.StartMigration(layers(num_micro_batches=1, drop_weights=True))
+            m = started.migration
+            assert (m.migration_id, m.state, m.kind) == (
+                "m-1",
+                pb.MIGRATION_STATE_PLANNED,
+                pb.MIGRATION_KIND_LAYERS,
+            )
+            assert (m.donor, m.helper, m.start_layer, m.end_layer) == (D, P, 2, 4)
+            assert (m.num_micro_batches, m.drop_weights) == (1, True)
+            await coord.wait("m-1")
+            clock.advance(2.5)
+            m = (
+                await stub.DescribeMigration(pb.DescribeMigrationRequest(migration_id="m-1"))
+            ).migration
+            assert m.state == pb.MIGRATION_STATE_ACTIVE
+            assert [(t.state, t.duration.ToNanoseconds()) for t in m.timings] == [
+                (pb.MIGRATION_STATE_PLANNED, 0),
+                (pb.MIGRATION_STATE_COPYING, 0),
+                (pb.MIGRATION_STATE_SWITCHING, 0),
+                (pb.MIGRATION_STATE_ACTIVE, 2_500_000_000),
+            ]
+            assert (m.num_kv_bytes, m.num_sequences, m.weights_skipped) == (
+                KV_BYTES + 2 * DELTA_BYTES,
+                3,
+                True,
+            )
+            assert (m.helper_data_address, m.switch_pause.ToNanoseconds()) == (
+                "127.0.0.1:9000",
+                4_000_000,
+            )
+            live = await stub.ListMigrations(pb.ListMigrationsRequest(live_only=True))
+            assert [x.migration_id for x in live.migrations] == ["m-1"]
+            reverting = await stub.RevertMigration(pb.RevertMigrationRequest(migration_id="m-1"))
+            assert reverting.migration.state == pb.MIGRATION_STATE_REVERTING
+            await coord.wait("m-1")
+            assert (
+                await stub.ListMigrations(pb.ListMigrationsRequest(live_only=True))
+            ).migrations == []
+            done = (await stub.ListMigrations(pb.ListMigrationsRequest())).migrations
+            assert [(x.migration_id, x.state, x.reason) for x in done] == [
+                ("m-1", pb.MIGRATION_STATE_DONE, "")
+            ]
+
+    asyncio.run(main())
+    assert cluster.held() == {D: set(), P: set()}
+
+
+BAD = [
+    (pb.StartMigrationRequest(), C.INVALID_ARGUMENT, "kind must be MIGRATION_KIND_LAYERS"),
+    (
+        pb.StartMigrationRequest(kind=pb.MIGRATION_KIND_ATTENTION),
+        C.UNIMPLEMENTED,
+        "attention migrations are not implemented yet",
+    ),
+    (
+        pb.StartMigrationRequest(kind=pb.MIGRATION_KIND_LAYERS),
+        C.INVALID_ARGUMENT,
+        "a layer migration needs `layers`",
+    ),
+    (layers(helper=D), C.INVALID_ARGUMENT, "donor and helper are the same worker (decode-0)"),
+    (layers(start=0), C.INVALID_ARGUMENT, "start layer must be >= 1"),
+    (layers(end_layer=3), C.INVALID_ARGUMENT, "layers [2, 3): only [k, 4) with 1 <= k < 4 move"),
+    (layers(num_micro_batches=0), C.INVALID_ARGUMENT, "micro-batches must be 1 or 2, got 0"),
+    (layers(helper="prefill-7"), C.NOT_FOUND, "no worker 'prefill-7'"),
+]
+
+
+@pytest.mark.parametrize(("request_", "code", "details"), BAD, ids=range(len(BAD)))
+def test_bad_starts_get_their_status_before_any_work(
+    redis_server, store_prefix, request_, code, details
+):
+    cluster = FakeCluster()
+
+    async def main():
+        async with served(redis_server.url, store_prefix, cluster, FakeClock()) as (coord, stub, _):
+            got = await status_of(stub.StartMigration(request_))
+            assert got[0] == code and details in got[1]
+            assert coord.list() == []
+
+    asyncio.run(main())
+    assert cluster.steps() == []
+
+
+def test_ids_and_states_that_do_not_allow_the_call(redis_server, store_prefix):
+    cluster = FakeCluster()
+    hold = cluster.hold(D, "switch micro-batches=2")
+
+    async def main():
+        async with served(redis_server.url, store_prefix, cluster, FakeClock()) as (coord, stub, _):
+            for call in (
+                stub.DescribeMigration(pb.DescribeMigrationRequest(migration_id="m-9")),
+                stub.RevertMigration(pb.RevertMigrationRequest(migration_id="m-9")),
+                stub.AbortMigration(pb.AbortMigrationRequest(migration_id="m-9")),
+            ):
+                assert await status_of(call) == (C.NOT_FOUND, "no migration 'm-9'")
+            await stub.StartMigration(layers())
+            await hold.entered.wait()  # m-1 is SWITCHING
+            busy = await status_of(stub.StartMigration(layers(donor=P, helper=D)))
+            assert busy == (
+                C.FAILED_PRECONDITION,
+                "prefill-0 already takes part in m-1 (SWITCHING)",
+            )
+            revert = await status_of(
+                stub.RevertMigration(pb.RevertMigrationRequest(migration_id="m-1"))
+            )
+            assert revert == (
+                C.FAILED_PRECONDITION,
+                "m-1 is SWITCHING; only an ACTIVE migration reverts",
+            )
+            aborted = await stub.AbortMigration(
+                pb.AbortMigrationRequest(migration_id="m-1", reason="test")
+            )
+            assert (aborted.migration.state, aborted.migration.reason) == (
+                pb.MIGRATION_STATE_ABORTED,
+                "test",
+            )
+            again = await status_of(
+                stub.AbortMigration(pb.AbortMigrationRequest(migration_id="m-1"))
+            )
+            assert again == (C.FAILED_PRECONDITION, "m-1 is already ABORTED")
+
+    asyncio.run(main())
+    assert cluster.held() == {D: set(), P: set()}
+
+
+def test_the_cli_commands(redis_server, store_prefix, capsys):
+    """``banaserve migrate`` / ``banaserve migrations`` through the real parser, in a thread
+    (the CLI is blocking; the server runs on this test's event loop)."""
+    from services.cli import build_parser
+
+    def cli(address: str, *argv: str) -> int:
+        args = build_parser().parse_args([*argv, "--coordinator", address])
+        return args.func(args)
+
+    layers = ("migrate", "layers", "--donor", D, "--helper", P, "--start", "2", "--wait")
+
+    async def main():
+        async with served(redis_server.url, store_prefix, FakeCluster(), FakeClock()) as (
+            coord, stub, address,
+        ):  # fmt: skip
+            run = asyncio.to_thread
+            return (
+                await run(cli, address, *layers),
+                await run(cli, address, "migrations"),
+                await run(cli, address, "migrate", "revert", "m-1", "--wait"),
+                await run(cli, address, "migrate", "abort", "m-1"),
+                await run(cli, address, "migrations", "m-7"),
+            )
+
+    assert asyncio.run(main()) == (0, 0, 0, 2, 2)
+    out, err = capsys.readouterr()
+    blocks = out.split("migration   m-1 (layers)\n")
+    assert blocks[1].splitlines()[:2] == ["state       ACTIVE", f"donor       {D}"]
+    row = f"m-1    layers  ACTIVE         {D} -> {P:<12} [2, 4)    kv          768 B"
+    assert row in out
+    assert blocks[2].splitlines()[0] == "state       DONE"
+    assert err.splitlines() == [
+        "banaserve: error: FAILED_PRECONDITION: m-1 is already DONE",
+        "banaserve: error: NOT_FOUND: no migration 'm-7'",
+    ]

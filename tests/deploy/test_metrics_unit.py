@@ -1,0 +1,164 @@
+"""The metric collectors and ``--host`` resolution, in process: exact values from fakes."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from types import SimpleNamespace
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from services.common.errors import ConfigError
+from services.common.metrics import (
+    EngineCollector,
+    KVStoreCollector,
+    MetricsEndpoint,
+    RequestMetrics,
+)
+from services.common.network import resolve_host
+from services.common.types import FinishReason
+from services.router.driver import Finished, Timings
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
+    return registry.get_sample_value(name, labels)
+
+
+def finished(reason: FinishReason, num_completion: int, ttft: float, total: float, kv: int):
+    timings = Timings(ttft_s=ttft, total_s=total, kv_transfer_s=0.002, kv_bytes=kv)
+    return Finished(reason, 40, num_completion, 16, timings)
+
+
+def test_request_metrics_count_outcomes_tokens_and_latencies():
+    m = RequestMetrics()
+    m.finished(finished(FinishReason.LENGTH, 5, ttft=0.04, total=0.08, kv=1024))
+    m.finished(finished(FinishReason.STOP, 1, ttft=0.5, total=0.5, kv=0))
+    m.failed(RuntimeError("no worker"))
+    r = m.registry
+    assert [
+        sample(r, "banaserve_router_requests_total", outcome=o) for o in ("length", "stop", "error")
+    ] == [1, 1, 1]
+    assert sample(r, "banaserve_router_tokens_total", kind="prompt") == 80
+    assert sample(r, "banaserve_router_tokens_total", kind="completion") == 6
+    assert sample(r, "banaserve_router_tokens_total", kind="cached") == 32
+    assert sample(r, "banaserve_router_ttft_seconds_count") == 2
+    assert sample(r, "banaserve_router_ttft_seconds_bucket", le="0.05") == 1
+    # TPOT only where a token followed the first: (0.08 - 0.04) / 4 = 0.01.
+    assert sample(r, "banaserve_router_tpot_seconds_count") == 1
+    assert sample(r, "banaserve_router_tpot_seconds_sum") == pytest.approx(0.01)
+    assert sample(r, "banaserve_router_kv_transfer_bytes_total") == 1024
+    assert sample(r, "banaserve_router_kv_transfer_seconds_count") == 1
+
+
+def test_engine_collector_reads_the_engine_at_scrape_time():
+    stats = {
+        "num_blocks": 64,
+        "num_free_blocks": 60,
+        "num_cached_blocks": 3,
+        "num_running": 2,
+        "num_waiting": 1,
+        "num_hosted_blocks": 0,
+    }
+    engine = SimpleNamespace(
+        stats=lambda: dict(stats), snapshot=SimpleNamespace(num_hosted_layers=3)
+    )
+    meter = SimpleNamespace(snapshot=lambda: (0.02, 0.5))
+    registry = CollectorRegistry()
+    registry.register(EngineCollector("decode", "tiny-llama", engine, SimpleNamespace(meter=meter)))
+    labels = {"role": "decode", "model": "tiny-llama"}
+    assert sample(registry, "banaserve_worker_kv_blocks", state="used", **labels) == 4
+    stats["num_free_blocks"] = 10
+    assert sample(registry, "banaserve_worker_kv_blocks", state="used", **labels) == 54
+    assert sample(registry, "banaserve_worker_waiting_seqs", **labels) == 1
+    assert sample(registry, "banaserve_worker_busy_ratio", **labels) == 0.5
+    assert sample(registry, "banaserve_worker_hosted_layers", **labels) == 3
+    # A key the engine does not report is left out, not invented.
+    assert sample(registry, "banaserve_worker_hosted_seqs", **labels) is None
+
+
+def test_kvstore_collector_counts_lookup_hits_and_misses():
+    async def lookup(hashes):
+        return ["node-a"] * (len(hashes) // 2), []
+
+    pool = SimpleNamespace(
+        num_bytes_used=4096,
+        num_blocks=2,
+        num_committed_blocks=2,
+        num_pinned_blocks=0,
+        num_reservations=0,
+        num_disk_blocks=0,
+        num_disk_bytes=0,
+        num_evicted=3,
+        num_promoted=0,
+    )
+    node = SimpleNamespace(lookup=lookup, stats=lambda: pool)
+    registry = CollectorRegistry()
+    registry.register(KVStoreCollector(node))
+    asyncio.run(node.lookup([b"1", b"2", b"3", b"4", b"5"]))
+    assert sample(registry, "banaserve_kvstore_lookup_hit_blocks_total") == 2
+    assert sample(registry, "banaserve_kvstore_lookup_miss_blocks_total") == 3
+    assert sample(registry, "banaserve_kvstore_evictions_total") == 3
+    assert sample(registry, "banaserve_kvstore_memory_used_bytes") == 4096
+
+
+def test_endpoint_serves_metrics_and_refuses_other_paths():
+    registry = CollectorRegistry()
+    m = RequestMetrics(registry)
+    m.failed(RuntimeError())
+
+    async def main():
+        endpoint = MetricsEndpoint(registry)
+        await endpoint.start("127.0.0.1", 0)
+        url = f"http://{endpoint.address}"
+        try:
+            body = await asyncio.to_thread(lambda: urllib.request.urlopen(url + "/metrics").read())
+            with pytest.raises(urllib.error.HTTPError) as err:
+                await asyncio.to_thread(urllib.request.urlopen, url + "/")
+        finally:
+            await endpoint.stop()
+        return body, err.value.code
+
+    body, code = asyncio.run(main())
+    assert body == generate_latest(registry) and code == 404
+    assert b'banaserve_router_requests_total{outcome="error"} 1.0' in body
+
+
+def test_host_auto_is_this_hostnames_ip_and_wildcards_are_refused():
+    assert resolve_host("auto", resolve={"pod-1": "10.1.2.3"}.get, hostname=lambda: "pod-1") == (
+        "10.1.2.3"
+    )
+    assert resolve_host("127.0.0.1") == "127.0.0.1"
+    for bad in ("0.0.0.0", "::", "localhost"):
+        with pytest.raises(ConfigError):
+            resolve_host(bad)
+
+
+def test_coordinator_collector_counts_migrations_bytes_and_state_seconds():
+    from services.common.metrics import CoordinatorCollector
+    from services.coordinator.migration import Migration, MigrationKind, MigrationState, StateTime
+
+    done = Migration("m1", MigrationKind.LAYERS, "decode-a", "decode-b", 0, 4, created_at=100.0)
+    done.state, done.num_weight_bytes, done.num_kv_bytes = MigrationState.DONE, 1000, 200
+    done.timings = [
+        StateTime(MigrationState.PLANNED, 100.0, 101.0),
+        StateTime(MigrationState.COPYING, 101.0, 104.0),
+        StateTime(MigrationState.DONE, 104.0, None),
+    ]
+    live = Migration("m2", MigrationKind.ATTENTION, "decode-a", "decode-c", 0, 4, created_at=108.0)
+    live.state, live.num_kv_bytes = MigrationState.COPYING, 50
+    live.timings = [StateTime(MigrationState.COPYING, 108.0, None)]
+    coordinator = SimpleNamespace(now=lambda: 110.0, list=lambda: [done, live])
+    registry = CollectorRegistry()
+    registry.register(CoordinatorCollector(coordinator))
+    gauge = "banaserve_coordinator_migrations"
+    assert sample(registry, gauge, kind="layers", state="done") == 1
+    assert sample(registry, gauge, kind="attention", state="copying") == 1
+    moved = "banaserve_coordinator_migration_bytes_total"
+    assert sample(registry, moved, kind="layers", what="weights") == 1000
+    assert sample(registry, moved, kind="layers", what="kv") == 200
+    assert sample(registry, moved, kind="attention", what="kv") == 50
+    secs = "banaserve_coordinator_migration_state_seconds_total"
+    assert sample(registry, secs, kind="layers", state="copying") == 3.0
+    assert sample(registry, secs, kind="layers", state="done") == 6.0  # open: up to now
+    assert sample(registry, secs, kind="attention", state="copying") == 2.0

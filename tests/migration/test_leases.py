@@ -1,0 +1,122 @@
+"""Leases and the agent's state rules: a lost coordinator never pins anything for ever.
+
+The coordinator's calls stop after the switch; once the lease runs out (an injected clock) the
+donor runs every layer itself again and the helper drops what it hosts, while requests keep
+decoding with unchanged greedy output. Calls the state does not allow are refused and change
+nothing; Release and Abort of an unknown id answer "not found" without error.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.errors import AlreadyExistsError, InvalidRequestError
+from services.migration.records import Peer, Role, State
+from tests.engine.helpers import assert_no_leaks, make_engine
+from tests.engine.test_migration_invariant import WORKLOAD, params, plain_run
+from tests.migration.harness import MIGRATION, AgentPair, LoopThread
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def loop():
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+def test_lost_coordinator_lease_expiry_ends_it_on_both_workers(tiny_llama, loop):
+    reference = plain_run(tiny_llama)
+    clock = Clock()
+    a, b = make_engine(tiny_llama, num_kv_blocks=64), make_engine(tiny_llama, num_kv_blocks=128)
+    pair = AgentPair(loop, a, b, clock=clock)
+    tokens: dict[str, list[int]] = {}
+    for step in range(200):
+        for rid, prompt, max_tokens, arrival in WORKLOAD:
+            if arrival == step:
+                a.add_request(rid, prompt, params(max_tokens))
+        if step == 8:
+            pair.prepare(1)
+            pair.copy()
+            pair.switch(2, drop=False)
+        if step == 14:
+            clock.now += 29.0  # within the 30 s lease: nothing happens
+            loop.call(pair.donor.check())
+            loop.call(pair.helper.check())
+            assert pair.donor.get(MIGRATION).state is State.SWITCHING
+            clock.now += 1.0
+            loop.call(pair.donor.check())
+            loop.call(pair.helper.check())
+        for out in pair.a_thread.step() + pair.b_thread.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        if step > 40 and not a.has_unfinished_requests:
+            break
+    donor, helper = pair.donor.get(MIGRATION), pair.helper.get(MIGRATION)
+    assert (donor.state, helper.state) == (State.ABORTED, State.ABORTED)
+    assert donor.reason == helper.reason == "lease expired: no coordinator call"
+    assert tokens == {rid: reference[rid] for rid, *_ in WORKLOAD}
+    assert a.migration.stage_layout.ranges == ((0, a.spec.num_layers, False),)
+    assert not b.migration.hosted_layers
+    pair.close()
+    assert_no_leaks(a)
+    assert_no_leaks(b)
+
+
+def test_calls_out_of_order_are_refused_and_change_nothing(tiny_llama, loop):
+    a, b = make_engine(tiny_llama, num_kv_blocks=32), make_engine(tiny_llama, num_kv_blocks=32)
+    pair = AgentPair(loop, a, b)
+    with pytest.raises(InvalidRequestError, match="only \\[k, 4\\)"):
+        loop.call(pair.donor.prepare("m-0", Role.DONOR, range(0, 4), Peer(), Peer(), None))
+    with pytest.raises(InvalidRequestError, match="needs a donor in switching, active"):
+        pair.prepare(2)
+        loop.call(pair.donor.revert(MIGRATION))
+    with pytest.raises(AlreadyExistsError):
+        loop.call(pair.donor.prepare(MIGRATION, Role.DONOR, range(2, 4), Peer(), Peer(), None))
+    with pytest.raises(InvalidRequestError, match="CopyKV first"):
+        loop.call(pair.donor.switch(MIGRATION, 1, None))
+    pair.copy()
+    pair.switch(1, drop=False)
+    with pytest.raises(InvalidRequestError, match="revert or abort it"):
+        loop.call(pair.donor.release(MIGRATION))
+    assert loop.call(pair.donor.abort("nope", "")) is None
+    assert loop.call(pair.helper.release("nope")) is None
+    records = pair.donor.get(MIGRATION), pair.helper.get(MIGRATION)
+    assert pair.revert()
+    assert [r.state for r in records] == [State.DONE, State.DONE]
+    assert b.migration.hosted_layers == {}
+    pair.close()
+    assert_no_leaks(a)
+    assert_no_leaks(b)
+
+
+def test_helper_without_the_weights_says_so_and_hosts_nothing(tiny_llama, loop):
+    a, b = make_engine(tiny_llama, num_kv_blocks=32), make_engine(tiny_llama, num_kv_blocks=32)
+    pair = AgentPair(loop, a, b)
+    _, fp, digests, _ = loop.call(
+        pair.donor.prepare(MIGRATION, Role.DONOR, range(2, 4), Peer(), Peer(), None)
+    )
+    assert sorted(digests) == [2, 3] and len(set(digests.values())) == 2
+    record, _, mine, needed = loop.call(
+        pair.helper.prepare(
+            MIGRATION,
+            Role.HELPER,
+            range(2, 4),
+            Peer(),
+            Peer(),
+            None,
+            fp,
+            {2: digests[2], 3: "0" * 32},
+            16,
+        )
+    )
+    assert mine == digests and needed == [3]
+    assert (record.state, record.reason) == (State.ABORTED, "weights needed for layers [3]")
+    assert b.migration.hosted_layers == {}
+    pair.close()

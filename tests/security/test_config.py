@@ -1,0 +1,99 @@
+"""The security flags, `banaserve certs`, and the rule table's defaults."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from cryptography import x509
+
+from services.cli import main as cli
+from services.common.errors import ConfigError
+from services.rpc.security import (
+    INTERNAL,
+    ROLES,
+    Role,
+    SecurityConfig,
+    add_security_args,
+    caller_of_token,
+    rule_for,
+    security_argv,
+    security_config,
+    token_from_header,
+    token_valid,
+)
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_security_args(p)
+    return p.parse_args(list(argv))
+
+
+def test_both_off_by_default_and_flags_round_trip(certs, tmp_path):
+    assert security_config(_args(), Role.ROUTER) is None
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# a comment\n\n  token-aaaaaaaaaaaaaaaa  \ntoken-bbbbbbbbbbbbbbbb\n")
+    argv = security_argv(str(certs), str(tokens))
+    config = security_config(_args(*argv), Role.DECODE)
+    assert config.api_tokens == ("token-aaaaaaaaaaaaaaaa", "token-bbbbbbbbbbbbbbbb")
+    assert (config.tls.cert.name, config.tls.key.name, config.tls.ca.name) == (
+        "decode.crt",
+        "decode.key",
+        "ca.crt",
+    )
+    assert len(config.dataplane_secret) == 32
+
+
+def test_bad_settings_fail_at_start(certs, tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        security_config(_args("--tls-dir", str(tmp_path)), Role.ROUTER)
+    empty = tmp_path / "empty"
+    empty.write_text("# nothing\n")
+    with pytest.raises(ConfigError, match="holds no token"):
+        security_config(_args("--api-token-file", str(empty)), Role.ROUTER)
+    with pytest.raises(ConfigError, match=">= 16 printable"):
+        SecurityConfig(Role.ROUTER, api_tokens=("short",))
+    (tmp_path / "ca.crt").write_bytes((certs / "ca.crt").read_bytes())
+    for suffix in ("crt", "key"):
+        (tmp_path / f"router.{suffix}").write_bytes((certs / f"router.{suffix}").read_bytes())
+    with pytest.raises(ConfigError, match="data-plane secret"):
+        security_config(_args("--tls-dir", str(tmp_path)), Role.ROUTER)
+
+
+def test_tokens_compare_in_full_and_identify_their_holder():
+    accepted = ("token-aaaaaaaaaaaaaaaa", "token-bbbbbbbbbbbbbbbb")
+    assert token_from_header("Bearer token-aaaaaaaaaaaaaaaa") == "token-aaaaaaaaaaaaaaaa"
+    assert token_from_header("token-aaaaaaaaaaaaaaaa") == ""
+    assert token_valid("token-bbbbbbbbbbbbbbbb", accepted)
+    assert not token_valid("token-bbbbbbbbbbbbbbb", accepted)  # a prefix is not the token
+    assert not token_valid("", accepted)
+    assert caller_of_token("") == ""
+    assert caller_of_token(accepted[0]) != caller_of_token(accepted[1])
+    assert accepted[0] not in caller_of_token(accepted[0])
+
+
+def test_unlisted_services_are_internal_only():
+    assert rule_for("/banaserve.v1.SomethingNew/Do").roles == INTERNAL
+    assert rule_for("/banaserve.v1.DecodeService/ReserveKV").roles == {Role.ROUTER}
+    assert rule_for("/banaserve.v1.RouterService/Generate").token
+    assert rule_for("/grpc.health.v1.Health/Check").roles == set(ROLES)
+
+
+def test_certs_command_writes_a_ca_and_one_certificate_per_role(tmp_path, capsys):
+    out = tmp_path / "tls"
+    assert cli(["certs", str(out), "--days", "2", "--host", "router.svc"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    roles = sorted(f"{r.value}.{s}" for r in ROLES for s in ("crt", "key"))
+    assert names == sorted(["ca.crt", "ca.key", "dataplane.secret", *roles])
+    assert (out / "decode.key").stat().st_mode & 0o777 == 0o600
+    cert = x509.load_pem_x509_certificate((out / "decode.crt").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["spiffe://banaserve/decode"]
+    assert san.get_values_for_type(x509.DNSName) == [
+        "banaserve.internal",
+        "localhost",
+        "router.svc",
+    ]
+    assert cli(["certs", str(out)]) == 2  # refuses to overwrite
+    assert "pass --overwrite" in capsys.readouterr().err
