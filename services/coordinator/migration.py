@@ -15,25 +15,12 @@ import enum
 from dataclasses import dataclass, field
 
 from services.common.errors import BanaServeError, InvalidRequestError
+from services.common.migration_states import MigrationState
 
 
 class MigrationKind(enum.Enum):
     LAYERS = "layers"
     ATTENTION = "attention"
-
-
-class MigrationState(enum.Enum):
-    PLANNED = "planned"
-    COPYING = "copying"
-    SWITCHING = "switching"
-    ACTIVE = "active"
-    REVERTING = "reverting"
-    DONE = "done"
-    ABORTED = "aborted"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (MigrationState.DONE, MigrationState.ABORTED)
 
 
 S = MigrationState

@@ -30,6 +30,7 @@ from services.common.errors import (
     InvalidRequestError,
     RequestNotFoundError,
 )
+from services.common.migration_states import MigrationState
 from services.engine.engine import Engine
 from services.engine.snapshot import EngineSnapshot
 from services.engine.stages import StageLayout
@@ -43,7 +44,6 @@ from services.migration.records import (
     MigrationRecord,
     Peer,
     Role,
-    State,
     layer_digest,
 )
 from services.rpc import dataplane
@@ -98,9 +98,9 @@ class MigrationAgent:
 
     async def close(self) -> None:
         for record in list(self.records.values()):
-            if not record.state.ended:
+            if not record.state.terminal:
                 try:
-                    await self._end(record, State.ABORTED, "the worker is stopping")
+                    await self._end(record, MigrationState.ABORTED, "the worker is stopping")
                 except Exception as e:  # noqa: BLE001 - a dead engine loop: nothing to undo
                     log.warning("migration %s: not undone at stop: %r", record.migration_id, e)
         if self._data_server is not None:
@@ -146,7 +146,10 @@ class MigrationAgent:
         if role is Role.HELPER:
             needed = self._weights_needed(layers, mine_fp, mine, fingerprint, digests or {})
             if needed:
-                record.state, record.reason = State.ABORTED, f"weights needed for layers {needed}"
+                record.state, record.reason = (
+                    MigrationState.ABORTED,
+                    f"weights needed for layers {needed}",
+                )
             else:
                 await self._host(record, fingerprint, num_hosted_blocks)
         self._add(record)
@@ -184,7 +187,7 @@ class MigrationAgent:
 
     def renew(self, migration_id: str, lease_s: float | None) -> MigrationRecord:
         record = self.get(migration_id)
-        if not record.state.ended:
+        if not record.state.terminal:
             if lease_s is not None:
                 record.lease_s = self._lease(lease_s)
             record.expires_at = self.clock() + record.lease_s
@@ -207,29 +210,31 @@ class MigrationAgent:
             raise InvalidRequestError(
                 f"migration {migration_id} is {record.state.value} here: revert or abort it"
             )
-        if not record.state.ended:
-            await self._end(record, State.DONE, "")
+        if not record.state.terminal:
+            await self._end(record, MigrationState.DONE, "")
         return record
 
     async def abort(self, migration_id: str, reason: str) -> MigrationRecord | None:
         record = self.records.get(migration_id)
         if record is None:
             return None
-        if not record.state.ended:
-            await self._end(record, State.ABORTED, reason or "aborted on request")
+        if not record.state.terminal:
+            await self._end(record, MigrationState.ABORTED, reason or "aborted on request")
         return record
 
     async def check(self) -> None:
         """Abort the migrations whose lease ran out."""
         now = self.clock()
         for record in list(self.records.values()):
-            if not record.state.ended and record.expires_at <= now:
+            if not record.state.terminal and record.expires_at <= now:
                 try:
-                    await self._end(record, State.ABORTED, "lease expired: no coordinator call")
+                    await self._end(
+                        record, MigrationState.ABORTED, "lease expired: no coordinator call"
+                    )
                 except Exception as e:  # noqa: BLE001 - retried at the next check
                     log.warning("migration %s: lease abort failed: %r", record.migration_id, e)
 
-    async def _end(self, record: MigrationRecord, state: State, reason: str) -> None:
+    async def _end(self, record: MigrationRecord, state: MigrationState, reason: str) -> None:
         """Undo what this worker holds for ``record`` (raises, changing nothing, if it cannot)."""
         if record.role is Role.DONOR:
             if record.port is not None or record.weights_dropped:
@@ -251,11 +256,11 @@ class MigrationAgent:
 
     async def copy_kv(self, migration_id: str, helper: Peer) -> tuple[int, int, float]:
         """One stage of the copy: (bytes, sequences, seconds)."""
-        record = self._donor(migration_id, State.PLANNED, State.COPYING)
+        record = self._donor(migration_id, MigrationState.PLANNED, MigrationState.COPYING)
         t0 = self.clock()
         await self._connect(record, helper)
         num_bytes, moved = await self._copy_stage(record)
-        record.state = State.COPYING
+        record.state = MigrationState.COPYING
         return num_bytes, moved, self.clock() - t0
 
     async def _copy_stage(self, record: MigrationRecord) -> tuple[int, int]:
@@ -274,7 +279,7 @@ class MigrationAgent:
     async def switch(
         self, migration_id: str, num_micro_batches: int, stage_timeout_s: float | None
     ) -> donor.PauseResult:
-        record = self._donor(migration_id, State.PLANNED, State.COPYING)
+        record = self._donor(migration_id, MigrationState.PLANNED, MigrationState.COPYING)
         link = self._link(record)
         loop = asyncio.get_running_loop()
         await self._copy_stage(record)  # one more stage first: the pause sends only a step's KV
@@ -295,7 +300,7 @@ class MigrationAgent:
             return self._blocking(link.send(chunks))
 
         # Switched before the engine's next step can fail through the port (and fall back).
-        previous, record.port, record.state = record.state, port, State.SWITCHING
+        previous, record.port, record.state = record.state, port, MigrationState.SWITCHING
         try:
             return await self.engine_call(
                 lambda e: donor.switch(e, record.layers, held, send, layout)
@@ -306,7 +311,7 @@ class MigrationAgent:
 
     async def activate(self, migration_id: str, drop_weights: bool) -> tuple[int, int]:
         """(blocks before, blocks after) of the donor's pool."""
-        record = self._donor(migration_id, State.SWITCHING, State.ACTIVE)
+        record = self._donor(migration_id, MigrationState.SWITCHING, MigrationState.ACTIVE)
 
         def drop(engine: Engine) -> tuple[int, int]:
             before = engine.block_manager.num_blocks
@@ -316,14 +321,14 @@ class MigrationAgent:
 
         result = await self.engine_call(drop)
         record.weights_dropped = record.weights_dropped or drop_weights
-        record.state = State.ACTIVE
+        record.state = MigrationState.ACTIVE
         return result
 
     async def revert(self, migration_id: str) -> donor.PauseResult:
         """Layers back (weights first, then the KV copied back in stages while the donor still
         steps through the helper), then the pause: the last delta and the local layout. The
         result counts every byte copied back; its pause is the last step's only."""
-        record = self._donor(migration_id, State.SWITCHING, State.ACTIVE)
+        record = self._donor(migration_id, MigrationState.SWITCHING, MigrationState.ACTIVE)
         await self.engine_call(lambda e: e.migration.restore_layers())
         record.weights_dropped = False
         pre_bytes, pre_ids = await self._copy_back(record)
@@ -368,7 +373,7 @@ class MigrationAgent:
 
         result = await self.engine_call(lambda e: donor.revert(e, fetch_held, fetch_kv))
         record.moved(result.num_bytes, result.request_ids)
-        record.weights_dropped, record.state = False, State.REVERTING
+        record.weights_dropped, record.state = False, MigrationState.REVERTING
         await self._disconnect(record)
         return result
 
@@ -381,7 +386,7 @@ class MigrationAgent:
 
         async def fall_back() -> None:
             try:
-                await self._end(record, State.ABORTED, reason)
+                await self._end(record, MigrationState.ABORTED, reason)
             except Exception as e:  # noqa: BLE001 - the lease check tries again
                 log.warning("migration %s: fall back failed: %r", migration_id, e)
             finally:
@@ -398,7 +403,7 @@ class MigrationAgent:
 
     # -- plumbing --------------------------------------------------------------------------
 
-    def _donor(self, migration_id: str, *states: State) -> MigrationRecord:
+    def _donor(self, migration_id: str, *states: MigrationState) -> MigrationRecord:
         record = self.renew(migration_id, None)
         if record.role is not Role.DONOR or record.state not in states:
             raise InvalidRequestError(
@@ -419,7 +424,7 @@ class MigrationAgent:
         self._trim()
 
     def _trim(self) -> None:
-        ended = [r for r in self.records.values() if r.state.ended]
+        ended = [r for r in self.records.values() if r.state.terminal]
         for record in ended[: max(0, len(ended) - self.config.keep_ended)]:
             del self.records[record.migration_id]
 
@@ -457,10 +462,14 @@ class MigrationAgent:
     def _observed(self, migration_id: str, kind: str, nbytes: int, ids: tuple[str, ...]) -> None:
         """The host handled a donor's message: the helper's view follows it."""
         record = self.records.get(migration_id)
-        if record is None or record.state.ended:
+        if record is None or record.state.terminal:
             return
         if kind in ("kv_import", "kv_export"):
             record.moved(nbytes, ids)
-        nxt = {"kv_import": State.COPYING, "stage_run": State.ACTIVE, "kv_export": State.REVERTING}
+        nxt = {
+            "kv_import": MigrationState.COPYING,
+            "stage_run": MigrationState.ACTIVE,
+            "kv_export": MigrationState.REVERTING,
+        }
         if kind in nxt:
             record.state = nxt[kind]

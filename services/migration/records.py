@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from services.common.errors import ConfigError
+from services.common.migration_states import MigrationState
 from services.engine.ports import StagePort
 
 
@@ -24,21 +25,7 @@ class Role(enum.Enum):
     HELPER = "helper"
 
 
-class State(enum.Enum):
-    PLANNED = "planned"
-    COPYING = "copying"
-    SWITCHING = "switching"
-    ACTIVE = "active"
-    REVERTING = "reverting"
-    DONE = "done"
-    ABORTED = "aborted"
-
-    @property
-    def ended(self) -> bool:
-        return self in (State.DONE, State.ABORTED)
-
-
-SWITCHED = (State.SWITCHING, State.ACTIVE)  # the donor's steps use the helper
+SWITCHED = (MigrationState.SWITCHING, MigrationState.ACTIVE)  # the donor's steps use the helper
 
 
 @dataclass(frozen=True)
@@ -77,7 +64,7 @@ class MigrationRecord:
     helper: Peer
     lease_s: float
     expires_at: float
-    state: State = State.PLANNED
+    state: MigrationState = MigrationState.PLANNED
     bytes_moved: int = 0
     sequences: set[str] = field(default_factory=set)  # whose KV moved
     reason: str = ""

@@ -10,8 +10,9 @@ from typing import Any
 
 from services.common.errors import InvalidRequestError
 from services.common.limits import check_address, check_id
+from services.common.migration_states import MigrationState
 from services.migration.agent import MigrationAgent
-from services.migration.records import MigrationRecord, Peer, Role, State
+from services.migration.records import MigrationRecord, Peer, Role
 from services.rpc.convert import (
     DATA_TRANSPORT_FROM_PROTO,
     DATA_TRANSPORT_TO_PROTO,
@@ -25,13 +26,13 @@ from services.rpc.server import Service
 ROLE_FROM_PROTO = {pb.MIGRATION_ROLE_DONOR: Role.DONOR, pb.MIGRATION_ROLE_HELPER: Role.HELPER}
 ROLE_TO_PROTO = {v: k for k, v in ROLE_FROM_PROTO.items()}
 STATE_TO_PROTO = {
-    State.PLANNED: pb.MIGRATION_WORKER_STATE_PLANNED,
-    State.COPYING: pb.MIGRATION_WORKER_STATE_COPYING,
-    State.SWITCHING: pb.MIGRATION_WORKER_STATE_SWITCHING,
-    State.ACTIVE: pb.MIGRATION_WORKER_STATE_ACTIVE,
-    State.REVERTING: pb.MIGRATION_WORKER_STATE_REVERTING,
-    State.DONE: pb.MIGRATION_WORKER_STATE_DONE,
-    State.ABORTED: pb.MIGRATION_WORKER_STATE_ABORTED,
+    MigrationState.PLANNED: pb.MIGRATION_WORKER_STATE_PLANNED,
+    MigrationState.COPYING: pb.MIGRATION_WORKER_STATE_COPYING,
+    MigrationState.SWITCHING: pb.MIGRATION_WORKER_STATE_SWITCHING,
+    MigrationState.ACTIVE: pb.MIGRATION_WORKER_STATE_ACTIVE,
+    MigrationState.REVERTING: pb.MIGRATION_WORKER_STATE_REVERTING,
+    MigrationState.DONE: pb.MIGRATION_WORKER_STATE_DONE,
+    MigrationState.ABORTED: pb.MIGRATION_WORKER_STATE_ABORTED,
 }
 
 
@@ -58,7 +59,7 @@ def view(record: MigrationRecord, agent: MigrationAgent) -> pb.MigrationView:
     hosted = next(
         (h for h in agent.snapshot().hosted_layers if h.owner == record.migration_id), None
     )
-    remaining = 0.0 if record.state.ended else max(0.0, record.expires_at - agent.clock())
+    remaining = 0.0 if record.state.terminal else max(0.0, record.expires_at - agent.clock())
     return pb.MigrationView(
         migration_id=record.migration_id,
         role=ROLE_TO_PROTO[record.role],

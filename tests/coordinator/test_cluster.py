@@ -6,7 +6,6 @@ in-process engine's token for token, and nothing stays held on either worker."""
 from __future__ import annotations
 
 import argparse
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -15,7 +14,7 @@ import pytest
 from services.client.client import BanaServeClient
 from services.common.types import SamplingParams
 from services.coordinator.cli import run_migrations
-from services.launcher import ClusterSpec, LocalCluster
+from services.launcher import ClusterSpec
 from services.rpc.gen.banaserve.v1 import coordinator_pb2 as pb
 from services.rpc.gen.banaserve.v1 import (
     coordinator_pb2_grpc,
@@ -24,6 +23,7 @@ from services.rpc.gen.banaserve.v1 import (
     migration_pb2,
     migration_pb2_grpc,
 )
+from tests.clusters import running_cluster, wait_for
 from tests.engine.coordinator import prompt_ids
 from tests.engine.helpers import make_engine
 
@@ -37,23 +37,8 @@ def cluster(banaserve_home, tiny_llama, tmp_path_factory):
     spec = ClusterSpec(
         num_kv_blocks=512, num_kvstore=0, kv_transport="tcp", coordinator=True, extra_env=env
     )
-    with open(tmp_path_factory.mktemp("logs") / "cluster.log", "w") as log:
-        cluster = LocalCluster(spec, log)
-        cluster.start()
-        try:
-            yield cluster
-        finally:
-            codes = cluster.stop()
-    assert set(codes.values()) == {0}, f"services exited with {codes}"
-
-
-def wait_for(predicate, what: str, timeout_s: float = 60.0):
-    """Polls another process's state, bounded (the processes are not ours to signal)."""
-    deadline = time.monotonic() + timeout_s
-    while not (result := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-    return result
+    with running_cluster(spec, tmp_path_factory.mktemp("logs") / "cluster.log") as cluster:
+        yield cluster
 
 
 def describe(stub, migration_id: str) -> pb.Migration:

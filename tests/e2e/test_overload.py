@@ -23,7 +23,7 @@ import grpc
 import httpx2
 import pytest
 
-from services.launcher import ClusterSpec, LocalCluster
+from services.launcher import ClusterSpec
 from services.rpc.gen.banaserve.v1 import (
     common_pb2,
     decode_pb2,
@@ -35,6 +35,7 @@ from services.rpc.gen.banaserve.v1 import (
     router_pb2,
     router_pb2_grpc,
 )
+from tests.clusters import running_cluster
 
 pytestmark = pytest.mark.e2e
 
@@ -61,14 +62,8 @@ def cluster(banaserve_home, tiny_llama, tmp_path_factory):
             "decode": ("--max-num-seqs", str(MAX_NUM_SEQS)),
         },
     )
-    with open(tmp_path_factory.mktemp("logs") / "cluster.log", "w") as log:
-        cluster = LocalCluster(spec, log)
-        cluster.start()
-        try:
-            yield cluster
-        finally:
-            codes = cluster.stop()
-    assert set(codes.values()) == {0}, f"services exited with {codes}"
+    with running_cluster(spec, tmp_path_factory.mktemp("logs") / "cluster.log") as cluster:
+        yield cluster
 
 
 def generate_request(max_tokens: int = MAX_TOKENS) -> router_pb2.GenerateRequest:

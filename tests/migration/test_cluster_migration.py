@@ -9,7 +9,6 @@ block is left used and nothing stays hosted on either worker.
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -17,7 +16,7 @@ import pytest
 
 from services.client.client import BanaServeClient
 from services.common.types import SamplingParams
-from services.launcher import ClusterSpec, LocalCluster
+from services.launcher import ClusterSpec
 from services.rpc.gen.banaserve.v1 import (
     common_pb2,
     decode_pb2,
@@ -28,6 +27,7 @@ from services.rpc.gen.banaserve.v1 import (
     prefill_pb2_grpc,
 )
 from services.rpc.gen.banaserve.v1 import migration_pb2 as pb
+from tests.clusters import running_cluster, wait_for
 from tests.engine.coordinator import prompt_ids
 from tests.engine.helpers import make_engine
 
@@ -39,23 +39,8 @@ NUM_REQUESTS, MAX_TOKENS, K = 4, 400, 2
 def cluster(banaserve_home, tiny_llama, tmp_path_factory):
     env = {"BANASERVE_HOME": str(banaserve_home)}
     spec = ClusterSpec(num_kv_blocks=512, num_kvstore=0, kv_transport="tcp", extra_env=env)
-    with open(tmp_path_factory.mktemp("logs") / "cluster.log", "w") as log:
-        cluster = LocalCluster(spec, log)
-        cluster.start()
-        try:
-            yield cluster
-        finally:
-            codes = cluster.stop()
-    assert set(codes.values()) == {0}, f"services exited with {codes}"
-
-
-def wait_for(predicate, what: str, timeout_s: float = 30.0):
-    """Poll a worker's state, bounded (the processes are not ours to signal)."""
-    deadline = time.monotonic() + timeout_s
-    while not (result := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-    return result
+    with running_cluster(spec, tmp_path_factory.mktemp("logs") / "cluster.log") as cluster:
+        yield cluster
 
 
 def decode_stats(address: str):
@@ -181,14 +166,8 @@ def mixed_cluster(banaserve_home, tiny_llama, tmp_path_factory):
         kv_transport="tcp",
         extra_env=env,
     )
-    with open(tmp_path_factory.mktemp("logs") / "mixed.log", "w") as log:
-        cluster = LocalCluster(spec, log)
-        cluster.start()
-        try:
-            yield cluster
-        finally:
-            codes = cluster.stop()
-    assert set(codes.values()) == {0}, f"services exited with {codes}"
+    with running_cluster(spec, tmp_path_factory.mktemp("logs") / "mixed.log") as cluster:
+        yield cluster
 
 
 def generate_on(address: str, request_id: str, prompt: list[int]) -> list[int]:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
+from services.common.migration_states import MigrationState
 from services.engine.ports import StageFailedError
-from services.migration.records import State
 from tests.engine.coordinator import owner_engine
 from tests.engine.helpers import assert_no_leaks, make_engine
 from tests.engine.test_migration_invariant import WORKLOAD, params, plain_run
@@ -72,7 +72,7 @@ def test_helper_dies_layers_held_every_request_continues(tiny_llama, reference, 
     tokens, failed, record = run(tiny_llama, loop, drop=False)
     assert failed == {}
     assert tokens == {rid: reference[rid] for rid, *_ in WORKLOAD}
-    assert record.state is State.ABORTED and record.reason.startswith("helper unreachable")
+    assert record.state is MigrationState.ABORTED and record.reason.startswith("helper unreachable")
 
 
 def test_helper_dies_layers_dropped_fails_that_steps_requests(tiny_llama, reference, loop):
@@ -85,4 +85,4 @@ def test_helper_dies_layers_dropped_fails_that_steps_requests(tiny_llama, refere
         assert tokens[rid] == reference[rid], rid
     for rid in failed:  # what they got before the failure is a prefix of the reference
         assert tokens.get(rid, []) == reference[rid][: len(tokens.get(rid, []))]
-    assert record.state is State.ABORTED and not record.weights_dropped
+    assert record.state is MigrationState.ABORTED and not record.weights_dropped

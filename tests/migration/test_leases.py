@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 
 from services.common.errors import AlreadyExistsError, InvalidRequestError
-from services.migration.records import Peer, Role, State
+from services.common.migration_states import MigrationState
+from services.migration.records import Peer, Role
 from tests.engine.helpers import assert_no_leaks, make_engine
 from tests.engine.test_migration_invariant import WORKLOAD, params, plain_run
 from tests.migration.harness import MIGRATION, AgentPair, LoopThread
@@ -50,7 +51,7 @@ def test_lost_coordinator_lease_expiry_ends_it_on_both_workers(tiny_llama, loop)
             clock.now += 29.0  # within the 30 s lease: nothing happens
             loop.call(pair.donor.check())
             loop.call(pair.helper.check())
-            assert pair.donor.get(MIGRATION).state is State.SWITCHING
+            assert pair.donor.get(MIGRATION).state is MigrationState.SWITCHING
             clock.now += 1.0
             loop.call(pair.donor.check())
             loop.call(pair.helper.check())
@@ -59,7 +60,7 @@ def test_lost_coordinator_lease_expiry_ends_it_on_both_workers(tiny_llama, loop)
         if step > 40 and not a.has_unfinished_requests:
             break
     donor, helper = pair.donor.get(MIGRATION), pair.helper.get(MIGRATION)
-    assert (donor.state, helper.state) == (State.ABORTED, State.ABORTED)
+    assert (donor.state, helper.state) == (MigrationState.ABORTED, MigrationState.ABORTED)
     assert donor.reason == helper.reason == "lease expired: no coordinator call"
     assert tokens == {rid: reference[rid] for rid, *_ in WORKLOAD}
     assert a.migration.stage_layout.ranges == ((0, a.spec.num_layers, False),)
@@ -89,7 +90,7 @@ def test_calls_out_of_order_are_refused_and_change_nothing(tiny_llama, loop):
     assert loop.call(pair.helper.release("nope")) is None
     records = pair.donor.get(MIGRATION), pair.helper.get(MIGRATION)
     assert pair.revert()
-    assert [r.state for r in records] == [State.DONE, State.DONE]
+    assert [r.state for r in records] == [MigrationState.DONE, MigrationState.DONE]
     assert b.migration.hosted_layers == {}
     pair.close()
     assert_no_leaks(a)
@@ -117,6 +118,9 @@ def test_helper_without_the_weights_says_so_and_hosts_nothing(tiny_llama, loop):
         )
     )
     assert mine == digests and needed == [3]
-    assert (record.state, record.reason) == (State.ABORTED, "weights needed for layers [3]")
+    assert (record.state, record.reason) == (
+        MigrationState.ABORTED,
+        "weights needed for layers [3]",
+    )
     assert b.migration.hosted_layers == {}
     pair.close()

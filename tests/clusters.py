@@ -1,0 +1,38 @@
+"""Real-process clusters for tests: ``banaserve up``'s ``LocalCluster`` started for a block and
+checked to stop cleanly, and a bounded poll of another process's state."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+from services.launcher import ClusterSpec, LocalCluster
+
+T = TypeVar("T")
+
+
+@contextmanager
+def running_cluster(spec: ClusterSpec, log_path: Path) -> Iterator[LocalCluster]:
+    """The cluster of ``spec``, its children's output in ``log_path``; after the block every
+    service must have exited 0."""
+    with open(log_path, "w") as log:
+        cluster = LocalCluster(spec, log)
+        cluster.start()
+        try:
+            yield cluster
+        finally:
+            codes = cluster.stop()
+    assert set(codes.values()) == {0}, f"services exited with {codes}"
+
+
+def wait_for(predicate: Callable[[], T], what: str, timeout_s: float = 60.0) -> T:
+    """Polls another process's state until ``predicate()`` is truthy, bounded (the processes
+    are not ours to signal); returns that value."""
+    deadline = time.monotonic() + timeout_s
+    while not (result := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+    return result
