@@ -36,206 +36,62 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
-import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
-from typing import Protocol
 
-from services.common.errors import (
-    AlreadyExistsError,
-    BanaServeError,
-    ErrorCode,
-    PermissionDeniedError,
-    RequestNotFoundError,
+from services.common.errors import PermissionDeniedError, RequestNotFoundError
+from services.router.attempt import Attempt, FullOnReserve, LostBeforeFirstToken
+from services.router.core import Assignment, NoRoomNowError, Router, RouteRequest, check_request
+from services.router.driver_types import (  # the driver's API, imported from here by callers
+    DecodeClient,
+    DecodeResult,
+    Delta,
+    DriverConfig,
+    DuplicateRequestError,
+    Event,
+    Finished,
+    GenerateInput,
+    KVTarget,
+    PrefillClient,
+    PrefillResult,
+    ReleaseReason,
+    RequestObserver,
+    Reservation,
+    Started,
+    Timings,
+    WorkerCallError,
+    WorkerClients,
+    WorkerLostError,
+    aborted_finished,
 )
-from services.common.types import FinishReason, SamplingParams
-from services.router.core import (
-    Assignment,
-    NoRoomNowError,
-    Router,
-    RouteRequest,
-    check_request,
-    require_config,
-)
-from services.router.registry import WorkerInfo
 
-
-class ReleaseReason(enum.Enum):
-    ABORTED = "aborted"
-    DEADLINE_EXCEEDED = "deadline_exceeded"
-    PEER_LOST = "peer_lost"
-    FINISHED_ON_PREFILL = "finished_on_prefill"
-
-
-class WorkerCallError(BanaServeError):
-    """A call to a worker failed with ``code`` (its gRPC status, mapped in services/rpc/status.py
-    so that this module stays free of grpc); the servicer passes it on to the client."""
-
-    def __init__(self, worker_id: str, call: str, code: ErrorCode, message: str) -> None:
-        super().__init__(f"{call} on worker {worker_id!r} failed with {code}: {message}")
-        self.worker_id = worker_id
-        self.call = call
-        self.code = code
-
-    @property
-    def lost(self) -> bool:
-        return self.code is ErrorCode.UNAVAILABLE
-
-
-class WorkerLostError(BanaServeError):
-    """The request failed because a worker was lost and no retry was left (UNAVAILABLE)."""
-
-
-class DuplicateRequestError(AlreadyExistsError):
-    """A live request already has this id (ALREADY_EXISTS)."""
-
-
-@dataclass(frozen=True)
-class Reservation:
-    """What ``DecodeClient.reserve`` got: the reservation, and D's data plane if it has one."""
-
-    reservation_id: str
-    data_address: str = ""  # "HOST:PORT"; "": D takes KV over TransferKV only
-    data_transport: str = ""  # "ucx", "tcp" or "grpc" (services.rpc.dataplane.KINDS)
-
-
-@dataclass(frozen=True)
-class KVTarget:
-    worker_id: str
-    address: str
-    reservation_id: str
-    data_address: str = ""
-    data_transport: str = ""
-
-
-@dataclass(frozen=True)
-class GenerateInput:
-    request_id: str  # "" → the driver assigns one
-    prompt_token_ids: tuple[int, ...]
-    sampling: SamplingParams
-    # Who may abort it: the caller's identity (services.rpc.security.caller_identity).
-    owner: str = ""
-
-
-@dataclass(frozen=True)
-class Started:
-    request_id: str
-    num_prompt_tokens: int
-    prefill_worker_id: str
-    decode_worker_id: str
-
-
-@dataclass(frozen=True)
-class Delta:
-    token_ids: tuple[int, ...]
-    text: str
-
-
-@dataclass(frozen=True)
-class PrefillResult:
-    """A prefill worker's last frame. ``finish_reason`` set: the first token ended the request."""
-
-    finish_reason: FinishReason | None
-    num_prompt_tokens: int
-    num_cached_tokens: int
-    prefill_s: float
-    kv_transfer_s: float
-    kv_transfer_exposed_s: float
-    kv_bytes: int
-
-
-@dataclass(frozen=True)
-class DecodeResult:
-    finish_reason: FinishReason
-    num_completion_tokens: int  # the prefill worker's first token included
-    num_cached_tokens: int = 0  # prefix-cache hits of a local (colocated) prefill
-
-
-@dataclass(frozen=True)
-class Timings:
-    """Seconds from the call's arrival (routing, ttft, total) or as the workers measured them."""
-
-    routing_s: float = 0.0
-    ttft_s: float = 0.0
-    total_s: float = 0.0
-    prefill_s: float = 0.0
-    kv_transfer_s: float = 0.0
-    kv_transfer_exposed_s: float = 0.0
-    kv_bytes: int = 0
-
-
-@dataclass(frozen=True)
-class Finished:
-    finish_reason: FinishReason
-    num_prompt_tokens: int
-    num_completion_tokens: int
-    num_cached_tokens: int
-    timings: Timings
-
-
-Event = Started | Delta | Finished
-
-
-class RequestObserver(Protocol):
-    """Told by the driver, on its event loop, how each request ended."""
-
-    def finished(self, event: Finished) -> None: ...
-
-    def failed(self, exc: BaseException) -> None: ...
-
-
-class DecodeClient(Protocol):
-    """The router's calls to one decode (or mixed) worker; failures raise ``WorkerCallError``."""
-
-    async def reserve(
-        self,
-        request: GenerateInput,
-        lease_s: float,
-        timeout_s: float,
-        prefill_locally: bool = False,
-    ) -> Reservation: ...
-
-    def stream_tokens(
-        self, request_id: str, timeout_s: float
-    ) -> AsyncIterator[Delta | DecodeResult]: ...
-
-    async def release(self, request_id: str, reason: ReleaseReason, timeout_s: float) -> None: ...
-
-
-class PrefillClient(Protocol):
-    """The router's call to one prefill (or mixed) worker: a first-token Delta, then a result."""
-
-    def prefill(
-        self, request: GenerateInput, target: KVTarget, timeout_s: float
-    ) -> AsyncIterator[Delta | PrefillResult]: ...
-
-
-class WorkerClients(Protocol):
-    def decode(self, worker: WorkerInfo) -> DecodeClient: ...
-
-    def prefill(self, worker: WorkerInfo) -> PrefillClient: ...
-
-
-@dataclass(frozen=True)
-class DriverConfig:
-    # How long D holds a reservation for a transfer that has not ended (capped by the deadline).
-    lease_s: float = 30.0
-    # The deadline of a request whose call has none: every wait stays bounded.
-    default_timeout_s: float = 600.0
-    # Bound on the cleanup call after abort, cancel or failure.
-    release_timeout_s: float = 2.0
-    # How often a request waiting for room (NoRoomNowError) is routed again.
-    admission_poll_s: float = 0.05
-
-    def __post_init__(self) -> None:
-        for name in ("lease_s", "default_timeout_s", "release_timeout_s", "admission_poll_s"):
-            value = getattr(self, name)
-            require_config(
-                math.isfinite(value) and value > 0, f"{name} must be positive, got {value}"
-            )
+__all__ = [
+    "DecodeClient",
+    "DecodeResult",
+    "Delta",
+    "DriverConfig",
+    "DuplicateRequestError",
+    "Event",
+    "EventStream",
+    "Finished",
+    "GenerateInput",
+    "KVTarget",
+    "PrefillClient",
+    "PrefillResult",
+    "ReleaseReason",
+    "RequestDriver",
+    "RequestObserver",
+    "Reservation",
+    "Started",
+    "Timings",
+    "WorkerCallError",
+    "WorkerClients",
+    "WorkerLostError",
+    "expire_periodically",
+    "new_request_id",
+]
 
 
 @dataclass
@@ -345,7 +201,7 @@ class RequestDriver:
             while True:
                 event = await self._next(job, task)
                 if isinstance(event, _Stop):
-                    aborted = _aborted(request, arrival, self._clock(), num_delivered)
+                    aborted = aborted_finished(request, arrival, self._clock(), num_delivered)
                     self._observe(aborted)
                     yield aborted
                     return
@@ -442,14 +298,14 @@ class RequestDriver:
         while True:
             assignment = await self._admit(job, route)
             try:
-                return await _Attempt(self, job, request, assignment, arrival).run()
-            except _FullOnReserve as full:
+                return await Attempt(self, job, request, assignment, arrival).run()
+            except FullOnReserve as full:
                 # The router's estimate was a report behind the worker: count it full until
                 # its next report, and wait for room like any request that does not fit now.
                 self.router.mark_full(full.worker_id)
                 await asyncio.sleep(min(self.config.admission_poll_s, self.remaining(job)))
                 continue
-            except _LostBeforeFirstToken as lost:
+            except LostBeforeFirstToken as lost:
                 self._forget(lost.worker_id, str(lost.error))
                 if attempt == 2:
                     raise WorkerLostError(
@@ -486,208 +342,6 @@ class RequestDriver:
 
 def new_request_id() -> str:
     return f"req-{uuid.uuid4().hex[:16]}"
-
-
-class _FullOnReserve(Exception):
-    def __init__(self, worker_id: str) -> None:
-        super().__init__(worker_id)
-        self.worker_id = worker_id
-
-
-class _LostBeforeFirstToken(Exception):
-    def __init__(self, worker_id: str, error: WorkerCallError) -> None:
-        super().__init__(worker_id)
-        self.worker_id = worker_id
-        self.error = error
-
-
-class _Attempt:
-    """One try at a request on one worker pair (steps 2-4 of the lifecycle above)."""
-
-    def __init__(
-        self,
-        driver: RequestDriver,
-        job: _Job,
-        request: GenerateInput,
-        assignment: Assignment,
-        arrival: float,
-    ) -> None:
-        self._driver, self._job, self._request = driver, job, request
-        self._assignment, self._arrival = assignment, arrival
-        self._decode = driver.clients().decode(assignment.decode)
-        self._prefill = driver.clients().prefill(assignment.prefill)
-        self._routing_s = self._ttft_s = 0.0
-
-    async def run(self) -> Finished:
-        try:
-            lease = min(self._driver.config.lease_s, self._driver.remaining(self._job))
-            reservation = await self._decode.reserve(
-                self._request,
-                lease,
-                self._driver.remaining(self._job),
-                prefill_locally=self._assignment.colocated,
-            )
-        except asyncio.CancelledError:
-            # Cancelled while D was reserving: the call may have reserved already, and
-            # cancelling it does not undo that (the lease would hold the blocks for 30 s).
-            await self._release(self._job.release_reason)
-            raise
-        except WorkerCallError as exc:
-            if exc.lost:
-                raise _LostBeforeFirstToken(self._assignment.decode.worker_id, exc) from None
-            if exc.code is ErrorCode.RESOURCE_EXHAUSTED:
-                raise _FullOnReserve(self._assignment.decode.worker_id) from None
-            raise
-        try:
-            if self._assignment.colocated:
-                return await self._colocated()
-            return await self._prefill_then_decode(reservation)
-        except asyncio.CancelledError:
-            await self._release(self._job.release_reason)
-            raise
-        except _LostBeforeFirstToken:
-            raise  # released already, to find out who was lost
-        except BaseException:
-            await self._release(ReleaseReason.PEER_LOST)
-            raise
-
-    async def _prefill_then_decode(self, reservation: Reservation) -> Finished:
-        decode = self._assignment.decode
-        target = KVTarget(
-            decode.worker_id,
-            decode.address,
-            reservation.reservation_id,
-            reservation.data_address,
-            reservation.data_transport,
-        )
-        self._routing_s = self._driver.now() - self._arrival
-        result = await self._run_prefill(target)
-        if result.finish_reason is not None:
-            await self._release(ReleaseReason.FINISHED_ON_PREFILL)
-            return self._finished(result, DecodeResult(result.finish_reason, 1))
-        outcome: DecodeResult | None = None
-        stream = self._decode.stream_tokens(self._request.request_id, self._remaining())
-        async for frame in stream:
-            if isinstance(frame, Delta):
-                self._job.events.put_nowait(frame)
-            else:
-                outcome = frame
-        if outcome is None:
-            raise self._protocol_error(decode.worker_id, "StreamTokens ended without finished")
-        return self._finished(result, outcome)
-
-    async def _colocated(self) -> Finished:
-        """P is D: D prefills in its own batch; its stream's first delta is the first token."""
-        self._routing_s = self._driver.now() - self._arrival
-        outcome: DecodeResult | None = None
-        first = True
-        try:
-            async for frame in self._decode.stream_tokens(
-                self._request.request_id, self._remaining()
-            ):
-                if isinstance(frame, Delta) and first:
-                    first = False
-                    self._emit_first(frame)
-                elif isinstance(frame, Delta):
-                    self._job.events.put_nowait(frame)
-                else:
-                    outcome = frame
-        except WorkerCallError as exc:
-            if exc.lost and first:
-                raise _LostBeforeFirstToken(self._assignment.decode.worker_id, exc) from None
-            raise
-        if outcome is None:
-            raise self._protocol_error(self._assignment.decode.worker_id, "no finished frame")
-        return self._finished(_LOCAL_PREFILL, outcome)
-
-    async def _run_prefill(self, target: KVTarget) -> PrefillResult:
-        first, result = False, None
-        try:
-            stream = self._prefill.prefill(self._request, target, self._remaining())
-            async for frame in stream:
-                if isinstance(frame, Delta) and not first:
-                    first = True
-                    self._emit_first(frame)
-                elif isinstance(frame, PrefillResult) and first:
-                    result = frame
-                else:
-                    raise self._protocol_error(self._assignment.prefill.worker_id, "bad frame")
-        except WorkerCallError as exc:
-            if exc.lost and not first:
-                raise _LostBeforeFirstToken(await self._who_is_lost(), exc) from None
-            raise
-        if result is None:
-            raise self._protocol_error(self._assignment.prefill.worker_id, "no done frame")
-        return result
-
-    def _emit_first(self, delta: Delta) -> None:
-        a = self._assignment
-        started = Started(
-            self._request.request_id,
-            len(self._request.prompt_token_ids),
-            a.prefill.worker_id,
-            a.decode.worker_id,
-        )
-        self._job.events.put_nowait(started)
-        self._job.events.put_nowait(delta)
-        self._ttft_s = self._driver.now() - self._arrival
-
-    async def _who_is_lost(self) -> str:
-        """P answered UNAVAILABLE: P is gone, or P could not reach D. Releasing the reservation
-        (needed anyway) tells which: it fails too only if D is gone."""
-        released = await self._release(ReleaseReason.PEER_LOST)
-        return self._assignment.prefill.worker_id if released else self._assignment.decode.worker_id
-
-    async def _release(self, reason: ReleaseReason) -> bool:
-        """Best effort and bounded; False: D could not be reached."""
-        timeout = self._driver.config.release_timeout_s
-        try:
-            await asyncio.wait_for(
-                self._decode.release(self._request.request_id, reason, timeout), timeout
-            )
-        except (WorkerCallError, TimeoutError):
-            return False
-        return True
-
-    def _remaining(self) -> float:
-        return self._driver.remaining(self._job)
-
-    def _protocol_error(self, worker_id: str, what: str) -> WorkerCallError:
-        return WorkerCallError(
-            worker_id, "stream", ErrorCode.INTERNAL, f"protocol violation: {what}"
-        )
-
-    def _finished(self, prefill: PrefillResult, decode: DecodeResult) -> Finished:
-        timings = Timings(
-            routing_s=self._routing_s,
-            ttft_s=self._ttft_s,
-            total_s=self._driver.now() - self._arrival,
-            prefill_s=prefill.prefill_s,
-            kv_transfer_s=prefill.kv_transfer_s,
-            kv_transfer_exposed_s=prefill.kv_transfer_exposed_s,
-            kv_bytes=prefill.kv_bytes,
-        )
-        return Finished(
-            decode.finish_reason,
-            len(self._request.prompt_token_ids),
-            decode.num_completion_tokens,
-            prefill.num_cached_tokens or decode.num_cached_tokens,
-            timings,
-        )
-
-
-# What a colocated attempt knows of its prefill: it ran inside D's batch, not timed apart.
-_LOCAL_PREFILL = PrefillResult(None, 0, 0, 0.0, 0.0, 0.0, 0)
-
-
-def _aborted(request: GenerateInput, arrival: float, now: float, num_delivered: int) -> Finished:
-    return Finished(
-        FinishReason.ABORT,
-        len(request.prompt_token_ids),
-        num_delivered,
-        0,
-        Timings(total_s=now - arrival),
-    )
 
 
 async def expire_periodically(

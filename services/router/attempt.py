@@ -1,0 +1,219 @@
+"""One try at a request on one worker pair: steps 2-4 of the driver's lifecycle
+(services/router/driver.py) — reserve on D, prefill on P into that reservation (or prefill on a
+colocated D), relay the tokens; whatever it reserved is released however it ends."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from services.common.errors import ErrorCode
+from services.router.core import Assignment
+from services.router.driver_types import (
+    DecodeResult,
+    Delta,
+    Finished,
+    GenerateInput,
+    KVTarget,
+    PrefillResult,
+    ReleaseReason,
+    Reservation,
+    Started,
+    Timings,
+    WorkerCallError,
+)
+
+if TYPE_CHECKING:
+    from services.router.driver import RequestDriver, _Job
+
+
+class FullOnReserve(Exception):
+    def __init__(self, worker_id: str) -> None:
+        super().__init__(worker_id)
+        self.worker_id = worker_id
+
+
+class LostBeforeFirstToken(Exception):
+    def __init__(self, worker_id: str, error: WorkerCallError) -> None:
+        super().__init__(worker_id)
+        self.worker_id = worker_id
+        self.error = error
+
+
+class Attempt:
+    """One try at a request on one worker pair (steps 2-4 of the lifecycle above)."""
+
+    def __init__(
+        self,
+        driver: RequestDriver,
+        job: _Job,
+        request: GenerateInput,
+        assignment: Assignment,
+        arrival: float,
+    ) -> None:
+        self._driver, self._job, self._request = driver, job, request
+        self._assignment, self._arrival = assignment, arrival
+        self._decode = driver.clients().decode(assignment.decode)
+        self._prefill = driver.clients().prefill(assignment.prefill)
+        self._routing_s = self._ttft_s = 0.0
+
+    async def run(self) -> Finished:
+        try:
+            lease = min(self._driver.config.lease_s, self._driver.remaining(self._job))
+            reservation = await self._decode.reserve(
+                self._request,
+                lease,
+                self._driver.remaining(self._job),
+                prefill_locally=self._assignment.colocated,
+            )
+        except asyncio.CancelledError:
+            # Cancelled while D was reserving: the call may have reserved already, and
+            # cancelling it does not undo that (the lease would hold the blocks for 30 s).
+            await self._release(self._job.release_reason)
+            raise
+        except WorkerCallError as exc:
+            if exc.lost:
+                raise LostBeforeFirstToken(self._assignment.decode.worker_id, exc) from None
+            if exc.code is ErrorCode.RESOURCE_EXHAUSTED:
+                raise FullOnReserve(self._assignment.decode.worker_id) from None
+            raise
+        try:
+            if self._assignment.colocated:
+                return await self._colocated()
+            return await self._prefill_then_decode(reservation)
+        except asyncio.CancelledError:
+            await self._release(self._job.release_reason)
+            raise
+        except LostBeforeFirstToken:
+            raise  # released already, to find out who was lost
+        except BaseException:
+            await self._release(ReleaseReason.PEER_LOST)
+            raise
+
+    async def _prefill_then_decode(self, reservation: Reservation) -> Finished:
+        decode = self._assignment.decode
+        target = KVTarget(
+            decode.worker_id,
+            decode.address,
+            reservation.reservation_id,
+            reservation.data_address,
+            reservation.data_transport,
+        )
+        self._routing_s = self._driver.now() - self._arrival
+        result = await self._run_prefill(target)
+        if result.finish_reason is not None:
+            await self._release(ReleaseReason.FINISHED_ON_PREFILL)
+            return self._finished(result, DecodeResult(result.finish_reason, 1))
+        outcome: DecodeResult | None = None
+        stream = self._decode.stream_tokens(self._request.request_id, self._remaining())
+        async for frame in stream:
+            if isinstance(frame, Delta):
+                self._job.events.put_nowait(frame)
+            else:
+                outcome = frame
+        if outcome is None:
+            raise self._protocol_error(decode.worker_id, "StreamTokens ended without finished")
+        return self._finished(result, outcome)
+
+    async def _colocated(self) -> Finished:
+        """P is D: D prefills in its own batch; its stream's first delta is the first token."""
+        self._routing_s = self._driver.now() - self._arrival
+        outcome: DecodeResult | None = None
+        first = True
+        try:
+            async for frame in self._decode.stream_tokens(
+                self._request.request_id, self._remaining()
+            ):
+                if isinstance(frame, Delta) and first:
+                    first = False
+                    self._emit_first(frame)
+                elif isinstance(frame, Delta):
+                    self._job.events.put_nowait(frame)
+                else:
+                    outcome = frame
+        except WorkerCallError as exc:
+            if exc.lost and first:
+                raise LostBeforeFirstToken(self._assignment.decode.worker_id, exc) from None
+            raise
+        if outcome is None:
+            raise self._protocol_error(self._assignment.decode.worker_id, "no finished frame")
+        return self._finished(_LOCAL_PREFILL, outcome)
+
+    async def _run_prefill(self, target: KVTarget) -> PrefillResult:
+        first, result = False, None
+        try:
+            stream = self._prefill.prefill(self._request, target, self._remaining())
+            async for frame in stream:
+                if isinstance(frame, Delta) and not first:
+                    first = True
+                    self._emit_first(frame)
+                elif isinstance(frame, PrefillResult) and first:
+                    result = frame
+                else:
+                    raise self._protocol_error(self._assignment.prefill.worker_id, "bad frame")
+        except WorkerCallError as exc:
+            if exc.lost and not first:
+                raise LostBeforeFirstToken(await self._who_is_lost(), exc) from None
+            raise
+        if result is None:
+            raise self._protocol_error(self._assignment.prefill.worker_id, "no done frame")
+        return result
+
+    def _emit_first(self, delta: Delta) -> None:
+        a = self._assignment
+        started = Started(
+            self._request.request_id,
+            len(self._request.prompt_token_ids),
+            a.prefill.worker_id,
+            a.decode.worker_id,
+        )
+        self._job.events.put_nowait(started)
+        self._job.events.put_nowait(delta)
+        self._ttft_s = self._driver.now() - self._arrival
+
+    async def _who_is_lost(self) -> str:
+        """P answered UNAVAILABLE: P is gone, or P could not reach D. Releasing the reservation
+        (needed anyway) tells which: it fails too only if D is gone."""
+        released = await self._release(ReleaseReason.PEER_LOST)
+        return self._assignment.prefill.worker_id if released else self._assignment.decode.worker_id
+
+    async def _release(self, reason: ReleaseReason) -> bool:
+        """Best effort and bounded; False: D could not be reached."""
+        timeout = self._driver.config.release_timeout_s
+        try:
+            await asyncio.wait_for(
+                self._decode.release(self._request.request_id, reason, timeout), timeout
+            )
+        except (WorkerCallError, TimeoutError):
+            return False
+        return True
+
+    def _remaining(self) -> float:
+        return self._driver.remaining(self._job)
+
+    def _protocol_error(self, worker_id: str, what: str) -> WorkerCallError:
+        return WorkerCallError(
+            worker_id, "stream", ErrorCode.INTERNAL, f"protocol violation: {what}"
+        )
+
+    def _finished(self, prefill: PrefillResult, decode: DecodeResult) -> Finished:
+        timings = Timings(
+            routing_s=self._routing_s,
+            ttft_s=self._ttft_s,
+            total_s=self._driver.now() - self._arrival,
+            prefill_s=prefill.prefill_s,
+            kv_transfer_s=prefill.kv_transfer_s,
+            kv_transfer_exposed_s=prefill.kv_transfer_exposed_s,
+            kv_bytes=prefill.kv_bytes,
+        )
+        return Finished(
+            decode.finish_reason,
+            len(self._request.prompt_token_ids),
+            decode.num_completion_tokens,
+            prefill.num_cached_tokens or decode.num_cached_tokens,
+            timings,
+        )
+
+
+# What a colocated attempt knows of its prefill: it ran inside D's batch, not timed apart.
+_LOCAL_PREFILL = PrefillResult(None, 0, 0, 0.0, 0.0, 0.0, 0)

@@ -1,0 +1,203 @@
+"""The request driver's vocabulary (services/router/driver.py): what a request is, the events
+it yields, what the worker clients promise, and the driver's config (no grpc)."""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from services.common.errors import AlreadyExistsError, BanaServeError, ErrorCode
+from services.common.types import FinishReason, SamplingParams
+from services.router.core import require_config
+from services.router.registry import WorkerInfo
+
+
+class ReleaseReason(enum.Enum):
+    ABORTED = "aborted"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    PEER_LOST = "peer_lost"
+    FINISHED_ON_PREFILL = "finished_on_prefill"
+
+
+class WorkerCallError(BanaServeError):
+    """A call to a worker failed with ``code`` (its gRPC status, mapped in services/rpc/status.py
+    so that this module stays free of grpc); the servicer passes it on to the client."""
+
+    def __init__(self, worker_id: str, call: str, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{call} on worker {worker_id!r} failed with {code}: {message}")
+        self.worker_id = worker_id
+        self.call = call
+        self.code = code
+
+    @property
+    def lost(self) -> bool:
+        return self.code is ErrorCode.UNAVAILABLE
+
+
+class WorkerLostError(BanaServeError):
+    """The request failed because a worker was lost and no retry was left (UNAVAILABLE)."""
+
+
+class DuplicateRequestError(AlreadyExistsError):
+    """A live request already has this id (ALREADY_EXISTS)."""
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """What ``DecodeClient.reserve`` got: the reservation, and D's data plane if it has one."""
+
+    reservation_id: str
+    data_address: str = ""  # "HOST:PORT"; "": D takes KV over TransferKV only
+    data_transport: str = ""  # "ucx", "tcp" or "grpc" (services.rpc.dataplane.KINDS)
+
+
+@dataclass(frozen=True)
+class KVTarget:
+    worker_id: str
+    address: str
+    reservation_id: str
+    data_address: str = ""
+    data_transport: str = ""
+
+
+@dataclass(frozen=True)
+class GenerateInput:
+    request_id: str  # "" → the driver assigns one
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    # Who may abort it: the caller's identity (services.rpc.security.caller_identity).
+    owner: str = ""
+
+
+@dataclass(frozen=True)
+class Started:
+    request_id: str
+    num_prompt_tokens: int
+    prefill_worker_id: str
+    decode_worker_id: str
+
+
+@dataclass(frozen=True)
+class Delta:
+    token_ids: tuple[int, ...]
+    text: str
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    """A prefill worker's last frame. ``finish_reason`` set: the first token ended the request."""
+
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    prefill_s: float
+    kv_transfer_s: float
+    kv_transfer_exposed_s: float
+    kv_bytes: int
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    finish_reason: FinishReason
+    num_completion_tokens: int  # the prefill worker's first token included
+    num_cached_tokens: int = 0  # prefix-cache hits of a local (colocated) prefill
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds from the call's arrival (routing, ttft, total) or as the workers measured them."""
+
+    routing_s: float = 0.0
+    ttft_s: float = 0.0
+    total_s: float = 0.0
+    prefill_s: float = 0.0
+    kv_transfer_s: float = 0.0
+    kv_transfer_exposed_s: float = 0.0
+    kv_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: FinishReason
+    num_prompt_tokens: int
+    num_completion_tokens: int
+    num_cached_tokens: int
+    timings: Timings
+
+
+Event = Started | Delta | Finished
+
+
+class RequestObserver(Protocol):
+    """Told by the driver, on its event loop, how each request ended."""
+
+    def finished(self, event: Finished) -> None: ...
+
+    def failed(self, exc: BaseException) -> None: ...
+
+
+class DecodeClient(Protocol):
+    """The router's calls to one decode (or mixed) worker; failures raise ``WorkerCallError``."""
+
+    async def reserve(
+        self,
+        request: GenerateInput,
+        lease_s: float,
+        timeout_s: float,
+        prefill_locally: bool = False,
+    ) -> Reservation: ...
+
+    def stream_tokens(
+        self, request_id: str, timeout_s: float
+    ) -> AsyncIterator[Delta | DecodeResult]: ...
+
+    async def release(self, request_id: str, reason: ReleaseReason, timeout_s: float) -> None: ...
+
+
+class PrefillClient(Protocol):
+    """The router's call to one prefill (or mixed) worker: a first-token Delta, then a result."""
+
+    def prefill(
+        self, request: GenerateInput, target: KVTarget, timeout_s: float
+    ) -> AsyncIterator[Delta | PrefillResult]: ...
+
+
+class WorkerClients(Protocol):
+    def decode(self, worker: WorkerInfo) -> DecodeClient: ...
+
+    def prefill(self, worker: WorkerInfo) -> PrefillClient: ...
+
+
+@dataclass(frozen=True)
+class DriverConfig:
+    # How long D holds a reservation for a transfer that has not ended (capped by the deadline).
+    lease_s: float = 30.0
+    # The deadline of a request whose call has none: every wait stays bounded.
+    default_timeout_s: float = 600.0
+    # Bound on the cleanup call after abort, cancel or failure.
+    release_timeout_s: float = 2.0
+    # How often a request waiting for room (NoRoomNowError) is routed again.
+    admission_poll_s: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name in ("lease_s", "default_timeout_s", "release_timeout_s", "admission_poll_s"):
+            value = getattr(self, name)
+            require_config(
+                math.isfinite(value) and value > 0, f"{name} must be positive, got {value}"
+            )
+
+
+def aborted_finished(
+    request: GenerateInput, arrival: float, now: float, num_delivered: int
+) -> Finished:
+    """The ``Finished`` of a request that was aborted after delivering ``num_delivered`` tokens."""
+    return Finished(
+        FinishReason.ABORT,
+        len(request.prompt_token_ids),
+        num_delivered,
+        0,
+        Timings(total_s=now - arrival),
+    )
