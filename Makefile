@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup redis protos demo models test test-slow fuzz lint buf-lint format bench-setup bench clean \
+.PHONY: setup redis protos demo models test test-slow fuzz chaos lint buf-lint format bench-setup bench clean \
 	compose-smoke
 
 $(STAMP): pyproject.toml
@@ -62,6 +62,15 @@ fuzz: setup
 	mkdir -p $(dir $(FUZZ_REPORT))
 	BANASERVE_FUZZ_INPUTS=$(FUZZ_INPUTS) BANASERVE_FUZZ_REPORT=$(FUZZ_REPORT) \
 		$(BIN)/python -m pytest -q tests/fuzz
+
+# The chaos matrix (docs/reliability.md, "Chaos"): every kind of process killed and frozen, the
+# coordinator in each migration state, links cut, slowed and black-holed, under load; the table
+# goes to CHAOS_REPORT as JSON and is printed as markdown.
+CHAOS_REPORT ?= build/chaos-report.json
+chaos: setup
+	mkdir -p $(dir $(CHAOS_REPORT))
+	BANASERVE_CHAOS_REPORT=$(CHAOS_REPORT) timeout 3600 $(BIN)/python -m pytest -q -m chaos tests/chaos; \
+		code=$$?; $(BIN)/python -m tests.chaos.report $(CHAOS_REPORT); exit $$code
 
 lint: setup
 	$(BIN)/ruff check .

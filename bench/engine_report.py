@@ -84,12 +84,42 @@ def summarise_run(workload: Workload, run: dict) -> dict:
     if "error" in run:
         return run
     timings = [Timing(**t) for t in run["timings"]]
-    return {**run, "metrics": summarise(workload, timings)}
+    out = {**run, "metrics": summarise(workload, timings)}
+    if timings and all(t.cpu_seconds is not None for t in timings):
+        out["cpu_metrics"] = summarise(workload, timings, cpu=True)
+    return out
 
 
-def median(runs: dict[str, dict], system: str, dtype: str, metric: str) -> float | None:
+def median(
+    runs: dict[str, dict], system: str, dtype: str, metric: str, key: str = "metrics"
+) -> float | None:
     run = runs.get(run_key(system, dtype), {})
-    return run.get("metrics", {}).get(metric, {}).get("median")
+    return run.get(key, {}).get(metric, {}).get("median")
+
+
+def cpu_ratio_lines(report: dict) -> list[str]:
+    """BanaServe/baseline in tokens per CPU-second (``cpu_metrics``): what one core's work
+    costs each system, which moves far less than wall clock when other work loads the machine."""
+    runs, lines = report["runs"], []
+    for dtype in report["dtypes"]:
+        for base in sorted({r["system"] for r in runs.values()} - {OURS}):
+            parts = []
+            for m in report["metrics"]:
+                r = ratio(
+                    median(runs, OURS, dtype, m, "cpu_metrics"),
+                    median(runs, base, dtype, m, "cpu_metrics"),
+                )
+                if r is not None:
+                    parts.append(f"{metric_label(m)} {fmt_ratio(r)}")
+            if parts:
+                short = DTYPE_SHORT.get(dtype, dtype)
+                lines.append(
+                    f"- per CPU-second, {DISPLAY[OURS]}/{DISPLAY[base]} {short}: "
+                    + "; ".join(parts)
+                )
+    return (
+        ["", "CPU time (runner and child processes, medians over rounds):", *lines] if lines else []
+    )
 
 
 def ratio(ours: float | None, theirs: float | None) -> float | None:
@@ -249,6 +279,7 @@ def render_markdown(report: dict) -> str:
         *table(report),
         *target_lines(report),
         *agreement_line(report),
+        *cpu_ratio_lines(report),
         "",
         "Method: "
         + METHOD.format(**w, decode_steps=steps)

@@ -6,7 +6,8 @@
 Lifecycle: 1. pin torch to ``--threads`` (the parent already set ``OMP_NUM_THREADS`` and,
 for vLLM, its CPU-backend variables, before this interpreter started); 2. load the model
 (timed, not measured); 3. run every call of the plan in order, the warm-up round included,
-timing each ``generate`` call with ``time.perf_counter`` and checking that every prompt got
+timing each ``generate`` call with ``time.perf_counter`` (and the CPU time of this process and
+its children, ``tree_cpu_seconds``: vLLM computes in child processes) and checking that every prompt got
 exactly ``max_tokens`` tokens — or, with ``--reply-fd``, only the calls the parent asks for, one
 at a time, so that every system's call ``i`` runs next to the others' (interleaved); 4. write RESULT.json: ``{"timings": [...], "versions": ...}`` or
 ``{"error": "..."}``. The parent turns timings into tok/s (``bench.engine_workload``).
@@ -177,19 +178,68 @@ def check_lengths(call: Call, outputs: list[list[int]]) -> None:
         )
 
 
+def tree_cpu_seconds(root: int | None = None) -> float | None:
+    """User + system CPU seconds of process ``root`` (this one) and its live descendants, from
+    Linux's ``/proc`` (vLLM computes in child processes); ``None`` where there is no ``/proc``."""
+    root = os.getpid() if root is None else root
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    try:
+        entries = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
+    except OSError:
+        return None
+    for name in entries:
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)"
+        except OSError:
+            continue  # exited meanwhile
+        parents[int(name)] = int(fields[1])
+        ticks[int(name)] = int(fields[11]) + int(fields[12])  # utime + stime
+    if root not in ticks:
+        return None
+    tree, frontier = {root}, [root]
+    while frontier:
+        frontier = [pid for pid, parent in parents.items() if parent in frontier]
+        tree.update(frontier)
+    return sum(ticks[pid] for pid in tree) / os.sysconf("SC_CLK_TCK")
+
+
 def run_calls(generate: GenerateFn, calls: list[Call]) -> tuple[list[Timing], list[int]]:
     """Time every call; also return the first measured decode output, for a cross-system check."""
     timings: list[Timing] = []
     first_output: list[int] = []
     for call in calls:
+        cpu_start = tree_cpu_seconds()
         start = time.perf_counter()
         outputs = generate(call.prompts, call.max_tokens)
-        timings.append(Timing(call.round, call.name, time.perf_counter() - start))
+        seconds = time.perf_counter() - start
+        cpu_end = tree_cpu_seconds()
+        cpu = None if cpu_start is None or cpu_end is None else cpu_end - cpu_start
+        timings.append(Timing(call.round, call.name, seconds, cpu))
         check_lengths(call, outputs)
         if not first_output and call.round > 0 and call.max_tokens > 1:
             first_output = outputs[0]
-        print(f"round {call.round} {call.name}: {timings[-1].seconds:.3f}s", file=sys.stderr)
+        cpu_text = "" if cpu is None else f" (cpu {cpu:.2f}s)"
+        print(f"round {call.round} {call.name}: {seconds:.3f}s{cpu_text}", file=sys.stderr)
     return timings, first_output
+
+
+def settle(idle_cpu_s: float = 0.01, window_s: float = 0.1, limit_s: float = 3.0) -> float:
+    """Wait until this process tree uses under ``idle_cpu_s`` of CPU per ``window_s`` (at most
+    ``limit_s``); return the seconds waited. vLLM's engine-core process keeps a core busy for
+    ~0.5 s after a call returns: the next system's call on the same pinned core ran that much
+    slower (every BanaServe call that followed a vLLM call took 0.5-0.6 s more wall time than
+    CPU time, none of the others did)."""
+    start = time.perf_counter()
+    before = tree_cpu_seconds()
+    while before is not None and time.perf_counter() - start < limit_s:
+        time.sleep(window_s)
+        now = tree_cpu_seconds()
+        if now is None or now - before < idle_cpu_s:
+            break
+        before = now
+    return time.perf_counter() - start
 
 
 def serve_calls(
@@ -204,6 +254,7 @@ def serve_calls(
         t, out = run_calls(generate, [calls[index]])
         timings += t
         first_output = first_output or out
+        settle()  # the next system's call must not share the core with this one's tail
         replies.write(json.dumps({"index": index, "seconds": t[0].seconds}) + "\n")
         replies.flush()
     return timings, first_output

@@ -113,6 +113,9 @@ class Timing:
     round: int
     name: str
     seconds: float
+    # CPU time (user + system) of the runner and its child processes during the call: on a
+    # loaded machine it moves far less than ``seconds`` (kept in engine.json, not in the tables)
+    cpu_seconds: float | None = None
 
 
 def random_prompts(
@@ -153,31 +156,41 @@ def plan_from_json(data: dict) -> tuple[Workload, list[Call]]:
     return Workload(**raw), [Call(**c) for c in data["calls"]]
 
 
-def _measured(timings: Iterable[Timing], name: str) -> dict[int, float]:
-    return {t.round: t.seconds for t in timings if t.name == name and t.round > 0}
+def _measured(timings: Iterable[Timing], name: str, cpu: bool = False) -> dict[int, float]:
+    """Seconds per measured round of call ``name``: wall clock, or with ``cpu`` CPU time."""
+    return {
+        t.round: t.cpu_seconds if cpu else t.seconds
+        for t in timings
+        if t.name == name and t.round > 0 and (not cpu or t.cpu_seconds)
+    }
 
 
-def prefill_samples(workload: Workload, timings: Sequence[Timing]) -> list[float]:
+def prefill_samples(
+    workload: Workload, timings: Sequence[Timing], cpu: bool = False
+) -> list[float]:
     """Prefill tok/s per measured round."""
-    times = _measured(timings, PREFILL)
+    times = _measured(timings, PREFILL, cpu)
     return [workload.prompt_len / times[r] for r in sorted(times)]
 
 
-def decode_samples(workload: Workload, timings: Sequence[Timing], batch: int) -> list[float]:
+def decode_samples(
+    workload: Workload, timings: Sequence[Timing], batch: int, cpu: bool = False
+) -> list[float]:
     """Decode tok/s per measured round at ``batch``; a round whose difference is not positive
     (timer noise swamping the decode time) is dropped."""
-    first = _measured(timings, batch_prefill_name(batch))
-    total = _measured(timings, batch_total_name(batch))
+    first = _measured(timings, batch_prefill_name(batch), cpu)
+    total = _measured(timings, batch_total_name(batch), cpu)
     tokens = batch * (workload.max_tokens - 1)
     rounds = sorted(set(first) & set(total))
     return [tokens / (total[r] - first[r]) for r in rounds if total[r] > first[r]]
 
 
-def summarise(workload: Workload, timings: Sequence[Timing]) -> dict[str, dict]:
-    """``{metric: {"median": tok/s or None, "samples": [tok/s per round]}}``."""
-    series = {prefill_metric(workload.prompt_len): prefill_samples(workload, timings)}
+def summarise(workload: Workload, timings: Sequence[Timing], cpu: bool = False) -> dict[str, dict]:
+    """``{metric: {"median": tok/s or None, "samples": [tok/s per round]}}``; with ``cpu``,
+    tokens per CPU-second of the runner's processes instead of per wall-clock second."""
+    series = {prefill_metric(workload.prompt_len): prefill_samples(workload, timings, cpu)}
     for batch in workload.batches:
-        series[decode_metric(batch)] = decode_samples(workload, timings, batch)
+        series[decode_metric(batch)] = decode_samples(workload, timings, batch, cpu)
     return {name: {"median": median_or_none(s), "samples": s} for name, s in series.items()}
 
 

@@ -82,9 +82,12 @@ class Target(Protocol):
     async def close(self) -> None: ...
 
 
-def make_target(endpoint: Endpoint, model: str | None, sampling: Sampling) -> Target:
+def make_target(
+    endpoint: Endpoint, model: str | None, sampling: Sampling, id_prefix: str = "bench"
+) -> Target:
+    """``id_prefix``: gRPC request ids are ``PREFIX-INDEX`` (one prefix per run of a plan)."""
     if endpoint.scheme == "grpc":
-        return GrpcTarget(endpoint, sampling)
+        return GrpcTarget(endpoint, sampling, id_prefix)
     if not model:
         raise ValueError("openai:// targets need --model (the served model name)")
     return OpenAITarget(endpoint, model, sampling)
@@ -94,11 +97,12 @@ def make_target(endpoint: Endpoint, model: str | None, sampling: Sampling) -> Ta
 
 
 class GrpcTarget:
-    def __init__(self, endpoint: Endpoint, sampling: Sampling) -> None:
+    def __init__(self, endpoint: Endpoint, sampling: Sampling, id_prefix: str = "bench") -> None:
         from services.client.client import AsyncBanaServeClient
 
         self._client = AsyncBanaServeClient(endpoint.address)
         self._sampling = sampling
+        self._id_prefix = id_prefix
         self._server_side: dict[int, dict[str, float]] = {}
 
     async def stream(self, request: Request, timeout_s: float) -> AsyncIterator[int]:
@@ -107,7 +111,7 @@ class GrpcTarget:
         generation = self._client.generate(
             request.prompt,
             timeout_s=timeout_s,
-            request_id=f"bench-{request.index}",
+            request_id=f"{self._id_prefix}-{request.index}",
             max_tokens=request.max_tokens,
             temperature=self._sampling.temperature,
             ignore_eos=self._sampling.ignore_eos,

@@ -152,8 +152,9 @@ def make_request(spec: WorkloadSpec, index: int) -> Request:
     return Request(index, shared_prefix(spec, prefix_id) + suffix, output_len, prefix_id)
 
 
-def arrival_gaps(rate: float, burstiness: float, seed: int) -> Iterator[float]:
-    """Endless seconds between consecutive sends (the first request goes at time 0)."""
+def arrival_gaps(rate: float, burstiness: float, seed: int | str) -> Iterator[float]:
+    """Endless seconds between consecutive sends (the first request goes at time 0); ``seed``
+    may be a string naming a stream (``bench/workloads*.py``: one per workload phase)."""
     _require(rate > 0, f"rate must be positive, got {rate}")
     _require(burstiness > 0, f"burstiness must be positive, got {burstiness}")
     if math.isinf(rate):
@@ -166,7 +167,11 @@ def arrival_gaps(rate: float, burstiness: float, seed: int) -> Iterator[float]:
 
 
 def arrival_times(
-    rate: float, burstiness: float, seed: int, num_requests: int | None, duration_s: float | None
+    rate: float,
+    burstiness: float,
+    seed: int | str,
+    num_requests: int | None,
+    duration_s: float | None,
 ) -> list[float]:
     """Send offsets in seconds from the start: ``num_requests`` of them, or every one that falls
     before ``duration_s`` (at least one), whichever limit is given (both: the first reached)."""

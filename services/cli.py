@@ -7,6 +7,7 @@ import sys
 
 from services.common.errors import BanaServeError
 from services.rpc.probe import add_health_parser
+from services.sim.cli import add_sim
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -99,6 +100,24 @@ def _add_bench(sub: argparse._SubParsersAction, full: bool = True) -> None:
 
     add_store_arguments(st)
     st.set_defaults(func=_run_bench_store_ttft)
+    mig = bsub.add_parser("migration", help="layer migration: 1P1D with vs without, time split")
+    from bench import migration_bench
+
+    migration_bench.add_arguments(mig)
+    mig.set_defaults(func=migration_bench.run)
+    cmp = bsub.add_parser(
+        "compare", help="the same workloads on colocated, static-pd and banaserve clusters"
+    )
+    from bench.compare import add_arguments as add_compare_arguments
+
+    add_compare_arguments(cmp)
+    cmp.set_defaults(func=_run_bench_compare)
+
+
+def _run_bench_compare(args: argparse.Namespace) -> int:
+    from bench.compare import run
+
+    return run(args)
 
 
 def _run_bench_store_ttft(args: argparse.Namespace) -> int:
@@ -217,6 +236,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _add_certs(sub)
     add_health_parser(sub)
     _add_migrations(sub)
+    add_sim(sub, full=argv is None or "sim" in argv)
     return parser
 
 

@@ -28,15 +28,17 @@ prefill workers then get no store.
 from __future__ import annotations
 
 import argparse
+import enum
 import os
 import secrets
+import shlex
 import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from services.child_process import Child, RedisChild
 from services.common.engine_args import KV_TRANSPORTS
@@ -116,6 +118,64 @@ class ClusterSpec:
             raise ConfigError(
                 f"kvstore capacity must be >= 1 byte, got {self.kvstore_capacity_bytes}"
             )
+
+
+class Mode(enum.Enum):
+    """``banaserve up --mode``: one system run three ways (DESIGN.md §5, Modes)."""
+
+    COLOCATED = "colocated"  # mixed workers, prefix-affinity routing, no store (vLLM-style)
+    STATIC_PD = "static-pd"  # fixed prefill/decode split, no store, no migration (DistServe)
+    BANASERVE = "banaserve"  # split + store + load-only routing + automatic coordinator
+
+
+# What a mode decides; the rest of a ClusterSpec is the same in every mode.
+MODE_FIELDS = frozenset(
+    {"num_prefill", "num_decode", "num_mixed", "policy", "num_kvstore", "coordinator"}
+)
+
+
+def mode_spec(
+    mode: Mode, num_workers: int = 2, num_prefill: int | None = None, **fields: Any
+) -> ClusterSpec:
+    """The cluster of ``mode`` with ``num_workers`` workers in all: colocated, that many mixed
+    workers; a PD mode, ``num_prefill`` prefill workers (default: half, at least one) and the
+    rest decode. ``fields``: the other ClusterSpec fields (model, threads, pin...); the
+    coordinator of ``banaserve`` runs with ``--auto`` before its own ``service_args``."""
+    if num_workers < 1 or (mode is not Mode.COLOCATED and num_workers < 2):
+        raise ConfigError(f"mode {mode.value} needs more workers than {num_workers}")
+    if owned := sorted(MODE_FIELDS & fields.keys()):
+        raise ConfigError(f"mode {mode.value} decides {', '.join(owned)}")
+    if mode is Mode.COLOCATED:
+        return ClusterSpec(
+            num_prefill=0, num_decode=0, num_mixed=num_workers, policy="colocated",
+            num_kvstore=0, **fields,
+        )  # fmt: skip
+    prefill = max(1, num_workers // 2) if num_prefill is None else num_prefill
+    if not 1 <= prefill < num_workers:
+        raise ConfigError(f"{prefill} prefill workers of {num_workers}: leave one to decode")
+    split = {"num_prefill": prefill, "num_decode": num_workers - prefill, "num_mixed": 0}
+    if mode is Mode.STATIC_PD:
+        return ClusterSpec(**split, policy="load", num_kvstore=0, **fields)
+    service_args = dict(fields.pop("service_args", {}))
+    service_args["coordinator"] = ("--auto", *service_args.get("coordinator", ()))
+    return ClusterSpec(
+        **split, policy="load", num_kvstore=1, coordinator=True, service_args=service_args,
+        **fields,
+    )  # fmt: skip
+
+
+def process_names(spec: ClusterSpec) -> list[str]:
+    """The processes ``LocalCluster(spec).start`` runs, in start order."""
+    store = spec.num_kvstore > 0
+    names = ["redis"] if store or spec.coordinator else []
+    names += [f"kvstore-{i}" for i in range(spec.num_kvstore)] + ["router"]
+    for role, count in (
+        ("prefill", spec.num_prefill),
+        ("decode", spec.num_decode),
+        ("mixed", spec.num_mixed),
+    ):
+        names += [f"{role}-{i}" for i in range(count)]
+    return names + (["coordinator"] if spec.coordinator else [])
 
 
 class LocalCluster:
@@ -256,8 +316,23 @@ class LocalCluster:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny-llama", help="prepared model name or directory")
-    p.add_argument("--prefill", type=int, default=1, help="prefill workers")
-    p.add_argument("--decode", type=int, default=1, help="decode workers")
+    p.add_argument(
+        "--mode",
+        choices=[m.value for m in Mode],
+        default=None,
+        help="colocated: --workers mixed workers, prefix-affinity routing, no store; static-pd: "
+        "--prefill of --workers prefill, the rest decode, no store, no migration; banaserve: "
+        "the same split + KV store + load routing + the coordinator in automatic mode "
+        "(default: no mode, the flags below as given)",
+    )
+    p.add_argument("--workers", type=int, default=2, help="with --mode: workers in all (default 2)")
+    p.add_argument(
+        "--prefill",
+        type=int,
+        default=None,
+        help="prefill workers (default 1; with a PD --mode: half of --workers)",
+    )
+    p.add_argument("--decode", type=int, default=1, help="decode workers (not with --mode)")
     p.add_argument(
         "--mixed", type=int, default=0, help="mixed workers (prefill and decode, colocated)"
     )
@@ -297,29 +372,52 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--coordinator", action="store_true", help="also start the coordinator (migrations)"
     )
+    p.add_argument(
+        "--coordinator-args",
+        default="",
+        metavar="ARGS",
+        help='extra flags for the coordinator, one string (e.g. "--gap-high 0.3 --cooldown-s 5", '
+        "docs/coordinator.md)",
+    )
     add_security_args(p)
     add_restart_arguments(p)
 
 
-def run_up(args: argparse.Namespace) -> int:
-    spec = ClusterSpec(
+def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
+    """``--mode`` decides the workers, routing, store and coordinator; else the flags do."""
+    common: dict[str, Any] = dict(
         model=args.model,
-        num_prefill=args.prefill,
-        num_decode=args.decode,
-        num_mixed=args.mixed,
         threads=args.threads,
         pin=args.pin,
-        policy=args.policy,
         num_kv_blocks=args.num_kv_blocks,
-        num_kvstore=args.kvstore,
         kvstore_transport=args.kvstore_transport,
         kv_transport=args.kv_transport,
         kvstore_capacity_bytes=args.kvstore_capacity_bytes,
         kvstore_overlap=args.kvstore_overlap,
-        coordinator=args.coordinator,
         tls_dir=args.tls_dir,
         api_token_file=args.api_token_file,
     )
+    if args.coordinator_args:
+        common["service_args"] = {"coordinator": tuple(shlex.split(args.coordinator_args))}
+    if args.mode:
+        return mode_spec(Mode(args.mode), args.workers, args.prefill, **common)
+    return ClusterSpec(
+        num_prefill=1 if args.prefill is None else args.prefill,
+        num_decode=args.decode,
+        num_mixed=args.mixed,
+        policy=args.policy,
+        num_kvstore=args.kvstore,
+        coordinator=args.coordinator,
+        **common,
+    )
+
+
+def run_up(args: argparse.Namespace) -> int:
+    try:
+        spec = cluster_spec(args)
+    except ConfigError as exc:
+        print(f"banaserve: error: {exc}", file=sys.stderr)
+        return 2
     restarts = restart_config(args)
     cluster = LocalCluster(spec)
     stopping = threading.Event()

@@ -4,7 +4,7 @@ checked to stop cleanly, and a bounded poll of another process's state."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
@@ -15,9 +15,11 @@ T = TypeVar("T")
 
 
 @contextmanager
-def running_cluster(spec: ClusterSpec, log_path: Path) -> Iterator[LocalCluster]:
+def running_cluster(
+    spec: ClusterSpec, log_path: Path, killed: Collection[str] = ()
+) -> Iterator[LocalCluster]:
     """The cluster of ``spec``, its children's output in ``log_path``; after the block every
-    service must have exited 0."""
+    service but those the test ``killed`` (child names) must have exited 0."""
     with open(log_path, "w") as log:
         cluster = LocalCluster(spec, log)
         cluster.start()
@@ -25,7 +27,8 @@ def running_cluster(spec: ClusterSpec, log_path: Path) -> Iterator[LocalCluster]
             yield cluster
         finally:
             codes = cluster.stop()
-    assert set(codes.values()) == {0}, f"services exited with {codes}"
+    left = {name: code for name, code in codes.items() if name not in killed}
+    assert set(left.values()) == {0}, f"services exited with {codes}"
 
 
 def wait_for(predicate: Callable[[], T], what: str, timeout_s: float = 60.0) -> T:

@@ -122,9 +122,17 @@ for service, line in want.items():
 PYEOF
 
 step "the request's spans in the collector's output"
-deadline=$(($(date +%s) + 30))
-until "${compose[@]}" logs --no-color otel-collector | grep "\"trace_id\": \"$trace\"" >/tmp/banaserve-smoke-spans.txt \
-	&& for s in router prefill decode; do grep -q "\"service\": \"[a-z-]*$s\"" /tmp/banaserve-smoke-spans.txt || exit 1; done; do
+# Each service's batch exporter flushes on its own schedule (about every 5 s), so the spans arrive
+# one service at a time: poll until every service's are there, or fail at the deadline.
+spans_complete() {
+	"${compose[@]}" logs --no-color otel-collector | grep "\"trace_id\": \"$trace\"" >/tmp/banaserve-smoke-spans.txt || return 1
+	local s
+	for s in router prefill decode; do
+		grep -q "\"service\": \"[a-z-]*$s\"" /tmp/banaserve-smoke-spans.txt || return 1
+	done
+}
+deadline=$(($(date +%s) + 60))
+until spans_complete; do
 	[ "$(date +%s)" -gt "$deadline" ] && { echo "FAIL: spans of $trace missing"; cat /tmp/banaserve-smoke-spans.txt; exit 1; }
 	sleep 1
 done

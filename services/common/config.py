@@ -46,6 +46,10 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     num_threads: int | None = None
+    # Load only decoder layers [0, n) (None: all). Such an engine serves no request of its own
+    # (it refuses them with the reason); it hosts layers migrated to it, whose weights the donor
+    # ships when it lacks them (docs/migration.md, "Weight transfer").
+    num_loaded_layers: int | None = None
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model must name a prepared model or a model directory")
@@ -86,6 +90,10 @@ class EngineConfig:
         _require(
             self.num_threads is None or self.num_threads > 0,
             f"num_threads must be positive, got {self.num_threads}",
+        )
+        _require(
+            self.num_loaded_layers is None or self.num_loaded_layers > 0,
+            f"num_loaded_layers must be positive, got {self.num_loaded_layers}",
         )
 
 

@@ -56,6 +56,15 @@ def add_engine_args(p: argparse.ArgumentParser, model_default: str = "tiny-llama
     p.add_argument("--max-num-batched-tokens", type=int, default=_DEFAULTS.max_num_batched_tokens)
     p.add_argument("--max-model-len", type=int, default=None, help="default: the model's")
     p.add_argument(
+        "--load-layers",
+        dest="load_layers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="load decoder layers [0, N) only: a migration helper that gets the others' weights "
+        "from its donor and serves no request of its own",
+    )
+    p.add_argument(
         "--no-prefix-caching",
         dest="prefix_caching",
         action="store_false",
@@ -78,6 +87,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len,
         enable_prefix_caching=args.prefix_caching,
         num_threads=args.threads,
+        num_loaded_layers=args.load_layers,
     )
 
 

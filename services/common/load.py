@@ -92,12 +92,23 @@ def utilisation(report: LoadReport, prefill_capacity_tokens: int) -> float:
 
 
 class LoadMeter:
-    """Mean step time and busy fraction over the last ``window_s`` (DESIGN.md §5)."""
+    """Mean step time and busy fraction over the last ``window_s`` (DESIGN.md §5).
+
+    ``record`` adds a step once it ended (the event loop's thread); ``begin``/``end`` mark the
+    step in flight (the stepping thread), so a step longer than the window (a long prefill)
+    counts as busy while it runs instead of as idle until it ends."""
 
     def __init__(self, window_s: float, clock: Callable[[], float]) -> None:
         self._window_s = window_s
         self._clock = clock
         self._steps: deque[tuple[float, float]] = deque()
+        self._in_flight: float | None = None  # start of the step running now
+
+    def begin(self, start: float) -> None:
+        self._in_flight = start
+
+    def end(self) -> None:
+        self._in_flight = None
 
     def record(self, start: float, end: float) -> None:
         self._steps.append((start, end))
@@ -108,8 +119,10 @@ class LoadMeter:
         begin = now - self._window_s
         while self._steps and self._steps[0][1] <= begin:
             self._steps.popleft()
+        in_flight = self._in_flight
+        running = 0.0 if in_flight is None else max(0.0, now - max(in_flight, begin))
         if not self._steps:
-            return 0.0, 0.0
-        busy = sum(end - max(start, begin) for start, end in self._steps)
+            return 0.0, min(1.0, running / self._window_s)
+        busy = sum(end - max(start, begin) for start, end in self._steps) + running
         mean = sum(end - start for start, end in self._steps) / len(self._steps)
         return mean, min(1.0, busy / self._window_s)

@@ -135,6 +135,13 @@ class EngineCollector(Collector):
                 gauge = _gauge(name, doc, labels)
                 gauge.add_metric(self._labels, s[key])
                 yield gauge
+        if "num_preemptions" in s:
+            preempted = CounterMetricFamily(
+                "banaserve_worker_preemptions", "sequences preempted (KV freed, recomputed)",
+                labels=labels,
+            )  # fmt: skip
+            preempted.add_metric(self._labels, s["num_preemptions"])
+            yield preempted
         hosted = _gauge("banaserve_worker_hosted_layers", "decoder layers run for peers", labels)
         hosted.add_metric(self._labels, self._engine.snapshot.num_hosted_layers)
         yield hosted
@@ -330,3 +337,46 @@ class CoordinatorCollector(Collector):
             for labels, value in sorted(values.items()):
                 family.add_metric(list(labels), value)
             yield family
+
+
+class AutoMigrationCollector(Collector):
+    """The coordinator's automatic mode (services/coordinator/auto.py ``DecisionStats``): its
+    decisions by kind and result, the alternatives it rejected, and the utilisations it saw
+    at its last decision."""
+
+    def __init__(self, stats: Any) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        s = self._stats
+        decisions = CounterMetricFamily(
+            "banaserve_coordinator_decisions",
+            "automatic decisions, by kind and whether the coordinator took them",
+            labels=["kind", "result"],
+        )
+        for (kind, result), n in sorted(s.num_decisions.items()):
+            decisions.add_metric([kind, result], n)
+        yield decisions
+        for name, doc, value, family in (
+            ("banaserve_coordinator_rejected_alternatives", "alternatives rejected",
+             s.num_rejected, CounterMetricFamily),
+            ("banaserve_coordinator_decision_ticks", "decisions taken (every interval)",
+             s.num_ticks, CounterMetricFamily),
+            ("banaserve_coordinator_utilisation_gap_ratio", "max U - min U at the last tick",
+             s.gap, GaugeMetricFamily),
+            ("banaserve_coordinator_last_decision_timestamp_seconds",
+             "coordinator clock at the last action (0: none)", s.last_decision_at,
+             GaugeMetricFamily),
+        ):  # fmt: skip
+            metric = family(name, doc)
+            metric.add_metric([], value)
+            yield metric
+        utilisation = _gauge(
+            "banaserve_coordinator_worker_utilisation_ratio",
+            "utilisation as the policy saw it at its last tick",
+            ["worker_id", "part"],
+        )
+        for worker, u in sorted(s.utilisations.items()):
+            for part, value in (("compute", u.compute), ("memory", u.memory), ("max", u.value)):
+                utilisation.add_metric([worker, part], value)
+        yield utilisation

@@ -20,8 +20,14 @@ import sys
 from opentelemetry import trace
 
 from services.common.config import RpcConfig, TracingConfig
-from services.common.metrics import CoordinatorCollector, add_metrics_args, start_metrics
+from services.common.metrics import (
+    AutoMigrationCollector,
+    CoordinatorCollector,
+    add_metrics_args,
+    start_metrics,
+)
 from services.common.network import add_host_args, resolve_host
+from services.coordinator.auto import add_auto_arguments, automatic
 from services.coordinator.clients import RouterWorkers
 from services.coordinator.core import Coordinator, CoordinatorConfig
 from services.coordinator.servicer import coordinator_service
@@ -53,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_security_args(p)
     add_host_args(p)
     add_metrics_args(p)
+    add_auto_arguments(p)
     return p.parse_args(argv)
 
 
@@ -90,12 +97,20 @@ async def serve(args: argparse.Namespace) -> None:
         await coordinator.recover()
         server = await start_server([coordinator_service(coordinator)], rpc, tracing=tracing)
         renewals = asyncio.ensure_future(renew_forever(coordinator, config.renew_interval_s))
-        await start_metrics(args, rpc.host, CoordinatorCollector(coordinator))
-        print(f"LISTENING {server.address}", flush=True)
-        live = len(coordinator.list(live_only=True))
-        log.info("router %s, redis %s, %d live migrations", args.router or "-", args.redis, live)
         try:
-            await server.serve_until_signal()
+            async with automatic(args, coordinator, workers, rpc, tracer) as auto:
+                collectors = [CoordinatorCollector(coordinator)]
+                if auto is not None:
+                    collectors.append(AutoMigrationCollector(auto.stats))
+                await start_metrics(args, rpc.host, *collectors)
+                print(f"LISTENING {server.address}", flush=True)
+                live = len(coordinator.list(live_only=True))
+                mode = ", automatic mode" if auto is not None else ""
+                log.info(
+                    "router %s, redis %s, %d live migrations%s",
+                    args.router or "-", args.redis, live, mode,
+                )  # fmt: skip
+                await server.serve_until_signal()
         finally:
             renewals.cancel()
             with contextlib.suppress(asyncio.CancelledError):

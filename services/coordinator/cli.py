@@ -1,9 +1,12 @@
 """``banaserve migrate ...`` and ``banaserve migrations``: the coordinator's API on the command line.
 
     banaserve migrate layers --donor decode-0 --helper prefill-0 --start 16 [--end 30] [--wait]
+    banaserve migrate attention --donor decode-0 --helper prefill-0 [--max-sequences 4]
+        [--max-blocks N] [--request-id R ...] [--wait]
     banaserve migrate revert m-3 [--wait]
     banaserve migrate abort m-3 [--reason TEXT]
     banaserve migrations [m-3] [--live]
+    banaserve migrations --watch --router HOST:PORT [--interval 1] [--count N]
 
 The coordinator is ``--coordinator HOST:PORT`` (or ``$BANASERVE_COORDINATOR``; ``banaserve up
 --coordinator`` prints it). ``--wait`` follows the migration until its current work is over
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import grpc
 
+from services.coordinator import watch
 from services.rpc import security
 from services.rpc.gen.banaserve.v1 import coordinator_pb2 as pb
 from services.rpc.gen.banaserve.v1 import coordinator_pb2_grpc
@@ -60,14 +64,19 @@ def format_migration(m: pb.Migration) -> str:
         f"helper      {m.helper} (data plane {m.helper_data_address or '-'})",
         f"layers      [{m.start_layer}, {m.end_layer}), {m.num_micro_batches} micro-batches"
         + (", weights dropped on the donor" if m.drop_weights else ""),
-        f"weights     {m.num_weight_bytes:,} B"
+        f"weights     {m.num_weight_bytes:,} B in {_seconds(m.weights_duration):.3f} s"
         + (" (helper had identical weights)" if m.weights_skipped else ""),
         f"kv          {m.num_kv_bytes:,} B, {m.num_sequences} sequences, "
-        f"{m.num_requeued} recomputed",
-        f"switch      {_seconds(m.switch_pause) * 1000:.1f} ms pause",
+        f"{m.num_requeued} recomputed; copied {m.num_copy_kv_bytes:,} B in "
+        f"{_seconds(m.kv_copy_duration):.3f} s before the switch",
+        f"switch      {_seconds(m.switch_pause) * 1000:.1f} ms pause, "
+        f"{m.num_switch_kv_bytes:,} B of last KV delta",
         "timings     "
         + ", ".join(f"{_state(t.state)} {_seconds(t.duration):.3f} s" for t in m.timings),
     ]
+    if m.kind == pb.MIGRATION_KIND_ATTENTION:
+        asked = ", ".join(m.request_ids) or f"the longest {m.max_sequences or 4}"
+        lines.insert(5, f"blocks      {m.num_blocks} KV blocks of {asked} attended on the helper")
     if m.reason:
         lines.append(f"reason      {m.reason}")
     if m.trace_id:
@@ -142,11 +151,24 @@ def add_migrate_arguments(p: argparse.ArgumentParser) -> None:
             _add_wait(q)
     _add_common(layers)
     _add_wait(layers)
+    attention = sub.add_parser(
+        "attention", help="move whole KV blocks of the donor's sequences to the helper"
+    )
+    attention.add_argument("--donor", required=True, help="worker id whose sequences' blocks move")
+    attention.add_argument("--helper", required=True, help="worker id that holds them")
+    attention.add_argument(
+        "--request-id", action="append", default=[], help="this sequence (repeat; default: longest)"
+    )
+    attention.add_argument("--max-sequences", type=int, default=0, help="default: 4")
+    attention.add_argument("--max-blocks", type=int, default=0, help="per sequence; default: all")
+    _add_common(attention)
+    _add_wait(attention)
 
 
 def add_migrations_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("migration_id", nargs="?", help="describe this one (default: list them all)")
     p.add_argument("--live", action="store_true", help="only migrations not DONE or ABORTED")
+    watch.add_watch_arguments(p)
     _add_common(p)
 
 
@@ -163,6 +185,16 @@ def run_migrate(args: argparse.Namespace) -> int:
                 drop_weights=args.drop_weights,
             )
             request = pb.StartMigrationRequest(kind=pb.MIGRATION_KIND_LAYERS, layers=spec)
+            m = client.call("StartMigration", request).migration
+        elif args.migrate_command == "attention":
+            spec = pb.AttentionMigrationSpec(
+                donor=args.donor,
+                helper=args.helper,
+                request_ids=args.request_id,
+                max_sequences=args.max_sequences,
+                max_blocks_per_sequence=args.max_blocks,
+            )
+            request = pb.StartMigrationRequest(kind=pb.MIGRATION_KIND_ATTENTION, attention=spec)
             m = client.call("StartMigration", request).migration
         elif args.migrate_command == "revert":
             request = pb.RevertMigrationRequest(migration_id=args.migration_id)
@@ -182,6 +214,16 @@ def run_migrate(args: argparse.Namespace) -> int:
 
 def run_migrations(args: argparse.Namespace) -> int:
     client = _Client(args)
+    if args.watch:
+        listing = pb.ListMigrationsRequest(live_only=args.live)
+        try:
+            return watch.watch(
+                args, lambda: client.call("ListMigrations", listing).migrations, format_row
+            )
+        except grpc.RpcError as exc:
+            return _refused(exc)
+        finally:
+            client.channel.close()
     try:
         if args.migration_id:
             request = pb.DescribeMigrationRequest(migration_id=args.migration_id)

@@ -16,6 +16,7 @@ import grpc
 
 from services.common import errors
 from services.common.config import RpcConfig
+from services.coordinator.migration import MigrationKind
 from services.coordinator.ports import (
     Copied,
     DonorPrepared,
@@ -24,6 +25,7 @@ from services.coordinator.ports import (
     LeaseLostError,
     Reverted,
     Switched,
+    WeightsCopied,
     WorkerModel,
     WorkerNotFoundError,
 )
@@ -96,6 +98,14 @@ class GrpcWorkerPort:
             lease=duration(plan.lease_s),
             **fields,
         )
+        if plan.kind is MigrationKind.ATTENTION:
+            request.attention.CopyFrom(
+                mpb.AttentionSelection(
+                    request_ids=list(plan.request_ids),
+                    max_sequences=plan.max_sequences,
+                    max_blocks_per_sequence=plan.max_blocks_per_sequence,
+                )
+            )
         return await self._call("Prepare", request)
 
     async def prepare_donor(self, plan: LayerPlan) -> DonorPrepared:
@@ -122,7 +132,17 @@ class GrpcWorkerPort:
             migration_id=plan.migration_id, helper=peer
         )
         reply = await self._call("CopyKV", request)
-        return Copied(reply.bytes_moved, reply.num_sequences)
+        return Copied(reply.bytes_moved, reply.num_sequences, seconds(reply.duration))
+
+    async def copy_weights(self, plan: LayerPlan, helper: HelperPrepared) -> WeightsCopied:
+        _, peer = await self._peers(plan)
+        peer.data_address = helper.data_address
+        peer.data_transport = DATA_TRANSPORT_TO_PROTO.get(helper.data_transport, 0)
+        request = mpb.MigrationWorkerServiceCopyWeightsRequest(
+            migration_id=plan.migration_id, helper=peer, layers=list(helper.weights_needed)
+        )
+        reply = await self._call("CopyWeights", request)
+        return WeightsCopied(reply.bytes_moved, seconds(reply.duration))
 
     async def switch(self, plan: LayerPlan) -> Switched:
         request = mpb.MigrationWorkerServiceSwitchRequest(
@@ -130,7 +150,11 @@ class GrpcWorkerPort:
         )
         reply = await self._call("Switch", request)
         return Switched(
-            reply.bytes_moved, reply.num_sequences, seconds(reply.pause), reply.num_requeued
+            reply.bytes_moved,
+            reply.num_sequences,
+            seconds(reply.pause),
+            reply.num_requeued,
+            reply.migration.num_blocks,
         )
 
     async def activate(self, plan: LayerPlan) -> None:

@@ -33,7 +33,7 @@ class Leases:
             held[worker] = now
 
     def drop(self, migration_id: str) -> None:
-        self._held.pop(migration_id, None)
+        self._held.pop(migration_id, {}).clear()  # cleared: a renewal in flight ignores it
 
     def holders(self, migration_id: str) -> tuple[str, ...]:
         return tuple(self._held.get(migration_id, ()))
@@ -47,6 +47,8 @@ class Leases:
         )
         now = self._clock()
         for worker, result in zip(workers, results, strict=True):
+            if worker not in held:  # dropped while the renewal was in flight
+                continue
             if isinstance(result, LeaseLostError):
                 return f"{worker} no longer holds the migration (its lease ran out)"
             if not isinstance(result, BaseException):

@@ -35,6 +35,11 @@ TRANSITIONS: dict[MigrationState, frozenset[MigrationState]] = {
 }
 
 
+def id_number(migration_id: str) -> int:
+    """N of the id ``m-N`` (the store numbers ids in the order it hands them out)."""
+    return int(migration_id.rsplit("-", 1)[1])
+
+
 class TransitionError(BanaServeError):
     """A state change the table does not allow: a bug in the core, never a caller's error."""
 
@@ -65,11 +70,22 @@ class Migration:
     drop_weights: bool = False
     helper_data_address: str = ""
     num_weight_bytes: int = 0
-    num_kv_bytes: int = 0
+    num_kv_bytes: int = 0  # copy + switch + reverse copy
+    # The time split: weights shipped, staged KV copies before the switch, the switch.
+    weights_s: float = 0.0
+    num_copy_kv_bytes: int = 0
+    kv_copy_s: float = 0.0
+    num_switch_kv_bytes: int = 0
     weights_skipped: bool = False
     num_sequences: int = 0
     switch_pause_s: float = 0.0
     num_requeued: int = 0  # sequences a switch or revert sent back to recompute
+    # Attention migrations (start 0, end L: every layer): which sequences, as asked, and the
+    # KV blocks that moved to the helper.
+    request_ids: tuple[str, ...] = ()
+    max_sequences: int = 0
+    max_blocks_per_sequence: int = 0
+    num_blocks: int = 0
     reason: str = ""
     timings: list[StateTime] = field(default_factory=list)
     # The migration's trace (its root span), so a restarted coordinator continues the same
@@ -89,6 +105,10 @@ class Migration:
     def layers(self) -> range:
         return range(self.start_layer, self.end_layer)
 
+    @property
+    def number(self) -> int:
+        return id_number(self.migration_id)
+
     def enter(self, state: MigrationState, now: float) -> None:
         if state not in TRANSITIONS[self.state]:
             raise TransitionError(f"{self.migration_id}: {self.state.name} -> {state.name}")
@@ -100,6 +120,18 @@ class Migration:
 
     def involves(self, worker_id: str) -> bool:
         return worker_id in (self.donor, self.helper)
+
+
+def check_attention_request(
+    donor: str, helper: str, max_sequences: int, max_blocks_per_sequence: int
+) -> None:
+    """What an attention migration request must be before anything else is looked at."""
+    if not donor or not helper:
+        raise InvalidRequestError("an attention migration needs a donor and a helper")
+    if donor == helper:
+        raise InvalidRequestError(f"donor and helper are the same worker ({donor})")
+    if max_sequences < 0 or max_blocks_per_sequence < 0:
+        raise InvalidRequestError("max_sequences and max_blocks_per_sequence must be >= 0")
 
 
 def check_layer_request(

@@ -5,9 +5,10 @@ call comes from the coordinator's event loop, one step at a time per migration):
 
 1. StartMigration: ``Workers.port`` for A and B, ``describe`` on both (layer counts, models);
 2. COPYING: ``A.prepare_donor`` (A records the migration under a lease, answers its layer
-   digests), ``B.prepare_helper`` with them (B hosts the range if its weights are identical,
-   answers its data-plane address; else it names the layers whose weights it lacks), then
-   ``A.copy`` a few times (the KV of A's in-flight sequences that B lacks: everything, then
+   digests), ``B.prepare_helper`` with them (B hosts the range and answers its data-plane
+   address, naming the layers whose weights it lacks or holds differently), ``A.copy_weights``
+   of those if any (over the data plane; B checks each layer's digest), then ``A.copy`` a few
+   times (the KV of A's in-flight sequences that B lacks: everything, then
    the deltas, while A keeps serving);
 3. SWITCHING: ``A.switch`` (the last delta; A's steps use B from the next step on);
 4. ACTIVE: ``A.activate`` (A frees the moved layers when asked to);
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from services.common.errors import BanaServeError, RequestNotFoundError
+from services.coordinator.migration import MigrationKind
 
 
 class LeaseLostError(BanaServeError):
@@ -61,6 +63,11 @@ class LayerPlan:
     lease_s: float
     num_micro_batches: int = 2
     drop_weights: bool = False
+    # kind ATTENTION: whole KV blocks of the donor's sequences move, every layer (start 0, end L)
+    kind: MigrationKind = MigrationKind.LAYERS
+    request_ids: tuple[str, ...] = ()
+    max_sequences: int = 0
+    max_blocks_per_sequence: int = 0
 
 
 @dataclass(frozen=True)
@@ -73,14 +80,21 @@ class DonorPrepared:
 class HelperPrepared:
     data_address: str  # where the helper takes hidden states and KV
     data_transport: str = ""
-    # Layers whose weights the helper lacks or holds differently; non-empty: nothing hosted.
+    # Layers whose weights the helper lacks or holds differently: the donor ships them.
     weights_needed: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class WeightsCopied:
+    num_bytes: int  # weight bytes shipped to the helper
+    duration_s: float  # how long shipping them took on the donor
 
 
 @dataclass(frozen=True)
 class Copied:
     num_kv_bytes: int
     num_sequences: int
+    duration_s: float = 0.0  # this copy stage, on the donor
 
 
 @dataclass(frozen=True)
@@ -89,6 +103,7 @@ class Switched:
     num_sequences: int
     pause_s: float  # how long the donor's steps waited
     num_requeued: int = 0  # sequences sent back to recompute
+    num_blocks: int = 0  # attention migrations: KV blocks now attended on the helper
 
 
 @dataclass(frozen=True)
@@ -107,6 +122,8 @@ class WorkerPort(Protocol):
     async def prepare_donor(self, plan: LayerPlan) -> DonorPrepared: ...
 
     async def prepare_helper(self, plan: LayerPlan, donor: DonorPrepared) -> HelperPrepared: ...
+
+    async def copy_weights(self, plan: LayerPlan, helper: HelperPrepared) -> WeightsCopied: ...
 
     async def copy(self, plan: LayerPlan, helper: HelperPrepared) -> Copied: ...
 

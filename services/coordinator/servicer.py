@@ -38,6 +38,10 @@ def migration_to_proto(m: Migration, now: float) -> pb.Migration:
         end_layer=m.end_layer,
         num_weight_bytes=m.num_weight_bytes,
         num_kv_bytes=m.num_kv_bytes,
+        weights_duration=duration(m.weights_s),
+        num_copy_kv_bytes=m.num_copy_kv_bytes,
+        kv_copy_duration=duration(m.kv_copy_s),
+        num_switch_kv_bytes=m.num_switch_kv_bytes,
         weights_skipped=m.weights_skipped,
         num_sequences=m.num_sequences,
         switch_pause=duration(m.switch_pause_s),
@@ -50,6 +54,10 @@ def migration_to_proto(m: Migration, now: float) -> pb.Migration:
         num_micro_batches=m.num_micro_batches,
         drop_weights=m.drop_weights,
         num_requeued=m.num_requeued,
+        num_blocks=m.num_blocks,
+        request_ids=list(m.request_ids),
+        max_sequences=m.max_sequences,
+        max_blocks_per_sequence=m.max_blocks_per_sequence,
     )
 
 
@@ -62,9 +70,19 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     async def StartMigration(self, request, context):
         if request.kind == pb.MIGRATION_KIND_ATTENTION:
-            raise NotImplementedError("attention migrations are not implemented yet")
+            if not request.HasField("attention"):
+                raise InvalidRequestError("an attention migration needs `attention`")
+            spec = request.attention
+            m = await self._coordinator.start_attention(
+                spec.donor,
+                spec.helper,
+                tuple(spec.request_ids),
+                spec.max_sequences,
+                spec.max_blocks_per_sequence,
+            )
+            return pb.StartMigrationResponse(migration=self._out(m))
         if request.kind != pb.MIGRATION_KIND_LAYERS:
-            raise InvalidRequestError("kind must be MIGRATION_KIND_LAYERS")
+            raise InvalidRequestError("kind must be MIGRATION_KIND_LAYERS or _ATTENTION")
         if not request.HasField("layers"):
             raise InvalidRequestError("a layer migration needs `layers`")
         spec = request.layers

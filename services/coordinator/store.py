@@ -2,7 +2,9 @@
 
 Keys, under a prefix (default ``banaserve:coord``):
 
-- ``PREFIX:next_id``: a counter; migration ids are ``m-1``, ``m-2``... for the life of the Redis;
+- ``PREFIX:next_id``: a counter; migration ids are ``m-1``, ``m-2``... for the life of the Redis
+  (a coordinator that holds higher ids than a Redis that came back empty moves it past them,
+  ``next_id(after=...)``);
 - ``PREFIX:migration:ID``: one migration's record, a JSON object (``to_record``), rewritten
   whole on every change (a change is a state entered or a step's figures);
 - ``PREFIX:migrations``: a sorted set of every id, scored by its number, so a listing comes back
@@ -44,10 +46,18 @@ def to_record(m: Migration) -> dict[str, Any]:
         "helper_data_address": m.helper_data_address,
         "num_weight_bytes": m.num_weight_bytes,
         "num_kv_bytes": m.num_kv_bytes,
+        "weights_s": m.weights_s,
+        "num_copy_kv_bytes": m.num_copy_kv_bytes,
+        "kv_copy_s": m.kv_copy_s,
+        "num_switch_kv_bytes": m.num_switch_kv_bytes,
         "weights_skipped": m.weights_skipped,
         "num_sequences": m.num_sequences,
         "switch_pause_s": m.switch_pause_s,
         "num_requeued": m.num_requeued,
+        "request_ids": list(m.request_ids),
+        "max_sequences": m.max_sequences,
+        "max_blocks_per_sequence": m.max_blocks_per_sequence,
+        "num_blocks": m.num_blocks,
         "reason": m.reason,
         "timings": [[t.state.value, t.entered_at, t.left_at] for t in m.timings],
         "trace_id": f"{m.trace_id:032x}",
@@ -72,10 +82,20 @@ def from_record(record: dict[str, Any]) -> Migration:
         helper_data_address=record["helper_data_address"],
         num_weight_bytes=record["num_weight_bytes"],
         num_kv_bytes=record["num_kv_bytes"],
+        # the time split came later: older records of this version lack it
+        weights_s=record.get("weights_s", 0.0),
+        num_copy_kv_bytes=record.get("num_copy_kv_bytes", 0),
+        kv_copy_s=record.get("kv_copy_s", 0.0),
+        num_switch_kv_bytes=record.get("num_switch_kv_bytes", 0),
         weights_skipped=record["weights_skipped"],
         num_sequences=record["num_sequences"],
         switch_pause_s=record["switch_pause_s"],
         num_requeued=record["num_requeued"],
+        # attention migrations came later: older records of this version lack them
+        request_ids=tuple(record.get("request_ids", ())),
+        max_sequences=record.get("max_sequences", 0),
+        max_blocks_per_sequence=record.get("max_blocks_per_sequence", 0),
+        num_blocks=record.get("num_blocks", 0),
         reason=record["reason"],
         timings=[StateTime(MigrationState(s), a, b) for s, a, b in record["timings"]],
         trace_id=int(record["trace_id"], 16),
@@ -97,18 +117,22 @@ class RedisMigrationStore:
     def _key(self, migration_id: str) -> str:
         return f"{self._prefix}:migration:{migration_id}"
 
-    async def next_id(self) -> str:
+    async def next_id(self, after: int = 0) -> str:
+        """A new id, numbered above ``after`` (the counter moves past it if it was behind)."""
+        key = f"{self._prefix}:next_id"
         try:
-            return f"m-{await self._redis.incr(f'{self._prefix}:next_id')}"
+            number = await self._redis.incr(key)
+            if number <= after:  # one coordinator per prefix: no other INCR runs in between
+                number = await self._redis.incrby(key, after + 1 - number)
         except RedisError as exc:
             raise DependencyUnavailableError(f"redis: {exc}") from exc
+        return f"m-{number}"
 
     async def save(self, m: Migration) -> None:
-        number = int(m.migration_id.rsplit("-", 1)[1])
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.set(self._key(m.migration_id), json.dumps(to_record(m)))
-                pipe.zadd(f"{self._prefix}:migrations", {m.migration_id: number})
+                pipe.zadd(f"{self._prefix}:migrations", {m.migration_id: m.number})
                 await pipe.execute()
         except RedisError as exc:
             raise DependencyUnavailableError(f"redis: {exc}") from exc

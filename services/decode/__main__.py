@@ -77,6 +77,7 @@ def _worker_info(args: argparse.Namespace, engine: Engine, address: str):
         engine.config.block_size,
         engine.block_manager.num_blocks,
         engine.max_model_len,
+        hosts_only=engine.hosts_only,
     )
 
 

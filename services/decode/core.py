@@ -23,8 +23,10 @@ always visible to it. The one exception is ``Engine.import_kv``, a copy into blo
 importing request holds: it runs beside the steps (``submit_beside``), so KV keeps arriving
 while a decode step runs (queued behind the steps, a 30-layer transfer would wait 30 steps). An
 abort of a request whose import is in flight waits for that import, so no copy ever lands in
-blocks freed to someone else. The table itself is touched only from the event loop, where the
-loop delivers each step's outputs. Every wait is bounded: a lease or deadline is enforced by
+blocks freed to someone else. While the worker is a layer migration's donor, the engine writes
+the layers ``[k, L)`` of an import on the helper instead (services/engine/kv_routes.py): the
+same call, which then waits for the data plane. The table itself is touched only from the
+event loop, where the loop delivers each step's outputs. Every wait is bounded: a lease or deadline is enforced by
 ``expire_overdue`` (swept every ``sweep_interval_s``), and a stream waits at most
 ``stream_idle_timeout_s`` for its next event.
 
@@ -176,8 +178,12 @@ class DecodeWorker:
         except BaseException:
             self._table.free(entry)
             raise
-        if entry.freed:  # released meanwhile: its abort is queued already
-            raise RequestNotFoundError(f"request {request_id!r} was released")
+        if entry.freed:
+            # The loop died meanwhile: UNAVAILABLE with the cause, as a new request would get.
+            self._check_alive()
+            # A local prefill whose first step failed keeps its entry: its stream reads why.
+            if not (prefill_locally and self._table.get(request_id) is entry):
+                raise RequestNotFoundError(f"request {request_id!r} was released")
         # As granted: a local prefill's first step may have finished it already.
         status = RequestStatus.RUNNING if prefill_locally else RequestStatus.RESERVED
         return Reservation(request_id, entry.reservation_id, status, entry.num_blocks, lease)
@@ -329,6 +335,7 @@ class DecodeWorker:
             snap.num_running,
             snap.num_waiting,
             self._table.reservations(),
+            snap.num_preemptions,
         )
 
     async def load(self) -> LoadReport:

@@ -87,6 +87,7 @@ class WorkerStats:
     num_running_seqs: int
     num_waiting_seqs: int
     reservations: list[Reservation]
+    num_preemptions: int = 0  # since the worker started
 
     @property
     def num_blocks_used(self) -> int:

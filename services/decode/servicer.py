@@ -118,6 +118,7 @@ def stats_to_proto(stats: core.WorkerStats) -> decode_pb2.DecodeServiceStatsResp
         num_running_seqs=stats.num_running_seqs,
         num_waiting_seqs=stats.num_waiting_seqs,
         reservations=reservations,
+        num_preemptions=stats.num_preemptions,
     )
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 
 import torch
 
@@ -42,6 +43,7 @@ from services.engine import paged_decode
 from services.engine.attention import PartialAttention
 from services.engine.block_manager import BlockManager
 from services.engine.kv_cache import KVCache, KVLayout
+from services.engine.kv_routes import export_anywhere
 from services.engine.kv_transfer import KVTransfer
 from services.engine.located_attention import request_partial_attention
 from services.engine.memory import initial_num_blocks, max_model_len, module_bytes
@@ -84,7 +86,9 @@ class Engine:
         self.path = resolve_model(config.model)
         if torch.device(config.device).type == "cpu":
             paged_decode.load()  # build/load the C++ kernels now, not in the first request's step
-        loaded = load_model(self.path, config.dtype, config.device)
+        loaded = load_model(
+            self.path, config.dtype, config.device, num_layers=config.num_loaded_layers
+        )
         self.model, self.spec, self.fingerprint = loaded.model, loaded.spec, loaded.fingerprint
         self.tokenizer = Tokenizer(self.path)
         eos = set(self.spec.eos_token_ids)
@@ -100,12 +104,13 @@ class Engine:
         """The KV pool (sized by the config or the budget), its blocks, the scheduler."""
         config, spec = self.config, self.spec
         dtype, bs = DTYPES[config.dtype], config.block_size
+        num_layers = min(config.num_loaded_layers or spec.num_layers, spec.num_layers)
         block_bytes = KVCache.bytes_per_block(
-            spec.num_layers, bs, spec.num_kv_heads, spec.head_dim, dtype
+            num_layers, bs, spec.num_kv_heads, spec.head_dim, dtype
         )
         num_blocks = initial_num_blocks(config, module_bytes([self.model]), block_bytes)
         self.max_model_len = max_model_len(config, spec, num_blocks)
-        layers = range(spec.num_layers)
+        layers = range(num_layers)
         self.kv_cache = KVCache(
             layers, num_blocks, bs, spec.num_kv_heads, spec.head_dim, dtype, config.device
         )
@@ -123,16 +128,24 @@ class Engine:
     def _build_parts(self, logits_hook: LogitsHook | None, clock: Callable[[], float]) -> None:
         """One object per concept, each given only what it uses (see the module docstring)."""
         config, spec, bm, kv = self.config, self.spec, self.block_manager, self.kv_cache
+        n = config.num_loaded_layers
+        refusal = ""
+        if n is not None and n < spec.num_layers:
+            refusal = (
+                f"this worker holds decoder layers [0, {n}) of {spec.num_layers} only "
+                "(--load-layers): it hosts migrated layers and serves no request"
+            )
         self.requests = RequestTable(
-            self.tokenizer, bm.block_size, spec.vocab_size, self.max_model_len
+            self.tokenizer, bm.block_size, spec.vocab_size, self.max_model_len, refusal
         )
         self.fetches = PrefixFetches(bm, kv, self.fingerprint, spec.num_layers)
-        self.kv = KVTransfer(
-            self.requests, bm, self.scheduler, kv, self.fingerprint, self._new_request
-        )
         self.placement = Placement(
             self.model, kv, bm, lambda: list(self.scheduler.running), self._requeue
         )
+        self.kv = KVTransfer(
+            self.requests, bm, self.scheduler, kv, self.fingerprint, self._new_request
+        )
+        self.kv.connect(self.placement, config.max_num_seqs)
 
         def load(layers: range) -> dict[int, torch.nn.Module]:
             return load_layers(self.path, spec, config.dtype, config.device, layers)
@@ -205,6 +218,11 @@ class Engine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests.active)
 
+    @property
+    def hosts_only(self) -> bool:
+        """Holds some decoder layers only (``--load-layers``): hosts, serves no request."""
+        return bool(self.requests.refusal)
+
     def _finish(self, request: RequestState, reason: FinishReason) -> None:
         request.seq.finish_reason = reason
         self._forget(request.seq, "finished")
@@ -227,7 +245,7 @@ class Engine:
         ``StageFailedError`` when a port failed requests this engine cannot serve alone (they
         are finished and freed); either way the step kept nothing."""
         self._housekeeping()
-        plan = self.stepper.plan(hooked=on_layer_done is not None)
+        plan = self.stepper.plan()
         if plan is None:
             self._publish()
             return []
@@ -314,6 +332,10 @@ class Engine:
         end_token)`` (default: all of them), as a tensor and its layout."""
         return self.kv.export(request_id, layer, start_token, end_token)
 
+    def export_kv_async(self, request_id: str, layer: int) -> Future[tuple[torch.Tensor, KVLayout]]:
+        """All of one layer of a request's computed KV, wherever it lies (kv_routes.py)."""
+        return export_anywhere(self.kv, self.placement, request_id, layer)
+
     def begin_import(
         self,
         request_id: str,
@@ -322,16 +344,9 @@ class Engine:
         num_kv_tokens: int,
         params: SamplingParams,
     ) -> None:
-        """Reserve blocks for a sequence whose first ``num_kv_tokens`` tokens' KV will be imported."""
-        self._check_all_local("imported KV")
-        self.kv.begin_import(
-            request_id,
-            token_ids,
-            num_prompt_tokens,
-            num_kv_tokens,
-            params,
-            self.config.max_num_seqs,
-        )
+        """Reserve blocks for a sequence whose first ``num_kv_tokens`` tokens' KV will be
+        imported (each layer's KV goes where that layer runs)."""
+        self.kv.begin_import(request_id, token_ids, num_prompt_tokens, num_kv_tokens, params)
 
     def import_kv(self, request_id: str, data: torch.Tensor, layout: KVLayout) -> None:
         self.kv.import_kv(request_id, data, layout)
@@ -343,15 +358,8 @@ class Engine:
     def begin_prompt_import(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> None:
-        """``begin_import`` of a prompt's KV before its first token exists.
-
-        A decode worker reserves blocks while the prefill worker still computes, so the first
-        token (sampled after the last layer) arrives only at ``finish_prompt_import``; until
-        then a placeholder stands in for it, which reserves the room it needs in the context.
-        """
-        self.requests.check_prompt(prompt_token_ids)  # its messages speak of the prompt
-        n = len(prompt_token_ids)
-        self.begin_import(request_id, [*prompt_token_ids, 0], n, n, params)
+        """``begin_import`` of a prompt's KV before its first token exists (kv_transfer.py)."""
+        self.kv.begin_prompt_import(request_id, prompt_token_ids, params)
 
     def finish_prompt_import(self, request_id: str, first_token_id: int) -> RequestOutput:
         """Join a ``begin_prompt_import`` sequence to the batch with its real first token.
@@ -395,8 +403,8 @@ class Engine:
         return fetch
 
     def _check_all_local(self, what: str) -> None:
-        # The helper running a remote stage would lack that KV for its layers (shipping it
-        # there is the layer-migration issue's); the caller computes the prompt or goes elsewhere.
+        # A fetch writes its layers into this pool while the suffix computes; a remote stage's
+        # helper would lack the prefix's KV for its layers. The prefill worker computes instead.
         if self.placement.layout.remote:
             raise ResourceExhaustedError(
                 f"layers {list(self.placement.layout.remote_layers)} run on a helper now: "
@@ -466,6 +474,7 @@ class Engine:
                 h.num_sequences for h in list(self.migration.hosted_layers.values())
             ),
             "num_hosted_blocks": self.migration.hosted_blocks.num_blocks,
+            "num_preemptions": self.scheduler.num_preemptions,
         }
 
     def _publish(self) -> None:
@@ -490,4 +499,5 @@ class Engine:
             hosted_layers=self.migration.hosted_ranges(),
             num_hosted_blocks=self.migration.hosted_blocks.num_blocks,
             memory=self.migration.memory.report(),
+            num_preemptions=scheduler.num_preemptions,
         )

@@ -8,13 +8,16 @@ sequences (layer migration). Lifecycle:
 2. copy: ``import_kv(request_id, data, layout)`` per sequence and layer (any thread). The first
    import of a sequence creates it; a later one whose layout starts further on (a delta of KV
    written during the copy) extends it;
+   with weights shipped by the owner (a helper lacking them), the layers run from a
+   ``LayerStack`` (layer_stack.py) filled as they arrive, and ``run`` fails until all are in;
 3. serve: ``run(work)`` (any thread: the owner's ``StagePort``) runs the layers on the owner's
    hidden states and writes each sequence's KV for them here. A sequence first seen at position 0
    is created; one that starts below what is held is rewound (a failed step's retry); one that
    starts beyond it fails with ``PortError``, as does a pool with no room;
 4. end: ``release(request_ids)`` (any thread) frees sequences; ``expire()`` (the engine, at each
    step) frees those untouched for ``lease_s``; ``Engine.release_hosted_layers`` drops it all.
-   ``export_kv`` hands KV back to an owner taking its layers back.
+   ``export_kv`` hands KV back to an owner taking its layers back. ``close`` also lets go of
+   the shipped layers' weights.
 
 One lock serialises 2-4, so hosted work runs beside the engine's own steps (the model's weights
 are only read) and never waits for one.
@@ -39,12 +42,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from services.common.errors import InvalidRequestError, RequestNotFoundError, ResourceExhaustedError
 from services.common.hashing import BlockHash
-from services.engine.attention import PartialAttention, gather_blocks, partial_attention
+from services.engine.attention import (
+    PartialAttention,
+    decode_partials,
+    gather_blocks,
+    partial_attention,
+    split_partials,
+)
 from services.engine.block_manager import BlockManager
 from services.engine.kv_cache import KVCache, KVLayout
+from services.engine.layer_stack import LayerStack
 from services.engine.model_runner import ModelRunner, Rows
 from services.engine.models.llama import LlamaForCausalLM
 from services.engine.ports import AttentionQuery, PortError, StageSeq, StageWork
@@ -89,10 +100,12 @@ class HostedLayers:
         fingerprint: str,
         lease_s: float = DEFAULT_LEASE_S,
         clock: Clock = time.monotonic,
+        stack: LayerStack | None = None,
     ) -> None:
         self.owner = owner
         self.layers = pool.layers
         self.model = model
+        self.stack = stack  # the owner's shipped weights (None: the model's own layers)
         self.pool = pool
         self.fingerprint = fingerprint
         self.lease_s = lease_s
@@ -124,11 +137,15 @@ class HostedLayers:
                 f"layers [{work.start_layer}, {work.end_layer}) asked, [{self.layers.start}, "
                 f"{self.layers.stop}) hosted",
             )
+        missing = [] if self.stack is None else self.stack.missing()
+        if missing:
+            raise PortError(work.request_ids, f"the weights of layers {missing} have not arrived")
+        runner = self.model if self.stack is None else self.stack
         with self._lock:
             rows = self._admit(work.seqs)
             positions, meta, _ = self._runner.metadata(rows)
             with torch.inference_mode():
-                hidden = self.model.forward_layers(
+                hidden = runner.forward_layers(
                     work.hidden, positions, self.pool, meta, self.layers.start, self.layers.stop
                 )
             for s in work.seqs:
@@ -219,8 +236,15 @@ class HostedLayers:
         self.release(gone)
         return gone
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of shipped weights this range holds (reserved when hosting started)."""
+        return 0 if self.stack is None else self.stack.weight_bytes
+
     def close(self) -> None:
         self.release(list(self._seqs))
+        if self.stack is not None:
+            self.stack.clear()
 
 
 @dataclass(eq=False)
@@ -305,6 +329,12 @@ class HostedBlocks:
         with self._lock:
             tables = [self._ready(owner, q) for q in queries]
         k_cache, v_cache = self.kv_cache.layer(layer)
+        if queries and all(_sees_every_held_token(q) for q in queries):  # decode rows: batched
+            padded = pad_sequence([torch.tensor(ids) for ids in tables], batch_first=True)
+            lens = torch.tensor([q.num_tokens for q in queries])
+            q = torch.cat([query.q for query in queries])
+            part = decode_partials(q, k_cache, v_cache, padded, lens, self.scale)
+            return split_partials(part, [1] * len(queries))
         parts = []
         for query, ids in zip(queries, tables, strict=True):
             index = torch.tensor(ids, dtype=torch.long, device=k_cache.device)
@@ -354,3 +384,8 @@ class HostedBlocks:
         if held is None or held.released:
             raise RequestNotFoundError(f"no blocks held for {owner}/{request_id}")
         return held
+
+
+def _sees_every_held_token(query: AttentionQuery) -> bool:
+    """One query row past every held token (a decoding token of the sequence)."""
+    return query.q.shape[0] == 1 and int(query.positions[0]) >= query.num_tokens

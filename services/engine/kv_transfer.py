@@ -7,8 +7,11 @@ it covers the tokens the step is computing too (``step_tokens``), not only those
 Import, for a sequence whose KV was computed elsewhere (a prefill worker, a migration):
 
 1. ``begin_import`` reserves blocks for the first ``num_kv_tokens`` tokens and parks the request;
-2. ``import_kv`` writes one layer (any order), after checking its layout and fingerprint;
-3. ``finish_import`` joins the sequence to the running batch.
+2. ``import_kv`` writes one layer (any order), after checking its layout and fingerprint, where
+   that layer runs: into the pool, or through the port of a stage run on a helper
+   (kv_routes.py, which also moves the layers written so far when the layout switches);
+3. ``finish_import`` joins the sequence to the running batch (Placement learns which of its
+   layers are on a helper).
 
 ``restore`` writes a layer of KV into a *running* sequence's blocks for tokens it has already
 computed: the layers of a layer migration coming back from the helper.
@@ -31,6 +34,8 @@ from services.common.kv_layout import KVLayout
 from services.common.types import SamplingParams
 from services.engine.block_manager import BlockManager
 from services.engine.kv_cache import KVCache
+from services.engine.kv_routes import ImportRoutes
+from services.engine.placement import Placement
 from services.engine.requests import RequestState, RequestTable
 from services.engine.scheduler import Scheduler
 from services.engine.sequence import Sequence
@@ -56,8 +61,19 @@ class KVTransfer:
         self.fingerprint = fingerprint
         self.new_request = new_request
         self.block_size = block_manager.block_size
+        self.placement: Placement | None = None  # ``connect``
+        self.max_num_seqs = 0
         # Request id -> tokens whose KV exists once the step in progress has run (hooked steps).
         self.step_tokens: dict[str, int] | None = None
+
+    def connect(self, placement: Placement, max_num_seqs: int) -> None:
+        """Where layers run (imports and exports follow it) and the running batch's limit."""
+        self.placement, self.max_num_seqs = placement, max_num_seqs
+
+    @property
+    def routes(self) -> ImportRoutes:
+        assert self.placement is not None, "connect() first"
+        return self.placement.routes
 
     # -- export --------------------------------------------------------------------------
 
@@ -101,6 +117,11 @@ class KVTransfer:
     def export(
         self, request_id: str, layer: int, start_token: int = 0, end_token: int | None = None
     ) -> tuple[torch.Tensor, KVLayout]:
+        assert self.placement is not None, "connect() first"
+        if layer in self.placement.missing(request_id):
+            raise InvalidRequestError(
+                f"layer {layer} of {request_id} is on a helper: Engine.export_kv_async"
+            )
         layout = self.layout(request_id, layer, start_token, end_token)
         blocks = self._blocks(self.requests.seq(request_id), layout)
         return self.kv_cache.export_layer(layer, blocks, layout), layout
@@ -119,7 +140,6 @@ class KVTransfer:
         num_prompt_tokens: int,
         num_kv_tokens: int,
         params: SamplingParams,
-        max_num_seqs: int,
     ) -> None:
         # The imported KV plus the token computed next must fit the context, so the longest
         # prompt a prefill worker accepts (max_model_len - 1 tokens) imports with its first
@@ -140,8 +160,8 @@ class KVTransfer:
             )
         request = self.new_request(request_id, list(token_ids), params, num_prompt_tokens)
         seq = request.seq
-        if len(self.scheduler.running) + len(self.requests.importing) >= max_num_seqs:
-            raise ResourceExhaustedError(f"already running {max_num_seqs} sequences")
+        if len(self.scheduler.running) + len(self.requests.importing) >= self.max_num_seqs:
+            raise ResourceExhaustedError(f"already running {self.max_num_seqs} sequences")
         if not self.block_manager.can_append(seq, num_kv_tokens):
             raise ResourceExhaustedError(
                 f"{seq.blocks_needed(num_kv_tokens)} KV blocks needed, "
@@ -149,6 +169,7 @@ class KVTransfer:
             )
         self.block_manager.append(seq, num_kv_tokens)
         seq.num_computed_tokens = num_kv_tokens
+        self.routes.begin(seq)
         request.detokenizer.add(seq.output_token_ids)
         request.num_emitted_chars = len(request.detokenizer.text)
         self.requests.importing[request_id] = request
@@ -164,17 +185,34 @@ class KVTransfer:
             raise InvalidRequestError(
                 f"KV covers {layout.num_tokens} tokens, {seq.num_computed_tokens} were reserved"
             )
-        self.kv_cache.import_layer(seq.block_table, data, layout)
+        if layout.first_block != 0:
+            raise InvalidRequestError(f"imported KV starts at block {layout.first_block}, not 0")
+        self.routes.write(seq, data, layout)
 
     def finish_import(self, request_id: str) -> RequestState:
         """Join an imported sequence to the running batch."""
         request = self.requests.importing.pop(request_id, None)
         if request is None:
             raise RequestNotFoundError(f"no import in progress for {request_id!r}")
-        self.block_manager.commit_full_blocks(request.seq)
         self.scheduler.join_running(request.seq)
         self.requests.active[request_id] = request
+        assert self.placement is not None, "connect() first"
+        if self.placement.joined(request.seq):  # not sent to recompute: its KV is whole
+            self.block_manager.commit_full_blocks(request.seq)
         return request
+
+    def begin_prompt_import(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
+        """``begin_import`` of a prompt's KV before its first token exists.
+
+        A decode worker reserves blocks while the prefill worker still computes, so the first
+        token (sampled after the last layer) arrives only at ``finish_prompt_import``; until
+        then a placeholder stands in for it, which reserves the room it needs in the context.
+        """
+        self.requests.check_prompt(prompt_token_ids)  # its messages speak of the prompt
+        n = len(prompt_token_ids)
+        self.begin_import(request_id, [*prompt_token_ids, 0], n, n, params)
 
     def finish_prompt_import(
         self, request_id: str, first_token_id: int, vocab_size: int

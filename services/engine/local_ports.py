@@ -6,33 +6,23 @@ behave exactly like these.
 
 ``LocalStagePort`` runs the work on a thread of its own, so a step's other micro-batch computes
 while it runs (the overlap two micro-batches exist for); ``threaded=False`` runs it inside
-``submit``. ``LocalAttentionPort`` answers inside ``submit``: the owner's local part comes right
+``submit``. Its ``import_kv`` / ``export_kv`` answer inside the call, so a ``release`` that
+follows them always comes after. ``LocalAttentionPort`` answers inside ``submit``: the owner's local part comes right
 after, and a thread hand-off costs more than the overlap wins at these sizes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
 
 import torch
 
+from services.common.kv_layout import KVLayout
 from services.engine.attention import PartialAttention
 from services.engine.hosting import HostedBlocks, HostedLayers
 from services.engine.ports import AttentionPort, AttentionQuery, StagePort, StageWork
-
-T = TypeVar("T")
-
-
-def _now(fn: Callable[[], T]) -> Future[T]:
-    """A future already settled with ``fn()``'s result or exception."""
-    future: Future[T] = Future()
-    try:
-        future.set_result(fn())
-    except Exception as e:  # noqa: BLE001 - the future carries it to the caller
-        future.set_exception(e)
-    return future
+from services.engine.ports import settled as _now
 
 
 class LocalStagePort(StagePort):
@@ -44,6 +34,14 @@ class LocalStagePort(StagePort):
         if self._pool is None:
             return _now(lambda: self.hosted.run(work))
         return self._pool.submit(self.hosted.run, work)
+
+    def import_kv(self, request_id: str, data: torch.Tensor, layout: KVLayout) -> Future[None]:
+        return _now(lambda: self.hosted.import_kv(request_id, data, layout))
+
+    def export_kv(
+        self, request_id: str, layer: int, start_token: int, end_token: int
+    ) -> Future[tuple[torch.Tensor, KVLayout]]:
+        return _now(lambda: self.hosted.export_kv(request_id, layer, start_token, end_token))
 
     def release(self, request_ids: Sequence[str]) -> None:
         self.hosted.release(request_ids)

@@ -5,7 +5,8 @@ and the rest here; the tokens a step computes always write their KV here. At eve
 attention is computed in parts and merged exactly (DESIGN.md §3, hook 2):
 
 1. the stepping thread submits the query rows of every located sequence to their helper's
-   ``AttentionPort`` (one call per port per layer);
+   ``AttentionPort`` (one call per port per layer, ``submit``), as soon as the layer's queries
+   exist: before the batched attention of the other sequences, so the round trip overlaps it;
 2. while the helper works, it computes the local part: partial attention ``(O, m, l)`` over the
    local blocks, positions ``[num_remote_tokens, ctx_len)``;
 3. it merges both parts by log-sum-exp and writes the normalised rows into the layer's output.
@@ -16,12 +17,21 @@ Sequences with only local blocks never come here: they keep the batched fast pat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from services.common.errors import InvalidRequestError
-from services.engine.attention import PartialAttention, gather_blocks, merge_partials
+from services.engine.attention import (
+    PartialAttention,
+    concat_partials,
+    decode_partials,
+    gather_blocks,
+    merge_partials,
+    split_partials,
+)
 from services.engine.attention import partial_attention as attend_partial
 from services.engine.kv_cache import KVCache
 from services.engine.ports import AttentionPort, AttentionQuery, wait
@@ -50,6 +60,25 @@ class LocatedBatch:
     spans: list[LocatedSpan]
     positions: torch.Tensor  # the step's positions, one per row
     timeout_s: float
+    _sent: tuple[int, list[tuple[AttentionPort, list[LocatedSpan], Future]]] | None = field(
+        default=None, repr=False
+    )  # the layer whose queries are out, and the calls
+    # decoding spans' local block tables, lengths and rows: built at the first layer of the step
+    _decode_tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(
+        default=None, repr=False
+    )
+
+    def submit(self, layer: int, q: torch.Tensor) -> None:
+        """Send ``layer``'s queries of every located sequence to its helper (step 1)."""
+        calls = []
+        for port in dict.fromkeys(s.port for s in self.spans):
+            spans = [s for s in self.spans if s.port is port]
+            queries = [
+                AttentionQuery(s.request_id, q[s.rows], self.positions[s.rows], s.num_remote_tokens)
+                for s in spans
+            ]
+            calls.append((port, spans, port.submit(layer, queries)))
+        self._sent = (layer, calls)
 
     def attend(
         self,
@@ -60,24 +89,52 @@ class LocatedBatch:
         out: torch.Tensor,
         scale: float,
     ) -> None:
-        """Write the attention output of every located row of ``q`` into ``out``."""
-        calls = []
-        for port in dict.fromkeys(s.port for s in self.spans):
-            spans = [s for s in self.spans if s.port is port]
-            queries = [
-                AttentionQuery(s.request_id, q[s.rows], self.positions[s.rows], s.num_remote_tokens)
-                for s in spans
-            ]
-            calls.append((port, spans, port.submit(layer, queries)))
-        local = [
-            self._local_part(s, q, k_cache, v_cache, scale) for _, spans, _ in calls for s in spans
+        """Write the attention output of every located row of ``q`` into ``out`` (submitting
+        ``layer``'s queries first unless ``submit`` did)."""
+        if self._sent is None or self._sent[0] != layer:
+            self.submit(layer, q)
+        assert self._sent is not None
+        calls, self._sent = self._sent[1], None
+        spans = [s for _, group, _ in calls for s in group]
+        local = self._local_parts(spans, q, k_cache, v_cache, scale)
+        at = 0
+        for port, group, future in calls:
+            remote = wait(future, port, [s.request_id for s in group], self.timeout_s)
+            near = concat_partials(local[at : at + len(group)])
+            merged = merge_partials([near, concat_partials(remote)]).normalized()
+            merged = merged.to(out.dtype)
+            row = 0
+            for span in group:
+                out[span.rows] = merged[row : row + span.q_len]
+                row += span.q_len
+            at += len(group)
+
+    def _local_parts(
+        self,
+        spans: list[LocatedSpan],
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        scale: float,
+    ) -> list[PartialAttention]:
+        """Each span's partial attention over its local blocks, in order. Decoding rows (one
+        query after every local token) take one batched call; other spans one call each."""
+        decoding = [i for i, s in enumerate(spans) if s.q_len == 1]
+        batched: dict[int, PartialAttention] = {}
+        if decoding:
+            if self._decode_tables is None:  # the same every layer of the step
+                rows = [spans[i] for i in decoding]
+                tables = pad_sequence([s.block_table for s in rows], batch_first=True)
+                lens = torch.tensor([s.ctx_len - s.num_remote_tokens for s in rows])
+                index = torch.tensor([s.q_start for s in rows])
+                self._decode_tables = (tables.to(q.device), lens.to(q.device), index)
+            tables, lens, index = self._decode_tables
+            batch = decode_partials(q[index], k_cache, v_cache, tables, lens, scale)
+            batched = dict(zip(decoding, split_partials(batch, [1] * len(decoding)), strict=True))
+        return [
+            batched[i] if i in batched else self._local_part(span, q, k_cache, v_cache, scale)
+            for i, span in enumerate(spans)
         ]
-        parts = iter(local)
-        for port, spans, future in calls:
-            remote = wait(future, port, [s.request_id for s in spans], self.timeout_s)
-            for span, far in zip(spans, remote, strict=True):
-                merged = merge_partials([next(parts), far])
-                out[span.rows] = merged.normalized().to(out.dtype)
 
     def _local_part(
         self,

@@ -141,6 +141,7 @@ class EngineLoop:
         self._num_submitted = self._num_settled = 0
         self._counts = _Counters()
         self._step_ids: tuple[str, ...] | None = None
+        self._step_contexts: list[StepContext] = []  # the hook's, one per micro-batch
         self.step_started_at = 0.0  # of the step in flight (the engine thread writes it)
         self._aloop: asyncio.AbstractEventLoop | None = None
         self._handlers: tuple[Callable[..., None], ...] = ()
@@ -285,9 +286,10 @@ class EngineLoop:
 
     def _step(self) -> None:
         engine, before = self.engine, self.engine.snapshot
-        self._step_ids = None
+        self._step_ids, self._step_contexts = None, []
         started = self.step_started_at = self._clock()
-        hook = None if self._on_layer_done is None else self._layer_done  # no hook: micro-batches
+        hook = None if self._on_layer_done is None else self._layer_done
+        self.meter.begin(started)  # busy while it runs, not only once it ended
         try:
             outputs = engine.step(hook)
         except PrefixFetchError as exc:
@@ -296,6 +298,8 @@ class EngineLoop:
         except Exception as exc:
             self._fail(exc)
             return
+        finally:
+            self.meter.end()
         done = self._clock()
         after = engine.snapshot
         ran = (after.num_steps, after.num_failed_steps) != (
@@ -315,8 +319,11 @@ class EngineLoop:
             self._post(_StepDone(outputs, started, done, ran))
 
     def _layer_done(self, layer: int, ctx: StepContext) -> None:
-        if self._step_ids is None:  # the requests this step computes, should it fail
-            self._step_ids = tuple(ctx.num_tokens)
+        # The requests this step computes, should it fail: each micro-batch's (they are
+        # disjoint) once, at its first hooked layer.
+        if not any(ctx is seen for seen in self._step_contexts):
+            self._step_contexts.append(ctx)
+            self._step_ids = (*(self._step_ids or ()), *ctx.num_tokens)
         if self._on_layer_done is not None:
             self._on_layer_done(layer, ctx)
 

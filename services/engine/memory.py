@@ -15,8 +15,9 @@ That count is recomputed whenever one of its terms changes, on the engine thread
    count move below it (their KV copied, every table that names them rewritten); if they do not
    fit, or the pool would no longer hold one full context, nothing changes and
    ``ResourceExhaustedError`` says why;
-3. a layer range is hosted for another engine, or released: its pool's bytes come out of, or
-   go back to, the engine's own pool the same way.
+3. a layer range is hosted for another engine, or released: its pool's bytes (and those of
+   the weights its owner ships, when this engine lacks them) come out of, or go back to, the
+   engine's own pool the same way.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class MemoryReport:
     budget_bytes: int | None
     weight_bytes: int  # weights held (shared ones counted once)
     kv_bytes: int  # the engine's own KV pool
-    hosted_bytes: int  # KV pools of layer ranges hosted for other engines
+    hosted_bytes: int  # KV pools (and shipped weights) of layer ranges hosted for others
 
     @property
     def used_bytes(self) -> int:

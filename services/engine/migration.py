@@ -12,7 +12,8 @@ Owner side — this engine's requests get work done elsewhere (placement.py):
   ``begin_recall`` / ``import_recalled`` / ``finish_recall`` bring them back.
 
 Helper side — this engine works for others (hosting.py): ``host_layers`` /
-``release_hosted_layers`` for layer ranges, ``hosted_blocks`` for attention blocks.
+``release_hosted_layers`` for layer ranges (with the engine's own weights, or a ``LayerStack``
+of weights the owner ships), ``hosted_blocks`` for attention blocks.
 
 Under a memory budget every change of the layers held or of the hosted pools resizes the
 engine's own KV pool (memory.py); a shrink that cannot happen refuses with
@@ -35,6 +36,7 @@ from services.common.errors import (
 from services.engine.hosting import DEFAULT_LEASE_S, HostedBlocks, HostedLayers
 from services.engine.kv_cache import KVCache, KVLayout
 from services.engine.kv_transfer import KVTransfer
+from services.engine.layer_stack import LayerStack
 from services.engine.memory import PoolSizer, module_bytes
 from services.engine.placement import Placement
 from services.engine.ports import AttentionPort
@@ -125,7 +127,8 @@ class Migration:
             raise InvalidRequestError(f"layers from {start} on run here for {hosting}")
         self.placement.drop_layers(start)
         self.memory.refresh()
-        self.memory.fit()
+        with self.placement.routes.lock:  # imports write into the pool beside the steps
+            self.memory.fit()
         self.publish()
 
     def restore_layers(self) -> None:
@@ -173,14 +176,17 @@ class Migration:
         num_blocks: int,
         fingerprint: str,
         lease_s: float = DEFAULT_LEASE_S,
+        stack: LayerStack | None = None,
     ) -> HostedLayers:
         """Run layers ``[start, end)`` for ``owner``'s sequences with a pool of ``num_blocks``
-        blocks for those layers; under a budget the own pool shrinks to make room."""
-        if fingerprint != self.fingerprint:
+        blocks for those layers; under a budget the own pool shrinks to make room (and for
+        ``stack``'s shipped weights: the owner's model, whose weights arrive later)."""
+        if stack is None and fingerprint != self.fingerprint:
             raise InvalidRequestError("the owner runs another model or dtype")
         if owner in self.hosted_layers:
             raise InvalidRequestError(f"already hosting layers for {owner}")
-        if start >= end or not all(self.model.holds_layer(i) for i in range(start, end)):
+        held = all(self.model.holds_layer(i) for i in range(start, end))
+        if start >= end or (not held if stack is None else stack.range != range(start, end)):
             raise InvalidRequestError(f"layers [{start}, {end}) are not all held here")
         kv = self.kv_cache
         pool = KVCache(
@@ -194,8 +200,10 @@ class Migration:
         )
         if self.memory.budget_bytes is not None:
             num_layers = self.kv_cache.num_layers
-            self._shrink_to(self.memory.target(num_layers, extra_hosted=pool.nbytes))
-        hosted = HostedLayers(owner, self.model, pool, self.fingerprint, lease_s, self.clock)
+            extra = pool.nbytes + (0 if stack is None else stack.weight_bytes)
+            self._shrink_to(self.memory.target(num_layers, extra_hosted=extra))
+        fp = self.fingerprint if stack is None else fingerprint
+        hosted = HostedLayers(owner, self.model, pool, fp, lease_s, self.clock, stack)
         self.hosted_layers[owner] = hosted
         self.publish()
         return hosted
@@ -218,13 +226,14 @@ class Migration:
         if hosted is None:
             raise RequestNotFoundError(f"no layers hosted for {owner}")
         hosted.close()
-        self.memory.fit()
+        with self.placement.routes.lock:  # imports write into the pool beside the steps
+            self.memory.fit()
         self.publish()
 
     # -- memory ---------------------------------------------------------------------------
 
     def _hosted_bytes(self) -> int:
-        return sum(h.pool.nbytes for h in self.hosted_layers.values())
+        return sum(h.pool.nbytes + h.weight_bytes for h in self.hosted_layers.values())
 
     def _shrink_to(self, num_blocks: int) -> None:
         if num_blocks < self.placement.block_manager.num_blocks and self.fetches:
@@ -232,7 +241,8 @@ class Migration:
         moves = None
         if num_blocks < self.placement.block_manager.num_blocks:
             moves = self.memory.check_shrink(num_blocks)
-        self.memory.resize(num_blocks, moves)
+        with self.placement.routes.lock:  # imports write into the pool beside the steps
+            self.memory.resize(num_blocks, moves)
 
     def _remap(self, moves: dict[int, int]) -> None:
         """Blocks moved (a pool shrink): rewrite every table that names them."""

@@ -205,9 +205,17 @@ class ModelRunner:
         return self.model.compute_logits(hidden[inputs.sample_rows])
 
     @torch.inference_mode()
-    def run_micro_batches(self, parts: list[StepInputs], layout: StageLayout) -> torch.Tensor:
-        """``run`` over micro-batches, interleaved at their remote stages; logits in order."""
-        hidden = _drive([self._stages(p, layout) for p in parts], layout.timeout_s)
+    def run_micro_batches(
+        self,
+        parts: list[StepInputs],
+        layout: StageLayout,
+        on_layer_done: list[OnLayerDone | None] | None = None,
+    ) -> torch.Tensor:
+        """``run`` over micro-batches, interleaved at their remote stages; logits in order.
+        ``on_layer_done[i]``: part ``i``'s hook, after each of its local layers."""
+        hooks = on_layer_done or [None] * len(parts)
+        runs = [self._stages(p, layout, h) for p, h in zip(parts, hooks, strict=True)]
+        hidden = _drive(runs, layout.timeout_s)
         rows = [h[p.sample_rows] for h, p in zip(hidden, parts, strict=True)]
         return self.model.compute_logits(torch.cat(rows))
 

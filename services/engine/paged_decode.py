@@ -1,7 +1,9 @@
 """Paged decode attention in C++ (``csrc/paged_decode.cpp``), built at first use.
 
-The same library carries the engine's other CPU kernel, the small-batch matmul of
-``csrc/small_gemm.cpp`` (used by ``models/packed_linear.py``): ``load()`` builds and loads both.
+The same library carries the engine's other CPU kernels: the small-batch matmul of
+``csrc/small_gemm.cpp`` (used by ``models/packed_linear.py``) and the float32 fused ops and
+causal prefill attention of ``csrc/fused_ops.cpp`` (``models/fused.py``, ``prefill`` below):
+``load()`` builds and loads them all.
 
 The torch path gathers every decoding sequence's blocks into one padded tensor
 before SDPA; this kernel reads K/V rows where they lie in the cache, one
@@ -17,7 +19,8 @@ Lifecycle (one process):
    so a stale or foreign build is never picked up. If it is missing, g++ builds it
    (a few seconds; under a file lock, so concurrent processes build it once) and
    the finished file is renamed into place. ``torch.ops.load_library`` registers
-   ``torch.ops.banaserve.paged_decode`` and ``torch.ops.banaserve.small_gemm``;
+   ``torch.ops.banaserve.paged_decode`` (and ``paged_decode_lse``), ``small_gemm``, ``prefill_attention``, ``rms_norm``,
+   ``add_rms_norm``, ``silu_mul`` and ``rotary``;
 3. if anything fails (no compiler, a compile error, an unloadable library) the
    reason is logged once and ``supports`` answers ``False`` for the rest of the
    process: callers keep the torch path, which gives the same results.
@@ -39,7 +42,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(
-    Path(__file__).parent / "csrc" / name for name in ("paged_decode.cpp", "small_gemm.cpp")
+    Path(__file__).parent / "csrc" / name
+    for name in ("paged_decode.cpp", "small_gemm.cpp", "fused_ops.cpp")
 )
 DTYPES = (torch.float32, torch.bfloat16)
 HEAD_SIZES = (32, 64, 128)  # the kernel's compiled variants (dispatch_head_size)
@@ -144,6 +148,35 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     )
 
 
+def supports_prefill(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """The causal prefill kernel (``csrc/fused_ops.cpp``): float32, and bfloat16 widened to it."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype in DTYPES
+        and k.dtype == q.dtype
+        and q.shape[-1] in HEAD_SIZES
+        and load()
+    )
+
+
+def prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, out: torch.Tensor
+) -> None:
+    """Causal attention of one sequence's ``n`` new queries ``[n, heads, d]`` over its ``ctx``
+    keys ``[ctx, kv_heads, d]`` (the last ``n`` of them are the queries' own), into ``out``
+    (``q``'s size; any row strides, heads contiguous).
+
+    The kernel computes in float32. bfloat16 inputs are widened first (exact) and the result
+    is rounded once into ``out``. This beats torch's bfloat16 flash kernel on CPU: 1.6 vs 5.0 ms
+    for one smollm2 layer of a 512-token prompt, 2 threads (docs/engine.md)."""
+    if q.dtype == torch.float32:
+        torch.ops.banaserve.prefill_attention(q, k, v, scale, out)
+        return
+    wide = torch.empty(out.shape, dtype=torch.float32)
+    torch.ops.banaserve.prefill_attention(q.float(), k.float(), v.float(), scale, wide)
+    out.copy_(wide)
+
+
 def decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -161,3 +194,21 @@ def decode(
     out = torch.empty_like(q)
     torch.ops.banaserve.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, out)
     return out
+
+
+def decode_lse(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``decode`` plus each row's log-sum-exp of its scaled scores (float32 ``[batch, heads]``):
+    the normalised output and the lse are a partial attention result over those tokens."""
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32)
+    torch.ops.banaserve.paged_decode_lse(
+        q, k_cache, v_cache, block_tables, context_lens, scale, out, lse
+    )
+    return out, lse

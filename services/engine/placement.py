@@ -9,7 +9,9 @@ layers a remote stage runs; ``restore_layers`` loads them again (empty KV, prefi
 A running sequence whose KV for some layer is not here (computed through a port, or dropped) is
 *missing* those layers until ``Engine.restore_kv`` writes them back; a layout that runs a layer
 here again sends every sequence still missing it back to be recomputed, so output never depends
-on whether the copy-back happened.
+on whether the copy-back happened. Sequences still importing KV follow every switch too: their
+layers written so far move to where they run (kv_routes.py, under its lock), and when one joins
+the batch (``joined``) the layers it has on a helper are missing here from token 0.
 
 **Located KV.** ``offload`` hands a running sequence's first full blocks to a helper reached
 through an ``AttentionPort`` (the helper already holds a copy: ``HostedBlocks``) and frees them
@@ -32,8 +34,9 @@ import torch
 from services.common.errors import InvalidRequestError, RequestNotFoundError, ResourceExhaustedError
 from services.engine.block_manager import BlockManager
 from services.engine.kv_cache import KVCache, KVLayout
+from services.engine.kv_routes import ImportRoutes
 from services.engine.models.llama import LlamaForCausalLM
-from services.engine.ports import AttentionPort, PortFailed
+from services.engine.ports import AttentionPort, PortFailed, StagePort
 from services.engine.sequence import Sequence, SequenceStatus
 from services.engine.stages import StageLayout
 
@@ -55,6 +58,7 @@ class Placement:
         self.running = running  # the running sequences, oldest first
         self.evict = evict  # frees a sequence's KV everywhere and queues it for recompute
         self.layout = StageLayout.local(model.num_layers)
+        self.routes = ImportRoutes(kv_cache, lambda: self.layout)  # importing sequences' layers
         self.located: dict[str, AttentionPort] = {}
         # request id -> layer -> tokens whose KV for that layer is here (fewer than computed)
         self._missing: dict[str, dict[int, int]] = {}
@@ -70,8 +74,9 @@ class Placement:
 
     # -- layers ---------------------------------------------------------------------------
 
-    def set_layout(self, layout: StageLayout) -> list[str]:
-        """Switch where layers run; the ids of the sequences sent back to recompute."""
+    def set_layout(self, layout: StageLayout, failed: StagePort | None = None) -> list[str]:
+        """Switch where layers run; the ids of the sequences sent back to recompute.
+        ``failed``: a port that just failed a step (importing KV it held is not asked back)."""
         if layout.num_layers != self.model.num_layers:
             raise InvalidRequestError(
                 f"layout covers {layout.num_layers} layers, model has {self.model.num_layers}"
@@ -85,9 +90,25 @@ class Placement:
         stale = [s for s in self.running() if self._missing.get(s.request_id, {}).keys() & local]
         for seq in stale:  # before the switch: the ports they used still release them
             self.evict(seq)
-        self.layout = layout
+        with self.routes.lock:  # no import writes while its layers move and the layout changes
+            self.routes.relocate(layout, failed)
+            self.layout = layout
         self.block_manager.cache_paused = layout.remote
         return [s.request_id for s in stale]
+
+    def joined(self, seq: Sequence) -> bool:
+        """An imported sequence joined the batch: its layers on a helper (or lost on the way)
+        are missing here from token 0; a lost one, or one missing here that runs here (a
+        failed move), sends it to be recomputed (False: its blocks must not be cached)."""
+        on_helper, lost = self.routes.finish(seq.request_id)
+        if not on_helper and not lost:
+            return True
+        self._missing[seq.request_id] = dict.fromkeys(on_helper | lost, 0)
+        local = {i for s in self.layout.stages if not s.remote for i in s.layers}
+        if lost or on_helper & local:
+            self.evict(seq)
+            return False
+        return True
 
     def mark_computed(self, seqs: list[Sequence], num_new_tokens: list[int]) -> None:
         """After a step: the tokens it computed through ports have KV only on their helpers."""
@@ -200,6 +221,7 @@ class Placement:
             self.block_manager.release(recall[0])
         for stage_port in self.layout.ports:
             stage_port.release([rid])
+        self.routes.forget(rid)
         self._missing.pop(rid, None)
 
     def block_tables(self) -> list[list[int]]:
@@ -212,7 +234,7 @@ class Placement:
         if port in self.layout.ports:
             layers = [i for s in self.layout.stages if s.port is port for i in s.layers]
             if all(self.model.holds_layer(i) and self.kv_cache.holds(i) for i in layers):
-                self.set_layout(self.layout.without(port))
+                self.set_layout(self.layout.without(port), failed=port)
                 return []
             return list(failure.request_ids)
         for seq in [s for s in self.running() if self.located.get(s.request_id) is port]:

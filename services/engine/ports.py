@@ -13,10 +13,23 @@ sequences (layer migration). Who calls what, and when:
    ``work.seqs``. The helper keeps each sequence's KV for those layers between steps: a work item
    that starts a sequence at a position below what it holds rewinds it (the retry of a failed
    step), one beyond it fails with ``PortError``.
-2. ``release(request_ids)`` — the engine thread, when sequences finish, are aborted or are
+2. ``import_kv(request_id, data, layout)`` — any thread (kv_routes.py: a sequence imported
+   while the stage is remote, or moved at a layout switch): the helper writes one layer of the
+   sequence's KV, tokens ``[layout.first_token, layout.num_tokens)``; the future settles once it
+   is written there.
+3. ``export_kv(request_id, layer, start_token, end_token)`` — any thread: one layer of a
+   sequence's KV the helper holds, the blocks of tokens ``[start_token, end_token)`` (a prefill
+   donor's handoff of the layers it ran there; a layout switch moving an import back).
+4. ``release(request_ids)`` — the engine thread, when sequences finish, are aborted or are
    preempted: the helper frees their KV. Idempotent, unknown ids ignored; it never blocks on
    work and never raises (a helper that cannot be reached frees them when their lease ends).
-3. ``close()`` — whoever made the port, once no stage uses it.
+   It takes effect after every ``import_kv`` / ``export_kv`` of those sequences submitted
+   before it has been answered, so a handoff read just before the release still finds the KV.
+5. ``close()`` — whoever made the port, once no stage uses it.
+
+``import_kv`` and ``export_kv`` have a default that fails (``PortError``): a port that carries
+no KV (a test's) makes an import forwarded to it *lost*, which kv_routes.py answers by
+recomputing the sequence.
 
 **AttentionPort** computes partial attention over leading blocks of a sequence that a helper
 holds, all layers (attention migration):
@@ -36,14 +49,15 @@ docs/engine.md, "Stages and ports".
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import torch
 
 from services.common.errors import BanaServeError
+from services.common.kv_layout import KVLayout
 from services.engine.attention import PartialAttention
 
 
@@ -71,6 +85,31 @@ class StageFailedError(BanaServeError):
 
 
 T = TypeVar("T")
+U = TypeVar("U")
+
+
+def settled(fn: Callable[[], T]) -> Future[T]:
+    """A future already settled with ``fn()``'s result or exception."""
+    future: Future[T] = Future()
+    try:
+        future.set_result(fn())
+    except Exception as e:  # noqa: BLE001 - the future carries it to the caller
+        future.set_exception(e)
+    return future
+
+
+def then(future: Future[T], fn: Callable[[T], U]) -> Future[U]:
+    """A future of ``fn(result)`` once ``future`` settles (its exception passes through)."""
+    out: Future[U] = Future()
+
+    def done(f: Future[T]) -> None:
+        try:
+            out.set_result(fn(f.result()))
+        except BaseException as e:  # noqa: BLE001 - carried to whoever waits on ``out``
+            out.set_exception(e)
+
+    future.add_done_callback(done)
+    return out
 
 
 class PortFailed(Exception):
@@ -141,13 +180,27 @@ class StagePort(ABC):
     def submit(self, work: StageWork) -> Future[torch.Tensor]:
         """Start ``work``; the future gives the hidden states after its last layer."""
 
+    def import_kv(self, request_id: str, data: torch.Tensor, layout: KVLayout) -> Future[None]:
+        """Write one layer of a sequence's KV on the helper (any thread)."""
+        return settled(lambda: _no_kv(self, request_id))
+
+    def export_kv(
+        self, request_id: str, layer: int, start_token: int, end_token: int
+    ) -> Future[tuple[torch.Tensor, KVLayout]]:
+        """One layer of a sequence's KV from the helper, tokens ``[start_token, end_token)``."""
+        return settled(lambda: _no_kv(self, request_id))
+
     @abstractmethod
     def release(self, request_ids: Sequence[str]) -> None:
-        """The helper may free these sequences' KV."""
+        """The helper may free these sequences' KV (after the KV calls submitted before)."""
 
     @abstractmethod
     def close(self) -> None:
         """Release the port's own resources (threads, connections)."""
+
+
+def _no_kv(port: StagePort, request_id: str) -> NoReturn:
+    raise PortError([request_id], f"{type(port).__name__} carries no KV")
 
 
 class AttentionPort(ABC):

@@ -30,9 +30,15 @@ class RequestState:
 
 class RequestTable:
     def __init__(
-        self, tokenizer: Tokenizer, block_size: int, vocab_size: int, max_model_len: int
+        self,
+        tokenizer: Tokenizer,
+        block_size: int,
+        vocab_size: int,
+        max_model_len: int,
+        refusal: str = "",
     ) -> None:
         self.tokenizer = tokenizer
+        self.refusal = refusal  # non-empty: why this engine takes no request (prompt or import)
         self.block_size = block_size
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -84,6 +90,9 @@ class RequestTable:
             )
 
     def check_vocab(self, token_ids: list[int]) -> None:
+        """Every way in (a prompt, imported KV) passes here."""
+        if self.refusal:
+            raise InvalidRequestError(self.refusal)
         vocab = self.vocab_size
         bad = next((t for t in token_ids if not 0 <= t < vocab), None)
         if bad is not None:

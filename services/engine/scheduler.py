@@ -57,6 +57,7 @@ class Scheduler:
         self.on_preempt = on_preempt
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0  # sequences preempted so far (each time counts)
 
     @property
     def num_unfinished(self) -> int:
@@ -131,6 +132,7 @@ class Scheduler:
             budget -= n
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        self.num_preemptions += 1
         if self.on_preempt is not None:
             self.on_preempt(seq)
         self.requeue(seq)

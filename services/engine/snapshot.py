@@ -41,6 +41,7 @@ class EngineSnapshot:
     hosted_layers: tuple[HostedRange, ...]  # layer ranges run here for other engines
     num_hosted_blocks: int  # blocks held here for other engines' attention
     memory: MemoryReport
+    num_preemptions: int = 0  # sequences preempted so far (their KV freed, recomputed)
 
     @property
     def num_hosted_layers(self) -> int:

@@ -2,8 +2,8 @@
 
 1. **plan** — the scheduler picks the batch (running sequences first, then waiting ones) and the
    runner turns it into tensors. With a remote stage and ``num_micro_batches=2`` the batch is cut
-   in two halves of about equal tokens, unless a layer hook or a prefix fetch needs the step
-   whole.
+   in two halves of about equal tokens, unless a prefix fetch needs the step whole (a layer
+   hook then sees each half's layers as that half computes them, with that half's context).
 2. **execute** — embedding, then the layout's stages in order (local ones here, remote ones
    through their ``StagePort``), then the logits of the rows that sample. Before each layer a
    pending prefix fetch may be waited for; after each local layer ``on_layer_done`` may run.
@@ -54,6 +54,7 @@ LayerDoneHook = Callable[[int, StepContext], None]
 class StepPlan:
     batch: ScheduledBatch
     parts: list[StepInputs]  # one per micro-batch, in batch order
+    halves: list[ScheduledBatch]  # what each part schedules
     sampled: list[Sequence]  # in the order of the logits rows
     fetches: tuple[PrefixFetch, ...]  # pending prefix fetches the step must wait for
 
@@ -80,14 +81,14 @@ class Stepper:
         self.logits_hook = logits_hook
         self.sampler = Sampler()
 
-    def plan(self, hooked: bool) -> StepPlan | None:
+    def plan(self) -> StepPlan | None:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return None
         fetches = self.fetches.pending_in(batch.seqs)
         layout = self.placement.layout
         halves = [batch]
-        if layout.remote and layout.num_micro_batches == 2 and not hooked and not fetches:
+        if layout.remote and layout.num_micro_batches == 2 and not fetches:
             halves = _split(batch)
         parts = [
             self.runner.prepare(
@@ -98,24 +99,31 @@ class Stepper:
         sampled = [
             h.seqs[i] for h, p in zip(halves, parts, strict=True) for i in p.sample_seq_index
         ]
-        return StepPlan(batch, parts, sampled, fetches)
+        return StepPlan(batch, parts, halves, sampled, fetches)
 
     def execute(self, plan: StepPlan, on_layer_done: LayerDoneHook | None) -> torch.Tensor:
         """The logits of the sampled rows; raises if a fetch or a port fails (nothing kept)."""
         layout = self.placement.layout
         if len(plan.parts) > 1:
-            return self.runner.run_micro_batches(plan.parts, layout)
+            if on_layer_done is None:
+                return self.runner.run_micro_batches(plan.parts, layout)
+            sampled = {s.request_id for s in plan.sampled}
+            num_tokens = _step_tokens(plan.batch)
+            hooks = [
+                partial(_half_hook, on_layer_done, _context(half, sampled)) for half in plan.halves
+            ]
+            self.kv.step_tokens = num_tokens  # any half's sequence reads its own entry
+            try:
+                return self.runner.run_micro_batches(plan.parts, layout, hooks)
+            finally:
+                self.kv.step_tokens = None
         inputs, fetches = plan.parts[0], plan.fetches
         gate = partial(wait_for_layer, fetches) if fetches else None
         remote = layout if layout.remote else None
         if on_layer_done is None:
             logits = self.runner.run(inputs, before_layer=gate, layout=remote)
         else:
-            pairs = zip(plan.batch.seqs, plan.batch.num_new_tokens, strict=True)
-            ctx = StepContext(
-                {s.request_id: s.num_computed_tokens + n for s, n in pairs},
-                tuple(s.request_id for s in plan.sampled),
-            )
+            ctx = StepContext(_step_tokens(plan.batch), tuple(s.request_id for s in plan.sampled))
             self.kv.step_tokens = ctx.num_tokens
             try:
                 logits = self.runner.run(
@@ -146,6 +154,22 @@ class Stepper:
                 self.finish(request, out.finish_reason)
             outputs.append(out)
         return outputs
+
+
+def _step_tokens(batch: ScheduledBatch) -> dict[str, int]:
+    """Request id -> tokens whose KV exists once every layer of the step has run."""
+    pairs = zip(batch.seqs, batch.num_new_tokens, strict=True)
+    return {s.request_id: s.num_computed_tokens + n for s, n in pairs}
+
+
+def _context(half: ScheduledBatch, sampled: set[str]) -> StepContext:
+    """A micro-batch's view of the step: its own sequences only."""
+    ids = tuple(s.request_id for s in half.seqs)
+    return StepContext(_step_tokens(half), tuple(r for r in ids if r in sampled))
+
+
+def _half_hook(hook: LayerDoneHook, ctx: StepContext, layer: int) -> None:
+    hook(layer, ctx)
 
 
 def _split(batch: ScheduledBatch) -> list[ScheduledBatch]:

@@ -47,6 +47,7 @@ from redis.backoff import NoBackoff
 from services.common.errors import BanaServeError, ConfigError, DependencyUnavailableError
 from services.common.hashing import HASH_SIZE, BlockHash, place  # noqa: F401 (re-exported)
 from services.common.limits import check_block_hashes
+from services.kvstore import metadata_scripts as lua
 
 log = logging.getLogger(__name__)
 
@@ -119,152 +120,6 @@ def _check_hash(block_hash: bytes) -> None:
     check_block_hashes([block_hash], "block_hash")  # InvalidRequestError, a ValueError
 
 
-# Shared by register, deregister and sweep: drop every entry a node id owns.
-_LUA_WITHDRAW_ALL = """
-local function withdraw_all(prefix, node_id)
-  local owned = prefix .. ':owned:' .. node_id
-  for _, hex in ipairs(redis.call('SMEMBERS', owned)) do
-    local block = prefix .. ':block:' .. hex
-    if redis.call('HGET', block, 'node') == node_id then redis.call('DEL', block) end
-  end
-  redis.call('DEL', owned)
-end
-"""
-
-# ARGV: prefix, node_id, incarnation, grpc_address, data_address, data_transport, ttl_ms,
-# takeover ('1': replace any incarnation, as a starting process does) -> 1, or 0 if refused
-_LUA_REGISTER = (
-    _LUA_WITHDRAW_ALL
-    + """
-local prefix, node_id = ARGV[1], ARGV[2]
-local node = prefix .. ':node:' .. node_id
-local incarnation = redis.call('HGET', node, 'incarnation')
-if ARGV[8] ~= '1' and incarnation and incarnation ~= ARGV[3] then return 0 end
-withdraw_all(prefix, node_id)
-redis.call('DEL', node)
-redis.call('HSET', node, 'incarnation', ARGV[3], 'grpc_address', ARGV[4],
-           'data_address', ARGV[5], 'data_transport', ARGV[6])
-redis.call('PEXPIRE', node, ARGV[7])
-redis.call('SADD', prefix .. ':nodes', node_id)
-return 1
-"""
-)
-
-# ARGV: prefix, node_id, incarnation, ttl_ms -> 1 alive, 0 missing, -1 superseded
-_LUA_HEARTBEAT = """
-local node = ARGV[1] .. ':node:' .. ARGV[2]
-local incarnation = redis.call('HGET', node, 'incarnation')
-if not incarnation then return 0 end
-if incarnation ~= ARGV[3] then return -1 end
-redis.call('PEXPIRE', node, ARGV[4])
-return 1
-"""
-
-# ARGV: prefix, node_id, incarnation. A newer incarnation's registration is left alone.
-_LUA_DEREGISTER = (
-    _LUA_WITHDRAW_ALL
-    + """
-local prefix, node_id = ARGV[1], ARGV[2]
-local node = prefix .. ':node:' .. node_id
-local incarnation = redis.call('HGET', node, 'incarnation')
-if incarnation and incarnation ~= ARGV[3] then return 0 end
-withdraw_all(prefix, node_id)
-redis.call('DEL', node)
-redis.call('SREM', prefix .. ':nodes', node_id)
-return 1
-"""
-)
-
-# ARGV: prefix, node_id, incarnation, now, then (hex, size, layers) per block
-_LUA_ANNOUNCE = """
-local prefix, node_id = ARGV[1], ARGV[2]
-if redis.call('HGET', prefix .. ':node:' .. node_id, 'incarnation') ~= ARGV[3] then
-  return redis.error_reply('NOTREGISTERED node ' .. node_id)
-end
-local owned = prefix .. ':owned:' .. node_id
-for i = 5, #ARGV, 3 do
-  local hex = ARGV[i]
-  local block = prefix .. ':block:' .. hex
-  local old = redis.call('HGET', block, 'node')
-  if old and old ~= node_id then redis.call('SREM', prefix .. ':owned:' .. old, hex) end
-  redis.call('HSET', block, 'node', node_id, 'size', ARGV[i + 1], 'layers', ARGV[i + 2],
-             'last_use', ARGV[4])
-  redis.call('SADD', owned, hex)
-end
-return (#ARGV - 4) / 3
-"""
-
-# ARGV: prefix, node_id, incarnation, hex... -> entries removed
-_LUA_WITHDRAW = """
-local prefix, node_id = ARGV[1], ARGV[2]
-local incarnation = redis.call('HGET', prefix .. ':node:' .. node_id, 'incarnation')
-if incarnation and incarnation ~= ARGV[3] then return 0 end
-local owned = prefix .. ':owned:' .. node_id
-local removed = 0
-for i = 4, #ARGV do
-  local block = prefix .. ':block:' .. ARGV[i]
-  if redis.call('HGET', block, 'node') == node_id then
-    redis.call('DEL', block)
-    removed = removed + 1
-  end
-  redis.call('SREM', owned, ARGV[i])
-end
-return removed
-"""
-
-# ARGV: prefix, now, hex... -> entries touched (missing ones are not created)
-_LUA_TOUCH = """
-local touched = 0
-for i = 3, #ARGV do
-  local block = ARGV[1] .. ':block:' .. ARGV[i]
-  if redis.call('EXISTS', block) == 1 then
-    redis.call('HSET', block, 'last_use', ARGV[2])
-    touched = touched + 1
-  end
-end
-return touched
-"""
-
-# ARGV: prefix, hex... -> {node_id, data_address, data_transport, size, layers} per hit, stopping
-# at the first block with no entry or whose node key is gone.
-_LUA_LONGEST_PREFIX = """
-local prefix = ARGV[1]
-local nodes = {}
-local hits = {}
-for i = 2, #ARGV do
-  local entry = redis.call('HMGET', prefix .. ':block:' .. ARGV[i], 'node', 'size', 'layers')
-  local node_id = entry[1]
-  if not node_id then break end
-  local node = nodes[node_id]
-  if node == nil then
-    node = redis.call('HMGET', prefix .. ':node:' .. node_id, 'data_address', 'data_transport')
-    if not node[1] then node = false end
-    nodes[node_id] = node
-  end
-  if not node then break end
-  hits[#hits + 1] = {node_id, node[1], node[2], entry[2], entry[3]}
-end
-return hits
-"""
-
-# ARGV: prefix -> number of dead nodes whose entries were deleted
-_LUA_SWEEP = (
-    _LUA_WITHDRAW_ALL
-    + """
-local prefix = ARGV[1]
-local swept = 0
-for _, node_id in ipairs(redis.call('SMEMBERS', prefix .. ':nodes')) do
-  if redis.call('EXISTS', prefix .. ':node:' .. node_id) == 0 then
-    withdraw_all(prefix, node_id)
-    redis.call('SREM', prefix .. ':nodes', node_id)
-    swept = swept + 1
-  end
-end
-return swept
-"""
-)
-
-
 @contextlib.contextmanager
 def _unavailable_on_error() -> Iterator[None]:
     try:
@@ -304,14 +159,14 @@ class MetadataStore:
         self.node_ttl_s = node_ttl_s
         self.clock = clock
         script = client.register_script
-        self._register = script(_LUA_REGISTER)
-        self._heartbeat = script(_LUA_HEARTBEAT)
-        self._deregister = script(_LUA_DEREGISTER)
-        self._announce = script(_LUA_ANNOUNCE)
-        self._withdraw = script(_LUA_WITHDRAW)
-        self._touch = script(_LUA_TOUCH)
-        self._longest_prefix = script(_LUA_LONGEST_PREFIX)
-        self._sweep = script(_LUA_SWEEP)
+        self._register = script(lua.LUA_REGISTER)
+        self._heartbeat = script(lua.LUA_HEARTBEAT)
+        self._deregister = script(lua.LUA_DEREGISTER)
+        self._announce = script(lua.LUA_ANNOUNCE)
+        self._withdraw = script(lua.LUA_WITHDRAW)
+        self._touch = script(lua.LUA_TOUCH)
+        self._longest_prefix = script(lua.LUA_LONGEST_PREFIX)
+        self._sweep = script(lua.LUA_SWEEP)
 
     @classmethod
     def from_url(

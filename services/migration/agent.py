@@ -10,6 +10,10 @@ Lifecycle of a migration on a worker (the RPCs of migration.proto, one method ea
 - HELPER: ``prepare`` (check digests, host the range, serve it on the data plane through
   ``MigrationHost``) -> the donor's data-plane messages -> ``release`` or ``abort`` (drop it).
 
+This class keeps the records, the calls of every role and the link to the helper; the donor's
+calls of a ``layers`` migration are ``LayerAgent``'s (layer_agent.py), those of an ``attention``
+migration ``AttentionAgent``'s (attention_agent.py).
+
 Every engine change runs on the engine thread through ``engine_call`` (between two steps);
 data-plane exchanges run on this agent's event loop. Only the agent changes a record's state.
 Leases: every call for a migration extends it; ``check`` (run every ``check_interval_s`` by
@@ -27,17 +31,18 @@ from typing import Any, TypeVar
 
 from services.common.errors import (
     AlreadyExistsError,
+    DependencyUnavailableError,
     InvalidRequestError,
     RequestNotFoundError,
 )
 from services.common.migration_states import MigrationState
 from services.engine.engine import Engine
 from services.engine.snapshot import EngineSnapshot
-from services.engine.stages import StageLayout
-from services.migration import donor
+from services.migration import donor, weights
+from services.migration.attention_agent import AttentionAgent, AttentionSelection
 from services.migration.host import MigrationHost
+from services.migration.layer_agent import LayerAgent
 from services.migration.link import HelperLink
-from services.migration.ports import DataStagePort
 from services.migration.records import (
     SWITCHED,
     AgentConfig,
@@ -78,6 +83,9 @@ class MigrationAgent:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._falling_back: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.layers = LayerAgent(self)  # the donor's calls of the `layers` kind
+        self.attention = AttentionAgent(self)  # the `attention` kind (attention_agent.py)
+        self.host.attention = self.attention.host
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -106,6 +114,7 @@ class MigrationAgent:
         if self._data_server is not None:
             await self._data_server.stop()
         self.host.close()
+        self.attention.host.close()
 
     # -- every role -----------------------------------------------------------------------
 
@@ -120,9 +129,10 @@ class MigrationAgent:
         fingerprint: str = "",
         digests: dict[int, str] | None = None,
         num_hosted_blocks: int = 0,
+        attention: AttentionSelection | None = None,
     ) -> tuple[MigrationRecord, str, dict[int, str], list[int]]:
         """The record, this worker's fingerprint and digests of ``layers``, and (helper) the
-        layers whose weights it lacks (then nothing is hosted and the record is ABORTED)."""
+        layers whose weights it lacks: hosted all the same, awaiting them (``copy_weights``)."""
         self._loop = asyncio.get_running_loop()
         if not migration_id:
             raise InvalidRequestError("migration_id is empty")
@@ -130,6 +140,10 @@ class MigrationAgent:
             raise InvalidRequestError(self.donor_refusal)
         if migration_id in self.records:
             raise AlreadyExistsError(f"migration {migration_id!r} is already here")
+        if attention is not None:
+            return await self.attention.prepare(
+                migration_id, role, donor_peer, helper_peer, lease_s, fingerprint, attention
+            )
         mine_fp, mine = await self.engine_call(lambda e: self._describe(e, layers))
         lease = self._lease(lease_s)
         record = MigrationRecord(
@@ -144,14 +158,23 @@ class MigrationAgent:
         )
         needed: list[int] = []
         if role is Role.HELPER:
-            needed = self._weights_needed(layers, mine_fp, mine, fingerprint, digests or {})
-            if needed:
-                record.state, record.reason = (
-                    MigrationState.ABORTED,
-                    f"weights needed for layers {needed}",
-                )
-            else:
-                await self._host(record, fingerprint, num_hosted_blocks)
+            needed = weights.needed(layers, mine_fp, mine, fingerprint, digests or {})
+            # Recorded first: the engine call runs on if this call is cancelled (an abort), and
+            # the Abort or the lease that follows must find the migration to undo the hosting.
+            self._add(record)
+            try:
+                hosted = await self.engine_call(
+                    lambda e: weights.host_range(
+                        e, migration_id, layers, num_hosted_blocks, fingerprint, needed,
+                        digests or {},
+                    )
+                )  # fmt: skip
+            except Exception:
+                self.records.pop(migration_id, None)  # refused: nothing hosted or recorded
+                raise
+            if not record.state.terminal:  # else an abort's unhost ran after the hosting
+                self.host.add(migration_id, *hosted)
+            return record, mine_fp, mine, needed
         self._add(record)
         return record, mine_fp, mine, needed
 
@@ -165,25 +188,6 @@ class MigrationAgent:
             if i not in self._digests and engine.model.holds_layer(i):
                 self._digests[i] = layer_digest(engine.model.layers[i])
         return engine.fingerprint, {i: self._digests[i] for i in layers if i in self._digests}
-
-    @staticmethod
-    def _weights_needed(
-        layers: range, fp: str, mine: dict[int, str], theirs_fp: str, theirs: dict[int, str]
-    ) -> list[int]:
-        if theirs_fp and theirs_fp != fp:
-            return list(layers)  # another model or dtype: its KV never mixes with ours
-        return [i for i in layers if i not in mine or (i in theirs and theirs[i] != mine[i])]
-
-    async def _host(self, record: MigrationRecord, fingerprint: str, num_blocks: int) -> None:
-        def host(engine: Engine) -> None:
-            blocks = num_blocks or engine.block_manager.num_blocks
-            fp = fingerprint or engine.fingerprint
-            hosted = engine.migration.host_layers(
-                record.migration_id, record.start, record.end, blocks, fp
-            )
-            self.host.add(record.migration_id, hosted)
-
-        await self.engine_call(host)
 
     def renew(self, migration_id: str, lease_s: float | None) -> MigrationRecord:
         record = self.get(migration_id)
@@ -236,7 +240,9 @@ class MigrationAgent:
 
     async def _end(self, record: MigrationRecord, state: MigrationState, reason: str) -> None:
         """Undo what this worker holds for ``record`` (raises, changing nothing, if it cannot)."""
-        if record.role is Role.DONOR:
+        if self.attention.owns(record.migration_id):
+            await self.attention.end(record)
+        elif record.role is Role.DONOR:
             if record.port is not None or record.weights_dropped:
                 await self.engine_call(donor.fall_back)
             await self._disconnect(record)
@@ -252,130 +258,38 @@ class MigrationAgent:
         if migration_id in engine.migration.hosted_layers:
             engine.migration.release_hosted_layers(migration_id)
 
-    # -- donor ----------------------------------------------------------------------------
+    # -- donor (the layers kind in layer_agent.py, the attention kind in attention_agent.py) --
+
+    async def copy_weights(
+        self, migration_id: str, helper: Peer, layers: list[int]
+    ) -> tuple[int, float]:
+        """Ship ``layers``' weights to a helper lacking them (weights.py): (bytes, seconds)."""
+        return await self.layers.copy_weights(migration_id, helper, layers)
 
     async def copy_kv(self, migration_id: str, helper: Peer) -> tuple[int, int, float]:
         """One stage of the copy: (bytes, sequences, seconds)."""
-        record = self._donor(migration_id, MigrationState.PLANNED, MigrationState.COPYING)
-        t0 = self.clock()
-        await self._connect(record, helper)
-        num_bytes, moved = await self._copy_stage(record)
-        record.state = MigrationState.COPYING
-        return num_bytes, moved, self.clock() - t0
-
-    async def _copy_stage(self, record: MigrationRecord) -> tuple[int, int]:
-        seqs = await self.engine_call(donor.running)
-        held = await self._link(record).held(list(seqs))
-        num_bytes, moved = 0, 0
-        for rid in seqs:
-            chunks = await self.engine_call(
-                lambda e, rid=rid: donor.export_delta(e, rid, record.layers, held.get(rid, 0))
-            )
-            if chunks:
-                num_bytes += await self._link(record).send(chunks)
-                moved += 1
-        return num_bytes, moved
+        if self.attention.owns(migration_id):
+            return await self.attention.copy_kv(migration_id, helper)
+        return await self.layers.copy_kv(migration_id, helper)
 
     async def switch(
         self, migration_id: str, num_micro_batches: int, stage_timeout_s: float | None
     ) -> donor.PauseResult:
-        record = self._donor(migration_id, MigrationState.PLANNED, MigrationState.COPYING)
-        link = self._link(record)
-        loop = asyncio.get_running_loop()
-        await self._copy_stage(record)  # one more stage first: the pause sends only a step's KV
-        held = await link.held(list(await self.engine_call(donor.running)))
-        port = DataStagePort(
-            link.client,
-            migration_id,
-            loop,
-            stage_timeout_s or self.config.data_timeout_s,
-            lambda reason: self._port_failed(migration_id, reason),
-        )
-
-        def layout(num_layers: int) -> StageLayout:
-            kwargs = {"timeout_s": stage_timeout_s} if stage_timeout_s else {}
-            return StageLayout.split(num_layers, record.start, port, num_micro_batches, **kwargs)
-
-        def send(chunks: list[donor.KVChunk]) -> int:
-            return self._blocking(link.send(chunks))
-
-        # Switched before the engine's next step can fail through the port (and fall back).
-        previous, record.port, record.state = record.state, port, MigrationState.SWITCHING
-        try:
-            return await self.engine_call(
-                lambda e: donor.switch(e, record.layers, held, send, layout)
-            )
-        except BaseException:
-            record.port, record.state = None, previous
-            raise
+        if self.attention.owns(migration_id):
+            return await self.attention.switch(migration_id, stage_timeout_s)
+        return await self.layers.switch(migration_id, num_micro_batches, stage_timeout_s)
 
     async def activate(self, migration_id: str, drop_weights: bool) -> tuple[int, int]:
         """(blocks before, blocks after) of the donor's pool."""
-        record = self._donor(migration_id, MigrationState.SWITCHING, MigrationState.ACTIVE)
-
-        def drop(engine: Engine) -> tuple[int, int]:
-            before = engine.block_manager.num_blocks
-            if drop_weights and engine.model.holds_layer(record.start):
-                engine.migration.drop_layers(record.start)
-            return before, engine.block_manager.num_blocks
-
-        result = await self.engine_call(drop)
-        record.weights_dropped = record.weights_dropped or drop_weights
-        record.state = MigrationState.ACTIVE
-        return result
+        if self.attention.owns(migration_id):
+            return await self.attention.activate(migration_id)
+        return await self.layers.activate(migration_id, drop_weights)
 
     async def revert(self, migration_id: str) -> donor.PauseResult:
-        """Layers back (weights first, then the KV copied back in stages while the donor still
-        steps through the helper), then the pause: the last delta and the local layout. The
-        result counts every byte copied back; its pause is the last step's only."""
-        record = self._donor(migration_id, MigrationState.SWITCHING, MigrationState.ACTIVE)
-        await self.engine_call(lambda e: e.migration.restore_layers())
-        record.weights_dropped = False
-        pre_bytes, pre_ids = await self._copy_back(record)
-        result = await self._revert_pause(record)
-        return donor.PauseResult(
-            pre_bytes + result.num_bytes,
-            tuple(sorted({*pre_ids, *result.request_ids})),
-            result.pause_s,
-            result.requeued,
-        )
-
-    async def _copy_back(self, record: MigrationRecord) -> tuple[int, list[str]]:
-        """The staged reverse copy: each sequence's KV the donor lacks, up to what it had
-        computed when asked, written back between steps (the pause sends only what follows)."""
-        seqs = await self.engine_call(donor.running)
-        held = await self._link(record).held(list(seqs))
-        num_bytes, moved = 0, []
-        for rid, done in seqs.items():
-            if held.get(rid, 0) < done:
-                continue
-            missing = await self.engine_call(lambda e, rid=rid: e.placement.missing(rid))
-            chunks = [
-                await self._link(record).fetch_kv(rid, layer, have, done)
-                for layer, have in missing.items()
-                if have < done
-            ]
-            if chunks:
-                n = await self.engine_call(lambda e, rid=rid, c=chunks: donor.restore(e, rid, c))
-                num_bytes += n
-                moved.append(rid)
-        record.moved(num_bytes, moved)
-        return num_bytes, moved
-
-    async def _revert_pause(self, record: MigrationRecord) -> donor.PauseResult:
-        link = self._link(record)
-
-        def fetch_held(ids: list[str]) -> dict[str, int]:
-            return self._blocking(link.held(ids))
-
-        def fetch_kv(rid: str, layer: int, start: int, end: int) -> Any:
-            return self._blocking(link.fetch_kv(rid, layer, start, end))
-
-        result = await self.engine_call(lambda e: donor.revert(e, fetch_held, fetch_kv))
-        record.moved(result.num_bytes, result.request_ids)
-        record.weights_dropped, record.state = False, MigrationState.REVERTING
-        await self._disconnect(record)
-        return result
+        """Layers (or blocks) back; the result counts every byte copied back."""
+        if self.attention.owns(migration_id):
+            return await self.attention.revert(migration_id)
+        return await self.layers.revert(migration_id)
 
     def _port_failed(self, migration_id: str, reason: str) -> None:
         """On the loop: the helper is unreachable; run every layer here again (once)."""
@@ -383,6 +297,7 @@ class MigrationAgent:
         if record is None or record.state not in SWITCHED or migration_id in self._falling_back:
             return
         self._falling_back.add(migration_id)
+        record.helper_lost = reason
 
         async def fall_back() -> None:
             try:
@@ -447,14 +362,23 @@ class MigrationAgent:
 
     @staticmethod
     def _link(record: MigrationRecord) -> HelperLink:
-        if record.link is None:
-            raise InvalidRequestError(f"migration {record.migration_id}: CopyKV first (no helper)")
-        return record.link
+        if record.link is not None:
+            return record.link
+        if record.helper_lost:  # a call that passed its state check before the fall-back
+            helper = record.helper
+            raise DependencyUnavailableError(
+                f"migration {record.migration_id}: helper {helper.worker_id or '?'} at "
+                f"{helper.data_address} is lost ({record.helper_lost}); the donor runs every "
+                "layer itself again"
+            )
+        raise InvalidRequestError(f"migration {record.migration_id}: CopyKV first (no helper)")
 
     async def _disconnect(self, record: MigrationRecord) -> None:
-        if record.port is not None:
-            record.port.close()
-            record.port = None
+        if (port := record.port) is not None:
+            await port.drain()  # KV reads of handoffs in flight finish first
+            port.close()
+            if record.port is port:  # a concurrent disconnect (fall-back, revert) may be first
+                record.port = None
         if record.link is not None:
             link, record.link = record.link, None
             await link.close()
@@ -466,8 +390,11 @@ class MigrationAgent:
             return
         if kind in ("kv_import", "kv_export"):
             record.moved(nbytes, ids)
+        if kind == "kv_import" and record.state is not MigrationState.PLANNED:
+            return  # a copy stage, or (switched) a sequence imported since: the state stays
         nxt = {
             "kv_import": MigrationState.COPYING,
+            "weights_import": MigrationState.COPYING,
             "stage_run": MigrationState.ACTIVE,
             "kv_export": MigrationState.REVERTING,
         }

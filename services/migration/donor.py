@@ -62,11 +62,33 @@ def export_delta(engine: Engine, request_id: str, layers: range, held: int) -> l
     return [(request_id, *engine.export_kv(request_id, layer, start, done)) for layer in layers]
 
 
+def export_deltas(
+    engine: Engine,
+    request_ids: list[str],
+    layers: range,
+    held: dict[str, int],
+    max_bytes: int,
+) -> tuple[list[KVChunk], list[str]]:
+    """``export_delta`` for sequences of ``request_ids`` in order, in one visit of the engine
+    thread, until the chunks reach ``max_bytes`` (at least one sequence's); the chunks, and the
+    request ids not visited yet."""
+    chunks: list[KVChunk] = []
+    num_bytes = 0
+    for i, rid in enumerate(request_ids):
+        if chunks and num_bytes >= max_bytes:
+            return chunks, request_ids[i:]
+        more = export_delta(engine, rid, layers, held.get(rid, 0))
+        chunks += more
+        num_bytes += sum(data.numel() * data.element_size() for _, data, _ in more)
+    return chunks, []
+
+
 def check_switchable(engine: Engine) -> None:
+    # A fetch writes its prefix into this pool, every layer, while the suffix computes: the
+    # helper would lack the prefix's KV for [k, L). Imports need no such wait: the engine
+    # moves what they wrote so far to the helper as the layout switches (kv_routes.py).
     if len(engine.fetches):
         raise ResourceExhaustedError("prefix fetches are in flight; switch once they land")
-    if engine.requests.importing:
-        raise ResourceExhaustedError("sequences are importing KV; switch once they run")
 
 
 def switch(
@@ -79,12 +101,12 @@ def switch(
     """The pause: each running sequence's last delta to the helper, then the split layout."""
     t0 = time.monotonic()
     check_switchable(engine)
-    num_bytes, moved = 0, []
-    for rid in running(engine):
-        chunks = export_delta(engine, rid, layers, held.get(rid, 0))
-        if chunks:
-            num_bytes += send(chunks)
-            moved.append(rid)
+    chunks = [
+        c for rid in running(engine) for c in export_delta(engine, rid, layers, held.get(rid, 0))
+    ]
+    # every sequence's delta in one exchange: the pause waits for one answer, not one each
+    num_bytes = send(chunks) if chunks else 0
+    moved = list(dict.fromkeys(rid for rid, _, _ in chunks))
     requeued = engine.migration.set_stages(layout(engine.spec.num_layers))
     return PauseResult(num_bytes, tuple(moved), time.monotonic() - t0, tuple(requeued))
 

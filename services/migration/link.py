@@ -23,6 +23,7 @@ from services.rpc import dataplane
 from services.rpc.dataplane import DataClient
 
 OnMoved = Callable[[int, Iterable[str]], None]  # bytes, the sequences they belong to
+BATCH_BYTES = 4 << 20  # KV per kv_import_batch message (the data plane's chunk scale)
 
 
 class HelperLink:
@@ -57,8 +58,19 @@ class HelperLink:
         return wire.decode_held_tokens(header, request_ids)
 
     async def send(self, chunks: list[KVChunk]) -> int:
-        """Every chunk at once (the connection multiplexes them); bytes sent."""
-        messages = [wire.encode_kv_import(self.migration_id, *chunk) for chunk in chunks]
+        """Every chunk, packed into ``kv_import_batch`` messages of up to ``BATCH_BYTES`` each
+        (a one-step delta of many sequences is thousands of small chunks) sent at once (the
+        connection multiplexes them); bytes sent."""
+        batches: list[list[KVChunk]] = [[]]
+        size = 0
+        for chunk in chunks:
+            n = chunk[1].numel() * chunk[1].element_size()
+            if batches[-1] and size + n > BATCH_BYTES:
+                batches.append([])
+                size = 0
+            batches[-1].append(chunk)
+            size += n
+        messages = [wire.encode_kv_import_batch(self.migration_id, b) for b in batches if b]
         await asyncio.gather(*(self._request(h, p) for h, p in messages))
         num_bytes = sum(data.numel() * data.element_size() for _, data, _ in chunks)
         self.on_moved(num_bytes, {c[0] for c in chunks})

@@ -43,6 +43,9 @@ class AgentConfig:
     data_timeout_s: float = 30.0  # one data-plane message (a KV chunk, a stage's work)
     keep_ended: int = 64  # ended migrations List still shows
     check_interval_s: float = 0.5  # how often leases are checked
+    weight_chunk_bytes: int = 4 << 20  # largest weights_import payload (weights.py)
+    # KV a copy stage exports per visit of the engine thread (then sends at once, concurrently)
+    copy_batch_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
         for name in ("default_lease_s", "max_lease_s", "data_timeout_s", "check_interval_s"):
@@ -50,6 +53,9 @@ class AgentConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.default_lease_s > self.max_lease_s:
             raise ConfigError("default_lease_s must not exceed max_lease_s")
+        for name in ("weight_chunk_bytes", "copy_batch_bytes"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.keep_ended < 0:
             raise ConfigError(f"keep_ended must be >= 0, got {self.keep_ended}")
 
@@ -69,6 +75,8 @@ class MigrationRecord:
     sequences: set[str] = field(default_factory=set)  # whose KV moved
     reason: str = ""
     weights_dropped: bool = False
+    # donor only: why the helper is lost, once its port found it unreachable (the fall-back)
+    helper_lost: str = ""
     # donor only: the data-plane connection to the helper and the stage port using it
     link: Any = None  # services.migration.link.HelperLink
     port: StagePort | None = None
@@ -82,13 +90,30 @@ class MigrationRecord:
         self.sequences.update(request_ids)  # type: ignore[arg-type]
 
 
-def layer_digest(layer: nn.Module) -> str:
-    """16-byte BLAKE2b (hex) of a layer's parameters and buffers: names, dtypes, shapes, bytes."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(layer.state_dict().items()):
-        if tensor.is_mkldnn:  # a oneDNN-packed weight (packed_linear.py): digest its values
+def layer_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """A decoder layer's parameters and buffers as an unpacked layer names them, dense, on the
+    CPU: a oneDNN-packed linear (packed_linear.py) reads back as its ``[out, in]`` weight, so
+    packed and unpacked copies of one layer (CPU and GPU workers) look the same."""
+    out = {}
+    for name, tensor in layer.state_dict().items():
+        if tensor.is_mkldnn:
             tensor = tensor.to_dense()
+        if name.endswith(".packed"):
+            name = name.removesuffix(".packed") + ".weight"
+        out[name] = tensor.detach().to("cpu").contiguous()
+    return out
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """16-byte BLAKE2b (hex) over tensors in name order: names, dtypes, shapes, bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(tensors.items()):
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         h.update(f"{name}:{flat.dtype}:{list(tensor.shape)};".encode())
         h.update(flat.view(torch.uint8).numpy())
     return h.hexdigest()
+
+
+def layer_digest(layer: nn.Module) -> str:
+    """The digest of a layer's weights (``layer_tensors``): equal means identical weights."""
+    return tensors_digest(layer_tensors(layer))

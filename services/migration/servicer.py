@@ -12,6 +12,7 @@ from services.common.errors import InvalidRequestError
 from services.common.limits import check_address, check_id
 from services.common.migration_states import MigrationState
 from services.migration.agent import MigrationAgent
+from services.migration.attention_agent import selection_from_proto
 from services.migration.records import MigrationRecord, Peer, Role
 from services.rpc.convert import (
     DATA_TRANSPORT_FROM_PROTO,
@@ -75,6 +76,7 @@ def view(record: MigrationRecord, agent: MigrationAgent) -> pb.MigrationView:
         num_hosted_sequences=hosted.num_seqs if hosted else 0,
         num_hosted_blocks_used=hosted.num_blocks_used if hosted else 0,
         num_hosted_blocks=hosted.num_blocks if hosted else 0,
+        **agent.attention.view_fields(record),
     )
 
 
@@ -108,8 +110,11 @@ class MigrationWorkerServicer(migration_pb2_grpc.MigrationWorkerServiceServicer)
             request.fingerprint,
             digests,
             request.num_hosted_blocks,
+            attention=(
+                selection_from_proto(request.attention) if request.HasField("attention") else None
+            ),
         )
-        if role is Role.HELPER and not needed:
+        if role is Role.HELPER:
             record.helper = Peer(
                 record.helper.worker_id,
                 record.helper.address,
@@ -121,6 +126,16 @@ class MigrationWorkerServicer(migration_pb2_grpc.MigrationWorkerServiceServicer)
             fingerprint=fp,
             layer_digests=[pb.LayerDigest(layer=i, digest=d) for i, d in sorted(mine.items())],
             weights_needed=needed,
+        )
+
+    async def CopyWeights(self, request, context):  # noqa: N802
+        mid = _id(request)
+        helper = peer_from_proto(request.helper, "helper")
+        nbytes, took = await self.agent.copy_weights(mid, helper, list(request.layers))
+        return pb.MigrationWorkerServiceCopyWeightsResponse(
+            migration=view(self.agent.get(mid), self.agent),
+            bytes_moved=nbytes,
+            duration=duration(took),
         )
 
     async def CopyKV(self, request, context):  # noqa: N802

@@ -13,12 +13,16 @@ Donor -> helper (request header ``kind``):
 - ``kv_import``: one layer of one sequence's KV (``KVLayout`` in the header);
 - ``kv_export``: ask for one layer of a hosted sequence's KV back, answered by ``kv_exported``;
 - ``release`` / ``held_tokens``: free sequences / how many tokens of each the helper holds.
+- ``weights_import``: one chunk of one tensor of a layer's weights, for a helper lacking them
+  (weights.py checks and assembles them), answered ``ok``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from services.common import kv_wire
@@ -131,22 +135,99 @@ def decode_stage_run(run: pb.StageRun, payload: memoryview) -> StageWork:
     return StageWork(run.start_layer, run.end_layer, hidden, seqs)
 
 
+def _kv_import(request_id: str, data: torch.Tensor, layout: KVLayout) -> pb.KVImport:
+    if tuple(data.shape) != layout.shape or DTYPE_NAMES.get(data.dtype) != layout.dtype:
+        raise InvalidRequestError(f"KV {list(data.shape)} {data.dtype} is not its layout's")
+    return pb.KVImport(request_id=request_id, layer=layout.layer, layout=layout_to_proto(layout, 0))
+
+
 def encode_kv_import(
     migration_id: str, request_id: str, data: torch.Tensor, layout: KVLayout
 ) -> Message:
-    msg = pb.KVImport(request_id=request_id, layer=layout.layer, layout=layout_to_proto(layout, 0))
-    if tuple(data.shape) != layout.shape or DTYPE_NAMES.get(data.dtype) != layout.dtype:
-        raise InvalidRequestError(f"KV {list(data.shape)} {data.dtype} is not its layout's")
+    msg = _kv_import(request_id, data, layout)
     return request(migration_id, kv_import=msg), kv_wire.encode(data)
 
 
+def encode_kv_import_batch(
+    migration_id: str, chunks: Sequence[tuple[str, torch.Tensor, KVLayout]]
+) -> Message:
+    """Several sequences' layers in one message (``KVImportBatch``): payloads in order."""
+    if not chunks:
+        raise InvalidRequestError("a KV import batch needs at least one chunk")
+    items = [_kv_import(rid, data, layout) for rid, data, layout in chunks]
+    payload = np.concatenate([kv_wire.encode(data) for _, data, _ in chunks])
+    return request(migration_id, kv_import_batch=pb.KVImportBatch(items=items)), payload
+
+
+def decode_kv_import_batch(
+    batch: pb.KVImportBatch, payload: memoryview
+) -> list[tuple[str, torch.Tensor, KVLayout]]:
+    """Each item's request id, KV and layout; the payload must be exactly their blocks."""
+    view = memoryview(payload).cast("B")
+    out, at = [], 0
+    for item in batch.items:
+        layout = layout_from_proto(item.layout, item.layer)
+        if layout.block_size <= 0 or layout.num_blocks <= 0:
+            raise InvalidRequestError(f"KV layout covers no block: {layout}")
+        size = layout.num_blocks * kv_wire.layout_block_nbytes(layout)
+        if at + size > view.nbytes:
+            raise InvalidRequestError(f"payload of {view.nbytes} bytes ends inside item {len(out)}")
+        data = kv_wire.decode_blocks(view[at : at + size], layout, layout.num_blocks)
+        out.append((item.request_id, data, layout))
+        at += size
+    if at != view.nbytes or not out:
+        raise InvalidRequestError(f"payload of {view.nbytes} bytes for KV of {at} bytes")
+    return out
+
+
+def import_each(
+    items: Sequence[tuple[str, torch.Tensor, KVLayout]],
+    import_kv: Callable[[str, torch.Tensor, KVLayout], None],
+) -> tuple[str, ...]:
+    """A host's handling of a decoded ``kv_import_batch`` (on one of its threads): every item
+    through ``import_kv``, in order; the request ids, once each."""
+    for request_id, data, layout in items:
+        import_kv(request_id, data, layout)
+    return tuple(dict.fromkeys(request_id for request_id, _, _ in items))
+
+
 def encode_kv_export(
-    migration_id: str, request_id: str, layer: int, start_token: int, end_token: int
+    migration_id: str,
+    request_id: str,
+    layer: int,
+    start_token: int,
+    end_token: int,
+    handoff: bool = False,
 ) -> bytes:
     msg = pb.KVExport(
-        request_id=request_id, layer=layer, start_token=start_token, end_token=end_token
+        request_id=request_id,
+        layer=layer,
+        start_token=start_token,
+        end_token=end_token,
+        handoff=handoff,
     )
     return request(migration_id, kv_export=msg)
+
+
+def encode_weights_import(
+    migration_id: str, layer: int, name: str, tensor: torch.Tensor, num_tensors: int, chunk: int
+) -> list[Message]:
+    """One tensor of a layer's weights as ``weights_import`` messages of at most ``chunk``
+    payload bytes each, in order (services/migration/weights.py)."""
+    spec = tensor_spec(tensor)
+    data = memoryview(tensor_bytes(tensor)).cast("B")  # type: ignore[arg-type]
+    return [
+        (
+            request(
+                migration_id,
+                weights_import=pb.WeightsImport(
+                    layer=layer, name=name, tensor=spec, offset=off, num_tensors=num_tensors
+                ),
+            ),
+            data[off : off + chunk],
+        )
+        for off in range(0, max(data.nbytes, 1), chunk)
+    ]
 
 
 def encode_release(migration_id: str, request_ids: list[str]) -> bytes:

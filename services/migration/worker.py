@@ -65,15 +65,6 @@ class MigrationRuntime:
         await self.agent.close()
 
 
-# A prefill worker hands each prompt's KV, every layer, to a decode worker from its own pool
-# as the layer completes (services/prefill/core.py); with [k, L) run on a helper those layers'
-# KV is not there. Until the handoff reads them from the helper it lends layers, never donates.
-PREFILL_CANNOT_DONATE = (
-    "a prefill worker cannot donate layers yet: its KV handoff reads every layer from its own "
-    "pool; it can be a helper"
-)
-
-
 async def start_migration(
     args: argparse.Namespace, worker: EngineWorker, host: str = "127.0.0.1", donor_refusal: str = ""
 ) -> MigrationRuntime:

@@ -21,11 +21,7 @@ from services.common.engine_args import (
 from services.common.metrics import EngineCollector, add_metrics_args, start_metrics
 from services.common.network import add_host_args, resolve_host
 from services.engine.engine import Engine
-from services.migration.worker import (
-    PREFILL_CANNOT_DONATE,
-    add_migration_args,
-    start_migration,
-)
+from services.migration.worker import add_migration_args, start_migration
 from services.prefill.clients import DEFAULT_MAX_CHUNK_BYTES, GrpcKVTransport
 from services.prefill.core import PrefillWorker
 from services.prefill.dataplane_transport import DataPlaneKVTransport, TargetKVTransport
@@ -100,7 +96,7 @@ async def serve(args: argparse.Namespace) -> None:
     store = KVStoreClient(args.kvstore, rpc, args.kvstore_timeout) if args.kvstore else None
     worker = PrefillWorker(engine, transport, store=store, store_overlap=args.kvstore_overlap)
     worker.start()
-    migration = await start_migration(args, worker, rpc.host, PREFILL_CANNOT_DONATE)
+    migration = await start_migration(args, worker, rpc.host)
     server = await start_server(
         [prefill_service(worker), migration.service],
         rpc,
@@ -118,6 +114,7 @@ async def serve(args: argparse.Namespace) -> None:
         engine.config.block_size,
         engine.block_manager.num_blocks,
         engine.max_model_len,
+        hosts_only=engine.hosts_only,
     )
     assert worker.died is not None  # set by start()
     died = None

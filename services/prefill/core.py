@@ -11,7 +11,9 @@ A request passes through (``JobStatus``, changed only by the coroutine that owns
                    the request's sender, which puts it on the wire while later layers compute;
 3. TRANSFERRING  - the first token is sampled and returned at once; the request's blocks are
                    freed here (its full blocks stay in the prefix cache) while the sender waits
-                   for the decode worker to acknowledge every layer;
+                   for the decode worker to acknowledge every layer. While this worker is a
+                   layer migration's donor, the layers ``[k, L)`` ran on the helper: they are
+                   read back from it (engine_side.py) and sent before the end frame;
 4. DONE / ABORTED.
 
 With a global KV store (``store``), step 1 also looks the prompt's full blocks up there and pins
@@ -63,7 +65,7 @@ from services.common.types import RequestOutput
 from services.engine.engine import Engine
 from services.engine.loop import EngineLoop, LoopConfig, StepFailure
 from services.engine.snapshot import LoopSnapshot
-from services.prefill.engine_side import EngineSide, drop_unfinished, dropper
+from services.prefill.engine_side import EngineSide, dropper
 from services.prefill.jobs import (
     FirstToken,
     Job,
@@ -119,7 +121,7 @@ class PrefillWorker:
             engine,
             LoopConfig("prefill", load_window_s=LOAD_WINDOW_S),
             on_layer_done=self._side.on_layer,
-            after_step=drop_unfinished,
+            after_step=self._side.after_step,
             clock=clock,
         )
         self._side.loop = self._loop
@@ -199,6 +201,8 @@ class PrefillWorker:
             if job.sender.failed is not None:
                 raise job.sender.failed
             yield FirstToken(output.new_token_ids, output.text_delta)
+            if job.remote_layers:  # this worker is a migration's donor (engine_side.py)
+                await self._bounded(self._send_remote_layers(job), deadline)
             self._write_back_later(job)
             transfer = None
             if output.finish_reason is None:
@@ -320,8 +324,27 @@ class PrefillWorker:
             )
             _fail(job, DependencyUnavailableError(message))
 
+    async def _send_remote_layers(self, job: Job) -> None:
+        """The layers a migration's helper computed for the prompt, to the sender in layer
+        order (kept for the store's write-back too)."""
+        futures, job.remote_layers = job.remote_layers, []
+        for future in futures:
+            try:
+                data, layout = await asyncio.wrap_future(future)
+            except Exception as e:  # noqa: BLE001 - the helper's copy is gone: UNAVAILABLE
+                raise DependencyUnavailableError(
+                    f"request {job.request_id!r}: the KV its migration helper computed could "
+                    f"not be read back: {e}"
+                ) from e
+            assert job.sender is not None
+            job.sender.send_layer(data, layout)
+            if self._store is not None:
+                job.kv_layers.append((data, layout))
+
     def _write_back_later(self, job: Job) -> None:
-        if self._store is not None and job.kv_layers:
+        # Every layer or none: a prompt whose first token ended it leaves [k, L) on the helper.
+        complete = len(job.kv_layers) == self.engine.spec.num_layers
+        if self._store is not None and complete:
             layers, job.kv_layers = job.kv_layers, []
             self._spawn(self._store.write_back(job.request_id, layers, job.num_store_blocks))
 

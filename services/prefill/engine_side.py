@@ -1,7 +1,15 @@
 """What the prefill worker runs on its engine thread (services/engine/loop.py): adding a job to
 the engine (with its store prefix, if any), the layer hook that hands each finished layer's KV
-to the job's sender while later layers compute, and dropping every request after its first
-token. Reads the worker's job table (a dict the event loop changes: single reads only)."""
+to the job's sender while later layers compute, and, after each step, dropping every request
+after its first token. Reads the worker's job table (a dict the event loop changes: single
+reads only).
+
+While this worker is a layer migration's donor, the layers ``[k, L)`` of each step run on the
+helper and the hook sees only ``[0, k)``. After the step that completes a prompt, ``after_step``
+asks for the rest (``Engine.export_kv_async``: the helper's copy, read through the stage port)
+before dropping the request; the job's coroutine hands them to the sender once they arrive
+(core.py), and the helper frees its copy only after those reads (``StagePort.release``).
+"""
 
 from __future__ import annotations
 
@@ -79,6 +87,22 @@ class EngineSide:
                 job.num_layers_sent += 1
                 if self._store is not None:
                     job.kv_layers.append((data, layout))
+
+    def after_step(self, engine: Engine, outputs: list[RequestOutput]) -> None:
+        """After each step: ask for the layers the hook did not see (they ran on a helper) of
+        every prompt that got its first token, then drop those requests."""
+        num_layers = engine.spec.num_layers
+        for output in outputs:
+            job = self._jobs.get(output.request_id)
+            if output.finished or job is None or job.sender is None:
+                continue
+            if job.status is JobStatus.COMPUTING and job.num_layers_sent < num_layers:
+                job.remote_layers = [
+                    engine.export_kv_async(output.request_id, layer)
+                    for layer in range(job.num_layers_sent, num_layers)
+                ]
+                job.num_layers_sent = num_layers
+        drop_unfinished(engine, outputs)
 
 
 def _computing(job: Job) -> None:

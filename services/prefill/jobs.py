@@ -83,6 +83,9 @@ class Job:
     # send a layer twice. With a store they are also kept, in layer order, for the write-back.
     num_layers_sent: int = 0
     kv_layers: list[tuple[torch.Tensor, KVLayout]] = field(default_factory=list)
+    # The layers [k, L) a migration's helper computed (this worker its donor), in layer order,
+    # set by the engine thread after the prompt's last step: core.py hands them on.
+    remote_layers: list[Future[tuple[torch.Tensor, KVLayout]]] = field(default_factory=list)
 
     @property
     def request_id(self) -> str:

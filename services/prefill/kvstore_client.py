@@ -82,6 +82,9 @@ class KVStoreClient:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._data: dict[str, dataplane.DataClient] = {}
         self._nodes: list[Node] = []
+        # A node's data plane broke (it restarted, likely on a new port): learn the nodes anew
+        # before the next write-back instead of writing to the old address for ever.
+        self._nodes_stale = False
 
     def _stub(self, address: str) -> kvstore_pb2_grpc.KVStoreServiceStub:
         channel = self._channels.get(address)
@@ -92,9 +95,28 @@ class KVStoreClient:
     async def _data_client(self, node: Node) -> dataplane.DataClient:
         client = self._data.get(node.data_address)
         if client is None:
-            client = await dataplane.connect(node.transport, node.data_address, self._timeout_s)
+            try:
+                client = await dataplane.connect(node.transport, node.data_address, self._timeout_s)
+            except dataplane.DataPlaneError as exc:
+                self._nodes_stale = True
+                raise StoreError(f"connect to {node.node_id} failed: {exc}") from None
             self._data[node.data_address] = client
         return client
+
+    async def _data_failed(
+        self, node: Node, exc: dataplane.DataPlaneError, what: str
+    ) -> StoreError:
+        """A data-plane call to ``node`` failed. A connection that broke (UNAVAILABLE) or hangs
+        (TIMEOUT) never recovers: the client is dropped, so the next call connects afresh, and
+        the node list is refreshed before the next write-back. A REMOTE error (the node answered)
+        keeps both."""
+        if exc.kind is not dataplane.ErrorKind.REMOTE:
+            self._nodes_stale = True
+            client = self._data.pop(node.data_address, None)
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.close()
+        return StoreError(f"{what} {node.node_id} failed: {exc}")
 
     async def close(self) -> None:
         for client in self._data.values():
@@ -174,7 +196,7 @@ class KVStoreClient:
         try:
             _, payload = await client.request(header, b"", self._timeout_s)
         except dataplane.DataPlaneError as exc:
-            raise StoreError(f"read from {run.node.node_id} failed: {exc}") from None
+            raise await self._data_failed(run.node, exc, "read from") from None
         return payload
 
     async def release(self, prefix: CachedPrefix) -> None:
@@ -190,7 +212,11 @@ class KVStoreClient:
     async def write_back(self, hashes: Sequence[BlockHash], layers: Sequence[torch.Tensor]) -> int:
         """Stores blocks ``hashes`` whose KV is ``layers[l][:, i]`` (``[2, n, bs, h, d]`` per
         layer); returns how many blocks this writer stored (others were there or in flight)."""
-        if not hashes or not self._nodes:
+        if not hashes:
+            return 0
+        if self._nodes_stale or not self._nodes:
+            await self._refresh_nodes()
+        if not self._nodes:
             return 0
         node_ids = [n.node_id for n in self._nodes]
         by_id = {n.node_id: n for n in self._nodes}
@@ -201,6 +227,18 @@ class KVStoreClient:
             *(self._write_node(by_id[nid], hashes, idx, layers) for nid, idx in groups.items())
         )
         return sum(written)
+
+    async def _refresh_nodes(self) -> None:
+        """The live nodes, from a ``Lookup`` of nothing (a worker that only hits its own prefix
+        cache looks nothing up otherwise)."""
+        try:
+            reply = await self._stub(self._address).Lookup(
+                kvstore_pb2.LookupRequest(), timeout=self._timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise StoreError(f"lookup failed: {exc.code().name}: {exc.details()}") from None
+        self._nodes = [_node(n) for n in reply.nodes]
+        self._nodes_stale = False
 
     async def _write_node(
         self,
@@ -223,7 +261,10 @@ class KVStoreClient:
         try:
             if todo:
                 client = await self._data_client(node)
-                await self._write_layers(client, reply.reservation_id, layers, todo, hashes)
+                try:
+                    await self._write_layers(client, reply.reservation_id, layers, todo, hashes)
+                except dataplane.DataPlaneError as exc:
+                    raise await self._data_failed(node, exc, "write to") from None
             await self._call(
                 node, "Commit", kvstore_pb2.CommitRequest(reservation_id=reply.reservation_id)
             )
@@ -254,10 +295,7 @@ class KVStoreClient:
             num_layers=len(layers),
         )
         header = kvstore_pb2.KVDataRequest(write=write).SerializeToString()
-        try:
-            await client.request(header, payload, self._timeout_s)
-        except dataplane.DataPlaneError as exc:
-            raise StoreError(f"write to {client!r} failed: {exc}") from None
+        await client.request(header, payload, self._timeout_s)
 
     async def _call(self, node: Node, method: str, message):
         try:
@@ -265,6 +303,8 @@ class KVStoreClient:
                 message, timeout=self._timeout_s
             )
         except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                self._nodes_stale = True
             raise StoreError(
                 f"{method} on {node.node_id} failed: {exc.code().name}: {exc.details()}"
             ) from None

@@ -210,7 +210,7 @@ class Router:
     def _with_role(
         self, healthy: Sequence[WorkerInfo], roles: set[WorkerRole], job: str, view: RequestView
     ) -> list[WorkerInfo]:
-        workers = [w for w in healthy if w.role in roles]
+        workers = [w for w in healthy if w.role in roles and not w.capacity.hosts_only]
         if not workers:
             raise NoWorkerError(
                 f"no healthy {_names(roles)} worker to {job} request {view.request_id!r} "

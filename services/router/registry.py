@@ -58,6 +58,9 @@ class WorkerCapacity:
     # Tokens a sequence may hold here (prompt + output); 0: not declared. A request ends
     # (LENGTH) when it reaches it, whatever its max_tokens.
     max_model_len: int = 0
+    # Holds some decoder layers only (``--load-layers``): a migration helper that serves no
+    # request of its own; policies never pick it.
+    hosts_only: bool = False
 
     def __post_init__(self) -> None:
         _check(self.num_kv_blocks > 0, f"num_kv_blocks must be > 0, got {self.num_kv_blocks}")

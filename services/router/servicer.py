@@ -230,7 +230,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         if role is None:
             raise InvalidRequestError(f"worker {info.worker_id!r} has no role")
         capacity = WorkerCapacity(
-            info.num_kv_blocks, info.block_size, info.fingerprint, info.max_model_len
+            info.num_kv_blocks,
+            info.block_size,
+            info.fingerprint,
+            info.max_model_len,
+            hosts_only=info.hosts_only,
         )
         self._router.register(info.worker_id, info.address, role, capacity)
 

@@ -27,11 +27,19 @@ def _common_options(config: RpcConfig, receive_bytes: int) -> Options:
     ]
 
 
+# A peer that went away is tried again every second at most, not on gRPC's default backoff
+# (growing to 2 minutes): a worker restarted on its port is reached by the router and the
+# coordinator within about a second of its return (tests/chaos/test_reconnect.py).
+RECONNECT_BACKOFF_MS = 1000
+
+
 def channel_options(config: RpcConfig) -> Options:
     # 0: keep pinging however long the connection stays idle (the default stops after two).
     return [
         *_common_options(config, config.max_message_bytes),
         ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
     ]
 
 

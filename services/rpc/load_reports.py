@@ -112,6 +112,7 @@ def worker_info(
     block_size: int,
     num_kv_blocks: int,
     max_model_len: int,
+    hosts_only: bool = False,
 ) -> router_pb2.WorkerInfo:
     return router_pb2.WorkerInfo(
         worker_id=worker_id,
@@ -122,6 +123,7 @@ def worker_info(
         block_size=block_size,
         num_kv_blocks=num_kv_blocks,
         max_model_len=max_model_len,
+        hosts_only=hosts_only,
     )
 
 

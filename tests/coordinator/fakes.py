@@ -3,8 +3,9 @@
 ``FakeCluster`` holds one ``FakePort`` per worker id. Every call is appended to the cluster's
 ``calls`` as ``"WORKER step"`` (in the order they start), and each worker keeps the set of
 migrations it holds, as a real worker would under a lease: ``prepare_donor`` and
-``prepare_helper`` (with identical digests) take one, ``release`` and ``abort`` give it back.
-The first copy moves ``KV_BYTES``, every later one ``DELTA_BYTES``. A test can
+``prepare_helper`` take one, ``release`` and ``abort`` give it back. A helper whose digests
+differ needs those layers: ``copy_weights`` ships ``WEIGHT_BYTES`` a layer in ``WEIGHTS_S``.
+The first copy moves ``KV_BYTES``, every later one ``DELTA_BYTES``, each in ``COPY_S``. A test can
 hold a step at its start (``hold``) and fail one (``fail``); no test waits on time.
 """
 
@@ -21,6 +22,7 @@ from services.coordinator.ports import (
     LeaseLostError,
     Reverted,
     Switched,
+    WeightsCopied,
     WorkerModel,
     WorkerNotFoundError,
 )
@@ -28,6 +30,9 @@ from services.coordinator.ports import (
 NUM_LAYERS = 4
 KV_BYTES = 640
 DELTA_BYTES = 64
+WEIGHT_BYTES = 4096
+WEIGHTS_S = 0.25
+COPY_S = 0.02
 
 
 class FakeClock:
@@ -85,14 +90,18 @@ class FakePort:
         await self._step(f"prepare helper for {sorted(donor.digests)}")
         mine = self._digests(plan)
         needed = tuple(i for i in sorted(mine) if donor.digests.get(i) != mine[i])
-        if not needed:
-            self.held.add(plan.migration_id)
+        self.held.add(plan.migration_id)
         return HelperPrepared(f"127.0.0.1:9{self.worker_id[-1]}00", "tcp", needed)
+
+    async def copy_weights(self, plan: LayerPlan, helper: HelperPrepared) -> WeightsCopied:
+        layers = list(helper.weights_needed)
+        await self._step(f"copy weights of {layers} to {helper.data_address}")
+        return WeightsCopied(WEIGHT_BYTES * len(layers), WEIGHTS_S)
 
     async def copy(self, plan: LayerPlan, helper: HelperPrepared) -> Copied:
         self.num_copies += 1
         await self._step(f"copy to {helper.data_address}")
-        return Copied(KV_BYTES if self.num_copies == 1 else DELTA_BYTES, 3)
+        return Copied(KV_BYTES if self.num_copies == 1 else DELTA_BYTES, 3, COPY_S)
 
     async def switch(self, plan: LayerPlan) -> Switched:
         await self._step(f"switch micro-batches={plan.num_micro_batches}")

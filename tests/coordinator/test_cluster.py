@@ -106,7 +106,12 @@ def test_coordinated_layer_migration_never_changes_output(cluster, tiny_llama, c
         )
         results = [f.result() for f in futures]
         args = argparse.Namespace(
-            coordinator=coordinator, tls_dir="", api_token_file="", migration_id=None, live=False
+            coordinator=coordinator,
+            tls_dir="",
+            api_token_file="",
+            migration_id=None,
+            live=False,
+            watch=False,
         )
         assert run_migrations(args) == 0
         worker = migration_pb2_grpc.MigrationWorkerServiceStub(d_ch)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import redis.asyncio as aioredis
 
 from services.common.errors import (
     InvalidRequestError,
@@ -15,10 +16,14 @@ from services.common.errors import (
 from services.coordinator.core import CoordinatorConfig, MigrationNotFoundError
 from services.coordinator.migration import MigrationState, TransitionError
 from services.coordinator.ports import WorkerNotFoundError
+from services.coordinator.store import RedisMigrationStore
 from tests.coordinator.factories import coordinator
 from tests.coordinator.fakes import (
+    COPY_S,
     DELTA_BYTES,
     KV_BYTES,
+    WEIGHT_BYTES,
+    WEIGHTS_S,
     FakeClock,
     FakeCluster,
 )
@@ -80,25 +85,33 @@ def test_forward_and_revert_in_order_with_bytes_and_times(redis_server, store_pr
     run(redis_server, store_prefix, body)
 
 
-def test_a_helper_without_identical_weights_aborts_before_copying(redis_server, store_prefix):
+def test_a_helper_without_identical_weights_gets_them_shipped_first(redis_server, store_prefix):
     cluster = FakeCluster(D, P)
     cluster.ports[P].digest = b"\x02"  # a worker started to host layers only
 
     async def body(coord, cluster, clock):
         m = await coord.start_layers(D, P, 1, 4, num_micro_batches=1, drop_weights=True)
         await coord.wait(m.migration_id)
-        assert m.state is S.ABORTED
-        assert m.reason == (
-            "prefill-0 lacks identical weights for layers [1, 2, 3] "
-            "(weight transfer is not implemented by the workers yet)"
-        )
-        assert cluster.steps() == [
+        assert (m.state, m.reason) == (S.ACTIVE, "")
+        assert cluster.steps()[:3] == [
             f"{D} prepare donor",
             f"{P} prepare helper for [1, 2, 3]",
-            f"{D} abort",
-            f"{P} abort",
+            f"{D} copy weights of [1, 2, 3] to 127.0.0.1:9000",
         ]
-        assert cluster.held() == {D: set(), P: set()}
+        assert cluster.steps()[3:] == FORWARD[2:4] + [
+            f"{D} switch micro-batches=1",
+            f"{D} activate drop=True",
+        ]
+        # the time split the record carries: weights, KV copied before the switch, the switch
+        assert (m.weights_skipped, m.num_weight_bytes, m.weights_s) == (
+            False,
+            3 * WEIGHT_BYTES,
+            WEIGHTS_S,
+        )
+        assert (m.num_copy_kv_bytes, m.kv_copy_s) == (KV_BYTES + DELTA_BYTES, 2 * COPY_S)
+        assert (m.num_switch_kv_bytes, m.switch_pause_s) == (DELTA_BYTES, 0.004)
+        assert m.num_kv_bytes == KV_BYTES + 2 * DELTA_BYTES
+        assert cluster.held() == {D: {"m-1"}, P: {"m-1"}}
 
     run(redis_server, store_prefix, body, cluster)
 
@@ -275,3 +288,39 @@ def test_the_table_refuses_skipping_states():
     m.enter(S.ABORTED, 1.0)
     with pytest.raises(TransitionError, match="ABORTED -> COPYING"):
         m.enter(S.COPYING, 2.0)
+
+
+def test_after_redis_comes_back_empty_ids_go_on_and_records_are_written_back(
+    redis_server, store_prefix
+):
+    """Redis restarted empty under a running coordinator: its counter starts over, yet the next
+    migration is m-3, not a second m-1 replacing the one held, and m-1 and m-2 are in Redis
+    again (a restarted coordinator would find them)."""
+    cluster = FakeCluster(D, P, "decode-1", "prefill-1")
+
+    async def body(coord, cluster, clock):
+        first = await coord.start_layers(D, P, 2)
+        await coord.wait("m-1")
+        await coord.revert("m-1")
+        await coord.wait("m-1")
+        second = await coord.start_layers(D, P, 3)
+        await coord.wait("m-2")
+        client = aioredis.Redis.from_url(redis_server.url)
+        await client.delete(*[k async for k in client.scan_iter(match=f"{store_prefix}:*")])
+        await client.aclose()
+        third = await coord.start_layers("decode-1", "prefill-1", 2)
+        await coord.wait(third.migration_id)
+        assert third.migration_id == "m-3"
+        assert {m.migration_id: m for m in coord.list()} == {
+            "m-1": first, "m-2": second, "m-3": third,
+        }  # fmt: skip
+        assert [(m.state, m.start_layer) for m in coord.list()] == [
+            (S.DONE, 2), (S.ACTIVE, 3), (S.ACTIVE, 2),
+        ]  # fmt: skip
+        store = RedisMigrationStore.from_url(redis_server.url, store_prefix)
+        loaded = await store.load_all()
+        assert [await store.next_id(), await store.next_id()] == ["m-4", "m-5"]
+        await store.close()
+        assert loaded == [first, second, third]
+
+    run(redis_server, store_prefix, body, cluster)

@@ -103,8 +103,8 @@ BAD = [
     (pb.StartMigrationRequest(), C.INVALID_ARGUMENT, "kind must be MIGRATION_KIND_LAYERS"),
     (
         pb.StartMigrationRequest(kind=pb.MIGRATION_KIND_ATTENTION),
-        C.UNIMPLEMENTED,
-        "attention migrations are not implemented yet",
+        C.INVALID_ARGUMENT,
+        "an attention migration needs `attention`",
     ),
     (
         pb.StartMigrationRequest(kind=pb.MIGRATION_KIND_LAYERS),

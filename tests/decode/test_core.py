@@ -95,6 +95,23 @@ def test_load_meter_reports_mean_step_and_busy_share_of_the_window():
     assert meter.snapshot() == (0.0, 0.0)
 
 
+def test_load_meter_counts_the_step_in_flight_as_busy():
+    clock = FakeClock()
+    meter = LoadMeter(1.0, clock)
+    meter.begin(98.0)  # a 3 s prefill step, still running: busy, not idle until it ends
+    clock.now = 100.0
+    assert meter.snapshot() == (0.0, 1.0)
+    meter.end()
+    meter.record(98.0, 100.0)
+    meter.begin(100.2)
+    clock.now = 100.5
+    step, busy = meter.snapshot()
+    assert step == pytest.approx(2.0)
+    assert busy == pytest.approx(0.5 + 0.3)
+    meter.end()
+    assert meter.snapshot()[1] == pytest.approx(0.5)
+
+
 def test_mixed_worker_prefills_locally_and_streams_every_token(tiny_llama):
     engine = make_engine(tiny_llama)
     prompts = [prompt_ids(n, seed) for seed, n in enumerate((5, 40, 70))]

@@ -126,6 +126,30 @@ def test_a_dead_engine_loop_frees_every_request_and_refuses_new_ones(tiny_llama,
     )
 
 
+def test_a_reservation_answered_after_the_loop_died_says_so(tiny_llama, monkeypatch):
+    """ReserveKV of a local prefill whose first outputs kill the loop before the reply: the
+    reply is UNAVAILABLE with the cause (it was NOT_FOUND "was released", a flake in CI)."""
+    monkeypatch.setattr(DecodeWorker, "_dispatch", broken_dispatch)
+
+    async def main():
+        async with decode_server(tiny_llama, MIXED) as (worker, stub):
+            call = worker._loop.call
+
+            async def reply_after_the_death(fn):
+                result = await call(fn)
+                await asyncio.wait_for(asyncio.shield(worker.died), 5)
+                return result
+
+            monkeypatch.setattr(worker._loop, "call", reply_after_the_death)
+            return await rpc_error(stub.ReserveKV(local_request("r", prompt_ids(20, 8))))
+
+    error = asyncio.run(main())
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.UNAVAILABLE,
+        "this decode worker's engine loop has stopped; it is shutting down",
+    )
+
+
 def test_a_worker_whose_loop_died_turns_not_serving_leaves_the_router_and_exits(
     tiny_llama, monkeypatch
 ):
@@ -139,8 +163,14 @@ def test_a_worker_whose_loop_died_turns_not_serving_leaves_the_router_and_exits(
             await asyncio.sleep(0.01)
         channel = open_channel(info.address, RPC)
         worker = decode_pb2_grpc.DecodeServiceStub(channel)
-        await worker.ReserveKV(local_request("r1", prompt_ids(20, 7)), timeout=5)
-        got = await rpc_error(collect(stream(worker, "r1")))
+
+        async def reserve_and_stream():
+            # The loop dies at r1's first outputs: before ReserveKV answers or after, so the
+            # error comes from either call; both say why (UNAVAILABLE), never NOT_FOUND.
+            await worker.ReserveKV(local_request("r1", prompt_ids(20, 7)), timeout=5)
+            return await collect(stream(worker, "r1"))
+
+        got = await rpc_error(reserve_and_stream())
         await channel.close()
         await watcher  # until NOT_SERVING
         return info.worker_id, got.code()

@@ -43,6 +43,7 @@ DOCUMENTED = {
         "banaserve_worker_waiting_seqs",
         "banaserve_worker_hosted_kv_blocks",
         "banaserve_worker_hosted_layers",
+        "banaserve_worker_preemptions",
         "process_resident_memory_bytes",
     },
     "kvstore": {

@@ -48,6 +48,9 @@ def tokens(seed: int, n: int) -> list[int]:
 PROMPTS = [tokens(seed, 12) for seed in range(20)]
 PREFIX = tokens(100, 6 * BLOCK_SIZE)  # 6 full blocks
 LONG = [PREFIX + tokens(101, 20), PREFIX + tokens(102, 20)]
+# A second prefix in the store, for one more try after the restart (below).
+PREFIX_B = tokens(200, 6 * BLOCK_SIZE)
+LONG_B = [PREFIX_B + tokens(201, 20), PREFIX_B + tokens(202, 20)]
 
 
 class Console:
@@ -178,6 +181,8 @@ def test_up_restarts_dead_services_on_their_ports_and_serves_on(banaserve_home, 
             first = complete(client, LONG[0])
             # The restarted node holds the written-back blocks: 116 tokens, 7 full blocks.
             wait_until(lambda: store_stats(node).num_blocks == 7, "no write-back")
+            complete(client, LONG_B[0])
+            wait_until(lambda: store_stats(node).num_blocks == 14, "no second write-back")
 
             # The prefill worker killed with 20 requests in flight.
             started = threading.Event()
@@ -195,8 +200,14 @@ def test_up_restarts_dead_services_on_their_ports_and_serves_on(banaserve_home, 
             wait_until(lambda: admitted(client) == workers, "the router did not admit it")
             assert serve_all(client, PROMPTS) == before
             # A new process has an empty prefix cache: the prefix comes from the restarted store.
+            # A store prefix whose layers do not arrive in time is computed instead (by design:
+            # prefix_fetch.py), which the loaded full suite hit twice; the worker then holds that
+            # prefix locally, so the one retry uses the other prefix, still only in the store.
             second = complete(client, LONG[1])
-            assert second.num_cached_tokens == len(PREFIX)
+            cached = [second.num_cached_tokens]
+            if cached[0] == 0:
+                cached.append(complete(client, LONG_B[1]).num_cached_tokens)
+            assert cached[-1] == len(PREFIX), cached
             workers_at = {role: SimpleNamespace(address=address[f"{role}-0"]) for role in ROLES}
             wait_idle(workers_at)  # no KV block held, no reservation open
 

@@ -9,6 +9,7 @@ import torch
 from services.common.config import EngineConfig
 from services.common.errors import InvalidRequestError
 from services.common.types import SamplingParams
+from services.engine import paged_decode
 from services.engine.engine import Engine
 from services.engine.hosting import HostedLayers
 from services.engine.ports import AttentionQuery, PortError, StageSeq, StageWork
@@ -115,6 +116,44 @@ def test_hosted_sequences_end_when_their_lease_runs_out(pair):
     assert b.snapshot.hosted_layers[0].owner == "A"
     b.migration.release_hosted_layers("A")
     assert isinstance(hosted, HostedLayers) and not b.migration.hosted_layers
+
+
+def test_decoding_rows_of_every_hosted_sequence_take_one_kernel_call(pair, monkeypatch):
+    """One query row per sequence past its held tokens (what a located decode step sends): the
+    helper answers all of them with one ``paged_decode_lse`` call, the same partial results
+    (as normalised output and log-sum-exp) as the owner's own over those blocks."""
+    a, b, _ = pair
+    for rid, n in (("s", 75), ("t", 40)):
+        a.add_request(rid, prompt_ids(n, 5), PARAMS)
+    a.step()
+    held = {"s": 3, "t": 2}
+    for rid, blocks in held.items():
+        b.migration.hosted_blocks.hold("A", rid, a._seq(rid).block_hashes[:blocks])
+        for layer in range(4):
+            b.migration.hosted_blocks.import_kv("A", rid, *a.export_kv(rid, layer, 0, 16 * blocks))
+    gen = torch.Generator().manual_seed(1)
+    queries = [
+        AttentionQuery(rid, torch.randn(1, a.spec.num_heads, a.spec.head_dim, generator=gen),
+                       torch.tensor([16 * blocks + 5]), 16 * blocks)
+        for rid, blocks in held.items()
+    ]  # fmt: skip
+    calls = []
+    decode_lse = paged_decode.decode_lse
+    monkeypatch.setattr(
+        paged_decode, "decode_lse", lambda *args: calls.append(args[0].shape) or decode_lse(*args)
+    )
+    far = b.migration.hosted_blocks.attend("A", 2, queries)
+    assert calls == [torch.Size([2, a.spec.num_heads, a.spec.head_dim])]
+    for query, part, blocks in zip(queries, far, held.values(), strict=True):
+        near = a.partial_attention(query.request_id, 2, query.q, query.positions, range(blocks))
+        torch.testing.assert_close(part.normalized(), near.normalized(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(part.max + part.denom.log(), near.max + near.denom.log())
+    for rid in held:
+        a.abort(rid)
+    b.migration.hosted_blocks.release("A", list(held))
+    b.step()
+    assert b.migration.hosted_blocks.num_blocks == 0
+    assert_no_leaks(a)
 
 
 def test_hosted_blocks_answer_partial_attention_like_the_owner(pair):

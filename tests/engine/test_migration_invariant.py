@@ -16,6 +16,7 @@ import random
 import pytest
 
 from services.common.types import SamplingParams
+from services.engine import paged_decode
 from services.engine.engine import Engine
 from tests.engine.coordinator import A_BLOCKS, Migrations, owner_engine, prompt_ids
 from tests.engine.helpers import assert_no_leaks, make_engine
@@ -145,10 +146,16 @@ SCENARIOS = [
 
 @pytest.mark.parametrize(("seed", "drop", "k", "micro"), SCENARIOS)
 def test_migrations_at_random_steps_never_change_output(
-    tiny_llama, reference, seed, drop, k, micro
+    tiny_llama, reference, seed, drop, k, micro, monkeypatch
 ):
+    batched = []  # located decode rows: both parts through the kernel, one call per batch
+    decode_lse = paged_decode.decode_lse
+    monkeypatch.setattr(
+        paged_decode, "decode_lse", lambda *args: batched.append(1) or decode_lse(*args)
+    )
     tokens, m, counters = run_scenario(tiny_llama, seed, k, micro, drop)
     assert tokens == reference
+    assert batched
     assert "switch" in m.events and "revert" in m.events, m.events
     assert any(e.startswith("offload") for e in m.events), m.events
     assert any(e.startswith("recall") for e in m.events), m.events

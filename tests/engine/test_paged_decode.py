@@ -137,6 +137,46 @@ def test_strided_q_and_threads_give_identical_results():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 3])
+def test_partial_results_with_lse_merge_like_the_torch_partials(dtype, group, monkeypatch):
+    """``decode_partials`` (attention migration: the helper's part and the owner's local part
+    of located sequences) through the kernel's ``paged_decode_lse``, and row by row through
+    ``partial_attention``: the same partial results, and merged with a second part they give
+    the attention over both parts' tokens."""
+    q, k_cache, v_cache, meta = decode_inputs(MIXED_LENGTHS, 3 * group, 3, dtype=dtype)
+    b = len(MIXED_LENGTHS)
+    tables, lens = meta.decode_blocks.view(b, -1), meta.decode_lens
+    kernel = attention.decode_partials(q, k_cache, v_cache, tables, lens, 0.125)
+    with monkeypatch.context() as m:
+        m.setattr(paged_decode, "supports", lambda q, k_cache: False)
+        torch_parts = attention.decode_partials(q, k_cache, v_cache, tables, lens, 0.125)
+    assert torch_parts.denom.max() > 1.0  # the torch path really is unnormalised
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(kernel.normalized(), torch_parts.normalized(), atol=atol, rtol=rtol)
+    lse = torch_parts.max + torch_parts.denom.log()
+    torch.testing.assert_close(kernel.max, lse, atol=1e-4, rtol=1e-5)
+    # A second part: every sequence's same tokens again. Merged, the output is unchanged (the
+    # same keys twice) and the log-sum-exp grows by exactly log 2.
+    merged = attention.merge_partials([kernel, torch_parts])
+    torch.testing.assert_close(merged.normalized(), torch_parts.normalized(), atol=atol, rtol=rtol)
+    merged_lse = merged.max + merged.denom.log()
+    torch.testing.assert_close(merged_lse, lse + torch.log(torch.tensor(2.0)), atol=1e-4, rtol=0)
+    parts = attention.split_partials(kernel, [1] * b)
+    assert [p.out.shape[0] for p in parts] == [1] * b
+    assert torch.equal(attention.concat_partials(parts).out, kernel.out)
+
+
+def test_lse_output_of_the_wrong_shape_is_refused():
+    q, k_cache, v_cache, meta = decode_inputs([5, 9], 4, 2)
+    tables = meta.decode_blocks.view(2, -1)
+    with pytest.raises(RuntimeError, match="lse must be"):
+        torch.ops.banaserve.paged_decode_lse(
+            q, k_cache, v_cache, tables, meta.decode_lens, 0.1, torch.empty_like(q),
+            torch.empty(2, 3),
+        )  # fmt: skip
+
+
 def test_lengths_from_the_mask_when_metadata_has_none():
     q, k, v, meta = decode_inputs(MIXED_LENGTHS, heads=4, kv_heads=2)
     expected = kernel_path(q, k, v, meta, 0.125)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
+import torch
 
 from services.common.config import RpcConfig
 from services.common.types import SamplingParams
@@ -22,7 +23,7 @@ from services.kvstore.pool import BlockPool, PoolConfig
 from services.kvstore.servicer import data_handler, kvstore_service
 from services.prefill.clients import GrpcKVTransport
 from services.prefill.core import FirstToken, PrefillRequest, PrefillResult, PrefillWorker
-from services.prefill.kvstore_client import KVStoreClient
+from services.prefill.kvstore_client import KVStoreClient, StoreError
 from services.prefill.transport import KVTarget
 from services.rpc import dataplane
 from services.rpc.server import start_server
@@ -43,13 +44,18 @@ class Store:
 
 @asynccontextmanager
 async def kvstore_node(
-    redis_url: str, prefix: str, transport: str, capacity: int = 64 << 20, node_id="kvstore-0"
+    redis_url: str,
+    prefix: str,
+    transport: str,
+    capacity: int = 64 << 20,
+    node_id="kvstore-0",
+    port: int = 0,
 ):
     pool = BlockPool(PoolConfig(capacity))
     node = KVStoreNode(pool, MetadataStore.from_url(redis_url, prefix=prefix))
     data = dataplane.serve(transport, data_handler(node))
     await data.start()
-    server = await start_server([kvstore_service(node)], RPC)
+    server = await start_server([kvstore_service(node)], replace(RPC, port=port))
     await node.start(NodeInfo(node_id, server.address, data.address, transport))
     try:
         yield Store(node, server.address, data, server)
@@ -213,3 +219,38 @@ def test_blocks_are_placed_by_hash_over_two_nodes_and_fetched_from_both(
     asyncio.run(main())
     for engine in (*engines, decode.engine):
         assert_no_leaks(engine)
+
+
+def test_a_writer_follows_a_node_restarted_on_a_new_data_port(redis_server, kv_prefix):
+    """A kvstore node restarts on its gRPC port with a new data-plane port (what ``banaserve up``
+    does); a prefill worker that looks nothing up (its own prefix cache hits) must not write to
+    the old data plane for ever: the broken client is dropped and the node list refreshed."""
+    hashes = [bytes([i]) * 16 for i in range(1, 4)]
+    layers = [torch.randn(2, 3, 16, 2, 8) for _ in range(2)]
+
+    def blocks(i: slice) -> list[torch.Tensor]:
+        return [layer[:, i] for layer in layers]
+
+    async def main():
+        async with kvstore_node(redis_server.url, kv_prefix, "tcp") as first:
+            port = int(first.address.rsplit(":", 1)[1])
+            old_data = first.data.address
+            client = KVStoreClient(first.address, RPC, timeout_s=1.0)
+            assert await client.lookup(hashes) is None  # learns the node
+            assert await client.write_back(hashes[:1], blocks(slice(0, 1))) == 1
+        async with kvstore_node(redis_server.url, kv_prefix, "tcp", port=port) as second:
+            assert second.data.address != old_data
+            loop = asyncio.get_running_loop()
+            end, failures, written = loop.time() + 15, 0, 0
+            while not written:
+                assert loop.time() < end, f"still failing after {failures} write-backs"
+                try:
+                    written = await client.write_back(hashes[1:], blocks(slice(1, 3)))
+                except StoreError:
+                    failures += 1
+                    await asyncio.sleep(0.2)
+            assert written == 2
+            await wait_for(lambda: committed(second) == 2)
+        await client.close()
+
+    asyncio.run(main())

@@ -94,3 +94,10 @@ def service_procs(banaserve_home, tiny_llama, tmp_path_factory) -> Iterator[dict
         finally:
             codes = {p.name: stop(p) for p in reversed(procs)}
     assert set(codes.values()) <= {0}, f"services exited with {codes}"
+
+
+@pytest.fixture(autouse=True)
+def _models_from_the_test_home(banaserve_home, monkeypatch) -> None:
+    """The in-process load tests resolve ``--model`` (decode's setup reads its config) where the
+    service processes do, not in the user's own ``~/.cache/banaserve``."""
+    monkeypatch.setenv("BANASERVE_HOME", str(banaserve_home))

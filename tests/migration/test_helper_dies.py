@@ -9,8 +9,11 @@ its own, and every other request finishes with unchanged output. Both end with n
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
+from services.common.errors import DependencyUnavailableError
 from services.common.migration_states import MigrationState
 from services.engine.ports import StageFailedError
 from tests.engine.coordinator import owner_engine
@@ -86,3 +89,49 @@ def test_helper_dies_layers_dropped_fails_that_steps_requests(tiny_llama, refere
     for rid in failed:  # what they got before the failure is a prefix of the reference
         assert tokens.get(rid, []) == reference[rid][: len(tokens.get(rid, []))]
     assert record.state is MigrationState.ABORTED and not record.weights_dropped
+
+
+def test_a_revert_racing_the_fall_back_is_unavailable_naming_the_helper(tiny_llama, loop):
+    """The coordinator's Revert passes the state check (ACTIVE), then the donor's fall-back
+    after the helper died disconnects and ends the migration before the revert reaches the
+    helper: the revert must say the helper is lost (UNAVAILABLE), not "CopyKV first"."""
+    a, b = make_engine(tiny_llama, num_kv_blocks=64), make_engine(tiny_llama, num_kv_blocks=128)
+    pair = AgentPair(loop, a, b)
+    for rid, prompt, max_tokens, _ in WORKLOAD[:3]:
+        a.add_request(rid, prompt, params(max_tokens))
+    for _ in range(3):
+        pair.a_thread.step()
+    pair.prepare(2)
+    pair.copy()
+    pair.switch(1, drop=False)
+    pair.a_thread.step()  # a step through the helper
+    gate, parked = asyncio.Event(), asyncio.Event()
+    engine_call = pair.donor.engine_call
+
+    async def revert_held_at_its_first_engine_call(fn):
+        pair.donor.engine_call = engine_call  # only the revert's first call waits
+        parked.set()
+        await gate.wait()
+        return await engine_call(fn)
+
+    pair.donor.engine_call = revert_held_at_its_first_engine_call
+    revert = asyncio.run_coroutine_threadsafe(pair.donor.revert(MIGRATION), loop.loop)
+    loop.call(parked.wait())  # the revert passed its state check
+    loop.call(pair.helper._data_server.stop())  # the helper's process is gone
+    pair.a_thread.step()  # fails through the port: the donor falls back on its own
+    loop.call(pair.donor.settled())
+    record = pair.donor.get(MIGRATION)
+    assert record.state is MigrationState.ABORTED and record.link is None
+    loop.loop.call_soon_threadsafe(gate.set)
+    with pytest.raises(DependencyUnavailableError, match=r"helper B at 127\.0\.0\.1:\d+ is lost"):
+        revert.result(60)
+    assert record.state is MigrationState.ABORTED
+    assert record.reason.startswith("helper unreachable"), record.reason
+    while a.has_unfinished_requests:  # every request finishes on the donor alone
+        a.step()
+    loop.call(pair.helper.abort(MIGRATION, "the donor gave up on it"))
+    pair.close()
+    b.step()
+    assert a.migration.stage_layout.ranges == ((0, a.spec.num_layers, False),)
+    assert_no_leaks(a)
+    assert_no_leaks(b)

@@ -97,7 +97,7 @@ def test_calls_out_of_order_are_refused_and_change_nothing(tiny_llama, loop):
     assert_no_leaks(b)
 
 
-def test_helper_without_the_weights_says_so_and_hosts_nothing(tiny_llama, loop):
+def test_helper_without_the_weights_says_so_and_awaits_them(tiny_llama, loop):
     a, b = make_engine(tiny_llama, num_kv_blocks=32), make_engine(tiny_llama, num_kv_blocks=32)
     pair = AgentPair(loop, a, b)
     _, fp, digests, _ = loop.call(
@@ -118,9 +118,9 @@ def test_helper_without_the_weights_says_so_and_hosts_nothing(tiny_llama, loop):
         )
     )
     assert mine == digests and needed == [3]
-    assert (record.state, record.reason) == (
-        MigrationState.ABORTED,
-        "weights needed for layers [3]",
-    )
+    # hosted, layer 2 its own, layer 3 awaited from the donor (tests/migration/test_weights.py)
+    assert (record.state, record.reason) == (MigrationState.PLANNED, "")
+    assert b.migration.hosted_layers[MIGRATION].stack.missing() == [3]
+    loop.call(pair.helper.abort(MIGRATION, "test"))
     assert b.migration.hosted_layers == {}
     pair.close()

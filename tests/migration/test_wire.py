@@ -58,6 +58,30 @@ def test_kv_round_trip_exact_with_delta_layout():
     assert got_layout == lay and torch.equal(got, data)
 
 
+def test_kv_import_batch_round_trips_every_item_in_order():
+    """A pause's deltas: many sequences' layers in one message, each exactly its blocks."""
+    chunks = [
+        ("r1", torch.randn(layout(1).shape), layout(1)),
+        ("r2", torch.randn(layout(0).shape).to(torch.bfloat16), layout(0, "bfloat16")),
+        ("r1", torch.randn(layout(2).shape), layout(2)),
+    ]
+    header, payload = wire.encode_kv_import_batch("m-1", chunks)
+    msg = wire.parse_request(header)
+    assert (msg.migration_id, msg.WhichOneof("kind")) == ("m-1", "kv_import_batch")
+    got = wire.decode_kv_import_batch(msg.kv_import_batch, received(payload))
+    assert [(r, lay) for r, _, lay in got] == [(r, lay) for r, _, lay in chunks]
+    for (_, data, _), (_, sent, _) in zip(got, chunks, strict=True):
+        assert data.dtype == sent.dtype and torch.equal(data, sent)
+    whole = bytes(received(payload))
+    for bad in (whole[:-4], whole + b"\0" * 4, b""):
+        with pytest.raises(InvalidRequestError, match="bytes"):
+            wire.decode_kv_import_batch(msg.kv_import_batch, memoryview(bytearray(bad)))
+    with pytest.raises(InvalidRequestError, match="at least one"):
+        wire.encode_kv_import_batch("m-1", [])
+    with pytest.raises(InvalidRequestError, match="not its layout's"):
+        wire.encode_kv_import_batch("m-1", [("r1", torch.zeros(2, 1, 16, 2, 4), layout(1))])
+
+
 def test_short_long_or_mistyped_payloads_are_refused():
     sent = work()
     header, payload = wire.encode_stage_run("m-1", sent)

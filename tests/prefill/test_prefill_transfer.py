@@ -132,5 +132,8 @@ def test_first_token_that_ends_the_request_skips_the_handoff(tiny_llama):
     assert list(first.first_token.token_ids) == reference(tiny_llama, [prompt])[0][:1]
     assert done.done.finish_reason == 2  # LENGTH
     assert done.done.kv_bytes == 0
-    assert "end" not in decode.received["r1"].frames  # the transfer was cancelled, not ended
+    # The transfer was cancelled, not ended; cancelled early enough, its header never reached
+    # the decode side at all (seen in a loaded full run): either way nothing was handed off.
+    seen = decode.received.get("r1")
+    assert seen is None or "end" not in seen.frames
     assert_no_leaks(decode.engine)

@@ -24,8 +24,10 @@ class FakeClock:
         self.now += seconds
 
 
-def capacity(num_blocks: int = NUM_BLOCKS, fingerprint: str = FINGERPRINT) -> WorkerCapacity:
-    return WorkerCapacity(num_blocks, BLOCK_SIZE, fingerprint)
+def capacity(
+    num_blocks: int = NUM_BLOCKS, fingerprint: str = FINGERPRINT, hosts_only: bool = False
+) -> WorkerCapacity:
+    return WorkerCapacity(num_blocks, BLOCK_SIZE, fingerprint, hosts_only=hosts_only)
 
 
 def load(

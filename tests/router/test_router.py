@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from services.common.errors import ConfigError, InvalidRequestError, ResourceExhaustedError
-from services.router.core import Router, RouterConfig, RouteRequest
+from services.router.core import NoWorkerError, Router, RouterConfig, RouteRequest
 from services.router.registry import WorkerRole, WorkerStatus
 from tests.router.factories import FakeClock, capacity, load, make_router, request
 
@@ -254,3 +254,18 @@ def test_colocated_policy_when_no_mixed_worker_has_room() -> None:
         ResourceExhaustedError, match=r"needs 3 KV blocks .*most free on any mixed worker now is 2"
     ):
         router.route(request(40))
+
+
+def test_a_hosts_only_worker_is_never_routed_to() -> None:
+    """A worker started with ``--load-layers`` (a migration helper) is listed, never picked."""
+    router = make_router("load", prefill=1, decode=1)
+    router.register("d-helper", "127.0.0.1:9199", WorkerRole.DECODE, capacity(hosts_only=True))
+    router.report("p0", load(), 1.0)
+    router.report("d0", load(free=10, used=90), 1.0)  # the helper looks far emptier
+    router.report("d-helper", load(), 1.0)
+    assert [router.route(request(16)).decode.worker_id for _ in range(3)] == ["d0"] * 3
+    assert "d-helper" in [w.worker_id for w in router.workers()]
+    router.register("p-helper", "127.0.0.1:9099", WorkerRole.PREFILL, capacity(hosts_only=True))
+    router.remove("p0", "gone")
+    with pytest.raises(NoWorkerError):
+        router.route(request(16))

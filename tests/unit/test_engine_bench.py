@@ -8,6 +8,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -399,3 +402,47 @@ def test_short_reason_keeps_the_first_line_and_truncates():
     assert engine_report.short_reason("a\nb") == "a"
     long = engine_report.short_reason("x" * 100)
     assert len(long) == engine_report.MAX_REASON and long.endswith("…")
+
+
+def test_cpu_time_gives_its_own_medians_and_counts_live_child_processes():
+    workload = small_workload(batches=(2,), repeats=1)
+    calls = [
+        Timing(0, "prefill", 9.0, 9.0),
+        Timing(1, "prefill", 4.0, 0.5),
+        Timing(1, "batch_prefill_b2", 2.0, 1.0),
+        Timing(1, "batch_total_b2", 6.0, 2.0),
+    ]
+    assert summarise(workload, calls, cpu=True) == {
+        "prefill_8": {"median": 16.0, "samples": [16.0]},
+        "decode_b2": {"median": 8.0, "samples": [8.0]},
+    }
+    assert summarise(workload, calls)["prefill_8"]["median"] == 2.0
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+    before = engine_runners.tree_cpu_seconds()
+    child = subprocess.Popen(
+        [sys.executable, "-c", spin + "print(flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE
+    )
+    try:
+        child.stdout.readline()  # the child has spun 0.3 s of CPU and is still alive
+        assert engine_runners.tree_cpu_seconds() - before >= 0.29
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_settle_waits_for_a_busy_child_to_go_idle():
+    """A child still computing after a call (vLLM's engine core does for ~0.5 s) holds the next
+    system's call back until it is idle; with nothing running, settle returns at once."""
+    import subprocess
+    import sys
+
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass\ntime.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", busy])
+    try:
+        time.sleep(0.05)
+        waited = engine_runners.settle(limit_s=20.0)
+        assert waited >= 0.25
+        assert engine_runners.settle(limit_s=20.0) < 1.0  # the child sleeps now
+    finally:
+        child.kill()
+        child.wait()

@@ -87,8 +87,8 @@ inline Vec exp_nonpositive(Vec x) {
 }
 
 // In place over n (a multiple of 16) scores, -inf past the real ones:
-// s -> exp(s - max s); returns the sum.
-float softmax_numerators(float* s, int64_t n) {
+// s -> exp(s - max s); returns the sum (and the max in *max_out when asked).
+float softmax_numerators(float* s, int64_t n, float* max_out = nullptr) {
   Vec m = load(s);
   for (int64_t t = kLanes; t < n; t += kLanes) {
     const Vec x = load(s + t);
@@ -96,6 +96,7 @@ float softmax_numerators(float* s, int64_t n) {
   }
   float max = m[0];
   for (int i = 1; i < kLanes; ++i) max = std::max(max, m[i]);
+  if (max_out != nullptr) *max_out = max;
   Vec sum = {};
   for (int64_t t = 0; t < n; t += kLanes) {
     const Vec e = exp_nonpositive(load(s + t) - max);
@@ -190,7 +191,7 @@ struct Sequence {
 template <typename T, int kChunks>
 void attend(const T* q, const T* k_cache, const T* v_cache, const Sequence& seq,
             const Sequence& next, int64_t h_begin, int64_t h_end, float scale, const Shape& s,
-            float* scores, float* work, T* out) {
+            float* scores, float* work, T* out, float* lse) {
   constexpr int64_t d = kChunks * kLanes;
   const int64_t rows = (h_end - h_begin) * s.group, ctx = seq.ctx;
   const int64_t stride = round_up(ctx, kLanes), tiles = stride / kLanes;
@@ -238,7 +239,11 @@ void attend(const T* q, const T* k_cache, const T* v_cache, const Sequence& seq,
   }
   for (int64_t r = 0; r < rows; ++r) {
     std::fill(scores + r * stride + ctx, scores + (r + 1) * stride, -INFINITY);
-    inv_sum[r] = 1.0f / softmax_numerators(scores + r * stride, stride);
+    float max = 0.0f;
+    const float sum = softmax_numerators(scores + r * stride, stride, &max);
+    inv_sum[r] = 1.0f / sum;
+    // log-sum-exp of the row's scaled scores: what a partial result merges by
+    if (lse != nullptr) lse[h_begin * s.group + r] = max + std::log(sum);
   }
   std::fill(acc, acc + rows * d, 0.0f);
   for (int64_t i = 0; i < tiles; ++i) {
@@ -266,7 +271,7 @@ void attend(const T* q, const T* k_cache, const T* v_cache, const Sequence& seq,
 
 template <typename T, int kChunks>
 void run(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& tables,
-         const Tensor& lens, double scale, Tensor& out) {
+         const Tensor& lens, double scale, Tensor& out, float* lse) {
   const int64_t batch = q.size(0), heads = q.size(1), d = q.size(2);
   const int64_t kv_heads = k_cache.size(2);
   const Shape s{q.stride(1),
@@ -301,18 +306,19 @@ void run(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Te
                              item + 1 < end ? lp[nb] : 0};
       attend<T, kChunks>(qp + b * q_stride, kp, vp, seq, next, h, h + heads_per_item,
                          static_cast<float>(scale), s, scores.data(), work.data(),
-                         op + b * heads * d);
+                         op + b * heads * d, lse == nullptr ? nullptr : lse + b * heads);
     }
   });
 }
 
 template <typename T>
 void dispatch_head_size(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                        const Tensor& tables, const Tensor& lens, double scale, Tensor& out) {
+                        const Tensor& tables, const Tensor& lens, double scale, Tensor& out,
+                        float* lse) {
   switch (q.size(2)) {
-    case 32: return run<T, 2>(q, k_cache, v_cache, tables, lens, scale, out);
-    case 64: return run<T, 4>(q, k_cache, v_cache, tables, lens, scale, out);
-    case 128: return run<T, 8>(q, k_cache, v_cache, tables, lens, scale, out);
+    case 32: return run<T, 2>(q, k_cache, v_cache, tables, lens, scale, out, lse);
+    case 64: return run<T, 4>(q, k_cache, v_cache, tables, lens, scale, out, lse);
+    case 128: return run<T, 8>(q, k_cache, v_cache, tables, lens, scale, out, lse);
     default: STD_TORCH_CHECK(false, "paged_decode supports head sizes 32, 64 and 128");
   }
 }
@@ -368,17 +374,36 @@ void check_tables(const Tensor& tables, const Tensor& lens, int64_t batch, int64
   }
 }
 
-void paged_decode(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                  const Tensor& block_tables, const Tensor& context_lens, double scale,
-                  Tensor& out) {
+void decode_into(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                 const Tensor& block_tables, const Tensor& context_lens, double scale, Tensor& out,
+                 float* lse) {
   check_layouts(q, k_cache, v_cache, out);
   check_tables(block_tables, context_lens, q.size(0), k_cache.size(1), k_cache.size(0));
   if (q.scalar_type() == ScalarType::Float)
-    dispatch_head_size<float>(q, k_cache, v_cache, block_tables, context_lens, scale, out);
+    dispatch_head_size<float>(q, k_cache, v_cache, block_tables, context_lens, scale, out, lse);
   else if (q.scalar_type() == ScalarType::BFloat16)
-    dispatch_head_size<BFloat16>(q, k_cache, v_cache, block_tables, context_lens, scale, out);
+    dispatch_head_size<BFloat16>(q, k_cache, v_cache, block_tables, context_lens, scale, out,
+                                 lse);
   else
     STD_TORCH_CHECK(false, "paged_decode supports float32 and bfloat16 only");
+}
+
+void paged_decode(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                  const Tensor& block_tables, const Tensor& context_lens, double scale,
+                  Tensor& out) {
+  decode_into(q, k_cache, v_cache, block_tables, context_lens, scale, out, nullptr);
+}
+
+// paged_decode plus each row's log-sum-exp of its scaled scores, float32 [batch, heads]: the
+// normalised output and lse are one partial attention result (attention migration merges them).
+void paged_decode_lse(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                      const Tensor& block_tables, const Tensor& context_lens, double scale,
+                      Tensor& out, Tensor& lse) {
+  STD_TORCH_CHECK(lse.scalar_type() == ScalarType::Float && lse.dim() == 2 &&
+                      lse.is_contiguous() && lse.size(0) == q.size(0) && lse.size(1) == q.size(1),
+                  "lse must be a contiguous float32 [batch, heads] tensor");
+  decode_into(q, k_cache, v_cache, block_tables, context_lens, scale, out,
+              lse.mutable_data_ptr<float>());
 }
 
 }  // namespace
@@ -387,6 +412,12 @@ STABLE_TORCH_LIBRARY(banaserve, m) {
   m.def(
       "paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
       "Tensor context_lens, float scale, Tensor(a!) out) -> ()");
+  m.def(
+      "paged_decode_lse(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor context_lens, float scale, Tensor(a!) out, Tensor(b!) lse) -> ()");
 }
 
-STABLE_TORCH_LIBRARY_IMPL(banaserve, CPU, m) { m.impl("paged_decode", TORCH_BOX(&paged_decode)); }
+STABLE_TORCH_LIBRARY_IMPL(banaserve, CPU, m) {
+  m.impl("paged_decode", TORCH_BOX(&paged_decode));
+  m.impl("paged_decode_lse", TORCH_BOX(&paged_decode_lse));
+}

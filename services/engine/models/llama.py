@@ -22,6 +22,7 @@ from torch import nn
 from services.common.errors import ModelFormatError
 from services.engine.attention import AttentionMetadata, paged_attention, write_kv
 from services.engine.kv_cache import KVCache
+from services.engine.models import fused
 from services.engine.models.rope import RotaryEmbedding, RotaryTables, apply_rotary, rope_parameters
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
@@ -92,8 +93,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused kernel (accumulating in float32 for half types). Hugging Face rounds
-        # to the half type once more before scaling; that differs only in bfloat16's last bit.
+        # float32 on the CPU: one pass (models/fused.py). Otherwise torch's op, accumulating in
+        # float32 for half types; Hugging Face rounds to the half type once more before
+        # scaling, which differs only in bfloat16's last bit.
+        if fused.supports(x):
+            return fused.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
@@ -115,12 +119,15 @@ class Attention(nn.Module):
         n = x.shape[0]
         heads = self.num_heads + 2 * self.num_kv_heads
         qkv = self.qkv_proj(x).view(n, heads, self.head_dim)
-        # q and k heads are adjacent: rotate them in one pass.
-        qk = apply_rotary(qkv[:, : self.num_heads + self.num_kv_heads], rotary)
+        # q and k heads are adjacent: rotate them in one pass (in place, if fused).
+        qk = qkv[:, : self.num_heads + self.num_kv_heads]
+        qk = fused.rotary_(qk, *rotary) if fused.supports(qk) else apply_rotary(qk, rotary)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.num_heads + self.num_kv_heads :]
         k_cache, v_cache = kv_cache.layer(self.layer)
         write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
+        if meta.located is not None:  # the helper's part travels while the others attend
+            meta.located.submit(self.layer, q)
         o = paged_attention(q, k_cache, v_cache, meta, self.scale)
         if meta.located is not None:
             meta.located.attend(self.layer, q, k_cache, v_cache, o, self.scale)
@@ -136,7 +143,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if fused.supports(gate_up):
+            return self.down_proj(fused.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -155,8 +165,14 @@ class DecoderLayer(nn.Module):
         kv_cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rotary, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attended = self.self_attn(self.input_layernorm(x), rotary, kv_cache, meta)
+        norm = self.post_attention_layernorm
+        if not fused.supports(x):
+            x = x + attended
+            return x + self.mlp(norm(x))
+        # attended (o_proj's fresh output) becomes x + attended in place, in the norm's pass.
+        normed = fused.add_rms_norm_(attended, x, norm.weight, norm.eps)
+        return self.mlp(normed).add_(attended)
 
 
 class DroppedLayer(nn.Module):

@@ -131,20 +131,29 @@ def _copy(
 
 
 def load_model(
-    path: Path, dtype: str = "float32", device: str = "cpu", max_position: int | None = None
+    path: Path,
+    dtype: str = "float32",
+    device: str = "cpu",
+    max_position: int | None = None,
+    num_layers: int | None = None,
 ) -> LoadedModel:
+    """The model; ``num_layers``: only decoder layers ``[0, num_layers)`` are loaded, the
+    others are ``DroppedLayer``s (the fingerprint is still the whole checkpoint's)."""
     if dtype not in DTYPES:
         raise ModelFormatError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     spec = ModelSpec.from_config(read_config(path))
     max_position = max_position or spec.max_position_embeddings
+    partial = num_layers is not None and num_layers < spec.num_layers
     with torch.device("meta"):
         model = LlamaForCausalLM(spec, max_position)
+        if partial:
+            model.drop_layers(range(num_layers, spec.num_layers))  # type: ignore[arg-type]
     model = model.to_empty(device=device).to(DTYPES[dtype])
     model.rope = model.rope.__class__(spec.rope, spec.head_dim, max_position).to(device)
     if spec.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     with torch.no_grad():
-        _load_weights(dict(model.named_parameters()), path, spec)
+        _load_weights(dict(model.named_parameters()), path, spec, partial)
     model.eval().requires_grad_(False)
     if packing_supported(DTYPES[dtype], torch.device(device)):
         pack_linears(model)

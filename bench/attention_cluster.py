@@ -1,0 +1,308 @@
+"""Attention migration on a KV-bound 1P1D cluster: decode without vs with blocks on the prefill
+worker (issue 11's figures), side by side in one run.
+
+    .venv/bin/python -m bench.attention_cluster --model smollm2-135m --pin --threads 1 \
+        --decode-blocks 256 --prefill-blocks 2048 --requests 6 --input-len 1500 \
+        --output-len 512 --max-sequences 3 --rounds 1 --out bench/results
+
+(The decode pool holds 2 of those sequences; outputs this long against one prefill worker's
+1,500-token prompts keep the decode worker memory-bound: with 128 output tokens it waits for
+prompts instead, docs/migration.md "Attention migration: figures".)
+
+Lifecycle of a run:
+
+1. one 1P1D cluster with the coordinator (``banaserve up --coordinator``'s; ``--pin``: each
+   worker on its own CPU, ``--threads`` torch threads each), the decode worker's KV pool
+   ``--decode-blocks`` (a few long sequences), the prefill worker's ``--prefill-blocks``;
+2. ``--rounds`` rounds of both variants, the first alternating (ABBA): ``--requests`` greedy
+   prompts of ``--input-len`` tokens, ``--output-len`` out, all sent at once (the router queues
+   what the decode worker cannot reserve); ``baseline`` runs them as they come; ``migrated``
+   also runs a driver that keeps one attention migration of the decode worker's
+   ``--max-sequences`` longest sequences to the prefill worker going: started, and once all of
+   its located sequences have ended (the donor's view: no block left on the helper) reverted
+   and started again, so the decode worker's freed blocks admit more requests;
+3. per run: decode throughput (output tokens after each request's first, over the span from
+   the first first token to the last token), TPOT p50/p99, the decode worker's running batch
+   (sampled every 0.1 s: mean, max), its preemptions (the worker's counter) and waiting
+   sequences (preempted ones recomputing: max), migrations, blocks moved and sequences
+   recomputed at a revert, the exchanges with the helper (round trip, the share hidden);
+4. write ``OUT/attention-cluster[-LABEL].json`` and print the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bench.machine import loadavg, machine_info
+from bench.migration_load import Stream, gaps_in, prompts, send_all
+from bench.serve_report import distribution
+from services.client.client import AsyncBanaServeClient
+from services.launcher import ClusterSpec, LocalCluster
+from services.rpc.gen.banaserve.v1 import coordinator_pb2 as pb
+from services.rpc.gen.banaserve.v1 import (
+    coordinator_pb2_grpc,
+    decode_pb2,
+    decode_pb2_grpc,
+    migration_pb2,
+    migration_pb2_grpc,
+)
+
+VARIANTS = ("baseline", "migrated")
+ENDED = (pb.MIGRATION_STATE_DONE, pb.MIGRATION_STATE_ABORTED)
+SETTLED = (pb.MIGRATION_STATE_ACTIVE, *ENDED)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--pin", action="store_true")
+    p.add_argument("--transport", default="tcp", choices=("tcp", "ucx"))
+    p.add_argument("--decode-blocks", type=int, default=640)
+    p.add_argument("--prefill-blocks", type=int, default=4096)
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--input-len", type=int, default=2000)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--max-sequences", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=1800.0)
+    # A decode reservation waits for its prompt behind the others on the one prefill worker:
+    # on a loaded CPU that outlasts the router's 30 s default lease (the request fails).
+    p.add_argument("--reserve-lease", type=float, default=300.0, metavar="S")
+    p.add_argument("--out", default="")
+    p.add_argument("--label", default="")
+
+
+class Run:
+    """One variant's load, and the migration driver beside it."""
+
+    def __init__(self, cluster: LocalCluster, args: argparse.Namespace, ids: dict[str, str]):
+        self.cluster, self.args, self.ids = cluster, args, ids
+        self.samples: list[tuple[int, int]] = []  # running, waiting on the decode worker
+        self.migrations: list[pb.Migration] = []
+        self.overlap: dict[str, tuple[int, float, float]] = {}  # id -> calls, round trip, waited
+
+    async def __call__(self, variant: str, r: int) -> dict[str, Any]:
+        a = self.args
+        decode = self.cluster.child("decode-0").address
+        async with (
+            AsyncBanaServeClient(self.cluster.router.address) as client,
+            grpc.aio.insecure_channel(self.cluster.child("coordinator").address) as c_ch,
+            grpc.aio.insecure_channel(decode) as d_ch,
+        ):
+            self.coordinator = coordinator_pb2_grpc.CoordinatorServiceStub(c_ch)
+            self.decode = decode_pb2_grpc.DecodeServiceStub(d_ch)
+            self.worker = migration_pb2_grpc.MigrationWorkerServiceStub(d_ch)
+            request = decode_pb2.DecodeServiceStatsRequest()
+            preempted = (await self.decode.Stats(request, timeout=10)).num_preemptions
+            batch = prompts(a.requests, a.input_len, a.seed + r, (5, 4000))
+            records, tasks = send_all(client, batch, a.output_len, a.timeout)
+            done = asyncio.gather(*tasks)
+            side = [asyncio.create_task(self.sample(done))]
+            if variant == "migrated":
+                side.append(asyncio.create_task(self.drive(done)))
+            streams = await done
+            await asyncio.gather(*side)
+            preempted = (await self.decode.Stats(request, timeout=10)).num_preemptions - preempted
+        return self.figures(streams) | {"preemptions": preempted}
+
+    async def sample(self, done: asyncio.Future) -> None:
+        while not done.done():
+            try:
+                stats = await self.decode.Stats(decode_pb2.DecodeServiceStatsRequest(), timeout=10)
+            except grpc.aio.AioRpcError as e:  # a starved worker: a sample lost, not the run
+                if e.code() is not grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise
+            else:
+                self.samples.append((stats.num_running_seqs, stats.num_waiting_seqs))
+            await asyncio.sleep(0.1)
+
+    async def drive(self, done: asyncio.Future) -> None:
+        """Keep one attention migration going; cycle it once its sequences have all ended."""
+        mid = ""
+        while not done.done():
+            if not mid:
+                spec = pb.AttentionMigrationSpec(
+                    donor=self.ids["decode"], helper=self.ids["prefill"],
+                    max_sequences=self.args.max_sequences,
+                )  # fmt: skip
+                request = pb.StartMigrationRequest(kind=pb.MIGRATION_KIND_ATTENTION, attention=spec)
+                mid = (
+                    await self.coordinator.StartMigration(request, timeout=30)
+                ).migration.migration_id
+            m = await self.describe(mid)
+            if m.state in ENDED:
+                self.migrations.append(m)
+                mid = ""
+            elif m.state == pb.MIGRATION_STATE_ACTIVE and await self.located(mid) == 0:
+                await self.coordinator.RevertMigration(
+                    pb.RevertMigrationRequest(migration_id=mid), timeout=30
+                )
+            await asyncio.sleep(0.25)
+        if mid:
+            m = await self.describe(mid)
+            if m.state == pb.MIGRATION_STATE_ACTIVE:
+                await self.coordinator.RevertMigration(
+                    pb.RevertMigrationRequest(migration_id=mid), timeout=30
+                )
+            while (m := await self.describe(mid)).state not in ENDED:
+                await asyncio.sleep(0.1)
+            self.migrations.append(m)
+
+    async def describe(self, mid: str) -> pb.Migration:
+        request = pb.DescribeMigrationRequest(migration_id=mid)
+        return (await self.coordinator.DescribeMigration(request, timeout=60)).migration
+
+    async def located(self, mid: str) -> int:
+        """Blocks of the donor's still on the helper (and the port's counters, kept)."""
+        request = migration_pb2.MigrationWorkerServiceListRequest()
+        views = await self.worker.List(request, timeout=60)  # generous: a loaded worker
+        view = next((v for v in views.migrations if v.migration_id == mid), None)
+        if view is None:
+            return 0
+        rt, waited = view.attention_round_trip, view.attention_waited
+        self.overlap[mid] = (
+            view.num_attention_calls,
+            rt.seconds + rt.nanos / 1e9,
+            waited.seconds + waited.nanos / 1e9,
+        )
+        return view.num_blocks
+
+    def figures(self, streams: list[Stream]) -> dict[str, Any]:
+        failed = [s.error for s in streams if s.error]
+        if failed:
+            return {"failed": failed}
+        start = min(s.chunks[0][0] for s in streams)
+        end = max(s.chunks[-1][0] for s in streams)
+        tokens = sum(n for s in streams for _, n in s.chunks[1:])
+        gaps = [g for s in streams for g in gaps_in(s, start, end)]
+        tpot = distribution(gaps)
+        running = [x for x, _ in self.samples] or [0]
+        calls = sum(c for c, _, _ in self.overlap.values())
+        rt = sum(r for _, r, _ in self.overlap.values())
+        waited = sum(w for _, _, w in self.overlap.values())
+        return {
+            "decode_tokens_per_s": tokens / (end - start),
+            "tpot_p50_ms": tpot["p50"],
+            "tpot_p99_ms": tpot["p99"],
+            "running_mean": statistics.fmean(running),
+            "running_max": max(running),
+            "waiting_max": max((w for _, w in self.samples), default=0),
+            "num_migrations": len(self.migrations),
+            "num_blocks_moved": sum(m.num_blocks for m in self.migrations),
+            "num_sequences_located": sum(m.num_sequences for m in self.migrations),
+            "num_requeued": sum(m.num_requeued for m in self.migrations),
+            "attention_calls": calls,
+            "round_trip_mean_ms": 1e3 * rt / calls if calls else None,
+            "waited_mean_ms": 1e3 * waited / calls if calls else None,
+            "hidden_fraction": (rt - waited) / rt if rt else None,
+            "aborted": [m.reason for m in self.migrations if m.state == pb.MIGRATION_STATE_ABORTED],
+            "tokens": [s.num_tokens for s in streams],
+        }
+
+
+async def idle(cluster: LocalCluster, timeout_s: float) -> None:
+    async with AsyncBanaServeClient(cluster.router.address) as client:
+        deadline = time.perf_counter() + timeout_s
+        while any(w.num_running_seqs or w.num_kv_blocks_used for w in await client.list_workers()):
+            if time.perf_counter() > deadline:
+                raise TimeoutError("the cluster did not go idle")
+            await asyncio.sleep(0.1)
+    await asyncio.sleep(0.3)
+
+
+async def bench(cluster: LocalCluster, args: argparse.Namespace) -> list[dict[str, Any]]:
+    async with AsyncBanaServeClient(cluster.router.address) as client:
+        by_address = {w.address: w.worker_id for w in await client.list_workers()}
+    ids = {r: by_address[cluster.child(f"{r}-0").address] for r in ("prefill", "decode")}
+    runs = []
+    for r in range(args.rounds):
+        for variant in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
+            await idle(cluster, args.timeout)
+            figures = await Run(cluster, args, ids)(variant, r)
+            runs.append(figures | {"variant": variant, "round": r})
+            print(json.dumps(runs[-1]), flush=True)
+    return runs
+
+
+def table(runs: list[dict[str, Any]]) -> str:
+    keys = [
+        ("decode_tokens_per_s", "decode tok/s", "{:.1f}"),
+        ("tpot_p50_ms", "TPOT p50 ms", "{:.1f}"),
+        ("tpot_p99_ms", "TPOT p99 ms", "{:.1f}"),
+        ("running_mean", "running batch mean", "{:.2f}"),
+        ("running_max", "running batch max", "{}"),
+        ("preemptions", "preemptions", "{}"),
+        ("num_migrations", "migrations", "{}"),
+        ("num_blocks_moved", "blocks moved", "{}"),
+        ("num_requeued", "recomputed at a revert", "{}"),
+        ("round_trip_mean_ms", "round trip ms", "{:.2f}"),
+        ("hidden_fraction", "hidden", "{:.2f}"),
+    ]
+    lines = []
+    for variant in VARIANTS:
+        mine = [r for r in runs if r["variant"] == variant and "failed" not in r]
+        cells = []
+        for key, name, fmt in keys:
+            values = [r[key] for r in mine if r.get(key) is not None]
+            cells.append(f"{name} {fmt.format(statistics.median(values)) if values else '-'}")
+        lines.append(f"{variant:<9} " + " | ".join(cells))
+    base = [
+        r["decode_tokens_per_s"] for r in runs if r["variant"] == "baseline" and "failed" not in r
+    ]
+    mig = [
+        r["decode_tokens_per_s"] for r in runs if r["variant"] == "migrated" and "failed" not in r
+    ]
+    if base and mig:
+        lines.append(f"throughput ratio {statistics.median(mig) / statistics.median(base):.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="attention_cluster", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    max_len = str(args.input_len + args.output_len + 16)
+    spec = ClusterSpec(
+        model=args.model, threads=args.threads, pin=args.pin, num_kvstore=0,
+        kv_transport=args.transport, coordinator=True,
+        service_args={
+            # a pinned worker starved by other load misses the 1 s report deadline and is
+            # dropped ("no healthy ... prefill worker"); 10 s keeps a loaded run whole
+            "router": ("--lease-s", str(args.reserve_lease), "--report-timeout-s", "10"),
+            "decode": (
+                "--num-kv-blocks", str(args.decode_blocks), "--max-model-len", max_len,
+                "--max-lease", str(args.reserve_lease),
+            ),
+            "prefill": ("--num-kv-blocks", str(args.prefill_blocks), "--max-model-len", max_len),
+        },
+    )  # fmt: skip
+    log_path = (
+        Path(args.out or ".") / f"attention-cluster{'-' + args.label if args.label else ''}.log"
+    )
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        cluster = LocalCluster(spec, log)
+        cluster.start()
+        try:
+            runs = asyncio.run(bench(cluster, args))
+        finally:
+            cluster.stop()
+    result = {"args": vars(args), "machine": machine_info(), "loadavg": loadavg(), "runs": runs}
+    print(table(runs))
+    if args.out:
+        name = f"attention-cluster{'-' + args.label if args.label else ''}.json"
+        (Path(args.out) / name).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,134 @@
+"""``banaserve migrations --watch``: per-worker utilisation and the migrations, every second.
+
+Each refresh reads the router's ``ListWorkers`` (the one source of load reports) and the
+coordinator's ``ListMigrations``, and redraws one screen (``render``, pure: what a test
+checks). Utilisation is ``services.common.load``'s, as the router and the policy compute it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from services.common.load import LoadReport, utilisation_compute, utilisation_memory
+from services.rpc import security
+from services.rpc.convert import seconds
+from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+from services.rpc.gen.banaserve.v1 import coordinator_pb2 as pb
+from services.rpc.load_reports import load_from_proto
+
+CLEAR = "\x1b[H\x1b[2J"
+LIVE = (pb.MIGRATION_STATE_DONE, pb.MIGRATION_STATE_ABORTED)
+
+
+@dataclass(frozen=True)
+class WorkerLine:
+    worker_id: str
+    role: str
+    stale: bool
+    load: LoadReport | None  # None until its first report
+    age_s: float  # since its last report
+
+
+def worker_lines(reply: router_pb2.ListWorkersResponse) -> list[WorkerLine]:
+    return [
+        WorkerLine(
+            w.info.worker_id,
+            common_pb2.WorkerRole.Name(w.info.role).removeprefix("WORKER_ROLE_").lower(),
+            w.state != router_pb2.WORKER_STATE_ACTIVE,
+            load_from_proto(w.last_load) if w.HasField("last_load") else None,
+            seconds(w.since_last_load),
+        )
+        for w in sorted(reply.workers, key=lambda w: w.info.worker_id)
+    ]
+
+
+def render(
+    workers: Sequence[WorkerLine],
+    migrations: Sequence[pb.Migration],
+    format_row: Callable[[pb.Migration], str],
+    prefill_capacity_tokens: int = 4096,
+    at: str = "",
+) -> str:
+    """One screen: a line per worker (U = max(compute, memory)), then the live migrations and
+    the last few that ended."""
+    lines = [f"workers{'  ' + at if at else ''}"]
+    lines.append(
+        f"  {'worker':<16} {'role':<8} {'U':>5} {'compute':>8} {'memory':>7} "
+        f"{'blocks':>11} {'seqs':>5} {'hosted':>7} {'report':>7}"
+    )
+    for w in workers:
+        if w.load is None:
+            lines.append(f"  {w.worker_id:<16} {w.role:<8} {'-':>5}   no report yet")
+            continue
+        c = utilisation_compute(w.load, prefill_capacity_tokens)
+        m = utilisation_memory(w.load)
+        blocks = f"{w.load.num_blocks_used}/{w.load.num_blocks}"
+        hosted = f"{w.load.num_hosted_layers}L/{w.load.num_hosted_blocks}B"
+        age = f"{w.age_s:.1f}s" + (" STALE" if w.stale else "")
+        lines.append(
+            f"  {w.worker_id:<16} {w.role:<8} {max(c, m):>5.2f} {c:>8.2f} {m:>7.2f} "
+            f"{blocks:>11} {w.load.num_running_seqs:>5} {hosted:>7} {age:>7}"
+        )
+    if not workers:
+        lines.append("  no workers")
+    live = [m for m in migrations if m.state not in LIVE]
+    ended = [m for m in migrations if m.state in LIVE][-5:]
+    lines.append(f"migrations: {len(live)} live")
+    lines += [f"  {format_row(m)}" for m in [*live, *ended]]
+    return "\n".join(lines)
+
+
+def watch(
+    args: argparse.Namespace,
+    list_migrations: Callable[[], Sequence[pb.Migration]],
+    format_row: Callable[[pb.Migration], str],
+) -> int:
+    """Redraws every ``--interval`` seconds, ``--count`` times (0: until Ctrl-C); the router
+    with the same TLS and token flags as the coordinator."""
+    if not args.router:
+        raise SystemExit("banaserve: error: --watch needs --router HOST:PORT ($BANASERVE_ROUTER)")
+    if args.tls_dir:
+        files = security.TlsFiles.in_dir(Path(args.tls_dir), security.Role.CLIENT)
+        credentials = security.channel_credentials(files)
+        channel = grpc.secure_channel(args.router, credentials, security.channel_options())
+    else:
+        channel = grpc.insecure_channel(args.router)
+    token = security.read_tokens(Path(args.api_token_file))[0] if args.api_token_file else ""
+    metadata = security.bearer_metadata(token)
+    stub = router_pb2_grpc.RouterServiceStub(channel)
+    try:
+        n = 0
+        while not args.count or n < args.count:
+            if n:
+                time.sleep(args.interval)
+            request = router_pb2.ListWorkersRequest()
+            reply = stub.ListWorkers(request, timeout=5.0, metadata=metadata)
+            screen = render(
+                worker_lines(reply), list_migrations(), format_row, at=time.strftime("%H:%M:%S")
+            )
+            print(CLEAR + screen if args.count != 1 else screen, flush=True)
+            n += 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        channel.close()
+    return 0
+
+
+def add_watch_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--watch", action="store_true", help="per-worker utilisation and migrations")
+    p.add_argument(
+        "--router",
+        default=os.environ.get("BANASERVE_ROUTER", ""),
+        metavar="HOST:PORT",
+        help="with --watch: the router (default: $BANASERVE_ROUTER)",
+    )
+    p.add_argument("--interval", type=float, default=1.0, metavar="S", help="with --watch")
+    p.add_argument("--count", type=int, default=0, help="with --watch: screens (0: until Ctrl-C)")

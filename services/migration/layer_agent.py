@@ -1,0 +1,196 @@
+"""The donor's calls of a ``layers`` migration: ``MigrationAgent`` hands each one to this class
+(those of an ``attention`` migration to ``AttentionAgent``).
+
+Donor A's lifecycle, one method per RPC of migration.proto:
+
+1. ``copy_weights`` (only for a helper lacking identical weights) and ``copy_kv`` (any number
+   of times, while A serves): what the helper lacks of ``[k, L)``, KV as deltas (append-only);
+2. ``switch`` (the pause): one more copy stage, then the last delta and the split layout, the
+   helper's stage reached through a ``DataStagePort``; from here a port failure makes the agent
+   fall back on its own (``MigrationAgent._port_failed``);
+3. ``activate``: optionally drop the moved layers' weights (A's KV pool grows);
+4. ``revert``: weights back, the helper's KV copied back in stages while A still steps through
+   the helper, then the pause: the last delta and the local layout.
+
+Every engine change runs through the agent's ``engine_call`` (between two steps); the
+state checks, the link to the helper and the record's state are the agent's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from services.common.errors import DependencyUnavailableError
+from services.common.migration_states import MigrationState
+from services.engine.engine import Engine
+from services.engine.stages import StageLayout
+from services.migration import donor, weights
+from services.migration.ports import DataStagePort
+from services.migration.records import MigrationRecord, Peer
+from services.rpc import dataplane
+
+if TYPE_CHECKING:
+    from services.migration.agent import MigrationAgent
+
+
+class LayerAgent:
+    def __init__(self, agent: MigrationAgent) -> None:
+        self.agent = agent
+
+    async def copy_weights(
+        self, migration_id: str, helper: Peer, layers: list[int]
+    ) -> tuple[int, float]:
+        """Ship ``layers``' weights to a helper lacking them (weights.py): (bytes, seconds)."""
+        record = self.agent._donor(migration_id, MigrationState.PLANNED, MigrationState.COPYING)
+        t0 = self.agent.clock()
+        link = await self.agent._connect(record, helper)
+        send = lambda h, p: link.client.request(h, p, link.timeout_s)  # noqa: E731
+        num_bytes = await weights.send_layers(
+            self.agent.engine_call,
+            send,
+            migration_id,
+            record.layers,
+            layers,
+            self.agent.config.weight_chunk_bytes,
+        )
+        record.state = MigrationState.COPYING
+        return num_bytes, self.agent.clock() - t0
+
+    async def copy_kv(self, migration_id: str, helper: Peer) -> tuple[int, int, float]:
+        """One stage of the copy: (bytes, sequences, seconds)."""
+        record = self.agent._donor(migration_id, MigrationState.PLANNED, MigrationState.COPYING)
+        t0 = self.agent.clock()
+        await self.agent._connect(record, helper)
+        num_bytes, moved = await self._copy_stage(record)
+        record.state = MigrationState.COPYING
+        return num_bytes, moved, self.agent.clock() - t0
+
+    async def _copy_stage(self, record: MigrationRecord) -> tuple[int, int]:
+        """Every running sequence's KV the helper lacks, exported a batch of sequences per visit
+        of the engine thread (each visit waits for its step to end) and each batch sent as one
+        exchange of concurrent messages: (bytes, sequences)."""
+        pending = list(await self.agent.engine_call(donor.running))
+        held = await self.agent._link(record).held(pending)
+        limit = self.agent.config.copy_batch_bytes
+        num_bytes, moved = 0, set()
+        while pending:
+            chunks, pending = await self.agent.engine_call(
+                lambda e, ids=pending: donor.export_deltas(e, ids, record.layers, held, limit)
+            )
+            if chunks:
+                num_bytes += await self.agent._link(record).send(chunks)
+                moved.update(rid for rid, _, _ in chunks)
+        return num_bytes, len(moved)
+
+    async def switch(
+        self, migration_id: str, num_micro_batches: int, stage_timeout_s: float | None
+    ) -> donor.PauseResult:
+        record = self.agent._donor(migration_id, MigrationState.PLANNED, MigrationState.COPYING)
+        link = self.agent._link(record)
+        loop = asyncio.get_running_loop()
+        await self._copy_stage(record)  # one more stage first: the pause sends only a step's KV
+        held = await link.held(list(await self.agent.engine_call(donor.running)))
+        port = DataStagePort(
+            link.client,
+            migration_id,
+            loop,
+            stage_timeout_s or self.agent.config.data_timeout_s,
+            lambda reason: self.agent._port_failed(migration_id, reason),
+        )
+
+        def layout(num_layers: int) -> StageLayout:
+            kwargs = {"timeout_s": stage_timeout_s} if stage_timeout_s else {}
+            return StageLayout.split(num_layers, record.start, port, num_micro_batches, **kwargs)
+
+        def send(chunks: list[donor.KVChunk]) -> int:
+            return self.agent._blocking(link.send(chunks))
+
+        # Switched before the engine's next step can fail through the port (and fall back).
+        previous, record.port, record.state = record.state, port, MigrationState.SWITCHING
+        try:
+            result = await self.agent.engine_call(
+                lambda e: donor.switch(e, record.layers, held, send, layout)
+            )
+        except BaseException:
+            record.port, record.state = None, previous
+            raise
+        # Copied, then ended before the switch (a prompt handed on, a request done): the port
+        # releases what ends from now on; these the helper would keep until their lease.
+        port.release(sorted(record.sequences - set(await self.agent.engine_call(donor.running))))
+        return result
+
+    async def activate(self, migration_id: str, drop_weights: bool) -> tuple[int, int]:
+        """(blocks before, blocks after) of the donor's pool."""
+        record = self.agent._donor(migration_id, MigrationState.SWITCHING, MigrationState.ACTIVE)
+
+        def drop(engine: Engine) -> tuple[int, int]:
+            before = engine.block_manager.num_blocks
+            if drop_weights and engine.model.holds_layer(record.start):
+                engine.migration.drop_layers(record.start)
+            return before, engine.block_manager.num_blocks
+
+        result = await self.agent.engine_call(drop)
+        record.weights_dropped = record.weights_dropped or drop_weights
+        record.state = MigrationState.ACTIVE
+        return result
+
+    async def revert(self, migration_id: str) -> donor.PauseResult:
+        """Layers back (weights first, then the KV copied back in stages while the donor still
+        steps through the helper), then the pause: the last delta and the local layout. The
+        result counts every byte copied back; its pause is the last step's only."""
+        record = self.agent._donor(migration_id, MigrationState.SWITCHING, MigrationState.ACTIVE)
+        await self.agent.engine_call(lambda e: e.migration.restore_layers())
+        record.weights_dropped = False
+        try:
+            pre_bytes, pre_ids = await self._copy_back(record)
+            result = await self._revert_pause(record)
+        except dataplane.DataPlaneError as e:  # e.g. its lease ran out: it dropped the layers
+            raise DependencyUnavailableError(
+                f"migration {migration_id}: the helper cannot give the KV back ({e})"
+            ) from e
+        return donor.PauseResult(
+            pre_bytes + result.num_bytes,
+            tuple(sorted({*pre_ids, *result.request_ids})),
+            result.pause_s,
+            result.requeued,
+        )
+
+    async def _copy_back(self, record: MigrationRecord) -> tuple[int, list[str]]:
+        """The staged reverse copy: each sequence's KV the donor lacks, up to what it had
+        computed when asked, written back between steps (the pause sends only what follows)."""
+        seqs = await self.agent.engine_call(donor.running)
+        held = await self.agent._link(record).held(list(seqs))
+        num_bytes, moved = 0, []
+        for rid, done in seqs.items():
+            if held.get(rid, 0) < done:
+                continue
+            missing = await self.agent.engine_call(lambda e, rid=rid: e.placement.missing(rid))
+            chunks = [
+                await self.agent._link(record).fetch_kv(rid, layer, have, done)
+                for layer, have in missing.items()
+                if have < done
+            ]
+            if chunks:
+                n = await self.agent.engine_call(
+                    lambda e, rid=rid, c=chunks: donor.restore(e, rid, c)
+                )
+                num_bytes += n
+                moved.append(rid)
+        record.moved(num_bytes, moved)
+        return num_bytes, moved
+
+    async def _revert_pause(self, record: MigrationRecord) -> donor.PauseResult:
+        link = self.agent._link(record)
+
+        def fetch_held(ids: list[str]) -> dict[str, int]:
+            return self.agent._blocking(link.held(ids))
+
+        def fetch_kv(rid: str, layer: int, start: int, end: int) -> Any:
+            return self.agent._blocking(link.fetch_kv(rid, layer, start, end))
+
+        result = await self.agent.engine_call(lambda e: donor.revert(e, fetch_held, fetch_kv))
+        record.moved(result.num_bytes, result.request_ids)
+        record.weights_dropped, record.state = False, MigrationState.REVERTING
+        await self.agent._disconnect(record)
+        return result

@@ -1,0 +1,282 @@
+"""``banaserve sim calibrate``: measure this machine, fit the time model, write a profile.
+
+1. load the model in-process (the workers' own ``Engine``, ``--threads`` threads, float32);
+2. **prefill**: one fresh prompt per step at each of ``--prefill-lengths`` (prefix cache off),
+   ``--repeats`` times after one warm-up, the fastest kept -> ``fit_prefill``;
+3. **decode**: for each ``(batch, prompt length)`` point, ``batch`` copies of one prompt (the
+   prefix cache computes it once) are prefilled, then ``--decode-steps`` decode steps are timed
+   one by one, the median kept with the step's total context -> ``fit_decode``;
+4. **layer share**: ``services.coordinator.layer_share.measure`` (the policy's own tool);
+5. **transports**: ``bench.transport_bench``'s two-process transfer per data-plane kind
+   (tcp; ucx where it starts) at a few sizes -> ``fit_transport``;
+6. **migration**: the split recorded by the coordinator (weights, KV copy, switch pause) from a
+   ``bench migration`` JSON, or the copy and revert phases of a ``bench compare`` JSON's
+   migrations (its coordinator state events), when given, else docs/migration.md's figures;
+7. write the profile JSON (``profile.py``) with every raw point, print the fits and their error.
+
+Steps are timed in this thread's CPU time (``time.thread_time``), not wall time: with one torch
+thread a step's work runs in the calling thread, so the reading is what the step costs a core
+of its own (a pinned worker's), whatever else the shared machine runs meanwhile. Wall time
+under contention was measured too and is useless (2-6x the CPU time, +-50 % between points).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import time
+from pathlib import Path
+
+from services.sim.fit import fit_decode, fit_prefill, fit_transport, relative_errors
+from services.sim.profile import MigrationModel, Profile, TransportModel
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_PROFILE_DIR = REPO_ROOT / "bench" / "results"
+# docs/migration.md ("Figures"): the switch paused the donor 9 ms, the revert 14-30 ms, on
+# this machine with smollm2; used when no ``bench migration`` result is given.
+DOC_SWITCH_PAUSE_S = 0.009
+DOC_REVERT_S = 0.022
+
+
+# Profiles calibrated on the project's 2-core machine, kept with the code so that `sim run`
+# and `sim validate` work before anyone calibrates (docs/simulator.md has their figures).
+SHIPPED_PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
+
+
+def profile_path(out: Path, model: str) -> Path:
+    return Path(out) / f"sim-profile-{model}.json"
+
+
+def find_profile(model: str, given: Path | None = None) -> Path:
+    """``given``, else this machine's calibration (bench/results), else the shipped one."""
+    if given is not None:
+        return Path(given)
+    for directory in (DEFAULT_PROFILE_DIR, SHIPPED_PROFILE_DIR):
+        if profile_path(directory, model).exists():
+            return profile_path(directory, model)
+    raise SystemExit(f"no profile for {model}: run `banaserve sim calibrate --models {model}`")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", default="smollm2-135m,tiny-llama", help="comma list")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--prefill-lengths", default="16,64,192,384,640,896,1152")
+    p.add_argument("--decode-points", default="1x32,4x32,16x32,32x32,1x384,8x256,24x160",
+                   help="BATCHxPROMPT points")  # fmt: skip
+    p.add_argument("--decode-steps", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--transports", default="tcp,ucx")
+    p.add_argument("--migration-json", type=Path, default=None,
+                   help="a `bench migration` result (the records' switch pause, weights) or a "
+                        "`bench compare` one (its migrations' copy and revert phases)")  # fmt: skip
+    p.add_argument("--hop-s", type=float, default=None,
+                   help="one activation hop of a layer migration, measured elsewhere "
+                        "(default: the transport's latency)")  # fmt: skip
+    p.add_argument("--out", type=Path, default=DEFAULT_PROFILE_DIR)
+
+
+def _engine(model: str, threads: int, prefix_caching: bool):  # noqa: ANN202
+    from services.common.config import EngineConfig
+    from services.engine.engine import Engine
+
+    return Engine(EngineConfig(model=model, num_threads=threads,
+                               enable_prefix_caching=prefix_caching))  # fmt: skip
+
+
+def _prompt(n: int, salt: int, vocab: int) -> list[int]:
+    return [(101 + 31 * salt + 13 * j) % (vocab - 2) + 1 for j in range(n)]
+
+
+def measure_prefill(engine, lengths: list[int], repeats: int) -> list[list[float]]:  # noqa: ANN001
+    from services.common.types import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
+    points = []
+    for n in lengths:
+        times = []
+        for r in range(repeats + 1):  # the first of each length warms up
+            engine.add_request(f"p{n}-{r}", _prompt(n, r, engine.spec.vocab_size), params)
+            start = time.thread_time()
+            engine.step()
+            times.append(time.thread_time() - start)
+        points.append([float(n), min(times[1:])])
+    return points
+
+
+def measure_decode(engine, points: list[tuple[int, int]], steps: int) -> list[list[float]]:  # noqa: ANN001
+    from services.common.types import SamplingParams
+
+    out = []
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 4, ignore_eos=True,
+                            detokenize=False)  # fmt: skip
+    for k, (batch, length) in enumerate(points):
+        prompt = _prompt(length, 1000 + k, engine.spec.vocab_size)
+        ids = [f"d{k}-{i}" for i in range(batch)]
+        for rid in ids:
+            engine.add_request(rid, prompt, params)
+        s = engine.scheduler
+        while s.waiting or any(q.num_computed_tokens < q.num_tokens - 1 for q in s.running):
+            engine.step()
+        engine.step()  # warm-up: the first decode step at this batch size
+        samples = []
+        for _ in range(steps):
+            context = sum(q.num_computed_tokens + 1 for q in s.running)
+            start = time.thread_time()
+            engine.step()
+            samples.append((time.thread_time() - start, context))
+        for rid in ids:
+            if rid in engine.requests.active:
+                engine.abort(rid)
+        t, context = sorted(samples)[len(samples) // 2]
+        out.append([float(batch), float(context), t])
+    return out
+
+
+def measure_transports(kinds: list[str]) -> tuple[dict[str, TransportModel], dict]:
+    from bench.transport_bench import bench_transport
+
+    sizes = [64 << 10, 1 << 20, 8 << 20]
+    args = argparse.Namespace(sizes=sizes, iterations=5, warmup=1, timeout=30.0, seed=0,
+                              out=str(DEFAULT_PROFILE_DIR))  # fmt: skip
+    models, raw = {}, {}
+    for kind in kinds:
+        try:
+            runs = asyncio.run(bench_transport(kind, args))
+        except Exception as exc:  # an unavailable transport (ucx missing) is not fatal
+            raw[kind] = {"error": f"{type(exc).__name__}: {exc}"}
+            continue
+        points = [[float(size), statistics.median(run["samples_s"])]
+                  for size, run in runs.items() if "samples_s" in run]  # fmt: skip
+        if len(points) < 2:
+            raw[kind] = {"error": str(next(iter(runs.values())).get("error", "no samples"))}
+            continue
+        models[kind] = fit_transport([(a, b) for a, b in points])
+        raw[kind] = points
+    return models, raw
+
+
+def migration_records(data: object) -> list[dict]:
+    """Every migration summary in a ``bench migration`` JSON (``bench/migration_driver.py``
+    ``summary``: the coordinator record's split), wherever the report nests it."""
+    if isinstance(data, dict):
+        if "switch_pause_s" in data and "layers" in data:
+            return [data]
+        return [m for v in data.values() for m in migration_records(v)]
+    if isinstance(data, list):
+        return [m for v in data for m in migration_records(v)]
+    return []
+
+
+def phase_durations(report: dict) -> dict[str, list[float]]:
+    """From a ``bench compare`` JSON: each migration's COPYING -> SWITCHING and REVERTING ->
+    DONE seconds, from the watcher's coordinator state events (sampled every 0.25 s)."""
+    first: dict[str, dict[str, float]] = {}
+    for run in report.get("runs", []):
+        for e in run.get("timeline", {}).get("events", []):
+            # Each run's clock starts at its first send: keep a migration's events of one run.
+            seen = first.setdefault(f"{run['workload']}/{e['id']}", {})
+            seen.setdefault(e["state"], e["t"])
+    out: dict[str, list[float]] = {"copy": [], "revert": []}
+    for seen in first.values():
+        for key, a, b in (("copy", "COPYING", "SWITCHING"), ("revert", "REVERTING", "DONE")):
+            if a in seen and b in seen:
+                out[key].append(seen[b] - seen[a])
+    return out
+
+
+def migration_model(path: Path | None, hop_s: float | None = None) -> tuple[MigrationModel, str]:
+    """From a ``bench migration`` JSON (the coordinator records' split), or the phase times
+    of a ``bench compare`` JSON's migrations, else docs/migration.md's figures."""
+    if path is None:
+        model = MigrationModel(0.0, DOC_SWITCH_PAUSE_S, DOC_REVERT_S, hop_s=hop_s)
+        return model, "docs/migration.md figures"
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, dict) and data.get("benchmark") == "compare":
+        phases = phase_durations(data)
+        if not phases["copy"]:
+            model = MigrationModel(0.0, DOC_SWITCH_PAUSE_S, DOC_REVERT_S, hop_s=hop_s)
+            return model, f"docs/migration.md figures ({path}: no migration reached SWITCHING)"
+        revert = statistics.median(phases["revert"]) if phases["revert"] else DOC_REVERT_S
+        model = MigrationModel(0.0, DOC_SWITCH_PAUSE_S, revert,
+                               copy_s=statistics.median(phases["copy"]), hop_s=hop_s)  # fmt: skip
+        return model, (f"{path}: {len(phases['copy'])} copy and {len(phases['revert'])} revert "
+                       "phase(s) from the coordinator's state events")  # fmt: skip
+    records = [m for m in migration_records(data) if m.get("reached_active", True)]
+    if not records:
+        raise ValueError(f"{path}: no migration that reached ACTIVE")
+    weights = [m["weights_s"] / max(1, m["layers"][1] - m["layers"][0]) for m in records
+               if not m.get("weights_skipped") and m.get("weights_s")]  # fmt: skip
+    pause = statistics.median(m["switch_pause_s"] for m in records)
+    # The record has no revert split: the revert pause is taken as docs/migration.md's.
+    model = MigrationModel(statistics.median(weights) if weights else 0.0, pause, DOC_REVERT_S,
+                           hop_s=hop_s)  # fmt: skip
+    return model, f"{path} ({len(records)} migrations)"
+
+
+def calibrate_model(model: str, args: argparse.Namespace, transports: dict) -> Profile:
+    from services.coordinator.layer_share import measure as measure_share
+    from services.engine.kv_cache import KVCache
+    from services.engine.models.loader import DTYPES
+
+    lengths = [int(x) for x in args.prefill_lengths.split(",")]
+    decode_points = [tuple(int(v) for v in p.split("x")) for p in args.decode_points.split(",")]
+    engine = _engine(model, args.threads, prefix_caching=False)
+    prefill_points = measure_prefill(engine, lengths, args.repeats)
+    del engine
+    engine = _engine(model, args.threads, prefix_caching=True)
+    decode_pts = measure_decode(engine, decode_points, args.decode_steps)  # type: ignore[arg-type]
+    share = measure_share(engine, batch=8, prompt_tokens=64, steps=8).share
+    spec, cfg = engine.spec, engine.config
+    block_bytes = KVCache.bytes_per_block(1, cfg.block_size, spec.num_kv_heads, spec.head_dim,
+                                          DTYPES[cfg.dtype])  # fmt: skip
+    migration, source = migration_model(args.migration_json, args.hop_s)
+    models, raw = transports
+    return Profile(
+        model, spec.num_layers, cfg.block_size, int(block_bytes), engine.block_manager.num_blocks,
+        cfg.max_num_seqs, cfg.max_num_batched_tokens, fit_prefill(prefill_points),
+        fit_decode(decode_pts), models, migration, share,
+        source=f"calibrated on {socket.gethostname()} at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
+        f", {args.threads} thread(s); migration: {source}",
+        points={"prefill": prefill_points, "decode": decode_pts,
+                **{f"transport_{k}": v for k, v in raw.items() if isinstance(v, list)}},
+    )  # fmt: skip
+
+
+def fit_report(profile: Profile) -> list[str]:
+    p, d = profile.prefill, profile.decode
+    pre = profile.points["prefill"]
+    dec = profile.points["decode"]
+    pre_err = relative_errors([p.time(int(n), n * n) for n, _ in pre], [t for _, t in pre])
+    dec_err = relative_errors([d.time(int(b), int(c)) for b, c, _ in dec], [t for *_, t in dec])
+    lines = [
+        f"{profile.model}: prefill {p.a * 1e3:.2f} ms + {p.b * 1e6:.1f} us/token + "
+        f"{p.c * 1e9:.2f} ns/token^2 (max error {max(pre_err):.1%})",
+        f"  decode {d.a * 1e3:.2f} ms + {d.b * 1e3:.3f} ms/seq + {d.c * 1e6:.2f} us/context token"
+        f" (max error {max(dec_err):.1%}); layer share {profile.layer_share:.4f}",
+    ]
+    for name, t in profile.transports.items():
+        lines.append(
+            f"  {name}: {t.latency_s * 1e3:.3f} ms + {t.bandwidth_bytes_per_s / 1e9:.2f} GB/s"
+        )
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    started = time.monotonic()
+    transports = measure_transports([k for k in args.transports.split(",") if k])
+    if not transports[0]:
+        raise SystemExit(f"no transport could be measured: {transports[1]}")
+    for model in [m for m in args.models.split(",") if m]:
+        profile = calibrate_model(model, args, transports)
+        path = profile_path(args.out, model)
+        profile.save(path)
+        print("\n".join(fit_report(profile)))
+        print(f"wrote {path}")
+    print(f"calibrated in {time.monotonic() - started:.0f} s")
+    return 0

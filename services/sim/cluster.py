@@ -1,0 +1,255 @@
+"""A simulated cluster: the router, the workers and the coordinator's policy, in simulated time.
+
+What is real (imported, not copied): the router (``services.router.core.Router``: registry,
+load estimates, routing policy), each worker's ``Scheduler`` and ``BlockManager``
+(``worker.py``), the load report type and its meter, the coordinator's ``Policy``, its
+``LoadHistory`` and the ``Migration`` record with its state table, and the modes' cluster
+shapes (``services.launcher.mode_spec``). What is modelled: step times, KV and activation
+transfers, and the phases of a migration (``profile.py``).
+
+A request's life (as services/router/attempt.py):
+
+1. at its arrival it is routed (``Router.route``); no room now: tried again every ``retry_s``;
+2. PD: the decode worker reserves the prompt's blocks (refused: ``mark_full``, try again),
+   the prefill worker queues it; colocated: the mixed worker queues it;
+3. its first token is its TTFT (the prefill worker streams it at once); on a PD pair the
+   prompt's KV then travels (``latency + bytes / bandwidth``) and the sequence joins the
+   decode worker's batch;
+4. it ends at ``max_tokens`` (or the context); a request still running at the deadline fails.
+
+Every ``report_interval_s`` each worker reports its load to the router; in ``banaserve`` mode
+the coordinator reads the router every ``poll_interval_s`` into a ``LoadHistory`` and decides
+every ``PolicyConfig.interval_s`` (``migrations.py`` plays the decisions out).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from services.common.errors import ResourceExhaustedError
+from services.coordinator.loadfeed import LoadHistory
+from services.coordinator.policy import Policy, PolicyConfig, WorkerView
+from services.launcher import Mode, mode_spec
+from services.router.core import NoRoomNowError, Router, RouterConfig, RouteRequest
+from services.router.registry import WorkerCapacity, WorkerRole
+from services.sim.events import EventLoop
+from services.sim.migrations import MigrationPlayer
+from services.sim.profile import Profile
+from services.sim.requests import SimRequest
+from services.sim.routing import CachedRegistry, sim_router
+from services.sim.worker import FINGERPRINT, SimWorker
+
+
+@dataclass(frozen=True)
+class SimSpec:
+    mode: Mode
+    num_workers: int
+    num_prefill: int | None = None  # PD modes; default: half
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    layer_share: float | None = None  # None: the profile's measured share
+    prefill_donors: bool = True
+    transport: str | None = None  # a profile transport; None: the cluster's, else ucx, tcp
+    num_kv_blocks: int | None = None  # per worker (``up --num-kv-blocks``); None: the profile's
+    max_model_len: int = 2048
+    deadline_s: float = math.inf  # requests unfinished then fail (bench compare: window + drain)
+    report_interval_s: float = 0.1  # the workers' cadence
+    poll_interval_s: float = 0.25  # the coordinator's ListWorkers cadence
+    retry_s: float = 0.05  # a request without room waits this long before trying again
+    sample_interval_s: float = 0.0  # > 0: keep utilisation samples (plots)
+
+
+ROLE_NAMES = ((WorkerRole.PREFILL, "prefill"), (WorkerRole.DECODE, "decode"),
+              (WorkerRole.MIXED, "mixed"))  # fmt: skip
+
+
+class SimCluster:
+    def __init__(self, spec: SimSpec, profile: Profile) -> None:
+        self.spec, self.profile = spec, profile
+        self.loop = EventLoop()
+        shape = mode_spec(spec.mode, spec.num_workers, spec.num_prefill)
+        config = RouterConfig(policy=shape.policy)
+        router = Router(config, clock=self.loop.clock)
+        self.router = sim_router(router, sweep_s=config.report_timeout_s / 2)
+        self.registry: CachedRegistry = self.router._registry  # type: ignore[assignment]
+        # The cluster's own KV transport (ucx by default) where the profile measured it.
+        measured = shape.kv_transport if shape.kv_transport in profile.transports else None
+        self.transport = profile.transport(spec.transport or measured)
+        self.workers: dict[str, SimWorker] = {}
+        counts = {WorkerRole.PREFILL: shape.num_prefill, WorkerRole.DECODE: shape.num_decode,
+                  WorkerRole.MIXED: shape.num_mixed}  # fmt: skip
+        for role, name in ROLE_NAMES:
+            for i in range(counts[role]):
+                self._add_worker(f"{name}-{i:03d}", role)
+        self.requests: dict[str, SimRequest] = {}
+        self._unfinished: set[str] = set()  # of the current ``run``
+        self._deadline = spec.deadline_s
+        self._started = False
+        self.samples: list[dict] = []
+        self.migrations: MigrationPlayer | None = None
+        if shape.coordinator:
+            layer_share = spec.layer_share or profile.layer_share
+            self.policy = Policy(spec.policy, layer_share)
+            self.history = LoadHistory(keep_s=10.0)
+            self.migrations = MigrationPlayer(self.loop, self.workers, profile, self.transport,
+                                              self.policy)  # fmt: skip
+
+    def _add_worker(self, worker_id: str, role: WorkerRole) -> None:
+        w = SimWorker(worker_id, role, self.profile, self.loop, self.spec.max_model_len,
+                      self.spec.num_kv_blocks)  # fmt: skip
+        w.on_token = self._on_token
+        w.on_prefilled = lambda seq, w=w: self._on_prefilled(w, seq)
+        w.on_finished = self._on_finished
+        self.workers[worker_id] = w
+        capacity = WorkerCapacity(
+            w.block_manager.num_blocks, self.profile.block_size, FINGERPRINT,
+            self.spec.max_model_len,
+        )  # fmt: skip
+        self.router.register(worker_id, f"127.0.0.1:{10000 + len(self.workers)}", role, capacity)
+
+    # -- running ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """The periodic events, once: load reports (staggered, as independent processes), the
+        coordinator's polls and decisions, utilisation samples."""
+        if self._started:
+            return
+        self._started = True
+        now, n = self.loop.now, len(self.workers)
+        for i, worker_id in enumerate(self.workers):
+            offset = self.spec.report_interval_s * i / n
+            self.loop.at(now + offset, lambda w=worker_id: self._report(w))
+        if self.migrations is not None:
+            self.loop.at(now, self._poll)
+            self.loop.at(now, self._decide)
+        if self.spec.sample_interval_s > 0:
+            self.loop.at(now, self._sample)
+
+    def run(self, requests: list[SimRequest], start_s: float = 0.0) -> list[SimRequest]:
+        """Simulate ``requests`` (``at_s``: simulated send times, from ``start_s`` on) until all
+        end or ``start_s + deadline_s``, when those still running are cancelled (as the
+        benchmark's client cancels them: their workers abort them) and fail. The cluster keeps
+        its state for the next ``run`` (``bench compare`` runs a mode's workloads on one)."""
+        self.start()
+        self.loop.run(start_s)  # the clock to the workload's start (no-op if already there)
+        self._deadline = start_s + self.spec.deadline_s
+        self._unfinished = {r.request_id for r in requests}
+        for r in requests:
+            if r.request_id in self.requests:
+                raise ValueError(f"request id {r.request_id!r} was simulated already")
+            self.requests[r.request_id] = r
+            self.loop.at(r.at_s, lambda r=r: self._route(r))
+        self.loop.run(self._deadline, stop=lambda: not self._unfinished)
+        for r in requests:
+            if r.request_id in self._unfinished:
+                self._cancel(r)
+        return requests
+
+    def settle(self, timeout_s: float, every_s: float = 0.25) -> float:
+        """Wait (bounded) until no worker has work and no migration is live, as ``bench
+        compare`` waits between workloads (``Watcher.settle``); the simulated seconds waited."""
+        start = self.loop.now
+        while self.loop.now - start < timeout_s and not self.quiet():
+            self.loop.run(self.loop.now + every_s)
+        return self.loop.now - start
+
+    def quiet(self) -> bool:
+        live = self.migrations is not None and self.migrations.num_live() > 0
+        return not live and all(w.idle for w in self.workers.values())
+
+    def _cancel(self, r: SimRequest) -> None:
+        for w in self.workers.values():
+            w.abort(r.request_id)
+        self._unfinished.discard(r.request_id)
+        r.status, r.done_s = "DEADLINE_EXCEEDED", None
+
+    def _route(self, r: SimRequest) -> None:
+        if r.status != "NOT_SENT" or self.loop.now > self._deadline:
+            return
+        try:
+            a = self.router.route(RouteRequest(r.request_id, r.prompt, r.max_tokens))
+        except NoRoomNowError:
+            self.loop.after(self.spec.retry_s, lambda: self._route(r))
+            return
+        except ResourceExhaustedError as exc:
+            self._fail(r, "RESOURCE_EXHAUSTED", str(exc))
+            return
+        if a.colocated:
+            self.workers[a.prefill.worker_id].add(r.request_id, list(r.prompt), r.max_tokens)
+            return
+        decode = self.workers[a.decode.worker_id]
+        if not decode.reserve(r.request_id, list(r.prompt), r.max_tokens):
+            self.router.mark_full(decode.worker_id)
+            self.loop.after(self.spec.retry_s, lambda: self._route(r))
+            return
+        r.decode_worker = decode.worker_id
+        self.workers[a.prefill.worker_id].add(r.request_id, list(r.prompt), r.max_tokens)
+
+    def _on_token(self, seq) -> None:
+        r = self.requests[seq.request_id]
+        if r.first_token_s is None:
+            r.first_token_s = self.loop.now
+        r.num_output_tokens = max(r.num_output_tokens, seq.num_output_tokens)
+
+    def _on_prefilled(self, prefill: SimWorker, seq) -> None:
+        r = self.requests[seq.request_id]
+        decode = self.workers[r.decode_worker]
+        token = seq.token_ids[-1]
+        delay = self.transport.time(self.profile.kv_bytes(seq.num_prompt_tokens))
+        self.loop.after(delay, lambda: decode.join(r.request_id, token))  # no-op if cancelled
+
+    def _on_finished(self, seq) -> None:
+        r = self.requests[seq.request_id]
+        r.num_output_tokens = seq.num_output_tokens
+        r.done_s = self.loop.now
+        r.status = "OK"
+        self._unfinished.discard(r.request_id)
+
+    def _fail(self, r: SimRequest, status: str, message: str) -> None:
+        r.status, r.message, r.done_s = status, message, self.loop.now
+        self._unfinished.discard(r.request_id)
+
+    # -- load, the coordinator ---------------------------------------------------------------
+
+    def _report(self, worker_id: str) -> None:
+        w = self.workers[worker_id]
+        self.router.report(worker_id, w.load(), self.loop.now)
+        self.loop.after(self.spec.report_interval_s, lambda: self._report(worker_id))
+
+    def _poll(self) -> None:
+        """The coordinator's feed (services/coordinator/loadfeed.py): the router's last report
+        of each worker, dated by its age."""
+        for worker_id, seen_at, report in self.registry.last_reports():
+            self.history.add(worker_id, seen_at, report)
+        self.loop.after(self.spec.poll_interval_s, self._poll)
+
+    def views(self) -> list[WorkerView]:
+        donors = (WorkerRole.DECODE, WorkerRole.MIXED)
+        return [
+            WorkerView(
+                w,
+                self.profile.num_layers,
+                self.history.samples(w),
+                can_donate=self.spec.prefill_donors or self.workers[w].role in donors,
+            )
+            for w in self.history.workers()
+        ]
+
+    def _decide(self) -> None:
+        assert self.migrations is not None
+        outcome = self.policy.decide(self.loop.now, self.views(), self.migrations.records())
+        for decision in outcome.decisions:
+            self.migrations.play(decision)
+        self.loop.after(self.spec.policy.interval_s, self._decide)
+
+    def _sample(self) -> None:
+        self.samples.append(
+            {
+                "t": self.loop.now,
+                "workers": {
+                    i.worker_id: {"role": i.role.value, "utilisation": i.utilisation}
+                    for i in self.router.workers()
+                },
+            }
+        )
+        self.loop.after(self.spec.sample_interval_s, self._sample)

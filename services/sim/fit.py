@@ -1,0 +1,62 @@
+"""Least-squares fits of the time model (pure: points in, coefficients out).
+
+Each fit solves ``X·θ ≈ y`` with numpy's ``lstsq``; with exact points from known coefficients
+it recovers them to rounding. Negative coefficients (noise on a term the data barely excites)
+are refitted without that term, so a step never gets cheaper with more work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from services.sim.profile import DecodeModel, PrefillModel, TransportModel
+
+
+def _nonnegative_lstsq(x: np.ndarray, y: np.ndarray) -> list[float]:
+    """Least squares with every coefficient >= 0: drop the most negative term and refit."""
+    active = list(range(x.shape[1]))
+    while True:
+        theta, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
+        if (theta >= -1e-15).all() or len(active) == 1:
+            out = [0.0] * x.shape[1]
+            for i, v in zip(active, theta, strict=True):
+                out[i] = max(0.0, float(v))
+            return out
+        del active[int(np.argmin(theta))]
+
+
+def fit_prefill(points: Sequence[tuple[float, float]]) -> PrefillModel:
+    """``points``: (prompt tokens, step seconds) of single fresh prompts."""
+    if len(points) < 3:
+        raise ValueError(f"a prefill fit needs at least 3 points, got {len(points)}")
+    n = np.array([p[0] for p in points], dtype=float)
+    x = np.stack([np.ones_like(n), n, n * n], axis=1)
+    a, b, c = _nonnegative_lstsq(x, np.array([p[1] for p in points], dtype=float))
+    return PrefillModel(a, b, c)
+
+
+def fit_decode(points: Sequence[tuple[float, float, float]]) -> DecodeModel:
+    """``points``: (batch size, total context tokens, step seconds)."""
+    if len(points) < 3:
+        raise ValueError(f"a decode fit needs at least 3 points, got {len(points)}")
+    batch = np.array([p[0] for p in points], dtype=float)
+    ctx = np.array([p[1] for p in points], dtype=float)
+    x = np.stack([np.ones_like(batch), batch, ctx], axis=1)
+    a, b, c = _nonnegative_lstsq(x, np.array([p[2] for p in points], dtype=float))
+    return DecodeModel(a, b, c)
+
+
+def fit_transport(points: Sequence[tuple[float, float]]) -> TransportModel:
+    """``points``: (bytes, seconds) of one transfer each -> latency + bytes / bandwidth."""
+    if len(points) < 2:
+        raise ValueError(f"a transport fit needs at least 2 points, got {len(points)}")
+    size = np.array([p[0] for p in points], dtype=float)
+    x = np.stack([np.ones_like(size), size], axis=1)
+    latency, per_byte = _nonnegative_lstsq(x, np.array([p[1] for p in points], dtype=float))
+    return TransportModel(latency, 1.0 / per_byte if per_byte > 0 else float("inf"))
+
+
+def relative_errors(predicted: Sequence[float], measured: Sequence[float]) -> list[float]:
+    return [abs(p - m) / m if m else 0.0 for p, m in zip(predicted, measured, strict=True)]

@@ -1,0 +1,151 @@
+"""The simulator's time model: what ``banaserve sim calibrate`` measures and the simulator loads.
+
+One JSON file per (machine, model). Every number in it is a fit of measurements (``fit.py``) or
+a measurement itself; nothing here is a guess the simulator makes up. Step times:
+
+- prefill: ``a + b·tokens + c·Σ tokens_i·context_i`` (the last term is attention: for one fresh
+  prompt of ``n`` tokens it is ``n²``; a chunk after a cached prefix attends to the prefix too);
+- decode: ``a + b·batch + c·total context``;
+- a mixed step (chunks and decodes in one batch, colocated workers) pays one fixed cost: the
+  prefill model's plus the decode model's per-sequence and context terms.
+
+Serving (``ServingModel``): multipliers of those step times for a serving worker, fitted on a
+real run (``sim serving``). Transports: ``latency + bytes / bandwidth``. Migrations: the coordinator record's split (weights,
+staged KV copy, switch pause), per layer and per byte.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from services.common.errors import ConfigError
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class PrefillModel:
+    a: float  # s per step
+    b: float  # s per token
+    c: float  # s per token x context token (attention)
+
+    def time(self, num_tokens: int, attention_work: float) -> float:
+        return self.a + self.b * num_tokens + self.c * attention_work
+
+
+@dataclass(frozen=True)
+class DecodeModel:
+    a: float  # s per step
+    b: float  # s per sequence
+    c: float  # s per context token
+
+    def time(self, batch: int, context: int) -> float:
+        return self.a + self.b * batch + self.c * context
+
+
+@dataclass(frozen=True)
+class TransportModel:
+    latency_s: float
+    bandwidth_bytes_per_s: float
+
+    def __post_init__(self) -> None:
+        _require(self.latency_s >= 0, f"latency must be >= 0, got {self.latency_s}")
+        _require(self.bandwidth_bytes_per_s > 0, "bandwidth must be > 0")
+
+    def time(self, num_bytes: float) -> float:
+        return self.latency_s + num_bytes / self.bandwidth_bytes_per_s
+
+
+@dataclass(frozen=True)
+class MigrationModel:
+    """A layer migration's phases: weights per layer (0 when the helper holds them), the staged
+    KV copy at the transport's bandwidth, and the switch pause."""
+
+    weights_s_per_layer: float
+    switch_pause_s: float
+    revert_s: float  # REVERTING: the KV of the moved layers copied back, then the switch back
+    # The protocol's own time from COPYING to SWITCHING besides weights and KV (Prepare on both
+    # workers, staged deltas: the policy's T_sync), measured from coordinator state events.
+    copy_s: float = 0.0
+    # One activation hop while ACTIVE; None: the transport's latency (a loopback transfer).
+    hop_s: float | None = None
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    """A serving worker's steps against the in-process engine's (which calibrate.py times, in
+    CPU time): its loop, gRPC, token streaming and the cores it shares with the router, Redis
+    and the client, as multipliers of the prefill and decode step models. Fitted on a real
+    ``bench compare`` run by ``sim serving`` (serving.py); 1.0: the engine alone."""
+
+    prefill_scale: float = 1.0
+    decode_scale: float = 1.0
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("prefill_scale", "decode_scale"):
+            value = getattr(self, name)
+            _require(math.isfinite(value) and value > 0, f"{name} must be > 0, got {value}")
+
+
+@dataclass(frozen=True)
+class Profile:
+    model: str
+    num_layers: int
+    block_size: int
+    kv_bytes_per_block_layer: int
+    num_kv_blocks: int  # per worker (the engine's default 1 GiB pool for this model)
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    prefill: PrefillModel
+    decode: DecodeModel
+    transports: dict[str, TransportModel]
+    migration: MigrationModel
+    layer_share: float  # one decoder layer's share of a step (the policy's input)
+    source: str = ""  # "calibrated on HOST at TIME" or "hand-made (tests)"
+    points: dict[str, list[list[float]]] = field(default_factory=dict)  # the raw measurements
+    serving: ServingModel = field(default_factory=ServingModel)
+
+    def __post_init__(self) -> None:
+        _require(self.num_layers >= 2, f"num_layers must be >= 2, got {self.num_layers}")
+        _require(self.block_size > 0 and self.num_kv_blocks > 0, "blocks must be > 0")
+        _require(bool(self.transports), "a profile needs at least one transport")
+        _require(0 < self.layer_share < 1, f"layer_share must be in (0, 1): {self.layer_share}")
+
+    def transport(self, name: str | None = None) -> TransportModel:
+        if name is None:
+            name = "ucx" if "ucx" in self.transports else "tcp"
+        if name not in self.transports:
+            raise ConfigError(f"no transport {name!r} in the profile: {sorted(self.transports)}")
+        return self.transports[name]
+
+    def kv_bytes(self, num_tokens: int, num_layers: int | None = None) -> int:
+        blocks = math.ceil(num_tokens / self.block_size)
+        return blocks * self.kv_bytes_per_block_layer * (num_layers or self.num_layers)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Profile:
+        d = dict(data)
+        d["prefill"] = PrefillModel(**d["prefill"])
+        d["decode"] = DecodeModel(**d["decode"])
+        d["transports"] = {k: TransportModel(**v) for k, v in d["transports"].items()}
+        d["migration"] = MigrationModel(**d["migration"])
+        d["serving"] = ServingModel(**d.get("serving", {}))  # absent: profiles before it
+        return cls(**d)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> Profile:
+        return cls.from_json(json.loads(Path(path).read_text()))

@@ -1,0 +1,170 @@
+"""``banaserve sim run``: BanaServe vs colocated vs the best static PD split, at cluster scale.
+
+For each worker count ``N`` (``--workers 8,32,128``) and each workload (``bench/workloads.py``'s
+families, the Mooncake conversation trace among them, plus the Mooncake synthetic trace):
+
+1. the workload is ``bench compare``'s, its arrival rates multiplied by ``N / 2 × --load`` (the
+   catalog offers about one 2-worker cluster's worth of work: ``N`` workers get ``N / 2`` times
+   that), over ``--duration`` seconds, seed ``--seed``;
+2. ``colocated`` runs on N mixed workers, ``banaserve`` on its default split (half prefill);
+3. ``static-pd`` runs at every split of ``--splits`` (shares of prefill workers) and the best
+   one by goodput (then output throughput) is kept, as DistServe searches its placement;
+4. the report (``sim-scale.md``), its JSON and plots (``sim_plots.py``) go to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from bench.workloads import FAMILIES, plan, workload
+from bench.workloads_trace import DEFAULT_TRACES_DIR, TraceWorkload
+from services.launcher import Mode
+from services.sim.calibrate import DEFAULT_PROFILE_DIR, find_profile
+from services.sim.cluster import SimSpec
+from services.sim.profile import Profile
+from services.sim.replay import simulate
+
+EXTRA_TRACE = TraceWorkload(
+    "mooncake-synthetic",
+    "Mooncake synthetic trace from its start: lengths ÷ 32 (max 1,536 in), time × 4",
+    "mooncake_synthetic.jsonl",
+    slo_ttft_ms=5_000.0,
+    slo_tpot_ms=250.0,
+)
+# The paper's published ranges (BanaServe, arXiv 2510.13223): throughput over vLLM and DistServe.
+PAPER = {"colocated": (1.2, 3.9), "static-pd": (1.1, 2.8)}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--profile", type=Path, default=None)
+    p.add_argument("--workers", default="8,32,128", help="comma list of cluster sizes")
+    p.add_argument("--workloads", default=",".join((*FAMILIES, EXTRA_TRACE.name)))
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals")
+    p.add_argument("--drain-s", type=float, default=60.0)
+    p.add_argument("--load", type=float, default=1.0, help="x the per-2-workers rate")
+    p.add_argument("--splits", default="0.25,0.375,0.5,0.625,0.75",
+                   help="prefill shares searched for static-pd")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefill-donors", action="store_true",
+                   help="banaserve: prefill workers may donate layers too (coordinator flag)")  # fmt: skip
+    p.add_argument("--traces-dir", type=Path, default=DEFAULT_TRACES_DIR)
+    p.add_argument("--out", type=Path, default=DEFAULT_PROFILE_DIR)
+
+
+def workload_of(name: str, rate_scale: float):  # noqa: ANN201
+    if name == EXTRA_TRACE.name:
+        return replace(EXTRA_TRACE, time_scale=EXTRA_TRACE.time_scale / rate_scale)
+    return workload(name, rate_scale)
+
+
+def prefill_counts(n: int, shares: list[float]) -> list[int]:
+    return sorted({min(n - 1, max(1, round(n * s))) for s in shares})
+
+
+def better(a: dict, b: dict | None) -> bool:
+    if b is None:
+        return True
+    key = lambda r: (r["goodput"] or 0.0, r["output_throughput"] or 0.0)  # noqa: E731
+    return key(a) > key(b)
+
+
+def scale_point(n: int, name: str, profile: Profile, args: argparse.Namespace) -> dict:
+    w = workload_of(name, n / 2 * args.load)
+    planned = plan(w, args.duration, args.seed, traces_dir=args.traces_dir)
+    slo = (w.slo_ttft_ms, w.slo_tpot_ms)
+    base = SimSpec(Mode.COLOCATED, n, deadline_s=args.duration + args.drain_s,
+                   prefill_donors=args.prefill_donors)  # fmt: skip
+    out: dict = {"workers": n, "workload": name, "num_requests": len(planned), "runs": {}}
+    for mode in (Mode.COLOCATED, Mode.BANASERVE):
+        sampled = 1.0 if mode is Mode.BANASERVE else 0.0
+        res = simulate(replace(base, mode=mode, sample_interval_s=sampled), profile, planned,
+                       name, slo)  # fmt: skip
+        out["runs"][mode.value] = res.row | {"wall_s": res.wall_s, "samples": res.samples}
+    best = None
+    splits = []
+    for k in prefill_counts(n, [float(s) for s in args.splits.split(",")]):
+        spec = replace(base, mode=Mode.STATIC_PD, num_prefill=k)
+        r = simulate(spec, profile, planned, name, slo).row | {"num_prefill": k}
+        splits.append(r)
+        if better(r, best):
+            best = r
+    out["runs"]["static-pd"] = best
+    out["splits"] = splits
+    return out
+
+
+def ratios(point: dict) -> dict:
+    runs = point["runs"]
+    subject = runs["banaserve"]
+    out = {}
+    for base in ("colocated", "static-pd"):
+        b = runs[base]
+        out[base] = {
+            key: (subject[key] / b[key]) if subject[key] and b[key] else None
+            for key in ("output_throughput", "goodput")
+        }
+    return out
+
+
+def render(points: list[dict], profile: Profile, args: argparse.Namespace) -> str:
+    lines = [
+        "# Simulated scale: banaserve vs colocated vs best static PD", "",
+        f"Profile: {profile.model}, {profile.source}. Load {args.load} x the per-2-worker rate, "
+        f"{args.duration:.0f} s of arrivals, seed {args.seed}"
+        f"{', prefill donors on' if args.prefill_donors else ''}. Ratios are banaserve / baseline "
+        "(output throughput; goodput at the workload's SLO). Paper: 1.2-3.9x vs vLLM "
+        "(colocated), 1.1-2.8x vs DistServe (static PD).", "",
+        "| N | workload | requests | best static P:D | out tok/s coloc / static / bana "
+        "| goodput coloc / static / bana | bana/coloc thr | bana/static thr | bana/coloc goodput "
+        "| bana/static goodput | migrations |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    f = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    for p in points:
+        r, q = p["runs"], ratios(p)
+        k = r["static-pd"]["num_prefill"]
+        lines.append(
+            f"| {p['workers']} | {p['workload']} | {p['num_requests']} | {k}:{p['workers'] - k} "
+            f"| {f(r['colocated']['output_throughput'])} / {f(r['static-pd']['output_throughput'])}"
+            f" / {f(r['banaserve']['output_throughput'])} | {f(r['colocated']['goodput'])} / "
+            f"{f(r['static-pd']['goodput'])} / {f(r['banaserve']['goodput'])} "
+            f"| {f(q['colocated']['output_throughput'])} | {f(q['static-pd']['output_throughput'])}"
+            f" | {f(q['colocated']['goodput'])} | {f(q['static-pd']['goodput'])} "
+            f"| {r['banaserve']['num_migrations']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(points: list[dict], profile: Profile, args: argparse.Namespace) -> str:
+    """The markdown and JSON of the points so far (written after each: a long run can be
+    stopped and still leaves what it measured)."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    markdown = render(points, profile, args)
+    (args.out / "sim-scale.md").write_text(markdown)
+    slim = [p | {"runs": {m: {k: v for k, v in r.items() if k != "samples"}
+                          for m, r in p["runs"].items()}} for p in points]  # fmt: skip
+    (args.out / "sim-scale.json").write_text(json.dumps(slim, indent=1) + "\n")
+    return markdown
+
+
+def run(args: argparse.Namespace) -> int:
+    profile = Profile.load(find_profile(args.model, args.profile))
+    points = []
+    for n in [int(x) for x in args.workers.split(",")]:
+        for name in [x for x in args.workloads.split(",") if x]:
+            started = time.perf_counter()
+            points.append(scale_point(n, name, profile, args))
+            print(f"N={n} {name}: {points[-1]['num_requests']} requests, "
+                  f"{time.perf_counter() - started:.1f} s", flush=True)  # fmt: skip
+            markdown = write_report(points, profile, args)
+    from services.sim.plots import write_plots
+
+    written = write_plots(points, args.out)
+    print(markdown)
+    print("wrote", args.out / "sim-scale.md", *written)
+    return 0

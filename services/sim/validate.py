@@ -1,0 +1,174 @@
+"""``banaserve sim validate COMPARE.json``: the simulator against a real ``bench compare``.
+
+1. read the compare JSON: its config (seed, duration, drain, rate scale, context, vocabulary,
+   each mode's cluster shape and coordinator flags) and its table (one row per workload × mode);
+2. plan every workload again with ``bench/workloads.py`` and the same arguments, and check the
+   plan is the one the JSON recorded (same count, same send times): the simulator replays the
+   exact requests;
+3. replay each mode as the compare ran it: one cluster (``up``'s own parser over ``--mode`` and
+   the run's ``--up-args``), its workloads one after another, each under the real deadline
+   (arrival window + drain) and followed by the settle, so that queues, prefix caches and
+   live migrations carry over (``--fresh-cluster-per-workload``: a cluster each), with the
+   model's profile (``sim calibrate``);
+4. print, per row, real vs simulated: output throughput, makespan, TTFT p50/p99, TPOT p50/p99,
+   SLO attainment, migrations, and the relative error of each (migrations: the difference);
+   the issue's targets: <= 10 % on throughput, makespan, TTFT p50 and TPOT p50, <= 15 % on p99s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from pathlib import Path
+
+from bench.workloads import plan, workload
+from bench.workloads_trace import DEFAULT_TRACES_DIR
+from services.common.errors import ConfigError
+from services.launcher import ClusterSpec, Mode, cluster_spec
+from services.launcher import add_arguments as add_up_arguments
+from services.sim.calibrate import find_profile
+from services.sim.cluster import SimSpec
+from services.sim.profile import Profile
+from services.sim.replay import Job, coordinator_policy, simulate_sequence
+
+METRICS = (
+    ("output_throughput", "out tok/s", 0.10),
+    ("makespan_s", "makespan s", 0.10),
+    ("ttft_p50_ms", "TTFT p50 ms", 0.10),
+    ("ttft_p99_ms", "TTFT p99 ms", 0.15),
+    ("tpot_p50_ms", "TPOT p50 ms", 0.10),
+    ("tpot_p99_ms", "TPOT p99 ms", 0.15),
+    ("slo_attainment", "SLO att.", 0.10),
+    ("num_migrations", "migrations", None),
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("compare_json", type=Path, help="a `bench compare` JSON result")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="sim profile (default: bench/results/sim-profile-MODEL.json)")  # fmt: skip
+    p.add_argument("--traces-dir", type=Path, default=DEFAULT_TRACES_DIR)
+    p.add_argument("--json-out", type=Path, default=None, help="also write the comparison here")
+
+
+def error(real: float | None, sim: float | None) -> float | None:
+    if real is None or sim is None:
+        return None
+    if real == 0:
+        return 0.0 if sim == 0 else None
+    return abs(sim - real) / abs(real)
+
+
+def check_plan(name: str, planned: list, recorded: dict) -> None:
+    plan_rows = recorded.get("plan")
+    if plan_rows is None:
+        return
+    same = len(plan_rows) == len(planned) and all(
+        abs(p.at_s - q["at_s"]) < 1e-6 and len(p.request.prompt) == q["num_prompt_tokens"]
+        and p.request.max_tokens == q["max_tokens"]
+        for p, q in zip(planned, plan_rows, strict=False)
+    )  # fmt: skip
+    if not same:
+        raise ConfigError(f"{name}: the workload plans differently from the compare JSON's")
+
+
+def up_spec(mode: Mode, config: dict) -> ClusterSpec:
+    """The cluster ``bench compare`` started for ``mode``: ``up``'s own parser and
+    ``cluster_spec`` over the mode's flags and the run's ``--up-args`` (``--num-kv-blocks``,
+    ``--kv-transport``, ``--coordinator-args``...)."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_up_arguments(p)
+    argv = ["--mode", mode.value, *shlex.split(config.get("extra_up_args") or "")]
+    try:
+        return cluster_spec(p.parse_args(argv))
+    except SystemExit as exc:
+        raise ConfigError(f"the compare JSON's up arguments do not parse: {argv}") from exc
+
+
+def sim_spec(mode: Mode, config: dict, profile: Profile | None = None) -> SimSpec:
+    up = up_spec(mode, config)
+    num_workers = up.num_prefill + up.num_decode + up.num_mixed
+    coordinator = up.service_args.get("coordinator", ())
+    policy, share, donors = coordinator_policy(list(coordinator))
+    transport = up.kv_transport
+    if profile is not None and transport not in profile.transports:
+        transport = None  # not measured (e.g. "none", the gRPC stream): the profile's default
+    return SimSpec(
+        mode, num_workers, up.num_prefill or None, policy=policy, layer_share=share,
+        prefill_donors=donors, transport=transport, num_kv_blocks=up.num_kv_blocks,
+        max_model_len=config.get("max_model_len", 2048),
+        deadline_s=config["duration_s"] + config.get("drain_s", 0.0),
+    )  # fmt: skip
+
+
+def compare_rows(report: dict, profile: Profile, traces_dir: Path) -> list[dict]:
+    """Each mode's workloads replayed as the compare run ran them: one after another on one
+    cluster with the settle between (``--fresh-cluster-per-workload``: a cluster each)."""
+    config = report["config"]
+    vocab = tuple(config.get("vocab_range", (1000, 30000)))
+    jobs: dict[str, Job] = {}
+    for name in dict.fromkeys(r["workload"] for r in report["table"]):
+        w = workload(name, config.get("rate_scale", 1.0))
+        planned = plan(w, config["duration_s"], config["seed"],
+                       config.get("max_model_len", 2048), traces_dir, vocab)  # fmt: skip
+        recorded = report.get("workloads", {}).get(name, {})
+        check_plan(name, planned, recorded)
+        slo = (recorded.get("slo_ttft_ms", w.slo_ttft_ms),
+               recorded.get("slo_tpot_ms", w.slo_tpot_ms))  # fmt: skip
+        jobs[name] = Job(name, planned, slo)
+    sims: dict[tuple[str, str], dict] = {}
+    for mode in dict.fromkeys(r["mode"] for r in report["table"]):
+        names = [r["workload"] for r in report["table"] if r["mode"] == mode]
+        spec = sim_spec(Mode(mode), config, profile)
+        groups = [[n] for n in names] if config.get("fresh_cluster_per_workload") else [names]
+        for group in groups:
+            outcomes = simulate_sequence(spec, profile, [jobs[n] for n in group],
+                                         config.get("settle_s", 0.0))  # fmt: skip
+            for name, outcome in zip(group, outcomes, strict=True):
+                sims[(name, mode)] = outcome.row
+    out = []
+    for real in report["table"]:
+        name, mode = real["workload"], real["mode"]
+        sim = sims[(name, mode)]
+        errors = {key: error(real.get(key), sim.get(key)) for key, _, _ in METRICS}
+        errors["num_migrations"] = (sim["num_migrations"] or 0) - (real.get("num_migrations") or 0)
+        out.append({"workload": name, "mode": mode, "real": real, "sim": sim,
+                    "errors": errors})  # fmt: skip
+    return out
+
+
+def _num(v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+
+
+def render(rows: list[dict]) -> str:
+    head = "| workload | mode | " + " | ".join(
+        f"{label} real / sim (err)" for _, label, _ in METRICS
+    )
+    lines = [head + " |", "|" + "---|" * (len(METRICS) + 2)]
+    for r in rows:
+        cells = []
+        for key, _, target in METRICS:
+            e = r["errors"][key]
+            if target is None:
+                err = f"{e:+d}" if e is not None else "n/a"
+            else:
+                err = "n/a" if e is None else f"{e:.0%}{'' if e <= target else ' !'}"
+            cells.append(f"{_num(r['real'].get(key))} / {_num(r['sim'].get(key))} ({err})")
+        lines.append(f"| {r['workload']} | {r['mode']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("`!`: over the issue's target (10 %; 15 % for p99s).")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = json.loads(Path(args.compare_json).read_text())
+    model = report["config"].get("model", "smollm2-135m")
+    rows = compare_rows(report, Profile.load(find_profile(model, args.profile)), args.traces_dir)
+    print(render(rows))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(rows, indent=1) + "\n")
+    return 0

@@ -1,0 +1,263 @@
+"""One simulated worker: the engine's real ``Scheduler`` and ``BlockManager``, modelled steps.
+
+A step here is the engine's step (services/engine/step.py) with the model replaced by the
+profile's time model:
+
+1. **plan** — ``Scheduler.schedule()`` (the real one) picks the batch and allocates its blocks;
+2. **execute** — nothing runs: the step lasts the time model's prediction for that batch
+   (stretched by a layer migration this worker takes part in, ``Offload``);
+3. **commit** — at the step's end, exactly as ``Stepper.commit``: every scheduled sequence
+   advances by its tokens, ``commit_full_blocks`` hashes what became full, every sequence
+   whose tokens are all computed samples one token; a finished one leaves the scheduler.
+
+A prefill worker's sequence ends at its first token (``on_prefilled`` hands it off, its blocks
+stay in the prefix cache); a decode worker's sequences arrive through ``reserve`` (blocks for
+the prompt's KV, as ``begin_prompt_import``) and ``join`` (the KV arrived: the first token is
+appended and the sequence runs, as ``finish_prompt_import``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from services.common.load import LoadMeter, LoadReport
+from services.common.types import SamplingParams
+from services.engine.block_manager import BlockManager
+from services.engine.scheduler import ScheduledBatch, Scheduler
+from services.engine.sequence import Sequence, SequenceStatus
+from services.router.registry import WorkerRole
+from services.sim.events import EventLoop
+from services.sim.profile import Profile
+
+LOAD_WINDOW_S = 1.0  # as the workers' (services/prefill/core.py LOAD_WINDOW_S)
+FINGERPRINT = "sim"
+
+
+@dataclass
+class Offload:
+    """This worker runs layers ``[k, L)`` on ``helper``: a share of each step moves there.
+
+    With two micro-batches the donor's local part of one half overlaps the helper's part of
+    the other: a step of ``t`` becomes ``(local + remote) / 2 + max(local, remote) / 2`` plus a
+    hop each way per half. A helper busy with its own step pays the remote part as a longer
+    next step (one core does both); an idle one runs it at once.
+    """
+
+    helper: SimWorker
+    share: float  # of the step, the moved layers'
+    hop_s: float  # one activation transfer
+    num_micro_batches: int = 2
+
+    def stretch(self, t: float) -> float:
+        local, remote = t * (1 - self.share), t * self.share
+        if self.helper.busy:
+            self.helper.hosted_debt_s += remote
+        hops = 2 * self.hop_s * self.num_micro_batches
+        if self.num_micro_batches == 1:
+            return local + remote + hops
+        return (local + remote) / 2 + max(local, remote) / 2 + hops
+
+
+@dataclass
+class StepStats:
+    num_steps: int = 0
+    busy_s: float = 0.0
+    num_preempted: int = 0
+    step_times: list[float] = field(default_factory=list)
+
+
+class SimWorker:
+    def __init__(
+        self,
+        worker_id: str,
+        role: WorkerRole,
+        profile: Profile,
+        loop: EventLoop,
+        max_model_len: int,
+        num_kv_blocks: int | None = None,
+    ) -> None:
+        self.worker_id, self.role, self.profile, self.loop = worker_id, role, profile, loop
+        self.max_model_len = max_model_len
+        self.block_manager = BlockManager(
+            num_kv_blocks or profile.num_kv_blocks, profile.block_size, FINGERPRINT
+        )
+        self.scheduler = Scheduler(
+            self.block_manager,
+            profile.max_num_seqs,
+            profile.max_num_batched_tokens,
+            on_preempt=self._preempted,
+        )
+        self.meter = LoadMeter(LOAD_WINDOW_S, loop.clock)
+        self.busy = False
+        self.offload: Offload | None = None
+        self.hosted_debt_s = 0.0
+        self.num_hosted_layers = 0
+        self.stats = StepStats()
+        # Set by the cluster: (seq) -> None.
+        self.on_token: Callable[[Sequence], None] = lambda seq: None
+        self.on_prefilled: Callable[[Sequence], None] = lambda seq: None
+        self.on_finished: Callable[[Sequence], None] = lambda seq: None
+        self.imported: dict[str, Sequence] = {}  # reserved, KV not arrived yet
+
+    # -- requests in ---------------------------------------------------------------------
+
+    def add(self, request_id: str, prompt: list[int], max_tokens: int) -> Sequence:
+        seq = Sequence(request_id, list(prompt), _params(max_tokens), self.profile.block_size)
+        self.scheduler.add(seq)
+        self.kick()
+        return seq
+
+    def reserve(self, request_id: str, prompt: list[int], max_tokens: int) -> bool:
+        """Blocks for a prompt's KV, before it is computed elsewhere; False: no room now."""
+        seq = Sequence(request_id, list(prompt), _params(max_tokens), self.profile.block_size)
+        bm = self.block_manager
+        if len(self.scheduler.running) + len(self.imported) >= self.scheduler.max_num_seqs:
+            return False
+        if not bm.can_append(seq, seq.num_tokens):
+            return False
+        bm.append(seq, seq.num_tokens)
+        self.imported[request_id] = seq
+        return True
+
+    def join(self, request_id: str, first_token: int) -> Sequence | None:
+        """The prompt's KV arrived: the sequence runs with its first token (None: the request
+        was cancelled meanwhile)."""
+        seq = self.imported.pop(request_id, None)
+        if seq is None:
+            return None
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        self.block_manager.commit_full_blocks(seq)
+        seq.token_ids.append(first_token)
+        if self._done(seq):
+            self.scheduler.finish(seq)
+            self.on_finished(seq)
+        else:
+            self.scheduler.join_running(seq)
+            self.kick()
+        return seq
+
+    def abort(self, request_id: str) -> None:
+        """Drop the request's sequence, if this worker holds it (its blocks freed, as the
+        engine's abort); a step in flight leaves it out at its commit."""
+        seq = self.imported.pop(request_id, None)
+        if seq is not None:
+            self.block_manager.free(seq)
+            return
+        s = self.scheduler
+        for q in (*s.running, *s.waiting):
+            if q.request_id == request_id:
+                s.finish(q)
+                return
+
+    # -- steps ---------------------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Start a step if idle and there is work."""
+        if self.busy:
+            return
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return
+        t = self.step_time(batch)
+        if self.offload is not None:
+            t = self.offload.stretch(t)
+        t += self.hosted_debt_s
+        self.hosted_debt_s = 0.0
+        self.busy = True
+        start = self.loop.now
+        self.loop.after(t, lambda: self._commit(batch, start))
+
+    def step_time(self, batch: ScheduledBatch) -> float:
+        """The time model's prediction for ``batch`` (profile.py)."""
+        p, d = self.profile.prefill, self.profile.decode
+        tokens = attention = decodes = context = 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            done = seq.num_computed_tokens  # schedule() allocates; commit advances this
+            if n == 1 and done >= seq.num_prompt_tokens:
+                decodes += 1
+                context += done + 1
+            else:
+                tokens += n
+                attention += n * (done + n)
+        serving = self.profile.serving
+        t = 0.0
+        if tokens:
+            t += p.time(tokens, attention) * serving.prefill_scale
+        if decodes:
+            # a mixed step pays one fixed cost: the smaller of the two scaled ones goes
+            overlap = min(d.a * serving.decode_scale, p.a * serving.prefill_scale) if tokens else 0
+            t += d.time(decodes, context) * serving.decode_scale - overlap
+        return t
+
+    def _commit(self, batch: ScheduledBatch, start: float) -> None:
+        now = self.loop.now
+        self.meter.record(start, now)
+        self.stats.num_steps += 1
+        self.stats.busy_s += now - start
+        bm = self.block_manager
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            seq.num_computed_tokens += n
+            bm.commit_full_blocks(seq)
+            if seq.num_computed_tokens == seq.num_tokens:
+                self._sample(seq)
+        self.busy = False
+        self.kick()
+
+    def _sample(self, seq: Sequence) -> None:
+        seq.token_ids.append(_token(seq))
+        self.on_token(seq)
+        if self.role is WorkerRole.PREFILL:
+            self.scheduler.finish(seq)
+            self.on_prefilled(seq)
+        elif self._done(seq):
+            self.scheduler.finish(seq)
+            self.on_finished(seq)
+
+    def _done(self, seq: Sequence) -> bool:
+        return (
+            seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
+        )
+
+    def _preempted(self, seq: Sequence) -> None:
+        self.stats.num_preempted += 1
+
+    # -- load ----------------------------------------------------------------------------
+
+    def load(self) -> LoadReport:
+        """What the real worker reports (services/prefill/core.py, services/decode/core.py)."""
+        s, bm = self.scheduler, self.block_manager
+        if self.role is WorkerRole.PREFILL:
+            queued = sum(q.num_prompt_tokens for q in s.waiting) + sum(
+                q.num_prompt_tokens for q in s.running
+            )
+        else:
+            queued = sum(q.num_tokens - q.num_computed_tokens for q in s.waiting)
+        step_time, busy = self.meter.snapshot()
+        free = bm.num_free_blocks
+        return LoadReport(
+            queued,
+            len(s.running),
+            len(s.waiting),
+            bm.num_blocks - free,
+            free,
+            step_time,
+            busy,
+            LOAD_WINDOW_S,
+            num_hosted_layers=self.num_hosted_layers,
+        )
+
+    @property
+    def idle(self) -> bool:
+        return not self.busy and not self.scheduler.num_unfinished and not self.imported
+
+
+def _params(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+
+
+def _token(seq: Sequence) -> int:
+    """A generated token: any id serves (no stop tokens); this one depends on the position."""
+    return 1000 + (seq.num_tokens * 7919) % 29000

@@ -1,0 +1,41 @@
+"""Which faults the chaos suite injects: the short list of the default test run, and the full
+matrix (``-m chaos``, ``make chaos``)."""
+
+from __future__ import annotations
+
+from tests.chaos.faults import Action, Fault, Phase
+from tests.chaos.proxy import Mode
+
+PROCESSES = ("prefill-0", "decode-0", "kvstore-0", "router")
+
+
+def link_faults(link: str) -> list[Fault]:
+    return [
+        Fault(Action.LINK, link, Mode.CUT),
+        Fault(Action.LINK, link, Mode.DELAY, delay_s=0.3),
+        Fault(Action.LINK, link, Mode.BLACKHOLE),
+    ]
+
+
+# A few representative faults, one per way of failing: a process killed (restarted and
+# re-admitted), a process frozen, a link cut.
+SHORT = [
+    Fault(Action.KILL, "decode-0"),
+    Fault(Action.STOP, "prefill-0", hold_s=2.0),
+    Fault(Action.LINK, "kvstore", Mode.CUT, hold_s=2.0),
+]
+
+# Migrations first: the Redis cases empty the coordinator's store too.
+FULL = [
+    Fault(Action.KILL, "coordinator", phase=Phase.STARTED),
+    Fault(Action.KILL, "coordinator", phase=Phase.COPYING),
+    Fault(Action.KILL, "coordinator", phase=Phase.ACTIVE),
+    Fault(Action.KILL, "coordinator", phase=Phase.REVERTING),
+    Fault(Action.STOP, "coordinator", phase=Phase.ACTIVE),
+    Fault(Action.KILL, "prefill-0", phase=Phase.ACTIVE),
+    Fault(Action.STOP, "prefill-0", phase=Phase.ACTIVE),
+    *[Fault(action, name) for name in PROCESSES for action in (Action.KILL, Action.STOP)],
+    *[f for link in ("client", "reports", "kvstore", "redis") for f in link_faults(link)],
+    Fault(Action.KILL, "redis"),
+    Fault(Action.STOP, "redis"),
+]

@@ -1,0 +1,56 @@
+"""Defects the chaos suite found, each reproduced in process (docs/reliability.md, "Chaos").
+
+A coordinator killed while a migration is ACTIVE comes back after the helper's lease ran out:
+the helper has dropped the layers, and the ``Revert`` the operator (or the restarted
+coordinator) sends the donor must fail with a documented status (UNAVAILABLE: the helper
+cannot give the KV back) rather than INTERNAL, and leave the donor able to abort and serve on
+with unchanged greedy output and nothing held.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.errors import DependencyUnavailableError
+from services.common.migration_states import MigrationState
+from tests.engine.helpers import assert_no_leaks, make_engine
+from tests.engine.test_migration_invariant import WORKLOAD, params, plain_run
+from tests.migration.harness import MIGRATION, AgentPair, LoopThread
+
+
+@pytest.fixture
+def loop():
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+def test_revert_after_the_helper_dropped_the_layers_is_unavailable(tiny_llama, loop):
+    reference = plain_run(tiny_llama)
+    a, b = make_engine(tiny_llama, num_kv_blocks=64), make_engine(tiny_llama, num_kv_blocks=128)
+    pair = AgentPair(loop, a, b)
+    tokens: dict[str, list[int]] = {}
+    for step in range(200):
+        for rid, prompt, max_tokens, arrival in WORKLOAD:
+            if arrival == step:
+                a.add_request(rid, prompt, params(max_tokens))
+        if step == 8:
+            pair.prepare(1)
+            pair.copy()
+            pair.switch(2, drop=False)
+        if step == 12:
+            loop.call(pair.helper.abort(MIGRATION, "lease expired: no coordinator call"))
+            with pytest.raises(DependencyUnavailableError, match="helper"):
+                loop.call(pair.donor.revert(MIGRATION))
+            loop.call(pair.donor.abort(MIGRATION, "the revert failed"))
+            assert pair.donor.get(MIGRATION).state is MigrationState.ABORTED
+        for out in pair.a_thread.step() + pair.b_thread.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        if step > 40 and not a.has_unfinished_requests:
+            break
+    assert tokens == {rid: reference[rid] for rid, *_ in WORKLOAD}
+    assert a.migration.stage_layout.ranges == ((0, a.spec.num_layers, False),)
+    assert not b.migration.hosted_layers
+    pair.close()
+    assert_no_leaks(a)
+    assert_no_leaks(b)

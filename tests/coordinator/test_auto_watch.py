@@ -1,0 +1,83 @@
+"""``banaserve migrations --watch``: the screen it redraws, from the router's ListWorkers and
+the coordinator's migrations (a real one: tests/coordinator/test_auto_cluster.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+from services.coordinator.cli import add_migrations_arguments, format_row
+from services.coordinator.watch import WorkerLine, render, worker_lines
+from services.rpc.convert import duration
+from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2
+from services.rpc.gen.banaserve.v1 import coordinator_pb2 as pb
+from services.rpc.load_reports import load_to_proto
+from tests.coordinator.policy_scenarios import report
+
+
+def migration(migration_id: str, state: int, start: int, kv: int) -> pb.Migration:
+    return pb.Migration(
+        migration_id=migration_id, kind=pb.MIGRATION_KIND_LAYERS, state=state, donor="decode-0",
+        helper="prefill-0", start_layer=start, end_layer=4, num_kv_bytes=kv,
+    )  # fmt: skip
+
+
+def test_one_screen_per_worker_utilisation_then_migrations():
+    workers = [
+        WorkerLine("decode-0", "decode", False, report(0.9, 100), 0.05),
+        WorkerLine("mixed-0", "mixed", True, None, 3.0),
+        WorkerLine("prefill-0", "prefill", True, report(0.1, 0, queued=2048), 2.5),
+    ]
+    migrations = [
+        migration("m-1", pb.MIGRATION_STATE_DONE, 2, 1234),
+        migration("m-2", pb.MIGRATION_STATE_ACTIVE, 3, 99),
+    ]
+    assert render(workers, migrations, format_row, at="01:02:03").splitlines() == [
+        "workers  01:02:03",
+        "  worker           role         U  compute  memory      blocks  seqs  hosted  report",
+        "  decode-0         decode    0.90     0.90    0.20     100/512    25   0L/0B    0.1s",
+        "  mixed-0          mixed        -   no report yet",
+        "  prefill-0        prefill   0.50     0.50    0.00       0/512     0   0L/0B 2.5s STALE",
+        "migrations: 1 live",
+        "  m-2    layers  ACTIVE         decode-0 -> prefill-0    [3, 4)    kv           99 B",
+        "  m-1    layers  DONE           decode-0 -> prefill-0    [2, 4)    kv        1,234 B",
+    ]
+
+
+def test_only_the_last_five_ended_migrations_are_shown():
+    ended = [migration(f"m-{i}", pb.MIGRATION_STATE_DONE, 2, 0) for i in range(1, 8)]
+    screen = render([], ended, format_row).splitlines()
+    assert screen[:3] == ["workers", screen[1], "  no workers"]
+    assert [line.split()[0] for line in screen[4:]] == ["m-3", "m-4", "m-5", "m-6", "m-7"]
+
+
+def test_worker_lines_from_list_workers():
+    reply = router_pb2.ListWorkersResponse(
+        workers=[
+            router_pb2.Worker(
+                info=router_pb2.WorkerInfo(
+                    worker_id="prefill-0", role=common_pb2.WORKER_ROLE_PREFILL
+                ),
+                state=router_pb2.WORKER_STATE_STALE,
+                since_last_load=duration(2.5),
+            ),
+            router_pb2.Worker(
+                info=router_pb2.WorkerInfo(
+                    worker_id="decode-0", role=common_pb2.WORKER_ROLE_DECODE
+                ),
+                state=router_pb2.WORKER_STATE_ACTIVE,
+                last_load=load_to_proto(report(0.9, 100)),
+                since_last_load=duration(0.05),
+            ),
+        ]
+    )
+    assert worker_lines(reply) == [
+        WorkerLine("decode-0", "decode", False, report(0.9, 100), 0.05),
+        WorkerLine("prefill-0", "prefill", True, None, 2.5),
+    ]
+
+
+def test_watch_flags():
+    p = argparse.ArgumentParser()
+    add_migrations_arguments(p)
+    args = p.parse_args(["--watch", "--router", "127.0.0.1:1", "--count", "2"])
+    assert (args.watch, args.router, args.count, args.interval) == (True, "127.0.0.1:1", 2, 1.0)

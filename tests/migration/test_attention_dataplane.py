@@ -1,0 +1,201 @@
+"""Attention migration over a real TCP data plane: the invariant, with both agents in one process.
+
+Owner A serves the mixed workload of tests/engine/test_migration_invariant.py (chunked prefill, a
+pool small enough to preempt, prefix hits) while a seeded schedule, at random steps, has the two
+``MigrationAgent``s prepare an attention migration, copy the leading full blocks of A's longest
+sequences to helper B (``blocks_hold`` + ``kv_import`` over 127.0.0.1), switch (A frees its
+copies; every layer of every step sends the located queries to B and merges B's ``(O, m, l)``),
+revert (blocks back) or abort (A recomputes them). B serves requests of its own meanwhile.
+Greedy float32 output of every request on both engines equals the run without migrations; both
+end with no block held and nothing hosted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from services.engine.engine import Engine
+from services.migration.attention_agent import AttentionSelection
+from services.migration.records import Peer, Role
+from tests.engine.coordinator import owner_engine
+from tests.engine.helpers import assert_no_leaks, make_engine
+from tests.engine.test_migration_invariant import B_WORKLOAD, WORKLOAD, params, plain_run
+from tests.migration.harness import EngineThread, LoopThread, make_agent
+
+pytestmark = pytest.mark.timeout(300)
+TWO = AttentionSelection(max_sequences=2)
+
+
+class AttentionPair:
+    """Donor A and helper B with their agents; one attention migration at a time."""
+
+    def __init__(
+        self,
+        loop: LoopThread,
+        a: Engine,
+        b: Engine,
+        selection: AttentionSelection = TWO,
+        clock=None,
+    ) -> None:
+        self.loop, self.a, self.b, self.selection = loop, a, b, selection
+        self.a_thread, self.b_thread = EngineThread(a), EngineThread(b)
+        self.donor = make_agent(self.a_thread, "tcp", clock)
+        self.helper = make_agent(self.b_thread, "tcp", clock)
+        self.address = loop.call(self.helper.serve_data())
+        loop.call(self.donor.serve_data())
+        self.helper_peer = Peer("B", "", self.address, "tcp")
+        self._ids = (f"m-{i}" for i in itertools.count(1))
+        self.mid = ""
+        self.state = "idle"  # idle | copying | switched
+        self.events: list[str] = []
+        self.num_located = 0  # sequences located at the switches, all together
+        self.num_calls = 0  # attention round trips of the ended migrations
+
+    def prepare(self) -> None:
+        self.mid = next(self._ids)
+        layers = range(0, self.a.spec.num_layers)
+        _, fp, _, _ = self.loop.call(
+            self.donor.prepare(
+                self.mid, Role.DONOR, layers, Peer("A"), Peer("B"), None,
+                attention=self.selection,
+            )
+        )  # fmt: skip
+        self.loop.call(
+            self.helper.prepare(
+                self.mid, Role.HELPER, layers, Peer("A"), self.helper_peer, None, fp,
+                attention=self.selection,
+            )
+        )  # fmt: skip
+        self.state = "copying"
+        self.events.append("prepare")
+
+    def copy(self) -> tuple[int, int, float]:
+        out = self.loop.call(self.donor.copy_kv(self.mid, self.helper_peer))
+        self.events.append(f"copy {out[1]}")
+        return out
+
+    def switch(self) -> int:
+        result = self.loop.call(self.donor.switch(self.mid, 1, None))
+        self.state = "switched"
+        self.num_located += len(result.request_ids)
+        self.loop.call(self.donor.activate(self.mid, False))
+        self.events.append(f"switch {len(result.request_ids)}")
+        return len(result.request_ids)
+
+    def revert(self) -> None:
+        result = self.loop.call(self.donor.revert(self.mid))
+        self.events.append(f"revert {len(result.request_ids)}/{len(result.requeued)}")
+        self._count()
+        self.loop.call(self.donor.release(self.mid))
+        self.loop.call(self.helper.release(self.mid))
+        self.state = "idle"
+
+    def abort(self) -> None:
+        self.loop.call(self.donor.abort(self.mid, "test"))
+        self._count()
+        self.loop.call(self.helper.abort(self.mid, "test"))
+        self.events.append("abort")
+        self.state = "idle"
+
+    def release(self) -> None:
+        self.loop.call(self.donor.release(self.mid))
+        self.loop.call(self.helper.release(self.mid))
+        self.state = "idle"
+
+    def _count(self) -> None:
+        report = self.donor.attention.overlap(self.mid)
+        self.num_calls += report.num_calls if report else 0
+
+    def close(self) -> None:
+        self.loop.call(self.donor.close())
+        self.loop.call(self.helper.close())
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama) -> dict[str, list[int]]:
+    return plain_run(tiny_llama)
+
+
+@pytest.fixture
+def loop():
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+def act(pair: AttentionPair, rng: random.Random) -> None:
+    """Maybe one move, at random among those possible now."""
+    if rng.random() > 0.35:
+        return
+    if pair.state == "idle":
+        pair.prepare()
+        pair.copy()
+    elif pair.state == "copying":
+        roll = rng.random()
+        if roll < 0.1:
+            pair.abort()
+        elif roll < 0.3:
+            pair.copy()  # sequences chosen since the last stage
+        else:
+            pair.switch()
+    elif rng.random() < 0.15:
+        pair.abort()
+    else:
+        pair.revert()
+
+
+def run_scenario(model, loop, seed: int, selection: AttentionSelection):
+    a, b = owner_engine(model, False), make_engine(model, num_kv_blocks=128)
+    pair, rng = AttentionPair(loop, a, b, selection), random.Random(seed)
+    tokens: dict[str, list[int]] = {}
+    step, most_hosted = 0, 0
+    while step <= 40 or a.has_unfinished_requests or b.has_unfinished_requests:
+        for engine, workload in ((a, WORKLOAD), (b, B_WORKLOAD)):
+            for rid, prompt, max_tokens, arrival in workload:
+                if arrival == step:
+                    engine.add_request(rid, prompt, params(max_tokens))
+        act(pair, rng)
+        most_hosted = max(most_hosted, b.snapshot.num_hosted_blocks)
+        for out in pair.a_thread.step() + pair.b_thread.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        step += 1
+    if pair.state == "switched":
+        pair.revert()
+    elif pair.state == "copying":
+        pair.release()
+    b.step()  # B returns what A released to its pool at its next step
+    pair.close()
+    assert_no_leaks(a)
+    assert_no_leaks(b)
+    assert not a.placement.located
+    assert b.migration.hosted_blocks.num_blocks == 0
+    return tokens, pair, most_hosted
+
+
+@pytest.mark.parametrize(
+    ("seed", "selection"),
+    [
+        (0, AttentionSelection(max_sequences=2)),
+        (1, AttentionSelection(max_sequences=3, max_blocks_per_sequence=2)),
+        (2, AttentionSelection()),
+    ],
+)
+def test_attention_migrations_over_tcp_never_change_output(
+    tiny_llama, reference, loop, seed, selection
+):
+    tokens, pair, most_hosted = run_scenario(tiny_llama, loop, seed, selection)
+    assert tokens == reference
+    assert any(e.startswith("switch") for e in pair.events), pair.events
+    assert any(e.startswith("revert") for e in pair.events), pair.events
+    assert pair.num_located > 0 and pair.num_calls > 0, pair.events
+    assert most_hosted > 0
+
+
+@pytest.mark.slow
+def test_attention_migrations_never_change_smollm2_output(smollm2, loop):
+    tokens, pair, _ = run_scenario(smollm2, loop, 0, TWO)
+    assert tokens == plain_run(smollm2)
+    assert pair.num_located > 0 and pair.num_calls > 0, pair.events

@@ -1,0 +1,154 @@
+"""Faults of an attention migration over a real TCP data plane, both agents in one process.
+
+- The helper dies (its data plane stops) while the owner's steps attend on it: the step fails
+  whole and keeps nothing, the located sequences recompute on the owner, the owner's record is
+  ABORTED with the reason; greedy output unchanged.
+- The owner dies (no call reaches the helper any more): the helper frees the hosted blocks when
+  the migration's lease runs out; they were in its load report until then.
+- The owner preempts a located sequence: its blocks are released on the helper at once (the
+  migration stays ACTIVE); the sequence recomputes on the owner, output unchanged.
+Each ends with no block held on either engine.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.migration_states import MigrationState
+from services.migration.attention_agent import AttentionSelection
+from tests.coordinator.fakes import FakeClock
+from tests.engine.coordinator import owner_engine, prompt_ids
+from tests.engine.helpers import assert_no_leaks, make_engine
+from tests.engine.test_migration_invariant import WORKLOAD, params, plain_run
+from tests.migration.test_attention_dataplane import AttentionPair
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama) -> dict[str, list[int]]:
+    return plain_run(tiny_llama)
+
+
+@pytest.fixture
+def loop():
+    from tests.migration.harness import LoopThread
+
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+def drain(pair: AttentionPair, tokens: dict, workload=WORKLOAD, step: int = 0, until=None):
+    """Step both engines (arrivals from ``workload``) until ``until(step)`` or all finished."""
+    a = pair.a
+    while (until is None or not until(step)) and (step <= 40 or a.has_unfinished_requests):
+        for rid, prompt, max_tokens, arrival in workload:
+            if arrival == step:
+                a.add_request(rid, prompt, params(max_tokens))
+        for out in pair.a_thread.step() + pair.b_thread.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        step += 1
+    return step
+
+
+def test_helper_dies_located_sequences_recompute(tiny_llama, reference, loop):
+    a, b = owner_engine(tiny_llama, False), make_engine(tiny_llama, num_kv_blocks=128)
+    pair = AttentionPair(loop, a, b, AttentionSelection(max_sequences=3))
+    tokens: dict[str, list[int]] = {}
+    step = drain(pair, tokens, until=lambda s: s == 8)
+    pair.prepare()
+    pair.copy()
+    assert pair.switch() > 0
+    step = drain(pair, tokens, step=step, until=lambda s: s == 12)
+    assert a.placement.located
+    loop.call(pair.helper._data_server.stop())
+    failed_before = a.snapshot.num_failed_steps
+    pair.a_thread.step()  # attends on the dead helper: fails whole, the located recompute
+    loop.call(pair.donor.settled())
+    assert a.snapshot.num_failed_steps == failed_before + 1
+    assert not a.placement.located
+    record = pair.donor.get(pair.mid)
+    assert record.state is MigrationState.ABORTED, record.reason
+    assert record.reason.startswith("helper unreachable"), record.reason
+    drain(pair, tokens, step=step)
+    assert tokens == {rid: reference[rid] for rid, *_ in WORKLOAD}
+    assert b.migration.hosted_blocks.num_blocks > 0  # the "dead" helper never heard
+    loop.call(pair.helper.abort(pair.mid, "its process is gone"))
+    pair.close()
+    assert_no_leaks(a)
+    assert_no_leaks(b)
+    assert b.migration.hosted_blocks.num_blocks == 0
+
+
+def test_owner_dies_helper_frees_blocks_when_the_lease_runs_out(tiny_llama, reference, loop):
+    clock = FakeClock()
+    a, b = owner_engine(tiny_llama, False), make_engine(tiny_llama, num_kv_blocks=128)
+    pair = AttentionPair(loop, a, b, AttentionSelection(max_sequences=2), clock=clock)
+    tokens: dict[str, list[int]] = {}
+    step = drain(pair, tokens, until=lambda s: s == 8)
+    pair.prepare()
+    pair.copy()
+    assert pair.switch() > 0
+    step = drain(pair, tokens, step=step, until=lambda s: s == 10)
+    view = pair.helper.attention.view_fields(pair.helper.get(pair.mid))
+    hosted = b.migration.hosted_blocks.num_blocks
+    assert hosted == view["num_blocks"] == b.snapshot.num_hosted_blocks > 0
+    # The owner is gone: nothing reaches the helper. Its lease runs out.
+    clock.advance(29.0)
+    loop.call(pair.helper.check())
+    assert b.migration.hosted_blocks.num_blocks == hosted  # not yet
+    clock.advance(1.0)
+    loop.call(pair.helper.check())
+    record = pair.helper.get(pair.mid)
+    assert (record.state, record.reason) == (
+        MigrationState.ABORTED,
+        "lease expired: no coordinator call",
+    )
+    pair.b_thread.step()
+    assert b.migration.hosted_blocks.num_blocks == b.snapshot.num_hosted_blocks == 0
+    assert_no_leaks(b)
+    # (In-process the owner lives on: its own lease ends it too, its sequences recompute.)
+    loop.call(pair.donor.check())
+    assert pair.donor.get(pair.mid).state is MigrationState.ABORTED
+    drain(pair, tokens, step=step)
+    pair.close()
+    assert tokens == {rid: reference[rid] for rid, *_ in WORKLOAD}
+    assert_no_leaks(a)
+
+
+def test_owner_preempting_a_located_sequence_releases_its_blocks(tiny_llama, loop):
+    # Two sequences that outgrow A's 24 blocks together; the second (the scheduler's victim)
+    # is the one located.
+    workload = [("p0", prompt_ids(60, 40), 190, 0), ("p1", prompt_ids(60, 41), 180, 1)]
+    expected = {
+        rid: make_engine(tiny_llama).generate([prompt], params(n))[0].token_ids
+        for rid, prompt, n, _ in workload
+    }
+    a, b = owner_engine(tiny_llama, False), make_engine(tiny_llama, num_kv_blocks=128)
+    preempted: list[str] = []
+    inner = a.scheduler.on_preempt
+    a.scheduler.on_preempt = lambda seq: (preempted.append(seq.request_id), inner(seq))
+    pair = AttentionPair(loop, a, b, AttentionSelection(request_ids=("p1",)))
+    tokens: dict[str, list[int]] = {}
+    step = drain(pair, tokens, workload, until=lambda s: s == 12)
+    pair.prepare()
+    pair.copy()
+    assert pair.switch() == 1
+    num_blocks = b.migration.hosted_blocks.num_blocks
+    assert num_blocks == len(pair.donor.attention.moves[pair.mid].copied["p1"]) > 0
+    port = pair.donor.attention.moves[pair.mid].port
+    step = drain(pair, tokens, workload, step, until=lambda s: bool(preempted))
+    assert preempted == ["p1"] and not a.placement.located
+    assert a.snapshot.num_preemptions == a.stats()["num_preemptions"] == 1  # counted
+    port.wait_released()
+    pair.b_thread.step()
+    assert b.migration.hosted_blocks.num_blocks == 0
+    assert pair.donor.get(pair.mid).state is MigrationState.ACTIVE
+    drain(pair, tokens, workload, step)
+    pair.revert()  # nothing located any more: nothing comes back
+    assert pair.events[-1] == "revert 0/0"
+    pair.close()
+    assert tokens == expected
+    assert_no_leaks(a)
+    assert_no_leaks(b)

@@ -1,0 +1,103 @@
+"""Exact event order on small scenarios: known step times in, exact TTFT and finish times out."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.launcher import Mode
+from services.sim.cluster import SimCluster, SimSpec
+from services.sim.worker import Offload
+from tests.sim.factories import assert_no_leaks, make_profile, request
+
+
+def test_colocated_two_requests_one_worker_exact_times():
+    # t=0: A (10 tokens) prefills alone: 10 x 10 ms -> first token at 0.1.
+    # B (20 tokens) arrives at 0.05, waits; at 0.1 one mixed step: A decodes, B prefills:
+    # 20 x 10 ms + the decode step's 0.1 (no second fixed cost: prefill's a is 0) -> 0.4.
+    # At 0.4 both decode together (0.1): A's third token and B's second at 0.5: both done.
+    cluster = SimCluster(SimSpec(Mode.COLOCATED, 1), make_profile())
+    a, b = cluster.run([request(0, 0.0, 10, 3), request(1, 0.05, 20, 2)])
+    assert (a.first_token_s, a.done_s, a.num_output_tokens) == pytest.approx((0.1, 0.5, 3))
+    assert (b.first_token_s, b.done_s, b.num_output_tokens) == pytest.approx((0.4, 0.5, 2))
+    assert a.status == b.status == "OK"
+    worker = cluster.workers["mixed-000"]
+    assert worker.stats.num_steps == 3
+    assert worker.stats.busy_s == pytest.approx(0.5)
+    assert_no_leaks(cluster)
+
+
+def test_static_pd_prefill_transfer_decode_exact_times():
+    # P prefills 32 tokens: 0.32 s, first token then. KV of 2 blocks x 2 layers x 1000 B:
+    # 10 ms + 4000 B / 200 kB/s = 30 ms -> joins D at 0.35; one decode step: done at 0.45.
+    cluster = SimCluster(SimSpec(Mode.STATIC_PD, 2), make_profile())
+    (r,) = cluster.run([request(0, 0.0, 32, 2)])
+    assert (r.first_token_s, r.done_s) == pytest.approx((0.32, 0.45))
+    assert r.decode_worker == "decode-000"
+    record = r.record()
+    assert record.ttft_s == pytest.approx(0.32) and record.tpot_s == pytest.approx(0.13)
+    # P keeps the prompt's two full blocks in its prefix cache, D its three blocks' hashes.
+    assert cluster.workers["prefill-000"].block_manager.num_cached_blocks == 2
+    assert_no_leaks(cluster)
+
+
+def test_the_prefix_cache_is_the_engines_a_repeated_prompt_is_a_hit():
+    # The same 33-token prompt twice on one worker: the second prefills only its last token
+    # (two 16-token blocks are hits): 0.33 s, then 0.01 s.
+    cluster = SimCluster(SimSpec(Mode.COLOCATED, 1), make_profile())
+    first, second = request(0, 0.0, 33, 1), request(0, 1.0, 33, 1)
+    second.request_id = "again"
+    cluster.run([first, second])
+    assert first.done_s == pytest.approx(0.33)
+    assert second.done_s - second.at_s == pytest.approx(0.01)
+    assert_no_leaks(cluster)
+
+
+def test_a_request_unfinished_at_the_deadline_fails():
+    cluster = SimCluster(SimSpec(Mode.COLOCATED, 1, deadline_s=0.2), make_profile())
+    (r,) = cluster.run([request(0, 0.0, 10, 50)])
+    assert r.status == "DEADLINE_EXCEEDED" and r.first_token_s == pytest.approx(0.1)
+    assert r.record().e2e_s is None
+
+
+def test_scheduler_limits_come_from_the_real_scheduler():
+    # max_num_seqs 1: the second request waits for the first to finish (strict FCFS).
+    cluster = SimCluster(SimSpec(Mode.COLOCATED, 1), make_profile(max_num_seqs=1))
+    a, b = cluster.run([request(0, 0.0, 10, 2), request(1, 0.0, 10, 2)])
+    assert (a.first_token_s, a.done_s) == pytest.approx((0.1, 0.2))
+    assert (b.first_token_s, b.done_s) == pytest.approx((0.3, 0.4))
+    assert_no_leaks(cluster)
+
+
+def test_a_layer_offload_stretches_the_donors_step_and_charges_a_busy_helper():
+    cluster = SimCluster(SimSpec(Mode.STATIC_PD, 2), make_profile())
+    helper = cluster.workers["prefill-000"]
+    two = Offload(helper, share=0.4, hop_s=0.001, num_micro_batches=2)
+    assert two.stretch(0.1) == pytest.approx(0.05 + 0.03 + 0.004)
+    assert helper.hosted_debt_s == 0.0  # idle: its core runs the remote part at once
+    helper.busy = True
+    one = Offload(helper, share=0.4, hop_s=0.001, num_micro_batches=1)
+    assert one.stretch(0.1) == pytest.approx(0.1 + 0.002)
+    assert helper.hosted_debt_s == pytest.approx(0.04)
+
+
+def test_runs_on_one_cluster_carry_the_prefix_cache_and_cancel_at_their_deadline():
+    # Run 1 (deadline 0.5 s): A's 60 tokens prefill in 0.6 s, so A is cancelled at 0.5: its
+    # worker aborts it (blocks freed) while the step runs on. The settle samples every 0.25 s
+    # until the worker is idle: at 0.75 (the step ended at 0.6 and committed nothing of A).
+    cluster = SimCluster(SimSpec(Mode.COLOCATED, 1, deadline_s=0.5), make_profile())
+    (a,) = cluster.run([request(0, 0.0, 60, 5)])
+    assert a.status == "DEADLINE_EXCEEDED" and a.first_token_s is None
+    worker = cluster.workers["mixed-000"]
+    assert worker.busy and worker.scheduler.num_unfinished == 0
+    assert worker.block_manager.num_free_blocks == worker.block_manager.num_blocks
+    assert cluster.settle(1.0) == pytest.approx(0.25) and cluster.quiet()
+    assert worker.block_manager.num_cached_blocks == 0
+    # Run 2 from t=1: C's 33 tokens end at 1.33; B, the same prompt at 1.4, hits C's two cached
+    # blocks and prefills 1 token: its first (and last) token at 1.41.
+    c, b = request(1, 1.0, 33, 1), request(1, 1.4, 33, 1)
+    b.request_id = "b"
+    assert [r.status for r in cluster.run([c, b], start_s=1.0)] == ["OK", "OK"]
+    assert c.done_s == pytest.approx(1.33) and b.done_s == pytest.approx(1.41)
+    assert_no_leaks(cluster)
+    with pytest.raises(ValueError, match="simulated already"):
+        cluster.run([request(1, 2.0, 4, 1)], start_s=2.0)

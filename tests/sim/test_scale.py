@@ -1,0 +1,57 @@
+"""``sim run``: the split search and the report, on a tiny cluster."""
+
+from __future__ import annotations
+
+import json
+
+from services.cli import main
+from services.sim.scale import better, prefill_counts
+from tests.sim.test_validate import profile
+
+
+def test_prefill_counts_leave_a_decoder_and_dedupe():
+    assert prefill_counts(8, [0.25, 0.375, 0.5, 0.625, 0.75]) == [2, 3, 4, 5, 6]
+    assert prefill_counts(2, [0.25, 0.5, 0.75]) == [1]
+    assert prefill_counts(128, [0.25, 0.5]) == [32, 64]
+
+
+def test_the_best_split_is_by_goodput_then_throughput():
+    a = {"goodput": 1.0, "output_throughput": 10.0}
+    assert better(a, None)
+    assert better({"goodput": 1.0, "output_throughput": 11.0}, a)
+    assert not better({"goodput": 0.9, "output_throughput": 99.0}, a)
+    assert better(
+        {"goodput": 1.0, "output_throughput": 10.0}, {"goodput": None, "output_throughput": 50.0}
+    )
+
+
+def test_the_cli_writes_the_report_json_and_plots(tmp_path, capsys):
+    prof = tmp_path / "profile.json"
+    profile().save(prof)
+    argv = [
+        "sim",
+        "run",
+        "--profile",
+        str(prof),
+        "--workers",
+        "4",
+        "--workloads",
+        "mixed",
+        "--duration",
+        "5",
+        "--drain-s",
+        "30",
+        "--splits",
+        "0.25,0.5",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(argv) == 0
+    (point,) = json.loads((tmp_path / "sim-scale.json").read_text())
+    assert point["workers"] == 4 and point["workload"] == "mixed"
+    assert [s["num_prefill"] for s in point["splits"]] == [1, 2]
+    assert point["runs"]["static-pd"]["num_prefill"] in (1, 2)
+    assert set(point["runs"]) == {"colocated", "static-pd", "banaserve"}
+    assert "| 4 | mixed |" in (tmp_path / "sim-scale.md").read_text()
+    for name in ("output_throughput", "goodput", "utilisation"):
+        assert (tmp_path / f"sim-scale-{name}.png").stat().st_size > 0

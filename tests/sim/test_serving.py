@@ -1,0 +1,98 @@
+"""``sim serving``: a profile's serving multipliers, and their fit on a compare run.
+
+The fit is checked on a run whose "real" rows the simulator itself produced with known
+multipliers: fitting from 1.0 must find them again (a made-up real table could not say whether
+the fit is right)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from services.cli import main
+from services.common.errors import ConfigError
+from services.launcher import Mode
+from services.sim.cluster import SimCluster, SimSpec
+from services.sim.profile import Profile, ServingModel
+from services.sim.serving import fit, ratios
+from services.sim.validate import compare_rows
+from tests.sim.factories import make_profile, request
+from tests.sim.test_validate import compare_json, profile
+
+TRUE = ServingModel(prefill_scale=1.3, decode_scale=1.5)
+
+
+def simulated_report() -> dict:
+    """A static-PD compare run whose table is the simulator's, with ``TRUE`` multipliers."""
+    report = compare_json(modes=("static-pd", "colocated"))
+    rows = compare_rows(report, replace(profile(), serving=TRUE), traces_dir=None)
+    report["table"] = [r["sim"] | {"workload": r["workload"], "mode": r["mode"]} for r in rows]
+    return report
+
+
+def test_a_profile_carries_its_serving_multipliers():
+    plain = make_profile()
+    scaled = replace(plain, serving=ServingModel(prefill_scale=2.0, decode_scale=3.0))
+    assert ServingModel() == plain.serving  # default: the engine alone
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="must be > 0"):
+            ServingModel(prefill_scale=bad)
+    # A profile saved before serving existed still loads, as the engine alone.
+    data = plain.to_json()
+    del data["serving"]
+    assert Profile.from_json(data).serving == ServingModel()
+    assert Profile.from_json(scaled.to_json()) == scaled
+
+
+def test_step_time_scales_prefill_and_decode_parts():
+    def one_request(p: Profile) -> tuple[float, float]:
+        cluster = SimCluster(SimSpec(Mode.STATIC_PD, 2, 1), p)
+        [r] = cluster.run([request(0, 0.0, 32, 5)])
+        assert r.status == "OK"
+        ttft = r.first_token_s - r.at_s
+        return ttft, (r.done_s - r.first_token_s) / (r.num_output_tokens - 1)
+
+    plain = one_request(make_profile())
+    scaled = one_request(
+        replace(make_profile(), serving=ServingModel(prefill_scale=2.0, decode_scale=3.0))
+    )
+    # make_profile: prefill 10 ms/token (a 32-token prompt: 0.32 s), decode 100 ms a step.
+    assert scaled[0] - plain[0] == pytest.approx(0.32, abs=1e-9)
+    assert scaled[1] - plain[1] == pytest.approx(2 * 0.1, abs=1e-9)  # each step 0.1 -> 0.3 s
+
+
+def test_fit_finds_the_multipliers_a_run_was_made_with():
+    report = simulated_report()
+    fitted, rows, replays = fit(report, profile(), traces_dir=None)
+    # One workload's rows: the two multipliers trade a little against each other (batches are
+    # whole), so they land within a few percent, and the replay within 2 % of the "real" run.
+    assert fitted.serving.decode_scale == pytest.approx(TRUE.decode_scale, rel=0.05)
+    assert fitted.serving.prefill_scale == pytest.approx(TRUE.prefill_scale, rel=0.05)
+    assert 1 < replays <= 8 and "static-pd rows" in fitted.serving.source
+    ttft, tpot = ratios(rows)
+    assert ttft == pytest.approx(1.0, abs=0.02) and tpot == pytest.approx(1.0, abs=0.02)
+    # everything else of the profile is what it was
+    assert replace(fitted, serving=ServingModel()) == replace(profile(), serving=ServingModel())
+
+
+def test_fit_refuses_a_run_without_static_pd_rows():
+    report = compare_json(modes=("colocated",))
+    with pytest.raises(ConfigError, match="no static-pd rows"):
+        fit(report, profile(), traces_dir=None)
+    with pytest.raises(ConfigError, match="iterations"):
+        fit(simulated_report(), profile(), traces_dir=None, iterations=0)
+
+
+def test_cli_writes_the_fitted_profile(tmp_path, capsys):
+    start = tmp_path / "start.json"
+    profile().save(start)
+    compare = tmp_path / "compare.json"
+    compare.write_text(json.dumps(simulated_report()))
+    out = tmp_path / "fitted.json"
+    assert main(["sim", "serving", str(compare), "--profile", str(start), "--out", str(out)]) == 0
+    fitted = Profile.load(out)
+    assert fitted.serving.decode_scale == pytest.approx(1.5, rel=0.05)
+    assert Profile.load(start).serving == ServingModel()  # --out: the start is left alone
+    assert f"decode x{fitted.serving.decode_scale:.3f}" in capsys.readouterr().out

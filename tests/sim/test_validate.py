@@ -1,0 +1,141 @@
+"""``sim validate`` on a small hand-made ``bench compare`` JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.compare_cluster import mode_cluster
+from bench.workloads import plan, workload
+from services.cli import main
+from services.common.errors import ConfigError
+from services.launcher import Mode
+from services.sim.cluster import SimCluster
+from services.sim.profile import DecodeModel, PrefillModel
+from services.sim.validate import METRICS, compare_rows, error, sim_spec
+from tests.sim.factories import make_profile
+
+DURATION_S = 6.0
+
+
+def profile():
+    # smollm2-like sizes and round step times: 3 ms per prompt token, 90 ms per decode step.
+    return make_profile(num_layers=30, num_kv_blocks=1456, max_num_seqs=64,
+                        max_num_batched_tokens=2048, layer_share=0.028,
+                        prefill=PrefillModel(0.0, 0.003, 0.0),
+                        decode=DecodeModel(0.09, 0.0, 0.0))  # fmt: skip
+
+
+def real_row(workload_name: str, mode: str) -> dict:
+    return {
+        "workload": workload_name, "mode": mode, "num_ok": 5, "num_requests": 5,
+        "makespan_s": 10.0, "output_throughput": 50.0, "total_token_throughput": 200.0,
+        "ttft_p50_ms": 400.0, "ttft_p99_ms": 900.0, "tpot_p50_ms": 95.0, "tpot_p99_ms": 120.0,
+        "slo_attainment": 1.0, "goodput": 0.5, "num_migrations": 1,
+    }  # fmt: skip
+
+
+def compare_json(modes=("colocated", "banaserve")) -> dict:
+    planned = plan(workload("mixed"), DURATION_S, 3)
+    return {
+        "benchmark": "compare",
+        "config": {
+            "model": "test", "modes": list(modes), "workloads": ["mixed"],
+            "duration_s": DURATION_S, "drain_s": 15.0, "rate_scale": 1.0, "seed": 3,
+            "max_model_len": 2048, "vocab_range": [1000, 30000],
+            "mode_clusters": {m: mode_cluster(Mode(m)) for m in modes},
+        },
+        "workloads": {"mixed": {"slo_ttft_ms": 5000.0, "slo_tpot_ms": 250.0, "plan": [
+            {"index": p.request.index, "at_s": p.at_s, "num_prompt_tokens": len(p.request.prompt),
+             "max_tokens": p.request.max_tokens} for p in planned]}},
+        "table": [real_row("mixed", m) for m in modes],
+    }  # fmt: skip
+
+
+def test_error_is_relative_and_none_without_a_value():
+    assert error(100.0, 110.0) == pytest.approx(0.1)
+    assert error(100.0, 80.0) == pytest.approx(0.2)
+    assert error(None, 1.0) is None and error(0.0, 0.0) == 0.0
+
+
+def test_each_row_is_simulated_on_the_recorded_mode_and_compared():
+    rows = compare_rows(compare_json(), profile(), traces_dir=None)
+    assert [(r["workload"], r["mode"]) for r in rows] == [("mixed", "colocated"),
+                                                          ("mixed", "banaserve")]  # fmt: skip
+    for r in rows:
+        assert r["sim"]["num_requests"] == len(plan(workload("mixed"), DURATION_S, 3))
+        assert r["sim"]["num_ok"] == r["sim"]["num_requests"]
+        for key, _, _ in METRICS[:-1]:
+            assert r["errors"][key] == pytest.approx(error(r["real"][key], r["sim"][key]))
+        assert r["errors"]["num_migrations"] == r["sim"]["num_migrations"] - 1
+
+
+def test_the_modes_cluster_and_up_args_are_replayed():
+    report = compare_json()
+    report["config"]["extra_up_args"] = (
+        "--num-kv-blocks 256 --kv-transport tcp --coordinator-args '--gap-high 0.7 --sustain-s 1.5'"
+    )
+    spec = sim_spec(Mode.BANASERVE, report["config"], profile())
+    assert (spec.num_workers, spec.num_prefill) == (2, 1)
+    assert (spec.policy.gap_high, spec.policy.sustain_s) == (0.7, 1.5)
+    assert (spec.num_kv_blocks, spec.transport) == (256, "tcp")
+    assert spec.deadline_s == DURATION_S + 15.0
+    colocated = sim_spec(Mode.COLOCATED, report["config"])
+    assert (colocated.num_workers, colocated.num_prefill) == (2, None)
+    # The default transport (ucx) is not in the test profile: the profile's own is used.
+    report["config"]["extra_up_args"] = ""
+    assert sim_spec(Mode.STATIC_PD, report["config"], profile()).transport is None
+
+
+def test_up_args_that_do_not_parse_are_refused():
+    report = compare_json()
+    report["config"]["extra_up_args"] = "--no-such-flag"
+    with pytest.raises(ConfigError, match="do not parse"):
+        sim_spec(Mode.STATIC_PD, report["config"])
+
+
+def test_a_plan_that_differs_from_the_recorded_one_is_refused():
+    report = compare_json()
+    report["workloads"]["mixed"]["plan"][0]["at_s"] += 0.5
+    with pytest.raises(ConfigError, match="plans differently"):
+        compare_rows(report, profile(), traces_dir=None)
+
+
+def test_the_cli_prints_the_side_by_side_table(tmp_path, capsys):
+    path, prof = tmp_path / "compare.json", tmp_path / "profile.json"
+    path.write_text(json.dumps(compare_json(("static-pd",))))
+    profile().save(prof)
+    out = tmp_path / "rows.json"
+    assert main(["sim", "validate", str(path), "--profile", str(prof), "--json-out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| mixed | static-pd |" in printed and "TTFT p50 ms real / sim (err)" in printed
+    assert [r["mode"] for r in json.loads(out.read_text())] == ["static-pd"]
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_a_modes_workloads_share_one_cluster_unless_fresh(fresh, monkeypatch):
+    from services.sim import replay
+
+    report = compare_json(("static-pd", "banaserve"))
+    planned = plan(workload("hotspot"), DURATION_S, 3)
+    report["config"]["fresh_cluster_per_workload"] = fresh
+    report["workloads"]["hotspot"] = {"slo_ttft_ms": 3000.0, "slo_tpot_ms": 250.0}
+    report["table"] += [real_row("hotspot", m) for m in ("static-pd", "banaserve")]
+    built = []
+
+    class Recorded(SimCluster):
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            built.append(self)
+
+    monkeypatch.setattr(replay, "SimCluster", Recorded)
+    rows = compare_rows(report, profile(), traces_dir=None)
+    assert len(built) == (4 if fresh else 2)
+    assert [r["sim"]["num_requests"] for r in rows if r["workload"] == "hotspot"] == [
+        len(planned)] * 2  # fmt: skip
+    # The second workload on a shared cluster starts after the first one's last request.
+    first = built[0].requests
+    if not fresh:
+        mixed_end = max(r.done_s for k, r in first.items() if "-mixed-" in k)
+        assert min(r.at_s for k, r in first.items() if "-hotspot-" in k) >= mixed_end

@@ -1,0 +1,96 @@
+"""``banaserve up --mode``: each mode's cluster spec and the processes it runs (pure; the
+processes of a colocated cluster: tests/e2e/test_up_modes.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from services.common.errors import ConfigError
+from services.launcher import (
+    ClusterSpec,
+    Mode,
+    add_arguments,
+    cluster_spec,
+    mode_spec,
+    process_names,
+)
+
+
+@pytest.mark.parametrize(
+    "mode, workers, prefill, expected",
+    [
+        (Mode.COLOCATED, 2, None, ["router", "mixed-0", "mixed-1"]),
+        (Mode.COLOCATED, 1, None, ["router", "mixed-0"]),
+        (Mode.STATIC_PD, 2, None, ["router", "prefill-0", "decode-0"]),
+        (Mode.STATIC_PD, 5, None, ["router", "prefill-0", "prefill-1", *(f"decode-{i}" for i in range(3))]),
+        (Mode.STATIC_PD, 4, 1, ["router", "prefill-0", "decode-0", "decode-1", "decode-2"]),
+        (
+            Mode.BANASERVE,
+            2,
+            None,
+            ["redis", "kvstore-0", "router", "prefill-0", "decode-0", "coordinator"],
+        ),
+    ],
+)  # fmt: skip
+def test_each_mode_runs_its_process_set(mode, workers, prefill, expected):
+    assert process_names(mode_spec(mode, workers, prefill)) == expected
+
+
+def test_what_each_mode_decides():
+    colocated = mode_spec(Mode.COLOCATED, 2)
+    assert (colocated.policy, colocated.num_kvstore, colocated.coordinator) == (
+        "colocated",
+        0,
+        False,
+    )
+    static = mode_spec(Mode.STATIC_PD, 2)
+    assert (static.policy, static.num_kvstore, static.coordinator) == ("load", 0, False)
+    assert static.service_args == {}
+    bana = mode_spec(Mode.BANASERVE, 2, service_args={"coordinator": ("--gap-high", "0.3")})
+    assert (bana.policy, bana.num_kvstore, bana.coordinator) == ("load", 1, True)
+    assert bana.service_args == {"coordinator": ("--auto", "--gap-high", "0.3")}
+
+
+def test_the_rest_of_the_spec_is_the_same_in_every_mode():
+    specs = [mode_spec(m, 2, model="smollm2-135m", threads=1, pin=True) for m in Mode]
+    assert {(s.model, s.threads, s.pin) for s in specs} == {("smollm2-135m", 1, True)}
+
+
+@pytest.mark.parametrize(
+    "mode, workers, prefill, fields, message",
+    [
+        (Mode.STATIC_PD, 1, None, {}, "needs more workers"),
+        (Mode.COLOCATED, 0, None, {}, "needs more workers"),
+        (Mode.BANASERVE, 2, 2, {}, "leave one to decode"),
+        (Mode.STATIC_PD, 2, None, {"num_kvstore": 1}, "decides num_kvstore"),
+        (Mode.COLOCATED, 2, None, {"policy": "load"}, "decides policy"),
+    ],
+)
+def test_bad_mode_requests_are_refused(mode, workers, prefill, fields, message):
+    with pytest.raises(ConfigError, match=message):
+        mode_spec(mode, workers, prefill, **fields)
+
+
+def test_up_flags_pick_the_mode():
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert cluster_spec(p.parse_args(["--mode", "static-pd", "--workers", "3"])) == mode_spec(
+        Mode.STATIC_PD, 3
+    )
+    # Without --mode the flags stand as before: 1 prefill, 1 decode, a store, no coordinator.
+    plain = cluster_spec(p.parse_args([]))
+    assert process_names(plain) == ["redis", "kvstore-0", "router", "prefill-0", "decode-0"]
+    assert plain == ClusterSpec()
+
+
+def test_coordinator_args_reach_the_automatic_coordinator():
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(
+        ["--mode", "banaserve", "--coordinator-args", "--gap-high 0.3 --sustain-s 1"]
+    )
+    assert cluster_spec(args).service_args == {
+        "coordinator": ("--auto", "--gap-high", "0.3", "--sustain-s", "1")
+    }
