@@ -54,6 +54,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (both engines)")
     p.add_argument("--out", default="", help="directory for attention[-LABEL].json")
     p.add_argument("--label", default="")
+    p.add_argument(
+        "--no-blocking-channel",
+        dest="blocking",
+        action="store_false",
+        help="the owner's exchanges go through the agent's event loop (AgentConfig."
+        "blocking_attention off), as over ucx",
+    )
 
 
 class _Loop:
@@ -89,9 +96,10 @@ class _Stepped:
         return await asyncio.to_thread(locked)
 
 
-def _agent(stepped: _Stepped) -> MigrationAgent:
+def _agent(stepped: _Stepped, blocking: bool = True) -> MigrationAgent:
+    config = AgentConfig(blocking_attention=blocking)
     return MigrationAgent(
-        stepped.engine_call, lambda: stepped.engine.snapshot, AgentConfig(), data_kind="tcp"
+        stepped.engine_call, lambda: stepped.engine.snapshot, config, data_kind="tcp"
     )
 
 
@@ -145,7 +153,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prompts = _prompts(args.seqs, args.prompt)
     helper_attend = _time_calls(b.migration.hosted_blocks, "attend")
     loop, sa, sb = _Loop(), _Stepped(a), _Stepped(b)
-    donor, helper = _agent(sa), _agent(sb)
+    donor, helper = _agent(sa, args.blocking), _agent(sb)
     address = loop.call(helper.serve_data())
     loop.call(donor.serve_data())
     tokens: dict[str, list[int]] = {}

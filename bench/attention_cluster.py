@@ -71,6 +71,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", type=int, default=2000)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--max-sequences", type=int, default=3)
+    p.add_argument(
+        "--no-refill",
+        dest="refill",
+        action="store_false",
+        help="cycle migrations (start, revert once its sequences ended) instead of one migration "
+        "kept filled with up to --max-sequences located sequences",
+    )
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800.0)
@@ -126,13 +133,14 @@ class Run:
             await asyncio.sleep(0.1)
 
     async def drive(self, done: asyncio.Future) -> None:
-        """Keep one attention migration going; cycle it once its sequences have all ended."""
-        mid = ""
+        """Keep one attention migration going: with refill the donor keeps it filled; without,
+        cycle it once its sequences have all ended."""
+        mid, refill = "", self.args.refill
         while not done.done():
             if not mid:
                 spec = pb.AttentionMigrationSpec(
                     donor=self.ids["decode"], helper=self.ids["prefill"],
-                    max_sequences=self.args.max_sequences,
+                    max_sequences=self.args.max_sequences, refill=refill,
                 )  # fmt: skip
                 request = pb.StartMigrationRequest(kind=pb.MIGRATION_KIND_ATTENTION, attention=spec)
                 mid = (
@@ -142,7 +150,9 @@ class Run:
             if m.state in ENDED:
                 self.migrations.append(m)
                 mid = ""
-            elif m.state == pb.MIGRATION_STATE_ACTIVE and await self.located(mid) == 0:
+            elif (
+                m.state == pb.MIGRATION_STATE_ACTIVE and await self.located(mid) == 0 and not refill
+            ):
                 await self.coordinator.RevertMigration(
                     pb.RevertMigrationRequest(migration_id=mid), timeout=30
                 )

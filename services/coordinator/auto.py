@@ -172,7 +172,9 @@ class AutoMigrator:
                 d.donor, d.helper, d.start_layer, d.end_layer, cfg.num_micro_batches,
                 cfg.drop_weights,
             )  # fmt: skip
-        return await c.start_attention(d.donor, d.helper, max_sequences=self._sequences_for(d))
+        return await c.start_attention(
+            d.donor, d.helper, max_sequences=self._sequences_for(d), refill=cfg.attention_refill
+        )
 
     def _sequences_for(self, d: Decision) -> int:
         """The decision's blocks as the donor's longest sequences (each holds the mean)."""

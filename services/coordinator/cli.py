@@ -76,6 +76,7 @@ def format_migration(m: pb.Migration) -> str:
     ]
     if m.kind == pb.MIGRATION_KIND_ATTENTION:
         asked = ", ".join(m.request_ids) or f"the longest {m.max_sequences or 4}"
+        asked += " (refilled)" if m.refill else ""
         lines.insert(5, f"blocks      {m.num_blocks} KV blocks of {asked} attended on the helper")
     if m.reason:
         lines.append(f"reason      {m.reason}")
@@ -161,6 +162,11 @@ def add_migrate_arguments(p: argparse.ArgumentParser) -> None:
     )
     attention.add_argument("--max-sequences", type=int, default=0, help="default: 4")
     attention.add_argument("--max-blocks", type=int, default=0, help="per sequence; default: all")
+    attention.add_argument(
+        "--refill",
+        action="store_true",
+        help="keep up to --max-sequences located while ACTIVE (the next longest as others end)",
+    )
     _add_common(attention)
     _add_wait(attention)
 
@@ -193,6 +199,7 @@ def run_migrate(args: argparse.Namespace) -> int:
                 request_ids=args.request_id,
                 max_sequences=args.max_sequences,
                 max_blocks_per_sequence=args.max_blocks,
+                refill=args.refill,
             )
             request = pb.StartMigrationRequest(kind=pb.MIGRATION_KIND_ATTENTION, attention=spec)
             m = client.call("StartMigration", request).migration

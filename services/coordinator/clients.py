@@ -104,6 +104,7 @@ class GrpcWorkerPort:
                     request_ids=list(plan.request_ids),
                     max_sequences=plan.max_sequences,
                     max_blocks_per_sequence=plan.max_blocks_per_sequence,
+                    refill=plan.refill,
                 )
             )
         return await self._call("Prepare", request)

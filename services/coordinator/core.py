@@ -153,11 +153,15 @@ class Coordinator:
         request_ids: tuple[str, ...] = (),
         max_sequences: int = 0,
         max_blocks_per_sequence: int = 0,
+        refill: bool = False,
     ) -> Migration:
         """Whole KV blocks (every layer) of the donor's longest running sequences, or of
         ``request_ids``, move to the helper, which attends over them for the donor; the same
-        states, calls and checks as ``start_layers``, with every layer (``[0, L)``)."""
-        check_attention_request(donor, helper, max_sequences, max_blocks_per_sequence)
+        states, calls and checks as ``start_layers``, with every layer (``[0, L)``). ``refill``:
+        while ACTIVE the donor keeps up to ``max_sequences`` located as located ones end."""
+        check_attention_request(
+            donor, helper, max_sequences, max_blocks_per_sequence, tuple(request_ids), refill
+        )
         self._check_free(donor, helper)
         models = await asyncio.gather(*[self._describe(w) for w in (donor, helper)])
         if (models[0].num_layers, models[0].fingerprint) != (
@@ -172,7 +176,7 @@ class Coordinator:
             await self._next_id(), MigrationKind.ATTENTION, donor, helper, 0,
             models[0].num_layers, created_at=self._clock(), num_micro_batches=1,
             request_ids=tuple(request_ids), max_sequences=max_sequences,
-            max_blocks_per_sequence=max_blocks_per_sequence,
+            max_blocks_per_sequence=max_blocks_per_sequence, refill=refill,
         )  # fmt: skip
         self._migrations[m.migration_id] = m
         self._spans.begin(m)

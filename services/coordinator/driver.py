@@ -202,7 +202,7 @@ class MigrationDriver:
         return LayerPlan(
             m.migration_id, m.donor, m.helper, m.start_layer, m.end_layer, self.config.lease_s,
             m.num_micro_batches, m.drop_weights, m.kind, m.request_ids, m.max_sequences,
-            m.max_blocks_per_sequence,
+            m.max_blocks_per_sequence, m.refill,
         )  # fmt: skip
 
     @staticmethod

@@ -85,6 +85,7 @@ class Migration:
     request_ids: tuple[str, ...] = ()
     max_sequences: int = 0
     max_blocks_per_sequence: int = 0
+    refill: bool = False  # keep up to max_sequences located while ACTIVE
     num_blocks: int = 0
     reason: str = ""
     timings: list[StateTime] = field(default_factory=list)
@@ -123,7 +124,12 @@ class Migration:
 
 
 def check_attention_request(
-    donor: str, helper: str, max_sequences: int, max_blocks_per_sequence: int
+    donor: str,
+    helper: str,
+    max_sequences: int,
+    max_blocks_per_sequence: int,
+    request_ids: tuple[str, ...] = (),
+    refill: bool = False,
 ) -> None:
     """What an attention migration request must be before anything else is looked at."""
     if not donor or not helper:
@@ -132,6 +138,8 @@ def check_attention_request(
         raise InvalidRequestError(f"donor and helper are the same worker ({donor})")
     if max_sequences < 0 or max_blocks_per_sequence < 0:
         raise InvalidRequestError("max_sequences and max_blocks_per_sequence must be >= 0")
+    if refill and request_ids:
+        raise InvalidRequestError("refill moves the longest running sequences: no request_ids")
 
 
 def check_layer_request(

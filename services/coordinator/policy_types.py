@@ -30,6 +30,7 @@ class PolicyConfig:
     min_gain: float = 0.05
     budget_s: float = 5.0
     attention: bool = False
+    attention_refill: bool = False
     head_share: float = 0.15
     bandwidth_prior_bytes_per_s: float = 100e6
     sync_prior_s: float = 0.2

@@ -68,6 +68,7 @@ class LayerPlan:
     request_ids: tuple[str, ...] = ()
     max_sequences: int = 0
     max_blocks_per_sequence: int = 0
+    refill: bool = False
 
 
 @dataclass(frozen=True)

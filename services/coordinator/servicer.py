@@ -58,6 +58,7 @@ def migration_to_proto(m: Migration, now: float) -> pb.Migration:
         request_ids=list(m.request_ids),
         max_sequences=m.max_sequences,
         max_blocks_per_sequence=m.max_blocks_per_sequence,
+        refill=m.refill,
     )
 
 
@@ -79,6 +80,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 tuple(spec.request_ids),
                 spec.max_sequences,
                 spec.max_blocks_per_sequence,
+                spec.refill,
             )
             return pb.StartMigrationResponse(migration=self._out(m))
         if request.kind != pb.MIGRATION_KIND_LAYERS:

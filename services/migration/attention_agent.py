@@ -25,6 +25,7 @@ A located sequence that finishes, is aborted or preempted tells the helper throu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from services.migration.donor import KVChunk, PauseResult
 from services.migration.records import SWITCHED, MigrationRecord, Peer, Role
 from services.rpc.convert import duration
 from services.rpc.dataplane import DataPlaneError, ErrorKind
+from services.rpc.dataplane.tcp import BlockingTcpChannel
 from services.rpc.gen.banaserve.v1 import migration_pb2 as pb
 
 if TYPE_CHECKING:
@@ -64,10 +66,15 @@ class AttentionSelection:
     request_ids: tuple[str, ...] = ()  # empty: the longest running ones
     max_sequences: int = 0  # 0: DEFAULT_MAX_SEQUENCES
     max_blocks_per_sequence: int = 0  # 0: every full block
+    # While ACTIVE, keep up to ``limit`` sequences located: as located ones end (finish, abort,
+    # preemption), the donor moves its next longest decoding ones (``AttentionAgent._refill``).
+    refill: bool = False
 
     def __post_init__(self) -> None:
         if self.max_sequences < 0 or self.max_blocks_per_sequence < 0:
             raise ConfigError("max_sequences and max_blocks_per_sequence must be >= 0")
+        if self.refill and self.request_ids:
+            raise ConfigError("refill moves the longest running sequences: no request_ids")
 
     @property
     def limit(self) -> int:
@@ -77,7 +84,7 @@ class AttentionSelection:
 def selection_from_proto(msg: pb.AttentionSelection) -> AttentionSelection:
     try:
         return AttentionSelection(
-            tuple(msg.request_ids), msg.max_sequences, msg.max_blocks_per_sequence
+            tuple(msg.request_ids), msg.max_sequences, msg.max_blocks_per_sequence, msg.refill
         )
     except ConfigError as e:
         raise InvalidRequestError(str(e)) from None
@@ -88,8 +95,10 @@ class AttentionMove:
     selection: AttentionSelection
     copied: dict[str, tuple[BlockHash, ...]] = field(default_factory=dict)  # donor: on the helper
     port: DataAttentionPort | None = None
-    num_blocks: int = 0  # donor: blocks offloaded at the switch
+    num_blocks: int = 0  # donor: blocks offloaded at the switch (and by refills)
     overlap: OverlapReport | None = None  # donor: the port's counters when it closed
+    refiller: asyncio.Task | None = None  # donor, ``selection.refill``: while ACTIVE
+    stopping: bool = False  # set (on the loop) before a revert or an end looks at the port
 
 
 class AttentionAgent:
@@ -124,6 +133,7 @@ class AttentionAgent:
                 request_ids=list(sel.request_ids),
                 max_sequences=sel.max_sequences,
                 max_blocks_per_sequence=sel.max_blocks_per_sequence,
+                refill=sel.refill,
             ),
             "num_blocks": num_blocks,
             **_overlap_fields(self.overlap(record.migration_id)),
@@ -167,6 +177,7 @@ class AttentionAgent:
         if record.role is Role.HELPER:
             await self.host.end(mid)
             return
+        await _stop(move)
         if move.port is not None:
             port = move.port
             await self.agent.engine_call(lambda e: _evict_located(e, port))
@@ -188,7 +199,16 @@ class AttentionAgent:
         link = await self.agent._connect(record, helper)
         move = self.moves[migration_id]
         chosen = await self.agent.engine_call(lambda e: choose(e, move))
-        num_bytes, moved = 0, 0
+        num_bytes, moved = await self._copy(migration_id, link, move, chosen)
+        record.state = S.COPYING
+        return num_bytes, len(moved), self.agent.clock() - t0
+
+    async def _copy(
+        self, migration_id: str, link, move: AttentionMove, chosen: list
+    ) -> tuple[int, list[str]]:
+        """Hold, export and send each chosen sequence's blocks; (bytes, request ids copied).
+        Stops at the first sequence the helper has no room for."""
+        num_bytes, moved = 0, []
         for rid, hashes in chosen:
             try:
                 await link._request(attention_wire.encode_blocks_hold(migration_id, rid, hashes))
@@ -205,20 +225,25 @@ class AttentionAgent:
                 continue
             num_bytes += await link.send(chunks)
             move.copied[rid] = hashes
-            moved += 1
-        record.state = S.COPYING
-        return num_bytes, moved, self.agent.clock() - t0
+            moved.append(rid)
+        return num_bytes, moved
 
     async def switch(self, migration_id: str, stage_timeout_s: float | None) -> PauseResult:
         record = self.agent._donor(migration_id, S.PLANNED, S.COPYING)
         link = self.agent._link(record)
         move = self.moves[migration_id]
+        channel = None
+        if self.agent.config.blocking_attention and record.helper.data_transport == "tcp":
+            channel = await BlockingTcpChannel.connect(
+                record.helper.data_address, self.agent.config.data_timeout_s
+            )
         port = DataAttentionPort(
             link.client,
             migration_id,
             asyncio.get_running_loop(),
             stage_timeout_s or self.agent.config.data_timeout_s,
             lambda reason: self._port_failed(migration_id, reason),
+            channel=channel,
         )
         previous, record.state, move.port = record.state, S.SWITCHING, port
         try:
@@ -227,6 +252,7 @@ class AttentionAgent:
             )
         except BaseException:
             record.state, move.port = previous, None
+            port.close()
             raise
         for rid in stale:
             del move.copied[rid]
@@ -239,14 +265,63 @@ class AttentionAgent:
     async def activate(self, migration_id: str) -> tuple[int, int]:
         record = self.agent._donor(migration_id, S.SWITCHING, S.ACTIVE)
         record.state = S.ACTIVE
+        move = self.moves[migration_id]
+        if move.selection.refill and move.port is not None and move.refiller is None:
+            move.refiller = asyncio.get_running_loop().create_task(self._refill(migration_id))
         blocks = await self.agent.engine_call(lambda e: e.block_manager.num_blocks)
         return blocks, blocks
+
+    async def _refill(self, migration_id: str) -> None:
+        """While ACTIVE: every ``refill_interval_s``, as located sequences have ended, copy the
+        next longest decoding ones and locate them on the same port (one exchange per layer
+        still carries them all). Revert and end set ``stopping`` before they look at the port's
+        sequences and cancel it: a refill's switch that reaches the engine after that locates
+        nothing, so theirs sees every sequence located."""
+        interval = self.agent.config.refill_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            record, move = self.agent.records.get(migration_id), self.moves.get(migration_id)
+            if record is None or move is None or record.state is not S.ACTIVE:
+                return
+            if move.port is None:
+                return
+            try:
+                await self._refill_once(record, move, move.port)
+            except DataPlaneError as e:  # the port's own failure path or the lease ends it
+                log.info("migration %s: refill skipped: %s", migration_id, e)
+            except Exception as e:  # noqa: BLE001 - located sequences still serve; no more refills
+                log.warning("migration %s: refill stopped: %r", migration_id, e)
+                return
+
+    async def _refill_once(
+        self, record: MigrationRecord, move: AttentionMove, port: DataAttentionPort
+    ) -> None:
+        mid = record.migration_id
+        chosen = await self.agent.engine_call(lambda e: choose(e, move, port))
+        if not chosen:
+            return
+        link = self.agent._link(record)
+        num_bytes, copied = await self._copy(mid, link, move, chosen)
+        if not copied:
+            return
+        batch = {rid: move.copied[rid] for rid in copied}
+        done, stale, _ = await self.agent.engine_call(
+            lambda e: ([], list(batch), 0.0) if move.stopping else offload(e, batch, port)
+        )
+        for rid in stale:
+            move.copied.pop(rid, None)
+        if stale:
+            with contextlib.suppress(DataPlaneError):
+                await link._request(wire.encode_release(mid, stale))
+        move.num_blocks += sum(len(batch[r]) for r in done)
+        record.moved(num_bytes, done)
 
     async def revert(self, migration_id: str) -> PauseResult:
         """Every located sequence's blocks back, one sequence at a time between steps."""
         record = self.agent._donor(migration_id, S.SWITCHING, S.ACTIVE)
         link = self.agent._link(record)
         move = self.moves[migration_id]
+        await _stop(move)
         port = move.port
         located = await self.agent.engine_call(
             lambda e: [r for r, p in e.placement.located.items() if p is port]
@@ -302,8 +377,20 @@ class AttentionAgent:
         if kind in ("kv_import", "kv_export"):
             record.moved(nbytes, ids)
         nxt = {"kv_import": S.COPYING, "attention_run": S.ACTIVE, "kv_export": S.REVERTING}
-        if kind in nxt:
-            record.state = nxt[kind]
+        if kind in nxt and _ORDER.index(nxt[kind]) > _ORDER.index(record.state):
+            record.state = nxt[kind]  # forward only: a refill imports while ACTIVE
+
+
+_ORDER = (S.PLANNED, S.COPYING, S.SWITCHING, S.ACTIVE, S.REVERTING)
+
+
+async def _stop(move: AttentionMove) -> None:
+    """No more refills: mark the move, cancel the task (if any) and wait for it to unwind."""
+    move.stopping = True
+    task, move.refiller = move.refiller, None
+    if task is not None and task is not asyncio.current_task():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def _overlap_fields(report: OverlapReport | None) -> dict[str, object]:
@@ -319,24 +406,32 @@ def _overlap_fields(report: OverlapReport | None) -> dict[str, object]:
 # ---- on the donor's engine thread (inside engine_call) ---------------------------------------
 
 
-def choose(engine: Engine, move: AttentionMove) -> list[tuple[str, tuple[BlockHash, ...]]]:
+def choose(
+    engine: Engine, move: AttentionMove, port: DataAttentionPort | None = None
+) -> list[tuple[str, tuple[BlockHash, ...]]]:
     """Running, decoding sequences not copied yet, the longest first (or those named), with the
-    hashes of the leading full blocks that move."""
+    hashes of the leading full blocks that move. With ``port`` (a refill): as many as the
+    selection's limit less the sequences located on that port now, copied before or not (a
+    located sequence that was preempted may move again once it decodes)."""
     sel, located = move.selection, engine.placement.located
     names = set(sel.request_ids)
+    copied = move.copied if port is None else {}
     seqs = [
         s
         for s in engine.scheduler.running
         if s.status is SequenceStatus.RUNNING
         and s.request_id not in located
-        and s.request_id not in move.copied
+        and s.request_id not in copied
         and s.request_id not in engine.fetches
         and s.num_computed_tokens >= s.num_prompt_tokens
         and s.block_hashes
         and (not names or s.request_id in names)
     ]
     seqs.sort(key=lambda s: -s.num_computed_tokens)
-    room = max(0, sel.limit - len(move.copied))
+    if port is None:
+        room = max(0, sel.limit - len(move.copied))
+    else:
+        room = max(0, sel.limit - sum(1 for p in located.values() if p is port))
     cap = sel.max_blocks_per_sequence or None
     return [(s.request_id, tuple(s.block_hashes[:cap])) for s in seqs[:room]]
 

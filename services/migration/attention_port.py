@@ -5,9 +5,11 @@ in-process reference the tests hold it against):
 
 1. ``submit(layer, queries)`` — the donor's stepping thread, once per layer of a step with
    located sequences on this port, all of them in one message. It encodes the queries on that
-   thread (services/migration/attention_wire.py), hands the exchange to the event loop that owns
-   the data-plane client and returns a future at once: the engine computes the local part of
-   those sequences meanwhile, then waits on it. The future gives one ``PartialAttention`` per
+   thread (services/migration/attention_wire.py) and returns a future at once: the engine
+   computes the local part of those sequences meanwhile, then waits on it. With a ``channel``
+   (tcp: a ``BlockingTcpChannel`` of the port's own) the stepping thread writes the message
+   itself and the future's first ``result`` reads the reply on that thread; without one the
+   exchange goes to the event loop that owns the data-plane client. The future gives one ``PartialAttention`` per
    query; it raises ``PortError`` naming the sequences the helper refused, or every sequence of
    the call when the helper could not be reached or did not answer in time (``on_failure``, the
    agent's, hears of the latter).
@@ -35,7 +37,8 @@ from dataclasses import dataclass
 from services.engine.attention import PartialAttention
 from services.engine.ports import AttentionPort, AttentionQuery, PortError
 from services.migration import attention_wire, wire
-from services.rpc.dataplane import DataClient, DataPlaneError
+from services.rpc.dataplane import DataClient, DataPlaneError, ErrorKind
+from services.rpc.dataplane.tcp import BlockingTcpChannel
 
 log = logging.getLogger(__name__)
 Parts = list[PartialAttention]
@@ -100,7 +103,46 @@ class _TimedFuture(Future):  # type: ignore[type-arg]
             self._counters.waited(self._counters.clock() - t0)
 
 
+class _ChannelFuture(_TimedFuture):
+    """A layer's exchange on the port's blocking channel: sent by ``submit``, read by the first
+    ``result`` (the stepping thread, after its local part), with no event loop in between."""
+
+    def __init__(
+        self, port: DataAttentionPort, queries: Sequence[AttentionQuery], rid: int, sent: int,
+        started: float,
+    ) -> None:  # fmt: skip
+        super().__init__(port.counters)
+        self._port, self._queries, self._rid = port, queries, rid
+        self._sent, self._started = sent, started
+
+    def result(self, timeout: float | None = None) -> Parts:
+        if not self.done():
+            t0 = self._counters.clock()
+            self._read(self._port.timeout_s if timeout is None else timeout)
+            self._counters.waited(self._counters.clock() - t0)
+        return Future.result(self, 0)
+
+    def _read(self, timeout_s: float) -> None:
+        port, ids = self._port, [q.request_id for q in self._queries]
+        try:
+            header, out = port.channel.receive(self._rid, timeout_s)
+            parts = attention_wire.decode_attention_result(header, memoryview(out), self._queries)
+        except DataPlaneError as e:
+            if e.kind is not ErrorKind.REMOTE:  # the channel is broken: the helper is lost
+                port.failed(f"helper unreachable: {e}")
+            self.set_exception(PortError(ids, f"helper unreachable: {e}"))
+        except Exception as e:  # noqa: BLE001 - a refusal (PortError) or a bad answer
+            self.set_exception(e)
+        else:
+            took = self._counters.clock() - self._started
+            self._counters.answered(len(ids), self._sent + memoryview(out).nbytes, took)
+            self.set_result(parts)
+
+
 class DataAttentionPort(AttentionPort):
+    """``channel``: the blocking connection the stepping thread's exchanges take (tcp data
+    plane); without one they go through ``client`` on the agent's loop."""
+
     def __init__(
         self,
         client: DataClient,
@@ -109,6 +151,7 @@ class DataAttentionPort(AttentionPort):
         timeout_s: float,
         on_failure: Callable[[str], None] | None = None,
         counters: OverlapCounters | None = None,
+        channel: BlockingTcpChannel | None = None,
     ) -> None:
         self.client = client
         self.migration_id = migration_id
@@ -116,8 +159,14 @@ class DataAttentionPort(AttentionPort):
         self.timeout_s = timeout_s
         self.on_failure = on_failure or (lambda reason: None)
         self.counters = counters or OverlapCounters()
+        self.channel = channel
         self.closed = False
         self._releases: set[Future[None]] = set()  # sent, not yet answered
+
+    def failed(self, reason: str) -> None:
+        """From the stepping thread: tell the agent (on its loop) the helper is lost."""
+        with contextlib.suppress(RuntimeError):  # a closed loop: the lease ends it
+            self.loop.call_soon_threadsafe(self.on_failure, reason)
 
     def submit(self, layer: int, queries: Sequence[AttentionQuery]) -> Future[Parts]:
         future = _TimedFuture(self.counters)
@@ -126,6 +175,8 @@ class DataAttentionPort(AttentionPort):
                 raise PortError([q.request_id for q in queries], "the port is closed")
             header, payload = attention_wire.encode_attention_run(self.migration_id, layer, queries)
             started = self.counters.clock()
+            if self.channel is not None:
+                return self._send(queries, header, payload, started)
             inner = asyncio.run_coroutine_threadsafe(
                 self._run(queries, header, payload, started), self.loop
             )
@@ -133,6 +184,18 @@ class DataAttentionPort(AttentionPort):
         except Exception as e:  # noqa: BLE001 - the future carries it to the step
             future.set_exception(e)
         return future
+
+    def _send(
+        self, queries: Sequence[AttentionQuery], header: bytes, payload: object, started: float
+    ) -> Future[Parts]:
+        assert self.channel is not None
+        try:
+            rid = self.channel.send(header, payload)
+        except DataPlaneError as e:
+            reason = f"helper unreachable: {e}"
+            self.failed(reason)
+            raise PortError([q.request_id for q in queries], reason) from e
+        return _ChannelFuture(self, queries, rid, memoryview(payload).nbytes, started)
 
     async def _run(
         self, queries: Sequence[AttentionQuery], header: bytes, payload: object, started: float
@@ -171,6 +234,8 @@ class DataAttentionPort(AttentionPort):
 
     def close(self) -> None:
         self.closed = True
+        if self.channel is not None:
+            self.channel.close()
 
 
 def _settle(future: Future[Parts], done: Future[Parts]) -> None:

@@ -46,9 +46,15 @@ class AgentConfig:
     weight_chunk_bytes: int = 4 << 20  # largest weights_import payload (weights.py)
     # KV a copy stage exports per visit of the engine thread (then sends at once, concurrently)
     copy_batch_bytes: int = 64 << 20
+    # attention migrations with ``refill``: how often an ACTIVE donor looks for sequences to move
+    refill_interval_s: float = 0.25
+    # attention migrations over tcp: the stepping thread's exchanges take a blocking connection
+    # of their own (no hop through the agent's loop each way: attention_port.py)
+    blocking_attention: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("default_lease_s", "max_lease_s", "data_timeout_s", "check_interval_s"):
+        names = ("default_lease_s", "max_lease_s", "data_timeout_s", "check_interval_s")
+        for name in (*names, "refill_interval_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.default_lease_s > self.max_lease_s:

@@ -107,6 +107,29 @@ def test_decisions_run_through_the_coordinator_traced_and_counted(redis_server, 
     )
 
 
+@pytest.mark.parametrize("refill", [False, True])
+def test_an_attention_decision_starts_a_migration_refilled_as_configured(
+    redis_server, store_prefix, refill
+):
+    cluster, clock, feed = FakeCluster(), FakeClock(1000.0), FeedStub()
+    config = PolicyConfig(sustain_s=0.0, attention=True, attention_refill=refill, gap_high=0.9)
+    tracer = tracing_with_exporter(InMemorySpanExporter(), "c").provider.get_tracer("t")
+
+    async def main():
+        async with coordinator(redis_server.url, store_prefix, cluster, clock) as coord:
+            auto = AutoMigrator(coord, feed, Policy(config), tracer)
+            for at in (1000.0, 1000.5, 1001.0):
+                feed.add(at, {D: (0.3, 480), P: (0.2, 100)})  # decode memory-bound
+            clock.now = 1001.0
+            await auto.step()
+            return coord.list()
+
+    (m,) = asyncio.run(main())
+    assert (m.kind.value, m.donor, m.helper, m.refill) == ("attention", D, P, refill)
+    # 190 blocks to move, at 480 / 120 running = 4 blocks a sequence
+    assert m.max_sequences == 47
+
+
 def test_a_refused_start_is_counted_and_marked_on_its_span(redis_server, store_prefix):
     exporter = InMemorySpanExporter()
     tracer = tracing_with_exporter(exporter, "banaserve-coordinator").provider.get_tracer("t")

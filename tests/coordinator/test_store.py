@@ -16,6 +16,22 @@ S = MigrationState
 pytestmark = pytest.mark.timeout(60)
 
 
+def test_an_attention_record_keeps_its_selection(redis_server, store_prefix):
+    m = Migration(
+        "m-8", MigrationKind.ATTENTION, "decode-0", "prefill-0", 0, 30, created_at=5.0,
+        max_sequences=6, max_blocks_per_sequence=3, refill=True, num_blocks=40,
+    )  # fmt: skip
+
+    async def main():
+        store = RedisMigrationStore.from_url(redis_server.url, store_prefix)
+        await store.save(m)
+        loaded = await store.load_all()
+        await store.close()
+        return loaded
+
+    assert asyncio.run(main()) == [m]
+
+
 def test_a_record_round_trips(redis_server, store_prefix):
     m = Migration(
         "m-7", MigrationKind.LAYERS, "decode-0", "prefill-0", 2, 30, created_at=5.0,

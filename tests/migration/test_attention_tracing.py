@@ -158,6 +158,8 @@ def test_attention_refusals_come_before_any_work(redis_server, store_prefix):  #
                 await coord.start_attention(D, D)
             with pytest.raises(InvalidRequestError, match=">= 0"):
                 await coord.start_attention(D, P, max_sequences=-1)
+            with pytest.raises(InvalidRequestError, match="refill moves the longest"):
+                await coord.start_attention(D, P, ("r1",), refill=True)
             with pytest.raises(PreconditionError, match="different models"):
                 await coord.start_attention(D, P)
             return coord.list()

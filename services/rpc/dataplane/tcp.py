@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from dataclasses import dataclass
 
 from services.rpc.dataplane import peer_auth
@@ -38,6 +39,7 @@ from services.rpc.dataplane.base import (
     DataClient,
     DataPlaneError,
     DataServer,
+    ErrorKind,
     Frame,
     FrameType,
     Handler,
@@ -45,6 +47,7 @@ from services.rpc.dataplane.base import (
     PendingRequests,
     Tasks,
     answer,
+    as_bytes_view,
     bounded,
     error_of,
     join_address,
@@ -291,3 +294,124 @@ class TcpClient(DataClient):
         except _BROKEN as exc:
             self._pending.fail_all(unavailable(f"connection to {self._address} lost: {exc!r}"))
             await self._conn.close()  # a stopping server waits for this
+
+
+class BlockingTcpChannel:
+    """One connection to a ``TcpServer`` used by a single thread, request then reply, with no
+    event loop between: the donor's stepping thread sends a layer's attention queries and reads
+    the helper's answer itself (services/migration/attention_port.py), which saves the hops
+    through the agent's loop that a ``TcpClient`` call costs each way.
+
+    Opened on an event loop (``connect``: the connect and the peer challenge are the
+    ``TcpClient``'s), then only ``send`` / ``receive`` from one thread. Same frames and limits
+    as the rest of this module. Any failure breaks the channel for good (a timed-out read may
+    have stopped inside a frame): every later call raises UNAVAILABLE.
+    """
+
+    def __init__(self, sock: socket.socket, address: str, limits: ReadLimits = ReadLimits()):
+        sock.setblocking(True)
+        self._sock = sock
+        self._address = address
+        self._limits = limits
+        self._next_id = 1
+        self._broken = ""
+
+    @classmethod
+    async def connect(
+        cls, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, *, secret: bytes | None = None
+    ) -> BlockingTcpChannel:
+        """``secret`` None: the process's (peer_auth.use_secret); b"": no authentication."""
+        host, port = split_address(address)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = _tune(socket.socket(family, socket.SOCK_STREAM))
+        key = peer_auth.secret() if secret is None else secret
+        try:
+            loop = asyncio.get_running_loop()
+            await bounded(loop.sock_connect(sock, (host, port)), timeout_s, f"connect {address}")
+            if key:
+                await _authenticate(sock, key, server=False)
+        except (OSError, EOFError, peer_auth.PeerAuthError) as exc:
+            sock.close()
+            raise unavailable(f"cannot connect to {address}: {exc!r}") from exc
+        except DataPlaneError:
+            sock.close()
+            raise
+        return cls(sock, address)
+
+    def send(self, header: bytes, payload: Payload = b"") -> int:
+        """Writes one request; its id, for ``receive``."""
+        self._check()
+        rid, self._next_id = self._next_id, self._next_id + 1
+        view = as_bytes_view(payload)
+        frame = Frame(rid, FrameType.REQUEST, len(header), view.nbytes)
+        try:
+            if view.nbytes <= COALESCE_BYTES:
+                self._sock.sendall(b"".join((frame.pack(), header, view)))
+            else:
+                self._sock.sendall(frame.pack() + header)
+                self._sock.sendall(view)
+        except OSError as exc:
+            raise self._break(f"connection to {self._address} lost: {exc!r}") from exc
+        return rid
+
+    def receive(self, rid: int, timeout_s: float) -> tuple[bytes, bytearray]:
+        """The reply to request ``rid`` (replies to earlier requests nobody read are skipped);
+        DataPlaneError: the server's error for it, or UNAVAILABLE (TIMEOUT past ``timeout_s``)."""
+        self._check()
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                frame, header, payload = self._read(deadline)
+                if frame.request_id == rid:
+                    break
+                if frame.request_id > rid:
+                    raise ValueError(f"reply {frame.request_id} before {rid}")
+        except TimeoutError as exc:
+            self._break(f"no reply from {self._address} within {timeout_s}s")
+            raise DataPlaneError(ErrorKind.TIMEOUT, f"no reply within {timeout_s}s") from exc
+        except _BROKEN as exc:
+            raise self._break(f"connection to {self._address} lost: {exc!r}") from exc
+        if frame.type is FrameType.ERROR:
+            raise error_of(frame, header)
+        if frame.type is not FrameType.RESPONSE:
+            raise self._break(f"expected a response from {self._address}, got {frame.type.name}")
+        return header, payload
+
+    def close(self) -> None:
+        """From any thread: a thread blocked in ``receive`` wakes with UNAVAILABLE."""
+        self._broken = self._broken or f"channel to {self._address} closed"
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+
+    def _read(self, deadline: float) -> tuple[Frame, bytes, bytearray]:
+        head = self._read_exactly(Frame.SIZE, deadline)
+        frame = Frame.unpack(head)
+        if frame.payload_len > self._limits.max_payload_bytes:
+            raise ValueError(f"frame announces {frame.payload_len} payload bytes")
+        header = bytes(self._read_exactly(frame.header_len, deadline))
+        return frame, header, self._read_exactly(frame.payload_len, deadline)
+
+    def _read_exactly(self, n: int, deadline: float) -> bytearray:
+        data = bytearray(n)
+        view = memoryview(data)
+        while view.nbytes:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            self._sock.settimeout(left)
+            got = self._sock.recv_into(view)
+            if got == 0:
+                raise EOFError("connection closed by peer")
+            view = view[got:]
+        return data
+
+    def _check(self) -> None:
+        if self._broken:
+            raise unavailable(self._broken)
+
+    def _break(self, reason: str) -> DataPlaneError:
+        self._broken = reason
+        with contextlib.suppress(OSError):
+            self._sock.close()
+        return unavailable(reason)

@@ -1,0 +1,132 @@
+"""``BlockingTcpChannel``: one thread's request-then-reply connection to a ``TcpServer`` (the
+attention port's exchanges). Served by a real server on a loop thread, used from this thread
+with no loop: exact bytes, the server's errors with their kind, replies nobody read skipped, a
+bounded wait that breaks the channel, the peer challenge, and ``close`` from another thread."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+
+import pytest
+
+from services.common.errors import InvalidRequestError
+from services.rpc.dataplane import DataPlaneError, ErrorKind
+from services.rpc.dataplane.tcp import BlockingTcpChannel, TcpServer
+from tests.migration.harness import LoopThread
+
+SECRET = b"s" * 32
+
+
+async def echo(header: bytes, payload: memoryview) -> tuple[bytes, memoryview]:
+    if header.startswith(b"sleep:"):
+        await asyncio.sleep(float(header[6:]))
+    if header == b"invalid":
+        raise InvalidRequestError("sequence r9 is not held here")
+    return header[::-1], payload
+
+
+@pytest.fixture
+def loop():
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+def served(loop: LoopThread, secret: bytes = b"") -> TcpServer:
+    server = TcpServer(echo, secret=secret)
+    loop.call(server.start())
+    return server
+
+
+@pytest.mark.parametrize("size", [0, 7, 200_000])
+def test_round_trip_from_a_thread_without_a_loop(loop, size):
+    server = served(loop)
+    channel = loop.call(BlockingTcpChannel.connect(server.address, 5, secret=b""))
+    payload = os.urandom(size)
+    for i in range(3):
+        rid = channel.send(b"hdr%d" % i, payload)
+        header, answer = channel.receive(rid, 5)
+        assert (header, bytes(answer)) == (b"%drdh" % i, payload)
+    channel.close()
+    loop.call(server.stop(grace_s=0.1))
+
+
+def test_a_refusal_is_remote_and_the_channel_goes_on(loop):
+    server = served(loop)
+    channel = loop.call(BlockingTcpChannel.connect(server.address, 5, secret=b""))
+    rid = channel.send(b"invalid")
+    with pytest.raises(DataPlaneError) as info:
+        channel.receive(rid, 5)
+    assert info.value.kind is ErrorKind.REMOTE and "r9 is not held" in info.value.message
+    assert channel.receive(channel.send(b"ok"), 5)[0] == b"ko"
+    channel.close()
+    loop.call(server.stop(grace_s=0.1))
+
+
+def test_a_reply_nobody_read_is_skipped(loop):
+    server = served(loop)
+    channel = loop.call(BlockingTcpChannel.connect(server.address, 5, secret=b""))
+    channel.send(b"first")  # a step that failed before it waited
+    assert channel.receive(channel.send(b"second"), 5)[0] == b"dnoces"
+    channel.close()
+    loop.call(server.stop(grace_s=0.1))
+
+
+def test_no_reply_in_time_breaks_the_channel(loop):
+    server = served(loop)
+    channel = loop.call(BlockingTcpChannel.connect(server.address, 5, secret=b""))
+    rid = channel.send(b"sleep:1.0")
+    started = time.monotonic()
+    with pytest.raises(DataPlaneError) as info:
+        channel.receive(rid, 0.2)
+    assert info.value.kind is ErrorKind.TIMEOUT
+    assert time.monotonic() - started < 0.8
+    with pytest.raises(DataPlaneError) as later:
+        channel.send(b"after")
+    assert later.value.kind is ErrorKind.UNAVAILABLE and "within 0.2s" in later.value.message
+    loop.call(server.stop(grace_s=0.1))
+
+
+def test_a_stopped_server_wakes_a_waiting_reader(loop):
+    server = served(loop)
+    channel = loop.call(BlockingTcpChannel.connect(server.address, 5, secret=b""))
+    rid = channel.send(b"sleep:5")
+    stopped = []
+
+    def stop():
+        stopped.append(asyncio.run_coroutine_threadsafe(server.stop(grace_s=0.0), loop.loop))
+
+    threading.Timer(0.2, stop).start()
+    started = time.monotonic()
+    with pytest.raises(DataPlaneError) as info:
+        channel.receive(rid, 10)
+    assert info.value.kind is ErrorKind.UNAVAILABLE
+    assert time.monotonic() - started < 4
+    stopped[0].result(10)
+
+
+def test_close_from_another_thread_wakes_a_waiting_reader(loop):
+    server = served(loop)
+    channel = loop.call(BlockingTcpChannel.connect(server.address, 5, secret=b""))
+    rid = channel.send(b"sleep:5")
+    threading.Timer(0.2, channel.close).start()
+    started = time.monotonic()
+    with pytest.raises(DataPlaneError) as info:
+        channel.receive(rid, 10)
+    assert info.value.kind is ErrorKind.UNAVAILABLE
+    assert time.monotonic() - started < 2
+    loop.call(server.stop(grace_s=0.1))
+
+
+def test_the_peer_challenge_is_the_tcp_clients(loop):
+    server = served(loop, secret=SECRET)
+    channel = loop.call(BlockingTcpChannel.connect(server.address, 5, secret=SECRET))
+    assert channel.receive(channel.send(b"ab"), 5)[0] == b"ba"
+    channel.close()
+    with pytest.raises(DataPlaneError) as info:
+        loop.call(BlockingTcpChannel.connect(server.address, 5, secret=b"x" * 32))
+    assert info.value.kind is ErrorKind.UNAVAILABLE
+    loop.call(server.stop(grace_s=0.1))
