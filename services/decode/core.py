@@ -27,8 +27,9 @@ blocks freed to someone else. While the worker is a layer migration's donor, the
 the layers ``[k, L)`` of an import on the helper instead (services/engine/kv_routes.py): the
 same call, which then waits for the data plane. The table itself is touched only from the
 event loop, where the loop delivers each step's outputs. Every wait is bounded: a lease or deadline is enforced by
-``expire_overdue`` (swept every ``sweep_interval_s``), and a stream waits at most
-``stream_idle_timeout_s`` for its next event.
+``expire_overdue`` (swept every ``sweep_interval_s``), and a stream waits for its next event
+at most ``stream_idle_timeout_s`` in which the engine made no step (a request queued behind
+others, or preempted, waits as long as the engine makes progress).
 
 Request ids: the engine knows each entry by its own id (``Entry.engine_id``: the request id
 and a number), so an ended request's queued abort or last step output can never reach a new

@@ -18,7 +18,8 @@ class DecodeConfig:
     default_lease_s: float = 10.0
     max_lease_s: float = 60.0
     sweep_interval_s: float = 0.05
-    # Longest a stream waits for its next event (the lease and deadline normally end it sooner).
+    # Longest a stream waits for its next event with no engine step meanwhile (the lease and
+    # deadline normally end it sooner; a request queued behind others waits while steps run).
     stream_idle_timeout_s: float = 60.0
     # How long a request that finished before anyone streamed it keeps its tokens.
     finished_retention_s: float = 30.0

@@ -185,9 +185,7 @@ class EntryTable:
         finished = False
         try:
             while not finished:
-                event = await asyncio.wait_for(
-                    entry.events.get(), self._config.stream_idle_timeout_s
-                )
+                event = await self._next_event(entry)
                 if isinstance(event, Failed):
                     finished = True
                     raise event.error
@@ -198,6 +196,27 @@ class EntryTable:
                 self.free(entry)
             if self._by_request.get(request_id) is entry:
                 del self._by_request[request_id]
+
+
+    async def _next_event(self, entry: Entry) -> StreamEvent:
+        """The entry's next event. A request queued behind others (waiting for blocks,
+        preempted) may go long without one while the engine steps for the rest: only
+        ``stream_idle_timeout_s`` without a single step of the engine ends the wait."""
+        idle = self._config.stream_idle_timeout_s
+        steps = self._steps()
+        while True:
+            try:
+                return await asyncio.wait_for(entry.events.get(), idle)
+            except TimeoutError:
+                if self._steps() == steps:
+                    raise TimeoutError(
+                        f"request {entry.request_id!r}: no engine step for {idle:g}s"
+                    ) from None
+                steps = self._steps()
+
+    def _steps(self) -> tuple[int, int]:
+        snap = self._loop.snapshot
+        return snap.num_steps, snap.num_failed_steps
 
 
 def _aborter(engine_id: str) -> Callable[[Engine], int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -315,3 +316,55 @@ def test_load_report_counts_layers_and_blocks_hosted_for_another_engine(tiny_lla
     assert hosting.num_hosted_layers == 3
     assert (after.num_hosted_layers, after.num_hosted_blocks) == (0, 0)
     assert_no_leaks(engine)
+
+
+def _slow_steps(engine, seconds: float) -> None:
+    real_step = engine.step
+
+    def slow(*args):
+        time.sleep(seconds)
+        return real_step(*args)
+
+    engine.step = slow
+
+
+def test_a_queued_request_outlasts_the_stream_idle_timeout_while_the_engine_steps(tiny_llama):
+    """One sequence at a time, 12 slow steps each: the second request gets no event for much
+    longer than the idle timeout, yet the engine steps all along; it finishes."""
+    engine = make_engine(tiny_llama, max_num_seqs=1)
+    _slow_steps(engine, 0.04)
+    worker = DecodeWorker(engine, DecodeConfig(prefill_locally=True, stream_idle_timeout_s=0.15))
+
+    async def run(request_id: str, seed: int) -> list:
+        await worker.reserve(request_id, prompt_ids(20, seed), GREEDY, prefill_locally=True)
+        return [e async for e in worker.stream(request_id)]
+
+    async def main():
+        await worker.start()
+        try:
+            return await asyncio.gather(run("first", 3), run("second", 4))
+        finally:
+            await worker.stop()
+
+    first, second = asyncio.run(main())
+    assert first[-1] == second[-1] == Finished(FinishReason.LENGTH, 12)
+    assert_no_leaks(worker.engine)
+
+
+def test_a_stream_ends_when_the_engine_makes_no_step_for_the_idle_timeout(tiny_llama):
+    engine = make_engine(tiny_llama)
+    _slow_steps(engine, 1.0)
+    worker = DecodeWorker(engine, DecodeConfig(prefill_locally=True, stream_idle_timeout_s=0.2))
+
+    async def main():
+        await worker.start()
+        try:
+            await worker.reserve("r", prompt_ids(20, 3), GREEDY, prefill_locally=True)
+            with pytest.raises(TimeoutError, match="'r': no engine step for 0.2s"):
+                async for _ in worker.stream("r"):
+                    pass
+        finally:
+            await worker.stop()
+
+    asyncio.run(main())
+    assert_no_leaks(worker.engine)
