@@ -2,8 +2,8 @@
 worker (issue 11's figures), side by side in one run.
 
     .venv/bin/python -m bench.attention_cluster --model smollm2-135m --pin --threads 1 \
-        --decode-blocks 256 --prefill-blocks 2048 --requests 6 --input-len 1500 \
-        --output-len 512 --max-sequences 3 --rounds 1 --out bench/results
+        --decode-blocks 256 --prefill-blocks 2048 --requests 12 --input-len 1500 \
+        --output-len 512 --max-sequences 12 --rounds 1 --out bench/results
 
 (The decode pool holds 2 of those sequences; outputs this long against one prefill worker's
 1,500-token prompts keep the decode worker memory-bound: with 128 output tokens it waits for
@@ -17,10 +17,12 @@ Lifecycle of a run:
 2. ``--rounds`` rounds of both variants, the first alternating (ABBA): ``--requests`` greedy
    prompts of ``--input-len`` tokens, ``--output-len`` out, all sent at once (the router queues
    what the decode worker cannot reserve); ``baseline`` runs them as they come; ``migrated``
-   also runs a driver that keeps one attention migration of the decode worker's
-   ``--max-sequences`` longest sequences to the prefill worker going: started, and once all of
-   its located sequences have ended (the donor's view: no block left on the helper) reverted
-   and started again, so the decode worker's freed blocks admit more requests;
+   also runs a driver that starts one attention migration of the decode worker's longest
+   sequences to the prefill worker with ``refill``: while ACTIVE the decode worker keeps up to
+   ``--max-sequences`` of its sequences located, moving the next longest as located ones end,
+   so its freed blocks admit more requests (reverted at the end; started again if it ended).
+   ``--no-refill``: the migration takes the sequences of its switch only, and the driver
+   reverts it once they have all ended (no block left on the helper) and starts another;
 3. per run: decode throughput (output tokens after each request's first, over the span from
    the first first token to the last token), TPOT p50/p99, the decode worker's running batch
    (sampled every 0.1 s: mean, max), its preemptions (the worker's counter) and waiting
@@ -96,6 +98,9 @@ class Run:
         self.samples: list[tuple[int, int]] = []  # running, waiting on the decode worker
         self.migrations: list[pb.Migration] = []
         self.overlap: dict[str, tuple[int, float, float]] = {}  # id -> calls, round trip, waited
+        # id -> (distinct sequences moved, most blocks located at once), from the donor's view:
+        # with refill more sequences move while ACTIVE than at the switch
+        self.moved: dict[str, tuple[int, int]] = {}
 
     async def __call__(self, variant: str, r: int) -> dict[str, Any]:
         a = self.args
@@ -179,6 +184,8 @@ class Run:
         if view is None:
             return 0
         rt, waited = view.attention_round_trip, view.attention_waited
+        _, most = self.moved.get(mid, (0, 0))
+        self.moved[mid] = (view.num_sequences_moved, max(most, view.num_blocks))
         self.overlap[mid] = (
             view.num_attention_calls,
             rt.seconds + rt.nanos / 1e9,
@@ -208,7 +215,11 @@ class Run:
             "waiting_max": max((w for _, w in self.samples), default=0),
             "num_migrations": len(self.migrations),
             "num_blocks_moved": sum(m.num_blocks for m in self.migrations),
-            "num_sequences_located": sum(m.num_sequences for m in self.migrations),
+            "most_blocks_located": max((b for _, b in self.moved.values()), default=0),
+            "num_sequences_located": sum(
+                max(m.num_sequences, self.moved.get(m.migration_id, (0, 0))[0])
+                for m in self.migrations
+            ),
             "num_requeued": sum(m.num_requeued for m in self.migrations),
             "attention_calls": calls,
             "round_trip_mean_ms": 1e3 * rt / calls if calls else None,
@@ -216,6 +227,7 @@ class Run:
             "hidden_fraction": (rt - waited) / rt if rt else None,
             "aborted": [m.reason for m in self.migrations if m.state == pb.MIGRATION_STATE_ABORTED],
             "tokens": [s.num_tokens for s in streams],
+            "token_ids": [s.token_ids for s in streams],
         }
 
 
@@ -239,7 +251,12 @@ async def bench(cluster: LocalCluster, args: argparse.Namespace) -> list[dict[st
             await idle(cluster, args.timeout)
             figures = await Run(cluster, args, ids)(variant, r)
             runs.append(figures | {"variant": variant, "round": r})
-            print(json.dumps(runs[-1]), flush=True)
+        # the same prompts in both variants of a round: greedy outputs must be equal
+        base, mig = (next(x for x in runs[-2:] if x["variant"] == v) for v in VARIANTS)
+        if "token_ids" in base and "token_ids" in mig:
+            mig["tokens_equal_baseline"] = mig["token_ids"] == base["token_ids"]
+        for run in runs[-2:]:
+            print(json.dumps({k: v for k, v in run.items() if k != "token_ids"}), flush=True)
     return runs
 
 
@@ -252,8 +269,11 @@ def table(runs: list[dict[str, Any]]) -> str:
         ("running_max", "running batch max", "{}"),
         ("preemptions", "preemptions", "{}"),
         ("num_migrations", "migrations", "{}"),
-        ("num_blocks_moved", "blocks moved", "{}"),
+        ("num_blocks_moved", "blocks moved at the switch", "{}"),
+        ("most_blocks_located", "most blocks located", "{}"),
+        ("num_sequences_located", "sequences located", "{}"),
         ("num_requeued", "recomputed at a revert", "{}"),
+        ("tokens_equal_baseline", "tokens equal the baseline's", "{}"),
         ("round_trip_mean_ms", "round trip ms", "{:.2f}"),
         ("hidden_fraction", "hidden", "{:.2f}"),
     ]
@@ -263,6 +283,9 @@ def table(runs: list[dict[str, Any]]) -> str:
         cells = []
         for key, name, fmt in keys:
             values = [r[key] for r in mine if r.get(key) is not None]
+            if values and isinstance(values[0], bool):
+                cells.append(f"{name} {all(values)}")  # every round
+                continue
             cells.append(f"{name} {fmt.format(statistics.median(values)) if values else '-'}")
         lines.append(f"{variant:<9} " + " | ".join(cells))
     base = [

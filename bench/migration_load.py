@@ -35,6 +35,7 @@ class Stream:
     chunks: list[tuple[float, int]] = field(default_factory=list)
     ended_at: float | None = None
     error: str = ""
+    token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -63,6 +64,7 @@ async def stream_one(
         )
         async for delta in generation:
             record.chunks.append((time.perf_counter(), len(delta.token_ids)))
+            record.token_ids.extend(delta.token_ids)
     except Exception as exc:  # a failed request is a figure, not a crash
         record.error = f"{type(exc).__name__}: {exc}"
     record.ended_at = time.perf_counter()
