@@ -264,6 +264,40 @@ def test_migrations_at_random_moments_never_change_output(cluster, tiny_llama):
     random_migrations_never_change_output(cluster, tiny_llama, seed=1)
 
 
+def test_a_refilled_migration_locates_the_next_sequences_as_others_end(cluster, tiny_llama):
+    """``refill`` across processes: one migration of at most two sequences stays ACTIVE while
+    three short requests end and three long ones arrive; the donor moves the newcomers in, the
+    helper attends for all of them, and every output equals the in-process engine's."""
+    short = [prompt_ids(60 + 11 * i, 500 + i) for i in range(3)]
+    long = [prompt_ids(50 + 13 * i, 600 + i) for i in range(3)]
+    expected = expected_tokens(tiny_llama, short, 40) + expected_tokens(tiny_llama, long, 200)
+    with ExitStack() as stack:
+        c = clients(cluster, stack)
+        futures = c.send(short, 40)
+        wait_for(lambda: c.stats().num_running_seqs == 3, "the short requests to decode")
+        spec = pb.AttentionMigrationSpec(
+            donor=c.donor, helper=c.helper, max_sequences=2, refill=True
+        )
+        request = pb.StartMigrationRequest(kind=pb.MIGRATION_KIND_ATTENTION, attention=spec)
+        mid = c.coordinator.StartMigration(request, timeout=10).migration.migration_id
+        active = wait_for(lambda: (m := c.describe(mid)).state in SETTLED and m, "ACTIVE")
+        assert active.state == pb.MIGRATION_STATE_ACTIVE and active.refill, active.reason
+        futures += c.send(long, 200)
+        wait_for(
+            lambda: c.view(c.donor_worker, mid).num_sequences_moved >= 4,
+            "newcomers located as the short requests end",
+        )
+        results = [f.result() for f in futures]
+        view = c.view(c.donor_worker, mid)
+        assert view.attention.refill and view.num_attention_calls > 0
+        c.coordinator.RevertMigration(pb.RevertMigrationRequest(migration_id=mid), timeout=10)
+        done = wait_for(lambda: (m := c.describe(mid)).state in ENDED and m, "the revert")
+        wait_for(lambda: c.load(c.helper).num_hosted_blocks == 0, "hosted blocks freed")
+        wait_for(lambda: c.stats().kv.num_blocks_used == 0, "decode blocks freed")
+    assert done.state == pb.MIGRATION_STATE_DONE, done.reason
+    assert [list(r.token_ids) for r in results] == expected
+
+
 @pytest.mark.slow
 def test_migrations_at_random_moments_never_change_smollm2_output(
     banaserve_home, smollm2, tmp_path
