@@ -197,7 +197,6 @@ class EntryTable:
             if self._by_request.get(request_id) is entry:
                 del self._by_request[request_id]
 
-
     async def _next_event(self, entry: Entry) -> StreamEvent:
         """The entry's next event. A request queued behind others (waiting for blocks,
         preempted) may go long without one while the engine steps for the rest: only

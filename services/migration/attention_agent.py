@@ -19,7 +19,9 @@ The coordinator drives it with the same RPCs as a layer migration (migration.pro
 
 A located sequence that finishes, is aborted or preempted tells the helper through the port's
 ``release`` (the engine's ``Placement.forget``). Every engine change runs through
-``engine_call`` (between two steps); data-plane exchanges on the agent's event loop.
+``engine_call`` (between two steps; those functions are attention_donor.py's); data-plane
+exchanges on the agent's event loop, and the per-layer attention exchanges on the donor's
+stepping thread (attention_port.py).
 """
 
 from __future__ import annotations
@@ -27,24 +29,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from services.common.errors import (
     ConfigError,
     InvalidRequestError,
-    RequestNotFoundError,
-    ResourceExhaustedError,
 )
 from services.common.hashing import BlockHash
 from services.common.migration_states import MigrationState
-from services.engine.engine import Engine
-from services.engine.sequence import SequenceStatus
 from services.migration import attention_wire, wire
+from services.migration.attention_donor import (
+    begin_recall,
+    choose,
+    evict_located,
+    export_blocks,
+    finish_recall,
+    offload,
+)
 from services.migration.attention_host import AttentionHost
 from services.migration.attention_port import DataAttentionPort, OverlapReport
-from services.migration.donor import KVChunk, PauseResult
+from services.migration.donor import PauseResult
 from services.migration.records import SWITCHED, MigrationRecord, Peer, Role
 from services.rpc.convert import duration
 from services.rpc.dataplane import DataPlaneError, ErrorKind
@@ -180,7 +185,7 @@ class AttentionAgent:
         await _stop(move)
         if move.port is not None:
             port = move.port
-            await self.agent.engine_call(lambda e: _evict_located(e, port))
+            await self.agent.engine_call(lambda e: evict_located(e, port))
             move.overlap, move.port = port.counters.report(), None
             port.close()
         if record.link is not None and move.copied:
@@ -198,7 +203,7 @@ class AttentionAgent:
         t0 = self.agent.clock()
         link = await self.agent._connect(record, helper)
         move = self.moves[migration_id]
-        chosen = await self.agent.engine_call(lambda e: choose(e, move))
+        chosen = await self.agent.engine_call(lambda e: choose(e, move.selection, move.copied))
         num_bytes, moved = await self._copy(migration_id, link, move, chosen)
         record.state = S.COPYING
         return num_bytes, len(moved), self.agent.clock() - t0
@@ -297,7 +302,9 @@ class AttentionAgent:
         self, record: MigrationRecord, move: AttentionMove, port: DataAttentionPort
     ) -> None:
         mid = record.migration_id
-        chosen = await self.agent.engine_call(lambda e: choose(e, move, port))
+        chosen = await self.agent.engine_call(
+            lambda e: choose(e, move.selection, move.copied, port)
+        )
         if not chosen:
             return
         link = self.agent._link(record)
@@ -329,13 +336,13 @@ class AttentionAgent:
         num_bytes, moved, requeued, paused = 0, [], [], 0.0
         num_layers = record.end
         for rid in located:
-            began = await self.agent.engine_call(lambda e, rid=rid: _begin_recall(e, rid))
+            began = await self.agent.engine_call(lambda e, rid=rid: begin_recall(e, rid))
             if began is not True:
                 requeued += [rid] if began == "requeued" else []
                 continue
             chunks = [await link.fetch_kv(rid, layer, 0, 0) for layer in range(num_layers)]
             n, took = await self.agent.engine_call(
-                lambda e, rid=rid, c=chunks: _finish_recall(e, rid, c)
+                lambda e, rid=rid, c=chunks: finish_recall(e, rid, c)
             )
             num_bytes, paused = num_bytes + n, paused + took
             moved += [rid] if n else []
@@ -401,113 +408,3 @@ def _overlap_fields(report: OverlapReport | None) -> dict[str, object]:
         "attention_round_trip": duration(report.round_trip_s),
         "attention_waited": duration(report.waited_s),
     }
-
-
-# ---- on the donor's engine thread (inside engine_call) ---------------------------------------
-
-
-def choose(
-    engine: Engine, move: AttentionMove, port: DataAttentionPort | None = None
-) -> list[tuple[str, tuple[BlockHash, ...]]]:
-    """Running, decoding sequences not copied yet, the longest first (or those named), with the
-    hashes of the leading full blocks that move. With ``port`` (a refill): as many as the
-    selection's limit less the sequences located on that port now, copied before or not (a
-    located sequence that was preempted may move again once it decodes)."""
-    sel, located = move.selection, engine.placement.located
-    names = set(sel.request_ids)
-    copied = move.copied if port is None else {}
-    seqs = [
-        s
-        for s in engine.scheduler.running
-        if s.status is SequenceStatus.RUNNING
-        and s.request_id not in located
-        and s.request_id not in copied
-        and s.request_id not in engine.fetches
-        and s.num_computed_tokens >= s.num_prompt_tokens
-        and s.block_hashes
-        and (not names or s.request_id in names)
-    ]
-    seqs.sort(key=lambda s: -s.num_computed_tokens)
-    if port is None:
-        room = max(0, sel.limit - len(move.copied))
-    else:
-        room = max(0, sel.limit - sum(1 for p in located.values() if p is port))
-    cap = sel.max_blocks_per_sequence or None
-    return [(s.request_id, tuple(s.block_hashes[:cap])) for s in seqs[:room]]
-
-
-def _running(engine: Engine, request_id: str):
-    return next((s for s in engine.scheduler.running if s.request_id == request_id), None)
-
-
-def export_blocks(engine: Engine, request_id: str, hashes: tuple[BlockHash, ...]) -> list[KVChunk]:
-    """Every layer of the sequence's leading blocks ``hashes`` (none if it no longer has them)."""
-    seq = _running(engine, request_id)
-    if seq is None or request_id in engine.placement.located:
-        return []
-    if tuple(seq.block_hashes[: len(hashes)]) != hashes:
-        return []
-    end = len(hashes) * seq.block_size
-    return [
-        (request_id, *engine.export_kv(request_id, layer, 0, end))
-        for layer in range(engine.spec.num_layers)
-    ]
-
-
-def offload(
-    engine: Engine, copied: dict[str, tuple[BlockHash, ...]], port: DataAttentionPort
-) -> tuple[list[str], list[str], float]:
-    """The switch: locate every copied sequence that still has those blocks; (located, stale,
-    seconds)."""
-    t0 = time.monotonic()
-    done, stale = [], []
-    for rid, hashes in copied.items():
-        seq = _running(engine, rid)
-        ok = (
-            seq is not None
-            and rid not in engine.placement.located
-            and tuple(seq.block_hashes[: len(hashes)]) == hashes
-        )
-        if ok:
-            engine.migration.offload_blocks(rid, len(hashes), port)
-            done.append(rid)
-        else:
-            stale.append(rid)
-    return done, stale, time.monotonic() - t0
-
-
-def _evict_located(engine: Engine, port: DataAttentionPort) -> list[str]:
-    """Recompute every sequence located on ``port`` (abort: its blocks are not coming back)."""
-    seqs = [
-        s for s in engine.scheduler.running if engine.placement.located.get(s.request_id) is port
-    ]
-    for seq in seqs:
-        engine.placement.evict(seq)
-    return [s.request_id for s in seqs]
-
-
-def _begin_recall(engine: Engine, request_id: str) -> bool | str:
-    """True: blocks reserved; "requeued": none free, the sequence recomputes; "gone": ended."""
-    try:
-        engine.migration.begin_recall(request_id)
-    except ResourceExhaustedError:
-        seq = _running(engine, request_id)
-        if seq is not None:
-            engine.placement.evict(seq)
-        return "requeued"
-    except RequestNotFoundError:
-        return "gone"
-    return True
-
-
-def _finish_recall(engine: Engine, request_id: str, chunks: list) -> tuple[int, float]:
-    """Write every layer back and attend locally again; (bytes, seconds). A sequence that ended
-    or was preempted since ``begin_recall`` takes nothing (its recall was freed)."""
-    t0 = time.monotonic()
-    try:
-        for data, layout in chunks:
-            engine.migration.import_recalled(request_id, data, layout)
-        engine.migration.finish_recall(request_id)
-    except (RequestNotFoundError, InvalidRequestError):
-        return 0, time.monotonic() - t0
-    return sum(d.numel() * d.element_size() for d, _ in chunks), time.monotonic() - t0
