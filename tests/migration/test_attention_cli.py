@@ -38,6 +38,9 @@ def test_migrate_attention_arguments():
         ["r1", "r2"],
         True,
     )
+    assert not args.refill
+    refill = ["attention", "--donor", "d", "--helper", "p", "--refill", "--coordinator", "x:1"]
+    assert p.parse_args(refill).refill
 
 
 def test_an_attention_migration_is_shown_with_its_blocks():
@@ -52,5 +55,10 @@ def test_an_attention_migration_is_shown_with_its_blocks():
     lines = format_migration(m).splitlines()
     assert lines[0] == "migration   m-4 (attention)"
     assert "blocks      9 KV blocks of the longest 2 attended on the helper" in lines
+    m.refill = True
+    assert "blocks      9 KV blocks of the longest 2 (refilled) attended on the helper" in (
+        format_migration(m).splitlines()
+    )
+    m.refill = False
     m.request_ids.extend(["r1", "r2"])
     assert "blocks      9 KV blocks of r1, r2 attended on the helper" in format_migration(m)
