@@ -54,10 +54,15 @@ def start_layers(c: Clients) -> pb.Migration:
     mid = c.coordinator.StartMigration(request, timeout=10).migration.migration_id
     active = wait_for(lambda: (m := c.describe(mid)).state in SETTLED and m, "the migration")
     assert active.state == pb.MIGRATION_STATE_ACTIVE, active.reason
-    wait_for(  # the helper turns ACTIVE when the donor's first step runs layers on it
-        lambda: (v := c.view(c.helper_worker, mid)) is not None and v.state == WORKER_ACTIVE,
-        "a donor's step on the helper",
-    )
+    for worker, what in (
+        # the coordinator records ACTIVE, then calls the donor's Activate: a donor killed before
+        # that call ends the migration with the call's failure, not through the lease
+        (c.donor_worker, "the donor's activate"),
+        (c.helper_worker, "a donor's step on the helper"),  # the donor's first switched step
+    ):
+        wait_for(
+            lambda w=worker: (v := c.view(w, mid)) is not None and v.state == WORKER_ACTIVE, what
+        )
     return active
 
 
