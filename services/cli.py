@@ -139,7 +139,7 @@ def _run_bench_engine(args: argparse.Namespace) -> int:
 
 
 def _add_up(sub: argparse._SubParsersAction) -> None:
-    from services.launcher import add_arguments
+    from services.up import add_arguments
 
     p = sub.add_parser("up", help="start a local cluster: router, prefill and decode workers")
     add_arguments(p)
@@ -147,7 +147,7 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_up(args: argparse.Namespace) -> int:
-    from services.launcher import run_up
+    from services.up import run_up
 
     return run_up(args)
 

@@ -1,4 +1,5 @@
-"""``banaserve up``: a local cluster, every service its own process on 127.0.0.1.
+"""``banaserve up``'s cluster (its command, flags and supervision: services/up.py): every service
+its own process on 127.0.0.1.
 
 Lifecycle:
 1. Redis starts first (``redis-server`` if installed, else the embedded fakeredis server) on a
@@ -27,14 +28,10 @@ prefill workers then get no store.
 
 from __future__ import annotations
 
-import argparse
 import enum
 import os
 import secrets
-import shlex
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,13 +41,9 @@ from services.child_process import Child, RedisChild
 from services.common.engine_args import KV_TRANSPORTS
 from services.common.errors import ConfigError
 from services.rpc.dataplane import KINDS as DATA_TRANSPORTS
-from services.rpc.security import add_security_args, read_tokens, security_argv
+from services.rpc.security import read_tokens, security_argv
 from services.supervisor import (
     START_TIMEOUT_S,
-    ChildState,
-    Supervisor,
-    add_restart_arguments,
-    restart_config,
 )
 
 
@@ -312,142 +305,3 @@ class LocalCluster:
     def stop(self) -> dict[str, int]:
         """Reverse start order (workers, router, kvstore nodes, Redis); every child's exit code."""
         return {c.name: c.stop() for c in reversed(self.children)}
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny-llama", help="prepared model name or directory")
-    p.add_argument(
-        "--mode",
-        choices=[m.value for m in Mode],
-        default=None,
-        help="colocated: --workers mixed workers, prefix-affinity routing, no store; static-pd: "
-        "--prefill of --workers prefill, the rest decode, no store, no migration; banaserve: "
-        "the same split + KV store + load routing + the coordinator in automatic mode "
-        "(default: no mode, the flags below as given)",
-    )
-    p.add_argument("--workers", type=int, default=2, help="with --mode: workers in all (default 2)")
-    p.add_argument(
-        "--prefill",
-        type=int,
-        default=None,
-        help="prefill workers (default 1; with a PD --mode: half of --workers)",
-    )
-    p.add_argument("--decode", type=int, default=1, help="decode workers (not with --mode)")
-    p.add_argument(
-        "--mixed", type=int, default=0, help="mixed workers (prefill and decode, colocated)"
-    )
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    p.add_argument("--pin", action="store_true", help="pin each worker to its own CPU")
-    p.add_argument(
-        "--policy",
-        default="load",
-        choices=("load", "round_robin", "prefix_affinity", "colocated"),
-        help="routing policy",
-    )
-    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks per worker")
-    p.add_argument(
-        "--kvstore", type=int, default=1, help="KV store nodes (0: no store and no Redis)"
-    )
-    p.add_argument(
-        "--kvstore-transport",
-        default="ucx",
-        choices=DATA_TRANSPORTS,
-        help="the KV store's data plane",
-    )
-    p.add_argument(
-        "--kv-transport",
-        default="ucx",
-        choices=KV_TRANSPORTS,
-        help="the data plane KV moves on from prefill to decode workers (none: gRPC stream)",
-    )
-    p.add_argument(
-        "--kvstore-capacity-bytes", type=int, default=1 << 30, help="host memory per KV store node"
-    )
-    p.add_argument(
-        "--no-kvstore-overlap",
-        dest="kvstore_overlap",
-        action="store_false",
-        help="prefill workers fetch a cached prefix whole before computing (baseline)",
-    )
-    p.add_argument(
-        "--coordinator", action="store_true", help="also start the coordinator (migrations)"
-    )
-    p.add_argument(
-        "--coordinator-args",
-        default="",
-        metavar="ARGS",
-        help='extra flags for the coordinator, one string (e.g. "--gap-high 0.3 --cooldown-s 5", '
-        "docs/coordinator.md)",
-    )
-    add_security_args(p)
-    add_restart_arguments(p)
-
-
-def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
-    """``--mode`` decides the workers, routing, store and coordinator; else the flags do."""
-    common: dict[str, Any] = dict(
-        model=args.model,
-        threads=args.threads,
-        pin=args.pin,
-        num_kv_blocks=args.num_kv_blocks,
-        kvstore_transport=args.kvstore_transport,
-        kv_transport=args.kv_transport,
-        kvstore_capacity_bytes=args.kvstore_capacity_bytes,
-        kvstore_overlap=args.kvstore_overlap,
-        tls_dir=args.tls_dir,
-        api_token_file=args.api_token_file,
-    )
-    if args.coordinator_args:
-        common["service_args"] = {"coordinator": tuple(shlex.split(args.coordinator_args))}
-    if args.mode:
-        return mode_spec(Mode(args.mode), args.workers, args.prefill, **common)
-    return ClusterSpec(
-        num_prefill=1 if args.prefill is None else args.prefill,
-        num_decode=args.decode,
-        num_mixed=args.mixed,
-        policy=args.policy,
-        num_kvstore=args.kvstore,
-        coordinator=args.coordinator,
-        **common,
-    )
-
-
-def run_up(args: argparse.Namespace) -> int:
-    try:
-        spec = cluster_spec(args)
-    except ConfigError as exc:
-        print(f"banaserve: error: {exc}", file=sys.stderr)
-        return 2
-    restarts = restart_config(args)
-    cluster = LocalCluster(spec)
-    stopping = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopping.set())
-    try:
-        cluster.start()
-    except RuntimeError as exc:
-        print(f"banaserve: error: {exc}", file=sys.stderr)
-        return 1
-    for child in cluster.children:
-        print(f"{child.name} {child.address}", flush=True)
-    if cluster.router.http_address:
-        print(f"openai http://{cluster.router.http_address}/v1", flush=True)
-    print(
-        f"cluster ready: generate with `banaserve generate --router {cluster.router.address}`",
-        flush=True,
-    )
-    supervisor = Supervisor(cluster.children, restarts, sys.stdout, stopping=stopping)
-    if reason := supervisor.run():
-        print(f"banaserve: error: {reason}; stopping the cluster", file=sys.stderr)
-    return 1 if _stop(cluster, supervisor) or reason else 0
-
-
-def _stop(cluster: LocalCluster, supervisor: Supervisor) -> bool:
-    """Stops every child; True if one that was serving did not stop cleanly (one waiting to
-    be restarted, or still starting, has no clean stop to make)."""
-    serving = {n for n, state in supervisor.states().items() if state is ChildState.RUNNING}
-    codes = cluster.stop()
-    bad = {n: c for n, c in codes.items() if c != 0 and n in serving}
-    for name, code in bad.items():
-        print(f"banaserve: {name} stopped with code {code}", file=sys.stderr)
-    return bool(bad)

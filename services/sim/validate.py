@@ -25,12 +25,13 @@ from pathlib import Path
 from bench.workloads import plan, workload
 from bench.workloads_trace import DEFAULT_TRACES_DIR
 from services.common.errors import ConfigError
-from services.launcher import ClusterSpec, Mode, cluster_spec
-from services.launcher import add_arguments as add_up_arguments
+from services.launcher import ClusterSpec, Mode
 from services.sim.calibrate import find_profile
 from services.sim.cluster import SimSpec
 from services.sim.profile import Profile
 from services.sim.replay import Job, coordinator_policy, simulate_sequence
+from services.up import add_arguments as add_up_arguments
+from services.up import cluster_spec
 
 METRICS = (
     ("output_throughput", "out tok/s", 0.10),

@@ -7,8 +7,9 @@ import argparse
 import pytest
 
 from services.common.errors import ConfigError
-from services.launcher import ClusterSpec, add_arguments
+from services.launcher import ClusterSpec
 from services.supervisor import RestartConfig, restart_config
+from services.up import add_arguments
 
 
 def test_kv_transport_defaults_to_ucx_and_accepts_none_but_nothing_else():

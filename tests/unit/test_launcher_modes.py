@@ -8,14 +8,8 @@ import argparse
 import pytest
 
 from services.common.errors import ConfigError
-from services.launcher import (
-    ClusterSpec,
-    Mode,
-    add_arguments,
-    cluster_spec,
-    mode_spec,
-    process_names,
-)
+from services.launcher import ClusterSpec, Mode, mode_spec, process_names
+from services.up import add_arguments, cluster_spec
 
 
 @pytest.mark.parametrize(
