@@ -11,6 +11,7 @@ One channel per worker address, opened on first use and kept until ``close``.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -173,6 +174,22 @@ class GrpcWorkerClients:
         self._config = config or RpcConfig()
         self._tracing = tracing
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def refresh(self, address: str) -> None:
+        """A worker (re-)registered at ``address``. A cached channel whose connection failed
+        (the worker died and is back on its port, the channel still in its reconnect backoff)
+        is replaced, so the next call connects at once instead of failing UNAVAILABLE until
+        the backoff's next try; one that is connected, connecting or idle is kept (calls on it
+        go on). From the event loop."""
+        channel = self._channels.get(address)
+        failed = grpc.ChannelConnectivity.TRANSIENT_FAILURE
+        if channel is None or channel.get_state(try_to_connect=False) is not failed:
+            return
+        del self._channels[address]
+        task = asyncio.get_running_loop().create_task(channel.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
@@ -193,3 +210,5 @@ class GrpcWorkerClients:
         channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
             await channel.close()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)

@@ -170,6 +170,10 @@ class WorkerClients(Protocol):
 
     def prefill(self, worker: WorkerInfo) -> PrefillClient: ...
 
+    def refresh(self, address: str) -> None:
+        """A worker (re-)registered at ``address``: the next call must not fail on a
+        connection that broke before (a restarted worker)."""
+
 
 @dataclass(frozen=True)
 class DriverConfig:

@@ -237,6 +237,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             hosts_only=info.hosts_only,
         )
         self._router.register(info.worker_id, info.address, role, capacity)
+        self._driver.clients().refresh(info.address)
 
     def _report(self, info: router_pb2.WorkerInfo, frame, sequence: int) -> None:
         if not frame.HasField("load"):
