@@ -167,6 +167,12 @@ async def _frames(call: Any, worker: WorkerInfo, name: str) -> AsyncIterator[Any
         call.cancel()  # no-op once the call has ended
 
 
+# Each channel its own connections: gRPC shares subchannels (a connection and its reconnect
+# backoff) between a process's channels to one address, so a channel opened in place of a failed
+# one (``refresh``) would inherit its backoff.
+OWN_SUBCHANNELS = [("grpc.use_local_subchannel_pool", 1)]
+
+
 class GrpcWorkerClients:
     """``core.WorkerClients`` over gRPC, one cached channel per worker address."""
 
@@ -194,7 +200,7 @@ class GrpcWorkerClients:
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = open_channel(address, self._config, self._tracing)
+            channel = open_channel(address, self._config, self._tracing, OWN_SUBCHANNELS)
             self._channels[address] = channel
         return channel
 
