@@ -126,6 +126,27 @@ async def _authenticate(sock: socket.socket, key: bytes, server: bool) -> None:
         await prove(key, read, write)
 
 
+async def _connect(address: str, timeout_s: float, secret: bytes | None) -> socket.socket:
+    """A connected socket to ``address`` that passed the peer challenge (``secret`` None: the
+    process's; b"": none); UNAVAILABLE (or TIMEOUT) if not."""
+    host, port = split_address(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = _tune(socket.socket(family, socket.SOCK_STREAM))
+    key = peer_auth.secret() if secret is None else secret
+    try:
+        loop = asyncio.get_running_loop()
+        await bounded(loop.sock_connect(sock, (host, port)), timeout_s, f"connect {address}")
+        if key:
+            await _authenticate(sock, key, server=False)
+    except (OSError, EOFError, peer_auth.PeerAuthError) as exc:
+        sock.close()
+        raise unavailable(f"cannot connect to {address}: {exc!r}") from exc
+    except DataPlaneError:
+        sock.close()
+        raise
+    return sock
+
+
 class _Connection:
     """One socket, either side: whole-message writes and the tasks that use the socket."""
 
@@ -253,22 +274,7 @@ class TcpClient(DataClient):
         cls, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, *, secret: bytes | None = None
     ) -> TcpClient:
         """``secret`` None: the process's (peer_auth.use_secret); b"": no authentication."""
-        host, port = split_address(address)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = _tune(socket.socket(family, socket.SOCK_STREAM))
-        loop = asyncio.get_running_loop()
-        key = peer_auth.secret() if secret is None else secret
-        try:
-            await bounded(loop.sock_connect(sock, (host, port)), timeout_s, f"connect {address}")
-            if key:
-                await _authenticate(sock, key, server=False)
-        except (OSError, EOFError, peer_auth.PeerAuthError) as exc:
-            sock.close()
-            raise unavailable(f"cannot connect to {address}: {exc!r}") from exc
-        except DataPlaneError:
-            sock.close()
-            raise
-        return cls(sock, address)
+        return cls(await _connect(address, timeout_s, secret), address)
 
     async def request(
         self, header: bytes, payload: Payload = b"", timeout_s: float = DEFAULT_TIMEOUT_S
@@ -321,22 +327,7 @@ class BlockingTcpChannel:
         cls, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, *, secret: bytes | None = None
     ) -> BlockingTcpChannel:
         """``secret`` None: the process's (peer_auth.use_secret); b"": no authentication."""
-        host, port = split_address(address)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = _tune(socket.socket(family, socket.SOCK_STREAM))
-        key = peer_auth.secret() if secret is None else secret
-        try:
-            loop = asyncio.get_running_loop()
-            await bounded(loop.sock_connect(sock, (host, port)), timeout_s, f"connect {address}")
-            if key:
-                await _authenticate(sock, key, server=False)
-        except (OSError, EOFError, peer_auth.PeerAuthError) as exc:
-            sock.close()
-            raise unavailable(f"cannot connect to {address}: {exc!r}") from exc
-        except DataPlaneError:
-            sock.close()
-            raise
-        return cls(sock, address)
+        return cls(await _connect(address, timeout_s, secret), address)
 
     def send(self, header: bytes, payload: Payload = b"") -> int:
         """Writes one request; its id, for ``receive``."""
