@@ -39,10 +39,12 @@ class AttentionPair:
         b: Engine,
         selection: AttentionSelection = TWO,
         clock=None,
+        **donor_config,
     ) -> None:
+        """``donor_config``: AgentConfig fields of the donor's agent."""
         self.loop, self.a, self.b, self.selection = loop, a, b, selection
         self.a_thread, self.b_thread = EngineThread(a), EngineThread(b)
-        self.donor = make_agent(self.a_thread, "tcp", clock)
+        self.donor = make_agent(self.a_thread, "tcp", clock, **donor_config)
         self.helper = make_agent(self.b_thread, "tcp", clock)
         self.address = loop.call(self.helper.serve_data())
         loop.call(self.donor.serve_data())

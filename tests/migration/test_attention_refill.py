@@ -20,7 +20,7 @@ from services.rpc.gen.banaserve.v1 import migration_pb2 as pb
 from tests.engine.coordinator import owner_engine
 from tests.engine.helpers import assert_no_leaks, make_engine
 from tests.engine.test_migration_invariant import B_WORKLOAD, WORKLOAD, params, plain_run
-from tests.migration.harness import LoopThread, make_agent
+from tests.migration.harness import LoopThread
 from tests.migration.test_attention_dataplane import AttentionPair
 
 pytestmark = pytest.mark.timeout(300)
@@ -40,11 +40,10 @@ def loop():
 
 def run(model, loop, refill: bool, blocking: bool = True):
     a, b = owner_engine(model, False), make_engine(model, num_kv_blocks=128)
-    pair = AttentionPair(loop, a, b, AttentionSelection(max_sequences=2, refill=refill))
-    pair.donor = make_agent(
-        pair.a_thread, "tcp", refill_interval_s=0.005, blocking_attention=blocking
+    selection = AttentionSelection(max_sequences=2, refill=refill)
+    pair = AttentionPair(
+        loop, a, b, selection, refill_interval_s=0.005, blocking_attention=blocking
     )
-    loop.call(pair.donor.serve_data())
     tokens: dict[str, list[int]] = {}
     located_ever: set[str] = set()
     most_at_once, step = 0, 0
