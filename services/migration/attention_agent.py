@@ -50,6 +50,7 @@ from services.migration.attention_donor import (
 from services.migration.attention_host import AttentionHost
 from services.migration.attention_port import DataAttentionPort, OverlapReport
 from services.migration.donor import PauseResult
+from services.migration.link import HelperLink
 from services.migration.records import SWITCHED, MigrationRecord, Peer, Role
 from services.rpc.convert import duration
 from services.rpc.dataplane import DataPlaneError, ErrorKind
@@ -209,7 +210,11 @@ class AttentionAgent:
         return num_bytes, len(moved), self.agent.clock() - t0
 
     async def _copy(
-        self, migration_id: str, link, move: AttentionMove, chosen: list
+        self,
+        migration_id: str,
+        link: HelperLink,
+        move: AttentionMove,
+        chosen: list[tuple[str, tuple[BlockHash, ...]]],
     ) -> tuple[int, list[str]]:
         """Hold, export and send each chosen sequence's blocks; (bytes, request ids copied).
         Stops at the first sequence the helper has no room for."""
