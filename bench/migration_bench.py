@@ -3,7 +3,7 @@
 Lifecycle of a run:
 
 1. profile the model in-process (``bench.migration_cost``: per-layer, LM-head and other cost
-   of a decode step at the decode load's batch, and of a prefill chunk) and pick ``k`` for
+   of a decode step at the rows of one micro-batch of the decode load, and of a prefill chunk) and pick ``k`` for
    each direction so that the donor's and the helper's halves of a step balance (``--k`` /
    ``--prefill-k`` override);
 2. start one 1P1D cluster with the coordinator (``banaserve up --coordinator``'s; ``--pin``:
@@ -55,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=positive(int), default=2,
                    help="runs of each variant per load, alternating which goes first")  # fmt: skip
     p.add_argument("--micro-batches", type=int, choices=(1, 2), default=2)
+    p.add_argument("--no-pipelined-steps", dest="pipelined_steps", action="store_false",
+                   help="workers keep both micro-batches inside one step (the old schedule)")  # fmt: skip
     p.add_argument("--k", type=positive(int), default=None,
                    help="decode worker's first layer that moves (default: balanced, measured)")  # fmt: skip
     p.add_argument("--prefill-k", type=positive(int), default=None,
@@ -81,10 +83,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def profile(args: argparse.Namespace, model_dir: Path) -> dict:
     """Per-layer costs of both kinds of step and the k each direction uses (and why)."""
+    # at the rows one micro-batch carries: what each stage of a split step computes
+    rows = max(1, args.decode_concurrency // args.micro_batches)
     with one_cpu(args.pin):
-        decode = profile_layers(
-            model_dir, "decode", args.decode_concurrency, args.decode_input_len, 32, args.seed
-        )
+        decode = profile_layers(model_dir, "decode", rows, args.decode_input_len, 32, args.seed)
         prefill = profile_layers(
             model_dir, "prefill", 2, min(args.prefill_input_len, 2048), 0, args.seed
         )
@@ -101,6 +103,8 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
     seqs = str(max(64, args.decode_concurrency))
     admission = ("--admission-max-in-flight", seqs, "--admission-max-per-client", seqs)
     worker = ("--migration-transport", args.transport, "--max-num-seqs", seqs, *admission)
+    if not args.pipelined_steps:
+        worker = (*worker, "--no-pipelined-steps")
     return ClusterSpec(
         model=args.model, threads=args.threads, pin=args.pin, num_kvstore=0,
         kv_transport=args.transport, coordinator=True, num_kv_blocks=args.num_kv_blocks,

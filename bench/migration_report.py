@@ -31,7 +31,7 @@ def costs_section(costs: dict) -> list[str]:
     lines = [
         "## k: the split that balances a step",
         "",
-        "| load | rows/step | L | ms/layer | norm+LM head ms | other ms | k | donor ms | helper ms |",
+        "| load | rows/micro-batch | L | ms/layer | norm+LM head ms | other ms | k | donor ms | helper ms |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for kind in ("decode", "prefill"):
@@ -46,7 +46,7 @@ def costs_section(costs: dict) -> list[str]:
         "The donor keeps the embedding, scheduling, sampling, the final norm and the LM head "
         "besides layers [0, k); the helper runs [k, L). k minimises the slower of the two "
         "shares (donor/helper ms at the balanced k; measured in-process, one thread, at the "
-        "load's rows per step), which bounds a step when two micro-batches pipeline.",
+        "rows one micro-batch carries), which bounds a step when two micro-batches pipeline.",
         "",
     ]
 
@@ -121,11 +121,19 @@ def time_section(report: dict) -> list[str]:
     ]
 
 
+def _schedule(config: dict) -> str:
+    if config["micro_batches"] != 2:
+        return ""
+    pipelined = config.get("pipelined_steps", True)
+    return ", two step streams" if pipelined else ", both inside one step"
+
+
 def render_markdown(report: dict) -> str:
     c, m = report["config"], report["machine"]
     lines = [
         f"# Layer migration: {c['model']}, 1P1D, {c['threads']} thread(s) per worker"
-        f"{', pinned' if c['pin'] else ''}, {c['micro_batches']} micro-batch(es)",
+        f"{', pinned' if c['pin'] else ''}, {c['micro_batches']} micro-batch(es)"
+        f"{_schedule(c)}",
         "",
         f"{m['date']}, {m['cpu_model']} ×{m['cpus']}, load average {m['loadavg_before']} → "
         f"{m.get('loadavg_after')}, {m.get('wall_seconds')} s; {c['rounds']} round(s) per "

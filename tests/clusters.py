@@ -4,10 +4,13 @@ checked to stop cleanly, and a bounded poll of another process's state."""
 from __future__ import annotations
 
 import time
+import urllib.request
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.launcher import ClusterSpec, LocalCluster
 
@@ -39,3 +42,18 @@ def wait_for(predicate: Callable[[], T], what: str, timeout_s: float = 60.0) -> 
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
     return result
+
+
+def scrape(port: int) -> dict[str, dict[tuple, float]]:
+    """A service's ``/metrics``: {family name: {(sample name, sorted labels): value}}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        assert reply.status == 200
+        text = reply.read().decode()
+    return {
+        family.name: {(s.name, tuple(sorted(s.labels.items()))): s.value for s in family.samples}
+        for family in text_string_to_metric_families(text)
+    }
+
+
+def value(metrics, family: str, sample: str, **labels: str) -> float:
+    return metrics[family].get((sample, tuple(sorted(labels.items()))), 0.0)

@@ -50,6 +50,9 @@ class EngineConfig:
     # (it refuses them with the reason); it hosts layers migrated to it, whose weights the donor
     # ships when it lacks them (docs/migration.md, "Weight transfer").
     num_loaded_layers: int | None = None
+    # Under a layer split with two micro-batches, decode steps overlap across engine steps (two
+    # step streams, services/engine/pipeline.py); off: both halves inside one step, as before.
+    pipelined_steps: bool = True
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model must name a prepared model or a model directory")

@@ -70,6 +70,13 @@ def add_engine_args(p: argparse.ArgumentParser, model_default: str = "tiny-llama
         action="store_false",
         help="never reuse cached blocks of an equal prefix",
     )
+    p.add_argument(
+        "--no-pipelined-steps",
+        dest="pipelined_steps",
+        action="store_false",
+        help="under a layer split, keep both micro-batches inside one step instead of two "
+        "overlapping step streams (docs/migration.md)",
+    )
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -88,6 +95,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=args.prefix_caching,
         num_threads=args.threads,
         num_loaded_layers=args.load_layers,
+        pipelined_steps=args.pipelined_steps,
     )
 
 

@@ -135,13 +135,16 @@ class EngineCollector(Collector):
                 gauge = _gauge(name, doc, labels)
                 gauge.add_metric(self._labels, s[key])
                 yield gauge
-        if "num_preemptions" in s:
-            preempted = CounterMetricFamily(
-                "banaserve_worker_preemptions", "sequences preempted (KV freed, recomputed)",
-                labels=labels,
-            )  # fmt: skip
-            preempted.add_metric(self._labels, s["num_preemptions"])
-            yield preempted
+        for key, name, doc in (
+            ("num_preemptions", "banaserve_worker_preemptions",
+             "sequences preempted (KV freed, recomputed)"),
+            ("num_overlapped_steps", "banaserve_worker_overlapped_steps",
+             "steps started while another was in flight (two step streams under a layer split)"),
+        ):  # fmt: skip
+            if key in s:
+                counter = CounterMetricFamily(name, doc, labels=labels)
+                counter.add_metric(self._labels, s[key])
+                yield counter
         hosted = _gauge("banaserve_worker_hosted_layers", "decoder layers run for peers", labels)
         hosted.add_metric(self._labels, self._engine.snapshot.num_hosted_layers)
         yield hosted

@@ -52,6 +52,7 @@ from services.engine.model_runner import ModelRunner
 from services.engine.models.loader import DTYPES, load_layers, load_model
 from services.engine.models.prepare import resolve_model
 from services.engine.outputs import Completion, aborted, append_token
+from services.engine.pipeline import Pipeline
 from services.engine.placement import Placement
 from services.engine.ports import PortFailed, StageFailedError
 from services.engine.prefix_fetch import (
@@ -159,6 +160,7 @@ class Engine:
             load,
             config.memory_budget_bytes,
             self._publish,
+            self._settle_between_steps,
             clock,
         )
         self.stepper = Stepper(
@@ -171,6 +173,8 @@ class Engine:
             self._finish,
             logits_hook,
         )
+        self.pipeline = Pipeline(self.stepper, config.pipelined_steps)
+        self._settled: list[RequestOutput] = []  # outputs of a step settled between steps
 
     # -- requests --------------------------------------------------------------------------
 
@@ -206,6 +210,8 @@ class Engine:
         self.scheduler.add(request.seq)
 
     def abort(self, request_id: str) -> RequestOutput:
+        if request_id in self.pipeline.request_ids:
+            self._settle_between_steps()
         request = self.requests.get(request_id)
         self.requests.active.pop(request_id, None)
         self.requests.importing.pop(request_id, None)
@@ -241,25 +247,61 @@ class Engine:
     # -- stepping --------------------------------------------------------------------------
 
     def step(self, on_layer_done: LayerDoneHook | None = None) -> list[RequestOutput]:
-        """One step (step.py). Raises ``PrefixFetchError`` when a prefix did not arrive and
-        ``StageFailedError`` when a port failed requests this engine cannot serve alone (they
-        are finished and freed); either way the step kept nothing."""
+        """One step (step.py), or under a pipelined layout one step started and the one in
+        flight finished (pipeline.py). Raises ``PrefixFetchError`` when a prefix did not arrive
+        and ``StageFailedError`` when a port failed requests this engine cannot serve alone
+        (they are finished and freed); either way the failed step kept nothing."""
         self._housekeeping()
+        outputs, self._settled = self._settled, []
+        if self.pipeline.applies(self.placement.layout, on_layer_done is not None):
+            return outputs + self._pipelined(self.pipeline.step)
+        outputs += self.settle()
         plan = self.stepper.plan()
         if plan is None:
             self._publish()
-            return []
+            return outputs
         try:
             logits = self.stepper.execute(plan, on_layer_done)
         except PortFailed as failure:
             self._num_failed_steps += 1
             self._recover(failure)
-            return []
+            return outputs
         except PrefixFetchError:
             self._num_failed_steps += 1
             raise
-        outputs = self.stepper.commit(plan, logits)
+        outputs += self.stepper.commit(plan, logits)
         self._num_steps += 1
+        self._publish()
+        return outputs
+
+    @property
+    def in_flight(self) -> bool:
+        """A pipelined step is in flight (pipeline.py): ``settle`` before changing anything."""
+        return self.pipeline.in_flight is not None
+
+    def settle(self) -> list[RequestOutput]:
+        """Finish the step in flight, if any, starting none; its outputs (and any a settle
+        inside another call kept for the next step). Raises as ``step`` does."""
+        outputs, self._settled = self._settled, []
+        if self.pipeline.in_flight is None:
+            return outputs
+        return outputs + self._pipelined(self.pipeline.settle)
+
+    def _settle_between_steps(self) -> None:
+        """Before a call that changes the engine between steps: the next ``step`` returns the
+        outputs of the step this finishes."""
+        if self.pipeline.in_flight is not None:
+            self._settled += self._pipelined(self.pipeline.settle)
+
+    def _pipelined(self, run: Callable[[], list[RequestOutput]]) -> list[RequestOutput]:
+        before = self.pipeline.in_flight
+        try:
+            outputs = run()
+        except PortFailed as failure:
+            self._num_failed_steps += 1
+            self._recover(failure)
+            return []
+        self._num_steps += before is not None
         self._publish()
         return outputs
 
@@ -475,6 +517,7 @@ class Engine:
             ),
             "num_hosted_blocks": self.migration.hosted_blocks.num_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_overlapped_steps": self.pipeline.num_overlapped_steps,
         }
 
     def _publish(self) -> None:

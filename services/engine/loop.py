@@ -12,7 +12,10 @@ owns it. Who calls what, from which thread, and when:
    the engine has unfinished requests, passing ``on_layer_done`` (called on the engine thread
    after each local layer). After each step: ``after_step(engine, outputs)`` on the engine
    thread, a new snapshot, then the outputs and the step's timing go to the event loop
-   (``call_soon_threadsafe``), where the meter records them and ``on_outputs`` runs.
+   (``call_soon_threadsafe``), where the meter records them and ``on_outputs`` runs. Under a
+   pipelined layout a step stays in flight between two ``engine.step`` calls (pipeline.py):
+   before running commands, and before the thread ends, the loop settles it (``engine.settle``,
+   handled like a step), so commands never see one in flight.
 3. **idle** - with nothing to step the thread sleeps on a condition until a command arrives
    (no busy wait). A step that scheduled nothing (every request waits for blocks held by
    imports) sleeps too, until a command or ``idle_poll_s``. While the engine hosts work for
@@ -219,6 +222,8 @@ class EngineLoop:
     def _run(self) -> None:
         torch.set_num_threads(self._num_threads)
         while (commands := self._next_commands()) is not None:
+            if commands and self.engine.in_flight:
+                self._step(settle=True)  # no command sees a step in flight (pipeline.py)
             self._run_commands(commands)
             with self._cond:
                 may_step = self._listening and not (self._halted or self._closing)
@@ -228,6 +233,8 @@ class EngineLoop:
                 self._step_or_tick()
             except Exception as exc:  # outside any step: the loop cannot go on stepping
                 self._halt(exc)
+        if self.engine.in_flight:
+            self._step(settle=True)
 
     def _next_commands(self) -> list[_Command] | None:
         """The queued commands (waiting for one while there is nothing to step); None once
@@ -284,14 +291,15 @@ class EngineLoop:
             engine.step()  # housekeeping of hosted work; nothing runs
             self._publish(engine_fresh=True)
 
-    def _step(self) -> None:
+    def _step(self, settle: bool = False) -> None:
+        """One ``engine.step``, or with ``settle`` the end of the step in flight."""
         engine, before = self.engine, self.engine.snapshot
         self._step_ids, self._step_contexts = None, []
         started = self.step_started_at = self._clock()
         hook = None if self._on_layer_done is None else self._layer_done
         self.meter.begin(started)  # busy while it runs, not only once it ended
         try:
-            outputs = engine.step(hook)
+            outputs = engine.settle() if settle else engine.step(hook)
         except PrefixFetchError as exc:
             self._recompute(exc)
             return
@@ -302,7 +310,7 @@ class EngineLoop:
             self.meter.end()
         done = self._clock()
         after = engine.snapshot
-        ran = (after.num_steps, after.num_failed_steps) != (
+        ran = engine.in_flight or (after.num_steps, after.num_failed_steps) != (
             before.num_steps,
             before.num_failed_steps,
         )

@@ -60,6 +60,7 @@ class Migration:
         load_layers: LayerLoader,
         budget_bytes: int | None,
         publish: Callable[[], None],
+        settle: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.placement = placement
@@ -69,6 +70,7 @@ class Migration:
         self.fetches = fetches
         self.load_layers = load_layers
         self.publish = publish  # refresh the engine's snapshot
+        self.settle = settle  # finish a pipelined step in flight (pipeline.py) before a change
         self.clock = clock
         self.model, self.kv_cache = placement.model, placement.kv_cache
         self.fingerprint = kv.fingerprint
@@ -108,6 +110,7 @@ class Migration:
     def set_stages(self, layout: StageLayout) -> list[str]:
         """Switch where each layer runs; returns the requests sent back to recompute because
         their KV for a layer that now runs here is not here (not restored)."""
+        self.settle()
         requeued = self.placement.set_layout(layout)
         self.publish()
         return requeued
@@ -115,6 +118,7 @@ class Migration:
     def restore_kv(self, request_id: str, data: torch.Tensor, layout: KVLayout) -> None:
         """Write back one layer of a running request's KV (its layers returning from a
         helper); ``layout`` may start at a later block (a delta)."""
+        self.settle()
         self.kv.restore(request_id, data, layout)
         seq = self.requests.seq(request_id)
         self.placement.restored(seq, layout.layer, layout.first_token, layout.num_tokens)
@@ -122,6 +126,7 @@ class Migration:
     def drop_layers(self, start: int) -> None:
         """Free the weights and KV of layers ``[start, L)``, which a remote stage must run;
         under a budget the pool of the layers kept grows by what that frees."""
+        self.settle()
         hosting = [o for o, h in self.hosted_layers.items() if h.layers.stop > start]
         if hosting:
             raise InvalidRequestError(f"layers from {start} on run here for {hosting}")
@@ -134,6 +139,7 @@ class Migration:
     def restore_layers(self) -> None:
         """Load the dropped layers again (empty KV). Under a budget the pool shrinks first,
         moving blocks in use below the cut; ``ResourceExhaustedError`` if they do not fit."""
+        self.settle()
         dropped = self.placement.dropped_layers()
         if not dropped:
             return
@@ -150,19 +156,23 @@ class Migration:
     def offload_blocks(self, request_id: str, num_blocks: int, port: AttentionPort) -> None:
         """``port``'s helper holds a copy of the request's first ``num_blocks`` blocks (every
         layer): free them here; attention merges both parts from the next step on."""
+        self.settle()
         self.placement.offload(self.requests.seq(request_id), num_blocks, port)
         self.publish()
 
     def begin_recall(self, request_id: str) -> None:
         """Reserve local blocks for a request's offloaded blocks before they come back."""
+        self.settle()
         self.placement.begin_recall(self.requests.seq(request_id))
 
     def import_recalled(self, request_id: str, data: torch.Tensor, layout: KVLayout) -> None:
         """One layer of the offloaded blocks, as the helper's ``export_kv`` gives it."""
+        self.settle()
         self.placement.import_recalled(self.requests.seq(request_id), data, layout)
 
     def finish_recall(self, request_id: str) -> None:
         """Every layer is back: attend locally again; the helper may free its copy."""
+        self.settle()
         self.placement.finish_recall(self.requests.seq(request_id))
         self.publish()
 
@@ -181,6 +191,7 @@ class Migration:
         """Run layers ``[start, end)`` for ``owner``'s sequences with a pool of ``num_blocks``
         blocks for those layers; under a budget the own pool shrinks to make room (and for
         ``stack``'s shipped weights: the owner's model, whose weights arrive later)."""
+        self.settle()
         if stack is None and fingerprint != self.fingerprint:
             raise InvalidRequestError("the owner runs another model or dtype")
         if owner in self.hosted_layers:
@@ -222,6 +233,7 @@ class Migration:
         )
 
     def release_hosted_layers(self, owner: str) -> None:
+        self.settle()
         hosted = self.hosted_layers.pop(owner, None)
         if hosted is None:
             raise RequestNotFoundError(f"no layers hosted for {owner}")

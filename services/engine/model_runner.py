@@ -9,7 +9,8 @@ The layers run as the engine's ``StageLayout`` says: a local stage is one call o
 ``model.forward_layers``, a remote one a ``StagePort.submit`` with the hidden states and which
 sequence owns which rows. With every layer local the model runs in one call, as it always did.
 Two micro-batches (``run_micro_batches``) interleave so that while one half's remote stage is
-away, the other half's local layers compute.
+away, the other half's local layers compute. ``start`` and ``finish`` cut one micro-batch's run
+at its first remote stage, so that two engine steps overlap (pipeline.py).
 
 A step may be gated: ``before_layer(i)`` runs before layer ``i`` starts and may
 block until KV that layer reads is in place (a prefix arriving layer by layer)
@@ -218,6 +219,24 @@ class ModelRunner:
         hidden = _drive(runs, layout.timeout_s)
         rows = [h[p.sample_rows] for h, p in zip(hidden, parts, strict=True)]
         return self.model.compute_logits(torch.cat(rows))
+
+    @torch.inference_mode()
+    def start(self, inputs: StepInputs, layout: StageLayout) -> tuple[StageRun, Pending]:
+        """Run ``inputs`` up to its first remote stage and submit it; ``finish`` goes on."""
+        run = self._stages(inputs, layout)
+        return run, next(run)
+
+    @torch.inference_mode()
+    def finish(
+        self, inputs: StepInputs, run: StageRun, pending: Pending, timeout_s: float
+    ) -> torch.Tensor:
+        """The logits of a ``start``ed run: waits for each remote stage, runs the rest."""
+        while True:
+            hidden = wait(pending.future, pending.port, pending.request_ids, timeout_s)
+            try:
+                pending = run.send(hidden)
+            except StopIteration as done:
+                return self.model.compute_logits(done.value[inputs.sample_rows])
 
     def _stages(
         self,

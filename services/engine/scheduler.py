@@ -15,6 +15,10 @@ the recompute is usually a cache hit). No waiting sequence is admitted in a step
 that preempted. ``on_preempt(seq)`` runs before the blocks are freed, so whatever
 still writes into them (a prefix fetch) can be stopped first.
 
+While a pipelined step is in flight (pipeline.py) the next step is scheduled from the
+running sequences it does not compute (``exclude``), at most ``max_running`` of them; a sequence in
+flight is never preempted.
+
 A sequence whose KV starts elsewhere (an import, a fetched prefix) skips the queue:
 it already holds its blocks and joins ``running`` directly (``join_running``).
 """
@@ -22,7 +26,7 @@ it already holds its blocks and joins ``running`` directly (``join_running``).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from services.engine.block_manager import BlockManager
@@ -79,9 +83,16 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(
+        self, exclude: Collection[str] = (), max_running: int | None = None
+    ) -> ScheduledBatch:
+        """The next step's batch. ``exclude``: request ids of running sequences a step in
+        flight computes (pipeline.py): they are neither scheduled nor preempted. At most
+        ``max_running`` running sequences are scheduled (waiting ones are admitted as usual)."""
         batch = ScheduledBatch()
-        budget = self._schedule_running(batch, self.max_num_batched_tokens)
+        budget = self._schedule_running(
+            batch, self.max_num_batched_tokens, exclude, max_running or len(self.running)
+        )
         if not batch.preempted:
             self._schedule_waiting(batch, budget)
         return batch
@@ -95,14 +106,20 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         self.block_manager.free(seq)
 
-    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+    def _schedule_running(
+        self, batch: ScheduledBatch, budget: int, exclude: Collection[str], max_running: int
+    ) -> int:
         bm = self.block_manager
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(batch.seqs) < max_running:
             seq = self.running[i]
+            if seq.request_id in exclude:
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not bm.can_append(seq, n):
-                victim = self.running[-1]
+                # the newest sequence no step in flight computes (``seq`` itself at worst)
+                victim = next(s for s in reversed(self.running) if s.request_id not in exclude)
                 self._preempt(victim, batch)
                 if victim is seq:
                     break

@@ -21,6 +21,7 @@ from __future__ import annotations
 from services.common.migration_states import MigrationState
 from services.coordinator.migration import Migration, MigrationKind
 from services.coordinator.policy import ActionKind, Decision, Policy
+from services.router.registry import WorkerRole
 from services.sim.events import EventLoop
 from services.sim.profile import Profile, TransportModel
 from services.sim.worker import Offload, SimWorker
@@ -84,7 +85,10 @@ class MigrationPlayer:
             m.enter(S.ACTIVE, self.loop.now)
             share = min(0.99, moved * self.profile.layer_share)
             hop = self.transport.latency_s if mig.hop_s is None else mig.hop_s
-            donor.offload = Offload(helper, share, hop, m.num_micro_batches)
+            # a decode donor's two micro-batches are two step streams (pipeline.py); a prefill
+            # donor's steps export KV layer by layer and keep both inside one step
+            pipelined = donor.role is WorkerRole.DECODE
+            donor.offload = Offload(helper, share, hop, m.num_micro_batches, pipelined)
             helper.num_hosted_layers += moved
 
         self.loop.after(m.weights_s + m.kv_copy_s + mig.copy_s, switch)

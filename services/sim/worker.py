@@ -38,24 +38,33 @@ FINGERPRINT = "sim"
 class Offload:
     """This worker runs layers ``[k, L)`` on ``helper``: a share of each step moves there.
 
-    With two micro-batches the donor's local part of one half overlaps the helper's part of
-    the other: a step of ``t`` becomes ``(local + remote) / 2 + max(local, remote) / 2`` plus a
-    hop each way per half. A helper busy with its own step pays the remote part as a longer
-    next step (one core does both); an idle one runs it at once.
+    With two micro-batches inside one step (a prefill donor's, or ``pipelined=False``) the
+    donor's local part of one half overlaps the helper's part of the other: a step of ``t``
+    becomes ``(local + remote) / 2 + max(local, remote) / 2`` plus a hop each way per half.
+    With two step streams (a decode donor's, services/engine/pipeline.py) each half is a step
+    of its own, ``(t + fixed) / 2`` long (the step's fixed cost is paid by both halves), and the
+    two workers work on different halves at once: every sequence gets its token after two
+    halves of the slower worker's part, ``(t + fixed) * max(1 - share, share)``, plus the hops.
+    A helper busy with its own step pays the remote part as a longer next step (one core does
+    both); an idle one runs it at once.
     """
 
     helper: SimWorker
     share: float  # of the step, the moved layers'
     hop_s: float  # one activation transfer
     num_micro_batches: int = 2
+    pipelined: bool = False  # two step streams (a decode donor's two micro-batches)
 
-    def stretch(self, t: float) -> float:
+    def stretch(self, t: float, fixed: float = 0.0) -> float:
+        """The step of ``t`` (``fixed`` of it paid whatever the batch) with the share moved."""
         local, remote = t * (1 - self.share), t * self.share
         if self.helper.busy:
             self.helper.hosted_debt_s += remote
         hops = 2 * self.hop_s * self.num_micro_batches
         if self.num_micro_batches == 1:
             return local + remote + hops
+        if self.pipelined:
+            return (t + fixed) * max(1 - self.share, self.share) + hops
         return (local + remote) / 2 + max(local, remote) / 2 + hops
 
 
@@ -161,7 +170,7 @@ class SimWorker:
             return
         t = self.step_time(batch)
         if self.offload is not None:
-            t = self.offload.stretch(t)
+            t = self.offload.stretch(t, self.fixed_time(batch))
         t += self.hosted_debt_s
         self.hosted_debt_s = 0.0
         self.busy = True
@@ -189,6 +198,15 @@ class SimWorker:
             overlap = min(d.a * serving.decode_scale, p.a * serving.prefill_scale) if tokens else 0
             t += d.time(decodes, context) * serving.decode_scale - overlap
         return t
+
+    def fixed_time(self, batch: ScheduledBatch) -> float:
+        """The part of ``step_time`` paid whatever the batch: the larger scaled fixed cost of
+        the kinds of work it holds (a mixed step pays one)."""
+        p, d, serving = self.profile.prefill, self.profile.decode, self.profile.serving
+        pairs = zip(batch.seqs, batch.num_new_tokens, strict=True)
+        decodes = {n == 1 and s.num_computed_tokens >= s.num_prompt_tokens for s, n in pairs}
+        costs = [d.a * serving.decode_scale if x else p.a * serving.prefill_scale for x in decodes]
+        return max(costs, default=0.0)
 
     def _commit(self, batch: ScheduledBatch, start: float) -> None:
         now = self.loop.now

@@ -4,14 +4,15 @@ what the requests did."""
 
 from __future__ import annotations
 
+import urllib.error
 import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from services.client.client import BanaServeClient
 from services.kvstore.redis_server import free_port
 from services.launcher import ClusterSpec, LocalCluster
+from tests.clusters import scrape, value
 
 pytestmark = pytest.mark.integration
 
@@ -44,6 +45,7 @@ DOCUMENTED = {
         "banaserve_worker_hosted_kv_blocks",
         "banaserve_worker_hosted_layers",
         "banaserve_worker_preemptions",
+        "banaserve_worker_overlapped_steps",
         "process_resident_memory_bytes",
     },
     "kvstore": {
@@ -77,21 +79,6 @@ def cluster(banaserve_home, tiny_llama, tmp_path_factory):
             yield cluster, ports
         finally:
             cluster.stop()
-
-
-def scrape(port: int) -> dict[str, dict[tuple, float]]:
-    """{family name: {(sample name, sorted labels): value}}."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        assert reply.status == 200
-        text = reply.read().decode()
-    return {
-        family.name: {(s.name, tuple(sorted(s.labels.items()))): s.value for s in family.samples}
-        for family in text_string_to_metric_families(text)
-    }
-
-
-def value(metrics, family: str, sample: str, **labels: str) -> float:
-    return metrics[family].get((sample, tuple(sorted(labels.items()))), 0.0)
 
 
 def test_every_service_serves_the_documented_names(cluster):

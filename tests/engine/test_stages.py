@@ -71,7 +71,8 @@ def test_a_local_step_runs_the_model_in_one_call(tiny_llama, monkeypatch):
 def test_a_remote_stage_gets_each_sequences_rows_and_two_micro_batches_split_them(
     tiny_llama, micro
 ):
-    a, b = make_engine(tiny_llama), make_engine(tiny_llama)
+    # (two step streams instead, the default: tests/engine/test_pipeline.py)
+    a, b = make_engine(tiny_llama, pipelined_steps=False), make_engine(tiny_llama)
     hosted = b.migration.host_layers("A", 2, 4, 32, a.fingerprint)
     port = RecordingPort(LocalStagePort(hosted))
     a.migration.set_stages(StageLayout.split(4, 2, port, num_micro_batches=micro))

@@ -16,6 +16,7 @@ import pytest
 
 from services.client.client import BanaServeClient
 from services.common.types import SamplingParams
+from services.kvstore.redis_server import free_port
 from services.launcher import ClusterSpec
 from services.rpc.gen.banaserve.v1 import (
     common_pb2,
@@ -27,20 +28,33 @@ from services.rpc.gen.banaserve.v1 import (
     prefill_pb2_grpc,
 )
 from services.rpc.gen.banaserve.v1 import migration_pb2 as pb
-from tests.clusters import running_cluster, wait_for
+from tests.clusters import running_cluster, scrape, value, wait_for
 from tests.engine.coordinator import prompt_ids
 from tests.engine.helpers import make_engine
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 NUM_REQUESTS, MAX_TOKENS, K = 4, 400, 2
+METRICS_PORTS: dict[str, int] = {}  # the module cluster's, by service
 
 
 @pytest.fixture(scope="module")
 def cluster(banaserve_home, tiny_llama, tmp_path_factory):
     env = {"BANASERVE_HOME": str(banaserve_home)}
-    spec = ClusterSpec(num_kv_blocks=512, num_kvstore=0, kv_transport="tcp", extra_env=env)
+    METRICS_PORTS["decode"] = free_port()
+    metrics = ("--metrics-port", str(METRICS_PORTS["decode"]))
+    spec = ClusterSpec(
+        num_kv_blocks=512, num_kvstore=0, kv_transport="tcp", extra_env=env,
+        service_args={"decode": metrics},
+    )  # fmt: skip
     with running_cluster(spec, tmp_path_factory.mktemp("logs") / "cluster.log") as cluster:
         yield cluster
+
+
+def overlapped_steps() -> float:
+    """The decode worker's steps started while another was in flight (two step streams)."""
+    metrics = scrape(METRICS_PORTS["decode"])
+    family = "banaserve_worker_overlapped_steps"
+    return value(metrics, family, f"{family}_total", role="decode", model="tiny-llama")
 
 
 def decode_stats(address: str):
@@ -88,6 +102,8 @@ def migrate_and_revert(donor, helper) -> dict[str, object]:
         ),
         "the donor's steps to reach the helper",
     )
+    # its two micro-batches run as two step streams: steps overlap in the worker process
+    wait_for(lambda: overlapped_steps() > 0, "the donor's steps to overlap")
     active = donor.Activate(pb.MigrationWorkerServiceActivateRequest(migration_id=mid))
     reverted = donor.Revert(pb.MigrationWorkerServiceRevertRequest(migration_id=mid))
     released = [

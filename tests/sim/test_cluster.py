@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from services.coordinator.policy_types import ActionKind, Decision
 from services.launcher import Mode
 from services.sim.cluster import SimCluster, SimSpec
 from services.sim.worker import Offload
@@ -78,6 +79,24 @@ def test_a_layer_offload_stretches_the_donors_step_and_charges_a_busy_helper():
     one = Offload(helper, share=0.4, hop_s=0.001, num_micro_batches=1)
     assert one.stretch(0.1) == pytest.approx(0.1 + 0.002)
     assert helper.hosted_debt_s == pytest.approx(0.04)
+    # two step streams: halves of (0.1 + 0.02) / 2 each, the donor's 0.6 of both per token
+    helper.busy = False
+    streams = Offload(helper, share=0.4, hop_s=0.001, num_micro_batches=2, pipelined=True)
+    assert streams.stretch(0.1, fixed=0.02) == pytest.approx(0.12 * 0.6 + 0.004)
+
+
+def test_a_decode_donor_pipelines_and_a_prefill_donor_does_not():
+    cluster = SimCluster(SimSpec(Mode.BANASERVE, 2), make_profile())
+    decode, prefill = cluster.workers["decode-000"], cluster.workers["prefill-000"]
+    assert cluster.migrations is not None
+    for donor, helper, pipelined in ((decode, prefill, True), (prefill, decode, False)):
+        cluster.migrations.play(
+            Decision(ActionKind.LAYERS, donor.worker_id, helper.worker_id, 0.5, 0.5, {},
+                     start_layer=1, end_layer=2)
+        )  # fmt: skip
+        cluster.loop.run()
+        assert donor.offload is not None and donor.offload.pipelined is pipelined
+        donor.offload = None
 
 
 def test_runs_on_one_cluster_carry_the_prefix_cache_and_cancel_at_their_deadline():

@@ -11,7 +11,7 @@ from services.engine.scheduler import Scheduler
 from services.launcher import Mode
 from services.router.core import Router
 from services.sim.cluster import SimCluster, SimSpec
-from services.sim.profile import TransportModel
+from services.sim.profile import DecodeModel, TransportModel
 from tests.sim.factories import assert_no_leaks, make_profile, request
 
 
@@ -59,10 +59,18 @@ def test_a_policy_config_change_changes_the_decisions():
     assert cluster.migrations.records() == []
 
 
-def test_a_layer_migration_shortens_the_donors_steps():
-    # 0.1 ms hops: a 0.1 s step with 40 % of it moved takes (0.1 + 0.06) / 2 + 0.4 ms.
+def test_a_layer_migration_shortens_the_donors_steps_when_rows_cost_more_than_the_step():
+    # 8 sequences at 10 ms each + 20 ms a step = 0.1 s. The decode donor's two step streams of
+    # 4 take (0.1 + 0.02) / 2 each, and 60 % of both (the donor's part) is 72 ms a token, plus
+    # four 0.1 ms hops.
     fast = {"transports": {"tcp": TransportModel(0.0001, 1e6)}}
-    with_migration = run(EIGHT, **fast)
-    without = run(replace(EIGHT, sustain_s=100.0), **fast)
+    rows = {**fast, "decode": DecodeModel(0.02, 0.01, 0.0)}
     done = lambda c: max(r.done_s for r in c.requests.values())  # noqa: E731
-    assert done(with_migration) < done(without)
+    with_migration = run(EIGHT, **rows)
+    assert len(with_migration.migrations.records()) == 1
+    assert done(with_migration) < done(run(replace(EIGHT, sustain_s=100.0), **rows))
+    # All fixed cost (0.1 s a step whatever the batch): a half step costs the whole step, and
+    # the split makes the run longer (as a layer split at a small batch does, docs/migration.md)
+    with_migration = run(EIGHT, **fast)
+    assert len(with_migration.migrations.records()) == 1
+    assert done(with_migration) > done(run(replace(EIGHT, sustain_s=100.0), **fast))

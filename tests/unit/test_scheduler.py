@@ -130,3 +130,30 @@ def test_finish_of_waiting_sequence_removes_it():
     sched.finish(a)
     assert a.status is SequenceStatus.FINISHED and not sched.waiting
     assert_no_leaks(sched.block_manager)
+
+
+def test_a_step_in_flight_is_neither_scheduled_nor_preempted():
+    sched = make_scheduler(num_blocks=5, budget=64)  # block size 4
+    a, b, c = make_seq(8, max_tokens=6), make_seq(3, max_tokens=6), make_seq(8, max_tokens=6)
+    for s in (a, b, c):
+        sched.add(s)
+    run_step(sched)  # a 2 full blocks, b 1, c 2 full: the pool is full
+    # c's step is in flight: a needs a third block and the newest sequence not in flight goes
+    batch = sched.schedule(exclude=(c.request_id,))
+    assert plan(batch) == [(a.request_id, 1)] and batch.preempted == [b]
+    # a's step is in flight: c needs a block, none is free, and c is the only one to give
+    batch = sched.schedule(exclude=(a.request_id,))
+    assert plan(batch) == [] and batch.preempted == [c]
+    assert a.status is SequenceStatus.RUNNING and list(sched.waiting) == [c, b]
+
+
+def test_max_running_caps_the_running_sequences_scheduled():
+    sched = make_scheduler(num_blocks=16, budget=64)
+    seqs = [make_seq(3) for _ in range(3)]
+    for s in seqs:
+        sched.add(s)
+    run_step(sched)
+    ids = [s.request_id for s in seqs]
+    assert plan(sched.schedule(max_running=2)) == [(ids[0], 1), (ids[1], 1)]
+    assert plan(sched.schedule(exclude=ids[:1], max_running=1)) == [(ids[1], 1)]
+    assert plan(sched.schedule(exclude=ids[:2])) == [(ids[2], 1)]
