@@ -82,7 +82,10 @@ echo "expected: $expected"
 
 trace=$(openssl rand -hex 16 2>/dev/null || $PY -c 'import secrets; print(secrets.token_hex(16))')
 step "greedy request by service name from a client container (trace $trace)"
-inside=$("${compose[@]}" run --rm -T client router:50051 "$prompt" "$max_tokens" "$trace")
+inside=$("${compose[@]}" run --rm -T client router:50051 "$prompt" "$max_tokens" "$trace") || {
+	"${compose[@]}" logs --tail 40 router prefill decode
+	echo "FAIL: the request from the client container"; exit 1
+}
 step "greedy requests through the published ports (client certificate and token from the tls volume)"
 tls=$(podman volume inspect "${project}_tls" --format '{{.Mountpoint}}')
 export BANASERVE_TLS_DIR=$tls BANASERVE_API_TOKEN_FILE=$tls/tokens

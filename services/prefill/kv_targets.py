@@ -24,9 +24,9 @@ import grpc
 from services.common.config import RpcConfig
 from services.common.errors import ErrorCode
 from services.prefill.transport import KVSender, KVTarget, KVTransport, TransferError
-from services.rpc.channels import open_channel
 from services.rpc.dataplane.base import split_address
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+from services.rpc.load_reports import router_channel
 
 # worker id -> its DecodeService address
 Targets = Mapping[str, str]
@@ -40,7 +40,11 @@ def router_lister(
     stub = router_pb2_grpc.RouterServiceStub(channel)
 
     async def list_workers() -> Targets:
-        reply = await stub.ListWorkers(router_pb2.ListWorkersRequest(), timeout=timeout_s)
+        # wait_for_ready: a channel between reconnects (a name lookup or connection that
+        # failed a moment ago) is waited for within the timeout, not failed at once
+        reply = await stub.ListWorkers(
+            router_pb2.ListWorkersRequest(), timeout=timeout_s, wait_for_ready=True
+        )
         return {
             w.info.worker_id: w.info.address
             for w in reply.workers
@@ -107,6 +111,7 @@ class CheckedKVTransport(KVTransport):
         self._inner = inner
         self._targets = targets
         self._on_close = on_close
+        self.router_channel: grpc.aio.Channel | None = None  # checked_by_router's
 
     async def open(
         self, target: KVTarget, request_id: str, num_layers: int, timeout_s: float | None
@@ -121,6 +126,14 @@ class CheckedKVTransport(KVTransport):
 
 
 def checked_by_router(inner: KVTransport, router: str, rpc: RpcConfig) -> KVTransport:
-    """``inner`` behind the router's list of workers (``router``: its "HOST:PORT")."""
-    channel = open_channel(router, rpc)
-    return CheckedKVTransport(inner, RegisteredTargets(router_lister(channel)), channel.close)
+    """``inner`` behind the router's list of workers (``router``: its "HOST:PORT").
+
+    The channel connects now, not at the first request's check: the router's name is looked
+    up while the worker starts (retried every second until it resolves), so a request does not
+    wait on a name lookup (found in the compose smoke test: a lookup made at request time, as a
+    new container joined the network, outlived the check's 5 s)."""
+    channel = router_channel(router, rpc)
+    channel.get_state(try_to_connect=True)
+    checked = CheckedKVTransport(inner, RegisteredTargets(router_lister(channel)), channel.close)
+    checked.router_channel = channel
+    return checked

@@ -69,6 +69,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--expire-interval-s", type=float, default=0.25)
     p.add_argument("--lease-s", type=float, default=30.0)
     p.add_argument("--default-timeout-s", type=float, default=600.0)
+    p.add_argument(
+        "--no-worker-wait-s",
+        type=float,
+        default=DriverConfig.no_worker_wait_s,
+        help="how long a request waits for a worker that can serve it to (re-)register before "
+        "failing UNAVAILABLE (capped by its deadline; 0: at once)",
+    )
     p.add_argument("--tracing", choices=("none", "console", "otlp"), default="none")
     p.add_argument("--otlp-endpoint", default="")
     p.add_argument("--log-level", default="INFO")
@@ -143,7 +150,11 @@ async def serve(args: argparse.Namespace) -> None:
     driver = RequestDriver(
         router,
         clients,
-        DriverConfig(lease_s=args.lease_s, default_timeout_s=args.default_timeout_s),
+        DriverConfig(
+            lease_s=args.lease_s,
+            default_timeout_s=args.default_timeout_s,
+            no_worker_wait_s=args.no_worker_wait_s,
+        ),
     )
     driver.observer = requests = RequestMetrics()
     servicer = RouterServicer(driver, model=args.model, prompts=prompts)

@@ -10,7 +10,9 @@ A colocated assignment (P is D, a mixed worker) skips step 3: D reserves with
 ``prefill_locally`` and its stream starts with the first token.
 A request no worker has room for *now* waits in step 1 (re-routed every
 ``DriverConfig.admission_poll_s``) until one has, or its deadline passes: a burst queues at the
-router instead of failing; one that could never fit fails at once (RESOURCE_EXHAUSTED).
+router instead of failing; one that could never fit fails at once (RESOURCE_EXHAUSTED). One that
+no registered worker can serve waits the same way for at most ``no_worker_wait_s`` (a worker
+starting, restarting or back from a late report), then fails UNAVAILABLE.
 A worker lost in 2-3 (before the first token) is removed and the request routed again, once.
 Abort, client cancellation, the deadline, or a failure after step 2 release D's reservation
 (``DecodeClient.release``): nothing a request held outlives it. Every call gets what is left of
@@ -43,7 +45,14 @@ from dataclasses import dataclass
 
 from services.common.errors import PermissionDeniedError, RequestNotFoundError
 from services.router.attempt import Attempt, FullOnReserve, LostBeforeFirstToken
-from services.router.core import Assignment, NoRoomNowError, Router, RouteRequest, check_request
+from services.router.core import (
+    Assignment,
+    NoRoomNowError,
+    NoWorkerError,
+    Router,
+    RouteRequest,
+    check_request,
+)
 from services.router.driver_types import (  # the driver's API, imported from here by callers
     DecodeClient,
     DecodeResult,
@@ -315,12 +324,20 @@ class RequestDriver:
                 attempt += 1
 
     async def _admit(self, job: _Job, route: RouteRequest) -> Assignment:
-        """Route, waiting while every worker that could take the request is full."""
+        """Route, waiting while every worker that could take the request is full, and for
+        at most ``no_worker_wait_s`` while none that could is registered."""
+        # (a request without a worker fails UNAVAILABLE, with the reason, before its deadline)
+        poll = self.config.admission_poll_s
+        give_up = min(self._clock() + self.config.no_worker_wait_s, job.deadline - poll)
         while True:
             try:
                 return self.router.route(route)
             except NoRoomNowError:
-                await asyncio.sleep(min(self.config.admission_poll_s, self.remaining(job)))
+                pass
+            except NoWorkerError:
+                if self._clock() >= give_up:
+                    raise
+            await asyncio.sleep(min(self.config.admission_poll_s, self.remaining(job)))
 
     def _forget(self, worker_id: str, reason: str) -> None:
         with contextlib.suppress(RequestNotFoundError):  # already removed (its stream broke)

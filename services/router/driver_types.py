@@ -185,6 +185,10 @@ class DriverConfig:
     release_timeout_s: float = 2.0
     # How often a request waiting for room (NoRoomNowError) is routed again.
     admission_poll_s: float = 0.05
+    # How long a request waits for a worker to (re-)register when none can serve it (capped by
+    # its deadline): a worker starting, restarting, or expired for a late report (1 s) is back
+    # within a report (0.1 s) or a reconnect (1 s); 0 fails at once.
+    no_worker_wait_s: float = 5.0
 
     def __post_init__(self) -> None:
         for name in ("lease_s", "default_timeout_s", "release_timeout_s", "admission_poll_s"):
@@ -192,6 +196,10 @@ class DriverConfig:
             require_config(
                 math.isfinite(value) and value > 0, f"{name} must be positive, got {value}"
             )
+        require_config(
+            math.isfinite(self.no_worker_wait_s) and self.no_worker_wait_s >= 0,
+            f"no_worker_wait_s must be >= 0, got {self.no_worker_wait_s}",
+        )
 
 
 def aborted_finished(

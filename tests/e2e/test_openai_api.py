@@ -198,6 +198,7 @@ def test_a_router_without_workers_is_not_ready_and_answers_503(
 ):
     env = {**os.environ, "BANASERVE_HOME": str(banaserve_home)}
     argv = [sys.executable, "-m", "services.router", "--port", "0", "--model", MODEL]
+    argv += ["--no-worker-wait-s", "0"]  # fail at once: this test is about the error's shape
     with open(tmp_path / "router.log", "w") as log:
         router = Child("router", argv, env, log)
         try:

@@ -176,12 +176,14 @@ async def cluster(
     policy: str = "load",
     dead: tuple[str, ...] = (),
     report_timeout_s: float = 60.0,
+    no_worker_wait_s: float = 0.2,
     **behaviour,
 ) -> AsyncIterator[Cluster]:
     """A router with fake workers p0.., d0.. registered (each in ``dead`` at a dead address)."""
     router = Router(RouterConfig(policy=policy, report_timeout_s=report_timeout_s))
     clients = GrpcWorkerClients(RPC)
-    driver = RequestDriver(router, clients, DriverConfig(release_timeout_s=1.0))
+    config = DriverConfig(release_timeout_s=1.0, no_worker_wait_s=no_worker_wait_s)
+    driver = RequestDriver(router, clients, config)
     servicer = RouterServicer(driver, encode=lambda text, chat: [ord(c) for c in text])
     servers: list[RunningServer] = []
     router_server = await start_server([router_service(servicer)], RPC)

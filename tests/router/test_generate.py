@@ -8,7 +8,7 @@ import asyncio
 import grpc
 import pytest
 
-from services.router.registry import WorkerStatus
+from services.router.registry import WorkerRole, WorkerStatus
 from services.rpc.gen.banaserve.v1 import common_pb2, kvstore_pb2, router_pb2
 from tests.router.factories import NUM_BLOCKS, load
 from tests.router.grpc_fakes import cluster
@@ -322,13 +322,38 @@ def test_a_request_larger_than_any_worker_fails_at_once():
     asyncio.run(main())
 
 
-def test_no_workers_is_unavailable_with_a_clear_message():
+def test_no_workers_is_unavailable_with_a_clear_message_after_the_wait():
     async def main():
-        async with cluster(prefill=0, decode=1) as c:
+        async with cluster(prefill=0, decode=1, no_worker_wait_s=0.3) as c:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
             error = await status_of(c.stub.Generate(request(), timeout=5))
             assert error.code() == C.UNAVAILABLE
             assert "no healthy mixed or prefill worker to prefill request 'r1'" in error.details()
+            assert 0.3 <= loop.time() - started < 2.0
             assert c.log.calls == []
+            # a deadline shorter than the wait: still UNAVAILABLE with the reason, in time
+            async with cluster(prefill=0, decode=1, no_worker_wait_s=10.0) as c:
+                started = loop.time()
+                error = await status_of(c.stub.Generate(request(), timeout=0.5))
+                assert error.code() == C.UNAVAILABLE and loop.time() - started < 0.5
+
+    asyncio.run(main())
+
+
+def test_a_request_waits_for_a_worker_that_registers_meanwhile():
+    # The prefill worker missed its reports (expired) and registers again 0.3 s later: the
+    # request routed meanwhile waits for it instead of failing (a compose start, a restart).
+    async def main():
+        async with cluster(no_worker_wait_s=5.0) as c:
+            [address] = [w.address for w in c.router.workers() if w.worker_id == "p0"]
+            c.router.remove("p0", "test: missed its reports")
+            call = asyncio.ensure_future(collect(c.stub.Generate(request(), timeout=10)))
+            await asyncio.sleep(0.3)
+            assert not call.done()
+            c.add("p0", WorkerRole.PREFILL, address)
+            frames = await call
+            assert frames[-1].WhichOneof("frame") == "finished"
 
     asyncio.run(main())
 

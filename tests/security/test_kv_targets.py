@@ -6,9 +6,15 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 
-from services.prefill.kv_targets import CheckedKVTransport, RegisteredTargets, router_lister
+from services.prefill.kv_targets import (
+    CheckedKVTransport,
+    RegisteredTargets,
+    checked_by_router,
+    router_lister,
+)
 from services.prefill.transport import KVTarget, KVTransport, TransferError
 from services.rpc.gen.banaserve.v1 import (
     common_pb2,
@@ -19,7 +25,7 @@ from services.rpc.gen.banaserve.v1 import (
 )
 from services.rpc.security import Role
 from tests.router.factories import BLOCK_SIZE, FINGERPRINT, NUM_BLOCKS
-from tests.security.helpers import C, channel_as, code_of, secure_cluster
+from tests.security.helpers import C, channel_as, code_of, secure_cluster, secured
 
 D0 = KVTarget("d0", "127.0.0.1:5000", "res-1", "127.0.0.1:5001", "tcp")
 
@@ -141,5 +147,25 @@ def test_router_lists_its_decode_workers_and_only_the_router_calls_prefill(certs
                     call = prefill_pb2_grpc.PrefillServiceStub(channel).Prefill(request, timeout=5)
                     assert await code_of(call) == C.PERMISSION_DENIED
             assert c.log.calls == []
+
+    asyncio.run(main())
+
+
+def test_the_channel_for_target_checks_connects_at_start_not_at_the_first_check():
+    # The router's name is looked up (and the connection made) while the worker starts: a
+    # request's check never waits on a lookup (compose smoke, docs/reliability.md defect 8).
+    async def main():
+        async with secure_cluster(None) as c:
+            inner = RecordingTransport()
+            checked = checked_by_router(inner, c.address, secured(Role.PREFILL, None))
+            channel = checked.router_channel
+            assert channel is not None
+            for _ in range(100):
+                if channel.get_state() is grpc.ChannelConnectivity.READY:
+                    break
+                await asyncio.sleep(0.05)
+            assert channel.get_state() is grpc.ChannelConnectivity.READY
+            assert inner.opened == []  # no check, no call was made
+            await checked.close()
 
     asyncio.run(main())
