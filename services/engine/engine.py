@@ -252,10 +252,10 @@ class Engine:
         and ``StageFailedError`` when a port failed requests this engine cannot serve alone
         (they are finished and freed); either way the failed step kept nothing."""
         self._housekeeping()
-        outputs, self._settled = self._settled, []
-        if self.pipeline.applies(self.placement.layout, on_layer_done is not None):
+        if self.pipeline.applies(on_layer_done is not None):
+            outputs, self._settled = self._settled, []
             return outputs + self._pipelined(self.pipeline.step)
-        outputs += self.settle()
+        outputs = self.settle()  # (none in flight unless the layout changed unsettled)
         plan = self.stepper.plan()
         if plan is None:
             self._publish()
@@ -290,8 +290,7 @@ class Engine:
     def _settle_between_steps(self) -> None:
         """Before a call that changes the engine between steps: the next ``step`` returns the
         outputs of the step this finishes."""
-        if self.pipeline.in_flight is not None:
-            self._settled += self._pipelined(self.pipeline.settle)
+        self._settled = self.settle()
 
     def _pipelined(self, run: Callable[[], list[RequestOutput]]) -> list[RequestOutput]:
         before = self.pipeline.in_flight

@@ -191,18 +191,17 @@ class ModelRunner:
 
         ``before_layer(i)`` (a prefix fetch's gate) runs before layer ``i`` reads the cache;
         both hooks see only the layers that run here. Raises ``PortFailed`` if a port fails."""
-        if layout is None or not layout.remote:
-            hidden = self.model(
-                inputs.input_ids,
-                inputs.positions,
-                self.kv_cache,
-                inputs.meta,
-                on_layer_done,
-                before_layer,
-            )
-        else:
-            stages = self._stages(inputs, layout, on_layer_done, before_layer)
-            hidden = _drive([stages], layout.timeout_s)[0]
+        if layout is not None and layout.remote:
+            run, pending = self.start(inputs, layout, on_layer_done, before_layer)
+            return self.finish(inputs, run, pending, layout.timeout_s)
+        hidden = self.model(
+            inputs.input_ids,
+            inputs.positions,
+            self.kv_cache,
+            inputs.meta,
+            on_layer_done,
+            before_layer,
+        )
         return self.model.compute_logits(hidden[inputs.sample_rows])
 
     @torch.inference_mode()
@@ -221,9 +220,16 @@ class ModelRunner:
         return self.model.compute_logits(torch.cat(rows))
 
     @torch.inference_mode()
-    def start(self, inputs: StepInputs, layout: StageLayout) -> tuple[StageRun, Pending]:
-        """Run ``inputs`` up to its first remote stage and submit it; ``finish`` goes on."""
-        run = self._stages(inputs, layout)
+    def start(
+        self,
+        inputs: StepInputs,
+        layout: StageLayout,
+        on_layer_done: OnLayerDone | None = None,
+        before_layer: BeforeLayer | None = None,
+    ) -> tuple[StageRun, Pending]:
+        """Run ``inputs`` up to its first remote stage (``layout`` has one) and submit it;
+        ``finish`` goes on. The hooks as ``run``'s."""
+        run = self._stages(inputs, layout, on_layer_done, before_layer)
         return run, next(run)
 
     @torch.inference_mode()

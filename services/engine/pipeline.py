@@ -31,7 +31,6 @@ from dataclasses import dataclass
 
 from services.common.types import RequestOutput
 from services.engine.model_runner import Pending, StageRun
-from services.engine.stages import StageLayout
 from services.engine.step import Stepper, StepPlan
 
 
@@ -53,10 +52,10 @@ class Pipeline:
         self.in_flight: InFlight | None = None  # the engine thread's
         self.num_overlapped_steps = 0  # steps started while another was in flight
 
-    def applies(self, layout: StageLayout, hooked: bool) -> bool:
-        located = self.stepper.placement.located
-        two = layout.remote and layout.num_micro_batches == 2
-        return self.enabled and two and not hooked and not located
+    def applies(self, hooked: bool) -> bool:
+        placement = self.stepper.placement
+        two = placement.layout.remote and placement.layout.num_micro_batches == 2
+        return self.enabled and two and not hooked and not placement.located
 
     @property
     def request_ids(self) -> frozenset[str]:
@@ -83,15 +82,11 @@ class Pipeline:
 
     def _start(self, exclude: frozenset[str]) -> InFlight | None:
         stepper = self.stepper
-        num_running = len(stepper.scheduler.running)
-        batch = stepper.scheduler.schedule(exclude, max(1, -(-num_running // 2)))
-        if not batch.seqs:
+        half = max(1, -(-len(stepper.scheduler.running) // 2))
+        plan = stepper.plan(exclude, half, split=False)
+        if plan is None:
             return None
-        layout = stepper.placement.layout
-        inputs = stepper.runner.prepare(batch, None, True, layout.timeout_s)
-        sampled = [batch.seqs[i] for i in inputs.sample_seq_index]
-        plan = StepPlan(batch, [inputs], [batch], sampled, ())
-        run, pending = stepper.runner.start(inputs, layout)
+        run, pending = stepper.runner.start(plan.parts[0], stepper.placement.layout)
         return InFlight(plan, run, pending)
 
     def _finish(self, step: InFlight) -> list[RequestOutput]:

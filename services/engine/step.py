@@ -17,7 +17,7 @@ next step computes the same tokens again and overwrites, identically, whatever K
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from functools import partial
 
@@ -81,14 +81,18 @@ class Stepper:
         self.logits_hook = logits_hook
         self.sampler = Sampler()
 
-    def plan(self) -> StepPlan | None:
-        batch = self.scheduler.schedule()
+    def plan(
+        self, exclude: Collection[str] = (), max_running: int | None = None, split: bool = True
+    ) -> StepPlan | None:
+        """The next step, None if nothing is scheduled. ``exclude`` and ``max_running`` as
+        ``Scheduler.schedule``'s; ``split=False`` keeps the batch whole (pipeline.py)."""
+        batch = self.scheduler.schedule(exclude, max_running)
         if not batch.seqs:
             return None
         fetches = self.fetches.pending_in(batch.seqs)
         layout = self.placement.layout
         halves = [batch]
-        if layout.remote and layout.num_micro_batches == 2 and not fetches:
+        if split and layout.remote and layout.num_micro_batches == 2 and not fetches:
             halves = _split(batch)
         parts = [
             self.runner.prepare(

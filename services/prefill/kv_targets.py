@@ -106,12 +106,11 @@ class CheckedKVTransport(KVTransport):
         self,
         inner: KVTransport,
         targets: RegisteredTargets,
-        on_close: Callable[[], Awaitable[None]] | None = None,
+        router_channel: grpc.aio.Channel | None = None,
     ) -> None:
         self._inner = inner
         self._targets = targets
-        self._on_close = on_close
-        self.router_channel: grpc.aio.Channel | None = None  # checked_by_router's
+        self.router_channel = router_channel  # the one ``targets`` lists over; closed with this
 
     async def open(
         self, target: KVTarget, request_id: str, num_layers: int, timeout_s: float | None
@@ -121,11 +120,11 @@ class CheckedKVTransport(KVTransport):
 
     async def close(self) -> None:
         await self._inner.close()
-        if self._on_close is not None:
-            await self._on_close()
+        if self.router_channel is not None:
+            await self.router_channel.close()
 
 
-def checked_by_router(inner: KVTransport, router: str, rpc: RpcConfig) -> KVTransport:
+def checked_by_router(inner: KVTransport, router: str, rpc: RpcConfig) -> CheckedKVTransport:
     """``inner`` behind the router's list of workers (``router``: its "HOST:PORT").
 
     The channel connects now, not at the first request's check: the router's name is looked
@@ -134,6 +133,4 @@ def checked_by_router(inner: KVTransport, router: str, rpc: RpcConfig) -> KVTran
     new container joined the network, outlived the check's 5 s)."""
     channel = router_channel(router, rpc)
     channel.get_state(try_to_connect=True)
-    checked = CheckedKVTransport(inner, RegisteredTargets(router_lister(channel)), channel.close)
-    checked.router_channel = channel
-    return checked
+    return CheckedKVTransport(inner, RegisteredTargets(router_lister(channel)), channel)

@@ -168,17 +168,18 @@ class SimWorker:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return
-        t = self.step_time(batch)
+        t, fixed = self.step_time(batch)
         if self.offload is not None:
-            t = self.offload.stretch(t, self.fixed_time(batch))
+            t = self.offload.stretch(t, fixed)
         t += self.hosted_debt_s
         self.hosted_debt_s = 0.0
         self.busy = True
         start = self.loop.now
         self.loop.after(t, lambda: self._commit(batch, start))
 
-    def step_time(self, batch: ScheduledBatch) -> float:
-        """The time model's prediction for ``batch`` (profile.py)."""
+    def step_time(self, batch: ScheduledBatch) -> tuple[float, float]:
+        """The time model's prediction for ``batch`` (profile.py), and the part of it paid
+        whatever the batch: the larger scaled fixed cost of the kinds of work it holds."""
         p, d = self.profile.prefill, self.profile.decode
         tokens = attention = decodes = context = 0
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
@@ -190,23 +191,17 @@ class SimWorker:
                 tokens += n
                 attention += n * (done + n)
         serving = self.profile.serving
+        prefill_a, decode_a = p.a * serving.prefill_scale, d.a * serving.decode_scale
         t = 0.0
         if tokens:
             t += p.time(tokens, attention) * serving.prefill_scale
         if decodes:
             # a mixed step pays one fixed cost: the smaller of the two scaled ones goes
-            overlap = min(d.a * serving.decode_scale, p.a * serving.prefill_scale) if tokens else 0
-            t += d.time(decodes, context) * serving.decode_scale - overlap
-        return t
-
-    def fixed_time(self, batch: ScheduledBatch) -> float:
-        """The part of ``step_time`` paid whatever the batch: the larger scaled fixed cost of
-        the kinds of work it holds (a mixed step pays one)."""
-        p, d, serving = self.profile.prefill, self.profile.decode, self.profile.serving
-        pairs = zip(batch.seqs, batch.num_new_tokens, strict=True)
-        decodes = {n == 1 and s.num_computed_tokens >= s.num_prompt_tokens for s, n in pairs}
-        costs = [d.a * serving.decode_scale if x else p.a * serving.prefill_scale for x in decodes]
-        return max(costs, default=0.0)
+            t += d.time(decodes, context) * serving.decode_scale - (
+                min(decode_a, prefill_a) if tokens else 0
+            )
+        fixed = max(prefill_a if tokens else 0.0, decode_a if decodes else 0.0)
+        return t, fixed
 
     def _commit(self, batch: ScheduledBatch, start: float) -> None:
         now = self.loop.now

@@ -18,7 +18,7 @@ from services.engine.ports import StagePort, StageWork
 from services.engine.stages import StageLayout
 from tests.engine.coordinator import prompt_ids
 from tests.engine.helpers import assert_no_leaks, make_engine
-from tests.engine.test_port_failures import FailingStagePort
+from tests.engine.test_port_failures import FailingStagePort, run_to_end
 from tests.engine.test_stages import RecordingPort
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -89,8 +89,7 @@ def test_two_streams_take_turns_and_each_is_submitted_before_the_other_commits(
     events: list[tuple[str, str]] = []
     a, b, port = split_pair(tiny_llama, events)
     tokens = add_all(a)
-    while a.has_unfinished_requests:
-        step(a, tokens)
+    run_to_end(a, tokens)
     assert tokens == reference
     # The prompts arrive together and prefill as one step; then half the batch a step, the
     # next half submitted before the first commits, and so on (8 tokens: 1 + 7 decodes each).
@@ -115,8 +114,7 @@ def test_without_pipelined_steps_both_halves_stay_inside_one_step(tiny_llama, re
     events: list[tuple[str, str]] = []
     a, b, port = split_pair(tiny_llama, events, pipelined=False)
     tokens = add_all(a)
-    while a.has_unfinished_requests:
-        step(a, tokens)
+    run_to_end(a, tokens)
     assert tokens == reference
     assert events[:6] == [
         ("submit", "w"),
@@ -143,8 +141,7 @@ def test_a_sequence_in_flight_is_never_preempted(tiny_llama, reference):
 
     a.scheduler.on_preempt = on_preempt
     tokens = add_all(a)
-    while a.has_unfinished_requests:
-        step(a, tokens)
+    run_to_end(a, tokens)
     assert victims and all(rid not in in_flight for rid, in_flight in victims)
     # a preempted sequence recomputes: its tokens are still those of the plain run
     assert tokens == reference
@@ -163,8 +160,7 @@ def test_an_abort_of_a_sequence_in_flight_finishes_that_step_first(tiny_llama, r
     assert events[-1] == ("commit", "yz") and not a.in_flight
     step(a, tokens)  # hands over the settled step's outputs, y's and z's
     assert len(tokens["z"]) == before + 1
-    while a.has_unfinished_requests:
-        step(a, tokens)
+    run_to_end(a, tokens)
     assert tokens["z"] == reference["z"][: before + 1]
     assert {r: tokens[r] for r in "wxy"} == {r: reference[r] for r in "wxy"}
     assert "z" in port.released
@@ -180,8 +176,7 @@ def test_a_layout_change_settles_the_step_in_flight(tiny_llama, reference):
     # Back to local without restoring the helper's KV: every sequence recomputes, exactly.
     requeued = a.migration.set_stages(StageLayout.local(4))
     assert not a.in_flight and sorted(requeued) == ["w", "x", "y", "z"]
-    while a.has_unfinished_requests:
-        step(a, tokens)
+    run_to_end(a, tokens)
     assert tokens == reference
     b.migration.release_hosted_layers("A")
     port.close()
@@ -202,8 +197,7 @@ def test_a_failed_stage_drops_the_step_started_after_it_too(tiny_llama, referenc
     assert a.step() == []
     assert a.snapshot.num_failed_steps == 1 and a.snapshot.num_steps == committed + 4
     assert not a.in_flight and not a.migration.stage_layout.remote
-    while a.has_unfinished_requests:
-        step(a, tokens)
+    run_to_end(a, tokens)
     assert tokens == reference
     b.migration.release_hosted_layers("A")
     failing.close()
