@@ -16,8 +16,8 @@ sequences (layer migration). Lifecycle:
    starts beyond it fails with ``PortError``, as does a pool with no room;
 4. end: ``release(request_ids)`` (any thread) frees sequences; ``expire()`` (the engine, at each
    step) frees those untouched for ``lease_s``; ``Engine.release_hosted_layers`` drops it all.
-   ``export_kv`` hands KV back to an owner taking its layers back. ``close`` also lets go of
-   the shipped layers' weights.
+   ``export_kv`` and ``export_tokens`` hand KV back to an owner taking its layers back.
+   ``close`` also lets go of the shipped layers' weights.
 
 One lock serialises 2-4, so hosted work runs beside the engine's own steps (the model's weights
 are only read) and never waits for one.
@@ -202,6 +202,62 @@ class HostedLayers:
             self.pool.import_layer(seq.block_table[first : first + layout.num_blocks], data, layout)
             seq.layer_tokens[layout.layer] = layout.num_tokens
             seq.expires_at = self._clock() + self.lease_s
+
+    def import_tokens(self, spans: Sequence[StageSeq], data: torch.Tensor) -> None:
+        """Write tokens ``[start, end)`` of each span's sequence in every hosted layer from
+        ``KVCache.gather_tokens``'s tensor (the owner's ``export_tokens``). Everything is checked
+        before a token is written: the tensor's shape, and each span starts at or below what is
+        held of its sequence in every layer."""
+        shape = (len(self.layers), 2, sum(s.num_tokens for s in spans), *self.pool.token_shape)
+        if tuple(data.shape) != shape or data.dtype != self.pool.dtype:
+            raise InvalidRequestError(
+                f"KV tensor {list(data.shape)} {data.dtype} for {list(shape)} {self.pool.dtype}"
+            )
+        if len({s.request_id for s in spans}) != len(spans):
+            raise InvalidRequestError("a KV delta names a sequence twice")
+        with self._lock:
+            for span in spans:
+                seq = self._seqs.get(span.request_id)
+                held = 0 if seq is None else seq.num_tokens(self.layers)
+                if span.start > held:
+                    raise InvalidRequestError(
+                        f"KV from token {span.start} of {span.request_id}: only {held} are here"
+                    )
+            bs, now, slots = self.pool.block_size, self._clock(), []
+            tables = {r: s.block_table for r, s in self._seqs.items()}
+            need = sum(max(0, -(-s.end // bs) - len(tables.get(s.request_id, ()))) for s in spans)
+            if need > self.block_manager.num_free_blocks:
+                raise ResourceExhaustedError(
+                    f"hosted pool ({self.pool.num_blocks} blocks) is full: {need} more needed"
+                )
+            for span in spans:
+                seq = self._seqs.setdefault(span.request_id, HostedSequence(span.request_id, now))
+                self._reserve(seq, span.end)
+                slots += self.pool.slots(seq.block_table, span.start, span.end)
+            index = torch.tensor(slots, dtype=torch.long, device=self.pool.device)
+            self.pool.scatter_tokens(self.layers, index, data)
+            for span in spans:
+                seq = self._seqs[span.request_id]
+                seq.layer_tokens = dict.fromkeys(self.layers, span.end)
+                seq.expires_at = now + self.lease_s
+
+    def export_tokens(self, spans: Sequence[StageSeq]) -> torch.Tensor:
+        """Tokens ``[start, end)`` of each span's hosted sequence in every hosted layer,
+        ``KVCache.gather_tokens``'s tensor: KV handed back to an owner taking its layers back."""
+        with self._lock:
+            slots = []
+            for span in spans:
+                seq = self._seqs.get(span.request_id)
+                if seq is None:
+                    raise RequestNotFoundError(f"no hosted sequence {span.request_id!r}")
+                held = seq.num_tokens(self.layers)
+                if not 0 <= span.start <= span.end <= held:
+                    raise InvalidRequestError(
+                        f"tokens [{span.start}, {span.end}) of {span.request_id}: {held} held"
+                    )
+                slots += self.pool.slots(seq.block_table, span.start, span.end)
+            index = torch.tensor(slots, dtype=torch.long, device=self.pool.device)
+            return self.pool.gather_tokens(self.layers, index)
 
     def export_kv(
         self, request_id: str, layer: int, start_token: int = 0, end_token: int | None = None

@@ -15,6 +15,11 @@ the wire's layout: services/common/kv_wire.py) plus a ``KVLayout`` that says
 exactly what it is, so a receiver can check it before writing and KV can stream out one layer
 at a time. A layout may start at a later block (``first_block``), so a delta written after a
 copy can follow it.
+
+A token range of several sequences in several layers leaves as one tensor too
+(``gather_tokens``: ``[num_layers, 2, num_slots, kv_heads, head_dim]``, the slots a block id
+times the block size plus the offset in the block): a delta of a few tokens a sequence, which a
+block-granular layout would carry as whole blocks.
 """
 
 from __future__ import annotations
@@ -160,6 +165,43 @@ class KVCache:
         index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         k.index_copy_(0, index, data[0].to(self.device))
         v.index_copy_(0, index, data[1].to(self.device))
+
+    def gather_tokens(self, layers: range, slots: torch.Tensor) -> torch.Tensor:
+        """A copy of the K and V at ``slots`` (``block * block_size + offset``) of every layer
+        of ``layers``: ``[len(layers), 2, len(slots), kv_heads, head_dim]``, contiguous."""
+        shape = (len(layers), 2, len(slots), *self.token_shape)
+        out = torch.empty(shape, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(layers):
+            for j, tensor in enumerate(self.layer(layer)):
+                torch.index_select(self._slots(tensor), 0, slots, out=out[i, j])
+        return out
+
+    def scatter_tokens(self, layers: range, slots: torch.Tensor, data: torch.Tensor) -> None:
+        """Write ``gather_tokens``'s tensor for ``layers`` at ``slots`` (checked first)."""
+        shape = (len(layers), 2, len(slots), *self.token_shape)
+        if tuple(data.shape) != shape or data.dtype != self.dtype:
+            raise InvalidRequestError(
+                f"KV tensor {tuple(data.shape)} {data.dtype} != {shape} {self.dtype}"
+            )
+        for layer in layers:
+            self.layer(layer)  # every layer held before any is written
+        for i, layer in enumerate(layers):
+            for j, tensor in enumerate(self.layer(layer)):
+                self._slots(tensor).index_copy_(0, slots, data[i, j].to(self.device))
+
+    def slots(self, block_table: list[int], start: int, end: int) -> list[int]:
+        """The slots of tokens ``[start, end)`` of a sequence whose block ``i`` is
+        ``block_table[i]``."""
+        bs = self.block_size
+        return [block_table[t // bs] * bs + t % bs for t in range(start, end)]
+
+    @property
+    def token_shape(self) -> tuple[int, int]:
+        """One token's K (or V) in one layer: ``[kv_heads, head_dim]``."""
+        return (self.num_kv_heads, self.head_dim)
+
+    def _slots(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.view(self.num_blocks * self.block_size, *self.token_shape)
 
     def _check(self, layout: KVLayout, layer: int, num_blocks: int) -> None:
         expected = (self.dtype_name, self.block_size, self.num_kv_heads, self.head_dim)

@@ -14,7 +14,9 @@ Import, for a sequence whose KV was computed elsewhere (a prefill worker, a migr
    layers are on a helper).
 
 ``restore`` writes a layer of KV into a *running* sequence's blocks for tokens it has already
-computed: the layers of a layer migration coming back from the helper.
+computed: the layers of a layer migration coming back from the helper. ``export_tokens`` and
+``restore_tokens`` do the same for token ranges of many sequences in many layers at once, a
+delta that may start inside a block (a layer migration's copies both ways).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from services.engine.block_manager import BlockManager
 from services.engine.kv_cache import KVCache
 from services.engine.kv_routes import ImportRoutes
 from services.engine.placement import Placement
+from services.engine.ports import StageSeq
 from services.engine.requests import RequestState, RequestTable
 from services.engine.scheduler import Scheduler
 from services.engine.sequence import Sequence
@@ -125,6 +128,33 @@ class KVTransfer:
         layout = self.layout(request_id, layer, start_token, end_token)
         blocks = self._blocks(self.requests.seq(request_id), layout)
         return self.kv_cache.export_layer(layer, blocks, layout), layout
+
+    def export_tokens(self, spans: list[StageSeq], layers: range) -> torch.Tensor:
+        """Tokens ``[start, end)`` of each span's sequence in every layer of ``layers``, packed
+        span after span: ``KVCache.gather_tokens``'s tensor. A delta that starts inside a block
+        carries its tokens only (a layer migration's copy stages and switch)."""
+        return self.kv_cache.gather_tokens(layers, self._token_slots(spans, layers, False))
+
+    def _token_slots(self, spans: list[StageSeq], layers: range, restore: bool) -> torch.Tensor:
+        """The pool slots of the spans' tokens, each checked: computed, in the local blocks,
+        and (export) every layer of ``layers`` here or (restore) the sequence running."""
+        assert self.placement is not None, "connect() first"
+        slots: list[int] = []
+        for span in spans:
+            if restore and span.request_id not in self.requests.active:
+                raise RequestNotFoundError(f"no running request {span.request_id!r}")
+            seq = self.requests.seq(span.request_id)
+            if not restore and set(layers) & set(self.placement.missing(span.request_id)):
+                raise InvalidRequestError(f"layers of {span.request_id} are on a helper")
+            first = seq.num_remote_blocks * self.block_size
+            if not first <= span.start <= span.end <= seq.num_computed_tokens:
+                raise InvalidRequestError(
+                    f"tokens [{span.start}, {span.end}) of {span.request_id}: tokens "
+                    f"[{first}, {seq.num_computed_tokens}) are here"
+                )
+            table = [0] * seq.num_remote_blocks + seq.block_table
+            slots += self.kv_cache.slots(table, span.start, span.end)
+        return torch.tensor(slots, dtype=torch.long, device=self.kv_cache.device)
 
     @staticmethod
     def _blocks(seq: Sequence, layout: KVLayout) -> list[int]:
@@ -230,6 +260,11 @@ class KVTransfer:
         request.detokenizer = IncrementalDetokenizer(self.requests.tokenizer)
         request.num_emitted_chars = 0
         return self.finish_import(request_id)
+
+    def restore_tokens(self, spans: list[StageSeq], layers: range, data: torch.Tensor) -> None:
+        """Write ``export_tokens``'s tensor back into running sequences' blocks, for tokens
+        each has computed: a layer migration's layers coming back from the helper."""
+        self.kv_cache.scatter_tokens(layers, self._token_slots(spans, layers, True), data)
 
     def restore(self, request_id: str, data: torch.Tensor, layout: KVLayout) -> None:
         """Write a layer of KV for tokens a running sequence already computed."""

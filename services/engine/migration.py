@@ -39,7 +39,7 @@ from services.engine.kv_transfer import KVTransfer
 from services.engine.layer_stack import LayerStack
 from services.engine.memory import PoolSizer, module_bytes
 from services.engine.placement import Placement
-from services.engine.ports import AttentionPort
+from services.engine.ports import AttentionPort, StageSeq
 from services.engine.prefix_fetch import PrefixFetches
 from services.engine.requests import RequestTable
 from services.engine.scheduler import Scheduler
@@ -122,6 +122,16 @@ class Migration:
         self.kv.restore(request_id, data, layout)
         seq = self.requests.seq(request_id)
         self.placement.restored(seq, layout.layer, layout.first_token, layout.num_tokens)
+
+    def restore_tokens(self, spans: list[StageSeq], layers: range, data: torch.Tensor) -> None:
+        """Write back tokens ``[start, end)`` of running requests in ``layers`` (the layers
+        returning from a helper; ``KVTransfer.export_tokens``'s tensor)."""
+        self.settle()
+        self.kv.restore_tokens(spans, layers, data)
+        for span in spans:
+            seq = self.requests.seq(span.request_id)
+            for layer in layers:
+                self.placement.restored(seq, layer, span.start, span.end)
 
     def drop_layers(self, start: int) -> None:
         """Free the weights and KV of layers ``[start, L)``, which a remote stage must run;

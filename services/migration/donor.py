@@ -2,8 +2,12 @@
 
 KV is append-only, so a copy is always "what the helper lacks": the helper says how many tokens
 of each sequence it holds in every hosted layer (``held``), and the donor exports each running
-sequence's layers from there to what it has computed. A sequence preempted since (its KV freed
-and being recomputed) has nothing to send until it passes what the helper holds again.
+sequence's layers from there to what it has computed — exactly those tokens, packed for many
+sequences and every moved layer in one tensor (``export_tokens``), not the whole blocks they
+fall in: the switch's last delta is a step or two of tokens a sequence. A sequence preempted
+since (its KV freed and being recomputed) has nothing to send until it passes what the helper
+holds again. Taking layers back reads token ranges the same way (``lacking``,
+``restore_tokens``).
 
 Functions that move bytes while the engine is paused (``switch``, ``revert``) get a ``send``
 that runs one exchange on the event loop and blocks this thread until it is answered: that
@@ -18,19 +22,33 @@ from dataclasses import dataclass
 
 import torch
 
-from services.common.errors import (
-    InvalidRequestError,
-    RequestNotFoundError,
-    ResourceExhaustedError,
-)
+from services.common.errors import InvalidRequestError, ResourceExhaustedError
 from services.engine.engine import Engine
 from services.engine.kv_cache import KVLayout
+from services.engine.ports import StageSeq
 from services.engine.stages import StageLayout
 
 KVChunk = tuple[str, torch.Tensor, KVLayout]  # request id, one layer's blocks, their layout
-SendChunks = Callable[[list[KVChunk]], int]  # bytes sent
 FetchHeld = Callable[[list[str]], dict[str, int]]
-FetchKV = Callable[[str, int, int, int], tuple[torch.Tensor, KVLayout]]
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """Tokens ``[start, end)`` of each span's sequence in every layer of ``layers``, packed as
+    ``KVTransfer.export_tokens`` gives them (one ``kv_tokens`` message)."""
+
+    spans: tuple[StageSeq, ...]
+    layers: range
+    fingerprint: str
+    data: torch.Tensor
+
+    @property
+    def num_bytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
+SendDeltas = Callable[[list[TokenDelta]], int]  # bytes sent
+FetchTokens = Callable[[list[list[StageSeq]]], list[TokenDelta]]  # a delta per group of spans
 
 
 @dataclass(frozen=True)
@@ -50,37 +68,107 @@ def running(engine: Engine) -> dict[str, int]:
     }
 
 
-def export_delta(engine: Engine, request_id: str, layers: range, held: int) -> list[KVChunk]:
-    """One sequence's KV for ``layers`` from token ``held`` on (nothing if not running)."""
-    seq = next((s for s in engine.scheduler.running if s.request_id == request_id), None)
-    if seq is None or request_id in engine.fetches:
-        return []
-    done = seq.num_computed_tokens
-    start = min(held, done)
-    if start >= done:
-        return []
-    return [(request_id, *engine.export_kv(request_id, layer, start, done)) for layer in layers]
+def token_bytes(engine: Engine, layers: range) -> int:
+    """One token's K and V in ``layers``."""
+    return engine.kv_cache.layer_block_bytes // engine.kv_cache.block_size * len(layers)
 
 
-def export_deltas(
+def groups(spans: list[StageSeq], size: int, group_bytes: int) -> list[list[StageSeq]]:
+    """``spans`` in order, cut into runs of at most ``group_bytes`` (``size`` bytes a token;
+    at least one token): one ``kv_tokens`` message each, so a data plane's bound on a message
+    holds whatever a sequence's length: a longer span is cut into pieces, in token order. A sequence whose
+    pieces fill several groups must reach the helper in that order (``HelperLink``)."""
+    limit = max(1, group_bytes // max(1, size))  # tokens a message
+    out: list[list[StageSeq]] = [[]]
+    num_tokens = 0
+    for span in spans:
+        pieces = [
+            StageSeq(span.request_id, start, min(limit, span.end - start))
+            for start in range(span.start, span.end, limit)
+        ]
+        for piece in pieces:
+            if out[-1] and num_tokens + piece.num_tokens > limit:
+                out.append([])
+                num_tokens = 0
+            out[-1].append(piece)
+            num_tokens += piece.num_tokens
+    return out if out[0] else []
+
+
+def export_tokens(
     engine: Engine,
     request_ids: list[str],
     layers: range,
     held: dict[str, int],
     max_bytes: int,
-) -> tuple[list[KVChunk], list[str]]:
-    """``export_delta`` for sequences of ``request_ids`` in order, in one visit of the engine
-    thread, until the chunks reach ``max_bytes`` (at least one sequence's); the chunks, and the
-    request ids not visited yet."""
-    chunks: list[KVChunk] = []
-    num_bytes = 0
+    group_bytes: int,
+) -> tuple[list[TokenDelta], list[str]]:
+    """What the helper lacks of ``layers`` for the sequences of ``request_ids``, in order, in
+    one visit of the engine thread: each sequence from what the helper holds (``held``) to what
+    it has computed, nothing for one not running (or whose prefix is still being fetched), a
+    ``TokenDelta`` per ``group_bytes`` of them; stops once ``max_bytes`` are exported (at least
+    one sequence). The deltas, and the request ids not visited yet."""
+    seqs = {s.request_id: s for s in engine.scheduler.running}
+    size = token_bytes(engine, layers)
+    spans: list[StageSeq] = []
+    total, rest = 0, []
     for i, rid in enumerate(request_ids):
-        if chunks and num_bytes >= max_bytes:
-            return chunks, request_ids[i:]
-        more = export_delta(engine, rid, layers, held.get(rid, 0))
-        chunks += more
-        num_bytes += sum(data.numel() * data.element_size() for _, data, _ in more)
-    return chunks, []
+        if total >= max_bytes:
+            rest = request_ids[i:]
+            break
+        seq = seqs.get(rid)
+        if seq is None or rid in engine.fetches:
+            continue
+        done = seq.num_computed_tokens
+        start = min(held.get(rid, 0), done)
+        if start < done:
+            spans.append(StageSeq(rid, start, done - start))
+            total += (done - start) * size
+    deltas = [
+        TokenDelta(tuple(g), layers, engine.fingerprint, engine.kv.export_tokens(g, layers))
+        for g in groups(spans, size, group_bytes)
+    ]
+    return deltas, rest
+
+
+def lacking(
+    engine: Engine, layers: range, held: dict[str, int], group_bytes: int
+) -> list[list[StageSeq]]:
+    """Taking layers back: the tokens of each running sequence whose KV here lacks some of
+    ``layers`` and that the helper holds in full (``held``), from the fewest any of them has
+    here; in ``groups`` of ``group_bytes``. A sequence the helper lacks recomputes instead."""
+    spans = []
+    for rid, done in running(engine).items():
+        have = [n for layer, n in engine.placement.missing(rid).items() if layer in layers]
+        if have and min(have) < done <= held.get(rid, 0):
+            spans.append(StageSeq(rid, min(have), done - min(have)))
+    return groups(spans, token_bytes(engine, layers), group_bytes)
+
+
+def restore_tokens(engine: Engine, deltas: list[TokenDelta]) -> tuple[int, list[str]]:
+    """Write KV fetched from the helper back into the sequences it belongs to: (bytes
+    written, their ids). A sequence that finished, or computed fewer tokens than its span
+    since (preempted), takes none: the revert's pause sees to it."""
+    seqs = running(engine)
+    num_bytes, moved = 0, []
+    for delta in deltas:
+        if delta.fingerprint != engine.fingerprint:
+            raise InvalidRequestError("KV from the helper was computed by another model or dtype")
+        keep, rows, at = [], [], 0
+        for span in delta.spans:
+            if seqs.get(span.request_id, 0) >= span.end:
+                keep.append(span)
+                rows.append(torch.arange(at, at + span.num_tokens))
+            at += span.num_tokens
+        if not keep:
+            continue
+        data = delta.data
+        if len(keep) < len(delta.spans):
+            data = data.index_select(2, torch.cat(rows))
+        engine.migration.restore_tokens(keep, delta.layers, data)
+        num_bytes += data.numel() * data.element_size()
+        moved += [span.request_id for span in keep]
+    return num_bytes, moved
 
 
 def check_switchable(engine: Engine) -> None:
@@ -95,23 +183,24 @@ def switch(
     engine: Engine,
     layers: range,
     held: dict[str, int],
-    send: SendChunks,
+    send: SendDeltas,
     layout: Callable[[int], StageLayout],
+    group_bytes: int,
 ) -> PauseResult:
     """The pause: each running sequence's last delta to the helper, then the split layout."""
     t0 = time.monotonic()
     check_switchable(engine)
-    chunks = [
-        c for rid in running(engine) for c in export_delta(engine, rid, layers, held.get(rid, 0))
-    ]
+    deltas, _ = export_tokens(engine, list(running(engine)), layers, held, 1 << 62, group_bytes)
     # every sequence's delta in one exchange: the pause waits for one answer, not one each
-    num_bytes = send(chunks) if chunks else 0
-    moved = list(dict.fromkeys(rid for rid, _, _ in chunks))
+    num_bytes = send(deltas) if deltas else 0
+    moved = [span.request_id for delta in deltas for span in delta.spans]
     requeued = engine.migration.set_stages(layout(engine.spec.num_layers))
     return PauseResult(num_bytes, tuple(moved), time.monotonic() - t0, tuple(requeued))
 
 
-def revert(engine: Engine, fetch_held: FetchHeld, fetch_kv: FetchKV) -> PauseResult:
+def revert(
+    engine: Engine, layers: range, fetch_held: FetchHeld, fetch: FetchTokens, group_bytes: int
+) -> PauseResult:
     """The reverse: weights back if dropped, the KV the donor lacks back from the helper (each
     sequence the helper holds in full), then every layer local again (the rest recompute).
     ``ResourceExhaustedError`` with nothing changed if the pool cannot shrink back yet."""
@@ -119,31 +208,10 @@ def revert(engine: Engine, fetch_held: FetchHeld, fetch_kv: FetchKV) -> PauseRes
     engine.migration.restore_layers()
     seqs = running(engine)
     held = fetch_held(list(seqs)) if seqs else {}
-    num_bytes, moved = 0, []
-    for rid, done in seqs.items():
-        missing = engine.placement.missing(rid)
-        if not missing or held.get(rid, 0) < done:
-            continue  # nothing lacking, or the helper never saw all of it: recompute
-        for layer, have in missing.items():
-            data, layout = fetch_kv(rid, layer, have, done)
-            engine.migration.restore_kv(rid, data, layout)
-            num_bytes += data.numel() * data.element_size()
-        moved.append(rid)
+    spans = lacking(engine, layers, held, group_bytes)
+    num_bytes, moved = restore_tokens(engine, fetch(spans)) if spans else (0, [])
     requeued = engine.migration.set_stages(StageLayout.local(engine.spec.num_layers))
     return PauseResult(num_bytes, tuple(moved), time.monotonic() - t0, tuple(requeued))
-
-
-def restore(engine: Engine, request_id: str, chunks: list[tuple[torch.Tensor, KVLayout]]) -> int:
-    """Write back layers of a sequence's KV fetched from the helper; bytes written. A sequence
-    preempted or finished since it was fetched takes none (the revert's pause sees to it)."""
-    num_bytes = 0
-    try:
-        for data, layout in chunks:
-            engine.migration.restore_kv(request_id, data, layout)
-            num_bytes += data.numel() * data.element_size()
-    except (RequestNotFoundError, InvalidRequestError):
-        pass
-    return num_bytes
 
 
 def fall_back(engine: Engine) -> tuple[str, ...]:

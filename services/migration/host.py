@@ -7,10 +7,10 @@ Lifecycle of a hosted range on the helper:
 2. the donor's messages (services/migration/wire.py) arrive on the data-plane server's event
    loop; ``handle`` decodes and checks them, then runs the work on a thread of this host
    (``HostedLayers`` has its own lock and never waits for the engine's step):
-   ``kv_import`` and ``kv_import_batch`` (copy and deltas), ``stage_run`` (every step of the
-   donor once switched), ``kv_export`` (revert), ``held_tokens``, ``release``, and
-   ``weights_import`` for a range whose weights the helper lacked (the ``WeightsReceiver``
-   given to ``add``, weights.py);
+   ``kv_tokens`` (copy and deltas; ``kv_import`` and ``kv_import_batch`` too), ``stage_run``
+   (every step of the donor once switched), ``kv_tokens_export`` and ``kv_export`` (revert),
+   ``held_tokens``, ``release``, and ``weights_import`` for a range whose weights the helper
+   lacked (the ``WeightsReceiver`` given to ``add``, weights.py);
 3. the agent's Release/Abort ``remove``s it before the engine drops the range.
 
 A message for a migration not hosted here is ``RequestNotFoundError`` (NOT_FOUND to the donor);
@@ -99,6 +99,19 @@ class MigrationHost:
             items = wire.decode_kv_import_batch(msg.kv_import_batch, payload)
             ids = await self._run(wire.import_each, items, hosted.import_kv)
             return wire.response(ok=True), b"", ids
+        if kind == "kv_tokens":
+            spans, layers, fingerprint, data = wire.decode_kv_tokens(msg.kv_tokens, payload)
+            if fingerprint != hosted.fingerprint:
+                raise InvalidRequestError("KV was computed by a different model or dtype")
+            if layers != hosted.layers:
+                raise InvalidRequestError(f"KV of layers {layers}, {hosted.layers} hosted")
+            await self._run(hosted.import_tokens, spans, data)
+            return wire.response(ok=True), b"", tuple(s.request_id for s in spans)
+        if kind == "kv_tokens_export":
+            spans = wire.decode_kv_tokens_export(msg.kv_tokens_export)
+            data = await self._run(hosted.export_tokens, spans)
+            reply = wire.encode_kv_tokens_reply(spans, hosted.layers, hosted.fingerprint, data)
+            return *reply, tuple(s.request_id for s in spans)
         if kind == "kv_export":
             m = msg.kv_export
             data, layout = await self._run(

@@ -4,13 +4,14 @@
 Donor A's lifecycle, one method per RPC of migration.proto:
 
 1. ``copy_weights`` (only for a helper lacking identical weights) and ``copy_kv`` (any number
-   of times, while A serves): what the helper lacks of ``[k, L)``, KV as deltas (append-only);
+   of times, while A serves): what the helper lacks of ``[k, L)``, KV as token deltas
+   (append-only; ``kv_tokens`` messages);
 2. ``switch`` (the pause): one more copy stage, then the last delta and the split layout, the
    helper's stage reached through a ``DataStagePort``; from here a port failure makes the agent
    fall back on its own (``MigrationAgent._port_failed``);
 3. ``activate``: optionally drop the moved layers' weights (A's KV pool grows);
-4. ``revert``: weights back, the helper's KV copied back in stages while A still steps through
-   the helper, then the pause: the last delta and the local layout.
+4. ``revert``: weights back, the helper's KV copied back in stages (``kv_tokens_export``) while
+   A still steps through the helper, then the pause: the last delta and the local layout.
 
 Every engine change runs through the agent's ``engine_call`` (between two steps); the
 state checks, the link to the helper and the record's state are the agent's.
@@ -19,13 +20,15 @@ state checks, the link to the helper and the record's state are the agent's.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from services.common.errors import DependencyUnavailableError
 from services.common.migration_states import MigrationState
 from services.engine.engine import Engine
+from services.engine.ports import StageSeq
 from services.engine.stages import StageLayout
 from services.migration import donor, weights
+from services.migration.link import BATCH_BYTES
 from services.migration.ports import DataStagePort
 from services.migration.records import MigrationRecord, Peer
 from services.rpc import dataplane
@@ -75,12 +78,14 @@ class LayerAgent:
         limit = self.agent.config.copy_batch_bytes
         num_bytes, moved = 0, set()
         while pending:
-            chunks, pending = await self.agent.engine_call(
-                lambda e, ids=pending: donor.export_deltas(e, ids, record.layers, held, limit)
+            deltas, pending = await self.agent.engine_call(
+                lambda e, ids=pending: donor.export_tokens(
+                    e, ids, record.layers, held, limit, BATCH_BYTES
+                )
             )
-            if chunks:
-                num_bytes += await self.agent._link(record).send(chunks)
-                moved.update(rid for rid, _, _ in chunks)
+            if deltas:
+                num_bytes += await self.agent._link(record).send_tokens(deltas)
+                moved.update(s.request_id for d in deltas for s in d.spans)
         return num_bytes, len(moved)
 
     async def switch(
@@ -103,14 +108,14 @@ class LayerAgent:
             kwargs = {"timeout_s": stage_timeout_s} if stage_timeout_s else {}
             return StageLayout.split(num_layers, record.start, port, num_micro_batches, **kwargs)
 
-        def send(chunks: list[donor.KVChunk]) -> int:
-            return self.agent._blocking(link.send(chunks))
+        def send(deltas: list[donor.TokenDelta]) -> int:
+            return self.agent._blocking(link.send_tokens(deltas))
 
         # Switched before the engine's next step can fail through the port (and fall back).
         previous, record.port, record.state = record.state, port, MigrationState.SWITCHING
         try:
             result = await self.agent.engine_call(
-                lambda e: donor.switch(e, record.layers, held, send, layout)
+                lambda e: donor.switch(e, record.layers, held, send, layout, BATCH_BYTES)
             )
         except BaseException:
             record.port, record.state = None, previous
@@ -158,25 +163,21 @@ class LayerAgent:
 
     async def _copy_back(self, record: MigrationRecord) -> tuple[int, list[str]]:
         """The staged reverse copy: each sequence's KV the donor lacks, up to what it had
-        computed when asked, written back between steps (the pause sends only what follows)."""
-        seqs = await self.agent.engine_call(donor.running)
-        held = await self.agent._link(record).held(list(seqs))
+        computed when asked, fetched ``copy_batch_bytes`` at a time (``kv_tokens_export``
+        messages at once) and written back in one visit of the engine thread each (the pause
+        sends only what follows)."""
+        link = self.agent._link(record)
+        held = await link.held(list(await self.agent.engine_call(donor.running)))
+        lacking = await self.agent.engine_call(
+            lambda e: donor.lacking(e, record.layers, held, BATCH_BYTES)
+        )
+        per_visit = max(1, self.agent.config.copy_batch_bytes // BATCH_BYTES)
         num_bytes, moved = 0, []
-        for rid, done in seqs.items():
-            if held.get(rid, 0) < done:
-                continue
-            missing = await self.agent.engine_call(lambda e, rid=rid: e.placement.missing(rid))
-            chunks = [
-                await self.agent._link(record).fetch_kv(rid, layer, have, done)
-                for layer, have in missing.items()
-                if have < done
-            ]
-            if chunks:
-                n = await self.agent.engine_call(
-                    lambda e, rid=rid, c=chunks: donor.restore(e, rid, c)
-                )
-                num_bytes += n
-                moved.append(rid)
+        for i in range(0, len(lacking), per_visit):
+            deltas = await link.fetch_tokens(lacking[i : i + per_visit])
+            n, ids = await self.agent.engine_call(lambda e, d=deltas: donor.restore_tokens(e, d))
+            num_bytes += n
+            moved += ids
         record.moved(num_bytes, moved)
         return num_bytes, moved
 
@@ -186,10 +187,12 @@ class LayerAgent:
         def fetch_held(ids: list[str]) -> dict[str, int]:
             return self.agent._blocking(link.held(ids))
 
-        def fetch_kv(rid: str, layer: int, start: int, end: int) -> Any:
-            return self.agent._blocking(link.fetch_kv(rid, layer, start, end))
+        def fetch(groups: list[list[StageSeq]]) -> list[donor.TokenDelta]:
+            return self.agent._blocking(link.fetch_tokens(groups))
 
-        result = await self.agent.engine_call(lambda e: donor.revert(e, fetch_held, fetch_kv))
+        result = await self.agent.engine_call(
+            lambda e: donor.revert(e, record.layers, fetch_held, fetch, BATCH_BYTES)
+        )
         record.moved(result.num_bytes, result.request_ids)
         record.weights_dropped, record.state = False, MigrationState.REVERTING
         await self.agent._disconnect(record)

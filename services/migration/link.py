@@ -16,14 +16,15 @@ import torch
 
 from services.common.errors import InvalidRequestError
 from services.engine.kv_cache import KVLayout
+from services.engine.ports import StageSeq
 from services.migration import wire
-from services.migration.donor import KVChunk
+from services.migration.donor import KVChunk, TokenDelta
 from services.migration.records import Peer
 from services.rpc import dataplane
 from services.rpc.dataplane import DataClient
 
 OnMoved = Callable[[int, Iterable[str]], None]  # bytes, the sequences they belong to
-BATCH_BYTES = 4 << 20  # KV per kv_import_batch message (the data plane's chunk scale)
+BATCH_BYTES = 4 << 20  # KV per kv_import_batch / kv_tokens message (the data plane's scale)
 
 
 class HelperLink:
@@ -75,6 +76,40 @@ class HelperLink:
         num_bytes = sum(data.numel() * data.element_size() for _, data, _ in chunks)
         self.on_moved(num_bytes, {c[0] for c in chunks})
         return num_bytes
+
+    async def send_tokens(self, deltas: list[TokenDelta]) -> int:
+        """Each delta as one ``kv_tokens`` message, sent at once but in order for a sequence
+        cut into several (its next piece leaves once the helper has the one before); bytes
+        sent."""
+        wave: list[Any] = []
+        in_wave: set[str] = set()
+        for d in deltas:
+            ids = {s.request_id for s in d.spans}
+            if ids & in_wave:
+                await asyncio.gather(*wave)
+                wave, in_wave = [], set()
+            header, payload = wire.encode_kv_tokens(
+                self.migration_id, d.spans, d.layers, d.fingerprint, d.data
+            )
+            wave.append(self._request(header, payload))
+            in_wave |= ids
+        await asyncio.gather(*wave)
+        num_bytes = sum(d.num_bytes for d in deltas)
+        self.on_moved(num_bytes, {s.request_id for d in deltas for s in d.spans})
+        return num_bytes
+
+    async def fetch_tokens(self, groups: list[list[StageSeq]]) -> list[TokenDelta]:
+        """Tokens of hosted sequences back, a ``kv_tokens_export`` per group, all at once."""
+
+        async def one(spans: list[StageSeq]) -> TokenDelta:
+            header = wire.encode_kv_tokens_export(self.migration_id, spans)
+            out_header, payload = await self._request(header)
+            layers, fingerprint, data = wire.decode_kv_tokens_reply(
+                out_header, memoryview(payload), spans
+            )
+            return TokenDelta(tuple(spans), layers, fingerprint, data)
+
+        return list(await asyncio.gather(*(one(g) for g in groups)))
 
     async def fetch_kv(
         self, request_id: str, layer: int, start: int, end: int

@@ -11,7 +11,10 @@ silently reshaped tensor. KV travels in the project's one KV byte layout
 Donor -> helper (request header ``kind``):
 - ``stage_run``: a ``StageWork`` (hidden states in the payload), answered by ``stage_result``;
 - ``kv_import``: one layer of one sequence's KV (``KVLayout`` in the header);
+- ``kv_tokens``: token ranges of many sequences in every hosted layer, one tensor (a delta
+  that starts inside a block: copy stages and the switch's pause);
 - ``kv_export``: ask for one layer of a hosted sequence's KV back, answered by ``kv_exported``;
+- ``kv_tokens_export``: ask for token ranges of many sequences back, answered by ``kv_tokens``;
 - ``release`` / ``held_tokens``: free sequences / how many tokens of each the helper holds.
 - ``weights_import``: one chunk of one tensor of a layer's weights, for a helper lacking them
   (weights.py checks and assembles them), answered ``ok``.
@@ -110,11 +113,12 @@ def request(migration_id: str, **kind: object) -> bytes:
     return pb.MigrationDataRequest(migration_id=migration_id, **kind).SerializeToString()
 
 
+def _stage_sequence(seq: StageSeq) -> pb.StageSequence:
+    return pb.StageSequence(request_id=seq.request_id, start=seq.start, num_tokens=seq.num_tokens)
+
+
 def encode_stage_run(migration_id: str, work: StageWork) -> Message:
-    seqs = [
-        pb.StageSequence(request_id=s.request_id, start=s.start, num_tokens=s.num_tokens)
-        for s in work.seqs
-    ]
+    seqs = [_stage_sequence(s) for s in work.seqs]
     run = pb.StageRun(
         start_layer=work.start_layer,
         end_layer=work.end_layer,
@@ -189,6 +193,65 @@ def import_each(
     for request_id, data, layout in items:
         import_kv(request_id, data, layout)
     return tuple(dict.fromkeys(request_id for request_id, _, _ in items))
+
+
+def _kv_tokens(
+    spans: Sequence[StageSeq], layers: range, fingerprint: str, data: torch.Tensor
+) -> pb.KVTokens:
+    if data.dim() != 5 or data.shape[:3] != (len(layers), 2, sum(s.num_tokens for s in spans)):
+        raise InvalidRequestError(f"KV {list(data.shape)} is not {len(layers)} layers of spans")
+    return pb.KVTokens(
+        seqs=[_stage_sequence(s) for s in spans],
+        layers=pb.LayerRange(start=layers.start, end=layers.stop),
+        fingerprint=fingerprint,
+        kv=tensor_spec(data),
+    )
+
+
+def encode_kv_tokens(
+    migration_id: str,
+    spans: Sequence[StageSeq],
+    layers: range,
+    fingerprint: str,
+    data: torch.Tensor,
+) -> Message:
+    """Token ranges of several sequences in ``layers`` (``KVCache.gather_tokens``'s tensor)."""
+    msg = _kv_tokens(spans, layers, fingerprint, data)
+    return request(migration_id, kv_tokens=msg), tensor_bytes(data)
+
+
+def encode_kv_tokens_export(migration_id: str, spans: Sequence[StageSeq]) -> bytes:
+    msg = pb.KVTokensExport(seqs=[_stage_sequence(s) for s in spans])
+    return request(migration_id, kv_tokens_export=msg)
+
+
+def decode_kv_tokens_export(msg: pb.KVTokensExport) -> tuple[StageSeq, ...]:
+    spans = tuple(StageSeq(s.request_id, s.start, s.num_tokens) for s in msg.seqs)
+    if not spans:
+        raise InvalidRequestError("a KV token export needs sequences")
+    return spans
+
+
+def encode_kv_tokens_reply(
+    spans: Sequence[StageSeq], layers: range, fingerprint: str, data: torch.Tensor
+) -> Message:
+    return response(kv_tokens=_kv_tokens(spans, layers, fingerprint, data)), tensor_bytes(data)
+
+
+def decode_kv_tokens(
+    msg: pb.KVTokens, payload: memoryview
+) -> tuple[tuple[StageSeq, ...], range, str, torch.Tensor]:
+    """(spans, layers, fingerprint, KV): the payload exactly the tensor its spec names, the
+    tensor exactly the spans' tokens in the named layers (the host checks heads and dim)."""
+    data = tensor_from(msg.kv, payload)
+    spans = tuple(StageSeq(s.request_id, s.start, s.num_tokens) for s in msg.seqs)
+    layers = range(msg.layers.start, msg.layers.end)
+    if not spans or not layers:
+        raise InvalidRequestError("a KV token delta needs sequences and layers")
+    expected = (len(layers), 2, sum(s.num_tokens for s in spans))
+    if data.dim() != 5 or tuple(data.shape[:3]) != expected:
+        raise InvalidRequestError(f"KV {list(data.shape)} for [layers, 2, tokens] = {expected}")
+    return spans, layers, msg.fingerprint, data
 
 
 def encode_kv_export(
@@ -292,6 +355,18 @@ def decode_kv_exported(
 
 def encode_failed(request_ids: tuple[str, ...], reason: str) -> bytes:
     return response(failed=pb.SequencesFailed(request_ids=list(request_ids), reason=reason))
+
+
+def decode_kv_tokens_reply(
+    header: bytes, payload: memoryview, spans: Sequence[StageSeq]
+) -> tuple[range, str, torch.Tensor]:
+    """The helper's answer to ``kv_tokens_export``: exactly the spans asked for."""
+    got, layers, fingerprint, data = decode_kv_tokens(
+        parse_response(header, "kv_tokens").kv_tokens, payload
+    )
+    if got != tuple(spans):
+        raise InvalidRequestError("the helper answered other token ranges than those asked")
+    return layers, fingerprint, data
 
 
 def decode_held_tokens(header: bytes, request_ids: list[str]) -> dict[str, int]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from services.common.config import EngineConfig
-from services.common.errors import InvalidRequestError
+from services.common.errors import InvalidRequestError, ResourceExhaustedError
 from services.common.types import SamplingParams
 from services.engine import paged_decode
 from services.engine.engine import Engine
@@ -93,6 +93,77 @@ def test_hosted_layers_after_a_copy_and_a_delta_compute_what_the_owner_would(pai
         hosted.run(StageWork(1, 4, mid, (StageSeq("s", 65, 1),)))
     for seq in batch.seqs:  # undo the hand-made schedule's allocation
         a.abort(seq.request_id)
+    b.migration.release_hosted_layers("A")
+    assert_no_leaks(a)
+    assert_no_leaks(b)
+
+
+def test_a_token_delta_moves_only_the_tokens_past_what_the_helper_holds(pair):
+    """``export_tokens`` packs token ranges of many sequences (starting inside a block) and
+    ``import_tokens`` writes exactly those tokens: the hosted layers then hold what
+    whole-block imports give, and compute what the owner would."""
+    a, b, _ = pair
+    a.add_request("s", prompt_ids(45, 2), PARAMS)
+    a.add_request("t", prompt_ids(21, 3), PARAMS)
+    a.step()
+    hosted = b.migration.host_layers("A", 2, 4, 32, a.fingerprint)
+    first = [StageSeq("s", 0, 45), StageSeq("t", 0, 21)]
+    data = a.kv.export_tokens(first, range(2, 4))
+    assert data.shape == (2, 2, 66, a.kv_cache.num_kv_heads, a.kv_cache.head_dim)
+    whole, _ = a.export_kv("t", 3)  # K of t's token 17 in layer 3: block 1, offset 1
+    assert torch.equal(data[1, 0, 45 + 17], whole[0, 1, 1])
+    hosted.import_tokens(first, data)
+    for _ in range(3):
+        a.step()
+    delta = [StageSeq("s", 45, 3), StageSeq("t", 21, 3)]  # 3 tokens each, inside blocks 2 and 1
+    before = hosted.pool.layer(2)[0].clone()
+    hosted.import_tokens(delta, a.kv.export_tokens(delta, range(2, 4)))
+    changed = (hosted.pool.layer(2)[0] != before).any(dim=(2, 3)).nonzero().tolist()
+    table = {r: hosted._seqs[r].block_table for r in ("s", "t")}
+    assert changed == sorted(
+        [[table["s"][2], i] for i in range(13, 16)] + [[table["t"][1], i] for i in range(5, 8)]
+    )  # only the delta's tokens were written
+    assert (hosted.num_tokens("s"), hosted.num_tokens("t")) == (48, 24)
+    for rid in ("s", "t"):
+        for layer in (2, 3):
+            owner, lay = a.export_kv(rid, layer)
+            got, _ = hosted.export_kv(rid, layer)
+            n = lay.num_tokens - lay.first_token
+            assert torch.equal(got.flatten(1, 2)[:, :n], owner.flatten(1, 2)[:, :n])
+    mid, expected, batch = split_step(a, 2)
+    rows = tuple(StageSeq(s.request_id, s.num_computed_tokens, 1) for s in batch.seqs)
+    assert torch.allclose(hosted.run(StageWork(2, 4, mid, rows)), expected, rtol=0, atol=1e-5)
+    for seq in batch.seqs:
+        a.abort(seq.request_id)
+    b.migration.release_hosted_layers("A")
+    assert_no_leaks(a)
+    assert_no_leaks(b)
+
+
+def test_a_token_delta_is_checked_before_anything_is_written(pair):
+    a, b, _ = pair
+    a.add_request("s", prompt_ids(40, 2), PARAMS)
+    a.step()
+    hosted = b.migration.host_layers("A", 2, 4, 2, a.fingerprint)
+    spans = [StageSeq("s", 0, 20)]
+    data = a.kv.export_tokens(spans, range(2, 4))
+    with pytest.raises(InvalidRequestError, match=r"tokens \[30, 41\) of s"):
+        a.kv.export_tokens([StageSeq("s", 30, 11)], range(2, 4))
+    later = [StageSeq("s", 20, 20)]
+    with pytest.raises(InvalidRequestError, match="KV from token 20 of s: only 0 are here"):
+        hosted.import_tokens(later, a.kv.export_tokens(later, range(2, 4)))
+    with pytest.raises(InvalidRequestError, match="KV tensor"):
+        hosted.import_tokens(spans, data[:, :, :19])
+    with pytest.raises(InvalidRequestError, match="KV tensor"):
+        hosted.import_tokens(spans, data.to(torch.float64))
+    with pytest.raises(InvalidRequestError, match="twice"):
+        hosted.import_tokens(spans * 2, torch.cat([data, data], dim=2))
+    assert hosted.num_sequences == 0 and hosted.num_blocks_used == 0
+    whole = [StageSeq("s", 0, 40)]  # 3 blocks of 16, 2 in the pool
+    with pytest.raises(ResourceExhaustedError, match="full: 3 more needed"):
+        hosted.import_tokens(whole, a.kv.export_tokens(whole, range(2, 4)))
+    assert hosted.num_sequences == 0 and hosted.num_blocks_used == 0
+    a.abort("s")
     b.migration.release_hosted_layers("A")
     assert_no_leaks(a)
     assert_no_leaks(b)

@@ -3,18 +3,26 @@
 Each ``engine_call`` waits for the donor's step to end, so a copy that visited once per
 sequence took a step's time per sequence (issue 10's figures: 46 MiB of KV for 16 sequences in
 ~2 s). Now a visit exports sequences until ``AgentConfig.copy_batch_bytes`` and their chunks go
-out as one exchange; the switch's pause sends every sequence's last delta in one exchange too."""
+out as one exchange; the switch's pause sends every sequence's last delta in one exchange too.
+Deltas are token ranges (``kv_tokens``), both ways: the tokens written since the last copy,
+not the blocks they fall in."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
 import pytest
+import torch
 
+from services.common.errors import InvalidRequestError
 from services.common.types import SamplingParams
+from services.engine.ports import StageSeq
+from services.migration import donor, layer_agent
+from services.migration.donor import TokenDelta
+from services.migration.link import HelperLink
 from tests.engine.coordinator import prompt_ids
 from tests.engine.helpers import assert_no_leaks, make_engine
-from tests.migration.harness import AgentPair, LoopThread
+from tests.migration.harness import MIGRATION, AgentPair, LoopThread
 
 NUM_SEQS, K = 6, 2
 
@@ -67,19 +75,130 @@ def test_a_copy_stage_visits_the_engine_once_per_batch(
     expected = {s.request_id: s.num_computed_tokens for s in pair.a.scheduler.running}
     assert held == expected  # every sequence's KV of every moved layer, whole
     pair.switch(1, False)
+    finish_exactly(pair, tiny_llama)
+
+
+def finish_exactly(pair: AgentPair, model, revert: bool = True) -> None:
+    """Run the donor to the end (through the helper), revert if asked, and compare with an
+    engine that never migrated (the first steps' tokens were not collected: the tails)."""
     tokens: dict[str, list[int]] = {}
     while pair.a.has_unfinished_requests:
         for out in pair.a_thread.step():
             tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-    assert pair.revert()
+    assert not revert or pair.revert()
     pair.release()
-    reference = make_engine(tiny_llama, num_kv_blocks=128)
+    reference = make_engine(model, num_kv_blocks=128)
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
     prompts = [prompt_ids(20 + 7 * i, 40 + i) for i in range(NUM_SEQS)]
     expected_tokens = [c.token_ids for c in reference.generate(prompts, params)]
-    # the first 3 steps' tokens were not collected: compare the tails
     for i, want in enumerate(expected_tokens):
         got = tokens.get(f"r{i}", [])
         assert got == want[len(want) - len(got) :]
     pair.close()
     assert_no_leaks(pair.a)
+
+
+def test_deltas_carry_only_the_tokens_written_since_the_last_copy(tiny_llama, loop):
+    """A copy stage after steps, and the switch's pause, send each sequence's new tokens in
+    every moved layer, not the blocks they fall in (the pause's bytes grew with the number of
+    sequences times a block: 2,432 blocks, 59.8 MB, at 128 sequences of smollm2)."""
+    pair = running_pair(tiny_llama, loop)
+    pair.prepare(K)
+    pool = pair.a.kv_cache
+    token_bytes = pool.layer_block_bytes // pool.block_size * (pair.a.spec.num_layers - K)
+    pair.copy()
+    for _ in range(2):
+        pair.a_thread.step()
+    num_bytes, moved, _ = pair.copy()
+    assert (num_bytes, moved) == (2 * NUM_SEQS * token_bytes, NUM_SEQS)
+    pair.a_thread.step()
+
+    async def no_stage(record):  # the pause itself carries the step's delta
+        return 0, 0
+
+    pair.donor.layers._copy_stage = no_stage
+    result = loop.call(pair.donor.switch(MIGRATION, 1, None))
+    assert result.num_bytes == NUM_SEQS * token_bytes
+    assert sorted(result.request_ids) == [f"r{i}" for i in range(NUM_SEQS)]
+    pair.state = "switched"
+    for _ in range(4):
+        pair.a_thread.step()
+    # the revert copies back the 4 tokens a sequence the donor lacks in the moved layers
+    result = loop.call(pair.donor.revert(MIGRATION))
+    assert (result.num_bytes, len(result.request_ids)) == (4 * NUM_SEQS * token_bytes, NUM_SEQS)
+    assert all(not pair.a.placement.missing(f"r{i}") for i in range(NUM_SEQS))
+    pair.release()
+    finish_exactly(pair, tiny_llama, revert=False)
+
+
+def test_kv_coming_back_skips_sequences_that_ended_or_fell_behind(tiny_llama):
+    """``restore_tokens`` writes what still fits its sequence: one aborted since the fetch,
+    or now short of the span's end (preempted and recomputing), takes nothing."""
+    a = make_engine(tiny_llama, num_kv_blocks=64)
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    for i in range(3):
+        a.add_request(f"r{i}", prompt_ids(20 + i, 50 + i), params)
+    a.step()
+    layers = range(K, a.spec.num_layers)
+    spans = [StageSeq(f"r{i}", 5, 15) for i in range(3)]
+    data = a.kv.export_tokens(spans, layers)
+    a.abort("r1")
+    late = StageSeq("r2", 5, 40)  # r2 has computed 22 tokens
+    delta = TokenDelta(
+        (spans[0], spans[1], late),
+        layers,
+        a.fingerprint,
+        torch.cat([data, torch.zeros(*data.shape[:2], 25, *data.shape[3:])], dim=2),
+    )
+    num_bytes, moved = donor.restore_tokens(a, [delta])
+    assert (num_bytes, moved) == (15 * donor.token_bytes(a, layers), ["r0"])
+    with pytest.raises(InvalidRequestError, match="another model"):
+        donor.restore_tokens(a, [replace(delta, fingerprint="other")])
+    a.abort("r0")
+    a.abort("r2")
+    assert_no_leaks(a)
+
+
+def test_spans_are_cut_to_fit_a_message_and_keep_their_order():
+    a, b, c = StageSeq("a", 0, 10), StageSeq("b", 5, 25), StageSeq("c", 0, 3)
+    assert donor.groups([a, b, c], 2, 16) == [
+        [StageSeq("a", 0, 8)],
+        [StageSeq("a", 8, 2)],
+        [StageSeq("b", 5, 8)],
+        [StageSeq("b", 13, 8)],
+        [StageSeq("b", 21, 8)],
+        [StageSeq("b", 29, 1), StageSeq("c", 0, 3)],
+    ]
+    assert donor.groups([c], 2, 1 << 20) == [[c]] and donor.groups([], 2, 16) == []
+    assert donor.groups([c], 1 << 20, 16) == [[StageSeq("c", i, 1)] for i in range(3)]
+
+
+def test_a_copy_in_messages_of_a_few_tokens_arrives_whole_and_in_order(
+    tiny_llama, loop, monkeypatch
+):
+    """Every sequence longer than a message goes in pieces, each after the one before (the
+    helper refuses a piece beyond what it holds), both ways; output unchanged."""
+    pair = running_pair(tiny_llama, loop)
+    pair.prepare(K)
+    layers = range(K, pair.a.spec.num_layers)
+    monkeypatch.setattr(layer_agent, "BATCH_BYTES", 5 * donor.token_bytes(pair.a, layers))
+    sent: list[int] = []
+    link_send = HelperLink.send_tokens
+
+    async def counted(self, deltas):
+        sent.extend(len(d.spans) for d in deltas)
+        return await link_send(self, deltas)
+
+    monkeypatch.setattr(HelperLink, "send_tokens", counted)
+    num_bytes, moved, _ = pair.copy()
+    tokens = sum(s.num_computed_tokens for s in pair.a.scheduler.running)
+    assert (num_bytes, moved) == (tokens * donor.token_bytes(pair.a, layers), NUM_SEQS)
+    assert len(sent) >= tokens // 5  # at most 5 tokens a message
+    pair.switch(1, False)
+    for _ in range(3):
+        pair.a_thread.step()
+    result = loop.call(pair.donor.revert(MIGRATION))
+    assert len(result.request_ids) == NUM_SEQS
+    assert all(not pair.a.placement.missing(f"r{i}") for i in range(NUM_SEQS))
+    pair.release()
+    finish_exactly(pair, tiny_llama, revert=False)

@@ -370,8 +370,8 @@ def test_the_coordinator_ships_weights_and_records_the_time_split(tiny_llama, lo
     def on_step(step: int) -> None:
         if step == 6:  # nothing steps while the driver runs: the copies are exact
             running = {s.request_id: s.num_computed_tokens for s in a.scheduler.running}
-            blocks = sum(-(-n // a.kv_cache.block_size) for n in running.values())
-            seen["kv"] = blocks * a.kv_cache.layer_block_bytes * 3
+            token_bytes = a.kv_cache.layer_block_bytes // a.kv_cache.block_size
+            seen["kv"] = sum(running.values()) * token_bytes * 3  # tokens, not their blocks
             m = loop.call(coord.start_layers("A", "B", 1, drop_weights=True))
             seen["m"] = loop.call(coord.wait(m.migration_id))
             seen["active"] = format_migration(migration_to_proto(m, coord.now()))

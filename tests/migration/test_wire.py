@@ -82,6 +82,40 @@ def test_kv_import_batch_round_trips_every_item_in_order():
         wire.encode_kv_import_batch("m-1", [("r1", torch.zeros(2, 1, 16, 2, 4), layout(1))])
 
 
+def test_kv_tokens_round_trip_exact_and_malformed_ones_are_refused():
+    """A token delta: spans of several sequences (starting inside blocks), every moved layer."""
+    spans = (StageSeq("r1", 37, 3), StageSeq("r2", 16, 1), StageSeq("r3", 0, 20))
+    data = torch.randn(2, 2, 24, 2, 4)
+    header, payload = wire.encode_kv_tokens("m-1", spans, range(5, 7), "fp", data)
+    msg = wire.parse_request(header)
+    assert (msg.migration_id, msg.WhichOneof("kind")) == ("m-1", "kv_tokens")
+    got_spans, layers, fingerprint, got = wire.decode_kv_tokens(msg.kv_tokens, received(payload))
+    assert (got_spans, layers, fingerprint) == (spans, range(5, 7), "fp")
+    assert torch.equal(got, data)
+    whole = bytes(received(payload))
+    for bad in (whole[:-4], whole + b"\0" * 4, b""):
+        with pytest.raises(InvalidRequestError, match="bytes"):
+            wire.decode_kv_tokens(msg.kv_tokens, memoryview(bytearray(bad)))
+    msg.kv_tokens.seqs[0].num_tokens = 4  # 25 tokens named, 24 sent
+    with pytest.raises(InvalidRequestError, match=r"for \[layers, 2, tokens\] = \(2, 2, 25\)"):
+        wire.decode_kv_tokens(msg.kv_tokens, received(payload))
+    msg.kv_tokens.layers.end = 5
+    with pytest.raises(InvalidRequestError, match="needs sequences and layers"):
+        wire.decode_kv_tokens(msg.kv_tokens, received(payload))
+    with pytest.raises(InvalidRequestError, match="is not 3 layers of spans"):
+        wire.encode_kv_tokens("m-1", spans, range(5, 8), "fp", data)
+    # the reverse: a revert asks for token ranges back and gets exactly those
+    msg = wire.parse_request(wire.encode_kv_tokens_export("m-1", spans))
+    assert wire.decode_kv_tokens_export(msg.kv_tokens_export) == spans
+    header, payload = wire.encode_kv_tokens_reply(spans, range(5, 7), "fp", data)
+    layers, fingerprint, got = wire.decode_kv_tokens_reply(header, received(payload), spans)
+    assert (layers, fingerprint) == (range(5, 7), "fp") and torch.equal(got, data)
+    with pytest.raises(InvalidRequestError, match="other token ranges"):
+        wire.decode_kv_tokens_reply(header, received(payload), spans[::-1])
+    with pytest.raises(InvalidRequestError, match="needs sequences"):
+        wire.decode_kv_tokens_export(wire.pb.KVTokensExport())
+
+
 def test_short_long_or_mistyped_payloads_are_refused():
     sent = work()
     header, payload = wire.encode_stage_run("m-1", sent)
