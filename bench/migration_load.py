@@ -97,6 +97,14 @@ def decode_window(streams: Sequence[Stream], start: float, end: float) -> dict:
     tokens = sum(n for s in streams for t, n in s.chunks if start < t <= end)
     gaps = [g for s in streams for g in gaps_in(s, start, end)]
     ms = distribution(gaps)
+    # the longest wait between two deltas inside the window: what ``max_gap`` measures while a
+    # migration starts, seen here without one (a baseline run) or after it (a migrated run)
+    waits = [
+        t1 - t0
+        for s in streams
+        for (t0, _), (t1, n) in zip(s.chunks, s.chunks[1:], strict=False)
+        if n > 0 and start <= t0 and t1 <= end
+    ]
     return {
         "window_s": span,
         "num_tokens": tokens,
@@ -104,6 +112,7 @@ def decode_window(streams: Sequence[Stream], start: float, end: float) -> dict:
         "tpot_p50_ms": ms["p50"],
         "tpot_p99_ms": ms["p99"],
         "tpot_mean_ms": ms["mean"],
+        "max_wait_ms": 1000 * max(waits) if waits else None,
     }
 
 

@@ -149,6 +149,7 @@ def render_markdown(report: dict) -> str:
                 ("tokens_per_s", "decode tok/s"),
                 ("tpot_p50_ms", "TPOT p50 ms"),
                 ("tpot_p99_ms", "TPOT p99 ms"),
+                ("max_wait_ms", "longest wait ms"),
                 ("window_s", "window s"),
             ],
         ),  # fmt: skip

@@ -80,6 +80,7 @@ def test_decode_window_counts_tokens_and_gaps_inside_it():
     # gaps with both ends in [1.1, 1.4]: a 0.1, then 0.2 / 2 twice; b 0.1 (1.25 -> 1.35)
     assert got["tpot_p50_ms"] == pytest.approx(100.0)
     assert got["tpot_mean_ms"] == pytest.approx(100.0)
+    assert got["max_wait_ms"] == pytest.approx(200.0)  # a: 1.2 -> 1.4, two tokens in one delta
 
 
 def test_max_gap_is_the_longest_wait_overlapping_the_window():
