@@ -91,8 +91,13 @@ class UpCluster:
         log = open(self.log_path, "w")  # noqa: SIM115 (the pump thread owns and closes it)
         log.write("$ " + " ".join(self.argv) + "\n")
         log.flush()
+        # A process group of its own (``stop`` kills it whole), but this process's session:
+        # with the kernel's autogroup scheduling (sched_autogroup_enabled, on by default on this
+        # machine) a session is a scheduling group, and a cluster in a session of its own, its
+        # workers pinned to every core, starved this client for 1-3 s at a time (runnable,
+        # not run), which showed as token gaps in every stream and delayed sends.
         self._proc = subprocess.Popen(
-            self.argv, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True
+            self.argv, stdout=subprocess.PIPE, stderr=log, text=True, process_group=0
         )
         ready = threading.Event()
         self._pump = threading.Thread(target=self._read, args=(log, ready), daemon=True)

@@ -4,6 +4,7 @@ a clean stop's exit code, and a hung ``up`` killed with its process group."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -59,3 +60,15 @@ def test_an_up_that_ignores_sigterm_is_killed(tmp_path):
     up.start()
     assert up.coordinator is None
     assert up.stop(timeout_s=0.5) is None
+
+
+def test_up_runs_in_its_own_process_group_but_this_session(tmp_path):
+    """A session is a scheduling group under the kernel's autogroup: ``up`` in one of its own
+    (its workers pinned to every core) starved the measuring client for seconds."""
+    up = cluster(READY, tmp_path)
+    up.start()
+    assert up._proc is not None
+    pid = up._proc.pid
+    assert os.getpgid(pid) == pid != os.getpgid(0)  # stop() can kill it whole
+    assert os.getsid(pid) == os.getsid(0)
+    assert up.stop() == 0
