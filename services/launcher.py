@@ -40,6 +40,7 @@ from typing import IO, Any
 from services.child_process import Child, RedisChild
 from services.common.engine_args import KV_TRANSPORTS
 from services.common.errors import ConfigError
+from services.common.parent import child_env
 from services.rpc.dataplane import KINDS as DATA_TRANSPORTS
 from services.rpc.security import read_tokens, security_argv
 from services.supervisor import (
@@ -176,7 +177,9 @@ class LocalCluster:
         self.spec = spec
         self.log = log
         self.children: list[Child] = []
-        self._env = {**os.environ, "OMP_NUM_THREADS": str(spec.threads), **spec.extra_env}
+        # Each service learns this process's pid and stops once it is gone (parent.py).
+        env = {**os.environ, "OMP_NUM_THREADS": str(spec.threads), **spec.extra_env}
+        self._env = child_env(env)
         self.kvstore_key_prefix = f"banaserve:kv:{secrets.token_hex(4)}"
 
     @property

@@ -30,6 +30,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common.config import RpcConfig
 from services.common.logs import configure_logging
+from services.common.parent import watch_parent
 from services.rpc.channels import server_options
 from services.rpc.security import AuthInterceptor, server_credentials
 from services.rpc.status import ErrorInterceptor
@@ -176,5 +177,6 @@ def run_service(
     """Every service's ``main``: flags, logging, then ``serve(args)`` until it returns."""
     args = parse_args(argv)
     configure_logging(args.log_level)
+    watch_parent()  # started by a launcher: stop once it is gone
     asyncio.run(serve(args))
     return 0
