@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import threading
+import time
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def watch_parent(poll_s: float = POLL_S) -> int | None:
 
     def watch() -> None:
         while os.getppid() == parent:
-            threading.Event().wait(poll_s)
+            time.sleep(poll_s)
         log.warning("the launcher (pid %d) is gone: stopping", parent)
         os.kill(os.getpid(), signal.SIGTERM)
 

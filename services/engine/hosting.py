@@ -174,11 +174,15 @@ class HostedLayers:
         return rows
 
     def _reserve(self, seq: HostedSequence, num_tokens: int) -> bool:
-        need = -(-num_tokens // self.pool.block_size) - len(seq.block_table)
+        need = self._blocks_needed(seq, num_tokens)
         if need > self.block_manager.num_free_blocks:
             return False
-        seq.block_table += self.block_manager.allocate(max(0, need))
+        seq.block_table += self.block_manager.allocate(need)
         return True
+
+    def _blocks_needed(self, seq: HostedSequence | None, num_tokens: int) -> int:
+        have = 0 if seq is None else len(seq.block_table)
+        return max(0, -(-num_tokens // self.pool.block_size) - have)
 
     def import_kv(self, request_id: str, data: torch.Tensor, layout: KVLayout) -> None:
         """Write one layer of an owner's KV for tokens ``[layout.first_token, num_tokens)``."""
@@ -208,7 +212,7 @@ class HostedLayers:
         ``KVCache.gather_tokens``'s tensor (the owner's ``export_tokens``). Everything is checked
         before a token is written: the tensor's shape, and each span starts at or below what is
         held of its sequence in every layer."""
-        shape = (len(self.layers), 2, sum(s.num_tokens for s in spans), *self.pool.token_shape)
+        shape = self.pool.tokens_shape(self.layers, sum(s.num_tokens for s in spans))
         if tuple(data.shape) != shape or data.dtype != self.pool.dtype:
             raise InvalidRequestError(
                 f"KV tensor {list(data.shape)} {data.dtype} for {list(shape)} {self.pool.dtype}"
@@ -223,9 +227,8 @@ class HostedLayers:
                     raise InvalidRequestError(
                         f"KV from token {span.start} of {span.request_id}: only {held} are here"
                     )
-            bs, now, slots = self.pool.block_size, self._clock(), []
-            tables = {r: s.block_table for r, s in self._seqs.items()}
-            need = sum(max(0, -(-s.end // bs) - len(tables.get(s.request_id, ()))) for s in spans)
+            now, slots = self._clock(), []
+            need = sum(self._blocks_needed(self._seqs.get(s.request_id), s.end) for s in spans)
             if need > self.block_manager.num_free_blocks:
                 raise ResourceExhaustedError(
                     f"hosted pool ({self.pool.num_blocks} blocks) is full: {need} more needed"

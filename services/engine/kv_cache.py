@@ -169,8 +169,9 @@ class KVCache:
     def gather_tokens(self, layers: range, slots: torch.Tensor) -> torch.Tensor:
         """A copy of the K and V at ``slots`` (``block * block_size + offset``) of every layer
         of ``layers``: ``[len(layers), 2, len(slots), kv_heads, head_dim]``, contiguous."""
-        shape = (len(layers), 2, len(slots), *self.token_shape)
-        out = torch.empty(shape, dtype=self.dtype, device=self.device)
+        out = torch.empty(
+            self.tokens_shape(layers, len(slots)), dtype=self.dtype, device=self.device
+        )
         for i, layer in enumerate(layers):
             for j, tensor in enumerate(self.layer(layer)):
                 torch.index_select(self._slots(tensor), 0, slots, out=out[i, j])
@@ -178,7 +179,7 @@ class KVCache:
 
     def scatter_tokens(self, layers: range, slots: torch.Tensor, data: torch.Tensor) -> None:
         """Write ``gather_tokens``'s tensor for ``layers`` at ``slots`` (checked first)."""
-        shape = (len(layers), 2, len(slots), *self.token_shape)
+        shape = self.tokens_shape(layers, len(slots))
         if tuple(data.shape) != shape or data.dtype != self.dtype:
             raise InvalidRequestError(
                 f"KV tensor {tuple(data.shape)} {data.dtype} != {shape} {self.dtype}"
@@ -195,13 +196,12 @@ class KVCache:
         bs = self.block_size
         return [block_table[t // bs] * bs + t % bs for t in range(start, end)]
 
-    @property
-    def token_shape(self) -> tuple[int, int]:
-        """One token's K (or V) in one layer: ``[kv_heads, head_dim]``."""
-        return (self.num_kv_heads, self.head_dim)
+    def tokens_shape(self, layers: range, num_tokens: int) -> tuple[int, ...]:
+        """``gather_tokens``'s tensor for ``num_tokens`` tokens of ``layers``."""
+        return (len(layers), 2, num_tokens, self.num_kv_heads, self.head_dim)
 
     def _slots(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.view(self.num_blocks * self.block_size, *self.token_shape)
+        return tensor.view(self.num_blocks * self.block_size, self.num_kv_heads, self.head_dim)
 
     def _check(self, layout: KVLayout, layer: int, num_blocks: int) -> None:
         expected = (self.dtype_name, self.block_size, self.num_kv_heads, self.head_dim)

@@ -152,8 +152,8 @@ class KVTransfer:
                     f"tokens [{span.start}, {span.end}) of {span.request_id}: tokens "
                     f"[{first}, {seq.num_computed_tokens}) are here"
                 )
-            table = [0] * seq.num_remote_blocks + seq.block_table
-            slots += self.kv_cache.slots(table, span.start, span.end)
+            # the local block table starts at the first block a helper does not hold
+            slots += self.kv_cache.slots(seq.block_table, span.start - first, span.end - first)
         return torch.tensor(slots, dtype=torch.long, device=self.kv_cache.device)
 
     @staticmethod

@@ -16,6 +16,7 @@ wait is the pause the donor's requests see.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,8 +77,9 @@ def token_bytes(engine: Engine, layers: range) -> int:
 def groups(spans: list[StageSeq], size: int, group_bytes: int) -> list[list[StageSeq]]:
     """``spans`` in order, cut into runs of at most ``group_bytes`` (``size`` bytes a token;
     at least one token): one ``kv_tokens`` message each, so a data plane's bound on a message
-    holds whatever a sequence's length: a longer span is cut into pieces, in token order. A sequence whose
-    pieces fill several groups must reach the helper in that order (``HelperLink``)."""
+    holds whatever a sequence's length: a longer span is cut into pieces, in token order. A
+    sequence whose pieces fill several groups must reach the helper in that order
+    (``HelperLink``)."""
     limit = max(1, group_bytes // max(1, size))  # tokens a message
     out: list[list[StageSeq]] = [[]]
     num_tokens = 0
@@ -100,7 +102,7 @@ def export_tokens(
     request_ids: list[str],
     layers: range,
     held: dict[str, int],
-    max_bytes: int,
+    max_bytes: float,
     group_bytes: int,
 ) -> tuple[list[TokenDelta], list[str]]:
     """What the helper lacks of ``layers`` for the sequences of ``request_ids``, in order, in
@@ -140,8 +142,9 @@ def lacking(
     spans = []
     for rid, done in running(engine).items():
         have = [n for layer, n in engine.placement.missing(rid).items() if layer in layers]
-        if have and min(have) < done <= held.get(rid, 0):
-            spans.append(StageSeq(rid, min(have), done - min(have)))
+        start = min(have, default=done)
+        if start < done <= held.get(rid, 0):
+            spans.append(StageSeq(rid, start, done - start))
     return groups(spans, token_bytes(engine, layers), group_bytes)
 
 
@@ -190,7 +193,7 @@ def switch(
     """The pause: each running sequence's last delta to the helper, then the split layout."""
     t0 = time.monotonic()
     check_switchable(engine)
-    deltas, _ = export_tokens(engine, list(running(engine)), layers, held, 1 << 62, group_bytes)
+    deltas, _ = export_tokens(engine, list(running(engine)), layers, held, math.inf, group_bytes)
     # every sequence's delta in one exchange: the pause waits for one answer, not one each
     num_bytes = send(deltas) if deltas else 0
     moved = [span.request_id for delta in deltas for span in delta.spans]
