@@ -76,8 +76,18 @@ def encode_layers(layers: Sequence[torch.Tensor], blocks: Sequence[int]) -> np.n
     """Blocks ``blocks`` of every layer in ``layers`` (each ``[2, n, ...]``), layer after layer:
     the payload of a kvstore ``KVDataWrite``."""
     index = torch.tensor(list(blocks), dtype=torch.long, device=layers[0].device)
-    stacked = torch.stack([block_major(d).index_select(0, index) for d in layers])
-    return stacked.cpu().reshape(-1).view(torch.uint8).numpy()
+    for data in layers:
+        if data.dim() < 2 or data.shape[0] != 2:
+            raise InvalidRequestError(f"KV tensor must be [2, blocks, ...], got {list(data.shape)}")
+    first = layers[0]
+    # One copy of the chosen blocks, straight into the payload, from whatever layout each
+    # layer has (a 2,000-token prompt of a 30-layer model is ~90 MB: making each layer
+    # block-major, selecting and stacking copied it up to three times).
+    out = torch.empty((len(layers), len(index), 2, *first.shape[2:]), dtype=first.dtype,
+                      device=first.device)  # fmt: skip
+    for i, data in enumerate(layers):
+        torch.index_select(data.transpose(0, 1), 0, index, out=out[i])
+    return out.cpu().reshape(-1).view(torch.uint8).numpy()
 
 
 def decode(

@@ -55,12 +55,15 @@ class EngineSide:
                 self._spawn(job, lambda: store.release(prefix))
                 log.info("request %s: store prefix not used: %s", job.request_id, exc)
             else:
-                self.num_store_hit_tokens += prefix.num_blocks * block_size
-                job.num_store_blocks = prefix.num_blocks
+                self.num_store_hit_tokens += (prefix.num_blocks - prefix.first_block) * block_size
+                # The write-back skips the blocks the store is known to hold: all of the prefix
+                # when it was asked from the first block, else none (the own cache's blocks
+                # may be missing there; the node's Reserve skips what it has).
+                job.num_store_blocks = prefix.num_blocks if prefix.first_block == 0 else 0
                 if job.prefetched is None:
                     self._spawn(job, lambda: store.fetch(fetch, prefix))
                 else:
-                    store.write_prefetched(fetch, job.prefetched)
+                    store.write_prefetched(fetch, prefix, job.prefetched)
                     self._spawn(job, lambda: store.release(prefix))
                 _computing(job)
                 return

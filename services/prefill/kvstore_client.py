@@ -2,9 +2,10 @@
 
 Who calls what, and when (all on the prefill worker's event loop):
 
-1. ``lookup(hashes)`` before a request is added to the engine: the longest prefix of the
-   prompt's full blocks cached on live nodes, pinned there (``Pin`` per node); the usable
-   prefix ends at the first block a node could not pin (evicted since Redis said otherwise);
+1. ``lookup(hashes, first_block)`` before a request is added to the engine: the longest run
+   of the prompt's full blocks from ``first_block`` on (the blocks before it are the worker's
+   own) cached on live nodes, pinned there (``Pin`` per node); the usable prefix ends at the
+   first block a node could not pin (evicted since Redis said otherwise);
 2. ``read_layer(prefix, layer, positions)`` per layer while the suffix computes: layer ``layer``
    of the pinned blocks at ``positions``, as one tensor shaped like ``Engine.export_kv``'s
    output (``[2, n, block_size, kv_heads, head_dim]``);
@@ -64,9 +65,13 @@ class PinnedRun:
 
 @dataclass(frozen=True)
 class CachedPrefix:
-    num_blocks: int  # usable: every block before it is pinned on some node
-    runs: tuple[PinnedRun, ...]
+    """Blocks ``first_block .. num_blocks`` of a prompt, pinned in the store; the blocks before
+    ``first_block`` were in the worker's own prefix cache at the lookup (not asked for)."""
+
+    num_blocks: int  # usable: every block before it is the worker's own or pinned on some node
+    runs: tuple[PinnedRun, ...]  # ``start``: a block index of the whole prompt
     layer_bytes: int
+    first_block: int = 0
 
 
 class KVStoreClient:
@@ -129,8 +134,15 @@ class KVStoreClient:
 
     # -- reads -----------------------------------------------------------------------------
 
-    async def lookup(self, hashes: Sequence[BlockHash]) -> CachedPrefix | None:
-        """The usable cached prefix of ``hashes``, pinned; None when nothing is cached."""
+    async def lookup(
+        self, hashes: Sequence[BlockHash], first_block: int = 0
+    ) -> CachedPrefix | None:
+        """The usable cached run of ``hashes[first_block:]``, pinned; None when nothing is
+        cached. Hashes chain (each names its whole prefix), so asking from ``first_block`` finds
+        exactly the blocks a lookup of all of them would find past it."""
+        if not 0 <= first_block < len(hashes):
+            raise ValueError(f"first_block {first_block} outside 0..{len(hashes) - 1}")
+        hashes = hashes[first_block:]
         try:
             reply = await self._stub(self._address).Lookup(
                 kvstore_pb2.LookupRequest(block_hashes=list(hashes)), timeout=self._timeout_s
@@ -140,9 +152,11 @@ class KVStoreClient:
         self._nodes = [_node(n) for n in reply.nodes]
         if not reply.node_ids:
             return None
-        return await self._pin(hashes, list(reply.node_ids))
+        return await self._pin(hashes, list(reply.node_ids), first_block)
 
-    async def _pin(self, hashes: Sequence[BlockHash], owners: list[str]) -> CachedPrefix | None:
+    async def _pin(
+        self, hashes: Sequence[BlockHash], owners: list[str], first_block: int
+    ) -> CachedPrefix | None:
         by_id = {n.node_id: n for n in self._nodes}
         runs: list[PinnedRun] = []
         layer_bytes = 0
@@ -158,7 +172,7 @@ class KVStoreClient:
                 node, "Pin", kvstore_pb2.PinRequest(block_hashes=hashes[start:end])
             )
             if reply.num_pinned:
-                runs.append(PinnedRun(node, reply.pin_id, start, reply.num_pinned))
+                runs.append(PinnedRun(node, reply.pin_id, first_block + start, reply.num_pinned))
                 layer_bytes = reply.layer_bytes
             elif reply.pin_id:
                 await self._unpin(node, reply.pin_id)
@@ -168,13 +182,22 @@ class KVStoreClient:
             start = end
         if not runs:
             return None
-        return CachedPrefix(start, tuple(runs), layer_bytes)
+        return CachedPrefix(first_block + start, tuple(runs), layer_bytes, first_block)
 
     async def read_layer(
         self, prefix: CachedPrefix, layer: int, positions: Sequence[int], like: torch.Tensor
     ) -> torch.Tensor:
-        """Layer ``layer`` of the prefix blocks at ``positions`` shaped and typed like ``like``
-        (one block of one layer: ``[2, block_size, kv_heads, head_dim]``)."""
+        """Layer ``layer`` of the prefix blocks at ``positions`` (block indices of the prompt,
+        at or past ``prefix.first_block``) shaped and typed like ``like`` (one block of one
+        layer: ``[2, block_size, kv_heads, head_dim]``). A position before ``first_block`` (the
+        worker's own cache dropped that block since the lookup) is not in the store's pins:
+        ``StoreError``, and the caller recomputes."""
+        wanted = [p - prefix.first_block for p in positions]
+        if wanted and (min(wanted) < 0 or max(wanted) >= prefix.num_blocks - prefix.first_block):
+            raise StoreError(
+                f"blocks {list(positions)} are not all in the pinned range "
+                f"[{prefix.first_block}, {prefix.num_blocks})"
+            )
         reads = [self._read_run(run, layer) for run in prefix.runs]
         payloads = await asyncio.gather(*reads)
         dtype, block_shape = kv_wire.DTYPE_NAMES[like.dtype], tuple(like.shape[1:])
@@ -185,8 +208,8 @@ class KVStoreClient:
         # Views of the payloads: the engine's write is then the only copy (the usual case:
         # every pinned block is wanted, from one node).
         blocks = runs[0] if len(runs) == 1 else torch.cat(runs, dim=1)
-        if list(positions) != list(range(blocks.shape[1])):
-            blocks = blocks[:, list(positions)]
+        if wanted != list(range(blocks.shape[1])):
+            blocks = blocks[:, wanted]
         return blocks
 
     async def _read_run(self, run: PinnedRun, layer: int) -> bytearray | memoryview:

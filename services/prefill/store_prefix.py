@@ -2,7 +2,8 @@
 new full blocks out. Who calls what (all on the worker's event loop):
 
 1. ``lookup(prompt)`` - ``PrefillWorker.prefill`` while the request is QUEUED: the longest
-   prefix of the prompt the store holds, pinned there (or None: compute everything);
+   prefix of the prompt the store holds past the blocks this worker's own prefix cache has,
+   pinned there (or None: the own cache is all the prompt gets);
 2. ``fetch(fetch, prefix)`` - spawned once the request entered the engine with that prefix
    (``Engine.add_request_with_prefix``): writes the prefix's KV in layer by layer while the
    step computes the suffix, and unpins the prefix. ``read_all`` + ``write_prefetched`` do the
@@ -45,16 +46,22 @@ class StorePrefixes:
         await self._store.release(prefix)
 
     async def lookup(self, prompt: list[int]) -> CachedPrefix | None:
-        """The prompt's longest prefix pinned in the store; None on a miss or any failure.
-        Leaves at least one token to compute (the first token is sampled from it)."""
+        """The prompt's longest prefix pinned in the store past what this worker's own prefix
+        cache holds; None on a miss or any failure. Leaves at least one token to compute (the
+        first token is sampled from it).
+
+        Only the blocks past the own cached prefix are asked for: a hot prefix this worker
+        holds costs the store one lookup of the prompt's new blocks, not a pin, a fetch
+        machinery and an unpin of blocks the engine would reuse anyway."""
         bs = self.engine.config.block_size
         hashes = block_hashes(prompt[: (len(prompt) - 1) // bs * bs], bs, self.engine.fingerprint)
-        # Read from the event loop while a step may run: a dict read, at worst stale, and a
-        # stale answer only costs or saves one lookup.
-        if not hashes or self.engine.block_manager.num_cached_hashes(hashes) == len(hashes):
-            return None  # this worker's own prefix cache has all of it
+        # Read from the event loop while a step may run: a dict read, at worst stale. A block
+        # dropped since makes the fetch name it and fail: the request is recomputed.
+        own = self.engine.block_manager.num_cached_hashes(hashes)
+        if own == len(hashes):
+            return None  # this worker's own prefix cache has all of it (or there is none)
         try:
-            return await self._store.lookup(hashes)
+            return await self._store.lookup(hashes, own)
         except StoreError as exc:
             log.warning("kvstore lookup failed, computing the whole prompt: %s", exc)
             return None
@@ -83,7 +90,7 @@ class StorePrefixes:
 
     async def read_all(self, prefix: CachedPrefix) -> list[torch.Tensor] | None:
         like = self._block_like()
-        positions = range(prefix.num_blocks)
+        positions = range(prefix.first_block, prefix.num_blocks)
         try:
             return [
                 await self._store.read_layer(prefix, layer, positions, like)
@@ -93,12 +100,19 @@ class StorePrefixes:
             log.warning("kvstore read failed, computing the whole prompt: %s", exc)
             return None
 
-    def write_prefetched(self, fetch: PrefixFetch, layers: list[torch.Tensor]) -> None:
-        if fetch.pending:
-            for layer, data in enumerate(layers):
-                self.engine.write_prefix_layer(
-                    fetch.request_id, layer, data[:, fetch.block_indices]
-                )
+    def write_prefetched(
+        self, fetch: PrefixFetch, prefix: CachedPrefix, layers: list[torch.Tensor]
+    ) -> None:
+        """Writes ``read_all``'s layers (blocks ``first_block ..`` of the prompt) into the
+        engine; a block the fetch needs from before them fails the fetch (recomputed)."""
+        if not fetch.pending:
+            return
+        wanted = [i - prefix.first_block for i in fetch.block_indices]
+        if min(wanted) < 0:
+            self.engine.fail_prefix(fetch.request_id, "a block of the own cache was dropped")
+            return
+        for layer, data in enumerate(layers):
+            self.engine.write_prefix_layer(fetch.request_id, layer, data[:, wanted])
 
     def _block_like(self) -> torch.Tensor:
         """One block of one layer, as the store returns it: ``[2, bs, kv_heads, head_dim]``."""

@@ -12,7 +12,12 @@
    model's profile (``sim calibrate``);
 4. print, per row, real vs simulated: output throughput, makespan, TTFT p50/p99, TPOT p50/p99,
    SLO attainment, migrations, and the relative error of each (migrations: the difference);
-   the issue's targets: <= 10 % on throughput, makespan, TTFT p50 and TPOT p50, <= 15 % on p99s.
+   the issue's targets: <= 10 % on throughput, makespan, TTFT p50 and TPOT p50, <= 15 % on p99s;
+5. with ``--repeat OTHER.json`` (a second real run of the same plan, modes and flags): the
+   run-to-run difference of each cell, ``|other - real| / real``, beside the simulator's error,
+   and a summary per mode and metric (cells within target and the median, for both). A cell
+   whose run-to-run difference is itself over the target cannot show the simulator within it:
+   on a shared 2-vCPU machine that is most latency cells (docs/simulator.md).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 from pathlib import Path
 
 from bench.workloads import plan, workload
@@ -51,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sim profile (default: bench/results/sim-profile-MODEL.json)")  # fmt: skip
     p.add_argument("--traces-dir", type=Path, default=DEFAULT_TRACES_DIR)
     p.add_argument("--json-out", type=Path, default=None, help="also write the comparison here")
+    p.add_argument("--repeat", type=Path, default=None,
+                   help="a second real `bench compare` of the same plan: its run-to-run "
+                        "difference beside the simulator's error")  # fmt: skip
 
 
 def error(real: float | None, sim: float | None) -> float | None:
@@ -139,6 +148,52 @@ def compare_rows(report: dict, profile: Profile, traces_dir: Path) -> list[dict]
     return out
 
 
+# What two runs must share for their difference to be run-to-run noise and nothing else.
+SAME_RUN_KEYS = ("model", "seed", "duration_s", "drain_s", "rate_scale", "max_model_len",
+                 "vocab_range", "threads", "pin", "extra_up_args", "fresh_cluster_per_workload")  # fmt: skip
+
+
+def add_repeat(rows: list[dict], other: dict, config: dict) -> None:
+    """Sets each row's ``repeat``: the relative difference of the ``other`` real run's cell
+    (None where that run has no such row). Refuses a run of another plan or cluster."""
+    differ = [k for k in SAME_RUN_KEYS if other["config"].get(k) != config.get(k)]
+    if differ:
+        raise ConfigError(f"the repeat run differs from the compared one in {', '.join(differ)}")
+    table = {(r["workload"], r["mode"]): r for r in other["table"]}
+    for row in rows:
+        o = table.get((row["workload"], row["mode"]))
+        row["repeat"] = None if o is None else {
+            key: error(row["real"].get(key), o.get(key)) for key, _, t in METRICS if t is not None
+        }  # fmt: skip
+
+
+def summary(rows: list[dict]) -> str:
+    """Per mode and metric: cells within the target and the median error of the simulator,
+    and, where rows carry ``repeat``, the same of the run-to-run difference."""
+    repeat = any(r.get("repeat") for r in rows)
+    head = "| mode | metric | sim within target | sim median error |"
+    head += " run-to-run within target | run-to-run median |" if repeat else ""
+    lines = [head, "|" + "---|" * (6 if repeat else 4)]
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        mine = [r for r in rows if r["mode"] == mode]
+        for key, label, target in METRICS:
+            if target is None:
+                continue
+            cells = [f"| {mode} | {label} | {_within(mine, 'errors', key, target)}"]
+            if repeat:
+                cells.append(_within(mine, "repeat", key, target))
+            lines.append(" | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _within(rows: list[dict], field: str, key: str, target: float) -> str:
+    values = [r[field][key] for r in rows if r.get(field) and r[field].get(key) is not None]
+    if not values:
+        return "n/a | n/a"
+    inside = sum(v <= target for v in values)
+    return f"{inside}/{len(values)} | {statistics.median(values):.0%}"
+
+
 def _num(v: float | None) -> str:
     if v is None:
         return "n/a"
@@ -158,6 +213,9 @@ def render(rows: list[dict]) -> str:
                 err = f"{e:+d}" if e is not None else "n/a"
             else:
                 err = "n/a" if e is None else f"{e:.0%}{'' if e <= target else ' !'}"
+                if r.get("repeat") and r["repeat"].get(key) is not None:
+                    d = r["repeat"][key]
+                    err += f"; run-to-run {d:.0%}{'' if d <= target else ' !'}"
             cells.append(f"{_num(r['real'].get(key))} / {_num(r['sim'].get(key))} ({err})")
         lines.append(f"| {r['workload']} | {r['mode']} | " + " | ".join(cells) + " |")
     lines.append("")
@@ -169,7 +227,11 @@ def run(args: argparse.Namespace) -> int:
     report = json.loads(Path(args.compare_json).read_text())
     model = report["config"].get("model", "smollm2-135m")
     rows = compare_rows(report, Profile.load(find_profile(model, args.profile)), args.traces_dir)
+    if args.repeat is not None:
+        add_repeat(rows, json.loads(Path(args.repeat).read_text()), report["config"])
     print(render(rows))
+    print()
+    print(summary(rows))
     if args.json_out:
         args.json_out.write_text(json.dumps(rows, indent=1) + "\n")
     return 0

@@ -184,6 +184,94 @@ def test_store_failing_mid_fetch_or_gone_changes_nothing_but_speed(
         assert_no_leaks(engine)
 
 
+def test_a_worker_asks_the_store_only_for_blocks_past_its_own_cached_prefix(
+    tiny_llama, redis_server, kv_prefix
+):
+    """B's own prefix cache holds the first 4 blocks of a prompt whose 7 full blocks A wrote
+    to the store: B pins and fetches only blocks 4-6, output token-identical. A prompt whose
+    blocks past B's own prefix the store lacks costs one lookup: no pin, no fetch."""
+    shared = prompt_ids(64, 11)  # 4 full blocks of 16
+    prompt = shared + prompt_ids(60, 12)  # 7 full blocks + 11 tokens
+    other = shared + prompt_ids(40, 13)  # B's own: the 4 shared blocks + 2 of its own
+    fresh = shared + prompt_ids(50, 14)  # past the shared blocks, nothing anyone computed
+    expected = {name: reference(tiny_llama, p) for name, p in
+                (("prompt", prompt), ("other", other), ("fresh", fresh))}  # fmt: skip
+    engines = [make_engine(tiny_llama) for _ in range(2)]
+    decode = ImportingDecode(make_engine(tiny_llama))
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            store = await stack.enter_async_context(
+                kvstore_node(redis_server.url, kv_prefix, "tcp")
+            )
+            pins, reads = [], []
+            real_pin, real_read = store.node.pin, store.node.read
+            store.node.pin = lambda hashes: pins.append(len(hashes)) or real_pin(hashes)
+            store.node.read = lambda request: reads.append(request.num_blocks) or real_read(request)
+            c = await stack.enter_async_context(cluster(engines[0], decode))
+            workers = []
+            for engine in engines:
+                worker = PrefillWorker(
+                    engine, GrpcKVTransport(RPC), store=KVStoreClient(store.address, RPC)
+                )
+                worker.start()
+                stack.push_async_callback(worker.stop)
+                workers.append(worker)
+            a, b = workers
+            await prefill_on(a, decode, c.decode_address, "a", prompt)
+            await wait_for(lambda: committed(store) == 7)
+            # B computes `other` itself: the store has its 4 shared blocks (pinned, fetched).
+            tokens, _ = await prefill_on(b, decode, c.decode_address, "b1", other)
+            assert tokens == expected["other"] and pins == [4]
+            await wait_for(lambda: store.node.stats().num_pins == 0)
+            pins.clear(), reads.clear()
+            tokens, result = await prefill_on(b, decode, c.decode_address, "b2", prompt)
+            assert (tokens, result.num_cached_tokens) == (expected["prompt"], 112)
+            assert pins == [3] and set(reads) == {3}  # blocks 4-6 only, every layer
+            assert b.num_store_hit_tokens == 64 + 48 and b.num_store_fallbacks == 0
+            await wait_for(lambda: store.node.stats().num_pins == 0)
+            pins.clear(), reads.clear()
+            tokens, result = await prefill_on(b, decode, c.decode_address, "b3", fresh)
+            assert (tokens, result.num_cached_tokens) == (expected["fresh"], 64)
+            assert (pins, reads) == ([], [])  # nothing past B's own blocks: no pin, no read
+
+    asyncio.run(main())
+    for engine in (*engines, decode.engine):
+        assert_no_leaks(engine)
+
+
+def test_a_fetch_naming_a_block_before_the_pinned_run_fails_for_a_recompute(
+    redis_server, kv_prefix
+):
+    """The worker's own cache dropped a block between its lookup and the fetch: the fetch
+    names a block the store never pinned; the read refuses it (the worker recomputes)."""
+    hashes = [bytes([i]) * 16 for i in range(1, 6)]
+    layers = [torch.randn(2, 5, 16, 2, 8) for _ in range(2)]
+    like = torch.empty(2, 16, 2, 8)
+
+    async def main():
+        async with kvstore_node(redis_server.url, kv_prefix, "tcp") as store:
+            client = KVStoreClient(store.address, RPC, timeout_s=1.0)
+            assert await client.lookup(hashes) is None  # learns the node
+            assert await client.write_back(hashes, layers) == 5
+            await wait_for(lambda: committed(store) == 5)
+            prefix = await client.lookup(hashes, first_block=2)
+            assert (prefix.first_block, prefix.num_blocks) == (2, 5)
+            assert [r.start for r in prefix.runs] == [2]
+            got = await client.read_layer(prefix, 1, [3, 4], like)
+            assert torch.equal(got, layers[1][:, 3:5])
+            for positions in ([1, 2], [4, 5]):
+                with pytest.raises(StoreError, match="not all in the pinned range"):
+                    await client.read_layer(prefix, 0, positions, like)
+            with pytest.raises(ValueError, match="first_block 5"):
+                await client.lookup(hashes, first_block=5)
+            await client.release(prefix)
+            await wait_for(lambda: store.node.stats().num_pins == 0)
+            await client.close()
+
+    asyncio.run(main())
+
+
 def test_blocks_are_placed_by_hash_over_two_nodes_and_fetched_from_both(
     tiny_llama, redis_server, kv_prefix
 ):

@@ -13,7 +13,7 @@ from services.common.errors import ConfigError
 from services.launcher import Mode
 from services.sim.cluster import SimCluster
 from services.sim.profile import DecodeModel, PrefillModel
-from services.sim.validate import METRICS, compare_rows, error, sim_spec
+from services.sim.validate import METRICS, add_repeat, compare_rows, error, sim_spec, summary
 from tests.sim.factories import make_profile
 
 DURATION_S = 6.0
@@ -139,3 +139,38 @@ def test_a_modes_workloads_share_one_cluster_unless_fresh(fresh, monkeypatch):
     if not fresh:
         mixed_end = max(r.done_s for k, r in first.items() if "-mixed-" in k)
         assert min(r.at_s for k, r in first.items() if "-hotspot-" in k) >= mixed_end
+
+
+def test_a_repeat_run_gives_each_cell_its_run_to_run_difference(tmp_path, capsys):
+    report = compare_json(("static-pd", "banaserve"))
+    other = json.loads(json.dumps(report))
+    other["table"][0]["tpot_p50_ms"] = 95.0 * 1.2  # static-pd's TPOT p50 20 % higher
+    other["table"][1]["makespan_s"] = 10.5  # banaserve's makespan 5 % longer
+    rows = compare_rows(report, profile(), traces_dir=None)
+    add_repeat(rows, other, report["config"])
+    static, bana = rows
+    assert static["repeat"]["tpot_p50_ms"] == pytest.approx(0.2)
+    assert bana["repeat"]["makespan_s"] == pytest.approx(0.05)
+    assert static["repeat"]["output_throughput"] == 0.0 and "num_migrations" not in bana["repeat"]
+    table = summary(rows)
+    assert "| static-pd | TPOT p50 ms |" in table and "run-to-run median |" in table
+    line = next(x for x in table.splitlines() if x.startswith("| static-pd | TPOT p50 ms |"))
+    assert line.endswith("| 0/1 | 20% |")  # the run-to-run cell, over the 10 % target
+    line = next(x for x in table.splitlines() if x.startswith("| banaserve | makespan s |"))
+    assert line.endswith("| 1/1 | 5% |")
+    # A row the repeat run lacks has no difference; a run of another plan is refused.
+    other["table"].pop()
+    add_repeat(rows, other, report["config"])
+    assert rows[1]["repeat"] is None
+    other["config"]["seed"] = 4
+    with pytest.raises(ConfigError, match="differs from the compared one in seed"):
+        add_repeat(rows, other, report["config"])
+    # The command line: --repeat adds the column and the summary.
+    path, again, prof = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "profile.json"
+    path.write_text(json.dumps(report))
+    other["config"]["seed"] = 3
+    again.write_text(json.dumps(other))
+    profile().save(prof)
+    assert main(["sim", "validate", str(path), "--profile", str(prof), "--repeat", str(again)]) == 0
+    printed = capsys.readouterr().out
+    assert "run-to-run 20% !" in printed and "| run-to-run within target |" in printed

@@ -70,6 +70,20 @@ def test_store_and_handoff_encode_identically():
     ]
 
 
+def test_a_write_back_payload_is_the_same_from_any_layer_layout():
+    """``encode_layers`` takes a layer as exported (a view of block-major memory) or as any
+    ``[2, n, ...]`` tensor (contiguous, or a slice of one): the bytes are the blocks'."""
+    cache, data = exported([5, 0, 3, 1])
+    plain = data.contiguous()  # [2, n, ...] laid out key-major: not a view of the wire
+    assert not plain.transpose(0, 1).is_contiguous()
+    sliced = torch.cat([plain, plain], dim=1)[:, 4:]  # a slice: another layout, same values
+    want = by_hand(cache, 1, [3, 5]) * 3
+    for layers in ([data, plain, sliced], [plain, sliced, data]):
+        assert kv_wire.encode_layers(layers, [2, 0]).tobytes() == want
+    with pytest.raises(InvalidRequestError, match="must be \\[2, blocks"):
+        kv_wire.encode_layers([data, data[0]], [0])
+
+
 def test_every_reader_decodes_what_any_writer_encoded():
     cache, data = exported([2, 4, 0])
     payload = kv_wire.encode(data).tobytes()
