@@ -87,11 +87,17 @@ class ServingModel:
     prefill_scale: float = 1.0
     decode_scale: float = 1.0
     source: str = ""
+    # Seconds a serving prefill step takes past its scaled model whatever its size: the layer
+    # hook's per-layer KV hand-off, the step's loop and output (``sim serving`` fits it with
+    # ``prefill_scale`` on the real worker's own lone steps).
+    prefill_step_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("prefill_scale", "decode_scale"):
             value = getattr(self, name)
             _require(math.isfinite(value) and value > 0, f"{name} must be > 0, got {value}")
+        step = self.prefill_step_s
+        _require(math.isfinite(step) and step >= 0, f"prefill_step_s must be >= 0, got {step}")
 
 
 @dataclass(frozen=True)

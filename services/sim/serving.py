@@ -19,9 +19,17 @@ calibrated step times, fitted on one real ``bench compare`` run and then held fi
 
 Static PD only: a prefill worker's and a decode worker's steps are each of one kind, so each
 multiplier sees its own steps (colocated workers mix them; banaserve adds the store path and
-migrations, which the simulator models apart). The router's per-request ``prefill_s`` does not
-measure a step: on the 2026-12-02 runs a 13-token prompt read 2.9 s, scheduled beside others
-(prefill ratios 1.1-130× the model's), so it is not used.
+migrations, which the simulator models apart).
+
+The prefill side, where the run recorded enough of them, is fitted on the real worker's own
+steps instead: each request's server-side ``prefill_s`` (the prefill worker's time from the
+step that took the prompt to its first token) is a step time when no other request's window
+overlapped it (on the 2026-12-02 runs a 13-token prompt scheduled beside others read 2.9 s, so
+only *lone* requests count). Their real time against the calibrated model is a line, not a
+ratio — a short prompt's step runs ~2× its model, a long one's ~1.2× (the per-layer KV hand-off
+and the step's loop cost the same whatever the prompt) — so ``real = prefill_step_s · steps +
+prefill_scale · model`` is fitted by least squares (``ServingModel.prefill_step_s``), and the
+replays then fit ``decode_scale`` alone.
 """
 
 from __future__ import annotations
@@ -34,13 +42,18 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from bench.workloads_trace import DEFAULT_TRACES_DIR
 from services.common.errors import ConfigError
 from services.sim.calibrate import find_profile
+from services.sim.fit import _nonnegative_lstsq
 from services.sim.profile import Profile, ServingModel
 from services.sim.validate import compare_rows, render
 
 FIT_MODES = ("static-pd",)
+# Fewer lone prefill steps than this (or all of one size): the TTFT ratio fits prefill_scale.
+MIN_STEP_POINTS = 6
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,33 +79,92 @@ def ratios(rows: list[dict]) -> tuple[float, float]:
     return median("ttft_p50_ms"), median("tpot_p50_ms")
 
 
+def prefill_model_s(profile: Profile, num_prompt: int, num_cached: int) -> tuple[float, int]:
+    """The calibrated model's time for a prompt after ``num_cached`` cached tokens, in chunks of
+    the engine's token budget as its scheduler cuts them, and the number of steps."""
+    total, done, steps = 0.0, num_cached, 0
+    while done < num_prompt:
+        n = min(profile.max_num_batched_tokens, num_prompt - done)
+        total += profile.prefill.time(n, n * (done + n))
+        done, steps = done + n, steps + 1
+    return total, steps
+
+
+def lone_prefill_steps(report: dict, profile: Profile) -> list[tuple[int, float, float]]:
+    """(steps, model s, real s) of every static-PD request whose prefill window
+    (``[first token - prefill_s, first token]`` on the client's clock) overlapped no other
+    request's on its prefill worker: a step of its own."""
+    points = []
+    for run in report.get("runs", []):
+        if run.get("mode") not in FIT_MODES:
+            continue
+        windows = []
+        for q in run.get("requests", []):
+            server = q.get("server") or {}
+            if q.get("ttft_s") is None or not server.get("prefill_s"):
+                continue
+            end = q["sent_at_s"] + q["ttft_s"]
+            windows.append((end - server["prefill_s"], end, server.get("prefill_worker"), q))
+        for start, end, worker, q in windows:
+            if any(o is not q and w == worker and s < end and e > start
+                   for s, e, w, o in windows):  # fmt: skip
+                continue
+            cached = q["server"].get("num_cached_tokens", 0)
+            model, steps = prefill_model_s(profile, q["num_prompt_tokens"], cached)
+            if steps:
+                points.append((steps, model, q["server"]["prefill_s"]))
+    return points
+
+
+def fit_prefill_steps(points: list[tuple[int, float, float]]) -> tuple[float, float] | None:
+    """(prefill_step_s, prefill_scale) of ``real = step_s * steps + scale * model`` by least
+    squares; None with too few points or no spread in size to tell the two apart."""
+    if len(points) < MIN_STEP_POINTS:
+        return None
+    models = [p[1] for p in points]
+    if max(models) < 2 * min(models):
+        return None
+    x = np.array([[p[0], p[1]] for p in points], dtype=float)
+    step_s, scale = _nonnegative_lstsq(x, np.array([p[2] for p in points], dtype=float))
+    if scale <= 0:
+        return None
+    return step_s, scale
+
+
 def fit(
     report: dict, profile: Profile, traces_dir: Path, iterations: int = 8
 ) -> tuple[Profile, list[dict], int]:
-    """The profile with its serving multipliers fitted on ``report``, the replay of the run
-    with them, and how many replays the fit took."""
+    """The profile with its serving overhead fitted on ``report``, the replay of the run with
+    it, and how many replays the fit took."""
     if iterations < 1:
         raise ConfigError(f"iterations must be >= 1, got {iterations}")
     if not any(r["mode"] in FIT_MODES for r in report.get("table", [])):
         raise ConfigError("the compare run has no static-pd rows to fit the serving overhead on")
     serving, rows = ServingModel(), []
+    points = lone_prefill_steps(report, profile)
+    steps_fit = fit_prefill_steps(points)
+    if steps_fit is not None:
+        serving = replace(serving, prefill_step_s=steps_fit[0], prefill_scale=steps_fit[1])
     for done in range(1, iterations + 1):  # noqa: B007 - the count is returned
         rows = compare_rows(report, replace(profile, serving=serving), traces_dir)
         ttft, tpot = ratios(rows)
-        if abs(ttft - 1) < 0.01 and abs(tpot - 1) < 0.01:
+        if abs(tpot - 1) < 0.01 and (steps_fit is not None or abs(ttft - 1) < 0.01):
             break  # these rows are the fitted profile's
-        serving = replace(
-            serving,
-            prefill_scale=serving.prefill_scale * math.sqrt(ttft),
-            decode_scale=serving.decode_scale * tpot,
-        )
+        serving = replace(serving, decode_scale=serving.decode_scale * tpot)
+        if steps_fit is None:
+            serving = replace(serving, prefill_scale=serving.prefill_scale * math.sqrt(ttft))
     else:  # not within 1 %: the replay of the last update
         rows = compare_rows(report, replace(profile, serving=serving), traces_dir)
     config, machine = report.get("config", {}), report.get("machine", {})
+    prefill = (
+        f"prefill from {len(points)} lone steps"
+        if steps_fit is not None
+        else "prefill from the TTFT ratio"
+    )
     source = (
         f"fitted on the static-pd rows of a bench compare of {machine.get('date', '?')} "
         f"(rate x{config.get('rate_scale', 1.0)}, {config.get('duration_s', '?')} s) at "
-        f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {done} replays"
+        f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {prefill}, {done} replays"
     )
     return replace(profile, serving=replace(serving, source=source)), rows, done
 
@@ -106,6 +178,9 @@ def run(args: argparse.Namespace) -> int:
     profile.save(out)
     s = profile.serving
     print(render(rows))
-    print(f"\nprefill x{s.prefill_scale:.3f}, decode x{s.decode_scale:.3f} ({s.source})")
+    print(
+        f"\nprefill x{s.prefill_scale:.3f} + {s.prefill_step_s * 1e3:.1f} ms a step, "
+        f"decode x{s.decode_scale:.3f} ({s.source})"
+    )
     print(f"wrote {out}")
     return 0

@@ -191,10 +191,11 @@ class SimWorker:
                 tokens += n
                 attention += n * (done + n)
         serving = self.profile.serving
-        prefill_a, decode_a = p.a * serving.prefill_scale, d.a * serving.decode_scale
+        prefill_a = p.a * serving.prefill_scale + serving.prefill_step_s
+        decode_a = d.a * serving.decode_scale
         t = 0.0
         if tokens:
-            t += p.time(tokens, attention) * serving.prefill_scale
+            t += p.time(tokens, attention) * serving.prefill_scale + serving.prefill_step_s
         if decodes:
             # a mixed step pays one fixed cost: the smaller of the two scaled ones goes
             t += d.time(decodes, context) * serving.decode_scale - (

@@ -16,7 +16,13 @@ from services.common.errors import ConfigError
 from services.launcher import Mode
 from services.sim.cluster import SimCluster, SimSpec
 from services.sim.profile import Profile, ServingModel
-from services.sim.serving import fit, ratios
+from services.sim.serving import (
+    fit,
+    fit_prefill_steps,
+    lone_prefill_steps,
+    prefill_model_s,
+    ratios,
+)
 from services.sim.validate import compare_rows
 from tests.sim.factories import make_profile, request
 from tests.sim.test_validate import compare_json, profile
@@ -96,3 +102,60 @@ def test_cli_writes_the_fitted_profile(tmp_path, capsys):
     assert fitted.serving.decode_scale == pytest.approx(1.5, rel=0.05)
     assert Profile.load(start).serving == ServingModel()  # --out: the start is left alone
     assert f"decode x{fitted.serving.decode_scale:.3f}" in capsys.readouterr().out
+
+
+def lone_and_batched_requests(step_s: float, scale: float) -> list[dict]:
+    """Requests on one prefill worker: seven alone in their steps, whose ``prefill_s`` is
+    ``step_s`` a step plus ``scale`` × the model, and two overlapping ones with times no step
+    model explains (scheduled beside each other: not step times, to be left out)."""
+    p, out, at = profile(), [], 0.0
+    for i, n in enumerate((20, 50, 100, 200, 400, 800, 3000)):
+        model, steps = prefill_model_s(p, n, 0)
+        prefill_s = step_s * steps + scale * model
+        out.append({"index": i, "num_prompt_tokens": n, "sent_at_s": at, "ttft_s": prefill_s,
+                    "server": {"prefill_s": prefill_s, "num_cached_tokens": 0,
+                               "prefill_worker": "prefill-0"}})  # fmt: skip
+        at += prefill_s + 1.0
+    for i in (7, 8):
+        out.append({"index": i, "num_prompt_tokens": 30, "sent_at_s": at, "ttft_s": 5.0,
+                    "server": {"prefill_s": 4.9, "num_cached_tokens": 0,
+                               "prefill_worker": "prefill-0"}})  # fmt: skip
+    return out
+
+
+def test_prefill_overhead_is_fitted_on_the_real_workers_lone_steps():
+    p = profile()  # 3 ms a token; the engine's token budget (2048) cuts 3,000 tokens in two
+    assert prefill_model_s(p, 3000, 0) == (pytest.approx(9.0), 2)
+    assert prefill_model_s(p, 100, 64) == (pytest.approx(0.108), 1)
+    report = simulated_report()
+    report["runs"] = [
+        {"mode": "static-pd", "workload": "mixed", "requests": lone_and_batched_requests(0.04, 1.2)},
+        {"mode": "colocated", "workload": "mixed", "requests": lone_and_batched_requests(9.0, 9.0)},
+    ]  # fmt: skip
+    points = lone_prefill_steps(report, p)
+    assert sorted(s for s, _, _ in points) == [1, 1, 1, 1, 1, 1, 2]  # the two batched left out
+    fitted, rows, _ = fit(report, p, traces_dir=None)
+    s = fitted.serving
+    assert s.prefill_step_s == pytest.approx(0.04, rel=1e-6)
+    assert s.prefill_scale == pytest.approx(1.2, rel=1e-6)
+    # The table was simulated with TRUE's prefill, not this one: decode_scale, fitted on its
+    # TPOTs with the other prefill, lands near TRUE's rather than on it.
+    assert s.decode_scale == pytest.approx(TRUE.decode_scale, rel=0.1)
+    assert "prefill from 7 lone steps" in s.source
+    # Too few lone steps, or all of one size: the TTFT ratio fits prefill_scale as before.
+    assert fit_prefill_steps(points[:5]) is None
+    assert fit_prefill_steps([(1, 0.1, 0.2)] * 8) is None
+
+
+def test_a_prefill_step_pays_the_fitted_overhead_once():
+    def ttft(serving: ServingModel) -> float:
+        cluster = SimCluster(
+            SimSpec(Mode.STATIC_PD, 2, 1), replace(make_profile(), serving=serving)
+        )
+        [r] = cluster.run([request(0, 0.0, 32, 5)])
+        return r.first_token_s - r.at_s
+
+    plain = ttft(ServingModel())
+    assert ttft(ServingModel(prefill_step_s=0.05)) - plain == pytest.approx(0.05, abs=1e-9)
+    with pytest.raises(ConfigError, match="prefill_step_s must be >= 0"):
+        ServingModel(prefill_step_s=-0.01)
