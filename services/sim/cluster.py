@@ -10,6 +10,8 @@ transfers, and the phases of a migration (``profile.py``).
 A request's life (as services/router/attempt.py):
 
 1. at its arrival it is routed (``Router.route``); no room now: tried again every ``retry_s``;
+   it reaches its worker's queue the profile's ``serving.route_s`` later (the real router's
+   median time per route, reservation included);
 2. PD: the decode worker reserves the prompt's blocks (refused: ``mark_full``, try again),
    the prefill worker queues it; colocated: the mixed worker queues it;
 3. its first token is its TTFT (the prefill worker streams it at once); on a PD pair the
@@ -174,16 +176,24 @@ class SimCluster:
         except ResourceExhaustedError as exc:
             self._fail(r, "RESOURCE_EXHAUSTED", str(exc))
             return
-        if a.colocated:
-            self.workers[a.prefill.worker_id].add(r.request_id, list(r.prompt), r.max_tokens)
+        if not a.colocated:
+            decode = self.workers[a.decode.worker_id]
+            if not decode.reserve(r.request_id, list(r.prompt), r.max_tokens):
+                self.router.mark_full(decode.worker_id)
+                self.loop.after(self.spec.retry_s, lambda: self._route(r))
+                return
+            r.decode_worker = decode.worker_id
+        worker = self.workers[a.prefill.worker_id]
+        route_s = self.profile.serving.route_s
+        if route_s <= 0:
+            worker.add(r.request_id, list(r.prompt), r.max_tokens)
             return
-        decode = self.workers[a.decode.worker_id]
-        if not decode.reserve(r.request_id, list(r.prompt), r.max_tokens):
-            self.router.mark_full(decode.worker_id)
-            self.loop.after(self.spec.retry_s, lambda: self._route(r))
-            return
-        r.decode_worker = decode.worker_id
-        self.workers[a.prefill.worker_id].add(r.request_id, list(r.prompt), r.max_tokens)
+
+        def arrive() -> None:  # the routing's time passed; not if cancelled meanwhile
+            if r.request_id in self._unfinished:
+                worker.add(r.request_id, list(r.prompt), r.max_tokens)
+
+        self.loop.after(route_s, arrive)
 
     def _on_token(self, seq) -> None:
         r = self.requests[seq.request_id]

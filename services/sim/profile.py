@@ -91,13 +91,17 @@ class ServingModel:
     # hook's per-layer KV hand-off, the step's loop and output (``sim serving`` fits it with
     # ``prefill_scale`` on the real worker's own lone steps).
     prefill_step_s: float = 0.0
+    # Seconds from a request's arrival to its prefill worker's queue: the router's own work and
+    # the decode worker's reservation (the router's ``routing_s``, its median over a real run).
+    route_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("prefill_scale", "decode_scale"):
             value = getattr(self, name)
             _require(math.isfinite(value) and value > 0, f"{name} must be > 0, got {value}")
-        step = self.prefill_step_s
-        _require(math.isfinite(step) and step >= 0, f"prefill_step_s must be >= 0, got {step}")
+        for name in ("prefill_step_s", "route_s"):
+            value = getattr(self, name)
+            _require(math.isfinite(value) and value >= 0, f"{name} must be >= 0, got {value}")
 
 
 @dataclass(frozen=True)

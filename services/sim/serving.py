@@ -29,7 +29,8 @@ only *lone* requests count). Their real time against the calibrated model is a l
 ratio — a short prompt's step runs ~2× its model, a long one's ~1.2× (the per-layer KV hand-off
 and the step's loop cost the same whatever the prompt) — so ``real = prefill_step_s · steps +
 prefill_scale · model`` is fitted by least squares (``ServingModel.prefill_step_s``), and the
-replays then fit ``decode_scale`` alone.
+replays then fit ``decode_scale`` alone. The router's own median ``routing_s`` (its work and
+the decode worker's reservation, 2-40 ms a request on a loaded run) becomes ``route_s``.
 """
 
 from __future__ import annotations
@@ -116,6 +117,18 @@ def lone_prefill_steps(report: dict, profile: Profile) -> list[tuple[int, float,
     return points
 
 
+def median_routing_s(report: dict) -> float:
+    """The router's median ``routing_s`` over the run's static-PD requests (0: none recorded)."""
+    values = [
+        q["server"]["routing_s"]
+        for run in report.get("runs", [])
+        if run.get("mode") in FIT_MODES
+        for q in run.get("requests", [])
+        if (q.get("server") or {}).get("routing_s") is not None
+    ]
+    return statistics.median(values) if values else 0.0
+
+
 def fit_prefill_steps(points: list[tuple[int, float, float]]) -> tuple[float, float] | None:
     """(prefill_step_s, prefill_scale) of ``real = step_s * steps + scale * model`` by least
     squares; None with too few points or no spread in size to tell the two apart."""
@@ -141,6 +154,7 @@ def fit(
     if not any(r["mode"] in FIT_MODES for r in report.get("table", [])):
         raise ConfigError("the compare run has no static-pd rows to fit the serving overhead on")
     serving, rows = ServingModel(), []
+    serving = replace(serving, route_s=median_routing_s(report))
     points = lone_prefill_steps(report, profile)
     steps_fit = fit_prefill_steps(points)
     if steps_fit is not None:
@@ -179,7 +193,8 @@ def run(args: argparse.Namespace) -> int:
     s = profile.serving
     print(render(rows))
     print(
-        f"\nprefill x{s.prefill_scale:.3f} + {s.prefill_step_s * 1e3:.1f} ms a step, "
+        f"\nroute {s.route_s * 1e3:.1f} ms, "
+        f"prefill x{s.prefill_scale:.3f} + {s.prefill_step_s * 1e3:.1f} ms a step, "
         f"decode x{s.decode_scale:.3f} ({s.source})"
     )
     print(f"wrote {out}")

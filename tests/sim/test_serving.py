@@ -114,7 +114,7 @@ def lone_and_batched_requests(step_s: float, scale: float) -> list[dict]:
         prefill_s = step_s * steps + scale * model
         out.append({"index": i, "num_prompt_tokens": n, "sent_at_s": at, "ttft_s": prefill_s,
                     "server": {"prefill_s": prefill_s, "num_cached_tokens": 0,
-                               "prefill_worker": "prefill-0"}})  # fmt: skip
+                               "prefill_worker": "prefill-0", "routing_s": 0.001 * i}})  # fmt: skip
         at += prefill_s + 1.0
     for i in (7, 8):
         out.append({"index": i, "num_prompt_tokens": 30, "sent_at_s": at, "ttft_s": 5.0,
@@ -142,6 +142,8 @@ def test_prefill_overhead_is_fitted_on_the_real_workers_lone_steps():
     # TPOTs with the other prefill, lands near TRUE's rather than on it.
     assert s.decode_scale == pytest.approx(TRUE.decode_scale, rel=0.1)
     assert "prefill from 7 lone steps" in s.source
+    # The router's median routing time over the static-PD requests (0-6 ms and two without)
+    assert s.route_s == pytest.approx(0.003)
     # Too few lone steps, or all of one size: the TTFT ratio fits prefill_scale as before.
     assert fit_prefill_steps(points[:5]) is None
     assert fit_prefill_steps([(1, 0.1, 0.2)] * 8) is None
@@ -157,5 +159,16 @@ def test_a_prefill_step_pays_the_fitted_overhead_once():
 
     plain = ttft(ServingModel())
     assert ttft(ServingModel(prefill_step_s=0.05)) - plain == pytest.approx(0.05, abs=1e-9)
-    with pytest.raises(ConfigError, match="prefill_step_s must be >= 0"):
-        ServingModel(prefill_step_s=-0.01)
+    assert ttft(ServingModel(route_s=0.02)) - plain == pytest.approx(0.02, abs=1e-9)
+    for name in ("prefill_step_s", "route_s"):
+        with pytest.raises(ConfigError, match=f"{name} must be >= 0"):
+            ServingModel(**{name: -0.01})
+
+
+def test_a_request_cancelled_while_routed_never_reaches_its_worker():
+    p = replace(make_profile(), serving=ServingModel(route_s=0.5))
+    cluster = SimCluster(SimSpec(Mode.COLOCATED, 1, deadline_s=0.2), p)
+    [r] = cluster.run([request(0, 0.0, 32, 5)])
+    assert r.status == "DEADLINE_EXCEEDED"
+    cluster.loop.run(1.0)  # past the routing delay: nothing arrives, nothing runs
+    assert all(w.idle for w in cluster.workers.values())
