@@ -29,6 +29,7 @@ prefill workers then get no store.
 from __future__ import annotations
 
 import enum
+import math
 import os
 import secrets
 import sys
@@ -67,6 +68,9 @@ class ClusterSpec:
     kvstore_capacity_bytes: int = 1 << 30
     # False: prefill workers fetch a cached prefix whole before computing (a baseline).
     kvstore_overlap: bool = True
+    # Seconds a prefill worker's store write-back may wait for it to be idle (None: its default,
+    # services/prefill/write_backs.py; 0: at once).
+    store_write_back_delay_s: float | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     # The coordinator service (services/coordinator/): runs migrations on request.
     coordinator: bool = False
@@ -112,6 +116,9 @@ class ClusterSpec:
             raise ConfigError(
                 f"kvstore capacity must be >= 1 byte, got {self.kvstore_capacity_bytes}"
             )
+        delay = self.store_write_back_delay_s
+        if delay is not None and not (math.isfinite(delay) and delay >= 0):
+            raise ConfigError(f"store write-back delay must be >= 0 seconds, got {delay}")
 
 
 class Mode(enum.Enum):
@@ -253,6 +260,8 @@ class LocalCluster:
         prefill = [*common, "--kvstore", kvstore] if kvstore else common
         if kvstore and not self.spec.kvstore_overlap:
             prefill.append("--no-kvstore-overlap")
+        if kvstore and self.spec.store_write_back_delay_s is not None:
+            prefill += ["--store-write-back-delay", str(self.spec.store_write_back_delay_s)]
         decode = common
         roles = [
             ("prefill", "services.prefill", prefill, self.spec.num_prefill),

@@ -77,6 +77,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="prefill workers fetch a cached prefix whole before computing (baseline)",
     )
     p.add_argument(
+        "--store-write-back-delay",
+        type=float,
+        default=None,
+        metavar="S",
+        help="prefill workers write new blocks to the store once idle, or after at most S "
+        "seconds (0: at once; default: the prefill worker's, 5)",
+    )
+    p.add_argument(
         "--coordinator", action="store_true", help="also start the coordinator (migrations)"
     )
     p.add_argument(
@@ -101,6 +109,7 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         kv_transport=args.kv_transport,
         kvstore_capacity_bytes=args.kvstore_capacity_bytes,
         kvstore_overlap=args.kvstore_overlap,
+        store_write_back_delay_s=args.store_write_back_delay,
         tls_dir=args.tls_dir,
         api_token_file=args.api_token_file,
     )

@@ -115,6 +115,7 @@ class EngineCollector(Collector):
     def __init__(self, role: str, model: str, engine: Any, worker: Any = None) -> None:
         self._labels = [role, model]
         self._engine, self._meter = engine, getattr(worker, "meter", None)
+        self._worker = worker
 
     def collect(self) -> Iterable[Metric]:
         s = self._engine.stats()
@@ -148,6 +149,19 @@ class EngineCollector(Collector):
         hosted = _gauge("banaserve_worker_hosted_layers", "decoder layers run for peers", labels)
         hosted.add_metric(self._labels, self._engine.snapshot.num_hosted_layers)
         yield hosted
+        write_backs = getattr(self._worker, "write_back_stats", None)
+        if write_backs is not None:  # a prefill worker with a store (write_backs.py)
+            counter = CounterMetricFamily(
+                "banaserve_prefill_store_write_backs", "store write-backs by outcome",
+                labels=[*labels, "outcome"],
+            )  # fmt: skip
+            counter.add_metric([*self._labels, "done"], write_backs.num_done)
+            counter.add_metric([*self._labels, "dropped"], write_backs.num_dropped)
+            yield counter
+            gauge = _gauge("banaserve_prefill_store_write_back_pending_bytes",
+                           "KV waiting to be written back to the store", labels)  # fmt: skip
+            gauge.add_metric(self._labels, write_backs.num_bytes_pending)
+            yield gauge
         if self._meter is not None:
             step_s, busy = self._meter.snapshot()
             for name, doc, value in (

@@ -28,6 +28,7 @@ from services.prefill.dataplane_transport import DataPlaneKVTransport, TargetKVT
 from services.prefill.kv_targets import checked_by_router
 from services.prefill.kvstore_client import KVStoreClient
 from services.prefill.servicer import prefill_service
+from services.prefill.write_backs import DEFAULT_MAX_BYTES, DEFAULT_MAX_DELAY_S
 from services.rpc.admission import add_admission_args, admission_interceptors
 from services.rpc.load_reports import reporting_to, serve_while_alive, worker_info
 from services.rpc.security import (
@@ -60,6 +61,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_false",
         help="fetch a cached prefix whole before computing (baseline for the layer-wise overlap)",
     )
+    p.add_argument(
+        "--store-write-back-delay",
+        type=float,
+        default=DEFAULT_MAX_DELAY_S,
+        metavar="S",
+        help="a prompt's new blocks go to the store once no request is queued or computing, or "
+        "after at most S seconds (0: at once; default %(default)s)",
+    )
+    p.add_argument(
+        "--store-write-back-max-mib",
+        type=int,
+        default=DEFAULT_MAX_BYTES >> 20,
+        metavar="MIB",
+        help="KV waiting to be written back at most; past it the oldest is dropped "
+        "(default %(default)s)",
+    )
     p.add_argument("--worker-id", default=None, help="default: prefill-PORT")
     p.add_argument("--report-interval", type=float, default=0.1, help="seconds between reports")
     p.add_argument("--tracing", choices=("none", "console", "otlp"), default="none")
@@ -70,7 +87,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_host_args(p)
     add_metrics_args(p)
     add_migration_args(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.store_write_back_delay < 0 or args.store_write_back_max_mib < 0:
+        p.error("--store-write-back-delay and --store-write-back-max-mib must be >= 0")
+    return args
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -94,7 +114,14 @@ async def serve(args: argparse.Namespace) -> None:
     if args.router:  # KV only to workers the router registered (docs/security.md)
         transport = checked_by_router(transport, args.router, rpc)
     store = KVStoreClient(args.kvstore, rpc, args.kvstore_timeout) if args.kvstore else None
-    worker = PrefillWorker(engine, transport, store=store, store_overlap=args.kvstore_overlap)
+    worker = PrefillWorker(
+        engine,
+        transport,
+        store=store,
+        store_overlap=args.kvstore_overlap,
+        write_back_delay_s=args.store_write_back_delay,
+        write_back_max_bytes=args.store_write_back_max_mib << 20,
+    )
     worker.start()
     migration = await start_migration(args, worker, rpc.host)
     server = await start_server(

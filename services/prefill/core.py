@@ -77,6 +77,12 @@ from services.prefill.jobs import (
 from services.prefill.kvstore_client import KVStoreClient
 from services.prefill.store_prefix import StorePrefixes
 from services.prefill.transport import KVTransport, TransferStats
+from services.prefill.write_backs import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_DELAY_S,
+    WriteBacks,
+    WriteBackStats,
+)
 
 __all__ = [
     "FirstToken",
@@ -103,6 +109,8 @@ class PrefillWorker:
         store: KVStoreClient | None = None,
         store_overlap: bool = True,
         id_reuse_wait_s: float = ID_REUSE_WAIT_S,
+        write_back_delay_s: float = DEFAULT_MAX_DELAY_S,
+        write_back_max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self.engine = engine
         self._id_reuse_wait_s = id_reuse_wait_s
@@ -111,6 +119,12 @@ class PrefillWorker:
         # False: a store prefix is fetched whole before its request computes (the baseline
         # the layer-wise overlap is measured against).
         self._store_overlap = store_overlap
+        # New blocks go to the store once nothing is queued or computing (write_backs.py).
+        self._write_backs = (
+            None
+            if store is None
+            else WriteBacks(self._busy, write_back_delay_s, write_back_max_bytes, clock)
+        )
         self._background: set[asyncio.Task[None]] = set()
         self._clock = clock
         self._jobs: dict[str, Job] = {}  # by engine id
@@ -137,6 +151,16 @@ class PrefillWorker:
         return self._side.num_store_hit_tokens
 
     @property
+    def write_back_stats(self) -> WriteBackStats | None:
+        return None if self._write_backs is None else self._write_backs.stats
+
+    def _busy(self) -> bool:
+        """A request is queued or computing (a write-back waits for neither)."""
+        return any(
+            job.status in (JobStatus.QUEUED, JobStatus.COMPUTING) for job in self._jobs.values()
+        )
+
+    @property
     def num_store_fallbacks(self) -> int:
         return self._loop.snapshot.num_prefix_fallbacks
 
@@ -156,6 +180,8 @@ class PrefillWorker:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self._transport.close()
+        if self._write_backs is not None:
+            await self._write_backs.close()
         if self._store is not None:
             await self._store.close()
 
@@ -276,6 +302,8 @@ class PrefillWorker:
             del self._in_use[job.request_id]
         job.released.set()
         del self._jobs[job.engine_id]
+        if self._write_backs is not None:
+            self._write_backs.kick()  # perhaps idle now
         if job.status is JobStatus.DONE:
             if job.sender is not None:
                 await job.sender.abort()  # no-op after finish; frees the reservation otherwise
@@ -344,9 +372,11 @@ class PrefillWorker:
     def _write_back_later(self, job: Job) -> None:
         # Every layer or none: a prompt whose first token ended it leaves [k, L) on the helper.
         complete = len(job.kv_layers) == self.engine.spec.num_layers
-        if self._store is not None and complete:
+        if self._store is not None and self._write_backs is not None and complete:
             layers, job.kv_layers = job.kv_layers, []
-            self._spawn(self._store.write_back(job.request_id, layers, job.num_store_blocks))
+            store, request_id, known = self._store, job.request_id, job.num_store_blocks
+            num_bytes = sum(data.nbytes for data, _ in layers)
+            self._write_backs.add(lambda: store.write_back(request_id, layers, known), num_bytes)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)

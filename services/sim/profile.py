@@ -9,8 +9,9 @@ a measurement itself; nothing here is a guess the simulator makes up. Step times
 - a mixed step (chunks and decodes in one batch, colocated workers) pays one fixed cost: the
   prefill model's plus the decode model's per-sequence and context terms.
 
-Serving (``ServingModel``): multipliers of those step times for a serving worker, fitted on a
-real run (``sim serving``). Transports: ``latency + bytes / bandwidth``. Migrations: the coordinator record's split (weights,
+Serving (``ServingModel``): a serving worker's cost over those step times (multipliers, a
+per-prefill-step cost) and the router's time per request, fitted on a real run
+(``sim serving``). Transports: ``latency + bytes / bandwidth``. Migrations: the coordinator record's split (weights,
 staged KV copy, switch pause), per layer and per byte.
 """
 
@@ -81,8 +82,9 @@ class MigrationModel:
 class ServingModel:
     """A serving worker's steps against the in-process engine's (which calibrate.py times, in
     CPU time): its loop, gRPC, token streaming and the cores it shares with the router, Redis
-    and the client, as multipliers of the prefill and decode step models. Fitted on a real
-    ``bench compare`` run by ``sim serving`` (serving.py); 1.0: the engine alone."""
+    and the client, as multipliers of the prefill and decode step models plus a cost per
+    prefill step; and the router's time per request. Fitted on a real ``bench compare`` run
+    by ``sim serving`` (serving.py); the defaults: the engine alone."""
 
     prefill_scale: float = 1.0
     decode_scale: float = 1.0

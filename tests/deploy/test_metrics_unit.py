@@ -18,6 +18,7 @@ from services.common.metrics import (
 )
 from services.common.network import resolve_host
 from services.common.types import FinishReason
+from services.prefill.write_backs import WriteBackStats
 from services.router.driver import Finished, Timings
 
 
@@ -75,6 +76,20 @@ def test_engine_collector_reads_the_engine_at_scrape_time():
     assert sample(registry, "banaserve_worker_hosted_layers", **labels) == 3
     # A key the engine does not report is left out, not invented.
     assert sample(registry, "banaserve_worker_hosted_seqs", **labels) is None
+    assert (
+        sample(registry, "banaserve_prefill_store_write_backs_total", outcome="done", **labels)
+        is None
+    )
+    # A prefill worker with a store: its write-backs, done, dropped and pending.
+    write_backs = WriteBackStats(num_done=5, num_dropped=2, num_bytes_pending=1 << 20)
+    registry = CollectorRegistry()
+    worker = SimpleNamespace(meter=meter, write_back_stats=write_backs)
+    registry.register(EngineCollector("prefill", "tiny-llama", engine, worker))
+    labels = {"role": "prefill", "model": "tiny-llama"}
+    name = "banaserve_prefill_store_write_backs_total"
+    assert sample(registry, name, outcome="done", **labels) == 5
+    assert sample(registry, name, outcome="dropped", **labels) == 2
+    assert sample(registry, "banaserve_prefill_store_write_back_pending_bytes", **labels) == 1 << 20
 
 
 def test_kvstore_collector_counts_lookup_hits_and_misses():

@@ -8,7 +8,7 @@ import argparse
 import pytest
 
 from services.common.errors import ConfigError
-from services.launcher import ClusterSpec, Mode, mode_spec, process_names
+from services.launcher import ClusterSpec, LocalCluster, Mode, mode_spec, process_names
 from services.up import add_arguments, cluster_spec
 
 
@@ -88,3 +88,26 @@ def test_coordinator_args_reach_the_automatic_coordinator():
     assert cluster_spec(args).service_args == {
         "coordinator": ("--auto", "--gap-high", "0.3", "--sustain-s", "1")
     }
+
+
+def test_the_store_write_back_delay_reaches_only_store_using_prefill_workers(monkeypatch):
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    spec = cluster_spec(p.parse_args(["--mode", "banaserve", "--store-write-back-delay", "0"]))
+    assert spec.store_write_back_delay_s == 0.0
+    assert cluster_spec(p.parse_args(["--mode", "banaserve"])).store_write_back_delay_s is None
+    cluster = LocalCluster(spec)
+    spawned: dict[str, list[str]] = {}
+    monkeypatch.setattr(cluster, "_worker_args", lambda: [])
+    monkeypatch.setattr(
+        cluster, "_spawn", lambda name, module, args: spawned.setdefault(name, args)
+    )
+    cluster._spawn_workers("127.0.0.1:1")
+    assert spawned["prefill-0"][-2:] == ["--store-write-back-delay", "0.0"]
+    assert "--store-write-back-delay" not in spawned["decode-0"]
+    spawned.clear()
+    cluster._spawn_workers(None)  # no store: nothing to write back
+    assert "--store-write-back-delay" not in spawned["prefill-0"]
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ConfigError, match="write-back delay must be >= 0"):
+            ClusterSpec(store_write_back_delay_s=bad)

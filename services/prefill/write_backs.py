@@ -1,0 +1,136 @@
+"""The prefill worker's store write-backs, deferred until it has nothing to compute.
+
+A write-back (store_prefix.py) gathers a prompt's new full blocks of every layer into one
+payload and sends it to a KV store node, which copies and checksums it. None of that is on the
+TTFT path, but all of it is CPU: ~25 ms on the worker and ~90 ms on the node for a 2,000-token
+prompt of smollm2 (~90 MB). On a machine whose cores the workers are pinned to, sending each one
+the moment its first token went out took that CPU from the very prompts queued behind it:
+measured (docs/benchmarks.md, session 9), banaserve's TTFT p50 on bursty arrivals was 1.6–2.0×
+the run without write-backs.
+
+So a write-back waits here until the worker has no request queued or computing (``busy``
+false), or until the oldest has waited ``max_delay_s`` (a worker that is never idle still
+shares its prefixes, late), and they run one at a time. What waits is bounded: past
+``max_bytes`` of pending KV the oldest is dropped (a store is a cache: a dropped write-back
+costs a later hit, never an output). ``max_delay_s`` 0: each one as soon as those before it
+are done, busy or not.
+
+Every pending write-back holds its exported KV (the tensors the hand-off sent), nothing of the
+engine's: blocks freed by the engine are not touched here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Defaults (prefill ``--store-write-back-delay`` / ``--store-write-back-max-mib``): a burst on
+# this project's 2-core figures lasts seconds; 512 MiB holds ~5 long prompts of a small model.
+DEFAULT_MAX_DELAY_S = 5.0
+DEFAULT_MAX_BYTES = 512 << 20
+
+
+@dataclass
+class WriteBackStats:
+    num_done: int = 0
+    num_dropped: int = 0  # over max_bytes, or pending when the worker stopped
+    num_bytes_pending: int = 0
+    num_pending: int = 0
+
+
+@dataclass
+class _Pending:
+    run: Callable[[], Coroutine[Any, Any, None]]
+    num_bytes: int
+    queued_at: float
+
+
+class WriteBacks:
+    def __init__(
+        self,
+        busy: Callable[[], bool],
+        max_delay_s: float = DEFAULT_MAX_DELAY_S,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_delay_s < 0 or max_bytes < 0:
+            raise ValueError(f"max_delay_s and max_bytes must be >= 0: {max_delay_s}, {max_bytes}")
+        self._busy = busy
+        self.max_delay_s, self.max_bytes = max_delay_s, max_bytes
+        self._clock = clock
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._kick = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.stats = WriteBackStats()
+
+    def add(self, run: Callable[[], Coroutine[Any, Any, None]], num_bytes: int) -> None:
+        """Queue ``run()`` (a write-back holding ``num_bytes`` of KV); event loop only."""
+        if num_bytes > self.max_bytes:
+            self.stats.num_dropped += 1
+            log.info("store write-back of %d bytes dropped: over the %d pending at most",
+                     num_bytes, self.max_bytes)  # fmt: skip
+            return
+        while self._queue and self.stats.num_bytes_pending + num_bytes > self.max_bytes:
+            self._drop(self._queue.popleft(), "the pending write-backs are over their bound")
+        self._queue.append(_Pending(run, num_bytes, self._clock()))
+        self.stats.num_bytes_pending += num_bytes
+        self.stats.num_pending = len(self._queue)
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._drain())
+        self._kick.set()
+
+    def kick(self) -> None:
+        """The worker's work changed (a request ended): look again."""
+        self._kick.set()
+
+    async def close(self) -> None:
+        """Stops; what is still pending is dropped (the store is a cache)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        while self._queue:
+            self._drop(self._queue.popleft(), "the worker is stopping")
+
+    def _drop(self, pending: _Pending, why: str) -> None:
+        self.stats.num_dropped += 1
+        self.stats.num_bytes_pending -= pending.num_bytes
+        self.stats.num_pending = len(self._queue)
+        log.info("store write-back of %d bytes dropped: %s", pending.num_bytes, why)
+
+    def _due(self) -> float:
+        """Seconds until the oldest may run even on a busy worker (<= 0: now)."""
+        if not self._busy():
+            return 0.0
+        return self._queue[0].queued_at + self.max_delay_s - self._clock()
+
+    async def _drain(self) -> None:
+        while True:
+            while not self._queue:
+                self._kick.clear()
+                await self._kick.wait()
+            wait = self._due()
+            if wait > 0:
+                self._kick.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._kick.wait(), wait)
+                continue
+            pending = self._queue.popleft()
+            self.stats.num_pending = len(self._queue)
+            try:
+                await pending.run()  # logs a store failure itself (store_prefix.write_back)
+            except Exception:  # a defect: the next write-backs still run
+                log.exception("store write-back failed")
+            else:
+                self.stats.num_done += 1
+            finally:
+                self.stats.num_bytes_pending -= pending.num_bytes
