@@ -54,9 +54,13 @@ def layout_block_nbytes(layout: KVLayout) -> int:
 def block_major(data: torch.Tensor) -> torch.Tensor:
     """``[2, n, ...]`` as the C-contiguous ``[n, 2, ...]`` tensor whose bytes are the wire's:
     no copy when ``data`` already is a view of block-major memory (``export_layer``'s)."""
+    return _check_kv(data).transpose(0, 1).contiguous()
+
+
+def _check_kv(data: torch.Tensor) -> torch.Tensor:
     if data.dim() < 2 or data.shape[0] != 2:
         raise InvalidRequestError(f"KV tensor must be [2, blocks, ...], got {list(data.shape)}")
-    return data.transpose(0, 1).contiguous()
+    return data
 
 
 def empty_layer(dtype: torch.dtype, num_blocks: int, block_shape: Sequence[int]) -> torch.Tensor:
@@ -75,10 +79,8 @@ def encode(data: torch.Tensor, first: int = 0, count: int | None = None) -> np.n
 def encode_layers(layers: Sequence[torch.Tensor], blocks: Sequence[int]) -> np.ndarray:
     """Blocks ``blocks`` of every layer in ``layers`` (each ``[2, n, ...]``), layer after layer:
     the payload of a kvstore ``KVDataWrite``."""
+    layers = [_check_kv(data) for data in layers]
     index = torch.tensor(list(blocks), dtype=torch.long, device=layers[0].device)
-    for data in layers:
-        if data.dim() < 2 or data.shape[0] != 2:
-            raise InvalidRequestError(f"KV tensor must be [2, blocks, ...], got {list(data.shape)}")
     first = layers[0]
     # One copy of the chosen blocks, straight into the payload, from whatever layout each
     # layer has (a 2,000-token prompt of a 30-layer model is ~90 MB: making each layer

@@ -2,11 +2,13 @@
 
 A write-back (store_prefix.py) gathers a prompt's new full blocks of every layer into one
 payload and sends it to a KV store node, which copies and checksums it. None of that is on the
-TTFT path, but all of it is CPU: ~25 ms on the worker and ~90 ms on the node for a 2,000-token
-prompt of smollm2 (~90 MB). On a machine whose cores the workers are pinned to, sending each one
-the moment its first token went out took that CPU from the very prompts queued behind it:
-measured (docs/benchmarks.md, session 9), banaserve's TTFT p50 on bursty arrivals was 1.6–2.0×
-the run without write-backs.
+TTFT path, but all of it is CPU: for a 2,000-token prompt of smollm2 (~90 MB) ~25 ms on the
+worker to gather it and ~50 ms on the node besides receiving it. On a machine whose cores the
+workers are pinned to that CPU is taken from the prompts queued behind: measured
+(docs/benchmarks.md, session 9), banaserve's TTFT p50 at rate × 2 was 1.3–2.0× that of a run
+without write-backs (long-context, mixed, bursty). Deferring them helped `mixed` (TTFT p50 ÷
+static PD 1.18 against 1.46 at once), not bursts; at saturation the cost is holding the KV,
+which deferring does not remove (benchmarks.md).
 
 So a write-back waits here until the worker has no request queued or computing (``busy``
 false), or until the oldest has waited ``max_delay_s`` (a worker that is never idle still
@@ -38,12 +40,12 @@ DEFAULT_MAX_DELAY_S = 5.0
 DEFAULT_MAX_BYTES = 512 << 20
 
 
-@dataclass
+@dataclass(frozen=True)
 class WriteBackStats:
     num_done: int = 0
     num_dropped: int = 0  # over max_bytes, or pending when the worker stopped
-    num_bytes_pending: int = 0
-    num_pending: int = 0
+    num_bytes_pending: int = 0  # waiting or being written
+    num_pending: int = 0  # waiting
 
 
 @dataclass
@@ -67,22 +69,29 @@ class WriteBacks:
         self.max_delay_s, self.max_bytes = max_delay_s, max_bytes
         self._clock = clock
         self._queue: collections.deque[_Pending] = collections.deque()
+        self._running: _Pending | None = None
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.stats = WriteBackStats()
+        self._num_done = self._num_dropped = 0
+
+    @property
+    def stats(self) -> WriteBackStats:
+        return WriteBackStats(self._num_done, self._num_dropped, self._bytes(), len(self._queue))
+
+    def _bytes(self) -> int:
+        running = 0 if self._running is None else self._running.num_bytes
+        return running + sum(p.num_bytes for p in self._queue)
 
     def add(self, run: Callable[[], Coroutine[Any, Any, None]], num_bytes: int) -> None:
         """Queue ``run()`` (a write-back holding ``num_bytes`` of KV); event loop only."""
         if num_bytes > self.max_bytes:
-            self.stats.num_dropped += 1
+            self._num_dropped += 1
             log.info("store write-back of %d bytes dropped: over the %d pending at most",
                      num_bytes, self.max_bytes)  # fmt: skip
             return
-        while self._queue and self.stats.num_bytes_pending + num_bytes > self.max_bytes:
+        while self._queue and self._bytes() + num_bytes > self.max_bytes:
             self._drop(self._queue.popleft(), "the pending write-backs are over their bound")
         self._queue.append(_Pending(run, num_bytes, self._clock()))
-        self.stats.num_bytes_pending += num_bytes
-        self.stats.num_pending = len(self._queue)
         if self._task is None:
             self._task = asyncio.ensure_future(self._drain())
         self._kick.set()
@@ -102,9 +111,7 @@ class WriteBacks:
             self._drop(self._queue.popleft(), "the worker is stopping")
 
     def _drop(self, pending: _Pending, why: str) -> None:
-        self.stats.num_dropped += 1
-        self.stats.num_bytes_pending -= pending.num_bytes
-        self.stats.num_pending = len(self._queue)
+        self._num_dropped += 1
         log.info("store write-back of %d bytes dropped: %s", pending.num_bytes, why)
 
     def _due(self) -> float:
@@ -124,13 +131,12 @@ class WriteBacks:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._kick.wait(), wait)
                 continue
-            pending = self._queue.popleft()
-            self.stats.num_pending = len(self._queue)
+            self._running = self._queue.popleft()
             try:
-                await pending.run()  # logs a store failure itself (store_prefix.write_back)
+                await self._running.run()  # logs a store failure itself (store_prefix.write_back)
             except Exception:  # a defect: the next write-backs still run
                 log.exception("store write-back failed")
             else:
-                self.stats.num_done += 1
+                self._num_done += 1
             finally:
-                self.stats.num_bytes_pending -= pending.num_bytes
+                self._running = None

@@ -58,5 +58,13 @@ def fit_transport(points: Sequence[tuple[float, float]]) -> TransportModel:
     return TransportModel(latency, 1.0 / per_byte if per_byte > 0 else float("inf"))
 
 
+def fit_step_overhead(points: Sequence[tuple[int, float, float]]) -> tuple[float, float]:
+    """``points``: (steps, model seconds, real seconds) of lone requests -> (seconds per step,
+    scale) of ``real = per_step * steps + scale * model``."""
+    x = np.array([[p[0], p[1]] for p in points], dtype=float)
+    per_step, scale = _nonnegative_lstsq(x, np.array([p[2] for p in points], dtype=float))
+    return per_step, scale
+
+
 def relative_errors(predicted: Sequence[float], measured: Sequence[float]) -> list[float]:
     return [abs(p - m) / m if m else 0.0 for p, m in zip(predicted, measured, strict=True)]

@@ -26,8 +26,9 @@ steps instead: each request's server-side ``prefill_s`` (the prefill worker's ti
 step that took the prompt to its first token) is a step time when no other request's window
 overlapped it (on the 2026-12-02 runs a 13-token prompt scheduled beside others read 2.9 s, so
 only *lone* requests count). Their real time against the calibrated model is a line, not a
-ratio — a short prompt's step runs ~2× its model, a long one's ~1.2× (the per-layer KV hand-off
-and the step's loop cost the same whatever the prompt) — so ``real = prefill_step_s · steps +
+ratio — on one run a 27–38-token prompt's step ran 1.6–2.8× its model, a 398–1,118-token
+one's 1.0–1.3× (the per-layer KV hand-off and the step's loop cost the same whatever the
+prompt) — so ``real = prefill_step_s · steps +
 prefill_scale · model`` is fitted by least squares (``ServingModel.prefill_step_s``), and the
 replays then fit ``decode_scale`` alone. The router's own median ``routing_s`` (its work and
 the decode worker's reservation, 2-40 ms a request on a loaded run) becomes ``route_s``.
@@ -43,12 +44,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from bench.workloads_trace import DEFAULT_TRACES_DIR
 from services.common.errors import ConfigError
 from services.sim.calibrate import find_profile
-from services.sim.fit import _nonnegative_lstsq
+from services.sim.fit import fit_step_overhead
 from services.sim.profile import Profile, ServingModel
 from services.sim.validate import compare_rows, render
 
@@ -137,8 +136,7 @@ def fit_prefill_steps(points: list[tuple[int, float, float]]) -> tuple[float, fl
     models = [p[1] for p in points]
     if max(models) < 2 * min(models):
         return None
-    x = np.array([[p[0], p[1]] for p in points], dtype=float)
-    step_s, scale = _nonnegative_lstsq(x, np.array([p[2] for p in points], dtype=float))
+    step_s, scale = fit_step_overhead(points)
     if scale <= 0:
         return None
     return step_s, scale
@@ -153,8 +151,7 @@ def fit(
         raise ConfigError(f"iterations must be >= 1, got {iterations}")
     if not any(r["mode"] in FIT_MODES for r in report.get("table", [])):
         raise ConfigError("the compare run has no static-pd rows to fit the serving overhead on")
-    serving, rows = ServingModel(), []
-    serving = replace(serving, route_s=median_routing_s(report))
+    serving, rows = ServingModel(route_s=median_routing_s(report)), []
     points = lone_prefill_steps(report, profile)
     steps_fit = fit_prefill_steps(points)
     if steps_fit is not None:

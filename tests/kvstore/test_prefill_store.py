@@ -28,7 +28,7 @@ from services.prefill.transport import KVTarget
 from services.rpc import dataplane
 from services.rpc.server import start_server
 from tests.engine.helpers import assert_no_leaks, make_engine
-from tests.prefill.helpers import ImportingDecode, cluster, prompt_ids
+from tests.prefill.helpers import ImportingDecode, cluster, prompt_ids, wait_for
 
 RPC = RpcConfig(grace_s=0.2)
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
@@ -76,12 +76,19 @@ async def prefill_on(
     return first.token_ids + decode.decode_all()[rid], result
 
 
-async def wait_for(predicate, within_s: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + within_s
-    while not predicate():
-        assert loop.time() < end, "condition not met in time"
-        await asyncio.sleep(0.02)
+async def start_workers(
+    stack: AsyncExitStack, engines, address: str, timeout_s: float = 2.0, **worker_args
+) -> list[PrefillWorker]:
+    """A started prefill worker per engine, each with its own client of the store node at
+    ``address``; each stops when ``stack`` closes."""
+    workers = []
+    for engine in engines:
+        client = KVStoreClient(address, RPC, timeout_s=timeout_s)
+        worker = PrefillWorker(engine, GrpcKVTransport(RPC), store=client, **worker_args)
+        worker.start()
+        stack.push_async_callback(worker.stop)
+        workers.append(worker)
+    return workers
 
 
 def committed(store: Store) -> int:
@@ -110,15 +117,7 @@ def test_prefix_written_by_a_is_fetched_by_b_token_identically(
                 kvstore_node(redis_server.url, kv_prefix, transport)
             )
             c = await stack.enter_async_context(cluster(engines[0], decode))
-            workers = []
-            for engine in engines:
-                client = KVStoreClient(store.address, RPC)
-                worker = PrefillWorker(
-                    engine, GrpcKVTransport(RPC), store=client, store_overlap=overlap
-                )
-                worker.start()
-                stack.push_async_callback(worker.stop)
-                workers.append(worker)
+            workers = await start_workers(stack, engines, store.address, store_overlap=overlap)
             tokens_a, result_a = await prefill_on(workers[0], decode, c.decode_address, "a", prompt)
             assert (tokens_a, result_a.num_cached_tokens) == (expected, 0)
             # The write-back runs after the first token: wait until the node holds all 6 blocks.
@@ -149,13 +148,7 @@ def test_store_failing_mid_fetch_or_gone_changes_nothing_but_speed(
                 kvstore_node(redis_server.url, kv_prefix, "tcp")
             )
             c = await stack.enter_async_context(cluster(engines[0], decode))
-            workers = []
-            for engine in engines:
-                client = KVStoreClient(store.address, RPC, timeout_s=1.0)
-                worker = PrefillWorker(engine, GrpcKVTransport(RPC), store=client)
-                worker.start()
-                stack.push_async_callback(worker.stop)
-                workers.append(worker)
+            workers = await start_workers(stack, engines, store.address, timeout_s=1.0)
             await prefill_on(workers[0], decode, c.decode_address, "a", prompt)
             await wait_for(lambda: committed(store) == 7)
             # Reads fail after the lookup and pin succeeded: the step fails, B recomputes.
@@ -209,15 +202,7 @@ def test_a_worker_asks_the_store_only_for_blocks_past_its_own_cached_prefix(
             store.node.pin = lambda hashes: pins.append(len(hashes)) or real_pin(hashes)
             store.node.read = lambda request: reads.append(request.num_blocks) or real_read(request)
             c = await stack.enter_async_context(cluster(engines[0], decode))
-            workers = []
-            for engine in engines:
-                worker = PrefillWorker(
-                    engine, GrpcKVTransport(RPC), store=KVStoreClient(store.address, RPC)
-                )
-                worker.start()
-                stack.push_async_callback(worker.stop)
-                workers.append(worker)
-            a, b = workers
+            a, b = await start_workers(stack, engines, store.address)
             await prefill_on(a, decode, c.decode_address, "a", prompt)
             await wait_for(lambda: committed(store) == 7)
             # B computes `other` itself: the store has its 4 shared blocks (pinned, fetched).
@@ -289,14 +274,8 @@ def test_blocks_are_placed_by_hash_over_two_nodes_and_fetched_from_both(
                 for i in range(2)
             ]
             c = await stack.enter_async_context(cluster(engines[0], decode))
-            workers = []
-            for engine in engines:
-                # Each worker knows one node; lookups return every live node.
-                client = KVStoreClient(stores[0].address, RPC)
-                worker = PrefillWorker(engine, GrpcKVTransport(RPC), store=client)
-                worker.start()
-                stack.push_async_callback(worker.stop)
-                workers.append(worker)
+            # Each worker knows one node; lookups return every live node.
+            workers = await start_workers(stack, engines, stores[0].address)
             await prefill_on(workers[0], decode, c.decode_address, "a", prompt)
             await wait_for(lambda: sum(committed(s) for s in stores) == 12)
             per_node = [committed(s) for s in stores]

@@ -207,3 +207,12 @@ async def status_of(coro) -> tuple[grpc.StatusCode, str]:
     except grpc.aio.AioRpcError as exc:
         return exc.code(), exc.details()
     raise AssertionError("the call succeeded")
+
+
+async def wait_for(predicate, within_s: float = 5.0) -> None:
+    """Polls ``predicate`` every 20 ms until it holds; fails the test after ``within_s``."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + within_s
+    while not predicate():
+        assert loop.time() < end, "condition not met in time"
+        await asyncio.sleep(0.02)

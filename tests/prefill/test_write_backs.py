@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from services.prefill.write_backs import WriteBacks
+from tests.prefill.helpers import wait_for
 
 
 class Recorder:
@@ -28,14 +29,6 @@ class Recorder:
         return run
 
 
-async def settle(until, within_s: float = 2.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + within_s
-    while not until():
-        assert loop.time() < end, "condition not met in time"
-        await asyncio.sleep(0.005)
-
-
 def test_write_backs_wait_for_an_idle_worker_and_run_one_at_a_time():
     async def main():
         busy, rec = [True], Recorder()
@@ -47,7 +40,7 @@ def test_write_backs_wait_for_an_idle_worker_and_run_one_at_a_time():
         assert wb.stats.num_bytes_pending == 300
         busy[0] = False
         wb.kick()  # what the worker does as a request ends
-        await settle(lambda: len(rec.done) == 3)
+        await wait_for(lambda: len(rec.done) == 3)
         assert rec.done == ["a", "b", "c"] and rec.most_at_once == 1
         assert (wb.stats.num_done, wb.stats.num_pending, wb.stats.num_bytes_pending) == (3, 0, 0)
         await wb.close()
@@ -62,12 +55,12 @@ def test_a_worker_that_is_never_idle_writes_back_after_the_delay():
         loop = asyncio.get_running_loop()
         start = loop.time()
         wb.add(rec.job("a"), 10)
-        await settle(lambda: rec.done == ["a"])
+        await wait_for(lambda: rec.done == ["a"])
         assert 0.18 <= loop.time() - start < 1.0
         # max_delay_s 0: at once, busy or not
         now = WriteBacks(lambda: True, max_delay_s=0.0, max_bytes=1000)
         now.add(rec.job("b"), 10)
-        await settle(lambda: rec.done == ["a", "b"], within_s=0.15)
+        await wait_for(lambda: rec.done == ["a", "b"], within_s=0.15)
         await wb.close()
         await now.close()
 
@@ -89,7 +82,7 @@ def test_pending_kv_is_bounded_by_dropping_the_oldest():
         )
         busy[0] = False
         wb.kick()
-        await settle(lambda: len(rec.done) == 2)
+        await wait_for(lambda: len(rec.done) == 2)
         assert rec.done == ["b", "c"]
         await wb.close()
 
@@ -102,7 +95,7 @@ def test_a_failing_write_back_does_not_stop_the_next_and_close_drops_the_rest():
         wb = WriteBacks(lambda: busy[0], max_delay_s=30.0, max_bytes=1000)
         wb.add(rec.job("bad", fail=True), 10)
         wb.add(rec.job("good"), 10)
-        await settle(lambda: rec.done == ["good"])
+        await wait_for(lambda: rec.done == ["good"])
         assert (wb.stats.num_done, wb.stats.num_bytes_pending) == (1, 0)
         busy[0] = True
         wb.add(rec.job("late"), 10)

@@ -13,16 +13,13 @@ import pytest
 from services.kvstore.checksum import block_checksum, intact
 from services.kvstore.disk import HEADER, DiskTier
 from services.kvstore.pool import BlockPool, PoolConfig
-from services.prefill.clients import GrpcKVTransport
-from services.prefill.core import PrefillWorker
-from services.prefill.kvstore_client import KVStoreClient
 from tests.engine.helpers import assert_no_leaks, make_engine
 from tests.kvstore.test_prefill_store import (
-    RPC,
     committed,
     kvstore_node,
     prefill_on,
     reference,
+    start_workers,
     wait_for,
 )
 from tests.prefill.helpers import ImportingDecode, cluster, prompt_ids
@@ -94,14 +91,7 @@ def test_a_corrupted_store_block_is_recomputed_and_the_output_is_unchanged(
                 kvstore_node(redis_server.url, kv_prefix, "tcp")
             )
             c = await stack.enter_async_context(cluster(engines[0], decode))
-            workers = []
-            for engine in engines:
-                worker = PrefillWorker(
-                    engine, GrpcKVTransport(RPC), store=KVStoreClient(store.address, RPC)
-                )
-                worker.start()
-                stack.push_async_callback(worker.stop)
-                workers.append(worker)
+            workers = await start_workers(stack, engines, store.address)
             tokens_a, _ = await prefill_on(workers[0], decode, c.decode_address, "a", prompt)
             assert tokens_a == expected
             await wait_for(lambda: committed(store) == 6)
