@@ -157,6 +157,7 @@ class EngineCollector(Collector):
             )  # fmt: skip
             counter.add_metric([*self._labels, "done"], write_backs.num_done)
             counter.add_metric([*self._labels, "dropped"], write_backs.num_dropped)
+            counter.add_metric([*self._labels, "evicted"], write_backs.num_evicted)
             yield counter
             gauge = _gauge("banaserve_prefill_store_write_back_pending_bytes",
                            "KV waiting to be written back to the store", labels)  # fmt: skip

@@ -95,6 +95,19 @@ class BlockManager:
             n += 1
         return n
 
+    def cached_block_ids(self, blocks: list[tuple[BlockHash, tuple[int, ...]]]) -> list[int] | None:
+        """The ids of the cached blocks holding ``blocks`` (hash, tokens), or None if any one
+        is no longer cached here with those tokens (evicted, or the cache is paused)."""
+        if not self.enable_prefix_caching or self.cache_paused:
+            return None
+        ids = []
+        for block_hash, tokens in blocks:
+            block_id = self._cached.get(block_hash)
+            if block_id is None or self.blocks[block_id].token_ids != tokens:
+                return None
+            ids.append(block_id)
+        return ids
+
     # -- allocation ------------------------------------------------------------------
 
     def num_new_blocks(self, seq: Sequence, num_new_tokens: int) -> int:

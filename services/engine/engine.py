@@ -38,6 +38,7 @@ from services.common.errors import (
     RequestNotFoundError,
     ResourceExhaustedError,
 )
+from services.common.hashing import BlockHash
 from services.common.types import FinishReason, RequestOutput, SamplingParams
 from services.engine import paged_decode
 from services.engine.attention import PartialAttention
@@ -376,6 +377,21 @@ class Engine:
     def export_kv_async(self, request_id: str, layer: int) -> Future[tuple[torch.Tensor, KVLayout]]:
         """All of one layer of a request's computed KV, wherever it lies (kv_routes.py)."""
         return export_anywhere(self.kv, self.placement, request_id, layer)
+
+    def read_cached_blocks(
+        self, groups: list[list[tuple[BlockHash, tuple[int, ...]]]], outs: list[torch.Tensor]
+    ) -> bool:
+        """Every layer's KV of each group of prefix-cached blocks (hash, tokens) into its
+        ``outs`` tensor (``KVCache.gather_blocks``); False, with nothing written, if a block
+        is no longer cached here or some layers run elsewhere. Engine thread, between steps."""
+        if self.kv_cache.layers != range(self.spec.num_layers):
+            return False
+        ids = [self.block_manager.cached_block_ids(group) for group in groups]
+        if any(group_ids is None for group_ids in ids):
+            return False
+        for group_ids, out in zip(ids, outs, strict=True):
+            self.kv_cache.gather_blocks(group_ids, out)  # type: ignore[arg-type]
+        return True
 
     def begin_import(
         self,

@@ -166,6 +166,20 @@ class KVCache:
         k.index_copy_(0, index, data[0].to(self.device))
         v.index_copy_(0, index, data[1].to(self.device))
 
+    def gather_blocks(self, block_ids: list[int], out: torch.Tensor) -> None:
+        """Every layer's K and V of ``block_ids`` into ``out``, ``[layers, n, 2, block_size,
+        kv_heads, head_dim]`` (the kvstore wire layout, kv_wire.py), layer 0 first: a store
+        write-back's payload, written into a buffer its caller reuses."""
+        want = (self.num_layers, len(block_ids), 2, self.block_size, self.num_kv_heads,
+                self.head_dim)  # fmt: skip
+        if self.layers.start != 0 or tuple(out.shape) != want or out.dtype != self.dtype:
+            raise ValueError(f"out {tuple(out.shape)} {out.dtype}: {want} {self.dtype} wanted "
+                             f"from layers {self.layers}")  # fmt: skip
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        for layer in self.layers:
+            for j, tensor in enumerate(self.layer(layer)):
+                torch.index_select(tensor, 0, index, out=out[layer, :, j])
+
     def gather_tokens(self, layers: range, slots: torch.Tensor) -> torch.Tensor:
         """A copy of the K and V at ``slots`` (``block * block_size + offset``) of every layer
         of ``layers``: ``[len(layers), 2, len(slots), kv_heads, head_dim]``, contiguous."""

@@ -287,6 +287,15 @@ class MigrationAgent:
 
     async def revert(self, migration_id: str) -> donor.PauseResult:
         """Layers (or blocks) back; the result counts every byte copied back."""
+        record = self.records.get(migration_id)
+        if record is not None and record.helper_lost:
+            # A donor falls back on its own once its helper is lost (``_port_failed``): a
+            # revert must not run beside that fall-back, and after it nothing is left to take
+            # back. Either way the helper cannot give the KV back: UNAVAILABLE, every time.
+            raise DependencyUnavailableError(
+                f"migration {migration_id}: the helper cannot give the KV back: it was lost "
+                f"({record.helper_lost}); the donor runs every layer itself again"
+            )
         if self.attention.owns(migration_id):
             return await self.attention.revert(migration_id)
         return await self.layers.revert(migration_id)

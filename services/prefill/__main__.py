@@ -74,8 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=DEFAULT_MAX_BYTES >> 20,
         metavar="MIB",
-        help="KV waiting to be written back at most; past it the oldest is dropped "
-        "(default %(default)s)",
+        help="KV the pending write-backs would write, at most (they hold none: it is read "
+        "from the prefix cache when they run); past it the oldest is dropped (default %(default)s)",
     )
     p.add_argument("--worker-id", default=None, help="default: prefill-PORT")
     p.add_argument("--report-interval", type=float, default=0.1, help="seconds between reports")

@@ -75,7 +75,7 @@ from services.prefill.jobs import (
     WorkerStats,
 )
 from services.prefill.kvstore_client import KVStoreClient
-from services.prefill.store_prefix import StorePrefixes
+from services.prefill.store_prefix import WRITE_BACK_CHUNK_BYTES, StorePrefixes
 from services.prefill.transport import KVTransport, TransferStats
 from services.prefill.write_backs import (
     DEFAULT_MAX_BYTES,
@@ -111,11 +111,16 @@ class PrefillWorker:
         id_reuse_wait_s: float = ID_REUSE_WAIT_S,
         write_back_delay_s: float = DEFAULT_MAX_DELAY_S,
         write_back_max_bytes: int = DEFAULT_MAX_BYTES,
+        write_back_chunk_bytes: int = WRITE_BACK_CHUNK_BYTES,
     ) -> None:
         self.engine = engine
         self._id_reuse_wait_s = id_reuse_wait_s
         self._transport = transport
-        self._store = None if store is None else StorePrefixes(engine, store)
+        self._store = (
+            None
+            if store is None
+            else StorePrefixes(engine, store, self.engine_call, write_back_chunk_bytes)
+        )
         # False: a store prefix is fetched whole before its request computes (the baseline
         # the layer-wise overlap is measured against).
         self._store_overlap = store_overlap
@@ -354,7 +359,8 @@ class PrefillWorker:
 
     async def _send_remote_layers(self, job: Job) -> None:
         """The layers a migration's helper computed for the prompt, to the sender in layer
-        order (kept for the store's write-back too)."""
+        order. (No store write-back for such a prompt: its KV is not all in this worker's
+        prefix cache, so ``read_cached_blocks`` declines it.)"""
         futures, job.remote_layers = job.remote_layers, []
         for future in futures:
             try:
@@ -366,17 +372,20 @@ class PrefillWorker:
                 ) from e
             assert job.sender is not None
             job.sender.send_layer(data, layout)
-            if self._store is not None:
-                job.kv_layers.append((data, layout))
 
     def _write_back_later(self, job: Job) -> None:
-        # Every layer or none: a prompt whose first token ended it leaves [k, L) on the helper.
-        complete = len(job.kv_layers) == self.engine.spec.num_layers
-        if self._store is not None and self._write_backs is not None and complete:
-            layers, job.kv_layers = job.kv_layers, []
-            store, request_id, known = self._store, job.request_id, job.num_store_blocks
-            num_bytes = sum(data.nbytes for data, _ in layers)
-            self._write_backs.add(lambda: store.write_back(request_id, layers, known), num_bytes)
+        """Queues the prompt's new full blocks for the store; they are read back from the
+        prefix cache when the write-back runs, so nothing is held for it meanwhile."""
+        if self._store is None or self._write_backs is None:
+            return
+        store, request_id, known = self._store, job.request_id, job.num_store_blocks
+        prompt = job.request.prompt_token_ids
+        num_blocks = len(prompt) // self.engine.config.block_size - known
+        if num_blocks > 0:
+            num_bytes = (
+                num_blocks * self.engine.kv_cache.layer_block_bytes * self.engine.spec.num_layers
+            )
+            self._write_backs.add(lambda: store.write_back(request_id, prompt, known), num_bytes)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)

@@ -88,8 +88,6 @@ class EngineSide:
                 data, layout = engine.export_kv(engine_id, layer)
                 job.sender.send_layer(data, layout)
                 job.num_layers_sent += 1
-                if self._store is not None:
-                    job.kv_layers.append((data, layout))
 
     def after_step(self, engine: Engine, outputs: list[RequestOutput]) -> None:
         """After each step: ask for the layers the hook did not see (they ran on a helper) of

@@ -80,9 +80,8 @@ class Job:
     num_store_blocks: int = 0  # prompt blocks the store had
     prefetched: list[torch.Tensor] | None = None  # every prefix layer (overlap off)
     # Layers handed to the sender: a step that failed on a prefix fetch runs again and must not
-    # send a layer twice. With a store they are also kept, in layer order, for the write-back.
+    # send a layer twice.
     num_layers_sent: int = 0
-    kv_layers: list[tuple[torch.Tensor, KVLayout]] = field(default_factory=list)
     # The layers [k, L) a migration's helper computed (this worker its donor), in layer order,
     # set by the engine thread after the prompt's last step: core.py hands them on.
     remote_layers: list[Future[tuple[torch.Tensor, KVLayout]]] = field(default_factory=list)

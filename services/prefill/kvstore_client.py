@@ -23,10 +23,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 import torch
 
 from services.common import kv_wire
@@ -72,6 +73,31 @@ class CachedPrefix:
     runs: tuple[PinnedRun, ...]  # ``start``: a block index of the whole prompt
     layer_bytes: int
     first_block: int = 0
+
+
+# ``encode(groups)``: each group's blocks as one kvstore write payload, or None if they are gone.
+Encode = Callable[[list[list[int]]], Awaitable[list[np.ndarray] | None]]
+
+
+@dataclass
+class _Reserved:
+    """One node's reservation of a write-back: ``todo`` indexes the blocks it lacks."""
+
+    node: Node
+    reservation_id: int
+    num_layers: int
+    todo: list[int]
+    committed: bool = False
+
+
+class _Gone(Exception):
+    """``encode`` found the blocks gone: the reservations are aborted, nothing is stored."""
+
+
+def _raise_first(results: Sequence[object]) -> None:
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
 
 
 class KVStoreClient:
@@ -237,6 +263,24 @@ class KVStoreClient:
         layer); returns how many blocks this writer stored (others were there or in flight)."""
         if not hashes:
             return 0
+        block = layers[0][:, 0]
+        layer_bytes = kv_wire.block_nbytes(kv_wire.DTYPE_NAMES[block.dtype], block.shape[1:])
+
+        async def encode(groups: list[list[int]]) -> list[np.ndarray]:
+            return [kv_wire.encode_layers(layers, group) for group in groups]
+
+        return await self.write_blocks(hashes, len(layers), layer_bytes, encode)
+
+    async def write_blocks(
+        self, hashes: Sequence[BlockHash], num_layers: int, layer_bytes: int, encode: Encode
+    ) -> int:
+        """Stores blocks ``hashes``, placed by hash over the live nodes, two-phase: every node
+        reserves the blocks it lacks, then ``encode(groups)`` gives each node's payload (the
+        blocks at those indices of ``hashes``, kv_wire's layout; None: they are gone, nothing
+        is written), then the writes and commits. Returns how many blocks this writer stored
+        (others were there or in flight). Any failure aborts what was reserved."""
+        if not hashes:
+            return 0
         if self._nodes_stale or not self._nodes:
             await self._refresh_nodes()
         if not self._nodes:
@@ -246,10 +290,30 @@ class KVStoreClient:
         groups: dict[str, list[int]] = {}
         for i, block_hash in enumerate(hashes):
             groups.setdefault(place(block_hash, node_ids), []).append(i)
-        written = await asyncio.gather(
-            *(self._write_node(by_id[nid], hashes, idx, layers) for nid, idx in groups.items())
-        )
-        return sum(written)
+        reserved = await asyncio.gather(
+            *(self._reserve(by_id[nid], hashes, idx, num_layers, layer_bytes)
+              for nid, idx in groups.items()),
+            return_exceptions=True,
+        )  # fmt: skip
+        writes = [r for r in reserved if isinstance(r, _Reserved)]
+        try:
+            _raise_first(reserved)
+            todo = [w for w in writes if w.todo]
+            payloads = await encode([w.todo for w in todo]) if todo else []
+            if payloads is None:
+                raise _Gone
+            payload = {id(w): p for w, p in zip(todo, payloads, strict=True)}
+            done = await asyncio.gather(
+                *(self._write_node(w, payload.get(id(w)), hashes) for w in writes),
+                return_exceptions=True,
+            )
+            _raise_first(done)
+        except BaseException as exc:
+            await asyncio.gather(*(self._abort(w) for w in writes if not w.committed))
+            if isinstance(exc, _Gone):
+                return 0
+            raise
+        return sum(len(w.todo) for w in writes)
 
     async def _refresh_nodes(self) -> None:
         """The live nodes, from a ``Lookup`` of nothing (a worker that only hits its own prefix
@@ -263,62 +327,51 @@ class KVStoreClient:
         self._nodes = [_node(n) for n in reply.nodes]
         self._nodes_stale = False
 
-    async def _write_node(
+    async def _reserve(
         self,
         node: Node,
         hashes: Sequence[BlockHash],
         indices: list[int],
-        layers: Sequence[torch.Tensor],
-    ) -> int:
-        block = layers[0][:, 0]
-        layer_bytes = kv_wire.block_nbytes(kv_wire.DTYPE_NAMES[block.dtype], block.shape[1:])
-        mine = [hashes[i] for i in indices]
-        reply = await self._call(
-            node,
-            "Reserve",
-            kvstore_pb2.ReserveRequest(
-                block_hashes=mine, num_layers=len(layers), layer_bytes=layer_bytes
-            ),
+        num_layers: int,
+        layer_bytes: int,
+    ) -> _Reserved:
+        request = kvstore_pb2.ReserveRequest(
+            block_hashes=[hashes[i] for i in indices],
+            num_layers=num_layers,
+            layer_bytes=layer_bytes,
         )
-        todo = [indices[j] for j in reply.to_write]
-        try:
-            if todo:
-                client = await self._data_client(node)
-                try:
-                    await self._write_layers(client, reply.reservation_id, layers, todo, hashes)
-                except dataplane.DataPlaneError as exc:
-                    raise await self._data_failed(node, exc, "write to") from None
-            await self._call(
-                node, "Commit", kvstore_pb2.CommitRequest(reservation_id=reply.reservation_id)
-            )
-        except BaseException:
-            with contextlib.suppress(StoreError):
-                request = kvstore_pb2.KVStoreServiceAbortRequest(
-                    reservation_id=reply.reservation_id
-                )
-                await self._call(node, "Abort", request)
-            raise
-        return len(todo)
+        reply = await self._call(node, "Reserve", request)
+        return _Reserved(
+            node, reply.reservation_id, num_layers, [indices[j] for j in reply.to_write]
+        )
 
-    async def _write_layers(
-        self,
-        client: dataplane.DataClient,
-        reservation_id: int,
-        layers: Sequence[torch.Tensor],
-        todo: list[int],
-        hashes: Sequence[BlockHash],
+    async def _abort(self, reserved: _Reserved) -> None:
+        with contextlib.suppress(StoreError):
+            request = kvstore_pb2.KVStoreServiceAbortRequest(reservation_id=reserved.reservation_id)
+            await self._call(reserved.node, "Abort", request)
+
+    async def _write_node(
+        self, reserved: _Reserved, payload: np.ndarray | None, hashes: Sequence[BlockHash]
     ) -> None:
-        """Every layer of the chosen blocks in one message (kvstore.proto ``KVDataWrite``), in
-        the KV wire layout (services/common/kv_wire.py), layer after layer."""
-        payload = kv_wire.encode_layers(layers, todo)
-        write = kvstore_pb2.KVDataWrite(
-            reservation_id=reservation_id,
-            layer=0,
-            block_hashes=[hashes[i] for i in todo],
-            num_layers=len(layers),
-        )
-        header = kvstore_pb2.KVDataRequest(write=write).SerializeToString()
-        await client.request(header, payload, self._timeout_s)
+        """Every layer of the reserved blocks in one message (kvstore.proto ``KVDataWrite``),
+        then the commit (of nothing, when the node had them all)."""
+        node = reserved.node
+        if payload is not None:
+            client = await self._data_client(node)
+            write = kvstore_pb2.KVDataWrite(
+                reservation_id=reserved.reservation_id,
+                layer=0,
+                block_hashes=[hashes[i] for i in reserved.todo],
+                num_layers=reserved.num_layers,
+            )
+            header = kvstore_pb2.KVDataRequest(write=write).SerializeToString()
+            try:
+                await client.request(header, payload, self._timeout_s)
+            except dataplane.DataPlaneError as exc:
+                raise await self._data_failed(node, exc, "write to") from None
+        request = kvstore_pb2.CommitRequest(reservation_id=reserved.reservation_id)
+        await self._call(node, "Commit", request)
+        reserved.committed = True
 
     async def _call(self, node: Node, method: str, message):
         try:

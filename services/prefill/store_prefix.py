@@ -8,8 +8,9 @@ new full blocks out. Who calls what (all on the worker's event loop):
    (``Engine.add_request_with_prefix``): writes the prefix's KV in layer by layer while the
    step computes the suffix, and unpins the prefix. ``read_all`` + ``write_prefetched`` do the
    same before the request computes (the baseline without overlap);
-3. ``write_back(...)`` - spawned after the first token: the prompt's new full blocks, off the
-   TTFT path;
+3. ``write_back(...)`` - queued after the first token (write_backs.py: run when the worker is
+   idle): the prompt's new full blocks, read back from this worker's prefix cache (nothing is
+   held for it meanwhile; blocks evicted by then are not written);
 4. ``release(prefix)`` - for a pinned prefix nobody will fetch (the request ended first, or the
    engine had no room for it).
 
@@ -22,22 +23,40 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
+import numpy as np
 import torch
 
-from services.common.hashing import block_hashes
+from services.common.hashing import BlockHash, block_hashes
 from services.engine.engine import Engine
-from services.engine.kv_cache import KVLayout
 from services.engine.prefix_fetch import PrefixFetch
 from services.prefill.kvstore_client import CachedPrefix, KVStoreClient, StoreError
 
 log = logging.getLogger(__name__)
 
+# A write-back is read from the prefix cache this many bytes at a time (~45 blocks of smollm2
+# float32): each chunk one short engine-thread visit, one reused buffer of this size.
+WRITE_BACK_CHUNK_BYTES = 32 << 20
+
+# ``PrefillWorker.engine_call``: runs a function on the engine thread between two steps.
+EngineCall = Callable[[Callable[[Engine], Any]], Awaitable[Any]]
+
 
 class StorePrefixes:
-    def __init__(self, engine: Engine, store: KVStoreClient) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        store: KVStoreClient,
+        engine_call: EngineCall,
+        write_back_chunk_bytes: int = WRITE_BACK_CHUNK_BYTES,
+    ) -> None:
         self.engine = engine
         self._store = store
+        self.engine_call = engine_call
+        self.write_back_chunk_bytes = write_back_chunk_bytes
+        self._staging: torch.Tensor | None = None
 
     async def close(self) -> None:
         await self._store.close()
@@ -121,15 +140,66 @@ class StorePrefixes:
             2, self.engine.config.block_size, spec.num_kv_heads, spec.head_dim, dtype=kv.dtype
         )
 
-    async def write_back(
-        self, request_id: str, layers: list[tuple[torch.Tensor, KVLayout]], num_known: int
-    ) -> None:
-        """The prompt's full blocks past the ``num_known`` the store had, every layer."""
-        hashes = layers[0][1].block_hashes[num_known:]
-        if not hashes:
-            return
-        tensors = [data[:, num_known : num_known + len(hashes)] for data, _ in layers]
-        try:
-            await self._store.write_back(hashes, tensors)
-        except StoreError as exc:
-            log.warning("request %s: KV write-back to the store failed: %s", request_id, exc)
+    async def write_back(self, request_id: str, prompt: list[int], num_known: int) -> bool:
+        """The prompt's full blocks past the ``num_known`` the store had, every layer, read from
+        this worker's prefix cache (the prompt's blocks stay there after its hand-off until
+        evicted) a chunk at a time into one reused buffer. False if some were evicted first
+        (the leading run still cached is written); a store failure is logged (True)."""
+        bs = self.engine.config.block_size
+        hashes = block_hashes(prompt[: len(prompt) // bs * bs], bs, self.engine.fingerprint)
+        blocks = [(h, tuple(prompt[i * bs : (i + 1) * bs])) for i, h in enumerate(hashes)]
+        per_chunk = max(1, self.write_back_chunk_bytes // self._block_bytes())
+        for start in range(num_known, len(blocks), per_chunk):
+            reader = _CachedBlocks(self, blocks[start : start + per_chunk])
+            try:
+                await self._store.write_blocks(
+                    reader.hashes, self.engine.spec.num_layers, self._layer_bytes(), reader
+                )
+            except StoreError as exc:
+                log.warning("request %s: KV write-back to the store failed: %s", request_id, exc)
+                return True
+            if reader.gone:
+                return False
+        return True
+
+    def _layer_bytes(self) -> int:
+        return self.engine.kv_cache.layer_block_bytes
+
+    def _block_bytes(self) -> int:
+        """One block of every layer."""
+        return self._layer_bytes() * self.engine.spec.num_layers
+
+    def staging(self, num_bytes: int) -> torch.Tensor:
+        """The write-backs' buffer (one at a time, WriteBacks), at least ``num_bytes``; reused:
+        fresh pages for every ~90 MB write-back cost the worker more than the copy itself."""
+        if self._staging is None or self._staging.numel() < num_bytes:
+            self._staging = torch.empty(num_bytes, dtype=torch.uint8)
+        return self._staging
+
+
+class _CachedBlocks:
+    """``KVStoreClient.write_blocks``'s ``encode`` for blocks of this worker's prefix cache:
+    gathers each node's blocks into the staging buffer on the engine thread, between steps."""
+
+    def __init__(self, store: StorePrefixes, blocks: list[tuple[BlockHash, tuple[int, ...]]]):
+        self._store, self._blocks = store, blocks
+        self.hashes = [h for h, _ in blocks]
+        self.gone = False
+
+    async def __call__(self, groups: list[list[int]]) -> list[np.ndarray] | None:
+        engine = self._store.engine
+        spec, bs, kv = engine.spec, engine.config.block_size, engine.kv_cache
+        size = self._store._block_bytes()
+        buffer = self._store.staging(size * sum(len(g) for g in groups))
+        views, offset = [], 0
+        for group in groups:
+            views.append(buffer[offset : offset + size * len(group)])
+            offset += size * len(group)
+        shaped = [
+            v.view(kv.dtype).view(spec.num_layers, -1, 2, bs, kv.num_kv_heads, kv.head_dim)
+            for v in views
+        ]
+        wanted = [[self._blocks[i] for i in group] for group in groups]
+        read = await self._store.engine_call(lambda e: e.read_cached_blocks(wanted, shaped))
+        self.gone = not read
+        return [v.numpy() for v in views] if read else None

@@ -1,14 +1,13 @@
 """The prefill worker's store write-backs, deferred until it has nothing to compute.
 
-A write-back (store_prefix.py) gathers a prompt's new full blocks of every layer into one
-payload and sends it to a KV store node, which copies and checksums it. None of that is on the
-TTFT path, but all of it is CPU: for a 2,000-token prompt of smollm2 (~90 MB) ~25 ms on the
-worker to gather it and ~50 ms on the node besides receiving it. On a machine whose cores the
-workers are pinned to that CPU is taken from the prompts queued behind: measured
-(docs/benchmarks.md, session 9), banaserve's TTFT p50 at rate × 2 was 1.3–2.0× that of a run
-without write-backs (long-context, mixed, bursty). Deferring them helped `mixed` (TTFT p50 ÷
-static PD 1.18 against 1.46 at once), not bursts; at saturation the cost is holding the KV,
-which deferring does not remove (benchmarks.md).
+A write-back (store_prefix.py) reads a prompt's new full blocks of every layer back from the
+worker's prefix cache and sends them to a KV store node, which copies and checksums them. None
+of that is on the TTFT path, but all of it is CPU: for a 2,000-token prompt of smollm2 (~90 MB)
+a few ms on the worker to gather it into a reused buffer and ~50 ms on the node besides
+receiving it. On a machine whose cores the workers are pinned to that CPU is taken from the
+prompts queued behind: measured (docs/benchmarks.md, session 9), banaserve's TTFT p50 at
+rate × 2 was 1.3–2.0× that of a run without write-backs (long-context, mixed, bursty).
+Deferring them helped `mixed` (TTFT p50 ÷ static PD 1.18 against 1.46 at once), not bursts.
 
 So a write-back waits here until the worker has no request queued or computing (``busy``
 false), or until the oldest has waited ``max_delay_s`` (a worker that is never idle still
@@ -17,8 +16,11 @@ shares its prefixes, late), and they run one at a time. What waits is bounded: p
 costs a later hit, never an output). ``max_delay_s`` 0: each one as soon as those before it
 are done, busy or not.
 
-Every pending write-back holds its exported KV (the tensors the hand-off sent), nothing of the
-engine's: blocks freed by the engine are not touched here.
+A pending write-back holds no KV, only the prompt: its blocks stay in the engine's prefix cache
+until evicted, and one evicted by the time it runs is not written (``num_evicted``). Holding a
+copy of every prompt's KV until then made the worker fault in ~500 MB of fresh pages every
+10 s at saturation and cut its throughput (session 9, benchmarks.md): under load the cache,
+not a second copy, decides what gets shared.
 """
 
 from __future__ import annotations
@@ -44,13 +46,14 @@ DEFAULT_MAX_BYTES = 512 << 20
 class WriteBackStats:
     num_done: int = 0
     num_dropped: int = 0  # over max_bytes, or pending when the worker stopped
+    num_evicted: int = 0  # ran, but some blocks had left the prefix cache (not written)
     num_bytes_pending: int = 0  # waiting or being written
     num_pending: int = 0  # waiting
 
 
 @dataclass
 class _Pending:
-    run: Callable[[], Coroutine[Any, Any, None]]
+    run: Callable[[], Coroutine[Any, Any, bool]]  # False: some blocks were evicted first
     num_bytes: int
     queued_at: float
 
@@ -72,18 +75,20 @@ class WriteBacks:
         self._running: _Pending | None = None
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._num_done = self._num_dropped = 0
+        self._num_done = self._num_dropped = self._num_evicted = 0
 
     @property
     def stats(self) -> WriteBackStats:
-        return WriteBackStats(self._num_done, self._num_dropped, self._bytes(), len(self._queue))
+        return WriteBackStats(
+            self._num_done, self._num_dropped, self._num_evicted, self._bytes(), len(self._queue)
+        )
 
     def _bytes(self) -> int:
         running = 0 if self._running is None else self._running.num_bytes
         return running + sum(p.num_bytes for p in self._queue)
 
-    def add(self, run: Callable[[], Coroutine[Any, Any, None]], num_bytes: int) -> None:
-        """Queue ``run()`` (a write-back holding ``num_bytes`` of KV); event loop only."""
+    def add(self, run: Callable[[], Coroutine[Any, Any, bool]], num_bytes: int) -> None:
+        """Queue ``run()`` (a write-back of ``num_bytes`` of KV); event loop only."""
         if num_bytes > self.max_bytes:
             self._num_dropped += 1
             log.info("store write-back of %d bytes dropped: over the %d pending at most",
@@ -133,10 +138,14 @@ class WriteBacks:
                 continue
             self._running = self._queue.popleft()
             try:
-                await self._running.run()  # logs a store failure itself (store_prefix.write_back)
+                # Logs a store failure itself (store_prefix.write_back).
+                complete = await self._running.run()
             except Exception:  # a defect: the next write-backs still run
                 log.exception("store write-back failed")
             else:
-                self._num_done += 1
+                if complete:
+                    self._num_done += 1
+                else:
+                    self._num_evicted += 1
             finally:
                 self._running = None

@@ -9,6 +9,8 @@ with unchanged greedy output and nothing held.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from services.common.errors import DependencyUnavailableError
@@ -54,3 +56,51 @@ def test_revert_after_the_helper_dropped_the_layers_is_unavailable(tiny_llama, l
     pair.close()
     assert_no_leaks(a)
     assert_no_leaks(b)
+
+
+def test_a_revert_racing_the_donors_own_fall_back_is_unavailable(tiny_llama, loop):
+    """The donor learns its helper is lost (its connection broke) and starts falling back on
+    its own; a Revert arriving before that fall-back ends must not run beside it (found: it
+    "succeeded" with nothing to fetch, the sequences already requeued, or failed as a bad
+    request once the fall-back had ended): UNAVAILABLE either way, output unchanged."""
+    reference = plain_run(tiny_llama)
+    a, b = make_engine(tiny_llama, num_kv_blocks=64), make_engine(tiny_llama, num_kv_blocks=128)
+    pair = AgentPair(loop, a, b)
+    tokens: dict[str, list[int]] = {}
+
+    async def lose_helper_then_revert():
+        pair.donor._port_failed(MIGRATION, "connection to the helper broke")  # starts the fall-back
+        with pytest.raises(DependencyUnavailableError, match="helper cannot give the KV back"):
+            await pair.donor.revert(MIGRATION)
+
+    for step in range(200):
+        for rid, prompt, max_tokens, arrival in WORKLOAD:
+            if arrival == step:
+                a.add_request(rid, prompt, params(max_tokens))
+        if step == 8:
+            pair.prepare(1)
+            pair.copy()
+            pair.switch(2, drop=False)
+        if step == 12:
+            loop.call(lose_helper_then_revert())
+            wait_until(lambda: pair.donor.get(MIGRATION).state is MigrationState.ABORTED)
+            with pytest.raises(DependencyUnavailableError, match="helper cannot give the KV back"):
+                loop.call(pair.donor.revert(MIGRATION))  # after the fall-back: the same status
+            loop.call(pair.helper.abort(MIGRATION, "the donor fell back"))
+        for out in pair.a_thread.step() + pair.b_thread.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        if step > 40 and not a.has_unfinished_requests:
+            break
+    assert tokens == {rid: reference[rid] for rid, *_ in WORKLOAD}
+    assert a.migration.stage_layout.ranges == ((0, a.spec.num_layers, False),)
+    assert not b.migration.hosted_layers
+    pair.close()
+    assert_no_leaks(a)
+    assert_no_leaks(b)
+
+
+def wait_until(condition, timeout_s: float = 30.0) -> None:
+    end = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)

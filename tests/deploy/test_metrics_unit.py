@@ -80,8 +80,10 @@ def test_engine_collector_reads_the_engine_at_scrape_time():
         sample(registry, "banaserve_prefill_store_write_backs_total", outcome="done", **labels)
         is None
     )
-    # A prefill worker with a store: its write-backs, done, dropped and pending.
-    write_backs = WriteBackStats(num_done=5, num_dropped=2, num_bytes_pending=1 << 20)
+    # A prefill worker with a store: its write-backs, done, dropped, evicted and pending.
+    write_backs = WriteBackStats(
+        num_done=5, num_dropped=2, num_evicted=3, num_bytes_pending=1 << 20
+    )
     registry = CollectorRegistry()
     worker = SimpleNamespace(meter=meter, write_back_stats=write_backs)
     registry.register(EngineCollector("prefill", "tiny-llama", engine, worker))
@@ -89,6 +91,7 @@ def test_engine_collector_reads_the_engine_at_scrape_time():
     name = "banaserve_prefill_store_write_backs_total"
     assert sample(registry, name, outcome="done", **labels) == 5
     assert sample(registry, name, outcome="dropped", **labels) == 2
+    assert sample(registry, name, outcome="evicted", **labels) == 3
     assert sample(registry, "banaserve_prefill_store_write_back_pending_bytes", **labels) == 1 << 20
 
 

@@ -225,6 +225,54 @@ def test_a_worker_asks_the_store_only_for_blocks_past_its_own_cached_prefix(
         assert_no_leaks(engine)
 
 
+def test_a_write_back_reads_the_prefix_cache_when_it_runs_not_before(
+    tiny_llama, redis_server, kv_prefix
+):
+    """A pending write-back holds no KV: it reads the prompt's blocks back from the worker's
+    prefix cache when it runs, a chunk at a time (here one block) through one reused buffer.
+    Blocks evicted meanwhile are not written: counted, nothing reserved is left open."""
+    prompts = [prompt_ids(100, 21), prompt_ids(100, 22)]  # 6 full blocks each
+    engine = make_engine(tiny_llama)
+    decode = ImportingDecode(make_engine(tiny_llama))
+    block_bytes = engine.kv_cache.layer_block_bytes * engine.spec.num_layers
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            store = await stack.enter_async_context(
+                kvstore_node(redis_server.url, kv_prefix, "tcp")
+            )
+            reserves = []
+            real_reserve = store.node.reserve
+            store.node.reserve = lambda h, n, b: reserves.append(len(h)) or real_reserve(h, n, b)
+            c = await stack.enter_async_context(cluster(engine, decode))
+            (a,) = await start_workers(stack, [engine], store.address, write_back_chunk_bytes=1)
+            queued = []  # what the worker queues, run here by hand
+            a._write_backs.add = lambda run, num_bytes: queued.append((run, num_bytes))
+            for i, prompt in enumerate(prompts):
+                await prefill_on(a, decode, c.decode_address, f"p{i}", prompt)
+            assert [n for _, n in queued] == [6 * block_bytes] * 2 and reserves == []
+            assert await queued[0][0]() is True
+            assert reserves == [1] * 6 and committed(store) == 6
+            buffer = a._store._staging
+            assert buffer is not None and buffer.numel() == block_bytes
+            # The second prompt's blocks leave the prefix cache before its write-back runs.
+            await a.engine_call(lambda e: e.block_manager.drop_cached())
+            assert await queued[1][0]() is False
+            assert reserves == [1] * 7 and committed(store) == 6  # reserved, aborted
+            assert a._store._staging is buffer
+            # What was written is what the engine computed: B fetches it, output unchanged.
+            b_engine = make_engine(tiny_llama)
+            (b,) = await start_workers(stack, [b_engine], store.address)
+            tokens, result = await prefill_on(b, decode, c.decode_address, "b", prompts[0])
+            assert (tokens, result.num_cached_tokens) == (reference(tiny_llama, prompts[0]), 96)
+            await wait_for(lambda: store.node.stats().num_pins == 0)
+            assert store.node.stats().num_reservations == 0
+
+    asyncio.run(main())
+    for e in (engine, decode.engine):
+        assert_no_leaks(e)
+
+
 def test_a_fetch_naming_a_block_before_the_pinned_run_fails_for_a_recompute(
     redis_server, kv_prefix
 ):

@@ -16,8 +16,8 @@ class Recorder:
         self.running = 0
         self.most_at_once = 0
 
-    def job(self, name: str, fail: bool = False):
-        async def run() -> None:
+    def job(self, name: str, fail: bool = False, evicted: bool = False):
+        async def run() -> bool:
             self.running += 1
             self.most_at_once = max(self.most_at_once, self.running)
             await asyncio.sleep(0.01)
@@ -25,6 +25,7 @@ class Recorder:
             if fail:
                 raise RuntimeError("a defect in a write-back")
             self.done.append(name)
+            return not evicted
 
         return run
 
@@ -94,15 +95,16 @@ def test_a_failing_write_back_does_not_stop_the_next_and_close_drops_the_rest():
         busy, rec = [False], Recorder()
         wb = WriteBacks(lambda: busy[0], max_delay_s=30.0, max_bytes=1000)
         wb.add(rec.job("bad", fail=True), 10)
+        wb.add(rec.job("gone", evicted=True), 10)  # its blocks had left the prefix cache
         wb.add(rec.job("good"), 10)
-        await wait_for(lambda: rec.done == ["good"])
-        assert (wb.stats.num_done, wb.stats.num_bytes_pending) == (1, 0)
+        await wait_for(lambda: rec.done == ["gone", "good"])
+        assert (wb.stats.num_done, wb.stats.num_evicted, wb.stats.num_bytes_pending) == (1, 1, 0)
         busy[0] = True
         wb.add(rec.job("late"), 10)
         await wb.close()  # pending: dropped, nothing left running
         assert (wb.stats.num_dropped, wb.stats.num_pending, wb.stats.num_bytes_pending) == (1, 0, 0)
         await asyncio.sleep(0.05)
-        assert rec.done == ["good"]
+        assert rec.done == ["gone", "good"]
 
     asyncio.run(main())
 

@@ -51,6 +51,7 @@ from services.rpc.dataplane.base import (
     bounded,
     error_of,
     join_address,
+    receive_buffer,
     shielded,
     split_address,
     unavailable,
@@ -94,7 +95,7 @@ class ReadLimits:
             raise ValueError(f"read limits must be positive, got {self}")
 
 
-async def _read_message(sock: socket.socket, limits: ReadLimits) -> tuple[Frame, bytes, bytearray]:
+async def _read_message(sock: socket.socket, limits: ReadLimits) -> tuple[Frame, bytes, memoryview]:
     head = bytearray(Frame.SIZE)
     await _recv_exactly(sock, memoryview(head))  # no deadline: a pooled connection may idle
     frame = Frame.unpack(head)
@@ -105,8 +106,8 @@ async def _read_message(sock: socket.socket, limits: ReadLimits) -> tuple[Frame,
     async with asyncio.timeout(limits.read_timeout_s):  # TimeoutError: an OSError, _BROKEN
         header = bytearray(frame.header_len)
         await _recv_exactly(sock, memoryview(header))
-        payload = bytearray(frame.payload_len)
-        await _recv_exactly(sock, memoryview(payload))
+        payload = receive_buffer(frame.payload_len)
+        await _recv_exactly(sock, payload)
     return frame, bytes(header), payload
 
 
@@ -251,7 +252,9 @@ class TcpServer(DataServer):
             self._connections.discard(conn)
             await conn.close()
 
-    async def _answer(self, conn: _Connection, rid: int, header: bytes, payload: bytearray) -> None:
+    async def _answer(
+        self, conn: _Connection, rid: int, header: bytes, payload: memoryview
+    ) -> None:
         reply = await answer(self._handler, rid, header, payload, self._stopping)
         try:
             await conn.send(*reply)

@@ -43,6 +43,7 @@ from services.rpc.dataplane.base import (
     bounded,
     error_of,
     join_address,
+    receive_buffer,
     shielded,
     split_address,
     timed_out,
@@ -168,8 +169,8 @@ class _Connection:
         frame = Frame.unpack(self.control)
         return frame, bytes(self.control[Frame.SIZE : Frame.SIZE + frame.header_len])
 
-    async def read_payload(self, frame: Frame) -> bytearray:
-        payload = bytearray(frame.payload_len)
+    async def read_payload(self, frame: Frame) -> memoryview:
+        payload = receive_buffer(frame.payload_len)
         if frame.payload_len:
             await _paced(self._endpoint().recv, payload, tag=frame.request_id)
         return payload
@@ -244,7 +245,7 @@ class UcxServer(DataServer):
         rid = frame.request_id
         try:
             # Refused unread while stopping: the endpoint's abort drops the payload.
-            payload = bytearray() if self._stopping else await conn.read_payload(frame)
+            payload = memoryview(b"") if self._stopping else await conn.read_payload(frame)
             await conn.send(*await answer(self._handler, rid, header, payload, self._stopping))
         except _ucx_errors() as exc:
             log.debug("ucx data plane: request %d lost: %r", rid, exc)
