@@ -5,7 +5,8 @@ load estimates, routing policy), each worker's ``Scheduler`` and ``BlockManager`
 (``worker.py``), the load report type and its meter, the coordinator's ``Policy``, its
 ``LoadHistory`` and the ``Migration`` record with its state table, and the modes' cluster
 shapes (``services.launcher.mode_spec``). What is modelled: step times, KV and activation
-transfers, and the phases of a migration (``profile.py``).
+transfers, the phases of a migration (``profile.py``), and in ``banaserve`` the global KV
+store's contents and fetch times (``store.py``).
 
 A request's life (as services/router/attempt.py):
 
@@ -40,6 +41,7 @@ from services.sim.migrations import MigrationPlayer
 from services.sim.profile import Profile
 from services.sim.requests import SimRequest
 from services.sim.routing import CachedRegistry, sim_router
+from services.sim.store import DEFAULT_CAPACITY_BYTES, SimStore
 from services.sim.worker import FINGERPRINT, SimWorker
 
 
@@ -59,6 +61,7 @@ class SimSpec:
     poll_interval_s: float = 0.25  # the coordinator's ListWorkers cadence
     retry_s: float = 0.05  # a request without room waits this long before trying again
     sample_interval_s: float = 0.0  # > 0: keep utilisation samples (plots)
+    store_capacity_bytes: int = DEFAULT_CAPACITY_BYTES  # banaserve's KV store (store.py)
 
 
 ROLE_NAMES = ((WorkerRole.PREFILL, "prefill"), (WorkerRole.DECODE, "decode"),
@@ -83,6 +86,15 @@ class SimCluster:
         for role, name in ROLE_NAMES:
             for i in range(counts[role]):
                 self._add_worker(f"{name}-{i:03d}", role)
+        # banaserve's global KV store, shared by its prefill workers (store.py).
+        self.store: SimStore | None = None
+        if shape.num_kvstore > 0:
+            block_bytes = profile.kv_bytes_per_block_layer * profile.num_layers
+            self.store = SimStore(max(1, spec.store_capacity_bytes // block_bytes))
+            for w in self.workers.values():
+                if w.role is WorkerRole.PREFILL:
+                    w.store = self.store
+                    w.store_transport = self.transport
         self.requests: dict[str, SimRequest] = {}
         self._unfinished: set[str] = set()  # of the current ``run``
         self._deadline = spec.deadline_s
@@ -154,6 +166,11 @@ class SimCluster:
         while self.loop.now - start < timeout_s and not self.quiet():
             self.loop.run(self.loop.now + every_s)
         return self.loop.now - start
+
+    @property
+    def num_store_hit_tokens(self) -> int:
+        """Prompt tokens the prefill workers fetched from the KV store (0 without one)."""
+        return sum(w.num_store_hit_tokens for w in self.workers.values())
 
     def quiet(self) -> bool:
         live = self.migrations is not None and self.migrations.num_live() > 0

@@ -27,6 +27,7 @@ class RunOutcome:
     wall_s: float
     num_events: int
     sim_s: float
+    num_store_hit_tokens: int = 0  # prompt tokens fetched from banaserve's KV store
 
 
 def coordinator_policy(coordinator_args: list[str]) -> tuple[PolicyConfig, float | None, bool]:
@@ -69,6 +70,7 @@ def simulate_sequence(
     for i, job in enumerate(jobs):
         started = time.perf_counter()
         events_before = cluster.loop.num_events
+        hits_before = cluster.num_store_hit_tokens
         start = cluster.loop.now
         requests = cluster.run(from_plan(job.planned, start, f"{i}-{job.workload}-"), start)
         end = cluster.loop.now
@@ -85,7 +87,8 @@ def simulate_sequence(
         outcomes.append(RunOutcome(row(run), summary, migrations, list(cluster.samples),
                                    time.perf_counter() - started,
                                    cluster.loop.num_events - events_before,
-                                   end - start))  # fmt: skip
+                                   end - start,
+                                   cluster.num_store_hit_tokens - hits_before))  # fmt: skip
     return outcomes
 
 

@@ -27,6 +27,7 @@ from services.sim.calibrate import DEFAULT_PROFILE_DIR, find_profile
 from services.sim.cluster import SimSpec
 from services.sim.profile import Profile
 from services.sim.replay import simulate
+from services.sim.store import DEFAULT_CAPACITY_BYTES
 
 EXTRA_TRACE = TraceWorkload(
     "mooncake-synthetic",
@@ -52,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prefill-donors", action="store_true",
                    help="banaserve: prefill workers may donate layers too (coordinator flag)")  # fmt: skip
+    p.add_argument("--store-capacity", type=int, default=DEFAULT_CAPACITY_BYTES, metavar="BYTES",
+                   help="banaserve's global KV store (default one node's 1 GiB)")  # fmt: skip
     p.add_argument("--traces-dir", type=Path, default=DEFAULT_TRACES_DIR)
     p.add_argument("--out", type=Path, default=DEFAULT_PROFILE_DIR)
 
@@ -78,13 +81,15 @@ def scale_point(n: int, name: str, profile: Profile, args: argparse.Namespace) -
     planned = plan(w, args.duration, args.seed, traces_dir=args.traces_dir)
     slo = (w.slo_ttft_ms, w.slo_tpot_ms)
     base = SimSpec(Mode.COLOCATED, n, deadline_s=args.duration + args.drain_s,
-                   prefill_donors=args.prefill_donors)  # fmt: skip
+                   prefill_donors=args.prefill_donors,
+                   store_capacity_bytes=args.store_capacity)  # fmt: skip
     out: dict = {"workers": n, "workload": name, "num_requests": len(planned), "runs": {}}
     for mode in (Mode.COLOCATED, Mode.BANASERVE):
         sampled = 1.0 if mode is Mode.BANASERVE else 0.0
         res = simulate(replace(base, mode=mode, sample_interval_s=sampled), profile, planned,
                        name, slo)  # fmt: skip
-        out["runs"][mode.value] = res.row | {"wall_s": res.wall_s, "samples": res.samples}
+        out["runs"][mode.value] = res.row | {"wall_s": res.wall_s, "samples": res.samples,
+                                             "store_hit_tokens": res.num_store_hit_tokens}  # fmt: skip
     best = None
     splits = []
     for k in prefill_counts(n, [float(s) for s in args.splits.split(",")]):
@@ -121,8 +126,8 @@ def render(points: list[dict], profile: Profile, args: argparse.Namespace) -> st
         "(colocated), 1.1-2.8x vs DistServe (static PD).", "",
         "| N | workload | requests | best static P:D | out tok/s coloc / static / bana "
         "| goodput coloc / static / bana | bana/coloc thr | bana/static thr | bana/coloc goodput "
-        "| bana/static goodput | migrations |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| bana/static goodput | migrations | store hit tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     f = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     for p in points:
@@ -135,7 +140,8 @@ def render(points: list[dict], profile: Profile, args: argparse.Namespace) -> st
             f"{f(r['static-pd']['goodput'])} / {f(r['banaserve']['goodput'])} "
             f"| {f(q['colocated']['output_throughput'])} | {f(q['static-pd']['output_throughput'])}"
             f" | {f(q['colocated']['goodput'])} | {f(q['static-pd']['goodput'])} "
-            f"| {r['banaserve']['num_migrations']} |"
+            f"| {r['banaserve']['num_migrations']} "
+            f"| {r['banaserve'].get('store_hit_tokens', 0)} |"
         )
     return "\n".join(lines) + "\n"
 

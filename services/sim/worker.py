@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from services.common.hashing import block_hashes
 from services.common.load import LoadMeter, LoadReport
 from services.common.types import SamplingParams
 from services.engine.block_manager import BlockManager
@@ -29,6 +30,7 @@ from services.engine.sequence import Sequence, SequenceStatus
 from services.router.registry import WorkerRole
 from services.sim.events import EventLoop
 from services.sim.profile import Profile
+from services.sim.store import SimStore
 
 LOAD_WINDOW_S = 1.0  # as the workers' (services/prefill/core.py LOAD_WINDOW_S)
 FINGERPRINT = "sim"
@@ -108,14 +110,48 @@ class SimWorker:
         self.on_prefilled: Callable[[Sequence], None] = lambda seq: None
         self.on_finished: Callable[[Sequence], None] = lambda seq: None
         self.imported: dict[str, Sequence] = {}  # reserved, KV not arrived yet
+        # banaserve's prefill workers (set by the cluster): the global KV store, the transport
+        # its prefixes are fetched over, each admitted prefix's fetch time (paid by its first
+        # step), and how many prompt tokens came from it.
+        self.store: SimStore | None = None
+        self.store_transport = profile.transport()
+        self._fetch_s: dict[str, float] = {}
+        self.num_store_hit_tokens = 0
 
     # -- requests in ---------------------------------------------------------------------
 
     def add(self, request_id: str, prompt: list[int], max_tokens: int) -> Sequence:
         seq = Sequence(request_id, list(prompt), _params(max_tokens), self.profile.block_size)
-        self.scheduler.add(seq)
+        if self.store is None or not self._add_with_stored_prefix(seq):
+            self.scheduler.add(seq)
         self.kick()
         return seq
+
+    def _add_with_stored_prefix(self, seq: Sequence) -> bool:
+        """As a banaserve prefill worker (services/prefill/store_prefix.py): the prompt's
+        blocks past its own cached prefix looked up in the store; a run held there joins the
+        batch with those tokens computed (``Engine.add_request_with_prefix``), its first step
+        paying the fetch. False: nothing held past the own prefix, or no room now (computed)."""
+        bs, bm, store = self.profile.block_size, self.block_manager, self.store
+        assert store is not None
+        hashes = block_hashes(seq.token_ids[: (seq.num_tokens - 1) // bs * bs], bs, FINGERPRINT)
+        own = bm.num_cached_hashes(hashes)
+        num_blocks = own + store.lookup(hashes[own:])
+        if num_blocks == own:
+            return False
+        hits = bm.find_cached_prefix(seq)[:num_blocks]
+        num_fetched = (num_blocks - len(hits)) * bs
+        if len(self.scheduler.running) >= self.scheduler.max_num_seqs or not bm.can_admit(
+            seq, hits, num_fetched
+        ):
+            return False
+        bm.admit_with_prefix(seq, hits, num_blocks * bs)
+        self.scheduler.join_running(seq)
+        self._fetch_s[seq.request_id] = self.store_transport.time(
+            self.profile.kv_bytes(num_fetched)
+        )
+        self.num_store_hit_tokens += num_fetched
+        return True
 
     def reserve(self, request_id: str, prompt: list[int], max_tokens: int) -> bool:
         """Blocks for a prompt's KV, before it is computed elsewhere; False: no room now."""
@@ -149,6 +185,7 @@ class SimWorker:
     def abort(self, request_id: str) -> None:
         """Drop the request's sequence, if this worker holds it (its blocks freed, as the
         engine's abort); a step in flight leaves it out at its commit."""
+        self._fetch_s.pop(request_id, None)
         seq = self.imported.pop(request_id, None)
         if seq is not None:
             self.block_manager.free(seq)
@@ -169,6 +206,9 @@ class SimWorker:
         if not batch.seqs:
             return
         t, fixed = self.step_time(batch)
+        fetch = max((self._fetch_s.pop(q.request_id, 0.0) for q in batch.seqs), default=0.0)
+        if fetch:  # layer l computes once its prefix layer arrived: the longer one, overlapped
+            t = max(t, fetch) + min(t, fetch) / self.profile.num_layers
         if self.offload is not None:
             t = self.offload.stretch(t, fixed)
         t += self.hosted_debt_s
@@ -224,6 +264,8 @@ class SimWorker:
         seq.token_ids.append(_token(seq))
         self.on_token(seq)
         if self.role is WorkerRole.PREFILL:
+            if self.store is not None:  # the write-back (at once here: store.py)
+                self.store.write(seq.block_hashes)
             self.scheduler.finish(seq)
             self.on_prefilled(seq)
         elif self._done(seq):
