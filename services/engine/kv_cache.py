@@ -178,7 +178,10 @@ class KVCache:
         index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         for layer in self.layers:
             for j, tensor in enumerate(self.layer(layer)):
-                torch.index_select(tensor, 0, index, out=out[layer, :, j])
+                if out.device == self.device:
+                    torch.index_select(tensor, 0, index, out=out[layer, :, j])
+                else:  # a host buffer for a device pool: gathered there, then copied over
+                    out[layer, :, j].copy_(tensor.index_select(0, index))
 
     def gather_tokens(self, layers: range, slots: torch.Tensor) -> torch.Tensor:
         """A copy of the K and V at ``slots`` (``block * block_size + offset``) of every layer

@@ -144,11 +144,12 @@ class StorePrefixes:
         """The prompt's full blocks past the ``num_known`` the store had, every layer, read from
         this worker's prefix cache (the prompt's blocks stay there after its hand-off until
         evicted) a chunk at a time into one reused buffer. False if some were evicted first
-        (the leading run still cached is written); a store failure is logged (True)."""
+        (the chunks before the one holding the first such block are written); a store failure
+        is logged (True)."""
         bs = self.engine.config.block_size
         hashes = block_hashes(prompt[: len(prompt) // bs * bs], bs, self.engine.fingerprint)
         blocks = [(h, tuple(prompt[i * bs : (i + 1) * bs])) for i, h in enumerate(hashes)]
-        per_chunk = max(1, self.write_back_chunk_bytes // self._block_bytes())
+        per_chunk = max(1, self.write_back_chunk_bytes // self.block_bytes())
         for start in range(num_known, len(blocks), per_chunk):
             reader = _CachedBlocks(self, blocks[start : start + per_chunk])
             try:
@@ -165,7 +166,7 @@ class StorePrefixes:
     def _layer_bytes(self) -> int:
         return self.engine.kv_cache.layer_block_bytes
 
-    def _block_bytes(self) -> int:
+    def block_bytes(self) -> int:
         """One block of every layer."""
         return self._layer_bytes() * self.engine.spec.num_layers
 
@@ -189,7 +190,7 @@ class _CachedBlocks:
     async def __call__(self, groups: list[list[int]]) -> list[np.ndarray] | None:
         engine = self._store.engine
         spec, bs, kv = engine.spec, engine.config.block_size, engine.kv_cache
-        size = self._store._block_bytes()
+        size = self._store.block_bytes()
         buffer = self._store.staging(size * sum(len(g) for g in groups))
         views, offset = [], 0
         for group in groups:
