@@ -381,17 +381,9 @@ class Engine:
     def read_cached_blocks(
         self, groups: list[list[tuple[BlockHash, tuple[int, ...]]]], outs: list[torch.Tensor]
     ) -> bool:
-        """Every layer's KV of each group of prefix-cached blocks (hash, tokens) into its
-        ``outs`` tensor (``KVCache.gather_blocks``); False, with nothing written, if a block
-        is no longer cached here or some layers run elsewhere. Engine thread, between steps."""
-        if self.kv_cache.layers != range(self.spec.num_layers):
-            return False
-        ids = [self.block_manager.cached_block_ids(group) for group in groups]
-        if any(group_ids is None for group_ids in ids):
-            return False
-        for group_ids, out in zip(ids, outs, strict=True):
-            self.kv_cache.gather_blocks(group_ids, out)  # type: ignore[arg-type]
-        return True
+        """Every layer's KV of each group of prefix-cached blocks into its ``outs`` tensor
+        (``KVTransfer.read_cached_blocks``). Engine thread, between steps."""
+        return self.kv.read_cached_blocks(groups, outs, self.spec.num_layers)
 
     def begin_import(
         self,

@@ -129,6 +129,25 @@ class KVTransfer:
         blocks = self._blocks(self.requests.seq(request_id), layout)
         return self.kv_cache.export_layer(layer, blocks, layout), layout
 
+    def read_cached_blocks(
+        self,
+        groups: list[list[tuple[BlockHash, tuple[int, ...]]]],
+        outs: list[torch.Tensor],
+        num_layers: int,
+    ) -> bool:
+        """Every layer's KV of each group of prefix-cached blocks (hash, tokens) into its
+        ``outs`` tensor (``KVCache.gather_blocks``): a store write-back's payload. False, with
+        nothing written, if a block is no longer cached here or some of the model's
+        ``num_layers`` layers run elsewhere."""
+        if self.kv_cache.layers != range(num_layers):
+            return False
+        ids = [self.block_manager.cached_block_ids(group) for group in groups]
+        if any(group_ids is None for group_ids in ids):
+            return False
+        for group_ids, out in zip(ids, outs, strict=True):
+            self.kv_cache.gather_blocks(group_ids, out)  # type: ignore[arg-type]
+        return True
+
     def export_tokens(self, spans: list[StageSeq], layers: range) -> torch.Tensor:
         """Tokens ``[start, end)`` of each span's sequence in every layer of ``layers``, packed
         span after span: ``KVCache.gather_tokens``'s tensor. A delta that starts inside a block

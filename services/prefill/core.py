@@ -382,9 +382,7 @@ class PrefillWorker:
         prompt = job.request.prompt_token_ids
         num_blocks = len(prompt) // self.engine.config.block_size - known
         if num_blocks > 0:
-            num_bytes = (
-                num_blocks * self.engine.kv_cache.layer_block_bytes * self.engine.spec.num_layers
-            )
+            num_bytes = num_blocks * store.block_bytes()
             self._write_backs.add(lambda: store.write_back(request_id, prompt, known), num_bytes)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:

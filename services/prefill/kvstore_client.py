@@ -87,11 +87,8 @@ class _Reserved:
     reservation_id: int
     num_layers: int
     todo: list[int]
+    payload: np.ndarray | None = None  # ``encode``'s for ``todo`` (none when it is empty)
     committed: bool = False
-
-
-class _Gone(Exception):
-    """``encode`` found the blocks gone: the reservations are aborted, nothing is stored."""
 
 
 def _raise_first(results: Sequence[object]) -> None:
@@ -300,18 +297,17 @@ class KVStoreClient:
             _raise_first(reserved)
             todo = [w for w in writes if w.todo]
             payloads = await encode([w.todo for w in todo]) if todo else []
-            if payloads is None:
-                raise _Gone
-            payload = {id(w): p for w, p in zip(todo, payloads, strict=True)}
+            if payloads is None:  # the blocks are gone: store nothing
+                await asyncio.gather(*(self._abort(w) for w in writes))
+                return 0
+            for w, payload in zip(todo, payloads, strict=True):
+                w.payload = payload
             done = await asyncio.gather(
-                *(self._write_node(w, payload.get(id(w)), hashes) for w in writes),
-                return_exceptions=True,
+                *(self._write_node(w, hashes) for w in writes), return_exceptions=True
             )
             _raise_first(done)
-        except BaseException as exc:
+        except BaseException:
             await asyncio.gather(*(self._abort(w) for w in writes if not w.committed))
-            if isinstance(exc, _Gone):
-                return 0
             raise
         return sum(len(w.todo) for w in writes)
 
@@ -350,12 +346,10 @@ class KVStoreClient:
             request = kvstore_pb2.KVStoreServiceAbortRequest(reservation_id=reserved.reservation_id)
             await self._call(reserved.node, "Abort", request)
 
-    async def _write_node(
-        self, reserved: _Reserved, payload: np.ndarray | None, hashes: Sequence[BlockHash]
-    ) -> None:
+    async def _write_node(self, reserved: _Reserved, hashes: Sequence[BlockHash]) -> None:
         """Every layer of the reserved blocks in one message (kvstore.proto ``KVDataWrite``),
         then the commit (of nothing, when the node had them all)."""
-        node = reserved.node
+        node, payload = reserved.node, reserved.payload
         if payload is not None:
             client = await self._data_client(node)
             write = kvstore_pb2.KVDataWrite(

@@ -15,9 +15,15 @@ import pytest
 
 from services.common.errors import DependencyUnavailableError
 from services.common.migration_states import MigrationState
-from tests.engine.helpers import assert_no_leaks, make_engine
-from tests.engine.test_migration_invariant import WORKLOAD, params, plain_run
-from tests.migration.harness import MIGRATION, AgentPair, LoopThread
+from tests.engine.helpers import make_engine
+from tests.engine.test_migration_invariant import plain_run
+from tests.migration.harness import (
+    MIGRATION,
+    AgentPair,
+    LoopThread,
+    assert_unchanged_and_local,
+    run_with_fault,
+)
 
 
 @pytest.fixture
@@ -31,31 +37,16 @@ def test_revert_after_the_helper_dropped_the_layers_is_unavailable(tiny_llama, l
     reference = plain_run(tiny_llama)
     a, b = make_engine(tiny_llama, num_kv_blocks=64), make_engine(tiny_llama, num_kv_blocks=128)
     pair = AgentPair(loop, a, b)
-    tokens: dict[str, list[int]] = {}
-    for step in range(200):
-        for rid, prompt, max_tokens, arrival in WORKLOAD:
-            if arrival == step:
-                a.add_request(rid, prompt, params(max_tokens))
-        if step == 8:
-            pair.prepare(1)
-            pair.copy()
-            pair.switch(2, drop=False)
-        if step == 12:
-            loop.call(pair.helper.abort(MIGRATION, "lease expired: no coordinator call"))
-            with pytest.raises(DependencyUnavailableError, match="helper"):
-                loop.call(pair.donor.revert(MIGRATION))
-            loop.call(pair.donor.abort(MIGRATION, "the revert failed"))
-            assert pair.donor.get(MIGRATION).state is MigrationState.ABORTED
-        for out in pair.a_thread.step() + pair.b_thread.step():
-            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-        if step > 40 and not a.has_unfinished_requests:
-            break
-    assert tokens == {rid: reference[rid] for rid, *_ in WORKLOAD}
-    assert a.migration.stage_layout.ranges == ((0, a.spec.num_layers, False),)
-    assert not b.migration.hosted_layers
-    pair.close()
-    assert_no_leaks(a)
-    assert_no_leaks(b)
+
+    def fault() -> None:
+        loop.call(pair.helper.abort(MIGRATION, "lease expired: no coordinator call"))
+        with pytest.raises(DependencyUnavailableError, match="helper"):
+            loop.call(pair.donor.revert(MIGRATION))
+        loop.call(pair.donor.abort(MIGRATION, "the revert failed"))
+        assert pair.donor.get(MIGRATION).state is MigrationState.ABORTED
+
+    tokens = run_with_fault(pair, 12, fault)
+    assert_unchanged_and_local(pair, tokens, reference)
 
 
 def test_a_revert_racing_the_donors_own_fall_back_is_unavailable(tiny_llama, loop):
@@ -66,37 +57,22 @@ def test_a_revert_racing_the_donors_own_fall_back_is_unavailable(tiny_llama, loo
     reference = plain_run(tiny_llama)
     a, b = make_engine(tiny_llama, num_kv_blocks=64), make_engine(tiny_llama, num_kv_blocks=128)
     pair = AgentPair(loop, a, b)
-    tokens: dict[str, list[int]] = {}
+    lost = "helper cannot give the KV back"
 
     async def lose_helper_then_revert():
         pair.donor._port_failed(MIGRATION, "connection to the helper broke")  # starts the fall-back
-        with pytest.raises(DependencyUnavailableError, match="helper cannot give the KV back"):
+        with pytest.raises(DependencyUnavailableError, match=lost):
             await pair.donor.revert(MIGRATION)
 
-    for step in range(200):
-        for rid, prompt, max_tokens, arrival in WORKLOAD:
-            if arrival == step:
-                a.add_request(rid, prompt, params(max_tokens))
-        if step == 8:
-            pair.prepare(1)
-            pair.copy()
-            pair.switch(2, drop=False)
-        if step == 12:
-            loop.call(lose_helper_then_revert())
-            wait_until(lambda: pair.donor.get(MIGRATION).state is MigrationState.ABORTED)
-            with pytest.raises(DependencyUnavailableError, match="helper cannot give the KV back"):
-                loop.call(pair.donor.revert(MIGRATION))  # after the fall-back: the same status
-            loop.call(pair.helper.abort(MIGRATION, "the donor fell back"))
-        for out in pair.a_thread.step() + pair.b_thread.step():
-            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-        if step > 40 and not a.has_unfinished_requests:
-            break
-    assert tokens == {rid: reference[rid] for rid, *_ in WORKLOAD}
-    assert a.migration.stage_layout.ranges == ((0, a.spec.num_layers, False),)
-    assert not b.migration.hosted_layers
-    pair.close()
-    assert_no_leaks(a)
-    assert_no_leaks(b)
+    def fault() -> None:
+        loop.call(lose_helper_then_revert())
+        wait_until(lambda: pair.donor.get(MIGRATION).state is MigrationState.ABORTED)
+        with pytest.raises(DependencyUnavailableError, match=lost):
+            loop.call(pair.donor.revert(MIGRATION))  # after the fall-back: the same status
+        loop.call(pair.helper.abort(MIGRATION, "the donor fell back"))
+
+    tokens = run_with_fault(pair, 12, fault)
+    assert_unchanged_and_local(pair, tokens, reference)
 
 
 def wait_until(condition, timeout_s: float = 30.0) -> None:

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from services.common.errors import ResourceExhaustedError
 from services.engine.engine import Engine
 from services.migration.agent import MigrationAgent
 from services.migration.records import AgentConfig, Peer, Role
+from tests.engine.helpers import assert_no_leaks
+from tests.engine.test_migration_invariant import WORKLOAD, params
 
 MIGRATION = "m-1"
 
@@ -149,3 +151,36 @@ class AgentPair:
     def close(self) -> None:
         self.loop.call(self.donor.close())
         self.loop.call(self.helper.close())
+
+
+def run_with_fault(pair: AgentPair, fault_step: int, fault: Callable[[], None]) -> dict[str, list]:
+    """``WORKLOAD`` on donor A, layers [1, L) moved to B at step 8 (switched, weights kept),
+    ``fault()`` between steps at ``fault_step``, both engines stepped until A is done; the
+    tokens each request got."""
+    tokens: dict[str, list] = {}
+    for step in range(200):
+        for rid, prompt, max_tokens, arrival in WORKLOAD:
+            if arrival == step:
+                pair.a.add_request(rid, prompt, params(max_tokens))
+        if step == 8:
+            pair.prepare(1)
+            pair.copy()
+            pair.switch(2, drop=False)
+        if step == fault_step:
+            fault()
+        for out in pair.a_thread.step() + pair.b_thread.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        if step > 40 and not pair.a.has_unfinished_requests:
+            break
+    return tokens
+
+
+def assert_unchanged_and_local(pair: AgentPair, tokens: dict, reference: dict) -> None:
+    """Greedy output as without the migration, every layer on A again, nothing hosted on B,
+    nothing held by either (closes the pair)."""
+    assert tokens == {rid: reference[rid] for rid, *_ in WORKLOAD}
+    assert pair.a.migration.stage_layout.ranges == ((0, pair.a.spec.num_layers, False),)
+    assert not pair.b.migration.hosted_layers
+    pair.close()
+    assert_no_leaks(pair.a)
+    assert_no_leaks(pair.b)

@@ -14,8 +14,14 @@ from services.common.errors import AlreadyExistsError, InvalidRequestError
 from services.common.migration_states import MigrationState
 from services.migration.records import Peer, Role
 from tests.engine.helpers import assert_no_leaks, make_engine
-from tests.engine.test_migration_invariant import WORKLOAD, params, plain_run
-from tests.migration.harness import MIGRATION, AgentPair, LoopThread
+from tests.engine.test_migration_invariant import plain_run
+from tests.migration.harness import (
+    MIGRATION,
+    AgentPair,
+    LoopThread,
+    assert_unchanged_and_local,
+    run_with_fault,
+)
 
 
 class Clock:
@@ -38,36 +44,21 @@ def test_lost_coordinator_lease_expiry_ends_it_on_both_workers(tiny_llama, loop)
     clock = Clock()
     a, b = make_engine(tiny_llama, num_kv_blocks=64), make_engine(tiny_llama, num_kv_blocks=128)
     pair = AgentPair(loop, a, b, clock=clock)
-    tokens: dict[str, list[int]] = {}
-    for step in range(200):
-        for rid, prompt, max_tokens, arrival in WORKLOAD:
-            if arrival == step:
-                a.add_request(rid, prompt, params(max_tokens))
-        if step == 8:
-            pair.prepare(1)
-            pair.copy()
-            pair.switch(2, drop=False)
-        if step == 14:
-            clock.now += 29.0  # within the 30 s lease: nothing happens
-            loop.call(pair.donor.check())
-            loop.call(pair.helper.check())
-            assert pair.donor.get(MIGRATION).state is MigrationState.SWITCHING
-            clock.now += 1.0
-            loop.call(pair.donor.check())
-            loop.call(pair.helper.check())
-        for out in pair.a_thread.step() + pair.b_thread.step():
-            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-        if step > 40 and not a.has_unfinished_requests:
-            break
+
+    def fault() -> None:
+        clock.now += 29.0  # within the 30 s lease: nothing happens
+        loop.call(pair.donor.check())
+        loop.call(pair.helper.check())
+        assert pair.donor.get(MIGRATION).state is MigrationState.SWITCHING
+        clock.now += 1.0
+        loop.call(pair.donor.check())
+        loop.call(pair.helper.check())
+
+    tokens = run_with_fault(pair, 14, fault)
     donor, helper = pair.donor.get(MIGRATION), pair.helper.get(MIGRATION)
     assert (donor.state, helper.state) == (MigrationState.ABORTED, MigrationState.ABORTED)
     assert donor.reason == helper.reason == "lease expired: no coordinator call"
-    assert tokens == {rid: reference[rid] for rid, *_ in WORKLOAD}
-    assert a.migration.stage_layout.ranges == ((0, a.spec.num_layers, False),)
-    assert not b.migration.hosted_layers
-    pair.close()
-    assert_no_leaks(a)
-    assert_no_leaks(b)
+    assert_unchanged_and_local(pair, tokens, reference)
 
 
 def test_calls_out_of_order_are_refused_and_change_nothing(tiny_llama, loop):
