@@ -71,6 +71,9 @@ class ClusterSpec:
     # Seconds a prefill worker's store write-back may wait for it to be idle (None: its default,
     # services/prefill/write_backs.py; 0: at once).
     store_write_back_delay_s: float | None = None
+    # Which new blocks prefill workers write to the store, "reused" or "all" (None: their
+    # default, services/prefill/write_backs.py).
+    store_write_policy: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     # The coordinator service (services/coordinator/): runs migrations on request.
     coordinator: bool = False
@@ -119,6 +122,10 @@ class ClusterSpec:
         delay = self.store_write_back_delay_s
         if delay is not None and not (math.isfinite(delay) and delay >= 0):
             raise ConfigError(f"store write-back delay must be >= 0 seconds, got {delay}")
+        if self.store_write_policy not in (None, "reused", "all"):
+            raise ConfigError(
+                f"store write policy must be 'reused' or 'all', got {self.store_write_policy!r}"
+            )
 
 
 class Mode(enum.Enum):
@@ -262,6 +269,8 @@ class LocalCluster:
             prefill.append("--no-kvstore-overlap")
         if kvstore and self.spec.store_write_back_delay_s is not None:
             prefill += ["--store-write-back-delay", str(self.spec.store_write_back_delay_s)]
+        if kvstore and self.spec.store_write_policy is not None:
+            prefill += ["--store-write-policy", self.spec.store_write_policy]
         decode = common
         roles = [
             ("prefill", "services.prefill", prefill, self.spec.num_prefill),

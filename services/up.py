@@ -85,6 +85,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "seconds (0: at once; default: the prefill worker's, 5)",
     )
     p.add_argument(
+        "--store-write-policy",
+        choices=("reused", "all"),
+        default=None,
+        help="which new blocks prefill workers write to the store: 'reused' (asked for "
+        "before) or 'all' (default: the prefill worker's, reused; docs/kvstore.md)",
+    )
+    p.add_argument(
         "--coordinator", action="store_true", help="also start the coordinator (migrations)"
     )
     p.add_argument(
@@ -110,6 +117,7 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         kvstore_capacity_bytes=args.kvstore_capacity_bytes,
         kvstore_overlap=args.kvstore_overlap,
         store_write_back_delay_s=args.store_write_back_delay,
+        store_write_policy=args.store_write_policy,
         tls_dir=args.tls_dir,
         api_token_file=args.api_token_file,
     )

@@ -158,6 +158,7 @@ class EngineCollector(Collector):
             counter.add_metric([*self._labels, "done"], write_backs.num_done)
             counter.add_metric([*self._labels, "dropped"], write_backs.num_dropped)
             counter.add_metric([*self._labels, "evicted"], write_backs.num_evicted)
+            counter.add_metric([*self._labels, "not_reused"], write_backs.num_not_reused)
             yield counter
             gauge = _gauge("banaserve_prefill_store_write_back_pending_bytes",
                            "KV waiting to be written back to the store", labels)  # fmt: skip
@@ -283,9 +284,9 @@ class KVStoreCollector(Collector):
         lookup: Callable[..., Any] = node.lookup
 
         async def counted(hashes: Sequence[Any]) -> Any:
-            found = await lookup(hashes)
-            self.num_hit_blocks += len(found[0])
-            self.num_missed_blocks += len(hashes) - len(found[0])
+            found = await lookup(hashes)  # a LookupResult (services/kvstore/core.py)
+            self.num_hit_blocks += len(found.node_ids)
+            self.num_missed_blocks += len(hashes) - len(found.node_ids)
             return found
 
         node.lookup = counted

@@ -18,7 +18,7 @@ from services.common.metrics import KVStoreCollector, add_metrics_args, start_me
 from services.common.network import add_host_args, resolve_host
 from services.kvstore.core import KVStoreConfig, KVStoreNode
 from services.kvstore.disk import DiskTier
-from services.kvstore.metadata import MetadataStore, NodeInfo
+from services.kvstore.metadata import DEFAULT_SEEN_WINDOW_S, MetadataStore, NodeInfo
 from services.kvstore.pool import BlockPool, PoolConfig
 from services.kvstore.servicer import data_handler, kvstore_service
 from services.rpc import dataplane
@@ -50,6 +50,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reservation-ttl", type=float, default=30.0)
     p.add_argument("--pin-ttl", type=float, default=30.0)
     p.add_argument("--heartbeat-interval", type=float, default=1.0)
+    p.add_argument(
+        "--seen-window",
+        type=float,
+        default=DEFAULT_SEEN_WINDOW_S,
+        metavar="S",
+        help="a prefix looked up again within S to 2S seconds counts as reused: what prefill "
+        "workers write back by default (docs/kvstore.md; default %(default)s)",
+    )
     p.add_argument("--tracing", choices=("none", "console", "otlp"), default="none")
     p.add_argument("--otlp-endpoint", default="")
     p.add_argument("--log-level", default=env("BANASERVE_LOG_LEVEL", "INFO"))
@@ -57,7 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_admission_args(p)
     add_host_args(p)
     add_metrics_args(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.seen_window > 0:  # also NaN
+        p.error(f"--seen-window must be > 0 seconds, got {args.seen_window}")
+    return args
 
 
 def make_pool(args: argparse.Namespace) -> BlockPool:
@@ -72,7 +83,9 @@ async def serve(args: argparse.Namespace) -> None:
         TracingConfig(args.tracing, args.otlp_endpoint, service_name="banaserve-kvstore")
     )
     pool = make_pool(args)
-    metadata = MetadataStore.from_url(args.redis, prefix=args.key_prefix)
+    metadata = MetadataStore.from_url(
+        args.redis, prefix=args.key_prefix, seen_window_s=args.seen_window
+    )
     node = KVStoreNode(pool, metadata, KVStoreConfig(heartbeat_interval_s=args.heartbeat_interval))
     host = resolve_host(args.host)
     security = security_config(args, Role.KVSTORE)

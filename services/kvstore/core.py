@@ -62,6 +62,13 @@ class KVStoreConfig:
 
 
 @dataclass(frozen=True)
+class LookupResult:
+    node_ids: list[str]  # per block of the longest cached prefix
+    nodes: list[NodeInfo]  # every live node
+    num_seen: int  # blocks from the first held or looked up before (>= len(node_ids))
+
+
+@dataclass(frozen=True)
 class PinResult:
     pin: ReadPin
     num_layers: int
@@ -143,11 +150,13 @@ class KVStoreNode:
 
     # -- control plane ---------------------------------------------------------------------
 
-    async def lookup(self, hashes: Sequence[BlockHash]) -> tuple[list[str], list[NodeInfo]]:
-        """(node id per block of the longest cached prefix, live nodes)."""
+    async def lookup(self, hashes: Sequence[BlockHash]) -> LookupResult:
+        """The longest cached prefix's owners, the live nodes and how much of the chain was
+        held or looked up before (``MetadataStore.lookup``; marks it looked up)."""
         check_block_hashes(hashes)
-        locations = await self.metadata.longest_prefix(hashes)
-        return [loc.node_id for loc in locations], await self._live_nodes()
+        locations, num_seen = await self.metadata.lookup(hashes)
+        owners = [loc.node_id for loc in locations]
+        return LookupResult(owners, await self._live_nodes(), num_seen)
 
     async def _live_nodes(self) -> list[NodeInfo]:
         now = time.monotonic()

@@ -8,6 +8,8 @@ plane. Every key lives under one prefix (default ``banaserve:kv``) so clusters a
                                       PEXPIRE node TTL, refreshed by every heartbeat
     {prefix}:owned:{node_id}    set   hex block hashes whose entry names this node
     {prefix}:block:{hex hash}   hash  node, size, layers, last_use (wall-clock seconds)
+    {prefix}:seen:{generation}  bitmap hashes prefill workers looked up (an aging Bloom filter,
+                                      ``lookup``); PEXPIRE two seen windows
 
 Invariant (every script keeps it atomically): a block entry names node n exactly when its hash is
 in n's owned set. A block has one location; the last announce wins.
@@ -24,7 +26,17 @@ Lifecycle of a node:
 
 Metadata is a hint: a fetch can still find a block evicted after the lookup, and the data plane
 answers that with not-found. Scripts build key names from ARGV, so they need a standalone Redis
-(not Redis Cluster). ``longest_prefix`` is one EVALSHA: one round trip whatever the length.
+(not Redis Cluster). ``longest_prefix`` and ``lookup`` are one EVALSHA each: one round trip
+whatever the length.
+
+Which blocks are reused: ``lookup`` (a prefill worker's, before it computes a prompt) also says
+how long a prefix of the chain was held or looked up before, and marks the chain looked up. A
+worker writes back only those blocks by default (its ``--store-write-policy``,
+docs/kvstore.md): a prompt seen once, as most are, costs the store no write and evicts nothing.
+The marks are a Bloom filter per generation of ``seen_window_s`` (3 bits a hash in a bitmap of
+``seen_bits``; the current and previous generation are read): bounded memory whatever the
+traffic, a false positive only a write that was not needed, a chain looked up once more than a
+window ago forgotten.
 """
 
 from __future__ import annotations
@@ -54,6 +66,11 @@ log = logging.getLogger(__name__)
 DEFAULT_PREFIX = "banaserve:kv"
 _NODE_ID = re.compile(r"[A-Za-z0-9._-]+")
 _BATCH = 1024  # entries per script call: bounds how long one call blocks Redis
+# The seen marks (``lookup``): a prefix asked for again within 10-20 minutes counts as reused (a
+# conversation's next turn, a shared system prompt); 2 MiB a generation keeps false positives
+# under 0.5 % up to a million distinct blocks a window.
+DEFAULT_SEEN_WINDOW_S = 600.0
+DEFAULT_SEEN_BITS = 1 << 24
 
 
 class MetadataUnavailableError(DependencyUnavailableError):
@@ -149,11 +166,18 @@ class MetadataStore:
         prefix: str = DEFAULT_PREFIX,
         node_ttl_s: float = 3.0,
         clock: Callable[[], float] = time.time,  # wall clock: last_use is compared across hosts
+        seen_window_s: float = DEFAULT_SEEN_WINDOW_S,
+        seen_bits: int = DEFAULT_SEEN_BITS,
     ) -> None:
         if not prefix:
             raise ConfigError("metadata prefix must be non-empty")
         if node_ttl_s <= 0:
             raise ConfigError(f"node_ttl_s must be positive, got {node_ttl_s}")
+        if not seen_window_s > 0 or not 1 <= seen_bits <= 1 << 32:
+            raise ConfigError(
+                f"seen window must be > 0 s and seen bits in 1..2^32: {seen_window_s}, {seen_bits}"
+            )
+        self.seen_window_s, self.seen_bits = seen_window_s, seen_bits
         self.client = client
         self.prefix = prefix
         self.node_ttl_s = node_ttl_s
@@ -166,6 +190,7 @@ class MetadataStore:
         self._withdraw = script(lua.LUA_WITHDRAW)
         self._touch = script(lua.LUA_TOUCH)
         self._longest_prefix = script(lua.LUA_LONGEST_PREFIX)
+        self._lookup = script(lua.LUA_LOOKUP)
         self._sweep = script(lua.LUA_SWEEP)
 
     @classmethod
@@ -267,10 +292,19 @@ class MetadataStore:
         if not hashes:
             return []
         rows = await self._call(self._longest_prefix, *(h.hex() for h in hashes))
-        return [
-            Location(h, _text(node), _text(address), _text(transport), int(size), int(layers))
-            for h, (node, address, transport, size, layers) in zip(hashes, rows, strict=False)
-        ]
+        return _locations(hashes, rows)
+
+    async def lookup(self, hashes: Sequence[BlockHash]) -> tuple[list[Location], int]:
+        """``longest_prefix``, and how many of ``hashes`` from the first were held or asked
+        for by an earlier ``lookup`` within the seen window (at least the hits); marks all of
+        them asked for. One round trip."""
+        if not hashes:
+            return [], 0
+        generation = int(self.clock() // self.seen_window_s)
+        ttl_ms = max(1, round(2 * self.seen_window_s * 1000))
+        head = (generation, ttl_ms, self.seen_bits)
+        rows, num_seen = await self._call(self._lookup, *head, *(h.hex() for h in hashes))
+        return _locations(hashes, rows), int(num_seen)
 
     async def live_nodes(self) -> list[NodeInfo]:
         """Registered nodes whose key has not expired, by node id (input to ``place``)."""
@@ -301,6 +335,13 @@ class MetadataStore:
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
+
+
+def _locations(hashes: Sequence[BlockHash], rows: Sequence) -> list[Location]:
+    return [
+        Location(h, _text(node), _text(address), _text(transport), int(size), int(layers))
+        for h, (node, address, transport, size, layers) in zip(hashes, rows, strict=False)
+    ]
 
 
 class MetadataSession:

@@ -110,27 +110,70 @@ end
 return touched
 """
 
-# ARGV: prefix, hex... -> {node_id, data_address, data_transport, size, layers} per hit, stopping
-# at the first block with no entry or whose node key is gone.
-LUA_LONGEST_PREFIX = """
-local prefix = ARGV[1]
-local nodes = {}
-local hits = {}
-for i = 2, #ARGV do
-  local entry = redis.call('HMGET', prefix .. ':block:' .. ARGV[i], 'node', 'size', 'layers')
-  local node_id = entry[1]
-  if not node_id then break end
-  local node = nodes[node_id]
-  if node == nil then
-    node = redis.call('HMGET', prefix .. ':node:' .. node_id, 'data_address', 'data_transport')
-    if not node[1] then node = false end
-    nodes[node_id] = node
+# Shared by longest-prefix and lookup: ARGV[first..] are hex hashes of a chain -> {node_id,
+# data_address, data_transport, size, layers} per hit, stopping at the first block with no entry
+# or whose node key is gone.
+LUA_LONGEST_PREFIX_FN = """
+local function longest_prefix(prefix, first)
+  local nodes = {}
+  local hits = {}
+  for i = first, #ARGV do
+    local entry = redis.call('HMGET', prefix .. ':block:' .. ARGV[i], 'node', 'size', 'layers')
+    local node_id = entry[1]
+    if not node_id then break end
+    local node = nodes[node_id]
+    if node == nil then
+      node = redis.call('HMGET', prefix .. ':node:' .. node_id, 'data_address', 'data_transport')
+      if not node[1] then node = false end
+      nodes[node_id] = node
+    end
+    if not node then break end
+    hits[#hits + 1] = {node_id, node[1], node[2], entry[2], entry[3]}
   end
-  if not node then break end
-  hits[#hits + 1] = {node_id, node[1], node[2], entry[2], entry[3]}
+  return hits
 end
-return hits
 """
+
+# ARGV: prefix, hex... -> longest_prefix's hits
+LUA_LONGEST_PREFIX = LUA_LONGEST_PREFIX_FN + "return longest_prefix(ARGV[1], 2)\n"
+
+# A prefill worker's lookup: the hits, and how many blocks of the chain from the first were held
+# or seen by an earlier lookup (MetadataStore.lookup: which blocks are reused, worth writing).
+# "Seen" is an aging Bloom filter: a bitmap per generation of the seen window, 3 bits a hash
+# taken from the hash itself; a hash is seen when all its bits are set in this generation's
+# bitmap or the previous one. Every hash of the chain is marked in this generation's.
+# ARGV: prefix, generation, bitmap ttl_ms, bits per bitmap, hex... -> {hits, num_seen}
+LUA_LOOKUP = (
+    LUA_LONGEST_PREFIX_FN
+    + """
+local prefix, generation, bits = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4])
+local hits = longest_prefix(prefix, 5)
+local current = prefix .. ':seen:' .. generation
+local previous = prefix .. ':seen:' .. (generation - 1)
+local function all_set(key, positions)
+  for _, p in ipairs(positions) do
+    if redis.call('GETBIT', key, p) == 0 then return false end
+  end
+  return true
+end
+local seen, run = #hits, true
+for i = 5, #ARGV do
+  local hex = ARGV[i]
+  local positions = {}
+  for j = 0, 2 do positions[j + 1] = tonumber(string.sub(hex, 8 * j + 1, 8 * j + 8), 16) % bits end
+  if run and i - 4 > #hits then
+    if all_set(current, positions) or all_set(previous, positions) then
+      seen = seen + 1
+    else
+      run = false
+    end
+  end
+  for _, p in ipairs(positions) do redis.call('SETBIT', current, p, 1) end
+end
+if #ARGV >= 5 then redis.call('PEXPIRE', current, ARGV[3]) end
+return {hits, seen}
+"""
+)
 
 # ARGV: prefix -> number of dead nodes whose entries were deleted
 LUA_SWEEP = (

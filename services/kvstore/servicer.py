@@ -25,9 +25,11 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServiceServicer):
         self._node = node
 
     async def Lookup(self, request, context):
-        node_ids, nodes = await self._node.lookup(list(request.block_hashes))
+        found = await self._node.lookup(list(request.block_hashes))
         return kvstore_pb2.LookupResponse(
-            node_ids=node_ids, nodes=[node_to_proto(n) for n in nodes]
+            node_ids=found.node_ids,
+            nodes=[node_to_proto(n) for n in found.nodes],
+            num_seen=found.num_seen,
         )
 
     async def Pin(self, request, context):

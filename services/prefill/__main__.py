@@ -28,7 +28,7 @@ from services.prefill.dataplane_transport import DataPlaneKVTransport, TargetKVT
 from services.prefill.kv_targets import checked_by_router
 from services.prefill.kvstore_client import KVStoreClient
 from services.prefill.servicer import prefill_service
-from services.prefill.write_backs import DEFAULT_MAX_BYTES, DEFAULT_MAX_DELAY_S
+from services.prefill.write_backs import DEFAULT_MAX_BYTES, DEFAULT_MAX_DELAY_S, WritePolicy
 from services.rpc.admission import add_admission_args, admission_interceptors
 from services.rpc.load_reports import reporting_to, serve_while_alive, worker_info
 from services.rpc.security import (
@@ -77,6 +77,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="KV the pending write-backs would write, at most (they hold none: it is read "
         "from the prefix cache when they run); past it the oldest is dropped (default %(default)s)",
     )
+    p.add_argument(
+        "--store-write-policy",
+        choices=[w.value for w in WritePolicy],
+        default=WritePolicy.REUSED.value,
+        help="which new blocks go to the store: 'reused', those held or asked for before (a "
+        "prefix seen twice); 'all', every one at its first sight (default %(default)s; "
+        "docs/kvstore.md)",
+    )
     p.add_argument("--worker-id", default=None, help="default: prefill-PORT")
     p.add_argument("--report-interval", type=float, default=0.1, help="seconds between reports")
     p.add_argument("--tracing", choices=("none", "console", "otlp"), default="none")
@@ -121,6 +129,7 @@ async def serve(args: argparse.Namespace) -> None:
         store_overlap=args.kvstore_overlap,
         write_back_delay_s=args.store_write_back_delay,
         write_back_max_bytes=args.store_write_back_max_mib << 20,
+        write_policy=WritePolicy(args.store_write_policy),
     )
     worker.start()
     migration = await start_migration(args, worker, rpc.host)

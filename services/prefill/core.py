@@ -82,6 +82,8 @@ from services.prefill.write_backs import (
     DEFAULT_MAX_DELAY_S,
     WriteBacks,
     WriteBackStats,
+    WritePolicy,
+    blocks_to_write,
 )
 
 __all__ = [
@@ -112,8 +114,10 @@ class PrefillWorker:
         write_back_delay_s: float = DEFAULT_MAX_DELAY_S,
         write_back_max_bytes: int = DEFAULT_MAX_BYTES,
         write_back_chunk_bytes: int = WRITE_BACK_CHUNK_BYTES,
+        write_policy: WritePolicy = WritePolicy.REUSED,
     ) -> None:
         self.engine = engine
+        self._write_policy = write_policy
         self._id_reuse_wait_s = id_reuse_wait_s
         self._transport = transport
         self._store = (
@@ -124,7 +128,8 @@ class PrefillWorker:
         # False: a store prefix is fetched whole before its request computes (the baseline
         # the layer-wise overlap is measured against).
         self._store_overlap = store_overlap
-        # New blocks go to the store once nothing is queued or computing (write_backs.py).
+        # New blocks (those the write policy picks) go to the store once nothing is queued or
+        # computing (write_backs.py).
         self._write_backs = (
             None
             if store is None
@@ -255,7 +260,8 @@ class PrefillWorker:
             deadline,
         )
         if self._store is not None:
-            job.prefix = await self._store.lookup(request.prompt_token_ids)
+            found = await self._store.lookup(request.prompt_token_ids)
+            job.prefix, job.num_seen_blocks = found.prefix, found.num_seen
             if job.prefix is not None and not self._store_overlap:
                 prefetch = self._store.read_all(job.prefix)
                 job.prefetched = await self._bounded(prefetch, deadline)
@@ -378,12 +384,19 @@ class PrefillWorker:
         prefix cache when the write-back runs, so nothing is held for it meanwhile."""
         if self._store is None or self._write_backs is None:
             return
-        store, request_id, known = self._store, job.request_id, job.num_store_blocks
-        prompt = job.request.prompt_token_ids
-        num_blocks = len(prompt) // self.engine.config.block_size - known
-        if num_blocks > 0:
-            num_bytes = num_blocks * store.block_bytes()
-            self._write_backs.add(lambda: store.write_back(request_id, prompt, known), num_bytes)
+        store, request_id, prompt = self._store, job.request_id, job.request.prompt_token_ids
+        num_full = len(prompt) // self.engine.config.block_size
+        blocks = blocks_to_write(
+            self._write_policy, job.num_store_blocks, job.num_seen_blocks, num_full
+        )
+        if not blocks:
+            if job.num_store_blocks < num_full:  # new blocks, none of them reused
+                self._write_backs.not_reused()
+            return
+        num_bytes = len(blocks) * store.block_bytes()
+        self._write_backs.add(
+            lambda: store.write_back(request_id, prompt, blocks.start, blocks.stop), num_bytes
+        )
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)

@@ -78,6 +78,7 @@ class Job:
     scheduled_at: float | None = None  # written by the engine thread
     prefix: CachedPrefix | None = None  # pinned in the global store
     num_store_blocks: int = 0  # prompt blocks the store had
+    num_seen_blocks: int = 0  # prompt blocks reused: held here or there, or asked for before
     prefetched: list[torch.Tensor] | None = None  # every prefix layer (overlap off)
     # Layers handed to the sender: a step that failed on a prefix fetch runs again and must not
     # send a layer twice.

@@ -5,7 +5,8 @@ Who calls what, and when (all on the prefill worker's event loop):
 1. ``lookup(hashes, first_block)`` before a request is added to the engine: the longest run
    of the prompt's full blocks from ``first_block`` on (the blocks before it are the worker's
    own) cached on live nodes, pinned there (``Pin`` per node); the usable prefix ends at the
-   first block a node could not pin (evicted since Redis said otherwise);
+   first block a node could not pin (evicted since Redis said otherwise). It also says how much
+   of the prompt was asked for before: the reused blocks, which ``write_back`` writes;
 2. ``read_layer(prefix, layer, positions)`` per layer while the suffix computes: layer ``layer``
    of the pinned blocks at ``positions``, as one tensor shaped like ``Engine.export_kv``'s
    output (``[2, n, block_size, kv_heads, head_dim]``);
@@ -73,6 +74,16 @@ class CachedPrefix:
     runs: tuple[PinnedRun, ...]  # ``start``: a block index of the whole prompt
     layer_bytes: int
     first_block: int = 0
+
+
+@dataclass(frozen=True)
+class StoreLookup:
+    """``KVStoreClient.lookup``'s answer."""
+
+    prefix: CachedPrefix | None  # None: nothing cached past ``first_block``
+    # Blocks from the first held or asked for before (the ``first_block`` before the ones
+    # asked about count, the caller's own): the reused ones, worth writing back.
+    num_seen: int
 
 
 # ``encode(groups)``: each group's blocks as one kvstore write payload, or None if they are gone.
@@ -157,12 +168,11 @@ class KVStoreClient:
 
     # -- reads -----------------------------------------------------------------------------
 
-    async def lookup(
-        self, hashes: Sequence[BlockHash], first_block: int = 0
-    ) -> CachedPrefix | None:
-        """The usable cached run of ``hashes[first_block:]``, pinned; None when nothing is
-        cached. Hashes chain (each names its whole prefix), so asking from ``first_block`` finds
-        exactly the blocks a lookup of all of them would find past it."""
+    async def lookup(self, hashes: Sequence[BlockHash], first_block: int = 0) -> StoreLookup:
+        """The usable cached run of ``hashes[first_block:]``, pinned (None when nothing is
+        cached), and how many of ``hashes`` were held or asked for before (this call marks
+        them asked for). Hashes chain (each names its whole prefix), so asking from
+        ``first_block`` finds exactly the blocks a lookup of all of them would find past it."""
         if not 0 <= first_block < len(hashes):
             raise ValueError(f"first_block {first_block} outside 0..{len(hashes) - 1}")
         hashes = hashes[first_block:]
@@ -173,9 +183,10 @@ class KVStoreClient:
         except grpc.aio.AioRpcError as exc:
             raise StoreError(f"lookup failed: {exc.code().name}: {exc.details()}") from None
         self._nodes = [_node(n) for n in reply.nodes]
+        num_seen = first_block + min(reply.num_seen, len(hashes))
         if not reply.node_ids:
-            return None
-        return await self._pin(hashes, list(reply.node_ids), first_block)
+            return StoreLookup(None, num_seen)
+        return StoreLookup(await self._pin(hashes, list(reply.node_ids), first_block), num_seen)
 
     async def _pin(
         self, hashes: Sequence[BlockHash], owners: list[str], first_block: int

@@ -3,13 +3,14 @@ new full blocks out. Who calls what (all on the worker's event loop):
 
 1. ``lookup(prompt)`` - ``PrefillWorker.prefill`` while the request is QUEUED: the longest
    prefix of the prompt the store holds past the blocks this worker's own prefix cache has,
-   pinned there (or None: the own cache is all the prompt gets);
+   pinned there (or None: the own cache is all the prompt gets), and how much of the prompt
+   is reused (what the write policy writes back, write_backs.py);
 2. ``fetch(fetch, prefix)`` - spawned once the request entered the engine with that prefix
    (``Engine.add_request_with_prefix``): writes the prefix's KV in layer by layer while the
    step computes the suffix, and unpins the prefix. ``read_all`` + ``write_prefetched`` do the
    same before the request computes (the baseline without overlap);
 3. ``write_back(...)`` - queued after the first token (write_backs.py: run when the worker is
-   idle): the prompt's new full blocks, read back from this worker's prefix cache (nothing is
+   idle): the prompt's new full blocks that its write policy picks, read back from this worker's prefix cache (nothing is
    held for it meanwhile; blocks evicted by then are not written);
 4. ``release(prefix)`` - for a pinned prefix nobody will fetch (the request ended first, or the
    engine had no room for it).
@@ -32,7 +33,12 @@ import torch
 from services.common.hashing import BlockHash, block_hashes
 from services.engine.engine import Engine
 from services.engine.prefix_fetch import PrefixFetch
-from services.prefill.kvstore_client import CachedPrefix, KVStoreClient, StoreError
+from services.prefill.kvstore_client import (
+    CachedPrefix,
+    KVStoreClient,
+    StoreError,
+    StoreLookup,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +70,11 @@ class StorePrefixes:
     async def release(self, prefix: CachedPrefix) -> None:
         await self._store.release(prefix)
 
-    async def lookup(self, prompt: list[int]) -> CachedPrefix | None:
+    async def lookup(self, prompt: list[int]) -> StoreLookup:
         """The prompt's longest prefix pinned in the store past what this worker's own prefix
-        cache holds; None on a miss or any failure. Leaves at least one token to compute (the
-        first token is sampled from it).
+        cache holds (None on a miss or any failure), and how many of its blocks are reused
+        (held here or in the store, or asked for before: ``KVStoreClient.lookup``). Leaves at
+        least one token to compute (the first token is sampled from it).
 
         Only the blocks past the own cached prefix are asked for: a hot prefix this worker
         holds costs the store one lookup of the prompt's new blocks, not a pin, a fetch
@@ -77,13 +84,13 @@ class StorePrefixes:
         # Read from the event loop while a step may run: a dict read, at worst stale. A block
         # dropped since makes the fetch name it and fail: the request is recomputed.
         own = self.engine.block_manager.num_cached_hashes(hashes)
-        if own == len(hashes):
-            return None  # this worker's own prefix cache has all of it (or there is none)
+        if own == len(hashes):  # this worker's own prefix cache has all of it (or there is none)
+            return StoreLookup(None, own)
         try:
             return await self._store.lookup(hashes, own)
         except StoreError as exc:
             log.warning("kvstore lookup failed, computing the whole prompt: %s", exc)
-            return None
+            return StoreLookup(None, own)
 
     async def fetch(self, fetch: PrefixFetch, prefix: CachedPrefix) -> None:
         """Writes the prefix's KV into the engine layer by layer, reading layer l+1 from the
@@ -140,14 +147,17 @@ class StorePrefixes:
             2, self.engine.config.block_size, spec.num_kv_heads, spec.head_dim, dtype=kv.dtype
         )
 
-    async def write_back(self, request_id: str, prompt: list[int], num_known: int) -> bool:
-        """The prompt's full blocks past the ``num_known`` the store had, every layer, read from
-        this worker's prefix cache (the prompt's blocks stay there after its hand-off until
-        evicted) a chunk at a time into one reused buffer. False if some were evicted first
-        (the chunks before the one holding the first such block are written); a store failure
-        is logged (True)."""
+    async def write_back(
+        self, request_id: str, prompt: list[int], num_known: int, end: int | None = None
+    ) -> bool:
+        """The prompt's full blocks from ``num_known`` (the store had those) to ``end`` (default:
+        all), every layer, read from this worker's prefix cache (the prompt's blocks stay there
+        after its hand-off until evicted) a chunk at a time into one reused buffer. False if
+        some were evicted first (the chunks before the one holding the first such block are
+        written); a store failure is logged (True)."""
         bs = self.engine.config.block_size
-        hashes = block_hashes(prompt[: len(prompt) // bs * bs], bs, self.engine.fingerprint)
+        full = len(prompt) // bs if end is None else min(end, len(prompt) // bs)
+        hashes = block_hashes(prompt[: full * bs], bs, self.engine.fingerprint)
         blocks = [(h, tuple(prompt[i * bs : (i + 1) * bs])) for i, h in enumerate(hashes)]
         per_chunk = max(1, self.write_back_chunk_bytes // self.block_bytes())
         for start in range(num_known, len(blocks), per_chunk):

@@ -21,6 +21,15 @@ until evicted, and one evicted by the time it runs is not written (``num_evicted
 copy of every prompt's KV until then made the worker fault in ~500 MB of fresh pages every
 10 s at saturation and cut its throughput (session 9, benchmarks.md): under load the cache,
 not a second copy, decides what gets shared.
+
+Which blocks are written is the worker's write policy (``--store-write-policy``,
+``blocks_to_write``): by default only the *reused* ones - the prompt's blocks from the first that
+the worker's own prefix cache held or the store's lookup had seen asked for before (its seen
+marks, services/kvstore/metadata.py). Most prompts share nothing (every prompt of the
+long-context, bursty and mixed benchmarks): writing them all cost the store node ~10 % of a core
+on the cores the workers run on, and filled its LRU pool with blocks nobody asks for again,
+evicting the shared ones. A prefix asked for a second time, on any worker, is written then; the
+third ask fetches it. ``all``: every new full block at its first sight (Mooncake-style).
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -42,6 +52,20 @@ DEFAULT_MAX_DELAY_S = 5.0
 DEFAULT_MAX_BYTES = 512 << 20
 
 
+class WritePolicy(enum.Enum):
+    """Which new full blocks of a prompt a prefill worker writes to the store."""
+
+    REUSED = "reused"  # those held or asked for before (own prefix cache, the store's marks)
+    ALL = "all"  # every one, at its first sight
+
+
+def blocks_to_write(policy: WritePolicy, num_known: int, num_seen: int, num_full: int) -> range:
+    """The prompt's blocks to write back: from ``num_known`` (the store had those) to its
+    ``num_full`` full blocks (``ALL``) or to the ``num_seen`` reused ones (``REUSED``)."""
+    end = num_full if policy is WritePolicy.ALL else min(num_seen, num_full)
+    return range(num_known, max(num_known, end))
+
+
 @dataclass(frozen=True)
 class WriteBackStats:
     num_done: int = 0
@@ -49,6 +73,7 @@ class WriteBackStats:
     num_evicted: int = 0  # ran, but some blocks had left the prefix cache (not written)
     num_bytes_pending: int = 0  # waiting or being written
     num_pending: int = 0  # waiting
+    num_not_reused: int = 0  # nothing to write under the REUSED policy (never queued)
 
 
 @dataclass
@@ -75,13 +100,22 @@ class WriteBacks:
         self._running: _Pending | None = None
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._num_done = self._num_dropped = self._num_evicted = 0
+        self._num_done = self._num_dropped = self._num_evicted = self._num_not_reused = 0
 
     @property
     def stats(self) -> WriteBackStats:
         return WriteBackStats(
-            self._num_done, self._num_dropped, self._num_evicted, self._bytes(), len(self._queue)
+            self._num_done,
+            self._num_dropped,
+            self._num_evicted,
+            self._bytes(),
+            len(self._queue),
+            self._num_not_reused,
         )
+
+    def not_reused(self) -> None:
+        """A prompt with nothing to write under the REUSED policy (counted, never queued)."""
+        self._num_not_reused += 1
 
     def _bytes(self) -> int:
         running = 0 if self._running is None else self._running.num_bytes

@@ -34,6 +34,7 @@ from services.common.errors import ResourceExhaustedError
 from services.coordinator.loadfeed import LoadHistory
 from services.coordinator.policy import Policy, PolicyConfig, WorkerView
 from services.launcher import Mode, mode_spec
+from services.prefill.write_backs import WritePolicy
 from services.router.core import NoRoomNowError, Router, RouterConfig, RouteRequest
 from services.router.registry import WorkerCapacity, WorkerRole
 from services.sim.events import EventLoop
@@ -62,6 +63,7 @@ class SimSpec:
     retry_s: float = 0.05  # a request without room waits this long before trying again
     sample_interval_s: float = 0.0  # > 0: keep utilisation samples (plots)
     store_capacity_bytes: int = DEFAULT_CAPACITY_BYTES  # banaserve's KV store (store.py)
+    store_write_policy: WritePolicy = WritePolicy.REUSED  # as the prefill workers' default
 
 
 ROLE_NAMES = ((WorkerRole.PREFILL, "prefill"), (WorkerRole.DECODE, "decode"),
@@ -95,6 +97,7 @@ class SimCluster:
                 if w.role is WorkerRole.PREFILL:
                     w.store = self.store
                     w.store_transport = self.transport
+                    w.write_policy = spec.store_write_policy
         self.requests: dict[str, SimRequest] = {}
         self._unfinished: set[str] = set()  # of the current ``run``
         self._deadline = spec.deadline_s

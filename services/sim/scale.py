@@ -23,6 +23,7 @@ from pathlib import Path
 from bench.workloads import FAMILIES, plan, workload
 from bench.workloads_trace import DEFAULT_TRACES_DIR, TraceWorkload
 from services.launcher import Mode
+from services.prefill.write_backs import WritePolicy
 from services.sim.calibrate import DEFAULT_PROFILE_DIR, find_profile
 from services.sim.cluster import SimSpec
 from services.sim.profile import Profile
@@ -55,6 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="banaserve: prefill workers may donate layers too (coordinator flag)")  # fmt: skip
     p.add_argument("--store-capacity", type=int, default=DEFAULT_CAPACITY_BYTES, metavar="BYTES",
                    help="banaserve's global KV store (default one node's 1 GiB)")  # fmt: skip
+    p.add_argument("--store-write-policy", choices=[w.value for w in WritePolicy],
+                   default=WritePolicy.REUSED.value,
+                   help="banaserve: which new blocks are written to the store (as the prefill "
+                   "worker's --store-write-policy; default %(default)s)")  # fmt: skip
     p.add_argument("--traces-dir", type=Path, default=DEFAULT_TRACES_DIR)
     p.add_argument("--out", type=Path, default=DEFAULT_PROFILE_DIR)
 
@@ -82,7 +87,8 @@ def scale_point(n: int, name: str, profile: Profile, args: argparse.Namespace) -
     slo = (w.slo_ttft_ms, w.slo_tpot_ms)
     base = SimSpec(Mode.COLOCATED, n, deadline_s=args.duration + args.drain_s,
                    prefill_donors=args.prefill_donors,
-                   store_capacity_bytes=args.store_capacity)  # fmt: skip
+                   store_capacity_bytes=args.store_capacity,
+                   store_write_policy=WritePolicy(args.store_write_policy))  # fmt: skip
     out: dict = {"workers": n, "workload": name, "num_requests": len(planned), "runs": {}}
     for mode in (Mode.COLOCATED, Mode.BANASERVE):
         sampled = 1.0 if mode is Mode.BANASERVE else 0.0

@@ -3,9 +3,12 @@
 banaserve's prefill workers share prefixes through it (DESIGN.md §4, docs/kvstore.md): a
 prompt's blocks past what the worker's own prefix cache holds are looked up, the longest run
 held is fetched layer by layer while the suffix computes, and after its first token the
-prompt's full blocks are written back. Modelled here: which blocks are held (least recently
-used evicted at capacity, as a node's pool), the fetch's time (``SimWorker``: the profile's
-transport), and the write-back — at once, not deferred to an idle moment as the real worker
+prompt's full blocks its write policy picks are written back (by default those asked for
+before: services/prefill/write_backs.py). Modelled here: which blocks are held (least recently
+used evicted at capacity, as a node's pool), which were asked for (a set: the real store's
+seen window, 10-20 minutes, is longer than a simulated run, and its Bloom filter's rare false
+positives are not modelled), the fetch's time (``SimWorker``: the profile's transport), and the
+write-back — at once, not deferred to an idle moment as the real worker
 does (``--store-write-back-delay``, at most 5 s), and free of CPU: on this project's 2-core
 machine the node's copies and checksums share the workers' cores (docs/benchmarks.md, session
 10), a cost a deployment with the store on its own hosts does not pay. One store for the
@@ -29,6 +32,7 @@ class SimStore:
             raise ValueError(f"a store holds at least one block, got {capacity_blocks}")
         self.capacity_blocks = capacity_blocks
         self._blocks: OrderedDict[BlockHash, None] = OrderedDict()  # least recently used first
+        self._asked: set[BlockHash] = set()
         self.num_hit_blocks = self.num_written_blocks = self.num_evicted_blocks = 0
 
     def __len__(self) -> int:
@@ -45,6 +49,16 @@ class SimStore:
             self._blocks.move_to_end(hashes[n])
             n += 1
         self.num_hit_blocks += n
+        return n
+
+    def mark_asked(self, hashes: Sequence[BlockHash], num_held: int) -> int:
+        """As the real lookup's seen marks (``MetadataStore.lookup``): how many of ``hashes``
+        from the first were held (the ``num_held`` first) or asked for before; marks them all
+        asked for."""
+        n = num_held
+        while n < len(hashes) and hashes[n] in self._asked:
+            n += 1
+        self._asked.update(hashes)
         return n
 
     def write(self, hashes: Sequence[BlockHash]) -> None:

@@ -32,6 +32,7 @@ from bench.workloads import plan, workload
 from bench.workloads_trace import DEFAULT_TRACES_DIR
 from services.common.errors import ConfigError
 from services.launcher import ClusterSpec, Mode
+from services.prefill.write_backs import WritePolicy
 from services.sim.calibrate import find_profile
 from services.sim.cluster import SimSpec
 from services.sim.profile import Profile
@@ -109,6 +110,7 @@ def sim_spec(mode: Mode, config: dict, profile: Profile | None = None) -> SimSpe
         prefill_donors=donors, transport=transport, num_kv_blocks=up.num_kv_blocks,
         max_model_len=config.get("max_model_len", 2048),
         deadline_s=config["duration_s"] + config.get("drain_s", 0.0),
+        store_write_policy=WritePolicy(up.store_write_policy or WritePolicy.REUSED.value),
     )  # fmt: skip
 
 

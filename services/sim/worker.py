@@ -27,6 +27,7 @@ from services.common.types import SamplingParams
 from services.engine.block_manager import BlockManager
 from services.engine.scheduler import ScheduledBatch, Scheduler
 from services.engine.sequence import Sequence, SequenceStatus
+from services.prefill.write_backs import WritePolicy, blocks_to_write
 from services.router.registry import WorkerRole
 from services.sim.events import EventLoop
 from services.sim.profile import Profile
@@ -117,6 +118,8 @@ class SimWorker:
         self.store_transport = profile.transport()
         self._fetch_s: dict[str, float] = {}
         self.num_store_hit_tokens = 0
+        self.write_policy = WritePolicy.REUSED  # which blocks are written back (write_backs.py)
+        self._reused_blocks: dict[str, int] = {}  # by request: held or asked for at its lookup
 
     # -- requests in ---------------------------------------------------------------------
 
@@ -136,7 +139,9 @@ class SimWorker:
         assert store is not None
         hashes = block_hashes(seq.token_ids[: (seq.num_tokens - 1) // bs * bs], bs, FINGERPRINT)
         own = bm.num_cached_hashes(hashes)
-        num_blocks = own + store.lookup(hashes[own:])
+        held = store.lookup(hashes[own:])
+        num_blocks = own + held
+        self._reused_blocks[seq.request_id] = own + store.mark_asked(hashes[own:], held)
         if num_blocks == own:
             return False
         hits = bm.find_cached_prefix(seq)[:num_blocks]
@@ -265,7 +270,10 @@ class SimWorker:
         self.on_token(seq)
         if self.role is WorkerRole.PREFILL:
             if self.store is not None:  # the write-back (at once here: store.py)
-                self.store.write(seq.block_hashes)
+                hashes = seq.block_hashes
+                reused = self._reused_blocks.pop(seq.request_id, 0)
+                written = blocks_to_write(self.write_policy, 0, reused, len(hashes))
+                self.store.write(hashes[: written.stop])
             self.scheduler.finish(seq)
             self.on_prefilled(seq)
         elif self._done(seq):

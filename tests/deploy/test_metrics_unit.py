@@ -18,6 +18,7 @@ from services.common.metrics import (
 )
 from services.common.network import resolve_host
 from services.common.types import FinishReason
+from services.kvstore.core import LookupResult
 from services.prefill.write_backs import WriteBackStats
 from services.router.driver import Finished, Timings
 
@@ -80,9 +81,10 @@ def test_engine_collector_reads_the_engine_at_scrape_time():
         sample(registry, "banaserve_prefill_store_write_backs_total", outcome="done", **labels)
         is None
     )
-    # A prefill worker with a store: its write-backs, done, dropped, evicted and pending.
+    # A prefill worker with a store: its write-backs, done, dropped, evicted, not reused and
+    # pending.
     write_backs = WriteBackStats(
-        num_done=5, num_dropped=2, num_evicted=3, num_bytes_pending=1 << 20
+        num_done=5, num_dropped=2, num_evicted=3, num_bytes_pending=1 << 20, num_not_reused=4
     )
     registry = CollectorRegistry()
     worker = SimpleNamespace(meter=meter, write_back_stats=write_backs)
@@ -92,12 +94,13 @@ def test_engine_collector_reads_the_engine_at_scrape_time():
     assert sample(registry, name, outcome="done", **labels) == 5
     assert sample(registry, name, outcome="dropped", **labels) == 2
     assert sample(registry, name, outcome="evicted", **labels) == 3
+    assert sample(registry, name, outcome="not_reused", **labels) == 4
     assert sample(registry, "banaserve_prefill_store_write_back_pending_bytes", **labels) == 1 << 20
 
 
 def test_kvstore_collector_counts_lookup_hits_and_misses():
     async def lookup(hashes):
-        return ["node-a"] * (len(hashes) // 2), []
+        return LookupResult(["node-a"] * (len(hashes) // 2), [], len(hashes) // 2)
 
     pool = SimpleNamespace(
         num_bytes_used=4096,

@@ -1,9 +1,10 @@
-"""End to end, real processes: Redis, a kvstore node (UCX data plane), router, 2 prefill and
+"""End to end, real processes: Redis, a kvstore node (UCX data plane), router, 2-3 prefill and
 1 decode worker on tiny-llama.
 
-A prefix computed on one prefill worker is reused by the other through the store, token for
-token the same as the in-process engine; killing the kvstore node or Redis mid-run only makes
-requests recompute, never changes or fails them.
+A prefix asked for twice is written to the store and reused by a third prefill worker, token
+for token the same as the in-process engine (the default write policy: only reused blocks are
+written); killing the kvstore node or Redis mid-run only makes requests recompute, never changes
+or fails them.
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ def suffix(seed: int, n: int = 20) -> list[int]:
 
 
 @pytest.fixture
-def cluster(banaserve_home, tiny_llama, tmp_path):
+def cluster(banaserve_home, tiny_llama, tmp_path, request):
+    num_prefill, write_policy = getattr(request, "param", (2, "all"))
     spec = ClusterSpec(
-        num_prefill=2,
+        num_prefill=num_prefill,
         policy="round_robin",  # consecutive requests land on different prefill workers
         num_kv_blocks=512,
+        store_write_policy=write_policy,  # None: the workers' default
         extra_env={"BANASERVE_HOME": str(banaserve_home)},
     )
     with open(tmp_path / "cluster.log", "w") as log:
@@ -72,16 +75,23 @@ def complete(client: BanaServeClient, prompt: list[int]):
     )
 
 
-def test_a_prefix_computed_on_one_prefill_worker_is_reused_by_the_other(cluster, tiny_llama):
-    prompts = [PREFIX + suffix(1), PREFIX + suffix(2)]
+@pytest.mark.parametrize("cluster", [(3, None)], indirect=True)
+def test_a_prefix_asked_for_twice_is_written_and_reused_by_a_third_worker(cluster, tiny_llama):
+    prompts = [PREFIX + suffix(seed) for seed in (1, 2, 3)]
     kvstore = cluster.child("kvstore-0").address
     with BanaServeClient(cluster.router.address) as client:
-        first = complete(client, prompts[0])
-        wait_for_blocks(kvstore, 7)  # 116 tokens: 7 full blocks written back
-        second = complete(client, prompts[1])
-    assert first.prefill_worker_id != second.prefill_worker_id
-    assert (first.num_cached_tokens, second.num_cached_tokens) == (0, 96)
-    assert [list(first.token_ids), list(second.token_ids)] == expected(tiny_llama, prompts)
+        first = complete(client, prompts[0])  # its first sight: nothing written
+        second = complete(client, prompts[1])  # asked for before: the 6 prefix blocks
+        wait_for_blocks(kvstore, 6)
+        third = complete(client, prompts[2])
+        time.sleep(0.5)  # the third's write-back (nothing new is reused) would have landed
+        num_blocks = store_blocks(kvstore)
+    got = [first, second, third]
+    assert len({r.prefill_worker_id for r in got}) == 3
+    assert [r.num_cached_tokens for r in got] == [0, 0, 96]
+    # 116 tokens: 7 full blocks each, but the 7th (with the suffix) was never asked for twice.
+    assert num_blocks == 6
+    assert [list(r.token_ids) for r in got] == expected(tiny_llama, prompts)
 
 
 def test_killing_the_kvstore_or_redis_only_makes_requests_recompute(cluster, tiny_llama):

@@ -156,7 +156,9 @@ def admitted(client: BanaServeClient) -> list[tuple[str, bool]]:
 
 
 def test_up_restarts_dead_services_on_their_ports_and_serves_on(banaserve_home, tiny_llama):
-    up, lines = start_up(banaserve_home, "--restart-backoff", "0.2")
+    # Every new block written at once (not only reused ones): the store's contents after a
+    # restart are what this test follows.
+    up, lines = start_up(banaserve_home, "--restart-backoff", "0.2", "--store-write-policy", "all")
     address = {line.split()[0]: line.split()[1] for line in lines[:5]}
     console = Console(up)
     old_pids, new_pids = children(up.pid), []

@@ -13,6 +13,7 @@ import pytest
 import redis
 import redis.asyncio
 
+from services.common.errors import ConfigError
 from services.common.hashing import block_hashes
 from services.kvstore.metadata import (
     BlockEntry,
@@ -374,3 +375,45 @@ def test_place_spreads_evenly_and_moves_only_a_removed_nodes_blocks():
         place(hashes[0], [])
     with pytest.raises(ValueError):
         place(b"short", nodes)
+
+
+def test_a_lookup_says_how_much_of_the_chain_was_held_or_asked_for_before(redis_server, kv_prefix):
+    a = node()
+    now = [1000.0]
+    other = block_hashes(list(range(32)) + [99] * 32, 8, "test-model")  # shares 4 blocks
+
+    async def main():
+        async with open_store(redis_server, kv_prefix, clock=lambda: now[0],
+                              seen_window_s=60.0) as store:  # fmt: skip
+            await store.register_node(a)
+            assert await store.lookup(HASHES) == ([], 0)  # first sight: marked, none seen
+            assert await store.lookup(HASHES[:5]) == ([], 5)
+            assert await store.lookup(other) == ([], 4)  # the shared first 4, then a miss
+            # Held blocks count, asked for or not; the run of seen ones goes on past them.
+            fresh = block_hashes(list(range(1000, 1064)), 8, "test-model")
+            await store.announce(a, [BlockEntry(fresh[0], 4096, 2)])
+            assert await store.lookup(fresh) == ([Location(fresh[0], "kv-a", "kv-a:13337",
+                                                           "ucx", 4096, 2)], 1)  # fmt: skip
+            assert (await store.lookup(fresh))[1] == 8
+            # A generation later the marks are still read (the previous bitmap); two later,
+            # forgotten. Each bitmap expires after two windows and is at most bits / 8 bytes.
+            now[0] += 60.0
+            assert (await store.lookup(HASHES))[1] == 8
+            now[0] += 120.0
+            assert (await store.lookup(other))[1] == 0
+            assert await store.lookup([]) == ([], 0)
+            await store.deregister_node(a)
+
+    asyncio.run(main())
+    client = redis.Redis.from_url(redis_server.url)
+    bitmaps = client.keys(f"{kv_prefix}:seen:*")
+    assert bitmaps and all(0 < client.pttl(k) <= 120_000 for k in bitmaps)
+    assert all(client.strlen(k) <= (1 << 24) // 8 for k in bitmaps)
+    client.close()
+
+
+def test_the_seen_window_and_bits_are_checked():
+    client = redis.asyncio.Redis()
+    for kwargs in ({"seen_window_s": 0.0}, {"seen_window_s": float("nan")}, {"seen_bits": 0}):
+        with pytest.raises(ConfigError, match="seen"):
+            MetadataStore(client, **kwargs)

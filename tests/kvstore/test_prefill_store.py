@@ -23,8 +23,9 @@ from services.kvstore.pool import BlockPool, PoolConfig
 from services.kvstore.servicer import data_handler, kvstore_service
 from services.prefill.clients import GrpcKVTransport
 from services.prefill.core import FirstToken, PrefillRequest, PrefillResult, PrefillWorker
-from services.prefill.kvstore_client import KVStoreClient, StoreError
+from services.prefill.kvstore_client import KVStoreClient, StoreError, StoreLookup
 from services.prefill.transport import KVTarget
+from services.prefill.write_backs import WritePolicy
 from services.rpc import dataplane
 from services.rpc.server import start_server
 from tests.engine.helpers import assert_no_leaks, make_engine
@@ -80,7 +81,9 @@ async def start_workers(
     stack: AsyncExitStack, engines, address: str, timeout_s: float = 2.0, **worker_args
 ) -> list[PrefillWorker]:
     """A started prefill worker per engine, each with its own client of the store node at
-    ``address``; each stops when ``stack`` closes."""
+    ``address``; each stops when ``stack`` closes. They write every new block (policy ALL:
+    these tests are of the write-back's mechanics) unless ``write_policy`` says otherwise."""
+    worker_args.setdefault("write_policy", WritePolicy.ALL)
     workers = []
     for engine in engines:
         client = KVStoreClient(address, RPC, timeout_s=timeout_s)
@@ -225,6 +228,53 @@ def test_a_worker_asks_the_store_only_for_blocks_past_its_own_cached_prefix(
         assert_no_leaks(engine)
 
 
+def test_by_default_only_blocks_asked_for_before_are_written_and_then_shared(
+    tiny_llama, redis_server, kv_prefix
+):
+    """The REUSED write policy: a prompt's first sight writes nothing; the second worker that
+    asks for its prefix writes those blocks (not its own unique tail); a third fetches them. A
+    worker's own prefix-cache hit counts as a reuse too."""
+    shared = prompt_ids(96, 31)
+    prompts = [shared + prompt_ids(20, 32 + i) for i in range(3)]  # 7 full blocks each
+    engines = [make_engine(tiny_llama) for _ in range(3)]
+    decode = ImportingDecode(make_engine(tiny_llama))
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            store = await stack.enter_async_context(
+                kvstore_node(redis_server.url, kv_prefix, "tcp")
+            )
+            c = await stack.enter_async_context(cluster(engines[0], decode))
+            workers = await start_workers(
+                stack, engines, store.address, write_policy=WritePolicy.REUSED
+            )
+
+            def stats():
+                return [w.write_back_stats for w in workers]
+
+            got = [await prefill_on(workers[0], decode, c.decode_address, "a", prompts[0])]
+            await wait_for(lambda: stats()[0].num_not_reused == 1)
+            got.append(await prefill_on(workers[1], decode, c.decode_address, "b", prompts[1]))
+            await wait_for(lambda: committed(store) == 6 and stats()[1].num_done == 1)
+            got.append(await prefill_on(workers[2], decode, c.decode_address, "c", prompts[2]))
+            await wait_for(lambda: stats()[2].num_not_reused == 1)  # its tail: first sight
+            assert [r.num_cached_tokens for _, r in got] == [0, 0, 96]
+            assert [t for t, _ in got] == [reference(tiny_llama, p) for p in prompts]
+            assert committed(store) == 6 and workers[2].num_store_hit_tokens == 96
+            # The first prompt again on its worker: all of it from the own cache, so all of
+            # it is reused; its 7th block is written now.
+            tokens, result = await prefill_on(
+                workers[0], decode, c.decode_address, "a2", prompts[0]
+            )
+            assert (tokens, result.num_cached_tokens) == (got[0][0], 112)
+            await wait_for(lambda: committed(store) == 7 and stats()[0].num_done == 1)
+            assert [(s.num_dropped, s.num_evicted) for s in stats()] == [(0, 0)] * 3
+
+    asyncio.run(main())
+    for engine in (*engines, decode.engine):
+        assert_no_leaks(engine)
+
+
 def test_a_write_back_reads_the_prefix_cache_when_it_runs_not_before(
     tiny_llama, redis_server, kv_prefix
 ):
@@ -285,10 +335,12 @@ def test_a_fetch_naming_a_block_before_the_pinned_run_fails_for_a_recompute(
     async def main():
         async with kvstore_node(redis_server.url, kv_prefix, "tcp") as store:
             client = KVStoreClient(store.address, RPC, timeout_s=1.0)
-            assert await client.lookup(hashes) is None  # learns the node
+            assert await client.lookup(hashes) == StoreLookup(None, 0)  # learns the node
             assert await client.write_back(hashes, layers) == 5
             await wait_for(lambda: committed(store) == 5)
-            prefix = await client.lookup(hashes, first_block=2)
+            found = await client.lookup(hashes, first_block=2)
+            prefix = found.prefix
+            assert found.num_seen == 5  # the 2 before first_block are the caller's, 3 held
             assert (prefix.first_block, prefix.num_blocks) == (2, 5)
             assert [r.start for r in prefix.runs] == [2]
             got = await client.read_layer(prefix, 1, [3, 4], like)
@@ -351,7 +403,7 @@ def test_a_writer_follows_a_node_restarted_on_a_new_data_port(redis_server, kv_p
             port = int(first.address.rsplit(":", 1)[1])
             old_data = first.data.address
             client = KVStoreClient(first.address, RPC, timeout_s=1.0)
-            assert await client.lookup(hashes) is None  # learns the node
+            assert (await client.lookup(hashes)).prefix is None  # learns the node
             assert await client.write_back(hashes[:1], blocks(slice(0, 1))) == 1
         async with kvstore_node(redis_server.url, kv_prefix, "tcp", port=port) as second:
             assert second.data.address != old_data

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from services.prefill.write_backs import WriteBacks
+from services.prefill.write_backs import WriteBacks, WritePolicy, blocks_to_write
 from tests.prefill.helpers import wait_for
 
 
@@ -113,3 +113,18 @@ def test_negative_bounds_are_refused():
     for delay, size in ((-1.0, 10), (1.0, -1)):
         with pytest.raises(ValueError, match="must be >= 0"):
             WriteBacks(lambda: False, delay, size)
+
+
+@pytest.mark.parametrize(
+    ("policy", "known", "seen", "full", "expected"),
+    [
+        (WritePolicy.REUSED, 0, 0, 7, range(0)),  # first sight: nothing
+        (WritePolicy.REUSED, 0, 6, 7, range(0, 6)),  # the reused prefix, not the tail
+        (WritePolicy.REUSED, 6, 6, 7, range(6, 6)),  # the store has all that is reused
+        (WritePolicy.REUSED, 2, 9, 7, range(2, 7)),  # seen past the full blocks: capped
+        (WritePolicy.ALL, 0, 0, 7, range(0, 7)),
+        (WritePolicy.ALL, 7, 7, 7, range(7, 7)),
+    ],
+)
+def test_the_write_policy_picks_the_blocks(policy, known, seen, full, expected):
+    assert blocks_to_write(policy, known, seen, full) == expected

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.launcher import Mode
+from services.prefill.write_backs import WritePolicy
 from services.router.registry import WorkerRole
 from services.sim.cluster import SimCluster, SimSpec
 from services.sim.events import EventLoop
@@ -28,14 +29,24 @@ def test_the_store_holds_a_chain_least_recently_used_first():
         SimStore(0)
 
 
-def two_prefill_workers(store: SimStore | None):
-    """Two prefill workers of one loop (10 ms a prompt token; tcp 10 ms + 200 kB/s; 2 layers
-    of 1,000 B a block), sharing ``store``; the first tokens' times by request."""
+def test_asked_for_blocks_are_marked_as_the_real_lookup_marks_them():
+    store = SimStore(capacity_blocks=8)
+    a, b, c, d = (bytes([i]) * 16 for i in range(1, 5))
+    assert store.mark_asked([a, b, c], 0) == 0  # first sight
+    assert store.mark_asked([a, b, d], 0) == 2 and store.mark_asked([a, b, d], 0) == 3
+    assert store.mark_asked([d, a], 1) == 2  # the held first, then asked-for ones
+    assert store.mark_asked([], 0) == 0
+
+
+def two_prefill_workers(store: SimStore | None, n: int = 2, policy: WritePolicy = WritePolicy.ALL):
+    """``n`` prefill workers of one loop (10 ms a prompt token; tcp 10 ms + 200 kB/s; 2 layers
+    of 1,000 B a block), sharing ``store`` and writing to it by ``policy``; the first tokens'
+    times by request."""
     loop, profile = EventLoop(), make_profile()
-    workers = [SimWorker(f"prefill-{i}", WorkerRole.PREFILL, profile, loop, 2048) for i in (0, 1)]
+    workers = [SimWorker(f"prefill-{i}", WorkerRole.PREFILL, profile, loop, 2048) for i in range(n)]
     firsts: dict[str, float] = {}
     for w in workers:
-        w.store = store
+        w.store, w.write_policy = store, policy
         w.on_prefilled = lambda seq: firsts.setdefault(seq.request_id, loop.now)
     return loop, workers, firsts
 
@@ -62,6 +73,20 @@ def test_a_prefix_one_worker_wrote_is_fetched_by_the_other_while_its_suffix_comp
         assert w.block_manager.num_free_blocks == w.block_manager.num_blocks and not w.busy
 
 
+def test_by_default_a_prefix_is_written_once_asked_for_twice_and_fetched_by_a_third():
+    prompt = list(request(0, 0.0, 49, 1).prompt)
+    store = SimStore(capacity_blocks=100)
+    loop, workers, firsts = two_prefill_workers(store, 3, WritePolicy.REUSED)
+    for i, w in enumerate(workers):
+        w.add(f"r{i}", prompt, 1)
+        loop.run(1.0 + i)
+        # Written after the second sight (its 3 full blocks), fetched by the third (45 ms).
+        assert len(store) == (0, 3, 3)[i]
+    assert [firsts[f"r{i}"] for i in range(3)] == pytest.approx([0.49, 1.49, 2.045])
+    assert [w.num_store_hit_tokens for w in workers] == [0, 0, 48]
+    assert store.num_written_blocks == 3
+
+
 def test_without_a_store_the_other_worker_computes_it_all():
     prompt = list(request(0, 0.0, 49, 1).prompt)
     loop, (w0, w1), firsts = two_prefill_workers(None)
@@ -82,7 +107,9 @@ def test_only_banaserve_has_a_store_and_its_prefill_workers_share_it():
         assert all(w.store is cluster.store for w in prefill)
     # 1 GiB of 2,000-byte blocks (2 layers x 1,000 B).
     assert cluster.store.capacity_blocks == (1 << 30) // 2000
-    # Requests through the router: every block a prefill worker computed is in the store.
+    # Requests through the router, writing every new block: every block a prefill worker
+    # computed is in the store.
+    cluster = SimCluster(SimSpec(Mode.BANASERVE, 4, store_write_policy=WritePolicy.ALL), profile)
     cluster.run([request(i, 0.1 * i, 40, 2) for i in range(6)])
     assert len(cluster.store) == 6 * 2 and cluster.num_store_hit_tokens == 0
     # Load routing alternated them over the two prefill workers (r0, r2, r4 on the first).

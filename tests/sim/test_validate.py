@@ -11,6 +11,7 @@ from bench.workloads import plan, workload
 from services.cli import main
 from services.common.errors import ConfigError
 from services.launcher import Mode
+from services.prefill.write_backs import WritePolicy
 from services.sim.cluster import SimCluster
 from services.sim.profile import DecodeModel, PrefillModel
 from services.sim.validate import METRICS, add_repeat, compare_rows, error, sim_spec, summary
@@ -75,8 +76,10 @@ def test_the_modes_cluster_and_up_args_are_replayed():
     report = compare_json()
     report["config"]["extra_up_args"] = (
         "--num-kv-blocks 256 --kv-transport tcp --coordinator-args '--gap-high 0.7 --sustain-s 1.5'"
+        " --store-write-policy all"
     )
     spec = sim_spec(Mode.BANASERVE, report["config"], profile())
+    assert spec.store_write_policy is WritePolicy.ALL
     assert (spec.num_workers, spec.num_prefill) == (2, 1)
     assert (spec.policy.gap_high, spec.policy.sustain_s) == (0.7, 1.5)
     assert (spec.num_kv_blocks, spec.transport) == (256, "tcp")
@@ -86,6 +89,7 @@ def test_the_modes_cluster_and_up_args_are_replayed():
     # The default transport (ucx) is not in the test profile: the profile's own is used.
     report["config"]["extra_up_args"] = ""
     assert sim_spec(Mode.STATIC_PD, report["config"], profile()).transport is None
+    assert sim_spec(Mode.BANASERVE, report["config"]).store_write_policy is WritePolicy.REUSED
 
 
 def test_up_args_that_do_not_parse_are_refused():

@@ -15,6 +15,7 @@ from services.common.engine_args import (
 )
 from services.common.errors import ConfigError
 from services.decode.__main__ import parse_args as decode_args
+from services.kvstore.__main__ import parse_args as kvstore_args
 from services.launcher import ClusterSpec, LocalCluster
 from services.prefill.__main__ import parse_args as prefill_args
 
@@ -92,3 +93,17 @@ def test_up_passes_the_kv_transport_to_prefill_and_decode_workers(monkeypatch):
     assert sorted(workers) == ["decode-0", "mixed-0", "prefill-0"]
     for args in workers.values():
         assert args[args.index("--kv-transport") + 1] == "tcp"
+
+
+def test_the_store_flags_parse_and_bad_values_are_refused():
+    assert prefill_args([]).store_write_policy == "reused"
+    assert prefill_args(["--store-write-policy", "all"]).store_write_policy == "all"
+    assert kvstore_args([]).seen_window == 600.0
+    assert kvstore_args(["--seen-window", "30"]).seen_window == 30.0
+    for parse, argv in (
+        (prefill_args, ["--store-write-policy", "some"]),
+        (kvstore_args, ["--seen-window", "0"]),
+        (kvstore_args, ["--seen-window", "nan"]),
+    ):
+        with pytest.raises(SystemExit):
+            parse(argv)

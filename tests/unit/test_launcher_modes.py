@@ -111,3 +111,27 @@ def test_the_store_write_back_delay_reaches_only_store_using_prefill_workers(mon
     for bad in (-1.0, float("nan")):
         with pytest.raises(ConfigError, match="write-back delay must be >= 0"):
             ClusterSpec(store_write_back_delay_s=bad)
+
+
+def test_the_store_write_policy_reaches_only_store_using_prefill_workers(monkeypatch):
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    spec = cluster_spec(p.parse_args(["--mode", "banaserve", "--store-write-policy", "all"]))
+    assert spec.store_write_policy == "all"
+    assert cluster_spec(p.parse_args(["--mode", "banaserve"])).store_write_policy is None
+    cluster = LocalCluster(spec)
+    spawned: dict[str, list[str]] = {}
+    monkeypatch.setattr(cluster, "_worker_args", lambda: [])
+    monkeypatch.setattr(
+        cluster, "_spawn", lambda name, module, args: spawned.setdefault(name, args)
+    )
+    cluster._spawn_workers("127.0.0.1:1")
+    assert spawned["prefill-0"][-2:] == ["--store-write-policy", "all"]
+    assert "--store-write-policy" not in spawned["decode-0"]
+    spawned.clear()
+    cluster._spawn_workers(None)
+    assert "--store-write-policy" not in spawned["prefill-0"]
+    with pytest.raises(ConfigError, match="write policy must be"):
+        ClusterSpec(store_write_policy="some")
+    with pytest.raises(SystemExit):
+        p.parse_args(["--store-write-policy", "some"])
