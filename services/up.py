@@ -101,6 +101,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help='extra flags for the coordinator, one string (e.g. "--gap-high 0.3 --cooldown-s 5", '
         "docs/coordinator.md)",
     )
+    for role, example in (("prefill", "--max-num-batched-tokens 512"),
+                          ("decode", "--max-num-seqs 64")):  # fmt: skip
+        p.add_argument(
+            f"--{role}-args",
+            default="",
+            metavar="ARGS",
+            help=f"extra flags for every {role} worker"
+            + (" (mixed ones too)" if role == "decode" else "")
+            + f', one string (e.g. "{example}")',
+        )
     add_security_args(p)
     add_restart_arguments(p)
 
@@ -121,8 +131,10 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         tls_dir=args.tls_dir,
         api_token_file=args.api_token_file,
     )
-    if args.coordinator_args:
-        common["service_args"] = {"coordinator": tuple(shlex.split(args.coordinator_args))}
+    extra = {"coordinator": args.coordinator_args, "prefill": args.prefill_args,
+             "decode": args.decode_args}  # fmt: skip
+    if service_args := {k: tuple(shlex.split(v)) for k, v in extra.items() if v}:
+        common["service_args"] = service_args
     if args.mode:
         return mode_spec(Mode(args.mode), args.workers, args.prefill, **common)
     return ClusterSpec(

@@ -135,3 +135,22 @@ def test_the_store_write_policy_reaches_only_store_using_prefill_workers(monkeyp
         ClusterSpec(store_write_policy="some")
     with pytest.raises(SystemExit):
         p.parse_args(["--store-write-policy", "some"])
+
+
+def test_prefill_and_decode_args_reach_every_worker_of_their_module():
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    argv = ["--mode", "banaserve", "--prefill-args", "--max-num-batched-tokens 512",
+            "--decode-args", "--max-num-seqs 64", "--coordinator-args", "--gap-high 0.3"]  # fmt: skip
+    spec = cluster_spec(p.parse_args(argv))
+    assert spec.service_args == {
+        "coordinator": ("--auto", "--gap-high", "0.3"),
+        "prefill": ("--max-num-batched-tokens", "512"),
+        "decode": ("--max-num-seqs", "64"),
+    }
+    # ``LocalCluster._spawn`` appends service_args by module: mixed workers are decode's.
+    colocated = cluster_spec(
+        p.parse_args(["--mode", "colocated", "--decode-args", "--max-num-seqs 8"])
+    )
+    assert colocated.service_args == {"decode": ("--max-num-seqs", "8")}
+    assert cluster_spec(p.parse_args(["--mode", "static-pd"])).service_args == {}
