@@ -55,6 +55,7 @@ def redis_command(port: int, host: str = HOST, embedded: bool | None = None) -> 
     if executable is None:
         raise FileNotFoundError("redis-server is not installed (`make setup` installs it)")
     return [
+        *_ends_with_its_parent(),
         executable,
         "--bind", host,
         "--port", str(port),
@@ -63,6 +64,19 @@ def redis_command(port: int, host: str = HOST, embedded: bool | None = None) -> 
         "--daemonize", "no",
         "--loglevel", "warning",
     ]  # fmt: skip
+
+
+def _ends_with_its_parent() -> list[str]:
+    """A prefix that makes the command get SIGTERM when the thread that started it ends
+    (util-linux ``setpriv --pdeathsig``, then exec: the same pid). Our services watch their
+    launcher themselves (services/common/parent.py), but ``redis-server`` is not ours: without
+    this, a launcher killed outright (SIGKILL) left it serving on its port for ever. Launchers
+    start and restart Redis from their main thread (``banaserve up``'s supervisor runs there),
+    which ends only with the process. Empty where ``setpriv`` is missing (not Linux): Redis
+    then outlives such a launcher, as before."""
+    if sys.platform != "linux" or (setpriv := shutil.which("setpriv")) is None:
+        return []
+    return [setpriv, "--pdeathsig", "TERM", "--"]
 
 
 class RedisServer:

@@ -9,6 +9,8 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -18,6 +20,7 @@ from redis.retry import Retry
 from services.common.hashing import block_hashes
 from services.kvstore.metadata import BlockEntry, MetadataSession, MetadataStore, NodeInfo
 from services.kvstore.redis_server import RedisServer, redis_command
+from tests.unit.test_parent import gone
 
 pytestmark = pytest.mark.integration
 
@@ -39,6 +42,9 @@ def test_restart_keeps_the_port_and_loses_the_data(redis_server):
 
 def test_redis_command_is_the_real_server_without_persistence(redis_server):
     argv = redis_command(6390)
+    # setpriv --pdeathsig TERM -- : it ends with whoever started it (next test).
+    assert [os.path.basename(argv[0]), *argv[1:4]] == ["setpriv", "--pdeathsig", "TERM", "--"]
+    argv = argv[4:]
     assert os.path.basename(argv[0]) == "redis-server"
     assert argv[1:] == [
         "--bind", "127.0.0.1",
@@ -51,6 +57,45 @@ def test_redis_command_is_the_real_server_without_persistence(redis_server):
     assert redis_command(6390, embedded=True) == [
         sys.executable, "-m", "services.kvstore.redis_server", "--host", "127.0.0.1", "--port", "6390"
     ]  # fmt: skip
+
+
+# Starts Redis as ``LocalCluster`` does (``RedisChild``), waits for its PING, prints its pid and
+# sleeps: the test kills this process with SIGKILL.
+LAUNCHER = """
+import os, sys, time
+from services.child_process import RedisChild
+child = RedisChild(dict(os.environ), open(sys.argv[1], "w"))
+child.wait_ready(time.monotonic() + 30)
+print(child.proc.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_redis_stops_once_the_launcher_that_started_it_is_killed(redis_server, tmp_path):
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, str(tmp_path / "redis.log")],
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    pid = 0
+    try:
+        assert launcher.stdout is not None
+        pid = int(launcher.stdout.readline())
+        assert "redis-server" in Path(f"/proc/{pid}/cmdline").read_text()  # setpriv exec'd it
+        time.sleep(0.5)
+        assert not gone(pid)
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+        deadline = time.monotonic() + 10
+        while not gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gone(pid), "redis-server outlived its launcher"
+    finally:
+        launcher.kill()
+        launcher.wait()
+        if pid and not gone(pid):
+            os.kill(pid, signal.SIGKILL)  # this test's failure leaves nothing behind
 
 
 def test_start_on_a_taken_port_fails_with_redis_own_message(redis_server):
