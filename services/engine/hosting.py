@@ -110,6 +110,9 @@ class HostedLayers:
         self.fingerprint = fingerprint
         self.lease_s = lease_s
         self.block_manager = BlockManager(pool.num_blocks, pool.block_size, fingerprint, False)
+        # Blocks never handed out yet: the pool may be uninitialised memory (host_layers), so
+        # each is zeroed when first allocated, as a zero-filled pool would hold it.
+        self._fresh = set(range(pool.num_blocks))
         self._runner = ModelRunner(model, pool, str(pool.device))
         self._clock = clock
         self._seqs: dict[str, HostedSequence] = {}
@@ -177,7 +180,11 @@ class HostedLayers:
         need = self._blocks_needed(seq, num_tokens)
         if need > self.block_manager.num_free_blocks:
             return False
-        seq.block_table += self.block_manager.allocate(need)
+        ids = self.block_manager.allocate(need)
+        if fresh := [b for b in ids if b in self._fresh]:
+            self.pool.zero_blocks(fresh)
+            self._fresh.difference_update(fresh)
+        seq.block_table += ids
         return True
 
     def _blocks_needed(self, seq: HostedSequence | None, num_tokens: int) -> int:

@@ -43,6 +43,7 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        zeroed: bool = True,
     ) -> None:
         self.block_size = block_size
         self.num_kv_heads = num_kv_heads
@@ -53,7 +54,7 @@ class KVCache:
         self._layer_block_bytes = self.bytes_per_block(1, block_size, num_kv_heads, head_dim, dtype)
         self._k: dict[int, torch.Tensor] = {}
         self._v: dict[int, torch.Tensor] = {}
-        self.add_layers(layers)
+        self.add_layers(layers, zeroed)
 
     @staticmethod
     def bytes_per_block(
@@ -100,14 +101,25 @@ class KVCache:
 
     # -- shape changes (engine thread, between steps) ------------------------------------
 
-    def add_layers(self, layers: range) -> None:
-        """Allocate empty K/V for ``layers``; the held range must stay contiguous."""
+    def add_layers(self, layers: range, zeroed: bool = True) -> None:
+        """Allocate K/V for ``layers``, zero-filled (``zeroed`` false: uninitialised, for a pool
+        whose owner zeroes each block before its first use, ``zero_blocks``); the held range
+        must stay contiguous."""
         held = self.layers
         if held and layers and not (layers.stop == held.start or layers.start == held.stop):
             raise InvalidRequestError(f"layers {layers} do not extend the held range {held}")
         for index in layers:
-            self._k[index] = self._empty(self.num_blocks)
-            self._v[index] = self._empty(self.num_blocks)
+            self._k[index] = self._empty(self.num_blocks, zeroed)
+            self._v[index] = self._empty(self.num_blocks, zeroed)
+
+    def zero_blocks(self, block_ids: list[int]) -> None:
+        """Zero ``block_ids`` in every layer (K and V)."""
+        if not block_ids:
+            return
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        for store in (self._k, self._v):
+            for tensor in store.values():
+                tensor.index_fill_(0, index, 0)
 
     def drop_layers(self, layers: range) -> None:
         """Free the K/V of ``layers`` (a range at either end of the held one)."""
@@ -138,9 +150,10 @@ class KVCache:
             for tensor in store.values():
                 tensor.index_copy_(0, dst, tensor.index_select(0, src))
 
-    def _empty(self, num_blocks: int) -> torch.Tensor:
+    def _empty(self, num_blocks: int, zeroed: bool = True) -> torch.Tensor:
         shape = (num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        make = torch.zeros if zeroed else torch.empty
+        return make(shape, dtype=self.dtype, device=self.device)
 
     # -- export / import ---------------------------------------------------------------
 

@@ -210,6 +210,10 @@ class Migration:
         if start >= end or (not held if stack is None else stack.range != range(start, end)):
             raise InvalidRequestError(f"layers [{start}, {end}) are not all held here")
         kv = self.kv_cache
+        # Not zero-filled: HostedLayers zeroes each block at its first use. A pool is sized
+        # for the owner's worst case (its own pool, when the coordinator names no size), and
+        # zeroing all of it here stalled this engine thread (644 MB for layers [12, 30) of
+        # smollm2: ~2 s) and committed memory no sequence might touch.
         pool = KVCache(
             range(start, end),
             num_blocks,
@@ -218,6 +222,7 @@ class Migration:
             kv.head_dim,
             kv.dtype,
             kv.device,
+            zeroed=False,
         )
         if self.memory.budget_bytes is not None:
             num_layers = self.kv_cache.num_layers

@@ -118,7 +118,9 @@ def test_a_token_delta_moves_only_the_tokens_past_what_the_helper_holds(pair):
     delta = [StageSeq("s", 45, 3), StageSeq("t", 21, 3)]  # 3 tokens each, inside blocks 2 and 1
     before = hosted.pool.layer(2)[0].clone()
     hosted.import_tokens(delta, a.kv.export_tokens(delta, range(2, 4)))
-    changed = (hosted.pool.layer(2)[0] != before).any(dim=(2, 3)).nonzero().tolist()
+    # Blocks never handed out hold whatever the uninitialised pool held (NaN equals NaN here).
+    same = torch.isclose(hosted.pool.layer(2)[0], before, rtol=0, atol=0, equal_nan=True)
+    changed = (~same).any(dim=(2, 3)).nonzero().tolist()
     table = {r: hosted._seqs[r].block_table for r in ("s", "t")}
     assert changed == sorted(
         [[table["s"][2], i] for i in range(13, 16)] + [[table["t"][1], i] for i in range(5, 8)]
@@ -257,5 +259,38 @@ def test_hosted_blocks_answer_partial_attention_like_the_owner(pair):
     b.step()
     assert b.migration.hosted_blocks.num_sequences == 0
     a.abort("s")
+    assert_no_leaks(a)
+    assert_no_leaks(b)
+
+
+def test_a_hosted_pool_is_not_zero_filled_up_front_but_each_block_at_its_first_use(pair):
+    """The helper's pool is left uninitialised (zero-filling a pool the size of its own took
+    seconds on its engine thread); a block is zeroed when first handed out, so garbage in the
+    pool (NaN here) never reaches a sequence, and the hosted layers compute what the owner
+    would."""
+    a, b, _ = pair
+    a.add_request("s", prompt_ids(45, 2), PARAMS)
+    a.step()
+    hosted = b.migration.host_layers("A", 2, 4, 16, a.fingerprint)
+    for layer in (2, 3):
+        for part in hosted.pool.layer(layer):
+            part.fill_(float("nan"))  # what uninitialised memory may hold
+    hosted.import_kv("s", *a.export_kv("s", 2))  # 45 tokens: blocks for 48, 3 of them
+    table = hosted._seqs["s"].block_table
+    k, v = hosted.pool.layer(3)  # not written yet: zeroed at allocation, nothing more
+    assert len(table) == 3 and all(bool((t[table] == 0).all()) for t in (k, v))
+    others = [i for i in range(16) if i not in table]
+    assert bool(k[others].isnan().all())  # never handed out: untouched
+    hosted.import_kv("s", *a.export_kv("s", 3))
+    for _ in range(4):
+        a.step()
+    for layer in (2, 3):
+        hosted.import_kv("s", *a.export_kv("s", layer, start_token=45))
+    mid, expected, batch = split_step(a, 2)
+    work = StageWork(2, 4, mid, (StageSeq("s", 49, 1),))
+    assert torch.allclose(hosted.run(work), expected, rtol=0, atol=1e-5)
+    for seq in batch.seqs:
+        a.abort(seq.request_id)
+    b.migration.release_hosted_layers("A")
     assert_no_leaks(a)
     assert_no_leaks(b)
