@@ -126,7 +126,10 @@ PYEOF
 
 step "the request's spans in the collector's output"
 # Each service's batch exporter flushes on its own schedule (about every 5 s), so the spans arrive
-# one service at a time: poll until every service's are there, or fail at the deadline.
+# one service at a time: poll until every service's are there, or fail at the deadline. A CI run
+# on 2026-12-03 saw the decode worker's spans missing after 60 s (the re-run passed; an OTLP
+# export is retried only within its 10 s timeout, then the batch is dropped and logged): on
+# failure each worker's log lines about exporting are shown, so the next one says why.
 spans_complete() {
 	"${compose[@]}" logs --no-color otel-collector | grep "\"trace_id\": \"$trace\"" >/tmp/banaserve-smoke-spans.txt || return 1
 	local s
@@ -134,9 +137,19 @@ spans_complete() {
 		grep -q "\"service\": \"[a-z-]*$s\"" /tmp/banaserve-smoke-spans.txt || return 1
 	done
 }
-deadline=$(($(date +%s) + 60))
+spans_missing() {
+	echo "FAIL: spans of $trace missing"
+	cat /tmp/banaserve-smoke-spans.txt
+	local s
+	for s in router prefill decode; do
+		echo "-- $s: log lines about exporting spans"
+		"${compose[@]}" logs --no-color "$s" 2>&1 | grep -i -E "export|otlp|span" | tail -n 20
+	done
+	exit 1
+}
+deadline=$(($(date +%s) + 90))
 until spans_complete; do
-	[ "$(date +%s)" -gt "$deadline" ] && { echo "FAIL: spans of $trace missing"; cat /tmp/banaserve-smoke-spans.txt; exit 1; }
+	[ "$(date +%s)" -gt "$deadline" ] && spans_missing
 	sleep 1
 done
 sed 's/^[^{]*//' /tmp/banaserve-smoke-spans.txt | $PY -c 'import json,sys; [print(" ", d["service"], d["name"]) for d in map(json.loads, sys.stdin)]'
