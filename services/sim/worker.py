@@ -191,6 +191,7 @@ class SimWorker:
         """Drop the request's sequence, if this worker holds it (its blocks freed, as the
         engine's abort); a step in flight leaves it out at its commit."""
         self._fetch_s.pop(request_id, None)
+        self._reused_blocks.pop(request_id, None)
         seq = self.imported.pop(request_id, None)
         if seq is not None:
             self.block_manager.free(seq)

@@ -94,6 +94,17 @@ async def start_workers(
     return workers
 
 
+async def store_and_workers(
+    stack: AsyncExitStack, redis_url: str, kv_prefix: str, engines, decode, **worker_args
+):
+    """A kvstore node on the TCP plane, the decode side (``cluster``) and a started prefill
+    worker per engine, all closed with ``stack``: (store, cluster, workers)."""
+    store = await stack.enter_async_context(kvstore_node(redis_url, kv_prefix, "tcp"))
+    c = await stack.enter_async_context(cluster(engines[0], decode))
+    workers = await start_workers(stack, engines, store.address, **worker_args)
+    return store, c, workers
+
+
 def committed(store: Store) -> int:
     stats = store.node.stats()
     return stats.num_committed_blocks if stats.num_reservations == 0 else -1
@@ -147,11 +158,9 @@ def test_store_failing_mid_fetch_or_gone_changes_nothing_but_speed(
 
     async def main():
         async with AsyncExitStack() as stack:
-            store = await stack.enter_async_context(
-                kvstore_node(redis_server.url, kv_prefix, "tcp")
+            store, c, workers = await store_and_workers(
+                stack, redis_server.url, kv_prefix, engines, decode, timeout_s=1.0
             )
-            c = await stack.enter_async_context(cluster(engines[0], decode))
-            workers = await start_workers(stack, engines, store.address, timeout_s=1.0)
             await prefill_on(workers[0], decode, c.decode_address, "a", prompt)
             await wait_for(lambda: committed(store) == 7)
             # Reads fail after the lookup and pin succeeded: the step fails, B recomputes.
@@ -241,12 +250,13 @@ def test_by_default_only_blocks_asked_for_before_are_written_and_then_shared(
 
     async def main():
         async with AsyncExitStack() as stack:
-            store = await stack.enter_async_context(
-                kvstore_node(redis_server.url, kv_prefix, "tcp")
-            )
-            c = await stack.enter_async_context(cluster(engines[0], decode))
-            workers = await start_workers(
-                stack, engines, store.address, write_policy=WritePolicy.REUSED
+            store, c, workers = await store_and_workers(
+                stack,
+                redis_server.url,
+                kv_prefix,
+                engines,
+                decode,
+                write_policy=WritePolicy.REUSED,
             )
 
             def stats():

@@ -20,7 +20,7 @@ from redis.retry import Retry
 from services.common.hashing import block_hashes
 from services.kvstore.metadata import BlockEntry, MetadataSession, MetadataStore, NodeInfo
 from services.kvstore.redis_server import RedisServer, redis_command
-from tests.unit.test_parent import gone
+from tests.unit.test_parent import gone, kill_and_wait_gone, stand_in_launcher
 
 pytestmark = pytest.mark.integration
 
@@ -72,30 +72,11 @@ time.sleep(600)
 
 
 def test_redis_stops_once_the_launcher_that_started_it_is_killed(redis_server, tmp_path):
-    launcher = subprocess.Popen(
-        [sys.executable, "-c", LAUNCHER, str(tmp_path / "redis.log")],
-        cwd=Path(__file__).resolve().parents[2],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    pid = 0
-    try:
-        assert launcher.stdout is not None
-        pid = int(launcher.stdout.readline())
+    with stand_in_launcher(LAUNCHER, tmp_path / "redis.log") as (launcher, pid):
         assert "redis-server" in Path(f"/proc/{pid}/cmdline").read_text()  # setpriv exec'd it
         time.sleep(0.5)
         assert not gone(pid)
-        launcher.send_signal(signal.SIGKILL)
-        launcher.wait()
-        deadline = time.monotonic() + 10
-        while not gone(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert gone(pid), "redis-server outlived its launcher"
-    finally:
-        launcher.kill()
-        launcher.wait()
-        if pid and not gone(pid):
-            os.kill(pid, signal.SIGKILL)  # this test's failure leaves nothing behind
+        assert kill_and_wait_gone(launcher, pid, 10), "redis-server outlived its launcher"
 
 
 def test_start_on_a_taken_port_fails_with_redis_own_message(redis_server):

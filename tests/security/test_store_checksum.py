@@ -16,13 +16,12 @@ from services.kvstore.pool import BlockPool, PoolConfig
 from tests.engine.helpers import assert_no_leaks, make_engine
 from tests.kvstore.test_prefill_store import (
     committed,
-    kvstore_node,
     prefill_on,
     reference,
-    start_workers,
+    store_and_workers,
     wait_for,
 )
-from tests.prefill.helpers import ImportingDecode, cluster, prompt_ids
+from tests.prefill.helpers import ImportingDecode, prompt_ids
 
 LAYER_BYTES = 64
 H1, H2, H3 = (bytes([i]) * 16 for i in (1, 2, 3))
@@ -87,11 +86,9 @@ def test_a_corrupted_store_block_is_recomputed_and_the_output_is_unchanged(
 
     async def main():
         async with AsyncExitStack() as stack:
-            store = await stack.enter_async_context(
-                kvstore_node(redis_server.url, kv_prefix, "tcp")
+            store, c, workers = await store_and_workers(
+                stack, redis_server.url, kv_prefix, engines, decode
             )
-            c = await stack.enter_async_context(cluster(engines[0], decode))
-            workers = await start_workers(stack, engines, store.address)
             tokens_a, _ = await prefill_on(workers[0], decode, c.decode_address, "a", prompt)
             assert tokens_a == expected
             await wait_for(lambda: committed(store) == 6)

@@ -90,12 +90,23 @@ def test_coordinator_args_reach_the_automatic_coordinator():
     }
 
 
-def test_the_store_write_back_delay_reaches_only_store_using_prefill_workers(monkeypatch):
+@pytest.mark.parametrize(
+    ("flag", "value", "field", "parsed", "bad", "refusal"),
+    [
+        ("--store-write-back-delay", "0", "store_write_back_delay_s", 0.0, (-1.0, float("nan")),
+         "write-back delay must be >= 0"),
+        ("--store-write-policy", "all", "store_write_policy", "all", ("some",),
+         "write policy must be"),
+    ],
+)  # fmt: skip
+def test_a_store_flag_of_up_reaches_only_store_using_prefill_workers(
+    monkeypatch, flag, value, field, parsed, bad, refusal
+):
     p = argparse.ArgumentParser()
     add_arguments(p)
-    spec = cluster_spec(p.parse_args(["--mode", "banaserve", "--store-write-back-delay", "0"]))
-    assert spec.store_write_back_delay_s == 0.0
-    assert cluster_spec(p.parse_args(["--mode", "banaserve"])).store_write_back_delay_s is None
+    spec = cluster_spec(p.parse_args(["--mode", "banaserve", flag, value]))
+    assert getattr(spec, field) == parsed
+    assert getattr(cluster_spec(p.parse_args(["--mode", "banaserve"])), field) is None
     cluster = LocalCluster(spec)
     spawned: dict[str, list[str]] = {}
     monkeypatch.setattr(cluster, "_worker_args", lambda: [])
@@ -103,41 +114,24 @@ def test_the_store_write_back_delay_reaches_only_store_using_prefill_workers(mon
         cluster, "_spawn", lambda name, module, args: spawned.setdefault(name, args)
     )
     cluster._spawn_workers("127.0.0.1:1")
-    assert spawned["prefill-0"][-2:] == ["--store-write-back-delay", "0.0"]
-    assert "--store-write-back-delay" not in spawned["decode-0"]
+    assert spawned["prefill-0"][-2:] == [flag, str(parsed)]
+    assert flag not in spawned["decode-0"]
     spawned.clear()
     cluster._spawn_workers(None)  # no store: nothing to write back
-    assert "--store-write-back-delay" not in spawned["prefill-0"]
-    for bad in (-1.0, float("nan")):
-        with pytest.raises(ConfigError, match="write-back delay must be >= 0"):
-            ClusterSpec(store_write_back_delay_s=bad)
+    assert flag not in spawned["prefill-0"]
+    for value in bad:
+        with pytest.raises(ConfigError, match=refusal):
+            ClusterSpec(**{field: value})
 
 
-def test_the_store_write_policy_reaches_only_store_using_prefill_workers(monkeypatch):
+def test_an_unknown_store_write_policy_is_refused_by_up():
     p = argparse.ArgumentParser()
     add_arguments(p)
-    spec = cluster_spec(p.parse_args(["--mode", "banaserve", "--store-write-policy", "all"]))
-    assert spec.store_write_policy == "all"
-    assert cluster_spec(p.parse_args(["--mode", "banaserve"])).store_write_policy is None
-    cluster = LocalCluster(spec)
-    spawned: dict[str, list[str]] = {}
-    monkeypatch.setattr(cluster, "_worker_args", lambda: [])
-    monkeypatch.setattr(
-        cluster, "_spawn", lambda name, module, args: spawned.setdefault(name, args)
-    )
-    cluster._spawn_workers("127.0.0.1:1")
-    assert spawned["prefill-0"][-2:] == ["--store-write-policy", "all"]
-    assert "--store-write-policy" not in spawned["decode-0"]
-    spawned.clear()
-    cluster._spawn_workers(None)
-    assert "--store-write-policy" not in spawned["prefill-0"]
-    with pytest.raises(ConfigError, match="write policy must be"):
-        ClusterSpec(store_write_policy="some")
     with pytest.raises(SystemExit):
         p.parse_args(["--store-write-policy", "some"])
 
 
-def test_prefill_and_decode_args_reach_every_worker_of_their_module():
+def test_prefill_and_decode_args_become_the_flags_of_their_module():
     p = argparse.ArgumentParser()
     add_arguments(p)
     argv = ["--mode", "banaserve", "--prefill-args", "--max-num-batched-tokens 512",

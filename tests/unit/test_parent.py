@@ -3,11 +3,13 @@ stand-in launcher that is then killed outright, and the watch's own rules."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,32 +42,43 @@ def gone(pid: int) -> bool:
     return state in ("Z", "X")
 
 
-def test_a_service_stops_once_its_launcher_is_killed(tmp_path):
+@contextlib.contextmanager
+def stand_in_launcher(script: str, log: Path) -> Iterator[tuple[subprocess.Popen, int]]:
+    """Runs ``script`` (given ``log``'s path; it starts a child and prints the child's pid) as
+    a launcher: (the launcher, the child's pid). Both are killed at the end, so a failing test
+    leaves nothing behind."""
     launcher = subprocess.Popen(
-        [sys.executable, "-c", LAUNCHER, str(tmp_path / "router.log")],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        text=True,
+        [sys.executable, "-c", script, str(log)], cwd=REPO, stdout=subprocess.PIPE, text=True
     )
-    router = 0
+    pid = 0
     try:
         assert launcher.stdout is not None
-        router = int(launcher.stdout.readline())
-        time.sleep(1.5)
-        assert not gone(router)  # the launcher alive: it serves on
-        launcher.send_signal(signal.SIGKILL)
-        launcher.wait()
-        deadline = time.monotonic() + 20
-        while not gone(router) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert gone(router), "the router outlived its launcher"
-        log = (tmp_path / "router.log").read_text()
-        assert f"the launcher (pid {launcher.pid}) is gone: stopping" in log
+        pid = int(launcher.stdout.readline())
+        yield launcher, pid
     finally:
         launcher.kill()
         launcher.wait()
-        if router and not gone(router):
-            os.kill(router, signal.SIGKILL)  # this test's failure leaves nothing behind
+        if pid and not gone(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def kill_and_wait_gone(launcher: subprocess.Popen, pid: int, within_s: float) -> bool:
+    """SIGKILLs ``launcher``; whether ``pid`` has exited within ``within_s`` after."""
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    deadline = time.monotonic() + within_s
+    while not gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return gone(pid)
+
+
+def test_a_service_stops_once_its_launcher_is_killed(tmp_path):
+    with stand_in_launcher(LAUNCHER, tmp_path / "router.log") as (launcher, router):
+        time.sleep(1.5)
+        assert not gone(router)  # the launcher alive: it serves on
+        assert kill_and_wait_gone(launcher, router, 20), "the router outlived its launcher"
+        log = (tmp_path / "router.log").read_text()
+        assert f"the launcher (pid {launcher.pid}) is gone: stopping" in log
 
 
 def test_the_watch_applies_to_launched_processes_only(monkeypatch):
