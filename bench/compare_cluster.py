@@ -182,6 +182,18 @@ def migration_sample(m: coordinator_pb2.Migration) -> dict:
         "helper": m.helper,
         "layers": [m.start_layer, m.end_layer],
         "reason": m.reason,
+        # What the coordinator measured of it so far: seconds in each state left, the weights
+        # shipped and the KV copied (bytes, seconds), the switch's pause.
+        "state_s": {
+            coordinator_pb2.MigrationState.Name(t.state).removeprefix("MIGRATION_STATE_"):
+            t.duration.ToTimedelta().total_seconds()
+            for t in m.timings
+        },
+        "weights_bytes": m.num_weight_bytes,
+        "weights_s": m.weights_duration.ToTimedelta().total_seconds(),
+        "kv_copy_bytes": m.num_copy_kv_bytes,
+        "kv_copy_s": m.kv_copy_duration.ToTimedelta().total_seconds(),
+        "switch_pause_s": m.switch_pause.ToTimedelta().total_seconds(),
     }
 
 

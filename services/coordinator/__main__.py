@@ -52,7 +52,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lease", type=float, default=defaults.lease_s, metavar="S")
     p.add_argument("--renew-interval", type=float, default=defaults.renew_interval_s, metavar="S")
     p.add_argument("--step-timeout", type=float, default=defaults.step_timeout_s, metavar="S")
-    p.add_argument("--copy-rounds", type=int, default=defaults.copy_rounds)
+    p.add_argument("--copy-rounds", type=int, default=defaults.copy_rounds, help="at most")
+    p.add_argument(
+        "--copy-converged-bytes",
+        type=int,
+        default=defaults.copy_converged_bytes,
+        metavar="N",
+        help="a copy round that moved at most N bytes is the last (default 16 MiB)",
+    )
     p.add_argument("--tracing", choices=("none", "console", "otlp"), default="none")
     p.add_argument("--otlp-endpoint", default="")
     p.add_argument("--log-level", default=env("BANASERVE_LOG_LEVEL", "INFO"))
@@ -69,6 +76,7 @@ def coordinator_config(args: argparse.Namespace) -> CoordinatorConfig:
         renew_interval_s=args.renew_interval,
         step_timeout_s=args.step_timeout,
         copy_rounds=args.copy_rounds,
+        copy_converged_bytes=args.copy_converged_bytes,
     )
 
 

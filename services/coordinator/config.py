@@ -18,15 +18,25 @@ class CoordinatorConfig:
     step_timeout_s: float = 120.0
     # One worker's abort call at most (its lease undoes the rest).
     abort_timeout_s: float = 10.0
-    # KV copies before the switch: the first moves everything, each next one the delta
-    # written meanwhile, so the switch's own delta (the pause) is small.
+    # KV copies before the switch, at most: the first moves everything, each next one the
+    # delta written meanwhile, so the switch's own delta (the pause) is small.
     copy_rounds: int = 2
+    # A copy round that moved at most this many bytes ends them early: the switch copies once
+    # more before its pause anyway, and every round waits for the donor's step in flight (on a
+    # loaded prefill worker 0.4-1.8 s; its sequences are handed off within a step or two, so
+    # its rounds move little or nothing). 16 MiB: 7-17 ms on the data planes measured here
+    # (tcp ~2.4 GB/s, ucx ~1 GB/s, docs/simulator.md's calibration).
+    copy_converged_bytes: int = 16 << 20
 
     def __post_init__(self) -> None:
         for name in ("lease_s", "renew_interval_s", "step_timeout_s", "abort_timeout_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be finite and > 0, got {value}")
+        if self.copy_converged_bytes < 0:
+            raise ConfigError(
+                f"copy_converged_bytes must be >= 0, got {self.copy_converged_bytes}"
+            )
         if self.copy_rounds < 1:
             raise ConfigError(f"copy_rounds must be >= 1, got {self.copy_rounds}")
         if self.renew_interval_s >= self.lease_s:

@@ -3,7 +3,8 @@ when (start, revert, abort, recovery) and runs each as a task.
 
 1. ``forward`` (from PLANNED): COPYING (donor A prepares and answers its layer digests, helper
    B prepares with them and hosts the range, naming the layers whose weights it lacks; A ships
-   those if any, then copies the KV ``copy_rounds`` times; weights, KV copy and switch timed
+   those if any, then copies the KV up to ``copy_rounds`` times, stopping after a round that
+   moved little (``copy_converged_bytes``); weights, KV copy and switch timed
    apart), SWITCHING (A switches) and ACTIVE (A activates), saving each state before its work,
    so the store always names the state whose work may be half done;
 2. ``revert`` (from REVERTING): A's revert, A's and B's release, DONE;
@@ -108,7 +109,8 @@ class MigrationDriver:
     async def _copy(
         self, m: Migration, plan: LayerPlan, donor: WorkerPort, helper: WorkerPort
     ) -> None:
-        """Both sides prepared, then ``copy_rounds`` copies: everything, then the deltas."""
+        """Both sides prepared, then up to ``copy_rounds`` copies: everything, then the deltas,
+        until one moves at most ``copy_converged_bytes``."""
         prepared = await self._call(m, "prepare", Role.DONOR, donor.prepare_donor, plan)
         self._leases.hold(m.migration_id, m.donor)
         hosted = await self._call(m, "prepare", Role.HELPER, helper.prepare_helper, plan, prepared)
@@ -143,6 +145,8 @@ class MigrationDriver:
                     "bytes.kv": m.num_kv_bytes,
                 },
             )
+            if copied.num_kv_bytes <= self.config.copy_converged_bytes:
+                break  # converged: the switch copies once more before its pause
         await self.save(m)
 
     async def revert(self, m: Migration) -> None:
@@ -189,11 +193,17 @@ class MigrationDriver:
         self, m: Migration, step: str, role: Role, fn: Callable[..., Awaitable[T]], *args: object
     ) -> T:
         worker = m.donor if role is Role.DONOR else m.helper
+        t0 = self.clock()
         try:
             with self._spans.call(m, step, worker, role.value):
-                return await asyncio.wait_for(fn(*args), self.config.step_timeout_s)
+                result = await asyncio.wait_for(fn(*args), self.config.step_timeout_s)
         except Exception as exc:
             raise StepError(step, worker, exc) from exc
+        # A migration's time to ACTIVE is the sum of these (each visit of a worker's engine
+        # thread waits for the step in flight): one line each, as in its trace.
+        log.info("%s: %s on %s (%s) took %.3f s", m.migration_id, step, worker, role.value,
+                 self.clock() - t0)  # fmt: skip
+        return result
 
     async def _port(self, worker: str) -> WorkerPort:
         return await self._workers.port(worker)

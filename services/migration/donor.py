@@ -134,17 +134,20 @@ def export_tokens(
 
 
 def lacking(
-    engine: Engine, layers: range, held: dict[str, int], group_bytes: int
+    engine: Engine, layers: range, held: dict[str, int], group_bytes: int, partial: bool = False
 ) -> list[list[StageSeq]]:
     """Taking layers back: the tokens of each running sequence whose KV here lacks some of
     ``layers`` and that the helper holds in full (``held``), from the fewest any of them has
-    here; in ``groups`` of ``group_bytes``. A sequence the helper lacks recomputes instead."""
+    here; in ``groups`` of ``group_bytes``. A sequence the helper lacks recomputes instead.
+    With ``partial`` (the staged copy while the donor still steps through the helper, ``held``
+    asked a step or so before): what the helper held of each, the rest left to the pause."""
     spans = []
     for rid, done in running(engine).items():
         have = [n for layer, n in engine.placement.missing(rid).items() if layer in layers]
         start = min(have, default=done)
-        if start < done <= held.get(rid, 0):
-            spans.append(StageSeq(rid, start, done - start))
+        end = min(done, held.get(rid, 0)) if partial else done
+        if start < end and (partial or done <= held.get(rid, 0)):
+            spans.append(StageSeq(rid, start, end - start))
     return groups(spans, token_bytes(engine, layers), group_bytes)
 
 

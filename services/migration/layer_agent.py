@@ -61,28 +61,38 @@ class LayerAgent:
         return num_bytes, self.agent.clock() - t0
 
     async def copy_kv(self, migration_id: str, helper: Peer) -> tuple[int, int, float]:
-        """One stage of the copy: (bytes, sequences, seconds)."""
+        """One stage of the copy: (bytes, sequences, seconds). Skipped when the snapshot shows at
+        most ``precopy_skip_bytes`` of KV in use (a prefill worker's, mostly): the switch's
+        pause sends it, and the stage's visit would wait for a whole step."""
         record = self.agent._donor(migration_id, MigrationState.PLANNED, MigrationState.COPYING)
         t0 = self.agent.clock()
         await self.agent._connect(record, helper)
-        num_bytes, moved = await self._copy_stage(record)
-        record.state = MigrationState.COPYING
+        bound = self.agent.kv_bound(record.layers)
+        if bound is not None and bound <= self.agent.config.precopy_skip_bytes:
+            num_bytes, moved = 0, 0
+        else:
+            num_bytes, moved = await self._copy_stage(record)
+        record.state, record.last_copy_bytes = MigrationState.COPYING, num_bytes
         return num_bytes, moved, self.agent.clock() - t0
 
     async def _copy_stage(self, record: MigrationRecord) -> tuple[int, int]:
         """Every running sequence's KV the helper lacks, exported a batch of sequences per visit
-        of the engine thread (each visit waits for its step to end) and each batch sent as one
-        exchange of concurrent messages: (bytes, sequences)."""
-        pending = list(await self.agent.engine_call(donor.running))
-        held = await self.agent._link(record).held(pending)
+        of the engine thread (each visit waits for the step in flight to end: on a loaded
+        prefill worker a second or more) and each batch sent as one exchange of concurrent
+        messages: (bytes, sequences). What the helper holds is asked before the first visit,
+        for the sequences sent to it so far (``record.sequences``): it holds nothing of any
+        other, so one visit lists and exports them."""
+        held = await self.agent._link(record).held(sorted(record.sequences))
         limit = self.agent.config.copy_batch_bytes
         num_bytes, moved = 0, set()
-        while pending:
+        pending: list[str] | None = None  # the first visit takes every running sequence
+        while pending is None or pending:
             deltas, pending = await self.agent.engine_call(
                 lambda e, ids=pending: donor.export_tokens(
-                    e, ids, record.layers, held, limit, BATCH_BYTES
+                    e, list(donor.running(e)) if ids is None else ids, record.layers, held,
+                    limit, BATCH_BYTES,
                 )
-            )
+            )  # fmt: skip
             if deltas:
                 num_bytes += await self.agent._link(record).send_tokens(deltas)
                 moved.update(s.request_id for d in deltas for s in d.spans)
@@ -94,8 +104,10 @@ class LayerAgent:
         record = self.agent._donor(migration_id, MigrationState.PLANNED, MigrationState.COPYING)
         link = self.agent._link(record)
         loop = asyncio.get_running_loop()
-        await self._copy_stage(record)  # one more stage first: the pause sends only a step's KV
-        held = await link.held(list(await self.agent.engine_call(donor.running)))
+        last = record.last_copy_bytes
+        if last is None or last > self.agent.config.precopy_skip_bytes:
+            await self._copy_stage(record)  # one more stage first: the pause sends a step's KV
+        held = await link.held(sorted(record.sequences))  # nothing of the others (_copy_stage)
         port = DataStagePort(
             link.client,
             migration_id,
@@ -113,16 +125,18 @@ class LayerAgent:
 
         # Switched before the engine's next step can fail through the port (and fall back).
         previous, record.port, record.state = record.state, port, MigrationState.SWITCHING
+        def pause(engine: Engine) -> tuple[donor.PauseResult, dict[str, int]]:
+            result = donor.switch(engine, record.layers, held, send, layout, BATCH_BYTES)
+            return result, donor.running(engine)
+
         try:
-            result = await self.agent.engine_call(
-                lambda e: donor.switch(e, record.layers, held, send, layout, BATCH_BYTES)
-            )
+            result, still_running = await self.agent.engine_call(pause)
         except BaseException:
             record.port, record.state = None, previous
             raise
         # Copied, then ended before the switch (a prompt handed on, a request done): the port
         # releases what ends from now on; these the helper would keep until their lease.
-        port.release(sorted(record.sequences - set(await self.agent.engine_call(donor.running))))
+        port.release(sorted(record.sequences - set(still_running)))
         return result
 
     async def activate(self, migration_id: str, drop_weights: bool) -> tuple[int, int]:
@@ -131,11 +145,15 @@ class LayerAgent:
 
         def drop(engine: Engine) -> tuple[int, int]:
             before = engine.block_manager.num_blocks
-            if drop_weights and engine.model.holds_layer(record.start):
+            if engine.model.holds_layer(record.start):
                 engine.migration.drop_layers(record.start)
             return before, engine.block_manager.num_blocks
 
-        result = await self.agent.engine_call(drop)
+        if drop_weights:
+            result = await self.agent.engine_call(drop)
+        else:  # nothing changes: no visit (it would wait for the step in flight)
+            blocks = self.agent.snapshot().num_blocks
+            result = blocks, blocks
         record.weights_dropped = record.weights_dropped or drop_weights
         record.state = MigrationState.ACTIVE
         return result
@@ -145,8 +163,6 @@ class LayerAgent:
         steps through the helper), then the pause: the last delta and the local layout. The
         result counts every byte copied back; its pause is the last step's only."""
         record = self.agent._donor(migration_id, MigrationState.SWITCHING, MigrationState.ACTIVE)
-        await self.agent.engine_call(lambda e: e.migration.restore_layers())
-        record.weights_dropped = False
         try:
             pre_bytes, pre_ids = await self._copy_back(record)
             result = await self._revert_pause(record)
@@ -162,15 +178,23 @@ class LayerAgent:
         )
 
     async def _copy_back(self, record: MigrationRecord) -> tuple[int, list[str]]:
-        """The staged reverse copy: each sequence's KV the donor lacks, up to what it had
-        computed when asked, fetched ``copy_batch_bytes`` at a time (``kv_tokens_export``
-        messages at once) and written back in one visit of the engine thread each (the pause
-        sends only what follows)."""
+        """The staged reverse copy: weights back (if dropped), then each sequence's KV the
+        donor lacks that the helper held when asked, fetched ``copy_batch_bytes`` at a time
+        (``kv_tokens_export`` messages at once) and written back in one visit of the engine
+        thread each (the pause sends only what follows). The helper is asked first, for the
+        sequences sent to it (it holds no other): holding none, the pause does it all, and
+        no visit here waits for a step."""
         link = self.agent._link(record)
-        held = await link.held(list(await self.agent.engine_call(donor.running)))
-        lacking = await self.agent.engine_call(
-            lambda e: donor.lacking(e, record.layers, held, BATCH_BYTES)
-        )
+        held = await link.held(sorted(record.sequences))
+        if not any(held.values()):
+            return 0, []
+
+        def restore_and_list(engine: Engine) -> list[list[StageSeq]]:
+            engine.migration.restore_layers()
+            return donor.lacking(engine, record.layers, held, BATCH_BYTES, partial=True)
+
+        lacking = await self.agent.engine_call(restore_and_list)
+        record.weights_dropped = False
         per_visit = max(1, self.agent.config.copy_batch_bytes // BATCH_BYTES)
         num_bytes, moved = 0, []
         for i in range(0, len(lacking), per_visit):

@@ -46,6 +46,13 @@ class AgentConfig:
     weight_chunk_bytes: int = 4 << 20  # largest weights_import payload (weights.py)
     # KV a copy stage exports per visit of the engine thread (then sends at once, concurrently)
     copy_batch_bytes: int = 64 << 20
+    # Copying before the pause is skipped below this much: a copy stage when the snapshot shows
+    # at most this much KV of the moved layers in use (after ``learn_layers``), and the switch's
+    # own stage before its pause when the last copy stage moved at most this much. Each stage
+    # is a visit of the engine thread, a whole step's wait on a loaded prefill worker (~3 s
+    # measured), and the pause then sends this much and a step or two's writes more. The
+    # coordinator's bound (copy_converged_bytes) by default.
+    precopy_skip_bytes: int = 16 << 20
     # attention migrations with ``refill``: how often an ACTIVE donor looks for sequences to move
     refill_interval_s: float = 0.25
     # attention migrations over tcp: the stepping thread's exchanges take a blocking connection
@@ -62,6 +69,8 @@ class AgentConfig:
         for name in ("weight_chunk_bytes", "copy_batch_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.precopy_skip_bytes < 0:
+            raise ConfigError(f"precopy_skip_bytes must be >= 0, got {self.precopy_skip_bytes}")
         if self.keep_ended < 0:
             raise ConfigError(f"keep_ended must be >= 0, got {self.keep_ended}")
 
@@ -79,6 +88,7 @@ class MigrationRecord:
     state: MigrationState = MigrationState.PLANNED
     bytes_moved: int = 0
     sequences: set[str] = field(default_factory=set)  # whose KV moved
+    last_copy_bytes: int | None = None  # donor: what its last copy stage moved (None: none yet)
     reason: str = ""
     weights_dropped: bool = False
     # donor only: why the helper is lost, once its port found it unreachable (the fall-back)

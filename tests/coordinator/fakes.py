@@ -28,7 +28,7 @@ from services.coordinator.ports import (
 )
 
 NUM_LAYERS = 4
-KV_BYTES = 640
+KV_BYTES = 64 << 20  # above the default copy_converged_bytes: a second round follows
 DELTA_BYTES = 64
 WEIGHT_BYTES = 4096
 WEIGHTS_S = 0.25

@@ -4,11 +4,13 @@ in their order, what each state costs, abort from every state, failures, leases.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 import redis.asyncio as aioredis
 
 from services.common.errors import (
+    ConfigError,
     InvalidRequestError,
     PreconditionError,
     ResourceExhaustedError,
@@ -17,7 +19,7 @@ from services.coordinator.core import CoordinatorConfig, MigrationNotFoundError
 from services.coordinator.migration import MigrationState, TransitionError
 from services.coordinator.ports import WorkerNotFoundError
 from services.coordinator.store import RedisMigrationStore
-from tests.coordinator.factories import coordinator
+from tests.coordinator.factories import CONFIG, coordinator
 from tests.coordinator.fakes import (
     COPY_S,
     DELTA_BYTES,
@@ -179,6 +181,42 @@ def test_a_failed_step_aborts_with_its_reason(redis_server, store_prefix):
         assert cluster.held() == {D: set(), P: set()}
 
     run(redis_server, store_prefix, body, cluster)
+
+
+@pytest.mark.parametrize(
+    ("rounds", "converged", "copies"),
+    [
+        (2, KV_BYTES, 1),  # the first round moved little: the switch copies the rest
+        (3, DELTA_BYTES - 1, 3),  # never converged: every round
+        (3, DELTA_BYTES, 2),  # the first delta is small enough
+    ],
+)
+def test_copy_rounds_end_once_one_moved_little(
+    redis_server, store_prefix, rounds, converged, copies
+):
+    """Every round waits for the donor's step in flight (seconds on a loaded prefill
+    worker, whose rounds move nothing): a round that moved at most ``copy_converged_bytes``
+    is the last."""
+    config = replace(CONFIG, copy_rounds=rounds, copy_converged_bytes=converged)
+
+    async def body(coord, cluster, clock):
+        m = await coord.start_layers(D, P, 2)
+        await coord.wait("m-1")
+        assert m.state is S.ACTIVE
+        assert cluster.steps() == FORWARD[:2] + FORWARD[2:3] * copies + FORWARD[4:]
+        assert m.num_copy_kv_bytes == KV_BYTES + (copies - 1) * DELTA_BYTES
+
+    run(redis_server, store_prefix, body, config=config)
+
+
+def test_the_convergence_bound_is_a_flag_and_a_negative_one_is_refused():
+    from services.coordinator.__main__ import coordinator_config, parse_args
+
+    assert coordinator_config(parse_args([])).copy_converged_bytes == 16 << 20
+    config = coordinator_config(parse_args(["--copy-converged-bytes", "0"]))
+    assert config.copy_converged_bytes == 0
+    with pytest.raises(ConfigError, match="copy_converged_bytes must be >= 0"):
+        CoordinatorConfig(copy_converged_bytes=-1)
 
 
 def test_a_step_past_its_timeout_aborts(redis_server, store_prefix):

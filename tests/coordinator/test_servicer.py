@@ -205,7 +205,8 @@ def test_the_cli_commands(redis_server, store_prefix, capsys):
     out, err = capsys.readouterr()
     blocks = out.split("migration   m-1 (layers)\n")
     assert blocks[1].splitlines()[:2] == ["state       ACTIVE", f"donor       {D}"]
-    row = f"m-1    layers  ACTIVE         {D} -> {P:<12} [2, 4)    kv          768 B"
+    kv = KV_BYTES + 2 * DELTA_BYTES
+    row = f"m-1    layers  ACTIVE         {D} -> {P:<12} [2, 4)    kv {kv:>12,} B"
     assert row in out
     assert blocks[2].splitlines()[0] == "state       DONE"
     assert err.splitlines() == [

@@ -158,7 +158,10 @@ def test_decode_layers_on_the_prefill_worker_never_change_output(cluster, tiny_l
         f"{steps['reverted'].bytes_moved} B"
     )
     assert [list(r.token_ids) for r in results] == [c.token_ids for c in expected]
-    assert steps["copies"][0].num_sequences == NUM_REQUESTS and steps["copies"][0].bytes_moved > 0
+    # tiny-llama's KV in use is far below the agent's precopy_skip_bytes: the copies make no
+    # visit, and the switch's pause carries every sequence whole
+    assert [(c.num_sequences, c.bytes_moved) for c in steps["copies"]] == [(0, 0), (0, 0)]
+    assert steps["switched"].num_sequences == NUM_REQUESTS and steps["switched"].bytes_moved > 0
     assert steps["switched"].num_requeued == 0
     assert steps["reverted"].num_sequences == NUM_REQUESTS and steps["reverted"].num_requeued == 0
     assert [r.found for r in steps["released"]] == [True, True]

@@ -22,6 +22,7 @@ from services.migration.donor import TokenDelta
 from services.migration.link import HelperLink
 from tests.engine.coordinator import prompt_ids
 from tests.engine.helpers import assert_no_leaks, make_engine
+from services.migration.records import Peer, Role
 from tests.migration.harness import MIGRATION, AgentPair, LoopThread
 
 NUM_SEQS, K = 6, 2
@@ -57,25 +58,139 @@ def count_visits(pair: AgentPair) -> list[int]:
     return visits
 
 
-@pytest.mark.parametrize(("batch_bytes", "export_visits"), [(64 << 20, 1), (1, NUM_SEQS)])
+@pytest.mark.parametrize(
+    ("batch_bytes", "precopy_skip_bytes", "export_visits", "switch_visits"),
+    [
+        (64 << 20, 16 << 20, 1, 1),  # the copy moved little: the switch only pauses
+        (1, 0, NUM_SEQS, NUM_SEQS + 1),  # it copies once more first, then pauses
+    ],
+)
 def test_a_copy_stage_visits_the_engine_once_per_batch(
-    tiny_llama, loop, batch_bytes, export_visits
+    tiny_llama, loop, batch_bytes, precopy_skip_bytes, export_visits, switch_visits
 ):
+    """Each visit waits for the step in flight: a second or more on a loaded prefill worker,
+    where a migration that visited 11 times took 13 s to become ACTIVE. The switch reads
+    the sequences still running in its pause's visit; activating without dropping weights
+    makes none."""
     pair = running_pair(tiny_llama, loop)
-    pair.donor.config = replace(pair.donor.config, copy_batch_bytes=batch_bytes)
+    config = pair.donor.config
+    pair.donor.config = replace(
+        config, copy_batch_bytes=batch_bytes, precopy_skip_bytes=precopy_skip_bytes
+    )
     pair.prepare(K)
     visits = count_visits(pair)
     num_bytes, moved, _ = pair.copy()
-    # one visit lists the running sequences, then the exports
-    assert visits[0] == 1 + export_visits
+    # the first visit lists the running sequences and exports the first batch
+    assert visits[0] == export_visits
     assert moved == NUM_SEQS and num_bytes > 0
     held = loop.call(
         pair.donor._link(pair.donor.records["m-1"]).held([f"r{i}" for i in range(NUM_SEQS)])
     )
     expected = {s.request_id: s.num_computed_tokens for s in pair.a.scheduler.running}
     assert held == expected  # every sequence's KV of every moved layer, whole
-    pair.switch(1, False)
+    pair.a_thread.step()
+    visits[0] = 0
+    loop.call(pair.donor.switch(MIGRATION, 1, None))
+    assert visits[0] == switch_visits
+    loop.call(pair.donor.activate(MIGRATION, False))
+    assert visits[0] == switch_visits
+    pair.state = "switched"
     finish_exactly(pair, tiny_llama)
+
+
+def test_a_donor_answers_prepare_without_a_visit_once_it_learnt_its_layers(tiny_llama, loop):
+    pair = running_pair(tiny_llama, loop)
+    visits = count_visits(pair)
+    pair.prepare(K)  # the harness's agent never learnt them: it asks the engine
+    assert visits[0] == 1
+    pair.release()
+    loop.call(pair.donor.learn_layers())
+    visits[0] = 0
+    pair.prepare(K)
+    assert visits[0] == 0
+    with pytest.raises(InvalidRequestError, match="only \\[k, "):
+        loop.call(pair.donor.prepare("m-2", Role.DONOR, range(0, 2), Peer("A"), Peer("B"), None))
+    assert visits[0] == 0
+    pair.release()
+    pair.close()
+    while pair.a.has_unfinished_requests:
+        pair.a_thread.step()
+    assert_no_leaks(pair.a)
+
+
+@pytest.mark.parametrize("skip_bytes", [16 << 20, 0])
+def test_a_copy_with_little_kv_in_use_is_left_to_the_pause(tiny_llama, loop, skip_bytes):
+    """Once the agent learnt its layers it bounds the KV in use from the snapshot (blocks in
+    use, whole): at most ``precopy_skip_bytes`` and neither the copy nor the switch's own
+    stage visits the engine; the pause sends every sequence whole and the output is
+    unchanged. Below the bound (0 here) both copy as before."""
+    pair = running_pair(tiny_llama, loop)
+    pair.donor.config = replace(pair.donor.config, precopy_skip_bytes=skip_bytes)
+    loop.call(pair.donor.learn_layers())
+    layers = range(K, pair.a.spec.num_layers)
+    in_use = pair.a.block_manager.num_blocks - pair.a.block_manager.num_free_blocks
+    assert pair.donor.kv_bound(layers) == in_use * pair.a.kv_cache.layer_block_bytes * len(layers)
+    assert 0 < pair.donor.kv_bound(layers) <= 16 << 20
+    pair.prepare(K)
+    visits = count_visits(pair)
+    num_bytes, moved, _ = pair.copy()
+    skipped = skip_bytes > 0
+    assert visits[0] == (0 if skipped else 1)
+    assert (num_bytes == 0, moved) == (skipped, 0 if skipped else NUM_SEQS)
+    visits[0] = 0
+    result = loop.call(pair.donor.switch(MIGRATION, 1, None))
+    assert visits[0] == (1 if skipped else 2)
+    if skipped:  # the pause carried every sequence whole
+        tokens = sum(s.num_computed_tokens for s in pair.a.scheduler.running)
+        assert result.num_bytes == tokens * donor.token_bytes(pair.a, layers)
+        assert len(result.request_ids) == NUM_SEQS
+    else:  # copied twice before it: nothing new since
+        assert (result.num_bytes, result.request_ids) == (0, ())
+    pair.state = "switched"
+    finish_exactly(pair, tiny_llama)
+
+
+def test_a_revert_copies_back_what_the_helper_held_in_one_listing_visit(tiny_llama, loop):
+    """The helper is asked first (for the sequences sent to it); one visit restores the
+    weights and lists what it held of each, even if a step ran since (``partial``: the rest
+    is the pause's); one visit writes each batch back; the pause is the last. Output
+    unchanged."""
+    pair = running_pair(tiny_llama, loop)
+    pair.prepare(K)
+    pair.copy()
+    pair.switch(1, drop=False)
+    for _ in range(3):
+        pair.a_thread.step()
+    layers = range(K, pair.a.spec.num_layers)
+    behind = {f"r{i}": s.num_computed_tokens - 2 for i, s in enumerate(pair.a.scheduler.running)}
+    whole = donor.lacking(pair.a, layers, behind, 1 << 30)
+    part = donor.lacking(pair.a, layers, behind, 1 << 30, partial=True)
+    assert whole == []  # in the pause: a sequence the helper lacks recomputes
+    assert [s.end for s in part[0]] == [behind[s.request_id] for s in part[0]]
+    assert len(part[0]) == NUM_SEQS
+    visits = count_visits(pair)
+    result = loop.call(pair.donor.revert(MIGRATION))
+    assert visits[0] == 3
+    assert len(result.request_ids) == NUM_SEQS
+    assert all(not pair.a.placement.missing(f"r{i}") for i in range(NUM_SEQS))
+    pair.release()
+    finish_exactly(pair, tiny_llama, revert=False)
+
+
+def test_a_revert_with_nothing_on_the_helper_is_the_pause_alone(tiny_llama, loop):
+    pair = running_pair(tiny_llama, loop)
+    pair.prepare(K)
+    for i in range(NUM_SEQS):  # nothing moved before the switch: none of them on the helper
+        pair.a.abort(f"r{i}")
+    pair.copy()
+    pair.switch(1, drop=False)
+    visits = count_visits(pair)
+    result = loop.call(pair.donor.revert(MIGRATION))
+    assert (visits[0], result.num_bytes) == (1, 0)
+    pair.release()
+    pair.close()
+    assert_no_leaks(pair.a)
+    assert_no_leaks(pair.b)
 
 
 def finish_exactly(pair: AgentPair, model, revert: bool = True) -> None:
