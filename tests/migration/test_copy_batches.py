@@ -20,9 +20,9 @@ from services.engine.ports import StageSeq
 from services.migration import donor, layer_agent
 from services.migration.donor import TokenDelta
 from services.migration.link import HelperLink
+from services.migration.records import Peer, Role
 from tests.engine.coordinator import prompt_ids
 from tests.engine.helpers import assert_no_leaks, make_engine
-from services.migration.records import Peer, Role
 from tests.migration.harness import MIGRATION, AgentPair, LoopThread
 
 NUM_SEQS, K = 6, 2
