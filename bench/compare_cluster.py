@@ -185,8 +185,9 @@ def migration_sample(m: coordinator_pb2.Migration) -> dict:
         # What the coordinator measured of it so far: seconds in each state left, the weights
         # shipped and the KV copied (bytes, seconds), the switch's pause.
         "state_s": {
-            coordinator_pb2.MigrationState.Name(t.state).removeprefix("MIGRATION_STATE_"):
-            t.duration.ToTimedelta().total_seconds()
+            coordinator_pb2.MigrationState.Name(t.state).removeprefix(
+                "MIGRATION_STATE_"
+            ): t.duration.ToTimedelta().total_seconds()
             for t in m.timings
         },
         "weights_bytes": m.num_weight_bytes,

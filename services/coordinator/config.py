@@ -34,9 +34,7 @@ class CoordinatorConfig:
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be finite and > 0, got {value}")
         if self.copy_converged_bytes < 0:
-            raise ConfigError(
-                f"copy_converged_bytes must be >= 0, got {self.copy_converged_bytes}"
-            )
+            raise ConfigError(f"copy_converged_bytes must be >= 0, got {self.copy_converged_bytes}")
         if self.copy_rounds < 1:
             raise ConfigError(f"copy_rounds must be >= 1, got {self.copy_rounds}")
         if self.renew_interval_s >= self.lease_s:

@@ -125,6 +125,7 @@ class LayerAgent:
 
         # Switched before the engine's next step can fail through the port (and fall back).
         previous, record.port, record.state = record.state, port, MigrationState.SWITCHING
+
         def pause(engine: Engine) -> tuple[donor.PauseResult, dict[str, int]]:
             result = donor.switch(engine, record.layers, held, send, layout, BATCH_BYTES)
             return result, donor.running(engine)
