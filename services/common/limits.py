@@ -38,6 +38,9 @@ MAX_STOP_STRING_BYTES = 256
 MAX_STOP_TOKEN_IDS = 256
 # 256 Ki blocks: a context of 256 Ki tokens even at block size 1 (4 Mi at the default 16).
 MAX_BLOCK_HASHES = 1 << 18
+# The most micro-batches a layer migration's split step is cut into (Switch, the policy, the
+# engine's StageLayout).
+MAX_MICRO_BATCHES = 8
 # The context assumed when nothing better is known (no model, no worker registered yet).
 DEFAULT_CONTEXT = 1 << 20
 # The text budget per token of context. English averages ~4 bytes a token; 32 leaves room for

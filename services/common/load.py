@@ -73,9 +73,22 @@ class LoadReport:
         return self.num_blocks_used + self.num_blocks_free
 
 
-def utilisation_compute(report: LoadReport, prefill_capacity_tokens: int) -> float:
-    """Busy fraction, or queued prefill work over what counts as a full worker if higher."""
-    return max(report.busy_fraction, report.num_queued_prefill_tokens / prefill_capacity_tokens)
+def utilisation_compute(
+    report: LoadReport, prefill_capacity_tokens: int, full_step_s: float = 0.0
+) -> float:
+    """Busy fraction, or queued prefill work over what counts as a full worker if higher.
+
+    ``full_step_s`` > 0 weighs the busy fraction by how full the steps were (their mean
+    length over ``full_step_s``, at most 1). A decode worker steps as long as it holds one
+    sequence, and a step of a few sequences costs about what one of many does (the weights
+    are read once a step): its plain busy fraction is ~1 at any batch (0.98 with 2 sequences
+    and with 12 in ``bench compare``). Off by default (the plain busy fraction, DESIGN.md §5):
+    with 0.25 s the coordinator moved prefill layers onto decode workers that did not pay
+    (docs/coordinator.md, ``full_step_s``)."""
+    busy = report.busy_fraction
+    if full_step_s > 0:
+        busy *= min(1.0, report.step_time_s / full_step_s)
+    return max(busy, report.num_queued_prefill_tokens / prefill_capacity_tokens)
 
 
 def utilisation_memory(report: LoadReport) -> float:
@@ -121,8 +134,10 @@ class LoadMeter:
             self._steps.popleft()
         in_flight = self._in_flight
         running = 0.0 if in_flight is None else max(0.0, now - max(in_flight, begin))
-        if not self._steps:
-            return 0.0, min(1.0, running / self._window_s)
+        if not self._steps:  # only a step in flight: its length so far is the mean
+            return (0.0 if in_flight is None else now - in_flight), min(
+                1.0, running / self._window_s
+            )
         busy = sum(end - max(start, begin) for start, end in self._steps) + running
         mean = sum(end - start for start, end in self._steps) / len(self._steps)
         return mean, min(1.0, busy / self._window_s)

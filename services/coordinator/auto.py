@@ -168,10 +168,10 @@ class AutoMigrator:
         if d.kind is ActionKind.REVERT:
             return await c.revert(d.migration_id)
         if d.kind is ActionKind.LAYERS:
+            micro = cfg.micro_batches_for(self._feed.is_prefill(d.donor))
             return await c.start_layers(
-                d.donor, d.helper, d.start_layer, d.end_layer, cfg.num_micro_batches,
-                cfg.drop_weights,
-            )  # fmt: skip
+                d.donor, d.helper, d.start_layer, d.end_layer, micro, cfg.drop_weights
+            )
         return await c.start_attention(
             d.donor, d.helper, max_sequences=self._sequences_for(d), refill=cfg.attention_refill
         )

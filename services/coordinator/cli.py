@@ -24,6 +24,7 @@ from pathlib import Path
 
 import grpc
 
+from services.common.limits import MAX_MICRO_BATCHES
 from services.coordinator import watch
 from services.rpc import security
 from services.rpc.gen.banaserve.v1 import coordinator_pb2 as pb
@@ -138,7 +139,14 @@ def add_migrate_arguments(p: argparse.ArgumentParser) -> None:
     layers.add_argument("--helper", required=True, help="worker id that runs them")
     layers.add_argument("--start", type=int, required=True, help="first layer that moves (>= 1)")
     layers.add_argument("--end", type=int, default=None, help="default: the model's layer count")
-    layers.add_argument("--micro-batches", type=int, default=2, choices=(1, 2))
+    layers.add_argument(
+        "--micro-batches",
+        type=int,
+        default=2,
+        choices=range(1, MAX_MICRO_BATCHES + 1),
+        metavar="M",
+        help="1-8 (default 2: a decode donor's two step streams; more only help a prefill donor)",
+    )
     layers.add_argument(
         "--drop-weights", action="store_true", help="the donor frees the moved layers once ACTIVE"
     )

@@ -117,6 +117,9 @@ class RouterLoadFeed:
         except (BanaServeError, grpc.aio.AioRpcError, TimeoutError) as exc:
             log.warning("layer count of %s unknown yet: %s", worker_id, exc)
 
+    def is_prefill(self, worker_id: str) -> bool:
+        return self._roles.get(worker_id) == common_pb2.WORKER_ROLE_PREFILL
+
     def can_donate(self, worker_id: str) -> bool:
         return self._prefill_donors or self._roles.get(worker_id) in DONOR_ROLES
 

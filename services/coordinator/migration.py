@@ -15,6 +15,7 @@ import enum
 from dataclasses import dataclass, field
 
 from services.common.errors import BanaServeError, InvalidRequestError
+from services.common.limits import MAX_MICRO_BATCHES
 from services.common.migration_states import MigrationState
 
 
@@ -156,5 +157,7 @@ def check_layer_request(
         )
     if end_layer is not None and end_layer <= start_layer:
         raise InvalidRequestError(f"empty layer range [{start_layer}, {end_layer})")
-    if num_micro_batches not in (1, 2):
-        raise InvalidRequestError(f"micro-batches must be 1 or 2, got {num_micro_batches}")
+    if not 1 <= num_micro_batches <= MAX_MICRO_BATCHES:
+        raise InvalidRequestError(
+            f"micro-batches must be in [1, {MAX_MICRO_BATCHES}], got {num_micro_batches}"
+        )

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from services.common.errors import ConfigError
+from services.common.limits import MAX_MICRO_BATCHES
 from services.common.load import LoadReport, utilisation_compute, utilisation_memory
 
 
@@ -22,6 +23,7 @@ class PolicyConfig:
     min_reports: int = 3
     stale_s: float = 2.0
     prefill_capacity_tokens: int = 4096
+    full_step_s: float = 0.0
     gap_high: float = 0.5
     gap_low: float = 0.2
     sustain_s: float = 3.0
@@ -37,6 +39,7 @@ class PolicyConfig:
     kv_bytes_per_block_layer: float = 16384.0
     weight_bytes_per_layer: int = 0
     num_micro_batches: int = 2
+    prefill_micro_batches: int = 8
     drop_weights: bool = False
     min_running_seqs: int = 16
 
@@ -49,7 +52,9 @@ class PolicyConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be finite and > 0, got {value}")
-        for name in ("sustain_s", "revert_after_s", "cooldown_s", "min_gain", "sync_prior_s"):
+        for name in (
+            "sustain_s", "revert_after_s", "cooldown_s", "min_gain", "sync_prior_s", "full_step_s"
+        ):  # fmt: skip
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be finite and >= 0, got {value}")
@@ -67,6 +72,16 @@ class PolicyConfig:
             raise ConfigError(f"weight_bytes_per_layer must be >= 0: {self.weight_bytes_per_layer}")
         if self.num_micro_batches not in (1, 2):
             raise ConfigError(f"num_micro_batches must be 1 or 2, got {self.num_micro_batches}")
+        if not 1 <= self.prefill_micro_batches <= MAX_MICRO_BATCHES:
+            raise ConfigError(
+                f"prefill_micro_batches must be in [1, {MAX_MICRO_BATCHES}], "
+                f"got {self.prefill_micro_batches}"
+            )
+
+    def micro_batches_for(self, prefill_donor: bool) -> int:
+        """A decode donor's two micro-batches are two step streams; a prefill donor's stay
+        inside its (hooked) step, where more of them overlap more of the helper's part."""
+        return self.prefill_micro_batches if prefill_donor else self.num_micro_batches
 
 
 class ActionKind(enum.Enum):
@@ -214,7 +229,7 @@ def utilisation_of(view: WorkerView, now: float, config: PolicyConfig) -> Utilis
     if len(recent) < config.min_reports or now - view.samples[-1].at > config.stale_s:
         return None
     cap = config.prefill_capacity_tokens
-    compute = [utilisation_compute(r, cap) for r in recent]
+    compute = [utilisation_compute(r, cap, config.full_step_s) for r in recent]
     return Utilisation(
         compute=sum(compute) / len(recent),
         memory=sum(utilisation_memory(r) for r in recent) / len(recent),

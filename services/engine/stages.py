@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.errors import InvalidRequestError
+from services.common.limits import MAX_MICRO_BATCHES  # cut between whole sequences (step.py)
 from services.engine.ports import StagePort
 
 DEFAULT_STAGE_TIMEOUT_S = 30.0
@@ -40,13 +41,16 @@ class Stage:
 @dataclass(frozen=True)
 class StageLayout:
     stages: tuple[Stage, ...]
-    num_micro_batches: int = 1  # 2: overlap one half's remote stage with the other's local ones
+    # >= 2: each micro-batch's remote stage overlaps the next ones' local layers (a step with a
+    # layer hook, a prefill worker's); 2 without a hook: two step streams (pipeline.py)
+    num_micro_batches: int = 1
     timeout_s: float = DEFAULT_STAGE_TIMEOUT_S  # the longest a step waits for a remote stage
 
     def __post_init__(self) -> None:
-        if self.num_micro_batches not in (1, 2):
+        if not 1 <= self.num_micro_batches <= MAX_MICRO_BATCHES:
             raise InvalidRequestError(
-                f"num_micro_batches must be 1 or 2, got {self.num_micro_batches}"
+                f"num_micro_batches must be in [1, {MAX_MICRO_BATCHES}], "
+                f"got {self.num_micro_batches}"
             )
         if self.timeout_s <= 0:
             raise InvalidRequestError(f"timeout_s must be positive, got {self.timeout_s}")

@@ -92,8 +92,8 @@ class Stepper:
         fetches = self.fetches.pending_in(batch.seqs)
         layout = self.placement.layout
         halves = [batch]
-        if split and layout.remote and layout.num_micro_batches == 2 and not fetches:
-            halves = _split(batch)
+        if split and layout.remote and layout.num_micro_batches > 1 and not fetches:
+            halves = _split(batch, layout.num_micro_batches)
         parts = [
             self.runner.prepare(
                 half, self.placement.located or None, layout.remote, layout.timeout_s
@@ -176,17 +176,24 @@ def _half_hook(hook: LayerDoneHook, ctx: StepContext, layer: int) -> None:
     hook(layer, ctx)
 
 
-def _split(batch: ScheduledBatch) -> list[ScheduledBatch]:
-    """Two contiguous halves of about equal tokens (one if the batch has a single sequence)."""
-    if len(batch.seqs) < 2:
+def _split(batch: ScheduledBatch, parts: int = 2) -> list[ScheduledBatch]:
+    """Up to ``parts`` contiguous runs of whole sequences of about equal tokens (fewer with
+    fewer sequences; one if the batch has a single sequence)."""
+    n = len(batch.seqs)
+    parts = min(parts, n)
+    if parts < 2:
         return [batch]
-    total, acc, cut = batch.num_tokens, 0, 1
-    for i, n in enumerate(batch.num_new_tokens[:-1]):
-        acc += n
-        cut = i + 1
-        if 2 * acc >= total:
-            break
+    total, acc, cuts = batch.num_tokens, 0, [0]
+    for i, tokens in enumerate(batch.num_new_tokens[:-1]):
+        acc += tokens
+        # cut after sequence i once the next share of the tokens is reached, or when only one
+        # sequence is left for each part still to come
+        left, wanted = n - (i + 1), parts - len(cuts)
+        if wanted and (acc * parts >= total * len(cuts) or left == wanted) and left >= wanted:
+            cuts.append(i + 1)
+    cuts.append(n)
     return [
-        ScheduledBatch(batch.seqs[:cut], batch.num_new_tokens[:cut]),
-        ScheduledBatch(batch.seqs[cut:], batch.num_new_tokens[cut:]),
+        ScheduledBatch(batch.seqs[a:b], batch.num_new_tokens[a:b])
+        for a, b in zip(cuts, cuts[1:], strict=False)
+        if a < b
     ]

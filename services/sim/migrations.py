@@ -60,7 +60,8 @@ class MigrationPlayer:
         now, cfg = self.loop.now, self.policy.config
         m = Migration(
             f"sim-{len(self._records) + 1}", MigrationKind.LAYERS, d.donor, d.helper,
-            d.start_layer, d.end_layer, now, num_micro_batches=cfg.num_micro_batches,
+            d.start_layer, d.end_layer, now,
+            num_micro_batches=cfg.micro_batches_for(self.workers[d.donor].role is WorkerRole.PREFILL),
             reason=d.reason,
         )  # fmt: skip
         self._records[m.migration_id] = m
@@ -86,7 +87,7 @@ class MigrationPlayer:
             share = min(0.99, moved * self.profile.layer_share)
             hop = self.transport.latency_s if mig.hop_s is None else mig.hop_s
             # a decode donor's two micro-batches are two step streams (pipeline.py); a prefill
-            # donor's steps export KV layer by layer and keep both inside one step
+            # donor's steps export KV layer by layer and keep its micro-batches inside one step
             pipelined = donor.role is WorkerRole.DECODE
             donor.offload = Offload(helper, share, hop, m.num_micro_batches, pipelined)
             helper.num_hosted_layers += moved

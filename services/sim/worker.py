@@ -41,9 +41,10 @@ FINGERPRINT = "sim"
 class Offload:
     """This worker runs layers ``[k, L)`` on ``helper``: a share of each step moves there.
 
-    With two micro-batches inside one step (a prefill donor's, or ``pipelined=False``) the
-    donor's local part of one half overlaps the helper's part of the other: a step of ``t``
-    becomes ``(local + remote) / 2 + max(local, remote) / 2`` plus a hop each way per half.
+    With ``m`` micro-batches inside one step (a prefill donor's, or ``pipelined=False``; at
+    most one per sequence of the step: services/engine/step.py cuts between sequences) the
+    donor's local part of each overlaps the helper's part of the ones before: a step of ``t``
+    becomes ``max(local + remote / m, local / m + remote)`` plus a hop each way per part.
     With two step streams (a decode donor's, services/engine/pipeline.py) each half is a step
     of its own, ``(t + fixed) / 2`` long (the step's fixed cost is paid by both halves), and the
     two workers work on different halves at once: every sequence gets its token after two
@@ -58,17 +59,19 @@ class Offload:
     num_micro_batches: int = 2
     pipelined: bool = False  # two step streams (a decode donor's two micro-batches)
 
-    def stretch(self, t: float, fixed: float = 0.0) -> float:
-        """The step of ``t`` (``fixed`` of it paid whatever the batch) with the share moved."""
+    def stretch(self, t: float, fixed: float = 0.0, num_seqs: int = 2) -> float:
+        """The step of ``t`` (``fixed`` of it paid whatever the batch) over ``num_seqs``
+        sequences, with the share moved."""
         local, remote = t * (1 - self.share), t * self.share
         if self.helper.busy:
             self.helper.hosted_debt_s += remote
-        hops = 2 * self.hop_s * self.num_micro_batches
-        if self.num_micro_batches == 1:
+        parts = max(1, min(self.num_micro_batches, num_seqs))
+        hops = 2 * self.hop_s * parts
+        if parts == 1:
             return local + remote + hops
         if self.pipelined:
             return (t + fixed) * max(1 - self.share, self.share) + hops
-        return (local + remote) / 2 + max(local, remote) / 2 + hops
+        return max(local + remote / parts, local / parts + remote) + hops
 
 
 @dataclass
@@ -216,7 +219,7 @@ class SimWorker:
         if fetch:  # layer l computes once its prefix layer arrived: the longer one, overlapped
             t = max(t, fetch) + min(t, fetch) / self.profile.num_layers
         if self.offload is not None:
-            t = self.offload.stretch(t, fixed)
+            t = self.offload.stretch(t, fixed, len(batch.seqs))
         t += self.hosted_debt_s
         self.hosted_debt_s = 0.0
         self.busy = True

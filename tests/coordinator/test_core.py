@@ -247,7 +247,7 @@ BAD_STARTS = [
     ((D, P, 2, 5), InvalidRequestError, r"\[2, 5\): only \[k, 4\) with 1 <= k < 4 move"),
     ((D, P, 1, 3), InvalidRequestError, r"\[1, 3\): only \[k, 4\)"),
     ((D, P, 4), InvalidRequestError, r"\[4, 4\): only"),
-    ((D, P, 2, None, 3), InvalidRequestError, "micro-batches must be 1 or 2, got 3"),
+    ((D, P, 2, None, 9), InvalidRequestError, "micro-batches must be in \\[1, 8\\], got 9"),
     ((D, "decode-9", 2), WorkerNotFoundError, "no worker 'decode-9'"),
 ]
 

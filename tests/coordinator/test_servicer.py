@@ -114,7 +114,7 @@ BAD = [
     (layers(helper=D), C.INVALID_ARGUMENT, "donor and helper are the same worker (decode-0)"),
     (layers(start=0), C.INVALID_ARGUMENT, "start layer must be >= 1"),
     (layers(end_layer=3), C.INVALID_ARGUMENT, "layers [2, 3): only [k, 4) with 1 <= k < 4 move"),
-    (layers(num_micro_batches=0), C.INVALID_ARGUMENT, "micro-batches must be 1 or 2, got 0"),
+    (layers(num_micro_batches=0), C.INVALID_ARGUMENT, "micro-batches must be in [1, 8], got 0"),
     (layers(helper="prefill-7"), C.NOT_FOUND, "no worker 'prefill-7'"),
 ]
 

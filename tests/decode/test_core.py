@@ -99,9 +99,9 @@ def test_load_meter_reports_mean_step_and_busy_share_of_the_window():
 def test_load_meter_counts_the_step_in_flight_as_busy():
     clock = FakeClock()
     meter = LoadMeter(1.0, clock)
-    meter.begin(98.0)  # a 3 s prefill step, still running: busy, not idle until it ends
-    clock.now = 100.0
-    assert meter.snapshot() == (0.0, 1.0)
+    meter.begin(98.0)  # a 3 s prefill step, still running: busy, not idle until it ends,
+    clock.now = 100.0  # and as long as it has run so far (a step, not a short one)
+    assert meter.snapshot() == (2.0, 1.0)
     meter.end()
     meter.record(98.0, 100.0)
     meter.begin(100.2)

@@ -130,7 +130,7 @@ def run_scenario(
 
 
 # (seed of the schedule, drop the moved layers from A under a memory budget, k, micro-batches):
-# every k with both micro-batch settings, with and without dropping.
+# every k with one and two micro-batches (and 4 and 8), with and without dropping.
 SCENARIOS = [
     (0, False, 1, 1),
     (0, False, 2, 2),
@@ -141,6 +141,8 @@ SCENARIOS = [
     (5, True, 2, 1),
     (5, True, 3, 2),
     (6, True, 2, 2),
+    (0, False, 2, 4),  # more micro-batches inside each step (a prefill donor's schedule)
+    (6, True, 2, 8),
 ]
 
 

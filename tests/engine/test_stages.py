@@ -13,7 +13,9 @@ from services.common.errors import InvalidRequestError, ResourceExhaustedError
 from services.common.types import SamplingParams
 from services.engine.local_ports import LocalStagePort
 from services.engine.ports import StagePort, StageSeq, StageWork
-from services.engine.stages import Stage, StageLayout
+from services.engine.scheduler import ScheduledBatch
+from services.engine.stages import MAX_MICRO_BATCHES, Stage, StageLayout
+from services.engine.step import _split
 from tests.engine.coordinator import prompt_ids
 from tests.engine.helpers import assert_no_leaks, make_engine
 
@@ -47,7 +49,7 @@ def test_layouts_must_cut_every_layer_into_contiguous_ranges():
     with pytest.raises(InvalidRequestError, match="non-empty"):
         StageLayout((Stage(1, 4),))
     with pytest.raises(InvalidRequestError, match="num_micro_batches"):
-        StageLayout.split(4, 2, port, num_micro_batches=3)
+        StageLayout.split(4, 2, port, num_micro_batches=MAX_MICRO_BATCHES + 1)
     layout = StageLayout.split(4, 3, port)
     assert layout.ranges == ((0, 3, False), (3, 4, True)) and layout.remote_layers == (3,)
     assert layout.without(port).ranges == ((0, 3, False), (3, 4, False))
@@ -67,7 +69,7 @@ def test_a_local_step_runs_the_model_in_one_call(tiny_llama, monkeypatch):
     assert engine.snapshot.num_steps == 6 and engine.snapshot.stages == ((0, 4, False),)
 
 
-@pytest.mark.parametrize("micro", [1, 2])
+@pytest.mark.parametrize("micro", [1, 2, 4])
 def test_a_remote_stage_gets_each_sequences_rows_and_two_micro_batches_split_them(
     tiny_llama, micro
 ):
@@ -85,6 +87,8 @@ def test_a_remote_stage_gets_each_sequences_rows_and_two_micro_batches_split_the
     decode = tuple(StageSeq(r, n, 1) for r, n in lengths.items())
     if micro == 1:
         assert port.calls == [(2, 4, prefill), (2, 4, decode)]
+    elif micro == 4:  # one sequence each (four sequences), in order
+        assert port.calls == [(2, 4, (s,)) for s in prefill] + [(2, 4, (s,)) for s in decode]
     else:  # halves of about equal tokens: 30 | 30, then 2 | 2 decodes
         assert port.calls == [
             (2, 4, prefill[:1]),
@@ -159,3 +163,28 @@ def test_switching_back_recomputes_exactly_the_sequences_whose_kv_was_not_restor
     b.migration.release_hosted_layers("A")
     assert_no_leaks(a)
     assert_no_leaks(b)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "parts", "cut"),
+    [
+        ([30, 4, 9, 17], 2, [[30], [4, 9, 17]]),
+        ([5, 5, 5, 100], 2, [[5, 5, 5], [100]]),  # the last alone is over half: still two
+        ([100, 100, 100, 100, 100, 100], 4, [[100, 100], [100], [100, 100], [100]]),
+        ([512, 512, 512, 512, 512, 512, 512, 512], 4, [[512, 512]] * 4),
+        ([7, 8], 4, [[7], [8]]),  # fewer sequences than parts
+        ([40], 4, [[40]]),
+        ([1000, 10, 10, 10, 10], 3, [[1000], [10], [10, 10, 10]]),  # greedy: shares reached
+    ],
+)
+def test_a_batch_is_cut_into_runs_of_whole_sequences_of_about_equal_tokens(tokens, parts, cut):
+    seqs = [object() for _ in tokens]
+    runs = _split(ScheduledBatch(seqs, tokens), parts)  # type: ignore[arg-type]
+    assert [r.num_new_tokens for r in runs] == cut
+    assert [s for r in runs for s in r.seqs] == seqs
+
+
+@pytest.mark.parametrize("micro", [0, MAX_MICRO_BATCHES + 1])
+def test_a_layout_refuses_micro_batches_out_of_range(micro):
+    with pytest.raises(InvalidRequestError, match="num_micro_batches must be in"):
+        StageLayout(StageLayout.local(4).stages, micro)

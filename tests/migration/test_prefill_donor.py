@@ -114,7 +114,7 @@ class PrefillDonor:
         run_micro_batches = runner.run_micro_batches
 
         def counted(parts, layout, on_layer_done=None):
-            self.hooked_micro_steps += on_layer_done is not None and len(parts) == 2
+            self.hooked_micro_steps += on_layer_done is not None and len(parts) >= 2
             return run_micro_batches(parts, layout, on_layer_done)
 
         runner.run_micro_batches = counted
@@ -177,13 +177,15 @@ class PrefillDonor:
         return stats
 
 
-# (k, layers dropped from P, how it ends, micro-batches: 2 splits P's steps, each half's layers
-# handed to the KV sender as that half computes them)
+# (k, layers dropped from P, how it ends, micro-batches: 2 or more split P's steps, each part's
+# layers handed to the KV sender as that part computes them)
 SCENARIOS = [
     (1, False, "revert", 1),
     (2, True, "revert", 2),
     (3, True, "abort", 1),
     (2, False, "abort", 2),
+    (2, False, "revert", 4),  # the automatic mode's prefill donors: 8 (as many as sequences)
+    (1, True, "abort", 8),
 ]
 
 
@@ -218,7 +220,7 @@ def test_a_prefill_donor_hands_on_the_kv_its_helper_computed(
             tokens[out.request_id] += out.new_token_ids
     assert tokens == reference
     assert num_hosted == 0
-    assert (world.hooked_micro_steps > 0) == (micro == 2)
+    assert (world.hooked_micro_steps > 0) == (micro >= 2)
     assert p_stats["num_free_blocks"] == p_stats["num_blocks"] and p_stats["num_running"] == 0
     assert_no_leaks(world.d)
     assert_no_leaks(world.b.engine)

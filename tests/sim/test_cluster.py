@@ -83,6 +83,14 @@ def test_a_layer_offload_stretches_the_donors_step_and_charges_a_busy_helper():
     helper.busy = False
     streams = Offload(helper, share=0.4, hop_s=0.001, num_micro_batches=2, pipelined=True)
     assert streams.stretch(0.1, fixed=0.02) == pytest.approx(0.12 * 0.6 + 0.004)
+    # eight inside one step (a prefill donor's): the donor's 0.06, then the last part's 0.005
+    eight = Offload(helper, share=0.4, hop_s=0.001, num_micro_batches=8)
+    assert eight.stretch(0.1, num_seqs=20) == pytest.approx(0.06 + 0.04 / 8 + 0.016)
+    # at most one part a sequence: three sequences make three parts
+    assert eight.stretch(0.1, num_seqs=3) == pytest.approx(0.06 + 0.04 / 3 + 0.006)
+    assert eight.stretch(0.1, num_seqs=1) == pytest.approx(0.1 + 0.002)
+    # a helper's part longer than the donor's: it bounds the step
+    assert Offload(helper, 0.7, 0.0, 4).stretch(0.1, num_seqs=8) == pytest.approx(0.03 / 4 + 0.07)
 
 
 def test_a_decode_donor_pipelines_and_a_prefill_donor_does_not():

@@ -57,6 +57,10 @@ def test_a_policy_config_change_changes_the_decisions():
     # split cannot pay at that batch (docs/coordinator.md, min_running_seqs).
     cluster = run(PolicyConfig())
     assert cluster.migrations.records() == []
+    # Steps of ~0.1 s are not full ones when 0.25 s is (full_step_s): the decode worker has
+    # room (U_compute ~0.4 against an idle prefill worker's 0: under gap_high), nothing moves.
+    cluster = run(replace(EIGHT, full_step_s=0.25))
+    assert cluster.migrations.records() == []
 
 
 def test_a_layer_migration_shortens_the_donors_steps_when_rows_cost_more_than_the_step():

@@ -91,6 +91,27 @@ def test_utilisation_is_the_larger_of_compute_and_memory():
     )
 
 
+@pytest.mark.parametrize(
+    ("step_time_s", "busy", "expected"),
+    [
+        (0.035, 0.98, 0.98 * 0.035 / 0.25),  # a decode worker with a few sequences
+        (0.25, 0.98, 0.98),  # its steps as long as the TPOT SLO: full
+        (1.7, 1.0, 1.0),  # a prefill step counts whole
+        (0.0, 0.0, 0.0),
+    ],
+)
+def test_the_busy_fraction_may_be_weighed_by_how_full_the_steps_are(step_time_s, busy, expected):
+    """A decode worker steps all the time it holds a sequence (busy 0.98 with 2 sequences as
+    with 12 in bench compare): with ``full_step_s`` its steps' length tells a worker with room
+    from a full one. Off by default: the plain busy fraction."""
+    r = report(step_time_s=step_time_s, busy_fraction=busy, num_queued_prefill_tokens=0)
+    assert utilisation_compute(r, 1000, full_step_s=0.25) == pytest.approx(expected)
+    assert utilisation_compute(r, 1000) == busy
+    # queued prefill work still counts in full
+    queued = dataclasses.replace(r, num_queued_prefill_tokens=500)
+    assert utilisation_compute(queued, 1000, full_step_s=0.25) >= 0.5
+
+
 def test_proto_round_trip_keeps_every_field_hosted_work_too():
     message = load_to_proto(report())
     assert (message.num_hosted_layers, message.num_hosted_blocks) == (4, 6)
