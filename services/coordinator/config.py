@@ -21,7 +21,7 @@ class CoordinatorConfig:
     # KV copies before the switch, at most: the first moves everything, each next one the
     # delta written meanwhile, so the switch's own delta (the pause) is small.
     copy_rounds: int = 2
-    # A copy round that moved at most this many bytes ends them early: the switch copies once
+    # A layer migration's copy round that moved at most this many bytes ends them early: the switch copies once
     # more before its pause anyway, and every round waits for the donor's step in flight (on a
     # loaded prefill worker 0.4-1.8 s; its sequences are handed off within a step or two, so
     # its rounds move little or nothing). 16 MiB: 7-17 ms on the data planes measured here

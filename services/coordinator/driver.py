@@ -110,7 +110,7 @@ class MigrationDriver:
         self, m: Migration, plan: LayerPlan, donor: WorkerPort, helper: WorkerPort
     ) -> None:
         """Both sides prepared, then up to ``copy_rounds`` copies: everything, then the deltas,
-        until one moves at most ``copy_converged_bytes``."""
+        until one moves at most ``copy_converged_bytes`` (a layer migration's)."""
         prepared = await self._call(m, "prepare", Role.DONOR, donor.prepare_donor, plan)
         self._leases.hold(m.migration_id, m.donor)
         hosted = await self._call(m, "prepare", Role.HELPER, helper.prepare_helper, plan, prepared)
@@ -145,8 +145,11 @@ class MigrationDriver:
                     "bytes.kv": m.num_kv_bytes,
                 },
             )
-            if copied.num_kv_bytes <= self.config.copy_converged_bytes:
-                break  # converged: the switch copies once more before its pause
+            converged = copied.num_kv_bytes <= self.config.copy_converged_bytes
+            if m.kind is MigrationKind.LAYERS and converged:
+                break  # the switch copies once more before its pause
+            # (an attention migration's rounds choose sequences as they grow: each may find
+            # more to copy, and its switch copies nothing itself)
         await self.save(m)
 
     async def revert(self, m: Migration) -> None:

@@ -101,7 +101,13 @@ class MigrationAgent:
         return self.data_address
 
     async def run(self) -> None:
-        """Check leases until cancelled."""
+        """Learn this worker's layers (in the background: ~0.4 s of digests for smollm2, more
+        for a larger model, while the worker already serves), then check leases until
+        cancelled."""
+        try:
+            await self.learn_layers()
+        except Exception as e:  # noqa: BLE001 - each prepare then asks the engine itself
+            log.warning("layer digests not learnt: %r", e)
         while True:
             await asyncio.sleep(self.config.check_interval_s)
             await self.check()

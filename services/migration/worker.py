@@ -78,7 +78,6 @@ async def start_migration(
         data_kind=kind,
         donor_refusal=donor_refusal,
     )
-    await agent.learn_layers()
     await agent.serve_data(host)
     task = asyncio.get_running_loop().create_task(agent.run())
     return MigrationRuntime(agent, migration_service(agent), task)

@@ -5,6 +5,7 @@ moved; the plan each worker gets carries the selection; the record survives Redi
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -15,7 +16,7 @@ from services.coordinator.ports import Switched
 from services.coordinator.store import RedisMigrationStore
 from services.rpc.tracing import tracing_with_exporter
 from tests.coordinator.conftest import store_prefix  # noqa: F401 - fixture
-from tests.coordinator.factories import coordinator
+from tests.coordinator.factories import CONFIG, coordinator
 from tests.coordinator.fakes import KV_BYTES, FakeClock, FakeCluster
 from tests.kvstore.conftest import redis_server  # noqa: F401 - fixture
 
@@ -59,9 +60,13 @@ def test_an_attention_migration_is_one_trace_with_a_span_per_state(redis_server,
     tracer = tracing_with_exporter(exporter, "banaserve-coordinator").provider.get_tracer("test")
     cluster, clock = AttentionCluster(), FakeClock(1000.0)
 
+    # every round however little it moved: an attention migration's rounds choose sequences
+    # as they grow (a layer migration's stop at the first small one, test_core.py)
+    config = replace(CONFIG, copy_converged_bytes=1 << 40)
+
     async def main():
         async with coordinator(
-            redis_server.url, store_prefix, cluster, clock, tracer=tracer
+            redis_server.url, store_prefix, cluster, clock, tracer=tracer, config=config
         ) as coord:
             m = await coord.start_attention(D, P, max_sequences=2, max_blocks_per_sequence=3)
             await coord.wait("m-1")
