@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 NUM_PER_BATCH, MAX_TOKENS, K, MID = 3, 40, 2, "m-prefill-donor"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # one cluster a case: each lists its own migration alone
 def cluster(banaserve_home, tiny_llama, tmp_path_factory):
     env = {"BANASERVE_HOME": str(banaserve_home)}
     spec = ClusterSpec(num_kv_blocks=512, num_kvstore=0, kv_transport="tcp", extra_env=env)
@@ -63,8 +63,17 @@ def helper_view(helper) -> pb.MigrationView:
     return helper.List(pb.MigrationWorkerServiceListRequest()).migrations[0]
 
 
-def test_prefill_layers_on_the_decode_worker_never_change_output(cluster, tiny_llama):
-    prompts = [prompt_ids(25 + 17 * i, 300 + i) for i in range(4 * NUM_PER_BATCH)]
+@pytest.mark.parametrize(
+    ("micro", "shortest", "longer_by"),
+    [
+        (1, 25, 17),
+        (8, 25, 17),  # the automatic mode's prefill donors: up to 8, one or more prompts each
+    ],
+)
+def test_prefill_layers_on_the_decode_worker_never_change_output(
+    cluster, tiny_llama, micro, shortest, longer_by
+):
+    prompts = [prompt_ids(shortest + longer_by * i, 300 + i) for i in range(4 * NUM_PER_BATCH)]
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     expected = [c.token_ids for c in make_engine(tiny_llama).generate(prompts, params)]
     batches = [prompts[i : i + NUM_PER_BATCH] for i in range(0, len(prompts), NUM_PER_BATCH)]
@@ -95,7 +104,9 @@ def test_prefill_layers_on_the_decode_worker_never_change_output(cluster, tiny_l
         helper_peer = prepare(donor, helper).helper
         futures += submit(batches[1])  # prefilling while it copies and switches
         donor.CopyKV(pb.MigrationWorkerServiceCopyKVRequest(migration_id=MID, helper=helper_peer))
-        donor.Switch(pb.MigrationWorkerServiceSwitchRequest(migration_id=MID, num_micro_batches=1))
+        donor.Switch(
+            pb.MigrationWorkerServiceSwitchRequest(migration_id=MID, num_micro_batches=micro)
+        )
         switched = submit(batches[2])  # every prompt through the helper
         [f.result() for f in switched]
         assert helper_view(helper).state == pb.MIGRATION_WORKER_STATE_ACTIVE
