@@ -21,11 +21,11 @@ class CoordinatorConfig:
     # KV copies before the switch, at most: the first moves everything, each next one the
     # delta written meanwhile, so the switch's own delta (the pause) is small.
     copy_rounds: int = 2
-    # A layer migration's copy round that moved at most this many bytes ends them early: the switch copies once
-    # more before its pause anyway, and every round waits for the donor's step in flight (on a
-    # loaded prefill worker 0.4-1.8 s; its sequences are handed off within a step or two, so
-    # its rounds move little or nothing). 16 MiB: 7-17 ms on the data planes measured here
-    # (tcp ~2.4 GB/s, ucx ~1 GB/s, docs/simulator.md's calibration).
+    # A layer migration's copy round that moved at most this many bytes ends them early: the
+    # switch copies once more before its pause anyway, and every round waits for the donor's
+    # step in flight (2-3 s on a loaded prefill worker, whose sequences are handed off within a
+    # step or two, so its rounds move little or nothing). 16 MiB: 7-17 ms on the data planes
+    # measured here (tcp ~2.4 GB/s, ucx ~1 GB/s, docs/simulator.md's calibration).
     copy_converged_bytes: int = 16 << 20
 
     def __post_init__(self) -> None:

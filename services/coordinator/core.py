@@ -8,9 +8,9 @@ Lifecycle of one layer migration (donor A's layers ``[k, L)`` to helper B; the w
    free, same number of layers), saves the migration as PLANNED, opens its trace and starts
    its driver task; the caller gets the PLANNED record at once;
 2. its driver task (driver.py, ``MigrationDriver.forward``) enters COPYING (both workers
-   prepare, weights if the helper lacks them, the KV copied up to ``copy_rounds`` times), SWITCHING
-   and ACTIVE, saving each state before its work, so Redis always names the state whose work
-   may be half done;
+   prepare, weights if the helper lacks them, the KV copied up to ``copy_rounds`` times),
+   SWITCHING and ACTIVE, saving each state before its work, so Redis always names the state
+   whose work may be half done;
 3. ``revert`` (ACTIVE only) enters REVERTING and runs the driver's revert: A's revert, A's and
    B's release, DONE;
 4. ``abort`` (any live state) cancels the step in flight and runs the driver's abort: A then B

@@ -204,8 +204,8 @@ class MigrationDriver:
             raise StepError(step, worker, exc) from exc
         # A migration's time to ACTIVE is the sum of these (each visit of a worker's engine
         # thread waits for the step in flight): one line each, as in its trace.
-        log.info("%s: %s on %s (%s) took %.3f s", m.migration_id, step, worker, role.value,
-                 self.clock() - t0)  # fmt: skip
+        took = self.clock() - t0
+        log.info("%s: %s on %s (%s) took %.3f s", m.migration_id, step, worker, role.value, took)
         return result
 
     async def _port(self, worker: str) -> WorkerPort:

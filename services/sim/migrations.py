@@ -58,11 +58,10 @@ class MigrationPlayer:
 
     def _start_layers(self, d: Decision) -> Migration:
         now, cfg = self.loop.now, self.policy.config
+        micro = cfg.micro_batches_for(self.workers[d.donor].role is WorkerRole.PREFILL)
         m = Migration(
             f"sim-{len(self._records) + 1}", MigrationKind.LAYERS, d.donor, d.helper,
-            d.start_layer, d.end_layer, now,
-            num_micro_batches=cfg.micro_batches_for(self.workers[d.donor].role is WorkerRole.PREFILL),
-            reason=d.reason,
+            d.start_layer, d.end_layer, now, num_micro_batches=micro, reason=d.reason,
         )  # fmt: skip
         self._records[m.migration_id] = m
         donor, helper = self.workers[d.donor], self.workers[d.helper]
