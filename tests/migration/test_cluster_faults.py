@@ -155,7 +155,9 @@ def test_coordinator_killed_while_active_restarts_and_reverts(banaserve_home, ti
         wait_for(lambda: c.stats().kv.num_blocks_used == 0, "decode blocks freed")
         assert c.load(c.helper).num_kv_blocks_used == 0
     assert done.state == pb.MIGRATION_STATE_DONE, done.reason
-    assert running == NUM_REQUESTS  # the revert moved KV of running sequences back
+    # the revert moved KV of running sequences back (on a loaded machine the shortest request
+    # may have finished its 600 tokens during the restart: a CI run saw 3 of 4 running)
+    assert 0 < running <= NUM_REQUESTS
     assert [list(r.token_ids) for r in results] == expected
     assert list(live.migrations) == []
 
