@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from services.common.errors import ConfigError
+from services.common.migration_states import SMALL_COPY_BYTES
 
 
 @dataclass(frozen=True)
@@ -24,9 +25,8 @@ class CoordinatorConfig:
     # A layer migration's copy round that moved at most this many bytes ends them early: the
     # switch copies once more before its pause anyway, and every round waits for the donor's
     # step in flight (2-3 s on a loaded prefill worker, whose sequences are handed off within a
-    # step or two, so its rounds move little or nothing). 16 MiB: 7-17 ms on the data planes
-    # measured here (tcp ~2.4 GB/s, ucx ~1 GB/s, docs/simulator.md's calibration).
-    copy_converged_bytes: int = 16 << 20
+    # step or two, so its rounds move little or nothing).
+    copy_converged_bytes: int = SMALL_COPY_BYTES
 
     def __post_init__(self) -> None:
         for name in ("lease_s", "renew_interval_s", "step_timeout_s", "abort_timeout_s"):

@@ -43,13 +43,13 @@ from services.migration.attention_agent import AttentionAgent, AttentionSelectio
 from services.migration.host import MigrationHost
 from services.migration.layer_agent import LayerAgent
 from services.migration.link import HelperLink
+from services.migration.own_layers import OwnLayers
 from services.migration.records import (
     SWITCHED,
     AgentConfig,
     MigrationRecord,
     Peer,
     Role,
-    layer_digest,
 )
 from services.rpc import dataplane
 
@@ -78,9 +78,7 @@ class MigrationAgent:
         self.data_address = ""  # set by ``serve_data``
         self.host = MigrationHost(self._observed)
         self.records: dict[str, MigrationRecord] = {}
-        self._digests: dict[int, str] = {}  # by layer, once computed (``_describe``)
-        self._fingerprint, self._num_layers = "", 0  # set by ``learn_layers``
-        self.layer_block_bytes = 0  # one block of one layer's K and V (``learn_layers``)
+        self.own = OwnLayers()  # digests, KV block size: ``learn_layers``
         self._data_server: dataplane.DataServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._falling_back: set[str] = set()
@@ -152,8 +150,8 @@ class MigrationAgent:
             return await self.attention.prepare(
                 migration_id, role, donor_peer, helper_peer, lease_s, fingerprint, attention
             )
-        known = self._described(layers)  # without a visit once ``learn_layers`` has run
-        mine_fp, mine = known or await self.engine_call(lambda e: self._describe(e, layers))
+        known = self.own.described(layers)  # without a visit once ``learn_layers`` has run
+        mine_fp, mine = known or await self.engine_call(lambda e: self.own.describe(e, layers))
         lease = self._lease(lease_s)
         record = MigrationRecord(
             migration_id,
@@ -188,52 +186,14 @@ class MigrationAgent:
         return record, mine_fp, mine, needed
 
     async def learn_layers(self) -> None:
-        """Digest every layer this worker holds now, once (at start, while idle: ~0.4 s for
-        smollm2's 30), so that ``prepare`` answers without a visit of the engine thread —
-        which waits for the step in flight, on a loaded prefill worker a second or more."""
-
-        def learn(engine: Engine) -> tuple[str, int, int]:
-            num_layers = engine.spec.num_layers
-            if num_layers > 1:  # layer 0 never moves
-                self._describe(engine, range(1, num_layers))
-            return engine.fingerprint, num_layers, engine.kv_cache.layer_block_bytes
-
-        learnt = await self.engine_call(learn)
-        self._fingerprint, self._num_layers, self.layer_block_bytes = learnt
+        """Learn this worker's layers once (``OwnLayers``), so that ``prepare`` and a copy
+        stage answer without a visit of the engine thread."""
+        await self.engine_call(self.own.learn)
 
     def kv_bound(self, layers: range) -> int | None:
-        """At most how many bytes of KV of ``layers`` this worker's sequences hold, from the
-        snapshot (every block in use, whole; no visit); None before ``learn_layers``."""
-        if not self.layer_block_bytes:
-            return None
-        snap = self.snapshot()
-        return (snap.num_blocks - snap.num_free_blocks) * self.layer_block_bytes * len(layers)
-
-    def _described(self, layers: range) -> tuple[str, dict[int, str]] | None:
-        """``_describe`` from what ``learn_layers`` kept; None while some layer of ``layers``
-        has no digest yet (never learnt, or not held then: the engine is asked)."""
-        if not self._num_layers:
-            return None
-        self._check_range(layers, self._num_layers)
-        if any(i not in self._digests for i in layers):
-            return None
-        return self._fingerprint, {i: self._digests[i] for i in layers}
-
-    @staticmethod
-    def _check_range(layers: range, num_layers: int) -> None:
-        if not 0 < layers.start < layers.stop == num_layers:
-            raise InvalidRequestError(
-                f"layers [{layers.start}, {layers.stop}): only [k, {num_layers}) with k >= 1 move"
-            )
-
-    def _describe(self, engine: Engine, layers: range) -> tuple[str, dict[int, str]]:
-        """This worker's fingerprint and the digests of the layers of ``layers`` it holds or
-        held (a layer's weights never change: a dropped one comes back the same)."""
-        self._check_range(layers, engine.spec.num_layers)
-        for i in layers:
-            if i not in self._digests and engine.model.holds_layer(i):
-                self._digests[i] = layer_digest(engine.model.layers[i])
-        return engine.fingerprint, {i: self._digests[i] for i in layers if i in self._digests}
+        """At most how many bytes of KV of ``layers`` this worker's sequences hold (no visit);
+        None before ``learn_layers``."""
+        return self.own.kv_bound(self.snapshot(), layers)
 
     def renew(self, migration_id: str, lease_s: float | None) -> MigrationRecord:
         record = self.get(migration_id)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from services.common.errors import ConfigError
-from services.common.migration_states import MigrationState
+from services.common.migration_states import SMALL_COPY_BYTES, MigrationState
 from services.engine.ports import StagePort
 
 
@@ -50,9 +50,8 @@ class AgentConfig:
     # at most this much KV of the moved layers in use (after ``learn_layers``), and the switch's
     # own stage before its pause when the last copy stage moved at most this much. Each stage
     # is a visit of the engine thread, a whole step's wait on a loaded prefill worker (~3 s
-    # measured), and the pause then sends this much and a step or two's writes more. The
-    # coordinator's bound (copy_converged_bytes) by default.
-    precopy_skip_bytes: int = 16 << 20
+    # measured), and the pause then sends this much and a step or two's writes more.
+    precopy_skip_bytes: int = SMALL_COPY_BYTES
     # attention migrations with ``refill``: how often an ACTIVE donor looks for sequences to move
     refill_interval_s: float = 0.25
     # attention migrations over tcp: the stepping thread's exchanges take a blocking connection
