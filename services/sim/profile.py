@@ -10,8 +10,8 @@ a measurement itself; nothing here is a guess the simulator makes up. Step times
   prefill model's plus the decode model's per-sequence and context terms.
 
 Serving (``ServingModel``): a serving worker's cost over those step times (multipliers, a
-per-prefill-step cost) and the router's time per request, fitted on a real run
-(``sim serving``). Transports: ``latency + bytes / bandwidth``. Migrations: the coordinator record's split (weights,
+per-prefill-step cost; a PD worker's and a colocated one's apart) and the router's time per
+request, fitted on a real run (``sim serving``). Transports: ``latency + bytes / bandwidth``. Migrations: the coordinator record's split (weights,
 staged KV copy, switch pause), per layer and per byte.
 """
 
@@ -79,12 +79,34 @@ class MigrationModel:
 
 
 @dataclass(frozen=True)
+class StepCosts:
+    """One kind of serving worker's steps against the in-process engine's model: multipliers
+    of the prefill and decode step models and a cost per prefill step."""
+
+    prefill_scale: float = 1.0
+    decode_scale: float = 1.0
+    prefill_step_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("prefill_scale", "decode_scale"):
+            value = getattr(self, name)
+            _require(math.isfinite(value) and value > 0, f"{name} must be > 0, got {value}")
+        value = self.prefill_step_s
+        _require(math.isfinite(value) and value >= 0, f"prefill_step_s must be >= 0, got {value}")
+
+
+@dataclass(frozen=True)
 class ServingModel:
     """A serving worker's steps against the in-process engine's (which calibrate.py times, in
     CPU time): its loop, gRPC, token streaming and the cores it shares with the router, Redis
     and the client, as multipliers of the prefill and decode step models plus a cost per
     prefill step; and the router's time per request. Fitted on a real ``bench compare`` run
-    by ``sim serving`` (serving.py); the defaults: the engine alone."""
+    by ``sim serving`` (serving.py); the defaults: the engine alone.
+
+    The flat fields are a PD worker's (prefill and decode roles: the layer hook's KV hand-off,
+    the KV imports, the data plane's loop); ``mixed`` is a colocated worker's, which does
+    neither and measured close to the engine alone (docs/simulator.md, session 13) — None: as
+    the PD workers' (a profile fitted before it, or on a run without colocated rows)."""
 
     prefill_scale: float = 1.0
     decode_scale: float = 1.0
@@ -96,14 +118,25 @@ class ServingModel:
     # Seconds from a request's arrival to its prefill worker's queue: the router's own work and
     # the decode worker's reservation (the router's ``routing_s``, its median over a real run).
     route_s: float = 0.0
+    mixed: StepCosts | None = None
 
     def __post_init__(self) -> None:
-        for name in ("prefill_scale", "decode_scale"):
-            value = getattr(self, name)
-            _require(math.isfinite(value) and value > 0, f"{name} must be > 0, got {value}")
-        for name in ("prefill_step_s", "route_s"):
-            value = getattr(self, name)
-            _require(math.isfinite(value) and value >= 0, f"{name} must be >= 0, got {value}")
+        self.costs(mixed=False)  # validates the flat fields
+        _require(self.route_s >= 0 and math.isfinite(self.route_s),
+                 f"route_s must be >= 0, got {self.route_s}")  # fmt: skip
+
+    def costs(self, mixed: bool) -> StepCosts:
+        """A mixed (colocated) worker's step costs, or a prefill or decode worker's."""
+        if mixed and self.mixed is not None:
+            return self.mixed
+        return StepCosts(self.prefill_scale, self.decode_scale, self.prefill_step_s)
+
+    @classmethod
+    def from_json(cls, data: dict) -> ServingModel:
+        d = dict(data)
+        if d.get("mixed") is not None:
+            d["mixed"] = StepCosts(**d["mixed"])
+        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -151,7 +184,7 @@ class Profile:
         d["decode"] = DecodeModel(**d["decode"])
         d["transports"] = {k: TransportModel(**v) for k, v in d["transports"].items()}
         d["migration"] = MigrationModel(**d["migration"])
-        d["serving"] = ServingModel(**d.get("serving", {}))  # absent: profiles before it
+        d["serving"] = ServingModel.from_json(d.get("serving", {}))  # absent: profiles before it
         return cls(**d)
 
     def save(self, path: Path) -> None:

@@ -7,7 +7,7 @@ modelled one by one; they are measured here as two multipliers (``ServingModel``
 calibrated step times, fitted on one real ``bench compare`` run and then held fixed — so a
 ``sim validate`` against *another* run is a test of the model, not of the fit:
 
-1. the simulator replays the run's static-PD rows (``validate.compare_rows``: the same
+1. the simulator replays the run's static-PD (and colocated) rows (``validate.compare_rows``: the same
    requests, cluster and deadlines) with the profile's current multipliers;
 2. ``decode_scale`` is multiplied by the median over those rows of real TPOT p50 over simulated
    TPOT p50, and ``prefill_scale`` by the square root of the same ratio of TTFT p50 (a TTFT is
@@ -17,15 +17,21 @@ calibrated step times, fitted on one real ``bench compare`` run and then held fi
    is written back with its ``serving`` set (``--out``: elsewhere) and the fitted run's rows
    printed — in-sample errors, which say how well two numbers can fit; the test is the next run.
 
-Static PD only: a prefill worker's and a decode worker's steps are each of one kind, so each
-multiplier sees its own steps (colocated workers mix them; banaserve adds the store path and
-migrations, which the simulator models apart).
+Two kinds of worker are fitted apart, each on its own mode's rows. A PD worker's (the flat
+``ServingModel`` fields) on the static-PD rows: a prefill worker's and a decode worker's steps
+are each of one kind, so each multiplier sees its own steps (banaserve adds the store path and
+migrations, which the simulator models apart). A colocated worker's (``ServingModel.mixed``) on
+the colocated rows, when the run has them: it hands no KV off layer by layer and imports none,
+and its lone prefills ran at 0.93–1.1× the engine's model on ``s12-full`` where a prefill
+worker's ran 1.2× plus 54 ms a step — one set of multipliers for both put colocated's TTFT p50
+20–105 % over the real one. A run without colocated rows leaves ``mixed`` unset (as PD's).
 
 The prefill side, where the run recorded enough of them, is fitted on the real worker's own
 steps instead: each request's server-side ``prefill_s`` (the prefill worker's time from the
 step that took the prompt to its first token) is a step time when no other request's window
 overlapped it (on the 2026-12-02 runs a 13-token prompt scheduled beside others read 2.9 s, so
-only *lone* requests count). Their real time against the calibrated model is a line, not a
+only *lone* requests count; a colocated worker records no ``prefill_s``: its prefill is the
+TTFT past the router's ``routing_s``, lone when no other request is in flight on it). Their real time against the calibrated model is a line, not a
 ratio — on one run a 27–38-token prompt's step ran 1.6–2.8× its model, a 398–1,118-token
 one's 1.0–1.3× (the per-layer KV hand-off and the step's loop cost the same whatever the
 prompt) — so ``real = prefill_step_s · steps +
@@ -48,10 +54,13 @@ from bench.workloads_trace import DEFAULT_TRACES_DIR
 from services.common.errors import ConfigError
 from services.sim.calibrate import find_profile
 from services.sim.fit import fit_step_overhead
-from services.sim.profile import Profile, ServingModel
+from services.sim.profile import Profile, ServingModel, StepCosts
 from services.sim.validate import compare_rows, render
 
-FIT_MODES = ("static-pd",)
+# The mode whose rows fit a PD worker's costs (the flat ``ServingModel`` fields), and the one
+# whose rows fit a colocated worker's (``ServingModel.mixed``) when the run has it.
+PD_MODE, MIXED_MODE = "static-pd", "colocated"
+FIT_MODES = (PD_MODE,)
 # Fewer lone prefill steps than this (or all of one size): the TTFT ratio fits prefill_scale.
 MIN_STEP_POINTS = 6
 
@@ -65,15 +74,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--traces-dir", type=Path, default=DEFAULT_TRACES_DIR)
 
 
-def ratios(rows: list[dict]) -> tuple[float, float]:
-    """Median real / simulated TTFT p50 and TPOT p50 over the static-PD rows."""
-    fit_rows = [r for r in rows if r["mode"] in FIT_MODES]
+def ratios(rows: list[dict], mode: str = PD_MODE) -> tuple[float, float]:
+    """Median real / simulated TTFT p50 and TPOT p50 over ``mode``'s rows."""
+    fit_rows = [r for r in rows if r["mode"] == mode]
 
     def median(key: str) -> float:
         values = [r["real"][key] / r["sim"][key] for r in fit_rows
                   if r["real"].get(key) and r["sim"].get(key)]  # fmt: skip
         if not values:
-            raise ConfigError(f"no static-pd row of the compare run has a {key} to fit on")
+            raise ConfigError(f"no {mode} row of the compare run has a {key} to fit on")
         return statistics.median(values)
 
     return median("ttft_p50_ms"), median("tpot_p50_ms")
@@ -90,29 +99,50 @@ def prefill_model_s(profile: Profile, num_prompt: int, num_cached: int) -> tuple
     return total, steps
 
 
-def lone_prefill_steps(report: dict, profile: Profile) -> list[tuple[int, float, float]]:
-    """(steps, model s, real s) of every static-PD request whose prefill window
-    (``[first token - prefill_s, first token]`` on the client's clock) overlapped no other
-    request's on its prefill worker: a step of its own."""
+def _prefill_windows(q: dict, mode: str) -> tuple[float, float, float, float] | None:
+    """(start, end) of a request's prefill on the client's clock and (start, end) of the span
+    in which it shares its worker's steps with another's prefill; None: not recorded.
+
+    A prefill worker records ``prefill_s`` (from the step that took the prompt to the first
+    token) and does nothing but prefill: only another's prefill shares a step. A colocated
+    worker records none: its prefill is the TTFT past the router's ``routing_s``, and it also
+    steps every request it is decoding, so another's whole life shares its steps."""
+    server = q.get("server") or {}
+    if q.get("ttft_s") is None:
+        return None
+    end = q["sent_at_s"] + q["ttft_s"]
+    if mode == MIXED_MODE:
+        real = q["ttft_s"] - (server.get("routing_s") or 0.0)
+        if real <= 0:
+            return None
+        return end - real, end, q["sent_at_s"], q["sent_at_s"] + (q.get("e2e_s") or q["ttft_s"])
+    if not server.get("prefill_s"):
+        return None
+    return end - server["prefill_s"], end, end - server["prefill_s"], end
+
+
+def lone_prefill_steps(
+    report: dict, profile: Profile, mode: str = PD_MODE
+) -> list[tuple[int, float, float]]:
+    """(steps, model s, real s) of every ``mode`` request whose prefill shared its worker's
+    steps with no other request (``_prefill_windows``): a step of its own."""
     points = []
     for run in report.get("runs", []):
-        if run.get("mode") not in FIT_MODES:
+        if run.get("mode") != mode:
             continue
-        windows = []
+        spans = []
         for q in run.get("requests", []):
-            server = q.get("server") or {}
-            if q.get("ttft_s") is None or not server.get("prefill_s"):
-                continue
-            end = q["sent_at_s"] + q["ttft_s"]
-            windows.append((end - server["prefill_s"], end, server.get("prefill_worker"), q))
-        for start, end, worker, q in windows:
-            if any(o is not q and w == worker and s < end and e > start
-                   for s, e, w, o in windows):  # fmt: skip
+            w = _prefill_windows(q, mode)
+            if w is not None:
+                spans.append((w, (q.get("server") or {}).get("prefill_worker"), q))
+        for (start, end, _, _), worker, q in spans:
+            if any(o is not q and wo == worker and s < end and e > start
+                   for (_, _, s, e), wo, o in spans):  # fmt: skip
                 continue
             cached = q["server"].get("num_cached_tokens", 0)
             model, steps = prefill_model_s(profile, q["num_prompt_tokens"], cached)
             if steps:
-                points.append((steps, model, q["server"]["prefill_s"]))
+                points.append((steps, model, end - start))
     return points
 
 
@@ -142,42 +172,69 @@ def fit_prefill_steps(points: list[tuple[int, float, float]]) -> tuple[float, fl
     return step_s, scale
 
 
+def _serving(costs: dict[str, StepCosts], route_s: float) -> ServingModel:
+    pd = costs[PD_MODE]
+    return ServingModel(pd.prefill_scale, pd.decode_scale, prefill_step_s=pd.prefill_step_s,
+                        route_s=route_s, mixed=costs.get(MIXED_MODE))  # fmt: skip
+
+
+def _refit(costs: StepCosts, rows: list[dict], mode: str, prefill_fitted: bool) -> StepCosts:
+    """``costs`` moved by one replay's ratios; the same object when they are within 1 %."""
+    ttft, tpot = ratios(rows, mode)
+    if abs(tpot - 1) < 0.01 and (prefill_fitted or abs(ttft - 1) < 0.01):
+        return costs
+    costs = replace(costs, decode_scale=costs.decode_scale * tpot)
+    if not prefill_fitted:
+        costs = replace(costs, prefill_scale=costs.prefill_scale * math.sqrt(ttft))
+    return costs
+
+
 def fit(
     report: dict, profile: Profile, traces_dir: Path, iterations: int = 8
 ) -> tuple[Profile, list[dict], int]:
-    """The profile with its serving overhead fitted on ``report``, the replay of the run with
-    it, and how many replays the fit took."""
+    """The profile with its serving overhead fitted on ``report`` (a PD worker's on the
+    static-PD rows, a colocated worker's on the colocated rows when there are any), the
+    replay of the run with it, and how many replays the fit took."""
     if iterations < 1:
         raise ConfigError(f"iterations must be >= 1, got {iterations}")
-    if not any(r["mode"] in FIT_MODES for r in report.get("table", [])):
+    modes = {r["mode"] for r in report.get("table", [])}
+    if PD_MODE not in modes:
         raise ConfigError("the compare run has no static-pd rows to fit the serving overhead on")
-    serving, rows = ServingModel(route_s=median_routing_s(report)), []
-    points = lone_prefill_steps(report, profile)
-    steps_fit = fit_prefill_steps(points)
-    if steps_fit is not None:
-        serving = replace(serving, prefill_step_s=steps_fit[0], prefill_scale=steps_fit[1])
+    costs, lone = {}, {}
+    for mode in (PD_MODE, MIXED_MODE):
+        if mode not in modes:
+            continue
+        points = lone_prefill_steps(report, profile, mode)
+        steps_fit = fit_prefill_steps(points)
+        costs[mode] = StepCosts(*(() if steps_fit is None else (steps_fit[1], 1.0, steps_fit[0])))
+        lone[mode] = len(points) if steps_fit is not None else None
+    route_s = median_routing_s(report)
     for done in range(1, iterations + 1):  # noqa: B007 - the count is returned
-        rows = compare_rows(report, replace(profile, serving=serving), traces_dir)
-        ttft, tpot = ratios(rows)
-        if abs(tpot - 1) < 0.01 and (steps_fit is not None or abs(ttft - 1) < 0.01):
+        rows = compare_rows(report, replace(profile, serving=_serving(costs, route_s)), traces_dir)
+        moved = {m: _refit(c, rows, m, lone[m] is not None) for m, c in costs.items()}
+        if all(moved[m] is costs[m] for m in costs):
             break  # these rows are the fitted profile's
-        serving = replace(serving, decode_scale=serving.decode_scale * tpot)
-        if steps_fit is None:
-            serving = replace(serving, prefill_scale=serving.prefill_scale * math.sqrt(ttft))
+        costs = moved
     else:  # not within 1 %: the replay of the last update
-        rows = compare_rows(report, replace(profile, serving=serving), traces_dir)
+        rows = compare_rows(report, replace(profile, serving=_serving(costs, route_s)), traces_dir)
     config, machine = report.get("config", {}), report.get("machine", {})
-    prefill = (
-        f"prefill from {len(points)} lone steps"
-        if steps_fit is not None
-        else "prefill from the TTFT ratio"
+    fitted = " and ".join(
+        f"{m} rows (prefill from "
+        + (f"{lone[m]} lone steps)" if lone[m] is not None else "the TTFT ratio)")
+        for m in costs
     )
     source = (
-        f"fitted on the static-pd rows of a bench compare of {machine.get('date', '?')} "
+        f"fitted on the {fitted} of a bench compare of {machine.get('date', '?')} "
         f"(rate x{config.get('rate_scale', 1.0)}, {config.get('duration_s', '?')} s) at "
-        f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {prefill}, {done} replays"
+        f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {done} replays"
     )
-    return replace(profile, serving=replace(serving, source=source)), rows, done
+    serving = replace(_serving(costs, route_s), source=source)
+    return replace(profile, serving=serving), rows, done
+
+
+def _describe(c: StepCosts) -> str:
+    return (f"prefill x{c.prefill_scale:.3f} + {c.prefill_step_s * 1e3:.1f} ms a step, "
+            f"decode x{c.decode_scale:.3f}")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -189,10 +246,12 @@ def run(args: argparse.Namespace) -> int:
     profile.save(out)
     s = profile.serving
     print(render(rows))
+    print(f"\nroute {s.route_s * 1e3:.1f} ms, PD workers: {_describe(s.costs(mixed=False))}")
     print(
-        f"\nroute {s.route_s * 1e3:.1f} ms, "
-        f"prefill x{s.prefill_scale:.3f} + {s.prefill_step_s * 1e3:.1f} ms a step, "
-        f"decode x{s.decode_scale:.3f} ({s.source})"
+        f"colocated workers: {_describe(s.mixed)}"
+        if s.mixed is not None
+        else "colocated workers: as the PD workers' (no colocated rows to fit on)"
     )
+    print(s.source)
     print(f"wrote {out}")
     return 0

@@ -239,15 +239,15 @@ class SimWorker:
             else:
                 tokens += n
                 attention += n * (done + n)
-        serving = self.profile.serving
-        prefill_a = p.a * serving.prefill_scale + serving.prefill_step_s
-        decode_a = d.a * serving.decode_scale
+        costs = self.profile.serving.costs(mixed=self.role is WorkerRole.MIXED)
+        prefill_a = p.a * costs.prefill_scale + costs.prefill_step_s
+        decode_a = d.a * costs.decode_scale
         t = 0.0
         if tokens:
-            t += p.time(tokens, attention) * serving.prefill_scale + serving.prefill_step_s
+            t += p.time(tokens, attention) * costs.prefill_scale + costs.prefill_step_s
         if decodes:
             # a mixed step pays one fixed cost: the smaller of the two scaled ones goes
-            t += d.time(decodes, context) * serving.decode_scale - (
+            t += d.time(decodes, context) * costs.decode_scale - (
                 min(decode_a, prefill_a) if tokens else 0
             )
         fixed = max(prefill_a if tokens else 0.0, decode_a if decodes else 0.0)

@@ -15,7 +15,7 @@ from services.cli import main
 from services.common.errors import ConfigError
 from services.launcher import Mode
 from services.sim.cluster import SimCluster, SimSpec
-from services.sim.profile import Profile, ServingModel
+from services.sim.profile import Profile, ServingModel, StepCosts
 from services.sim.serving import (
     fit,
     fit_prefill_steps,
@@ -32,7 +32,11 @@ TRUE = ServingModel(prefill_scale=1.3, decode_scale=1.5)
 
 def simulated_report() -> dict:
     """A static-PD compare run whose table is the simulator's, with ``TRUE`` multipliers."""
-    report = compare_json(modes=("static-pd", "colocated"))
+    return simulated_report_of(("static-pd", "colocated"))
+
+
+def simulated_report_of(modes: tuple[str, ...]) -> dict:
+    report = compare_json(modes=modes)
     rows = compare_rows(report, replace(profile(), serving=TRUE), traces_dir=None)
     report["table"] = [r["sim"] | {"workload": r["workload"], "mode": r["mode"]} for r in rows]
     return report
@@ -83,6 +87,48 @@ def test_fit_finds_the_multipliers_a_run_was_made_with():
     assert replace(fitted, serving=ServingModel()) == replace(profile(), serving=ServingModel())
 
 
+def test_colocated_workers_are_fitted_apart_from_pd_workers():
+    """A run made with a colocated worker cheaper than the PD ones (as measured: no layer-wise
+    KV hand-off, no imports): the fit finds both sets, each from its own mode's rows."""
+    made = replace(TRUE, mixed=StepCosts(prefill_scale=1.0, decode_scale=1.1))
+    report = compare_json(modes=("static-pd", "colocated"))
+    rows = compare_rows(report, replace(profile(), serving=made), traces_dir=None)
+    report["table"] = [r["sim"] | {"workload": r["workload"], "mode": r["mode"]} for r in rows]
+    fitted, rows, _ = fit(report, profile(), traces_dir=None)
+    s = fitted.serving
+    assert s.prefill_scale == pytest.approx(1.3, rel=0.05)
+    assert s.decode_scale == pytest.approx(1.5, rel=0.05)
+    assert s.mixed.prefill_scale == pytest.approx(1.0, rel=0.05)
+    assert s.mixed.decode_scale == pytest.approx(1.1, rel=0.05)
+    for mode in ("static-pd", "colocated"):
+        ttft, tpot = ratios(rows, mode)
+        assert ttft == pytest.approx(1.0, abs=0.02) and tpot == pytest.approx(1.0, abs=0.02)
+    # One set for both, as before, misses the colocated rows by the difference.
+    one = compare_rows(report, replace(profile(), serving=replace(s, mixed=None)), None)
+    assert ratios(one, "colocated")[1] < 0.8
+    # A run without colocated rows leaves them as the PD workers'.
+    alone, _, _ = fit(simulated_report_of(("static-pd",)), profile(), traces_dir=None)
+    assert alone.serving.mixed is None
+    assert alone.serving.costs(mixed=True) == alone.serving.costs(mixed=False)
+
+
+def test_a_colocated_worker_steps_with_its_own_costs():
+    def tpot(serving: ServingModel, mode: Mode) -> float:
+        cluster = SimCluster(SimSpec(mode, 2, 1), replace(make_profile(), serving=serving))
+        [r] = cluster.run([request(0, 0.0, 32, 5)])
+        return (r.done_s - r.first_token_s) / (r.num_output_tokens - 1)
+
+    both = ServingModel(decode_scale=3.0)
+    apart = replace(both, mixed=StepCosts(decode_scale=1.0))
+    assert tpot(both, Mode.COLOCATED) == pytest.approx(3 * tpot(apart, Mode.COLOCATED))
+    assert tpot(both, Mode.STATIC_PD) == pytest.approx(tpot(apart, Mode.STATIC_PD))
+    # saved and loaded with it
+    p = replace(make_profile(), serving=apart)
+    assert Profile.from_json(json.loads(json.dumps(p.to_json()))) == p
+    with pytest.raises(ConfigError, match="decode_scale must be > 0"):
+        StepCosts(decode_scale=0.0)
+
+
 def test_fit_refuses_a_run_without_static_pd_rows():
     report = compare_json(modes=("colocated",))
     with pytest.raises(ConfigError, match="no static-pd rows"):
@@ -123,6 +169,18 @@ def lone_and_batched_requests(step_s: float, scale: float) -> list[dict]:
     return out
 
 
+def as_colocated(requests: list[dict]) -> list[dict]:
+    """The requests as a colocated worker records them: no ``prefill_s``; the TTFT is the
+    router's ``routing_s`` plus the prefill, and each lives 0.5 s past its first token."""
+    out = []
+    for q in requests:
+        routing = q["server"].get("routing_s", 0.0)
+        server = q["server"] | {"prefill_s": 0.0, "routing_s": routing}
+        ttft = q["ttft_s"] + routing
+        out.append(q | {"ttft_s": ttft, "e2e_s": ttft + 0.5, "server": server})
+    return out
+
+
 def test_prefill_overhead_is_fitted_on_the_real_workers_lone_steps():
     p = profile()  # 3 ms a token; the engine's token budget (2048) cuts 3,000 tokens in two
     assert prefill_model_s(p, 3000, 0) == (pytest.approx(9.0), 2)
@@ -130,7 +188,7 @@ def test_prefill_overhead_is_fitted_on_the_real_workers_lone_steps():
     report = simulated_report()
     report["runs"] = [
         {"mode": "static-pd", "workload": "mixed", "requests": lone_and_batched_requests(0.04, 1.2)},
-        {"mode": "colocated", "workload": "mixed", "requests": lone_and_batched_requests(9.0, 9.0)},
+        {"mode": "colocated", "workload": "mixed", "requests": as_colocated(lone_and_batched_requests(0.01, 1.1))},
     ]  # fmt: skip
     points = lone_prefill_steps(report, p)
     assert sorted(s for s, _, _ in points) == [1, 1, 1, 1, 1, 1, 2]  # the two batched left out
@@ -141,7 +199,13 @@ def test_prefill_overhead_is_fitted_on_the_real_workers_lone_steps():
     # The table was simulated with TRUE's prefill, not this one: decode_scale, fitted on its
     # TPOTs with the other prefill, lands near TRUE's rather than on it.
     assert s.decode_scale == pytest.approx(TRUE.decode_scale, rel=0.1)
-    assert "prefill from 7 lone steps" in s.source
+    assert "static-pd rows (prefill from 7 lone steps)" in s.source
+    # A colocated worker's prefill is fitted apart, on its own lone requests: the TTFT past the
+    # router's routing_s, lone when no other request lives on the worker (the two batched do).
+    mixed = s.costs(mixed=True)
+    assert (mixed.prefill_step_s, mixed.prefill_scale) == (pytest.approx(0.01), pytest.approx(1.1))
+    assert mixed.decode_scale == pytest.approx(TRUE.decode_scale, rel=0.1)
+    assert "colocated rows (prefill from 7 lone steps)" in s.source
     # The router's median routing time over the static-PD requests (0-6 ms and two without)
     assert s.route_s == pytest.approx(0.003)
     # Too few lone steps, or all of one size: the TTFT ratio fits prefill_scale as before.
