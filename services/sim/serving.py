@@ -172,6 +172,12 @@ def fit_prefill_steps(points: list[tuple[int, float, float]]) -> tuple[float, fl
     return step_s, scale
 
 
+def _fittable(report: dict, mode: str) -> bool:
+    """Whether some real ``mode`` row has the TTFT and TPOT p50 that its fit compares."""
+    return any(r["mode"] == mode and r.get("ttft_p50_ms") and r.get("tpot_p50_ms")
+               for r in report.get("table", []))  # fmt: skip
+
+
 def _serving(costs: dict[str, StepCosts], route_s: float) -> ServingModel:
     pd = costs[PD_MODE]
     return ServingModel(pd.prefill_scale, pd.decode_scale, prefill_step_s=pd.prefill_step_s,
@@ -202,7 +208,7 @@ def fit(
         raise ConfigError("the compare run has no static-pd rows to fit the serving overhead on")
     costs, lone = {}, {}
     for mode in (PD_MODE, MIXED_MODE):
-        if mode not in modes:
+        if mode not in modes or (mode == MIXED_MODE and not _fittable(report, mode)):
             continue
         points = lone_prefill_steps(report, profile, mode)
         steps_fit = fit_prefill_steps(points)

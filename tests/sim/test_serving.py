@@ -106,10 +106,19 @@ def test_colocated_workers_are_fitted_apart_from_pd_workers():
     # One set for both, as before, misses the colocated rows by the difference.
     one = compare_rows(report, replace(profile(), serving=replace(s, mixed=None)), None)
     assert ratios(one, "colocated")[1] < 0.8
-    # A run without colocated rows leaves them as the PD workers'.
+    # A run without colocated rows leaves them as the PD workers', and so does one whose
+    # colocated rows have nothing to fit on (every request failed): the PD fit still runs.
     alone, _, _ = fit(simulated_report_of(("static-pd",)), profile(), traces_dir=None)
     assert alone.serving.mixed is None
     assert alone.serving.costs(mixed=True) == alone.serving.costs(mixed=False)
+    failed = simulated_report_of(("static-pd", "colocated"))
+    for row in failed["table"]:
+        if row["mode"] == "colocated":
+            row.update(ttft_p50_ms=None, tpot_p50_ms=None, num_ok=0)
+    unfitted, _, _ = fit(failed, profile(), traces_dir=None)
+    assert unfitted.serving.mixed is None
+    assert unfitted.serving.decode_scale == pytest.approx(TRUE.decode_scale, rel=0.05)
+    assert "colocated" not in unfitted.serving.source
 
 
 def test_a_colocated_worker_steps_with_its_own_costs():
