@@ -94,6 +94,10 @@ class StepCosts:
         value = self.prefill_step_s
         _require(math.isfinite(value) and value >= 0, f"prefill_step_s must be >= 0, got {value}")
 
+    def describe(self) -> str:
+        return (f"prefill x{self.prefill_scale:.3f} + {self.prefill_step_s * 1e3:.1f} ms a step, "
+                f"decode x{self.decode_scale:.3f}")  # fmt: skip
+
 
 @dataclass(frozen=True)
 class ServingModel:
@@ -130,6 +134,14 @@ class ServingModel:
         if mixed and self.mixed is not None:
             return self.mixed
         return StepCosts(self.prefill_scale, self.decode_scale, self.prefill_step_s)
+
+    def describe(self) -> str:
+        """Lines for a person: each kind of worker's costs, the routing time and the source."""
+        mixed = (self.mixed.describe() if self.mixed is not None
+                 else "as the PD workers' (not fitted apart)")  # fmt: skip
+        return (f"route {self.route_s * 1e3:.1f} ms, PD workers: "
+                f"{self.costs(mixed=False).describe()}\ncolocated workers: {mixed}\n"
+                f"{self.source or 'not fitted: the engine alone'}")  # fmt: skip
 
     @classmethod
     def from_json(cls, data: dict) -> ServingModel:

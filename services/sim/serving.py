@@ -238,11 +238,6 @@ def fit(
     return replace(profile, serving=serving), rows, done
 
 
-def _describe(c: StepCosts) -> str:
-    return (f"prefill x{c.prefill_scale:.3f} + {c.prefill_step_s * 1e3:.1f} ms a step, "
-            f"decode x{c.decode_scale:.3f}")  # fmt: skip
-
-
 def run(args: argparse.Namespace) -> int:
     report = json.loads(Path(args.compare_json).read_text())
     model = report["config"].get("model", "smollm2-135m")
@@ -252,12 +247,7 @@ def run(args: argparse.Namespace) -> int:
     profile.save(out)
     s = profile.serving
     print(render(rows))
-    print(f"\nroute {s.route_s * 1e3:.1f} ms, PD workers: {_describe(s.costs(mixed=False))}")
-    print(
-        f"colocated workers: {_describe(s.mixed)}"
-        if s.mixed is not None
-        else "colocated workers: as the PD workers' (no colocated rows to fit on)"
-    )
-    print(s.source)
+    print()
+    print(s.describe())
     print(f"wrote {out}")
     return 0

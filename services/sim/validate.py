@@ -228,9 +228,12 @@ def render(rows: list[dict]) -> str:
 def run(args: argparse.Namespace) -> int:
     report = json.loads(Path(args.compare_json).read_text())
     model = report["config"].get("model", "smollm2-135m")
-    rows = compare_rows(report, Profile.load(find_profile(model, args.profile)), args.traces_dir)
+    path = find_profile(model, args.profile)
+    profile = Profile.load(path)
+    rows = compare_rows(report, profile, args.traces_dir)
     if args.repeat is not None:
         add_repeat(rows, json.loads(Path(args.repeat).read_text()), report["config"])
+    print(f"Profile {path}: {profile.source}\nServing: {profile.serving.describe()}\n")
     print(render(rows))
     print()
     print(summary(rows))

@@ -115,6 +115,10 @@ def test_the_cli_prints_the_side_by_side_table(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| mixed | static-pd |" in printed and "TTFT p50 ms real / sim (err)" in printed
     assert [r["mode"] for r in json.loads(out.read_text())] == ["static-pd"]
+    # which serving costs the replay used, each kind of worker's
+    assert "PD workers: prefill x1.000 + 0.0 ms a step, decode x1.000" in printed
+    assert "colocated workers: as the PD workers' (not fitted apart)" in printed
+    assert "not fitted: the engine alone" in printed
 
 
 @pytest.mark.parametrize("fresh", [False, True])
