@@ -50,6 +50,7 @@ from bench.workloads import FAMILIES, Workload, plan, workload
 from bench.workloads_synthetic import VOCAB, PlannedRequest
 from bench.workloads_trace import DEFAULT_TRACES_DIR
 from services.common.errors import ConfigError
+from services.launcher import LOCAL_DATA_PLANE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -292,6 +293,8 @@ def config_of(args: argparse.Namespace, profile: Profile, modes: list[str]) -> d
         "fresh_cluster_per_workload": args.fresh_cluster_per_workload,
         "up_args": {m: list(MODE_UP_ARGS[Mode(m)]) for m in modes},
         "mode_clusters": {m: mode_cluster(Mode(m)) for m in modes},
+        # up's data planes before --up-args (the simulator replays the run's transport)
+        "up_data_planes": {"kv_transport": LOCAL_DATA_PLANE, "kvstore_transport": LOCAL_DATA_PLANE},
         "extra_up_args": args.up_args,
     }
 

@@ -48,6 +48,14 @@ from services.supervisor import (
     START_TIMEOUT_S,
 )
 
+# The data planes of a cluster on one host. TCP: on a 2-vCPU machine UCX (shared memory and
+# tcp/lo, through ucxx) made every PD mode slower — TPOT p50 +15-40 %, static PD's mixed TTFT
+# p50 3.9 against 1.1 s (docs/benchmarks.md, session 13) — its progress thread sharing each
+# pinned worker's one core, and its listener binds every interface where the TCP plane binds
+# loopback (docs/security.md). UCX stays one flag away (``--kv-transport ucx``) for hosts where
+# its transports pay.
+LOCAL_DATA_PLANE = "tcp"
+
 
 @dataclass(frozen=True)
 class ClusterSpec:
@@ -62,9 +70,10 @@ class ClusterSpec:
     num_kv_blocks: int | None = None
     # KV store nodes sharing one Redis; 0: no store (and no Redis).
     num_kvstore: int = 1
-    kvstore_transport: str = "ucx"
+    # One host's data planes: TCP, not UCX (``LOCAL_DATA_PLANE``).
+    kvstore_transport: str = LOCAL_DATA_PLANE
     # The data plane decode (and mixed) workers take KV on; "none": the TransferKV stream only.
-    kv_transport: str = "ucx"
+    kv_transport: str = LOCAL_DATA_PLANE
     kvstore_capacity_bytes: int = 1 << 30
     # False: prefill workers fetch a cached prefix whole before computing (a baseline).
     kvstore_overlap: bool = True

@@ -90,7 +90,12 @@ def up_spec(mode: Mode, config: dict) -> ClusterSpec:
     ``--kv-transport``, ``--coordinator-args``...)."""
     p = argparse.ArgumentParser(add_help=False)
     add_up_arguments(p)
-    argv = ["--mode", mode.value, *shlex.split(config.get("extra_up_args") or "")]
+    # up's data planes when the run was made: a run recorded before up's default became TCP
+    # (session 13) ran on UCX
+    planes = config.get("up_data_planes") or {"kv_transport": "ucx", "kvstore_transport": "ucx"}
+    argv = ["--mode", mode.value, "--kv-transport", planes["kv_transport"],
+            "--kvstore-transport", planes["kvstore_transport"],
+            *shlex.split(config.get("extra_up_args") or "")]  # fmt: skip
     try:
         return cluster_spec(p.parse_args(argv))
     except SystemExit as exc:

@@ -14,7 +14,15 @@ from services.launcher import Mode
 from services.prefill.write_backs import WritePolicy
 from services.sim.cluster import SimCluster
 from services.sim.profile import DecodeModel, PrefillModel
-from services.sim.validate import METRICS, add_repeat, compare_rows, error, sim_spec, summary
+from services.sim.validate import (
+    METRICS,
+    add_repeat,
+    compare_rows,
+    error,
+    sim_spec,
+    summary,
+    up_spec,
+)
 from tests.sim.factories import make_profile
 
 DURATION_S = 6.0
@@ -86,9 +94,19 @@ def test_the_modes_cluster_and_up_args_are_replayed():
     assert spec.deadline_s == DURATION_S + 15.0
     colocated = sim_spec(Mode.COLOCATED, report["config"])
     assert (colocated.num_workers, colocated.num_prefill) == (2, None)
-    # The default transport (ucx) is not in the test profile: the profile's own is used.
+    # A run recorded before up's data planes were TCP (no up_data_planes) ran on UCX, which the
+    # test profile did not measure: the profile's own is used.
     report["config"]["extra_up_args"] = ""
+    assert up_spec(Mode.STATIC_PD, report["config"]).kv_transport == "ucx"
     assert sim_spec(Mode.STATIC_PD, report["config"], profile()).transport is None
+    # One recorded since replays the planes it names, and --up-args still override them.
+    report["config"]["up_data_planes"] = {"kv_transport": "tcp", "kvstore_transport": "tcp"}
+    up = up_spec(Mode.BANASERVE, report["config"])
+    assert (up.kv_transport, up.kvstore_transport) == ("tcp", "tcp")
+    assert sim_spec(Mode.STATIC_PD, report["config"], profile()).transport == "tcp"
+    report["config"]["extra_up_args"] = "--kv-transport grpc"
+    assert up_spec(Mode.BANASERVE, report["config"]).kv_transport == "grpc"
+    report["config"]["extra_up_args"] = ""
     assert sim_spec(Mode.BANASERVE, report["config"]).store_write_policy is WritePolicy.REUSED
 
 

@@ -12,10 +12,12 @@ from services.supervisor import RestartConfig, restart_config
 from services.up import add_arguments
 
 
-def test_kv_transport_defaults_to_ucx_and_accepts_none_but_nothing_else():
+def test_data_planes_default_to_tcp_and_accept_none_but_nothing_else():
     p = argparse.ArgumentParser()
     add_arguments(p)
-    assert p.parse_args([]).kv_transport == "ucx" == ClusterSpec().kv_transport
+    assert p.parse_args([]).kv_transport == "tcp" == ClusterSpec().kv_transport
+    assert p.parse_args([]).kvstore_transport == "tcp" == ClusterSpec().kvstore_transport
+    assert p.parse_args(["--kv-transport", "ucx"]).kv_transport == "ucx"
     assert p.parse_args(["--kv-transport", "none"]).kv_transport == "none"
     assert ClusterSpec(kv_transport="tcp").kv_transport == "tcp"
     with pytest.raises(ConfigError, match="kv transport"):
