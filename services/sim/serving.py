@@ -17,14 +17,17 @@ calibrated step times, fitted on one real ``bench compare`` run and then held fi
    is written back with its ``serving`` set (``--out``: elsewhere) and the fitted run's rows
    printed — in-sample errors, which say how well two numbers can fit; the test is the next run.
 
-Two kinds of worker are fitted apart, each on its own mode's rows. A PD worker's (the flat
-``ServingModel`` fields) on the static-PD rows: a prefill worker's and a decode worker's steps
-are each of one kind, so each multiplier sees its own steps (banaserve adds the store path and
-migrations, which the simulator models apart). A colocated worker's (``ServingModel.mixed``) on
-the colocated rows, when the run has them: it hands no KV off layer by layer and imports none,
-and its lone prefills ran at 0.93–1.1× the engine's model on ``s12-full`` where a prefill
-worker's ran 1.2× plus 54 ms a step — one set of multipliers for both put colocated's TTFT p50
-20–105 % over the real one. A run without colocated rows leaves ``mixed`` unset (as PD's).
+A PD worker's costs (the flat ``ServingModel`` fields) are fitted on the static-PD rows: a
+prefill worker's and a decode worker's steps are each of one kind, so each multiplier sees its
+own steps (banaserve adds the store path and migrations, which the simulator models apart). The
+same costs serve every worker unless ``--colocated-apart`` fits a colocated worker's
+(``ServingModel.mixed``) on the colocated rows too: it hands no KV off layer by layer and
+imports none. That paid while the local cluster's data planes were UCX (a PD worker 1.1–1.2×
+plus 65–90 ms a prefill step and 1.3–1.4× a decode step, a colocated one close to the engine;
+held out, 25 → 27, 18 → 23 and 28 → 29 of 42 colocated cells within target) and did not once
+they were TCP (the two kinds' costs within a few percent; 30 → 22 of 42 on the one held-out
+pair): docs/simulator.md, session 13. Off by default; a run without colocated rows, or whose
+colocated rows have nothing to fit on, leaves ``mixed`` unset either way.
 
 The prefill side, where the run recorded enough of them, is fitted on the real worker's own
 steps instead: each request's server-side ``prefill_s`` (the prefill worker's time from the
@@ -71,6 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sim profile to start from (default: as `sim validate` finds it)")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="write here (default: over --profile)")
     p.add_argument("--iterations", type=int, default=8, help="at most this many replays")
+    p.add_argument("--colocated-apart", action="store_true",
+                   help="fit a colocated worker's costs on the colocated rows, apart from a PD "
+                        "worker's (default: one set, fitted on static PD, for every worker)")  # fmt: skip
     p.add_argument("--traces-dir", type=Path, default=DEFAULT_TRACES_DIR)
 
 
@@ -196,11 +202,15 @@ def _refit(costs: StepCosts, rows: list[dict], mode: str, prefill_fitted: bool) 
 
 
 def fit(
-    report: dict, profile: Profile, traces_dir: Path, iterations: int = 8
+    report: dict,
+    profile: Profile,
+    traces_dir: Path,
+    iterations: int = 8,
+    colocated_apart: bool = False,
 ) -> tuple[Profile, list[dict], int]:
     """The profile with its serving overhead fitted on ``report`` (a PD worker's on the
-    static-PD rows, a colocated worker's on the colocated rows when there are any), the
-    replay of the run with it, and how many replays the fit took."""
+    static-PD rows; with ``colocated_apart`` a colocated worker's on the colocated rows, when
+    there are any), the replay of the run with it, and how many replays the fit took."""
     if iterations < 1:
         raise ConfigError(f"iterations must be >= 1, got {iterations}")
     modes = {r["mode"] for r in report.get("table", [])}
@@ -208,7 +218,9 @@ def fit(
         raise ConfigError("the compare run has no static-pd rows to fit the serving overhead on")
     costs, lone = {}, {}
     for mode in (PD_MODE, MIXED_MODE):
-        if mode not in modes or (mode == MIXED_MODE and not _fittable(report, mode)):
+        if mode == MIXED_MODE and not (colocated_apart and _fittable(report, mode)):
+            continue
+        if mode not in modes:
             continue
         points = lone_prefill_steps(report, profile, mode)
         steps_fit = fit_prefill_steps(points)
@@ -242,7 +254,9 @@ def run(args: argparse.Namespace) -> int:
     report = json.loads(Path(args.compare_json).read_text())
     model = report["config"].get("model", "smollm2-135m")
     path = find_profile(model, args.profile)
-    profile, rows, _ = fit(report, Profile.load(path), args.traces_dir, args.iterations)
+    profile, rows, _ = fit(
+        report, Profile.load(path), args.traces_dir, args.iterations, args.colocated_apart
+    )
     out = args.out or path
     profile.save(out)
     s = profile.serving

@@ -163,7 +163,13 @@ SAME_RUN_KEYS = ("model", "seed", "duration_s", "drain_s", "rate_scale", "max_mo
 def add_repeat(rows: list[dict], other: dict, config: dict) -> None:
     """Sets each row's ``repeat``: the relative difference of the ``other`` real run's cell
     (None where that run has no such row). Refuses a run of another plan or cluster."""
-    differ = [k for k in SAME_RUN_KEYS if other["config"].get(k) != config.get(k)]
+    differ = [k for k in SAME_RUN_KEYS if k != "extra_up_args"
+              and other["config"].get(k) != config.get(k)]  # fmt: skip
+    # the clusters as started: the same ``up`` flags spelt two ways (or given by one run and
+    # the default of the other's) are the same cluster
+    modes = dict.fromkeys(r["mode"] for r in rows)
+    if any(up_spec(Mode(m), other["config"]) != up_spec(Mode(m), config) for m in modes):
+        differ.append("extra_up_args")
     if differ:
         raise ConfigError(f"the repeat run differs from the compared one in {', '.join(differ)}")
     table = {(r["workload"], r["mode"]): r for r in other["table"]}

@@ -94,7 +94,7 @@ def test_colocated_workers_are_fitted_apart_from_pd_workers():
     report = compare_json(modes=("static-pd", "colocated"))
     rows = compare_rows(report, replace(profile(), serving=made), traces_dir=None)
     report["table"] = [r["sim"] | {"workload": r["workload"], "mode": r["mode"]} for r in rows]
-    fitted, rows, _ = fit(report, profile(), traces_dir=None)
+    fitted, rows, _ = fit(report, profile(), traces_dir=None, colocated_apart=True)
     s = fitted.serving
     assert s.prefill_scale == pytest.approx(1.3, rel=0.05)
     assert s.decode_scale == pytest.approx(1.5, rel=0.05)
@@ -103,19 +103,23 @@ def test_colocated_workers_are_fitted_apart_from_pd_workers():
     for mode in ("static-pd", "colocated"):
         ttft, tpot = ratios(rows, mode)
         assert ttft == pytest.approx(1.0, abs=0.02) and tpot == pytest.approx(1.0, abs=0.02)
-    # One set for both, as before, misses the colocated rows by the difference.
+    # One set for both misses the colocated rows by the difference; it is the default fit.
     one = compare_rows(report, replace(profile(), serving=replace(s, mixed=None)), None)
     assert ratios(one, "colocated")[1] < 0.8
+    default, _, _ = fit(report, profile(), traces_dir=None)
+    assert default.serving.mixed is None and "colocated" not in default.serving.source
     # A run without colocated rows leaves them as the PD workers', and so does one whose
     # colocated rows have nothing to fit on (every request failed): the PD fit still runs.
-    alone, _, _ = fit(simulated_report_of(("static-pd",)), profile(), traces_dir=None)
+    alone, _, _ = fit(
+        simulated_report_of(("static-pd",)), profile(), traces_dir=None, colocated_apart=True
+    )
     assert alone.serving.mixed is None
     assert alone.serving.costs(mixed=True) == alone.serving.costs(mixed=False)
     failed = simulated_report_of(("static-pd", "colocated"))
     for row in failed["table"]:
         if row["mode"] == "colocated":
             row.update(ttft_p50_ms=None, tpot_p50_ms=None, num_ok=0)
-    unfitted, _, _ = fit(failed, profile(), traces_dir=None)
+    unfitted, _, _ = fit(failed, profile(), traces_dir=None, colocated_apart=True)
     assert unfitted.serving.mixed is None
     assert unfitted.serving.decode_scale == pytest.approx(TRUE.decode_scale, rel=0.05)
     assert "colocated" not in unfitted.serving.source
@@ -156,7 +160,13 @@ def test_cli_writes_the_fitted_profile(tmp_path, capsys):
     fitted = Profile.load(out)
     assert fitted.serving.decode_scale == pytest.approx(1.5, rel=0.05)
     assert Profile.load(start).serving == ServingModel()  # --out: the start is left alone
-    assert f"decode x{fitted.serving.decode_scale:.3f}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"decode x{fitted.serving.decode_scale:.3f}" in printed
+    assert "colocated workers: as the PD workers' (not fitted apart)" in printed
+    apart = tmp_path / "apart.json"
+    argv = ["sim", "serving", str(compare), "--profile", str(start), "--out", str(apart)]
+    assert main([*argv, "--colocated-apart"]) == 0
+    assert Profile.load(apart).serving.mixed is not None
 
 
 def lone_and_batched_requests(step_s: float, scale: float) -> list[dict]:
@@ -201,7 +211,7 @@ def test_prefill_overhead_is_fitted_on_the_real_workers_lone_steps():
     ]  # fmt: skip
     points = lone_prefill_steps(report, p)
     assert sorted(s for s, _, _ in points) == [1, 1, 1, 1, 1, 1, 2]  # the two batched left out
-    fitted, rows, _ = fit(report, p, traces_dir=None)
+    fitted, rows, _ = fit(report, p, traces_dir=None, colocated_apart=True)
     s = fitted.serving
     assert s.prefill_step_s == pytest.approx(0.04, rel=1e-6)
     assert s.prefill_scale == pytest.approx(1.2, rel=1e-6)

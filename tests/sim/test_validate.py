@@ -191,6 +191,17 @@ def test_a_repeat_run_gives_each_cell_its_run_to_run_difference(tmp_path, capsys
     other["config"]["seed"] = 4
     with pytest.raises(ConfigError, match="differs from the compared one in seed"):
         add_repeat(rows, other, report["config"])
+    other["config"]["seed"] = 3
+    # The same cluster spelt two ways is one: the planes recorded by one run, given as flags by
+    # the other; another cluster is refused.
+    report["config"]["up_data_planes"] = {"kv_transport": "tcp", "kvstore_transport": "tcp"}
+    other["config"]["extra_up_args"] = "--kv-transport tcp --kvstore-transport tcp"
+    add_repeat(rows, other, report["config"])
+    other["config"]["extra_up_args"] = "--kv-transport tcp"  # the store's plane: UCX
+    with pytest.raises(ConfigError, match="differs from the compared one in extra_up_args"):
+        add_repeat(rows, other, report["config"])
+    other["config"]["extra_up_args"] = ""
+    del report["config"]["up_data_planes"]
     # The command line: --repeat adds the column and the summary.
     path, again, prof = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "profile.json"
     path.write_text(json.dumps(report))
