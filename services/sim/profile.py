@@ -10,8 +10,8 @@ a measurement itself; nothing here is a guess the simulator makes up. Step times
   prefill model's plus the decode model's per-sequence and context terms.
 
 Serving (``ServingModel``): a serving worker's cost over those step times (multipliers, a
-per-prefill-step cost; a PD worker's and a colocated one's apart) and the router's time per
-request, fitted on a real run (``sim serving``). Transports: ``latency + bytes / bandwidth``. Migrations: the coordinator record's split (weights,
+per-prefill-step cost; a colocated worker's optionally apart from a PD worker's) and the
+router's time per request, fitted on a real run (``sim serving``). Transports: ``latency + bytes / bandwidth``. Migrations: the coordinator record's split (weights,
 staged KV copy, switch pause), per layer and per byte.
 """
 
@@ -109,8 +109,9 @@ class ServingModel:
 
     The flat fields are a PD worker's (prefill and decode roles: the layer hook's KV hand-off,
     the KV imports, the data plane's loop); ``mixed`` is a colocated worker's, which does
-    neither and measured close to the engine alone (docs/simulator.md, session 13) — None: as
-    the PD workers' (a profile fitted before it, or on a run without colocated rows)."""
+    neither, when ``sim serving --colocated-apart`` fitted it apart (it paid while the local
+    data planes were UCX, not since they are TCP: docs/simulator.md, session 13) — None: as the
+    PD workers'."""
 
     prefill_scale: float = 1.0
     decode_scale: float = 1.0
