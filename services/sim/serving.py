@@ -63,7 +63,6 @@ from services.sim.validate import compare_rows, render
 # The mode whose rows fit a PD worker's costs (the flat ``ServingModel`` fields), and the one
 # whose rows fit a colocated worker's (``ServingModel.mixed``) when the run has it.
 PD_MODE, MIXED_MODE = "static-pd", "colocated"
-FIT_MODES = (PD_MODE,)
 # Fewer lone prefill steps than this (or all of one size): the TTFT ratio fits prefill_scale.
 MIN_STEP_POINTS = 6
 
@@ -157,7 +156,7 @@ def median_routing_s(report: dict) -> float:
     values = [
         q["server"]["routing_s"]
         for run in report.get("runs", [])
-        if run.get("mode") in FIT_MODES
+        if run.get("mode") == PD_MODE
         for q in run.get("requests", [])
         if (q.get("server") or {}).get("routing_s") is not None
     ]
@@ -218,9 +217,9 @@ def fit(
         raise ConfigError("the compare run has no static-pd rows to fit the serving overhead on")
     costs, lone = {}, {}
     for mode in (PD_MODE, MIXED_MODE):
-        if mode == MIXED_MODE and not (colocated_apart and _fittable(report, mode)):
-            continue
-        if mode not in modes:
+        if mode not in modes or (
+            mode == MIXED_MODE and not (colocated_apart and _fittable(report, mode))
+        ):
             continue
         points = lone_prefill_steps(report, profile, mode)
         steps_fit = fit_prefill_steps(points)

@@ -155,18 +155,17 @@ def compare_rows(report: dict, profile: Profile, traces_dir: Path) -> list[dict]
     return out
 
 
-# What two runs must share for their difference to be run-to-run noise and nothing else.
+# What two runs must share for their difference to be run-to-run noise and nothing else; and
+# each mode's cluster as started (``up_spec``: the same flags spelt two ways, or given by one
+# run and recorded as ``up``'s default by the other, are one cluster).
 SAME_RUN_KEYS = ("model", "seed", "duration_s", "drain_s", "rate_scale", "max_model_len",
-                 "vocab_range", "threads", "pin", "extra_up_args", "fresh_cluster_per_workload")  # fmt: skip
+                 "vocab_range", "threads", "pin", "fresh_cluster_per_workload")  # fmt: skip
 
 
 def add_repeat(rows: list[dict], other: dict, config: dict) -> None:
     """Sets each row's ``repeat``: the relative difference of the ``other`` real run's cell
     (None where that run has no such row). Refuses a run of another plan or cluster."""
-    differ = [k for k in SAME_RUN_KEYS if k != "extra_up_args"
-              and other["config"].get(k) != config.get(k)]  # fmt: skip
-    # the clusters as started: the same ``up`` flags spelt two ways (or given by one run and
-    # the default of the other's) are the same cluster
+    differ = [k for k in SAME_RUN_KEYS if other["config"].get(k) != config.get(k)]
     modes = dict.fromkeys(r["mode"] for r in rows)
     if any(up_spec(Mode(m), other["config"]) != up_spec(Mode(m), config) for m in modes):
         differ.append("extra_up_args")

@@ -103,6 +103,8 @@ class SimWorker:
             profile.max_num_batched_tokens,
             on_preempt=self._preempted,
         )
+        # this kind of worker's serving costs (fixed: the profile is frozen)
+        self.costs = profile.serving.costs(mixed=role is WorkerRole.MIXED)
         self.meter = LoadMeter(LOAD_WINDOW_S, loop.clock)
         self.busy = False
         self.offload: Offload | None = None
@@ -239,7 +241,7 @@ class SimWorker:
             else:
                 tokens += n
                 attention += n * (done + n)
-        costs = self.profile.serving.costs(mixed=self.role is WorkerRole.MIXED)
+        costs = self.costs
         prefill_a = p.a * costs.prefill_scale + costs.prefill_step_s
         decode_a = d.a * costs.decode_scale
         t = 0.0

@@ -35,9 +35,9 @@ def simulated_report() -> dict:
     return simulated_report_of(("static-pd", "colocated"))
 
 
-def simulated_report_of(modes: tuple[str, ...]) -> dict:
+def simulated_report_of(modes: tuple[str, ...], made: ServingModel = TRUE) -> dict:
     report = compare_json(modes=modes)
-    rows = compare_rows(report, replace(profile(), serving=TRUE), traces_dir=None)
+    rows = compare_rows(report, replace(profile(), serving=made), traces_dir=None)
     report["table"] = [r["sim"] | {"workload": r["workload"], "mode": r["mode"]} for r in rows]
     return report
 
@@ -91,9 +91,7 @@ def test_colocated_workers_are_fitted_apart_from_pd_workers():
     """A run made with a colocated worker cheaper than the PD ones (as measured: no layer-wise
     KV hand-off, no imports): the fit finds both sets, each from its own mode's rows."""
     made = replace(TRUE, mixed=StepCosts(prefill_scale=1.0, decode_scale=1.1))
-    report = compare_json(modes=("static-pd", "colocated"))
-    rows = compare_rows(report, replace(profile(), serving=made), traces_dir=None)
-    report["table"] = [r["sim"] | {"workload": r["workload"], "mode": r["mode"]} for r in rows]
+    report = simulated_report_of(("static-pd", "colocated"), made)
     fitted, rows, _ = fit(report, profile(), traces_dir=None, colocated_apart=True)
     s = fitted.serving
     assert s.prefill_scale == pytest.approx(1.3, rel=0.05)
