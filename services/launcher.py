@@ -49,10 +49,10 @@ from services.supervisor import (
 )
 
 # The data planes of a cluster on one host. TCP: on a 2-vCPU machine UCX (shared memory and
-# tcp/lo, through ucxx) made every PD mode slower — TPOT p50 +15-40 %, static PD's mixed TTFT
-# p50 3.9 against 1.1 s (docs/benchmarks.md, session 13) — its progress thread sharing each
-# pinned worker's one core, and its listener binds every interface where the TCP plane binds
-# loopback (docs/security.md). UCX stays one flag away (``--kv-transport ucx``) for hosts where
+# tcp/lo, through ucxx, its progress thread sharing each pinned worker's one core) made every
+# PD mode slower — TPOT p50 15-41 % lower on TCP in each of six workload x mode pairs run back
+# to back (docs/benchmarks.md, session 13) — and its listener binds every interface where the
+# TCP plane binds loopback (docs/security.md). UCX stays one flag away (``--kv-transport ucx``) for hosts where
 # its transports pay.
 LOCAL_DATA_PLANE = "tcp"
 

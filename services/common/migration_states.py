@@ -12,8 +12,9 @@ import enum
 
 # KV a copy before the switch may leave to the switch's pause: the coordinator's rounds end at
 # the first that moved at most this much (``CoordinatorConfig.copy_converged_bytes``), a donor
-# skips a copy stage it bounds below it (``AgentConfig.precopy_skip_bytes``). 16 MiB: 2-17 ms
-# of pause on the data planes calibrated here (tcp 2.4-2.7 GB/s; ucx 1-8 GB/s).
+# skips a copy stage it bounds below it (``AgentConfig.precopy_skip_bytes``). 16 MiB: 2-34 ms
+# of pause at the data planes' bandwidths `sim calibrate` measured here on 2026-12-03
+# (0.5-8.2 GB/s, tcp and ucx, four calibrations).
 SMALL_COPY_BYTES = 16 << 20
 
 
