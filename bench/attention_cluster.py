@@ -86,6 +86,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # A decode reservation waits for its prompt behind the others on the one prefill worker:
     # on a loaded CPU that outlasts the router's 30 s default lease (the request fails).
     p.add_argument("--reserve-lease", type=float, default=300.0, metavar="S")
+    p.add_argument(
+        "--located-micro-batches", type=int, default=None, metavar="N",
+        help="the decode worker's (default: the engine's); 1: a step's located sequences wait "
+        "at every layer together",
+    )  # fmt: skip
     p.add_argument("--out", default="")
     p.add_argument("--label", default="")
 
@@ -299,6 +304,11 @@ def table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def located_micro_batches(args: argparse.Namespace) -> tuple[str, ...]:
+    n = args.located_micro_batches
+    return () if n is None else ("--located-micro-batches", str(n))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="attention_cluster", description=__doc__.split("\n")[0])
     add_arguments(p)
@@ -314,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             "decode": (
                 "--num-kv-blocks", str(args.decode_blocks), "--max-model-len", max_len,
                 "--max-lease", str(args.reserve_lease),
+                *located_micro_batches(args),
             ),
             "prefill": ("--num-kv-blocks", str(args.prefill_blocks), "--max-model-len", max_len),
         },

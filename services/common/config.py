@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from services.common.errors import ConfigError
+from services.common.limits import MAX_MICRO_BATCHES
 
 if TYPE_CHECKING:  # only a type: services/common never imports grpc
     from services.rpc.security import SecurityConfig
@@ -53,6 +54,12 @@ class EngineConfig:
     # Under a layer split with two micro-batches, decode steps overlap across engine steps (two
     # step streams, services/engine/pipeline.py); off: both halves inside one step, as before.
     pipelined_steps: bool = True
+    # A step whose batch has sequences attended on a helper (attention migration) runs as this
+    # many micro-batches, so that one part's round trips to the helper overlap the other part's
+    # layers (services/engine/step.py); 1: the whole batch waits at every layer. 1 by default:
+    # on the 2-vCPU CPU machines measured, reading each layer's weights once per part cost what
+    # the overlap saved, and TPOT p99 rose (docs/migration.md, "Attention migration: figures").
+    located_micro_batches: int = 1
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model must name a prepared model or a model directory")
@@ -68,6 +75,11 @@ class EngineConfig:
         _require(
             self.num_kv_blocks is None or self.num_kv_blocks > 0,
             f"num_kv_blocks must be positive, got {self.num_kv_blocks}",
+        )
+        _require(
+            1 <= self.located_micro_batches <= MAX_MICRO_BATCHES,
+            f"located_micro_batches must be in [1, {MAX_MICRO_BATCHES}], "
+            f"got {self.located_micro_batches}",
         )
         _require(
             self.kv_cache_bytes > 0, f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}"

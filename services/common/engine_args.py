@@ -77,6 +77,14 @@ def add_engine_args(p: argparse.ArgumentParser, model_default: str = "tiny-llama
         help="under a layer split, keep both micro-batches inside one step instead of two "
         "overlapping step streams (docs/migration.md)",
     )
+    p.add_argument(
+        "--located-micro-batches",
+        type=int,
+        default=_DEFAULTS.located_micro_batches,
+        metavar="N",
+        help="micro-batches of a step with sequences attended on a helper (attention "
+        "migration): one part's round trips overlap the others' layers; 1 (default): none",
+    )
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -96,6 +104,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         num_threads=args.threads,
         num_loaded_layers=args.load_layers,
         pipelined_steps=args.pipelined_steps,
+        located_micro_batches=args.located_micro_batches,
     )
 
 

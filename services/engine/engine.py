@@ -173,6 +173,7 @@ class Engine:
             self.placement,
             self._finish,
             logits_hook,
+            config.located_micro_batches,
         )
         self.pipeline = Pipeline(self.stepper, config.pipelined_steps)
         self._settled: list[RequestOutput] = []  # outputs of a step settled between steps

@@ -8,8 +8,11 @@ attention is computed in parts and merged exactly (DESIGN.md §3, hook 2):
    ``AttentionPort`` (one call per port per layer, ``submit``), as soon as the layer's queries
    exist: before the batched attention of the other sequences, so the round trip overlaps it;
 2. while the helper works, it computes the local part: partial attention ``(O, m, l)`` over the
-   local blocks, positions ``[num_remote_tokens, ctx_len)``;
-3. it merges both parts by log-sum-exp and writes the normalised rows into the layer's output.
+   local blocks, positions ``[num_remote_tokens, ctx_len)`` (``attend_local``);
+3. it merges both parts by log-sum-exp and writes the normalised rows into the layer's output
+   (``merge``, which waits for the helpers). Between 2 and 3 the model yields
+   (``LlamaForCausalLM.layer_steps``): a step of two micro-batches computes the other one's
+   layer there, so the round trip also overlaps that (model_runner.py, ``run_micro_batches``).
 
 Sequences with only local blocks never come here: they keep the batched fast path of
 ``attention.paged_attention``. A failed helper call raises ``PortFailed``, which fails the step.
@@ -63,6 +66,8 @@ class LocatedBatch:
     _sent: tuple[int, list[tuple[AttentionPort, list[LocatedSpan], Future]]] | None = field(
         default=None, repr=False
     )  # the layer whose queries are out, and the calls
+    # the layer whose local parts are computed, and those parts (in the calls' order)
+    _local: tuple[int, list[PartialAttention]] | None = field(default=None, repr=False)
     # decoding spans' local block tables, lengths and rows: built at the first layer of the step
     _decode_tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(
         default=None, repr=False
@@ -80,23 +85,29 @@ class LocatedBatch:
             calls.append((port, spans, port.submit(layer, queries)))
         self._sent = (layer, calls)
 
-    def attend(
+    def attend_local(
         self,
         layer: int,
         q: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
-        out: torch.Tensor,
         scale: float,
     ) -> None:
-        """Write the attention output of every located row of ``q`` into ``out`` (submitting
-        ``layer``'s queries first unless ``submit`` did)."""
+        """Step 2: each located row's part over its local blocks (submitting ``layer``'s
+        queries first unless ``submit`` did); ``merge`` completes the layer."""
         if self._sent is None or self._sent[0] != layer:
             self.submit(layer, q)
         assert self._sent is not None
-        calls, self._sent = self._sent[1], None
-        spans = [s for _, group, _ in calls for s in group]
-        local = self._local_parts(spans, q, k_cache, v_cache, scale)
+        spans = [s for _, group, _ in self._sent[1] for s in group]
+        self._local = (layer, self._local_parts(spans, q, k_cache, v_cache, scale))
+
+    def merge(self, layer: int, out: torch.Tensor) -> None:
+        """Step 3: wait for the helpers' parts of ``layer`` and write every located row's
+        attention output into ``out``."""
+        if self._sent is None or self._local is None or self._local[0] != layer:
+            raise RuntimeError(f"layer {layer}: merge before its local parts")
+        calls, local = self._sent[1], self._local[1]
+        self._sent = self._local = None
         at = 0
         for port, group, future in calls:
             remote = wait(future, port, [s.request_id for s in group], self.timeout_s)

@@ -55,7 +55,9 @@ class Pending(NamedTuple):
     request_ids: tuple[str, ...]
 
 
-StageRun = Generator[Pending, torch.Tensor, torch.Tensor]
+# Yields a remote stage it waits for (resumed with its result), or None where it paused at a
+# located layer (resumed with None).
+StageRun = Generator[Pending | None, torch.Tensor | None, torch.Tensor]
 
 
 class Rows(NamedTuple):
@@ -211,10 +213,11 @@ class ModelRunner:
         layout: StageLayout,
         on_layer_done: list[OnLayerDone | None] | None = None,
     ) -> torch.Tensor:
-        """``run`` over micro-batches, interleaved at their remote stages; logits in order.
-        ``on_layer_done[i]``: part ``i``'s hook, after each of its local layers."""
+        """``run`` over micro-batches, interleaved at their remote stages and at their located
+        layers (``_drive``); logits in order. ``on_layer_done[i]``: part ``i``'s hook, after
+        each of its local layers. ``layout`` may be all local (attention migration's parts)."""
         hooks = on_layer_done or [None] * len(parts)
-        runs = [self._stages(p, layout, h) for p, h in zip(parts, hooks, strict=True)]
+        runs = [self._stages(p, layout, h, pause=True) for p, h in zip(parts, hooks, strict=True)]
         hidden = _drive(runs, layout.timeout_s)
         rows = [h[p.sample_rows] for h, p in zip(hidden, parts, strict=True)]
         return self.model.compute_logits(torch.cat(rows))
@@ -230,7 +233,7 @@ class ModelRunner:
         """Run ``inputs`` up to its first remote stage (``layout`` has one) and submit it;
         ``finish`` goes on. The hooks as ``run``'s."""
         run = self._stages(inputs, layout, on_layer_done, before_layer)
-        return run, next(run)
+        return run, _remote(next(run))
 
     @torch.inference_mode()
     def finish(
@@ -240,7 +243,7 @@ class ModelRunner:
         while True:
             hidden = wait(pending.future, pending.port, pending.request_ids, timeout_s)
             try:
-                pending = run.send(hidden)
+                pending = _remote(run.send(hidden))
             except StopIteration as done:
                 return self.model.compute_logits(done.value[inputs.sample_rows])
 
@@ -250,12 +253,15 @@ class ModelRunner:
         layout: StageLayout,
         on_layer_done: OnLayerDone | None = None,
         before_layer: BeforeLayer | None = None,
+        pause: bool = False,
     ) -> StageRun:
-        """One micro-batch's stages; yields at each remote one and resumes with its result."""
+        """One micro-batch's stages; yields at each remote one and resumes with its result.
+        ``pause``: also yields None at each located layer whose helpers' parts are away
+        (``LlamaForCausalLM.layer_steps``) and resumes with None."""
         hidden = self.model.embed(inputs.input_ids)
         for stage in layout.stages:
             if stage.port is None:
-                hidden = self.model.forward_layers(
+                steps = self.model.layer_steps(
                     hidden,
                     inputs.positions,
                     self.kv_cache,
@@ -264,16 +270,25 @@ class ModelRunner:
                     stage.end,
                     on_layer_done,
                     before_layer,
+                    pause,
                 )
+                hidden = yield from steps  # (never pauses unless ``pause``)
             else:
                 work = StageWork(stage.start, stage.end, hidden, inputs.seqs)
                 hidden = yield Pending(stage.port, stage.port.submit(work), work.request_ids)
         return hidden
 
 
+def _remote(got: Pending | None) -> Pending:
+    """What an unpaused run yields: only remote stages."""
+    assert got is not None, "a run without pause yields remote stages only"
+    return got
+
+
 def _drive(runs: list[StageRun], timeout_s: float) -> list[torch.Tensor]:
-    """Run micro-batches round-robin: each computes until it submits a remote stage, then the
-    next one computes while that stage is away; the oldest pending stage is waited for first."""
+    """Run micro-batches round-robin: each computes until it submits a remote stage, or pauses
+    at a located layer, then the next one computes while that stage (or the helpers' parts) is
+    away; the oldest pending stage is waited for first, a paused one waits as it resumes."""
     results: list[torch.Tensor] = [torch.empty(0)] * len(runs)
     parked: list[tuple[int, Pending]] = []
     ready: list[tuple[int, torch.Tensor | None]] = [(i, None) for i in range(len(runs))]
@@ -284,7 +299,12 @@ def _drive(runs: list[StageRun], timeout_s: float) -> list[torch.Tensor]:
             ready.append((index, hidden))
         index, value = ready.pop(0)
         try:
-            parked.append((index, runs[index].send(value)))  # type: ignore[arg-type]
+            got = runs[index].send(value)  # type: ignore[arg-type]
         except StopIteration as done:
             results[index] = done.value
+            continue
+        if got is None:
+            ready.append((index, None))  # paused: it goes on after the others' turns
+        else:
+            parked.append((index, got))
     return results

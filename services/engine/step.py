@@ -4,6 +4,8 @@
    runner turns it into tensors. With a remote stage and ``num_micro_batches=2`` the batch is cut
    in two halves of about equal tokens, unless a prefix fetch needs the step whole (a layer
    hook then sees each half's layers as that half computes them, with that half's context).
+   With ``located_micro_batches`` > 1 a batch with located sequences (attention migration) is
+   dealt into parts (``_deal``): while one part's helpers attend, another computes its layer.
 2. **execute** — embedding, then the layout's stages in order (local ones here, remote ones
    through their ``StagePort``), then the logits of the rows that sample. Before each layer a
    pending prefix fetch may be waited for; after each local layer ``on_layer_done`` may run.
@@ -70,6 +72,7 @@ class Stepper:
         placement: Placement,
         finish: Callable[[RequestState, FinishReason], None],
         logits_hook: LogitsHook | None,
+        located_micro_batches: int = 1,
     ) -> None:
         self.scheduler = scheduler
         self.runner = runner
@@ -79,6 +82,7 @@ class Stepper:
         self.placement = placement
         self.finish = finish
         self.logits_hook = logits_hook
+        self.located_micro_batches = located_micro_batches  # EngineConfig's
         self.sampler = Sampler()
 
     def plan(
@@ -92,8 +96,10 @@ class Stepper:
         fetches = self.fetches.pending_in(batch.seqs)
         layout = self.placement.layout
         halves = [batch]
-        if split and layout.remote and layout.num_micro_batches > 1 and not fetches:
+        if split and not fetches and layout.remote and layout.num_micro_batches > 1:
             halves = _split(batch, layout.num_micro_batches)
+        elif split and not fetches and self.located_micro_batches > 1:
+            halves = _deal(batch, self.located_micro_batches, self.placement.located)
         parts = [
             self.runner.prepare(
                 half, self.placement.located or None, layout.remote, layout.timeout_s
@@ -174,6 +180,25 @@ def _context(half: ScheduledBatch, sampled: set[str]) -> StepContext:
 
 def _half_hook(hook: LayerDoneHook, ctx: StepContext, layer: int) -> None:
     hook(layer, ctx)
+
+
+def _deal(batch: ScheduledBatch, parts: int, located: Collection[str]) -> list[ScheduledBatch]:
+    """Up to ``parts`` micro-batches, no more than the located sequences (``located``: request
+    ids): those dealt out in turn, then the others continuing the turn, so that every part waits
+    on helpers at each layer while another computes. One part if one sequence or none is
+    located."""
+    dealt = [i for i, s in enumerate(batch.seqs) if s.request_id in located]
+    parts = min(parts, len(dealt))
+    if parts < 2:
+        return [batch]
+    dealt += [i for i, s in enumerate(batch.seqs) if s.request_id not in located]
+    return [
+        ScheduledBatch(
+            [batch.seqs[i] for i in dealt[k::parts]],
+            [batch.num_new_tokens[i] for i in dealt[k::parts]],
+        )
+        for k in range(parts)
+    ]
 
 
 def _split(batch: ScheduledBatch, parts: int = 2) -> list[ScheduledBatch]:

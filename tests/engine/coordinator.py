@@ -31,13 +31,15 @@ def prompt_ids(n: int, seed: int) -> list[int]:
     return torch.randint(5, 4000, (n,), generator=g).tolist()
 
 
-def owner_engine(model, drop: bool) -> Engine:
-    """The owner: ``A_BLOCKS`` blocks, given as a count or (``drop``) as a memory budget."""
+def owner_engine(model, drop: bool, **config) -> Engine:
+    """The owner: ``A_BLOCKS`` blocks, given as a count or (``drop``) as a memory budget;
+    ``config``: more EngineConfig fields."""
+    config = {**A_CONFIG, **config}
     if not drop:
-        return make_engine(model, num_kv_blocks=A_BLOCKS, **A_CONFIG)
+        return make_engine(model, num_kv_blocks=A_BLOCKS, **config)
     probe = make_engine(model, num_kv_blocks=1)
     budget = module_bytes([probe.model]) + A_BLOCKS * probe.kv_cache.block_bytes
-    return make_engine(model, num_kv_blocks=None, memory_budget_bytes=budget, **A_CONFIG)
+    return make_engine(model, num_kv_blocks=None, memory_budget_bytes=budget, **config)
 
 
 class Migrations:

@@ -101,7 +101,9 @@ def offload_longest(m: Migrations, rng: random.Random) -> None:
 def run_scenario(
     model, seed: int, k: int, micro: int, drop: bool
 ) -> tuple[dict, Migrations, Counters]:
-    a, b = owner_engine(model, drop), make_engine(model, num_kv_blocks=128)
+    # ``micro`` micro-batches for located sequences' steps too (1: the whole batch waits)
+    a = owner_engine(model, drop, located_micro_batches=micro)
+    b = make_engine(model, num_kv_blocks=128)
     a_blocks = a.block_manager.num_blocks
     m, counters, rng = Migrations(a, b, micro, drop), Counters(a), random.Random(seed)
     tokens: dict[str, list[int]] = {}
@@ -129,8 +131,9 @@ def run_scenario(
     return tokens, m, counters
 
 
-# (seed of the schedule, drop the moved layers from A under a memory budget, k, micro-batches):
-# every k with one and two micro-batches (and 4 and 8), with and without dropping.
+# (seed of the schedule, drop the moved layers from A under a memory budget, k, micro-batches of
+# a layer split and of a step with located sequences): every k with one and two micro-batches
+# (and 4 and 8), with and without dropping.
 SCENARIOS = [
     (0, False, 1, 1),
     (0, False, 2, 2),

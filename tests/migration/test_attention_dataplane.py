@@ -17,6 +17,7 @@ import random
 
 import pytest
 
+from services.engine import step as step_module
 from services.engine.engine import Engine
 from services.migration.attention_agent import AttentionSelection
 from services.migration.records import Peer, Role
@@ -149,8 +150,10 @@ def act(pair: AttentionPair, rng: random.Random) -> None:
         pair.revert()
 
 
-def run_scenario(model, loop, seed: int, selection: AttentionSelection):
-    a, b = owner_engine(model, False), make_engine(model, num_kv_blocks=128)
+def run_scenario(model, loop, seed: int, selection: AttentionSelection, parts: int = 2):
+    """``parts``: the owner's ``located_micro_batches``."""
+    a = owner_engine(model, False, located_micro_batches=parts)
+    b = make_engine(model, num_kv_blocks=128)
     pair, rng = AttentionPair(loop, a, b, selection), random.Random(seed)
     tokens: dict[str, list[int]] = {}
     step, most_hosted = 0, 0
@@ -178,18 +181,23 @@ def run_scenario(model, loop, seed: int, selection: AttentionSelection):
 
 
 @pytest.mark.parametrize(
-    ("seed", "selection"),
+    ("seed", "selection", "parts"),
     [
-        (0, AttentionSelection(max_sequences=2)),
-        (1, AttentionSelection(max_sequences=3, max_blocks_per_sequence=2)),
-        (2, AttentionSelection()),
+        (0, AttentionSelection(max_sequences=2), 2),
+        (1, AttentionSelection(max_sequences=3, max_blocks_per_sequence=2), 1),
+        (2, AttentionSelection(), 2),
     ],
 )
 def test_attention_migrations_over_tcp_never_change_output(
-    tiny_llama, reference, loop, seed, selection
+    tiny_llama, reference, loop, seed, selection, parts, monkeypatch
 ):
-    tokens, pair, most_hosted = run_scenario(tiny_llama, loop, seed, selection)
+    split = []  # parts of each step cut for its located sequences
+    deal = step_module._deal
+    monkeypatch.setattr(step_module, "_deal", lambda *a: split.append(len(r := deal(*a))) or r)
+    tokens, pair, most_hosted = run_scenario(tiny_llama, loop, seed, selection, parts)
     assert tokens == reference
+    # two parts' queries out on the channel at once: each part's answer came back to it
+    assert (max(split, default=1) == 2) == (parts == 2), split
     assert any(e.startswith("switch") for e in pair.events), pair.events
     assert any(e.startswith("revert") for e in pair.events), pair.events
     assert pair.num_located > 0 and pair.num_calls > 0, pair.events

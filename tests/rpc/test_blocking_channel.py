@@ -1,7 +1,7 @@
 """``BlockingTcpChannel``: one thread's request-then-reply connection to a ``TcpServer`` (the
 attention port's exchanges). Served by a real server on a loop thread, used from this thread
-with no loop: exact bytes, the server's errors with their kind, replies nobody read skipped, a
-bounded wait that breaks the channel, the peer challenge, and ``close`` from another thread."""
+with no loop: exact bytes, the server's errors with their kind, replies nobody read skipped,
+several requests out at once answered in any order, a bounded wait that breaks the channel, the peer challenge, and ``close`` from another thread."""
 
 from __future__ import annotations
 
@@ -71,6 +71,31 @@ def test_a_reply_nobody_read_is_skipped(loop):
     channel = loop.call(BlockingTcpChannel.connect(server.address, 5, secret=b""))
     channel.send(b"first")  # a step that failed before it waited
     assert channel.receive(channel.send(b"second"), 5)[0] == b"dnoces"
+    channel.close()
+    loop.call(server.stop(grace_s=0.1))
+
+
+def test_requests_out_at_once_each_get_their_own_reply_in_any_order(loop):
+    server = served(loop)
+    channel = loop.call(BlockingTcpChannel.connect(server.address, 5, secret=b""))
+    slow, fast = channel.send(b"sleep:0.3"), channel.send(b"fast")  # answered fast, slow
+    assert channel.receive(slow, 5)[0] == b"3.0:peels"  # reads past the fast one's reply
+    assert channel.receive(fast, 5)[0] == b"tsaf"  # kept for it
+    with pytest.raises(ValueError, match="not out"):
+        channel.receive(fast, 5)  # received once
+    assert channel.receive(channel.send(b"next"), 5)[0] == b"txen"
+    channel.close()
+    loop.call(server.stop(grace_s=0.1))
+
+
+def test_a_reply_read_ahead_then_given_up_on_is_dropped(loop):
+    server = served(loop)
+    channel = loop.call(BlockingTcpChannel.connect(server.address, 5, secret=b""))
+    slow = channel.send(b"sleep:0.2")
+    channel.send(b"fast")
+    channel.receive(slow, 5)  # keeps the fast one's reply, which nobody reads
+    assert channel.receive(channel.send(b"later"), 5)[0] == b"retal"
+    assert not channel._kept and not channel._out  # noqa: SLF001 - nothing held for it
     channel.close()
     loop.call(server.stop(grace_s=0.1))
 

@@ -7,11 +7,17 @@ matmul each at load time.
 The forward pass is split in three so a model can run in stages on different
 workers (DESIGN.md §3, hook 1): ``embed`` -> ``forward_layers(start, end)`` (any
 contiguous range, hidden states in and out) -> ``compute_logits``.
+
+``layer_steps`` is ``forward_layers`` as a generator that yields, at each layer whose batch has
+located sequences (attention migration), once their helpers have the layer's queries and the
+local parts are computed, before it waits for the helpers' parts: a caller running two
+micro-batches resumes the other one there, so one half's round trip overlaps the other half's
+layer (services/engine/model_runner.py). ``forward_layers`` runs it through without a pause.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +35,17 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCa
 
 # Called with a layer's index once that layer has run (its KV is written), before the next one.
 OnLayerDone = Callable[[int], None]
+# Yields None where a located layer's helper parts are away; returns the hidden states.
+LayerSteps = Generator[None, None, torch.Tensor]
+
+
+def run_through(steps: LayerSteps) -> torch.Tensor:
+    """A ``LayerSteps`` to its end, with no pause: its result."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -116,6 +133,11 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, rotary: RotaryTables, kv_cache: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
+        return run_through(self.steps(x, rotary, kv_cache, meta))
+
+    def steps(
+        self, x: torch.Tensor, rotary: RotaryTables, kv_cache: KVCache, meta: AttentionMetadata
+    ) -> LayerSteps:
         n = x.shape[0]
         heads = self.num_heads + 2 * self.num_kv_heads
         qkv = self.qkv_proj(x).view(n, heads, self.head_dim)
@@ -126,11 +148,14 @@ class Attention(nn.Module):
         v = qkv[:, self.num_heads + self.num_kv_heads :]
         k_cache, v_cache = kv_cache.layer(self.layer)
         write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
-        if meta.located is not None:  # the helper's part travels while the others attend
-            meta.located.submit(self.layer, q)
+        located = meta.located
+        if located is not None:  # the helper's part travels while the others attend
+            located.submit(self.layer, q)
         o = paged_attention(q, k_cache, v_cache, meta, self.scale)
-        if meta.located is not None:
-            meta.located.attend(self.layer, q, k_cache, v_cache, o, self.scale)
+        if located is not None:
+            located.attend_local(self.layer, q, k_cache, v_cache, self.scale)
+            yield  # the helpers' parts are still away: another micro-batch may compute
+            located.merge(self.layer, o)
         return self.o_proj(o.reshape(n, self.q_size))
 
 
@@ -165,7 +190,22 @@ class DecoderLayer(nn.Module):
         kv_cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        attended = self.self_attn(self.input_layernorm(x), rotary, kv_cache, meta)
+        return self._residual_mlp(
+            x, self.self_attn(self.input_layernorm(x), rotary, kv_cache, meta)
+        )
+
+    def steps(
+        self,
+        x: torch.Tensor,
+        rotary: RotaryTables,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> LayerSteps:
+        """``forward``, pausing where its located attention waits (``layer_steps``)."""
+        attended = yield from self.self_attn.steps(self.input_layernorm(x), rotary, kv_cache, meta)
+        return self._residual_mlp(x, attended)
+
+    def _residual_mlp(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         norm = self.post_attention_layernorm
         if not fused.supports(x):
             x = x + attended
@@ -236,14 +276,38 @@ class LlamaForCausalLM(nn.Module):
         ``before_layer(i)`` runs before layer ``i`` reads the cache, so KV arriving from
         elsewhere (a prefix fetch) need only be there by then.
         """
+        steps = self.layer_steps(
+            hidden, positions, kv_cache, meta, start, end, on_layer_done, before_layer, False
+        )
+        return run_through(steps)
+
+    def layer_steps(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        start: int = 0,
+        end: int | None = None,
+        on_layer_done: OnLayerDone | None = None,
+        before_layer: OnLayerDone | None = None,
+        pause: bool = True,
+    ) -> LayerSteps:
+        """``forward_layers``, pausing at each layer's located attention (module docstring)
+        if ``pause``; a layer that does not pause runs as a module call (its hooks fire)."""
         end = self.num_layers if end is None else end
         if not 0 <= start <= end <= self.num_layers:
             raise ValueError(f"layer range [{start}, {end}) outside [0, {self.num_layers})")
         rotary = self.rope(positions, hidden.dtype)  # once per call, shared by every layer
+        pausing = pause and meta.located is not None
         for index in range(start, end):
             if before_layer is not None:
                 before_layer(index)
-            hidden = self.layers[index](hidden, rotary, kv_cache, meta)
+            layer = self.layers[index]
+            if pausing and isinstance(layer, DecoderLayer):
+                hidden = yield from layer.steps(hidden, rotary, kv_cache, meta)
+            else:
+                hidden = layer(hidden, rotary, kv_cache, meta)
             if on_layer_done is not None:
                 on_layer_done(index)
         return hidden

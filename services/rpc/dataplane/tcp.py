@@ -312,9 +312,13 @@ class BlockingTcpChannel:
     through the agent's loop that a ``TcpClient`` call costs each way.
 
     Opened on an event loop (``connect``: the connect and the peer challenge are the
-    ``TcpClient``'s), then only ``send`` / ``receive`` from one thread. Same frames and limits
-    as the rest of this module. Any failure breaks the channel for good (a timed-out read may
-    have stopped inside a frame): every later call raises UNAVAILABLE.
+    ``TcpClient``'s), then only ``send`` / ``receive`` from one thread. Several requests may be
+    out at once (a step's micro-batches each send a layer's queries before the first reads its
+    answer); each is received once, in any order: a reply to another request still out is kept
+    for its own ``receive``, one to a request sent before the one read and still out is
+    dropped (its caller gave up on it). Same frames and limits as the rest of this module. Any
+    failure breaks the channel for good (a timed-out read may have stopped inside a frame):
+    every later call raises UNAVAILABLE.
     """
 
     def __init__(self, sock: socket.socket, address: str, limits: ReadLimits = ReadLimits()):
@@ -324,6 +328,8 @@ class BlockingTcpChannel:
         self._limits = limits
         self._next_id = 1
         self._broken = ""
+        self._out: set[int] = set()  # sent, not yet received
+        self._kept: dict[int, tuple[Frame, bytes, bytearray]] = {}  # replies read ahead
 
     @classmethod
     async def connect(
@@ -346,30 +352,46 @@ class BlockingTcpChannel:
                 self._sock.sendall(view)
         except OSError as exc:
             raise self._break(f"connection to {self._address} lost: {exc!r}") from exc
+        self._out.add(rid)
         return rid
 
     def receive(self, rid: int, timeout_s: float) -> tuple[bytes, bytearray]:
-        """The reply to request ``rid`` (replies to earlier requests nobody read are skipped);
+        """The reply to request ``rid`` (class docstring for the others read meanwhile);
         DataPlaneError: the server's error for it, or UNAVAILABLE (TIMEOUT past ``timeout_s``)."""
         self._check()
+        if rid not in self._out:
+            raise ValueError(f"request {rid} is not out on this channel")
+        for older in [k for k in self._kept if k < rid]:  # read ahead, then given up on
+            del self._kept[older]
+            self._out.discard(older)
         deadline = time.monotonic() + timeout_s
         try:
-            while True:
-                frame, header, payload = self._read(deadline)
-                if frame.request_id == rid:
-                    break
-                if frame.request_id > rid:
-                    raise ValueError(f"reply {frame.request_id} before {rid}")
+            frame, header, payload = self._kept.pop(rid, None) or self._read_reply(rid, deadline)
         except TimeoutError as exc:
             self._break(f"no reply from {self._address} within {timeout_s}s")
             raise DataPlaneError(ErrorKind.TIMEOUT, f"no reply within {timeout_s}s") from exc
         except _BROKEN as exc:
             raise self._break(f"connection to {self._address} lost: {exc!r}") from exc
+        finally:
+            self._out.discard(rid)
         if frame.type is FrameType.ERROR:
             raise error_of(frame, header)
         if frame.type is not FrameType.RESPONSE:
             raise self._break(f"expected a response from {self._address}, got {frame.type.name}")
         return header, payload
+
+    def _read_reply(self, rid: int, deadline: float) -> tuple[Frame, bytes, bytearray]:
+        while True:
+            reply = self._read(deadline)
+            got = reply[0].request_id
+            if got == rid:
+                return reply
+            if got not in self._out:
+                raise ValueError(f"reply {got} to no request out")
+            if got > rid:
+                self._kept[got] = reply
+            else:  # sent before ``rid`` and never read: its caller gave up on it
+                self._out.discard(got)
 
     def close(self) -> None:
         """From any thread: a thread blocked in ``receive`` wakes with UNAVAILABLE."""
