@@ -96,10 +96,11 @@ class Stepper:
         fetches = self.fetches.pending_in(batch.seqs)
         layout = self.placement.layout
         halves = [batch]
-        if split and not fetches and layout.remote and layout.num_micro_batches > 1:
-            halves = _split(batch, layout.num_micro_batches)
-        elif split and not fetches and self.located_micro_batches > 1:
-            halves = _deal(batch, self.located_micro_batches, self.placement.located)
+        if split and not fetches:
+            if layout.remote and layout.num_micro_batches > 1:
+                halves = _split(batch, layout.num_micro_batches)
+            elif self.placement.located and self.located_micro_batches > 1:
+                halves = _deal(batch, self.located_micro_batches, self.placement.located)
         parts = [
             self.runner.prepare(
                 half, self.placement.located or None, layout.remote, layout.timeout_s
