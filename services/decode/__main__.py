@@ -55,6 +55,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--router", default=env("BANASERVE_ROUTER", ""), help="HOST:PORT")
     p.add_argument("--report-interval", type=float, default=0.1)
     p.add_argument("--max-lease", type=float, default=60.0)
+    p.add_argument(
+        "--no-reuse-cached-prefix",
+        dest="reuse_cached_prefix",
+        action="store_false",
+        help="reserve fresh blocks for every prompt: take its whole KV even when this worker's "
+        "prefix cache holds its first blocks (default: reuse them; the handoff sends the rest)",
+    )
     p.add_argument("--tracing", choices=("none", "console", "otlp"), default="none")
     p.add_argument("--otlp-endpoint", default="")
     p.add_argument("--log-level", default=env("BANASERVE_LOG_LEVEL", "INFO"))
@@ -98,6 +105,7 @@ async def serve(args: argparse.Namespace) -> None:
             default_lease_s=min(args.max_lease, DecodeConfig.default_lease_s),
             max_lease_s=args.max_lease,
             prefill_locally=args.role == "mixed",
+            reuse_cached_prefix=args.reuse_cached_prefix,
         ),
     )
     await worker.start()

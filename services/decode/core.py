@@ -169,13 +169,19 @@ class DecodeWorker:
         await self._table.wait_for_id(request_id, timeout_s)
         lease = min(lease_s or self.config.default_lease_s, self.config.max_lease_s)
         entry = self._table.add(request_id, prompt_token_ids, lease, timeout_s)
-        ids, prompt = entry.engine_id, entry.prompt_token_ids
+        ids, prompt, reuse = (
+            entry.engine_id,
+            entry.prompt_token_ids,
+            self.config.reuse_cached_prefix,
+        )
         try:
             if prefill_locally:  # RUNNING first: its first outputs may come before we wake
                 entry.status = RequestStatus.RUNNING
                 await self._loop.call(lambda e: e.add_request(ids, prompt, params))
             else:
-                await self._loop.call(lambda e: e.begin_prompt_import(ids, prompt, params))
+                entry.first_block = await self._loop.call(
+                    lambda e: e.begin_prompt_import(ids, prompt, params, reuse)
+                )
         except BaseException:
             self._table.free(entry)
             raise
@@ -187,7 +193,9 @@ class DecodeWorker:
                 raise RequestNotFoundError(f"request {request_id!r} was released")
         # As granted: a local prefill's first step may have finished it already.
         status = RequestStatus.RUNNING if prefill_locally else RequestStatus.RESERVED
-        return Reservation(request_id, entry.reservation_id, status, entry.num_blocks, lease)
+        return Reservation(
+            request_id, entry.reservation_id, status, entry.num_blocks, lease, entry.first_block
+        )
 
     def engine_id(self, request_id: str) -> str:
         """The id this worker's engine knows ``request_id``'s current entry by."""
@@ -212,7 +220,7 @@ class DecodeWorker:
             if not isinstance(header, TransferHeader):
                 raise InvalidRequestError("a transfer must start with its header")
             entry = self._claim(header)
-            check_layout(self.engine, entry.prompt_token_ids, header)
+            check_layout(self.engine, entry.prompt_token_ids, header, entry.first_block)
             assembler = LayerAssembler(header.layout, header.num_layers)
             async for frame in frames:
                 if isinstance(frame, LayerChunk):

@@ -30,6 +30,10 @@ class DecodeConfig:
     prefill_locally: bool = False
     # How long a reserve waits for a running request with the same id to end.
     id_reuse_wait_s: float = 0.5
+    # A reservation reuses the prompt's leading blocks that this worker's prefix cache holds
+    # (the prompts it decoded before), and its transfer carries only the blocks after them:
+    # a hot prefix's KV crosses the network once per decode worker, not once per request.
+    reuse_cached_prefix: bool = True
 
     def __post_init__(self) -> None:
         if not self.id_reuse_wait_s >= 0:
@@ -78,6 +82,7 @@ class Reservation:
     status: RequestStatus
     num_blocks: int
     lease_s: float  # granted (from ``reserve``) or left (in ``stats``)
+    num_cached_blocks: int = 0  # leading blocks reused from the prefix cache: KV starts there
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,7 @@ class Entry:
     lease_expiry: float
     deadline: float | None
     status: RequestStatus = RequestStatus.RESERVED
+    first_block: int = 0  # the transfer's first block (those before it were cached here)
     events: asyncio.Queue[StreamEvent | Failed] = field(default_factory=asyncio.Queue)
     streaming: bool = False
     freed: bool = False  # released, expired or failed (not finished) before it ended

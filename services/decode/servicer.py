@@ -58,12 +58,13 @@ def header_from_proto(msg: decode_pb2.KVTransferHeader) -> transfer.TransferHead
         lay.block_size,
         lay.num_kv_heads,
         lay.head_dim,
+        lay.first_block,
     )
     if layout.block_size == 0:
         raise InvalidRequestError("KV layout has block_size 0")
-    if lay.first_block != 0:
+    if lay.first_block * layout.block_size >= max(1, lay.num_tokens):
         raise InvalidRequestError(
-            f"a KV handoff carries the whole prompt (first_block 0), got {lay.first_block}"
+            f"KV layout starts at block {lay.first_block}, past its {lay.num_tokens} tokens"
         )
     return transfer.TransferHeader(msg.request_id, msg.reservation_id, layout, lay.num_layers)
 
@@ -170,6 +171,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             lease=duration(reservation.lease_s),
             data_address=self._data_address,
             data_transport=self._data_transport,
+            num_cached_blocks=reservation.num_cached_blocks,
         )
 
     def _drop_when_ended(self, hold: Hold, request_id: str) -> None:

@@ -60,8 +60,9 @@ class LayerAssembler:
         self._complete: set[int] = set()
 
     def add(self, chunk: LayerChunk) -> torch.Tensor | None:
-        first, n = chunk.first_block, chunk.num_blocks
         self._check(chunk)
+        # A chunk names blocks of the sequence; the layer's tensor starts at the layout's first.
+        first, n = chunk.first_block - self.layout.first_block, chunk.num_blocks
         data = kv_wire.decode_blocks(chunk.data, self.layout, n)  # a view, no copy
         self.num_bytes += data.nbytes
         if first == 0 and n == self.num_blocks and chunk.layer not in self._partial:
@@ -87,10 +88,11 @@ class LayerAssembler:
             raise InvalidRequestError(f"layer {chunk.layer} outside 0..{self.num_layers - 1}")
         if chunk.layer in self._complete:
             raise InvalidRequestError(f"layer {chunk.layer} sent twice")
-        if chunk.num_blocks <= 0 or chunk.first_block + chunk.num_blocks > self.num_blocks:
+        start, end = self.layout.first_block, self.layout.first_block + self.num_blocks
+        if chunk.num_blocks <= 0 or not start <= chunk.first_block <= end - chunk.num_blocks:
             raise InvalidRequestError(
                 f"layer {chunk.layer}: blocks [{chunk.first_block}, "
-                f"{chunk.first_block + chunk.num_blocks}) outside the {self.num_blocks} reserved"
+                f"{chunk.first_block + chunk.num_blocks}) outside the [{start}, {end}) to transfer"
             )
         expected = chunk.num_blocks * kv_wire.layout_block_nbytes(self.layout)
         num_bytes = memoryview(chunk.data).nbytes

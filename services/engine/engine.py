@@ -375,9 +375,12 @@ class Engine:
         end_token)`` (default: all of them), as a tensor and its layout."""
         return self.kv.export(request_id, layer, start_token, end_token)
 
-    def export_kv_async(self, request_id: str, layer: int) -> Future[tuple[torch.Tensor, KVLayout]]:
-        """All of one layer of a request's computed KV, wherever it lies (kv_routes.py)."""
-        return export_anywhere(self.kv, self.placement, request_id, layer)
+    def export_kv_async(
+        self, request_id: str, layer: int, start_token: int = 0
+    ) -> Future[tuple[torch.Tensor, KVLayout]]:
+        """One layer of a request's computed KV from the block holding ``start_token`` on,
+        wherever it lies (kv_routes.py)."""
+        return export_anywhere(self.kv, self.placement, request_id, layer, start_token)
 
     def read_cached_blocks(
         self, groups: list[list[tuple[BlockHash, tuple[int, ...]]]], outs: list[torch.Tensor]
@@ -406,10 +409,16 @@ class Engine:
         self.kv.finish_import(request_id)
 
     def begin_prompt_import(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
-    ) -> None:
-        """``begin_import`` of a prompt's KV before its first token exists (kv_transfer.py)."""
-        self.kv.begin_prompt_import(request_id, prompt_token_ids, params)
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        reuse_cached: bool = False,
+    ) -> int:
+        """``begin_import`` of a prompt's KV before its first token exists (kv_transfer.py);
+        with ``reuse_cached`` its leading blocks in the prefix cache are reused, and the number
+        of them returned: the KV to import starts at that block."""
+        return self.kv.begin_prompt_import(request_id, prompt_token_ids, params, reuse_cached)
 
     def finish_prompt_import(self, request_id: str, first_token_id: int) -> RequestOutput:
         """Join a ``begin_prompt_import`` sequence to the batch with its real first token.

@@ -73,6 +73,8 @@ class ImportPlace:
     """Where one importing sequence's layers lie."""
 
     seq: Sequence
+    # Blocks before it were reused from this engine's prefix cache: each layer's KV starts here.
+    first_block: int = 0
     layouts: dict[int, KVLayout] = field(default_factory=dict)  # layers written, as written
     ports: dict[int, StagePort] = field(default_factory=dict)  # of those, the ones on a helper
     lost: set[int] = field(default_factory=set)  # written, but a forward or a move failed
@@ -85,9 +87,9 @@ class ImportRoutes:
         self.lock = threading.RLock()
         self._places: dict[str, ImportPlace] = {}
 
-    def begin(self, seq: Sequence) -> None:
+    def begin(self, seq: Sequence, first_block: int = 0) -> None:
         with self.lock:
-            self._places[seq.request_id] = ImportPlace(seq)
+            self._places[seq.request_id] = ImportPlace(seq, first_block)
 
     def write(self, seq: Sequence, data: torch.Tensor, layout: KVLayout) -> None:
         """One layer where it runs now (any thread); a malformed one raises, nothing written."""
@@ -96,6 +98,11 @@ class ImportRoutes:
             place = self._places.get(seq.request_id)
             if place is None:
                 raise InvalidRequestError(f"no import in progress for {seq.request_id!r}")
+            if layout.first_block != place.first_block:
+                raise InvalidRequestError(
+                    f"imported KV starts at block {layout.first_block}, this import at "
+                    f"{place.first_block} (the blocks before it are reused here)"
+                )
             stages, layer = self.layout(), layout.layer
             previous, place.layouts[layer] = place.layouts.get(layer), layout
             try:
@@ -161,7 +168,10 @@ class ImportRoutes:
         place.lost.discard(layer)
         layout = place.layouts[layer]
         if port is None:
-            self.kv_cache.import_layer(place.seq.block_table, data, layout)
+            self.kv_cache.import_layer(place.seq.block_table[layout.first_block :], data, layout)
+            return
+        if layout.first_block:
+            self._lose_partial(place, layer)
             return
         try:
             _wait(port.import_kv(place.seq.request_id, data, layout), timeout_s)
@@ -170,6 +180,17 @@ class ImportRoutes:
             place.lost.add(layer)
         else:
             place.ports[layer] = port
+
+    @staticmethod
+    def _lose_partial(place: ImportPlace, layer: int) -> None:
+        """A layer whose import reused cached blocks cannot run on a helper: a helper takes a
+        sequence's layers whole, and the reused blocks' KV of that layer is in this pool only
+        while the layer runs here. Lost: the sequence recomputes when it joins (an import begun
+        before a switch; none begins reusing blocks after one, the cache being paused)."""
+        log.info("import %s layer %d lost: a helper takes whole layers", place.seq.request_id,
+                 layer)  # fmt: skip
+        place.ports.pop(layer, None)
+        place.lost.add(layer)
 
     def _move(
         self,
@@ -181,9 +202,13 @@ class ImportRoutes:
         dead: set[StagePort],
     ) -> None:
         rid, layout = place.seq.request_id, place.layouts[layer]
+        if layout.first_block and dst is not None:
+            self._lose_partial(place, layer)
+            return
         try:
             if src is None:
-                data = self.kv_cache.export_layer(layer, place.seq.block_table, layout)
+                blocks = place.seq.block_table[layout.first_block :]
+                data = self.kv_cache.export_layer(layer, blocks, layout)
             elif src in dead:
                 raise PortError([rid], "the port failed")
             else:
@@ -205,18 +230,20 @@ class ImportRoutes:
 
 
 def export_anywhere(
-    kv: KVTransfer, placement: Placement, request_id: str, layer: int
+    kv: KVTransfer, placement: Placement, request_id: str, layer: int, start_token: int = 0
 ) -> Future[ExportedKV]:
-    """One layer of a running request's computed KV, wherever it lies (module docstring)."""
+    """One layer of a running request's computed KV from the block of ``start_token`` on,
+    wherever it lies (module docstring): a helper's copy is read whole and cut here."""
     try:
         if layer not in placement.missing(request_id):
-            return settled(lambda: kv.export(request_id, layer))
+            return settled(lambda: kv.export(request_id, layer, start_token))
         port = port_of(placement.layout, layer)
         if port is None:
             raise InvalidRequestError(
                 f"layer {layer} of {request_id}: its KV is neither here nor on a helper"
             )
-        layout = kv.layout(request_id, layer)
+        whole = kv.layout(request_id, layer)
+        layout = kv.layout(request_id, layer, start_token)
     except Exception as e:  # noqa: BLE001 - the future carries it to the caller
         failed: Future[ExportedKV] = Future()
         failed.set_exception(e)
@@ -224,14 +251,14 @@ def export_anywhere(
 
     def checked(got: ExportedKV) -> ExportedKV:
         data, theirs = got
-        if (theirs.first_block, theirs.num_tokens) != (0, layout.num_tokens) or tuple(
+        if (theirs.first_block, theirs.num_tokens) != (0, whole.num_tokens) or tuple(
             data.shape
-        ) != layout.shape:
+        ) != whole.shape:
             raise PortError(
                 [request_id],
                 f"helper gave tokens [{theirs.first_token}, {theirs.num_tokens}) "
-                f"{list(data.shape)} of layer {layer}, asked [0, {layout.num_tokens})",
+                f"{list(data.shape)} of layer {layer}, asked [0, {whole.num_tokens})",
             )
-        return data, layout
+        return data[:, layout.first_block :], layout
 
-    return then(port.export_kv(request_id, layer, 0, layout.num_tokens), checked)
+    return then(port.export_kv(request_id, layer, 0, whole.num_tokens), checked)

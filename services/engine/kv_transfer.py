@@ -189,7 +189,10 @@ class KVTransfer:
         num_prompt_tokens: int,
         num_kv_tokens: int,
         params: SamplingParams,
-    ) -> None:
+        reuse_cached: bool = False,
+    ) -> int:
+        """Returns how many leading blocks the import reuses from this engine's prefix cache
+        (``reuse_cached``; 0 otherwise): its KV then starts at that block (``first_block``)."""
         # The imported KV plus the token computed next must fit the context, so the longest
         # prompt a prefill worker accepts (max_model_len - 1 tokens) imports with its first
         # token; a sequence longer than that would have finished where it came from.
@@ -211,17 +214,29 @@ class KVTransfer:
         seq = request.seq
         if len(self.scheduler.running) + len(self.requests.importing) >= self.max_num_seqs:
             raise ResourceExhaustedError(f"already running {self.max_num_seqs} sequences")
-        if not self.block_manager.can_append(seq, num_kv_tokens):
+        hits = self._reusable_prefix(seq, num_kv_tokens) if reuse_cached else []
+        if not self.block_manager.can_admit(seq, hits, num_kv_tokens - len(hits) * self.block_size):
             raise ResourceExhaustedError(
-                f"{seq.blocks_needed(num_kv_tokens)} KV blocks needed, "
+                f"{seq.blocks_needed(num_kv_tokens) - len(hits)} KV blocks needed, "
                 f"{self.block_manager.num_free_blocks} free"
             )
-        self.block_manager.append(seq, num_kv_tokens)
+        self.block_manager.admit(seq, hits)
+        self.block_manager.append(seq, num_kv_tokens - seq.num_computed_tokens)
         seq.num_computed_tokens = num_kv_tokens
-        self.routes.begin(seq)
+        seq.num_cached_tokens = 0  # usage counts prompt tokens not computed; these were, elsewhere
+        self.routes.begin(seq, len(hits))
         request.detokenizer.add(seq.output_token_ids)
         request.num_emitted_chars = len(request.detokenizer.text)
         self.requests.importing[request_id] = request
+        return len(hits)
+
+    def _reusable_prefix(self, seq: Sequence, num_kv_tokens: int) -> list[int]:
+        """The cached blocks holding the longest prefix of the imported tokens, leaving the
+        block of the last one to come (a transfer carries at least one block). None while some
+        layers run on a helper: the cache is paused then (block_manager.py), and an import's
+        layers there must arrive whole (kv_routes.py)."""
+        hits = self.block_manager.find_cached_prefix(seq)
+        return hits[: (num_kv_tokens - 1) // self.block_size]
 
     def import_kv(self, request_id: str, data: torch.Tensor, layout: KVLayout) -> None:
         request = self.requests.importing.get(request_id)
@@ -234,9 +249,7 @@ class KVTransfer:
             raise InvalidRequestError(
                 f"KV covers {layout.num_tokens} tokens, {seq.num_computed_tokens} were reserved"
             )
-        if layout.first_block != 0:
-            raise InvalidRequestError(f"imported KV starts at block {layout.first_block}, not 0")
-        self.routes.write(seq, data, layout)
+        self.routes.write(seq, data, layout)  # checks layout.first_block against the import
 
     def finish_import(self, request_id: str) -> RequestState:
         """Join an imported sequence to the running batch."""
@@ -251,17 +264,22 @@ class KVTransfer:
         return request
 
     def begin_prompt_import(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
-    ) -> None:
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        reuse_cached: bool = False,
+    ) -> int:
         """``begin_import`` of a prompt's KV before its first token exists.
 
         A decode worker reserves blocks while the prefill worker still computes, so the first
         token (sampled after the last layer) arrives only at ``finish_prompt_import``; until
         then a placeholder stands in for it, which reserves the room it needs in the context.
+        Returns the number of leading blocks reused from the prefix cache (``begin_import``).
         """
         self.requests.check_prompt(prompt_token_ids)  # its messages speak of the prompt
         n = len(prompt_token_ids)
-        self.begin_import(request_id, [*prompt_token_ids, 0], n, n, params)
+        return self.begin_import(request_id, [*prompt_token_ids, 0], n, n, params, reuse_cached)
 
     def finish_prompt_import(
         self, request_id: str, first_token_id: int, vocab_size: int

@@ -32,17 +32,18 @@ DEFAULT_MAX_CHUNK_BYTES = 16 << 20
 
 
 def layer_chunks(
-    data: torch.Tensor, layer: int, max_chunk_bytes: int
+    data: torch.Tensor, layer: int, max_chunk_bytes: int, first_block: int = 0
 ) -> list[common_pb2.KVLayerChunk]:
-    """``data`` ``[2, blocks, ...]`` as chunks of whole blocks in the KV wire layout
-    (services/common/kv_wire.py)."""
+    """``data`` ``[2, blocks, ...]``, the sequence's blocks from ``first_block`` on, as chunks
+    of whole blocks in the KV wire layout (services/common/kv_wire.py), each naming its blocks'
+    positions in the sequence."""
     num_blocks = data.shape[1]
     block_bytes = max(1, data.nbytes // max(1, num_blocks))
     step = max(1, max_chunk_bytes // block_bytes)
     return [
         common_pb2.KVLayerChunk(
             layer=layer,
-            first_block=first,
+            first_block=first_block + first,
             num_blocks=min(step, num_blocks - first),
             data=kv_wire.encode(data, first, step).tobytes(),
         )
@@ -87,7 +88,7 @@ class GrpcKVSender(KVSender):
                 layout=layout_to_proto(layout, self._num_layers),
             )
             messages.append(decode_pb2.TransferKVRequest(header=header))
-        chunks = layer_chunks(data, layout.layer, self._max_chunk_bytes)
+        chunks = layer_chunks(data, layout.layer, self._max_chunk_bytes, layout.first_block)
         messages += [decode_pb2.TransferKVRequest(layer=c) for c in chunks]
         self._num_layers_queued += 1
         for message in messages:

@@ -215,6 +215,12 @@ class PrefillWorker:
         if not request.target.reservation_id:
             raise InvalidRequestError("target.reservation_id is empty (from ReserveKV)")
         self.engine.check_prompt(request.prompt_token_ids)
+        first, n = request.target.first_block, len(request.prompt_token_ids)
+        if first and first * self.engine.config.block_size >= n:
+            raise InvalidRequestError(
+                f"target.first_block {first} leaves none of the prompt's {n} tokens to send "
+                f"(blocks of {self.engine.config.block_size}; the last token's block is sent)"
+            )
 
     async def prefill(
         self, request: PrefillRequest, timeout_s: float | None = None
@@ -226,6 +232,7 @@ class PrefillWorker:
         await self._wait_for_id(request.request_id, deadline)
         engine_id = f"{request.request_id}#{next(self._numbers)}"
         job = Job(request, engine_id, self._clock(), asyncio.get_running_loop().create_future())
+        job.first_token = request.target.first_block * self.engine.config.block_size
         self._jobs[engine_id] = job
         self._in_use[request.request_id] = job
         try:

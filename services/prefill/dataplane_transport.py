@@ -66,17 +66,24 @@ def _frame(reservation_id: str, **frame: Any) -> bytes:
 
 
 def layer_messages(
-    data: torch.Tensor, layer: int, reservation_id: str, max_chunk_bytes: int
+    data: torch.Tensor,
+    layer: int,
+    reservation_id: str,
+    max_chunk_bytes: int,
+    first_block: int = 0,
 ) -> list[_Message]:
-    """``data`` ``[2, blocks, ...]`` as chunks of whole blocks in the KV wire layout
-    (services/common/kv_wire.py): each chunk a view of the exported tensor, no copy."""
+    """``data`` ``[2, blocks, ...]``, the sequence's blocks from ``first_block`` on, as chunks
+    of whole blocks in the KV wire layout (services/common/kv_wire.py): each chunk a view of the
+    exported tensor, no copy, naming its blocks' positions in the sequence."""
     num_blocks = data.shape[1]
     step = max(1, max_chunk_bytes // max(1, data.nbytes // max(1, num_blocks)))
     messages = []
     for first in range(0, num_blocks, step):
         payload = kv_wire.encode(data, first, step)
         count = min(step, num_blocks - first)
-        ref = decode_pb2.KVTransferLayer(layer=layer, first_block=first, num_blocks=count)
+        ref = decode_pb2.KVTransferLayer(
+            layer=layer, first_block=first_block + first, num_blocks=count
+        )
         messages.append(_Message(_frame(reservation_id, layer=ref), payload, payload.nbytes))
     return messages
 
@@ -131,7 +138,7 @@ class DataPlaneKVSender(KVSender):
             )
             messages.append(_Message(_frame(reservation_id, header=header)))
         messages += layer_messages(
-            data, layout.layer, reservation_id, self._transport.max_chunk_bytes
+            data, layout.layer, reservation_id, self._transport.max_chunk_bytes, layout.first_block
         )
         self._num_layers_queued += 1
         for message in messages:

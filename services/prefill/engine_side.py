@@ -85,7 +85,7 @@ class EngineSide:
             if job is not None and job.sender is not None and job.status is JobStatus.COMPUTING:
                 if layer < job.num_layers_sent:
                     continue  # sent by an earlier try of this step (same KV)
-                data, layout = engine.export_kv(engine_id, layer)
+                data, layout = engine.export_kv(engine_id, layer, job.first_token)
                 job.sender.send_layer(data, layout)
                 job.num_layers_sent += 1
 
@@ -99,7 +99,7 @@ class EngineSide:
                 continue
             if job.status is JobStatus.COMPUTING and job.num_layers_sent < num_layers:
                 job.remote_layers = [
-                    engine.export_kv_async(output.request_id, layer)
+                    engine.export_kv_async(output.request_id, layer, job.first_token)
                     for layer in range(job.num_layers_sent, num_layers)
                 ]
                 job.num_layers_sent = num_layers

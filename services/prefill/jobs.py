@@ -86,6 +86,8 @@ class Job:
     # The layers [k, L) a migration's helper computed (this worker its donor), in layer order,
     # set by the engine thread after the prompt's last step: core.py hands them on.
     remote_layers: list[Future[tuple[torch.Tensor, KVLayout]]] = field(default_factory=list)
+    # The first token whose KV goes to the target: it holds the prompt's blocks before it.
+    first_token: int = 0
 
     @property
     def request_id(self) -> str:

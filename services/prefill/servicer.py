@@ -43,7 +43,12 @@ def request_from_proto(msg: prefill_pb2.PrefillRequest) -> PrefillRequest:
     t = msg.target
     transport = DATA_TRANSPORT_FROM_PROTO.get(t.data_transport, "")
     target = KVTarget(
-        t.worker_id, t.address, t.reservation_id, t.data_address if transport else "", transport
+        t.worker_id,
+        t.address,
+        t.reservation_id,
+        t.data_address if transport else "",
+        transport,
+        t.first_block,
     )
     return PrefillRequest(
         msg.request_id, list(msg.prompt_token_ids), sampling_from_proto(msg.sampling), target

@@ -52,6 +52,7 @@ class KVTarget:
     reservation_id: str
     data_address: str = ""  # the decode worker's data plane, "HOST:PORT"; "": none
     data_transport: str = ""  # its kind (services.rpc.dataplane.KINDS) when it has one
+    first_block: int = 0  # the target holds the prompt's blocks before it: KV is sent from here
 
 
 @dataclass(frozen=True)

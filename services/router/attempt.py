@@ -98,6 +98,7 @@ class Attempt:
             reservation.reservation_id,
             reservation.data_address,
             reservation.data_transport,
+            reservation.num_cached_blocks,
         )
         self._routing_s = self._driver.now() - self._arrival
         result = await self._run_prefill(target)

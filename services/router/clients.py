@@ -90,7 +90,12 @@ class GrpcDecodeClient:
         except grpc.aio.AioRpcError as exc:
             raise _call_error(self._worker, "ReserveKV", exc) from None
         transport = DATA_TRANSPORT_FROM_PROTO.get(reply.data_transport, "")
-        return Reservation(reply.reservation_id, reply.data_address if transport else "", transport)
+        return Reservation(
+            reply.reservation_id,
+            reply.data_address if transport else "",
+            transport,
+            reply.num_cached_blocks,
+        )
 
     async def stream_tokens(
         self, request_id: str, timeout_s: float
@@ -134,6 +139,7 @@ class GrpcPrefillClient:
                 reservation_id=target.reservation_id,
                 data_address=target.data_address,
                 data_transport=DATA_TRANSPORT_TO_PROTO.get(target.data_transport, 0),
+                first_block=target.first_block,
             ),
         )
         call = self._stub.Prefill(message, timeout=timeout_s)

@@ -52,6 +52,7 @@ class Reservation:
     reservation_id: str
     data_address: str = ""  # "HOST:PORT"; "": D takes KV over TransferKV only
     data_transport: str = ""  # "ucx", "tcp" or "grpc" (services.rpc.dataplane.KINDS)
+    num_cached_blocks: int = 0  # the prompt's leading blocks D holds already: KV starts there
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class KVTarget:
     reservation_id: str
     data_address: str = ""
     data_transport: str = ""
+    first_block: int = 0
 
 
 @dataclass(frozen=True)

@@ -225,7 +225,8 @@ class SimCluster:
         r = self.requests[seq.request_id]
         decode = self.workers[r.decode_worker]
         token = seq.token_ids[-1]
-        delay = self.transport.time(self.profile.kv_bytes(seq.num_prompt_tokens))
+        num_tokens = decode.handoff_tokens(r.request_id)  # after the blocks it holds already
+        delay = self.transport.time(self.profile.kv_bytes(num_tokens))
         self.loop.after(delay, lambda: decode.join(r.request_id, token))  # no-op if cancelled
 
     def _on_finished(self, seq) -> None:

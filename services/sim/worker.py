@@ -164,16 +164,26 @@ class SimWorker:
         return True
 
     def reserve(self, request_id: str, prompt: list[int], max_tokens: int) -> bool:
-        """Blocks for a prompt's KV, before it is computed elsewhere; False: no room now."""
+        """Blocks for a prompt's KV, before it is computed elsewhere; False: no room now. As a
+        decode worker's reservation (``KVTransfer.begin_import``), the prompt's leading blocks
+        in the prefix cache are reused (all but the last token's block): its handoff carries
+        the rest (``handoff_tokens``)."""
         seq = Sequence(request_id, list(prompt), _params(max_tokens), self.profile.block_size)
         bm = self.block_manager
         if len(self.scheduler.running) + len(self.imported) >= self.scheduler.max_num_seqs:
             return False
-        if not bm.can_append(seq, seq.num_tokens):
+        hits = bm.find_cached_prefix(seq)  # leaves the last token's block, as the engine does
+        if not bm.can_admit(seq, hits, seq.num_tokens - len(hits) * bm.block_size):
             return False
-        bm.append(seq, seq.num_tokens)
+        bm.admit(seq, hits)
+        bm.append(seq, seq.num_tokens - seq.num_computed_tokens)
         self.imported[request_id] = seq
         return True
+
+    def handoff_tokens(self, request_id: str) -> int:
+        """The prompt tokens whose KV a reservation still waits for (0: none reserved)."""
+        seq = self.imported.get(request_id)
+        return 0 if seq is None else seq.num_prompt_tokens - seq.num_cached_tokens
 
     def join(self, request_id: str, first_token: int) -> Sequence | None:
         """The prompt's KV arrived: the sequence runs with its first token (None: the request

@@ -105,18 +105,28 @@ class PrefillSide:
         reservation_id: str,
         first_token: int,
         split_layers: bool = True,
+        first_block: int = 0,
     ) -> Iterator[decode_pb2.TransferKVRequest]:
-        """Header, every layer (odd layers in one-block chunks), end. Exported up front and the
+        """Header, every layer (odd layers in one-block chunks), end; the KV from block
+        ``first_block`` on (ReserveKVResponse.num_cached_blocks). Exported up front and the
         request freed at once, so a call the server breaks early leaves nothing behind here."""
-        frames = list(self._frames(request_id, reservation_id, first_token, split_layers))
+        frames = list(
+            self._frames(request_id, reservation_id, first_token, split_layers, first_block)
+        )
         self.engine.abort(request_id)
         return iter(frames)
 
     def _frames(
-        self, request_id: str, reservation_id: str, first_token: int, split_layers: bool
+        self,
+        request_id: str,
+        reservation_id: str,
+        first_token: int,
+        split_layers: bool,
+        first_block: int,
     ) -> Iterator[decode_pb2.TransferKVRequest]:
         num_layers = self.engine.spec.num_layers
-        _, layout = self.engine.export_kv(request_id, 0)
+        start = first_block * self.engine.config.block_size
+        _, layout = self.engine.export_kv(request_id, 0, start)
         header = decode_pb2.KVTransferHeader(
             request_id=request_id,
             reservation_id=reservation_id,
@@ -124,14 +134,14 @@ class PrefillSide:
         )
         yield decode_pb2.TransferKVRequest(header=header)
         for layer in reversed(range(num_layers)):  # any order of layers is allowed
-            data, _ = self.engine.export_kv(request_id, layer)
+            data, _ = self.engine.export_kv(request_id, layer, start)
             step = 1 if split_layers and layer % 2 else data.shape[1]
             for first in range(0, data.shape[1], step):
                 chunk = data[:, first : first + step]
                 yield decode_pb2.TransferKVRequest(
                     layer=common_pb2.KVLayerChunk(
                         layer=layer,
-                        first_block=first,
+                        first_block=first_block + first,
                         num_blocks=chunk.shape[1],
                         data=tensor_bytes(chunk),
                     )

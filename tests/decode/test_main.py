@@ -98,3 +98,10 @@ def test_load_reporter_registers_then_reports_until_stopped():
         assert report.step_time.ToMilliseconds() == 4 and report.busy_fraction == 0.25
 
     asyncio.run(main())
+
+
+def test_reuse_of_cached_prefix_blocks_is_on_unless_turned_off():
+    from services.decode.__main__ import parse_args
+
+    assert parse_args([]).reuse_cached_prefix is True
+    assert parse_args(["--no-reuse-cached-prefix"]).reuse_cached_prefix is False

@@ -68,6 +68,31 @@ def test_concurrent_greedy_requests_match_the_in_process_engine(cluster, tiny_ll
     assert_workers_idle(cluster)
 
 
+def test_a_prefix_the_decode_worker_holds_is_not_sent_again(cluster, tiny_llama):
+    """Prompts sharing a 6-block prefix: the first hands over every block; later ones, alone or
+    at once, only the blocks after the prefix (the decode worker reuses its cached blocks,
+    ReserveKVResponse.num_cached_blocks), with the in-process engine's tokens."""
+    block = 16  # tiny-llama's default block size
+    prefix = prompt_ids(6 * block + 3, 901)
+    prompts = [prefix + prompt_ids(n, 902 + n) for n in (20, 5, 40, 13, 29)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    expected = make_engine(tiny_llama).generate(prompts, params)
+
+    def run(client, prompt):
+        return client.complete(prompt, temperature=0.0, max_tokens=6, ignore_eos=True, timeout_s=60)
+
+    with BanaServeClient(cluster["router"].address) as client, ThreadPoolExecutor(4) as pool:
+        results = [run(client, prompts[0])]
+        results += list(pool.map(lambda p: run(client, p), prompts[1:]))
+    assert [list(r.token_ids) for r in results] == [c.token_ids for c in expected]
+    blocks = [-(-len(p) // block) for p in prompts]
+    per_block = results[0].server_timings.kv_bytes // blocks[0]
+    assert per_block > 0
+    sent = [r.server_timings.kv_bytes for r in results[1:]]
+    assert sent == [per_block * (n - 6) for n in blocks[1:]], (sent, per_block, blocks)
+    assert_workers_idle(cluster)
+
+
 def assert_same_as_engine(router: str, model, num_requests: int) -> None:
     """``num_requests`` concurrent greedy requests of mixed lengths (1-150 tokens) and mixed
     max_tokens: every output token-identical to the in-process engine's."""

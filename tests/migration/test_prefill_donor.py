@@ -15,6 +15,7 @@ B and D end with nothing held, and B hosts nothing.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 import torch
@@ -59,14 +60,28 @@ def reference(tiny_llama) -> dict[str, list[int]]:
 class ImportingSender(KVSender):
     """Collects a handoff's layers; at ``finish`` imports them all into decode engine D."""
 
-    def __init__(self, decode: Engine, request_id: str, prompt: list[int], max_tokens: int):
+    def __init__(
+        self,
+        decode: Engine,
+        request_id: str,
+        prompt: list[int],
+        max_tokens: int,
+        first_block: int = 0,
+        prefix: dict[int, torch.Tensor] | None = None,
+    ):
         self.decode, self.request_id = decode, request_id
         self.prompt, self.max_tokens = prompt, max_tokens
+        self.first_block, self.prefix = first_block, prefix
         self.layers: dict[int, tuple] = {}
         self.duplicates = 0
 
     def send_layer(self, data, layout) -> None:
         self.duplicates += layout.layer in self.layers
+        assert layout.first_block == self.first_block and data.shape[1] == layout.num_blocks
+        if self.first_block:  # the blocks before: as a decode worker's cache would hold them
+            whole = self.prefix[layout.layer]
+            data = torch.cat([whole[:, : self.first_block], data], dim=1)
+            layout = replace(layout, first_block=0)  # D checks no hashes here
         self.layers[layout.layer] = (data.clone(), layout)
 
     async def finish(self, first_token_id: int, compute_done_at: float) -> TransferStats:
@@ -89,12 +104,22 @@ class ImportingSender(KVSender):
 
 
 class ImportingTransport(KVTransport):
-    def __init__(self, decode: Engine) -> None:
-        self.decode = decode
+    def __init__(self, decode: Engine, prefix: Engine) -> None:
+        self.decode, self.prefix = decode, prefix
         self.reservations: dict[str, tuple[list[int], int]] = {}  # reservation id -> request
 
     async def open(self, target: KVTarget, request_id, num_layers, timeout_s) -> KVSender:
-        return ImportingSender(self.decode, request_id, *self.reservations[target.reservation_id])
+        prompt, max_tokens = self.reservations[target.reservation_id]
+        prefix = None
+        if target.first_block:  # the prompt's KV from another engine, for the blocks before
+            engine = self.prefix
+            engine.add_request(request_id, prompt, params(2))  # stays after its first step
+            engine.step()
+            prefix = {i: engine.export_kv(request_id, i)[0] for i in range(NUM_LAYERS)}
+            engine.abort(request_id)
+        return ImportingSender(
+            self.decode, request_id, prompt, max_tokens, target.first_block, prefix
+        )
 
     async def close(self) -> None:
         pass
@@ -103,9 +128,10 @@ class ImportingTransport(KVTransport):
 class PrefillDonor:
     """P (a real prefill worker), helper B, decode engine D, and the two agents on this loop."""
 
-    def __init__(self, model, drop: bool, micro: int = 1) -> None:
+    def __init__(self, model, drop: bool, micro: int = 1, skip: bool = False) -> None:
         self.d = make_engine(model)
-        self.transport = ImportingTransport(self.d)
+        self.transport = ImportingTransport(self.d, make_engine(model))
+        self.skip = skip  # each prompt's target holds its first half of blocks already
         p_engine = make_engine(model, max_num_batched_tokens=32)  # chunked: prompts straddle
         self.micro = micro
         # Steps the donor ran as two micro-batches with the KV sender's layer hook on each.
@@ -134,9 +160,9 @@ class PrefillDonor:
 
     async def prefill(self, rid: str, prompt: list[int], max_tokens: int) -> None:
         self.transport.reservations[f"res-{rid}"] = (prompt, max_tokens)
-        request = PrefillRequest(
-            rid, prompt, params(max_tokens), KVTarget("D", "in-process", f"res-{rid}")
-        )
+        first_block = (len(prompt) - 1) // 16 // 2 if self.skip else 0  # blocks of 16
+        target = KVTarget("D", "in-process", f"res-{rid}", first_block=first_block)
+        request = PrefillRequest(rid, prompt, params(max_tokens), target)
         async for item in self.p.prefill(request, timeout_s=60):
             if isinstance(item, FirstToken):
                 self.first[rid] = item.token_ids
@@ -178,26 +204,28 @@ class PrefillDonor:
 
 
 # (k, layers dropped from P, how it ends, micro-batches: 2 or more split P's steps, each part's
-# layers handed to the KV sender as that part computes them)
+# layers handed to the KV sender as that part computes them; targets that hold each prompt's
+# first blocks, so P sends from a later block, its helper's layers cut to that block too)
 SCENARIOS = [
-    (1, False, "revert", 1),
-    (2, True, "revert", 2),
-    (3, True, "abort", 1),
-    (2, False, "abort", 2),
-    (2, False, "revert", 4),  # the automatic mode's prefill donors: 8 (as many as sequences)
-    (1, True, "abort", 8),
+    (1, False, "revert", 1, False),
+    (2, True, "revert", 2, False),
+    (3, True, "abort", 1, False),
+    (2, False, "abort", 2, False),
+    (2, False, "revert", 4, False),  # the automatic mode's prefill donors: 8 (as many as seqs)
+    (1, True, "abort", 8, False),
+    (2, False, "revert", 2, True),
 ]
 
 
-@pytest.mark.parametrize(("k", "drop", "end", "micro"), SCENARIOS)
+@pytest.mark.parametrize(("k", "drop", "end", "micro", "skip"), SCENARIOS)
 def test_a_prefill_donor_hands_on_the_kv_its_helper_computed(
-    tiny_llama, reference, k, drop, end, micro
+    tiny_llama, reference, k, drop, end, micro, skip
 ):
     everything = prompts()
     batches = [
         [(rid, *everything[rid]) for rid in everything if rid[1] == str(i)] for i in range(4)
     ]
-    world = PrefillDonor(tiny_llama, drop, micro)
+    world = PrefillDonor(tiny_llama, drop, micro, skip)
 
     async def main() -> tuple[dict[str, int], int]:
         await world.start()

@@ -257,3 +257,44 @@ def test_a_switched_decode_worker_admits_requests_across_processes(cluster, tiny
     assert reverted.num_requeued == 0
     wait_for(lambda: decode_stats(decode).kv.num_blocks_used == 0, "decode blocks freed")
     assert prefill_stats(prefill).kv.num_blocks_used == 0
+
+
+def test_an_import_reusing_cached_blocks_across_a_switch_is_recomputed(
+    tiny_llama, reference, prefilled, loop
+):
+    """An import that reuses A's cached blocks (a decode worker's reservation on a prefix it
+    holds, ``reuse_cached``) began before the switch: its KV starts after those blocks, and a
+    helper takes layers whole, so its layers [k, L) are lost and the sequence recomputes when it
+    joins. Output unchanged, nothing held afterwards."""
+    a, b = donor_engine(tiny_llama, False), make_engine(tiny_llama, num_kv_blocks=128)
+    pair = AgentPair(loop, a, b)
+    d = Decode(pair, prefilled)
+    d.begin("r0", range(NUM_LAYERS))
+    d.finish("r0")
+    prompt = REQUESTS["r0"][0][:32] + prompt_ids(9, 6)  # r0's two full blocks, then its own
+    p = make_engine(tiny_llama)
+    p.add_request("r5", prompt, params(15))
+    (first,) = p.step()
+    want = reference_engine_tokens(tiny_llama, prompt, 15)
+    assert a.begin_prompt_import("r5", prompt, params(15), reuse_cached=True) == 2
+    write = lambda layers: [a.import_kv("r5", *p.export_kv("r5", i, 32)) for i in layers]  # noqa: E731
+    write(range(2))
+    pair.prepare(1)
+    pair.copy()
+    pair.switch(1, False)  # layer 1 was written here from block 2: it cannot move to B
+    write(range(2, NUM_LAYERS))  # these run on B now: lost too
+    d.tokens["r5"] = list(a.finish_prompt_import("r5", first.new_token_ids[0]).new_token_ids)
+    assert "r5" not in [s.request_id for s in a.scheduler.running]  # sent to recompute
+    d.steps(4)
+    end_migration(pair, "revert")
+    d.steps()
+    b.step()
+    pair.close()
+    p.abort("r5")
+    assert d.tokens["r5"] == want and d.tokens["r0"] == reference["r0"]
+    assert_no_leaks(a)
+    assert_no_leaks(b)
+
+
+def reference_engine_tokens(model, prompt: list[int], max_tokens: int) -> list[int]:
+    return make_engine(model).generate([prompt], params(max_tokens))[0].token_ids

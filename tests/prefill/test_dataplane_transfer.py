@@ -167,6 +167,53 @@ def test_kv_lands_byte_exact_and_decode_continues_token_identically(tiny_llama, 
     assert transfer.total_seconds() > 0 and exposed <= transfer
 
 
+@each_kind
+def test_a_prefix_the_decode_worker_holds_is_not_sent_again(tiny_llama, kind):
+    """The second prompt on a cached 4-block prefix: ReserveKV reuses those blocks, the prefill
+    worker sends the blocks after them (in 2-block chunks that name their place in the
+    sequence), the decode worker's KV equals a prefill's byte for byte, tokens unchanged."""
+    prefix = prompt_ids(64, 12)
+    prompts = {"r1": prefix + prompt_ids(11, 13), "r2": prefix + prompt_ids(40, 14)}
+    expected = {r: reference_tokens(make_engine(tiny_llama), p, GREEDY) for r, p in prompts.items()}
+    reference = make_engine(tiny_llama)
+    reference.add_request("ref", prompts["r2"], GREEDY)
+    reference.step()
+    decode_engine, prefill_engine = make_engine(tiny_llama), make_engine(tiny_llama)
+    num_layers = decode_engine.spec.num_layers
+
+    async def main():
+        chunk = 2 * KV_BYTES_PER_BLOCK_LAYER
+        async with handoff(kind, decode_engine, prefill_engine, max_chunk_bytes=chunk) as h:
+            out = {}
+            for rid, prompt in prompts.items():
+                reply = await h.decode.ReserveKV(reserve_request(rid, prompt))
+                target = KVTarget(
+                    "decode-0", h.decode_address, reply.reservation_id, reply.data_address,
+                    DATA_TRANSPORT_FROM_PROTO[reply.data_transport], reply.num_cached_blocks,
+                )  # fmt: skip
+                request = target_request(rid, prompt, target, temperature=0, max_tokens=12)
+                request.target.first_block = target.first_block
+                request.sampling.ignore_eos = True
+                first, done = await run_prefill(h.prefill, request)
+                if rid == "r2":  # the reused blocks and the sent ones, before decoding on
+                    engine_id = h.worker.engine_id(rid)
+                    for layer in range(num_layers):
+                        got = exported(decode_engine, engine_id, layer)[:, : len(prompt)]
+                        want = exported(reference, "ref", layer)
+                        assert got.numpy().tobytes() == want.numpy().tobytes(), layer
+                tokens = list(first.first_token.token_ids) + await stream(h.decode, rid)
+                out[rid] = (reply.num_cached_blocks, done.done.kv_bytes, tokens)
+            await h.assert_clean()
+            return out
+
+    out = asyncio.run(main())
+    assert {r: tokens for r, (_, _, tokens) in out.items()} == expected
+    assert [(cached, sent) for cached, sent, _ in out.values()] == [
+        (0, num_layers * 5 * KV_BYTES_PER_BLOCK_LAYER),
+        (4, num_layers * (7 - 4) * KV_BYTES_PER_BLOCK_LAYER),
+    ]
+
+
 def test_concurrent_transfers_share_one_connection_and_continue_token_identically(tiny_llama):
     prompts = [prompt_ids(n, 30 + n) for n in (9, 33, 64, 120)]
     reference = make_engine(tiny_llama)

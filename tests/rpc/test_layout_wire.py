@@ -1,5 +1,6 @@
-"""The KV layout's wire form: ``first_block`` round-trips, and a handoff that is not a whole
-prompt is refused before any KV is taken."""
+"""The KV layout's wire form: ``first_block`` round-trips (a handoff to a decode worker that
+holds the prompt's first blocks starts after them), and one past the layout's own tokens is
+refused before any KV is taken."""
 
 import pytest
 
@@ -29,9 +30,18 @@ def test_whole_prompt_header_is_accepted():
     assert (header.layout.first_block, header.num_layers, header.layout.num_tokens) == (0, 4, 48)
 
 
-def test_handoff_of_a_delta_is_refused():
+def test_handoff_from_a_later_block_keeps_it():
     msg = decode_pb2.KVTransferHeader(
-        request_id="r1", reservation_id="res1", layout=layout_to_proto(_layout(1), 4)
+        request_id="r1", reservation_id="res1", layout=layout_to_proto(_layout(2), 4)
     )
-    with pytest.raises(InvalidRequestError, match="first_block 0"):
+    header = header_from_proto(msg)
+    assert (header.layout.first_block, header.layout.num_blocks) == (2, 1)
+
+
+@pytest.mark.parametrize("first_block", [3, 4, 1000])
+def test_handoff_starting_past_its_tokens_is_refused(first_block):
+    msg = decode_pb2.KVTransferHeader(
+        request_id="r1", reservation_id="res1", layout=layout_to_proto(_layout(first_block), 4)
+    )
+    with pytest.raises(InvalidRequestError, match=f"starts at block {first_block}, past its 48"):
         header_from_proto(msg)

@@ -53,6 +53,20 @@ def test_the_prefix_cache_is_the_engines_a_repeated_prompt_is_a_hit():
     assert_no_leaks(cluster)
 
 
+def test_a_decode_worker_takes_only_the_blocks_after_a_prefix_it_holds():
+    # The 33-token prompt twice through static PD. First: 0.33 s of prefill, its 3 blocks'
+    # KV (6,000 B) 10 ms + 30 ms -> joins D at 0.37, one decode step: done 0.47. Again at 1.0:
+    # P prefills the last token (0.01), D holds the first two blocks (the last token's block
+    # always comes): 2,000 B, 10 ms + 10 ms -> joins at 1.03, done at 1.13 (not 1.15).
+    cluster = SimCluster(SimSpec(Mode.STATIC_PD, 2), make_profile())
+    first, second = request(0, 0.0, 33, 2), request(0, 1.0, 33, 2)
+    second.request_id = "again"
+    cluster.run([first, second])
+    assert (first.first_token_s, first.done_s) == pytest.approx((0.33, 0.47))
+    assert (second.first_token_s, second.done_s) == pytest.approx((1.01, 1.13))
+    assert_no_leaks(cluster)
+
+
 def test_a_request_unfinished_at_the_deadline_fails():
     cluster = SimCluster(SimSpec(Mode.COLOCATED, 1, deadline_s=0.2), make_profile())
     (r,) = cluster.run([request(0, 0.0, 10, 50)])
