@@ -145,13 +145,13 @@ class DecodeScenario:
             "leaks": ", ".join(leaks),
         }
 
-    def _layout(self, layer: int, hashes: list[bytes]):
+    def _layout(self, layer: int, hashes: list[bytes], first_block: int):
         from services.engine.kv_cache import KVLayout
 
         load = self.load
         return KVLayout(
-            self._fingerprint, layer, load.prompt_len, tuple(hashes), load.dtype,
-            load.block_size, *self._kv_heads_dim,
+            self._fingerprint, layer, load.prompt_len, tuple(hashes[first_block:]), load.dtype,
+            load.block_size, *self._kv_heads_dim, first_block,
         )  # fmt: skip
 
     def _prompt(self, index: int) -> list[int]:
@@ -184,12 +184,17 @@ class DecodeScenario:
                 DATA_TRANSPORT_FROM_PROTO.get(reply.data_transport, ""),
             )  # fmt: skip
             hashes = block_hashes(prompt, load.block_size, self._fingerprint)
-            await self._transfer(target, request_id, hashes, prompt[-1], rec)
+            # A prompt the worker decoded before (the same seed again) is in its prefix cache:
+            # the KV goes from the first block it does not hold, as a prefill worker sends it.
+            first = reply.num_cached_blocks
+            await self._transfer(target, request_id, hashes, first, prompt[-1], rec)
             await self._read_stream(stream, rec)
         finally:
             stream.cancel()  # no-op once finished; frees the request on any failure
 
-    async def _transfer(self, target, request_id: str, hashes, first_token: int, rec) -> None:
+    async def _transfer(
+        self, target, request_id: str, hashes, first_block: int, first_token: int, rec
+    ) -> None:
         async with rec.rpc("TransferKV") as counts:
             sender = await self._transport.open(
                 target, request_id, len(self._layers), self.load.rpc_timeout_s
@@ -197,7 +202,7 @@ class DecodeScenario:
             try:
                 # From another thread, as the prefill's engine thread does: ``send_layer``
                 # queues through the loop, so the layers are queued before ``finish`` runs.
-                await asyncio.to_thread(self._send_layers, sender, hashes)
+                await asyncio.to_thread(self._send_layers, sender, hashes, first_block)
                 stats = await sender.finish(first_token, time.monotonic())
             except BaseException:
                 with contextlib.suppress(Exception):
@@ -205,9 +210,9 @@ class DecodeScenario:
                 raise
             counts.num_bytes = stats.num_bytes
 
-    def _send_layers(self, sender, hashes: list[bytes]) -> None:
+    def _send_layers(self, sender, hashes: list[bytes], first_block: int) -> None:
         for layer, data in enumerate(self._layers):
-            sender.send_layer(data, self._layout(layer, hashes))
+            sender.send_layer(data[:, first_block:], self._layout(layer, hashes, first_block))
 
     async def _read_stream(self, stream, rec: Recorder) -> None:
         start = rec.clock()

@@ -108,6 +108,21 @@ def test_decode_imports_kv_and_streams_every_token(service_procs, tmp_path):
     )
 
 
+def test_decode_run_again_sends_only_the_blocks_the_worker_does_not_hold(service_procs, tmp_path):
+    """The same seeded prompts twice (short runs: fewer blocks than the pool, so none is
+    evicted): the worker's prefix cache holds the first run's, and the second run sends each
+    layer from the block ReserveKV names, with no error (a run longer than the pool holds
+    cycles it, and later prompts find theirs evicted: nothing to reuse then)."""
+    target = service_procs["decode"].address
+    args = ("--target", target, "--users", "2", "--prompt-len", "40", "--max-tokens", "2",
+            "--seed", "11", "--duration", "0.4s")  # fmt: skip
+    runs = [loadtest(tmp_path / str(i), "decode", *args)["steps"][0] for i in range(2)]
+    rows = [assert_sane(step, ["request", "ReserveKV", "TransferKV", "StreamTokens first token",
+                               "StreamTokens"]) for step in runs]  # fmt: skip
+    per_request = [r["TransferKV"]["bytes"] / r["request"]["ok"] for r in rows]
+    assert per_request[1] < per_request[0]  # 40 tokens: blocks 0 and 1 are cached, 2 is sent
+
+
 def test_prefill_sends_each_prompt_to_the_sink_at_the_poisson_rate(service_procs, tmp_path):
     target = service_procs["bare-prefill"].address
     report = loadtest(tmp_path, "prefill", "--target", target, "--rate", "4",
