@@ -102,13 +102,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help='extra flags for the coordinator, one string (e.g. "--gap-high 0.3 --cooldown-s 5", '
         "docs/coordinator.md)",
     )
-    for role, example in (("prefill", "--max-num-batched-tokens 512"),
+    for role, example in (("router", "--local-prefill-max-tokens 64"),
+                          ("prefill", "--max-num-batched-tokens 512"),
                           ("decode", "--max-num-seqs 64")):  # fmt: skip
         p.add_argument(
             f"--{role}-args",
             default="",
             metavar="ARGS",
-            help=f"extra flags for every {role} worker"
+            help=f"extra flags for {'the router' if role == 'router' else f'every {role} worker'}"
             + (" (mixed ones too)" if role == "decode" else "")
             + f', one string (e.g. "{example}")',
         )
@@ -132,8 +133,8 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         tls_dir=args.tls_dir,
         api_token_file=args.api_token_file,
     )
-    extra = {"coordinator": args.coordinator_args, "prefill": args.prefill_args,
-             "decode": args.decode_args}  # fmt: skip
+    extra = {"coordinator": args.coordinator_args, "router": args.router_args,
+             "prefill": args.prefill_args, "decode": args.decode_args}  # fmt: skip
     if service_args := {k: tuple(shlex.split(v)) for k, v in extra.items() if v}:
         common["service_args"] = service_args
     if args.mode:

@@ -15,7 +15,9 @@ A request passes through one table entry (entries.py) whose status only this mod
 A mixed worker (``DecodeConfig.prefill_locally``) also takes ``reserve(prefill_locally=True)``:
 the prompt joins the engine's batch at once (``Engine.add_request``) and the entry starts at
 RUNNING; the engine prefills it alongside the running decodes and the stream carries every
-token, the first included.
+token, the first included. Any worker does the same for a ``reserve`` whose prompt lies in its
+prefix cache but for at most ``local_prefill_max_tokens`` tokens (conditional disaggregation:
+the router's ``--local-prefill-max-tokens``); the reservation says so (``prefilling_locally``).
 
 The engine runs on an ``EngineLoop`` (services/engine/loop.py): every engine call is a command,
 run in submission order between two steps, so an abort submitted before a ``stats`` call is
@@ -156,7 +158,11 @@ class DecodeWorker:
         lease_s: float | None = None,
         timeout_s: float | None = None,
         prefill_locally: bool = False,
+        local_prefill_max_tokens: int = 0,
     ) -> Reservation:
+        """Blocks for a prompt's KV under a lease, or (``prefill_locally``, or at most
+        ``local_prefill_max_tokens`` of the prompt outside the prefix cache) the prompt joins
+        the batch here at once; the reservation says which."""
         if prefill_locally and not self.config.prefill_locally:
             raise ConfigError("this is a decode worker: only a mixed worker prefills locally")
         if not request_id:
@@ -169,19 +175,29 @@ class DecodeWorker:
         await self._table.wait_for_id(request_id, timeout_s)
         lease = min(lease_s or self.config.default_lease_s, self.config.max_lease_s)
         entry = self._table.add(request_id, prompt_token_ids, lease, timeout_s)
-        ids, prompt, reuse = (
-            entry.engine_id,
-            entry.prompt_token_ids,
-            self.config.reuse_cached_prefix,
-        )
+        ids, prompt = entry.engine_id, entry.prompt_token_ids
+        reuse = self.config.reuse_cached_prefix
         try:
             if prefill_locally:  # RUNNING first: its first outputs may come before we wake
                 entry.status = RequestStatus.RUNNING
                 await self._loop.call(lambda e: e.add_request(ids, prompt, params))
             else:
-                entry.first_block = await self._loop.call(
-                    lambda e: e.begin_prompt_import(ids, prompt, params, reuse)
-                )
+
+                def begin(e: Engine) -> int | None:
+                    # One command: what the cache holds cannot change before the choice acts.
+                    local = local_prefill_max_tokens
+                    if local and len(prompt) - e.num_cached_prompt_tokens(prompt) <= local:
+                        e.add_request(ids, prompt, params)
+                        return None
+                    return e.begin_prompt_import(ids, prompt, params, reuse)
+
+                first_block = await self._loop.call(begin)
+                if first_block is None:  # outputs may have come first: it may be DONE already
+                    prefill_locally = True
+                    if entry.status is RequestStatus.RESERVED:
+                        entry.status = RequestStatus.RUNNING
+                else:
+                    entry.first_block = first_block
         except BaseException:
             self._table.free(entry)
             raise
@@ -194,7 +210,13 @@ class DecodeWorker:
         # As granted: a local prefill's first step may have finished it already.
         status = RequestStatus.RUNNING if prefill_locally else RequestStatus.RESERVED
         return Reservation(
-            request_id, entry.reservation_id, status, entry.num_blocks, lease, entry.first_block
+            request_id,
+            entry.reservation_id,
+            status,
+            entry.num_blocks,
+            lease,
+            entry.first_block,
+            prefill_locally,
         )
 
     def engine_id(self, request_id: str) -> str:

@@ -83,6 +83,7 @@ class Reservation:
     num_blocks: int
     lease_s: float  # granted (from ``reserve``) or left (in ``stats``)
     num_cached_blocks: int = 0  # leading blocks reused from the prefix cache: KV starts there
+    prefilling_locally: bool = False  # this worker prefills the prompt: no KV comes
 
 
 @dataclass(frozen=True)

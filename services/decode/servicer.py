@@ -158,6 +158,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 seconds(request.lease) if request.HasField("lease") else None,
                 seconds(request.timeout) if request.HasField("timeout") else None,
                 request.prefill_locally,
+                request.local_prefill_max_tokens,
             )
         except BaseException:
             if hold is not None:
@@ -172,6 +173,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             data_address=self._data_address,
             data_transport=self._data_transport,
             num_cached_blocks=reservation.num_cached_blocks,
+            prefilling_locally=reservation.prefilling_locally,
         )
 
     def _drop_when_ended(self, hold: Hold, request_id: str) -> None:

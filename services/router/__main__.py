@@ -76,6 +76,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="how long a request waits for a worker that can serve it to (re-)register before "
         "failing UNAVAILABLE (capped by its deadline; 0: at once)",
     )
+    p.add_argument(
+        "--local-prefill-max-tokens",
+        type=int,
+        default=DriverConfig.local_prefill_max_tokens,
+        metavar="N",
+        help="conditional disaggregation: a decode worker prefills a prompt itself when its "
+        "prefix cache holds all but at most N tokens (0: never; docs/services.md)",
+    )
     p.add_argument("--tracing", choices=("none", "console", "otlp"), default="none")
     p.add_argument("--otlp-endpoint", default="")
     p.add_argument("--log-level", default="INFO")
@@ -154,6 +162,7 @@ async def serve(args: argparse.Namespace) -> None:
             lease_s=args.lease_s,
             default_timeout_s=args.default_timeout_s,
             no_worker_wait_s=args.no_worker_wait_s,
+            local_prefill_max_tokens=args.local_prefill_max_tokens,
         ),
     )
     driver.observer = requests = RequestMetrics()

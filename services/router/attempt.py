@@ -56,15 +56,18 @@ class Attempt:
         self._decode = driver.clients().decode(assignment.decode)
         self._prefill = driver.clients().prefill(assignment.prefill)
         self._routing_s = self._ttft_s = 0.0
+        self._local = False  # D prefills the prompt (conditional disaggregation)
 
     async def run(self) -> Finished:
         try:
             lease = min(self._driver.config.lease_s, self._driver.remaining(self._job))
+            colocated = self._assignment.colocated
             reservation = await self._decode.reserve(
                 self._request,
                 lease,
                 self._driver.remaining(self._job),
-                prefill_locally=self._assignment.colocated,
+                prefill_locally=colocated,
+                local_prefill_max_tokens=0 if colocated else self._local_prefill_max_tokens(),
             )
         except asyncio.CancelledError:
             # Cancelled while D was reserving: the call may have reserved already, and
@@ -77,8 +80,9 @@ class Attempt:
             if exc.code is ErrorCode.RESOURCE_EXHAUSTED:
                 raise FullOnReserve(self._assignment.decode.worker_id) from None
             raise
+        self._local = reservation.prefilling_locally and not self._assignment.colocated
         try:
-            if self._assignment.colocated:
+            if self._assignment.colocated or self._local:
                 return await self._colocated()
             return await self._prefill_then_decode(reservation)
         except asyncio.CancelledError:
@@ -160,12 +164,15 @@ class Attempt:
             raise self._protocol_error(self._assignment.prefill.worker_id, "no done frame")
         return result
 
+    def _local_prefill_max_tokens(self) -> int:
+        return self._driver.config.local_prefill_max_tokens
+
     def _emit_first(self, delta: Delta) -> None:
         a = self._assignment
         started = Started(
             self._request.request_id,
             len(self._request.prompt_token_ids),
-            a.prefill.worker_id,
+            a.decode.worker_id if self._local else a.prefill.worker_id,
             a.decode.worker_id,
         )
         self._job.events.put_nowait(started)

@@ -76,6 +76,7 @@ class GrpcDecodeClient:
         lease_s: float,
         timeout_s: float,
         prefill_locally: bool = False,
+        local_prefill_max_tokens: int = 0,
     ) -> Reservation:
         message = decode_pb2.ReserveKVRequest(
             request_id=request.request_id,
@@ -84,6 +85,7 @@ class GrpcDecodeClient:
             lease=duration(lease_s),
             timeout=duration(timeout_s),
             prefill_locally=prefill_locally,
+            local_prefill_max_tokens=local_prefill_max_tokens,
         )
         try:
             reply = await self._stub.ReserveKV(message, timeout=timeout_s)
@@ -95,6 +97,7 @@ class GrpcDecodeClient:
             reply.data_address if transport else "",
             transport,
             reply.num_cached_blocks,
+            reply.prefilling_locally,
         )
 
     async def stream_tokens(

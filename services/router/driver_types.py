@@ -53,6 +53,7 @@ class Reservation:
     data_address: str = ""  # "HOST:PORT"; "": D takes KV over TransferKV only
     data_transport: str = ""  # "ucx", "tcp" or "grpc" (services.rpc.dataplane.KINDS)
     num_cached_blocks: int = 0  # the prompt's leading blocks D holds already: KV starts there
+    prefilling_locally: bool = False  # D prefills the prompt itself: no prefill worker, no KV
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ class DecodeClient(Protocol):
         lease_s: float,
         timeout_s: float,
         prefill_locally: bool = False,
+        local_prefill_max_tokens: int = 0,
     ) -> Reservation: ...
 
     def stream_tokens(
@@ -191,6 +193,10 @@ class DriverConfig:
     # its deadline): a worker starting, restarting, or expired for a late report (1 s) is back
     # within a report (0.1 s) or a reconnect (1 s); 0 fails at once.
     no_worker_wait_s: float = 5.0
+    # Conditional disaggregation: D prefills a prompt itself when its prefix cache holds all but
+    # at most this many tokens (ReserveKVRequest.local_prefill_max_tokens); 0: never, every
+    # prompt goes to a prefill worker. docs/services.md, "Short suffixes prefilled on D".
+    local_prefill_max_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name in ("lease_s", "default_timeout_s", "release_timeout_s", "admission_poll_s"):
@@ -201,6 +207,10 @@ class DriverConfig:
         require_config(
             math.isfinite(self.no_worker_wait_s) and self.no_worker_wait_s >= 0,
             f"no_worker_wait_s must be >= 0, got {self.no_worker_wait_s}",
+        )
+        require_config(
+            0 <= self.local_prefill_max_tokens < 1 << 32,
+            f"local_prefill_max_tokens must be in [0, 2^32), got {self.local_prefill_max_tokens}",
         )
 
 

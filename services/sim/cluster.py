@@ -64,6 +64,9 @@ class SimSpec:
     sample_interval_s: float = 0.0  # > 0: keep utilisation samples (plots)
     store_capacity_bytes: int = DEFAULT_CAPACITY_BYTES  # banaserve's KV store (store.py)
     store_write_policy: WritePolicy = WritePolicy.REUSED  # as the prefill workers' default
+    # The router's --local-prefill-max-tokens: D prefills a prompt its cache holds all but at
+    # most this many tokens of (0: never)
+    local_prefill_max_tokens: int = 0
 
 
 ROLE_NAMES = ((WorkerRole.PREFILL, "prefill"), (WorkerRole.DECODE, "decode"),
@@ -196,14 +199,17 @@ class SimCluster:
         except ResourceExhaustedError as exc:
             self._fail(r, "RESOURCE_EXHAUSTED", str(exc))
             return
+        worker = self.workers[a.prefill.worker_id]
         if not a.colocated:
             decode = self.workers[a.decode.worker_id]
-            if not decode.reserve(r.request_id, list(r.prompt), r.max_tokens):
+            limit = self.spec.local_prefill_max_tokens
+            if limit and decode.num_uncached_tokens(list(r.prompt)) <= limit:
+                worker = decode  # conditional disaggregation: D prefills it in its own batch
+            elif not decode.reserve(r.request_id, list(r.prompt), r.max_tokens):
                 self.router.mark_full(decode.worker_id)
                 self.loop.after(self.spec.retry_s, lambda: self._route(r))
                 return
             r.decode_worker = decode.worker_id
-        worker = self.workers[a.prefill.worker_id]
         route_s = self.profile.serving.route_s
         if route_s <= 0:
             worker.add(r.request_id, list(r.prompt), r.max_tokens)

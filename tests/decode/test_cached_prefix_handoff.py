@@ -141,3 +141,71 @@ def test_reused_blocks_stay_shared_while_both_requests_run(tiny_llama):
             await assert_clean(stub)
 
     asyncio.run(main())
+
+
+async def stream_all(stub, rid):
+    tokens, finished = [], None
+    async for frame in stub.StreamTokens(decode_pb2.StreamTokensRequest(request_id=rid)):
+        if frame.WhichOneof("frame") == "delta":
+            tokens += frame.delta.token_ids
+        else:
+            finished = frame.finished
+    return tokens, finished
+
+
+def test_a_short_suffix_on_a_cached_prefix_is_prefilled_here(tiny_llama):
+    """Conditional disaggregation (ReserveKVRequest.local_prefill_max_tokens): a decode worker
+    prefills a prompt itself when its cache holds all but at most that many tokens; the stream
+    then starts with the first token. A longer suffix, or the limit 0, takes the handoff."""
+    reference = make_engine(tiny_llama)
+    prefix = prompt_ids(3 * BLOCK, 71)
+    short, long_ = prefix + prompt_ids(10, 72), prefix + prompt_ids(40, 73)
+
+    async def main():
+        async with decode_server(tiny_llama) as (_, stub):
+            prefill = PrefillSide(tiny_llama)
+            # Nothing cached yet: 58 tokens to compute > 16, so the KV is handed off.
+            reply = await stub.ReserveKV(reserve_request("a", short, local_prefill_max_tokens=16))
+            assert not reply.prefilling_locally and reply.num_cached_blocks == 0
+            await stub.Release(decode_pb2.ReleaseRequest(request_id="a"))
+            await generate(stub, prefill, "warm", short)  # now the prefix is cached here
+            for rid, prompt, limit, local in [
+                ("b", short, 16, True),  # 10 tokens after the 48 cached
+                ("c", long_, 16, False),  # 40 after them
+                ("d", short, 0, False),  # never
+            ]:
+                reply = await stub.ReserveKV(
+                    reserve_request(rid, prompt, local_prefill_max_tokens=limit)
+                )
+                assert reply.prefilling_locally is local, rid
+                if local:
+                    tokens, finished = await stream_all(stub, rid)
+                    assert finished.num_cached_tokens == 3 * BLOCK  # the prefill's cache hits
+                else:
+                    assert reply.num_cached_blocks == 3, rid
+                    first = prefill.prefill(rid, prompt, GREEDY)
+                    frames = prefill.frames(rid, reply.reservation_id, first, first_block=3)
+                    await stub.TransferKV(frames)
+                    rest, _ = await stream_all(stub, rid)
+                    tokens = [first, *rest]
+                assert tokens == reference_tokens(reference, prompt, GREEDY), rid
+            await assert_clean(stub)
+
+    asyncio.run(main())
+
+
+def test_a_local_prefill_that_ends_at_its_first_token_finishes(tiny_llama):
+    params = GREEDY.__class__(temperature=0.0, max_tokens=1, ignore_eos=True)
+    prefix = prompt_ids(2 * BLOCK, 81)
+
+    async def main():
+        async with decode_server(tiny_llama) as (_, stub):
+            await generate(stub, PrefillSide(tiny_llama), "warm", prefix + [5])
+            request = reserve_request("one", prefix + [6], params, local_prefill_max_tokens=4)
+            reply = await stub.ReserveKV(request)
+            assert reply.prefilling_locally
+            tokens, finished = await stream_all(stub, "one")
+            assert len(tokens) == 1 and finished.num_completion_tokens == 1
+            await assert_clean(stub)
+
+    asyncio.run(main())

@@ -67,6 +67,21 @@ def test_a_decode_worker_takes_only_the_blocks_after_a_prefix_it_holds():
     assert_no_leaks(cluster)
 
 
+def test_a_short_suffix_on_a_prefix_d_holds_is_prefilled_on_d():
+    # As above with the router's --local-prefill-max-tokens 1: again at 1.0, D's cache holds
+    # all but the last token, so D prefills it (0.01 s, first token at 1.01) with no handoff,
+    # then one decode step: done at 1.11. P saw only the first request.
+    spec = SimSpec(Mode.STATIC_PD, 2, local_prefill_max_tokens=1)
+    cluster = SimCluster(spec, make_profile())
+    first, second = request(0, 0.0, 33, 2), request(0, 1.0, 33, 2)
+    second.request_id = "again"
+    cluster.run([first, second])
+    assert (first.first_token_s, first.done_s) == pytest.approx((0.33, 0.47))
+    assert (second.first_token_s, second.done_s) == pytest.approx((1.01, 1.11))
+    assert cluster.workers["prefill-000"].stats.num_steps == 1
+    assert_no_leaks(cluster)
+
+
 def test_a_request_unfinished_at_the_deadline_fails():
     cluster = SimCluster(SimSpec(Mode.COLOCATED, 1, deadline_s=0.2), make_profile())
     (r,) = cluster.run([request(0, 0.0, 10, 50)])

@@ -135,10 +135,12 @@ def test_prefill_and_decode_args_become_the_flags_of_their_module():
     p = argparse.ArgumentParser()
     add_arguments(p)
     argv = ["--mode", "banaserve", "--prefill-args", "--max-num-batched-tokens 512",
-            "--decode-args", "--max-num-seqs 64", "--coordinator-args", "--gap-high 0.3"]  # fmt: skip
+            "--decode-args", "--max-num-seqs 64", "--coordinator-args", "--gap-high 0.3",
+            "--router-args", "--local-prefill-max-tokens 64"]  # fmt: skip
     spec = cluster_spec(p.parse_args(argv))
     assert spec.service_args == {
         "coordinator": ("--auto", "--gap-high", "0.3"),
+        "router": ("--local-prefill-max-tokens", "64"),
         "prefill": ("--max-num-batched-tokens", "512"),
         "decode": ("--max-num-seqs", "64"),
     }

@@ -1,0 +1,54 @@
+"""Conditional disaggregation across real processes: router (``--local-prefill-max-tokens 32``)
++ 1 prefill + 1 decode worker on tiny-llama. A prompt whose prefix the decode worker holds,
+with at most 32 more tokens, is prefilled by the decode worker itself (no prefill worker, no
+KV handoff); others go through the prefill worker. Greedy outputs equal the in-process engine's
+and every block is free afterwards."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from services.client.client import BanaServeClient
+from services.common.types import SamplingParams
+from services.launcher import ClusterSpec
+from tests.clusters import running_cluster
+from tests.e2e.test_cluster import assert_workers_idle, prompt_ids
+from tests.engine.helpers import make_engine
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def cluster(banaserve_home, tiny_llama, tmp_path_factory):
+    env = {"BANASERVE_HOME": str(banaserve_home)}
+    spec = ClusterSpec(num_kv_blocks=512, num_kvstore=0, kv_transport="tcp", extra_env=env,
+                       service_args={"router": ("--local-prefill-max-tokens", "32")})  # fmt: skip
+    with running_cluster(spec, tmp_path_factory.mktemp("logs") / "cluster.log") as cluster:
+        yield {
+            "router": cluster.router,
+            "prefill": cluster.child("prefill-0"),
+            "decode": cluster.child("decode-0"),
+        }
+
+
+def test_short_suffixes_on_a_held_prefix_are_prefilled_by_the_decode_worker(cluster, tiny_llama):
+    prefix = prompt_ids(5 * 16, 1201)
+    prompts = [prefix + prompt_ids(n, 1202 + n) for n in (7, 20, 31, 60, 3)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    expected = make_engine(tiny_llama).generate(prompts, params)
+
+    def run(client, prompt):
+        return client.complete(prompt, temperature=0.0, max_tokens=6, ignore_eos=True, timeout_s=60)
+
+    with BanaServeClient(cluster["router"].address) as client, ThreadPoolExecutor(4) as pool:
+        results = [run(client, prompts[0])]  # nothing held yet: through the prefill worker
+        results += list(pool.map(lambda p: run(client, p), prompts[1:]))
+    assert [list(r.token_ids) for r in results] == [c.token_ids for c in expected]
+    decode_id = results[0].decode_worker_id
+    where = [(r.prefill_worker_id == decode_id, r.server_timings.kv_bytes > 0) for r in results]
+    # 87 tokens first (no prefix held); then 20, 31, 3 tokens after the prefix: on D, no KV;
+    # 60 after it: the prefill worker, sending only the blocks after the prefix.
+    assert where == [(False, True), (True, False), (True, False), (False, True), (True, False)]
+    assert_workers_idle(cluster)
