@@ -84,6 +84,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="conditional disaggregation: a decode worker prefills a prompt itself when its "
         "prefix cache holds all but at most N tokens (0: never; docs/services.md)",
     )
+    p.add_argument(
+        "--local-prefill-queue-tokens",
+        type=int,
+        default=DriverConfig.local_prefill_queue_tokens,
+        metavar="Q",
+        help="... and any prompt while the prefill worker has at least Q prompt tokens queued "
+        "and the decode worker fewer (0: never; docs/services.md)",
+    )
     p.add_argument("--tracing", choices=("none", "console", "otlp"), default="none")
     p.add_argument("--otlp-endpoint", default="")
     p.add_argument("--log-level", default="INFO")
@@ -163,6 +171,7 @@ async def serve(args: argparse.Namespace) -> None:
             default_timeout_s=args.default_timeout_s,
             no_worker_wait_s=args.no_worker_wait_s,
             local_prefill_max_tokens=args.local_prefill_max_tokens,
+            local_prefill_queue_tokens=args.local_prefill_queue_tokens,
         ),
     )
     driver.observer = requests = RequestMetrics()

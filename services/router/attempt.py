@@ -165,7 +165,9 @@ class Attempt:
         return result
 
     def _local_prefill_max_tokens(self) -> int:
-        return self._driver.config.local_prefill_max_tokens
+        a = self._assignment
+        limit = self._driver.config.local_prefill_limit
+        return limit(a.prefill.num_queued_tokens, a.decode.num_queued_tokens)
 
     def _emit_first(self, delta: Delta) -> None:
         a = self._assignment

@@ -197,6 +197,10 @@ class DriverConfig:
     # at most this many tokens (ReserveKVRequest.local_prefill_max_tokens); 0: never, every
     # prompt goes to a prefill worker. docs/services.md, "Short suffixes prefilled on D".
     local_prefill_max_tokens: int = 0
+    # ... and any prompt, when the prefill worker's queue (its last report plus what was routed
+    # to it since) holds at least this many prompt tokens and the decode worker's fewer (0:
+    # never): a queue that long is a wait longer than D's own prefill of the prompt would be.
+    local_prefill_queue_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name in ("lease_s", "default_timeout_s", "release_timeout_s", "admission_poll_s"):
@@ -208,10 +212,17 @@ class DriverConfig:
             math.isfinite(self.no_worker_wait_s) and self.no_worker_wait_s >= 0,
             f"no_worker_wait_s must be >= 0, got {self.no_worker_wait_s}",
         )
-        require_config(
-            0 <= self.local_prefill_max_tokens < 1 << 32,
-            f"local_prefill_max_tokens must be in [0, 2^32), got {self.local_prefill_max_tokens}",
-        )
+        for name in ("local_prefill_max_tokens", "local_prefill_queue_tokens"):
+            value = getattr(self, name)
+            require_config(0 <= value < 1 << 32, f"{name} must be in [0, 2^32), got {value}")
+
+    def local_prefill_limit(self, prefill_queued: int, decode_queued: int) -> int:
+        """ReserveKVRequest.local_prefill_max_tokens for a PD attempt, given the two workers'
+        queued prompt tokens as the router estimates them."""
+        q = self.local_prefill_queue_tokens
+        if q and prefill_queued >= q and decode_queued < prefill_queued:
+            return (1 << 32) - 1  # D prefills it, however much its cache holds
+        return self.local_prefill_max_tokens
 
 
 def aborted_finished(

@@ -36,6 +36,7 @@ from services.coordinator.policy import Policy, PolicyConfig, WorkerView
 from services.launcher import Mode, mode_spec
 from services.prefill.write_backs import WritePolicy
 from services.router.core import NoRoomNowError, Router, RouterConfig, RouteRequest
+from services.router.driver_types import DriverConfig
 from services.router.registry import WorkerCapacity, WorkerRole
 from services.sim.events import EventLoop
 from services.sim.migrations import MigrationPlayer
@@ -67,6 +68,9 @@ class SimSpec:
     # The router's --local-prefill-max-tokens: D prefills a prompt its cache holds all but at
     # most this many tokens of (0: never)
     local_prefill_max_tokens: int = 0
+    local_prefill_queue_tokens: int = 0  # --local-prefill-queue-tokens
+    # Decode workers reuse the prompt blocks their prefix cache holds (--no-reuse-cached-prefix)
+    reuse_cached_prefix: bool = True
 
 
 ROLE_NAMES = ((WorkerRole.PREFILL, "prefill"), (WorkerRole.DECODE, "decode"),
@@ -82,6 +86,10 @@ class SimCluster:
         router = Router(config, clock=self.loop.clock)
         self.router = sim_router(router, sweep_s=config.report_timeout_s / 2)
         self.registry: CachedRegistry = self.router._registry  # type: ignore[assignment]
+        self._driver = DriverConfig(
+            local_prefill_max_tokens=spec.local_prefill_max_tokens,
+            local_prefill_queue_tokens=spec.local_prefill_queue_tokens,
+        )  # where a PD request's prefill runs, as the router's driver decides it
         # The cluster's own KV transport (ucx by default) where the profile measured it.
         measured = shape.kv_transport if shape.kv_transport in profile.transports else None
         self.transport = profile.transport(spec.transport or measured)
@@ -202,10 +210,14 @@ class SimCluster:
         worker = self.workers[a.prefill.worker_id]
         if not a.colocated:
             decode = self.workers[a.decode.worker_id]
-            limit = self.spec.local_prefill_max_tokens
+            limit = self._driver.local_prefill_limit(
+                a.prefill.num_queued_tokens, a.decode.num_queued_tokens
+            )  # the router's own rule (services/router/driver_types.py)
             if limit and decode.num_uncached_tokens(list(r.prompt)) <= limit:
                 worker = decode  # conditional disaggregation: D prefills it in its own batch
-            elif not decode.reserve(r.request_id, list(r.prompt), r.max_tokens):
+            elif not decode.reserve(
+                r.request_id, list(r.prompt), r.max_tokens, self.spec.reuse_cached_prefix
+            ):
                 self.router.mark_full(decode.worker_id)
                 self.loop.after(self.spec.retry_s, lambda: self._route(r))
                 return

@@ -102,8 +102,21 @@ def up_spec(mode: Mode, config: dict) -> ClusterSpec:
         raise ConfigError(f"the compare JSON's up arguments do not parse: {argv}") from exc
 
 
+def _flags(argv: tuple[str, ...]) -> argparse.Namespace:
+    """The router's and decode workers' flags the simulator models, from their extra args."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--local-prefill-max-tokens", type=int, default=0)
+    p.add_argument("--local-prefill-queue-tokens", type=int, default=0)
+    p.add_argument("--no-reuse-cached-prefix", dest="reuse", action="store_false")
+    return p.parse_known_args(list(argv))[0]
+
+
 def sim_spec(mode: Mode, config: dict, profile: Profile | None = None) -> SimSpec:
     up = up_spec(mode, config)
+    router, decode = (
+        _flags(up.service_args.get("router", ())),
+        _flags(up.service_args.get("decode", ())),
+    )
     num_workers = up.num_prefill + up.num_decode + up.num_mixed
     coordinator = up.service_args.get("coordinator", ())
     policy, share, donors = coordinator_policy(list(coordinator))
@@ -116,6 +129,9 @@ def sim_spec(mode: Mode, config: dict, profile: Profile | None = None) -> SimSpe
         max_model_len=config.get("max_model_len", 2048),
         deadline_s=config["duration_s"] + config.get("drain_s", 0.0),
         store_write_policy=WritePolicy(up.store_write_policy or WritePolicy.REUSED.value),
+        local_prefill_max_tokens=router.local_prefill_max_tokens,
+        local_prefill_queue_tokens=router.local_prefill_queue_tokens,
+        reuse_cached_prefix=decode.reuse,
     )  # fmt: skip
 
 

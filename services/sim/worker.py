@@ -163,7 +163,9 @@ class SimWorker:
         self.num_store_hit_tokens += num_fetched
         return True
 
-    def reserve(self, request_id: str, prompt: list[int], max_tokens: int) -> bool:
+    def reserve(
+        self, request_id: str, prompt: list[int], max_tokens: int, reuse: bool = True
+    ) -> bool:
         """Blocks for a prompt's KV, before it is computed elsewhere; False: no room now. As a
         decode worker's reservation (``KVTransfer.begin_import``), the prompt's leading blocks
         in the prefix cache are reused (all but the last token's block): its handoff carries
@@ -172,7 +174,7 @@ class SimWorker:
         bm = self.block_manager
         if len(self.scheduler.running) + len(self.imported) >= self.scheduler.max_num_seqs:
             return False
-        hits = bm.find_cached_prefix(seq)  # leaves the last token's block, as the engine does
+        hits = bm.find_cached_prefix(seq) if reuse else []  # leaves the last token's block
         if not bm.can_admit(seq, hits, seq.num_tokens - len(hits) * bm.block_size):
             return False
         bm.admit(seq, hits)

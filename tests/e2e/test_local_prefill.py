@@ -52,3 +52,41 @@ def test_short_suffixes_on_a_held_prefix_are_prefilled_by_the_decode_worker(clus
     # 60 after it: the prefill worker, sending only the blocks after the prefix.
     assert where == [(False, True), (True, False), (True, False), (False, True), (True, False)]
     assert_workers_idle(cluster)
+
+
+@pytest.fixture(scope="module")
+def queue_cluster(banaserve_home, tmp_path_factory):
+    env = {"BANASERVE_HOME": str(banaserve_home)}
+    spec = ClusterSpec(num_kv_blocks=512, num_kvstore=0, kv_transport="tcp", extra_env=env,
+                       service_args={"router": ("--local-prefill-queue-tokens", "1")})  # fmt: skip
+    with running_cluster(spec, tmp_path_factory.mktemp("logs") / "cluster.log") as cluster:
+        yield {
+            "router": cluster.router,
+            "prefill": cluster.child("prefill-0"),
+            "decode": cluster.child("decode-0"),
+        }
+
+
+def test_while_the_prefill_worker_has_a_queue_the_decode_worker_prefills(
+    queue_cluster, tiny_llama
+):
+    """``--local-prefill-queue-tokens 1``: a prompt routed while the prefill worker has any
+    queued (by the router's estimate) is prefilled by the decode worker, whatever its cache
+    holds: of concurrent cold prompts, the first goes to the prefill worker, later ones to D."""
+    prompts = [prompt_ids(60 + 7 * i, 1300 + i) for i in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    expected = make_engine(tiny_llama).generate(prompts, params)
+    with BanaServeClient(queue_cluster["router"].address) as client, ThreadPoolExecutor(6) as pool:
+        results = list(
+            pool.map(
+                lambda p: client.complete(
+                    p, temperature=0.0, max_tokens=4, ignore_eos=True, timeout_s=60
+                ),
+                prompts,
+            )
+        )
+    assert [list(r.token_ids) for r in results] == [c.token_ids for c in expected]
+    on_decode = [r.prefill_worker_id == r.decode_worker_id for r in results]
+    assert any(on_decode) and not all(on_decode), on_decode
+    assert all(r.server_timings.kv_bytes == 0 for r, d in zip(results, on_decode) if d)
+    assert_workers_idle(queue_cluster)

@@ -9,6 +9,7 @@ import pytest
 
 from services.common.errors import ConfigError, InvalidRequestError, ResourceExhaustedError
 from services.router.core import NoWorkerError, Router, RouterConfig, RouteRequest
+from services.router.driver_types import DriverConfig
 from services.router.registry import WorkerRole, WorkerStatus
 from tests.router.factories import FakeClock, capacity, load, make_router, request
 
@@ -269,3 +270,26 @@ def test_a_hosts_only_worker_is_never_routed_to() -> None:
     router.remove("p0", "gone")
     with pytest.raises(NoWorkerError):
         router.route(request(16))
+
+
+@pytest.mark.parametrize(
+    ("max_tokens", "queue", "prefill_queued", "decode_queued", "limit"),
+    [
+        (0, 0, 10_000, 0, 0),  # both off: every prompt to the prefill worker
+        (64, 0, 10_000, 0, 64),  # suffixes of up to 64 tokens only
+        (64, 1000, 999, 0, 64),  # the prefill worker's queue is under Q
+        (64, 1000, 1000, 0, (1 << 32) - 1),  # at Q: any prompt on D
+        (0, 1000, 4000, 3999, (1 << 32) - 1),
+        (64, 1000, 4000, 4000, 64),  # D's queue is as long: no gain
+    ],
+)
+def test_local_prefill_limit(max_tokens, queue, prefill_queued, decode_queued, limit) -> None:
+    config = DriverConfig(local_prefill_max_tokens=max_tokens, local_prefill_queue_tokens=queue)
+    assert config.local_prefill_limit(prefill_queued, decode_queued) == limit
+
+
+@pytest.mark.parametrize("field", ["local_prefill_max_tokens", "local_prefill_queue_tokens"])
+@pytest.mark.parametrize("value", [-1, 1 << 32])
+def test_local_prefill_config_out_of_range(field, value) -> None:
+    with pytest.raises(ConfigError, match=f"{field} must be in"):
+        DriverConfig(**{field: value})

@@ -65,6 +65,13 @@ def test_a_decode_worker_takes_only_the_blocks_after_a_prefix_it_holds():
     assert (first.first_token_s, first.done_s) == pytest.approx((0.33, 0.47))
     assert (second.first_token_s, second.done_s) == pytest.approx((1.01, 1.13))
     assert_no_leaks(cluster)
+    # Without the reuse (decode --no-reuse-cached-prefix) all 3 blocks come again: 1.15.
+    cluster = SimCluster(SimSpec(Mode.STATIC_PD, 2, reuse_cached_prefix=False), make_profile())
+    first, second = request(0, 0.0, 33, 2), request(0, 1.0, 33, 2)
+    second.request_id = "again"
+    cluster.run([first, second])
+    assert second.done_s == pytest.approx(1.15)
+    assert_no_leaks(cluster)
 
 
 def test_a_short_suffix_on_a_prefix_d_holds_is_prefilled_on_d():
@@ -78,6 +85,18 @@ def test_a_short_suffix_on_a_prefix_d_holds_is_prefilled_on_d():
     cluster.run([first, second])
     assert (first.first_token_s, first.done_s) == pytest.approx((0.33, 0.47))
     assert (second.first_token_s, second.done_s) == pytest.approx((1.01, 1.11))
+    assert cluster.workers["prefill-000"].stats.num_steps == 1
+    assert_no_leaks(cluster)
+
+
+def test_a_long_prefill_queue_sends_any_prompt_to_d():
+    # --local-prefill-queue-tokens 20: B (40 tokens) arrives at 0.05 while P has A's 40 queued
+    # (routed, not yet reported: the router's own estimate): D prefills B itself (0.4 s) while
+    # P prefills A. Nothing is cached anywhere, so only the queue rule applies.
+    spec = SimSpec(Mode.STATIC_PD, 2, local_prefill_queue_tokens=20)
+    cluster = SimCluster(spec, make_profile())
+    a, b = cluster.run([request(0, 0.0, 40, 1), request(1, 0.05, 40, 1)])
+    assert (a.first_token_s, b.first_token_s) == pytest.approx((0.4, 0.45))
     assert cluster.workers["prefill-000"].stats.num_steps == 1
     assert_no_leaks(cluster)
 

@@ -108,6 +108,14 @@ def test_the_modes_cluster_and_up_args_are_replayed():
     assert up_spec(Mode.BANASERVE, report["config"]).kv_transport == "grpc"
     report["config"]["extra_up_args"] = ""
     assert sim_spec(Mode.BANASERVE, report["config"]).store_write_policy is WritePolicy.REUSED
+    spec = sim_spec(Mode.STATIC_PD, report["config"])
+    assert (spec.local_prefill_max_tokens, spec.reuse_cached_prefix) == (0, True)
+    # The router's conditional disaggregation and the decode workers' reuse are replayed too.
+    report["config"]["extra_up_args"] = (
+        "--router-args '--local-prefill-max-tokens 64' --decode-args=--no-reuse-cached-prefix"
+    )
+    spec = sim_spec(Mode.STATIC_PD, report["config"])
+    assert (spec.local_prefill_max_tokens, spec.reuse_cached_prefix) == (64, False)
 
 
 def test_up_args_that_do_not_parse_are_refused():
