@@ -67,9 +67,7 @@ def queue_cluster(banaserve_home, tmp_path_factory):
         }
 
 
-def test_while_the_prefill_worker_has_a_queue_the_decode_worker_prefills(
-    queue_cluster, tiny_llama
-):
+def test_while_the_prefill_worker_has_a_queue_the_decode_worker_prefills(queue_cluster, tiny_llama):
     """``--local-prefill-queue-tokens 1``: a prompt routed while the prefill worker has any
     queued (by the router's estimate) is prefilled by the decode worker, whatever its cache
     holds: of concurrent cold prompts, the first goes to the prefill worker, later ones to D."""
@@ -88,5 +86,5 @@ def test_while_the_prefill_worker_has_a_queue_the_decode_worker_prefills(
     assert [list(r.token_ids) for r in results] == [c.token_ids for c in expected]
     on_decode = [r.prefill_worker_id == r.decode_worker_id for r in results]
     assert any(on_decode) and not all(on_decode), on_decode
-    assert all(r.server_timings.kv_bytes == 0 for r, d in zip(results, on_decode) if d)
+    assert all(r.server_timings.kv_bytes == 0 for r, d in zip(results, on_decode, strict=True) if d)
     assert_workers_idle(queue_cluster)

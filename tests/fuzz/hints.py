@@ -88,6 +88,7 @@ def _target(c: FuzzCluster) -> Hints:
         t + "reservation_id": c.opened.reservation_ids,
         t + "data_address": st.sampled_from([c.decode_data, c.kvstore_data, "127.0.0.1:1"]),
         t + "data_transport": st.sampled_from([kvstore_pb2.DATA_TRANSPORT_TCP]),
+        t + "first_block": st.integers(0, 40),  # the prompts' own blocks and past them
     }
 
 

@@ -19,13 +19,20 @@ from tests.fuzz.strategies import edited, edits
 pytestmark = MARKS
 
 # Besides OK and INVALID_ARGUMENT (prefill.proto): a bad request, a prompt that never fits, a
-# target that cannot be reached, and the target's own answer to the KV (decode.proto:
+# target that cannot be reached, a target the router never registered (PERMISSION_DENIED,
+# docs/security.md "KV targets"), and the target's own answer to the KV (decode.proto:
 # NOT_FOUND for a reservation that is not there).
 PREFILL = methods(
     prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"],
     "prefill",
     {
-        "Prefill": {"OUT_OF_RANGE", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "NOT_FOUND"},
+        "Prefill": {
+            "OUT_OF_RANGE",
+            "RESOURCE_EXHAUSTED",
+            "UNAVAILABLE",
+            "NOT_FOUND",
+            "PERMISSION_DENIED",
+        },
         "Stats": set(),
     },
     deadline_ok=("Prefill",),

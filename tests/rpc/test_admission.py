@@ -288,7 +288,7 @@ class GatedWorker:
         self.gate = asyncio.Event()
         self.ends: dict[str, asyncio.Event] = {}
 
-    async def reserve(self, request_id, prompt, params, lease_s, timeout_s, locally):
+    async def reserve(self, request_id, prompt, params, lease_s, timeout_s, locally, local_max=0):
         if request_id.startswith("slow"):
             await self.gate.wait()
         if request_id.startswith("fail"):
