@@ -34,7 +34,10 @@ class WorkerCallError(BanaServeError):
 
     @property
     def lost(self) -> bool:
-        return self.code is ErrorCode.UNAVAILABLE
+        """The worker is gone or going: UNAVAILABLE, or CANCELLED, which a worker's server sends
+        only while it shuts down (the router's own cancellation is ``asyncio.CancelledError``,
+        never this), as the gRPC data plane also reads it (services/rpc/dataplane/grpc_plane.py)."""
+        return self.code in (ErrorCode.UNAVAILABLE, ErrorCode.CANCELLED)
 
 
 class WorkerLostError(BanaServeError):

@@ -70,6 +70,7 @@ class FakeWorker(prefill_pb2_grpc.PrefillServiceServicer, decode_pb2_grpc.Decode
         self.finish_on_prefill, self.hang_decode = finish_on_prefill, hang_decode
         self.full_reserves = full_reserves  # refuse this many ReserveKV calls, as a full pool
         self.local: set[str] = set()  # requests reserved with prefill_locally
+        self.shutting_down = False  # every call answers CANCELLED, as a server that stops
 
     async def ReserveKV(self, request, context):
         call = ("reserve", self.worker_id, request.request_id)
@@ -92,6 +93,8 @@ class FakeWorker(prefill_pb2_grpc.PrefillServiceServicer, decode_pb2_grpc.Decode
         self.log.record(
             context, "prefill", self.worker_id, request.request_id, t.worker_id, t.reservation_id
         )
+        if self.shutting_down:
+            await context.abort(grpc.StatusCode.CANCELLED, "the server is shutting down")
         self.log.data_planes[request.request_id] = (t.data_address, t.data_transport)
         first = common_pb2.TokenDelta(token_ids=[self.tokens[0]], text=f"<{self.tokens[0]}>")
         yield prefill_pb2.PrefillResponse(first_token=first)

@@ -191,6 +191,30 @@ def test_lost_prefill_worker_is_removed_and_the_request_retried_on_another():
     asyncio.run(main())
 
 
+def test_a_prefill_worker_that_answers_cancelled_as_it_stops_is_lost_and_the_request_retried():
+    """A worker's server cancels its calls while it shuts down: found once in the full suite, a
+    decode worker whose loop died answered CANCELLED. That is the worker going away, as
+    UNAVAILABLE is, not the client's cancel: the request is retried on another pair."""
+
+    async def main():
+        async with cluster(prefill=2) as c:
+            c.workers["p0"].shutting_down = True
+            c.router.report("p1", load(queued=4096), 2.0)  # p0 first: the least loaded
+            frames = await collect(c.stub.Generate(request(), timeout=5))
+            assert frames[0].started.prefill_worker_id == "p1"
+            assert frames[-1].finished.finish_reason == common_pb2.FINISH_REASON_LENGTH
+            assert [call[:2] for call in c.log.calls][:3] == [
+                ("reserve", "d0"),
+                ("prefill", "p0"),
+                ("release", "d0"),
+            ]
+            assert {w.worker_id: w.status for w in c.router.workers()}["p0"] is (
+                WorkerStatus.REMOVED
+            )
+
+    asyncio.run(main())
+
+
 def test_lost_decode_worker_is_removed_and_the_request_retried_on_another():
     async def main():
         async with cluster(decode=2, dead=("d0",)) as c:
