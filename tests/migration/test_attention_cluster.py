@@ -270,10 +270,12 @@ def test_a_refilled_migration_locates_the_next_sequences_as_others_end(cluster, 
     helper attends for all of them, and every output equals the in-process engine's."""
     short = [prompt_ids(60 + 11 * i, 500 + i) for i in range(3)]
     long = [prompt_ids(50 + 13 * i, 600 + i) for i in range(3)]
-    expected = expected_tokens(tiny_llama, short, 40) + expected_tokens(tiny_llama, long, 200)
+    # 120 tokens: the three are prefilled one after another, and must all be decoding at once
+    # (40 left no overlap once in CI, the first ending before the third began).
+    expected = expected_tokens(tiny_llama, short, 120) + expected_tokens(tiny_llama, long, 200)
     with ExitStack() as stack:
         c = clients(cluster, stack)
-        futures = c.send(short, 40)
+        futures = c.send(short, 120)
         wait_for(lambda: c.stats().num_running_seqs == 3, "the short requests to decode")
         spec = pb.AttentionMigrationSpec(
             donor=c.donor, helper=c.helper, max_sequences=2, refill=True
