@@ -72,12 +72,18 @@ class BlockManager:
         At least one token is always left to compute, since the step that
         computes it produces the logits for the next token.
         """
+        return self.cached_blocks(seq.token_ids)
+
+    def cached_blocks(self, token_ids: list[int]) -> list[int]:
+        """``find_cached_prefix`` of bare token ids (a prompt not admitted: how much of it a
+        prefill would not compute, were nothing evicted first)."""
         if not self.enable_prefix_caching or self.cache_paused:
             return []
         hits: list[int] = []
         parent = ROOT_HASH
-        for i in range((seq.num_tokens - 1) // self.block_size):
-            tokens = seq.block_tokens(i)
+        bs = self.block_size
+        for i in range((len(token_ids) - 1) // bs):
+            tokens = token_ids[i * bs : (i + 1) * bs]
             parent = hash_block(parent, tokens, self.fingerprint)
             block_id = self._cached.get(parent)
             if block_id is None or self.blocks[block_id].token_ids != tuple(tokens):

@@ -214,8 +214,7 @@ class Engine:
     def num_cached_prompt_tokens(self, token_ids: list[int]) -> int:
         """How many of a prompt's tokens the prefix cache holds now (what a prefill of it would
         not compute, were nothing evicted first). Engine thread."""
-        probe = Sequence("", list(token_ids), SamplingParams(), self.config.block_size)
-        return len(self.block_manager.find_cached_prefix(probe)) * self.config.block_size
+        return len(self.block_manager.cached_blocks(token_ids)) * self.config.block_size
 
     def abort(self, request_id: str) -> RequestOutput:
         if request_id in self.pipeline.request_ids:

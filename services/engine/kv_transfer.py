@@ -232,7 +232,7 @@ class KVTransfer:
 
     def _reusable_prefix(self, seq: Sequence, num_kv_tokens: int) -> list[int]:
         """The cached blocks holding the longest prefix of the imported tokens, leaving the
-        block of the last one to come (a transfer carries at least one block). None while some
+        block of the last one to come (a transfer carries at least one block). Nothing while some
         layers run on a helper: the cache is paused then (block_manager.py), and an import's
         layers there must arrive whole (kv_routes.py)."""
         hits = self.block_manager.find_cached_prefix(seq)

@@ -184,8 +184,8 @@ class SimWorker:
 
     def num_uncached_tokens(self, prompt: list[int]) -> int:
         """A prompt's tokens outside this worker's prefix cache (``Engine.num_cached_prompt_tokens``)."""
-        probe = Sequence("", list(prompt), _params(1), self.profile.block_size)
-        return len(prompt) - len(self.block_manager.find_cached_prefix(probe)) * probe.block_size
+        bm = self.block_manager
+        return len(prompt) - len(bm.cached_blocks(prompt)) * bm.block_size
 
     def handoff_tokens(self, request_id: str) -> int:
         """The prompt tokens whose KV a reservation still waits for (0: none reserved)."""

@@ -75,22 +75,31 @@ def test_a_prefix_the_decode_worker_holds_is_not_sent_again(cluster, tiny_llama)
     block = 16  # tiny-llama's default block size
     prefix = prompt_ids(6 * block + 3, 901)
     prompts = [prefix + prompt_ids(n, 902 + n) for n in (20, 5, 40, 13, 29)]
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    expected = make_engine(tiny_llama).generate(prompts, params)
-
-    def run(client, prompt):
-        return client.complete(prompt, temperature=0.0, max_tokens=6, ignore_eos=True, timeout_s=60)
-
-    with BanaServeClient(cluster["router"].address) as client, ThreadPoolExecutor(4) as pool:
-        results = [run(client, prompts[0])]
-        results += list(pool.map(lambda p: run(client, p), prompts[1:]))
-    assert [list(r.token_ids) for r in results] == [c.token_ids for c in expected]
+    results = greedy_as_the_engine(cluster["router"].address, tiny_llama, prompts, 6, alone=1)
     blocks = [-(-len(p) // block) for p in prompts]
     per_block = results[0].server_timings.kv_bytes // blocks[0]
     assert per_block > 0
     sent = [r.server_timings.kv_bytes for r in results[1:]]
     assert sent == [per_block * (n - 6) for n in blocks[1:]], (sent, per_block, blocks)
     assert_workers_idle(cluster)
+
+
+def greedy_as_the_engine(router: str, model, prompts: list, max_tokens: int, alone: int = 0):
+    """The first ``alone`` prompts one after another, then the rest at once, greedy: their
+    results, each token-identical to the in-process engine's (asserted)."""
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    expected = make_engine(model).generate(prompts, params)
+
+    def run(client, prompt):
+        return client.complete(
+            prompt, temperature=0.0, max_tokens=max_tokens, ignore_eos=True, timeout_s=60
+        )
+
+    with BanaServeClient(router) as client, ThreadPoolExecutor(len(prompts)) as pool:
+        results = [run(client, p) for p in prompts[:alone]]
+        results += list(pool.map(lambda p: run(client, p), prompts[alone:]))
+    assert [list(r.token_ids) for r in results] == [c.token_ids for c in expected]
+    return results
 
 
 def assert_same_as_engine(router: str, model, num_requests: int) -> None:

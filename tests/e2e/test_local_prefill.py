@@ -6,25 +6,20 @@ and every block is free afterwards."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 
-from services.client.client import BanaServeClient
-from services.common.types import SamplingParams
 from services.launcher import ClusterSpec
 from tests.clusters import running_cluster
-from tests.e2e.test_cluster import assert_workers_idle, prompt_ids
-from tests.engine.helpers import make_engine
+from tests.e2e.test_cluster import assert_workers_idle, greedy_as_the_engine, prompt_ids
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def cluster(banaserve_home, tiny_llama, tmp_path_factory):
+def pd_cluster(banaserve_home, tmp_path_factory, *router_args: str):
+    """Router (with ``router_args``) + 1 prefill + 1 decode worker, TCP handoff, no store."""
     env = {"BANASERVE_HOME": str(banaserve_home)}
     spec = ClusterSpec(num_kv_blocks=512, num_kvstore=0, kv_transport="tcp", extra_env=env,
-                       service_args={"router": ("--local-prefill-max-tokens", "32")})  # fmt: skip
+                       service_args={"router": router_args})  # fmt: skip
     with running_cluster(spec, tmp_path_factory.mktemp("logs") / "cluster.log") as cluster:
         yield {
             "router": cluster.router,
@@ -33,19 +28,16 @@ def cluster(banaserve_home, tiny_llama, tmp_path_factory):
         }
 
 
+@pytest.fixture(scope="module")
+def cluster(banaserve_home, tmp_path_factory):
+    yield from pd_cluster(banaserve_home, tmp_path_factory, "--local-prefill-max-tokens", "32")
+
+
 def test_short_suffixes_on_a_held_prefix_are_prefilled_by_the_decode_worker(cluster, tiny_llama):
     prefix = prompt_ids(5 * 16, 1201)
     prompts = [prefix + prompt_ids(n, 1202 + n) for n in (7, 20, 31, 60, 3)]
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    expected = make_engine(tiny_llama).generate(prompts, params)
-
-    def run(client, prompt):
-        return client.complete(prompt, temperature=0.0, max_tokens=6, ignore_eos=True, timeout_s=60)
-
-    with BanaServeClient(cluster["router"].address) as client, ThreadPoolExecutor(4) as pool:
-        results = [run(client, prompts[0])]  # nothing held yet: through the prefill worker
-        results += list(pool.map(lambda p: run(client, p), prompts[1:]))
-    assert [list(r.token_ids) for r in results] == [c.token_ids for c in expected]
+    # the first alone: nothing is held yet, it goes through the prefill worker
+    results = greedy_as_the_engine(cluster["router"].address, tiny_llama, prompts, 6, alone=1)
     decode_id = results[0].decode_worker_id
     where = [(r.prefill_worker_id == decode_id, r.server_timings.kv_bytes > 0) for r in results]
     # 87 tokens first (no prefix held); then 20, 31, 3 tokens after the prefix: on D, no KV;
@@ -56,15 +48,7 @@ def test_short_suffixes_on_a_held_prefix_are_prefilled_by_the_decode_worker(clus
 
 @pytest.fixture(scope="module")
 def queue_cluster(banaserve_home, tmp_path_factory):
-    env = {"BANASERVE_HOME": str(banaserve_home)}
-    spec = ClusterSpec(num_kv_blocks=512, num_kvstore=0, kv_transport="tcp", extra_env=env,
-                       service_args={"router": ("--local-prefill-queue-tokens", "1")})  # fmt: skip
-    with running_cluster(spec, tmp_path_factory.mktemp("logs") / "cluster.log") as cluster:
-        yield {
-            "router": cluster.router,
-            "prefill": cluster.child("prefill-0"),
-            "decode": cluster.child("decode-0"),
-        }
+    yield from pd_cluster(banaserve_home, tmp_path_factory, "--local-prefill-queue-tokens", "1")
 
 
 def test_while_the_prefill_worker_has_a_queue_the_decode_worker_prefills(queue_cluster, tiny_llama):
@@ -72,18 +56,7 @@ def test_while_the_prefill_worker_has_a_queue_the_decode_worker_prefills(queue_c
     queued (by the router's estimate) is prefilled by the decode worker, whatever its cache
     holds: of concurrent cold prompts, the first goes to the prefill worker, later ones to D."""
     prompts = [prompt_ids(60 + 7 * i, 1300 + i) for i in range(6)]
-    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-    expected = make_engine(tiny_llama).generate(prompts, params)
-    with BanaServeClient(queue_cluster["router"].address) as client, ThreadPoolExecutor(6) as pool:
-        results = list(
-            pool.map(
-                lambda p: client.complete(
-                    p, temperature=0.0, max_tokens=4, ignore_eos=True, timeout_s=60
-                ),
-                prompts,
-            )
-        )
-    assert [list(r.token_ids) for r in results] == [c.token_ids for c in expected]
+    results = greedy_as_the_engine(queue_cluster["router"].address, tiny_llama, prompts, 4)
     on_decode = [r.prefill_worker_id == r.decode_worker_id for r in results]
     assert any(on_decode) and not all(on_decode), on_decode
     assert all(r.server_timings.kv_bytes == 0 for r, d in zip(results, on_decode, strict=True) if d)
