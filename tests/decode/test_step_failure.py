@@ -5,6 +5,7 @@ engine loop died anyway turns NOT_SERVING, leaves the router and exits."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import grpc
 import pytest
@@ -23,6 +24,7 @@ from tests.decode.helpers import (
     reserve_request,
 )
 from tests.decode.test_servicer import collect, rpc_error
+from services.engine.engine import Engine
 from tests.engine.helpers import make_engine
 from tests.worker_faults import (
     POISON_SEED,
@@ -100,15 +102,57 @@ def broken_dispatch(self, outputs) -> None:
     raise RuntimeError("a bug outside any step")
 
 
+class DiesWhileStreaming:
+    """The loop dies at a request's second outputs, once its stream has read the first.
+
+    With ``broken_dispatch`` the death raced the client: it could come before ``ReserveKV``
+    answered or before ``StreamTokens`` reached a server already stopping (CANCELLED), each a
+    flake in CI. Here the engine thread waits, once a step has had outputs, until the test has
+    read them from the stream (``streamed``); the next outputs' dispatch raises."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.armed = threading.Event()
+        self._had_outputs = False
+        dispatch, step, settle = DecodeWorker._dispatch, Engine.step, Engine.settle
+
+        def gated(original):
+            def run(engine, *args, **kwargs):
+                if self._had_outputs and not self.armed.wait(30):
+                    raise AssertionError("the test never read the first outputs")
+                outputs = original(engine, *args, **kwargs)
+                self._had_outputs = self._had_outputs or bool(outputs)
+                return outputs
+
+            return run
+
+        def dispatch_until_armed(worker, outputs) -> None:
+            if self.armed.is_set():
+                raise RuntimeError("a bug outside any step")
+            dispatch(worker, outputs)
+
+        monkeypatch.setattr(Engine, "step", gated(step))
+        monkeypatch.setattr(Engine, "settle", gated(settle))
+        monkeypatch.setattr(DecodeWorker, "_dispatch", dispatch_until_armed)
+
+    async def streamed(self, call) -> list[int]:
+        """The first frame's tokens, then arms the death; the call stays open."""
+        frame = await call.read()
+        assert frame is not grpc.aio.EOF and frame.WhichOneof("frame") == "delta", frame
+        self.armed.set()
+        return list(frame.delta.token_ids)
+
+
 def test_a_dead_engine_loop_frees_every_request_and_refuses_new_ones(tiny_llama, monkeypatch):
-    monkeypatch.setattr(DecodeWorker, "_dispatch", broken_dispatch)
+    dies = DiesWhileStreaming(monkeypatch)
 
     async def main():
         async with decode_server(tiny_llama, MIXED) as (worker, stub):
             reply = await stub.ReserveKV(reserve_request("reserved", prompt_ids(30, 5)))
             await stub.ReserveKV(local_request("running", prompt_ids(20, 6)))
-            died = await asyncio.wait_for(asyncio.shield(worker.died), 2)
-            running = await rpc_error(collect(stream(stub, "running")))
+            call = stream(stub, "running")
+            assert len(await dies.streamed(call)) == 1
+            died = await asyncio.wait_for(asyncio.shield(worker.died), 10)
+            running = await rpc_error(collect(call))
             refused = await rpc_error(stub.ReserveKV(local_request("later", [5, 6, 7])))
             await assert_clean(stub)
             return reply.reservation_id, running, died, refused
@@ -154,7 +198,7 @@ def test_a_worker_whose_loop_died_turns_not_serving_leaves_the_router_and_exits(
     tiny_llama, monkeypatch
 ):
     """The wiring of ``python -m services.decode --role mixed``, run in this process."""
-    monkeypatch.setattr(DecodeWorker, "_dispatch", broken_dispatch)
+    dies = DiesWhileStreaming(monkeypatch)
 
     async def probe(stub, seen: list[str]):
         (info,) = await registered(stub)
@@ -165,15 +209,16 @@ def test_a_worker_whose_loop_died_turns_not_serving_leaves_the_router_and_exits(
         worker = decode_pb2_grpc.DecodeServiceStub(channel)
 
         async def reserve_and_stream():
-            # The loop dies at r1's first outputs: before ReserveKV answers or after, so the
-            # error comes from either call; both say why (UNAVAILABLE), never NOT_FOUND.
+            # The loop dies while r1's stream is open: it ends saying why (UNAVAILABLE).
             await worker.ReserveKV(local_request("r1", prompt_ids(20, 7)), timeout=5)
-            return await collect(stream(worker, "r1"))
+            call = stream(worker, "r1")
+            await dies.streamed(call)
+            return await collect(call)
 
         got = await rpc_error(reserve_and_stream())
         await channel.close()
         await watcher  # until NOT_SERVING
-        return info.worker_id, got.code()
+        return info.worker_id, (got.code(), got.details())
 
     async def main():
         async with router() as stub:
@@ -190,7 +235,10 @@ def test_a_worker_whose_loop_died_turns_not_serving_leaves_the_router_and_exits(
 
     worker_id, code, message, seen, workers = asyncio.run(main())
     assert worker_id.startswith("mixed-")
-    assert code == grpc.StatusCode.UNAVAILABLE
+    assert code == (
+        grpc.StatusCode.UNAVAILABLE,
+        "this decode worker's engine loop stopped while 'r1' ran",
+    )
     assert message == "mixed worker: the engine loop died (RuntimeError('a bug outside any step'))"
     assert seen == ["SERVING", "NOT_SERVING"]
     assert workers == []  # deregistered: the router routes nothing more to it
