@@ -111,6 +111,7 @@ class SimCluster:
                     w.write_policy = spec.store_write_policy
         self.requests: dict[str, SimRequest] = {}
         self._unfinished: set[str] = set()  # of the current ``run``
+        self.num_local_prefills = 0  # PD requests a decode worker prefilled (conditional)
         self._deadline = spec.deadline_s
         self._started = False
         self.samples: list[dict] = []
@@ -215,6 +216,7 @@ class SimCluster:
             )  # the router's own rule (services/router/driver_types.py)
             if limit and decode.num_uncached_tokens(list(r.prompt)) <= limit:
                 worker = decode  # conditional disaggregation: D prefills it in its own batch
+                self.num_local_prefills += 1
             elif not decode.reserve(
                 r.request_id, list(r.prompt), r.max_tokens, self.spec.reuse_cached_prefix
             ):

@@ -28,6 +28,7 @@ class RunOutcome:
     num_events: int
     sim_s: float
     num_store_hit_tokens: int = 0  # prompt tokens fetched from banaserve's KV store
+    num_local_prefills: int = 0  # PD requests a decode worker prefilled (the router's rule)
 
 
 def coordinator_policy(coordinator_args: list[str]) -> tuple[PolicyConfig, float | None, bool]:
@@ -71,6 +72,7 @@ def simulate_sequence(
         started = time.perf_counter()
         events_before = cluster.loop.num_events
         hits_before = cluster.num_store_hit_tokens
+        local_before = cluster.num_local_prefills
         start = cluster.loop.now
         requests = cluster.run(from_plan(job.planned, start, f"{i}-{job.workload}-"), start)
         end = cluster.loop.now
@@ -88,7 +90,8 @@ def simulate_sequence(
                                    time.perf_counter() - started,
                                    cluster.loop.num_events - events_before,
                                    end - start,
-                                   cluster.num_store_hit_tokens - hits_before))  # fmt: skip
+                                   cluster.num_store_hit_tokens - hits_before,
+                                   cluster.num_local_prefills - local_before))  # fmt: skip
     return outcomes
 
 

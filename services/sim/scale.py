@@ -60,6 +60,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    default=WritePolicy.REUSED.value,
                    help="banaserve: which new blocks are written to the store (as the prefill "
                    "worker's --store-write-policy; default %(default)s)")  # fmt: skip
+    p.add_argument("--local-prefill-max-tokens", type=int, default=0, metavar="N",
+                   help="banaserve's router: a decode worker prefills a prompt itself when its "
+                   "prefix cache holds all but at most N tokens (router flag; 0: never)")  # fmt: skip
+    p.add_argument("--local-prefill-queue-tokens", type=int, default=0, metavar="Q",
+                   help="banaserve's router: ... and any prompt while the prefill worker has at "
+                   "least Q prompt tokens queued and the decode worker fewer (router flag)")  # fmt: skip
     p.add_argument("--traces-dir", type=Path, default=DEFAULT_TRACES_DIR)
     p.add_argument("--out", type=Path, default=DEFAULT_PROFILE_DIR)
 
@@ -91,11 +97,15 @@ def scale_point(n: int, name: str, profile: Profile, args: argparse.Namespace) -
                    store_write_policy=WritePolicy(args.store_write_policy))  # fmt: skip
     out: dict = {"workers": n, "workload": name, "num_requests": len(planned), "runs": {}}
     for mode in (Mode.COLOCATED, Mode.BANASERVE):
-        sampled = 1.0 if mode is Mode.BANASERVE else 0.0
-        res = simulate(replace(base, mode=mode, sample_interval_s=sampled), profile, planned,
-                       name, slo)  # fmt: skip
+        spec = replace(base, mode=mode)
+        if mode is Mode.BANASERVE:  # its router's conditional disaggregation, when asked for
+            spec = replace(spec, sample_interval_s=1.0,
+                           local_prefill_max_tokens=args.local_prefill_max_tokens,
+                           local_prefill_queue_tokens=args.local_prefill_queue_tokens)  # fmt: skip
+        res = simulate(spec, profile, planned, name, slo)
         out["runs"][mode.value] = res.row | {"wall_s": res.wall_s, "samples": res.samples,
-                                             "store_hit_tokens": res.num_store_hit_tokens}  # fmt: skip
+                                             "store_hit_tokens": res.num_store_hit_tokens,
+                                             "local_prefills": res.num_local_prefills}  # fmt: skip
     best = None
     splits = []
     for k in prefill_counts(n, [float(s) for s in args.splits.split(",")]):
@@ -127,13 +137,14 @@ def render(points: list[dict], profile: Profile, args: argparse.Namespace) -> st
         "# Simulated scale: banaserve vs colocated vs best static PD", "",
         f"Profile: {profile.model}, {profile.source}. Load {args.load} x the per-2-worker rate, "
         f"{args.duration:.0f} s of arrivals, seed {args.seed}"
-        f"{', prefill donors on' if args.prefill_donors else ''}. Ratios are banaserve / baseline "
+        f"{', prefill donors on' if args.prefill_donors else ''}{_local_prefill(args)}. "
+        "Ratios are banaserve / baseline "
         "(output throughput; goodput at the workload's SLO). Paper: 1.2-3.9x vs vLLM "
         "(colocated), 1.1-2.8x vs DistServe (static PD).", "",
         "| N | workload | requests | best static P:D | out tok/s coloc / static / bana "
         "| goodput coloc / static / bana | bana/coloc thr | bana/static thr | bana/coloc goodput "
-        "| bana/static goodput | migrations | store hit tokens |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| bana/static goodput | migrations | store hit tokens | prefilled by decode |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     f = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     for p in points:
@@ -147,9 +158,17 @@ def render(points: list[dict], profile: Profile, args: argparse.Namespace) -> st
             f"| {f(q['colocated']['output_throughput'])} | {f(q['static-pd']['output_throughput'])}"
             f" | {f(q['colocated']['goodput'])} | {f(q['static-pd']['goodput'])} "
             f"| {r['banaserve']['num_migrations']} "
-            f"| {r['banaserve'].get('store_hit_tokens', 0)} |"
+            f"| {r['banaserve'].get('store_hit_tokens', 0)} "
+            f"| {r['banaserve'].get('local_prefills', 0)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _local_prefill(args: argparse.Namespace) -> str:
+    n, q = args.local_prefill_max_tokens, args.local_prefill_queue_tokens
+    if not (n or q):
+        return ""
+    return f", banaserve's router --local-prefill-max-tokens {n} --local-prefill-queue-tokens {q}"
 
 
 def write_report(points: list[dict], profile: Profile, args: argparse.Namespace) -> str:

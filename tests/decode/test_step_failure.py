@@ -12,6 +12,7 @@ import pytest
 
 from services.decode.__main__ import parse_args, serve
 from services.decode.core import DecodeConfig, DecodeWorker
+from services.engine.engine import Engine
 from services.rpc.channels import open_channel
 from services.rpc.gen.banaserve.v1 import decode_pb2, decode_pb2_grpc
 from tests.decode.helpers import (
@@ -24,7 +25,6 @@ from tests.decode.helpers import (
     reserve_request,
 )
 from tests.decode.test_servicer import collect, rpc_error
-from services.engine.engine import Engine
 from tests.engine.helpers import make_engine
 from tests.worker_faults import (
     POISON_SEED,

@@ -25,10 +25,10 @@ def test_the_best_split_is_by_goodput_then_throughput():
     )
 
 
-def test_the_cli_writes_the_report_json_and_plots(tmp_path, capsys):
+def _argv(tmp_path) -> list[str]:
     prof = tmp_path / "profile.json"
     profile().save(prof)
-    argv = [
+    return [
         "sim",
         "run",
         "--profile",
@@ -46,12 +46,29 @@ def test_the_cli_writes_the_report_json_and_plots(tmp_path, capsys):
         "--out",
         str(tmp_path),
     ]
-    assert main(argv) == 0
+
+
+def test_the_cli_writes_the_report_json_and_plots(tmp_path, capsys):
+    assert main(_argv(tmp_path)) == 0
     (point,) = json.loads((tmp_path / "sim-scale.json").read_text())
     assert point["workers"] == 4 and point["workload"] == "mixed"
+    assert point["runs"]["banaserve"]["local_prefills"] == 0  # off unless asked for
     assert [s["num_prefill"] for s in point["splits"]] == [1, 2]
     assert point["runs"]["static-pd"]["num_prefill"] in (1, 2)
     assert set(point["runs"]) == {"colocated", "static-pd", "banaserve"}
     assert "| 4 | mixed |" in (tmp_path / "sim-scale.md").read_text()
     for name in ("output_throughput", "goodput", "utilisation"):
         assert (tmp_path / f"sim-scale-{name}.png").stat().st_size > 0
+
+
+def test_banaserve_runs_its_routers_conditional_disaggregation_when_asked(tmp_path, capsys):
+    """``--local-prefill-max-tokens 64``: mixed's 64-token prompts are prefilled by the decode
+    workers of banaserve (the router's own rule); the report says so."""
+    argv = _argv(tmp_path) + ["--local-prefill-max-tokens", "64"]
+    assert main(argv) == 0
+    (point,) = json.loads((tmp_path / "sim-scale.json").read_text())
+    local = point["runs"]["banaserve"]["local_prefills"]
+    assert 0 < local < point["num_requests"]
+    report = (tmp_path / "sim-scale.md").read_text()
+    assert "--local-prefill-max-tokens 64 --local-prefill-queue-tokens 0" in report
+    assert report.splitlines()[-1].endswith(f"| {local} |")
