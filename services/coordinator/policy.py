@@ -307,10 +307,12 @@ class Policy:
             # there is nothing on it to move now. The gap keeps its hold; the window catches up.
             rejected.append(Rejected(f"{hot} -> {cold}", f"{hot} has no work at its last report"))
             return None
-        if not views[hot].has_backlog(u_hot, cfg.min_running_seqs):
+        if not views[hot].has_backlog(u_hot, cfg.min_running_seqs, cfg.min_queued_prefill_tokens):
             r = views[hot].samples[-1].report
-            why = (f"{hot} has no backlog: {r.num_running_seqs} running "
-                   f"(< {cfg.min_running_seqs}), none waiting or queued")  # fmt: skip
+            why = (f"{hot} has no backlog in its last two reports (the last: "
+                   f"{r.num_running_seqs} running (< {cfg.min_running_seqs}), "
+                   f"{r.num_waiting_seqs} waiting, {r.num_queued_prefill_tokens} prompt tokens "
+                   f"queued (< {cfg.min_queued_prefill_tokens}))")  # fmt: skip
             rejected.append(Rejected(f"{hot} -> {cold}", why))
             return None
         alternatives: list[Rejected] = []

@@ -42,6 +42,7 @@ class PolicyConfig:
     prefill_micro_batches: int = 8
     drop_weights: bool = False
     min_running_seqs: int = 16
+    min_queued_prefill_tokens: int = 256
 
     def __post_init__(self) -> None:
         positive = (
@@ -64,6 +65,10 @@ class PolicyConfig:
             )
         if not 0 <= self.head_share < 1:
             raise ConfigError(f"head_share must be in [0, 1), got {self.head_share}")
+        if self.min_queued_prefill_tokens < 0:
+            raise ConfigError(
+                f"min_queued_prefill_tokens must be >= 0, got {self.min_queued_prefill_tokens}"
+            )
         if self.min_running_seqs < 0:
             raise ConfigError(f"min_running_seqs must be >= 0, got {self.min_running_seqs}")
         if self.min_reports < 1 or self.prefill_capacity_tokens < 1:
@@ -112,20 +117,29 @@ class WorkerView:
         r = self.samples[-1].report
         return not (r.num_running_seqs or r.num_waiting_seqs or r.num_queued_prefill_tokens)
 
-    def has_backlog(self, u: Utilisation, min_running: int) -> bool:
-        """Whether moving work off it can help now: sequences wait, prompt tokens are queued,
-        its KV is the bound (memory-bound, or 90 % of its pool used at its last report), or it
-        runs at least ``min_running`` sequences. A worker stepping a few sequences reads busy ~1
-        at any batch, yet splitting its layers cannot pay there (docs/coordinator.md,
-        ``min_running_seqs``)."""
-        r = self.samples[-1].report
-        return bool(
-            r.num_waiting_seqs
-            or r.num_queued_prefill_tokens
-            or u.memory_bound
-            or r.num_blocks_used >= 0.9 * r.num_blocks
-            or r.num_running_seqs >= min_running
+    def has_backlog(self, u: Utilisation, min_running: int, min_queued: int = 1) -> bool:
+        """Whether moving work off it can help now: its KV is the bound (memory-bound over the
+        window), or each of its last two reports shows one of: sequences waiting, at least
+        ``min_queued`` prompt tokens queued, 90 % of its pool used, at least ``min_running``
+        sequences running. A worker stepping a few sequences reads busy ~1 at any batch, yet
+        splitting its layers cannot pay there, nor for a short prompt it prefills in its next
+        step; and a prompt that waits for one step shows in one report only
+        (docs/coordinator.md, ``min_running_seqs``, ``min_queued_prefill_tokens``)."""
+        if u.memory_bound:
+            return True
+        recent = self.samples[-2:]
+        return bool(recent) and all(
+            _backlogged(s.report, min_running, max(1, min_queued)) for s in recent
         )
+
+
+def _backlogged(r: LoadReport, min_running: int, min_queued: int) -> bool:
+    return bool(
+        r.num_waiting_seqs
+        or r.num_queued_prefill_tokens >= min_queued
+        or r.num_blocks_used >= 0.9 * r.num_blocks
+        or r.num_running_seqs >= min_running
+    )
 
 
 @dataclass(frozen=True)
