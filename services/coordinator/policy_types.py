@@ -117,7 +117,7 @@ class WorkerView:
         r = self.samples[-1].report
         return not (r.num_running_seqs or r.num_waiting_seqs or r.num_queued_prefill_tokens)
 
-    def has_backlog(self, u: Utilisation, min_running: int, min_queued: int = 1) -> bool:
+    def has_backlog(self, u: Utilisation, min_running: int, min_queued: int) -> bool:
         """Whether moving work off it can help now: its KV is the bound (memory-bound over the
         window), or each of its last two reports shows one of: sequences waiting, at least
         ``min_queued`` prompt tokens queued, 90 % of its pool used, at least ``min_running``
@@ -127,10 +127,8 @@ class WorkerView:
         (docs/coordinator.md, ``min_running_seqs``, ``min_queued_prefill_tokens``)."""
         if u.memory_bound:
             return True
-        recent = self.samples[-2:]
-        return bool(recent) and all(
-            _backlogged(s.report, min_running, max(1, min_queued)) for s in recent
-        )
+        min_queued = max(1, min_queued)  # 0 or 1: any queued token
+        return all(_backlogged(s.report, min_running, min_queued) for s in self.samples[-2:])
 
 
 def _backlogged(r: LoadReport, min_running: int, min_queued: int) -> bool:
