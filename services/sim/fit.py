@@ -66,5 +66,13 @@ def fit_step_overhead(points: Sequence[tuple[int, float, float]]) -> tuple[float
     return per_step, scale
 
 
+def fit_step_scales(points: Sequence[tuple[float, float, float]]) -> tuple[float, float]:
+    """``points``: (decode model seconds, prompt model seconds, real seconds) of real steps ->
+    (decode scale, prefill scale) of ``real = decode_scale * decode + prefill_scale * prompt``."""
+    x = np.array([[p[0], p[1]] for p in points], dtype=float)
+    decode, prefill = _nonnegative_lstsq(x, np.array([p[2] for p in points], dtype=float))
+    return decode, prefill
+
+
 def relative_errors(predicted: Sequence[float], measured: Sequence[float]) -> list[float]:
     return [abs(p - m) / m if m else 0.0 for p, m in zip(predicted, measured, strict=True)]

@@ -6,8 +6,8 @@ a measurement itself; nothing here is a guess the simulator makes up. Step times
 - prefill: ``a + b·tokens + c·Σ tokens_i·context_i`` (the last term is attention: for one fresh
   prompt of ``n`` tokens it is ``n²``; a chunk after a cached prefix attends to the prefix too);
 - decode: ``a + b·batch + c·total context``;
-- a mixed step (chunks and decodes in one batch, colocated workers) pays one fixed cost: the
-  prefill model's plus the decode model's per-sequence and context terms.
+- a mixed step (chunks and decodes in one batch, colocated workers) pays the decode model's
+  time and the prefill model's less its fixed cost (one fixed cost, the decode step's).
 
 Serving (``ServingModel``): a serving worker's cost over those step times (multipliers, a
 per-prefill-step cost; a colocated worker's optionally apart from a PD worker's) and the

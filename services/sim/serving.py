@@ -27,7 +27,12 @@ plus 65–90 ms a prefill step and 1.3–1.4× a decode step, a colocated one cl
 held out, 25 → 27, 18 → 23 and 28 → 29 of 42 colocated cells within target) and did not once
 they were TCP (the two kinds' costs within a few percent; 30 → 22 of 42 on the one held-out
 pair): docs/simulator.md, session 13. Off by default; a run without colocated rows, or whose
-colocated rows have nothing to fit on, leaves ``mixed`` unset either way.
+colocated rows have nothing to fit on, leaves ``mixed`` unset either way. A colocated worker's
+two scales are fitted on its own steps where the run's token times pin down enough of them
+(``steps.py``: at least ``MIN_STEP_POINTS`` decode-only steps and as many with prompts), by
+least squares of ``real = decode_scale · decode model + prefill_scale · (prefill model − its
+fixed cost)`` — a mixed step's time as the simulator computes it — and held fixed; else as
+below, from its lone prefills and the TPOT ratio.
 
 The prefill side, where the run recorded enough of them, is fitted on the real worker's own
 steps instead: each request's server-side ``prefill_s`` (the prefill worker's time from the
@@ -56,8 +61,9 @@ from pathlib import Path
 from bench.workloads_trace import DEFAULT_TRACES_DIR
 from services.common.errors import ConfigError
 from services.sim.calibrate import find_profile
-from services.sim.fit import fit_step_overhead
+from services.sim.fit import fit_step_overhead, fit_step_scales
 from services.sim.profile import Profile, ServingModel, StepCosts
+from services.sim.steps import worker_steps
 from services.sim.validate import compare_rows, render
 
 # The mode whose rows fit a PD worker's costs (the flat ``ServingModel`` fields), and the one
@@ -177,6 +183,34 @@ def fit_prefill_steps(points: list[tuple[int, float, float]]) -> tuple[float, fl
     return step_s, scale
 
 
+def mixed_step_points(report: dict, profile: Profile) -> list[tuple[float, float, float]]:
+    """(decode model s, prompt model s, real s) of every step of the run's colocated workers
+    that their token times pin down (``steps.py``): the decode model at the step's batch and
+    context, and for its prompts the prefill model less its fixed cost (a mixed step pays the
+    decode step's; ``SimWorker.step_time``)."""
+    p, d = profile.prefill, profile.decode
+    points = []
+    for run in report.get("runs", []):
+        if run.get("mode") != MIXED_MODE:
+            continue
+        for s in worker_steps(run):
+            prompt = p.time(s.prompt_tokens, s.attention_work) - p.a if s.prompt_tokens else 0.0
+            points.append((d.time(s.num_decodes, s.context), prompt, s.seconds))
+    return points
+
+
+def fit_mixed_steps(points: list[tuple[float, float, float]]) -> tuple[float, float] | None:
+    """(decode_scale, prefill_scale) fitted on real steps; None with fewer than
+    ``MIN_STEP_POINTS`` steps of each kind (decode-only and with prompts) to tell them apart."""
+    with_prompts = sum(1 for _, prompt, _ in points if prompt > 0)
+    if with_prompts < MIN_STEP_POINTS or len(points) - with_prompts < MIN_STEP_POINTS:
+        return None
+    decode, prefill = fit_step_scales(points)
+    if decode <= 0 or prefill <= 0:
+        return None
+    return decode, prefill
+
+
 def _fittable(report: dict, mode: str) -> bool:
     """Whether some real ``mode`` row has the TTFT and TPOT p50 that its fit compares."""
     return any(r["mode"] == mode and r.get("ttft_p50_ms") and r.get("tpot_p50_ms")
@@ -215,12 +249,19 @@ def fit(
     modes = {r["mode"] for r in report.get("table", [])}
     if PD_MODE not in modes:
         raise ConfigError("the compare run has no static-pd rows to fit the serving overhead on")
-    costs, lone = {}, {}
+    costs, lone, stepped = {}, {}, {}
     for mode in (PD_MODE, MIXED_MODE):
         if mode not in modes or (
             mode == MIXED_MODE and not (colocated_apart and _fittable(report, mode))
         ):
             continue
+        if mode == MIXED_MODE:
+            points = mixed_step_points(report, profile)
+            scales = fit_mixed_steps(points)
+            if scales is not None:
+                costs[mode] = StepCosts(prefill_scale=scales[1], decode_scale=scales[0])
+                stepped[mode] = len(points)
+                continue
         points = lone_prefill_steps(report, profile, mode)
         steps_fit = fit_prefill_steps(points)
         costs[mode] = StepCosts(*(() if steps_fit is None else (steps_fit[1], 1.0, steps_fit[0])))
@@ -228,7 +269,8 @@ def fit(
     route_s = median_routing_s(report)
     for done in range(1, iterations + 1):  # noqa: B007 - the count is returned
         rows = compare_rows(report, replace(profile, serving=_serving(costs, route_s)), traces_dir)
-        moved = {m: _refit(c, rows, m, lone[m] is not None) for m, c in costs.items()}
+        moved = {m: c if m in stepped else _refit(c, rows, m, lone[m] is not None)
+                 for m, c in costs.items()}  # fmt: skip
         if all(moved[m] is costs[m] for m in costs):
             break  # these rows are the fitted profile's
         costs = moved
@@ -236,10 +278,11 @@ def fit(
         rows = compare_rows(report, replace(profile, serving=_serving(costs, route_s)), traces_dir)
     config, machine = report.get("config", {}), report.get("machine", {})
     fitted = " and ".join(
-        f"{m} rows (prefill from "
+        f"{m} rows (both scales from {stepped[m]} of their workers' steps)" if m in stepped
+        else f"{m} rows (prefill from "
         + (f"{lone[m]} lone steps)" if lone[m] is not None else "the TTFT ratio)")
         for m in costs
-    )
+    )  # fmt: skip
     source = (
         f"fitted on the {fitted} of a bench compare of {machine.get('date', '?')} "
         f"(rate x{config.get('rate_scale', 1.0)}, {config.get('duration_s', '?')} s) at "

@@ -125,6 +125,11 @@ class SimWorker:
         self.num_store_hit_tokens = 0
         self.write_policy = WritePolicy.REUSED  # which blocks are written back (write_backs.py)
         self._reused_blocks: dict[str, int] = {}  # by request: held or asked for at its lookup
+        # A decode or mixed worker reports its engine loop's snapshot, published after each
+        # step and each batch of commands (services/engine/loop.py): while a step runs, the
+        # state from before it (a prompt it computes still queued, one sent since not yet
+        # there). None: read it live.
+        self._published: tuple[int, int, int, int] | None = None
 
     # -- requests in ---------------------------------------------------------------------
 
@@ -132,6 +137,7 @@ class SimWorker:
         seq = Sequence(request_id, list(prompt), _params(max_tokens), self.profile.block_size)
         if self.store is None or not self._add_with_stored_prefix(seq):
             self.scheduler.add(seq)
+        self._publish()
         self.kick()
         return seq
 
@@ -180,6 +186,7 @@ class SimWorker:
         bm.admit(seq, hits)
         bm.append(seq, seq.num_tokens - seq.num_computed_tokens)
         self.imported[request_id] = seq
+        self._publish()
         return True
 
     def num_uncached_tokens(self, prompt: list[int]) -> int:
@@ -204,8 +211,10 @@ class SimWorker:
         if self._done(seq):
             self.scheduler.finish(seq)
             self.on_finished(seq)
+            self._publish()
         else:
             self.scheduler.join_running(seq)
+            self._publish()
             self.kick()
         return seq
 
@@ -217,12 +226,13 @@ class SimWorker:
         seq = self.imported.pop(request_id, None)
         if seq is not None:
             self.block_manager.free(seq)
-            return
-        s = self.scheduler
-        for q in (*s.running, *s.waiting):
-            if q.request_id == request_id:
-                s.finish(q)
-                return
+        else:
+            s = self.scheduler
+            for q in (*s.running, *s.waiting):
+                if q.request_id == request_id:
+                    s.finish(q)
+                    break
+        self._publish()
 
     # -- steps ---------------------------------------------------------------------------
 
@@ -243,11 +253,12 @@ class SimWorker:
         self.hosted_debt_s = 0.0
         self.busy = True
         start = self.loop.now
+        self.meter.begin(start)  # busy while it runs, as the real loop's meter counts it
         self.loop.after(t, lambda: self._commit(batch, start))
 
     def step_time(self, batch: ScheduledBatch) -> tuple[float, float]:
         """The time model's prediction for ``batch`` (profile.py), and the part of it paid
-        whatever the batch: the larger scaled fixed cost of the kinds of work it holds."""
+        whatever the batch: the scaled fixed cost of the step's kind."""
         p, d = self.profile.prefill, self.profile.decode
         tokens = attention = decodes = context = 0
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
@@ -259,21 +270,19 @@ class SimWorker:
                 tokens += n
                 attention += n * (done + n)
         costs = self.costs
-        prefill_a = p.a * costs.prefill_scale + costs.prefill_step_s
-        decode_a = d.a * costs.decode_scale
-        t = 0.0
+        if not decodes:
+            t = p.time(tokens, attention) * costs.prefill_scale + costs.prefill_step_s
+            return t, p.a * costs.prefill_scale + costs.prefill_step_s
+        t = d.time(decodes, context) * costs.decode_scale
         if tokens:
-            t += p.time(tokens, attention) * costs.prefill_scale + costs.prefill_step_s
-        if decodes:
-            # a mixed step pays one fixed cost: the smaller of the two scaled ones goes
-            t += d.time(decodes, context) * costs.decode_scale - (
-                min(decode_a, prefill_a) if tokens else 0
-            )
-        fixed = max(prefill_a if tokens else 0.0, decode_a if decodes else 0.0)
-        return t, fixed
+            # A mixed step pays the decode step's fixed cost and its prompts the rest of the
+            # prefill model (what ``sim serving`` fits a colocated worker's scales on).
+            t += (p.time(tokens, attention) - p.a) * costs.prefill_scale
+        return t, d.a * costs.decode_scale
 
     def _commit(self, batch: ScheduledBatch, start: float) -> None:
         now = self.loop.now
+        self.meter.end()
         self.meter.record(start, now)
         self.stats.num_steps += 1
         self.stats.busy_s += now - start
@@ -286,6 +295,7 @@ class SimWorker:
             if seq.num_computed_tokens == seq.num_tokens:
                 self._sample(seq)
         self.busy = False
+        self._publish()
         self.kick()
 
     def _sample(self, seq: Sequence) -> None:
@@ -320,14 +330,14 @@ class SimWorker:
             queued = sum(q.num_prompt_tokens for q in s.waiting) + sum(
                 q.num_prompt_tokens for q in s.running
             )
+            running, waiting, free = len(s.running), len(s.waiting), bm.num_free_blocks
         else:
-            queued = sum(q.num_tokens - q.num_computed_tokens for q in s.waiting)
+            queued, running, waiting, free = self._published or self._state()
         step_time, busy = self.meter.snapshot()
-        free = bm.num_free_blocks
         return LoadReport(
             queued,
-            len(s.running),
-            len(s.waiting),
+            running,
+            waiting,
             bm.num_blocks - free,
             free,
             step_time,
@@ -335,6 +345,20 @@ class SimWorker:
             LOAD_WINDOW_S,
             num_hosted_layers=self.num_hosted_layers,
         )
+
+    def _state(self) -> tuple[int, int, int, int]:
+        """(queued prompt tokens, running, waiting, free blocks) as the engine loop's
+        snapshot holds them: the waiting sequences' tokens still to compute."""
+        s = self.scheduler
+        queued = sum(q.num_tokens - q.num_computed_tokens for q in s.waiting)
+        return queued, len(s.running), len(s.waiting), self.block_manager.num_free_blocks
+
+    def _publish(self) -> None:
+        """After a step, or a command while none runs: the real loop runs commands (adds,
+        reservations, joins, aborts) between steps, so one sent during a step shows in the
+        reports only once that step ended."""
+        if self.role is not WorkerRole.PREFILL and not self.busy:
+            self._published = self._state()
 
     @property
     def idle(self) -> bool:

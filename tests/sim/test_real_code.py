@@ -54,9 +54,12 @@ def test_a_policy_config_change_changes_the_decisions():
     cluster = run(replace(EIGHT, sustain_s=100.0))
     assert cluster.migrations.records() == []
     # By default 8 running sequences and nothing waiting is no backlog: busy, but a layer
-    # split cannot pay at that batch (docs/coordinator.md, min_running_seqs).
-    cluster = run(PolicyConfig())
+    # split cannot pay at that batch (docs/coordinator.md, min_running_seqs). (With 64 blocks
+    # the 8 outgrow the decode worker's memory near the end: one preempted and waiting is a
+    # backlog, and that moves a layer; 128 hold them.)
+    cluster = run(PolicyConfig(), num_kv_blocks=128)
     assert cluster.migrations.records() == []
+    assert len(run(PolicyConfig()).migrations.records()) == 1
     # Steps of ~0.1 s are not full ones when 0.25 s is (full_step_s): the decode worker has
     # room (U_compute ~0.4 against an idle prefill worker's 0: under gap_high), nothing moves.
     cluster = run(replace(EIGHT, full_step_s=0.25))
