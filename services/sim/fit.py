@@ -58,20 +58,17 @@ def fit_transport(points: Sequence[tuple[float, float]]) -> TransportModel:
     return TransportModel(latency, 1.0 / per_byte if per_byte > 0 else float("inf"))
 
 
+def fit_two_terms(points: Sequence[tuple[float, float, float]]) -> tuple[float, float]:
+    """``points``: (x1, x2, y) -> (c1, c2) of ``y = c1 * x1 + c2 * x2``, both >= 0."""
+    x = np.array([[p[0], p[1]] for p in points], dtype=float)
+    c1, c2 = _nonnegative_lstsq(x, np.array([p[2] for p in points], dtype=float))
+    return c1, c2
+
+
 def fit_step_overhead(points: Sequence[tuple[int, float, float]]) -> tuple[float, float]:
     """``points``: (steps, model seconds, real seconds) of lone requests -> (seconds per step,
     scale) of ``real = per_step * steps + scale * model``."""
-    x = np.array([[p[0], p[1]] for p in points], dtype=float)
-    per_step, scale = _nonnegative_lstsq(x, np.array([p[2] for p in points], dtype=float))
-    return per_step, scale
-
-
-def fit_step_scales(points: Sequence[tuple[float, float, float]]) -> tuple[float, float]:
-    """``points``: (decode model seconds, prompt model seconds, real seconds) of real steps ->
-    (decode scale, prefill scale) of ``real = decode_scale * decode + prefill_scale * prompt``."""
-    x = np.array([[p[0], p[1]] for p in points], dtype=float)
-    decode, prefill = _nonnegative_lstsq(x, np.array([p[2] for p in points], dtype=float))
-    return decode, prefill
+    return fit_two_terms(points)
 
 
 def relative_errors(predicted: Sequence[float], measured: Sequence[float]) -> list[float]:

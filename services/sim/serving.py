@@ -61,7 +61,7 @@ from pathlib import Path
 from bench.workloads_trace import DEFAULT_TRACES_DIR
 from services.common.errors import ConfigError
 from services.sim.calibrate import find_profile
-from services.sim.fit import fit_step_overhead, fit_step_scales
+from services.sim.fit import fit_step_overhead, fit_two_terms
 from services.sim.profile import Profile, ServingModel, StepCosts
 from services.sim.steps import worker_steps
 from services.sim.validate import compare_rows, render
@@ -205,7 +205,7 @@ def fit_mixed_steps(points: list[tuple[float, float, float]]) -> tuple[float, fl
     with_prompts = sum(1 for _, prompt, _ in points if prompt > 0)
     if with_prompts < MIN_STEP_POINTS or len(points) - with_prompts < MIN_STEP_POINTS:
         return None
-    decode, prefill = fit_step_scales(points)
+    decode, prefill = fit_two_terms(points)
     if decode <= 0 or prefill <= 0:
         return None
     return decode, prefill
@@ -277,12 +277,15 @@ def fit(
     else:  # not within 1 %: the replay of the last update
         rows = compare_rows(report, replace(profile, serving=_serving(costs, route_s)), traces_dir)
     config, machine = report.get("config", {}), report.get("machine", {})
-    fitted = " and ".join(
-        f"{m} rows (both scales from {stepped[m]} of their workers' steps)" if m in stepped
-        else f"{m} rows (prefill from "
-        + (f"{lone[m]} lone steps)" if lone[m] is not None else "the TTFT ratio)")
-        for m in costs
-    )  # fmt: skip
+
+    def how(m: str) -> str:
+        if m in stepped:
+            return f"both scales from {stepped[m]} of their workers' steps"
+        return "prefill from " + (
+            f"{lone[m]} lone steps" if lone[m] is not None else "the TTFT ratio"
+        )
+
+    fitted = " and ".join(f"{m} rows ({how(m)})" for m in costs)
     source = (
         f"fitted on the {fitted} of a bench compare of {machine.get('date', '?')} "
         f"(rate x{config.get('rate_scale', 1.0)}, {config.get('duration_s', '?')} s) at "

@@ -20,8 +20,8 @@ A step is kept only when that is all it held, as far as the records can tell:
   part of some prompt was computed in another step (the token budget cuts prompts into chunks)
   or it waited for memory, and the step's prompt work is not known.
 
-``sim serving --colocated-apart`` fits a colocated worker's costs on these steps (``fit.py``,
-``fit_step_scales``): the time model's step prediction against the measured step, rather than a
+``sim serving --colocated-apart`` fits a colocated worker's costs on these steps
+(``serving.py``, ``fit_mixed_steps``): the time model's step prediction against the measured step, rather than a
 request's TTFT, which also holds the relay of its first token and its queueing.
 """
 

@@ -137,7 +137,6 @@ class SimWorker:
         seq = Sequence(request_id, list(prompt), _params(max_tokens), self.profile.block_size)
         if self.store is None or not self._add_with_stored_prefix(seq):
             self.scheduler.add(seq)
-        self._publish()
         self.kick()
         return seq
 
@@ -214,7 +213,6 @@ class SimWorker:
             self._publish()
         else:
             self.scheduler.join_running(seq)
-            self._publish()
             self.kick()
         return seq
 
@@ -237,9 +235,11 @@ class SimWorker:
     # -- steps ---------------------------------------------------------------------------
 
     def kick(self) -> None:
-        """Start a step if idle and there is work."""
+        """Start a step if idle and there is work, publishing first what the last step or
+        command left (the real loop's order)."""
         if self.busy:
             return
+        self._publish()
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return
@@ -295,7 +295,6 @@ class SimWorker:
             if seq.num_computed_tokens == seq.num_tokens:
                 self._sample(seq)
         self.busy = False
-        self._publish()
         self.kick()
 
     def _sample(self, seq: Sequence) -> None:

@@ -77,13 +77,14 @@ def test_steps_the_records_do_not_pin_down_are_left_out():
     assert [round(s.seconds, 3) for s in steps] == [0.1, 0.1, 0.1]
 
 
-def engine_records(
-    prefill_scale: float, decode_scale: float, worker: str = "mixed-a"
-) -> list[dict]:
-    """Requests through a small colocated engine whose steps cost the profile's model at these
+def step_profile():
+    return replace(validate_profile(), prefill=PrefillModel(0.05, 0.002, 1e-7),
+                   decode=DecodeModel(0.05, 0.002, 1e-5))  # fmt: skip
+
+
+def engine_records(p, prefill_scale: float, decode_scale: float) -> list[dict]:  # noqa: ANN001
+    """Requests through a small colocated engine whose steps cost ``p``'s model at these
     scales (a mixed step: the decode step's, plus the prefill model past its fixed cost)."""
-    p = validate_profile()
-    p = replace(p, prefill=PrefillModel(0.05, 0.002, 1e-7), decode=DecodeModel(0.05, 0.002, 1e-5))
     arrivals = [(0.37 * i, 40 + 97 * (i % 5), 6 + (i % 4)) for i in range(24)]
     pending = list(range(len(arrivals)))
     tokens: dict[int, list[float]] = {i: [] for i in pending}
@@ -114,16 +115,14 @@ def engine_records(
             pending.remove(i)
             tokens[i].append(now + 0.001 * (i % 3))
             running[i] = 1
-    return [record(i, arrivals[i][1], arrivals[i][0], tokens[i], worker=worker)
-            for i in range(len(arrivals))]  # fmt: skip
+    return [record(i, arrivals[i][1], arrivals[i][0], tokens[i]) for i in range(len(arrivals))]
 
 
 def test_a_colocated_worker_is_fitted_on_its_steps():
-    p = replace(validate_profile(), prefill=PrefillModel(0.05, 0.002, 1e-7),
-                decode=DecodeModel(0.05, 0.002, 1e-5))  # fmt: skip
+    p = step_profile()
     report = simulated_report()
     report["runs"] = [{"mode": "colocated", "workload": "mixed",
-                       "requests": engine_records(1.4, 0.9)}]  # fmt: skip
+                       "requests": engine_records(p, 1.4, 0.9)}]  # fmt: skip
     points = mixed_step_points(report, p)
     with_prompts = [q for q in points if q[1] > 0]
     assert len(with_prompts) >= 6 and len(points) - len(with_prompts) >= 6
