@@ -50,11 +50,16 @@ class LoadReport:
     window_s: float
     num_hosted_layers: int = 0
     num_hosted_blocks: int = 0
+    # Requests (the router's ids) this report is the first to count: admitted since the
+    # worker's previous report. The router keeps counting a request it sent against the
+    # worker's load until a report names it (``services/router/registry.py``).
+    admitted: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in _COUNTS:
             value = getattr(self, name)
             _check(value >= 0, f"{name} must be >= 0, got {value}")
+        _check(all(self.admitted), "admitted request ids must be non-empty")
         _check(
             math.isfinite(self.step_time_s) and self.step_time_s >= 0,
             f"step_time_s must be finite and >= 0, got {self.step_time_s}",
@@ -71,6 +76,27 @@ class LoadReport:
     @property
     def num_blocks(self) -> int:
         return self.num_blocks_used + self.num_blocks_free
+
+
+class Admissions:
+    """The requests a worker admitted since its last load report, for the next one.
+
+    A worker calls ``add`` once its load figures count the request (after the engine command
+    that admitted it published its snapshot; a prefill worker at once, its queue being read
+    live), and ``take`` while building a report from those figures, on the same thread. Holds
+    at most ``limit`` ids (the oldest are dropped: the router then forgets those requests'
+    assignments when they end instead)."""
+
+    def __init__(self, limit: int = 1024) -> None:
+        self._ids: deque[str] = deque(maxlen=limit)
+
+    def add(self, request_id: str) -> None:
+        self._ids.append(request_id)
+
+    def take(self) -> tuple[str, ...]:
+        ids = tuple(self._ids)
+        self._ids.clear()
+        return ids
 
 
 def utilisation_compute(

@@ -191,6 +191,12 @@ class RouterCollector(Collector):
         for (role, status), n in sorted(counts.items()):
             total.add_metric([role, status], n)
         yield total
+        inflight = _gauge(
+            "banaserve_router_inflight_assignments",
+            "requests sent to a worker that no report of its has counted yet",
+        )
+        inflight.add_metric([], self._router.num_inflight())
+        yield inflight
         labels = ["worker_id", "role"]
         per_worker = {
             "banaserve_router_worker_queued_tokens": ("prefill tokens queued or assigned", []),

@@ -62,7 +62,7 @@ from services.common.errors import (
     RequestNotFoundError,
     StepFailedError,
 )
-from services.common.load import LoadReport
+from services.common.load import Admissions, LoadReport
 from services.common.types import FinishReason, RequestOutput, SamplingParams
 from services.decode.entries import (
     DecodeConfig,
@@ -119,6 +119,7 @@ class DecodeWorker:
         self._loop = EngineLoop(engine, loop_config, clock=clock)
         self.meter = self._loop.meter  # step timings (load reports, metrics)
         self._table = EntryTable(self._loop, self.config, clock)
+        self._admissions = Admissions()  # reserved since the last load report
         self._sweeper: asyncio.Task[None] | None = None
         # Resolves with the error that ended the engine loop, if it ever ends unasked.
         self.died: asyncio.Future[BaseException] | None = None
@@ -201,6 +202,7 @@ class DecodeWorker:
         except BaseException:
             self._table.free(entry)
             raise
+        self._admissions.add(request_id)  # the snapshot counts it: the command published it
         if entry.freed:
             # The loop died meanwhile: UNAVAILABLE with the cause, as a new request would get.
             self._check_alive()
@@ -388,4 +390,5 @@ class DecodeWorker:
             self.config.load_window_s,
             num_hosted_layers=snap.engine.num_hosted_layers,
             num_hosted_blocks=snap.engine.num_hosted_blocks,
+            admitted=self._admissions.take(),
         )

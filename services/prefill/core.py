@@ -60,7 +60,7 @@ from services.common.errors import (
     InvalidRequestError,
     StepFailedError,
 )
-from services.common.load import LoadReport
+from services.common.load import Admissions, LoadReport
 from services.common.types import RequestOutput
 from services.engine.engine import Engine
 from services.engine.loop import EngineLoop, LoopConfig, StepFailure
@@ -139,6 +139,7 @@ class PrefillWorker:
         self._clock = clock
         self._jobs: dict[str, Job] = {}  # by engine id
         self._in_use: dict[str, Job] = {}  # by request id, until the job starts ending
+        self._admissions = Admissions()  # jobs queued since the last load report
         self._numbers = itertools.count(1)
         self._side = EngineSide(self._jobs, self._store, self._spawn_threadsafe)
         self._loop = EngineLoop(
@@ -235,6 +236,7 @@ class PrefillWorker:
         job.first_token = request.target.first_block * self.engine.config.block_size
         self._jobs[engine_id] = job
         self._in_use[request.request_id] = job
+        self._admissions.add(request.request_id)  # queued: ``stats`` counts it now
         try:
             await self._prepare(job, timeout_s, deadline)
             self._check_alive()
@@ -446,6 +448,7 @@ class PrefillWorker:
             LOAD_WINDOW_S,
             num_hosted_layers=engine.num_hosted_layers,
             num_hosted_blocks=engine.num_hosted_blocks,
+            admitted=self._admissions.take(),
         )
 
 

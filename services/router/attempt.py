@@ -81,6 +81,8 @@ class Attempt:
                 raise FullOnReserve(self._assignment.decode.worker_id) from None
             raise
         self._local = reservation.prefilling_locally and not self._assignment.colocated
+        if self._local:  # P never sees it: D's report counts the prompt (D admitted it)
+            self._driver.router.settle(self._request.request_id, self._assignment.prefill.worker_id)
         try:
             if self._assignment.colocated or self._local:
                 return await self._colocated()

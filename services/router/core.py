@@ -12,8 +12,11 @@ Per request (``Router.route``):
    worker decodes what it prefills); the policy picks one;
 5. decode worker = the prefill worker if it is mixed (colocated), else the candidate with the
    most free blocks;
-6. the assignment is counted against both workers' load estimates at once, so a burst arriving
-   between two load reports spreads out instead of piling onto the worker that looked idlest.
+6. the assignment is counted against both workers' load estimates at once, and stays counted
+   until a worker's report says it admitted the request (or ``settle``: the request ended, or
+   went elsewhere, first), so a burst arriving before the workers report it spreads out instead
+   of piling onto the worker that looked idlest. Routing a request again replaces its
+   assignment.
 
 Policy ``colocated`` is the vLLM-style baseline of DESIGN.md §1: mixed workers only, each request
 prefilled and decoded on one worker, chosen by prefix affinity. Any other policy over a cluster of
@@ -169,6 +172,15 @@ class Router:
     def remove(self, worker_id: str, reason: str) -> None:
         self._registry.remove(worker_id, reason)
 
+    def settle(self, request_id: str, worker_id: str | None = None) -> None:
+        """The request ended (or, with ``worker_id``, will not run there): stop counting its
+        assignment against the load of that worker (None: of both) where no report did yet."""
+        self._registry.settle(request_id, worker_id)
+
+    def num_inflight(self) -> int:
+        """Assignments still counted without a report, over all workers (0 when idle)."""
+        return self._registry.num_inflight()
+
     def expire(self) -> list[str]:
         """Ids of workers just removed for missing reports; for a periodic sweep and logs."""
         return self._registry.expire()
@@ -178,6 +190,7 @@ class Router:
         return self._registry.all()
 
     def route(self, request: RouteRequest) -> Assignment:
+        self._registry.settle(request.request_id)  # a second try replaces the first
         healthy = self._registry.healthy()
         view = _view(request, healthy)
         prefills, decoders = self._candidates(healthy, view)
@@ -219,11 +232,12 @@ class Router:
         return workers
 
     def _record(self, prefill: WorkerInfo, decode: WorkerInfo, view: RequestView) -> None:
+        assign, request_id = self._registry.assign, view.request_id
         if prefill.worker_id == decode.worker_id:
-            self._registry.assign(prefill.worker_id, view.num_prompt_tokens, view.num_kv_blocks)
+            assign(prefill.worker_id, request_id, view.num_prompt_tokens, view.num_kv_blocks)
             return
-        self._registry.assign(prefill.worker_id, view.num_prompt_tokens, 0)
-        self._registry.assign(decode.worker_id, 0, view.num_kv_blocks)
+        assign(prefill.worker_id, request_id, view.num_prompt_tokens, 0)
+        assign(decode.worker_id, request_id, 0, view.num_kv_blocks)
 
 
 def _view(request: RouteRequest, healthy: Sequence[WorkerInfo]) -> RequestView:

@@ -298,6 +298,8 @@ class RequestDriver:
             raise
         except Exception as exc:
             job.events.put_nowait(_Stop(exc))
+        finally:  # what no worker's report counted yet stops counting as their load
+            self.router.settle(job.request_id)
 
     async def _serve(self, job: _Job, request: GenerateInput, arrival: float) -> Finished:
         route = RouteRequest(

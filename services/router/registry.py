@@ -6,11 +6,14 @@ Lifecycle of an entry; only this module changes ``status``:
                     ▲                                                            │
                     └───────────────────────── register again ◄─────────────────┘
 
-Load as the router sees it = the worker's last report + what the router assigned to it since.
-A report replaces the estimate wholesale (in-flight bumps are reset, not subtracted): the
-worker's counters already include, or have finished, what was sent before it. A report sent
-just before an assignment arrived understates the load for one report period (~100 ms); the
-next report corrects it.
+Load as the router sees it = the worker's last report + what the router assigned to it that
+no report counts yet. Each assignment (a request's prompt tokens and KV blocks) stays counted
+until a report names the request among those it is the first to count (``LoadReport.admitted``:
+the worker admitted it since its previous report), or until ``settle`` (the request ended, or
+moved to another worker, before the worker admitted it). A report alone does not clear them: a
+worker computing a long prompt admits what it was sent only after that step, and its reports
+meanwhile show the load from before — clearing on any report let a burst pile onto the worker
+that looked idlest.
 
 Liveness is judged on the router's clock, at receipt. A report's timestamp (the servicer passes
 its frame number on the ReportLoad call) is compared only with that worker's earlier reports, to
@@ -26,7 +29,7 @@ import enum
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from services.common.errors import InvalidRequestError, RequestNotFoundError
 from services.common.load import LoadReport, utilisation_compute, utilisation_memory
@@ -106,8 +109,12 @@ class _Worker:
     last_seen: float  # router clock
     status: WorkerStatus = WorkerStatus.HEALTHY
     last_report: LoadReport | None = None
+    # Assigned, not yet counted by a report: (prompt tokens, KV blocks) by request id, and
+    # their sums.
+    inflight: dict[str, tuple[int, int]] = field(default_factory=dict)
     num_inflight_tokens: int = 0
     num_inflight_blocks: int = 0
+    full: bool = False  # refused a reservation; no free block until its next report
     removed_reason: str = ""
     # Kept apart from last_report so a restarted worker's clock may start over.
     last_timestamp: float | None = None
@@ -135,6 +142,7 @@ class WorkerRegistry:
         self._prefill_capacity = prefill_capacity_tokens
         self._clock = clock
         self._workers: dict[str, _Worker] = {}
+        self._assigned: dict[str, set[str]] = {}  # request id -> workers counting it in flight
 
     def register(
         self, worker_id: str, address: str, role: WorkerRole, capacity: WorkerCapacity
@@ -146,6 +154,9 @@ class WorkerRegistry:
         _check_address(address)
         _check(isinstance(role, WorkerRole), f"role must be a WorkerRole, got {role!r}")
         self._check_same_model(worker_id, capacity)
+        old = self._workers.get(worker_id)
+        if old is not None:  # a restart: what the old process was sent is gone with it
+            self._drop_inflight(old)
         worker = _Worker(worker_id, address, role, capacity, last_seen=now)
         self._workers[worker_id] = worker
         return self._snapshot(worker, now)
@@ -167,9 +178,10 @@ class WorkerRegistry:
             return False
         worker.last_seen = now
         worker.last_timestamp = timestamp
-        worker.last_report = load
-        worker.num_inflight_tokens = 0
-        worker.num_inflight_blocks = 0
+        worker.last_report = replace(load, admitted=())
+        worker.full = False
+        for request_id in load.admitted:
+            self._forget(worker, request_id)
         return True
 
     def remove(self, worker_id: str, reason: str) -> None:
@@ -181,17 +193,47 @@ class WorkerRegistry:
         """Remove every worker silent for longer than the timeout; returns their ids."""
         return self._expire(self._clock())
 
-    def assign(self, worker_id: str, num_tokens: int, num_blocks: int) -> None:
-        """Count work the router just sent, until the worker's next report covers it."""
+    def assign(self, worker_id: str, request_id: str, num_tokens: int, num_blocks: int) -> None:
+        """Count work the router just sent, until a report names ``request_id`` or ``settle``."""
         worker = self._live(worker_id)
+        _check(bool(request_id), "request_id must be non-empty")
+        tokens, blocks = worker.inflight.get(request_id, (0, 0))
+        worker.inflight[request_id] = (tokens + num_tokens, blocks + num_blocks)
         worker.num_inflight_tokens += num_tokens
         worker.num_inflight_blocks += num_blocks
+        self._assigned.setdefault(request_id, set()).add(worker_id)
+
+    def settle(self, request_id: str, worker_id: str | None = None) -> None:
+        """Stop counting ``request_id``'s assignment to ``worker_id`` (None: to every worker):
+        it ended, or went elsewhere, before a report counted it. Unknown ids are ignored."""
+        counting = self._assigned.get(request_id, set())
+        for other in sorted(counting) if worker_id is None else counting & {worker_id}:
+            self._forget(self._workers[other], request_id)
+
+    def num_inflight(self) -> int:
+        """Assignments no report has counted yet, over every worker (a leak check)."""
+        return sum(len(w.inflight) for w in self._workers.values())
+
+    def _drop_inflight(self, worker: _Worker) -> None:
+        for request_id in list(worker.inflight):
+            self._forget(worker, request_id)
+        worker.full = False
+
+    def _forget(self, worker: _Worker, request_id: str) -> None:
+        if request_id not in worker.inflight:
+            return
+        tokens, blocks = worker.inflight.pop(request_id)
+        worker.num_inflight_tokens -= tokens
+        worker.num_inflight_blocks -= blocks
+        ids = self._assigned[request_id]
+        ids.discard(worker.worker_id)
+        if not ids:
+            del self._assigned[request_id]
 
     def mark_full(self, worker_id: str) -> None:
         """The worker refused a reservation: count it as having no free block until its next
         report (which is newer than the refusal)."""
-        worker = self._live(worker_id)
-        worker.num_inflight_blocks = worker.capacity.num_kv_blocks
+        self._live(worker_id).full = True
 
     def healthy(self) -> list[WorkerInfo]:
         """Snapshots of the HEALTHY workers, sorted by id."""
@@ -219,8 +261,7 @@ class WorkerRegistry:
     def _remove(self, worker: _Worker, reason: str) -> None:
         worker.status = WorkerStatus.REMOVED
         worker.removed_reason = reason
-        worker.num_inflight_tokens = 0
-        worker.num_inflight_blocks = 0
+        self._drop_inflight(worker)
 
     def _live(self, worker_id: str) -> _Worker:
         worker = self._workers.get(worker_id)
@@ -265,14 +306,15 @@ class WorkerRegistry:
 
 
 def _estimate(worker: _Worker) -> LoadReport:
-    """The last report (an idle, empty pool before the first) plus what was assigned since."""
+    """The last report (an idle, empty pool before the first) plus what no report counts yet."""
     total = worker.capacity.num_kv_blocks
     report = worker.last_report or LoadReport(0, 0, 0, 0, total, 0.0, 0.0, 0.0)
+    blocks = total if worker.full else worker.num_inflight_blocks
     return replace(
         report,
         num_queued_prefill_tokens=report.num_queued_prefill_tokens + worker.num_inflight_tokens,
-        num_blocks_used=min(total, report.num_blocks_used + worker.num_inflight_blocks),
-        num_blocks_free=max(0, report.num_blocks_free - worker.num_inflight_blocks),
+        num_blocks_used=min(total, report.num_blocks_used + blocks),
+        num_blocks_free=max(0, report.num_blocks_free - blocks),
     )
 
 

@@ -48,6 +48,7 @@ def load_to_proto(load: LoadReport) -> router_pb2.LoadReport:
         window=duration(load.window_s),
         num_hosted_layers=load.num_hosted_layers,
         num_hosted_blocks=load.num_hosted_blocks,
+        admitted_request_ids=load.admitted,
     )
 
 
@@ -64,6 +65,7 @@ def load_from_proto(message: router_pb2.LoadReport) -> LoadReport:
         window_s=seconds(message.window),
         num_hosted_layers=message.num_hosted_layers,
         num_hosted_blocks=message.num_hosted_blocks,
+        admitted=tuple(message.admitted_request_ids),
     )
 
 

@@ -195,6 +195,7 @@ class SimCluster:
         for w in self.workers.values():
             w.abort(r.request_id)
         self._unfinished.discard(r.request_id)
+        self.router.settle(r.request_id)
         r.status, r.done_s = "DEADLINE_EXCEEDED", None
 
     def _route(self, r: SimRequest) -> None:
@@ -217,6 +218,7 @@ class SimCluster:
             if limit and decode.num_uncached_tokens(list(r.prompt)) <= limit:
                 worker = decode  # conditional disaggregation: D prefills it in its own batch
                 self.num_local_prefills += 1
+                self.router.settle(r.request_id, a.prefill.worker_id)  # as attempt.py
             elif not decode.reserve(
                 r.request_id, list(r.prompt), r.max_tokens, self.spec.reuse_cached_prefix
             ):
@@ -255,10 +257,12 @@ class SimCluster:
         r.done_s = self.loop.now
         r.status = "OK"
         self._unfinished.discard(r.request_id)
+        self.router.settle(r.request_id)
 
     def _fail(self, r: SimRequest, status: str, message: str) -> None:
         r.status, r.message, r.done_s = status, message, self.loop.now
         self._unfinished.discard(r.request_id)
+        self.router.settle(r.request_id)
 
     # -- load, the coordinator ---------------------------------------------------------------
 

@@ -37,9 +37,13 @@ class CachedRegistry(WorkerRegistry):
         self._changed(worker_id)
         return super().report(worker_id, load, timestamp)
 
-    def assign(self, worker_id, num_tokens, num_blocks):  # noqa: ANN001, ANN201
+    def assign(self, worker_id, request_id, num_tokens, num_blocks):  # noqa: ANN001, ANN201
         self._changed(worker_id)
-        return super().assign(worker_id, num_tokens, num_blocks)
+        return super().assign(worker_id, request_id, num_tokens, num_blocks)
+
+    def _forget(self, worker, request_id):  # noqa: ANN001, ANN202
+        self._changed(worker.worker_id)
+        return super()._forget(worker, request_id)
 
     def mark_full(self, worker_id):  # noqa: ANN001, ANN201
         self._changed(worker_id)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.common.hashing import block_hashes
-from services.common.load import LoadMeter, LoadReport
+from services.common.load import Admissions, LoadMeter, LoadReport
 from services.common.types import SamplingParams
 from services.engine.block_manager import BlockManager
 from services.engine.scheduler import ScheduledBatch, Scheduler
@@ -130,6 +130,10 @@ class SimWorker:
         # state from before it (a prompt it computes still queued, one sent since not yet
         # there). None: read it live.
         self._published: tuple[int, int, int, int] | None = None
+        # Requests the next report is the first to count (``LoadReport.admitted``); those a
+        # decode or mixed worker admitted while a step runs wait for the snapshot after it.
+        self.admissions = Admissions()
+        self._unpublished: list[str] = []
 
     # -- requests in ---------------------------------------------------------------------
 
@@ -137,6 +141,7 @@ class SimWorker:
         seq = Sequence(request_id, list(prompt), _params(max_tokens), self.profile.block_size)
         if self.store is None or not self._add_with_stored_prefix(seq):
             self.scheduler.add(seq)
+        self._admitted(request_id)
         self.kick()
         return seq
 
@@ -185,6 +190,7 @@ class SimWorker:
         bm.admit(seq, hits)
         bm.append(seq, seq.num_tokens - seq.num_computed_tokens)
         self.imported[request_id] = seq
+        self._admitted(request_id)
         self._publish()
         return True
 
@@ -343,6 +349,7 @@ class SimWorker:
             busy,
             LOAD_WINDOW_S,
             num_hosted_layers=self.num_hosted_layers,
+            admitted=self.admissions.take(),
         )
 
     def _state(self) -> tuple[int, int, int, int]:
@@ -358,6 +365,16 @@ class SimWorker:
         reports only once that step ended."""
         if self.role is not WorkerRole.PREFILL and not self.busy:
             self._published = self._state()
+            for request_id in self._unpublished:
+                self.admissions.add(request_id)
+            self._unpublished.clear()
+
+    def _admitted(self, request_id: str) -> None:
+        """A prefill worker's reports read its queue live; the others' the published state."""
+        if self.role is WorkerRole.PREFILL:
+            self.admissions.add(request_id)
+        else:
+            self._unpublished.append(request_id)
 
     @property
     def idle(self) -> bool:

@@ -247,6 +247,53 @@ def test_load_report_does_not_wait_for_a_long_step(tiny_llama):
     assert_no_leaks(worker.engine)
 
 
+def test_a_report_names_a_request_once_its_figures_count_it(tiny_llama):
+    """The router counts a request it sent on top of a worker's reports until one names it
+    (``LoadReport.admitted``): a reservation sent during a long step is admitted only after
+    that step, so no report may name it before, and exactly one names it after."""
+    import threading
+
+    engine = make_engine(tiny_llama)
+    worker = DecodeWorker(engine, DecodeConfig(prefill_locally=True))
+    release, stepping = threading.Event(), threading.Event()
+    real_step = engine.step
+
+    def long_step(*args):
+        stepping.set()
+        release.wait(10)
+        return real_step(*args)
+
+    engine.step = long_step
+
+    async def main():
+        await worker.start()
+        try:
+            await worker.reserve("r", prompt_ids(70, 1), GREEDY, prefill_locally=True)
+            first = await worker.load()
+            assert (first.admitted, first.num_queued_prefill_tokens) == (("r",), 70)
+            await asyncio.to_thread(stepping.wait, 5)
+            late = asyncio.create_task(
+                worker.reserve("s", prompt_ids(40, 2), GREEDY, prefill_locally=True)
+            )
+            await asyncio.sleep(0.2)  # s waits for the step in flight
+            during = await worker.load()
+            assert not late.done()
+            assert (during.admitted, during.num_queued_prefill_tokens) == ((), 70)
+            release.set()
+            await asyncio.wait_for(late, 10)
+            after = await worker.load()
+            assert after.admitted == ("s",)
+            assert (await worker.load()).admitted == ()
+        finally:
+            release.set()
+            for request_id in ("r", "s"):
+                await worker.release(request_id)
+            await worker.stop()
+
+    asyncio.run(main())
+    assert_no_leaks(worker.engine)
+
+
 def test_engine_call_runs_between_steps_and_returns_or_raises(tiny_llama):
     """``engine_call(fn)``: ``fn(engine)`` on the engine thread, never inside a step; its
     result, or its exception, comes back to the caller."""

@@ -32,6 +32,7 @@ DOCUMENTED = {
         "banaserve_router_kv_transfer_bytes",
         "banaserve_router_tokens",
         "banaserve_router_workers",
+        "banaserve_router_inflight_assignments",
         "banaserve_router_worker_queued_tokens",
         "banaserve_router_worker_kv_blocks_free",
         "banaserve_router_worker_kv_blocks_used",
@@ -147,6 +148,9 @@ def test_counters_move_with_traffic(cluster):
             model="tiny-llama",
         )
         assert running == 0, role
+    # Nothing the router sent is still counted on top of the workers' reports.
+    inflight = "banaserve_router_inflight_assignments"
+    assert value(after["router"], inflight, inflight) == 0
 
 
 def test_metrics_are_off_unless_asked_and_unknown_paths_are_404(cluster):

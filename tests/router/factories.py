@@ -38,6 +38,7 @@ def load(
     running: int = 0,
     hosted_layers: int = 0,
     hosted_blocks: int = 0,
+    admitted: tuple[str, ...] = (),
 ) -> LoadReport:
     return LoadReport(
         num_queued_prefill_tokens=queued,
@@ -50,6 +51,7 @@ def load(
         window_s=1.0,
         num_hosted_layers=hosted_layers,
         num_hosted_blocks=hosted_blocks,
+        admitted=admitted,
     )
 
 

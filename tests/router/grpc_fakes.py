@@ -77,6 +77,9 @@ class FakeWorker(prefill_pb2_grpc.PrefillServiceServicer, decode_pb2_grpc.Decode
         if request.prefill_locally:
             call += ("prefill_locally",)
             self.local.add(request.request_id)
+        elif request.local_prefill_max_tokens:  # as a D whose cache holds the prompt
+            call += ("local_prefill",)
+            self.local.add(request.request_id)
         self.log.record(context, *call)
         assert request.HasField("timeout") and request.HasField("lease")
         if self.full_reserves:
@@ -86,6 +89,7 @@ class FakeWorker(prefill_pb2_grpc.PrefillServiceServicer, decode_pb2_grpc.Decode
             reservation_id=f"res-{request.request_id}",
             data_address=f"data-{self.worker_id}:1",
             data_transport=kvstore_pb2.DATA_TRANSPORT_TCP,
+            prefilling_locally=request.request_id in self.local,
         )
 
     async def Prefill(self, request, context):
@@ -180,12 +184,17 @@ async def cluster(
     dead: tuple[str, ...] = (),
     report_timeout_s: float = 60.0,
     no_worker_wait_s: float = 0.2,
+    local_prefill_max_tokens: int = 0,
     **behaviour,
 ) -> AsyncIterator[Cluster]:
     """A router with fake workers p0.., d0.. registered (each in ``dead`` at a dead address)."""
     router = Router(RouterConfig(policy=policy, report_timeout_s=report_timeout_s))
     clients = GrpcWorkerClients(RPC)
-    config = DriverConfig(release_timeout_s=1.0, no_worker_wait_s=no_worker_wait_s)
+    config = DriverConfig(
+        release_timeout_s=1.0,
+        no_worker_wait_s=no_worker_wait_s,
+        local_prefill_max_tokens=local_prefill_max_tokens,
+    )
     driver = RequestDriver(router, clients, config)
     servicer = RouterServicer(driver, encode=lambda text, chat: [ord(c) for c in text])
     servers: list[RunningServer] = []

@@ -291,6 +291,45 @@ def test_cancel_of_a_colocated_request_releases_it():
     asyncio.run(main())
 
 
+def test_a_request_counts_on_its_workers_until_reported_or_ended():
+    """The fakes never report: P's prompt tokens and D's blocks stay counted while the request
+    runs, and stop counting when it ends (here, cancelled), not before and not never."""
+
+    async def main():
+        async with cluster(hang_decode=True) as c:
+            call = c.stub.Generate(request(), timeout=5)
+            kinds = [(await call.read()).WhichOneof("frame") for _ in range(2)]
+            assert kinds == ["started", "delta"]
+            w = {info.worker_id: info for info in c.router.workers()}
+            p0, d0 = w["p0"], w["d0"]
+            assert (p0.num_queued_tokens, NUM_BLOCKS - d0.num_free_blocks) == (20, 2)
+            call.cancel()
+            await asyncio.wait_for(c.log.released.wait(), 3)
+            for _ in range(100):
+                if c.router.num_inflight() == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert c.router.num_inflight() == 0
+
+    asyncio.run(main())
+
+
+def test_a_prompt_prefilled_on_its_decode_worker_stops_counting_on_the_prefill_worker():
+    async def main():
+        async with cluster(local_prefill_max_tokens=8, hang_decode=True) as c:
+            call = c.stub.Generate(request(), timeout=5)
+            kinds = [(await call.read()).WhichOneof("frame") for _ in range(2)]
+            assert kinds == ["started", "delta"]
+            assert [x[:2] for x in c.log.calls] == [("reserve", "d0"), ("stream", "d0")]
+            w = {info.worker_id: info for info in c.router.workers()}
+            p0, d0 = w["p0"], w["d0"]
+            # P never sees it; D's reports will count the prompt it admitted.
+            assert (p0.num_queued_tokens, NUM_BLOCKS - d0.num_free_blocks) == (0, 2)
+            call.cancel()
+
+    asyncio.run(main())
+
+
 def test_a_request_waits_for_decode_room_instead_of_failing():
     async def main():
         async with cluster() as c:

@@ -107,19 +107,75 @@ def test_utilisation_is_the_max_of_compute_and_memory() -> None:
     assert registry.healthy()[0].utilisation == 0.9
 
 
-def test_assignments_count_until_the_next_report() -> None:
+def test_assignments_count_until_a_report_names_them() -> None:
     registry = make_registry(FakeClock())
     registry.register("m0", "h:1", WorkerRole.MIXED, capacity(100))
     registry.report("m0", load(queued=100, free=90, used=10), 1.0)
-    registry.assign("m0", num_tokens=50, num_blocks=5)
-    registry.assign("m0", num_tokens=50, num_blocks=95)
+    registry.assign("m0", "r1", num_tokens=50, num_blocks=5)
+    registry.assign("m0", "r2", num_tokens=50, num_blocks=95)
     [info] = registry.healthy()
     # Free blocks never go below zero, used never above the total.
     assert (info.num_queued_tokens, info.num_free_blocks, info.num_used_blocks) == (200, 0, 100)
     assert info.utilisation_memory == 1.0
-    registry.report("m0", load(queued=120, free=80, used=20), 2.0)
+    # A report from before the worker admitted them (a mixed worker mid-prefill publishes
+    # nothing new for seconds) keeps both counted.
+    registry.report("m0", load(queued=100, free=90, used=10), 2.0)
+    assert registry.healthy()[0].num_queued_tokens == 200
+    # r1 admitted: the report counts it; r2 still on top.
+    registry.report("m0", load(queued=150, free=85, used=15, admitted=("r1",)), 3.0)
+    [info] = registry.healthy()
+    assert (info.num_queued_tokens, info.num_free_blocks, info.num_used_blocks) == (200, 0, 100)
+    registry.report("m0", load(queued=120, free=80, used=20, admitted=("r2", "other")), 4.0)
     [info] = registry.healthy()
     assert (info.num_queued_tokens, info.num_free_blocks, info.num_used_blocks) == (120, 80, 20)
+    assert registry.num_inflight() == 0
+    assert info.last_report is not None and info.last_report.admitted == ()
+
+
+def test_settle_forgets_what_no_report_counted() -> None:
+    registry = make_registry(FakeClock())
+    registry.register("p0", "h:1", WorkerRole.PREFILL, capacity(100))
+    registry.register("d0", "h:2", WorkerRole.DECODE, capacity(100))
+    registry.assign("p0", "r1", num_tokens=40, num_blocks=0)
+    registry.assign("d0", "r1", num_tokens=0, num_blocks=7)
+    registry.assign("p0", "r2", num_tokens=10, num_blocks=0)
+    registry.settle("r1", "p0")  # D prefills it locally: only P stops counting it
+    d0, p0 = registry.healthy()
+    assert (p0.num_queued_tokens, d0.num_free_blocks) == (10, 93)
+    registry.settle("r1")  # it ended
+    registry.settle("r1")  # twice, and unknown ids, are no-ops
+    registry.settle("nobody", "p0")
+    registry.settle("r2", "nowhere")
+    d0, p0 = registry.healthy()
+    assert (p0.num_queued_tokens, d0.num_free_blocks) == (10, 100)
+    assert registry.num_inflight() == 1
+    # A late report naming a settled request changes nothing else.
+    registry.report("d0", load(free=100, admitted=("r1",)), 1.0)
+    assert registry.healthy()[0].num_free_blocks == 100
+
+
+def test_a_worker_gone_or_restarted_counts_nothing_in_flight() -> None:
+    clock = FakeClock()
+    registry = make_registry(clock)
+    registry.register("m0", "h:1", WorkerRole.MIXED, capacity(100))
+    registry.register("m1", "h:2", WorkerRole.MIXED, capacity(100))
+    registry.assign("m0", "r1", 30, 3)
+    registry.assign("m1", "r2", 30, 3)
+    registry.register("m0", "h:1", WorkerRole.MIXED, capacity(100))  # restarted
+    registry.remove("m1", "call failed")
+    assert registry.num_inflight() == 0
+    assert registry.healthy()[0].num_queued_tokens == 0
+
+
+def test_a_refused_reservation_counts_the_worker_full_until_it_reports() -> None:
+    registry = make_registry(FakeClock())
+    registry.register("d0", "h:1", WorkerRole.DECODE, capacity(100))
+    registry.assign("d0", "r1", 0, 10)
+    registry.mark_full("d0")
+    assert registry.healthy()[0].num_free_blocks == 0
+    registry.report("d0", load(free=60, used=40), 1.0)
+    # Full no more; r1, not named by the report, still counted.
+    assert registry.healthy()[0].num_free_blocks == 50
 
 
 def test_every_healthy_worker_serves_one_model() -> None:

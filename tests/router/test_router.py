@@ -30,16 +30,18 @@ def assert_estimates_match_reports(router: Router) -> None:
 def test_burst_between_reports_spreads_under_load() -> None:
     router = make_router("load", prefill=2, decode=1)
     report_all(router)
-    picks = [router.route(request(80, shared_prefix=64)).prefill.worker_id for _ in range(10)]
-    # In-flight tokens make the worker just chosen look busier until the next report.
-    assert picks == ["p0", "p1"] * 5
-    assert {w.worker_id: w.num_queued_tokens for w in router.workers()} == {
-        "d0": 0,
-        "p0": 400,
-        "p1": 400,
-    }
-    report_all(router, timestamp=2.0)
+    burst = [router.route(request(80, shared_prefix=64)) for _ in range(10)]
+    # In-flight tokens make the worker just chosen look busier until a report counts them.
+    assert [a.prefill.worker_id for a in burst] == ["p0", "p1"] * 5
+    expected = {"d0": 0, "p0": 400, "p1": 400}
+    assert {w.worker_id: w.num_queued_tokens for w in router.workers()} == expected
+    report_all(router, timestamp=2.0)  # sent before the workers admitted the burst
+    assert {w.worker_id: w.num_queued_tokens for w in router.workers()} == expected
+    assert router.num_inflight() == 20  # prompt on P, blocks on d0
+    ids = tuple(a.request_id for a in burst)
+    report_all(router, timestamp=3.0, admitted=ids)  # type: ignore[arg-type]
     assert_estimates_match_reports(router)
+    assert router.num_inflight() == 0
 
 
 def test_burst_piles_onto_the_prefix_holder_under_prefix_affinity() -> None:

@@ -22,14 +22,19 @@ def build(cached: bool) -> tuple[Router, FakeClock]:
 
 def drive(router: Router, clock: FakeClock) -> list[tuple[str, str]]:
     """Reports, routes and a refusal; the pairs chosen."""
-    chosen = []
+    chosen: list[tuple[str, str]] = []
+    sent: tuple[str, ...] = ()
     for step in range(6):
         clock.advance(0.1)
-        router.report("w0", load(queued=100 * step, busy=0.5), clock.now)
-        router.report("w1", load(queued=50, busy=0.1 * step), clock.now)
-        router.report("w2", load(free=100 - 10 * step, used=10 * step), clock.now)
-        for k in range(3):
-            a = router.route(RouteRequest(f"r{step}-{k}", tuple(range(40)), 8))
+        # P workers admit the last step's requests at once; w2 one step later.
+        router.report("w0", load(queued=100 * step, busy=0.5, admitted=sent), clock.now)
+        router.report("w1", load(queued=50, busy=0.1 * step, admitted=sent), clock.now)
+        late = tuple(f"r{step - 2}-{k}" for k in range(3))
+        router.report("w2", load(free=100 - 10 * step, used=10 * step, admitted=late), clock.now)
+        router.settle(f"r{step - 1}-0")  # one ended before any report named it
+        sent = tuple(f"r{step}-{k}" for k in range(3))
+        for request_id in sent:
+            a = router.route(RouteRequest(request_id, tuple(range(40)), 8))
             chosen.append((a.prefill.worker_id, a.decode.worker_id))
         if step == 3:
             router.mark_full("w2")

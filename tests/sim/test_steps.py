@@ -166,9 +166,12 @@ def test_a_worker_reports_as_the_real_engine_loop_publishes():
     r = w.load()
     assert r.busy_fraction == pytest.approx(0.3)  # 0.3 s of the 1 s window, still running
     assert (r.num_queued_prefill_tokens, r.num_running_seqs, r.num_waiting_seqs) == (50, 0, 1)
+    assert r.admitted == ("a",)  # the first report to count a names it, once
     w.add("b", list(range(100, 120)), 2)  # during the step: not in the reports yet
-    assert w.load().num_queued_prefill_tokens == 50
+    r = w.load()
+    assert (r.num_queued_prefill_tokens, r.admitted) == (50, ())
     loop.run(0.55)  # a's step ended at 0.5; b's prompt and a's first decode now run
     r = w.load()
     assert (r.num_queued_prefill_tokens, r.num_running_seqs, r.num_waiting_seqs) == (20, 1, 1)
     assert r.busy_fraction == pytest.approx(0.55)
+    assert r.admitted == ("b",)
