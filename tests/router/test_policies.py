@@ -42,16 +42,23 @@ def view(num_blocks: int, first_token: int = 0) -> RequestView:
     return RequestView("r", len(tokens), 1, hashes, num_blocks + 1)
 
 
-def test_least_loaded_orders_by_utilisation_then_queue_then_id() -> None:
+def test_least_loaded_orders_by_queue_then_utilisation_then_id() -> None:
+    # Equal queues (both empty): the lower U, then the lower id.
     assert least_loaded([worker("a", busy=0.5), worker("b", busy=0.4)]).worker_id == "b"
-    # Same U (busy dominates both queues): the shorter queue wins.
+    assert least_loaded([worker("b"), worker("a")]).worker_id == "a"
+    # Memory counts in U: a quiet worker with a full KV pool is not the least loaded.
+    assert least_loaded([worker("a", used=90), worker("b", busy=0.3)]).worker_id == "b"
+    # The shorter queue wins whatever the busy fraction says: a decoding worker (busy 1.0)
+    # starts a new prompt within a step; one busy half the last second has 1,600 tokens
+    # queued (U = 0.5 here: the busy fraction dominates the queue's 1,600 / 4,096).
     assert (
-        least_loaded([worker("a", busy=0.5, queued=20), worker("b", busy=0.5, queued=30)]).worker_id
+        least_loaded([worker("a", busy=1.0), worker("b", busy=0.5, queued=1600)]).worker_id
         == "a"
     )
-    assert least_loaded([worker("b"), worker("a")]).worker_id == "a"
-    # Memory counts: a quiet worker with a full KV pool is not the least loaded.
-    assert least_loaded([worker("a", used=90), worker("b", busy=0.3)]).worker_id == "b"
+    assert (
+        least_loaded([worker("a", busy=0.5, queued=20), worker("b", busy=0.1, queued=30)]).worker_id
+        == "a"
+    )
 
 
 def test_load_policy_ignores_cached_prefixes() -> None:
