@@ -52,8 +52,7 @@ def test_least_loaded_orders_by_queue_then_utilisation_then_id() -> None:
     # starts a new prompt within a step; one busy half the last second has 1,600 tokens
     # queued (U = 0.5 here: the busy fraction dominates the queue's 1,600 / 4,096).
     assert (
-        least_loaded([worker("a", busy=1.0), worker("b", busy=0.5, queued=1600)]).worker_id
-        == "a"
+        least_loaded([worker("a", busy=1.0), worker("b", busy=0.5, queued=1600)]).worker_id == "a"
     )
     assert (
         least_loaded([worker("a", busy=0.5, queued=20), worker("b", busy=0.1, queued=30)]).worker_id
