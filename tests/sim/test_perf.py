@@ -17,7 +17,8 @@ from tests.sim.factories import assert_no_leaks
 
 
 def smollm2() -> Profile:
-    """The shipped smollm2-135m profile (this machine's calibration, docs/simulator.md)."""
+    """The shipped smollm2-135m profile (this Intel VM's calibration and fitted serving
+    overhead, docs/simulator.md)."""
     return Profile.load(profile_path(SHIPPED_PROFILE_DIR, "smollm2-135m"))
 
 
