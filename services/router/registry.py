@@ -109,11 +109,8 @@ class _Worker:
     last_seen: float  # router clock
     status: WorkerStatus = WorkerStatus.HEALTHY
     last_report: LoadReport | None = None
-    # Assigned, not yet counted by a report: (prompt tokens, KV blocks) by request id, and
-    # their sums.
+    # Assigned, not yet counted by a report: (prompt tokens, KV blocks) by request id.
     inflight: dict[str, tuple[int, int]] = field(default_factory=dict)
-    num_inflight_tokens: int = 0
-    num_inflight_blocks: int = 0
     full: bool = False  # refused a reservation; no free block until its next report
     removed_reason: str = ""
     # Kept apart from last_report so a restarted worker's clock may start over.
@@ -142,7 +139,6 @@ class WorkerRegistry:
         self._prefill_capacity = prefill_capacity_tokens
         self._clock = clock
         self._workers: dict[str, _Worker] = {}
-        self._assigned: dict[str, set[str]] = {}  # request id -> workers counting it in flight
 
     def register(
         self, worker_id: str, address: str, role: WorkerRole, capacity: WorkerCapacity
@@ -154,9 +150,6 @@ class WorkerRegistry:
         _check_address(address)
         _check(isinstance(role, WorkerRole), f"role must be a WorkerRole, got {role!r}")
         self._check_same_model(worker_id, capacity)
-        old = self._workers.get(worker_id)
-        if old is not None:  # a restart: what the old process was sent is gone with it
-            self._drop_inflight(old)
         worker = _Worker(worker_id, address, role, capacity, last_seen=now)
         self._workers[worker_id] = worker
         return self._snapshot(worker, now)
@@ -199,36 +192,24 @@ class WorkerRegistry:
         _check(bool(request_id), "request_id must be non-empty")
         tokens, blocks = worker.inflight.get(request_id, (0, 0))
         worker.inflight[request_id] = (tokens + num_tokens, blocks + num_blocks)
-        worker.num_inflight_tokens += num_tokens
-        worker.num_inflight_blocks += num_blocks
-        self._assigned.setdefault(request_id, set()).add(worker_id)
 
     def settle(self, request_id: str, worker_id: str | None = None) -> None:
         """Stop counting ``request_id``'s assignment to ``worker_id`` (None: to every worker):
         it ended, or went elsewhere, before a report counted it. Unknown ids are ignored."""
-        counting = self._assigned.get(request_id, set())
-        for other in sorted(counting) if worker_id is None else counting & {worker_id}:
-            self._forget(self._workers[other], request_id)
+        if worker_id is None:
+            workers = list(self._workers.values())
+        else:
+            workers = [self._workers[worker_id]] if worker_id in self._workers else []
+        for worker in workers:
+            self._forget(worker, request_id)
 
     def num_inflight(self) -> int:
         """Assignments no report has counted yet, over every worker (a leak check)."""
         return sum(len(w.inflight) for w in self._workers.values())
 
-    def _drop_inflight(self, worker: _Worker) -> None:
-        for request_id in list(worker.inflight):
-            self._forget(worker, request_id)
-        worker.full = False
-
-    def _forget(self, worker: _Worker, request_id: str) -> None:
-        if request_id not in worker.inflight:
-            return
-        tokens, blocks = worker.inflight.pop(request_id)
-        worker.num_inflight_tokens -= tokens
-        worker.num_inflight_blocks -= blocks
-        ids = self._assigned[request_id]
-        ids.discard(worker.worker_id)
-        if not ids:
-            del self._assigned[request_id]
+    def _forget(self, worker: _Worker, request_id: str) -> bool:
+        """False: ``worker`` was not counting ``request_id``."""
+        return worker.inflight.pop(request_id, None) is not None
 
     def mark_full(self, worker_id: str) -> None:
         """The worker refused a reservation: count it as having no free block until its next
@@ -261,7 +242,8 @@ class WorkerRegistry:
     def _remove(self, worker: _Worker, reason: str) -> None:
         worker.status = WorkerStatus.REMOVED
         worker.removed_reason = reason
-        self._drop_inflight(worker)
+        worker.inflight.clear()
+        worker.full = False
 
     def _live(self, worker_id: str) -> _Worker:
         worker = self._workers.get(worker_id)
@@ -309,10 +291,11 @@ def _estimate(worker: _Worker) -> LoadReport:
     """The last report (an idle, empty pool before the first) plus what no report counts yet."""
     total = worker.capacity.num_kv_blocks
     report = worker.last_report or LoadReport(0, 0, 0, 0, total, 0.0, 0.0, 0.0)
-    blocks = total if worker.full else worker.num_inflight_blocks
+    tokens = sum(t for t, _ in worker.inflight.values())
+    blocks = total if worker.full else sum(b for _, b in worker.inflight.values())
     return replace(
         report,
-        num_queued_prefill_tokens=report.num_queued_prefill_tokens + worker.num_inflight_tokens,
+        num_queued_prefill_tokens=report.num_queued_prefill_tokens + tokens,
         num_blocks_used=min(total, report.num_blocks_used + blocks),
         num_blocks_free=max(0, report.num_blocks_free - blocks),
     )

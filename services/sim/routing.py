@@ -42,8 +42,10 @@ class CachedRegistry(WorkerRegistry):
         return super().assign(worker_id, request_id, num_tokens, num_blocks)
 
     def _forget(self, worker, request_id):  # noqa: ANN001, ANN202
-        self._changed(worker.worker_id)
-        return super()._forget(worker, request_id)
+        forgot = super()._forget(worker, request_id)
+        if forgot:
+            self._changed(worker.worker_id)
+        return forgot
 
     def mark_full(self, worker_id):  # noqa: ANN001, ANN201
         self._changed(worker_id)

@@ -212,9 +212,9 @@ def test_release_during_an_import_waits_for_the_copy_then_frees(tiny_llama):
     assert_no_leaks(worker.engine)
 
 
-def test_load_report_does_not_wait_for_a_long_step(tiny_llama):
-    """A mixed worker's step over a long prompt takes seconds; its load reports must keep
-    flowing meanwhile, or the router takes it for dead."""
+def mixed_worker_with_held_steps(tiny_llama):
+    """A mixed worker whose every step waits until ``release`` is set; ``stepping`` is set once
+    a step has started (the engine thread is then inside it)."""
     import threading
 
     engine = make_engine(tiny_llama)
@@ -228,6 +228,13 @@ def test_load_report_does_not_wait_for_a_long_step(tiny_llama):
         return real_step(*args)
 
     engine.step = long_step
+    return worker, stepping, release
+
+
+def test_load_report_does_not_wait_for_a_long_step(tiny_llama):
+    """A mixed worker's step over a long prompt takes seconds; its load reports must keep
+    flowing meanwhile, or the router takes it for dead."""
+    worker, stepping, release = mixed_worker_with_held_steps(tiny_llama)
 
     async def main():
         await worker.start()
@@ -251,19 +258,7 @@ def test_a_report_names_a_request_once_its_figures_count_it(tiny_llama):
     """The router counts a request it sent on top of a worker's reports until one names it
     (``LoadReport.admitted``): a reservation sent during a long step is admitted only after
     that step, so no report may name it before, and exactly one names it after."""
-    import threading
-
-    engine = make_engine(tiny_llama)
-    worker = DecodeWorker(engine, DecodeConfig(prefill_locally=True))
-    release, stepping = threading.Event(), threading.Event()
-    real_step = engine.step
-
-    def long_step(*args):
-        stepping.set()
-        release.wait(10)
-        return real_step(*args)
-
-    engine.step = long_step
+    worker, stepping, release = mixed_worker_with_held_steps(tiny_llama)
 
     async def main():
         await worker.start()
