@@ -71,6 +71,14 @@ def add_engine_args(p: argparse.ArgumentParser, model_default: str = "tiny-llama
         help="never reuse cached blocks of an equal prefix",
     )
     p.add_argument(
+        "--defer-shared-prefix-tokens",
+        type=int,
+        default=_DEFAULTS.defer_shared_prefix_tokens,
+        metavar="N",
+        help="a waiting prompt waits a step for N or more of its prefix tokens that a running "
+        "sequence is computing, then takes them from the cache; 0: never (docs/engine.md)",
+    )
+    p.add_argument(
         "--no-pipelined-steps",
         dest="pipelined_steps",
         action="store_false",
@@ -101,6 +109,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
         enable_prefix_caching=args.prefix_caching,
+        defer_shared_prefix_tokens=args.defer_shared_prefix_tokens,
         num_threads=args.threads,
         num_loaded_layers=args.load_layers,
         pipelined_steps=args.pipelined_steps,

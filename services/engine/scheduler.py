@@ -6,7 +6,13 @@ Each step the scheduler fills a token budget:
    sequence still prefilling takes the next chunk of its prompt;
 2. then waiting sequences, oldest first, each starting from its cached prefix,
    until the budget, ``max_num_seqs`` or the free blocks run out. The head of
-   the queue blocks the rest (strict FCFS).
+   the queue blocks the rest (strict FCFS), with one exception: a sequence whose
+   next ``defer_shared_prefix_tokens`` or more prompt tokens (whole blocks) a running
+   sequence is still to compute waits for them, stepped over (``shares_uncomputed``):
+   once that sequence's step commits they are cached, and it computes only the rest,
+   first in the queue still. Admitted together, both would compute the prefix (in
+   ``bench compare``'s hotspot two first sights of one 384-token prefix shared a
+   1.6 s step).
 
 When a running sequence needs a block and none is free, the newest running
 sequence is preempted: its blocks are freed and it goes back to the front of
@@ -29,6 +35,7 @@ from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
+from services.common.config import DEFER_SHARED_PREFIX_TOKENS
 from services.engine.block_manager import BlockManager
 from services.engine.sequence import Sequence, SequenceStatus
 
@@ -46,6 +53,29 @@ class ScheduledBatch:
     def __len__(self) -> int:
         return len(self.seqs)
 
+    def split(self, parts: int = 2) -> list[ScheduledBatch]:
+        """Up to ``parts`` contiguous runs of whole sequences of about equal tokens (fewer with
+        fewer sequences; one if the batch has a single sequence): a donor's micro-batches
+        (step.py), and what the cluster simulator pipelines (services/sim/worker.py)."""
+        n = len(self.seqs)
+        parts = min(parts, n)
+        if parts < 2:
+            return [self]
+        total, acc, cuts = self.num_tokens, 0, [0]
+        for i, tokens in enumerate(self.num_new_tokens[:-1]):
+            acc += tokens
+            # cut after sequence i once the next share of the tokens is reached, or when only
+            # one sequence is left for each part still to come
+            left, wanted = n - (i + 1), parts - len(cuts)
+            if wanted and (acc * parts >= total * len(cuts) or left == wanted) and left >= wanted:
+                cuts.append(i + 1)
+        cuts.append(n)
+        return [
+            ScheduledBatch(self.seqs[a:b], self.num_new_tokens[a:b])
+            for a, b in zip(cuts, cuts[1:], strict=False)
+            if a < b
+        ]
+
 
 class Scheduler:
     def __init__(
@@ -54,11 +84,13 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         on_preempt: Callable[[Sequence], None] | None = None,
+        defer_shared_prefix_tokens: int = DEFER_SHARED_PREFIX_TOKENS,
     ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.on_preempt = on_preempt
+        self.defer_shared_prefix_tokens = defer_shared_prefix_tokens  # 0: never wait
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0  # sequences preempted so far (each time counts)
@@ -133,20 +165,48 @@ class Scheduler:
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         bm = self.block_manager
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[i]
             hits = bm.find_cached_prefix(seq)
+            if self.shares_uncomputed(seq, len(hits) * bm.block_size):
+                i += 1  # stepped over: first in the queue again next step
+                continue
             n = min(seq.num_tokens - len(hits) * bm.block_size, budget)
             if not bm.can_admit(seq, hits, n):
                 break
             bm.admit(seq, hits)
             bm.append(seq, n)
-            self.waiting.popleft()
+            del self.waiting[i]
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n
+
+    def shares_uncomputed(self, seq: Sequence, cached: int) -> bool:
+        """Whether a running sequence is still to compute ``defer_shared_prefix_tokens`` or
+        more of ``seq``'s prompt after its ``cached`` tokens (whole blocks of an equal prefix,
+        not ``seq``'s last token, which it computes itself)."""
+        want = self.defer_shared_prefix_tokens
+        bs = self.block_manager.block_size
+        last = (seq.num_tokens - 1) // bs * bs  # the cache can serve up to here
+        if want <= 0 or last - cached < want:
+            return False
+        for other in self.running:
+            if other.num_computed_tokens > cached or other.num_computed_tokens >= last:
+                continue  # had it computed that far, its blocks would be cached
+            end = min(last, other.num_prompt_tokens // bs * bs)
+            if end - cached < want or seq.token_ids[:cached] != other.token_ids[:cached]:
+                continue
+            shared = cached
+            while shared < end and (
+                seq.token_ids[shared : shared + bs] == other.token_ids[shared : shared + bs]
+            ):
+                shared += bs
+            if shared - cached >= want:
+                return True
+        return False
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
         self.num_preemptions += 1

@@ -98,7 +98,7 @@ class Stepper:
         halves = [batch]
         if split and not fetches:
             if layout.remote and layout.num_micro_batches > 1:
-                halves = _split(batch, layout.num_micro_batches)
+                halves = batch.split(layout.num_micro_batches)
             elif self.placement.located and self.located_micro_batches > 1:
                 halves = _deal(batch, self.located_micro_batches, self.placement.located)
         parts = [
@@ -199,27 +199,4 @@ def _deal(batch: ScheduledBatch, parts: int, located: Collection[str]) -> list[S
             [batch.num_new_tokens[i] for i in dealt[k::parts]],
         )
         for k in range(parts)
-    ]
-
-
-def _split(batch: ScheduledBatch, parts: int = 2) -> list[ScheduledBatch]:
-    """Up to ``parts`` contiguous runs of whole sequences of about equal tokens (fewer with
-    fewer sequences; one if the batch has a single sequence)."""
-    n = len(batch.seqs)
-    parts = min(parts, n)
-    if parts < 2:
-        return [batch]
-    total, acc, cuts = batch.num_tokens, 0, [0]
-    for i, tokens in enumerate(batch.num_new_tokens[:-1]):
-        acc += tokens
-        # cut after sequence i once the next share of the tokens is reached, or when only one
-        # sequence is left for each part still to come
-        left, wanted = n - (i + 1), parts - len(cuts)
-        if wanted and (acc * parts >= total * len(cuts) or left == wanted) and left >= wanted:
-            cuts.append(i + 1)
-    cuts.append(n)
-    return [
-        ScheduledBatch(batch.seqs[a:b], batch.num_new_tokens[a:b])
-        for a, b in zip(cuts, cuts[1:], strict=False)
-        if a < b
     ]

@@ -6,9 +6,11 @@ the coordinator (its learning of bandwidth and sync time included):
 
 1. LAYERS: PLANNED -> COPYING for the weights (``weights_s_per_layer`` each; 0 when helpers
    hold every layer, as they do by default), the donor's KV of the moved layers at the
-   transport's bandwidth and the protocol's own ``copy_s`` -> SWITCHING for the measured pause (the donor steps nothing) ->
-   ACTIVE: the donor's steps are stretched by ``worker.Offload`` and the helper pays the
-   moved layers' share of them;
+   transport's bandwidth and the protocol's own ``copy_s`` -> SWITCHING until the donor's step
+   in flight ends (the real switch runs between two steps: in ``bench compare`` a prefill
+   donor's SWITCHING took 3.4 s, one prefill step of the Mooncake workload), then the measured pause
+   (the donor steps nothing) -> ACTIVE: the donor's steps are stretched by ``worker.Offload``
+   and the helper pays the moved layers' share of them;
 2. REVERT: ACTIVE -> REVERTING (the moved layers' KV copied back, then ``revert_s``) -> DONE:
    the donor runs every layer again.
 
@@ -78,11 +80,9 @@ class MigrationPlayer:
 
         def switch() -> None:
             m.enter(S.SWITCHING, self.loop.now)
-            donor.hosted_debt_s += mig.switch_pause_s  # the donor's next step waits it out
-            self.loop.after(mig.switch_pause_s, activate)
+            donor.between_steps(engage)
 
-        def activate() -> None:
-            m.enter(S.ACTIVE, self.loop.now)
+        def engage() -> None:  # between two of the donor's steps, as the real switch
             share = min(0.99, moved * self.profile.layer_share)
             hop = self.transport.latency_s if mig.hop_s is None else mig.hop_s
             # a decode donor's two micro-batches are two step streams (pipeline.py); a prefill
@@ -90,6 +90,8 @@ class MigrationPlayer:
             pipelined = donor.role is WorkerRole.DECODE
             donor.offload = Offload(helper, share, hop, m.num_micro_batches, pipelined)
             helper.num_hosted_layers += moved
+            donor.hosted_debt_s += mig.switch_pause_s  # the donor's next step waits it out
+            self.loop.after(mig.switch_pause_s, lambda: m.enter(S.ACTIVE, self.loop.now))
 
         self.loop.after(m.weights_s + m.kv_copy_s + mig.copy_s, switch)
         return m

@@ -41,16 +41,23 @@ FINGERPRINT = "sim"
 class Offload:
     """This worker runs layers ``[k, L)`` on ``helper``: a share of each step moves there.
 
-    With ``m`` micro-batches inside one step (a prefill donor's, or ``pipelined=False``; at
-    most one per sequence of the step: services/engine/step.py cuts between sequences) the
-    donor's local part of each overlaps the helper's part of the ones before: a step of ``t``
-    becomes ``max(local + remote / m, local / m + remote)`` plus a hop each way per part.
+    With micro-batches inside one step (a prefill donor's, or ``pipelined=False``) the step is
+    cut as the engine cuts it (``ScheduledBatch.split``: runs of whole sequences, so one long
+    prompt is one part; a step with a pending prefix fetch is kept whole), and the two workers
+    are a two-stage flow shop over the parts in order: the donor runs each part's ``[0, k)``
+    one after the other, the helper a part's ``[k, L)`` once the donor sent it and it finished
+    the part before, a hop each way. With equal parts a step of ``t`` becomes about
+    ``max(local + remote / m, local / m + remote)``; with one dominant part, nearly ``t``.
     With two step streams (a decode donor's, services/engine/pipeline.py) each half is a step
     of its own, ``(t + fixed) / 2`` long (the step's fixed cost is paid by both halves), and the
     two workers work on different halves at once: every sequence gets its token after two
     halves of the slower worker's part, ``(t + fixed) * max(1 - share, share)``, plus the hops.
-    A helper busy with its own step pays the remote part as a longer next step (one core does
-    both); an idle one runs it at once.
+    The helper's core is one: while it still has its own work (``SimWorker.busy_ahead_s``)
+    the two share it, so the donor's step and the helper's next one each grow by the time
+    they overlap, ``min(remote, busy ahead)`` (in ``bench compare`` a prefill donor's step of
+    one 1,436-token prompt and three short ones, 18 of 30 layers on a decode worker that was
+    decoding that step's predecessors, took 3.35 s against 2.86 s unmoved); an idle helper runs
+    the remote part at once.
     """
 
     helper: SimWorker
@@ -59,19 +66,27 @@ class Offload:
     num_micro_batches: int = 2
     pipelined: bool = False  # two step streams (a decode donor's two micro-batches)
 
-    def stretch(self, t: float, fixed: float = 0.0, num_seqs: int = 2) -> float:
-        """The step of ``t`` (``fixed`` of it paid whatever the batch) over ``num_seqs``
-        sequences, with the share moved."""
-        local, remote = t * (1 - self.share), t * self.share
-        if self.helper.busy:
-            self.helper.hosted_debt_s += remote
-        parts = max(1, min(self.num_micro_batches, num_seqs))
-        hops = 2 * self.hop_s * parts
-        if parts == 1:
-            return local + remote + hops
+    def stretch(self, t: float, fixed: float = 0.0, parts: tuple[float, ...] = (1.0, 1.0)) -> float:
+        """The step of ``t`` (``fixed`` of it paid once, on the donor, whatever the batch)
+        with the share moved. ``parts``: the step's micro-batches in order, each its weight
+        (the modelled cost of its sequences); two step streams use only how many there are."""
+        remote = t * self.share
+        # one core runs the helper's own steps and the hosted part: while both have work they
+        # share it, each slowed by the time they overlap
+        shared = min(remote, self.helper.busy_ahead_s())
+        self.helper.hosted_debt_s += shared
         if self.pipelined:
-            return (t + fixed) * max(1 - self.share, self.share) + hops
-        return max(local + remote / parts, local / parts + remote) + hops
+            if len(parts) < 2:
+                return t + 2 * self.hop_s + shared
+            streams = (t + fixed) * max(1 - self.share, self.share) + 2 * self.hop_s * len(parts)
+            return streams + shared
+        local = max(0.0, t - fixed - remote)
+        total = sum(parts) or 1.0
+        donor = helper = 0.0
+        for w in parts:
+            donor += local * w / total
+            helper = max(helper, donor + self.hop_s) + remote * w / total + self.hop_s
+        return fixed + max(donor, helper) + shared
 
 
 @dataclass
@@ -108,6 +123,8 @@ class SimWorker:
         self.meter = LoadMeter(LOAD_WINDOW_S, loop.clock)
         self.busy = False
         self.offload: Offload | None = None
+        self._between_steps: list[Callable[[], None]] = []
+        self._step_s = self._step_end_s = 0.0  # the step in flight: its length and end
         self.hosted_debt_s = 0.0
         self.num_hosted_layers = 0
         self.stats = StepStats()
@@ -254,13 +271,49 @@ class SimWorker:
         if fetch:  # layer l computes once its prefix layer arrived: the longer one, overlapped
             t = max(t, fetch) + min(t, fetch) / self.profile.num_layers
         if self.offload is not None:
-            t = self.offload.stretch(t, fixed, len(batch.seqs))
+            t = self.offload.stretch(t, fixed, self._parts(batch, whole=fetch > 0))
         t += self.hosted_debt_s
         self.hosted_debt_s = 0.0
         self.busy = True
+        self._step_s, self._step_end_s = t, self.loop.now + t
         start = self.loop.now
         self.meter.begin(start)  # busy while it runs, as the real loop's meter counts it
         self.loop.after(t, lambda: self._commit(batch, start))
+
+    def _parts(self, batch: ScheduledBatch, whole: bool) -> tuple[float, ...]:
+        """The micro-batches an offloaded step runs, each its modelled cost: the engine's own
+        cut (step.py plans a step with a pending prefix fetch whole); a decode donor's step
+        streams split the batch in halves of sequences."""
+        assert self.offload is not None
+        micro = self.offload.num_micro_batches
+        if self.offload.pipelined:
+            return (1.0,) * max(1, min(micro, len(batch.seqs)))
+        runs = [batch] if whole else batch.split(micro)
+        return tuple(self.step_time(run)[0] for run in runs)
+
+    def busy_ahead_s(self) -> float:
+        """How long this worker's core stays busy with its own work at the present pace: the
+        step in flight and, for a worker that decodes, a step per token its longest running
+        sequence has still to make (what a hosted layer part shares the core with)."""
+        if not self.busy:
+            return 0.0
+        ahead = max(0.0, self._step_end_s - self.loop.now)
+        if self.role is not WorkerRole.PREFILL:
+            left = max(
+                (q.params.max_tokens - q.num_output_tokens for q in self.scheduler.running),
+                default=0,
+            )
+            ahead += max(0, left - 1) * self._step_s
+        return ahead
+
+    def between_steps(self, command: Callable[[], None]) -> None:
+        """Runs ``command`` now if no step runs, else once the running one committed, before
+        the next starts: where the real engine runs a command (a migration's switch waits for
+        the donor's step in flight, seconds for a prefill step of 2,048 tokens)."""
+        if self.busy:
+            self._between_steps.append(command)
+        else:
+            command()
 
     def step_time(self, batch: ScheduledBatch) -> tuple[float, float]:
         """The time model's prediction for ``batch`` (profile.py), and the part of it paid
@@ -301,6 +354,9 @@ class SimWorker:
             if seq.num_computed_tokens == seq.num_tokens:
                 self._sample(seq)
         self.busy = False
+        commands, self._between_steps = self._between_steps, []
+        for command in commands:
+            command()
         self.kick()
 
     def _sample(self, seq: Sequence) -> None:

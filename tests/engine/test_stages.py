@@ -15,7 +15,6 @@ from services.engine.local_ports import LocalStagePort
 from services.engine.ports import StagePort, StageSeq, StageWork
 from services.engine.scheduler import ScheduledBatch
 from services.engine.stages import MAX_MICRO_BATCHES, Stage, StageLayout
-from services.engine.step import _split
 from tests.engine.coordinator import prompt_ids
 from tests.engine.helpers import assert_no_leaks, make_engine
 
@@ -179,7 +178,7 @@ def test_switching_back_recomputes_exactly_the_sequences_whose_kv_was_not_restor
 )
 def test_a_batch_is_cut_into_runs_of_whole_sequences_of_about_equal_tokens(tokens, parts, cut):
     seqs = [object() for _ in tokens]
-    runs = _split(ScheduledBatch(seqs, tokens), parts)  # type: ignore[arg-type]
+    runs = ScheduledBatch(seqs, tokens).split(parts)  # type: ignore[arg-type]
     assert [r.num_new_tokens for r in runs] == cut
     assert [s for r in runs for s in r.seqs] == seqs
 

@@ -7,6 +7,7 @@ import pytest
 from services.coordinator.policy_types import ActionKind, Decision
 from services.launcher import Mode
 from services.sim.cluster import SimCluster, SimSpec
+from services.sim.profile import PrefillModel
 from services.sim.worker import Offload
 from tests.sim.factories import assert_no_leaks, make_profile, request
 
@@ -120,25 +121,94 @@ def test_scheduler_limits_come_from_the_real_scheduler():
 def test_a_layer_offload_stretches_the_donors_step_and_charges_a_busy_helper():
     cluster = SimCluster(SimSpec(Mode.STATIC_PD, 2), make_profile())
     helper = cluster.workers["prefill-000"]
+    # two equal parts, a flow shop: the donor's 0.03 + 0.03, the helper's 0.02 of each after
+    # its hop in, a hop back: the helper waits for the donor's second part
     two = Offload(helper, share=0.4, hop_s=0.001, num_micro_batches=2)
-    assert two.stretch(0.1) == pytest.approx(0.05 + 0.03 + 0.004)
+    assert two.stretch(0.1) == pytest.approx(0.06 + 0.001 + 0.02 + 0.001)
     assert helper.hosted_debt_s == 0.0  # idle: its core runs the remote part at once
-    helper.busy = True
+    # a helper with 0.03 s of its own work left shares its core with the 0.04 s remote part
+    # for 0.03 s: the donor's step and the helper's next one each 0.03 s longer
+    helper.busy_ahead_s = lambda: 0.03  # type: ignore[method-assign]
     one = Offload(helper, share=0.4, hop_s=0.001, num_micro_batches=1)
-    assert one.stretch(0.1) == pytest.approx(0.1 + 0.002)
-    assert helper.hosted_debt_s == pytest.approx(0.04)
+    assert one.stretch(0.1, parts=(1.0,)) == pytest.approx(0.1 + 0.002 + 0.03)
+    assert helper.hosted_debt_s == pytest.approx(0.03)
+    helper.busy_ahead_s = lambda: 5.0  # type: ignore[method-assign]
+    assert one.stretch(0.1, parts=(1.0,)) == pytest.approx(0.1 + 0.002 + 0.04)  # all of it
+    assert helper.hosted_debt_s == pytest.approx(0.07)
     # two step streams: halves of (0.1 + 0.02) / 2 each, the donor's 0.6 of both per token
-    helper.busy = False
+    helper.busy_ahead_s = lambda: 0.0  # type: ignore[method-assign]
+    helper.hosted_debt_s = 0.0
     streams = Offload(helper, share=0.4, hop_s=0.001, num_micro_batches=2, pipelined=True)
     assert streams.stretch(0.1, fixed=0.02) == pytest.approx(0.12 * 0.6 + 0.004)
-    # eight inside one step (a prefill donor's): the donor's 0.06, then the last part's 0.005
+    assert streams.stretch(0.1, fixed=0.02, parts=(1.0,)) == pytest.approx(0.1 + 0.002)
+    # eight equal parts inside one step (a prefill donor's): the donor's 0.06, then the last
+    # part's 0.005 with its two hops
     eight = Offload(helper, share=0.4, hop_s=0.001, num_micro_batches=8)
-    assert eight.stretch(0.1, num_seqs=20) == pytest.approx(0.06 + 0.04 / 8 + 0.016)
-    # at most one part a sequence: three sequences make three parts
-    assert eight.stretch(0.1, num_seqs=3) == pytest.approx(0.06 + 0.04 / 3 + 0.006)
-    assert eight.stretch(0.1, num_seqs=1) == pytest.approx(0.1 + 0.002)
+    assert eight.stretch(0.1, parts=(1.0,) * 8) == pytest.approx(0.06 + 0.002 + 0.04 / 8)
+    assert eight.stretch(0.1, parts=(1.0,) * 3) == pytest.approx(0.06 + 0.002 + 0.04 / 3)
+    assert eight.stretch(0.1, parts=(1.0,)) == pytest.approx(0.1 + 0.002)
+    # the step's fixed cost stays on the donor, once
+    # (here the helper's chain bounds it: each of its parts 0.02 between two hops)
+    assert eight.stretch(0.1, fixed=0.02, parts=(1.0, 1.0)) == pytest.approx(
+        0.02 + 0.02 + 2 * (0.001 + 0.02 + 0.001) - 0.001
+    )
+    # one long prompt and a short one: the long part's two halves run one after the other
+    assert eight.stretch(0.1, parts=(9.0, 1.0)) == pytest.approx(
+        0.054 + 0.001 + 0.036 + 0.001 + 0.004 + 0.001
+    )
     # a helper's part longer than the donor's: it bounds the step
-    assert Offload(helper, 0.7, 0.0, 4).stretch(0.1, num_seqs=8) == pytest.approx(0.03 / 4 + 0.07)
+    assert Offload(helper, 0.7, 0.0, 4).stretch(0.1, parts=(1.0,) * 4) == pytest.approx(
+        0.03 / 4 + 0.07
+    )
+
+
+def test_a_worker_is_busy_ahead_for_its_step_and_its_longest_sequences_tokens():
+    # mixed, prefill 10 ms a token, decode 100 ms a step: a 10-token prompt asking 4 tokens
+    cluster = SimCluster(SimSpec(Mode.COLOCATED, 1), make_profile())
+    worker = next(iter(cluster.workers.values()))
+    assert worker.busy_ahead_s() == 0.0  # idle
+    worker.on_token = worker.on_finished = lambda seq: None  # no client: the worker alone
+    worker.add("r0", list(range(1, 11)), 4)
+    worker.kick()
+    # the prefill step (its token the first), then three steps at its pace for the other three
+    assert worker.busy_ahead_s() == pytest.approx(0.1 + 3 * 0.1)
+    cluster.loop.run(until=0.15)  # the first token sampled; the first decode step in flight
+    # 0.05 s of that step, then two more steps for the 3rd and 4th tokens
+    assert worker.busy_ahead_s() == pytest.approx(0.05 + 2 * 0.1)
+    cluster.loop.run()
+    assert worker.busy_ahead_s() == 0.0
+
+
+@pytest.mark.parametrize(
+    ("prompts", "whole", "parts"),
+    [
+        ([400, 400, 400, 400], False, 4),  # as the engine cuts: one part a sequence here
+        ([1436, 179, 33, 227], False, 4),
+        ([1000], False, 1),
+        ([400, 400, 400, 400], True, 1),  # a pending prefix fetch keeps the step whole
+    ],
+)
+def test_an_offloaded_prefill_step_is_cut_as_the_engine_cuts_it(prompts, whole, parts):
+    profile = make_profile(
+        max_num_batched_tokens=2048, num_kv_blocks=512, prefill=PrefillModel(0.05, 0.001, 1e-7)
+    )
+    cluster = SimCluster(SimSpec(Mode.STATIC_PD, 2), profile)
+    donor, helper = cluster.workers["prefill-000"], cluster.workers["decode-000"]
+    donor.offload = Offload(helper, share=0.5, hop_s=0.0, num_micro_batches=8)
+    for i, n in enumerate(prompts):
+        donor.add(f"r{i}", list(range(10_000 * i + 1, 10_000 * i + n + 1)), 1)
+    batch = donor.scheduler.schedule()
+    costs = donor._parts(batch, whole)
+    assert len(costs) == parts
+    assert sum(costs) >= donor.step_time(batch)[0]  # each part pays the fixed cost apart
+    expected = [donor.step_time(run)[0] for run in ([batch] if whole else batch.split(8))]
+    assert list(costs) == pytest.approx(expected)
+    t, fixed = donor.step_time(batch)
+    stretched = donor.offload.stretch(t, fixed, costs)
+    if parts == 1:
+        assert stretched == pytest.approx(t)  # nothing overlaps: the step is as long
+    else:
+        assert fixed < stretched < t
 
 
 def test_a_decode_donor_pipelines_and_a_prefill_donor_does_not():

@@ -157,3 +157,63 @@ def test_max_running_caps_the_running_sequences_scheduled():
     assert plan(sched.schedule(max_running=2)) == [(ids[0], 1), (ids[1], 1)]
     assert plan(sched.schedule(exclude=ids[:1], max_running=1)) == [(ids[1], 1)]
     assert plan(sched.schedule(exclude=ids[:2])) == [(ids[2], 1)]
+
+
+def _sharing(defer: int, budget: int = 64):
+    from services.engine.scheduler import Scheduler
+    from tests.unit.factories import make_block_manager
+
+    return Scheduler(make_block_manager(16), 4, budget, defer_shared_prefix_tokens=defer)
+
+
+def test_a_prompt_waits_a_step_for_a_shared_prefix_a_running_one_computes():
+    prefix = list(range(500, 512))  # three blocks of 4
+    sched = _sharing(defer=8)
+    a, b, c = make_seq(prefix + [1, 2, 3]), make_seq(prefix + [4, 5, 6, 7, 8]), make_seq(5)
+    for s in (a, b, c):
+        sched.add(s)
+    # b would compute a's 12 uncomputed prefix tokens again: it is stepped over, and c, behind
+    # it, is not held up
+    assert plan(run_step(sched)) == [(a.request_id, 15), (c.request_id, 5)]
+    assert list(sched.waiting) == [b]
+    # a's step committed its three full blocks: b computes only its own 5 tokens
+    assert plan(run_step(sched)) == [(a.request_id, 1), (c.request_id, 1), (b.request_id, 5)]
+    assert b.num_cached_tokens == 12
+    drain(sched)
+    assert_no_leaks(sched.block_manager)
+
+
+def test_off_or_under_the_threshold_both_compute_the_prefix_in_one_step():
+    prefix = list(range(500, 512))
+    for defer, shared in ((0, prefix), (16, prefix), (8, prefix[:4])):
+        sched = _sharing(defer)
+        a, b = make_seq(shared + [1, 2, 3]), make_seq(shared + [4, 5, 6, 7, 8])
+        sched.add(a)
+        sched.add(b)
+        batch = run_step(sched)
+        assert plan(batch) == [(a.request_id, len(shared) + 3), (b.request_id, len(shared) + 5)]
+        drain(sched)
+        assert_no_leaks(sched.block_manager)
+
+
+def test_a_prompt_waits_for_a_chunked_prefix_and_not_for_a_finished_leader():
+    prefix = list(range(500, 524))  # six blocks
+    sched = _sharing(defer=8, budget=12)
+    a, b = make_seq(prefix + [1]), make_seq(prefix + [2, 3])
+    sched.add(a)
+    sched.add(b)
+    assert plan(run_step(sched)) == [(a.request_id, 12)]  # a's first chunk: b waits
+    assert plan(run_step(sched)) == [(a.request_id, 12)]  # a's second: still 12 shared to come
+    # a computed the whole prefix (its last token still to come): b takes the cache, 2 tokens
+    assert plan(run_step(sched)) == [(a.request_id, 1), (b.request_id, 2)]
+    assert b.num_cached_tokens == 24
+    drain(sched)
+    # the leader gone before computing anything: the waiting one is admitted at once
+    c, d = make_seq(list(range(700, 724)) + [1]), make_seq(list(range(700, 724)) + [2])
+    sched.add(c)
+    sched.add(d)
+    assert plan(sched.schedule()) == [(c.request_id, 12)]
+    sched.finish(c)
+    assert plan(sched.schedule()) == [(d.request_id, 12)]
+    sched.finish(d)
+    assert_no_leaks(sched.block_manager)
