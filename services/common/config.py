@@ -29,8 +29,9 @@ def _require(ok: bool, message: str) -> None:
 
 # A waiting prompt steps over a step for a prefix at least this long (whole blocks) that a
 # running sequence is computing, and takes it from the cache after: a prefill step's fixed
-# cost is that of ~20-60 prompt tokens on the machines measured (the simulator's profiles:
-# 30-95 ms against ~1.5 ms a token), so waiting a step for less would cost more than it saves.
+# cost is that of ~65 prompt tokens on the VM measured (the simulator's fitted smollm2
+# profiles of 2026-12-03/04: 87-95 ms a step against 1.3-1.5 ms a token), so waiting a step
+# for fewer would cost about what it saves.
 DEFER_SHARED_PREFIX_TOKENS = 64
 
 

@@ -8,7 +8,7 @@ Each step the scheduler fills a token budget:
    until the budget, ``max_num_seqs`` or the free blocks run out. The head of
    the queue blocks the rest (strict FCFS), with one exception: a sequence whose
    next ``defer_shared_prefix_tokens`` or more prompt tokens (whole blocks) a running
-   sequence is still to compute waits for them, stepped over (``shares_uncomputed``):
+   sequence is still to compute waits for them, stepped over (``_shares_uncomputed``):
    once that sequence's step commits they are cached, and it computes only the rest,
    first in the queue still. Admitted together, both would compute the prefix (in
    ``bench compare``'s hotspot two first sights of one 384-token prefix shared a
@@ -169,7 +169,7 @@ class Scheduler:
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[i]
             hits = bm.find_cached_prefix(seq)
-            if self.shares_uncomputed(seq, len(hits) * bm.block_size):
+            if self._shares_uncomputed(seq, len(hits) * bm.block_size):
                 i += 1  # stepped over: first in the queue again next step
                 continue
             n = min(seq.num_tokens - len(hits) * bm.block_size, budget)
@@ -184,7 +184,7 @@ class Scheduler:
             batch.num_new_tokens.append(n)
             budget -= n
 
-    def shares_uncomputed(self, seq: Sequence, cached: int) -> bool:
+    def _shares_uncomputed(self, seq: Sequence, cached: int) -> bool:
         """Whether a running sequence is still to compute ``defer_shared_prefix_tokens`` or
         more of ``seq``'s prompt after its ``cached`` tokens (whole blocks of an equal prefix,
         not ``seq``'s last token, which it computes itself)."""
@@ -194,8 +194,8 @@ class Scheduler:
         if want <= 0 or last - cached < want:
             return False
         for other in self.running:
-            if other.num_computed_tokens > cached or other.num_computed_tokens >= last:
-                continue  # had it computed that far, its blocks would be cached
+            if other.num_computed_tokens > cached:
+                continue  # had it computed past ``cached``, those blocks would be cached
             end = min(last, other.num_prompt_tokens // bs * bs)
             if end - cached < want or seq.token_ids[:cached] != other.token_ids[:cached]:
                 continue

@@ -8,9 +8,9 @@ the coordinator (its learning of bandwidth and sync time included):
    hold every layer, as they do by default), the donor's KV of the moved layers at the
    transport's bandwidth and the protocol's own ``copy_s`` -> SWITCHING until the donor's step
    in flight ends (the real switch runs between two steps: in ``bench compare`` a prefill
-   donor's SWITCHING took 3.4 s, one prefill step of the Mooncake workload), then the measured pause
-   (the donor steps nothing) -> ACTIVE: the donor's steps are stretched by ``worker.Offload``
-   and the helper pays the moved layers' share of them;
+   donor's SWITCHING took 2.8-3.5 s, one prefill step of the Mooncake workload), then the
+   measured pause (the donor steps nothing) -> ACTIVE: the donor's steps are stretched by
+   ``worker.Offload`` and the helper pays the moved layers' share of them;
 2. REVERT: ACTIVE -> REVERTING (the moved layers' KV copied back, then ``revert_s``) -> DONE:
    the donor runs every layer again.
 

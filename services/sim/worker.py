@@ -54,10 +54,7 @@ class Offload:
     halves of the slower worker's part, ``(t + fixed) * max(1 - share, share)``, plus the hops.
     The helper's core is one: while it still has its own work (``SimWorker.busy_ahead_s``)
     the two share it, so the donor's step and the helper's next one each grow by the time
-    they overlap, ``min(remote, busy ahead)`` (in ``bench compare`` a prefill donor's step of
-    one 1,436-token prompt and three short ones, 18 of 30 layers on a decode worker that was
-    decoding that step's predecessors, took 3.35 s against 2.86 s unmoved); an idle helper runs
-    the remote part at once.
+    they overlap, ``min(remote, busy ahead)``; an idle helper runs the remote part at once.
     """
 
     helper: SimWorker
@@ -75,11 +72,10 @@ class Offload:
         # share it, each slowed by the time they overlap
         shared = min(remote, self.helper.busy_ahead_s())
         self.helper.hosted_debt_s += shared
-        if self.pipelined:
-            if len(parts) < 2:
-                return t + 2 * self.hop_s + shared
+        if self.pipelined and len(parts) > 1:
             streams = (t + fixed) * max(1 - self.share, self.share) + 2 * self.hop_s * len(parts)
             return streams + shared
+        # one part (whatever the kind) is the flow shop's degenerate case: t plus two hops
         local = max(0.0, t - fixed - remote)
         total = sum(parts) or 1.0
         donor = helper = 0.0
