@@ -157,6 +157,7 @@ def server_side(result) -> dict[str, float]:
         "kv_mib": t.kv_bytes / 2**20,
         "num_cached_tokens": result.num_cached_tokens,
         "prefill_worker": result.prefill_worker_id,
+        "decode_worker": result.decode_worker_id,
     }
 
 

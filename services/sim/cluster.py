@@ -28,6 +28,7 @@ every ``PolicyConfig.interval_s`` (``migrations.py`` plays the decisions out).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.common.errors import ResourceExhaustedError
@@ -129,6 +130,8 @@ class SimCluster:
         w.on_token = self._on_token
         w.on_prefilled = lambda seq, w=w: self._on_prefilled(w, seq)
         w.on_finished = self._on_finished
+        if role is WorkerRole.PREFILL:
+            w.on_step = self._handing_off
         self.workers[worker_id] = w
         capacity = WorkerCapacity(
             w.block_manager.num_blocks, self.profile.block_size, FINGERPRINT,
@@ -242,6 +245,21 @@ class SimCluster:
         if r.first_token_s is None:
             r.first_token_s = self.loop.now
         r.num_output_tokens = max(r.num_output_tokens, seq.num_output_tokens)
+
+    def _handing_off(self, batch) -> Callable[[], None]:
+        """A prefill step starts: the decode workers its prompts' KV streams to (layer by
+        layer, as the step computes) are receiving until it ends (``receiving_scale``)."""
+        to = {r.decode_worker for q in batch.seqs
+              if (r := self.requests.get(q.request_id)) is not None and r.decode_worker}  # fmt: skip
+        receivers = [self.workers[w] for w in to if w in self.workers]
+        for w in receivers:
+            w.receiving += 1
+
+        def ended() -> None:
+            for w in receivers:
+                w.receiving -= 1
+
+        return ended
 
     def _on_prefilled(self, prefill: SimWorker, seq) -> None:
         r = self.requests[seq.request_id]

@@ -86,17 +86,22 @@ class StepCosts:
     prefill_scale: float = 1.0
     decode_scale: float = 1.0
     prefill_step_s: float = 0.0
+    # A decode worker's step while a prefill worker computes a prompt whose KV it receives,
+    # against its step otherwise (a multiplier on top of ``decode_scale``; ``sim serving``).
+    receiving_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("prefill_scale", "decode_scale"):
+        for name in ("prefill_scale", "decode_scale", "receiving_scale"):
             value = getattr(self, name)
             _require(math.isfinite(value) and value > 0, f"{name} must be > 0, got {value}")
         value = self.prefill_step_s
         _require(math.isfinite(value) and value >= 0, f"prefill_step_s must be >= 0, got {value}")
 
     def describe(self) -> str:
+        receiving = (f" (x{self.receiving_scale:.3f} more while receiving a hand-off)"
+                     if self.receiving_scale != 1.0 else "")  # fmt: skip
         return (f"prefill x{self.prefill_scale:.3f} + {self.prefill_step_s * 1e3:.1f} ms a step, "
-                f"decode x{self.decode_scale:.3f}")  # fmt: skip
+                f"decode x{self.decode_scale:.3f}{receiving}")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,11 @@ class ServingModel:
     # the decode worker's reservation (the router's ``routing_s``, its median over a real run).
     route_s: float = 0.0
     mixed: StepCosts | None = None
+    # A decode worker's step while a prefill worker computes a prompt it will hand to it (its
+    # KV streams in layer by layer meanwhile), against the same step otherwise: on the local
+    # cluster 1.14-1.15x (docs/simulator.md, session 20). ``sim serving`` fits it on the real
+    # decode worker's steps; 1.0: no such effect.
+    receiving_scale: float = 1.0
 
     def __post_init__(self) -> None:
         self.costs(mixed=False)  # validates the flat fields
@@ -134,7 +144,8 @@ class ServingModel:
         """A mixed (colocated) worker's step costs, or a prefill or decode worker's."""
         if mixed and self.mixed is not None:
             return self.mixed
-        return StepCosts(self.prefill_scale, self.decode_scale, self.prefill_step_s)
+        return StepCosts(self.prefill_scale, self.decode_scale, self.prefill_step_s,
+                         self.receiving_scale)  # fmt: skip
 
     def describe(self) -> str:
         """Lines for a person: each kind of worker's costs, the routing time and the source."""

@@ -46,6 +46,15 @@ prompt) — so ``real = prefill_step_s · steps +
 prefill_scale · model`` is fitted by least squares (``ServingModel.prefill_step_s``), and the
 replays then fit ``decode_scale`` alone. The router's own median ``routing_s`` (its work and
 the decode worker's reservation, 2-40 ms a request on a loaded run) becomes ``route_s``.
+
+A PD decode worker's steps are slower while a prefill worker computes a prompt bound for it
+(its KV streams in layer by layer meanwhile): on this machine's runs 1.20x the model against
+1.05x otherwise (docs/simulator.md, session 20). One ``decode_scale`` averaged the two, too
+slow for a workload whose decodes mostly run beside an idle prefill worker and too fast for one
+whose prefill worker never rests. Where the run's token times pin down enough of both kinds
+(``steps.decode_worker_steps``: at least ``MIN_STEP_POINTS`` each), their ratio of medians of
+real over modelled step time becomes ``receiving_scale``, held fixed while the replays fit
+``decode_scale``.
 """
 
 from __future__ import annotations
@@ -60,11 +69,12 @@ from pathlib import Path
 
 from bench.workloads_trace import DEFAULT_TRACES_DIR
 from services.common.errors import ConfigError
+from services.launcher import Mode
 from services.sim.calibrate import find_profile
 from services.sim.fit import fit_step_overhead, fit_two_terms
 from services.sim.profile import Profile, ServingModel, StepCosts
-from services.sim.steps import worker_steps
-from services.sim.validate import compare_rows, render
+from services.sim.steps import decode_worker_steps, worker_steps
+from services.sim.validate import compare_rows, render, up_spec
 
 # The mode whose rows fit a PD worker's costs (the flat ``ServingModel`` fields), and the one
 # whose rows fit a colocated worker's (``ServingModel.mixed``) when the run has it.
@@ -211,6 +221,24 @@ def fit_mixed_steps(points: list[tuple[float, float, float]]) -> tuple[float, fl
     return decode, prefill
 
 
+def fit_receiving_scale(report: dict, profile: Profile) -> tuple[float, int, int] | None:
+    """A PD decode worker's steps while it receives a hand-off against its steps otherwise
+    (``ServingModel.receiving_scale``): the ratio of the medians of real over modelled step
+    time in the two kinds of the static-PD rows' decode steps (``steps.decode_worker_steps``),
+    and how many of each; None with fewer than ``MIN_STEP_POINTS`` of either."""
+    d = profile.decode
+    one = up_spec(Mode(PD_MODE), report.get("config", {})).num_decode == 1
+    ratios: dict[bool, list[float]] = {True: [], False: []}
+    for run in report.get("runs", []):
+        if run.get("mode") == PD_MODE:
+            for s in decode_worker_steps(run, one):
+                ratios[s.receiving].append(s.seconds / d.time(s.num_decodes, s.context))
+    if min(len(ratios[True]), len(ratios[False])) < MIN_STEP_POINTS:
+        return None
+    scale = statistics.median(ratios[True]) / statistics.median(ratios[False])
+    return scale, len(ratios[True]), len(ratios[False])
+
+
 def _fittable(report: dict, mode: str) -> bool:
     """Whether some real ``mode`` row has the TTFT and TPOT p50 that its fit compares."""
     return any(r["mode"] == mode and r.get("ttft_p50_ms") and r.get("tpot_p50_ms")
@@ -220,7 +248,8 @@ def _fittable(report: dict, mode: str) -> bool:
 def _serving(costs: dict[str, StepCosts], route_s: float) -> ServingModel:
     pd = costs[PD_MODE]
     return ServingModel(pd.prefill_scale, pd.decode_scale, prefill_step_s=pd.prefill_step_s,
-                        route_s=route_s, mixed=costs.get(MIXED_MODE))  # fmt: skip
+                        route_s=route_s, mixed=costs.get(MIXED_MODE),
+                        receiving_scale=pd.receiving_scale)  # fmt: skip
 
 
 def _refit(costs: StepCosts, rows: list[dict], mode: str, prefill_fitted: bool) -> StepCosts:
@@ -250,6 +279,7 @@ def fit(
     if PD_MODE not in modes:
         raise ConfigError("the compare run has no static-pd rows to fit the serving overhead on")
     costs, lone, stepped = {}, {}, {}
+    receiving: tuple[float, int, int] | None = None
     for mode in (PD_MODE, MIXED_MODE):
         if mode not in modes or (
             mode == MIXED_MODE and not (colocated_apart and _fittable(report, mode))
@@ -266,6 +296,9 @@ def fit(
         steps_fit = fit_prefill_steps(points)
         costs[mode] = StepCosts(*(() if steps_fit is None else (steps_fit[1], 1.0, steps_fit[0])))
         lone[mode] = len(points) if steps_fit is not None else None
+        if mode == PD_MODE and (found := fit_receiving_scale(report, profile)) is not None:
+            costs[mode] = replace(costs[mode], receiving_scale=found[0])
+            receiving = found
     route_s = median_routing_s(report)
     for done in range(1, iterations + 1):  # noqa: B007 - the count is returned
         rows = compare_rows(report, replace(profile, serving=_serving(costs, route_s)), traces_dir)
@@ -278,12 +311,19 @@ def fit(
         rows = compare_rows(report, replace(profile, serving=_serving(costs, route_s)), traces_dir)
     config, machine = report.get("config", {}), report.get("machine", {})
 
-    def how(m: str) -> str:
+    def how_scales(m: str) -> str:
         if m in stepped:
             return f"both scales from {stepped[m]} of their workers' steps"
         return "prefill from " + (
             f"{lone[m]} lone steps" if lone[m] is not None else "the TTFT ratio"
         )
+
+    def how(m: str) -> str:
+        told = how_scales(m)
+        if m == PD_MODE and receiving is not None:
+            told += (f"; receiving x{receiving[0]:.3f} from {receiving[1]} decode steps while "
+                     f"a hand-off was computed and {receiving[2]} without")  # fmt: skip
+        return told
 
     fitted = " and ".join(f"{m} rows ({how(m)})" for m in costs)
     source = (

@@ -1,4 +1,4 @@
-"""A real colocated worker's steps, read back from a ``bench compare`` run's token times.
+"""A real worker's steps, read back from a ``bench compare`` run's token times.
 
 A worker steps every sequence it holds at once: a step ends with one token for each sequence it
 decodes and the first token of each prompt it finished. The client's record of a request (its
@@ -23,11 +23,17 @@ A step is kept only when that is all it held, as far as the records can tell:
 ``sim serving --colocated-apart`` fits a colocated worker's costs on these steps
 (``serving.py``, ``fit_mixed_steps``): the time model's step prediction against the measured step, rather than a
 request's TTFT, which also holds the relay of its first token and its queueing.
+
+A PD decode worker's steps are read the same way from every token after a request's first
+(``decode_worker_steps``), each marked by whether a prefill worker was computing a prompt bound
+for that decode worker meanwhile: on this machine such a step ran 1.14-1.15x one without
+(docs/simulator.md, session 20), which ``sim serving`` fits as ``receiving_scale``.
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 from dataclasses import dataclass
 
 # Token times of one step end less than this apart (on the client's clock) are one cluster; the
@@ -149,3 +155,75 @@ def _step(w: _Worker, prev: list[_Token], cur: list[_Token], before: float | Non
         tokens += n
         attention += n * q["num_prompt_tokens"]
     return StepPoint(decodes, context, tokens, attention, end - start)
+
+
+@dataclass(frozen=True)
+class DecodeStep:
+    """One real step of a PD decode worker: its decodes, their total context, its measured
+    seconds, and whether a prefill worker computed a prompt bound for it meanwhile (for at
+    least half the step: the prompt's KV streamed in layer by layer as it computed)."""
+
+    num_decodes: int
+    context: int
+    seconds: float
+    receiving: bool
+
+
+def decode_worker_steps(
+    run: dict, one_decode_worker: bool, join_s: float = JOIN_S
+) -> list[DecodeStep]:
+    """The steps of a PD run's decode workers that its token records pin down: as
+    ``worker_steps`` reads a colocated worker's, over every token after the first (the first is
+    the prefill worker's), keeping only steps of decodes that every sequence alive across them
+    has a token in, and none that a sequence joined (its hand-off may have ended mid-step).
+    A request records its decode worker (``server.decode_worker``); runs from before it did
+    count when ``one_decode_worker`` (the cluster had one), else they are skipped."""
+    by: dict[str | None, list[dict]] = {}
+    for q in run.get("requests", []):
+        server = q.get("server") or {}
+        if q.get("status") != "OK" or len(q.get("chunks") or ()) < 2 or not server.get("prefill_s"):
+            continue  # no decode step of its own, or prefilled where it decodes (no hand-off)
+        worker = server.get("decode_worker")
+        if worker is None and not one_decode_worker:
+            continue
+        by.setdefault(worker, []).append(q)
+    points = []
+    for qs in by.values():
+        points.extend(_decode_steps(qs, join_s))
+    return points
+
+
+def _decode_steps(qs: list[dict], join_s: float) -> list[DecodeStep]:
+    tokens, merged = [], []
+    first, last, computing = {}, {}, []
+    for i, q in enumerate(qs):
+        index = 0
+        for t, n in q["chunks"]:
+            if index >= 1:
+                tokens.append(_Token(q["sent_at_s"] + t, i, index))
+                if n != 1:
+                    merged.append(q["sent_at_s"] + t)
+            index += n
+        first[i] = q["sent_at_s"] + q["chunks"][1][0]
+        last[i] = q["sent_at_s"] + q["chunks"][-1][0]
+        ttft = q["sent_at_s"] + q["chunks"][0][0]
+        computing.append((ttft - q["server"]["prefill_s"], ttft))
+    tokens.sort(key=lambda k: k.t)
+    merged.sort()
+    clusters = _clusters(tokens, join_s)
+    points = []
+    for prev, cur in itertools.pairwise(clusters):
+        start, end = prev[0].t, cur[0].t
+        in_cur = {k.seq for k in cur}
+        if not in_cur & {k.seq for k in prev} or any(k.index == 1 for k in cur):
+            continue  # a pause between them, or a sequence that joined during the step
+        i = bisect.bisect_left(merged, start - join_s)
+        if i < len(merged) and merged[i] < end + join_s:
+            continue  # a chunk of several tokens near the step: a merged boundary
+        if any(i not in in_cur and first[i] < start + join_s and last[i] > end + join_s
+               for i in first):  # fmt: skip
+            continue  # alive across the step without a token in it
+        overlap = sum(max(0.0, min(end, e) - max(start, s)) for s, e in computing)
+        context = sum(qs[k.seq]["num_prompt_tokens"] + k.index for k in cur)
+        points.append(DecodeStep(len(cur), context, end - start, overlap >= 0.5 * (end - start)))
+    return points

@@ -128,6 +128,12 @@ class SimWorker:
         self.on_token: Callable[[Sequence], None] = lambda seq: None
         self.on_prefilled: Callable[[Sequence], None] = lambda seq: None
         self.on_finished: Callable[[Sequence], None] = lambda seq: None
+        # (batch) -> what to call when that step ends: a prefill worker's steps mark the decode
+        # workers its prompts hand off to as receiving while they run (set by the cluster).
+        self.on_step: Callable[[ScheduledBatch], Callable[[], None]] = lambda batch: _nothing
+        # Prefill steps in flight whose prompts' KV streams to this worker: its decode steps
+        # meanwhile cost ``costs.receiving_scale`` more (profile.py).
+        self.receiving = 0
         self.imported: dict[str, Sequence] = {}  # reserved, KV not arrived yet
         # banaserve's prefill workers (set by the cluster): the global KV store, the transport
         # its prefixes are fetched over, each admitted prefix's fetch time (paid by its first
@@ -274,7 +280,13 @@ class SimWorker:
         self._step_s, self._step_end_s = t, self.loop.now + t
         start = self.loop.now
         self.meter.begin(start)  # busy while it runs, as the real loop's meter counts it
-        self.loop.after(t, lambda: self._commit(batch, start))
+        ended = self.on_step(batch)
+
+        def commit() -> None:
+            ended()
+            self._commit(batch, start)
+
+        self.loop.after(t, commit)
 
     def _parts(self, batch: ScheduledBatch, whole: bool) -> tuple[float, ...]:
         """The micro-batches an offloaded step runs, each its modelled cost: the engine's own
@@ -328,12 +340,13 @@ class SimWorker:
         if not decodes:
             t = p.time(tokens, attention) * costs.prefill_scale + costs.prefill_step_s
             return t, p.a * costs.prefill_scale + costs.prefill_step_s
-        t = d.time(decodes, context) * costs.decode_scale
+        scale = costs.decode_scale * (costs.receiving_scale if self.receiving else 1.0)
+        t = d.time(decodes, context) * scale
         if tokens:
             # A mixed step pays the decode step's fixed cost and its prompts the rest of the
             # prefill model (what ``sim serving`` fits a colocated worker's scales on).
             t += (p.time(tokens, attention) - p.a) * costs.prefill_scale
-        return t, d.a * costs.decode_scale
+        return t, d.a * scale
 
     def _commit(self, batch: ScheduledBatch, start: float) -> None:
         now = self.loop.now
@@ -431,6 +444,10 @@ class SimWorker:
     @property
     def idle(self) -> bool:
         return not self.busy and not self.scheduler.num_unfinished and not self.imported
+
+
+def _nothing() -> None:
+    pass
 
 
 def _params(max_tokens: int) -> SamplingParams:
