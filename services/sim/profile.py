@@ -10,8 +10,9 @@ a measurement itself; nothing here is a guess the simulator makes up. Step times
   time and the prefill model's less its fixed cost (one fixed cost, the decode step's).
 
 Serving (``ServingModel``): a serving worker's cost over those step times (multipliers, a
-per-prefill-step cost; a colocated worker's optionally apart from a PD worker's) and the
-router's time per request, fitted on a real run (``sim serving``). Transports: ``latency + bytes / bandwidth``. Migrations: the coordinator record's split (weights,
+per-prefill-step cost; a colocated worker's optionally apart from a PD worker's; a decode
+worker's steps while a hand-off to it is computed) and the router's time per request, fitted on
+a real run (``sim serving``). Transports: ``latency + bytes / bandwidth``. Migrations: the coordinator record's split (weights,
 staged KV copy, switch pause), per layer and per byte.
 """
 
