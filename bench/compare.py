@@ -49,6 +49,7 @@ from bench.serve_workload import Request
 from bench.workloads import FAMILIES, Workload, plan, workload
 from bench.workloads_synthetic import VOCAB, PlannedRequest
 from bench.workloads_trace import DEFAULT_TRACES_DIR
+from services.common.arg_types import name_list
 from services.common.errors import ConfigError
 from services.launcher import LOCAL_DATA_PLANE
 
@@ -82,20 +83,10 @@ class SendLimits:
     max_concurrency: int | None = None
 
 
-def names(allowed: tuple[str, ...]):
-    def parse(text: str) -> list[str]:
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        if not items or any(t not in allowed for t in items):
-            raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(allowed)}")
-        return items
-
-    return parse
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="prepared model (default smollm2-135m)")
-    p.add_argument("--modes", type=names(MODES), default=list(MODES), help="default: all three")
-    p.add_argument("--workloads", type=names(FAMILIES), default=None,
+    p.add_argument("--modes", type=name_list(MODES), default=list(MODES), help="default: all three")
+    p.add_argument("--workloads", type=name_list(FAMILIES), default=None,
                    help=f"default: the profile's (full: {', '.join(FAMILIES)})")  # fmt: skip
     p.add_argument("--profile", choices=tuple(PROFILES), default="full",
                    help="full: every workload, 24 s of arrivals each (~13 min); quick: 3 workloads, 12 s (~5 min)")  # fmt: skip

@@ -40,7 +40,8 @@ from bench.machine import loadavg, machine_info
 from bench.migration_cost import measure_bandwidth, one_cpu, profile_layers
 from bench.migration_driver import ClusterBench
 from bench.migration_report import render_markdown
-from bench.serve_bench import positive, vocab_range
+from bench.serve_bench import vocab_range
+from services.common.arg_types import positive
 from services.engine.models.prepare import resolve_model
 from services.launcher import ClusterSpec, LocalCluster
 

@@ -30,6 +30,7 @@ from bench.machine import loadavg, machine_info
 from bench.serve_report import OK, RequestRecord, load_summary, render_markdown, summarise
 from bench.serve_targets import Endpoint, Sampling, Target, TargetError, make_target, parse_target
 from bench.serve_workload import WORKLOADS, Request, WorkloadSpec, arrival_times, make_request
+from services.common.arg_types import positive
 from services.common.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -37,19 +38,6 @@ DEFAULT_NUM_REQUESTS = 100
 DEADLINE_GRACE_S = 10.0
 
 # ---- arguments --------------------------------------------------------------------------
-
-
-def positive(kind: type, allow_inf: bool = False):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not value > 0 or (math.isinf(value) and not allow_inf):
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-        return value
-
-    return parse
 
 
 def vocab_range(text: str) -> tuple[int, int]:

@@ -43,6 +43,7 @@ from bench.loadtest.driver import (
 from bench.loadtest.report import Slo, render_markdown, step_summary, sweep_summary, write_files
 from bench.machine import loadavg, machine_info
 from bench.transport_bench import size_list
+from services.common.arg_types import number_list
 from services.common.errors import ConfigError
 from services.rpc.dataplane import DataPlaneError
 
@@ -93,19 +94,6 @@ def seconds(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive duration, got {text!r}")
     return value
-
-
-def number_list(kind: type):
-    def parse(text: str) -> list:
-        try:
-            values = [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            values = []
-        if not values or min(values) <= 0:
-            raise argparse.ArgumentTypeError(f"expected positive numbers like 8 or 8,16; {text!r}")
-        return values
-
-    return parse
 
 
 def add_common(p: argparse.ArgumentParser, target_required: bool = True) -> None:

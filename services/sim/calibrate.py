@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import socket
 import statistics
 import time
 from pathlib import Path
 
+from services.common.arg_types import name_list, non_negative, number_list, positive
+from services.common.errors import ConfigError
 from services.sim.fit import fit_decode, fit_prefill, fit_transport, relative_errors
+from services.sim.inputs import read_json
 from services.sim.profile import MigrationModel, Profile, TransportModel
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -57,22 +59,36 @@ def find_profile(model: str, given: Path | None = None) -> Path:
     for directory in (DEFAULT_PROFILE_DIR, SHIPPED_PROFILE_DIR):
         if profile_path(directory, model).exists():
             return profile_path(directory, model)
-    raise SystemExit(f"no profile for {model}: run `banaserve sim calibrate --models {model}`")
+    raise ConfigError(f"no profile for {model}: run `banaserve sim calibrate --models {model}`")
+
+
+def _decode_points(text: str) -> list[tuple[int, int]]:
+    """``BATCHxPROMPT`` points, comma-separated, each number positive."""
+    try:
+        points = [tuple(int(v) for v in p.split("x")) for p in text.split(",") if p.strip()]
+    except ValueError:
+        points = []
+    if not points or not all(len(p) == 2 and min(p) > 0 for p in points):
+        raise argparse.ArgumentTypeError(f"expected BATCHxPROMPT points like 1x32,8x256; {text!r}")
+    return points  # type: ignore[return-value]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default="smollm2-135m,tiny-llama", help="comma list")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--prefill-lengths", default="16,64,192,384,640,896,1152")
-    p.add_argument("--decode-points", default="1x32,4x32,16x32,32x32,1x384,8x256,24x160",
-                   help="BATCHxPROMPT points")  # fmt: skip
-    p.add_argument("--decode-steps", type=int, default=7)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--transports", default="tcp,ucx")
+    p.add_argument("--threads", type=positive(int), default=1)
+    p.add_argument(
+        "--prefill-lengths", type=number_list(int), default=[16, 64, 192, 384, 640, 896, 1152]
+    )
+    p.add_argument("--decode-points", type=_decode_points,
+                   default=[(1, 32), (4, 32), (16, 32), (32, 32), (1, 384), (8, 256), (24, 160)],
+                   help="BATCHxPROMPT points (default 1x32,4x32,16x32,32x32,1x384,8x256,24x160)")  # fmt: skip
+    p.add_argument("--decode-steps", type=positive(int), default=7)
+    p.add_argument("--repeats", type=positive(int), default=3)
+    p.add_argument("--transports", type=name_list(("tcp", "ucx")), default=["tcp", "ucx"])
     p.add_argument("--migration-json", type=Path, default=None,
                    help="a `bench migration` result (the records' switch pause, weights) or a "
                         "`bench compare` one (its migrations' copy and revert phases)")  # fmt: skip
-    p.add_argument("--hop-s", type=float, default=None,
+    p.add_argument("--hop-s", type=non_negative(float), default=None,
                    help="one activation hop of a layer migration, measured elsewhere "
                         "(default: the transport's latency)")  # fmt: skip
     p.add_argument("--out", type=Path, default=DEFAULT_PROFILE_DIR)
@@ -193,8 +209,8 @@ def migration_model(path: Path | None, hop_s: float | None = None) -> tuple[Migr
     if path is None:
         model = MigrationModel(0.0, DOC_SWITCH_PAUSE_S, DOC_REVERT_S, hop_s=hop_s)
         return model, "docs/migration.md figures"
-    data = json.loads(Path(path).read_text())
-    if isinstance(data, dict) and data.get("benchmark") == "compare":
+    data = read_json(path, "migration JSON")
+    if data.get("benchmark") == "compare":
         phases = phase_durations(data)
         if not phases["copy"]:
             model = MigrationModel(0.0, DOC_SWITCH_PAUSE_S, DOC_REVERT_S, hop_s=hop_s)
@@ -206,23 +222,32 @@ def migration_model(path: Path | None, hop_s: float | None = None) -> tuple[Migr
                        "phase(s) from the coordinator's state events")  # fmt: skip
     records = [m for m in migration_records(data) if m.get("reached_active", True)]
     if not records:
-        raise ValueError(f"{path}: no migration that reached ACTIVE")
-    weights = [m["weights_s"] / max(1, m["layers"][1] - m["layers"][0]) for m in records
-               if not m.get("weights_skipped") and m.get("weights_s")]  # fmt: skip
-    pause = statistics.median(m["switch_pause_s"] for m in records)
+        raise ConfigError(f"migration JSON {path}: no migration that reached ACTIVE")
+    try:
+        weights = [m["weights_s"] / max(1, m["layers"][1] - m["layers"][0]) for m in records
+                   if not m.get("weights_skipped") and m.get("weights_s")]  # fmt: skip
+        pause = statistics.median(float(m["switch_pause_s"]) for m in records)
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"migration JSON {path}: a malformed migration record ({exc!r})"
+        ) from None
     # The record has no revert split: the revert pause is taken as docs/migration.md's.
     model = MigrationModel(statistics.median(weights) if weights else 0.0, pause, DOC_REVERT_S,
                            hop_s=hop_s)  # fmt: skip
     return model, f"{path} ({len(records)} migrations)"
 
 
-def calibrate_model(model: str, args: argparse.Namespace, transports: dict) -> Profile:
+def calibrate_model(
+    model: str,
+    args: argparse.Namespace,
+    transports: tuple[dict[str, TransportModel], dict],
+    migration: tuple[MigrationModel, str],
+) -> Profile:
     from services.coordinator.layer_share import measure as measure_share
     from services.engine.kv_cache import KVCache
     from services.engine.models.loader import DTYPES
 
-    lengths = [int(x) for x in args.prefill_lengths.split(",")]
-    decode_points = [tuple(int(v) for v in p.split("x")) for p in args.decode_points.split(",")]
+    lengths, decode_points = args.prefill_lengths, args.decode_points
     engine = _engine(model, args.threads, prefix_caching=False)
     prefill_points = measure_prefill(engine, lengths, args.repeats)
     del engine
@@ -232,7 +257,7 @@ def calibrate_model(model: str, args: argparse.Namespace, transports: dict) -> P
     spec, cfg = engine.spec, engine.config
     block_bytes = KVCache.bytes_per_block(1, cfg.block_size, spec.num_kv_heads, spec.head_dim,
                                           DTYPES[cfg.dtype])  # fmt: skip
-    migration, source = migration_model(args.migration_json, args.hop_s)
+    migration, source = migration
     models, raw = transports
     return Profile(
         model, spec.num_layers, cfg.block_size, int(block_bytes), engine.block_manager.num_blocks,
@@ -269,11 +294,12 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     started = time.monotonic()
-    transports = measure_transports([k for k in args.transports.split(",") if k])
+    migration = migration_model(args.migration_json, args.hop_s)  # its errors before any work
+    transports = measure_transports(args.transports)
     if not transports[0]:
         raise SystemExit(f"no transport could be measured: {transports[1]}")
     for model in [m for m in args.models.split(",") if m]:
-        profile = calibrate_model(model, args, transports)
+        profile = calibrate_model(model, args, transports, migration)
         path = profile_path(args.out, model)
         profile.save(path)
         print("\n".join(fit_report(profile)))

@@ -218,4 +218,14 @@ class Profile:
 
     @classmethod
     def load(cls, path: Path) -> Profile:
-        return cls.from_json(json.loads(Path(path).read_text()))
+        """The profile in ``path``; a file that is not one is a ``ConfigError`` naming it."""
+        from services.sim.inputs import read_json
+
+        data = read_json(path, "simulator profile")
+        try:
+            return cls.from_json(data)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            if isinstance(exc, ConfigError):
+                raise ConfigError(f"simulator profile {path}: {exc}") from None
+            raise ConfigError(f"{path} is not a simulator profile (`sim calibrate` writes "
+                              f"one): {type(exc).__name__}: {exc}") from None  # fmt: skip

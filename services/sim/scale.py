@@ -22,6 +22,7 @@ from pathlib import Path
 
 from bench.workloads import FAMILIES, plan, workload
 from bench.workloads_trace import DEFAULT_TRACES_DIR, TraceWorkload
+from services.common.arg_types import name_list, non_negative, number_list, positive, share_list
 from services.launcher import Mode
 from services.prefill.write_backs import WritePolicy
 from services.sim.calibrate import DEFAULT_PROFILE_DIR, find_profile
@@ -44,30 +45,42 @@ PAPER = {"colocated": (1.2, 3.9), "static-pd": (1.1, 2.8)}
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--profile", type=Path, default=None)
-    p.add_argument("--workers", default="8,32,128", help="comma list of cluster sizes")
-    p.add_argument("--workloads", default=",".join((*FAMILIES, EXTRA_TRACE.name)))
-    p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals")
-    p.add_argument("--drain-s", type=float, default=60.0)
-    p.add_argument("--load", type=float, default=1.0, help="x the per-2-workers rate")
-    p.add_argument("--splits", default="0.25,0.375,0.5,0.625,0.75",
-                   help="prefill shares searched for static-pd")  # fmt: skip
+    p.add_argument("--workers", type=_cluster_sizes, default=[8, 32, 128],
+                   help="comma list of cluster sizes, each >= 2 (default 8,32,128)")  # fmt: skip
+    names = (*FAMILIES, EXTRA_TRACE.name)
+    p.add_argument("--workloads", type=name_list(names), default=list(names),
+                   help=f"comma list of {', '.join(names)} (default: all)")  # fmt: skip
+    p.add_argument("--duration", type=positive(float), default=60.0, help="seconds of arrivals")
+    p.add_argument("--drain-s", type=non_negative(float), default=60.0)
+    p.add_argument("--load", type=positive(float), default=1.0, help="x the per-2-workers rate")
+    p.add_argument("--splits", type=share_list, default=[0.25, 0.375, 0.5, 0.625, 0.75],
+                   help="prefill shares searched for static-pd, each in (0, 1) "
+                   "(default 0.25,0.375,0.5,0.625,0.75)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prefill-donors", action="store_true",
                    help="banaserve: prefill workers may donate layers too (coordinator flag)")  # fmt: skip
-    p.add_argument("--store-capacity", type=int, default=DEFAULT_CAPACITY_BYTES, metavar="BYTES",
+    p.add_argument("--store-capacity", type=positive(int), default=DEFAULT_CAPACITY_BYTES, metavar="BYTES",
                    help="banaserve's global KV store (default one node's 1 GiB)")  # fmt: skip
     p.add_argument("--store-write-policy", choices=[w.value for w in WritePolicy],
                    default=WritePolicy.REUSED.value,
                    help="banaserve: which new blocks are written to the store (as the prefill "
                    "worker's --store-write-policy; default %(default)s)")  # fmt: skip
-    p.add_argument("--local-prefill-max-tokens", type=int, default=0, metavar="N",
+    p.add_argument("--local-prefill-max-tokens", type=non_negative(int), default=0, metavar="N",
                    help="banaserve's router: a decode worker prefills a prompt itself when its "
                    "prefix cache holds all but at most N tokens (router flag; 0: never)")  # fmt: skip
-    p.add_argument("--local-prefill-queue-tokens", type=int, default=0, metavar="Q",
+    p.add_argument("--local-prefill-queue-tokens", type=non_negative(int), default=0, metavar="Q",
                    help="banaserve's router: ... and any prompt while the prefill worker has at "
                    "least Q prompt tokens queued and the decode worker fewer (router flag)")  # fmt: skip
     p.add_argument("--traces-dir", type=Path, default=DEFAULT_TRACES_DIR)
     p.add_argument("--out", type=Path, default=DEFAULT_PROFILE_DIR)
+
+
+def _cluster_sizes(text: str) -> list[int]:
+    """Comma-separated worker counts, each at least 2 (a PD split needs a worker of each)."""
+    sizes = number_list(int)(text)
+    if min(sizes) < 2:
+        raise argparse.ArgumentTypeError(f"expected cluster sizes of at least 2 workers; {text!r}")
+    return sizes
 
 
 def workload_of(name: str, rate_scale: float):  # noqa: ANN201
@@ -108,7 +121,7 @@ def scale_point(n: int, name: str, profile: Profile, args: argparse.Namespace) -
                                              "local_prefills": res.num_local_prefills}  # fmt: skip
     best = None
     splits = []
-    for k in prefill_counts(n, [float(s) for s in args.splits.split(",")]):
+    for k in prefill_counts(n, args.splits):
         spec = replace(base, mode=Mode.STATIC_PD, num_prefill=k)
         r = simulate(spec, profile, planned, name, slo).row | {"num_prefill": k}
         splits.append(r)
@@ -186,8 +199,8 @@ def write_report(points: list[dict], profile: Profile, args: argparse.Namespace)
 def run(args: argparse.Namespace) -> int:
     profile = Profile.load(find_profile(args.model, args.profile))
     points = []
-    for n in [int(x) for x in args.workers.split(",")]:
-        for name in [x for x in args.workloads.split(",") if x]:
+    for n in args.workers:
+        for name in args.workloads:
             started = time.perf_counter()
             points.append(scale_point(n, name, profile, args))
             print(f"N={n} {name}: {points[-1]['num_requests']} requests, "

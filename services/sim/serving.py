@@ -60,7 +60,6 @@ real over modelled step time becomes ``receiving_scale``, held fixed while the r
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
@@ -72,6 +71,7 @@ from services.common.errors import ConfigError
 from services.launcher import Mode
 from services.sim.calibrate import find_profile
 from services.sim.fit import fit_step_overhead, fit_two_terms
+from services.sim.inputs import read_compare
 from services.sim.profile import Profile, ServingModel, StepCosts
 from services.sim.steps import decode_worker_steps, worker_steps
 from services.sim.validate import compare_rows, render, up_spec
@@ -336,7 +336,7 @@ def fit(
 
 
 def run(args: argparse.Namespace) -> int:
-    report = json.loads(Path(args.compare_json).read_text())
+    report = read_compare(args.compare_json)
     model = report["config"].get("model", "smollm2-135m")
     path = find_profile(model, args.profile)
     profile, rows, _ = fit(

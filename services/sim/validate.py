@@ -35,6 +35,7 @@ from services.launcher import ClusterSpec, Mode
 from services.prefill.write_backs import WritePolicy
 from services.sim.calibrate import find_profile
 from services.sim.cluster import SimSpec
+from services.sim.inputs import read_compare
 from services.sim.profile import Profile
 from services.sim.replay import Job, coordinator_policy, simulate_sequence
 from services.up import add_arguments as add_up_arguments
@@ -178,15 +179,20 @@ SAME_RUN_KEYS = ("model", "seed", "duration_s", "drain_s", "rate_scale", "max_mo
                  "vocab_range", "threads", "pin", "fresh_cluster_per_workload")  # fmt: skip
 
 
-def add_repeat(rows: list[dict], other: dict, config: dict) -> None:
-    """Sets each row's ``repeat``: the relative difference of the ``other`` real run's cell
-    (None where that run has no such row). Refuses a run of another plan or cluster."""
+def check_same_run(other: dict, config: dict, modes: list[str]) -> None:
+    """Refuses a repeat run of another plan or cluster than the compared one's ``config``."""
     differ = [k for k in SAME_RUN_KEYS if other["config"].get(k) != config.get(k)]
-    modes = dict.fromkeys(r["mode"] for r in rows)
-    if any(up_spec(Mode(m), other["config"]) != up_spec(Mode(m), config) for m in modes):
+    if any(up_spec(Mode(m), other["config"]) != up_spec(Mode(m), config)
+           for m in dict.fromkeys(modes)):  # fmt: skip
         differ.append("extra_up_args")
     if differ:
         raise ConfigError(f"the repeat run differs from the compared one in {', '.join(differ)}")
+
+
+def add_repeat(rows: list[dict], other: dict, config: dict) -> None:
+    """Sets each row's ``repeat``: the relative difference of the ``other`` real run's cell
+    (None where that run has no such row). Refuses a run of another plan or cluster."""
+    check_same_run(other, config, [r["mode"] for r in rows])
     table = {(r["workload"], r["mode"]): r for r in other["table"]}
     for row in rows:
         o = table.get((row["workload"], row["mode"]))
@@ -252,13 +258,16 @@ def render(rows: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = json.loads(Path(args.compare_json).read_text())
+    report = read_compare(args.compare_json)
+    other = read_compare(args.repeat) if args.repeat is not None else None
+    if other is not None:  # before the replay, which takes a while
+        check_same_run(other, report["config"], [r["mode"] for r in report["table"]])
     model = report["config"].get("model", "smollm2-135m")
     path = find_profile(model, args.profile)
     profile = Profile.load(path)
     rows = compare_rows(report, profile, args.traces_dir)
-    if args.repeat is not None:
-        add_repeat(rows, json.loads(Path(args.repeat).read_text()), report["config"])
+    if other is not None:
+        add_repeat(rows, other, report["config"])
     print(f"Profile {path}: {profile.source}\nServing: {profile.serving.describe()}\n")
     print(render(rows))
     print()

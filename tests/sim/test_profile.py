@@ -44,5 +44,5 @@ def test_find_profile_prefers_the_given_then_this_machines_then_the_shipped(tmp_
     make_profile(model="smollm2-135m").save(profile_path(tmp_path, "smollm2-135m"))
     assert find_profile("smollm2-135m") == profile_path(tmp_path, "smollm2-135m")
     assert find_profile("smollm2-135m", tmp_path / "x.json") == tmp_path / "x.json"
-    with pytest.raises(SystemExit, match="sim calibrate"):
+    with pytest.raises(ConfigError, match="sim calibrate"):
         find_profile("no-such-model")
