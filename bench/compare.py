@@ -49,7 +49,7 @@ from bench.serve_workload import Request
 from bench.workloads import FAMILIES, Workload, plan, workload
 from bench.workloads_synthetic import VOCAB, PlannedRequest
 from bench.workloads_trace import DEFAULT_TRACES_DIR
-from services.common.arg_types import name_list
+from services.common.arg_types import name_list, non_negative, positive
 from services.common.errors import ConfigError
 from services.launcher import LOCAL_DATA_PLANE
 
@@ -92,23 +92,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="full: every workload, 24 s of arrivals each (~13 min); quick: 3 workloads, 12 s (~5 min)")  # fmt: skip
     p.add_argument("--quick", dest="profile", action="store_const", const="quick",
                    help="same as --profile quick")  # fmt: skip
-    p.add_argument("--duration", type=float, default=None, help="seconds of arrivals (override)")
-    p.add_argument("--drain-s", type=float, default=None, help="after the last arrival (override)")
-    p.add_argument("--settle-s", type=float, default=None, help="between workloads (override)")
-    p.add_argument("--rate-scale", type=float, default=1.0, help="multiplies every arrival rate")
+    p.add_argument(
+        "--duration", type=positive(float), default=None, help="seconds of arrivals (override)"
+    )
+    p.add_argument(
+        "--drain-s",
+        type=non_negative(float),
+        default=None,
+        help="after the last arrival (override)",
+    )
+    p.add_argument(
+        "--settle-s", type=non_negative(float), default=None, help="between workloads (override)"
+    )
+    p.add_argument(
+        "--rate-scale", type=positive(float), default=1.0, help="multiplies every arrival rate"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of every workload")
-    p.add_argument("--slo-ttft-ms", type=float, default=None,
+    p.add_argument("--slo-ttft-ms", type=positive(float), default=None,
                    help="TTFT SLO for every workload (default: each workload's own)")  # fmt: skip
-    p.add_argument("--slo-tpot-ms", type=float, default=None,
+    p.add_argument("--slo-tpot-ms", type=positive(float), default=None,
                    help="TPOT SLO for every workload (default: each workload's own, 250 ms)")  # fmt: skip
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--threads", type=positive(int), default=1, help="torch threads per worker")
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
                    help="pin each worker to its own CPU (default: on)")  # fmt: skip
-    p.add_argument("--max-model-len", type=int, default=2048, help="prompts + outputs clip to it")
+    p.add_argument(
+        "--max-model-len", type=positive(int), default=2048, help="prompts + outputs clip to it"
+    )
     p.add_argument("--traces-dir", type=Path, default=DEFAULT_TRACES_DIR)
     p.add_argument("--vocab-range", type=vocab_range, default=VOCAB,
                    help="prompt token ids from [LOW, HIGH) (default 1000:30000)")  # fmt: skip
-    p.add_argument("--warmup", type=int, default=2, help="unrecorded requests per cluster")
+    p.add_argument(
+        "--warmup", type=non_negative(int), default=2, help="unrecorded requests per cluster"
+    )
     p.add_argument("--up-args", default="", help="extra `banaserve up` flags for every mode")
     p.add_argument("--fresh-cluster-per-workload", action="store_true",
                    help="a new cluster for every workload, not one per mode")  # fmt: skip

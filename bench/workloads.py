@@ -40,6 +40,7 @@ from bench.workloads_synthetic import (
     plan_synthetic,
 )
 from bench.workloads_trace import DEFAULT_TRACES_DIR, TraceWorkload, load_trace, plan_trace
+from services.common.errors import ConfigError
 
 Workload = SyntheticWorkload | TraceWorkload
 
@@ -141,11 +142,11 @@ def workload(name: str, rate_scale: float = 1.0) -> Workload:
     """The named workload, its arrival rates multiplied by ``rate_scale`` (a trace's time
     scale divided by it)."""
     if rate_scale <= 0:
-        raise ValueError(f"rate_scale must be positive, got {rate_scale}")
+        raise ConfigError(f"rate_scale must be positive, got {rate_scale}")
     for w in CATALOG:
         if w.name == name:
             return scaled(w, rate_scale)
-    raise ValueError(f"unknown workload {name!r}; known: {', '.join(FAMILIES)}")
+    raise ConfigError(f"unknown workload {name!r}; known: {', '.join(FAMILIES)}")
 
 
 def scaled(w: Workload, rate_scale: float) -> Workload:
@@ -169,6 +170,6 @@ def plan(
     if isinstance(w, TraceWorkload):
         path = Path(traces_dir) / w.file
         if not path.exists():
-            raise ValueError(f"{w.name}: trace {path} not found (pass --traces-dir)")
+            raise ConfigError(f"{w.name}: trace {path} not found (pass --traces-dir)")
         return plan_trace(w, load_trace(path), duration_s, seed, max_model_len, vocab)
     return plan_synthetic(w, duration_s, seed, max_model_len, vocab)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from bench.serve_workload import Request, clip
 from bench.workloads_synthetic import VOCAB, PlannedRequest
+from services.common.errors import ConfigError
 
 TRACE_BLOCK_TOKENS = 512
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ DEFAULT_TRACES_DIR = REPO_ROOT.parent / "shared" / "traces"
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
-        raise ValueError(message)
+        raise ConfigError(message)
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def parse_trace_line(line: str, number: int) -> TraceRequest:
             tuple(int(h) for h in row["hash_ids"]),
         )
     except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"trace line {number}: {exc!r}") from None
+        raise ConfigError(f"trace line {number}: {exc!r}") from None
     blocks = math.ceil(request.input_length / TRACE_BLOCK_TOKENS)
     _require(request.timestamp_ms >= 0, f"trace line {number}: negative timestamp")
     _require(request.input_length > 0, f"trace line {number}: input_length must be positive")

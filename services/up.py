@@ -13,8 +13,10 @@ import sys
 import threading
 from typing import Any
 
+from services.common.arg_types import non_negative, positive
 from services.common.engine_args import KV_TRANSPORTS
-from services.common.errors import ConfigError
+from services.common.errors import ConfigError, ModelNotFoundError
+from services.engine.models.prepare import resolve_model
 from services.launcher import LOCAL_DATA_PLANE, ClusterSpec, LocalCluster, Mode, mode_spec
 from services.rpc.dataplane import KINDS as DATA_TRANSPORTS
 from services.rpc.security import add_security_args
@@ -32,18 +34,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "the same split + KV store + load routing + the coordinator in automatic mode "
         "(default: no mode, the flags below as given)",
     )
-    p.add_argument("--workers", type=int, default=2, help="with --mode: workers in all (default 2)")
+    p.add_argument(
+        "--workers", type=positive(int), default=2, help="with --mode: workers in all (default 2)"
+    )
     p.add_argument(
         "--prefill",
-        type=int,
+        type=non_negative(int),
         default=None,
         help="prefill workers (default 1; with a PD --mode: half of --workers)",
     )
-    p.add_argument("--decode", type=int, default=1, help="decode workers (not with --mode)")
     p.add_argument(
-        "--mixed", type=int, default=0, help="mixed workers (prefill and decode, colocated)"
+        "--decode", type=non_negative(int), default=1, help="decode workers (not with --mode)"
     )
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument(
+        "--mixed",
+        type=non_negative(int),
+        default=0,
+        help="mixed workers (prefill and decode, colocated)",
+    )
+    p.add_argument("--threads", type=positive(int), default=1, help="torch threads per worker")
     p.add_argument("--pin", action="store_true", help="pin each worker to its own CPU")
     p.add_argument(
         "--policy",
@@ -51,9 +60,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=("load", "round_robin", "prefix_affinity", "colocated"),
         help="routing policy",
     )
-    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks per worker")
+    p.add_argument("--num-kv-blocks", type=positive(int), default=None, help="KV blocks per worker")
     p.add_argument(
-        "--kvstore", type=int, default=1, help="KV store nodes (0: no store and no Redis)"
+        "--kvstore",
+        type=non_negative(int),
+        default=1,
+        help="KV store nodes (0: no store and no Redis)",
     )
     p.add_argument(
         "--kvstore-transport",
@@ -69,7 +81,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "default tcp: faster than UCX on one host, docs/services.md)",
     )
     p.add_argument(
-        "--kvstore-capacity-bytes", type=int, default=1 << 30, help="host memory per KV store node"
+        "--kvstore-capacity-bytes",
+        type=positive(int),
+        default=1 << 30,
+        help="host memory per KV store node",
     )
     p.add_argument(
         "--no-kvstore-overlap",
@@ -79,7 +94,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--store-write-back-delay",
-        type=float,
+        type=non_negative(float),
         default=None,
         metavar="S",
         help="prefill workers write new blocks to the store once idle, or after at most S "
@@ -153,7 +168,8 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
 def run_up(args: argparse.Namespace) -> int:
     try:
         spec = cluster_spec(args)
-    except ConfigError as exc:
+        resolve_model(spec.model)  # a model no worker could load: said before any starts
+    except (ConfigError, ModelNotFoundError) as exc:
         print(f"banaserve: error: {exc}", file=sys.stderr)
         return 2
     restarts = restart_config(args)

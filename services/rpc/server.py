@@ -29,6 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.config import RpcConfig
+from services.common.errors import ConfigError, ModelNotFoundError
 from services.common.logs import configure_logging
 from services.common.parent import watch_parent
 from services.rpc.channels import server_options
@@ -174,9 +175,16 @@ def run_service(
     serve: Callable[[Any], Any],
     argv: list[str] | None = None,
 ) -> int:
-    """Every service's ``main``: flags, logging, then ``serve(args)`` until it returns."""
+    """Every service's ``main``: flags, logging, then ``serve(args)`` until it returns. A
+    configuration its flags make that the service refuses (``ConfigError``: a KV pool of -3
+    blocks; ``ModelNotFoundError``: a model that is not there) is one ``error:`` line and exit
+    status 2, as a bad flag is, not a traceback."""
     args = parse_args(argv)
     configure_logging(args.log_level)
     watch_parent()  # started by a launcher: stop once it is gone
-    asyncio.run(serve(args))
+    try:
+        asyncio.run(serve(args))
+    except (ConfigError, ModelNotFoundError) as exc:
+        log.error("error: %s", exc)
+        return 2
     return 0

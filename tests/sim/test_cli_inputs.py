@@ -7,19 +7,9 @@ import json
 
 import pytest
 
-from services.cli import main
 from services.sim import calibrate
 from tests.sim.test_validate import compare_json
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str]:  # noqa: ANN001
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse's usage errors
-        code = exc.code
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return code, err
+from tests.unit.test_cli_errors import run_cli
 
 
 @pytest.fixture

@@ -1,0 +1,83 @@
+"""Bad flags and settings on the command line: a usage error or one ``error:`` line, exit
+status 2, before anything starts — never a traceback (the ``sim`` commands: tests/sim/
+test_cli_inputs.py)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import pytest
+
+from services import up
+from services.cli import main
+from services.common.errors import ConfigError, ModelNotFoundError
+from services.rpc.server import run_service
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:  # noqa: ANN001
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's usage errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+@pytest.fixture
+def nothing_starts(monkeypatch):
+    def started(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise AssertionError("a cluster was started")
+
+    monkeypatch.setattr(up, "LocalCluster", started)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--mode", "static-pd", "--workers", "0"], "argument --workers: expected a positive"),
+        (["--threads", "0"], "argument --threads: expected a positive number"),
+        (["--num-kv-blocks", "-3"], "argument --num-kv-blocks: expected a positive number"),
+        (["--kvstore", "-1"], "argument --kvstore: expected a number >= 0"),
+        (["--decode", "-1"], "argument --decode: expected a number >= 0"),
+        (["--kvstore-capacity-bytes", "0"], "expected a positive number"),
+        (["--store-write-back-delay", "-1"], "expected a number >= 0"),
+        (["--model", "no-such-model"], "'no-such-model' is neither a model directory"),
+        (["--mode", "static-pd", "--workers", "1"], "needs more workers than 1"),
+    ],
+)
+def test_up_refuses_a_cluster_it_cannot_start_before_starting_any(
+    nothing_starts, capsys, argv, message
+):
+    code, err = run_cli(["up", *argv], capsys)
+    assert code == 2 and message in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--duration", "0"], "argument --duration: expected a positive number"),
+        (["--rate-scale", "-1"], "argument --rate-scale: expected a positive number"),
+        (["--drain-s", "nan"], "argument --drain-s: expected a number >= 0"),
+        (["--warmup", "-2"], "argument --warmup: expected a number >= 0"),
+        (["--workloads", "mooncake", "--traces-dir", "/nonexistent"], "trace /nonexistent/"),
+    ],
+)
+def test_bench_compare_refuses_bad_flags_before_any_cluster(tmp_path, capsys, argv, message):
+    code, err = run_cli(["bench", "compare", "--plan-only", "--out", str(tmp_path), *argv], capsys)
+    assert code == 2 and message in err
+
+
+@pytest.mark.parametrize("error", [ConfigError("num_kv_blocks must be positive, got -3"),
+                                   ModelNotFoundError("'x' is not a known model")])  # fmt: skip
+def test_a_service_that_refuses_its_settings_exits_2_with_one_line(error, caplog):
+    async def serve(args: argparse.Namespace) -> None:
+        raise error
+
+    with caplog.at_level(logging.ERROR):
+        code = run_service(lambda argv: argparse.Namespace(log_level="INFO"), serve, [])
+    assert code == 2
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        f"error: {error}"
+    ]
