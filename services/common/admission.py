@@ -26,7 +26,7 @@ clients), and among waiters the client holding the fewest goes first; ``trusted_
 exempt from the per-client caps (not from the class limits). Who a client is comes from
 ``services.rpc.admission.client_identity``: the authenticated identity where the server
 authenticates callers (mTLS), else the ``x-banaserve-client`` metadata value, else the peer
-address (one per connection). Without authentication the identity is the caller's word: it
+address (one per gRPC connection; an HTTP client's host, ``openai_errors.http_client_identity``). Without authentication the identity is the caller's word: it
 bounds a client that does not try to hide, not one that opens connections under many names.
 
 Holding a slot after the call (a decode worker's reservation outlives ``ReserveKV``) is

@@ -16,6 +16,7 @@ import logging
 import sys
 
 from services.common.admission import AdmissionController
+from services.common.arg_types import positive
 from services.common.config import RpcConfig, TracingConfig
 from services.common.limits import PromptLimits
 from services.common.metrics import RequestMetrics, RouterCollector, add_metrics_args, start_metrics
@@ -23,7 +24,7 @@ from services.common.network import add_host_args, resolve_host
 from services.router.clients import GrpcWorkerClients
 from services.router.core import POLICIES, Router, RouterConfig
 from services.router.driver import DriverConfig, RequestDriver, expire_periodically
-from services.router.openai_api import OpenAIApi, load_served_model
+from services.router.openai_api import BODY_TIMEOUT_S, OpenAIApi, load_served_model
 from services.router.openai_server import HttpServer
 from services.router.prompts import Encoder, PromptEncoder, prompt_limits
 from services.router.servicer import RouterServicer
@@ -55,6 +56,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--http-port", type=int, default=0, help="the OpenAI-compatible HTTP API (0: the OS picks)"
     )
     p.add_argument("--no-http", action="store_true", help="serve no HTTP API")
+    p.add_argument(
+        "--http-body-timeout-s",
+        type=positive(float),
+        default=BODY_TIMEOUT_S,
+        help="an HTTP request's body must arrive within this many seconds, before it holds "
+        "any slot (else 408; default %(default)s)",
+    )
     # Prompt limits (docs/services.md, "Limits"): default from the model's context (--model).
     p.add_argument("--max-prompt-tokens", type=int, default=None)
     p.add_argument("--max-text-bytes", type=int, default=None, help="default: 32 per token")
@@ -138,7 +146,8 @@ async def start_http(
     if not args.model:
         log.warning("no OpenAI HTTP API: it needs --model (the name it serves, its tokenizer)")
         return None
-    api = OpenAIApi(driver, load_served_model(args.model), limits, admission=admission)
+    api = OpenAIApi(driver, load_served_model(args.model), limits, admission=admission,
+                    body_timeout_s=args.http_body_timeout_s)  # fmt: skip
     tokens = rpc.security.api_tokens if rpc.security is not None else ()
     app = require_bearer(api.app, tokens) if tokens else api.app
     http = HttpServer(app, rpc.host, args.http_port, rpc.grace_s, on_stop=api.close)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import time
 import uuid
@@ -36,7 +37,7 @@ from typing import Any, TypeVar
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -47,6 +48,7 @@ from services.common.limits import MIN_RECEIVE_BYTES, PromptLimits, check_name, 
 from services.router import driver as drv
 from services.router import openai_schema as schema
 from services.router.openai_errors import (
+    BodyTimeoutError,
     BodyTooLargeError,
     error_json,
     error_response,
@@ -60,7 +62,15 @@ from services.router.registry import WorkerRole, WorkerStatus
 from services.rpc.security import caller_of_token, token_from_header
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 TIMEOUT_HEADER = "x-request-timeout"
+# The longest deadline the header may ask for: a day, far past any generation here; a larger
+# one used to overflow the deadline's conversion (500) or the workers' (instant 504).
+MAX_REQUEST_TIMEOUT_S = 86_400.0
+# How long a request's body may take to arrive, before it holds any slot: a body of the
+# largest size (``max_body_bytes``, 4 MiB) arrives in well under a second on any network this
+# API serves; a client that opens a request and dribbles or withholds its body is cut off.
+BODY_TIMEOUT_S = 30.0
 DONE = "data: [DONE]\n\n"
 # JSON spends more bytes than protobuf on a prompt: up to 11 per token id ("4294967295,"
 # against a 5-byte varint), 6 per character escaped as \uXXXX.
@@ -121,15 +131,18 @@ class OpenAIApi:
         limits: PromptLimits | None = None,
         clock: Callable[[], float] = time.time,
         admission: AdmissionController | None = None,
+        body_timeout_s: float = BODY_TIMEOUT_S,
     ) -> None:
         """``admission``: the router's (its gRPC API's) controller, so both APIs share its
-        limits; None: every request admitted."""
+        limits; None: every request admitted. ``body_timeout_s``: how long a request's body
+        may take to arrive."""
         self._driver = driver
         self._admission = admission
         self._router = driver.router
         self._model = model
         self._prompts = PromptEncoder(model.encode, limits)
         self.max_body_bytes = max_body_bytes(self._prompts.limits)
+        self.body_timeout_s = body_timeout_s
         self._clock = clock
         self._created = int(clock())
         self.app = Starlette(
@@ -186,17 +199,26 @@ class OpenAIApi:
         self._prompts.close()
 
     async def _generate(self, request: Request, kind: Kind) -> Response:
-        """Admitted first (``services/common/admission.py``: shed at once with 429 or 503 and
-        a Retry-After); the slot is held until the response has been sent or cut off."""
+        """The body is read first (at most ``max_body_bytes``, within ``body_timeout_s``: a
+        client that sends it slowly or never holds no slot), then the request is admitted
+        (``services/common/admission.py``: shed at once with 429 or 503 and a Retry-After);
+        the slot is held until the response has been sent or cut off."""
+        try:
+            body = await self._body(request)
+        except ClientDisconnect:
+            log.debug("a client went away before its request body was complete")
+            return Response(status_code=499)
+        except Exception as exc:
+            return error_response(exc)
         if self._admission is None:
-            return await self._generate_admitted(request, kind)
+            return await self._generate_admitted(request, kind, body)
         try:
             ticket = await self._admission.admit(MethodClass.WORK, http_client_identity(request))
         except OverloadedError as exc:
             return error_response(exc)
         response: Response | None = None
         try:
-            response = await self._generate_admitted(request, kind)
+            response = await self._generate_admitted(request, kind, body)
             return response
         finally:
             if isinstance(response, SSEResponse):
@@ -204,9 +226,9 @@ class OpenAIApi:
             else:
                 ticket.release()
 
-    async def _generate_admitted(self, request: Request, kind: Kind) -> Response:
+    async def _generate_admitted(self, request: Request, kind: Kind, body: bytes) -> Response:
         try:
-            call = await self._prepare(kind, await self._body(request), request.headers)
+            call = await self._prepare(kind, body, request.headers)
         except Exception as exc:
             return error_response(exc)
         events = self._driver.generate(call.input, call.timeout_s)
@@ -215,17 +237,25 @@ class OpenAIApi:
         return await self._collect(request, call, events)
 
     async def _body(self, request: Request) -> bytes:
-        """The body, read no further than ``max_body_bytes``."""
+        """The body, read no further than ``max_body_bytes`` and for at most
+        ``body_timeout_s`` (``BodyTimeoutError``: 408)."""
         limit = self.max_body_bytes
         declared = request.headers.get("content-length", "")
         too_large = BodyTooLargeError(f"the request body is over {limit} bytes")
         if declared.isdigit() and int(declared) > limit:
             raise too_large
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise too_large
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > limit:
+                        raise too_large
+        except TimeoutError:
+            raise BodyTimeoutError(
+                f"the request body did not arrive within {self.body_timeout_s:g} s "
+                f"({len(body)} bytes came)"
+            ) from None
         return bytes(body)
 
     async def _prepare(self, kind: Kind, body: bytes, headers: Mapping[str, str]) -> _Call:
@@ -400,8 +430,10 @@ def request_timeout(headers: Mapping[str, str]) -> float | None:
         seconds = float(value)
     except ValueError:
         seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_REQUEST_TIMEOUT_S):
         raise schema.InvalidFieldError(
-            None, f"the {TIMEOUT_HEADER} header must be a positive number of seconds, got {value!r}"
+            None,
+            f"the {TIMEOUT_HEADER} header must be a positive number of seconds up to "
+            f"{MAX_REQUEST_TIMEOUT_S:g}, got {value!r}",
         )
     return seconds

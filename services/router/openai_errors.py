@@ -26,7 +26,7 @@ from services.common.admission import (
     Outcome,
     OverloadedError,
 )
-from services.common.errors import ModelNotFoundError, OutOfRangeError
+from services.common.errors import InvalidRequestError, ModelNotFoundError, OutOfRangeError
 from services.router import core
 from services.router import driver as drv
 from services.router.openai_schema import error_body
@@ -49,6 +49,7 @@ HTTP_STATUS = {
 ERROR_TYPES = {
     400: "invalid_request_error",
     404: "not_found_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     409: "invalid_request_error",
     429: "rate_limit_error",
@@ -60,6 +61,10 @@ ERROR_TYPES = {
 
 class BodyTooLargeError(OutOfRangeError):
     """The body is larger than any valid request (413)."""
+
+
+class BodyTimeoutError(InvalidRequestError):
+    """The body did not arrive in time (408)."""
 
 
 def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -76,6 +81,8 @@ def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 def error_json(exc: BaseException) -> tuple[int, dict[str, Any]]:
     code, message = grpc_status(exc)
     status = 413 if isinstance(exc, BodyTooLargeError) else HTTP_STATUS.get(code, 500)
+    if isinstance(exc, BodyTimeoutError):
+        status = 408
     if isinstance(exc, OverloadedError) and exc.outcome is not Outcome.SHED_CLIENT_LIMIT:
         status = 503  # the router as a whole is full, not this client over its share
     if status == 404 and not isinstance(exc, ModelNotFoundError):
@@ -97,7 +104,9 @@ def error_response(exc: BaseException) -> Response:
 def http_client_identity(request: Request) -> str:
     """Who is calling, for per-client caps: the HTTP side of ``services.rpc.admission.
     client_identity``: the bearer token it showed (a digest; verified where the API requires
-    tokens), else the ``x-banaserve-client`` header, else the peer address."""
+    tokens), else the ``x-banaserve-client`` header, else the peer's host — not its port: an
+    HTTP client spreads its requests over many connections (a pool; a slow sender, one per
+    request), and each connection counted apart would never reach a per-client cap."""
     token = caller_of_token(token_from_header(request.headers.get("authorization")))
     if token:
         return token
@@ -105,7 +114,7 @@ def http_client_identity(request: Request) -> str:
     if name:
         return "client:" + name[:MAX_CLIENT_NAME]
     peer = request.client
-    return f"peer:{peer.host}:{peer.port}" if peer is not None else "peer:unknown"
+    return f"peer:{peer.host}" if peer is not None else "peer:unknown"
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

@@ -82,6 +82,19 @@ class _GenerateRequest(BaseModel):
     tools: Any = None
     use_beam_search: Any = None
     include_stop_str_in_output: Any = None
+    min_p: Any = None
+    typical_p: Any = None
+    length_penalty: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    truncate_prompt_tokens: Any = None
+    prompt_logprobs: Any = None
+    skip_special_tokens: Any = None
 
 
 class CompletionRequest(_GenerateRequest):
@@ -101,6 +114,10 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     role: str
     content: str | list[ContentPart] | None = None
+    # An assistant turn's calls: refused unless empty (no tools are accepted; dropping them
+    # would render another conversation than the client's).
+    tool_calls: Any = None
+    function_call: Any = None
 
 
 class ChatRequest(_GenerateRequest):
@@ -124,6 +141,21 @@ _NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
     "tools": (None, []),
     "use_beam_search": (None, False),
     "include_stop_str_in_output": (None, False),
+    # vLLM's and OpenAI's other knobs that change what is generated (session 20's probe found
+    # them accepted and ignored): refused unless they ask for what happens anyway.
+    "min_p": (None, 0),
+    "typical_p": (None, 1),
+    "length_penalty": (None, 1),
+    "tool_choice": (None, "none", "auto"),  # no tools are accepted: nothing to call
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "truncate_prompt_tokens": (None,),
+    "prompt_logprobs": (None,),
+    "skip_special_tokens": (None, True),  # the detokenizer skips them
 }
 
 
@@ -135,10 +167,25 @@ def parse(cls: type[CompletionRequest] | type[ChatRequest], body: bytes) -> Any:
         error = exc.errors()[0]
         if error["type"] == "json_invalid":
             raise InvalidFieldError(None, f"the body is not valid JSON: {error['msg']}") from None
-        param = ".".join(str(p) for p in error["loc"]) or None
-        raise InvalidFieldError(param, f"{param}: {error['msg']}") from None
+        param = ".".join(str(p) for p in _field_path(error["loc"])) or None
+        told = f"{param}: {error['msg']}" if param else f"the body: {error['msg']}"
+        raise InvalidFieldError(param, told) from None
     check_supported(request)
     return request
+
+
+def _field_path(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """pydantic's error location without the union member it tried last (``prompt.str``,
+    ``stop.list[str]``: the field is ``prompt``, ``stop``)."""
+    path = list(loc)
+    while path and isinstance(path[-1], str) and not path[-1].isidentifier():
+        path.pop()  # list[str], function-after[...]
+    if len(path) > 1 and path[-1] in _TYPE_TAGS:
+        path.pop()
+    return tuple(path)
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
 
 def check_supported(request: _GenerateRequest) -> None:
@@ -190,6 +237,12 @@ def chat_messages(request: ChatRequest) -> list[dict[str, str]]:
     """Messages as the chat template takes them; text parts joined by newlines (as vLLM)."""
     if not request.messages:
         raise InvalidFieldError("messages", "messages is empty")
+    for i, m in enumerate(request.messages):
+        for name in ("tool_calls", "function_call"):
+            if getattr(m, name) not in (None, []):
+                raise InvalidFieldError(
+                    f"messages.{i}.{name}", f"messages.{i}.{name}: tool calls are not supported"
+                )
     return [
         {"role": m.role, "content": _content(i, m.content)} for i, m in enumerate(request.messages)
     ]

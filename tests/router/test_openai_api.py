@@ -287,6 +287,19 @@ BAD_REQUESTS = [
         invalid("messages.0.content: only text parts are supported, got 'image_url'", "messages.0.content"),
     ),
     (chat(messages=[{"content": "hi"}]), invalid("messages.0.role: Field required", "messages.0.role")),
+    # Session 20's probe: knobs that change what is generated were accepted and ignored.
+    (completion(min_p=0.9), invalid("min_p=0.9 is not supported (accepted: null or 0)", "min_p")),
+    (completion(typical_p=0.5), invalid("typical_p=0.5 is not supported (accepted: null or 1)", "typical_p")),
+    (completion(guided_json={"type": "object"}), invalid('guided_json={"type": "object"} is not supported (accepted: null)', "guided_json")),
+    (chat(tool_choice="required"), invalid('tool_choice="required" is not supported (accepted: null or "none" or "auto")', "tool_choice")),
+    (completion(skip_special_tokens=False), invalid("skip_special_tokens=false is not supported (accepted: null or true)", "skip_special_tokens")),
+    (
+        chat(messages=[{"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]}]),
+        invalid("messages.0.tool_calls: tool calls are not supported", "messages.0.tool_calls"),
+    ),
+    # ... and a wrongly typed union field was named by the member pydantic tried last.
+    (completion(prompt=5), invalid("prompt: Input should be a valid string", "prompt")),
+    (completion(stop=5), invalid("stop: Input should be a valid string", "stop")),
 ]  # fmt: skip
 
 
@@ -310,8 +323,23 @@ def test_malformed_json_a_bad_timeout_header_and_unknown_fields():
         r = await client.post(
             "/v1/completions", json=completion(), headers={"X-Request-Timeout": "-1"}
         )
-        message = "the x-request-timeout header must be a positive number of seconds, got '-1'"
+        message = (
+            "the x-request-timeout header must be a positive number of seconds up to 86400, "
+            "got '-1'"
+        )
         assert (r.status_code, r.json()) == (400, invalid(message))
+        # Huge deadlines overflowed on the way to the workers (500, or an instant 504).
+        for huge in ("1e10", "1e300", "86401"):
+            r = await client.post(
+                "/v1/completions", json=completion(), headers={"X-Request-Timeout": huge}
+            )
+            assert r.status_code == 400 and "up to 86400" in r.json()["error"]["message"]
+        r = await client.post(
+            "/v1/completions", json=completion(), headers={"X-Request-Timeout": "86400"}
+        )
+        assert r.status_code == 200
+        r = await client.post("/v1/completions", content=b"[1, 2]")
+        assert (r.status_code, r.json()) == (400, invalid("the body: Input should be an object"))
         extras = {"user": "u", "frequency_penalty": 0, "logit_bias": {}, "no_such_field": [1]}
         r = await client.post("/v1/completions", json=completion(**extras))
         assert r.status_code == 200

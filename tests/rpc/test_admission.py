@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 from contextlib import asynccontextmanager
 
 import grpc
@@ -32,6 +33,7 @@ from services.common.errors import ConfigError, ResourceExhaustedError
 from services.decode import core
 from services.decode.servicer import decode_service
 from services.router.openai_api import OpenAIApi
+from services.router.openai_errors import http_client_identity
 from services.router.openai_server import HttpServer
 from services.rpc.admission import (
     AdmissionInterceptor,
@@ -467,3 +469,68 @@ def test_client_identity_prefers_the_authenticated_identity_then_the_name_then_t
     assert "s3cret" not in client_identity(FakeContext((token,)))
     long_name = ("x-banaserve-client", "x" * 1000)
     assert client_identity(FakeContext((long_name,))) == "client:" + "x" * 128
+
+
+async def _dribble(address: str, body_start: bytes, declared: int):  # noqa: ANN202
+    """A connection that declares a body of ``declared`` bytes and sends only ``body_start``."""
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {declared}\r\n\r\n")  # fmt: skip
+    writer.write(head.encode() + body_start)
+    await writer.drain()
+    return reader, writer
+
+
+def test_http_clients_that_withhold_their_bodies_hold_no_slot_and_are_cut_off(caplog):
+    """Session 20's probe: 64 connections each sending half a body held every WORK slot (the
+    slot was taken before the body was read, with no time limit), shutting out every client
+    of both APIs. Now the body is read first, within ``body_timeout_s`` (then 408), and one
+    host is one client: a withheld body holds nothing, and a normal request still runs."""
+
+    async def main():
+        ctl = controller(in_flight=2, queued=0, per_client=2)
+        async with cluster() as c:
+            api = OpenAIApi(c.driver, MODEL, LIMITS, admission=ctl, body_timeout_s=0.5)
+            http = HttpServer(api.app, "127.0.0.1", 0, grace_s=0.1, on_stop=api.close)
+            await http.start()
+            try:
+                slow = [await _dribble(http.address, b'{"prompt":', 100) for _ in range(4)]
+                async with httpx2.AsyncClient(base_url=f"http://{http.address}", timeout=10) as h:
+                    ok = await h.post("/v1/completions", json=completion())
+                    assert ctl.stats(WORK).num_admitted == 1
+                    # The withheld bodies time out: 408 in OpenAI's shape, each connection's.
+                    answers = [await asyncio.wait_for(r.read(4096), 10) for r, _ in slow]
+                    # A client that sends half a body and goes away is no internal error.
+                    _, gone = await _dribble(http.address, b'{"prompt":', 100)
+                    gone.close()
+                    await asyncio.sleep(0.2)
+                    after = await h.post("/v1/completions", json=completion())
+                for _, w in slow:
+                    w.close()
+            finally:
+                await http.stop()
+        assert ok.status_code == 200 and after.status_code == 200
+        for answer in answers:
+            assert answer.startswith(b"HTTP/1.1 408 "), answer[:80]
+            assert b"the request body did not arrive within 0.5 s (10 bytes came)" in answer
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert_idle(ctl)
+
+    with caplog.at_level(logging.DEBUG):
+        asyncio.run(main())
+
+
+def test_an_http_client_is_its_host_not_each_connection():
+    class Peer:
+        host, port = "10.0.0.7", 50123
+
+    class FakeRequest:
+        def __init__(self, headers=None, port=50123):  # noqa: ANN001
+            self.headers = headers or {}
+            self.client = Peer()
+            self.client.port = port
+
+    assert http_client_identity(FakeRequest()) == "peer:10.0.0.7"
+    assert http_client_identity(FakeRequest(port=50999)) == http_client_identity(FakeRequest())
+    assert http_client_identity(FakeRequest({"x-banaserve-client": "etl"})) == "client:etl"
