@@ -1,7 +1,8 @@
 """``banaserve migrate ...`` and ``banaserve migrations``: the coordinator's API on the command line.
 
-    banaserve migrate layers --donor decode-0 --helper prefill-0 --start 16 [--end 30] [--wait]
-    banaserve migrate attention --donor decode-0 --helper prefill-0 [--max-sequences 4]
+    banaserve migrate layers --donor decode-41231 --helper prefill-40125 --start 16 [--end 30]
+        [--wait]
+    banaserve migrate attention --donor decode-41231 --helper prefill-40125 [--max-sequences 4]
         [--max-blocks N] [--request-id R ...] [--wait]
     banaserve migrate revert m-3 [--wait]
     banaserve migrate abort m-3 [--reason TEXT]
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import grpc
 
+from services.common.arg_types import non_negative, positive
 from services.common.limits import MAX_MICRO_BATCHES
 from services.coordinator import watch
 from services.rpc import security
@@ -137,8 +139,12 @@ def add_migrate_arguments(p: argparse.ArgumentParser) -> None:
     layers = sub.add_parser("layers", help="move the donor's layers [start, end) to the helper")
     layers.add_argument("--donor", required=True, help="worker id whose layers move")
     layers.add_argument("--helper", required=True, help="worker id that runs them")
-    layers.add_argument("--start", type=int, required=True, help="first layer that moves (>= 1)")
-    layers.add_argument("--end", type=int, default=None, help="default: the model's layer count")
+    layers.add_argument(
+        "--start", type=positive(int), required=True, help="first layer that moves (>= 1)"
+    )
+    layers.add_argument(
+        "--end", type=positive(int), default=None, help="default: the model's layer count"
+    )
     layers.add_argument(
         "--micro-batches",
         type=int,
@@ -168,8 +174,10 @@ def add_migrate_arguments(p: argparse.ArgumentParser) -> None:
     attention.add_argument(
         "--request-id", action="append", default=[], help="this sequence (repeat; default: longest)"
     )
-    attention.add_argument("--max-sequences", type=int, default=0, help="default: 4")
-    attention.add_argument("--max-blocks", type=int, default=0, help="per sequence; default: all")
+    attention.add_argument("--max-sequences", type=non_negative(int), default=0, help="default: 4")
+    attention.add_argument(
+        "--max-blocks", type=non_negative(int), default=0, help="per sequence; default: all"
+    )
     attention.add_argument(
         "--refill",
         action="store_true",

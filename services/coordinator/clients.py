@@ -223,7 +223,12 @@ class RouterWorkers:
             await self._refresh()
         address = self._addresses.get(worker_id)
         if address is None:
-            raise WorkerNotFoundError(f"no worker {worker_id!r} is registered with the router")
+            # The ids the router knows: `banaserve up` names its processes decode-0, ... while
+            # a worker registers as ROLE-PORT unless given --worker-id (docs/coordinator.md).
+            known = ", ".join(sorted(self._addresses)) or "none"
+            raise WorkerNotFoundError(
+                f"no worker {worker_id!r} is registered with the router (registered: {known})"
+            )
         return address
 
     async def port(self, worker_id: str) -> GrpcWorkerPort:

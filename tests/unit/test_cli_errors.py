@@ -81,3 +81,20 @@ def test_a_service_that_refuses_its_settings_exits_2_with_one_line(error, caplog
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
         f"error: {error}"
     ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["layers", "--donor", "d", "--helper", "p", "--start", "-1"], "argument --start"),
+        (
+            ["layers", "--donor", "d", "--helper", "p", "--start", "2", "--end", "0"],
+            "argument --end",
+        ),
+        (["attention", "--donor", "d", "--helper", "p", "--max-blocks", "-4"], "--max-blocks"),
+    ],
+)
+def test_migrate_refuses_bad_numbers_before_calling_the_coordinator(capsys, argv, message):
+    # --start -1 went into the proto's uint32 field: a traceback.
+    code, err = run_cli(["migrate", *argv, "--coordinator", "127.0.0.1:1"], capsys)
+    assert code == 2 and message in err
