@@ -26,7 +26,7 @@ from services.router.core import POLICIES, Router, RouterConfig
 from services.router.driver import DriverConfig, RequestDriver, expire_periodically
 from services.router.openai_api import BODY_TIMEOUT_S, OpenAIApi, load_served_model
 from services.router.openai_server import HttpServer
-from services.router.prompts import Encoder, PromptEncoder, prompt_limits
+from services.router.prompts import Encoder, PromptEncoder, model_vocab, prompt_limits
 from services.router.servicer import RouterServicer
 from services.rpc.admission import (
     ROUTER_CAPACITY,
@@ -131,7 +131,8 @@ def load_prompts(args: argparse.Namespace) -> PromptEncoder:
 
         model_dir = resolve_model(args.model)
     limits = prompt_limits(model_dir, args.max_prompt_tokens, args.max_text_bytes)
-    return PromptEncoder(load_encoder(args.model), limits)
+    vocab = model_vocab(model_dir) if model_dir is not None else None
+    return PromptEncoder(load_encoder(args.model), limits, vocab_size=vocab)
 
 
 async def start_http(

@@ -57,7 +57,7 @@ from services.router.openai_errors import (
     internal_error,
 )
 from services.router.openai_schema import Kind, Rendering, Usage
-from services.router.prompts import Encoder, PromptEncoder, model_context
+from services.router.prompts import Encoder, PromptEncoder, model_context, model_vocab
 from services.router.registry import WorkerRole, WorkerStatus
 from services.rpc.security import caller_of_token, token_from_header
 
@@ -88,6 +88,7 @@ class ServedModel:
     # special tokens (its text has them), as ``Tokenizer.encode_chat`` does.
     encode: Encoder
     render_chat: Callable[[list[dict[str, str]]], str]
+    vocab_size: int | None = None  # token ids outside it are refused here (None: not known)
 
 
 def load_served_model(name: str) -> ServedModel:
@@ -101,7 +102,8 @@ def load_served_model(name: str) -> ServedModel:
     def encode(text: str, rendered_chat: bool) -> Sequence[int]:
         return tokenizer.encode(text, add_special_tokens=not rendered_chat)
 
-    return ServedModel(name, str(path), model_context(path), encode, tokenizer.apply_chat_template)
+    return ServedModel(name, str(path), model_context(path), encode, tokenizer.apply_chat_template,
+                       model_vocab(path))  # fmt: skip
 
 
 def max_body_bytes(limits: PromptLimits) -> int:
@@ -140,7 +142,7 @@ class OpenAIApi:
         self._admission = admission
         self._router = driver.router
         self._model = model
-        self._prompts = PromptEncoder(model.encode, limits)
+        self._prompts = PromptEncoder(model.encode, limits, vocab_size=model.vocab_size)
         self.max_body_bytes = max_body_bytes(self._prompts.limits)
         self.body_timeout_s = body_timeout_s
         self._clock = clock
@@ -293,7 +295,7 @@ class OpenAIApi:
         prompt = schema.completion_prompt(req)
         if isinstance(prompt, str):
             return await self._prompts.encode(prompt, False, context)
-        self._prompts.check_num_tokens(len(prompt), context)
+        self._prompts.check_token_ids(prompt, context)
         return prompt
 
     def _context_limit(self) -> int:

@@ -60,6 +60,14 @@ def model_context(model_dir: Path) -> int:
     return min(limit, int(window)) if window else limit
 
 
+def model_vocab(model_dir: Path) -> int | None:
+    """The vocabulary size a model's config.json declares (None: it declares none)."""
+    try:
+        return int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def prompt_limits(
     model_dir: Path | None = None,
     max_prompt_tokens: int | None = None,
@@ -84,8 +92,12 @@ class PromptEncoder:
         encode: Encoder | None = None,
         limits: PromptLimits | None = None,
         num_threads: int = DEFAULT_NUM_THREADS,
+        vocab_size: int | None = None,
     ) -> None:
+        """``vocab_size``: the served model's, to refuse token ids outside it here rather than
+        at a worker (None: not known, the workers check)."""
         self.limits = limits or PromptLimits()
+        self.vocab_size = vocab_size
         self._encode = encode
         self._pool = (
             ThreadPoolExecutor(num_threads, thread_name_prefix="tokenize") if encode else None
@@ -95,6 +107,15 @@ class PromptEncoder:
         if num_tokens == 0:
             raise InvalidRequestError("prompt is empty: it has no tokens")
         self.limits.check_num_tokens(num_tokens, max_model_len)
+
+    def check_token_ids(self, token_ids: Sequence[int], max_model_len: int | None = None) -> None:
+        """A prompt sent as token ids: its count, then each id within the model's vocabulary."""
+        self.check_num_tokens(len(token_ids), max_model_len)
+        if self.vocab_size is not None and max(token_ids) >= self.vocab_size:
+            bad = next(t for t in token_ids if t >= self.vocab_size)
+            raise InvalidRequestError(
+                f"prompt: token id {bad} is outside the model's vocabulary [0, {self.vocab_size})"
+            )
 
     async def encode(
         self, text: str, chat: bool = False, max_model_len: int | None = None

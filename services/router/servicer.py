@@ -149,8 +149,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         context = max((w.max_model_len for w in self._connected.values()), default=0) or None
         kind = request.WhichOneof("prompt")
         if kind == "token_ids":
-            self._prompts.check_num_tokens(len(request.token_ids.ids), context)
-            return tuple(request.token_ids.ids)
+            ids = tuple(request.token_ids.ids)
+            self._prompts.check_token_ids(ids, context)
+            return ids
         if kind == "text" and request.text:
             return await self._prompts.encode(request.text, request.chat, context)
         raise InvalidRequestError("prompt is empty: set text or token_ids")

@@ -22,6 +22,7 @@ from services.common.config import RpcConfig
 from services.router.clients import GrpcWorkerClients
 from services.router.core import Router, RouterConfig
 from services.router.driver import DriverConfig, RequestDriver
+from services.router.prompts import PromptEncoder
 from services.router.registry import WorkerRole
 from services.router.servicer import RouterServicer
 from services.rpc.channels import open_channel
@@ -185,6 +186,7 @@ async def cluster(
     report_timeout_s: float = 60.0,
     no_worker_wait_s: float = 0.2,
     local_prefill_max_tokens: int = 0,
+    vocab_size: int | None = None,
     **behaviour,
 ) -> AsyncIterator[Cluster]:
     """A router with fake workers p0.., d0.. registered (each in ``dead`` at a dead address)."""
@@ -196,7 +198,8 @@ async def cluster(
         local_prefill_max_tokens=local_prefill_max_tokens,
     )
     driver = RequestDriver(router, clients, config)
-    servicer = RouterServicer(driver, encode=lambda text, chat: [ord(c) for c in text])
+    prompts = PromptEncoder(lambda text, chat: [ord(c) for c in text], vocab_size=vocab_size)
+    servicer = RouterServicer(driver, prompts=prompts)
     servers: list[RunningServer] = []
     router_server = await start_server([router_service(servicer)], RPC)
     channel = open_channel(router_server.address, RPC)

@@ -156,3 +156,22 @@ def test_token_ids_beyond_every_registered_workers_context_are_out_of_range_at_o
             await report
 
     asyncio.run(main())
+
+
+def test_token_ids_outside_the_models_vocabulary_are_refused_before_any_worker_call():
+    """Session 20's probe: an out-of-vocabulary id reached the decode worker's reservation,
+    whose refusal named the worker; the router knows the served model's vocabulary."""
+
+    async def main():
+        async with cluster(vocab_size=100) as c:
+            call = c.stub.Generate(request("oov", prompt=[5, 99, 100, 7]), timeout=5)
+            assert await first_error(call) == (
+                C.INVALID_ARGUMENT,
+                "prompt: token id 100 is outside the model's vocabulary [0, 100)",
+                0,
+            )
+            assert c.log.calls == []
+            frames = [f async for f in c.stub.Generate(request("in", prompt=[5, 99]))]
+            assert frames[0].started.num_prompt_tokens == 2
+
+    asyncio.run(main())

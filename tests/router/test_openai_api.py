@@ -5,6 +5,7 @@ readiness, and cancellation of a request whose client goes away."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import socket
@@ -500,5 +501,26 @@ def test_connections_are_accepted_with_tcp_nodelay():
                     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
             finally:
                 await http.stop()
+
+    asyncio.run(main())
+
+
+def test_token_ids_outside_the_models_vocabulary_are_400_before_any_worker_call():
+    async def main():
+        async with cluster() as c:
+            model = dataclasses.replace(MODEL, vocab_size=100)
+            api = OpenAIApi(c.driver, model, LIMITS)
+            http = HttpServer(api.app, "127.0.0.1", 0, grace_s=0.1, on_stop=api.close)
+            await http.start()
+            try:
+                async with httpx2.AsyncClient(base_url=f"http://{http.address}") as client:
+                    r = await client.post("/v1/completions", json=completion(prompt=[5, 100]))
+                    ok = await client.post("/v1/completions", json=completion(prompt=[5, 99]))
+            finally:
+                await http.stop()
+            message = "prompt: token id 100 is outside the model's vocabulary [0, 100)"
+            assert (r.status_code, r.json()) == (400, invalid(message))
+            assert ok.status_code == 200
+            assert [call[0] for call in c.log.calls] == ["reserve", "prefill", "stream"]
 
     asyncio.run(main())
