@@ -43,7 +43,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from services.common.admission import AdmissionController, MethodClass, OverloadedError
-from services.common.errors import ModelNotFoundError
+from services.common.errors import ModelNotFoundError, OutOfRangeError
 from services.common.limits import MIN_RECEIVE_BYTES, PromptLimits, check_name, check_stop
 from services.router import driver as drv
 from services.router import openai_schema as schema
@@ -269,7 +269,11 @@ class OpenAIApi:
         stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
         check_stop(stop, req.stop_token_ids or [])
         context = self._context_limit()
-        tokens = await self._tokens(kind, req, context)
+        try:
+            tokens = await self._tokens(kind, req, context)
+        except OutOfRangeError as exc:  # the prompt too long: OpenAI's param names it
+            exc.param = "messages" if kind is Kind.CHAT else "prompt"  # type: ignore[attr-defined]
+            raise
         sampling = schema.sampling_params(req, len(tokens), context, kind)
         request_id = f"{'chatcmpl' if kind is Kind.CHAT else 'cmpl'}-{uuid.uuid4().hex}"
         rendering = Rendering(

@@ -281,18 +281,28 @@ def sampling_params(
     if request.seed is not None:
         _within("seed", request.seed, UINT64)
     stop = request.stop if isinstance(request.stop, list) else [request.stop] * bool(request.stop)
-    return SamplingParams(
-        temperature=1.0 if request.temperature is None else request.temperature,
-        top_k=0 if request.top_k in (None, -1) else request.top_k,  # -1: no cut, as vLLM
-        top_p=1.0 if request.top_p is None else request.top_p,
-        seed=request.seed,
-        max_tokens=max_tokens,
-        stop_token_ids=token_ids("stop_token_ids", request.stop_token_ids)
-        if request.stop_token_ids
-        else (),
-        stop=tuple(stop),
-        ignore_eos=request.ignore_eos,
-    )
+    try:
+        return SamplingParams(
+            temperature=1.0 if request.temperature is None else request.temperature,
+            top_k=0 if request.top_k in (None, -1) else request.top_k,  # -1: no cut, as vLLM
+            top_p=1.0 if request.top_p is None else request.top_p,
+            seed=request.seed,
+            max_tokens=max_tokens,
+            stop_token_ids=token_ids("stop_token_ids", request.stop_token_ids)
+            if request.stop_token_ids
+            else (),
+            stop=tuple(stop),
+            ignore_eos=request.ignore_eos,
+        )
+    except InvalidRequestError as exc:
+        # SamplingParams names the field first, in gRPC's words; the request's name for it
+        # becomes OpenAI's ``param``.
+        field = str(exc).split(" ", 1)[0]
+        if field == "max_tokens" and request.max_completion_tokens is not None:
+            field = "max_completion_tokens"
+        if field in type(request).model_fields and getattr(exc, "param", None) is None:
+            exc.param = field  # type: ignore[attr-defined]
+        raise
 
 
 def _within(name: str, value: int, bound: int) -> None:

@@ -269,10 +269,10 @@ BAD_REQUESTS = [
     (completion(n=2), invalid("n=2 is not supported (accepted: null or 1)", "n")),
     (completion(max_tokens="4"), invalid("max_tokens: Input should be a valid integer", "max_tokens")),
     # Sampling values are checked where the gRPC path checks them, with the same message.
-    (completion(max_tokens=0), invalid(sampling_error(max_tokens=0))),
-    (completion(max_completion_tokens=0, max_tokens=4), invalid(sampling_error(max_tokens=0))),
-    (completion(top_p=1.5), invalid(sampling_error(top_p=1.5))),
-    (completion(temperature=-1), invalid(sampling_error(temperature=-1.0))),
+    (completion(max_tokens=0), invalid(sampling_error(max_tokens=0), "max_tokens")),
+    (completion(max_completion_tokens=0, max_tokens=4), invalid(sampling_error(max_tokens=0), "max_completion_tokens")),
+    (completion(top_p=1.5), invalid(sampling_error(top_p=1.5), "top_p")),
+    (completion(temperature=-1), invalid(sampling_error(temperature=-1.0), "temperature")),
     (completion(prompt=[]), invalid("prompt is empty", "prompt")),
     (completion(prompt=""), invalid("prompt is empty", "prompt")),
     (completion(prompt=["a", "b"]), invalid("one prompt per request (batches are not supported)", "prompt")),
@@ -457,8 +457,8 @@ def test_a_waiting_non_streaming_client_that_disconnects_cancels_its_request():
     run(bounded, hang_decode=True)
 
 
-def out_of_range(message: str) -> dict:
-    return error(message, "invalid_request_error", "out_of_range")
+def out_of_range(message: str, param: str | None = None) -> dict:
+    return error(message, "invalid_request_error", "out_of_range", param)
 
 
 def test_prompts_over_the_shared_limits_are_400_out_of_range_and_large_bodies_413():
@@ -467,16 +467,16 @@ def test_prompts_over_the_shared_limits_are_400_out_of_range_and_large_bodies_41
         too_long = "prompt has 64 tokens; at most 63 are accepted (a context of 64 tokens)"
         for body in (completion(prompt=[5] * 64), completion(prompt="x" * 64)):
             r = await client.post("/v1/completions", json=body)
-            assert (r.status_code, r.json()) == (400, out_of_range(too_long))
+            assert (r.status_code, r.json()) == (400, out_of_range(too_long, "prompt"))
         r = await client.post("/v1/completions", json=completion(prompt="x" * 63))
         assert r.status_code == 200
         chat_body = chat(messages=[{"role": "user", "content": "x" * 47}])
         r = await client.post("/v1/chat/completions", json=chat_body)  # 64 tokens rendered
-        assert (r.status_code, r.json()) == (400, out_of_range(too_long))
+        assert (r.status_code, r.json()) == (400, out_of_range(too_long, "messages"))
         text = "x" * (LIMITS.max_text_bytes + 1)
         r = await client.post("/v1/completions", json=completion(prompt=text))
         message = f"prompt text is over {LIMITS.max_text_bytes} bytes, the most accepted (for a context of 64 tokens)"
-        assert (r.status_code, r.json()) == (400, out_of_range(message))
+        assert (r.status_code, r.json()) == (400, out_of_range(message, "prompt"))
         r = await client.post("/v1/completions", content=b" " * (MIN_RECEIVE_BYTES + 1))
         message = f"the request body is over {MIN_RECEIVE_BYTES} bytes"
         expected = error(message, "invalid_request_error", "resource_exhausted")
