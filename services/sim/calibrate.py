@@ -63,21 +63,36 @@ def find_profile(model: str, given: Path | None = None) -> Path:
 
 
 def _decode_points(text: str) -> list[tuple[int, int]]:
-    """``BATCHxPROMPT`` points, comma-separated, each number positive."""
+    """``BATCHxPROMPT`` points, comma-separated, each number positive, at least 3 distinct
+    (the decode fit has three terms, ``fit.fit_decode``)."""
     try:
         points = [tuple(int(v) for v in p.split("x")) for p in text.split(",") if p.strip()]
     except ValueError:
         points = []
     if not points or not all(len(p) == 2 and min(p) > 0 for p in points):
         raise argparse.ArgumentTypeError(f"expected BATCHxPROMPT points like 1x32,8x256; {text!r}")
+    if len(set(points)) < 3:
+        raise argparse.ArgumentTypeError(
+            f"the decode fit needs 3 distinct points or more; {text!r}"
+        )
     return points  # type: ignore[return-value]
+
+
+def _prefill_lengths(text: str) -> list[int]:
+    """Prompt lengths, at least 3 distinct (the prefill fit has three terms)."""
+    lengths = number_list(int)(text)
+    if len(set(lengths)) < 3:
+        raise argparse.ArgumentTypeError(
+            f"the prefill fit needs 3 distinct lengths or more; {text!r}"
+        )
+    return lengths
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default="smollm2-135m,tiny-llama", help="comma list")
     p.add_argument("--threads", type=positive(int), default=1)
     p.add_argument(
-        "--prefill-lengths", type=number_list(int), default=[16, 64, 192, 384, 640, 896, 1152]
+        "--prefill-lengths", type=_prefill_lengths, default=[16, 64, 192, 384, 640, 896, 1152]
     )
     p.add_argument("--decode-points", type=_decode_points,
                    default=[(1, 32), (4, 32), (16, 32), (32, 32), (1, 384), (8, 256), (24, 160)],

@@ -83,6 +83,11 @@ def test_calibrate_reads_its_migration_json_before_measuring_anything(files, cap
     assert code == 2 and "migration JSON" in err and "is not JSON" in err
     code, err = run_cli(["sim", "calibrate", "--decode-points", "8x"], capsys)
     assert code == 2 and "BATCHxPROMPT" in err
+    # Too few points for a three-term fit: said before measuring (it failed after, a traceback).
+    code, err = run_cli(["sim", "calibrate", "--decode-points", "1x16,2x16,1x16"], capsys)
+    assert code == 2 and "3 distinct points" in err
+    code, err = run_cli(["sim", "calibrate", "--prefill-lengths", "16,32"], capsys)
+    assert code == 2 and "3 distinct lengths" in err
     code, err = run_cli(["sim", "calibrate", "--transports", "tcp,carrier-pigeon"], capsys)
     assert code == 2 and "unknown: 'carrier-pigeon'" in err
 
