@@ -106,6 +106,8 @@ class SimCluster:
             block_bytes = profile.kv_bytes_per_block_layer * profile.num_layers
             self.store = SimStore(max(1, spec.store_capacity_bytes // block_bytes))
             for w in self.workers.values():
+                if w.role is not WorkerRole.MIXED:  # banaserve's PD workers' own costs
+                    w.costs = profile.serving.costs(mixed=False, store=True)
                 if w.role is WorkerRole.PREFILL:
                     w.store = self.store
                     w.store_transport = self.transport

@@ -135,16 +135,25 @@ class ServingModel:
     # cluster 1.14-1.15x (docs/simulator.md, session 20). ``sim serving`` fits it on the real
     # decode worker's steps; 1.0: no such effect.
     receiving_scale: float = 1.0
+    # A PD worker's costs in a cluster with the global KV store and the coordinator
+    # (banaserve): its prefix lookups and write-backs, the store node's and the coordinator's
+    # share of the cores. ``sim serving --banaserve-apart`` fits it on the banaserve rows
+    # without a migration (docs/simulator.md, session 21); None: as the other PD workers'.
+    store: StepCosts | None = None
 
     def __post_init__(self) -> None:
         self.costs(mixed=False)  # validates the flat fields
         _require(self.route_s >= 0 and math.isfinite(self.route_s),
                  f"route_s must be >= 0, got {self.route_s}")  # fmt: skip
 
-    def costs(self, mixed: bool) -> StepCosts:
-        """A mixed (colocated) worker's step costs, or a prefill or decode worker's."""
-        if mixed and self.mixed is not None:
-            return self.mixed
+    def costs(self, mixed: bool, store: bool = False) -> StepCosts:
+        """A mixed (colocated) worker's step costs, or a prefill or decode worker's (``store``:
+        in a cluster with the KV store and the coordinator)."""
+        if mixed:
+            if self.mixed is not None:
+                return self.mixed
+        elif store and self.store is not None:
+            return self.store
         return StepCosts(self.prefill_scale, self.decode_scale, self.prefill_step_s,
                          self.receiving_scale)  # fmt: skip
 
@@ -152,15 +161,17 @@ class ServingModel:
         """Lines for a person: each kind of worker's costs, the routing time and the source."""
         mixed = (self.mixed.describe() if self.mixed is not None
                  else "as the PD workers' (not fitted apart)")  # fmt: skip
+        store = "" if self.store is None else f"\nbanaserve's PD workers: {self.store.describe()}"
         return (f"route {self.route_s * 1e3:.1f} ms, PD workers: "
-                f"{self.costs(mixed=False).describe()}\ncolocated workers: {mixed}\n"
+                f"{self.costs(mixed=False).describe()}{store}\ncolocated workers: {mixed}\n"
                 f"{self.source or 'not fitted: the engine alone'}")  # fmt: skip
 
     @classmethod
     def from_json(cls, data: dict) -> ServingModel:
         d = dict(data)
-        if d.get("mixed") is not None:
-            d["mixed"] = StepCosts(**d["mixed"])
+        for kind in ("mixed", "store"):
+            if d.get(kind) is not None:
+                d[kind] = StepCosts(**d[kind])
         return cls(**d)
 
 

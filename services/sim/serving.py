@@ -55,6 +55,15 @@ whose prefill worker never rests. Where the run's token times pin down enough of
 (``steps.decode_worker_steps``: at least ``MIN_STEP_POINTS`` each), their ratio of medians of
 real over modelled step time becomes ``receiving_scale``, held fixed while the replays fit
 ``decode_scale``.
+
+A banaserve PD worker is a little dearer than a static-PD one on this machine: the store node,
+Redis and the coordinator share its two cores, and its prefill worker asks the store before
+each prompt. On the real runs of sessions 18-20 its lone prefill steps cost 3-11 ms a step more
+and its decode steps up to ~2 % more, and its TTFT p50 ran ~5-10 % above static PD's where the
+simulator, with one set of costs, gave both modes the same. ``--banaserve-apart`` fits its own
+set (``ServingModel.store``) the same way as static PD's on the banaserve rows that made no
+migration (a move changes both workers' steps; ``_unmigrated``), and the simulator gives it to
+the PD workers of a cluster with a store (docs/simulator.md, session 21). Off by default.
 """
 
 from __future__ import annotations
@@ -76,9 +85,10 @@ from services.sim.profile import Profile, ServingModel, StepCosts
 from services.sim.steps import decode_worker_steps, worker_steps
 from services.sim.validate import compare_rows, render, up_spec
 
-# The mode whose rows fit a PD worker's costs (the flat ``ServingModel`` fields), and the one
-# whose rows fit a colocated worker's (``ServingModel.mixed``) when the run has it.
-PD_MODE, MIXED_MODE = "static-pd", "colocated"
+# The mode whose rows fit a PD worker's costs (the flat ``ServingModel`` fields), the one
+# whose rows fit a colocated worker's (``ServingModel.mixed``) and the one whose rows fit a
+# banaserve PD worker's (``ServingModel.store``) when the run has them and the fit is asked for.
+PD_MODE, MIXED_MODE, BANA_MODE = "static-pd", "colocated", "banaserve"
 # Fewer lone prefill steps than this (or all of one size): the TTFT ratio fits prefill_scale.
 MIN_STEP_POINTS = 6
 
@@ -92,12 +102,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--colocated-apart", action="store_true",
                    help="fit a colocated worker's costs on the colocated rows, apart from a PD "
                         "worker's (default: one set, fitted on static PD, for every worker)")  # fmt: skip
+    p.add_argument("--banaserve-apart", action="store_true",
+                   help="fit banaserve's PD workers' costs on its rows without a migration, "
+                        "apart from static PD's (the store's and coordinator's share of the "
+                        "cores; default: static PD's for both)")  # fmt: skip
     p.add_argument("--traces-dir", type=Path, default=DEFAULT_TRACES_DIR)
 
 
 def ratios(rows: list[dict], mode: str = PD_MODE) -> tuple[float, float]:
     """Median real / simulated TTFT p50 and TPOT p50 over ``mode``'s rows."""
-    fit_rows = [r for r in rows if r["mode"] == mode]
+    fit_rows = [r for r in rows if r["mode"] == mode and not _migrated(r["real"])
+                and not r["sim"].get("num_migrations")]  # fmt: skip
 
     def median(key: str) -> float:
         values = [r["real"][key] / r["sim"][key] for r in fit_rows
@@ -107,6 +122,20 @@ def ratios(rows: list[dict], mode: str = PD_MODE) -> tuple[float, float]:
         return statistics.median(values)
 
     return median("ttft_p50_ms"), median("tpot_p50_ms")
+
+
+def _migrated(row: dict) -> bool:
+    """Whether a real workload's table row or run made a migration or began with one live:
+    banaserve's costs are fitted on its rows without one (a move changes both workers' steps)."""
+    moved = row.get("migrations") or {}
+    return bool(row.get("num_migrations") or moved.get("num_started")
+                or moved.get("active_at_start"))  # fmt: skip
+
+
+def _unmigrated(report: dict) -> dict:
+    """``report`` without its runs and rows that made a migration."""
+    return {**report, "runs": [r for r in report.get("runs", []) if not _migrated(r)],
+            "table": [r for r in report.get("table", []) if not _migrated(r)]}  # fmt: skip
 
 
 def prefill_model_s(profile: Profile, num_prompt: int, num_cached: int) -> tuple[float, int]:
@@ -221,16 +250,18 @@ def fit_mixed_steps(points: list[tuple[float, float, float]]) -> tuple[float, fl
     return decode, prefill
 
 
-def fit_receiving_scale(report: dict, profile: Profile) -> tuple[float, int, int] | None:
+def fit_receiving_scale(
+    report: dict, profile: Profile, mode: str = PD_MODE
+) -> tuple[float, int, int] | None:
     """A PD decode worker's steps while it receives a hand-off against its steps otherwise
     (``ServingModel.receiving_scale``): the ratio of the medians of real over modelled step
-    time in the two kinds of the static-PD rows' decode steps (``steps.decode_worker_steps``),
+    time in the two kinds of the ``mode`` rows' decode steps (``steps.decode_worker_steps``),
     and how many of each; None with fewer than ``MIN_STEP_POINTS`` of either."""
     d = profile.decode
-    one = up_spec(Mode(PD_MODE), report.get("config", {})).num_decode == 1
+    one = up_spec(Mode(mode), report.get("config", {})).num_decode == 1
     ratios: dict[bool, list[float]] = {True: [], False: []}
     for run in report.get("runs", []):
-        if run.get("mode") == PD_MODE:
+        if run.get("mode") == mode:
             for s in decode_worker_steps(run, one):
                 ratios[s.receiving].append(s.seconds / d.time(s.num_decodes, s.context))
     if min(len(ratios[True]), len(ratios[False])) < MIN_STEP_POINTS:
@@ -249,7 +280,7 @@ def _serving(costs: dict[str, StepCosts], route_s: float) -> ServingModel:
     pd = costs[PD_MODE]
     return ServingModel(pd.prefill_scale, pd.decode_scale, prefill_step_s=pd.prefill_step_s,
                         route_s=route_s, mixed=costs.get(MIXED_MODE),
-                        receiving_scale=pd.receiving_scale)  # fmt: skip
+                        receiving_scale=pd.receiving_scale, store=costs.get(BANA_MODE))  # fmt: skip
 
 
 def _refit(costs: StepCosts, rows: list[dict], mode: str, prefill_fitted: bool) -> StepCosts:
@@ -269,9 +300,11 @@ def fit(
     traces_dir: Path,
     iterations: int = 8,
     colocated_apart: bool = False,
+    banaserve_apart: bool = False,
 ) -> tuple[Profile, list[dict], int]:
     """The profile with its serving overhead fitted on ``report`` (a PD worker's on the
-    static-PD rows; with ``colocated_apart`` a colocated worker's on the colocated rows, when
+    static-PD rows; with ``colocated_apart`` a colocated worker's on the colocated rows, with
+    ``banaserve_apart`` a banaserve PD worker's on the banaserve rows without a migration, when
     there are any), the replay of the run with it, and how many replays the fit took."""
     if iterations < 1:
         raise ConfigError(f"iterations must be >= 1, got {iterations}")
@@ -279,10 +312,11 @@ def fit(
     if PD_MODE not in modes:
         raise ConfigError("the compare run has no static-pd rows to fit the serving overhead on")
     costs, lone, stepped = {}, {}, {}
-    receiving: tuple[float, int, int] | None = None
-    for mode in (PD_MODE, MIXED_MODE):
+    receiving: dict[str, tuple[float, int, int]] = {}
+    apart = {MIXED_MODE: colocated_apart, BANA_MODE: banaserve_apart}
+    for mode in (PD_MODE, MIXED_MODE, BANA_MODE):
         if mode not in modes or (
-            mode == MIXED_MODE and not (colocated_apart and _fittable(report, mode))
+            mode != PD_MODE and not (apart[mode] and _fittable(_unmigrated(report), mode))
         ):
             continue
         if mode == MIXED_MODE:
@@ -292,13 +326,14 @@ def fit(
                 costs[mode] = StepCosts(prefill_scale=scales[1], decode_scale=scales[0])
                 stepped[mode] = len(points)
                 continue
-        points = lone_prefill_steps(report, profile, mode)
+        own = _unmigrated(report)
+        points = lone_prefill_steps(own, profile, mode)
         steps_fit = fit_prefill_steps(points)
         costs[mode] = StepCosts(*(() if steps_fit is None else (steps_fit[1], 1.0, steps_fit[0])))
         lone[mode] = len(points) if steps_fit is not None else None
-        if mode == PD_MODE and (found := fit_receiving_scale(report, profile)) is not None:
+        if mode != MIXED_MODE and (found := fit_receiving_scale(own, profile, mode)) is not None:
             costs[mode] = replace(costs[mode], receiving_scale=found[0])
-            receiving = found
+            receiving[mode] = found
     route_s = median_routing_s(report)
     for done in range(1, iterations + 1):  # noqa: B007 - the count is returned
         rows = compare_rows(report, replace(profile, serving=_serving(costs, route_s)), traces_dir)
@@ -320,9 +355,10 @@ def fit(
 
     def how(m: str) -> str:
         told = how_scales(m)
-        if m == PD_MODE and receiving is not None:
-            told += (f"; receiving x{receiving[0]:.3f} from {receiving[1]} decode steps while "
-                     f"a hand-off was computed and {receiving[2]} without")  # fmt: skip
+        if m in receiving:
+            r = receiving[m]
+            told += (f"; receiving x{r[0]:.3f} from {r[1]} decode steps while "
+                     f"a hand-off was computed and {r[2]} without")  # fmt: skip
         return told
 
     fitted = " and ".join(f"{m} rows ({how(m)})" for m in costs)
@@ -340,7 +376,12 @@ def run(args: argparse.Namespace) -> int:
     model = report["config"].get("model", "smollm2-135m")
     path = find_profile(model, args.profile)
     profile, rows, _ = fit(
-        report, Profile.load(path), args.traces_dir, args.iterations, args.colocated_apart
+        report,
+        Profile.load(path),
+        args.traces_dir,
+        args.iterations,
+        args.colocated_apart,
+        args.banaserve_apart,
     )
     out = args.out or path
     profile.save(out)

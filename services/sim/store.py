@@ -11,8 +11,10 @@ positives are not modelled), the fetch's time (``SimWorker``: the profile's tran
 write-back — at once, not deferred to an idle moment as the real worker
 does (``--store-write-back-delay``, at most 5 s), and free of CPU: on this project's 2-core
 machine the node's copies and checksums share the workers' cores (docs/benchmarks.md, session
-10), a cost a deployment with the store on its own hosts does not pay. One store for the
-cluster, without a node's bandwidth limit or lookup time.
+10), a cost a deployment with the store on its own hosts does not pay — a profile fitted with
+``sim serving --banaserve-apart`` carries it, measured, as banaserve's PD workers' own step
+costs (``ServingModel.store``). One store for the cluster, without a node's bandwidth limit or
+lookup time (~3 ms a prompt on the local cluster, before its prefill is queued).
 """
 
 from __future__ import annotations

@@ -256,3 +256,54 @@ def test_a_request_cancelled_while_routed_never_reaches_its_worker():
     assert r.status == "DEADLINE_EXCEEDED"
     cluster.loop.run(1.0)  # past the routing delay: nothing arrives, nothing runs
     assert all(w.idle for w in cluster.workers.values())
+
+
+def test_banaserve_pd_workers_are_fitted_apart_on_its_rows_without_a_migration():
+    """A run made with banaserve's PD workers dearer than static PD's (as measured: the store
+    node's lookups and the coordinator share the cores): ``banaserve_apart`` finds both sets,
+    each from its own mode's rows; a banaserve row with a migration is not fitted on."""
+    made = replace(TRUE, store=StepCosts(prefill_scale=1.6, decode_scale=1.8))
+    report = simulated_report_of(("static-pd", "banaserve"), made)
+    assert [r["num_migrations"] for r in report["table"]] == [0, 0]
+    fitted, rows, _ = fit(report, profile(), traces_dir=None, banaserve_apart=True)
+    s = fitted.serving
+    assert (s.prefill_scale, s.decode_scale) == (pytest.approx(1.3, rel=0.05),
+                                                 pytest.approx(1.5, rel=0.05))  # fmt: skip
+    assert s.store.decode_scale == pytest.approx(1.8, rel=0.05)
+    assert s.store.prefill_scale == pytest.approx(1.6, rel=0.1)
+    assert "banaserve rows" in s.source
+    for mode in ("static-pd", "banaserve"):
+        ttft, tpot = ratios(rows, mode)
+        assert ttft == pytest.approx(1.0, abs=0.05) and tpot == pytest.approx(1.0, abs=0.02)
+    # Off by default: one set for both, fitted on static PD, which misses banaserve's rows.
+    default, rows, _ = fit(report, profile(), traces_dir=None)
+    assert default.serving.store is None and "banaserve" not in default.serving.source
+    assert ratios(rows, "banaserve")[0] > 1.15
+    # A banaserve row that made a migration has nothing to fit on: as static PD's.
+    moved = simulated_report_of(("static-pd", "banaserve"), made)
+    moved["table"][1]["num_migrations"] = 1
+    alone, _, _ = fit(moved, profile(), traces_dir=None, banaserve_apart=True)
+    assert alone.serving.store is None
+    assert alone.serving.costs(mixed=False, store=True) == alone.serving.costs(mixed=False)
+    with pytest.raises(ConfigError, match="no banaserve row"):
+        ratios(compare_rows(moved, profile(), None), "banaserve")
+
+
+def test_banaserve_pd_workers_step_with_their_own_costs():
+    def tpot(serving: ServingModel, mode: Mode) -> float:
+        cluster = SimCluster(SimSpec(mode, 2, 1), replace(make_profile(), serving=serving))
+        [r] = cluster.run([request(0, 0.0, 32, 5)])
+        return (r.done_s - r.first_token_s) / (r.num_output_tokens - 1)
+
+    both = ServingModel(decode_scale=3.0)
+    apart = replace(both, store=StepCosts(decode_scale=1.0))
+    # make_profile: decode 100 ms a step; each step 0.3 -> 0.1 s
+    assert tpot(both, Mode.BANASERVE) - tpot(apart, Mode.BANASERVE) == pytest.approx(0.2)
+    for mode in (Mode.STATIC_PD, Mode.COLOCATED):  # no store: as before
+        assert tpot(both, mode) == pytest.approx(tpot(apart, mode))
+    p = replace(make_profile(), serving=apart)
+    assert Profile.from_json(json.loads(json.dumps(p.to_json()))) == p
+    assert "banaserve's PD workers: prefill x1.000 + 0.0 ms a step, decode x1.000" in (
+        apart.describe()
+    )
+    assert "banaserve" not in both.describe()
