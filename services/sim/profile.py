@@ -124,7 +124,9 @@ class ServingModel:
     source: str = ""
     # Seconds a serving prefill step takes past its scaled model whatever its size: the layer
     # hook's per-layer KV hand-off, the step's loop and output (``sim serving`` fits it with
-    # ``prefill_scale`` on the real worker's own lone steps).
+    # ``prefill_scale`` on the real worker's own lone steps). A prefill worker pays it once per
+    # prompt the step completes (the hook hands each prompt's layers off one by one; session
+    # 21), at least once a step; a colocated worker once a step.
     prefill_step_s: float = 0.0
     # Seconds from a request's arrival to its prefill worker's queue: the router's own work and
     # the decode worker's reservation (the router's ``routing_s``, its median over a real run).

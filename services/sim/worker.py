@@ -327,7 +327,7 @@ class SimWorker:
         """The time model's prediction for ``batch`` (profile.py), and the part of it paid
         whatever the batch: the scaled fixed cost of the step's kind."""
         p, d = self.profile.prefill, self.profile.decode
-        tokens = attention = decodes = context = 0
+        tokens = attention = decodes = context = completing = 0
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             done = seq.num_computed_tokens  # schedule() allocates; commit advances this
             if n == 1 and done >= seq.num_prompt_tokens:
@@ -336,10 +336,16 @@ class SimWorker:
             else:
                 tokens += n
                 attention += n * (done + n)
+                completing += done + n >= seq.num_prompt_tokens
         costs = self.costs
         if not decodes:
-            t = p.time(tokens, attention) * costs.prefill_scale + costs.prefill_step_s
-            return t, p.a * costs.prefill_scale + costs.prefill_step_s
+            # A prefill worker's layer hook hands each layer's KV of every prompt that
+            # completes in the step to its sender, one prompt at a time
+            # (services/prefill/engine_side.py): the fitted per-step cost is a prompt's.
+            hand_offs = max(1, completing) if self.role is WorkerRole.PREFILL else 1
+            fixed = costs.prefill_step_s * hand_offs
+            t = p.time(tokens, attention) * costs.prefill_scale + fixed
+            return t, p.a * costs.prefill_scale + fixed
         scale = costs.decode_scale * (costs.receiving_scale if self.receiving else 1.0)
         t = d.time(decodes, context) * scale
         if tokens:

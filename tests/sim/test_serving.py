@@ -249,6 +249,29 @@ def test_a_prefill_step_pays_the_fitted_overhead_once():
             ServingModel(**{name: -0.01})
 
 
+def test_a_prefill_workers_step_pays_the_fitted_overhead_per_prompt_it_hands_off():
+    """The prefill worker's layer hook exports and sends each layer's KV of every prompt that
+    completes in the step, one prompt at a time: three prompts in one step pay it three times
+    (on the real runs a step's time past the fitted model grew with its prompts, ~30-40 ms
+    each). A colocated worker hands nothing off: once a step, whatever its prompts."""
+
+    def first_tokens(mode: Mode, serving: ServingModel) -> list[float]:
+        cluster = SimCluster(SimSpec(mode, 2, 1), replace(make_profile(), serving=serving))
+        done = cluster.run([request(i, 0.0, 32, 2) for i in range(3)])
+        return [r.first_token_s for r in done]
+
+    plain, paid = ServingModel(), ServingModel(prefill_step_s=0.05)
+    # The first prompt's step starts alone; the other two share the next one.
+    pd, pd_paid = first_tokens(Mode.STATIC_PD, plain), first_tokens(Mode.STATIC_PD, paid)
+    assert pd[1] == pd[2] > pd[0]
+    shifts = [b - a for a, b in zip(pd, pd_paid, strict=True)]
+    assert shifts == [pytest.approx(0.05), pytest.approx(0.05 + 2 * 0.05), pytest.approx(0.15)]
+    # Colocated: a prompt alone in its worker's step pays it once (the third shares a step
+    # with the first one's decode: a mixed step's prompts pay the rest of the prefill model).
+    coloc, coloc_paid = first_tokens(Mode.COLOCATED, plain), first_tokens(Mode.COLOCATED, paid)
+    assert [b - a for a, b in zip(coloc, coloc_paid, strict=True)] == [pytest.approx(0.05)] * 3
+
+
 def test_a_request_cancelled_while_routed_never_reaches_its_worker():
     p = replace(make_profile(), serving=ServingModel(route_s=0.5))
     cluster = SimCluster(SimSpec(Mode.COLOCATED, 1, deadline_s=0.2), p)
