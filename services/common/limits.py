@@ -11,6 +11,11 @@ what the bound is:
   address a service will connect to is also checked for its form (``check_address``);
 - stop conditions: ``MAX_STOP_STRINGS`` strings of at most ``MAX_STOP_STRING_BYTES`` each,
   ``MAX_STOP_TOKEN_IDS`` token ids (INVALID_ARGUMENT);
+- reasons (a migration's abort reason, a worker's): at most ``MAX_REASON_BYTES`` from a caller
+  (INVALID_ARGUMENT); reasons made inside a service (an error's text) are cut there
+  (``clip_reason``), so records listed together stay far below a message's 4 MiB;
+- request ids a caller lists (an attention migration's): at most ``MAX_LISTED_REQUESTS``, each
+  an id, none twice (INVALID_ARGUMENT);
 - block hashes: exactly ``HASH_SIZE`` bytes each, at most ``MAX_BLOCK_HASHES`` per call
   (INVALID_ARGUMENT): ``check_block_hashes`` is the one check every kvstore and decode entry
   point uses;
@@ -41,6 +46,13 @@ MAX_BLOCK_HASHES = 1 << 18
 # The most micro-batches a layer migration's split step is cut into (Switch, the policy, the
 # engine's StageLayout).
 MAX_MICRO_BATCHES = 8
+# A migration's reason: room for any error message this project writes (the longest, a
+# worker's reason with a peer's gRPC details inside, are a few hundred bytes), while 4 MiB of
+# ListMigrations holds thousands of records.
+MAX_REASON_BYTES = 1024
+# Request ids one attention migration names: more than any worker runs at once (its
+# ``max_num_seqs``, 64 by default).
+MAX_LISTED_REQUESTS = 1024
 # The context assumed when nothing better is known (no model, no worker registered yet).
 DEFAULT_CONTEXT = 1 << 20
 # The text budget per token of context. English averages ~4 bytes a token; 32 leaves room for
@@ -70,6 +82,43 @@ def check_id(value: str, field: str) -> None:
         raise InvalidRequestError(
             f"{field} {value!r} must be printable ASCII without spaces or control characters"
         )
+
+
+def required_id(value: str, field: str) -> str:
+    """An id that must be given: ``check_id`` and not empty. Returns it."""
+    check_id(value, field)
+    if not value:
+        raise InvalidRequestError(f"{field} is empty")
+    return value
+
+
+def check_reason(value: str, field: str = "reason") -> None:
+    """A reason a caller gives: at most ``MAX_REASON_BYTES`` of UTF-8."""
+    if len(value) > MAX_REASON_BYTES or len(value.encode()) > MAX_REASON_BYTES:
+        raise InvalidRequestError(f"{field} is longer than {MAX_REASON_BYTES} bytes")
+
+
+def clip_reason(value: str) -> str:
+    """A reason made inside a service, cut to at most ``MAX_REASON_BYTES`` of UTF-8."""
+    data = value.encode()
+    if len(data) <= MAX_REASON_BYTES:
+        return value
+    return data[: MAX_REASON_BYTES - 3].decode(errors="ignore") + "..."
+
+
+def check_request_ids(ids: Sequence[str], field: str = "request_ids") -> None:
+    """Request ids a caller names: at most ``MAX_LISTED_REQUESTS``, each a non-empty id, none
+    twice."""
+    if len(ids) > MAX_LISTED_REQUESTS:
+        raise InvalidRequestError(f"{len(ids)} {field}; at most {MAX_LISTED_REQUESTS} are allowed")
+    seen: set[str] = set()
+    for i, value in enumerate(ids):
+        if not value:
+            raise InvalidRequestError(f"{field}[{i}] is empty")
+        check_id(value, f"{field}[{i}]")
+        if value in seen:
+            raise InvalidRequestError(f"{field} names {value!r} twice")
+        seen.add(value)
 
 
 def check_name(value: str, field: str) -> None:

@@ -83,6 +83,9 @@ class Coordinator:
         self._migrations: dict[str, Migration] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # Held from a start's last check that its workers are free to its record in the table:
+        # the id comes from Redis (an await), and two starts on one worker must not both pass.
+        self._starting = asyncio.Lock()
         self._leases = Leases(workers, config.lease_s, config.renew_interval_s, clock)
         self._driver = MigrationDriver(store, workers, config, clock, self._spans, self._leases)
         self._background: set[asyncio.Task[None]] = set()
@@ -134,13 +137,14 @@ class Coordinator:
                 f"{donor} has {num_layers} layers and {helper} {models[1].num_layers}: "
                 "different models"
             )
-        self._check_free(donor, helper)  # again: the describes above let others run
-        m = Migration(
-            await self._next_id(), MigrationKind.LAYERS, donor, helper, start_layer, end,
-            created_at=self._clock(), num_micro_batches=num_micro_batches,
-            drop_weights=drop_weights,
-        )  # fmt: skip
-        self._migrations[m.migration_id] = m
+        async with self._starting:
+            self._check_free(donor, helper)  # again: the describes above let others run
+            m = Migration(
+                await self._next_id(), MigrationKind.LAYERS, donor, helper, start_layer, end,
+                created_at=self._clock(), num_micro_batches=num_micro_batches,
+                drop_weights=drop_weights,
+            )  # fmt: skip
+            self._migrations[m.migration_id] = m
         self._spans.begin(m)
         await self._driver.save(m)
         self._spawn(m, self._driver.forward(m))
@@ -171,14 +175,15 @@ class Coordinator:
             raise PreconditionError(
                 f"{donor} and {helper} run different models: KV of one never mixes with the other"
             )
-        self._check_free(donor, helper)  # again: the describes above let others run
-        m = Migration(
-            await self._next_id(), MigrationKind.ATTENTION, donor, helper, 0,
-            models[0].num_layers, created_at=self._clock(), num_micro_batches=1,
-            request_ids=tuple(request_ids), max_sequences=max_sequences,
-            max_blocks_per_sequence=max_blocks_per_sequence, refill=refill,
-        )  # fmt: skip
-        self._migrations[m.migration_id] = m
+        async with self._starting:
+            self._check_free(donor, helper)  # again: the describes above let others run
+            m = Migration(
+                await self._next_id(), MigrationKind.ATTENTION, donor, helper, 0,
+                models[0].num_layers, created_at=self._clock(), num_micro_batches=1,
+                request_ids=tuple(request_ids), max_sequences=max_sequences,
+                max_blocks_per_sequence=max_blocks_per_sequence, refill=refill,
+            )  # fmt: skip
+            self._migrations[m.migration_id] = m
         self._spans.begin(m)
         await self._driver.save(m)
         self._spawn(m, self._driver.forward(m))

@@ -25,6 +25,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
+from services.common.limits import clip_reason
 from services.coordinator.config import CoordinatorConfig
 from services.coordinator.leases import Leases
 from services.coordinator.migration import Migration, MigrationKind, MigrationState
@@ -177,6 +178,7 @@ class MigrationDriver:
 
     async def abort(self, m: Migration, reason: str) -> None:
         """Donor first, then helper; each bounded, failures left to the worker's lease."""
+        reason = clip_reason(reason)  # an error's text can be long; the record is listed
         for worker in (m.donor, m.helper):
             try:
                 port = await self._port(worker)

@@ -15,7 +15,7 @@ import enum
 from dataclasses import dataclass, field
 
 from services.common.errors import BanaServeError, InvalidRequestError
-from services.common.limits import MAX_MICRO_BATCHES
+from services.common.limits import MAX_MICRO_BATCHES, check_id, check_request_ids
 from services.common.migration_states import MigrationState
 
 
@@ -135,6 +135,9 @@ def check_attention_request(
     """What an attention migration request must be before anything else is looked at."""
     if not donor or not helper:
         raise InvalidRequestError("an attention migration needs a donor and a helper")
+    check_id(donor, "donor")
+    check_id(helper, "helper")
+    check_request_ids(request_ids)
     if donor == helper:
         raise InvalidRequestError(f"donor and helper are the same worker ({donor})")
     if max_sequences < 0 or max_blocks_per_sequence < 0:
@@ -149,6 +152,8 @@ def check_layer_request(
     """What a layer migration request must be before anything else is looked at."""
     if not donor or not helper:
         raise InvalidRequestError("a layer migration needs a donor and a helper")
+    check_id(donor, "donor")
+    check_id(helper, "helper")
     if donor == helper:
         raise InvalidRequestError(f"donor and helper are the same worker ({donor})")
     if start_layer < 1:

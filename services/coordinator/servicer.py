@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from services.common.errors import InvalidRequestError
+from services.common.limits import check_reason, required_id
 from services.coordinator.core import Coordinator
 from services.coordinator.migration import Migration, MigrationKind, MigrationState
 from services.rpc.convert import duration
@@ -62,6 +63,10 @@ def migration_to_proto(m: Migration, now: float) -> pb.Migration:
     )
 
 
+def _id(request) -> str:
+    return required_id(request.migration_id, "migration_id")
+
+
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def __init__(self, coordinator: Coordinator) -> None:
         self._coordinator = coordinator
@@ -99,11 +104,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         return pb.StartMigrationResponse(migration=self._out(m))
 
     async def RevertMigration(self, request, context):
-        m = await self._coordinator.revert(request.migration_id)
+        m = await self._coordinator.revert(_id(request))
         return pb.RevertMigrationResponse(migration=self._out(m))
 
     async def AbortMigration(self, request, context):
-        m = await self._coordinator.abort(request.migration_id, request.reason)
+        check_reason(request.reason)
+        m = await self._coordinator.abort(_id(request), request.reason)
         return pb.AbortMigrationResponse(migration=self._out(m))
 
     async def ListMigrations(self, request, context):
@@ -111,7 +117,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         return pb.ListMigrationsResponse(migrations=[self._out(m) for m in migrations])
 
     async def DescribeMigration(self, request, context):
-        m = self._coordinator.describe(request.migration_id)
+        m = self._coordinator.describe(_id(request))
         return pb.DescribeMigrationResponse(migration=self._out(m))
 
 

@@ -35,6 +35,7 @@ from services.common.errors import (
     InvalidRequestError,
     RequestNotFoundError,
 )
+from services.common.limits import clip_reason
 from services.common.migration_states import MigrationState
 from services.engine.engine import Engine
 from services.engine.snapshot import EngineSnapshot
@@ -255,7 +256,7 @@ class MigrationAgent:
         else:
             self.host.remove(record.migration_id)
             await self.engine_call(lambda e: self._unhost(e, record.migration_id))
-        record.state, record.reason = state, reason
+        record.state, record.reason = state, clip_reason(reason)
         record.weights_dropped = False
         self._trim()
 

@@ -35,8 +35,10 @@ from typing import TYPE_CHECKING
 from services.common.errors import (
     ConfigError,
     InvalidRequestError,
+    RequestNotFoundError,
 )
 from services.common.hashing import BlockHash
+from services.common.limits import check_request_ids
 from services.common.migration_states import MigrationState
 from services.migration import attention_wire, wire
 from services.migration.attention_donor import (
@@ -88,6 +90,7 @@ class AttentionSelection:
 
 
 def selection_from_proto(msg: pb.AttentionSelection) -> AttentionSelection:
+    check_request_ids(msg.request_ids, "attention.request_ids")
     try:
         return AttentionSelection(
             tuple(msg.request_ids), msg.max_sequences, msg.max_blocks_per_sequence, msg.refill
@@ -205,6 +208,10 @@ class AttentionAgent:
         link = await self.agent._connect(record, helper)
         move = self.moves[migration_id]
         chosen = await self.agent.engine_call(lambda e: choose(e, move.selection, move.copied))
+        named = move.selection.request_ids
+        if named and not chosen and not move.copied:
+            shown = ", ".join(named[:4]) + (f" and {len(named) - 4} more" if len(named) > 4 else "")
+            raise RequestNotFoundError(f"none of the named requests ({shown}) decodes here")
         num_bytes, moved = await self._copy(migration_id, link, move, chosen)
         record.state = S.COPYING
         return num_bytes, len(moved), self.agent.clock() - t0

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from services.common.errors import InvalidRequestError
-from services.common.limits import check_address, check_id
+from services.common.limits import check_address, check_id, check_reason, required_id
 from services.common.migration_states import MigrationState
 from services.migration.agent import MigrationAgent
 from services.migration.attention_agent import selection_from_proto
@@ -81,10 +81,7 @@ def view(record: MigrationRecord, agent: MigrationAgent) -> pb.MigrationView:
 
 
 def _id(msg: Any) -> str:
-    check_id(msg.migration_id, "migration_id")
-    if not msg.migration_id:
-        raise InvalidRequestError("migration_id is empty")
-    return msg.migration_id
+    return required_id(msg.migration_id, "migration_id")
 
 
 def _lease(msg: Any) -> float | None:
@@ -191,6 +188,7 @@ class MigrationWorkerServicer(migration_pb2_grpc.MigrationWorkerServiceServicer)
         )
 
     async def Abort(self, request, context):  # noqa: N802
+        check_reason(request.reason)
         record = await self.agent.abort(_id(request), request.reason)
         if record is None:
             return pb.MigrationWorkerServiceAbortResponse(found=False)

@@ -30,6 +30,7 @@ checkpoint must have the donor's architecture (its layers' tensor shapes are che
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from services.common.errors import ErrorCode, InvalidRequestError
+from services.common.errors import ErrorCode, InvalidRequestError, ResourceExhaustedError
 from services.engine.engine import Engine
 from services.engine.hosting import HostedLayers
 from services.engine.layer_stack import LayerStack
@@ -168,17 +169,36 @@ def host_range(
     digests: dict[int, str],
 ) -> tuple[HostedLayers, WeightsReceiver | None]:
     """Engine thread, helper's Prepare: host ``layers`` for the donor, with the engine's own
-    weights or, when some are ``needed``, a stack awaiting them (and its receiver)."""
+    weights or, when some are ``needed``, a stack awaiting them (and its receiver). A pool
+    larger than this machine's memory is refused before anything is allocated, and an
+    allocation that fails is this worker's lack of memory, not an internal error."""
     blocks = num_blocks or engine.block_manager.num_blocks
+    need = blocks * engine.kv_cache.layer_block_bytes * len(layers)
+    if need > physical_memory_bytes():
+        raise ResourceExhaustedError(
+            f"{blocks} hosted blocks of {len(layers)} layers take {need / 2**30:.1f} GiB; this "
+            f"machine has {physical_memory_bytes() / 2**30:.1f} GiB"
+        )
     fp = fingerprint or engine.fingerprint
     stack, receiver = None, None
     if needed:
         same = fp == engine.fingerprint
         stack, receiver = receiving(engine, layers, needed, digests, same)
-    hosted = engine.migration.host_layers(
-        migration_id, layers.start, layers.stop, blocks, fp, stack=stack
-    )
+    try:
+        hosted = engine.migration.host_layers(
+            migration_id, layers.start, layers.stop, blocks, fp, stack=stack
+        )
+    except RuntimeError as e:  # torch's allocator: "can't allocate memory"
+        if "allocate" not in str(e):
+            raise
+        raise ResourceExhaustedError(
+            f"no memory for {blocks} hosted blocks of {len(layers)} layers"
+        ) from None
     return hosted, receiver
+
+
+def physical_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def receiving(

@@ -249,6 +249,8 @@ BAD_STARTS = [
     ((D, P, 4), InvalidRequestError, r"\[4, 4\): only"),
     ((D, P, 2, None, 9), InvalidRequestError, "micro-batches must be in \\[1, 8\\], got 9"),
     ((D, "decode-9", 2), WorkerNotFoundError, "no worker 'decode-9'"),
+    ((D, "x" * 20_000, 2), InvalidRequestError, "helper is 20000 characters long; at most 128"),
+    (("a b", P, 2), InvalidRequestError, "donor 'a b' must be printable ASCII without spaces"),
 ]
 
 
@@ -280,6 +282,60 @@ def test_one_migration_per_worker_and_same_models(redis_server, store_prefix):
         await coord.wait("m-1")
         assert [m.migration_id for m in coord.list()] == ["m-1"]
         await coord.abort("m-1")
+
+    run(redis_server, store_prefix, body, cluster)
+
+
+def test_concurrent_starts_on_one_worker_accept_exactly_one(redis_server, store_prefix, caplog):
+    """Every start checks its workers are free, then awaits its id from Redis: without holding
+    the table meanwhile, starts sent together all passed the check and went ACTIVE on one
+    worker (a black-box probe saw 2-4 of 20), and the ids they got out of order read as Redis
+    having lost its ids."""
+
+    async def body(coord, cluster, clock):
+        starts = [coord.start_layers(D, P, k) for k in (1, 2, 3)]
+        starts += [coord.start_layers(P, D, k) for k in (1, 2, 3)]
+        starts += [coord.start_attention(D, P), coord.start_attention(P, D)]
+        results = await asyncio.gather(*starts, return_exceptions=True)
+        won = [r for r in results if not isinstance(r, BaseException)]
+        lost = [r for r in results if isinstance(r, BaseException)]
+        assert len(won) == 1 and won[0].migration_id == "m-1"
+        assert all(isinstance(e, PreconditionError) for e in lost), lost
+        assert all("already takes part in m-1" in str(e) for e in lost)
+        await coord.wait("m-1")
+        await coord.abort("m-1")
+        assert [m.migration_id for m in coord.list()] == ["m-1"]
+
+    with caplog.at_level("WARNING", logger="services.coordinator.core"):
+        run(redis_server, store_prefix, body)
+    assert "start over" not in caplog.text
+
+
+def test_attention_request_ids_are_checked_before_any_work(redis_server, store_prefix):
+    async def body(coord, cluster, clock):
+        for ids, match in [
+            (("a b",), r"request_ids\[0\] 'a b' must be printable ASCII"),
+            (("r-1", ""), r"request_ids\[1\] is empty"),
+            (("r-1", "r-2", "r-1"), "request_ids names 'r-1' twice"),
+            (tuple(f"r-{i}" for i in range(1025)), "1025 request_ids; at most 1024"),
+        ]:
+            with pytest.raises(InvalidRequestError, match=match):
+                await coord.start_attention(D, P, ids)
+        assert cluster.steps() == [] and coord.list() == []
+
+    run(redis_server, store_prefix, body)
+
+
+def test_a_long_failure_reason_is_cut_for_the_record(redis_server, store_prefix):
+    cluster = FakeCluster()
+    cluster.fail(D, "switch micro-batches=2", ResourceExhaustedError("no room " * 2000))
+
+    async def body(coord, cluster, clock):
+        m = await coord.start_layers(D, P, 2)
+        await coord.wait("m-1")
+        assert m.state is S.ABORTED
+        assert m.reason.startswith("switch on decode-0 failed: ResourceExhaustedError: no room")
+        assert len(m.reason.encode()) <= 1024 and m.reason.endswith("...")
 
     run(redis_server, store_prefix, body, cluster)
 

@@ -177,6 +177,48 @@ def test_ids_and_states_that_do_not_allow_the_call(redis_server, store_prefix):
     assert cluster.held() == {D: set(), P: set()}
 
 
+def test_malformed_ids_and_an_over_long_reason_are_refused_before_any_work(
+    redis_server, store_prefix
+):
+    """A probe's 20 KB id came back as RESOURCE_EXHAUSTED "Stream removed" (the NOT_FOUND echoing
+    it outgrew gRPC's status size) and two 2.5 MB abort reasons broke ListMigrations for good
+    (the records outgrew the 4 MiB message). Ids are checked as the workers check them; a
+    reason is at most 1,024 bytes."""
+    cluster = FakeCluster()
+
+    async def main():
+        async with served(redis_server.url, store_prefix, cluster, FakeClock()) as (coord, stub, _):
+            for migration_id, details in [
+                ("", "migration_id is empty"),
+                ("m" * 20_000, "migration_id is 20000 characters long; at most 128 are allowed"),
+                (
+                    "m 1",
+                    "migration_id 'm 1' must be printable ASCII without spaces or control characters",
+                ),
+            ]:
+                for call in (
+                    stub.DescribeMigration(pb.DescribeMigrationRequest(migration_id=migration_id)),
+                    stub.RevertMigration(pb.RevertMigrationRequest(migration_id=migration_id)),
+                    stub.AbortMigration(pb.AbortMigrationRequest(migration_id=migration_id)),
+                ):
+                    assert await status_of(call) == (C.INVALID_ARGUMENT, details)
+            await stub.StartMigration(layers())
+            long = pb.AbortMigrationRequest(migration_id="m-1", reason="r" * 2_500_000)
+            got = await status_of(stub.AbortMigration(long))
+            assert got == (C.INVALID_ARGUMENT, "reason is longer than 1024 bytes")
+            assert coord.describe("m-1").reason == ""  # refused: not aborted
+            await coord.wait("m-1")
+            await stub.AbortMigration(pb.AbortMigrationRequest(migration_id="m-1", reason="ok"))
+            spec = pb.AttentionMigrationSpec(donor=D, helper=P, request_ids=["a b"] * 1000)
+            bad = pb.StartMigrationRequest(kind=pb.MIGRATION_KIND_ATTENTION, attention=spec)
+            got = await status_of(stub.StartMigration(bad))
+            assert got[0] == C.INVALID_ARGUMENT and "request_ids[0] 'a b'" in got[1]
+            assert [m.migration_id for m in coord.list()] == ["m-1"]
+
+    asyncio.run(main())
+    assert cluster.held() == {D: set(), P: set()}
+
+
 def test_the_cli_commands(redis_server, store_prefix, capsys):
     """``banaserve migrate`` / ``banaserve migrations`` through the real parser, in a thread
     (the CLI is blocking; the server runs on this test's event loop)."""

@@ -17,10 +17,12 @@ import random
 
 import pytest
 
+from services.common.errors import InvalidRequestError, RequestNotFoundError
 from services.engine import step as step_module
 from services.engine.engine import Engine
-from services.migration.attention_agent import AttentionSelection
+from services.migration.attention_agent import AttentionSelection, selection_from_proto
 from services.migration.records import Peer, Role
+from services.rpc.gen.banaserve.v1 import migration_pb2
 from tests.engine.coordinator import owner_engine
 from tests.engine.helpers import assert_no_leaks, make_engine
 from tests.engine.test_migration_invariant import B_WORKLOAD, WORKLOAD, params, plain_run
@@ -209,3 +211,31 @@ def test_attention_migrations_never_change_smollm2_output(smollm2, loop):
     tokens, pair, _ = run_scenario(smollm2, loop, 0, TWO)
     assert tokens == plain_run(smollm2)
     assert pair.num_located > 0 and pair.num_calls > 0, pair.events
+
+
+def test_named_requests_none_of_which_decode_here_fail_the_copy(tiny_llama, loop):
+    """A probe's attention migration naming requests the donor does not run went ACTIVE with
+    nothing moved and held both workers; now its first copy fails NOT_FOUND (the coordinator
+    aborts it with that reason), while a selection naming one that runs copies it. Malformed
+    names are refused when the selection is read."""
+    a, b = make_engine(tiny_llama, num_kv_blocks=64), make_engine(tiny_llama, num_kv_blocks=64)
+    a.add_request("r-1", list(range(40, 80)), params(30))
+    pair = AttentionPair(loop, a, b, AttentionSelection(request_ids=("nope", "gone")))
+    try:
+        for _ in range(3):
+            pair.a_thread.step()
+        pair.prepare()
+        with pytest.raises(
+            RequestNotFoundError, match=r"none of the named requests \(nope, gone\)"
+        ):
+            pair.copy()
+        pair.abort()
+        pair.selection = AttentionSelection(request_ids=("nope", "r-1"))
+        pair.prepare()
+        assert pair.copy()[1] == 1
+        pair.abort()
+    finally:
+        pair.close()
+    for ids, match in [(["a b"], "must be printable ASCII"), (["x", "x"], "names 'x' twice")]:
+        with pytest.raises(InvalidRequestError, match=match):
+            selection_from_proto(migration_pb2.AttentionSelection(request_ids=ids))

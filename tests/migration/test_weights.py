@@ -16,12 +16,13 @@ import gc
 import shutil
 import weakref
 
+import grpc
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from services.common.engine_args import add_engine_args, engine_config
-from services.common.errors import ConfigError, InvalidRequestError
+from services.common.errors import ConfigError, InvalidRequestError, ResourceExhaustedError
 from services.common.migration_states import MigrationState
 from services.coordinator.cli import format_migration
 from services.coordinator.clients import RouterWorkers
@@ -33,7 +34,7 @@ from services.migration import weights, wire
 from services.migration.records import AgentConfig, Peer, Role, layer_digest, layer_tensors
 from services.migration.servicer import migration_service
 from services.rpc.gen.banaserve.v1 import migration_pb2 as pb
-from services.rpc.gen.banaserve.v1 import router_pb2, router_pb2_grpc
+from services.rpc.gen.banaserve.v1 import migration_pb2_grpc, router_pb2, router_pb2_grpc
 from services.rpc.server import Service, start_server
 from tests.coordinator.test_grpc_workers import RPC, FakeRouter
 from tests.engine.helpers import assert_no_leaks, make_engine
@@ -413,3 +414,51 @@ def test_load_layers_flag_reaches_the_engine_config():
     assert engine_config(parser.parse_args([])).num_loaded_layers is None
     with pytest.raises(ConfigError, match="num_loaded_layers must be positive, got 0"):
         engine_config(parser.parse_args(["--load-layers", "0"]))
+
+
+def test_a_hosted_pool_larger_than_memory_is_refused_before_any_allocation(tiny_llama, monkeypatch):
+    """A probe's Prepare(HELPER) asking 2^32-1 hosted blocks got INTERNAL from torch's
+    allocator (35 TB); a pool this machine cannot hold is RESOURCE_EXHAUSTED, before anything is
+    allocated, and so is an allocation that fails."""
+    engine = make_engine(tiny_llama, num_kv_blocks=32)
+    with pytest.raises(ResourceExhaustedError, match="4294967295 hosted blocks of 2 layers take"):
+        weights.host_range(engine, "m-huge", range(2, 4), 2**32 - 1, "", [], {})
+    assert not engine.migration.hosted_layers
+
+    def fails(*args, **kwargs):
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory"
+        )
+
+    monkeypatch.setattr(engine.migration, "host_layers", fails)
+    with pytest.raises(ResourceExhaustedError, match="no memory for 64 hosted blocks of 2 layers"):
+        weights.host_range(engine, "m-fail", range(2, 4), 64, "", [], {})
+    assert_no_leaks(engine)
+
+
+def test_a_worker_refuses_an_over_long_abort_reason(tiny_llama, loop):
+    """A worker's records are listed together (List, which a restarted coordinator reads): two
+    2.5 MB reasons made every List RESOURCE_EXHAUSTED until 64 more migrations pushed them out."""
+    pair = AgentPair(loop, make_engine(tiny_llama, num_kv_blocks=32), make_engine(tiny_llama))
+    server = loop.call(start_server([migration_service(pair.donor)], RPC))
+
+    async def calls():
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = migration_pb2_grpc.MigrationWorkerServiceStub(channel)
+            for migration_id, reason, details in [
+                ("m-1", "r" * 2_500_000, "reason is longer than 1024 bytes"),
+                ("", "", "migration_id is empty"),
+            ]:
+                request = pb.MigrationWorkerServiceAbortRequest(
+                    migration_id=migration_id, reason=reason
+                )
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.Abort(request)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert info.value.details() == details
+
+    try:
+        loop.call(calls())
+    finally:
+        loop.call(server.stop(0))
+        pair.close()

@@ -16,6 +16,10 @@ from services.common.limits import (
     PromptLimits,
     check_block_hashes,
     check_id,
+    check_reason,
+    check_request_ids,
+    clip_reason,
+    required_id,
 )
 from services.router.prompts import PromptEncoder, model_context, prompt_limits
 
@@ -114,3 +118,29 @@ def test_without_a_tokenizer_text_is_refused():
             await PromptEncoder(None).encode("hi")
 
     asyncio.run(main())
+
+
+def test_reasons_are_bounded_from_callers_and_cut_from_errors():
+    check_reason("é" * 512)  # 1,024 bytes
+    with pytest.raises(InvalidRequestError, match="reason is longer than 1024 bytes"):
+        check_reason("é" * 513)
+    assert clip_reason("short") == "short"
+    cut = clip_reason("é" * 2000)  # never half a character
+    assert len(cut.encode()) <= 1024 and cut.endswith("...") and "\ufffd" not in cut
+
+
+def test_listed_request_ids_are_ids_without_repeats_and_bounded():
+    check_request_ids(["r-1", "r-2"])
+    check_request_ids([])
+    for ids, match in [
+        (["r-1", ""], r"request_ids\[1\] is empty"),
+        (["r 1"], "must be printable ASCII"),
+        (["x" * 129], "129 characters long"),
+        (["r-1", "r-2", "r-1"], "names 'r-1' twice"),
+        ([f"r-{i}" for i in range(1025)], "1025 request_ids; at most 1024"),
+    ]:
+        with pytest.raises(InvalidRequestError, match=match):
+            check_request_ids(ids)
+    assert required_id("m-1", "migration_id") == "m-1"
+    with pytest.raises(InvalidRequestError, match="migration_id is empty"):
+        required_id("", "migration_id")
