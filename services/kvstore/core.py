@@ -17,7 +17,9 @@ layer one opaque slab: the KV wire layout of services/common/kv_wire.py, never l
 Every call that names block hashes checks them with ``check_block_hashes`` first (the one
 check, services/common/limits.py), so Lookup, Pin, Reserve and writes accept the same hashes.
 ``unpin`` and ``abort`` are idempotent (kvstore.proto): an unknown, expired or already released
-id is a no-op, since the caller only wants it gone.
+id is a no-op, since the caller only wants it gone. A pin of nothing and a reservation with
+nothing to write (no hashes, or all stored or in flight) hold nothing and are id 0, so a caller
+that got 0 can still unpin, or commit (of nothing) or abort, as after any other.
 
 Single-threaded: every method runs on the node's event loop.
 """
@@ -172,7 +174,7 @@ class KVStoreNode:
             return PinResult(replace(pin, pin_id=0), 0, 0)
         self._pinned[pin.pin_id] = pin.hashes
         first = self.pool.blocks[pin.hashes[0]]
-        return PinResult(pin, first.num_layers, len(first.layers[0]))
+        return PinResult(pin, first.num_layers, first.layer_bytes)
 
     def unpin(self, pin_id: int) -> None:
         self._pinned.pop(pin_id, None)
@@ -183,9 +185,15 @@ class KVStoreNode:
         self, hashes: Sequence[BlockHash], num_layers: int, layer_bytes: int
     ) -> WriteReservation:
         check_block_hashes(hashes)
-        return self.pool.reserve(hashes, num_layers, layer_bytes)
+        reservation = self.pool.reserve(hashes, num_layers, layer_bytes)
+        if not reservation.to_write:  # nothing to write: no reservation, id 0, like a pin
+            self.pool.abort(reservation.reservation_id)
+            return replace(reservation, reservation_id=0)
+        return reservation
 
     async def commit(self, reservation_id: int) -> int:
+        if reservation_id == 0:  # the reservation of nothing to write (``reserve``)
+            return 0
         committed = self.pool.commit(reservation_id)
         entries = [self._entry(h) for h in committed]
         if entries:

@@ -7,9 +7,9 @@ Lifecycle of a block file (only ``BlockPool`` calls these):
                  sees half a file. Least recently used files are deleted first while the new
                  one would not fit in ``capacity_bytes``; ``put`` returns their hashes (and the
                  new block's own when it cannot be stored) so the pool can announce them gone.
-2. ``get``     - the pool promotes a block back into memory. The header (magic, num_layers,
-                 layer_bytes) and the file size are checked; a short or malformed file is
-                 deleted and read as a miss.
+2. ``get``     - the pool promotes a block back into memory: its layers, read into one
+                 buffer. The header (magic, num_layers, layer_bytes) and the file size are
+                 checked; a short or malformed file is deleted and read as a miss.
 3. ``discard`` - the promoted block now lives in memory; its file is deleted.
 
 A file is ``MAGIC | num_layers | layer_bytes`` (little-endian uint32 each) followed by the
@@ -27,11 +27,11 @@ import os
 import re
 import struct
 from collections import OrderedDict
-from collections.abc import Sequence
 from pathlib import Path
 
 from services.common.errors import ConfigError, InvalidRequestError
 from services.common.hashing import HASH_SIZE, BlockHash
+from services.kvstore.checksum import Layers
 
 MAGIC = b"BKV1"
 HEADER = struct.Struct("<4sII")
@@ -63,7 +63,7 @@ class DiskTier:
     def path(self, block_hash: BlockHash) -> Path:
         return self.directory / f"{block_hash.hex()}.kv"
 
-    def put(self, block_hash: BlockHash, layers: Sequence[bytes | bytearray]) -> list[BlockHash]:
+    def put(self, block_hash: BlockHash, layers: Layers) -> list[BlockHash]:
         """Store ``layers`` under ``block_hash``; returns the hashes this tier no longer holds."""
         _check_layers(layers)
         self.discard(block_hash)
@@ -77,16 +77,17 @@ class DiskTier:
         self.num_bytes += size
         return dropped
 
-    def get(self, block_hash: BlockHash) -> list[bytearray] | None:
-        """The block's layers, or None if absent or unreadable (an unreadable file is deleted)."""
+    def get(self, block_hash: BlockHash) -> tuple[int, bytearray] | None:
+        """``(num_layers, the layers one after another)``, or None if absent or unreadable (an
+        unreadable file is deleted)."""
         if block_hash not in self._files:
             return None
-        layers = _read(self.path(block_hash))
-        if layers is None:
+        stored = _read(self.path(block_hash))
+        if stored is None:
             self.discard(block_hash)
             return None
         self._files.move_to_end(block_hash)
-        return layers
+        return stored
 
     def discard(self, block_hash: BlockHash) -> None:
         size = self._files.pop(block_hash, None)
@@ -103,7 +104,7 @@ class DiskTier:
             dropped.append(oldest)
         return dropped
 
-    def _write(self, block_hash: BlockHash, layers: Sequence[bytes | bytearray]) -> bool:
+    def _write(self, block_hash: BlockHash, layers: Layers) -> bool:
         tmp = self.directory / f"{block_hash.hex()}.tmp"
         try:
             with open(tmp, "wb") as f:
@@ -122,14 +123,14 @@ class DiskTier:
                 os.unlink(entry.path)
 
 
-def _check_layers(layers: Sequence[bytes | bytearray]) -> None:
+def _check_layers(layers: Layers) -> None:
     if not layers or not layers[0]:
         raise InvalidRequestError("a block needs at least one non-empty layer")
     if any(len(layer) != len(layers[0]) for layer in layers):
         raise InvalidRequestError("every layer of a block must have the same size")
 
 
-def _read(path: Path) -> list[bytearray] | None:
+def _read(path: Path) -> tuple[int, bytearray] | None:
     try:
         with open(path, "rb") as f:
             header = f.read(HEADER.size)
@@ -142,10 +143,9 @@ def _read(path: Path) -> list[bytearray] | None:
                 return None
             if os.fstat(f.fileno()).st_size != expected:
                 return None
-            layers = [bytearray(layer_bytes) for _ in range(num_layers)]
-            for layer in layers:
-                if f.readinto(layer) != layer_bytes:
-                    return None
-            return layers
+            data = bytearray(num_layers * layer_bytes)
+            if f.readinto(data) != len(data):
+                return None
+            return num_layers, data
     except OSError:
         return None

@@ -1,7 +1,9 @@
 """The kvstore's host-memory block pool: bounded in bytes, two-phase writes, pinned reads, LRU.
 
-A block is named by its chained content hash and holds ``num_layers`` buffers of
-``layer_bytes`` each, so a reader can fetch layer 0 of a run of blocks before layer 1.
+A block is named by its chained content hash and holds ``num_layers`` layers of
+``layer_bytes`` each, so a reader can fetch layer 0 of a run of blocks before layer 1. The
+layers lie one after another in one buffer per block, allocated at the block's first write:
+a reservation costs no time for its size, and nothing per layer beyond the bytes.
 
 Block states; only ``BlockPool`` changes them:
 
@@ -41,8 +43,10 @@ Every ``reserve`` and ``pin`` opens an entry, even one with nothing to write or 
 in ``commit``/``abort``, ``unpin`` or ``expire``. Ids count from 1, separately for each.
 
 Invariants:
-- ``num_bytes_used`` is the size of every block in memory, WRITING included, and never
-  exceeds ``capacity_bytes``; use (the LRU order) is a commit, a promotion or a pin;
+- ``num_bytes_used`` is what every block in memory is charged, WRITING included: its payload
+  plus ``BLOCK_OVERHEAD_BYTES`` (``charged_bytes``), so it bounds the host memory the pool
+  really holds; it never exceeds ``capacity_bytes``; use (the LRU order) is a commit, a
+  promotion or a pin;
 - a hash lives in at most one tier; a pinned or WRITING block is never evicted;
 - buffers are never reused: a view held past its pin's expiry reads stale but intact bytes.
 
@@ -57,7 +61,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from services.common.errors import (
     ConfigError,
@@ -71,6 +75,24 @@ from services.kvstore.checksum import block_checksum, intact
 from services.kvstore.disk import DiskTier
 
 log = logging.getLogger(__name__)
+
+# The most layers a block may have (INVALID_ARGUMENT beyond). Models have far fewer (Llama 3
+# 405B: 126, DeepSeek-V3: 61); the bound keeps the per-layer work of one call small (a write
+# of every layer, the written-layer mask, a Pin reply's num_layers).
+MAX_NUM_LAYERS = 1024
+# Host memory a block costs beyond its payload, charged against ``capacity_bytes`` with it, so
+# that blocks of any shape hold no more memory than the pool is allowed. Measured on CPython
+# 3.11 (tests/kvstore/test_reserve_memory.py checks it): ~440 bytes of RSS per stored one-layer
+# block, up to ~550 with MAX_NUM_LAYERS (the written-layer mask) - the ``Block``, its buffer's
+# bytearray header, its block-table and LRU entries, its hash and checksum objects. Doubled for
+# allocator rounding and dict tables just after a resize; next to a real block (tens of KiB per
+# layer) it is noise.
+BLOCK_OVERHEAD_BYTES = 1024
+
+
+def charged_bytes(num_layers: int, layer_bytes: int) -> int:
+    """What one block counts against ``capacity_bytes``: payload plus its fixed overhead."""
+    return num_layers * layer_bytes + BLOCK_OVERHEAD_BYTES
 
 
 @dataclass(frozen=True)
@@ -98,23 +120,43 @@ class Tier(enum.Enum):
     DISK = "disk"
 
 
-@dataclass
+@dataclass(slots=True)
 class Block:
     block_hash: BlockHash
-    layers: list[bytearray]
+    num_layers: int
+    layer_bytes: int
     status: BlockStatus
     reservation_id: int | None = None  # the writer while WRITING
     num_pins: int = 0
-    layers_written: set[int] = field(default_factory=set)
+    data: bytearray | None = None  # the layers in order; None until the first write
+    written_mask: int = 0  # bit ``l`` set once layer ``l`` was written
     checksum: int | None = None  # set at commit
 
     @property
-    def num_layers(self) -> int:
-        return len(self.layers)
+    def num_bytes(self) -> int:
+        """The payload (what the metadata announces and the disk stores)."""
+        return self.num_layers * self.layer_bytes
 
     @property
-    def num_bytes(self) -> int:
-        return len(self.layers) * len(self.layers[0])
+    def num_charged_bytes(self) -> int:
+        return charged_bytes(self.num_layers, self.layer_bytes)
+
+    @property
+    def fully_written(self) -> bool:
+        return self.written_mask == (1 << self.num_layers) - 1
+
+    def layer(self, layer: int) -> memoryview:
+        """A writable view of one layer (no copy); allocates the block's buffer, zeroed, the
+        first time, so a reservation costs time only as it is written."""
+        if self.data is None:
+            self.data = bytearray(self.num_bytes)
+        start = layer * self.layer_bytes
+        return memoryview(self.data)[start : start + self.layer_bytes]
+
+    @property
+    def layers(self) -> list[memoryview]:
+        """Every layer, as writable views (what the disk tier stores)."""
+        return [self.layer(i) for i in range(self.num_layers)]
 
 
 @dataclass(frozen=True)
@@ -234,6 +276,10 @@ class BlockPool:
             raise InvalidRequestError(
                 f"num_layers and layer_bytes must be positive, got {num_layers}, {layer_bytes}"
             )
+        if num_layers > MAX_NUM_LAYERS:
+            raise InvalidRequestError(
+                f"num_layers is {num_layers}; at most {MAX_NUM_LAYERS} are allowed"
+            )
         to_write, existing, in_flight = [], [], []
         for h in hashes:
             block = self.blocks.get(h)
@@ -243,7 +289,7 @@ class BlockPool:
                 existing.append(h)
             else:
                 to_write.append(h)
-        num_bytes = len(to_write) * num_layers * layer_bytes
+        num_bytes = len(to_write) * charged_bytes(num_layers, layer_bytes)
         victims = self._victims(num_bytes)
         if victims is None:
             raise ResourceExhaustedError(
@@ -258,9 +304,10 @@ class BlockPool:
             tuple(in_flight),
             self._clock() + self.config.reservation_ttl_s,
         )
-        for h in to_write:
-            layers = [bytearray(layer_bytes) for _ in range(num_layers)]
-            self._add(Block(h, layers, BlockStatus.WRITING, reservation.reservation_id))
+        rid = reservation.reservation_id
+        for h in to_write:  # ``_add``, with the bytes counted once: up to MAX_BLOCK_HASHES
+            self.blocks[h] = Block(h, num_layers, layer_bytes, BlockStatus.WRITING, rid)
+        self.num_bytes_used += num_bytes
         self._reservations[reservation.reservation_id] = reservation
         self._announce(gone)
         return reservation
@@ -274,25 +321,25 @@ class BlockPool:
     ) -> None:
         block = self._block_to_write(reservation_id, block_hash, layer)
         source = memoryview(data).cast("B")
-        if source.nbytes != len(block.layers[layer]):
+        if source.nbytes != block.layer_bytes:
             raise InvalidRequestError(
-                f"layer {layer} of {block_hash.hex()} is {len(block.layers[layer])} bytes, "
+                f"layer {layer} of {block_hash.hex()} is {block.layer_bytes} bytes, "
                 f"got {source.nbytes}"
             )
-        memoryview(block.layers[layer])[:] = source
-        block.layers_written.add(layer)
+        block.layer(layer)[:] = source
+        block.written_mask |= 1 << layer
 
     def write_buffer(self, reservation_id: int, block_hash: BlockHash, layer: int) -> memoryview:
         """A writable view of one layer for a data plane to receive into; counts as written."""
         block = self._block_to_write(reservation_id, block_hash, layer)
-        block.layers_written.add(layer)
-        return memoryview(block.layers[layer])
+        block.written_mask |= 1 << layer
+        return block.layer(layer)
 
     def commit(self, reservation_id: int) -> list[BlockHash]:
         """Make the reservation's blocks readable; returns them for the caller to announce."""
         reservation = self._reservation(reservation_id)
         blocks = [self.blocks[h] for h in reservation.to_write]
-        unfinished = [b.block_hash.hex() for b in blocks if len(b.layers_written) < b.num_layers]
+        unfinished = [b.block_hash.hex() for b in blocks if not b.fully_written]
         if unfinished:
             raise InvalidRequestError(
                 f"reservation {reservation_id}: blocks not fully written: {unfinished}"
@@ -301,7 +348,8 @@ class BlockPool:
         for block in blocks:
             block.status = BlockStatus.COMMITTED
             block.reservation_id = None
-            block.checksum = block_checksum(block.layers)
+            # CRC-32 chains: one pass over the buffer is one over the layers in order.
+            block.checksum = block_checksum((block.data,))
             self._lru[block.block_hash] = None
         return list(reservation.to_write)
 
@@ -337,7 +385,7 @@ class BlockPool:
             raise InvalidRequestError(f"pin {pin_id} does not hold {block_hash.hex()}")
         block = self.blocks[block_hash]
         _check_layer(block, layer)
-        return memoryview(block.layers[layer]).toreadonly()
+        return block.layer(layer).toreadonly()
 
     def unpin(self, pin_id: int) -> None:
         pin = self._pin(pin_id)
@@ -396,24 +444,28 @@ class BlockPool:
     def _promote(
         self, disk: DiskTier, block_hash: BlockHash, gone: list[BlockHash]
     ) -> Block | None:
-        layers = disk.get(block_hash)
+        stored = disk.get(block_hash)
         checksum = self._disk_checksums.pop(block_hash, None)
-        if layers is None:  # unreadable: the disk tier deleted it
+        if stored is None:  # unreadable: the disk tier deleted it
             gone.append(block_hash)
             return None
-        if not intact(layers, checksum):
+        num_layers, data = stored
+        if not intact((data,), checksum):
             log.warning("kvstore: block %s changed on disk; dropped", block_hash.hex())
             self.num_corrupt += 1
             disk.discard(block_hash)
             gone.append(block_hash)
             return None
-        victims = self._victims(len(layers) * len(layers[0]))
+        layer_bytes = len(data) // num_layers
+        block = Block(
+            block_hash, num_layers, layer_bytes, BlockStatus.COMMITTED, data=data, checksum=checksum
+        )
+        victims = self._victims(block.num_charged_bytes)
         if victims is None:
             return None
         # Off the disk before evicting to it, so the disk's own bound cannot drop it.
         disk.discard(block_hash)
         gone.extend(self._evict(victims))
-        block = Block(block_hash, layers, BlockStatus.COMMITTED, checksum=checksum)
         self._add(block)
         self._lru[block_hash] = None
         self.num_promoted += 1
@@ -429,7 +481,7 @@ class BlockPool:
             block = self.blocks[h]
             if block.num_pins == 0:
                 victims.append(block)
-                free += block.num_bytes
+                free += block.num_charged_bytes
         return victims if free >= num_bytes else None
 
     def _evict(self, victims: list[Block]) -> list[BlockHash]:
@@ -451,7 +503,7 @@ class BlockPool:
     def _intact(self, block: Block, gone: list[BlockHash]) -> bool:
         """Verifies a committed block in memory; a changed one is dropped (unless a reader
         holds it pinned: it stays until unpinned, and is never handed out again)."""
-        if intact(block.layers, block.checksum):
+        if intact((block.data,), block.checksum):
             return True
         log.warning("kvstore: block %s changed in memory; dropped", block.block_hash.hex())
         self.num_corrupt += 1
@@ -462,12 +514,12 @@ class BlockPool:
 
     def _add(self, block: Block) -> None:
         self.blocks[block.block_hash] = block
-        self.num_bytes_used += block.num_bytes
+        self.num_bytes_used += block.num_charged_bytes
 
     def _remove(self, block: Block) -> None:
         del self.blocks[block.block_hash]
         self._lru.pop(block.block_hash, None)
-        self.num_bytes_used -= block.num_bytes
+        self.num_bytes_used -= block.num_charged_bytes
 
     def _announce(self, gone: list[BlockHash]) -> None:
         if gone and self.on_evict is not None:

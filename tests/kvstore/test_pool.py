@@ -14,12 +14,19 @@ from services.common.errors import (
 )
 from services.common.hashing import BlockHash
 from services.kvstore.disk import HEADER, DiskTier
-from services.kvstore.pool import BlockPool, BlockStatus, Expired, PoolConfig, Tier
+from services.kvstore.pool import (
+    BlockPool,
+    BlockStatus,
+    Expired,
+    PoolConfig,
+    Tier,
+    charged_bytes,
+)
 
 NUM_LAYERS = 2
 LAYER_BYTES = 8
-BLOCK_BYTES = NUM_LAYERS * LAYER_BYTES
-FILE_BYTES = HEADER.size + BLOCK_BYTES
+BLOCK_BYTES = charged_bytes(NUM_LAYERS, LAYER_BYTES)  # what the pool counts per block
+FILE_BYTES = HEADER.size + NUM_LAYERS * LAYER_BYTES
 
 
 class FakeClock:
@@ -76,7 +83,7 @@ def expected(block_hash: BlockHash) -> list[bytes]:
 def assert_no_leaks(pool: BlockPool) -> None:
     assert pool.num_pins == 0
     assert pool.num_reservations == 0
-    assert pool.num_bytes_used == sum(b.num_bytes for b in pool.blocks.values())
+    assert pool.num_bytes_used == sum(b.num_charged_bytes for b in pool.blocks.values())
     assert pool.num_bytes_used <= pool.config.capacity_bytes
     assert all(b.status is BlockStatus.COMMITTED for b in pool.blocks.values())
     assert all(b.num_pins == 0 for b in pool.blocks.values())
@@ -128,7 +135,7 @@ def test_two_phase_write_round_trip_is_byte_exact_per_layer() -> None:
     assert t.read_all(1, h(1)) == expected(h(1))
     assert t.read_all(1, h(2)) == expected(h(2))
     view = t.pool.read(1, h(2), 1)
-    assert view.readonly and view.obj is t.pool.blocks[h(2)].layers[1]  # no copy
+    assert view.readonly and view.obj is t.pool.blocks[h(2)].data  # no copy
     t.pool.unpin(1)
     assert t.evicted == []
     assert_no_leaks(t.pool)
@@ -182,7 +189,7 @@ def test_write_checks_owner_layer_and_size() -> None:
         t.pool.write(rid, h(9), 0, payload(h(9), 0))
     with pytest.raises(RequestNotFoundError):
         t.pool.write(rid + 1, h(1), 0, payload(h(1), 0))
-    assert t.pool.blocks[h(1)].layers_written == set()
+    assert t.pool.blocks[h(1)].written_mask == 0
     t.pool.abort(rid)
     with pytest.raises(RequestNotFoundError):
         t.pool.commit(rid)

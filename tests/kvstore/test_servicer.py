@@ -14,7 +14,7 @@ from services.common.config import RpcConfig
 from services.common.errors import ErrorCode
 from services.kvstore.core import KVStoreNode
 from services.kvstore.metadata import MetadataStore, NodeInfo
-from services.kvstore.pool import BlockPool, PoolConfig
+from services.kvstore.pool import BlockPool, PoolConfig, charged_bytes
 from services.kvstore.servicer import data_handler, kvstore_service
 from services.rpc import dataplane
 from services.rpc.channels import open_channel
@@ -75,8 +75,11 @@ def test_write_commit_lookup_pin_read_over_the_wire(redis_server, kv_prefix):
                 header = pb.KVDataRequest(write=write).SerializeToString()
                 await client.request(header, payload[layer])
             assert (await stub.Commit(commit)).num_committed == 2
-            # A second writer of the same blocks is told to write nothing.
-            assert list((await stub.Reserve(reserve)).to_write) == []
+            # A second writer of the same blocks is told to write nothing, and holds nothing:
+            # id 0, whose commit commits nothing (as an empty pin is id 0).
+            again = await stub.Reserve(reserve)
+            assert (again.reservation_id, list(again.to_write)) == (0, [])
+            assert (await stub.Commit(pb.CommitRequest(reservation_id=0))).num_committed == 0
 
             found = await stub.Lookup(pb.LookupRequest(block_hashes=HASHES))
             assert list(found.node_ids) == ["kvstore-0", "kvstore-0"]
@@ -94,8 +97,8 @@ def test_write_commit_lookup_pin_read_over_the_wire(redis_server, kv_prefix):
                 await client.request(pb.KVDataRequest(read=read).SerializeToString())
             assert info.value.code is ErrorCode.NOT_FOUND
             stats = await stub.Stats(pb.KVStoreServiceStatsRequest())
-            assert (stats.num_blocks, stats.num_pins, stats.num_reservations) == (2, 0, 1)
-            await stub.Abort(pb.KVStoreServiceAbortRequest(reservation_id=reply.reservation_id + 1))
+            assert (stats.num_blocks, stats.num_pins, stats.num_reservations) == (2, 0, 0)
+            await stub.Abort(pb.KVStoreServiceAbortRequest(reservation_id=0))  # idempotent
             stats = await stub.Stats(pb.KVStoreServiceStatsRequest())
             assert (stats.num_pins, stats.num_reservations, stats.metadata_synced) == (0, 0, True)
 
@@ -138,7 +141,8 @@ def test_blocks_the_pool_evicts_are_withdrawn_from_redis(redis_server, kv_prefix
 
     async def main():
         # Room for two blocks of one layer.
-        async with served_node(redis_server.url, kv_prefix, 2 * LAYER_BYTES) as (stub, client):
+        capacity = 2 * charged_bytes(1, LAYER_BYTES)
+        async with served_node(redis_server.url, kv_prefix, capacity) as (stub, client):
             await write(stub, client, HASHES[:2])
             lookup = pb.LookupRequest(block_hashes=HASHES[:2])
             assert len((await stub.Lookup(lookup)).node_ids) == 2

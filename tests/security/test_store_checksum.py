@@ -12,7 +12,7 @@ import pytest
 
 from services.kvstore.checksum import block_checksum, intact
 from services.kvstore.disk import HEADER, DiskTier
-from services.kvstore.pool import BlockPool, PoolConfig
+from services.kvstore.pool import BlockPool, PoolConfig, charged_bytes
 from tests.engine.helpers import assert_no_leaks, make_engine
 from tests.kvstore.test_prefill_store import (
     committed,
@@ -46,7 +46,7 @@ def test_checksum_covers_every_byte_of_every_layer():
 
 def test_a_block_changed_in_memory_is_dropped_and_read_as_a_miss():
     withdrawn: list[list[bytes]] = []
-    pool = BlockPool(PoolConfig(16 * LAYER_BYTES), on_evict=withdrawn.append)
+    pool = BlockPool(PoolConfig(16 * charged_bytes(2, LAYER_BYTES)), on_evict=withdrawn.append)
     for fill, h in zip((10, 20, 30), (H1, H2, H3), strict=True):
         _stored(pool, h, fill)
     pool.blocks[H2].layers[1][5] ^= 0x40  # a bit flips while the store holds it
@@ -61,7 +61,9 @@ def test_a_block_changed_in_memory_is_dropped_and_read_as_a_miss():
 def test_a_block_changed_on_disk_is_dropped_when_promoted(tmp_path):
     withdrawn: list[list[bytes]] = []
     disk = DiskTier(tmp_path, 1 << 20)
-    pool = BlockPool(PoolConfig(2 * 2 * LAYER_BYTES), disk=disk, on_evict=withdrawn.append)
+    pool = BlockPool(
+        PoolConfig(2 * charged_bytes(2, LAYER_BYTES)), disk=disk, on_evict=withdrawn.append
+    )
     for fill, h in zip((10, 20, 30), (H1, H2, H3), strict=True):
         _stored(pool, h, fill)  # the third evicts H1 to disk
     assert H1 in disk and sorted(pool.blocks) == [H2, H3]
