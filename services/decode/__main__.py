@@ -104,6 +104,7 @@ async def serve(args: argparse.Namespace) -> None:
         DecodeConfig(
             default_lease_s=min(args.max_lease, DecodeConfig.default_lease_s),
             max_lease_s=args.max_lease,
+            transfer_header_timeout_s=args.max_lease,  # no header can claim a longer lease
             prefill_locally=args.role == "mixed",
             reuse_cached_prefix=args.reuse_cached_prefix,
         ),
@@ -120,6 +121,7 @@ async def serve(args: argparse.Namespace) -> None:
         data.address if data else "",
         args.kv_transport if data else "",
         reservation_quota(args, seqs),
+        max_awaiting_header=seqs,
     )
     migration = await start_migration(args, worker, rpc.host)
     server = await start_server(

@@ -29,7 +29,9 @@ blocks freed to someone else. While the worker is a layer migration's donor, the
 the layers ``[k, L)`` of an import on the helper instead (services/engine/kv_routes.py): the
 same call, which then waits for the data plane. The table itself is touched only from the
 event loop, where the loop delivers each step's outputs. Every wait is bounded: a lease or deadline is enforced by
-``expire_overdue`` (swept every ``sweep_interval_s``), and a stream waits for its next event
+``expire_overdue`` (swept every ``sweep_interval_s``), a transfer waits for its header at
+most ``transfer_header_timeout_s`` and for each later frame at most ``transfer_idle_timeout_s``
+or until its entry ends, and a stream waits for its next event
 at most ``stream_idle_timeout_s`` in which the engine made no step (a request queued behind
 others, or preempted, waits as long as the engine makes progress).
 
@@ -237,16 +239,19 @@ class DecodeWorker:
     # -- 2. receive ------------------------------------------------------------------------
 
     async def receive(self, frames: AsyncIterator[TransferFrame]) -> TransferResult:
-        """Runs one transfer: header, chunks, end. Anything else, or a break, frees the entry."""
+        """Runs one transfer: header, chunks, end. Anything else, a break, a sender that goes
+        silent (``_next_frame``) or a reservation that ends meanwhile frees the entry."""
         entry: Entry | None = None
         try:
-            header = await anext(frames, None)
+            header = await self._next_frame(frames, None)
+            if header is None:
+                raise InvalidRequestError("the transfer ended before its header")
             if not isinstance(header, TransferHeader):
                 raise InvalidRequestError("a transfer must start with its header")
             entry = self._claim(header)
             check_layout(self.engine, entry.prompt_token_ids, header, entry.first_block)
             assembler = LayerAssembler(header.layout, header.num_layers)
-            async for frame in frames:
+            while (frame := await self._next_frame(frames, entry)) is not None:
                 if isinstance(frame, LayerChunk):
                     data = assembler.add(frame)
                     if data is not None:
@@ -264,6 +269,39 @@ class DecodeWorker:
         finally:
             if entry is not None:
                 self._table.free(entry)
+
+    async def _next_frame(
+        self, frames: AsyncIterator[TransferFrame], entry: Entry | None
+    ) -> TransferFrame | None:
+        """The sender's next frame (None: it closed its stream). The header must come within
+        ``transfer_header_timeout_s``, each later frame within ``transfer_idle_timeout_s``;
+        should ``entry`` end meanwhile (lease, deadline, Release) the wait ends at once, so a
+        silent sender never holds its call, nor the entry, past them."""
+        config = self.config
+        if entry is None:
+            timeout = config.transfer_header_timeout_s
+        else:
+            timeout = config.transfer_idle_timeout_s
+        arrived = asyncio.ensure_future(anext(frames, None))
+        waits: set[asyncio.Future[Any]] = {arrived}
+        if entry is not None:
+            waits.add(asyncio.ensure_future(entry.ended.wait()))
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+            await asyncio.wait(waits)  # the frame source is idle again before anyone closes it
+        if not arrived.cancelled():
+            return arrived.result()
+        if entry is None:
+            raise TimeoutError(f"the KV transfer sent no header within {timeout:g}s")
+        if entry.ended.is_set():
+            self._check_alive()
+            raise self._table.gone(entry)
+        raise TimeoutError(
+            f"the KV transfer for {entry.request_id!r} sent nothing for {timeout:g}s"
+        )
 
     async def _import(self, entry: Entry, data: Any, layout: Any) -> None:
         # Checked right before submitting, on the event loop: a ``free`` after this sees the
@@ -286,9 +324,8 @@ class DecodeWorker:
         return entry
 
     def ended(self, request_id: str) -> asyncio.Event:
-        """Set once ``request_id`` holds nothing here (finished, released, expired). A frame
-        source that waits on its sender (the data-plane receiver) stops waiting then: unlike a
-        broken gRPC stream, a silent sender there is noticed by nobody else."""
+        """Set once ``request_id`` holds nothing here (finished, released, expired): what a
+        caller's per-client hold on it (servicer.py) waits for."""
         entry = self._table.get(request_id)
         if entry is not None:
             return entry.ended
@@ -303,7 +340,7 @@ class DecodeWorker:
         engine_id = entry.engine_id
         output = await self._loop.call(lambda e: e.finish_prompt_import(engine_id, first_token_id))
         if entry.freed:  # freed meanwhile: its abort is queued already
-            raise RequestNotFoundError(f"reservation of {entry.request_id!r} expired or released")
+            raise self._table.gone(entry)
         if output.finished and entry.status is not RequestStatus.DONE:
             # The first token ended it; the engine holds nothing.
             self._table.finish(entry, output.finish_reason or FinishReason.STOP)

@@ -18,14 +18,14 @@ here as separate data-plane messages, each naming its reservation, and is fed to
 ``receive`` frees the reservation whenever it fails, and its error answers the message waiting
 on it (the data plane maps it to a status code); a message for a transfer no longer open gets
 NOT_FOUND. Nothing waits for ever: a sender that goes silent leaves ``receive`` waiting on the
-queue only until the reservation ends (lease, deadline, Release: ``DecodeWorker.ended``), and a
-message whose connection is lost (the data plane cancels its handler) aborts its transfer.
+queue only until its idle timeout or the reservation's end (lease, deadline, Release), as any
+transfer (``DecodeWorker.receive``), and a message whose connection is lost (the data plane
+cancels its handler) aborts its transfer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -147,30 +147,14 @@ class DataPlaneReceiver:
     async def _frames(self, transfer: _Transfer) -> AsyncIterator[TransferFrame]:
         """The queue as ``receive``'s frames. ``receive`` asks for the next frame only once it
         is done with the last one, which is when that one counts as taken in."""
-        watch: asyncio.Task[None] | None = None
-        try:
-            while True:
-                item = await transfer.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                frame, taken = item
-                yield frame
-                if taken is not None and not taken.done():
-                    taken.set_result(None)
-                if watch is None and isinstance(frame, TransferHeader):
-                    watch = asyncio.create_task(self._watch(transfer, frame.request_id))
-        finally:
-            if watch is not None:
-                watch.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watch
-
-    async def _watch(self, transfer: _Transfer, request_id: str) -> None:
-        """Ends a transfer waiting on a silent sender once its reservation is gone."""
-        await self._worker.ended(request_id).wait()
-        transfer.queue.put_nowait(
-            RequestNotFoundError(f"reservation of {request_id!r} expired or released")
-        )
+        while True:
+            item = await transfer.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            frame, taken = item
+            yield frame
+            if taken is not None and not taken.done():
+                taken.set_result(None)
 
 
 def _log_failure(task: asyncio.Task[TransferResult]) -> None:

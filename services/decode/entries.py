@@ -34,12 +34,23 @@ class DecodeConfig:
     # (the prompts it decoded before), and its transfer carries only the blocks after them:
     # a hot prefix's KV crosses the network once per decode worker, not once per request.
     reuse_cached_prefix: bool = True
+    # Longest a TransferKV waits for its header. The prefill worker opens the call when it
+    # admits the request and sends the header with the prompt's first layer, so the wait
+    # spans its queueing and compute; the reservation's lease bounds that already (a later
+    # header finds nothing to fill), hence the longest lease (``__main__``: ``--max-lease``).
+    transfer_header_timeout_s: float = 60.0
+    # Longest a transfer waits for each later frame. The sender writes each layer as its step
+    # computes it and the end frame right after that step: a gap of 10 s is far past any step,
+    # a sender that stalled, and its reservation is freed then rather than at its lease.
+    transfer_idle_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.id_reuse_wait_s >= 0:
             raise ConfigError(f"id_reuse_wait_s must be >= 0, got {self.id_reuse_wait_s}")
-        for name in ("default_lease_s", "max_lease_s", "sweep_interval_s", "idle_poll_s"):
-            if getattr(self, name) <= 0:
+        positive = ("default_lease_s", "max_lease_s", "sweep_interval_s", "idle_poll_s")
+        positive += ("transfer_header_timeout_s", "transfer_idle_timeout_s")
+        for name in positive:
+            if not getattr(self, name) > 0:  # NaN too
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.default_lease_s > self.max_lease_s:
             raise ConfigError("default_lease_s must not exceed max_lease_s")

@@ -4,16 +4,28 @@
 Domain errors propagate as they are: ``services.rpc.status.ErrorInterceptor`` (installed on
 every server) maps them to status codes. Ids, the layout's fingerprint and block hashes, and stop
 conditions are checked against services/common/limits.py before anything else.
+
+A TransferKV holds one of the server's STREAM admission slots (services/common/admission.py:
+4 x ``max_num_seqs``, shared with StreamTokens) from its first byte, before its header names a
+reservation. So at most ``max_awaiting_header`` calls wait for their header at once
+(``__main__``: the engine's ``max_num_seqs``, one per sequence the worker can reserve, as the
+prefill worker opens the call before its prompt computes) and a later one is refused
+(RESOURCE_EXHAUSTED): callers with no reservation to fill hold at most a quarter of the slots,
+the rest hold at most one transfer and one stream per reservation, and StreamTokens always
+finds a slot however many transfers are opened.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
 
 from services.common.admission import Hold, HoldQuota
-from services.common.errors import BanaServeError, InvalidRequestError
+from services.common.errors import BanaServeError, InvalidRequestError, ResourceExhaustedError
 from services.common.limits import check_block_hashes, check_id, check_name, check_stop
 from services.decode import core, transfer
 from services.decode.dataplane_receiver import DataPlaneReceiver
@@ -34,6 +46,10 @@ from services.rpc.status import decode_request
 from services.rpc.streams import drain
 
 log = logging.getLogger(__name__)
+
+# A failed TransferKV reads what its sender still writes (``drain``) until the sender has been
+# quiet this long: a sender mid-write sends on at once, a silent one must not hold the call.
+_DRAIN_QUIET_S = 1.0
 
 _STATES = {
     core.RequestStatus.RESERVED: decode_pb2.RESERVATION_STATE_RESERVED,
@@ -71,8 +87,11 @@ def header_from_proto(msg: decode_pb2.KVTransferHeader) -> transfer.TransferHead
 
 async def frames_from_proto(
     requests: AsyncIterator[decode_pb2.TransferKVRequest],
+    arrived: Callable[[], None] = lambda: None,
 ) -> AsyncIterator[transfer.TransferFrame]:
+    """The frames of ``requests``; ``arrived()`` is called as each message comes."""
     async for msg in requests:
+        arrived()
         kind = msg.WhichOneof("frame")
         if kind == "header":
             yield header_from_proto(msg.header)
@@ -130,6 +149,24 @@ def _release_reason(number: int) -> str:
     return value.name if value is not None else f"reason {number}"
 
 
+def _past_deadline(context: grpc.aio.ServicerContext) -> bool:
+    # grpc-aio answers 0 for a deadline already past, and cancels the handler only at its next
+    # await: work done meanwhile would be for a reply no one can receive.
+    left = context.time_remaining()
+    return left is not None and left <= 0
+
+
+async def _until_quiet(requests: AsyncIterator[Any], quiet_s: float) -> AsyncIterator[Any]:
+    """``requests`` until the sender sends nothing for ``quiet_s`` (then TimeoutError)."""
+    iterator = aiter(requests)
+    while True:
+        async with asyncio.timeout(quiet_s):
+            message = await anext(iterator, None)
+        if message is None:
+            return
+        yield message
+
+
 class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     def __init__(
         self,
@@ -137,18 +174,25 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         data_address: str = "",
         data_transport: str = "",
         quota: HoldQuota | None = None,
+        max_awaiting_header: int | None = None,
     ) -> None:
         self._worker = worker
         # Per-client cap on reservations held (services/rpc/admission.py): one caller cannot
         # take every sequence slot. Each hold is dropped once its request holds nothing here.
         self._quota = quota
         self._watchers: set[asyncio.Task[None]] = set()
+        # TransferKV calls that have not sent their header yet, and their cap (None: no cap;
+        # ``__main__`` sets the engine's ``max_num_seqs``, see the module docstring).
+        self._num_awaiting_header = 0
+        self._max_awaiting_header = max_awaiting_header
         self._data_address = data_address  # the KV data plane, if this worker serves one
         self._data_transport = DATA_TRANSPORT_TO_PROTO.get(data_transport, 0)
 
     async def ReserveKV(self, request, context):
         check_id(request.request_id, "request_id")
         check_stop(request.sampling.stop, request.sampling.stop_token_ids)
+        if _past_deadline(context):
+            raise TimeoutError("the call's deadline passed before anything was reserved")
         hold = self._quota.take(client_identity(context)) if self._quota else None
         try:
             reservation = await self._worker.reserve(
@@ -160,6 +204,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 request.prefill_locally,
                 request.local_prefill_max_tokens,
             )
+            if _past_deadline(context):  # the reply cannot arrive: hold nothing
+                await self._worker.release(request.request_id)
+                raise TimeoutError("the call's deadline passed while reserving; released")
         except BaseException:
             if hold is not None:
                 hold.drop()
@@ -182,11 +229,28 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         watcher.add_done_callback(lambda task: (self._watchers.discard(task), hold.drop()))
 
     async def TransferKV(self, request_iterator, context):
+        limit = self._max_awaiting_header
+        if limit is not None and self._num_awaiting_header >= limit:
+            raise ResourceExhaustedError(
+                f"{limit} KV transfers are waiting for their header here already"
+            )
+        self._num_awaiting_header += 1
+        awaiting = True
+
+        def arrived() -> None:  # a message came, or the call ends
+            nonlocal awaiting
+            if awaiting:
+                awaiting = False
+                self._num_awaiting_header -= 1
+
         try:
-            result = await self._worker.receive(frames_from_proto(request_iterator))
+            result = await self._worker.receive(frames_from_proto(request_iterator, arrived))
         except BanaServeError:
-            await drain(request_iterator)  # so the sender sees this status, not INTERNAL
+            # So the sender sees this status, not INTERNAL; a sender gone quiet is not writing.
+            await drain(_until_quiet(request_iterator, _DRAIN_QUIET_S))
             raise
+        finally:
+            arrived()
         return decode_pb2.TransferKVResponse(
             num_layers=result.num_layers, num_bytes=result.num_bytes
         )
@@ -253,9 +317,10 @@ def decode_service(
     data_address: str = "",
     data_transport: str = "",
     quota: HoldQuota | None = None,
+    max_awaiting_header: int | None = None,
 ) -> Service:
     return Service.bind(
-        DecodeServicer(worker, data_address, data_transport, quota),
+        DecodeServicer(worker, data_address, data_transport, quota, max_awaiting_header),
         decode_pb2_grpc.add_DecodeServiceServicer_to_server,
         decode_pb2.DESCRIPTOR.services_by_name["DecodeService"],
     )

@@ -15,7 +15,7 @@ from concurrent.futures import Future
 from services.common.errors import (
     AlreadyExistsError,
     BanaServeError,
-    InvalidRequestError,
+    PreconditionError,
     RequestNotFoundError,
 )
 from services.common.types import FinishReason, RequestOutput
@@ -86,7 +86,19 @@ class EntryTable:
             entry.status is RequestStatus.DONE
             or self._by_request.get(entry.request_id) is not entry
         ):
-            raise RequestNotFoundError(f"reservation of {entry.request_id!r} expired or released")
+            raise self.gone(entry)
+
+    def gone(self, entry: Entry) -> Exception:
+        """Why ``entry``'s reservation is no longer there for its transfer: its deadline
+        (DEADLINE_EXCEEDED), its lease, or else a release (NOT_FOUND)."""
+        now, request_id = self._clock(), entry.request_id
+        if entry.deadline is not None and now >= entry.deadline:
+            return TimeoutError(f"request {request_id!r} passed its deadline")
+        if now >= entry.lease_expiry:
+            return RequestNotFoundError(
+                f"reservation of {request_id!r} expired: its lease ran out before its KV came"
+            )
+        return RequestNotFoundError(f"reservation of {request_id!r} was released")
 
     # -- outputs and ends ------------------------------------------------------------------
 
@@ -180,7 +192,7 @@ class EntryTable:
         if entry is None:
             raise RequestNotFoundError(f"no request {request_id!r} here")
         if entry.streaming:
-            raise InvalidRequestError(f"request {request_id!r} is already being streamed")
+            raise PreconditionError(f"request {request_id!r} is already being streamed")
         entry.streaming = True
         finished = False
         try:

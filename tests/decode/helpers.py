@@ -4,10 +4,11 @@ and the prefill side of a handoff played by a second in-process engine."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import grpc
 import torch
 
 from services.common import kv_wire
@@ -49,12 +50,18 @@ def reserve_request(
 
 @asynccontextmanager
 async def decode_server(
-    model: Path, config: DecodeConfig | None = None, **engine_overrides
+    model: Path,
+    config: DecodeConfig | None = None,
+    *,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    **engine_overrides,
 ) -> AsyncIterator[tuple[DecodeWorker, decode_pb2_grpc.DecodeServiceStub]]:
     worker = DecodeWorker(make_engine(model, **engine_overrides), config)
     await worker.start()
     rpc = RpcConfig(grace_s=0.5)
-    server = await start_server([decode_service(worker)], rpc)
+    # As ``python -m services.decode`` serves it: one transfer awaiting its header per sequence.
+    service = decode_service(worker, max_awaiting_header=worker.engine.config.max_num_seqs)
+    server = await start_server([service], rpc, interceptors=interceptors)
     channel = open_channel(server.address, rpc)
     try:
         yield worker, decode_pb2_grpc.DecodeServiceStub(channel)

@@ -203,7 +203,7 @@ def test_release_during_an_import_waits_for_the_copy_then_frees(tiny_llama):
             await asyncio.to_thread(copying.wait, 5)
             assert await worker.release("r") == (True, 3)  # waited for the copy, then freed
             assert events == ["copied", "aborted"]
-            with pytest.raises(RequestNotFoundError, match="expired or released"):
+            with pytest.raises(RequestNotFoundError, match="reservation of .r. was released"):
                 await receiving
         finally:
             await worker.stop()
