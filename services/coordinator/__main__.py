@@ -60,6 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help="a copy round that moved at most N bytes is the last (default 16 MiB)",
     )
+    p.add_argument(
+        "--keep-ended",
+        type=int,
+        default=defaults.keep_ended,
+        metavar="N",
+        help="ended migrations kept, the newest (default %(default)s)",
+    )
     p.add_argument("--tracing", choices=("none", "console", "otlp"), default="none")
     p.add_argument("--otlp-endpoint", default="")
     p.add_argument("--log-level", default=env("BANASERVE_LOG_LEVEL", "INFO"))
@@ -77,6 +84,7 @@ def coordinator_config(args: argparse.Namespace) -> CoordinatorConfig:
         step_timeout_s=args.step_timeout,
         copy_rounds=args.copy_rounds,
         copy_converged_bytes=args.copy_converged_bytes,
+        keep_ended=args.keep_ended,
     )
 
 

@@ -27,6 +27,10 @@ class CoordinatorConfig:
     # step in flight (2-3 s on a loaded prefill worker, whose sequences are handed off within a
     # step or two, so its rounds move little or nothing).
     copy_converged_bytes: int = SMALL_COPY_BYTES
+    # Ended migrations kept (in the table ListMigrations answers from, and in Redis), the
+    # newest: a record is ~1 KB (its reason at most 1 KiB), so 1,000 fill a quarter of a 4 MiB
+    # reply; an automatic coordinator that moves every few minutes keeps a few days of history.
+    keep_ended: int = 1000
 
     def __post_init__(self) -> None:
         for name in ("lease_s", "renew_interval_s", "step_timeout_s", "abort_timeout_s"):
@@ -35,6 +39,8 @@ class CoordinatorConfig:
                 raise ConfigError(f"{name} must be finite and > 0, got {value}")
         if self.copy_converged_bytes < 0:
             raise ConfigError(f"copy_converged_bytes must be >= 0, got {self.copy_converged_bytes}")
+        if self.keep_ended < 1:
+            raise ConfigError(f"keep_ended must be >= 1, got {self.keep_ended}")
         if self.copy_rounds < 1:
             raise ConfigError(f"copy_rounds must be >= 1, got {self.copy_rounds}")
         if self.renew_interval_s >= self.lease_s:

@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable
 from opentelemetry import trace
 
 from services.common.errors import (
+    DependencyUnavailableError,
     InvalidRequestError,
     PreconditionError,
     RequestNotFoundError,
@@ -89,6 +90,7 @@ class Coordinator:
         self._leases = Leases(workers, config.lease_s, config.renew_interval_s, clock)
         self._driver = MigrationDriver(store, workers, config, clock, self._spans, self._leases)
         self._background: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     # -- queries --------------------------------------------------------------------------
 
@@ -210,7 +212,34 @@ class Coordinator:
             if not m.live:
                 raise PreconditionError(f"{migration_id} is already {m.state.name}")
             await self._driver.abort(m, reason or "aborted on request")
+        await self.trim()
         return m
+
+    async def trim(self) -> None:
+        """Forgets the oldest ended migrations past ``config.keep_ended``, here and in the
+        store, so that the table (and ListMigrations) stays bounded however long the
+        coordinator runs. The newest migration is never among them (``_next_id`` needs it)."""
+        ended = sorted((m for m in self._migrations.values() if not m.live), key=lambda m: m.number)
+        old = [
+            m.migration_id
+            for m in ended[: max(0, len(ended) - self.config.keep_ended)]
+            if not self._busy(m.migration_id)
+        ]
+        if not old:
+            return
+        for migration_id in old:
+            self._migrations.pop(migration_id, None)
+            self._locks.pop(migration_id, None)
+            self._tasks.pop(migration_id, None)
+        try:
+            await self._store.delete(old)
+        except DependencyUnavailableError as exc:  # they come back at a restart, trimmed again
+            log.warning("could not delete %d ended migrations from the store: %s", len(old), exc)
+
+    def _busy(self, migration_id: str) -> bool:
+        task = self._tasks.get(migration_id)
+        lock = self._locks.get(migration_id)
+        return (task is not None and not task.done()) or (lock is not None and lock.locked())
 
     async def renew_leases(self) -> None:
         """Renews every held lease once; aborts the migrations a worker lost (module doc, 5)."""
@@ -236,9 +265,11 @@ class Coordinator:
             self._leases.hold(m.migration_id, m.donor, m.helper)
             if m.state is S.REVERTING:
                 self._spawn(m, self._driver.revert(m))
+        await self.trim()
 
     async def close(self) -> None:
         """Stops every task without touching the workers: a restarted coordinator resumes."""
+        self._closing = True
         tasks = [*self._tasks.values(), *self._background]
         for task in tasks:
             task.cancel()
@@ -292,7 +323,13 @@ class Coordinator:
         return self._locks.setdefault(m.migration_id, asyncio.Lock())
 
     def _spawn(self, m: Migration, work: Awaitable[None]) -> None:
-        self._tasks[m.migration_id] = asyncio.ensure_future(work)
+        task = asyncio.ensure_future(work)
+        self._tasks[m.migration_id] = task
+        task.add_done_callback(lambda _: self._ended(m))
+
+    def _ended(self, m: Migration) -> None:
+        if not m.live and not self._closing:
+            self._in_background(self.trim())
 
     def _in_background(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)

@@ -48,6 +48,10 @@ class MigrationStore(Protocol):
 
     async def load_all(self) -> list[Migration]: ...
 
+    async def delete(self, migration_ids: list[str]) -> None:
+        """Forget ended migrations (``CoordinatorConfig.keep_ended``)."""
+        ...
+
 
 class Role(enum.Enum):
     DONOR = "donor"

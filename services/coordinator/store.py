@@ -149,6 +149,17 @@ class RedisMigrationStore:
             raise DependencyUnavailableError(f"redis: {exc}") from exc
         return [from_record(json.loads(r)) for r in records if r is not None]
 
+    async def delete(self, migration_ids: list[str]) -> None:
+        if not migration_ids:
+            return
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(*[self._key(i) for i in migration_ids])
+                pipe.zrem(f"{self._prefix}:migrations", *migration_ids)
+                await pipe.execute()
+        except RedisError as exc:
+            raise DependencyUnavailableError(f"redis: {exc}") from exc
+
     async def ping(self) -> None:
         try:
             await self._redis.ping()

@@ -340,6 +340,43 @@ def test_a_long_failure_reason_is_cut_for_the_record(redis_server, store_prefix)
     run(redis_server, store_prefix, body, cluster)
 
 
+def test_ended_migrations_past_keep_ended_are_forgotten_here_and_in_redis(
+    redis_server, store_prefix
+):
+    """Records were never trimmed: ListMigrations grew with every migration until it passed
+    the 4 MiB message (a probe counted ~14,000 at ~300 B a record). The newest ``keep_ended``
+    ended ones are kept, live ones always, and a restarted coordinator trims what it loads."""
+    config = replace(CONFIG, keep_ended=2)
+
+    async def body(coord, cluster, clock):
+        for i in range(1, 5):
+            await coord.start_layers(D, P, 2)
+            await coord.wait(f"m-{i}")
+            await (coord.revert if i % 2 else coord.abort)(f"m-{i}")
+            await coord.wait(f"m-{i}")
+        await coord.start_layers(D, P, 2)  # m-5, live
+        await coord.wait("m-5")
+        await asyncio.sleep(0)  # the trim after m-3's revert runs in the background
+        assert [m.migration_id for m in coord.list()] == ["m-3", "m-4", "m-5"]
+        with pytest.raises(MigrationNotFoundError):
+            coord.describe("m-1")
+        store = RedisMigrationStore.from_url(redis_server.url, store_prefix)
+        try:
+            assert [m.migration_id for m in await store.load_all()] == ["m-3", "m-4", "m-5"]
+        finally:
+            await store.close()
+        await coord.abort("m-5")
+        assert [m.migration_id for m in coord.list()] == ["m-4", "m-5"]
+
+    async def restarted(coord, cluster, clock):
+        assert [m.migration_id for m in coord.list()] == ["m-5"]
+
+    run(redis_server, store_prefix, body, config=config)
+    run(redis_server, store_prefix, restarted, config=replace(CONFIG, keep_ended=1))
+    with pytest.raises(ConfigError, match="keep_ended must be >= 1"):
+        CoordinatorConfig(keep_ended=0)
+
+
 def test_leases_are_renewed_and_a_lost_worker_aborts(redis_server, store_prefix):
     async def body(coord, cluster, clock):
         m = await coord.start_layers(D, P, 2)

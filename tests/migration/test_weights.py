@@ -338,6 +338,10 @@ class MemoryStore:
     async def load_all(self) -> list[Migration]:
         return list(self.saved.values())
 
+    async def delete(self, migration_ids: list[str]) -> None:
+        for migration_id in migration_ids:
+            self.saved.pop(migration_id, None)
+
 
 async def grpc_workers(pair: AgentPair) -> tuple[Coordinator, RouterWorkers, list]:
     """A router that knows A and B, each agent behind its real MigrationWorkerService server,
