@@ -305,9 +305,8 @@ class BlockPool:
             self._clock() + self.config.reservation_ttl_s,
         )
         rid = reservation.reservation_id
-        for h in to_write:  # ``_add``, with the bytes counted once: up to MAX_BLOCK_HASHES
-            self.blocks[h] = Block(h, num_layers, layer_bytes, BlockStatus.WRITING, rid)
-        self.num_bytes_used += num_bytes
+        for h in to_write:
+            self._add(Block(h, num_layers, layer_bytes, BlockStatus.WRITING, rid))
         self._reservations[reservation.reservation_id] = reservation
         self._announce(gone)
         return reservation

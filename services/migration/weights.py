@@ -173,11 +173,11 @@ def host_range(
     larger than this machine's memory is refused before anything is allocated, and an
     allocation that fails is this worker's lack of memory, not an internal error."""
     blocks = num_blocks or engine.block_manager.num_blocks
-    need = blocks * engine.kv_cache.layer_block_bytes * len(layers)
-    if need > physical_memory_bytes():
+    need, have = blocks * engine.kv_cache.layer_block_bytes * len(layers), physical_memory_bytes()
+    if need > have:
         raise ResourceExhaustedError(
             f"{blocks} hosted blocks of {len(layers)} layers take {need / 2**30:.1f} GiB; this "
-            f"machine has {physical_memory_bytes() / 2**30:.1f} GiB"
+            f"machine has {have / 2**30:.1f} GiB"
         )
     fp = fingerprint or engine.fingerprint
     stack, receiver = None, None

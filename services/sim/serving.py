@@ -321,10 +321,9 @@ def fit(
     costs, lone, stepped = {}, {}, {}
     receiving: dict[str, tuple[float, int, int]] = {}
     apart = {MIXED_MODE: colocated_apart, BANA_MODE: banaserve_apart}
+    own = _unmigrated(report)  # what each mode's costs are fitted on
     for mode in (PD_MODE, MIXED_MODE, BANA_MODE):
-        if mode not in modes or (
-            mode != PD_MODE and not (apart[mode] and _fittable(_unmigrated(report), mode))
-        ):
+        if mode not in modes or (mode != PD_MODE and not (apart[mode] and _fittable(own, mode))):
             continue
         if mode == MIXED_MODE:
             points = mixed_step_points(report, profile)
@@ -333,7 +332,6 @@ def fit(
                 costs[mode] = StepCosts(prefill_scale=scales[1], decode_scale=scales[0])
                 stepped[mode] = len(points)
                 continue
-        own = _unmigrated(report)
         points = lone_prefill_steps(own, profile, mode)
         steps_fit = fit_prefill_steps(points)
         costs[mode] = StepCosts(*(() if steps_fit is None else (steps_fit[1], 1.0, steps_fit[0])))

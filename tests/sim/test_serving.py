@@ -126,12 +126,14 @@ def test_colocated_workers_are_fitted_apart_from_pd_workers():
     assert "colocated" not in unfitted.serving.source
 
 
-def test_a_colocated_worker_steps_with_its_own_costs():
-    def tpot(serving: ServingModel, mode: Mode) -> float:
-        cluster = SimCluster(SimSpec(mode, 2, 1), replace(make_profile(), serving=serving))
-        [r] = cluster.run([request(0, 0.0, 32, 5)])
-        return (r.done_s - r.first_token_s) / (r.num_output_tokens - 1)
+def tpot(serving: ServingModel, mode: Mode) -> float:
+    """One 32-token prompt asking 5 tokens on a 2-worker cluster: its time per output token."""
+    cluster = SimCluster(SimSpec(mode, 2, 1), replace(make_profile(), serving=serving))
+    [r] = cluster.run([request(0, 0.0, 32, 5)])
+    return (r.done_s - r.first_token_s) / (r.num_output_tokens - 1)
 
+
+def test_a_colocated_worker_steps_with_its_own_costs():
     both = ServingModel(decode_scale=3.0)
     apart = replace(both, mixed=StepCosts(decode_scale=1.0))
     assert tpot(both, Mode.COLOCATED) == pytest.approx(3 * tpot(apart, Mode.COLOCATED))
@@ -313,11 +315,6 @@ def test_banaserve_pd_workers_are_fitted_apart_on_its_rows_without_a_migration()
 
 
 def test_banaserve_pd_workers_step_with_their_own_costs():
-    def tpot(serving: ServingModel, mode: Mode) -> float:
-        cluster = SimCluster(SimSpec(mode, 2, 1), replace(make_profile(), serving=serving))
-        [r] = cluster.run([request(0, 0.0, 32, 5)])
-        return (r.done_s - r.first_token_s) / (r.num_output_tokens - 1)
-
     both = ServingModel(decode_scale=3.0)
     apart = replace(both, store=StepCosts(decode_scale=1.0))
     # make_profile: decode 100 ms a step; each step 0.3 -> 0.1 s
