@@ -85,6 +85,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "failing UNAVAILABLE (capped by its deadline; 0: at once)",
     )
     p.add_argument(
+        "--id-reuse-wait-s",
+        type=float,
+        default=DriverConfig.id_reuse_wait_s,
+        help="how long a request whose id a running request holds waits for that one to end "
+        "(a client reusing the id of a call it gave up on) before ALREADY_EXISTS (0: at once)",
+    )
+    p.add_argument(
         "--local-prefill-max-tokens",
         type=int,
         default=DriverConfig.local_prefill_max_tokens,
@@ -180,6 +187,7 @@ async def serve(args: argparse.Namespace) -> None:
             lease_s=args.lease_s,
             default_timeout_s=args.default_timeout_s,
             no_worker_wait_s=args.no_worker_wait_s,
+            id_reuse_wait_s=args.id_reuse_wait_s,
             local_prefill_max_tokens=args.local_prefill_max_tokens,
             local_prefill_queue_tokens=args.local_prefill_queue_tokens,
         ),

@@ -93,7 +93,11 @@ class Attempt:
         except LostBeforeFirstToken:
             raise  # released already, to find out who was lost
         except BaseException:
-            await self._release(ReleaseReason.PEER_LOST)
+            # A call that failed at the request's deadline did not lose its peer.
+            late = self._driver.now() >= self._job.deadline
+            await self._release(
+                ReleaseReason.DEADLINE_EXCEEDED if late else ReleaseReason.PEER_LOST
+            )
             raise
 
     async def _prefill_then_decode(self, reservation: Reservation) -> Finished:

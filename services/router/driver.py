@@ -22,12 +22,15 @@ The work runs in its own task and hands events to the caller through a queue, so
 waits on one thing (the queue, bounded by the deadline), and abort, cancel and deadline all end
 the request the same way: cancel the task, whose handler releases what it holds.
 
-Request ids: an id is taken while its request runs (a second request with it gets
-``DuplicateRequestError``, ALREADY_EXISTS, before any work) and free again once the request has
-ended, even while its cleanup still runs. A new request with the id of one still releasing waits
-for that release (at most ``release_timeout_s`` + 1 s, within its own deadline) before it
-reserves anything, so the old request's Release can never free the new one's reservation; a
-release that takes longer fails the new request with ALREADY_EXISTS, still before any work.
+Request ids: an id is taken while its request runs and free again once the request has ended,
+even while its cleanup still runs, or once its deadline has passed. A second request with the
+id of a running one waits up to ``id_reuse_wait_s`` (0.5 s; the client's own timer or cancel
+may be here before the old call's cancellation) for it to end, then gets
+``DuplicateRequestError``, ALREADY_EXISTS, before any work. A new request with the id of one
+still releasing waits for that release (at most ``release_timeout_s`` + 1 s, within its own
+deadline) before it reserves anything, so the old request's Release can never free the new
+one's reservation; a release that takes longer fails the new request with ALREADY_EXISTS, still
+before any work.
 
 Usage: ``Finished.num_completion_tokens`` is the number of tokens this driver delivered to the
 caller, however the request ended.
@@ -113,6 +116,7 @@ class _Job:
     task: asyncio.Task[None] | None = None
     # The caller has its outcome (or is gone): the id is free, the cleanup may still run.
     ending: bool = False
+    ended: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # set with ending
     # The cleanup of the last request with this id, if it was still running at the open.
     predecessor: asyncio.Task[None] | None = None
     owner: str = ""
@@ -188,10 +192,15 @@ class RequestDriver:
         job = self._jobs.get(request_id)
         if job is None or job.task is None or (stream is not None and job.ticket is not stream):
             return
-        job.ending = True
+        self._end(job)
+
+    def _end(self, job: _Job) -> None:
+        """Stops ``job``'s work (its task's handler releases what it holds); its id is free."""
+        self._ending(job)
         if self._clock() >= job.deadline:
             job.release_reason = ReleaseReason.DEADLINE_EXCEEDED
-        job.task.cancel()
+        if job.task is not None:
+            job.task.cancel()
 
     def generate(self, request: GenerateInput, timeout_s: float | None = None) -> EventStream:
         """Events of one request: Started, Delta..., Finished (reason ABORT after ``abort``)."""
@@ -227,7 +236,7 @@ class RequestDriver:
                 self.observer.failed(exc)
             raise
         finally:
-            job.ending = True
+            self._ending(job)
             if self._clock() >= job.deadline:  # grpc may cancel us at the deadline first
                 job.release_reason = ReleaseReason.DEADLINE_EXCEEDED
             await self._stop(task)
@@ -236,8 +245,30 @@ class RequestDriver:
         if self.observer is not None:
             self.observer.finished(finished)
 
+    @staticmethod
+    def _ending(job: _Job) -> None:
+        job.ending = True
+        job.ended.set()
+
+    async def wait_for_id(self, request_id: str, timeout_s: float | None) -> None:
+        """Waits, at most ``id_reuse_wait_s`` (and ``timeout_s``), for a running request that
+        holds ``request_id`` to end; ``check_new`` then says whether the id is free."""
+        old = self._live(request_id)
+        if old is None or self._clock() >= old.deadline:
+            return
+        wait = min(self.config.id_reuse_wait_s, timeout_s or self.config.id_reuse_wait_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(old.ended.wait(), wait)
+
     def check_new(self, request_id: str) -> None:
-        if self._live(request_id) is not None:
+        old = self._live(request_id)
+        if old is not None and self._clock() >= old.deadline:
+            # Its caller has (or is about to have) DEADLINE_EXCEEDED: the client's own timer
+            # can fire, and the client reuse the id, before this loop has run the old call's
+            # timeout or cancel callback. It ends now; the new request waits for its release.
+            self._end(old)
+            old = None
+        if old is not None:
             raise DuplicateRequestError(f"request id {request_id!r} is already running")
 
     def _open(self, request: GenerateInput, deadline: float, ticket: object) -> _Job:

@@ -190,6 +190,11 @@ class DriverConfig:
     default_timeout_s: float = 600.0
     # Bound on the cleanup call after abort, cancel or failure.
     release_timeout_s: float = 2.0
+    # How long a request whose id a running request holds waits for that one to end before it
+    # gets ALREADY_EXISTS (capped by its deadline): a client that reuses the id of a request it
+    # gave up on (its own timer, a cancel) may be here before that request's cancellation, as
+    # the workers wait (DecodeConfig.id_reuse_wait_s); 0 refuses at once.
+    id_reuse_wait_s: float = 0.5
     # How often a request waiting for room (NoRoomNowError) is routed again.
     admission_poll_s: float = 0.05
     # How long a request waits for a worker to (re-)register when none can serve it (capped by
@@ -211,10 +216,9 @@ class DriverConfig:
             require_config(
                 math.isfinite(value) and value > 0, f"{name} must be positive, got {value}"
             )
-        require_config(
-            math.isfinite(self.no_worker_wait_s) and self.no_worker_wait_s >= 0,
-            f"no_worker_wait_s must be >= 0, got {self.no_worker_wait_s}",
-        )
+        for name in ("no_worker_wait_s", "id_reuse_wait_s"):
+            value = getattr(self, name)
+            require_config(math.isfinite(value) and value >= 0, f"{name} must be >= 0, got {value}")
         for name in ("local_prefill_max_tokens", "local_prefill_queue_tokens"):
             value = getattr(self, name)
             require_config(0 <= value < 1 << 32, f"{name} must be in [0, 2^32), got {value}")

@@ -113,6 +113,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         generate_input = await self._generate_input(request, caller_identity(context))
         request_id = generate_input.request_id
         try:
+            await self._driver.wait_for_id(request_id, _time_left(context))
             # No await from this check to the job's creation: the callback is this call's.
             self._driver.check_new(request_id)
             events = self._driver.generate(generate_input, _time_left(context))

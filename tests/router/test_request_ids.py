@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 
 import grpc
 
@@ -69,6 +70,68 @@ def test_an_id_reused_right_after_a_cancel_waits_for_the_old_release(monkeypatch
         ("prefill", "p0", "same", "d0", "res-same"),
         ("stream", "d0", "same"),
     ]
+
+
+def test_an_id_reused_before_the_old_calls_cancel_arrives_waits_for_it(monkeypatch):
+    """The client gives up on a call (its own timer, a cancel) and reuses the id at once: the
+    router may see the new call before the old one's cancellation. The new request waits for it
+    (``id_reuse_wait_s``) and then for the old release, instead of ALREADY_EXISTS (a full run
+    of issue 8's e2e probe hit this once in ~60 runs)."""
+    first_stream_hangs(monkeypatch)
+
+    async def main():
+        async with cluster() as c:
+            old = c.stub.Generate(request("late"), timeout=5)
+            kinds = [(await old.read()).WhichOneof("frame") for _ in range(2)]
+            assert kinds == ["started", "delta"]
+            new = asyncio.ensure_future(collect(c.stub.Generate(request("late"), timeout=5)))
+            await asyncio.sleep(0.2)  # the new call is waiting; now the old cancel arrives
+            assert not new.done()
+            old.cancel()
+            return await new, list(c.log.calls)
+
+    frames, calls = asyncio.run(main())
+    assert frames[-1].finished.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert calls[3:] == [
+        ("release", "d0", "late", "RELEASE_REASON_ABORTED"),
+        ("reserve", "d0", "late"),
+        ("prefill", "p0", "late", "d0", "res-late"),
+        ("stream", "d0", "late"),
+    ]
+
+
+def test_an_id_is_free_at_once_when_its_request_is_past_its_deadline(monkeypatch):
+    """Past its deadline a request has its outcome, even if this loop has not run its timer yet
+    (here the driver's clock runs ahead of the calls' own timers): its id is free at once."""
+    first_stream_hangs(monkeypatch)
+
+    async def main():
+        async with cluster() as c:
+            old = c.driver.generate(generate_input("late"), 3)
+            assert isinstance(await anext(old), drv.Started)
+            await anext(old)  # the first token; nothing drives the old call's timer now
+            while len(c.log.calls) < 3:  # until its stream is open (and hangs)
+                await asyncio.sleep(0.01)
+            ahead = time.monotonic() + 3
+            c.driver._clock = lambda: time.monotonic() + 3  # the deadline has passed here
+            await c.driver.wait_for_id("late", 5)
+            waited = time.monotonic() + 3 - ahead
+            c.driver.check_new("late")
+            new = c.driver.generate(generate_input("late"), 5)
+            events = await asyncio.wait_for(collect_events(new), 3)
+            await old.aclose()
+            return waited, events[-1], list(c.log.calls), c.driver.num_running
+
+    waited, done, calls, running = asyncio.run(main())
+    assert waited < 0.1  # no id_reuse_wait_s for a request past its deadline
+    assert done.finish_reason == FinishReason.LENGTH and done.num_completion_tokens == 4
+    assert calls[3:] == [
+        ("release", "d0", "late", "RELEASE_REASON_DEADLINE_EXCEEDED"),
+        ("reserve", "d0", "late"),
+        ("prefill", "p0", "late", "d0", "res-late"),
+        ("stream", "d0", "late"),
+    ]
+    assert running == 0
 
 
 def generate_input(request_id: str) -> drv.GenerateInput:
@@ -159,3 +222,19 @@ def test_a_duplicate_of_a_live_request_is_refused_before_any_work():
         "request id 'dup' is already running",
     )
     assert [c for c in calls if c[0] == "reserve"] == [("reserve", "d0", "dup")]  # the live one
+
+
+def test_a_worker_call_failing_at_the_deadline_releases_as_deadline_exceeded():
+    """The stream call's own timeout (the request's deadline) fires before the driver's: the
+    Release says DEADLINE_EXCEEDED, not PEER_LOST (the decode worker's log and metrics)."""
+
+    async def main():
+        async with cluster(hang_decode=True) as c:
+            call = c.driver.generate(generate_input("slow"), 0.3)
+            assert isinstance(await anext(call), drv.Started)
+            await anext(call)  # then nothing drives the driver's own timer
+            await asyncio.wait_for(c.log.released.wait(), 3)
+            await call.aclose()
+            return c.log.calls[-1]
+
+    assert asyncio.run(main()) == ("release", "d0", "slow", "RELEASE_REASON_DEADLINE_EXCEEDED")
