@@ -28,6 +28,7 @@ from services.coordinator.ports import (
     WeightsCopied,
     WorkerModel,
     WorkerNotFoundError,
+    lease_lost,
 )
 from services.rpc.channels import open_channel
 from services.rpc.convert import (
@@ -197,10 +198,12 @@ class GrpcWorkerPort:
         )
         try:
             reply = await self._call("RenewLease", request)
-        except errors.RequestNotFoundError as exc:
-            raise LeaseLostError(f"{self.worker_id}: {exc}") from None
+        except errors.RequestNotFoundError:
+            raise LeaseLostError(lease_lost(self.worker_id)) from None
         if reply.migration.state in ENDED:
-            raise LeaseLostError(f"{self.worker_id} ended it: {reply.migration.reason}")
+            state = mpb.MigrationWorkerState.Name(reply.migration.state).rsplit("_", 1)[-1]
+            why = reply.migration.reason or "no reason given"
+            raise LeaseLostError(f"{self.worker_id} ended the migration ({state}): {why}")
 
 
 class RouterWorkers:

@@ -49,8 +49,8 @@ class Leases:
         for worker, result in zip(workers, results, strict=True):
             if worker not in held:  # dropped while the renewal was in flight
                 continue
-            if isinstance(result, LeaseLostError):
-                return f"{worker} no longer holds the migration (its lease ran out)"
+            if isinstance(result, LeaseLostError):  # its message says why, naming the worker
+                return str(result)
             if not isinstance(result, BaseException):
                 held[worker] = now
             elif now - held[worker] >= self.lease_s:

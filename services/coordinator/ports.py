@@ -35,7 +35,13 @@ from services.coordinator.migration import MigrationKind
 
 
 class LeaseLostError(BanaServeError):
-    """The worker holds nothing for this migration (its lease ran out, or it restarted)."""
+    """The worker holds nothing for this migration (its lease ran out, it restarted, or it ended
+    the migration itself); the message says which worker and, when it knows, why."""
+
+
+def lease_lost(worker_id: str) -> str:
+    """Why, when the worker keeps no record of the migration at all."""
+    return f"{worker_id} no longer holds the migration (its lease ran out, or it restarted)"
 
 
 class WorkerNotFoundError(RequestNotFoundError):

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from services.engine.attention import PartialAttention
 from services.engine.ports import AttentionPort, AttentionQuery, PortError
 from services.migration import attention_wire, wire
+from services.migration.ports import helper_lost
 from services.rpc.dataplane import DataClient, DataPlaneError, ErrorKind
 from services.rpc.dataplane.tcp import BlockingTcpChannel
 
@@ -129,8 +130,8 @@ class _ChannelFuture(_TimedFuture):
             parts = attention_wire.decode_attention_result(header, memoryview(out), self._queries)
         except DataPlaneError as e:
             if e.kind is not ErrorKind.REMOTE:  # the channel is broken: the helper is lost
-                port.failed(f"helper unreachable: {e}")
-            self.set_exception(PortError(ids, f"helper unreachable: {e}"))
+                port.failed(helper_lost(e))
+            self.set_exception(PortError(ids, helper_lost(e)))
         except Exception as e:  # noqa: BLE001 - a refusal (PortError) or a bad answer
             self.set_exception(e)
         else:
@@ -192,7 +193,7 @@ class DataAttentionPort(AttentionPort):
         try:
             rid = self.channel.send(header, payload)
         except DataPlaneError as e:
-            reason = f"helper unreachable: {e}"
+            reason = helper_lost(e)
             self.failed(reason)
             raise PortError([q.request_id for q in queries], reason) from e
         return _ChannelFuture(self, queries, rid, memoryview(payload).nbytes, started)
@@ -203,7 +204,7 @@ class DataAttentionPort(AttentionPort):
         try:
             out_header, out = await self.client.request(header, payload, self.timeout_s)
         except DataPlaneError as e:
-            reason = f"helper unreachable: {e}"
+            reason = helper_lost(e)
             self.on_failure(reason)
             raise PortError([q.request_id for q in queries], reason) from e
         parts = attention_wire.decode_attention_result(out_header, memoryview(out), queries)

@@ -84,7 +84,7 @@ class DataStagePort(StagePort):
         return wire.decode_stage_result(out_header, memoryview(out_payload), work)
 
     def _unreachable(self, error: DataPlaneError) -> str:
-        reason = f"helper unreachable: {error}"
+        reason = helper_lost(error)
         self.unreachable = reason
         self.on_failure(reason)
         return reason
@@ -185,6 +185,16 @@ class DataStagePort(StagePort):
 
     def close(self) -> None:
         self.closed = True
+
+
+def helper_lost(error: DataPlaneError) -> str:
+    """Why the helper is lost to a migration, from the data-plane call that failed: it could not
+    be reached (or did not answer in time), or it answered that it holds nothing for it."""
+    if error.kind is ErrorKind.REMOTE:
+        return f"helper refused the work: {error.code}: {error.message}"
+    if error.kind is ErrorKind.TIMEOUT:
+        return f"helper unreachable (no answer in time): {error.message}"
+    return f"helper unreachable: {error.message}"
 
 
 def _acknowledged(header: bytes, payload: object) -> None:

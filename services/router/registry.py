@@ -262,10 +262,11 @@ class WorkerRegistry:
             _check(
                 theirs.model_fingerprint == capacity.model_fingerprint
                 and theirs.block_size == capacity.block_size,
-                f"worker {worker_id!r} serves model {capacity.model_fingerprint!r} with "
-                f"block size {capacity.block_size}, but healthy worker {other.worker_id!r} "
-                f"serves {theirs.model_fingerprint!r} with block size {theirs.block_size}; "
-                "one router serves one model",
+                f"worker {worker_id!r} has model fingerprint {capacity.model_fingerprint!r} "
+                f"and block size {capacity.block_size}, but healthy worker "
+                f"{other.worker_id!r} has {theirs.model_fingerprint!r} and block size "
+                f"{theirs.block_size}; one router serves one model (the same weights and "
+                "dtype on every worker)",
             )
 
     def _snapshot(self, worker: _Worker, now: float) -> WorkerInfo:

@@ -25,6 +25,7 @@ from services.coordinator.ports import (
     WeightsCopied,
     WorkerModel,
     WorkerNotFoundError,
+    lease_lost,
 )
 
 NUM_LAYERS = 4
@@ -125,7 +126,7 @@ class FakePort:
     async def renew(self, migration_id: str, lease_s: float) -> None:
         await self._step("renew")
         if migration_id not in self.held:
-            raise LeaseLostError(f"{self.worker_id} holds nothing for {migration_id}")
+            raise LeaseLostError(lease_lost(self.worker_id))
         self.renewals.append((migration_id, lease_s))
 
 
@@ -134,6 +135,7 @@ class FakeCluster:
 
     def __init__(self, *worker_ids: str, digest: bytes = b"\x01") -> None:
         self.calls: list[str] = []
+        self.servicers: dict[str, object] = {}  # each port's gRPC servicer, when served
         self.holds: dict[tuple[str, str], Hold] = {}
         self.failures: dict[tuple[str, str], BaseException] = {}
         ids = worker_ids or ("decode-0", "prefill-0")

@@ -36,6 +36,7 @@ class FakeMigrationWorker(migration_pb2_grpc.MigrationWorkerServiceServicer):
     def __init__(self, port: FakePort) -> None:
         self.port = port
         self.reverted: set[str] = set()  # a donor refuses a second revert, as workers do
+        self.ended: dict[str, str] = {}  # aborted here by a worker-side Abort: its reason
 
     @staticmethod
     def _plan(request, num_micro_batches: int = 2, drop: bool = False) -> LayerPlan:
@@ -108,6 +109,13 @@ class FakeMigrationWorker(migration_pb2_grpc.MigrationWorkerServiceServicer):
         return mpb.MigrationWorkerServiceAbortResponse(found=True)
 
     async def RenewLease(self, request, context):
+        if (reason := self.ended.get(request.migration_id)) is not None:  # its record stays
+            view = mpb.MigrationView(
+                migration_id=request.migration_id,
+                state=mpb.MIGRATION_WORKER_STATE_ABORTED,
+                reason=reason,
+            )
+            return mpb.MigrationWorkerServiceRenewLeaseResponse(migration=view)
         if request.migration_id not in self.port.held:
             raise RequestNotFoundError(f"no migration {request.migration_id!r} here")
         self.port.renewals.append((request.migration_id, request.lease.ToNanoseconds() / 1e9))
@@ -159,8 +167,9 @@ async def grpc_cluster(redis_url: str, prefix: str, cluster: FakeCluster, tracin
         )
     ]
     for worker_id, port in cluster.ports.items():
+        servicer = cluster.servicers[worker_id] = FakeMigrationWorker(port)
         service = Service.bind(
-            FakeMigrationWorker(port),
+            servicer,
             migration_pb2_grpc.add_MigrationWorkerServiceServicer_to_server,
             mpb.DESCRIPTOR.services_by_name["MigrationWorkerService"],
         )
@@ -280,6 +289,29 @@ def test_a_worker_refusal_becomes_the_reason(redis_server, store_prefix):
         "revert on decode-0 failed: ResourceExhaustedError: "
         "RESOURCE_EXHAUSTED: the pool cannot shrink back yet"
     )
+    assert cluster.held() == {D: set(), P: set()}
+
+
+def test_a_migration_its_worker_aborted_ends_with_that_workers_reason(redis_server, store_prefix):
+    """An operator's (or the worker's own) Abort on one worker: the next lease renewal ends the
+    migration with the reason that worker recorded, not "its lease ran out"."""
+    cluster = FakeCluster()
+    tracing = tracing_with_exporter(InMemorySpanExporter())
+
+    async def main():
+        async with grpc_cluster(redis_server.url, store_prefix, cluster, tracing) as coord:
+            m = await coord.start_layers(D, P, 2)
+            await coord.wait("m-1")
+            assert m.state is S.ACTIVE
+            cluster.ports[D].held.discard("m-1")
+            cluster.servicers[D].ended["m-1"] = "drained by the operator"
+            await coord.renew_leases()
+            await asyncio.gather(*coord._background)
+            return m
+
+    m = asyncio.run(main())
+    assert m.state is S.ABORTED
+    assert m.reason == "decode-0 ended the migration (ABORTED): drained by the operator"
     assert cluster.held() == {D: set(), P: set()}
 
 

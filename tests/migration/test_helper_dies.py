@@ -34,7 +34,7 @@ def loop():
     thread.close()
 
 
-def run(model, loop, drop: bool, kill_at: int = 12, switch_at: int = 6):
+def run(model, loop, drop: bool, kill_at: int = 12, switch_at: int = 6, kill=None):
     a, b = owner_engine(model, drop), make_engine(model, num_kv_blocks=128)
     pair = AgentPair(loop, a, b)
     tokens: dict[str, list[int]] = {}
@@ -49,7 +49,7 @@ def run(model, loop, drop: bool, kill_at: int = 12, switch_at: int = 6):
             pair.copy()
             pair.switch(1, drop)
         if step == kill_at:
-            loop.call(pair.helper._data_server.stop())
+            loop.call(kill(pair) if kill else pair.helper._data_server.stop())
         try:
             outs = pair.a_thread.step()
         except StageFailedError as e:
@@ -89,6 +89,21 @@ def test_helper_dies_layers_dropped_fails_that_steps_requests(tiny_llama, refere
     for rid in failed:  # what they got before the failure is a prefix of the reference
         assert tokens.get(rid, []) == reference[rid][: len(tokens.get(rid, []))]
     assert record.state is MigrationState.ABORTED and not record.weights_dropped
+
+
+def test_a_helper_that_no_longer_hosts_the_layers_is_named_as_refusing(tiny_llama, reference, loop):
+    """The helper is up but holds nothing for the migration (it aborted it on its own: a lease
+    that ran out, an operator's Abort): the donor falls back as for a lost helper, and its
+    reason says the helper refused, with its answer, not that it was unreachable."""
+
+    async def helper_aborts(pair):
+        await pair.helper.abort(MIGRATION, "aborted on the helper")
+
+    tokens, failed, record = run(tiny_llama, loop, drop=False, kill=helper_aborts)
+    assert failed == {}
+    assert tokens == {rid: reference[rid] for rid, *_ in WORKLOAD}
+    assert record.state is MigrationState.ABORTED
+    assert record.reason.startswith("helper refused the work: NOT_FOUND: "), record.reason
 
 
 def test_a_revert_racing_the_fall_back_is_unavailable_naming_the_helper(tiny_llama, loop):

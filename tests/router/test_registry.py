@@ -182,8 +182,10 @@ def test_every_healthy_worker_serves_one_model() -> None:
     clock = FakeClock()
     registry = make_registry(clock)
     registry.register("p0", "h:1", WorkerRole.PREFILL, capacity())
-    with pytest.raises(InvalidRequestError, match="one router serves one model"):
+    with pytest.raises(InvalidRequestError, match="one router serves one model") as error:
         registry.register("d0", "h:2", WorkerRole.DECODE, capacity(fingerprint="other"))
+    # A fingerprint is not the model's name (the probe of session 21 read it as one).
+    assert "has model fingerprint 'other' and block size 16" in str(error.value)
     with pytest.raises(InvalidRequestError, match="block size 32"):
         registry.register("d0", "h:2", WorkerRole.DECODE, WorkerCapacity(100, 32, "test-model"))
     # The only worker may come back with another model; so may anyone once p0 is gone.
