@@ -84,6 +84,7 @@ from services.decode.transfer import (
     TransferEnd,
     TransferFrame,
     TransferHeader,
+    TransferOpen,
     TransferResult,
 )
 from services.engine.engine import Engine
@@ -244,11 +245,24 @@ class DecodeWorker:
         entry: Entry | None = None
         try:
             header = await self._next_frame(frames, None)
+            if isinstance(header, TransferOpen):  # the sender claims it before it computes
+                entry = self._claim(header)
+                header = await self._next_frame(frames, entry, awaiting_header=True)
+                if isinstance(header, TransferHeader) and (
+                    header.request_id,
+                    header.reservation_id,
+                ) != (entry.request_id, entry.reservation_id):
+                    raise InvalidRequestError(
+                        f"the header names reservation {header.reservation_id!r} of request "
+                        f"{header.request_id!r}; the transfer opened "
+                        f"{entry.reservation_id!r} of {entry.request_id!r}"
+                    )
             if header is None:
                 raise InvalidRequestError("the transfer ended before its header")
             if not isinstance(header, TransferHeader):
                 raise InvalidRequestError("a transfer must start with its header")
-            entry = self._claim(header)
+            if entry is None:
+                entry = self._claim(header)
             check_layout(self.engine, entry.prompt_token_ids, header, entry.first_block)
             assembler = LayerAssembler(header.layout, header.num_layers)
             while (frame := await self._next_frame(frames, entry)) is not None:
@@ -263,7 +277,7 @@ class DecodeWorker:
                     entry = None  # the stream owns it now
                     return TransferResult(assembler.num_layers, assembler.num_bytes)
                 else:
-                    raise InvalidRequestError("a transfer has exactly one header")
+                    raise InvalidRequestError("a transfer has one header, after its open frame")
                 self._table.check_live(entry)
             raise InvalidRequestError("the transfer ended without its end frame")
         finally:
@@ -271,14 +285,18 @@ class DecodeWorker:
                 self._table.free(entry)
 
     async def _next_frame(
-        self, frames: AsyncIterator[TransferFrame], entry: Entry | None
+        self,
+        frames: AsyncIterator[TransferFrame],
+        entry: Entry | None,
+        awaiting_header: bool = False,
     ) -> TransferFrame | None:
         """The sender's next frame (None: it closed its stream). The header must come within
-        ``transfer_header_timeout_s``, each later frame within ``transfer_idle_timeout_s``;
-        should ``entry`` end meanwhile (lease, deadline, Release) the wait ends at once, so a
-        silent sender never holds its call, nor the entry, past them."""
+        ``transfer_header_timeout_s`` (after an open frame too: its prompt computes meanwhile),
+        each later frame within ``transfer_idle_timeout_s``; should ``entry`` end meanwhile
+        (lease, deadline, Release) the wait ends at once, so a silent sender never holds its
+        call, nor the entry, past them."""
         config = self.config
-        if entry is None:
+        if entry is None or awaiting_header:
             timeout = config.transfer_header_timeout_s
         else:
             timeout = config.transfer_idle_timeout_s
@@ -299,6 +317,10 @@ class DecodeWorker:
         if entry.ended.is_set():
             self._check_alive()
             raise self._table.gone(entry)
+        if awaiting_header:
+            raise TimeoutError(
+                f"the KV transfer for {entry.request_id!r} sent no header within {timeout:g}s"
+            )
         raise TimeoutError(
             f"the KV transfer for {entry.request_id!r} sent nothing for {timeout:g}s"
         )
@@ -311,7 +333,7 @@ class DecodeWorker:
         entry.importing = self._loop.submit_beside(lambda e: e.import_kv(engine_id, data, layout))
         await asyncio.wrap_future(entry.importing)
 
-    def _claim(self, header: TransferHeader) -> Entry:
+    def _claim(self, header: TransferOpen | TransferHeader) -> Entry:
         entry = self._table.get(header.request_id)
         if entry is None or entry.reservation_id != header.reservation_id:
             raise RequestNotFoundError(

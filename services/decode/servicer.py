@@ -6,12 +6,13 @@ every server) maps them to status codes. Ids, the layout's fingerprint and block
 conditions are checked against services/common/limits.py before anything else.
 
 A TransferKV holds one of the server's STREAM admission slots (services/common/admission.py:
-4 x ``max_num_seqs``, shared with StreamTokens) from its first byte, before its header names a
-reservation. So at most ``max_awaiting_header`` calls wait for their header at once
-(``__main__``: the engine's ``max_num_seqs``, one per sequence the worker can reserve, as the
-prefill worker opens the call before its prompt computes) and a later one is refused
-(RESOURCE_EXHAUSTED): callers with no reservation to fill hold at most a quarter of the slots,
-the rest hold at most one transfer and one stream per reservation, and StreamTokens always
+4 x ``max_num_seqs``, shared with StreamTokens) from its first byte, before any frame names a
+reservation. At most ``max_awaiting_header`` calls wait for their first frame at once
+(``__main__``: the engine's ``max_num_seqs``); a newer call evicts the oldest of them
+(RESOURCE_EXHAUSTED). A prefill worker opens the call before its prompt computes and sends an
+open frame naming its reservation at once, so it leaves that pool within a round trip: callers
+with no reservation to fill hold at most a quarter of the slots and cannot keep a real sender
+out, the rest hold at most one transfer and one stream per reservation, and StreamTokens always
 finds a slot however many transfers are opened.
 """
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -87,11 +88,9 @@ def header_from_proto(msg: decode_pb2.KVTransferHeader) -> transfer.TransferHead
 
 async def frames_from_proto(
     requests: AsyncIterator[decode_pb2.TransferKVRequest],
-    arrived: Callable[[], None] = lambda: None,
 ) -> AsyncIterator[transfer.TransferFrame]:
-    """The frames of ``requests``; ``arrived()`` is called as each message comes."""
+    """The frames of ``requests``."""
     async for msg in requests:
-        arrived()
         kind = msg.WhichOneof("frame")
         if kind == "header":
             yield header_from_proto(msg.header)
@@ -100,6 +99,10 @@ async def frames_from_proto(
             yield transfer.LayerChunk(c.layer, c.first_block, c.num_blocks, c.data)
         elif kind == "end":
             yield transfer.TransferEnd(msg.end.first_token_id)
+        elif kind == "open":
+            check_id(msg.open.request_id, "request_id")
+            check_id(msg.open.reservation_id, "reservation_id")
+            yield transfer.TransferOpen(msg.open.request_id, msg.open.reservation_id)
         else:
             raise InvalidRequestError("empty TransferKV frame")
 
@@ -167,6 +170,59 @@ async def _until_quiet(requests: AsyncIterator[Any], quiet_s: float) -> AsyncIte
         yield message
 
 
+class AwaitingFirstFrame:
+    """The TransferKV calls that have sent no frame yet, oldest first: at most ``limit`` (None:
+    no limit). A newer call evicts the oldest, which fails RESOURCE_EXHAUSTED: calls that never
+    name a reservation cannot keep a real sender out, since it sends its open frame as the call
+    starts (module docstring)."""
+
+    def __init__(self, limit: int | None) -> None:
+        if limit is not None and limit < 1:
+            raise ValueError(f"max_awaiting_header must be at least 1, got {limit}")
+        self.limit = limit
+        self._calls: dict[asyncio.Event, None] = {}  # insertion order: oldest first
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def enter(self) -> asyncio.Event:
+        """A new call's place; the event is set if the call is evicted."""
+        if self.limit is not None and len(self._calls) >= self.limit:
+            oldest = next(iter(self._calls))
+            del self._calls[oldest]
+            oldest.set()
+        evicted = asyncio.Event()
+        self._calls[evicted] = None
+        return evicted
+
+    def leave(self, place: asyncio.Event) -> None:
+        self._calls.pop(place, None)
+
+    async def first(self, requests: AsyncIterator[Any], place: asyncio.Event) -> AsyncIterator[Any]:
+        """``requests``, leaving the pool at the first message; evicted before it:
+        ``ResourceExhaustedError``."""
+        iterator = aiter(requests)
+        message = asyncio.ensure_future(anext(iterator, None))
+        evicted = asyncio.ensure_future(place.wait())
+        try:
+            await asyncio.wait({message, evicted}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self.leave(place)
+            for waiting in (message, evicted):
+                waiting.cancel()
+            await asyncio.wait({message, evicted})  # the source is idle before anyone closes it
+        if message.cancelled():
+            raise ResourceExhaustedError(
+                f"more than {self.limit} KV transfers waited for their first frame here; this "
+                "one, the oldest, was dropped (a sender sends its open frame as the call starts)"
+            )
+        if (first := message.result()) is None:
+            return
+        yield first
+        async for later in iterator:
+            yield later
+
+
 class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     def __init__(
         self,
@@ -181,10 +237,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         # take every sequence slot. Each hold is dropped once its request holds nothing here.
         self._quota = quota
         self._watchers: set[asyncio.Task[None]] = set()
-        # TransferKV calls that have not sent their header yet, and their cap (None: no cap;
+        # TransferKV calls that have not sent a frame yet, and their cap (None: no cap;
         # ``__main__`` sets the engine's ``max_num_seqs``, see the module docstring).
-        self._num_awaiting_header = 0
-        self._max_awaiting_header = max_awaiting_header
+        self._awaiting = AwaitingFirstFrame(max_awaiting_header)
         self._data_address = data_address  # the KV data plane, if this worker serves one
         self._data_transport = DATA_TRANSPORT_TO_PROTO.get(data_transport, 0)
 
@@ -229,28 +284,18 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         watcher.add_done_callback(lambda task: (self._watchers.discard(task), hold.drop()))
 
     async def TransferKV(self, request_iterator, context):
-        limit = self._max_awaiting_header
-        if limit is not None and self._num_awaiting_header >= limit:
-            raise ResourceExhaustedError(
-                f"{limit} KV transfers are waiting for their header here already"
-            )
-        self._num_awaiting_header += 1
-        awaiting = True
-
-        def arrived() -> None:  # a message came, or the call ends
-            nonlocal awaiting
-            if awaiting:
-                awaiting = False
-                self._num_awaiting_header -= 1
-
+        place = self._awaiting.enter()
         try:
-            result = await self._worker.receive(frames_from_proto(request_iterator, arrived))
+            requests = self._awaiting.first(request_iterator, place)
+            result = await self._worker.receive(frames_from_proto(requests))
         except BanaServeError:
-            # So the sender sees this status, not INTERNAL; a sender gone quiet is not writing.
-            await drain(_until_quiet(request_iterator, _DRAIN_QUIET_S))
+            if not place.is_set():  # an evicted call sent nothing: it ends at once
+                # So the sender sees this status, not INTERNAL; a sender gone quiet is not
+                # writing.
+                await drain(_until_quiet(request_iterator, _DRAIN_QUIET_S))
             raise
         finally:
-            arrived()
+            self._awaiting.leave(place)
         return decode_pb2.TransferKVResponse(
             num_layers=result.num_layers, num_bytes=result.num_bytes
         )

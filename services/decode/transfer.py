@@ -1,6 +1,7 @@
 """A KV transfer's frames as the decode worker sees them, and the assembly of each layer.
 
-A transfer is one header, layer chunks in any order of layers (a layer may come in several
+A transfer is an optional open frame (the reservation's ids, sent as the call opens, before
+the prompt computes), one header, layer chunks in any order of layers (a layer may come in several
 chunks of whole blocks, each in the KV wire layout of services/common/kv_wire.py), and one end
 frame. ``LayerAssembler`` checks every chunk against the header's layout before it copies a byte
 and hands each layer out once all its blocks are in.
@@ -15,6 +16,12 @@ import torch
 from services.common import kv_wire
 from services.common.errors import InvalidRequestError
 from services.common.kv_layout import KVLayout
+
+
+@dataclass(frozen=True)
+class TransferOpen:
+    request_id: str
+    reservation_id: str
 
 
 @dataclass(frozen=True)
@@ -39,7 +46,7 @@ class TransferEnd:
     first_token_id: int
 
 
-TransferFrame = TransferHeader | LayerChunk | TransferEnd
+TransferFrame = TransferOpen | TransferHeader | LayerChunk | TransferEnd
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,11 @@ class GrpcKVSender(KVSender):
         self._num_bytes = 0
         self._first_sent_at: float | None = None
         self._failed: TransferError | None = None
+        # Names the reservation as the call opens (decode.proto): the prompt computes meanwhile.
+        opened = decode_pb2.KVTransferOpen(
+            request_id=request_id, reservation_id=target.reservation_id
+        )
+        self._queue.put_nowait(decode_pb2.TransferKVRequest(open=opened))
         self._drain = asyncio.create_task(self._run())
 
     @property
@@ -108,7 +113,7 @@ class GrpcKVSender(KVSender):
     async def _write_all(self) -> None:
         try:
             while (message := await self._queue.get()) is not None:
-                if self._first_sent_at is None:
+                if self._first_sent_at is None and not message.HasField("open"):
                     self._first_sent_at = self._clock()
                 await self._call.write(message)
                 self._num_bytes += len(message.layer.data)

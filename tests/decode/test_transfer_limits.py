@@ -1,7 +1,8 @@
 """What bounds a DecodeService call whose client stops talking or outlives its reservation: a
-TransferKV's header and idle timeouts, its end with its reservation, the limit on transfers
-waiting for their header (so StreamTokens keeps its admission slots), a ReserveKV whose deadline
-passed, and a second StreamTokens of one request. Each test ends with the leak check."""
+TransferKV's header and idle timeouts, its end with its reservation, the eviction of transfers
+that named no reservation (so neither senders nor StreamTokens are kept out), the open frame, a
+ReserveKV whose deadline passed, and a second StreamTokens of one request. Each test ends with
+the leak check."""
 
 from __future__ import annotations
 
@@ -45,8 +46,16 @@ async def then_silent(
     await until.wait()
 
 
-def test_transfers_without_a_header_end_at_the_timeout_and_leave_streams_their_slots(tiny_llama):
-    # Two sequences: STREAM admits 8 calls (4 x 2), of which 2 may wait for their header.
+EVICTED = (
+    "more than 2 KV transfers waited for their first frame here; this one, the oldest, was "
+    "dropped (a sender sends its open frame as the call starts)"
+)
+
+
+def test_silent_transfers_are_evicted_oldest_first_and_never_keep_a_sender_or_stream_out(
+    tiny_llama,
+):
+    # Two sequences: STREAM admits 8 calls (4 x 2), of which 2 may wait for a first frame.
     admission = AdmissionController(AdmissionConfig.for_capacity(2))
     config = DecodeConfig(transfer_header_timeout_s=1.5)
     prefill = PrefillSide(tiny_llama)
@@ -71,31 +80,122 @@ def test_transfers_without_a_header_end_at_the_timeout_and_leave_streams_their_s
             await hand_off(stub, "before", prompt_ids(20, 31))
             never = asyncio.Event()
             opened = time.monotonic()
-            silent = [
-                asyncio.ensure_future(stub.TransferKV(then_silent([], never))) for _ in range(8)
-            ]
+            silent = []
+            for _ in range(8):  # one at a time: the server sees them in this order
+                silent.append(asyncio.ensure_future(stub.TransferKV(then_silent([], never))))
+                await asyncio.sleep(0.05)
             done, waiting = await asyncio.wait(silent, timeout=1.0)
-            assert (len(done), len(waiting)) == (6, 2)
-            refused = "2 KV transfers are waiting for their header here already"
-            for call in done:
+            assert set(done) == set(silent[:6]) and set(waiting) == set(silent[6:])
+            for call in done:  # at once: an evicted call holds its admission slot no longer
                 err = call.exception()
-                assert (err.code(), err.details()) == (C.RESOURCE_EXHAUSTED, refused)
-            # While two wait: a stream gets its slot; another transfer is refused at once.
+                assert (err.code(), err.details()) == (C.RESOURCE_EXHAUSTED, EVICTED)
+            # While two wait: a stream gets its slot, and a real transfer goes through (the
+            # oldest silent call makes way for it).
             assert await tokens(stub, "before") == GREEDY.max_tokens
-            err = await rpc_error(await hand_off(stub, "during", prompt_ids(20, 32)))
-            assert (err.code(), err.details()) == (C.RESOURCE_EXHAUSTED, refused)
-            await stub.Release(decode_pb2.ReleaseRequest(request_id="during"))
-            assert not any(call.done() for call in waiting)
+            await hand_off(stub, "during", prompt_ids(20, 32))
+            assert await tokens(stub, "during") == GREEDY.max_tokens
+            err = await rpc_error(silent[6])
+            assert (err.code(), err.details()) == (C.RESOURCE_EXHAUSTED, EVICTED)
+            assert not silent[7].done()
 
-            for call in waiting:
-                err = await rpc_error(call)
-                assert err.code() == C.DEADLINE_EXCEEDED
-                assert err.details() == "the KV transfer sent no header within 1.5s"
+            err = await rpc_error(silent[7])
+            assert err.code() == C.DEADLINE_EXCEEDED
+            assert err.details() == "the KV transfer sent no header within 1.5s"
             assert 1.5 <= time.monotonic() - opened < 3.0
             assert admission.stats(MethodClass.STREAM).num_in_flight == 0
             never.set()
             await hand_off(stub, "after", prompt_ids(20, 33))
             assert await tokens(stub, "after") == GREEDY.max_tokens
+            await assert_clean(stub)
+
+    asyncio.run(main())
+
+
+def opening(request_id: str, reservation_id: str) -> decode_pb2.TransferKVRequest:
+    ids = decode_pb2.KVTransferOpen(request_id=request_id, reservation_id=reservation_id)
+    return decode_pb2.TransferKVRequest(open=ids)
+
+
+async def opened_then(
+    first: decode_pb2.TransferKVRequest,
+    later: Iterable[decode_pb2.TransferKVRequest],
+    go: asyncio.Event,
+) -> AsyncIterator[decode_pb2.TransferKVRequest]:
+    """The open frame at once, the rest once ``go`` is set (the prompt computing meanwhile)."""
+    yield first
+    await go.wait()
+    for frame in later:
+        yield frame
+
+
+def test_a_sender_that_opens_first_survives_a_flood_while_its_prompt_computes(tiny_llama):
+    """A prefill worker's call names its reservation as it opens; silent calls opened after it,
+    many more than may wait, never evict it, and its KV arrives seconds later as ever."""
+
+    async def main():
+        async with decode_server(tiny_llama, max_num_seqs=2) as (_, stub):
+            prefill, prompt = PrefillSide(tiny_llama), prompt_ids(40, 36)
+            reply = await stub.ReserveKV(reserve_request("opened", prompt))
+            first = prefill.prefill("opened", prompt, GREEDY)
+            frames = prefill.frames("opened", reply.reservation_id, first)
+            go, never = asyncio.Event(), asyncio.Event()
+            transfer = asyncio.ensure_future(
+                stub.TransferKV(opened_then(opening("opened", reply.reservation_id), frames, go))
+            )
+            await receiving(stub, "opened")  # claimed by the open frame alone
+            silent = [stub.TransferKV(then_silent([], never)) for _ in range(6)]
+            errors = [await rpc_error(call) for call in silent[:4]]
+            assert {(e.code(), e.details()) for e in errors} == {(C.RESOURCE_EXHAUSTED, EVICTED)}
+            assert not transfer.done()
+            go.set()  # the prompt has computed
+            reply = await asyncio.wait_for(transfer, 10)
+            assert reply.num_layers == prefill.engine.spec.num_layers
+            call = stub.StreamTokens(decode_pb2.StreamTokensRequest(request_id="opened"))
+            rest, finished = await collect(call)
+            assert len(rest) + 1 == GREEDY.max_tokens
+            for call in silent[4:]:
+                call.cancel()
+            never.set()
+            await assert_clean(stub)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "case, code, message",
+    [
+        ("unknown", C.NOT_FOUND, "no reservation 'nope' for request 'o'"),
+        (
+            "mismatch",
+            C.INVALID_ARGUMENT,
+            "the header names reservation 'nope' of request 'o'; the transfer opened ",
+        ),
+        ("silent", C.NOT_FOUND, "reservation of 'o' expired: its lease ran out before its KV came"),
+        ("twice", C.INVALID_ARGUMENT, "a transfer must start with its header"),
+    ],
+)
+def test_an_open_frame_is_checked_and_bounded_like_a_header(tiny_llama, case, code, message):
+    async def main():
+        async with decode_server(tiny_llama, DecodeConfig(sweep_interval_s=0.02)) as (_, stub):
+            prefill, prompt = PrefillSide(tiny_llama), prompt_ids(40, 37)
+            reply = await stub.ReserveKV(reserve_request("o", prompt, lease=seconds(0.5)))
+            rid = reply.reservation_id
+            first = prefill.prefill("o", prompt, GREEDY)
+            frames = list(prefill.frames("o", rid, first))
+            if case == "mismatch":
+                frames[0].header.reservation_id = "nope"
+            opened = opening("o", "nope" if case == "unknown" else rid)
+            later = {"silent": [], "twice": [opening("o", rid)]}.get(case, frames)
+            hold = asyncio.Event()
+            started = time.monotonic()
+            err = await rpc_error(
+                asyncio.wait_for(stub.TransferKV(then_silent([opened, *later], hold)), 5.0)
+            )
+            assert err.code() == code
+            assert err.details().startswith(message), err.details()
+            assert time.monotonic() - started < 2.0
+            hold.set()
+            await stub.Release(decode_pb2.ReleaseRequest(request_id="o"))
             await assert_clean(stub)
 
     asyncio.run(main())

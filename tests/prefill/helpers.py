@@ -65,7 +65,7 @@ def chunk_tensor(chunk: common_pb2.KVLayerChunk, layout: KVLayout) -> torch.Tens
 
 @dataclass
 class Received:
-    frames: list[str] = field(default_factory=list)  # "header", "layer:<l>", "end"
+    frames: list[str] = field(default_factory=list)  # "open", "header", "layer:<l>", "end"
     chunk_arrivals: list[float] = field(default_factory=list)
 
 
@@ -82,7 +82,12 @@ class ImportingDecode(decode_pb2_grpc.DecodeServiceServicer):
         header, chunks, seen = None, {}, Received()
         async for msg in request_iterator:
             kind = msg.WhichOneof("frame")
-            if kind == "header":
+            if kind == "open":  # the reservation claimed as the call opens (decode.proto)
+                if msg.open.reservation_id not in self.reservations:
+                    await drain(request_iterator)
+                    raise RequestNotFoundError(f"no reservation {msg.open.reservation_id!r}")
+                seen.frames.append("open")
+            elif kind == "header":
                 header = msg.header
                 if header.reservation_id not in self.reservations:
                     await drain(request_iterator)  # as the real decode service does

@@ -54,9 +54,9 @@ def test_prefill_streams_every_layer_and_decode_continues_token_identically(tiny
     assert transfer.total_seconds() > 0 and exposed <= transfer
     assert done.prefill.ToTimedelta().total_seconds() > 0
     frames = decode.received["r1"].frames
-    assert frames[0] == "header" and frames[-1] == "end"
+    assert frames[:2] == ["open", "header"] and frames[-1] == "end"
     # 5 blocks in chunks of 2 blocks: three messages per layer, layers in compute order.
-    assert frames[1:-1] == [f"layer:{layer}" for layer in range(num_layers) for _ in range(3)]
+    assert frames[2:-1] == [f"layer:{layer}" for layer in range(num_layers) for _ in range(3)]
     tokens = list(first.first_token.token_ids) + decode.decode_all()["r1"]
     assert tokens == reference(tiny_llama, [prompt])[0]
     assert_no_leaks(decode.engine)
