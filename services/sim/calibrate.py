@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import socket
 import statistics
 import time
 from pathlib import Path
 
 from services.common.arg_types import name_list, non_negative, number_list, positive
+from services.common.config import EngineConfig
 from services.common.errors import ConfigError
 from services.sim.fit import fit_decode, fit_prefill, fit_transport, relative_errors
-from services.sim.inputs import read_json
+from services.sim.inputs import output_dir, path_arg, read_json
 from services.sim.profile import MigrationModel, Profile, TransportModel
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -41,6 +43,12 @@ DEFAULT_PROFILE_DIR = REPO_ROOT / "bench" / "results"
 # this machine with smollm2; used when no ``bench migration`` result is given.
 DOC_SWITCH_PAUSE_S = 0.009
 DOC_REVERT_S = 0.022
+# The engines calibrated here keep EngineConfig's batching limits: a prompt past one step's
+# token budget is prefilled in chunks (one step's time would not be its prefill's) and a batch
+# past max_num_seqs waits in part (the step timed would not be of that batch).
+_ENGINE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+MAX_STEP_TOKENS: int = _ENGINE_DEFAULTS["max_num_batched_tokens"]
+MAX_BATCH: int = _ENGINE_DEFAULTS["max_num_seqs"]
 
 
 # Profiles calibrated on the project's 2-core machine, kept with the code so that `sim run`
@@ -71,6 +79,11 @@ def _decode_points(text: str) -> list[tuple[int, int]]:
         points = []
     if not points or not all(len(p) == 2 and min(p) > 0 for p in points):
         raise argparse.ArgumentTypeError(f"expected BATCHxPROMPT points like 1x32,8x256; {text!r}")
+    if any(b > MAX_BATCH or n > MAX_STEP_TOKENS for b, n in points):
+        raise argparse.ArgumentTypeError(
+            f"expected batches of at most {MAX_BATCH} and prompts of at most {MAX_STEP_TOKENS} "
+            f"tokens (the engine's max_num_seqs and step budget); {text!r}"
+        )
     if len(set(points)) < 3:
         raise argparse.ArgumentTypeError(
             f"the decode fit needs 3 distinct points or more; {text!r}"
@@ -81,6 +94,11 @@ def _decode_points(text: str) -> list[tuple[int, int]]:
 def _prefill_lengths(text: str) -> list[int]:
     """Prompt lengths, at least 3 distinct (the prefill fit has three terms)."""
     lengths = number_list(int)(text)
+    if max(lengths) > MAX_STEP_TOKENS:
+        raise argparse.ArgumentTypeError(
+            f"expected lengths of at most {MAX_STEP_TOKENS} tokens (one step's budget: a longer "
+            f"prompt is prefilled in chunks); {text!r}"
+        )
     if len(set(lengths)) < 3:
         raise argparse.ArgumentTypeError(
             f"the prefill fit needs 3 distinct lengths or more; {text!r}"
@@ -89,7 +107,8 @@ def _prefill_lengths(text: str) -> list[int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", default="smollm2-135m,tiny-llama", help="comma list")
+    p.add_argument("--models", type=_model_names, default=["smollm2-135m", "tiny-llama"],
+                   help="comma list (default smollm2-135m,tiny-llama)")  # fmt: skip
     p.add_argument("--threads", type=positive(int), default=1)
     p.add_argument(
         "--prefill-lengths", type=_prefill_lengths, default=[16, 64, 192, 384, 640, 896, 1152]
@@ -100,13 +119,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-steps", type=positive(int), default=7)
     p.add_argument("--repeats", type=positive(int), default=3)
     p.add_argument("--transports", type=name_list(("tcp", "ucx")), default=["tcp", "ucx"])
-    p.add_argument("--migration-json", type=Path, default=None,
+    p.add_argument("--migration-json", type=path_arg, default=None,
                    help="a `bench migration` result (the records' switch pause, weights) or a "
                         "`bench compare` one (its migrations' copy and revert phases)")  # fmt: skip
     p.add_argument("--hop-s", type=non_negative(float), default=None,
                    help="one activation hop of a layer migration, measured elsewhere "
                         "(default: the transport's latency)")  # fmt: skip
-    p.add_argument("--out", type=Path, default=DEFAULT_PROFILE_DIR)
+    p.add_argument("--out", type=path_arg, default=DEFAULT_PROFILE_DIR)
+
+
+def _model_names(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected a comma list of models; {text!r}")
+    return list(dict.fromkeys(names))
 
 
 def _engine(model: str, threads: int, prefix_caching: bool):  # noqa: ANN202
@@ -225,8 +251,22 @@ def migration_model(path: Path | None, hop_s: float | None = None) -> tuple[Migr
         model = MigrationModel(0.0, DOC_SWITCH_PAUSE_S, DOC_REVERT_S, hop_s=hop_s)
         return model, "docs/migration.md figures"
     data = read_json(path, "migration JSON")
+    try:
+        return _measured_migration(path, data, hop_s)
+    except ConfigError as exc:  # a time in it NaN, infinite or negative (MigrationModel)
+        if str(exc).startswith("migration JSON"):
+            raise
+        raise ConfigError(f"migration JSON {path}: {exc}") from None
+
+
+def _measured_migration(path: Path, data: dict, hop_s: float | None) -> tuple[MigrationModel, str]:
     if data.get("benchmark") == "compare":
-        phases = phase_durations(data)
+        try:
+            phases = phase_durations(data)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError(
+                f"migration JSON {path}: a malformed run or state event ({exc!r})"
+            ) from None
         if not phases["copy"]:
             model = MigrationModel(0.0, DOC_SWITCH_PAUSE_S, DOC_REVERT_S, hop_s=hop_s)
             return model, f"docs/migration.md figures ({path}: no migration reached SWITCHING)"
@@ -307,13 +347,18 @@ def fit_report(profile: Profile) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from services.engine.models.prepare import resolve_model
+
     torch.set_num_threads(args.threads)
     started = time.monotonic()
     migration = migration_model(args.migration_json, args.hop_s)  # its errors before any work
+    for model in args.models:
+        resolve_model(model)  # an unknown or unprepared model: said now, not after the others
+    output_dir(args.out, "--out")
     transports = measure_transports(args.transports)
     if not transports[0]:
         raise SystemExit(f"no transport could be measured: {transports[1]}")
-    for model in [m for m in args.models.split(",") if m]:
+    for model in args.models:
         profile = calibrate_model(model, args, transports, migration)
         path = profile_path(args.out, model)
         profile.save(path)

@@ -31,7 +31,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from services.common.errors import ResourceExhaustedError
+from services.common.errors import ConfigError, ResourceExhaustedError
 from services.coordinator.loadfeed import LoadHistory
 from services.coordinator.policy import Policy, PolicyConfig, WorkerView
 from services.launcher import Mode, mode_spec
@@ -74,6 +74,22 @@ class SimSpec:
     reuse_cached_prefix: bool = True
 
 
+# Every simulated worker holds its KV pool as the engine's own BlockManager (~270 bytes a
+# block): 128 workers of the shipped profile are 186,368 blocks; this bound (about 1 GiB) keeps
+# a mistyped --workers or --num-kv-blocks from filling the machine's memory.
+MAX_CLUSTER_BLOCKS = 1 << 22
+
+
+def check_cluster_size(num_workers: int, num_kv_blocks: int) -> None:
+    """Refuses a cluster whose workers' KV blocks, all together, are past ``MAX_CLUSTER_BLOCKS``."""
+    if num_workers * num_kv_blocks > MAX_CLUSTER_BLOCKS:
+        raise ConfigError(
+            f"{num_workers:,} workers of {num_kv_blocks:,} KV blocks each are "
+            f"{num_workers * num_kv_blocks:,} blocks; the simulator holds at most "
+            f"{MAX_CLUSTER_BLOCKS:,} (fewer workers or a smaller --num-kv-blocks)"
+        )
+
+
 ROLE_NAMES = ((WorkerRole.PREFILL, "prefill"), (WorkerRole.DECODE, "decode"),
               (WorkerRole.MIXED, "mixed"))  # fmt: skip
 
@@ -81,6 +97,7 @@ ROLE_NAMES = ((WorkerRole.PREFILL, "prefill"), (WorkerRole.DECODE, "decode"),
 class SimCluster:
     def __init__(self, spec: SimSpec, profile: Profile) -> None:
         self.spec, self.profile = spec, profile
+        check_cluster_size(spec.num_workers, spec.num_kv_blocks or profile.num_kv_blocks)
         self.loop = EventLoop()
         shape = mode_spec(spec.mode, spec.num_workers, spec.num_prefill)
         config = RouterConfig(policy=shape.policy)

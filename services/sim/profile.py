@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from services.common.errors import ConfigError
+from services.sim.inputs import is_count, is_number, read_json
 
 
 def _require(ok: bool, message: str) -> None:
@@ -31,11 +32,33 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _seconds(**values: object) -> None:
+    """Each value a finite real number >= 0 (a time, or a time per unit of work): a NaN, an
+    infinity or a negative time would run the simulated clock backwards or never end."""
+    for name, value in values.items():
+        _require(is_number(value), f"{name} must be >= 0 (a finite number), got {value!r}")
+
+
+def _scales(**values: object) -> None:
+    """Each value a finite real number > 0 (a multiplier of a step time, a bandwidth)."""
+    for name, value in values.items():
+        _require(is_number(value, above=True),
+                 f"{name} must be > 0 (a finite number), got {value!r}")  # fmt: skip
+
+
+def _counts(minimum: int, **values: object) -> None:
+    for name, value in values.items():
+        _require(is_count(value, minimum), f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class PrefillModel:
     a: float  # s per step
     b: float  # s per token
     c: float  # s per token x context token (attention)
+
+    def __post_init__(self) -> None:
+        _seconds(**{f"prefill.{k}": v for k, v in asdict(self).items()})
 
     def time(self, num_tokens: int, attention_work: float) -> float:
         return self.a + self.b * num_tokens + self.c * attention_work
@@ -47,6 +70,9 @@ class DecodeModel:
     b: float  # s per sequence
     c: float  # s per context token
 
+    def __post_init__(self) -> None:
+        _seconds(**{f"decode.{k}": v for k, v in asdict(self).items()})
+
     def time(self, batch: int, context: int) -> float:
         return self.a + self.b * batch + self.c * context
 
@@ -57,8 +83,8 @@ class TransportModel:
     bandwidth_bytes_per_s: float
 
     def __post_init__(self) -> None:
-        _require(self.latency_s >= 0, f"latency must be >= 0, got {self.latency_s}")
-        _require(self.bandwidth_bytes_per_s > 0, "bandwidth must be > 0")
+        _seconds(latency_s=self.latency_s)
+        _scales(bandwidth_bytes_per_s=self.bandwidth_bytes_per_s)
 
     def time(self, num_bytes: float) -> float:
         return self.latency_s + num_bytes / self.bandwidth_bytes_per_s
@@ -78,6 +104,10 @@ class MigrationModel:
     # One activation hop while ACTIVE; None: the transport's latency (a loopback transfer).
     hop_s: float | None = None
 
+    def __post_init__(self) -> None:
+        _seconds(**{f"migration.{k}": v for k, v in asdict(self).items()
+                    if k != "hop_s" or v is not None})  # fmt: skip
+
 
 @dataclass(frozen=True)
 class StepCosts:
@@ -92,11 +122,9 @@ class StepCosts:
     receiving_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("prefill_scale", "decode_scale", "receiving_scale"):
-            value = getattr(self, name)
-            _require(math.isfinite(value) and value > 0, f"{name} must be > 0, got {value}")
-        value = self.prefill_step_s
-        _require(math.isfinite(value) and value >= 0, f"prefill_step_s must be >= 0, got {value}")
+        _seconds(prefill_step_s=self.prefill_step_s)
+        _scales(prefill_scale=self.prefill_scale, decode_scale=self.decode_scale,
+                receiving_scale=self.receiving_scale)  # fmt: skip
 
     def describe(self) -> str:
         receiving = (f" (x{self.receiving_scale:.3f} more while receiving a hand-off)"
@@ -145,8 +173,7 @@ class ServingModel:
 
     def __post_init__(self) -> None:
         self.costs(mixed=False)  # validates the flat fields
-        _require(self.route_s >= 0 and math.isfinite(self.route_s),
-                 f"route_s must be >= 0, got {self.route_s}")  # fmt: skip
+        _seconds(route_s=self.route_s)
 
     def costs(self, mixed: bool, store: bool = False) -> StepCosts:
         """A mixed (colocated) worker's step costs, or a prefill or decode worker's (``store``:
@@ -196,10 +223,15 @@ class Profile:
     serving: ServingModel = field(default_factory=ServingModel)
 
     def __post_init__(self) -> None:
-        _require(self.num_layers >= 2, f"num_layers must be >= 2, got {self.num_layers}")
-        _require(self.block_size > 0 and self.num_kv_blocks > 0, "blocks must be > 0")
+        _require(isinstance(self.model, str), f"model must be a name, got {self.model!r}")
+        _counts(2, num_layers=self.num_layers)
+        _counts(1, block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
+                kv_bytes_per_block_layer=self.kv_bytes_per_block_layer,
+                max_num_seqs=self.max_num_seqs,
+                max_num_batched_tokens=self.max_num_batched_tokens)  # fmt: skip
         _require(bool(self.transports), "a profile needs at least one transport")
-        _require(0 < self.layer_share < 1, f"layer_share must be in (0, 1): {self.layer_share}")
+        _scales(layer_share=self.layer_share)
+        _require(self.layer_share < 1, f"layer_share must be in (0, 1): {self.layer_share}")
 
     def transport(self, name: str | None = None) -> TransportModel:
         if name is None:
@@ -232,8 +264,6 @@ class Profile:
     @classmethod
     def load(cls, path: Path) -> Profile:
         """The profile in ``path``; a file that is not one is a ``ConfigError`` naming it."""
-        from services.sim.inputs import read_json
-
         data = read_json(path, "simulator profile")
         try:
             return cls.from_json(data)

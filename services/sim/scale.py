@@ -18,15 +18,15 @@ import argparse
 import json
 import time
 from dataclasses import replace
-from pathlib import Path
 
-from bench.workloads import FAMILIES, plan, workload
+from bench.workloads import FAMILIES, workload
 from bench.workloads_trace import DEFAULT_TRACES_DIR, TraceWorkload
 from services.common.arg_types import name_list, non_negative, number_list, positive, share_list
 from services.launcher import Mode
 from services.prefill.write_backs import WritePolicy
 from services.sim.calibrate import DEFAULT_PROFILE_DIR, find_profile
-from services.sim.cluster import SimSpec
+from services.sim.cluster import SimSpec, check_cluster_size
+from services.sim.inputs import check_plan_size, output_dir, path_arg, plan_workload
 from services.sim.profile import Profile
 from services.sim.replay import simulate
 from services.sim.store import DEFAULT_CAPACITY_BYTES
@@ -40,13 +40,17 @@ EXTRA_TRACE = TraceWorkload(
 )
 # The paper's published ranges (BanaServe, arXiv 2510.13223): throughput over vLLM and DistServe.
 PAPER = {"colocated": (1.2, 3.9), "static-pd": (1.1, 2.8)}
+# The largest cluster ``--workers`` takes (the issue's scale is 8-128 workers); the profile's KV
+# pool bounds it further (``cluster.MAX_CLUSTER_BLOCKS``).
+MAX_WORKERS = 4096
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--profile", type=Path, default=None)
+    p.add_argument("--profile", type=path_arg, default=None)
     p.add_argument("--workers", type=_cluster_sizes, default=[8, 32, 128],
-                   help="comma list of cluster sizes, each >= 2 (default 8,32,128)")  # fmt: skip
+                   help=f"comma list of cluster sizes, each 2 to {MAX_WORKERS} "
+                   "(default 8,32,128)")  # fmt: skip
     names = (*FAMILIES, EXTRA_TRACE.name)
     p.add_argument("--workloads", type=name_list(names), default=list(names),
                    help=f"comma list of {', '.join(names)} (default: all)")  # fmt: skip
@@ -71,16 +75,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-prefill-queue-tokens", type=non_negative(int), default=0, metavar="Q",
                    help="banaserve's router: ... and any prompt while the prefill worker has at "
                    "least Q prompt tokens queued and the decode worker fewer (router flag)")  # fmt: skip
-    p.add_argument("--traces-dir", type=Path, default=DEFAULT_TRACES_DIR)
-    p.add_argument("--out", type=Path, default=DEFAULT_PROFILE_DIR)
+    p.add_argument("--traces-dir", type=path_arg, default=DEFAULT_TRACES_DIR)
+    p.add_argument("--out", type=path_arg, default=DEFAULT_PROFILE_DIR)
 
 
 def _cluster_sizes(text: str) -> list[int]:
-    """Comma-separated worker counts, each at least 2 (a PD split needs a worker of each)."""
+    """Comma-separated worker counts, each at least 2 (a PD split needs a worker of each) and
+    at most ``MAX_WORKERS``; each once, in the order given."""
     sizes = number_list(int)(text)
     if min(sizes) < 2:
         raise argparse.ArgumentTypeError(f"expected cluster sizes of at least 2 workers; {text!r}")
-    return sizes
+    if max(sizes) > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_WORKERS} workers; {text!r}")
+    return list(dict.fromkeys(sizes))
 
 
 def workload_of(name: str, rate_scale: float):  # noqa: ANN201
@@ -102,7 +109,7 @@ def better(a: dict, b: dict | None) -> bool:
 
 def scale_point(n: int, name: str, profile: Profile, args: argparse.Namespace) -> dict:
     w = workload_of(name, n / 2 * args.load)
-    planned = plan(w, args.duration, args.seed, traces_dir=args.traces_dir)
+    planned = plan_workload(w, args.duration, args.seed, traces_dir=args.traces_dir)
     slo = (w.slo_ttft_ms, w.slo_tpot_ms)
     base = SimSpec(Mode.COLOCATED, n, deadline_s=args.duration + args.drain_s,
                    prefill_donors=args.prefill_donors,
@@ -196,8 +203,21 @@ def write_report(points: list[dict], profile: Profile, args: argparse.Namespace)
     return markdown
 
 
+def check_inputs(profile: Profile, args: argparse.Namespace) -> None:
+    """What would fail or fill the memory at some point of the run, refused before its first:
+    the largest cluster's KV pool, each workload's plan at the largest cluster's rate, the
+    output directory."""
+    n = max(args.workers)
+    check_cluster_size(n, profile.num_kv_blocks)
+    for name in args.workloads:
+        check_plan_size(workload_of(name, n / 2 * args.load), args.duration)
+    output_dir(args.out, "--out")
+
+
 def run(args: argparse.Namespace) -> int:
     profile = Profile.load(find_profile(args.model, args.profile))
+    args.workloads = list(dict.fromkeys(args.workloads))
+    check_inputs(profile, args)
     points = []
     for n in args.workers:
         for name in args.workloads:

@@ -83,11 +83,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench.workloads_trace import DEFAULT_TRACES_DIR
+from services.common.arg_types import positive
 from services.common.errors import ConfigError
 from services.launcher import Mode
 from services.sim.calibrate import find_profile
 from services.sim.fit import fit_step_overhead, fit_two_terms
-from services.sim.inputs import read_compare
+from services.sim.inputs import output_file, path_arg, read_compare
 from services.sim.profile import Profile, ServingModel, StepCosts
 from services.sim.steps import decode_worker_steps, worker_steps
 from services.sim.validate import compare_rows, render, up_spec
@@ -101,11 +102,13 @@ MIN_STEP_POINTS = 6
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("compare_json", type=Path, help="the `bench compare` JSON to fit on")
-    p.add_argument("--profile", type=Path, default=None,
+    p.add_argument("compare_json", type=path_arg, help="the `bench compare` JSON to fit on")
+    p.add_argument("--profile", type=path_arg, default=None,
                    help="sim profile to start from (default: as `sim validate` finds it)")  # fmt: skip
-    p.add_argument("--out", type=Path, default=None, help="write here (default: over --profile)")
-    p.add_argument("--iterations", type=int, default=8, help="at most this many replays")
+    p.add_argument("--out", type=path_arg, default=None,
+                   help="write here (default: over --profile)")  # fmt: skip
+    p.add_argument("--iterations", type=positive(int), default=8,
+                   help="at most this many replays")  # fmt: skip
     p.add_argument("--colocated-apart", action="store_true",
                    help="fit a colocated worker's costs on the colocated rows, apart from a PD "
                         "worker's (default: one set, fitted on static PD, for every worker)")  # fmt: skip
@@ -113,7 +116,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fit banaserve's PD workers' costs on its rows without a migration, "
                         "apart from static PD's (the store's and coordinator's share of the "
                         "cores; default: static PD's for both)")  # fmt: skip
-    p.add_argument("--traces-dir", type=Path, default=DEFAULT_TRACES_DIR)
+    p.add_argument("--traces-dir", type=path_arg, default=DEFAULT_TRACES_DIR)
 
 
 def ratios(rows: list[dict], mode: str = PD_MODE) -> tuple[float, float]:
@@ -380,15 +383,16 @@ def run(args: argparse.Namespace) -> int:
     report = read_compare(args.compare_json)
     model = report["config"].get("model", "smollm2-135m")
     path = find_profile(model, args.profile)
+    loaded = Profile.load(path)
+    out = output_file(args.out or path, "--out")  # before the replays
     profile, rows, _ = fit(
         report,
-        Profile.load(path),
+        loaded,
         args.traces_dir,
         args.iterations,
         args.colocated_apart,
         args.banaserve_apart,
     )
-    out = args.out or path
     profile.save(out)
     s = profile.serving
     print(render(rows))

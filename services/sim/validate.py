@@ -28,14 +28,14 @@ import shlex
 import statistics
 from pathlib import Path
 
-from bench.workloads import plan, workload
+from bench.workloads import workload
 from bench.workloads_trace import DEFAULT_TRACES_DIR
 from services.common.errors import ConfigError
 from services.launcher import ClusterSpec, Mode
 from services.prefill.write_backs import WritePolicy
 from services.sim.calibrate import find_profile
 from services.sim.cluster import SimSpec
-from services.sim.inputs import read_compare
+from services.sim.inputs import output_file, path_arg, plan_workload, read_compare
 from services.sim.profile import Profile
 from services.sim.replay import Job, coordinator_policy, simulate_sequence
 from services.up import add_arguments as add_up_arguments
@@ -54,12 +54,13 @@ METRICS = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("compare_json", type=Path, help="a `bench compare` JSON result")
-    p.add_argument("--profile", type=Path, default=None,
+    p.add_argument("compare_json", type=path_arg, help="a `bench compare` JSON result")
+    p.add_argument("--profile", type=path_arg, default=None,
                    help="sim profile (default: bench/results/sim-profile-MODEL.json)")  # fmt: skip
-    p.add_argument("--traces-dir", type=Path, default=DEFAULT_TRACES_DIR)
-    p.add_argument("--json-out", type=Path, default=None, help="also write the comparison here")
-    p.add_argument("--repeat", type=Path, default=None,
+    p.add_argument("--traces-dir", type=path_arg, default=DEFAULT_TRACES_DIR)
+    p.add_argument("--json-out", type=path_arg, default=None,
+                   help="also write the comparison here")  # fmt: skip
+    p.add_argument("--repeat", type=path_arg, default=None,
                    help="a second real `bench compare` of the same plan: its run-to-run "
                         "difference beside the simulator's error")  # fmt: skip
 
@@ -144,8 +145,8 @@ def compare_rows(report: dict, profile: Profile, traces_dir: Path) -> list[dict]
     jobs: dict[str, Job] = {}
     for name in dict.fromkeys(r["workload"] for r in report["table"]):
         w = workload(name, config.get("rate_scale", 1.0))
-        planned = plan(w, config["duration_s"], config["seed"],
-                       config.get("max_model_len", 2048), traces_dir, vocab)  # fmt: skip
+        planned = plan_workload(w, config["duration_s"], config["seed"],
+                                config.get("max_model_len", 2048), traces_dir, vocab)  # fmt: skip
         recorded = report.get("workloads", {}).get(name, {})
         check_plan(name, planned, recorded)
         slo = (recorded.get("slo_ttft_ms", w.slo_ttft_ms),
@@ -259,6 +260,8 @@ def render(rows: list[dict]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     report = read_compare(args.compare_json)
+    if args.json_out is not None:
+        output_file(args.json_out, "--json-out")
     other = read_compare(args.repeat) if args.repeat is not None else None
     if other is not None:  # before the replay, which takes a while
         check_same_run(other, report["config"], [r["mode"] for r in report["table"]])

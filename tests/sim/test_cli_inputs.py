@@ -4,10 +4,14 @@ or flag and what is wrong, exit status 2, before any work — never a traceback.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
+from services.common.errors import ConfigError
 from services.sim import calibrate
+from services.sim.profile import Profile
+from tests.sim.factories import make_profile
 from tests.sim.test_validate import compare_json
 from tests.unit.test_cli_errors import run_cli
 
@@ -102,3 +106,203 @@ def test_validate_refuses_a_repeat_of_another_plan_before_replaying(files, capsy
     argv = ["sim", "validate", f"{files}/compare.json", "--repeat", f"{files}/other-seed.json"]
     code, err = run_cli(argv, capsys)
     assert code == 2 and "the repeat run differs from the compared one in seed" in err
+
+
+# -- values inside the documents and sizes past what the machine holds (session 22 probe) ----
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Planning a workload or simulating fails the test: the refusal must come first."""
+
+    def worked(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise AssertionError("planned or simulated before refusing")
+
+    from services.sim import inputs, scale, serving, validate
+
+    for module, name in ((inputs, "plan"), (scale, "plan"), (validate, "plan"),
+                         (scale, "simulate"), (validate, "compare_rows"),
+                         (serving, "compare_rows")):  # fmt: skip
+        monkeypatch.setattr(module, name, worked, raising=False)
+
+
+def profile_json(path: str, value) -> dict:  # noqa: ANN001
+    data = make_profile().to_json()
+    *parents, key = path.split(".")
+    node = data
+    for k in parents:
+        node = node[k]
+    node[key] = value
+    return data
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("prefill.a", float("nan"), "prefill.a must be >= 0 (a finite number), got nan"),
+        ("prefill.b", float("inf"), "prefill.b must be >= 0"),
+        ("prefill.c", 10**400, "prefill.c must be >= 0"),  # past a float: OverflowError
+        ("decode.c", -1e-6, "decode.c must be >= 0"),
+        ("decode.b", "0.01", "decode.b must be >= 0"),
+        ("transports.tcp.latency_s", float("inf"), "latency_s must be >= 0"),
+        ("transports.tcp.bandwidth_bytes_per_s", float("inf"), "bandwidth_bytes_per_s must be > 0"),
+        ("migration.copy_s", float("nan"), "migration.copy_s must be >= 0"),
+        ("migration.hop_s", -1.0, "migration.hop_s must be >= 0"),
+        ("migration.switch_pause_s", "x", "migration.switch_pause_s must be >= 0"),
+        ("num_kv_blocks", 0.5, "num_kv_blocks must be an integer >= 1, got 0.5"),
+        ("block_size", "16", "block_size must be an integer >= 1"),
+        ("max_num_seqs", 0, "max_num_seqs must be an integer >= 1"),
+        ("max_num_batched_tokens", -1, "max_num_batched_tokens must be an integer >= 1"),
+        ("kv_bytes_per_block_layer", 0, "kv_bytes_per_block_layer must be an integer >= 1"),
+        ("num_layers", 2.5, "num_layers must be an integer >= 2"),
+        ("layer_share", "0.03", "layer_share must be > 0"),
+        ("model", 5, "model must be a name"),
+    ],
+)
+def test_a_profile_with_a_bad_value_is_refused_when_loaded(tmp_path, path, value, message):
+    # Each of these ran: NaN and infinite times to a report of n/a, negative ones to a
+    # traceback ("event ... is in the past"), a float block count to a TypeError.
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps(profile_json(path, value)))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Profile.load(f)
+
+
+def test_sim_run_refuses_a_bad_profile_value_before_simulating(tmp_path, capsys, no_work):
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps(profile_json("decode.a", -0.05)))
+    code, err = run_cli(["sim", "run", "--profile", str(f), "--out", str(tmp_path)], capsys)
+    assert code == 2 and f"simulator profile {f}: decode.a must be >= 0" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--workers", "1000000000"], "at most 4096 workers"),
+        (["--workers", "4096"], "the simulator holds at most 4,194,304"),
+        (["--workers", "8", "--duration", "1e9"], "the simulator plans at most 50,000"),
+        (["--workers", "8", "--load", "1e6", "--duration", "10"], "plans at most 50,000"),
+        (["--workers", "8", "--duration", "1e300"], "plans at most 50,000"),
+        (["--workers", "8", "--out", ""], "argument --out: expected a path, got ''"),
+        (["--workers", "8", "--out", "{d}/a-file"], "a-file is a file, not a directory"),
+        (["--workers", "8", "--out", "{d}/a-file/sub"], "cannot create the directory"),
+    ],
+)
+def test_sim_run_refuses_what_would_fill_the_memory_or_fail_late(tmp_path, capsys, no_work, argv,
+                                                                  message):  # fmt: skip
+    # Each of these filled 4 GiB in under a minute, or ended in a traceback after the first point.
+    (tmp_path / "a-file").write_text("")
+    argv = [a.format(d=tmp_path) for a in argv]
+    code, err = run_cli(["sim", "run", "--out", str(tmp_path / "out"), *argv], capsys)
+    assert code == 2 and message in err
+
+
+def test_a_cluster_past_the_simulators_block_bound_is_refused():
+    from services.sim.cluster import MAX_CLUSTER_BLOCKS, check_cluster_size
+
+    check_cluster_size(2, MAX_CLUSTER_BLOCKS // 2)
+    with pytest.raises(ConfigError, match="2 workers of 2,097,153 KV blocks each are 4,194,306"):
+        check_cluster_size(2, MAX_CLUSTER_BLOCKS // 2 + 1)
+
+
+def test_sim_run_names_a_trace_it_cannot_read(tmp_path, capsys):
+    (tmp_path / "mooncake_conversation.jsonl").mkdir()  # a directory where the trace should be
+    argv = ["sim", "run", "--workers", "2", "--workloads", "mooncake", "--duration", "2",
+            "--traces-dir", str(tmp_path), "--out", str(tmp_path / "out")]  # fmt: skip
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and "mooncake: cannot read its trace" in err and "Is a directory" in err
+
+
+def _set(report: dict, path: str, value) -> None:  # noqa: ANN001
+    *parents, key = path.split(".")
+    node = report
+    for k in parents:
+        node = node[int(k)] if isinstance(node, list) else node[k]
+    node[key] = value
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("config.duration_s", float("nan"), "config.duration_s missing or not a number > 0"),
+        ("config.duration_s", 0, "config.duration_s missing or not a number > 0"),
+        ("config.duration_s", 1e9, "the simulator plans at most 50,000"),
+        ("config.rate_scale", "2", "config.rate_scale missing or not a number > 0"),
+        ("config.rate_scale", 1e6, "the simulator plans at most 50,000"),
+        ("config.drain_s", "x", "config.drain_s missing or not a number >= 0"),
+        ("config.drain_s", -1, "config.drain_s missing or not a number >= 0"),
+        ("config.settle_s", float("inf"), "config.settle_s missing or not a number >= 0"),
+        ("config.max_model_len", 1.5, "config.max_model_len is 1.5, not a positive integer"),
+        ("config.vocab_range", [30000, 1000], "config.vocab_range is [30000, 1000]"),
+        ("config.vocab_range", [0, 10**12], "below 2^31"),
+        ("config.extra_up_args", 5, "config.extra_up_args is 5, not a str"),
+        ("config.extra_up_args", "--x 'a", "extra_up_args do not split: No closing quotation"),
+        ("config.up_data_planes", "tcp", "config.up_data_planes is 'tcp'"),
+        ("workloads", [1], "its workloads are not an object by name"),
+        ("workloads.mixed", "x", "workload 'mixed' is not an object"),
+        ("workloads.mixed.slo_tpot_ms", None, "workload 'mixed': slo_tpot_ms is None"),
+        ("workloads.mixed.plan", [{}], "workload 'mixed': its plan is not a list of requests"),
+        ("table.0.output_throughput", float("nan"), "table row 0: output_throughput is nan"),
+        ("table.0.output_throughput", -5.0, "table row 0: output_throughput is -5.0"),
+        ("table.1.ttft_p50_ms", "x", "table row 1: ttft_p50_ms is 'x', not a finite number"),
+        ("table.0.num_migrations", 1.5, "num_migrations is 1.5, not an integer >= 0"),
+        ("runs", "x", "its runs are not a list of runs with their requests"),
+        ("runs", [{"mode": "colocated", "requests": [{"sent_at_s": "x"}]}], "a request is not"),
+    ],
+)
+def test_a_compare_value_of_the_wrong_type_or_range_is_refused_before_replaying(
+    tmp_path, capsys, no_work, path, value, message
+):
+    # Before: a traceback (TypeError, KeyError, AttributeError, struct.error), memory filled
+    # planning ~10^9 requests, or a report with "nan% !" and "-5 / 14.8 (396% !)".
+    report = compare_json()
+    _set(report, path, value)
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps(report))
+    for command in ("validate", "serving"):
+        code, err = run_cli(["sim", command, str(f)], capsys)
+        assert code == 2 and err.startswith("banaserve: error: ") and message in err, err
+
+
+def test_output_paths_are_checked_before_the_replay(files, capsys, no_work):
+    compare = str(files / "compare.json")
+    profile = files / "p.json"
+    profile.write_text(json.dumps(make_profile().to_json()))
+    code, err = run_cli(["sim", "validate", compare, "--json-out", str(files)], capsys)
+    assert code == 2 and f"--json-out {files} is a directory, not a file" in err
+    code, err = run_cli(["sim", "validate", compare, "--json-out", f"{files}/not.json/x"], capsys)
+    assert code == 2 and f"its directory {files}/not.json is a file, not a directory" in err
+    argv = ["sim", "serving", compare, "--profile", str(profile), "--out", str(files)]
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and f"--out {files} is a directory, not a file" in err
+    code, err = run_cli(["sim", "serving", compare, "--iterations", "0"], capsys)
+    assert code == 2 and "argument --iterations: expected a positive number" in err
+
+
+def test_calibrate_refuses_bad_sizes_models_outputs_and_migration_times(tmp_path, capsys,
+                                                                        monkeypatch):  # fmt: skip
+    def measured(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise AssertionError("measured before the inputs were checked")
+
+    from services.engine.models import prepare
+
+    monkeypatch.setattr(calibrate, "measure_transports", measured)
+    monkeypatch.setattr(calibrate, "calibrate_model", measured)
+    cases = [
+        # a 10^9-token prompt was built in memory; a batch past max_num_seqs was timed as if whole
+        (["--prefill-lengths", "16,64,1000000000"], "lengths of at most 2048 tokens"),
+        (["--decode-points", "1x32,4x32,100000x32"], "batches of at most 64"),
+        (["--models", ","], "expected a comma list of models"),
+        (["--models", "smollm2-135m,gpt-9"], "'gpt-9' is neither a model directory"),
+    ]
+    for argv, message in cases:
+        code, err = run_cli(["sim", "calibrate", *argv], capsys)
+        assert code == 2 and message in err, err
+    record = {"benchmark": "migration", "runs": [{"switch_pause_s": -5, "layers": [0, 4]}]}
+    (tmp_path / "m.json").write_text(json.dumps(record))
+    code, err = run_cli(["sim", "calibrate", "--migration-json", f"{tmp_path}/m.json"], capsys)
+    assert code == 2 and f"migration JSON {tmp_path}/m.json: migration.switch_pause_s" in err
+    monkeypatch.setattr(prepare, "resolve_model", lambda name: tmp_path)
+    (tmp_path / "a-file").write_text("")
+    code, err = run_cli(["sim", "calibrate", "--out", f"{tmp_path}/a-file"], capsys)
+    assert code == 2 and f"--out {tmp_path}/a-file is a file, not a directory" in err

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
+import sys
 
 import pytest
 
@@ -98,3 +100,32 @@ def test_migrate_refuses_bad_numbers_before_calling_the_coordinator(capsys, argv
     # --start -1 went into the proto's uint32 field: a traceback.
     code, err = run_cli(["migrate", *argv, "--coordinator", "127.0.0.1:1"], capsys)
     assert code == 2 and message in err
+
+
+def test_a_reader_that_leaves_early_stops_the_command_quietly(tmp_path):
+    """``banaserve ... | head -1``: the reader closes the pipe; the command ends with 141 (as if
+    killed by SIGPIPE), no traceback (a real process: the flush at exit is part of it)."""
+    script = (
+        "import sys\n"
+        "from services import cli\n"
+        "def flood(args):\n"
+        "    for i in range(200000):\n"
+        "        print('line', i)\n"
+        "    return 0\n"
+        "real = cli.build_parser\n"
+        "def build(argv):\n"
+        "    p = real(argv)\n"
+        "    parse = p.parse_args\n"
+        "    p.parse_args = lambda a=None: setattr(ns := parse(a), 'func', flood) or ns\n"
+        "    return p\n"
+        "cli.build_parser = build\n"
+        "sys.exit(cli.main(['health', '127.0.0.1:1']))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout.readline() == b"line 0\n"
+    proc.stdout.close()  # the reader leaves
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=30) == 141, err
+    assert "Traceback" not in err and "Broken pipe" not in err, err
