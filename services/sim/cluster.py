@@ -130,6 +130,8 @@ class SimCluster:
                     w.store_transport = self.transport
                     w.write_policy = spec.store_write_policy
         self.requests: dict[str, SimRequest] = {}
+        # Per prefill worker: the hand-offs of the prompts its step in flight completed.
+        self._handoffs: dict[str, list[tuple[str, int, float]]] = {}
         self._unfinished: set[str] = set()  # of the current ``run``
         self.num_local_prefills = 0  # PD requests a decode worker prefilled (conditional)
         self._deadline = spec.deadline_s
@@ -281,12 +283,39 @@ class SimCluster:
         return ended
 
     def _on_prefilled(self, prefill: SimWorker, seq) -> None:
+        """A prompt's KV streamed to its decode worker layer by layer while the step computed
+        (services/prefill/engine_side.py): what is left at the step's end is the part the link
+        could not carry meanwhile, at least its last layer. The prompts one step completes join
+        their decode worker together (``_hand_off``)."""
         r = self.requests[seq.request_id]
         decode = self.workers[r.decode_worker]
-        token = seq.token_ids[-1]
-        num_tokens = decode.handoff_tokens(r.request_id)  # after the blocks it holds already
-        delay = self.transport.time(self.profile.kv_bytes(num_tokens))
-        self.loop.after(delay, lambda: decode.join(r.request_id, token))  # no-op if cancelled
+        num_bytes = self.profile.kv_bytes(decode.handoff_tokens(r.request_id))
+        overlapped = max(
+            0.0, num_bytes - prefill.last_step_s * self.transport.bandwidth_bytes_per_s
+        )
+        left = self.transport.time(max(overlapped, num_bytes / self.profile.num_layers))
+        pending = self._handoffs.setdefault(prefill.worker_id, [])
+        if not pending:  # the first of this step: hand them all off once it has committed
+            prefill.between_steps(lambda: self._hand_off(prefill.worker_id))
+        pending.append((r.request_id, seq.token_ids[-1], left))
+
+    def _hand_off(self, prefill_id: str) -> None:
+        """The end frames of one prefill step's prompts reach each decode worker within a
+        moment, and its engine thread takes them in one batch of commands before its next step
+        (services/engine/loop.py): each decode worker's prompts join at once, when the last of
+        them has arrived, not one step apart."""
+        by_decode: dict[str, list[tuple[str, int, float]]] = {}
+        for request_id, token, left in self._handoffs.pop(prefill_id, []):
+            r = self.requests.get(request_id)
+            if r is not None and r.decode_worker in self.workers:
+                by_decode.setdefault(r.decode_worker, []).append((request_id, token, left))
+        for worker_id, joins in by_decode.items():
+            decode = self.workers[worker_id]
+
+            def join(decode=decode, joins=joins) -> None:
+                decode.join_all([(request_id, token) for request_id, token, _ in joins])
+
+            self.loop.after(max(left for *_, left in joins), join)
 
     def _on_finished(self, seq) -> None:
         r = self.requests[seq.request_id]

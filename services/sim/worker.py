@@ -226,6 +226,18 @@ class SimWorker:
     def join(self, request_id: str, first_token: int) -> Sequence | None:
         """The prompt's KV arrived: the sequence runs with its first token (None: the request
         was cancelled meanwhile)."""
+        (seq,) = self.join_all([(request_id, first_token)])
+        return seq
+
+    def join_all(self, arrived: list[tuple[str, int]]) -> list[Sequence | None]:
+        """Several prompts' KV arrived at once (one batch of the engine's commands): they all
+        join before the next step starts."""
+        seqs = [self._join(request_id, token) for request_id, token in arrived]
+        self._publish()
+        self.kick()
+        return seqs
+
+    def _join(self, request_id: str, first_token: int) -> Sequence | None:
         seq = self.imported.pop(request_id, None)
         if seq is None:
             return None
@@ -235,10 +247,8 @@ class SimWorker:
         if self._done(seq):
             self.scheduler.finish(seq)
             self.on_finished(seq)
-            self._publish()
         else:
             self.scheduler.join_running(seq)
-            self.kick()
         return seq
 
     def abort(self, request_id: str) -> None:
@@ -298,6 +308,11 @@ class SimWorker:
             return (1.0,) * max(1, min(micro, len(batch.seqs)))
         runs = [batch] if whole else batch.split(micro)
         return tuple(self.step_time(run)[0] for run in runs)
+
+    @property
+    def last_step_s(self) -> float:
+        """The length of the step in flight (or the last one)."""
+        return self._step_s
 
     def busy_ahead_s(self) -> float:
         """How long this worker's core stays busy with its own work at the present pace: the

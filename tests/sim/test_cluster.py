@@ -29,14 +29,15 @@ def test_colocated_two_requests_one_worker_exact_times():
 
 
 def test_static_pd_prefill_transfer_decode_exact_times():
-    # P prefills 32 tokens: 0.32 s, first token then. KV of 2 blocks x 2 layers x 1000 B:
-    # 10 ms + 4000 B / 200 kB/s = 30 ms -> joins D at 0.35; one decode step: done at 0.45.
+    # P prefills 32 tokens: 0.32 s, first token then. KV of 2 blocks x 2 layers x 1000 B,
+    # streamed layer by layer while P computes: at its end the last layer is left, 10 ms +
+    # 2000 B / 200 kB/s = 20 ms -> joins D at 0.34; one decode step: done at 0.44.
     cluster = SimCluster(SimSpec(Mode.STATIC_PD, 2), make_profile())
     (r,) = cluster.run([request(0, 0.0, 32, 2)])
-    assert (r.first_token_s, r.done_s) == pytest.approx((0.32, 0.45))
+    assert (r.first_token_s, r.done_s) == pytest.approx((0.32, 0.44))
     assert r.decode_worker == "decode-000"
     record = r.record()
-    assert record.ttft_s == pytest.approx(0.32) and record.tpot_s == pytest.approx(0.13)
+    assert record.ttft_s == pytest.approx(0.32) and record.tpot_s == pytest.approx(0.12)
     # P keeps the prompt's two full blocks in its prefix cache, D its three blocks' hashes.
     assert cluster.workers["prefill-000"].block_manager.num_cached_blocks == 2
     assert_no_leaks(cluster)
@@ -56,22 +57,43 @@ def test_the_prefix_cache_is_the_engines_a_repeated_prompt_is_a_hit():
 
 def test_a_decode_worker_takes_only_the_blocks_after_a_prefix_it_holds():
     # The 33-token prompt twice through static PD. First: 0.33 s of prefill, its 3 blocks'
-    # KV (6,000 B) 10 ms + 30 ms -> joins D at 0.37, one decode step: done 0.47. Again at 1.0:
-    # P prefills the last token (0.01), D holds the first two blocks (the last token's block
-    # always comes): 2,000 B, 10 ms + 10 ms -> joins at 1.03, done at 1.13 (not 1.15).
+    # KV (6,000 B) streamed meanwhile but its last layer, 10 ms + 15 ms -> joins D at 0.355,
+    # one decode step: done 0.455. Again at 1.0: P prefills the last token (0.01), D holds the
+    # first two blocks (the last token's block always comes): 2,000 B, of which the 0.01 s
+    # step carries all but its last layer, 10 ms + 5 ms -> joins at 1.025, done at 1.125.
     cluster = SimCluster(SimSpec(Mode.STATIC_PD, 2), make_profile())
     first, second = request(0, 0.0, 33, 2), request(0, 1.0, 33, 2)
     second.request_id = "again"
     cluster.run([first, second])
-    assert (first.first_token_s, first.done_s) == pytest.approx((0.33, 0.47))
-    assert (second.first_token_s, second.done_s) == pytest.approx((1.01, 1.13))
+    assert (first.first_token_s, first.done_s) == pytest.approx((0.33, 0.455))
+    assert (second.first_token_s, second.done_s) == pytest.approx((1.01, 1.125))
     assert_no_leaks(cluster)
-    # Without the reuse (decode --no-reuse-cached-prefix) all 3 blocks come again: 1.15.
+    # Without the reuse (decode --no-reuse-cached-prefix) all 3 blocks come again: the step
+    # carries 2,000 B of the 6,000, 4,000 are left (more than the last layer's 3,000): 10 ms
+    # + 20 ms -> joins at 1.04, done at 1.14.
     cluster = SimCluster(SimSpec(Mode.STATIC_PD, 2, reuse_cached_prefix=False), make_profile())
     first, second = request(0, 0.0, 33, 2), request(0, 1.0, 33, 2)
     second.request_id = "again"
     cluster.run([first, second])
-    assert second.done_s == pytest.approx(1.15)
+    assert second.done_s == pytest.approx(1.14)
+    assert_no_leaks(cluster)
+
+
+def test_the_prompts_of_one_prefill_step_join_their_decode_worker_together():
+    # r9 (16 tokens, 1 output token) holds P in (0, 0.16]; r0-r2 (16, 32, 48
+    # tokens) queue and are prefilled in one step, (0.16, 1.12]. Their KV streamed meanwhile:
+    # what is left is each one's last layer, 15, 20, 25 ms. The real decode worker's engine
+    # thread takes their end frames in one batch of commands: all three join at 1.145 and
+    # take one decode step together, done at 1.245 (one at a time, the first would have
+    # started a step alone and the others finished a step later, at 1.345).
+    cluster = SimCluster(SimSpec(Mode.STATIC_PD, 2), make_profile())
+    first, *three = cluster.run(
+        [request(9, 0.0, 16, 1), request(0, 0.05, 16, 2), request(1, 0.05, 32, 2),
+         request(2, 0.05, 48, 2)]
+    )  # fmt: skip
+    assert first.first_token_s == pytest.approx(0.16)
+    assert [r.first_token_s for r in three] == pytest.approx([1.12] * 3)
+    assert [r.done_s for r in three] == pytest.approx([1.245] * 3)
     assert_no_leaks(cluster)
 
 
@@ -84,7 +106,7 @@ def test_a_short_suffix_on_a_prefix_d_holds_is_prefilled_on_d():
     first, second = request(0, 0.0, 33, 2), request(0, 1.0, 33, 2)
     second.request_id = "again"
     cluster.run([first, second])
-    assert (first.first_token_s, first.done_s) == pytest.approx((0.33, 0.47))
+    assert (first.first_token_s, first.done_s) == pytest.approx((0.33, 0.455))
     assert (second.first_token_s, second.done_s) == pytest.approx((1.01, 1.11))
     assert cluster.workers["prefill-000"].stats.num_steps == 1
     assert_no_leaks(cluster)

@@ -136,22 +136,25 @@ def decode_step_gaps(cluster: SimCluster, worker_id: str) -> list[float]:
 
 
 def test_a_decode_step_costs_more_while_a_prompt_for_it_is_prefilled():
-    # make_profile: prefill 10 ms a token, decode 0.1 s a step, a block's KV 20 ms. A (16
-    # tokens) is prefilled in (0, 0.16], its KV arrives at 0.18 and it decodes in steps of
-    # 0.1 s. B's 50-token prompt is computed in (0.5, 1.0]: A's steps that start meanwhile
-    # (at 0.58, 0.78 and 0.98) take 0.2 s with receiving_scale 2; the rest 0.1 s.
+    # make_profile: prefill 10 ms a token, decode 0.1 s a step, a block's KV 20 ms (10 ms a
+    # layer). A (16 tokens) is prefilled in (0, 0.16], its last layer's KV arrives at 0.175
+    # and it decodes in steps of 0.1 s. B's 50-token prompt is computed in (0.5, 1.0]: A's
+    # steps that start meanwhile (at 0.575, 0.775 and 0.975) take 0.2 s with receiving_scale
+    # 2; the rest 0.1 s.
     p = replace(make_profile(), serving=ServingModel(receiving_scale=2.0))
     cluster = SimCluster(SimSpec(Mode.STATIC_PD, 2, 1), p)
     [decode_id] = [w for w in cluster.workers if w.startswith("decode")]
     times = decode_step_gaps(cluster, decode_id)
     a, b = cluster.run([request(0, 0.0, 16, 12), request(1, 0.5, 50, 2)])
     assert a.status == b.status == "OK"
-    assert times[:9] == pytest.approx([0.28, 0.38, 0.48, 0.58, 0.78, 0.98, 1.18, 1.28, 1.38])
+    assert times[:9] == pytest.approx(
+        [0.275, 0.375, 0.475, 0.575, 0.775, 0.975, 1.175, 1.275, 1.375]
+    )
     # The engine alone (the default): every step 0.1 s.
     cluster = SimCluster(SimSpec(Mode.STATIC_PD, 2, 1), make_profile())
     times = decode_step_gaps(cluster, decode_id)
     cluster.run([request(0, 0.0, 16, 12), request(1, 0.5, 50, 2)])
-    assert times[:6] == pytest.approx([0.28, 0.38, 0.48, 0.58, 0.68, 0.78])
+    assert times[:6] == pytest.approx([0.275, 0.375, 0.475, 0.575, 0.675, 0.775])
 
 
 def test_only_the_decode_worker_a_prompt_is_handed_to_is_receiving():
