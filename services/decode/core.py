@@ -86,6 +86,7 @@ from services.decode.transfer import (
     TransferHeader,
     TransferOpen,
     TransferResult,
+    next_unless,
 )
 from services.engine.engine import Engine
 from services.engine.loop import EngineLoop, LoopConfig, StepFailure
@@ -300,16 +301,7 @@ class DecodeWorker:
             timeout = config.transfer_header_timeout_s
         else:
             timeout = config.transfer_idle_timeout_s
-        arrived = asyncio.ensure_future(anext(frames, None))
-        waits: set[asyncio.Future[Any]] = {arrived}
-        if entry is not None:
-            waits.add(asyncio.ensure_future(entry.ended.wait()))
-        try:
-            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiting in waits:
-                waiting.cancel()
-            await asyncio.wait(waits)  # the frame source is idle again before anyone closes it
+        arrived = await next_unless(frames, entry.ended if entry else None, timeout)
         if not arrived.cancelled():
             return arrived.result()
         if entry is None:

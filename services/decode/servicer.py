@@ -182,9 +182,6 @@ class AwaitingFirstFrame:
         self.limit = limit
         self._calls: dict[asyncio.Event, None] = {}  # insertion order: oldest first
 
-    def __len__(self) -> int:
-        return len(self._calls)
-
     def enter(self) -> asyncio.Event:
         """A new call's place; the event is set if the call is evicted."""
         if self.limit is not None and len(self._calls) >= self.limit:
@@ -202,15 +199,10 @@ class AwaitingFirstFrame:
         """``requests``, leaving the pool at the first message; evicted before it:
         ``ResourceExhaustedError``."""
         iterator = aiter(requests)
-        message = asyncio.ensure_future(anext(iterator, None))
-        evicted = asyncio.ensure_future(place.wait())
         try:
-            await asyncio.wait({message, evicted}, return_when=asyncio.FIRST_COMPLETED)
+            message = await transfer.next_unless(iterator, place, None)
         finally:
             self.leave(place)
-            for waiting in (message, evicted):
-                waiting.cancel()
-            await asyncio.wait({message, evicted})  # the source is idle before anyone closes it
         if message.cancelled():
             raise ResourceExhaustedError(
                 f"more than {self.limit} KV transfers waited for their first frame here; this "

@@ -9,7 +9,10 @@ and hands each layer out once all its blocks are in.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -113,3 +116,23 @@ class LayerAssembler:
         if len(self._complete) != self.num_layers:
             missing = sorted(set(range(self.num_layers)) - self._complete)
             raise InvalidRequestError(f"transfer ended with layers {missing} incomplete")
+
+
+async def next_unless(
+    frames: AsyncIterator[Any], stop: asyncio.Event | None, timeout: float | None
+) -> asyncio.Future[Any]:
+    """Waits for the sender's next message, at most ``timeout`` and only until ``stop`` is set;
+    returns the read: done (the message, None at the stream's end, or its error) or cancelled
+    (it did not come). Either way the source is idle again before this returns, so the caller
+    may read on or close it."""
+    arrived = asyncio.ensure_future(anext(frames, None))
+    waits: set[asyncio.Future[Any]] = {arrived}
+    if stop is not None:
+        waits.add(asyncio.ensure_future(stop.wait()))
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in waits:
+            waiting.cancel()
+        await asyncio.wait(waits)
+    return arrived

@@ -114,12 +114,16 @@ class _Job:
     ticket: object  # the EventStream of the call that opened it
     release_reason: ReleaseReason = ReleaseReason.ABORTED
     task: asyncio.Task[None] | None = None
-    # The caller has its outcome (or is gone): the id is free, the cleanup may still run.
-    ending: bool = False
-    ended: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # set with ending
+    # Set once the caller has its outcome (or is gone): the id is free, the cleanup may still
+    # run.
+    ended: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     # The cleanup of the last request with this id, if it was still running at the open.
     predecessor: asyncio.Task[None] | None = None
     owner: str = ""
+
+    @property
+    def ending(self) -> bool:
+        return self.ended.is_set()
 
 
 class EventStream:
@@ -196,7 +200,7 @@ class RequestDriver:
 
     def _end(self, job: _Job) -> None:
         """Stops ``job``'s work (its task's handler releases what it holds); its id is free."""
-        self._ending(job)
+        job.ended.set()
         if self._clock() >= job.deadline:
             job.release_reason = ReleaseReason.DEADLINE_EXCEEDED
         if job.task is not None:
@@ -236,7 +240,7 @@ class RequestDriver:
                 self.observer.failed(exc)
             raise
         finally:
-            self._ending(job)
+            job.ended.set()
             if self._clock() >= job.deadline:  # grpc may cancel us at the deadline first
                 job.release_reason = ReleaseReason.DEADLINE_EXCEEDED
             await self._stop(task)
@@ -244,11 +248,6 @@ class RequestDriver:
     def _observe(self, finished: Finished) -> None:
         if self.observer is not None:
             self.observer.finished(finished)
-
-    @staticmethod
-    def _ending(job: _Job) -> None:
-        job.ending = True
-        job.ended.set()
 
     async def wait_for_id(self, request_id: str, timeout_s: float | None) -> None:
         """Waits, at most ``id_reuse_wait_s`` (and ``timeout_s``), for a running request that

@@ -27,6 +27,7 @@ every ``PolicyConfig.interval_s`` (``migrations.py`` plays the decisions out).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -310,11 +311,8 @@ class SimCluster:
             if r is not None and r.decode_worker in self.workers:
                 by_decode.setdefault(r.decode_worker, []).append((request_id, token, left))
         for worker_id, joins in by_decode.items():
-            decode = self.workers[worker_id]
-
-            def join(decode=decode, joins=joins) -> None:
-                decode.join_all([(request_id, token) for request_id, token, _ in joins])
-
+            arrived = [(request_id, token) for request_id, token, _ in joins]
+            join = functools.partial(self.workers[worker_id].join_all, arrived)
             self.loop.after(max(left for *_, left in joins), join)
 
     def _on_finished(self, seq) -> None:

@@ -223,15 +223,10 @@ class SimWorker:
         seq = self.imported.get(request_id)
         return 0 if seq is None else seq.num_prompt_tokens - seq.num_cached_tokens
 
-    def join(self, request_id: str, first_token: int) -> Sequence | None:
-        """The prompt's KV arrived: the sequence runs with its first token (None: the request
-        was cancelled meanwhile)."""
-        (seq,) = self.join_all([(request_id, first_token)])
-        return seq
-
     def join_all(self, arrived: list[tuple[str, int]]) -> list[Sequence | None]:
-        """Several prompts' KV arrived at once (one batch of the engine's commands): they all
-        join before the next step starts."""
+        """Prompts' KV arrived (one batch of the engine's commands): each sequence runs with its
+        first token, all joining before the next step starts (None: a request cancelled
+        meanwhile)."""
         seqs = [self._join(request_id, token) for request_id, token in arrived]
         self._publish()
         self.kick()

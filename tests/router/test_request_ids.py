@@ -75,8 +75,8 @@ def test_an_id_reused_right_after_a_cancel_waits_for_the_old_release(monkeypatch
 def test_an_id_reused_before_the_old_calls_cancel_arrives_waits_for_it(monkeypatch):
     """The client gives up on a call (its own timer, a cancel) and reuses the id at once: the
     router may see the new call before the old one's cancellation. The new request waits for it
-    (``id_reuse_wait_s``) and then for the old release, instead of ALREADY_EXISTS (a full run
-    of issue 8's e2e probe hit this once in ~60 runs)."""
+    (``id_reuse_wait_s``) and then for the old release, instead of ALREADY_EXISTS (session 21's
+    full test run hit this once in issue 8's e2e probe)."""
     first_stream_hangs(monkeypatch)
 
     async def main():
