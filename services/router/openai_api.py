@@ -31,7 +31,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -43,19 +43,21 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from services.common.admission import AdmissionController, MethodClass, OverloadedError
-from services.common.errors import ModelNotFoundError, OutOfRangeError
+from services.common.errors import InvalidRequestError, ModelNotFoundError
 from services.common.limits import MIN_RECEIVE_BYTES, PromptLimits, check_name, check_stop
 from services.router import driver as drv
 from services.router import openai_schema as schema
 from services.router.openai_errors import (
     BodyTimeoutError,
     BodyTooLargeError,
+    UnsupportedMediaTypeError,
     error_json,
     error_response,
     http_client_identity,
     http_error,
     internal_error,
 )
+from services.router.openai_parse import BodyParser
 from services.router.openai_schema import Kind, Rendering, Usage
 from services.router.prompts import Encoder, PromptEncoder, model_context, model_vocab
 from services.router.registry import WorkerRole, WorkerStatus
@@ -143,6 +145,7 @@ class OpenAIApi:
         self._router = driver.router
         self._model = model
         self._prompts = PromptEncoder(model.encode, limits, vocab_size=model.vocab_size)
+        self._parser = BodyParser()
         self.max_body_bytes = max_body_bytes(self._prompts.limits)
         self.body_timeout_s = body_timeout_s
         self._clock = clock
@@ -158,6 +161,9 @@ class OpenAIApi:
             ],
             exception_handlers={HTTPException: http_error, Exception: internal_error},
         )
+        # ``/v1/completions/`` is no route (404), not a redirect to a URL built from the
+        # client's own Host header.
+        self.app.router.redirect_slashes = False
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -199,6 +205,7 @@ class OpenAIApi:
 
     def close(self) -> None:
         self._prompts.close()
+        self._parser.close()
 
     async def _generate(self, request: Request, kind: Kind) -> Response:
         """The body is read first (at most ``max_body_bytes``, within ``body_timeout_s``: a
@@ -206,6 +213,7 @@ class OpenAIApi:
         (``services/common/admission.py``: shed at once with 429 or 503 and a Retry-After);
         the slot is held until the response has been sent or cut off."""
         try:
+            check_media_type(request.headers)
             body = await self._body(request)
         except ClientDisconnect:
             log.debug("a client went away before its request body was complete")
@@ -261,19 +269,17 @@ class OpenAIApi:
         return bytes(body)
 
     async def _prepare(self, kind: Kind, body: bytes, headers: Mapping[str, str]) -> _Call:
-        cls = schema.ChatRequest if kind is Kind.CHAT else schema.CompletionRequest
-        req = schema.parse(cls, body)
-        check_name(req.model or "", "model")
+        req = await self._parser.parse(kind, body)
+        with naming("model"):
+            check_name(req.model or "", "model")
         if req.model is not None and req.model != self._model.name:
             raise self._unknown_model(req.model)
         stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
-        check_stop(stop, req.stop_token_ids or [])
+        with naming("stop"):  # their counts are the schema's; here the strings' sizes
+            check_stop(stop, req.stop_token_ids or [])
         context = self._context_limit()
-        try:
+        with naming("messages" if kind is Kind.CHAT else "prompt"):
             tokens = await self._tokens(kind, req, context)
-        except OutOfRangeError as exc:  # the prompt too long: OpenAI's param names it
-            exc.param = "messages" if kind is Kind.CHAT else "prompt"  # type: ignore[attr-defined]
-            raise
         sampling = schema.sampling_params(req, len(tokens), context, kind)
         request_id = f"{'chatcmpl' if kind is Kind.CHAT else 'cmpl'}-{uuid.uuid4().hex}"
         rendering = Rendering(
@@ -383,6 +389,18 @@ class OpenAIApi:
                 await asyncio.wait({task})
 
 
+@contextlib.contextmanager
+def naming(param: str) -> Iterator[None]:
+    """A request error raised inside without a field named names ``param`` (OpenAI's
+    ``error.param``): the shared checks (limits.py, prompts.py) speak gRPC's words."""
+    try:
+        yield
+    except InvalidRequestError as exc:
+        if getattr(exc, "param", None) is None:
+            exc.param = param  # type: ignore[attr-defined]
+        raise
+
+
 def _chunks(rendering: Rendering, event: drv.Event) -> list[str]:
     if isinstance(event, drv.Delta):
         return [_sse(rendering.chunk(event.text, event.token_ids, None))]
@@ -426,6 +444,21 @@ class SSEResponse(StreamingResponse):
                 await self._content.aclose()  # type: ignore[attr-defined]
             finally:
                 self.on_close()
+
+
+def check_media_type(headers: Mapping[str, str]) -> None:
+    """A body is JSON: declared so (``application/json`` or ``…+json``, any parameters) or not
+    declared at all, and not compressed. Refusing other types keeps a web page from posting
+    here through a visitor's browser without a CORS preflight (a form or a text/plain body),
+    as FastAPI does since its advisory GHSA-8h2j-cgx8-6xv7."""
+    media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media and media != "application/json" and not media.endswith("+json"):
+        raise UnsupportedMediaTypeError(
+            f"the body must be JSON (Content-Type: application/json), not {media!r}"
+        )
+    encoding = headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedMediaTypeError(f"Content-Encoding {encoding!r} is not supported")
 
 
 def request_timeout(headers: Mapping[str, str]) -> float | None:

@@ -51,6 +51,7 @@ ERROR_TYPES = {
     404: "not_found_error",
     408: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     409: "invalid_request_error",
     429: "rate_limit_error",
     499: "cancelled",
@@ -65,6 +66,10 @@ class BodyTooLargeError(OutOfRangeError):
 
 class BodyTimeoutError(InvalidRequestError):
     """The body did not arrive in time (408)."""
+
+
+class UnsupportedMediaTypeError(InvalidRequestError):
+    """The body is declared as something other than JSON, or encoded (415)."""
 
 
 def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -83,6 +88,8 @@ def error_json(exc: BaseException) -> tuple[int, dict[str, Any]]:
     status = 413 if isinstance(exc, BodyTooLargeError) else HTTP_STATUS.get(code, 500)
     if isinstance(exc, BodyTimeoutError):
         status = 408
+    if isinstance(exc, UnsupportedMediaTypeError):
+        status = 415
     if isinstance(exc, OverloadedError) and exc.outcome is not Outcome.SHED_CLIENT_LIMIT:
         status = 503  # the router as a whole is full, not this client over its share
     if status == 404 and not isinstance(exc, ModelNotFoundError):
@@ -117,10 +124,16 @@ def http_client_identity(request: Request) -> str:
     return f"peer:{peer.host}" if peer is not None else "peer:unknown"
 
 
+# Starlette's own errors (no route, a route's other method) in the codes' words: gRPC's name
+# for the same refusal, as every other error body here.
+HTTP_ERROR_CODES = {404: Code.NOT_FOUND, 405: Code.UNIMPLEMENTED}
+
+
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    code = HTTP_ERROR_CODES.get(exc.status_code, Code.INVALID_ARGUMENT)
     body = error_body(
-        exc.detail, ERROR_TYPES.get(exc.status_code, "invalid_request_error"), str(exc.status_code)
+        exc.detail, ERROR_TYPES.get(exc.status_code, "invalid_request_error"), code.name.lower()
     )
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 import enum
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.errors import InvalidRequestError, OutOfRangeError
+from services.common.limits import MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 from services.common.types import FinishReason, SamplingParams
 from services.router import driver as drv
 
@@ -30,6 +31,11 @@ INT32 = 1 << 31
 UINT64 = 1 << 64
 # OpenAI's documented default for /v1/completions; chat defaults to the rest of the context.
 DEFAULT_COMPLETION_MAX_TOKENS = 16
+# A chat's messages, and its content parts in all: each renders to at least one token, so a
+# conversation past these does not fit any context served here, and they bound what a parsed
+# request costs the router's event loop afterwards (openai_parse.py).
+MAX_CHAT_MESSAGES = 4096
+MAX_CONTENT_PARTS = 4096
 
 
 class InvalidFieldError(InvalidRequestError):
@@ -38,6 +44,9 @@ class InvalidFieldError(InvalidRequestError):
     def __init__(self, param: str | None, message: str) -> None:
         super().__init__(message)
         self.param = param
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled back from the parser process
+        return type(self), (self.param, str(self))
 
 
 class Kind(enum.Enum):
@@ -63,7 +72,7 @@ class _GenerateRequest(BaseModel):
     top_k: int | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -110,9 +119,13 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+# OpenAI's roles but ``tool`` and ``function``, which answer tool calls (none are accepted);
+# ``developer`` is OpenAI's newer name for ``system`` and is rendered as one.
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
-    role: str
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
     # An assistant turn's calls: refused unless empty (no tools are accepted; dropping them
     # would render another conversation than the client's).
@@ -121,7 +134,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(_GenerateRequest):
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(max_length=MAX_CHAT_MESSAGES)
 
 
 # field -> the values that change nothing (anything else is refused).
@@ -171,7 +184,29 @@ def parse(cls: type[CompletionRequest] | type[ChatRequest], body: bytes) -> Any:
         told = f"{param}: {error['msg']}" if param else f"the body: {error['msg']}"
         raise InvalidFieldError(param, told) from None
     check_supported(request)
+    check_shape(request)
     return request
+
+
+def check_shape(request: _GenerateRequest) -> None:
+    """What OpenAI's shape allows but this API does not take, refused where the body is parsed
+    (so a request too large in these counts never reaches the event loop, openai_parse.py)."""
+    if isinstance(request.stop, list) and len(request.stop) > MAX_STOP_STRINGS:
+        raise InvalidFieldError(
+            "stop", f"stop: {len(request.stop)} stop strings; at most {MAX_STOP_STRINGS}"
+        )
+    if request.stream_options is not None and not request.stream:
+        raise InvalidFieldError("stream_options", "stream_options is only allowed with stream")
+    if isinstance(request, CompletionRequest):
+        p = request.prompt
+        if isinstance(p, list) and p and isinstance(p[0], str | list) and len(p) != 1:
+            raise InvalidFieldError("prompt", "one prompt per request (batches are not supported)")
+    elif isinstance(request, ChatRequest):
+        parts = sum(len(m.content) for m in request.messages if isinstance(m.content, list))
+        if parts > MAX_CONTENT_PARTS:
+            raise InvalidFieldError(
+                "messages", f"messages: {parts} content parts in all; at most {MAX_CONTENT_PARTS}"
+            )
 
 
 def _field_path(loc: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -214,9 +249,7 @@ def completion_prompt(request: CompletionRequest) -> str | tuple[int, ...]:
     """One prompt: text or token ids (a list holding one of either is unwrapped)."""
     prompt = request.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
-        if len(prompt) != 1:
-            raise InvalidFieldError("prompt", "one prompt per request (batches are not supported)")
-        prompt = prompt[0]
+        prompt = prompt[0]  # one of them (``check_shape``)
     if isinstance(prompt, str):
         if not prompt:
             raise InvalidFieldError("prompt", "prompt is empty")
@@ -243,20 +276,27 @@ def chat_messages(request: ChatRequest) -> list[dict[str, str]]:
                 raise InvalidFieldError(
                     f"messages.{i}.{name}", f"messages.{i}.{name}: tool calls are not supported"
                 )
+        if m.content is None and m.role != "assistant":  # an assistant's may be absent
+            raise InvalidFieldError(
+                f"messages.{i}.content", f"messages.{i}.content is required for role {m.role!r}"
+            )
     return [
-        {"role": m.role, "content": _content(i, m.content)} for i, m in enumerate(request.messages)
+        {"role": "system" if m.role == "developer" else m.role, "content": _content(i, m.content)}
+        for i, m in enumerate(request.messages)
     ]
 
 
 def _content(index: int, content: str | list[ContentPart] | None) -> str:
     if content is None or isinstance(content, str):
         return content or ""
-    for part in content:
-        if part.type != "text" or part.text is None:
+    for j, part in enumerate(content):
+        where = f"messages.{index}.content.{j}"
+        if part.type != "text":
             raise InvalidFieldError(
-                f"messages.{index}.content",
-                f"messages.{index}.content: only text parts are supported, got {part.type!r}",
+                where, f"{where}: only text parts are supported, got type {part.type!r}"
             )
+        if part.text is None:
+            raise InvalidFieldError(where, f"{where}: a text part needs its text")
     return "\n".join(part.text or "" for part in content)
 
 
@@ -265,6 +305,7 @@ def sampling_params(
 ) -> SamplingParams:
     """``max_completion_tokens`` wins over ``max_tokens``; absent, a completion gets OpenAI's
     default and a chat the rest of the context (``context_len`` tokens in all)."""
+    field = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
     max_tokens = request.max_completion_tokens
     if max_tokens is None:
         max_tokens = request.max_tokens
@@ -276,7 +317,14 @@ def sampling_params(
             raise OutOfRangeError(
                 f"the prompt has {num_prompt_tokens} tokens; the context holds {context_len}"
             )
-    _within("max_tokens", max_tokens, INT32)
+    _within(field, max_tokens, INT32)
+    if max_tokens > 0 and num_prompt_tokens + max_tokens > context_len:
+        # As OpenAI and vLLM answer, rather than a completion cut short at the context's end.
+        raise InvalidFieldError(
+            field,
+            f"the context holds {context_len} tokens; {num_prompt_tokens} in the prompt and "
+            f"{field}={max_tokens} ask for {num_prompt_tokens + max_tokens}",
+        )
     _within("top_k", request.top_k or 0, INT32)
     if request.seed is not None:
         _within("seed", request.seed, UINT64)
@@ -297,11 +345,11 @@ def sampling_params(
     except InvalidRequestError as exc:
         # SamplingParams names the field first, in gRPC's words; the request's name for it
         # becomes OpenAI's ``param``.
-        field = str(exc).split(" ", 1)[0]
-        if field == "max_tokens" and request.max_completion_tokens is not None:
-            field = "max_completion_tokens"
-        if field in type(request).model_fields and getattr(exc, "param", None) is None:
-            exc.param = field  # type: ignore[attr-defined]
+        named = str(exc).split(" ", 1)[0]
+        if named == "max_tokens":
+            named = field
+        if named in type(request).model_fields and getattr(exc, "param", None) is None:
+            exc.param = named  # type: ignore[attr-defined]
         raise
 
 

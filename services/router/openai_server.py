@@ -8,6 +8,13 @@ Lifecycle:
      here instead;
   3. ``stop`` stops accepting, asks open connections to close, and gives requests in flight
      ``grace_s`` before cancelling them (a cancelled stream cancels its request).
+
+Each connection (``GuardedHttp``, uvicorn's httptools protocol) also bounds what uvicorn does
+not: a request's line and headers to ``MAX_HEADER_BYTES`` (else 431) and the time they take to
+arrive, from the connection's start or its previous response's end, to ``header_timeout_s``
+(else 408 and the connection closes): one connection sending an endless header grew the router
+by 270 MB, and connections that never finished their headers were held forever (session 23's
+probe). The body has its own bounds (``OpenAIApi``).
 """
 
 from __future__ import annotations
@@ -15,9 +22,18 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
+from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+# A request line and headers past this are refused (431): bearer tokens and the usual headers
+# take a few hundred bytes; nginx's default buffers allow 32 KiB, Node's 16 KiB.
+MAX_HEADER_BYTES = 64 << 10
+# How long a request's line and headers may take to arrive: one round trip on any network
+# this API serves; as the body's (openai_api.BODY_TIMEOUT_S).
+HEADER_TIMEOUT_S = 30.0
 
 
 class HttpServer:
@@ -28,6 +44,7 @@ class HttpServer:
         port: int,
         grace_s: float,
         on_stop: Callable[[], None] = lambda: None,
+        header_timeout_s: float = HEADER_TIMEOUT_S,
     ) -> None:
         """``on_stop``: called once the server has stopped (the app's own cleanup)."""
         self._socket = _listen(host, port)
@@ -39,6 +56,7 @@ class HttpServer:
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=grace_s,
+            http=guarded_http(header_timeout_s),
         )
         config.load()
         self._server = uvicorn.Server(config)
@@ -66,6 +84,94 @@ class HttpServer:
         self._main_loop = None
         await self._server.shutdown(sockets=[self._socket])
         self._on_stop()
+
+
+class GuardedHttp(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a size and a time bound on every request's line and
+    headers (module docstring). ``header_timeout_s`` is set per server (``guarded_http``)."""
+
+    header_timeout_s = HEADER_TIMEOUT_S
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._request_read = True  # (none yet: the first one's headers are due)
+        self._await_headers()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_header_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        # Counted whole, checked after parsing: the chunk that completes the headers may carry
+        # the body's start, and only headers still incomplete past the bound are refused
+        # (httptools buffers a header until its end, so its callbacks cannot count them).
+        waiting = self._header_timer is not None
+        self._header_bytes += len(data) if waiting else 0
+        super().data_received(data)
+        if (
+            self._header_timer is not None
+            and self._header_bytes > MAX_HEADER_BYTES
+            and not self.transport.is_closing()
+        ):
+            self._stop_header_timer()
+            self._send_and_close(431, f"request headers over {MAX_HEADER_BYTES} bytes")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._request_read = False
+
+    def on_headers_complete(self) -> None:
+        self._stop_header_timer()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._request_read = True
+        self._next_request()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._next_request()
+
+    def _next_request(self) -> None:
+        """Once a request was read to its end and answered, the next one's headers are due
+        (besides uvicorn's idle keep-alive). Not sooner: the rest of a body answered early
+        (413) still arrives, and is no header."""
+        answered = self.cycle is None or self.cycle.response_complete
+        if self._request_read and answered and not self.transport.is_closing():
+            self._await_headers()
+
+    def _await_headers(self) -> None:
+        self._stop_header_timer()
+        self._header_bytes = 0
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_late)
+
+    def _stop_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            timeout = f"{self.header_timeout_s:g} s"
+            self._send_and_close(408, f"request headers not complete within {timeout}")
+
+    def _send_and_close(self, status: int, message: str) -> None:
+        reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+        body = message.encode()
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (status, reason, len(body), body)
+        )
+        self.transport.close()
+
+
+def guarded_http(header_timeout_s: float) -> type[GuardedHttp]:
+    """``GuardedHttp`` with this server's header timeout (uvicorn builds the protocol)."""
+    attrs: dict[str, Any] = {"header_timeout_s": header_timeout_s}
+    return type("GuardedHttp", (GuardedHttp,), attrs)
 
 
 def _listen(host: str, port: int) -> socket.socket:

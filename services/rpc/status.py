@@ -111,6 +111,13 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """Ends the call with ``exc``'s status, unless it has ended already: a client that
+    cancelled (or whose deadline passed) is gone, and its handler's work failing after that
+    (a released reservation, an abort of its own that could no longer be sent) is the
+    cancellation's echo, not an error; aborting a finished call would raise."""
+    if context.done():
+        log.debug("call ended before its handler failed: %s: %s", type(exc).__name__, exc)
+        return
     code, message = status_for(exc)
     await context.abort(code, message)
 

@@ -14,7 +14,12 @@ from contextlib import asynccontextmanager
 import httpx2
 
 from services.common.errors import InvalidRequestError
-from services.common.limits import MAX_STOP_STRINGS, MIN_RECEIVE_BYTES, PromptLimits
+from services.common.limits import (
+    MAX_STOP_STRING_BYTES,
+    MAX_STOP_STRINGS,
+    MIN_RECEIVE_BYTES,
+    PromptLimits,
+)
 from services.common.types import SamplingParams
 from services.router.openai_api import OpenAIApi, ServedModel
 from services.router.openai_server import HttpServer
@@ -281,11 +286,36 @@ BAD_REQUESTS = [
     (completion(logprobs=1), invalid("logprobs=1 is not supported (accepted: null or false)", "logprobs")),
     (completion(echo=True), invalid("echo=true is not supported (accepted: null or false)", "echo")),
     (completion(presence_penalty=0.5), invalid("presence_penalty=0.5 is not supported (accepted: null or 0)", "presence_penalty")),
-    (completion(stop=["x"] * 17), invalid(f"17 stop strings; at most {MAX_STOP_STRINGS} are allowed")),
+    (completion(stop=["x"] * 17), invalid(f"stop: 17 stop strings; at most {MAX_STOP_STRINGS}", "stop")),
+    # Session 23's probe: checks shared with gRPC named no field, and a shape OpenAI refuses.
+    (completion(stop=["x" * 257]), invalid(f"stop string 0 is longer than {MAX_STOP_STRING_BYTES} bytes", "stop")),
+    (
+        completion(stop_token_ids=[1] * 257),
+        invalid("stop_token_ids: List should have at most 256 items after validation, not 257", "stop_token_ids"),
+    ),
+    (completion(model="m" * 257), invalid("model is longer than 256 bytes", "model")),
+    (completion(max_completion_tokens=1 << 31), invalid(f"max_completion_tokens must be < {1 << 31}, got {1 << 31}", "max_completion_tokens")),
+    (
+        completion(max_tokens=45),
+        invalid("the context holds 64 tokens; 20 in the prompt and max_tokens=45 ask for 65", "max_tokens"),
+    ),
+    (
+        chat(messages=[{"role": "bogus", "content": "hi"}]),
+        invalid("messages.0.role: Input should be 'system', 'developer', 'user' or 'assistant'", "messages.0.role"),
+    ),
+    (chat(messages=[{"role": "user"}]), invalid("messages.0.content is required for role 'user'", "messages.0.content")),
+    (
+        chat(messages=[{"role": "user", "content": [{"type": "text"}]}]),
+        invalid("messages.0.content.0: a text part needs its text", "messages.0.content.0"),
+    ),
+    (
+        chat(messages=[{"role": "user", "content": "x"}] * 4097),
+        invalid("messages: List should have at most 4096 items after validation, not 4097", "messages"),
+    ),
     (chat(messages=[]), invalid("messages is empty", "messages")),
     (
         chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
-        invalid("messages.0.content: only text parts are supported, got 'image_url'", "messages.0.content"),
+        invalid("messages.0.content.0: only text parts are supported, got type 'image_url'", "messages.0.content.0"),
     ),
     (chat(messages=[{"content": "hi"}]), invalid("messages.0.role: Field required", "messages.0.role")),
     # Session 20's probe: knobs that change what is generated were accepted and ignored.
@@ -312,6 +342,51 @@ def test_bad_requests_are_400_in_openai_shape_before_any_worker_call():
                 r = await client.post(path, json=body | {"stream": stream})
                 assert (r.status_code, r.json()) == (400, expected), (body, stream)
         assert c.log.calls == []
+
+    run(test)
+
+
+def test_a_body_not_declared_json_is_415_and_openai_shapes_it_refuses_are_400():
+    # Session 23's probe: text/plain, form and multipart bodies were parsed as JSON (a web
+    # page could post them through a visitor's browser without a preflight), gzip was ignored.
+    async def test(c, client):
+        body = json.dumps(completion()).encode()
+        for headers in (
+            {"Content-Type": "text/plain"},
+            {"Content-Type": "application/x-www-form-urlencoded"},
+            {"Content-Type": "multipart/form-data; boundary=x"},
+            {"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        ):
+            r = await client.post("/v1/completions", content=body, headers=headers)
+            assert r.status_code == 415, headers
+            assert r.json()["error"]["type"] == "invalid_request_error"
+        for headers in ({}, {"Content-Type": "application/json; charset=utf-8"}):
+            r = await client.post("/v1/completions", content=body, headers=headers)
+            assert r.status_code == 200, headers
+        r = await client.post("/v1/completions", json=completion(stream_options={}))
+        message = "stream_options is only allowed with stream"
+        assert (r.status_code, r.json()) == (400, invalid(message, "stream_options"))
+        # A chat of more messages than any context holds is refused whole (in the parser's
+        # child: openai_parse.py), naming the field.
+        many = chat(messages=[{"role": "system"}] * 200_000)
+        calls = len(c.log.calls)
+        r = await client.post("/v1/chat/completions", json=many)
+        assert (r.status_code, r.json()["error"]["param"]) == (400, "messages")
+        assert len(c.log.calls) == calls
+        # ``developer`` is rendered as ``system``; an assistant turn may have no content.
+        messages = [
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant"},
+            {"role": "user", "content": "?"},
+        ]
+        r = await client.post(
+            "/v1/chat/completions", json=chat(messages=messages, return_token_ids=True)
+        )
+        assert r.status_code == 200, r.json()
+        rendered = [{"role": "system", "content": "be brief"}, messages[1]]
+        rendered += [{"role": "assistant", "content": ""}, messages[3]]
+        assert r.json()["choices"][0]["prompt_token_ids"] == encode_chat(rendered)
 
     run(test)
 
@@ -357,23 +432,47 @@ def test_unknown_model_is_404_and_unknown_paths_and_methods_keep_the_shape():
         r = await client.get("/v1/models/gpt-4")
         assert (r.status_code, r.json()) == (404, expected)
         r = await client.get("/v1/nothing")
-        assert (r.status_code, r.json()) == (404, error("Not Found", "not_found_error", "404"))
+        assert (r.status_code, r.json()) == (
+            404,
+            error("Not Found", "not_found_error", "not_found"),
+        )
         r = await client.get("/v1/completions")
         assert r.status_code == 405
-        assert r.json() == error("Method Not Allowed", "invalid_request_error", "405")
+        assert r.json() == error("Method Not Allowed", "invalid_request_error", "unimplemented")
+        # A trailing slash is no route either, not a redirect built from the Host header.
+        r = await client.post(
+            "/v1/completions/", json=completion(), headers={"Host": "evil.example"}
+        )
+        assert (r.status_code, r.json()) == (
+            404,
+            error("Not Found", "not_found_error", "not_found"),
+        )
 
     run(test)
 
 
-def test_a_request_larger_than_any_worker_is_429_resource_exhausted():
-    async def test(c, client):
-        r = await client.post("/v1/completions", json=completion(max_tokens=NUM_BLOCKS * 16))
-        assert r.status_code == 429
-        body = r.json()["error"]
-        assert (body["type"], body["code"]) == ("rate_limit_error", "resource_exhausted")
-        assert "more than any decode or mixed worker holds in total" in body["message"]
+def test_a_request_larger_than_any_workers_context_is_400_before_any_worker_call():
+    # A model whose own context is far larger: the workers' pools (NUM_BLOCKS blocks of 16,
+    # no max_model_len declared) are the context, as OpenAI and vLLM refuse a prompt and
+    # max_tokens past it (the gRPC path answers RESOURCE_EXHAUSTED from the router).
+    async def main():
+        async with cluster() as c:
+            model = dataclasses.replace(MODEL, context_len=1 << 20)
+            api = OpenAIApi(c.driver, model, PromptLimits.for_context(1 << 20))
+            http = HttpServer(api.app, "127.0.0.1", 0, grace_s=0.1, on_stop=api.close)
+            await http.start()
+            try:
+                async with httpx2.AsyncClient(base_url=f"http://{http.address}") as client:
+                    body = completion(max_tokens=NUM_BLOCKS * 16)
+                    r = await client.post("/v1/completions", json=body)
+            finally:
+                await http.stop()
+            held = NUM_BLOCKS * 16
+            message = f"the context holds {held} tokens; 20 in the prompt and max_tokens={held} ask for {held + 20}"
+            assert (r.status_code, r.json()) == (400, invalid(message, "max_tokens"))
+            assert c.log.calls == []
 
-    run(test)
+    asyncio.run(main())
 
 
 async def stream_ended(c) -> None:
@@ -468,7 +567,7 @@ def test_prompts_over_the_shared_limits_are_400_out_of_range_and_large_bodies_41
         for body in (completion(prompt=[5] * 64), completion(prompt="x" * 64)):
             r = await client.post("/v1/completions", json=body)
             assert (r.status_code, r.json()) == (400, out_of_range(too_long, "prompt"))
-        r = await client.post("/v1/completions", json=completion(prompt="x" * 63))
+        r = await client.post("/v1/completions", json=completion(prompt="x" * 63, max_tokens=1))
         assert r.status_code == 200
         chat_body = chat(messages=[{"role": "user", "content": "x" * 47}])
         r = await client.post("/v1/chat/completions", json=chat_body)  # 64 tokens rendered
@@ -519,8 +618,59 @@ def test_token_ids_outside_the_models_vocabulary_are_400_before_any_worker_call(
             finally:
                 await http.stop()
             message = "prompt: token id 100 is outside the model's vocabulary [0, 100)"
-            assert (r.status_code, r.json()) == (400, invalid(message))
+            assert (r.status_code, r.json()) == (400, invalid(message, "prompt"))
             assert ok.status_code == 200
             assert [call[0] for call in c.log.calls] == ["reserve", "prefill", "stream"]
 
     asyncio.run(main())
+
+
+async def raw_exchange(address: str, *parts: bytes, pause_s: float = 0.0) -> bytes:
+    """Sends ``parts`` on one connection (``pause_s`` apart) and reads until it closes."""
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        for part in parts:
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(pause_s)
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+def test_headers_are_bounded_in_size_and_in_time_and_a_slow_body_is_not_cut_by_it():
+    # Session 23's probe: a connection sending an endless header grew the router by 270 MB;
+    # one that never finished its headers was held forever.
+    async def main():
+        async with cluster() as c:
+            api = OpenAIApi(c.driver, MODEL, LIMITS)
+            http = HttpServer(
+                api.app, "127.0.0.1", 0, grace_s=0.1, on_stop=api.close, header_timeout_s=0.5
+            )
+            await http.start()
+            head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+            try:
+                # (a little over the bound: a client still sending when the server closes
+                # gets a reset, not the answer)
+                big = await raw_exchange(http.address, head + b"X-A: " + b"a" * (70 << 10))
+                t0 = asyncio.get_running_loop().time()
+                late = await raw_exchange(http.address, head + b"X-A: b")
+                waited = asyncio.get_running_loop().time() - t0
+                silent = await raw_exchange(http.address)
+                # Headers in time, the body over 1 s (twice the header timeout): served.
+                body = json.dumps(completion(max_tokens=1)).encode()
+                headers = head + b"Content-Length: %d\r\n\r\n" % len(body)
+                slow = await raw_exchange(http.address, headers, body[:5], body[5:], pause_s=0.6)
+                async with httpx2.AsyncClient(base_url=f"http://{http.address}") as client:
+                    healthy = (await client.get("/health")).status_code
+            finally:
+                await http.stop()
+            return big, late, waited, silent, slow, healthy
+
+    big, late, waited, silent, slow, healthy = asyncio.run(main())
+    assert big.startswith(b"HTTP/1.1 431 "), big[:80]
+    assert late.startswith(b"HTTP/1.1 408 ") and 0.4 < waited < 5, (late[:80], waited)
+    assert silent.startswith(b"HTTP/1.1 408 ")
+    assert slow.startswith(b"HTTP/1.1 200 "), slow[:200]
+    assert healthy == 200

@@ -28,6 +28,7 @@ SECRET = "/secret/path/weights.safetensors"
 class FakeDecode(decode_pb2_grpc.DecodeServiceServicer):
     def __init__(self) -> None:
         self.slow_started = asyncio.Event()
+        self.late_failure = asyncio.Event()
 
     async def Stats(self, request, context):
         kv = common_pb2.KVPoolStats(num_blocks_total=8, num_blocks_free=8)
@@ -46,6 +47,15 @@ class FakeDecode(decode_pb2_grpc.DecodeServiceServicer):
 
     async def StreamTokens(self, request, context):
         yield decode_pb2.StreamTokensResponse(delta=common_pb2.TokenDelta(token_ids=[1]))
+        if request.request_id == "outlives-its-client":
+            # Work that fails after the client cancelled (a prefill whose reservation the
+            # router released meanwhile): it tries to abort the ended call itself.
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                pass
+            self.late_failure.set()
+            await context.abort(grpc.StatusCode.NOT_FOUND, "the reservation is gone")
         if request.request_id == "slow":
             self.slow_started.set()
             await asyncio.sleep(30)

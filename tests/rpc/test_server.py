@@ -4,6 +4,7 @@ wire, message-size limits, graceful drain."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import time
@@ -110,6 +111,29 @@ def test_error_in_a_stream_ends_it_with_its_code_after_the_frames_sent():
     frames, error = asyncio.run(main())
     assert [list(f.delta.token_ids) for f in frames] == [[1]]
     assert (error.code(), error.details()) == (C.NOT_FOUND, "request 'r9' is gone")
+
+
+def test_a_handler_failing_after_its_client_cancelled_ends_quietly(caplog):
+    # A routine cancellation: the work the handler still did fails (its own abort of the ended
+    # call raises) and is no "internal error" with tracebacks in the server's log.
+    async def main():
+        async with serving() as (_, channel, servicer):
+            stub = decode_pb2_grpc.DecodeServiceStub(channel)
+            call = stub.StreamTokens(
+                decode_pb2.StreamTokensRequest(request_id="outlives-its-client")
+            )
+            await call.read()
+            call.cancel()
+            await asyncio.wait_for(servicer.late_failure.wait(), 10)
+            await asyncio.sleep(0.2)  # the handler's end, through the error interceptor
+            return await stub.Stats(decode_pb2.DecodeServiceStatsRequest())
+
+    with caplog.at_level(logging.DEBUG):
+        stats = asyncio.run(main())
+    assert stats.kv.num_blocks_total == 8  # still serving
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not loud, [r.getMessage() for r in loud]
+    assert any("call ended before its handler failed" in r.getMessage() for r in caplog.records)
 
 
 def test_oversized_message_is_resource_exhausted_and_the_server_stays_healthy():
