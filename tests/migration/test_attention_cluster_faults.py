@@ -60,12 +60,17 @@ def test_owner_process_killed_helper_frees_blocks_when_the_lease_runs_out(
     prompts = [prompt_ids(40 + 17 * i, 170 + i) for i in range(NUM_REQUESTS)]
     spec = cluster_spec(banaserve_home, coordinator=FAST_LEASE)
     log = tmp_path / "cluster.log"
-    with loaded_cluster(spec, log, prompts, MAX_TOKENS, ("decode-0",)) as (cluster, c, futures):
+    # Outputs far longer than the other cases': every request must still run when the owner is
+    # killed, after the switch and the helper's next load report; with MAX_TOKENS a slow switch
+    # on a loaded machine can let them finish first, and the kill then fails nothing.
+    max_tokens = 1800
+    with loaded_cluster(spec, log, prompts, max_tokens, ("decode-0",)) as (cluster, c, futures):
         active = c.start_attention(NUM_REQUESTS, max_sequences=3)
         wait_for(  # the helper's load report (periodic) catches up with the switch
             lambda: c.load(c.helper).num_hosted_blocks == active.num_blocks,
             "the located blocks in the helper's load report",
         )
+        assert not any(f.done() for f in futures)
         cluster.child("decode-0").proc.kill()
         for future in futures:  # the requests fail with their decode worker; none hangs
             assert future.exception(timeout=60) is not None
