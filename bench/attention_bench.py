@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from bench.machine import loadavg, machine_info
+from services.common.arg_types import thread_count
 from services.common.config import EngineConfig, models_dir
 from services.common.types import SamplingParams
 from services.engine.engine import Engine
@@ -51,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", type=int, default=1024, help="prompt tokens of each")
     p.add_argument("--steps", type=int, default=30, help="decode steps per variant and round")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (both engines)")
+    p.add_argument("--threads", type=thread_count, default=1, help="torch threads (both engines)")
     p.add_argument("--out", default="", help="directory for attention[-LABEL].json")
     p.add_argument("--label", default="")
     p.add_argument(

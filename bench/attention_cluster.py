@@ -47,6 +47,7 @@ from bench.machine import loadavg, machine_info
 from bench.migration_load import Stream, gaps_in, prompts, send_all
 from bench.serve_report import distribution
 from services.client.client import AsyncBanaServeClient
+from services.common.arg_types import thread_count
 from services.launcher import ClusterSpec, LocalCluster
 from services.rpc.gen.banaserve.v1 import coordinator_pb2 as pb
 from services.rpc.gen.banaserve.v1 import (
@@ -64,7 +65,7 @@ SETTLED = (pb.MIGRATION_STATE_ACTIVE, *ENDED)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=thread_count, default=1)
     p.add_argument("--pin", action="store_true")
     p.add_argument("--transport", default="tcp", choices=("tcp", "ucx"))
     p.add_argument("--decode-blocks", type=int, default=640)

@@ -49,8 +49,16 @@ from bench.serve_workload import Request
 from bench.workloads import FAMILIES, Workload, plan, workload
 from bench.workloads_synthetic import VOCAB, PlannedRequest
 from bench.workloads_trace import DEFAULT_TRACES_DIR
-from services.common.arg_types import name_list, non_negative, positive
+from services.common.arg_types import (
+    name_list,
+    non_negative,
+    path_arg,
+    positive,
+    shell_words,
+    thread_count,
+)
 from services.common.errors import ConfigError
+from services.common.paths import output_dir
 from services.launcher import LOCAL_DATA_PLANE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -88,10 +96,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", type=name_list(MODES), default=list(MODES), help="default: all three")
     p.add_argument("--workloads", type=name_list(FAMILIES), default=None,
                    help=f"default: the profile's (full: {', '.join(FAMILIES)})")  # fmt: skip
-    p.add_argument("--profile", choices=tuple(PROFILES), default="full",
-                   help="full: every workload, 24 s of arrivals each (~13 min); quick: 3 workloads, 12 s (~5 min)")  # fmt: skip
-    p.add_argument("--quick", dest="profile", action="store_const", const="quick",
-                   help="same as --profile quick")  # fmt: skip
+    profile = p.add_mutually_exclusive_group()
+    profile.add_argument("--profile", choices=tuple(PROFILES), default=None,
+                         help="(default) full: every workload, 24 s of arrivals each (~13 min); quick: 3 workloads, 12 s (~5 min)")  # fmt: skip
+    profile.add_argument("--quick", dest="profile", action="store_const", const="quick",
+                         help="same as --profile quick")  # fmt: skip
     p.add_argument(
         "--duration", type=positive(float), default=None, help="seconds of arrivals (override)"
     )
@@ -112,7 +121,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="TTFT SLO for every workload (default: each workload's own)")  # fmt: skip
     p.add_argument("--slo-tpot-ms", type=positive(float), default=None,
                    help="TPOT SLO for every workload (default: each workload's own, 250 ms)")  # fmt: skip
-    p.add_argument("--threads", type=positive(int), default=1, help="torch threads per worker")
+    p.add_argument("--threads", type=thread_count, default=1, help="torch threads per worker")
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
                    help="pin each worker to its own CPU (default: on)")  # fmt: skip
     p.add_argument(
@@ -124,11 +133,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--warmup", type=non_negative(int), default=2, help="unrecorded requests per cluster"
     )
-    p.add_argument("--up-args", default="", help="extra `banaserve up` flags for every mode")
+    p.add_argument("--up-args", type=shell_words, default="",
+                   help="extra `banaserve up` flags for every mode")  # fmt: skip
     p.add_argument("--fresh-cluster-per-workload", action="store_true",
                    help="a new cluster for every workload, not one per mode")  # fmt: skip
     p.add_argument("--plan-only", action="store_true", help="write the plans, start nothing")
-    p.add_argument("--out", default=str(REPO_ROOT / "bench" / "results"))
+    p.add_argument("--out", type=path_arg, default=REPO_ROOT / "bench" / "results")
     p.add_argument("--label", default="", help="file suffix: compare-LABEL.*")
 
 
@@ -156,7 +166,7 @@ def jobs_from_args(args: argparse.Namespace, profile: Profile) -> list[Job]:
 
 
 def profile_of(args: argparse.Namespace) -> Profile:
-    base = PROFILES[args.profile]
+    base = PROFILES[args.profile or "full"]
     return Profile(
         args.duration or base.duration_s,
         base.drain_s if args.drain_s is None else args.drain_s,
@@ -231,6 +241,27 @@ async def run_on_cluster(
         await watcher.close()
 
 
+def check_up_args(args: argparse.Namespace) -> None:
+    """Every mode's ``up`` command line read as ``up`` reads it (its flags, then its
+    ClusterSpec), before any cluster: ``--up-args`` that a mode refuses (``--decode 2`` where
+    the mode decides, ``--coordinator-args`` where none runs) fail now, not after the modes
+    before it have run."""
+    from services import up
+
+    p = argparse.ArgumentParser(prog="banaserve up", exit_on_error=False)
+    up.add_arguments(p)
+    extra = tuple(shlex.split(args.up_args))
+    for mode in (Mode(m) for m in args.modes):
+        argv = up_argv(mode, args.model, args.threads, args.pin, extra)[4:]  # after "up"
+        try:
+            parsed, unknown = p.parse_known_args(argv)
+            if unknown:
+                raise ConfigError(f"unrecognized arguments: {' '.join(unknown)}")
+            up.cluster_spec(parsed)
+        except (argparse.ArgumentError, ConfigError) as exc:
+            raise ConfigError(f"--up-args for mode {mode.value}: {exc}") from None
+
+
 def run_mode(
     mode: Mode, jobs: list[Job], profile: Profile, args: argparse.Namespace, out: Path
 ) -> tuple[list[dict], list[dict]]:
@@ -285,7 +316,7 @@ def config_of(args: argparse.Namespace, profile: Profile, modes: list[str]) -> d
         "model": args.model,
         "modes": modes,
         "workloads": list(profile.workloads),
-        "profile": args.profile,
+        "profile": args.profile or "full",
         "duration_s": profile.duration_s,
         "drain_s": profile.drain_s,
         "settle_s": profile.settle_s,
@@ -317,9 +348,10 @@ def write_report(report: dict, out: Path, stem: str) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
     profile = profile_of(args)
+    out = output_dir(Path(args.out), "--out")  # before planning, and before any cluster
+    output_dir(out / "logs", "--out")
+    check_up_args(args)
     jobs = jobs_from_args(args, profile)
-    out = Path(args.out)
-    (out / "logs").mkdir(parents=True, exist_ok=True)
     stem = f"compare-{args.label}" if args.label else "compare"
     if args.plan_only:
         (out / f"{stem}-plan.json").write_text(json.dumps(workloads_section(jobs), indent=1))

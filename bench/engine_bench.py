@@ -50,8 +50,10 @@ from bench.engine_report import (
 from bench.engine_runners import SYSTEMS, package_version
 from bench.engine_workload import Workload, build_plan, plan_to_json
 from bench.machine import loadavg, machine_info
+from services.common.arg_types import thread_count
 from services.common.config import DTYPES, banaserve_home, models_dir
 from services.common.errors import ConfigError, ModelNotFoundError
+from services.common.paths import output_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = "smollm2-135m"
@@ -127,7 +129,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--repeats", type=int, default=3, help="measured rounds (median reported)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt token ids")
-    p.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads per system")
+    p.add_argument(
+        "--threads", type=thread_count, default=1, help="torch/OpenMP threads per system"
+    )
     p.add_argument(
         "--python-vllm",
         default=None,
@@ -358,8 +362,8 @@ def build_report(
 
 
 def prepare_out(args: argparse.Namespace, workload: Workload, model_dir: Path) -> dict[str, Path]:
-    out = Path(args.out)
-    (out / "logs").mkdir(parents=True, exist_ok=True)
+    out = output_dir(Path(args.out), "--out")
+    output_dir(out / "logs", "--out")
     config = json.loads((model_dir / "config.json").read_text())
     plan = build_plan(workload, config["vocab_size"], special_token_ids(model_dir))
     plan_path = out / "engine_plan.json"

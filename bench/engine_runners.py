@@ -40,6 +40,7 @@ from bench.engine_workload import (
     engine_limits,
     plan_from_json,
 )
+from services.common.arg_types import thread_count
 
 SYSTEMS = ("banaserve", "vllm", "transformers")
 
@@ -287,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("system", choices=SYSTEMS)
     p.add_argument("--model", required=True, help="model directory (Hugging Face layout)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), required=True)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=thread_count, default=1)
     p.add_argument("--plan", required=True, help="plan JSON written by bench.engine_bench")
     p.add_argument("--json-out", required=True)
     p.add_argument(

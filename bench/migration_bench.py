@@ -41,7 +41,8 @@ from bench.migration_cost import measure_bandwidth, one_cpu, profile_layers
 from bench.migration_driver import ClusterBench
 from bench.migration_report import render_markdown
 from bench.serve_bench import vocab_range
-from services.common.arg_types import positive
+from services.common.arg_types import positive, thread_count
+from services.common.paths import output_dir
 from services.engine.models.prepare import resolve_model
 from services.launcher import ClusterSpec, LocalCluster
 
@@ -52,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``banaserve bench migration`` flags."""
     p.add_argument("--model", default="smollm2-135m", help="prepared model name or directory")
     p.add_argument("--pin", action="store_true", help="pin each worker to its own CPU")
-    p.add_argument("--threads", type=positive(int), default=1, help="torch threads per worker")
+    p.add_argument("--threads", type=thread_count, default=1, help="torch threads per worker")
     p.add_argument("--rounds", type=positive(int), default=2,
                    help="runs of each variant per load, alternating which goes first")  # fmt: skip
     p.add_argument("--micro-batches", type=int, choices=(1, 2), default=2)
@@ -118,7 +119,6 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
 
 
 def run_cluster(args: argparse.Namespace, costs: dict, out: Path) -> dict:
-    (out / "logs").mkdir(parents=True, exist_ok=True)
     with open(out / "logs" / "migration-cluster.log", "w") as log:
         cluster = LocalCluster(cluster_spec(args), log)
         cluster.start()
@@ -145,7 +145,8 @@ def bandwidth(args: argparse.Namespace, results: dict, out: Path) -> dict:
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark, write migration.json and migration.md, print the table."""
     model_dir = resolve_model(args.model)
-    out = Path(args.out)
+    out = output_dir(Path(args.out), "--out")  # before profiling (minutes): no run lost to it
+    output_dir(out / "logs", "--out")
     machine = machine_info(pinned=args.pin, threads_per_worker=args.threads)
     started = time.monotonic()
     costs = profile(args, model_dir)

@@ -30,8 +30,9 @@ from bench.machine import loadavg, machine_info
 from bench.serve_report import OK, RequestRecord, load_summary, render_markdown, summarise
 from bench.serve_targets import Endpoint, Sampling, Target, TargetError, make_target, parse_target
 from bench.serve_workload import WORKLOADS, Request, WorkloadSpec, arrival_times, make_request
-from services.common.arg_types import positive
+from services.common.arg_types import path_arg, positive
 from services.common.errors import ConfigError
+from services.common.paths import output_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_NUM_REQUESTS = 100
@@ -98,7 +99,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="generate exactly the sampled output length (default: on)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of prompts, lengths and arrivals")
-    p.add_argument("--out", default=str(REPO_ROOT / "bench" / "results"),
+    p.add_argument("--out", type=path_arg, default=REPO_ROOT / "bench" / "results",
                    help="output directory for serve.json and serve.md")  # fmt: skip
     p.add_argument("--label", default="", help="file suffix: serve-LABEL.json / .md")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -320,14 +321,13 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark, write serve.json and serve.md, print the table."""
     spec = spec_from_args(args)
     plan = plan_from_args(args, spec)
+    out = output_dir(Path(args.out), "--out")  # before any request: no run lost to it
     machine = machine_info()
     started = time.monotonic()
     records, samples = asyncio.run(bench(args, plan))
     machine |= {"loadavg_after": loadavg(), "wall_seconds": round(time.monotonic() - started, 1)}
     report = build_report(config_of(args, spec, len(plan)), machine, records, samples)
     markdown = render_markdown(report)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"serve-{args.label}" if args.label else "serve"
     (out / f"{stem}.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")
     (out / f"{stem}.md").write_text(markdown)

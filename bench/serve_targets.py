@@ -25,6 +25,8 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from bench.serve_workload import Request
+from services.common.errors import ConfigError
+from services.common.limits import check_target
 
 SCHEMES = ("grpc", "openai")
 MAX_ERROR_BODY = 4096
@@ -51,7 +53,7 @@ class Endpoint:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 def parse_target(url: str) -> Endpoint:
@@ -59,13 +61,17 @@ def parse_target(url: str) -> Endpoint:
     parts = urlsplit(url)
     if parts.scheme not in SCHEMES:
         raise ValueError(f"target must start with grpc:// or openai://, got {url!r}")
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    if not parts.hostname or port is None or parts.path not in ("", "/"):
-        raise ValueError(f"target must be {parts.scheme}://HOST:PORT, got {url!r}")
-    return Endpoint(parts.scheme, parts.hostname, port)
+    try:  # the one HOST:PORT rule of every client tool (a port in 1..65535)
+        check_target(parts.netloc, "target")
+    except ConfigError:
+        raise ValueError(
+            f"target must be {parts.scheme}://HOST:PORT, a port in 1..65535, got {url!r}"
+        ) from None
+    if not parts.hostname or parts.port is None or parts.path not in ("", "/"):
+        raise ValueError(
+            f"target must be {parts.scheme}://HOST:PORT, a port in 1..65535, got {url!r}"
+        )
+    return Endpoint(parts.scheme, parts.hostname, parts.port)
 
 
 class Target(Protocol):

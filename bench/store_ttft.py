@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -24,22 +25,28 @@ import grpc
 import torch
 
 from bench.machine import machine_info
-from services.client.client import BanaServeClient
+from services.client.client import BanaServeClient, BanaServeClientError
+from services.common.arg_types import host_port, path_arg, positive, share
+from services.common.paths import output_dir
 from services.rpc.gen.banaserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--router", required=True, metavar="HOST:PORT")
-    p.add_argument("--kvstore", required=True, metavar="HOST:PORT", help="a kvstore node")
-    p.add_argument("--prompt-len", type=int, default=2000)
-    p.add_argument("--cached-share", type=float, default=0.75, help="share of the prompt cached")
-    p.add_argument("--pairs", type=int, default=5, help="cold/hit pairs (fresh prefix each)")
-    p.add_argument("--output-len", type=int, default=4)
+    p.add_argument("--router", type=host_port, required=True, metavar="HOST:PORT")
+    p.add_argument(
+        "--kvstore", type=host_port, required=True, metavar="HOST:PORT", help="a kvstore node"
+    )
+    p.add_argument("--prompt-len", type=positive(int), default=2000)
+    p.add_argument("--cached-share", type=share, default=0.75, help="share of the prompt cached")
+    p.add_argument(
+        "--pairs", type=positive(int), default=5, help="cold/hit pairs (fresh prefix each)"
+    )
+    p.add_argument("--output-len", type=positive(int), default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", default="")
-    p.add_argument("--out", default=str(REPO_ROOT / "bench" / "results"))
+    p.add_argument("--out", type=path_arg, default=REPO_ROOT / "bench" / "results")
 
 
 def tokens(n: int, seed: int) -> list[int]:
@@ -111,7 +118,18 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    rows = measure(args)
+    out = output_dir(Path(args.out), "--out")  # before any request: no run lost to it
+    try:
+        rows = measure(args)
+    except BanaServeClientError as exc:  # nothing listens at --router, or it refused
+        print(f"banaserve: error: --router: {exc}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as exc:  # the same at --kvstore
+        print(f"banaserve: error: --kvstore: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # the store did not take the prefix in time
+        print(f"banaserve: error: {exc}", file=sys.stderr)
+        return 1
     summary = summarise(rows)
     report = {
         "benchmark": "store-ttft",
@@ -120,10 +138,8 @@ def run(args: argparse.Namespace) -> int:
         "summary": summary,
         "pairs": rows,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"store-ttft-{args.label}" if args.label else "store-ttft"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     c, h = summary["cold"], summary["hit"]
     md = (
         f"| {args.label or 'run'} | cold TTFT {c['ttft_ms']:.0f} ms | hit TTFT {h['ttft_ms']:.0f} ms "

@@ -38,6 +38,8 @@ import numpy as np
 from bench.engine_bench import csv_of
 from bench.machine import loadavg, machine_info
 from bench.serve_report import distribution, fmt
+from services.common.arg_types import non_negative, path_arg, positive
+from services.common.paths import output_dir
 from services.rpc.dataplane import KINDS, DataPlaneError, connect, serve
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -81,11 +83,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated, from ucx,tcp,grpc (default: all)")  # fmt: skip
     p.add_argument("--sizes", type=size_list, default=[1 << 20, 64 << 20],
                    help="payload sizes (default: 1MiB,64MiB)")  # fmt: skip
-    p.add_argument("--iterations", type=int, default=20, help="timed requests per size")
-    p.add_argument("--warmup", type=int, default=3, help="discarded requests per size")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds one request may take")
+    p.add_argument("--iterations", type=positive(int), default=20, help="timed requests per size")
+    p.add_argument(
+        "--warmup", type=non_negative(int), default=3, help="discarded requests per size"
+    )
+    p.add_argument(
+        "--timeout", type=positive(float), default=60.0, help="seconds one request may take"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the payload bytes")
-    p.add_argument("--out", default=str(REPO_ROOT / "bench" / "results"),
+    p.add_argument("--out", type=path_arg, default=REPO_ROOT / "bench" / "results",
                    help="output directory for transport.json and transport.md")  # fmt: skip
     p.add_argument("--label", default="", help="file suffix: transport-LABEL.json / .md")
 
@@ -265,6 +271,7 @@ def render_markdown(report: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark, writes transport.json and transport.md, prints the table."""
+    out = output_dir(Path(args.out), "--out")  # before any transfer: no run lost to it
     machine = machine_info(versions=versions(args.transports))
     started = time.monotonic()
     rows = asyncio.run(bench(args))
@@ -272,8 +279,6 @@ def run(args: argparse.Namespace) -> int:
     config = {k: getattr(args, k) for k in ("transports", "sizes", "iterations", "warmup", "seed")}
     report = {"config": config, "machine": machine, "results": rows}
     markdown = render_markdown(report)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"transport-{args.label}" if args.label else "transport"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / f"{stem}.md").write_text(markdown)
@@ -293,8 +298,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve:
         asyncio.run(serve_until_told(args.serve))
         return 0
-    if args.iterations <= 0 or args.warmup < 0:
-        parser.error("--iterations must be > 0 and --warmup >= 0")
     return run(args)
 
 

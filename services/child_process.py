@@ -22,6 +22,16 @@ STOP_TIMEOUT_S = 15.0
 HOST = "127.0.0.1"
 
 
+class StartInterrupted(Exception):
+    """A stop was asked for (``stopping`` set: SIGINT or SIGTERM to ``up``) while a child was
+    still starting; whoever started it stops what it started."""
+
+
+def _check_stopping(stopping: threading.Event | None, name: str) -> None:
+    if stopping is not None and stopping.is_set():
+        raise StartInterrupted(f"stopped while {name} was starting")
+
+
 class Child:
     """One service process. ``address`` is known once it is ready and kept across restarts:
     ``respawn`` starts the same argv again on the same port."""
@@ -93,12 +103,14 @@ class Child:
         except queue.Empty:
             return False
 
-    def wait_ready(self, deadline: float) -> str:
-        """Waits for the ``LISTENING HOST:PORT`` line; returns the address."""
+    def wait_ready(self, deadline: float, stopping: threading.Event | None = None) -> str:
+        """Waits for the ``LISTENING HOST:PORT`` line; returns the address. ``stopping`` set
+        meanwhile ends the wait within a poll (StartInterrupted)."""
         while time.monotonic() < deadline:
             if self.poll_ready(timeout_s=0.2):
                 return self.address
             self._raise_if_exited()
+            _check_stopping(stopping, self.name)
         raise RuntimeError(f"{self.name} did not start within {START_TIMEOUT_S:.0f}s")
 
     def exit_code(self) -> int | None:
@@ -188,10 +200,11 @@ class RedisChild(Child):
             client.close()
         return False
 
-    def wait_ready(self, deadline: float) -> str:
+    def wait_ready(self, deadline: float, stopping: threading.Event | None = None) -> str:
         while time.monotonic() < deadline:
             self._raise_if_exited()
             if self.poll_ready():
                 return self.address
+            _check_stopping(stopping, self.name)
             time.sleep(0.05)
         raise RuntimeError(f"redis did not answer PING within {START_TIMEOUT_S:.0f}s")

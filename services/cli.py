@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 
-from services.common.errors import BanaServeError
+from services.common.arg_types import host_port, path_arg, positive, thread_count, utf8_text
+from services.common.errors import BanaServeError, ConfigError
 from services.rpc.probe import add_health_parser
 from services.sim.cli import add_sim
 
@@ -14,7 +15,7 @@ from services.sim.cli import add_sim
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate a completion in-process and stream it to stdout")
     p.add_argument("--model", default="tiny-llama", help="prepared model name or model directory")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", type=utf8_text, required=True)
     p.add_argument(
         "--chat", action="store_true", help="wrap the prompt in the model's chat template"
     )
@@ -25,27 +26,38 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--threads", type=thread_count, default=None, help="torch threads (default: torch's)"
+    )
     p.add_argument(
         "--router",
+        type=host_port,
         default=None,
         metavar="HOST:PORT",
         help="send the request to a running cluster's router instead of running in-process "
         "(--model, --dtype and --threads are then the cluster's)",
     )
-    p.add_argument("--timeout", type=float, default=None, help="request deadline in seconds")
-    p.add_argument("--tls-dir", default="", help="with --router: the client certificate's dir")
+    # The next three only mean something to a router; in-process they are refused, not ignored.
     p.add_argument(
-        "--api-token-file", default="", help="with --router: send the file's first token"
+        "--timeout", type=positive(float), default=None, help="with --router: deadline in seconds"
+    )
+    p.add_argument("--tls-dir", default=None, help="with --router: the client certificate's dir")
+    p.add_argument(
+        "--api-token-file", default=None, help="with --router: send the file's first token"
     )
     p.set_defaults(func=_run_generate)
 
 
+REMOTE_ONLY = {"timeout": "--timeout", "tls_dir": "--tls-dir", "api_token_file": "--api-token-file"}
+
+
 def _run_generate(args: argparse.Namespace) -> int:
-    if args.router:
+    if args.router is not None:
         from services.client.generate_cli import run_remote_generate
 
         return run_remote_generate(args)
+    if given := [flag for name, flag in REMOTE_ONLY.items() if getattr(args, name) is not None]:
+        raise ConfigError(f"{', '.join(given)}: only with --router (in-process has no server)")
     from services.engine.generate_cli import run_generate
 
     return run_generate(args)
@@ -57,7 +69,10 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     prep = msub.add_parser("prepare", help="build tiny-llama and convert smollm2-135m locally")
     prep.add_argument("names", nargs="*", help="models to prepare (default: all)")
     prep.add_argument(
-        "--dir", default=None, help="models directory (default: $BANASERVE_HOME/models)"
+        "--dir",
+        type=path_arg,
+        default=None,
+        help="models directory (default: $BANASERVE_HOME/models)",
     )
     prep.add_argument("--force", action="store_true", help="rebuild even if present")
     prep.set_defaults(func=_run_models_prepare)
@@ -195,8 +210,14 @@ def _add_certs(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "certs", help="create a cluster CA and one certificate per service role (docs/security.md)"
     )
-    p.add_argument("dir", help="directory to write ca.crt, <role>.crt/.key, dataplane.secret to")
-    p.add_argument("--days", type=int, default=365, help="validity of every certificate")
+    p.add_argument(
+        "dir",
+        type=path_arg,
+        help="directory to write ca.crt, <role>.crt/.key, dataplane.secret to",
+    )
+    p.add_argument(  # at most a century: checked with the rest in create_certs
+        "--days", type=positive(int), default=365, help="validity of every certificate"
+    )
     p.add_argument(
         "--host", action="append", default=[], help="extra DNS name in every certificate"
     )

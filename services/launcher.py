@@ -11,7 +11,10 @@ Lifecycle:
    any node answers lookups), and register with it;
 4. the cluster is ready once every worker shows as active in the router's ``ListWorkers``
    (and, with ``--coordinator``, once the coordinator serves: it finds the workers through the
-   router and keeps its migrations in the same Redis under a key prefix of its own);
+   router and keeps its migrations in the same Redis under a key prefix of its own). A stop
+   asked for meanwhile (``stopping``: ``up``'s SIGINT/SIGTERM) ends steps 1-4 within a poll,
+   before the next child starts or while one loads: what started is stopped as in 6, and
+   ``start`` raises StartInterrupted;
 5. it runs until SIGINT/SIGTERM. A child that exits on its own is restarted on the port it had,
    after a growing delay, and the rest serve on (``services/supervisor.py``: Redis comes back
    empty and the nodes announce their blocks again; workers register again and the router
@@ -33,14 +36,16 @@ import math
 import os
 import secrets
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from services.child_process import Child, RedisChild
+from services.child_process import Child, RedisChild, StartInterrupted
 from services.common.engine_args import KV_TRANSPORTS
 from services.common.errors import ConfigError
+from services.common.limits import MAX_THREADS
 from services.common.parent import child_env
 from services.rpc.dataplane import KINDS as DATA_TRANSPORTS
 from services.rpc.security import read_tokens, security_argv
@@ -105,8 +110,8 @@ class ClusterSpec:
             )
         if self.policy == "colocated" and self.num_mixed < 1:
             raise ConfigError("policy 'colocated' needs at least one mixed worker (--mixed K)")
-        if self.threads < 1:
-            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        if not 1 <= self.threads <= MAX_THREADS:
+            raise ConfigError(f"threads must be in 1..{MAX_THREADS}, got {self.threads}")
         if self.num_kvstore < 0:
             raise ConfigError(f"kvstore nodes must be >= 0, got {self.num_kvstore}")
         if self.kvstore_transport not in DATA_TRANSPORTS:
@@ -135,6 +140,17 @@ class ClusterSpec:
             raise ConfigError(
                 f"store write policy must be 'reused' or 'all', got {self.store_write_policy!r}"
             )
+        if unused := sorted(k for k, v in self.service_args.items() if v and k not in self.modules):
+            raise ConfigError(
+                f"extra flags for {', '.join(unused)}, which this cluster does not run"
+            )
+
+    @property
+    def modules(self) -> set[str]:
+        """The service modules this cluster runs (``service_args``' keys)."""
+        optional = {"prefill": self.num_prefill, "kvstore": self.num_kvstore,
+                    "coordinator": self.coordinator}  # fmt: skip
+        return {"router", "decode", *(name for name, count in optional.items() if count)}
 
 
 class Mode(enum.Enum):
@@ -160,7 +176,10 @@ def mode_spec(
     coordinator of ``banaserve`` runs with ``--auto`` before its own ``service_args``."""
     if num_workers < 1 or (mode is not Mode.COLOCATED and num_workers < 2):
         raise ConfigError(f"mode {mode.value} needs more workers than {num_workers}")
-    if owned := sorted(MODE_FIELDS & fields.keys()):
+    owned = sorted(MODE_FIELDS & fields.keys())
+    if mode is Mode.COLOCATED and num_prefill is not None:  # every worker is a mixed one
+        owned.insert(0, "num_prefill")
+    if owned:
         raise ConfigError(f"mode {mode.value} decides {', '.join(owned)}")
     if mode is Mode.COLOCATED:
         return ClusterSpec(
@@ -196,9 +215,17 @@ def process_names(spec: ClusterSpec) -> list[str]:
 
 
 class LocalCluster:
-    def __init__(self, spec: ClusterSpec, log: IO[str] = sys.stderr) -> None:
+    def __init__(
+        self,
+        spec: ClusterSpec,
+        log: IO[str] = sys.stderr,
+        stopping: threading.Event | None = None,
+    ) -> None:
+        """``stopping``: set (by ``up``'s SIGINT/SIGTERM handler) to end ``start`` early: it
+        then stops what it started and raises StartInterrupted."""
         self.spec = spec
         self.log = log
+        self.stopping = stopping or threading.Event()
         self.children: list[Child] = []
         # Each service learns this process's pid and stops once it is gone (parent.py).
         env = {**os.environ, "OMP_NUM_THREADS": str(spec.threads), **spec.extra_env}
@@ -222,11 +249,11 @@ class LocalCluster:
                 ["--model", self.spec.model, "--policy", self.spec.policy],
             )
             for child in [*nodes, router]:
-                child.wait_ready(deadline)
+                child.wait_ready(deadline, self.stopping)
             workers = self._spawn_workers(nodes[0].address if nodes else None)
             self._pin(workers)
             for worker in workers:
-                worker.wait_ready(deadline)
+                worker.wait_ready(deadline, self.stopping)
             self._wait_registered(len(workers), deadline)
             self._spawn_coordinator(deadline)
         except BaseException:
@@ -234,6 +261,8 @@ class LocalCluster:
             raise
 
     def _spawn(self, name: str, module: str, args: list[str]) -> Child:
+        if self.stopping.is_set():
+            raise StartInterrupted(f"stopped before {name} started")
         argv = [sys.executable, "-m", module, "--port", "0", *args]
         argv += security_argv(self.spec.tls_dir, self.spec.api_token_file)
         argv += self.spec.service_args.get(module.rsplit(".", 1)[-1], ())
@@ -247,7 +276,7 @@ class LocalCluster:
             return []
         redis = RedisChild(self._env, self.log)
         self.children.append(redis)
-        redis.wait_ready(deadline)
+        redis.wait_ready(deadline, self.stopping)
         args = [
             "--redis",
             redis.url,
@@ -269,7 +298,7 @@ class LocalCluster:
         redis = self.child("redis")
         prefix = f"banaserve:coord:{self.kvstore_key_prefix.rsplit(':', 1)[1]}"
         args = ["--router", self.router.address, "--redis", redis.url, "--key-prefix", prefix]
-        self._spawn("coordinator", "services.coordinator", args).wait_ready(deadline)
+        self._spawn("coordinator", "services.coordinator", args).wait_ready(deadline, self.stopping)
 
     def _spawn_workers(self, kvstore: str | None) -> list[Child]:
         common = self._worker_args()
@@ -326,7 +355,8 @@ class LocalCluster:
                     raise RuntimeError("workers did not register with the router in time")
                 if dead := self.exited():
                     raise RuntimeError(f"{dead[0][0]} exited with code {dead[0][1]}")
-                time.sleep(0.1)
+                if self.stopping.wait(0.1):
+                    raise StartInterrupted("stopped while the workers registered")
 
     def exited(self) -> list[tuple[str, int]]:
         """Children that exited on their own, with their exit codes."""

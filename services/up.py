@@ -1,7 +1,9 @@
 """``banaserve up``'s command: its flags, the ``ClusterSpec`` they (or ``--mode``) make, and the
 run — start the ``LocalCluster`` (launcher.py: what starts, in which order, how it stops), print
 every service's address, then supervise it (services/supervisor.py: a child that dies is
-restarted on its port) until SIGINT/SIGTERM, and stop it in reverse start order.
+restarted on its port) until SIGINT/SIGTERM, and stop it in reverse start order. A signal
+before the cluster is ready stops what had started at once (no "cluster ready"), exit status
+128 + the signal (130 for Ctrl-C, 143 for SIGTERM); after, a clean stop exits 0.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import sys
 import threading
 from typing import Any
 
-from services.common.arg_types import non_negative, positive
+from services.child_process import StartInterrupted
+from services.common.arg_types import non_negative, positive, shell_words, thread_count
 from services.common.engine_args import KV_TRANSPORTS
 from services.common.errors import ConfigError, ModelNotFoundError
 from services.engine.models.prepare import resolve_model
@@ -34,8 +37,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "the same split + KV store + load routing + the coordinator in automatic mode "
         "(default: no mode, the flags below as given)",
     )
+    # The flags a --mode decides default to None, so that one given is told from a default
+    # (cluster_spec refuses it) and the rest take ClusterSpec's defaults.
     p.add_argument(
-        "--workers", type=positive(int), default=2, help="with --mode: workers in all (default 2)"
+        "--workers",
+        type=positive(int),
+        default=None,
+        help="with --mode: workers in all (default 2)",
     )
     p.add_argument(
         "--prefill",
@@ -44,28 +52,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="prefill workers (default 1; with a PD --mode: half of --workers)",
     )
     p.add_argument(
-        "--decode", type=non_negative(int), default=1, help="decode workers (not with --mode)"
+        "--decode",
+        type=non_negative(int),
+        default=None,
+        help="decode workers (default 1; not with --mode)",
     )
     p.add_argument(
         "--mixed",
         type=non_negative(int),
-        default=0,
-        help="mixed workers (prefill and decode, colocated)",
+        default=None,
+        help="mixed workers, prefill and decode colocated (default 0; not with --mode)",
     )
-    p.add_argument("--threads", type=positive(int), default=1, help="torch threads per worker")
+    p.add_argument("--threads", type=thread_count, default=1, help="torch threads per worker")
     p.add_argument("--pin", action="store_true", help="pin each worker to its own CPU")
     p.add_argument(
         "--policy",
-        default="load",
+        default=None,
         choices=("load", "round_robin", "prefix_affinity", "colocated"),
-        help="routing policy",
+        help="routing policy (default load; not with --mode)",
     )
     p.add_argument("--num-kv-blocks", type=positive(int), default=None, help="KV blocks per worker")
     p.add_argument(
         "--kvstore",
         type=non_negative(int),
-        default=1,
-        help="KV store nodes (0: no store and no Redis)",
+        default=None,
+        help="KV store nodes (default 1; 0: no store and no Redis; not with --mode)",
     )
     p.add_argument(
         "--kvstore-transport",
@@ -108,10 +119,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "before) or 'all' (default: the prefill worker's, reused; docs/kvstore.md)",
     )
     p.add_argument(
-        "--coordinator", action="store_true", help="also start the coordinator (migrations)"
+        "--coordinator",
+        action="store_true",
+        default=None,
+        help="also start the coordinator (migrations; not with --mode: banaserve has one)",
     )
     p.add_argument(
         "--coordinator-args",
+        type=shell_words,
         default="",
         metavar="ARGS",
         help='extra flags for the coordinator, one string (e.g. "--gap-high 0.3 --cooldown-s 5", '
@@ -122,6 +137,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           ("decode", "--max-num-seqs 64")):  # fmt: skip
         p.add_argument(
             f"--{role}-args",
+            type=shell_words,
             default="",
             metavar="ARGS",
             help=f"extra flags for {'the router' if role == 'router' else f'every {role} worker'}"
@@ -132,8 +148,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_restart_arguments(p)
 
 
+# What ``--mode`` decides: each ClusterSpec field (launcher.MODE_FIELDS) and the flag that sets
+# it without a mode.
+MODE_FLAGS = {"num_decode": "decode", "num_mixed": "mixed", "policy": "policy",
+              "num_kvstore": "kvstore", "coordinator": "coordinator"}  # fmt: skip
+
+
 def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
-    """``--mode`` decides the workers, routing, store and coordinator; else the flags do."""
+    """``--mode`` decides the workers, routing, store and coordinator (a flag given for one of
+    those is refused, by ``mode_spec``); else the flags do, ClusterSpec's defaults the rest."""
     common: dict[str, Any] = dict(
         model=args.model,
         threads=args.threads,
@@ -152,17 +175,14 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
              "prefill": args.prefill_args, "decode": args.decode_args}  # fmt: skip
     if service_args := {k: tuple(shlex.split(v)) for k, v in extra.items() if v}:
         common["service_args"] = service_args
+    given = {f: v for f, flag in MODE_FLAGS.items() if (v := getattr(args, flag)) is not None}
     if args.mode:
-        return mode_spec(Mode(args.mode), args.workers, args.prefill, **common)
-    return ClusterSpec(
-        num_prefill=1 if args.prefill is None else args.prefill,
-        num_decode=args.decode,
-        num_mixed=args.mixed,
-        policy=args.policy,
-        num_kvstore=args.kvstore,
-        coordinator=args.coordinator,
-        **common,
-    )
+        workers = 2 if args.workers is None else args.workers
+        return mode_spec(Mode(args.mode), workers, args.prefill, **given, **common)
+    if args.workers is not None:
+        raise ConfigError("--workers counts a --mode's workers; without one, pass --prefill, "
+                          "--decode and --mixed")  # fmt: skip
+    return ClusterSpec(num_prefill=1 if args.prefill is None else args.prefill, **given, **common)
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -173,12 +193,23 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"banaserve: error: {exc}", file=sys.stderr)
         return 2
     restarts = restart_config(args)
-    cluster = LocalCluster(spec)
-    stopping = threading.Event()
+    stopping, received = threading.Event(), []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signum)
+        stopping.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopping.set())
+        signal.signal(sig, on_signal)
+    cluster = LocalCluster(spec, stopping=stopping)
     try:
         cluster.start()
+        if stopping.is_set():  # asked for as the last child became ready: still no "ready"
+            cluster.stop()
+            raise StartInterrupted("stopped as the cluster became ready")
+    except StartInterrupted as exc:  # what had started is stopped: start's own cleanup
+        print(f"banaserve: {exc}; stopped every service started", file=sys.stderr)
+        return 128 + received[0]  # as the shell reports a command the signal ended: 130, 143
     except RuntimeError as exc:
         print(f"banaserve: error: {exc}", file=sys.stderr)
         return 1

@@ -14,7 +14,8 @@ Lifecycle of a run:
 3. the report (``bench.loadtest.report``) is written to ``--out`` as ``SERVICE[-LABEL].json``,
    ``.csv`` and ``-samples.csv``, and printed as markdown.
 Exit status: 0 when every step had successful iterations and left nothing behind, else 1;
-2 for bad flags or a failed warm-up; the coordinator's load test says it does not exist yet.
+2 for bad flags (checked with ``--out`` before anything connects) or a failed warm-up. The
+coordinator has no load test yet: ``loadtest coordinator`` says so and exits 2.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from bench.loadtest.driver import (
     Loop,
     RunResult,
     Scenario,
+    message_of,
     process_cpu_seconds,
     run_load,
     status_of,
@@ -43,8 +45,9 @@ from bench.loadtest.driver import (
 from bench.loadtest.report import Slo, render_markdown, step_summary, sweep_summary, write_files
 from bench.machine import loadavg, machine_info
 from bench.transport_bench import size_list
-from services.common.arg_types import number_list
+from services.common.arg_types import host_port, non_negative, number_list, path_arg, positive
 from services.common.errors import ConfigError
+from services.common.paths import output_dir
 from services.rpc.dataplane import DataPlaneError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -52,8 +55,9 @@ DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "loadtest"
 SETTLE_S = 5.0
 UNITS_S = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 COORDINATOR_NOT_YET = (
-    "banaserve loadtest coordinator: the coordinator service does not exist yet (DESIGN.md §5: "
-    "migration is not built); its load test joins once it does. Load tests exist for: "
+    "banaserve loadtest coordinator: no load test is written for the coordinator yet (the "
+    "service runs with `banaserve up --coordinator` or `--mode banaserve`, docs/coordinator.md; "
+    "its calls start migrations, which need a cluster behind it). Load tests exist for: "
     "router, prefill, decode, kvstore."
 )
 
@@ -71,7 +75,7 @@ HELP = {
     Service.PREFILL: "Prefill on a prefill worker, its KV sent to an in-process sink",
     Service.DECODE: "ReserveKV + KV transfer + StreamTokens on a decode worker",
     Service.KVSTORE: "Lookup / Pin / data-plane read / two-phase write / Unpin on a kvstore",
-    Service.COORDINATOR: "not yet: the coordinator service does not exist",
+    Service.COORDINATOR: "not written yet: no load test for the coordinator (exits 2)",
 }
 MODULES = {
     Service.ROUTER: router,
@@ -98,7 +102,11 @@ def seconds(text: str) -> float:
 
 def add_common(p: argparse.ArgumentParser, target_required: bool = True) -> None:
     p.add_argument(
-        "--target", required=target_required, metavar="HOST:PORT", help="the service's gRPC address"
+        "--target",
+        type=host_port,
+        required=target_required,
+        metavar="HOST:PORT",
+        help="the service's gRPC address",
     )
     load = p.add_mutually_exclusive_group()
     load.add_argument("--users", type=number_list(int), default=None,
@@ -106,17 +114,21 @@ def add_common(p: argparse.ArgumentParser, target_required: bool = True) -> None
     load.add_argument("--rate", type=number_list(float), default=None,
                       help="open loop: Poisson arrivals per second, or a list (a sweep)")  # fmt: skip
     p.add_argument("--duration", type=seconds, default=30.0, help="per step (default 30s)")
-    p.add_argument("--max-requests", type=int, default=None, help="per step, at most")
+    p.add_argument("--max-requests", type=positive(int), default=None, help="per step, at most")
     p.add_argument("--timeout", type=seconds, default=30.0, help="per iteration (default 30s)")
-    p.add_argument("--max-in-flight", type=int, default=1024, help="open loop: at most in flight")
-    p.add_argument("--warmup", type=int, default=1, help="unrecorded iterations first")
-    p.add_argument("--p99-target-ms", type=float, default=None,
+    p.add_argument("--max-in-flight", type=positive(int), default=1024,
+                   help="open loop: at most in flight")  # fmt: skip
+    p.add_argument("--warmup", type=non_negative(int), default=1,
+                   help="unrecorded iterations first")  # fmt: skip
+    p.add_argument("--p99-target-ms", type=positive(float), default=None,
                    help="SLO: each step passes if the --slo name's p99 is within this")  # fmt: skip
-    p.add_argument("--slo", default=None, help="the name the SLO applies to (default: iteration)")
+    p.add_argument("--slo", default=None,
+                   help="with --p99-target-ms: the name it applies to, one the service's load "
+                   "test records (default: the iteration)")  # fmt: skip
     p.add_argument("--server-pid", type=number_list(int), default=None, metavar="PID[,PID]",
                    help="local processes of the service: report their CPU use per step")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="output directory")
+    p.add_argument("--out", type=path_arg, default=DEFAULT_OUT, help="output directory")
     p.add_argument("--label", default="", help="file suffix: SERVICE-LABEL.json")
 
 
@@ -157,6 +169,19 @@ def build_scenario(service: Service, args: argparse.Namespace) -> Scenario:
         return router.RouterScenario(args.target, load)
     except (argparse.ArgumentTypeError, ValueError) as exc:
         raise ConfigError(str(exc)) from exc
+
+
+def slo_of(args: argparse.Namespace, scenario: Scenario) -> Slo | None:
+    """``--p99-target-ms`` for the ``--slo`` name, which must be one the scenario records."""
+    if args.p99_target_ms is None:
+        if args.slo:
+            raise ConfigError("--slo names what --p99-target-ms applies to; pass both")
+        return None
+    name = args.slo or scenario.name
+    if name not in scenario.sample_names:
+        known = ", ".join(scenario.sample_names)
+        raise ConfigError(f"--slo {name!r}: this load test records {known}")
+    return Slo(name, args.p99_target_ms)
 
 
 def specs_of(args: argparse.Namespace) -> list[LoadSpec]:
@@ -200,8 +225,7 @@ async def drive(
         try:
             await scenario.setup()
         except (OSError, grpc.RpcError, DataPlaneError, TimeoutError) as exc:
-            message = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
-            raise ConfigError(f"setup failed: {status_of(exc)}: {message}") from exc
+            raise ConfigError(f"setup failed: {status_of(exc)}: {message_of(exc)}") from exc
         await warm_up(scenario, warmup)
         results, steps = [], []
         for i, spec in enumerate(specs):
@@ -224,8 +248,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     scenario = build_scenario(service, args)
     specs = specs_of(args)
-    slo_name = args.slo or scenario.name
-    slo = Slo(slo_name, args.p99_target_ms) if args.p99_target_ms else None
+    slo = slo_of(args, scenario)
+    out = output_dir(Path(args.out), "--out")  # before any load: its results are never lost
     machine = machine_info()
     results, steps = asyncio.run(drive(scenario, specs, args.warmup, args.server_pid))
     machine["loadavg_after"] = loadavg()
@@ -238,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
         "sweep": sweep_summary(steps, slo),
     }
     stem = f"{service.value}-{args.label}" if args.label else service.value
-    paths = write_files(report, results, Path(args.out), stem)
+    paths = write_files(report, results, out, stem)
     print(render_markdown(report))
     print("loadtest: wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
     ok = all(s["num_iterations"] and s["rpcs"][0]["ok"] for s in steps)

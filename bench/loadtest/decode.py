@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import grpc
 
 from bench.loadtest.driver import Recorder, ScenarioError
+from services.common.arg_types import positive
 from services.common.config import RpcConfig
 from services.common.errors import ConfigError
 from services.common.hashing import block_hashes
@@ -57,6 +58,8 @@ class DecodeLoad:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ConfigError(f"block size must be >= 1, got {self.block_size}")
         if self.prompt_len < 1 or self.max_tokens < 2:
             raise ConfigError("prompt length must be >= 1 and max tokens >= 2")
         if self.kv_transport not in KV_TRANSPORTS:
@@ -66,7 +69,9 @@ class DecodeLoad:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny-llama", help="the model the worker serves")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--block-size", type=int, default=16, help="the worker's KV block size")
+    p.add_argument(
+        "--block-size", type=positive(int), default=16, help="the worker's KV block size"
+    )
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per request")
     p.add_argument("--max-tokens", type=int, default=16, help="tokens per request (first incl.)")
     p.add_argument("--kv-transport", choices=KV_TRANSPORTS, default="auto",
@@ -75,6 +80,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 class DecodeScenario:
     name = "request"
+    sample_names = (
+        "request",
+        "ReserveKV",
+        "TransferKV",
+        "StreamTokens",
+        "StreamTokens first token",
+    )
 
     def __init__(self, target: str, load: DecodeLoad, rpc: RpcConfig | None = None) -> None:
         self.target = target

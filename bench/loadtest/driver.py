@@ -131,6 +131,16 @@ def status_of(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def message_of(exc: BaseException) -> str:
+    """What went wrong, on one line: a gRPC error's details (not its multi-line repr), a
+    client error's message (its status is ``status_of``'s), else the exception's text."""
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "details"):
+        text = exc.details() or ""
+    else:
+        text = getattr(exc, "message", None) or str(exc)
+    return " ".join(text.split()) or type(exc).__name__
+
+
 @dataclass
 class Counts:
     """What a scenario adds to an RPC's sample while it runs."""
@@ -167,8 +177,7 @@ class Recorder:
 
     def failed(self, name: str, exc: BaseException) -> str:
         status = status_of(exc)
-        details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
-        self.messages.setdefault((name, status), (details or type(exc).__name__)[:MAX_MESSAGE])
+        self.messages.setdefault((name, status), message_of(exc)[:MAX_MESSAGE])
         return status
 
     def add(
@@ -186,6 +195,7 @@ class Scenario(Protocol):
     ``server_state`` after each run (the service's own counters: the leak check), ``close``."""
 
     name: str  # the iteration's name in the report
+    sample_names: tuple[str, ...]  # every name it records: the iteration's, its RPCs'
 
     async def setup(self) -> None: ...
 
@@ -305,7 +315,9 @@ async def warm_up(scenario: Scenario, count: int) -> None:
         try:
             await scenario.run_one(-1 - i, rec)
         except Exception as exc:
-            raise ConfigError(f"warm-up iteration failed: {status_of(exc)}: {exc}") from exc
+            raise ConfigError(
+                f"warm-up iteration failed: {status_of(exc)}: {message_of(exc)}"
+            ) from exc
 
 
 async def run_load(scenario: Scenario, spec: LoadSpec) -> RunResult:

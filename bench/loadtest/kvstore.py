@@ -48,6 +48,10 @@ from services.rpc.gen.banaserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 OPS = ("lookup", "read", "write", "mixed")
 # The iteration's name in the report, apart from the RPC names (Lookup, DataRead, ...).
 ITERATION_NAMES = {"lookup": "lookup", "read": "fetch", "write": "store", "mixed": "mixed"}
+_READ_RPCS = ("Lookup", "Pin", "DataRead", "Unpin")
+_WRITE_RPCS = ("Reserve", "DataWrite", "Commit")
+RPC_NAMES = {"lookup": ("Lookup",), "read": _READ_RPCS, "write": _WRITE_RPCS,
+             "mixed": (*_READ_RPCS, *_WRITE_RPCS)}  # fmt: skip
 TOKENS_PER_BLOCK = 16
 CONNECT_TIMEOUT_S = 10.0
 
@@ -94,6 +98,7 @@ class KVStoreScenario:
         self.target = target
         self.load = load
         self.name = ITERATION_NAMES[load.op]
+        self.sample_names = (self.name, *RPC_NAMES[load.op])
         self._rpc = rpc or RpcConfig()
         self._fingerprint = f"loadtest-{uuid.uuid4().hex[:12]}"
         self._channels: list[grpc.aio.Channel] = []

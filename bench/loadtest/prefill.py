@@ -63,6 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 class PrefillScenario:
     name = "request"
+    sample_names = ("request", "Prefill", "Prefill first token")
 
     def __init__(self, target: str, load: PrefillLoad, rpc: RpcConfig | None = None) -> None:
         self.target = target

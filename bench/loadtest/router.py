@@ -62,6 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 class RouterScenario:
     name = "request"
+    sample_names = ("request", "Generate", "Generate first token")
 
     def __init__(self, target: str, load: RouterLoad, rpc: RpcConfig | None = None) -> None:
         self.target = target

@@ -15,6 +15,8 @@ from typing import Any
 
 import grpc
 
+from services.common.errors import ConfigError
+from services.common.limits import check_target
 from services.rpc import security
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 
@@ -82,20 +84,48 @@ class WorkerStatus:
     num_queued_prefill_tokens: int = 0
 
 
+def _invalid(message: str) -> BanaServeClientError:
+    """A call refused here, before it is sent: the status the router gives the same mistake."""
+    return BanaServeClientError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _target(target: str) -> str:
+    try:
+        return check_target(target, "target")
+    except ConfigError as exc:
+        raise _invalid(str(exc)) from None
+
+
+def _encoded(message_type: Any, what: str, **fields: Any) -> Any:
+    """``message_type(**fields)``; a value protobuf cannot encode (a seed of -1, max_tokens past
+    int32, text that is not UTF-8, a token id that is no uint32) refused as INVALID_ARGUMENT."""
+    try:
+        return message_type(**fields)
+    except UnicodeEncodeError:
+        raise _invalid(f"{what} is not valid UTF-8") from None
+    except (ValueError, TypeError) as exc:
+        raise _invalid(f"{what}: {exc}") from None
+
+
 def _sampling(**params: Any) -> common_pb2.SamplingParams:
-    return common_pb2.SamplingParams(**{k: v for k, v in params.items() if v is not None})
+    message = common_pb2.SamplingParams()
+    for name, value in params.items():
+        if value is not None:  # one field at a time: the refusal names it
+            message.MergeFrom(_encoded(common_pb2.SamplingParams, name, **{name: value}))
+    return message
 
 
 def _request(
     prompt: str | Sequence[int], request_id: str, chat: bool, **sampling: Any
 ) -> router_pb2.GenerateRequest:
-    message = router_pb2.GenerateRequest(
-        request_id=request_id, chat=chat, sampling=_sampling(**sampling)
-    )
+    if isinstance(prompt, bytes | bytearray | memoryview):  # would pass as a list of ints
+        raise _invalid(f"prompt must be text or token ids, got {type(prompt).__name__}")
+    message = _encoded(router_pb2.GenerateRequest, "request_id", request_id=request_id, chat=chat)
+    message.sampling.CopyFrom(_sampling(**sampling))
     if isinstance(prompt, str):
-        message.text = prompt
+        message.text = _encoded(router_pb2.GenerateRequest, "prompt", text=prompt).text
     else:
-        message.token_ids.ids.extend(prompt)
+        message.token_ids.ids.extend(_encoded(common_pb2.TokenIds, "prompt", ids=prompt).ids)
     return message
 
 
@@ -216,9 +246,13 @@ def _tls(tls_dir: str) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, 
 class BanaServeClient:
     """Blocking client. ``generate`` keyword arguments are SamplingParams fields (None: the
     server's default); ``timeout_s`` is the request's deadline. ``tls_dir``: mutual TLS with
-    the client certificate there; ``token``: the bearer token the router's client API wants."""
+    the client certificate there; ``token``: the bearer token the router's client API wants.
+    A ``target`` that is not HOST:PORT (a port in 1..65535), or a request the wire cannot carry
+    (a prompt of bytes, a seed of -1, a token id past uint32), raises BanaServeClientError
+    with INVALID_ARGUMENT before anything is sent, as the router would answer."""
 
     def __init__(self, target: str, *, tls_dir: str = "", token: str = "") -> None:
+        target = _target(target)
         credentials, options = _tls(tls_dir)
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=options)
@@ -279,6 +313,7 @@ class AsyncBanaServeClient:
     """The same over grpc.aio; create and use it inside one event loop."""
 
     def __init__(self, target: str, *, tls_dir: str = "", token: str = "") -> None:
+        target = _target(target)
         credentials, options = _tls(tls_dir)
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=options)

@@ -13,19 +13,19 @@ from services.rpc.security import read_tokens
 
 def run_remote_generate(args: argparse.Namespace) -> int:
     token = read_tokens(Path(args.api_token_file))[0] if args.api_token_file else ""
-    with BanaServeClient(args.router, tls_dir=args.tls_dir, token=token) as client:
-        stream = client.generate(
-            args.prompt,
-            chat=args.chat,
-            timeout_s=args.timeout,
-            max_tokens=args.max_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            seed=args.seed,
-            ignore_eos=args.ignore_eos,
-        )
+    with BanaServeClient(args.router, tls_dir=args.tls_dir or "", token=token) as client:
         try:
+            stream = client.generate(
+                args.prompt,
+                chat=args.chat,
+                timeout_s=args.timeout,
+                max_tokens=args.max_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=args.top_k,
+                seed=args.seed,
+                ignore_eos=args.ignore_eos,
+            )  # refused before sending when a value cannot be encoded (a seed of -1)
             for delta in stream:
                 sys.stdout.write(delta.text)
                 sys.stdout.flush()

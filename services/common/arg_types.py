@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 from collections.abc import Callable
+from pathlib import Path
+
+from services.common.errors import ConfigError
+from services.common.limits import MAX_THREADS, check_target
 
 
 def positive(kind: type, allow_inf: bool = False) -> Callable[[str], float]:
@@ -36,6 +41,73 @@ def non_negative(kind: type) -> Callable[[str], float]:
         return value
 
     return parse
+
+
+def int_range(low: int, high: int) -> Callable[[str], int]:
+    """An integer in ``[low, high]``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {low}..{high}, got {text!r}")
+        return value
+
+    return parse
+
+
+# Every ``--threads`` flag: torch threads per process, at most ``MAX_THREADS`` (limits.py: a
+# count far above the host's cores crashes OpenMP, so it is refused before any work).
+thread_count = int_range(1, MAX_THREADS)
+
+
+def share(text: str) -> float:
+    """A share strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a share in (0, 1), got {text!r}")
+    return value
+
+
+def host_port(text: str) -> str:
+    """The "HOST:PORT" of a service a client tool connects to (``limits.check_target``: a port
+    in 1..65535, a host that is not empty), checked before the tool connects."""
+    try:
+        return check_target(text, "address")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def path_arg(text: str) -> Path:
+    """A path, not the empty string (which ``Path`` reads as ``.``)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got ''")
+    return Path(text)
+
+
+def shell_words(text: str) -> str:
+    """Flags for another command, in one string as a shell splits them (``"--x 1 --y 'a b'"``);
+    returned as given, once ``shlex`` can split it."""
+    try:
+        shlex.split(text)
+    except ValueError as exc:  # "No closing quotation", "No escaped character"
+        raise argparse.ArgumentTypeError(f"{exc} in {text!r}") from None
+    return text
+
+
+def utf8_text(text: str) -> str:
+    """Text that encodes as UTF-8: argv bytes that do not decode reach Python as lone
+    surrogates, which no tokenizer or protobuf string takes."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("not valid UTF-8") from None
+    return text
 
 
 def number_list(kind: type) -> Callable[[str], list]:

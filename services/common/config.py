@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from services.common.errors import ConfigError
-from services.common.limits import MAX_MICRO_BATCHES
+from services.common.limits import MAX_MICRO_BATCHES, MAX_THREADS
 
 if TYPE_CHECKING:  # only a type: services/common never imports grpc
     from services.rpc.security import SecurityConfig
@@ -120,8 +120,8 @@ class EngineConfig:
             f"max_model_len must be positive, got {self.max_model_len}",
         )
         _require(
-            self.num_threads is None or self.num_threads > 0,
-            f"num_threads must be positive, got {self.num_threads}",
+            self.num_threads is None or 0 < self.num_threads <= MAX_THREADS,
+            f"num_threads must be in 1..{MAX_THREADS}, got {self.num_threads}",
         )
         _require(
             self.num_loaded_layers is None or self.num_loaded_layers > 0,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from services.common.arg_types import thread_count
 from services.common.config import DTYPES, EngineConfig
 from services.rpc.dataplane import KINDS as DATA_PLANES
 
@@ -35,7 +36,7 @@ def add_engine_args(p: argparse.ArgumentParser, model_default: str = "tiny-llama
         default=os.environ.get("BANASERVE_DEVICE", _DEFAULTS.device),
         help="torch device the engine computes on: cpu (default), cuda, cuda:N",
     )
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--threads", type=thread_count, default=1, help="torch intra-op threads")
     p.add_argument("--block-size", type=int, default=_DEFAULTS.block_size, help="tokens a block")
     p.add_argument(
         "--num-kv-blocks", type=int, default=None, help="KV blocks (wins over --kv-cache-bytes)"

@@ -8,7 +8,8 @@ what the bound is:
   spaces, everywhere, so an id fits any header, log line or Redis key it is copied into
   (INVALID_ARGUMENT);
 - other names (model, fingerprint, "HOST:PORT" addresses): at most ``MAX_NAME_BYTES``; an
-  address a service will connect to is also checked for its form (``check_address``);
+  address a service will connect to is also checked for its form (``check_address``), and so
+  is the one a client tool or the client library is given (``check_target``: not empty);
 - stop conditions: ``MAX_STOP_STRINGS`` strings of at most ``MAX_STOP_STRING_BYTES`` each,
   ``MAX_STOP_TOKEN_IDS`` token ids (INVALID_ARGUMENT);
 - reasons (a migration's abort reason, a worker's): at most ``MAX_REASON_BYTES`` from a caller
@@ -43,6 +44,10 @@ MAX_STOP_STRING_BYTES = 256
 MAX_STOP_TOKEN_IDS = 256
 # 256 Ki blocks: a context of 256 Ki tokens even at block size 1 (4 Mi at the default 16).
 MAX_BLOCK_HASHES = 1 << 18
+# Torch (OpenMP) threads one process may ask for: more than any host this runs on has cores,
+# far below the ~100,000 at which OpenMP's pool crashes the process (SIGSEGV, no message) as
+# the first matmul creates it. Past the host's cores threads only contend for them.
+MAX_THREADS = 1024
 # The most micro-batches a layer migration's split step is cut into (Switch, the policy, the
 # engine's StageLayout).
 MAX_MICRO_BATCHES = 8
@@ -137,6 +142,18 @@ def check_address(value: str, field: str) -> None:
     match = _ADDRESS.fullmatch(value)
     if value and (match is None or not 0 < int(match.group(2)) <= MAX_PORT):
         raise InvalidRequestError(f"{field} {value!r} is not HOST:PORT (a port in 1..{MAX_PORT})")
+
+
+def check_target(value: str, field: str) -> str:
+    """The "HOST:PORT" a client connects to: ``check_address``'s form, and not empty (gRPC
+    would dial a port taken modulo 65536, or resolve "" to nothing). Returns it."""
+    if not value:
+        raise ConfigError(f"{field} is empty; expected HOST:PORT")
+    try:
+        check_address(value, field)
+    except InvalidRequestError as exc:
+        raise ConfigError(str(exc)) from None
+    return value
 
 
 def check_stop(stop: Sequence[str], stop_token_ids: Sequence[int]) -> None:

@@ -27,7 +27,7 @@ from services.common.metrics import (
     start_metrics,
 )
 from services.common.network import add_host_args, resolve_host
-from services.coordinator.auto import add_auto_arguments, automatic
+from services.coordinator.auto import add_auto_arguments, automatic, check_auto_arguments
 from services.coordinator.clients import RouterWorkers
 from services.coordinator.core import Coordinator, CoordinatorConfig
 from services.coordinator.servicer import coordinator_service
@@ -99,6 +99,7 @@ async def renew_forever(coordinator: Coordinator, interval_s: float) -> None:
 
 async def serve(args: argparse.Namespace) -> None:
     config = coordinator_config(args)
+    check_auto_arguments(args)  # every setting before the server exists (none left to stop)
     tracing = setup_tracing(
         TracingConfig(args.tracing, args.otlp_endpoint, service_name="banaserve-coordinator")
     )

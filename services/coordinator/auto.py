@@ -31,7 +31,9 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
+from services.common.arg_types import positive, share
 from services.common.config import RpcConfig
+from services.common.errors import ConfigError
 from services.coordinator.core import Coordinator
 from services.coordinator.loadfeed import RouterLoadFeed
 from services.coordinator.migration import Migration
@@ -194,7 +196,7 @@ def add_auto_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--auto", action="store_true", help="migrate on load, on its own")
     g.add_argument(
         "--layer-share",
-        type=float,
+        type=share,
         default=None,
         help="measured share of a step one decoder layer takes (default: (1 - head share) / L)",
     )
@@ -204,7 +206,9 @@ def add_auto_arguments(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="only decode and mixed workers donate layers (default: prefill workers too)",
     )
-    g.add_argument("--poll-interval", type=float, default=0.25, metavar="S", help="ListWorkers")
+    g.add_argument(
+        "--poll-interval", type=positive(float), default=0.25, metavar="S", help="ListWorkers"
+    )
     for f in dataclasses.fields(PolicyConfig):
         flag = "--" + f.name.replace("_", "-")
         dest, doc = f"policy_{f.name}", f"PolicyConfig.{f.name}"
@@ -214,6 +218,15 @@ def add_auto_arguments(p: argparse.ArgumentParser) -> None:
             kind = type(f.default)
             doc += f" (default {f.default})"
             g.add_argument(flag, type=kind, default=f.default, dest=dest, metavar="X", help=doc)
+
+
+def check_auto_arguments(args: argparse.Namespace) -> None:
+    """With ``--auto``: its flags make a valid policy and name the router; checked before the
+    coordinator builds its server (ConfigError: one error line, exit status 2)."""
+    if args.auto:
+        if not args.router:
+            raise ConfigError("--auto needs --router (the load reports)")
+        policy_config(args)
 
 
 def policy_config(args: argparse.Namespace) -> PolicyConfig:
@@ -234,8 +247,7 @@ async def automatic(
     if not args.auto:
         yield None
         return
-    if not args.router:
-        raise SystemExit("--auto needs --router (the load reports)")
+    check_auto_arguments(args)
     feed = RouterLoadFeed(
         args.router, rpc, workers, coordinator.now, prefill_donors=args.prefill_donors
     )

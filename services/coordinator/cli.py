@@ -25,7 +25,7 @@ from pathlib import Path
 
 import grpc
 
-from services.common.arg_types import non_negative, positive
+from services.common.arg_types import host_port, non_negative, positive
 from services.common.limits import MAX_MICRO_BATCHES
 from services.coordinator import watch
 from services.rpc import security
@@ -90,11 +90,7 @@ def format_migration(m: pb.Migration) -> str:
 
 class _Client:
     def __init__(self, args: argparse.Namespace) -> None:
-        target = args.coordinator
-        if not target:
-            raise SystemExit(
-                "banaserve: error: --coordinator HOST:PORT (or $BANASERVE_COORDINATOR)"
-            )
+        target = args.coordinator  # required by its flag unless $BANASERVE_COORDINATOR names it
         if args.tls_dir:
             files = security.TlsFiles.in_dir(Path(args.tls_dir), security.Role.CLIENT)
             credentials = security.channel_credentials(files)
@@ -119,9 +115,14 @@ class _Client:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
+    # A string default goes through ``type`` as well: a bad $BANASERVE_COORDINATOR is a usage
+    # error too, and an unset one makes the flag required.
+    from_env = os.environ.get("BANASERVE_COORDINATOR") or None
     p.add_argument(
         "--coordinator",
-        default=os.environ.get("BANASERVE_COORDINATOR", ""),
+        type=host_port,
+        default=from_env,
+        required=from_env is None,
         metavar="HOST:PORT",
         help="the coordinator (default: $BANASERVE_COORDINATOR)",
     )
@@ -131,7 +132,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _add_wait(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", action="store_true", help="until ACTIVE, DONE or ABORTED")
-    p.add_argument("--wait-timeout", type=float, default=300.0, metavar="S")
+    p.add_argument("--wait-timeout", type=positive(float), default=300.0, metavar="S")
 
 
 def add_migrate_arguments(p: argparse.ArgumentParser) -> None:
@@ -236,6 +237,8 @@ def run_migrate(args: argparse.Namespace) -> int:
 
 
 def run_migrations(args: argparse.Namespace) -> int:
+    if args.watch:
+        watch.check_watch_args(args)  # before any channel opens
     client = _Client(args)
     if args.watch:
         listing = pb.ListMigrationsRequest(live_only=args.live)

@@ -22,6 +22,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from services.common.arg_types import thread_count
+
 
 @dataclass(frozen=True)
 class LayerShare:
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8, help="decoding sequences")
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=32, help="decode steps timed")
-    p.add_argument("--threads", type=int, default=1, help="torch threads, as a worker's")
+    p.add_argument("--threads", type=thread_count, default=1, help="torch threads, as a worker's")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = p.parse_args(argv)
     import torch

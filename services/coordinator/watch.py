@@ -16,6 +16,8 @@ from pathlib import Path
 
 import grpc
 
+from services.common.arg_types import host_port, non_negative, positive
+from services.common.errors import ConfigError
 from services.common.load import LoadReport, utilisation_compute, utilisation_memory
 from services.rpc import security
 from services.rpc.convert import seconds
@@ -91,9 +93,7 @@ def watch(
     format_row: Callable[[pb.Migration], str],
 ) -> int:
     """Redraws every ``--interval`` seconds, ``--count`` times (0: until Ctrl-C); the router
-    with the same TLS and token flags as the coordinator."""
-    if not args.router:
-        raise SystemExit("banaserve: error: --watch needs --router HOST:PORT ($BANASERVE_ROUTER)")
+    with the same TLS and token flags as the coordinator (``check_watch_args`` first)."""
     if args.tls_dir:
         files = security.TlsFiles.in_dir(Path(args.tls_dir), security.Role.CLIENT)
         credentials = security.channel_credentials(files)
@@ -122,13 +122,29 @@ def watch(
     return 0
 
 
+def check_watch_args(args: argparse.Namespace) -> None:
+    """What ``--watch`` needs besides its flags' own types, refused before any call."""
+    if not args.router:
+        raise ConfigError("--watch needs --router HOST:PORT (or $BANASERVE_ROUTER)")
+    if args.migration_id:
+        raise ConfigError(f"--watch lists every migration; leave out {args.migration_id!r}")
+
+
 def add_watch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--watch", action="store_true", help="per-worker utilisation and migrations")
     p.add_argument(
         "--router",
-        default=os.environ.get("BANASERVE_ROUTER", ""),
+        type=host_port,
+        default=os.environ.get("BANASERVE_ROUTER") or None,
         metavar="HOST:PORT",
         help="with --watch: the router (default: $BANASERVE_ROUTER)",
     )
-    p.add_argument("--interval", type=float, default=1.0, metavar="S", help="with --watch")
-    p.add_argument("--count", type=int, default=0, help="with --watch: screens (0: until Ctrl-C)")
+    p.add_argument(
+        "--interval", type=positive(float), default=1.0, metavar="S", help="with --watch"
+    )
+    p.add_argument(
+        "--count",
+        type=non_negative(int),
+        default=0,
+        help="with --watch: screens (0: until Ctrl-C)",
+    )

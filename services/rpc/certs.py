@@ -7,7 +7,9 @@ Writes, in DIR (created if missing; existing files are kept unless ``overwrite``
                                       DNS SANs banaserve.internal, localhost and ``hosts``,
                                       IP SANs 127.0.0.1 and ::1
   dataplane.secret                    32 random bytes the data planes authenticate peers with
-Keys are ECDSA P-256, written 0600. Certificates are valid for ``days``.
+Keys are ECDSA P-256, written 0600. Certificates are valid for ``days`` (at most
+``MAX_DAYS``). Every input is checked before a key is made: a DIR that is a file or cannot be
+created, a ``hosts`` entry that is no DNS name (a Unicode name is written as its IDNA A-label).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from services.common.errors import ConfigError
+from services.common.paths import output_dir
 from services.rpc.security import (
     CLUSTER_NAME,
     DATAPLANE_SECRET_FILE,
@@ -32,6 +36,25 @@ from services.rpc.security import (
     SPIFFE_PREFIX,
     Role,
 )
+
+# A century: past any sensible certificate's life, and far from year 9999, where X.509 dates
+# (and Python's datetime) end.
+MAX_DAYS = 36500
+# One DNS label (letters, digits, inner hyphens), a "*." wildcard first at most; 253 in all.
+_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_DNS_NAME = re.compile(rf"(\*\.)?{_LABEL}(\.{_LABEL})*")
+
+
+def dns_name(host: str) -> str:
+    """``host`` as a certificate's DNS SAN: ASCII as given, Unicode as its IDNA A-label;
+    ConfigError for anything else (spaces, "!", an empty label, over 253 characters)."""
+    try:
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ConfigError(f"host {host!r} is not a DNS name") from None
+    if len(ascii_host) > 253 or not _DNS_NAME.fullmatch(ascii_host):
+        raise ConfigError(f"host {host!r} is not a DNS name")
+    return ascii_host
 
 
 def _name(common_name: str) -> x509.Name:
@@ -132,10 +155,10 @@ def create_certs(
     overwrite: bool = False,
 ) -> list[Path]:
     """Writes the files of the module docstring; returns the paths written."""
-    if days < 1:
-        raise ConfigError(f"days must be >= 1, got {days}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if not 1 <= days <= MAX_DAYS:
+        raise ConfigError(f"days must be in 1..{MAX_DAYS}, got {days}")
+    hosts = [dns_name(h) for h in hosts]
+    directory = output_dir(Path(directory), "certs dir")
     existing = [p for p in directory.iterdir() if p.suffix in (".crt", ".key", ".secret")]
     if existing and not overwrite:
         raise ConfigError(f"{directory} already holds {existing[0].name}; pass --overwrite")

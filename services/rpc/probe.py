@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.client.client import BanaServeClient, BanaServeClientError
+from services.common.arg_types import host_port, positive
 from services.common.network import AUTO, resolve_host
 
 
@@ -31,12 +32,13 @@ def add_health_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", metavar="HOST:PORT")
+    p.add_argument("target", type=host_port, metavar="HOST:PORT")
     p.add_argument("--service", default="", help="a service name (default: the whole server)")
-    p.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    p.add_argument("--timeout", type=positive(float), default=3.0, help="seconds")
     p.add_argument(
         "--registered-at",
-        default="",
+        type=host_port,
+        default=None,
         metavar="ROUTER",
         help="also require the router at ROUTER (HOST:PORT) to list this worker as active",
     )

@@ -30,11 +30,19 @@ import statistics
 import time
 from pathlib import Path
 
-from services.common.arg_types import name_list, non_negative, number_list, positive
+from services.common.arg_types import (
+    name_list,
+    non_negative,
+    number_list,
+    path_arg,
+    positive,
+    thread_count,
+)
 from services.common.config import EngineConfig
 from services.common.errors import ConfigError
+from services.common.paths import output_dir
 from services.sim.fit import fit_decode, fit_prefill, fit_transport, relative_errors
-from services.sim.inputs import output_dir, path_arg, read_json
+from services.sim.inputs import read_json
 from services.sim.profile import MigrationModel, Profile, TransportModel
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -109,7 +117,7 @@ def _prefill_lengths(text: str) -> list[int]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", type=_model_names, default=["smollm2-135m", "tiny-llama"],
                    help="comma list (default smollm2-135m,tiny-llama)")  # fmt: skip
-    p.add_argument("--threads", type=positive(int), default=1)
+    p.add_argument("--threads", type=thread_count, default=1)
     p.add_argument(
         "--prefill-lengths", type=_prefill_lengths, default=[16, 64, 192, 384, 640, 896, 1152]
     )

@@ -1,15 +1,14 @@
 """The simulator commands' inputs, checked at the boundary: a file that is missing,
 unreadable, not JSON or not the kind of document asked for, a value in it of the wrong type or
-out of range, an output path that cannot be written, or a workload too large to plan is a
-``ConfigError`` naming the file or flag and what is wrong (``banaserve: error: ...``, exit 2),
-before any work and never a traceback, a hang or a report of NaNs."""
+out of range, an output path that cannot be written (``services.common.paths``, shared with
+the other commands), or a workload too large to plan is a ``ConfigError`` naming the file or
+flag and what is wrong (``banaserve: error: ...``, exit 2), before any work and never a
+traceback, a hang or a report of NaNs."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import shlex
 from pathlib import Path
 
@@ -28,37 +27,6 @@ from services.launcher import Mode
 # ``long-context``'s): 50,000 of them, five times the 128-worker bar of docs/simulator.md
 # ("Speed"), stay within a few GiB of memory and a few minutes of CPU.
 MAX_PLANNED_REQUESTS = 50_000
-
-
-def path_arg(text: str) -> Path:
-    """An argparse ``type=``: a path, not the empty string (which ``Path`` reads as ``.``)."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("expected a path, got ''")
-    return Path(text)
-
-
-def output_dir(path: Path, what: str) -> Path:
-    """``path`` as a directory this process can write into, created if need be; checked before
-    any work, so that a long run does not end in a traceback at its first write."""
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{what} {path} is a file, not a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # a file or a missing, read-only filesystem on the way
-        raise ConfigError(f"{what} {path}: cannot create the directory ({exc})") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"{what} {path}: the directory is not writable")
-    return path
-
-
-def output_file(path: Path, what: str) -> Path:
-    """``path`` as a file this process can write (its directory created if need be)."""
-    if path.is_dir():
-        raise ConfigError(f"{what} {path} is a directory, not a file")
-    output_dir(path.parent, f"{what} {path}: its directory")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise ConfigError(f"{what} {path}: the file is not writable")
-    return path
 
 
 def expected_requests(w: Workload, duration_s: float) -> float | None:

@@ -21,12 +21,20 @@ from dataclasses import replace
 
 from bench.workloads import FAMILIES, workload
 from bench.workloads_trace import DEFAULT_TRACES_DIR, TraceWorkload
-from services.common.arg_types import name_list, non_negative, number_list, positive, share_list
+from services.common.arg_types import (
+    name_list,
+    non_negative,
+    number_list,
+    path_arg,
+    positive,
+    share_list,
+)
+from services.common.paths import output_dir
 from services.launcher import Mode
 from services.prefill.write_backs import WritePolicy
 from services.sim.calibrate import DEFAULT_PROFILE_DIR, find_profile
 from services.sim.cluster import SimSpec, check_cluster_size
-from services.sim.inputs import check_plan_size, output_dir, path_arg, plan_workload
+from services.sim.inputs import check_plan_size, plan_workload
 from services.sim.profile import Profile
 from services.sim.replay import simulate
 from services.sim.store import DEFAULT_CAPACITY_BYTES

@@ -83,12 +83,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench.workloads_trace import DEFAULT_TRACES_DIR
-from services.common.arg_types import positive
+from services.common.arg_types import path_arg, positive
 from services.common.errors import ConfigError
+from services.common.paths import output_file
 from services.launcher import Mode
 from services.sim.calibrate import find_profile
 from services.sim.fit import fit_step_overhead, fit_two_terms
-from services.sim.inputs import output_file, path_arg, read_compare
+from services.sim.inputs import read_compare
 from services.sim.profile import Profile, ServingModel, StepCosts
 from services.sim.steps import decode_worker_steps, worker_steps
 from services.sim.validate import compare_rows, render, up_spec

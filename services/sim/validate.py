@@ -30,12 +30,14 @@ from pathlib import Path
 
 from bench.workloads import workload
 from bench.workloads_trace import DEFAULT_TRACES_DIR
+from services.common.arg_types import path_arg
 from services.common.errors import ConfigError
+from services.common.paths import output_file
 from services.launcher import ClusterSpec, Mode
 from services.prefill.write_backs import WritePolicy
 from services.sim.calibrate import find_profile
 from services.sim.cluster import SimSpec
-from services.sim.inputs import output_file, path_arg, plan_workload, read_compare
+from services.sim.inputs import plan_workload, read_compare
 from services.sim.profile import Profile
 from services.sim.replay import Job, coordinator_policy, simulate_sequence
 from services.up import add_arguments as add_up_arguments

@@ -79,5 +79,7 @@ def test_worker_lines_from_list_workers():
 def test_watch_flags():
     p = argparse.ArgumentParser()
     add_migrations_arguments(p)
-    args = p.parse_args(["--watch", "--router", "127.0.0.1:1", "--count", "2"])
+    args = p.parse_args(
+        ["--watch", "--router", "127.0.0.1:1", "--count", "2", "--coordinator", "127.0.0.1:2"]
+    )
     assert (args.watch, args.router, args.count, args.interval) == (True, "127.0.0.1:1", 2, 1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -120,3 +121,36 @@ def test_up_without_kvstore_starts_no_redis_and_stops_cleanly_on_ctrl_c(banaserv
 
 def _is_zombie(pid: int) -> bool:
     return " Z " in Path(f"/proc/{pid}/stat").read_text()
+
+
+def test_ctrl_c_while_up_starts_stops_what_started_at_once(banaserve_home, tiny_llama):
+    """Ctrl-C before the cluster is ready: ``up`` stops within seconds instead of finishing the
+    start (it printed "cluster ready" ~25 s later on a loaded machine, then stopped, exit 0),
+    exits 130 and leaves no process behind."""
+    env = {**os.environ, "BANASERVE_HOME": str(banaserve_home)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "up", "--num-kv-blocks", "512"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    kids: set[int] = set()
+    deadline = time.monotonic() + 20
+    while not kids and time.monotonic() < deadline:  # Redis, the first child, is starting
+        kids.update(children(proc.pid))
+        time.sleep(0.02)
+    assert kids, "up started no child"
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal: the foreground group
+    signalled = time.monotonic()
+    while proc.poll() is None and time.monotonic() < signalled + 20:
+        with contextlib.suppress(OSError):  # it may exit between the poll and the read
+            kids.update(children(proc.pid))  # a child spawned after the signal counts too
+        time.sleep(0.02)
+    out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 130, err[-2000:]
+    assert time.monotonic() - signalled < 10
+    assert "cluster ready" not in out
+    assert "stopped every service started" in err
+    assert all(gone(pid) for pid in kids)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 
 import grpc
 
@@ -50,10 +50,8 @@ class FakeDecode(decode_pb2_grpc.DecodeServiceServicer):
         if request.request_id == "outlives-its-client":
             # Work that fails after the client cancelled (a prefill whose reservation the
             # router released meanwhile): it tries to abort the ended call itself.
-            try:
+            with suppress(asyncio.CancelledError):
                 await asyncio.sleep(30)
-            except asyncio.CancelledError:
-                pass
             self.late_failure.set()
             await context.abort(grpc.StatusCode.NOT_FOUND, "the reservation is gone")
         if request.request_id == "slow":

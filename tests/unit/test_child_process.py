@@ -7,12 +7,13 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from services.child_process import HOST, Child, port_in_use, with_flag
+from services.child_process import HOST, Child, StartInterrupted, port_in_use, with_flag
 from services.supervisor import PortInUseError
 
 # Binds --port with SO_REUSEADDR (as gRPC servers and Redis do), greets each connection with
@@ -98,3 +99,21 @@ def test_a_killed_child_comes_back_on_its_port_while_its_old_connections_are_in_
                 assert child.proc is stopped
         finally:
             child.stop()
+
+
+@pytest.mark.integration
+def test_a_stop_asked_for_ends_the_wait_for_a_child_that_is_still_starting(tmp_path):
+    """``up``'s SIGINT handler sets ``stopping`` while a child loads its model: the wait ends
+    within a poll, not at the child's readiness (it waited for the whole cluster)."""
+    argv = [sys.executable, "-c", "import time; time.sleep(60)"]  # never announces
+    stopping = threading.Event()
+    with open(tmp_path / "child.log", "w") as log:
+        child = Child("svc", argv, dict(os.environ), log)
+        try:
+            threading.Timer(0.3, stopping.set).start()
+            started = time.monotonic()
+            with pytest.raises(StartInterrupted, match="stopped while svc was starting"):
+                child.wait_ready(started + 30, stopping)
+            assert time.monotonic() - started < 2
+        finally:
+            assert child.stop() != 0  # terminated: it was never ready

@@ -39,7 +39,7 @@ def nothing_starts(monkeypatch):
     ("argv", "message"),
     [
         (["--mode", "static-pd", "--workers", "0"], "argument --workers: expected a positive"),
-        (["--threads", "0"], "argument --threads: expected a positive number"),
+        (["--threads", "0"], "argument --threads: expected 1..1024, got '0'"),
         (["--num-kv-blocks", "-3"], "argument --num-kv-blocks: expected a positive number"),
         (["--kvstore", "-1"], "argument --kvstore: expected a number >= 0"),
         (["--decode", "-1"], "argument --decode: expected a number >= 0"),

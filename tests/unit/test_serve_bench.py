@@ -291,7 +291,7 @@ def test_defaults():
     assert (args.workload, args.rate, args.burstiness, args.seed) == ("sharegpt-like", 1.0, 1.0, 0)
     assert (args.num_requests, args.duration, args.max_concurrency) == (None, None, None)
     assert args.vocab_range == (1000, 30000) and args.ignore_eos
-    assert args.out.endswith("bench/results")
+    assert str(args.out).endswith("bench/results")
     assert parse("--target", "grpc://h:1", "--rate", "inf").rate == math.inf
 
 

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from services.common import config
 from services.common.errors import ModelFormatError, ModelNotFoundError
+from services.common.paths import output_dir
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -117,6 +118,7 @@ def run_prepare_cli(args: argparse.Namespace) -> int:
     for name in names:
         _builder(name)  # reject a typo before spending time on the names before it
     models_dir = Path(args.dir).expanduser() if args.dir else config.models_dir()
+    output_dir(models_dir, "--dir" if args.dir else "models dir")
     for name in names:
         print(f"preparing {name} in {models_dir} ...", file=sys.stderr, flush=True)
         start = time.monotonic()
