@@ -192,6 +192,10 @@ def run_up(args: argparse.Namespace) -> int:
     except (ConfigError, ModelNotFoundError) as exc:
         print(f"banaserve: error: {exc}", file=sys.stderr)
         return 2
+    if unused := spec.unused_service_args:
+        names = ", ".join(f"--{name}-args" for name in unused)
+        print(f"banaserve: note: {names} not used: this cluster runs no {', '.join(unused)}",
+              file=sys.stderr)  # fmt: skip
     restarts = restart_config(args)
     stopping, received = threading.Event(), []
 

@@ -100,7 +100,9 @@ class SimCluster:
         self.spec, self.profile = spec, profile
         check_cluster_size(spec.num_workers, spec.num_kv_blocks or profile.num_kv_blocks)
         self.loop = EventLoop()
-        shape = mode_spec(spec.mode, spec.num_workers, spec.num_prefill)
+        # (a colocated cluster has no prefill workers to count: its spec's split is unused)
+        split = None if spec.mode is Mode.COLOCATED else spec.num_prefill
+        shape = mode_spec(spec.mode, spec.num_workers, split)
         config = RouterConfig(policy=shape.policy)
         router = Router(config, clock=self.loop.clock)
         self.router = sim_router(router, sweep_s=config.report_timeout_s / 2)
