@@ -12,7 +12,8 @@ throughout, so a thread would not help. Hence, per body:
 2. any other is parsed in a child process (``BodyParser``: one, started with ``spawn`` on
    first need, since the router runs gRPC threads that a ``fork`` would copy half-way), and the
    router pays only the copy of its bytes. A legitimate body lands there only when its text
-   holds that many commas or brackets (a long CSV or code prompt): a few milliseconds more.
+   holds that many commas or brackets (a long CSV or code prompt) or its prompt that many
+   token ids (a context past 16k): a few milliseconds more (and, once, the child's start).
 
 Either way the request comes back parsed or as the ``InvalidFieldError`` naming its first bad
 field. A child that dies (killed, out of memory) fails the bodies it held with UNAVAILABLE and
