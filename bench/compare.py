@@ -242,23 +242,17 @@ async def run_on_cluster(
 
 
 def check_up_args(args: argparse.Namespace) -> None:
-    """Every mode's ``up`` command line read as ``up`` reads it (its flags, then its
-    ClusterSpec), before any cluster: ``--up-args`` that a mode refuses (``--decode 2`` where
-    the mode decides, ``--coordinator-args`` where none runs) fail now, not after the modes
-    before it have run."""
-    from services import up
+    """Every mode's ``up`` command line read as ``up`` reads it, before any cluster:
+    ``--up-args`` that a mode refuses (``--decode 2`` where the mode decides) fail now, not
+    after the modes before it have run."""
+    from services.up import spec_from_argv
 
-    p = argparse.ArgumentParser(prog="banaserve up", exit_on_error=False)
-    up.add_arguments(p)
     extra = tuple(shlex.split(args.up_args))
     for mode in (Mode(m) for m in args.modes):
         argv = up_argv(mode, args.model, args.threads, args.pin, extra)[4:]  # after "up"
         try:
-            parsed, unknown = p.parse_known_args(argv)
-            if unknown:
-                raise ConfigError(f"unrecognized arguments: {' '.join(unknown)}")
-            up.cluster_spec(parsed)
-        except (argparse.ArgumentError, ConfigError) as exc:
+            spec_from_argv(argv)
+        except ConfigError as exc:
             raise ConfigError(f"--up-args for mode {mode.value}: {exc}") from None
 
 

@@ -185,6 +185,21 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
     return ClusterSpec(num_prefill=1 if args.prefill is None else args.prefill, **given, **common)
 
 
+def spec_from_argv(argv: list[str]) -> ClusterSpec:
+    """The cluster ``banaserve up ARGV`` would start, read as ``up`` reads it (its flags, then
+    ``cluster_spec``), for callers that replay or check an ``up`` command line (``bench
+    compare``, the simulator); flags it cannot read are a ``ConfigError``."""
+    p = argparse.ArgumentParser(prog="banaserve up", add_help=False, exit_on_error=False)
+    add_arguments(p)
+    try:
+        args, unknown = p.parse_known_args(argv)
+    except argparse.ArgumentError as exc:
+        raise ConfigError(str(exc)) from None
+    if unknown:
+        raise ConfigError(f"unrecognized arguments: {' '.join(unknown)}")
+    return cluster_spec(args)
+
+
 def run_up(args: argparse.Namespace) -> int:
     try:
         spec = cluster_spec(args)

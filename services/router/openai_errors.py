@@ -83,13 +83,17 @@ def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return status_for(exc)
 
 
+# The HTTP API's own refusals of a body, whose status HTTP has a name for (gRPC's code stays).
+BODY_STATUS: dict[type[BaseException], int] = {
+    BodyTooLargeError: 413,
+    BodyTimeoutError: 408,
+    UnsupportedMediaTypeError: 415,
+}
+
+
 def error_json(exc: BaseException) -> tuple[int, dict[str, Any]]:
     code, message = grpc_status(exc)
-    status = 413 if isinstance(exc, BodyTooLargeError) else HTTP_STATUS.get(code, 500)
-    if isinstance(exc, BodyTimeoutError):
-        status = 408
-    if isinstance(exc, UnsupportedMediaTypeError):
-        status = 415
+    status = BODY_STATUS.get(type(exc)) or HTTP_STATUS.get(code, 500)
     if isinstance(exc, OverloadedError) and exc.outcome is not Outcome.SHED_CLIENT_LIMIT:
         status = 503  # the router as a whole is full, not this client over its share
     if status == 404 and not isinstance(exc, ModelNotFoundError):

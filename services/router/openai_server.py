@@ -106,8 +106,8 @@ class GuardedHttp(HttpToolsProtocol):
         # Counted whole, checked after parsing: the chunk that completes the headers may carry
         # the body's start, and only headers still incomplete past the bound are refused
         # (httptools buffers a header until its end, so its callbacks cannot count them).
-        waiting = self._header_timer is not None
-        self._header_bytes += len(data) if waiting else 0
+        if self._header_timer is not None:
+            self._header_bytes += len(data)
         super().data_received(data)
         if (
             self._header_timer is not None

@@ -40,8 +40,7 @@ from services.sim.cluster import SimSpec
 from services.sim.inputs import plan_workload, read_compare
 from services.sim.profile import Profile
 from services.sim.replay import Job, coordinator_policy, simulate_sequence
-from services.up import add_arguments as add_up_arguments
-from services.up import cluster_spec
+from services.up import spec_from_argv
 
 METRICS = (
     ("output_throughput", "out tok/s", 0.10),
@@ -92,8 +91,6 @@ def up_spec(mode: Mode, config: dict) -> ClusterSpec:
     """The cluster ``bench compare`` started for ``mode``: ``up``'s own parser and
     ``cluster_spec`` over the mode's flags and the run's ``--up-args`` (``--num-kv-blocks``,
     ``--kv-transport``, ``--coordinator-args``...)."""
-    p = argparse.ArgumentParser(add_help=False)
-    add_up_arguments(p)
     # up's data planes when the run was made: a run recorded before up's default became TCP
     # (session 13) ran on UCX
     planes = config.get("up_data_planes") or {"kv_transport": "ucx", "kvstore_transport": "ucx"}
@@ -101,9 +98,9 @@ def up_spec(mode: Mode, config: dict) -> ClusterSpec:
             "--kvstore-transport", planes["kvstore_transport"],
             *shlex.split(config.get("extra_up_args") or "")]  # fmt: skip
     try:
-        return cluster_spec(p.parse_args(argv))
-    except SystemExit as exc:
-        raise ConfigError(f"the compare JSON's up arguments do not parse: {argv}") from exc
+        return spec_from_argv(argv)
+    except ConfigError as exc:
+        raise ConfigError(f"the compare JSON's up arguments do not parse: {argv}: {exc}") from None
 
 
 def _flags(argv: tuple[str, ...]) -> argparse.Namespace:
