@@ -252,6 +252,11 @@ class RequestMetrics:
             "banaserve_router_kv_transfer_bytes", "KV bytes moved prefill to decode", registry=r
         )
         self.tokens = Counter("banaserve_router_tokens", "tokens by kind", ["kind"], registry=r)
+        self.resumes = Counter(
+            "banaserve_router_resumes",
+            "requests resumed on another worker after theirs was lost mid-stream",
+            registry=r,
+        )
 
     def finished(self, event: Any) -> None:
         """A ``Finished`` event: the request's outcome is its finish reason."""
@@ -271,6 +276,9 @@ class RequestMetrics:
 
     def failed(self, exc: BaseException) -> None:
         self.requests.labels("error").inc()
+
+    def resumed(self) -> None:
+        self.resumes.inc()
 
     def collectors(self) -> list[Collector]:
         return [self.registry]  # a registry collects everything registered with it

@@ -18,6 +18,9 @@ RUNNING; the engine prefills it alongside the running decodes and the stream car
 token, the first included. Any worker does the same for a ``reserve`` whose prompt lies in its
 prefix cache but for at most ``local_prefill_max_tokens`` tokens (conditional disaggregation:
 the router's ``--local-prefill-max-tokens``); the reservation says so (``prefilling_locally``).
+So does any worker for a ``reserve`` that resumes a request whose worker was lost after its
+first token (``resume_output_token_ids``: the tokens the client has; the router's driver): the
+prompt and those tokens prefill here and the stream carries the tokens after them.
 
 The engine runs on an ``EngineLoop`` (services/engine/loop.py): every engine call is a command,
 run in submission order between two steps, so an abort submitted before a ``stats`` call is
@@ -164,12 +167,19 @@ class DecodeWorker:
         timeout_s: float | None = None,
         prefill_locally: bool = False,
         local_prefill_max_tokens: int = 0,
+        resume_output_token_ids: tuple[int, ...] | list[int] = (),
     ) -> Reservation:
         """Blocks for a prompt's KV under a lease, or (``prefill_locally``, or at most
         ``local_prefill_max_tokens`` of the prompt outside the prefix cache) the prompt joins
-        the batch here at once; the reservation says which."""
-        if prefill_locally and not self.config.prefill_locally:
+        the batch here at once; the reservation says which.
+
+        ``resume_output_token_ids``: the request lost the worker that generated these tokens;
+        it goes on here from them, prompt and tokens prefilled locally on any worker role (a
+        recovery, not a routing choice; ``Engine.add_request``)."""
+        resume = tuple(resume_output_token_ids)
+        if prefill_locally and not self.config.prefill_locally and not resume:
             raise ConfigError("this is a decode worker: only a mixed worker prefills locally")
+        prefill_locally = prefill_locally or bool(resume)
         if not request_id:
             raise InvalidRequestError("request_id is empty")
         if lease_s is not None and lease_s <= 0:
@@ -185,7 +195,9 @@ class DecodeWorker:
         try:
             if prefill_locally:  # RUNNING first: its first outputs may come before we wake
                 entry.status = RequestStatus.RUNNING
-                await self._loop.call(lambda e: e.add_request(ids, prompt, params))
+                await self._loop.call(
+                    lambda e: e.add_request(ids, prompt, params, output_token_ids=resume)
+                )
             else:
 
                 def begin(e: Engine) -> int | None:

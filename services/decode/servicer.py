@@ -250,6 +250,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 seconds(request.timeout) if request.HasField("timeout") else None,
                 request.prefill_locally,
                 request.local_prefill_max_tokens,
+                tuple(request.resume_output_token_ids),
             )
             if _past_deadline(context):  # the reply cannot arrive: hold nothing
                 await self._worker.release(request.request_id)

@@ -35,6 +35,7 @@ import torch
 from services.common.config import EngineConfig
 from services.common.errors import (
     InvalidRequestError,
+    OutOfRangeError,
     RequestNotFoundError,
     ResourceExhaustedError,
 )
@@ -52,7 +53,7 @@ from services.engine.migration import Migration
 from services.engine.model_runner import ModelRunner
 from services.engine.models.loader import DTYPES, load_layers, load_model
 from services.engine.models.prepare import resolve_model
-from services.engine.outputs import Completion, aborted, append_token
+from services.engine.outputs import Completion, aborted, append_token, resume
 from services.engine.pipeline import Pipeline
 from services.engine.placement import Placement
 from services.engine.ports import PortFailed, StageFailedError
@@ -204,13 +205,44 @@ class Engine:
         )
 
     def add_request(
-        self, request_id: str, prompt: Prompt, params: SamplingParams, chat: bool = False
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams,
+        chat: bool = False,
+        output_token_ids: tuple[int, ...] | list[int] = (),
     ) -> None:
+        """Queue a request. ``output_token_ids``: tokens it generated elsewhere before that
+        worker was lost (a resumed request, outputs.py ``resume``): they are recomputed with
+        the prompt, count against ``max_tokens``, seed the sampler's token index and the text
+        already emitted, so the request goes on exactly where it stopped."""
         token_ids = self.encode(prompt, chat)
         self.requests.check_prompt(token_ids)
-        request = self._new_request(request_id, token_ids, params)
+        if output_token_ids:
+            request = self._resumed_request(request_id, token_ids, list(output_token_ids), params)
+        else:
+            request = self._new_request(request_id, token_ids, params)
         self.requests.active[request_id] = request
         self.scheduler.add(request.seq)
+
+    def _resumed_request(
+        self, request_id: str, prompt: list[int], outputs: list[int], params: SamplingParams
+    ) -> RequestState:
+        self.requests.check_vocab(outputs)
+        total = len(prompt) + len(outputs)
+        if total >= self.max_model_len:
+            raise OutOfRangeError(
+                f"prompt and resumed output have {total} tokens; this model's context is "
+                f"{self.max_model_len} tokens, and the next token must fit"
+            )
+        if len(outputs) >= params.max_tokens:
+            raise InvalidRequestError(
+                f"{len(outputs)} resumed output tokens: max_tokens {params.max_tokens} leaves "
+                "none to generate"
+            )
+        request = self._new_request(request_id, prompt, params)
+        resume(request, outputs, self.max_model_len)
+        return request
 
     def num_cached_prompt_tokens(self, token_ids: list[int]) -> int:
         """How many of a prompt's tokens the prefix cache holds now (what a prefill of it would

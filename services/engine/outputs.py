@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from services.common.errors import InvalidRequestError
 from services.common.types import FinishReason, RequestOutput
 from services.engine.requests import RequestState
 
@@ -48,6 +49,20 @@ def append_token(request: RequestState, token: int, max_model_len: int) -> Reque
         seq.num_prompt_tokens,
         seq.num_cached_tokens,
     )
+
+
+def resume(request: RequestState, outputs: list[int], max_model_len: int) -> None:
+    """Replay ``outputs``, tokens this request generated on a worker since lost, into a new
+    request as ``append_token`` added them there: one at a time, so its text, the part of it
+    already emitted and the part held back for stop strings are what they were. A token that
+    would have ended the request there is ``InvalidRequestError``: such a request was done."""
+    for index, token in enumerate(outputs):
+        out = append_token(request, token, max_model_len)
+        if out.finished:
+            raise InvalidRequestError(
+                f"resumed output token {index} ({token}) would have finished the request "
+                f"({out.finish_reason.value if out.finish_reason else 'done'}): nothing to resume"
+            )
 
 
 def finish_reason(request: RequestState, token: int, max_model_len: int) -> FinishReason | None:

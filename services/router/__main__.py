@@ -92,6 +92,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(a client reusing the id of a call it gave up on) before ALREADY_EXISTS (0: at once)",
     )
     p.add_argument(
+        "--max-resumes",
+        type=int,
+        default=DriverConfig.max_resumes,
+        metavar="N",
+        help="a request whose worker is lost after its first token goes on on another worker "
+        "from the tokens it has, at most N times (0: it fails UNAVAILABLE; docs/services.md)",
+    )
+    p.add_argument(
         "--local-prefill-max-tokens",
         type=int,
         default=DriverConfig.local_prefill_max_tokens,
@@ -190,6 +198,7 @@ async def serve(args: argparse.Namespace) -> None:
             id_reuse_wait_s=args.id_reuse_wait_s,
             local_prefill_max_tokens=args.local_prefill_max_tokens,
             local_prefill_queue_tokens=args.local_prefill_queue_tokens,
+            max_resumes=args.max_resumes,
         ),
     )
     driver.observer = requests = RequestMetrics()

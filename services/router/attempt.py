@@ -1,6 +1,8 @@
 """One try at a request on one worker pair: steps 2-4 of the driver's lifecycle
 (services/router/driver.py) — reserve on D, prefill on P into that reservation (or prefill on a
-colocated D), relay the tokens; whatever it reserved is released however it ends."""
+colocated D), relay the tokens; whatever it reserved is released however it ends. A resumed try
+(its request's worker was lost after the first token) reserves on D alone with the tokens the
+caller has, and relays what D generates after them."""
 
 from __future__ import annotations
 
@@ -40,6 +42,15 @@ class LostBeforeFirstToken(Exception):
         self.error = error
 
 
+class LostAfterFirstToken(Exception):
+    """A worker was lost after the caller had tokens: the driver may resume the request."""
+
+    def __init__(self, worker_id: str, error: WorkerCallError) -> None:
+        super().__init__(worker_id)
+        self.worker_id = worker_id
+        self.error = error
+
+
 class Attempt:
     """One try at a request on one worker pair (steps 2-4 of the lifecycle above)."""
 
@@ -55,8 +66,8 @@ class Attempt:
         self._assignment, self._arrival = assignment, arrival
         self._decode = driver.clients().decode(assignment.decode)
         self._prefill = driver.clients().prefill(assignment.prefill)
-        self._routing_s = self._ttft_s = 0.0
         self._local = False  # D prefills the prompt (conditional disaggregation)
+        self._resumed = bool(request.resume_output_token_ids)
 
     async def run(self) -> Finished:
         try:
@@ -90,8 +101,8 @@ class Attempt:
         except asyncio.CancelledError:
             await self._release(self._job.release_reason)
             raise
-        except LostBeforeFirstToken:
-            raise  # released already, to find out who was lost
+        except (LostBeforeFirstToken, LostAfterFirstToken):
+            raise  # released already: to find out who was lost, or before giving D up
         except BaseException:
             # A call that failed at the request's deadline did not lose its peer.
             late = self._driver.now() >= self._job.deadline
@@ -110,27 +121,34 @@ class Attempt:
             reservation.data_transport,
             reservation.num_cached_blocks,
         )
-        self._routing_s = self._driver.now() - self._arrival
-        result = await self._run_prefill(target)
+        self._mark_routed()
+        result = self._job.prefill = await self._run_prefill(target)
         if result.finish_reason is not None:
             await self._release(ReleaseReason.FINISHED_ON_PREFILL)
             return self._finished(result, DecodeResult(result.finish_reason, 1))
         outcome: DecodeResult | None = None
         stream = self._decode.stream_tokens(self._request.request_id, self._remaining())
-        async for frame in stream:
-            if isinstance(frame, Delta):
-                self._job.events.put_nowait(frame)
-            else:
-                outcome = frame
+        try:
+            async for frame in stream:
+                if isinstance(frame, Delta):
+                    self._emit(frame)
+                else:
+                    outcome = frame
+        except WorkerCallError as exc:
+            if exc.lost:
+                await self._release(ReleaseReason.PEER_LOST)
+                raise LostAfterFirstToken(decode.worker_id, exc) from None
+            raise
         if outcome is None:
             raise self._protocol_error(decode.worker_id, "StreamTokens ended without finished")
         return self._finished(result, outcome)
 
     async def _colocated(self) -> Finished:
-        """P is D: D prefills in its own batch; its stream's first delta is the first token."""
-        self._routing_s = self._driver.now() - self._arrival
+        """P is D: D prefills in its own batch; its stream's first delta is the first token
+        (of a resumed try: the first after those the caller has)."""
+        self._mark_routed()
         outcome: DecodeResult | None = None
-        first = True
+        first = not self._resumed
         try:
             async for frame in self._decode.stream_tokens(
                 self._request.request_id, self._remaining()
@@ -139,12 +157,15 @@ class Attempt:
                     first = False
                     self._emit_first(frame)
                 elif isinstance(frame, Delta):
-                    self._job.events.put_nowait(frame)
+                    self._emit(frame)
                 else:
                     outcome = frame
         except WorkerCallError as exc:
             if exc.lost and first:
                 raise LostBeforeFirstToken(self._assignment.decode.worker_id, exc) from None
+            if exc.lost:
+                await self._release(ReleaseReason.PEER_LOST)
+                raise LostAfterFirstToken(self._assignment.decode.worker_id, exc) from None
             raise
         if outcome is None:
             raise self._protocol_error(self._assignment.decode.worker_id, "no finished frame")
@@ -165,6 +186,8 @@ class Attempt:
         except WorkerCallError as exc:
             if exc.lost and not first:
                 raise LostBeforeFirstToken(await self._who_is_lost(), exc) from None
+            if exc.lost:
+                raise LostAfterFirstToken(await self._who_is_lost(), exc) from None
             raise
         if result is None:
             raise self._protocol_error(self._assignment.prefill.worker_id, "no done frame")
@@ -184,8 +207,17 @@ class Attempt:
             a.decode.worker_id,
         )
         self._job.events.put_nowait(started)
+        self._emit(delta)
+        self._job.ttft_s = self._driver.now() - self._arrival
+
+    def _emit(self, delta: Delta) -> None:
+        """Hands a delta to the caller; its tokens are what a resumed try goes on from."""
+        self._job.output_token_ids.extend(delta.token_ids)
         self._job.events.put_nowait(delta)
-        self._ttft_s = self._driver.now() - self._arrival
+
+    def _mark_routed(self) -> None:
+        if not self._resumed:  # a resumed try keeps the request's first routing time
+            self._job.routing_s = self._driver.now() - self._arrival
 
     async def _who_is_lost(self) -> str:
         """P answered UNAVAILABLE: P is gone, or P could not reach D. Releasing the reservation
@@ -213,9 +245,12 @@ class Attempt:
         )
 
     def _finished(self, prefill: PrefillResult, decode: DecodeResult) -> Finished:
+        # A resumed try reports its request's prefill, if one finished before the loss.
+        prefill = self._job.prefill or prefill
+        num_prompt_tokens = len(self._request.prompt_token_ids)
         timings = Timings(
-            routing_s=self._routing_s,
-            ttft_s=self._ttft_s,
+            routing_s=self._job.routing_s,
+            ttft_s=self._job.ttft_s,
             total_s=self._driver.now() - self._arrival,
             prefill_s=prefill.prefill_s,
             kv_transfer_s=prefill.kv_transfer_s,
@@ -224,9 +259,10 @@ class Attempt:
         )
         return Finished(
             decode.finish_reason,
-            len(self._request.prompt_token_ids),
+            num_prompt_tokens,
             decode.num_completion_tokens,
-            prefill.num_cached_tokens or decode.num_cached_tokens,
+            # (a resumed try's local prefill may have found the resumed tokens cached too)
+            min(prefill.num_cached_tokens or decode.num_cached_tokens, num_prompt_tokens),
             timings,
         )
 

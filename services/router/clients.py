@@ -86,6 +86,7 @@ class GrpcDecodeClient:
             timeout=duration(timeout_s),
             prefill_locally=prefill_locally,
             local_prefill_max_tokens=local_prefill_max_tokens,
+            resume_output_token_ids=request.resume_output_token_ids,
         )
         try:
             reply = await self._stub.ReserveKV(message, timeout=timeout_s)

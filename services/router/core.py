@@ -112,6 +112,10 @@ class RouteRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     max_tokens: int
+    # A resumed request (its worker was lost after its first token): the prompt is the
+    # original one and the tokens the client has; one decode-capable worker prefills and
+    # decodes it, whatever the mode, so no prefill worker is needed.
+    decode_only: bool = False
 
     def __post_init__(self) -> None:
         check_request(bool(self.request_id), "request_id must be non-empty")
@@ -193,9 +197,12 @@ class Router:
         self._registry.settle(request.request_id)  # a second try replaces the first
         healthy = self._registry.healthy()
         view = _view(request, healthy)
-        prefills, decoders = self._candidates(healthy, view)
-        prefill = self._policy.choose(prefills, view)
-        decode = prefill if prefill.role is WorkerRole.MIXED else most_free_blocks(decoders)
+        if request.decode_only:
+            prefill = decode = most_free_blocks(self._decoders(healthy, view))
+        else:
+            prefills, decoders = self._candidates(healthy, view)
+            prefill = self._policy.choose(prefills, view)
+            decode = prefill if prefill.role is WorkerRole.MIXED else most_free_blocks(decoders)
         self._record(prefill, decode, view)
         return Assignment(request.request_id, prefill, decode, view.num_kv_blocks)
 
@@ -204,21 +211,26 @@ class Router:
     ) -> tuple[list[WorkerInfo], list[WorkerInfo]]:
         """(prefill candidates, decode candidates that fit), both non-empty, or raise."""
         if self._colocated:
-            prefill_roles, decode_roles = {WorkerRole.MIXED}, {WorkerRole.MIXED}
+            prefill_roles = {WorkerRole.MIXED}
         else:
             prefill_roles = {WorkerRole.PREFILL, WorkerRole.MIXED}
-            decode_roles = {WorkerRole.DECODE, WorkerRole.MIXED}
         prefill_capable = self._with_role(healthy, prefill_roles, "prefill", view)
-        decoders = self._with_role(healthy, decode_roles, "decode", view)
-        fits = [w for w in decoders if w.num_free_blocks >= view.num_kv_blocks]
-        if not fits:
-            raise _no_room(view, decoders, _names(decode_roles))
+        fits = self._decoders(healthy, view)
         # A mixed worker keeps what it prefills, so it must fit itself; a prefill worker
         # hands off to one of ``fits``.
         prefills = [w for w in prefill_capable if w.role is WorkerRole.PREFILL or w in fits]
         if not prefills:
             raise _no_room(view, prefill_capable, _names(prefill_roles - {WorkerRole.PREFILL}))
         return prefills, fits
+
+    def _decoders(self, healthy: Sequence[WorkerInfo], view: RequestView) -> list[WorkerInfo]:
+        """The decode candidates that fit the request, non-empty, or raise."""
+        roles = {WorkerRole.MIXED} if self._colocated else {WorkerRole.DECODE, WorkerRole.MIXED}
+        decoders = self._with_role(healthy, roles, "decode", view)
+        fits = [w for w in decoders if w.num_free_blocks >= view.num_kv_blocks]
+        if not fits:
+            raise _no_room(view, decoders, _names(roles))
+        return fits
 
     def _with_role(
         self, healthy: Sequence[WorkerInfo], roles: set[WorkerRole], job: str, view: RequestView

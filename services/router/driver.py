@@ -14,6 +14,12 @@ router instead of failing; one that could never fit fails at once (RESOURCE_EXHA
 no registered worker can serve waits the same way for at most ``no_worker_wait_s`` (a worker
 starting, restarting or back from a late report), then fails UNAVAILABLE.
 A worker lost in 2-3 (before the first token) is removed and the request routed again, once.
+Resuming: a worker lost after the first token (P during its hand-off, D while decoding) is
+removed too, and the request goes on on a decode-capable worker (``RouteRequest.decode_only``)
+from the tokens its caller has: that worker prefills the prompt and those tokens and streams
+what follows (ReserveKVRequest.resume_output_token_ids), exactly what the lost one would have
+sent for greedy and seeded sampling alike (the sampler draws token ``i`` from ``(seed, i)``), at
+most ``DriverConfig.max_resumes`` times, within the deadline; the caller sees one stream.
 Abort, client cancellation, the deadline, or a failure after step 2 release D's reservation
 (``DecodeClient.release``): nothing a request held outlives it. Every call gets what is left of
 the deadline as its own; a request without one gets ``DriverConfig.default_timeout_s``.
@@ -41,13 +47,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from services.common.errors import PermissionDeniedError, RequestNotFoundError
-from services.router.attempt import Attempt, FullOnReserve, LostBeforeFirstToken
+from services.router.attempt import (
+    Attempt,
+    FullOnReserve,
+    LostAfterFirstToken,
+    LostBeforeFirstToken,
+)
 from services.router.core import (
     Assignment,
     NoRoomNowError,
@@ -78,6 +90,8 @@ from services.router.driver_types import (  # the driver's API, imported from he
     WorkerLostError,
     aborted_finished,
 )
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "DecodeClient",
@@ -120,6 +134,11 @@ class _Job:
     # The cleanup of the last request with this id, if it was still running at the open.
     predecessor: asyncio.Task[None] | None = None
     owner: str = ""
+    # Every token handed to the caller, in order: what a resumed try goes on from.
+    output_token_ids: list[int] = dataclasses.field(default_factory=list)
+    routing_s: float = 0.0  # of the first try: from arrival to its worker pair
+    ttft_s: float = 0.0
+    prefill: PrefillResult | None = None  # the prefill worker's, once one has ended
 
     @property
     def ending(self) -> bool:
@@ -332,22 +351,44 @@ class RequestDriver:
             self.router.settle(job.request_id)
 
     async def _serve(self, job: _Job, request: GenerateInput, arrival: float) -> Finished:
-        route = RouteRequest(
-            request.request_id, request.prompt_token_ids, request.sampling.max_tokens
-        )
-        attempt = 1
+        attempt, resumes = 1, 0
         while True:
+            outputs = tuple(job.output_token_ids)
+            route = RouteRequest(
+                request.request_id,
+                request.prompt_token_ids + outputs,
+                request.sampling.max_tokens - len(outputs),
+                decode_only=bool(outputs),
+            )
             assignment = await self._admit(job, route)
+            this_try = dataclasses.replace(request, resume_output_token_ids=outputs)
             try:
-                return await Attempt(self, job, request, assignment, arrival).run()
+                return await Attempt(self, job, this_try, assignment, arrival).run()
             except FullOnReserve as full:
                 # The router's estimate was a report behind the worker: count it full until
                 # its next report, and wait for room like any request that does not fit now.
                 self.router.mark_full(full.worker_id)
                 await asyncio.sleep(min(self.config.admission_poll_s, self.remaining(job)))
                 continue
-            except LostBeforeFirstToken as lost:
+            except (LostBeforeFirstToken, LostAfterFirstToken) as lost:
                 self._forget(lost.worker_id, str(lost.error))
+                if job.output_token_ids:  # the caller has tokens: go on from them
+                    if resumes == self.config.max_resumes:
+                        raise WorkerLostError(
+                            f"request {request.request_id!r}: worker {lost.worker_id!r} was "
+                            f"lost after {len(job.output_token_ids)} tokens"
+                            + (f", after {resumes} resumes" if resumes else "")
+                            + f" ({lost.error})"
+                        ) from None
+                    resumes += 1
+                    _log.warning(
+                        "request %r lost worker %r after %d tokens; resuming elsewhere (%d of %d)",
+                        request.request_id, lost.worker_id, len(job.output_token_ids),
+                        resumes, self.config.max_resumes,
+                    )  # fmt: skip
+                    if self.observer is not None:
+                        self.observer.resumed()
+                    continue
                 if attempt == 2:
                     raise WorkerLostError(
                         f"request {request.request_id!r}: worker {lost.worker_id!r} was lost "

@@ -76,6 +76,9 @@ class GenerateInput:
     sampling: SamplingParams
     # Who may abort it: the caller's identity (services.rpc.security.caller_identity).
     owner: str = ""
+    # Tokens the caller has already had from a worker that was lost: a resumed try goes on
+    # from them (the driver sets it; the decode worker's ReserveKV resume_output_token_ids).
+    resume_output_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,9 @@ class RequestObserver(Protocol):
 
     def failed(self, exc: BaseException) -> None: ...
 
+    def resumed(self) -> None:
+        """A request lost its worker after its first token and goes on on another."""
+
 
 class DecodeClient(Protocol):
     """The router's calls to one decode (or mixed) worker; failures raise ``WorkerCallError``."""
@@ -209,6 +215,11 @@ class DriverConfig:
     # to it since) holds at least this many prompt tokens and the decode worker's fewer (0:
     # never): a queue that long is a wait longer than D's own prefill of the prompt would be.
     local_prefill_queue_tokens: int = 0
+    # A request whose worker is lost after its first token goes on on another decode-capable
+    # worker from the tokens its caller has (services/router/driver.py, "Resuming"), at most
+    # this many times; 0: it fails UNAVAILABLE. Two: one worker lost, then one more while the
+    # first is still being noticed (a cluster losing more than that at once is better told).
+    max_resumes: int = 2
 
     def __post_init__(self) -> None:
         for name in ("lease_s", "default_timeout_s", "release_timeout_s", "admission_poll_s"):
@@ -219,6 +230,10 @@ class DriverConfig:
         for name in ("no_worker_wait_s", "id_reuse_wait_s"):
             value = getattr(self, name)
             require_config(math.isfinite(value) and value >= 0, f"{name} must be >= 0, got {value}")
+        require_config(
+            0 <= self.max_resumes <= 1000,
+            f"max_resumes must be in [0, 1000], got {self.max_resumes}",
+        )
         for name in ("local_prefill_max_tokens", "local_prefill_queue_tokens"):
             value = getattr(self, name)
             require_config(0 <= value < 1 << 32, f"{name} must be in [0, 2^32), got {value}")

@@ -162,6 +162,38 @@ def test_decode_only_worker_refuses_local_prefill(tiny_llama):
     assert_no_leaks(worker.engine)
 
 
+def test_a_decode_worker_resumes_a_request_from_the_tokens_its_client_has(tiny_llama):
+    """Any worker role prefills a resumed request itself and streams the tokens after those it
+    was given; a resume that cannot go on is refused before anything is held."""
+    prompt = prompt_ids(40, 3)
+    [whole] = make_engine(tiny_llama).generate([prompt], GREEDY)
+    worker = DecodeWorker(make_engine(tiny_llama))  # a decode worker, not a mixed one
+
+    async def main():
+        await worker.start()
+        try:
+            have = tuple(whole.token_ids[:5])
+            granted = await worker.reserve("r", prompt, GREEDY, resume_output_token_ids=have)
+            assert granted.status is RequestStatus.RUNNING and granted.prefilling_locally
+            tokens, last = [], None
+            async for event in worker.stream("r"):
+                if isinstance(event, Finished):
+                    last = event
+                else:
+                    tokens += event.token_ids
+            assert list(have) + tokens == whole.token_ids
+            assert last.reason is FinishReason.LENGTH
+            with pytest.raises(InvalidRequestError, match="none to generate"):
+                await worker.reserve("s", prompt, GREEDY, resume_output_token_ids=whole.token_ids)
+            stats = await worker.stats()
+            assert stats.num_blocks_used == 0 and stats.reservations == []
+        finally:
+            await worker.stop()
+
+    asyncio.run(main())
+    assert_no_leaks(worker.engine)
+
+
 def test_release_during_an_import_waits_for_the_copy_then_frees(tiny_llama):
     """KV is copied in off the engine thread; an abort in the middle of a copy must not free
     the blocks under it (they could go to another request while the copy still writes)."""

@@ -173,39 +173,88 @@ def decode_stats(address: str):
         return decode_pb2_grpc.DecodeServiceStub(ch).Stats(decode_pb2.DecodeServiceStatsRequest())
 
 
-def test_killed_decode_worker_fails_the_request_fast_and_the_rest_serves_on(
+def kill_mid_stream(cluster, workers, prompt, params, kill_at: int = 3):
+    """Streams one request, SIGKILLs the worker decoding it once ``kill_at`` tokens came back;
+    the tokens, or the client's error."""
+    with BanaServeClient(cluster.router.address) as client:
+        stream = client.generate(prompt, timeout_s=60, **params)
+        try:
+            for i, _ in enumerate(stream):
+                if i == kill_at:  # mid-stream: kill the worker decoding it
+                    busy = [w for w in workers if decode_stats(w.address).num_running_seqs]
+                    assert len(busy) == 1
+                    busy[0].proc.kill()
+        except BanaServeClientError as exc:
+            return exc
+        # The router took the dead worker out; new requests go to the survivor.
+        result = client.complete(
+            prompt_ids(10, 4), temperature=0.0, max_tokens=4, ignore_eos=True, timeout_s=30
+        )
+        assert len(result.token_ids) == 4
+        return stream.result
+
+
+RESUMED = [
+    pytest.param({}, dict(temperature=0.0), id="pd-greedy"),
+    pytest.param({}, dict(temperature=0.9, top_p=0.9, seed=1234), id="pd-seeded"),
+    pytest.param({"num_prefill": 0, "num_decode": 0, "num_mixed": 2, "num_kvstore": 0,
+                  "policy": "colocated"}, dict(temperature=0.0), id="colocated"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("shape", "sampling"), RESUMED)
+def test_a_worker_killed_mid_stream_is_resumed_on_another_with_the_same_tokens(
+    banaserve_home, tiny_llama, tmp_path, shape, sampling
+):
+    """The decode (or mixed) worker serving a request is SIGKILLed after its 4th token: the
+    router resumes it on the other worker from the tokens the client has, and the client gets
+    one uninterrupted stream equal to the in-process engine's output (greedy and seeded)."""
+    shape = {"num_decode": 2, **shape}
+    spec = ClusterSpec(
+        num_kv_blocks=512, extra_env={"BANASERVE_HOME": str(banaserve_home)}, **shape
+    )
+    params = dict(max_tokens=160, ignore_eos=True, **sampling)
+    prompt = prompt_ids(40, 3)
+    [expected] = make_engine(tiny_llama).generate([prompt], SamplingParams(**params))
+    with open(tmp_path / "cluster.log", "w") as log:
+        cluster = LocalCluster(spec, log)
+        cluster.start()
+        try:
+            workers = [c for c in cluster.children if c.name.startswith(("decode", "mixed"))]
+            result = kill_mid_stream(cluster, workers, prompt, params)
+            assert not isinstance(result, BaseException), result
+            assert list(result.token_ids) == expected.token_ids
+            assert result.text == expected.text
+            assert result.finish_reason == "length"
+            [survivor] = [w for w in workers if w.proc.poll() is None]
+            stats = decode_stats(survivor.address)
+            assert stats.kv.num_blocks_used == 0 and not stats.reservations, stats
+        finally:
+            cluster.stop()
+    assert "resuming elsewhere (1 of 2)" in (tmp_path / "cluster.log").read_text()
+
+
+def test_with_no_resumes_a_killed_decode_worker_fails_the_request_fast(
     banaserve_home, tiny_llama, tmp_path
 ):
     spec = ClusterSpec(
-        num_decode=2, num_kv_blocks=512, extra_env={"BANASERVE_HOME": str(banaserve_home)}
+        num_decode=2,
+        num_kv_blocks=512,
+        extra_env={"BANASERVE_HOME": str(banaserve_home)},
+        service_args={"router": ("--max-resumes", "0")},
     )
     with open(tmp_path / "cluster.log", "w") as log:
         cluster = LocalCluster(spec, log)
         cluster.start()
         try:
             decodes = [cluster.child("decode-0"), cluster.child("decode-1")]
-            with BanaServeClient(cluster.router.address) as client:
-                stream = client.generate(
-                    prompt_ids(40, 3),
-                    temperature=0.0,
-                    max_tokens=3000,
-                    ignore_eos=True,
-                    timeout_s=30,
-                )
-                started = time.monotonic()
-                with pytest.raises(BanaServeClientError) as err:
-                    for i, _ in enumerate(stream):
-                        if i == 3:  # mid-stream: kill the worker decoding it
-                            busy = [d for d in decodes if decode_stats(d.address).num_running_seqs]
-                            assert len(busy) == 1
-                            busy[0].proc.kill()
-                assert err.value.code == grpc.StatusCode.UNAVAILABLE
-                assert time.monotonic() - started < 30  # failed with a reason, well in time
-                # The router takes the dead worker out; new requests go to the survivor.
-                result = client.complete(
-                    prompt_ids(10, 4), temperature=0.0, max_tokens=4, ignore_eos=True, timeout_s=30
-                )
-                assert len(result.token_ids) == 4
+            started = time.monotonic()
+            params = dict(temperature=0.0, max_tokens=3000, ignore_eos=True)
+            error = kill_mid_stream(cluster, decodes, prompt_ids(40, 3), params)
+            assert isinstance(error, BanaServeClientError), error
+            assert error.code == grpc.StatusCode.UNAVAILABLE
+            assert "was lost after" in str(error)
+            assert time.monotonic() - started < 30  # failed with a reason, well in time
         finally:
             cluster.stop()
 

@@ -5,7 +5,10 @@ whether it carried a deadline) in one shared log, and follow the protocol of pre
 decode.proto just far enough to exercise the router's orchestration (a decode worker's
 reservation names a data plane, which the prefill call must carry on). Behaviour per worker:
 ``tokens`` to produce, ``finish_on_prefill``, ``hang_decode`` (StreamTokens stalls after one
-delta, for cancel/abort/deadline tests).
+delta, for cancel/abort/deadline tests); set on one worker afterwards, ``die_after_deltas`` (its
+StreamTokens sends that many deltas, then it is gone: every call UNAVAILABLE) and
+``prefill_dies_after_first`` (the same after its Prefill's first token). A reservation that
+resumes a request (``resume_output_token_ids``) streams ``tokens`` after those it names.
 """
 
 from __future__ import annotations
@@ -72,9 +75,26 @@ class FakeWorker(prefill_pb2_grpc.PrefillServiceServicer, decode_pb2_grpc.Decode
         self.full_reserves = full_reserves  # refuse this many ReserveKV calls, as a full pool
         self.local: set[str] = set()  # requests reserved with prefill_locally
         self.shutting_down = False  # every call answers CANCELLED, as a server that stops
+        self.die_after_deltas: int | None = None
+        self.prefill_dies_after_first = False
+        self.dead = False
+        self.resumed: dict[str, int] = {}  # request id -> tokens the caller has
+
+    async def _unless_dead(self, context) -> None:
+        if self.dead:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.worker_id} is gone")
+
+    async def _die(self, context) -> None:
+        self.dead = True
+        await self._unless_dead(context)
 
     async def ReserveKV(self, request, context):
         call = ("reserve", self.worker_id, request.request_id)
+        await self._unless_dead(context)
+        if request.resume_output_token_ids:
+            call += ("resume", tuple(request.resume_output_token_ids))
+            self.resumed[request.request_id] = len(request.resume_output_token_ids)
+            assert request.prefill_locally
         if request.prefill_locally:
             call += ("prefill_locally",)
             self.local.add(request.request_id)
@@ -100,9 +120,12 @@ class FakeWorker(prefill_pb2_grpc.PrefillServiceServicer, decode_pb2_grpc.Decode
         )
         if self.shutting_down:
             await context.abort(grpc.StatusCode.CANCELLED, "the server is shutting down")
+        await self._unless_dead(context)
         self.log.data_planes[request.request_id] = (t.data_address, t.data_transport)
         first = common_pb2.TokenDelta(token_ids=[self.tokens[0]], text=f"<{self.tokens[0]}>")
         yield prefill_pb2.PrefillResponse(first_token=first)
+        if self.prefill_dies_after_first:
+            await self._die(context)
         reason = common_pb2.FINISH_REASON_STOP if self.finish_on_prefill else 0
         done = prefill_pb2.PrefillDone(
             finish_reason=reason,
@@ -117,9 +140,13 @@ class FakeWorker(prefill_pb2_grpc.PrefillServiceServicer, decode_pb2_grpc.Decode
 
     async def StreamTokens(self, request, context):
         self.log.record(context, "stream", self.worker_id, request.request_id)
+        await self._unless_dead(context)
         local = request.request_id in self.local
+        start = self.resumed.get(request.request_id, 0 if local else 1)
         try:
-            for token in self.tokens[0 if local else 1 :]:
+            for sent, token in enumerate(self.tokens[start:]):
+                if sent == self.die_after_deltas:
+                    await self._die(context)
                 delta = common_pb2.TokenDelta(token_ids=[token], text=f"<{token}>")
                 yield decode_pb2.StreamTokensResponse(delta=delta)
                 if self.hang_decode:
@@ -127,7 +154,7 @@ class FakeWorker(prefill_pb2_grpc.PrefillServiceServicer, decode_pb2_grpc.Decode
             finished = decode_pb2.DecodeFinished(
                 finish_reason=common_pb2.FINISH_REASON_LENGTH,
                 num_completion_tokens=len(self.tokens),
-                num_cached_tokens=32 if local else 0,
+                num_cached_tokens=16 if local else 0,  # one block of the 20-token prompt
             )
             yield decode_pb2.StreamTokensResponse(finished=finished)
         except asyncio.CancelledError:
@@ -137,6 +164,7 @@ class FakeWorker(prefill_pb2_grpc.PrefillServiceServicer, decode_pb2_grpc.Decode
     async def Release(self, request, context):
         reason = decode_pb2.ReleaseReason.Name(request.reason)
         self.log.record(context, "release", self.worker_id, request.request_id, reason)
+        await self._unless_dead(context)
         self.log.released.set()
         return decode_pb2.ReleaseResponse(found=True)
 
@@ -187,6 +215,7 @@ async def cluster(
     no_worker_wait_s: float = 0.2,
     local_prefill_max_tokens: int = 0,
     vocab_size: int | None = None,
+    max_resumes: int = DriverConfig.max_resumes,
     **behaviour,
 ) -> AsyncIterator[Cluster]:
     """A router with fake workers p0.., d0.. registered (each in ``dead`` at a dead address)."""
@@ -196,6 +225,7 @@ async def cluster(
         release_timeout_s=1.0,
         no_worker_wait_s=no_worker_wait_s,
         local_prefill_max_tokens=local_prefill_max_tokens,
+        max_resumes=max_resumes,
     )
     driver = RequestDriver(router, clients, config)
     prompts = PromptEncoder(lambda text, chat: [ord(c) for c in text], vocab_size=vocab_size)

@@ -241,6 +241,97 @@ def test_losing_a_worker_twice_fails_with_unavailable():
     asyncio.run(main())
 
 
+def tokens_of(frames) -> list[int]:
+    return [t for f in frames if f.WhichOneof("frame") == "delta" for t in f.delta.token_ids]
+
+
+def test_a_decode_worker_lost_mid_stream_resumes_the_request_on_another():
+    async def main():
+        async with cluster(decode=2) as c:
+            c.workers["d0"].die_after_deltas = 1  # P's token 7, d0's 8, then d0 is gone
+            c.router.report("d1", load(free=90), 2.0)  # d0 first: the most free blocks
+            frames = await collect(c.stub.Generate(request(), timeout=5))
+            kinds = [f.WhichOneof("frame") for f in frames]
+            assert kinds == ["started", "delta", "delta", "delta", "delta", "finished"]
+            assert frames[0].started.decode_worker_id == "d0"  # one Started: the first pair
+            assert tokens_of(frames) == [7, 8, 9, 10]
+            done = frames[-1].finished
+            assert done.finish_reason == common_pb2.FINISH_REASON_LENGTH
+            assert done.usage.num_completion_tokens == 4  # what the caller got, once each
+            assert done.timings.kv_bytes == 4096  # P's hand-off, before the loss
+            assert c.log.calls == [
+                ("reserve", "d0", "r1"),
+                ("prefill", "p0", "r1", "d0", "res-r1"),
+                ("stream", "d0", "r1"),
+                ("release", "d0", "r1", "RELEASE_REASON_PEER_LOST"),
+                # d1 prefills the prompt and the two tokens the caller has, and goes on.
+                ("reserve", "d1", "r1", "resume", (7, 8), "prefill_locally"),
+                ("stream", "d1", "r1"),
+            ]
+            status = {w.worker_id: w.status for w in c.router.workers()}
+            assert status["d0"] is WorkerStatus.REMOVED and status["d1"] is WorkerStatus.HEALTHY
+            assert c.driver.num_running == 0 and c.router.num_inflight() == 0
+
+    asyncio.run(main())
+
+
+def test_a_prefill_worker_lost_during_its_hand_off_resumes_on_the_decode_worker():
+    """The caller has the first token; the only prefill worker is gone: no prefill worker is
+    needed, D prefills the prompt and that token itself."""
+
+    async def main():
+        async with cluster() as c:
+            c.workers["p0"].prefill_dies_after_first = True
+            frames = await collect(c.stub.Generate(request(), timeout=5))
+            assert tokens_of(frames) == [7, 8, 9, 10]
+            assert [f.WhichOneof("frame") for f in frames].count("started") == 1
+            assert c.log.calls == [
+                ("reserve", "d0", "r1"),
+                ("prefill", "p0", "r1", "d0", "res-r1"),
+                ("release", "d0", "r1", "RELEASE_REASON_PEER_LOST"),  # d0 answers: p0 is lost
+                ("reserve", "d0", "r1", "resume", (7,), "prefill_locally"),
+                ("stream", "d0", "r1"),
+            ]
+            assert {w.worker_id: w.status for w in c.router.workers()}["p0"] is (
+                WorkerStatus.REMOVED
+            )
+
+    asyncio.run(main())
+
+
+def test_a_mixed_worker_lost_mid_stream_resumes_on_another():
+    async def main():
+        async with cluster(prefill=0, decode=0, mixed=2, policy="colocated") as c:
+            c.workers["m0"].die_after_deltas = 3
+            c.router.report("m1", load(queued=4096, free=90), 2.0)  # m0 first
+            frames = await collect(c.stub.Generate(request(), timeout=5))
+            assert tokens_of(frames) == [7, 8, 9, 10]
+            assert [call[:4] for call in c.log.calls][-2:] == [
+                ("reserve", "m1", "r1", "resume"),
+                ("stream", "m1", "r1"),
+            ]
+            assert c.log.calls[-2][4] == (7, 8, 9)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(("max_resumes", "fails_after"), [(0, "lost after 2 tokens ("),
+                                                          (2, "lost after 4 tokens, after 2 resumes")])  # fmt: skip
+def test_a_request_that_loses_more_workers_than_it_may_resume_fails_unavailable(
+    max_resumes, fails_after
+):
+    async def main():
+        async with cluster(decode=3, max_resumes=max_resumes, tokens=(7, 8, 9, 10, 11, 12)) as c:
+            for worker in ("d0", "d1", "d2"):
+                c.workers[worker].die_after_deltas = 1
+            error = await status_of(c.stub.Generate(request(max_tokens=6), timeout=5))
+            assert error.code() == C.UNAVAILABLE
+            assert fails_after in error.details(), error.details()
+            assert c.driver.num_running == 0 and c.router.num_inflight() == 0
+
+    asyncio.run(main())
+
+
 def test_colocated_request_is_prefilled_and_decoded_by_one_mixed_worker():
     async def main():
         async with cluster(prefill=0, decode=0, mixed=1, policy="colocated") as c:
@@ -256,7 +347,7 @@ def test_colocated_request_is_prefilled_and_decoded_by_one_mixed_worker():
             assert (started.prefill_worker_id, started.decode_worker_id) == ("m0", "m0")
             assert [list(f.delta.token_ids) for f in frames[1:5]] == [[7], [8], [9], [10]]
             done = frames[-1].finished
-            assert (done.usage.num_completion_tokens, done.usage.num_cached_tokens) == (4, 32)
+            assert (done.usage.num_completion_tokens, done.usage.num_cached_tokens) == (4, 16)
             t = done.timings
             assert 0 < seconds(t.ttft) <= seconds(t.total) < 5
             assert (seconds(t.kv_transfer), t.kv_bytes) == (0.0, 0)
