@@ -14,7 +14,12 @@ not: a request's line and headers to ``MAX_HEADER_BYTES`` (else 431) and the tim
 arrive, from the connection's start or its previous response's end, to ``header_timeout_s``
 (else 408 and the connection closes): one connection sending an endless header grew the router
 by 270 MB, and connections that never finished their headers were held forever (session 23's
-probe). The body has its own bounds (``OpenAIApi``).
+probe). The body has its own bounds (``OpenAIApi``). Such a refusal closes the connection
+lingering (as nginx's ``lingering_close``): the answer is sent and the writing side shut, then
+what the client is still sending is read and dropped for at most ``LINGER_S`` and
+``LINGER_MAX_BYTES``, or until it closes its side; closed at once, the unread bytes would make the
+kernel reset the connection, and a client still sending gets the reset, not the answer (a 20 MB
+header did, session 24).
 """
 
 from __future__ import annotations
@@ -34,6 +39,11 @@ MAX_HEADER_BYTES = 64 << 10
 # How long a request's line and headers may take to arrive: one round trip on any network
 # this API serves; as the body's (openai_api.BODY_TIMEOUT_S).
 HEADER_TIMEOUT_S = 30.0
+# A refused connection's lingering close (module docstring): long enough for a client on any
+# network this API serves to finish a write and read the answer, short enough that a client
+# that never stops sending holds nothing for long.
+LINGER_S = 2.0
+LINGER_MAX_BYTES = 64 << 20
 
 
 class HttpServer:
@@ -96,13 +106,27 @@ class GuardedHttp(HttpToolsProtocol):
         super().connection_made(transport)
         self._header_timer: asyncio.TimerHandle | None = None
         self._request_read = True  # (none yet: the first one's headers are due)
+        self._linger: asyncio.TimerHandle | None = None  # set: refused, lingering
+        self._lingered_bytes = 0
         self._await_headers()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_header_timer()
+        if self._linger is not None:
+            self._linger.cancel()
         super().connection_lost(exc)
 
+    def eof_received(self) -> bool | None:
+        if self._linger is not None:  # the client is done sending: nothing left to reset
+            self.transport.close()
+        return super().eof_received()
+
     def data_received(self, data: bytes) -> None:
+        if self._linger is not None:  # refused: dropped unparsed, bounded
+            self._lingered_bytes += len(data)
+            if self._lingered_bytes > LINGER_MAX_BYTES:
+                self.transport.close()
+            return
         # Counted whole, checked after parsing: the chunk that completes the headers may carry
         # the body's start, and only headers still incomplete past the bound are refused
         # (httptools buffers a header until its end, so its callbacks cannot count them).
@@ -165,7 +189,12 @@ class GuardedHttp(HttpToolsProtocol):
             b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (status, reason, len(body), body)
         )
-        self.transport.close()
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        self._linger = self.loop.call_later(LINGER_S, self.transport.close)
+        self.transport.resume_reading()  # (flow control may have paused it)
 
 
 def guarded_http(header_timeout_s: float) -> type[GuardedHttp]:

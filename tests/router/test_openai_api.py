@@ -651,9 +651,10 @@ def test_headers_are_bounded_in_size_and_in_time_and_a_slow_body_is_not_cut_by_i
             await http.start()
             head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
             try:
-                # (a little over the bound: a client still sending when the server closes
-                # gets a reset, not the answer)
                 big = await raw_exchange(http.address, head + b"X-A: " + b"a" * (70 << 10))
+                # Far over it, in one piece: the client is still sending when the answer goes;
+                # the connection lingers until it is done (closed at once, it was reset).
+                huge = await raw_exchange(http.address, head + b"X-A: " + b"a" * (20 << 20))
                 t0 = asyncio.get_running_loop().time()
                 late = await raw_exchange(http.address, head + b"X-A: b")
                 waited = asyncio.get_running_loop().time() - t0
@@ -666,10 +667,11 @@ def test_headers_are_bounded_in_size_and_in_time_and_a_slow_body_is_not_cut_by_i
                     healthy = (await client.get("/health")).status_code
             finally:
                 await http.stop()
-            return big, late, waited, silent, slow, healthy
+            return big, huge, late, waited, silent, slow, healthy
 
-    big, late, waited, silent, slow, healthy = asyncio.run(main())
+    big, huge, late, waited, silent, slow, healthy = asyncio.run(main())
     assert big.startswith(b"HTTP/1.1 431 "), big[:80]
+    assert huge.startswith(b"HTTP/1.1 431 "), huge[:80]
     assert late.startswith(b"HTTP/1.1 408 ") and 0.4 < waited < 5, (late[:80], waited)
     assert silent.startswith(b"HTTP/1.1 408 ")
     assert slow.startswith(b"HTTP/1.1 200 "), slow[:200]
