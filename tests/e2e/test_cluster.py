@@ -8,6 +8,8 @@ must be free afterwards.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -173,9 +175,11 @@ def decode_stats(address: str):
         return decode_pb2_grpc.DecodeServiceStub(ch).Stats(decode_pb2.DecodeServiceStatsRequest())
 
 
-def kill_mid_stream(cluster, workers, prompt, params, kill_at: int = 3):
-    """Streams one request, SIGKILLs the worker decoding it once ``kill_at`` tokens came back;
-    the tokens, or the client's error."""
+def kill_mid_stream(
+    cluster, workers, prompt, params, kill_at: int = 3, sig=signal.SIGKILL, signalled=None
+):
+    """Streams one request, sends ``sig`` to the worker decoding it once ``kill_at`` tokens came
+    back (SIGSTOP: frozen until the cluster stops); the result, or the client's error."""
     with BanaServeClient(cluster.router.address) as client:
         stream = client.generate(prompt, timeout_s=60, **params)
         try:
@@ -183,7 +187,9 @@ def kill_mid_stream(cluster, workers, prompt, params, kill_at: int = 3):
                 if i == kill_at:  # mid-stream: kill the worker decoding it
                     busy = [w for w in workers if decode_stats(w.address).num_running_seqs]
                     assert len(busy) == 1
-                    busy[0].proc.kill()
+                    os.kill(busy[0].proc.pid, sig)
+                    if signalled is not None:
+                        signalled.append(busy[0])
         except BanaServeClientError as exc:
             return exc
         # The router took the dead worker out; new requests go to the survivor.
@@ -195,20 +201,24 @@ def kill_mid_stream(cluster, workers, prompt, params, kill_at: int = 3):
 
 
 RESUMED = [
-    pytest.param({}, dict(temperature=0.0), id="pd-greedy"),
-    pytest.param({}, dict(temperature=0.9, top_p=0.9, seed=1234), id="pd-seeded"),
+    pytest.param({}, dict(temperature=0.0), signal.SIGKILL, id="pd-greedy"),
+    pytest.param({}, dict(temperature=0.9, top_p=0.9, seed=1234), signal.SIGKILL, id="pd-seeded"),
     pytest.param({"num_prefill": 0, "num_decode": 0, "num_mixed": 2, "num_kvstore": 0,
-                  "policy": "colocated"}, dict(temperature=0.0), id="colocated"),
+                  "policy": "colocated"}, dict(temperature=0.0), signal.SIGKILL, id="colocated"),
+    # Frozen, its connection open: found by the router's keepalive ping (10 s + 5 s at most;
+    # gRPC's own 60 s ping timeout before channels.py set it).
+    pytest.param({}, dict(temperature=0.0), signal.SIGSTOP, id="pd-frozen"),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("shape", "sampling"), RESUMED)
+@pytest.mark.parametrize(("shape", "sampling", "sig"), RESUMED)
 def test_a_worker_killed_mid_stream_is_resumed_on_another_with_the_same_tokens(
-    banaserve_home, tiny_llama, tmp_path, shape, sampling
+    banaserve_home, tiny_llama, tmp_path, shape, sampling, sig
 ):
-    """The decode (or mixed) worker serving a request is SIGKILLed after its 4th token: the
-    router resumes it on the other worker from the tokens the client has, and the client gets
-    one uninterrupted stream equal to the in-process engine's output (greedy and seeded)."""
+    """The decode (or mixed) worker serving a request is SIGKILLed (or frozen) after its 4th
+    token: the router resumes it on the other worker from the tokens the client has, and the
+    client gets one uninterrupted stream equal to the in-process engine's output (greedy and
+    seeded)."""
     shape = {"num_decode": 2, **shape}
     spec = ClusterSpec(
         num_kv_blocks=512, extra_env={"BANASERVE_HOME": str(banaserve_home)}, **shape
@@ -221,15 +231,21 @@ def test_a_worker_killed_mid_stream_is_resumed_on_another_with_the_same_tokens(
         cluster.start()
         try:
             workers = [c for c in cluster.children if c.name.startswith(("decode", "mixed"))]
-            result = kill_mid_stream(cluster, workers, prompt, params)
+            frozen: list = []  # a SIGSTOPped worker: SIGCONT at the end
+            started = time.monotonic()
+            signalled = frozen if sig == signal.SIGSTOP else None
+            result = kill_mid_stream(cluster, workers, prompt, params, sig=sig, signalled=signalled)
             assert not isinstance(result, BaseException), result
+            assert time.monotonic() - started < 30
             assert list(result.token_ids) == expected.token_ids
             assert result.text == expected.text
             assert result.finish_reason == "length"
-            [survivor] = [w for w in workers if w.proc.poll() is None]
+            [survivor] = [w for w in workers if w.proc.poll() is None and w not in frozen]
             stats = decode_stats(survivor.address)
             assert stats.kv.num_blocks_used == 0 and not stats.reservations, stats
         finally:
+            for worker in frozen:
+                os.kill(worker.proc.pid, signal.SIGCONT)
             cluster.stop()
     assert "resuming elsewhere (1 of 2)" in (tmp_path / "cluster.log").read_text()
 
