@@ -16,7 +16,7 @@ import logging
 import sys
 
 from services.common.admission import AdmissionController
-from services.common.arg_types import positive
+from services.common.arg_types import int_range, positive
 from services.common.config import RpcConfig, TracingConfig
 from services.common.limits import PromptLimits
 from services.common.metrics import RequestMetrics, RouterCollector, add_metrics_args, start_metrics
@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--max-resumes",
-        type=int,
+        type=int_range(0, 1000),
         default=DriverConfig.max_resumes,
         metavar="N",
         help="a request whose worker is lost after its first token goes on on another worker "
