@@ -230,14 +230,14 @@ class _Gate:
     def give_back(self, client: str) -> None:
         self.stats.num_in_flight -= 1
         self._drop(client)
-        self._dispatch()
+        self.dispatch()
 
     def _drop(self, client: str) -> None:
         self.held[client] -= 1
         if self.held[client] <= 0:
             del self.held[client]
 
-    def _dispatch(self) -> None:
+    def dispatch(self) -> None:
         while self.waiters and self.stats.num_in_flight < self.limits.max_in_flight:
             # Fair share: the client holding the fewest slots now, then the longest waiting.
             waiter = min(self.waiters, key=lambda w: (self.held[w.client], w.seq))
@@ -271,6 +271,16 @@ class AdmissionController:
 
     def offer(self, method_class: MethodClass, client: str) -> Outcome:
         return self._gates[method_class].offer(client)
+
+    def reconfigure(self, config: AdmissionConfig) -> None:
+        """New limits for both classes (a capacity that follows the cluster's): what is in
+        flight stays; grown slots go to waiters at once, shrunk ones as calls end."""
+        self.config = config
+        for method_class, limits in ((MethodClass.WORK, config.work),
+                                     (MethodClass.STREAM, config.stream)):  # fmt: skip
+            gate = self._gates[method_class]
+            gate.limits, gate.trusted = limits, config.trusted_clients
+            gate.dispatch()
 
     def stats(self, method_class: MethodClass) -> ClassStats:
         return self._gates[method_class].stats

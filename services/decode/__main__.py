@@ -85,6 +85,7 @@ def _worker_info(args: argparse.Namespace, engine: Engine, address: str):
         engine.block_manager.num_blocks,
         engine.max_model_len,
         hosts_only=engine.hosts_only,
+        max_num_seqs=engine.config.max_num_seqs,
     )
 
 

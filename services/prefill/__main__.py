@@ -151,6 +151,7 @@ async def serve(args: argparse.Namespace) -> None:
         engine.block_manager.num_blocks,
         engine.max_model_len,
         hosts_only=engine.hosts_only,
+        max_num_seqs=engine.config.max_num_seqs,
     )
     assert worker.died is not None  # set by start()
     died = None

@@ -33,6 +33,7 @@ from services.rpc.admission import (
     AdmissionInterceptor,
     add_admission_args,
     admission_config,
+    follow_capacity,
 )
 from services.rpc.gen.banaserve.v1 import router_pb2, router_pb2_grpc
 from services.rpc.security import Role, add_security_args, require_bearer, security_config
@@ -215,6 +216,15 @@ async def serve(args: argparse.Namespace) -> None:
             router, args.expire_interval_s, lambda ids: log.warning("workers expired: %s", ids)
         )
     )
+    follower = asyncio.create_task(
+        follow_capacity(
+            router.sequence_capacity,
+            admission.controller,
+            args,
+            ROUTER_CAPACITY,
+            args.expire_interval_s,
+        )
+    )
     http = await start_http(args, driver, rpc, prompts.limits, admission.controller)
     if http is not None:
         print(f"HTTP {http.address}", flush=True)
@@ -225,9 +235,10 @@ async def serve(args: argparse.Namespace) -> None:
     finally:
         if http is not None:
             await http.stop()
-        sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sweeper
+        for task in (sweeper, follower):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await clients.close()
         prompts.close()
 

@@ -54,6 +54,7 @@ from services.router.registry import (
     WorkerInfo,
     WorkerRegistry,
     WorkerRole,
+    WorkerStatus,
 )
 
 POLICIES = ("load", "round_robin", "prefix_affinity", "colocated")
@@ -188,6 +189,18 @@ class Router:
     def expire(self) -> list[str]:
         """Ids of workers just removed for missing reports; for a periodic sweep and logs."""
         return self._registry.expire()
+
+    def sequence_capacity(self) -> int:
+        """Sequences the workers that decode requests can run at once: the sum of the
+        ``max_num_seqs`` the registered (not removed) decode and mixed workers declared."""
+        roles = (WorkerRole.DECODE, WorkerRole.MIXED)
+        return sum(
+            w.capacity.max_num_seqs
+            for w in self._registry.all()
+            if w.status is not WorkerStatus.REMOVED
+            and w.role in roles
+            and not w.capacity.hosts_only
+        )
 
     def workers(self) -> list[WorkerInfo]:
         """Every worker ever registered, REMOVED ones included, sorted by id."""

@@ -64,6 +64,8 @@ class WorkerCapacity:
     # Holds some decoder layers only (``--load-layers``): a migration helper that serves no
     # request of its own; policies never pick it.
     hosts_only: bool = False
+    # Sequences it runs at once (its engine's ``max_num_seqs``); 0: not declared.
+    max_num_seqs: int = 0
 
     def __post_init__(self) -> None:
         _check(self.num_kv_blocks > 0, f"num_kv_blocks must be > 0, got {self.num_kv_blocks}")

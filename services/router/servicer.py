@@ -237,6 +237,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             info.fingerprint,
             info.max_model_len,
             hosts_only=info.hosts_only,
+            max_num_seqs=info.max_num_seqs,
         )
         self._router.register(info.worker_id, info.address, role, capacity)
         self._driver.clients().refresh(info.address)

@@ -11,7 +11,9 @@ builds their config from a service's flags and capacity (``add_admission_args``,
 from __future__ import annotations
 
 import argparse
+import asyncio
 import inspect
+import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -31,6 +33,8 @@ from services.common.admission import (
     fair_share,
 )
 from services.rpc.security import caller_identity
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "AdmissionInterceptor",
@@ -225,6 +229,28 @@ def admission_config(args: argparse.Namespace, capacity: int) -> AdmissionConfig
     return AdmissionConfig(work, base.stream, args.admission_retry_after, args.admission, trusted)
 
 
+async def follow_capacity(
+    capacity: Callable[[], int],
+    controller: AdmissionController,
+    args: argparse.Namespace,
+    floor: int,
+    interval_s: float,
+) -> None:
+    """Until cancelled: every ``interval_s``, the limits ``admission_config`` gives for
+    ``max(floor, capacity())`` (the router: its decode-capable workers' sequences), applied
+    when they change. Nothing when ``--admission-max-in-flight`` fixes the capacity."""
+    if args.admission_max_in_flight is not None or not args.admission:
+        return
+    applied = floor
+    while True:
+        await asyncio.sleep(interval_s)
+        now = max(floor, capacity())
+        if now != applied:
+            controller.reconfigure(admission_config(args, now))
+            log.info("admission: %d request-starting calls at once (was %d)", now, applied)
+            applied = now
+
+
 def admission_interceptors(
     args: argparse.Namespace, capacity: int
 ) -> tuple[AdmissionInterceptor, ...]:
@@ -239,9 +265,9 @@ def reservation_quota(args: argparse.Namespace, max_num_seqs: int) -> HoldQuota 
     return HoldQuota(cap, args.admission_retry_after, frozenset(args.admission_trusted_client))
 
 
-# What a router or a kvstore node can hold at once: no engine bounds them. The router's is one
-# default decode worker's sequences (``--max-num-seqs`` 64: the local cluster's); a router does
-# not learn its workers' sequence capacity, so a larger cluster sets it to theirs (the sum of its
-# decode workers' ``max_num_seqs``). The kvstore's: several prefill workers' calls at once.
+# What a router or a kvstore node can hold at once: no engine bounds them. The router's is at
+# least one default decode worker's sequences (``--max-num-seqs`` 64: the local cluster's), and
+# follows the sum of its registered decode and mixed workers' ``max_num_seqs`` above that
+# (``follow_capacity``). The kvstore's: several prefill workers' calls at once.
 ROUTER_CAPACITY = 64
 KVSTORE_CAPACITY = 256

@@ -115,6 +115,7 @@ def worker_info(
     num_kv_blocks: int,
     max_model_len: int,
     hosts_only: bool = False,
+    max_num_seqs: int = 0,
 ) -> router_pb2.WorkerInfo:
     return router_pb2.WorkerInfo(
         worker_id=worker_id,
@@ -126,6 +127,7 @@ def worker_info(
         num_kv_blocks=num_kv_blocks,
         max_model_len=max_model_len,
         hosts_only=hosts_only,
+        max_num_seqs=max_num_seqs,
     )
 
 

@@ -273,6 +273,9 @@ def test_with_no_resumes_a_killed_decode_worker_fails_the_request_fast(
             assert time.monotonic() - started < 30  # failed with a reason, well in time
         finally:
             cluster.stop()
+    # The router admits what its two decode workers can run (2 x --max-num-seqs 64), not 64.
+    log = (tmp_path / "cluster.log").read_text()
+    assert "admission: 128 request-starting calls at once (was 64)" in log
 
 
 def test_load_generator_against_the_cluster(cluster, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from services.common.errors import ConfigError, InvalidRequestError, ResourceExhaustedError
 from services.router.core import NoWorkerError, Router, RouterConfig, RouteRequest
 from services.router.driver_types import DriverConfig
-from services.router.registry import WorkerRole, WorkerStatus
+from services.router.registry import WorkerCapacity, WorkerRole, WorkerStatus
 from tests.router.factories import FakeClock, capacity, load, make_router, request
 
 
@@ -295,3 +295,22 @@ def test_local_prefill_limit(max_tokens, queue, prefill_queued, decode_queued, l
 def test_local_prefill_config_out_of_range(field, value) -> None:
     with pytest.raises(ConfigError, match=f"{field} must be in"):
         DriverConfig(**{field: value})
+
+
+def test_sequence_capacity_sums_the_decoding_workers_still_registered():
+    router = Router(RouterConfig())
+    for port, (worker_id, role, seqs, hosts_only) in enumerate(
+        (
+            ("d0", WorkerRole.DECODE, 64, False),
+            ("d1", WorkerRole.DECODE, 32, False),
+            ("m0", WorkerRole.MIXED, 16, False),
+            ("p0", WorkerRole.PREFILL, 64, False),  # prefills only: decodes nothing
+            ("h0", WorkerRole.DECODE, 8, True),  # hosts layers only: serves no request
+        ),
+        start=9000,
+    ):
+        capacity = WorkerCapacity(100, 16, "test-model", hosts_only=hosts_only, max_num_seqs=seqs)
+        router.register(worker_id, f"127.0.0.1:{port}", role, capacity)
+    assert router.sequence_capacity() == 64 + 32 + 16
+    router.remove("d1", "test")
+    assert router.sequence_capacity() == 64 + 16

@@ -40,6 +40,7 @@ from services.rpc.admission import (
     add_admission_args,
     admission_config,
     client_identity,
+    follow_capacity,
     reservation_quota,
 )
 from services.rpc.channels import open_channel
@@ -252,6 +253,55 @@ def test_config_defaults_derive_from_capacity():
                 dict(max_in_flight=1, max_wait_s=float("nan"))):  # fmt: skip
         with pytest.raises(ConfigError):
             ClassLimits(**bad)
+
+
+def test_reconfigured_limits_grant_waiters_at_once_and_shrink_as_calls_end():
+    async def main():
+        ctl = controller(in_flight=1, queued=2, per_client=3)
+        first = await ctl.admit(WORK, "a")
+        waiting = asyncio.ensure_future(ctl.admit(WORK, "b"))
+        await asyncio.sleep(0)
+        assert ctl.stats(WORK).num_queued == 1
+        ctl.reconfigure(AdmissionConfig(ClassLimits(3, 2, 5.0, 3), ClassLimits(12)))
+        second = await asyncio.wait_for(waiting, 1)  # the grown slot, without a release
+        assert ctl.stats(WORK).num_in_flight == 2
+        ctl.reconfigure(AdmissionConfig(ClassLimits(1, 0, 5.0, 1), ClassLimits(4)))
+        assert ctl.offer(WORK, "c") is Outcome.SHED_QUEUE_FULL  # 2 in flight, 1 allowed
+        first.release()
+        assert ctl.offer(WORK, "c") is Outcome.SHED_QUEUE_FULL  # still 1 in flight
+        second.release()
+        assert ctl.offer(WORK, "c") is Outcome.ADMITTED
+        assert_idle(ctl)
+
+    asyncio.run(main())
+
+
+def test_the_router_capacity_follows_its_workers_unless_a_flag_fixes_it():
+    parser = argparse.ArgumentParser()
+    add_admission_args(parser)
+    seqs = [0]
+
+    async def follow(argv: list[str], capacities: list[int]) -> list[ClassLimits]:
+        args = parser.parse_args(argv)
+        ctl = AdmissionController(admission_config(args, 64))
+        task = asyncio.ensure_future(follow_capacity(lambda: seqs[0], ctl, args, 64, 0.01))
+        seen = []
+        for n in capacities:
+            seqs[0] = n
+            await asyncio.sleep(0.05)
+            seen.append(ctl.config.work)
+        task.cancel()
+        return seen
+
+    seen = asyncio.run(follow([], [0, 128, 512, 96, 32]))
+    in_flight = [limits.max_in_flight for limits in seen]
+    assert in_flight == [64, 128, 512, 96, 64]  # at least the floor
+    assert seen[2] == ClassLimits(512, 512, 1.0, 384)  # queue and share derived as at start
+    # An explicit per-client cap stays; an explicit capacity is not followed at all.
+    seen = asyncio.run(follow(["--admission-max-per-client", "5"], [256]))
+    assert seen[0] == ClassLimits(256, 256, 1.0, 5)
+    seen = asyncio.run(follow(["--admission-max-in-flight", "8"], [256]))
+    assert seen[0].max_in_flight == 8
 
 
 def test_every_method_of_every_service_is_classified():
