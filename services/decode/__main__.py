@@ -38,7 +38,7 @@ from services.rpc.security import (
     secure_data_planes,
     security_config,
 )
-from services.rpc.server import run_service, start_server
+from services.rpc.server import PortHold, run_service, start_server
 from services.rpc.tracing import setup_tracing
 
 log = logging.getLogger("services.decode")
@@ -98,6 +98,7 @@ async def serve(args: argparse.Namespace) -> None:
         port=args.port,
         security=security_config(args, Role(args.role)),
     )
+    hold = PortHold(rpc.host, rpc.port)  # until its server binds it
     secure_data_planes(rpc.security)
     engine = await asyncio.to_thread(Engine, engine_config(args))
     worker = DecodeWorker(
@@ -130,6 +131,7 @@ async def serve(args: argparse.Namespace) -> None:
         rpc,
         tracing=tracing,
         interceptors=admission_interceptors(args, seqs),
+        port_hold=hold,
     )
     await start_metrics(args, rpc.host, EngineCollector(args.role, args.model, engine, worker))
     print(f"LISTENING {server.address}", flush=True)

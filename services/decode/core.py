@@ -93,6 +93,7 @@ from services.decode.transfer import (
 )
 from services.engine.engine import Engine
 from services.engine.loop import EngineLoop, LoopConfig, StepFailure
+from services.engine.outputs import ResumeComplete
 from services.engine.snapshot import LoopSnapshot
 
 __all__ = [
@@ -195,9 +196,13 @@ class DecodeWorker:
         try:
             if prefill_locally:  # RUNNING first: its first outputs may come before we wake
                 entry.status = RequestStatus.RUNNING
-                await self._loop.call(
-                    lambda e: e.add_request(ids, prompt, params, output_token_ids=resume)
-                )
+                entry.num_completion_tokens = len(resume)
+                try:
+                    await self._loop.call(
+                        lambda e: e.add_request(ids, prompt, params, output_token_ids=resume)
+                    )
+                except ResumeComplete as complete:  # its stream says how it ended, and stops
+                    self._table.finish(entry, complete.reason)
             else:
 
                 def begin(e: Engine) -> int | None:

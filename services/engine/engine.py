@@ -215,7 +215,8 @@ class Engine:
         """Queue a request. ``output_token_ids``: tokens it generated elsewhere before that
         worker was lost (a resumed request, outputs.py ``resume``): they are recomputed with
         the prompt, count against ``max_tokens``, seed the sampler's token index and the text
-        already emitted, so the request goes on exactly where it stopped."""
+        already emitted, so the request goes on exactly where it stopped; ``ResumeComplete``
+        (adding nothing) when they end it already."""
         token_ids = self.encode(prompt, chat)
         self.requests.check_prompt(token_ids)
         if output_token_ids:
@@ -228,20 +229,20 @@ class Engine:
     def _resumed_request(
         self, request_id: str, prompt: list[int], outputs: list[int], params: SamplingParams
     ) -> RequestState:
+        """``ResumeComplete`` when ``outputs`` end the request already (outputs.py)."""
         self.requests.check_vocab(outputs)
         total = len(prompt) + len(outputs)
-        if total >= self.max_model_len:
+        if total > self.max_model_len:
             raise OutOfRangeError(
                 f"prompt and resumed output have {total} tokens; this model's context is "
-                f"{self.max_model_len} tokens, and the next token must fit"
+                f"{self.max_model_len} tokens"
             )
-        if len(outputs) >= params.max_tokens:
+        if len(outputs) > params.max_tokens:
             raise InvalidRequestError(
-                f"{len(outputs)} resumed output tokens: max_tokens {params.max_tokens} leaves "
-                "none to generate"
+                f"{len(outputs)} resumed output tokens, past max_tokens {params.max_tokens}"
             )
         request = self._new_request(request_id, prompt, params)
-        resume(request, outputs, self.max_model_len)
+        resume(request, outputs, self.max_model_len)  # at the limits above: ResumeComplete
         return request
 
     def num_cached_prompt_tokens(self, token_ids: list[int]) -> int:

@@ -51,17 +51,32 @@ def append_token(request: RequestState, token: int, max_model_len: int) -> Reque
     )
 
 
+class ResumeComplete(Exception):  # noqa: N818 (an outcome, not an error)
+    """The resumed tokens end the request (their last was its stop token, completed its stop
+    string, or reached ``max_tokens`` or the context): its worker was lost after sending them
+    all but before saying it had finished. Nothing is left to compute; ``reason`` is how it
+    ended there."""
+
+    def __init__(self, reason: FinishReason) -> None:
+        super().__init__(reason.value)
+        self.reason = reason
+
+
 def resume(request: RequestState, outputs: list[int], max_model_len: int) -> None:
     """Replay ``outputs``, tokens this request generated on a worker since lost, into a new
     request as ``append_token`` added them there: one at a time, so its text, the part of it
-    already emitted and the part held back for stop strings are what they were. A token that
-    would have ended the request there is ``InvalidRequestError``: such a request was done."""
+    already emitted and the part held back for stop strings are what they were. Their last
+    ending the request is ``ResumeComplete``; an earlier one, ``InvalidRequestError`` (the
+    request would have ended there: no tokens came after it)."""
     for index, token in enumerate(outputs):
         out = append_token(request, token, max_model_len)
+        if out.finished and index == len(outputs) - 1:
+            raise ResumeComplete(out.finish_reason or FinishReason.STOP)
         if out.finished:
             raise InvalidRequestError(
                 f"resumed output token {index} ({token}) would have finished the request "
-                f"({out.finish_reason.value if out.finish_reason else 'done'}): nothing to resume"
+                f"({out.finish_reason.value if out.finish_reason else 'done'}), "
+                f"{len(outputs) - index - 1} tokens before the last"
             )
 
 

@@ -37,7 +37,7 @@ from services.rpc.security import (
     secure_data_planes,
     security_config,
 )
-from services.rpc.server import run_service, start_server
+from services.rpc.server import PortHold, run_service, start_server
 from services.rpc.tracing import setup_tracing
 
 
@@ -107,6 +107,7 @@ async def serve(args: argparse.Namespace) -> None:
         port=args.port,
         security=security_config(args, Role.PREFILL),
     )
+    hold = PortHold(rpc.host, rpc.port)  # until its server binds it
     secure_data_planes(rpc.security)
     tracing = setup_tracing(
         TracingConfig(
@@ -138,6 +139,7 @@ async def serve(args: argparse.Namespace) -> None:
         rpc,
         tracing=tracing,
         interceptors=admission_interceptors(args, engine.config.max_num_seqs),
+        port_hold=hold,
     )
     await start_metrics(args, rpc.host, EngineCollector("prefill", args.model, engine, worker))
     print(f"LISTENING {server.address}", flush=True)

@@ -248,6 +248,9 @@ class Attempt:
         # A resumed try reports its request's prefill, if one finished before the loss.
         prefill = self._job.prefill or prefill
         num_prompt_tokens = len(self._request.prompt_token_ids)
+        cached = prefill.num_cached_tokens or decode.num_cached_tokens
+        if self._job.prefill is not None:  # the prefill worker's word, 0 included
+            cached = self._job.prefill.num_cached_tokens
         timings = Timings(
             routing_s=self._job.routing_s,
             ttft_s=self._job.ttft_s,
@@ -262,7 +265,7 @@ class Attempt:
             num_prompt_tokens,
             decode.num_completion_tokens,
             # (a resumed try's local prefill may have found the resumed tokens cached too)
-            min(prefill.num_cached_tokens or decode.num_cached_tokens, num_prompt_tokens),
+            min(cached, num_prompt_tokens),
             timings,
         )
 

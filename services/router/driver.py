@@ -19,7 +19,10 @@ removed too, and the request goes on on a decode-capable worker (``RouteRequest.
 from the tokens its caller has: that worker prefills the prompt and those tokens and streams
 what follows (ReserveKVRequest.resume_output_token_ids), exactly what the lost one would have
 sent for greedy and seeded sampling alike (the sampler draws token ``i`` from ``(seed, i)``), at
-most ``DriverConfig.max_resumes`` times, within the deadline; the caller sees one stream.
+most ``DriverConfig.max_resumes`` times, within the deadline; the caller sees one stream. A
+worker found gone as the resumed try reserves (workers that died together) costs no resume;
+tokens that end the request already (``max_tokens`` here; a stop token or string, the context,
+on the worker: ``ResumeComplete``) finish it as it finished there.
 Abort, client cancellation, the deadline, or a failure after step 2 release D's reservation
 (``DecodeClient.release``): nothing a request held outlives it. Every call gets what is left of
 the deadline as its own; a request without one gets ``DriverConfig.default_timeout_s``.
@@ -54,6 +57,7 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from services.common.errors import PermissionDeniedError, RequestNotFoundError
+from services.common.types import FinishReason
 from services.router.attempt import (
     Attempt,
     FullOnReserve,
@@ -92,6 +96,10 @@ from services.router.driver_types import (  # the driver's API, imported from he
 )
 
 _log = logging.getLogger(__name__)
+
+# Resumed tries whose worker was found gone as they reserved (module docstring, "Resuming"),
+# at most, per request: more than any cluster loses at once.
+_MAX_DEAD_ENDS = 8
 
 __all__ = [
     "DecodeClient",
@@ -351,9 +359,11 @@ class RequestDriver:
             self.router.settle(job.request_id)
 
     async def _serve(self, job: _Job, request: GenerateInput, arrival: float) -> Finished:
-        attempt, resumes = 1, 0
+        attempt, resumes, dead_ends = 1, 0, 0
         while True:
             outputs = tuple(job.output_token_ids)
+            if len(outputs) >= request.sampling.max_tokens:  # lost after its last token
+                return self._complete(job, request, arrival, FinishReason.LENGTH)
             route = RouteRequest(
                 request.request_id,
                 request.prompt_token_ids + outputs,
@@ -372,8 +382,16 @@ class RequestDriver:
                 continue
             except (LostBeforeFirstToken, LostAfterFirstToken) as lost:
                 self._forget(lost.worker_id, str(lost.error))
+                if job.output_token_ids and isinstance(lost, LostBeforeFirstToken):
+                    # A resumed try whose worker was gone before it reserved (dead, not yet
+                    # removed: workers that die together): no resume spent on it. Each is
+                    # removed, so this ends once none is left (``_admit`` waits for one);
+                    # bounded for a worker that keeps registering and failing.
+                    dead_ends += 1
+                    if dead_ends <= _MAX_DEAD_ENDS:
+                        continue
                 if job.output_token_ids:  # the caller has tokens: go on from them
-                    if resumes == self.config.max_resumes:
+                    if resumes == self.config.max_resumes or dead_ends > _MAX_DEAD_ENDS:
                         raise WorkerLostError(
                             f"request {request.request_id!r}: worker {lost.worker_id!r} was "
                             f"lost after {len(job.output_token_ids)} tokens"
@@ -411,6 +429,25 @@ class RequestDriver:
                 if self._clock() >= give_up:
                     raise
             await asyncio.sleep(min(self.config.admission_poll_s, self.remaining(job)))
+
+    def _complete(
+        self, job: _Job, request: GenerateInput, arrival: float, reason: FinishReason
+    ) -> Finished:
+        """The request's worker was lost after sending its last token: it is done."""
+        prefill = job.prefill
+        timings = Timings(
+            routing_s=job.routing_s,
+            ttft_s=job.ttft_s,
+            total_s=self._clock() - arrival,
+            prefill_s=prefill.prefill_s if prefill else 0.0,
+            kv_transfer_s=prefill.kv_transfer_s if prefill else 0.0,
+            kv_transfer_exposed_s=prefill.kv_transfer_exposed_s if prefill else 0.0,
+            kv_bytes=prefill.kv_bytes if prefill else 0,
+        )
+        cached = prefill.num_cached_tokens if prefill else 0
+        return Finished(
+            reason, len(request.prompt_token_ids), len(job.output_token_ids), cached, timings
+        )
 
     def _forget(self, worker_id: str, reason: str) -> None:
         with contextlib.suppress(RequestNotFoundError):  # already removed (its stream broke)

@@ -164,7 +164,8 @@ def test_decode_only_worker_refuses_local_prefill(tiny_llama):
 
 def test_a_decode_worker_resumes_a_request_from_the_tokens_its_client_has(tiny_llama):
     """Any worker role prefills a resumed request itself and streams the tokens after those it
-    was given; a resume that cannot go on is refused before anything is held."""
+    was given; tokens that end it already get just its end; a resume that cannot have come
+    from this request is refused before anything is held."""
     prompt = prompt_ids(40, 3)
     [whole] = make_engine(tiny_llama).generate([prompt], GREEDY)
     worker = DecodeWorker(make_engine(tiny_llama))  # a decode worker, not a mixed one
@@ -183,8 +184,12 @@ def test_a_decode_worker_resumes_a_request_from_the_tokens_its_client_has(tiny_l
                     tokens += event.token_ids
             assert list(have) + tokens == whole.token_ids
             assert last.reason is FinishReason.LENGTH
-            with pytest.raises(InvalidRequestError, match="none to generate"):
-                await worker.reserve("s", prompt, GREEDY, resume_output_token_ids=whole.token_ids)
+            # Every token already: its stream just says how it ended, holding nothing.
+            await worker.reserve("s", prompt, GREEDY, resume_output_token_ids=whole.token_ids)
+            events = [event async for event in worker.stream("s")]
+            assert events == [Finished(FinishReason.LENGTH, len(whole.token_ids))]
+            with pytest.raises(InvalidRequestError, match="past max_tokens"):
+                await worker.reserve("t", prompt, GREEDY, resume_output_token_ids=[5] * 99)
             stats = await worker.stats()
             assert stats.num_blocks_used == 0 and stats.reservations == []
         finally:

@@ -8,6 +8,7 @@ import pytest
 
 from services.common.errors import InvalidRequestError, OutOfRangeError
 from services.common.types import FinishReason, SamplingParams
+from services.engine.outputs import ResumeComplete
 from tests.engine.helpers import assert_no_leaks, make_engine
 
 PROMPT = "Return the value of"
@@ -78,16 +79,40 @@ def test_a_stop_string_spanning_the_cut_is_still_found(engine):
         assert tokens(whole[:cut]) + tokens(after) == tokens(whole), cut
 
 
+def test_tokens_that_end_the_request_already_are_a_complete_resume(engine):
+    """The worker was lost after its last token, before it said it had finished: the resume
+    adds nothing and says how the request ended (the decode worker then streams just that)."""
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    whole = run(engine, "whole", greedy)
+    ids = tokens(whole)
+    with pytest.raises(ResumeComplete) as done:
+        engine.add_request("r", PROMPT, greedy, output_token_ids=ids)
+    assert done.value.reason is FinishReason.LENGTH
+    stop_id = SamplingParams(temperature=0, max_tokens=12, stop_token_ids=(ids[4],))
+    with pytest.raises(ResumeComplete) as done:
+        engine.add_request("r", PROMPT, stop_id, output_token_ids=ids[: ids.index(ids[4]) + 1])
+    assert done.value.reason is FinishReason.STOP
+    full = text(whole)
+    stop = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=(full[6:9],))
+    stopped = run(engine, "stopped", stop)
+    assert stopped[-1].finish_reason is FinishReason.STOP and full.find(full[6:9]) == 6
+    with pytest.raises(ResumeComplete) as done:
+        engine.add_request("r", PROMPT, stop, output_token_ids=tokens(stopped))
+    assert done.value.reason is FinishReason.STOP
+    assert "r" not in engine.requests.active
+
+
 @pytest.mark.parametrize(
     ("params", "outputs", "error", "match"),
     [
-        (SamplingParams(temperature=0, max_tokens=3), [5, 6, 7], InvalidRequestError, "none to"),
+        (SamplingParams(temperature=0, max_tokens=3), [5, 6, 7, 8], InvalidRequestError,
+         "past max_tokens 3"),
         (SamplingParams(temperature=0, max_tokens=9, stop_token_ids=(6,)), [5, 6, 7],
-         InvalidRequestError, "token 1 .6. would have finished"),
+         InvalidRequestError, "token 1 .6. would have finished the request .stop., 1 tokens"),
         (SamplingParams(temperature=0, max_tokens=9), [5, 10**6], InvalidRequestError,
          "outside the vocabulary"),
         (SamplingParams(temperature=0, max_tokens=10**6), [5] * 5000, OutOfRangeError,
-         "next token must fit"),
+         "context is"),
     ],
     ids=["max-tokens", "stop-token", "vocab", "context"],
 )  # fmt: skip

@@ -151,6 +151,8 @@ class FakeWorker(prefill_pb2_grpc.PrefillServiceServicer, decode_pb2_grpc.Decode
                 yield decode_pb2.StreamTokensResponse(delta=delta)
                 if self.hang_decode:
                     await asyncio.sleep(30)
+            if self.die_after_deltas == len(self.tokens[start:]):  # after its last token
+                await self._die(context)
             finished = decode_pb2.DecodeFinished(
                 finish_reason=common_pb2.FINISH_REASON_LENGTH,
                 num_completion_tokens=len(self.tokens),

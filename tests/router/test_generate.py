@@ -315,6 +315,41 @@ def test_a_mixed_worker_lost_mid_stream_resumes_on_another():
     asyncio.run(main())
 
 
+def test_a_worker_lost_after_the_last_token_finishes_the_request_without_a_resume():
+    async def main():
+        async with cluster(decode=2) as c:
+            c.workers["d0"].die_after_deltas = 3  # 8, 9, 10: the 4 tokens asked for, no end
+            c.router.report("d1", load(free=90), 2.0)
+            frames = await collect(c.stub.Generate(request(), timeout=5))
+            assert tokens_of(frames) == [7, 8, 9, 10]
+            done = frames[-1].finished
+            assert done.finish_reason == common_pb2.FINISH_REASON_LENGTH
+            assert (done.usage.num_completion_tokens, done.timings.kv_bytes) == (4, 4096)
+            assert [call[:2] for call in c.log.calls][-2:] == [("stream", "d0"), ("release", "d0")]
+            assert c.driver.num_running == 0 and c.router.num_inflight() == 0
+
+    asyncio.run(main())
+
+
+def test_a_resume_that_finds_its_next_worker_dead_too_spends_no_resume_on_it():
+    """Two decode workers die together: the resumed try's reserve on the second, not yet
+    removed, fails; the request goes on on the third within --max-resumes 1."""
+
+    async def main():
+        async with cluster(decode=3, dead=("d1",), max_resumes=1) as c:
+            c.workers["d0"].die_after_deltas = 1
+            c.router.report("d2", load(free=80), 2.0)  # d0, then d1, then d2
+            frames = await collect(c.stub.Generate(request(), timeout=5))
+            assert tokens_of(frames) == [7, 8, 9, 10]
+            reserves = [call[1] for call in c.log.calls if call[0] == "reserve"]
+            assert reserves == ["d0", "d2"]  # (d1's address refuses: no fake records it)
+            status = {w.worker_id: w.status for w in c.router.workers()}
+            assert status == {"d0": WorkerStatus.REMOVED, "d1": WorkerStatus.REMOVED,
+                              "d2": WorkerStatus.HEALTHY, "p0": WorkerStatus.HEALTHY}  # fmt: skip
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize(("max_resumes", "fails_after"), [(0, "lost after 2 tokens ("),
                                                           (2, "lost after 4 tokens, after 2 resumes")])  # fmt: skip
 def test_a_request_that_loses_more_workers_than_it_may_resume_fails_unavailable(

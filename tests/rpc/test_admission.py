@@ -340,7 +340,9 @@ class GatedWorker:
         self.gate = asyncio.Event()
         self.ends: dict[str, asyncio.Event] = {}
 
-    async def reserve(self, request_id, prompt, params, lease_s, timeout_s, locally, local_max=0):
+    async def reserve(
+        self, request_id, prompt, params, lease_s, timeout_s, locally, local_max=0, resume=()
+    ):
         if request_id.startswith("slow"):
             await self.gate.wait()
         if request_id.startswith("fail"):

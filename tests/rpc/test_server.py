@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import time
 
 import grpc
@@ -17,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from services.common.config import RpcConfig
 from services.common.errors import ConfigError
 from services.rpc.gen.banaserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
-from services.rpc.server import start_server
+from services.rpc.server import PortHold, start_server
 from tests.rpc.helpers import DECODE_SERVICE, SECRET, FakeDecode, fake_decode_service, serving
 
 C = grpc.StatusCode
@@ -78,6 +79,31 @@ def test_bound_port_is_reported_and_loopback_only():
             assert (stats.kv.num_blocks_total, stats.kv.num_blocks_used) == (8, 0)
 
     asyncio.run(main())
+
+
+def test_a_held_port_is_kept_from_other_binds_until_its_server_binds_it():
+    """A worker restarted on its old port: what it binds before its server (data planes, on
+    port 0) and its outgoing connections must not take that port (PortHold)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    hold = PortHold("127.0.0.1", port)
+    assert hold.held
+    with socket.socket() as other, pytest.raises(OSError):  # EADDRINUSE
+        other.bind(("127.0.0.1", port))  # (the kernel's choice for a bind to port 0 skips it)
+    with socket.socket() as client, pytest.raises(ConnectionRefusedError):
+        client.connect(("127.0.0.1", port))  # held, not listening: refused, not hung
+
+    async def main():
+        config = RpcConfig(port=port, grace_s=0.1)
+        server = await start_server([fake_decode_service(FakeDecode())], config, port_hold=hold)
+        try:
+            assert server.port == port and not hold.held
+        finally:
+            await server.stop(0)
+
+    asyncio.run(main())
+    assert not PortHold("127.0.0.1", 0).held  # an OS-chosen port: nothing to hold
 
 
 def test_domain_errors_arrive_as_their_status_codes():
