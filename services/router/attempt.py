@@ -43,12 +43,15 @@ class LostBeforeFirstToken(Exception):
 
 
 class LostAfterFirstToken(Exception):
-    """A worker was lost after the caller had tokens: the driver may resume the request."""
+    """A worker was lost after the caller had tokens, or (``gone`` False) the engine step
+    computing the request failed there (INTERNAL: the worker freed it and serves on; e.g. a
+    layer migration's helper lost with the layers): the driver may resume the request."""
 
-    def __init__(self, worker_id: str, error: WorkerCallError) -> None:
+    def __init__(self, worker_id: str, error: WorkerCallError, gone: bool = True) -> None:
         super().__init__(worker_id)
         self.worker_id = worker_id
         self.error = error
+        self.gone = gone
 
 
 class Attempt:
@@ -135,9 +138,9 @@ class Attempt:
                 else:
                     outcome = frame
         except WorkerCallError as exc:
-            if exc.lost:
+            if exc.lost or exc.code is ErrorCode.INTERNAL:
                 await self._release(ReleaseReason.PEER_LOST)
-                raise LostAfterFirstToken(decode.worker_id, exc) from None
+                raise LostAfterFirstToken(decode.worker_id, exc, exc.lost) from None
             raise
         if outcome is None:
             raise self._protocol_error(decode.worker_id, "StreamTokens ended without finished")
@@ -163,9 +166,10 @@ class Attempt:
         except WorkerCallError as exc:
             if exc.lost and first:
                 raise LostBeforeFirstToken(self._assignment.decode.worker_id, exc) from None
-            if exc.lost:
+            if (exc.lost or exc.code is ErrorCode.INTERNAL) and not first:
                 await self._release(ReleaseReason.PEER_LOST)
-                raise LostAfterFirstToken(self._assignment.decode.worker_id, exc) from None
+                worker_id = self._assignment.decode.worker_id
+                raise LostAfterFirstToken(worker_id, exc, exc.lost) from None
             raise
         if outcome is None:
             raise self._protocol_error(self._assignment.decode.worker_id, "no finished frame")

@@ -15,7 +15,8 @@ no registered worker can serve waits the same way for at most ``no_worker_wait_s
 starting, restarting or back from a late report), then fails UNAVAILABLE.
 A worker lost in 2-3 (before the first token) is removed and the request routed again, once.
 Resuming: a worker lost after the first token (P during its hand-off, D while decoding) is
-removed too, and the request goes on on a decode-capable worker (``RouteRequest.decode_only``)
+removed too (a step that failed there, INTERNAL, leaves it registered: it freed the request and
+serves on), and the request goes on on a decode-capable worker (``RouteRequest.decode_only``)
 from the tokens its caller has: that worker prefills the prompt and those tokens and streams
 what follows (ReserveKVRequest.resume_output_token_ids), exactly what the lost one would have
 sent for greedy and seeded sampling alike (the sampler draws token ``i`` from ``(seed, i)``), at
@@ -381,7 +382,8 @@ class RequestDriver:
                 await asyncio.sleep(min(self.config.admission_poll_s, self.remaining(job)))
                 continue
             except (LostBeforeFirstToken, LostAfterFirstToken) as lost:
-                self._forget(lost.worker_id, str(lost.error))
+                if getattr(lost, "gone", True):  # (a failed step: the worker serves on)
+                    self._forget(lost.worker_id, str(lost.error))
                 if job.output_token_ids and isinstance(lost, LostBeforeFirstToken):
                     # A resumed try whose worker was gone before it reserved (dead, not yet
                     # removed: workers that die together): no resume spent on it. Each is
@@ -392,6 +394,8 @@ class RequestDriver:
                         continue
                 if job.output_token_ids:  # the caller has tokens: go on from them
                     if resumes == self.config.max_resumes or dead_ends > _MAX_DEAD_ENDS:
+                        if not getattr(lost, "gone", True):
+                            raise lost.error from None  # its step's INTERNAL, as it came
                         raise WorkerLostError(
                             f"request {request.request_id!r}: worker {lost.worker_id!r} was "
                             f"lost after {len(job.output_token_ids)} tokens"
@@ -400,8 +404,10 @@ class RequestDriver:
                         ) from None
                     resumes += 1
                     _log.warning(
-                        "request %r lost worker %r after %d tokens; resuming elsewhere (%d of %d)",
-                        request.request_id, lost.worker_id, len(job.output_token_ids),
+                        "request %r %s worker %r after %d tokens; resuming elsewhere (%d of %d)",
+                        request.request_id,
+                        "lost" if getattr(lost, "gone", True) else "failed on",
+                        lost.worker_id, len(job.output_token_ids),
                         resumes, self.config.max_resumes,
                     )  # fmt: skip
                     if self.observer is not None:

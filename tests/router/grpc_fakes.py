@@ -76,6 +76,7 @@ class FakeWorker(prefill_pb2_grpc.PrefillServiceServicer, decode_pb2_grpc.Decode
         self.local: set[str] = set()  # requests reserved with prefill_locally
         self.shutting_down = False  # every call answers CANCELLED, as a server that stops
         self.die_after_deltas: int | None = None
+        self.fail_step_after_deltas: int | None = None  # once: INTERNAL, as a failed step
         self.prefill_dies_after_first = False
         self.dead = False
         self.resumed: dict[str, int] = {}  # request id -> tokens the caller has
@@ -147,6 +148,9 @@ class FakeWorker(prefill_pb2_grpc.PrefillServiceServicer, decode_pb2_grpc.Decode
             for sent, token in enumerate(self.tokens[start:]):
                 if sent == self.die_after_deltas:
                     await self._die(context)
+                if sent == self.fail_step_after_deltas:  # the step failed; the worker serves on
+                    self.fail_step_after_deltas = None
+                    await context.abort(grpc.StatusCode.INTERNAL, "the engine step failed")
                 delta = common_pb2.TokenDelta(token_ids=[token], text=f"<{token}>")
                 yield decode_pb2.StreamTokensResponse(delta=delta)
                 if self.hang_decode:

@@ -315,6 +315,28 @@ def test_a_mixed_worker_lost_mid_stream_resumes_on_another():
     asyncio.run(main())
 
 
+@pytest.mark.parametrize(("max_resumes", "code"), [(2, None), (0, C.INTERNAL)])
+def test_a_request_whose_decode_step_failed_is_resumed_and_its_worker_kept(max_resumes, code):
+    """A failed step (INTERNAL: e.g. a layer migration's helper lost with its layers) freed the
+    request on a worker that serves on: resumed, the worker not removed; with no resume
+    allowed the INTERNAL comes through as before."""
+
+    async def main():
+        async with cluster(decode=1, max_resumes=max_resumes) as c:
+            c.workers["d0"].fail_step_after_deltas = 1
+            call = c.stub.Generate(request(), timeout=5)
+            if code is not None:
+                assert (await status_of(call)).code() == code
+            else:
+                assert tokens_of(await collect(call)) == [7, 8, 9, 10]
+                assert c.log.calls[-2] == ("reserve", "d0", "r1", "resume", (7, 8),
+                                           "prefill_locally")  # fmt: skip
+            assert c.router.workers()[0].status is WorkerStatus.HEALTHY
+            assert c.driver.num_running == 0 and c.router.num_inflight() == 0
+
+    asyncio.run(main())
+
+
 def test_a_worker_lost_after_the_last_token_finishes_the_request_without_a_resume():
     async def main():
         async with cluster(decode=2) as c:
