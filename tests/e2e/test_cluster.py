@@ -200,11 +200,15 @@ def kill_mid_stream(
         return stream.result
 
 
+# Seeded and colocated run with -m slow (the default run stays well under 15 min); the unit
+# tests cover their parts (tests/engine/test_resume.py, tests/router/test_generate.py).
 RESUMED = [
     pytest.param({}, dict(temperature=0.0), signal.SIGKILL, id="pd-greedy"),
-    pytest.param({}, dict(temperature=0.9, top_p=0.9, seed=1234), signal.SIGKILL, id="pd-seeded"),
+    pytest.param({}, dict(temperature=0.9, top_p=0.9, seed=1234), signal.SIGKILL, id="pd-seeded",
+                 marks=pytest.mark.slow),
     pytest.param({"num_prefill": 0, "num_decode": 0, "num_mixed": 2, "num_kvstore": 0,
-                  "policy": "colocated"}, dict(temperature=0.0), signal.SIGKILL, id="colocated"),
+                  "policy": "colocated"}, dict(temperature=0.0), signal.SIGKILL, id="colocated",
+                 marks=pytest.mark.slow),
     # Frozen, its connection open: found by the router's keepalive ping (10 s + 5 s at most;
     # gRPC's own 60 s ping timeout before channels.py set it).
     pytest.param({}, dict(temperature=0.0), signal.SIGSTOP, id="pd-frozen"),
