@@ -28,6 +28,7 @@ from services.rpc.gen.banaserve.v1 import (
     prefill_pb2,
     prefill_pb2_grpc,
 )
+from tests.clusters import wait_for
 from tests.engine.helpers import make_engine
 
 pytestmark = pytest.mark.e2e
@@ -267,6 +268,13 @@ def test_with_no_resumes_a_killed_decode_worker_fails_the_request_fast(
         cluster = LocalCluster(spec, log)
         cluster.start()
         try:
+            # The router admits what its two decode workers can run (2 x --max-num-seqs 64),
+            # not 64, once it has seen both (it looks every 0.25 s).
+            wait_for(
+                lambda: ADMITS_128 in (tmp_path / "cluster.log").read_text(),
+                "the router's admission to follow its two decode workers",
+                timeout_s=10,
+            )
             decodes = [cluster.child("decode-0"), cluster.child("decode-1")]
             started = time.monotonic()
             params = dict(temperature=0.0, max_tokens=3000, ignore_eos=True)
@@ -277,9 +285,9 @@ def test_with_no_resumes_a_killed_decode_worker_fails_the_request_fast(
             assert time.monotonic() - started < 30  # failed with a reason, well in time
         finally:
             cluster.stop()
-    # The router admits what its two decode workers can run (2 x --max-num-seqs 64), not 64.
-    log = (tmp_path / "cluster.log").read_text()
-    assert "admission: 128 request-starting calls at once (was 64)" in log
+
+
+ADMITS_128 = "admission: 128 request-starting calls at once (was 64)"
 
 
 def test_load_generator_against_the_cluster(cluster, tmp_path):
