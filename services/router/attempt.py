@@ -35,23 +35,24 @@ class FullOnReserve(Exception):
         self.worker_id = worker_id
 
 
-class LostBeforeFirstToken(Exception):
-    def __init__(self, worker_id: str, error: WorkerCallError) -> None:
-        super().__init__(worker_id)
-        self.worker_id = worker_id
-        self.error = error
-
-
-class LostAfterFirstToken(Exception):
-    """A worker was lost after the caller had tokens, or (``gone`` False) the engine step
-    computing the request failed there (INTERNAL: the worker freed it and serves on; e.g. a
-    layer migration's helper lost with the layers): the driver may resume the request."""
+class WorkerLoss(Exception):
+    """A try ended because of its worker: gone (``gone``), or the engine step computing the
+    request failed there (INTERNAL: the worker freed it and serves on; e.g. a layer
+    migration's helper lost with the layers)."""
 
     def __init__(self, worker_id: str, error: WorkerCallError, gone: bool = True) -> None:
         super().__init__(worker_id)
         self.worker_id = worker_id
         self.error = error
         self.gone = gone
+
+
+class LostBeforeFirstToken(WorkerLoss):
+    """Before the caller had a token of this try: the driver routes the request again."""
+
+
+class LostAfterFirstToken(WorkerLoss):
+    """After the caller had tokens: the driver may resume the request from them."""
 
 
 class Attempt:
@@ -104,7 +105,7 @@ class Attempt:
         except asyncio.CancelledError:
             await self._release(self._job.release_reason)
             raise
-        except (LostBeforeFirstToken, LostAfterFirstToken):
+        except WorkerLoss:
             raise  # released already: to find out who was lost, or before giving D up
         except BaseException:
             # A call that failed at the request's deadline did not lose its peer.
@@ -128,7 +129,7 @@ class Attempt:
         result = self._job.prefill = await self._run_prefill(target)
         if result.finish_reason is not None:
             await self._release(ReleaseReason.FINISHED_ON_PREFILL)
-            return self._finished(result, DecodeResult(result.finish_reason, 1))
+            return self._finished(DecodeResult(result.finish_reason, 1))
         outcome: DecodeResult | None = None
         stream = self._decode.stream_tokens(self._request.request_id, self._remaining())
         try:
@@ -144,7 +145,7 @@ class Attempt:
             raise
         if outcome is None:
             raise self._protocol_error(decode.worker_id, "StreamTokens ended without finished")
-        return self._finished(result, outcome)
+        return self._finished(outcome)
 
     async def _colocated(self) -> Finished:
         """P is D: D prefills in its own batch; its stream's first delta is the first token
@@ -173,7 +174,7 @@ class Attempt:
             raise
         if outcome is None:
             raise self._protocol_error(self._assignment.decode.worker_id, "no finished frame")
-        return self._finished(_LOCAL_PREFILL, outcome)
+        return self._finished(outcome)
 
     async def _run_prefill(self, target: KVTarget) -> PrefillResult:
         first, result = False, None
@@ -248,31 +249,41 @@ class Attempt:
             worker_id, "stream", ErrorCode.INTERNAL, f"protocol violation: {what}"
         )
 
-    def _finished(self, prefill: PrefillResult, decode: DecodeResult) -> Finished:
-        # A resumed try reports its request's prefill, if one finished before the loss.
-        prefill = self._job.prefill or prefill
-        num_prompt_tokens = len(self._request.prompt_token_ids)
-        cached = prefill.num_cached_tokens or decode.num_cached_tokens
-        if self._job.prefill is not None:  # the prefill worker's word, 0 included
-            cached = self._job.prefill.num_cached_tokens
-        timings = Timings(
-            routing_s=self._job.routing_s,
-            ttft_s=self._job.ttft_s,
-            total_s=self._driver.now() - self._arrival,
-            prefill_s=prefill.prefill_s,
-            kv_transfer_s=prefill.kv_transfer_s,
-            kv_transfer_exposed_s=prefill.kv_transfer_exposed_s,
-            kv_bytes=prefill.kv_bytes,
-        )
-        return Finished(
-            decode.finish_reason,
-            num_prompt_tokens,
-            decode.num_completion_tokens,
-            # (a resumed try's local prefill may have found the resumed tokens cached too)
-            min(cached, num_prompt_tokens),
-            timings,
+    def _finished(self, decode: DecodeResult) -> Finished:
+        return request_finished(
+            self._job,
+            len(self._request.prompt_token_ids),
+            decode,
+            self._driver.now() - self._arrival,
         )
 
 
 # What a colocated attempt knows of its prefill: it ran inside D's batch, not timed apart.
 _LOCAL_PREFILL = PrefillResult(None, 0, 0, 0.0, 0.0, 0.0, 0)
+
+
+def request_finished(
+    job: _Job, num_prompt_tokens: int, decode: DecodeResult, total_s: float
+) -> Finished:
+    """How a request ended: ``decode``'s outcome, and its prefill as the prefill worker that
+    ran it measured it (``job.prefill``, kept across a resume), or none (D prefilled it)."""
+    prefill = job.prefill or _LOCAL_PREFILL
+    # The prefill worker's cached count, 0 included; else D's, which a resumed try's local
+    # prefill may have found for the resumed tokens too: at most the prompt.
+    cached = prefill.num_cached_tokens if job.prefill else decode.num_cached_tokens
+    timings = Timings(
+        routing_s=job.routing_s,
+        ttft_s=job.ttft_s,
+        total_s=total_s,
+        prefill_s=prefill.prefill_s,
+        kv_transfer_s=prefill.kv_transfer_s,
+        kv_transfer_exposed_s=prefill.kv_transfer_exposed_s,
+        kv_bytes=prefill.kv_bytes,
+    )
+    return Finished(
+        decode.finish_reason,
+        num_prompt_tokens,
+        decode.num_completion_tokens,
+        min(cached, num_prompt_tokens),
+        timings,
+    )

@@ -62,8 +62,9 @@ from services.common.types import FinishReason
 from services.router.attempt import (
     Attempt,
     FullOnReserve,
-    LostAfterFirstToken,
     LostBeforeFirstToken,
+    WorkerLoss,
+    request_finished,
 )
 from services.router.core import (
     Assignment,
@@ -364,7 +365,10 @@ class RequestDriver:
         while True:
             outputs = tuple(job.output_token_ids)
             if len(outputs) >= request.sampling.max_tokens:  # lost after its last token
-                return self._complete(job, request, arrival, FinishReason.LENGTH)
+                done = DecodeResult(FinishReason.LENGTH, len(outputs))
+                return request_finished(
+                    job, len(request.prompt_token_ids), done, self._clock() - arrival
+                )
             route = RouteRequest(
                 request.request_id,
                 request.prompt_token_ids + outputs,
@@ -381,10 +385,18 @@ class RequestDriver:
                 self.router.mark_full(full.worker_id)
                 await asyncio.sleep(min(self.config.admission_poll_s, self.remaining(job)))
                 continue
-            except (LostBeforeFirstToken, LostAfterFirstToken) as lost:
-                if getattr(lost, "gone", True):  # (a failed step: the worker serves on)
+            except WorkerLoss as lost:
+                if lost.gone:  # (a failed step: the worker serves on)
                     self._forget(lost.worker_id, str(lost.error))
-                if job.output_token_ids and isinstance(lost, LostBeforeFirstToken):
+                if not job.output_token_ids:
+                    if attempt == 2:
+                        raise WorkerLostError(
+                            f"request {request.request_id!r}: worker {lost.worker_id!r} was "
+                            f"lost before the first token, after a retry ({lost.error})"
+                        ) from None
+                    attempt += 1
+                    continue
+                if isinstance(lost, LostBeforeFirstToken):
                     # A resumed try whose worker was gone before it reserved (dead, not yet
                     # removed: workers that die together): no resume spent on it. Each is
                     # removed, so this ends once none is left (``_admit`` waits for one);
@@ -392,33 +404,33 @@ class RequestDriver:
                     dead_ends += 1
                     if dead_ends <= _MAX_DEAD_ENDS:
                         continue
-                if job.output_token_ids:  # the caller has tokens: go on from them
-                    if resumes == self.config.max_resumes or dead_ends > _MAX_DEAD_ENDS:
-                        if not getattr(lost, "gone", True):
-                            raise lost.error from None  # its step's INTERNAL, as it came
-                        raise WorkerLostError(
-                            f"request {request.request_id!r}: worker {lost.worker_id!r} was "
-                            f"lost after {len(job.output_token_ids)} tokens"
-                            + (f", after {resumes} resumes" if resumes else "")
-                            + f" ({lost.error})"
-                        ) from None
+                elif resumes < self.config.max_resumes:
                     resumes += 1
-                    _log.warning(
-                        "request %r %s worker %r after %d tokens; resuming elsewhere (%d of %d)",
-                        request.request_id,
-                        "lost" if getattr(lost, "gone", True) else "failed on",
-                        lost.worker_id, len(job.output_token_ids),
-                        resumes, self.config.max_resumes,
-                    )  # fmt: skip
-                    if self.observer is not None:
-                        self.observer.resumed()
+                    self._resuming(request.request_id, lost, len(job.output_token_ids), resumes)
                     continue
-                if attempt == 2:
-                    raise WorkerLostError(
-                        f"request {request.request_id!r}: worker {lost.worker_id!r} was lost "
-                        f"before the first token, after a retry ({lost.error})"
-                    ) from None
-                attempt += 1
+                num_tokens = len(job.output_token_ids)
+                raise self._not_resumed(request.request_id, lost, num_tokens, resumes) from None
+
+    def _resuming(self, request_id: str, lost: WorkerLoss, num_tokens: int, resumes: int) -> None:
+        _log.warning(
+            "request %r %s worker %r after %d tokens; resuming elsewhere (%d of %d)",
+            request_id, "lost" if lost.gone else "failed on", lost.worker_id, num_tokens,
+            resumes, self.config.max_resumes,
+        )  # fmt: skip
+        if self.observer is not None:
+            self.observer.resumed()
+
+    @staticmethod
+    def _not_resumed(
+        request_id: str, lost: WorkerLoss, num_tokens: int, resumes: int
+    ) -> BaseException:
+        """What a request that may not be resumed again fails with."""
+        if not lost.gone:
+            return lost.error  # its step's INTERNAL, as it came
+        return WorkerLostError(
+            f"request {request_id!r}: worker {lost.worker_id!r} was lost after {num_tokens} "
+            f"tokens" + (f", after {resumes} resumes" if resumes else "") + f" ({lost.error})"
+        )
 
     async def _admit(self, job: _Job, route: RouteRequest) -> Assignment:
         """Route, waiting while every worker that could take the request is full, and for
@@ -435,25 +447,6 @@ class RequestDriver:
                 if self._clock() >= give_up:
                     raise
             await asyncio.sleep(min(self.config.admission_poll_s, self.remaining(job)))
-
-    def _complete(
-        self, job: _Job, request: GenerateInput, arrival: float, reason: FinishReason
-    ) -> Finished:
-        """The request's worker was lost after sending its last token: it is done."""
-        prefill = job.prefill
-        timings = Timings(
-            routing_s=job.routing_s,
-            ttft_s=job.ttft_s,
-            total_s=self._clock() - arrival,
-            prefill_s=prefill.prefill_s if prefill else 0.0,
-            kv_transfer_s=prefill.kv_transfer_s if prefill else 0.0,
-            kv_transfer_exposed_s=prefill.kv_transfer_exposed_s if prefill else 0.0,
-            kv_bytes=prefill.kv_bytes if prefill else 0,
-        )
-        cached = prefill.num_cached_tokens if prefill else 0
-        return Finished(
-            reason, len(request.prompt_token_ids), len(job.output_token_ids), cached, timings
-        )
 
     def _forget(self, worker_id: str, reason: str) -> None:
         with contextlib.suppress(RequestNotFoundError):  # already removed (its stream broke)

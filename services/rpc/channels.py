@@ -24,7 +24,7 @@ def _common_options(config: RpcConfig, receive_bytes: int) -> Options:
         ("grpc.keepalive_time_ms", int(config.keepalive_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
         # gRPC core waits for any ping's ack this long (default 60 s), keepalive pings included:
-        # without it a frozen peer (SIGSTOP, a hung host) is found after ~70 s, not ~15 s.
+        # without it a frozen peer (SIGSTOP, a hung host) held a call 62 s, not at most 15 s.
         ("grpc.http2.ping_timeout_ms", int(config.keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
