@@ -165,19 +165,18 @@ class Attempt:
                 else:
                     outcome = frame
         except WorkerCallError as exc:
-            if exc.lost and first:
-                raise LostBeforeFirstToken(self._assignment.decode.worker_id, exc) from None
-            if (exc.lost or exc.code is ErrorCode.INTERNAL) and not first:
+            if not (exc.lost or exc.code is ErrorCode.INTERNAL):
+                raise
+            if not (exc.lost and first):  # (a worker gone before any token holds nothing)
                 await self._release(ReleaseReason.PEER_LOST)
-                worker_id = self._assignment.decode.worker_id
-                raise LostAfterFirstToken(worker_id, exc, exc.lost) from None
-            raise
+            loss = LostBeforeFirstToken if first else LostAfterFirstToken
+            raise loss(self._assignment.decode.worker_id, exc, exc.lost) from None
         if outcome is None:
             raise self._protocol_error(self._assignment.decode.worker_id, "no finished frame")
         return self._finished(outcome)
 
     async def _run_prefill(self, target: KVTarget) -> PrefillResult:
-        first, result = False, None
+        first, result, bad = False, None, False
         try:
             stream = self._prefill.prefill(self._request, target, self._remaining())
             async for frame in stream:
@@ -187,16 +186,26 @@ class Attempt:
                 elif isinstance(frame, PrefillResult) and first:
                     result = frame
                 else:
-                    raise self._protocol_error(self._assignment.prefill.worker_id, "bad frame")
+                    bad = True
+                    break
         except WorkerCallError as exc:
-            if exc.lost and not first:
-                raise LostBeforeFirstToken(await self._who_is_lost(), exc) from None
-            if exc.lost:
-                raise LostAfterFirstToken(await self._who_is_lost(), exc) from None
-            raise
-        if result is None:
-            raise self._protocol_error(self._assignment.prefill.worker_id, "no done frame")
+            raise await self._prefill_failed(exc, first) from None
+        if bad or result is None:
+            what = "bad frame" if bad else "no done frame"
+            raise self._protocol_error(self._assignment.prefill.worker_id, what)
         return result
+
+    async def _prefill_failed(self, exc: WorkerCallError, first: bool) -> BaseException:
+        """A failed Prefill: P gone (or D, which P could not reach), or P's step failed
+        (INTERNAL: P freed the request and serves on) is a loss, which the driver routes again
+        or resumes from; anything else fails the request as it came."""
+        loss = LostAfterFirstToken if first else LostBeforeFirstToken
+        if exc.lost:
+            return loss(await self._who_is_lost(), exc)
+        if exc.code is ErrorCode.INTERNAL:
+            await self._release(ReleaseReason.PEER_LOST)
+            return loss(self._assignment.prefill.worker_id, exc, gone=False)
+        return exc
 
     def _local_prefill_max_tokens(self) -> int:
         a = self._assignment

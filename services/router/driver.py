@@ -13,7 +13,8 @@ A request no worker has room for *now* waits in step 1 (re-routed every
 router instead of failing; one that could never fit fails at once (RESOURCE_EXHAUSTED). One that
 no registered worker can serve waits the same way for at most ``no_worker_wait_s`` (a worker
 starting, restarting or back from a late report), then fails UNAVAILABLE.
-A worker lost in 2-3 (before the first token) is removed and the request routed again, once.
+A worker lost in 2-3 (before the first token) is removed and the request routed again, once;
+so is one whose step computing the prompt failed there (INTERNAL), the worker kept.
 Resuming: a worker lost after the first token (P during its hand-off, D while decoding) is
 removed too (a step that failed there, INTERNAL, leaves it registered: it freed the request and
 serves on), and the request goes on on a decode-capable worker (``RouteRequest.decode_only``)
@@ -390,11 +391,9 @@ class RequestDriver:
                     self._forget(lost.worker_id, str(lost.error))
                 if not job.output_token_ids:
                     if attempt == 2:
-                        raise WorkerLostError(
-                            f"request {request.request_id!r}: worker {lost.worker_id!r} was "
-                            f"lost before the first token, after a retry ({lost.error})"
-                        ) from None
+                        raise self._not_routed_again(request.request_id, lost) from None
                     attempt += 1
+                    self._routing_again(request.request_id, lost)
                     continue
                 if isinstance(lost, LostBeforeFirstToken):
                     # A resumed try whose worker was gone before it reserved (dead, not yet
@@ -419,6 +418,23 @@ class RequestDriver:
         )  # fmt: skip
         if self.observer is not None:
             self.observer.resumed()
+
+    @staticmethod
+    def _routing_again(request_id: str, lost: WorkerLoss) -> None:
+        _log.warning(
+            "request %r %s worker %r before its first token; routing it again",
+            request_id, "lost" if lost.gone else "failed on", lost.worker_id,
+        )  # fmt: skip
+
+    @staticmethod
+    def _not_routed_again(request_id: str, lost: WorkerLoss) -> BaseException:
+        """What a request that failed before its first token twice fails with."""
+        if not lost.gone:
+            return lost.error  # its step's INTERNAL, as it came
+        return WorkerLostError(
+            f"request {request_id!r}: worker {lost.worker_id!r} was lost before the first "
+            f"token, after a retry ({lost.error})"
+        )
 
     @staticmethod
     def _not_resumed(

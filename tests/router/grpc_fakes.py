@@ -7,7 +7,10 @@ reservation names a data plane, which the prefill call must carry on). Behaviour
 ``tokens`` to produce, ``finish_on_prefill``, ``hang_decode`` (StreamTokens stalls after one
 delta, for cancel/abort/deadline tests); set on one worker afterwards, ``die_after_deltas`` (its
 StreamTokens sends that many deltas, then it is gone: every call UNAVAILABLE) and
-``prefill_dies_after_first`` (the same after its Prefill's first token). A reservation that
+``prefill_dies_after_first`` (the same after its Prefill's first token); failed engine steps
+(INTERNAL, the worker serving on): ``fail_step_after_deltas`` (StreamTokens, once),
+``fail_prefill_steps`` (that many Prefill calls before their first token) and
+``fail_prefill_after_first`` (once, after it). A reservation that
 resumes a request (``resume_output_token_ids``) streams ``tokens`` after those it names.
 """
 
@@ -78,6 +81,8 @@ class FakeWorker(prefill_pb2_grpc.PrefillServiceServicer, decode_pb2_grpc.Decode
         self.die_after_deltas: int | None = None
         self.fail_step_after_deltas: int | None = None  # once: INTERNAL, as a failed step
         self.prefill_dies_after_first = False
+        self.fail_prefill_steps = 0  # Prefill calls that fail INTERNAL before their first token
+        self.fail_prefill_after_first = False  # once: INTERNAL after the first token
         self.dead = False
         self.resumed: dict[str, int] = {}  # request id -> tokens the caller has
 
@@ -123,10 +128,16 @@ class FakeWorker(prefill_pb2_grpc.PrefillServiceServicer, decode_pb2_grpc.Decode
             await context.abort(grpc.StatusCode.CANCELLED, "the server is shutting down")
         await self._unless_dead(context)
         self.log.data_planes[request.request_id] = (t.data_address, t.data_transport)
+        if self.fail_prefill_steps:  # the step failed; the worker serves on
+            self.fail_prefill_steps -= 1
+            await context.abort(grpc.StatusCode.INTERNAL, "the engine step failed")
         first = common_pb2.TokenDelta(token_ids=[self.tokens[0]], text=f"<{self.tokens[0]}>")
         yield prefill_pb2.PrefillResponse(first_token=first)
         if self.prefill_dies_after_first:
             await self._die(context)
+        if self.fail_prefill_after_first:
+            self.fail_prefill_after_first = False
+            await context.abort(grpc.StatusCode.INTERNAL, "the engine step failed")
         reason = common_pb2.FINISH_REASON_STOP if self.finish_on_prefill else 0
         done = prefill_pb2.PrefillDone(
             finish_reason=reason,

@@ -337,6 +337,72 @@ def test_a_request_whose_decode_step_failed_is_resumed_and_its_worker_kept(max_r
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("failures", [1, 2])
+def test_a_prefill_step_failed_before_the_first_token_is_routed_again_once(failures):
+    """P's step failed (INTERNAL; P freed the request and serves on) before the caller had a
+    token: D's reservation is released and the request routed again, P kept; a second
+    failure comes through as the step's INTERNAL."""
+
+    async def main():
+        async with cluster() as c:
+            c.workers["p0"].fail_prefill_steps = failures
+            call = c.stub.Generate(request(), timeout=5)
+            one_try = [
+                ("reserve", "d0", "r1"),
+                ("prefill", "p0", "r1", "d0", "res-r1"),
+                ("release", "d0", "r1", "RELEASE_REASON_PEER_LOST"),
+            ]
+            if failures == 1:
+                assert tokens_of(await collect(call)) == [7, 8, 9, 10]
+                assert c.log.calls == [*one_try, *one_try[:2], ("stream", "d0", "r1")]
+            else:
+                error = await status_of(call)
+                assert error.code() == C.INTERNAL
+                assert "the engine step failed" in error.details()
+                assert c.log.calls == one_try * 2
+            assert all(w.status is WorkerStatus.HEALTHY for w in c.router.workers())
+            assert c.driver.num_running == 0 and c.router.num_inflight() == 0
+
+    asyncio.run(main())
+
+
+def test_a_prefill_step_failed_after_the_first_token_is_resumed_on_the_decode_worker():
+    async def main():
+        async with cluster() as c:
+            c.workers["p0"].fail_prefill_after_first = True
+            frames = await collect(c.stub.Generate(request(), timeout=5))
+            assert tokens_of(frames) == [7, 8, 9, 10]
+            assert [f.WhichOneof("frame") for f in frames].count("started") == 1
+            assert c.log.calls[2:] == [
+                ("release", "d0", "r1", "RELEASE_REASON_PEER_LOST"),
+                ("reserve", "d0", "r1", "resume", (7,), "prefill_locally"),
+                ("stream", "d0", "r1"),
+            ]
+            assert all(w.status is WorkerStatus.HEALTHY for w in c.router.workers())
+
+    asyncio.run(main())
+
+
+def test_a_mixed_worker_step_failed_before_the_first_token_is_routed_again():
+    async def main():
+        async with cluster(prefill=0, decode=0, mixed=1, policy="colocated") as c:
+            c.workers["m0"].fail_step_after_deltas = 0  # its prompt's step
+            frames = await collect(c.stub.Generate(request(), timeout=5))
+            assert tokens_of(frames) == [7, 8, 9, 10]
+            assert [f.WhichOneof("frame") for f in frames].count("started") == 1
+            assert c.log.calls == [
+                ("reserve", "m0", "r1", "prefill_locally"),
+                ("stream", "m0", "r1"),
+                ("release", "m0", "r1", "RELEASE_REASON_PEER_LOST"),
+                ("reserve", "m0", "r1", "prefill_locally"),
+                ("stream", "m0", "r1"),
+            ]
+            assert c.router.workers()[0].status is WorkerStatus.HEALTHY
+            assert c.driver.num_running == 0 and c.router.num_inflight() == 0
+
+    asyncio.run(main())
+
+
 def test_a_worker_lost_after_the_last_token_finishes_the_request_without_a_resume():
     async def main():
         async with cluster(decode=2) as c:
