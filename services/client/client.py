@@ -3,12 +3,21 @@
 A Generate stream is ``started``, ``delta``..., ``finished`` (router.proto); ``_Accumulator``
 folds the frames into deltas for the caller and one ``GenerationResult`` at the end, with TTFT
 and tokens/s measured here, on the client's clock.
+
+A stream broken because the router itself was lost (UNAVAILABLE without the router's own
+marker, ``status.ROUTER_UNAVAILABLE``: a broken connection, a router that stopped) is resumed:
+the client waits for the router to be back (``banaserve up`` restarts it on its port; at most
+``reconnect_timeout_s`` and the deadline) and sends the request again with the tokens it has
+(``GenerateRequest.resume_output_token_ids``), so the caller's iteration goes on with the
+tokens and text the broken stream would have sent; at most ``max_resumes`` times a request (0:
+fail as before). A router never reached (``failed to connect``) fails at once, as before.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,8 +28,11 @@ from services.common.errors import ConfigError
 from services.common.limits import check_target
 from services.rpc import security
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+from services.rpc.status import ROUTER_UNAVAILABLE
 
 MAX_MESSAGE_BYTES = 256 << 20
+MAX_RESUMES = 2  # a stream broken by a lost router is resumed at most this many times
+RECONNECT_TIMEOUT_S = 30.0  # waiting for the router to be back, at most (and the deadline)
 _OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -94,6 +106,13 @@ def _target(target: str) -> str:
         return check_target(target, "target")
     except ConfigError as exc:
         raise _invalid(str(exc)) from None
+
+
+def _check_resume_args(max_resumes: int, reconnect_timeout_s: float) -> None:
+    if not 0 <= max_resumes <= 1000:
+        raise _invalid(f"max_resumes must be in 0..1000, got {max_resumes}")
+    if not 0 < reconnect_timeout_s <= 3600:
+        raise _invalid(f"reconnect_timeout_s must be in (0, 3600], got {reconnect_timeout_s}")
 
 
 def _encoded(message_type: Any, what: str, **fields: Any) -> Any:
@@ -175,12 +194,61 @@ class _Accumulator:
         )
 
 
+@dataclass
+class _Resume:
+    """When and how a stream broken by a lost router goes on (module docstring)."""
+
+    message: router_pb2.GenerateRequest
+    deadline: float | None  # time.monotonic()
+    max_resumes: int
+    reconnect_timeout_s: float
+    used: int = 0
+
+    def allows(self, exc: grpc.RpcError, acc: _Accumulator) -> bool:
+        if self.used >= self.max_resumes or exc.code() != grpc.StatusCode.UNAVAILABLE:
+            return False
+        if any(tuple(item) == ROUTER_UNAVAILABLE for item in exc.trailing_metadata() or ()):
+            return False  # the router answered: its workers are lost, it is not
+        if acc.started is None and "failed to connect" in (exc.details() or ""):
+            return False  # never reached: a wrong address, a router not running
+        return self.wait_s() > 0
+
+    def wait_s(self) -> float:
+        if self.deadline is None:
+            return self.reconnect_timeout_s
+        return min(self.reconnect_timeout_s, self.deadline - time.monotonic())
+
+    def timeout_s(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def next_message(self, acc: _Accumulator) -> router_pb2.GenerateRequest:
+        """The request again, under the id the router gave it, with every token the caller
+        has (those this request was sent with included)."""
+        self.used += 1
+        message = router_pb2.GenerateRequest()
+        message.CopyFrom(self.message)
+        message.request_id = acc.request_id or message.request_id
+        del message.resume_output_token_ids[:]
+        message.resume_output_token_ids.extend(
+            [*self.message.resume_output_token_ids, *acc.token_ids]
+        )
+        return message
+
+
 class Generation:
     """Iterate for deltas; ``result`` is set once the stream has ended."""
 
-    def __init__(self, call: Any) -> None:
+    def __init__(
+        self,
+        call: Any,
+        resume: _Resume | None = None,
+        reopen: Callable[[_Resume, router_pb2.GenerateRequest], Any] | None = None,
+    ) -> None:
+        """``reopen(resume, message)``: the call of ``message`` once the router is back, or
+        None if it is not within ``resume.wait_s()``."""
         self._call = call
         self._acc = _Accumulator()
+        self._resume, self._reopen = resume, reopen
 
     @property
     def request_id(self) -> str:
@@ -193,13 +261,24 @@ class Generation:
         return self._acc.result
 
     def __iter__(self) -> Iterator[Delta]:
-        try:
-            for frame in self._call:
-                delta = self._acc.add(frame)
-                if delta is not None:
-                    yield delta
-        except grpc.RpcError as exc:
-            raise _error(exc) from None
+        while True:
+            try:
+                for frame in self._call:
+                    delta = self._acc.add(frame)
+                    if delta is not None:
+                        yield delta
+                return
+            except grpc.RpcError as exc:
+                call = self._resumed(exc)
+                if call is None:
+                    raise _error(exc) from None
+                self._call = call
+
+    def _resumed(self, exc: grpc.RpcError) -> Any:
+        resume = self._resume
+        if resume is None or self._reopen is None or not resume.allows(exc, self._acc):
+            return None
+        return self._reopen(resume, resume.next_message(self._acc))
 
     def cancel(self) -> None:
         self._call.cancel()
@@ -210,13 +289,30 @@ class AsyncGeneration(Generation):
         return self._frames()
 
     async def _frames(self) -> AsyncIterator[Delta]:
-        try:
-            async for frame in self._call:
-                delta = self._acc.add(frame)
-                if delta is not None:
-                    yield delta
-        except grpc.RpcError as exc:
-            raise _error(exc) from None
+        while True:
+            try:
+                async for frame in self._call:
+                    delta = self._acc.add(frame)
+                    if delta is not None:
+                        yield delta
+                return
+            except grpc.RpcError as exc:
+                call = self._resumed(exc)
+                if call is not None:
+                    call = await call  # the async reopen: a coroutine
+                if call is None:
+                    raise _error(exc) from None
+                self._call = call
+
+
+def _resume(
+    message: router_pb2.GenerateRequest,
+    timeout_s: float | None,
+    max_resumes: int,
+    reconnect_timeout_s: float,
+) -> _Resume:
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    return _Resume(message, deadline, max_resumes, reconnect_timeout_s)
 
 
 def _workers(reply: router_pb2.ListWorkersResponse) -> list[WorkerStatus]:
@@ -251,15 +347,27 @@ class BanaServeClient:
     (a prompt of bytes, a seed of -1, a token id past uint32), raises BanaServeClientError
     with INVALID_ARGUMENT before anything is sent, as the router would answer."""
 
-    def __init__(self, target: str, *, tls_dir: str = "", token: str = "") -> None:
+    _grpc: Any = grpc  # the module whose channels it opens
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        tls_dir: str = "",
+        token: str = "",
+        max_resumes: int = MAX_RESUMES,
+        reconnect_timeout_s: float = RECONNECT_TIMEOUT_S,
+    ) -> None:
         target = _target(target)
+        _check_resume_args(max_resumes, reconnect_timeout_s)
         credentials, options = _tls(tls_dir)
         if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=options)
+            self._channel = self._grpc.insecure_channel(target, options=options)
         else:
-            self._channel = grpc.secure_channel(target, credentials, options=options)
+            self._channel = self._grpc.secure_channel(target, credentials, options=options)
         self._metadata = security.bearer_metadata(token)
         self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
+        self._max_resumes, self._reconnect_timeout_s = max_resumes, reconnect_timeout_s
 
     def generate(
         self,
@@ -271,7 +379,20 @@ class BanaServeClient:
         **sampling: Any,
     ) -> Generation:
         message = _request(prompt, request_id, chat, **sampling)
-        return Generation(self._stub.Generate(message, timeout=timeout_s, metadata=self._metadata))
+        resume = _resume(message, timeout_s, self._max_resumes, self._reconnect_timeout_s)
+        call = self._stub.Generate(message, timeout=timeout_s, metadata=self._metadata)
+        return self._generation(call, resume, self._reopen)
+
+    _generation: Callable[..., Generation] = Generation
+
+    def _reopen(self, resume: _Resume, message: router_pb2.GenerateRequest) -> Any:
+        ready = grpc.channel_ready_future(self._channel)
+        try:
+            ready.result(timeout=resume.wait_s())
+        except grpc.FutureTimeoutError:
+            ready.cancel()
+            return None
+        return self._stub.Generate(message, timeout=resume.timeout_s(), metadata=self._metadata)
 
     def complete(self, prompt: str | Sequence[int], **kwargs: Any) -> GenerationResult:
         generation = self.generate(prompt, **kwargs)
@@ -312,29 +433,17 @@ class BanaServeClient:
 class AsyncBanaServeClient:
     """The same over grpc.aio; create and use it inside one event loop."""
 
-    def __init__(self, target: str, *, tls_dir: str = "", token: str = "") -> None:
-        target = _target(target)
-        credentials, options = _tls(tls_dir)
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=options)
-        else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
-        self._metadata = security.bearer_metadata(token)
-        self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
+    _grpc = grpc.aio
+    _generation = AsyncGeneration
+    __init__ = BanaServeClient.__init__
+    generate = BanaServeClient.generate  # type: ignore[assignment]  # an AsyncGeneration
 
-    def generate(
-        self,
-        prompt: str | Sequence[int],
-        *,
-        timeout_s: float | None = None,
-        request_id: str = "",
-        chat: bool = False,
-        **sampling: Any,
-    ) -> AsyncGeneration:
-        message = _request(prompt, request_id, chat, **sampling)
-        return AsyncGeneration(
-            self._stub.Generate(message, timeout=timeout_s, metadata=self._metadata)
-        )
+    async def _reopen(self, resume: _Resume, message: router_pb2.GenerateRequest) -> Any:
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), resume.wait_s())
+        except TimeoutError:
+            return None
+        return self._stub.Generate(message, timeout=resume.timeout_s(), metadata=self._metadata)
 
     async def complete(self, prompt: str | Sequence[int], **kwargs: Any) -> GenerationResult:
         generation = self.generate(prompt, **kwargs)

@@ -71,7 +71,6 @@ class Attempt:
         self._decode = driver.clients().decode(assignment.decode)
         self._prefill = driver.clients().prefill(assignment.prefill)
         self._local = False  # D prefills the prompt (conditional disaggregation)
-        self._resumed = bool(request.resume_output_token_ids)
 
     async def run(self) -> Finished:
         try:
@@ -152,7 +151,7 @@ class Attempt:
         (of a resumed try: the first after those the caller has)."""
         self._mark_routed()
         outcome: DecodeResult | None = None
-        first = not self._resumed
+        first = not self._job.started
         try:
             async for frame in self._decode.stream_tokens(
                 self._request.request_id, self._remaining()
@@ -221,6 +220,7 @@ class Attempt:
             a.decode.worker_id,
         )
         self._job.events.put_nowait(started)
+        self._job.started = True
         self._emit(delta)
         self._job.ttft_s = self._driver.now() - self._arrival
 
@@ -230,7 +230,7 @@ class Attempt:
         self._job.events.put_nowait(delta)
 
     def _mark_routed(self) -> None:
-        if not self._resumed:  # a resumed try keeps the request's first routing time
+        if not self._job.started:  # a resumed try keeps the request's first routing time
             self._job.routing_s = self._driver.now() - self._arrival
 
     async def _who_is_lost(self) -> str:

@@ -147,6 +147,7 @@ class _Job:
     owner: str = ""
     # Every token handed to the caller, in order: what a resumed try goes on from.
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
+    started: bool = False  # the caller has this stream's Started (with its first token)
     routing_s: float = 0.0  # of the first try: from arrival to its worker pair
     ttft_s: float = 0.0
     prefill: PrefillResult | None = None  # the prefill worker's, once one has ended
@@ -248,7 +249,9 @@ class RequestDriver:
         request = dataclasses.replace(request, request_id=job.request_id)
         task = job.task = asyncio.create_task(self._run(job, request, arrival))
         task.add_done_callback(lambda _: self._close(job))
-        num_delivered = 0  # completion tokens handed to the caller
+        # Completion tokens handed to the caller: by this stream, and before it by a broken one
+        # (a request its client resumes, GenerateRequest.resume_output_token_ids).
+        num_delivered = len(request.resume_output_token_ids)
         try:
             while True:
                 event = await self._next(job, task)
@@ -305,6 +308,7 @@ class RequestDriver:
         request_id = request.request_id or new_request_id()
         self.check_new(request_id)
         job = _Job(request_id, deadline, asyncio.Queue(), ticket, owner=request.owner)
+        job.output_token_ids.extend(request.resume_output_token_ids)  # its client resumes it
         old = self._jobs.get(request_id)  # ending, its cleanup still running
         if old is not None and old.task is not None and not old.task.done():
             job.predecessor = old.task
@@ -389,7 +393,7 @@ class RequestDriver:
             except WorkerLoss as lost:
                 if lost.gone:  # (a failed step: the worker serves on)
                     self._forget(lost.worker_id, str(lost.error))
-                if not job.output_token_ids:
+                if not job.started:  # (a request its client resumed may have tokens)
                     if attempt == 2:
                         raise self._not_routed_again(request.request_id, lost) from None
                     attempt += 1

@@ -117,6 +117,32 @@ class PromptEncoder:
                 f"prompt: token id {bad} is outside the model's vocabulary [0, {self.vocab_size})"
             )
 
+    def check_resume(
+        self,
+        prompt_len: int,
+        token_ids: Sequence[int],
+        max_tokens: int,
+        max_model_len: int | None = None,
+    ) -> None:
+        """A request's output tokens its client already has (GenerateRequest
+        .resume_output_token_ids): at most ``max_tokens``, each in the vocabulary, and the
+        prompt with them within the context."""
+        what = "resume_output_token_ids"
+        if len(token_ids) > max_tokens:
+            raise InvalidRequestError(
+                f"{what}: {len(token_ids)} tokens, more than max_tokens ({max_tokens})"
+            )
+        if self.vocab_size is not None and token_ids and max(token_ids) >= self.vocab_size:
+            bad = next(t for t in token_ids if t >= self.vocab_size)
+            raise InvalidRequestError(
+                f"{what}: token id {bad} is outside the model's vocabulary [0, {self.vocab_size})"
+            )
+        if max_model_len is not None and prompt_len + len(token_ids) > max_model_len:
+            raise InvalidRequestError(
+                f"{what}: the prompt ({prompt_len} tokens) and these {len(token_ids)} pass "
+                f"the model's context of {max_model_len}"
+            )
+
     async def encode(
         self, text: str, chat: bool = False, max_model_len: int | None = None
     ) -> tuple[int, ...]:

@@ -39,7 +39,7 @@ from services.rpc.convert import FINISH_TO_PROTO, duration, sampling_from_proto
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 from services.rpc.load_reports import load_from_proto, load_to_proto
 from services.rpc.security import caller_identity
-from services.rpc.status import grpc_code
+from services.rpc.status import ROUTER_UNAVAILABLE, grpc_code
 
 ROLE_FROM_PROTO = {
     common_pb2.WORKER_ROLE_PREFILL: WorkerRole.PREFILL,
@@ -124,6 +124,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 async for event in events:
                     yield _event_to_proto(event)
         except (drv.WorkerLostError, core.NoWorkerError) as exc:
+            context.set_trailing_metadata((ROUTER_UNAVAILABLE,))  # not a router gone
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except drv.DuplicateRequestError as exc:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
@@ -142,12 +143,18 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         check_stop(request.sampling.stop, request.sampling.stop_token_ids)
         sampling = sampling_from_proto(request.sampling)
         tokens = await self._prompt(request)
+        resume = tuple(request.resume_output_token_ids)
+        if resume:
+            self._prompts.check_resume(len(tokens), resume, sampling.max_tokens, self._context())
         request_id = request.request_id or drv.new_request_id()
-        return drv.GenerateInput(request_id, tokens, sampling, owner)
+        return drv.GenerateInput(request_id, tokens, sampling, owner, resume)
+
+    def _context(self) -> int | None:
+        # The largest context of a worker connected now: a longer prompt fits none of them.
+        return max((w.max_model_len for w in self._connected.values()), default=0) or None
 
     async def _prompt(self, request: router_pb2.GenerateRequest) -> tuple[int, ...]:
-        # The largest context of a worker connected now: a longer prompt fits none of them.
-        context = max((w.max_model_len for w in self._connected.values()), default=0) or None
+        context = self._context()
         kind = request.WhichOneof("prompt")
         if kind == "token_ids":
             ids = tuple(request.token_ids.ids)

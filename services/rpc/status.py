@@ -36,6 +36,11 @@ from services.common import errors
 log = logging.getLogger(__name__)
 _M = TypeVar("_M", bound=Message)
 
+# Trailing metadata of an UNAVAILABLE the router decided (its workers lost, none to route to):
+# a client tells it from a router that is itself gone (a broken connection), whose request it
+# may resume (router.proto, GenerateRequest.resume_output_token_ids).
+ROUTER_UNAVAILABLE = ("banaserve-unavailable", "workers")
+
 STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     # Before InvalidRequestError in meaning, and found first because it is the subclass.
     errors.OutOfRangeError: grpc.StatusCode.OUT_OF_RANGE,

@@ -10,6 +10,7 @@ import pytest
 
 from services.router.registry import WorkerRole, WorkerStatus
 from services.rpc.gen.banaserve.v1 import common_pb2, kvstore_pb2, router_pb2
+from services.rpc.status import ROUTER_UNAVAILABLE
 from tests.router.factories import NUM_BLOCKS, load
 from tests.router.grpc_fakes import cluster
 
@@ -399,6 +400,99 @@ def test_a_mixed_worker_step_failed_before_the_first_token_is_routed_again():
             ]
             assert c.router.workers()[0].status is WorkerStatus.HEALTHY
             assert c.driver.num_running == 0 and c.router.num_inflight() == 0
+
+    asyncio.run(main())
+
+
+def resumed_request(tokens, **sampling) -> router_pb2.GenerateRequest:
+    message = request(**sampling)
+    message.resume_output_token_ids.extend(tokens)
+    return message
+
+
+def test_a_request_its_client_resumes_goes_on_from_its_tokens_on_a_decode_worker():
+    """The client's stream broke (its router lost) after tokens 7 and 8: the request sent again
+    with them goes on from there on a decode-capable worker, in one new stream (its own
+    Started, then only the tokens after them); its usage counts all four."""
+
+    async def main():
+        async with cluster() as c:
+            frames = await collect(c.stub.Generate(resumed_request([7, 8]), timeout=5))
+            kinds = [f.WhichOneof("frame") for f in frames]
+            assert kinds == ["started", "delta", "delta", "finished"]
+            assert frames[0].started.request_id == "r1"
+            assert frames[0].started.num_prompt_tokens == len(PROMPT)
+            assert tokens_of(frames) == [9, 10]
+            done = frames[-1].finished
+            assert done.finish_reason == common_pb2.FINISH_REASON_LENGTH
+            assert done.usage.num_completion_tokens == 4
+            assert c.log.calls == [
+                ("reserve", "d0", "r1", "resume", (7, 8), "prefill_locally"),
+                ("stream", "d0", "r1"),
+            ]
+            assert c.driver.num_running == 0 and c.router.num_inflight() == 0
+
+    asyncio.run(main())
+
+
+def test_a_request_resumed_with_all_its_tokens_finishes_without_a_worker():
+    async def main():
+        async with cluster() as c:
+            frames = await collect(c.stub.Generate(resumed_request([7, 8, 9, 10]), timeout=5))
+            assert [f.WhichOneof("frame") for f in frames] == ["finished"]
+            assert frames[0].finished.finish_reason == common_pb2.FINISH_REASON_LENGTH
+            assert frames[0].finished.usage.num_completion_tokens == 4
+            assert c.log.calls == []
+
+    asyncio.run(main())
+
+
+def test_a_resumed_request_whose_worker_fails_before_its_next_token_is_routed_again():
+    async def main():
+        async with cluster(prefill=0, decode=0, mixed=1, policy="colocated") as c:
+            c.workers["m0"].fail_step_after_deltas = 0
+            frames = await collect(c.stub.Generate(resumed_request([7]), timeout=5))
+            assert tokens_of(frames) == [8, 9, 10]
+            assert [f.WhichOneof("frame") for f in frames].count("started") == 1
+            assert [call[:4] for call in c.log.calls] == [
+                ("reserve", "m0", "r1", "resume"),
+                ("stream", "m0", "r1"),
+                ("release", "m0", "r1", "RELEASE_REASON_PEER_LOST"),
+                ("reserve", "m0", "r1", "resume"),
+                ("stream", "m0", "r1"),
+            ]
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("tokens", "vocab_size", "message"),
+    [
+        ([7, 8, 9, 10, 11], None, "resume_output_token_ids: 5 tokens, more than max_tokens (4)"),
+        ([7, 5000], 4096, "resume_output_token_ids: token id 5000 is outside the model's"),
+    ],
+)
+def test_resume_tokens_the_request_cannot_have_are_refused_before_any_work(
+    tokens, vocab_size, message
+):
+    async def main():
+        async with cluster(vocab_size=vocab_size) as c:
+            error = await status_of(c.stub.Generate(resumed_request(tokens), timeout=5))
+            assert error.code() == C.INVALID_ARGUMENT
+            assert message in error.details()
+            assert c.log.calls == []
+
+    asyncio.run(main())
+
+
+def test_an_unavailable_the_router_decided_carries_its_marker():
+    """A client resumes a stream broken by a lost router, not one the router failed itself."""
+
+    async def main():
+        async with cluster(prefill=2, dead=("p0", "p1")) as c:
+            error = await status_of(c.stub.Generate(request(), timeout=5))
+            assert error.code() == C.UNAVAILABLE
+            assert ROUTER_UNAVAILABLE in tuple(error.trailing_metadata())
 
     asyncio.run(main())
 

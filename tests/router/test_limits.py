@@ -175,3 +175,28 @@ def test_token_ids_outside_the_models_vocabulary_are_refused_before_any_worker_c
             assert frames[0].started.num_prompt_tokens == 2
 
     asyncio.run(main())
+
+
+def test_resume_tokens_past_the_context_are_refused_before_any_worker_call():
+    async def main():
+        async with cluster() as c:
+            report = c.stub.ReportLoad(timeout=10)
+            frame = worker_frame()
+            frame.worker.max_model_len = 100
+            await report.write(frame)
+            await report.write(load_frame())
+            while "d9" not in await workers(c.stub):
+                await asyncio.sleep(0.01)
+            message = request("long", prompt=[1] * 90, max_tokens=20)
+            message.resume_output_token_ids.extend([2] * 11)
+            assert await first_error(c.stub.Generate(message, timeout=5)) == (
+                C.INVALID_ARGUMENT,
+                "resume_output_token_ids: the prompt (90 tokens) and these 11 pass the model's "
+                "context of 100",
+                0,
+            )
+            assert c.log.calls == []
+            await report.done_writing()
+            await report
+
+    asyncio.run(main())

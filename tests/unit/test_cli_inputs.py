@@ -137,6 +137,22 @@ def test_the_client_library_refuses_a_bad_target(no_connection, client, target):
     assert refused.value.code is grpc.StatusCode.INVALID_ARGUMENT
 
 
+@pytest.mark.parametrize("client", [BanaServeClient, AsyncBanaServeClient])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"max_resumes": -1}, "max_resumes must be in 0..1000, got -1"),
+        ({"reconnect_timeout_s": 0}, "reconnect_timeout_s must be in (0, 3600], got 0"),
+        ({"reconnect_timeout_s": float("nan")}, "reconnect_timeout_s must be in (0, 3600]"),
+    ],
+)
+def test_the_client_library_refuses_bad_resume_settings(no_connection, client, args, message):
+    with pytest.raises(BanaServeClientError) as refused:
+        client("127.0.0.1:50051", **args)
+    assert refused.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert message in str(refused.value)
+
+
 # -- A1, A2, C8: what protobuf cannot encode is refused as INVALID_ARGUMENT -------------------
 
 

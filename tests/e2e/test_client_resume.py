@@ -1,0 +1,111 @@
+"""A stream broken because its router was lost goes on: ``banaserve up`` restarts the router on
+its port, the workers register again, and the client library sends the request again with the
+tokens it has (GenerateRequest.resume_output_token_ids); the caller's iteration ends with the
+tokens and text of an undisturbed run. Real processes, tiny-llama, no store."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from services.client.client import AsyncBanaServeClient, BanaServeClient, BanaServeClientError
+from services.common.types import SamplingParams
+from tests.e2e.test_cluster import wait_idle
+from tests.e2e.test_up import children, gone, start_up
+from tests.e2e.test_up_restarts import Console, is_router, pid_of, tokens
+from tests.engine.helpers import make_engine
+
+pytestmark = pytest.mark.e2e
+
+PARAMS = dict(max_tokens=160, ignore_eos=True, temperature=0.0)
+
+
+def stream_killing_the_router(up, router: str, prompt: list[int], **client_args):
+    """Streams one request and SIGKILLs the router after its 4th token: the result, or the
+    client's error, and how long the stream took."""
+    started = time.monotonic()
+    with BanaServeClient(router, **client_args) as client:
+        stream = client.generate(prompt, timeout_s=60, **PARAMS)
+        try:
+            for i, _ in enumerate(stream):
+                if i == 3:
+                    os.kill(pid_of(up, is_router), signal.SIGKILL)
+        except BanaServeClientError as exc:
+            return exc, time.monotonic() - started
+        return stream.result, time.monotonic() - started
+
+
+def stream_killing_the_router_async(up, router: str, prompt: list[int], **client_args):
+    async def main():
+        started = time.monotonic()
+        async with AsyncBanaServeClient(router, **client_args) as client:
+            stream = client.generate(prompt, timeout_s=60, **PARAMS)
+            i = 0
+            try:
+                async for _ in stream:
+                    if i == 3:
+                        os.kill(pid_of(up, is_router), signal.SIGKILL)
+                    i += 1
+            except BanaServeClientError as exc:
+                return exc, time.monotonic() - started
+            return stream.result, time.monotonic() - started
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("stream", "max_resumes"),
+    [
+        pytest.param(stream_killing_the_router, 2, id="sync"),
+        pytest.param(stream_killing_the_router_async, 2, id="async"),
+        # The old behaviour, kept for a client that asks for it (slow: the default run stays
+        # well under 15 min).
+        pytest.param(stream_killing_the_router, 0, id="no-resumes", marks=pytest.mark.slow),
+    ],
+)
+def test_a_stream_broken_by_a_killed_router_goes_on_once_it_is_back(
+    banaserve_home, tiny_llama, stream, max_resumes
+):
+    prompt = tokens(7, 40)
+    [expected] = make_engine(tiny_llama).generate([prompt], SamplingParams(**PARAMS))
+    up, lines = start_up(banaserve_home, "--kvstore", "0", "--restart-backoff", "0.2")
+    address = {line.split()[0]: line.split()[1] for line in lines if ":" in line.split()[-1]}
+    console = Console(up)
+    pids = children(up.pid)
+    try:
+        result, took = stream(up, address["router"], prompt, max_resumes=max_resumes)
+        console.wait_for(
+            "router exited (code -9); restarting in 0.2 s (restart 1 of 5)",
+            f"router ready again {address['router']}",
+        )
+        if max_resumes == 0:  # as before: the stream fails at once
+            assert isinstance(result, BanaServeClientError), result
+            assert result.code.name == "UNAVAILABLE"
+            assert took < 10
+        else:
+            assert not isinstance(result, BaseException), result
+            assert list(result.token_ids) == expected.token_ids
+            assert result.text == expected.text
+            assert result.finish_reason == "length"
+        workers = {r: SimpleNamespace(address=address[f"{r}-0"]) for r in ("prefill", "decode")}
+        wait_idle(workers)  # nothing the broken stream's request held is left
+    finally:
+        up.send_signal(signal.SIGTERM)
+        code = up.wait(timeout=60)
+    assert code == 0, "".join(console.stderr)[-3000:]
+    assert all(gone(pid) for pid in pids)
+
+
+def test_a_router_never_reached_fails_at_once_without_waiting_for_it():
+    from tests.router.grpc_fakes import dead_address
+
+    started = time.monotonic()
+    with BanaServeClient(dead_address()) as client, pytest.raises(BanaServeClientError) as info:
+        client.complete([1, 2, 3], max_tokens=2, timeout_s=20)
+    assert info.value.code.name == "UNAVAILABLE"
+    assert time.monotonic() - started < 5
