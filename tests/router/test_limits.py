@@ -127,22 +127,24 @@ def test_a_registration_with_an_oversized_worker_id_or_address_is_refused():
     asyncio.run(main())
 
 
+async def worker_with_context(c, max_model_len: int):
+    """Worker d9 registered through ReportLoad with that context: its open report call."""
+    report = c.stub.ReportLoad(timeout=10)
+    frame = worker_frame()
+    frame.worker.max_model_len = max_model_len
+    await report.write(frame)
+    await report.write(load_frame())
+    while "d9" not in await workers(c.stub):
+        await asyncio.sleep(0.01)
+    return report
+
+
 def test_token_ids_beyond_every_registered_workers_context_are_out_of_range_at_once():
     async def main():
         async with cluster() as c:
             # A registered decode worker with a context of 100 (and fewer free blocks than d0,
             # which serves the request that fits).
-            report = c.stub.ReportLoad(timeout=10)
-            frame = worker_frame()
-            frame.worker.max_model_len = 100
-            await report.write(frame)
-            await report.write(load_frame())
-
-            async def registered():
-                return "d9" in await workers(c.stub)
-
-            while not await registered():
-                await asyncio.sleep(0.01)
+            report = await worker_with_context(c, 100)
             call = c.stub.Generate(request("long", prompt=[1] * 100), timeout=5)
             assert await first_error(call) == (
                 C.OUT_OF_RANGE,
@@ -180,13 +182,7 @@ def test_token_ids_outside_the_models_vocabulary_are_refused_before_any_worker_c
 def test_resume_tokens_past_the_context_are_refused_before_any_worker_call():
     async def main():
         async with cluster() as c:
-            report = c.stub.ReportLoad(timeout=10)
-            frame = worker_frame()
-            frame.worker.max_model_len = 100
-            await report.write(frame)
-            await report.write(load_frame())
-            while "d9" not in await workers(c.stub):
-                await asyncio.sleep(0.01)
+            report = await worker_with_context(c, 100)
             message = request("long", prompt=[1] * 90, max_tokens=20)
             message.resume_output_token_ids.extend([2] * 11)
             assert await first_error(c.stub.Generate(message, timeout=5)) == (
