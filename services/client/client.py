@@ -10,7 +10,9 @@ the client waits for the router to be back (``banaserve up`` restarts it on its 
 ``reconnect_timeout_s`` and the deadline) and sends the request again with the tokens it has
 (``GenerateRequest.resume_output_token_ids``), so the caller's iteration goes on with the
 tokens and text the broken stream would have sent; at most ``max_resumes`` times a request (0:
-fail as before). A router never reached (``failed to connect``) fails at once, as before.
+fail as before). A request that cannot connect is sent again the same way once this client
+has had an answer from the router (it is away, a restart or a cut link); a router never reached
+(a wrong address, nothing listening) fails at once, as before.
 """
 
 from __future__ import annotations
@@ -195,6 +197,14 @@ class _Accumulator:
 
 
 @dataclass
+class _Reached:
+    """Whether a client has had an answer from its router: a connection that fails later
+    is a router away, not a wrong address."""
+
+    once: bool = False
+
+
+@dataclass
 class _Resume:
     """When and how a stream broken by a lost router goes on (module docstring)."""
 
@@ -202,6 +212,7 @@ class _Resume:
     deadline: float | None  # time.monotonic()
     max_resumes: int
     reconnect_timeout_s: float
+    reached: _Reached
     used: int = 0
 
     def allows(self, exc: grpc.RpcError, acc: _Accumulator) -> bool:
@@ -209,8 +220,9 @@ class _Resume:
             return False
         if any(tuple(item) == ROUTER_UNAVAILABLE for item in exc.trailing_metadata() or ()):
             return False  # the router answered: its workers are lost, it is not
-        if acc.started is None and "failed to connect" in (exc.details() or ""):
-            return False  # never reached: a wrong address, a router not running
+        never_reached = acc.started is None and "failed to connect" in (exc.details() or "")
+        if never_reached and not self.reached.once:
+            return False  # a wrong address, a router not running: at once, as before
         return self.wait_s() > 0
 
     def wait_s(self) -> float:
@@ -264,7 +276,7 @@ class Generation:
         while True:
             try:
                 for frame in self._call:
-                    delta = self._acc.add(frame)
+                    delta = self._add(frame)
                     if delta is not None:
                         yield delta
                 return
@@ -273,6 +285,11 @@ class Generation:
                 if call is None:
                     raise _error(exc) from None
                 self._call = call
+
+    def _add(self, frame: router_pb2.GenerateResponse) -> Delta | None:
+        if self._resume is not None:
+            self._resume.reached.once = True
+        return self._acc.add(frame)
 
     def _resumed(self, exc: grpc.RpcError) -> Any:
         resume = self._resume
@@ -292,7 +309,7 @@ class AsyncGeneration(Generation):
         while True:
             try:
                 async for frame in self._call:
-                    delta = self._acc.add(frame)
+                    delta = self._add(frame)
                     if delta is not None:
                         yield delta
                 return
@@ -310,9 +327,10 @@ def _resume(
     timeout_s: float | None,
     max_resumes: int,
     reconnect_timeout_s: float,
+    reached: _Reached,
 ) -> _Resume:
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    return _Resume(message, deadline, max_resumes, reconnect_timeout_s)
+    return _Resume(message, deadline, max_resumes, reconnect_timeout_s, reached)
 
 
 def _workers(reply: router_pb2.ListWorkersResponse) -> list[WorkerStatus]:
@@ -368,6 +386,7 @@ class BanaServeClient:
         self._metadata = security.bearer_metadata(token)
         self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
         self._max_resumes, self._reconnect_timeout_s = max_resumes, reconnect_timeout_s
+        self._reached = _Reached()
 
     def generate(
         self,
@@ -379,7 +398,9 @@ class BanaServeClient:
         **sampling: Any,
     ) -> Generation:
         message = _request(prompt, request_id, chat, **sampling)
-        resume = _resume(message, timeout_s, self._max_resumes, self._reconnect_timeout_s)
+        resume = _resume(
+            message, timeout_s, self._max_resumes, self._reconnect_timeout_s, self._reached
+        )
         call = self._stub.Generate(message, timeout=timeout_s, metadata=self._metadata)
         return self._generation(call, resume, self._reopen)
 

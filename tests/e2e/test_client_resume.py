@@ -101,6 +101,31 @@ def test_a_stream_broken_by_a_killed_router_goes_on_once_it_is_back(
     assert all(gone(pid) for pid in pids)
 
 
+def test_a_request_sent_while_a_router_it_reached_restarts_waits_for_it(banaserve_home, tiny_llama):
+    """A client that has had answers from its router sends a new request while the router is
+    down: it connects once the router is back and is served (a router never reached fails at
+    once: below)."""
+    prompt = tokens(8, 30)
+    params = dict(max_tokens=8, ignore_eos=True, temperature=0.0)
+    [expected] = make_engine(tiny_llama).generate([prompt], SamplingParams(**params))
+    up, lines = start_up(banaserve_home, "--kvstore", "0", "--restart-backoff", "2")
+    address = {line.split()[0]: line.split()[1] for line in lines if ":" in line.split()[-1]}
+    console = Console(up)
+    try:
+        with BanaServeClient(address["router"]) as client:
+            assert len(client.complete(prompt, timeout_s=30, **params).token_ids) == 8
+            os.kill(pid_of(up, is_router), signal.SIGKILL)
+            console.wait_for("router exited (code -9); restarting in 2.0 s (restart 1 of 5)")
+            assert not any("router ready again" in line for line in console.drain())
+            result = client.complete(prompt, timeout_s=30, **params)  # sent while it is down
+        assert list(result.token_ids) == expected.token_ids
+        assert f"router ready again {address['router']}" in console.drain()
+    finally:
+        up.send_signal(signal.SIGTERM)
+        code = up.wait(timeout=60)
+    assert code == 0, "".join(console.stderr)[-3000:]
+
+
 def test_a_router_never_reached_fails_at_once_without_waiting_for_it():
     from tests.router.grpc_fakes import dead_address
 
