@@ -261,6 +261,7 @@ class Generation:
         self._call = call
         self._acc = _Accumulator()
         self._resume, self._reopen = resume, reopen
+        self._cancelled = False  # (a resume waiting for the router then sends nothing)
 
     @property
     def request_id(self) -> str:
@@ -281,7 +282,7 @@ class Generation:
                         yield delta
                 return
             except grpc.RpcError as exc:
-                call = self._resumed(exc)
+                call = self._unless_cancelled(self._resumed(exc))
                 if call is None:
                     raise _error(exc) from None
                 self._call = call
@@ -293,11 +294,20 @@ class Generation:
 
     def _resumed(self, exc: grpc.RpcError) -> Any:
         resume = self._resume
-        if resume is None or self._reopen is None or not resume.allows(exc, self._acc):
+        if resume is None or self._reopen is None or self._cancelled:
+            return None
+        if not resume.allows(exc, self._acc):
             return None
         return self._reopen(resume, resume.next_message(self._acc))
 
+    def _unless_cancelled(self, call: Any) -> Any:
+        """A call opened while ``cancel`` ran: cancelled too."""
+        if call is not None and self._cancelled:
+            call.cancel()
+        return call
+
     def cancel(self) -> None:
+        self._cancelled = True
         self._call.cancel()
 
 
@@ -316,7 +326,7 @@ class AsyncGeneration(Generation):
             except grpc.RpcError as exc:
                 call = self._resumed(exc)
                 if call is not None:
-                    call = await call  # the async reopen: a coroutine
+                    call = self._unless_cancelled(await call)  # the async reopen's coroutine
                 if call is None:
                     raise _error(exc) from None
                 self._call = call
