@@ -116,11 +116,18 @@ def test_commands_run_in_order_between_steps_and_their_effect_is_published(tiny_
 def test_a_snapshot_read_never_waits_behind_a_step(tiny_llama):
     engine = make_engine(tiny_llama)
     in_step, release = threading.Event(), threading.Event()
+    # The second step is held too, until the snapshot after the first is read: else the engine
+    # thread may step again (and publish) before this event loop reads it (seen in CI).
+    release_second = threading.Event()
 
     def hold(layer, ctx):
-        if layer == 0 and not release.is_set():
+        if layer != 0:
+            return
+        if not release.is_set():
             in_step.set()
             release.wait(30)
+        elif not release_second.is_set():
+            release_second.wait(30)
 
     ticks = itertools.count()  # the loop's clock: every step lasts exactly 1.0
     config = replace(QUIET, load_window_s=1000.0)
@@ -152,6 +159,7 @@ def test_a_snapshot_read_never_waits_behind_a_step(tiny_llama):
         assert (after.num_steps, after.engine.num_running, after.engine.num_waiting) == (1, 1, 0)
         assert after.num_waiting_tokens == 0
         assert after.engine.num_free_blocks == before.engine.num_free_blocks - 3
+        release_second.set()
         await events.until(lambda: "r" in events.finished)
         assert (loop.snapshot.num_steps, loop.snapshot.engine.num_running) == (4, 0)
         assert loop.meter.snapshot() == (1.0, 4 / 1000)  # every step timed, none twice
