@@ -138,7 +138,7 @@ class Attempt:
                 else:
                     outcome = frame
         except WorkerCallError as exc:
-            if exc.lost or exc.code is ErrorCode.INTERNAL:
+            if exc.worker_failed:
                 await self._release(ReleaseReason.PEER_LOST)
                 raise LostAfterFirstToken(decode.worker_id, exc, exc.lost) from None
             raise
@@ -164,7 +164,7 @@ class Attempt:
                 else:
                     outcome = frame
         except WorkerCallError as exc:
-            if not (exc.lost or exc.code is ErrorCode.INTERNAL):
+            if not exc.worker_failed:
                 raise
             if not (exc.lost and first):  # (a worker gone before any token holds nothing)
                 await self._release(ReleaseReason.PEER_LOST)
@@ -201,7 +201,7 @@ class Attempt:
         loss = LostAfterFirstToken if first else LostBeforeFirstToken
         if exc.lost:
             return loss(await self._who_is_lost(), exc)
-        if exc.code is ErrorCode.INTERNAL:
+        if exc.worker_failed:  # its step
             await self._release(ReleaseReason.PEER_LOST)
             return loss(self._assignment.prefill.worker_id, exc, gone=False)
         return exc

@@ -395,7 +395,8 @@ class RequestDriver:
                     self._forget(lost.worker_id, str(lost.error))
                 if not job.started:  # (a request its client resumed may have tokens)
                     if attempt == 2:
-                        raise self._not_routed_again(request.request_id, lost) from None
+                        when = "before the first token, after a retry"
+                        raise self._failure(request.request_id, lost, when) from None
                     attempt += 1
                     self._routing_again(request.request_id, lost)
                     continue
@@ -411,8 +412,9 @@ class RequestDriver:
                     resumes += 1
                     self._resuming(request.request_id, lost, len(job.output_token_ids), resumes)
                     continue
-                num_tokens = len(job.output_token_ids)
-                raise self._not_resumed(request.request_id, lost, num_tokens, resumes) from None
+                when = f"after {len(job.output_token_ids)} tokens"
+                when += f", after {resumes} resumes" if resumes else ""
+                raise self._failure(request.request_id, lost, when) from None
 
     def _resuming(self, request_id: str, lost: WorkerLoss, num_tokens: int, resumes: int) -> None:
         _log.warning(
@@ -431,25 +433,13 @@ class RequestDriver:
         )  # fmt: skip
 
     @staticmethod
-    def _not_routed_again(request_id: str, lost: WorkerLoss) -> BaseException:
-        """What a request that failed before its first token twice fails with."""
+    def _failure(request_id: str, lost: WorkerLoss, when: str) -> BaseException:
+        """What a request that may not be routed again or resumed fails with: its step's
+        INTERNAL as it came, or the loss (UNAVAILABLE)."""
         if not lost.gone:
-            return lost.error  # its step's INTERNAL, as it came
+            return lost.error
         return WorkerLostError(
-            f"request {request_id!r}: worker {lost.worker_id!r} was lost before the first "
-            f"token, after a retry ({lost.error})"
-        )
-
-    @staticmethod
-    def _not_resumed(
-        request_id: str, lost: WorkerLoss, num_tokens: int, resumes: int
-    ) -> BaseException:
-        """What a request that may not be resumed again fails with."""
-        if not lost.gone:
-            return lost.error  # its step's INTERNAL, as it came
-        return WorkerLostError(
-            f"request {request_id!r}: worker {lost.worker_id!r} was lost after {num_tokens} "
-            f"tokens" + (f", after {resumes} resumes" if resumes else "") + f" ({lost.error})"
+            f"request {request_id!r}: worker {lost.worker_id!r} was lost {when} ({lost.error})"
         )
 
     async def _admit(self, job: _Job, route: RouteRequest) -> Assignment:

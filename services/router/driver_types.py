@@ -39,6 +39,12 @@ class WorkerCallError(BanaServeError):
         never this), as the gRPC data plane also reads it (services/rpc/dataplane/grpc_plane.py)."""
         return self.code in (ErrorCode.UNAVAILABLE, ErrorCode.CANCELLED)
 
+    @property
+    def worker_failed(self) -> bool:
+        """The worker is lost, or the engine step computing the request failed there (INTERNAL:
+        it freed the request and serves on): the request may go on elsewhere."""
+        return self.lost or self.code is ErrorCode.INTERNAL
+
 
 class WorkerLostError(BanaServeError):
     """The request failed because a worker was lost and no retry was left (UNAVAILABLE)."""
