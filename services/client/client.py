@@ -13,6 +13,13 @@ tokens and text the broken stream would have sent; at most ``max_resumes`` times
 fail as before). A request that cannot connect is sent again the same way once this client
 has had an answer from the router (it is away, a restart or a cut link); a router never reached
 (a wrong address, nothing listening) fails at once, as before.
+
+A connection that dies without closing (a partition, a middlebox that dropped it, a host gone
+without a reset) is found by keepalive pings while a call is open: one unanswered within
+``min(keepalive_s, 5 s)`` of being sent, at most ``keepalive_s`` after the last, breaks the
+call UNAVAILABLE, which is resumed as above on a new connection. The resend is marked
+(``GenerateRequest.resume``), so a router that still streams the old call into the dead
+connection ends that call and goes on with this one instead of refusing the id.
 """
 
 from __future__ import annotations
@@ -35,10 +42,32 @@ from services.rpc.status import ROUTER_UNAVAILABLE
 MAX_MESSAGE_BYTES = 256 << 20
 MAX_RESUMES = 2  # a stream broken by a lost router is resumed at most this many times
 RECONNECT_TIMEOUT_S = 30.0  # waiting for the router to be back, at most (and the deadline)
-_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
+# Pings while a call is open: at the router's accepted rate (RpcConfig.keepalive_s, whose
+# servers take one every 5 s at most), none on an idle channel.
+KEEPALIVE_S = 10.0
+KEEPALIVE_TIMEOUT_S = 5.0
+RECONNECT_BACKOFF_MS = 1000  # a router back on its port is reached within about a second
+
+
+def _options(keepalive_s: float) -> list[tuple[str, int]]:
+    timeout_ms = int(min(keepalive_s, KEEPALIVE_TIMEOUT_S) * 1000)
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
+        ("grpc.http2.ping_timeout_ms", timeout_ms),  # gRPC core's own wait for any ping's ack
+        ("grpc.keepalive_permit_without_calls", 0),
+        # A server-streaming call sends nothing after its request: keep pinging all the same.
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
+        # Its own connections: gRPC otherwise shares one between the channels of a process to
+        # the same router, and a new client inherited another's dead connection (15 s, chaos).
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+
+
 _FINISH = {
     common_pb2.FINISH_REASON_STOP: "stop",
     common_pb2.FINISH_REASON_LENGTH: "length",
@@ -110,7 +139,9 @@ def _target(target: str) -> str:
         raise _invalid(str(exc)) from None
 
 
-def _check_resume_args(max_resumes: int, reconnect_timeout_s: float) -> None:
+def _check_resume_args(max_resumes: int, reconnect_timeout_s: float, keepalive_s: float) -> None:
+    if not 0 < keepalive_s <= 3600:
+        raise _invalid(f"keepalive_s must be in (0, 3600], got {keepalive_s}")
     if not 0 <= max_resumes <= 1000:
         raise _invalid(f"max_resumes must be in 0..1000, got {max_resumes}")
     if not 0 < reconnect_timeout_s <= 3600:
@@ -240,6 +271,7 @@ class _Resume:
         message = router_pb2.GenerateRequest()
         message.CopyFrom(self.message)
         message.request_id = acc.request_id or message.request_id
+        message.resume = True  # the router may still run it: this call takes it over
         del message.resume_output_token_ids[:]
         message.resume_output_token_ids.extend(
             [*self.message.resume_output_token_ids, *acc.token_ids]
@@ -362,9 +394,9 @@ def _workers(reply: router_pb2.ListWorkersResponse) -> list[WorkerStatus]:
 def _tls(tls_dir: str) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, Any]]]:
     """The ``client`` role certificate of ``banaserve certs DIR`` (docs/security.md)."""
     if not tls_dir:
-        return None, list(_OPTIONS)
+        return None, []
     files = security.TlsFiles.in_dir(Path(tls_dir), security.Role.CLIENT)
-    return security.channel_credentials(files), [*_OPTIONS, *security.channel_options()]
+    return security.channel_credentials(files), list(security.channel_options())
 
 
 class BanaServeClient:
@@ -373,7 +405,8 @@ class BanaServeClient:
     the client certificate there; ``token``: the bearer token the router's client API wants.
     A ``target`` that is not HOST:PORT (a port in 1..65535), or a request the wire cannot carry
     (a prompt of bytes, a seed of -1, a token id past uint32), raises BanaServeClientError
-    with INVALID_ARGUMENT before anything is sent, as the router would answer."""
+    with INVALID_ARGUMENT before anything is sent, as the router would answer.
+    ``max_resumes``, ``reconnect_timeout_s`` and ``keepalive_s``: the module docstring."""
 
     _grpc: Any = grpc  # the module whose channels it opens
 
@@ -385,10 +418,12 @@ class BanaServeClient:
         token: str = "",
         max_resumes: int = MAX_RESUMES,
         reconnect_timeout_s: float = RECONNECT_TIMEOUT_S,
+        keepalive_s: float = KEEPALIVE_S,
     ) -> None:
         target = _target(target)
-        _check_resume_args(max_resumes, reconnect_timeout_s)
-        credentials, options = _tls(tls_dir)
+        _check_resume_args(max_resumes, reconnect_timeout_s, keepalive_s)
+        credentials, tls_options = _tls(tls_dir)
+        options = [*_options(keepalive_s), *tls_options]
         if credentials is None:
             self._channel = self._grpc.insecure_channel(target, options=options)
         else:

@@ -70,6 +70,11 @@ class AlreadyExistsError(BanaServeError):
     """A live request already has this id (ids of ended requests may be used again)."""
 
 
+class SupersededError(BanaServeError):
+    """A newer call with this request's id and caller took it over (the client sent it again
+    after its stream broke on the client's side, GenerateRequest.resume): this call ends."""
+
+
 class StepFailedError(BanaServeError):
     """The engine step computing the request failed; the request was dropped and the worker
     serves on. The message names a reference into the worker's log, never the cause itself."""

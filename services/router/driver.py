@@ -37,7 +37,8 @@ Request ids: an id is taken while its request runs and free again once the reque
 even while its cleanup still runs, or once its deadline has passed. A second request with the
 id of a running one waits up to ``id_reuse_wait_s`` (0.5 s; the client's own timer or cancel
 may be here before the old call's cancellation) for it to end, then gets
-``DuplicateRequestError``, ALREADY_EXISTS, before any work. A new request with the id of one
+``DuplicateRequestError``, ALREADY_EXISTS, before any work, unless it is its client's resend
+of that request (``take_over``: the old call ends, ABORTED). A new request with the id of one
 still releasing waits for that release (at most ``release_timeout_s`` + 1 s, within its own
 deadline) before it reserves anything, so the old request's Release can never free the new
 one's reservation; a release that takes longer fails the new request with ALREADY_EXISTS, still
@@ -58,7 +59,7 @@ import uuid
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
-from services.common.errors import PermissionDeniedError, RequestNotFoundError
+from services.common.errors import PermissionDeniedError, RequestNotFoundError, SupersededError
 from services.common.types import FinishReason
 from services.router.attempt import (
     Attempt,
@@ -292,6 +293,22 @@ class RequestDriver:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(old.ended.wait(), wait)
 
+    def take_over(self, request_id: str, owner: str) -> None:
+        """A client sends again a request whose stream broke on its side (a connection that
+        died without closing, GenerateRequest.resume): a request of that id and ``owner`` still
+        running here ends now (its stream fails with ``SupersededError``) and the new call, which
+        ``check_new`` then lets through, waits for its release. Another caller's is left."""
+        old = self._live(request_id)
+        if old is None or old.owner != owner:
+            return
+        _log.info(
+            "request %r sent again by its client, whose stream broke: its running call ends",
+            request_id,
+        )
+        message = f"request {request_id!r} was sent again by its client: it goes on there"
+        old.events.put_nowait(_Stop(SupersededError(message)))
+        self._end(old)
+
     def check_new(self, request_id: str) -> None:
         old = self._live(request_id)
         if old is not None and self._clock() >= old.deadline:
@@ -349,7 +366,8 @@ class RequestDriver:
     async def _stop(self, task: asyncio.Task[None]) -> None:
         if task.done():
             return
-        task.cancel()
+        if not task.cancelling():  # cancelled once (``_end``): a second would cut its cleanup
+            task.cancel()
         # The task's cleanup is one bounded release call; wait for it, bounded too.
         await asyncio.wait({task}, timeout=self.config.release_timeout_s + 1.0)
 

@@ -8,7 +8,9 @@ share this event loop.
 
 Statuses the core's exceptions do not get from the shared table (services/rpc/status.py) are
 chosen here: a lost worker or no worker of a needed role → UNAVAILABLE, a duplicate request id
-or worker id → ALREADY_EXISTS, a worker's own failure → the worker's status, passed on.
+or worker id → ALREADY_EXISTS, a worker's own failure → the worker's status, passed on. A
+client's resend of a request it still runs here (GenerateRequest.resume) takes it over
+(``RequestDriver.take_over``): the old call fails ABORTED.
 
 ReportLoad lifecycle per call: first frame ``worker`` → ``Router.register``; each ``load`` frame →
 ``Router.report`` (a worker removed meanwhile, e.g. after missing reports, is registered again:
@@ -112,6 +114,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def Generate(self, request, context):
         generate_input = await self._generate_input(request, caller_identity(context))
         request_id = generate_input.request_id
+        if request.resume or generate_input.resume_output_token_ids:
+            self._driver.take_over(request_id, generate_input.owner)
         try:
             await self._driver.wait_for_id(request_id, _time_left(context))
             # No await from this check to the job's creation: the callback is this call's.

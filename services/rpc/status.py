@@ -51,6 +51,8 @@ STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     errors.RequestNotFoundError: grpc.StatusCode.NOT_FOUND,
     errors.ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
+    # The request goes on under a newer call (a resend that took it over), not this one.
+    errors.SupersededError: grpc.StatusCode.ABORTED,
     # A bug met while computing this request; its message carries only a log reference.
     errors.StepFailedError: grpc.StatusCode.INTERNAL,
     # The server, not the caller, is set up wrong for this call: retrying the same request

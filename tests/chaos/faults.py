@@ -5,7 +5,8 @@ One case (``run_case``):
    are in flight (a token came back; for a migration case, every request decodes on the donor
    and the migration is brought to the case's state);
 2. the fault: SIGKILL (the supervisor restarts the process), SIGSTOP then SIGCONT after
-   ``hold_s``, or a link's proxy in CUT, DELAY or BLACKHOLE for ``hold_s``, then PASS again;
+   ``hold_s``, or a link's proxy in CUT, DELAY or BLACKHOLE for ``hold_s``, then PASS again, or
+   STRAND (its open connections stall for good; new ones pass);
 3. a migration is then ended (seen aborted, or reverted if it is still ACTIVE);
 4. every request's outcome, each within its deadline plus a grace;
 5. recovery, probed from the fault's end on, beside the requests still in flight: every child
@@ -70,6 +71,8 @@ class Fault:
     def name(self) -> str:
         if self.action is Action.LINK:
             what = f"{self.mode.value} {LINKS[self.target]}"
+            if self.mode is Mode.STRAND:  # for good: only new connections pass after
+                return f"{what}'s open connections"
             if self.mode is Mode.DELAY:
                 what += f" (+{self.delay_s * 1e3:.0f} ms each way)"
             return f"{what} for {self.hold_s:g} s"

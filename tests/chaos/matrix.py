@@ -14,6 +14,7 @@ def link_faults(link: str) -> list[Fault]:
         Fault(Action.LINK, link, Mode.CUT),
         Fault(Action.LINK, link, Mode.DELAY, delay_s=0.3),
         Fault(Action.LINK, link, Mode.BLACKHOLE),
+        Fault(Action.LINK, link, Mode.STRAND),
     ]
 
 

@@ -12,7 +12,9 @@ Its ``Mode`` changes at any time, from any thread, and applies to every connecti
   are accepted and wait; bytes stay queued in the sockets, and flow again once the mode is
   ``PASS`` (a partition that heals: TCP would have retransmitted them);
 - ``CUT``: every open connection is reset, and new ones are reset as soon as they are accepted
-  (a peer that vanished, a cable pulled); ``PASS`` lets new ones through again.
+  (a peer that vanished, a cable pulled); ``PASS`` lets new ones through again;
+- ``STRAND``: every open connection stalls for good, as in ``BLACKHOLE`` but never healed, while
+  new ones pass (a connection a NAT or a middlebox dropped without a reset, a path that died).
 
 The proxy runs its own event loop on a daemon thread; ``stop`` closes everything.
 """
@@ -35,6 +37,7 @@ class Mode(enum.Enum):
     DELAY = "delay"
     BLACKHOLE = "blackhole"
     CUT = "cut"
+    STRAND = "strand"
 
 
 class _Link:
@@ -45,6 +48,12 @@ class _Link:
         self.client = client
         self.upstream: asyncio.StreamWriter | None = None
         self.tasks: list[asyncio.Task] = []
+        self.flowing = asyncio.Event()  # cleared for good when the link is stranded
+        self.flowing.set()
+
+    async def wait_flowing(self) -> None:
+        await self.proxy._flowing.wait()
+        await self.flowing.wait()
 
     def reset(self) -> None:
         for writer in (self.client, self.upstream):
@@ -102,6 +111,9 @@ class FaultProxy:
             for link in list(self._links):
                 link.reset()
             self._links.clear()
+        if mode is Mode.STRAND:
+            for link in self._links:
+                link.flowing.clear()
 
     async def _close(self) -> None:
         if self._server is not None:
@@ -141,7 +153,7 @@ class FaultProxy:
         deliver = asyncio.ensure_future(self._deliver(queue, writer, link))
         try:
             while True:
-                await self._flowing.wait()
+                await link.wait_flowing()
                 data = await reader.read(CHUNK_BYTES)
                 if not data:
                     break
@@ -162,7 +174,7 @@ class FaultProxy:
             due, data = await queue.get()
             if (wait := due - time.monotonic()) > 0:
                 await asyncio.sleep(wait)
-            await self._flowing.wait()
+            await link.wait_flowing()
             try:
                 writer.write(data)
                 await writer.drain()

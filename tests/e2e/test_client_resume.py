@@ -126,6 +126,50 @@ def test_a_request_sent_while_a_router_it_reached_restarts_waits_for_it(banaserv
     assert code == 0, "".join(console.stderr)[-3000:]
 
 
+def test_a_stream_whose_connection_died_without_closing_goes_on_over_a_new_one(
+    banaserve_home, tiny_llama
+):
+    """The client's connection to the router stalls for good after the 4th token, nothing reset
+    (a partition, a NAT that dropped it): the client's keepalive finds it (1 s + 1 s here) and
+    sends the request again over a new connection while the router, which has not found the
+    dead one yet (its own pings: 10 s + 5 s), still streams into it. The resend takes the request
+    over instead of ALREADY_EXISTS, and the stream ends with the undisturbed run's tokens, long
+    before the router would have let go of the old call by itself."""
+    from tests.chaos.proxy import FaultProxy, Mode
+
+    prompt = tokens(9, 40)
+    # Long enough that the router still runs it when the resend comes, on any machine.
+    params = dict(PARAMS, max_tokens=1900)
+    [expected] = make_engine(tiny_llama).generate([prompt], SamplingParams(**params))
+    up, lines = start_up(banaserve_home, "--kvstore", "0")
+    address = {line.split()[0]: line.split()[1] for line in lines if ":" in line.split()[-1]}
+    console = Console(up)
+    proxy = FaultProxy("client", lambda: address["router"])
+    try:
+        proxy.start()
+        with BanaServeClient(proxy.address, keepalive_s=1.0) as client:
+            stream = client.generate(prompt, timeout_s=60, **params)
+            for i, _ in enumerate(stream):
+                if i == 3:
+                    proxy.set(Mode.STRAND)
+                    stranded = time.monotonic()
+                elif i == 4:  # the first token after it
+                    gap = time.monotonic() - stranded
+        result = stream.result
+        assert list(result.token_ids) == expected.token_ids
+        assert result.text == expected.text
+        assert proxy.num_connections == 2  # the stranded one, then one for the resend
+        assert gap < 8, gap  # found and resent in ~2 s; the router alone would take 5–15 s
+        workers = {r: SimpleNamespace(address=address[f"{r}-0"]) for r in ("prefill", "decode")}
+        wait_idle(workers)
+    finally:
+        proxy.stop()
+        up.send_signal(signal.SIGTERM)
+        code = up.wait(timeout=60)
+    assert code == 0, "".join(console.stderr)[-3000:]
+    assert any("sent again by its client" in line for line in console.stderr)
+
+
 def test_a_router_never_reached_fails_at_once_without_waiting_for_it():
     from tests.router.grpc_fakes import dead_address
 

@@ -437,6 +437,56 @@ def test_a_request_its_client_resumes_goes_on_from_its_tokens_on_a_decode_worker
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("resent_tokens", [[7], []], ids=["with-tokens", "before-any-token"])
+def test_a_resend_by_the_client_takes_over_its_request_still_running_here(resent_tokens):
+    """The client's stream broke on its side only (a connection that died without closing: the
+    router still streams into it) and the client sends the request again under its id: the old
+    call ends ABORTED and the resend goes on from the tokens it has, after the old reservation's
+    release, instead of ALREADY_EXISTS."""
+
+    async def main():
+        async with cluster(hang_decode=True) as c:
+            old = c.stub.Generate(request(), timeout=10)
+            assert (await old.read()).WhichOneof("frame") == "started"
+            assert tokens_of([await old.read()]) == [7]
+            c.workers["d0"].hang_decode = False
+            resend = resumed_request(resent_tokens)
+            resend.resume = True
+            frames = await collect(c.stub.Generate(resend, timeout=5))
+            assert tokens_of(frames) == [7, 8, 9, 10][len(resent_tokens) :]
+            assert frames[-1].finished.usage.num_completion_tokens == 4
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                while True:  # d0's token 8 may have come before the resend
+                    assert (await old.read()).WhichOneof("frame") == "delta"
+            error = info.value
+            assert error.code() == C.ABORTED
+            assert "'r1' was sent again by its client" in error.details()
+            calls = [call[:3] for call in c.log.calls]
+            # The old reservation is released before the resend reserves anything.
+            assert calls[calls.index(("release", "d0", "r1")) + 1] == ("reserve", "d0", "r1")
+            assert c.driver.num_running == 0 and c.router.num_inflight() == 0
+
+    asyncio.run(main())
+
+
+def test_a_resend_by_another_caller_does_not_take_over_the_request():
+    async def main():
+        async with cluster(hang_decode=True) as c:
+            owner = (("authorization", "Bearer alice"),)
+            old = c.stub.Generate(request(), timeout=10, metadata=owner)
+            await old.read()
+            resend = resumed_request([7])
+            resend.resume = True
+            other = (("authorization", "Bearer mallory"),)
+            error = await status_of(c.stub.Generate(resend, timeout=5, metadata=other))
+            assert error.code() == C.ALREADY_EXISTS
+            assert tokens_of([await old.read()]) == [7]  # still streaming to its caller
+            assert c.driver.num_running == 1
+            old.cancel()
+
+    asyncio.run(main())
+
+
 def test_a_request_resumed_with_all_its_tokens_finishes_without_a_worker():
     async def main():
         async with cluster() as c:
