@@ -143,8 +143,9 @@ class _Job:
     # Set once the caller has its outcome (or is gone): the id is free, the cleanup may still
     # run.
     ended: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
-    # The cleanup of the last request with this id, if it was still running at the open.
-    predecessor: asyncio.Task[None] | None = None
+    # The tasks of earlier requests with this id still running at the open (their cleanup, or
+    # their own wait for an earlier one's: a take-over of a take-over).
+    predecessors: tuple[asyncio.Task[None], ...] = ()
     owner: str = ""
     # Every token handed to the caller, in order: what a resumed try goes on from.
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
@@ -197,6 +198,7 @@ class RequestDriver:
         self._clients = clients
         self._clock = clock
         self._jobs: dict[str, _Job] = {}
+        self._tasks_by_id: dict[str, set[asyncio.Task[None]]] = {}  # every job's until done
         # Told of every request that ends (services/common/metrics.py); None: nobody listens.
         self.observer: RequestObserver | None = None
 
@@ -249,6 +251,7 @@ class RequestDriver:
         job = self._open(request, arrival + (timeout_s or self.config.default_timeout_s), ticket)
         request = dataclasses.replace(request, request_id=job.request_id)
         task = job.task = asyncio.create_task(self._run(job, request, arrival))
+        self._tasks_by_id.setdefault(job.request_id, set()).add(task)
         task.add_done_callback(lambda _: self._close(job))
         # Completion tokens handed to the caller: by this stream, and before it by a broken one
         # (a request its client resumes, GenerateRequest.resume_output_token_ids).
@@ -326,9 +329,11 @@ class RequestDriver:
         self.check_new(request_id)
         job = _Job(request_id, deadline, asyncio.Queue(), ticket, owner=request.owner)
         job.output_token_ids.extend(request.resume_output_token_ids)  # its client resumes it
-        old = self._jobs.get(request_id)  # ending, its cleanup still running
-        if old is not None and old.task is not None and not old.task.done():
-            job.predecessor = old.task
+        # Every earlier request with this id whose task still runs (ending: its cleanup, or its
+        # own wait for an earlier one), not only the last: one ended while it waited is done
+        # before the one it waited for.
+        running = self._tasks_by_id.get(request_id, set())
+        job.predecessors = tuple(task for task in running if not task.done())
         self._jobs[request_id] = job
         return job
 
@@ -336,15 +341,19 @@ class RequestDriver:
         """The job's task is done: nothing of it runs any more."""
         if self._jobs.get(job.request_id) is job:
             del self._jobs[job.request_id]
+        tasks = self._tasks_by_id.get(job.request_id, set())
+        tasks.discard(job.task)  # type: ignore[arg-type]
+        if not tasks:
+            self._tasks_by_id.pop(job.request_id, None)
 
     async def _after_predecessor(self, job: _Job) -> None:
         """Waits, bounded, for the cleanup of the last request with this id (module docstring)."""
-        if job.predecessor is None:
+        if not job.predecessors:
             return
         bound = min(self.config.release_timeout_s + 1.0, self.remaining(job))
-        done, _ = await asyncio.wait({job.predecessor}, timeout=bound)
-        job.predecessor = None
-        if not done:
+        _, pending = await asyncio.wait(set(job.predecessors), timeout=bound)
+        job.predecessors = ()
+        if pending:
             raise DuplicateRequestError(
                 f"request id {job.request_id!r} is still being released by the request that "
                 "used it before; try again shortly"

@@ -85,6 +85,7 @@ class FakeWorker(prefill_pb2_grpc.PrefillServiceServicer, decode_pb2_grpc.Decode
         self.fail_prefill_after_first = False  # once: INTERNAL after the first token
         self.dead = False
         self.resumed: dict[str, int] = {}  # request id -> tokens the caller has
+        self.release_delay_s = 0.0  # each Release takes effect this late ("released" then)
 
     async def _unless_dead(self, context) -> None:
         if self.dead:
@@ -182,6 +183,9 @@ class FakeWorker(prefill_pb2_grpc.PrefillServiceServicer, decode_pb2_grpc.Decode
         reason = decode_pb2.ReleaseReason.Name(request.reason)
         self.log.record(context, "release", self.worker_id, request.request_id, reason)
         await self._unless_dead(context)
+        if self.release_delay_s:  # a slow release: when it took effect is logged too
+            await asyncio.sleep(self.release_delay_s)
+            self.log.record(context, "released", self.worker_id, request.request_id)
         self.log.released.set()
         return decode_pb2.ReleaseResponse(found=True)
 

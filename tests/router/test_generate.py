@@ -469,6 +469,42 @@ def test_a_resend_by_the_client_takes_over_its_request_still_running_here(resent
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("first_ends", ["taken over", "cancelled"])
+def test_two_resends_at_once_never_let_a_reservation_overlap_a_release_still_running(
+    first_ends,
+):
+    """Found by a probe: two resends of one running request at once. The first takes the
+    request over and waits for the old one's release; the second takes it over from the first,
+    which ends while it waits (or the first's client cancels it then, and the second comes
+    after). The second must wait for the old release too: it waited only for the first, whose
+    task was done at once, and its reservation went in before the old Release, which then freed
+    it on the worker (NOT_FOUND)."""
+
+    async def main():
+        async with cluster(hang_decode=True) as c:
+            d0 = c.workers["d0"]
+            old = c.stub.Generate(request(), timeout=10)
+            assert (await old.read()).WhichOneof("frame") == "started"
+            d0.hang_decode, d0.release_delay_s = False, 0.3
+            first, second = resumed_request([7]), resumed_request([7])
+            first.resume = second.resume = True
+            first_call = c.stub.Generate(first, timeout=5)
+            await asyncio.sleep(0.1)  # the first has taken over; the old release is under way
+            if first_ends == "cancelled":
+                first_call.cancel()
+                await asyncio.sleep(0.05)
+            frames = await collect(c.stub.Generate(second, timeout=5))
+            assert tokens_of(frames) == [8, 9, 10]
+            if first_ends == "taken over":
+                assert (await status_of(first_call)).code() == C.ABORTED
+            calls = [call[0] for call in c.log.calls if call[0] != "stream"]
+            # One reservation at a time: each later one only once the one before is released.
+            assert calls == ["reserve", "prefill", "release", "released", "reserve"], c.log.calls
+            assert c.driver.num_running == 0 and c.router.num_inflight() == 0
+
+    asyncio.run(main())
+
+
 def test_a_resend_by_another_caller_does_not_take_over_the_request():
     async def main():
         async with cluster(hang_decode=True) as c:
