@@ -36,14 +36,15 @@ import grpc
 from services.common.errors import ConfigError
 from services.common.limits import check_target
 from services.rpc import security
+from services.rpc.channels import MIN_CLIENT_KEEPALIVE_S
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 from services.rpc.status import ROUTER_UNAVAILABLE
 
 MAX_MESSAGE_BYTES = 256 << 20
 MAX_RESUMES = 2  # a stream broken by a lost router is resumed at most this many times
 RECONNECT_TIMEOUT_S = 30.0  # waiting for the router to be back, at most (and the deadline)
-# Pings while a call is open: at the router's accepted rate (RpcConfig.keepalive_s, whose
-# servers take one every 5 s at most), none on an idle channel.
+# Pings while a call is open (none on an idle channel), at most as often as the router's servers
+# accept them (services/rpc/channels.py, MIN_CLIENT_KEEPALIVE_S).
 KEEPALIVE_S = 10.0
 KEEPALIVE_TIMEOUT_S = 5.0
 RECONNECT_BACKOFF_MS = 1000  # a router back on its port is reached within about a second
@@ -140,8 +141,12 @@ def _target(target: str) -> str:
 
 
 def _check_resume_args(max_resumes: int, reconnect_timeout_s: float, keepalive_s: float) -> None:
-    if not 0 < keepalive_s <= 3600:
-        raise _invalid(f"keepalive_s must be in (0, 3600], got {keepalive_s}")
+    if not MIN_CLIENT_KEEPALIVE_S <= keepalive_s <= 3600:
+        # Faster pings are more than the router accepts while its stream is quiet: it would
+        # end the connection (too_many_pings) under a request waiting for its first token.
+        raise _invalid(
+            f"keepalive_s must be in [{MIN_CLIENT_KEEPALIVE_S:g}, 3600], got {keepalive_s}"
+        )
     if not 0 <= max_resumes <= 1000:
         raise _invalid(f"max_resumes must be in 0..1000, got {max_resumes}")
     if not 0 < reconnect_timeout_s <= 3600:

@@ -46,11 +46,18 @@ def channel_options(config: RpcConfig) -> Options:
     ]
 
 
+# The shortest ping interval of the client library (services/client: ``keepalive_s``).
+MIN_CLIENT_KEEPALIVE_S = 1.0
+
+
 def server_options(config: RpcConfig) -> Options:
+    # Accept client pings at the rate the clients above and the client library send them, with
+    # slack for jitter; pings closer together while the server sends nothing are strikes, and
+    # two strikes end the connection (GOAWAY too_many_pings), failing every call on it.
+    min_ping_s = min(config.keepalive_s, MIN_CLIENT_KEEPALIVE_S) / 2
     return [
         *_common_options(config, config.server_receive_bytes),
-        # Accept client pings at the rate the clients above send them (with slack for jitter).
-        ("grpc.http2.min_ping_interval_without_data_ms", int(config.keepalive_s * 500)),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(min_ping_s * 1000)),
         # gRPC lets a second server bind a port already in use (SO_REUSEPORT) and then splits
         # connections between the two; a port clash must fail loudly instead.
         ("grpc.so_reuseport", 0),

@@ -33,3 +33,29 @@ def test_a_new_client_does_not_inherit_another_clients_dead_connection():
                 await asyncio.to_thread(proxy.stop)
 
     asyncio.run(main())
+
+
+def test_a_quiet_stream_survives_the_client_librarys_fastest_keepalive():
+    """Found by a probe: the router's servers took a ping every 5 s at most while they sent
+    nothing, and a client with ``keepalive_s`` 1 waiting for its next token (a queue, a long
+    prompt) had its connection ended after two faster pings (GOAWAY too_many_pings): UNAVAILABLE
+    for a healthy request. The servers accept what the client library may send."""
+
+    async def main():
+        async with cluster(hang_decode=True) as c:  # 30 s of silence after each token
+            router = c.stub._router_address
+            async with AsyncBanaServeClient(router, keepalive_s=1.0, max_resumes=0) as client:
+                stream = client.generate([1, 2, 3], max_tokens=4, timeout_s=30)
+                tokens = []
+
+                async def read():
+                    async for delta in stream:
+                        tokens.extend(delta.token_ids)
+
+                reading = asyncio.ensure_future(read())
+                await asyncio.sleep(6.0)  # six pings without data
+                assert not reading.done(), reading.exception()
+                assert tokens == [7, 8]
+                reading.cancel()
+
+    asyncio.run(main())

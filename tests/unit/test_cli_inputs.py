@@ -144,8 +144,8 @@ def test_the_client_library_refuses_a_bad_target(no_connection, client, target):
         ({"max_resumes": -1}, "max_resumes must be in 0..1000, got -1"),
         ({"reconnect_timeout_s": 0}, "reconnect_timeout_s must be in (0, 3600], got 0"),
         ({"reconnect_timeout_s": float("nan")}, "reconnect_timeout_s must be in (0, 3600]"),
-        ({"keepalive_s": 0}, "keepalive_s must be in (0, 3600], got 0"),
-        ({"keepalive_s": float("inf")}, "keepalive_s must be in (0, 3600], got inf"),
+        ({"keepalive_s": 0.5}, "keepalive_s must be in [1, 3600], got 0.5"),
+        ({"keepalive_s": float("inf")}, "keepalive_s must be in [1, 3600], got inf"),
     ],
 )
 def test_the_client_library_refuses_bad_resume_settings(no_connection, client, args, message):
