@@ -25,6 +25,7 @@ connection ends that call and goes on with this one instead of refusing the id.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -250,6 +251,26 @@ class _Resume:
     reconnect_timeout_s: float
     reached: _Reached
     used: int = 0
+    # The wait for the router to be back, while one runs: ``cancel`` ends it at once.
+    waiting: Any = None
+    cancelled: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.stop_waiting()
+
+    def wait(self, ready: Any) -> None:
+        """``ready`` (a future of the channel being ready) is the wait now."""
+        self.waiting = ready
+        if self.cancelled:  # cancelled before it began
+            self.stop_waiting()
+
+    def stop_waiting(self) -> None:
+        with self._lock:  # (grpc's ready future fails a second cancel: once, from any thread)
+            waiting = self.waiting
+            if waiting is not None and not waiting.done():
+                waiting.cancel()
 
     def allows(self, exc: grpc.RpcError, acc: _Accumulator) -> bool:
         if self.used >= self.max_resumes or exc.code() != grpc.StatusCode.UNAVAILABLE:
@@ -321,7 +342,7 @@ class Generation:
             except grpc.RpcError as exc:
                 call = self._unless_cancelled(self._resumed(exc))
                 if call is None:
-                    raise _error(exc) from None
+                    raise self._failure(exc) from None
                 self._call = call
 
     def _add(self, frame: router_pb2.GenerateResponse) -> Delta | None:
@@ -343,9 +364,17 @@ class Generation:
             call.cancel()
         return call
 
+    def _failure(self, exc: grpc.RpcError) -> BanaServeClientError:
+        if self._cancelled:  # (not the broken call's UNAVAILABLE it was resuming from)
+            return BanaServeClientError(grpc.StatusCode.CANCELLED, "cancelled by the caller")
+        return _error(exc)
+
     def cancel(self) -> None:
+        """Ends the stream; a resume waiting for the router ends at once and sends nothing."""
         self._cancelled = True
         self._call.cancel()
+        if self._resume is not None:
+            self._resume.cancel()
 
 
 class AsyncGeneration(Generation):
@@ -365,7 +394,7 @@ class AsyncGeneration(Generation):
                 if call is not None:
                     call = self._unless_cancelled(await call)  # the async reopen's coroutine
                 if call is None:
-                    raise _error(exc) from None
+                    raise self._failure(exc) from None
                 self._call = call
 
 
@@ -458,11 +487,14 @@ class BanaServeClient:
 
     def _reopen(self, resume: _Resume, message: router_pb2.GenerateRequest) -> Any:
         ready = grpc.channel_ready_future(self._channel)
+        resume.wait(ready)
         try:
             ready.result(timeout=resume.wait_s())
-        except grpc.FutureTimeoutError:
-            ready.cancel()
+        except (grpc.FutureTimeoutError, grpc.FutureCancelledError):
+            resume.stop_waiting()
             return None
+        finally:
+            resume.waiting = None
         return self._stub.Generate(message, timeout=resume.timeout_s(), metadata=self._metadata)
 
     def complete(self, prompt: str | Sequence[int], **kwargs: Any) -> GenerationResult:
@@ -510,9 +542,14 @@ class AsyncBanaServeClient:
     generate = BanaServeClient.generate  # type: ignore[assignment]  # an AsyncGeneration
 
     async def _reopen(self, resume: _Resume, message: router_pb2.GenerateRequest) -> Any:
+        ready = asyncio.ensure_future(self._channel.channel_ready())
+        resume.wait(ready)
         try:
-            await asyncio.wait_for(self._channel.channel_ready(), resume.wait_s())
-        except TimeoutError:
+            await asyncio.wait({ready}, timeout=resume.wait_s())
+        finally:
+            resume.stop_waiting()
+            resume.waiting = None
+        if ready.cancelled() or not ready.done() or ready.exception() is not None:
             return None
         return self._stub.Generate(message, timeout=resume.timeout_s(), metadata=self._metadata)
 

@@ -4,8 +4,13 @@ in front of the real router server with fake workers (grpc_fakes.py)."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
-from services.client.client import AsyncBanaServeClient
+import grpc
+import pytest
+
+from services.client.client import AsyncBanaServeClient, BanaServeClient, BanaServeClientError
 from tests.chaos.proxy import FaultProxy, Mode
 from tests.router.grpc_fakes import cluster
 
@@ -59,3 +64,73 @@ def test_a_quiet_stream_survives_the_client_librarys_fastest_keepalive():
                 reading.cancel()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("client_class", [BanaServeClient, AsyncBanaServeClient])
+def test_cancel_ends_a_resume_waiting_for_the_router_at_once(client_class):
+    """Found by a probe: ``cancel()`` while the client waited for a lost router to be back sent
+    nothing, but the caller's iteration stayed blocked for the rest of the wait (up to
+    ``reconnect_timeout_s``, 30 s). It now ends at once, CANCELLED."""
+
+    async def main():
+        async with cluster(hang_decode=True) as c:
+            proxy = FaultProxy("client", lambda: c.stub._router_address)
+            proxy.start()
+            try:
+                if client_class is BanaServeClient:
+                    outcome = await asyncio.to_thread(_cut_and_cancel_sync, proxy)
+                else:
+                    outcome = await _cut_and_cancel_async(proxy)
+            finally:
+                await asyncio.to_thread(proxy.stop)
+            error, tokens, after_cancel_s = outcome
+            assert tokens == [7, 8]
+            assert isinstance(error, BanaServeClientError), error
+            assert error.code is grpc.StatusCode.CANCELLED
+            assert after_cancel_s < 2.0, after_cancel_s
+            assert [call[0] for call in c.log.calls].count("reserve") == 1  # nothing resent
+
+    asyncio.run(main())
+
+
+def _cut_and_cancel_sync(proxy: FaultProxy):
+    tokens: list[int] = []
+    cancelled_at: list[float] = []
+    with BanaServeClient(proxy.address, reconnect_timeout_s=30) as client:
+        stream = client.generate([1, 2, 3], max_tokens=4, timeout_s=60)
+
+        def cancel() -> None:
+            cancelled_at.append(time.monotonic())
+            stream.cancel()
+
+        try:
+            for delta in stream:
+                tokens.extend(delta.token_ids)
+                if len(tokens) == 2:
+                    proxy.set(Mode.CUT)  # the router is away: the client waits for it
+                    threading.Timer(0.5, cancel).start()
+        except BanaServeClientError as exc:
+            return exc, tokens, time.monotonic() - cancelled_at[0]
+    return None, tokens, 0.0
+
+
+async def _cut_and_cancel_async(proxy: FaultProxy):
+    tokens: list[int] = []
+    loop = asyncio.get_running_loop()
+    async with AsyncBanaServeClient(proxy.address, reconnect_timeout_s=30) as client:
+        stream = client.generate([1, 2, 3], max_tokens=4, timeout_s=60)
+        cancelled_at: list[float] = []
+
+        def cancel() -> None:
+            cancelled_at.append(time.monotonic())
+            stream.cancel()
+
+        try:
+            async for delta in stream:
+                tokens.extend(delta.token_ids)
+                if len(tokens) == 2:
+                    await asyncio.to_thread(proxy.set, Mode.CUT)
+                    loop.call_later(0.5, cancel)
+        except BanaServeClientError as exc:
+            return exc, tokens, time.monotonic() - cancelled_at[0]
+    return None, tokens, 0.0
