@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +128,10 @@ class WorkerStatus:
     num_kv_blocks_free: int
     num_kv_blocks_used: int
     num_queued_prefill_tokens: int = 0
+
+
+def _cancelled() -> BanaServeClientError:
+    return BanaServeClientError(grpc.StatusCode.CANCELLED, "cancelled by the caller")
 
 
 def _invalid(message: str) -> BanaServeClientError:
@@ -366,7 +371,7 @@ class Generation:
 
     def _failure(self, exc: grpc.RpcError) -> BanaServeClientError:
         if self._cancelled:  # (not the broken call's UNAVAILABLE it was resuming from)
-            return BanaServeClientError(grpc.StatusCode.CANCELLED, "cancelled by the caller")
+            return _cancelled()
         return _error(exc)
 
     def cancel(self) -> None:
@@ -396,6 +401,13 @@ class AsyncGeneration(Generation):
                 if call is None:
                     raise self._failure(exc) from None
                 self._call = call
+            except asyncio.CancelledError:
+                # grpc.aio ends a call its caller cancelled so: CANCELLED, as the sync client
+                # says, unless this task itself is being cancelled.
+                task = asyncio.current_task()
+                if not self._cancelled or (task is not None and task.cancelling()):
+                    raise
+                raise _cancelled() from None
 
 
 def _resume(
@@ -476,6 +488,9 @@ class BanaServeClient:
         chat: bool = False,
         **sampling: Any,
     ) -> Generation:
+        # Named here, not by the router: a stream broken before its started frame is resent
+        # under its id, and takes over the request the router may still run.
+        request_id = request_id or f"req-{uuid.uuid4().hex[:16]}"
         message = _request(prompt, request_id, chat, **sampling)
         resume = _resume(
             message, timeout_s, self._max_resumes, self._reconnect_timeout_s, self._reached

@@ -56,6 +56,7 @@ import dataclasses
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
@@ -199,6 +200,8 @@ class RequestDriver:
         self._clock = clock
         self._jobs: dict[str, _Job] = {}
         self._tasks_by_id: dict[str, set[asyncio.Task[None]]] = {}  # every job's until done
+        # Ids ended by ``abort`` → (owner, until when): a resend of one ends aborted.
+        self._aborted: OrderedDict[str, tuple[str, float]] = OrderedDict()
         # Told of every request that ends (services/common/metrics.py); None: nobody listens.
         self.observer: RequestObserver | None = None
 
@@ -218,6 +221,21 @@ class RequestDriver:
         if caller is not None and caller != job.owner:
             raise PermissionDeniedError(f"request {request_id!r} is another client's")
         job.events.put_nowait(_Stop())
+        self._remember_aborted(job)
+
+    def _remember_aborted(self, job: _Job) -> None:
+        now = self._clock()
+        while self._aborted and (
+            len(self._aborted) >= _MAX_ABORTED or next(iter(self._aborted.values()))[1] <= now
+        ):
+            self._aborted.popitem(last=False)
+        self._aborted[job.request_id] = (job.owner, now + self.config.aborted_ttl_s)
+
+    def _was_aborted(self, request: GenerateInput) -> bool:
+        """``request`` resends one that ``abort`` ended (and forgets that), or is new: forgets
+        any abort of its id."""
+        owner, until = self._aborted.pop(request.request_id, ("", 0.0))
+        return request.resend and owner == request.owner and self._clock() < until
 
     def cancel(self, request_id: str, stream: EventStream | None = None) -> None:
         """The caller's call is over (grpc's done callback): stop the request's work now.
@@ -248,27 +266,42 @@ class RequestDriver:
         self, request: GenerateInput, timeout_s: float | None, ticket: object
     ) -> AsyncGenerator[Event, None]:
         arrival = self._clock()
+        # Completion tokens handed to the caller: by this stream, and before it by a broken one
+        # (a request its client resumes, GenerateRequest.resume_output_token_ids).
+        num_delivered = len(request.resume_output_token_ids)
+        if request.request_id and self._was_aborted(request):
+            # Aborted while its stream was broken: the resend gets what that stream would have.
+            self.check_new(request.request_id)
+            aborted = aborted_finished(request, arrival, arrival, num_delivered)
+            self._observe(aborted)
+            yield self._started(request, request.request_id)
+            yield aborted
+            return
         job = self._open(request, arrival + (timeout_s or self.config.default_timeout_s), ticket)
         request = dataclasses.replace(request, request_id=job.request_id)
         task = job.task = asyncio.create_task(self._run(job, request, arrival))
         self._tasks_by_id.setdefault(job.request_id, set()).add(task)
         task.add_done_callback(lambda _: self._close(job))
-        # Completion tokens handed to the caller: by this stream, and before it by a broken one
-        # (a request its client resumes, GenerateRequest.resume_output_token_ids).
-        num_delivered = len(request.resume_output_token_ids)
+        started = False  # this stream's: every stream has one, before its Finished
         try:
             while True:
                 event = await self._next(job, task)
                 if isinstance(event, _Stop):
                     aborted = aborted_finished(request, arrival, self._clock(), num_delivered)
                     self._observe(aborted)
+                    if not started:
+                        yield self._started(request, job.request_id)
                     yield aborted
                     return
-                if isinstance(event, Delta):
+                if isinstance(event, Started):
+                    started = True
+                elif isinstance(event, Delta):
                     num_delivered += len(event.token_ids)
                 elif isinstance(event, Finished):
                     event = dataclasses.replace(event, num_completion_tokens=num_delivered)
                     self._observe(event)
+                    if not started:  # ended without a worker's token (a resume complete)
+                        yield self._started(request, job.request_id)
                 yield event
                 if isinstance(event, Finished):
                     return
@@ -281,6 +314,11 @@ class RequestDriver:
             if self._clock() >= job.deadline:  # grpc may cancel us at the deadline first
                 job.release_reason = ReleaseReason.DEADLINE_EXCEEDED
             await self._stop(task)
+
+    @staticmethod
+    def _started(request: GenerateInput, request_id: str) -> Started:
+        """The Started of a stream that ends before any worker's token: no worker served it."""
+        return Started(request_id, len(request.prompt_token_ids), "", "")
 
     def _observe(self, finished: Finished) -> None:
         if self.observer is not None:
@@ -501,6 +539,9 @@ class RequestDriver:
 
     def clients(self) -> WorkerClients:
         return self._clients
+
+
+_MAX_ABORTED = 10_000  # ids of aborted requests remembered at most (the oldest forgotten first)
 
 
 def new_request_id() -> str:

@@ -85,6 +85,9 @@ class GenerateInput:
     # Tokens the caller has already had from a worker that was lost: a resumed try goes on
     # from them (the driver sets it; the decode worker's ReserveKV resume_output_token_ids).
     resume_output_token_ids: tuple[int, ...] = ()
+    # The caller sends again a request whose stream broke on its side (GenerateRequest.resume,
+    # or resume tokens): one aborted meanwhile ends aborted (RequestDriver.abort).
+    resend: bool = False
 
 
 @dataclass(frozen=True)
@@ -207,6 +210,10 @@ class DriverConfig:
     # gave up on (its own timer, a cancel) may be here before that request's cancellation, as
     # the workers wait (DecodeConfig.id_reuse_wait_s); 0 refuses at once.
     id_reuse_wait_s: float = 0.5
+    # How long the id of a request ended by ``Abort`` is remembered: its client's resend (the
+    # stream that would have carried the ABORT frame broke, and the client library resends on
+    # its own: within keepalive 15 s + reconnect 30 s) ends aborted instead of starting over.
+    aborted_ttl_s: float = 120.0
     # How often a request waiting for room (NoRoomNowError) is routed again.
     admission_poll_s: float = 0.05
     # How long a request waits for a worker to (re-)register when none can serve it (capped by

@@ -114,7 +114,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def Generate(self, request, context):
         generate_input = await self._generate_input(request, caller_identity(context))
         request_id = generate_input.request_id
-        if request.resume or generate_input.resume_output_token_ids:
+        if generate_input.resend:
             self._driver.take_over(request_id, generate_input.owner)
         try:
             await self._driver.wait_for_id(request_id, _time_left(context))
@@ -151,7 +151,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         if resume:
             self._prompts.check_resume(len(tokens), resume, sampling.max_tokens, self._context())
         request_id = request.request_id or drv.new_request_id()
-        return drv.GenerateInput(request_id, tokens, sampling, owner, resume)
+        resend = request.resume or bool(resume)
+        return drv.GenerateInput(request_id, tokens, sampling, owner, resume, resend)
 
     def _context(self) -> int | None:
         # The largest context of a worker connected now: a longer prompt fits none of them.

@@ -98,6 +98,8 @@ class FakeWorker(prefill_pb2_grpc.PrefillServiceServicer, decode_pb2_grpc.Decode
     async def ReserveKV(self, request, context):
         call = ("reserve", self.worker_id, request.request_id)
         await self._unless_dead(context)
+        self.resumed.pop(request.request_id, None)  # an earlier request's with this id
+        self.local.discard(request.request_id)
         if request.resume_output_token_ids:
             call += ("resume", tuple(request.resume_output_token_ids))
             self.resumed[request.request_id] = len(request.resume_output_token_ids)

@@ -134,3 +134,43 @@ async def _cut_and_cancel_async(proxy: FaultProxy):
         except BanaServeClientError as exc:
             return exc, tokens, time.monotonic() - cancelled_at[0]
     return None, tokens, 0.0
+
+
+def test_the_async_client_says_cancelled_as_the_sync_one_does():
+    """Found by a probe: ``cancel()`` on a live async stream ended the caller's ``async for``
+    with a bare asyncio.CancelledError (grpc.aio's), which asyncio code takes for the task's
+    own cancellation; the sync client raises BanaServeClientError(CANCELLED)."""
+
+    async def main():
+        async with (
+            cluster(hang_decode=True) as c,
+            AsyncBanaServeClient(c.stub._router_address) as client,
+        ):
+            stream = client.generate([1, 2, 3], max_tokens=4, timeout_s=30)
+            with pytest.raises(BanaServeClientError) as info:
+                async for _ in stream:
+                    stream.cancel()
+            assert info.value.code is grpc.StatusCode.CANCELLED
+            assert not asyncio.current_task().cancelling()
+
+    asyncio.run(main())
+
+
+def test_the_client_library_names_every_request_it_sends():
+    """Found by a probe: a stream without a request id broken before its started frame was
+    resent under a new id the router gave it, while the first copy ran on (two sequences for
+    one request until the router's keepalive found the dead connection, ~15 s). The client
+    library now names every request; the router's started frame says the same id."""
+
+    async def main():
+        async with cluster() as c, AsyncBanaServeClient(c.stub._router_address) as client:
+            stream = client.generate([1, 2, 3], max_tokens=4, timeout_s=5)
+            sent = stream._resume.message.request_id
+            assert sent.startswith("req-") and len(sent) == 20
+            result = await client.complete([1, 2, 3], max_tokens=4, timeout_s=5)
+            assert result.request_id.startswith("req-") and result.request_id != sent
+            async for _ in stream:
+                pass
+            assert stream.request_id == sent
+
+    asyncio.run(main())

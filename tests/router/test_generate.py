@@ -505,6 +505,60 @@ def test_two_resends_at_once_never_let_a_reservation_overlap_a_release_still_run
     asyncio.run(main())
 
 
+def test_a_request_aborted_while_its_stream_was_broken_is_not_started_again_by_its_resend():
+    """Found by a probe: an Abort answered OK, but the ABORT frame went into the client's dead
+    connection, and the client library's resend (its keepalive found the connection dead) ran
+    the request again in full. The resend of an aborted request now ends aborted, counting the
+    tokens it came with; another caller's resend, or a new request with the id, runs."""
+
+    async def main():
+        async with cluster(hang_decode=True) as c:
+            alice = (("authorization", "Bearer alice"),)
+            old = c.stub.Generate(request(), timeout=10, metadata=alice)
+            assert (await old.read()).WhichOneof("frame") == "started"
+            await c.stub.Abort(router_pb2.AbortRequest(request_id="r1"), timeout=2, metadata=alice)
+            c.workers["d0"].hang_decode = False
+            resend = resumed_request([7])
+            resend.resume = True
+            frames = await collect(c.stub.Generate(resend, timeout=5, metadata=alice))
+            assert [f.WhichOneof("frame") for f in frames] == ["started", "finished"]
+            assert frames[0].started.request_id == "r1"
+            assert frames[1].finished.finish_reason == common_pb2.FINISH_REASON_ABORT
+            assert frames[1].finished.usage.num_completion_tokens == 1
+            assert [call[0] for call in c.log.calls].count("reserve") == 1  # not run again
+            # Forgotten once answered: a second resend, and a new request, run.
+            frames = await collect(c.stub.Generate(resend, timeout=5, metadata=alice))
+            assert tokens_of(frames) == [8, 9, 10]
+            assert tokens_of(await collect(c.stub.Generate(request(), timeout=5))) == [7, 8, 9, 10]
+
+    asyncio.run(main())
+
+
+def test_a_resend_of_an_aborted_request_by_another_caller_or_after_a_new_one_runs():
+    async def main():
+        async with cluster() as c:
+            c.workers["d0"].hang_decode = True
+            old = c.stub.Generate(request(), timeout=10)
+            await old.read()
+            await c.stub.Abort(router_pb2.AbortRequest(request_id="r1"), timeout=2)
+            c.workers["d0"].hang_decode = False
+            resend = resumed_request([7])
+            resend.resume = True
+            other = (("authorization", "Bearer mallory"),)
+            frames = await collect(c.stub.Generate(resend, timeout=5, metadata=other))
+            assert tokens_of(frames) == [8, 9, 10]
+            c.workers["d0"].hang_decode = True
+            old = c.stub.Generate(request(), timeout=10)
+            await old.read()
+            await c.stub.Abort(router_pb2.AbortRequest(request_id="r1"), timeout=2)
+            c.workers["d0"].hang_decode = False
+            assert tokens_of(await collect(c.stub.Generate(request(), timeout=5))) == [7, 8, 9, 10]
+            frames = await collect(c.stub.Generate(resend, timeout=5))  # after a new one
+            assert tokens_of(frames) == [8, 9, 10]
+
+    asyncio.run(main())
+
+
 def test_a_resend_by_another_caller_does_not_take_over_the_request():
     async def main():
         async with cluster(hang_decode=True) as c:
@@ -526,10 +580,15 @@ def test_a_resend_by_another_caller_does_not_take_over_the_request():
 def test_a_request_resumed_with_all_its_tokens_finishes_without_a_worker():
     async def main():
         async with cluster() as c:
-            frames = await collect(c.stub.Generate(resumed_request([7, 8, 9, 10]), timeout=5))
-            assert [f.WhichOneof("frame") for f in frames] == ["finished"]
-            assert frames[0].finished.finish_reason == common_pb2.FINISH_REASON_LENGTH
-            assert frames[0].finished.usage.num_completion_tokens == 4
+            message = resumed_request([7, 8, 9, 10])
+            message.request_id = ""  # the router names it: the started frame says how
+            frames = await collect(c.stub.Generate(message, timeout=5))
+            assert [f.WhichOneof("frame") for f in frames] == ["started", "finished"]
+            assert frames[0].started.request_id.startswith("req-")
+            assert frames[0].started.num_prompt_tokens == len(PROMPT)
+            assert frames[0].started.decode_worker_id == ""  # no worker served it
+            assert frames[1].finished.finish_reason == common_pb2.FINISH_REASON_LENGTH
+            assert frames[1].finished.usage.num_completion_tokens == 4
             assert c.log.calls == []
 
     asyncio.run(main())
