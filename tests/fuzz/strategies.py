@@ -27,6 +27,8 @@ hinted field takes its hint two times in three; a repeated field's hint is for t
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -149,10 +151,13 @@ def scalars(field: FieldDescriptor) -> st.SearchStrategy[Any]:
     if t in _INT_RANGES:
         lo, hi = _INT_RANGES[t]
         return st.integers(lo, hi)
-    if t == FieldDescriptor.TYPE_DOUBLE:
-        return st.floats(allow_nan=True, allow_infinity=True)
-    if t == FieldDescriptor.TYPE_FLOAT:
-        return st.floats(allow_nan=True, allow_infinity=True, width=32)
+    if t in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
+        width = 64 if t == FieldDescriptor.TYPE_DOUBLE else 32
+        # Non-finite values as often as a tenth: ``floats`` alone draws them rarely.
+        return weighted(
+            (9, st.floats(allow_nan=True, allow_infinity=True, width=width)),
+            (1, st.sampled_from((math.nan, math.inf, -math.inf))),
+        )
     if t == FieldDescriptor.TYPE_BOOL:
         return st.booleans()
     if t == FieldDescriptor.TYPE_STRING:
