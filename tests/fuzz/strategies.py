@@ -28,7 +28,6 @@ hinted field takes its hint two times in three; a repeated field's hint is for t
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
