@@ -130,6 +130,9 @@ class WorkerStatus:
     num_queued_prefill_tokens: int = 0
 
 
+_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+
+
 def _cancelled() -> BanaServeClientError:
     return BanaServeClientError(grpc.StatusCode.CANCELLED, "cancelled by the caller")
 
@@ -292,6 +295,9 @@ class _Resume:
             return self.reconnect_timeout_s
         return min(self.reconnect_timeout_s, self.deadline - time.monotonic())
 
+    def past_deadline(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
     def timeout_s(self) -> float | None:
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
 
@@ -372,6 +378,14 @@ class Generation:
     def _failure(self, exc: grpc.RpcError) -> BanaServeClientError:
         if self._cancelled:  # (not the broken call's UNAVAILABLE it was resuming from)
             return _cancelled()
+        resume = self._resume
+        if resume is not None and resume.past_deadline() and exc.code() == _UNAVAILABLE:
+            # Broken, and the router not back before the deadline: the deadline is why it ends.
+            return BanaServeClientError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the deadline passed before the router was back (the stream broke: "
+                f"{exc.details()})",
+            )
         return _error(exc)
 
     def cancel(self) -> None:

@@ -174,3 +174,28 @@ def test_the_client_library_names_every_request_it_sends():
             assert stream.request_id == sent
 
     asyncio.run(main())
+
+
+def test_a_stream_whose_router_stays_away_past_its_deadline_fails_deadline_exceeded():
+    """Found by a probe: a link cut for good failed the stream at its deadline (on time) but
+    with the break's UNAVAILABLE; the deadline is why it ends."""
+
+    async def main():
+        async with cluster(hang_decode=True) as c:
+            proxy = FaultProxy("client", lambda: c.stub._router_address)
+            proxy.start()
+            try:
+                async with AsyncBanaServeClient(proxy.address) as client:
+                    stream = client.generate([1, 2, 3], max_tokens=4, timeout_s=2.0)
+                    started = time.monotonic()
+                    with pytest.raises(BanaServeClientError) as info:
+                        async for _ in stream:
+                            await asyncio.to_thread(proxy.set, Mode.CUT)
+                    took = time.monotonic() - started
+            finally:
+                await asyncio.to_thread(proxy.stop)
+            assert info.value.code is grpc.StatusCode.DEADLINE_EXCEEDED, info.value
+            assert "the stream broke" in info.value.message
+            assert 1.5 < took < 3.5, took
+
+    asyncio.run(main())
