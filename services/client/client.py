@@ -25,6 +25,7 @@ connection ends that call and goes on with this one instead of refusing the id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
@@ -35,40 +36,28 @@ from typing import Any
 
 import grpc
 
+from services.common.config import RpcConfig
 from services.common.errors import ConfigError
 from services.common.limits import check_target
 from services.rpc import security
-from services.rpc.channels import MIN_CLIENT_KEEPALIVE_S
+from services.rpc.channels import MIN_CLIENT_KEEPALIVE_S, client_library_options
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 from services.rpc.status import ROUTER_UNAVAILABLE
 
 MAX_MESSAGE_BYTES = 256 << 20
 MAX_RESUMES = 2  # a stream broken by a lost router is resumed at most this many times
 RECONNECT_TIMEOUT_S = 30.0  # waiting for the router to be back, at most (and the deadline)
-# Pings while a call is open (none on an idle channel), at most as often as the router's servers
-# accept them (services/rpc/channels.py, MIN_CLIENT_KEEPALIVE_S).
-KEEPALIVE_S = 10.0
-KEEPALIVE_TIMEOUT_S = 5.0
-RECONNECT_BACKOFF_MS = 1000  # a router back on its port is reached within about a second
+# Pings while a call is open, as the services' (10 s, an answer within 5 s), at most as often
+# as the router's servers accept them (services/rpc/channels.py, MIN_CLIENT_KEEPALIVE_S).
+KEEPALIVE_S = RpcConfig.keepalive_s
 
 
-def _options(keepalive_s: float) -> list[tuple[str, int]]:
-    timeout_ms = int(min(keepalive_s, KEEPALIVE_TIMEOUT_S) * 1000)
-    return [
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
-        ("grpc.keepalive_timeout_ms", timeout_ms),
-        ("grpc.http2.ping_timeout_ms", timeout_ms),  # gRPC core's own wait for any ping's ack
-        ("grpc.keepalive_permit_without_calls", 0),
-        # A server-streaming call sends nothing after its request: keep pinging all the same.
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
-        ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
-        # Its own connections: gRPC otherwise shares one between the channels of a process to
-        # the same router, and a new client inherited another's dead connection (15 s, chaos).
-        ("grpc.use_local_subchannel_pool", 1),
-    ]
+def _options(keepalive_s: float) -> list[tuple[str, int | str]]:
+    timeout_s = min(keepalive_s, RpcConfig.keepalive_timeout_s)
+    config = RpcConfig(
+        max_message_bytes=MAX_MESSAGE_BYTES, keepalive_s=keepalive_s, keepalive_timeout_s=timeout_s
+    )
+    return client_library_options(config)
 
 
 _FINISH = {
@@ -128,9 +117,6 @@ class WorkerStatus:
     num_kv_blocks_free: int
     num_kv_blocks_used: int
     num_queued_prefill_tokens: int = 0
-
-
-_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 
 
 def _cancelled() -> BanaServeClientError:
@@ -266,15 +252,22 @@ class _Resume:
 
     def cancel(self) -> None:
         self.cancelled = True
-        self.stop_waiting()
+        self._stop_waiting()
 
-    def wait(self, ready: Any) -> None:
-        """``ready`` (a future of the channel being ready) is the wait now."""
+    @contextlib.contextmanager
+    def waiting_on(self, ready: Any) -> Iterator[None]:
+        """``ready`` (a future of the channel being ready) is the wait while the block runs;
+        ``cancel`` (or the block's end) cancels it if it is not done."""
         self.waiting = ready
         if self.cancelled:  # cancelled before it began
-            self.stop_waiting()
+            self._stop_waiting()
+        try:
+            yield
+        finally:
+            self._stop_waiting()
+            self.waiting = None
 
-    def stop_waiting(self) -> None:
+    def _stop_waiting(self) -> None:
         with self._lock:  # (grpc's ready future fails a second cancel: once, from any thread)
             waiting = self.waiting
             if waiting is not None and not waiting.done():
@@ -379,7 +372,8 @@ class Generation:
         if self._cancelled:  # (not the broken call's UNAVAILABLE it was resuming from)
             return _cancelled()
         resume = self._resume
-        if resume is not None and resume.past_deadline() and exc.code() == _UNAVAILABLE:
+        unavailable = exc.code() == grpc.StatusCode.UNAVAILABLE
+        if resume is not None and resume.past_deadline() and unavailable:
             # Broken, and the router not back before the deadline: the deadline is why it ends.
             return BanaServeClientError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -516,14 +510,11 @@ class BanaServeClient:
 
     def _reopen(self, resume: _Resume, message: router_pb2.GenerateRequest) -> Any:
         ready = grpc.channel_ready_future(self._channel)
-        resume.wait(ready)
-        try:
-            ready.result(timeout=resume.wait_s())
-        except (grpc.FutureTimeoutError, grpc.FutureCancelledError):
-            resume.stop_waiting()
-            return None
-        finally:
-            resume.waiting = None
+        with resume.waiting_on(ready):
+            try:
+                ready.result(timeout=resume.wait_s())
+            except (grpc.FutureTimeoutError, grpc.FutureCancelledError):
+                return None
         return self._stub.Generate(message, timeout=resume.timeout_s(), metadata=self._metadata)
 
     def complete(self, prompt: str | Sequence[int], **kwargs: Any) -> GenerationResult:
@@ -572,12 +563,8 @@ class AsyncBanaServeClient:
 
     async def _reopen(self, resume: _Resume, message: router_pb2.GenerateRequest) -> Any:
         ready = asyncio.ensure_future(self._channel.channel_ready())
-        resume.wait(ready)
-        try:
+        with resume.waiting_on(ready):
             await asyncio.wait({ready}, timeout=resume.wait_s())
-        finally:
-            resume.stop_waiting()
-            resume.waiting = None
         if ready.cancelled() or not ready.done() or ready.exception() is not None:
             return None
         return self._stub.Generate(message, timeout=resume.timeout_s(), metadata=self._metadata)

@@ -38,8 +38,9 @@ even while its cleanup still runs, or once its deadline has passed. A second req
 id of a running one waits up to ``id_reuse_wait_s`` (0.5 s; the client's own timer or cancel
 may be here before the old call's cancellation) for it to end, then gets
 ``DuplicateRequestError``, ALREADY_EXISTS, before any work, unless it is its client's resend
-of that request (``take_over``: the old call ends, ABORTED). A new request with the id of one
-still releasing waits for that release (at most ``release_timeout_s`` + 1 s, within its own
+of that request (``take_over``: the old call ends, ABORTED). A new request with the id of ones
+still releasing (not only the last: one ended while it waited for an earlier one's) waits for
+those releases (at most ``release_timeout_s`` + 1 s, within its own
 deadline) before it reserves anything, so the old request's Release can never free the new
 one's reservation; a release that takes longer fails the new request with ALREADY_EXISTS, still
 before any work.
@@ -225,9 +226,9 @@ class RequestDriver:
 
     def _remember_aborted(self, job: _Job) -> None:
         now = self._clock()
-        while self._aborted and (
-            len(self._aborted) >= _MAX_ABORTED or next(iter(self._aborted.values()))[1] <= now
-        ):
+        while self._aborted and next(iter(self._aborted.values()))[1] <= now:  # oldest first
+            self._aborted.popitem(last=False)
+        if len(self._aborted) >= _MAX_ABORTED:
             self._aborted.popitem(last=False)
         self._aborted[job.request_id] = (job.owner, now + self.config.aborted_ttl_s)
 
@@ -269,9 +270,8 @@ class RequestDriver:
         # Completion tokens handed to the caller: by this stream, and before it by a broken one
         # (a request its client resumes, GenerateRequest.resume_output_token_ids).
         num_delivered = len(request.resume_output_token_ids)
-        if request.request_id and self._was_aborted(request):
+        if self._was_aborted(request):
             # Aborted while its stream was broken: the resend gets what that stream would have.
-            self.check_new(request.request_id)
             aborted = aborted_finished(request, arrival, arrival, num_delivered)
             self._observe(aborted)
             yield self._started(request, request.request_id)
@@ -385,7 +385,8 @@ class RequestDriver:
             self._tasks_by_id.pop(job.request_id, None)
 
     async def _after_predecessor(self, job: _Job) -> None:
-        """Waits, bounded, for the cleanup of the last request with this id (module docstring)."""
+        """Waits, bounded, for the cleanup of every earlier request with this id still running
+        (module docstring)."""
         if not job.predecessors:
             return
         bound = min(self.config.release_timeout_s + 1.0, self.remaining(job))

@@ -50,6 +50,16 @@ def channel_options(config: RpcConfig) -> Options:
 MIN_CLIENT_KEEPALIVE_S = 1.0
 
 
+def client_library_options(config: RpcConfig) -> Options:
+    """The client library's channels (services/client): a service's, but pinging only while a
+    call is open, and with connections of their own — gRPC otherwise shares one between a
+    process's channels to the same target, and a new client inherited another's dead one."""
+    options = dict(channel_options(config))
+    options["grpc.keepalive_permit_without_calls"] = 0
+    options["grpc.use_local_subchannel_pool"] = 1
+    return list(options.items())
+
+
 def server_options(config: RpcConfig) -> Options:
     # Accept client pings at the rate the clients above and the client library send them, with
     # slack for jitter; pings closer together while the server sends nothing are strikes, and
