@@ -5,6 +5,12 @@ A service binds one IP and tells its peers that same address (a worker registers
 one the peers can reach: loopback for ``banaserve up``, the container's or pod's own IP in
 docker-compose and Kubernetes. ``--host auto`` picks the IP this machine's hostname resolves
 to, which is that IP in a container or a pod (no shell needed to look it up).
+
+A service its peers reach through something in between (a NAT, a proxy, a Kubernetes Service
+with its own port, the chaos suite's fault proxies) tells them that address instead:
+``--advertise HOST:PORT`` for its gRPC service, ``--advertise-data HOST:PORT`` for its data
+plane (a decode or mixed worker's KV, a kvstore node's blocks). Each defaults to the address
+bound. What is forwarded there is the operator's to set up: the service still binds ``--host``.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import argparse
 import ipaddress
 import socket
 
+from services.common.arg_types import host_port
 from services.common.errors import ConfigError
 
 AUTO = "auto"
@@ -25,6 +32,31 @@ def add_host_args(p: argparse.ArgumentParser) -> None:
         help="IP to listen on and to tell peers (auto: the IP this hostname resolves to, "
         "e.g. a container's or pod's own; default: loopback)",
     )
+
+
+def add_advertise_args(p: argparse.ArgumentParser, data_plane: bool) -> None:
+    """``--advertise`` (and ``--advertise-data`` for a service with a data plane)."""
+    p.add_argument(
+        "--advertise",
+        type=host_port,
+        default=None,
+        metavar="HOST:PORT",
+        help="the address peers are told to reach this service's gRPC at, when something in "
+        "between forwards it (default: the address it binds)",
+    )
+    if data_plane:
+        p.add_argument(
+            "--advertise-data",
+            type=host_port,
+            default=None,
+            metavar="HOST:PORT",
+            help="the same for its data plane (default: the address the data plane binds)",
+        )
+
+
+def advertised(bound: str, advertise: str | None) -> str:
+    """The address peers are told: ``advertise`` when given, else the one bound."""
+    return advertise or bound
 
 
 def resolve_host(host: str, resolve=socket.gethostbyname, hostname=socket.gethostname) -> str:

@@ -23,7 +23,7 @@ from services.common.engine_args import (
     engine_config,
 )
 from services.common.metrics import EngineCollector, add_metrics_args, start_metrics
-from services.common.network import add_host_args, resolve_host
+from services.common.network import add_advertise_args, add_host_args, advertised, resolve_host
 from services.decode.core import DecodeConfig, DecodeWorker
 from services.decode.dataplane_receiver import DataPlaneReceiver
 from services.decode.servicer import decode_service, kv_data_handler
@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=int(env("BANASERVE_DECODE_PORT", "0")))
     add_engine_args(p, model_default=env("BANASERVE_MODEL", "tiny-llama"))
     add_kv_transport_arg(p)
+    p.add_argument(
+        "--data-port", type=int, default=0, help="the KV data plane's port; 0: the OS picks"
+    )
     p.add_argument("--role", choices=("decode", "mixed"), default="decode")
     p.add_argument("--worker-id", default=None, help="default: ROLE-PORT")
     p.add_argument("--router", default=env("BANASERVE_ROUTER", ""), help="HOST:PORT")
@@ -68,6 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_security_args(p)
     add_admission_args(p, reservations=True)
     add_host_args(p)
+    add_advertise_args(p, data_plane=True)
     add_metrics_args(p)
     add_migration_args(p)
     return p.parse_args(argv)
@@ -77,7 +81,7 @@ def _worker_info(args: argparse.Namespace, engine: Engine, address: str):
     worker_id = args.worker_id or f"{args.role}-{address.rsplit(':', 1)[1]}"
     return worker_info(
         worker_id,
-        address,
+        advertised(address, args.advertise),
         args.role,
         args.model,
         engine.fingerprint,
@@ -115,12 +119,13 @@ async def serve(args: argparse.Namespace) -> None:
     receiver = DataPlaneReceiver(worker)
     data = None
     if args.kv_transport != NO_KV_TRANSPORT:
-        data = dataplane.serve(args.kv_transport, kv_data_handler(receiver), host=rpc.host)
+        handler = kv_data_handler(receiver)
+        data = dataplane.serve(args.kv_transport, handler, host=rpc.host, port=args.data_port)
         await data.start()
     seqs = engine.config.max_num_seqs
     service = decode_service(
         worker,
-        data.address if data else "",
+        advertised(data.address, args.advertise_data) if data else "",
         args.kv_transport if data else "",
         reservation_quota(args, seqs),
         max_awaiting_header=seqs,
@@ -135,7 +140,7 @@ async def serve(args: argparse.Namespace) -> None:
     )
     await start_metrics(args, rpc.host, EngineCollector(args.role, args.model, engine, worker))
     print(f"LISTENING {server.address}", flush=True)
-    info = _worker_info(args, engine, server.address)
+    info = _worker_info(args, engine, server.address)  # its id from the port it binds
     assert worker.died is not None  # set by start()
     died = None
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from services.common.config import RpcConfig, TracingConfig
 from services.common.metrics import KVStoreCollector, add_metrics_args, start_metrics
-from services.common.network import add_host_args, resolve_host
+from services.common.network import add_advertise_args, add_host_args, advertised, resolve_host
 from services.kvstore.core import KVStoreConfig, KVStoreNode
 from services.kvstore.disk import DiskTier
 from services.kvstore.metadata import DEFAULT_SEEN_WINDOW_S, MetadataStore, NodeInfo
@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_security_args(p)
     add_admission_args(p)
     add_host_args(p)
+    add_advertise_args(p, data_plane=True)
     add_metrics_args(p)
     args = p.parse_args(argv)
     if not args.seen_window > 0:  # also NaN
@@ -100,8 +101,8 @@ async def serve(args: argparse.Namespace) -> None:
     )
     info = NodeInfo(
         args.node_id or f"kvstore-{server.address.rsplit(':', 1)[1]}",
-        server.address,
-        data.address,
+        advertised(server.address, args.advertise),
+        advertised(data.address, args.advertise_data),
         args.data_transport,
     )
     await node.start(info)

@@ -101,6 +101,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "from the tokens it has, at most N times (0: it fails UNAVAILABLE; docs/services.md)",
     )
     p.add_argument(
+        "--retry-window-s",
+        type=float,
+        default=DriverConfig.retry_window_s,
+        metavar="S",
+        help="a request whose worker is lost before it produced a token (a cut link, a "
+        "restarting worker) is tried again, with a growing wait, for at most S seconds of "
+        "such losses in a row (0: one retry; docs/services.md)",
+    )
+    p.add_argument(
         "--local-prefill-max-tokens",
         type=int,
         default=DriverConfig.local_prefill_max_tokens,
@@ -200,6 +209,7 @@ async def serve(args: argparse.Namespace) -> None:
             local_prefill_max_tokens=args.local_prefill_max_tokens,
             local_prefill_queue_tokens=args.local_prefill_queue_tokens,
             max_resumes=args.max_resumes,
+            retry_window_s=args.retry_window_s,
         ),
     )
     driver.observer = requests = RequestMetrics()

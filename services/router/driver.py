@@ -13,8 +13,11 @@ A request no worker has room for *now* waits in step 1 (re-routed every
 router instead of failing; one that could never fit fails at once (RESOURCE_EXHAUSTED). One that
 no registered worker can serve waits the same way for at most ``no_worker_wait_s`` (a worker
 starting, restarting or back from a late report), then fails UNAVAILABLE.
-A worker lost in 2-3 (before the first token) is removed and the request routed again, once;
-so is one whose step computing the prompt failed there (INTERNAL), the worker kept.
+A worker lost in 2-3 (before the first token) is removed and the request routed again, with
+a growing wait, for as long as such losses in a row stay within ``DriverConfig.retry_window_s``
+(10 s: a link cut for a few seconds, a worker restarting on its port, the same worker back at
+its next report); one whose step computing the prompt failed there (INTERNAL) is routed again
+once, the worker kept.
 Resuming: a worker lost after the first token (P during its hand-off, D while decoding) is
 removed too (a step that failed there, INTERNAL, leaves it registered: it freed the request and
 serves on), and the request goes on on a decode-capable worker (``RouteRequest.decode_only``)
@@ -22,7 +25,8 @@ from the tokens its caller has: that worker prefills the prompt and those tokens
 what follows (ReserveKVRequest.resume_output_token_ids), exactly what the lost one would have
 sent for greedy and seeded sampling alike (the sampler draws token ``i`` from ``(seed, i)``), at
 most ``DriverConfig.max_resumes`` times, within the deadline; the caller sees one stream. A
-worker found gone as the resumed try reserves (workers that died together) costs no resume;
+worker found gone as the resumed try reserves (workers that died together, a link still cut)
+costs no resume: it is tried again within the retry window, as before the first token;
 tokens that end the request already (``max_tokens`` here; a stop token or string, the context,
 on the worker: ``ResumeComplete``) finish it as it finished there.
 Abort, client cancellation, the deadline, or a failure after step 2 release D's reservation
@@ -103,9 +107,32 @@ from services.router.driver_types import (  # the driver's API, imported from he
 
 _log = logging.getLogger(__name__)
 
-# Resumed tries whose worker was found gone as they reserved (module docstring, "Resuming"),
-# at most, per request: more than any cluster loses at once.
-_MAX_DEAD_ENDS = 8
+
+class _LossRun:
+    """A request's tries in a row that ended with their worker lost before producing a token:
+    when the run began, and how many retries it has had. A token starts a new run."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._num_tokens = -1
+        self.started_at = 0.0
+        self.num_retries = 0
+
+    def note(self, num_tokens: int) -> None:
+        """A try ended lost; ``num_tokens``: the tokens the caller has now."""
+        if num_tokens != self._num_tokens:
+            self._num_tokens, self.started_at, self.num_retries = num_tokens, self._clock(), 0
+
+    def within(self, window_s: float, delay_s: float, remaining_s: float) -> bool:
+        """Whether one more retry, ``delay_s`` from now, falls within the window (the first
+        always does) and before the deadline."""
+        if delay_s >= remaining_s:
+            return False
+        return self.num_retries == 0 or self.elapsed() + delay_s < window_s
+
+    def elapsed(self) -> float:
+        return self._clock() - self.started_at
+
 
 __all__ = [
     "DecodeClient",
@@ -432,7 +459,8 @@ class RequestDriver:
             self.router.settle(job.request_id)
 
     async def _serve(self, job: _Job, request: GenerateInput, arrival: float) -> Finished:
-        attempt, resumes, dead_ends = 1, 0, 0
+        resumes, step_retried, last_loss = 0, False, None
+        losses = _LossRun(self._clock)  # tries in a row that produced no token
         while True:
             outputs = tuple(job.output_token_ids)
             if len(outputs) >= request.sampling.max_tokens:  # lost after its last token
@@ -446,7 +474,14 @@ class RequestDriver:
                 request.sampling.max_tokens - len(outputs),
                 decode_only=bool(outputs),
             )
-            assignment = await self._admit(job, route)
+            try:
+                assignment = await self._admit(job, route)
+            except NoWorkerError as exc:
+                if last_loss is None:
+                    raise
+                raise self._failure(
+                    request.request_id, last_loss, job, resumes, losses, exc
+                ) from None
             this_try = dataclasses.replace(request, resume_output_token_ids=outputs)
             try:
                 return await Attempt(self, job, this_try, assignment, arrival).run()
@@ -459,28 +494,30 @@ class RequestDriver:
             except WorkerLoss as lost:
                 if lost.gone:  # (a failed step: the worker serves on)
                     self._forget(lost.worker_id, str(lost.error))
-                if not job.started:  # (a request its client resumed may have tokens)
-                    if attempt == 2:
-                        when = "before the first token, after a retry"
-                        raise self._failure(request.request_id, lost, when) from None
-                    attempt += 1
-                    self._routing_again(request.request_id, lost)
-                    continue
-                if isinstance(lost, LostBeforeFirstToken):
-                    # A resumed try whose worker was gone before it reserved (dead, not yet
-                    # removed: workers that die together): no resume spent on it. Each is
-                    # removed, so this ends once none is left (``_admit`` waits for one);
-                    # bounded for a worker that keeps registering and failing.
-                    dead_ends += 1
-                    if dead_ends <= _MAX_DEAD_ENDS:
+                last_loss = lost
+                losses.note(len(job.output_token_ids))
+                # (a request its client resumed may have tokens before its first try)
+                nothing = not job.started or isinstance(lost, LostBeforeFirstToken)
+                if nothing and not lost.gone:  # its step failed: routed again once
+                    if not step_retried:
+                        step_retried = True
+                        self._routing_again(request.request_id, lost, 1)
+                        continue
+                elif nothing:
+                    # Lost before it produced anything (gone before the first token, or a
+                    # resumed try whose worker was gone as it reserved): no resume spent on it;
+                    # tried again while the run of such losses is within the retry window.
+                    delay = self.config.retry_delay(losses.num_retries + 1)
+                    if losses.within(self.config.retry_window_s, delay, self.remaining(job)):
+                        losses.num_retries += 1
+                        self._routing_again(request.request_id, lost, losses.num_retries)
+                        await asyncio.sleep(delay)
                         continue
                 elif resumes < self.config.max_resumes:
                     resumes += 1
                     self._resuming(request.request_id, lost, len(job.output_token_ids), resumes)
                     continue
-                when = f"after {len(job.output_token_ids)} tokens"
-                when += f", after {resumes} resumes" if resumes else ""
-                raise self._failure(request.request_id, lost, when) from None
+                raise self._failure(request.request_id, lost, job, resumes, losses) from None
 
     def _resuming(self, request_id: str, lost: WorkerLoss, num_tokens: int, resumes: int) -> None:
         _log.warning(
@@ -492,20 +529,35 @@ class RequestDriver:
             self.observer.resumed()
 
     @staticmethod
-    def _routing_again(request_id: str, lost: WorkerLoss) -> None:
+    def _routing_again(request_id: str, lost: WorkerLoss, num_retries: int) -> None:
         _log.warning(
-            "request %r %s worker %r before its first token; routing it again",
-            request_id, "lost" if lost.gone else "failed on", lost.worker_id,
+            "request %r %s worker %r before a token; trying again (retry %d)",
+            request_id, "lost" if lost.gone else "failed on", lost.worker_id, num_retries,
         )  # fmt: skip
 
     @staticmethod
-    def _failure(request_id: str, lost: WorkerLoss, when: str) -> BaseException:
+    def _failure(
+        request_id: str,
+        lost: WorkerLoss,
+        job: _Job,
+        resumes: int,
+        losses: _LossRun,
+        no_worker: NoWorkerError | None = None,
+    ) -> BaseException:
         """What a request that may not be routed again or resumed fails with: its step's
-        INTERNAL as it came, or the loss (UNAVAILABLE)."""
-        if not lost.gone:
+        INTERNAL as it came, or the loss (UNAVAILABLE), saying how far it got (and, when no
+        worker was left to try again on, that too)."""
+        if not lost.gone and no_worker is None:
             return lost.error
+        n = len(job.output_token_ids)
+        when = f"after {n} tokens" if job.started else "before the first token"
+        when += f", after {_count(resumes, 'resume')}" if resumes else ""
+        if losses.num_retries:
+            when += f", after {_count(losses.num_retries, 'retry')} in {losses.elapsed():.1f}s"
+        then = f"; then {no_worker}" if no_worker is not None else ""
         return WorkerLostError(
-            f"request {request_id!r}: worker {lost.worker_id!r} was lost {when} ({lost.error})"
+            f"request {request_id!r}: worker {lost.worker_id!r} was lost {when} "
+            f"({lost.error}){then}"
         )
 
     async def _admit(self, job: _Job, route: RouteRequest) -> Assignment:
@@ -543,6 +595,12 @@ class RequestDriver:
 
 
 _MAX_ABORTED = 10_000  # ids of aborted requests remembered at most (the oldest forgotten first)
+
+
+def _count(n: int, noun: str) -> str:
+    return (
+        f"{n} {noun}" if n == 1 else f"{n} {noun[:-1]}ies" if noun.endswith("y") else f"{n} {noun}s"
+    )
 
 
 def new_request_id() -> str:

@@ -233,14 +233,29 @@ class DriverConfig:
     # this many times; 0: it fails UNAVAILABLE. Two: one worker lost, then one more while the
     # first is still being noticed (a cluster losing more than that at once is better told).
     max_resumes: int = 2
+    # A try that produced no token because its worker was lost (a connection that broke or
+    # stalled, a worker restarting: before the first token, or a resumed try that could not
+    # reserve) is tried again, after 0, 0.1, 0.2, 0.4, ... s (at most ``retry_backoff_max_s``),
+    # while less than this has passed since the first such loss in a row (a token delivered
+    # starts the count again): a link cut for a few seconds, or a worker restarting on its
+    # port, costs a wait instead of the request. 0: one retry, at once. Capped by the deadline.
+    retry_window_s: float = 10.0
+    retry_backoff_max_s: float = 1.0
+
+    def retry_delay(self, num_retries: int) -> float:
+        """The wait before retry ``num_retries`` (1: the first) of a run of losses."""
+        if num_retries <= 1:
+            return 0.0
+        return min(self.retry_backoff_max_s, 0.1 * 2 ** (num_retries - 2))
 
     def __post_init__(self) -> None:
-        for name in ("lease_s", "default_timeout_s", "release_timeout_s", "admission_poll_s"):
+        positive = ("lease_s", "default_timeout_s", "release_timeout_s", "admission_poll_s")
+        for name in (*positive, "retry_backoff_max_s"):
             value = getattr(self, name)
             require_config(
                 math.isfinite(value) and value > 0, f"{name} must be positive, got {value}"
             )
-        for name in ("no_worker_wait_s", "id_reuse_wait_s"):
+        for name in ("no_worker_wait_s", "id_reuse_wait_s", "retry_window_s"):
             value = getattr(self, name)
             require_config(math.isfinite(value) and value >= 0, f"{name} must be >= 0, got {value}")
         require_config(

@@ -79,9 +79,10 @@ def open_channel(
 ) -> grpc.aio.Channel:
     """A channel to ``target`` ("HOST:PORT"): mutual TLS with this process's role certificate
     when ``config.security`` has TLS (services/rpc/security.py), plaintext otherwise. Every
-    channel between services is opened here, so none escapes TLS when it is on."""
+    channel between services is opened here, so none escapes TLS when it is on.
+    ``extra_options`` replace the defaults of the same name."""
     interceptors = tracing.client_interceptors()
-    options: Options = [*channel_options(config), *extra_options]
+    options: Options = list({**dict(channel_options(config)), **dict(extra_options)}.items())
     tls = config.security.tls if config.security is not None else None
     if tls is None:
         return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

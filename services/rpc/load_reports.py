@@ -131,14 +131,29 @@ def worker_info(
     )
 
 
+# The report stream's keepalive: a ping after 1 s without one, the connection dead when it is
+# not answered within 2 s. The stream is the worker's place in routing, and the worker only
+# writes on it, so pings are all that can find a connection that died without closing (the
+# router drops a silent worker after its report timeout); the services' 10 s + 5 s kept a
+# stranded worker out of routing 13 s in the chaos suite. Within what the router's server
+# accepts (channels.server_options: a ping every 0.5 s).
+REPORT_KEEPALIVE_S = 1.0
+REPORT_KEEPALIVE_TIMEOUT_S = 2.0
+
+
 def router_channel(router: str, rpc: RpcConfig, reconnect_s: float = 1.0) -> grpc.aio.Channel:
     """A channel that tries to reconnect every ``reconnect_s`` while the router is down, not
     on gRPC's default backoff (growing to 2 minutes), so a worker registers again with a
-    restarted router within about ``reconnect_s`` of its return."""
+    restarted router within about ``reconnect_s`` of its return; and pings on the report
+    keepalive above."""
     backoff_ms = int(reconnect_s * 1000)
+    timeout_ms = int(REPORT_KEEPALIVE_TIMEOUT_S * 1000)
     options = [
         ("grpc.initial_reconnect_backoff_ms", backoff_ms),
         ("grpc.max_reconnect_backoff_ms", backoff_ms),
+        ("grpc.keepalive_time_ms", int(REPORT_KEEPALIVE_S * 1000)),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
+        ("grpc.http2.ping_timeout_ms", timeout_ms),
     ]
     return open_channel(router, rpc, extra_options=options)
 

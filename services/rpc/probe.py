@@ -7,7 +7,8 @@ image. ``HOST`` may be a name (``router:50051``) or ``auto``: the IP a service s
 
 ``--registered-at ROUTER``: a worker is ready only once the router also lists it as active (its
 model loaded, since a worker serves only after loading, and its registration admitted), so a
-readiness probe or a compose ``service_healthy`` condition means the worker takes requests.
+readiness probe or a compose ``service_healthy`` condition means the worker takes requests; a
+worker started with ``--advertise ADDRESS`` is looked up by ``--advertised-as ADDRESS``.
 ``--tls-dir``: mutual TLS with the ``client`` certificate of ``banaserve certs DIR``.
 """
 
@@ -41,6 +42,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="ROUTER",
         help="also require the router at ROUTER (HOST:PORT) to list this worker as active",
+    )
+    p.add_argument(
+        "--advertised-as",
+        type=host_port,
+        default=None,
+        metavar="HOST:PORT",
+        help="with --registered-at: the address the worker registers (its --advertise; "
+        "default: the one checked)",
     )
     p.add_argument("--tls-dir", default="", help="mutual TLS (client certificate) for both checks")
     p.add_argument("--api-token-file", default="", help="bearer token for the router's API")
@@ -89,7 +98,8 @@ def run_health(args: argparse.Namespace) -> int:
     try:
         status = check(target, args.service, args.timeout, args.tls_dir)
         registered = status != "SERVING" or not args.registered_at
-        if not registered and not is_registered(target, args.registered_at, args):
+        registered_as = resolve_target(args.advertised_as) if args.advertised_as else target
+        if not registered and not is_registered(registered_as, args.registered_at, args):
             status = f"not active at the router {args.registered_at}"
     except grpc.RpcError as exc:
         print(f"{target}: {exc.code().name} {exc.details()}", file=sys.stderr)

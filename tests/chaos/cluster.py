@@ -1,10 +1,15 @@
 """The chaos suite's cluster: ``banaserve up``'s processes, supervised as ``up`` does, with a
-fault-injecting proxy on four links.
+fault-injecting proxy on every link between them.
 
 1. the proxies start first (their addresses go into the services' flags): ``client`` (this
    test's client → the router), ``reports`` (every worker → the router: registration and load
-   reports), ``kvstore`` (the prefill worker → kvstore-0's gRPC service) and ``redis``
-   (kvstore-0 → Redis); each forwards to the current address of its upstream child;
+   reports), ``kvstore`` (the prefill worker → kvstore-0's gRPC service), ``redis``
+   (kvstore-0 → Redis), ``to-prefill`` and ``to-decode`` (every call into a worker's gRPC
+   server: the router's, the other worker's, the coordinator's; the worker ``--advertise``s the
+   proxy), ``handoff`` (the prefill worker → decode-0's KV data plane) and ``store-data`` (the
+   prefill worker → kvstore-0's data plane; both ``--advertise-data`` the proxy, their data
+   planes on ports picked here so a restart keeps them); each forwards to the current address
+   of its upstream child;
 2. ``LocalCluster`` starts Redis, kvstore-0, the router, prefill-0, decode-0 and (optionally)
    the coordinator, KV over TCP on both data planes;
 3. a ``Supervisor`` (``services/supervisor.py``, what ``banaserve up`` runs after start) ticks
@@ -12,8 +17,8 @@ fault-injecting proxy on four links.
 4. ``stop``: the supervisor first, then every child (each must exit 0 unless it was killed
    and is being restarted), then the proxies.
 
-The router's calls to the workers, and the KV data planes, are not proxied: a worker registers
-the address it binds, and no flag makes it announce another one.
+Not proxied: the coordinator's migration data planes (hidden states and KV between a donor and
+its helper), which no flag advertises elsewhere.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from typing import Any
 
 import grpc
 
+from services.child_process import HOST
+from services.kvstore.redis_server import free_port
 from services.launcher import ClusterSpec, LocalCluster
 from services.rpc.gen.banaserve.v1 import (
     coordinator_pb2,
@@ -61,11 +68,17 @@ LIVE_WORKER_STATES = {
 class ChaosCluster:
     def __init__(self, home: Path, log_path: Path, coordinator: bool) -> None:
         self.log_path = log_path
+        # Bound, closed and handed over, as ``RedisChild`` does with Redis's.
+        self._data_ports = {"decode": free_port(HOST), "kvstore": free_port(HOST)}
         self.proxies = {
             "client": FaultProxy("client", lambda: self.address("router")),
             "reports": FaultProxy("reports", lambda: self.address("router")),
             "kvstore": FaultProxy("kvstore", lambda: self.address("kvstore-0")),
             "redis": FaultProxy("redis", lambda: self.address("redis")),
+            "to-prefill": FaultProxy("to-prefill", lambda: self.address("prefill-0")),
+            "to-decode": FaultProxy("to-decode", lambda: self.address("decode-0")),
+            "handoff": FaultProxy("handoff", lambda: f"{HOST}:{self._data_ports['decode']}"),
+            "store-data": FaultProxy("store-data", lambda: f"{HOST}:{self._data_ports['kvstore']}"),
         }
         self.coordinator = coordinator
         self._home = home
@@ -85,9 +98,20 @@ class ChaosCluster:
             coordinator=self.coordinator,
             extra_env={"BANASERVE_HOME": str(self._home)},
             service_args={  # argparse keeps a flag's last value: these replace up's own
-                "prefill": ("--router", p["reports"], "--kvstore", p["kvstore"]),
-                "decode": ("--router", p["reports"]),
-                "kvstore": ("--redis", f"redis://{p['redis']}/0"),
+                "prefill": (
+                    *("--router", p["reports"], "--kvstore", p["kvstore"]),
+                    *("--advertise", p["to-prefill"]),
+                ),
+                "decode": (
+                    *("--router", p["reports"], "--advertise", p["to-decode"]),
+                    *("--data-port", str(self._data_ports["decode"])),
+                    *("--advertise-data", p["handoff"]),
+                ),
+                "kvstore": (
+                    *("--redis", f"redis://{p['redis']}/0"),
+                    *("--data-port", str(self._data_ports["kvstore"])),
+                    *("--advertise-data", p["store-data"]),
+                ),
                 # On the shared 2-core machine a busy worker's reports come over 1 s late now
                 # and then, and the router drops it (docs/reliability.md, Overload: found, not
                 # fixed); 3 s keeps those drops out of the faults' outcomes.
@@ -123,6 +147,10 @@ class ChaosCluster:
     def address(self, name: str) -> str:
         assert self.cluster is not None
         return self.cluster.child(name).address
+
+    def registered(self, worker: str) -> str:
+        """The address a worker registers with the router: its proxy's."""
+        return self.proxies[{"prefill-0": "to-prefill", "decode-0": "to-decode"}[worker]].address
 
     def pid(self, name: str) -> int:
         assert self.cluster is not None

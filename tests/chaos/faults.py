@@ -90,6 +90,10 @@ LINKS = {
     "reports": "workers → router",
     "kvstore": "prefill → kvstore",
     "redis": "kvstore → Redis",
+    "to-prefill": "router, decode, coordinator → prefill",
+    "to-decode": "router, prefill, coordinator → decode",
+    "handoff": "prefill → decode KV data plane",
+    "store-data": "prefill → kvstore data plane",
 }
 
 
@@ -165,7 +169,7 @@ def _before(cluster: ChaosCluster, fault: Fault, migrations: Migrations) -> str:
     _wait_decoding(cluster.address("decode-0"))
     with BanaServeClient(cluster.address("router")) as client:
         ids = {w.address: w.worker_id for w in client.list_workers()}
-    donor, helper = ids[cluster.address("decode-0")], ids[cluster.address("prefill-0")]
+    donor, helper = ids[cluster.registered("decode-0")], ids[cluster.registered("prefill-0")]
     mid = migrations.start(donor, helper)
     if fault.phase is Phase.COPYING:
         cluster.signal("prefill-0", signal.SIGSTOP)

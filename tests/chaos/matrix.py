@@ -7,6 +7,17 @@ from tests.chaos.faults import Action, Fault, Phase
 from tests.chaos.proxy import Mode
 
 PROCESSES = ("prefill-0", "decode-0", "kvstore-0", "router")
+# Every proxied link (tests/chaos/cluster.py says which calls each carries).
+LINKS = (
+    "client",
+    "reports",
+    "kvstore",
+    "redis",
+    "to-prefill",
+    "to-decode",
+    "handoff",
+    "store-data",
+)
 
 
 def link_faults(link: str) -> list[Fault]:
@@ -36,7 +47,7 @@ FULL = [
     Fault(Action.KILL, "prefill-0", phase=Phase.ACTIVE),
     Fault(Action.STOP, "prefill-0", phase=Phase.ACTIVE),
     *[Fault(action, name) for name in PROCESSES for action in (Action.KILL, Action.STOP)],
-    *[f for link in ("client", "reports", "kvstore", "redis") for f in link_faults(link)],
+    *[f for link in LINKS for f in link_faults(link)],
     Fault(Action.KILL, "redis"),
     Fault(Action.STOP, "redis"),
 ]

@@ -25,6 +25,8 @@ from tests.chaos.matrix import SHORT as SHORT_MATRIX
 from tests.chaos.report import markdown, report_path, write
 
 CASES_ENV = "BANASERVE_CHAOS_CASES"
+# The links a clean run uses (the store's are used once a prefix is asked for again).
+CARRY_CLEAN_RUN = ("client", "reports", "to-prefill", "to-decode", "handoff")
 
 
 def run_matrix(home: Path, faults: list[Fault], name: str) -> list[CaseResult]:
@@ -44,12 +46,16 @@ def run_matrix(home: Path, faults: list[Fault], name: str) -> list[CaseResult]:
     cluster.start()
     try:
         clean = {load: clean_run(cluster, load) for load in {SHORT, LONG} if _needs(load, faults)}
+        # Each worker advertised its proxies, and every call into it went through them.
+        carried = {name: proxy.num_connections for name, proxy in cluster.proxies.items()}
+        assert all(carried[name] for name in CARRY_CLEAN_RUN), carried
         for fault in faults:
             try:
                 results.append(run_case(cluster, fault, clean))
             except Exception as exc:  # noqa: BLE001 - recorded; the next case still runs
                 results.append(CaseResult(fault.name, recover_s=None, note=f"error: {exc!r}"))
             meta["load_average_at_end"] = os.getloadavg()[0]
+            meta["proxied_connections"] = {n: p.num_connections for n, p in cluster.proxies.items()}
             write(path, meta, [r.to_json() for r in results])
     finally:
         codes = cluster.stop()

@@ -72,3 +72,34 @@ def test_a_worker_registers_again_within_a_second_of_the_router_coming_back():
     # The reporter retries every second and the channel reconnects at most 1 s (+20% jitter)
     # after a failed attempt.
     assert asyncio.run(main()) < 2.5
+
+
+def test_a_worker_whose_report_stream_was_stranded_registers_again_within_seconds():
+    """The report stream's connection dies without closing (a middlebox dropped it): only the
+    channel's keepalive can find it, 1 s + 2 s (load_reports.REPORT_KEEPALIVE_*); the services'
+    10 s + 5 s kept a worker out of routing ~13 s in the chaos suite (session 26)."""
+    from tests.chaos.proxy import FaultProxy, Mode
+
+    async def main() -> float:
+        rpc = RpcConfig(grace_s=0.1)
+        router = RegistrationRouter()
+        server = await start_server([router_service(router)], rpc)
+        proxy = FaultProxy("reports", lambda: server.address)
+        proxy.start()
+        info = worker_info("prefill-0", "127.0.0.1:1", "prefill", "tiny-llama", "fp", 16, 32, 64)
+        try:
+            async with reporting_to(proxy.address, info, load, rpc, interval_s=0.05):
+                await asyncio.wait_for(router.registered.wait(), 10)
+                router.registered.clear()
+                proxy.set(Mode.STRAND)
+                stranded = asyncio.get_running_loop().time()
+                await asyncio.wait_for(router.registered.wait(), 20)
+                took = asyncio.get_running_loop().time() - stranded
+        finally:
+            proxy.stop()
+            await server.stop(0)
+        assert router.worker_ids == ["prefill-0", "prefill-0"]
+        return took
+
+    # ping after 1 s, dead 2 s later, a reconnect within ~1 s
+    assert asyncio.run(main()) < 5.5

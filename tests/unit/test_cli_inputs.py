@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import signal
 import threading
@@ -94,6 +95,7 @@ CLIENT_TOOLS = [
     ["generate", "--prompt", "hi", "--router", "{a}"],
     ["health", "{a}"],
     ["health", ROUTER, "--registered-at", "{a}"],
+    ["health", ROUTER, "--registered-at", ROUTER, "--advertised-as", "{a}"],
     ["migrations", "--coordinator", "{a}"],
     ["migrations", "--watch", "--coordinator", ROUTER, "--router", "{a}"],
     ["migrate", "abort", "m-1", "--coordinator", "{a}"],
@@ -121,6 +123,32 @@ def test_a_client_tool_refuses_an_address_before_connecting(
     # print its C++ resolver errors for health.
     code, err = run_cli([a.format(a=address) for a in argv], capsys)
     assert code == 2 and message in err
+
+
+@pytest.mark.parametrize("service", ["prefill", "decode", "kvstore"])
+def test_a_service_checks_the_addresses_it_advertises(capsys, service):
+    parse_args = importlib.import_module(f"services.{service}.__main__").parse_args
+    args = parse_args([])
+    assert args.advertise is None  # the address it binds
+    assert parse_args(["--advertise", "10.0.0.7:50065"]).advertise == "10.0.0.7:50065"
+    flags = ["--advertise"] + (["--advertise-data"] if service != "prefill" else [])
+    for flag in flags:
+        for bad in ("", "10.0.0.7:0", "10.0.0.7", ":1"):
+            with pytest.raises(SystemExit):
+                parse_args([flag, bad])
+            assert f"argument {flag}:" in capsys.readouterr().err
+
+
+def test_health_looks_a_worker_up_by_the_address_it_advertises(monkeypatch):
+    from services.rpc import probe
+
+    seen = []
+    monkeypatch.setattr(probe, "check", lambda target, *a: "SERVING")
+    monkeypatch.setattr(probe, "is_registered", lambda address, *a: seen.append(address) or True)
+    base = ["127.0.0.1:50065", "--registered-at", "127.0.0.1:50051"]
+    assert probe.main(base) == 0
+    assert probe.main([*base, "--advertised-as", "10.0.0.7:7000"]) == 0
+    assert seen == ["127.0.0.1:50065", "10.0.0.7:7000"]
 
 
 @pytest.mark.parametrize("target", ["grpc://127.0.0.1:99999", "grpc://127.0.0.1:0", "grpc://:1"])

@@ -138,6 +138,10 @@ class FrameType(enum.IntEnum):
     # Server to client, after the last response: close once those responses have arrived (ucx;
     # a UCX endpoint aborted by the server would drop replies still in flight).
     GOAWAY = 4
+    # Client to server and back (tcp): is the connection still carrying bytes? Answered by the
+    # server's reader at once, never by the handler (tcp.py, "Keepalive").
+    PING = 5
+    PONG = 6
 
 
 @dataclass(frozen=True)
@@ -225,6 +229,11 @@ class PendingRequests:
 
     def is_open(self, rid: int) -> bool:
         return rid in self._futures
+
+    @property
+    def num_open(self) -> int:
+        """Requests awaiting their response."""
+        return len(self._futures)
 
     def resolve(self, rid: int, result: Any = None, error: BaseException | None = None) -> None:
         future = self._futures.pop(rid, None)

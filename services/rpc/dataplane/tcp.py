@@ -21,6 +21,16 @@ and payload must follow within ``read_timeout_s`` (an idle pooled connection has
 between messages). With a data-plane secret set (peer_auth.py) a connection starts with the
 mutual challenge, within ``peer_auth.HANDSHAKE_S``, and nothing else is read from a peer that
 fails it. The server binds only ``host`` (loopback by default).
+
+Keepalive: a connection can die without closing (a NAT or middlebox that dropped it, a path
+that went away): no reset, no EOF, the bytes just stop, and every request on it would wait for
+its whole timeout, and the next ones too, since the connection is pooled. So while a client has
+requests out it watches the connection: after ``Keepalive.interval_s`` with nothing received
+it sends a ``PING``, which the server's reader answers at once with a ``PONG`` (whatever its
+handlers are doing), and if nothing at all arrives within ``Keepalive.timeout_s`` of that the
+connection is broken: every request on it fails UNAVAILABLE ("stalled") and the client closes,
+so its owner connects afresh. A frame arriving slowly (a large payload) counts as arriving. An
+idle connection sends nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import contextlib
 import logging
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.rpc.dataplane import peer_auth
@@ -70,18 +81,39 @@ DEFAULT_MAX_PAYLOAD_BYTES = 1 << 30
 DEFAULT_READ_TIMEOUT_S = DEFAULT_TIMEOUT_S
 
 
+@dataclass(frozen=True)
+class Keepalive:
+    """A client's watch over its connection while requests are out (module docstring)."""
+
+    # Silence, with requests out, after which a PING goes out. A healthy peer answers a chunk
+    # in milliseconds; 2 s of nothing is already unusual.
+    interval_s: float = 2.0
+    # No frame at all within this after the PING: the connection is broken. The PONG skips the
+    # handlers, so only a peer whose loop is blocked this long (or a dead path) misses it.
+    timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not (self.interval_s > 0 and self.timeout_s > 0):
+            raise ValueError(f"keepalive times must be positive, got {self}")
+
+
 def _tune(sock: socket.socket) -> socket.socket:
     sock.setblocking(False)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
 
-async def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
+async def _recv_exactly(
+    sock: socket.socket, view: memoryview, heard: Callable[[], None] | None = None
+) -> None:
+    """``heard``: called whenever bytes came (a client's keepalive)."""
     loop = asyncio.get_running_loop()
     while view.nbytes:
         n = await loop.sock_recv_into(sock, view)
         if n == 0:
             raise EOFError("connection closed by peer")
+        if heard is not None:
+            heard()
         view = view[n:]
 
 
@@ -95,9 +127,11 @@ class ReadLimits:
             raise ValueError(f"read limits must be positive, got {self}")
 
 
-async def _read_message(sock: socket.socket, limits: ReadLimits) -> tuple[Frame, bytes, memoryview]:
+async def _read_message(
+    sock: socket.socket, limits: ReadLimits, heard: Callable[[], None] | None = None
+) -> tuple[Frame, bytes, memoryview]:
     head = bytearray(Frame.SIZE)
-    await _recv_exactly(sock, memoryview(head))  # no deadline: a pooled connection may idle
+    await _recv_exactly(sock, memoryview(head), heard)  # no deadline: a pooled one may idle
     frame = Frame.unpack(head)
     if frame.payload_len > limits.max_payload_bytes:
         raise ValueError(
@@ -105,9 +139,9 @@ async def _read_message(sock: socket.socket, limits: ReadLimits) -> tuple[Frame,
         )
     async with asyncio.timeout(limits.read_timeout_s):  # TimeoutError: an OSError, _BROKEN
         header = bytearray(frame.header_len)
-        await _recv_exactly(sock, memoryview(header))
+        await _recv_exactly(sock, memoryview(header), heard)
         payload = receive_buffer(frame.payload_len)
-        await _recv_exactly(sock, payload)
+        await _recv_exactly(sock, payload, heard)
     return frame, bytes(header), payload
 
 
@@ -241,6 +275,10 @@ class TcpServer(DataServer):
                 await _authenticate(conn.sock, self._secret, server=True)
             while True:
                 frame, header, payload = await _read_message(conn.sock, self._limits)
+                if frame.type is FrameType.PING:
+                    pong = Frame(frame.request_id, FrameType.PONG, 0, 0)
+                    conn.tasks.spawn(conn.send(pong, b"", memoryview(b"")))
+                    continue
                 if frame.type is not FrameType.REQUEST:
                     raise ValueError(f"expected a request, got {frame.type.name}")
                 conn.tasks.spawn(self._answer(conn, frame.request_id, header, payload))
@@ -264,20 +302,33 @@ class TcpServer(DataServer):
 
 class TcpClient(DataClient):
     def __init__(
-        self, sock: socket.socket, address: str, limits: ReadLimits = ReadLimits()
+        self,
+        sock: socket.socket,
+        address: str,
+        limits: ReadLimits = ReadLimits(),
+        keepalive: Keepalive = Keepalive(),
     ) -> None:
         self._conn = _Connection(sock)
         self._address = address
         self._limits = limits
+        self._keepalive = keepalive
         self._pending = PendingRequests()
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+        self._heard_at = time.monotonic()  # bytes last received (or silence last not counted)
+        loop = asyncio.get_running_loop()
+        self._reader = loop.create_task(self._read())
+        self._watcher = loop.create_task(self._watch())
 
     @classmethod
     async def connect(
-        cls, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, *, secret: bytes | None = None
+        cls,
+        address: str,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        *,
+        secret: bytes | None = None,
+        keepalive: Keepalive = Keepalive(),
     ) -> TcpClient:
         """``secret`` None: the process's (peer_auth.use_secret); b"": no authentication."""
-        return cls(await _connect(address, timeout_s, secret), address)
+        return cls(await _connect(address, timeout_s, secret), address, keepalive=keepalive)
 
     async def request(
         self, header: bytes, payload: Payload = b"", timeout_s: float = DEFAULT_TIMEOUT_S
@@ -288,21 +339,62 @@ class TcpClient(DataClient):
 
     async def close(self) -> None:
         self._pending.fail_all(unavailable(f"client to {self._address} closed"))
+        self._watcher.cancel()
         self._reader.cancel()
-        await asyncio.wait({self._reader}, timeout=1.0)
+        await asyncio.wait({self._reader, self._watcher}, timeout=1.0)
         await self._conn.close()
+
+    async def _watch(self) -> None:
+        """The keepalive (module docstring): a PING after ``interval_s`` of silence with
+        requests out; the connection broken when nothing comes within ``timeout_s`` of it."""
+        k = self._keepalive
+        pinged_at: float | None = None
+        while True:
+            await asyncio.sleep(min(k.interval_s, k.timeout_s) / 4)
+            now = time.monotonic()
+            if pinged_at is not None and self._heard_at > pinged_at:
+                pinged_at = None  # answered (or something else came)
+            if not self._pending.num_open:  # silence counts only while requests are out
+                self._heard_at = now
+                continue
+            if pinged_at is None and now - self._heard_at >= k.interval_s:
+                pinged_at = now
+                # Not awaited: behind a write that a dead path stalls, it would stall the watch.
+                ping = Frame(0, FrameType.PING, 0, 0)
+                self._conn.tasks.spawn(self._conn.send(ping, b"", memoryview(b"")))
+            elif pinged_at is not None and now - pinged_at >= k.timeout_s:
+                silent = now - self._heard_at
+                self._pending.fail_all(
+                    unavailable(
+                        f"connection to {self._address} stalled: nothing received for "
+                        f"{silent:.1f}s with requests out, and no answer to a keepalive ping "
+                        f"within {k.timeout_s:g}s"
+                    )
+                )
+                self._reader.cancel()
+                await asyncio.wait({self._reader}, timeout=1.0)
+                await self._conn.close()
+                return
 
     async def _read(self) -> None:
         try:
             while True:
-                frame, header, payload = await _read_message(self._conn.sock, self._limits)
+                frame, header, payload = await _read_message(
+                    self._conn.sock, self._limits, self._heard
+                )
+                if frame.type is FrameType.PONG:
+                    continue
                 if frame.type is FrameType.ERROR:
                     self._pending.resolve(frame.request_id, error=error_of(frame, header))
                 else:
                     self._pending.resolve(frame.request_id, (header, payload))
         except _BROKEN as exc:
             self._pending.fail_all(unavailable(f"connection to {self._address} lost: {exc!r}"))
+            self._watcher.cancel()
             await self._conn.close()  # a stopping server waits for this
+
+    def _heard(self) -> None:
+        self._heard_at = time.monotonic()
 
 
 class BlockingTcpChannel:
