@@ -69,7 +69,7 @@ from services.engine.scheduler import Scheduler
 from services.engine.sequence import Sequence
 from services.engine.snapshot import EngineSnapshot
 from services.engine.step import LayerDoneHook, LogitsHook, StepContext, Stepper
-from services.engine.tokenizer import Tokenizer
+from services.engine.tokenizer import Tokenizer, end_of_sequence_ids
 
 __all__ = ["Completion", "Engine", "LayerDoneHook", "StepContext"]
 
@@ -94,10 +94,7 @@ class Engine:
         )
         self.model, self.spec, self.fingerprint = loaded.model, loaded.spec, loaded.fingerprint
         self.tokenizer = Tokenizer(self.path)
-        eos = set(self.spec.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
-        self.eos_token_ids = frozenset(eos)
+        self.eos_token_ids = end_of_sequence_ids(self.spec.eos_token_ids, self.tokenizer)
         self._build_pool()
         self._build_parts(logits_hook, clock)
         self._num_steps = self._num_failed_steps = 0

@@ -8,11 +8,15 @@ limit -> LENGTH.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from services.common.errors import InvalidRequestError
-from services.common.types import FinishReason, RequestOutput
-from services.engine.requests import RequestState
+from services.common.types import FinishReason, RequestOutput, SamplingParams
+from services.engine.requests import RequestState, stop_ids
+from services.engine.sequence import Sequence as EngineSequence
+from services.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 @dataclass
@@ -78,6 +82,24 @@ def resume(request: RequestState, outputs: list[int], max_model_len: int) -> Non
                 f"({out.finish_reason.value if out.finish_reason else 'done'}), "
                 f"{len(outputs) - index - 1} tokens before the last"
             )
+
+
+def check_resumable(
+    tokenizer: Tokenizer,
+    eos_token_ids: frozenset[int],
+    prompt_token_ids: Sequence[int],
+    outputs: Sequence[int],
+    params: SamplingParams,
+    max_model_len: int,
+) -> None:
+    """What ``resume`` would refuse, without an engine: ``InvalidRequestError`` when a token
+    before the last of ``outputs`` would have finished the request (a stop token, the model's
+    end of sequence, a completed stop string, the context). The router checks a client's resend
+    with it before it ends the request still running under that id (take-over)."""
+    seq = EngineSequence("resume-check", list(prompt_token_ids), params, block_size=1)
+    request = RequestState(seq, IncrementalDetokenizer(tokenizer), stop_ids(params, eos_token_ids))
+    with contextlib.suppress(ResumeComplete):  # the last one may end it: nothing left to do
+        resume(request, list(outputs), max_model_len)
 
 
 def finish_reason(request: RequestState, token: int, max_model_len: int) -> FinishReason | None:

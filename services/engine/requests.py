@@ -28,6 +28,12 @@ class RequestState:
         return self.seq.request_id
 
 
+def stop_ids(params: SamplingParams, eos_token_ids: frozenset[int]) -> frozenset[int]:
+    """The ids that end a request: its ``stop_token_ids``, and the model's end of sequence
+    unless it ignores it."""
+    return frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else eos_token_ids)
+
+
 class RequestTable:
     def __init__(
         self,
@@ -76,8 +82,8 @@ class RequestTable:
             num_prompt_tokens=num_prompt_tokens or len(token_ids),
             arrival=self.next_arrival(),
         )
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_token_ids)
-        return RequestState(seq, IncrementalDetokenizer(self.tokenizer), frozenset(stop_ids))
+        detokenizer = IncrementalDetokenizer(self.tokenizer)
+        return RequestState(seq, detokenizer, stop_ids(params, eos_token_ids))
 
     def check_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:

@@ -9,6 +9,7 @@ encoded without special tokens, as ``apply_chat_template`` does.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,19 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from services.common.errors import InvalidRequestError, ModelFormatError
+
+
+def config_eos_token_ids(value: Any) -> tuple[int, ...]:
+    """A model config's ``eos_token_id``: one id, a list of them, or none."""
+    return tuple(value) if isinstance(value, list) else (() if value is None else (value,))
+
+
+def end_of_sequence_ids(config_eos: Iterable[int], tokenizer: Tokenizer) -> frozenset[int]:
+    """The ids that end a request (unless ``ignore_eos``): the config's and the tokenizer's."""
+    eos = set(config_eos)
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    return frozenset(eos)
 
 
 def _token_text(value: Any) -> str | None:

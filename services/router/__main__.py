@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import sys
+from pathlib import Path
 
 from services.common.admission import AdmissionController
 from services.common.arg_types import int_range, positive
@@ -26,7 +28,13 @@ from services.router.core import POLICIES, Router, RouterConfig
 from services.router.driver import DriverConfig, RequestDriver, expire_periodically
 from services.router.openai_api import BODY_TIMEOUT_S, OpenAIApi, load_served_model
 from services.router.openai_server import HttpServer
-from services.router.prompts import Encoder, PromptEncoder, model_vocab, prompt_limits
+from services.router.prompts import (
+    Encoder,
+    PromptEncoder,
+    ResumeCheck,
+    model_vocab,
+    prompt_limits,
+)
 from services.router.servicer import RouterServicer
 from services.rpc.admission import (
     ROUTER_CAPACITY,
@@ -135,18 +143,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_encoder(model: str) -> Encoder | None:
-    if not model:
-        return None
-    from services.engine.models.prepare import resolve_model
-    from services.engine.tokenizer import Tokenizer
+def load_tokenizer(model_dir: Path) -> tuple[Encoder, ResumeCheck]:
+    """The served model's tokenizer: prompts to ids, and a resend's tokens checked as a worker
+    would resume them (services/engine/outputs.py ``check_resumable``)."""
+    from services.engine.outputs import check_resumable
+    from services.engine.tokenizer import Tokenizer, config_eos_token_ids, end_of_sequence_ids
 
-    tokenizer = Tokenizer(resolve_model(model))
+    tokenizer = Tokenizer(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    eos = end_of_sequence_ids(config_eos_token_ids(config.get("eos_token_id")), tokenizer)
 
     def encode(text: str, chat: bool) -> list[int]:
         return tokenizer.encode_chat(text) if chat else tokenizer.encode(text)
 
-    return encode
+    def check(prompt, outputs, params, max_model_len: int) -> None:
+        check_resumable(tokenizer, eos, prompt, outputs, params, max_model_len)
+
+    return encode, check
 
 
 def load_prompts(args: argparse.Namespace) -> PromptEncoder:
@@ -156,8 +169,10 @@ def load_prompts(args: argparse.Namespace) -> PromptEncoder:
 
         model_dir = resolve_model(args.model)
     limits = prompt_limits(model_dir, args.max_prompt_tokens, args.max_text_bytes)
-    vocab = model_vocab(model_dir) if model_dir is not None else None
-    return PromptEncoder(load_encoder(args.model), limits, vocab_size=vocab)
+    if model_dir is None:
+        return PromptEncoder(None, limits)
+    encode, resumable = load_tokenizer(model_dir)
+    return PromptEncoder(encode, limits, vocab_size=model_vocab(model_dir), resumable=resumable)
 
 
 async def start_http(

@@ -28,9 +28,13 @@ from pathlib import Path
 
 from services.common.errors import InvalidRequestError, ModelFormatError
 from services.common.limits import DEFAULT_CONTEXT, PromptLimits
+from services.common.types import SamplingParams
 
 # text, chat → token ids (chat: apply the model's chat template to the text as one user turn).
 Encoder = Callable[[str, bool], Sequence[int]]
+# prompt, a resend's output tokens, its sampling, the context → None, or InvalidRequestError
+# when a token before the last would have ended the request (services/engine/outputs.py).
+ResumeCheck = Callable[[Sequence[int], Sequence[int], SamplingParams, int], None]
 
 DEFAULT_NUM_THREADS = 2
 # Texts from this size on are followed by a malloc_trim (a few ms; smaller ones leave little).
@@ -93,12 +97,15 @@ class PromptEncoder:
         limits: PromptLimits | None = None,
         num_threads: int = DEFAULT_NUM_THREADS,
         vocab_size: int | None = None,
+        resumable: ResumeCheck | None = None,
     ) -> None:
         """``vocab_size``: the served model's, to refuse token ids outside it here rather than
-        at a worker (None: not known, the workers check)."""
+        at a worker (None: not known, the workers check); ``resumable``: its stop conditions
+        for a resend's tokens, likewise (None: the workers check, after a take-over)."""
         self.limits = limits or PromptLimits()
         self.vocab_size = vocab_size
         self._encode = encode
+        self._resumable = resumable
         self._pool = (
             ThreadPoolExecutor(num_threads, thread_name_prefix="tokenize") if encode else None
         )
@@ -142,6 +149,25 @@ class PromptEncoder:
                 f"{what}: the prompt ({prompt_len} tokens) and these {len(token_ids)} pass "
                 f"the model's context of {max_model_len}"
             )
+
+    async def check_resume_stops(
+        self,
+        prompt_token_ids: Sequence[int],
+        token_ids: Sequence[int],
+        params: SamplingParams,
+        max_model_len: int | None,
+    ) -> None:
+        """A resend's tokens replayed against the request's stop conditions as the worker that
+        resumes it would (stop and end-of-sequence ids, stop strings, the context), on the
+        tokenizer's threads: a token before the last that would have ended the request is
+        INVALID_ARGUMENT here, before the resend takes over the request still running under its
+        id (else the take-over ended it and the worker then refused the resend)."""
+        if self._resumable is None or self._pool is None or not token_ids:
+            return
+        context = max_model_len or self.limits.max_prompt_tokens + 1
+        loop = asyncio.get_running_loop()
+        check = self._resumable
+        await loop.run_in_executor(self._pool, check, prompt_token_ids, token_ids, params, context)
 
     async def encode(
         self, text: str, chat: bool = False, max_model_len: int | None = None

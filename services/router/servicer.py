@@ -149,7 +149,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         tokens = await self._prompt(request)
         resume = tuple(request.resume_output_token_ids)
         if resume:
-            self._prompts.check_resume(len(tokens), resume, sampling.max_tokens, self._context())
+            context = self._context()
+            self._prompts.check_resume(len(tokens), resume, sampling.max_tokens, context)
+            await self._prompts.check_resume_stops(tokens, resume, sampling, context)
         request_id = request.request_id or drv.new_request_id()
         resend = request.resume or bool(resume)
         return drv.GenerateInput(request_id, tokens, sampling, owner, resume, resend)

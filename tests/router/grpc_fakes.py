@@ -28,7 +28,7 @@ from services.common.config import RpcConfig
 from services.router.clients import GrpcWorkerClients
 from services.router.core import Router, RouterConfig
 from services.router.driver import DriverConfig, RequestDriver
-from services.router.prompts import PromptEncoder
+from services.router.prompts import PromptEncoder, ResumeCheck
 from services.router.registry import WorkerRole
 from services.router.servicer import RouterServicer
 from services.rpc.channels import open_channel
@@ -239,6 +239,7 @@ async def cluster(
     local_prefill_max_tokens: int = 0,
     vocab_size: int | None = None,
     max_resumes: int = DriverConfig.max_resumes,
+    resumable: ResumeCheck | None = None,
     **behaviour,
 ) -> AsyncIterator[Cluster]:
     """A router with fake workers p0.., d0.. registered (each in ``dead`` at a dead address)."""
@@ -251,7 +252,9 @@ async def cluster(
         max_resumes=max_resumes,
     )
     driver = RequestDriver(router, clients, config)
-    prompts = PromptEncoder(lambda text, chat: [ord(c) for c in text], vocab_size=vocab_size)
+    prompts = PromptEncoder(
+        lambda text, chat: [ord(c) for c in text], vocab_size=vocab_size, resumable=resumable
+    )
     servicer = RouterServicer(driver, prompts=prompts)
     servers: list[RunningServer] = []
     router_server = await start_server([router_service(servicer)], RPC)

@@ -8,6 +8,7 @@ import asyncio
 import grpc
 import pytest
 
+from services.common.errors import InvalidRequestError
 from services.router.registry import WorkerRole, WorkerStatus
 from services.rpc.gen.banaserve.v1 import common_pb2, kvstore_pb2, router_pb2
 from services.rpc.status import ROUTER_UNAVAILABLE
@@ -950,5 +951,35 @@ def test_a_decode_worker_unreachable_for_a_while_after_tokens_is_resumed_once_it
             assert c.workers["d0"].resumed == {"r1": 2}
             await outage
             assert c.driver.num_running == 0 and c.router.num_inflight() == 0
+
+    asyncio.run(main())
+
+
+def test_a_resend_whose_tokens_end_the_request_before_the_last_is_refused_and_takes_nothing_over():
+    """A buggy client resends its running request with tokens whose second would have ended it
+    (a stop token): INVALID_ARGUMENT before any work, and the request still running under the id
+    goes on untouched. Before session 27 the resend took the request over (ending it) and the worker then
+    refused the resend. The stop check here stands in for the router's real one (the model's
+    stop conditions replayed on its tokenizer: tests/router/test_resume_check.py)."""
+
+    def resumable(prompt, outputs, params, context):
+        if 99 in outputs[:-1]:
+            raise InvalidRequestError("resumed output token 1 (99) would have finished it")
+
+    async def main():
+        async with cluster(hang_decode=True, resumable=resumable) as c:
+            old = c.stub.Generate(request(), timeout=10)
+            assert (await old.read()).WhichOneof("frame") == "started"
+            assert tokens_of([await old.read()]) == [7]
+            resend = resumed_request([7, 99, 8])
+            resend.resume = True
+            error = await status_of(c.stub.Generate(resend, timeout=5))
+            assert error.code() == C.INVALID_ARGUMENT
+            assert "would have finished" in error.details()
+            # Still running (stalled in d0's stream by ``hang_decode``), its call not ended.
+            assert c.driver.num_running == 1 and not old.done()
+            assert [call[:2] for call in c.log.calls].count(("reserve", "d0")) == 1
+            assert ("release", "d0") not in [call[:2] for call in c.log.calls]
+            old.cancel()
 
     asyncio.run(main())

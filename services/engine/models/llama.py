@@ -30,6 +30,7 @@ from services.engine.attention import AttentionMetadata, paged_attention, write_
 from services.engine.kv_cache import KVCache
 from services.engine.models import fused
 from services.engine.models.rope import RotaryEmbedding, RotaryTables, apply_rotary, rope_parameters
+from services.engine.tokenizer import config_eos_token_ids
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
@@ -99,7 +100,7 @@ class ModelSpec:
             rope=rope_parameters(cfg),
             sliding_window=window,
             bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
+            eos_token_ids=config_eos_token_ids(eos),
         )
 
 
