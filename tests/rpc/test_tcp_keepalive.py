@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 
 import pytest
 
 from services.rpc.dataplane import DataPlaneError, ErrorKind
-from services.rpc.dataplane.tcp import Keepalive, TcpClient, TcpServer
+from services.rpc.dataplane.tcp import TCP_KEEPALIVE, Keepalive, TcpClient, TcpServer
 from tests.chaos.proxy import FaultProxy, Mode
 
 FAST = Keepalive(interval_s=0.2, timeout_s=0.5)
@@ -94,3 +95,15 @@ def test_keepalive_times_must_be_positive():
         Keepalive(interval_s=0.0)
     with pytest.raises(ValueError, match="positive"):
         Keepalive(timeout_s=float("nan"))
+
+
+def test_a_data_plane_socket_has_the_kernels_keepalive_on():
+    async def main():
+        async with served() as (client, _):
+            sock = client._conn.sock
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            for name, value in TCP_KEEPALIVE.items():
+                if hasattr(socket, name):
+                    assert sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, name)) == value
+
+    asyncio.run(main())

@@ -97,9 +97,20 @@ class Keepalive:
             raise ValueError(f"keepalive times must be positive, got {self}")
 
 
+# The kernel's TCP keepalive on every data-plane socket, both sides: a peer host that vanished
+# (powered off, partitioned) is found within idle + interval x count = 60 s even on a connection
+# nobody uses, so a server does not keep such connections, and their tasks, for good (the
+# client's own ``Keepalive`` finds a dead path sooner while it has requests out).
+TCP_KEEPALIVE = {"TCP_KEEPIDLE": 30, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 3}
+
+
 def _tune(sock: socket.socket) -> socket.socket:
     sock.setblocking(False)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in TCP_KEEPALIVE.items():
+        if hasattr(socket, name):  # Linux; elsewhere the system's defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
     return sock
 
 
