@@ -140,6 +140,16 @@ class ClusterSpec:
             raise ConfigError(
                 f"store write policy must be 'reused' or 'all', got {self.store_write_policy!r}"
             )
+        processes = {"prefill": self.num_prefill, "decode": self.num_decode + self.num_mixed,
+                     "kvstore": self.num_kvstore}  # fmt: skip
+        for module, count in processes.items():
+            args = self.service_args.get(module, ())
+            flag = next((a for a in args if a.split("=", 1)[0] in ONE_PROCESS_FLAGS), None)
+            if count > 1 and flag is not None:
+                raise ConfigError(
+                    f"{flag.split('=', 1)[0]} names one process's port, address or id, and this "
+                    f"cluster runs {count} {module} processes: each would get the same"
+                )
 
     @property
     def modules(self) -> set[str]:
@@ -154,6 +164,15 @@ class ClusterSpec:
         not refused (``bench compare --up-args`` gives every mode the same flags, and a
         colocated cluster runs no coordinator)."""
         return sorted(k for k, v in self.service_args.items() if v and k not in self.modules)
+
+
+# Flags whose value belongs to one process: refused in the extra flags of a service that runs
+# more than one (``up --decode 2 --decode-args "--data-port 5000"`` started a second worker
+# that could not bind, or two that registered one address).
+ONE_PROCESS_FLAGS = frozenset(
+    {"--port", "--data-port", "--http-port", "--metrics-port", "--advertise", "--advertise-data",
+     "--worker-id", "--node-id"}
+)  # fmt: skip
 
 
 class Mode(enum.Enum):

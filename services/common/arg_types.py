@@ -58,6 +58,11 @@ def int_range(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+# Every port flag (``--port``, ``--data-port``, ``--http-port``, ``--metrics-port``): 0 lets the
+# OS pick (or, for metrics, turns it off).
+port_number = int_range(0, 65535)
+
+
 # Every ``--threads`` flag: torch threads per process, at most ``MAX_THREADS`` (limits.py: a
 # count far above the host's cores crashes OpenMP, so it is refused before any work).
 thread_count = int_range(1, MAX_THREADS)

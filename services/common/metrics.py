@@ -27,6 +27,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from services.common.arg_types import port_number
+
 log = logging.getLogger(__name__)
 
 # Seconds: TTFT/E2E from ~1 ms (tiny models on a CPU) to minutes; TPOT from 0.1 ms.
@@ -38,7 +40,7 @@ MAX_REQUEST_BYTES = 8192
 def add_metrics_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--metrics-port",
-        type=int,
+        type=port_number,
         default=0,
         help="serve Prometheus metrics on this port, on the service's --host (0: off)",
     )

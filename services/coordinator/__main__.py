@@ -19,6 +19,7 @@ import sys
 
 from opentelemetry import trace
 
+from services.common.arg_types import port_number
 from services.common.config import RpcConfig, TracingConfig
 from services.common.metrics import (
     AutoMigrationCollector,
@@ -43,7 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
     defaults = CoordinatorConfig()
     p = argparse.ArgumentParser(prog="python -m services.coordinator", description=__doc__)
-    p.add_argument("--port", type=int, default=0, help="CoordinatorService port; 0: the OS picks")
+    p.add_argument(
+        "--port", type=port_number, default=0, help="CoordinatorService port; 0: the OS picks"
+    )
     p.add_argument("--redis", default=env("BANASERVE_REDIS", "redis://127.0.0.1:6379/0"))
     p.add_argument("--key-prefix", default=DEFAULT_PREFIX, help="Redis key namespace")
     p.add_argument(

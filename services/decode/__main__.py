@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 
+from services.common.arg_types import port_number
 from services.common.config import RpcConfig, TracingConfig
 from services.common.engine_args import (
     NO_KV_TRANSPORT,
@@ -47,11 +48,11 @@ log = logging.getLogger("services.decode")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
     p = argparse.ArgumentParser(prog="python -m services.decode", description=__doc__)
-    p.add_argument("--port", type=int, default=int(env("BANASERVE_DECODE_PORT", "0")))
+    p.add_argument("--port", type=port_number, default=int(env("BANASERVE_DECODE_PORT", "0")))
     add_engine_args(p, model_default=env("BANASERVE_MODEL", "tiny-llama"))
     add_kv_transport_arg(p)
     p.add_argument(
-        "--data-port", type=int, default=0, help="the KV data plane's port; 0: the OS picks"
+        "--data-port", type=port_number, default=0, help="the KV data plane's port; 0: the OS picks"
     )
     p.add_argument("--role", choices=("decode", "mixed"), default="decode")
     p.add_argument("--worker-id", default=None, help="default: ROLE-PORT")
@@ -74,7 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_advertise_args(p, data_plane=True)
     add_metrics_args(p)
     add_migration_args(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.kv_transport == NO_KV_TRANSPORT and (args.data_port or args.advertise_data):
+        p.error("--data-port and --advertise-data need a data plane (--kv-transport none)")
+    return args
 
 
 def _worker_info(args: argparse.Namespace, engine: Engine, address: str):
@@ -120,8 +124,7 @@ async def serve(args: argparse.Namespace) -> None:
     data = None
     if args.kv_transport != NO_KV_TRANSPORT:
         handler = kv_data_handler(receiver)
-        data = dataplane.serve(args.kv_transport, handler, host=rpc.host, port=args.data_port)
-        await data.start()
+        data = await dataplane.listen(args.kv_transport, handler, rpc.host, args.data_port)
     seqs = engine.config.max_num_seqs
     service = decode_service(
         worker,

@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from services.common.arg_types import port_number
 from services.common.config import RpcConfig, TracingConfig
 from services.common.metrics import KVStoreCollector, add_metrics_args, start_metrics
 from services.common.network import add_advertise_args, add_host_args, advertised, resolve_host
@@ -38,8 +39,12 @@ log = logging.getLogger("services.kvstore")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
     p = argparse.ArgumentParser(prog="python -m services.kvstore", description=__doc__)
-    p.add_argument("--port", type=int, default=0, help="KVStoreService port; 0: the OS picks")
-    p.add_argument("--data-port", type=int, default=0, help="data plane port; 0: the OS picks")
+    p.add_argument(
+        "--port", type=port_number, default=0, help="KVStoreService port; 0: the OS picks"
+    )
+    p.add_argument(
+        "--data-port", type=port_number, default=0, help="data plane port; 0: the OS picks"
+    )
     p.add_argument("--data-transport", choices=dataplane.KINDS, default="ucx")
     p.add_argument("--redis", default=env("BANASERVE_REDIS", "redis://127.0.0.1:6379/0"))
     p.add_argument("--key-prefix", default="banaserve:kv", help="Redis key namespace")
@@ -91,8 +96,7 @@ async def serve(args: argparse.Namespace) -> None:
     host = resolve_host(args.host)
     security = security_config(args, Role.KVSTORE)
     secure_data_planes(security)
-    data = dataplane.serve(args.data_transport, data_handler(node), host=host, port=args.data_port)
-    await data.start()
+    data = await dataplane.listen(args.data_transport, data_handler(node), host, args.data_port)
     server = await start_server(
         [kvstore_service(node)],
         RpcConfig(host=host, port=args.port, security=security),

@@ -26,6 +26,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from services.common.arg_types import port_number
 from services.common.logs import configure_logging
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ def serve_embedded(host: str, port: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m services.kvstore.redis_server", description=__doc__)
     p.add_argument("--host", default=HOST)
-    p.add_argument("--port", type=int, default=0, help="0: any free port")
+    p.add_argument("--port", type=port_number, default=0, help="0: any free port")
     args = p.parse_args(argv)
     configure_logging("WARNING")
     log.warning("serving the embedded fakeredis server, not a real Redis")

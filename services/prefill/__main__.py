@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from services.common.arg_types import port_number
 from services.common.config import RpcConfig, TracingConfig
 from services.common.engine_args import (
     NO_KV_TRANSPORT,
@@ -43,7 +44,7 @@ from services.rpc.tracing import setup_tracing
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m services.prefill", description=__doc__)
-    p.add_argument("--port", type=int, default=0, help="0: the OS picks one")
+    p.add_argument("--port", type=port_number, default=0, help="0: the OS picks one")
     add_engine_args(p)
     add_kv_transport_arg(p)
     p.add_argument("--max-chunk-bytes", type=int, default=DEFAULT_MAX_CHUNK_BYTES)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from services.common.admission import AdmissionController
-from services.common.arg_types import int_range, positive
+from services.common.arg_types import int_range, port_number, positive
 from services.common.config import RpcConfig, TracingConfig
 from services.common.limits import PromptLimits
 from services.common.metrics import RequestMetrics, RouterCollector, add_metrics_args, start_metrics
@@ -53,7 +53,7 @@ log = logging.getLogger("services.router")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m services.router", description=__doc__)
-    p.add_argument("--port", type=int, default=0, help="0: the OS picks one")
+    p.add_argument("--port", type=port_number, default=0, help="0: the OS picks one")
     p.add_argument("--policy", choices=POLICIES, default="load")
     p.add_argument(
         "--model",
@@ -62,7 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "workers of that model may register (default: token ids only, first worker's model)",
     )
     p.add_argument(
-        "--http-port", type=int, default=0, help="the OpenAI-compatible HTTP API (0: the OS picks)"
+        "--http-port",
+        type=port_number,
+        default=0,
+        help="the OpenAI-compatible HTTP API (0: the OS picks)",
     )
     p.add_argument("--no-http", action="store_true", help="serve no HTTP API")
     p.add_argument(

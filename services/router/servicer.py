@@ -231,6 +231,13 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 grpc.StatusCode.ALREADY_EXISTS,
                 f"worker {info.worker_id!r} is already connected on another ReportLoad call",
             )
+        holder = next((w for w in self._connected.values() if w.address == info.address), None)
+        if holder is not None:  # the router would send one worker's calls to the other
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"address {info.address!r} is registered by worker {holder.worker_id!r}, "
+                f"connected: worker {info.worker_id!r} needs its own (--advertise)",
+            )
         if self._model and info.model != self._model:
             raise InvalidRequestError(
                 f"worker {info.worker_id!r} serves model {info.model!r}; "

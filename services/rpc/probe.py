@@ -94,6 +94,9 @@ def is_registered(address: str, router: str, args: argparse.Namespace) -> bool:
 
 
 def run_health(args: argparse.Namespace) -> int:
+    if args.advertised_as and not args.registered_at:
+        print("health: --advertised-as needs --registered-at (the router to ask)", file=sys.stderr)
+        return 2
     target = resolve_target(args.target)
     try:
         status = check(target, args.service, args.timeout, args.tls_dir)

@@ -15,10 +15,12 @@ from tests.router.grpc_fakes import cluster
 C = grpc.StatusCode
 
 
-def worker_frame(worker_id="d9", role=common_pb2.WORKER_ROLE_DECODE, model="m"):
+def worker_frame(
+    worker_id="d9", role=common_pb2.WORKER_ROLE_DECODE, model="m", address="127.0.0.1:9999"
+):
     info = router_pb2.WorkerInfo(
         worker_id=worker_id,
-        address="127.0.0.1:9999",
+        address=address,
         role=role,
         model=model,
         fingerprint="test-model",
@@ -158,6 +160,31 @@ def test_second_connection_with_the_same_worker_id_is_already_exists():
     asyncio.run(main())
 
 
+def test_a_second_worker_at_a_connected_workers_address_is_already_exists():
+    """Two workers told to advertise one address (found by a probe: ``up --decode 2
+    --decode-args "--advertise X"``): the router would send the second's calls to the first.
+    Refused while the first is connected; once it has gone, the address is free again."""
+
+    async def main():
+        async with cluster(prefill=0, decode=0) as c:
+            first = c.stub.ReportLoad(timeout=5)
+            await first.write(worker_frame("d9"))
+            await until(lambda: _has(c.stub, "d9"))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await c.stub.ReportLoad(iter([worker_frame("d8")]), timeout=2)
+            assert info.value.code() == C.ALREADY_EXISTS
+            assert "'127.0.0.1:9999' is registered by worker 'd9'" in info.value.details()
+            assert set(await workers(c.stub)) == {"d9"}
+            await first.done_writing()
+            await first
+            second = c.stub.ReportLoad(timeout=5)
+            await second.write(worker_frame("d8"))
+            await until(lambda: _has(c.stub, "d8"))
+            second.cancel()
+
+    asyncio.run(main())
+
+
 def test_different_model_is_rejected():
     async def main():
         async with cluster(prefill=0, decode=0) as c:
@@ -165,7 +192,8 @@ def test_different_model_is_rejected():
             await first.write(worker_frame(model="a"))
             await until(lambda: _has(c.stub, "d9"))
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await c.stub.ReportLoad(iter([worker_frame("d8", model="b")]), timeout=2)
+                frame = worker_frame("d8", model="b", address="127.0.0.1:9998")
+                await c.stub.ReportLoad(iter([frame]), timeout=2)
             assert info.value.code() == C.INVALID_ARGUMENT
             assert "serves model 'b'; this router serves 'a'" in info.value.details()
             first.cancel()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from services.common.errors import ConfigError, ErrorCode, InvalidRequestError
-from services.rpc.dataplane import KINDS, DataPlaneError, ErrorKind, connect, serve
+from services.rpc.dataplane import KINDS, DataPlaneError, ErrorKind, connect, listen, serve
 from services.rpc.dataplane.base import Frame, FrameType
 from services.rpc.dataplane.ucx import UCX_ENV_DEFAULTS, ucx_environment
 
@@ -215,3 +215,21 @@ def test_frame_round_trips_and_rejects_garbage():
     assert Frame.unpack(frame.pack()) == frame
     with pytest.raises(ValueError):
         Frame.unpack(Frame(1, FrameType.REQUEST, 1 << 30, 0).pack())
+
+
+@pytest.mark.parametrize("kind", ["tcp", "grpc"])  # (ucx listens on every interface)
+def test_a_port_in_use_is_a_config_error_naming_it(kind):
+    """Found by a probe: a worker's ``--data-port`` already in use ended it with the transport's
+    own traceback (OSError, gRPC's RuntimeError, UCXXBusyError)."""
+
+    async def main():
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            with pytest.raises(
+                ConfigError, match=f"{kind} data plane cannot listen on 127.0.0.1:{port}"
+            ):
+                await listen(kind, echo, "127.0.0.1", port)
+
+    asyncio.run(main())

@@ -125,6 +125,30 @@ def test_a_client_tool_refuses_an_address_before_connecting(
     assert code == 2 and message in err
 
 
+@pytest.mark.parametrize(
+    ("spec", "refused"),
+    [
+        ({"num_decode": 2, "service_args": {"decode": ("--data-port", "5000")}}, "--data-port"),
+        (
+            {"num_decode": 1, "num_mixed": 1, "service_args": {"decode": ("--advertise=h:1",)}},
+            "--advertise",
+        ),  # fmt: skip
+        ({"num_kvstore": 2, "service_args": {"kvstore": ("--node-id", "k")}}, "--node-id"),
+        ({"num_prefill": 2, "service_args": {"prefill": ("--metrics-port", "9100")}}, "--metrics"),
+        ({"num_decode": 1, "service_args": {"decode": ("--data-port", "5000")}}, None),
+    ],
+)
+def test_up_refuses_one_process_flags_for_a_service_it_runs_more_than_once(spec, refused):
+    """Found by a probe: ``up --decode 2 --decode-args "--data-port 5000"`` started a second
+    worker that could not bind it (and stopped the cluster); ``--advertise`` registered two
+    workers at one address."""
+    if refused is None:
+        ClusterSpec(**spec)
+        return
+    with pytest.raises(ConfigError, match=f"{refused}.* names one process's port"):
+        ClusterSpec(**spec)
+
+
 @pytest.mark.parametrize("service", ["prefill", "decode", "kvstore"])
 def test_a_service_checks_the_addresses_it_advertises(capsys, service):
     parse_args = importlib.import_module(f"services.{service}.__main__").parse_args
@@ -134,6 +158,12 @@ def test_a_service_checks_the_addresses_it_advertises(capsys, service):
     flags = ["--advertise"] + (["--advertise-data"] if service != "prefill" else [])
     for flag in flags:
         for bad in ("", "10.0.0.7:0", "10.0.0.7", ":1"):
+            with pytest.raises(SystemExit):
+                parse_args([flag, bad])
+            assert f"argument {flag}:" in capsys.readouterr().err
+    ports = ["--port"] + (["--data-port"] if service != "prefill" else [])
+    for flag in [*ports, "--metrics-port"]:  # found by a probe: a traceback from the bind
+        for bad in ("-1", "65536", "x"):
             with pytest.raises(SystemExit):
                 parse_args([flag, bad])
             assert f"argument {flag}:" in capsys.readouterr().err
@@ -149,6 +179,7 @@ def test_health_looks_a_worker_up_by_the_address_it_advertises(monkeypatch):
     assert probe.main(base) == 0
     assert probe.main([*base, "--advertised-as", "10.0.0.7:7000"]) == 0
     assert seen == ["127.0.0.1:50065", "10.0.0.7:7000"]
+    assert probe.main(["127.0.0.1:50065", "--advertised-as", "10.0.0.7:7000"]) == 2  # no router
 
 
 @pytest.mark.parametrize("target", ["grpc://127.0.0.1:99999", "grpc://127.0.0.1:0", "grpc://:1"])

@@ -20,6 +20,7 @@ from services.rpc.dataplane.base import (
     DataServer,
     ErrorKind,
     Handler,
+    join_address,
 )
 
 # kind -> (module, server class, client class)
@@ -43,6 +44,19 @@ def serve(kind: str, handler: Handler, host: str = "127.0.0.1", port: int = 0) -
     return _plane(kind, 0)(handler, host, port)
 
 
+async def listen(kind: str, handler: Handler, host: str, port: int) -> DataServer:
+    """``serve`` and ``start``: a port that cannot be bound (in use, not this host's) is a
+    ConfigError naming it, not the transport's own exception (OSError, UCXXBusyError, gRPC's
+    RuntimeError)."""
+    server = serve(kind, handler, host, port)
+    try:
+        await server.start()
+    except Exception as exc:  # noqa: BLE001 - each transport fails its own way; all mean this
+        where = join_address(host, port)
+        raise ConfigError(f"the {kind} data plane cannot listen on {where}: {exc}") from exc
+    return server
+
+
 async def connect(kind: str, address: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> DataClient:
     """A connected client of ``kind`` to ``address`` ("HOST:PORT"); DataPlaneError if not."""
     return await _plane(kind, 1).connect(address, timeout_s)
@@ -56,5 +70,6 @@ __all__ = [
     "ErrorKind",
     "Handler",
     "connect",
+    "listen",
     "serve",
 ]
