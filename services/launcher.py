@@ -171,7 +171,7 @@ class ClusterSpec:
 # that could not bind, or two that registered one address).
 ONE_PROCESS_FLAGS = frozenset(
     {"--port", "--data-port", "--http-port", "--metrics-port", "--advertise", "--advertise-data",
-     "--worker-id", "--node-id"}
+     "--worker-id", "--node-id", "--migration-data-port", "--advertise-migration-data"}
 )  # fmt: skip
 
 

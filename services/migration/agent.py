@@ -90,13 +90,16 @@ class MigrationAgent:
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    async def serve_data(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Start the migration data plane (the helper side); its address."""
+    async def serve_data(
+        self, host: str = "127.0.0.1", port: int = 0, advertise: str | None = None
+    ) -> str:
+        """Start the migration data plane (the helper side); the address its donors are told
+        (``advertise``, when something in between forwards it, else the one bound)."""
         self._loop = asyncio.get_running_loop()
         if self.data_kind:
-            self._data_server = dataplane.serve(self.data_kind, self.host.handle, host, port)
-            await self._data_server.start()
-            self.data_address = self._data_server.address
+            handle = self.host.handle
+            self._data_server = await dataplane.listen(self.data_kind, handle, host, port)
+            self.data_address = advertise or self._data_server.address
         return self.data_address
 
     async def run(self) -> None:

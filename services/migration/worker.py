@@ -15,6 +15,8 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from services.common.arg_types import host_port, port_number
+from services.common.errors import ConfigError
 from services.engine.engine import Engine
 from services.migration.agent import MigrationAgent
 from services.migration.records import AgentConfig
@@ -46,6 +48,20 @@ def add_migration_args(parser: argparse.ArgumentParser) -> None:
         help="seconds a migration lives here without a coordinator call",
     )
     group.add_argument("--migration-max-lease", type=float, default=AgentConfig.max_lease_s)
+    group.add_argument(
+        "--migration-data-port",
+        type=port_number,
+        default=0,
+        help="the migration data plane's port (0: the OS picks)",
+    )
+    group.add_argument(
+        "--advertise-migration-data",
+        type=host_port,
+        default=None,
+        metavar="HOST:PORT",
+        help="the address donors are told to reach this worker's migration data plane at, "
+        "when something in between forwards it (default: the address it binds)",
+    )
 
 
 def migration_config(args: argparse.Namespace) -> AgentConfig:
@@ -70,6 +86,11 @@ async def start_migration(
 ) -> MigrationRuntime:
     """``donor_refusal``: why this worker can never be a donor (empty: it can)."""
     kind = "" if args.migration_transport == NO_MIGRATION else args.migration_transport
+    if not kind and (args.migration_data_port or args.advertise_migration_data):
+        raise ConfigError(
+            "--migration-data-port and --advertise-migration-data need a migration data plane "
+            "(--migration-transport none)"
+        )
     engine = worker.engine
     agent = MigrationAgent(
         worker.engine_call,
@@ -78,6 +99,6 @@ async def start_migration(
         data_kind=kind,
         donor_refusal=donor_refusal,
     )
-    await agent.serve_data(host)
+    await agent.serve_data(host, args.migration_data_port, args.advertise_migration_data)
     task = asyncio.get_running_loop().create_task(agent.run())
     return MigrationRuntime(agent, migration_service(agent), task)

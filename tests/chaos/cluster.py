@@ -17,8 +17,8 @@ fault-injecting proxy on every link between them.
 4. ``stop``: the supervisor first, then every child (each must exit 0 unless it was killed
    and is being restarted), then the proxies.
 
-Not proxied: the coordinator's migration data planes (hidden states and KV between a donor and
-its helper), which no flag advertises elsewhere.
+Not proxied: the migration data planes (hidden states and KV between a donor and its helper;
+``--advertise-migration-data`` could put them behind a proxy, but no case faults them).
 """
 
 from __future__ import annotations
