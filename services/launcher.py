@@ -143,11 +143,10 @@ class ClusterSpec:
         processes = {"prefill": self.num_prefill, "decode": self.num_decode + self.num_mixed,
                      "kvstore": self.num_kvstore}  # fmt: skip
         for module, count in processes.items():
-            args = self.service_args.get(module, ())
-            flag = next((a for a in args if a.split("=", 1)[0] in ONE_PROCESS_FLAGS), None)
-            if count > 1 and flag is not None:
+            names = {a.split("=", 1)[0] for a in self.service_args.get(module, ())}
+            if count > 1 and (flags := sorted(names & ONE_PROCESS_FLAGS)):
                 raise ConfigError(
-                    f"{flag.split('=', 1)[0]} names one process's port, address or id, and this "
+                    f"{flags[0]} names one process's port, address or id, and this "
                     f"cluster runs {count} {module} processes: each would get the same"
                 )
 

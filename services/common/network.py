@@ -54,11 +54,6 @@ def add_advertise_args(p: argparse.ArgumentParser, data_plane: bool) -> None:
         )
 
 
-def advertised(bound: str, advertise: str | None) -> str:
-    """The address peers are told: ``advertise`` when given, else the one bound."""
-    return advertise or bound
-
-
 def resolve_host(host: str, resolve=socket.gethostbyname, hostname=socket.gethostname) -> str:
     """``host`` as the IP to bind; ``auto`` looks up this machine's hostname."""
     ip = resolve(hostname()) if host == AUTO else host

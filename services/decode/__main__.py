@@ -24,7 +24,7 @@ from services.common.engine_args import (
     engine_config,
 )
 from services.common.metrics import EngineCollector, add_metrics_args, start_metrics
-from services.common.network import add_advertise_args, add_host_args, advertised, resolve_host
+from services.common.network import add_advertise_args, add_host_args, resolve_host
 from services.decode.core import DecodeConfig, DecodeWorker
 from services.decode.dataplane_receiver import DataPlaneReceiver
 from services.decode.servicer import decode_service, kv_data_handler
@@ -85,7 +85,7 @@ def _worker_info(args: argparse.Namespace, engine: Engine, address: str):
     worker_id = args.worker_id or f"{args.role}-{address.rsplit(':', 1)[1]}"
     return worker_info(
         worker_id,
-        advertised(address, args.advertise),
+        args.advertise or address,
         args.role,
         args.model,
         engine.fingerprint,
@@ -128,7 +128,7 @@ async def serve(args: argparse.Namespace) -> None:
     seqs = engine.config.max_num_seqs
     service = decode_service(
         worker,
-        advertised(data.address, args.advertise_data) if data else "",
+        (args.advertise_data or data.address) if data else "",
         args.kv_transport if data else "",
         reservation_quota(args, seqs),
         max_awaiting_header=seqs,

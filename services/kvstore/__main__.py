@@ -16,7 +16,7 @@ from pathlib import Path
 from services.common.arg_types import port_number
 from services.common.config import RpcConfig, TracingConfig
 from services.common.metrics import KVStoreCollector, add_metrics_args, start_metrics
-from services.common.network import add_advertise_args, add_host_args, advertised, resolve_host
+from services.common.network import add_advertise_args, add_host_args, resolve_host
 from services.kvstore.core import KVStoreConfig, KVStoreNode
 from services.kvstore.disk import DiskTier
 from services.kvstore.metadata import DEFAULT_SEEN_WINDOW_S, MetadataStore, NodeInfo
@@ -105,8 +105,8 @@ async def serve(args: argparse.Namespace) -> None:
     )
     info = NodeInfo(
         args.node_id or f"kvstore-{server.address.rsplit(':', 1)[1]}",
-        advertised(server.address, args.advertise),
-        advertised(data.address, args.advertise_data),
+        args.advertise or server.address,
+        args.advertise_data or data.address,
         args.data_transport,
     )
     await node.start(info)

@@ -20,7 +20,7 @@ from services.common.engine_args import (
     engine_config,
 )
 from services.common.metrics import EngineCollector, add_metrics_args, start_metrics
-from services.common.network import add_advertise_args, add_host_args, advertised, resolve_host
+from services.common.network import add_advertise_args, add_host_args, resolve_host
 from services.engine.engine import Engine
 from services.migration.worker import add_migration_args, start_migration
 from services.prefill.clients import DEFAULT_MAX_CHUNK_BYTES, GrpcKVTransport
@@ -147,7 +147,7 @@ async def serve(args: argparse.Namespace) -> None:
     print(f"LISTENING {server.address}", flush=True)
     info = worker_info(
         args.worker_id or f"prefill-{server.address.rsplit(':', 1)[1]}",
-        advertised(server.address, args.advertise),
+        args.advertise or server.address,
         "prefill",
         args.model,
         engine.fingerprint,

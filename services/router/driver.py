@@ -551,9 +551,9 @@ class RequestDriver:
             return lost.error
         n = len(job.output_token_ids)
         when = f"after {n} tokens" if job.started else "before the first token"
-        when += f", after {_count(resumes, 'resume')}" if resumes else ""
+        when += f", after {_count(resumes, 'resume', 'resumes')}" if resumes else ""
         if losses.num_retries:
-            when += f", after {_count(losses.num_retries, 'retry')} in {losses.elapsed():.1f}s"
+            when += f", after {_count(losses.num_retries, 'retry', 'retries')} in {losses.elapsed():.1f}s"
         then = f"; then {no_worker}" if no_worker is not None else ""
         return WorkerLostError(
             f"request {request_id!r}: worker {lost.worker_id!r} was lost {when} "
@@ -597,10 +597,8 @@ class RequestDriver:
 _MAX_ABORTED = 10_000  # ids of aborted requests remembered at most (the oldest forgotten first)
 
 
-def _count(n: int, noun: str) -> str:
-    return (
-        f"{n} {noun}" if n == 1 else f"{n} {noun[:-1]}ies" if noun.endswith("y") else f"{n} {noun}s"
-    )
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
 
 
 def new_request_id() -> str:

@@ -349,10 +349,15 @@ class TcpClient(DataClient):
         )
 
     async def close(self) -> None:
-        self._pending.fail_all(unavailable(f"client to {self._address} closed"))
         self._watcher.cancel()
+        await asyncio.wait({self._watcher}, timeout=1.0)
+        await self._shut(unavailable(f"client to {self._address} closed"))
+
+    async def _shut(self, error: DataPlaneError) -> None:
+        """Every request out fails with ``error``, later ones too; the socket closes."""
+        self._pending.fail_all(error)
         self._reader.cancel()
-        await asyncio.wait({self._reader, self._watcher}, timeout=1.0)
+        await asyncio.wait({self._reader}, timeout=1.0)
         await self._conn.close()
 
     async def _watch(self) -> None:
@@ -375,16 +380,13 @@ class TcpClient(DataClient):
                 self._conn.tasks.spawn(self._conn.send(ping, b"", memoryview(b"")))
             elif pinged_at is not None and now - pinged_at >= k.timeout_s:
                 silent = now - self._heard_at
-                self._pending.fail_all(
+                await self._shut(
                     unavailable(
                         f"connection to {self._address} stalled: nothing received for "
                         f"{silent:.1f}s with requests out, and no answer to a keepalive ping "
                         f"within {k.timeout_s:g}s"
                     )
                 )
-                self._reader.cancel()
-                await asyncio.wait({self._reader}, timeout=1.0)
-                await self._conn.close()
                 return
 
     async def _read(self) -> None:
