@@ -381,8 +381,6 @@ class MigrationAgent:
 
     @staticmethod
     def _link(record: MigrationRecord) -> HelperLink:
-        if record.link is not None:
-            return record.link
         if record.helper_lost:  # a call that passed its state check before the fall-back
             helper = record.helper
             raise DependencyUnavailableError(
@@ -390,6 +388,8 @@ class MigrationAgent:
                 f"{helper.data_address} is lost ({record.helper_lost}); the donor runs every "
                 "layer itself again"
             )
+        if record.link is not None:
+            return record.link
         raise InvalidRequestError(f"migration {record.migration_id}: CopyKV first (no helper)")
 
     async def _disconnect(self, record: MigrationRecord) -> None:

@@ -338,13 +338,16 @@ class AttentionAgent:
     async def revert(self, migration_id: str) -> PauseResult:
         """Every located sequence's blocks back, one sequence at a time between steps."""
         record = self.agent._donor(migration_id, S.SWITCHING, S.ACTIVE)
-        link = self.agent._link(record)
+        self.agent._link(record)
         move = self.moves[migration_id]
         await _stop(move)
         port = move.port
         located = await self.agent.engine_call(
             lambda e: [r for r, p in e.placement.located.items() if p is port]
         )
+        # Again: the helper may have been lost while this waited (the fall-back then ended
+        # the migration ABORTED, and nothing is located any more).
+        link = self.agent._link(record)
         num_bytes, moved, requeued, paused = 0, [], [], 0.0
         num_layers = record.end
         for rid in located:
@@ -374,6 +377,7 @@ class AttentionAgent:
         if record is None or record.state not in SWITCHED or migration_id in falling:
             return
         falling.add(migration_id)
+        record.helper_lost = reason  # a revert that already passed its state check stops
 
         async def fall_back() -> None:
             try:

@@ -17,8 +17,7 @@ fault-injecting proxy on every link between them.
 4. ``stop``: the supervisor first, then every child (each must exit 0 unless it was killed
    and is being restarted), then the proxies.
 
-Not proxied: the migration data planes (hidden states and KV between a donor and its helper;
-``--advertise-migration-data`` could put them behind a proxy, but no case faults them).
+Not proxied: decode-0's migration data plane (no case makes decode-0 a helper).
 """
 
 from __future__ import annotations
@@ -69,7 +68,7 @@ class ChaosCluster:
     def __init__(self, home: Path, log_path: Path, coordinator: bool) -> None:
         self.log_path = log_path
         # Bound, closed and handed over, as ``RedisChild`` does with Redis's.
-        self._data_ports = {"decode": free_port(HOST), "kvstore": free_port(HOST)}
+        self._data_ports = {n: free_port(HOST) for n in ("decode", "kvstore", "migration")}
         self.proxies = {
             "client": FaultProxy("client", lambda: self.address("router")),
             "reports": FaultProxy("reports", lambda: self.address("router")),
@@ -79,6 +78,9 @@ class ChaosCluster:
             "to-decode": FaultProxy("to-decode", lambda: self.address("decode-0")),
             "handoff": FaultProxy("handoff", lambda: f"{HOST}:{self._data_ports['decode']}"),
             "store-data": FaultProxy("store-data", lambda: f"{HOST}:{self._data_ports['kvstore']}"),
+            "migration-data": FaultProxy(
+                "migration-data", lambda: f"{HOST}:{self._data_ports['migration']}"
+            ),
         }
         self.coordinator = coordinator
         self._home = home
@@ -101,6 +103,8 @@ class ChaosCluster:
                 "prefill": (
                     *("--router", p["reports"], "--kvstore", p["kvstore"]),
                     *("--advertise", p["to-prefill"]),
+                    *("--migration-data-port", str(self._data_ports["migration"])),
+                    *("--advertise-migration-data", p["migration-data"]),
                 ),
                 "decode": (
                     *("--router", p["reports"], "--advertise", p["to-decode"]),

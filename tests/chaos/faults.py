@@ -66,22 +66,32 @@ class Fault:
     hold_s: float = 3.0  # SIGSTOP, or the link's fault, lasts this long
     delay_s: float = 0.0  # DELAY only
     phase: Phase = Phase.NONE
+    attention: bool = False  # the migration is an attention migration (else a layer one)
+
+    @property
+    def migration(self) -> str:
+        """How the name calls the case's migration (empty: none)."""
+        if self.phase is Phase.NONE:
+            return ""
+        return f"{'attention ' if self.attention else ''}migration {self.phase.value}"
 
     @property
     def name(self) -> str:
         if self.action is Action.LINK:
             what = f"{self.mode.value} {LINKS[self.target]}"
             if self.mode is Mode.STRAND:  # for good: only new connections pass after
-                return f"{what}'s open connections"
-            if self.mode is Mode.DELAY:
-                what += f" (+{self.delay_s * 1e3:.0f} ms each way)"
-            return f"{what} for {self.hold_s:g} s"
+                what += "'s open connections"
+            else:
+                if self.mode is Mode.DELAY:
+                    what += f" (+{self.delay_s * 1e3:.0f} ms each way)"
+                what += f" for {self.hold_s:g} s"
+            return what + (f", {self.migration}" if self.migration else "")
         what = f"{self.action.value} {self.target}"
         if self.action is Action.STOP:
             what += f" for {self.hold_s:g} s"
-        if self.phase is not Phase.NONE:
+        if self.migration:
             role = " (helper)" if self.target == "prefill-0" else ""
-            what += f"{role}, migration {self.phase.value}"
+            what += f"{role}, {self.migration}"
         return what
 
 
@@ -94,6 +104,7 @@ LINKS = {
     "to-decode": "router, prefill, coordinator → decode",
     "handoff": "prefill → decode KV data plane",
     "store-data": "prefill → kvstore data plane",
+    "migration-data": "donor → prefill migration data plane",
 }
 
 
@@ -170,7 +181,7 @@ def _before(cluster: ChaosCluster, fault: Fault, migrations: Migrations) -> str:
     with BanaServeClient(cluster.address("router")) as client:
         ids = {w.address: w.worker_id for w in client.list_workers()}
     donor, helper = ids[cluster.registered("decode-0")], ids[cluster.registered("prefill-0")]
-    mid = migrations.start(donor, helper)
+    mid = migrations.start(donor, helper, attention=fault.attention)
     if fault.phase is Phase.COPYING:
         cluster.signal("prefill-0", signal.SIGSTOP)
         migrations.wait(mid, lambda m: m.state == cpb.MIGRATION_STATE_COPYING, 30)

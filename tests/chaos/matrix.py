@@ -20,12 +20,13 @@ LINKS = (
 )
 
 
-def link_faults(link: str) -> list[Fault]:
+def link_faults(link: str, phase: Phase = Phase.NONE, attention: bool = False) -> list[Fault]:
+    kw = {"phase": phase, "attention": attention}
     return [
-        Fault(Action.LINK, link, Mode.CUT),
-        Fault(Action.LINK, link, Mode.DELAY, delay_s=0.3),
-        Fault(Action.LINK, link, Mode.BLACKHOLE),
-        Fault(Action.LINK, link, Mode.STRAND),
+        Fault(Action.LINK, link, Mode.CUT, **kw),
+        Fault(Action.LINK, link, Mode.DELAY, delay_s=0.3, **kw),
+        Fault(Action.LINK, link, Mode.BLACKHOLE, **kw),
+        Fault(Action.LINK, link, Mode.STRAND, **kw),
     ]
 
 
@@ -46,6 +47,13 @@ FULL = [
     Fault(Action.STOP, "coordinator", phase=Phase.ACTIVE),
     Fault(Action.KILL, "prefill-0", phase=Phase.ACTIVE),
     Fault(Action.STOP, "prefill-0", phase=Phase.ACTIVE),
+    # The layer migration's data plane (every step's hidden states) while it is ACTIVE.
+    *link_faults("migration-data", Phase.ACTIVE),
+    # An attention migration's helper, coordinator and per-layer exchange while it is ACTIVE.
+    Fault(Action.KILL, "prefill-0", phase=Phase.ACTIVE, attention=True),
+    Fault(Action.STOP, "prefill-0", phase=Phase.ACTIVE, attention=True),
+    Fault(Action.KILL, "coordinator", phase=Phase.ACTIVE, attention=True),
+    *link_faults("migration-data", Phase.ACTIVE, attention=True),
     *[Fault(action, name) for name in PROCESSES for action in (Action.KILL, Action.STOP)],
     *[f for link in LINKS for f in link_faults(link)],
     Fault(Action.KILL, "redis"),

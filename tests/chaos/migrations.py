@@ -1,6 +1,8 @@
-"""Layer migrations driven through the coordinator for the chaos cases: started decode →
-prefill under load, brought to a state, and ended (reverted or seen aborted) afterwards. Every
-call tolerates a coordinator that is down or restarting (it comes back on its port)."""
+"""Migrations driven through the coordinator for the chaos cases: a layer migration (layers
+``[START_LAYER, L)``) or an attention migration (up to ``ATTENTION_SEQUENCES`` of the longest
+sequences, kept filled), decode → prefill under load, brought to a state, and ended (reverted
+or seen aborted) afterwards. Every call tolerates a coordinator that is down or restarting (it
+comes back on its port)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from services.rpc.gen.banaserve.v1 import coordinator_pb2_grpc
 
 T = TypeVar("T")
 START_LAYER = 2
+ATTENTION_SEQUENCES = 4
 TERMINAL = {pb.MIGRATION_STATE_DONE, pb.MIGRATION_STATE_ABORTED}
 IN_TRANSIT = {pb.MIGRATION_STATE_PLANNED, pb.MIGRATION_STATE_COPYING, pb.MIGRATION_STATE_SWITCHING}
 
@@ -31,11 +34,19 @@ class Migrations:
         with grpc.insecure_channel(self._address()) as channel:
             return fn(coordinator_pb2_grpc.CoordinatorServiceStub(channel))
 
-    def start(self, donor: str, helper: str, within_s: float = 10.0) -> str:
+    def start(
+        self, donor: str, helper: str, attention: bool = False, within_s: float = 10.0
+    ) -> str:
         """Retries UNAVAILABLE (a worker restarted a moment ago: the coordinator's channel to
         it tries again within a second) for ``within_s``."""
-        spec = pb.LayerMigrationSpec(donor=donor, helper=helper, start_layer=START_LAYER)
-        request = pb.StartMigrationRequest(kind=pb.MIGRATION_KIND_LAYERS, layers=spec)
+        if attention:
+            spec = pb.AttentionMigrationSpec(
+                donor=donor, helper=helper, max_sequences=ATTENTION_SEQUENCES, refill=True
+            )
+            request = pb.StartMigrationRequest(kind=pb.MIGRATION_KIND_ATTENTION, attention=spec)
+        else:
+            layers = pb.LayerMigrationSpec(donor=donor, helper=helper, start_layer=START_LAYER)
+            request = pb.StartMigrationRequest(kind=pb.MIGRATION_KIND_LAYERS, layers=layers)
         deadline = time.monotonic() + within_s
         while True:
             try:

@@ -7,13 +7,17 @@
   the migration's lease runs out; they were in its load report until then.
 - The owner preempts a located sequence: its blocks are released on the helper at once (the
   migration stays ACTIVE); the sequence recomputes on the owner, output unchanged.
+- A revert that passed its state check when the helper died: UNAVAILABLE, the record ABORTED.
 Each ends with no block held on either engine.
 """
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
+from services.common.errors import DependencyUnavailableError
 from services.common.migration_states import MigrationState
 from services.migration.attention_agent import AttentionSelection
 from tests.coordinator.fakes import FakeClock
@@ -150,5 +154,53 @@ def test_owner_preempting_a_located_sequence_releases_its_blocks(tiny_llama, loo
     assert pair.events[-1] == "revert 0/0"
     pair.close()
     assert tokens == expected
+    assert_no_leaks(a)
+    assert_no_leaks(b)
+
+
+def test_a_revert_racing_the_fall_back_is_unavailable_and_the_record_stays_aborted(
+    tiny_llama, reference, loop
+):
+    """The coordinator's Revert passes its state check (ACTIVE), then the helper dies and the
+    donor's fall-back ends the migration ABORTED before the revert looks at the located
+    sequences: the revert must fail UNAVAILABLE naming the lost helper and leave the record
+    ABORTED (it went on to mark it REVERTING, and the coordinator then ended it DONE)."""
+    a, b = owner_engine(tiny_llama, False), make_engine(tiny_llama, num_kv_blocks=128)
+    pair = AttentionPair(loop, a, b, AttentionSelection(max_sequences=3))
+    tokens: dict[str, list[int]] = {}
+    step = drain(pair, tokens, until=lambda s: s == 8)
+    pair.prepare()
+    pair.copy()
+    assert pair.switch() > 0
+    step = drain(pair, tokens, step=step, until=lambda s: s == 10)
+    gate, parked = asyncio.Event(), asyncio.Event()
+    engine_call = pair.donor.engine_call
+
+    async def revert_held_at_its_first_engine_call(fn):
+        pair.donor.engine_call = engine_call  # only the revert's first call waits
+        parked.set()
+        await gate.wait()
+        return await engine_call(fn)
+
+    pair.donor.engine_call = revert_held_at_its_first_engine_call
+    revert = asyncio.run_coroutine_threadsafe(pair.donor.revert(pair.mid), loop.loop)
+    loop.call(parked.wait())  # the revert passed its state check
+    loop.call(pair.helper._data_server.stop())  # the helper's process is gone
+    pair.a_thread.step()  # fails through the port: the donor falls back on its own
+    loop.call(pair.donor.settled())
+    record = pair.donor.get(pair.mid)
+    assert record.state is MigrationState.ABORTED, record.state
+    loop.loop.call_soon_threadsafe(gate.set)
+    with pytest.raises(DependencyUnavailableError, match=r"helper B at 127\.0\.0\.1:\d+ is lost"):
+        revert.result(60)
+    assert record.state is MigrationState.ABORTED
+    assert record.reason.startswith("helper unreachable"), record.reason
+    with pytest.raises(DependencyUnavailableError, match="it was lost"):  # and a later revert
+        loop.call(pair.donor.revert(pair.mid))
+    drain(pair, tokens, step=step)
+    assert tokens == {rid: reference[rid] for rid, *_ in WORKLOAD}
+    loop.call(pair.helper.abort(pair.mid, "its process is gone"))
+    pair.close()
+    pair.b_thread.step()
     assert_no_leaks(a)
     assert_no_leaks(b)

@@ -1,7 +1,9 @@
 """``BlockingTcpChannel``: one thread's request-then-reply connection to a ``TcpServer`` (the
 attention port's exchanges). Served by a real server on a loop thread, used from this thread
 with no loop: exact bytes, the server's errors with their kind, replies nobody read skipped,
-several requests out at once answered in any order, a bounded wait that breaks the channel, the peer challenge, and ``close`` from another thread."""
+several requests out at once answered in any order, a bounded wait that breaks the channel, the
+peer challenge, ``close`` from another thread, and the keepalive (a stranded connection breaks
+within it; a slow reply on a live one does not)."""
 
 from __future__ import annotations
 
@@ -14,10 +16,12 @@ import pytest
 
 from services.common.errors import InvalidRequestError
 from services.rpc.dataplane import DataPlaneError, ErrorKind
-from services.rpc.dataplane.tcp import BlockingTcpChannel, TcpServer
+from services.rpc.dataplane.tcp import BlockingTcpChannel, Keepalive, TcpServer
+from tests.chaos.proxy import FaultProxy, Mode
 from tests.migration.harness import LoopThread
 
 SECRET = b"s" * 32
+FAST = Keepalive(interval_s=0.2, timeout_s=0.5)
 
 
 async def echo(header: bytes, payload: memoryview) -> tuple[bytes, memoryview]:
@@ -154,4 +158,39 @@ def test_the_peer_challenge_is_the_tcp_clients(loop):
     with pytest.raises(DataPlaneError) as info:
         loop.call(BlockingTcpChannel.connect(server.address, 5, secret=b"x" * 32))
     assert info.value.kind is ErrorKind.UNAVAILABLE
+    loop.call(server.stop(grace_s=0.1))
+
+
+def test_a_stranded_connection_breaks_within_the_keepalive_not_the_reply_timeout(loop):
+    server = served(loop)
+    proxy = FaultProxy("data", lambda: server.address)
+    connect = BlockingTcpChannel.connect(proxy.start(), 5, secret=b"", keepalive=FAST)
+    channel = loop.call(connect)
+    try:
+        assert channel.receive(channel.send(b"ab", b"x"), 5) == (b"ba", bytearray(b"x"))
+        proxy.set(Mode.STRAND)
+        started = time.monotonic()
+        with pytest.raises(DataPlaneError) as info:
+            channel.receive(channel.send(b"lost", b"y" * 1000), 20.0)
+        waited = time.monotonic() - started
+        assert info.value.kind is ErrorKind.UNAVAILABLE and "stalled" in info.value.message
+        assert waited < 1.5, waited  # interval + timeout (0.7 s), with slack; not 20 s
+        with pytest.raises(DataPlaneError, match="stalled"):  # broken for good
+            channel.send(b"after")
+        fresh = loop.call(BlockingTcpChannel.connect(proxy.address, 5, secret=b"", keepalive=FAST))
+        assert fresh.receive(fresh.send(b"cd"), 5)[0] == b"dc"  # new connections pass
+        fresh.close()
+    finally:
+        channel.close()
+        loop.call(server.stop(grace_s=0.1))
+        proxy.stop()
+
+
+def test_a_slow_reply_on_a_live_connection_is_not_taken_for_a_dead_one(loop):
+    server = served(loop)
+    channel = loop.call(BlockingTcpChannel.connect(server.address, 5, secret=b"", keepalive=FAST))
+    # 2 s without the reply: the keepalive pings about three times, each answered (PONG)
+    assert channel.receive(channel.send(b"sleep:2.0"), 10)[0] == b"0.2:peels"
+    assert channel.receive(channel.send(b"next"), 5)[0] == b"txen"
+    channel.close()
     loop.call(server.stop(grace_s=0.1))

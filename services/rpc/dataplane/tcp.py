@@ -410,6 +410,10 @@ class TcpClient(DataClient):
         self._heard_at = time.monotonic()
 
 
+class _Stalled(Exception):
+    """A blocking channel's keepalive found its connection dead."""
+
+
 class BlockingTcpChannel:
     """One connection to a ``TcpServer`` used by a single thread, request then reply, with no
     event loop between: the donor's stepping thread sends a layer's attention queries and reads
@@ -424,24 +428,44 @@ class BlockingTcpChannel:
     dropped (its caller gave up on it). Same frames and limits as the rest of this module. Any
     failure breaks the channel for good (a timed-out read may have stopped inside a frame):
     every later call raises UNAVAILABLE.
+
+    The same keepalive as a ``TcpClient``'s (module docstring), kept by the reading thread: a
+    ``receive`` that has heard nothing for ``Keepalive.interval_s`` since the channel last
+    received (or, with nothing out, sent) writes a ``PING``, and nothing at all within
+    ``Keepalive.timeout_s`` of it breaks the channel ("stalled") — a dead path does not hold
+    the stepping thread for the whole ``timeout_s`` of the reply.
     """
 
-    def __init__(self, sock: socket.socket, address: str, limits: ReadLimits = ReadLimits()):
+    def __init__(
+        self,
+        sock: socket.socket,
+        address: str,
+        limits: ReadLimits = ReadLimits(),
+        keepalive: Keepalive = Keepalive(),
+    ):
         sock.setblocking(True)
         self._sock = sock
         self._address = address
         self._limits = limits
+        self._keepalive = keepalive
         self._next_id = 1
         self._broken = ""
         self._out: set[int] = set()  # sent, not yet received
         self._kept: dict[int, tuple[Frame, bytes, bytearray]] = {}  # replies read ahead
+        self._heard_at = time.monotonic()  # bytes last received (or the first request sent)
+        self._pinged_at: float | None = None  # a PING out, not answered by any byte since
 
     @classmethod
     async def connect(
-        cls, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, *, secret: bytes | None = None
+        cls,
+        address: str,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        *,
+        secret: bytes | None = None,
+        keepalive: Keepalive = Keepalive(),
     ) -> BlockingTcpChannel:
         """``secret`` None: the process's (peer_auth.use_secret); b"": no authentication."""
-        return cls(await _connect(address, timeout_s, secret), address)
+        return cls(await _connect(address, timeout_s, secret), address, keepalive=keepalive)
 
     def send(self, header: bytes, payload: Payload = b"") -> int:
         """Writes one request; its id, for ``receive``."""
@@ -449,7 +473,11 @@ class BlockingTcpChannel:
         rid, self._next_id = self._next_id, self._next_id + 1
         view = as_bytes_view(payload)
         frame = Frame(rid, FrameType.REQUEST, len(header), view.nbytes)
+        if not self._out:  # silence counts only while requests are out
+            self._heard_at, self._pinged_at = time.monotonic(), None
         try:
+            # A send that a dead path holds this long breaks the channel ("lost").
+            self._sock.settimeout(self._keepalive.interval_s + self._keepalive.timeout_s)
             if view.nbytes <= COALESCE_BYTES:
                 self._sock.sendall(b"".join((frame.pack(), header, view)))
             else:
@@ -475,6 +503,8 @@ class BlockingTcpChannel:
         except TimeoutError as exc:
             self._break(f"no reply from {self._address} within {timeout_s}s")
             raise DataPlaneError(ErrorKind.TIMEOUT, f"no reply within {timeout_s}s") from exc
+        except _Stalled as exc:
+            raise self._break(str(exc)) from exc
         except _BROKEN as exc:
             raise self._break(f"connection to {self._address} lost: {exc!r}") from exc
         finally:
@@ -488,6 +518,8 @@ class BlockingTcpChannel:
     def _read_reply(self, rid: int, deadline: float) -> tuple[Frame, bytes, bytearray]:
         while True:
             reply = self._read(deadline)
+            if reply[0].type is FrameType.PONG:
+                continue
             got = reply[0].request_id
             if got == rid:
                 return reply
@@ -517,15 +549,47 @@ class BlockingTcpChannel:
         data = bytearray(n)
         view = memoryview(data)
         while view.nbytes:
-            left = deadline - time.monotonic()
-            if left <= 0:
+            now = time.monotonic()
+            if now >= deadline:
                 raise TimeoutError
-            self._sock.settimeout(left)
-            got = self._sock.recv_into(view)
+            wake = self._next_watch()
+            if wake <= now:
+                self._watch(now)
+                continue
+            self._sock.settimeout(min(deadline, wake) - now)
+            try:
+                got = self._sock.recv_into(view)
+            except TimeoutError:
+                continue
             if got == 0:
                 raise EOFError("connection closed by peer")
+            self._heard_at, self._pinged_at = time.monotonic(), None
             view = view[got:]
         return data
+
+    def _next_watch(self) -> float:
+        """When the keepalive next has something to do: ping, or judge the ping."""
+        if self._pinged_at is None:
+            return self._heard_at + self._keepalive.interval_s
+        return self._pinged_at + self._keepalive.timeout_s
+
+    def _watch(self, now: float) -> None:
+        """The PING after ``interval_s`` of silence, or the verdict on an unanswered one."""
+        k = self._keepalive
+        if self._pinged_at is None:
+            self._pinged_at = now
+            # A frame head: a live connection's send buffer takes it at once.
+            self._sock.settimeout(k.timeout_s)
+            try:
+                self._sock.sendall(Frame(0, FrameType.PING, 0, 0).pack())
+            except TimeoutError as exc:
+                raise _Stalled(f"connection to {self._address} stalled: a ping not sent") from exc
+            return
+        raise _Stalled(
+            f"connection to {self._address} stalled: nothing received for "
+            f"{now - self._heard_at:.1f}s with requests out, and no answer to a keepalive "
+            f"ping within {k.timeout_s:g}s"
+        )
 
     def _check(self) -> None:
         if self._broken:
