@@ -16,6 +16,13 @@ ReportLoad lifecycle per call: first frame ``worker`` → ``Router.register``; e
 ``Router.report`` (a worker removed meanwhile, e.g. after missing reports, is registered again:
 its call is still alive, so it has recovered); half-close, a broken call or a bad frame →
 ``Router.remove``. Only the call that registered a worker id removes it.
+
+One call per worker id and per address: a second is refused (ALREADY_EXISTS) while the first
+reports — unless the first has been silent for longer than the report timeout. Then the new call
+replaces it (the old one is cancelled here): a worker whose connection died without closing
+reconnects on a new one within its own keepalive (seconds), while this server's keepalive finds
+the old one dead only after 10 s + 5 s, and meanwhile refused the worker it had already dropped
+from routing (session 28: "strand workers → router" recovered in 15 s instead of 6).
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
+import time
+from dataclasses import dataclass
 
 import grpc
 
@@ -43,11 +53,23 @@ from services.rpc.load_reports import load_from_proto, load_to_proto
 from services.rpc.security import caller_identity
 from services.rpc.status import ROUTER_UNAVAILABLE, grpc_code
 
+log = logging.getLogger(__name__)
+
 ROLE_FROM_PROTO = {
     common_pb2.WORKER_ROLE_PREFILL: WorkerRole.PREFILL,
     common_pb2.WORKER_ROLE_DECODE: WorkerRole.DECODE,
     common_pb2.WORKER_ROLE_MIXED: WorkerRole.MIXED,
 }
+
+
+@dataclass
+class _ReportCall:
+    """A worker's ReportLoad call: what it registered, the task serving it, its last frame."""
+
+    info: router_pb2.WorkerInfo
+    task: asyncio.Task | None
+    heard_at: float  # time.monotonic() of its last frame
+    replaced_by: str = ""  # the worker id of the call that replaced it (its task is cancelled)
 
 
 def _event_to_proto(event: drv.Event) -> router_pb2.GenerateResponse:
@@ -109,7 +131,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self._router = driver.router
         self._model = model  # "": the model of the first worker to register
         self._prompts = prompts or PromptEncoder(encode)
-        self._connected: dict[str, router_pb2.WorkerInfo] = {}
+        self._connected: dict[str, _ReportCall] = {}
 
     async def Generate(self, request, context):
         generate_input = await self._generate_input(request, caller_identity(context))
@@ -158,7 +180,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
     def _context(self) -> int | None:
         # The largest context of a worker connected now: a longer prompt fits none of them.
-        return max((w.max_model_len for w in self._connected.values()), default=0) or None
+        return max((c.info.max_model_len for c in self._connected.values()), default=0) or None
 
     async def _prompt(self, request: router_pb2.GenerateRequest) -> tuple[int, ...]:
         context = self._context()
@@ -181,9 +203,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         return router_pb2.ListWorkersResponse(workers=[w for w in workers if w is not None])
 
     def _worker_to_proto(self, worker: WorkerInfo) -> router_pb2.Worker | None:
-        info = self._connected.get(worker.worker_id)
-        if info is None:  # its call has ended: it is gone, not stale
+        call = self._connected.get(worker.worker_id)
+        if call is None:  # its call has ended: it is gone, not stale
             return None
+        info = call.info
         state = (
             router_pb2.WORKER_STATE_ACTIVE
             if worker.status is WorkerStatus.HEALTHY
@@ -198,11 +221,22 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
     async def ReportLoad(self, request_iterator, context):
         frames = aiter(request_iterator)
-        worker = await self._register(await anext(frames, None), context)
+        call = await self._register(await anext(frames, None), context)
+        worker = call.info
         reason = "report stream broke"
         try:
             for sequence in itertools.count(1):
-                frame = await anext(frames, None)
+                try:
+                    frame = await anext(frames, None)
+                except asyncio.CancelledError:
+                    if not call.replaced_by:
+                        raise
+                    await context.abort(
+                        grpc.StatusCode.ABORTED,
+                        f"worker {worker.worker_id!r}: this ReportLoad call sent nothing for "
+                        f"longer than the report timeout and was replaced by a new call "
+                        f"(worker {call.replaced_by!r})",
+                    )
                 if frame is None:
                     # grpc.aio ends the request stream the same way for a half-close and for a
                     # cancelled (broken) call, and marks the context cancelled a moment later:
@@ -211,11 +245,13 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     if not context.cancelled():
                         reason = "deregistered (report stream closed)"
                     break
+                call.heard_at = time.monotonic()
                 self._report(worker, frame, sequence)
         finally:
-            del self._connected[worker.worker_id]
-            with contextlib.suppress(RequestNotFoundError):
-                self._router.remove(worker.worker_id, reason)
+            if self._connected.get(worker.worker_id) is call:  # not replaced by a new call
+                del self._connected[worker.worker_id]
+                with contextlib.suppress(RequestNotFoundError):
+                    self._router.remove(worker.worker_id, reason)
         return router_pb2.ReportLoadResponse()
 
     async def _register(self, frame, context) -> router_pb2.WorkerInfo:
@@ -226,12 +262,15 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         check_address(info.address, "address")
         for field in ("model", "fingerprint"):
             check_name(getattr(info, field), field)
+        self._replace_silent(info)
         if info.worker_id in self._connected:
             await context.abort(
                 grpc.StatusCode.ALREADY_EXISTS,
                 f"worker {info.worker_id!r} is already connected on another ReportLoad call",
             )
-        holder = next((w for w in self._connected.values() if w.address == info.address), None)
+        holder = next(
+            (c.info for c in self._connected.values() if c.info.address == info.address), None
+        )
         if holder is not None:  # the router would send one worker's calls to the other
             await context.abort(
                 grpc.StatusCode.ALREADY_EXISTS,
@@ -245,8 +284,30 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             )
         self._register_info(info)
         self._model = self._model or info.model
-        self._connected[info.worker_id] = info
-        return info
+        call = _ReportCall(info, asyncio.current_task(), time.monotonic())
+        self._connected[info.worker_id] = call
+        return call
+
+    def _replace_silent(self, info: router_pb2.WorkerInfo) -> None:
+        """Ends the calls of ``info``'s worker id or address that have sent nothing for longer
+        than the report timeout (module docstring): the router has already dropped them."""
+        now, timeout = time.monotonic(), self._router.config.report_timeout_s
+        for worker_id, call in list(self._connected.items()):
+            same = worker_id == info.worker_id or call.info.address == info.address
+            if not same or now - call.heard_at <= timeout:
+                continue
+            log.info(
+                "worker %r: a new ReportLoad call (worker %r) replaces the one silent for %.1f s",
+                worker_id,
+                info.worker_id,
+                now - call.heard_at,
+            )
+            del self._connected[worker_id]
+            with contextlib.suppress(RequestNotFoundError):
+                self._router.remove(worker_id, "its report stream was replaced")
+            call.replaced_by = info.worker_id
+            if call.task is not None:
+                call.task.cancel()  # wakes its read: it ends the call ABORTED
 
     def _register_info(self, info: router_pb2.WorkerInfo) -> None:
         role = ROLE_FROM_PROTO.get(info.role)

@@ -185,6 +185,54 @@ def test_a_second_worker_at_a_connected_workers_address_is_already_exists():
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("new_id", ["d9", "d8"], ids=["same worker id", "another id"])
+def test_a_call_silent_past_the_report_timeout_is_replaced_by_a_new_one(new_id):
+    """A worker whose report connection died without closing reconnects within its own
+    keepalive, while this server finds the old call dead only after 10 s + 5 s: a new call for
+    its id (or its address: a worker restarted under a new id) replaces one that has sent
+    nothing for longer than the report timeout, and the old call's end does not remove the new
+    registration. Refused before (ALREADY_EXISTS until the old call ended: "strand workers →
+    router" recovered in ~15 s, session 28)."""
+
+    async def main():
+        async with cluster(prefill=0, decode=0, report_timeout_s=0.3) as c:
+            first = c.stub.ReportLoad(timeout=10)
+            await first.write(worker_frame("d9"))
+            await first.write(load_frame())
+            await until(lambda: _has(c.stub, "d9"))
+            with pytest.raises(grpc.aio.AioRpcError) as info:  # still reporting: refused
+                await c.stub.ReportLoad(iter([worker_frame(new_id)]), timeout=2)
+            assert info.value.code() == C.ALREADY_EXISTS
+            await asyncio.sleep(0.5)  # silent past the report timeout (a stalled connection)
+            second = c.stub.ReportLoad(timeout=10)
+            await second.write(worker_frame(new_id))
+            await second.write(load_frame(free=70, used=30))
+
+            async def second_active():
+                w = (await workers(c.stub)).get(new_id)
+                return w is not None and w.last_load.num_kv_blocks_free == 70
+
+            await until(second_active)
+            with pytest.raises(grpc.aio.AioRpcError) as ended:  # the old call ended here
+                await asyncio.wait_for(first, 5)
+            assert ended.value.code() == C.ABORTED
+            assert f"replaced by a new call (worker '{new_id}')" in ended.value.details()
+            await asyncio.sleep(0.1)
+            assert set(await workers(c.stub)) == {new_id}  # its end removed nothing
+            await second.write(load_frame(free=60, used=40))  # the new call goes on
+            await until(lambda: _free(c.stub, new_id, 60))
+            await second.done_writing()
+            await second
+            assert await workers(c.stub) == {}
+
+    asyncio.run(main())
+
+
+async def _free(stub, worker_id, n):
+    w = (await workers(stub)).get(worker_id)
+    return w is not None and w.last_load.num_kv_blocks_free == n
+
+
 def test_different_model_is_rejected():
     async def main():
         async with cluster(prefill=0, decode=0) as c:
