@@ -34,6 +34,13 @@ def _common_options(config: RpcConfig, receive_bytes: int) -> Options:
 # (growing to 2 minutes): a worker restarted on its port is reached by the router and the
 # coordinator within about a second of its return (tests/chaos/test_reconnect.py).
 RECONNECT_BACKOFF_MS = 1000
+# How long one connection attempt — TCP, TLS and the HTTP/2 settings — may take (gRPC's
+# ``grpc.min_reconnect_backoff_ms`` is its minimum connect timeout; default 20 s). A path that
+# accepts connections and delivers nothing (a black-holing middlebox) holds every new call this
+# long before it fails UNAVAILABLE and the router tries elsewhere; a live peer completes a
+# handshake in milliseconds, and a link slowed to 0.4 s each way in about 1-2 s
+# (tests/rpc/test_channel_connect.py).
+CONNECT_TIMEOUT_MS = 5000
 
 
 def channel_options(config: RpcConfig) -> Options:
@@ -43,6 +50,7 @@ def channel_options(config: RpcConfig) -> Options:
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
         ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
+        ("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MS),
     ]
 
 

@@ -1,0 +1,74 @@
+"""How long a channel between services waits for a connection that never completes
+(services/rpc/channels.py, ``CONNECT_TIMEOUT_MS``): a path that accepts TCP connections and
+delivers nothing (a black-holing middlebox, a half-dead host) fails a call UNAVAILABLE within
+the connect timeout, where gRPC's default (20 s) held each new call that long — a router's
+retry of a request to such a worker waited out its window on one connect (session 27's probe,
+item 5). A slow link still connects, and the channel connects again once the path heals."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.config import RpcConfig
+from services.rpc.channels import CONNECT_TIMEOUT_MS, open_channel
+from tests.chaos.proxy import FaultProxy, Mode
+from tests.rpc.helpers import serving
+
+CHECK = health_pb2.HealthCheckRequest(service="")
+
+
+async def check(channel: grpc.aio.Channel, timeout_s: float) -> tuple[str, float]:
+    """The call's outcome ("SERVING" or the status's name) and how long it took."""
+    started = time.monotonic()
+    try:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(CHECK, timeout=timeout_s)
+        outcome = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    except grpc.aio.AioRpcError as exc:
+        outcome = exc.code().name
+    return outcome, time.monotonic() - started
+
+
+def test_a_connection_that_never_completes_fails_within_the_connect_timeout_then_heals():
+    async def main():
+        async with serving() as (server, _, _):
+            proxy = FaultProxy("to-worker", lambda: server.address)
+            proxy.start()
+            proxy.set(Mode.BLACKHOLE)
+            channel = open_channel(proxy.address, RpcConfig())
+            try:
+                outcome, took = await check(channel, 30.0)
+                assert outcome == "UNAVAILABLE", outcome
+                # the connect timeout, not the call's 30 s nor gRPC's 20 s
+                assert CONNECT_TIMEOUT_MS / 1000 - 0.5 < took < CONNECT_TIMEOUT_MS / 1000 + 2.5
+                proxy.set(Mode.PASS)
+                deadline = time.monotonic() + 10
+                while (outcome := (await check(channel, 2.0))[0]) != "SERVING":
+                    assert time.monotonic() < deadline, outcome  # reconnects (backoff 1 s)
+                    await asyncio.sleep(0.1)
+            finally:
+                await channel.close()
+                proxy.stop()
+
+    asyncio.run(main())
+
+
+def test_a_slow_link_still_connects():
+    async def main():
+        async with serving() as (server, _, _):
+            proxy = FaultProxy("to-worker", lambda: server.address)
+            proxy.start()
+            proxy.set(Mode.DELAY, 0.4)  # each way: the handshake's round trips take seconds
+            channel = open_channel(proxy.address, RpcConfig())
+            try:
+                outcome, took = await check(channel, 30.0)
+                assert outcome == "SERVING", outcome
+                assert took > 0.8  # it went through the delay
+            finally:
+                await channel.close()
+                proxy.stop()
+
+    asyncio.run(main())
