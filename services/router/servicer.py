@@ -17,12 +17,15 @@ ReportLoad lifecycle per call: first frame ``worker`` → ``Router.register``; e
 its call is still alive, so it has recovered); half-close, a broken call or a bad frame →
 ``Router.remove``. Only the call that registered a worker id removes it.
 
-One call per worker id and per address: a second is refused (ALREADY_EXISTS) while the first
-reports — unless the first has been silent for longer than the report timeout. Then the new call
-replaces it (the old one is cancelled here): a worker whose connection died without closing
-reconnects on a new one within its own keepalive (seconds), while this server's keepalive finds
-the old one dead only after 10 s + 5 s, and meanwhile refused the worker it had already dropped
-from routing (session 28: "strand workers → router" recovered in 15 s instead of 6).
+One call per worker id and per address: a second is refused (ALREADY_EXISTS) while the first is
+open — unless it is the same worker (the same id *and* address) and the first has been silent
+for longer than the report timeout. Then the new call replaces it (the old one ends ABORTED): a
+worker whose connection died without closing reconnects on a new one within its own keepalive
+(seconds), while this server's keepalive finds the old one dead only after 10 s + 5 s, and
+meanwhile refused the worker it had already dropped from routing (session 28: "strand workers →
+router" recovered in 15 s instead of 4). Another id at the address, or the id at another
+address, never replaces a call: a misconfigured worker (``--advertise`` or ``--worker-id`` of
+another) would otherwise take a paused worker's place for good.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ class _ReportCall:
     info: router_pb2.WorkerInfo
     task: asyncio.Task | None
     heard_at: float  # time.monotonic() of its last frame
-    replaced_by: str = ""  # the worker id of the call that replaced it (its task is cancelled)
+    replaced: bool = False  # by a new call of the worker (its task is cancelled)
 
 
 def _event_to_proto(event: drv.Event) -> router_pb2.GenerateResponse:
@@ -229,13 +232,12 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 try:
                     frame = await anext(frames, None)
                 except asyncio.CancelledError:
-                    if not call.replaced_by:
+                    if not call.replaced:
                         raise
                     await context.abort(
                         grpc.StatusCode.ABORTED,
                         f"worker {worker.worker_id!r}: this ReportLoad call sent nothing for "
-                        f"longer than the report timeout and was replaced by a new call "
-                        f"(worker {call.replaced_by!r})",
+                        "longer than the report timeout and was replaced by the worker's new call",
                     )
                 if frame is None:
                     # grpc.aio ends the request stream the same way for a half-close and for a
@@ -289,25 +291,25 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         return call
 
     def _replace_silent(self, info: router_pb2.WorkerInfo) -> None:
-        """Ends the calls of ``info``'s worker id or address that have sent nothing for longer
-        than the report timeout (module docstring): the router has already dropped them."""
-        now, timeout = time.monotonic(), self._router.config.report_timeout_s
-        for worker_id, call in list(self._connected.items()):
-            same = worker_id == info.worker_id or call.info.address == info.address
-            if not same or now - call.heard_at <= timeout:
-                continue
-            log.info(
-                "worker %r: a new ReportLoad call (worker %r) replaces the one silent for %.1f s",
-                worker_id,
-                info.worker_id,
-                now - call.heard_at,
-            )
-            del self._connected[worker_id]
-            with contextlib.suppress(RequestNotFoundError):
-                self._router.remove(worker_id, "its report stream was replaced")
-            call.replaced_by = info.worker_id
-            if call.task is not None:
-                call.task.cancel()  # wakes its read: it ends the call ABORTED
+        """Ends the call of ``info``'s worker — its id at its address — if it has sent nothing
+        for longer than the report timeout (module docstring): the router has dropped it."""
+        call = self._connected.get(info.worker_id)
+        if call is None or call.info.address != info.address:
+            return
+        silent = time.monotonic() - call.heard_at
+        if silent <= self._router.config.report_timeout_s:
+            return
+        log.info(
+            "worker %r: a new ReportLoad call replaces the one silent for %.1f s",
+            info.worker_id,
+            silent,
+        )
+        del self._connected[info.worker_id]
+        with contextlib.suppress(RequestNotFoundError):
+            self._router.remove(info.worker_id, "its report stream was replaced")
+        call.replaced = True
+        if call.task is not None:
+            call.task.cancel()  # wakes its read: it ends the call ABORTED
 
     def _register_info(self, info: router_pb2.WorkerInfo) -> None:
         role = ROLE_FROM_PROTO.get(info.role)

@@ -185,14 +185,13 @@ def test_a_second_worker_at_a_connected_workers_address_is_already_exists():
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("new_id", ["d9", "d8"], ids=["same worker id", "another id"])
-def test_a_call_silent_past_the_report_timeout_is_replaced_by_a_new_one(new_id):
+def test_a_call_silent_past_the_report_timeout_is_replaced_by_the_workers_new_one():
     """A worker whose report connection died without closing reconnects within its own
-    keepalive, while this server finds the old call dead only after 10 s + 5 s: a new call for
-    its id (or its address: a worker restarted under a new id) replaces one that has sent
-    nothing for longer than the report timeout, and the old call's end does not remove the new
-    registration. Refused before (ALREADY_EXISTS until the old call ended: "strand workers →
-    router" recovered in ~15 s, session 28)."""
+    keepalive, while this server finds the old call dead only after 10 s + 5 s: a new call of
+    the same worker (id and address) replaces one that has sent nothing for longer than the
+    report timeout, and the old call's end does not remove the new registration. Refused
+    before (ALREADY_EXISTS until the old call ended: "strand workers → router" recovered in
+    ~15 s, session 28)."""
 
     async def main():
         async with cluster(prefill=0, decode=0, report_timeout_s=0.3) as c:
@@ -201,29 +200,53 @@ def test_a_call_silent_past_the_report_timeout_is_replaced_by_a_new_one(new_id):
             await first.write(load_frame())
             await until(lambda: _has(c.stub, "d9"))
             with pytest.raises(grpc.aio.AioRpcError) as info:  # still reporting: refused
-                await c.stub.ReportLoad(iter([worker_frame(new_id)]), timeout=2)
+                await c.stub.ReportLoad(iter([worker_frame("d9")]), timeout=2)
             assert info.value.code() == C.ALREADY_EXISTS
             await asyncio.sleep(0.5)  # silent past the report timeout (a stalled connection)
             second = c.stub.ReportLoad(timeout=10)
-            await second.write(worker_frame(new_id))
+            await second.write(worker_frame("d9"))
             await second.write(load_frame(free=70, used=30))
-
-            async def second_active():
-                w = (await workers(c.stub)).get(new_id)
-                return w is not None and w.last_load.num_kv_blocks_free == 70
-
-            await until(second_active)
+            await until(lambda: _free(c.stub, "d9", 70))
             with pytest.raises(grpc.aio.AioRpcError) as ended:  # the old call ended here
                 await asyncio.wait_for(first, 5)
             assert ended.value.code() == C.ABORTED
-            assert f"replaced by a new call (worker '{new_id}')" in ended.value.details()
+            assert "replaced by the worker's new call" in ended.value.details()
             await asyncio.sleep(0.1)
-            assert set(await workers(c.stub)) == {new_id}  # its end removed nothing
+            assert set(await workers(c.stub)) == {"d9"}  # its end removed nothing
             await second.write(load_frame(free=60, used=40))  # the new call goes on
-            await until(lambda: _free(c.stub, new_id, 60))
+            await until(lambda: _free(c.stub, "d9", 60))
             await second.done_writing()
             await second
             assert await workers(c.stub) == {}
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "other",
+    [worker_frame("d8"), worker_frame("d9", address="127.0.0.1:9998")],
+    ids=["another id at its address", "its id at another address"],
+)
+def test_another_worker_never_replaces_a_silent_call(other):
+    """Found by a probe: a worker told to ``--advertise`` another's address (or to use its
+    ``--worker-id``) took that worker's place as soon as it paused past the report timeout (a
+    SIGSTOP of 4 s), and the rightful worker was refused from then on. Only the same worker
+    (id and address) replaces its own silent call."""
+
+    async def main():
+        async with cluster(prefill=0, decode=0, report_timeout_s=0.3) as c:
+            first = c.stub.ReportLoad(timeout=10)
+            await first.write(worker_frame("d9"))
+            await first.write(load_frame())
+            await until(lambda: _has(c.stub, "d9"))
+            await asyncio.sleep(0.5)  # silent past the report timeout
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await c.stub.ReportLoad(iter([other, load_frame()]), timeout=2)
+            assert info.value.code() == C.ALREADY_EXISTS
+            await first.write(load_frame(free=50, used=50))  # the paused worker goes on
+            await until(lambda: _free(c.stub, "d9", 50))
+            assert set(await workers(c.stub)) == {"d9"}
+            first.cancel()
 
     asyncio.run(main())
 
