@@ -28,11 +28,16 @@ import grpc
 from services.common.arg_types import host_port, non_negative, positive
 from services.common.limits import MAX_MICRO_BATCHES
 from services.coordinator import watch
+from services.coordinator.config import CoordinatorConfig
 from services.rpc import security
 from services.rpc.gen.banaserve.v1 import coordinator_pb2 as pb
 from services.rpc.gen.banaserve.v1 import coordinator_pb2_grpc
 
 TIMEOUT_S = 10.0
+# The coordinator aborts on the donor, then on the helper, each bounded by its
+# ``abort_timeout_s`` (10 s by default): a donor whose steps wait on a stalled helper answers
+# only once its keepalive gives up on it (~7 s), and a frozen helper not at all.
+CALL_TIMEOUT_S = {"AbortMigration": 2 * CoordinatorConfig.abort_timeout_s + TIMEOUT_S}
 SETTLED = {
     pb.MIGRATION_STATE_ACTIVE,
     pb.MIGRATION_STATE_DONE,
@@ -102,7 +107,8 @@ class _Client:
         self.stub = coordinator_pb2_grpc.CoordinatorServiceStub(self.channel)
 
     def call(self, method: str, request):
-        return getattr(self.stub, method)(request, timeout=TIMEOUT_S, metadata=self.metadata)
+        timeout = CALL_TIMEOUT_S.get(method, TIMEOUT_S)
+        return getattr(self.stub, method)(request, timeout=timeout, metadata=self.metadata)
 
     def wait(self, migration_id: str, timeout_s: float) -> pb.Migration:
         deadline = time.monotonic() + timeout_s

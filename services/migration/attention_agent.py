@@ -64,6 +64,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_SEQUENCES = 4
+# How long a donor's end waits for the helper to free the blocks it held (``AttentionAgent.end``).
+RELEASE_WAIT_S = 2.0
 S = MigrationState
 
 
@@ -192,10 +194,15 @@ class AttentionAgent:
             await self.agent.engine_call(lambda e: evict_located(e, port))
             move.overlap, move.port = port.counters.report(), None
             port.close()
-        if record.link is not None and move.copied:
+        # Freeing them early on the helper is a courtesy: it frees them anyway with the
+        # migration's end (the coordinator's call) or its lease. So not over a link found lost,
+        # and not waiting long on one that may be: a stalled one held the fall-back's end (the
+        # record ACTIVE) for a second keepalive period.
+        if record.link is not None and move.copied and not record.helper_lost:
+            release = record.link._request(wire.encode_release(mid, list(move.copied)))
             try:
-                await record.link._request(wire.encode_release(mid, list(move.copied)))
-            except DataPlaneError as e:  # the helper frees them with the migration or lease
+                await asyncio.wait_for(release, RELEASE_WAIT_S)
+            except (DataPlaneError, TimeoutError) as e:
                 log.debug("migration %s: release on the helper lost: %r", mid, e)
         await self.agent._disconnect(record)
 

@@ -8,18 +8,22 @@
 - The owner preempts a located sequence: its blocks are released on the helper at once (the
   migration stays ACTIVE); the sequence recomputes on the owner, output unchanged.
 - A revert that passed its state check when the helper died: UNAVAILABLE, the record ABORTED.
+- The link to the helper stranded: the step fails within the keepalive, the record ABORTED at
+  once after.
 Each ends with no block held on either engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from services.common.errors import DependencyUnavailableError
 from services.common.migration_states import MigrationState
 from services.migration.attention_agent import AttentionSelection
+from services.migration.records import Peer
 from tests.coordinator.fakes import FakeClock
 from tests.engine.coordinator import owner_engine, prompt_ids
 from tests.engine.helpers import assert_no_leaks, make_engine
@@ -204,3 +208,45 @@ def test_a_revert_racing_the_fall_back_is_unavailable_and_the_record_stays_abort
     pair.b_thread.step()
     assert_no_leaks(a)
     assert_no_leaks(b)
+
+
+def test_a_stranded_exchange_ends_the_migration_within_one_keepalive(tiny_llama, reference, loop):
+    """The link to the helper dies without closing (a middlebox dropped it): the donor's step
+    waits on its exchange until the blocking channel's keepalive gives up (2 s + 5 s), the
+    located sequences recompute, and the fall-back ends the record ABORTED at once. Found by a
+    probe: the fall-back then asked the helper over the agent's link — stranded too — to free
+    the blocks, so the record read ACTIVE for a second keepalive period (~14 s in all)."""
+    from tests.chaos.proxy import FaultProxy, Mode
+
+    a, b = owner_engine(tiny_llama, False), make_engine(tiny_llama, num_kv_blocks=128)
+    pair = AttentionPair(loop, a, b, AttentionSelection(max_sequences=3))
+    proxy = FaultProxy("migration-data", lambda: pair.address)
+    pair.helper_peer = Peer("B", "", proxy.start(), "tcp")  # the donor reaches B through it
+    try:
+        tokens: dict[str, list[int]] = {}
+        step = drain(pair, tokens, until=lambda s: s == 8)
+        pair.prepare()
+        pair.copy()
+        assert pair.switch() > 0
+        step = drain(pair, tokens, step=step, until=lambda s: s == 10)
+        proxy.set(Mode.STRAND)
+        started = time.monotonic()
+        pair.a_thread.step()  # stalls on the exchange, then fails whole: the located recompute
+        stalled = time.monotonic() - started
+        loop.call(pair.donor.settled())
+        ended = time.monotonic() - started
+        record = pair.donor.get(pair.mid)
+        assert record.state is MigrationState.ABORTED, record.state
+        assert "stalled" in record.reason, record.reason
+        assert 6.0 < stalled < 9.0, stalled  # the keepalive's 2 s + 5 s, not the 30 s timeout
+        assert ended - stalled < 1.0, (stalled, ended)  # no second wait on the stranded link
+        assert not a.placement.located
+        drain(pair, tokens, step=step)
+        assert tokens == {rid: reference[rid] for rid, *_ in WORKLOAD}
+        loop.call(pair.helper.abort(pair.mid, "the coordinator's abort"))
+        pair.b_thread.step()
+        assert_no_leaks(a)
+        assert_no_leaks(b)
+    finally:
+        pair.close()
+        proxy.stop()
