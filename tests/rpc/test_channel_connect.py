@@ -3,7 +3,8 @@
 delivers nothing (a black-holing middlebox, a half-dead host) fails a call UNAVAILABLE within
 the connect timeout, where gRPC's default (20 s) held each new call that long — a router's
 retry of a request to such a worker waited out its window on one connect (session 27's probe,
-item 5). A slow link still connects, and the channel connects again once the path heals."""
+item 5). A slow link still connects, and the channel connects again once the path heals. The
+client library's channels keep gRPC's 20 s: a client may be far from its router."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.client.client import _options as client_options
 from services.common.config import RpcConfig
 from services.rpc.channels import CONNECT_TIMEOUT_MS, open_channel
 from tests.chaos.proxy import FaultProxy, Mode
@@ -67,6 +69,25 @@ def test_a_slow_link_still_connects():
                 outcome, took = await check(channel, 30.0)
                 assert outcome == "SERVING", outcome
                 assert took > 0.8  # it went through the delay
+            finally:
+                await channel.close()
+                proxy.stop()
+
+    asyncio.run(main())
+
+
+def test_the_client_librarys_connection_attempt_keeps_grpcs_own_time():
+    async def main():
+        async with serving() as (server, _, _):
+            proxy = FaultProxy("client", lambda: server.address)
+            proxy.start()
+            proxy.set(Mode.BLACKHOLE)
+            channel = grpc.aio.insecure_channel(proxy.address, options=client_options(10.0))
+            try:
+                outcome, took = await check(channel, 8.0)
+                # still connecting at the call's own deadline, past the services' 5 s
+                assert outcome == "DEADLINE_EXCEEDED", outcome
+                assert took > 7.5, took
             finally:
                 await channel.close()
                 proxy.stop()
