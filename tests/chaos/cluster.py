@@ -8,7 +8,10 @@ fault-injecting proxy on every link between them.
    server: the router's, the other worker's, the coordinator's; the worker ``--advertise``s the
    proxy), ``handoff`` (the prefill worker → decode-0's KV data plane) and ``store-data`` (the
    prefill worker → kvstore-0's data plane; both ``--advertise-data`` the proxy, their data
-   planes on ports picked here so a restart keeps them); each forwards to the current address
+   planes on ports picked here so a restart keeps them), ``migration-data`` (decode-0 →
+   prefill-0's migration data plane: hidden states, queries and KV of the cases' migrations
+   decode → prefill) and ``migration-data-decode`` (prefill-0 → decode-0's: a prefill donor's
+   layer migration; both ``--advertise-migration-data``); each forwards to the current address
    of its upstream child;
 2. ``LocalCluster`` starts Redis, kvstore-0, the router, prefill-0, decode-0 and (optionally)
    the coordinator, KV over TCP on both data planes;
@@ -17,7 +20,7 @@ fault-injecting proxy on every link between them.
 4. ``stop``: the supervisor first, then every child (each must exit 0 unless it was killed
    and is being restarted), then the proxies.
 
-Not proxied: decode-0's migration data plane (no case makes decode-0 a helper).
+Every link between the services is proxied.
 """
 
 from __future__ import annotations
@@ -68,7 +71,8 @@ class ChaosCluster:
     def __init__(self, home: Path, log_path: Path, coordinator: bool) -> None:
         self.log_path = log_path
         # Bound, closed and handed over, as ``RedisChild`` does with Redis's.
-        self._data_ports = {n: free_port(HOST) for n in ("decode", "kvstore", "migration")}
+        names = ("decode", "kvstore", "migration", "migration-decode")
+        self._data_ports = {n: free_port(HOST) for n in names}
         self.proxies = {
             "client": FaultProxy("client", lambda: self.address("router")),
             "reports": FaultProxy("reports", lambda: self.address("router")),
@@ -80,6 +84,9 @@ class ChaosCluster:
             "store-data": FaultProxy("store-data", lambda: f"{HOST}:{self._data_ports['kvstore']}"),
             "migration-data": FaultProxy(
                 "migration-data", lambda: f"{HOST}:{self._data_ports['migration']}"
+            ),
+            "migration-data-decode": FaultProxy(
+                "migration-data-decode", lambda: f"{HOST}:{self._data_ports['migration-decode']}"
             ),
         }
         self.coordinator = coordinator
@@ -110,6 +117,8 @@ class ChaosCluster:
                     *("--router", p["reports"], "--advertise", p["to-decode"]),
                     *("--data-port", str(self._data_ports["decode"])),
                     *("--advertise-data", p["handoff"]),
+                    *("--migration-data-port", str(self._data_ports["migration-decode"])),
+                    *("--advertise-migration-data", p["migration-data-decode"]),
                 ),
                 "kvstore": (
                     *("--redis", f"redis://{p['redis']}/0"),

@@ -3,7 +3,8 @@
 One case (``run_case``):
 1. ``NUM_REQUESTS`` greedy requests start through the client proxy; the fault waits until they
    are in flight (a token came back; for a migration case, every request decodes on the donor
-   and the migration is brought to the case's state);
+   and the migration is brought to the case's state; a prefill donor's case sends a second
+   ``NUM_REQUESTS`` as the fault starts, whose prompts its split computes);
 2. the fault: SIGKILL (the supervisor restarts the process), SIGSTOP then SIGCONT after
    ``hold_s``, or a link's proxy in CUT, DELAY or BLACKHOLE for ``hold_s``, then PASS again, or
    STRAND (its open connections stall for good; new ones pass);
@@ -67,13 +68,15 @@ class Fault:
     delay_s: float = 0.0  # DELAY only
     phase: Phase = Phase.NONE
     attention: bool = False  # the migration is an attention migration (else a layer one)
+    prefill_donor: bool = False  # a layer migration prefill-0 → decode-0 (else decode → prefill)
 
     @property
     def migration(self) -> str:
         """How the name calls the case's migration (empty: none)."""
         if self.phase is Phase.NONE:
             return ""
-        return f"{'attention ' if self.attention else ''}migration {self.phase.value}"
+        kind = "attention " if self.attention else "prefill-donor " if self.prefill_donor else ""
+        return f"{kind}migration {self.phase.value}"
 
     @property
     def name(self) -> str:
@@ -90,7 +93,8 @@ class Fault:
         if self.action is Action.STOP:
             what += f" for {self.hold_s:g} s"
         if self.migration:
-            role = " (helper)" if self.target == "prefill-0" else ""
+            helper = "decode-0" if self.prefill_donor else "prefill-0"
+            role = " (helper)" if self.target == helper else ""
             what += f"{role}, {self.migration}"
         return what
 
@@ -104,7 +108,8 @@ LINKS = {
     "to-decode": "router, prefill, coordinator → decode",
     "handoff": "prefill → decode KV data plane",
     "store-data": "prefill → kvstore data plane",
-    "migration-data": "donor → prefill migration data plane",
+    "migration-data": "decode → prefill migration data plane",
+    "migration-data-decode": "prefill → decode migration data plane",
 }
 
 
@@ -150,6 +155,9 @@ def run_case(cluster: ChaosCluster, fault: Fault, clean: dict[Load, list]) -> Ca
     if not flight.wait_started():
         result.note = "every request ended before the fault; "
     mid = _before(cluster, fault, migrations)
+    # A prefill donor's split runs only while prompts are computed, and the load's are done by
+    # ACTIVE: a second load arrives through the fault.
+    during = InFlight(cluster.proxies["client"].address, SHORT) if fault.prefill_donor else None
     started = time.monotonic()
     killed = _inject(cluster, fault)
     # Probed beside the requests still in flight: serving again need not wait for them.
@@ -158,7 +166,10 @@ def run_case(cluster: ChaosCluster, fault: Fault, clean: dict[Load, list]) -> Ca
         if mid:
             m = migrations.end(mid)
             result.note += f"{mid} {state_name(m.state)}" + (f": {m.reason}" if m.reason else "")
-        tally = Tally.of(flight.outcomes(), clean[load])
+        outcomes, cleans = flight.outcomes(), clean[load]
+        if during is not None:
+            outcomes, cleans = outcomes + during.outcomes(), cleans + clean[SHORT]
+        tally = Tally.of(outcomes, cleans)
         result.recover_s = recovered.result()
     result.completed, result.failed, result.hung, result.wrong, result.messages = (
         tally.completed,
@@ -181,6 +192,8 @@ def _before(cluster: ChaosCluster, fault: Fault, migrations: Migrations) -> str:
     with BanaServeClient(cluster.address("router")) as client:
         ids = {w.address: w.worker_id for w in client.list_workers()}
     donor, helper = ids[cluster.registered("decode-0")], ids[cluster.registered("prefill-0")]
+    if fault.prefill_donor:
+        donor, helper = helper, donor
     mid = migrations.start(donor, helper, attention=fault.attention)
     if fault.phase is Phase.COPYING:
         cluster.signal("prefill-0", signal.SIGSTOP)

@@ -20,8 +20,9 @@ LINKS = (
 )
 
 
-def link_faults(link: str, phase: Phase = Phase.NONE, attention: bool = False) -> list[Fault]:
-    kw = {"phase": phase, "attention": attention}
+def link_faults(link: str, phase: Phase = Phase.NONE, **kind: bool) -> list[Fault]:
+    """``kind``: ``attention`` or ``prefill_donor`` (a migration case's kind)."""
+    kw = {"phase": phase, **kind}
     return [
         Fault(Action.LINK, link, Mode.CUT, **kw),
         Fault(Action.LINK, link, Mode.DELAY, delay_s=0.3, **kw),
@@ -54,6 +55,9 @@ FULL = [
     Fault(Action.STOP, "prefill-0", phase=Phase.ACTIVE, attention=True),
     Fault(Action.KILL, "coordinator", phase=Phase.ACTIVE, attention=True),
     *link_faults("migration-data", Phase.ACTIVE, attention=True),
+    # A prefill donor's layers on decode-0: its helper killed, and its data plane faulted.
+    Fault(Action.KILL, "decode-0", phase=Phase.ACTIVE, prefill_donor=True),
+    *link_faults("migration-data-decode", Phase.ACTIVE, prefill_donor=True),
     *[Fault(action, name) for name in PROCESSES for action in (Action.KILL, Action.STOP)],
     *[f for link in LINKS for f in link_faults(link)],
     Fault(Action.KILL, "redis"),

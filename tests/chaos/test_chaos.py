@@ -57,9 +57,10 @@ def run_matrix(home: Path, faults: list[Fault], name: str) -> list[CaseResult]:
             meta["load_average_at_end"] = os.getloadavg()[0]
             meta["proxied_connections"] = {n: p.num_connections for n, p in cluster.proxies.items()}
             write(path, meta, [r.to_json() for r in results])
-        # A migration case's donor reached its helper through the migration-data proxy.
-        if any(f.phase.value for f in faults):
-            assert cluster.proxies["migration-data"].num_connections, meta["proxied_connections"]
+        # A migration case's donor reached its helper through the migration data plane's proxy.
+        for link, kind in (("migration-data", False), ("migration-data-decode", True)):
+            if any(f.phase.value and f.prefill_donor is kind for f in faults):
+                assert cluster.proxies[link].num_connections, meta["proxied_connections"]
     finally:
         codes = cluster.stop()
     print(f"\n{path}\n" + markdown({"cases": [r.to_json() for r in results]}))
