@@ -184,3 +184,19 @@ def assert_unchanged_and_local(pair: AgentPair, tokens: dict, reference: dict) -
     pair.close()
     assert_no_leaks(pair.a)
     assert_no_leaks(pair.b)
+
+
+def hold_first_engine_call(agent: MigrationAgent) -> tuple[asyncio.Event, asyncio.Event]:
+    """The agent's next engine call waits, parked, until ``gate`` is set (later calls go
+    straight through): holds a call (a revert) open past its state check. (gate, parked)."""
+    gate, parked = asyncio.Event(), asyncio.Event()
+    engine_call = agent.engine_call
+
+    async def held(fn):
+        agent.engine_call = engine_call  # only the first call waits
+        parked.set()
+        await gate.wait()
+        return await engine_call(fn)
+
+    agent.engine_call = held
+    return gate, parked

@@ -28,6 +28,7 @@ from tests.coordinator.fakes import FakeClock
 from tests.engine.coordinator import owner_engine, prompt_ids
 from tests.engine.helpers import assert_no_leaks, make_engine
 from tests.engine.test_migration_invariant import WORKLOAD, params, plain_run
+from tests.migration.harness import hold_first_engine_call
 from tests.migration.test_attention_dataplane import AttentionPair
 
 pytestmark = pytest.mark.timeout(300)
@@ -60,15 +61,21 @@ def drain(pair: AttentionPair, tokens: dict, workload=WORKLOAD, step: int = 0, u
     return step
 
 
-def test_helper_dies_located_sequences_recompute(tiny_llama, reference, loop):
-    a, b = owner_engine(tiny_llama, False), make_engine(tiny_llama, num_kv_blocks=128)
-    pair = AttentionPair(loop, a, b, AttentionSelection(max_sequences=3))
-    tokens: dict[str, list[int]] = {}
+def located(pair: AttentionPair, tokens: dict, until: int) -> int:
+    """Steps to 8, moves the longest sequences to the helper (at least one), steps on to
+    ``until``; the step reached."""
     step = drain(pair, tokens, until=lambda s: s == 8)
     pair.prepare()
     pair.copy()
     assert pair.switch() > 0
-    step = drain(pair, tokens, step=step, until=lambda s: s == 12)
+    return drain(pair, tokens, step=step, until=lambda s: s == until)
+
+
+def test_helper_dies_located_sequences_recompute(tiny_llama, reference, loop):
+    a, b = owner_engine(tiny_llama, False), make_engine(tiny_llama, num_kv_blocks=128)
+    pair = AttentionPair(loop, a, b, AttentionSelection(max_sequences=3))
+    tokens: dict[str, list[int]] = {}
+    step = located(pair, tokens, until=12)
     assert a.placement.located
     loop.call(pair.helper._data_server.stop())
     failed_before = a.snapshot.num_failed_steps
@@ -94,11 +101,7 @@ def test_owner_dies_helper_frees_blocks_when_the_lease_runs_out(tiny_llama, refe
     a, b = owner_engine(tiny_llama, False), make_engine(tiny_llama, num_kv_blocks=128)
     pair = AttentionPair(loop, a, b, AttentionSelection(max_sequences=2), clock=clock)
     tokens: dict[str, list[int]] = {}
-    step = drain(pair, tokens, until=lambda s: s == 8)
-    pair.prepare()
-    pair.copy()
-    assert pair.switch() > 0
-    step = drain(pair, tokens, step=step, until=lambda s: s == 10)
+    step = located(pair, tokens, until=10)
     view = pair.helper.attention.view_fields(pair.helper.get(pair.mid))
     hosted = b.migration.hosted_blocks.num_blocks
     assert hosted == view["num_blocks"] == b.snapshot.num_hosted_blocks > 0
@@ -172,21 +175,8 @@ def test_a_revert_racing_the_fall_back_is_unavailable_and_the_record_stays_abort
     a, b = owner_engine(tiny_llama, False), make_engine(tiny_llama, num_kv_blocks=128)
     pair = AttentionPair(loop, a, b, AttentionSelection(max_sequences=3))
     tokens: dict[str, list[int]] = {}
-    step = drain(pair, tokens, until=lambda s: s == 8)
-    pair.prepare()
-    pair.copy()
-    assert pair.switch() > 0
-    step = drain(pair, tokens, step=step, until=lambda s: s == 10)
-    gate, parked = asyncio.Event(), asyncio.Event()
-    engine_call = pair.donor.engine_call
-
-    async def revert_held_at_its_first_engine_call(fn):
-        pair.donor.engine_call = engine_call  # only the revert's first call waits
-        parked.set()
-        await gate.wait()
-        return await engine_call(fn)
-
-    pair.donor.engine_call = revert_held_at_its_first_engine_call
+    step = located(pair, tokens, until=10)
+    gate, parked = hold_first_engine_call(pair.donor)
     revert = asyncio.run_coroutine_threadsafe(pair.donor.revert(pair.mid), loop.loop)
     loop.call(parked.wait())  # the revert passed its state check
     loop.call(pair.helper._data_server.stop())  # the helper's process is gone
@@ -224,11 +214,7 @@ def test_a_stranded_exchange_ends_the_migration_within_one_keepalive(tiny_llama,
     pair.helper_peer = Peer("B", "", proxy.start(), "tcp")  # the donor reaches B through it
     try:
         tokens: dict[str, list[int]] = {}
-        step = drain(pair, tokens, until=lambda s: s == 8)
-        pair.prepare()
-        pair.copy()
-        assert pair.switch() > 0
-        step = drain(pair, tokens, step=step, until=lambda s: s == 10)
+        step = located(pair, tokens, until=10)
         proxy.set(Mode.STRAND)
         started = time.monotonic()
         pair.a_thread.step()  # stalls on the exchange, then fails whole: the located recompute

@@ -19,7 +19,7 @@ from services.engine.ports import StageFailedError
 from tests.engine.coordinator import owner_engine
 from tests.engine.helpers import assert_no_leaks, make_engine
 from tests.engine.test_migration_invariant import WORKLOAD, params, plain_run
-from tests.migration.harness import MIGRATION, AgentPair, LoopThread
+from tests.migration.harness import MIGRATION, AgentPair, LoopThread, hold_first_engine_call
 
 
 @pytest.fixture(scope="module")
@@ -120,16 +120,7 @@ def test_a_revert_racing_the_fall_back_is_unavailable_naming_the_helper(tiny_lla
     pair.copy()
     pair.switch(1, drop=False)
     pair.a_thread.step()  # a step through the helper
-    gate, parked = asyncio.Event(), asyncio.Event()
-    engine_call = pair.donor.engine_call
-
-    async def revert_held_at_its_first_engine_call(fn):
-        pair.donor.engine_call = engine_call  # only the revert's first call waits
-        parked.set()
-        await gate.wait()
-        return await engine_call(fn)
-
-    pair.donor.engine_call = revert_held_at_its_first_engine_call
+    gate, parked = hold_first_engine_call(pair.donor)
     revert = asyncio.run_coroutine_threadsafe(pair.donor.revert(MIGRATION), loop.loop)
     loop.call(parked.wait())  # the revert passed its state check
     loop.call(pair.helper._data_server.stop())  # the helper's process is gone

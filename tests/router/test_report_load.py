@@ -195,10 +195,7 @@ def test_a_call_silent_past_the_report_timeout_is_replaced_by_the_workers_new_on
 
     async def main():
         async with cluster(prefill=0, decode=0, report_timeout_s=0.3) as c:
-            first = c.stub.ReportLoad(timeout=10)
-            await first.write(worker_frame("d9"))
-            await first.write(load_frame())
-            await until(lambda: _has(c.stub, "d9"))
+            first = await reporting(c.stub)
             with pytest.raises(grpc.aio.AioRpcError) as info:  # still reporting: refused
                 await c.stub.ReportLoad(iter([worker_frame("d9")]), timeout=2)
             assert info.value.code() == C.ALREADY_EXISTS
@@ -235,10 +232,7 @@ def test_another_worker_never_replaces_a_silent_call(other):
 
     async def main():
         async with cluster(prefill=0, decode=0, report_timeout_s=0.3) as c:
-            first = c.stub.ReportLoad(timeout=10)
-            await first.write(worker_frame("d9"))
-            await first.write(load_frame())
-            await until(lambda: _has(c.stub, "d9"))
+            first = await reporting(c.stub)
             await asyncio.sleep(0.5)  # silent past the report timeout
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await c.stub.ReportLoad(iter([other, load_frame()]), timeout=2)
@@ -249,6 +243,15 @@ def test_another_worker_never_replaces_a_silent_call(other):
             first.cancel()
 
     asyncio.run(main())
+
+
+async def reporting(stub, worker_id="d9"):
+    """A ReportLoad call that registered ``worker_id`` and sent one report; listed."""
+    call = stub.ReportLoad(timeout=10)
+    await call.write(worker_frame(worker_id))
+    await call.write(load_frame())
+    await until(lambda: _has(stub, worker_id))
+    return call
 
 
 async def _free(stub, worker_id, n):

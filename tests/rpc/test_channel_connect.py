@@ -9,6 +9,7 @@ client library's channels keep gRPC's 20 s: a client may be far from its router.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import grpc
@@ -34,62 +35,58 @@ async def check(channel: grpc.aio.Channel, timeout_s: float) -> tuple[str, float
     return outcome, time.monotonic() - started
 
 
+@contextlib.asynccontextmanager
+async def through(mode: Mode, delay_s: float = 0.0, client_library: bool = False):
+    """A served server, a fault proxy in front of it in ``mode``, and a channel through the
+    proxy (a service's, or the client library's); (channel, proxy), closed after."""
+    async with serving() as (server, _, _):
+        proxy = FaultProxy("link", lambda: server.address)
+        proxy.start()
+        proxy.set(mode, delay_s)
+        if client_library:
+            channel = grpc.aio.insecure_channel(proxy.address, options=client_options(10.0))
+        else:
+            channel = open_channel(proxy.address, RpcConfig())
+        try:
+            yield channel, proxy
+        finally:
+            await channel.close()
+            proxy.stop()
+
+
 def test_a_connection_that_never_completes_fails_within_the_connect_timeout_then_heals():
     async def main():
-        async with serving() as (server, _, _):
-            proxy = FaultProxy("to-worker", lambda: server.address)
-            proxy.start()
-            proxy.set(Mode.BLACKHOLE)
-            channel = open_channel(proxy.address, RpcConfig())
-            try:
-                outcome, took = await check(channel, 30.0)
-                assert outcome == "UNAVAILABLE", outcome
-                # the connect timeout, not the call's 30 s nor gRPC's 20 s
-                assert CONNECT_TIMEOUT_MS / 1000 - 0.5 < took < CONNECT_TIMEOUT_MS / 1000 + 2.5
-                proxy.set(Mode.PASS)
-                deadline = time.monotonic() + 10
-                while (outcome := (await check(channel, 2.0))[0]) != "SERVING":
-                    assert time.monotonic() < deadline, outcome  # reconnects (backoff 1 s)
-                    await asyncio.sleep(0.1)
-            finally:
-                await channel.close()
-                proxy.stop()
+        async with through(Mode.BLACKHOLE) as (channel, proxy):
+            outcome, took = await check(channel, 30.0)
+            assert outcome == "UNAVAILABLE", outcome
+            # the connect timeout, not the call's 30 s nor gRPC's 20 s
+            assert CONNECT_TIMEOUT_MS / 1000 - 0.5 < took < CONNECT_TIMEOUT_MS / 1000 + 2.5
+            proxy.set(Mode.PASS)
+            deadline = time.monotonic() + 10
+            while (outcome := (await check(channel, 2.0))[0]) != "SERVING":
+                assert time.monotonic() < deadline, outcome  # reconnects (backoff 1 s)
+                await asyncio.sleep(0.1)
 
     asyncio.run(main())
 
 
 def test_a_slow_link_still_connects():
     async def main():
-        async with serving() as (server, _, _):
-            proxy = FaultProxy("to-worker", lambda: server.address)
-            proxy.start()
-            proxy.set(Mode.DELAY, 0.4)  # each way: the handshake's round trips take seconds
-            channel = open_channel(proxy.address, RpcConfig())
-            try:
-                outcome, took = await check(channel, 30.0)
-                assert outcome == "SERVING", outcome
-                assert took > 0.8  # it went through the delay
-            finally:
-                await channel.close()
-                proxy.stop()
+        # each way: the handshake's round trips take seconds
+        async with through(Mode.DELAY, 0.4) as (channel, _):
+            outcome, took = await check(channel, 30.0)
+            assert outcome == "SERVING", outcome
+            assert took > 0.8  # it went through the delay
 
     asyncio.run(main())
 
 
 def test_the_client_librarys_connection_attempt_keeps_grpcs_own_time():
     async def main():
-        async with serving() as (server, _, _):
-            proxy = FaultProxy("client", lambda: server.address)
-            proxy.start()
-            proxy.set(Mode.BLACKHOLE)
-            channel = grpc.aio.insecure_channel(proxy.address, options=client_options(10.0))
-            try:
-                outcome, took = await check(channel, 8.0)
-                # still connecting at the call's own deadline, past the services' 5 s
-                assert outcome == "DEADLINE_EXCEEDED", outcome
-                assert took > 7.5, took
-            finally:
-                await channel.close()
-                proxy.stop()
+        async with through(Mode.BLACKHOLE, client_library=True) as (channel, _):
+            outcome, took = await check(channel, 8.0)
+            # still connecting at the call's own deadline, past the services' 5 s
+            assert outcome == "DEADLINE_EXCEEDED", outcome
+            assert took > 7.5, took
 
     asyncio.run(main())

@@ -379,14 +379,7 @@ class TcpClient(DataClient):
                 ping = Frame(0, FrameType.PING, 0, 0)
                 self._conn.tasks.spawn(self._conn.send(ping, b"", memoryview(b"")))
             elif pinged_at is not None and now - pinged_at >= k.timeout_s:
-                silent = now - self._heard_at
-                await self._shut(
-                    unavailable(
-                        f"connection to {self._address} stalled: nothing received for "
-                        f"{silent:.1f}s with requests out, and no answer to a keepalive ping "
-                        f"within {k.timeout_s:g}s"
-                    )
-                )
+                await self._shut(unavailable(_stalled(self._address, now - self._heard_at, k)))
                 return
 
     async def _read(self) -> None:
@@ -412,6 +405,14 @@ class TcpClient(DataClient):
 
 class _Stalled(Exception):
     """A blocking channel's keepalive found its connection dead."""
+
+
+def _stalled(address: str, silent_s: float, keepalive: Keepalive) -> str:
+    """Why a keepalive (a ``TcpClient``'s or a ``BlockingTcpChannel``'s) broke a connection."""
+    return (
+        f"connection to {address} stalled: nothing received for {silent_s:.1f}s with requests "
+        f"out, and no answer to a keepalive ping within {keepalive.timeout_s:g}s"
+    )
 
 
 class BlockingTcpChannel:
@@ -585,11 +586,7 @@ class BlockingTcpChannel:
             except TimeoutError as exc:
                 raise _Stalled(f"connection to {self._address} stalled: a ping not sent") from exc
             return
-        raise _Stalled(
-            f"connection to {self._address} stalled: nothing received for "
-            f"{now - self._heard_at:.1f}s with requests out, and no answer to a keepalive "
-            f"ping within {k.timeout_s:g}s"
-        )
+        raise _Stalled(_stalled(self._address, now - self._heard_at, k))
 
     def _check(self) -> None:
         if self._broken:
