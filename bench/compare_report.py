@@ -161,9 +161,11 @@ def mode_line(mode: str, config: dict) -> str:
         return line
     parts = [f"{c[f'num_{r}']} {r}" for r in ("prefill", "decode", "mixed") if c[f"num_{r}"]]
     parts += [f"{c['policy']} routing", f"{c['num_kvstore']} store nodes"]
+    flags = c["service_args"]
     if c["coordinator"]:
-        coordinator_args = " ".join(c["service_args"].get("coordinator", []))
-        parts.append(f"coordinator {coordinator_args}".strip())
+        parts.append(" ".join(["coordinator", *flags.get("coordinator", [])]))
+    # the other services' flags the mode gave (banaserve: its router's rule, its decode chunk)
+    parts += [" ".join([k, *v]) for k, v in flags.items() if v and k != "coordinator"]
     return f"{line} ({', '.join(parts)})"
 
 

@@ -33,7 +33,7 @@ from services.common.paths import output_dir
 from services.launcher import Mode
 from services.prefill.write_backs import WritePolicy
 from services.sim.calibrate import DEFAULT_PROFILE_DIR, find_profile
-from services.sim.cluster import SimSpec, check_cluster_size
+from services.sim.cluster import BANASERVE_DECODE, BANASERVE_ROUTER, SimSpec, check_cluster_size
 from services.sim.inputs import check_plan_size, plan_workload
 from services.sim.profile import Profile
 from services.sim.replay import simulate
@@ -77,12 +77,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    default=WritePolicy.REUSED.value,
                    help="banaserve: which new blocks are written to the store (as the prefill "
                    "worker's --store-write-policy; default %(default)s)")  # fmt: skip
-    p.add_argument("--local-prefill-max-tokens", type=non_negative(int), default=0, metavar="N",
+    p.add_argument("--local-prefill-max-tokens", type=non_negative(int),
+                   default=BANASERVE_ROUTER.local_prefill_max_tokens, metavar="N",
                    help="banaserve's router: a decode worker prefills a prompt itself when its "
-                   "prefix cache holds all but at most N tokens (router flag; 0: never)")  # fmt: skip
-    p.add_argument("--local-prefill-queue-tokens", type=non_negative(int), default=0, metavar="Q",
+                   "prefix cache holds all but at most N tokens (router flag; 0: never; default "
+                   "%(default)s, as up --mode banaserve)")  # fmt: skip
+    p.add_argument("--local-prefill-queue-tokens", type=non_negative(int),
+                   default=BANASERVE_ROUTER.local_prefill_queue_tokens, metavar="Q",
                    help="banaserve's router: ... and any prompt while the prefill worker has at "
-                   "least Q prompt tokens queued and the decode worker fewer (router flag)")  # fmt: skip
+                   "least Q prompt tokens queued and the decode worker fewer (router flag; 0: "
+                   "never; default %(default)s)")  # fmt: skip
+    p.add_argument("--decode-max-num-batched-tokens", type=positive(int),
+                   default=BANASERVE_DECODE.max_num_batched_tokens, metavar="T",
+                   help="banaserve's decode workers: the most prompt tokens they prefill in a "
+                   "step (their --max-num-batched-tokens; default %(default)s)")  # fmt: skip
     p.add_argument("--traces-dir", type=path_arg, default=DEFAULT_TRACES_DIR)
     p.add_argument("--out", type=path_arg, default=DEFAULT_PROFILE_DIR)
 
@@ -129,7 +137,8 @@ def scale_point(n: int, name: str, profile: Profile, args: argparse.Namespace) -
         if mode is Mode.BANASERVE:  # its router's conditional disaggregation, when asked for
             spec = replace(spec, sample_interval_s=1.0,
                            local_prefill_max_tokens=args.local_prefill_max_tokens,
-                           local_prefill_queue_tokens=args.local_prefill_queue_tokens)  # fmt: skip
+                           local_prefill_queue_tokens=args.local_prefill_queue_tokens,
+                           decode_max_num_batched_tokens=args.decode_max_num_batched_tokens)  # fmt: skip
         res = simulate(spec, profile, planned, name, slo)
         out["runs"][mode.value] = res.row | {"wall_s": res.wall_s, "samples": res.samples,
                                              "store_hit_tokens": res.num_store_hit_tokens,
@@ -195,8 +204,10 @@ def render(points: list[dict], profile: Profile, args: argparse.Namespace) -> st
 def _local_prefill(args: argparse.Namespace) -> str:
     n, q = args.local_prefill_max_tokens, args.local_prefill_queue_tokens
     if not (n or q):
-        return ""
-    return f", banaserve's router --local-prefill-max-tokens {n} --local-prefill-queue-tokens {q}"
+        return ", no local prefill on banaserve's decode workers"
+    return (f", banaserve's router --local-prefill-max-tokens {n} --local-prefill-queue-tokens "
+            f"{q}, its decode workers --max-num-batched-tokens "
+            f"{args.decode_max_num_batched_tokens}")  # fmt: skip
 
 
 def write_report(points: list[dict], profile: Profile, args: argparse.Namespace) -> str:

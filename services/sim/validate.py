@@ -26,6 +26,7 @@ import argparse
 import json
 import shlex
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 from bench.workloads import workload
@@ -33,10 +34,10 @@ from bench.workloads_trace import DEFAULT_TRACES_DIR
 from services.common.arg_types import path_arg
 from services.common.errors import ConfigError
 from services.common.paths import output_file
-from services.launcher import ClusterSpec, Mode
+from services.launcher import ClusterSpec, Mode, mode_spec
 from services.prefill.write_backs import WritePolicy
 from services.sim.calibrate import find_profile
-from services.sim.cluster import SimSpec
+from services.sim.cluster import SimSpec, service_flags
 from services.sim.inputs import plan_workload, read_compare
 from services.sim.profile import Profile
 from services.sim.replay import Job, coordinator_policy, simulate_sequence
@@ -98,26 +99,47 @@ def up_spec(mode: Mode, config: dict) -> ClusterSpec:
             "--kvstore-transport", planes["kvstore_transport"],
             *shlex.split(config.get("extra_up_args") or "")]  # fmt: skip
     try:
-        return spec_from_argv(argv)
+        spec = spec_from_argv(argv)
     except ConfigError as exc:
         raise ConfigError(f"the compare JSON's up arguments do not parse: {argv}: {exc}") from None
+    return replace(spec, service_args=_recorded_service_args(mode, spec, config))
 
 
-def _flags(argv: tuple[str, ...]) -> argparse.Namespace:
-    """The router's and decode workers' flags the simulator models, from their extra args."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--local-prefill-max-tokens", type=int, default=0)
-    p.add_argument("--local-prefill-queue-tokens", type=int, default=0)
-    p.add_argument("--no-reuse-cached-prefix", dest="reuse", action="store_false")
-    return p.parse_known_args(list(argv))[0]
+# What ``up --mode`` gave each mode's services before the compare JSON recorded it
+# (``mode_clusters``, since 2026-12-02): banaserve's coordinator ran with --auto, nothing else.
+UNRECORDED_MODE_SERVICE_ARGS: dict[Mode, dict[str, tuple[str, ...]]] = {
+    Mode.BANASERVE: {"coordinator": ("--auto",)}
+}
+
+
+def _recorded_service_args(mode: Mode, spec: ClusterSpec, config: dict) -> dict:
+    """``spec``'s service flags with the mode's own as the run recorded them, not as ``up --mode``
+    gives them today (banaserve's router rule and decode chunk came in session 29): a run is
+    replayed as it ran. ``mode_spec`` puts the mode's flags before the given ones."""
+    today = mode_spec(mode).service_args
+    recorded = (config.get("mode_clusters") or {}).get(mode.value)
+    then = (
+        {k: tuple(v) for k, v in recorded["service_args"].items()}
+        if recorded is not None
+        else UNRECORDED_MODE_SERVICE_ARGS.get(mode, {})
+    )
+    out = {}
+    for service in dict.fromkeys([*then, *spec.service_args]):
+        own = spec.service_args.get(service, ())[len(today.get(service, ())) :]
+        if args := (*then.get(service, ()), *own):
+            out[service] = args
+    return out
 
 
 def sim_spec(mode: Mode, config: dict, profile: Profile | None = None) -> SimSpec:
     up = up_spec(mode, config)
     router, decode = (
-        _flags(up.service_args.get("router", ())),
-        _flags(up.service_args.get("decode", ())),
+        service_flags(up.service_args.get("router", ())),
+        service_flags(up.service_args.get("decode", ())),
     )
+    chunk = decode.max_num_batched_tokens
+    if chunk is not None and chunk < 1:
+        raise ConfigError(f"the compare JSON's decode workers ran --max-num-batched-tokens {chunk}")
     num_workers = up.num_prefill + up.num_decode + up.num_mixed
     coordinator = up.service_args.get("coordinator", ())
     policy, share, donors = coordinator_policy(list(coordinator))
@@ -133,6 +155,7 @@ def sim_spec(mode: Mode, config: dict, profile: Profile | None = None) -> SimSpe
         local_prefill_max_tokens=router.local_prefill_max_tokens,
         local_prefill_queue_tokens=router.local_prefill_queue_tokens,
         reuse_cached_prefix=decode.reuse,
+        decode_max_num_batched_tokens=chunk,
     )  # fmt: skip
 
 

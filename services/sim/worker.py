@@ -102,7 +102,10 @@ class SimWorker:
         loop: EventLoop,
         max_model_len: int,
         num_kv_blocks: int | None = None,
+        max_num_batched_tokens: int | None = None,
     ) -> None:
+        """``max_num_batched_tokens``: the worker's ``--max-num-batched-tokens`` (None: the
+        profile's, the engine's default)."""
         self.worker_id, self.role, self.profile, self.loop = worker_id, role, profile, loop
         self.max_model_len = max_model_len
         self.block_manager = BlockManager(
@@ -111,7 +114,7 @@ class SimWorker:
         self.scheduler = Scheduler(
             self.block_manager,
             profile.max_num_seqs,
-            profile.max_num_batched_tokens,
+            max_num_batched_tokens or profile.max_num_batched_tokens,
             on_preempt=self._preempted,
         )
         # this kind of worker's serving costs (fixed: the profile is frozen)

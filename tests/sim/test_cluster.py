@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from services.coordinator.policy_types import ActionKind, Decision
@@ -121,6 +123,15 @@ def test_a_long_prefill_queue_sends_any_prompt_to_d():
     a, b = cluster.run([request(0, 0.0, 40, 1), request(1, 0.05, 40, 1)])
     assert (a.first_token_s, b.first_token_s) == pytest.approx((0.4, 0.45))
     assert cluster.workers["prefill-000"].stats.num_steps == 1
+    assert cluster.workers["decode-000"].stats.num_steps == 1  # the profile's chunk: 256
+    assert_no_leaks(cluster)
+    # The decode worker's --max-num-batched-tokens 16 (banaserve's chunk, made small): B's 40
+    # tokens take three of its steps, 16 + 16 + 8 (10 ms a token: the same 0.4 s here).
+    cluster = SimCluster(replace(spec, decode_max_num_batched_tokens=16), make_profile())
+    a, b = cluster.run([request(0, 0.0, 40, 1), request(1, 0.05, 40, 1)])
+    assert (a.first_token_s, b.first_token_s) == pytest.approx((0.4, 0.45))
+    assert cluster.workers["decode-000"].stats.num_steps == 3
+    assert cluster.workers["prefill-000"].stats.num_steps == 1  # its chunk is the profile's
     assert_no_leaks(cluster)
 
 

@@ -52,7 +52,8 @@ def test_the_cli_writes_the_report_json_and_plots(tmp_path, capsys):
     assert main(_argv(tmp_path)) == 0
     (point,) = json.loads((tmp_path / "sim-scale.json").read_text())
     assert point["workers"] == 4 and point["workload"] == "mixed"
-    assert point["runs"]["banaserve"]["local_prefills"] == 0  # off unless asked for
+    # up --mode banaserve's router rule: its decode workers prefill mixed's 64-token prompts
+    assert 0 < point["runs"]["banaserve"]["local_prefills"] < point["num_requests"]
     assert [s["num_prefill"] for s in point["splits"]] == [1, 2]
     assert point["runs"]["static-pd"]["num_prefill"] in (1, 2)
     assert set(point["runs"]) == {"colocated", "static-pd", "banaserve"}
@@ -61,14 +62,22 @@ def test_the_cli_writes_the_report_json_and_plots(tmp_path, capsys):
         assert (tmp_path / f"sim-scale-{name}.png").stat().st_size > 0
 
 
-def test_banaserve_runs_its_routers_conditional_disaggregation_when_asked(tmp_path, capsys):
+def test_banaserve_runs_its_routers_conditional_disaggregation_as_told(tmp_path, capsys):
     """``--local-prefill-max-tokens 64``: mixed's 64-token prompts are prefilled by the decode
-    workers of banaserve (the router's own rule); the report says so."""
-    argv = _argv(tmp_path) + ["--local-prefill-max-tokens", "64"]
+    workers of banaserve (the router's own rule); the report says so. Both limits 0: none is."""
+    argv = _argv(tmp_path) + ["--local-prefill-max-tokens", "64", "--local-prefill-queue-tokens",
+                              "0", "--decode-max-num-batched-tokens", "32"]  # fmt: skip
     assert main(argv) == 0
     (point,) = json.loads((tmp_path / "sim-scale.json").read_text())
     local = point["runs"]["banaserve"]["local_prefills"]
     assert 0 < local < point["num_requests"]
     report = (tmp_path / "sim-scale.md").read_text()
-    assert "--local-prefill-max-tokens 64 --local-prefill-queue-tokens 0" in report
+    assert ("--local-prefill-max-tokens 64 --local-prefill-queue-tokens 0, its decode workers "
+            "--max-num-batched-tokens 32") in report  # fmt: skip
     assert report.splitlines()[-1].endswith(f"| {local} |")
+    off = ["--local-prefill-max-tokens", "0", "--local-prefill-queue-tokens", "0"]
+    assert main(_argv(tmp_path) + off) == 0
+    (point,) = json.loads((tmp_path / "sim-scale.json").read_text())
+    assert point["runs"]["banaserve"]["local_prefills"] == 0
+    report = (tmp_path / "sim-scale.md").read_text()
+    assert "no local prefill on banaserve's decode workers" in report

@@ -35,8 +35,14 @@ def simulated_report() -> dict:
     return simulated_report_of(("static-pd", "colocated"))
 
 
-def simulated_report_of(modes: tuple[str, ...], made: ServingModel = TRUE) -> dict:
+NO_LOCAL_PREFILL = "--router-args='--local-prefill-max-tokens 0 --local-prefill-queue-tokens 0'"
+
+
+def simulated_report_of(
+    modes: tuple[str, ...], made: ServingModel = TRUE, up_args: str = ""
+) -> dict:
     report = compare_json(modes=modes)
+    report["config"]["extra_up_args"] = up_args
     rows = compare_rows(report, replace(profile(), serving=made), traces_dir=None)
     report["table"] = [r["sim"] | {"workload": r["workload"], "mode": r["mode"]} for r in rows]
     return report
@@ -288,7 +294,10 @@ def test_banaserve_pd_workers_are_fitted_apart_on_its_rows_without_a_migration()
     node's lookups and the coordinator share the cores): ``banaserve_apart`` finds both sets,
     each from its own mode's rows; a banaserve row with a migration is not fitted on."""
     made = replace(TRUE, store=StepCosts(prefill_scale=1.6, decode_scale=1.8))
-    report = simulated_report_of(("static-pd", "banaserve"), made)
+    # With the router's rule (banaserve's default since session 29) its decode worker prefills
+    # some prompts too, which the TTFT ratio does not tell from the prefill worker's: the fit
+    # then lands ~10 % off (0.90 of the TTFT here). Fitted on a run without it.
+    report = simulated_report_of(("static-pd", "banaserve"), made, NO_LOCAL_PREFILL)
     assert [r["num_migrations"] for r in report["table"]] == [0, 0]
     fitted, rows, _ = fit(report, profile(), traces_dir=None, banaserve_apart=True)
     s = fitted.serving
@@ -305,7 +314,7 @@ def test_banaserve_pd_workers_are_fitted_apart_on_its_rows_without_a_migration()
     assert default.serving.store is None and "banaserve" not in default.serving.source
     assert ratios(rows, "banaserve")[0] > 1.15
     # A banaserve row that made a migration has nothing to fit on: as static PD's.
-    moved = simulated_report_of(("static-pd", "banaserve"), made)
+    moved = simulated_report_of(("static-pd", "banaserve"), made, NO_LOCAL_PREFILL)
     moved["table"][1]["num_migrations"] = 1
     alone, _, _ = fit(moved, profile(), traces_dir=None, banaserve_apart=True)
     assert alone.serving.store is None

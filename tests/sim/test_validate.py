@@ -17,6 +17,7 @@ from services.sim.profile import DecodeModel, PrefillModel
 from services.sim.validate import (
     METRICS,
     add_repeat,
+    check_same_run,
     compare_rows,
     error,
     sim_spec,
@@ -116,6 +117,46 @@ def test_the_modes_cluster_and_up_args_are_replayed():
     )
     spec = sim_spec(Mode.STATIC_PD, report["config"])
     assert (spec.local_prefill_max_tokens, spec.reuse_cached_prefix) == (64, False)
+
+
+def test_a_run_is_replayed_with_the_mode_flags_it_recorded():
+    # A run recorded today: banaserve's router rule and decode chunk, and --up-args after them.
+    report = compare_json(("static-pd", "banaserve"))
+    spec = sim_spec(Mode.BANASERVE, report["config"])
+    assert (spec.local_prefill_max_tokens, spec.local_prefill_queue_tokens) == (128, 1024)
+    assert spec.decode_max_num_batched_tokens == 256
+    report["config"]["extra_up_args"] = (
+        "--router-args='--local-prefill-queue-tokens 0' --decode-args='--max-num-batched-tokens 64'"
+    )
+    spec = sim_spec(Mode.BANASERVE, report["config"])
+    assert (spec.local_prefill_max_tokens, spec.local_prefill_queue_tokens) == (128, 0)
+    assert spec.decode_max_num_batched_tokens == 64
+    static = sim_spec(Mode.STATIC_PD, report["config"])  # its own flags: none; --up-args' apply
+    assert (static.local_prefill_max_tokens, static.local_prefill_queue_tokens) == (0, 0)
+    assert static.decode_max_num_batched_tokens == 64
+    # A run from before session 29 recorded banaserve's coordinator --auto alone: no rule, the
+    # profile's chunk; its --up-args still apply.
+    report["config"]["mode_clusters"]["banaserve"]["service_args"] = {"coordinator": ["--auto"]}
+    spec = sim_spec(Mode.BANASERVE, report["config"])
+    assert (spec.local_prefill_max_tokens, spec.local_prefill_queue_tokens) == (0, 0)
+    assert spec.decode_max_num_batched_tokens == 64
+    up = up_spec(Mode.BANASERVE, report["config"])
+    assert up.service_args == {"coordinator": ("--auto",), "router": ("--local-prefill-queue-tokens", "0"),
+                               "decode": ("--max-num-batched-tokens", "64")}  # fmt: skip
+    # ... and one that recorded no clusters at all ran the same.
+    report["config"]["extra_up_args"] = ""
+    del report["config"]["mode_clusters"]
+    assert up_spec(Mode.BANASERVE, report["config"]).service_args == {"coordinator": ("--auto",)}
+    assert sim_spec(Mode.BANASERVE, report["config"]).decode_max_num_batched_tokens is None
+    # Repeat runs of one cluster recorded before and after compare as different clusters.
+    other = compare_json(("static-pd", "banaserve"))
+    with pytest.raises(ConfigError, match="differs from the compared one in extra_up_args"):
+        check_same_run(other, report["config"], ["banaserve"])
+    check_same_run(other, report["config"], ["static-pd"])
+    # A chunk no decode worker could have run is refused.
+    report["config"]["extra_up_args"] = "--decode-args='--max-num-batched-tokens 0'"
+    with pytest.raises(ConfigError, match="max-num-batched-tokens 0"):
+        sim_spec(Mode.STATIC_PD, report["config"])
 
 
 def test_up_args_that_do_not_parse_are_refused():

@@ -155,7 +155,8 @@ def test_markdown_has_a_row_per_run_and_the_ratios():
     assert "`static-pd`: `up --mode static-pd` (1 prefill, 1 decode, load routing, 0 store" in text
     assert (
         "`banaserve`: `up --mode banaserve` (1 prefill, 1 decode, load routing, 1 store nodes, "
-        "coordinator --auto)" in text
+        "coordinator --auto, router --local-prefill-max-tokens 128 --local-prefill-queue-tokens "
+        "1024, decode --max-num-batched-tokens 256)" in text
     )
 
 
@@ -179,7 +180,11 @@ def test_each_mode_is_one_up_command_line():
     ]  # fmt: skip
     assert mode_cluster(Mode.BANASERVE) == {
         "coordinator": True, "num_decode": 1, "num_kvstore": 1, "num_mixed": 0,
-        "num_prefill": 1, "policy": "load", "service_args": {"coordinator": ["--auto"]},
+        "num_prefill": 1, "policy": "load", "service_args": {
+            "coordinator": ["--auto"],
+            "router": ["--local-prefill-max-tokens", "128", "--local-prefill-queue-tokens", "1024"],
+            "decode": ["--max-num-batched-tokens", "256"],
+        },
     }  # fmt: skip
     assert mode_cluster(Mode.COLOCATED)["num_mixed"] == 2
 

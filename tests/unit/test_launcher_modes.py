@@ -8,7 +8,16 @@ import argparse
 import pytest
 
 from services.common.errors import ConfigError
-from services.launcher import ClusterSpec, LocalCluster, Mode, mode_spec, process_names
+from services.decode.__main__ import parse_args as decode_args
+from services.launcher import (
+    BANASERVE_SERVICE_ARGS,
+    ClusterSpec,
+    LocalCluster,
+    Mode,
+    mode_spec,
+    process_names,
+)
+from services.router.__main__ import parse_args as router_args
 from services.up import add_arguments, cluster_spec
 
 
@@ -42,9 +51,25 @@ def test_what_each_mode_decides():
     static = mode_spec(Mode.STATIC_PD, 2)
     assert (static.policy, static.num_kvstore, static.coordinator) == ("load", 0, False)
     assert static.service_args == {}
-    bana = mode_spec(Mode.BANASERVE, 2, service_args={"coordinator": ("--gap-high", "0.3")})
+    given = {"coordinator": ("--gap-high", "0.3"), "decode": ("--max-num-batched-tokens", "64"),
+             "prefill": ("--max-num-seqs", "8")}  # fmt: skip
+    bana = mode_spec(Mode.BANASERVE, 2, service_args=given)
     assert (bana.policy, bana.num_kvstore, bana.coordinator) == ("load", 1, True)
-    assert bana.service_args == {"coordinator": ("--auto", "--gap-high", "0.3")}
+    # banaserve's own flags first, so that a flag given for a service overrides the mode's (the
+    # last of a flag wins): its coordinator decides on its own, its router lets the decode
+    # worker prefill (conditional disaggregation) in chunks its decode worker bounds
+    assert bana.service_args == {
+        "coordinator": ("--auto", "--gap-high", "0.3"),
+        "router": ("--local-prefill-max-tokens", "128", "--local-prefill-queue-tokens", "1024"),
+        "decode": (*BANASERVE_SERVICE_ARGS["decode"], "--max-num-batched-tokens", "64"),
+        "prefill": ("--max-num-seqs", "8"),
+    }
+    # ... and the services' own parsers read them so
+    assert decode_args(list(bana.service_args["decode"])).max_num_batched_tokens == 64
+    router = router_args(list(bana.service_args["router"]))
+    assert (router.local_prefill_max_tokens, router.local_prefill_queue_tokens) == (128, 1024)
+    alone = decode_args(list(mode_spec(Mode.BANASERVE).service_args["decode"]))
+    assert alone.max_num_batched_tokens == 256
 
 
 def test_the_rest_of_the_spec_is_the_same_in_every_mode():
@@ -85,9 +110,9 @@ def test_coordinator_args_reach_the_automatic_coordinator():
     args = p.parse_args(
         ["--mode", "banaserve", "--coordinator-args", "--gap-high 0.3 --sustain-s 1"]
     )
-    assert cluster_spec(args).service_args == {
-        "coordinator": ("--auto", "--gap-high", "0.3", "--sustain-s", "1")
-    }
+    assert cluster_spec(args).service_args["coordinator"] == (
+        "--auto", "--gap-high", "0.3", "--sustain-s", "1"
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -138,11 +163,12 @@ def test_prefill_and_decode_args_become_the_flags_of_their_module():
             "--decode-args", "--max-num-seqs 64", "--coordinator-args", "--gap-high 0.3",
             "--router-args", "--local-prefill-max-tokens 64"]  # fmt: skip
     spec = cluster_spec(p.parse_args(argv))
+    mine = BANASERVE_SERVICE_ARGS
     assert spec.service_args == {
         "coordinator": ("--auto", "--gap-high", "0.3"),
-        "router": ("--local-prefill-max-tokens", "64"),
+        "router": (*mine["router"], "--local-prefill-max-tokens", "64"),
         "prefill": ("--max-num-batched-tokens", "512"),
-        "decode": ("--max-num-seqs", "64"),
+        "decode": (*mine["decode"], "--max-num-seqs", "64"),
     }
     # ``LocalCluster._spawn`` appends service_args by module: mixed workers are decode's.
     colocated = cluster_spec(
