@@ -11,7 +11,8 @@ per decision period (``PolicyConfig.interval_s``):
 2. every ACTIVE migration is considered for a revert: when its pair's gap stayed under
    ``gap_low`` for ``revert_after_s`` and undoing it would not open a gap of ``gap_high`` again,
    or when the helper became the hotter one by ``gap_high`` for ``revert_after_s`` (this one
-   even while its workers cool down: the move made the pair worse);
+   even while its workers cool down: the move made the pair worse), at once if the helper's
+   last two reports show prompts of its own queued (``min_queued_prefill_tokens``);
 3. then one start: the hottest worker that may donate against the coolest that may host, once
    the donor's gap held for ``sustain_s`` (to the coolest free host of each period, whichever
    that is: with many workers the extremes change while the imbalance stays), the helper's compute
@@ -133,7 +134,7 @@ class Policy:
         decisions = [
             d
             for m in migrations
-            if (d := self._consider_revert(now, m, utils, cooling, rejected)) is not None
+            if (d := self._consider_revert(now, m, views, utils, cooling, rejected)) is not None
         ]
         start = self._consider_start(now, views, utils, busy, cooling, rejected)
         if start is not None:
@@ -185,6 +186,7 @@ class Policy:
         self,
         now: float,
         m: Migration,
+        views: Mapping[str, WorkerView],
         utils: Mapping[str, Utilisation],
         cooling: Mapping[str, float],
         rejected: list[Rejected],
@@ -200,13 +202,20 @@ class Policy:
             why = f"gap {_fmt(gap)} < {cfg.gap_low}, {_fmt(abs(after_d - after_h))} once reverted"
         elif h.value - d.value >= cfg.gap_high:
             why = f"helper hotter by {_fmt(h.value - d.value)}"
+            queued = self._own_prompts_queued(m, views)
+            if queued:
+                why += f", {queued} prompt tokens of its own queued"
         else:
             self._state.revert.pop(m.migration_id, None)
             return None
         key = (why.split()[0],)  # "gap" or "helper": a change of reason starts the wait again
         held = self._held(self._state.revert.get(m.migration_id), key, now)
         self._state.revert[m.migration_id] = held
-        if now - held.since < cfg.revert_after_s:
+        # A helper hotter with prompts of its own queued in its last two reports is undone at
+        # once: each of its prefill steps holds the donor's hosted layers (and so every donor
+        # step) back, and the queue will not drain while it hosts them (docs/coordinator.md).
+        wait = 0.0 if "queued" in why else cfg.revert_after_s
+        if now - held.since < wait:
             return None
         # A helper hotter for revert_after_s is a move that made the pair worse: undone past
         # the cool-down, which is there so a decision is not undone before its effect shows.
@@ -221,6 +230,19 @@ class Policy:
             ActionKind.REVERT, m.donor, m.helper, gap, max(after_d, after_h), dict(utils),
             migration_id=m.migration_id, reason=f"{why} for {now - held.since:.1f} s",
         )  # fmt: skip
+
+    def _own_prompts_queued(self, m: Migration, views: Mapping[str, WorkerView]) -> int:
+        """The prompt tokens queued on ``m``'s helper at its last report when each of its last
+        two reports shows at least ``min_queued_prefill_tokens`` of them (as a backlog counts
+        for a start: a prompt waiting one step shows in one report only), else 0."""
+        view = views.get(m.helper)
+        if m.kind is not MigrationKind.LAYERS or view is None:
+            return 0
+        least = max(1, self.config.min_queued_prefill_tokens)
+        reports = [s.report for s in view.samples[-2:]]
+        if len(reports) < 2 or any(r.num_queued_prefill_tokens < least for r in reports):
+            return 0
+        return reports[-1].num_queued_prefill_tokens
 
     def _after_revert(self, m: Migration, d: Utilisation, h: Utilisation) -> tuple[float, float]:
         """(U donor, U helper) once reverted: the moved layers' compute back on the donor.

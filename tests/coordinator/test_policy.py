@@ -105,6 +105,36 @@ def test_a_helper_that_got_hot_gets_its_layers_back():
     assert rows == [(8.0, "layers", D, P, (2, 4)), (17.0, "revert", D, P, "m-1")]
 
 
+@pytest.mark.parametrize(
+    ("queued", "at_once"),
+    [((900, 900), True), ((0, 900), False), ((100, 100), False)],
+)
+def test_a_helper_whose_own_prompts_queue_gets_its_layers_back_at_once(queued, at_once):
+    """Session 29 (docs/benchmarks.md): a decode worker's layers moved onto the idle prefill
+    worker 1 s into mooncake; then the trace's long prompts queued there, every decode step
+    waited for the hosted layers behind them, and the "helper hotter" revert came 10 s later
+    (TPOT p99 4.7 s). A helper hotter with at least ``min_queued_prefill_tokens`` of its own
+    prompt tokens queued in its last two reports is undone at the first decision; one report,
+    or fewer tokens, wait ``revert_after_s`` as before."""
+    policy = Policy(PolicyConfig())
+    m = active("m-1", D, P, 2.0)  # layers [2, 4) of the decode worker on the prefill worker
+    decode = tuple(Sample(t / 2, report(0.9, 100)) for t in range(10, 21))  # 5 .. 10 s
+    prefill = [Sample(t / 2, report(1.0, 0)) for t in range(10, 19)]
+    prefill += [
+        Sample(t, replace(report(1.0, 0), num_queued_prefill_tokens=q))
+        for t, q in zip((9.5, 10.0), queued, strict=True)
+    ]
+    views = [WorkerView(D, 4, decode), WorkerView(P, 4, tuple(prefill))]
+    outcome = policy.decide(10.0, views, [m])
+    if not at_once:
+        assert outcome.decisions == ()
+        return
+    (revert,) = outcome.decisions
+    assert (revert.kind, revert.migration_id) == (ActionKind.REVERT, "m-1")
+    # 1.0 + 0.3825 on the helper against 0.9 - 0.3825 on the donor, as attributed: 0.865
+    assert revert.reason == "helper hotter by 0.86, 900 prompt tokens of its own queued for 0.0 s"
+
+
 # -- cool-down, actions in flight, oscillation ---------------------------------------------
 
 
