@@ -164,6 +164,7 @@ def _check_config(config: dict, bad) -> None:  # noqa: ANN001 - bad: message -> 
         shlex.split(config.get("extra_up_args") or "")
     except ValueError as exc:  # an unclosed quote
         raise bad(f"config.extra_up_args do not split: {exc}") from None
+    _check_mode_clusters(config.get("mode_clusters"), bad)
     planes = config.get("up_data_planes")
     if planes and not (isinstance(planes, dict) and all(
         isinstance(planes.get(k), str) for k in ("kv_transport", "kvstore_transport")
@@ -171,6 +172,23 @@ def _check_config(config: dict, bad) -> None:  # noqa: ANN001 - bad: message -> 
         raise bad(
             f"config.up_data_planes is {planes!r}, not its kv_transport and kvstore_transport"
         )
+
+
+def _check_mode_clusters(clusters: object, bad) -> None:  # noqa: ANN001
+    """``config.mode_clusters``: each mode's ``service_args``, flags by service, as recorded (the
+    simulator replays a mode with them, ``validate.up_spec``); absent in old runs."""
+    if clusters is None:
+        return
+    if not isinstance(clusters, dict) or not all(isinstance(c, dict) for c in clusters.values()):
+        raise bad(f"config.mode_clusters is {clusters!r}, not each mode's cluster by name")
+    for mode, cluster in clusters.items():
+        flags = cluster.get("service_args", {})
+        if not (isinstance(flags, dict) and all(
+            isinstance(v, list) and all(isinstance(a, str) for a in v) for v in flags.values()
+        )):  # fmt: skip
+            raise bad(
+                f"config.mode_clusters.{mode}.service_args is {flags!r}, not flags by service"
+            )
 
 
 def _check_workloads(workloads: object, bad) -> None:  # noqa: ANN001

@@ -238,6 +238,13 @@ def _set(report: dict, path: str, value) -> None:  # noqa: ANN001
         ("config.extra_up_args", 5, "config.extra_up_args is 5, not a str"),
         ("config.extra_up_args", "--x 'a", "extra_up_args do not split: No closing quotation"),
         ("config.up_data_planes", "tcp", "config.up_data_planes is 'tcp'"),
+        ("config.mode_clusters", [], "config.mode_clusters is [], not each mode's cluster"),
+        (
+            "config.mode_clusters.banaserve.service_args",
+            {"router": "--x"},
+            "config.mode_clusters.banaserve.service_args is {'router': '--x'}, not flags by",
+        ),
+        ("config.mode_clusters.banaserve.service_args", [], "service_args is [], not flags by"),
         ("workloads", [1], "its workloads are not an object by name"),
         ("workloads.mixed", "x", "workload 'mixed' is not an object"),
         ("workloads.mixed.slo_tpot_ms", None, "workload 'mixed': slo_tpot_ms is None"),
