@@ -15,11 +15,12 @@ from tests.e2e.test_cluster import assert_workers_idle, greedy_as_the_engine, pr
 pytestmark = pytest.mark.e2e
 
 
-def pd_cluster(banaserve_home, tmp_path_factory, *router_args: str):
-    """Router (with ``router_args``) + 1 prefill + 1 decode worker, TCP handoff, no store."""
+def pd_cluster(banaserve_home, tmp_path_factory, *router_args: str, decode_args=()):
+    """Router (with ``router_args``) + 1 prefill + 1 decode worker (``decode_args``), TCP
+    handoff, no store."""
     env = {"BANASERVE_HOME": str(banaserve_home)}
     spec = ClusterSpec(num_kv_blocks=512, num_kvstore=0, kv_transport="tcp", extra_env=env,
-                       service_args={"router": router_args})  # fmt: skip
+                       service_args={"router": router_args, "decode": tuple(decode_args)})  # fmt: skip
     with running_cluster(spec, tmp_path_factory.mktemp("logs") / "cluster.log") as cluster:
         yield {
             "router": cluster.router,
@@ -48,13 +49,16 @@ def test_short_suffixes_on_a_held_prefix_are_prefilled_by_the_decode_worker(clus
 
 @pytest.fixture(scope="module")
 def queue_cluster(banaserve_home, tmp_path_factory):
-    yield from pd_cluster(banaserve_home, tmp_path_factory, "--local-prefill-queue-tokens", "1")
+    # the decode worker prefills in chunks of 16 tokens, as banaserve's of 256 (up --mode)
+    yield from pd_cluster(banaserve_home, tmp_path_factory, "--local-prefill-queue-tokens", "1",
+                          decode_args=("--max-num-batched-tokens", "16"))  # fmt: skip
 
 
 def test_while_the_prefill_worker_has_a_queue_the_decode_worker_prefills(queue_cluster, tiny_llama):
     """``--local-prefill-queue-tokens 1``: a prompt routed while the prefill worker has any
     queued (by the router's estimate) is prefilled by the decode worker, whatever its cache
-    holds: of concurrent cold prompts, the first goes to the prefill worker, later ones to D."""
+    holds: of concurrent cold prompts, the first goes to the prefill worker, later ones to D —
+    in 16-token chunks there (4-6 steps a prompt, beside the others' decodes), the same tokens."""
     prompts = [prompt_ids(60 + 7 * i, 1300 + i) for i in range(6)]
     results = greedy_as_the_engine(queue_cluster["router"].address, tiny_llama, prompts, 4)
     on_decode = [r.prefill_worker_id == r.decode_worker_id for r in results]
