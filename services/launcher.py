@@ -191,11 +191,11 @@ MODE_FIELDS = frozenset(
 # ``banaserve``'s flags of its services, before any given for them (the last of a flag wins):
 # the coordinator decides on its own; and a decode worker prefills a prompt itself when its
 # prefix cache holds all but at most 128 of its tokens, or any prompt while the prefill worker
-# it would go to has 1,024 prompt tokens queued and it fewer (conditional disaggregation, the router's rule:
-# docs/services.md), in chunks of at most 256 tokens a step, so that a prompt it takes stalls
-# its decodes a chunk at a time, not a whole prompt (docs/benchmarks.md, session 29: on a
-# machine whose one prefill worker saturates, this is what makes banaserve serve what static PD
-# cannot).
+# it would go to has 1,024 prompt tokens queued and it fewer (conditional disaggregation, the
+# router's rule: docs/services.md), in chunks of at most 256 tokens a step, so that a prompt it
+# takes stalls its decodes a chunk at a time, not a whole prompt (docs/benchmarks.md, session
+# 29: on a machine whose one prefill worker saturates, this is what makes banaserve serve what
+# static PD cannot).
 BANASERVE_SERVICE_ARGS: dict[str, tuple[str, ...]] = {
     "coordinator": ("--auto",),
     "router": ("--local-prefill-max-tokens", "128", "--local-prefill-queue-tokens", "1024"),
@@ -209,7 +209,8 @@ def mode_spec(
     """The cluster of ``mode`` with ``num_workers`` workers in all: colocated, that many mixed
     workers; a PD mode, ``num_prefill`` prefill workers (default: half, at least one) and the
     rest decode. ``fields``: the other ClusterSpec fields (model, threads, pin...); the
-    services of ``banaserve`` run with ``BANASERVE_SERVICE_ARGS`` before their own ``service_args``."""
+    services of ``banaserve`` run with ``BANASERVE_SERVICE_ARGS`` before their own
+    ``service_args``."""
     if num_workers < 1 or (mode is not Mode.COLOCATED and num_workers < 2):
         raise ConfigError(f"mode {mode.value} needs more workers than {num_workers}")
     owned = sorted(MODE_FIELDS & fields.keys())
