@@ -198,11 +198,13 @@ class Policy:
         cfg = self.config
         gap = abs(d.value - h.value)
         after_d, after_h = self._after_revert(m, d, h)
+        queued = 0  # the helper's own prompt tokens queued, where they make the revert urgent
         if gap < cfg.gap_low and abs(after_d - after_h) < cfg.gap_high:
             why = f"gap {_fmt(gap)} < {cfg.gap_low}, {_fmt(abs(after_d - after_h))} once reverted"
         elif h.value - d.value >= cfg.gap_high:
             why = f"helper hotter by {_fmt(h.value - d.value)}"
-            queued = self._own_prompts_queued(m, views)
+            if m.kind is MigrationKind.LAYERS and (view := views.get(m.helper)) is not None:
+                queued = view.queued_prompt_tokens(cfg.min_queued_prefill_tokens)
             if queued:
                 why += f", {queued} prompt tokens of its own queued"
         else:
@@ -214,8 +216,7 @@ class Policy:
         # A helper hotter with prompts of its own queued in its last two reports is undone at
         # once: each of its prefill steps holds the donor's hosted layers (and so every donor
         # step) back, and the queue will not drain while it hosts them (docs/coordinator.md).
-        wait = 0.0 if "queued" in why else cfg.revert_after_s
-        if now - held.since < wait:
+        if now - held.since < (0.0 if queued else cfg.revert_after_s):
             return None
         # A helper hotter for revert_after_s is a move that made the pair worse: undone past
         # the cool-down, which is there so a decision is not undone before its effect shows.
@@ -230,19 +231,6 @@ class Policy:
             ActionKind.REVERT, m.donor, m.helper, gap, max(after_d, after_h), dict(utils),
             migration_id=m.migration_id, reason=f"{why} for {now - held.since:.1f} s",
         )  # fmt: skip
-
-    def _own_prompts_queued(self, m: Migration, views: Mapping[str, WorkerView]) -> int:
-        """The prompt tokens queued on ``m``'s helper at its last report when each of its last
-        two reports shows at least ``min_queued_prefill_tokens`` of them (as a backlog counts
-        for a start: a prompt waiting one step shows in one report only), else 0."""
-        view = views.get(m.helper)
-        if m.kind is not MigrationKind.LAYERS or view is None:
-            return 0
-        least = max(1, self.config.min_queued_prefill_tokens)
-        reports = [s.report for s in view.samples[-2:]]
-        if len(reports) < 2 or any(r.num_queued_prefill_tokens < least for r in reports):
-            return 0
-        return reports[-1].num_queued_prefill_tokens
 
     def _after_revert(self, m: Migration, d: Utilisation, h: Utilisation) -> tuple[float, float]:
         """(U donor, U helper) once reverted: the moved layers' compute back on the donor.

@@ -130,6 +130,15 @@ class WorkerView:
         min_queued = max(1, min_queued)  # 0 or 1: any queued token
         return all(_backlogged(s.report, min_running, min_queued) for s in self.samples[-2:])
 
+    def queued_prompt_tokens(self, min_queued: int) -> int:
+        """Its prompt tokens queued at its last report if each of its last two reports shows
+        at least ``min_queued`` (0 or 1: any), as a backlog counts in ``has_backlog``; else 0."""
+        reports = [s.report for s in self.samples[-2:]]
+        least = max(1, min_queued)
+        if len(reports) < 2 or any(r.num_queued_prefill_tokens < least for r in reports):
+            return 0
+        return reports[-1].num_queued_prefill_tokens
+
 
 def _backlogged(r: LoadReport, min_running: int, min_queued: int) -> bool:
     return bool(

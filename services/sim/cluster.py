@@ -27,16 +27,15 @@ every ``PolicyConfig.interval_s`` (``migrations.py`` plays the decisions out).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.common.errors import ConfigError, ResourceExhaustedError
 from services.coordinator.loadfeed import LoadHistory
 from services.coordinator.policy import Policy, PolicyConfig, WorkerView
-from services.launcher import BANASERVE_SERVICE_ARGS, Mode, mode_spec
+from services.launcher import Mode, mode_spec
 from services.prefill.write_backs import WritePolicy
 from services.router.core import NoRoomNowError, Router, RouterConfig, RouteRequest
 from services.router.driver_types import DriverConfig
@@ -77,24 +76,6 @@ class SimSpec:
     # The decode module's workers' (decode and mixed) --max-num-batched-tokens: the chunk of a
     # prompt they prefill in a step; None: the profile's
     decode_max_num_batched_tokens: int | None = None
-
-
-def service_flags(argv: Iterable[str]) -> argparse.Namespace:
-    """The router's and decode workers' flags the simulator models, from their extra args (the
-    others ignored): local_prefill_max_tokens, local_prefill_queue_tokens, reuse,
-    max_num_batched_tokens (None: not given)."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--local-prefill-max-tokens", type=int, default=0)
-    p.add_argument("--local-prefill-queue-tokens", type=int, default=0)
-    p.add_argument("--no-reuse-cached-prefix", dest="reuse", action="store_false")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    return p.parse_known_args(list(argv))[0]
-
-
-# ``up --mode banaserve``'s router rule and decode chunk (launcher.BANASERVE_SERVICE_ARGS): what
-# ``sim run`` gives its banaserve clusters unless told otherwise.
-BANASERVE_ROUTER = service_flags(BANASERVE_SERVICE_ARGS["router"])
-BANASERVE_DECODE = service_flags(BANASERVE_SERVICE_ARGS["decode"])
 
 
 # Every simulated worker holds its KV pool as the engine's own BlockManager (~270 bytes a

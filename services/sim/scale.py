@@ -33,11 +33,12 @@ from services.common.paths import output_dir
 from services.launcher import Mode
 from services.prefill.write_backs import WritePolicy
 from services.sim.calibrate import DEFAULT_PROFILE_DIR, find_profile
-from services.sim.cluster import BANASERVE_DECODE, BANASERVE_ROUTER, SimSpec, check_cluster_size
+from services.sim.cluster import SimSpec, check_cluster_size
 from services.sim.inputs import check_plan_size, plan_workload
 from services.sim.profile import Profile
 from services.sim.replay import simulate
 from services.sim.store import DEFAULT_CAPACITY_BYTES
+from services.sim.validate import BANASERVE_DECODE, BANASERVE_ROUTER
 
 EXTRA_TRACE = TraceWorkload(
     "mooncake-synthetic",

@@ -26,6 +26,7 @@ import argparse
 import json
 import shlex
 import statistics
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,10 +35,10 @@ from bench.workloads_trace import DEFAULT_TRACES_DIR
 from services.common.arg_types import path_arg
 from services.common.errors import ConfigError
 from services.common.paths import output_file
-from services.launcher import ClusterSpec, Mode, mode_spec
+from services.launcher import BANASERVE_SERVICE_ARGS, ClusterSpec, Mode, mode_spec
 from services.prefill.write_backs import WritePolicy
 from services.sim.calibrate import find_profile
-from services.sim.cluster import SimSpec, service_flags
+from services.sim.cluster import SimSpec
 from services.sim.inputs import plan_workload, read_compare
 from services.sim.profile import Profile
 from services.sim.replay import Job, coordinator_policy, simulate_sequence
@@ -129,6 +130,24 @@ def _recorded_service_args(mode: Mode, spec: ClusterSpec, config: dict) -> dict:
         if args := (*then.get(service, ()), *own):
             out[service] = args
     return out
+
+
+def service_flags(argv: Iterable[str]) -> argparse.Namespace:
+    """The router's and decode workers' flags the simulator models, from their extra args (the
+    others ignored): local_prefill_max_tokens, local_prefill_queue_tokens, reuse,
+    max_num_batched_tokens (None: not given)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--local-prefill-max-tokens", type=int, default=0)
+    p.add_argument("--local-prefill-queue-tokens", type=int, default=0)
+    p.add_argument("--no-reuse-cached-prefix", dest="reuse", action="store_false")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    return p.parse_known_args(list(argv))[0]
+
+
+# ``up --mode banaserve``'s router rule and decode chunk (launcher.BANASERVE_SERVICE_ARGS): what
+# ``sim run`` gives its banaserve clusters unless told otherwise.
+BANASERVE_ROUTER = service_flags(BANASERVE_SERVICE_ARGS["router"])
+BANASERVE_DECODE = service_flags(BANASERVE_SERVICE_ARGS["decode"])
 
 
 def sim_spec(mode: Mode, config: dict, profile: Profile | None = None) -> SimSpec:
