@@ -52,6 +52,10 @@ class EngineConfig:
     memory_budget_bytes: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    # A step that decodes computes at most this many prompt tokens (its decodes wait for them:
+    # every decoding sequence's time per token); 0: the step's budget alone
+    # (services/engine/scheduler.py).
+    max_prefill_tokens_while_decoding: int = 0
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     # A waiting prompt steps over a step whose running sequences are computing this many or
@@ -114,6 +118,11 @@ class EngineConfig:
             self.max_num_batched_tokens >= self.block_size,
             "max_num_batched_tokens must be at least block_size, "
             f"got {self.max_num_batched_tokens} < {self.block_size}",
+        )
+        _require(
+            self.max_prefill_tokens_while_decoding >= 0,
+            "max_prefill_tokens_while_decoding must be 0 or more, "
+            f"got {self.max_prefill_tokens_while_decoding}",
         )
         _require(
             self.max_model_len is None or self.max_model_len > 0,

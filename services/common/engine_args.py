@@ -55,6 +55,14 @@ def add_engine_args(p: argparse.ArgumentParser, model_default: str = "tiny-llama
     )
     p.add_argument("--max-num-seqs", type=int, default=_DEFAULTS.max_num_seqs)
     p.add_argument("--max-num-batched-tokens", type=int, default=_DEFAULTS.max_num_batched_tokens)
+    p.add_argument(
+        "--max-prefill-tokens-while-decoding",
+        type=int,
+        default=_DEFAULTS.max_prefill_tokens_while_decoding,
+        metavar="N",
+        help="a step that decodes computes at most N prompt tokens, so a prompt this worker "
+        "prefills delays its decodes a little each step (0: the step's budget alone)",
+    )
     p.add_argument("--max-model-len", type=int, default=None, help="default: the model's")
     p.add_argument(
         "--load-layers",
@@ -108,6 +116,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         memory_budget_bytes=args.memory_budget_bytes,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        max_prefill_tokens_while_decoding=args.max_prefill_tokens_while_decoding,
         max_model_len=args.max_model_len,
         enable_prefix_caching=args.prefix_caching,
         defer_shared_prefix_tokens=args.defer_shared_prefix_tokens,

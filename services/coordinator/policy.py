@@ -253,7 +253,7 @@ class Policy:
         rejected: list[Rejected],
     ) -> tuple[list[str], str] | None:
         """The workers free to donate, hottest first, and the coolest free to host (not the
-        hottest donor); why others are not."""
+        hottest donor, nor one whose own prompts queue); why others are not."""
 
         def free(w: str) -> bool:
             if w in busy:
@@ -267,7 +267,23 @@ class Policy:
         donors = [w for w in free_workers if views[w].can_donate]
         if not donors:
             return None
-        hosts = [w for w in reversed(free_workers) if w != donors[0] and views[w].can_host]
+        min_queued = self.config.min_queued_prefill_tokens
+
+        def unqueued(w: str) -> bool:
+            # A host whose last two reports show its own prompts queued would hold every donor
+            # step behind its prefill steps, and the revert rule would undo the move at once
+            # (_consider_revert); session 30: a move that a previous workload's gap had held
+            # started just as mooncake's prompts queued on the prefill worker.
+            queued = views[w].queued_prompt_tokens(min_queued)
+            if queued:
+                rejected.append(Rejected(w, f"{queued} prompt tokens of its own queued"))
+            return not queued
+
+        hosts = [
+            w
+            for w in reversed(free_workers)
+            if w != donors[0] and views[w].can_host and unqueued(w)
+        ]
         if not hosts:
             rejected.append(Rejected(donors[0], "no free worker to help it"))
             return None

@@ -123,6 +123,7 @@ class Engine:
             config.max_num_batched_tokens,
             on_preempt=lambda seq: self._forget(seq, "preempted"),
             defer_shared_prefix_tokens=config.defer_shared_prefix_tokens,
+            max_prefill_tokens_while_decoding=config.max_prefill_tokens_while_decoding,
         )
         self.runner = ModelRunner(self.model, self.kv_cache, config.device)
 

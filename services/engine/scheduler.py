@@ -2,8 +2,14 @@
 
 Each step the scheduler fills a token budget:
 
-1. running sequences first, oldest first: a decoding sequence takes 1 token, a
-   sequence still prefilling takes the next chunk of its prompt;
+1. running sequences first: every decoding sequence takes its 1 token, oldest first,
+   then every sequence still prefilling takes the next chunk of its prompt, oldest
+   first. A chunk never holds back a decoding sequence that joined after its prompt
+   (an imported sequence, or a short prompt admitted a step later): each of its steps
+   would otherwise leave that sequence without a token. In a step that decodes, prompt
+   tokens (chunks and admissions) take at most ``max_prefill_tokens_while_decoding`` of
+   the budget (0: all of it): a prompt then costs each decoding sequence a little of
+   every step instead of a long one;
 2. then waiting sequences, oldest first, each starting from its cached prefix,
    until the budget, ``max_num_seqs`` or the free blocks run out. The head of
    the queue blocks the rest (strict FCFS), with one exception: a sequence whose
@@ -85,12 +91,14 @@ class Scheduler:
         max_num_batched_tokens: int,
         on_preempt: Callable[[Sequence], None] | None = None,
         defer_shared_prefix_tokens: int = DEFER_SHARED_PREFIX_TOKENS,
+        max_prefill_tokens_while_decoding: int = 0,
     ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.on_preempt = on_preempt
         self.defer_shared_prefix_tokens = defer_shared_prefix_tokens  # 0: never wait
+        self.max_prefill_tokens_while_decoding = max_prefill_tokens_while_decoding  # 0: no cap
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0  # sequences preempted so far (each time counts)
@@ -141,17 +149,39 @@ class Scheduler:
     def _schedule_running(
         self, batch: ScheduledBatch, budget: int, exclude: Collection[str], max_running: int
     ) -> int:
+        """Decoding sequences, then prefilling ones; what is left of the budget for admissions."""
+        candidates = [s for s in self.running if s.request_id not in exclude]
+        decoding = [s for s in candidates if s.num_tokens - s.num_computed_tokens <= 1]
+        prefilling = [s for s in candidates if s.num_tokens - s.num_computed_tokens > 1]
+        budget = self._schedule_group(batch, decoding, budget, exclude, max_running)
+        if self.max_prefill_tokens_while_decoding and batch.seqs:
+            # prompt tokens from here on, chunks and then admissions
+            budget = min(budget, self.max_prefill_tokens_while_decoding)
+        return self._schedule_group(batch, prefilling, budget, exclude, max_running)
+
+    def _schedule_group(
+        self,
+        batch: ScheduledBatch,
+        group: list[Sequence],
+        budget: int,
+        exclude: Collection[str],
+        max_running: int,
+    ) -> int:
         bm = self.block_manager
-        i = 0
-        while i < len(self.running) and budget > 0 and len(batch.seqs) < max_running:
-            seq = self.running[i]
-            if seq.request_id in exclude:
-                i += 1
-                continue
+        in_step = {s.request_id for s in batch.seqs}
+        for seq in group:
+            if budget <= 0 or len(batch.seqs) >= max_running:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted for another sequence's block in this step
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not bm.can_append(seq, n):
-                # the newest sequence no step in flight computes (``seq`` itself at worst)
-                victim = next(s for s in reversed(self.running) if s.request_id not in exclude)
+                # the newest sequence neither in flight nor in this step (``seq`` at worst)
+                victim = next(
+                    s
+                    for s in reversed(self.running)
+                    if s.request_id not in exclude and s.request_id not in in_step
+                )
                 self._preempt(victim, batch)
                 if victim is seq:
                     break
@@ -159,8 +189,8 @@ class Scheduler:
                 bm.append(seq, n)
                 batch.seqs.append(seq)
                 batch.num_new_tokens.append(n)
+                in_step.add(seq.request_id)
                 budget -= n
-                i += 1
         return budget
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:

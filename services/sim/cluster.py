@@ -76,6 +76,8 @@ class SimSpec:
     # The decode module's workers' (decode and mixed) --max-num-batched-tokens: the chunk of a
     # prompt they prefill in a step; None: the profile's
     decode_max_num_batched_tokens: int | None = None
+    # and their --max-prefill-tokens-while-decoding (0: none)
+    decode_max_prefill_tokens_while_decoding: int = 0
 
 
 # Every simulated worker holds its KV pool as the engine's own BlockManager (~270 bytes a
@@ -152,9 +154,11 @@ class SimCluster:
                                               self.policy)  # fmt: skip
 
     def _add_worker(self, worker_id: str, role: WorkerRole) -> None:
-        chunk = None if role is WorkerRole.PREFILL else self.spec.decode_max_num_batched_tokens
+        prefill = role is WorkerRole.PREFILL
+        chunk = None if prefill else self.spec.decode_max_num_batched_tokens
+        cap = 0 if prefill else self.spec.decode_max_prefill_tokens_while_decoding
         w = SimWorker(worker_id, role, self.profile, self.loop, self.spec.max_model_len,
-                      self.spec.num_kv_blocks, chunk)  # fmt: skip
+                      self.spec.num_kv_blocks, chunk, cap)  # fmt: skip
         w.on_token = self._on_token
         w.on_prefilled = lambda seq, w=w: self._on_prefilled(w, seq)
         w.on_finished = self._on_finished

@@ -92,6 +92,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    default=BANASERVE_DECODE.max_num_batched_tokens, metavar="T",
                    help="banaserve's decode workers: the most prompt tokens they prefill in a "
                    "step (their --max-num-batched-tokens; default %(default)s)")  # fmt: skip
+    p.add_argument("--decode-max-prefill-tokens-while-decoding", type=non_negative(int),
+                   default=BANASERVE_DECODE.max_prefill_tokens_while_decoding, metavar="C",
+                   help="banaserve's decode workers: the most prompt tokens a step that decodes "
+                   "computes (their --max-prefill-tokens-while-decoding; 0: none; default "
+                   "%(default)s)")  # fmt: skip
     p.add_argument("--traces-dir", type=path_arg, default=DEFAULT_TRACES_DIR)
     p.add_argument("--out", type=path_arg, default=DEFAULT_PROFILE_DIR)
 
@@ -139,7 +144,9 @@ def scale_point(n: int, name: str, profile: Profile, args: argparse.Namespace) -
             spec = replace(spec, sample_interval_s=1.0,
                            local_prefill_max_tokens=args.local_prefill_max_tokens,
                            local_prefill_queue_tokens=args.local_prefill_queue_tokens,
-                           decode_max_num_batched_tokens=args.decode_max_num_batched_tokens)  # fmt: skip
+                           decode_max_num_batched_tokens=args.decode_max_num_batched_tokens,
+                           decode_max_prefill_tokens_while_decoding=(
+                               args.decode_max_prefill_tokens_while_decoding))  # fmt: skip
         res = simulate(spec, profile, planned, name, slo)
         out["runs"][mode.value] = res.row | {"wall_s": res.wall_s, "samples": res.samples,
                                              "store_hit_tokens": res.num_store_hit_tokens,
@@ -208,7 +215,8 @@ def _local_prefill(args: argparse.Namespace) -> str:
         return ", no local prefill on banaserve's decode workers"
     return (f", banaserve's router --local-prefill-max-tokens {n} --local-prefill-queue-tokens "
             f"{q}, its decode workers --max-num-batched-tokens "
-            f"{args.decode_max_num_batched_tokens}")  # fmt: skip
+            f"{args.decode_max_num_batched_tokens} --max-prefill-tokens-while-decoding "
+            f"{args.decode_max_prefill_tokens_while_decoding}")  # fmt: skip
 
 
 def write_report(points: list[dict], profile: Profile, args: argparse.Namespace) -> str:

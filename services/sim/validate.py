@@ -135,12 +135,13 @@ def _recorded_service_args(mode: Mode, spec: ClusterSpec, config: dict) -> dict:
 def service_flags(argv: Iterable[str]) -> argparse.Namespace:
     """The router's and decode workers' flags the simulator models, from their extra args (the
     others ignored): local_prefill_max_tokens, local_prefill_queue_tokens, reuse,
-    max_num_batched_tokens (None: not given)."""
+    max_num_batched_tokens (None: not given), max_prefill_tokens_while_decoding."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--local-prefill-max-tokens", type=int, default=0)
     p.add_argument("--local-prefill-queue-tokens", type=int, default=0)
     p.add_argument("--no-reuse-cached-prefix", dest="reuse", action="store_false")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--max-prefill-tokens-while-decoding", type=int, default=0)
     return p.parse_known_args(list(argv))[0]
 
 
@@ -159,6 +160,11 @@ def sim_spec(mode: Mode, config: dict, profile: Profile | None = None) -> SimSpe
     chunk = decode.max_num_batched_tokens
     if chunk is not None and chunk < 1:
         raise ConfigError(f"the compare JSON's decode workers ran --max-num-batched-tokens {chunk}")
+    cap = decode.max_prefill_tokens_while_decoding
+    if cap < 0:
+        raise ConfigError(
+            f"the compare JSON's decode workers ran --max-prefill-tokens-while-decoding {cap}"
+        )
     num_workers = up.num_prefill + up.num_decode + up.num_mixed
     coordinator = up.service_args.get("coordinator", ())
     policy, share, donors = coordinator_policy(list(coordinator))
@@ -175,6 +181,7 @@ def sim_spec(mode: Mode, config: dict, profile: Profile | None = None) -> SimSpe
         local_prefill_queue_tokens=router.local_prefill_queue_tokens,
         reuse_cached_prefix=decode.reuse,
         decode_max_num_batched_tokens=chunk,
+        decode_max_prefill_tokens_while_decoding=cap,
     )  # fmt: skip
 
 

@@ -103,9 +103,11 @@ class SimWorker:
         max_model_len: int,
         num_kv_blocks: int | None = None,
         max_num_batched_tokens: int | None = None,
+        max_prefill_tokens_while_decoding: int = 0,
     ) -> None:
         """``max_num_batched_tokens``: the worker's ``--max-num-batched-tokens`` (None: the
-        profile's, the engine's default)."""
+        profile's, the engine's default); ``max_prefill_tokens_while_decoding``: its
+        ``--max-prefill-tokens-while-decoding`` (0: none)."""
         self.worker_id, self.role, self.profile, self.loop = worker_id, role, profile, loop
         self.max_model_len = max_model_len
         self.block_manager = BlockManager(
@@ -116,6 +118,7 @@ class SimWorker:
             profile.max_num_seqs,
             max_num_batched_tokens or profile.max_num_batched_tokens,
             on_preempt=self._preempted,
+            max_prefill_tokens_while_decoding=max_prefill_tokens_while_decoding,
         )
         # this kind of worker's serving costs (fixed: the profile is frozen)
         self.costs = profile.serving.costs(mixed=role is WorkerRole.MIXED)

@@ -280,6 +280,26 @@ def test_a_helper_busy_at_its_peaks_is_no_host():
     assert run(steady, 30)[1] == [(5.0, "layers", D, P, (3, 4))]  # 0.71 / 0.54
 
 
+@pytest.mark.parametrize(("queued", "started"), [((900, 900), False), ((0, 900), True)])
+def test_no_move_onto_a_helper_whose_own_prompts_queue(queued, started):
+    """Session 30 (docs/coordinator.md): a gap held through one workload's tail (the decode
+    worker busy, the prefill worker idle) moved the decode worker's layers onto the prefill
+    worker 1 s into the next, while that worker's own prompts were queued; the urgent revert
+    undid it 7.6 s later. A host whose last two reports each show at least
+    ``min_queued_prefill_tokens`` of its own prompt tokens queued is no host; one report is a
+    prompt about to be prefilled."""
+    policy = Policy(PolicyConfig())
+    busy = tuple(Sample(t / 2, report(1.0, 100)) for t in range(10, 22))  # 25 running
+    idle = [Sample(t / 2, report(0.0, 0)) for t in range(10, 20)]
+    idle += [Sample(t, report(0.0, 0, queued=q)) for t, q in zip((10.0, 10.5), queued, strict=True)]
+    views = [WorkerView(D, 4, busy), WorkerView(P, 4, tuple(idle), can_donate=False)]
+    assert policy.decide(7.0, views, []).decisions == ()  # the gap's hold starts
+    outcome = policy.decide(10.5, views, [])
+    assert [d.kind for d in outcome.decisions] == ([ActionKind.LAYERS] if started else [])
+    if not started:
+        assert Rejected(P, "900 prompt tokens of its own queued") in outcome.rejected
+
+
 def test_prefill_donors_are_not_chosen():
     prefill_hot = {D: (0.1, 0), P: (0.9, 0)}
     r = Run(Policy(PolicyConfig()), [(20, prefill_hot)], can_donate=lambda w: w != P)

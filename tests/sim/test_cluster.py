@@ -135,6 +135,17 @@ def test_a_long_prefill_queue_sends_any_prompt_to_d():
     assert_no_leaks(cluster)
 
 
+def test_decode_workers_take_their_cap_on_prompt_tokens_while_decoding():
+    spec = SimSpec(Mode.STATIC_PD, 2, decode_max_prefill_tokens_while_decoding=8)
+    cluster = SimCluster(spec, make_profile())
+    caps = {w: cluster.workers[w].scheduler.max_prefill_tokens_while_decoding
+            for w in ("prefill-000", "decode-000")}  # fmt: skip
+    assert caps == {"prefill-000": 0, "decode-000": 8}
+    colocated = SimCluster(replace(spec, mode=Mode.COLOCATED), make_profile())
+    mixed = colocated.workers.values()
+    assert {w.scheduler.max_prefill_tokens_while_decoding for w in mixed} == {8}
+
+
 def test_a_request_unfinished_at_the_deadline_fails():
     cluster = SimCluster(SimSpec(Mode.COLOCATED, 1, deadline_s=0.2), make_profile())
     (r,) = cluster.run([request(0, 0.0, 10, 50)])

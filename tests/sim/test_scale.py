@@ -66,14 +66,15 @@ def test_banaserve_runs_its_routers_conditional_disaggregation_as_told(tmp_path,
     """``--local-prefill-max-tokens 64``: mixed's 64-token prompts are prefilled by the decode
     workers of banaserve (the router's own rule); the report says so. Both limits 0: none is."""
     argv = _argv(tmp_path) + ["--local-prefill-max-tokens", "64", "--local-prefill-queue-tokens",
-                              "0", "--decode-max-num-batched-tokens", "32"]  # fmt: skip
+                              "0", "--decode-max-num-batched-tokens", "32",
+                              "--decode-max-prefill-tokens-while-decoding", "8"]  # fmt: skip
     assert main(argv) == 0
     (point,) = json.loads((tmp_path / "sim-scale.json").read_text())
     local = point["runs"]["banaserve"]["local_prefills"]
     assert 0 < local < point["num_requests"]
     report = (tmp_path / "sim-scale.md").read_text()
     assert ("--local-prefill-max-tokens 64 --local-prefill-queue-tokens 0, its decode workers "
-            "--max-num-batched-tokens 32") in report  # fmt: skip
+            "--max-num-batched-tokens 32 --max-prefill-tokens-while-decoding 8") in report  # fmt: skip
     assert report.splitlines()[-1].endswith(f"| {local} |")
     off = ["--local-prefill-max-tokens", "0", "--local-prefill-queue-tokens", "0"]
     assert main(_argv(tmp_path) + off) == 0

@@ -125,12 +125,14 @@ def test_a_run_is_replayed_with_the_mode_flags_it_recorded():
     spec = sim_spec(Mode.BANASERVE, report["config"])
     assert (spec.local_prefill_max_tokens, spec.local_prefill_queue_tokens) == (128, 1024)
     assert spec.decode_max_num_batched_tokens == 256
+    assert spec.decode_max_prefill_tokens_while_decoding == 64
     report["config"]["extra_up_args"] = (
         "--router-args='--local-prefill-queue-tokens 0' --decode-args='--max-num-batched-tokens 64'"
     )
     spec = sim_spec(Mode.BANASERVE, report["config"])
     assert (spec.local_prefill_max_tokens, spec.local_prefill_queue_tokens) == (128, 0)
     assert spec.decode_max_num_batched_tokens == 64
+    assert spec.decode_max_prefill_tokens_while_decoding == 64
     static = sim_spec(Mode.STATIC_PD, report["config"])  # its own flags: none; --up-args' apply
     assert (static.local_prefill_max_tokens, static.local_prefill_queue_tokens) == (0, 0)
     assert static.decode_max_num_batched_tokens == 64
@@ -139,6 +141,7 @@ def test_a_run_is_replayed_with_the_mode_flags_it_recorded():
     report["config"]["mode_clusters"]["banaserve"]["service_args"] = {"coordinator": ["--auto"]}
     spec = sim_spec(Mode.BANASERVE, report["config"])
     assert (spec.local_prefill_max_tokens, spec.local_prefill_queue_tokens) == (0, 0)
+    assert spec.decode_max_prefill_tokens_while_decoding == 0
     assert spec.decode_max_num_batched_tokens == 64
     up = up_spec(Mode.BANASERVE, report["config"])
     assert up.service_args == {"coordinator": ("--auto",), "router": ("--local-prefill-queue-tokens", "0"),
@@ -153,9 +156,12 @@ def test_a_run_is_replayed_with_the_mode_flags_it_recorded():
     with pytest.raises(ConfigError, match="differs from the compared one in extra_up_args"):
         check_same_run(other, report["config"], ["banaserve"])
     check_same_run(other, report["config"], ["static-pd"])
-    # A chunk no decode worker could have run is refused.
+    # A chunk or a cap no decode worker could have run is refused.
     report["config"]["extra_up_args"] = "--decode-args='--max-num-batched-tokens 0'"
     with pytest.raises(ConfigError, match="max-num-batched-tokens 0"):
+        sim_spec(Mode.STATIC_PD, report["config"])
+    report["config"]["extra_up_args"] = "--decode-args='--max-prefill-tokens-while-decoding -1'"
+    with pytest.raises(ConfigError, match="max-prefill-tokens-while-decoding -1"):
         sim_spec(Mode.STATIC_PD, report["config"])
 
 

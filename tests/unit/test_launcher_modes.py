@@ -57,7 +57,8 @@ def test_what_each_mode_decides():
     assert (bana.policy, bana.num_kvstore, bana.coordinator) == ("load", 1, True)
     # banaserve's own flags first, so that a flag given for a service overrides the mode's (the
     # last of a flag wins): its coordinator decides on its own, its router lets the decode
-    # worker prefill (conditional disaggregation) in chunks its decode worker bounds
+    # worker prefill (conditional disaggregation) in chunks its decode worker bounds, smaller
+    # in a step that also decodes
     assert bana.service_args == {
         "coordinator": ("--auto", "--gap-high", "0.3"),
         "router": ("--local-prefill-max-tokens", "128", "--local-prefill-queue-tokens", "1024"),
@@ -69,7 +70,7 @@ def test_what_each_mode_decides():
     router = router_args(list(bana.service_args["router"]))
     assert (router.local_prefill_max_tokens, router.local_prefill_queue_tokens) == (128, 1024)
     alone = decode_args(list(mode_spec(Mode.BANASERVE).service_args["decode"]))
-    assert alone.max_num_batched_tokens == 256
+    assert (alone.max_num_batched_tokens, alone.max_prefill_tokens_while_decoding) == (256, 64)
 
 
 def test_the_rest_of_the_spec_is_the_same_in_every_mode():

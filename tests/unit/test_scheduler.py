@@ -217,3 +217,62 @@ def test_a_prompt_waits_for_a_chunked_prefix_and_not_for_a_finished_leader():
     assert plan(sched.schedule()) == [(d.request_id, 12)]
     sched.finish(d)
     assert_no_leaks(sched.block_manager)
+
+
+def _imported(prompt_len: int, sched):
+    """A sequence whose prompt's KV arrived whole (a handoff) and whose first token the
+    prefill worker sampled: it joins ``running`` directly, one token to decode."""
+    seq = make_seq(prompt_len)
+    sched.block_manager.admit(seq, [])
+    sched.block_manager.append(seq, prompt_len)
+    seq.num_computed_tokens = prompt_len
+    seq.token_ids.append(7)
+    sched.join_running(seq)
+    return seq
+
+
+def test_a_decoding_sequence_takes_its_token_before_an_older_prompts_chunk():
+    sched = make_scheduler(num_blocks=16, budget=4)
+    a = make_seq(12, max_tokens=2)
+    sched.add(a)
+    assert plan(run_step(sched)) == [(a.request_id, 4)]
+    b = _imported(3, sched)  # joined after a's prompt started
+    # b decodes every step while a's prompt goes on in what is left of the budget
+    assert plan(run_step(sched)) == [(b.request_id, 1), (a.request_id, 3)]
+    assert plan(run_step(sched)) == [(b.request_id, 1), (a.request_id, 3)]
+    assert plan(run_step(sched)) == [(b.request_id, 1), (a.request_id, 2)]
+    drain(sched)
+    assert_no_leaks(sched.block_manager)
+
+
+def test_a_prompts_chunk_never_preempts_a_sequence_already_in_the_step():
+    sched = make_scheduler(num_blocks=3, budget=4)
+    a = make_seq(12, max_tokens=2)
+    sched.add(a)
+    run_step(sched)  # a: 1 block, 4 of its 12 tokens
+    b = _imported(7, sched)  # the newest: 2 blocks, its next token fits in its second
+    batch = sched.schedule()
+    # b took its token; a's next chunk needs a block, none is free, and the newest sequence
+    # not in the step is a itself: it goes back to the queue (its full block stays cached)
+    assert plan(batch) == [(b.request_id, 1)] and batch.preempted == [a]
+    assert list(sched.waiting) == [a] and sched.running == [b]
+
+
+def test_a_step_that_decodes_computes_at_most_the_cap_of_prompt_tokens():
+    from services.engine.scheduler import Scheduler
+    from tests.unit.factories import make_block_manager
+
+    sched = Scheduler(make_block_manager(32), 4, 64, max_prefill_tokens_while_decoding=8)
+    a = make_seq(20, max_tokens=3)
+    sched.add(a)
+    assert plan(run_step(sched)) == [(a.request_id, 20)]  # nothing decodes: the whole budget
+    b, c = make_seq(12), make_seq(6)
+    sched.add(b)
+    sched.add(c)
+    # a decodes: b's prompt and then c's admission share the 8 prompt tokens of each step
+    assert plan(run_step(sched)) == [(a.request_id, 1), (b.request_id, 8)]
+    assert plan(run_step(sched)) == [(a.request_id, 1), (b.request_id, 4), (c.request_id, 4)]
+    # a has finished; b decodes, c's last 2 prompt tokens
+    assert plan(run_step(sched)) == [(b.request_id, 1), (c.request_id, 2)]
+    drain(sched)
+    assert_no_leaks(sched.block_manager)
