@@ -130,6 +130,7 @@ class RouterLoadFeed:
                 self._layers[w],
                 self.history.samples(w),
                 can_donate=self.can_donate(w),
+                is_prefill=self.is_prefill(w),
             )
             for w in self.history.workers()
             if w in self._layers

@@ -335,10 +335,17 @@ class Policy:
             return None
         if not views[hot].has_backlog(u_hot, cfg.min_running_seqs, cfg.min_queued_prefill_tokens):
             r = views[hot].samples[-1].report
+            prompts = (
+                f"{r.num_waiting_seqs} waiting, {r.num_queued_prefill_tokens} prompt "
+                f"tokens queued (< {cfg.min_queued_prefill_tokens})"
+            )
+            if not views[hot].is_prefill:
+                prompts = (
+                    f"{r.num_waiting_seqs} waiting and {r.num_queued_prefill_tokens} "
+                    "prompt tokens queued of its own, which a split does not take"
+                )
             why = (f"{hot} has no backlog in its last two reports (the last: "
-                   f"{r.num_running_seqs} running (< {cfg.min_running_seqs}), "
-                   f"{r.num_waiting_seqs} waiting, {r.num_queued_prefill_tokens} prompt tokens "
-                   f"queued (< {cfg.min_queued_prefill_tokens}))")  # fmt: skip
+                   f"{r.num_running_seqs} running (< {cfg.min_running_seqs}), {prompts})")  # fmt: skip
             rejected.append(Rejected(f"{hot} -> {cold}", why))
             return None
         alternatives: list[Rejected] = []

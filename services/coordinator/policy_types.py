@@ -110,6 +110,9 @@ class WorkerView:
     samples: tuple[Sample, ...]  # oldest first
     can_donate: bool = True  # its layers or KV may move away
     can_host: bool = True
+    # a prefill worker: a split of its layers overlaps its prompts (its micro-batches); a decode
+    # or mixed worker's two step streams overlap decode steps only
+    is_prefill: bool = False
 
     @property
     def drained(self) -> bool:
@@ -119,16 +122,22 @@ class WorkerView:
 
     def has_backlog(self, u: Utilisation, min_running: int, min_queued: int) -> bool:
         """Whether moving work off it can help now: its KV is the bound (memory-bound over the
-        window), or each of its last two reports shows one of: sequences waiting, at least
-        ``min_queued`` prompt tokens queued, 90 % of its pool used, at least ``min_running``
-        sequences running. A worker stepping a few sequences reads busy ~1 at any batch, yet
-        splitting its layers cannot pay there, nor for a short prompt it prefills in its next
-        step; and a prompt that waits for one step shows in one report only
-        (docs/coordinator.md, ``min_running_seqs``, ``min_queued_prefill_tokens``)."""
+        window), or each of its last two reports shows one of: 90 % of its pool used, at least
+        ``min_running`` sequences running, and on a prefill worker sequences waiting or at
+        least ``min_queued`` prompt tokens queued. A worker stepping a few sequences reads busy
+        ~1 at any batch, yet splitting its layers cannot pay there, nor for a short prompt it
+        prefills in its next step; a prompt that waits for one step shows in one report only;
+        and the prompts a decode worker prefills itself (the router's conditional
+        disaggregation) are no backlog a split of its layers takes: its two step streams
+        overlap decode steps only (docs/coordinator.md, ``min_running_seqs``,
+        ``min_queued_prefill_tokens``)."""
         if u.memory_bound:
             return True
         min_queued = max(1, min_queued)  # 0 or 1: any queued token
-        return all(_backlogged(s.report, min_running, min_queued) for s in self.samples[-2:])
+        return all(
+            _backlogged(s.report, min_running, min_queued, self.is_prefill)
+            for s in self.samples[-2:]
+        )
 
     def queued_prompt_tokens(self, min_queued: int) -> int:
         """Its prompt tokens queued at its last report if each of its last two reports shows
@@ -140,10 +149,10 @@ class WorkerView:
         return reports[-1].num_queued_prefill_tokens
 
 
-def _backlogged(r: LoadReport, min_running: int, min_queued: int) -> bool:
+def _backlogged(r: LoadReport, min_running: int, min_queued: int, prompts: bool) -> bool:
+    """``prompts``: waiting sequences and queued prompt tokens count too."""
     return bool(
-        r.num_waiting_seqs
-        or r.num_queued_prefill_tokens >= min_queued
+        (prompts and (r.num_waiting_seqs or r.num_queued_prefill_tokens >= min_queued))
         or r.num_blocks_used >= 0.9 * r.num_blocks
         or r.num_running_seqs >= min_running
     )

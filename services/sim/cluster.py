@@ -360,6 +360,7 @@ class SimCluster:
                 self.profile.num_layers,
                 self.history.samples(w),
                 can_donate=self.spec.prefill_donors or self.workers[w].role in donors,
+                is_prefill=self.workers[w].role is WorkerRole.PREFILL,
             )
             for w in self.history.workers()
         ]

@@ -207,30 +207,42 @@ def test_no_move_off_a_worker_that_has_just_drained(drained):
 @pytest.mark.parametrize(
     ("last", "started"),
     [
-        (dict(num_running_seqs=5), False),  # busy, a small batch, nothing waiting
-        (dict(num_running_seqs=5, num_waiting_seqs=2), True),  # sequences wait for room
-        (dict(num_running_seqs=5, num_queued_prefill_tokens=900), True),  # prompts queued
-        (dict(num_running_seqs=5, num_queued_prefill_tokens=256), True),  # from 256 queued
+        (dict(num_running_seqs=5), (False, False)),  # busy, a small batch, nothing waiting
+        (dict(num_running_seqs=5, num_waiting_seqs=2), (False, True)),  # prompts wait for room
+        (dict(num_running_seqs=5, num_queued_prefill_tokens=900), (False, True)),  # queued
+        (dict(num_running_seqs=5, num_queued_prefill_tokens=256), (False, True)),  # from 256
         # a short prompt the router's rule had the decode worker prefill: done in one step
-        (dict(num_running_seqs=5, num_queued_prefill_tokens=57), False),
-        (dict(num_running_seqs=16), True),  # min_running_seqs: a batch a split can pay for
-        (dict(num_running_seqs=5, num_blocks_used=480, num_blocks_free=32), True),  # KV-bound
+        (dict(num_running_seqs=5, num_queued_prefill_tokens=57), (False, False)),
+        (dict(num_running_seqs=16), (True, True)),  # min_running_seqs: a batch a split pays for
+        (dict(num_running_seqs=5, num_blocks_used=480, num_blocks_free=32), (True, True)),  # KV
     ],
 )
-def test_a_move_needs_a_backlog_on_the_hot_worker(last, started):
+@pytest.mark.parametrize("prefill", [False, True], ids=["decode-donor", "prefill-donor"])
+def test_a_move_needs_a_backlog_on_the_hot_worker(last, started, prefill):
     """A decode worker stepping a few sequences reads busy ~1 at any batch size; splitting its
     layers cannot pay there (the two micro-batches each read every weight: docs/migration.md),
     and in bench compare such moves cost throughput. So the hot worker's last two reports must
-    show a backlog: sequences waiting, prompt tokens queued, its KV pool the bound, or at least
-    ``min_running_seqs`` (16) running; queued prompt tokens count from
-    ``min_queued_prefill_tokens`` (256), a prompt no longer than that being done in one step."""
-    outcome = _decide_after(last, last)
-    assert bool(outcome.decisions) == started
-    if not started:
-        queued = last.get("num_queued_prefill_tokens", 0)
-        why = (f"{D} has no backlog in its last two reports (the last: 5 running (< 16), "
-               f"0 waiting, {queued} prompt tokens queued (< 256))")  # fmt: skip
-        assert Rejected(f"{D} -> {P}", why) in outcome.rejected
+    show a backlog: its KV pool the bound, or at least ``min_running_seqs`` (16) running; on a
+    prefill worker also sequences waiting or prompt tokens queued, from
+    ``min_queued_prefill_tokens`` (256), a prompt no longer than that being done in one step.
+    A decode worker's own prompts (the router's conditional disaggregation) are no backlog:
+    its two step streams overlap decodes only, and session 30 measured a split of its layers
+    halving its token rate at 4 sequences with prompts queued (docs/coordinator.md)."""
+    outcome = _decide_after(last, last, prefill)
+    assert bool(outcome.decisions) == started[prefill]
+    if not started[prefill]:
+        hot, cold = (P, D) if prefill else (D, P)
+        queued, waiting = last.get("num_queued_prefill_tokens", 0), last.get("num_waiting_seqs", 0)
+        prompts = (
+            f"{waiting} waiting, {queued} prompt tokens queued (< 256)"
+            if prefill
+            else f"{waiting} waiting and {queued} prompt tokens queued of its own, which a split "
+            "does not take"
+        )
+        why = (
+            f"{hot} has no backlog in its last two reports (the last: 5 running (< 16), {prompts})"
+        )
+        assert Rejected(f"{hot} -> {cold}", why) in outcome.rejected
 
 
 @pytest.mark.parametrize(
@@ -244,27 +256,33 @@ def test_a_move_needs_a_backlog_on_the_hot_worker(last, started):
 def test_a_backlog_in_one_report_only_moves_nothing(blip):
     """Session 16 (docs/benchmarks.md): a decode worker stepping one sequence read busy ~1 for
     4 s; a prompt the router's rule sent it showed as waiting and queued in the one report
-    before its prefill step, and its layers [12, 30) moved onto the prefill worker just as
+    before its prefill step, and its layers `[12, 30)` moved onto the prefill worker just as
     ``mixed``'s long prompts arrived there (6-8 of 32 requests missed the run's deadline). One
-    report with a backlog, the one before without: nothing moves; in both: it moves."""
+    report with a backlog, the one before without: nothing moves; in both: it moves (here a
+    prefill worker's, whose queued prompts count)."""
     calm = dict(num_running_seqs=5)
-    assert _decide_after(calm, blip).decisions == ()
-    assert _decide_after(blip, calm).decisions == ()
-    assert [d.describe() for d in _decide_after(blip, blip).decisions] == [
-        f"layers {D} -> {P} [2, 4)"
+    assert _decide_after(calm, blip, prefill=True).decisions == ()
+    assert _decide_after(blip, calm, prefill=True).decisions == ()
+    assert [d.describe() for d in _decide_after(blip, blip, prefill=True).decisions] == [
+        f"layers {P} -> {D} [2, 4)"
     ]
 
 
-def _decide_after(before_last: dict, last: dict):
-    """A decode worker busy ~1 with 5 sequences for 5 s, then two reports with these fields;
-    an idle prefill worker."""
+def _decide_after(before_last: dict, last: dict, prefill: bool = False):
+    """A hot worker busy ~1 with 5 sequences for 5 s, then two reports with these fields; an
+    idle one of the other role (the decode worker, hot, by default; ``prefill``: the prefill
+    worker hot, a prefill donor)."""
     policy = Policy(PolicyConfig(attention=True))
     busy = [Sample(t / 2, report(1.0, 20)) for t in range(10, 20)]  # 5 running, 20 blocks
     recent = [
         Sample(t, replace(report(1.0, 20), **f)) for t, f in ((10.0, before_last), (10.5, last))
     ]
     idle = tuple(Sample(t / 2, report(0.0, 0)) for t in range(10, 22))
-    views = [WorkerView(D, 4, (*busy, *recent)), WorkerView(P, 4, idle, can_donate=False)]
+    hot, cold = (P, D) if prefill else (D, P)
+    views = [
+        WorkerView(hot, 4, (*busy, *recent), is_prefill=prefill),
+        WorkerView(cold, 4, idle, can_donate=False, is_prefill=not prefill),
+    ]
     assert policy.decide(7.0, views, []).decisions == ()  # the gap's hold starts
     return policy.decide(10.5, views, [])
 
