@@ -124,28 +124,41 @@ def test_a_run_is_replayed_with_the_mode_flags_it_recorded():
     report = compare_json(("static-pd", "banaserve"))
     spec = sim_spec(Mode.BANASERVE, report["config"])
     assert (spec.local_prefill_max_tokens, spec.local_prefill_queue_tokens) == (128, 1024)
-    assert spec.decode_max_num_batched_tokens == 256
-    assert spec.decode_max_prefill_tokens_while_decoding == 64
+    assert spec.decode_max_num_batched_tokens == 64
+    assert spec.decode_max_prefill_tokens_while_decoding == 0
     report["config"]["extra_up_args"] = (
-        "--router-args='--local-prefill-queue-tokens 0' --decode-args='--max-num-batched-tokens 64'"
+        "--router-args='--local-prefill-queue-tokens 0' --decode-args='--max-num-batched-tokens 32"
+        " --max-prefill-tokens-while-decoding 16'"
     )
     spec = sim_spec(Mode.BANASERVE, report["config"])
     assert (spec.local_prefill_max_tokens, spec.local_prefill_queue_tokens) == (128, 0)
-    assert spec.decode_max_num_batched_tokens == 64
-    assert spec.decode_max_prefill_tokens_while_decoding == 64
+    assert spec.decode_max_num_batched_tokens == 32
+    assert spec.decode_max_prefill_tokens_while_decoding == 16
     static = sim_spec(Mode.STATIC_PD, report["config"])  # its own flags: none; --up-args' apply
     assert (static.local_prefill_max_tokens, static.local_prefill_queue_tokens) == (0, 0)
-    assert static.decode_max_num_batched_tokens == 64
+    assert static.decode_max_num_batched_tokens == 32
     # A run from before session 29 recorded banaserve's coordinator --auto alone: no rule, the
     # profile's chunk; its --up-args still apply.
     report["config"]["mode_clusters"]["banaserve"]["service_args"] = {"coordinator": ["--auto"]}
     spec = sim_spec(Mode.BANASERVE, report["config"])
     assert (spec.local_prefill_max_tokens, spec.local_prefill_queue_tokens) == (0, 0)
-    assert spec.decode_max_prefill_tokens_while_decoding == 0
-    assert spec.decode_max_num_batched_tokens == 64
+    assert spec.decode_max_num_batched_tokens == 32
+    assert spec.decode_max_prefill_tokens_while_decoding == 16
     up = up_spec(Mode.BANASERVE, report["config"])
     assert up.service_args == {"coordinator": ("--auto",), "router": ("--local-prefill-queue-tokens", "0"),
-                               "decode": ("--max-num-batched-tokens", "64")}  # fmt: skip
+                               "decode": ("--max-num-batched-tokens", "32",
+                                          "--max-prefill-tokens-while-decoding", "16")}  # fmt: skip
+    # Session 30's first runs recorded a 256-token chunk with a 64-token cap beside decodes.
+    report["config"]["extra_up_args"] = ""
+    report["config"]["mode_clusters"]["banaserve"]["service_args"] = {
+        "coordinator": ["--auto"],
+        "decode": ["--max-num-batched-tokens", "256", "--max-prefill-tokens-while-decoding", "64"],
+    }
+    spec = sim_spec(Mode.BANASERVE, report["config"])
+    assert (spec.decode_max_num_batched_tokens, spec.decode_max_prefill_tokens_while_decoding) == (
+        256,
+        64,
+    )
     # ... and one that recorded no clusters at all ran the same.
     report["config"]["extra_up_args"] = ""
     del report["config"]["mode_clusters"]

@@ -156,7 +156,7 @@ def test_markdown_has_a_row_per_run_and_the_ratios():
     assert (
         "`banaserve`: `up --mode banaserve` (1 prefill, 1 decode, load routing, 1 store nodes, "
         "coordinator --auto, router --local-prefill-max-tokens 128 --local-prefill-queue-tokens "
-        "1024, decode --max-num-batched-tokens 256 --max-prefill-tokens-while-decoding 64)" in text
+        "1024, decode --max-num-batched-tokens 64)" in text
     )
 
 
@@ -183,7 +183,7 @@ def test_each_mode_is_one_up_command_line():
         "num_prefill": 1, "policy": "load", "service_args": {
             "coordinator": ["--auto"],
             "router": ["--local-prefill-max-tokens", "128", "--local-prefill-queue-tokens", "1024"],
-            "decode": ["--max-num-batched-tokens", "256", "--max-prefill-tokens-while-decoding", "64"],
+            "decode": ["--max-num-batched-tokens", "64"],
         },
     }  # fmt: skip
     assert mode_cluster(Mode.COLOCATED)["num_mixed"] == 2

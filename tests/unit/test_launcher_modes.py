@@ -51,7 +51,7 @@ def test_what_each_mode_decides():
     static = mode_spec(Mode.STATIC_PD, 2)
     assert (static.policy, static.num_kvstore, static.coordinator) == ("load", 0, False)
     assert static.service_args == {}
-    given = {"coordinator": ("--gap-high", "0.3"), "decode": ("--max-num-batched-tokens", "64"),
+    given = {"coordinator": ("--gap-high", "0.3"), "decode": ("--max-num-batched-tokens", "32"),
              "prefill": ("--max-num-seqs", "8")}  # fmt: skip
     bana = mode_spec(Mode.BANASERVE, 2, service_args=given)
     assert (bana.policy, bana.num_kvstore, bana.coordinator) == ("load", 1, True)
@@ -62,15 +62,15 @@ def test_what_each_mode_decides():
     assert bana.service_args == {
         "coordinator": ("--auto", "--gap-high", "0.3"),
         "router": ("--local-prefill-max-tokens", "128", "--local-prefill-queue-tokens", "1024"),
-        "decode": (*BANASERVE_SERVICE_ARGS["decode"], "--max-num-batched-tokens", "64"),
+        "decode": (*BANASERVE_SERVICE_ARGS["decode"], "--max-num-batched-tokens", "32"),
         "prefill": ("--max-num-seqs", "8"),
     }
     # ... and the services' own parsers read them so
-    assert decode_args(list(bana.service_args["decode"])).max_num_batched_tokens == 64
+    assert decode_args(list(bana.service_args["decode"])).max_num_batched_tokens == 32
     router = router_args(list(bana.service_args["router"]))
     assert (router.local_prefill_max_tokens, router.local_prefill_queue_tokens) == (128, 1024)
     alone = decode_args(list(mode_spec(Mode.BANASERVE).service_args["decode"]))
-    assert (alone.max_num_batched_tokens, alone.max_prefill_tokens_while_decoding) == (256, 64)
+    assert (alone.max_num_batched_tokens, alone.max_prefill_tokens_while_decoding) == (64, 0)
 
 
 def test_the_rest_of_the_spec_is_the_same_in_every_mode():
