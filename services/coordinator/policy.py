@@ -335,11 +335,12 @@ class Policy:
             return None
         if not views[hot].has_backlog(u_hot, cfg.min_running_seqs, cfg.min_queued_prefill_tokens):
             r = views[hot].samples[-1].report
-            prompts = (
-                f"{r.num_waiting_seqs} waiting, {r.num_queued_prefill_tokens} prompt "
-                f"tokens queued (< {cfg.min_queued_prefill_tokens})"
-            )
-            if not views[hot].is_prefill:
+            if views[hot].is_prefill:
+                prompts = (
+                    f"{r.num_waiting_seqs} waiting, {r.num_queued_prefill_tokens} prompt "
+                    f"tokens queued (< {cfg.min_queued_prefill_tokens})"
+                )
+            else:  # its own prompts count for nothing (has_backlog)
                 prompts = (
                     f"{r.num_waiting_seqs} waiting and {r.num_queued_prefill_tokens} "
                     "prompt tokens queued of its own, which a split does not take"

@@ -150,9 +150,11 @@ class Scheduler:
         self, batch: ScheduledBatch, budget: int, exclude: Collection[str], max_running: int
     ) -> int:
         """Decoding sequences, then prefilling ones; what is left of the budget for admissions."""
-        candidates = [s for s in self.running if s.request_id not in exclude]
-        decoding = [s for s in candidates if s.num_tokens - s.num_computed_tokens <= 1]
-        prefilling = [s for s in candidates if s.num_tokens - s.num_computed_tokens > 1]
+        decoding: list[Sequence] = []
+        prefilling: list[Sequence] = []
+        for s in self.running:
+            if s.request_id not in exclude:
+                (decoding if s.num_tokens - s.num_computed_tokens <= 1 else prefilling).append(s)
         budget = self._schedule_group(batch, decoding, budget, exclude, max_running)
         if self.max_prefill_tokens_while_decoding and batch.seqs:
             # prompt tokens from here on, chunks and then admissions
