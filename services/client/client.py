@@ -47,8 +47,8 @@ from services.rpc.status import ROUTER_UNAVAILABLE
 MAX_MESSAGE_BYTES = 256 << 20
 MAX_RESUMES = 2  # a stream broken by a lost router is resumed at most this many times
 RECONNECT_TIMEOUT_S = 30.0  # waiting for the router to be back, at most (and the deadline)
-# Pings while a call is open, as the services' (10 s, an answer within 5 s), at most as often
-# as the router's servers accept them (services/rpc/channels.py, MIN_CLIENT_KEEPALIVE_S).
+# Pings while a call is open, as the services' servers do (10 s, an answer within 5 s), at most
+# as often as the router's servers accept them (services/rpc/channels.py, MIN_CLIENT_KEEPALIVE_S).
 KEEPALIVE_S = RpcConfig.keepalive_s
 
 

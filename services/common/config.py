@@ -173,9 +173,17 @@ class RpcConfig:
     max_receive_message_bytes: int | None = None
     # On SIGTERM/stop: how long in-flight calls may run before they are cancelled.
     grace_s: float = 5.0
-    # HTTP/2 keepalive pings find a peer that vanished without closing its connection.
+    # HTTP/2 keepalive pings find a peer that vanished without closing its connection: a
+    # server's pings to its clients (and the client library's, services/client) ...
     keepalive_s: float = 10.0
     keepalive_timeout_s: float = 5.0
+    # ... and a service's channels to its peers (services/rpc/channels.py). A call in flight
+    # on a connection that died without a reset (a black-holed or stranded link) waits for
+    # these, at most 2 s + 3 s, before it fails UNAVAILABLE and the router tries elsewhere
+    # (10 s + 5 s before session 31). Peers are within one deployment: a ping's answer takes
+    # milliseconds there, and the report stream's own 1 s + 2 s has held under load.
+    channel_keepalive_s: float = 2.0
+    channel_keepalive_timeout_s: float = 3.0
     # Mutual TLS and the client API's token (services/rpc/security.py); None: plaintext, open.
     security: SecurityConfig | None = None
 
@@ -197,10 +205,9 @@ class RpcConfig:
         )
         _require(self.grace_s >= 0, f"grace_s must be >= 0, got {self.grace_s}")
         _require(self.keepalive_s > 0, f"keepalive_s must be positive, got {self.keepalive_s}")
-        _require(
-            self.keepalive_timeout_s > 0,
-            f"keepalive_timeout_s must be positive, got {self.keepalive_timeout_s}",
-        )
+        for name in ("keepalive_timeout_s", "channel_keepalive_s", "channel_keepalive_timeout_s"):
+            value = getattr(self, name)
+            _require(value > 0, f"{name} must be positive, got {value}")
 
     @property
     def server_receive_bytes(self) -> int:

@@ -17,15 +17,17 @@ from services.rpc.tracing import DISABLED, Tracing
 Options = list[tuple[str, int | str]]
 
 
-def _common_options(config: RpcConfig, receive_bytes: int) -> Options:
+def _common_options(
+    config: RpcConfig, receive_bytes: int, keepalive_s: float, keepalive_timeout_s: float
+) -> Options:
     return [
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_receive_message_length", receive_bytes),
-        ("grpc.keepalive_time_ms", int(config.keepalive_s * 1000)),
-        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
         # gRPC core waits for any ping's ack this long (default 60 s), keepalive pings included:
         # without it a frozen peer (SIGSTOP, a hung host) held a call 62 s, not at most 15 s.
-        ("grpc.http2.ping_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+        ("grpc.http2.ping_timeout_ms", int(keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
 
@@ -45,9 +47,11 @@ CONNECT_TIMEOUT_MS = 5000
 
 
 def channel_options(config: RpcConfig) -> Options:
+    """A service's channel to a peer: pings on the channel keepalive (RpcConfig)."""
+    keepalive = (config.channel_keepalive_s, config.channel_keepalive_timeout_s)
     # 0: keep pinging however long the connection stays idle (the default stops after two).
     return [
-        *_common_options(config, config.max_message_bytes),
+        *_common_options(config, config.max_message_bytes, *keepalive),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
         ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
@@ -67,6 +71,9 @@ def client_library_options(config: RpcConfig) -> Options:
     and a link 1.5 s each way a probe's client got its first token after 9 s with it, and
     nothing with the services' 5 s, which is for peers inside one deployment)."""
     options = dict(channel_options(config))
+    keepalive = _common_options(config, config.max_message_bytes, config.keepalive_s,
+                                config.keepalive_timeout_s)  # fmt: skip
+    options |= dict(keepalive)
     options["grpc.keepalive_permit_without_calls"] = 0
     options["grpc.use_local_subchannel_pool"] = 1
     del options["grpc.min_reconnect_backoff_ms"]
@@ -77,9 +84,11 @@ def server_options(config: RpcConfig) -> Options:
     # Accept client pings at the rate the clients above and the client library send them, with
     # slack for jitter; pings closer together while the server sends nothing are strikes, and
     # two strikes end the connection (GOAWAY too_many_pings), failing every call on it.
-    min_ping_s = min(config.keepalive_s, MIN_CLIENT_KEEPALIVE_S) / 2
+    min_ping_s = min(config.keepalive_s, config.channel_keepalive_s, MIN_CLIENT_KEEPALIVE_S) / 2
     return [
-        *_common_options(config, config.server_receive_bytes),
+        *_common_options(
+            config, config.server_receive_bytes, config.keepalive_s, config.keepalive_timeout_s
+        ),
         ("grpc.http2.min_ping_interval_without_data_ms", int(min_ping_s * 1000)),
         # gRPC lets a second server bind a port already in use (SO_REUSEPORT) and then splits
         # connections between the two; a port clash must fail loudly instead.

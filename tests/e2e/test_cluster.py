@@ -210,8 +210,8 @@ RESUMED = [
     pytest.param({"num_prefill": 0, "num_decode": 0, "num_mixed": 2, "num_kvstore": 0,
                   "policy": "colocated"}, dict(temperature=0.0), signal.SIGKILL, id="colocated",
                  marks=pytest.mark.slow),
-    # Frozen, its connection open: found by the router's keepalive ping (10 s + 5 s at most;
-    # gRPC's own 60 s ping timeout before channels.py set it).
+    # Frozen, its connection open: found by the router's keepalive ping (2 s + 3 s at most,
+    # RpcConfig.channel_keepalive_*; gRPC's own 60 s ping timeout before channels.py set it).
     pytest.param({}, dict(temperature=0.0), signal.SIGSTOP, id="pd-frozen"),
 ]  # fmt: skip
 
