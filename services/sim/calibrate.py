@@ -43,7 +43,7 @@ from services.common.errors import ConfigError
 from services.common.paths import output_dir
 from services.sim.fit import fit_decode, fit_prefill, fit_transport, relative_errors
 from services.sim.inputs import read_json
-from services.sim.profile import MigrationModel, Profile, TransportModel
+from services.sim.profile import DecodeModel, MigrationModel, Profile, TransportModel
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PROFILE_DIR = REPO_ROOT / "bench" / "results"
@@ -114,6 +114,14 @@ def _prefill_lengths(text: str) -> list[int]:
     return lengths
 
 
+# Every batch size of 1-6 at a short prompt, where kernels change with the batch (on the AMD
+# VM batch 2 stepped ~1.3x batch 3: ``DecodeModel.batch_s``), larger ones sparser; and
+# longer prompts at four sizes, which fix the time per context token.
+DECODE_POINTS = [(1, 32), (2, 32), (3, 32), (4, 32), (6, 32), (8, 32), (12, 32), (16, 32),
+                 (24, 32), (32, 32), (1, 384), (1, 1024), (2, 512), (4, 512), (8, 256),
+                 (24, 160)]  # fmt: skip
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", type=_model_names, default=["smollm2-135m", "tiny-llama"],
                    help="comma list (default smollm2-135m,tiny-llama)")  # fmt: skip
@@ -121,9 +129,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prefill-lengths", type=_prefill_lengths, default=[16, 64, 192, 384, 640, 896, 1152]
     )
-    p.add_argument("--decode-points", type=_decode_points,
-                   default=[(1, 32), (4, 32), (16, 32), (32, 32), (1, 384), (8, 256), (24, 160)],
-                   help="BATCHxPROMPT points (default 1x32,4x32,16x32,32x32,1x384,8x256,24x160)")  # fmt: skip
+    p.add_argument("--decode-points", type=_decode_points, default=DECODE_POINTS,
+                   help="BATCHxPROMPT points (default "
+                   + ",".join(f"{b}x{n}" for b, n in DECODE_POINTS) + ")")  # fmt: skip
     p.add_argument("--decode-steps", type=positive(int), default=7)
     p.add_argument("--repeats", type=positive(int), default=3)
     p.add_argument("--transports", type=name_list(("tcp", "ucx")), default=["tcp", "ucx"])
@@ -333,6 +341,12 @@ def calibrate_model(
     )  # fmt: skip
 
 
+def _decode_terms(d: DecodeModel) -> str:
+    if not d.batch_s:
+        return f"{d.a * 1e3:.2f} ms + {d.b * 1e3:.3f} ms/seq"
+    return "(" + ", ".join(f"{b:g}: {t * 1e3:.1f}" for b, t in d.batch_s) + " ms by batch)"
+
+
 def fit_report(profile: Profile) -> list[str]:
     p, d = profile.prefill, profile.decode
     pre = profile.points["prefill"]
@@ -342,7 +356,7 @@ def fit_report(profile: Profile) -> list[str]:
     lines = [
         f"{profile.model}: prefill {p.a * 1e3:.2f} ms + {p.b * 1e6:.1f} us/token + "
         f"{p.c * 1e9:.2f} ns/token^2 (max error {max(pre_err):.1%})",
-        f"  decode {d.a * 1e3:.2f} ms + {d.b * 1e3:.3f} ms/seq + {d.c * 1e6:.2f} us/context token"
+        f"  decode {_decode_terms(d)} + {d.c * 1e6:.2f} us/context token"
         f" (max error {max(dec_err):.1%}); layer share {profile.layer_share:.4f}",
     ]
     for name, t in profile.transports.items():

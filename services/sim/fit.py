@@ -38,14 +38,25 @@ def fit_prefill(points: Sequence[tuple[float, float]]) -> PrefillModel:
 
 
 def fit_decode(points: Sequence[tuple[float, float, float]]) -> DecodeModel:
-    """``points``: (batch size, total context tokens, step seconds)."""
+    """``points``: (batch size, total context tokens, step seconds). The line
+    ``a + b·batch + c·context``, and with points enough the step time at each batch size
+    measured (``DecodeModel.batch_s``): ``t = g(batch) + c·context``, ``g`` a value per
+    distinct batch size, all fitted together — when some batch size was measured at two
+    contexts or more (which fixes ``c``) and there are more points than unknowns."""
     if len(points) < 3:
         raise ValueError(f"a decode fit needs at least 3 points, got {len(points)}")
     batch = np.array([p[0] for p in points], dtype=float)
     ctx = np.array([p[1] for p in points], dtype=float)
+    y = np.array([p[2] for p in points], dtype=float)
     x = np.stack([np.ones_like(batch), batch, ctx], axis=1)
-    a, b, c = _nonnegative_lstsq(x, np.array([p[2] for p in points], dtype=float))
-    return DecodeModel(a, b, c)
+    a, b, c = _nonnegative_lstsq(x, y)
+    sizes = sorted(set(batch.tolist()))
+    contexts = {size: set(ctx[batch == size].tolist()) for size in sizes}
+    if len(points) <= len(sizes) + 1 or max(len(v) for v in contexts.values()) < 2:
+        return DecodeModel(a, b, c)
+    columns = [(batch == size).astype(float) for size in sizes]
+    *knots, c_knots = _nonnegative_lstsq(np.stack([*columns, ctx], axis=1), y)
+    return DecodeModel(a, b, c_knots, tuple(zip(sizes, knots, strict=True)))
 
 
 def fit_transport(points: Sequence[tuple[float, float]]) -> TransportModel:

@@ -5,7 +5,8 @@ a measurement itself; nothing here is a guess the simulator makes up. Step times
 
 - prefill: ``a + b·tokens + c·Σ tokens_i·context_i`` (the last term is attention: for one fresh
   prompt of ``n`` tokens it is ``n²``; a chunk after a cached prefix attends to the prefix too);
-- decode: ``a + b·batch + c·total context``;
+- decode: ``a + b·batch + c·total context``, or with ``batch_s`` (calibrated since session 31)
+  the step time measured at each batch size, interpolated, instead of the line ``a + b·batch``;
 - a mixed step (chunks and decodes in one batch, colocated workers) pays the decode model's
   time and the prefill model's less its fixed cost (one fixed cost, the decode step's).
 
@@ -66,15 +67,41 @@ class PrefillModel:
 
 @dataclass(frozen=True)
 class DecodeModel:
-    a: float  # s per step
+    a: float  # s per step (a line's fit: the fixed cost a step pays whatever its batch)
     b: float  # s per sequence
     c: float  # s per context token
+    # (batch, s) of a step with no context, by calibrated batch size, ascending (empty: the
+    # line ``a + b·batch``). A step's matmuls run other kernels at other batch sizes, and on
+    # some CPUs no line fits them: on the 2-vCPU AMD VM a decode step of smollm2 at small
+    # context took ~43 ms at batch 1, ~51 ms at 2 and ~38 ms at 3-6 (session 31). Between two
+    # calibrated sizes the time is interpolated; past the last it grows at the last two's slope.
+    batch_s: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
-        _seconds(**{f"decode.{k}": v for k, v in asdict(self).items()})
+        _seconds(**{f"decode.{k}": v for k, v in asdict(self).items() if k != "batch_s"})
+        knots = tuple((float(b), float(t)) for b, t in self.batch_s)
+        object.__setattr__(self, "batch_s", knots)
+        for batch, t in knots:
+            _require(is_number(batch, above=True), f"decode.batch_s: batch {batch!r} must be > 0")
+            _seconds(**{f"decode.batch_s[{batch:g}]": t})
+        _require(all(x[0] < y[0] for x, y in zip(knots, knots[1:], strict=False)),
+                 "decode.batch_s must be in ascending batch order")  # fmt: skip
 
     def time(self, batch: int, context: int) -> float:
-        return self.a + self.b * batch + self.c * context
+        return self.batch_time(batch) + self.c * context
+
+    def batch_time(self, batch: float) -> float:
+        """The step's time at ``batch`` sequences before their context's."""
+        knots = self.batch_s
+        if not knots:
+            return self.a + self.b * batch
+        if batch <= knots[0][0] or len(knots) == 1:
+            return knots[0][1]
+        for (b0, t0), (b1, t1) in zip(knots, knots[1:], strict=False):
+            if batch <= b1:
+                return t0 + (t1 - t0) * (batch - b0) / (b1 - b0)
+        (b0, t0), (b1, t1) = knots[-2:]
+        return t1 + max(0.0, (t1 - t0) / (b1 - b0)) * (batch - b1)
 
 
 @dataclass(frozen=True)

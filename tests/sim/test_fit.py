@@ -1,8 +1,13 @@
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 
+from services.common.errors import ConfigError
 from services.sim.fit import fit_decode, fit_prefill, fit_transport, relative_errors
+from services.sim.profile import DecodeModel
 
 
 def test_prefill_fit_recovers_known_coefficients_exactly():
@@ -45,7 +50,6 @@ def test_relative_errors():
 
 
 def test_migration_costs_come_from_the_coordinator_records(tmp_path):
-    import json
 
     from services.sim.calibrate import DOC_REVERT_S, migration_model
 
@@ -68,7 +72,6 @@ def test_migration_costs_come_from_the_coordinator_records(tmp_path):
 
 
 def test_migration_phases_come_from_a_compare_runs_coordinator_events(tmp_path):
-    import json
 
     from services.sim.calibrate import DOC_SWITCH_PAUSE_S, migration_model
 
@@ -91,3 +94,38 @@ def test_migration_phases_come_from_a_compare_runs_coordinator_events(tmp_path):
     assert model.revert_s == pytest.approx(0.9)
     assert (model.switch_pause_s, model.hop_s) == (DOC_SWITCH_PAUSE_S, 0.02)
     assert "2 copy and 1 revert" in source
+
+
+def test_decode_fit_measures_each_batch_size_where_no_line_fits():
+    # a step slower at batch 2 than at 3 (other kernels), the context's cost a line in tokens
+    by_batch = {1: 0.043, 2: 0.051, 3: 0.038, 4: 0.037, 8: 0.049, 16: 0.069}
+    c = 6.0e-7
+    grid = [(b, 32 * b) for b in by_batch] + [(1, 1024), (2, 1024), (4, 2048)]
+    m = fit_decode([(b, ctx, by_batch[b] + c * ctx) for b, ctx in grid])
+    assert m.c == pytest.approx(c, rel=1e-6)
+    assert [b for b, _ in m.batch_s] == sorted(by_batch)
+    for b, t in by_batch.items():
+        assert m.time(b, 500) == pytest.approx(t + c * 500, rel=1e-6)
+    # between two sizes interpolated; past the last at the last two's slope
+    assert m.batch_time(6) == pytest.approx((0.037 + 0.049) / 2, rel=1e-6)
+    assert m.batch_time(32) == pytest.approx(0.069 + (0.069 - 0.049) / 8 * 16, rel=1e-6)
+    # the line alone misses batch 2 by far more
+    line = DecodeModel(m.a, m.b, m.c)
+    assert abs(line.time(2, 64) - m.time(2, 64)) / m.time(2, 64) > 0.1
+
+
+def test_decode_fit_keeps_the_line_without_points_to_fix_the_context_term():
+    # one point per batch size: the batch terms would absorb the context's
+    m = fit_decode([(1, 40, 0.05), (4, 200, 0.06), (16, 600, 0.08), (32, 4000, 0.11)])
+    assert m.batch_s == ()
+    assert m.time(2, 100) == pytest.approx(m.a + m.b * 2 + m.c * 100)
+
+
+def test_decode_batch_terms_survive_the_profile_json_and_are_checked():
+    m = DecodeModel(0.04, 0.001, 5e-7, ((1, 0.043), (2, 0.051), (3, 0.038)))
+    again = DecodeModel(**json.loads(json.dumps(dataclasses.asdict(m))))
+    assert again == m and again.time(2, 10) == pytest.approx(0.051 + 5e-6)
+    with pytest.raises(ConfigError, match="ascending"):
+        DecodeModel(0.04, 0.0, 0.0, ((2, 0.05), (1, 0.04)))
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        DecodeModel(0.04, 0.0, 0.0, ((1, -0.01),))
