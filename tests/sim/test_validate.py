@@ -123,7 +123,7 @@ def test_a_run_is_replayed_with_the_mode_flags_it_recorded():
     # A run recorded today: banaserve's router rule and decode chunk, and --up-args after them.
     report = compare_json(("static-pd", "banaserve"))
     spec = sim_spec(Mode.BANASERVE, report["config"])
-    assert (spec.local_prefill_max_tokens, spec.local_prefill_queue_tokens) == (128, 1024)
+    assert (spec.local_prefill_max_tokens, spec.local_prefill_queue_tokens) == (128, 1280)
     assert spec.decode_max_num_batched_tokens == 64
     assert spec.decode_max_prefill_tokens_while_decoding == 0
     report["config"]["extra_up_args"] = (

@@ -156,7 +156,7 @@ def test_markdown_has_a_row_per_run_and_the_ratios():
     assert (
         "`banaserve`: `up --mode banaserve` (1 prefill, 1 decode, load routing, 1 store nodes, "
         "coordinator --auto, router --local-prefill-max-tokens 128 --local-prefill-queue-tokens "
-        "1024, decode --max-num-batched-tokens 64)" in text
+        "1280, decode --max-num-batched-tokens 64)" in text
     )
 
 
@@ -182,7 +182,7 @@ def test_each_mode_is_one_up_command_line():
         "coordinator": True, "num_decode": 1, "num_kvstore": 1, "num_mixed": 0,
         "num_prefill": 1, "policy": "load", "service_args": {
             "coordinator": ["--auto"],
-            "router": ["--local-prefill-max-tokens", "128", "--local-prefill-queue-tokens", "1024"],
+            "router": ["--local-prefill-max-tokens", "128", "--local-prefill-queue-tokens", "1280"],
             "decode": ["--max-num-batched-tokens", "64"],
         },
     }  # fmt: skip

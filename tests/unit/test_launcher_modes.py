@@ -61,14 +61,14 @@ def test_what_each_mode_decides():
     # in a step that also decodes
     assert bana.service_args == {
         "coordinator": ("--auto", "--gap-high", "0.3"),
-        "router": ("--local-prefill-max-tokens", "128", "--local-prefill-queue-tokens", "1024"),
+        "router": ("--local-prefill-max-tokens", "128", "--local-prefill-queue-tokens", "1280"),
         "decode": (*BANASERVE_SERVICE_ARGS["decode"], "--max-num-batched-tokens", "32"),
         "prefill": ("--max-num-seqs", "8"),
     }
     # ... and the services' own parsers read them so
     assert decode_args(list(bana.service_args["decode"])).max_num_batched_tokens == 32
     router = router_args(list(bana.service_args["router"]))
-    assert (router.local_prefill_max_tokens, router.local_prefill_queue_tokens) == (128, 1024)
+    assert (router.local_prefill_max_tokens, router.local_prefill_queue_tokens) == (128, 1280)
     alone = decode_args(list(mode_spec(Mode.BANASERVE).service_args["decode"]))
     assert (alone.max_num_batched_tokens, alone.max_prefill_tokens_while_decoding) == (64, 0)
 
