@@ -56,7 +56,7 @@ from services.migration.link import HelperLink
 from services.migration.records import SWITCHED, MigrationRecord, Peer, Role
 from services.rpc.convert import duration
 from services.rpc.dataplane import DataPlaneError, ErrorKind
-from services.rpc.dataplane.tcp import BlockingTcpChannel
+from services.rpc.dataplane.blocking_tcp import BlockingTcpChannel
 from services.rpc.gen.banaserve.v1 import migration_pb2 as pb
 
 if TYPE_CHECKING:

@@ -39,7 +39,7 @@ from services.engine.ports import AttentionPort, AttentionQuery, PortError
 from services.migration import attention_wire, wire
 from services.migration.ports import helper_lost
 from services.rpc.dataplane import DataClient, DataPlaneError, ErrorKind
-from services.rpc.dataplane.tcp import BlockingTcpChannel
+from services.rpc.dataplane.blocking_tcp import BlockingTcpChannel
 
 log = logging.getLogger(__name__)
 Parts = list[PartialAttention]

@@ -16,7 +16,8 @@ import pytest
 
 from services.common.errors import InvalidRequestError
 from services.rpc.dataplane import DataPlaneError, ErrorKind
-from services.rpc.dataplane.tcp import BlockingTcpChannel, Keepalive, TcpServer
+from services.rpc.dataplane.blocking_tcp import BlockingTcpChannel
+from services.rpc.dataplane.tcp import Keepalive, TcpServer
 from tests.chaos.proxy import FaultProxy, Mode
 from tests.migration.harness import LoopThread
 
