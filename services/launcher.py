@@ -193,8 +193,9 @@ MODE_FIELDS = frozenset(
 # prefix cache holds all but at most 128 of its tokens, or any prompt while the prefill worker
 # it would go to has 1,280 prompt tokens queued and it fewer (conditional disaggregation, the
 # router's rule: docs/services.md; 1,024 until session 31, when 1,280 left it fewer long
-# prompts, the prefill worker idle less, and mixed's makespan 7 % shorter), at most 64 tokens a step, its decodes' included: a prompt
-# it takes then delays its decodes by under 64 prompt tokens' compute a step (~0.15 s here),
+# prompts, the prefill worker idle less, and mixed's makespan 6-7 % shorter), at most 64
+# tokens a step, its decodes' included: a prompt it takes then delays its decodes by under 64
+# prompt tokens' compute a step (~0.15 s here),
 # not by a whole prompt or a long chunk (docs/benchmarks.md, sessions 29 and 30: on a machine
 # whose one prefill worker saturates, this is what makes banaserve serve what static PD cannot,
 # within the TPOT SLO).

@@ -8,6 +8,8 @@ pings instead of answering them with GOAWAY ``too_many_pings``.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import grpc
 
 from services.common.config import RpcConfig
@@ -70,10 +72,9 @@ def client_library_options(config: RpcConfig) -> Options:
     gRPC's own 20 s for a connection attempt: a client may be far from its router (over TLS
     and a link 1.5 s each way a probe's client got its first token after 9 s with it, and
     nothing with the services' 5 s, which is for peers inside one deployment)."""
-    options = dict(channel_options(config))
-    keepalive = _common_options(config, config.max_message_bytes, config.keepalive_s,
-                                config.keepalive_timeout_s)  # fmt: skip
-    options |= dict(keepalive)
+    slower = replace(config, channel_keepalive_s=config.keepalive_s,
+                     channel_keepalive_timeout_s=config.keepalive_timeout_s)  # fmt: skip
+    options = dict(channel_options(slower))
     options["grpc.keepalive_permit_without_calls"] = 0
     options["grpc.use_local_subchannel_pool"] = 1
     del options["grpc.min_reconnect_backoff_ms"]

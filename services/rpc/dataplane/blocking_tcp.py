@@ -49,11 +49,11 @@ class BlockingTcpChannel:
     out at once (a step's micro-batches each send a layer's queries before the first reads its
     answer); each is received once, in any order: a reply to another request still out is kept
     for its own ``receive``, one to a request sent before the one read and still out is
-    dropped (its caller gave up on it). Same frames and limits as the rest of this module. Any
+    dropped (its caller gave up on it). Same frames and limits as tcp.py's. Any
     failure breaks the channel for good (a timed-out read may have stopped inside a frame):
     every later call raises UNAVAILABLE.
 
-    The same keepalive as a ``TcpClient``'s (module docstring), kept by the reading thread: a
+    The same keepalive as a ``TcpClient``'s (tcp.py's docstring), kept by the reading thread: a
     ``receive`` that has heard nothing for ``Keepalive.interval_s`` since the channel last
     received (or, with nothing out, sent) writes a ``PING``, and nothing at all within
     ``Keepalive.timeout_s`` of it breaks the channel ("stalled") — a dead path does not hold

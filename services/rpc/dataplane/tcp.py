@@ -71,8 +71,9 @@ log = logging.getLogger(__name__)
 # Up to this size header and payload go out in one send (one copy of a small payload is cheaper
 # than a second system call).
 COALESCE_BYTES = 64 << 10
+# What ends a connection's reading (ValueError: a frame that makes no sense); blocking_tcp.py too.
 BROKEN = (OSError, EOFError, ValueError)
-_CLOSE_WAIT_S = 1.0  # how long a stopping server waits for clients to close after its FIN  # ValueError: a frame that makes no sense
+_CLOSE_WAIT_S = 1.0  # how long a stopping server waits for clients to close after its FIN
 # The largest payload one message may announce (a layer of one request's KV is far below it).
 DEFAULT_MAX_PAYLOAD_BYTES = 1 << 30
 # From a frame's head to its last payload byte.
