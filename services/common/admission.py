@@ -95,7 +95,8 @@ class ClassLimits:
 
 
 # The request-starting and request-continuing methods of BanaServe's services; every other
-# method (health, reflection, releases, stats, load reports, later services') is EXEMPT.
+# method (health, reflection, releases, lease renewals, stats, load reports, later services') is
+# EXEMPT.
 WORK_METHODS = frozenset(
     {
         "/banaserve.v1.RouterService/Generate",

@@ -114,7 +114,7 @@ async def serve(args: argparse.Namespace) -> None:
         DecodeConfig(
             default_lease_s=min(args.max_lease, DecodeConfig.default_lease_s),
             max_lease_s=args.max_lease,
-            transfer_header_timeout_s=args.max_lease,  # no header can claim a longer lease
+            transfer_header_timeout_s=args.max_lease,  # a sender sends its first frame at once
             prefill_locally=args.role == "mixed",
             reuse_cached_prefix=args.reuse_cached_prefix,
         ),

@@ -33,8 +33,9 @@ the layers ``[k, L)`` of an import on the helper instead (services/engine/kv_rou
 same call, which then waits for the data plane. The table itself is touched only from the
 event loop, where the loop delivers each step's outputs. Every wait is bounded: a lease or deadline is enforced by
 ``expire_overdue`` (swept every ``sweep_interval_s``), a transfer waits for its header at
-most ``transfer_header_timeout_s`` and for each later frame at most ``transfer_idle_timeout_s``
-or until its entry ends, and a stream waits for its next event
+most ``transfer_header_timeout_s`` (once an open frame claimed its entry, as long as the
+entry lives) and for each later frame at most ``transfer_idle_timeout_s``, or until its entry
+ends, and a stream waits for its next event
 at most ``stream_idle_timeout_s`` in which the engine made no step (a request queued behind
 others, or preempted, waits as long as the engine makes progress).
 
@@ -308,14 +309,18 @@ class DecodeWorker:
         entry: Entry | None,
         awaiting_header: bool = False,
     ) -> TransferFrame | None:
-        """The sender's next frame (None: it closed its stream). The header must come within
-        ``transfer_header_timeout_s`` (after an open frame too: its prompt computes meanwhile),
-        each later frame within ``transfer_idle_timeout_s``; should ``entry`` end meanwhile
-        (lease, deadline, Release) the wait ends at once, so a silent sender never holds its
-        call, nor the entry, past them."""
+        """The sender's next frame (None: it closed its stream). The first frame (open or
+        header) must come within ``transfer_header_timeout_s``; after an open frame the header
+        may take as long as the reservation lives (its prompt queues and computes meanwhile,
+        and the router renews the lease while it does); each later frame must come within
+        ``transfer_idle_timeout_s``. Should ``entry`` end meanwhile (lease, deadline, Release)
+        the wait ends at once, so a silent sender never holds its call, nor the entry, past
+        them."""
         config = self.config
-        if entry is None or awaiting_header:
-            timeout = config.transfer_header_timeout_s
+        if entry is None:
+            timeout: float | None = config.transfer_header_timeout_s
+        elif awaiting_header:
+            timeout = None  # the entry's end bounds it
         else:
             timeout = config.transfer_idle_timeout_s
         arrived = await next_unless(frames, entry.ended if entry else None, timeout)
@@ -326,10 +331,6 @@ class DecodeWorker:
         if entry.ended.is_set():
             self._check_alive()
             raise self._table.gone(entry)
-        if awaiting_header:
-            raise TimeoutError(
-                f"the KV transfer for {entry.request_id!r} sent no header within {timeout:g}s"
-            )
         raise TimeoutError(
             f"the KV transfer for {entry.request_id!r} sent nothing for {timeout:g}s"
         )
@@ -415,6 +416,15 @@ class DecodeWorker:
         # Shielded: a Release call cancelled while the abort waits for the engine thread must
         # not cancel the abort too (the entry is already gone, its blocks would stay held).
         return True, await asyncio.shield(asyncio.wrap_future(self._table.free(entry)))
+
+    def renew(self, request_id: str, reservation_id: str, lease_s: float | None = None) -> float:
+        """Extends a reservation's lease (capped as ``reserve``'s): the router renews it while
+        the prompt waits for and runs on its prefill worker, so a prompt may take longer than
+        one lease. Returns the lease left; 0.0 once the sequence runs (``DecodeTable.renew``)."""
+        if lease_s is not None and lease_s <= 0:
+            raise InvalidRequestError(f"lease must be positive, got {lease_s}s")
+        lease = min(lease_s or self.config.default_lease_s, self.config.max_lease_s)
+        return self._table.renew(request_id, reservation_id, lease)
 
     def expire_overdue(self) -> list[str]:
         """Frees every entry whose lease or deadline has passed; returns their request ids."""

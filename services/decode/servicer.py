@@ -314,6 +314,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         )
         return decode_pb2.ReleaseResponse(found=found, num_blocks_freed=num_blocks)
 
+    async def RenewLease(self, request, context):
+        check_id(request.request_id, "request_id")
+        check_id(request.reservation_id, "reservation_id")
+        lease = seconds(request.lease) if request.HasField("lease") else None
+        left = self._worker.renew(request.request_id, request.reservation_id, lease)
+        return decode_pb2.RenewLeaseResponse(lease=duration(left))
+
     async def Stats(self, request, context):
         return stats_to_proto(await self._worker.stats())
 

@@ -88,6 +88,26 @@ class EntryTable:
         ):
             raise self.gone(entry)
 
+    def renew(self, request_id: str, reservation_id: str, lease_s: float) -> float:
+        """Extends the reservation's lease to at least ``lease_s`` from now; returns the lease
+        left, or 0.0 once its sequence runs (no lease applies then). Raises as ``gone`` for one
+        that ended, or whose lease or deadline passed before the sweep freed it."""
+        entry = self._by_request.get(request_id)
+        if entry is None or entry.reservation_id != reservation_id:
+            raise RequestNotFoundError(
+                f"no reservation {reservation_id!r} for request {request_id!r}"
+            )
+        self.check_live(entry)
+        now = self._clock()
+        if entry.deadline is not None and now >= entry.deadline:
+            raise self.gone(entry)
+        if entry.status is RequestStatus.RUNNING:
+            return 0.0
+        if now >= entry.lease_expiry:
+            raise self.gone(entry)
+        entry.lease_expiry = max(entry.lease_expiry, now + lease_s)
+        return entry.lease_expiry - now
+
     def gone(self, entry: Entry) -> Exception:
         """Why ``entry``'s reservation is no longer there for its transfer: its deadline
         (DEADLINE_EXCEEDED), its lease, or else a release (NOT_FOUND)."""

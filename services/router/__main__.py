@@ -87,7 +87,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--report-timeout-s", type=float, default=1.0)
     p.add_argument("--expire-interval-s", type=float, default=0.25)
-    p.add_argument("--lease-s", type=float, default=30.0)
+    p.add_argument(
+        "--lease-s",
+        type=float,
+        default=DriverConfig.lease_s,
+        help="the lease on a decode worker's reservation, renewed every third of it while the "
+        "prefill worker has the prompt: how long a lost router's reservation may hold KV blocks",
+    )
     p.add_argument("--default-timeout-s", type=float, default=600.0)
     p.add_argument(
         "--no-worker-wait-s",

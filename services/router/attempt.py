@@ -7,6 +7,7 @@ caller has, and relays what D generates after them."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING
 
 from services.common.errors import ErrorCode
@@ -27,6 +28,8 @@ from services.router.driver_types import (
 
 if TYPE_CHECKING:
     from services.router.driver import RequestDriver, _Job
+
+log = logging.getLogger(__name__)
 
 
 class FullOnReserve(Exception):
@@ -125,7 +128,11 @@ class Attempt:
             reservation.num_cached_blocks,
         )
         self._mark_routed()
-        result = self._job.prefill = await self._run_prefill(target)
+        renewing = asyncio.create_task(self._renew_lease(reservation))
+        try:
+            result = self._job.prefill = await self._run_prefill(target)
+        finally:
+            renewing.cancel()
         if result.finish_reason is not None:
             await self._release(ReleaseReason.FINISHED_ON_PREFILL)
             return self._finished(DecodeResult(result.finish_reason, 1))
@@ -173,6 +180,34 @@ class Attempt:
         if outcome is None:
             raise self._protocol_error(self._assignment.decode.worker_id, "no finished frame")
         return self._finished(outcome)
+
+    async def _renew_lease(self, reservation: Reservation) -> None:
+        """Renews D's lease on the reservation every third of it while P has the prompt (queued
+        behind others, computing, sending its KV), so a prompt may take longer than a lease; a
+        lost router stops renewing, and D frees the blocks within one lease. Ends when D says
+        the sequence runs, when the reservation is gone (the prefill call fails then, and says
+        why) or when D does not know the call (an older worker: the lease alone, as before).
+        A try that fails on the way (UNAVAILABLE, its timeout) leaves the next one a third of a
+        lease."""
+        config, request_id = self._driver.config, self._request.request_id
+        lease = reservation.lease_s or config.lease_s
+        while True:
+            await asyncio.sleep(lease / 3)
+            ask = min(config.lease_s, self._driver.remaining(self._job))
+            if ask <= 0:
+                return  # the request's deadline ends it on both workers
+            try:
+                granted = await self._decode.renew(
+                    request_id, reservation.reservation_id, ask, lease / 3
+                )
+            except WorkerCallError as exc:
+                if exc.code in (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED):
+                    continue
+                log.info("request %s: lease not renewed: %s", request_id, exc)
+                return
+            if granted <= 0:
+                return
+            lease = granted
 
     async def _run_prefill(self, target: KVTarget) -> PrefillResult:
         first, result, bad = False, None, False

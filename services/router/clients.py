@@ -99,6 +99,7 @@ class GrpcDecodeClient:
             transport,
             reply.num_cached_blocks,
             reply.prefilling_locally,
+            seconds(reply.lease),
         )
 
     async def stream_tokens(
@@ -123,6 +124,18 @@ class GrpcDecodeClient:
             await self._stub.Release(message, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise _call_error(self._worker, "Release", exc) from None
+
+    async def renew(
+        self, request_id: str, reservation_id: str, lease_s: float, timeout_s: float
+    ) -> float:
+        message = decode_pb2.RenewLeaseRequest(
+            request_id=request_id, reservation_id=reservation_id, lease=duration(lease_s)
+        )
+        try:
+            reply = await self._stub.RenewLease(message, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise _call_error(self._worker, "RenewLease", exc) from None
+        return seconds(reply.lease)
 
 
 class GrpcPrefillClient:

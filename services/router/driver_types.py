@@ -63,6 +63,7 @@ class Reservation:
     data_transport: str = ""  # "ucx", "tcp" or "grpc" (services.rpc.dataplane.KINDS)
     num_cached_blocks: int = 0  # the prompt's leading blocks D holds already: KV starts there
     prefilling_locally: bool = False  # D prefills the prompt itself: no prefill worker, no KV
+    lease_s: float = 0.0  # as granted; the attempt renews it while P has the prompt
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,11 @@ class DecodeClient(Protocol):
 
     async def release(self, request_id: str, reason: ReleaseReason, timeout_s: float) -> None: ...
 
+    async def renew(
+        self, request_id: str, reservation_id: str, lease_s: float, timeout_s: float
+    ) -> float:
+        """Extends the reservation's lease; the lease left (0.0: the sequence runs)."""
+
 
 class PrefillClient(Protocol):
     """The router's call to one prefill (or mixed) worker: a first-token Delta, then a result."""
@@ -199,7 +205,10 @@ class WorkerClients(Protocol):
 
 @dataclass(frozen=True)
 class DriverConfig:
-    # How long D holds a reservation for a transfer that has not ended (capped by the deadline).
+    # How long D holds a reservation for a transfer that has not ended (capped by the deadline)
+    # without hearing from this router: renewed every third of it while P has the prompt
+    # (``Attempt._renew_lease``), so it bounds how long a lost router's reservation stays, not
+    # how long a prompt may queue and compute.
     lease_s: float = 30.0
     # The deadline of a request whose call has none: every wait stays bounded.
     default_timeout_s: float = 600.0

@@ -86,7 +86,7 @@ RULES: Mapping[str, Mapping[str, Rule]] = {
         "Stats": Rule(_OBSERVERS),
     },
     "banaserve.v1.DecodeService": {
-        # ReserveKV, StreamTokens, Release: the router's, for the requests it routes.
+        # ReserveKV, RenewLease, StreamTokens, Release: the router's, for the requests it routes.
         "*": Rule(frozenset({Role.ROUTER})),
         "TransferKV": Rule(frozenset({Role.ROUTER}) | _WORKERS_THAT_PREFILL),
         "Stats": Rule(_OBSERVERS),

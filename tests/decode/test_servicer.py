@@ -251,6 +251,65 @@ def test_lease_expiry_frees_a_reservation_whose_transfer_never_came(tiny_llama):
     asyncio.run(main())
 
 
+def renew(request_id: str, reservation_id: str, lease: float | None = None):
+    kw = {} if lease is None else {"lease": seconds(lease)}
+    return decode_pb2.RenewLeaseRequest(request_id=request_id, reservation_id=reservation_id, **kw)
+
+
+def test_a_renewed_lease_holds_a_reservation_past_its_first_lease(tiny_llama):
+    """The router renews the lease while the prompt queues and computes on its prefill worker:
+    renewed every 0.1 s, a 0.3 s reservation is still there at 1 s, its KV goes in as ever;
+    once renewals stop it expires one lease later. A renewal asks no more than the worker's
+    longest lease, names its reservation exactly, and one for a running sequence is 0."""
+    config = DecodeConfig(sweep_interval_s=0.02, default_lease_s=1.0, max_lease_s=2.0)
+
+    async def main():
+        async with decode_server(tiny_llama, config) as (_, stub):
+            prompt = prompt_ids(40, 14)
+            reply = await stub.ReserveKV(reserve_request("slow", prompt, lease=seconds(0.3)))
+            rid = reply.reservation_id
+            for _ in range(10):
+                await asyncio.sleep(0.1)
+                left = await stub.RenewLease(renew("slow", rid, 0.3))
+                assert left.lease.ToNanoseconds() / 1e9 == pytest.approx(0.3, abs=0.05)
+            stats = await stub.Stats(decode_pb2.DecodeServiceStatsRequest())
+            assert [r.request_id for r in stats.reservations] == ["slow"]
+            capped = await stub.RenewLease(renew("slow", rid, 100.0))
+            assert capped.lease.ToNanoseconds() / 1e9 == pytest.approx(2.0, abs=0.05)
+            default = await stub.RenewLease(renew("slow", rid))  # never shortens it
+            assert default.lease.ToNanoseconds() / 1e9 == pytest.approx(2.0, abs=0.05)
+            for request_id, reservation_id, code in [
+                ("slow", "other", C.NOT_FOUND),
+                ("nope", rid, C.NOT_FOUND),
+                ("bad id", rid, C.INVALID_ARGUMENT),
+            ]:
+                err = await rpc_error(stub.RenewLease(renew(request_id, reservation_id, 1.0)))
+                assert err.code() == code, (request_id, err.details())
+            err = await rpc_error(stub.RenewLease(renew("slow", rid, -1.0)))
+            assert err.code() == C.INVALID_ARGUMENT and "lease must be positive" in err.details()
+            prefill = PrefillSide(tiny_llama)
+            first = prefill.prefill("slow", prompt, GREEDY)
+            await stub.TransferKV(prefill.frames("slow", rid, first))
+            running = await stub.RenewLease(renew("slow", rid, 1.0))
+            assert running.lease.ToNanoseconds() == 0  # it runs: no lease applies
+            rest, _ = await collect(
+                stub.StreamTokens(decode_pb2.StreamTokensRequest(request_id="slow"))
+            )
+            assert [first, *rest] == reference_tokens(make_engine(tiny_llama), prompt, GREEDY)
+            err = await rpc_error(stub.RenewLease(renew("slow", rid, 1.0)))
+            assert err.code() == C.NOT_FOUND  # finished
+
+            # Renewals stop: it expires a lease after the last, and cannot be renewed then.
+            reply = await stub.ReserveKV(reserve_request("left", prompt, lease=seconds(0.3)))
+            await stub.RenewLease(renew("left", reply.reservation_id, 0.3))
+            await asyncio.sleep(0.6)
+            err = await rpc_error(stub.RenewLease(renew("left", reply.reservation_id, 0.3)))
+            assert err.code() == C.NOT_FOUND, err.details()
+            await assert_clean(stub)
+
+    asyncio.run(main())
+
+
 def test_deadline_expiry_aborts_a_running_request(tiny_llama):
     async def main():
         async with decode_server(tiny_llama, FAST_SWEEP) as (_, stub):

@@ -29,9 +29,10 @@ from tests.decode.helpers import (
     assert_clean,
     decode_server,
     prompt_ids,
+    reference_tokens,
     reserve_request,
 )
-from tests.decode.test_servicer import collect, rpc_error, seconds
+from tests.decode.test_servicer import collect, renew, rpc_error, seconds
 from tests.engine.helpers import assert_no_leaks, make_engine
 
 C = grpc.StatusCode
@@ -156,6 +157,38 @@ def test_a_sender_that_opens_first_survives_a_flood_while_its_prompt_computes(ti
             for call in silent[4:]:
                 call.cancel()
             never.set()
+            await assert_clean(stub)
+
+    asyncio.run(main())
+
+
+def test_an_opened_transfer_waits_for_its_header_as_long_as_its_lease_is_renewed(tiny_llama):
+    """A long prompt, or one queued behind others on its prefill worker: the header comes long
+    after the open frame, past ``transfer_header_timeout_s`` and the first lease, and the KV
+    goes in because the router renewed the lease meanwhile."""
+    config = DecodeConfig(sweep_interval_s=0.02, transfer_header_timeout_s=0.3)
+
+    async def main():
+        async with decode_server(tiny_llama, config) as (_, stub):
+            prefill, prompt = PrefillSide(tiny_llama), prompt_ids(40, 38)
+            reply = await stub.ReserveKV(reserve_request("long", prompt, lease=seconds(0.3)))
+            rid = reply.reservation_id
+            first = prefill.prefill("long", prompt, GREEDY)
+            go = asyncio.Event()
+            frames = prefill.frames("long", rid, first)
+            transfer = asyncio.ensure_future(
+                stub.TransferKV(opened_then(opening("long", rid), frames, go))
+            )
+            for _ in range(12):
+                await asyncio.sleep(0.1)
+                await stub.RenewLease(renew("long", rid, 0.3))
+            assert not transfer.done()
+            go.set()
+            done = await asyncio.wait_for(transfer, 10)
+            assert done.num_layers == prefill.engine.spec.num_layers
+            call = stub.StreamTokens(decode_pb2.StreamTokensRequest(request_id="long"))
+            rest, _ = await collect(call)
+            assert [first, *rest] == reference_tokens(make_engine(tiny_llama), prompt, GREEDY)
             await assert_clean(stub)
 
     asyncio.run(main())

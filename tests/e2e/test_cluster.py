@@ -353,3 +353,45 @@ def test_colocated_mixed_workers_match_the_in_process_engine(banaserve_home, tin
         finally:
             codes = cluster.stop()
     assert set(codes.values()) == {0}, f"services exited with {codes}"
+
+
+@pytest.mark.parametrize("kv_transport", ["tcp", "none"])
+def test_a_prompt_held_on_its_prefill_worker_past_the_lease_completes(
+    banaserve_home, tiny_llama, tmp_path, kv_transport
+):
+    """The prefill worker holds the prompt for 2.5 s (frozen here; a long prompt, a queue
+    behind others or a migration's switch on a real one) while the router's lease on the decode
+    worker is 1 s: the router renews the lease meanwhile, so the request completes with the
+    engine's tokens, over the data plane and over the TransferKV stream (whose open frame
+    claims the reservation before the prompt computes). Without renewals the reservation
+    expired and the request failed NOT_FOUND."""
+    spec = ClusterSpec(
+        num_kvstore=0,
+        num_kv_blocks=512,
+        kv_transport=kv_transport,
+        extra_env={"BANASERVE_HOME": str(banaserve_home)},
+        service_args={"router": ("--lease-s", "1")},
+    )
+    prompt = prompt_ids(40, 77)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    expected = make_engine(tiny_llama).generate([prompt], [params])[0].token_ids
+    with open(tmp_path / "cluster.log", "w") as log:
+        cluster = LocalCluster(spec, log)
+        cluster.start()
+        prefill = cluster.child("prefill-0")
+        try:
+            with BanaServeClient(cluster.router.address) as client, ThreadPoolExecutor(1) as pool:
+                os.kill(prefill.proc.pid, signal.SIGSTOP)
+                try:
+                    result = pool.submit(
+                        client.complete, prompt, temperature=0.0, max_tokens=12,
+                        ignore_eos=True, timeout_s=60,
+                    )  # fmt: skip
+                    time.sleep(2.5)
+                finally:
+                    os.kill(prefill.proc.pid, signal.SIGCONT)
+                assert list(result.result(timeout=60).token_ids) == expected
+            assert_workers_idle({"decode": cluster.child("decode-0"), "prefill": prefill})
+        finally:
+            codes = cluster.stop()
+    assert set(codes.values()) == {0}, f"services exited with {codes}"

@@ -1,5 +1,5 @@
 """Fuzzing the decode worker: DecodeService (ReserveKV, the TransferKV client stream, the
-StreamTokens server stream, Release, Stats) and its KV data plane (``KVTransferFrame`` messages
+StreamTokens server stream, Release, RenewLease, Stats) and its KV data plane (``KVTransferFrame`` messages
 over TCP). Half the inputs are the descriptor walker's, half a KV handoff into a fresh
 reservation done right and then broken a little (scenarios.py)."""
 
@@ -37,6 +37,8 @@ DECODE = methods(
         "TransferKV": {"NOT_FOUND"},
         "StreamTokens": {"NOT_FOUND"},
         "Release": set(),
+        # NOT_FOUND: no such reservation (or gone); DEADLINE_EXCEEDED: its request's deadline.
+        "RenewLease": {"NOT_FOUND", "DEADLINE_EXCEEDED"},
         "Stats": set(),
     },
     deadline_ok=("StreamTokens",),

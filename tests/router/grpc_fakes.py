@@ -86,6 +86,8 @@ class FakeWorker(prefill_pb2_grpc.PrefillServiceServicer, decode_pb2_grpc.Decode
         self.dead = False
         self.resumed: dict[str, int] = {}  # request id -> tokens the caller has
         self.release_delay_s = 0.0  # each Release takes effect this late ("released" then)
+        self.prefill_delay_s = 0.0  # a prompt queued or computing this long before its token
+        self.renew_fails: grpc.StatusCode | None = None  # every RenewLease fails with it
 
     async def _unless_dead(self, context) -> None:
         if self.dead:
@@ -120,7 +122,18 @@ class FakeWorker(prefill_pb2_grpc.PrefillServiceServicer, decode_pb2_grpc.Decode
             data_address=f"data-{self.worker_id}:1",
             data_transport=kvstore_pb2.DATA_TRANSPORT_TCP,
             prefilling_locally=request.request_id in self.local,
+            lease=request.lease,
         )
+
+    async def RenewLease(self, request, context):
+        asked = round(request.lease.ToNanoseconds() / 1e9, 3)
+        self.log.record(
+            context, "renew", self.worker_id, request.request_id, request.reservation_id, asked
+        )
+        await self._unless_dead(context)
+        if self.renew_fails is not None:
+            await context.abort(self.renew_fails, "RenewLease fails here")
+        return decode_pb2.RenewLeaseResponse(lease=request.lease)
 
     async def Prefill(self, request, context):
         t = request.target
@@ -134,6 +147,7 @@ class FakeWorker(prefill_pb2_grpc.PrefillServiceServicer, decode_pb2_grpc.Decode
         if self.fail_prefill_steps:  # the step failed; the worker serves on
             self.fail_prefill_steps -= 1
             await context.abort(grpc.StatusCode.INTERNAL, "the engine step failed")
+        await asyncio.sleep(self.prefill_delay_s)
         first = common_pb2.TokenDelta(token_ids=[self.tokens[0]], text=f"<{self.tokens[0]}>")
         yield prefill_pb2.PrefillResponse(first_token=first)
         if self.prefill_dies_after_first:
@@ -240,6 +254,7 @@ async def cluster(
     vocab_size: int | None = None,
     max_resumes: int = DriverConfig.max_resumes,
     resumable: ResumeCheck | None = None,
+    lease_s: float = DriverConfig.lease_s,
     **behaviour,
 ) -> AsyncIterator[Cluster]:
     """A router with fake workers p0.., d0.. registered (each in ``dead`` at a dead address)."""
@@ -250,6 +265,7 @@ async def cluster(
         no_worker_wait_s=no_worker_wait_s,
         local_prefill_max_tokens=local_prefill_max_tokens,
         max_resumes=max_resumes,
+        lease_s=lease_s,
     )
     driver = RequestDriver(router, clients, config)
     prompts = PromptEncoder(

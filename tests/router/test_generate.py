@@ -106,6 +106,43 @@ def test_first_token_ending_the_request_releases_the_reservation():
     asyncio.run(main())
 
 
+def test_the_lease_on_d_is_renewed_while_p_has_the_prompt():
+    """A prompt that waits or computes on P longer than its lease on D (a long prompt, a queue
+    behind others): the router renews the lease every third of it, naming the reservation,
+    until P is done; then no more."""
+
+    async def main():
+        async with cluster(lease_s=0.3) as c:
+            c.workers["p0"].prefill_delay_s = 1.0
+            frames = await collect(c.stub.Generate(request(), timeout=10))
+            assert frames[-1].WhichOneof("frame") == "finished"
+            renewals = [call for call in c.log.calls if call[0] == "renew"]
+            assert 6 <= len(renewals) <= 11, c.log.calls  # every ~0.1 s for ~1 s, give or take
+            assert set(renewals) == {("renew", "d0", "r1", "res-r1", 0.3)}
+            names = [call[0] for call in c.log.calls]
+            assert names[:2] == ["reserve", "prefill"] and names[-1] == "stream"
+            await asyncio.sleep(0.5)
+            assert len([call for call in c.log.calls if call[0] == "renew"]) == len(renewals)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("code", [C.UNIMPLEMENTED, C.NOT_FOUND])
+def test_a_lease_d_will_not_renew_is_asked_once(code):
+    """A decode worker older than RenewLease, or a reservation already gone: one try, no
+    more; the request goes on as it would have (here P is done within the lease)."""
+
+    async def main():
+        async with cluster(lease_s=0.6) as c:
+            c.workers["p0"].prefill_delay_s = 0.5
+            c.workers["d0"].renew_fails = code
+            frames = await collect(c.stub.Generate(request(), timeout=10))
+            assert frames[-1].WhichOneof("frame") == "finished"
+            assert [call[0] for call in c.log.calls] == ["reserve", "prefill", "renew", "stream"]
+
+    asyncio.run(main())
+
+
 def test_client_cancel_releases_on_the_decode_worker():
     async def main():
         async with cluster(hang_decode=True) as c:

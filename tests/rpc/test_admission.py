@@ -323,6 +323,7 @@ def test_every_method_of_every_service_is_classified():
         "Generate": "work", "Abort": "exempt", "ListWorkers": "exempt", "ReportLoad": "exempt",
         "Prefill": "work", "Stats": "exempt",
         "ReserveKV": "work", "TransferKV": "stream", "StreamTokens": "stream", "Release": "exempt",
+        "RenewLease": "exempt",
         "kv.Lookup": "work", "kv.Pin": "work", "kv.Reserve": "work", "kv.Commit": "stream",
         "kv.Unpin": "exempt", "kv.Abort": "exempt", "kv.Stats": "exempt",
     }  # fmt: skip

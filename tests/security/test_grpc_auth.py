@@ -88,6 +88,8 @@ def test_decode_worker_methods_only_for_the_router(certs):
                     assert await code_of(stub.ReserveKV(reserve, timeout=5)) == C.PERMISSION_DENIED
                     release = decode_pb2.ReleaseRequest(request_id="x")
                     assert await code_of(stub.Release(release, timeout=5)) == C.PERMISSION_DENIED
+                    renew = decode_pb2.RenewLeaseRequest(request_id="x", reservation_id="res-x")
+                    assert await code_of(stub.RenewLease(renew, timeout=5)) == C.PERMISSION_DENIED
             assert c.log.calls == []  # no call reached the worker
             async with channel_as(c.worker_address, certs, Role.ROUTER) as channel:
                 stub = decode_pb2_grpc.DecodeServiceStub(channel)
