@@ -60,6 +60,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report-interval", type=float, default=0.1)
     p.add_argument("--max-lease", type=float, default=60.0)
     p.add_argument(
+        "--transfer-idle-timeout",
+        type=float,
+        default=DecodeConfig.transfer_idle_timeout_s,
+        help="seconds a KV transfer may send nothing between its layers before it is ended and "
+        "its blocks freed (a stalled sender); raise it for a model whose layer of a "
+        "--max-num-batched-tokens prompt chunk takes longer than that on the prefill worker",
+    )
+    p.add_argument(
         "--no-reuse-cached-prefix",
         dest="reuse_cached_prefix",
         action="store_false",
@@ -115,6 +123,7 @@ async def serve(args: argparse.Namespace) -> None:
             default_lease_s=min(args.max_lease, DecodeConfig.default_lease_s),
             max_lease_s=args.max_lease,
             transfer_header_timeout_s=args.max_lease,  # a sender sends its first frame at once
+            transfer_idle_timeout_s=args.transfer_idle_timeout,
             prefill_locally=args.role == "mixed",
             reuse_cached_prefix=args.reuse_cached_prefix,
         ),

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import grpc
 
@@ -105,3 +106,54 @@ def test_reuse_of_cached_prefix_blocks_is_on_unless_turned_off():
 
     assert parse_args([]).reuse_cached_prefix is True
     assert parse_args(["--no-reuse-cached-prefix"]).reuse_cached_prefix is False
+
+
+def test_transfer_idle_timeout_flag_bounds_a_stalled_transfer(tiny_llama):
+    """``--transfer-idle-timeout``: a transfer whose sender goes quiet after its header ends
+    then (a model whose layer takes longer than the 10 s default would raise it)."""
+    from tests.decode.helpers import GREEDY, PrefillSide, prompt_ids, reserve_request
+
+    cmd = [sys.executable, "-m", "services.decode", "--port", "0", "--model", str(tiny_llama)]
+    cmd += ["--threads", "1", "--num-kv-blocks", "32", "--transfer-idle-timeout", "0.4"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline().split()
+        assert line[0] == "LISTENING", line
+
+        async def stalled():
+            channel = grpc.aio.insecure_channel(line[1])
+            stub = decode_pb2_grpc.DecodeServiceStub(channel)
+            prefill, prompt = PrefillSide(tiny_llama), prompt_ids(40, 51)
+            reply = await stub.ReserveKV(reserve_request("s", prompt), timeout=5)
+            frames = list(
+                prefill.frames("s", reply.reservation_id, prefill.prefill("s", prompt, GREEDY))
+            )
+            hold = asyncio.Event()
+
+            async def quiet():
+                for frame in frames[:2]:  # the header and one chunk, then nothing
+                    yield frame
+                await hold.wait()
+
+            started = time.monotonic()
+            try:
+                await stub.TransferKV(quiet(), timeout=5)
+            except grpc.aio.AioRpcError as err:
+                took = time.monotonic() - started
+                hold.set()
+                stats = await stub.Stats(decode_pb2.DecodeServiceStatsRequest(), timeout=5)
+                await channel.close()
+                return err, took, stats
+            raise AssertionError("the stalled transfer succeeded")
+
+        err, took, stats = asyncio.run(stalled())
+        assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert err.details() == "the KV transfer for 's' sent nothing for 0.4s"
+        assert took < 2.0  # not the 10 s default
+        assert stats.kv.num_blocks_used == 0 and not stats.reservations
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
