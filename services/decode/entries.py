@@ -34,12 +34,11 @@ class DecodeConfig:
     # (the prompts it decoded before), and its transfer carries only the blocks after them:
     # a hot prefix's KV crosses the network once per decode worker, not once per request.
     reuse_cached_prefix: bool = True
-    # Longest a TransferKV waits for its first frame. The prefill worker opens the call when
-    # it admits the request and sends an open frame at once (claiming the reservation), then
-    # the header with the prompt's first layer: that wait spans its queueing and compute, and
-    # the reservation's lease bounds it (the router renews the lease meanwhile). A sender that
-    # sends the header first (the data planes, older prefill workers) computed first; the
-    # lease bounds that too, hence the longest lease (``__main__``: ``--max-lease``).
+    # Longest a TransferKV waits for its first frame. A prefill worker opens the call when it
+    # admits the request and sends an open frame at once (claiming the reservation); the
+    # header follows with the prompt's first layer, a wait that spans its queueing and compute
+    # and that the reservation's lease bounds instead (the router renews it meanwhile). So
+    # this bounds only a call that names nothing (``__main__``: ``--max-lease``).
     transfer_header_timeout_s: float = 60.0
     # Longest a transfer waits for each later frame. The sender writes each layer as its step
     # computes it and the end frame right after that step: a gap of 10 s is far past any step,
