@@ -18,8 +18,9 @@ per decision period (``PolicyConfig.interval_s``):
    that is: with many workers the extremes change while the imbalance stays), the helper's compute
    taken at its busiest report of the window (``Utilisation.as_host``): a **layer** migration
    for a gap of ``gap_high`` or more, ``k`` chosen so that the predicted ``max U`` is lowest
-   within the time budget ``T = S / B + T_sync <= budget_s``; an **attention** migration (only
-   with ``attention=True``) for a memory-bound hot worker, the gap at least ``gap_low``;
+   within the time budget ``T = S / B + T_sync + STEP_WAITS × the donor's step <= budget_s``;
+   an **attention** migration (only with ``attention=True``) for a memory-bound hot worker,
+   the gap at least ``gap_low``;
    never from a worker whose last report shows no work (its window still holds the load it
    just finished);
 4. no worker takes part in two actions: a worker in a live migration, or one that acted less
@@ -59,6 +60,13 @@ __all__ = [
 ]  # fmt: skip
 
 S = MigrationState
+
+# A migration's waits for the donor's step in progress (its last report's mean step, or the
+# step so far when none ended in the window), added to T_sync: its copy's first round and its
+# switch each run between two steps. On 2026-12-05 a prefill worker in 2,048-token chunk steps
+# (~10 s each on the AMD VM) took 9.4 and 12.3 s for two copy rounds and 15.8 s to switch, one
+# step each, where S / B + T_sync predicted under the 5 s budget (docs/coordinator.md).
+STEP_WAITS = 2
 
 
 def _ended_at(m: Migration) -> float | None:
@@ -379,6 +387,10 @@ class Policy:
     ) -> list[Decision]:
         num_layers = views[hot].num_layers
         measured = self.measurements(num_layers)
+        # The copy (one round at least) and the switch each run between two of the donor's
+        # steps: a donor in a long step holds each that long, past any B or T_sync.
+        step_s = views[hot].samples[-1].report.step_time_s
+        measured = replace(measured, sync_s=measured.sync_s + STEP_WAITS * step_s)
         options = []
         if layers_ok:
             options += self._layer_options(hot, cold, num_layers, utils, measured, rejected)

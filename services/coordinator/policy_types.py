@@ -203,7 +203,7 @@ class Decision:
     end_layer: int = 0
     num_blocks: int = 0  # ATTENTION: blocks to move
     migration_id: str = ""  # REVERT
-    estimated_time_s: float = 0.0  # T = S / B + T_sync
+    estimated_time_s: float = 0.0  # T = S / B + T_sync + STEP_WAITS x the donor's step
     reason: str = ""
 
     @property

@@ -74,8 +74,9 @@ def test_burst_moves_half_the_layers_then_reverts_once_it_ends():
         Rejected(f"layers {D} -> {P} [1, 4)", "predicted max U 0.67 vs 0.52"),
     )
     assert start.reason == "gap 0.80 for 3.0 s"
-    # 100 blocks x 2 layers x 16 KiB at 100 MB/s, + 0.2 s of switch.
-    assert start.estimated_time_s == pytest.approx(100 * 2 * 16384 / 100e6 + 0.2)
+    # 100 blocks x 2 layers x 16 KiB at 100 MB/s, + 0.2 s of switch, + two of the donor's
+    # 10 ms steps (STEP_WAITS: the copy's round and the switch each wait for one).
+    assert start.estimated_time_s == pytest.approx(100 * 2 * 16384 / 100e6 + 0.2 + 2 * 0.01)
     revert = r.log[1][1]
     # 0.05 * (1 - 0.425) vs 0 + 0.05 * 0.425 as attributed; 0.05 vs 0 once reverted.
     assert revert.reason == "gap 0.01 < 0.2, 0.05 once reverted for 5.0 s"
@@ -334,14 +335,33 @@ def test_k_follows_the_measured_layer_share():
 
 
 def test_layers_over_the_time_budget_are_rejected():
-    # 100 blocks x 16 KiB per layer at 1 MB/s: 1.84 s per layer + 0.2: only m = 1 fits 2.5 s.
+    # 100 blocks x 16 KiB per layer at 1 MB/s: 1.64 s per layer + 0.2 + two 10 ms steps:
+    # only m = 1 fits 2.5 s.
     config = PolicyConfig(bandwidth_prior_bytes_per_s=1e6, budget_s=2.5)
     r, rows = run([(3, IDLE), (20, BURST)], 8, config=config)
     assert rows == [(8.0, "layers", D, P, (3, 4))]
     assert r.log[0][1].rejected == (
-        Rejected(f"layers {D} -> {P} [2, 4)", "T 3.48 s > budget 2.5 s"),
-        Rejected(f"layers {D} -> {P} [1, 4)", "T 5.12 s > budget 2.5 s"),
+        Rejected(f"layers {D} -> {P} [2, 4)", "T 3.50 s > budget 2.5 s"),
+        Rejected(f"layers {D} -> {P} [1, 4)", "T 5.14 s > budget 2.5 s"),
     )
+
+
+@pytest.mark.parametrize("prefill", [False, True], ids=["decode-donor", "prefill-donor"])
+def test_a_donor_in_long_steps_is_not_moved(prefill):
+    """The copy and the switch each wait for the donor's step in progress. A prefill worker in
+    a 2,048-token chunk (~10 s on the AMD VM; the load report gives the step so far when none
+    ended in the window) cannot be moved within the 5 s budget, whatever B and T_sync say: on
+    2026-12-05 such a move took 9.4 + 12.3 s of copies and a 15.8 s switch and was reverted as
+    it landed. The same worker in 0.3 s steps is moved."""
+    backlog = dict(num_running_seqs=16, num_waiting_seqs=1, num_queued_prefill_tokens=4096)
+    long = _decide_after({**backlog, "step_time_s": 8.0}, {**backlog, "step_time_s": 8.0}, prefill)
+    assert long.decisions == ()
+    hot, cold = (P, D) if prefill else (D, P)
+    over = [r for r in long.rejected if r.alternative.startswith(f"layers {hot} -> {cold}")]
+    assert over and all("> budget 5.0 s" in r.reason for r in over), long.rejected
+    short = _decide_after({**backlog, "step_time_s": 0.3}, {**backlog, "step_time_s": 0.3}, prefill)
+    assert [d.kind for d in short.decisions] == [ActionKind.LAYERS]
+    assert short.decisions[0].estimated_time_s > 0.6
 
 
 def test_no_move_without_a_gain():
