@@ -130,18 +130,27 @@ def utilisation(report: LoadReport, prefill_capacity_tokens: int) -> float:
     return max(utilisation_compute(report, prefill_capacity_tokens), utilisation_memory(report))
 
 
+# A step that begins within this of the last one's end continues the same work (the engine
+# loop starts the next step at once; a worker that waited for work starts later).
+BACK_TO_BACK_S = 0.05
+
+
 class LoadMeter:
     """Mean step time and busy fraction over the last ``window_s`` (DESIGN.md §5).
 
     ``record`` adds a step once it ended (the event loop's thread); ``begin``/``end`` mark the
     step in flight (the stepping thread), so a step longer than the window (a long prefill)
-    counts as busy while it runs instead of as idle until it ends."""
+    counts as busy while it runs instead of as idle until it ends. With no step ended in the
+    window, the step in flight is as long as it has run so far, or as the last step if it
+    began right as that one ended (``BACK_TO_BACK_S``): a long prompt's next chunk, which the
+    coordinator's time estimate must not read as a short step just begun."""
 
     def __init__(self, window_s: float, clock: Callable[[], float]) -> None:
         self._window_s = window_s
         self._clock = clock
         self._steps: deque[tuple[float, float]] = deque()
         self._in_flight: float | None = None  # start of the step running now
+        self._last: tuple[float, float] | None = None  # the last step recorded
 
     def begin(self, start: float) -> None:
         self._in_flight = start
@@ -151,6 +160,7 @@ class LoadMeter:
 
     def record(self, start: float, end: float) -> None:
         self._steps.append((start, end))
+        self._last = (start, end)
 
     def snapshot(self) -> tuple[float, float]:
         """(mean step seconds, busy fraction in [0, 1]) over the window ending now."""
@@ -161,9 +171,13 @@ class LoadMeter:
         in_flight = self._in_flight
         running = 0.0 if in_flight is None else max(0.0, now - max(in_flight, begin))
         if not self._steps:  # only a step in flight: its length so far is the mean
-            return (0.0 if in_flight is None else now - in_flight), min(
-                1.0, running / self._window_s
-            )
+            if in_flight is None:
+                return 0.0, 0.0
+            step = now - in_flight
+            last = self._last
+            if last is not None and abs(in_flight - last[1]) <= BACK_TO_BACK_S:
+                step = max(step, last[1] - last[0])
+            return step, min(1.0, running / self._window_s)
         busy = sum(end - max(start, begin) for start, end in self._steps) + running
         mean = sum(end - start for start, end in self._steps) / len(self._steps)
         return mean, min(1.0, busy / self._window_s)

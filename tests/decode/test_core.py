@@ -113,6 +113,28 @@ def test_load_meter_counts_the_step_in_flight_as_busy():
     assert meter.snapshot()[1] == pytest.approx(0.5)
 
 
+def test_load_meter_reads_a_long_prompts_next_chunk_as_long_as_the_last():
+    """A long prompt's chunks run back to back, each longer than the window: just after one
+    begins, the step in flight reads as long as the last one, not as the 0.2 s it has run. A
+    step that began after a pause reads as long as it has run."""
+    clock = FakeClock()
+    meter = LoadMeter(1.0, clock)
+    meter.begin(90.0)
+    meter.end()
+    meter.record(90.0, 98.0)  # an 8 s chunk step
+    meter.begin(98.01)  # the next chunk, at once
+    clock.now = 99.2  # the 8 s step left the window at 99.0
+    step, busy = meter.snapshot()
+    assert step == pytest.approx(8.0) and busy == pytest.approx(1.0)
+    clock.now = 107.0
+    assert meter.snapshot()[0] == pytest.approx(8.99)  # longer than the last: so far
+    meter.end()
+    meter.record(98.01, 107.0)
+    meter.begin(110.0)  # after a pause: a new prompt
+    clock.now = 110.2
+    assert meter.snapshot() == (pytest.approx(0.2), pytest.approx(0.2))
+
+
 def test_mixed_worker_prefills_locally_and_streams_every_token(tiny_llama):
     engine = make_engine(tiny_llama)
     prompts = [prompt_ids(n, seed) for seed, n in enumerate((5, 40, 70))]
