@@ -170,7 +170,7 @@ class LoadMeter:
             self._steps.popleft()
         in_flight = self._in_flight
         running = 0.0 if in_flight is None else max(0.0, now - max(in_flight, begin))
-        if not self._steps:  # only a step in flight: its length so far is the mean
+        if not self._steps:  # only a step in flight: as long as it ran, or as the last one
             if in_flight is None:
                 return 0.0, 0.0
             step = now - in_flight

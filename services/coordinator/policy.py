@@ -63,9 +63,9 @@ S = MigrationState
 
 # A migration's waits for the donor's step in progress (its last report's step time:
 # ``LoadMeter``), added to T_sync: its copy's first round and its switch each run between two
-# steps. On 2026-12-05 a prefill worker in 2,048-token chunk steps
-# (~10 s each on the AMD VM) took 9.4 and 12.3 s for two copy rounds and 15.8 s to switch, one
-# step each, where S / B + T_sync predicted under the 5 s budget (docs/coordinator.md).
+# steps. On 2026-12-05 a prefill worker in 2,048-token chunk steps (~10 s each on the AMD VM)
+# took 9.4 and 12.3 s for two copy rounds and 15.8 s to switch, one step each, where
+# S / B + T_sync predicted under the 5 s budget (docs/coordinator.md).
 STEP_WAITS = 2
 
 
