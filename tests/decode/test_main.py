@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import grpc
 
@@ -25,16 +27,28 @@ from services.rpc.load_reports import LoadReporter, worker_info
 from services.rpc.server import Service, start_server
 
 
-def test_process_prints_its_address_serves_and_drains_on_sigterm(tiny_llama):
-    cmd = [sys.executable, "-m", "services.decode", "--port", "0", "--model", str(tiny_llama)]
-    cmd += ["--threads", "1", "--num-kv-blocks", "32"]
+@contextmanager
+def decode_process(model, *flags: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``python -m services.decode`` on ``model`` (32 KV blocks, one thread) with ``flags``:
+    the process and the address it printed; killed at the end if the test left it running."""
+    cmd = [sys.executable, "-m", "services.decode", "--port", "0", "--model", str(model)]
+    cmd += ["--threads", "1", "--num-kv-blocks", "32", *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline().split()
         assert line[0] == "LISTENING", line
+        yield proc, line[1]
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_process_prints_its_address_serves_and_drains_on_sigterm(tiny_llama):
+    with decode_process(tiny_llama) as (proc, address):
 
         async def stats():
-            channel = grpc.aio.insecure_channel(line[1])
+            channel = grpc.aio.insecure_channel(address)
             reply = await decode_pb2_grpc.DecodeServiceStub(channel).Stats(
                 decode_pb2.DecodeServiceStatsRequest(), timeout=5
             )
@@ -45,10 +59,6 @@ def test_process_prints_its_address_serves_and_drains_on_sigterm(tiny_llama):
         assert (reply.kv.num_blocks_total, reply.kv.num_blocks_used) == (32, 0)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 class FakeRouter(router_pb2_grpc.RouterServiceServicer):
@@ -112,32 +122,21 @@ def test_transfer_idle_timeout_flag_bounds_a_stalled_transfer(tiny_llama):
     """``--transfer-idle-timeout``: a transfer whose sender goes quiet after its header ends
     then (a model whose layer takes longer than the 10 s default would raise it)."""
     from tests.decode.helpers import GREEDY, PrefillSide, prompt_ids, reserve_request
+    from tests.decode.test_transfer_limits import then_silent
 
-    cmd = [sys.executable, "-m", "services.decode", "--port", "0", "--model", str(tiny_llama)]
-    cmd += ["--threads", "1", "--num-kv-blocks", "32", "--transfer-idle-timeout", "0.4"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline().split()
-        assert line[0] == "LISTENING", line
+    with decode_process(tiny_llama, "--transfer-idle-timeout", "0.4") as (proc, address):
 
         async def stalled():
-            channel = grpc.aio.insecure_channel(line[1])
+            channel = grpc.aio.insecure_channel(address)
             stub = decode_pb2_grpc.DecodeServiceStub(channel)
             prefill, prompt = PrefillSide(tiny_llama), prompt_ids(40, 51)
             reply = await stub.ReserveKV(reserve_request("s", prompt), timeout=5)
-            frames = list(
-                prefill.frames("s", reply.reservation_id, prefill.prefill("s", prompt, GREEDY))
-            )
-            hold = asyncio.Event()
-
-            async def quiet():
-                for frame in frames[:2]:  # the header and one chunk, then nothing
-                    yield frame
-                await hold.wait()
-
+            first = prefill.prefill("s", prompt, GREEDY)
+            frames = list(prefill.frames("s", reply.reservation_id, first))
+            hold = asyncio.Event()  # the header and one chunk, then nothing
             started = time.monotonic()
             try:
-                await stub.TransferKV(quiet(), timeout=5)
+                await stub.TransferKV(then_silent(frames[:2], hold), timeout=5)
             except grpc.aio.AioRpcError as err:
                 took = time.monotonic() - started
                 hold.set()
@@ -153,7 +152,3 @@ def test_transfer_idle_timeout_flag_bounds_a_stalled_transfer(tiny_llama):
         assert stats.kv.num_blocks_used == 0 and not stats.reservations
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
