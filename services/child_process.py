@@ -16,8 +16,10 @@ import threading
 import time
 from typing import IO
 
+from services.common.config import DRAIN_TIMEOUT_S
 from services.supervisor import START_TIMEOUT_S, PortInUseError
 
+# How long a stopped child may take past its own drain (``--drain-timeout``) to exit.
 STOP_TIMEOUT_S = 15.0
 HOST = "127.0.0.1"
 
@@ -124,20 +126,43 @@ class Child:
         self.proc.kill()
         self.proc.wait()
 
-    def stop(self) -> int:
+    @property
+    def drain_timeout_s(self) -> float:
+        """The child's ``--drain-timeout`` (its default when not given)."""
+        value = flag_value(self.argv, "--drain-timeout")
+        return DRAIN_TIMEOUT_S if value is None else float(value)
+
+    def stop(self, force: threading.Event | None = None) -> int:
+        """SIGTERM, then waits for the child to drain and exit: its drain and
+        ``STOP_TIMEOUT_S`` more, or until ``force`` is set; then kills it."""
         if self.proc.poll() is None:
             self.proc.terminate()
-        try:
-            return self.proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        deadline = time.monotonic() + self.drain_timeout_s + STOP_TIMEOUT_S
+        while not (force is not None and force.is_set()):
+            try:
+                return self.proc.wait(timeout=max(0.0, min(0.1, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    break
+        self.proc.kill()
+        return self.proc.wait()
 
 
 def _read_lines(proc: subprocess.Popen[str], lines: queue.Queue[str]) -> None:
     assert proc.stdout is not None
     for line in proc.stdout:
         lines.put(line)
+
+
+def flag_value(argv: list[str], flag: str) -> str | None:
+    """The last value ``argv`` gives ``flag`` (``--flag V`` or ``--flag=V``), else None."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
 
 
 def with_flag(argv: list[str], flag: str, value: str) -> list[str]:
@@ -163,6 +188,8 @@ def port_in_use(port: int, host: str = HOST) -> bool:
 class RedisChild(Child):
     """Redis on a port picked up front: ``redis-server`` prints no LISTENING line, so it is
     ready once it answers PING (the embedded fallback is checked the same way)."""
+
+    drain_timeout_s = 0.0  # Redis has no drain of its own: it stops at once
 
     def __init__(self, env: dict[str, str], log: IO[str]) -> None:
         from services.kvstore.redis_server import free_port, redis_command

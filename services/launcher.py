@@ -20,10 +20,13 @@ Lifecycle:
    empty and the nodes announce their blocks again; workers register again and the router
    admits them; workers reconnect to a restarted router); a child that keeps dying
    (``--max-restarts`` within ``--restart-window``) brings the cluster down;
-6. stopping goes in reverse start order (workers, router, kvstore nodes, Redis last, so the
-   nodes can withdraw their blocks), sending SIGTERM and waiting (bounded) for each; a child
-   that does not exit in time is killed and reported. Children run in process groups of their
-   own, so a Ctrl-C in the terminal reaches the launcher alone and this order holds.
+6. stopping goes coordinator and router first (the router drains while the workers still
+   serve its requests), then in reverse start order (workers, kvstore nodes, Redis last, so
+   the nodes can withdraw their blocks), sending SIGTERM and waiting for each (its
+   ``--drain-timeout``, then ``STOP_TIMEOUT_S`` more); a child that does not exit in time, or
+   any still running after a second Ctrl-C, is killed and reported. Children run in process
+   groups of their own, so a Ctrl-C in the terminal reaches the launcher alone and this order
+   holds.
 
 ``--kvstore 0`` leaves out the kvstore nodes, and Redis too unless ``--coordinator`` needs it;
 prefill workers then get no store.
@@ -403,6 +406,11 @@ class LocalCluster:
         """Children that exited on their own, with their exit codes."""
         return [(c.name, c.proc.returncode) for c in self.children if c.proc.poll() is not None]
 
-    def stop(self) -> dict[str, int]:
-        """Reverse start order (workers, router, kvstore nodes, Redis); every child's exit code."""
-        return {c.name: c.stop() for c in reversed(self.children)}
+    def stop(self, force: threading.Event | None = None) -> dict[str, int]:
+        """The coordinator and the router first, then the rest in reverse start order (workers,
+        kvstore nodes, Redis); every child's exit code. The router drains while every worker
+        still serves: requests in flight finish within its ``--drain-timeout`` (docs/services.md,
+        "Stopping"). ``force`` set: each child still running is killed."""
+        first = [c for c in reversed(self.children) if c.name in ("coordinator", "router")]
+        rest = [c for c in reversed(self.children) if c not in first]
+        return {c.name: c.stop(force) for c in first + rest}

@@ -1,9 +1,11 @@
 """``banaserve up``'s command: its flags, the ``ClusterSpec`` they (or ``--mode``) make, and the
 run — start the ``LocalCluster`` (launcher.py: what starts, in which order, how it stops), print
 every service's address, then supervise it (services/supervisor.py: a child that dies is
-restarted on its port) until SIGINT/SIGTERM, and stop it in reverse start order. A signal
-before the cluster is ready stops what had started at once (no "cluster ready"), exit status
-128 + the signal (130 for Ctrl-C, 143 for SIGTERM); after, a clean stop exits 0.
+restarted on its port) until SIGINT/SIGTERM, and stop it: the router drains first (requests
+in flight get its ``--drain-timeout`` to finish on the workers), then the rest (launcher.py);
+a second signal kills what still runs. A signal before the cluster is ready stops what had
+started at once (no "cluster ready"), exit status 128 + the signal (130 for Ctrl-C, 143 for
+SIGTERM); after, a clean stop exits 0.
 """
 
 from __future__ import annotations
@@ -212,10 +214,12 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"banaserve: note: {names} not used: this cluster runs no {', '.join(unused)}",
               file=sys.stderr)  # fmt: skip
     restarts = restart_config(args)
-    stopping, received = threading.Event(), []
+    stopping, force, received = threading.Event(), threading.Event(), []
 
     def on_signal(signum: int, _frame: object) -> None:
         received.append(signum)
+        if stopping.is_set():
+            force.set()
         stopping.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -243,14 +247,27 @@ def run_up(args: argparse.Namespace) -> int:
     supervisor = Supervisor(cluster.children, restarts, sys.stdout, stopping=stopping)
     if reason := supervisor.run():
         print(f"banaserve: error: {reason}; stopping the cluster", file=sys.stderr)
-    return 1 if _stop(cluster, supervisor) or reason else 0
+    else:
+        print(
+            f"banaserve: stopping: requests in flight get up to {cluster.router.drain_timeout_s:g}s "
+            "to finish (again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+    unclean = _stop(cluster, supervisor, force)
+    if force.is_set():  # killed on a second signal: the status a shell gives a command it ended
+        return 128 + received[-1]
+    return 1 if unclean or reason else 0
 
 
-def _stop(cluster: LocalCluster, supervisor: Supervisor) -> bool:
-    """Stops every child; True if one that was serving did not stop cleanly (one waiting to
-    be restarted, or still starting, has no clean stop to make)."""
+def _stop(cluster: LocalCluster, supervisor: Supervisor, force: threading.Event) -> bool:
+    """Stops every child (``force`` set: kills those left); True if one that was serving did
+    not stop cleanly (one waiting to be restarted, or still starting, has no clean stop to
+    make)."""
     serving = {n for n, state in supervisor.states().items() if state is ChildState.RUNNING}
-    codes = cluster.stop()
+    codes = cluster.stop(force)
+    if force.is_set():
+        print("banaserve: stopped at once: what was still running was killed", file=sys.stderr)
     bad = {n: c for n, c in codes.items() if c != 0 and n in serving}
     for name, code in bad.items():
         print(f"banaserve: {name} stopped with code {code}", file=sys.stderr)

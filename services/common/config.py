@@ -157,6 +157,16 @@ def _is_reachable_ip(host: str) -> bool:
         return False
 
 
+# How long a stopping service gives the work it holds (a request's stream, a prompt's prefill,
+# a KV transfer) to finish before it cancels it (every service's ``--drain-timeout``,
+# services/rpc/server.py). Long enough for most requests to end on their own; what still runs
+# then is routed again or resumed elsewhere by the router, or, on a stopping router, fails
+# UNAVAILABLE and the client library resumes it. Kubernetes' default termination grace is 30 s:
+# the manifests give pods 45 s, and docker-compose.yml the same, so a drain ends before the
+# orchestrator's SIGKILL.
+DRAIN_TIMEOUT_S = 30.0
+
+
 @dataclass(frozen=True)
 class RpcConfig:
     """How a gRPC server listens and how channels to peers behave (services/rpc)."""
@@ -171,7 +181,9 @@ class RpcConfig:
     # requests are small (the router's) refuses a huge message before reading it
     # (RESOURCE_EXHAUSTED), instead of decoding it on its event loop. None: max_message_bytes.
     max_receive_message_bytes: int | None = None
-    # On SIGTERM/stop: how long in-flight calls may run before they are cancelled.
+    # On SIGTERM/stop: how long in-flight calls may run before they are cancelled (a service's
+    # ``--drain-timeout``, DRAIN_TIMEOUT_S by default; this library default is for servers
+    # built in-process).
     grace_s: float = 5.0
     # HTTP/2 keepalive pings find a peer that vanished without closing its connection: a
     # server's pings to its clients (and the client library's, services/client) ...

@@ -92,3 +92,9 @@ class PermissionDeniedError(BanaServeError):
 class DependencyUnavailableError(BanaServeError):
     """A service this one depends on (e.g. the kvstore's Redis) cannot be reached now; the
     caller may retry or do without."""
+
+
+class ShuttingDownError(BanaServeError):
+    """This service is stopping: it takes no new work, and work it could not finish within its
+    drain (``--drain-timeout``) ends with this. The caller may send it again, to another
+    instance or to this one once it is back (the client library does)."""

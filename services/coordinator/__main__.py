@@ -34,7 +34,7 @@ from services.coordinator.core import Coordinator, CoordinatorConfig
 from services.coordinator.servicer import coordinator_service
 from services.coordinator.store import DEFAULT_PREFIX, RedisMigrationStore
 from services.rpc.security import Role, add_security_args, security_config
-from services.rpc.server import run_service, start_server
+from services.rpc.server import add_drain_args, run_service, start_server
 from services.rpc.tracing import setup_tracing
 
 log = logging.getLogger("services.coordinator")
@@ -75,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-level", default=env("BANASERVE_LOG_LEVEL", "INFO"))
     add_security_args(p)
     add_host_args(p)
+    add_drain_args(p)
     add_metrics_args(p)
     add_auto_arguments(p)
     return p.parse_args(argv)
@@ -107,7 +108,12 @@ async def serve(args: argparse.Namespace) -> None:
         TracingConfig(args.tracing, args.otlp_endpoint, service_name="banaserve-coordinator")
     )
     security = security_config(args, Role.COORDINATOR)
-    rpc = RpcConfig(host=resolve_host(args.host), port=args.port, security=security)
+    rpc = RpcConfig(
+        host=resolve_host(args.host),
+        port=args.port,
+        security=security,
+        grace_s=args.drain_timeout,
+    )
     store = RedisMigrationStore.from_url(args.redis, args.key_prefix)
     workers = RouterWorkers(args.router, rpc, tracing)
     tracer = trace.get_tracer("services.coordinator", tracer_provider=tracing.provider)

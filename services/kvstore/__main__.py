@@ -30,7 +30,7 @@ from services.rpc.security import (
     secure_data_planes,
     security_config,
 )
-from services.rpc.server import run_service, start_server
+from services.rpc.server import add_drain_args, run_service, start_server
 from services.rpc.tracing import setup_tracing
 
 log = logging.getLogger("services.kvstore")
@@ -69,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_security_args(p)
     add_admission_args(p)
     add_host_args(p)
+    add_drain_args(p)
     add_advertise_args(p, data_plane=True)
     add_metrics_args(p)
     args = p.parse_args(argv)
@@ -99,7 +100,7 @@ async def serve(args: argparse.Namespace) -> None:
     data = await dataplane.listen(args.data_transport, data_handler(node), host, args.data_port)
     server = await start_server(
         [kvstore_service(node)],
-        RpcConfig(host=host, port=args.port, security=security),
+        RpcConfig(host=host, port=args.port, security=security, grace_s=args.drain_timeout),
         tracing=tracing,
         interceptors=admission_interceptors(args, KVSTORE_CAPACITY),
     )

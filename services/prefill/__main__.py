@@ -38,7 +38,7 @@ from services.rpc.security import (
     secure_data_planes,
     security_config,
 )
-from services.rpc.server import PortHold, run_service, start_server
+from services.rpc.server import PortHold, add_drain_args, run_service, start_server
 from services.rpc.tracing import setup_tracing
 
 
@@ -94,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_security_args(p)
     add_admission_args(p)
     add_host_args(p)
+    add_drain_args(p)
     add_advertise_args(p, data_plane=False)
     add_metrics_args(p)
     add_migration_args(p)
@@ -108,6 +109,7 @@ async def serve(args: argparse.Namespace) -> None:
         host=resolve_host(args.host),
         port=args.port,
         security=security_config(args, Role.PREFILL),
+        grace_s=args.drain_timeout,
     )
     hold = PortHold(rpc.host, rpc.port)  # until its server binds it
     secure_data_planes(rpc.security)

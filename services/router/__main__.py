@@ -3,8 +3,10 @@
 Prints ``LISTENING HOST:PORT`` on stdout (flushed) once the server accepts calls, for launchers
 to parse; before it, ``HTTP HOST:PORT`` once the OpenAI-compatible HTTP API accepts requests
 (``--http-port``; off with ``--no-http``, or without ``--model``). Logs go to stderr.
-SIGTERM/SIGINT drain the server, then the HTTP API stops (``grace_s`` for its requests), then
-the channels close.
+SIGTERM/SIGINT drain (``--drain-timeout``): new requests are refused at once on both APIs
+(UNAVAILABLE; HTTP 503), the running ones get the drain's time to finish on the workers, and
+those still running then fail UNAVAILABLE ("shutting down", which the client library resumes
+elsewhere); then the workers' report streams end, the HTTP API stops and the channels close.
 """
 
 from __future__ import annotations
@@ -45,10 +47,14 @@ from services.rpc.admission import (
 )
 from services.rpc.gen.banaserve.v1 import router_pb2, router_pb2_grpc
 from services.rpc.security import Role, add_security_args, require_bearer, security_config
-from services.rpc.server import Service, run_service, start_server
+from services.rpc.server import Service, add_drain_args, run_service, start_server
 from services.rpc.tracing import setup_tracing
 
 log = logging.getLogger("services.router")
+# What a request past the drain gets to send its end (module docstring): on the HTTP API
+# (uvicorn's own grace past the drain), and on gRPC (its call's status).
+HTTP_FINISH_S = 2.0
+CALL_FINISH_S = 1.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -148,6 +154,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_security_args(p)
     add_admission_args(p)
     add_host_args(p)
+    add_drain_args(p)
     add_metrics_args(p)
     return p.parse_args(argv)
 
@@ -200,7 +207,10 @@ async def start_http(
                     body_timeout_s=args.http_body_timeout_s)  # fmt: skip
     tokens = rpc.security.api_tokens if rpc.security is not None else ()
     app = require_bearer(api.app, tokens) if tokens else api.app
-    http = HttpServer(app, rpc.host, args.http_port, rpc.grace_s, on_stop=api.close)
+    # The HTTP API's own grace outlasts the drain: a request the drain fails still sends its
+    # error (a stream's last event) before its connection closes.
+    grace = rpc.grace_s + HTTP_FINISH_S
+    http = HttpServer(app, rpc.host, args.http_port, grace, on_stop=api.close)
     await http.start()
     return http
 
@@ -214,6 +224,7 @@ async def serve(args: argparse.Namespace) -> None:
         port=args.port,
         max_receive_message_bytes=receive,
         security=security,
+        grace_s=args.drain_timeout,
     )
     tracing = setup_tracing(
         TracingConfig(
@@ -264,8 +275,21 @@ async def serve(args: argparse.Namespace) -> None:
         print(f"HTTP {http.address}", flush=True)
     await start_metrics(args, rpc.host, RouterCollector(router), requests.registry)
     print(f"LISTENING {server.address}", flush=True)
+
+    async def drain(grace_s: float) -> None:
+        driver.begin_drain()
+        stopping = asyncio.ensure_future(http.stop()) if http is not None else None
+        if failed := await driver.drain(grace_s):
+            log.warning("drain: %d requests still running after %gs failed UNAVAILABLE", failed,
+                        grace_s)  # fmt: skip
+        # The calls it ended send their status before the server cancels what is left (the
+        # workers' report streams).
+        await servicer.generate_calls_done(CALL_FINISH_S)
+        if stopping is not None:
+            await stopping
+
     try:
-        await server.serve_until_signal()
+        await server.serve_until_signal(drain=drain)
     finally:
         if http is not None:
             await http.stop()

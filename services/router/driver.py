@@ -49,6 +49,11 @@ deadline) before it reserves anything, so the old request's Release can never fr
 one's reservation; a release that takes longer fails the new request with ALREADY_EXISTS, still
 before any work.
 
+Draining (the router stopping, ``--drain-timeout``): ``begin_drain`` refuses every new request
+(``ShuttingDownError``, UNAVAILABLE, before any work) and ``drain`` waits for the running ones
+to end; those still running once the drain's time is up fail the same way, their work stopped
+and what they hold released, as an abort's.
+
 Usage: ``Finished.num_completion_tokens`` is the number of tokens this driver delivered to the
 caller, however the request ended.
 """
@@ -65,7 +70,12 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
-from services.common.errors import PermissionDeniedError, RequestNotFoundError, SupersededError
+from services.common.errors import (
+    PermissionDeniedError,
+    RequestNotFoundError,
+    ShuttingDownError,
+    SupersededError,
+)
 from services.common.types import FinishReason
 from services.router.attempt import (
     Attempt,
@@ -232,10 +242,36 @@ class RequestDriver:
         self._aborted: OrderedDict[str, tuple[str, float]] = OrderedDict()
         # Told of every request that ends (services/common/metrics.py); None: nobody listens.
         self.observer: RequestObserver | None = None
+        self._draining = False
 
     @property
     def num_running(self) -> int:
         return sum(not job.ending for job in self._jobs.values())
+
+    def begin_drain(self) -> None:
+        """Every request from now on fails ``ShuttingDownError`` before any work."""
+        self._draining = True
+
+    async def drain(self, timeout_s: float, poll_s: float = 0.05) -> int:
+        """Refuses new requests (``begin_drain``), waits up to ``timeout_s`` for the running ones
+        to end, then fails those left with ``ShuttingDownError`` and waits (bounded) for their
+        cleanup; how many it failed."""
+        self.begin_drain()
+        deadline = self._clock() + timeout_s
+        while self.num_running and self._clock() < deadline:
+            await asyncio.sleep(min(poll_s, max(0.0, deadline - self._clock())))
+        left = [job for job in self._jobs.values() if not job.ending]
+        for job in left:
+            message = (
+                f"request {job.request_id!r}: the router is shutting down and the request did "
+                f"not finish within its drain ({timeout_s:g}s); send it again"
+            )
+            job.events.put_nowait(_Stop(ShuttingDownError(message)))
+            self._end(job)
+        tasks = {job.task for job in left if job.task is not None}
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.config.release_timeout_s + 1.0)
+        return len(left)
 
     def _live(self, request_id: str) -> _Job | None:
         job = self._jobs.get(request_id)
@@ -389,6 +425,8 @@ class RequestDriver:
             raise DuplicateRequestError(f"request id {request_id!r} is already running")
 
     def _open(self, request: GenerateInput, deadline: float, ticket: object) -> _Job:
+        if self._draining:
+            raise ShuttingDownError("the router is shutting down; send the request again")
         check_request(len(request.prompt_token_ids) > 0, "prompt must have at least one token")
         request_id = request.request_id or new_request_id()
         self.check_new(request_id)

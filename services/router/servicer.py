@@ -135,8 +135,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self._model = model  # "": the model of the first worker to register
         self._prompts = prompts or PromptEncoder(encode)
         self._connected: dict[str, _ReportCall] = {}
+        self._generate_calls = 0  # open Generate calls (until grpc has sent their status)
 
     async def Generate(self, request, context):
+        self._generate_calls += 1
+        context.add_done_callback(self._generate_call_done)
         generate_input = await self._generate_input(request, caller_identity(context))
         request_id = generate_input.request_id
         if generate_input.resend:
@@ -221,6 +224,17 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         if worker.last_report is not None:
             message.last_load.CopyFrom(load_to_proto(worker.last_report))
         return message
+
+    def _generate_call_done(self, _context: object) -> None:
+        self._generate_calls -= 1
+
+    async def generate_calls_done(self, timeout_s: float, poll_s: float = 0.01) -> bool:
+        """Waits, at most ``timeout_s``, until no Generate call is open (each has sent its
+        last message); whether none is."""
+        deadline = time.monotonic() + timeout_s
+        while self._generate_calls and time.monotonic() < deadline:
+            await asyncio.sleep(poll_s)
+        return not self._generate_calls
 
     async def ReportLoad(self, request_iterator, context):
         frames = aiter(request_iterator)

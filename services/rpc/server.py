@@ -8,7 +8,12 @@ Lifecycle of a server:
   2. ``set_serving`` flips one service's health while it runs (a worker that stops accepting);
   3. ``stop`` (or SIGTERM/SIGINT under ``serve_until_signal``) drains: health turns NOT_SERVING
      everywhere first, so health-checking peers stop sending, then new calls are refused and
-     calls in flight get ``grace_s`` to finish before they are cancelled.
+     calls in flight get ``grace_s`` (``--drain-timeout``, ``add_drain_args``) to finish before
+     they are cancelled. A server whose calls are not all work, or whose work needs calls to it
+     while it finishes (the router's: the workers' load report streams, open for as long as
+     each worker lives, and their KV target checks), passes ``drain``: it refuses new work and
+     waits for the work it has, and for the calls that carried it to end, bounded by the grace,
+     while the server still takes calls; the calls left then are cancelled.
 
 Interceptor order matters: tracing is outermost so its span records the status the error
 interceptor produced from a domain exception (services/rpc/status.py).
@@ -16,11 +21,12 @@ interceptor produced from a domain exception (services/rpc/status.py).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import signal
 import socket
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +35,8 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common.config import RpcConfig
+from services.common.arg_types import non_negative
+from services.common.config import DRAIN_TIMEOUT_S, RpcConfig
 from services.common.errors import ConfigError, ModelNotFoundError
 from services.common.logs import configure_logging
 from services.common.parent import watch_parent
@@ -43,6 +50,20 @@ log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+Drain = Callable[[float], Awaitable[None]]
+
+
+def add_drain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--drain-timeout",
+        type=non_negative(float),
+        default=DRAIN_TIMEOUT_S,
+        metavar="S",
+        help="on SIGTERM/SIGINT: new calls are refused at once and the work in flight gets S "
+        f"seconds to finish before it is cancelled (default {DRAIN_TIMEOUT_S:g}; 0: cancel at "
+        "once). An idle service stops at once",
+    )
 
 
 @dataclass(frozen=True)
@@ -90,10 +111,18 @@ class RunningServer:
     async def set_serving(self, name: str, serving: bool) -> None:
         await self._health.set(name, SERVING if serving else NOT_SERVING)
 
-    async def stop(self, grace_s: float | None = None) -> None:
-        """Drains and stops; returns once every call has ended (at most ``grace_s`` later)."""
+    async def stop(self, grace_s: float | None = None, drain: Drain | None = None) -> None:
+        """Drains and stops; returns once every call has ended (at most ``grace_s`` later).
+        ``drain(grace)``: the server's own wait for its work (module docstring); the calls
+        still open once it returns are cancelled."""
         grace = self._config.grace_s if grace_s is None else grace_s
         await self._health.enter_graceful_shutdown()
+        if drain is not None:
+            # The server still takes calls while the drain runs: its own code refuses new
+            # work, and the work it finishes may need calls to it (the router's workers check
+            # a KV target with it). Once it is over, no call left is work.
+            await drain(grace)
+            grace = None  # grpc: cancel every call now
         await self._server.stop(grace)
         log.info("stopped %s", self.address)
 
@@ -101,11 +130,11 @@ class RunningServer:
         await self._server.wait_for_termination()
 
     async def serve_until_signal(
-        self, signals: Iterable[signal.Signals] = DRAIN_SIGNALS
+        self, signals: Iterable[signal.Signals] = DRAIN_SIGNALS, drain: Drain | None = None
     ) -> signal.Signals | None:
-        """Serves until one of ``signals`` arrives, then drains; returns the signal, or None if
-        the server stopped for another reason. Handlers stay installed through the drain, so a
-        second Ctrl-C does not interrupt it."""
+        """Serves until one of ``signals`` arrives, then drains (``stop``'s ``drain``); returns
+        the signal, or None if the server stopped for another reason. Handlers stay installed
+        through the drain, so a second Ctrl-C does not interrupt it."""
         loop = asyncio.get_running_loop()
         received: asyncio.Future[signal.Signals] = loop.create_future()
         terminated = asyncio.ensure_future(self.wait())
@@ -120,7 +149,7 @@ class RunningServer:
             log.info(
                 "%s: %s, draining for up to %.1fs", self.address, sig.name, self._config.grace_s
             )
-            await self.stop()
+            await self.stop(drain=drain)
             return sig
         finally:
             terminated.cancel()

@@ -60,6 +60,8 @@ STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     errors.ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ModelFormatError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.DependencyUnavailableError: grpc.StatusCode.UNAVAILABLE,
+    # Not the router's "no worker" (no ROUTER_UNAVAILABLE marker): the service itself is going.
+    errors.ShuttingDownError: grpc.StatusCode.UNAVAILABLE,
     errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
     # Valid, but the thing acted on is in the wrong state for it; retrying as-is will not help.
     errors.PreconditionError: grpc.StatusCode.FAILED_PRECONDITION,

@@ -957,3 +957,39 @@ def test_a_resend_whose_tokens_end_the_request_before_the_last_is_refused_and_ta
             old.cancel()
 
     asyncio.run(main())
+
+
+def test_a_draining_router_refuses_new_requests_and_fails_those_left_at_its_end():
+    """``RequestDriver.drain``: a request running when it starts and ending within it
+    completes; a new one fails UNAVAILABLE before any work; one still running at the drain's
+    end fails UNAVAILABLE saying the router is shutting down (no ROUTER_UNAVAILABLE marker: the
+    client library resumes it elsewhere), and what it held on the decode worker is released."""
+
+    async def main():
+        async with cluster(hang_decode=True) as c:
+            hung = c.stub.Generate(request("hung"), timeout=10)
+            kinds = [(await hung.read()).WhichOneof("frame") for _ in range(3)]
+            assert kinds == ["started", "delta", "delta"]  # now 30 s to its next token
+            c.workers["d0"].hang_decode = False
+            c.workers["p0"].prefill_delay_s = 0.4
+            quick = asyncio.ensure_future(collect(c.stub.Generate(request("quick"), timeout=10)))
+            await asyncio.sleep(0.1)
+            draining = asyncio.ensure_future(c.driver.drain(1.0))
+            await asyncio.sleep(0.05)
+            refused = await status_of(c.stub.Generate(request("new"), timeout=5))
+            assert refused.code() == C.UNAVAILABLE
+            assert "shutting down" in refused.details()
+            assert ("reserve", "d0", "new") not in c.log.calls
+            assert (await quick)[-1].WhichOneof("frame") == "finished"  # ended within the drain
+            assert await draining == 1
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await hung.read()
+            error = info.value
+            assert error.code() == C.UNAVAILABLE
+            assert "the router is shutting down" in error.details() and "(1s)" in error.details()
+            assert ROUTER_UNAVAILABLE not in tuple(error.trailing_metadata() or ())
+            await asyncio.wait_for(c.log.released.wait(), 3)
+            assert ("release", "d0", "hung", "RELEASE_REASON_ABORTED") in c.log.calls
+            assert c.driver.num_running == 0
+
+    asyncio.run(main())

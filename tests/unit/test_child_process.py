@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from services.child_process import HOST, Child, StartInterrupted, port_in_use, with_flag
+from services import child_process
+from services.child_process import (
+    HOST,
+    Child,
+    StartInterrupted,
+    flag_value,
+    port_in_use,
+    with_flag,
+)
+from services.common.config import DRAIN_TIMEOUT_S
 from services.supervisor import PortInUseError
 
 # Binds --port with SO_REUSEADDR (as gRPC servers and Redis do), greets each connection with
@@ -117,3 +126,39 @@ def test_a_stop_asked_for_ends_the_wait_for_a_child_that_is_still_starting(tmp_p
             assert time.monotonic() - started < 2
         finally:
             assert child.stop() != 0  # terminated: it was never ready
+
+
+def test_flag_value_reads_either_form_and_the_last_one_wins():
+    argv = ["python", "-m", "services.router", "--drain-timeout", "3", "--port", "0"]
+    assert flag_value(argv, "--drain-timeout") == "3"
+    assert flag_value([*argv, "--drain-timeout=7.5"], "--drain-timeout") == "7.5"
+    assert flag_value(argv, "--http-port") is None
+    assert flag_value(["--drain-timeout"], "--drain-timeout") is None  # no value after it
+
+
+# Ignores SIGTERM: a service still draining.
+DRAINING = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+
+
+@pytest.mark.integration
+def test_a_child_gets_its_drain_then_is_killed_and_force_kills_it_at_once(tmp_path, monkeypatch):
+    """``stop`` waits the child's own ``--drain-timeout`` (its default when not given) plus
+    ``STOP_TIMEOUT_S`` for it to exit, then kills it; ``force`` (up's second Ctrl-C) kills it
+    within a poll."""
+    monkeypatch.setattr(child_process, "STOP_TIMEOUT_S", 0.2)
+    with open(tmp_path / "child.log", "w") as log:
+        child = Child("svc", [sys.executable, "-c", DRAINING], dict(os.environ), log, False)
+        assert child.drain_timeout_s == DRAIN_TIMEOUT_S
+        child.argv = [*child.argv, "--drain-timeout", "0.5"]
+        time.sleep(0.5)  # its handler is in place
+        started = time.monotonic()
+        assert child.stop() == -9
+        assert 0.7 <= time.monotonic() - started < 3
+
+        child = Child("svc", [sys.executable, "-c", DRAINING], dict(os.environ), log, False)
+        time.sleep(0.5)
+        force = threading.Event()
+        threading.Timer(0.3, force.set).start()
+        started = time.monotonic()
+        assert child.stop(force) == -9  # its drain would be 30 s
+        assert time.monotonic() - started < 2
