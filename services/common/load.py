@@ -54,6 +54,8 @@ class LoadReport:
     # worker's previous report. The router keeps counting a request it sent against the
     # worker's load until a report names it (``services/router/registry.py``).
     admitted: tuple[str, ...] = ()
+    # Stopping: it finishes what it has and takes nothing new (router.proto ``draining``).
+    draining: bool = False
 
     def __post_init__(self) -> None:
         for name in _COUNTS:

@@ -161,7 +161,7 @@ async def serve(args: argparse.Namespace) -> None:
         async with reporting_to(
             args.router, info, worker.load, rpc, args.report_interval
         ) as reporter:
-            died = await serve_while_alive(server, worker.died, reporter)
+            died = await serve_while_alive(server, worker.died, reporter, worker.holds_work)
     finally:
         await migration.stop()
         if data is not None:

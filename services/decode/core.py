@@ -436,6 +436,10 @@ class DecodeWorker:
             for request_id in self.expire_overdue():
                 log.info("request %s: lease or deadline passed, freed", request_id)
 
+    def holds_work(self) -> bool:
+        """A request is reserved, receiving its KV or running here (a drain waits for none)."""
+        return bool(self._table.entries())
+
     async def stats(self) -> WorkerStats:
         """Exact for every call made before it (it waits for their commands, not a step)."""
         snap = (await self._loop.settled()).engine

@@ -416,6 +416,10 @@ class PrefillWorker:
         """From the engine thread: start ``make()`` on ``job``'s event loop."""
         job.computed.get_loop().call_soon_threadsafe(lambda: self._spawn(make()))
 
+    def holds_work(self) -> bool:
+        """A prompt is queued, computing or handing its KV off here (a drain waits for none)."""
+        return bool(self._jobs)
+
     # -- stats (from the loop's snapshot: never waits behind a step) -------------------------
 
     def stats(self) -> WorkerStats:

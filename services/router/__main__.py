@@ -276,7 +276,7 @@ async def serve(args: argparse.Namespace) -> None:
     await start_metrics(args, rpc.host, RouterCollector(router), requests.registry)
     print(f"LISTENING {server.address}", flush=True)
 
-    async def drain(grace_s: float) -> None:
+    async def drain(grace_s: float) -> None:  # then the calls left (report streams) end at once
         driver.begin_drain()
         stopping = asyncio.ensure_future(http.stop()) if http is not None else None
         if failed := await driver.drain(grace_s):

@@ -7,7 +7,8 @@ Per request (``Router.route``):
 2. the prompt's block hashes are computed once, with the cluster's fingerprint and block size;
 3. decode candidates are the HEALTHY decode/mixed workers whose estimated free KV blocks fit
    prompt + max_tokens, or the context (``max_model_len``) if that is shorter: a request ends
-   there whatever its max_tokens; none → ``ResourceExhaustedError``;
+   there whatever its max_tokens; none → ``ResourceExhaustedError``. A worker whose last
+   report says it is draining (stopping: it finishes what it has) is no candidate here or in 4;
 4. prefill candidates are the HEALTHY prefill workers, plus the mixed workers that fit (a mixed
    worker decodes what it prefills); the policy picks one;
 5. decode worker = the prefill worker if it is mixed (colocated), else the candidate with the
@@ -208,7 +209,8 @@ class Router:
 
     def route(self, request: RouteRequest) -> Assignment:
         self._registry.settle(request.request_id)  # a second try replaces the first
-        healthy = self._registry.healthy()
+        # A draining worker finishes what it has and takes nothing new (LoadReport.draining).
+        healthy = [w for w in self._registry.healthy() if not _draining(w)]
         view = _view(request, healthy)
         if request.decode_only:
             prefill = decode = most_free_blocks(self._decoders(healthy, view))
@@ -303,3 +305,7 @@ def _no_room(view: RequestView, workers: Sequence[WorkerInfo], kind: str) -> Res
 
 def _names(roles: set[WorkerRole]) -> str:
     return " or ".join(sorted(r.value for r in roles))
+
+
+def _draining(worker: WorkerInfo) -> bool:
+    return worker.last_report is not None and worker.last_report.draining

@@ -5,6 +5,8 @@ worker is, then a ``load`` frame every ``interval_s``. ``stop`` half-closes the 
 router reads as a clean deregistration; a call that breaks (router gone, registration refused)
 is retried after ``retry_s`` until ``stop``.
 
+A worker told to stop (SIGTERM/SIGINT) drains (``--drain-timeout``): its reports say
+``draining`` from then on, so the router sends it nothing new while it finishes what it has.
 A worker whose engine loop has died must not stay in the router: ``serve_while_alive`` serves
 until a signal or until the loop dies. Then, in this order, the server's health turns
 NOT_SERVING, the reporter deregisters, and the server drains and stops; the worker then exits
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -49,6 +53,7 @@ def load_to_proto(load: LoadReport) -> router_pb2.LoadReport:
         num_hosted_layers=load.num_hosted_layers,
         num_hosted_blocks=load.num_hosted_blocks,
         admitted_request_ids=load.admitted,
+        draining=load.draining,
     )
 
 
@@ -66,6 +71,7 @@ def load_from_proto(message: router_pb2.LoadReport) -> LoadReport:
         num_hosted_layers=message.num_hosted_layers,
         num_hosted_blocks=message.num_hosted_blocks,
         admitted=tuple(message.admitted_request_ids),
+        draining=message.draining,
     )
 
 
@@ -84,11 +90,20 @@ class LoadReporter:
         self._interval_s = interval_s
         self._retry_s = retry_s
         self._stopped = asyncio.Event()
+        self._draining = False
+
+    def begin_drain(self) -> None:
+        """The worker is stopping: every report from now on says ``draining``, so the router
+        routes nothing new to it while it finishes what it has (it stays registered)."""
+        self._draining = True
 
     async def frames(self) -> AsyncIterator[router_pb2.ReportLoadRequest]:
         yield router_pb2.ReportLoadRequest(worker=self._info)
         while not self._stopped.is_set():
-            yield router_pb2.ReportLoadRequest(load=load_to_proto(await self._load()))
+            load = await self._load()
+            if self._draining:
+                load = dataclasses.replace(load, draining=True)
+            yield router_pb2.ReportLoadRequest(load=load_to_proto(load))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopped.wait(), self._interval_s)
 
@@ -187,11 +202,26 @@ async def serve_while_alive(
     server: RunningServer,
     died: asyncio.Future[BaseException],
     reporter: LoadReporter | None,
+    holds_work: Callable[[], bool] = lambda: False,
+    poll_s: float = 0.05,
 ) -> BaseException | None:
     """Serves until SIGTERM/SIGINT (drained then; returns None) or until ``died`` resolves:
     then health NOT_SERVING, deregistration and a drain (module docstring), and the loop's
-    error is returned. The server has stopped either way."""
-    serving = asyncio.ensure_future(server.serve_until_signal())
+    error is returned. The server has stopped either way.
+
+    The drain on a signal: reports say ``draining``, and the server, still taking calls,
+    waits (at most its grace) until ``holds_work()`` is false: no reservation, sequence or
+    prompt left, so a request reserved here still gets its KV and its token stream; then the
+    calls still open get what is left of the grace."""
+    on_signal = reporter.begin_drain if reporter is not None else None
+
+    async def drain(grace_s: float) -> float:
+        deadline = time.monotonic() + grace_s
+        while holds_work() and time.monotonic() < deadline:
+            await asyncio.sleep(poll_s)
+        return max(0.0, deadline - time.monotonic())
+
+    serving = asyncio.ensure_future(server.serve_until_signal(drain=drain, on_signal=on_signal))
     await asyncio.wait({serving, died}, return_when=asyncio.FIRST_COMPLETED)
     if serving.done():
         serving.result()

@@ -11,9 +11,10 @@ Lifecycle of a server:
      calls in flight get ``grace_s`` (``--drain-timeout``, ``add_drain_args``) to finish before
      they are cancelled. A server whose calls are not all work, or whose work needs calls to it
      while it finishes (the router's: the workers' load report streams, open for as long as
-     each worker lives, and their KV target checks), passes ``drain``: it refuses new work and
-     waits for the work it has, and for the calls that carried it to end, bounded by the grace,
-     while the server still takes calls; the calls left then are cancelled.
+     each worker lives, and their KV target checks; a worker's: a reserved request's KV and
+     token stream, calls still to come), passes ``drain``: it refuses new work (or has its
+     router send none) and waits for the work it has, bounded by the grace, while the server
+     still takes calls; the calls left then get what grace it returns.
 
 Interceptor order matters: tracing is outermost so its span records the status the error
 interceptor produced from a domain exception (services/rpc/status.py).
@@ -51,7 +52,9 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-Drain = Callable[[float], Awaitable[None]]
+# A server's own drain: given the grace, it returns once its work is done (or the grace is
+# up) with the grace the calls still open get (None: none, cancelled at once).
+Drain = Callable[[float], Awaitable[float | None]]
 
 
 def add_drain_args(p: argparse.ArgumentParser) -> None:
@@ -120,9 +123,9 @@ class RunningServer:
         if drain is not None:
             # The server still takes calls while the drain runs: its own code refuses new
             # work, and the work it finishes may need calls to it (the router's workers check
-            # a KV target with it). Once it is over, no call left is work.
-            await drain(grace)
-            grace = None  # grpc: cancel every call now
+            # a KV target with it; a decode worker's reserved request still gets its KV and
+            # its token stream opened).
+            grace = await drain(grace)
         await self._server.stop(grace)
         log.info("stopped %s", self.address)
 
@@ -130,11 +133,15 @@ class RunningServer:
         await self._server.wait_for_termination()
 
     async def serve_until_signal(
-        self, signals: Iterable[signal.Signals] = DRAIN_SIGNALS, drain: Drain | None = None
+        self,
+        signals: Iterable[signal.Signals] = DRAIN_SIGNALS,
+        drain: Drain | None = None,
+        on_signal: Callable[[], None] | None = None,
     ) -> signal.Signals | None:
-        """Serves until one of ``signals`` arrives, then drains (``stop``'s ``drain``); returns
-        the signal, or None if the server stopped for another reason. Handlers stay installed
-        through the drain, so a second Ctrl-C does not interrupt it."""
+        """Serves until one of ``signals`` arrives, then drains (``stop``'s ``drain``; called
+        first: ``on_signal``, a worker's reports saying it drains); returns the signal, or None
+        if the server stopped for another reason. Handlers stay installed through the drain, so
+        a second Ctrl-C does not interrupt it."""
         loop = asyncio.get_running_loop()
         received: asyncio.Future[signal.Signals] = loop.create_future()
         terminated = asyncio.ensure_future(self.wait())
@@ -149,6 +156,8 @@ class RunningServer:
             log.info(
                 "%s: %s, draining for up to %.1fs", self.address, sig.name, self._config.grace_s
             )
+            if on_signal is not None:
+                on_signal()
             await self.stop(drain=drain)
             return sig
         finally:

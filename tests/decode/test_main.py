@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -23,7 +24,7 @@ from services.rpc.gen.banaserve.v1 import (
     router_pb2,
     router_pb2_grpc,
 )
-from services.rpc.load_reports import LoadReporter, worker_info
+from services.rpc.load_reports import LoadReporter, load_from_proto, worker_info
 from services.rpc.server import Service, start_server
 
 
@@ -94,6 +95,10 @@ def test_load_reporter_registers_then_reports_until_stopped():
         task = asyncio.create_task(reporter.run())
         while len(router.frames) < 4:
             await asyncio.sleep(0.01)
+        reporter.begin_drain()  # SIGTERM: from now on every report says so
+        drained_from = len(router.frames)
+        while len(router.frames) < drained_from + 3:
+            await asyncio.sleep(0.01)
         reporter.stop()
         await asyncio.wait_for(router.ended.wait(), 2)
         await asyncio.wait_for(task, 2)
@@ -107,6 +112,10 @@ def test_load_reporter_registers_then_reports_until_stopped():
         assert (report.num_queued_prefill_tokens, report.num_running_seqs) == (7, 2)
         assert (report.num_kv_blocks_used, report.num_kv_blocks_free) == (5, 27)
         assert report.step_time.ToMilliseconds() == 4 and report.busy_fraction == 0.25
+        assert not any(f.load.draining for f in loads[:3])
+        after = [f.load for f in router.frames[drained_from + 1 :]]  # one may have been on its way
+        assert after and all(r.draining for r in after)
+        assert load_from_proto(after[0]) == dataclasses.replace(snapshot, draining=True)
 
     asyncio.run(main())
 

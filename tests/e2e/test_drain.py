@@ -156,6 +156,57 @@ def test_requests_left_when_the_drain_ends_fail_unavailable_and_nothing_is_held(
         wait_for(lambda: not any(held(cluster).values()), "idle workers", 15)
 
 
+def test_a_stopping_decode_worker_finishes_its_stream_and_is_sent_nothing_new(
+    banaserve_home, tiny_llama, tmp_path
+):
+    """1 prefill + 2 decode workers. The decode worker streaming a long request is sent SIGTERM:
+    its reports say it drains, so the next requests all go to the other one (before, the router
+    kept routing to it, each such request failing there and routed again); its stream goes on
+    to the last token without a resume, and it exits 0 once that is done."""
+    spec = ClusterSpec(
+        num_decode=2,
+        num_kvstore=0,
+        num_kv_blocks=256,
+        kv_transport="tcp",
+        extra_env={"BANASERVE_HOME": str(banaserve_home)},
+    )
+    log = tmp_path / "cluster.log"
+    with running_cluster(spec, log) as cluster:
+        sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=1500, ignore_eos=True)
+        long = router_pb2.GenerateRequest(
+            token_ids=common_pb2.TokenIds(ids=PROMPT), sampling=sampling
+        )
+        with grpc.insecure_channel(cluster.router.address) as channel:
+            stream = router_pb2_grpc.RouterServiceStub(channel).Generate(long, timeout=120)
+            worker_id = next(stream).started.decode_worker_id
+            num_tokens = len(next(stream).delta.token_ids)
+            draining = next(c for c in cluster.children if c.port == int(worker_id.split("-")[1]))
+            draining.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)  # its next report (every 0.1 s) says it drains
+            with ThreadPoolExecutor(6) as pool:
+                short = list(pool.map(lambda _: started_on(cluster.router.address), range(6)))
+            for frame in stream:
+                if frame.HasField("delta"):
+                    num_tokens += len(frame.delta.token_ids)
+        assert num_tokens == 1500
+        others = {c.name for c in cluster.children if c.name.startswith("decode")} - {draining.name}
+        assert all(code is C.OK for code, _ in short), short
+        assert {w for _, w in short} == {f"decode-{cluster.child(n).port}" for n in others}
+        assert draining.proc.wait(timeout=30) == 0
+    assert "lost worker" not in log.read_text()
+
+
+def started_on(address: str) -> tuple[C, str]:
+    """A short request's status and the decode worker it was routed to."""
+    sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    request = router_pb2.GenerateRequest(
+        token_ids=common_pb2.TokenIds(ids=PROMPT), sampling=sampling
+    )
+    with grpc.insecure_channel(address) as channel:
+        frames = list(router_pb2_grpc.RouterServiceStub(channel).Generate(request, timeout=60))
+    return C.OK, frames[0].started.decode_worker_id
+
+
 def up_with_a_frozen_request(home):
     """``banaserve up`` (tiny-llama, 1P1D, no store) with one request in flight on its frozen
     prefill worker: the process, the prefill worker's pid, the request's future, the pool."""

@@ -39,6 +39,7 @@ def load(
     hosted_layers: int = 0,
     hosted_blocks: int = 0,
     admitted: tuple[str, ...] = (),
+    draining: bool = False,
 ) -> LoadReport:
     return LoadReport(
         num_queued_prefill_tokens=queued,
@@ -52,6 +53,7 @@ def load(
         num_hosted_layers=hosted_layers,
         num_hosted_blocks=hosted_blocks,
         admitted=admitted,
+        draining=draining,
     )
 
 

@@ -274,6 +274,26 @@ def test_a_hosts_only_worker_is_never_routed_to() -> None:
         router.route(request(16))
 
 
+def test_a_draining_worker_is_listed_but_never_routed_to_until_it_reports_otherwise() -> None:
+    """A worker told to stop reports ``draining`` while it finishes what it has: it stays
+    registered (its requests' KV targets still check out), gets nothing new, and with no other
+    worker of its role a request finds none."""
+    router = make_router("load", prefill=2, decode=2)
+    # Each draining worker looks far emptier than the other of its role.
+    router.report("p0", load(queued=5000), 1.0)
+    router.report("p1", load(draining=True), 1.0)
+    router.report("d0", load(draining=True), 1.0)
+    router.report("d1", load(free=10, used=90), 1.0)
+    assigned = [router.route(request(16)) for _ in range(4)]
+    assert {(a.prefill.worker_id, a.decode.worker_id) for a in assigned} == {("p0", "d1")}
+    assert {"d0", "p1"} <= {w.worker_id for w in router.workers()}
+    router.report("d1", load(draining=True), 3.0)
+    with pytest.raises(NoWorkerError):
+        router.route(request(16))
+    router.report("d0", load(), 2.0)  # back (a drain is not undone in practice; the report rules)
+    assert router.route(request(16)).decode.worker_id == "d0"
+
+
 @pytest.mark.parametrize(
     ("max_tokens", "queue", "prefill_queued", "decode_queued", "limit"),
     [
