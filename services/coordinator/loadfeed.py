@@ -8,7 +8,8 @@ sees a change within ~1 s:
 1. calls ``ListWorkers``; each ACTIVE worker's report is a ``Sample`` dated ``now - age`` on
    the coordinator's clock (the clock of the migrations' records), added unless it is the one
    already held;
-2. forgets a worker that left the list or turned STALE (its history would be a lie);
+2. forgets a worker that left the list or turned STALE (its history would be a lie), or whose
+   last report says it drains (it is stopping: no migration starts with it);
 3. learns a new worker's layer count once (``describe`` through ``ports.Workers``);
 4. ``views()`` gives the policy one ``WorkerView`` per worker it knows the layers of.
 
@@ -99,7 +100,9 @@ class RouterLoadFeed:
         active = [
             w
             for w in reply.workers
-            if w.state == router_pb2.WORKER_STATE_ACTIVE and w.HasField("last_load")
+            if w.state == router_pb2.WORKER_STATE_ACTIVE
+            and w.HasField("last_load")
+            and not w.last_load.draining
         ]
         self.history.keep_only(w.info.worker_id for w in active)
         for w in active:

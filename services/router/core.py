@@ -210,7 +210,7 @@ class Router:
     def route(self, request: RouteRequest) -> Assignment:
         self._registry.settle(request.request_id)  # a second try replaces the first
         # A draining worker finishes what it has and takes nothing new (LoadReport.draining).
-        healthy = [w for w in self._registry.healthy() if not _draining(w)]
+        healthy = [w for w in self._registry.healthy() if not w.draining]
         view = _view(request, healthy)
         if request.decode_only:
             prefill = decode = most_free_blocks(self._decoders(healthy, view))
@@ -305,7 +305,3 @@ def _no_room(view: RequestView, workers: Sequence[WorkerInfo], kind: str) -> Res
 
 def _names(roles: set[WorkerRole]) -> str:
     return " or ".join(sorted(r.value for r in roles))
-
-
-def _draining(worker: WorkerInfo) -> bool:
-    return worker.last_report is not None and worker.last_report.draining

@@ -169,8 +169,13 @@ class OpenAIApi:
         return JSONResponse({"status": "ok"})
 
     async def ready(self, request: Request) -> Response:
-        """200 once a prefill-capable and a decode-capable worker are registered, else 503."""
-        roles = [w.role for w in self._router.workers() if w.status is WorkerStatus.HEALTHY]
+        """200 once a prefill-capable and a decode-capable worker are registered (and not
+        draining: stopping), else 503."""
+        roles = [
+            w.role
+            for w in self._router.workers()
+            if w.status is WorkerStatus.HEALTHY and not w.draining
+        ]
         counts = {role.value: roles.count(role) for role in WorkerRole}
         colocated = self._router.config.policy == "colocated"
         prefill = counts["mixed"] + (0 if colocated else counts["prefill"])

@@ -97,6 +97,11 @@ class WorkerInfo:
     removed_reason: str
 
     @property
+    def draining(self) -> bool:
+        """Its last report says it is stopping (``LoadReport.draining``): it gets nothing new."""
+        return self.last_report is not None and self.last_report.draining
+
+    @property
     def utilisation(self) -> float:
         """DESIGN.md §5: U = max(U_compute, U_memory)."""
         return max(self.utilisation_compute, self.utilisation_memory)

@@ -270,3 +270,35 @@ def test_router_feed_follows_list_workers(prefill_donors):
     ]
     assert [s.at for s in views[1].samples] == [99.9]
     assert views[0].samples[0] == Sample(99.95, report(0.5, 64))
+
+
+def test_router_feed_forgets_a_draining_worker():
+    """A worker told to stop reports ``draining``: the policy no longer sees it, so no
+    migration starts with a worker about to exit."""
+    router, clock, cluster = FakeRouter(), FakeClock(100.0), FakeCluster(D, P)
+    rpc = RpcConfig(grace_s=0.1)
+
+    async def main():
+        service = Service.bind(
+            router,
+            router_pb2_grpc.add_RouterServiceServicer_to_server,
+            router_pb2.DESCRIPTOR.services_by_name["RouterService"],
+        )
+        server = await start_server([service], rpc)
+        feed = RouterLoadFeed(server.address, rpc, cluster, clock)
+        try:
+            router.workers = [
+                _worker(D, common_pb2.WORKER_ROLE_DECODE, 0.9, 0.05),
+                _worker(P, common_pb2.WORKER_ROLE_PREFILL, 0.1, 0.05),
+            ]
+            await feed.poll()
+            seen = [v.worker_id for v in feed.views()]
+            router.workers[0].last_load.draining = True
+            clock.advance(0.25)
+            await feed.poll()
+            return seen, [v.worker_id for v in feed.views()]
+        finally:
+            await feed.close()
+            await server.stop(0)
+
+    assert asyncio.run(main()) == ([D, P], [P])

@@ -23,7 +23,7 @@ from services.common.limits import (
 from services.common.types import SamplingParams
 from services.router.openai_api import OpenAIApi, ServedModel
 from services.router.openai_server import HttpServer
-from tests.router.factories import NUM_BLOCKS
+from tests.router.factories import NUM_BLOCKS, load
 from tests.router.grpc_fakes import cluster
 
 CREATED = 1_700_000_000
@@ -252,6 +252,16 @@ def test_not_ready_without_a_decode_worker_and_requests_are_503():
         assert body == {"type": "service_unavailable_error", "param": None, "code": "unavailable"}
 
     run(test, decode=0)
+
+
+def test_a_draining_decode_worker_does_not_count_as_ready():
+    async def test(c, client):
+        c.router.report("d0", load(draining=True), 2.0)  # newer than its first
+        r = await client.get("/ready")
+        workers = {"prefill": 1, "decode": 0, "mixed": 0}
+        assert (r.status_code, r.json()) == (503, {"status": "not_ready", "workers": workers})
+
+    run(test)
 
 
 def error(message: str, type_: str, code: str, param: str | None = None) -> dict:
