@@ -63,9 +63,9 @@ def add_drain_args(p: argparse.ArgumentParser) -> None:
         type=non_negative(float),
         default=DRAIN_TIMEOUT_S,
         metavar="S",
-        help="on SIGTERM/SIGINT: new calls are refused at once and the work in flight gets S "
-        f"seconds to finish before it is cancelled (default {DRAIN_TIMEOUT_S:g}; 0: cancel at "
-        "once). An idle service stops at once",
+        help="on SIGTERM/SIGINT: no new work is taken and the work in flight gets S seconds "
+        f"to finish before it is cancelled (default {DRAIN_TIMEOUT_S:g}; 0: cancel at once). "
+        "An idle service stops at once (docs/services.md, 'Stopping')",
     )
 
 

@@ -1,5 +1,5 @@
-"""End to end, real processes (the router, a prefill and a decode worker on tiny-llama): a
-router told to stop (SIGTERM) drains (``--drain-timeout``, docs/services.md "Stopping").
+"""End to end, real processes (the router, prefill and decode workers on tiny-llama): a service
+told to stop (SIGTERM) drains (``--drain-timeout``, docs/services.md "Stopping").
 
 - Requests in flight go on to their last token with the in-process engine's tokens, over gRPC
   and over the OpenAI API's stream, while the router refuses new ones (UNAVAILABLE); it exits 0
@@ -7,8 +7,10 @@ router told to stop (SIGTERM) drains (``--drain-timeout``, docs/services.md "Sto
   them, and ``banaserve up`` stopped the workers under them first.
 - Requests still running when the drain's time is up fail UNAVAILABLE, saying the router is
   shutting down (not that a worker was lost), and no worker holds anything afterwards.
-- ``LocalCluster.stop`` stops the router before the workers, and ``up`` then lets a request in
-  flight finish.
+- A decode worker told to stop gets nothing new (its reports say it drains) and finishes the
+  stream it has without a resume.
+- ``banaserve up`` stops the router before the workers, so a request in flight at Ctrl-C
+  finishes; a second Ctrl-C kills what still runs.
 
 The prefill worker is frozen (SIGSTOP) for a second or two to hold requests in flight (before
 their first token: the router renews their reservations meanwhile), less than the channels'
@@ -52,16 +54,18 @@ def spec_with(banaserve_home, drain_s: float) -> ClusterSpec:
     )
 
 
+def greedy_request(max_tokens: int = MAX_TOKENS) -> router_pb2.GenerateRequest:
+    sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    return router_pb2.GenerateRequest(token_ids=common_pb2.TokenIds(ids=PROMPT), sampling=sampling)
+
+
 def generate(address: str) -> tuple[C, list[int], str]:
     """One greedy request over a raw stub (no client library: nothing resumes it)."""
-    sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    request = router_pb2.GenerateRequest(
-        token_ids=common_pb2.TokenIds(ids=PROMPT), sampling=sampling
-    )
     tokens: list[int] = []
     with grpc.insecure_channel(address) as channel:
+        stub = router_pb2_grpc.RouterServiceStub(channel)
         try:
-            for frame in router_pb2_grpc.RouterServiceStub(channel).Generate(request, timeout=60):
+            for frame in stub.Generate(greedy_request(), timeout=60):
                 if frame.HasField("delta"):
                     tokens += frame.delta.token_ids
             return C.OK, tokens, ""
@@ -172,12 +176,9 @@ def test_a_stopping_decode_worker_finishes_its_stream_and_is_sent_nothing_new(
     )
     log = tmp_path / "cluster.log"
     with running_cluster(spec, log) as cluster:
-        sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=1500, ignore_eos=True)
-        long = router_pb2.GenerateRequest(
-            token_ids=common_pb2.TokenIds(ids=PROMPT), sampling=sampling
-        )
         with grpc.insecure_channel(cluster.router.address) as channel:
-            stream = router_pb2_grpc.RouterServiceStub(channel).Generate(long, timeout=120)
+            stub = router_pb2_grpc.RouterServiceStub(channel)
+            stream = stub.Generate(greedy_request(1500), timeout=120)
             worker_id = next(stream).started.decode_worker_id
             num_tokens = len(next(stream).delta.token_ids)
             draining = next(c for c in cluster.children if c.port == int(worker_id.split("-")[1]))
@@ -198,12 +199,9 @@ def test_a_stopping_decode_worker_finishes_its_stream_and_is_sent_nothing_new(
 
 def started_on(address: str) -> tuple[C, str]:
     """A short request's status and the decode worker it was routed to."""
-    sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-    request = router_pb2.GenerateRequest(
-        token_ids=common_pb2.TokenIds(ids=PROMPT), sampling=sampling
-    )
     with grpc.insecure_channel(address) as channel:
-        frames = list(router_pb2_grpc.RouterServiceStub(channel).Generate(request, timeout=60))
+        stub = router_pb2_grpc.RouterServiceStub(channel)
+        frames = list(stub.Generate(greedy_request(4), timeout=60))
     return C.OK, frames[0].started.decode_worker_id
 
 
