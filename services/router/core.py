@@ -193,7 +193,8 @@ class Router:
 
     def sequence_capacity(self) -> int:
         """Sequences the workers that decode requests can run at once: the sum of the
-        ``max_num_seqs`` the registered (not removed) decode and mixed workers declared."""
+        ``max_num_seqs`` the registered (not removed, not draining) decode and mixed workers
+        declared."""
         roles = (WorkerRole.DECODE, WorkerRole.MIXED)
         return sum(
             w.capacity.max_num_seqs
@@ -201,6 +202,7 @@ class Router:
             if w.status is not WorkerStatus.REMOVED
             and w.role in roles
             and not w.capacity.hosts_only
+            and not w.draining
         )
 
     def workers(self) -> list[WorkerInfo]:

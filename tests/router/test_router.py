@@ -334,3 +334,5 @@ def test_sequence_capacity_sums_the_decoding_workers_still_registered():
     assert router.sequence_capacity() == 64 + 32 + 16
     router.remove("d1", "test")
     assert router.sequence_capacity() == 64 + 16
+    router.report("m0", load(draining=True), 1.0)  # stopping: takes nothing new
+    assert router.sequence_capacity() == 64
