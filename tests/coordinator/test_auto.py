@@ -5,6 +5,7 @@ links to, counted in the metrics; and the router feed over a real gRPC RouterSer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from opentelemetry import trace
@@ -227,20 +228,30 @@ def _worker(worker_id, role, busy, age_s, state=router_pb2.WORKER_STATE_ACTIVE):
     )
 
 
+@contextlib.asynccontextmanager
+async def router_feed(router: FakeRouter, cluster, clock, **kwargs):
+    """A ``RouterLoadFeed`` on ``router`` served over gRPC."""
+    rpc = RpcConfig(grace_s=0.1)
+    service = Service.bind(
+        router,
+        router_pb2_grpc.add_RouterServiceServicer_to_server,
+        router_pb2.DESCRIPTOR.services_by_name["RouterService"],
+    )
+    server = await start_server([service], rpc)
+    feed = RouterLoadFeed(server.address, rpc, cluster, clock, **kwargs)
+    try:
+        yield feed
+    finally:
+        await feed.close()
+        await server.stop(0)
+
+
 @pytest.mark.parametrize("prefill_donors", [True, False])
 def test_router_feed_follows_list_workers(prefill_donors):
     router, clock, cluster = FakeRouter(), FakeClock(100.0), FakeCluster(D, P, "prefill-1")
-    rpc = RpcConfig(grace_s=0.1)
 
     async def main():
-        service = Service.bind(
-            router,
-            router_pb2_grpc.add_RouterServiceServicer_to_server,
-            router_pb2.DESCRIPTOR.services_by_name["RouterService"],
-        )
-        server = await start_server([service], rpc)
-        feed = RouterLoadFeed(server.address, rpc, cluster, clock, prefill_donors=prefill_donors)
-        try:
+        async with router_feed(router, cluster, clock, prefill_donors=prefill_donors) as feed:
             router.workers = [
                 _worker(D, common_pb2.WORKER_ROLE_DECODE, 0.5, 0.05),
                 _worker(P, common_pb2.WORKER_ROLE_PREFILL, 0.25, 0.1),
@@ -255,9 +266,6 @@ def test_router_feed_follows_list_workers(prefill_donors):
             router.workers[0] = _worker(D, common_pb2.WORKER_ROLE_DECODE, 0.75, 0.0)
             await feed.poll()
             return feed.views()
-        finally:
-            await feed.close()
-            await server.stop(0)
 
     views = asyncio.run(main())
     assert [(v.worker_id, v.num_layers, v.can_donate) for v in views] == [
@@ -276,17 +284,9 @@ def test_router_feed_forgets_a_draining_worker():
     """A worker told to stop reports ``draining``: the policy no longer sees it, so no
     migration starts with a worker about to exit."""
     router, clock, cluster = FakeRouter(), FakeClock(100.0), FakeCluster(D, P)
-    rpc = RpcConfig(grace_s=0.1)
 
     async def main():
-        service = Service.bind(
-            router,
-            router_pb2_grpc.add_RouterServiceServicer_to_server,
-            router_pb2.DESCRIPTOR.services_by_name["RouterService"],
-        )
-        server = await start_server([service], rpc)
-        feed = RouterLoadFeed(server.address, rpc, cluster, clock)
-        try:
+        async with router_feed(router, cluster, clock) as feed:
             router.workers = [
                 _worker(D, common_pb2.WORKER_ROLE_DECODE, 0.9, 0.05),
                 _worker(P, common_pb2.WORKER_ROLE_PREFILL, 0.1, 0.05),
@@ -297,8 +297,5 @@ def test_router_feed_forgets_a_draining_worker():
             clock.advance(0.25)
             await feed.poll()
             return seen, [v.worker_id for v in feed.views()]
-        finally:
-            await feed.close()
-            await server.stop(0)
 
     assert asyncio.run(main()) == ([D, P], [P])

@@ -185,45 +185,54 @@ def test_a_stopping_decode_worker_finishes_its_stream_and_is_sent_nothing_new(
             draining.proc.send_signal(signal.SIGTERM)
             time.sleep(0.3)  # its next report (every 0.1 s) says it drains
             with ThreadPoolExecutor(6) as pool:
-                short = list(pool.map(lambda _: started_on(cluster.router.address), range(6)))
+                short = list(pool.map(lambda _: decoded_on(cluster.router.address), range(6)))
             for frame in stream:
                 if frame.HasField("delta"):
                     num_tokens += len(frame.delta.token_ids)
         assert num_tokens == 1500
         others = {c.name for c in cluster.children if c.name.startswith("decode")} - {draining.name}
-        assert all(code is C.OK for code, _ in short), short
-        assert {w for _, w in short} == {f"decode-{cluster.child(n).port}" for n in others}
+        assert set(short) == {f"decode-{cluster.child(n).port}" for n in others}
         assert draining.proc.wait(timeout=30) == 0
     assert "lost worker" not in log.read_text()
 
 
-def started_on(address: str) -> tuple[C, str]:
-    """A short request's status and the decode worker it was routed to."""
+def decoded_on(address: str) -> str:
+    """The decode worker a short request was routed to; its call fails the test if it fails."""
     with grpc.insecure_channel(address) as channel:
         stub = router_pb2_grpc.RouterServiceStub(channel)
         frames = list(stub.Generate(greedy_request(4), timeout=60))
-    return C.OK, frames[0].started.decode_worker_id
+    return frames[0].started.decode_worker_id
 
 
+@contextlib.contextmanager
 def up_with_a_frozen_request(home):
     """``banaserve up`` (tiny-llama, 1P1D, no store) with one request in flight on its frozen
-    prefill worker: the process, the prefill worker's pid, the request's future, the pool."""
+    prefill worker: the process, the prefill worker's pid, the request's future. Afterwards the
+    prefill worker is let go (killed if the test's second Ctrl-C left it) and up is gone."""
     up, lines = start_up(home, "--kvstore", "0")
     router = next(line.split()[1] for line in lines if line.startswith("router "))
     [prefill] = [pid for pid in children(up.pid) if "services.prefill" in cmdline(pid)]
     os.kill(prefill, signal.SIGSTOP)
-    pool = ThreadPoolExecutor(1)
-    call = pool.submit(generate, router)
-    time.sleep(0.5)
-    return up, prefill, call, pool
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            call = pool.submit(generate, router)
+            time.sleep(0.5)
+            try:
+                yield up, prefill, call
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(prefill, signal.SIGCONT)
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
 
 
 def test_up_stops_the_router_first_and_a_request_in_flight_completes(banaserve_home, tiny_llama):
     """``banaserve up``'s Ctrl-C with a request in flight: the router drains while the workers
     still serve (before, the workers stopped first and the request failed, its worker lost),
     the request completes, and up exits 0."""
-    up, prefill, call, pool = up_with_a_frozen_request(banaserve_home)
-    try:
+    with up_with_a_frozen_request(banaserve_home) as (up, prefill, call):
         up.send_signal(signal.SIGINT)
         time.sleep(1.0)
         assert call.running()
@@ -232,21 +241,13 @@ def test_up_stops_the_router_first_and_a_request_in_flight_completes(banaserve_h
         assert (code, len(tokens)) == (C.OK, MAX_TOKENS), details
         assert up.wait(timeout=60) == 0
         assert "requests in flight get up to 30s to finish" in up.stderr.read()
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(prefill, signal.SIGCONT)
-        pool.shutdown()
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
-            up.wait()
 
 
 def test_a_second_ctrl_c_stops_up_at_once(banaserve_home, tiny_llama):
     """The router would drain for 30 s (its request's prefill worker stays frozen); a second
     Ctrl-C kills what still runs: up exits 130 within seconds, every service gone."""
-    up, prefill, call, pool = up_with_a_frozen_request(banaserve_home)
-    kids = children(up.pid)
-    try:
+    with up_with_a_frozen_request(banaserve_home) as (up, prefill, call):
+        kids = children(up.pid)
         up.send_signal(signal.SIGINT)
         time.sleep(1.0)
         assert up.poll() is None
@@ -258,10 +259,3 @@ def test_a_second_ctrl_c_stops_up_at_once(banaserve_home, tiny_llama):
         assert all(gone(pid) for pid in kids)
         code, _, _ = call.result(timeout=30)
         assert code is C.UNAVAILABLE
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(prefill, signal.SIGKILL)
-        pool.shutdown()
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
-            up.wait()
