@@ -192,7 +192,7 @@ class GrpcWorkerPort:
         request = mpb.MigrationWorkerServiceAbortRequest(migration_id=migration_id, reason=reason)
         await self._call("Abort", request)
 
-    async def renew(self, migration_id: str, lease_s: float) -> None:
+    async def renew(self, migration_id: str, lease_s: float) -> bool:
         request = mpb.MigrationWorkerServiceRenewLeaseRequest(
             migration_id=migration_id, lease=duration(lease_s)
         )
@@ -204,6 +204,7 @@ class GrpcWorkerPort:
             state = mpb.MigrationWorkerState.Name(reply.migration.state).rsplit("_", 1)[-1]
             why = reply.migration.reason or "no reason given"
             raise LeaseLostError(f"{self.worker_id} ended the migration ({state}): {why}")
+        return reply.draining
 
 
 class RouterWorkers:

@@ -18,7 +18,9 @@ Lifecycle of one layer migration (donor A's layers ``[k, L)`` to helper B; the w
    way, its error as the reason;
 5. ``renew_leases`` (every ``renew_interval_s``, from ``__main__``) renews the lease of each
    worker holding something for a live migration; a worker that lost it, or that no renewal
-   reached for a whole lease, aborts the migration;
+   reached for a whole lease, aborts the migration. A worker that answers it is stopping (its
+   drain, on SIGTERM) has the migration ended at once, cleanly: reverted if ACTIVE, aborted if
+   not yet (its drain waits for that, so its peer never falls back because it went);
 6. ``recover`` (at start) loads every migration from the store: one that was PLANNED, COPYING
    or SWITCHING is aborted (its half-done step is undone), an ACTIVE one is kept (its leases
    renewed again), a REVERTING one is reverted again (revert, release and abort are the only
@@ -38,6 +40,7 @@ from collections.abc import Awaitable, Callable
 from opentelemetry import trace
 
 from services.common.errors import (
+    BanaServeError,
     DependencyUnavailableError,
     InvalidRequestError,
     PreconditionError,
@@ -90,6 +93,7 @@ class Coordinator:
         self._leases = Leases(workers, config.lease_s, config.renew_interval_s, clock)
         self._driver = MigrationDriver(store, workers, config, clock, self._spans, self._leases)
         self._background: set[asyncio.Task[None]] = set()
+        self._ending: set[str] = set()  # migrations being ended for a stopping worker
         self._closing = False
 
     # -- queries --------------------------------------------------------------------------
@@ -247,9 +251,29 @@ class Coordinator:
             m for m in self._migrations.values() if m.live and self._leases.holders(m.migration_id)
         ]
         results = await asyncio.gather(*[self._leases.renew(m.migration_id) for m in live])
-        for m, reason in zip(live, results, strict=True):
-            if reason and m.live:
-                self._in_background(self._abort_quietly(m.migration_id, reason))
+        for m, renewal in zip(live, results, strict=True):
+            if not m.live:
+                continue
+            if renewal.lost:
+                self._in_background(self._abort_quietly(m.migration_id, renewal.lost))
+            elif renewal.stopping and m.migration_id not in self._ending:
+                self._in_background(self._end_for_stop(m, renewal.stopping[0]))
+
+    async def _end_for_stop(self, m: Migration, worker: str) -> None:
+        """``worker`` is stopping: revert ``m`` if ACTIVE, abort it if not there yet (a
+        REVERTING one is already on its way out)."""
+        self._ending.add(m.migration_id)
+        try:
+            if m.state is S.ACTIVE:
+                log.info("%s: %s is stopping: reverting", m.migration_id, worker)
+                with contextlib.suppress(PreconditionError):  # it ended meanwhile
+                    await self.revert(m.migration_id)
+            elif m.state in (S.PLANNED, S.COPYING, S.SWITCHING):
+                await self._abort_quietly(m.migration_id, f"{worker} is stopping")
+        except BanaServeError as exc:  # the store: the next renewal tries again
+            log.warning("%s: not ended for stopping %s: %s", m.migration_id, worker, exc)
+        finally:
+            self._ending.discard(m.migration_id)
 
     async def recover(self) -> None:
         """Loads the store and picks every live migration up again (module doc, 6)."""

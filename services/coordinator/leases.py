@@ -4,15 +4,23 @@ A worker becomes a holder when its prepare call returns (or, after a restart, fo
 migration found ACTIVE or REVERTING) and stops being one when the migration ends. ``renew``
 renews a migration's leases on all its holders at once and says why the migration must abort:
 a worker that no longer holds it (``LeaseLostError``), or one that no renewal reached for a
-whole lease (by then the worker has undone it on its own).
+whole lease (by then the worker has undone it on its own); and which holders said they are
+stopping (the coordinator then ends the migration at once: core.renew_leases).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from services.coordinator.ports import LeaseLostError, Workers
+
+
+@dataclass(frozen=True)
+class Renewal:
+    lost: str = ""  # why the migration must abort; "": renewed where it could be
+    stopping: tuple[str, ...] = ()  # the holders that answered they are stopping
 
 
 class Leases:
@@ -38,26 +46,29 @@ class Leases:
     def holders(self, migration_id: str) -> tuple[str, ...]:
         return tuple(self._held.get(migration_id, ()))
 
-    async def renew(self, migration_id: str) -> str:
-        """Renews the migration's leases once; why it must abort, or ""."""
+    async def renew(self, migration_id: str) -> Renewal:
+        """Renews the migration's leases once."""
         held = self._held.get(migration_id, {})
         workers = list(held)
         results = await asyncio.gather(
             *[self._renew_one(migration_id, w) for w in workers], return_exceptions=True
         )
         now = self._clock()
+        stopping: list[str] = []
         for worker, result in zip(workers, results, strict=True):
             if worker not in held:  # dropped while the renewal was in flight
                 continue
             if isinstance(result, LeaseLostError):  # its message says why, naming the worker
-                return str(result)
+                return Renewal(str(result))
             if not isinstance(result, BaseException):
                 held[worker] = now
+                if result:
+                    stopping.append(worker)
             elif now - held[worker] >= self.lease_s:
                 since = now - held[worker]
-                return f"no lease renewal reached {worker} for {since:.1f} s ({result})"
-        return ""
+                return Renewal(f"no lease renewal reached {worker} for {since:.1f} s ({result})")
+        return Renewal(stopping=tuple(stopping))
 
-    async def _renew_one(self, migration_id: str, worker: str) -> None:
+    async def _renew_one(self, migration_id: str, worker: str) -> bool:
         port = await self._workers.port(worker)
-        await asyncio.wait_for(port.renew(migration_id, self.lease_s), self._call_timeout_s)
+        return await asyncio.wait_for(port.renew(migration_id, self.lease_s), self._call_timeout_s)

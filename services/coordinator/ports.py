@@ -16,7 +16,9 @@ call comes from the coordinator's event loop, one step at a time per migration):
 6. any time: ``abort`` on A then B (each undoes what it holds for the migration);
 7. while the migration lives: ``renew`` on each worker that holds something for it, every
    ``CoordinatorConfig.renew_interval_s``. A worker whose lease runs out undoes the migration
-   on its own, so no worker waits for a dead coordinator.
+   on its own, so no worker waits for a dead coordinator. ``renew`` answers True when the
+   worker is stopping (its drain): the coordinator then reverts the migration (ACTIVE) or
+   aborts it (before), so the worker can go without its peer falling back.
 
 Every call is keyed by the migration id. A restarted coordinator repeats only ``revert``,
 ``release`` and ``abort`` (core.recover), which a worker that already did them answers
@@ -144,7 +146,9 @@ class WorkerPort(Protocol):
 
     async def abort(self, migration_id: str, reason: str) -> None: ...
 
-    async def renew(self, migration_id: str, lease_s: float) -> None: ...
+    async def renew(self, migration_id: str, lease_s: float) -> bool:
+        """True: the worker is stopping (module docstring, 7)."""
+        ...
 
 
 class Workers(Protocol):

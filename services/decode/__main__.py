@@ -161,7 +161,13 @@ async def serve(args: argparse.Namespace) -> None:
         async with reporting_to(
             args.router, info, worker.load, rpc, args.report_interval
         ) as reporter:
-            died = await serve_while_alive(server, worker.died, reporter, worker.holds_work)
+            died = await serve_while_alive(
+                server,
+                worker.died,
+                reporter,
+                lambda: worker.holds_work() or migration.holds_work(),
+                begin_drain=migration.begin_drain,
+            )
     finally:
         await migration.stop()
         if data is not None:

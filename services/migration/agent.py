@@ -19,6 +19,10 @@ data-plane exchanges run on this agent's event loop. Only the agent changes a re
 Leases: every call for a migration extends it; ``check`` (run every ``check_interval_s`` by
 ``run``) aborts the migrations whose lease ran out, and the donor falls back on its own when its
 port reports the helper unreachable (the engine has already run or failed that step).
+
+A stopping worker (``begin_drain``, on SIGTERM) refuses new migrations, says so in every
+``RenewLease`` reply (the coordinator then reverts or aborts its migrations), and its drain
+waits while ``holds_migrations``: so its peer never falls back because it went.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from services.common.errors import (
     DependencyUnavailableError,
     InvalidRequestError,
     RequestNotFoundError,
+    ShuttingDownError,
 )
 from services.common.limits import clip_reason
 from services.common.migration_states import MigrationState
@@ -84,6 +89,7 @@ class MigrationAgent:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._falling_back: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.draining = False  # ``begin_drain``
         self.layers = LayerAgent(self)  # the donor's calls of the `layers` kind
         self.attention = AttentionAgent(self)  # the `attention` kind (attention_agent.py)
         self.host.attention = self.attention.host
@@ -113,6 +119,14 @@ class MigrationAgent:
         while True:
             await asyncio.sleep(self.config.check_interval_s)
             await self.check()
+
+    def begin_drain(self) -> None:
+        """The worker is stopping: no new migration; the coordinator is told at its next
+        lease renewal and ends those held (module docstring)."""
+        self.draining = True
+
+    def holds_migrations(self) -> bool:
+        return any(not record.state.terminal for record in self.records.values())
 
     async def close(self) -> None:
         for record in list(self.records.values()):
@@ -146,6 +160,8 @@ class MigrationAgent:
         self._loop = asyncio.get_running_loop()
         if not migration_id:
             raise InvalidRequestError("migration_id is empty")
+        if self.draining:
+            raise ShuttingDownError("this worker is stopping: it takes no new migration")
         if role is Role.DONOR and self.donor_refusal:
             raise InvalidRequestError(self.donor_refusal)
         if migration_id in self.records:

@@ -198,7 +198,9 @@ class MigrationWorkerServicer(migration_pb2_grpc.MigrationWorkerServiceServicer)
 
     async def RenewLease(self, request, context):  # noqa: N802
         record = self.agent.renew(_id(request), _lease(request))
-        return pb.MigrationWorkerServiceRenewLeaseResponse(migration=view(record, self.agent))
+        return pb.MigrationWorkerServiceRenewLeaseResponse(
+            migration=view(record, self.agent), draining=self.agent.draining
+        )
 
     async def List(self, request, context):  # noqa: N802
         num_layers, fingerprint = await self.agent.engine_call(

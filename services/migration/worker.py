@@ -74,6 +74,12 @@ class MigrationRuntime:
     service: Service
     task: asyncio.Task[None]
 
+    def begin_drain(self) -> None:
+        self.agent.begin_drain()
+
+    def holds_work(self) -> bool:
+        return self.agent.holds_migrations()
+
     async def stop(self) -> None:
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

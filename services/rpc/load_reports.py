@@ -204,6 +204,7 @@ async def serve_while_alive(
     reporter: LoadReporter | None,
     holds_work: Callable[[], bool] = lambda: False,
     poll_s: float = 0.05,
+    begin_drain: Callable[[], None] | None = None,
 ) -> BaseException | None:
     """Serves until SIGTERM/SIGINT (drained then; returns None) or until ``died`` resolves:
     then health NOT_SERVING, deregistration and a drain (module docstring), and the loop's
@@ -212,8 +213,15 @@ async def serve_while_alive(
     The drain on a signal: reports say ``draining``, and the server, still taking calls,
     waits (at most its grace) until ``holds_work()`` is false: no reservation, sequence or
     prompt left, so a request reserved here still gets its KV and its token stream; then the
-    calls still open get what is left of the grace."""
-    on_signal = reporter.begin_drain if reporter is not None else None
+    calls still open get what is left of the grace. ``begin_drain`` is told of the signal too
+    (the migration agent: a migration here is ended by the coordinator before the worker
+    goes, and ``holds_work`` waits for it)."""
+
+    def on_signal() -> None:
+        if reporter is not None:
+            reporter.begin_drain()
+        if begin_drain is not None:
+            begin_drain()
 
     async def drain(grace_s: float) -> float:
         deadline = time.monotonic() + grace_s

@@ -62,6 +62,7 @@ class FakePort:
         self.held: set[str] = set()
         self.renewals: list[tuple[str, float]] = []
         self.unreachable = False
+        self.draining = False  # what ``renew`` answers: the worker is stopping
         self.num_copies = 0
 
     async def _step(self, step: str) -> None:
@@ -123,11 +124,12 @@ class FakePort:
         await self._step("abort")
         self.held.discard(migration_id)
 
-    async def renew(self, migration_id: str, lease_s: float) -> None:
+    async def renew(self, migration_id: str, lease_s: float) -> bool:
         await self._step("renew")
         if migration_id not in self.held:
             raise LeaseLostError(lease_lost(self.worker_id))
         self.renewals.append((migration_id, lease_s))
+        return self.draining
 
 
 class FakeCluster:

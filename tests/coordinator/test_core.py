@@ -412,6 +412,45 @@ def test_a_worker_that_lost_the_lease_aborts_the_migration(redis_server, store_p
     run(redis_server, store_prefix, body)
 
 
+@pytest.mark.parametrize("stopping", [D, P])
+def test_a_stopping_worker_has_its_active_migration_reverted_at_the_next_renewal(
+    redis_server, store_prefix, stopping
+):
+    """Either side answering the renewal that it drains: reverted cleanly (DONE, no reason),
+    every step of a revert in order, nothing held; a second renewal meanwhile starts nothing."""
+
+    async def body(coord, cluster, clock):
+        m = await coord.start_layers(D, P, 2)
+        await coord.wait("m-1")
+        cluster.ports[stopping].draining = True
+        await coord.renew_leases()
+        await coord.renew_leases()
+        await asyncio.gather(*coord._background)
+        await coord.wait("m-1")
+        assert (m.state, m.reason) == (S.DONE, "")
+        assert cluster.steps() == FORWARD + REVERT
+        assert cluster.held() == {D: set(), P: set()}
+
+    run(redis_server, store_prefix, body)
+
+
+def test_a_stopping_worker_has_a_migration_not_yet_active_aborted(redis_server, store_prefix):
+    cluster = FakeCluster()
+    hold = cluster.hold(D, "copy to 127.0.0.1:9000")
+
+    async def body(coord, cluster, clock):
+        m = await coord.start_layers(D, P, 2)
+        await hold.entered.wait()
+        assert m.state is S.COPYING
+        cluster.ports[P].draining = True
+        await coord.renew_leases()
+        await asyncio.gather(*coord._background)
+        assert (m.state, m.reason) == (S.ABORTED, "prefill-0 is stopping")
+        assert cluster.held() == {D: set(), P: set()}
+
+    run(redis_server, store_prefix, body, cluster=cluster)
+
+
 def test_the_table_refuses_skipping_states():
     from services.coordinator.migration import Migration, MigrationKind
 

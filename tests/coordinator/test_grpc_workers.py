@@ -119,7 +119,7 @@ class FakeMigrationWorker(migration_pb2_grpc.MigrationWorkerServiceServicer):
         if request.migration_id not in self.port.held:
             raise RequestNotFoundError(f"no migration {request.migration_id!r} here")
         self.port.renewals.append((request.migration_id, request.lease.ToNanoseconds() / 1e9))
-        return mpb.MigrationWorkerServiceRenewLeaseResponse()
+        return mpb.MigrationWorkerServiceRenewLeaseResponse(draining=self.port.draining)
 
     async def List(self, request, context):
         model = await self.port.describe()

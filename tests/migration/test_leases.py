@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.errors import AlreadyExistsError, InvalidRequestError
+from services.common.errors import AlreadyExistsError, InvalidRequestError, ShuttingDownError
 from services.common.migration_states import MigrationState
 from services.migration.records import Peer, Role
 from tests.engine.helpers import assert_no_leaks, make_engine
@@ -115,3 +115,25 @@ def test_helper_without_the_weights_says_so_and_awaits_them(tiny_llama, loop):
     loop.call(pair.helper.abort(MIGRATION, "test"))
     assert b.migration.hosted_layers == {}
     pair.close()
+
+
+def test_a_draining_worker_holds_its_migrations_until_they_end_and_takes_no_new_one(
+    tiny_llama, loop
+):
+    """What a worker's drain reads (``holds_migrations``) and what it refuses once it drains."""
+    a, b = make_engine(tiny_llama, num_kv_blocks=32), make_engine(tiny_llama, num_kv_blocks=32)
+    pair = AgentPair(loop, a, b)
+    assert not pair.helper.holds_migrations()
+    pair.prepare(2)
+    pair.helper.begin_drain()
+    assert pair.helper.draining and not pair.donor.draining
+    assert pair.helper.holds_migrations() and pair.donor.holds_migrations()
+    with pytest.raises(ShuttingDownError, match="stopping: it takes no new migration"):
+        loop.call(pair.helper.prepare("m-9", Role.HELPER, range(2, 4), Peer(), Peer(), None))
+    pair.copy()
+    pair.switch(1, drop=False)
+    assert pair.revert()
+    assert not pair.helper.holds_migrations() and not pair.donor.holds_migrations()
+    pair.close()
+    assert_no_leaks(a)
+    assert_no_leaks(b)
