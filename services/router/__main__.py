@@ -7,6 +7,7 @@ SIGTERM/SIGINT drain (``--drain-timeout``): new requests are refused at once on 
 (UNAVAILABLE; HTTP 503), the running ones get the drain's time to finish on the workers, and
 those still running then fail UNAVAILABLE ("shutting down", which the client library resumes
 elsewhere); then the workers' report streams end, the HTTP API stops and the channels close.
+A second signal fails the requests left at once ("stopped at once (a second signal)").
 """
 
 from __future__ import annotations
@@ -288,8 +289,13 @@ async def serve(args: argparse.Namespace) -> None:
         if stopping is not None:
             await stopping
 
+    def force() -> None:  # a second signal: what is left fails now, HTTP waits no more
+        driver.cut_drain()
+        if http is not None:
+            http.force()
+
     try:
-        await server.serve_until_signal(drain=drain)
+        await server.serve_until_signal(drain=drain, on_force=force)
     finally:
         if http is not None:
             await http.stop()

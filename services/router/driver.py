@@ -243,6 +243,7 @@ class RequestDriver:
         # Told of every request that ends (services/common/metrics.py); None: nobody listens.
         self.observer: RequestObserver | None = None
         self._draining = False
+        self._cut = False  # ``cut_drain``
 
     @property
     def num_running(self) -> int:
@@ -252,20 +253,26 @@ class RequestDriver:
         """Every request from now on fails ``ShuttingDownError`` before any work."""
         self._draining = True
 
+    def cut_drain(self) -> None:
+        """A second signal: the drain in flight (or the next) fails what is left now."""
+        self._draining = self._cut = True
+
     async def drain(self, timeout_s: float, poll_s: float = 0.05) -> int:
         """Refuses new requests (``begin_drain``), waits up to ``timeout_s`` for the running ones
         to end, then fails those left with ``ShuttingDownError`` and waits (bounded) for their
         cleanup; how many it failed."""
         self.begin_drain()
         deadline = self._clock() + timeout_s
-        while self.num_running and self._clock() < deadline:
+        while self.num_running and self._clock() < deadline and not self._cut:
             await asyncio.sleep(min(poll_s, max(0.0, deadline - self._clock())))
         left = [job for job in self._jobs.values() if not job.ending]
+        why = (
+            "was stopped at once (a second signal)"
+            if self._cut
+            else f"is shutting down and the request did not finish within its drain ({timeout_s:g}s)"
+        )
         for job in left:
-            message = (
-                f"request {job.request_id!r}: the router is shutting down and the request did "
-                f"not finish within its drain ({timeout_s:g}s); send it again"
-            )
+            message = f"request {job.request_id!r}: the router {why}; send it again"
             job.events.put_nowait(_Stop(ShuttingDownError(message)))
             self._end(job)
         tasks = {job.task for job in left if job.task is not None}

@@ -86,6 +86,10 @@ class HttpServer:
         await self._server.startup(sockets=[self._socket])
         self._main_loop = asyncio.create_task(self._server.main_loop())
 
+    def force(self) -> None:
+        """A stop in flight (or the next) waits no more for open connections."""
+        self._server.force_exit = True
+
     async def stop(self) -> None:
         if self._main_loop is None:
             return

@@ -14,7 +14,10 @@ Lifecycle of a server:
      each worker lives, and their KV target checks; a worker's: a reserved request's KV and
      token stream, calls still to come), passes ``drain``: it refuses new work (or has its
      router send none) and waits for the work it has, bounded by the grace, while the server
-     still takes calls; the calls left then get what grace it returns.
+     still takes calls; the calls left then get what grace it returns. A second SIGTERM/SIGINT
+     during the drain stops at once: the server's ``on_force`` ends its drain on its own terms
+     (the router fails what is left with its reason) within ``FORCE_S``, else the drain is
+     cancelled; then every call left is cancelled.
 
 Interceptor order matters: tracing is outermost so its span records the status the error
 interceptor produced from a domain exception (services/rpc/status.py).
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
@@ -51,6 +55,9 @@ log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A second signal: how long the server's ``on_force`` may take to end its drain (the router
+# fails its requests left and lets their calls send that: ~1 s) before it is cancelled.
+FORCE_S = 3.0
 
 # A server's own drain: given the grace, it returns once its work is done (or the grace is
 # up) with the grace the calls still open get (None: none, cancelled at once).
@@ -106,6 +113,7 @@ class RunningServer:
         self._config = config
         self.port = port
         self.service_names = tuple(names)
+        self._forced = False  # a second signal came (``serve_until_signal``)
 
     @property
     def address(self) -> str:
@@ -126,7 +134,7 @@ class RunningServer:
             # a KV target with it; a decode worker's reserved request still gets its KV and
             # its token stream opened).
             grace = await drain(grace)
-        await self._server.stop(grace)
+        await self._server.stop(0.0 if self._forced else grace)
         log.info("stopped %s", self.address)
 
     async def wait(self) -> None:
@@ -137,13 +145,15 @@ class RunningServer:
         signals: Iterable[signal.Signals] = DRAIN_SIGNALS,
         drain: Drain | None = None,
         on_signal: Callable[[], None] | None = None,
+        on_force: Callable[[], None] | None = None,
     ) -> signal.Signals | None:
         """Serves until one of ``signals`` arrives, then drains (``stop``'s ``drain``; called
         first: ``on_signal``, a worker's reports saying it drains); returns the signal, or None
-        if the server stopped for another reason. Handlers stay installed through the drain, so
-        a second Ctrl-C does not interrupt it."""
+        if the server stopped for another reason. A second signal during the drain stops at
+        once (module docstring: ``on_force``)."""
         loop = asyncio.get_running_loop()
         received: asyncio.Future[signal.Signals] = loop.create_future()
+        again: asyncio.Future[signal.Signals] = loop.create_future()
         terminated = asyncio.ensure_future(self.wait())
         signals = tuple(signals)
         for signum in signals:
@@ -153,17 +163,45 @@ class RunningServer:
             if not received.done():
                 return None
             sig = received.result()
+            for signum in signals:
+                loop.add_signal_handler(signum, _resolve_once, again, signum)
             log.info(
-                "%s: %s, draining for up to %.1fs", self.address, sig.name, self._config.grace_s
-            )
+                "%s: %s, draining for up to %.1fs (again to stop at once)",
+                self.address, sig.name, self._config.grace_s,
+            )  # fmt: skip
             if on_signal is not None:
                 on_signal()
-            await self.stop(drain=drain)
+            stopping = asyncio.ensure_future(self.stop(drain=drain))
+            await asyncio.wait({stopping, again}, return_when=asyncio.FIRST_COMPLETED)
+            if stopping.done():
+                stopping.result()
+            else:
+                await self._force(stopping, again.result(), on_force)
             return sig
         finally:
             terminated.cancel()
             for signum in signals:
                 loop.remove_signal_handler(signum)
+
+    async def _force(
+        self,
+        stopping: asyncio.Future[None],
+        sig: signal.Signals,
+        on_force: Callable[[], None] | None,
+    ) -> None:
+        log.warning("%s: %s again: stopping at once", self.address, sig.name)
+        self._forced = True  # the calls left once the drain ends get no grace
+        if on_force is not None:
+            on_force()
+            await asyncio.wait({stopping}, timeout=FORCE_S)
+            if stopping.done():
+                stopping.result()
+                return
+        stopping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stopping
+        await self._server.stop(0)  # a smaller grace than a stop in flight: at once
+        log.info("stopped %s", self.address)
 
 
 def _resolve_once(future: asyncio.Future[Any], value: Any) -> None:

@@ -9,6 +9,7 @@ told to stop (SIGTERM) drains (``--drain-timeout``, docs/services.md "Stopping")
   shutting down (not that a worker was lost), and no worker holds anything afterwards.
 - A decode worker told to stop gets nothing new (its reports say it drains) and finishes the
   stream it has without a resume.
+- A second SIGTERM stops the router at once: what is left fails UNAVAILABLE, saying so.
 - ``banaserve up`` stops the router before the workers, so a request in flight at Ctrl-C
   finishes; a second Ctrl-C kills what still runs.
 
@@ -157,6 +158,35 @@ def test_requests_left_when_the_drain_ends_fail_unavailable_and_nothing_is_held(
         error = error["error"]
         assert status == 503 and error["code"] == "unavailable", (status, error)
         assert "the router is shutting down" in error["message"], error
+        wait_for(lambda: not any(held(cluster).values()), "idle workers", 15)
+
+
+def test_a_second_signal_stops_the_router_at_once_failing_what_is_left(
+    banaserve_home, tiny_llama, tmp_path
+):
+    """Its drain is 60 s and its requests are held: a second SIGTERM fails them at once, with
+    why, and it exits 0 within seconds, nothing held on the workers."""
+    with running_cluster(spec_with(banaserve_home, 60), tmp_path / "cluster.log") as cluster:
+        router = cluster.router.proc
+        with ThreadPoolExecutor(4) as pool:
+            calls, streamed = frozen_with_requests(cluster, pool, 2)
+            router.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert not any(c.done() for c in calls)  # draining: they wait
+            again = time.monotonic()
+            router.send_signal(signal.SIGTERM)
+            try:
+                outcomes = [call.result(timeout=20) for call in calls]
+                status, [error] = streamed.result(timeout=20)
+                code = router.wait(timeout=20)
+            finally:
+                os.kill(cluster.child("prefill-0").proc.pid, signal.SIGCONT)
+            stopped_s = time.monotonic() - again
+        assert code == 0 and stopped_s < 8, (code, stopped_s)
+        for call_code, _, details in outcomes:
+            assert call_code is C.UNAVAILABLE, (call_code, details)
+            assert "the router was stopped at once (a second signal)" in details, details
+        assert status == 503 and "stopped at once" in error["error"]["message"], error
         wait_for(lambda: not any(held(cluster).values()), "idle workers", 15)
 
 

@@ -215,6 +215,48 @@ def test_sigterm_drains_and_returns_the_signal():
     assert signal.getsignal(signal.SIGTERM) == previous
 
 
+@pytest.mark.parametrize("forced", [False, True])
+def test_a_second_signal_ends_a_drain_at_once_and_cancels_the_calls_left(forced):
+    """A drain that would wait 60 s, a stream open: the second SIGTERM ends both within a
+    second. ``on_force`` (the router's) is called and its drain ends on its own terms; without
+    one the drain is cancelled."""
+    ended: list[str] = []
+
+    async def main():
+        async with serving(RpcConfig(grace_s=60)) as (server, channel, servicer):
+            stub = decode_pb2_grpc.DecodeServiceStub(channel)
+            call = stub.StreamTokens(decode_pb2.StreamTokensRequest(request_id="slow"))
+            await call.read()
+            await servicer.slow_started.wait()
+            cut = asyncio.Event()
+
+            async def drain(grace_s: float) -> float:
+                try:
+                    await asyncio.wait_for(cut.wait(), grace_s)
+                    ended.append("cut")
+                except asyncio.CancelledError:
+                    ended.append("cancelled")
+                    raise
+                return grace_s
+
+            task = asyncio.create_task(
+                server.serve_until_signal(drain=drain, on_force=cut.set if forced else None)
+            )
+            await asyncio.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            assert not task.done()  # draining
+            start = time.monotonic()
+            os.kill(os.getpid(), signal.SIGTERM)
+            sig = await asyncio.wait_for(task, timeout=5)
+            return sig, time.monotonic() - start, (await rpc_error(call.read())).code()
+
+    sig, elapsed, code = asyncio.run(main())
+    assert sig == signal.SIGTERM and elapsed < 1.0, elapsed
+    assert code in (C.CANCELLED, C.UNAVAILABLE)
+    assert ended == ["cut" if forced else "cancelled"]
+
+
 def test_a_port_in_use_fails_loudly():
     async def main():
         async with serving() as (server, _, _):
