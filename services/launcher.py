@@ -20,9 +20,11 @@ Lifecycle:
    empty and the nodes announce their blocks again; workers register again and the router
    admits them; workers reconnect to a restarted router); a child that keeps dying
    (``--max-restarts`` within ``--restart-window``) brings the cluster down;
-6. stopping goes coordinator and router first (the router drains while the workers still
-   serve its requests), then in reverse start order (workers, kvstore nodes, Redis last, so
-   the nodes can withdraw their blocks), sending SIGTERM and waiting for each (its
+6. stopping goes router first (it drains while the workers still serve its requests), then
+   the workers in reverse start order, then the coordinator (still up while the workers drain:
+   it reverts a stopping worker's migrations, docs/coordinator.md "Leases"), then the kvstore
+   nodes and Redis last (so the nodes can withdraw their blocks, and the coordinator's records
+   are kept), sending SIGTERM and waiting for each (its
    ``--drain-timeout``, then ``STOP_TIMEOUT_S`` more); a child that does not exit in time, or
    any still running after a second Ctrl-C, is killed and reported. Children run in process
    groups of their own, so a Ctrl-C in the terminal reaches the launcher alone and this order
@@ -41,6 +43,7 @@ import secrets
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -63,6 +66,8 @@ from services.supervisor import (
 # TCP plane binds loopback (docs/security.md). UCX stays one flag away (``--kv-transport ucx``) for hosts where
 # its transports pay.
 LOCAL_DATA_PLANE = "tcp"
+
+WORKER_ROLES = ("prefill", "decode", "mixed")  # the names of the worker children: ROLE-i
 
 
 @dataclass(frozen=True)
@@ -354,7 +359,7 @@ class LocalCluster:
         if kvstore and self.spec.store_write_policy is not None:
             prefill += ["--store-write-policy", self.spec.store_write_policy]
         decode = common
-        roles = [
+        roles = [  # in WORKER_ROLES' names
             ("prefill", "services.prefill", prefill, self.spec.num_prefill),
             ("decode", "services.decode", decode, self.spec.num_decode),
             ("mixed", "services.decode", [*decode, "--role", "mixed"], self.spec.num_mixed),
@@ -407,10 +412,19 @@ class LocalCluster:
         return [(c.name, c.proc.returncode) for c in self.children if c.proc.poll() is not None]
 
     def stop(self, force: threading.Event | None = None) -> dict[str, int]:
-        """The coordinator and the router first, then the rest in reverse start order (workers,
-        kvstore nodes, Redis); every child's exit code. The router drains while every worker
-        still serves: requests in flight finish within its ``--drain-timeout`` (docs/services.md,
+        """The router, the workers, the coordinator, the kvstore nodes, Redis (module
+        docstring, 6); every child's exit code. The router drains while every worker still
+        serves: requests in flight finish within its ``--drain-timeout`` (docs/services.md,
         "Stopping"). ``force`` set: each child still running is killed."""
-        first = [c for c in reversed(self.children) if c.name in ("coordinator", "router")]
-        rest = [c for c in reversed(self.children) if c not in first]
-        return {c.name: c.stop(force) for c in first + rest}
+        return {c.name: c.stop(force) for c in stop_order(self.children)}
+
+
+def stop_order(children: Sequence[Child]) -> list[Child]:
+    """``LocalCluster.stop``'s order: router, workers (reverse start order), coordinator, then
+    the rest (kvstore nodes, Redis) in reverse start order."""
+    backwards = list(reversed(children))
+    router = [c for c in backwards if c.name == "router"]
+    coordinator = [c for c in backwards if c.name == "coordinator"]
+    workers = [c for c in backwards if c.name.startswith(WORKER_ROLES)]
+    rest = [c for c in backwards if c not in (*router, *coordinator, *workers)]
+    return router + workers + coordinator + rest

@@ -120,16 +120,24 @@ class AutoMigrator:
     async def run(self) -> None:
         next_decision = -math.inf
         loop = asyncio.get_running_loop()
+        failing = 0  # polls or decisions failed in a row: logged once, then when it recovers
         while True:
             try:
                 await self._feed.poll()
                 if loop.time() >= next_decision:
                     next_decision = loop.time() + self._policy.config.interval_s
                     await self.step()
+                if failing:
+                    log.info("automatic mode: going again after %d failed polls", failing)
+                failing = 0
             except asyncio.CancelledError:
                 raise
             except Exception:  # the router may be away for a while: try again next poll
-                log.exception("automatic mode: poll or decision failed")
+                failing += 1
+                if failing == 1:
+                    log.exception("automatic mode: poll or decision failed (again: not logged)")
+                else:
+                    log.debug("automatic mode: poll or decision failed", exc_info=True)
             await asyncio.sleep(self._poll_s)
 
     async def step(self) -> Outcome:

@@ -46,6 +46,7 @@ IDLE_WITHIN_S = 45.0  # a decode reservation's lease is 30 s
 class Action(enum.Enum):
     KILL = "SIGKILL"
     STOP = "SIGSTOP"
+    TERM = "SIGTERM"  # a stop on purpose (a rolling restart): the child drains, then exits
     LINK = "link"
 
 
@@ -225,6 +226,8 @@ def _inject(cluster: ChaosCluster, fault: Fault) -> int:
     killed = 0
     if fault.action is Action.KILL:
         killed = cluster.signal(fault.target, signal.SIGKILL)
+    elif fault.action is Action.TERM:  # restarted once it has drained and exited
+        killed = cluster.signal(fault.target, signal.SIGTERM)
     elif fault.action is Action.STOP:
         cluster.signal(fault.target, signal.SIGSTOP)
         time.sleep(fault.hold_s)  # the fault's length, not a wait for a state

@@ -48,17 +48,25 @@ FULL = [
     Fault(Action.STOP, "coordinator", phase=Phase.ACTIVE),
     Fault(Action.KILL, "prefill-0", phase=Phase.ACTIVE),
     Fault(Action.STOP, "prefill-0", phase=Phase.ACTIVE),
+    # Stopped on purpose: the coordinator reverts the migration before the worker goes.
+    Fault(Action.TERM, "prefill-0", phase=Phase.ACTIVE),
+    Fault(Action.TERM, "decode-0", phase=Phase.ACTIVE),
     # The layer migration's data plane (every step's hidden states) while it is ACTIVE.
     *link_faults("migration-data", Phase.ACTIVE),
     # An attention migration's helper, coordinator and per-layer exchange while it is ACTIVE.
     Fault(Action.KILL, "prefill-0", phase=Phase.ACTIVE, attention=True),
     Fault(Action.STOP, "prefill-0", phase=Phase.ACTIVE, attention=True),
+    Fault(Action.TERM, "prefill-0", phase=Phase.ACTIVE, attention=True),
     Fault(Action.KILL, "coordinator", phase=Phase.ACTIVE, attention=True),
     *link_faults("migration-data", Phase.ACTIVE, attention=True),
     # A prefill donor's layers on decode-0: its helper killed, and its data plane faulted.
     Fault(Action.KILL, "decode-0", phase=Phase.ACTIVE, prefill_donor=True),
     *link_faults("migration-data-decode", Phase.ACTIVE, prefill_donor=True),
-    *[Fault(action, name) for name in PROCESSES for action in (Action.KILL, Action.STOP)],
+    *[
+        Fault(action, name)
+        for name in PROCESSES
+        for action in (Action.KILL, Action.STOP, Action.TERM)
+    ],
     *[f for link in LINKS for f in link_faults(link)],
     Fault(Action.KILL, "redis"),
     Fault(Action.STOP, "redis"),

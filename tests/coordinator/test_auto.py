@@ -186,6 +186,42 @@ def test_a_refused_start_is_counted_and_marked_on_its_span(redis_server, store_p
     assert span.status.description.startswith("WorkerNotFoundError")
 
 
+def test_a_feed_failing_poll_after_poll_is_logged_once_then_when_it_recovers(
+    redis_server, store_prefix, caplog
+):
+    """The router away (stopped first by ``up``, or restarting): one traceback, not one per
+    poll (4 a second), and a line when the polls succeed again."""
+    feed = FeedStub()
+    failures = iter(range(5))
+
+    async def poll() -> None:
+        feed.num_polls += 1
+        if next(failures, None) is not None:
+            raise ConnectionError("router away")
+
+    feed.poll = poll  # type: ignore[method-assign]
+
+    async def main():
+        async with coordinator(redis_server.url, store_prefix, FakeCluster(), FakeClock()) as coord:
+            auto = AutoMigrator(coord, feed, Policy(PolicyConfig()), trace.NoOpTracer(), 0.001)
+            task = asyncio.create_task(auto.run())
+            while feed.num_polls < 8:
+                await asyncio.sleep(0.005)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    with caplog.at_level("DEBUG", logger="services.coordinator.auto"):
+        asyncio.run(main())
+    records = [r for r in caplog.records if r.name == "services.coordinator.auto"]
+    errors = [r for r in records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "router away" in str(errors[0].exc_info[1])
+    assert sum(r.levelname == "DEBUG" for r in records) == 4
+    assert [r.getMessage() for r in records if r.levelname == "INFO"] == [
+        "automatic mode: going again after 5 failed polls"
+    ]
+
+
 def test_policy_flags_build_the_config():
     import argparse
 

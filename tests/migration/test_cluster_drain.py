@@ -89,3 +89,28 @@ def test_a_stopping_worker_is_refused_as_a_new_migrations_helper(
     assert done.state == pb.MIGRATION_STATE_ABORTED
     assert "stopping: it takes no new migration" in done.reason, done.reason
     assert all(len(r.token_ids) == MAX_TOKENS for r in results)
+
+
+def test_stopping_the_cluster_reverts_a_live_migration_before_its_workers_go(
+    banaserve_home, tiny_llama, tmp_path
+):
+    """``LocalCluster.stop`` (``banaserve up``'s Ctrl-C) with a layer migration ACTIVE: the
+    router drains first (the requests end whole), then the workers, told to stop, have the
+    coordinator, still up, revert it; before, the coordinator went first and the workers' own
+    leases ended it ("lease expired"), the donor falling back."""
+    prompts = [prompt_ids(30 + 13 * i, 310 + i) for i in range(NUM_REQUESTS)]
+    expected = expected_tokens(tiny_llama, prompts, MAX_TOKENS)
+    log = tmp_path / "cluster.log"
+    with loaded_cluster(cluster_spec(banaserve_home), log, prompts, MAX_TOKENS) as (
+        cluster,
+        c,
+        futures,
+    ):
+        mid = start_layers(c).migration_id
+        codes = cluster.stop()
+        results = [f.result(timeout=60) for f in futures]
+    assert set(codes.values()) == {0}, codes
+    assert [list(r.token_ids) for r in results] == expected
+    text = log.read_text()
+    assert f"{mid}: decode-" in text and "is stopping: reverting" in text  # the donor: first
+    assert "lease expired" not in text and "helper unreachable" not in text

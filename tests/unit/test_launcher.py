@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from types import SimpleNamespace
 
 import pytest
 
 from services.common.errors import ConfigError
-from services.launcher import ClusterSpec
+from services.launcher import ClusterSpec, stop_order
 from services.supervisor import RestartConfig, restart_config
 from services.up import add_arguments
 
@@ -29,3 +30,16 @@ def test_up_takes_the_restart_flags():
     add_arguments(p)
     args = p.parse_args(["--max-restarts", "0", "--restart-backoff", "0.2"])
     assert restart_config(args) == RestartConfig(max_restarts=0, backoff_s=0.2)
+
+
+def test_the_router_stops_first_then_the_workers_then_the_coordinator_then_the_store():
+    """The router drains while the workers serve; the coordinator outlives the workers' drains
+    (it reverts a stopping worker's migrations); Redis, which keeps its records, goes last."""
+    started = ["redis", "kvstore-0", "kvstore-1", "router", "prefill-0", "decode-0", "decode-1",
+               "mixed-0", "coordinator"]  # fmt: skip
+    children = [SimpleNamespace(name=name) for name in started]
+    assert [c.name for c in stop_order(children)] == [
+        "router", "mixed-0", "decode-1", "decode-0", "prefill-0", "coordinator",
+        "kvstore-1", "kvstore-0", "redis",
+    ]  # fmt: skip
+    assert [c.name for c in stop_order(children[3:6])] == ["router", "decode-0", "prefill-0"]
