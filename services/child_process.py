@@ -135,9 +135,16 @@ class Child:
     def stop(self, force: threading.Event | None = None) -> int:
         """SIGTERM, then waits for the child to drain and exit: its drain and
         ``STOP_TIMEOUT_S`` more, or until ``force`` is set; then kills it."""
+        return self.wait_stopped(self.terminate(), force)
+
+    def terminate(self) -> float:
+        """SIGTERM (``stop``'s first half); the deadline ``wait_stopped`` gives it."""
         if self.proc.poll() is None:
             self.proc.terminate()
-        deadline = time.monotonic() + self.drain_timeout_s + STOP_TIMEOUT_S
+        return time.monotonic() + self.drain_timeout_s + STOP_TIMEOUT_S
+
+    def wait_stopped(self, deadline: float, force: threading.Event | None = None) -> int:
+        """``stop``'s second half: the exit code, the child killed at ``deadline``."""
         while not (force is not None and force.is_set()):
             try:
                 return self.proc.wait(timeout=max(0.0, min(0.1, deadline - time.monotonic())))

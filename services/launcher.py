@@ -8,10 +8,11 @@ Lifecycle:
    once it serves. The nodes share Redis under a key prefix unique to this cluster, so two
    clusters on one Redis never see each other's blocks;
 3. the workers start together, each pointed at the router (prefill workers also at kvstore-0:
-   any node answers lookups), and register with it;
+   any node answers lookups), and register with it; the coordinator, with ``--coordinator``,
+   starts beside them (it finds the workers through the router as they register, and keeps
+   its migrations in the same Redis under a key prefix of its own);
 4. the cluster is ready once every worker shows as active in the router's ``ListWorkers``
-   (and, with ``--coordinator``, once the coordinator serves: it finds the workers through the
-   router and keeps its migrations in the same Redis under a key prefix of its own). A stop
+   and the coordinator serves. A stop
    asked for meanwhile (``stopping``: ``up``'s SIGINT/SIGTERM) ends steps 1-4 within a poll,
    before the next child starts or while one loads: what started is stopped as in 6, and
    ``start`` raises StartInterrupted;
@@ -21,10 +22,10 @@ Lifecycle:
    admits them; workers reconnect to a restarted router); a child that keeps dying
    (``--max-restarts`` within ``--restart-window``) brings the cluster down;
 6. stopping goes router first (it drains while the workers still serve its requests), then
-   the workers in reverse start order, then the coordinator (still up while the workers drain:
-   it reverts a stopping worker's migrations, docs/coordinator.md "Leases"), then the kvstore
-   nodes and Redis last (so the nodes can withdraw their blocks, and the coordinator's records
-   are kept), sending SIGTERM and waiting for each (its
+   the workers (together), then the coordinator (still up while the workers drain: it reverts
+   a stopping worker's migrations, docs/coordinator.md "Leases"), then the kvstore nodes and
+   Redis last (so the nodes can withdraw their blocks, and the coordinator's records are
+   kept), sending each group SIGTERM and waiting for each child (its
    ``--drain-timeout``, then ``STOP_TIMEOUT_S`` more); a child that does not exit in time, or
    any still running after a second Ctrl-C, is killed and reported. Children run in process
    groups of their own, so a Ctrl-C in the terminal reaches the launcher alone and this order
@@ -301,10 +302,10 @@ class LocalCluster:
                 child.wait_ready(deadline, self.stopping)
             workers = self._spawn_workers(nodes[0].address if nodes else None)
             self._pin(workers)
-            for worker in workers:
-                worker.wait_ready(deadline, self.stopping)
+            coordinator = self._spawn_coordinator()  # it finds the workers as they register
+            for child in [*workers, *coordinator]:
+                child.wait_ready(deadline, self.stopping)
             self._wait_registered(len(workers), deadline)
-            self._spawn_coordinator(deadline)
         except BaseException:
             self.stop()
             raise
@@ -341,13 +342,13 @@ class LocalCluster:
             for i in range(self.spec.num_kvstore)
         ]
 
-    def _spawn_coordinator(self, deadline: float) -> None:
+    def _spawn_coordinator(self) -> list[Child]:
         if not self.spec.coordinator:
-            return
+            return []
         redis = self.child("redis")
         prefix = f"banaserve:coord:{self.kvstore_key_prefix.rsplit(':', 1)[1]}"
         args = ["--router", self.router.address, "--redis", redis.url, "--key-prefix", prefix]
-        self._spawn("coordinator", "services.coordinator", args).wait_ready(deadline, self.stopping)
+        return [self._spawn("coordinator", "services.coordinator", args)]
 
     def _spawn_workers(self, kvstore: str | None) -> list[Child]:
         common = self._worker_args()
@@ -416,15 +417,25 @@ class LocalCluster:
         docstring, 6); every child's exit code. The router drains while every worker still
         serves: requests in flight finish within its ``--drain-timeout`` (docs/services.md,
         "Stopping"). ``force`` set: each child still running is killed."""
-        return {c.name: c.stop(force) for c in stop_order(self.children)}
+        codes: dict[str, int] = {}
+        for group in stop_order(self.children):
+            # One group at a time, its children signalled together: each drains on its own.
+            deadlines = [child.terminate() for child in group]
+            for child, deadline in zip(group, deadlines, strict=True):
+                codes[child.name] = child.wait_stopped(deadline, force)
+        return codes
 
 
-def stop_order(children: Sequence[Child]) -> list[Child]:
-    """``LocalCluster.stop``'s order: router, workers (reverse start order), coordinator, then
-    the rest (kvstore nodes, Redis) in reverse start order."""
+def stop_order(children: Sequence[Child]) -> list[list[Child]]:
+    """``LocalCluster.stop``'s order, in groups stopped together: the router, the workers, the
+    coordinator, the kvstore nodes, then Redis (the nodes withdraw their blocks from it)."""
     backwards = list(reversed(children))
-    router = [c for c in backwards if c.name == "router"]
-    coordinator = [c for c in backwards if c.name == "coordinator"]
-    workers = [c for c in backwards if c.name.startswith(WORKER_ROLES)]
-    rest = [c for c in backwards if c not in (*router, *coordinator, *workers)]
-    return router + workers + coordinator + rest
+    groups = [
+        [c for c in backwards if c.name == "router"],
+        [c for c in backwards if c.name.startswith(WORKER_ROLES)],
+        [c for c in backwards if c.name == "coordinator"],
+        [c for c in backwards if c.name.startswith("kvstore")],
+    ]
+    grouped = [c for group in groups for c in group]
+    groups.append([c for c in backwards if c not in grouped])  # Redis
+    return [group for group in groups if group]

@@ -33,13 +33,14 @@ def test_up_takes_the_restart_flags():
 
 
 def test_the_router_stops_first_then_the_workers_then_the_coordinator_then_the_store():
-    """The router drains while the workers serve; the coordinator outlives the workers' drains
+    """Groups signalled together, one after another. The router drains while the workers serve; the coordinator outlives the workers' drains
     (it reverts a stopping worker's migrations); Redis, which keeps its records, goes last."""
     started = ["redis", "kvstore-0", "kvstore-1", "router", "prefill-0", "decode-0", "decode-1",
                "mixed-0", "coordinator"]  # fmt: skip
     children = [SimpleNamespace(name=name) for name in started]
-    assert [c.name for c in stop_order(children)] == [
-        "router", "mixed-0", "decode-1", "decode-0", "prefill-0", "coordinator",
-        "kvstore-1", "kvstore-0", "redis",
+    names = lambda groups: [[c.name for c in group] for group in groups]  # noqa: E731
+    assert names(stop_order(children)) == [
+        ["router"], ["mixed-0", "decode-1", "decode-0", "prefill-0"], ["coordinator"],
+        ["kvstore-1", "kvstore-0"], ["redis"],
     ]  # fmt: skip
-    assert [c.name for c in stop_order(children[3:6])] == ["router", "decode-0", "prefill-0"]
+    assert names(stop_order(children[3:6])) == [["router"], ["decode-0", "prefill-0"]]
