@@ -1,8 +1,10 @@
 """``python -m services.kvstore``: flags -> pool, metadata, data plane, gRPC server -> serve.
 
 Prints ``LISTENING HOST:PORT`` (the KVStoreService) once both planes accept calls, serves until
-SIGTERM/SIGINT, then withdraws its blocks from Redis and stops. A restarted node comes back with
-a new incarnation and withdraws whatever its previous life announced.
+SIGTERM/SIGINT, then drains: it withdraws its blocks from Redis at once (no lookup names them),
+refuses new writes, serves the reads pinned before (at most ``--drain-timeout``) and stops. A
+restarted node comes back with a new incarnation and withdraws whatever its previous life
+announced.
 """
 
 from __future__ import annotations
@@ -30,10 +32,13 @@ from services.rpc.security import (
     secure_data_planes,
     security_config,
 )
-from services.rpc.server import add_drain_args, run_service, start_server
+from services.rpc.server import add_drain_args, drain_while, run_service, start_server
 from services.rpc.tracing import setup_tracing
 
 log = logging.getLogger("services.kvstore")
+# A stopping node waits at least this long after leaving the index: a Pin sent by a reader whose
+# lookup came just before still lands (a lookup-to-pin gap is milliseconds).
+LOOKUP_SETTLE_S = 0.2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -114,8 +119,16 @@ async def serve(args: argparse.Namespace) -> None:
     await start_metrics(args, host, KVStoreCollector(node))
     print(f"LISTENING {server.address}", flush=True)
     log.info("node %s: data plane %s over %s", info.node_id, data.address, args.data_transport)
+    # The drain (services/kvstore/core.py, 4): out of the index first, then the reads pinned
+    # before go on. At least LOOKUP_SETTLE_S: a reader that looked up just before sends its Pin.
+    drain = drain_while(node.holds_work, at_least_s=LOOKUP_SETTLE_S)
+
+    async def drain_pinned(grace_s: float) -> float:
+        await node.begin_drain()
+        return await drain(grace_s)
+
     try:
-        await server.serve_until_signal()
+        await server.serve_until_signal(drain=drain_pinned)
     finally:
         await node.stop()
         await data.stop()

@@ -8,7 +8,10 @@ through a ``MetadataSession``:
 2. blocks the pool evicts are queued by ``on_evict`` and withdrawn by a background task, so a
    lookup may briefly name a block that is gone; ``pin`` then pins less, and the reader
    recomputes the rest — metadata may lag data, never the reverse for long;
-3. ``expire`` runs every ``sweep_interval_s``: reservations and pins past their TTL are freed.
+3. ``expire`` runs every ``sweep_interval_s``: reservations and pins past their TTL are freed;
+4. stopping (``begin_drain``, on SIGTERM): the node leaves Redis at once, so no lookup names its
+   blocks from then on, and refuses new writes; the reads pinned before go on, and the node
+   stops once none is left (``holds_work``) or its drain's time is up.
 
 Data plane requests (``handle_data``) read one layer of a pin's blocks or write one layer of a
 reservation's blocks; the payload is those blocks' bytes, block after block (each block's
@@ -33,7 +36,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from services.common.errors import ConfigError, InvalidRequestError, RequestNotFoundError
+from services.common.errors import (
+    ConfigError,
+    InvalidRequestError,
+    RequestNotFoundError,
+    ShuttingDownError,
+)
 from services.common.hashing import BlockHash
 from services.common.limits import check_block_hashes
 from services.kvstore.metadata import (
@@ -113,6 +121,7 @@ class KVStoreNode:
         self._to_withdraw: list[BlockHash] = []
         self._withdraw_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self.draining = False  # ``begin_drain``
 
     def on_evict(self, hashes: list[BlockHash]) -> None:
         """The pool's eviction callback: queue the withdrawals (never calls into the pool)."""
@@ -132,6 +141,16 @@ class KVStoreNode:
             asyncio.create_task(self._sweep_loop(), name="kvstore-sweep"),
             asyncio.create_task(self._withdraw_loop(), name="kvstore-withdraw"),
         ]
+
+    async def begin_drain(self) -> None:
+        """Stopping (module docstring, 4): deregistered, so lookups skip this node's blocks."""
+        self.draining = True
+        if self.session is not None:
+            await self.session.stop(deregister=True)
+
+    def holds_work(self) -> bool:
+        """A read is pinned here (its reader fetches, or its pin has not expired yet)."""
+        return bool(self._pinned)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -185,6 +204,8 @@ class KVStoreNode:
         self, hashes: Sequence[BlockHash], num_layers: int, layer_bytes: int
     ) -> WriteReservation:
         check_block_hashes(hashes)
+        if self.draining:
+            raise ShuttingDownError("this kvstore node is stopping: it takes no new write")
         reservation = self.pool.reserve(hashes, num_layers, layer_bytes)
         if not reservation.to_write:  # nothing to write: no reservation, id 0, like a pin
             self.pool.abort(reservation.reservation_id)
@@ -196,7 +217,7 @@ class KVStoreNode:
             return 0
         committed = self.pool.commit(reservation_id)
         entries = [self._entry(h) for h in committed]
-        if entries:
+        if entries and not self.draining:  # a stopping node is out of the index for good
             try:
                 await self.metadata.announce(self.node, entries)
             except (MetadataUnavailableError, NodeNotRegisteredError) as exc:

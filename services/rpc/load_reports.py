@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -29,7 +28,7 @@ from services.common.load import LoadReport
 from services.rpc.channels import open_channel
 from services.rpc.convert import duration, seconds
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
-from services.rpc.server import RunningServer
+from services.rpc.server import RunningServer, drain_while
 
 log = logging.getLogger(__name__)
 
@@ -223,12 +222,7 @@ async def serve_while_alive(
         if begin_drain is not None:
             begin_drain()
 
-    async def drain(grace_s: float) -> float:
-        deadline = time.monotonic() + grace_s
-        while holds_work() and time.monotonic() < deadline:
-            await asyncio.sleep(poll_s)
-        return max(0.0, deadline - time.monotonic())
-
+    drain = drain_while(holds_work, poll_s)
     serving = asyncio.ensure_future(server.serve_until_signal(drain=drain, on_signal=on_signal))
     await asyncio.wait({serving, died}, return_when=asyncio.FIRST_COMPLETED)
     if serving.done():

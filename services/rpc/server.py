@@ -31,6 +31,7 @@ import contextlib
 import logging
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -202,6 +203,24 @@ class RunningServer:
             await stopping
         await self._server.stop(0)  # a smaller grace than a stop in flight: at once
         log.info("stopped %s", self.address)
+
+
+def drain_while(
+    holds_work: Callable[[], bool], poll_s: float = 0.05, at_least_s: float = 0.0
+) -> Callable[[float], Awaitable[float]]:
+    """A ``Drain`` that waits (at least ``at_least_s``, at most its grace) until
+    ``holds_work()`` is false; the calls still open then get what is left of the grace."""
+
+    async def drain(grace_s: float) -> float:
+        start = time.monotonic()
+        deadline = start + grace_s
+        while time.monotonic() < deadline and (
+            holds_work() or time.monotonic() < start + at_least_s
+        ):
+            await asyncio.sleep(poll_s)
+        return max(0.0, deadline - time.monotonic())
+
+    return drain
 
 
 def _resolve_once(future: asyncio.Future[Any], value: Any) -> None:

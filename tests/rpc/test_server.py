@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from services.common.config import RpcConfig
 from services.common.errors import ConfigError
 from services.rpc.gen.banaserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
-from services.rpc.server import PortHold, start_server
+from services.rpc.server import PortHold, drain_while, start_server
 from tests.rpc.helpers import DECODE_SERVICE, SECRET, FakeDecode, fake_decode_service, serving
 
 C = grpc.StatusCode
@@ -255,6 +255,22 @@ def test_a_second_signal_ends_a_drain_at_once_and_cancels_the_calls_left(forced)
     assert sig == signal.SIGTERM and elapsed < 1.0, elapsed
     assert code in (C.CANCELLED, C.UNAVAILABLE)
     assert ended == ["cut" if forced else "cancelled"]
+
+
+def test_drain_while_waits_for_the_work_at_least_its_minimum_and_at_most_its_grace():
+    async def main():
+        start = time.monotonic()
+        left = await drain_while(lambda: False, poll_s=0.01, at_least_s=0.2)(5.0)
+        idle_s = time.monotonic() - start
+        busy = await drain_while(lambda: True, poll_s=0.01)(0.1)
+        work = iter([True, True, False])
+        done = await drain_while(lambda: next(work), poll_s=0.01)(5.0)
+        return idle_s, left, busy, done
+
+    idle_s, left, busy, done = asyncio.run(main())
+    assert 0.2 <= idle_s < 1.0 and 4.0 < left <= 4.8
+    assert busy == 0.0
+    assert 4.5 < done <= 5.0
 
 
 def test_a_port_in_use_fails_loudly():
