@@ -268,6 +268,7 @@ class Coordinator:
                 log.info("%s: %s is stopping: reverting", m.migration_id, worker)
                 with contextlib.suppress(PreconditionError):  # it ended meanwhile
                     await self.revert(m.migration_id)
+                    self._spans.annotate(m, reverted_for=f"{worker} is stopping")
             elif m.state in (S.PLANNED, S.COPYING, S.SWITCHING):
                 await self._abort_quietly(m.migration_id, f"{worker} is stopping")
         except BanaServeError as exc:  # the store: the next renewal tries again

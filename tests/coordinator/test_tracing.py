@@ -171,3 +171,26 @@ def test_a_resumed_migration_stays_in_its_trace(redis_server, store_prefix):
     root_id = next(s for s in spans if s.name == "migration").context.span_id
     later = [s.name for s in spans if s.parent is not None and s.parent.span_id == root_id]
     assert later[-3:] == ["migration.active", "migration.reverting", "migration.done"]
+
+
+def test_a_revert_for_a_stopping_worker_says_so_on_its_span(redis_server, store_prefix):
+    exporter = InMemorySpanExporter()
+    tracer = tracing_with_exporter(exporter).provider.get_tracer("test")
+    cluster = FakeCluster()
+
+    async def main():
+        async with coordinator(
+            redis_server.url, store_prefix, cluster, FakeClock(), tracer=tracer
+        ) as coord:
+            await coord.start_layers(D, P, 2)
+            await coord.wait("m-1")
+            cluster.ports[P].draining = True
+            await coord.renew_leases()
+            await asyncio.gather(*coord._background)
+            await coord.wait("m-1")
+
+    asyncio.run(main())
+    by_name = {s.name: s for s in exporter.get_finished_spans()}
+    reverting = by_name["migration.reverting"]
+    assert reverting.attributes["migration.reverted_for"] == "prefill-0 is stopping"
+    assert by_name["migration"].attributes["migration.outcome"] == "done"
