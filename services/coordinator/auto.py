@@ -27,13 +27,14 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from services.common.arg_types import positive, share
 from services.common.config import RpcConfig
-from services.common.errors import ConfigError
+from services.common.errors import BanaServeError, ConfigError
 from services.coordinator.core import Coordinator
 from services.coordinator.loadfeed import RouterLoadFeed
 from services.coordinator.migration import Migration
@@ -75,6 +76,12 @@ class DecisionStats:
     def gap(self) -> float:
         values = [u.value for u in self.utilisations.values()]
         return max(values) - min(values) if len(values) > 1 else 0.0
+
+
+def _brief(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def decision_attributes(d: Decision) -> dict[str, Any]:
@@ -132,12 +139,15 @@ class AutoMigrator:
                 failing = 0
             except asyncio.CancelledError:
                 raise
-            except Exception:  # the router may be away for a while: try again next poll
+            except Exception as exc:  # the router may be away for a while: try again next poll
                 failing += 1
-                if failing == 1:
-                    log.exception("automatic mode: poll or decision failed (again: not logged)")
-                else:
+                if failing > 1:
                     log.debug("automatic mode: poll or decision failed", exc_info=True)
+                elif isinstance(exc, grpc.aio.AioRpcError | BanaServeError):  # a peer away
+                    log.warning("automatic mode: poll or decision failed (said again once it "
+                                "works): %s", _brief(exc))  # fmt: skip
+                else:  # a bug: its traceback
+                    log.exception("automatic mode: poll or decision failed (again: not logged)")
             await asyncio.sleep(self._poll_s)
 
     async def step(self) -> Outcome:

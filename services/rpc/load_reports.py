@@ -90,6 +90,7 @@ class LoadReporter:
         self._retry_s = retry_s
         self._stopped = asyncio.Event()
         self._draining = False
+        self._failures = 0  # report streams failed in a row: the first logged, then the return
 
     def begin_drain(self) -> None:
         """The worker is stopping: every report from now on says ``draining``, so the router
@@ -98,6 +99,9 @@ class LoadReporter:
 
     async def frames(self) -> AsyncIterator[router_pb2.ReportLoadRequest]:
         yield router_pb2.ReportLoadRequest(worker=self._info)
+        if self._failures:  # the registration went out: the router is back
+            log.info("load reports to the router again after %d failed tries", self._failures)
+            self._failures = 0
         while not self._stopped.is_set():
             load = await self._load()
             if self._draining:
@@ -111,7 +115,13 @@ class LoadReporter:
             try:
                 await self._stub.ReportLoad(self.frames())
             except grpc.aio.AioRpcError as exc:
-                log.warning("load reports to the router failed: %s %s", exc.code(), exc.details())
+                # A router away (restarting, or stopped first by `up`) fails every retry: said
+                # once, then again when it is back (``frames``).
+                self._failures += 1
+                level = logging.WARNING if self._failures == 1 else logging.DEBUG
+                log.log(level, "load reports to the router failed: %s %s%s", exc.code(),
+                        exc.details(), " (retrying; said again once it works)" if
+                        self._failures == 1 else "")  # fmt: skip
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopped.wait(), self._retry_s)
 

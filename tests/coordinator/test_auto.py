@@ -13,6 +13,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import CollectorRegistry, generate_latest
 
 from services.common.config import RpcConfig
+from services.common.errors import DependencyUnavailableError
 from services.common.metrics import AutoMigrationCollector
 from services.coordinator.auto import AutoMigrator, add_auto_arguments, policy_config
 from services.coordinator.loadfeed import LoadHistory, RouterLoadFeed
@@ -186,18 +187,26 @@ def test_a_refused_start_is_counted_and_marked_on_its_span(redis_server, store_p
     assert span.status.description.startswith("WorkerNotFoundError")
 
 
+@pytest.mark.parametrize(
+    ("error", "level"),
+    [
+        (DependencyUnavailableError("router away"), "WARNING"),
+        (ConnectionError("router away"), "ERROR"),
+    ],
+)
 def test_a_feed_failing_poll_after_poll_is_logged_once_then_when_it_recovers(
-    redis_server, store_prefix, caplog
+    redis_server, store_prefix, caplog, error, level
 ):
-    """The router away (stopped first by ``up``, or restarting): one traceback, not one per
-    poll (4 a second), and a line when the polls succeed again."""
+    """The router away (stopped first by ``up``, or restarting): one line, not one per poll
+    (4 a second), and one when the polls succeed again. A peer's failure is a warning; any
+    other error (a bug) an error with its traceback."""
     feed = FeedStub()
     failures = iter(range(5))
 
     async def poll() -> None:
         feed.num_polls += 1
         if next(failures, None) is not None:
-            raise ConnectionError("router away")
+            raise error
 
     feed.poll = poll  # type: ignore[method-assign]
 
@@ -214,8 +223,9 @@ def test_a_feed_failing_poll_after_poll_is_logged_once_then_when_it_recovers(
     with caplog.at_level("DEBUG", logger="services.coordinator.auto"):
         asyncio.run(main())
     records = [r for r in caplog.records if r.name == "services.coordinator.auto"]
-    errors = [r for r in records if r.levelname == "ERROR"]
-    assert len(errors) == 1 and "router away" in str(errors[0].exc_info[1])
+    (first,) = [r for r in records if r.levelname in ("WARNING", "ERROR")]
+    assert first.levelname == level and "router away" in first.getMessage() + str(first.exc_info)
+    assert (first.exc_info is not None) == (level == "ERROR")
     assert sum(r.levelname == "DEBUG" for r in records) == 4
     assert [r.getMessage() for r in records if r.levelname == "INFO"] == [
         "automatic mode: going again after 5 failed polls"

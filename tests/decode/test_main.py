@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from services.rpc.gen.banaserve.v1 import (
     router_pb2_grpc,
 )
 from services.rpc.load_reports import LoadReporter, load_from_proto, worker_info
-from services.rpc.server import Service, start_server
+from services.rpc.server import PortHold, Service, start_server
 
 
 @contextmanager
@@ -161,3 +162,46 @@ def test_transfer_idle_timeout_flag_bounds_a_stalled_transfer(tiny_llama):
         assert stats.kv.num_blocks_used == 0 and not stats.reservations
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
+
+
+def test_load_reporter_says_once_that_the_router_is_away_and_once_that_it_is_back(caplog):
+    """A router stopped (``up`` stops it before the workers) or restarting: one warning, not
+    one per retry, then one line when the reports go out again."""
+    snapshot = LoadReport(0, 0, 0, 0, 32, 0.0, 0.0, 1.0)
+
+    async def load():
+        return snapshot
+
+    async def main():
+        router = FakeRouter()
+        rpc = RpcConfig(grace_s=0.1)
+        service = Service.bind(
+            router,
+            router_pb2_grpc.add_RouterServiceServicer_to_server,
+            router_pb2.DESCRIPTOR.services_by_name["RouterService"],
+        )
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        hold = PortHold("127.0.0.1", port)  # bound, not listening: a connect is refused
+        channel = open_channel(f"127.0.0.1:{port}", rpc)
+        info = worker_info("decode-0", "127.0.0.1:1", "decode", "tiny-llama", "fp", 16, 32, 512)
+        reporter = LoadReporter(channel, info, load, interval_s=0.01, retry_s=0.05)
+        task = asyncio.create_task(reporter.run())
+        await asyncio.sleep(0.6)  # several failed tries
+        server = await start_server([service], dataclasses.replace(rpc, port=port), port_hold=hold)
+        while len(router.frames) < 3:
+            await asyncio.sleep(0.01)
+        reporter.stop()
+        await asyncio.wait_for(task, 2)
+        await channel.close()
+        await server.stop(0)
+
+    with caplog.at_level("DEBUG", logger="services.rpc.load_reports"):
+        asyncio.run(main())
+    records = [r for r in caplog.records if r.name == "services.rpc.load_reports"]
+    warnings = [r.getMessage() for r in records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "retrying; said again once it works" in warnings[0]
+    assert sum(r.levelname == "DEBUG" for r in records) >= 2
+    (back,) = [r.getMessage() for r in records if r.levelname == "INFO"]
+    assert back.startswith("load reports to the router again after ")
