@@ -67,9 +67,7 @@ def test_a_stopping_helper_has_its_migration_reverted_before_it_exits(
     assert "recompute" not in log.read_text().lower()
 
 
-def test_a_stopping_worker_is_refused_as_a_new_migrations_helper(
-    banaserve_home, tiny_llama, tmp_path
-):
+def test_a_stopping_worker_is_refused_a_new_migration(banaserve_home, tiny_llama, tmp_path):
     """The decode worker drains (its requests keep it up): a migration asked of it meanwhile
     fails at its prepare, naming the stop, and the requests still end whole."""
     prompts = [prompt_ids(30 + 13 * i, 290 + i) for i in range(NUM_REQUESTS)]
@@ -112,5 +110,6 @@ def test_stopping_the_cluster_reverts_a_live_migration_before_its_workers_go(
     assert set(codes.values()) == {0}, codes
     assert [list(r.token_ids) for r in results] == expected
     text = log.read_text()
-    assert f"{mid}: decode-" in text and "is stopping: reverting" in text  # the donor: first
+    # both workers stop together; the donor, its first holder, is the one named
+    assert f"{mid}: decode-" in text and "is stopping: reverting" in text
     assert "lease expired" not in text and "helper unreachable" not in text
