@@ -4,8 +4,10 @@
    the live ones up again (core.Coordinator.recover);
 2. serves CoordinatorService and prints ``LISTENING HOST:PORT``;
 3. renews the workers' leases every ``--renew-interval`` seconds while it serves;
-4. on SIGTERM/SIGINT drains, then stops its tasks WITHOUT aborting live migrations: a
-   coordinator started again on the same Redis (within the lease) carries on with them.
+4. on SIGTERM/SIGINT drains (``drain_for``: the migrations of workers stopping too are
+   reverted first, as when a whole cluster is torn down at once), then stops its tasks
+   WITHOUT aborting the other live migrations: a coordinator started again on the same Redis
+   (within the lease) carries on with them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 
 from opentelemetry import trace
 
@@ -34,7 +37,7 @@ from services.coordinator.core import Coordinator, CoordinatorConfig
 from services.coordinator.servicer import coordinator_service
 from services.coordinator.store import DEFAULT_PREFIX, RedisMigrationStore
 from services.rpc.security import Role, add_security_args, security_config
-from services.rpc.server import add_drain_args, run_service, start_server
+from services.rpc.server import Drain, add_drain_args, run_service, start_server
 from services.rpc.tracing import setup_tracing
 
 log = logging.getLogger("services.coordinator")
@@ -101,6 +104,17 @@ async def renew_forever(coordinator: Coordinator, interval_s: float) -> None:
             log.exception("lease renewal failed")
 
 
+def drain_for(coordinator: Coordinator) -> Drain:
+    """The coordinator's drain (core.Coordinator.drain); its calls left get the rest."""
+
+    async def drain(grace_s: float) -> float:
+        start = time.monotonic()
+        await coordinator.drain(grace_s)
+        return max(0.0, grace_s - (time.monotonic() - start))
+
+    return drain
+
+
 async def serve(args: argparse.Namespace) -> None:
     config = coordinator_config(args)
     check_auto_arguments(args)  # every setting before the server exists (none left to stop)
@@ -136,7 +150,7 @@ async def serve(args: argparse.Namespace) -> None:
                     "router %s, redis %s, %d live migrations%s",
                     args.router or "-", args.redis, live, mode,
                 )  # fmt: skip
-                await server.serve_until_signal()
+                await server.serve_until_signal(drain=drain_for(coordinator))
         finally:
             renewals.cancel()
             with contextlib.suppress(asyncio.CancelledError):

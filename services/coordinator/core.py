@@ -21,7 +21,12 @@ Lifecycle of one layer migration (donor A's layers ``[k, L)`` to helper B; the w
    reached for a whole lease, aborts the migration. A worker that answers it is stopping (its
    drain, on SIGTERM) has the migration ended at once, cleanly: reverted if ACTIVE, aborted if
    not yet (its drain waits for that, so its peer never falls back because it went);
-6. ``recover`` (at start) loads every migration from the store: one that was PLANNED, COPYING
+6. ``drain`` (on SIGTERM, before the server stops): one more renewal, and the migrations of
+   workers that are stopping too (a cluster torn down at once: compose's ``down``, a
+   ``kubectl delete``) are ended as in 5 before the coordinator goes, within its drain; the
+   others are kept, ACTIVE, for the next coordinator (a restart of the coordinator alone
+   changes nothing);
+7. ``recover`` (at start) loads every migration from the store: one that was PLANNED, COPYING
    or SWITCHING is aborted (its half-done step is undone), an ACTIVE one is kept (its leases
    renewed again), a REVERTING one is reverted again (revert, release and abort are the only
    steps ever repeated; a worker answers a repeat harmlessly).
@@ -257,12 +262,12 @@ class Coordinator:
             if renewal.lost:
                 self._in_background(self._abort_quietly(m.migration_id, renewal.lost))
             elif renewal.stopping and m.migration_id not in self._ending:
+                self._ending.add(m.migration_id)  # at once: ``drain`` waits for it
                 self._in_background(self._end_for_stop(m, renewal.stopping[0]))
 
     async def _end_for_stop(self, m: Migration, worker: str) -> None:
         """``worker`` is stopping: revert ``m`` if ACTIVE, abort it if not there yet (a
         REVERTING one is already on its way out)."""
-        self._ending.add(m.migration_id)
         try:
             if m.state is S.ACTIVE:
                 log.info("%s: %s is stopping: reverting", m.migration_id, worker)
@@ -276,8 +281,22 @@ class Coordinator:
         finally:
             self._ending.discard(m.migration_id)
 
+    async def drain(self, timeout_s: float, poll_s: float = 0.05) -> None:
+        """Before the coordinator stops (module doc, 6): within ``timeout_s``, ends the
+        migrations of workers that answer they are stopping, and waits for those ending."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            await asyncio.wait_for(self.renew_leases(), timeout_s)
+        except TimeoutError:
+            return
+        while time.monotonic() < deadline and any(
+            m.live and (m.migration_id in self._ending or m.state is S.REVERTING)
+            for m in self._migrations.values()
+        ):
+            await asyncio.sleep(poll_s)
+
     async def recover(self) -> None:
-        """Loads the store and picks every live migration up again (module doc, 6)."""
+        """Loads the store and picks every live migration up again (module doc, 7)."""
         for m in await self._store.load_all():
             self._migrations[m.migration_id] = m
             if not m.live:

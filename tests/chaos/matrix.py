@@ -46,6 +46,8 @@ FULL = [
     Fault(Action.KILL, "coordinator", phase=Phase.ACTIVE),
     Fault(Action.KILL, "coordinator", phase=Phase.REVERTING),
     Fault(Action.STOP, "coordinator", phase=Phase.ACTIVE),
+    # Its rolling restart: the migration stays ACTIVE for the restarted coordinator.
+    Fault(Action.TERM, "coordinator", phase=Phase.ACTIVE),
     Fault(Action.KILL, "prefill-0", phase=Phase.ACTIVE),
     Fault(Action.STOP, "prefill-0", phase=Phase.ACTIVE),
     # Stopped on purpose: the coordinator reverts the migration before the worker goes.

@@ -451,6 +451,28 @@ def test_a_stopping_worker_has_a_migration_not_yet_active_aborted(redis_server, 
     run(redis_server, store_prefix, body, cluster=cluster)
 
 
+def test_a_stopping_coordinator_reverts_the_migrations_of_stopping_workers_first(
+    redis_server, store_prefix
+):
+    """A cluster torn down at once: the coordinator's drain ends the migration whose helper
+    answers it is stopping, and returns once it is DONE; one whose workers stay up is kept
+    ACTIVE for the next coordinator."""
+    cluster = FakeCluster(D, P, "decode-1", "prefill-1")
+
+    async def body(coord, cluster, clock):
+        stopping = await coord.start_layers(D, P, 2)
+        kept = await coord.start_layers("decode-1", "prefill-1", 2)
+        await coord.wait(stopping.migration_id)
+        await coord.wait(kept.migration_id)
+        cluster.ports[P].draining = True
+        await coord.drain(10.0)
+        assert (stopping.state, kept.state) == (S.DONE, S.ACTIVE)
+        await coord.drain(10.0)  # nothing stopping: returns at once, keeps it
+        assert kept.state is S.ACTIVE
+
+    run(redis_server, store_prefix, body, cluster=cluster)
+
+
 def test_the_table_refuses_skipping_states():
     from services.coordinator.migration import Migration, MigrationKind
 

@@ -113,3 +113,32 @@ def test_stopping_the_cluster_reverts_a_live_migration_before_its_workers_go(
     # both workers stop together; the donor, its first holder, is the one named
     assert f"{mid}: decode-" in text and "is stopping: reverting" in text
     assert "lease expired" not in text and "helper unreachable" not in text
+
+
+def test_a_cluster_torn_down_at_once_has_its_migration_reverted_by_the_coordinator(
+    banaserve_home, tiny_llama, tmp_path
+):
+    """Compose's ``down`` without ordering, or ``kubectl delete``: the donor, the helper and the
+    coordinator are sent SIGTERM together, a layer migration ACTIVE. The coordinator's drain
+    reverts it before it goes (the workers answer its last renewal that they stop too), the
+    workers finish their requests, and all three exit 0; before, the coordinator stopped at
+    once and the workers' leases ended the migration ("lease expired"), the donor falling back."""
+    prompts = [prompt_ids(30 + 13 * i, 330 + i) for i in range(NUM_REQUESTS)]
+    expected = expected_tokens(tiny_llama, prompts, MAX_TOKENS)
+    log = tmp_path / "cluster.log"
+    with loaded_cluster(cluster_spec(banaserve_home), log, prompts, MAX_TOKENS) as (
+        cluster,
+        c,
+        futures,
+    ):
+        mid = start_layers(c).migration_id
+        names = ("coordinator", "decode-0", "prefill-0")
+        for name in names:
+            cluster.child(name).proc.send_signal(signal.SIGTERM)
+        codes = [cluster.child(name).proc.wait(timeout=40) for name in names]
+        results = [f.result(timeout=60) for f in futures]
+    assert codes == [0, 0, 0]
+    assert [list(r.token_ids) for r in results] == expected
+    text = log.read_text()
+    assert f"{mid}: " in text and "is stopping: reverting" in text
+    assert "lease expired" not in text and "helper unreachable" not in text
