@@ -32,7 +32,7 @@ from services.engine.engine import Engine
 from services.migration.worker import add_migration_args, start_migration
 from services.rpc import dataplane
 from services.rpc.admission import add_admission_args, admission_interceptors, reservation_quota
-from services.rpc.load_reports import reporting_to, serve_while_alive, worker_info
+from services.rpc.load_reports import reporting_to, worker_info
 from services.rpc.security import (
     Role,
     add_security_args,
@@ -155,19 +155,12 @@ async def serve(args: argparse.Namespace) -> None:
     await start_metrics(args, rpc.host, EngineCollector(args.role, args.model, engine, worker))
     print(f"LISTENING {server.address}", flush=True)
     info = _worker_info(args, engine, server.address)  # its id from the port it binds
-    assert worker.died is not None  # set by start()
     died = None
     try:
         async with reporting_to(
             args.router, info, worker.load, rpc, args.report_interval
         ) as reporter:
-            died = await serve_while_alive(
-                server,
-                worker.died,
-                reporter,
-                lambda: worker.holds_work() or migration.holds_work(),
-                begin_drain=migration.begin_drain,
-            )
+            died = await migration.serve(server, worker, reporter)
     finally:
         await migration.stop()
         if data is not None:

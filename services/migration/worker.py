@@ -2,9 +2,10 @@
 
 A worker's ``__main__`` (prefill, decode, mixed) adds the flags with ``add_migration_args``,
 then ``runtime = await start_migration(args, worker, host)`` before its gRPC server starts
-(``runtime.service`` goes into ``start_server``'s list) and ``await runtime.stop()`` on the way
-out. The worker only has to offer ``engine_call`` (fn runs on the engine thread between steps)
-and ``engine`` (whose snapshot the agent reads).
+(``runtime.service`` goes into ``start_server``'s list), ``await runtime.serve(server, worker,
+reporter)`` until it stops, and ``await runtime.stop()`` on the way out. The worker only has to
+offer ``engine_call`` (fn runs on the engine thread between steps) and ``engine`` (whose
+snapshot the agent reads), and to serve: ``died`` and ``holds_work``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from services.migration.agent import MigrationAgent
 from services.migration.records import AgentConfig
 from services.migration.servicer import migration_service
 from services.rpc import dataplane
-from services.rpc.server import Service
+from services.rpc.load_reports import LoadReporter, serve_while_alive
+from services.rpc.server import RunningServer, Service
 
 NO_MIGRATION = "none"
 
@@ -31,6 +33,12 @@ class EngineWorker(Protocol):
     engine: Engine
 
     async def engine_call(self, fn: Any) -> Any: ...
+
+
+class ServingWorker(Protocol):
+    died: asyncio.Future[BaseException] | None
+
+    def holds_work(self) -> bool: ...
 
 
 def add_migration_args(parser: argparse.ArgumentParser) -> None:
@@ -74,11 +82,19 @@ class MigrationRuntime:
     service: Service
     task: asyncio.Task[None]
 
-    def begin_drain(self) -> None:
-        self.agent.begin_drain()
-
-    def holds_work(self) -> bool:
-        return self.agent.holds_migrations()
+    async def serve(
+        self, server: RunningServer, worker: ServingWorker, reporter: LoadReporter | None
+    ) -> BaseException | None:
+        """``serve_while_alive`` for the worker this agent runs on: its drain also waits for the
+        migrations held here, which the coordinator ends once told (agent.py)."""
+        assert worker.died is not None  # set by the worker's start()
+        return await serve_while_alive(
+            server,
+            worker.died,
+            reporter,
+            lambda: worker.holds_work() or self.agent.holds_migrations(),
+            begin_drain=self.agent.begin_drain,
+        )
 
     async def stop(self) -> None:
         self.task.cancel()

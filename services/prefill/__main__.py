@@ -31,7 +31,7 @@ from services.prefill.kvstore_client import KVStoreClient
 from services.prefill.servicer import prefill_service
 from services.prefill.write_backs import DEFAULT_MAX_BYTES, DEFAULT_MAX_DELAY_S, WritePolicy
 from services.rpc.admission import add_admission_args, admission_interceptors
-from services.rpc.load_reports import reporting_to, serve_while_alive, worker_info
+from services.rpc.load_reports import reporting_to, worker_info
 from services.rpc.security import (
     Role,
     add_security_args,
@@ -159,19 +159,12 @@ async def serve(args: argparse.Namespace) -> None:
         hosts_only=engine.hosts_only,
         max_num_seqs=engine.config.max_num_seqs,
     )
-    assert worker.died is not None  # set by start()
     died = None
     try:
         async with reporting_to(
             args.router, info, worker.load, rpc, args.report_interval
         ) as reporter:
-            died = await serve_while_alive(
-                server,
-                worker.died,
-                reporter,
-                lambda: worker.holds_work() or migration.holds_work(),
-                begin_drain=migration.begin_drain,
-            )
+            died = await migration.serve(server, worker, reporter)
     finally:
         await migration.stop()
         await worker.stop()

@@ -38,7 +38,7 @@ from services.router.prompts import (
     model_vocab,
     prompt_limits,
 )
-from services.router.servicer import RouterServicer
+from services.router.servicer import RouterServicer, router_service
 from services.rpc.admission import (
     ROUTER_CAPACITY,
     AdmissionInterceptor,
@@ -46,9 +46,8 @@ from services.rpc.admission import (
     admission_config,
     follow_capacity,
 )
-from services.rpc.gen.banaserve.v1 import router_pb2, router_pb2_grpc
 from services.rpc.security import Role, add_security_args, require_bearer, security_config
-from services.rpc.server import Service, add_drain_args, run_service, start_server
+from services.rpc.server import add_drain_args, run_service, start_server
 from services.rpc.tracing import setup_tracing
 
 log = logging.getLogger("services.router")
@@ -250,11 +249,7 @@ async def serve(args: argparse.Namespace) -> None:
     )
     driver.observer = requests = RequestMetrics()
     servicer = RouterServicer(driver, model=args.model, prompts=prompts)
-    service = Service.bind(
-        servicer,
-        router_pb2_grpc.add_RouterServiceServicer_to_server,
-        router_pb2.DESCRIPTOR.services_by_name["RouterService"],
-    )
+    service = router_service(servicer)
     admission = AdmissionInterceptor(AdmissionController(admission_config(args, ROUTER_CAPACITY)))
     server = await start_server([service], rpc, tracing=tracing, interceptors=[admission])
     sweeper = asyncio.create_task(

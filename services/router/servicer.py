@@ -54,6 +54,7 @@ from services.rpc.convert import FINISH_TO_PROTO, duration, sampling_from_proto
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 from services.rpc.load_reports import load_from_proto, load_to_proto
 from services.rpc.security import caller_identity
+from services.rpc.server import Service
 from services.rpc.status import ROUTER_UNAVAILABLE, grpc_code
 
 log = logging.getLogger(__name__)
@@ -350,3 +351,12 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         except RequestNotFoundError:  # removed (missed reports, a failed call) but still here
             self._register_info(info)
             self._router.report(info.worker_id, load, sequence)
+
+
+def router_service(servicer: router_pb2_grpc.RouterServiceServicer) -> Service:
+    """``servicer`` (a ``RouterServicer``, or a test's fake) as a service ``start_server`` takes."""
+    return Service.bind(
+        servicer,
+        router_pb2_grpc.add_RouterServiceServicer_to_server,
+        router_pb2.DESCRIPTOR.services_by_name["RouterService"],
+    )

@@ -19,10 +19,11 @@ from services.coordinator.auto import AutoMigrator, add_auto_arguments, policy_c
 from services.coordinator.loadfeed import LoadHistory, RouterLoadFeed
 from services.coordinator.migration import MigrationState
 from services.coordinator.policy import Policy, PolicyConfig, Sample, WorkerView
+from services.router.servicer import router_service
 from services.rpc.convert import duration
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 from services.rpc.load_reports import load_to_proto
-from services.rpc.server import Service, start_server
+from services.rpc.server import start_server
 from services.rpc.tracing import tracing_with_exporter
 from tests.coordinator.factories import coordinator
 from tests.coordinator.fakes import FakeClock, FakeCluster
@@ -278,12 +279,7 @@ def _worker(worker_id, role, busy, age_s, state=router_pb2.WORKER_STATE_ACTIVE):
 async def router_feed(router: FakeRouter, cluster, clock, **kwargs):
     """A ``RouterLoadFeed`` on ``router`` served over gRPC."""
     rpc = RpcConfig(grace_s=0.1)
-    service = Service.bind(
-        router,
-        router_pb2_grpc.add_RouterServiceServicer_to_server,
-        router_pb2.DESCRIPTOR.services_by_name["RouterService"],
-    )
-    server = await start_server([service], rpc)
+    server = await start_server([router_service(router)], rpc)
     feed = RouterLoadFeed(server.address, rpc, cluster, clock, **kwargs)
     try:
         yield feed

@@ -17,6 +17,7 @@ import grpc
 
 from services.common.config import RpcConfig
 from services.common.load import LoadReport
+from services.router.servicer import router_service
 from services.rpc.channels import open_channel
 from services.rpc.gen.banaserve.v1 import (
     common_pb2,
@@ -26,7 +27,7 @@ from services.rpc.gen.banaserve.v1 import (
     router_pb2_grpc,
 )
 from services.rpc.load_reports import LoadReporter, load_from_proto, worker_info
-from services.rpc.server import PortHold, Service, start_server
+from services.rpc.server import PortHold, start_server
 
 
 @contextmanager
@@ -84,11 +85,7 @@ def test_load_reporter_registers_then_reports_until_stopped():
     async def main():
         router = FakeRouter()
         rpc = RpcConfig(grace_s=0.5)
-        service = Service.bind(
-            router,
-            router_pb2_grpc.add_RouterServiceServicer_to_server,
-            router_pb2.DESCRIPTOR.services_by_name["RouterService"],
-        )
+        service = router_service(router)
         server = await start_server([service], rpc)
         channel = open_channel(server.address, rpc)
         info = worker_info("decode-0", "127.0.0.1:1", "decode", "tiny-llama", "fp", 16, 32, 512)
@@ -175,11 +172,7 @@ def test_load_reporter_says_once_that_the_router_is_away_and_once_that_it_is_bac
     async def main():
         router = FakeRouter()
         rpc = RpcConfig(grace_s=0.1)
-        service = Service.bind(
-            router,
-            router_pb2_grpc.add_RouterServiceServicer_to_server,
-            router_pb2.DESCRIPTOR.services_by_name["RouterService"],
-        )
+        service = router_service(router)
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]

@@ -13,9 +13,15 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
+from services.launcher import LocalCluster
 from services.rpc.gen.banaserve.v1 import coordinator_pb2 as pb
 from tests.clusters import wait_for
 from tests.engine.coordinator import prompt_ids
@@ -89,14 +95,20 @@ def test_a_stopping_worker_is_refused_a_new_migration(banaserve_home, tiny_llama
     assert all(len(r.token_ids) == MAX_TOKENS for r in results)
 
 
-def test_stopping_the_cluster_reverts_a_live_migration_before_its_workers_go(
-    banaserve_home, tiny_llama, tmp_path
-):
-    """``LocalCluster.stop`` (``banaserve up``'s Ctrl-C) with a layer migration ACTIVE: the
-    router drains first (the requests end whole), then the workers, told to stop, have the
-    coordinator, still up, revert it; before, the coordinator went first and the workers' own
-    leases ended it ("lease expired"), the donor falling back."""
-    prompts = [prompt_ids(30 + 13 * i, 310 + i) for i in range(NUM_REQUESTS)]
+@dataclass
+class Migrating:
+    cluster: LocalCluster
+    futures: list[Future]
+    mid: str
+    expected: list[list[int]]
+    log: Path
+
+
+@contextmanager
+def migrating_cluster(banaserve_home, tiny_llama, tmp_path, seed: int) -> Iterator[Migrating]:
+    """A fresh cluster with greedy requests decoding and layers [K, L) of the decode worker
+    ACTIVE on the prefill worker."""
+    prompts = [prompt_ids(30 + 13 * i, seed + i) for i in range(NUM_REQUESTS)]
     expected = expected_tokens(tiny_llama, prompts, MAX_TOKENS)
     log = tmp_path / "cluster.log"
     with loaded_cluster(cluster_spec(banaserve_home), log, prompts, MAX_TOKENS) as (
@@ -104,15 +116,32 @@ def test_stopping_the_cluster_reverts_a_live_migration_before_its_workers_go(
         c,
         futures,
     ):
-        mid = start_layers(c).migration_id
-        codes = cluster.stop()
-        results = [f.result(timeout=60) for f in futures]
-    assert set(codes.values()) == {0}, codes
-    assert [list(r.token_ids) for r in results] == expected
-    text = log.read_text()
-    # both workers stop together; the donor, its first holder, is the one named
-    assert f"{mid}: decode-" in text and "is stopping: reverting" in text
+        yield Migrating(cluster, futures, start_layers(c).migration_id, expected, log)
+
+
+def reverted_before_exit(run: Migrating, results: list) -> str:
+    """Output unchanged, the revert in the log, no lease expiry or fall-back; the log."""
+    assert [list(r.token_ids) for r in results] == run.expected
+    text = run.log.read_text()
+    assert f"{run.mid}: " in text and "is stopping: reverting" in text
     assert "lease expired" not in text and "helper unreachable" not in text
+    return text
+
+
+def test_stopping_the_cluster_reverts_a_live_migration_before_its_workers_go(
+    banaserve_home, tiny_llama, tmp_path
+):
+    """``LocalCluster.stop`` (``banaserve up``'s Ctrl-C) with a layer migration ACTIVE: the
+    router drains first (the requests end whole), then the workers, told to stop, have the
+    coordinator, still up, revert it; before, the coordinator went first and the workers' own
+    leases ended it ("lease expired"), the donor falling back."""
+    with migrating_cluster(banaserve_home, tiny_llama, tmp_path, 310) as run:
+        codes = run.cluster.stop()
+        results = [f.result(timeout=60) for f in run.futures]
+    assert set(codes.values()) == {0}, codes
+    text = reverted_before_exit(run, results)
+    # both workers stop together; the donor, its first holder, is the one named
+    assert f"{run.mid}: decode-" in text
 
 
 def test_a_cluster_torn_down_at_once_has_its_migration_reverted_by_the_coordinator(
@@ -123,22 +152,11 @@ def test_a_cluster_torn_down_at_once_has_its_migration_reverted_by_the_coordinat
     reverts it before it goes (the workers answer its last renewal that they stop too), the
     workers finish their requests, and all three exit 0; before, the coordinator stopped at
     once and the workers' leases ended the migration ("lease expired"), the donor falling back."""
-    prompts = [prompt_ids(30 + 13 * i, 330 + i) for i in range(NUM_REQUESTS)]
-    expected = expected_tokens(tiny_llama, prompts, MAX_TOKENS)
-    log = tmp_path / "cluster.log"
-    with loaded_cluster(cluster_spec(banaserve_home), log, prompts, MAX_TOKENS) as (
-        cluster,
-        c,
-        futures,
-    ):
-        mid = start_layers(c).migration_id
-        names = ("coordinator", "decode-0", "prefill-0")
-        for name in names:
-            cluster.child(name).proc.send_signal(signal.SIGTERM)
-        codes = [cluster.child(name).proc.wait(timeout=40) for name in names]
-        results = [f.result(timeout=60) for f in futures]
+    with migrating_cluster(banaserve_home, tiny_llama, tmp_path, 330) as run:
+        children = [run.cluster.child(n) for n in ("coordinator", "decode-0", "prefill-0")]
+        for child in children:
+            child.proc.send_signal(signal.SIGTERM)
+        codes = [child.proc.wait(timeout=40) for child in children]
+        results = [f.result(timeout=60) for f in run.futures]
     assert codes == [0, 0, 0]
-    assert [list(r.token_ids) for r in results] == expected
-    text = log.read_text()
-    assert f"{mid}: " in text and "is stopping: reverting" in text
-    assert "lease expired" not in text and "helper unreachable" not in text
+    reverted_before_exit(run, results)

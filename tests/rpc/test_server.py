@@ -179,13 +179,19 @@ def test_oversized_message_is_resource_exhausted_and_the_server_stays_healthy():
     assert status == health_pb2.HealthCheckResponse.SERVING
 
 
+async def open_slow_stream(channel, servicer):
+    """A StreamTokens call the fake keeps open, its first frame read; (stub, call)."""
+    stub = decode_pb2_grpc.DecodeServiceStub(channel)
+    call = stub.StreamTokens(decode_pb2.StreamTokensRequest(request_id="slow"))
+    await call.read()
+    await servicer.slow_started.wait()
+    return stub, call
+
+
 def test_stop_drains_in_flight_calls_within_the_grace_period():
     async def main():
         async with serving(RpcConfig(grace_s=0.3)) as (server, channel, servicer):
-            stub = decode_pb2_grpc.DecodeServiceStub(channel)
-            call = stub.StreamTokens(decode_pb2.StreamTokensRequest(request_id="slow"))
-            await call.read()
-            await servicer.slow_started.wait()
+            stub, call = await open_slow_stream(channel, servicer)
             start = time.monotonic()
             await server.stop()
             elapsed = time.monotonic() - start
@@ -224,10 +230,7 @@ def test_a_second_signal_ends_a_drain_at_once_and_cancels_the_calls_left(forced)
 
     async def main():
         async with serving(RpcConfig(grace_s=60)) as (server, channel, servicer):
-            stub = decode_pb2_grpc.DecodeServiceStub(channel)
-            call = stub.StreamTokens(decode_pb2.StreamTokensRequest(request_id="slow"))
-            await call.read()
-            await servicer.slow_started.wait()
+            _, call = await open_slow_stream(channel, servicer)
             cut = asyncio.Event()
 
             async def drain(grace_s: float) -> float:
