@@ -10,7 +10,9 @@ the client waits for the router to be back (``banaserve up`` restarts it on its 
 ``reconnect_timeout_s`` and the deadline) and sends the request again with the tokens it has
 (``GenerateRequest.resume_output_token_ids``), so the caller's iteration goes on with the
 tokens and text the broken stream would have sent; at most ``max_resumes`` times a request (0:
-fail as before). A request that cannot connect is sent again the same way once this client
+fail as before). A resend that never reaches the router (the channel said ready for the
+connection that has just died) goes again within the same wait, after a short pause, and is not
+another resume. A request that cannot connect is sent again the same way once this client
 has had an answer from the router (it is away, a restart or a cut link); a router never reached
 (a wrong address, nothing listening) fails at once, as before.
 
@@ -47,6 +49,7 @@ from services.rpc.status import ROUTER_UNAVAILABLE
 MAX_MESSAGE_BYTES = 256 << 20
 MAX_RESUMES = 2  # a stream broken by a lost router is resumed at most this many times
 RECONNECT_TIMEOUT_S = 30.0  # waiting for the router to be back, at most (and the deadline)
+RETRY_PAUSE_S = 0.05  # before a resend that never connected goes again (doubling, 1 s at most)
 # Pings while a call is open, as the services' servers do (10 s, an answer within 5 s), at most
 # as often as the router's servers accept them (services/rpc/channels.py, MIN_CLIENT_KEEPALIVE_S).
 KEEPALIVE_S = RpcConfig.keepalive_s
@@ -244,15 +247,24 @@ class _Resume:
     max_resumes: int
     reconnect_timeout_s: float
     reached: _Reached
-    used: int = 0
+    used: int = 0  # resumes
+    back_by: float = 0.0  # time.monotonic(): the end of the current resume's wait
+    answered: bool = True  # the current call has had a frame
+    retries: int = 0  # resends in the current resume's wait that never connected
     # The wait for the router to be back, while one runs: ``cancel`` ends it at once.
     waiting: Any = None
     cancelled: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _cancelled_event: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def cancel(self) -> None:
         self.cancelled = True
+        self._cancelled_event.set()
         self._stop_waiting()
+
+    def paused(self) -> bool:
+        """Sleeps ``pause_s()``: False if ``cancel`` came meanwhile (the sync client)."""
+        return not self._cancelled_event.wait(self.pause_s())
 
     @contextlib.contextmanager
     def waiting_on(self, ready: Any) -> Iterator[None]:
@@ -274,19 +286,36 @@ class _Resume:
                 waiting.cancel()
 
     def allows(self, exc: grpc.RpcError, acc: _Accumulator) -> bool:
-        if self.used >= self.max_resumes or exc.code() != grpc.StatusCode.UNAVAILABLE:
+        """Whether the broken (or failed) call goes on; a resume that does is counted here,
+        and its wait for the router begins."""
+        if exc.code() != grpc.StatusCode.UNAVAILABLE:
             return False
         if any(tuple(item) == ROUTER_UNAVAILABLE for item in exc.trailing_metadata() or ()):
             return False  # the router answered: its workers are lost, it is not
-        never_reached = acc.started is None and "failed to connect" in (exc.details() or "")
-        if never_reached and not self.reached.once:
+        never_connected = "failed to connect" in (exc.details() or "")
+        if self.used and not self.answered and never_connected:
+            # A resend that never reached the router: gRPC may say a channel is ready for the
+            # connection that has just died, and the resend then fails at once. The same wait
+            # goes on; it is not another resume.
+            self.retries += 1
+            return self.wait_s() > 0
+        if self.used >= self.max_resumes:
+            return False
+        if never_connected and acc.started is None and not self.reached.once:
             return False  # a wrong address, a router not running: at once, as before
+        self.used += 1
+        self.retries = 0
+        self.back_by = time.monotonic() + self.reconnect_timeout_s
         return self.wait_s() > 0
 
     def wait_s(self) -> float:
-        if self.deadline is None:
-            return self.reconnect_timeout_s
-        return min(self.reconnect_timeout_s, self.deadline - time.monotonic())
+        """What is left of the wait for the router to be back."""
+        left = self.back_by - time.monotonic()
+        return left if self.deadline is None else min(left, self.deadline - time.monotonic())
+
+    def pause_s(self) -> float:
+        """Before a resend that never connected is sent again: 0.05 s, doubling, at most 1 s."""
+        return 0.0 if not self.retries else min(RETRY_PAUSE_S * 2 ** (self.retries - 1), 1.0)
 
     def past_deadline(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
@@ -297,7 +326,7 @@ class _Resume:
     def next_message(self, acc: _Accumulator) -> router_pb2.GenerateRequest:
         """The request again, under the id the router gave it, with every token the caller
         has (those this request was sent with included)."""
-        self.used += 1
+        self.answered = False
         message = router_pb2.GenerateRequest()
         message.CopyFrom(self.message)
         message.request_id = acc.request_id or message.request_id
@@ -351,7 +380,7 @@ class Generation:
 
     def _add(self, frame: router_pb2.GenerateResponse) -> Delta | None:
         if self._resume is not None:
-            self._resume.reached.once = True
+            self._resume.reached.once = self._resume.answered = True
         return self._acc.add(frame)
 
     def _resumed(self, exc: grpc.RpcError) -> Any:
@@ -427,6 +456,11 @@ def _resume(
 ) -> _Resume:
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     return _Resume(message, deadline, max_resumes, reconnect_timeout_s, reached)
+
+
+async def _ready_after(pause_s: float, channel: grpc.aio.Channel) -> None:
+    await asyncio.sleep(pause_s)
+    await channel.channel_ready()
 
 
 def _workers(reply: router_pb2.ListWorkersResponse) -> list[WorkerStatus]:
@@ -509,6 +543,8 @@ class BanaServeClient:
     _generation: Callable[..., Generation] = Generation
 
     def _reopen(self, resume: _Resume, message: router_pb2.GenerateRequest) -> Any:
+        if not resume.paused():
+            return None
         ready = grpc.channel_ready_future(self._channel)
         with resume.waiting_on(ready):
             try:
@@ -562,7 +598,7 @@ class AsyncBanaServeClient:
     generate = BanaServeClient.generate  # type: ignore[assignment]  # an AsyncGeneration
 
     async def _reopen(self, resume: _Resume, message: router_pb2.GenerateRequest) -> Any:
-        ready = asyncio.ensure_future(self._channel.channel_ready())
+        ready = asyncio.ensure_future(_ready_after(resume.pause_s(), self._channel))
         with resume.waiting_on(ready):
             await asyncio.wait({ready}, timeout=resume.wait_s())
         if ready.cancelled() or not ready.done() or ready.exception() is not None:

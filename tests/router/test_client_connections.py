@@ -4,6 +4,7 @@ in front of the real router server with fake workers (grpc_fakes.py)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
 
@@ -199,3 +200,87 @@ def test_a_stream_whose_router_stays_away_past_its_deadline_fails_deadline_excee
             assert 1.5 < took < 3.5, took
 
     asyncio.run(main())
+
+
+STALE_READY_WAITS = 3
+
+
+@pytest.mark.parametrize("client_class", [BanaServeClient, AsyncBanaServeClient])
+def test_a_resend_that_never_reached_the_router_is_not_another_resume(client_class, monkeypatch):
+    """Found in CI: a stream whose router was SIGKILLed failed UNAVAILABLE `failed to connect
+    ... Connection refused` although the router was back a moment later. gRPC may say a channel
+    is ready for the connection that has just died; each resend then failed at once and used up
+    a resume. A resend that never reached the router is sent again within the same wait (after
+    a short pause), not counted. Forced here: the channel reads ready at once for the first
+    three waits while the link refuses every connection; one resume allowed."""
+    stale = {"waits": 0}
+    real_future = grpc.channel_ready_future
+
+    def ready_at_once_then_real(channel):
+        stale["waits"] += 1
+        if stale["waits"] > STALE_READY_WAITS:
+            return real_future(channel)
+        ready: concurrent.futures.Future = concurrent.futures.Future()
+        ready.set_result(None)
+        return ready
+
+    monkeypatch.setattr(grpc, "channel_ready_future", ready_at_once_then_real)
+
+    async def main():
+        async with cluster(hang_decode=True) as c:
+            proxy = FaultProxy("client", lambda: c.stub._router_address)
+            proxy.start()
+            try:
+                if client_class is BanaServeClient:
+                    outcome = await asyncio.to_thread(_cut_for_a_second_sync, c, proxy)
+                else:
+                    outcome = await _cut_for_a_second_async(c, proxy, stale)
+            finally:
+                await asyncio.to_thread(proxy.stop)
+            result, took = outcome
+            assert not isinstance(result, BaseException), result
+            assert list(result.token_ids) == [7, 8, 9, 10]
+            assert stale["waits"] > STALE_READY_WAITS  # each forced wait was used, and a real one
+            assert took < 8.0, took
+
+    asyncio.run(main())
+
+
+def _cut_for_a_second(c, proxy: FaultProxy) -> None:
+    c.workers["d0"].hang_decode = False  # the resumed stream ends at once
+    proxy.set(Mode.CUT)  # every connection refused, the open one reset
+    threading.Timer(1.0, proxy.set, (Mode.PASS,)).start()
+
+
+def _cut_for_a_second_sync(c, proxy: FaultProxy):
+    started = time.monotonic()
+    with BanaServeClient(proxy.address, max_resumes=1, reconnect_timeout_s=10) as client:
+        stream = client.generate([1, 2, 3], max_tokens=4, timeout_s=30)
+        try:
+            for delta in stream:
+                if list(delta.token_ids) == [8]:
+                    _cut_for_a_second(c, proxy)
+        except BanaServeClientError as exc:
+            return exc, time.monotonic() - started
+        return stream.result, time.monotonic() - started
+
+
+async def _cut_for_a_second_async(c, proxy: FaultProxy, stale: dict[str, int]):
+    started = time.monotonic()
+    async with AsyncBanaServeClient(proxy.address, max_resumes=1, reconnect_timeout_s=10) as client:
+        real_ready = client._channel.channel_ready
+
+        async def ready_at_once_then_real():
+            stale["waits"] += 1
+            if stale["waits"] > STALE_READY_WAITS:
+                await real_ready()
+
+        client._channel.channel_ready = ready_at_once_then_real
+        stream = client.generate([1, 2, 3], max_tokens=4, timeout_s=30)
+        try:
+            async for delta in stream:
+                if list(delta.token_ids) == [8]:
+                    await asyncio.to_thread(_cut_for_a_second, c, proxy)
+        except BanaServeClientError as exc:
+            return exc, time.monotonic() - started
+        return stream.result, time.monotonic() - started
