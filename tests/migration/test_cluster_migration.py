@@ -32,7 +32,7 @@ from tests.clusters import running_cluster, scrape, value, wait_for
 from tests.engine.coordinator import prompt_ids
 from tests.engine.helpers import make_engine
 
-pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.cluster]
 NUM_REQUESTS, MAX_TOKENS, K = 4, 400, 2
 METRICS_PORTS: dict[str, int] = {}  # the module cluster's, by service
 

@@ -26,7 +26,7 @@ from tests.engine.coordinator import prompt_ids
 from tests.engine.helpers import make_engine
 from tests.migration.test_cluster_migration import decode_stats, prefill_stats
 
-pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.cluster]
 NUM_PER_BATCH, MAX_TOKENS, K, MID = 3, 40, 2, "m-prefill-donor"
 
 
