@@ -25,7 +25,12 @@ from tests.clusters import running_cluster, wait_for
 from tests.engine.coordinator import prompt_ids
 from tests.engine.helpers import make_engine
 
-pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(400)]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.integration,
+    pytest.mark.cluster,
+    pytest.mark.timeout(400),
+]
 NUM_REQUESTS, MAX_TOKENS, MAX_WAVES = 4, 160, 12
 POLICY_FLAGS = (
     "--interval-s", "0.5", "--window-s", "1", "--min-reports", "3",

@@ -40,7 +40,12 @@ from tests.clusters import running_cluster, wait_for
 from tests.engine.coordinator import prompt_ids
 from tests.engine.helpers import make_engine
 
-pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(400)]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.integration,
+    pytest.mark.cluster,
+    pytest.mark.timeout(400),
+]
 NUM_REQUESTS, MAX_TOKENS = 4, 240
 SETTLED = (pb.MIGRATION_STATE_ACTIVE, pb.MIGRATION_STATE_DONE, pb.MIGRATION_STATE_ABORTED)
 ENDED = (pb.MIGRATION_STATE_DONE, pb.MIGRATION_STATE_ABORTED)

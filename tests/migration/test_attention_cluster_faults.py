@@ -31,7 +31,12 @@ from tests.migration.test_attention_cluster import (
     loaded_cluster,
 )
 
-pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(300)]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.integration,
+    pytest.mark.cluster,
+    pytest.mark.timeout(300),
+]
 
 
 def test_helper_process_killed_while_active_never_changes_output(

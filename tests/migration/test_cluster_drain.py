@@ -34,7 +34,12 @@ from tests.migration.test_attention_cluster import (
 )
 from tests.migration.test_cluster_faults import start_layers
 
-pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(300)]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.integration,
+    pytest.mark.cluster,
+    pytest.mark.timeout(300),
+]
 MAX_TOKENS = 480  # still decoding after the revert
 
 

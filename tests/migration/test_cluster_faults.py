@@ -40,7 +40,12 @@ from tests.migration.test_attention_cluster import (
     loaded_cluster,
 )
 
-pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(300)]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.integration,
+    pytest.mark.cluster,
+    pytest.mark.timeout(300),
+]
 K, MAX_TOKENS = 2, 320
 WORKER_ACTIVE = migration_pb2.MIGRATION_WORKER_STATE_ACTIVE
 

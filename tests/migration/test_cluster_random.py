@@ -53,7 +53,12 @@ from tests.clusters import running_cluster, wait_for
 from tests.engine.coordinator import prompt_ids
 from tests.engine.helpers import make_engine
 
-pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(600)]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.integration,
+    pytest.mark.cluster,
+    pytest.mark.timeout(600),
+]
 
 # The prefill donor: a prefill worker lending its layers to a decode worker (docs/migration.md,
 # "Requests that arrive while switched, and a prefill donor").
