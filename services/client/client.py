@@ -1,6 +1,6 @@
 """Sync and async clients of RouterService; see the package docstring for use.
 
-A Generate stream is ``started``, ``delta``..., ``finished`` (router.proto); ``_Accumulator``
+A Generate stream is ``started``, ``delta``..., ``finished`` (router.proto); ``Accumulator``
 folds the frames into deltas for the caller and one ``GenerationResult`` at the end, with TTFT
 and tokens/s measured here, on the client's clock.
 
@@ -27,8 +27,6 @@ connection ends that call and goes on with this one instead of refusing the id.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -38,18 +36,22 @@ from typing import Any
 
 import grpc
 
+from services.client.resume import (
+    MAX_RESUMES,
+    RECONNECT_TIMEOUT_S,
+    Reached,
+    Resume,
+    ready_after,
+    resume_for,
+)
 from services.common.config import RpcConfig
 from services.common.errors import ConfigError
 from services.common.limits import check_target
 from services.rpc import security
 from services.rpc.channels import MIN_CLIENT_KEEPALIVE_S, client_library_options
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
-from services.rpc.status import ROUTER_UNAVAILABLE
 
 MAX_MESSAGE_BYTES = 256 << 20
-MAX_RESUMES = 2  # a stream broken by a lost router is resumed at most this many times
-RECONNECT_TIMEOUT_S = 30.0  # waiting for the router to be back, at most (and the deadline)
-RETRY_PAUSE_S = 0.05  # before a resend that never connected goes again (doubling, 1 s at most)
 # Pings while a call is open, as the services' servers do (10 s, an answer within 5 s), at most
 # as often as the router's servers accept them (services/rpc/channels.py, MIN_CLIENT_KEEPALIVE_S).
 KEEPALIVE_S = RpcConfig.keepalive_s
@@ -185,7 +187,7 @@ def _request(
 
 
 @dataclass
-class _Accumulator:
+class Accumulator:
     start: float = field(default_factory=time.perf_counter)
     first: float | None = None
     request_id: str = ""
@@ -230,127 +232,19 @@ class _Accumulator:
         )
 
 
-@dataclass
-class _Reached:
-    """Whether a client has had an answer from its router: a connection that fails later
-    is a router away, not a wrong address."""
-
-    once: bool = False
-
-
-@dataclass
-class _Resume:
-    """When and how a stream broken by a lost router goes on (module docstring)."""
-
-    message: router_pb2.GenerateRequest
-    deadline: float | None  # time.monotonic()
-    max_resumes: int
-    reconnect_timeout_s: float
-    reached: _Reached
-    used: int = 0  # resumes
-    back_by: float = 0.0  # time.monotonic(): the end of the current resume's wait
-    answered: bool = True  # the current call has had a frame
-    retries: int = 0  # resends in the current resume's wait that never connected
-    # The wait for the router to be back, while one runs: ``cancel`` ends it at once.
-    waiting: Any = None
-    cancelled: bool = False
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _cancelled_event: threading.Event = field(default_factory=threading.Event, repr=False)
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        self._cancelled_event.set()
-        self._stop_waiting()
-
-    def paused(self) -> bool:
-        """Sleeps ``pause_s()``: False if ``cancel`` came meanwhile (the sync client)."""
-        return not self._cancelled_event.wait(self.pause_s())
-
-    @contextlib.contextmanager
-    def waiting_on(self, ready: Any) -> Iterator[None]:
-        """``ready`` (a future of the channel being ready) is the wait while the block runs;
-        ``cancel`` (or the block's end) cancels it if it is not done."""
-        self.waiting = ready
-        if self.cancelled:  # cancelled before it began
-            self._stop_waiting()
-        try:
-            yield
-        finally:
-            self._stop_waiting()
-            self.waiting = None
-
-    def _stop_waiting(self) -> None:
-        with self._lock:  # (grpc's ready future fails a second cancel: once, from any thread)
-            waiting = self.waiting
-            if waiting is not None and not waiting.done():
-                waiting.cancel()
-
-    def allows(self, exc: grpc.RpcError, acc: _Accumulator) -> bool:
-        """Whether the broken (or failed) call goes on; a resume that does is counted here,
-        and its wait for the router begins."""
-        if exc.code() != grpc.StatusCode.UNAVAILABLE:
-            return False
-        if any(tuple(item) == ROUTER_UNAVAILABLE for item in exc.trailing_metadata() or ()):
-            return False  # the router answered: its workers are lost, it is not
-        never_connected = "failed to connect" in (exc.details() or "")
-        if self.used and not self.answered and never_connected:
-            # A resend that never reached the router: gRPC may say a channel is ready for the
-            # connection that has just died, and the resend then fails at once. The same wait
-            # goes on; it is not another resume.
-            self.retries += 1
-            return self.wait_s() > 0
-        if self.used >= self.max_resumes:
-            return False
-        if never_connected and acc.started is None and not self.reached.once:
-            return False  # a wrong address, a router not running: at once, as before
-        self.used += 1
-        self.retries = 0
-        self.back_by = time.monotonic() + self.reconnect_timeout_s
-        return self.wait_s() > 0
-
-    def wait_s(self) -> float:
-        """What is left of the wait for the router to be back."""
-        left = self.back_by - time.monotonic()
-        return left if self.deadline is None else min(left, self.deadline - time.monotonic())
-
-    def pause_s(self) -> float:
-        """Before a resend that never connected is sent again: 0.05 s, doubling, at most 1 s."""
-        return 0.0 if not self.retries else min(RETRY_PAUSE_S * 2 ** (self.retries - 1), 1.0)
-
-    def past_deadline(self) -> bool:
-        return self.deadline is not None and time.monotonic() >= self.deadline
-
-    def timeout_s(self) -> float | None:
-        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
-
-    def next_message(self, acc: _Accumulator) -> router_pb2.GenerateRequest:
-        """The request again, under the id the router gave it, with every token the caller
-        has (those this request was sent with included)."""
-        self.answered = False
-        message = router_pb2.GenerateRequest()
-        message.CopyFrom(self.message)
-        message.request_id = acc.request_id or message.request_id
-        message.resume = True  # the router may still run it: this call takes it over
-        del message.resume_output_token_ids[:]
-        message.resume_output_token_ids.extend(
-            [*self.message.resume_output_token_ids, *acc.token_ids]
-        )
-        return message
-
-
 class Generation:
     """Iterate for deltas; ``result`` is set once the stream has ended."""
 
     def __init__(
         self,
         call: Any,
-        resume: _Resume | None = None,
-        reopen: Callable[[_Resume, router_pb2.GenerateRequest], Any] | None = None,
+        resume: Resume | None = None,
+        reopen: Callable[[Resume, router_pb2.GenerateRequest], Any] | None = None,
     ) -> None:
         """``reopen(resume, message)``: the call of ``message`` once the router is back, or
         None if it is not within ``resume.wait_s()``."""
         self._call = call
-        self._acc = _Accumulator()
+        self._acc = Accumulator()
         self._resume, self._reopen = resume, reopen
         self._cancelled = False  # (a resume waiting for the router then sends nothing)
 
@@ -447,22 +341,6 @@ class AsyncGeneration(Generation):
                 raise _cancelled() from None
 
 
-def _resume(
-    message: router_pb2.GenerateRequest,
-    timeout_s: float | None,
-    max_resumes: int,
-    reconnect_timeout_s: float,
-    reached: _Reached,
-) -> _Resume:
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    return _Resume(message, deadline, max_resumes, reconnect_timeout_s, reached)
-
-
-async def _ready_after(pause_s: float, channel: grpc.aio.Channel) -> None:
-    await asyncio.sleep(pause_s)
-    await channel.channel_ready()
-
-
 def _workers(reply: router_pb2.ListWorkersResponse) -> list[WorkerStatus]:
     return [
         WorkerStatus(
@@ -519,7 +397,7 @@ class BanaServeClient:
         self._metadata = security.bearer_metadata(token)
         self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
         self._max_resumes, self._reconnect_timeout_s = max_resumes, reconnect_timeout_s
-        self._reached = _Reached()
+        self._reached = Reached()
 
     def generate(
         self,
@@ -534,7 +412,7 @@ class BanaServeClient:
         # under its id, and takes over the request the router may still run.
         request_id = request_id or f"req-{uuid.uuid4().hex[:16]}"
         message = _request(prompt, request_id, chat, **sampling)
-        resume = _resume(
+        resume = resume_for(
             message, timeout_s, self._max_resumes, self._reconnect_timeout_s, self._reached
         )
         call = self._stub.Generate(message, timeout=timeout_s, metadata=self._metadata)
@@ -542,7 +420,7 @@ class BanaServeClient:
 
     _generation: Callable[..., Generation] = Generation
 
-    def _reopen(self, resume: _Resume, message: router_pb2.GenerateRequest) -> Any:
+    def _reopen(self, resume: Resume, message: router_pb2.GenerateRequest) -> Any:
         if not resume.paused():
             return None
         ready = grpc.channel_ready_future(self._channel)
@@ -597,8 +475,8 @@ class AsyncBanaServeClient:
     __init__ = BanaServeClient.__init__
     generate = BanaServeClient.generate  # type: ignore[assignment]  # an AsyncGeneration
 
-    async def _reopen(self, resume: _Resume, message: router_pb2.GenerateRequest) -> Any:
-        ready = asyncio.ensure_future(_ready_after(resume.pause_s(), self._channel))
+    async def _reopen(self, resume: Resume, message: router_pb2.GenerateRequest) -> Any:
+        ready = asyncio.ensure_future(ready_after(resume.pause_s(), self._channel))
         with resume.waiting_on(ready):
             await asyncio.wait({ready}, timeout=resume.wait_s())
         if ready.cancelled() or not ready.done() or ready.exception() is not None:
