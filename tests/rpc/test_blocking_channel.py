@@ -129,12 +129,15 @@ def test_a_stopped_server_wakes_a_waiting_reader(loop):
     def stop():
         stopped.append(asyncio.run_coroutine_threadsafe(server.stop(grace_s=0.0), loop.loop))
 
-    threading.Timer(0.2, stop).start()
+    timer = threading.Timer(0.2, stop)
+    timer.start()
     started = time.monotonic()
     with pytest.raises(DataPlaneError) as info:
         channel.receive(rid, 10)
     assert info.value.kind is ErrorKind.UNAVAILABLE
     assert time.monotonic() - started < 4
+    # The stop may wake the reader before the timer's thread has appended its future (a CI run).
+    timer.join(10)
     stopped[0].result(10)
 
 
