@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 import time
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -16,6 +18,17 @@ from tests.chaos.proxy import FaultProxy, Mode
 from tests.router.grpc_fakes import cluster
 
 
+@contextlib.asynccontextmanager
+async def client_proxy(c) -> AsyncIterator[FaultProxy]:
+    """The fault proxy in front of the cluster's router, stopped at the end."""
+    proxy = FaultProxy("client", lambda: c.stub._router_address)
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        await asyncio.to_thread(proxy.stop)
+
+
 def test_a_new_client_does_not_inherit_another_clients_dead_connection():
     """gRPC shares a connection between a process's channels of the same target and settings
     unless told not to: a client opened after another's connection died without closing sent
@@ -23,20 +36,18 @@ def test_a_new_client_does_not_inherit_another_clients_dead_connection():
     recovery probe). Each client's connections are its own."""
 
     async def main():
-        async with cluster() as c:
-            proxy = FaultProxy("client", lambda: c.stub._router_address)
-            proxy.start()
-            try:
-                async with AsyncBanaServeClient(proxy.address) as first:
-                    done = await first.complete([1, 2, 3], max_tokens=4, timeout_s=5)
-                    assert list(done.token_ids) == [7, 8, 9, 10]
-                    await asyncio.to_thread(proxy.set, Mode.STRAND)
-                    async with AsyncBanaServeClient(proxy.address) as second:
-                        done = await second.complete([1, 2, 3], max_tokens=4, timeout_s=3)
-                    assert list(done.token_ids) == [7, 8, 9, 10]
-                    assert proxy.num_connections == 2
-            finally:
-                await asyncio.to_thread(proxy.stop)
+        async with (
+            cluster() as c,
+            client_proxy(c) as proxy,
+            AsyncBanaServeClient(proxy.address) as first,
+        ):
+            done = await first.complete([1, 2, 3], max_tokens=4, timeout_s=5)
+            assert list(done.token_ids) == [7, 8, 9, 10]
+            await asyncio.to_thread(proxy.set, Mode.STRAND)
+            async with AsyncBanaServeClient(proxy.address) as second:
+                done = await second.complete([1, 2, 3], max_tokens=4, timeout_s=3)
+            assert list(done.token_ids) == [7, 8, 9, 10]
+            assert proxy.num_connections == 2
 
     asyncio.run(main())
 
@@ -75,15 +86,11 @@ def test_cancel_ends_a_resume_waiting_for_the_router_at_once(client_class):
 
     async def main():
         async with cluster(hang_decode=True) as c:
-            proxy = FaultProxy("client", lambda: c.stub._router_address)
-            proxy.start()
-            try:
+            async with client_proxy(c) as proxy:
                 if client_class is BanaServeClient:
                     outcome = await asyncio.to_thread(_cut_and_cancel_sync, proxy)
                 else:
                     outcome = await _cut_and_cancel_async(proxy)
-            finally:
-                await asyncio.to_thread(proxy.stop)
             error, tokens, after_cancel_s = outcome
             assert tokens == [7, 8]
             assert isinstance(error, BanaServeClientError), error
@@ -183,18 +190,13 @@ def test_a_stream_whose_router_stays_away_past_its_deadline_fails_deadline_excee
 
     async def main():
         async with cluster(hang_decode=True) as c:
-            proxy = FaultProxy("client", lambda: c.stub._router_address)
-            proxy.start()
-            try:
-                async with AsyncBanaServeClient(proxy.address) as client:
-                    stream = client.generate([1, 2, 3], max_tokens=4, timeout_s=2.0)
-                    started = time.monotonic()
-                    with pytest.raises(BanaServeClientError) as info:
-                        async for _ in stream:
-                            await asyncio.to_thread(proxy.set, Mode.CUT)
-                    took = time.monotonic() - started
-            finally:
-                await asyncio.to_thread(proxy.stop)
+            async with client_proxy(c) as proxy, AsyncBanaServeClient(proxy.address) as client:
+                stream = client.generate([1, 2, 3], max_tokens=4, timeout_s=2.0)
+                started = time.monotonic()
+                with pytest.raises(BanaServeClientError) as info:
+                    async for _ in stream:
+                        await asyncio.to_thread(proxy.set, Mode.CUT)
+                took = time.monotonic() - started
             assert info.value.code is grpc.StatusCode.DEADLINE_EXCEEDED, info.value
             assert "the stream broke" in info.value.message
             assert 1.5 < took < 3.5, took
@@ -228,15 +230,11 @@ def test_a_resend_that_never_reached_the_router_is_not_another_resume(client_cla
 
     async def main():
         async with cluster(hang_decode=True) as c:
-            proxy = FaultProxy("client", lambda: c.stub._router_address)
-            proxy.start()
-            try:
+            async with client_proxy(c) as proxy:
                 if client_class is BanaServeClient:
                     outcome = await asyncio.to_thread(_cut_for_a_second_sync, c, proxy)
                 else:
                     outcome = await _cut_for_a_second_async(c, proxy, stale)
-            finally:
-                await asyncio.to_thread(proxy.stop)
             result, took = outcome
             assert not isinstance(result, BaseException), result
             assert list(result.token_ids) == [7, 8, 9, 10]
