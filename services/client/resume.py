@@ -48,25 +48,23 @@ class Resume:
     retries: int = 0  # resends in the current resume's wait that never connected
     # The wait for the router to be back, while one runs: ``cancel`` ends it at once.
     waiting: Any = None
-    cancelled: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _cancelled_event: threading.Event = field(default_factory=threading.Event, repr=False)
+    _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def cancel(self) -> None:
-        self.cancelled = True
-        self._cancelled_event.set()
+        self._cancelled.set()
         self._stop_waiting()
 
     def paused(self) -> bool:
         """Sleeps ``pause_s()``: False if ``cancel`` came meanwhile (the sync client)."""
-        return not self._cancelled_event.wait(self.pause_s())
+        return not self._cancelled.wait(self.pause_s())
 
     @contextlib.contextmanager
     def waiting_on(self, ready: Any) -> Iterator[None]:
         """``ready`` (a future of the channel being ready) is the wait while the block runs;
         ``cancel`` (or the block's end) cancels it if it is not done."""
         self.waiting = ready
-        if self.cancelled:  # cancelled before it began
+        if self._cancelled.is_set():  # cancelled before it began
             self._stop_waiting()
         try:
             yield
