@@ -113,6 +113,7 @@ from services.router.driver_types import (  # the driver's API, imported from he
     WorkerClients,
     WorkerLostError,
     aborted_finished,
+    admission_wait,
 )
 
 _log = logging.getLogger(__name__)
@@ -612,14 +613,16 @@ class RequestDriver:
         poll = self.config.admission_poll_s
         give_up = min(self._clock() + self.config.no_worker_wait_s, job.deadline - poll)
         while True:
+            wait = poll
             try:
                 return self.router.route(route)
             except NoRoomNowError:
                 pass
             except NoWorkerError:
-                if self._clock() >= give_up:
+                wait = admission_wait(self._clock(), give_up, poll)
+                if wait is None:
                     raise
-            await asyncio.sleep(min(self.config.admission_poll_s, self.remaining(job)))
+            await asyncio.sleep(min(wait, self.remaining(job)))
 
     def _forget(self, worker_id: str, reason: str) -> None:
         with contextlib.suppress(RequestNotFoundError):  # already removed (its stream broke)

@@ -284,6 +284,16 @@ class DriverConfig:
         return self.local_prefill_max_tokens
 
 
+def admission_wait(now: float, give_up: float, poll_s: float) -> float | None:
+    """How long a request no registered worker can serve sleeps before it is routed again:
+    a poll, but never past ``give_up`` (the next try is the last, at ``give_up`` itself, so
+    the UNAVAILABLE it then fails with leaves ``admission_poll_s`` before the deadline and
+    not whatever the polls' phase left); None once ``give_up`` has come."""
+    if now >= give_up:
+        return None
+    return min(poll_s, give_up - now)
+
+
 def aborted_finished(
     request: GenerateInput, arrival: float, now: float, num_delivered: int
 ) -> Finished:

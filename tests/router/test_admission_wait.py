@@ -1,0 +1,68 @@
+"""A request no registered worker can serve waits at most ``no_worker_wait_s`` and fails
+UNAVAILABLE with the reason *before* its deadline (services/router/driver.py, ``_admit``): the
+last try is at ``deadline - admission_poll_s``, whatever phase the polls before it had."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+
+from services.router import driver as driver_module
+from services.router.core import NoWorkerError, RouteRequest
+from services.router.driver import DriverConfig, RequestDriver, admission_wait
+from tests.router.factories import FakeClock, make_router
+
+POLL = 0.05
+
+
+def test_admission_wait_never_sleeps_past_the_give_up_time():
+    assert admission_wait(0.0, 0.45, POLL) == POLL
+    assert admission_wait(0.44, 0.45, POLL) == pytest.approx(0.01)
+    assert admission_wait(0.45, 0.45, POLL) is None
+    assert admission_wait(0.46, 0.45, POLL) is None
+
+
+@pytest.mark.parametrize("overshoot", [0.0, 0.001, 0.0055, 0.02])
+def test_no_worker_fails_a_poll_before_the_deadline_whatever_each_sleep_overshoots(
+    monkeypatch, overshoot
+):
+    """Each sleep takes ``overshoot`` longer than asked (a loaded machine). The polls then land
+    anywhere against the give-up time; before the fix the last one could land just short of
+    it and the next came ~0 s before the deadline (``overshoot`` 0.0055: 4.5 ms before it),
+    where the caller's own deadline wins and the reason is lost."""
+    clock = FakeClock()
+    deadline = 0.5
+    tries: list[float] = []
+    router = make_router(clock=clock)  # no worker registered: every route is NoWorkerError
+    route_once = router.route
+
+    def route(request: RouteRequest):
+        tries.append(clock())
+        return route_once(request)
+
+    router.route = route  # type: ignore[method-assign]
+    config = DriverConfig(no_worker_wait_s=10.0, admission_poll_s=POLL)
+    driver = RequestDriver(router, clients=None, config=config, clock=clock)  # type: ignore[arg-type]
+    job = driver_module._Job("r1", deadline, asyncio.Queue(), ticket=None)
+
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds: float) -> None:
+        clock.advance(seconds + overshoot)
+        await real_sleep(0)
+
+    monkeypatch.setattr(driver_module.asyncio, "sleep", sleep)
+
+    async def main() -> None:
+        with pytest.raises(NoWorkerError):
+            await driver._admit(job, RouteRequest("r1", (1, 2, 3), 4))
+
+    asyncio.run(main())
+    assert len(tries) >= 2
+    gave_up = tries[-1]
+    assert deadline - POLL <= gave_up <= deadline - POLL + overshoot + 1e-9, tries
+    # the tries were at most a poll apart (the last sleep is the short one to the give-up)
+    gaps = [b - a for a, b in itertools.pairwise(tries)]
+    assert all(gap <= POLL + overshoot + 1e-9 for gap in gaps), gaps
