@@ -93,6 +93,7 @@ from services.router.core import (
     check_request,
 )
 from services.router.driver_types import (  # the driver's API, imported from here by callers
+    REASON_MARGIN_S,
     DecodeClient,
     DecodeResult,
     Delta,
@@ -136,8 +137,9 @@ class _LossRun:
 
     def within(self, window_s: float, delay_s: float, remaining_s: float) -> bool:
         """Whether one more retry, ``delay_s`` from now, falls within the window (the first
-        always does) and before the deadline."""
-        if delay_s >= remaining_s:
+        always does) and before the deadline (by ``REASON_MARGIN_S`` at least: else the
+        request fails now, with the loss, which a try at the deadline would hide)."""
+        if delay_s + REASON_MARGIN_S >= remaining_s:
             return False
         return self.num_retries == 0 or self.elapsed() + delay_s < window_s
 
@@ -396,12 +398,17 @@ class RequestDriver:
             self.observer.finished(finished)
 
     async def wait_for_id(self, request_id: str, timeout_s: float | None) -> None:
-        """Waits, at most ``id_reuse_wait_s`` (and ``timeout_s``), for a running request that
-        holds ``request_id`` to end; ``check_new`` then says whether the id is free."""
+        """Waits, at most ``id_reuse_wait_s`` (and until ``REASON_MARGIN_S`` before
+        ``timeout_s``), for a running request that holds ``request_id`` to end; ``check_new``
+        then says whether the id is free."""
         old = self._live(request_id)
         if old is None or self._clock() >= old.deadline:
             return
-        wait = min(self.config.id_reuse_wait_s, timeout_s or self.config.id_reuse_wait_s)
+        wait = self.config.id_reuse_wait_s
+        if timeout_s is not None:  # ALREADY_EXISTS is told before the deadline
+            wait = min(wait, timeout_s - REASON_MARGIN_S)
+        if wait <= 0:
+            return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(old.ended.wait(), wait)
 
@@ -462,7 +469,9 @@ class RequestDriver:
         (module docstring)."""
         if not job.predecessors:
             return
-        bound = min(self.config.release_timeout_s + 1.0, self.remaining(job))
+        # (a release that takes longer fails it ALREADY_EXISTS, told before its deadline)
+        left = self.remaining(job) - REASON_MARGIN_S
+        bound = max(0.0, min(self.config.release_timeout_s + 1.0, left))
         _, pending = await asyncio.wait(set(job.predecessors), timeout=bound)
         job.predecessors = ()
         if pending:
@@ -611,7 +620,7 @@ class RequestDriver:
         at most ``no_worker_wait_s`` while none that could is registered."""
         # (a request without a worker fails UNAVAILABLE, with the reason, before its deadline)
         poll = self.config.admission_poll_s
-        give_up = min(self._clock() + self.config.no_worker_wait_s, job.deadline - poll)
+        give_up = min(self._clock() + self.config.no_worker_wait_s, job.deadline - REASON_MARGIN_S)
         while True:
             wait = poll
             try:

@@ -9,6 +9,7 @@ import itertools
 import time
 
 import grpc
+import pytest
 
 from services.common.types import FinishReason, SamplingParams
 from services.router import driver as drv
@@ -238,3 +239,53 @@ def test_a_worker_call_failing_at_the_deadline_releases_as_deadline_exceeded():
             return c.log.calls[-1]
 
     assert asyncio.run(main()) == ("release", "d0", "slow", "RELEASE_REASON_DEADLINE_EXCEEDED")
+
+
+@pytest.mark.parametrize("timeout", [0.1, 0.3, 0.52])
+def test_a_duplicate_with_a_deadline_shorter_than_the_id_wait_is_told_why_before_it(timeout):
+    """The id wait (``id_reuse_wait_s``, 0.5 s) is cut one admission poll short of the
+    duplicate's deadline: ALREADY_EXISTS with the reason, not DEADLINE_EXCEEDED (before
+    session 36 it waited the whole deadline and the caller's own timer won)."""
+
+    async def main():
+        async with cluster(hang_decode=True) as c:
+            live = c.stub.Generate(request("dup"), timeout=5)
+            await live.read()
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            try:
+                await collect(c.stub.Generate(request("dup"), timeout=timeout))
+            except grpc.aio.AioRpcError as exc:
+                error = exc
+            took = loop.time() - started
+            live.cancel()
+            return error, took
+
+    error, took = asyncio.run(main())
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.ALREADY_EXISTS,
+        "request id 'dup' is already running",
+    ), (error.code(), error.details(), took)
+
+
+def test_an_id_whose_old_release_outlasts_the_new_deadline_is_told_why_before_it(monkeypatch):
+    """The old request's Release takes RELEASE_S (0.3 s); the new one's deadline is 0.25 s:
+    it fails ALREADY_EXISTS, "still being released", before its deadline (before session 36
+    it waited the whole deadline for the release and read DEADLINE_EXCEEDED)."""
+    slow_release(monkeypatch)
+    first_stream_hangs(monkeypatch)
+
+    async def main():
+        async with cluster() as c:
+            old = c.stub.Generate(request("same"), timeout=5)
+            kinds = [(await old.read()).WhichOneof("frame") for _ in range(3)]
+            assert kinds == ["started", "delta", "delta"]
+            old.cancel()
+            try:
+                await collect(c.stub.Generate(request("same"), timeout=0.25))
+            except grpc.aio.AioRpcError as exc:
+                return exc
+
+    error = asyncio.run(main())
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS, (error.code(), error.details())
+    assert "is still being released" in error.details()

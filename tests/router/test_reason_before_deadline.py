@@ -1,6 +1,9 @@
-"""A request no registered worker can serve waits at most ``no_worker_wait_s`` and fails
-UNAVAILABLE with the reason *before* its deadline (services/router/driver.py, ``_admit``): the
-last try is at ``deadline - admission_poll_s``, whatever phase the polls before it had."""
+"""A request the router fails for a reason after a wait is told the reason before its deadline
+(``REASON_MARGIN_S``, services/router/driver_types.py): at the deadline the caller's own timer
+wins and reads DEADLINE_EXCEEDED. A request no registered worker can serve (``_admit``) tries
+last at ``deadline - REASON_MARGIN_S``, whatever phase the polls before it had; a worker lost
+before the first token is not retried so late that the retry would hide the loss. (A duplicate
+id's wait: tests/router/test_request_ids.py.)"""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import pytest
 
 from services.router import driver as driver_module
 from services.router.core import NoWorkerError, RouteRequest
-from services.router.driver import DriverConfig, RequestDriver, admission_wait
+from services.router.driver import REASON_MARGIN_S, DriverConfig, RequestDriver, admission_wait
 from tests.router.factories import FakeClock, make_router
 
 POLL = 0.05
@@ -62,7 +65,20 @@ def test_no_worker_fails_a_poll_before_the_deadline_whatever_each_sleep_overshoo
     asyncio.run(main())
     assert len(tries) >= 2
     gave_up = tries[-1]
-    assert deadline - POLL <= gave_up <= deadline - POLL + overshoot + 1e-9, tries
+    assert deadline - REASON_MARGIN_S <= gave_up <= deadline - REASON_MARGIN_S + overshoot + 1e-9, (
+        tries
+    )
     # the tries were at most a poll apart (the last sleep is the short one to the give-up)
     gaps = [b - a for a, b in itertools.pairwise(tries)]
     assert all(gap <= POLL + overshoot + 1e-9 for gap in gaps), gaps
+
+
+def test_a_lost_worker_is_not_retried_so_late_that_the_retry_hides_the_loss():
+    clock = FakeClock()
+    run = driver_module._LossRun(clock)
+    run.note(0)
+    assert run.within(10.0, 0.0, 1.0)  # the first retry, at once
+    assert run.within(10.0, 0.2, 0.2 + REASON_MARGIN_S + 0.01)
+    # a retry that would start inside the margin: the request fails now, with the loss
+    assert not run.within(10.0, 0.2, 0.2 + REASON_MARGIN_S)
+    assert not run.within(10.0, 0.0, REASON_MARGIN_S / 2)
