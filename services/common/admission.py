@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from services.common.errors import ConfigError, ResourceExhaustedError
+from services.common.errors import REASON_MARGIN_S, ConfigError, ResourceExhaustedError
 
 CLIENT_METADATA_KEY = "x-banaserve-client"
 MAX_CLIENT_NAME = 128
@@ -294,7 +294,8 @@ class AdmissionController:
         self, method_class: MethodClass, client: str, timeout_s: float | None = None
     ) -> Ticket:
         """A ticket for the call, or ``OverloadedError`` (at once, or after at most
-        ``max_wait_s`` queued; ``timeout_s``, the call's own time left, can shorten the wait)."""
+        ``max_wait_s`` queued; ``timeout_s``, the call's own time left, can shorten the wait,
+        which then ends ``REASON_MARGIN_S`` before it: the shed is told, not a deadline)."""
         gate = self._gates[method_class]
         outcome = gate.offer(client) if self.config.enabled else Outcome.ADMITTED
         if outcome is Outcome.ADMITTED:
@@ -302,8 +303,8 @@ class AdmissionController:
         if outcome is not Outcome.QUEUED:
             raise self._shed(gate, outcome, client)
         wait_s = gate.limits.max_wait_s
-        if timeout_s is not None:
-            wait_s = max(0.0, min(wait_s, timeout_s))
+        if timeout_s is not None:  # shed (RESOURCE_EXHAUSTED, retry-after) before the deadline
+            wait_s = max(0.0, min(wait_s, timeout_s - REASON_MARGIN_S))
         waiter = gate.enqueue(client)
         granted = False
         try:

@@ -30,6 +30,13 @@ class ErrorCode(enum.StrEnum):
     UNAUTHENTICATED = "UNAUTHENTICATED"
 
 
+# A call refused after a wait (a queue slot never freed, no worker to serve it, its id still
+# taken) is told why at least this long before its deadline: at the deadline itself the
+# caller's own timer wins and reads DEADLINE_EXCEEDED, the reason lost (a reply takes ~1 ms on
+# one machine, more under load). Every such wait ends this much early.
+REASON_MARGIN_S = 0.05
+
+
 class BanaServeError(Exception):
     """Base of every error BanaServe raises on purpose."""
 

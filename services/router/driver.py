@@ -71,6 +71,7 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from services.common.errors import (
+    REASON_MARGIN_S,
     PermissionDeniedError,
     RequestNotFoundError,
     ShuttingDownError,
@@ -93,7 +94,6 @@ from services.router.core import (
     check_request,
 )
 from services.router.driver_types import (  # the driver's API, imported from here by callers
-    REASON_MARGIN_S,
     DecodeClient,
     DecodeResult,
     Delta,

@@ -284,13 +284,6 @@ class DriverConfig:
         return self.local_prefill_max_tokens
 
 
-# A request the router refuses after a wait (no worker to serve it, its id still taken) is
-# told why at least this long before its deadline: at the deadline itself the caller's own
-# timer wins and reads DEADLINE_EXCEEDED, the reason lost (a reply takes ~1 ms here, more on
-# a loaded machine).
-REASON_MARGIN_S = 0.05
-
-
 def admission_wait(now: float, give_up: float, poll_s: float) -> float | None:
     """How long a request no registered worker can serve sleeps before it is routed again:
     a poll, but never past ``give_up`` (the next try is the last, at ``give_up`` itself, so

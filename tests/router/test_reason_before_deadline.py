@@ -1,5 +1,5 @@
 """A request the router fails for a reason after a wait is told the reason before its deadline
-(``REASON_MARGIN_S``, services/router/driver_types.py): at the deadline the caller's own timer
+(``REASON_MARGIN_S``, services/common/errors.py): at the deadline the caller's own timer
 wins and reads DEADLINE_EXCEEDED. A request no registered worker can serve (``_admit``) tries
 last at ``deadline - REASON_MARGIN_S``, whatever phase the polls before it had; a worker lost
 before the first token is not retried so late that the retry would hide the loss. (A duplicate
@@ -12,9 +12,10 @@ import itertools
 
 import pytest
 
+from services.common.errors import REASON_MARGIN_S
 from services.router import driver as driver_module
 from services.router.core import NoWorkerError, RouteRequest
-from services.router.driver import REASON_MARGIN_S, DriverConfig, RequestDriver, admission_wait
+from services.router.driver import DriverConfig, RequestDriver, admission_wait
 from tests.router.factories import FakeClock, make_router
 
 POLL = 0.05

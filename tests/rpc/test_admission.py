@@ -29,7 +29,7 @@ from services.common.admission import (
     fair_share,
 )
 from services.common.config import RpcConfig
-from services.common.errors import ConfigError, ResourceExhaustedError
+from services.common.errors import REASON_MARGIN_S, ConfigError, ResourceExhaustedError
 from services.decode import core
 from services.decode.servicer import decode_service
 from services.router.openai_api import OpenAIApi
@@ -148,6 +148,28 @@ def test_a_queued_call_is_shed_when_its_wait_or_deadline_runs_out():
         assert_idle(ctl)
 
     asyncio.run(main())
+
+
+def test_a_call_whose_deadline_comes_first_is_shed_before_it():
+    """A queued call with less time left than ``max_wait_s`` is shed ``REASON_MARGIN_S``
+    before its deadline, so its caller reads RESOURCE_EXHAUSTED and retry-after (before
+    session 36 the shed came at the deadline itself, where the caller's timer won)."""
+
+    async def main():
+        ctl = controller(in_flight=1, queued=2, per_client=3, wait_s=5.0)
+        held = await ctl.admit(WORK, "a")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(OverloadedError) as shed:
+            await ctl.admit(WORK, "b", timeout_s=1.0)
+        took = loop.time() - started
+        assert shed.value.outcome is Outcome.SHED_WAIT_TIMEOUT
+        held.release()
+        assert_idle(ctl)
+        return took
+
+    took = asyncio.run(main())
+    assert 1.0 - REASON_MARGIN_S - 0.01 <= took < 1.0, took
 
 
 def test_cancelled_waiters_leak_nothing_even_just_after_their_grant():
