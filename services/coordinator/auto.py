@@ -164,6 +164,10 @@ class AutoMigrator:
         return outcome
 
     async def _act(self, d: Decision) -> None:
+        if self._coordinator.draining:  # stopping: the restarted coordinator decides again
+            self.stats.count(d.kind, "refused")
+            log.info("automatic: %s not acted on: the coordinator is stopping", d.describe())
+            return
         log.info("automatic: %s (%s)", d.describe(), d.reason)
         span = self._tracer.start_span(
             "policy.decision", context=otel_context.Context(), attributes=decision_attributes(d)

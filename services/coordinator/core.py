@@ -100,6 +100,9 @@ class Coordinator:
         self._background: set[asyncio.Task[None]] = set()
         self._ending: set[str] = set()  # migrations being ended for a stopping worker
         self._closing = False
+        # Set once ``drain`` begins: the service refuses new commands (servicer.py), which the
+        # server's stop would otherwise cancel half-way; its own ends of migrations go on.
+        self.draining = False
 
     # -- queries --------------------------------------------------------------------------
 
@@ -284,6 +287,7 @@ class Coordinator:
     async def drain(self, timeout_s: float, poll_s: float = 0.05) -> None:
         """Before the coordinator stops (module doc, 6): within ``timeout_s``, ends the
         migrations of workers that answer they are stopping, and waits for those ending."""
+        self.draining = True
         deadline = time.monotonic() + timeout_s
         try:
             await asyncio.wait_for(self.renew_leases(), timeout_s)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.common.errors import InvalidRequestError
+from services.common.errors import InvalidRequestError, ShuttingDownError
 from services.common.limits import check_reason, required_id
 from services.coordinator.core import Coordinator
 from services.coordinator.migration import Migration, MigrationKind, MigrationState
@@ -74,7 +74,19 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def _out(self, m: Migration) -> pb.Migration:
         return migration_to_proto(m, self._coordinator.now())
 
+    def _check_serving(self) -> None:
+        """A stopping coordinator (its drain, then the server's stop) starts, reverts and
+        aborts nothing: such a command would be cancelled half-way (CANCELLED, not retried).
+        UNAVAILABLE instead, before any work: the restarted coordinator takes it, with every
+        live migration carried over."""
+        if self._coordinator.draining:
+            raise ShuttingDownError(
+                "the coordinator is stopping: send the command again once it is back "
+                "(live migrations carry over)"
+            )
+
     async def StartMigration(self, request, context):
+        self._check_serving()
         if request.kind == pb.MIGRATION_KIND_ATTENTION:
             if not request.HasField("attention"):
                 raise InvalidRequestError("an attention migration needs `attention`")
@@ -104,11 +116,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         return pb.StartMigrationResponse(migration=self._out(m))
 
     async def RevertMigration(self, request, context):
+        self._check_serving()
         m = await self._coordinator.revert(_id(request))
         return pb.RevertMigrationResponse(migration=self._out(m))
 
     async def AbortMigration(self, request, context):
         check_reason(request.reason)
+        self._check_serving()
         m = await self._coordinator.abort(_id(request), request.reason)
         return pb.AbortMigrationResponse(migration=self._out(m))
 

@@ -94,8 +94,12 @@ class Migrations:
             try:
                 self.revert(mid)
             except grpc.RpcError as exc:
+                # UNAVAILABLE: the coordinator is stopping or down; CANCELLED: the revert raced
+                # its server's stop (gRPC cancels a call that meets the GOAWAY), and may or may
+                # not have been taken: the next try says (FAILED_PRECONDITION once it was).
                 if exc.code() not in (
                     grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.CANCELLED,
                     grpc.StatusCode.FAILED_PRECONDITION,
                 ):
                     raise

@@ -341,3 +341,26 @@ def test_router_feed_forgets_a_draining_worker():
             return seen, [v.worker_id for v in feed.views()]
 
     assert asyncio.run(main()) == ([D, P], [P])
+
+
+def test_a_stopping_coordinator_acts_on_no_decision(redis_server, store_prefix):
+    """The policy still decides while the coordinator drains, but nothing is started: a
+    migration begun then would be cut by the stop (the restarted coordinator decides again)."""
+    cluster, clock, feed = FakeCluster(), FakeClock(1000.0), FeedStub()
+    config = PolicyConfig(sustain_s=1.0, revert_after_s=1.0, cooldown_s=2.0)
+
+    async def main():
+        async with coordinator(redis_server.url, store_prefix, cluster, clock) as coord:
+            auto = AutoMigrator(coord, feed, Policy(config), trace.NoOpTracer())
+            await coord.drain(1.0)
+            decided = 0
+            for second in range(1, 6):
+                for half in (0.0, 0.5):
+                    feed.add(1000.0 + second + half, {D: (0.9, 100), P: (0.1, 0)})
+                clock.now = 1000.0 + second + 0.5
+                decided += len((await auto.step()).decisions)
+            return decided, coord.list(), auto.stats
+
+    decided, migrations, stats = asyncio.run(main())
+    assert decided >= 1 and migrations == []
+    assert cluster.steps() == []

@@ -255,3 +255,40 @@ def test_the_cli_commands(redis_server, store_prefix, capsys):
         "banaserve: error: FAILED_PRECONDITION: m-1 is already DONE",
         "banaserve: error: NOT_FOUND: no migration 'm-7'",
     ]
+
+
+def test_a_stopping_coordinator_refuses_commands_unavailable_and_still_answers_queries(
+    redis_server, store_prefix
+):
+    """Once its drain begins (SIGTERM) the coordinator starts, reverts and aborts nothing: the
+    server's stop would cancel such a command half-way, and the caller read CANCELLED and did
+    not send it again (session 36's chaos run: a Revert sent during the coordinator's
+    rolling restart was cancelled, and its migration stayed ACTIVE). UNAVAILABLE, before any
+    work, is sent again to the restarted coordinator; its migrations carry over."""
+    cluster = FakeCluster()
+
+    async def main():
+        async with served(redis_server.url, store_prefix, cluster, FakeClock()) as (coord, stub, _):
+            started = await stub.StartMigration(layers())
+            mid = started.migration.migration_id
+            await coord.wait(mid)
+            await coord.drain(1.0)  # no worker is stopping: the migration stays ACTIVE
+            refused = [
+                await status_of(call)
+                for call in (
+                    stub.RevertMigration(pb.RevertMigrationRequest(migration_id=mid)),
+                    stub.AbortMigration(pb.AbortMigrationRequest(migration_id=mid)),
+                    stub.StartMigration(layers(donor="decode-1", helper="prefill-1")),
+                )
+            ]
+            described = await stub.DescribeMigration(pb.DescribeMigrationRequest(migration_id=mid))
+            return refused, described.migration.state
+
+    refused, state = asyncio.run(main())
+    told = (
+        C.UNAVAILABLE,
+        "the coordinator is stopping: send the command again once it is back "
+        "(live migrations carry over)",
+    )
+    assert refused == [told, told, told]
+    assert state == pb.MIGRATION_STATE_ACTIVE
