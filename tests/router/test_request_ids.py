@@ -44,16 +44,22 @@ def first_stream_hangs(monkeypatch) -> None:
     monkeypatch.setattr(FakeWorker, "StreamTokens", stream_tokens)
 
 
+async def cancel_after_two_tokens(c, request_id: str) -> None:
+    """A request whose stream hangs (``first_stream_hangs``) is cancelled by its client after
+    its first two tokens: its Release is then on its way (``slow_release``: RELEASE_S)."""
+    old = c.stub.Generate(request(request_id), timeout=5)
+    kinds = [(await old.read()).WhichOneof("frame") for _ in range(3)]
+    assert kinds == ["started", "delta", "delta"]
+    old.cancel()
+
+
 def test_an_id_reused_right_after_a_cancel_waits_for_the_old_release(monkeypatch):
     slow_release(monkeypatch)
     first_stream_hangs(monkeypatch)
 
     async def main():
         async with cluster() as c:
-            old = c.stub.Generate(request("same"), timeout=5)
-            kinds = [(await old.read()).WhichOneof("frame") for _ in range(3)]
-            assert kinds == ["started", "delta", "delta"]
-            old.cancel()
+            await cancel_after_two_tokens(c, "same")
             frames = await collect(c.stub.Generate(request("same"), timeout=5))
             return frames, c.log.calls
 
@@ -277,10 +283,7 @@ def test_an_id_whose_old_release_outlasts_the_new_deadline_is_told_why_before_it
 
     async def main():
         async with cluster() as c:
-            old = c.stub.Generate(request("same"), timeout=5)
-            kinds = [(await old.read()).WhichOneof("frame") for _ in range(3)]
-            assert kinds == ["started", "delta", "delta"]
-            old.cancel()
+            await cancel_after_two_tokens(c, "same")
             try:
                 await collect(c.stub.Generate(request("same"), timeout=0.25))
             except grpc.aio.AioRpcError as exc:
