@@ -365,8 +365,10 @@ class LocalCluster:
             ("decode", "services.decode", decode, self.spec.num_decode),
             ("mixed", "services.decode", [*decode, "--role", "mixed"], self.spec.num_mixed),
         ]
+        # Each worker registers with the router under its process name (``decode-0``), so the
+        # names ``up`` prints are the ids ``banaserve migrate`` and ``ListWorkers`` use.
         return [
-            self._spawn(f"{role}-{i}", module, args)
+            self._spawn(f"{role}-{i}", module, ["--worker-id", f"{role}-{i}", *args])
             for role, module, args, count in roles
             for i in range(count)
         ]

@@ -1,8 +1,8 @@
 """``banaserve migrate ...`` and ``banaserve migrations``: the coordinator's API on the command line.
 
-    banaserve migrate layers --donor decode-41231 --helper prefill-40125 --start 16 [--end 30]
+    banaserve migrate layers --donor decode-0 --helper prefill-0 --start 16 [--end 30]
         [--wait]
-    banaserve migrate attention --donor decode-41231 --helper prefill-40125 [--max-sequences 4]
+    banaserve migrate attention --donor decode-0 --helper prefill-0 [--max-sequences 4]
         [--max-blocks N] [--request-id R ...] [--wait]
     banaserve migrate revert m-3 [--wait]
     banaserve migrate abort m-3 [--reason TEXT]

@@ -227,8 +227,8 @@ class RouterWorkers:
             await self._refresh()
         address = self._addresses.get(worker_id)
         if address is None:
-            # The ids the router knows: `banaserve up` names its processes decode-0, ... while
-            # a worker registers as ROLE-PORT unless given --worker-id (docs/coordinator.md).
+            # The ids the router knows: a worker registers as ROLE-PORT unless given
+            # --worker-id, which `banaserve up` gives (decode-0, ...; docs/coordinator.md).
             known = ", ".join(sorted(self._addresses)) or "none"
             raise WorkerNotFoundError(
                 f"no worker {worker_id!r} is registered with the router (registered: {known})"

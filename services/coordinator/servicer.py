@@ -87,6 +87,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     async def StartMigration(self, request, context):
         self._check_serving()
+        if request.HasField("layers") and request.HasField("attention"):
+            raise InvalidRequestError(
+                "give `layers` (a layer migration) or `attention` (an attention migration), "
+                "not both"
+            )
         if request.kind == pb.MIGRATION_KIND_ATTENTION:
             if not request.HasField("attention"):
                 raise InvalidRequestError("an attention migration needs `attention`")

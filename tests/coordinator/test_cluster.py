@@ -64,7 +64,9 @@ def test_coordinated_layer_migration_never_changes_output(cluster, tiny_llama, c
         grpc.insecure_channel(decode) as d_ch,
     ):
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
-        ids = {w.address: w.worker_id for w in client.list_workers()}  # "decode-PORT"...
+        # `up` registers each worker under the name it prints, the id `banaserve migrate` takes.
+        ids = {w.address: w.worker_id for w in client.list_workers()}
+        assert ids == {decode: "decode-0", prefill: "prefill-0"}
         donor, helper = ids[decode], ids[prefill]
         futures = [
             pool.submit(

@@ -116,6 +116,19 @@ BAD = [
     (layers(end_layer=3), C.INVALID_ARGUMENT, "layers [2, 3): only [k, 4) with 1 <= k < 4 move"),
     (layers(num_micro_batches=0), C.INVALID_ARGUMENT, "micro-batches must be in [1, 8], got 0"),
     (layers(helper="prefill-7"), C.NOT_FOUND, "no worker 'prefill-7'"),
+    # Both specs, either kind: the one not taken was silently dropped.
+    *(
+        (
+            pb.StartMigrationRequest(
+                kind=kind,
+                layers=pb.LayerMigrationSpec(donor=P, helper=D, start_layer=2),
+                attention=pb.AttentionMigrationSpec(donor=D, helper=P),
+            ),
+            C.INVALID_ARGUMENT,
+            "give `layers` (a layer migration) or `attention` (an attention migration), not both",
+        )
+        for kind in (pb.MIGRATION_KIND_LAYERS, pb.MIGRATION_KIND_ATTENTION)
+    ),
 ]
 
 

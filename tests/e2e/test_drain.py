@@ -211,7 +211,7 @@ def test_a_stopping_decode_worker_finishes_its_stream_and_is_sent_nothing_new(
             stream = stub.Generate(greedy_request(1500), timeout=120)
             worker_id = next(stream).started.decode_worker_id
             num_tokens = len(next(stream).delta.token_ids)
-            draining = next(c for c in cluster.children if c.port == int(worker_id.split("-")[1]))
+            draining = cluster.child(worker_id)  # `up` registers each worker under its name
             draining.proc.send_signal(signal.SIGTERM)
             time.sleep(0.3)  # its next report (every 0.1 s) says it drains
             with ThreadPoolExecutor(6) as pool:
@@ -221,7 +221,7 @@ def test_a_stopping_decode_worker_finishes_its_stream_and_is_sent_nothing_new(
                     num_tokens += len(frame.delta.token_ids)
         assert num_tokens == 1500
         others = {c.name for c in cluster.children if c.name.startswith("decode")} - {draining.name}
-        assert set(short) == {f"decode-{cluster.child(n).port}" for n in others}
+        assert set(short) == others
         assert draining.proc.wait(timeout=30) == 0
     assert "lost worker" not in log.read_text()
 

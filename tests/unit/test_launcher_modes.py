@@ -141,6 +141,8 @@ def test_a_store_flag_of_up_reaches_only_store_using_prefill_workers(
     )
     cluster._spawn_workers("127.0.0.1:1")
     assert spawned["prefill-0"][-2:] == [flag, str(parsed)]
+    for name, args in spawned.items():  # each registers under the name `up` prints
+        assert args[:2] == ["--worker-id", name]
     assert flag not in spawned["decode-0"]
     spawned.clear()
     cluster._spawn_workers(None)  # no store: nothing to write back
