@@ -6,7 +6,9 @@
 # waits for health, sends one greedy request by service name from a client container and two
 # through the published ports (gRPC and the OpenAI HTTP API), checks each text equals
 # `banaserve generate` in-process, scrapes every service's /metrics, finds the request's spans
-# (router, prefill, decode) in the collector's output, and checks `down` leaves nothing behind.
+# (router, prefill, decode) in the collector's output, scales out to 2 decode workers and 2
+# kvstore nodes (each registered under its own id, a request served), and checks `down` leaves
+# nothing behind.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 started=$(date +%s)
@@ -153,6 +155,45 @@ until spans_complete; do
 	sleep 1
 done
 sed 's/^[^{]*//' /tmp/banaserve-smoke-spans.txt | $PY -c 'import json,sys; [print(" ", d["service"], d["name"]) for d in map(json.loads, sys.stdin)]'
+
+step "scale out: 2 decode workers and 2 kvstore nodes, each under an id of its own"
+# Replicas bind one port on their own IPs. Their default ids were ROLE-PORT, one for all: the
+# second decode worker was refused by the router (ALREADY_EXISTS, never healthy) and a second
+# kvstore node took the first one's place in Redis (session 37).
+"${compose[@]}" up -d --no-build --scale prefill=1 --scale decode=2 --scale kvstore=2
+deadline=$(($(date +%s) + 180))
+for svc in decode kvstore; do
+	replicas=$("${compose[@]}" ps -q "$svc")
+	[ "$(echo "$replicas" | wc -l)" -eq 2 ] || { echo "FAIL: not 2 $svc replicas: $replicas"; exit 1; }
+	for c in $replicas; do
+		until [ "$(status "$c")" = healthy ]; do
+			if [ "$(date +%s)" -gt "$deadline" ]; then
+				"${compose[@]}" logs --tail 30 "$svc"
+				echo "FAIL: $svc replica $c not healthy in time"; exit 1
+			fi
+			sleep 1
+		done
+	done
+	echo "both $svc replicas healthy"
+done
+sleep 3  # a few heartbeats: a node that another took the place of would be gone by now
+nodes=$("${compose[@]}" exec -T redis redis-cli SMEMBERS banaserve:kv:nodes | sort)
+echo "kvstore nodes in Redis: $(echo $nodes)"
+[ "$(echo "$nodes" | grep -c '^kvstore-')" -eq 2 ] || { echo "FAIL: not 2 kvstore nodes in Redis"; exit 1; }
+"${compose[@]}" run --rm -T --entrypoint python client - <<'PYEOF'
+import os
+from services.client.client import BanaServeClient
+token = open(os.environ["BANASERVE_API_TOKEN_FILE"]).read().split()[0]
+with BanaServeClient("router:50051", tls_dir=os.environ["BANASERVE_TLS_DIR"], token=token) as c:
+    workers = sorted(w.worker_id for w in c.list_workers() if w.active)
+print("active workers:", ", ".join(workers))
+assert sum(w.startswith("decode-") for w in workers) == 2, workers
+PYEOF
+scaled=$("${compose[@]}" run --rm -T client router:50051 "$prompt" "$max_tokens" "$($PY -c 'import secrets; print(secrets.token_hex(16))')") || {
+	"${compose[@]}" logs --tail 40 router prefill decode
+	echo "FAIL: the request after scaling out"; exit 1
+}
+[ "$scaled" = "$expected" ] || { echo "FAIL: after scaling out got $(printf %q "$scaled")"; exit 1; }
 
 step "down"
 kill "$pump"; pump=""

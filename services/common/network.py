@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import re
 import socket
 
 from services.common.arg_types import host_port
@@ -64,3 +65,18 @@ def resolve_host(host: str, resolve=socket.gethostbyname, hostname=socket.gethos
     if address.is_unspecified:
         raise ConfigError(f"host must be an address peers can reach, not {ip!r}")
     return ip
+
+
+def default_id(role: str, address: str) -> str:
+    """A service's id when none is given (``--worker-id``, ``--node-id``): ``ROLE-HOST-PORT``
+    of the address its peers are told (``--advertise``, else the one bound), e.g.
+    ``decode-10.88.0.5-50065``. Addresses are unique across a cluster (the router refuses a
+    second worker at one), so these ids are too. ``ROLE-PORT`` was not: replicas that bind the
+    same port in their own containers or pods (``docker compose --scale decode=2``, a
+    Deployment's replicas) shared an id, so the router refused all but one worker (ALREADY_EXISTS,
+    retried forever) and kvstore nodes took each other's place in Redis. Characters other
+    than letters, digits, ``.`` and ``-`` (an IPv6 address's ``:``) become ``-`` (the kvstore's
+    node ids allow no more)."""
+    host, port = address.rsplit(":", 1)
+    host = re.sub(r"[^A-Za-z0-9.-]+", "-", host.strip("[]")).strip("-")
+    return f"{role}-{host}-{port}"

@@ -227,7 +227,7 @@ class RouterWorkers:
             await self._refresh()
         address = self._addresses.get(worker_id)
         if address is None:
-            # The ids the router knows: a worker registers as ROLE-PORT unless given
+            # The ids the router knows: a worker registers as ROLE-HOST-PORT unless given
             # --worker-id, which `banaserve up` gives (decode-0, ...; docs/coordinator.md).
             known = ", ".join(sorted(self._addresses)) or "none"
             raise WorkerNotFoundError(

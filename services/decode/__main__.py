@@ -24,7 +24,12 @@ from services.common.engine_args import (
     engine_config,
 )
 from services.common.metrics import EngineCollector, add_metrics_args, start_metrics
-from services.common.network import add_advertise_args, add_host_args, resolve_host
+from services.common.network import (
+    add_advertise_args,
+    add_host_args,
+    default_id,
+    resolve_host,
+)
 from services.decode.core import DecodeConfig, DecodeWorker
 from services.decode.dataplane_receiver import DataPlaneReceiver
 from services.decode.servicer import decode_service, kv_data_handler
@@ -55,7 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--data-port", type=port_number, default=0, help="the KV data plane's port; 0: the OS picks"
     )
     p.add_argument("--role", choices=("decode", "mixed"), default="decode")
-    p.add_argument("--worker-id", default=None, help="default: ROLE-PORT")
+    p.add_argument(
+        "--worker-id", default=None, help="default: ROLE-HOST-PORT of the address advertised"
+    )
     p.add_argument("--router", default=env("BANASERVE_ROUTER", ""), help="HOST:PORT")
     p.add_argument("--report-interval", type=float, default=0.1)
     p.add_argument("--max-lease", type=float, default=60.0)
@@ -91,10 +98,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _worker_info(args: argparse.Namespace, engine: Engine, address: str):
-    worker_id = args.worker_id or f"{args.role}-{address.rsplit(':', 1)[1]}"
+    advertised = args.advertise or address
     return worker_info(
-        worker_id,
-        args.advertise or address,
+        args.worker_id or default_id(args.role, advertised),
+        advertised,
         args.role,
         args.model,
         engine.fingerprint,

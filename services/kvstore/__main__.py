@@ -18,7 +18,12 @@ from pathlib import Path
 from services.common.arg_types import port_number
 from services.common.config import RpcConfig, TracingConfig
 from services.common.metrics import KVStoreCollector, add_metrics_args, start_metrics
-from services.common.network import add_advertise_args, add_host_args, resolve_host
+from services.common.network import (
+    add_advertise_args,
+    add_host_args,
+    default_id,
+    resolve_host,
+)
 from services.kvstore.core import KVStoreConfig, KVStoreNode
 from services.kvstore.disk import DiskTier
 from services.kvstore.metadata import DEFAULT_SEEN_WINDOW_S, MetadataStore, NodeInfo
@@ -53,7 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-transport", choices=dataplane.KINDS, default="ucx")
     p.add_argument("--redis", default=env("BANASERVE_REDIS", "redis://127.0.0.1:6379/0"))
     p.add_argument("--key-prefix", default="banaserve:kv", help="Redis key namespace")
-    p.add_argument("--node-id", default=None, help="default: kvstore-PORT")
+    p.add_argument(
+        "--node-id", default=None, help="default: kvstore-HOST-PORT of the address advertised"
+    )
     p.add_argument("--capacity-bytes", type=int, default=1 << 30, help="host-memory pool")
     p.add_argument("--disk-dir", default=None, help="spill evicted blocks here (optional)")
     p.add_argument("--disk-capacity-bytes", type=int, default=4 << 30)
@@ -110,7 +117,7 @@ async def serve(args: argparse.Namespace) -> None:
         interceptors=admission_interceptors(args, KVSTORE_CAPACITY),
     )
     info = NodeInfo(
-        args.node_id or f"kvstore-{server.address.rsplit(':', 1)[1]}",
+        args.node_id or default_id("kvstore", args.advertise or server.address),
         args.advertise or server.address,
         args.advertise_data or data.address,
         args.data_transport,

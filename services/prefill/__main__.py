@@ -20,7 +20,12 @@ from services.common.engine_args import (
     engine_config,
 )
 from services.common.metrics import EngineCollector, add_metrics_args, start_metrics
-from services.common.network import add_advertise_args, add_host_args, resolve_host
+from services.common.network import (
+    add_advertise_args,
+    add_host_args,
+    default_id,
+    resolve_host,
+)
 from services.engine.engine import Engine
 from services.migration.worker import add_migration_args, start_migration
 from services.prefill.clients import DEFAULT_MAX_CHUNK_BYTES, GrpcKVTransport
@@ -86,7 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "prefix seen twice); 'all', every one at its first sight (default %(default)s; "
         "docs/kvstore.md)",
     )
-    p.add_argument("--worker-id", default=None, help="default: prefill-PORT")
+    p.add_argument(
+        "--worker-id", default=None, help="default: prefill-HOST-PORT of the address advertised"
+    )
     p.add_argument("--report-interval", type=float, default=0.1, help="seconds between reports")
     p.add_argument("--tracing", choices=("none", "console", "otlp"), default="none")
     p.add_argument("--otlp-endpoint", default="")
@@ -148,7 +155,7 @@ async def serve(args: argparse.Namespace) -> None:
     await start_metrics(args, rpc.host, EngineCollector("prefill", args.model, engine, worker))
     print(f"LISTENING {server.address}", flush=True)
     info = worker_info(
-        args.worker_id or f"prefill-{server.address.rsplit(':', 1)[1]}",
+        args.worker_id or default_id("prefill", args.advertise or server.address),
         args.advertise or server.address,
         "prefill",
         args.model,

@@ -272,8 +272,8 @@ def test_a_worker_refusal_becomes_the_reason(redis_server, store_prefix):
 
     async def main():
         async with grpc_cluster(redis_server.url, store_prefix, cluster, tracing) as coord:
-            # The ids it does know are named: `up` prints process names (decode-0, ...)
-            # while workers register as ROLE-PORT, an easy mix-up for an operator.
+            # The ids it does know are named: a mistyped id, or a worker started alone
+            # (ROLE-HOST-PORT) named as `up` names its own (decode-0, ...).
             registered = r"no worker 'decode-9' is registered with the router \(registered: decode-0, prefill-0\)"
             with pytest.raises(Exception, match=registered):
                 await coord.start_layers("decode-9", P, 2)

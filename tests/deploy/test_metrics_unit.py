@@ -16,7 +16,7 @@ from services.common.metrics import (
     MetricsEndpoint,
     RequestMetrics,
 )
-from services.common.network import resolve_host
+from services.common.network import default_id, resolve_host
 from services.common.types import FinishReason
 from services.kvstore.core import LookupResult
 from services.prefill.write_backs import WriteBackStats
@@ -153,6 +153,40 @@ def test_host_auto_is_this_hostnames_ip_and_wildcards_are_refused():
     for bad in ("0.0.0.0", "::", "localhost"):
         with pytest.raises(ConfigError):
             resolve_host(bad)
+
+
+def test_replicas_on_one_port_in_their_own_containers_get_ids_of_their_own():
+    """compose's ``--scale decode=2`` (or a Deployment's replicas): every replica binds the
+    same port on its own IP. The default id was ``ROLE-PORT``, the same for all of them: the
+    router refused all but one worker, and kvstore nodes took each other's place in Redis."""
+    from services.decode.__main__ import _worker_info
+    from services.decode.__main__ import parse_args as decode_args
+    from services.kvstore.metadata import NodeInfo
+
+    engine = SimpleNamespace(
+        fingerprint="f",
+        config=SimpleNamespace(block_size=16, max_num_seqs=8),
+        block_manager=SimpleNamespace(num_blocks=64),
+        max_model_len=2048,
+        hosts_only=False,
+    )
+    args = decode_args(["--host", "auto", "--port", "50065", "--model", "tiny-llama"])
+    infos = [_worker_info(args, engine, f"10.88.0.{i}:50065") for i in (5, 6)]
+    assert [(w.worker_id, w.address) for w in infos] == [
+        ("decode-10.88.0.5-50065", "10.88.0.5:50065"),
+        ("decode-10.88.0.6-50065", "10.88.0.6:50065"),
+    ]
+    # Named after the address peers are told; an id given is kept.
+    advertised = decode_args(["--model", "m", "--advertise", "proxy-1.example:7000"])
+    assert _worker_info(advertised, engine, "127.0.0.1:50065").worker_id == (
+        "decode-proxy-1.example-7000"
+    )
+    named = decode_args(["--model", "m", "--worker-id", "decode-a"])
+    assert _worker_info(named, engine, "10.88.0.5:50065").worker_id == "decode-a"
+    # An IPv6 address's colons are not in the kvstore's node-id alphabet.
+    assert default_id("kvstore", "[fd00::5]:50070") == "kvstore-fd00-5-50070"
+    NodeInfo(default_id("kvstore", "[fd00::5]:50070"), "[fd00::5]:50070", "[fd00::5]:1", "tcp")
+    assert default_id("prefill", "10.88.0.5:50060") != default_id("prefill", "10.88.0.6:50060")
 
 
 def test_coordinator_collector_counts_migrations_bytes_and_state_seconds():
