@@ -27,6 +27,7 @@ connection ends that call and goes on with this one instead of refusing the id.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -49,6 +50,7 @@ from services.common.errors import ConfigError
 from services.common.limits import check_target
 from services.rpc import security
 from services.rpc.channels import MIN_CLIENT_KEEPALIVE_S, client_library_options
+from services.rpc.deadlines import bounded
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 MAX_MESSAGE_BYTES = 256 << 20
@@ -131,6 +133,14 @@ def _cancelled() -> BanaServeClientError:
 def _invalid(message: str) -> BanaServeClientError:
     """A call refused here, before it is sent: the status the router gives the same mistake."""
     return BanaServeClientError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _timeout(timeout_s: float | None) -> float | None:
+    """A request's ``timeout_s``, at most a day: grpc's client fails a longer one at once
+    (services/rpc/deadlines.py)."""
+    if timeout_s is not None and math.isnan(timeout_s):
+        raise _invalid("timeout_s must be a number of seconds, got nan")
+    return bounded(timeout_s)
 
 
 def _target(target: str) -> str:
@@ -412,6 +422,7 @@ class BanaServeClient:
         # under its id, and takes over the request the router may still run.
         request_id = request_id or f"req-{uuid.uuid4().hex[:16]}"
         message = _request(prompt, request_id, chat, **sampling)
+        timeout_s = _timeout(timeout_s)
         resume = resume_for(
             message, timeout_s, self._max_resumes, self._reconnect_timeout_s, self._reached
         )
@@ -441,7 +452,7 @@ class BanaServeClient:
         try:
             self._stub.Abort(
                 router_pb2.AbortRequest(request_id=request_id),
-                timeout=timeout_s,
+                timeout=bounded(timeout_s),
                 metadata=self._metadata,
             )
         except grpc.RpcError as exc:
@@ -451,7 +462,9 @@ class BanaServeClient:
         try:
             return _workers(
                 self._stub.ListWorkers(
-                    router_pb2.ListWorkersRequest(), timeout=timeout_s, metadata=self._metadata
+                    router_pb2.ListWorkersRequest(),
+                    timeout=bounded(timeout_s),
+                    metadata=self._metadata,
                 )
             )
         except grpc.RpcError as exc:
@@ -493,7 +506,7 @@ class AsyncBanaServeClient:
         try:
             await self._stub.Abort(
                 router_pb2.AbortRequest(request_id=request_id),
-                timeout=timeout_s,
+                timeout=bounded(timeout_s),
                 metadata=self._metadata,
             )
         except grpc.RpcError as exc:
@@ -502,7 +515,7 @@ class AsyncBanaServeClient:
     async def list_workers(self, timeout_s: float = 5.0) -> list[WorkerStatus]:
         try:
             reply = await self._stub.ListWorkers(
-                router_pb2.ListWorkersRequest(), timeout=timeout_s, metadata=self._metadata
+                router_pb2.ListWorkersRequest(), timeout=bounded(timeout_s), metadata=self._metadata
             )
         except grpc.RpcError as exc:
             raise _error(exc) from None

@@ -21,6 +21,7 @@ from services.rpc.convert import (
     finish_to_proto,
     sampling_from_proto,
 )
+from services.rpc.deadlines import time_left
 from services.rpc.gen.banaserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 from services.rpc.server import Service
 from services.rpc.status import grpc_code
@@ -81,7 +82,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[prefill_pb2.PrefillResponse]:
         try:
-            events = self._worker.prefill(request_from_proto(request), context.time_remaining())
+            events = self._worker.prefill(request_from_proto(request), time_left(context))
             async for event in events:
                 yield response_to_proto(event)
         except TransferError as exc:

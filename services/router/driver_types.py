@@ -13,6 +13,7 @@ from services.common.errors import AlreadyExistsError, BanaServeError, ErrorCode
 from services.common.types import FinishReason, SamplingParams
 from services.router.core import require_config
 from services.router.registry import WorkerInfo
+from services.rpc.deadlines import MAX_DEADLINE_S
 
 
 class ReleaseReason(enum.Enum):
@@ -258,15 +259,21 @@ class DriverConfig:
         return min(self.retry_backoff_max_s, 0.1 * 2 ** (num_retries - 2))
 
     def __post_init__(self) -> None:
+        # At most a day: each is a deadline of the router's calls, and grpc fails a longer one
+        # at once (services/rpc/deadlines.py): `--default-timeout-s 1e20` failed every request.
         positive = ("lease_s", "default_timeout_s", "release_timeout_s", "admission_poll_s")
         for name in (*positive, "retry_backoff_max_s"):
             value = getattr(self, name)
             require_config(
-                math.isfinite(value) and value > 0, f"{name} must be positive, got {value}"
+                math.isfinite(value) and 0 < value <= MAX_DEADLINE_S,
+                f"{name} must be in (0, {MAX_DEADLINE_S:g}] seconds, got {value}",
             )
         for name in ("no_worker_wait_s", "id_reuse_wait_s", "retry_window_s"):
             value = getattr(self, name)
-            require_config(math.isfinite(value) and value >= 0, f"{name} must be >= 0, got {value}")
+            require_config(
+                math.isfinite(value) and 0 <= value <= MAX_DEADLINE_S,
+                f"{name} must be in [0, {MAX_DEADLINE_S:g}] seconds, got {value}",
+            )
         require_config(
             0 <= self.max_resumes <= 1000,
             f"max_resumes must be in [0, 1000], got {self.max_resumes}",

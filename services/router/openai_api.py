@@ -61,14 +61,16 @@ from services.router.openai_parse import BodyParser
 from services.router.openai_schema import Kind, Rendering, Usage
 from services.router.prompts import Encoder, PromptEncoder, model_context, model_vocab
 from services.router.registry import WorkerRole, WorkerStatus
+from services.rpc.deadlines import MAX_DEADLINE_S
 from services.rpc.security import caller_of_token, token_from_header
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 TIMEOUT_HEADER = "x-request-timeout"
 # The longest deadline the header may ask for: a day, far past any generation here; a larger
-# one used to overflow the deadline's conversion (500) or the workers' (instant 504).
-MAX_REQUEST_TIMEOUT_S = 86_400.0
+# one used to overflow the deadline's conversion (500) or the workers' (instant 504). The
+# same bound as a gRPC caller's deadline (services/rpc/deadlines.py).
+MAX_REQUEST_TIMEOUT_S = MAX_DEADLINE_S
 # How long a request's body may take to arrive, before it holds any slot: a body of the
 # largest size (``max_body_bytes``, 4 MiB) arrives in well under a second on any network this
 # API serves; a client that opens a request and dribbles or withholds its body is cut off.

@@ -51,6 +51,7 @@ from services.router.registry import (
     WorkerStatus,
 )
 from services.rpc.convert import FINISH_TO_PROTO, duration, sampling_from_proto
+from services.rpc.deadlines import time_left
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 from services.rpc.load_reports import load_from_proto, load_to_proto
 from services.rpc.security import caller_identity
@@ -115,7 +116,7 @@ def _time_left(context: grpc.aio.ServicerContext) -> float | None:
     """What is left of the call's deadline; None: it has none. grpc-aio answers 0 for a
     deadline already past, which the driver would take for "no deadline" (and its default of
     minutes): such a request is refused here, before it reserves anything."""
-    left = context.time_remaining()
+    left = time_left(context)  # at most a day (services/rpc/deadlines.py)
     if left is not None and left <= 0:
         raise TimeoutError("the request's deadline passed before it was routed")
     return left

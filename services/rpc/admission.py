@@ -32,6 +32,7 @@ from services.common.admission import (
     Ticket,
     fair_share,
 )
+from services.rpc.deadlines import time_left
 from services.rpc.security import caller_identity
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ async def _admit_or_abort(
     identify: Callable[[grpc.aio.ServicerContext], str],
 ) -> Ticket:
     try:
-        return await controller.admit(method_class, identify(context), context.time_remaining())
+        return await controller.admit(method_class, identify(context), time_left(context))
     except OverloadedError as exc:
         await context.abort(
             grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.client.client import BanaServeClient, BanaServeClientError
 from services.common.arg_types import host_port, positive
 from services.common.network import AUTO, resolve_host
+from services.rpc.deadlines import bounded
 
 
 def add_health_parser(sub: argparse._SubParsersAction) -> None:
@@ -82,7 +83,9 @@ def check(target: str, service: str = "", timeout_s: float = 3.0, tls_dir: str =
     """The health status name (``SERVING``, ``NOT_SERVING``, ...); raises grpc.RpcError."""
     with _channel(target, tls_dir) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+        reply = stub.Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=bounded(timeout_s)
+        )
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 

@@ -25,6 +25,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
+from services.client.client import BanaServeClient, BanaServeClientError
 from services.common.types import SamplingParams
 from services.launcher import ClusterSpec, LocalCluster
 from services.rpc.gen.banaserve.v1 import (
@@ -36,6 +37,7 @@ from services.rpc.gen.banaserve.v1 import (
     router_pb2,
     router_pb2_grpc,
 )
+from tests import raw_grpc
 from tests.engine.helpers import make_engine
 
 pytestmark = pytest.mark.e2e
@@ -129,6 +131,41 @@ def test_vanishing_temperature_or_top_p_completes_and_the_workers_serve_on(clust
         assert finished.finish_reason == common_pb2.FINISH_REASON_LENGTH and len(tokens) == 6
         assert time.monotonic() - started < 10
     assert_greedy_served_exactly(stub, tiny_llama)
+    assert_nothing_held(c)
+
+
+def test_a_deadline_longer_than_grpc_can_hold_is_served(cluster, tiny_llama):
+    """Session 37's probe: ``grpc-timeout: 99999999H`` (the most the header can say; what a Go
+    or C++ client sends for "no deadline") failed DEADLINE_EXCEEDED at once, "ReserveKV on
+    worker 'decode-0' failed": the router handed the deadline on to its workers, and grpc's
+    Python client fails one past 2^63 ns of the epoch before sending. The client library given
+    ``timeout_s=1e20`` failed the same way. Both are served now, their deadline a day
+    (services/rpc/deadlines.py)."""
+    c, stub = cluster
+    sampling = dict(temperature=0.0, max_tokens=8, ignore_eos=True)
+    (expected,) = make_engine(tiny_llama).generate([PROMPT], SamplingParams(**sampling))
+    for i, header in enumerate(("99999999H", "9999999H")):  # 3.6e11 s, 3.6e10 s
+        message = router_pb2.GenerateRequest(
+            request_id=f"long-deadline-{i}",
+            token_ids=common_pb2.TokenIds(ids=PROMPT),
+            sampling=common_pb2.SamplingParams(**sampling),
+        )
+        reply = raw_grpc.call(
+            c.router.address,
+            "/banaserve.v1.RouterService/Generate",
+            message.SerializeToString(),
+            [("grpc-timeout", header)],
+            timeout_s=30,
+        )
+        assert (reply.status, reply.message) == (0, ""), header
+        frames = [router_pb2.GenerateResponse.FromString(m) for m in reply.messages]
+        assert [t for f in frames for t in f.delta.token_ids] == expected.token_ids, header
+    with BanaServeClient(c.router.address) as client:
+        for timeout_s in (1e20, math.inf):
+            result = client.complete(PROMPT, timeout_s=timeout_s, **sampling)
+            assert list(result.token_ids) == expected.token_ids, timeout_s
+        with pytest.raises(BanaServeClientError, match="timeout_s must be a number of seconds"):
+            client.complete(PROMPT, timeout_s=math.nan, **sampling)
     assert_nothing_held(c)
 
 

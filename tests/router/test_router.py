@@ -317,6 +317,25 @@ def test_local_prefill_config_out_of_range(field, value) -> None:
         DriverConfig(**{field: value})
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        # Deadlines of the router's calls: past a day, grpc failed each call at once (a
+        # `--default-timeout-s 1e20` router failed every request without a deadline).
+        ("default_timeout_s", 1e20, r"default_timeout_s must be in \(0, 86400\] seconds"),
+        ("release_timeout_s", 86_400.5, r"release_timeout_s must be in \(0, 86400\]"),
+        ("lease_s", math.inf, r"lease_s must be in \(0, 86400\]"),
+        ("default_timeout_s", 0.0, r"default_timeout_s must be in \(0, 86400\]"),
+        ("retry_window_s", 1e12, r"retry_window_s must be in \[0, 86400\]"),
+        ("no_worker_wait_s", -1.0, r"no_worker_wait_s must be in \[0, 86400\]"),
+    ],
+)
+def test_driver_timeouts_are_at_most_a_day(field, value, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        DriverConfig(**{field: value})
+    assert DriverConfig(default_timeout_s=86_400.0).default_timeout_s == 86_400.0
+
+
 def test_sequence_capacity_sums_the_decoding_workers_still_registered():
     router = Router(RouterConfig())
     for port, (worker_id, role, seqs, hosts_only) in enumerate(
