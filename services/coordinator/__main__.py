@@ -1,13 +1,16 @@
 """``python -m services.coordinator``: flags -> Redis store, router, coordinator, gRPC -> serve.
 
-1. connects to Redis (fails at once if it does not answer) and loads every migration, picking
-   the live ones up again (core.Coordinator.recover);
+1. connects to Redis (fails at once if it does not answer), owns its ``--key-prefix`` (waits
+   while another coordinator does: ``ownership.py``), and loads every migration, picking the
+   live ones up again (core.Coordinator.recover);
 2. serves CoordinatorService and prints ``LISTENING HOST:PORT``;
 3. renews the workers' leases every ``--renew-interval`` seconds while it serves;
 4. on SIGTERM/SIGINT drains (``drain_for``: the migrations of workers stopping too are
    reverted first, as when a whole cluster is torn down at once), then stops its tasks
    WITHOUT aborting the other live migrations: a coordinator started again on the same Redis
-   (within the lease) carries on with them.
+   (within the lease) carries on with them, and releases its prefix;
+5. another coordinator took its prefix over (``Ownership.keep``): it acts on nothing more,
+   stops, and exits 2 naming that coordinator.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from opentelemetry import trace
 
 from services.common.arg_types import port_number
 from services.common.config import RpcConfig, TracingConfig
+from services.common.errors import ConfigError
 from services.common.metrics import (
     AutoMigrationCollector,
     CoordinatorCollector,
@@ -34,10 +38,17 @@ from services.common.network import add_host_args, resolve_host
 from services.coordinator.auto import add_auto_arguments, automatic, check_auto_arguments
 from services.coordinator.clients import RouterWorkers
 from services.coordinator.core import Coordinator, CoordinatorConfig
+from services.coordinator.ownership import Ownership
 from services.coordinator.servicer import coordinator_service
 from services.coordinator.store import DEFAULT_PREFIX, RedisMigrationStore
 from services.rpc.security import Role, add_security_args, security_config
-from services.rpc.server import Drain, add_drain_args, run_service, start_server
+from services.rpc.server import (
+    Drain,
+    RunningServer,
+    add_drain_args,
+    run_service,
+    start_server,
+)
 from services.rpc.tracing import setup_tracing
 
 log = logging.getLogger("services.coordinator")
@@ -104,6 +115,22 @@ async def renew_forever(coordinator: Coordinator, interval_s: float) -> None:
             log.exception("lease renewal failed")
 
 
+async def stop_when_lost(
+    ownership: Ownership,
+    coordinator: Coordinator,
+    server: RunningServer,
+    renewals: asyncio.Future[None],
+    lost: list[str],
+) -> None:
+    """Once another coordinator holds the prefix: no more commands (UNAVAILABLE), automatic
+    decisions or lease renewals from this one, and its server stops (``serve`` exits 2)."""
+    lost.append(await ownership.keep())
+    log.error("another coordinator (%s) took %s over: stopping", lost[0], ownership.prefix)
+    coordinator.draining = True
+    renewals.cancel()
+    await server.stop(grace_s=1.0)
+
+
 def drain_for(coordinator: Coordinator) -> Drain:
     """The coordinator's drain (core.Coordinator.drain); its calls left get the rest."""
 
@@ -132,11 +159,15 @@ async def serve(args: argparse.Namespace) -> None:
     workers = RouterWorkers(args.router, rpc, tracing)
     tracer = trace.get_tracer("services.coordinator", tracer_provider=tracing.provider)
     coordinator = Coordinator(store, workers, config, tracer=tracer)
+    ownership = Ownership(store.redis, args.key_prefix)
+    lost: list[str] = []  # who took the prefix over
     try:
         await store.ping()
+        await ownership.acquire()
         await coordinator.recover()
         server = await start_server([coordinator_service(coordinator)], rpc, tracing=tracing)
         renewals = asyncio.ensure_future(renew_forever(coordinator, config.renew_interval_s))
+        kept = asyncio.ensure_future(stop_when_lost(ownership, coordinator, server, renewals, lost))
         try:
             async with automatic(args, coordinator, workers, rpc, tracer) as auto:
                 collectors = [CoordinatorCollector(coordinator)]
@@ -152,9 +183,16 @@ async def serve(args: argparse.Namespace) -> None:
                 )  # fmt: skip
                 await server.serve_until_signal(drain=drain_for(coordinator))
         finally:
-            renewals.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewals
+            for task in (kept, renewals):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if lost:
+            raise ConfigError(
+                f"another coordinator ({lost[0]}) took {args.key_prefix} over, so this one "
+                "stopped: one coordinator per --key-prefix"
+            )
+        await ownership.release()
     finally:
         await coordinator.close()
         await workers.close()

@@ -116,6 +116,11 @@ class RedisMigrationStore:
     def from_url(cls, url: str, prefix: str = DEFAULT_PREFIX) -> RedisMigrationStore:
         return cls(aioredis.Redis.from_url(url), prefix)
 
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The client, shared with the prefix's ownership (``ownership.py``)."""
+        return self._redis
+
     def _key(self, migration_id: str) -> str:
         return f"{self._prefix}:migration:{migration_id}"
 

@@ -1,0 +1,124 @@
+"""One coordinator per Redis key prefix: the others wait, and one that lost the prefix stops.
+
+Every migration's record, its id counter and the workers' leases belong to the coordinator of
+a prefix (``store.py``). Two coordinators on one prefix (``docker compose up --scale
+coordinator=2``, a second ``python -m services.coordinator`` started by hand, a pod left
+running beside its replacement) would each recover the same live migrations, renew and revert
+them, and start migrations of their own on the same workers. So a coordinator owns its prefix
+before it does anything:
+
+1. ``acquire``: ``SET PREFIX:owner TOKEN NX PX ttl``. Held by another coordinator: it says so
+   once and waits, trying every ``interval_s``: a standby that takes over once the owner stops
+   (at once after a clean stop, which releases the key; within ``ttl_s`` after a SIGKILL);
+2. ``keep``: every ``interval_s`` the owner renews the key's TTL if it still holds its token
+   (one script). The key gone (Redis restarted empty, or it expired in a Redis outage) is taken
+   again. Held by another token: ``keep`` returns that holder, and the caller stops acting at
+   once (the other coordinator owns the migrations now) and exits;
+3. ``release`` (a clean stop): the key is deleted if it still holds this token.
+
+A Redis that does not answer leaves the owner as it was (logged once): no other coordinator
+can take the prefix while Redis is down either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+# The owner renews every second; a SIGKILLed owner's claim lapses within 3 s (as a kvstore
+# node's, services/kvstore/metadata.py), which is how long its standby waits to take over.
+OWNER_TTL_S = 3.0
+OWNER_INTERVAL_S = 1.0
+
+# KEYS: owner key; ARGV: token, ttl_ms -> 1 held (renewed or taken again), 0 another holds it.
+_KEEP = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+# KEYS: owner key; ARGV: token -> 1 deleted, 0 not this token's.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class Ownership:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        prefix: str,
+        ttl_s: float = OWNER_TTL_S,
+        interval_s: float = OWNER_INTERVAL_S,
+    ) -> None:
+        if not 0 < interval_s < ttl_s:
+            raise ValueError(f"need 0 < interval_s < ttl_s, got {interval_s}, {ttl_s}")
+        self.key = f"{prefix}:owner"
+        self.prefix = prefix
+        self.token = f"{socket.gethostname()}/pid {os.getpid()}/{uuid.uuid4().hex[:8]}"
+        self._redis = client
+        self._ttl_ms = max(1, round(ttl_s * 1000))
+        self._interval_s = interval_s
+        self._keep = client.register_script(_KEEP)
+        self._release = client.register_script(_RELEASE)
+
+    async def holder(self) -> str | None:
+        value = await self._redis.get(self.key)
+        return value.decode() if isinstance(value, bytes) else value
+
+    async def acquire(self) -> None:
+        """Returns once this coordinator owns the prefix (waits while another does)."""
+        waiting = False
+        while not await self._redis.set(self.key, self.token, nx=True, px=self._ttl_ms):
+            if not waiting:
+                log.warning(
+                    "another coordinator (%s) owns %s: waiting to take over once it stops "
+                    "(one coordinator per --key-prefix)",
+                    await self.holder(), self.prefix,
+                )  # fmt: skip
+                waiting = True
+            await asyncio.sleep(self._interval_s)
+        if waiting:
+            log.warning("took %s over", self.prefix)
+
+    async def keep(self) -> str:
+        """Renews the claim until another coordinator holds the prefix; returns that holder."""
+        unreachable = False
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                held = await self._keep(keys=[self.key], args=[self.token, self._ttl_ms])
+                if not held:
+                    return await self.holder() or "unknown"
+            except RedisError as exc:
+                if not unreachable:
+                    log.warning("cannot renew the claim on %s: %s (retrying)", self.prefix, exc)
+                unreachable = True
+                continue
+            if unreachable:
+                log.info("renewing the claim on %s again", self.prefix)
+                unreachable = False
+
+    async def release(self) -> None:
+        """Deletes the claim if this coordinator still holds it (a clean stop)."""
+        try:
+            await self._release(keys=[self.key], args=[self.token])
+        except RedisError as exc:  # it lapses within the TTL anyway
+            log.warning("could not release %s: %s", self.key, exc)

@@ -1,0 +1,140 @@
+"""One coordinator per Redis prefix (``services/coordinator/ownership.py``), on a real Redis:
+a second waits as a standby and takes over once the first stops (at once after a clean stop,
+within the claim's TTL after a SIGKILL), and a coordinator whose prefix another took stops.
+
+Before session 37 nothing kept two coordinators apart: both recovered the same live
+migrations, renewed and reverted them, and started migrations of their own."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+
+import grpc
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from services.child_process import Child
+from services.coordinator.ownership import Ownership
+from services.rpc.gen.banaserve.v1 import coordinator_pb2 as pb
+from services.rpc.gen.banaserve.v1 import coordinator_pb2_grpc
+from tests.coordinator.test_process import leave_active_migration
+
+TTL_S, INTERVAL_S = 0.6, 0.1
+
+
+def owners(url: str, prefix: str, n: int) -> tuple[aioredis.Redis, list[Ownership]]:
+    client = aioredis.Redis.from_url(url)
+    return client, [Ownership(client, prefix, TTL_S, INTERVAL_S) for _ in range(n)]
+
+
+def test_a_standby_takes_over_at_once_after_a_release_and_within_the_ttl_after_a_kill(
+    redis_server, store_prefix
+):
+    async def main():
+        client, (a, b, c) = owners(redis_server.url, store_prefix, 3)
+        try:
+            await a.acquire()
+            standby = asyncio.ensure_future(b.acquire())
+            keeper = asyncio.ensure_future(a.keep())
+            await asyncio.sleep(3 * TTL_S)  # the owner keeps renewing: the standby waits
+            assert not standby.done() and await b.holder() == a.token
+            keeper.cancel()
+            start = time.monotonic()
+            await a.release()  # a clean stop
+            await asyncio.wait_for(standby, 2 * INTERVAL_S + 0.5)
+            released = time.monotonic() - start
+            # b dies without releasing (SIGKILL): c takes over once b's claim lapses.
+            start = time.monotonic()
+            await asyncio.wait_for(c.acquire(), TTL_S + 2 * INTERVAL_S + 0.5)
+            killed = time.monotonic() - start
+            assert await c.holder() == c.token
+            return released, killed
+        finally:
+            await client.aclose()
+
+    released, killed = asyncio.run(main())
+    assert released < 2 * INTERVAL_S + 0.2
+    assert TTL_S - 2 * INTERVAL_S < killed < TTL_S + 2 * INTERVAL_S + 0.2
+
+
+def test_keep_returns_the_coordinator_that_took_the_prefix_and_takes_back_a_vanished_key(
+    redis_server, store_prefix
+):
+    async def main():
+        client, (a, b) = owners(redis_server.url, store_prefix, 2)
+        try:
+            await a.acquire()
+            keeper = asyncio.ensure_future(a.keep())
+            # The key gone (Redis restarted empty): a takes it again, no one else holding it.
+            await client.delete(a.key)
+            await asyncio.sleep(3 * INTERVAL_S)
+            assert not keeper.done() and await a.holder() == a.token
+            # A stall longer than the TTL: b took the prefix meanwhile; a's next renewal says so.
+            await client.delete(a.key)
+            await b.acquire()
+            holder = await asyncio.wait_for(keeper, 3 * INTERVAL_S)
+            await a.release()  # not a's any more: b keeps it
+            return holder, await b.holder()
+        finally:
+            await client.aclose()
+
+    holder, now = asyncio.run(main())
+    assert holder == now and holder.split("/")[1] == f"pid {os.getpid()}"
+
+
+def coordinator(url: str, prefix: str, log) -> Child:
+    argv = [
+        sys.executable, "-m", "services.coordinator", "--port", "0",
+        "--redis", url, "--key-prefix", prefix, "--lease", "30", "--log-level", "WARNING",
+    ]  # fmt: skip
+    return Child("coordinator", argv, dict(os.environ), log)
+
+
+@pytest.mark.timeout(120)
+def test_a_second_coordinator_process_waits_then_serves_and_one_overtaken_exits(
+    redis_server, store_prefix, tmp_path
+):
+    leave_active_migration(redis_server.url, store_prefix)
+    with (
+        open(tmp_path / "coordinator-0.log", "w") as log0,
+        open(tmp_path / "coordinator-1.log", "w") as log1,
+    ):
+        run_two(redis_server.url, store_prefix, tmp_path, log0, log1)
+
+
+def run_two(url: str, store_prefix: str, tmp_path, log0, log1) -> None:
+    first = coordinator(url, store_prefix, log0)
+    second = None
+    try:
+        first.wait_ready(time.monotonic() + 60)
+        second = coordinator(url, store_prefix, log1)
+        assert not second.poll_ready(timeout_s=4.0)  # a standby: no server, no recovery
+        assert "another coordinator" in (tmp_path / "coordinator-1.log").read_text()
+        stopped = time.monotonic()
+        assert first.stop() == 0  # a clean stop releases the prefix
+        address = second.wait_ready(time.monotonic() + 30)
+        assert time.monotonic() - stopped < 10
+        with grpc.insecure_channel(address) as channel:
+            stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+            listed = stub.ListMigrations(pb.ListMigrationsRequest(), timeout=5).migrations
+            assert [(m.migration_id, m.state) for m in listed] == [
+                ("m-1", pb.MIGRATION_STATE_ACTIVE)
+            ]
+        # Another coordinator takes the prefix (a pod left running beside its replacement,
+        # whose claim lapsed in a partition): this one stops within a renewal, exit 2.
+        client = redis.Redis.from_url(url)
+        try:
+            client.set(f"{store_prefix}:owner", "elsewhere/pid 1/x", px=3000)
+        finally:
+            client.close()
+        assert second.proc.wait(timeout=10) == 2
+        text = (tmp_path / "coordinator-1.log").read_text()
+        assert "another coordinator (elsewhere/pid 1/x) took" in text
+    finally:
+        for child in (first, second):
+            if child is not None and child.proc.poll() is None:
+                child.proc.kill()
