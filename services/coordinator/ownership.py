@@ -7,9 +7,13 @@ running beside its replacement) would each recover the same live migrations, ren
 them, and start migrations of their own on the same workers. So a coordinator owns its prefix
 before it does anything:
 
-1. ``acquire``: ``SET PREFIX:owner TOKEN NX PX ttl``. Held by another coordinator: it says so
-   once and waits, trying every ``interval_s``: a standby that takes over once the owner stops
-   (at once after a clean stop, which releases the key; within ``ttl_s`` after a SIGKILL);
+1. ``acquire``: ``SET PREFIX:owner TOKEN NX PX ttl`` (the token: ``HOST/pid N/random``). Held
+   by a coordinator that no longer runs on this host (its pid gone, or this very pid: a
+   restart in the same container, where the coordinator is pid 1 again), the claim is taken
+   at once: ``banaserve up`` or a container restarting a SIGKILLed coordinator does not wait.
+   Held by another one: it says so once and waits, trying every ``interval_s``: a standby that
+   takes over once the owner stops (at once after a clean stop, which releases the key; within
+   ``ttl_s`` after a SIGKILL elsewhere);
 2. ``keep``: every ``interval_s`` the owner renews the key's TTL if it still holds its token
    (one script). The key gone (Redis restarted empty, or it expired in a Redis outage) is taken
    again. Held by another token: ``keep`` returns that holder, and the caller stops acting at
@@ -67,12 +71,14 @@ class Ownership:
         prefix: str,
         ttl_s: float = OWNER_TTL_S,
         interval_s: float = OWNER_INTERVAL_S,
+        token: str | None = None,
     ) -> None:
         if not 0 < interval_s < ttl_s:
             raise ValueError(f"need 0 < interval_s < ttl_s, got {interval_s}, {ttl_s}")
         self.key = f"{prefix}:owner"
         self.prefix = prefix
-        self.token = f"{socket.gethostname()}/pid {os.getpid()}/{uuid.uuid4().hex[:8]}"
+        # HOST/pid N/random (``_runs_here`` reads it); tests name coordinators of other hosts.
+        self.token = token or f"{socket.gethostname()}/pid {os.getpid()}/{uuid.uuid4().hex[:8]}"
         self._redis = client
         self._ttl_ms = max(1, round(ttl_s * 1000))
         self._interval_s = interval_s
@@ -87,11 +93,17 @@ class Ownership:
         """Returns once this coordinator owns the prefix (waits while another does)."""
         waiting = False
         while not await self._redis.set(self.key, self.token, nx=True, px=self._ttl_ms):
+            holder = await self.holder()
+            if holder is not None and not _runs_here(holder):
+                # Deleted only if still that claim: another standby may have taken it since.
+                if await self._release(keys=[self.key], args=[holder]):
+                    log.warning("took %s over from %s, which no longer runs", self.prefix, holder)
+                continue
             if not waiting:
                 log.warning(
                     "another coordinator (%s) owns %s: waiting to take over once it stops "
                     "(one coordinator per --key-prefix)",
-                    await self.holder(), self.prefix,
+                    holder, self.prefix,
                 )  # fmt: skip
                 waiting = True
             await asyncio.sleep(self._interval_s)
@@ -122,3 +134,23 @@ class Ownership:
             await self._release(keys=[self.key], args=[self.token])
         except RedisError as exc:  # it lapses within the TTL anyway
             log.warning("could not release %s: %s", self.key, exc)
+
+
+def _runs_here(token: str) -> bool:
+    """False when ``token``'s coordinator is certainly gone: it ran on this host under a pid that
+    is gone, or under this process's own pid (a restart in the same container or pid namespace:
+    this process has claimed nothing yet). True otherwise: on another host it may well run."""
+    host, _, rest = token.partition("/pid ")
+    pid_text = rest.partition("/")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return True
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # runs, as another user
+        return True
+    return True

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import subprocess
 import sys
 import time
 
@@ -27,8 +29,10 @@ TTL_S, INTERVAL_S = 0.6, 0.1
 
 
 def owners(url: str, prefix: str, n: int) -> tuple[aioredis.Redis, list[Ownership]]:
+    """``n`` coordinators of other hosts (each may run for all this one can tell)."""
     client = aioredis.Redis.from_url(url)
-    return client, [Ownership(client, prefix, TTL_S, INTERVAL_S) for _ in range(n)]
+    tokens = [f"host-{i}/pid {1000 + i}/t{i}" for i in range(n)]
+    return client, [Ownership(client, prefix, TTL_S, INTERVAL_S, token) for token in tokens]
 
 
 def test_a_standby_takes_over_at_once_after_a_release_and_within_the_ttl_after_a_kill(
@@ -83,7 +87,42 @@ def test_keep_returns_the_coordinator_that_took_the_prefix_and_takes_back_a_vani
             await client.aclose()
 
     holder, now = asyncio.run(main())
-    assert holder == now and holder.split("/")[1] == f"pid {os.getpid()}"
+    assert holder == now == "host-1/pid 1001/t1"
+
+
+def test_a_claim_of_a_coordinator_gone_from_this_host_is_taken_at_once(redis_server, store_prefix):
+    """A restart on the same host (`banaserve up` respawning a SIGKILLed coordinator, a
+    container restarting it as pid 1 again) takes its predecessor's claim at once instead of
+    waiting out the TTL; a claim of a process that still runs here is waited for."""
+    host = socket.gethostname()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    alive = subprocess.Popen(["sleep", "30"])
+
+    async def take(holder: str) -> float | None:
+        client = aioredis.Redis.from_url(redis_server.url)
+        try:
+            await client.set(f"{store_prefix}:owner", holder, px=60_000)
+            me = Ownership(client, store_prefix, TTL_S, INTERVAL_S)
+            start = time.monotonic()
+            try:
+                await asyncio.wait_for(me.acquire(), 1.0)
+            except TimeoutError:
+                return None
+            assert await me.holder() == me.token
+            await me.release()
+            return time.monotonic() - start
+        finally:
+            await client.aclose()
+
+    try:
+        for holder in (f"{host}/pid {gone.pid}/old", f"{host}/pid {os.getpid()}/old"):
+            assert asyncio.run(take(holder)) < 0.2, holder
+        for holder in (f"{host}/pid {alive.pid}/old", f"elsewhere/pid {gone.pid}/old"):
+            assert asyncio.run(take(holder)) is None, holder  # waits (its claim has 60 s)
+    finally:
+        alive.kill()
+        alive.wait()
 
 
 def coordinator(url: str, prefix: str, log) -> Child:
