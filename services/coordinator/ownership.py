@@ -7,10 +7,12 @@ running beside its replacement) would each recover the same live migrations, ren
 them, and start migrations of their own on the same workers. So a coordinator owns its prefix
 before it does anything:
 
-1. ``acquire``: ``SET PREFIX:owner TOKEN NX PX ttl`` (the token: ``HOST/pid N/random``). Held
-   by a coordinator that no longer runs on this host (its pid gone, or this very pid: a
-   restart in the same container, where the coordinator is pid 1 again), the claim is taken
-   at once: ``banaserve up`` or a container restarting a SIGKILLed coordinator does not wait.
+1. ``acquire``: ``SET PREFIX:owner TOKEN NX PX ttl`` (the token: ``HOST/PID-NAMESPACE/pid
+   N/random``). Held by a coordinator of this host and pid namespace that no longer runs (its
+   pid gone, or this very pid), the claim is taken at once: ``banaserve up`` respawning a
+   SIGKILLed coordinator does not wait. Two hosts, or two containers (each its own pid
+   namespace, even where they share a hostname, as with host networking), never judge each
+   other's pids.
    Held by another one: it says so once and waits, trying every ``interval_s``: a standby that
    takes over once the owner stops (at once after a clean stop, which releases the key; within
    ``ttl_s`` after a SIGKILL elsewhere);
@@ -77,8 +79,8 @@ class Ownership:
             raise ValueError(f"need 0 < interval_s < ttl_s, got {interval_s}, {ttl_s}")
         self.key = f"{prefix}:owner"
         self.prefix = prefix
-        # HOST/pid N/random (``_runs_here`` reads it); tests name coordinators of other hosts.
-        self.token = token or f"{socket.gethostname()}/pid {os.getpid()}/{uuid.uuid4().hex[:8]}"
+        # HOST/PID-NAMESPACE/pid N/random (``_runs_here`` reads it); tests name others'.
+        self.token = token or f"{local_identity()}/pid {os.getpid()}/{uuid.uuid4().hex[:8]}"
         self._redis = client
         self._ttl_ms = max(1, round(ttl_s * 1000))
         self._interval_s = interval_s
@@ -136,13 +138,23 @@ class Ownership:
             log.warning("could not release %s: %s", self.key, exc)
 
 
+def local_identity() -> str:
+    """``HOST/PID-NAMESPACE``: where a pid means this host's process (``pid:[4026531836]``;
+    empty off Linux, where no claim is judged by its pid)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return f"{socket.gethostname()}/{namespace}"
+
+
 def _runs_here(token: str) -> bool:
-    """False when ``token``'s coordinator is certainly gone: it ran on this host under a pid that
-    is gone, or under this process's own pid (a restart in the same container or pid namespace:
-    this process has claimed nothing yet). True otherwise: on another host it may well run."""
-    host, _, rest = token.partition("/pid ")
+    """False when ``token``'s coordinator is certainly gone: it ran in this host's and pid
+    namespace under a pid that is gone, or under this process's own pid (this process has
+    claimed nothing yet). True otherwise: elsewhere it may well run."""
+    identity, _, rest = token.rpartition("/pid ")
     pid_text = rest.partition("/")[0]
-    if host != socket.gethostname() or not pid_text.isdigit():
+    if identity != local_identity() or identity.endswith("/") or not pid_text.isdigit():
         return True
     pid = int(pid_text)
     if pid == os.getpid():

@@ -20,7 +20,7 @@ import redis
 import redis.asyncio as aioredis
 
 from services.child_process import Child
-from services.coordinator.ownership import Ownership
+from services.coordinator.ownership import Ownership, local_identity
 from services.rpc.gen.banaserve.v1 import coordinator_pb2 as pb
 from services.rpc.gen.banaserve.v1 import coordinator_pb2_grpc
 from tests.coordinator.test_process import leave_active_migration
@@ -91,10 +91,10 @@ def test_keep_returns_the_coordinator_that_took_the_prefix_and_takes_back_a_vani
 
 
 def test_a_claim_of_a_coordinator_gone_from_this_host_is_taken_at_once(redis_server, store_prefix):
-    """A restart on the same host (`banaserve up` respawning a SIGKILLed coordinator, a
-    container restarting it as pid 1 again) takes its predecessor's claim at once instead of
-    waiting out the TTL; a claim of a process that still runs here is waited for."""
-    host = socket.gethostname()
+    """A restart on the same host and pid namespace (`banaserve up` respawning a SIGKILLed
+    coordinator) takes its predecessor's claim at once instead of waiting out the TTL; a claim
+    of a process that still runs here, or of another pid namespace or host, is waited for."""
+    here = local_identity()
     gone = subprocess.Popen(["true"])
     gone.wait()
     alive = subprocess.Popen(["sleep", "30"])
@@ -116,9 +116,11 @@ def test_a_claim_of_a_coordinator_gone_from_this_host_is_taken_at_once(redis_ser
             await client.aclose()
 
     try:
-        for holder in (f"{host}/pid {gone.pid}/old", f"{host}/pid {os.getpid()}/old"):
+        for holder in (f"{here}/pid {gone.pid}/old", f"{here}/pid {os.getpid()}/old"):
             assert asyncio.run(take(holder)) < 0.2, holder
-        for holder in (f"{host}/pid {alive.pid}/old", f"elsewhere/pid {gone.pid}/old"):
+        other_namespace = f"{socket.gethostname()}/pid:[1]/pid {gone.pid}/old"
+        elsewhere = f"elsewhere/{here.split('/', 1)[1]}/pid {gone.pid}/old"
+        for holder in (f"{here}/pid {alive.pid}/old", other_namespace, elsewhere):
             assert asyncio.run(take(holder)) is None, holder  # waits (its claim has 60 s)
     finally:
         alive.kill()
