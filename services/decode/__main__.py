@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-from services.common.arg_types import port_number
+from services.common.arg_types import port_number, positive
 from services.common.config import RpcConfig, TracingConfig
 from services.common.engine_args import (
     NO_KV_TRANSPORT,
@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--worker-id", default=None, help="default: ROLE-HOST-PORT of the address advertised"
     )
     p.add_argument("--router", default=env("BANASERVE_ROUTER", ""), help="HOST:PORT")
-    p.add_argument("--report-interval", type=float, default=0.1)
+    p.add_argument("--report-interval", type=positive(float), default=0.1)
     p.add_argument("--max-lease", type=float, default=60.0)
     p.add_argument(
         "--transfer-idle-timeout",

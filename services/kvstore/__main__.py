@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from services.common.arg_types import port_number
+from services.common.arg_types import port_number, positive
 from services.common.config import RpcConfig, TracingConfig
 from services.common.metrics import KVStoreCollector, add_metrics_args, start_metrics
 from services.common.network import (
@@ -64,8 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--capacity-bytes", type=int, default=1 << 30, help="host-memory pool")
     p.add_argument("--disk-dir", default=None, help="spill evicted blocks here (optional)")
     p.add_argument("--disk-capacity-bytes", type=int, default=4 << 30)
-    p.add_argument("--reservation-ttl", type=float, default=30.0)
-    p.add_argument("--pin-ttl", type=float, default=30.0)
+    p.add_argument("--reservation-ttl", type=positive(float), default=30.0)
+    p.add_argument("--pin-ttl", type=positive(float), default=30.0)
     p.add_argument("--heartbeat-interval", type=float, default=1.0)
     p.add_argument(
         "--seen-window",

@@ -58,6 +58,7 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -104,10 +105,10 @@ class PoolConfig:
     def __post_init__(self) -> None:
         if self.capacity_bytes <= 0:
             raise ConfigError(f"capacity_bytes must be positive, got {self.capacity_bytes}")
-        if self.reservation_ttl_s <= 0:
-            raise ConfigError(f"reservation_ttl_s must be positive, got {self.reservation_ttl_s}")
-        if self.pin_ttl_s <= 0:
-            raise ConfigError(f"pin_ttl_s must be positive, got {self.pin_ttl_s}")
+        for name in ("reservation_ttl_s", "pin_ttl_s"):  # NaN too: it never compares <= 0
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be positive, got {value}")
 
 
 class BlockStatus(enum.Enum):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from services.common.arg_types import port_number
+from services.common.arg_types import port_number, positive
 from services.common.config import RpcConfig, TracingConfig
 from services.common.engine_args import (
     NO_KV_TRANSPORT,
@@ -60,7 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="HOST:PORT",
         help="a kvstore node: reuse cached prefixes from the global KV store, write new blocks",
     )
-    p.add_argument("--kvstore-timeout", type=float, default=2.0, help="bound on each store call")
+    p.add_argument(
+        "--kvstore-timeout", type=positive(float), default=2.0, help="bound on each store call"
+    )
     p.add_argument(
         "--no-kvstore-overlap",
         dest="kvstore_overlap",
@@ -94,7 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--worker-id", default=None, help="default: prefill-HOST-PORT of the address advertised"
     )
-    p.add_argument("--report-interval", type=float, default=0.1, help="seconds between reports")
+    p.add_argument(
+        "--report-interval", type=positive(float), default=0.1, help="seconds between reports"
+    )
     p.add_argument("--tracing", choices=("none", "console", "otlp"), default="none")
     p.add_argument("--otlp-endpoint", default="")
     p.add_argument("--log-level", default="INFO")

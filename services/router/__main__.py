@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "at least 4 MiB); larger messages are refused unread with RESOURCE_EXHAUSTED",
     )
     p.add_argument("--report-timeout-s", type=float, default=1.0)
-    p.add_argument("--expire-interval-s", type=float, default=0.25)
+    p.add_argument("--expire-interval-s", type=positive(float), default=0.25)
     p.add_argument(
         "--lease-s",
         type=float,

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import importlib
 import logging
+import math
 import signal
 import threading
 
@@ -147,6 +148,38 @@ def test_up_refuses_one_process_flags_for_a_service_it_runs_more_than_once(spec,
         return
     with pytest.raises(ConfigError, match=f"{refused}.* names one process's port"):
         ClusterSpec(**spec)
+
+
+@pytest.mark.parametrize(
+    ("service", "flag"),
+    [
+        # Session 37's probe: each started with -1, 0 or nan. A report interval of 0 or less
+        # sends reports in a loop with no pause (LoadReporter's wait times out at once), a store
+        # timeout of -1 fails every store call (each prompt then computed in full), a pin TTL
+        # of nan never compares as expired, an expiry interval of -1 sweeps with no pause.
+        ("prefill", "--kvstore-timeout"),
+        ("prefill", "--report-interval"),
+        ("decode", "--report-interval"),
+        ("kvstore", "--reservation-ttl"),
+        ("kvstore", "--pin-ttl"),
+        ("router", "--expire-interval-s"),
+    ],
+)
+def test_a_service_refuses_a_duration_that_is_not_a_positive_number(capsys, service, flag):
+    parse_args = importlib.import_module(f"services.{service}.__main__").parse_args
+    assert getattr(parse_args([flag, "0.5"]), flag[2:].replace("-", "_")) == 0.5
+    for bad in ("0", "-1", "nan", "inf", "x"):
+        with pytest.raises(SystemExit):
+            parse_args([flag, bad])
+        assert f"argument {flag}:" in capsys.readouterr().err
+
+
+def test_the_pool_refuses_a_ttl_that_is_nan():
+    from services.kvstore.pool import PoolConfig
+
+    for field in ("reservation_ttl_s", "pin_ttl_s"):
+        with pytest.raises(ConfigError, match=f"{field} must be positive, got nan"):
+            PoolConfig(1 << 20, **{field: math.nan})
 
 
 @pytest.mark.parametrize("service", ["prefill", "decode", "kvstore"])
