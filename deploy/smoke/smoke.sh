@@ -58,17 +58,23 @@ pump=$!
 step "up: 1 prefill + 1 decode"
 "${compose[@]}" up -d --no-build --scale prefill=1 --scale decode=1
 status() { podman inspect --format '{{.State.Health.Status}}' "$1" 2>/dev/null || echo none; }
+# wait_healthy SVC: every container of SVC healthy before $deadline, or its logs and FAIL.
+wait_healthy() {
+	local c
+	for c in $("${compose[@]}" ps -q "$1"); do
+		until [ "$(status "$c")" = healthy ]; do
+			if [ "$(date +%s)" -gt "$deadline" ]; then
+				"${compose[@]}" logs --tail 30 "$1"
+				echo "FAIL: $1 ($c) not healthy in time"; exit 1
+			fi
+			sleep 1
+		done
+	done
+	echo "$1 healthy"
+}
 deadline=$(($(date +%s) + 300))
 for svc in redis kvstore router prefill decode coordinator; do
-	c=$("${compose[@]}" ps -q "$svc" | head -1)
-	until [ "$(status "$c")" = healthy ]; do
-		if [ "$(date +%s)" -gt "$deadline" ]; then
-			"${compose[@]}" logs --tail 30 "$svc"
-			echo "FAIL: $svc not healthy in time"; exit 1
-		fi
-		sleep 1
-	done
-	echo "$svc healthy"
+	wait_healthy "$svc"
 done
 
 step "expected text: banaserve generate in-process"
@@ -165,16 +171,7 @@ deadline=$(($(date +%s) + 180))
 for svc in decode kvstore; do
 	replicas=$("${compose[@]}" ps -q "$svc")
 	[ "$(echo "$replicas" | wc -l)" -eq 2 ] || { echo "FAIL: not 2 $svc replicas: $replicas"; exit 1; }
-	for c in $replicas; do
-		until [ "$(status "$c")" = healthy ]; do
-			if [ "$(date +%s)" -gt "$deadline" ]; then
-				"${compose[@]}" logs --tail 30 "$svc"
-				echo "FAIL: $svc replica $c not healthy in time"; exit 1
-			fi
-			sleep 1
-		done
-	done
-	echo "both $svc replicas healthy"
+	wait_healthy "$svc"
 done
 sleep 3  # a few heartbeats: a node that another took the place of would be gone by now
 nodes=$("${compose[@]}" exec -T redis redis-cli SMEMBERS banaserve:kv:nodes | sort)

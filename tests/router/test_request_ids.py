@@ -210,20 +210,26 @@ def test_usage_counts_delivered_tokens_whatever_the_worker_reports(monkeypatch):
     assert frames[-1].finished.usage.num_completion_tokens == 4
 
 
-def test_a_duplicate_of_a_live_request_is_refused_before_any_work():
-    async def main():
-        async with cluster(hang_decode=True) as c:
-            live = c.stub.Generate(request("dup"), timeout=5)
-            await live.read()
-            try:
-                await collect(c.stub.Generate(request("dup"), timeout=5))
-            except grpc.aio.AioRpcError as exc:
-                error = exc
-            calls = list(c.log.calls)
-            live.cancel()
-            return error, calls
+async def duplicate_of_a_live_request(timeout: float):
+    """A request 'dup' streaming (its decode hangs), then a second 'dup' under ``timeout``: the
+    second's error, how long it took, and the worker calls made meanwhile."""
+    async with cluster(hang_decode=True) as c:
+        live = c.stub.Generate(request("dup"), timeout=5)
+        await live.read()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            await collect(c.stub.Generate(request("dup"), timeout=timeout))
+        except grpc.aio.AioRpcError as exc:
+            error = exc
+        took = loop.time() - started
+        calls = list(c.log.calls)
+        live.cancel()
+        return error, took, calls
 
-    error, calls = asyncio.run(main())
+
+def test_a_duplicate_of_a_live_request_is_refused_before_any_work():
+    error, _, calls = asyncio.run(duplicate_of_a_live_request(5))
     assert (error.code(), error.details()) == (
         grpc.StatusCode.ALREADY_EXISTS,
         "request id 'dup' is already running",
@@ -253,21 +259,7 @@ def test_a_duplicate_with_a_deadline_shorter_than_the_id_wait_is_told_why_before
     duplicate's deadline: ALREADY_EXISTS with the reason, not DEADLINE_EXCEEDED (before
     session 36 it waited the whole deadline and the caller's own timer won)."""
 
-    async def main():
-        async with cluster(hang_decode=True) as c:
-            live = c.stub.Generate(request("dup"), timeout=5)
-            await live.read()
-            loop = asyncio.get_running_loop()
-            started = loop.time()
-            try:
-                await collect(c.stub.Generate(request("dup"), timeout=timeout))
-            except grpc.aio.AioRpcError as exc:
-                error = exc
-            took = loop.time() - started
-            live.cancel()
-            return error, took
-
-    error, took = asyncio.run(main())
+    error, took, _ = asyncio.run(duplicate_of_a_live_request(timeout))
     assert (error.code(), error.details()) == (
         grpc.StatusCode.ALREADY_EXISTS,
         "request id 'dup' is already running",
