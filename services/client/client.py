@@ -452,7 +452,7 @@ class BanaServeClient:
         try:
             self._stub.Abort(
                 router_pb2.AbortRequest(request_id=request_id),
-                timeout=bounded(timeout_s),
+                timeout=_timeout(timeout_s),
                 metadata=self._metadata,
             )
         except grpc.RpcError as exc:
@@ -463,7 +463,7 @@ class BanaServeClient:
             return _workers(
                 self._stub.ListWorkers(
                     router_pb2.ListWorkersRequest(),
-                    timeout=bounded(timeout_s),
+                    timeout=_timeout(timeout_s),
                     metadata=self._metadata,
                 )
             )
@@ -506,7 +506,7 @@ class AsyncBanaServeClient:
         try:
             await self._stub.Abort(
                 router_pb2.AbortRequest(request_id=request_id),
-                timeout=bounded(timeout_s),
+                timeout=_timeout(timeout_s),
                 metadata=self._metadata,
             )
         except grpc.RpcError as exc:
@@ -515,7 +515,9 @@ class AsyncBanaServeClient:
     async def list_workers(self, timeout_s: float = 5.0) -> list[WorkerStatus]:
         try:
             reply = await self._stub.ListWorkers(
-                router_pb2.ListWorkersRequest(), timeout=bounded(timeout_s), metadata=self._metadata
+                router_pb2.ListWorkersRequest(),
+                timeout=_timeout(timeout_s),
+                metadata=self._metadata,
             )
         except grpc.RpcError as exc:
             raise _error(exc) from None

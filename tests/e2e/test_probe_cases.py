@@ -166,6 +166,16 @@ def test_a_deadline_longer_than_grpc_can_hold_is_served(cluster, tiny_llama):
             assert list(result.token_ids) == expected.token_ids, timeout_s
         with pytest.raises(BanaServeClientError, match="timeout_s must be a number of seconds"):
             client.complete(PROMPT, timeout_s=math.nan, **sampling)
+        # The calls that are not a generation take the same deadlines: a long one is served,
+        # NaN is refused as the caller's mistake (it was DEADLINE_EXCEEDED at once).
+        assert len(client.list_workers(timeout_s=1e20)) == 2
+        with pytest.raises(BanaServeClientError, match="no running request") as err:
+            client.abort("no-such-request", timeout_s=1e20)  # reached the router
+        assert err.value.code == grpc.StatusCode.NOT_FOUND
+        for call in (client.list_workers, lambda timeout_s: client.abort("x", timeout_s)):
+            with pytest.raises(BanaServeClientError, match="timeout_s must be a number") as err:
+                call(timeout_s=math.nan)
+            assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert_nothing_held(c)
 
 
