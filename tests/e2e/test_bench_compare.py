@@ -12,7 +12,8 @@ import pytest
 from bench.compare_report import COLUMNS
 from services.cli import main
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+# A cluster per mode, ~30 s: CI runs it in ``make test-cluster``, outside the default run.
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(900)]
 
 RUN_KEYS = {"mode", "workload", "summary", "migrations", "utilisation", "timeline", "requests",
             "deadline_s", "settle_s", "num_missed_samples"}  # fmt: skip

@@ -100,6 +100,7 @@ def test_prefill_figures():
 
 
 @pytest.mark.integration
+@pytest.mark.cluster  # ~35 s of real clusters migrating: make test-cluster
 @pytest.mark.timeout(600)
 def test_tiny_run_writes_the_report(banaserve_home, tiny_llama, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("BANASERVE_HOME", str(banaserve_home))
