@@ -8,7 +8,6 @@ encoded without special tokens, as ``apply_chat_template`` does.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
@@ -20,6 +19,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from services.common.errors import InvalidRequestError, ModelFormatError
+from services.common.model_files import read_json_object
 
 
 def config_eos_token_ids(value: Any) -> tuple[int, ...]:
@@ -41,6 +41,25 @@ def _token_text(value: Any) -> str | None:
     return value
 
 
+def _config_text(cfg: dict[str, Any], key: str, file: Path) -> str | None:
+    """A special token of tokenizer_config.json: its text, a serialised AddedToken's or none."""
+    text = _token_text(cfg.get(key))
+    if text is not None and not isinstance(text, str):
+        raise ModelFormatError(f"{file}: {key} must be a token's text, got {text!r}")
+    return text
+
+
+def _chat_template_text(value: Any, file: Path) -> str | None:
+    """tokenizer_config.json's ``chat_template``: one template, or Hugging Face's list of named
+    ones, of which the one named ``default`` is the chat template."""
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default")
+    if value is not None and not isinstance(value, str):
+        raise ModelFormatError(f"{file}: chat_template must be a template's text, got {value!r}")
+    return value
+
+
 def _raise_exception(message: str) -> None:
     raise InvalidRequestError(f"chat template: {message}")
 
@@ -50,15 +69,21 @@ class Tokenizer:
         file = path / "tokenizer.json"
         if not file.is_file():
             raise ModelFormatError(f"{path} has no tokenizer.json")
-        self._tok = HFTokenizer.from_file(str(file))
+        try:
+            self._tok = HFTokenizer.from_file(str(file))
+        except Exception as exc:  # the tokenizers library raises a bare Exception
+            raise ModelFormatError(f"{file} is not a tokenizer: {exc}") from None
         cfg_file = path / "tokenizer_config.json"
-        cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-        self.bos_token = _token_text(cfg.get("bos_token"))
-        self.eos_token = _token_text(cfg.get("eos_token"))
-        self.chat_template = cfg.get("chat_template")
+        cfg = read_json_object(cfg_file) if cfg_file.is_file() else {}
+        self.bos_token = _config_text(cfg, "bos_token", cfg_file)
+        self.eos_token = _config_text(cfg, "eos_token", cfg_file)
+        self.chat_template = _chat_template_text(cfg.get("chat_template"), cfg_file)
         template_file = path / "chat_template.jinja"
         if self.chat_template is None and template_file.is_file():
-            self.chat_template = template_file.read_text()
+            try:
+                self.chat_template = template_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ModelFormatError(f"{template_file} cannot be read: {exc}") from None
 
     @property
     def vocab_size(self) -> int:
@@ -85,17 +110,25 @@ class Tokenizer:
             trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
         )
         env.globals["raise_exception"] = _raise_exception
-        return env.from_string(self.chat_template)
+        try:
+            return env.from_string(self.chat_template)
+        except jinja2.TemplateError as exc:
+            raise ModelFormatError(f"this model's chat template does not compile: {exc}") from None
 
     def apply_chat_template(
         self, messages: list[dict[str, str]], add_generation_prompt: bool = True
     ) -> str:
-        return self._chat_template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-        )
+        try:
+            return self._chat_template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except InvalidRequestError:  # the template's raise_exception: refused for this request
+            raise
+        except Exception as exc:  # the template is the checkpoint's code: any failure is its
+            raise ModelFormatError(f"this model's chat template failed: {exc!r}") from None
 
     def encode_chat(self, prompt: str) -> list[int]:
         text = self.apply_chat_template([{"role": "user", "content": prompt}])

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from services.common.arg_types import int_range, port_number, positive
 from services.common.config import RpcConfig, TracingConfig
 from services.common.limits import PromptLimits
 from services.common.metrics import RequestMetrics, RouterCollector, add_metrics_args, start_metrics
+from services.common.model_files import read_json_object
 from services.common.network import add_host_args, resolve_host
 from services.router.clients import GrpcWorkerClients
 from services.router.core import POLICIES, Router, RouterConfig
@@ -166,7 +166,7 @@ def load_tokenizer(model_dir: Path) -> tuple[Encoder, ResumeCheck]:
     from services.engine.tokenizer import Tokenizer, config_eos_token_ids, end_of_sequence_ids
 
     tokenizer = Tokenizer(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_json_object(model_dir / "config.json")
     eos = end_of_sequence_ids(config_eos_token_ids(config.get("eos_token_id")), tokenizer)
 
     def encode(text: str, chat: bool) -> list[int]:

@@ -21,13 +21,13 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
-import json
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from services.common.errors import InvalidRequestError, ModelFormatError
 from services.common.limits import DEFAULT_CONTEXT, PromptLimits
+from services.common.model_files import read_json_object
 from services.common.types import SamplingParams
 
 # text, chat → token ids (chat: apply the model's chat template to the text as one user turn).
@@ -55,10 +55,10 @@ _TRIM = _malloc_trim()
 
 def model_context(model_dir: Path) -> int:
     """The context length a model's config.json declares (as the engine reads it)."""
+    config = read_json_object(model_dir / "config.json")
     try:
-        config = json.loads((model_dir / "config.json").read_text())
         limit = int(config["max_position_embeddings"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         raise ModelFormatError(f"{model_dir}: no max_position_embeddings in config.json") from exc
     window = config.get("sliding_window")
     return min(limit, int(window)) if window else limit
@@ -67,8 +67,8 @@ def model_context(model_dir: Path) -> int:
 def model_vocab(model_dir: Path) -> int | None:
     """The vocabulary size a model's config.json declares (None: it declares none)."""
     try:
-        return int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(read_json_object(model_dir / "config.json")["vocab_size"])
+    except (ModelFormatError, ValueError, KeyError, TypeError):
         return None
 
 

@@ -43,7 +43,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common.arg_types import non_negative
 from services.common.config import DRAIN_TIMEOUT_S, RpcConfig
-from services.common.errors import ConfigError, ModelNotFoundError
+from services.common.errors import ConfigError, ModelFormatError, ModelNotFoundError
 from services.common.logs import configure_logging
 from services.common.parent import watch_parent
 from services.rpc.channels import server_options
@@ -313,14 +313,15 @@ def run_service(
 ) -> int:
     """Every service's ``main``: flags, logging, then ``serve(args)`` until it returns. A
     configuration its flags make that the service refuses (``ConfigError``: a KV pool of -3
-    blocks; ``ModelNotFoundError``: a model that is not there) is one ``error:`` line and exit
-    status 2, as a bad flag is, not a traceback."""
+    blocks; ``ModelNotFoundError``: a model that is not there; ``ModelFormatError``: one whose
+    files are damaged or disagree) is one ``error:`` line and exit status 2, as a bad flag is,
+    not a traceback."""
     args = parse_args(argv)
     configure_logging(args.log_level)
     watch_parent()  # started by a launcher: stop once it is gone
     try:
         asyncio.run(serve(args))
-    except (ConfigError, ModelNotFoundError) as exc:
+    except (ConfigError, ModelNotFoundError, ModelFormatError) as exc:
         log.error("error: %s", exc)
         return 2
     return 0

@@ -17,6 +17,7 @@ layer (services/engine/model_runner.py). ``forward_layers`` runs it through with
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,13 @@ from services.engine.models.rope import RotaryEmbedding, RotaryTables, apply_rot
 from services.engine.tokenizer import config_eos_token_ids
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+# The most positions a model may have: its rotary tables are computed for every one at load
+# (2 × positions × head_dim floats: 1 GiB at head_dim 64). 2^21 is past every context length of
+# the supported families (Qwen2.5-1M's 1,010,000 included).
+MAX_POSITIONS = 1 << 21
+# Any other size of a config (layers, heads, widths, vocabulary): past every model that fits
+# in memory; the checkpoint's tensors bound them further, before anything is allocated.
+MAX_SIZE = 1 << 31
 
 # Called with a layer's index once that layer has run (its KV is written), before the next one.
 OnLayerDone = Callable[[int], None]
@@ -73,6 +81,8 @@ class ModelSpec:
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> ModelSpec:
+        """The spec of a config.json; a field missing, of the wrong type or out of range is a
+        ``ModelFormatError`` naming it (not a KeyError or a tensor of nonsense sizes later)."""
         arch = (cfg.get("architectures") or ["?"])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ModelFormatError(
@@ -80,28 +90,65 @@ class ModelSpec:
             )
         if cfg.get("hidden_act", "silu") != "silu":
             raise ModelFormatError(f"hidden_act {cfg['hidden_act']!r} is not supported (silu only)")
-        heads = cfg["num_attention_heads"]
-        eos = cfg.get("eos_token_id")
+        hidden, heads = _size(cfg, "hidden_size"), _size(cfg, "num_attention_heads")
+        kv_heads = _size(cfg, "num_key_value_heads", heads)
+        if heads % kv_heads:
+            raise ModelFormatError(
+                f"config.json: num_attention_heads ({heads}) is not a multiple of "
+                f"num_key_value_heads ({kv_heads})"
+            )
+        if not cfg.get("head_dim") and hidden % heads:
+            raise ModelFormatError(
+                f"config.json: hidden_size ({hidden}) is not a multiple of num_attention_heads "
+                f"({heads}), and no head_dim is given"
+            )
+        eps = cfg.get("rms_norm_eps", 1e-6)
+        if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 < eps < math.inf:
+            raise ModelFormatError(
+                f"config.json: rms_norm_eps must be a positive number, got {eps!r}"
+            )
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+        eos = config_eos_token_ids(cfg.get("eos_token_id"))
+        for name, ids in (("bos_token_id", (cfg.get("bos_token_id"),)), ("eos_token_id", eos)):
+            if any(i is not None and not _is_count(i, 0) for i in ids):
+                raise ModelFormatError(f"config.json: {name} must be token ids, got {ids!r}")
         return cls(
             architecture=arch,
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
+            vocab_size=_size(cfg, "vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=_size(cfg, "intermediate_size"),
+            num_layers=_size(cfg, "num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            num_kv_heads=kv_heads,
+            head_dim=_size(cfg, "head_dim", hidden // heads),
+            rms_norm_eps=eps,
+            max_position_embeddings=_size(cfg, "max_position_embeddings", 2048, MAX_POSITIONS),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             attention_bias=cfg.get("attention_bias", arch == "Qwen2ForCausalLM"),
             mlp_bias=cfg.get("mlp_bias", False),
             rope=rope_parameters(cfg),
-            sliding_window=window,
+            sliding_window=None if window is None else _size(cfg, "sliding_window"),
             bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=config_eos_token_ids(eos),
+            eos_token_ids=eos,
         )
+
+
+def _is_count(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _size(cfg: dict[str, Any], key: str, default: int | None = None, most: int = MAX_SIZE) -> int:
+    """A config.json size: a positive integer (``default`` where it is absent or null)."""
+    value = cfg.get(key)
+    if value is None:
+        if default is None:
+            raise ModelFormatError(f"config.json has no {key}")
+        return default
+    if not _is_count(value, 1) or value > most:
+        raise ModelFormatError(
+            f"config.json: {key} must be an integer in [1, {most:,}], got {value!r}"
+        )
+    return value
 
 
 class RMSNorm(nn.Module):

@@ -9,18 +9,21 @@ two checkpoints with the same shapes never share cached KV.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from services.common.errors import ModelFormatError
+from services.common.model_files import read_json_object
 from services.engine.models.llama import DecoderLayer, LlamaForCausalLM, ModelSpec
 from services.engine.models.packed_linear import pack_linears, packing_supported
+from services.engine.models.rope import RotaryEmbedding
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -45,7 +48,27 @@ def read_config(path: Path) -> dict:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelFormatError(f"{path} has no config.json")
-    return json.loads(config_file.read_text())
+    return read_json_object(config_file)
+
+
+@contextmanager
+def _checkpoint_errors(path: Path) -> Iterator[None]:
+    """A damaged or unreadable weights file as a ``ModelFormatError`` naming it."""
+    try:
+        yield
+    except (SafetensorError, OSError) as exc:
+        raise ModelFormatError(f"the weights in {path} cannot be read: {exc}") from None
+
+
+def _checkpoint_layers(path: Path) -> int:
+    """How many decoder layers the checkpoint holds (its tensor names' indices)."""
+    indices = set()
+    for file in weight_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            indices.update(int(m.group(1)) for m in map(_LAYER.match, f.keys()) if m)
+    if indices != set(range(len(indices))):
+        raise ModelFormatError(f"the checkpoint in {path} skips decoder layers: {sorted(indices)}")
+    return len(indices)
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -97,9 +120,16 @@ def _target(name: str, spec: ModelSpec) -> tuple[str, int | None] | None:
 
 
 def _load_weights(
-    params: dict[str, torch.Tensor], path: Path, spec: ModelSpec, partial: bool = False
+    params: dict[str, torch.Tensor],
+    path: Path,
+    spec: ModelSpec,
+    partial: bool = False,
+    shapes_only: bool = False,
 ) -> None:
-    """Fill ``params`` from the checkpoint; ``partial``: skip tensors for other parameters."""
+    """Fill ``params`` from the checkpoint; ``partial``: skip tensors for other parameters.
+    ``shapes_only``: check every shape and that nothing is missing, copy nothing (``params``
+    may be on the meta device: a config that disagrees with its checkpoint is refused before
+    memory is allocated for it)."""
     pending = {name: _num_parts(name) for name in params}
     for file in weight_files(path):
         with safe_open(str(file), framework="pt") as f:
@@ -107,27 +137,34 @@ def _load_weights(
                 target = _target(name, spec)
                 if target is None or (partial and target[0] not in params):
                     continue
-                _copy(params, target, f.get_tensor(name), spec, name)
+                if shapes_only:
+                    _slot(params, target, tuple(f.get_slice(name).get_shape()), spec, name)
+                else:
+                    tensor = f.get_tensor(name)
+                    _slot(params, target, tuple(tensor.shape), spec, name).copy_(tensor)
                 pending[target[0]] -= 1
     missing = [n for n, left in pending.items() if left > 0]
     if missing:
         raise ModelFormatError(f"checkpoint in {path} lacks {', '.join(sorted(missing)[:5])}")
 
 
-def _copy(
-    params: dict, target: tuple[str, int | None], tensor: torch.Tensor, spec: ModelSpec, source: str
-) -> None:
+def _slot(
+    params: dict,
+    target: tuple[str, int | None],
+    shape: tuple[int, ...],
+    spec: ModelSpec,
+    source: str,
+) -> torch.Tensor:
+    """The part of a parameter that checkpoint tensor ``source`` fills, once its shape fits."""
     name, part = target
     if name not in params:
         raise ModelFormatError(f"checkpoint tensor {source!r} matches no parameter")
     param = params[name].data
     if part is not None:
         param = param.narrow(0, *_part_slice(spec, name, part))
-    if tuple(param.shape) != tuple(tensor.shape):
-        raise ModelFormatError(
-            f"{source}: shape {tuple(tensor.shape)} != expected {tuple(param.shape)}"
-        )
-    param.copy_(tensor)
+    if tuple(param.shape) != shape:
+        raise ModelFormatError(f"{source}: shape {shape} != expected {tuple(param.shape)}")
+    return param
 
 
 def load_model(
@@ -144,16 +181,26 @@ def load_model(
     spec = ModelSpec.from_config(read_config(path))
     max_position = max_position or spec.max_position_embeddings
     partial = num_layers is not None and num_layers < spec.num_layers
-    with torch.device("meta"):
-        model = LlamaForCausalLM(spec, max_position)
-        if partial:
-            model.drop_layers(range(num_layers, spec.num_layers))  # type: ignore[arg-type]
-    model = model.to_empty(device=device).to(DTYPES[dtype])
-    model.rope = model.rope.__class__(spec.rope, spec.head_dim, max_position).to(device)
-    if spec.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    with torch.no_grad():
-        _load_weights(dict(model.named_parameters()), path, spec, partial)
+    with _checkpoint_errors(path):
+        held = _checkpoint_layers(path)
+        if held != spec.num_layers:
+            raise ModelFormatError(
+                f"{path}: config.json has num_hidden_layers {spec.num_layers}, the checkpoint "
+                f"{held} decoder layers"
+            )
+        with torch.device("meta"):
+            model = LlamaForCausalLM(spec, max_position)
+            if partial:
+                model.drop_layers(range(num_layers, spec.num_layers))  # type: ignore[arg-type]
+            if spec.tie_word_embeddings:
+                model.lm_head.weight = model.embed_tokens.weight
+        _load_weights(dict(model.named_parameters()), path, spec, partial, shapes_only=True)
+        model = model.to_empty(device=device).to(DTYPES[dtype])
+        model.rope = RotaryEmbedding(spec.rope, spec.head_dim, max_position).to(device)
+        if spec.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        with torch.no_grad():
+            _load_weights(dict(model.named_parameters()), path, spec, partial)
     model.eval().requires_grad_(False)
     if packing_supported(DTYPES[dtype], torch.device(device)):
         pack_linears(model)
@@ -168,7 +215,7 @@ def load_layers(
         holder = nn.ModuleDict({str(i): DecoderLayer(spec, i) for i in layers})
     holder = holder.to_empty(device=device).to(DTYPES[dtype])
     params = {f"layers.{name}": p for name, p in holder.named_parameters()}
-    with torch.no_grad():
+    with torch.no_grad(), _checkpoint_errors(path):
         _load_weights(params, path, spec, partial=True)
     holder.eval().requires_grad_(False)
     if packing_supported(DTYPES[dtype], torch.device(device)):

@@ -103,9 +103,18 @@ class RotaryEmbedding(torch.nn.Module):
 
     def __init__(self, params: dict[str, Any], head_dim: int, max_position: int) -> None:
         super().__init__()
-        inv_freq, scale = inv_freq_and_scale(params, head_dim, max_position)
+        try:
+            inv_freq, scale = inv_freq_and_scale(params, head_dim, max_position)
+        except ModelFormatError:
+            raise
+        except (KeyError, TypeError, ValueError, ArithmeticError) as exc:  # the config's values
+            raise ModelFormatError(
+                f"the rope parameters {params} cannot be used: {exc!r}"
+            ) from None
         freqs = torch.arange(max_position, dtype=torch.float32)[:, None] * inv_freq[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)
+        if not emb.is_meta and not (math.isfinite(scale) and bool(emb.isfinite().all())):
+            raise ModelFormatError(f"the rope parameters {params} give non-finite rotary tables")
         self.register_buffer("cos", emb.cos() * scale, persistent=False)
         self.register_buffer("sin", emb.sin() * scale, persistent=False)
 
