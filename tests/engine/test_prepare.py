@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import os
@@ -11,8 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors import SafetensorError
 
-from services.common.errors import ModelNotFoundError
+from services.cli import main as cli_main
+from services.common.errors import ConfigError, ModelNotFoundError
 from services.engine.models import prepare
 from services.engine.models.prepare import MODEL_NAMES, prepare_model, resolve_model
 
@@ -193,6 +196,28 @@ def test_failed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     with pytest.raises(RuntimeError, match="disk full"):
         prepare_model("tiny-llama", tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [OSError(errno.ENOSPC, "No space left on device"), SafetensorError("I/O error: os error 28")],
+)
+def test_a_full_disk_is_one_error_line_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, failure: Exception
+) -> None:
+    """``models prepare`` on a full disk was a traceback (exit 1); now a ConfigError naming
+    the model and directory: ``banaserve: error: ...``, exit 2 (seen on a 5 MB tmpfs)."""
+
+    def full(out: Path) -> None:
+        (out / "config.json").write_text("{}")
+        raise failure
+
+    monkeypatch.setattr(prepare, "_build_tiny_llama", full)
+    with pytest.raises(ConfigError, match=f"cannot write model 'tiny-llama' into {tmp_path}"):
+        prepare_model("tiny-llama", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    assert cli_main(["models", "prepare", "tiny-llama", "--dir", str(tmp_path)]) == 2
+    assert "banaserve: error: cannot write model 'tiny-llama'" in capsys.readouterr().err
 
 
 def test_prepare_unknown_name(tmp_path: Path) -> None:

@@ -29,8 +29,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from safetensors import SafetensorError
+
 from services.common import config
-from services.common.errors import ModelFormatError, ModelNotFoundError
+from services.common.errors import ConfigError, ModelFormatError, ModelNotFoundError
 from services.common.paths import output_dir
 
 if TYPE_CHECKING:
@@ -81,13 +83,18 @@ def prepare_model(name: str, models_dir: Path, force: bool = False) -> Path:
     target = Path(models_dir) / name
     if _is_complete(target) and not force:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
-    staging.chmod(0o755)  # mkdtemp's private 0700 would outlive the rename
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    except OSError as exc:
+        raise ConfigError(f"cannot write model {name!r} into {target.parent}: {exc}") from None
+    try:
+        staging.chmod(0o755)  # mkdtemp's private 0700 would outlive the rename
         build(staging)
         _write_marker(staging, name)
         _install(staging, target, force)
+    except (OSError, SafetensorError) as exc:  # a full or failing disk: nothing half-built stays
+        raise ConfigError(f"cannot write model {name!r} into {target.parent}: {exc}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
