@@ -27,7 +27,11 @@ from pathlib import Path
 
 from services.common.errors import InvalidRequestError, ModelFormatError
 from services.common.limits import DEFAULT_CONTEXT, PromptLimits
-from services.common.model_files import read_json_object
+from services.common.model_files import (
+    DEFAULT_MAX_POSITIONS,
+    declared_sliding_window,
+    read_json_object,
+)
 from services.common.types import SamplingParams
 
 # text, chat → token ids (chat: apply the model's chat template to the text as one user turn).
@@ -57,11 +61,11 @@ def model_context(model_dir: Path) -> int:
     """The context length a model's config.json declares (as the engine reads it)."""
     config = read_json_object(model_dir / "config.json")
     try:
-        limit = int(config["max_position_embeddings"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ModelFormatError(f"{model_dir}: no max_position_embeddings in config.json") from exc
-    window = config.get("sliding_window")
-    return min(limit, int(window)) if window else limit
+        limit = int(config.get("max_position_embeddings") or DEFAULT_MAX_POSITIONS)
+        window = declared_sliding_window(config)
+        return min(limit, int(window)) if window else limit
+    except (ValueError, TypeError) as exc:
+        raise ModelFormatError(f"{model_dir}: config.json's context length: {exc}") from None
 
 
 def model_vocab(model_dir: Path) -> int | None:

@@ -47,6 +47,16 @@ def test_router_limits_come_from_flags_else_the_model_else_the_default(tmp_path)
         json.dumps({"max_position_embeddings": 4096, "sliding_window": 1024})
     )
     assert model_context(tmp_path) == 1024
+    # As the engine reads it (ModelSpec): a window not in use is no limit (Qwen2's configs), and
+    # no max_position_embeddings is Hugging Face's default (the router refused to start).
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {"max_position_embeddings": 4096, "sliding_window": 1024, "use_sliding_window": False}
+        )
+    )
+    assert model_context(tmp_path) == 4096
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 4096}))
+    assert model_context(tmp_path) == 2048
 
 
 def test_text_is_measured_in_utf8_bytes_and_tokens_against_the_smaller_context():

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.common.errors import ModelFormatError
+from services.common.model_files import DEFAULT_MAX_POSITIONS, declared_sliding_window
 from services.engine.attention import AttentionMetadata, paged_attention, write_kv
 from services.engine.kv_cache import KVCache
 from services.engine.models import fused
@@ -107,7 +108,7 @@ class ModelSpec:
             raise ModelFormatError(
                 f"config.json: rms_norm_eps must be a positive number, got {eps!r}"
             )
-        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+        window = declared_sliding_window(cfg)
         eos = config_eos_token_ids(cfg.get("eos_token_id"))
         for name, ids in (("bos_token_id", (cfg.get("bos_token_id"),)), ("eos_token_id", eos)):
             if any(i is not None and not _is_count(i, 0) for i in ids):
@@ -122,7 +123,9 @@ class ModelSpec:
             num_kv_heads=kv_heads,
             head_dim=_size(cfg, "head_dim", hidden // heads),
             rms_norm_eps=eps,
-            max_position_embeddings=_size(cfg, "max_position_embeddings", 2048, MAX_POSITIONS),
+            max_position_embeddings=_size(
+                cfg, "max_position_embeddings", DEFAULT_MAX_POSITIONS, MAX_POSITIONS
+            ),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             attention_bias=cfg.get("attention_bias", arch == "Qwen2ForCausalLM"),
             mlp_bias=cfg.get("mlp_bias", False),
