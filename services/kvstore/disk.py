@@ -31,6 +31,7 @@ from pathlib import Path
 
 from services.common.errors import ConfigError, InvalidRequestError
 from services.common.hashing import HASH_SIZE, BlockHash
+from services.common.paths import output_dir
 from services.kvstore.checksum import Layers
 
 MAGIC = b"BKV1"
@@ -47,8 +48,11 @@ class DiskTier:
         # hash -> file size, least recently used first.
         self._files: OrderedDict[BlockHash, int] = OrderedDict()
         self.num_bytes = 0
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._clear()
+        output_dir(self.directory, "--disk-dir")  # a file, a read-only or unmakeable path
+        try:
+            self._clear()
+        except OSError as exc:
+            raise ConfigError(f"--disk-dir {self.directory}: cannot clear it ({exc})") from None
 
     def __contains__(self, block_hash: object) -> bool:
         return block_hash in self._files

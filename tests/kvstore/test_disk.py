@@ -134,3 +134,12 @@ def test_construction_clears_block_files_and_keeps_others(tmp_path: Path) -> Non
 def test_capacity_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         DiskTier(tmp_path, 0)
+
+
+def test_a_disk_dir_that_cannot_be_one_is_a_config_error(tmp_path: Path) -> None:
+    """``kvstore --disk-dir`` naming a file (or a path under one) was a FileExistsError
+    traceback at start; now the one ``error:`` line of a refused flag."""
+    (tmp_path / "a-file").write_text("x")
+    for path in (tmp_path / "a-file", tmp_path / "a-file" / "under"):
+        with pytest.raises(ConfigError, match=f"--disk-dir {path}"):
+            DiskTier(path, 4 * FILE_BYTES)
