@@ -9,7 +9,9 @@ image. ``HOST`` may be a name (``router:50051``) or ``auto``: the IP a service s
 model loaded, since a worker serves only after loading, and its registration admitted), so a
 readiness probe or a compose ``service_healthy`` condition means the worker takes requests; a
 worker started with ``--advertise ADDRESS`` is looked up by ``--advertised-as ADDRESS``.
-``--tls-dir``: mutual TLS with the ``client`` certificate of ``banaserve certs DIR``.
+``--tls-dir``: mutual TLS with the ``client`` certificate of ``banaserve certs DIR``. A flag
+that cannot be used (a TLS directory without its files, an unreadable or empty
+``--api-token-file``) exits 2 with one line, before any call.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.client.client import BanaServeClient, BanaServeClientError
 from services.common.arg_types import host_port, positive
+from services.common.errors import ConfigError
 from services.common.network import AUTO, resolve_host
 from services.rpc.deadlines import bounded
 
@@ -89,8 +92,15 @@ def check(target: str, service: str = "", timeout_s: float = 3.0, tls_dir: str =
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-def is_registered(address: str, router: str, args: argparse.Namespace) -> bool:
-    token = Path(args.api_token_file).read_text().split()[0] if args.api_token_file else ""
+def _token(args: argparse.Namespace) -> str:
+    """The first token of ``--api-token-file`` (read before any call: a flag's mistake is found
+    whatever the server answers)."""
+    from services.rpc import security
+
+    return security.read_tokens(Path(args.api_token_file))[0] if args.api_token_file else ""
+
+
+def is_registered(address: str, router: str, args: argparse.Namespace, token: str = "") -> bool:
     with BanaServeClient(router, tls_dir=args.tls_dir, token=token) as client:
         workers = client.list_workers(timeout_s=args.timeout)
     return any(w.address == address and w.active for w in workers)
@@ -102,10 +112,11 @@ def run_health(args: argparse.Namespace) -> int:
         return 2
     target = resolve_target(args.target)
     try:
+        token = _token(args) if args.registered_at else ""
         status = check(target, args.service, args.timeout, args.tls_dir)
         registered = status != "SERVING" or not args.registered_at
         registered_as = resolve_target(args.advertised_as) if args.advertised_as else target
-        if not registered and not is_registered(registered_as, args.registered_at, args):
+        if not registered and not is_registered(registered_as, args.registered_at, args, token):
             status = f"not active at the router {args.registered_at}"
     except grpc.RpcError as exc:
         print(f"{target}: {exc.code().name} {exc.details()}", file=sys.stderr)
@@ -113,6 +124,9 @@ def run_health(args: argparse.Namespace) -> int:
     except BanaServeClientError as exc:
         print(f"{args.registered_at}: {exc}", file=sys.stderr)
         return 1
+    except ConfigError as exc:  # --tls-dir or --api-token-file: a flag's mistake, not a sick server
+        print(f"health: {exc}", file=sys.stderr)
+        return 2
     if status != "SERVING":
         print(f"{target}: {status}", file=sys.stderr)
         return 1

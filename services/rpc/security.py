@@ -164,8 +164,8 @@ class SecurityConfig:
 def read_tokens(path: Path) -> tuple[str, ...]:
     """One token per line; blank lines and lines starting with '#' are skipped."""
     try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as exc:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read the API token file {path}: {exc}") from None
     tokens = tuple(s for s in (line.strip() for line in lines) if s and not s.startswith("#"))
     if not tokens:

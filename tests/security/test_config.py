@@ -54,6 +54,10 @@ def test_bad_settings_fail_at_start(certs, tmp_path):
         security_config(_args("--api-token-file", str(empty)), Role.ROUTER)
     with pytest.raises(ConfigError, match=">= 16 printable"):
         SecurityConfig(Role.ROUTER, api_tokens=("short",))
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xf4\x90" * 20)  # was a UnicodeDecodeError traceback at start
+    with pytest.raises(ConfigError, match="cannot read the API token file .*utf-8"):
+        security_config(_args("--api-token-file", str(binary)), Role.ROUTER)
     (tmp_path / "ca.crt").write_bytes((certs / "ca.crt").read_bytes())
     for suffix in ("crt", "key"):
         (tmp_path / f"router.{suffix}").write_bytes((certs / f"router.{suffix}").read_bytes())
@@ -97,3 +101,22 @@ def test_certs_command_writes_a_ca_and_one_certificate_per_role(tmp_path, capsys
     ]
     assert cli(["certs", str(out)]) == 2  # refuses to overwrite
     assert "pass --overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"# none\n", b"\xf4\x90" * 20], ids=["empty", "comment", "binary"]
+)
+def test_health_with_an_unusable_token_file_is_a_flag_error_before_any_call(
+    tmp_path, content, capsys
+):
+    """``banaserve health --registered-at R --api-token-file F`` read F only after the server
+    answered, with its own ``split()[0]``: an empty file was an IndexError traceback, a binary
+    one a UnicodeDecodeError. Now the flag is read first, as the services read it: exit 2."""
+    from services.rpc.probe import main as probe
+
+    token_file = tmp_path / "tokens"
+    token_file.write_bytes(content)
+    argv = ["127.0.0.1:1", "--registered-at", "127.0.0.1:2", "--api-token-file", str(token_file)]
+    assert probe(argv) == 2
+    assert capsys.readouterr().err.startswith("health: ")
+    assert cli(["health", *argv]) == 2
