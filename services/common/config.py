@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from services.common.errors import ConfigError
-from services.common.limits import MAX_MICRO_BATCHES, MAX_THREADS
+from services.common.limits import MAX_MICRO_BATCHES, MAX_THREADS, check_target
 
 if TYPE_CHECKING:  # only a type: services/common never imports grpc
     from services.rpc.security import SecurityConfig
@@ -247,6 +247,9 @@ class TracingConfig:
             "otlp_endpoint must be set exactly when the exporter is otlp, "
             f"got exporter={self.exporter!r} otlp_endpoint={self.otlp_endpoint!r}",
         )
+        if self.otlp_endpoint:  # HOST:PORT, or the exporter's http(s)://HOST:PORT[/]
+            target = re.sub(r"^https?://", "", self.otlp_endpoint).removesuffix("/")
+            check_target(target, "otlp_endpoint")  # else the spans fail, unseen, in the background
         _require(bool(self.service_name), "service_name must be non-empty")
         _require(
             0 <= self.sample_ratio <= 1, f"sample_ratio must be in [0, 1], got {self.sample_ratio}"

@@ -23,11 +23,25 @@ from tests.rpc.helpers import serving
         {"exporter": "console", "otlp_endpoint": "127.0.0.1:4317"},
         {"service_name": ""},
         {"sample_ratio": 1.5},
+        # An endpoint that is not HOST:PORT: the service started and its spans failed unseen.
+        {"exporter": "otlp", "otlp_endpoint": "not a url"},
+        {"exporter": "otlp", "otlp_endpoint": "collector"},
+        {"exporter": "otlp", "otlp_endpoint": "collector:0"},
+        {"exporter": "otlp", "otlp_endpoint": "http://"},
+        {"exporter": "otlp", "otlp_endpoint": "http://collector:99999"},
     ],
 )
 def test_tracing_config_rejects_bad_values(kwargs):
     with pytest.raises(ConfigError):
         TracingConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    ["otel-collector:4317", "http://127.0.0.1:4317", "https://collector:4317/", "[::1]:4317"],
+)
+def test_an_otlp_endpoint_is_host_port_with_or_without_a_scheme(endpoint):
+    assert TracingConfig(exporter="otlp", otlp_endpoint=endpoint).otlp_endpoint == endpoint
 
 
 def test_none_installs_nothing():
