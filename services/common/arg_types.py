@@ -153,3 +153,19 @@ def name_list(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
         return names
 
     return parse
+
+
+def redis_url(text: str) -> str:
+    """A Redis URL redis-py can connect with (``redis://``, ``rediss://`` or ``unix://``; a
+    port in 1..65535): a malformed one was a ValueError traceback at start."""
+    from redis.connection import parse_url  # here: most tools never take a Redis URL
+
+    try:
+        options = parse_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a Redis URL: {exc} (got {text!r})") from None
+    if "path" not in options and not 0 < options.get("port", 6379) <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"expected a Redis URL with a port in 1..65535, got {text!r}"
+        )
+    return text

@@ -25,7 +25,7 @@ import time
 
 from opentelemetry import trace
 
-from services.common.arg_types import port_number
+from services.common.arg_types import port_number, redis_url
 from services.common.config import RpcConfig, TracingConfig
 from services.common.errors import ConfigError
 from services.common.metrics import (
@@ -61,7 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--port", type=port_number, default=0, help="CoordinatorService port; 0: the OS picks"
     )
-    p.add_argument("--redis", default=env("BANASERVE_REDIS", "redis://127.0.0.1:6379/0"))
+    p.add_argument(
+        "--redis", type=redis_url, default=env("BANASERVE_REDIS", "redis://127.0.0.1:6379/0")
+    )
     p.add_argument("--key-prefix", default=DEFAULT_PREFIX, help="Redis key namespace")
     p.add_argument(
         "--router", default="", metavar="HOST:PORT", help="finds the workers (ListWorkers)"
@@ -162,8 +164,7 @@ async def serve(args: argparse.Namespace) -> None:
     ownership = Ownership(store.redis, args.key_prefix)
     lost: list[str] = []  # who took the prefix over
     try:
-        await store.ping()
-        await ownership.acquire()
+        await ownership.acquire()  # waits for Redis, and for another coordinator of the prefix
         await coordinator.recover()
         server = await start_server([coordinator_service(coordinator)], rpc, tracing=tracing)
         renewals = asyncio.ensure_future(renew_forever(coordinator, config.renew_interval_s))

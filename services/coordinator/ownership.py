@@ -29,6 +29,7 @@ can take the prefix while Redis is down either.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -92,16 +93,33 @@ class Ownership:
         return value.decode() if isinstance(value, bytes) else value
 
     async def acquire(self) -> None:
-        """Returns once this coordinator owns the prefix (waits while another does)."""
-        waiting = False
-        while not await self._redis.set(self.key, self.token, nx=True, px=self._ttl_ms):
-            holder = await self.holder()
+        """Returns once this coordinator owns the prefix: waits while another does, and while
+        Redis cannot be reached (a coordinator started before its Redis, or a standby whose
+        Redis restarts, waits for it instead of ending in a traceback)."""
+        waiting = unreachable = False
+        while True:
+            try:
+                if await self._redis.set(self.key, self.token, nx=True, px=self._ttl_ms):
+                    break
+                holder = await self.holder()
+            except RedisError as exc:
+                if not unreachable:
+                    log.warning("cannot reach Redis to claim %s: %s (retrying)", self.prefix, exc)
+                unreachable = True
+                await asyncio.sleep(self._interval_s)
+                continue
+            if unreachable:
+                log.info("Redis reached again: claiming %s", self.prefix)
+                unreachable = False
             if holder is not None and not _runs_here(holder):
                 # Deleted only if still that claim: another standby may have taken it since.
-                if await self._release(keys=[self.key], args=[holder]):
-                    log.warning("took %s over from %s, which no longer runs", self.prefix, holder)
-                continue
-            if not waiting:
+                with contextlib.suppress(RedisError):  # else the next round tries again
+                    if await self._release(keys=[self.key], args=[holder]):
+                        log.warning(
+                            "took %s over from %s, which no longer runs", self.prefix, holder
+                        )
+                        continue
+            if not waiting and holder is not None:
                 log.warning(
                     "another coordinator (%s) owns %s: waiting to take over once it stops "
                     "(one coordinator per --key-prefix)",

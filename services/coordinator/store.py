@@ -165,11 +165,5 @@ class RedisMigrationStore:
         except RedisError as exc:
             raise DependencyUnavailableError(f"redis: {exc}") from exc
 
-    async def ping(self) -> None:
-        try:
-            await self._redis.ping()
-        except RedisError as exc:
-            raise DependencyUnavailableError(f"redis: {exc}") from exc
-
     async def close(self) -> None:
         await self._redis.aclose()

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from services.common.arg_types import port_number, positive
+from services.common.arg_types import port_number, positive, redis_url
 from services.common.config import RpcConfig, TracingConfig
 from services.common.metrics import KVStoreCollector, add_metrics_args, start_metrics
 from services.common.network import (
@@ -56,7 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--data-port", type=port_number, default=0, help="data plane port; 0: the OS picks"
     )
     p.add_argument("--data-transport", choices=dataplane.KINDS, default="ucx")
-    p.add_argument("--redis", default=env("BANASERVE_REDIS", "redis://127.0.0.1:6379/0"))
+    p.add_argument(
+        "--redis", type=redis_url, default=env("BANASERVE_REDIS", "redis://127.0.0.1:6379/0")
+    )
     p.add_argument("--key-prefix", default="banaserve:kv", help="Redis key namespace")
     p.add_argument(
         "--node-id", default=None, help="default: kvstore-HOST-PORT of the address advertised"

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 
 from services.child_process import Child
 from services.coordinator.ownership import Ownership, local_identity
+from services.kvstore.redis_server import RedisServer
 from services.rpc.gen.banaserve.v1 import coordinator_pb2 as pb
 from services.rpc.gen.banaserve.v1 import coordinator_pb2_grpc
 from tests.coordinator.test_process import leave_active_migration
@@ -179,3 +180,29 @@ def run_two(url: str, store_prefix: str, tmp_path, log0, log1) -> None:
         for child in (first, second):
             if child is not None and child.proc.poll() is None:
                 child.proc.kill()
+
+
+@pytest.mark.timeout(120)
+def test_a_coordinator_started_before_its_redis_waits_for_it_then_serves(tmp_path):
+    """It ended in a DependencyUnavailableError traceback (exit 1) when Redis was not up yet;
+    a standby whose Redis restarted did the same. Now it logs once, waits, and serves."""
+    server = RedisServer(embedded=False)  # its port, not started yet
+    with open(tmp_path / "coordinator.log", "w") as log:
+        child = coordinator(server.url, "waits-for-redis", log)
+        try:
+            assert not child.poll_ready(timeout_s=3.0)
+            assert child.proc.poll() is None  # still there, waiting
+            assert (
+                "cannot reach Redis to claim waits-for-redis"
+                in (tmp_path / "coordinator.log").read_text()
+            )
+            server.start()
+            address = child.wait_ready(time.monotonic() + 30)
+            with grpc.insecure_channel(address) as channel:
+                stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+                assert stub.ListMigrations(pb.ListMigrationsRequest(), timeout=5).migrations == []
+            assert child.stop() == 0
+        finally:
+            if child.proc.poll() is None:
+                child.proc.kill()
+            server.stop()

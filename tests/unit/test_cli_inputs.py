@@ -174,6 +174,23 @@ def test_a_service_refuses_a_duration_that_is_not_a_positive_number(capsys, serv
         assert f"argument {flag}:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("service", ["kvstore", "coordinator"])
+def test_a_service_refuses_a_redis_url_redis_py_cannot_use(capsys, monkeypatch, service):
+    """Session 38's probe: ``--redis "not a url"`` or a port past 65535 was a ValueError
+    traceback from redis-py at start (exit 1); the env default is checked the same way."""
+    parse_args = importlib.import_module(f"services.{service}.__main__").parse_args
+    for good in ("redis://127.0.0.1:6379/0", "rediss://user:pw@redis:6380/2", "unix:///r.sock"):
+        assert parse_args(["--redis", good]).redis == good
+    for bad in ("not a url", "127.0.0.1:6379", "redis://127.0.0.1:99999", "redis://h:0"):
+        with pytest.raises(SystemExit):
+            parse_args(["--redis", bad])
+        assert "argument --redis: expected a Redis URL" in capsys.readouterr().err
+    monkeypatch.setenv("BANASERVE_REDIS", "bogus")
+    with pytest.raises(SystemExit):
+        parse_args([])
+    assert "expected a Redis URL" in capsys.readouterr().err
+
+
 def test_the_pool_refuses_a_ttl_that_is_nan():
     from services.kvstore.pool import PoolConfig
 
