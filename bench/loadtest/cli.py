@@ -14,8 +14,7 @@ Lifecycle of a run:
 3. the report (``bench.loadtest.report``) is written to ``--out`` as ``SERVICE[-LABEL].json``,
    ``.csv`` and ``-samples.csv``, and printed as markdown.
 Exit status: 0 when every step had successful iterations and left nothing behind, else 1;
-2 for bad flags (checked with ``--out`` before anything connects) or a failed warm-up. The
-coordinator has no load test yet: ``loadtest coordinator`` says so and exits 2.
+2 for bad flags (checked with ``--out`` before anything connects) or a failed warm-up.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.loadtest import decode, kvstore, prefill, router
+from bench.loadtest import coordinator, decode, kvstore, prefill, router
 from bench.loadtest.driver import (
     LoadSpec,
     Loop,
@@ -54,12 +53,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "loadtest"
 SETTLE_S = 5.0
 UNITS_S = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-COORDINATOR_NOT_YET = (
-    "banaserve loadtest coordinator: no load test is written for the coordinator yet (the "
-    "service runs with `banaserve up --coordinator` or `--mode banaserve`, docs/coordinator.md; "
-    "its calls start migrations, which need a cluster behind it). Load tests exist for: "
-    "router, prefill, decode, kvstore."
-)
 
 
 class Service(enum.Enum):
@@ -75,13 +68,15 @@ HELP = {
     Service.PREFILL: "Prefill on a prefill worker, its KV sent to an in-process sink",
     Service.DECODE: "ReserveKV + KV transfer + StreamTokens on a decode worker",
     Service.KVSTORE: "Lookup / Pin / data-plane read / two-phase write / Unpin on a kvstore",
-    Service.COORDINATOR: "not written yet: no load test for the coordinator (exits 2)",
+    Service.COORDINATOR: "ListMigrations / DescribeMigration, or whole layer migrations "
+    "started and reverted, on a coordinator",
 }
 MODULES = {
     Service.ROUTER: router,
     Service.PREFILL: prefill,
     Service.DECODE: decode,
     Service.KVSTORE: kvstore,
+    Service.COORDINATOR: coordinator,
 }
 
 
@@ -100,11 +95,11 @@ def seconds(text: str) -> float:
     return value
 
 
-def add_common(p: argparse.ArgumentParser, target_required: bool = True) -> None:
+def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--target",
         type=host_port,
-        required=target_required,
+        required=True,
         metavar="HOST:PORT",
         help="the service's gRPC address",
     )
@@ -137,9 +132,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for service in Service:
         sp = sub.add_parser(service.value, help=HELP[service], description=HELP[service])
         sp.set_defaults(loadtest_service=service)
-        add_common(sp, target_required=service is not Service.COORDINATOR)
-        if service in MODULES:
-            MODULES[service].add_arguments(sp)
+        add_common(sp)
+        MODULES[service].add_arguments(sp)
 
 
 def build_scenario(service: Service, args: argparse.Namespace) -> Scenario:
@@ -162,6 +156,17 @@ def build_scenario(service: Service, args: argparse.Namespace) -> Scenario:
                 args.prompt_len, args.vocab_range, args.sink_transport, seed=args.seed
             )
             return prefill.PrefillScenario(args.target, load)
+        if service is Service.COORDINATOR:
+            if args.op == "cycle" and (args.rate or (args.users and args.users != [1])):
+                raise ConfigError(
+                    "--op cycle runs one migration at a time (the coordinator takes one action "
+                    "per worker): closed loop, --users 1"
+                )
+            load = coordinator.CoordinatorLoad(
+                args.op, args.live_only, args.donor, args.helper, args.start_layer,
+                args.end_layer, args.poll_ms / 1000,
+            )  # fmt: skip
+            return coordinator.CoordinatorScenario(args.target, load)
         load = router.RouterLoad(
             args.prompt_len, args.max_tokens, args.vocab_range, args.stub_workers, args.model,
             seed=args.seed,
@@ -243,9 +248,6 @@ async def drive(
 
 def run(args: argparse.Namespace) -> int:
     service = args.loadtest_service
-    if service is Service.COORDINATOR:
-        print(COORDINATOR_NOT_YET, file=sys.stderr)
-        return 2
     scenario = build_scenario(service, args)
     specs = specs_of(args)
     slo = slo_of(args, scenario)

@@ -1,5 +1,6 @@
 """Real service processes on 127.0.0.1 for the load tests' smoke runs: Redis, a kvstore node, a
-router with a tiny-llama prefill and decode worker, and a router with no worker of its own."""
+router with a tiny-llama prefill and decode worker, a coordinator of that router's cluster, and
+a router with no worker of its own."""
 
 from __future__ import annotations
 
@@ -90,6 +91,9 @@ def service_procs(banaserve_home, tiny_llama, tmp_path_factory) -> Iterator[dict
             decode = [*worker, "--kv-transport", "tcp"]
             procs.append(spawn("decode", "services.decode", decode, env, log))
             wait_registered(procs[1].address, 2)
+            coordinator = ["--redis", redis.url, "--key-prefix", "loadtest-coordinator"]
+            coordinator += ["--router", procs[1].address]
+            procs.append(spawn("coordinator", "services.coordinator", coordinator, env, log))
             yield {p.name: p for p in procs}
         finally:
             codes = {p.name: stop(p) for p in reversed(procs)}

@@ -164,3 +164,28 @@ def test_router_alone_with_stub_workers(service_procs, tmp_path):
         "loadtest-stub-prefill",
         "loadtest-stub-decode",
     }
+
+
+def test_coordinator_cycles_migrations_then_lists_and_describes_them(service_procs, tmp_path):
+    """``loadtest coordinator``, which was a stub saying "not written yet": whole layer
+    migrations of the real cluster started, ACTIVE, reverted and DONE one after another, then
+    the read path an operator's tools poll, over the records the cycles left."""
+    from services.client.client import BanaServeClient
+
+    with BanaServeClient(service_procs["router"].address) as client:
+        ids = {w.role: w.worker_id for w in client.list_workers()}
+    target = service_procs["coordinator"].address
+    cycle = loadtest(tmp_path, "coordinator", "--target", target, "--op", "cycle",
+                     "--donor", ids["decode"], "--helper", ids["prefill"], "--start-layer", "2",
+                     "--max-requests", "3", "--duration", "30s")  # fmt: skip
+    (step,) = cycle["steps"]
+    rows = assert_sane(step, ["cycle", "StartMigration", "to ACTIVE", "RevertMigration", "to DONE"])
+    assert rows["cycle"]["ok"] == 3  # --max-requests, and the warm-up's before them
+    assert step["server_after"] == {"num_live": 0, "leaks": ""}
+    listed = loadtest(tmp_path, "coordinator", "--target", target, "--users", "2")
+    (step,) = listed["steps"]
+    rows = assert_sane(step, ["list", "ListMigrations"])
+    assert rows["ListMigrations"]["bytes"] > 0  # the 4 DONE records
+    described = loadtest(tmp_path, "coordinator", "--target", target, "--op", "describe")
+    assert described["scenario"]["num_migrations"] == 4
+    assert_sane(described["steps"][0], ["describe", "DescribeMigration"])

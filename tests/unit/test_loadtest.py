@@ -280,11 +280,35 @@ def test_one_step_per_listed_load():
         parse("decode", "--target", "h:1", "--users", "2", "--rate", "3")
 
 
-def test_the_coordinator_load_test_says_not_yet(capsys):
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--op", "cycle"], "needs --donor and --helper"),
+        (["--op", "cycle", "--donor", "d", "--helper", "d"], "two workers"),
+        (["--op", "cycle", "--donor", "d", "--helper", "p", "--users", "2"], "--users 1"),
+        (["--op", "cycle", "--donor", "d", "--helper", "p", "--rate", "5"], "--users 1"),
+        (["--op", "list", "--start-layer", "3", "--end-layer", "3"], "--start-layer <"),
+        (["--op", "list", "--poll-ms", "0"], "--poll-ms must be positive"),
+    ],
+)
+def test_the_coordinator_load_test_refuses_bad_flags_before_connecting(capsys, argv, message):
+    """It was a stub that printed "no load test is written for the coordinator yet" (exit 2);
+    now a load test whose flags are checked like the others' (session 38)."""
     from services.cli import main
 
-    assert main(["loadtest", "coordinator", "--users", "4"]) == 2
-    err = capsys.readouterr().err
-    # The coordinator serves (up --coordinator); only its load test is not written.
-    assert "no load test is written for the coordinator yet" in err
-    assert "does not exist" not in err
+    assert main(["loadtest", "coordinator", "--target", "127.0.0.1:1", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_coordinator_load_test_records_each_ops_names():
+    from bench.loadtest.coordinator import CoordinatorLoad, CoordinatorScenario
+
+    names = {
+        op: CoordinatorScenario("h:1", CoordinatorLoad(op, donor="d", helper="p")).sample_names
+        for op in ("list", "describe", "cycle")
+    }
+    assert names == {
+        "list": ("list", "ListMigrations"),
+        "describe": ("describe", "DescribeMigration"),
+        "cycle": ("cycle", "StartMigration", "to ACTIVE", "RevertMigration", "to DONE"),
+    }
