@@ -111,7 +111,7 @@ class CoordinatorScenario:
         if self.load.op == "cycle":
             described.update(
                 donor=self.load.donor, helper=self.load.helper,
-                layers=[self.load.start_layer, self.load.end_layer],
+                layers=f"[{self.load.start_layer}, {self.load.end_layer or 'the last'})",
                 poll_ms=self.load.poll_s * 1000,
             )  # fmt: skip
         return described
