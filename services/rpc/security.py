@@ -138,6 +138,31 @@ class TlsFiles:
         for path in (self.ca, self.cert, self.key):
             if not Path(path).is_file():
                 raise ConfigError(f"TLS file {path} does not exist (create them: banaserve certs)")
+        _check_pem(self)
+
+
+def _check_pem(files: TlsFiles) -> None:
+    """The CA and the certificate are PEM X.509 certificates and the key is the certificate's
+    PEM private key. grpc takes any bytes and then fails to bind a server ("Failed to bind to
+    address", a traceback) or every handshake; a damaged or mismatched file is named here."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    def read(path: Path, what: str, load: Callable[[bytes], Any]) -> Any:
+        try:
+            return load(Path(path).read_bytes())
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigError(f"TLS file {path} is not a PEM {what}: {exc}") from None
+
+    read(files.ca, "certificate", x509.load_pem_x509_certificates)
+    cert = read(files.cert, "certificate", x509.load_pem_x509_certificate)
+    key = read(files.key, "private key", lambda b: serialization.load_pem_private_key(b, None))
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    encoding = serialization.Encoding.PEM
+    if cert.public_key().public_bytes(encoding, public) != key.public_key().public_bytes(
+        encoding, public
+    ):
+        raise ConfigError(f"TLS key {files.key} is not the key of certificate {files.cert}")
 
 
 @dataclass(frozen=True)

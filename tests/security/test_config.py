@@ -120,3 +120,33 @@ def test_health_with_an_unusable_token_file_is_a_flag_error_before_any_call(
     assert probe(argv) == 2
     assert capsys.readouterr().err.startswith("health: ")
     assert cli(["health", *argv]) == 2
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (
+            lambda d, c: (d / "router.key").write_text("junk\n"),
+            "router.key is not a PEM private key",
+        ),
+        (
+            lambda d, c: (d / "router.crt").write_text("junk\n"),
+            "router.crt is not a PEM certificate",
+        ),
+        (lambda d, c: (d / "ca.crt").write_bytes(b"\x00\x01"), "ca.crt is not a PEM certificate"),
+        (
+            lambda d, c: (d / "router.key").write_bytes((c / "decode.key").read_bytes()),
+            "router.key is not the key of certificate",
+        ),
+    ],
+    ids=["junk key", "junk cert", "binary ca", "another role's key"],
+)
+def test_damaged_or_mismatched_tls_files_are_named_at_start(certs, tmp_path, damage, message):
+    """grpc took any bytes and then failed to bind the server ("Failed to bind to address
+    127.0.0.1:0", a RuntimeError traceback) or every handshake (session 38's probe)."""
+    for name in ("ca.crt", "router.crt", "router.key", "dataplane.secret"):
+        (tmp_path / name).write_bytes((certs / name).read_bytes())
+    security_config(_args("--tls-dir", str(tmp_path)), Role.ROUTER)  # intact: accepted
+    damage(tmp_path, certs)
+    with pytest.raises(ConfigError, match=message):
+        security_config(_args("--tls-dir", str(tmp_path)), Role.ROUTER)
