@@ -169,3 +169,8 @@ def redis_url(text: str) -> str:
             f"expected a Redis URL with a port in 1..65535, got {text!r}"
         )
     return text
+
+
+def optional_host_port(text: str) -> str:
+    """``host_port``, or the empty string: the flag (or its environment default) left unset."""
+    return host_port(text) if text else ""

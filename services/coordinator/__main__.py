@@ -25,7 +25,7 @@ import time
 
 from opentelemetry import trace
 
-from services.common.arg_types import port_number, redis_url
+from services.common.arg_types import optional_host_port, port_number, redis_url
 from services.common.config import RpcConfig, TracingConfig
 from services.common.errors import ConfigError
 from services.common.metrics import (
@@ -66,7 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--key-prefix", default=DEFAULT_PREFIX, help="Redis key namespace")
     p.add_argument(
-        "--router", default="", metavar="HOST:PORT", help="finds the workers (ListWorkers)"
+        "--router",
+        type=optional_host_port,
+        default="",
+        metavar="HOST:PORT",
+        help="finds the workers (ListWorkers)",
     )
     p.add_argument("--lease", type=float, default=defaults.lease_s, metavar="S")
     p.add_argument("--renew-interval", type=float, default=defaults.renew_interval_s, metavar="S")

@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-from services.common.arg_types import port_number, positive
+from services.common.arg_types import optional_host_port, port_number, positive
 from services.common.config import RpcConfig, TracingConfig
 from services.common.engine_args import (
     NO_KV_TRANSPORT,
@@ -63,7 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--worker-id", default=None, help="default: ROLE-HOST-PORT of the address advertised"
     )
-    p.add_argument("--router", default=env("BANASERVE_ROUTER", ""), help="HOST:PORT")
+    p.add_argument(
+        "--router", type=optional_host_port, default=env("BANASERVE_ROUTER", ""),
+        metavar="HOST:PORT",
+    )  # fmt: skip
     p.add_argument("--report-interval", type=positive(float), default=0.1)
     p.add_argument("--max-lease", type=float, default=60.0)
     p.add_argument(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from services.common.arg_types import port_number, positive
+from services.common.arg_types import optional_host_port, port_number, positive
 from services.common.config import RpcConfig, TracingConfig
 from services.common.engine_args import (
     NO_KV_TRANSPORT,
@@ -53,9 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_engine_args(p)
     add_kv_transport_arg(p)
     p.add_argument("--max-chunk-bytes", type=int, default=DEFAULT_MAX_CHUNK_BYTES)
-    p.add_argument("--router", default=None, metavar="HOST:PORT", help="register and report load")
+    p.add_argument(
+        "--router", type=optional_host_port, default=None, metavar="HOST:PORT",
+        help="register and report load",
+    )  # fmt: skip
     p.add_argument(
         "--kvstore",
+        type=optional_host_port,
         default=None,
         metavar="HOST:PORT",
         help="a kvstore node: reuse cached prefixes from the global KV store, write new blocks",

@@ -191,6 +191,22 @@ def test_a_service_refuses_a_redis_url_redis_py_cannot_use(capsys, monkeypatch, 
     assert "expected a Redis URL" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("service", "flag"),
+    [("prefill", "--router"), ("prefill", "--kvstore"), ("decode", "--router"),
+     ("coordinator", "--router")],
+)  # fmt: skip
+def test_a_service_refuses_a_peer_address_that_is_not_host_port(capsys, service, flag):
+    """Session 38's probe: ``prefill --kvstore x`` started and served, every prompt's store
+    calls then failing; ``--router x`` retried registering forever."""
+    parse_args = importlib.import_module(f"services.{service}.__main__").parse_args
+    assert getattr(parse_args([flag, "router:50051"]), flag[2:]) == "router:50051"
+    for bad in ("x", "host:0", "host:99999", ":1"):
+        with pytest.raises(SystemExit):
+            parse_args([flag, bad])
+        assert f"argument {flag}: address" in capsys.readouterr().err
+
+
 def test_the_pool_refuses_a_ttl_that_is_nan():
     from services.kvstore.pool import PoolConfig
 
@@ -608,7 +624,7 @@ def test_the_coordinator_refuses_its_settings_before_building_a_server(
 ):
     # The server was built first and never shut down: "Exception ignored in Server.__del__".
     monkeypatch.setattr(coordinator_main, "start_server", fail("a server was built"))
-    monkeypatch.setattr(coordinator_main.RedisMigrationStore, "ping", fail("Redis was called"))
+    monkeypatch.setattr(coordinator_main.Ownership, "acquire", fail("Redis was called"))
     with caplog.at_level(logging.ERROR):
         code = coordinator_main.main([*argv, "--redis", "redis://127.0.0.1:1/0"])
     assert code == 2
