@@ -34,6 +34,7 @@ import torch
 
 from services.common.config import EngineConfig
 from services.common.errors import (
+    ConfigError,
     InvalidRequestError,
     OutOfRangeError,
     RequestNotFoundError,
@@ -48,7 +49,7 @@ from services.engine.kv_cache import KVCache, KVLayout
 from services.engine.kv_routes import export_anywhere
 from services.engine.kv_transfer import KVTransfer
 from services.engine.located_attention import request_partial_attention
-from services.engine.memory import initial_num_blocks, max_model_len, module_bytes
+from services.engine.memory import check_fits, initial_num_blocks, max_model_len, module_bytes
 from services.engine.migration import Migration
 from services.engine.model_runner import ModelRunner
 from services.engine.models.loader import DTYPES, load_layers, load_model
@@ -108,12 +109,18 @@ class Engine:
         block_bytes = KVCache.bytes_per_block(
             num_layers, bs, spec.num_kv_heads, spec.head_dim, dtype
         )
-        num_blocks = initial_num_blocks(config, module_bytes([self.model]), block_bytes)
+        weight_bytes = module_bytes([self.model])
+        num_blocks = initial_num_blocks(config, weight_bytes, block_bytes)
         self.max_model_len = max_model_len(config, spec, num_blocks)
+        what = f"a KV pool of {num_blocks:,} blocks ({block_bytes:,} bytes each)"
+        check_fits(what, num_blocks * block_bytes, weight_bytes, config.device)
         layers = range(num_layers)
-        self.kv_cache = KVCache(
-            layers, num_blocks, bs, spec.num_kv_heads, spec.head_dim, dtype, config.device
-        )
+        try:
+            self.kv_cache = KVCache(
+                layers, num_blocks, bs, spec.num_kv_heads, spec.head_dim, dtype, config.device
+            )
+        except (RuntimeError, MemoryError) as exc:  # torch's OutOfMemoryError is one
+            raise ConfigError(f"cannot allocate {what}: {exc}") from None
         self.block_manager = BlockManager(
             num_blocks, bs, self.fingerprint, config.enable_prefix_caching
         )

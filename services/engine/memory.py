@@ -22,8 +22,11 @@ That count is recomputed whenever one of its terms changes, on the engine thread
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -55,6 +58,39 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
 
 def module_bytes(modules: Iterable[nn.Module]) -> int:
     return tensor_bytes(t for m in modules for t in [*m.parameters(), *m.buffers()])
+
+
+_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def device_memory_bytes(device: str) -> int | None:
+    """The memory a pool on ``device`` can have at most: a GPU's total memory, or this
+    machine's physical memory (its cgroup's limit, when lower); None where unknown."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
+    if kind != "cpu":
+        return None
+    try:
+        limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    except (ValueError, OSError):  # not a POSIX system that says
+        return None
+    for path in _CGROUP_LIMITS:
+        with contextlib.suppress(OSError, ValueError):  # absent, or "max": no limit
+            limits.append(int(Path(path).read_text().strip()))
+    return min(limits)
+
+
+def check_fits(what: str, num_bytes: int, weight_bytes: int, device: str) -> None:
+    """A KV pool (or budget) the device cannot hold beside the weights is a ``ConfigError``
+    before it is allocated (it was torch's "can't allocate memory" RuntimeError, or the
+    kernel's OOM killer once the pool's pages were touched)."""
+    limit = device_memory_bytes(device)
+    if limit is not None and num_bytes + weight_bytes > limit:
+        raise ConfigError(
+            f"{what} needs {num_bytes / 2**30:,.2f} GiB beside {weight_bytes / 2**30:,.2f} GiB "
+            f"of weights; {device} has {limit / 2**30:,.2f} GiB"
+        )
 
 
 def blocks_for(budget: int, weight_bytes: int, hosted_bytes: int, block_bytes: int) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -131,3 +133,26 @@ def test_a_budget_too_small_for_the_weights_is_a_config_error(tiny_llama):
         make_engine(tiny_llama, num_kv_blocks=None, memory_budget_bytes=1 << 20)
     with pytest.raises(ConfigError, match="not both"):
         make_engine(tiny_llama, num_kv_blocks=8, memory_budget_bytes=1 << 30)
+
+
+def test_a_pool_the_machine_cannot_hold_is_refused_before_it_is_allocated(tiny_llama, monkeypatch):
+    """Session 38's probe: ``decode --num-kv-blocks 1000000000`` was torch's "you tried to
+    allocate 8192000000000 bytes" RuntimeError traceback; a pool just over the machine's memory
+    would have been allocated and the process OOM-killed once its pages were touched."""
+    from services.engine import memory
+
+    with pytest.raises(ConfigError, match=r"1,000,000,000 blocks .* needs 61,035\.16 GiB"):
+        make_engine(tiny_llama, num_kv_blocks=10**9)
+    monkeypatch.setattr(memory, "device_memory_bytes", lambda device: 64 << 20)  # 64 MiB
+    with pytest.raises(ConfigError, match=r"needs 0\.06 GiB beside 0\.02 GiB of weights; cpu has"):
+        make_engine(tiny_llama, num_kv_blocks=1024)  # 64 MiB of KV
+    with pytest.raises(ConfigError, match="cpu has 0.06 GiB"):
+        make_engine(tiny_llama, num_kv_blocks=None, memory_budget_bytes=1 << 30)
+    assert make_engine(tiny_llama, num_kv_blocks=256).kv_cache  # 16 MiB fits
+
+
+def test_the_cpu_limit_is_the_smaller_of_physical_memory_and_the_cgroups():
+    from services.engine.memory import device_memory_bytes
+
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert 0 < device_memory_bytes("cpu") <= physical
