@@ -68,6 +68,8 @@ from services.coordinator.spans import MigrationSpans
 log = logging.getLogger(__name__)
 S = MigrationState
 DEFAULT_CONFIG = CoordinatorConfig()
+# How long a draining coordinator keeps asking its live migrations' workers whether they stop.
+DRAIN_SETTLE_S = 1.0
 
 
 class MigrationNotFoundError(RequestNotFoundError):
@@ -284,19 +286,29 @@ class Coordinator:
         finally:
             self._ending.discard(m.migration_id)
 
-    async def drain(self, timeout_s: float, poll_s: float = 0.05) -> None:
+    async def drain(
+        self, timeout_s: float, poll_s: float = 0.05, settle_s: float = DRAIN_SETTLE_S
+    ) -> None:
         """Before the coordinator stops (module doc, 6): within ``timeout_s``, ends the
-        migrations of workers that answer they are stopping, and waits for those ending."""
+        migrations of workers that answer they are stopping, and waits for those ending.
+
+        While migrations are live it asks again every ``poll_s`` for ``settle_s``: workers sent
+        SIGTERM with it (compose's ``down``, ``kubectl delete``) may handle theirs a moment
+        after its first renewal reached them, and would answer that one as running (session
+        38: the coordinator then stopped at once, and the leases ended the migration)."""
         self.draining = True
-        deadline = time.monotonic() + timeout_s
-        try:
-            await asyncio.wait_for(self.renew_leases(), timeout_s)
-        except TimeoutError:
-            return
-        while time.monotonic() < deadline and any(
-            m.live and (m.migration_id in self._ending or m.state is S.REVERTING)
-            for m in self._migrations.values()
-        ):
+        start = time.monotonic()
+        deadline = start + timeout_s
+        while True:
+            try:
+                await asyncio.wait_for(self.renew_leases(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                return
+            now = time.monotonic()
+            live = [m for m in self._migrations.values() if m.live]
+            ending = any(m.migration_id in self._ending or m.state is S.REVERTING for m in live)
+            if now >= deadline or not (ending or (live and now - start < settle_s)):
+                return
             await asyncio.sleep(poll_s)
 
     async def recover(self) -> None:

@@ -467,8 +467,32 @@ def test_a_stopping_coordinator_reverts_the_migrations_of_stopping_workers_first
         cluster.ports[P].draining = True
         await coord.drain(10.0)
         assert (stopping.state, kept.state) == (S.DONE, S.ACTIVE)
-        await coord.drain(10.0)  # nothing stopping: returns at once, keeps it
+        await coord.drain(10.0)  # nothing stopping: returns after the settle, keeps it
         assert kept.state is S.ACTIVE
+
+    run(redis_server, store_prefix, body, cluster=cluster)
+
+
+def test_a_draining_coordinator_sees_a_worker_that_starts_stopping_a_moment_later(
+    redis_server, store_prefix
+):
+    """Coordinator and workers sent SIGTERM together: the helper handles its signal after the
+    coordinator's first renewal reached it. The drain kept asking for DRAIN_SETTLE_S and so
+    still reverts (session 38's CI: it had asked once, stopped at once, and the leases ended
+    the migration 10 s later)."""
+    from services.coordinator.core import DRAIN_SETTLE_S
+
+    cluster = FakeCluster(D, P)
+
+    async def body(coord, cluster, clock):
+        m = await coord.start_layers(D, P, 2)
+        await coord.wait(m.migration_id)
+        drain = asyncio.ensure_future(coord.drain(10.0))
+        await asyncio.sleep(DRAIN_SETTLE_S / 4)
+        assert m.state is S.ACTIVE and not drain.done()
+        cluster.ports[P].draining = True
+        await drain
+        assert m.state is S.DONE
 
     run(redis_server, store_prefix, body, cluster=cluster)
 
