@@ -83,12 +83,10 @@ def prepare_model(name: str, models_dir: Path, force: bool = False) -> Path:
     target = Path(models_dir) / name
     if _is_complete(target) and not force:
         return target
+    staging: Path | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
-    except OSError as exc:
-        raise ConfigError(f"cannot write model {name!r} into {target.parent}: {exc}") from None
-    try:
         staging.chmod(0o755)  # mkdtemp's private 0700 would outlive the rename
         build(staging)
         _write_marker(staging, name)
@@ -96,7 +94,8 @@ def prepare_model(name: str, models_dir: Path, force: bool = False) -> Path:
     except (OSError, SafetensorError) as exc:  # a full or failing disk: nothing half-built stays
         raise ConfigError(f"cannot write model {name!r} into {target.parent}: {exc}") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
