@@ -194,7 +194,8 @@ def _add_loadtest(sub: argparse._SubParsersAction) -> None:
     from bench.loadtest.cli import add_arguments
 
     p = sub.add_parser(
-        "loadtest", help="drive one service alone (router, prefill, decode, kvstore), per RPC"
+        "loadtest",
+        help="drive one service alone (router, prefill, decode, kvstore, coordinator), per RPC",
     )
     add_arguments(p)
     p.set_defaults(func=_run_loadtest)
