@@ -55,8 +55,11 @@ CLUSTER_TEST_TIMEOUT ?= 1200
 test-cluster: setup
 	timeout $(CLUSTER_TEST_TIMEOUT) $(BIN)/python -m pytest -q -m 'cluster and not slow'
 
+# smollm2-135m against transformers, migrations on it, the simulator's 128-worker run (~6.5 min;
+# CI's own bounded step after test-cluster).
+SLOW_TEST_TIMEOUT ?= 1800
 test-slow: models
-	$(BIN)/python -m pytest -q -m slow
+	timeout $(SLOW_TEST_TIMEOUT) $(BIN)/python -m pytest -q -m slow
 
 # docker-compose.yml for real, under rootful podman (docs/deploy.md, "Smoke test"): installs and
 # configures podman, runc, mmdebstrap and docker-compose itself (root, Debian), builds a local
