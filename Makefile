@@ -42,7 +42,7 @@ demo: models
 	$(BIN)/banaserve demo
 
 # Two pytest workers by default: most of the suite's time is real processes starting, waiting on
-# timeouts and streaming, so two overlap well even on two cores (13.4 -> 6.9-7.6 min on the
+# timeouts and streaming, so two overlap well even on two cores (13.4 -> 6.5-7.6 min on the
 # 2-vCPU CI kind). A module's tests stay on one worker (its module-scoped cluster starts once).
 # TEST_WORKERS=0 runs them in this process, one at a time.
 TEST_WORKERS ?= 2

@@ -63,6 +63,10 @@ def module_bytes(modules: Iterable[nn.Module]) -> int:
 _CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 
 
+def physical_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def device_memory_bytes(device: str) -> int | None:
     """The memory a pool on ``device`` can have at most: a GPU's total memory, or this
     machine's physical memory (its cgroup's limit, when lower); None where unknown."""
@@ -72,7 +76,7 @@ def device_memory_bytes(device: str) -> int | None:
     if kind != "cpu":
         return None
     try:
-        limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+        limits = [physical_memory_bytes()]
     except (ValueError, OSError):  # not a POSIX system that says
         return None
     for path in _CGROUP_LIMITS:
@@ -82,7 +86,7 @@ def device_memory_bytes(device: str) -> int | None:
 
 
 def check_fits(what: str, num_bytes: int, weight_bytes: int, device: str) -> None:
-    """A KV pool (or budget) the device cannot hold beside the weights is a ``ConfigError``
+    """A KV pool the device cannot hold beside the weights is a ``ConfigError``
     before it is allocated (it was torch's "can't allocate memory" RuntimeError, or the
     kernel's OOM killer once the pool's pages were touched)."""
     limit = device_memory_bytes(device)

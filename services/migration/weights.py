@@ -30,7 +30,6 @@ checkpoint must have the donor's architecture (its layers' tensor shapes are che
 from __future__ import annotations
 
 import math
-import os
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from services.common.errors import ErrorCode, InvalidRequestError, ResourceExhau
 from services.engine.engine import Engine
 from services.engine.hosting import HostedLayers
 from services.engine.layer_stack import LayerStack
+from services.engine.memory import physical_memory_bytes
 from services.engine.models.llama import DecoderLayer
 from services.engine.models.loader import DTYPES
 from services.engine.models.packed_linear import pack_linears, packing_supported
@@ -195,10 +195,6 @@ def host_range(
             f"no memory for {blocks} hosted blocks of {len(layers)} layers"
         ) from None
     return hosted, receiver
-
-
-def physical_memory_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def receiving(
