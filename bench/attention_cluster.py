@@ -208,6 +208,10 @@ class Run:
         tokens = sum(n for s in streams for _, n in s.chunks[1:])
         gaps = [g for s in streams for g in gaps_in(s, start, end)]
         tpot = distribution(gaps)
+        # while the prefill worker (the helper) still computes prompts, and after the last one
+        prompts_done = max(s.chunks[0][0] for s in streams)
+        during = distribution([g for s in streams for g in gaps_in(s, start, prompts_done)])
+        after = distribution([g for s in streams for g in gaps_in(s, prompts_done, end)])
         running = [x for x, _ in self.samples] or [0]
         calls = sum(c for c, _, _ in self.overlap.values())
         rt = sum(r for _, r, _ in self.overlap.values())
@@ -216,6 +220,10 @@ class Run:
             "decode_tokens_per_s": tokens / (end - start),
             "tpot_p50_ms": tpot["p50"],
             "tpot_p99_ms": tpot["p99"],
+            "prompts_done_s": prompts_done - start,
+            "tpot_during_prompts_ms": {"p50": during["p50"], "p99": during["p99"]},
+            "tpot_after_prompts_ms": {"p50": after["p50"], "p99": after["p99"]},
+            "longest_gaps": longest_gaps(streams, start, 20),
             "running_mean": statistics.fmean(running),
             "running_max": max(running),
             "waiting_max": max((w for _, w in self.samples), default=0),
@@ -264,6 +272,17 @@ async def bench(cluster: LocalCluster, args: argparse.Namespace) -> list[dict[st
         for run in runs[-2:]:
             print(json.dumps({k: v for k, v in run.items() if k != "token_ids"}), flush=True)
     return runs
+
+
+def longest_gaps(streams: list[Stream], start: float, n: int) -> list[dict[str, float]]:
+    """The ``n`` longest waits between two deltas of a stream: when (s from ``start``), which
+    request, how long (ms), and how many tokens the later delta brought."""
+    waits = [
+        {"at_s": t0 - start, "request": s.index, "gap_ms": 1e3 * (t1 - t0), "tokens": k}
+        for s in streams
+        for (t0, _), (t1, k) in zip(s.chunks, s.chunks[1:], strict=False)
+    ]
+    return sorted(waits, key=lambda w: -w["gap_ms"])[:n]
 
 
 def table(runs: list[dict[str, Any]]) -> str:

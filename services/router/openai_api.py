@@ -29,6 +29,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
@@ -191,6 +192,8 @@ class OpenAIApi:
 
     async def model(self, request: Request) -> Response:
         name = request.path_params["model"]
+        if not name:  # "/v1/models/": no route, as any other trailing slash
+            raise HTTPException(404)
         if name != self._model.name:
             return error_response(self._unknown_model(name))
         return JSONResponse(self._card())
@@ -468,14 +471,15 @@ def check_media_type(headers: Mapping[str, str]) -> None:
         raise UnsupportedMediaTypeError(f"Content-Encoding {encoding!r} is not supported")
 
 
+_SECONDS = re.compile(r"[ \t]*(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?[ \t]*")
+
+
 def request_timeout(headers: Mapping[str, str]) -> float | None:
     value = headers.get(TIMEOUT_HEADER)
     if value is None:
         return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
+    # A decimal number: ``float`` alone also takes "1_0", "inf" and "nan" (session 40's probe)
+    seconds = float(value) if _SECONDS.fullmatch(value) else math.nan
     if not (math.isfinite(seconds) and 0 < seconds <= MAX_REQUEST_TIMEOUT_S):
         raise schema.InvalidFieldError(
             None,

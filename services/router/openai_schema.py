@@ -16,10 +16,10 @@ from __future__ import annotations
 import enum
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from services.common.errors import InvalidRequestError, OutOfRangeError
 from services.common.limits import MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
@@ -54,9 +54,18 @@ class Kind(enum.Enum):
     CHAT = "chat.completion"
 
 
+def _null_is_false(value: Any) -> Any:
+    return False if value is None else value
+
+
+# A flag that defaults to false: JSON's null is the default, as for every other optional field
+# (OpenAI types them "boolean or null").
+Flag = Annotated[bool, BeforeValidator(_null_is_false)]
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
-    include_usage: bool = False
+    include_usage: Flag = False
 
 
 class _GenerateRequest(BaseModel):
@@ -73,10 +82,10 @@ class _GenerateRequest(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
-    ignore_eos: bool = False
-    stream: bool = False
+    ignore_eos: Flag = False
+    stream: Flag = False
     stream_options: StreamOptions | None = None
-    return_token_ids: bool = False
+    return_token_ids: Flag = False
     user: str | None = None
     # Accepted only at these values (checked by ``check_supported``), any type.
     n: Any = None
@@ -104,13 +113,33 @@ class _GenerateRequest(BaseModel):
     truncate_prompt_tokens: Any = None
     prompt_logprobs: Any = None
     skip_special_tokens: Any = None
+    echo: Any = None
+    best_of: Any = None
+    allowed_token_ids: Any = None
+    bad_words: Any = None
+    structured_outputs: Any = None
+    logits_processors: Any = None
+    prompt_embeds: Any = None
+    return_tokens_as_token_ids: Any = None
+    add_special_tokens: Any = None
+    reasoning_effort: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+
+    # field -> the values that change nothing here, beside the shared ``_NO_OP_VALUES``
+    no_op_values: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
 
 class CompletionRequest(_GenerateRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
-    echo: Any = None
-    best_of: Any = None
     suffix: Any = None
+
+    no_op_values: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "suffix": (None, ""),
+        "add_special_tokens": (None, True),  # a completion's prompt gets them (vLLM's default)
+    }
 
 
 class ContentPart(BaseModel):
@@ -135,14 +164,29 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_GenerateRequest):
     messages: list[ChatMessage] = Field(max_length=MAX_CHAT_MESSAGES)
+    add_generation_prompt: Any = None
+    continue_final_message: Any = None
+    chat_template: Any = None
+    chat_template_kwargs: Any = None
+    documents: Any = None
+
+    no_op_values: ClassVar[dict[str, tuple[Any, ...]]] = {
+        # the model's own template, ending with the assistant's turn opened
+        "add_generation_prompt": (None, True),
+        "continue_final_message": (None, False),
+        "chat_template": (None,),
+        "chat_template_kwargs": (None, {}),
+        "documents": (None, []),
+        "add_special_tokens": (None, False),  # the template writes them (vLLM's default)
+    }
 
 
-# field -> the values that change nothing (anything else is refused).
+# field -> the values that change nothing (anything else is refused); each request type adds
+# its own (``no_op_values``).
 _NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
     "n": (None, 1),
     "best_of": (None, 1),
     "echo": (None, False),
-    "suffix": (None, ""),
     "logprobs": (None, False),
     "top_logprobs": (None, 0),
     "presence_penalty": (None, 0),
@@ -169,6 +213,19 @@ _NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
     "truncate_prompt_tokens": (None,),
     "prompt_logprobs": (None,),
     "skip_special_tokens": (None, True),  # the detokenizer skips them
+    # Session 40's probe found these accepted and ignored: vLLM's sampling and output
+    # extensions, OpenAI's newer generation options.
+    "allowed_token_ids": (None,),
+    "bad_words": (None, []),
+    "structured_outputs": (None,),
+    "logits_processors": (None, []),
+    "prompt_embeds": (None,),
+    "return_tokens_as_token_ids": (None, False),  # return_token_ids gives the ids
+    "reasoning_effort": (None,),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+    "web_search_options": (None,),
 }
 
 
@@ -224,7 +281,7 @@ _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
 
 def check_supported(request: _GenerateRequest) -> None:
-    for name, allowed in _NO_OP_VALUES.items():
+    for name, allowed in (_NO_OP_VALUES | request.no_op_values).items():
         value = getattr(request, name, None)
         if not any(_same(value, a) for a in allowed):
             raise InvalidFieldError(
@@ -328,7 +385,10 @@ def sampling_params(
     _within("top_k", request.top_k or 0, INT32)
     if request.seed is not None:
         _within("seed", request.seed, UINT64)
-    stop = request.stop if isinstance(request.stop, list) else [request.stop] * bool(request.stop)
+    # "" is one (empty) stop string, refused as [""] is; null is none
+    stop = request.stop if isinstance(request.stop, list) else [request.stop]
+    if request.stop is None:
+        stop = []
     try:
         return SamplingParams(
             temperature=1.0 if request.temperature is None else request.temperature,
@@ -346,8 +406,8 @@ def sampling_params(
         # SamplingParams names the field first, in gRPC's words; the request's name for it
         # becomes OpenAI's ``param``.
         named = str(exc).split(" ", 1)[0]
-        if named == "max_tokens":
-            named = field
+        if named == "max_tokens" and field != named:  # the message names the request's field
+            raise InvalidFieldError(field, field + str(exc)[len(named) :]) from None
         if named in type(request).model_fields and getattr(exc, "param", None) is None:
             exc.param = named  # type: ignore[attr-defined]
         raise

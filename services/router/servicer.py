@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import grpc
 
 from services.common.errors import InvalidRequestError, ModelNotFoundError, RequestNotFoundError
-from services.common.limits import check_address, check_id, check_name, check_stop
+from services.common.limits import check_address, check_id, check_name, check_stop, required_id
 from services.router import core
 from services.router import driver as drv
 from services.router.prompts import Encoder, PromptEncoder
@@ -194,6 +194,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         context = self._context()
         kind = request.WhichOneof("prompt")
         if kind == "token_ids":
+            if request.chat:  # the template renders text (router.proto): nothing to apply it to
+                raise InvalidRequestError("chat applies the chat template to text; send text")
             ids = tuple(request.token_ids.ids)
             self._prompts.check_token_ids(ids, context)
             return ids
@@ -202,7 +204,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         raise InvalidRequestError("prompt is empty: set text or token_ids")
 
     async def Abort(self, request, context):
-        check_id(request.request_id, "request_id")
+        required_id(request.request_id, "request_id")
         self._driver.abort(request.request_id, caller_identity(context))
         return router_pb2.AbortResponse()
 

@@ -77,6 +77,11 @@ BAD_REQUESTS = [
         ),
         "257 stop token ids; at most 256 are allowed",
     ),
+    # Session 40's probe: chat with token ids was served without any template.
+    (
+        router_pb2.GenerateRequest(token_ids=common_pb2.TokenIds(ids=[1]), chat=True),
+        "chat applies the chat template to text; send text",
+    ),
 ]
 
 
@@ -94,15 +99,19 @@ def test_oversized_or_malformed_fields_fail_before_any_frame_or_worker_call(mess
     asyncio.run(main())
 
 
-def test_abort_with_an_oversized_id_is_invalid_argument():
+@pytest.mark.parametrize(
+    ("request_id", "details"),
+    [
+        ("a" * MB, "request_id is 1048576 characters long; at most 128 are allowed"),
+        ("", "request_id is empty"),  # no request has it (session 40's probe: NOT_FOUND)
+    ],
+)
+def test_abort_with_an_oversized_or_empty_id_is_invalid_argument(request_id, details):
     async def main():
         async with cluster() as c:
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await c.stub.Abort(router_pb2.AbortRequest(request_id="a" * MB), timeout=5)
-            assert (info.value.code(), info.value.details()) == (
-                C.INVALID_ARGUMENT,
-                "request_id is 1048576 characters long; at most 128 are allowed",
-            )
+                await c.stub.Abort(router_pb2.AbortRequest(request_id=request_id), timeout=5)
+            assert (info.value.code(), info.value.details()) == (C.INVALID_ARGUMENT, details)
 
     asyncio.run(main())
 

@@ -285,7 +285,8 @@ BAD_REQUESTS = [
     (completion(max_tokens="4"), invalid("max_tokens: Input should be a valid integer", "max_tokens")),
     # Sampling values are checked where the gRPC path checks them, with the same message.
     (completion(max_tokens=0), invalid(sampling_error(max_tokens=0), "max_tokens")),
-    (completion(max_completion_tokens=0, max_tokens=4), invalid(sampling_error(max_tokens=0), "max_completion_tokens")),
+    # ... naming the field the request used (session 40's probe: the message said max_tokens)
+    (completion(max_completion_tokens=0, max_tokens=4), invalid("max_completion_tokens must be > 0, got 0", "max_completion_tokens")),
     (completion(top_p=1.5), invalid(sampling_error(top_p=1.5), "top_p")),
     (completion(temperature=-1), invalid(sampling_error(temperature=-1.0), "temperature")),
     (completion(prompt=[]), invalid("prompt is empty", "prompt")),
@@ -338,6 +339,25 @@ BAD_REQUESTS = [
         chat(messages=[{"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]}]),
         invalid("messages.0.tool_calls: tool calls are not supported", "messages.0.tool_calls"),
     ),
+    # Session 40's probe: more knobs accepted and ignored, on chat too (echo was refused only
+    # on completions), and an empty stop string dropped where [""] was refused.
+    (chat(echo=True), invalid("echo=true is not supported (accepted: null or false)", "echo")),
+    (chat(add_generation_prompt=False), invalid("add_generation_prompt=false is not supported (accepted: null or true)", "add_generation_prompt")),
+    (chat(continue_final_message=True), invalid("continue_final_message=true is not supported (accepted: null or false)", "continue_final_message")),
+    (chat(chat_template="{{ 1/0 }}"), invalid('chat_template="{{ 1/0 }}" is not supported (accepted: null)', "chat_template")),
+    (chat(chat_template_kwargs={"x": 1}), invalid('chat_template_kwargs={"x": 1} is not supported (accepted: null or {})', "chat_template_kwargs")),
+    (chat(add_special_tokens=True), invalid("add_special_tokens=true is not supported (accepted: null or false)", "add_special_tokens")),
+    (completion(add_special_tokens=False), invalid("add_special_tokens=false is not supported (accepted: null or true)", "add_special_tokens")),
+    (completion(allowed_token_ids=[1, 2]), invalid("allowed_token_ids=[1, 2] is not supported (accepted: null)", "allowed_token_ids")),
+    (completion(bad_words=["a"]), invalid('bad_words=["a"] is not supported (accepted: null or [])', "bad_words")),
+    (completion(structured_outputs={"json": {}}), invalid('structured_outputs={"json": {}} is not supported (accepted: null)', "structured_outputs")),
+    (completion(logits_processors=["x"]), invalid('logits_processors=["x"] is not supported (accepted: null or [])', "logits_processors")),
+    (completion(return_tokens_as_token_ids=True), invalid("return_tokens_as_token_ids=true is not supported (accepted: null or false)", "return_tokens_as_token_ids")),
+    (chat(modalities=["audio"]), invalid('modalities=["audio"] is not supported (accepted: null or ["text"])', "modalities")),
+    (chat(prediction={"type": "content", "content": "x"}), invalid('prediction={"type": "content", "content": "x"} is not supported (accepted: null)', "prediction")),
+    (chat(reasoning_effort="low"), invalid('reasoning_effort="low" is not supported (accepted: null)', "reasoning_effort")),
+    (completion(stop=""), invalid(sampling_error(stop=("",)), "stop")),
+    (completion(stop=[""]), invalid(sampling_error(stop=("",)), "stop")),
     # ... and a wrongly typed union field was named by the member pydantic tried last.
     (completion(prompt=5), invalid("prompt: Input should be a valid string", "prompt")),
     (completion(stop=5), invalid("stop: Input should be a valid string", "stop")),
@@ -415,15 +435,17 @@ def test_malformed_json_a_bad_timeout_header_and_unknown_fields():
         )
         assert (r.status_code, r.json()) == (400, invalid(message))
         # Huge deadlines overflowed on the way to the workers (500, or an instant 504).
-        for huge in ("1e10", "1e300", "86401"):
+        # ... and what float() takes but is no decimal number (session 40's probe: "1_0")
+        for huge in ("1e10", "1e300", "86401", "1_0", "inf", "nan", "0x10", "1.5s"):
             r = await client.post(
                 "/v1/completions", json=completion(), headers={"X-Request-Timeout": huge}
             )
             assert r.status_code == 400 and "up to 86400" in r.json()["error"]["message"]
-        r = await client.post(
-            "/v1/completions", json=completion(), headers={"X-Request-Timeout": "86400"}
-        )
-        assert r.status_code == 200
+        for fine in ("86400", "2.5", ".5", "8.64e4"):
+            r = await client.post(
+                "/v1/completions", json=completion(), headers={"X-Request-Timeout": fine}
+            )
+            assert r.status_code == 200, fine
         r = await client.post("/v1/completions", content=b"[1, 2]")
         assert (r.status_code, r.json()) == (400, invalid("the body: Input should be an object"))
         extras = {"user": "u", "frequency_penalty": 0, "logit_bias": {}, "no_such_field": [1]}
@@ -453,6 +475,11 @@ def test_unknown_model_is_404_and_unknown_paths_and_methods_keep_the_shape():
         r = await client.post(
             "/v1/completions/", json=completion(), headers={"Host": "evil.example"}
         )
+        assert (r.status_code, r.json()) == (
+            404,
+            error("Not Found", "not_found_error", "not_found"),
+        )
+        r = await client.get("/v1/models/")  # no model named "" (session 40's probe)
         assert (r.status_code, r.json()) == (
             404,
             error("Not Found", "not_found_error", "not_found"),
@@ -662,6 +689,13 @@ def test_headers_are_bounded_in_size_and_in_time_and_a_slow_body_is_not_cut_by_i
             head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
             try:
                 big = await raw_exchange(http.address, head + b"X-A: " + b"a" * (70 << 10))
+                # Whole, in one piece (session 40's probe: served, as only headers still
+                # incomplete after a read were counted), with a request pipelined behind.
+                whole = await raw_exchange(
+                    http.address,
+                    head + b"X-A: " + b"a" * (70 << 10) + b"\r\n\r\n"
+                    + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+                )  # fmt: skip
                 # Far over it, in one piece: the client is still sending when the answer goes;
                 # the connection lingers until it is done (closed at once, it was reset).
                 huge = await raw_exchange(http.address, head + b"X-A: " + b"a" * (20 << 20))
@@ -677,12 +711,47 @@ def test_headers_are_bounded_in_size_and_in_time_and_a_slow_body_is_not_cut_by_i
                     healthy = (await client.get("/health")).status_code
             finally:
                 await http.stop()
-            return big, huge, late, waited, silent, slow, healthy
+            return big, whole, huge, late, waited, silent, slow, healthy
 
-    big, huge, late, waited, silent, slow, healthy = asyncio.run(main())
+    big, whole, huge, late, waited, silent, slow, healthy = asyncio.run(main())
     assert big.startswith(b"HTTP/1.1 431 "), big[:80]
+    assert whole.startswith(b"HTTP/1.1 431 ") and whole.count(b"HTTP/1.1") == 1, whole
     assert huge.startswith(b"HTTP/1.1 431 "), huge[:80]
     assert late.startswith(b"HTTP/1.1 408 ") and 0.4 < waited < 5, (late[:80], waited)
     assert silent.startswith(b"HTTP/1.1 408 ")
     assert slow.startswith(b"HTTP/1.1 200 "), slow[:200]
     assert healthy == 200
+
+
+def test_a_stream_to_an_http_1_0_client_ends_at_the_close_not_in_chunks():
+    # Session 40's probe: uvicorn framed it in chunks, which an HTTP/1.0 client does not decode
+    # (RFC 9112 6.1); a response of known length keeps its Content-Length.
+    async def main():
+        async with cluster() as c:
+            api = OpenAIApi(c.driver, MODEL, LIMITS)
+            http = HttpServer(api.app, "127.0.0.1", 0, grace_s=0.1, on_stop=api.close)
+            await http.start()
+            try:
+                replies = []
+                for stream in (True, False):
+                    body = json.dumps(completion(stream=stream)).encode()
+                    replies.append(
+                        await raw_exchange(
+                            http.address,
+                            b"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json"
+                            b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
+                        )
+                    )
+            finally:
+                await http.stop()
+            return replies
+
+    streamed, whole = asyncio.run(main())
+    head, _, body = streamed.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"transfer-encoding" not in head.lower(), head
+    events = [e for e in body.split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]" and all(e.startswith(b"data: ") for e in events), body
+    assert "".join(json.loads(e[6:])["choices"][0]["text"] for e in events[:-1]) == "<7><8><9><10>"
+    head, _, body = whole.partition(b"\r\n\r\n")
+    assert b"content-length: %d" % len(body) in head.lower(), head
+    assert json.loads(body)["choices"][0]["text"] == "<7><8><9><10>"

@@ -74,6 +74,26 @@ def test_no_op_values_of_unsupported_fields_are_accepted(fields):
 
 
 @pytest.mark.parametrize(
+    "fields",
+    [{"echo": False}, {"add_generation_prompt": True}, {"continue_final_message": False},
+     {"chat_template_kwargs": {}}, {"add_special_tokens": False}, {"modalities": ["text"]},
+     {"bad_words": []}, {"best_of": 1}],
+)  # fmt: skip
+def test_a_chat_takes_the_no_op_values_of_its_own_fields(fields):
+    chat(**fields)
+
+
+def test_null_flags_are_their_default():
+    # OpenAI types them "boolean or null" (session 40's probe: "stream": null was a 400)
+    request = completion(stream=None, ignore_eos=None, return_token_ids=None)
+    assert (request.stream, request.ignore_eos, request.return_token_ids) == (False, False, False)
+    request = chat(stream=True, stream_options={"include_usage": None})
+    assert request.stream_options is not None and request.stream_options.include_usage is False
+    with pytest.raises(InvalidFieldError, match="stream: Input should be a valid boolean"):
+        completion(stream=1)  # strict still: only true, false and null
+
+
+@pytest.mark.parametrize(
     ("fields", "param"),
     [({"n": True}, "n"), ({"logprobs": 0}, "logprobs"), ({"best_of": 2}, "best_of"),
      ({"response_format": {"type": "json_object"}}, "response_format"), ({"min_tokens": 3}, "min_tokens")],
