@@ -92,6 +92,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the decode worker's (default: the engine's); 1: a step's located sequences wait "
         "at every layer together",
     )  # fmt: skip
+    p.add_argument(
+        "--decode-arg", action="append", default=[], metavar="ARG",
+        help="one more argument of the decode worker's, as written on its command line "
+        "(repeat it: --decode-arg=--max-prefill-tokens-while-decoding --decode-arg=256)",
+    )  # fmt: skip
     p.add_argument("--out", default="")
     p.add_argument("--label", default="")
 
@@ -345,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--num-kv-blocks", str(args.decode_blocks), "--max-model-len", max_len,
                 "--max-lease", str(args.reserve_lease),
                 *located_micro_batches(args),
+                *args.decode_arg,
             ),
             "prefill": ("--num-kv-blocks", str(args.prefill_blocks), "--max-model-len", max_len),
         },

@@ -73,9 +73,9 @@ class EngineConfig:
     # A step whose batch has sequences attended on a helper (attention migration) runs as this
     # many micro-batches, so that one part's round trips to the helper overlap the other part's
     # layers (services/engine/step.py); 1: the whole batch waits at every layer. 1 by default:
-    # on the one machine measured (2-vCPU AMD EPYC) reading each layer's weights once per part
-    # cost what the overlap saved, and TPOT p99 rose (docs/migration.md, "Attention migration:
-    # figures").
+    # on both machines measured (2-vCPU AMD EPYC; 2-vCPU Intel Xeon with a 260 MiB L3, session
+    # 40) each part's pass over the layers cost more than the overlap saved, and TPOT p99 rose
+    # (docs/migration.md, "Attention migration: figures").
     located_micro_batches: int = 1
 
     def __post_init__(self) -> None:
