@@ -5,7 +5,7 @@ whether it carried a deadline) in one shared log, and follow the protocol of pre
 decode.proto just far enough to exercise the router's orchestration (a decode worker's
 reservation names a data plane, which the prefill call must carry on). Behaviour per worker:
 ``tokens`` to produce, ``finish_on_prefill``, ``hang_decode`` (StreamTokens stalls after one
-delta, for cancel/abort/deadline tests); set on one worker afterwards, ``die_after_deltas`` (its
+delta, for cancel/abort/deadline tests; as set when the stream starts); set on one worker afterwards, ``die_after_deltas`` (its
 StreamTokens sends that many deltas, then it is gone: every call UNAVAILABLE) and
 ``prefill_dies_after_first`` (the same after its Prefill's first token); failed engine steps
 (INTERNAL, the worker serving on): ``fail_step_after_deltas`` (StreamTokens, once),
@@ -172,6 +172,10 @@ class FakeWorker(prefill_pb2_grpc.PrefillServiceServicer, decode_pb2_grpc.Decode
         await self._unless_dead(context)
         local = request.request_id in self.local
         start = self.resumed.get(request.request_id, 0 if local else 1)
+        # As set when the stream starts: a test that clears it for the next stream must not
+        # release one that has not yet resumed from its first delta (under load it had not, and
+        # ran to its end: session 40's flaky take-over test).
+        hang = self.hang_decode
         try:
             for sent, token in enumerate(self.tokens[start:]):
                 if sent == self.die_after_deltas:
@@ -181,7 +185,7 @@ class FakeWorker(prefill_pb2_grpc.PrefillServiceServicer, decode_pb2_grpc.Decode
                     await context.abort(grpc.StatusCode.INTERNAL, "the engine step failed")
                 delta = common_pb2.TokenDelta(token_ids=[token], text=f"<{token}>")
                 yield decode_pb2.StreamTokensResponse(delta=delta)
-                if self.hang_decode:
+                if hang:
                     await asyncio.sleep(30)
             if self.die_after_deltas == len(self.tokens[start:]):  # after its last token
                 await self._die(context)
