@@ -194,11 +194,13 @@ class AutoMigrator:
         if d.kind is ActionKind.LAYERS:
             micro = cfg.micro_batches_for(self._feed.is_prefill(d.donor))
             return await c.start_layers(
-                d.donor, d.helper, d.start_layer, d.end_layer, micro, cfg.drop_weights
-            )
+                d.donor, d.helper, d.start_layer, d.end_layer, micro, cfg.drop_weights,
+                automatic=True,
+            )  # fmt: skip
         return await c.start_attention(
-            d.donor, d.helper, max_sequences=self._sequences_for(d), refill=cfg.attention_refill
-        )
+            d.donor, d.helper, max_sequences=self._sequences_for(d),
+            refill=cfg.attention_refill, automatic=True,
+        )  # fmt: skip
 
     def _sequences_for(self, d: Decision) -> int:
         """The decision's blocks as the donor's longest sequences (each holds the mean)."""

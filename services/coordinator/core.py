@@ -41,6 +41,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from opentelemetry import trace
 
@@ -51,6 +52,7 @@ from services.common.errors import (
     PreconditionError,
     RequestNotFoundError,
 )
+from services.common.limits import clip_reason
 from services.coordinator.config import CoordinatorConfig
 from services.coordinator.driver import MigrationDriver, MigrationStore
 from services.coordinator.leases import Leases
@@ -66,6 +68,7 @@ from services.coordinator.ports import WorkerModel, Workers
 from services.coordinator.spans import MigrationSpans
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 S = MigrationState
 DEFAULT_CONFIG = CoordinatorConfig()
 # How long a draining coordinator keeps asking its live migrations' workers whether they stop.
@@ -99,7 +102,7 @@ class Coordinator:
         self._starting = asyncio.Lock()
         self._leases = Leases(workers, config.lease_s, config.renew_interval_s, clock)
         self._driver = MigrationDriver(store, workers, config, clock, self._spans, self._leases)
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
         self._ending: set[str] = set()  # migrations being ended for a stopping worker
         self._closing = False
         # Set once ``drain`` begins: the service refuses new commands (servicer.py), which the
@@ -137,6 +140,7 @@ class Coordinator:
         end_layer: int | None = None,
         num_micro_batches: int = 2,
         drop_weights: bool = False,
+        automatic: bool = False,
     ) -> Migration:
         check_layer_request(donor, helper, start_layer, end_layer, num_micro_batches)
         self._check_free(donor, helper)
@@ -158,13 +162,10 @@ class Coordinator:
             m = Migration(
                 await self._next_id(), MigrationKind.LAYERS, donor, helper, start_layer, end,
                 created_at=self._clock(), num_micro_batches=num_micro_batches,
-                drop_weights=drop_weights,
+                drop_weights=drop_weights, automatic=automatic,
             )  # fmt: skip
             self._migrations[m.migration_id] = m
-        self._spans.begin(m)
-        await self._driver.save(m)
-        self._spawn(m, self._driver.forward(m))
-        return m
+        return await self._begin(m)
 
     async def start_attention(
         self,
@@ -174,6 +175,7 @@ class Coordinator:
         max_sequences: int = 0,
         max_blocks_per_sequence: int = 0,
         refill: bool = False,
+        automatic: bool = False,
     ) -> Migration:
         """Whole KV blocks (every layer) of the donor's longest running sequences, or of
         ``request_ids``, move to the helper, which attends over them for the donor; the same
@@ -198,14 +200,43 @@ class Coordinator:
                 models[0].num_layers, created_at=self._clock(), num_micro_batches=1,
                 request_ids=tuple(request_ids), max_sequences=max_sequences,
                 max_blocks_per_sequence=max_blocks_per_sequence, refill=refill,
+                automatic=automatic,
             )  # fmt: skip
             self._migrations[m.migration_id] = m
+        return await self._begin(m)
+
+    async def _begin(self, m: Migration) -> Migration:
+        """From the registration of ``m`` to its driver task, with no await between: a caller
+        cancelled or past its deadline while PLANNED is saved leaves a migration that runs, not
+        one that holds both workers with nothing to move it on (session 40's probe). The
+        caller gets the PLANNED record once it is saved, or the store's error (the migration
+        then ends ABORTED, no worker called)."""
         self._spans.begin(m)
-        await self._driver.save(m)
-        self._spawn(m, self._driver.forward(m))
+        recorded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._spawn(m, self._save_then_forward(m, recorded))
+        await recorded  # cancelled with its caller: the task goes on
         return m
 
+    async def _save_then_forward(self, m: Migration, recorded: asyncio.Future[None]) -> None:
+        try:
+            await self._driver.save(m)
+        except Exception as exc:  # noqa: BLE001 - the caller's, when it still waits
+            if not recorded.done():
+                recorded.set_exception(exc)
+            m.reason = clip_reason(f"not recorded in the store: {exc}")
+            with contextlib.suppress(Exception):  # in memory now; the store is away
+                await self._driver.enter(m, S.ABORTED)
+            return
+        if not recorded.done():
+            recorded.set_result(None)
+            await asyncio.sleep(0)  # the caller, woken first, answers PLANNED
+        await self._driver.forward(m)
+
     async def revert(self, migration_id: str) -> Migration:
+        """Runs to its end whatever becomes of the caller (``_unless_cut``)."""
+        return await self._unless_cut(self._revert(migration_id))
+
+    async def _revert(self, migration_id: str) -> Migration:
         m = self.describe(migration_id)
         async with self._lock(m):
             if m.state is S.ACTIVE:
@@ -219,6 +250,16 @@ class Coordinator:
         return m
 
     async def abort(self, migration_id: str, reason: str = "") -> Migration:
+        """Runs to its end whatever becomes of the caller (``_unless_cut``): cut after it had
+        cancelled the step in flight, it left a COPYING migration nothing moved on (session
+        40's probe)."""
+        m = self.describe(migration_id)
+        task = self._tasks.get(migration_id)
+        if m.live and task is not None and not self._lock(m).locked():
+            task.cancel()  # now, as the caller asks: its step stops before another begins
+        return await self._unless_cut(self._abort(migration_id, reason))
+
+    async def _abort(self, migration_id: str, reason: str = "") -> Migration:
         m = self.describe(migration_id)
         async with self._lock(m):
             if m.live:
@@ -391,7 +432,16 @@ class Coordinator:
         if not m.live and not self._closing:
             self._in_background(self.trim())
 
-    def _in_background(self, work: Awaitable[None]) -> None:
+    def _in_background(self, work: Awaitable[T]) -> asyncio.Task[T]:
         task = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
+
+    async def _unless_cut(self, work: Awaitable[Migration]) -> Migration:
+        """``work``'s result; a caller cancelled (its deadline, its client gone) stops waiting
+        for it but does not stop it: a command on a migration is done whole or not begun.
+        (``close`` cancels it with the rest.)"""
+        task = self._in_background(work)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # (its caller's)
+        return await asyncio.shield(task)

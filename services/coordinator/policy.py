@@ -200,7 +200,9 @@ class Policy:
         rejected: list[Rejected],
     ) -> Decision | None:
         d, h = utils.get(m.donor), utils.get(m.helper)
-        if m.state is not S.ACTIVE or d is None or h is None:
+        # one started by hand is the operator's to revert (session 40's probe: reverted ~5 s
+        # after its start, as the gap between two idle workers was small)
+        if m.state is not S.ACTIVE or not m.automatic or d is None or h is None:
             self._state.revert.pop(m.migration_id, None)
             return None
         cfg = self.config

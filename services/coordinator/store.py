@@ -43,6 +43,7 @@ def to_record(m: Migration) -> dict[str, Any]:
         "state": m.state.value,
         "num_micro_batches": m.num_micro_batches,
         "drop_weights": m.drop_weights,
+        "automatic": m.automatic,
         "helper_data_address": m.helper_data_address,
         "num_weight_bytes": m.num_weight_bytes,
         "num_kv_bytes": m.num_kv_bytes,
@@ -80,6 +81,7 @@ def from_record(record: dict[str, Any]) -> Migration:
         state=MigrationState(record["state"]),
         num_micro_batches=record["num_micro_batches"],
         drop_weights=record["drop_weights"],
+        automatic=record.get("automatic", False),  # (older records: by hand)
         helper_data_address=record["helper_data_address"],
         num_weight_bytes=record["num_weight_bytes"],
         num_kv_bytes=record["num_kv_bytes"],

@@ -94,9 +94,12 @@ def active(
     copying_s: float = 0.0,
     switching_s: float = 0.0,
     num_kv_bytes: int = 0,
+    automatic: bool = True,
 ) -> Migration:
-    """A migration created at ``t`` and driven up to ``state``."""
-    m = Migration(migration_id, kind, donor, helper, start_layer, 4, created_at=t)
+    """A migration created at ``t`` and driven up to ``state``; ``automatic``: the policy's."""
+    m = Migration(
+        migration_id, kind, donor, helper, start_layer, 4, created_at=t, automatic=automatic
+    )
     m.num_kv_bytes = num_kv_bytes
     times = {S.COPYING: t, S.SWITCHING: t + copying_s, S.ACTIVE: t + copying_s + switching_s}
     for s, at in times.items():

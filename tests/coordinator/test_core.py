@@ -542,3 +542,66 @@ def test_after_redis_comes_back_empty_ids_go_on_and_records_are_written_back(
         assert loaded == [first, second, third]
 
     run(redis_server, store_prefix, body, cluster)
+
+
+async def until(predicate, timeout_s: float = 10.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+def test_a_start_whose_caller_is_cut_while_it_is_saved_still_runs(redis_server, store_prefix):
+    # Session 40's probe: a StartMigration past its deadline between the registration and the
+    # driver task left a PLANNED migration nothing moved on, refusing both workers for good.
+    async def body(coord, cluster, clock):
+        save, saving, saved = coord._driver.save, asyncio.Event(), asyncio.Event()
+
+        async def slow_save(m):  # the first save (PLANNED) waits: the caller is cut then
+            if not saved.is_set():
+                saving.set()
+                await saved.wait()
+            await save(m)
+
+        coord._driver.save = slow_save
+        start = asyncio.create_task(coord.start_layers(D, P, 2))
+        await saving.wait()
+        start.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await start
+        saved.set()
+        m = await coord.wait("m-1")
+        assert m.state is S.ACTIVE and cluster.steps() == FORWARD
+        await coord.revert("m-1")
+        assert (await coord.wait("m-1")).state is S.DONE
+        assert (await coord.start_layers(D, P, 2)).migration_id == "m-2"  # both free again
+
+    run(redis_server, store_prefix, body)
+
+
+@pytest.mark.parametrize("command", ["abort", "revert"])
+def test_an_abort_or_revert_whose_caller_is_cut_goes_on_to_its_end(
+    redis_server, store_prefix, command
+):
+    # Session 40's probe: an abort cut after it had cancelled the step in flight left the
+    # migration COPYING (or ACTIVE) with nothing to end it.
+    cluster = FakeCluster()
+    hold = cluster.hold(P, "prepare helper for [2, 3]") if command == "abort" else None
+
+    async def body(coord, cluster, clock):
+        m = await coord.start_layers(D, P, 2)
+        if hold is not None:
+            await hold.entered.wait()
+            assert m.state is S.COPYING
+        else:
+            await coord.wait("m-1")
+            assert m.state is S.ACTIVE
+        call = asyncio.create_task(getattr(coord, command)("m-1"))
+        await asyncio.sleep(0)  # it has begun: the step in flight cancelled, or REVERTING
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        ended = S.ABORTED if command == "abort" else S.DONE
+        await until(lambda: m.state is ended)
+        assert cluster.held() == {D: set(), P: set()}
+
+    run(redis_server, store_prefix, body, cluster)

@@ -136,6 +136,22 @@ def test_a_helper_whose_own_prompts_queue_gets_its_layers_back_at_once(queued, a
     assert revert.reason == "helper hotter by 0.86, 900 prompt tokens of its own queued for 0.0 s"
 
 
+@pytest.mark.parametrize("automatic", [True, False])
+def test_only_the_policys_own_migrations_are_reverted(automatic):
+    """Session 40's probe: one started by hand was reverted ~5 s after it went ACTIVE (the gap
+    between two idle workers is small). It keeps its workers out of the policy's decisions:
+    no revert, and no start on them either."""
+    policy = Policy(PolicyConfig())
+    m = active("m-1", D, P, 0.0, automatic=automatic)
+    idle = tuple(Sample(t / 2, report(0.1, 0)) for t in range(0, 61))  # 0 .. 30 s
+    views = [WorkerView(D, 4, idle), WorkerView(P, 4, idle)]
+    decisions = [d for t in range(1, 31) for d in policy.decide(float(t), views, [m]).decisions]
+    if automatic:  # (asked again each second: m stays ACTIVE here)
+        assert {(d.kind, d.migration_id) for d in decisions} == {(ActionKind.REVERT, "m-1")}
+    else:
+        assert decisions == []
+
+
 # -- cool-down, actions in flight, oscillation ---------------------------------------------
 
 
@@ -153,7 +169,7 @@ def test_none_while_cooling_down():
 def test_none_on_a_worker_with_an_action_in_flight():
     policy = Policy(PolicyConfig())
     r = Run(policy, [(30, BURST)])
-    r.migrations.append(active("m-9", D, P, 0.0, state=S.COPYING))  # started by hand
+    r.migrations.append(active("m-9", D, P, 0.0, state=S.COPYING, automatic=False))  # by hand
     assert r.run(30) == []
     outcome = policy.decide(30.0, r.views(), r.migrations)
     assert outcome.decisions == ()

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.timeout(60)
 def test_an_attention_record_keeps_its_selection(redis_server, store_prefix):
     m = Migration(
         "m-8", MigrationKind.ATTENTION, "decode-0", "prefill-0", 0, 30, created_at=5.0,
-        max_sequences=6, max_blocks_per_sequence=3, refill=True, num_blocks=40,
+        max_sequences=6, max_blocks_per_sequence=3, refill=True, num_blocks=40, automatic=True,
     )  # fmt: skip
 
     async def main():
