@@ -131,8 +131,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=shell_words,
         default="",
         metavar="ARGS",
-        help='extra flags for the coordinator, one string (e.g. "--gap-high 0.3 --cooldown-s 5", '
-        "docs/coordinator.md)",
+        help='extra flags for the coordinator, one string (e.g. "--gap-high 0.3 --cooldown-s 5" '
+        "with --mode banaserve, whose coordinator runs --auto; docs/coordinator.md)",
     )
     for role, example in (("router", "--local-prefill-max-tokens 64"),
                           ("prefill", "--max-num-batched-tokens 512"),

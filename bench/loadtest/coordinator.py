@@ -30,8 +30,10 @@ from dataclasses import dataclass
 import grpc
 
 from bench.loadtest.driver import Recorder, ScenarioError
+from services.common.arg_types import positive
 from services.common.config import RpcConfig
 from services.common.errors import ConfigError
+from services.common.types import MAX_UINT32
 from services.rpc.channels import open_channel
 from services.rpc.gen.banaserve.v1 import coordinator_pb2 as pb
 from services.rpc.gen.banaserve.v1 import coordinator_pb2_grpc
@@ -82,8 +84,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--live-only", action="store_true", help="list: only live migrations")
     p.add_argument("--donor", default="", help="cycle: the worker whose layers move")
     p.add_argument("--helper", default="", help="cycle: the worker that runs them")
-    p.add_argument("--start-layer", type=int, default=1, help="cycle: first layer moved")
-    p.add_argument("--end-layer", type=int, default=None,
+    p.add_argument("--start-layer", type=positive(int, at_most=MAX_UINT32), default=1,
+                   help="cycle: first layer moved (default 1)")  # fmt: skip
+    p.add_argument("--end-layer", type=positive(int, at_most=MAX_UINT32), default=None,
                    help="cycle: one past the last layer moved (default: the model's last)")  # fmt: skip
     p.add_argument("--poll-ms", type=float, default=20.0,
                    help="cycle: how often the migration's state is read (default 20)")  # fmt: skip

@@ -13,8 +13,11 @@ from services.common.errors import ConfigError
 from services.common.limits import MAX_THREADS, check_target
 
 
-def positive(kind: type, allow_inf: bool = False) -> Callable[[str], float]:
-    """A number > 0 (``kind``: int or float; infinity only with ``allow_inf``)."""
+def positive(
+    kind: type, allow_inf: bool = False, at_most: float | None = None
+) -> Callable[[str], float]:
+    """A number > 0 (``kind``: int or float; infinity only with ``allow_inf``), and at most
+    ``at_most`` where a field or a call bounds it (a uint32, ``time.sleep``)."""
 
     def parse(text: str):  # noqa: ANN202 - int or float, as ``kind``
         try:
@@ -23,13 +26,14 @@ def positive(kind: type, allow_inf: bool = False) -> Callable[[str], float]:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         if not value > 0 or (math.isinf(value) and not allow_inf):
             raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        _check_at_most(value, at_most, text)
         return value
 
     return parse
 
 
-def non_negative(kind: type) -> Callable[[str], float]:
-    """A finite number >= 0."""
+def non_negative(kind: type, at_most: float | None = None) -> Callable[[str], float]:
+    """A finite number >= 0, and at most ``at_most`` (as ``positive``'s)."""
 
     def parse(text: str):  # noqa: ANN202 - int or float, as ``kind``
         try:
@@ -38,9 +42,16 @@ def non_negative(kind: type) -> Callable[[str], float]:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         if not (value >= 0 and math.isfinite(value)):
             raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+        _check_at_most(value, at_most, text)
         return value
 
     return parse
+
+
+def _check_at_most(value: float, at_most: float | None, text: str) -> None:
+    if at_most is not None and value > at_most:
+        bound = at_most if isinstance(at_most, int) else f"{at_most:g}"
+        raise argparse.ArgumentTypeError(f"expected at most {bound}, got {text!r}")
 
 
 def int_range(low: int, high: int) -> Callable[[str], int]:

@@ -98,13 +98,23 @@ def required_id(value: str, field: str) -> str:
 
 
 def check_reason(value: str, field: str = "reason") -> None:
-    """A reason a caller gives: at most ``MAX_REASON_BYTES`` of UTF-8."""
+    """A reason a caller gives: at most ``MAX_REASON_BYTES`` of UTF-8, one printable line (it is
+    listed one migration a line, and printed to terminals: session 40's probe sent escape
+    sequences that cleared the screen of whoever listed the migrations)."""
     if len(value) > MAX_REASON_BYTES or len(value.encode()) > MAX_REASON_BYTES:
         raise InvalidRequestError(f"{field} is longer than {MAX_REASON_BYTES} bytes")
+    if not value.isprintable():
+        bad = next(c for c in value if not c.isprintable())
+        raise InvalidRequestError(
+            f"{field} must be one line of printable text, got the character {bad!r}"
+        )
 
 
 def clip_reason(value: str) -> str:
-    """A reason made inside a service, cut to at most ``MAX_REASON_BYTES`` of UTF-8."""
+    """A reason made inside a service (an error's text, which may span lines), as one
+    printable line cut to at most ``MAX_REASON_BYTES`` of UTF-8."""
+    if not value.isprintable():
+        value = " ".join("".join(c if c.isprintable() else " " for c in value).split())
     data = value.encode()
     if len(data) <= MAX_REASON_BYTES:
         return value

@@ -245,12 +245,23 @@ def add_auto_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_auto_arguments(args: argparse.Namespace) -> None:
-    """With ``--auto``: its flags make a valid policy and name the router; checked before the
-    coordinator builds its server (ConfigError: one error line, exit status 2)."""
+    """With ``--auto``: its flags make a valid policy and name the router; without it, none of
+    them is given (session 40's probe: ``--gap-high -1`` was taken and never used). Checked
+    before the coordinator builds its server (ConfigError: one error line, exit status 2)."""
     if args.auto:
         if not args.router:
             raise ConfigError("--auto needs --router (the load reports)")
         policy_config(args)
+        return
+    own = argparse.ArgumentParser(add_help=False)
+    add_auto_arguments(own)
+    given = [
+        a.option_strings[0]
+        for a in own._actions
+        if a.dest != "auto" and getattr(args, a.dest, a.default) != a.default
+    ]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: only with --auto (the automatic mode's flags)")
 
 
 def policy_config(args: argparse.Namespace) -> PolicyConfig:

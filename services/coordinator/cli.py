@@ -27,6 +27,7 @@ import grpc
 
 from services.common.arg_types import host_port, non_negative, positive
 from services.common.limits import MAX_MICRO_BATCHES
+from services.common.types import MAX_UINT32
 from services.coordinator import watch
 from services.coordinator.config import CoordinatorConfig
 from services.rpc import security
@@ -34,6 +35,7 @@ from services.rpc.gen.banaserve.v1 import coordinator_pb2 as pb
 from services.rpc.gen.banaserve.v1 import coordinator_pb2_grpc
 
 TIMEOUT_S = 10.0
+MAX_WAIT_S = 86_400.0  # --wait-timeout: a day, as the longest deadline the APIs take
 # The coordinator aborts on the donor, then on the helper, each bounded by its
 # ``abort_timeout_s`` (10 s by default): a donor whose steps wait on a stalled helper answers
 # only once its keepalive gives up on it (~7 s), and a frozen helper not at all.
@@ -59,7 +61,7 @@ def _seconds(d) -> float:
 
 def format_row(m: pb.Migration) -> str:
     layers = f"[{m.start_layer}, {m.end_layer})"
-    row = f"{m.migration_id:<6} {_kind(m.kind):<7} {_state(m.state):<10} {m.donor:>12} -> "
+    row = f"{m.migration_id:<6} {_kind(m.kind):<9} {_state(m.state):<10} {m.donor:>12} -> "
     row += f"{m.helper:<12} {layers:<9} kv {m.num_kv_bytes:>12,} B"
     return row + (f"  {m.reason}" if m.reason else "")
 
@@ -138,7 +140,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _add_wait(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", action="store_true", help="until ACTIVE, DONE or ABORTED")
-    p.add_argument("--wait-timeout", type=positive(float), default=300.0, metavar="S")
+    p.add_argument(
+        "--wait-timeout",
+        type=positive(float, at_most=MAX_WAIT_S),
+        default=300.0,
+        metavar="S",
+        help="with --wait: at most this long; still not settled then, exit 1 (default 300)",
+    )
 
 
 def add_migrate_arguments(p: argparse.ArgumentParser) -> None:
@@ -147,10 +155,16 @@ def add_migrate_arguments(p: argparse.ArgumentParser) -> None:
     layers.add_argument("--donor", required=True, help="worker id whose layers move")
     layers.add_argument("--helper", required=True, help="worker id that runs them")
     layers.add_argument(
-        "--start", type=positive(int), required=True, help="first layer that moves (>= 1)"
+        "--start",
+        type=positive(int, at_most=MAX_UINT32),
+        required=True,
+        help="first layer that moves (>= 1)",
     )
     layers.add_argument(
-        "--end", type=positive(int), default=None, help="default: the model's layer count"
+        "--end",
+        type=positive(int, at_most=MAX_UINT32),
+        default=None,
+        help="default: the model's layer count",
     )
     layers.add_argument(
         "--micro-batches",
@@ -181,9 +195,14 @@ def add_migrate_arguments(p: argparse.ArgumentParser) -> None:
     attention.add_argument(
         "--request-id", action="append", default=[], help="this sequence (repeat; default: longest)"
     )
-    attention.add_argument("--max-sequences", type=non_negative(int), default=0, help="default: 4")
     attention.add_argument(
-        "--max-blocks", type=non_negative(int), default=0, help="per sequence; default: all"
+        "--max-sequences", type=non_negative(int, MAX_UINT32), default=0, help="default: 4"
+    )
+    attention.add_argument(
+        "--max-blocks",
+        type=non_negative(int, MAX_UINT32),
+        default=0,
+        help="per sequence; default: all",
     )
     attention.add_argument(
         "--refill",
@@ -239,7 +258,16 @@ def run_migrate(args: argparse.Namespace) -> int:
     finally:
         client.channel.close()
     print(format_migration(m), flush=True)
-    return 1 if getattr(args, "wait", False) and m.state == pb.MIGRATION_STATE_ABORTED else 0
+    if not getattr(args, "wait", False):
+        return 0
+    if m.state not in SETTLED:  # session 40's probe: this exited 0, as if it had settled
+        print(
+            f"banaserve: error: {m.migration_id} is still {_state(m.state)} after "
+            f"--wait-timeout {args.wait_timeout:g} s",
+            file=sys.stderr,
+        )
+        return 1
+    return 1 if m.state == pb.MIGRATION_STATE_ABORTED else 0
 
 
 def run_migrations(args: argparse.Namespace) -> int:

@@ -140,7 +140,11 @@ def add_watch_arguments(p: argparse.ArgumentParser) -> None:
         help="with --watch: the router (default: $BANASERVE_ROUTER)",
     )
     p.add_argument(
-        "--interval", type=positive(float), default=1.0, metavar="S", help="with --watch"
+        "--interval",
+        type=positive(float, at_most=3600.0),
+        default=1.0,
+        metavar="S",
+        help="with --watch (at most an hour)",
     )
     p.add_argument(
         "--count",

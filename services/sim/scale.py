@@ -29,6 +29,7 @@ from services.common.arg_types import (
     positive,
     share_list,
 )
+from services.common.errors import ConfigError
 from services.common.paths import output_dir
 from services.launcher import Mode
 from services.prefill.write_backs import WritePolicy
@@ -52,11 +53,16 @@ PAPER = {"colocated": (1.2, 3.9), "static-pd": (1.1, 2.8)}
 # The largest cluster ``--workers`` takes (the issue's scale is 8-128 workers); the profile's KV
 # pool bounds it further (``cluster.MAX_CLUSTER_BLOCKS``).
 MAX_WORKERS = 4096
+DEFAULT_MODEL = "smollm2-135m"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--profile", type=path_arg, default=None)
+    p.add_argument(
+        "--model", default=None, help=f"default: --profile's model, else {DEFAULT_MODEL}"
+    )
+    p.add_argument(
+        "--profile", type=path_arg, default=None, help="default: this machine's, else shipped"
+    )
     p.add_argument("--workers", type=_cluster_sizes, default=[8, 32, 128],
                    help=f"comma list of cluster sizes, each 2 to {MAX_WORKERS} "
                    "(default 8,32,128)")  # fmt: skip
@@ -243,7 +249,10 @@ def check_inputs(profile: Profile, args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    profile = Profile.load(find_profile(args.model, args.profile))
+    profile = Profile.load(find_profile(args.model or DEFAULT_MODEL, args.profile))
+    if args.model and profile.model != args.model:  # session 40's probe: run on the other one
+        raise ConfigError(f"--model {args.model}, but {args.profile} is {profile.model}'s profile")
+    args.model = profile.model
     args.workloads = list(dict.fromkeys(args.workloads))
     check_inputs(profile, args)
     points = []

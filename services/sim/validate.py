@@ -59,7 +59,8 @@ METRICS = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("compare_json", type=path_arg, help="a `bench compare` JSON result")
     p.add_argument("--profile", type=path_arg, default=None,
-                   help="sim profile (default: bench/results/sim-profile-MODEL.json)")  # fmt: skip
+                   help="sim profile (default: bench/results/sim-profile-MODEL.json, else the one "
+                   "shipped in services/sim/profiles/)")  # fmt: skip
     p.add_argument("--traces-dir", type=path_arg, default=DEFAULT_TRACES_DIR)
     p.add_argument("--json-out", type=path_arg, default=None,
                    help="also write the comparison here")  # fmt: skip

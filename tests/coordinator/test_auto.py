@@ -13,9 +13,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import CollectorRegistry, generate_latest
 
 from services.common.config import RpcConfig
-from services.common.errors import DependencyUnavailableError
+from services.common.errors import ConfigError, DependencyUnavailableError
 from services.common.metrics import AutoMigrationCollector
-from services.coordinator.auto import AutoMigrator, add_auto_arguments, policy_config
+from services.coordinator.auto import (
+    AutoMigrator,
+    add_auto_arguments,
+    check_auto_arguments,
+    policy_config,
+)
 from services.coordinator.loadfeed import LoadHistory, RouterLoadFeed
 from services.coordinator.migration import MigrationState
 from services.coordinator.policy import Policy, PolicyConfig, Sample, WorkerView
@@ -241,6 +246,25 @@ def test_policy_flags_build_the_config():
     args = p.parse_args(["--auto", "--gap-high", "0.4", "--cooldown-s", "3", "--attention"])
     assert args.auto
     assert policy_config(args) == PolicyConfig(gap_high=0.4, cooldown_s=3.0, attention=True)
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--gap-high", "-1"], "--gap-high"),
+        (["--cooldown-s", "5", "--attention"], "--cooldown-s, --attention"),
+        (["--no-prefill-donors", "--poll-interval", "1"], "--no-prefill-donors, --poll-interval"),
+    ],
+)
+def test_the_automatic_modes_flags_without_auto_are_refused(argv, named):
+    # Session 40's probe: taken and never used (``up --coordinator --coordinator-args ...``).
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_auto_arguments(p)
+    with pytest.raises(ConfigError, match=f"^{named}: only with --auto"):
+        check_auto_arguments(p.parse_args(argv))
+    check_auto_arguments(p.parse_args([]))  # none given: fine
 
 
 # -- the feed -------------------------------------------------------------------------------

@@ -38,8 +38,8 @@ def test_one_screen_per_worker_utilisation_then_migrations():
         "  mixed-0          mixed        -   no report yet",
         "  prefill-0        prefill   0.50     0.50    0.00       0/512     0   0L/0B 2.5s STALE",
         "migrations: 1 live",
-        "  m-2    layers  ACTIVE         decode-0 -> prefill-0    [3, 4)    kv           99 B",
-        "  m-1    layers  DONE           decode-0 -> prefill-0    [2, 4)    kv        1,234 B",
+        "  m-2    layers    ACTIVE         decode-0 -> prefill-0    [3, 4)    kv           99 B",
+        "  m-1    layers    DONE           decode-0 -> prefill-0    [2, 4)    kv        1,234 B",
     ]
 
 

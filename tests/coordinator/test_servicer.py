@@ -261,7 +261,7 @@ def test_the_cli_commands(redis_server, store_prefix, capsys):
     blocks = out.split("migration   m-1 (layers)\n")
     assert blocks[1].splitlines()[:2] == ["state       ACTIVE", f"donor       {D}"]
     kv = KV_BYTES + 2 * DELTA_BYTES
-    row = f"m-1    layers  ACTIVE         {D} -> {P:<12} [2, 4)    kv {kv:>12,} B"
+    row = f"m-1    layers    ACTIVE         {D} -> {P:<12} [2, 4)    kv {kv:>12,} B"
     assert row in out
     assert blocks[2].splitlines()[0] == "state       DONE"
     assert err.splitlines() == [
@@ -305,3 +305,31 @@ def test_a_stopping_coordinator_refuses_commands_unavailable_and_still_answers_q
     )
     assert refused == [told, told, told]
     assert state == pb.MIGRATION_STATE_ACTIVE
+
+
+def test_a_wait_that_times_out_exits_1_and_says_so(redis_server, store_prefix, capsys):
+    # Session 40's probe: --wait past --wait-timeout printed the COPYING record and exited 0,
+    # as if the migration had settled.
+    from services.cli import build_parser
+
+    cluster = FakeCluster()
+    hold = cluster.hold(P, "prepare helper for [2, 3]")
+
+    def cli(address: str, *argv: str) -> int:
+        args = build_parser().parse_args([*argv, "--coordinator", address])
+        return args.func(args)
+
+    async def main():
+        async with served(redis_server.url, store_prefix, cluster, FakeClock()) as (
+            coord, stub, address,
+        ):  # fmt: skip
+            argv = ("migrate", "layers", "--donor", D, "--helper", P, "--start", "2", "--wait")
+            code = await asyncio.to_thread(cli, address, *argv, "--wait-timeout", "0.3")
+            await stub.AbortMigration(pb.AbortMigrationRequest(migration_id="m-1"))
+            hold.release.set()
+            return code
+
+    assert asyncio.run(main()) == 1
+    out, err = capsys.readouterr()
+    assert "state       COPYING" in out
+    assert err == "banaserve: error: m-1 is still COPYING after --wait-timeout 0.3 s\n"

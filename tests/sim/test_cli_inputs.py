@@ -175,6 +175,15 @@ def test_sim_run_refuses_a_bad_profile_value_before_simulating(tmp_path, capsys,
     assert code == 2 and f"simulator profile {f}: decode.a must be >= 0" in err
 
 
+def test_sim_run_refuses_a_model_its_profile_is_not_of(tmp_path, capsys, no_work):
+    # Session 40's probe: --model tiny-llama with smollm2's profile simulated smollm2, silently.
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps(make_profile().to_json()))  # model "test"
+    argv = ["sim", "run", "--profile", str(f), "--model", "tiny-llama", "--out", str(tmp_path)]
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and f"--model tiny-llama, but {f} is test's profile" in err
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

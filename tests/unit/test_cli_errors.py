@@ -94,6 +94,23 @@ def test_a_service_that_refuses_its_settings_exits_2_with_one_line(error, caplog
             "argument --end",
         ),
         (["attention", "--donor", "d", "--helper", "p", "--max-blocks", "-4"], "--max-blocks"),
+        # Session 40's probe: past a uint32, a traceback ("Value out of range")
+        (
+            ["layers", "--donor", "d", "--helper", "p", "--start", "99999999999999"],
+            "argument --start: expected at most 4294967295",
+        ),
+        (
+            ["layers", "--donor", "d", "--helper", "p", "--start", "2", "--end", str(1 << 32)],
+            "argument --end: expected at most 4294967295",
+        ),
+        (
+            ["attention", "--donor", "d", "--helper", "p", "--max-sequences", "5000000000"],
+            "argument --max-sequences: expected at most 4294967295",
+        ),
+        (
+            ["revert", "m-1", "--wait", "--wait-timeout", "1e308"],
+            "argument --wait-timeout: expected at most 86400",
+        ),
     ],
 )
 def test_migrate_refuses_bad_numbers_before_calling_the_coordinator(capsys, argv, message):

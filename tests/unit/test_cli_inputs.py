@@ -375,6 +375,8 @@ def test_migrations_without_a_coordinator_is_a_usage_error(capsys, monkeypatch):
         (["--router", ROUTER, "m-3"], "--watch lists every migration; leave out 'm-3'"),
         (["--router", ROUTER, "--interval", "-1"], "argument --interval: expected a positive"),
         (["--router", ROUTER, "--interval", "nan"], "argument --interval: expected a positive"),
+        # session 40's probe: time.sleep's OverflowError, a traceback
+        (["--router", ROUTER, "--interval", "1e308"], "argument --interval: expected at most 3600"),
         (["--router", ROUTER, "--count", "-1"], "argument --count: expected a number >= 0"),
     ],
 )

@@ -139,6 +139,16 @@ def test_reasons_are_bounded_from_callers_and_cut_from_errors():
     assert len(cut.encode()) <= 1024 and cut.endswith("...") and "\ufffd" not in cut
 
 
+@pytest.mark.parametrize("reason", ["op\x1b[2J\x1b[31mRED", "a\rb", "two\nlines", "tab\there"])
+def test_a_reason_is_one_printable_line(reason):
+    # Session 40's probe: escape sequences in an abort reason cleared the screen of whoever
+    # listed the migrations, and a newline broke the one-line-a-migration listing.
+    with pytest.raises(InvalidRequestError, match="reason must be one line of printable text"):
+        check_reason(reason)
+    check_reason("operator: node 3 drained — résumé ok")
+    assert clip_reason("Traceback:\n  File x\n\tline 2\x1b") == "Traceback: File x line 2"
+
+
 def test_listed_request_ids_are_ids_without_repeats_and_bounded():
     check_request_ids(["r-1", "r-2"])
     check_request_ids([])
