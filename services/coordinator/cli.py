@@ -302,5 +302,8 @@ def run_migrations(args: argparse.Namespace) -> int:
 
 
 def _refused(exc: grpc.RpcError) -> int:
-    print(f"banaserve: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+    hint = ""
+    if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # another service answers on that port
+        hint = " (is --coordinator a coordinator's address? `banaserve up` prints it)"
+    print(f"banaserve: error: {exc.code().name}: {exc.details()}{hint}", file=sys.stderr)
     return 2

@@ -146,3 +146,24 @@ def test_a_reader_that_leaves_early_stops_the_command_quietly(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=30) == 141, err
     assert "Traceback" not in err and "Broken pipe" not in err, err
+
+
+def test_a_coordinator_command_sent_to_another_service_says_what_to_check(capsys):
+    # Session 40's probe: only "UNIMPLEMENTED: Method not found!" when --coordinator named the
+    # router's port.
+    import grpc
+
+    from services.coordinator.cli import _refused
+
+    class Unimplemented(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.UNIMPLEMENTED
+
+        def details(self):
+            return "Method not found!"
+
+    assert _refused(Unimplemented()) == 2
+    assert capsys.readouterr().err == (
+        "banaserve: error: UNIMPLEMENTED: Method not found! (is --coordinator a coordinator's "
+        "address? `banaserve up` prints it)\n"
+    )
