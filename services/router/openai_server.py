@@ -225,6 +225,8 @@ def _until_close(cycle: Any) -> Callable[[dict[str, Any]], Any]:
     such a client does not decode (RFC 9112 §6.1; session 40's probe). The connection closes
     after any HTTP/1.0 response (uvicorn keeps none alive)."""
     send = cycle.send
+    if not all(hasattr(cycle, a) for a in ("chunked_encoding", "expected_content_length")):
+        return send  # a uvicorn whose cycle is made otherwise: its own framing, as before
     unbounded = 1 << 62  # a length no body reaches: uvicorn counts each body message down
 
     async def until_close(message: dict[str, Any]) -> None:
