@@ -133,7 +133,7 @@ def test_coordinated_layer_migration_never_changes_output(cluster, tiny_llama, c
         pb.MIGRATION_STATE_ACTIVE, pb.MIGRATION_STATE_REVERTING, pb.MIGRATION_STATE_DONE,
     ]  # fmt: skip
     out = capsys.readouterr().out
-    assert out.startswith(f"m-1    layers  DONE       {donor:>12} -> {helper:<12} [2, 4)")
+    assert out.startswith(f"m-1    layers    DONE       {donor:>12} -> {helper:<12} [2, 4)")
     wait_for(
         lambda: (
             decode_pb2_grpc.DecodeServiceStub(grpc.insecure_channel(decode))
