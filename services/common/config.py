@@ -74,8 +74,8 @@ class EngineConfig:
     # many micro-batches, so that one part's round trips to the helper overlap the other part's
     # layers (services/engine/step.py); 1: the whole batch waits at every layer. 1 by default:
     # on both machines measured (2-vCPU AMD EPYC; 2-vCPU Intel Xeon with a 260 MiB L3, session
-    # 40) each part's pass over the layers cost more than the overlap saved, and TPOT p99 rose
-    # (docs/migration.md, "Attention migration: figures").
+    # 40) each part's pass over the layers cost as much as the overlap saved or more, and TPOT
+    # p99 rose (docs/migration.md, "Attention migration: figures").
     located_micro_batches: int = 1
 
     def __post_init__(self) -> None:

@@ -234,16 +234,15 @@ class Coordinator:
 
     async def revert(self, migration_id: str) -> Migration:
         """Runs to its end whatever becomes of the caller (``_unless_cut``)."""
-        return await self._unless_cut(self._revert(migration_id))
+        return await self._unless_cut(self._revert(self.describe(migration_id)))
 
-    async def _revert(self, migration_id: str) -> Migration:
-        m = self.describe(migration_id)
+    async def _revert(self, m: Migration) -> Migration:
         async with self._lock(m):
             if m.state is S.ACTIVE:
-                await self.wait(migration_id)  # ACTIVE is entered before the donor activates
+                await self.wait(m.migration_id)  # ACTIVE is entered before the donor activates
             if m.state is not S.ACTIVE:
                 raise PreconditionError(
-                    f"{migration_id} is {m.state.name}; only an ACTIVE migration reverts"
+                    f"{m.migration_id} is {m.state.name}; only an ACTIVE migration reverts"
                 )
             await self._driver.enter(m, S.REVERTING)
             self._spawn(m, self._driver.revert(m))
@@ -257,15 +256,14 @@ class Coordinator:
         task = self._tasks.get(migration_id)
         if m.live and task is not None and not self._lock(m).locked():
             task.cancel()  # now, as the caller asks: its step stops before another begins
-        return await self._unless_cut(self._abort(migration_id, reason))
+        return await self._unless_cut(self._abort(m, reason))
 
-    async def _abort(self, migration_id: str, reason: str = "") -> Migration:
-        m = self.describe(migration_id)
+    async def _abort(self, m: Migration, reason: str) -> Migration:
         async with self._lock(m):
             if m.live:
                 await self._cancel(m)
             if not m.live:
-                raise PreconditionError(f"{migration_id} is already {m.state.name}")
+                raise PreconditionError(f"{m.migration_id} is already {m.state.name}")
             await self._driver.abort(m, reason or "aborted on request")
         await self.trim()
         return m

@@ -726,32 +726,24 @@ def test_headers_are_bounded_in_size_and_in_time_and_a_slow_body_is_not_cut_by_i
 def test_a_stream_to_an_http_1_0_client_ends_at_the_close_not_in_chunks():
     # Session 40's probe: uvicorn framed it in chunks, which an HTTP/1.0 client does not decode
     # (RFC 9112 6.1); a response of known length keeps its Content-Length.
-    async def main():
-        async with cluster() as c:
-            api = OpenAIApi(c.driver, MODEL, LIMITS)
-            http = HttpServer(api.app, "127.0.0.1", 0, grace_s=0.1, on_stop=api.close)
-            await http.start()
-            try:
-                replies = []
-                for stream in (True, False):
-                    body = json.dumps(completion(stream=stream)).encode()
-                    replies.append(
-                        await raw_exchange(
-                            http.address,
-                            b"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json"
-                            b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
-                        )
-                    )
-            finally:
-                await http.stop()
-            return replies
+    async def test(c, client):
+        address = f"{client.base_url.host}:{client.base_url.port}"
+        for stream in (True, False):
+            body = json.dumps(completion(stream=stream)).encode()
+            reply = await raw_exchange(
+                address,
+                b"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json"
+                b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
+            )
+            head, _, body = reply.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            if stream:
+                assert b"transfer-encoding" not in head.lower(), head
+                *chunks, done = events(body.decode())
+                assert done == "[DONE]"
+                assert "".join(e["choices"][0]["text"] for e in chunks) == "<7><8><9><10>"
+            else:
+                assert b"content-length: %d" % len(body) in head.lower(), head
+                assert json.loads(body)["choices"][0]["text"] == "<7><8><9><10>"
 
-    streamed, whole = asyncio.run(main())
-    head, _, body = streamed.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200 ") and b"transfer-encoding" not in head.lower(), head
-    events = [e for e in body.split(b"\n\n") if e]
-    assert events[-1] == b"data: [DONE]" and all(e.startswith(b"data: ") for e in events), body
-    assert "".join(json.loads(e[6:])["choices"][0]["text"] for e in events[:-1]) == "<7><8><9><10>"
-    head, _, body = whole.partition(b"\r\n\r\n")
-    assert b"content-length: %d" % len(body) in head.lower(), head
-    assert json.loads(body)["choices"][0]["text"] == "<7><8><9><10>"
+    run(test)
