@@ -158,12 +158,13 @@ LIVE_STATES = ("PLANNED", "COPYING", "SWITCHING", "ACTIVE", "REVERTING")
 
 
 def worker_sample(w: router_pb2.Worker, prefill_capacity_tokens: int) -> dict:
-    load = load_from_proto(w.last_load)
+    load, waiting = load_from_proto(w.last_load), w.num_waiting_for_room
     return {
         "role": _ROLES.get(w.info.role, "unspecified"),
-        "utilisation": utilisation(load, prefill_capacity_tokens),
+        "utilisation": utilisation(load, prefill_capacity_tokens, waiting),
         "u_compute": utilisation_compute(load, prefill_capacity_tokens),
-        "u_memory": utilisation_memory(load),
+        "u_memory": utilisation_memory(load, waiting),
+        "num_waiting_for_room": waiting,
         "busy_fraction": load.busy_fraction,
         "num_queued_prefill_tokens": load.num_queued_prefill_tokens,
         "num_running_seqs": load.num_running_seqs,

@@ -119,17 +119,25 @@ def utilisation_compute(
     return max(busy, report.num_queued_prefill_tokens / prefill_capacity_tokens)
 
 
-def utilisation_memory(report: LoadReport) -> float:
-    """KV blocks used over the pool; a worker without a free block (or any) is full."""
-    if report.num_blocks_free == 0:
+def utilisation_memory(report: LoadReport, waiting_for_room: int = 0) -> float:
+    """KV blocks used over the pool; a worker without a free block (or any) is full, and so
+    is one that requests wait for room on (``waiting_for_room``, the router's count: it holds
+    a request until some pool has room for its prompt and ``max_tokens``, so a pool that is
+    the bound keeps a few blocks free that no waiting request fits in)."""
+    if report.num_blocks_free == 0 or waiting_for_room > 0:
         return 1.0
     return report.num_blocks_used / report.num_blocks
 
 
-def utilisation(report: LoadReport, prefill_capacity_tokens: int) -> float:
+def utilisation(
+    report: LoadReport, prefill_capacity_tokens: int, waiting_for_room: int = 0
+) -> float:
     """DESIGN.md §5: ``U = max(U_compute, U_memory)``. ``prefill_capacity_tokens``: queued
     prompt tokens that count as a fully busy worker (``U_compute = 1``)."""
-    return max(utilisation_compute(report, prefill_capacity_tokens), utilisation_memory(report))
+    return max(
+        utilisation_compute(report, prefill_capacity_tokens),
+        utilisation_memory(report, waiting_for_room),
+    )
 
 
 # A step that begins within this of the last one's end continues the same work (the engine

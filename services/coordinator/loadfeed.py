@@ -6,8 +6,8 @@ no stream to subscribe to). ``RouterLoadFeed.poll``, every ``poll_s`` (0.25 s), 
 sees a change within ~1 s:
 
 1. calls ``ListWorkers``; each ACTIVE worker's report is a ``Sample`` dated ``now - age`` on
-   the coordinator's clock (the clock of the migrations' records), added unless it is the one
-   already held;
+   the coordinator's clock (the clock of the migrations' records), with the requests the
+   router holds waiting for its room, added unless it is the one already held;
 2. forgets a worker that left the list or turned STALE (its history would be a lie), or whose
    last report says it drains (it is stopping: no migration starts with it);
 3. learns a new worker's layer count once (``describe`` through ``ports.Workers``);
@@ -47,12 +47,13 @@ class LoadHistory:
         self._keep_s = keep_s
         self._samples: dict[str, deque[Sample]] = {}
 
-    def add(self, worker_id: str, at: float, report: LoadReport) -> bool:
-        """False (and nothing kept) for a report no newer than the last one held."""
+    def add(self, worker_id: str, at: float, report: LoadReport, waiting_for_room: int = 0) -> bool:
+        """False (and nothing kept) for a report no newer than the last one held.
+        ``waiting_for_room``: ``Sample.waiting_for_room`` as read with it."""
         samples = self._samples.setdefault(worker_id, deque())
         if samples and at <= samples[-1].at + 1e-3:
             return False
-        samples.append(Sample(at, report))
+        samples.append(Sample(at, report, waiting_for_room))
         while samples and samples[0].at < at - self._keep_s:
             samples.popleft()
         return True
@@ -109,7 +110,7 @@ class RouterLoadFeed:
             worker_id = w.info.worker_id
             self._roles[worker_id] = w.info.role
             at = now - seconds(w.since_last_load)
-            self.history.add(worker_id, at, load_from_proto(w.last_load))
+            self.history.add(worker_id, at, load_from_proto(w.last_load), w.num_waiting_for_room)
         missing = [w for w in self.history.workers() if w not in self._layers]
         await asyncio.gather(*(self._learn_layers(w) for w in missing))
 

@@ -458,7 +458,10 @@ class Policy:
             reason = "nothing to even out" if even < 1 else "budget too small for one block"
             rejected.append(Rejected(what, reason))
             return []
-        after_hot = max(d.compute, (d.num_blocks_used - blocks) / n_d)
+        # The owner's busy fraction is left out: a decode worker steps whenever it holds a
+        # sequence, so it reads ~1 at any batch (``utilisation_compute``) and no move lowers
+        # it, while the blocks lent are room for the requests that wait for it.
+        after_hot = (d.num_blocks_used - blocks) / n_d
         after_cold = max(h.compute, (h.num_blocks_used + blocks) / n_h)
         t = measured.migration_time(blocks * per_block)
         return [

@@ -99,6 +99,9 @@ class ActionKind(enum.Enum):
 class Sample:
     at: float  # the policy's clock, when the report was read
     report: LoadReport
+    # requests the router held for want of room that this worker's pool could hold, as it
+    # was read (router.proto ``Worker.num_waiting_for_room``): its memory is the bound
+    waiting_for_room: int = 0
 
 
 @dataclass(frozen=True)
@@ -255,15 +258,16 @@ def prior_measurements(config: PolicyConfig, num_layers: int) -> Measurements:
 
 def utilisation_of(view: WorkerView, now: float, config: PolicyConfig) -> Utilisation | None:
     """Mean over the window's reports; None with fewer than ``min_reports`` or a stale last."""
-    recent = [s.report for s in view.samples if now - config.window_s <= s.at <= now]
-    if len(recent) < config.min_reports or now - view.samples[-1].at > config.stale_s:
+    samples = [s for s in view.samples if now - config.window_s <= s.at <= now]
+    if len(samples) < config.min_reports or now - view.samples[-1].at > config.stale_s:
         return None
     cap = config.prefill_capacity_tokens
-    compute = [utilisation_compute(r, cap, config.full_step_s) for r in recent]
+    compute = [utilisation_compute(s.report, cap, config.full_step_s) for s in samples]
+    memory = [utilisation_memory(s.report, s.waiting_for_room) for s in samples]
     return Utilisation(
-        compute=sum(compute) / len(recent),
-        memory=sum(utilisation_memory(r) for r in recent) / len(recent),
-        num_blocks_used=recent[-1].num_blocks_used,
-        num_blocks=recent[-1].num_blocks,
+        compute=sum(compute) / len(samples),
+        memory=sum(memory) / len(samples),
+        num_blocks_used=samples[-1].report.num_blocks_used,
+        num_blocks=samples[-1].report.num_blocks,
         peak_compute=max(compute),
     )

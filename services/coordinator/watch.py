@@ -36,6 +36,7 @@ class WorkerLine:
     stale: bool
     load: LoadReport | None  # None until its first report
     age_s: float  # since its last report
+    waiting_for_room: int = 0  # requests the router holds for its room (memory 1 then)
 
 
 def worker_lines(reply: router_pb2.ListWorkersResponse) -> list[WorkerLine]:
@@ -46,6 +47,7 @@ def worker_lines(reply: router_pb2.ListWorkersResponse) -> list[WorkerLine]:
             w.state != router_pb2.WORKER_STATE_ACTIVE,
             load_from_proto(w.last_load) if w.HasField("last_load") else None,
             seconds(w.since_last_load),
+            w.num_waiting_for_room,
         )
         for w in sorted(reply.workers, key=lambda w: w.info.worker_id)
     ]
@@ -63,20 +65,21 @@ def render(
     lines = [f"workers{'  ' + at if at else ''}"]
     lines.append(
         f"  {'worker':<16} {'role':<8} {'U':>5} {'compute':>8} {'memory':>7} "
-        f"{'blocks':>11} {'seqs':>5} {'hosted':>7} {'report':>7}"
+        f"{'blocks':>11} {'seqs':>5} {'wait':>5} {'hosted':>7} {'report':>7}"
     )
     for w in workers:
         if w.load is None:
             lines.append(f"  {w.worker_id:<16} {w.role:<8} {'-':>5}   no report yet")
             continue
         c = utilisation_compute(w.load, prefill_capacity_tokens)
-        m = utilisation_memory(w.load)
+        m = utilisation_memory(w.load, w.waiting_for_room)
         blocks = f"{w.load.num_blocks_used}/{w.load.num_blocks}"
         hosted = f"{w.load.num_hosted_layers}L/{w.load.num_hosted_blocks}B"
         age = f"{w.age_s:.1f}s" + (" STALE" if w.stale else "")
         lines.append(
             f"  {w.worker_id:<16} {w.role:<8} {max(c, m):>5.2f} {c:>8.2f} {m:>7.2f} "
-            f"{blocks:>11} {w.load.num_running_seqs:>5} {hosted:>7} {age:>7}"
+            f"{blocks:>11} {w.load.num_running_seqs:>5} {w.waiting_for_room:>5} {hosted:>7} "
+            f"{age:>7}"
         )
     if not workers:
         lines.append("  no workers")

@@ -67,7 +67,17 @@ class NoWorkerError(ResourceExhaustedError):
 
 class NoRoomNowError(ResourceExhaustedError):
     """Every worker that could hold the request is full right now, but one could hold it once
-    running requests end: the driver waits (until the deadline) instead of failing."""
+    running requests end: the driver waits (until the deadline) instead of failing.
+    ``worker_ids``: those workers (their pools hold the request in total)."""
+
+    def __init__(self, message: str, worker_ids: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.worker_ids = worker_ids
+
+
+# A request waiting for room is routed again every ``admission_poll_s`` (50 ms) until it gets
+# a worker or its deadline: one not tried for this long waits no more (its caller gave up).
+WAITING_FOR_ROOM_TTL_S = 1.0
 
 
 def require_config(ok: bool, message: str) -> None:
@@ -160,6 +170,9 @@ class Router:
         )
         self._policy = make_policy(self.config)
         self._colocated = self.config.policy == "colocated"
+        self._clock = clock
+        # request id -> (when it last found no room, the workers it waits for)
+        self._waiting: dict[str, tuple[float, tuple[str, ...]]] = {}
 
     def register(
         self, worker_id: str, address: str, role: WorkerRole, capacity: WorkerCapacity
@@ -182,6 +195,20 @@ class Router:
         """The request ended (or, with ``worker_id``, will not run there): stop counting its
         assignment against the load of that worker (None: of both) where no report did yet."""
         self._registry.settle(request_id, worker_id)
+        if worker_id is None:
+            self._waiting.pop(request_id, None)
+
+    def waiting_for_room(self, worker_id: str) -> int:
+        """Requests held because no worker had room for them now, that this worker could hold
+        once its running requests end (its pool holds them in total): its KV is what they wait
+        for (``utilisation_memory``). Counted until routed, settled, or not tried again for
+        ``WAITING_FOR_ROOM_TTL_S``."""
+        now = self._clock()
+        for request_id in [
+            r for r, (at, _) in self._waiting.items() if now - at > WAITING_FOR_ROOM_TTL_S
+        ]:
+            del self._waiting[request_id]
+        return sum(worker_id in workers for _, workers in self._waiting.values())
 
     def num_inflight(self) -> int:
         """Assignments still counted without a report, over all workers (0 when idle)."""
@@ -210,6 +237,15 @@ class Router:
         return self._registry.all()
 
     def route(self, request: RouteRequest) -> Assignment:
+        try:
+            assignment = self._route(request)
+        except NoRoomNowError as e:
+            self._waiting[request.request_id] = (self._clock(), e.worker_ids)
+            raise
+        self._waiting.pop(request.request_id, None)
+        return assignment
+
+    def _route(self, request: RouteRequest) -> Assignment:
         self._registry.settle(request.request_id)  # a second try replaces the first
         # A draining worker finishes what it has and takes nothing new (LoadReport.draining).
         healthy = [w for w in self._registry.healthy() if not w.draining]
@@ -302,7 +338,10 @@ def _no_room(view: RequestView, workers: Sequence[WorkerInfo], kind: str) -> Res
             f"{need}, more than any {kind} worker holds in total (largest: {largest})"
         )
     most_free = max(w.num_free_blocks for w in workers)
-    return NoRoomNowError(f"{need}; the most free on any {kind} worker now is {most_free}")
+    return NoRoomNowError(
+        f"{need}; the most free on any {kind} worker now is {most_free}",
+        tuple(w.worker_id for w in workers if w.capacity.num_kv_blocks >= view.num_kv_blocks),
+    )
 
 
 def _names(roles: set[WorkerRole]) -> str:

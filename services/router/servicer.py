@@ -223,7 +223,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             else router_pb2.WORKER_STATE_STALE
         )
         message = router_pb2.Worker(
-            info=info, state=state, since_last_load=duration(worker.seconds_since_seen)
+            info=info,
+            state=state,
+            since_last_load=duration(worker.seconds_since_seen),
+            num_waiting_for_room=self._router.waiting_for_room(worker.worker_id),
         )
         if worker.last_report is not None:
             message.last_load.CopyFrom(load_to_proto(worker.last_report))

@@ -349,7 +349,7 @@ class SimCluster:
         """The coordinator's feed (services/coordinator/loadfeed.py): the router's last report
         of each worker, dated by its age."""
         for worker_id, seen_at, report in self.registry.last_reports():
-            self.history.add(worker_id, seen_at, report)
+            self.history.add(worker_id, seen_at, report, self.router.waiting_for_room(worker_id))
         self.loop.after(self.spec.poll_interval_s, self._poll)
 
     def views(self) -> list[WorkerView]:

@@ -29,11 +29,12 @@ def report(busy: float, used: int = 0, queued: int = 0, total: int = NUM_BLOCKS)
     )
 
 
-# A phase table: (until second, {worker: (busy fraction, KV blocks used)}), in order.
-Phases = Sequence[tuple[float, Mapping[str, tuple[float, int]]]]
+# A phase table: (until second, {worker: (busy fraction, KV blocks used[, requests waiting
+# for its room at the router])}), in order.
+Phases = Sequence[tuple[float, Mapping[str, tuple[float, int] | tuple[float, int, int]]]]
 
 
-def load_at(phases: Phases, t: float) -> Mapping[str, tuple[float, int]]:
+def load_at(phases: Phases, t: float) -> Mapping[str, tuple]:
     return next(load for until, load in phases if t <= until)
 
 
@@ -53,8 +54,9 @@ class Run:
         t = 0.0
         while t < until:
             t = round(t + SAMPLE_EVERY_S, 6)
-            for worker, (busy, used) in load_at(self.phases, t).items():
-                self.samples.setdefault(worker, []).append(Sample(t, report(busy, used)))
+            for worker, (busy, used, *waiting) in load_at(self.phases, t).items():
+                sample = Sample(t, report(busy, used), *waiting)
+                self.samples.setdefault(worker, []).append(sample)
             if t == int(t):
                 self.tick(t)
         return self.log

@@ -330,6 +330,7 @@ def test_router_feed_follows_list_workers(prefill_donors):
                 w.since_last_load.CopyFrom(duration(w.since_last_load.ToNanoseconds() / 1e9 + 0.25))
             await feed.poll()
             router.workers[0] = _worker(D, common_pb2.WORKER_ROLE_DECODE, 0.75, 0.0)
+            router.workers[0].num_waiting_for_room = 3
             await feed.poll()
             return feed.views()
 
@@ -344,6 +345,7 @@ def test_router_feed_follows_list_workers(prefill_donors):
     ]
     assert [s.at for s in views[1].samples] == [99.9]
     assert views[0].samples[0] == Sample(99.95, report(0.5, 64))
+    assert [s.waiting_for_room for s in views[0].samples] == [0, 3]  # as read with each
 
 
 def test_router_feed_forgets_a_draining_worker():

@@ -23,7 +23,7 @@ def migration(migration_id: str, state: int, start: int, kv: int) -> pb.Migratio
 
 def test_one_screen_per_worker_utilisation_then_migrations():
     workers = [
-        WorkerLine("decode-0", "decode", False, report(0.9, 100), 0.05),
+        WorkerLine("decode-0", "decode", False, report(0.9, 100), 0.05, waiting_for_room=2),
         WorkerLine("mixed-0", "mixed", True, None, 3.0),
         WorkerLine("prefill-0", "prefill", True, report(0.1, 0, queued=2048), 2.5),
     ]
@@ -33,10 +33,10 @@ def test_one_screen_per_worker_utilisation_then_migrations():
     ]
     assert render(workers, migrations, format_row, at="01:02:03").splitlines() == [
         "workers  01:02:03",
-        "  worker           role         U  compute  memory      blocks  seqs  hosted  report",
-        "  decode-0         decode    0.90     0.90    0.20     100/512    25   0L/0B    0.1s",
+        "  worker           role         U  compute  memory      blocks  seqs  wait  hosted  report",
+        "  decode-0         decode    1.00     0.90    1.00     100/512    25     2   0L/0B    0.1s",
         "  mixed-0          mixed        -   no report yet",
-        "  prefill-0        prefill   0.50     0.50    0.00       0/512     0   0L/0B 2.5s STALE",
+        "  prefill-0        prefill   0.50     0.50    0.00       0/512     0     0   0L/0B 2.5s STALE",
         "migrations: 1 live",
         "  m-2    layers    ACTIVE         decode-0 -> prefill-0    [3, 4)    kv           99 B",
         "  m-1    layers    DONE           decode-0 -> prefill-0    [2, 4)    kv        1,234 B",
@@ -67,11 +67,12 @@ def test_worker_lines_from_list_workers():
                 state=router_pb2.WORKER_STATE_ACTIVE,
                 last_load=load_to_proto(report(0.9, 100)),
                 since_last_load=duration(0.05),
+                num_waiting_for_room=4,
             ),
         ]
     )
     assert worker_lines(reply) == [
-        WorkerLine("decode-0", "decode", False, report(0.9, 100), 0.05),
+        WorkerLine("decode-0", "decode", False, report(0.9, 100), 0.05, 4),
         WorkerLine("prefill-0", "prefill", True, None, 2.5),
     ]
 

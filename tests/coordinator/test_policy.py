@@ -403,6 +403,26 @@ def test_memory_bound_gap_moves_blocks_when_attention_is_on():
     assert r.log[0][1].predicted_max == pytest.approx(290 / 512)
 
 
+# A decode worker as real ones read: busy ~1 at any batch (load.py), 450 of 512 blocks used,
+# the 62 free too few for any request the router holds for want of room (6 of them).
+WAITING = {D: (0.97, 450, 6), P: (0.05, 0)}
+
+
+def test_requests_waiting_for_its_room_make_a_busy_decode_worker_lend_blocks():
+    """Its busy fraction (0.97) is no bound a move could lower, and it neither vetoes the move
+    nor hides the memory bound: the requests waiting make its memory 1 (session 41: in a real
+    1P1D cluster, no attention migration ever started on its own before)."""
+    r, rows = run([(20, WAITING)], 10, config=PolicyConfig(attention=True))
+    # Even pools: 450 x 512 / 1024 = 225 blocks; both pools then 225 / 512 used.
+    assert rows == [(5.0, "attention", D, P, 225)]
+    start = r.log[0][1]
+    assert start.utilisations[D] == Utilisation(0.97, 1.0, 450, 512, peak_compute=0.97)
+    assert start.predicted_max == pytest.approx(225 / 512)
+    # The same worker with nobody waiting is compute-bound: its layers move, not blocks.
+    _, rows = run([(20, {D: (0.97, 450), P: (0.05, 0)})], 10, config=PolicyConfig(attention=True))
+    assert [row[1] for row in rows] == ["layers"]
+
+
 def test_memory_bound_gap_is_left_when_attention_is_off():
     policy = Policy(PolicyConfig(gap_high=0.9))
     r = Run(policy, [(20, MEMORY_HOT)])

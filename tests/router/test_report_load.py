@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from services.client import AsyncBanaServeClient, BanaServeClientError
+from services.router.core import NoRoomNowError, RouteRequest
 from services.router.registry import WorkerStatus
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2
 from tests.router.grpc_fakes import cluster
@@ -69,6 +70,11 @@ def test_register_report_list_then_half_close_deregisters():
             assert (load.num_kv_blocks_free, load.num_kv_blocks_used) == (90, 10)
             assert load.num_running_seqs == 3
             assert c.router.workers()[0].num_free_blocks == 90
+            assert w.num_waiting_for_room == 0
+            # 95 blocks: more than the 90 free now, fewer than its 100: it waits for d9's room.
+            with pytest.raises(NoRoomNowError):
+                c.router.route(RouteRequest("r1", tuple(range(1500)), 20, decode_only=True))
+            assert (await workers(c.stub))["d9"].num_waiting_for_room == 1
 
             await call.done_writing()
             assert await call == router_pb2.ReportLoadResponse()

@@ -8,7 +8,14 @@ from collections import Counter
 import pytest
 
 from services.common.errors import ConfigError, InvalidRequestError, ResourceExhaustedError
-from services.router.core import NoWorkerError, Router, RouterConfig, RouteRequest
+from services.router.core import (
+    WAITING_FOR_ROOM_TTL_S,
+    NoRoomNowError,
+    NoWorkerError,
+    Router,
+    RouterConfig,
+    RouteRequest,
+)
 from services.router.driver_types import DriverConfig
 from services.router.registry import WorkerCapacity, WorkerRole, WorkerStatus
 from tests.router.factories import FakeClock, capacity, load, make_router, request
@@ -86,6 +93,41 @@ def test_not_enough_free_blocks_now() -> None:
     # The failed request reserved nothing.
     assert [w.num_free_blocks for w in router.workers()] == [30, 27, 100]
     assert router.workers()[2].num_queued_tokens == 0
+
+
+def test_requests_waiting_for_room_count_on_the_workers_they_wait_for() -> None:
+    """A request no pool has room for now is held (NoRoomNowError) and counts against every
+    worker whose pool could hold it once its running requests end, until it is routed,
+    settled, or not tried again for WAITING_FOR_ROOM_TTL_S (its caller gave up)."""
+    clock = FakeClock()
+    router = make_router("load", prefill=1, decode=2, clock=clock)
+    router.register("d-small", "127.0.0.1:9150", WorkerRole.DECODE, capacity(num_blocks=20))
+    for worker_id in ("p0", "d0", "d1"):
+        router.report(worker_id, load(free=2, used=98), 0.0)
+    router.report("d-small", load(free=2, used=18), 0.0)
+    waiting = lambda: {w: router.waiting_for_room(w) for w in ("p0", "d0", "d1", "d-small")}  # noqa: E731
+    big, small = request(600, max_tokens=40), request(40, max_tokens=8)  # 40 and 3 blocks
+    for r in (big, small):
+        with pytest.raises(NoRoomNowError):
+            router.route(r)
+    # d-small's 20 blocks never hold the 40-block request; a prefill worker holds no decodes.
+    assert waiting() == {"p0": 0, "d0": 2, "d1": 2, "d-small": 1}
+    with pytest.raises(NoRoomNowError):
+        router.route(big)  # tried again: still waiting, counted once
+    assert waiting()["d0"] == 2
+    router.report("d0", load(free=40, used=60), 1.0)
+    assert router.route(small).decode.worker_id == "d0"  # routed: waits no more
+    assert waiting() == {"p0": 0, "d0": 1, "d1": 1, "d-small": 0}
+    router.settle(big.request_id, "d1")  # one worker's assignment only: still waiting
+    assert waiting()["d1"] == 1
+    router.settle(big.request_id)
+    assert waiting() == {"p0": 0, "d0": 0, "d1": 0, "d-small": 0}
+    with pytest.raises(NoRoomNowError):
+        router.route(request(600, max_tokens=40))
+    clock.advance(WAITING_FOR_ROOM_TTL_S)
+    assert waiting()["d1"] == 1
+    clock.advance(0.01)  # not tried again: its caller gave up
+    assert waiting()["d1"] == 0
 
 
 def test_request_larger_than_any_decode_worker() -> None:
