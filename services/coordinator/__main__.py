@@ -162,10 +162,12 @@ async def serve(args: argparse.Namespace) -> None:
         grace_s=args.drain_timeout,
     )
     store = RedisMigrationStore.from_url(args.redis, args.key_prefix)
-    workers = RouterWorkers(args.router, rpc, tracing)
+    ownership = Ownership(store.redis, args.key_prefix)
+    store.guard(ownership.key, ownership.token)  # nothing written once another owns the prefix
+    # every call to a worker carries the claim's epoch: a worker refuses an older owner's
+    workers = RouterWorkers(args.router, rpc, tracing, epoch=lambda: ownership.epoch)
     tracer = trace.get_tracer("services.coordinator", tracer_provider=tracing.provider)
     coordinator = Coordinator(store, workers, config, tracer=tracer)
-    ownership = Ownership(store.redis, args.key_prefix)
     lost: list[str] = []  # who took the prefix over
     try:
         await ownership.acquire()  # waits for Redis, and for another coordinator of the prefix

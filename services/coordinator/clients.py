@@ -11,11 +11,13 @@ codes stand for (one table, ``ERRORS``), so a migration's reason names what the 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import grpc
 
 from services.common import errors
 from services.common.config import RpcConfig
+from services.common.fencing import epoch_metadata
 from services.coordinator.migration import MigrationKind
 from services.coordinator.ports import (
     Copied,
@@ -70,8 +72,9 @@ class GrpcWorkerPort:
         self._stub = migration_pb2_grpc.MigrationWorkerServiceStub(workers.channel(address))
 
     async def _call(self, method: str, request: object) -> object:
+        metadata = epoch_metadata(self._workers.epoch())
         try:
-            return await getattr(self._stub, method)(request)
+            return await getattr(self._stub, method)(request, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             raise _domain(exc) from None
 
@@ -210,7 +213,16 @@ class GrpcWorkerPort:
 class RouterWorkers:
     """``ports.Workers`` through the router's ``ListWorkers``."""
 
-    def __init__(self, router: str, config: RpcConfig, tracing: Tracing = DISABLED) -> None:
+    def __init__(
+        self,
+        router: str,
+        config: RpcConfig,
+        tracing: Tracing = DISABLED,
+        epoch: Callable[[], int] = lambda: 0,
+    ) -> None:
+        """``epoch``: this coordinator's fencing token now (``Ownership.epoch``), sent with
+        each call to a worker (services/common/fencing.py); 0 sends none."""
+        self.epoch = epoch
         self._config = config
         self._tracing = tracing
         self._router_channel = open_channel(router, config, tracing) if router else None

@@ -286,7 +286,7 @@ class Coordinator:
             self._tasks.pop(migration_id, None)
         try:
             await self._store.delete(old)
-        except DependencyUnavailableError as exc:  # they come back at a restart, trimmed again
+        except (DependencyUnavailableError, PreconditionError) as exc:  # a restart trims again
             log.warning("could not delete %d ended migrations from the store: %s", len(old), exc)
 
     def _busy(self, migration_id: str) -> bool:

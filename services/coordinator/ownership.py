@@ -8,7 +8,9 @@ them, and start migrations of their own on the same workers. So a coordinator ow
 before it does anything:
 
 1. ``acquire``: ``SET PREFIX:owner TOKEN NX PX ttl`` (the token: ``HOST/PID-NAMESPACE/pid
-   N/random``). Held by a coordinator of this host and pid namespace that no longer runs (its
+   N/random``), in one script with the claim's epoch, its fencing token: larger than every
+   earlier claim's on this Redis (``PREFIX:owner-epoch``, services/common/fencing.py), sent with
+   every call to a worker, which refuses an older coordinator's. Held by a coordinator of this host and pid namespace that no longer runs (its
    pid gone, or this very pid), the claim is taken at once: ``banaserve up`` respawning a
    SIGKILLed coordinator does not wait. Two hosts, or two containers (each its own pid
    namespace, even where they share a hostname, as with host networking), never judge each
@@ -18,7 +20,7 @@ before it does anything:
    ``ttl_s`` after a SIGKILL elsewhere);
 2. ``keep``: every ``interval_s`` the owner renews the key's TTL if it still holds its token
    (one script). The key gone (Redis restarted empty, or it expired in a Redis outage) is taken
-   again. Held by another token: ``keep`` returns that holder, and the caller stops acting at
+   again, with a new epoch. Held by another token: ``keep`` returns that holder, and the caller stops acting at
    once (the other coordinator owns the migrations now) and exits;
 3. ``release`` (a clean stop): the key is deleted if it still holds this token.
 
@@ -45,19 +47,40 @@ log = logging.getLogger(__name__)
 OWNER_TTL_S = 3.0
 OWNER_INTERVAL_S = 1.0
 
-# KEYS: owner key; ARGV: token, ttl_ms -> 1 held (renewed or taken again), 0 another holds it.
-_KEEP = """
+# The claim's epoch (services/common/fencing.py): Redis's clock in microseconds, or the last
+# epoch + 1 where that is larger; KEYS[2] keeps the last one.
+_NEXT_EPOCH = """
+local now = redis.call('TIME')
+local epoch = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+if epoch <= last then epoch = last + 1 end
+redis.call('SET', KEYS[2], string.format('%d', epoch))
+return epoch
+"""
+# KEYS: owner key, epoch key; ARGV: token, ttl_ms -> the new claim's epoch, 0 another holds it.
+_CLAIM = (
+    """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return 0
+end
+"""
+    + _NEXT_EPOCH
+)
+# KEYS, ARGV: as _CLAIM -> -1 renewed, 0 another holds it, else taken again: the new epoch.
+_KEEP = (
+    """
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
+  return -1
 end
-if not holder then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
+if holder then
+  return 0
 end
-return 0
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 """
+    + _NEXT_EPOCH
+)
 # KEYS: owner key; ARGV: token -> 1 deleted, 0 not this token's.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -79,14 +102,21 @@ class Ownership:
         if not 0 < interval_s < ttl_s:
             raise ValueError(f"need 0 < interval_s < ttl_s, got {interval_s}, {ttl_s}")
         self.key = f"{prefix}:owner"
+        self.epoch_key = f"{prefix}:owner-epoch"
         self.prefix = prefix
+        self.epoch = 0  # the fencing token of this coordinator's claim; 0 before it holds one
         # HOST/PID-NAMESPACE/pid N/random (``_runs_here`` reads it); tests name others'.
         self.token = token or f"{local_identity()}/pid {os.getpid()}/{uuid.uuid4().hex[:8]}"
         self._redis = client
         self._ttl_ms = max(1, round(ttl_s * 1000))
         self._interval_s = interval_s
+        self._claim = client.register_script(_CLAIM)
         self._keep = client.register_script(_KEEP)
         self._release = client.register_script(_RELEASE)
+
+    @property
+    def _keys(self) -> list[str]:
+        return [self.key, self.epoch_key]
 
     async def holder(self) -> str | None:
         value = await self._redis.get(self.key)
@@ -99,7 +129,9 @@ class Ownership:
         waiting = unreachable = False
         while True:
             try:
-                if await self._redis.set(self.key, self.token, nx=True, px=self._ttl_ms):
+                epoch = await self._claim(keys=self._keys, args=[self.token, self._ttl_ms])
+                if epoch:
+                    self.epoch = int(epoch)
                     break
                 holder = await self.holder()
             except RedisError as exc:
@@ -136,9 +168,12 @@ class Ownership:
         while True:
             await asyncio.sleep(self._interval_s)
             try:
-                held = await self._keep(keys=[self.key], args=[self.token, self._ttl_ms])
+                held = int(await self._keep(keys=self._keys, args=[self.token, self._ttl_ms]))
                 if not held:
                     return await self.holder() or "unknown"
+                if held > 0:  # the key was gone (Redis restarted empty): claimed again
+                    self.epoch = held
+                    log.warning("claimed %s again (epoch %d)", self.prefix, held)
             except RedisError as exc:
                 if not unreachable:
                     log.warning("cannot renew the claim on %s: %s (retrying)", self.prefix, exc)

@@ -23,7 +23,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from services.common.errors import DependencyUnavailableError
+from services.common.errors import DependencyUnavailableError, PreconditionError
 from services.coordinator.migration import Migration, MigrationKind, MigrationState, StateTime
 
 RECORD_VERSION = 1
@@ -107,12 +107,51 @@ def from_record(record: dict[str, Any]) -> Migration:
     )
 
 
+# KEYS: owner key, then the keys to write; ARGV: the owner's token ('' = unguarded), then the
+# command's arguments -> 1 written, 0 the prefix has another owner (nothing written).
+_SAVE = """
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+return 1
+"""
+DELETE_CHUNK = 1000
+_DELETE = """
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+redis.call('ZREM', KEYS[2], unpack(ARGV, 2))
+redis.call('DEL', unpack(KEYS, 3))
+return 1
+"""
+
+
 class RedisMigrationStore:
-    """``core.MigrationStore`` on Redis. Redis errors become ``DependencyUnavailableError``."""
+    """``core.MigrationStore`` on Redis. Redis errors become ``DependencyUnavailableError``.
+
+    Guarded (``guard``, with the prefix's ownership claim), a write happens only while the
+    claim is still this coordinator's, in one script: a coordinator that lost its prefix
+    cannot overwrite what the new owner keeps (``PreconditionError``, nothing written)."""
 
     def __init__(self, client: aioredis.Redis, prefix: str = DEFAULT_PREFIX) -> None:
         self._redis = client
         self._prefix = prefix
+        self._owner_key, self._token = f"{prefix}:owner", ""
+        self._save = client.register_script(_SAVE)
+        self._delete = client.register_script(_DELETE)
+
+    def guard(self, owner_key: str, token: str) -> None:
+        """Writes from now on only while ``owner_key`` holds ``token`` (``Ownership``)."""
+        self._owner_key, self._token = owner_key, token
+
+    def _written(self, done: int) -> None:
+        if not done:
+            raise PreconditionError(
+                f"this coordinator no longer owns {self._prefix} (another one took it over): "
+                "nothing written"
+            )
 
     @classmethod
     def from_url(cls, url: str, prefix: str = DEFAULT_PREFIX) -> RedisMigrationStore:
@@ -138,13 +177,13 @@ class RedisMigrationStore:
         return f"m-{number}"
 
     async def save(self, m: Migration) -> None:
+        keys = [self._owner_key, self._key(m.migration_id), f"{self._prefix}:migrations"]
+        args = [self._token, json.dumps(to_record(m)), m.number, m.migration_id]
         try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.set(self._key(m.migration_id), json.dumps(to_record(m)))
-                pipe.zadd(f"{self._prefix}:migrations", {m.migration_id: m.number})
-                await pipe.execute()
+            done = await self._save(keys=keys, args=args)
         except RedisError as exc:
             raise DependencyUnavailableError(f"redis: {exc}") from exc
+        self._written(done)
 
     async def load_all(self) -> list[Migration]:
         try:
@@ -159,13 +198,14 @@ class RedisMigrationStore:
     async def delete(self, migration_ids: list[str]) -> None:
         if not migration_ids:
             return
-        try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.delete(*[self._key(i) for i in migration_ids])
-                pipe.zrem(f"{self._prefix}:migrations", *migration_ids)
-                await pipe.execute()
-        except RedisError as exc:
-            raise DependencyUnavailableError(f"redis: {exc}") from exc
+        for at in range(0, len(migration_ids), DELETE_CHUNK):  # Lua's unpack has a limit
+            ids = migration_ids[at : at + DELETE_CHUNK]
+            keys = [self._owner_key, f"{self._prefix}:migrations", *map(self._key, ids)]
+            try:
+                done = await self._delete(keys=keys, args=[self._token, *ids])
+            except RedisError as exc:
+                raise DependencyUnavailableError(f"redis: {exc}") from exc
+            self._written(done)
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -1,7 +1,9 @@
 """MigrationWorkerService over ``MigrationAgent``: proto <-> domain, nothing else.
 
 Domain errors become status codes in services/rpc/status.py (the agent raises them); ids and
-addresses are checked against services/common/limits.py first (INVALID_ARGUMENT).
+addresses are checked against services/common/limits.py first (INVALID_ARGUMENT). Every call
+but ``List`` passes the coordinators' fence first (services/common/fencing.py): one from a
+coordinator older than one already seen is FAILED_PRECONDITION before any work.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from services.common.errors import InvalidRequestError
+from services.common.fencing import CoordinatorFence, epoch_from_metadata
 from services.common.limits import check_address, check_id, check_reason, required_id
 from services.common.migration_states import MigrationState
 from services.migration.agent import MigrationAgent
@@ -91,8 +94,13 @@ def _lease(msg: Any) -> float | None:
 class MigrationWorkerServicer(migration_pb2_grpc.MigrationWorkerServiceServicer):
     def __init__(self, agent: MigrationAgent) -> None:
         self.agent = agent
+        self.fence = CoordinatorFence()
+
+    def _admit(self, context) -> None:  # noqa: ANN001 - a grpc.aio ServicerContext
+        self.fence.admit(epoch_from_metadata(context.invocation_metadata()))
 
     async def Prepare(self, request, context):  # noqa: N802 - gRPC method name
+        self._admit(context)
         role = ROLE_FROM_PROTO.get(request.role)
         if role is None:
             raise InvalidRequestError("role must be DONOR or HELPER")
@@ -126,6 +134,7 @@ class MigrationWorkerServicer(migration_pb2_grpc.MigrationWorkerServiceServicer)
         )
 
     async def CopyWeights(self, request, context):  # noqa: N802
+        self._admit(context)
         mid = _id(request)
         helper = peer_from_proto(request.helper, "helper")
         nbytes, took = await self.agent.copy_weights(mid, helper, list(request.layers))
@@ -136,6 +145,7 @@ class MigrationWorkerServicer(migration_pb2_grpc.MigrationWorkerServiceServicer)
         )
 
     async def CopyKV(self, request, context):  # noqa: N802
+        self._admit(context)
         mid = _id(request)
         nbytes, nseqs, took = await self.agent.copy_kv(
             mid, peer_from_proto(request.helper, "helper")
@@ -148,6 +158,7 @@ class MigrationWorkerServicer(migration_pb2_grpc.MigrationWorkerServiceServicer)
         )
 
     async def Switch(self, request, context):  # noqa: N802
+        self._admit(context)
         mid = _id(request)
         timeout = seconds(request.stage_timeout) if request.HasField("stage_timeout") else None
         result = await self.agent.switch(mid, request.num_micro_batches or 1, timeout)
@@ -160,6 +171,7 @@ class MigrationWorkerServicer(migration_pb2_grpc.MigrationWorkerServiceServicer)
         )
 
     async def Activate(self, request, context):  # noqa: N802
+        self._admit(context)
         mid = _id(request)
         before, after = await self.agent.activate(mid, request.drop_weights)
         return pb.MigrationWorkerServiceActivateResponse(
@@ -169,6 +181,7 @@ class MigrationWorkerServicer(migration_pb2_grpc.MigrationWorkerServiceServicer)
         )
 
     async def Revert(self, request, context):  # noqa: N802
+        self._admit(context)
         mid = _id(request)
         result = await self.agent.revert(mid)
         return pb.MigrationWorkerServiceRevertResponse(
@@ -180,6 +193,7 @@ class MigrationWorkerServicer(migration_pb2_grpc.MigrationWorkerServiceServicer)
         )
 
     async def Release(self, request, context):  # noqa: N802
+        self._admit(context)
         record = await self.agent.release(_id(request))
         if record is None:
             return pb.MigrationWorkerServiceReleaseResponse(found=False)
@@ -188,6 +202,7 @@ class MigrationWorkerServicer(migration_pb2_grpc.MigrationWorkerServiceServicer)
         )
 
     async def Abort(self, request, context):  # noqa: N802
+        self._admit(context)
         check_reason(request.reason)
         record = await self.agent.abort(_id(request), request.reason)
         if record is None:
@@ -197,6 +212,7 @@ class MigrationWorkerServicer(migration_pb2_grpc.MigrationWorkerServiceServicer)
         )
 
     async def RenewLease(self, request, context):  # noqa: N802
+        self._admit(context)
         record = self.agent.renew(_id(request), _lease(request))
         return pb.MigrationWorkerServiceRenewLeaseResponse(
             migration=view(record, self.agent), draining=self.agent.draining

@@ -91,6 +91,45 @@ def test_keep_returns_the_coordinator_that_took_the_prefix_and_takes_back_a_vani
     assert holder == now == "host-1/pid 1001/t1"
 
 
+def test_every_claim_gets_a_larger_epoch_even_after_redis_lost_everything(
+    redis_server, store_prefix
+):
+    """The fencing token (services/common/fencing.py): each claim's epoch is larger than every
+    earlier one's, the owner's own again-claim of a vanished key included; with the last epoch
+    gone too (Redis restarted empty) Redis's clock keeps it growing."""
+
+    async def main():
+        client, (a, b) = owners(redis_server.url, store_prefix, 2)
+        try:
+            assert a.epoch == 0  # no claim yet: a coordinator sends none
+            await a.acquire()
+            first = a.epoch
+            await a.release()
+            await b.acquire()
+            second = b.epoch
+            # A stored epoch ahead of the clock (a clock stepped back): the next is one more.
+            await client.set(b.epoch_key, second + 10**12)
+            await b.release()
+            await a.acquire()
+            third = a.epoch
+            keeper = asyncio.ensure_future(a.keep())
+            await client.delete(a.key, a.epoch_key)  # Redis restarted empty
+            await asyncio.sleep(3 * INTERVAL_S)
+            assert not keeper.done() and await a.holder() == a.token
+            keeper.cancel()
+            return first, second, third, a.epoch
+        finally:
+            await client.aclose()
+
+    first, second, third, again = asyncio.run(main())
+    assert 0 < first < second and third == second + 10**12 + 1
+    # Redis's clock in microseconds: the second claim came after the first
+    assert abs(first / 1e6 - time.time()) < 60
+    # Taken again with nothing stored: the clock alone, behind the stepped epoch but
+    # past every epoch the clock gave
+    assert second < again < third
+
+
 def test_a_claim_of_a_coordinator_gone_from_this_host_is_taken_at_once(redis_server, store_prefix):
     """A restart on the same host and pid namespace (`banaserve up` respawning a SIGKILLed
     coordinator) takes its predecessor's claim at once instead of waiting out the TTL; a claim

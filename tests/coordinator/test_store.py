@@ -4,11 +4,15 @@ migration and finishes or reverts it."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
+import redis.asyncio as aioredis
 
+from services.common.errors import PreconditionError
 from services.coordinator.migration import Migration, MigrationKind, MigrationState, StateTime
-from services.coordinator.store import RedisMigrationStore
+from services.coordinator.ownership import Ownership
+from services.coordinator.store import DELETE_CHUNK, RedisMigrationStore
 from tests.coordinator.factories import coordinator
 from tests.coordinator.fakes import FakeClock, FakeCluster
 
@@ -54,6 +58,66 @@ def test_a_record_round_trips(redis_server, store_prefix):
     loaded = asyncio.run(main())
     m.reason = ""
     assert loaded == [m]
+
+
+def test_a_coordinator_that_lost_its_prefix_writes_nothing(redis_server, store_prefix):
+    """Guarded by the ownership claim (``RedisMigrationStore.guard``), a save or delete runs
+    only while the claim is still this coordinator's: once another took the prefix over, the
+    old one's writes are refused, nothing written, and the new owner's records stay."""
+    old_m = Migration("m-1", MigrationKind.LAYERS, "decode-0", "prefill-0", 2, 30, created_at=1.0)
+    new_m = replace(old_m, state=S.ACTIVE, reason="")
+
+    async def main():
+        client = aioredis.Redis.from_url(redis_server.url)
+        a, b = (Ownership(client, store_prefix, 0.6, 0.1, f"host-{i}/pid 1/t") for i in (1, 2))
+        old, new = (RedisMigrationStore(client, store_prefix) for _ in range(2))
+        old.guard(a.key, a.token)
+        new.guard(b.key, b.token)
+        try:
+            await a.acquire()
+            await old.save(old_m)
+            await client.delete(a.key)  # a's claim lapsed (Redis out of its reach) ...
+            await b.acquire()  # ... and b took the prefix over
+            await new.save(new_m)
+            refused = []
+            for write in (old.save(replace(old_m, reason="stale")), old.delete(["m-1"])):
+                with pytest.raises(PreconditionError) as info:
+                    await write
+                refused.append(str(info.value))
+            loaded = await new.load_all()
+            await new.delete(["m-1"])
+            return refused, loaded, await new.load_all()
+        finally:
+            await client.aclose()
+
+    refused, loaded, after = asyncio.run(main())
+    assert (
+        refused
+        == [
+            f"this coordinator no longer owns {store_prefix} (another one took it over): "
+            "nothing written"
+        ]
+        * 2
+    )
+    assert (loaded, after) == ([new_m], [])
+
+
+def test_deletes_go_in_chunks(redis_server, store_prefix):
+    async def main():
+        store = RedisMigrationStore.from_url(redis_server.url, store_prefix)
+        ms = [
+            Migration(f"m-{i}", MigrationKind.LAYERS, "d", "p", 2, 30, created_at=1.0)
+            for i in range(1, DELETE_CHUNK + 3)
+        ]
+        for m in ms:
+            await store.save(m)
+        await store.delete([m.migration_id for m in ms[1:]])
+        loaded = await store.load_all()
+        await store.close()
+        return ms, loaded
+
+    ms, loaded = asyncio.run(main())
+    assert loaded == ms[:1]
 
 
 def test_a_restarted_coordinator_finishes_or_reverts_every_migration(redis_server, store_prefix):
