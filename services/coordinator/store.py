@@ -108,9 +108,11 @@ def from_record(record: dict[str, Any]) -> Migration:
 
 
 # KEYS: owner key, then the keys to write; ARGV: the owner's token ('' = unguarded), then the
-# command's arguments -> 1 written, 0 the prefix has another owner (nothing written).
+# command's arguments -> 1 written, 0 the prefix has another owner (nothing written). No owner
+# at all (Redis restarted empty, the claim not yet taken again) is no other owner: written.
 _SAVE = """
-if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
+local holder = redis.call('GET', KEYS[1])
+if ARGV[1] ~= '' and holder and holder ~= ARGV[1] then
   return 0
 end
 redis.call('SET', KEYS[2], ARGV[2])
@@ -119,7 +121,8 @@ return 1
 """
 DELETE_CHUNK = 1000
 _DELETE = """
-if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
+local holder = redis.call('GET', KEYS[1])
+if ARGV[1] ~= '' and holder and holder ~= ARGV[1] then
   return 0
 end
 redis.call('ZREM', KEYS[2], unpack(ARGV, 2))
@@ -131,8 +134,8 @@ return 1
 class RedisMigrationStore:
     """``core.MigrationStore`` on Redis. Redis errors become ``DependencyUnavailableError``.
 
-    Guarded (``guard``, with the prefix's ownership claim), a write happens only while the
-    claim is still this coordinator's, in one script: a coordinator that lost its prefix
+    Guarded (``guard``, with the prefix's ownership claim), a write happens only while no
+    other coordinator holds the claim, in one script: a coordinator that lost its prefix
     cannot overwrite what the new owner keeps (``PreconditionError``, nothing written)."""
 
     def __init__(self, client: aioredis.Redis, prefix: str = DEFAULT_PREFIX) -> None:

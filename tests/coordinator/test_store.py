@@ -77,6 +77,7 @@ def test_a_coordinator_that_lost_its_prefix_writes_nothing(redis_server, store_p
             await a.acquire()
             await old.save(old_m)
             await client.delete(a.key)  # a's claim lapsed (Redis out of its reach) ...
+            await old.save(old_m)  # no owner at all (Redis restarted empty) is no other owner
             await b.acquire()  # ... and b took the prefix over
             await new.save(new_m)
             refused = []
