@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -171,8 +172,8 @@ class Router:
         self._policy = make_policy(self.config)
         self._colocated = self.config.policy == "colocated"
         self._clock = clock
-        # request id -> (when it last found no room, the workers it waits for)
-        self._waiting: dict[str, tuple[float, tuple[str, ...]]] = {}
+        # request id -> (when it last found no room, the workers it waits for), oldest first
+        self._waiting: OrderedDict[str, tuple[float, tuple[str, ...]]] = OrderedDict()
 
     def register(
         self, worker_id: str, address: str, role: WorkerRole, capacity: WorkerCapacity
@@ -203,12 +204,14 @@ class Router:
         once its running requests end (its pool holds them in total): its KV is what they wait
         for (``utilisation_memory``). Counted until routed, settled, or not tried again for
         ``WAITING_FOR_ROOM_TTL_S``."""
-        now = self._clock()
-        for request_id in [
-            r for r, (at, _) in self._waiting.items() if now - at > WAITING_FOR_ROOM_TTL_S
-        ]:
-            del self._waiting[request_id]
+        self._forget_given_up(self._clock())
         return sum(worker_id in workers for _, workers in self._waiting.values())
+
+    def _forget_given_up(self, now: float) -> None:
+        while (
+            self._waiting and now - next(iter(self._waiting.values()))[0] > WAITING_FOR_ROOM_TTL_S
+        ):
+            self._waiting.popitem(last=False)
 
     def num_inflight(self) -> int:
         """Assignments still counted without a report, over all workers (0 when idle)."""
@@ -240,7 +243,10 @@ class Router:
         try:
             assignment = self._route(request)
         except NoRoomNowError as e:
-            self._waiting[request.request_id] = (self._clock(), e.worker_ids)
+            now = self._clock()
+            self._waiting[request.request_id] = (now, e.worker_ids)
+            self._waiting.move_to_end(request.request_id)
+            self._forget_given_up(now)
             raise
         self._waiting.pop(request.request_id, None)
         return assignment
