@@ -29,6 +29,12 @@ Lifecycle of a run:
    sequences (preempted ones recomputing: max), migrations, blocks moved and sequences
    recomputed at a revert, the exchanges with the helper (round trip, the share hidden);
 4. write ``OUT/attention-cluster[-LABEL].json`` and print the table.
+
+``--auto``: no driver; the coordinator runs ``--auto --attention --attention-refill`` and
+decides alone, and the migrated variant follows the migrations it starts. It would migrate in
+the baseline too, so that one runs in a cluster without: ``--variants baseline`` (no
+``--auto``) then ``--auto --variants migrated``, back to back (docs/migration.md, "The
+coordinator deciding alone").
 """
 
 from __future__ import annotations
@@ -97,8 +103,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="one more argument of the decode worker's, as written on its command line "
         "(repeat it: --decode-arg=--max-prefill-tokens-while-decoding --decode-arg=256)",
     )  # fmt: skip
+    p.add_argument(
+        "--auto", action="store_true",
+        help="no driver: the coordinator decides alone (--auto --attention --attention-refill, "
+        "its default thresholds); the migrated variant only watches its migrations. Its "
+        "baseline needs a cluster without: run --variants baseline without --auto beside it",
+    )  # fmt: skip
+    p.add_argument(
+        "--coordinator-arg", action="append", default=[], metavar="ARG",
+        help="one more argument of the coordinator's (with --auto: --cooldown-s ...)",
+    )  # fmt: skip
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        type=variants,
+        help="which to run, in ABBA order (default: both)",
+    )
     p.add_argument("--out", default="")
     p.add_argument("--label", default="")
+
+
+def variants(text: str) -> tuple[str, ...]:
+    names = tuple(v for v in text.split(",") if v)
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"variants are {', '.join(VARIANTS)}, got {text!r}")
+    return names
 
 
 class Run:
@@ -131,7 +161,8 @@ class Run:
             done = asyncio.gather(*tasks)
             side = [asyncio.create_task(self.sample(done))]
             if variant == "migrated":
-                side.append(asyncio.create_task(self.drive(done)))
+                watch = self.watch if a.auto else self.drive
+                side.append(asyncio.create_task(watch(done)))
             streams = await done
             await asyncio.gather(*side)
             preempted = (await self.decode.Stats(request, timeout=10)).num_preemptions - preempted
@@ -182,6 +213,19 @@ class Run:
             while (m := await self.describe(mid)).state not in ENDED:
                 await asyncio.sleep(0.1)
             self.migrations.append(m)
+
+    async def watch(self, done: asyncio.Future) -> None:
+        """The coordinator decides alone: follow the migrations it starts while the load runs
+        (their counters while live), then take each as it is when the load ended."""
+        seen: set[str] = set()
+        while not done.done():
+            listed = await self.coordinator.ListMigrations(pb.ListMigrationsRequest(), timeout=60)
+            for m in listed.migrations:
+                if m.kind == pb.MIGRATION_KIND_ATTENTION and m.state not in ENDED:
+                    seen.add(m.migration_id)
+                    await self.located(m.migration_id)
+            await asyncio.sleep(0.25)
+        self.migrations = [await self.describe(mid) for mid in sorted(seen)]
 
     async def describe(self, mid: str) -> pb.Migration:
         request = pb.DescribeMigrationRequest(migration_id=mid)
@@ -266,15 +310,17 @@ async def bench(cluster: LocalCluster, args: argparse.Namespace) -> list[dict[st
     ids = {r: by_address[cluster.child(f"{r}-0").address] for r in ("prefill", "decode")}
     runs = []
     for r in range(args.rounds):
-        for variant in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
+        for variant in args.variants if r % 2 == 0 else args.variants[::-1]:
             await idle(cluster, args.timeout)
             figures = await Run(cluster, args, ids)(variant, r)
             runs.append(figures | {"variant": variant, "round": r})
         # the same prompts in both variants of a round: greedy outputs must be equal
-        base, mig = (next(x for x in runs[-2:] if x["variant"] == v) for v in VARIANTS)
-        if "token_ids" in base and "token_ids" in mig:
-            mig["tokens_equal_baseline"] = mig["token_ids"] == base["token_ids"]
-        for run in runs[-2:]:
+        this = runs[-len(args.variants) :]
+        if len(this) == 2:
+            base, mig = (next(x for x in this if x["variant"] == v) for v in VARIANTS)
+            if "token_ids" in base and "token_ids" in mig:
+                mig["tokens_equal_baseline"] = mig["token_ids"] == base["token_ids"]
+        for run in this:
             print(json.dumps({k: v for k, v in run.items() if k != "token_ids"}), flush=True)
     return runs
 
@@ -353,6 +399,10 @@ def main(argv: list[str] | None = None) -> int:
                 *args.decode_arg,
             ),
             "prefill": ("--num-kv-blocks", str(args.prefill_blocks), "--max-model-len", max_len),
+            "coordinator": (
+                *(("--auto", "--attention", "--attention-refill") if args.auto else ()),
+                *args.coordinator_arg,
+            ),
         },
     )  # fmt: skip
     log_path = (

@@ -9,8 +9,9 @@ before it does anything:
 
 1. ``acquire``: ``SET PREFIX:owner TOKEN NX PX ttl`` (the token: ``HOST/PID-NAMESPACE/pid
    N/random``), in one script with the claim's epoch, its fencing token: larger than every
-   earlier claim's on this Redis (``PREFIX:owner-epoch``, services/common/fencing.py), sent with
-   every call to a worker, which refuses an older coordinator's. Held by a coordinator of this host and pid namespace that no longer runs (its
+   earlier claim's on this Redis (``PREFIX:owner-epoch``, services/common/fencing.py), sent
+   with every call to a worker, which refuses an older coordinator's. Held by a coordinator
+   of this host and pid namespace that no longer runs (its
    pid gone, or this very pid), the claim is taken at once: ``banaserve up`` respawning a
    SIGKILLed coordinator does not wait. Two hosts, or two containers (each its own pid
    namespace, even where they share a hostname, as with host networking), never judge each
@@ -20,8 +21,8 @@ before it does anything:
    ``ttl_s`` after a SIGKILL elsewhere);
 2. ``keep``: every ``interval_s`` the owner renews the key's TTL if it still holds its token
    (one script). The key gone (Redis restarted empty, or it expired in a Redis outage) is taken
-   again, with a new epoch. Held by another token: ``keep`` returns that holder, and the caller stops acting at
-   once (the other coordinator owns the migrations now) and exits;
+   again, with a new epoch. Held by another token: ``keep`` returns that holder, and the
+   caller stops acting at once (the other coordinator owns the migrations now) and exits;
 3. ``release`` (a clean stop): the key is deleted if it still holds this token.
 
 A Redis that does not answer leaves the owner as it was (logged once): no other coordinator

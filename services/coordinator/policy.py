@@ -209,6 +209,18 @@ class Policy:
         gap = abs(d.value - h.value)
         after_d, after_h = self._after_revert(m, d, h)
         queued = 0  # the helper's own prompt tokens queued, where they make the revert urgent
+        if m.kind is MigrationKind.ATTENTION and (view := views.get(m.helper)) is not None:
+            # Reverted, the located blocks come back to the donor's pool: where they do not
+            # fit, its sequences are recomputed (minutes of a long prompt's tokens, measured
+            # in session 41: a revert 35 s into bench.attention_cluster's load, the helper
+            # busy with the prompts the lent room let in, recomputed 5 sequences and left
+            # their requests 24-68 s without a token), so no balanced gap undoes it.
+            hosted = view.samples[-1].report.num_hosted_blocks
+            if d.num_blocks_used + hosted > d.num_blocks:
+                self._state.revert.pop(m.migration_id, None)
+                why = f"{m.donor}'s pool cannot take its {hosted} located blocks back now"
+                rejected.append(Rejected(f"revert {m.migration_id}", why))
+                return None
         if gap < cfg.gap_low and abs(after_d - after_h) < cfg.gap_high:
             why = f"gap {_fmt(gap)} < {cfg.gap_low}, {_fmt(abs(after_d - after_h))} once reverted"
         elif h.value - d.value >= cfg.gap_high:
@@ -446,12 +458,20 @@ class Policy:
         measured: Measurements,
         rejected: list[Rejected],
     ) -> list[Decision]:
-        """The blocks that even out the two pools' use, as many as the budget allows."""
+        """The blocks that even out the two pools' use, as many as the budget allows; refilled,
+        ``attention_helper_share`` of the helper's free blocks instead: the donor fills the
+        room lent at once with the requests waiting for it, so the pools never even out, and
+        the first located sequence costs a step the most (30 exchanges; docs/migration.md),
+        so one sequence or two lent lose throughput where five or six gain."""
+        cfg = self.config
         d, h = utils[hot], utils[cold]
         n_d, n_h = max(1, d.num_blocks), max(1, h.num_blocks)
-        even = (d.num_blocks_used * n_h - h.num_blocks_used * n_d) // (n_d + n_h)
+        if cfg.attention_refill:
+            even = int((n_h - h.num_blocks_used) * cfg.attention_helper_share)
+        else:
+            even = (d.num_blocks_used * n_h - h.num_blocks_used * n_d) // (n_d + n_h)
         per_block = measured.kv_bytes_per_block_layer * num_layers
-        room = (self.config.budget_s - measured.sync_s) * measured.bandwidth_bytes_per_s
+        room = (cfg.budget_s - measured.sync_s) * measured.bandwidth_bytes_per_s
         blocks = min(even, max(0, int(room // per_block)))
         what = f"attention {hot} -> {cold}"
         if blocks < 1:

@@ -33,6 +33,7 @@ class PolicyConfig:
     budget_s: float = 5.0
     attention: bool = False
     attention_refill: bool = False
+    attention_helper_share: float = 0.5
     head_share: float = 0.15
     bandwidth_prior_bytes_per_s: float = 100e6
     sync_prior_s: float = 0.2
@@ -62,6 +63,12 @@ class PolicyConfig:
         if not 0 < self.gap_low < self.gap_high <= 1:
             raise ConfigError(
                 f"need 0 < gap_low < gap_high <= 1, got {self.gap_low} and {self.gap_high}"
+            )
+        if not (
+            math.isfinite(self.attention_helper_share) and 0 < self.attention_helper_share <= 1
+        ):
+            raise ConfigError(
+                f"attention_helper_share must be in (0, 1], got {self.attention_helper_share}"
             )
         if not 0 <= self.head_share < 1:
             raise ConfigError(f"head_share must be in [0, 1), got {self.head_share}")

@@ -423,6 +423,54 @@ def test_requests_waiting_for_its_room_make_a_busy_decode_worker_lend_blocks():
     assert [row[1] for row in rows] == ["layers"]
 
 
+def test_refilled_attention_lends_a_share_of_the_helpers_free_pool():
+    """Refilled, the room lent is filled again at once by the requests waiting for it: the
+    pools never even out, so the move takes ``attention_helper_share`` of the helper's free
+    blocks (within the budget) instead of the 225 that even them out."""
+    for share, blocks in ((0.5, 256), (0.25, 128)):
+        config = PolicyConfig(attention=True, attention_refill=True, attention_helper_share=share)
+        _, rows = run([(20, WAITING)], 10, config=config)
+        assert rows == [(5.0, "attention", D, P, blocks)]
+    # The budget still bounds it: T_sync 0.2 s + two 10 ms donor steps leave 0.03 s of a
+    # 0.25 s budget, 3 MB at 100 MB/s, 45 blocks of 4 layers x 16 KiB.
+    config = PolicyConfig(attention=True, attention_refill=True, budget_s=0.25)
+    _, rows = run([(20, WAITING)], 10, config=config)
+    assert rows == [(5.0, "attention", D, P, 45)]
+    with pytest.raises(ConfigError, match="attention_helper_share must be in"):
+        PolicyConfig(attention_helper_share=0.0)
+
+
+def test_an_attention_move_whose_blocks_would_not_fit_back_is_not_reverted():
+    """Session 41: the helper busy with the prompts that the lent room let in (0.9), the donor
+    stepping its full pool (0.97): a balanced gap, which reverted the move 35 s into the load
+    and recomputed 5 located sequences. Reverted, the located blocks come back to the donor's
+    pool; while they do not fit, it is kept (the reason among the rejections), and once they
+    do (the load gone, its sequences ended) the balanced gap reverts it."""
+    policy = Policy(PolicyConfig(attention=True, attention_refill=True, cooldown_s=0.0))
+    m = active("m-1", D, P, 0.0, 0, MigrationKind.ATTENTION)
+
+    def views(t: float, donor_used: int, hosted: int) -> list[WorkerView]:
+        times = [t - 1.5, t - 1.0, t - 0.5, t]
+        donor = replace(report(0.97, donor_used, total=256), num_blocks_free=256 - donor_used)
+        helper = replace(report(0.9, hosted, total=2048), num_hosted_blocks=hosted)
+        return [
+            WorkerView(D, 30, tuple(Sample(at, donor) for at in times)),
+            WorkerView(P, 30, tuple(Sample(at, helper) for at in times), can_donate=False),
+        ]
+
+    decided = [policy.decide(float(t), views(float(t), 240, 479), [m]) for t in range(2, 20)]
+    assert all(o.decisions == () for o in decided)
+    assert Rejected("revert m-1", f"{D}'s pool cannot take its 479 located blocks back now") in (
+        decided[-1].rejected
+    )
+    # The load gone: the donor holds 20 blocks, 100 still located (fits): after revert_after_s.
+    later = [policy.decide(float(t), views(float(t), 20, 100), [m]) for t in range(20, 27)]
+    rows = [
+        (t, d.kind.value) for t, o in zip(range(20, 27), later, strict=True) for d in o.decisions
+    ]
+    assert rows == [(25, "revert")]
+
+
 def test_memory_bound_gap_is_left_when_attention_is_off():
     policy = Policy(PolicyConfig(gap_high=0.9))
     r = Run(policy, [(20, MEMORY_HOT)])

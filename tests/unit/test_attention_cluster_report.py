@@ -3,7 +3,11 @@ across rounds (any round whose migrated outputs differ from its baseline's shows
 
 from __future__ import annotations
 
-from bench.attention_cluster import table
+import argparse
+
+import pytest
+
+from bench.attention_cluster import table, variants
 
 
 def run(variant: str, tok_s: float, r: int, equal: bool | None = None) -> dict:
@@ -22,3 +26,11 @@ def test_the_table_has_medians_the_ratio_and_the_token_check_of_every_round():
     assert text.endswith("throughput ratio 1.75x")
     runs[2]["tokens_equal_baseline"] = False
     assert "tokens equal the baseline's False" in table(runs)
+
+
+def test_variants_are_named_from_the_two():
+    assert variants("baseline") == ("baseline",)
+    assert variants("migrated,baseline") == ("migrated", "baseline")
+    for bad in ("", "auto", "baseline,other"):
+        with pytest.raises(argparse.ArgumentTypeError, match="variants are baseline, migrated"):
+            variants(bad)
