@@ -6,9 +6,11 @@ between the moment another takes the prefix over and the next renewal that tells
 same workers: two owners reverting, aborting or renewing one migration. So every claim of the
 prefix gets an epoch, larger than any before it on that Redis — the claim script takes it from
 Redis's clock in microseconds, or the last epoch + 1 if that is larger, so it grows across a
-Redis restarted empty too, unless Redis's clock went back as well — and the coordinator sends it with each call to a worker's
-MigrationWorkerService (metadata ``EPOCH_METADATA_KEY``). The worker remembers the largest it
-has seen and refuses a call with a smaller one (FAILED_PRECONDITION) before doing anything.
+Redis restarted empty too, unless Redis's clock went back as well — and the coordinator sends
+it with each call to a worker's MigrationWorkerService (metadata ``EPOCH_METADATA_KEY``). The
+worker remembers the largest it has seen and refuses a call with a smaller one
+(FAILED_PRECONDITION) before doing anything. Its writes to Redis are fenced by the claim
+itself (services/coordinator/store.py).
 
 A call without the key (a tool or test talking to a worker directly) is served as before; a
 worker that restarts has seen no epoch yet. Reading a worker (``List``) is never fenced.

@@ -211,10 +211,10 @@ class Policy:
         queued = 0  # the helper's own prompt tokens queued, where they make the revert urgent
         if m.kind is MigrationKind.ATTENTION and (view := views.get(m.helper)) is not None:
             # Reverted, the located blocks come back to the donor's pool: where they do not
-            # fit, its sequences are recomputed (minutes of a long prompt's tokens, measured
-            # in session 41: a revert 35 s into bench.attention_cluster's load, the helper
-            # busy with the prompts the lent room let in, recomputed 5 sequences and left
-            # their requests 24-68 s without a token), so no balanced gap undoes it.
+            # fit, its sequences are recomputed (session 41: a revert 35 s into
+            # bench.attention_cluster's load, the helper busy with the prompts the lent room
+            # let in, recomputed 5 sequences and left their requests 24-68 s without a
+            # token), so no balanced gap undoes it.
             hosted = view.samples[-1].report.num_hosted_blocks
             if d.num_blocks_used + hosted > d.num_blocks:
                 self._state.revert.pop(m.migration_id, None)
@@ -461,21 +461,23 @@ class Policy:
         """The blocks that even out the two pools' use, as many as the budget allows; refilled,
         ``attention_helper_share`` of the helper's free blocks instead: the donor fills the
         room lent at once with the requests waiting for it, so the pools never even out, and
-        the first located sequence costs a step the most (30 exchanges; docs/migration.md),
-        so one sequence or two lent lose throughput where five or six gain."""
+        the first located sequence costs a step the most (an exchange per layer;
+        docs/migration.md), so a sequence or two lent lose throughput where more gain."""
         cfg = self.config
         d, h = utils[hot], utils[cold]
         n_d, n_h = max(1, d.num_blocks), max(1, h.num_blocks)
         if cfg.attention_refill:
-            even = int((n_h - h.num_blocks_used) * cfg.attention_helper_share)
+            target = int((n_h - h.num_blocks_used) * cfg.attention_helper_share)
+            nothing = "no free block on the helper to lend"
         else:
-            even = (d.num_blocks_used * n_h - h.num_blocks_used * n_d) // (n_d + n_h)
+            target = (d.num_blocks_used * n_h - h.num_blocks_used * n_d) // (n_d + n_h)
+            nothing = "nothing to even out"
         per_block = measured.kv_bytes_per_block_layer * num_layers
         room = (cfg.budget_s - measured.sync_s) * measured.bandwidth_bytes_per_s
-        blocks = min(even, max(0, int(room // per_block)))
+        blocks = min(target, max(0, int(room // per_block)))
         what = f"attention {hot} -> {cold}"
         if blocks < 1:
-            reason = "nothing to even out" if even < 1 else "budget too small for one block"
+            reason = nothing if target < 1 else "budget too small for one block"
             rejected.append(Rejected(what, reason))
             return []
         # The owner's busy fraction is left out: a decode worker steps whenever it holds a
