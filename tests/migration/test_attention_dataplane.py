@@ -124,13 +124,6 @@ def reference(tiny_llama) -> dict[str, list[int]]:
     return plain_run(tiny_llama)
 
 
-@pytest.fixture
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
-
-
 def act(pair: AttentionPair, rng: random.Random) -> None:
     """Maybe one move, at random among those possible now."""
     if rng.random() > 0.35:

@@ -39,15 +39,6 @@ def reference(tiny_llama) -> dict[str, list[int]]:
     return plain_run(tiny_llama)
 
 
-@pytest.fixture
-def loop():
-    from tests.migration.harness import LoopThread
-
-    thread = LoopThread()
-    yield thread
-    thread.close()
-
-
 def drain(pair: AttentionPair, tokens: dict, workload=WORKLOAD, step: int = 0, until=None):
     """Step both engines (arrivals from ``workload``) until ``until(step)`` or all finished."""
     a = pair.a

@@ -20,7 +20,6 @@ from services.rpc.gen.banaserve.v1 import migration_pb2 as pb
 from tests.engine.coordinator import owner_engine
 from tests.engine.helpers import assert_no_leaks, make_engine
 from tests.engine.test_migration_invariant import B_WORKLOAD, WORKLOAD, params, plain_run
-from tests.migration.harness import LoopThread
 from tests.migration.test_attention_dataplane import AttentionPair
 
 pytestmark = pytest.mark.timeout(300)
@@ -29,13 +28,6 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.fixture(scope="module")
 def reference(tiny_llama) -> dict[str, list[int]]:
     return plain_run(tiny_llama)
-
-
-@pytest.fixture
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
 
 
 def run(model, loop, refill: bool, blocking: bool = True):

@@ -16,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import threading
 
-import pytest
-
 from services.coordinator.migration import MigrationState
 from services.migration.agent import MigrationAgent
 from services.migration.records import AgentConfig, Peer, Role
@@ -25,14 +23,7 @@ from tests.coordinator.conftest import redis_server, store_prefix  # noqa: F401 
 from tests.coordinator.factories import coordinator
 from tests.coordinator.fakes import FakeClock, FakeCluster
 from tests.engine.helpers import make_engine
-from tests.migration.harness import MIGRATION, EngineThread, LoopThread
-
-
-@pytest.fixture
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
+from tests.migration.harness import MIGRATION, EngineThread
 
 
 def test_an_abort_undoes_the_hosting_of_a_cancelled_prepare(tiny_llama, loop):

@@ -23,16 +23,9 @@ from services.migration.link import HelperLink
 from services.migration.records import Peer, Role
 from tests.engine.coordinator import prompt_ids
 from tests.engine.helpers import assert_no_leaks, make_engine
-from tests.migration.harness import MIGRATION, AgentPair, LoopThread
+from tests.migration.harness import MIGRATION, AgentPair
 
 NUM_SEQS, K = 6, 2
-
-
-@pytest.fixture
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
 
 
 def running_pair(model, loop) -> AgentPair:

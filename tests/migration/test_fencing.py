@@ -24,17 +24,10 @@ from services.rpc.gen.banaserve.v1 import migration_pb2_grpc, router_pb2, router
 from services.rpc.server import Service, start_server
 from tests.coordinator.test_grpc_workers import RPC, FakeRouter
 from tests.engine.helpers import make_engine
-from tests.migration.harness import AgentPair, LoopThread
+from tests.migration.harness import AgentPair
 
 pytestmark = pytest.mark.timeout(120)
 C = grpc.StatusCode
-
-
-@pytest.fixture
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
 
 
 def test_a_worker_obeys_the_newest_coordinator_only(tiny_llama, loop):
@@ -63,7 +56,7 @@ def test_a_worker_obeys_the_newest_coordinator_only(tiny_llama, loop):
             for call in (
                 lambda: old_port.renew("m-1", 5.0),
                 lambda: old_port.abort("m-1", "stale"),
-                lambda: old_port.revert(plan_of("m-1")),
+                lambda: old_port.revert(LayerPlan("m-1", "A", "B", 2, 4, 10.0)),
             ):
                 with pytest.raises(PreconditionError) as info:
                     await call()
@@ -96,10 +89,6 @@ def test_a_worker_obeys_the_newest_coordinator_only(tiny_llama, loop):
     assert seen[:3] == [refusal.format(100)] * 3
     assert seen[3] == (C.FAILED_PRECONDITION, refusal.format(150).split(": ", 1)[1])
     assert seen[4][0] == C.INVALID_ARGUMENT and EPOCH_METADATA_KEY in seen[4][1]
-
-
-def plan_of(migration_id: str) -> LayerPlan:
-    return LayerPlan(migration_id, "A", "B", 2, 4, 10.0)
 
 
 @pytest.mark.parametrize(

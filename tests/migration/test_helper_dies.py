@@ -19,19 +19,12 @@ from services.engine.ports import StageFailedError
 from tests.engine.coordinator import owner_engine
 from tests.engine.helpers import assert_no_leaks, make_engine
 from tests.engine.test_migration_invariant import WORKLOAD, params, plain_run
-from tests.migration.harness import MIGRATION, AgentPair, LoopThread, hold_first_engine_call
+from tests.migration.harness import MIGRATION, AgentPair, hold_first_engine_call
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_llama) -> dict[str, list[int]]:
     return plain_run(tiny_llama)
-
-
-@pytest.fixture
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
 
 
 def run(model, loop, drop: bool, kill_at: int = 12, switch_at: int = 6, kill=None):

@@ -16,19 +16,12 @@ import pytest
 from tests.engine.coordinator import A_BLOCKS, owner_engine
 from tests.engine.helpers import assert_no_leaks, make_engine
 from tests.engine.test_migration_invariant import B_WORKLOAD, WORKLOAD, params, plain_run
-from tests.migration.harness import AgentPair, LoopThread
+from tests.migration.harness import AgentPair
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_llama) -> dict[str, list[int]]:
     return plain_run(tiny_llama)
-
-
-@pytest.fixture
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
 
 
 def act(pair: AgentPair, rng: random.Random, k: int, micro: int, drop: bool) -> None:

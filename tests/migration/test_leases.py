@@ -18,7 +18,6 @@ from tests.engine.test_migration_invariant import plain_run
 from tests.migration.harness import (
     MIGRATION,
     AgentPair,
-    LoopThread,
     assert_unchanged_and_local,
     run_with_fault,
 )
@@ -30,13 +29,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
 
 
 def test_lost_coordinator_lease_expiry_ends_it_on_both_workers(tiny_llama, loop):

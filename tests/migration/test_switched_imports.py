@@ -30,7 +30,7 @@ from services.rpc.gen.banaserve.v1 import migration_pb2_grpc
 from tests.clusters import running_cluster, wait_for
 from tests.engine.coordinator import prompt_ids
 from tests.engine.helpers import assert_no_leaks, make_engine
-from tests.migration.harness import MIGRATION, AgentPair, LoopThread
+from tests.migration.harness import MIGRATION, AgentPair
 from tests.migration.test_cluster_migration import decode_stats, prefill_stats
 
 NUM_LAYERS = 4  # tiny-llama
@@ -70,13 +70,6 @@ def prefilled(tiny_llama) -> dict[str, tuple[int, list]]:
         p.abort(rid)
     assert_no_leaks(p)
     return out
-
-
-@pytest.fixture
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
 
 
 def donor_engine(model, drop: bool) -> Engine:

@@ -39,7 +39,7 @@ from services.rpc.server import Service, start_server
 from tests.coordinator.test_grpc_workers import RPC, FakeRouter
 from tests.engine.helpers import assert_no_leaks, make_engine
 from tests.engine.test_migration_invariant import B_WORKLOAD, WORKLOAD, params, plain_run
-from tests.migration.harness import MIGRATION, AgentPair, LoopThread
+from tests.migration.harness import MIGRATION, AgentPair
 
 S = MigrationState
 NUM_LAYERS = 4
@@ -51,13 +51,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
 
 
 @pytest.fixture(scope="module")
