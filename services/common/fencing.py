@@ -12,8 +12,12 @@ worker remembers the largest it has seen and refuses a call with a smaller one
 (FAILED_PRECONDITION) before doing anything. Its writes to Redis are fenced by the claim
 itself (services/coordinator/store.py).
 
-A call without the key (a tool or test talking to a worker directly) is served as before; a
-worker that restarts has seen no epoch yet. Reading a worker (``List``) is never fenced.
+A coordinator announces its epoch to every worker the router lists as soon as it holds the
+claim and every ``ANNOUNCE_INTERVAL_S`` after (a ``List`` carrying it: reading is never fenced,
+but a newer epoch on it is remembered), so a worker it has not called yet, or one that
+restarted and has seen no epoch, refuses the older coordinator within that interval too.
+
+A call without the key (a tool or test talking to a worker directly) is served as before.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from services.common.errors import InvalidRequestError, PreconditionError
 
 EPOCH_METADATA_KEY = "banaserve-coordinator-epoch"
 MAX_EPOCH = 2**63 - 1  # a Redis integer
+# How often a coordinator tells every worker its epoch: the longest a worker it has not called
+# (a new or restarted one) still obeys an older coordinator. A ``List`` per worker each time.
+ANNOUNCE_INTERVAL_S = 2.0
 
 
 def epoch_metadata(epoch: int) -> tuple[tuple[str, str], ...]:
@@ -64,3 +71,8 @@ class CoordinatorFence:
                 f"(epoch {epoch}) lost its key prefix and may not act on its migrations"
             )
         self.highest = epoch
+
+    def observe(self, epoch: int | None) -> None:
+        """Remembers a newer ``epoch`` without refusing an older one (a read: ``List``)."""
+        if epoch is not None and epoch > self.highest:
+            self.highest = epoch

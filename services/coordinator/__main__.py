@@ -28,6 +28,7 @@ from opentelemetry import trace
 from services.common.arg_types import optional_host_port, port_number, redis_url
 from services.common.config import RpcConfig, TracingConfig
 from services.common.errors import ConfigError
+from services.common.fencing import ANNOUNCE_INTERVAL_S
 from services.common.metrics import (
     AutoMigrationCollector,
     CoordinatorCollector,
@@ -121,19 +122,32 @@ async def renew_forever(coordinator: Coordinator, interval_s: float) -> None:
             log.exception("lease renewal failed")
 
 
+async def announce_forever(workers: RouterWorkers, interval_s: float) -> None:
+    """Tells every worker this coordinator's epoch now and every ``interval_s`` after, so
+    that new, restarted and not-yet-called workers refuse an older coordinator too."""
+    while True:
+        try:
+            await workers.announce()
+        except Exception:  # a bug here must not end the announcements
+            log.exception("announcing the coordinator's epoch failed")
+        await asyncio.sleep(interval_s)
+
+
 async def stop_when_lost(
     ownership: Ownership,
     coordinator: Coordinator,
     server: RunningServer,
-    renewals: asyncio.Future[None],
+    tasks: tuple[asyncio.Future[None], ...],
     lost: list[str],
 ) -> None:
     """Once another coordinator holds the prefix: no more commands (UNAVAILABLE), automatic
-    decisions or lease renewals from this one, and its server stops (``serve`` exits 2)."""
+    decisions, lease renewals or announcements from this one (``tasks``), and its server stops
+    (``serve`` exits 2)."""
     lost.append(await ownership.keep())
     log.error("another coordinator (%s) took %s over: stopping", lost[0], ownership.prefix)
     coordinator.draining = True
-    renewals.cancel()
+    for task in tasks:
+        task.cancel()
     await server.stop(grace_s=1.0)
 
 
@@ -171,10 +185,14 @@ async def serve(args: argparse.Namespace) -> None:
     lost: list[str] = []  # who took the prefix over
     try:
         await ownership.acquire()  # waits for Redis, and for another coordinator of the prefix
+        await workers.announce()  # before it acts: every worker refuses the older owner now
         await coordinator.recover()
         server = await start_server([coordinator_service(coordinator)], rpc, tracing=tracing)
         renewals = asyncio.ensure_future(renew_forever(coordinator, config.renew_interval_s))
-        kept = asyncio.ensure_future(stop_when_lost(ownership, coordinator, server, renewals, lost))
+        announcing = asyncio.ensure_future(announce_forever(workers, ANNOUNCE_INTERVAL_S))
+        kept = asyncio.ensure_future(
+            stop_when_lost(ownership, coordinator, server, (renewals, announcing), lost)
+        )
         try:
             async with automatic(args, coordinator, workers, rpc, tracer) as auto:
                 collectors = [CoordinatorCollector(coordinator)]
@@ -190,7 +208,7 @@ async def serve(args: argparse.Namespace) -> None:
                 )  # fmt: skip
                 await server.serve_until_signal(drain=drain_for(coordinator))
         finally:
-            for task in (kept, renewals):
+            for task in (kept, renewals, announcing):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

@@ -260,6 +260,23 @@ class RouterWorkers:
             raise errors.DependencyUnavailableError(f"router: {exc.details()}") from None
         self._addresses = {w.info.worker_id: w.info.address for w in reply.workers}
 
+    async def announce(self, timeout_s: float = 2.0) -> int:
+        """Tells every worker the router lists this coordinator's epoch (a ``List`` carrying
+        it, which the worker remembers: services/common/fencing.py), so that one it has not
+        called yet refuses an older coordinator too. Returns how many workers answered; one
+        that did not (or a router that did not) is told at the next announcement."""
+        if not self.epoch():
+            return 0
+        try:
+            await self._refresh()
+        except errors.DependencyUnavailableError:
+            return 0
+        ports = [GrpcWorkerPort(self, w, a) for w, a in self._addresses.items()]
+        told = await asyncio.gather(
+            *(asyncio.wait_for(p.describe(), timeout_s) for p in ports), return_exceptions=True
+        )
+        return sum(not isinstance(t, BaseException) for t in told)
+
     async def close(self) -> None:
         channels = [*self._channels.values()]
         if self._router_channel is not None:

@@ -3,7 +3,8 @@
 Domain errors become status codes in services/rpc/status.py (the agent raises them); ids and
 addresses are checked against services/common/limits.py first (INVALID_ARGUMENT). Every call
 but ``List`` passes the coordinators' fence first (services/common/fencing.py): one from a
-coordinator older than one already seen is FAILED_PRECONDITION before any work.
+coordinator older than one already seen is FAILED_PRECONDITION before any work. ``List`` is
+never refused, but a newer coordinator's epoch on it is remembered (its announcement).
 """
 
 from __future__ import annotations
@@ -219,6 +220,7 @@ class MigrationWorkerServicer(migration_pb2_grpc.MigrationWorkerServiceServicer)
         )
 
     async def List(self, request, context):  # noqa: N802
+        self.fence.observe(epoch_from_metadata(context.invocation_metadata()))
         num_layers, fingerprint = await self.agent.engine_call(
             lambda e: (e.spec.num_layers, e.fingerprint)
         )

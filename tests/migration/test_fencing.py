@@ -1,14 +1,20 @@
 """Fencing tokens (services/common/fencing.py) on a real MigrationWorkerService: a worker that a
 newer coordinator has called refuses an older one's calls (FAILED_PRECONDITION, before any
-work), still answers its reads, and serves callers outside the fencing as before. The
-coordinator's side sends its claim's epoch (clients.py); claims' epochs grow
-(tests/coordinator/test_ownership.py)."""
+work), still answers its reads, and serves callers outside the fencing as before; a worker the
+newer coordinator has only announced its epoch to (``RouterWorkers.announce``, which a real
+coordinator process does before it serves) refuses the older one too. The coordinator's side
+sends its claim's epoch (clients.py); claims' epochs grow (tests/coordinator/test_ownership.py)."""
 
 from __future__ import annotations
+
+import os
+import sys
+import time
 
 import grpc
 import pytest
 
+from services.child_process import Child
 from services.common.errors import InvalidRequestError, PreconditionError
 from services.common.fencing import (
     EPOCH_METADATA_KEY,
@@ -30,7 +36,9 @@ pytestmark = pytest.mark.timeout(120)
 C = grpc.StatusCode
 
 
-def test_a_worker_obeys_the_newest_coordinator_only(tiny_llama, loop):
+@pytest.fixture
+def worker(tiny_llama, loop):
+    """A router listing one real worker service, "A": (router, servers [router's, A's])."""
     pair = AgentPair(loop, make_engine(tiny_llama, num_kv_blocks=32), make_engine(tiny_llama))
     router = FakeRouter()
     bound = Service.bind(
@@ -41,6 +49,16 @@ def test_a_worker_obeys_the_newest_coordinator_only(tiny_llama, loop):
     servers = [loop.call(start_server([bound], RPC))]
     servers.append(loop.call(start_server([migration_service(pair.donor)], RPC)))
     router.workers["A"] = servers[1].address
+    try:
+        yield router, servers
+    finally:
+        for server in servers:
+            loop.call(server.stop(0))
+        pair.close()
+
+
+def test_a_worker_obeys_the_newest_coordinator_only(worker, loop):
+    _, servers = worker
 
     async def calls():
         # Two coordinators of one prefix: the first lost its claim, the second holds it now.
@@ -76,12 +94,7 @@ def test_a_worker_obeys_the_newest_coordinator_only(tiny_llama, loop):
             await old.close()
             await new.close()
 
-    try:
-        seen = loop.call(calls())
-    finally:
-        for server in servers:
-            loop.call(server.stop(0))
-        pair.close()
+    seen = loop.call(calls())
     refusal = (
         "FAILED_PRECONDITION: a newer coordinator (epoch 200) has called this worker: this one "
         "(epoch {}) lost its key prefix and may not act on its migrations"
@@ -89,6 +102,66 @@ def test_a_worker_obeys_the_newest_coordinator_only(tiny_llama, loop):
     assert seen[:3] == [refusal.format(100)] * 3
     assert seen[3] == (C.FAILED_PRECONDITION, refusal.format(150).split(": ", 1)[1])
     assert seen[4][0] == C.INVALID_ARGUMENT and EPOCH_METADATA_KEY in seen[4][1]
+
+
+def test_an_announced_epoch_fences_a_worker_the_new_coordinator_never_called(worker, loop):
+    router, servers = worker
+    router.workers["gone"] = "127.0.0.1:1"  # listed, not answering: told next time
+
+    async def calls():
+        old = RouterWorkers(servers[0].address, RPC, epoch=lambda: 100)
+        new = RouterWorkers(servers[0].address, RPC, epoch=lambda: 200)
+        try:
+            old_port = await old.port("A")
+            with pytest.raises(LeaseLostError):  # admitted: nobody newer has called A
+                await old_port.renew("m-1", 5.0)
+            assert await old.announce() == 1  # an older announcement is not remembered
+            with pytest.raises(LeaseLostError):
+                await old_port.renew("m-1", 5.0)
+            told = await new.announce(timeout_s=1.0)  # A only; no call about a migration
+            with pytest.raises(PreconditionError, match=r"epoch 200\).*\(epoch 100\)"):
+                await old_port.renew("m-1", 5.0)
+            assert (await old_port.describe()).num_layers == 4  # its reads still answered
+            with pytest.raises(LeaseLostError):  # the new one's calls pass
+                await (await new.port("A")).renew("m-1", 5.0)
+            return told, await RouterWorkers("", RPC, epoch=lambda: 300).announce()
+        finally:
+            await old.close()
+            await new.close()
+
+    assert loop.call(calls()) == (1, 0)  # no router: nobody to tell
+
+
+@pytest.mark.integration
+def test_a_coordinator_process_announces_its_epoch_to_every_worker_at_once(
+    worker, loop, redis_server, store_prefix, tmp_path
+):
+    _, servers = worker
+    argv = [
+        sys.executable, "-m", "services.coordinator", "--port", "0",
+        "--redis", redis_server.url, "--key-prefix", store_prefix,
+        "--router", servers[0].address, "--log-level", "WARNING",
+    ]  # fmt: skip
+    request = pb.MigrationWorkerServiceAbortRequest(migration_id="m-1", reason="stale")
+
+    async def abort_as(epoch: int) -> grpc.StatusCode:
+        async with grpc.aio.insecure_channel(servers[1].address) as channel:
+            stub = migration_pb2_grpc.MigrationWorkerServiceStub(channel)
+            try:
+                await stub.Abort(request, metadata=epoch_metadata(epoch), timeout=5)
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+            return C.OK
+
+    assert loop.call(abort_as(1)) == C.OK  # an old coordinator, before any newer one
+    with open(tmp_path / "coordinator.log", "w") as log:
+        child = Child("coordinator", argv, dict(os.environ), log)
+        try:
+            child.wait_ready(time.monotonic() + 60)  # announced before it serves
+            # The coordinator never called A about a migration: its announcement fences A.
+            assert loop.call(abort_as(1)) == C.FAILED_PRECONDITION
+        finally:
+            assert child.stop() == 0
 
 
 @pytest.mark.parametrize(
@@ -117,3 +190,6 @@ def test_the_fence_admits_equal_and_newer_epochs_and_unfenced_callers():
         fence.admit(8)
     assert fence.highest == 9
     assert epoch_metadata(0) == () and epoch_metadata(9) == ((EPOCH_METADATA_KEY, "9"),)
+    for epoch in (None, 7, 12):  # a read's epoch: remembered if newer, never refused
+        fence.observe(epoch)
+    assert fence.highest == 12
