@@ -250,11 +250,14 @@ class Generation:
         call: Any,
         resume: Resume | None = None,
         reopen: Callable[[Resume, router_pb2.GenerateRequest], Any] | None = None,
+        request_id: str = "",
     ) -> None:
         """``reopen(resume, message)``: the call of ``message`` once the router is back, or
-        None if it is not within ``resume.wait_s()``."""
+        None if it is not within ``resume.wait_s()``. ``request_id``: the id the client named
+        the request by, known before the router answers (``abort`` takes it while the request
+        still waits for a worker)."""
         self._call = call
-        self._acc = Accumulator()
+        self._acc = Accumulator(request_id=request_id)
         self._resume, self._reopen = resume, reopen
         self._cancelled = False  # (a resume waiting for the router then sends nothing)
 
@@ -427,7 +430,7 @@ class BanaServeClient:
             message, timeout_s, self._max_resumes, self._reconnect_timeout_s, self._reached
         )
         call = self._stub.Generate(message, timeout=timeout_s, metadata=self._metadata)
-        return self._generation(call, resume, self._reopen)
+        return self._generation(call, resume, self._reopen, request_id)
 
     _generation: Callable[..., Generation] = Generation
 

@@ -6,9 +6,12 @@ Per request (``Router.route``):
    this first, so the answer never depends on when someone last swept);
 2. the prompt's block hashes are computed once, with the cluster's fingerprint and block size;
 3. decode candidates are the HEALTHY decode/mixed workers whose estimated free KV blocks fit
-   prompt + max_tokens, or the context (``max_model_len``) if that is shorter: a request ends
-   there whatever its max_tokens; none → ``ResourceExhaustedError``. A worker whose last
-   report says it is draining (stopping: it finishes what it has) is no candidate here or in 4;
+   prompt + max_tokens, or the decode workers' context (``max_model_len``) if that is shorter:
+   a request ends there whatever its max_tokens; none → ``ResourceExhaustedError``. Blocks
+   that older requests waiting for room need are held for them (first come, first served: a
+   large request is not passed over for ever by smaller ones that keep arriving). A worker
+   whose last report says it is draining (stopping: it finishes what it has) is no candidate
+   here or in 4;
 4. prefill candidates are the HEALTHY prefill workers, plus the mixed workers that fit (a mixed
    worker decodes what it prefills); the policy picks one;
 5. decode worker = the prefill worker if it is mixed (colocated), else the candidate with the
@@ -34,6 +37,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from services.common.errors import (
     ConfigError,
@@ -69,11 +73,22 @@ class NoWorkerError(ResourceExhaustedError):
 class NoRoomNowError(ResourceExhaustedError):
     """Every worker that could hold the request is full right now, but one could hold it once
     running requests end: the driver waits (until the deadline) instead of failing.
-    ``worker_ids``: those workers (their pools hold the request in total)."""
+    ``worker_ids``: those workers (their pools hold the request in total); ``num_blocks``: the
+    request's need."""
 
-    def __init__(self, message: str, worker_ids: tuple[str, ...] = ()) -> None:
+    def __init__(self, message: str, worker_ids: tuple[str, ...] = (), num_blocks: int = 0) -> None:
         super().__init__(message)
         self.worker_ids = worker_ids
+        self.num_blocks = num_blocks
+
+
+class _Waiter(NamedTuple):
+    """A request the router holds for want of room (``Router.route``)."""
+
+    last: float  # when it last found no room
+    since: float  # when it first did: its place in the line
+    worker_ids: tuple[str, ...]  # the workers whose pools hold it in total
+    num_blocks: int  # what it needs on one of them
 
 
 # A request waiting for room is routed again every ``admission_poll_s`` (50 ms) until it gets
@@ -172,8 +187,8 @@ class Router:
         self._policy = make_policy(self.config)
         self._colocated = self.config.policy == "colocated"
         self._clock = clock
-        # request id -> (when it last found no room, the workers it waits for), oldest first
-        self._waiting: OrderedDict[str, tuple[float, tuple[str, ...]]] = OrderedDict()
+        # the requests waiting for room, the least recently tried first
+        self._waiting: OrderedDict[str, _Waiter] = OrderedDict()
 
     def register(
         self, worker_id: str, address: str, role: WorkerRole, capacity: WorkerCapacity
@@ -205,13 +220,26 @@ class Router:
         for (``utilisation_memory``). Counted until routed, settled, or not tried again for
         ``WAITING_FOR_ROOM_TTL_S``."""
         self._forget_given_up(self._clock())
-        return sum(worker_id in workers for _, workers in self._waiting.values())
+        return sum(worker_id in w.worker_ids for w in self._waiting.values())
 
     def _forget_given_up(self, now: float) -> None:
         while (
-            self._waiting and now - next(iter(self._waiting.values()))[0] > WAITING_FOR_ROOM_TTL_S
+            self._waiting and now - next(iter(self._waiting.values())).last > WAITING_FOR_ROOM_TTL_S
         ):
             self._waiting.popitem(last=False)
+
+    def _held(self, request_id: str, now: float) -> dict[str, int]:
+        """Blocks per worker held for the requests that began waiting for room before
+        ``request_id`` did (before now, if it is not waiting): first come, first served."""
+        self._forget_given_up(now)
+        mine = self._waiting.get(request_id)
+        since = mine.since if mine is not None else now
+        held: dict[str, int] = {}
+        for other_id, w in self._waiting.items():
+            if other_id != request_id and (w.since, other_id) < (since, request_id):
+                for worker_id in w.worker_ids:
+                    held[worker_id] = held.get(worker_id, 0) + w.num_blocks
+        return held
 
     def num_inflight(self) -> int:
         """Assignments still counted without a report, over all workers (0 when idle)."""
@@ -240,33 +268,39 @@ class Router:
         return self._registry.all()
 
     def route(self, request: RouteRequest) -> Assignment:
+        """The request's workers; ``NoRoomNowError`` while none has room for it now (or only
+        room that older requests waiting for room need: ``_held``)."""
+        now = self._clock()
         try:
-            assignment = self._route(request)
+            # A resumed request (decode_only) already had tokens: it is not held back.
+            assignment = self._route(request, {} if request.decode_only else self._held(
+                request.request_id, now
+            ))  # fmt: skip
         except NoRoomNowError as e:
-            now = self._clock()
-            self._waiting[request.request_id] = (now, e.worker_ids)
-            self._waiting.move_to_end(request.request_id)
+            waiter = self._waiting.pop(request.request_id, None)
+            since = waiter.since if waiter is not None else now
+            self._waiting[request.request_id] = _Waiter(now, since, e.worker_ids, e.num_blocks)
             self._forget_given_up(now)
             raise
         self._waiting.pop(request.request_id, None)
         return assignment
 
-    def _route(self, request: RouteRequest) -> Assignment:
+    def _route(self, request: RouteRequest, held: dict[str, int]) -> Assignment:
         self._registry.settle(request.request_id)  # a second try replaces the first
         # A draining worker finishes what it has and takes nothing new (LoadReport.draining).
         healthy = [w for w in self._registry.healthy() if not w.draining]
         view = _view(request, healthy)
         if request.decode_only:
-            prefill = decode = most_free_blocks(self._decoders(healthy, view))
+            prefill = decode = most_free_blocks(self._decoders(healthy, view, held))
         else:
-            prefills, decoders = self._candidates(healthy, view)
+            prefills, decoders = self._candidates(healthy, view, held)
             prefill = self._policy.choose(prefills, view)
             decode = prefill if prefill.role is WorkerRole.MIXED else most_free_blocks(decoders)
         self._record(prefill, decode, view)
         return Assignment(request.request_id, prefill, decode, view.num_kv_blocks)
 
     def _candidates(
-        self, healthy: Sequence[WorkerInfo], view: RequestView
+        self, healthy: Sequence[WorkerInfo], view: RequestView, held: dict[str, int]
     ) -> tuple[list[WorkerInfo], list[WorkerInfo]]:
         """(prefill candidates, decode candidates that fit), both non-empty, or raise."""
         if self._colocated:
@@ -274,21 +308,26 @@ class Router:
         else:
             prefill_roles = {WorkerRole.PREFILL, WorkerRole.MIXED}
         prefill_capable = self._with_role(healthy, prefill_roles, "prefill", view)
-        fits = self._decoders(healthy, view)
+        fits = self._decoders(healthy, view, held)
         # A mixed worker keeps what it prefills, so it must fit itself; a prefill worker
         # hands off to one of ``fits``.
         prefills = [w for w in prefill_capable if w.role is WorkerRole.PREFILL or w in fits]
         if not prefills:
-            raise _no_room(view, prefill_capable, _names(prefill_roles - {WorkerRole.PREFILL}))
+            raise _no_room(
+                view, prefill_capable, _names(prefill_roles - {WorkerRole.PREFILL}), held
+            )
         return prefills, fits
 
-    def _decoders(self, healthy: Sequence[WorkerInfo], view: RequestView) -> list[WorkerInfo]:
-        """The decode candidates that fit the request, non-empty, or raise."""
+    def _decoders(
+        self, healthy: Sequence[WorkerInfo], view: RequestView, held: dict[str, int]
+    ) -> list[WorkerInfo]:
+        """The decode candidates that fit the request, beside the blocks ``held`` for older
+        requests waiting for room, non-empty, or raise."""
         roles = {WorkerRole.MIXED} if self._colocated else {WorkerRole.DECODE, WorkerRole.MIXED}
         decoders = self._with_role(healthy, roles, "decode", view)
-        fits = [w for w in decoders if w.num_free_blocks >= view.num_kv_blocks]
+        fits = [w for w in decoders if _free(w, held) >= view.num_kv_blocks]
         if not fits:
-            raise _no_room(view, decoders, _names(roles))
+            raise _no_room(view, decoders, _names(roles), held)
         return fits
 
     def _with_role(
@@ -319,8 +358,10 @@ def _view(request: RouteRequest, healthy: Sequence[WorkerInfo]) -> RequestView:
     # Every healthy worker has the same fingerprint and block size (registry invariant).
     capacity = healthy[0].capacity
     num_tokens = len(request.prompt_token_ids) + request.max_tokens
-    contexts = [w.capacity.max_model_len for w in healthy]
-    if all(contexts):  # every worker declared its context: none holds more than the largest
+    # The workers that would hold the sequence to its end: a prefill worker hands it off.
+    holders = [w for w in healthy if w.role is not WorkerRole.PREFILL] or healthy
+    contexts = [w.capacity.max_model_len for w in holders]
+    if all(contexts):  # every one declared its context: none holds more than the largest
         num_tokens = min(num_tokens, max(contexts))
     return RequestView(
         request_id=request.request_id,
@@ -333,7 +374,13 @@ def _view(request: RouteRequest, healthy: Sequence[WorkerInfo]) -> RequestView:
     )
 
 
-def _no_room(view: RequestView, workers: Sequence[WorkerInfo], kind: str) -> ResourceExhaustedError:
+def _free(worker: WorkerInfo, held: dict[str, int]) -> int:
+    return worker.num_free_blocks - held.get(worker.worker_id, 0)
+
+
+def _no_room(
+    view: RequestView, workers: Sequence[WorkerInfo], kind: str, held: dict[str, int]
+) -> ResourceExhaustedError:
     need = (
         f"request {view.request_id!r} needs {view.num_kv_blocks} KV blocks "
         f"({view.num_prompt_tokens} prompt + {view.max_tokens} max_tokens tokens)"
@@ -343,10 +390,14 @@ def _no_room(view: RequestView, workers: Sequence[WorkerInfo], kind: str) -> Res
         return ResourceExhaustedError(
             f"{need}, more than any {kind} worker holds in total (largest: {largest})"
         )
-    most_free = max(w.num_free_blocks for w in workers)
+    most = max(workers, key=lambda w: (_free(w, held), w.num_free_blocks))
+    free = f"the most free on any {kind} worker now is {most.num_free_blocks}"
+    if held.get(most.worker_id):
+        free += f" ({held[most.worker_id]} held for older requests waiting for room)"
     return NoRoomNowError(
-        f"{need}; the most free on any {kind} worker now is {most_free}",
+        f"{need}; {free}",
         tuple(w.worker_id for w in workers if w.capacity.num_kv_blocks >= view.num_kv_blocks),
+        view.num_kv_blocks,
     )
 
 

@@ -618,15 +618,24 @@ class RequestDriver:
     async def _admit(self, job: _Job, route: RouteRequest) -> Assignment:
         """Route, waiting while every worker that could take the request is full, and for
         at most ``no_worker_wait_s`` while none that could is registered."""
-        # (a request without a worker fails UNAVAILABLE, with the reason, before its deadline)
+        # (a request without a worker fails UNAVAILABLE, one without room DEADLINE_EXCEEDED,
+        # each with the reason and ``REASON_MARGIN_S`` before its deadline)
         poll = self.config.admission_poll_s
-        give_up = min(self._clock() + self.config.no_worker_wait_s, job.deadline - REASON_MARGIN_S)
+        started = self._clock()
+        last_try = job.deadline - REASON_MARGIN_S
+        give_up = min(started + self.config.no_worker_wait_s, last_try)
         while True:
             wait = poll
             try:
                 return self.router.route(route)
-            except NoRoomNowError:
-                pass
+            except NoRoomNowError as e:
+                wait = admission_wait(self._clock(), last_try, poll)
+                if wait is None:
+                    job.release_reason = ReleaseReason.DEADLINE_EXCEEDED
+                    raise TimeoutError(
+                        f"request {job.request_id!r} waited {self._clock() - started:.1f}s for "
+                        f"KV room and its deadline is up: {e}"
+                    ) from None
             except NoWorkerError:
                 wait = admission_wait(self._clock(), give_up, poll)
                 if wait is None:

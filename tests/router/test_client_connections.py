@@ -175,6 +175,9 @@ def test_the_client_library_names_every_request_it_sends():
             stream = client.generate([1, 2, 3], max_tokens=4, timeout_s=5)
             sent = stream._resume.message.request_id
             assert sent.startswith("req-") and len(sent) == 20
+            # Known before the router answers (probe, session 42: '' until the started frame,
+            # so a request still waiting for room could not be aborted by its id).
+            assert stream.request_id == sent
             result = await client.complete([1, 2, 3], max_tokens=4, timeout_s=5)
             assert result.request_id.startswith("req-") and result.request_id != sent
             async for _ in stream:

@@ -43,3 +43,18 @@ def test_without_a_declared_context_a_request_past_every_pool_is_refused():
 def test_a_context_must_not_be_negative():
     with pytest.raises(ValueError, match="max_model_len must be >= 0, got -1"):
         WorkerCapacity(NUM_BLOCKS, BLOCK_SIZE, FINGERPRINT, -1)
+
+
+def test_the_estimate_stops_at_the_decode_workers_context_not_a_prefill_workers():
+    """A prefill worker hands the sequence off: its larger pool (context) holds none of it past
+    the prompt, so the decode workers' context caps the estimate (probe, session 42: a
+    prefill pool of 64 blocks beside a decode pool of 16 refused max_tokens = 2^31 - 1)."""
+    router = Router(RouterConfig(), clock=FakeClock())
+    for port, (worker_id, role, blocks) in enumerate(
+        [("p0", WorkerRole.PREFILL, 64), ("d0", WorkerRole.DECODE, 16)], 9000
+    ):
+        capacity = WorkerCapacity(blocks, BLOCK_SIZE, FINGERPRINT, blocks * BLOCK_SIZE)
+        router.register(worker_id, f"127.0.0.1:{port}", role, capacity)
+        router.report(worker_id, load(free=blocks), 1.0)
+    assignment = router.route(RouteRequest("r1", PROMPT, MAX_INT32))
+    assert (assignment.decode.worker_id, assignment.num_kv_blocks) == ("d0", 16)

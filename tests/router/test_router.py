@@ -115,7 +115,7 @@ def test_requests_waiting_for_room_count_on_the_workers_they_wait_for() -> None:
     with pytest.raises(NoRoomNowError):
         router.route(big)  # tried again: still waiting, counted once
     assert waiting()["d0"] == 2
-    router.report("d0", load(free=40, used=60), 1.0)
+    router.report("d0", load(free=43, used=57), 1.0)  # the older big's 40 are held for it
     assert router.route(small).decode.worker_id == "d0"  # routed: waits no more
     assert waiting() == {"p0": 0, "d0": 1, "d1": 1, "d-small": 0}
     router.settle(big.request_id, "d1")  # one worker's assignment only: still waiting
@@ -123,11 +123,49 @@ def test_requests_waiting_for_room_count_on_the_workers_they_wait_for() -> None:
     router.settle(big.request_id)
     assert waiting() == {"p0": 0, "d0": 0, "d1": 0, "d-small": 0}
     with pytest.raises(NoRoomNowError):
-        router.route(request(600, max_tokens=40))
+        router.route(request(640, max_tokens=40))  # 43 blocks: d0 has 40 left
     clock.advance(WAITING_FOR_ROOM_TTL_S)
     assert waiting()["d1"] == 1
     clock.advance(0.01)  # not tried again: its caller gave up
     assert waiting()["d1"] == 0
+
+
+def test_requests_waiting_for_room_are_served_first_come_first_served() -> None:
+    """Room an older request waiting for room needs is held for it: smaller requests that keep
+    arriving do not pass it for ever (they wait behind it, and count as waiting too); a
+    resumed request (decode_only) is not held back; a waiter that gave up holds nothing."""
+    clock = FakeClock()
+    router = make_router("load", prefill=1, decode=1, clock=clock)
+    router.report("d0", load(free=10, used=90), 0.0)
+    big, small = request(600, max_tokens=40), request(40, max_tokens=8)  # 40 and 3 blocks
+    with pytest.raises(NoRoomNowError):
+        router.route(big)
+    clock.advance(0.05)
+    # 10 free would hold the small one, but the big one came first and needs 40 of them.
+    with pytest.raises(NoRoomNowError, match=r"is 10 \(40 held for older requests waiting"):
+        router.route(small)
+    assert router.waiting_for_room("d0") == 2
+    resumed = RouteRequest("resumed", list(range(40)), 8, decode_only=True)
+    assert router.route(resumed).decode.worker_id == "d0"
+    router.settle("resumed")
+    router.report("d0", load(free=41, used=59), 1.0)
+    with pytest.raises(NoRoomNowError):  # the small one still waits: 41 - 40 < 3
+        router.route(small)
+    assert router.route(big).decode.worker_id == "d0"  # its turn: routed, holds nothing more
+    router.report("d0", load(free=3, used=97, admitted=(big.request_id,)), 2.0)
+    assert router.route(small).decode.worker_id == "d0"
+    # A waiter that is no longer tried (its caller gave up) stops holding room.
+    with pytest.raises(NoRoomNowError):
+        router.route(request(600, max_tokens=40))
+    router.report("d0", load(free=10, used=90, admitted=(small.request_id,)), 3.0)
+    later = request(40, max_tokens=8)
+    with pytest.raises(NoRoomNowError):
+        router.route(later)
+    for t in (4.0, 5.0):  # WAITING_FOR_ROOM_TTL_S passes; the workers go on reporting
+        clock.advance(WAITING_FOR_ROOM_TTL_S * 0.6)
+        for worker_id in ("p0", "d0"):
+            router.report(worker_id, load(free=10, used=90), t)
+    assert router.route(later).decode.worker_id == "d0"
 
 
 def test_request_larger_than_any_decode_worker() -> None:
