@@ -244,7 +244,15 @@ class Attempt:
     def _local_prefill_max_tokens(self) -> int:
         a = self._assignment
         limit = self._driver.config.local_prefill_limit
-        return limit(a.prefill.num_queued_tokens, a.decode.num_queued_tokens)
+        local = limit(a.prefill.num_queued_tokens, a.decode.num_queued_tokens)
+        # A prompt the prefill worker's context cannot take past its first token (a smaller
+        # pool: --prefill-args "--num-kv-blocks N") but D's can: D prefills it, so it is not
+        # refused OUT_OF_RANGE or ended LENGTH there at P's context (probe, session 42).
+        num_prompt = len(self._request.prompt_token_ids)
+        p_context, d_context = a.prefill.capacity.max_model_len, a.decode.capacity.max_model_len
+        if p_context and num_prompt + 1 >= p_context and (not d_context or d_context > p_context):
+            local = max(local, num_prompt)
+        return local
 
     def _emit_first(self, delta: Delta) -> None:
         a = self._assignment

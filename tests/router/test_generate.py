@@ -4,6 +4,7 @@ sequence, relaying, deadlines, cancellation, abort, retry on worker loss, and ba
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -12,7 +13,7 @@ from services.common.errors import InvalidRequestError
 from services.router.registry import WorkerRole, WorkerStatus
 from services.rpc.gen.banaserve.v1 import common_pb2, kvstore_pb2, router_pb2
 from services.rpc.status import ROUTER_UNAVAILABLE
-from tests.router.factories import NUM_BLOCKS, load
+from tests.router.factories import BLOCK_SIZE, NUM_BLOCKS, load
 from tests.router.grpc_fakes import cluster
 
 C = grpc.StatusCode
@@ -810,6 +811,36 @@ def test_a_prompt_prefilled_on_its_decode_worker_stops_counting_on_the_prefill_w
             p0, d0 = w["p0"], w["d0"]
             # P never sees it; D's reports will count the prompt it admitted.
             assert (p0.num_queued_tokens, NUM_BLOCKS - d0.num_free_blocks) == (0, 2)
+            call.cancel()
+
+    asyncio.run(main())
+
+
+def test_a_prompt_past_the_prefill_workers_context_is_prefilled_on_its_decode_worker():
+    """Probe, session 42: a prefill pool smaller than the decode pool (16 against 64 blocks)
+    ended a 255-token prompt LENGTH after one token, and refused longer ones OUT_OF_RANGE, at
+    the prefill worker's context, though the decode worker's holds them: D prefills them."""
+
+    async def main():
+        async with cluster(hang_decode=True) as c:
+            prompt_len = len(PROMPT)
+            for worker_id, role, context in (
+                ("p0", WorkerRole.PREFILL, prompt_len + 1),  # its first token would end it
+                ("d0", WorkerRole.DECODE, NUM_BLOCKS * BLOCK_SIZE),
+            ):
+                info = next(w for w in c.router.workers() if w.worker_id == worker_id)
+                c.router.register(
+                    worker_id, info.address, role,
+                    replace(info.capacity, max_model_len=context),
+                )  # fmt: skip
+                c.router.report(worker_id, load(), 2.0)
+            call = c.stub.Generate(request(), timeout=5)
+            kinds = [(await call.read()).WhichOneof("frame") for _ in range(2)]
+            assert kinds == ["started", "delta"]
+            assert [x[:2] + x[3:] for x in c.log.calls] == [
+                ("reserve", "d0", "local_prefill"),
+                ("stream", "d0"),
+            ]
             call.cancel()
 
     asyncio.run(main())
