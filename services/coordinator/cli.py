@@ -25,7 +25,7 @@ from pathlib import Path
 
 import grpc
 
-from services.common.arg_types import host_port, non_negative, positive
+from services.common.arg_types import host_port, positive
 from services.common.limits import MAX_MICRO_BATCHES
 from services.common.types import MAX_UINT32
 from services.coordinator import watch
@@ -193,14 +193,17 @@ def add_migrate_arguments(p: argparse.ArgumentParser) -> None:
     attention.add_argument("--donor", required=True, help="worker id whose sequences' blocks move")
     attention.add_argument("--helper", required=True, help="worker id that holds them")
     attention.add_argument(
-        "--request-id", action="append", default=[], help="this sequence (repeat; default: longest)"
+        "--request-id",
+        action="append",
+        default=[],
+        help="this request's sequence, by the id its client sent (repeat; default: the longest)",
     )
     attention.add_argument(
-        "--max-sequences", type=non_negative(int, MAX_UINT32), default=0, help="default: 4"
+        "--max-sequences", type=positive(int, at_most=MAX_UINT32), default=0, help="default: 4"
     )
     attention.add_argument(
         "--max-blocks",
-        type=non_negative(int, MAX_UINT32),
+        type=positive(int, at_most=MAX_UINT32),
         default=0,
         help="per sequence; default: all",
     )

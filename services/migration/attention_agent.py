@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 from services.common.errors import (
     ConfigError,
     InvalidRequestError,
+    PreconditionError,
     RequestNotFoundError,
 )
 from services.common.hashing import BlockHash
@@ -219,6 +220,13 @@ class AttentionAgent:
         if named and not chosen and not move.copied:
             shown = ", ".join(named[:4]) + (f" and {len(named) - 4} more" if len(named) > 4 else "")
             raise RequestNotFoundError(f"none of the named requests ({shown}) decodes here")
+        if not chosen and not move.copied and not move.selection.refill:
+            # It would go ACTIVE moving nothing and hold both workers until reverted (probe,
+            # session 42); with refill it waits for sequences to move instead.
+            raise PreconditionError(
+                "no sequence decodes here to move (a prefill worker decodes none; an idle "
+                "decode worker has none yet): nothing to migrate"
+            )
         num_bytes, moved = await self._copy(migration_id, link, move, chosen)
         record.state = S.COPYING
         return num_bytes, len(moved), self.agent.clock() - t0

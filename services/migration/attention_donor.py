@@ -46,7 +46,7 @@ def choose(
         and s.request_id not in engine.fetches
         and s.num_computed_tokens >= s.num_prompt_tokens
         and s.block_hashes
-        and (not names or s.request_id in names)
+        and (not names or _named(s.request_id, names))
     ]
     seqs.sort(key=lambda s: -s.num_computed_tokens)
     if port is None:
@@ -55,6 +55,12 @@ def choose(
         room = max(0, sel.limit - sum(1 for p in located.values() if p is port))
     cap = sel.max_blocks_per_sequence or None
     return [(s.request_id, tuple(s.block_hashes[:cap])) for s in seqs[:room]]
+
+
+def _named(engine_id: str, names: set[str]) -> bool:
+    """A decode worker runs a request as ``ID#N`` (services/decode/table.py); a selection names
+    it by the id its client sent (``ID``), or by the engine's."""
+    return engine_id in names or engine_id.rpartition("#")[0] in names
 
 
 def running(engine: Engine, request_id: str):

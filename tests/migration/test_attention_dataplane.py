@@ -17,7 +17,7 @@ import random
 
 import pytest
 
-from services.common.errors import InvalidRequestError, RequestNotFoundError
+from services.common.errors import InvalidRequestError, PreconditionError, RequestNotFoundError
 from services.engine import step as step_module
 from services.engine.engine import Engine
 from services.migration.attention_agent import AttentionSelection, selection_from_proto
@@ -130,7 +130,10 @@ def act(pair: AttentionPair, rng: random.Random) -> None:
         return
     if pair.state == "idle":
         pair.prepare()
-        pair.copy()
+        try:
+            pair.copy()
+        except PreconditionError:  # nothing decodes on A yet: the coordinator aborts it
+            pair.abort()
     elif pair.state == "copying":
         roll = rng.random()
         if roll < 0.1:
@@ -204,6 +207,36 @@ def test_attention_migrations_never_change_smollm2_output(smollm2, loop):
     tokens, pair, _ = run_scenario(smollm2, loop, 0, TWO)
     assert tokens == plain_run(smollm2)
     assert pair.num_located > 0 and pair.num_calls > 0, pair.events
+
+
+def test_a_selection_with_nothing_to_move_fails_the_copy_and_names_match_client_ids(
+    tiny_llama, loop
+):
+    """Probe, session 42: an attention migration from a worker with no decoding sequence (a
+    prefill worker, an idle decode worker) went ACTIVE with nothing moved and held both workers
+    until reverted; now its first copy fails FAILED_PRECONDITION (the coordinator aborts it),
+    unless it refills. And ``--request-id`` never matched: a decode worker runs a request as
+    ``ID#N``, while its client knows ``ID``; both now name it."""
+    a, b = make_engine(tiny_llama, num_kv_blocks=64), make_engine(tiny_llama, num_kv_blocks=64)
+    pair = AttentionPair(loop, a, b, AttentionSelection())
+    try:
+        pair.prepare()
+        with pytest.raises(PreconditionError, match="no sequence decodes here to move"):
+            pair.copy()
+        pair.abort()
+        pair.selection = AttentionSelection(refill=True)  # waits for sequences to move
+        pair.prepare()
+        assert pair.copy()[1] == 0
+        pair.abort()
+        a.add_request("client-7#3", list(range(40, 80)), params(30))
+        for _ in range(3):
+            pair.a_thread.step()
+        pair.selection = AttentionSelection(request_ids=("client-7",))
+        pair.prepare()
+        assert pair.copy()[1] == 1
+        pair.abort()
+    finally:
+        pair.close()
 
 
 def test_named_requests_none_of_which_decode_here_fail_the_copy(tiny_llama, loop):
