@@ -288,7 +288,7 @@ def run_migrations(args: argparse.Namespace) -> int:
         finally:
             client.channel.close()
     try:
-        if args.migration_id:
+        if args.migration_id is not None:  # "" is refused, not "list them all"
             request = pb.DescribeMigrationRequest(migration_id=args.migration_id)
             print(format_migration(client.call("DescribeMigration", request).migration))
             return 0

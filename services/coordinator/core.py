@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -401,8 +402,19 @@ class Coordinator:
             await self.abort(migration_id, reason)
 
     async def _describe(self, worker: str) -> WorkerModel:
+        """The worker's model; an error names the worker and what was asked (a start against a
+        frozen worker read ``UNAVAILABLE: UNAVAILABLE: Stream removed (ping timeout)``)."""
         port = await self._workers.port(worker)
-        return await asyncio.wait_for(port.describe(), self.config.step_timeout_s)
+        timeout_s = self.config.step_timeout_s
+        try:
+            return await asyncio.wait_for(port.describe(), timeout_s)
+        except TimeoutError:
+            raise DependencyUnavailableError(
+                f"{worker} did not answer within {timeout_s:g}s when asked for its model"
+            ) from None
+        except BanaServeError as e:  # its status is the error's: not again in its text
+            detail = re.sub(r"^[A-Z_]+: ", "", str(e))
+            raise type(e)(f"cannot read {worker}'s model: {detail}") from None
 
     def _check_free(self, *workers: str) -> None:
         for m in self._migrations.values():

@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 
 from services.common.errors import (
     ConfigError,
+    DependencyUnavailableError,
     InvalidRequestError,
     PreconditionError,
     ResourceExhaustedError,
@@ -235,6 +236,33 @@ def test_a_step_past_its_timeout_aborts(redis_server, store_prefix):
             f"{D} abort",
             f"{P} abort",
         ]
+
+    run(redis_server, store_prefix, body, cluster, config=config)
+
+
+def test_a_start_against_a_frozen_or_failing_worker_names_it(redis_server, store_prefix):
+    """Probe, session 42: a start against a frozen worker failed after 4-6 s with
+    ``UNAVAILABLE: UNAVAILABLE: Stream removed (ping timeout)``, naming no worker."""
+    cluster = FakeCluster()
+    cluster.hold(P, "describe")  # frozen: never answers
+    config = CoordinatorConfig(lease_s=10.0, renew_interval_s=2.0, step_timeout_s=0.05)
+
+    async def body(coord, cluster, clock):
+        with pytest.raises(
+            DependencyUnavailableError,
+            match=rf"^{P} did not answer within 0.05s when asked for its model$",
+        ):
+            await coord.start_layers(D, P, 3)
+        cluster.holds.clear()
+        cluster.failures[(P, "describe")] = DependencyUnavailableError(
+            "UNAVAILABLE: Stream removed (ping timeout)"
+        )
+        with pytest.raises(
+            DependencyUnavailableError,
+            match=rf"^cannot read {P}'s model: Stream removed \(ping timeout\)$",
+        ):
+            await coord.start_attention(D, P)
+        assert coord.list() == []
 
     run(redis_server, store_prefix, body, cluster, config=config)
 

@@ -254,9 +254,10 @@ def test_the_cli_commands(redis_server, store_prefix, capsys):
                 await run(cli, address, "migrate", "revert", "m-1", "--wait"),
                 await run(cli, address, "migrate", "abort", "m-1"),
                 await run(cli, address, "migrations", "m-7"),
+                await run(cli, address, "migrations", ""),  # not "list them all" (probe, s42)
             )
 
-    assert asyncio.run(main()) == (0, 0, 0, 2, 2)
+    assert asyncio.run(main()) == (0, 0, 0, 2, 2, 2)
     out, err = capsys.readouterr()
     blocks = out.split("migration   m-1 (layers)\n")
     assert blocks[1].splitlines()[:2] == ["state       ACTIVE", f"donor       {D}"]
@@ -267,6 +268,7 @@ def test_the_cli_commands(redis_server, store_prefix, capsys):
     assert err.splitlines() == [
         "banaserve: error: FAILED_PRECONDITION: m-1 is already DONE",
         "banaserve: error: NOT_FOUND: no migration 'm-7'",
+        "banaserve: error: INVALID_ARGUMENT: migration_id is empty",
     ]
 
 
