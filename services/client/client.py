@@ -237,7 +237,8 @@ class Accumulator:
             total_s=done - self.start,
             tokens_per_s=rate,
             prefill_worker_id=started.prefill_worker_id,
-            decode_worker_id=started.decode_worker_id,
+            # where it ended: another worker than the first after a resume
+            decode_worker_id=finished.decode_worker_id or started.decode_worker_id,
             server_timings=finished.timings,
         )
 

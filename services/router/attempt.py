@@ -307,6 +307,7 @@ class Attempt:
             len(self._request.prompt_token_ids),
             decode,
             self._driver.now() - self._arrival,
+            self._assignment.decode.worker_id,
         )
 
 
@@ -315,7 +316,11 @@ _LOCAL_PREFILL = PrefillResult(None, 0, 0, 0.0, 0.0, 0.0, 0)
 
 
 def request_finished(
-    job: _Job, num_prompt_tokens: int, decode: DecodeResult, total_s: float
+    job: _Job,
+    num_prompt_tokens: int,
+    decode: DecodeResult,
+    total_s: float,
+    decode_worker_id: str = "",
 ) -> Finished:
     """How a request ended: ``decode``'s outcome, and its prefill as the prefill worker that
     ran it measured it (``job.prefill``, kept across a resume), or none (D prefilled it)."""
@@ -338,4 +343,5 @@ def request_finished(
         decode.num_completion_tokens,
         min(cached, num_prompt_tokens),
         timings,
+        decode_worker_id,
     )

@@ -146,6 +146,9 @@ class Finished:
     num_completion_tokens: int
     num_cached_tokens: int
     timings: Timings
+    # The worker that decoded its last tokens: another than ``Started``'s after a resume
+    # ("" if none did: it was lost after its last token, or aborted).
+    decode_worker_id: str = ""
 
 
 Event = Started | Delta | Finished

@@ -94,6 +94,7 @@ def _event_to_proto(event: drv.Event) -> router_pb2.GenerateResponse:
     return router_pb2.GenerateResponse(
         finished=router_pb2.GenerateFinished(
             finish_reason=FINISH_TO_PROTO[event.finish_reason],
+            decode_worker_id=event.decode_worker_id,
             usage=router_pb2.Usage(
                 num_prompt_tokens=event.num_prompt_tokens,
                 num_completion_tokens=event.num_completion_tokens,

@@ -305,6 +305,7 @@ def test_a_decode_worker_lost_mid_stream_resumes_the_request_on_another():
             assert done.finish_reason == common_pb2.FINISH_REASON_LENGTH
             assert done.usage.num_completion_tokens == 4  # what the caller got, once each
             assert done.timings.kv_bytes == 4096  # P's hand-off, before the loss
+            assert done.decode_worker_id == "d1"  # where it ended (probe, session 42)
             assert c.log.calls == [
                 ("reserve", "d0", "r1"),
                 ("prefill", "p0", "r1", "d0", "res-r1"),
