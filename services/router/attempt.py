@@ -78,7 +78,11 @@ class Attempt:
     async def run(self) -> Finished:
         try:
             lease = min(self._driver.config.lease_s, self._driver.remaining(self._job))
-            colocated = self._assignment.colocated
+            # A colocated pair prefills on its worker (a mixed worker; a resumed request's
+            # decode worker); a decode worker given both because no prefill worker was healthy
+            # (Assignment.prefill_on_decode) prefills as under the router's queue rule.
+            a = self._assignment
+            colocated = a.colocated and not a.prefill_on_decode
             reservation = await self._decode.reserve(
                 self._request,
                 lease,
@@ -251,6 +255,8 @@ class Attempt:
         num_prompt = len(self._request.prompt_token_ids)
         p_context, d_context = a.prefill.capacity.max_model_len, a.decode.capacity.max_model_len
         if p_context and num_prompt + 1 >= p_context and (not d_context or d_context > p_context):
+            local = max(local, num_prompt)
+        if a.prefill_on_decode:  # no prefill worker was healthy
             local = max(local, num_prompt)
         return local
 

@@ -144,6 +144,10 @@ class RouteRequest:
     # original one and the tokens the client has; one decode-capable worker prefills and
     # decodes it, whatever the mode, so no prefill worker is needed.
     decode_only: bool = False
+    # While no prefill worker is healthy (one restarting), a decode worker may prefill the
+    # prompt itself (the router's queue rule is on: an absent prefill worker is an endless
+    # queue) instead of the request waiting for one.
+    decode_may_prefill: bool = False
 
     def __post_init__(self) -> None:
         check_request(bool(self.request_id), "request_id must be non-empty")
@@ -160,6 +164,9 @@ class Assignment:
     prefill: WorkerInfo
     decode: WorkerInfo
     num_kv_blocks: int  # blocks to reserve on the decode worker
+    # A decode worker prefills it (no prefill worker was healthy: decode_may_prefill), as in
+    # the router's queue rule: not a mixed worker's local prefill.
+    prefill_on_decode: bool = False
 
     @property
     def colocated(self) -> bool:
@@ -293,9 +300,19 @@ class Router:
         if request.decode_only:
             prefill = decode = most_free_blocks(self._decoders(healthy, view, held))
         else:
-            prefills, decoders = self._candidates(healthy, view, held)
-            prefill = self._policy.choose(prefills, view)
-            decode = prefill if prefill.role is WorkerRole.MIXED else most_free_blocks(decoders)
+            try:
+                prefills, decoders = self._candidates(healthy, view, held)
+            except NoWorkerError:
+                if not request.decode_may_prefill:
+                    raise
+                # No prefill-capable worker now: the decode worker prefills it (Attempt).
+                decode = most_free_blocks(self._decoders(healthy, view, held))
+                self._record(decode, decode, view)
+                return Assignment(request.request_id, decode, decode, view.num_kv_blocks, True)
+            else:
+                prefill = self._policy.choose(prefills, view)
+                mixed = prefill.role is WorkerRole.MIXED
+                decode = prefill if mixed else most_free_blocks(decoders)
         self._record(prefill, decode, view)
         return Assignment(request.request_id, prefill, decode, view.num_kv_blocks)
 

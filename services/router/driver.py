@@ -528,6 +528,7 @@ class RequestDriver:
                 request.prompt_token_ids + outputs,
                 request.sampling.max_tokens - len(outputs),
                 decode_only=bool(outputs),
+                decode_may_prefill=self.config.local_prefill_queue_tokens > 0,
             )
             try:
                 assignment = await self._admit(job, route)

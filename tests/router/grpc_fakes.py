@@ -255,6 +255,7 @@ async def cluster(
     report_timeout_s: float = 60.0,
     no_worker_wait_s: float = 0.2,
     local_prefill_max_tokens: int = 0,
+    local_prefill_queue_tokens: int = 0,
     vocab_size: int | None = None,
     max_resumes: int = DriverConfig.max_resumes,
     resumable: ResumeCheck | None = None,
@@ -268,6 +269,7 @@ async def cluster(
         release_timeout_s=1.0,
         no_worker_wait_s=no_worker_wait_s,
         local_prefill_max_tokens=local_prefill_max_tokens,
+        local_prefill_queue_tokens=local_prefill_queue_tokens,
         max_resumes=max_resumes,
         lease_s=lease_s,
     )

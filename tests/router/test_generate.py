@@ -847,6 +847,35 @@ def test_a_prompt_past_the_prefill_workers_context_is_prefilled_on_its_decode_wo
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("queue_rule", [True, False])
+def test_with_no_prefill_worker_the_decode_worker_prefills_if_the_queue_rule_is_on(queue_rule):
+    """Probe, session 42: the only prefill worker stopping (SIGTERM, back ~6 s later) failed a
+    request UNAVAILABLE after --no-worker-wait-s (5 s), beside a free decode worker. With the
+    router's queue rule on (banaserve mode) an absent prefill worker is an endless queue: the
+    decode worker prefills the prompt itself. Without it (static PD) the request waits."""
+
+    async def main():
+        rule = 1280 if queue_rule else 0
+        async with cluster(local_prefill_queue_tokens=rule, hang_decode=True) as c:
+            c.router.remove("p0", "stopping")
+            call = c.stub.Generate(request(), timeout=5)
+            if not queue_rule:
+                error = await status_of(call)
+                assert error.code() == C.UNAVAILABLE
+                assert "no healthy mixed or prefill worker" in error.details()
+                assert c.log.calls == []
+                return
+            kinds = [(await call.read()).WhichOneof("frame") for _ in range(2)]
+            assert kinds == ["started", "delta"]
+            assert [x[:2] + x[3:] for x in c.log.calls] == [
+                ("reserve", "d0", "local_prefill"),
+                ("stream", "d0"),
+            ]
+            call.cancel()
+
+    asyncio.run(main())
+
+
 def test_a_request_waits_for_decode_room_instead_of_failing():
     async def main():
         async with cluster() as c:
