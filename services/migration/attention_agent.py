@@ -220,13 +220,6 @@ class AttentionAgent:
         if named and not chosen and not move.copied:
             shown = ", ".join(named[:4]) + (f" and {len(named) - 4} more" if len(named) > 4 else "")
             raise RequestNotFoundError(f"none of the named requests ({shown}) decodes here")
-        if not chosen and not move.copied and not move.selection.refill:
-            # It would go ACTIVE moving nothing and hold both workers until reverted (probe,
-            # session 42); with refill it waits for sequences to move instead.
-            raise PreconditionError(
-                "no sequence decodes here to move (a prefill worker decodes none; an idle "
-                "decode worker has none yet): nothing to migrate"
-            )
         num_bytes, moved = await self._copy(migration_id, link, move, chosen)
         record.state = S.COPYING
         return num_bytes, len(moved), self.agent.clock() - t0
@@ -264,6 +257,13 @@ class AttentionAgent:
         record = self.agent._donor(migration_id, S.PLANNED, S.COPYING)
         link = self.agent._link(record)
         move = self.moves[migration_id]
+        if not move.copied and not move.selection.refill:
+            # No copy round found a sequence: it would go ACTIVE moving nothing and hold both
+            # workers until reverted (probe, session 42); with refill it moves them as they come.
+            raise PreconditionError(
+                "no sequence decodes here to move (a prefill worker decodes none; an idle "
+                "decode worker has none yet): nothing to migrate"
+            )
         channel = None
         if self.agent.config.blocking_attention and record.helper.data_transport == "tcp":
             channel = await BlockingTcpChannel.connect(

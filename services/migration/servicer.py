@@ -96,7 +96,6 @@ class MigrationWorkerServicer(migration_pb2_grpc.MigrationWorkerServiceServicer)
     def __init__(self, agent: MigrationAgent) -> None:
         self.agent = agent
         self.fence = CoordinatorFence()
-        self._model: tuple[int, str] | None = None  # (num_layers, fingerprint), for List
 
     def _admit(self, context) -> None:  # noqa: ANN001 - a grpc.aio ServicerContext
         self.fence.admit(epoch_from_metadata(context.invocation_metadata()))
@@ -222,9 +221,11 @@ class MigrationWorkerServicer(migration_pb2_grpc.MigrationWorkerServiceServicer)
 
     async def List(self, request, context):  # noqa: N802
         self.fence.observe(epoch_from_metadata(context.invocation_metadata()))
-        if self._model is None:  # fixed for the engine's life: asked once, not every 2 s
-            self._model = await self.agent.engine_call(lambda e: (e.spec.num_layers, e.fingerprint))
-        num_layers, fingerprint = self._model
+        # An engine visit, not a cached answer: it waits for the commands before it, so the
+        # views below count what they did (a helper's hosted sequences once it is ACTIVE).
+        num_layers, fingerprint = await self.agent.engine_call(
+            lambda e: (e.spec.num_layers, e.fingerprint)
+        )
         return pb.MigrationWorkerServiceListResponse(
             num_layers=num_layers,
             fingerprint=fingerprint,

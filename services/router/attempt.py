@@ -249,16 +249,16 @@ class Attempt:
         a = self._assignment
         limit = self._driver.config.local_prefill_limit
         local = limit(a.prefill.num_queued_tokens, a.decode.num_queued_tokens)
-        # A prompt the prefill worker's context cannot take past its first token (a smaller
-        # pool: --prefill-args "--num-kv-blocks N") but D's can: D prefills it, so it is not
-        # refused OUT_OF_RANGE or ended LENGTH there at P's context (probe, session 42).
+        # D prefills the whole prompt when no prefill worker was healthy, or when the prefill
+        # worker's context cannot take it past its first token (a smaller pool: --prefill-args
+        # "--num-kv-blocks N") but D's can: P would refuse it OUT_OF_RANGE or end it LENGTH
+        # at its own context (probe, session 42).
         num_prompt = len(self._request.prompt_token_ids)
         p_context, d_context = a.prefill.capacity.max_model_len, a.decode.capacity.max_model_len
-        if p_context and num_prompt + 1 >= p_context and (not d_context or d_context > p_context):
-            local = max(local, num_prompt)
-        if a.prefill_on_decode:  # no prefill worker was healthy
-            local = max(local, num_prompt)
-        return local
+        past_p = (
+            p_context and num_prompt + 1 >= p_context and (not d_context or d_context > p_context)
+        )
+        return max(local, num_prompt) if a.prefill_on_decode or past_p else local
 
     def _emit_first(self, delta: Delta) -> None:
         a = self._assignment

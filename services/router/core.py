@@ -13,7 +13,9 @@ Per request (``Router.route``):
    whose last report says it is draining (stopping: it finishes what it has) is no candidate
    here or in 4;
 4. prefill candidates are the HEALTHY prefill workers, plus the mixed workers that fit (a mixed
-   worker decodes what it prefills); the policy picks one;
+   worker decodes what it prefills); the policy picks one. None (the prefill worker is
+   restarting) → ``NoWorkerError``, unless the request ``decode_may_prefill``: then the decode
+   candidate with the most free blocks prefills it too (``Assignment.prefill_on_decode``);
 5. decode worker = the prefill worker if it is mixed (colocated), else the candidate with the
    most free blocks;
 6. the assignment is counted against both workers' load estimates at once, and stays counted
@@ -278,11 +280,10 @@ class Router:
         """The request's workers; ``NoRoomNowError`` while none has room for it now (or only
         room that older requests waiting for room need: ``_held``)."""
         now = self._clock()
+        # A resumed request (decode_only) already had tokens: it is not held back.
+        held = {} if request.decode_only else self._held(request.request_id, now)
         try:
-            # A resumed request (decode_only) already had tokens: it is not held back.
-            assignment = self._route(request, {} if request.decode_only else self._held(
-                request.request_id, now
-            ))  # fmt: skip
+            assignment = self._route(request, held)
         except NoRoomNowError as e:
             waiter = self._waiting.pop(request.request_id, None)
             since = waiter.since if waiter is not None else now

@@ -130,10 +130,7 @@ def act(pair: AttentionPair, rng: random.Random) -> None:
         return
     if pair.state == "idle":
         pair.prepare()
-        try:
-            pair.copy()
-        except PreconditionError:  # nothing decodes on A yet: the coordinator aborts it
-            pair.abort()
+        pair.copy()
     elif pair.state == "copying":
         roll = rng.random()
         if roll < 0.1:
@@ -141,7 +138,10 @@ def act(pair: AttentionPair, rng: random.Random) -> None:
         elif roll < 0.3:
             pair.copy()  # sequences chosen since the last stage
         else:
-            pair.switch()
+            try:
+                pair.switch()
+            except PreconditionError:  # nothing decoded on A to copy: the coordinator aborts
+                pair.abort()
     elif rng.random() < 0.15:
         pair.abort()
     else:
@@ -214,20 +214,23 @@ def test_a_selection_with_nothing_to_move_fails_the_copy_and_names_match_client_
 ):
     """Probe, session 42: an attention migration from a worker with no decoding sequence (a
     prefill worker, an idle decode worker) went ACTIVE with nothing moved and held both workers
-    until reverted; now its first copy fails FAILED_PRECONDITION (the coordinator aborts it),
-    unless it refills. And ``--request-id`` never matched: a decode worker runs a request as
-    ``ID#N``, while its client knows ``ID``; both now name it."""
+    until reverted; now a switch that no copy round found a sequence for fails
+    FAILED_PRECONDITION (the coordinator aborts it), unless it refills. And ``--request-id``
+    never matched: a decode worker runs a request as ``ID#N``, while its client knows ``ID``;
+    both now name it."""
     a, b = make_engine(tiny_llama, num_kv_blocks=64), make_engine(tiny_llama, num_kv_blocks=64)
     pair = AttentionPair(loop, a, b, AttentionSelection())
     try:
         pair.prepare()
+        assert pair.copy()[1] == pair.copy()[1] == 0  # a later round may still find one
         with pytest.raises(PreconditionError, match="no sequence decodes here to move"):
-            pair.copy()
+            pair.switch()
         pair.abort()
-        pair.selection = AttentionSelection(refill=True)  # waits for sequences to move
+        pair.selection = AttentionSelection(refill=True)  # moves sequences as they come
         pair.prepare()
         assert pair.copy()[1] == 0
-        pair.abort()
+        assert pair.switch() == 0
+        pair.revert()
         a.add_request("client-7#3", list(range(40, 80)), params(30))
         for _ in range(3):
             pair.a_thread.step()
