@@ -63,14 +63,12 @@ class CoordinatorFence:
     def admit(self, epoch: int | None) -> None:
         """Raises PreconditionError for a coordinator older than one already seen; else
         remembers ``epoch`` (None: a caller outside the coordinators' fencing, admitted)."""
-        if epoch is None:
-            return
-        if epoch < self.highest:
+        if epoch is not None and epoch < self.highest:
             raise PreconditionError(
                 f"a newer coordinator (epoch {self.highest}) has called this worker: this one "
                 f"(epoch {epoch}) lost its key prefix and may not act on its migrations"
             )
-        self.highest = epoch
+        self.observe(epoch)
 
     def observe(self, epoch: int | None) -> None:
         """Remembers a newer ``epoch`` without refusing an older one (a read: ``List``)."""

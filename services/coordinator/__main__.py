@@ -123,14 +123,15 @@ async def renew_forever(coordinator: Coordinator, interval_s: float) -> None:
 
 
 async def announce_forever(workers: RouterWorkers, interval_s: float) -> None:
-    """Tells every worker this coordinator's epoch now and every ``interval_s`` after, so
-    that new, restarted and not-yet-called workers refuse an older coordinator too."""
+    """Tells every worker this coordinator's epoch every ``interval_s`` (``serve`` told them
+    once before it served), so that new, restarted and not-yet-told workers refuse an older
+    coordinator too."""
     while True:
+        await asyncio.sleep(interval_s)
         try:
             await workers.announce()
         except Exception:  # a bug here must not end the announcements
             log.exception("announcing the coordinator's epoch failed")
-        await asyncio.sleep(interval_s)
 
 
 async def stop_when_lost(

@@ -110,25 +110,29 @@ def from_record(record: dict[str, Any]) -> Migration:
 # KEYS: owner key, then the keys to write; ARGV: the owner's token ('' = unguarded), then the
 # command's arguments -> 1 written, 0 the prefix has another owner (nothing written). No owner
 # at all (Redis restarted empty, the claim not yet taken again) is no other owner: written.
-_SAVE = """
+_GUARD = """
 local holder = redis.call('GET', KEYS[1])
 if ARGV[1] ~= '' and holder and holder ~= ARGV[1] then
   return 0
 end
+"""
+_SAVE = (
+    _GUARD
+    + """
 redis.call('SET', KEYS[2], ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
 return 1
 """
+)
 DELETE_CHUNK = 1000
-_DELETE = """
-local holder = redis.call('GET', KEYS[1])
-if ARGV[1] ~= '' and holder and holder ~= ARGV[1] then
-  return 0
-end
+_DELETE = (
+    _GUARD
+    + """
 redis.call('ZREM', KEYS[2], unpack(ARGV, 2))
 redis.call('DEL', unpack(KEYS, 3))
 return 1
 """
+)
 
 
 class RedisMigrationStore:

@@ -817,6 +817,18 @@ def test_a_prompt_prefilled_on_its_decode_worker_stops_counting_on_the_prefill_w
     asyncio.run(main())
 
 
+async def prefilled_on_d0(c) -> None:
+    """A request goes to d0 alone, which prefills it (no call to p0) and streams it."""
+    call = c.stub.Generate(request(), timeout=5)
+    kinds = [(await call.read()).WhichOneof("frame") for _ in range(2)]
+    assert kinds == ["started", "delta"]
+    assert [x[:2] + x[3:] for x in c.log.calls] == [
+        ("reserve", "d0", "local_prefill"),
+        ("stream", "d0"),
+    ]
+    call.cancel()
+
+
 def test_a_prompt_past_the_prefill_workers_context_is_prefilled_on_its_decode_worker():
     """Probe, session 42: a prefill pool smaller than the decode pool (16 against 64 blocks)
     ended a 255-token prompt LENGTH after one token, and refused longer ones OUT_OF_RANGE, at
@@ -835,14 +847,7 @@ def test_a_prompt_past_the_prefill_workers_context_is_prefilled_on_its_decode_wo
                     replace(info.capacity, max_model_len=context),
                 )  # fmt: skip
                 c.router.report(worker_id, load(), 2.0)
-            call = c.stub.Generate(request(), timeout=5)
-            kinds = [(await call.read()).WhichOneof("frame") for _ in range(2)]
-            assert kinds == ["started", "delta"]
-            assert [x[:2] + x[3:] for x in c.log.calls] == [
-                ("reserve", "d0", "local_prefill"),
-                ("stream", "d0"),
-            ]
-            call.cancel()
+            await prefilled_on_d0(c)
 
     asyncio.run(main())
 
@@ -858,20 +863,13 @@ def test_with_no_prefill_worker_the_decode_worker_prefills_if_the_queue_rule_is_
         rule = 1280 if queue_rule else 0
         async with cluster(local_prefill_queue_tokens=rule, hang_decode=True) as c:
             c.router.remove("p0", "stopping")
-            call = c.stub.Generate(request(), timeout=5)
             if not queue_rule:
-                error = await status_of(call)
+                error = await status_of(c.stub.Generate(request(), timeout=5))
                 assert error.code() == C.UNAVAILABLE
                 assert "no healthy mixed or prefill worker" in error.details()
                 assert c.log.calls == []
                 return
-            kinds = [(await call.read()).WhichOneof("frame") for _ in range(2)]
-            assert kinds == ["started", "delta"]
-            assert [x[:2] + x[3:] for x in c.log.calls] == [
-                ("reserve", "d0", "local_prefill"),
-                ("stream", "d0"),
-            ]
-            call.cancel()
+            await prefilled_on_d0(c)
 
     asyncio.run(main())
 
