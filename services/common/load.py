@@ -28,6 +28,7 @@ _COUNTS = (
     "num_blocks_free",
     "num_hosted_layers",
     "num_hosted_blocks",
+    "num_hosted_layer_blocks",
 )
 
 
@@ -50,6 +51,9 @@ class LoadReport:
     window_s: float
     num_hosted_layers: int = 0
     num_hosted_blocks: int = 0
+    # KV blocks in use for the hosted layers: each hosted range has a pool of its own (its
+    # Prepare's size), so num_blocks_used does not count them.
+    num_hosted_layer_blocks: int = 0
     # Requests (the router's ids) this report is the first to count: admitted since the
     # worker's previous report. The router keeps counting a request it sent against the
     # worker's load until a report names it (``services/router/registry.py``).

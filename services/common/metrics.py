@@ -133,6 +133,11 @@ class EngineCollector(Collector):
             ("num_importing", "banaserve_worker_importing_seqs", "sequences receiving KV"),
             ("num_hosted_seqs", "banaserve_worker_hosted_seqs", "sequences hosted for a peer"),
             ("num_hosted_blocks", "banaserve_worker_hosted_kv_blocks", "KV blocks hosted"),
+            (
+                "num_hosted_layer_blocks",
+                "banaserve_worker_hosted_layer_kv_blocks",
+                "KV blocks in use for layers hosted for a peer (their own pools)",
+            ),
         ):
             if key in s:
                 gauge = _gauge(name, doc, labels)

@@ -25,6 +25,7 @@ from services.coordinator.ports import (
     HelperPrepared,
     LayerPlan,
     LeaseLostError,
+    Renewed,
     Reverted,
     Switched,
     WeightsCopied,
@@ -179,7 +180,12 @@ class GrpcWorkerPort:
                 return Reverted(0, 0, 0.0)
             raise
         return Reverted(
-            reply.bytes_moved, reply.num_sequences, seconds(reply.pause), reply.num_requeued
+            reply.bytes_moved,
+            reply.num_sequences,
+            seconds(reply.pause),
+            reply.num_requeued,
+            reply.migration.bytes_moved,
+            reply.migration.num_sequences_moved,
         )
 
     async def _state(self, migration_id: str) -> int:
@@ -207,7 +213,13 @@ class GrpcWorkerPort:
             state = mpb.MigrationWorkerState.Name(reply.migration.state).rsplit("_", 1)[-1]
             why = reply.migration.reason or "no reason given"
             raise LeaseLostError(f"{self.worker_id} ended the migration ({state}): {why}")
-        return reply.draining
+        view = reply.migration
+        return Renewed(
+            reply.draining,
+            view.state == mpb.MIGRATION_WORKER_STATE_ACTIVE,
+            view.bytes_moved,
+            view.num_sequences_moved,
+        )
 
 
 class RouterWorkers:

@@ -309,6 +309,9 @@ class Coordinator:
             elif renewal.stopping and m.migration_id not in self._ending:
                 self._ending.add(m.migration_id)  # at once: ``drain`` waits for it
                 self._in_background(self._end_for_stop(m, renewal.stopping[0]))
+            donor = renewal.answers.get(m.donor)
+            if donor is not None and donor.active:
+                self._driver.follow(m, donor.num_kv_bytes, donor.num_sequences)
 
     async def _end_for_stop(self, m: Migration, worker: str) -> None:
         """``worker`` is stopping: revert ``m`` if ACTIVE, abort it if not there yet (a

@@ -157,11 +157,28 @@ class MigrationDriver:
             # more to copy, and its switch copies nothing itself)
         await self.save(m)
 
+    @staticmethod
+    def follow(m: Migration, donor_kv_bytes: int, donor_sequences: int) -> None:
+        """A refilling attention donor moves more sequences while ACTIVE, on its own: what it
+        says it has moved before its revert (its staged copies, then the refills) and for how
+        many sequences joins the record. Callers pass an ACTIVE donor's word only (or its
+        revert's, less the revert): before, a copy may be in flight."""
+        if m.kind is not MigrationKind.ATTENTION:
+            return
+        refilled = donor_kv_bytes - m.num_copy_kv_bytes
+        if refilled > m.num_refill_kv_bytes:
+            m.num_kv_bytes += refilled - m.num_refill_kv_bytes
+            m.num_refill_kv_bytes = refilled
+        m.num_sequences = max(m.num_sequences, donor_sequences)
+
     async def revert(self, m: Migration) -> None:
         plan = self._plan(m)
         try:
             donor, helper = await self._port(m.donor), await self._port(m.helper)
             reverted = await self._call(m, "revert", Role.DONOR, donor.revert, plan)
+            if reverted.donor_kv_bytes:  # the refills since the last renewal, then the revert
+                moved = reverted.donor_kv_bytes - reverted.num_kv_bytes
+                self.follow(m, moved, reverted.donor_sequences)
             m.num_kv_bytes += reverted.num_kv_bytes
             m.num_requeued += reverted.num_requeued
             self._spans.annotate(

@@ -4,23 +4,25 @@ A worker becomes a holder when its prepare call returns (or, after a restart, fo
 migration found ACTIVE or REVERTING) and stops being one when the migration ends. ``renew``
 renews a migration's leases on all its holders at once and says why the migration must abort:
 a worker that no longer holds it (``LeaseLostError``), or one that no renewal reached for a
-whole lease (by then the worker has undone it on its own); and which holders said they are
-stopping (the coordinator then ends the migration at once: core.renew_leases).
+whole lease (by then the worker has undone it on its own); which holders said they are
+stopping (the coordinator then ends the migration at once: core.renew_leases); and what each
+answered it has moved (an attention donor's refills: ``MigrationDriver.follow``).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from services.coordinator.ports import LeaseLostError, Workers
+from services.coordinator.ports import LeaseLostError, Renewed, Workers
 
 
 @dataclass(frozen=True)
 class Renewal:
     lost: str = ""  # why the migration must abort; "": renewed where it could be
     stopping: tuple[str, ...] = ()  # the holders that answered they are stopping
+    answers: dict[str, Renewed] = field(default_factory=dict)  # each holder that answered
 
 
 class Leases:
@@ -55,6 +57,7 @@ class Leases:
         )
         now = self._clock()
         stopping: list[str] = []
+        answers: dict[str, Renewed] = {}
         for worker, result in zip(workers, results, strict=True):
             if worker not in held:  # dropped while the renewal was in flight
                 continue
@@ -62,13 +65,14 @@ class Leases:
                 return Renewal(str(result))
             if not isinstance(result, BaseException):
                 held[worker] = now
-                if result:
+                answers[worker] = result
+                if result.draining:
                     stopping.append(worker)
             elif now - held[worker] >= self.lease_s:
                 since = now - held[worker]
                 return Renewal(f"no lease renewal reached {worker} for {since:.1f} s ({result})")
-        return Renewal(stopping=tuple(stopping))
+        return Renewal(stopping=tuple(stopping), answers=answers)
 
-    async def _renew_one(self, migration_id: str, worker: str) -> bool:
+    async def _renew_one(self, migration_id: str, worker: str) -> Renewed:
         port = await self._workers.port(worker)
         return await asyncio.wait_for(port.renew(migration_id, self.lease_s), self._call_timeout_s)

@@ -88,6 +88,9 @@ class Migration:
     max_blocks_per_sequence: int = 0
     refill: bool = False  # keep up to max_sequences located while ACTIVE
     num_blocks: int = 0
+    # KV bytes a refilling attention donor moved while ACTIVE (in num_kv_bytes too), as its
+    # lease renewals and its revert report them (MigrationDriver.follow).
+    num_refill_kv_bytes: int = 0
     # Started by the automatic mode's policy, which reverts only these: one started by hand
     # keeps its workers out of the policy's decisions (docs/coordinator.md).
     automatic: bool = False

@@ -16,9 +16,10 @@ call comes from the coordinator's event loop, one step at a time per migration):
 6. any time: ``abort`` on A then B (each undoes what it holds for the migration);
 7. while the migration lives: ``renew`` on each worker that holds something for it, every
    ``CoordinatorConfig.renew_interval_s``. A worker whose lease runs out undoes the migration
-   on its own, so no worker waits for a dead coordinator. ``renew`` answers True when the
+   on its own, so no worker waits for a dead coordinator. ``renew`` answers whether the
    worker is stopping (its drain): the coordinator then reverts the migration (ACTIVE) or
-   aborts it (before), so the worker can go without its peer falling back.
+   aborts it (before), so the worker can go without its peer falling back. It also answers
+   what the worker has moved so far, which an attention donor's refills add to while ACTIVE.
 
 Every call is keyed by the migration id. A restarted coordinator repeats only ``revert``,
 ``release`` and ``abort`` (core.recover), which a worker that already did them answers
@@ -121,6 +122,22 @@ class Reverted:
     num_sequences: int
     pause_s: float
     num_requeued: int = 0
+    # The donor's totals for the migration after it (its view; 0: not known), which count what
+    # an attention donor's refills moved while ACTIVE.
+    donor_kv_bytes: int = 0
+    donor_sequences: int = 0
+
+
+@dataclass(frozen=True)
+class Renewed:
+    """A worker's answer to ``renew``."""
+
+    draining: bool = False  # it is stopping (module docstring, 7)
+    active: bool = False  # it holds the migration ACTIVE
+    # What it has moved for the migration so far, both ways, and for how many distinct
+    # sequences (an attention donor's refills move more while ACTIVE: the record follows).
+    num_kv_bytes: int = 0
+    num_sequences: int = 0
 
 
 class WorkerPort(Protocol):
@@ -146,9 +163,7 @@ class WorkerPort(Protocol):
 
     async def abort(self, migration_id: str, reason: str) -> None: ...
 
-    async def renew(self, migration_id: str, lease_s: float) -> bool:
-        """True: the worker is stopping (module docstring, 7)."""
-        ...
+    async def renew(self, migration_id: str, lease_s: float) -> Renewed: ...
 
 
 class Workers(Protocol):

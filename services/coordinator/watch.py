@@ -74,7 +74,9 @@ def render(
         c = utilisation_compute(w.load, prefill_capacity_tokens)
         m = utilisation_memory(w.load, w.waiting_for_room)
         blocks = f"{w.load.num_blocks_used}/{w.load.num_blocks}"
-        hosted = f"{w.load.num_hosted_layers}L/{w.load.num_hosted_blocks}B"
+        # layers run for others / KV blocks held for others (the hosted layers' and attention's)
+        held = w.load.num_hosted_layer_blocks + w.load.num_hosted_blocks
+        hosted = f"{w.load.num_hosted_layers}L/{held}B"
         age = f"{w.age_s:.1f}s" + (" STALE" if w.stale else "")
         lines.append(
             f"  {w.worker_id:<16} {w.role:<8} {max(c, m):>5.2f} {c:>8.2f} {m:>7.2f} "

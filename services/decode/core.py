@@ -472,5 +472,6 @@ class DecodeWorker:
             self.config.load_window_s,
             num_hosted_layers=snap.engine.num_hosted_layers,
             num_hosted_blocks=snap.engine.num_hosted_blocks,
+            num_hosted_layer_blocks=snap.engine.num_hosted_layer_blocks,
             admitted=self._admissions.take(),
         )

@@ -577,6 +577,9 @@ class Engine:
                 h.num_sequences for h in list(self.migration.hosted_layers.values())
             ),
             "num_hosted_blocks": self.migration.hosted_blocks.num_blocks,
+            "num_hosted_layer_blocks": sum(
+                h.num_blocks_used for h in list(self.migration.hosted_layers.values())
+            ),
             "num_preemptions": self.scheduler.num_preemptions,
             "num_overlapped_steps": self.pipeline.num_overlapped_steps,
         }

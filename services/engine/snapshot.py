@@ -48,6 +48,11 @@ class EngineSnapshot:
         """Layers run here for other engines, over every hosted range (a load report's)."""
         return sum(r.end - r.start for r in self.hosted_layers)
 
+    @property
+    def num_hosted_layer_blocks(self) -> int:
+        """KV blocks in use for the hosted layers (their own pools, not this engine's)."""
+        return sum(r.num_blocks_used for r in self.hosted_layers)
+
 
 @dataclass(frozen=True)
 class LoopSnapshot:

@@ -222,6 +222,9 @@ class AttentionAgent:
             raise RequestNotFoundError(f"none of the named requests ({shown}) decodes here")
         num_bytes, moved = await self._copy(migration_id, link, move, chosen)
         record.state = S.COPYING
+        # Its bytes (its sequences count once located: a copied one may end first); with the
+        # refills', what the coordinator's record follows (MigrationDriver.follow).
+        record.moved(num_bytes, ())
         return num_bytes, len(moved), self.agent.clock() - t0
 
     async def _copy(
@@ -290,6 +293,14 @@ class AttentionAgent:
             del move.copied[rid]
         if stale:
             await link._request(wire.encode_release(migration_id, stale))
+        if not offloaded and not move.selection.refill:
+            # Every copied sequence ended (or was preempted) before the switch: ACTIVE would
+            # locate none and hold both workers until reverted, as above (probe, session 42).
+            record.state, move.port = previous, None
+            port.close()
+            raise PreconditionError(
+                f"the {len(stale)} sequence(s) copied ended before the switch: nothing to migrate"
+            )
         move.num_blocks = sum(len(move.copied[r]) for r in offloaded)
         record.moved(0, offloaded)
         return PauseResult(0, tuple(offloaded), pause, ())

@@ -452,6 +452,7 @@ class PrefillWorker:
             LOAD_WINDOW_S,
             num_hosted_layers=engine.num_hosted_layers,
             num_hosted_blocks=engine.num_hosted_blocks,
+            num_hosted_layer_blocks=engine.num_hosted_layer_blocks,
             admitted=self._admissions.take(),
         )
 

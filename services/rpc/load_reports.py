@@ -51,6 +51,7 @@ def load_to_proto(load: LoadReport) -> router_pb2.LoadReport:
         window=duration(load.window_s),
         num_hosted_layers=load.num_hosted_layers,
         num_hosted_blocks=load.num_hosted_blocks,
+        num_hosted_layer_blocks=load.num_hosted_layer_blocks,
         admitted_request_ids=load.admitted,
         draining=load.draining,
     )
@@ -69,6 +70,7 @@ def load_from_proto(message: router_pb2.LoadReport) -> LoadReport:
         window_s=seconds(message.window),
         num_hosted_layers=message.num_hosted_layers,
         num_hosted_blocks=message.num_hosted_blocks,
+        num_hosted_layer_blocks=message.num_hosted_layer_blocks,
         admitted=tuple(message.admitted_request_ids),
         draining=message.draining,
     )

@@ -20,6 +20,7 @@ from services.coordinator.ports import (
     HelperPrepared,
     LayerPlan,
     LeaseLostError,
+    Renewed,
     Reverted,
     Switched,
     WeightsCopied,
@@ -63,6 +64,8 @@ class FakePort:
         self.renewals: list[tuple[str, float]] = []
         self.unreachable = False
         self.draining = False  # what ``renew`` answers: the worker is stopping
+        # and, per migration id: (ACTIVE here, bytes moved, sequences moved)
+        self.moved: dict[str, tuple[bool, int, int]] = {}
         self.num_copies = 0
 
     async def _step(self, step: str) -> None:
@@ -114,7 +117,9 @@ class FakePort:
 
     async def revert(self, plan: LayerPlan) -> Reverted:
         await self._step("revert")
-        return Reverted(KV_BYTES + 2 * DELTA_BYTES, 3, 0.002)
+        back = KV_BYTES + 2 * DELTA_BYTES
+        _, moved, sequences = self.moved.get(plan.migration_id, (False, 0, 0))
+        return Reverted(back, 3, 0.002, 0, moved + back if moved else 0, sequences)
 
     async def release(self, plan: LayerPlan) -> None:
         await self._step("release")
@@ -124,12 +129,12 @@ class FakePort:
         await self._step("abort")
         self.held.discard(migration_id)
 
-    async def renew(self, migration_id: str, lease_s: float) -> bool:
+    async def renew(self, migration_id: str, lease_s: float) -> Renewed:
         await self._step("renew")
         if migration_id not in self.held:
             raise LeaseLostError(lease_lost(self.worker_id))
         self.renewals.append((migration_id, lease_s))
-        return self.draining
+        return Renewed(self.draining, *self.moved.get(migration_id, (False, 0, 0)))
 
 
 class FakeCluster:

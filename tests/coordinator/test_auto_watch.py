@@ -4,13 +4,14 @@ the coordinator's migrations (a real one: tests/coordinator/test_auto_cluster.py
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from services.coordinator.cli import add_migrations_arguments, format_row
 from services.coordinator.watch import WorkerLine, render, worker_lines
 from services.rpc.convert import duration
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2
 from services.rpc.gen.banaserve.v1 import coordinator_pb2 as pb
-from services.rpc.load_reports import load_to_proto
+from services.rpc.load_reports import load_from_proto, load_to_proto
 from tests.coordinator.policy_scenarios import report
 
 
@@ -41,6 +42,17 @@ def test_one_screen_per_worker_utilisation_then_migrations():
         "  m-2    layers    ACTIVE         decode-0 -> prefill-0    [3, 4)    kv           99 B",
         "  m-1    layers    DONE           decode-0 -> prefill-0    [2, 4)    kv        1,234 B",
     ]
+
+
+def test_hosted_counts_the_kv_blocks_of_hosted_layers_and_of_attention():
+    """Probe, session 42: a layer helper's hosted KV blocks (its hosted ranges' own pools) were
+    in no load report, so ``--watch`` showed ``3L/0B``; the report carries them now."""
+    load = dataclasses.replace(
+        report(0.5, 10), num_hosted_layers=3, num_hosted_layer_blocks=40, num_hosted_blocks=2
+    )
+    assert load_from_proto(load_to_proto(load)) == load
+    screen = render([WorkerLine("prefill-0", "prefill", False, load, 0.1)], [], format_row)
+    assert screen.splitlines()[2].split()[-2:] == ["3L/42B", "0.1s"]
 
 
 def test_only_the_last_five_ended_migrations_are_shown():

@@ -425,6 +425,43 @@ def test_leases_are_renewed_and_a_lost_worker_aborts(redis_server, store_prefix)
     run(redis_server, store_prefix, body)
 
 
+def test_a_refilling_attention_migrations_record_follows_what_its_donor_moved(
+    redis_server, store_prefix
+):
+    """Probe, session 42: a refilled attention migration's record counted its staged copies'
+    bytes and sequences only; the refills happen on the donor, while ACTIVE. Its record now
+    follows what the donor's renewals (while ACTIVE) and its revert say it moved, each refill
+    counted once, and keeps it in the store."""
+
+    async def body(coord, cluster, clock):
+        m = await coord.start_attention(D, P, max_sequences=2, refill=True)
+        await coord.wait("m-1")
+        copied, total = m.num_copy_kv_bytes, m.num_kv_bytes
+        assert (copied, m.num_sequences) == (KV_BYTES + DELTA_BYTES, 3)
+        donor = cluster.ports[D]
+        donor.moved["m-1"] = (True, copied + 1000, 5)  # two more sequences refilled
+        for _ in range(2):  # the same word twice counts once
+            await coord.renew_leases()
+            assert (m.num_kv_bytes, m.num_refill_kv_bytes, m.num_sequences) == (
+                total + 1000, 1000, 5
+            )  # fmt: skip
+        donor.moved["m-1"] = (False, copied + 9000, 9)  # not ACTIVE: a copy may be in flight
+        await coord.renew_leases()
+        assert (m.num_kv_bytes, m.num_sequences) == (total + 1000, 5)
+        donor.moved["m-1"] = (True, copied + 1500, 6)  # one more since the last renewal
+        await coord.revert("m-1")
+        await coord.wait("m-1")
+        assert m.state is S.DONE
+        back = KV_BYTES + 2 * DELTA_BYTES
+        assert (m.num_kv_bytes, m.num_refill_kv_bytes, m.num_sequences) == (
+            total + 1500 + back, 1500, 6
+        )  # fmt: skip
+        (stored,) = await coord._store.load_all()
+        assert (stored.num_kv_bytes, stored.num_refill_kv_bytes) == (total + 1500 + back, 1500)
+
+    run(redis_server, store_prefix, body)
+
+
 def test_a_worker_that_lost_the_lease_aborts_the_migration(redis_server, store_prefix):
     async def body(coord, cluster, clock):
         m = await coord.start_layers(D, P, 2)

@@ -309,6 +309,9 @@ def test_a_refilled_migration_locates_the_next_sequences_as_others_end(cluster, 
         wait_for(lambda: c.stats().kv.num_blocks_used == 0, "decode blocks freed")
     assert done.state == pb.MIGRATION_STATE_DONE, done.reason
     assert [list(r.token_ids) for r in results] == expected
+    # The coordinator's record counts the refills too (session 43: only the first copy's).
+    assert done.num_sequences >= view.num_sequences_moved >= 4
+    assert done.num_kv_bytes >= view.bytes_moved > done.num_copy_kv_bytes
 
 
 @pytest.mark.slow

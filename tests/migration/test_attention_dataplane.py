@@ -217,7 +217,8 @@ def test_a_selection_with_nothing_to_move_fails_the_copy_and_names_match_client_
     until reverted; now a switch that no copy round found a sequence for fails
     FAILED_PRECONDITION (the coordinator aborts it), unless it refills. And ``--request-id``
     never matched: a decode worker runs a request as ``ID#N``, while its client knows ``ID``;
-    both now name it."""
+    both now name it. A switch whose copied sequences all ended meanwhile fails the same way
+    (session 43)."""
     a, b = make_engine(tiny_llama, num_kv_blocks=64), make_engine(tiny_llama, num_kv_blocks=64)
     pair = AttentionPair(loop, a, b, AttentionSelection())
     try:
@@ -238,8 +239,21 @@ def test_a_selection_with_nothing_to_move_fails_the_copy_and_names_match_client_
         pair.prepare()
         assert pair.copy()[1] == 1
         pair.abort()
+        # Copied, then ended before the switch: ACTIVE would locate nothing either.
+        pair.selection = AttentionSelection()
+        pair.prepare()
+        assert pair.copy()[1] == 1
+        helper_record = pair.helper.records[pair.mid]
+        assert pair.helper.attention.view_fields(helper_record)["num_blocks"] > 0
+        a.abort("client-7#3")
+        with pytest.raises(PreconditionError, match=r"the 1 sequence\(s\) copied ended before"):
+            pair.switch()
+        assert pair.helper.attention.view_fields(helper_record)["num_blocks"] == 0  # released
+        pair.abort()
     finally:
         pair.close()
+    assert_no_leaks(a)
+    assert_no_leaks(b)
 
 
 def test_named_requests_none_of_which_decode_here_fail_the_copy(tiny_llama, loop):

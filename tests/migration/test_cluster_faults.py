@@ -102,7 +102,14 @@ def test_donor_process_killed_helper_drops_the_layers_when_the_lease_runs_out(
         mid = start_layers(c).migration_id
         hosted = c.view(c.helper_worker, mid)
         assert hosted.num_hosted_sequences == NUM_REQUESTS and hosted.num_hosted_blocks_used > 0
-        wait_for(lambda: c.load(c.helper).num_hosted_layers == 4 - K, "hosted layers reported")
+        # their KV blocks too (session 43: a layer helper's load report showed none)
+        wait_for(
+            lambda: (
+                (load := c.load(c.helper)).num_hosted_layers == 4 - K
+                and load.num_hosted_layer_blocks > 0
+            ),
+            "hosted layers and their KV blocks reported",
+        )
         killed_at = time.monotonic()
         cluster.child("decode-0").proc.kill()
         for future in futures:  # the requests fail with their decode worker; none hangs
@@ -113,7 +120,12 @@ def test_donor_process_killed_helper_drops_the_layers_when_the_lease_runs_out(
             timeout_s=LEASE_S + 30,
         )
         ended_s = time.monotonic() - killed_at
-        wait_for(lambda: c.load(c.helper).num_hosted_layers == 0, "hosted layers dropped")
+        wait_for(
+            lambda: (
+                (load := c.load(c.helper)).num_hosted_layers == load.num_hosted_layer_blocks == 0
+            ),
+            "hosted layers dropped",
+        )
         view = c.view(c.helper_worker, mid)
         assert c.load(c.helper).num_kv_blocks_used == 0
     assert done.state == pb.MIGRATION_STATE_ABORTED, done
