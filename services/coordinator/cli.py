@@ -274,8 +274,7 @@ def run_migrate(args: argparse.Namespace) -> int:
 
 
 def run_migrations(args: argparse.Namespace) -> int:
-    if args.watch:
-        watch.check_watch_args(args)  # before any channel opens
+    watch.check_watch_args(args)  # before any channel opens
     client = _Client(args)
     if args.watch:
         listing = pb.ListMigrationsRequest(live_only=args.live)

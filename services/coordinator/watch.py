@@ -3,6 +3,9 @@
 Each refresh reads the router's ``ListWorkers`` (the one source of load reports) and the
 coordinator's ``ListMigrations``, and redraws one screen (``render``, pure: what a test
 checks). Utilisation is ``services.common.load``'s, as the router and the policy compute it.
+A service that does not answer (restarting: ``banaserve up`` brings it back in seconds) is
+named on the screen in its part's place, and the next refresh tries again; any other refusal
+ends the watch.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from services.rpc.gen.banaserve.v1 import coordinator_pb2 as pb
 from services.rpc.load_reports import load_from_proto
 
 CLEAR = "\x1b[H\x1b[2J"
-LIVE = (pb.MIGRATION_STATE_DONE, pb.MIGRATION_STATE_ABORTED)
+ENDED = (pb.MIGRATION_STATE_DONE, pb.MIGRATION_STATE_ABORTED)
+# What a restarting or briefly overloaded service answers: shown, and asked again next refresh.
+TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 @dataclass(frozen=True)
@@ -59,10 +64,15 @@ def render(
     format_row: Callable[[pb.Migration], str],
     prefill_capacity_tokens: int = 4096,
     at: str = "",
+    workers_error: str = "",
+    migrations_error: str = "",
 ) -> str:
     """One screen: a line per worker (U = max(compute, memory)), then the live migrations and
-    the last few that ended."""
+    the last few that ended. ``*_error``: that part could not be read (shown instead)."""
     lines = [f"workers{'  ' + at if at else ''}"]
+    after = _migration_lines(migrations, format_row, migrations_error)
+    if workers_error:
+        return "\n".join([*lines, f"  {workers_error}", *after])
     lines.append(
         f"  {'worker':<16} {'role':<8} {'U':>5} {'compute':>8} {'memory':>7} "
         f"{'blocks':>11} {'seqs':>5} {'wait':>5} {'hosted':>7} {'report':>7}"
@@ -85,11 +95,26 @@ def render(
         )
     if not workers:
         lines.append("  no workers")
-    live = [m for m in migrations if m.state not in LIVE]
-    ended = [m for m in migrations if m.state in LIVE][-5:]
-    lines.append(f"migrations: {len(live)} live")
-    lines += [f"  {format_row(m)}" for m in [*live, *ended]]
-    return "\n".join(lines)
+    return "\n".join([*lines, *after])
+
+
+def _migration_lines(
+    migrations: Sequence[pb.Migration],
+    format_row: Callable[[pb.Migration], str],
+    error: str,
+) -> list[str]:
+    if error:
+        return ["migrations", f"  {error}"]
+    live = [m for m in migrations if m.state not in ENDED]
+    ended = [m for m in migrations if m.state in ENDED][-5:]
+    return [f"migrations: {len(live)} live", *[f"  {format_row(m)}" for m in [*live, *ended]]]
+
+
+def _unreachable(service: str, exc: grpc.RpcError) -> str:
+    """The screen's line for a service that did not answer; other refusals end the watch."""
+    if exc.code() not in TRANSIENT:
+        raise exc
+    return f"{service} unreachable ({exc.code().name}: {exc.details()}); trying again"
 
 
 def watch(
@@ -98,7 +123,8 @@ def watch(
     format_row: Callable[[pb.Migration], str],
 ) -> int:
     """Redraws every ``--interval`` seconds, ``--count`` times (0: until Ctrl-C); the router
-    with the same TLS and token flags as the coordinator (``check_watch_args`` first)."""
+    with the same TLS and token flags as the coordinator (``check_watch_args`` first). 0, or
+    1 when the last screen lacked a part (a service did not answer)."""
     if args.tls_dir:
         files = security.TlsFiles.in_dir(Path(args.tls_dir), security.Role.CLIENT)
         credentials = security.channel_credentials(files)
@@ -108,27 +134,53 @@ def watch(
     token = security.read_tokens(Path(args.api_token_file))[0] if args.api_token_file else ""
     metadata = security.bearer_metadata(token)
     stub = router_pb2_grpc.RouterServiceStub(channel)
+    incomplete = False
     try:
         n = 0
         while not args.count or n < args.count:
             if n:
                 time.sleep(args.interval)
-            request = router_pb2.ListWorkersRequest()
-            reply = stub.ListWorkers(request, timeout=5.0, metadata=metadata)
+            workers: list[WorkerLine] = []
+            migrations: Sequence[pb.Migration] = ()
+            workers_error = migrations_error = ""
+            try:
+                request = router_pb2.ListWorkersRequest()
+                workers = worker_lines(stub.ListWorkers(request, timeout=5.0, metadata=metadata))
+            except grpc.RpcError as exc:
+                workers_error = _unreachable("the router", exc)
+            try:
+                migrations = list_migrations()
+            except grpc.RpcError as exc:
+                migrations_error = _unreachable("the coordinator", exc)
             screen = render(
-                worker_lines(reply), list_migrations(), format_row, at=time.strftime("%H:%M:%S")
+                workers,
+                migrations,
+                format_row,
+                at=time.strftime("%H:%M:%S"),
+                workers_error=workers_error,
+                migrations_error=migrations_error,
             )
             print(CLEAR + screen if args.count != 1 else screen, flush=True)
+            incomplete = bool(workers_error or migrations_error)
             n += 1
     except KeyboardInterrupt:
-        pass
+        return 0
     finally:
         channel.close()
-    return 0
+    return 1 if incomplete else 0
 
 
 def check_watch_args(args: argparse.Namespace) -> None:
-    """What ``--watch`` needs besides its flags' own types, refused before any call."""
+    """What ``--watch`` needs besides its flags' own types, refused before any call; and its
+    flags without it (session 40's probe: taken and never used)."""
+    if not args.watch:
+        for flag, value, default in (
+            ("--count", args.count, 0),
+            ("--interval", args.interval, 1.0),
+        ):
+            if value != default:
+                raise ConfigError(f"{flag}: only with --watch")
+        return
     if not args.router:
         raise ConfigError("--watch needs --router HOST:PORT (or $BANASERVE_ROUTER)")
     if args.migration_id:

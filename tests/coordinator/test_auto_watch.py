@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import socket
 
-from services.coordinator.cli import add_migrations_arguments, format_row
-from services.coordinator.watch import WorkerLine, render, worker_lines
+import grpc
+import pytest
+
+from services.common.errors import ConfigError
+from services.coordinator.cli import add_migrations_arguments, format_row, run_migrations
+from services.coordinator.watch import WorkerLine, check_watch_args, render, watch, worker_lines
 from services.rpc.convert import duration
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2
 from services.rpc.gen.banaserve.v1 import coordinator_pb2 as pb
@@ -96,3 +101,59 @@ def test_watch_flags():
         ["--watch", "--router", "127.0.0.1:1", "--count", "2", "--coordinator", "127.0.0.1:2"]
     )
     assert (args.watch, args.router, args.count, args.interval) == (True, "127.0.0.1:1", 2, 1.0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_service_that_does_not_answer_is_shown_and_asked_again(capsys):
+    """Probe, session 40: ``--watch`` exited 2 the moment the coordinator restarted, though
+    ``banaserve up`` brings it back within seconds. Now each screen names the part it could
+    not read and the next tries again; exit 1 when the last screen lacked a part."""
+    watch_args = argparse.Namespace(
+        coordinator=f"127.0.0.1:{free_port()}", router=f"127.0.0.1:{free_port()}", watch=True,
+        count=2, interval=0.01, live=False, migration_id=None, tls_dir="", api_token_file="",
+        timeout=2.0,
+    )  # fmt: skip
+    capsys.readouterr()
+    assert run_migrations(watch_args) == 1
+    out = capsys.readouterr().out
+    assert out.count("the router unreachable (UNAVAILABLE: ") == 2, out
+    assert out.count("the coordinator unreachable (UNAVAILABLE: ") == 2, out
+
+
+class Refused(grpc.RpcError):
+    def code(self):
+        return grpc.StatusCode.UNIMPLEMENTED
+
+    def details(self):
+        return "Method not found!"
+
+
+def test_a_refusal_that_is_not_a_restart_still_ends_the_watch():
+    """UNIMPLEMENTED (another service at that address), UNAUTHENTICATED and the like are not
+    waited out: the watch ends, and ``banaserve migrations`` exits 2 naming it."""
+
+    def refuse():
+        raise Refused()
+
+    watch_args = argparse.Namespace(
+        router=f"127.0.0.1:{free_port()}", count=1, interval=1.0, tls_dir="", api_token_file=""
+    )
+    with pytest.raises(Refused):
+        watch(watch_args, refuse, format_row)
+
+
+def test_watch_flags_without_watch_are_refused():
+    """Probe, session 40: ``--count`` and ``--interval`` were taken without ``--watch`` and
+    never used."""
+    p = argparse.ArgumentParser()
+    add_migrations_arguments(p)
+    for flags, message in ((["--count", "3"], "--count"), (["--interval", "2"], "--interval")):
+        args = p.parse_args([*flags, "--coordinator", "127.0.0.1:2"])
+        with pytest.raises(ConfigError, match=f"^{message}: only with --watch$"):
+            check_watch_args(args)
+    check_watch_args(p.parse_args(["--coordinator", "127.0.0.1:2"]))  # a plain listing
