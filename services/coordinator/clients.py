@@ -197,11 +197,12 @@ class GrpcWorkerPort:
         request = mpb.MigrationWorkerServiceReleaseRequest(migration_id=plan.migration_id)
         await self._call("Release", request)
 
-    async def abort(self, migration_id: str, reason: str) -> None:
+    async def abort(self, migration_id: str, reason: str) -> int:
         request = mpb.MigrationWorkerServiceAbortRequest(migration_id=migration_id, reason=reason)
-        await self._call("Abort", request)
+        reply = await self._call("Abort", request)
+        return reply.migration.num_requeued_at_end if reply.found else 0
 
-    async def renew(self, migration_id: str, lease_s: float) -> bool:
+    async def renew(self, migration_id: str, lease_s: float) -> Renewed:
         request = mpb.MigrationWorkerServiceRenewLeaseRequest(
             migration_id=migration_id, lease=duration(lease_s)
         )

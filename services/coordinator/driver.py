@@ -204,9 +204,12 @@ class MigrationDriver:
             try:
                 port = await self._port(worker)
                 with self._spans.call(m, "abort", worker, self._role(m, worker).value):
-                    await asyncio.wait_for(
+                    requeued = await asyncio.wait_for(
                         port.abort(m.migration_id, reason), self.config.abort_timeout_s
                     )
+                if worker == m.donor and requeued > m.num_requeued_at_end:  # once, if repeated
+                    m.num_requeued += requeued - m.num_requeued_at_end
+                    m.num_requeued_at_end = requeued
             except Exception as exc:
                 log.warning(
                     "%s: abort on %s failed (%s); its lease undoes it", m.migration_id, worker, exc

@@ -80,7 +80,8 @@ class Migration:
     weights_skipped: bool = False
     num_sequences: int = 0
     switch_pause_s: float = 0.0
-    num_requeued: int = 0  # sequences a switch or revert sent back to recompute
+    num_requeued: int = 0  # sequences a switch, revert or abort sent back to recompute
+    num_requeued_at_end: int = 0  # of them, those the donor's abort did (as it answered)
     # Attention migrations (start 0, end L: every layer): which sequences, as asked, and the
     # KV blocks that moved to the helper.
     request_ids: tuple[str, ...] = ()

@@ -55,6 +55,7 @@ def to_record(m: Migration) -> dict[str, Any]:
         "num_sequences": m.num_sequences,
         "switch_pause_s": m.switch_pause_s,
         "num_requeued": m.num_requeued,
+        "num_requeued_at_end": m.num_requeued_at_end,
         "request_ids": list(m.request_ids),
         "max_sequences": m.max_sequences,
         "max_blocks_per_sequence": m.max_blocks_per_sequence,
@@ -95,6 +96,7 @@ def from_record(record: dict[str, Any]) -> Migration:
         num_sequences=record["num_sequences"],
         switch_pause_s=record["switch_pause_s"],
         num_requeued=record["num_requeued"],
+        num_requeued_at_end=record.get("num_requeued_at_end", 0),
         # attention migrations came later: older records of this version lack them
         request_ids=tuple(record.get("request_ids", ())),
         max_sequences=record.get("max_sequences", 0),

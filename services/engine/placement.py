@@ -234,9 +234,14 @@ class Placement:
         if port in self.layout.ports:
             layers = [i for s in self.layout.stages if s.port is port for i in s.layers]
             if all(self.model.holds_layer(i) and self.kv_cache.holds(i) for i in layers):
-                self.set_layout(self.layout.without(port), failed=port)
+                requeued = self.set_layout(self.layout.without(port), failed=port)
+                if requeued:
+                    port.evicted(requeued)
                 return []
             return list(failure.request_ids)
-        for seq in [s for s in self.running() if self.located.get(s.request_id) is port]:
+        evicted = [s for s in self.running() if self.located.get(s.request_id) is port]
+        for seq in evicted:
             self.evict(seq)
+        if evicted and isinstance(port, AttentionPort):
+            port.evicted([s.request_id for s in evicted])
         return []

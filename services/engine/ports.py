@@ -198,6 +198,13 @@ class StagePort(ABC):
     def close(self) -> None:
         """Release the port's own resources (threads, connections)."""
 
+    # Sequences the engine sent back to recompute, their KV on the helper lost, after the port
+    # failed a step (``Placement.recover``, on the stepping thread: read once it is done).
+    num_evicted = 0
+
+    def evicted(self, request_ids: Sequence[str]) -> None:
+        self.num_evicted += len(request_ids)
+
 
 def _no_kv(port: StagePort, request_id: str) -> NoReturn:
     raise PortError([request_id], f"{type(port).__name__} carries no KV")
@@ -217,3 +224,10 @@ class AttentionPort(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release the port's own resources (threads, connections)."""
+
+    # Located sequences the engine sent back to recompute after the port failed a step
+    # (``Placement.recover``, on the stepping thread: read once it is done).
+    num_evicted = 0
+
+    def evicted(self, request_ids: Sequence[str]) -> None:
+        self.num_evicted += len(request_ids)

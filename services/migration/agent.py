@@ -270,7 +270,11 @@ class MigrationAgent:
             await self.attention.end(record)
         elif record.role is Role.DONOR:
             if record.port is not None or record.weights_dropped:
-                await self.engine_call(donor.fall_back)
+                port = record.port
+                requeued = await self.engine_call(donor.fall_back)
+                # with those the engine sent back itself when the port failed a step
+                evicted = port.num_evicted if port is not None else 0
+                record.num_requeued_at_end += len(requeued) + evicted
             await self._disconnect(record)
         else:
             self.host.remove(record.migration_id)

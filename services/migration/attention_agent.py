@@ -192,7 +192,9 @@ class AttentionAgent:
         await _stop(move)
         if move.port is not None:
             port = move.port
-            await self.agent.engine_call(lambda e: evict_located(e, port))
+            evicted = await self.agent.engine_call(lambda e: evict_located(e, port))
+            # with those the engine evicted itself when the port failed a step (its recovery)
+            record.num_requeued_at_end += len(evicted) + port.num_evicted
             move.overlap, move.port = port.counters.report(), None
             port.close()
         # Freeing them early on the helper is a courtesy: it frees them anyway with the

@@ -87,6 +87,9 @@ class MigrationRecord:
     state: MigrationState = MigrationState.PLANNED
     bytes_moved: int = 0
     sequences: set[str] = field(default_factory=set)  # whose KV moved
+    # donor only: sequences its end (an abort, a fall-back, a lease run out) sent back to
+    # recompute, their KV on the helper lost with it
+    num_requeued_at_end: int = 0
     last_copy_bytes: int | None = None  # donor: what its last copy stage moved (None: none yet)
     reason: str = ""
     weights_dropped: bool = False

@@ -80,6 +80,7 @@ def view(record: MigrationRecord, agent: MigrationAgent) -> pb.MigrationView:
         num_hosted_sequences=hosted.num_seqs if hosted else 0,
         num_hosted_blocks_used=hosted.num_blocks_used if hosted else 0,
         num_hosted_blocks=hosted.num_blocks if hosted else 0,
+        num_requeued_at_end=record.num_requeued_at_end,
         **agent.attention.view_fields(record),
     )
 

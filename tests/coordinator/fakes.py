@@ -66,6 +66,7 @@ class FakePort:
         self.draining = False  # what ``renew`` answers: the worker is stopping
         # and, per migration id: (ACTIVE here, bytes moved, sequences moved)
         self.moved: dict[str, tuple[bool, int, int]] = {}
+        self.requeued_at_end = 0  # what ``abort`` answers: sequences sent back to recompute
         self.num_copies = 0
 
     async def _step(self, step: str) -> None:
@@ -125,9 +126,10 @@ class FakePort:
         await self._step("release")
         self.held.discard(plan.migration_id)
 
-    async def abort(self, migration_id: str, reason: str) -> None:
+    async def abort(self, migration_id: str, reason: str) -> int:
         await self._step("abort")
         self.held.discard(migration_id)
+        return self.requeued_at_end
 
     async def renew(self, migration_id: str, lease_s: float) -> Renewed:
         await self._step("renew")

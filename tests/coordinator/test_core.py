@@ -167,6 +167,24 @@ def test_abort_from_each_state_undoes_donor_then_helper(redis_server, store_pref
     run(redis_server, store_prefix, body, cluster)
 
 
+def test_an_abort_counts_the_sequences_the_donor_sent_back_to_recompute(redis_server, store_prefix):
+    """Probe, session 40: an ACTIVE attention migration aborted with sequences located read
+    "0 recomputed", though the donor recomputed each of them. The donor's abort answers how
+    many its end sent back (the helper's answer is not counted), and the record adds them."""
+
+    async def body(coord, cluster, clock):
+        m = await coord.start_attention(D, P, max_sequences=4)
+        await coord.wait("m-1")
+        assert m.num_requeued == 0
+        cluster.ports[D].requeued_at_end, cluster.ports[P].requeued_at_end = 3, 7
+        await coord.abort("m-1", "operator says so")
+        assert (m.state, m.num_requeued, m.num_requeued_at_end) == (S.ABORTED, 3, 3)
+        (stored,) = await coord._store.load_all()
+        assert (stored.num_requeued, stored.num_requeued_at_end) == (3, 3)
+
+    run(redis_server, store_prefix, body)
+
+
 def test_a_failed_step_aborts_with_its_reason(redis_server, store_prefix):
     cluster = FakeCluster()
     cluster.fail(D, "switch micro-batches=2", ResourceExhaustedError("no room for the delta"))

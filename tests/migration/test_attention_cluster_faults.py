@@ -47,7 +47,8 @@ def test_helper_process_killed_while_active_never_changes_output(
     spec = cluster_spec(banaserve_home)
     log = tmp_path / "cluster.log"
     with loaded_cluster(spec, log, prompts, MAX_TOKENS, ("prefill-0",)) as (cluster, c, futures):
-        mid = c.start_attention(NUM_REQUESTS, max_sequences=3).migration_id
+        active = c.start_attention(NUM_REQUESTS, max_sequences=3)
+        mid = active.migration_id
         cluster.child("prefill-0").proc.kill()
         results = [f.result() for f in futures]
         done = wait_for(
@@ -57,6 +58,8 @@ def test_helper_process_killed_while_active_never_changes_output(
         wait_for(lambda: c.stats().kv.num_blocks_used == 0, "decode blocks freed")
     assert done.state == pb.MIGRATION_STATE_ABORTED, done.reason
     assert [list(r.token_ids) for r in results] == expected
+    # the located ones recomputed, and counted (session 43: "0 recomputed")
+    assert 1 <= done.num_requeued <= active.num_sequences, (done.num_requeued, active)
 
 
 def test_owner_process_killed_helper_frees_blocks_when_the_lease_runs_out(

@@ -256,6 +256,29 @@ def test_a_selection_with_nothing_to_move_fails_the_copy_and_names_match_client_
     assert_no_leaks(b)
 
 
+def test_an_abort_counts_the_located_sequences_it_sends_back_to_recompute(tiny_llama, loop):
+    """Probe, session 40: an attention migration aborted with sequences located reported 0
+    recomputed. The donor's record (its view's ``num_requeued_at_end``) counts them."""
+    a, b = make_engine(tiny_llama, num_kv_blocks=64), make_engine(tiny_llama, num_kv_blocks=64)
+    for i in range(2):
+        a.add_request(f"r-{i}", list(range(40 + i, 80 + i)), params(30))
+    pair = AttentionPair(loop, a, b)
+    try:
+        for _ in range(3):
+            pair.a_thread.step()
+        pair.prepare()
+        pair.copy()
+        assert pair.switch() == 2
+        pair.abort()
+        assert pair.donor.records[pair.mid].num_requeued_at_end == 2
+        while a.has_unfinished_requests:
+            pair.a_thread.step()
+    finally:
+        pair.close()
+    assert_no_leaks(a)
+    assert_no_leaks(b)
+
+
 def test_named_requests_none_of_which_decode_here_fail_the_copy(tiny_llama, loop):
     """A probe's attention migration naming requests the donor does not run went ACTIVE with
     nothing moved and held both workers; now its first copy fails NOT_FOUND (the coordinator

@@ -90,6 +90,9 @@ def test_helper_process_killed_while_active_never_changes_output(
     assert done.state == pb.MIGRATION_STATE_ABORTED and done.reason, done
     assert donor_view.state == migration_pb2.MIGRATION_WORKER_STATE_ABORTED
     assert donor_view.reason.startswith("helper unreachable"), donor_view.reason
+    # every request still decoding recomputed, and counted (session 43: none was)
+    assert 1 <= done.num_requeued <= NUM_REQUESTS, done
+    assert donor_view.num_requeued_at_end == done.num_requeued
 
 
 def test_donor_process_killed_helper_drops_the_layers_when_the_lease_runs_out(
