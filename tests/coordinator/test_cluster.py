@@ -13,7 +13,7 @@ import pytest
 
 from services.client.client import BanaServeClient
 from services.common.types import SamplingParams
-from services.coordinator.cli import run_migrations
+from services.coordinator.cli import add_migrations_arguments, run_migrations
 from services.launcher import ClusterSpec
 from services.rpc.gen.banaserve.v1 import coordinator_pb2 as pb
 from services.rpc.gen.banaserve.v1 import (
@@ -112,15 +112,9 @@ def test_coordinated_layer_migration_never_changes_output(cluster, tiny_llama, c
             "the revert",
         )
         results = [f.result() for f in futures]
-        args = argparse.Namespace(
-            coordinator=coordinator,
-            tls_dir="",
-            api_token_file="",
-            migration_id=None,
-            live=False,
-            watch=False,
-        )
-        assert run_migrations(args) == 0
+        parser = argparse.ArgumentParser()  # the command line's own flags and defaults
+        add_migrations_arguments(parser)
+        assert run_migrations(parser.parse_args(["--coordinator", coordinator])) == 0
         worker = migration_pb2_grpc.MigrationWorkerServiceStub(d_ch)
         views = worker.List(migration_pb2.MigrationWorkerServiceListRequest()).migrations
     assert done.state == pb.MIGRATION_STATE_DONE, done.reason

@@ -24,7 +24,7 @@ import pytest
 
 from services.client.client import BanaServeClient
 from services.common.types import SamplingParams
-from services.coordinator.cli import run_migrations
+from services.coordinator.cli import add_migrations_arguments, run_migrations
 from services.launcher import ClusterSpec, LocalCluster
 from services.rpc.gen.banaserve.v1 import coordinator_pb2 as pb
 from services.rpc.gen.banaserve.v1 import (
@@ -192,15 +192,14 @@ def test_coordinated_attention_migration_never_changes_output(cluster, tiny_llam
         c.coordinator.RevertMigration(pb.RevertMigrationRequest(migration_id="m-1"), timeout=10)
         done = wait_for(lambda: (m := c.describe("m-1")).state in ENDED and m, "the revert")
         results = [f.result() for f in futures]
-        args = argparse.Namespace(
-            coordinator=cluster.child("coordinator").address,
-            tls_dir="",
-            api_token_file="",
-            migration_id=None,
-            live=False,
-            watch=False,
+        parser = argparse.ArgumentParser()  # the command line's own flags and defaults
+        add_migrations_arguments(parser)
+        assert (
+            run_migrations(
+                parser.parse_args(["--coordinator", cluster.child("coordinator").address])
+            )
+            == 0
         )
-        assert run_migrations(args) == 0
         wait_for(lambda: c.load(c.helper).num_hosted_blocks == 0, "hosted blocks freed")
         wait_for(lambda: c.stats().kv.num_blocks_used == 0, "decode blocks freed")
     assert done.state == pb.MIGRATION_STATE_DONE, done.reason
