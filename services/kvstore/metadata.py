@@ -26,8 +26,10 @@ Lifecycle of a node:
 
 Metadata is a hint: a fetch can still find a block evicted after the lookup, and the data plane
 answers that with not-found. Scripts build key names from ARGV, so they need a standalone Redis
-(not Redis Cluster). ``longest_prefix`` and ``lookup`` are one EVALSHA each: one round trip
-whatever the length.
+(not Redis Cluster). ``longest_prefix`` and ``lookup`` take a chain ``_BATCH`` hashes at a
+time, one EVALSHA after another: one round trip for a chain of up to 1,024 blocks, and no
+call holds Redis for long however long the chain (a 262,144-hash lookup in one script held
+it ~3 s: every other node's and worker's call waited; probe, session 43).
 
 Which blocks are reused: ``lookup`` (a prefill worker's, before it computes a prompt) also says
 how long a prefix of the chain was held or looked up before, and marks the chain looked up. A
@@ -289,23 +291,39 @@ class MetadataStore:
         return sum(await self._call_batched(self._touch, head, _hex_chunks(hashes)))
 
     async def longest_prefix(self, hashes: Sequence[BlockHash]) -> list[Location]:
-        """Locations of the longest prefix of ``hashes`` held by live nodes (one round trip)."""
-        if not hashes:
-            return []
-        rows = await self._call(self._longest_prefix, *(h.hex() for h in hashes))
-        return _locations(hashes, rows)
+        """Locations of the longest prefix of ``hashes`` held by live nodes (a round trip per
+        ``_BATCH`` hashes, up to the first chunk not held whole)."""
+        found: list[Location] = []
+        for chunk in _chunks(hashes, _BATCH):
+            rows = await self._call(self._longest_prefix, *(h.hex() for h in chunk))
+            found += _locations(chunk, rows)
+            if len(rows) < len(chunk):
+                break
+        return found
 
     async def lookup(self, hashes: Sequence[BlockHash]) -> tuple[list[Location], int]:
         """``longest_prefix``, and how many of ``hashes`` from the first were held or asked
         for by an earlier ``lookup`` within the seen window (at least the hits); marks all of
-        them asked for. One round trip."""
+        them asked for. A round trip per ``_BATCH`` hashes."""
         if not hashes:
             return [], 0
         generation = int(self.clock() // self.seen_window_s)
         ttl_ms = max(1, round(2 * self.seen_window_s * 1000))
         head = (generation, ttl_ms, self.seen_bits)
-        rows, num_seen = await self._call(self._lookup, *head, *(h.hex() for h in hashes))
-        return _locations(hashes, rows), int(num_seen)
+        found: list[Location] = []
+        total_seen, hitting, seeing = 0, True, True
+        for chunk in _chunks(hashes, _BATCH):  # one after another: others' calls go between
+            flags = ("1" if hitting else "0", "1" if seeing else "0")
+            rows, num_seen = await self._call(
+                self._lookup, *head, *flags, *(h.hex() for h in chunk)
+            )
+            if hitting:
+                found += _locations(chunk, rows)
+                hitting = len(rows) == len(chunk)
+            if seeing:
+                total_seen += int(num_seen)
+                seeing = int(num_seen) == len(chunk)
+        return found, total_seen
 
     async def live_nodes(self) -> list[NodeInfo]:
         """Registered nodes whose key has not expired, by node id (input to ``place``)."""

@@ -142,12 +142,17 @@ LUA_LONGEST_PREFIX = LUA_LONGEST_PREFIX_FN + "return longest_prefix(ARGV[1], 2)\
 # "Seen" is an aging Bloom filter: a bitmap per generation of the seen window, 3 bits a hash
 # taken from the hash itself; a hash is seen when all its bits are set in this generation's
 # bitmap or the previous one. Every hash of the chain is marked in this generation's.
-# ARGV: prefix, generation, bitmap ttl_ms, bits per bitmap, hex... -> {hits, num_seen}
+# One call takes one chunk of the chain (MetadataStore.lookup): whether the chain's hits and its
+# seen run still go on at the chunk's first hash ('1') or ended in an earlier chunk ('0').
+# ARGV: prefix, generation, bitmap ttl_ms, bits per bitmap, hitting, seeing, hex...
+#   -> {hits, num_seen}
 LUA_LOOKUP = (
     LUA_LONGEST_PREFIX_FN
     + """
 local prefix, generation, bits = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4])
-local hits = longest_prefix(prefix, 5)
+local hitting, seeing = ARGV[5] == '1', ARGV[6] == '1'
+local hits = {}
+if hitting then hits = longest_prefix(prefix, 7) end
 local current = prefix .. ':seen:' .. generation
 local previous = prefix .. ':seen:' .. (generation - 1)
 local function all_set(key, positions)
@@ -156,12 +161,12 @@ local function all_set(key, positions)
   end
   return true
 end
-local seen, run = #hits, true
-for i = 5, #ARGV do
+local seen, run = #hits, seeing
+for i = 7, #ARGV do
   local hex = ARGV[i]
   local positions = {}
   for j = 0, 2 do positions[j + 1] = tonumber(string.sub(hex, 8 * j + 1, 8 * j + 8), 16) % bits end
-  if run and i - 4 > #hits then
+  if run and i - 6 > #hits then
     if all_set(current, positions) or all_set(previous, positions) then
       seen = seen + 1
     else
@@ -170,7 +175,7 @@ for i = 5, #ARGV do
   end
   for _, p in ipairs(positions) do redis.call('SETBIT', current, p, 1) end
 end
-if #ARGV >= 5 then redis.call('PEXPIRE', current, ARGV[3]) end
+if #ARGV >= 7 then redis.call('PEXPIRE', current, ARGV[3]) end
 return {hits, seen}
 """
 )

@@ -339,10 +339,13 @@ class BlockPool:
         """Make the reservation's blocks readable; returns them for the caller to announce."""
         reservation = self._reservation(reservation_id)
         blocks = [self.blocks[h] for h in reservation.to_write]
-        unfinished = [b.block_hash.hex() for b in blocks if not b.fully_written]
+        unfinished = [b for b in blocks if not b.fully_written]
         if unfinished:
+            first = unfinished[0]
             raise InvalidRequestError(
-                f"reservation {reservation_id}: blocks not fully written: {unfinished}"
+                f"reservation {reservation_id}: {len(unfinished)} of its {len(blocks)} blocks "
+                f"not fully written (the first, {first.block_hash.hex()}, has "
+                f"{first.written_mask.bit_count()} of {first.num_layers} layers)"
             )
         del self._reservations[reservation_id]
         for block in blocks:
@@ -362,13 +365,21 @@ class BlockPool:
     # -- reads ----------------------------------------------------------------------------
 
     def pin(self, hashes: Sequence[BlockHash]) -> ReadPin:
-        """Pin the longest prefix of ``hashes`` held here; stops at the first miss."""
+        """Pin the longest prefix of ``hashes`` held here; stops at the first miss, and at the
+        first block whose shape (layers, layer bytes) differs from the first's: a pin's reads
+        are ``num_blocks × layer_bytes`` of one shape (a writer outside the model's hashing
+        could mix them: probe, session 43)."""
         _check_hashes(hashes)
         pinned: list[BlockHash] = []
         gone: list[BlockHash] = []
+        shape = None
         for h in hashes:
             block = self._readable(h, gone)
             if block is None:
+                break
+            if shape is None:
+                shape = (block.num_layers, block.layer_bytes)
+            elif (block.num_layers, block.layer_bytes) != shape:
                 break
             block.num_pins += 1
             self._lru.move_to_end(h)

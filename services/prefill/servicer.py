@@ -24,7 +24,7 @@ from services.rpc.convert import (
 from services.rpc.deadlines import time_left
 from services.rpc.gen.banaserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 from services.rpc.server import Service
-from services.rpc.status import grpc_code
+from services.rpc.status import clip_message, grpc_code
 
 # Fields whose domain default is not the proto3 zero value: read only when present.
 
@@ -86,7 +86,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             async for event in events:
                 yield response_to_proto(event)
         except TransferError as exc:
-            await context.abort(grpc_code(exc.code), exc.message)
+            await context.abort(grpc_code(exc.code), clip_message(exc.message))
 
     async def Stats(
         self, request: prefill_pb2.PrefillServiceStatsRequest, context: grpc.aio.ServicerContext

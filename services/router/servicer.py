@@ -56,7 +56,7 @@ from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grp
 from services.rpc.load_reports import load_from_proto, load_to_proto
 from services.rpc.security import caller_identity
 from services.rpc.server import Service
-from services.rpc.status import ROUTER_UNAVAILABLE, grpc_code
+from services.rpc.status import ROUTER_UNAVAILABLE, clip_message, grpc_code
 
 log = logging.getLogger(__name__)
 
@@ -160,11 +160,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     yield _event_to_proto(event)
         except (drv.WorkerLostError, core.NoWorkerError) as exc:
             context.set_trailing_metadata((ROUTER_UNAVAILABLE,))  # not a router gone
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, clip_message(str(exc)))
         except drv.DuplicateRequestError as exc:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, clip_message(str(exc)))
         except drv.WorkerCallError as exc:
-            await context.abort(grpc_code(exc.code), str(exc))
+            await context.abort(grpc_code(exc.code), clip_message(str(exc)))
 
     async def _generate_input(
         self, request: router_pb2.GenerateRequest, owner: str

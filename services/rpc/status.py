@@ -108,12 +108,28 @@ def error_code(status: grpc.StatusCode | int) -> errors.ErrorCode:
     return _ERROR_CODE_VALUES.get(status, errors.ErrorCode.UNKNOWN)
 
 
+# A status message travels in the grpc-message header, percent-encoded (a byte outside
+# printable ASCII takes three): past gRPC's 8 KiB soft limit on headers a client reads
+# RESOURCE_EXHAUSTED "Stream removed" instead of the status (a kvstore Commit naming every
+# unwritten block of 400 did: probe, session 43). Cut to this many bytes, as sent.
+MAX_STATUS_MESSAGE_BYTES = 2048
+
+
+def clip_message(message: str) -> str:
+    """``message`` cut to ``MAX_STATUS_MESSAGE_BYTES`` of UTF-8, saying how much was cut."""
+    data = message.encode()
+    if len(data) <= MAX_STATUS_MESSAGE_BYTES:
+        return message
+    kept = data[: MAX_STATUS_MESSAGE_BYTES - 40].decode(errors="ignore")
+    return f"{kept}... ({len(data) - len(kept.encode())} more bytes cut)"
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The code and the message a caller may see for ``exc``."""
+    """The code and the message a caller may see for ``exc`` (``clip_message``)."""
     for cls in type(exc).__mro__:
         code = STATUS_CODES.get(cls)
         if code is not None:
-            return code, str(exc) or cls.__name__
+            return code, clip_message(str(exc) or cls.__name__)
     ref = uuid.uuid4().hex[:12]
     log.error("internal error ref=%s", ref, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error (ref {ref} in the server log)"

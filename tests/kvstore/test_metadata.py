@@ -412,6 +412,53 @@ def test_a_lookup_says_how_much_of_the_chain_was_held_or_asked_for_before(redis_
     client.close()
 
 
+def test_a_long_lookup_goes_a_chunk_at_a_time_and_its_runs_carry_across_chunks(
+    redis_server, kv_prefix
+):
+    """Probe, session 43: one Lookup of 262,144 hashes was one script that held Redis ~3 s, and
+    every other node's and worker's call timed out meanwhile. A chain now goes ``_BATCH``
+    hashes a call, one call after another (others' calls go between); the hits and the seen
+    run carry from one chunk to the next as if it were one."""
+    a = node()
+    many = block_hashes(list(range(2500)), 1, "test-model")
+    other = many[:1500] + block_hashes(list(range(5000, 6000)), 1, "test-model")
+
+    def held(n: int) -> list[Location]:
+        return [Location(h, "kv-a", "kv-a:13337", "ucx", 64, 1) for h in many[:n]]
+
+    async def main():
+        async with open_store(redis_server, kv_prefix) as store:
+            await store.register_node(a)
+            await store.announce(a, [BlockEntry(h, 64, 1) for h in many[:1500]])
+            assert await store.lookup(many) == (held(1500), 1500)  # hits past the first chunk
+            assert await store.lookup(many) == (held(1500), 2500)  # seen past the hits
+            assert await store.lookup(other) == (held(1500), 1500)  # the run ends in chunk 2
+            await store.withdraw(a, many[100:1500])
+            assert await store.lookup(many) == (held(100), 2500)  # hits end in chunk 1
+            assert await store.longest_prefix(many) == held(100)
+            await store.announce(a, [BlockEntry(h, 64, 1) for h in many[100:]])
+            assert await store.longest_prefix(many) == held(2500)
+            marker = redis.asyncio.Redis.from_url(redis_server.url)
+            await marker.ping()
+            watcher = redis.asyncio.Redis.from_url(redis_server.url)
+            async with watcher.monitor() as monitor:
+                await store.lookup(many)
+                await marker.echo("done")
+                calls = []
+                while (command := await monitor.next_command())["command"] != "ECHO done":
+                    if command["client_type"] != "lua":
+                        calls.append(command["command"].split())
+            await marker.aclose()
+            await watcher.aclose()
+            await store.deregister_node(a)
+        return calls
+
+    calls = asyncio.run(main())
+    # EVALSHA sha numkeys prefix generation ttl bits hitting seeing hash...
+    assert [(c[0], len(c) - 9) for c in calls] == [("EVALSHA", 1024), ("EVALSHA", 1024),
+                                                    ("EVALSHA", 452)]  # fmt: skip
+
+
 def test_the_seen_window_and_bits_are_checked():
     client = redis.asyncio.Redis()
     for kwargs in ({"seen_window_s": 0.0}, {"seen_window_s": float("nan")}, {"seen_bits": 0}):

@@ -169,7 +169,11 @@ def test_commit_before_all_layers_written_is_rejected() -> None:
     t = Harness()
     reservation = t.pool.reserve([h(1)], NUM_LAYERS, LAYER_BYTES)
     t.pool.write(reservation.reservation_id, h(1), 0, payload(h(1), 0))
-    with pytest.raises(InvalidRequestError, match="not fully written"):
+    with pytest.raises(
+        InvalidRequestError,
+        match=rf"^reservation 1: 1 of its 1 blocks not fully written \(the first, {h(1).hex()}, "
+        r"has 1 of 2 layers\)$",
+    ):
         t.pool.commit(reservation.reservation_id)
     assert t.pool.blocks[h(1)].status is BlockStatus.WRITING
     t.pool.write(reservation.reservation_id, h(1), 1, payload(h(1), 1))
@@ -300,6 +304,22 @@ def test_pin_stops_at_first_miss() -> None:
     for pin_id in (1, 2, 3):
         t.pool.unpin(pin_id)
     t.pool.abort(writing.reservation_id)
+    assert_no_leaks(t.pool)
+
+
+def test_pin_stops_at_the_first_block_of_another_shape() -> None:
+    """Probe, session 43: a pin over blocks of two shapes answered the first's while its reads
+    were sized by each block; a pin's blocks now share one shape."""
+    t = Harness(num_blocks=8)
+    t.store(h(1))
+    other = t.pool.reserve([h(2)], NUM_LAYERS + 1, LAYER_BYTES)
+    for layer in range(NUM_LAYERS + 1):
+        t.pool.write(other.reservation_id, h(2), layer, payload(h(2), 0))
+    t.pool.commit(other.reservation_id)
+    assert t.pool.pin([h(1), h(2)]).hashes == (h(1),)
+    assert t.pool.pin([h(2), h(1)]).hashes == (h(2),)
+    for pin_id in (1, 2):
+        t.pool.unpin(pin_id)
     assert_no_leaks(t.pool)
 
 

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from services.common.config import RpcConfig
-from services.common.errors import ErrorCode
+from services.common.errors import ErrorCode, InvalidRequestError
 from services.kvstore.core import KVStoreNode
 from services.kvstore.metadata import MetadataStore, NodeInfo
 from services.kvstore.pool import BlockPool, PoolConfig, charged_bytes
@@ -21,6 +21,7 @@ from services.rpc.channels import open_channel
 from services.rpc.gen.banaserve.v1 import kvstore_pb2 as pb
 from services.rpc.gen.banaserve.v1 import kvstore_pb2_grpc
 from services.rpc.server import start_server
+from services.rpc.status import MAX_STATUS_MESSAGE_BYTES, clip_message, status_for
 
 RPC = RpcConfig(grace_s=0.1)
 C = grpc.StatusCode
@@ -103,6 +104,39 @@ def test_write_commit_lookup_pin_read_over_the_wire(redis_server, kv_prefix):
             assert (stats.num_pins, stats.num_reservations, stats.metadata_synced) == (0, 0, True)
 
     asyncio.run(main())
+
+
+def test_a_commit_of_many_unwritten_blocks_is_refused_in_a_few_words(redis_server, kv_prefix):
+    """Probe, session 43: the refusal named every unwritten block; past ~300 of them the status
+    outgrew gRPC's header limit and the caller read RESOURCE_EXHAUSTED "Stream removed". It
+    names the count and the first; every status message is cut at a bound besides."""
+    hashes = [i.to_bytes(16, "big") for i in range(1, 1001)]
+
+    async def main():
+        async with served_node(redis_server.url, kv_prefix, 4 << 20) as (stub, client):
+            reply = await stub.Reserve(
+                pb.ReserveRequest(block_hashes=hashes, num_layers=1, layer_bytes=8)
+            )
+            commit = stub.Commit(pb.CommitRequest(reservation_id=reply.reservation_id))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await commit
+            await stub.Abort(pb.KVStoreServiceAbortRequest(reservation_id=reply.reservation_id))
+            return info.value
+
+    error = asyncio.run(main())
+    assert error.code() == C.INVALID_ARGUMENT
+    assert error.details() == (
+        "reservation 1: 1000 of its 1000 blocks not fully written (the first, "
+        f"{hashes[0].hex()}, has 0 of 1 layers)"
+    )
+
+
+def test_status_messages_are_cut_to_a_bound():
+    short = "x" * MAX_STATUS_MESSAGE_BYTES
+    assert clip_message(short) == short
+    cut = clip_message("é" * 5000)  # two bytes each, cut on a character's edge
+    assert len(cut.encode()) <= MAX_STATUS_MESSAGE_BYTES and cut.endswith("more bytes cut)")
+    assert status_for(InvalidRequestError("y" * 10**6))[1].endswith("more bytes cut)")
 
 
 def test_status_codes_for_a_full_pool_and_for_redis_down(redis_server, kv_prefix):
