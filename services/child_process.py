@@ -198,13 +198,18 @@ class RedisChild(Child):
 
     drain_timeout_s = 0.0  # Redis has no drain of its own: it stops at once
 
-    def __init__(self, env: dict[str, str], log: IO[str]) -> None:
+    def __init__(
+        self, env: dict[str, str], log: IO[str], password_file: str = "", password: str = ""
+    ) -> None:
+        """``password_file``: Redis requires the password in it (``password``, for PING)."""
         from services.kvstore.redis_server import free_port, redis_command
 
         # Bound, closed and handed over: another process could take it in between, in which
         # case Redis fails to bind and exits, which start() reports.
         self._port = free_port(HOST)
-        super().__init__("redis", redis_command(self._port, HOST), env, log, announces=False)
+        self._password = password or None
+        argv = redis_command(self._port, HOST, password_file=password_file)
+        super().__init__("redis", argv, env, log, announces=False)
 
     @property
     def port(self) -> int:
@@ -223,7 +228,13 @@ class RedisChild(Child):
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        client = redis.Redis(HOST, self.port, socket_timeout=0.5, retry=Retry(NoBackoff(), 0))
+        client = redis.Redis(
+            HOST,
+            self.port,
+            password=self._password,
+            socket_timeout=0.5,
+            retry=Retry(NoBackoff(), 0),
+        )
         try:
             if client.ping():
                 self.address = f"{HOST}:{self.port}"

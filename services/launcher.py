@@ -55,7 +55,7 @@ from services.common.errors import ConfigError
 from services.common.limits import MAX_THREADS
 from services.common.parent import child_env
 from services.rpc.dataplane import KINDS as DATA_TRANSPORTS
-from services.rpc.security import read_tokens, security_argv
+from services.rpc.security import REDIS_SECRET_FILE, read_tokens, redis_password, security_argv
 from services.supervisor import (
     START_TIMEOUT_S,
 )
@@ -324,7 +324,10 @@ class LocalCluster:
         """Starts Redis and waits for it (the nodes connect at start), then spawns the nodes."""
         if not (self.spec.num_kvstore or self.spec.coordinator):
             return []
-        redis = RedisChild(self._env, self.log)
+        # With TLS on, Redis takes the certificates directory's password, as the services do.
+        password = redis_password(self.spec.tls_dir)
+        secret = str(Path(self.spec.tls_dir) / REDIS_SECRET_FILE) if password else ""
+        redis = RedisChild(self._env, self.log, secret, password)
         self.children.append(redis)
         redis.wait_ready(deadline, self.stopping)
         args = [

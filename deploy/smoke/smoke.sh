@@ -76,6 +76,12 @@ deadline=$(($(date +%s) + 300))
 for svc in redis kvstore router prefill decode coordinator; do
 	wait_healthy "$svc"
 done
+step "Redis refuses a client without the password (redis.secret in the tls volume)"
+noauth=$("${compose[@]}" exec -T redis redis-cli ping 2>&1 || true)
+case "$noauth" in
+*NOAUTH*) echo "redis without the password: $noauth" ;;
+*) echo "FAIL: Redis answered a client without the password: $noauth"; exit 1 ;;
+esac
 
 step "expected text: banaserve generate in-process"
 # The very model files the cluster serves, copied out of the image: tiny-llama's tokenizer is
@@ -174,7 +180,8 @@ for svc in decode kvstore; do
 	wait_healthy "$svc"
 done
 sleep 3  # a few heartbeats: a node that another took the place of would be gone by now
-nodes=$("${compose[@]}" exec -T redis redis-cli SMEMBERS banaserve:kv:nodes | sort)
+nodes=$("${compose[@]}" exec -T redis sh -c \
+	'REDISCLI_AUTH=$(cat /var/lib/banaserve/tls/redis.secret) redis-cli SMEMBERS banaserve:kv:nodes' | sort)
 echo "kvstore nodes in Redis: $(echo $nodes)"
 [ "$(echo "$nodes" | grep -c '^kvstore-')" -eq 2 ] || { echo "FAIL: not 2 kvstore nodes in Redis"; exit 1; }
 "${compose[@]}" run --rm -T --entrypoint python client - <<'PYEOF'

@@ -176,7 +176,8 @@ async def serve(args: argparse.Namespace) -> None:
         security=security,
         grace_s=args.drain_timeout,
     )
-    store = RedisMigrationStore.from_url(args.redis, args.key_prefix)
+    password = security.redis_password if security is not None else ""
+    store = RedisMigrationStore.from_url(args.redis, args.key_prefix, password)
     ownership = Ownership(store.redis, args.key_prefix)
     store.guard(ownership.key, ownership.token)  # nothing written once another owns the prefix
     # every call to a worker carries the claim's epoch: a worker refuses an older owner's

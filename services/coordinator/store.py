@@ -165,8 +165,13 @@ class RedisMigrationStore:
             )
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = DEFAULT_PREFIX) -> RedisMigrationStore:
-        return cls(aioredis.Redis.from_url(url), prefix)
+    def from_url(
+        cls, url: str, prefix: str = DEFAULT_PREFIX, password: str = ""
+    ) -> RedisMigrationStore:
+        """``password``: Redis's (security.redis_password), "": the URL's, if any."""
+        return cls(
+            aioredis.Redis.from_url(url, **({"password": password} if password else {})), prefix
+        )
 
     @property
     def redis(self) -> aioredis.Redis:

@@ -104,12 +104,15 @@ async def serve(args: argparse.Namespace) -> None:
         TracingConfig(args.tracing, args.otlp_endpoint, service_name="banaserve-kvstore")
     )
     pool = make_pool(args)
+    security = security_config(args, Role.KVSTORE)
     metadata = MetadataStore.from_url(
-        args.redis, prefix=args.key_prefix, seen_window_s=args.seen_window
+        args.redis,
+        prefix=args.key_prefix,
+        seen_window_s=args.seen_window,
+        password=security.redis_password if security is not None else "",
     )
     node = KVStoreNode(pool, metadata, KVStoreConfig(heartbeat_interval_s=args.heartbeat_interval))
     host = resolve_host(args.host)
-    security = security_config(args, Role.KVSTORE)
     secure_data_planes(security)
     data = await dataplane.listen(args.data_transport, data_handler(node), host, args.data_port)
     server = await start_server(

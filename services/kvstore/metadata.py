@@ -203,15 +203,18 @@ class MetadataStore:
         *,
         socket_timeout_s: float = 1.0,
         connect_timeout_s: float = 0.5,
+        password: str = "",
         **kwargs,
     ) -> MetadataStore:
         """A store with bounded timeouts and one immediate retry, which reconnects after a
-        Redis restart; a Redis that is down fails within about two timeouts."""
+        Redis restart; a Redis that is down fails within about two timeouts. ``password``:
+        Redis's (security.redis_password), "": the URL's, if any."""
         client = aioredis.Redis.from_url(
             url,
             socket_timeout=socket_timeout_s,
             socket_connect_timeout=connect_timeout_s,
             retry=Retry(NoBackoff(), 1),
+            **({"password": password} if password else {}),
         )
         return cls(client, **kwargs)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -21,6 +22,8 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
+from typing import NoReturn
 
 import redis
 from redis.backoff import NoBackoff
@@ -42,22 +45,32 @@ def free_port(host: str = HOST) -> int:
         return s.getsockname()[1]
 
 
-def redis_command(port: int, host: str = HOST, embedded: bool | None = None) -> list[str]:
+def redis_command(
+    port: int, host: str = HOST, embedded: bool | None = None, password_file: str = ""
+) -> list[str]:
     """The argv that serves Redis on ``host:port`` in the foreground: ``redis-server`` when it is
-    installed (or ``embedded=False``), else the embedded fakeredis server."""
+    installed (or ``embedded=False``), else the embedded fakeredis server. ``password_file``:
+    it requires the password in that file (security.REDIS_SECRET_FILE); ``redis-server`` reads
+    it through this module (``--exec-redis-server``), so it is never in a command line."""
     executable = shutil.which("redis-server")
     if embedded is None:
         embedded = executable is None
         if embedded:
             log.warning("redis-server not found: using the embedded fakeredis server")
+    module = [sys.executable, "-m", "services.kvstore.redis_server"]
+    secret = ["--password-file", password_file] if password_file else []
     if embedded:
-        module = "services.kvstore.redis_server"
-        return [sys.executable, "-m", module, "--host", host, "--port", str(port)]
+        return [*module, "--host", host, "--port", str(port), *secret]
     if executable is None:
         raise FileNotFoundError("redis-server is not installed (`make setup` installs it)")
+    if password_file:
+        wrapped = [*module, "--exec-redis-server", "--host", host, "--port", str(port), *secret]
+        return [*_ends_with_its_parent(), *wrapped]
+    return [*_ends_with_its_parent(), executable, *redis_server_args(host, port)]
+
+
+def redis_server_args(host: str, port: int) -> list[str]:
     return [
-        *_ends_with_its_parent(),
-        executable,
         "--bind", host,
         "--port", str(port),
         "--save", "",  # no RDB snapshots: a restart loses everything
@@ -65,6 +78,30 @@ def redis_command(port: int, host: str = HOST, embedded: bool | None = None) -> 
         "--daemonize", "no",
         "--loglevel", "warning",
     ]  # fmt: skip
+
+
+def exec_redis_server(host: str, port: int, password_file: str) -> NoReturn:
+    """Becomes ``redis-server`` (the same pid: signals, its parent's death signal and the exit
+    status are Redis's), its password handed over on stdin (``redis-server -`` reads its
+    configuration there), not in its command line, which any local user can read."""
+    password = read_password(password_file)
+    executable = shutil.which("redis-server")
+    if executable is None:
+        raise FileNotFoundError("redis-server is not installed (`make setup` installs it)")
+    read_end, write_end = os.pipe()
+    os.write(write_end, f"requirepass {password}\n".encode())  # far below a pipe's buffer
+    os.close(write_end)
+    os.dup2(read_end, 0)
+    os.close(read_end)
+    os.execv(executable, [executable, "-", *redis_server_args(host, port)])
+
+
+def read_password(path: str) -> str:
+    """The password in ``path`` (as ``banaserve certs`` writes it: one line, printable ASCII)."""
+    password = Path(path).read_text(encoding="ascii").strip()
+    if len(password) < 16 or not all("!" <= c <= "~" for c in password):
+        raise ValueError(f"the Redis password in {path} must be >= 16 printable ASCII characters")
+    return password
 
 
 def _ends_with_its_parent() -> list[str]:
@@ -84,9 +121,15 @@ class RedisServer:
     """A Redis child process on a fixed port for its whole life (``restart`` keeps it)."""
 
     def __init__(
-        self, port: int | None = None, host: str = HOST, embedded: bool | None = None
+        self,
+        port: int | None = None,
+        host: str = HOST,
+        embedded: bool | None = None,
+        password_file: str = "",
     ) -> None:
         self.host = host
+        self.password_file = password_file
+        self.password = read_password(password_file) if password_file else None
         self.embedded = shutil.which("redis-server") is None if embedded is None else embedded
         if embedded is None and self.embedded:
             log.warning("redis-server not found: using the embedded fakeredis server")
@@ -110,7 +153,7 @@ class RedisServer:
     def start(self, timeout_s: float = START_TIMEOUT_S) -> RedisServer:
         if self.running:
             raise RuntimeError(f"redis already running on port {self.port}")
-        argv = redis_command(self.port, self.host, self.embedded)
+        argv = redis_command(self.port, self.host, self.embedded, self.password_file)
         self._proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
         )
@@ -119,7 +162,11 @@ class RedisServer:
 
     def _wait_ping(self, timeout_s: float) -> None:
         client = redis.Redis(
-            host=self.host, port=self.port, socket_timeout=0.5, retry=Retry(NoBackoff(), 0)
+            host=self.host,
+            port=self.port,
+            password=self.password,
+            socket_timeout=0.5,
+            retry=Retry(NoBackoff(), 0),
         )
         deadline = time.monotonic() + timeout_s
         try:
@@ -168,8 +215,9 @@ class RedisServer:
         self.close()
 
 
-def serve_embedded(host: str, port: int) -> None:
-    """Serve fakeredis over TCP until SIGTERM/SIGINT."""
+def serve_embedded(host: str, port: int, password: str = "") -> None:
+    """Serve fakeredis over TCP until SIGTERM/SIGINT. ``password``: clients may AUTH with it
+    (fakeredis takes it, but does not refuse a client that does not: a stand-in only)."""
     from fakeredis import TcpFakeServer
 
     server = TcpFakeServer((host, port))
@@ -179,6 +227,9 @@ def serve_embedded(host: str, port: int) -> None:
     # shutdown() waits for serve_forever() to return, so they cannot share a thread.
     thread = threading.Thread(target=server.serve_forever, name="fakeredis", daemon=True)
     thread.start()
+    if password:  # before it says it listens: no client connects before
+        with redis.Redis(host, server.server_address[1]) as client:
+            client.config_set("requirepass", password)
     print(f"LISTENING {host}:{server.server_address[1]}", flush=True)
     stop.wait()
     server.shutdown()
@@ -189,10 +240,19 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m services.kvstore.redis_server", description=__doc__)
     p.add_argument("--host", default=HOST)
     p.add_argument("--port", type=port_number, default=0, help="0: any free port")
+    p.add_argument("--password-file", default="", help="require the password in this file")
+    p.add_argument(
+        "--exec-redis-server",
+        action="store_true",
+        help="become redis-server, the password handed over on stdin (needs --port)",
+    )
     args = p.parse_args(argv)
     configure_logging("WARNING")
+    if args.exec_redis_server:
+        exec_redis_server(args.host, args.port, args.password_file)
     log.warning("serving the embedded fakeredis server, not a real Redis")
-    serve_embedded(args.host, args.port)
+    password = read_password(args.password_file) if args.password_file else ""
+    serve_embedded(args.host, args.port, password)
 
 
 if __name__ == "__main__":

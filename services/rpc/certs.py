@@ -7,6 +7,7 @@ Writes, in DIR (created if missing; existing files are kept unless ``overwrite``
                                       DNS SANs banaserve.internal, localhost and ``hosts``,
                                       IP SANs 127.0.0.1 and ::1
   dataplane.secret                    32 random bytes the data planes authenticate peers with
+  redis.secret                        the cluster Redis's password (64 hex digits)
 Keys are ECDSA P-256, written 0600. Certificates are valid for ``days`` (at most
 ``MAX_DAYS``). Every input is checked before a key is made: a DIR that is a file or cannot be
 created, a ``hosts`` entry that is no DNS name (a Unicode name is written as its IDNA A-label).
@@ -32,6 +33,7 @@ from services.common.paths import output_dir
 from services.rpc.security import (
     CLUSTER_NAME,
     DATAPLANE_SECRET_FILE,
+    REDIS_SECRET_FILE,
     ROLES,
     SPIFFE_PREFIX,
     Role,
@@ -168,6 +170,7 @@ def create_certs(
         "ca.crt": (ca_cert.public_bytes(pem), False),
         "ca.key": (_key_pem(ca_key), True),
         DATAPLANE_SECRET_FILE: (secrets.token_bytes(32), True),
+        REDIS_SECRET_FILE: (secrets.token_hex(32).encode(), True),
     }
     for role in roles:
         key, cert = make_role_cert(role, ca_key, ca_cert, days, hosts)

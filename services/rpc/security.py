@@ -24,6 +24,7 @@ import functools
 import hashlib
 import hmac
 import inspect
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ import grpc
 from services.common.errors import ConfigError
 from services.rpc.dataplane import peer_auth
 
+log = logging.getLogger(__name__)
+
 SPIFFE_PREFIX = "spiffe://banaserve/"
 # Every service certificate names this DNS SAN; channels verify the server against it instead
 # of against the address they dial (a worker's address is an IP, or a name the CA never saw).
@@ -41,6 +44,10 @@ CLUSTER_NAME = "banaserve.internal"
 AUTHORIZATION = "authorization"
 BEARER = "bearer "
 DATAPLANE_SECRET_FILE = "dataplane.secret"
+# The password of the cluster's Redis (kvstore metadata, the coordinator's records): Redis speaks
+# no TLS here, so without it anyone who reaches its port could rewrite the store's index or take
+# the coordinator's claim (probe, session 43).
+REDIS_SECRET_FILE = "redis.secret"
 
 
 class Role(enum.Enum):
@@ -175,27 +182,49 @@ class SecurityConfig:
     api_tokens: tuple[str, ...] = ()
     # Shared by the data planes to authenticate each other (services/rpc/dataplane/peer_auth.py).
     dataplane_secret: bytes = b""
+    # Redis's password (REDIS_SECRET_FILE); "": none.
+    redis_password: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.role, Role):
             raise ConfigError(f"role must be a Role, got {self.role!r}")
         for token in self.api_tokens:
-            if len(token) < 16 or not token.isprintable() or " " in token:
-                raise ConfigError("an API token must be >= 16 printable characters, no spaces")
+            if problem := token_problem(token):
+                raise ConfigError(f"an API token {problem}")
         if self.dataplane_secret and len(self.dataplane_secret) < 16:
             raise ConfigError("the data-plane secret must be at least 16 bytes")
 
 
+def token_problem(token: str) -> str:
+    """What is wrong with ``token`` as an API token ("": nothing). A token travels in gRPC
+    metadata and HTTP headers, which carry printable ASCII only: a non-ASCII one passed a
+    printable check and failed every call INTERNAL "Invalid metadata" (probe, session 43)."""
+    if len(token) < 16:
+        return f"must be at least 16 characters, got {len(token)}"
+    bad = next((c for c in token if not ("!" <= c <= "~")), None)
+    if bad is not None:
+        return f"must be printable ASCII without spaces, got the character {bad!r}"
+    return ""
+
+
 def read_tokens(path: Path) -> tuple[str, ...]:
-    """One token per line; blank lines and lines starting with '#' are skipped."""
+    """One token per line; blank lines and lines starting with '#' are skipped. A bad token
+    is refused naming the file and its line (a comment after a token is one)."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read the API token file {path}: {exc}") from None
-    tokens = tuple(s for s in (line.strip() for line in lines) if s and not s.startswith("#"))
+    tokens = []
+    for number, line in enumerate(lines, 1):
+        token = line.strip()
+        if not token or token.startswith("#"):
+            continue
+        if problem := token_problem(token):
+            raise ConfigError(f"{path}, line {number}: an API token {problem}")
+        tokens.append(token)
     if not tokens:
         raise ConfigError(f"the API token file {path} holds no token")
-    return tokens
+    return tuple(tokens)
 
 
 def add_security_args(p: argparse.ArgumentParser) -> None:
@@ -218,7 +247,26 @@ def security_config(args: argparse.Namespace, role: Role) -> SecurityConfig | No
     tls = TlsFiles.in_dir(Path(args.tls_dir), role) if args.tls_dir else None
     tokens = read_tokens(Path(args.api_token_file)) if args.api_token_file else ()
     secret = _read_secret(Path(args.tls_dir) / DATAPLANE_SECRET_FILE) if args.tls_dir else b""
-    return SecurityConfig(role, tls, tokens, secret)
+    return SecurityConfig(role, tls, tokens, secret, redis_password(args.tls_dir))
+
+
+def redis_password(tls_dir: str) -> str:
+    """The cluster Redis's password, from ``tls_dir``'s REDIS_SECRET_FILE; "" without TLS, or
+    from a certificates directory older than the file (Redis then takes no password, as
+    before: a warning says so)."""
+    if not tls_dir:
+        return ""
+    path = Path(tls_dir) / REDIS_SECRET_FILE
+    if not path.exists():
+        log.warning("%s is missing: Redis without a password (`banaserve certs` writes it)", path)
+        return ""
+    try:
+        password = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the Redis password {path}: {exc}") from None
+    if len(password) < 16 or not all("!" <= c <= "~" for c in password):
+        raise ConfigError(f"the Redis password in {path} must be >= 16 printable ASCII characters")
+    return password
 
 
 def _read_secret(path: Path) -> bytes:

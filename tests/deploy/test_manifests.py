@@ -166,3 +166,37 @@ def test_overlays_carry_labels_requests_tls_and_the_services_flags(overlay):
         assert {"name": "tls", "mountPath": tls, "readOnly": True} in container["volumeMounts"]
         gpus = container["resources"].get("limits", {}).get("nvidia.com/gpu")
         assert gpus == (1 if name == "gpu" and role in WORKERS else None), (name, role)
+
+
+def _redis_reads_its_password_from(spec: dict, command: list[str]) -> None:
+    """The password file mounted from the certificates, read into a private config file (no
+    command line shows it), and the probe authenticating (session 43's probe: Redis took
+    anyone)."""
+    tls = "/var/lib/banaserve/tls"
+    assert command[:2] == ["sh", "-c"]
+    script = command[2]
+    assert f"cat {tls}/redis.secret" in script and "requirepass" in script
+    assert "exec redis-server /tmp/redis.conf" in script and "umask 077" in script
+    assert {"name": "tls", "mountPath": tls, "readOnly": True} in spec["volumeMounts"]
+
+
+def test_redis_requires_the_certificates_password_in_compose_and_kubernetes(overlay):
+    services = load_compose(ROOT / "docker-compose.yml")["services"]
+    redis = services["redis"]
+    compose = {"volumeMounts": [{"name": "tls", "mountPath": "/var/lib/banaserve/tls",
+                                 "readOnly": True}]}  # fmt: skip
+    assert redis["volumes"] == ["tls:/var/lib/banaserve/tls:ro"]
+    assert redis["depends_on"]["certs"] == {"condition": "service_completed_successfully"}
+    # compose writes $$ for a literal $
+    _redis_reads_its_password_from(compose, [c.replace("$$", "$") for c in redis["command"]])
+    assert "REDISCLI_AUTH" in redis["healthcheck"]["test"][1]
+    assert "redis.secret" in services["certs"]["command"][2]  # written into older volumes too
+    _, docs = overlay
+    deployment = next(
+        d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "redis"
+    )
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    # Kubernetes turns $$ into $ (no variable reference)
+    _redis_reads_its_password_from(container, [c.replace("$$", "$") for c in container["command"]])
+    assert "args" not in container
+    assert "REDISCLI_AUTH" in container["readinessProbe"]["exec"]["command"][2]

@@ -40,6 +40,39 @@ def test_restart_keeps_the_port_and_loses_the_data(redis_server):
         redis.Redis(port=port, retry=Retry(NoBackoff(), 0)).ping()
 
 
+@pytest.mark.parametrize("embedded", [False, True], ids=["redis-server", "embedded"])
+def test_a_password_file_makes_redis_require_it_and_no_command_line_shows_it(
+    redis_server, tmp_path, embedded
+):
+    """Session 43: ``up --tls-dir`` starts Redis with the certificates directory's password;
+    ``redis-server`` reads it on stdin (its command line and the wrapper's name only the
+    file), survives a restart, and the metadata store connects with it. The embedded
+    stand-in takes the password but does not refuse a client without it."""
+    secret = tmp_path / "redis.secret"
+    secret.write_text("0123456789abcdef" * 4 + "\n")
+    password = "0123456789abcdef" * 4
+    with RedisServer(embedded=embedded, password_file=str(secret)) as server:
+        for _ in range(2):
+            cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes()
+            assert password.encode() not in cmdline
+            if not embedded:
+                with pytest.raises(redis.AuthenticationError):
+                    redis.Redis.from_url(server.url).ping()
+            with redis.Redis.from_url(server.url, password=password) as client:
+                assert client.ping()
+
+            async def metadata(url=server.url):
+                store = MetadataStore.from_url(url, prefix="pw", password=password)
+                try:
+                    await store.register_node(NodeInfo("kv-a", "a:1", "a:2", "tcp", "inc-1"))
+                    return await store.live_nodes()
+                finally:
+                    await store.close()
+
+            assert [n.node_id for n in asyncio.run(metadata())] == ["kv-a"]
+            server.restart()
+
+
 def test_redis_command_is_the_real_server_without_persistence(redis_server):
     argv = redis_command(6390)
     # setpriv --pdeathsig TERM -- : it ends with whoever started it (next test).

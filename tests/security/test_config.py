@@ -16,6 +16,8 @@ from services.rpc.security import (
     SecurityConfig,
     add_security_args,
     caller_of_token,
+    read_tokens,
+    redis_password,
     rule_for,
     security_argv,
     security_config,
@@ -43,6 +45,33 @@ def test_both_off_by_default_and_flags_round_trip(certs, tmp_path):
         "ca.crt",
     )
     assert len(config.dataplane_secret) == 32
+    assert config.redis_password == (certs / "redis.secret").read_text()  # 64 hex digits
+
+
+def test_token_files_name_the_line_of_a_bad_token_and_take_ascii_only(tmp_path):
+    """Probe, session 43: a non-ASCII token passed the check and failed every call INTERNAL
+    "Invalid metadata" once the cluster was up; a comment after a token was refused without
+    naming the file or the line."""
+    tokens = tmp_path / "tokens"
+    for text, line, problem in (
+        ("# a comment\n" + "é" * 17 + "\n", 2, "must be printable ASCII without spaces, got the character 'é'"),
+        ("token-aaaaaaaaaaaaaaaa # Alice's\n", 1, "must be printable ASCII without spaces, got the character ' '"),
+        ("\n\nshort\n", 3, "must be at least 16 characters, got 5"),
+    ):  # fmt: skip
+        tokens.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            read_tokens(tokens)
+        assert str(info.value) == f"{tokens}, line {line}: an API token {problem}"
+
+
+def test_the_redis_password_comes_from_the_certificates_directory(certs, tmp_path, caplog):
+    assert redis_password("") == ""
+    assert redis_password(str(tmp_path)) == ""  # an older directory: none, and a warning
+    assert "redis.secret is missing: Redis without a password" in caplog.text
+    (tmp_path / "redis.secret").write_text("short\n")
+    with pytest.raises(ConfigError, match="must be >= 16 printable ASCII characters"):
+        redis_password(str(tmp_path))
+    assert len(redis_password(str(certs))) == 64
 
 
 def test_bad_settings_fail_at_start(certs, tmp_path):
@@ -52,7 +81,7 @@ def test_bad_settings_fail_at_start(certs, tmp_path):
     empty.write_text("# nothing\n")
     with pytest.raises(ConfigError, match="holds no token"):
         security_config(_args("--api-token-file", str(empty)), Role.ROUTER)
-    with pytest.raises(ConfigError, match=">= 16 printable"):
+    with pytest.raises(ConfigError, match="must be at least 16 characters, got 5"):
         SecurityConfig(Role.ROUTER, api_tokens=("short",))
     binary = tmp_path / "binary"
     binary.write_bytes(b"\xf4\x90" * 20)  # was a UnicodeDecodeError traceback at start
@@ -89,7 +118,8 @@ def test_certs_command_writes_a_ca_and_one_certificate_per_role(tmp_path, capsys
     assert cli(["certs", str(out), "--days", "2", "--host", "router.svc"]) == 0
     names = sorted(p.name for p in out.iterdir())
     roles = sorted(f"{r.value}.{s}" for r in ROLES for s in ("crt", "key"))
-    assert names == sorted(["ca.crt", "ca.key", "dataplane.secret", *roles])
+    assert names == sorted(["ca.crt", "ca.key", "dataplane.secret", "redis.secret", *roles])
+    assert (out / "redis.secret").stat().st_mode & 0o777 == 0o600
     assert (out / "decode.key").stat().st_mode & 0o777 == 0o600
     cert = x509.load_pem_x509_certificate((out / "decode.crt").read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

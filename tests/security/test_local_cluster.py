@@ -14,10 +14,17 @@ from pathlib import Path
 import grpc
 import httpx2
 import pytest
+import redis
 
 from services.client.client import BanaServeClient, BanaServeClientError
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
-from services.rpc.security import Role, TlsFiles, channel_credentials, channel_options
+from services.rpc.security import (
+    REDIS_SECRET_FILE,
+    Role,
+    TlsFiles,
+    channel_credentials,
+    channel_options,
+)
 from tests.e2e.test_up import children, start_up
 from tests.security.helpers import TOKEN_A, TOKEN_B
 
@@ -105,8 +112,25 @@ def test_locked_down_cluster_listens_on_loopback_only_and_refuses_the_attacks(
         assert r.status_code == 401
         r = httpx2.get(f"{http}/models", headers={"Authorization": f"Bearer {TOKEN_B}"})
         assert r.status_code == 200
+        _redis_wants_the_password(lines, certs, _descendants(proc.pid))
     finally:
         _stop(proc)
+
+
+def _redis_wants_the_password(lines: list[str], certs: Path, pids: list[int]) -> None:
+    """Probe, session 43: Redis took anyone (one SET of the coordinator's claim stopped the
+    coordinator). It now requires the certificates directory's password, which the kvstore
+    nodes and the coordinator use (the store above worked), and no command line shows."""
+    host, port = next(line.split()[1] for line in lines if line.startswith("redis ")).split(":")
+    anyone = redis.Redis(host, int(port), socket_timeout=5)
+    with anyone, pytest.raises(redis.AuthenticationError):
+        anyone.set("banaserve:coord:x:owner", "attacker")
+    password = (certs / REDIS_SECRET_FILE).read_text().strip()
+    with redis.Redis(host, int(port), password=password, socket_timeout=5) as member:
+        assert any(k.startswith(b"banaserve:kv:") for k in member.keys("*"))
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            assert password.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
 
 
 def _fake_worker_is_refused(router: str, certs: Path) -> None:
