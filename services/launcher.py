@@ -300,7 +300,8 @@ class LocalCluster:
             )
             for child in [*nodes, router]:
                 child.wait_ready(deadline, self.stopping)
-            workers = self._spawn_workers(nodes[0].address if nodes else None)
+            # every node: lookups move on to another when one stops answering
+            workers = self._spawn_workers(",".join(n.address for n in nodes) or None)
             self._pin(workers)
             coordinator = self._spawn_coordinator()  # it finds the workers as they register
             for child in [*workers, *coordinator]:

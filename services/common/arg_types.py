@@ -185,3 +185,12 @@ def redis_url(text: str) -> str:
 def optional_host_port(text: str) -> str:
     """``host_port``, or the empty string: the flag (or its environment default) left unset."""
     return host_port(text) if text else ""
+
+
+def optional_host_ports(text: str) -> str:
+    """``host_port``s with commas between (returned as given), or the empty string: unset."""
+    if not text:
+        return ""
+    for part in text.split(","):
+        host_port(part)
+    return text

@@ -11,7 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from services.common.arg_types import optional_host_port, port_number, positive
+from services.common.arg_types import (
+    optional_host_port,
+    optional_host_ports,
+    port_number,
+    positive,
+)
 from services.common.config import RpcConfig, TracingConfig
 from services.common.engine_args import (
     NO_KV_TRANSPORT,
@@ -59,10 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument(
         "--kvstore",
-        type=optional_host_port,
+        type=optional_host_ports,
         default=None,
-        metavar="HOST:PORT",
-        help="a kvstore node: reuse cached prefixes from the global KV store, write new blocks",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="kvstore nodes: reuse cached prefixes from the global KV store, write new blocks "
+        "(lookups go to the first that answers; writes to every live node, by hash)",
     )
     p.add_argument(
         "--kvstore-timeout", type=positive(float), default=2.0, help="bound on each store call"

@@ -16,7 +16,11 @@ Who calls what, and when (all on the prefill worker's event loop):
    placed by hash over the live nodes, written two-phase (Reserve → data-plane writes → Commit).
 
 Every call is bounded by ``timeout_s``; any failure raises ``StoreError`` and the caller
-recomputes — the store can make a request faster, never wrong or stuck.
+recomputes — the store can make a request faster, never wrong or stuck. Lookups go to one
+node (any node answers them, from Redis): the first of the addresses the client was given,
+until one fails unreachable or past its deadline, and then the next of those and of the live
+nodes the lookups have named (with one address, a frozen or stopped node failed every lookup
+while the other nodes served: probe, session 43).
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ from services.rpc.convert import DATA_TRANSPORT_FROM_PROTO
 from services.rpc.gen.banaserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+# A lookup failing so: the node is gone, stopping or frozen; another answers the same.
+_UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 class StoreError(Exception):
@@ -111,11 +118,16 @@ def _raise_first(results: Sequence[object]) -> None:
 class KVStoreClient:
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         rpc: RpcConfig | None = None,
         timeout_s: float = 2.0,
     ) -> None:
-        self._address = address
+        """``address``: kvstore nodes' gRPC addresses (a list, or one string, commas between)."""
+        seeds = address.split(",") if isinstance(address, str) else list(address)
+        self._seeds = [a for a in seeds if a]
+        if not self._seeds:
+            raise ValueError("a KVStoreClient needs a kvstore node's address")
+        self._address = self._seeds[0]  # where lookups go now
         self._rpc = rpc or RpcConfig()
         self._timeout_s = timeout_s
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -181,12 +193,26 @@ class KVStoreClient:
                 kvstore_pb2.LookupRequest(block_hashes=list(hashes)), timeout=self._timeout_s
             )
         except grpc.aio.AioRpcError as exc:
+            if exc.code() in _UNREACHABLE:
+                self._next_lookup_node()
             raise StoreError(f"lookup failed: {exc.code().name}: {exc.details()}") from None
         self._nodes = [_node(n) for n in reply.nodes]
         num_seen = first_block + min(reply.num_seen, len(hashes))
         if not reply.node_ids:
             return StoreLookup(None, num_seen)
         return StoreLookup(await self._pin(hashes, list(reply.node_ids), first_block), num_seen)
+
+    def _next_lookup_node(self) -> None:
+        """The node lookups went to did not answer: the next of the given addresses and the
+        live nodes the last lookup named, in turn (one whose restart moved it drops out of
+        the named ones at the next lookup that answers)."""
+        candidates = list(dict.fromkeys([*self._seeds, *(n.grpc_address for n in self._nodes)]))
+        if len(candidates) < 2:
+            return
+        failed = self._address
+        at = candidates.index(failed) if failed in candidates else -1
+        self._address = candidates[(at + 1) % len(candidates)]
+        log.info("kvstore lookups at %s failed: the next go to %s", failed, self._address)
 
     async def _pin(
         self, hashes: Sequence[BlockHash], owners: list[str], first_block: int
@@ -330,6 +356,8 @@ class KVStoreClient:
                 kvstore_pb2.LookupRequest(), timeout=self._timeout_s
             )
         except grpc.aio.AioRpcError as exc:
+            if exc.code() in _UNREACHABLE:
+                self._next_lookup_node()
             raise StoreError(f"lookup failed: {exc.code().name}: {exc.details()}") from None
         self._nodes = [_node(n) for n in reply.nodes]
         self._nodes_stale = False

@@ -431,3 +431,38 @@ def test_a_writer_follows_a_node_restarted_on_a_new_data_port(redis_server, kv_p
         await client.close()
 
     asyncio.run(main())
+
+
+def test_lookups_move_to_another_node_when_theirs_stops_answering(redis_server, kv_prefix):
+    """Probe, session 43: prefill workers knew one kvstore node; with it frozen or stopped
+    every lookup failed (each waiting out its timeout) while another node served. Lookups now
+    move on, after one failure, to the next given address or live node a lookup named."""
+    hashes = [bytes([i]) * 16 for i in range(1, 4)]
+    layers = [torch.randn(2, 3, 16, 2, 8) for _ in range(2)]
+
+    async def lookups_move_on(first: Store, second: Store) -> None:
+        both = KVStoreClient([first.address, second.address], RPC, timeout_s=1.0)
+        learned = KVStoreClient(first.address, RPC, timeout_s=1.0)  # given one, it learns
+        for client in (both, learned):  # the first answers
+            found = await client.lookup(hashes)
+            assert found.prefix is not None and found.prefix.num_blocks == 3
+            await client.release(found.prefix)
+        await first.server.stop(0)
+        for client in (both, learned):  # one lookup fails, the next goes to the live node
+            with pytest.raises(StoreError, match="lookup failed: UNAVAILABLE"):
+                await client.lookup(hashes)
+            found = await client.lookup(hashes)
+            assert found.prefix is not None and found.prefix.num_blocks == 3
+            await client.release(found.prefix)
+            await client.close()
+
+    async def main():
+        async with kvstore_node(redis_server.url, kv_prefix, "tcp", node_id="kvstore-1") as second:
+            writer = KVStoreClient(second.address, RPC, timeout_s=1.0)
+            assert (await writer.lookup(hashes)).prefix is None
+            assert await writer.write_back(hashes, layers) == 3  # all on the one live node
+            await writer.close()
+            async with kvstore_node(redis_server.url, kv_prefix, "tcp") as first:
+                await lookups_move_on(first, second)
+
+    asyncio.run(main())
