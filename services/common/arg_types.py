@@ -23,7 +23,8 @@ def positive(
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
         if not value > 0 or (math.isinf(value) and not allow_inf):
             raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
         _check_at_most(value, at_most, text)
@@ -39,7 +40,8 @@ def non_negative(kind: type, at_most: float | None = None) -> Callable[[str], fl
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
         if not (value >= 0 and math.isfinite(value)):
             raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
         _check_at_most(value, at_most, text)

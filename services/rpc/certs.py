@@ -160,7 +160,10 @@ def create_certs(
     if not 1 <= days <= MAX_DAYS:
         raise ConfigError(f"days must be in 1..{MAX_DAYS}, got {days}")
     hosts = [dns_name(h) for h in hosts]
+    created = not Path(directory).exists()
     directory = output_dir(Path(directory), "certs dir")
+    if created:  # its owner's only, whatever the umask (000 made it 0777: probe, session 43)
+        directory.chmod(0o700)
     existing = [p for p in directory.iterdir() if p.suffix in (".crt", ".key", ".secret")]
     if existing and not overwrite:
         raise ConfigError(f"{directory} already holds {existing[0].name}; pass --overwrite")

@@ -120,6 +120,7 @@ def test_certs_command_writes_a_ca_and_one_certificate_per_role(tmp_path, capsys
     roles = sorted(f"{r.value}.{s}" for r in ROLES for s in ("crt", "key"))
     assert names == sorted(["ca.crt", "ca.key", "dataplane.secret", "redis.secret", *roles])
     assert (out / "redis.secret").stat().st_mode & 0o777 == 0o600
+    assert out.stat().st_mode & 0o777 == 0o700  # created here: its owner's only
     assert (out / "decode.key").stat().st_mode & 0o777 == 0o600
     cert = x509.load_pem_x509_certificate((out / "decode.crt").read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

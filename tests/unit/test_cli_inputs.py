@@ -454,6 +454,7 @@ def test_up_refuses_extra_flags_no_shell_would_split(capsys, flag):
         (["{d}/a-file"], "a-file is a file, not a directory"),
         (["{d}/a-file/sub"], "cannot create the directory"),
         (["{d}/new", "--days", "99999999"], "days must be in 1..36500, got 99999999"),
+        (["{d}/new", "--days", "1.5"], "expected an integer, got '1.5'"),  # not "a number"
         (["{d}/new", "--host", "bad host name!"], "host 'bad host name!' is not a DNS name"),
         (["{d}/new", "--host", "x" * 300], "is not a DNS name"),
         (["{d}/new", "--host", "a..b"], "is not a DNS name"),
