@@ -8,13 +8,20 @@ Lifecycle of a run:
 1. the service's scenario is built from the flags and set up (``setup``: connections, data
    the iterations need, in-process peers) and ``--warmup`` iterations run unrecorded; the
    first failure there ends the run with its status, before any load is sent;
+   (each bounded by ``--timeout``); the service's own counters are read once before it, the
+   baseline of the leak check;
 2. each step (one per value of ``--users`` or ``--rate``) is one bounded run of the driver
-   (``bench.loadtest.driver``), then the service's own counters are read until they show
-   nothing left behind (polled up to ``SETTLE_S``: freeing after a cancel is asynchronous);
-3. the report (``bench.loadtest.report``) is written to ``--out`` as ``SERVICE[-LABEL].json``,
-   ``.csv`` and ``-samples.csv``, and printed as markdown.
+   (``bench.loadtest.driver``), its iteration indices continuing the last step's (no prompt is
+   sent twice in a run), then the service's own counters are read until none is above its
+   baseline (polled up to ``SETTLE_S``: freeing after a cancel is asynchronous); a failed read
+   is reported as the step's leak check failure, never the end of the run;
+3. the report (``bench.loadtest.report``) is printed as markdown and written to ``--out`` as
+   ``SERVICE[-LABEL].json``, ``.csv`` and ``-samples.csv``.
+SIGTERM ends a run as Ctrl-C does: what runs is cancelled, and its cleanup (a cycle's
+migration aborted) done, then exit 143 (130 for Ctrl-C).
 Exit status: 0 when every step had successful iterations and left nothing behind, else 1;
-2 for bad flags (checked with ``--out`` before anything connects) or a failed warm-up.
+2 for bad flags (checked with ``--out`` before anything connects: ``bench.loadtest.checks``) or
+a failed setup or warm-up.
 """
 
 from __future__ import annotations
@@ -22,7 +29,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import enum
+import math
+import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -30,12 +41,14 @@ from pathlib import Path
 import grpc
 
 from bench.loadtest import coordinator, decode, kvstore, prefill, router
+from bench.loadtest.checks import check_pids, label_arg, leaks_of, nonce_arg, output_paths
 from bench.loadtest.driver import (
     LoadSpec,
     Loop,
     RunResult,
     Scenario,
     message_of,
+    new_nonce,
     process_cpu_seconds,
     run_load,
     status_of,
@@ -46,13 +59,19 @@ from bench.machine import loadavg, machine_info
 from bench.transport_bench import size_list
 from services.common.arg_types import host_port, non_negative, number_list, path_arg, positive
 from services.common.errors import ConfigError
-from services.common.paths import output_dir
 from services.rpc.dataplane import DataPlaneError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "loadtest"
 SETTLE_S = 5.0
+STATE_TIMEOUT_S = 10.0  # one read of the service's counters
+MAX_WARMUP = 1000
 UNITS_S = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+# What a call to the service can fail with (outside an iteration, which records any failure).
+SERVICE_ERRORS = (OSError, grpc.RpcError, DataPlaneError, TimeoutError)
+EXIT_SIGTERM = 128 + signal.SIGTERM
+# A negative number, with or without a unit ("-1s"): a flag's value, never a flag.
+NEGATIVE_VALUE = re.compile(r"-\.?\d")
 
 
 class Service(enum.Enum):
@@ -80,6 +99,26 @@ MODULES = {
 }
 
 
+class Terminated(Exception):
+    """SIGTERM ended the run (after its cleanup)."""
+
+
+class LoadtestParser(argparse.ArgumentParser):
+    """Takes ``--duration -1s`` as the flag and its (bad) value, as ``--duration=-1s``: argparse
+    reads "-1s" as an unknown flag and says only "expected one argument"."""
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 - argparse's
+        args = list(sys.argv[1:] if args is None else args)
+        joined: list[str] = []
+        for arg in args:
+            flag = joined[-1] if joined else ""
+            if NEGATIVE_VALUE.match(arg) and flag.startswith("--") and "=" not in flag:
+                joined[-1] = f"{flag}={arg}"
+            else:
+                joined.append(arg)
+        return super().parse_known_args(joined, namespace)
+
+
 def seconds(text: str) -> float:
     """ "30s", "500ms", "2m", "1h" or a plain number of seconds."""
     number = text.rstrip("mshMSH")
@@ -90,7 +129,7 @@ def seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"expected a duration like 30s or 500ms, got {text!r}"
         ) from None
-    if not value > 0:
+    if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"expected a positive duration, got {text!r}")
     return value
 
@@ -113,8 +152,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=seconds, default=30.0, help="per iteration (default 30s)")
     p.add_argument("--max-in-flight", type=positive(int), default=1024,
                    help="open loop: at most in flight")  # fmt: skip
-    p.add_argument("--warmup", type=non_negative(int), default=1,
-                   help="unrecorded iterations first")  # fmt: skip
+    p.add_argument("--warmup", type=non_negative(int, at_most=MAX_WARMUP), default=1,
+                   help="unrecorded iterations first, each bounded by --timeout")  # fmt: skip
     p.add_argument("--p99-target-ms", type=positive(float), default=None,
                    help="SLO: each step passes if the --slo name's p99 is within this")  # fmt: skip
     p.add_argument("--slo", default=None,
@@ -122,13 +161,20 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    "test records (default: the iteration)")  # fmt: skip
     p.add_argument("--server-pid", type=number_list(int), default=None, metavar="PID[,PID]",
                    help="local processes of the service: report their CPU use per step")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="arrival times, KV values, prompt contents (with the nonce)")  # fmt: skip
+    p.add_argument("--nonce", type=nonce_arg, default=None,
+                   help="prompts are keyed by seed, nonce and index; default a fresh nonce per "
+                   "run (never a cache hit): a report's nonce sends its prompts again")  # fmt: skip
     p.add_argument("--out", type=path_arg, default=DEFAULT_OUT, help="output directory")
-    p.add_argument("--label", default="", help="file suffix: SERVICE-LABEL.json")
+    p.add_argument("--label", type=label_arg, default=None,
+                   help="file suffix: SERVICE-LABEL.json (a plain file-name part)")  # fmt: skip
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="service", required=True, metavar="SERVICE")
+    sub = p.add_subparsers(
+        dest="service", required=True, metavar="SERVICE", parser_class=LoadtestParser
+    )
     for service in Service:
         sp = sub.add_parser(service.value, help=HELP[service], description=HELP[service])
         sp.set_defaults(loadtest_service=service)
@@ -136,25 +182,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         MODULES[service].add_arguments(sp)
 
 
+def rpc_timeout(load_class: type, args: argparse.Namespace) -> float:
+    """A scenario's bound on each of its calls (setup's included), within ``--timeout``."""
+    return min(load_class.rpc_timeout_s, args.timeout)
+
+
 def build_scenario(service: Service, args: argparse.Namespace) -> Scenario:
+    nonce = args.nonce or new_nonce()
     try:
         if service is Service.KVSTORE:
             (layer_bytes,) = size_list(args.layer_bytes)
             load = kvstore.KVStoreLoad(
                 args.op, args.num_prefixes, args.num_blocks, args.num_layers, layer_bytes,
-                args.write_fraction, seed=args.seed,
+                args.write_fraction, seed=args.seed, nonce=nonce,
+                rpc_timeout_s=rpc_timeout(kvstore.KVStoreLoad, args),
             )  # fmt: skip
             return kvstore.KVStoreScenario(args.target, load)
         if service is Service.DECODE:
             load = decode.DecodeLoad(
                 args.model, args.dtype, args.block_size, args.prompt_len, args.max_tokens,
-                args.kv_transport, seed=args.seed,
+                args.kv_transport, seed=args.seed, nonce=nonce,
+                rpc_timeout_s=rpc_timeout(decode.DecodeLoad, args),
             )  # fmt: skip
             return decode.DecodeScenario(args.target, load)
         if service is Service.PREFILL:
             load = prefill.PrefillLoad(
-                args.prompt_len, args.vocab_range, args.sink_transport, seed=args.seed
-            )
+                args.prompt_len, args.vocab_range, args.sink_transport, seed=args.seed,
+                nonce=nonce, rpc_timeout_s=rpc_timeout(prefill.PrefillLoad, args),
+            )  # fmt: skip
             return prefill.PrefillScenario(args.target, load)
         if service is Service.COORDINATOR:
             if args.op == "cycle" and (args.rate or (args.users and args.users != [1])):
@@ -165,11 +220,12 @@ def build_scenario(service: Service, args: argparse.Namespace) -> Scenario:
             load = coordinator.CoordinatorLoad(
                 args.op, args.live_only, args.donor, args.helper, args.start_layer,
                 args.end_layer, args.poll_ms / 1000,
+                rpc_timeout_s=rpc_timeout(coordinator.CoordinatorLoad, args),
             )  # fmt: skip
             return coordinator.CoordinatorScenario(args.target, load)
         load = router.RouterLoad(
             args.prompt_len, args.max_tokens, args.vocab_range, args.stub_workers, args.model,
-            seed=args.seed,
+            seed=args.seed, nonce=nonce, rpc_timeout_s=rpc_timeout(router.RouterLoad, args),
         )  # fmt: skip
         return router.RouterScenario(args.target, load)
     except (argparse.ArgumentTypeError, ValueError) as exc:
@@ -202,12 +258,27 @@ def specs_of(args: argparse.Namespace) -> list[LoadSpec]:
     return [LoadSpec(Loop.CLOSED, users=u, **common) for u in args.users or [1]]
 
 
-async def settled_state(scenario: Scenario) -> dict:
-    """The service's counters once nothing is left behind, or as they are after SETTLE_S."""
+async def read_state(scenario: Scenario, timeout_s: float = STATE_TIMEOUT_S) -> dict:
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await scenario.server_state()
+    except TimeoutError:
+        raise TimeoutError(f"no answer within {timeout_s:g} s") from None
+
+
+async def settled_state(scenario: Scenario, before: dict[str, int]) -> dict:
+    """The service's counters once none is above its count ``before`` the run, or as they are
+    after SETTLE_S; a read that fails is named (``leak_check_failed``), not raised: the run's
+    results are reported whatever the service does after it."""
     deadline = time.monotonic() + SETTLE_S
     while True:
-        state = await scenario.server_state()
-        if not state.get("leaks") or time.monotonic() > deadline:
+        try:
+            state = await read_state(scenario)
+        except SERVICE_ERRORS as exc:
+            failed = f"{status_of(exc)}: {message_of(exc)}{hint(scenario, exc)}"
+            return {"leaks": "", "leak_check_failed": failed}
+        state["leaks"] = leaks_of(state["held"], before)
+        if not state["leaks"] or time.monotonic() > deadline:
             return state
         await asyncio.sleep(0.1)
 
@@ -223,27 +294,82 @@ def server_cpu(pids: list[int] | None) -> dict[int, float] | None:
     return seconds
 
 
+def hint(scenario: Scenario, exc: BaseException) -> str:
+    """What a failure likely means, where the load test can tell: " (...)" or ""."""
+    status = status_of(exc)
+    if status == "UNIMPLEMENTED":
+        expected = getattr(scenario, "grpc_service", "")
+        target = getattr(scenario, "target", "the target")
+        return f" ({target} does not serve {expected}: is --target the right service?)"
+    told = getattr(scenario, "hint", None)
+    return told(status, message_of(exc)) if told else ""
+
+
+async def prepare(scenario: Scenario, warmup: int, timeout_s: float | None) -> dict[str, int]:
+    """Setup, the service's counters before any load (the leak check's baseline), warm-up."""
+    bound = STATE_TIMEOUT_S if timeout_s is None else min(timeout_s, STATE_TIMEOUT_S)
+    what = "setup"
+    try:
+        await scenario.setup()
+        what = "reading the service's counters (the leak check's baseline)"
+        before = (await read_state(scenario, bound))["held"]
+    except SERVICE_ERRORS as exc:
+        message = f"{what} failed: {status_of(exc)}: {message_of(exc)}{hint(scenario, exc)}"
+        raise ConfigError(message) from exc
+    try:
+        await warm_up(scenario, warmup, timeout_s)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}{hint(scenario, exc.__cause__ or exc)}") from exc.__cause__
+    return before
+
+
 async def drive(
     scenario: Scenario, specs: list[LoadSpec], warmup: int, pids: list[int] | None = None
-) -> tuple[list[RunResult], list[dict]]:
+) -> tuple[list[RunResult], list[dict], dict[str, int]]:
+    """Every step, with SIGTERM cancelling the run as Ctrl-C does (``Terminated`` once its
+    cleanup is done)."""
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    terminated = asyncio.Event()
+
+    def terminate() -> None:
+        terminated.set()
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, terminate)
     try:
-        try:
-            await scenario.setup()
-        except (OSError, grpc.RpcError, DataPlaneError, TimeoutError) as exc:
-            raise ConfigError(f"setup failed: {status_of(exc)}: {message_of(exc)}") from exc
-        await warm_up(scenario, warmup)
-        results, steps = [], []
-        for i, spec in enumerate(specs):
-            print(f"loadtest: step {i}: {spec.label} for {spec.duration_s:g} s", file=sys.stderr)
-            before = server_cpu(pids)
-            result = await run_load(scenario, spec)
-            after = server_cpu(pids)
-            used = None if before is None else {p: after[p] - before[p] for p in after}
-            results.append(result)
-            steps.append(step_summary(result, await settled_state(scenario), used))
-        return results, steps
+        return await drive_steps(scenario, specs, warmup, pids)
+    except asyncio.CancelledError:
+        if terminated.is_set():
+            raise Terminated from None
+        raise
     finally:
-        await scenario.close()
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
+async def drive_steps(
+    scenario: Scenario, specs: list[LoadSpec], warmup: int, pids: list[int] | None
+) -> tuple[list[RunResult], list[dict], dict[str, int]]:
+    try:
+        before = await prepare(scenario, warmup, specs[0].timeout_s if specs else None)
+        results, steps, next_index = [], [], 0
+        for i, spec in enumerate(specs):
+            spec = dataclasses.replace(spec, first_index=next_index)
+            print(f"loadtest: step {i}: {spec.label} for {spec.duration_s:g} s", file=sys.stderr)
+            cpu_before = server_cpu(pids)
+            result = await run_load(scenario, spec)
+            cpu_after = server_cpu(pids)
+            used = None
+            if cpu_before is not None:
+                used = {p: cpu_after[p] - cpu_before[p] for p in cpu_after if p in cpu_before}
+            results.append(result)
+            steps.append(step_summary(result, await settled_state(scenario, before), used))
+            next_index = result.next_index
+        return results, steps, before
+    finally:
+        try:
+            await scenario.close()
+        except Exception as exc:  # the results stand: closing is not part of them
+            print(f"loadtest: closing failed: {status_of(exc)}: {message_of(exc)}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -251,22 +377,33 @@ def run(args: argparse.Namespace) -> int:
     scenario = build_scenario(service, args)
     specs = specs_of(args)
     slo = slo_of(args, scenario)
-    out = output_dir(Path(args.out), "--out")  # before any load: its results are never lost
+    check_pids(args.server_pid)
+    stem = f"{service.value}-{args.label}" if args.label else service.value
+    paths = output_paths(Path(args.out), stem)  # before any load: its results are never lost
     machine = machine_info()
-    results, steps = asyncio.run(drive(scenario, specs, args.warmup, args.server_pid))
+    try:
+        results, steps, before = asyncio.run(drive(scenario, specs, args.warmup, args.server_pid))
+    except Terminated:
+        print("loadtest: terminated (SIGTERM); nothing reported", file=sys.stderr)
+        return EXIT_SIGTERM
     machine["loadavg_after"] = loadavg()
     report = {
         "service": service.value,
         "target": args.target,
         "scenario": scenario.describe(),
         "machine": machine,
+        "server_before": before,
         "steps": steps,
         "sweep": sweep_summary(steps, slo),
     }
-    stem = f"{service.value}-{args.label}" if args.label else service.value
-    paths = write_files(report, results, out, stem)
     print(render_markdown(report))
+    try:
+        write_files(report, results, paths[0].parent, stem)
+    except OSError as exc:
+        print(f"loadtest: could not write the report to {args.out}: {exc}", file=sys.stderr)
+        return 1
     print("loadtest: wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
     ok = all(s["num_iterations"] and s["rpcs"][0]["ok"] for s in steps)
-    clean = not any(s["server_after"].get("leaks") for s in steps)
+    after = [s["server_after"] for s in steps]
+    clean = not any(a.get("leaks") or a.get("leak_check_failed") for a in after)
     return 0 if ok and clean else 1

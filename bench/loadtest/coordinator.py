@@ -44,6 +44,7 @@ RPC_NAMES = {
     "describe": ("DescribeMigration",),
     "cycle": ("StartMigration", "to ACTIVE", "RevertMigration", "to DONE"),
 }
+MAX_POLL_S = 10.0  # a slower poll would outlast a cycle's --timeout, and its wait for a state
 ACTIVE, DONE, ABORTED = (
     pb.MIGRATION_STATE_ACTIVE,
     pb.MIGRATION_STATE_DONE,
@@ -75,6 +76,9 @@ class CoordinatorLoad:
                               f"{self.end_layer})")  # fmt: skip
         if not self.poll_s > 0:
             raise ConfigError(f"--poll-ms must be positive, got {self.poll_s * 1000:g}")
+        if self.poll_s > MAX_POLL_S:
+            raise ConfigError(f"--poll-ms must be at most {MAX_POLL_S * 1000:g}, got "
+                              f"{self.poll_s * 1000:g}")  # fmt: skip
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -94,6 +98,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 class CoordinatorScenario:
     sample_names: tuple[str, ...]
+    grpc_service = pb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
 
     def __init__(self, target: str, load: CoordinatorLoad, rpc: RpcConfig | None = None) -> None:
         self.target = target
@@ -136,8 +141,8 @@ class CoordinatorScenario:
 
     async def server_state(self) -> dict:
         live = (await self._list(live_only=True)).migrations
-        leaks = [f"{m.migration_id} {pb.MigrationState.Name(m.state)}" for m in live]
-        return {"num_live": len(live), "leaks": "; ".join(leaks)}
+        held = {f"{m.migration_id} {pb.MigrationState.Name(m.state)}": 1 for m in live}
+        return {"num_live": len(live), "held": held}
 
     async def _list(self, live_only: bool) -> pb.ListMigrationsResponse:
         request = pb.ListMigrationsRequest(live_only=live_only)

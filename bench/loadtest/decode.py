@@ -7,7 +7,9 @@ values of the exact shape and dtype (the worker imports it and decodes on it; th
 then samples mean nothing, and ``ignore_eos`` makes every request ``--max-tokens`` long).
 
 Each iteration is one request, as the router and a prefill worker drive it:
-1. ``ReserveKV`` with a fresh prompt of ``--prompt-len`` seeded tokens;
+1. ``ReserveKV`` with a fresh prompt of ``--prompt-len`` tokens, drawn from a generator keyed
+   by the seed, the run's nonce and the iteration's index (unique across a sweep's steps: the
+   worker's prefix cache never holds it, from this run or an earlier one);
 2. ``StreamTokens`` opened at once (the router opens it after the prefill; opening it early
    changes nothing here, and its wait is bounded by the lease);
 3. the KV, every layer, sent by the prefill worker's own sender (``services.prefill``'s
@@ -28,12 +30,11 @@ import asyncio
 import contextlib
 import random
 import time
-import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
-from bench.loadtest.driver import Recorder, ScenarioError
+from bench.loadtest.driver import Recorder, ScenarioError, new_nonce
 from services.common.arg_types import positive
 from services.common.config import RpcConfig
 from services.common.errors import ConfigError
@@ -56,6 +57,7 @@ class DecodeLoad:
     kv_transport: str = "auto"
     rpc_timeout_s: float = 30.0
     seed: int = 0
+    nonce: str = field(default_factory=new_nonce)
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -79,6 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 class DecodeScenario:
+    grpc_service = decode_pb2.DESCRIPTOR.services_by_name["DecodeService"].full_name
     name = "request"
     sample_names = (
         "request",
@@ -92,7 +95,7 @@ class DecodeScenario:
         self.target = target
         self.load = load
         self._rpc = rpc or RpcConfig()
-        self._nonce = uuid.uuid4().hex[:8]
+        self._nonce = load.nonce
         self._channel: grpc.aio.Channel | None = None
         self._kv_bytes: int | None = None
 
@@ -105,6 +108,7 @@ class DecodeScenario:
             "max_tokens": load.max_tokens,
             "kv_transport": load.kv_transport,
             "kv_bytes_per_request": self._kv_bytes,
+            "nonce": self._nonce,
         }
 
     async def setup(self) -> None:
@@ -143,18 +147,17 @@ class DecodeScenario:
 
     async def server_state(self) -> dict:
         s = await self._stub.Stats(decode_pb2.DecodeServiceStatsRequest(), timeout=10)
-        leaks = []
-        if s.kv.num_blocks_used:
-            leaks.append(f"{s.kv.num_blocks_used} blocks used")
-        if s.reservations:
-            leaks.append(f"{len(s.reservations)} reservations open")
-        if s.num_running_seqs or s.num_waiting_seqs:
-            leaks.append(f"{s.num_running_seqs} running, {s.num_waiting_seqs} waiting")
+        held = {
+            "blocks used": s.kv.num_blocks_used,
+            "reservations open": len(s.reservations),
+            "running": s.num_running_seqs,
+            "waiting": s.num_waiting_seqs,
+        }
         return {
             "num_blocks_total": s.kv.num_blocks_total,
             "num_blocks_used": s.kv.num_blocks_used,
             "num_reservations": len(s.reservations),
-            "leaks": ", ".join(leaks),
+            "held": held,
         }
 
     def _layout(self, layer: int, hashes: list[bytes], first_block: int):
@@ -167,7 +170,7 @@ class DecodeScenario:
         )  # fmt: skip
 
     def _prompt(self, index: int) -> list[int]:
-        rng = random.Random(f"{self.load.seed}:prompt:{index}")
+        rng = random.Random(f"{self.load.seed}:{self._nonce}:prompt:{index}")
         return [rng.randrange(5, self._vocab_size) for _ in range(self.load.prompt_len)]
 
     async def run_one(self, index: int, rec: Recorder) -> None:
@@ -196,8 +199,8 @@ class DecodeScenario:
                 DATA_TRANSPORT_FROM_PROTO.get(reply.data_transport, ""),
             )  # fmt: skip
             hashes = block_hashes(prompt, load.block_size, self._fingerprint)
-            # A prompt the worker decoded before (the same seed again) is in its prefix cache:
-            # the KV goes from the first block it does not hold, as a prefill worker sends it.
+            # A prompt the worker decoded before (the same --seed and --nonce again) is in its
+            # prefix cache: the KV goes from the first block it does not hold, as a prefill worker sends it.
             first = reply.num_cached_blocks
             await self._transfer(target, request_id, hashes, first, prompt[-1], rec)
             await self._read_stream(stream, rec)

@@ -27,6 +27,7 @@ import itertools
 import os
 import resource
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -42,6 +43,12 @@ CANCELLED = "CANCELLED"
 DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
 GRACE_S = 5.0
 MAX_MESSAGE = 200
+
+
+def new_nonce() -> str:
+    """A run's prompt nonce: prompts are keyed by (seed, nonce, index), so a fresh nonce sends
+    prompts no server has seen, from any earlier run, whatever the seed."""
+    return uuid.uuid4().hex[:12]
 
 
 class Loop(enum.Enum):
@@ -66,6 +73,9 @@ class LoadSpec:
     timeout_s: float = 30.0  # per iteration
     max_in_flight: int = 1024  # open loop
     seed: int = 0
+    # The first iteration's index: a sweep's steps continue where the last one stopped, so no
+    # two iterations of a run (which key their prompts by index) send the same prompt.
+    first_index: int = 0
 
     def __post_init__(self) -> None:
         if self.loop is Loop.CLOSED and self.users < 1:
@@ -191,17 +201,23 @@ class Recorder:
 
 
 class Scenario(Protocol):
-    """One service's load test. ``setup`` once, then ``run_one`` per iteration (concurrently),
-    ``server_state`` after each run (the service's own counters: the leak check), ``close``."""
+    """One service's load test. ``setup`` once, ``server_state`` (the baseline), then
+    ``run_one`` per iteration (concurrently), ``server_state`` after each run (the service's
+    own counters: the leak check), ``close``."""
 
     name: str  # the iteration's name in the report
     sample_names: tuple[str, ...]  # every name it records: the iteration's, its RPCs'
+    target: str  # HOST:PORT
+    grpc_service: str  # the full name of the gRPC service it calls (a hint when it is not there)
 
     async def setup(self) -> None: ...
 
     async def run_one(self, index: int, rec: Recorder) -> None: ...
 
-    async def server_state(self) -> dict: ...
+    async def server_state(self) -> dict:
+        """The service's counters, with ``held``: a count per thing a run can leave behind
+        (``"kvstore-0 pins": 0``); a leak is a count above its value before the run."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -215,6 +231,7 @@ class RunResult:
     messages: dict[tuple[str, str], str]
     wall_s: float
     client_cpu_s: float  # this process's CPU time during the run (driver, clients, any stubs)
+    next_index: int = 0  # one past the last index handed out: the next step's first
 
 
 def cpu_seconds() -> float:
@@ -236,6 +253,7 @@ class Driver:
         self.spec = spec
         self.rec = Recorder()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._next_index = spec.first_index
 
     async def run(self) -> RunResult:
         cpu, self.rec = cpu_seconds(), Recorder()
@@ -251,8 +269,9 @@ class Driver:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         wall_s = self.rec.clock() - self.rec.t0
         return RunResult(
-            self.spec, self.rec.samples, self.rec.messages, wall_s, cpu_seconds() - cpu
-        )
+            self.spec, self.rec.samples, self.rec.messages, wall_s, cpu_seconds() - cpu,
+            self._next_index,
+        )  # fmt: skip
 
     async def _iteration(self, index: int, due_s: float) -> None:
         rec = self.rec
@@ -270,6 +289,8 @@ class Driver:
             rec.add(self.scenario.name, SampleKind.ITERATION, start, status, lag_s=lag)
 
     def _spawn(self, index: int, due_s: float, done: Callable[[], None]) -> None:
+        index += self.spec.first_index
+        self._next_index = index + 1
         task = asyncio.create_task(self._iteration(index, due_s))
         self._tasks.add(task)
 
@@ -300,6 +321,8 @@ class Driver:
                 index = next(counter)
                 if limit is not None and index >= limit:
                     return
+                index += self.spec.first_index
+                self._next_index = max(self._next_index, index + 1)
                 await self._iteration(index, self.rec.clock() - self.rec.t0)
 
         users = [asyncio.create_task(user()) for _ in range(self.spec.users)]
@@ -307,13 +330,15 @@ class Driver:
         await asyncio.gather(*users)
 
 
-async def warm_up(scenario: Scenario, count: int) -> None:
-    """``count`` unrecorded iterations (connections opened, caches filled); the first failure
-    stops the load test with what went wrong, before any load is sent."""
+async def warm_up(scenario: Scenario, count: int, timeout_s: float | None = None) -> None:
+    """``count`` unrecorded iterations (connections opened, caches filled), each bounded by
+    ``timeout_s`` as the load's are; the first failure stops the load test with what went
+    wrong, before any load is sent."""
     for i in range(count):
         rec = Recorder()
         try:
-            await scenario.run_one(-1 - i, rec)
+            async with asyncio.timeout(timeout_s):
+                await scenario.run_one(-1 - i, rec)
         except Exception as exc:
             raise ConfigError(
                 f"warm-up iteration failed: {status_of(exc)}: {message_of(exc)}"

@@ -6,7 +6,9 @@ Setup:
    learns them; a channel and a data-plane client are opened per node;
 2. ``--num-prefixes`` prefixes of ``--num-blocks`` blocks are stored (the write path below),
    each block ``--num-layers`` layers of ``--layer-bytes``, named by chained hashes
-   (``services.common.hashing``) of seeded tokens under a fingerprint unique to this run.
+   (``services.common.hashing``) of seeded tokens under a fingerprint made of the run's nonce
+   (fresh every run unless ``--nonce`` repeats one). Sizes the data plane cannot carry in one
+   message (1 GiB) or this process cannot hold are refused before anything connects.
 
 Then every iteration is one ``--op``:
 - ``lookup``: ``Lookup`` of one stored prefix, which must hit every block;
@@ -29,20 +31,23 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import os
 import random
-import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 
-from bench.loadtest.driver import Recorder, ScenarioError
+from bench.loadtest.driver import Recorder, ScenarioError, new_nonce
 from services.common.config import RpcConfig
 from services.common.errors import ConfigError
-from services.common.hashing import BlockHash, block_hashes, place
+from services.common.hashing import HASH_SIZE, BlockHash, block_hashes, place
+from services.kvstore.pool import MAX_NUM_LAYERS
 from services.rpc import dataplane
 from services.rpc.channels import open_channel
 from services.rpc.convert import DATA_TRANSPORT_FROM_PROTO
+from services.rpc.dataplane.base import MAX_HEADER_BYTES
+from services.rpc.dataplane.tcp import DEFAULT_MAX_PAYLOAD_BYTES
 from services.rpc.gen.banaserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 
 OPS = ("lookup", "read", "write", "mixed")
@@ -54,6 +59,10 @@ RPC_NAMES = {"lookup": ("Lookup",), "read": _READ_RPCS, "write": _WRITE_RPCS,
              "mixed": (*_READ_RPCS, *_WRITE_RPCS)}  # fmt: skip
 TOKENS_PER_BLOCK = 16
 CONNECT_TIMEOUT_S = 10.0
+# One prefix's every layer goes in one data-plane write: at most what one message may carry
+# (the TCP plane's frame limit, 1 GiB), and its header (every block hash) within the header
+# limit. The payload is also held in this process's memory, once.
+MAX_PREFIX_BYTES = DEFAULT_MAX_PAYLOAD_BYTES
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,7 @@ class KVStoreLoad:
     write_fraction: float = 0.2
     rpc_timeout_s: float = 10.0
     seed: int = 0
+    nonce: str = field(default_factory=new_nonce)
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -75,6 +85,31 @@ class KVStoreLoad:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.write_fraction <= 1.0:
             raise ConfigError(f"write fraction must be in [0, 1], got {self.write_fraction}")
+        self._check_sizes()
+
+    @property
+    def prefix_bytes(self) -> int:
+        return self.num_blocks * self.num_layers * self.layer_bytes
+
+    def _check_sizes(self) -> None:
+        if self.num_layers > MAX_NUM_LAYERS:
+            raise ConfigError(f"--num-layers {self.num_layers}: a kvstore block has at most "
+                              f"{MAX_NUM_LAYERS}")  # fmt: skip
+        # A write's header lists every block hash (HASH_SIZE bytes and 2 of framing each).
+        if self.num_blocks * (HASH_SIZE + 2) + 64 > MAX_HEADER_BYTES:
+            limit = (MAX_HEADER_BYTES - 64) // (HASH_SIZE + 2)
+            raise ConfigError(f"--num-blocks {self.num_blocks}: one data-plane write names at "
+                              f"most {limit} blocks")  # fmt: skip
+        if self.prefix_bytes > MAX_PREFIX_BYTES:
+            raise ConfigError(
+                f"a prefix of {self.num_blocks} blocks x {self.num_layers} layers x "
+                f"{self.layer_bytes} B is {self.prefix_bytes} B: one data-plane message carries "
+                f"at most {MAX_PREFIX_BYTES} B; use fewer or smaller blocks"
+            )
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if self.prefix_bytes > available:
+            raise ConfigError(f"a prefix of {self.prefix_bytes} B is more than this machine's "
+                              f"free memory ({available} B)")  # fmt: skip
 
 
 @dataclass
@@ -94,19 +129,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 class KVStoreScenario:
+    grpc_service = kvstore_pb2.DESCRIPTOR.services_by_name["KVStoreService"].full_name
+
     def __init__(self, target: str, load: KVStoreLoad, rpc: RpcConfig | None = None) -> None:
         self.target = target
         self.load = load
         self.name = ITERATION_NAMES[load.op]
         self.sample_names = (self.name, *RPC_NAMES[load.op])
         self._rpc = rpc or RpcConfig()
-        self._fingerprint = f"loadtest-{uuid.uuid4().hex[:12]}"
+        self._fingerprint = f"loadtest-{load.nonce}"
         self._channels: list[grpc.aio.Channel] = []
         self._nodes: dict[str, Node] = {}
         self._prefixes: list[list[BlockHash]] = []
         self._num_writes = itertools.count()
-        size = load.num_blocks * load.num_layers * load.layer_bytes
-        self._payload = np.random.default_rng(load.seed).integers(0, 256, size, dtype=np.uint8)
+        try:
+            self._payload = np.random.default_rng(load.seed).integers(
+                0, 256, load.prefix_bytes, dtype=np.uint8
+            )
+        except MemoryError:
+            raise ConfigError(f"cannot allocate a prefix of {load.prefix_bytes} B") from None
 
     def describe(self) -> dict:
         return {
@@ -115,6 +156,7 @@ class KVStoreScenario:
             "blocks": self.load.num_blocks,
             "layers": self.load.num_layers,
             "layer_bytes": self.load.layer_bytes,
+            "nonce": self.load.nonce,
             **({"write_fraction": self.load.write_fraction} if self.load.op == "mixed" else {}),
         }
 
@@ -166,12 +208,11 @@ class KVStoreScenario:
                 "num_bytes_used": s.num_bytes_used,
                 "num_evicted": s.num_evicted,
             }
-        leaks = [
-            f"{nid}: {v['num_pins']} pins, {v['num_reservations']} reservations"
-            for nid, v in nodes.items()
-            if v["num_pins"] or v["num_reservations"]
-        ]
-        return {"nodes": nodes, "leaks": "; ".join(leaks)}
+        held = {}
+        for nid, v in nodes.items():
+            held[f"{nid} pins"] = v["num_pins"]
+            held[f"{nid} reservations"] = v["num_reservations"]
+        return {"nodes": nodes, "held": held}
 
     # -- one iteration ---------------------------------------------------------------------
 

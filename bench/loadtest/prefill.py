@@ -5,11 +5,14 @@ A ``Prefill`` call needs a decode target to stream the prompt's KV to. Here that
 arrives, so the prefill worker is what is measured (a real decode worker would add its own
 reservation, import and decode work to every request, and could be the one that saturates).
 The sink serves the data plane (``--sink-transport``, default ucx, like a decode worker's) and
-the ``TransferKV`` stream; the worker picks by its own ``--kv-transport``.
+the ``TransferKV`` stream: a worker with a data plane (its ``--kv-transport`` not ``none``)
+sends to the sink's data plane, one with ``--kv-transport none`` (or any worker, with
+``--sink-transport stream``: the sink then names no data plane) over the stream.
 
-Each iteration is one ``Prefill`` of a fresh prompt of ``--prompt-len`` seeded token ids drawn
-from ``--vocab-range`` (distinct prompts: no prefix-cache hits, unless the worker has a
-kvstore holding them), greedy, ``max_tokens`` 2 and ``ignore_eos`` so the first token never
+Each iteration is one ``Prefill`` of a fresh prompt of ``--prompt-len`` token ids from
+``--vocab-range``, drawn from a generator keyed by the seed, the run's nonce and the
+iteration's index (unique across a sweep's steps: no prefix-cache hits, in this run or from an
+earlier one), greedy, ``max_tokens`` 2 and ``ignore_eos`` so the first token never
 ends the request and the whole KV is always sent. Recorded: ``Prefill`` (call to ``done``,
 its prompt tokens count towards tokens/s and its KV bytes towards GB/s) and
 ``Prefill first token``. After each run the worker's ``Stats`` is the leak check (no block used,
@@ -20,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import random
-import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
-from bench.loadtest.driver import Recorder, ScenarioError
+from bench.loadtest.driver import Recorder, ScenarioError, new_nonce
 from bench.loadtest.stubs import KVSink
 from services.common.config import RpcConfig
 from services.common.errors import ConfigError
@@ -43,6 +45,7 @@ class PrefillLoad:
     sink_transport: str = "ucx"
     rpc_timeout_s: float = 60.0
     seed: int = 0
+    nonce: str = field(default_factory=new_nonce)
 
     def __post_init__(self) -> None:
         if self.prompt_len < 1:
@@ -62,6 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 class PrefillScenario:
+    grpc_service = prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name
     name = "request"
     sample_names = ("request", "Prefill", "Prefill first token")
 
@@ -69,14 +73,26 @@ class PrefillScenario:
         self.target = target
         self.load = load
         self._rpc = rpc or RpcConfig()
-        self._nonce = uuid.uuid4().hex[:8]
+        self._nonce = load.nonce
         self._sink = KVSink(load.sink_transport)
         self._channel: grpc.aio.Channel | None = None
+
+    def hint(self, status: str, message: str) -> str:
+        """What a failed warm-up likely means, for the two set-ups this test needs."""
+        if "not a worker the router registered" in message:
+            return (" (a prefill worker with --router sends KV only to its router's workers: "
+                    "run it without --router)")  # fmt: skip
+        if "loadtest-kv-sink" in message and self.load.sink_transport != "stream":
+            return (f" (the worker sends KV over the sink's {self.load.sink_transport} data plane "
+                    "unless it runs --kv-transport none: try --sink-transport stream, which "
+                    "every worker can reach)")  # fmt: skip
+        return ""
 
     def describe(self) -> dict:
         return {
             "prompt_len": self.load.prompt_len,
             "decode_target": f"in-process KV sink ({self.load.sink_transport})",
+            "nonce": self._nonce,
         }
 
     async def setup(self) -> None:
@@ -91,19 +107,19 @@ class PrefillScenario:
 
     async def server_state(self) -> dict:
         s = await self._stub.Stats(prefill_pb2.PrefillServiceStatsRequest(), timeout=10)
-        leaks = []
-        if s.kv.num_blocks_used:
-            leaks.append(f"{s.kv.num_blocks_used} blocks used")
-        if s.num_open_transfers or self._sink.num_open:
-            leaks.append(f"{s.num_open_transfers} transfers open ({self._sink.num_open} at sink)")
-        if s.num_running_seqs or s.num_queued_prefill_tokens:
-            leaks.append(f"{s.num_running_seqs} running, {s.num_queued_prefill_tokens} queued")
+        held = {
+            "blocks used": s.kv.num_blocks_used,
+            "transfers open": s.num_open_transfers,
+            "transfers open at the sink": self._sink.num_open,
+            "running": s.num_running_seqs,
+            "prefill tokens queued": s.num_queued_prefill_tokens,
+        }
         return {
             "num_blocks_used": s.kv.num_blocks_used,
             "num_open_transfers": s.num_open_transfers,
             "sink_transfers": self._sink.num_transfers,
             "sink_bytes": self._sink.num_bytes,
-            "leaks": ", ".join(leaks),
+            "held": held,
         }
 
     def _prompt(self, index: int) -> list[int]:

@@ -243,6 +243,14 @@ def step_table(step: dict) -> list[str]:
     return lines
 
 
+def leak_text(server_after: dict) -> str:
+    failed = server_after.get("leak_check_failed")
+    if failed:
+        return f"LEAK CHECK FAILED: {failed}"
+    leaks = server_after.get("leaks")
+    return f"LEAKS: {leaks}" if leaks else "no leaks"
+
+
 def step_lines(i: int, step: dict) -> list[str]:
     lag = step["schedule_lag_ms"]
     lag_text = f" · schedule lag p99 {fmt(lag['p99'], 1)} ms" if lag else ""
@@ -256,8 +264,7 @@ def step_lines(i: int, step: dict) -> list[str]:
         f"### step {i}: {step['load']} · {step['duration_s']:.2f} s measured · client CPU "
         f"{fmt(step['client_cpu_share'], 2)} cores{server_text}{lag_text}{slo_text}"
     )
-    leaks = step["server_after"].get("leaks")
-    after = [f"Server after the run: {'no leaks' if not leaks else 'LEAKS: ' + leaks}"]
+    after = [f"Server after the run: {leak_text(step['server_after'])}"]
     return [head, "", *step_table(step), "", *after, ""]
 
 

@@ -8,8 +8,9 @@ What stands behind the router is the caller's choice:
   load — routing, ``ReserveKV``, ``Prefill``, ``StreamTokens`` and relaying every token. Use it
   with a router that has no workers of its own (``python -m services.router``).
 
-Each iteration is one ``Generate`` of a fresh prompt of ``--prompt-len`` seeded token ids from
-``--vocab-range``, greedy, ``ignore_eos``, ``--max-tokens`` long, read to its ``finished`` frame.
+Each iteration is one ``Generate`` of a fresh prompt of ``--prompt-len`` token ids from
+``--vocab-range``, drawn from a generator keyed by the seed, the run's nonce and the iteration's
+index (unique across a sweep's steps): no prompt any server has seen, greedy, ``ignore_eos``, ``--max-tokens`` long, read to its ``finished`` frame.
 Recorded: ``Generate`` (call to ``finished``; its tokens count towards tokens/s) and
 ``Generate first token``. After each run ``ListWorkers`` is the leak check: once the workers
 report again, none holds a running sequence or a used KV block.
@@ -19,12 +20,11 @@ from __future__ import annotations
 
 import argparse
 import random
-import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
-from bench.loadtest.driver import Recorder, ScenarioError
+from bench.loadtest.driver import Recorder, ScenarioError, new_nonce
 from bench.loadtest.stubs import StubWorkers
 from services.common.config import RpcConfig
 from services.common.errors import ConfigError
@@ -41,6 +41,7 @@ class RouterLoad:
     model: str = "tiny-llama"  # the stub workers' model name
     rpc_timeout_s: float = 60.0
     seed: int = 0
+    nonce: str = field(default_factory=new_nonce)
 
     def __post_init__(self) -> None:
         if self.prompt_len < 1 or self.max_tokens < 1:
@@ -61,6 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 class RouterScenario:
+    grpc_service = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
     name = "request"
     sample_names = ("request", "Generate", "Generate first token")
 
@@ -68,7 +70,7 @@ class RouterScenario:
         self.target = target
         self.load = load
         self._rpc = rpc or RpcConfig()
-        self._nonce = uuid.uuid4().hex[:8]
+        self._nonce = load.nonce
         self._stubs = StubWorkers(target, load.model, self._rpc) if load.stub_workers else None
         self._channel: grpc.aio.Channel | None = None
 
@@ -77,6 +79,7 @@ class RouterScenario:
             "prompt_len": self.load.prompt_len,
             "max_tokens": self.load.max_tokens,
             "workers": "in-process stubs" if self._stubs else "the router's own",
+            "nonce": self._nonce,
         }
 
     async def setup(self) -> None:
@@ -102,12 +105,11 @@ class RouterScenario:
             }
             for w in reply.workers
         }
-        leaks = [
-            f"{wid}: {w['num_running_seqs']} running, {w['num_kv_blocks_used']} blocks used"
-            for wid, w in workers.items()
-            if w["num_running_seqs"] or w["num_kv_blocks_used"]
-        ]
-        return {"workers": workers, "leaks": "; ".join(leaks)}
+        held = {}
+        for wid, w in workers.items():
+            held[f"{wid} running"] = w["num_running_seqs"]
+            held[f"{wid} blocks used"] = w["num_kv_blocks_used"]
+        return {"workers": workers, "held": held}
 
     def _prompt(self, index: int) -> list[int]:
         rng = random.Random(f"{self.load.seed}:{self._nonce}:prompt:{index}")

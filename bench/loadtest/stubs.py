@@ -7,7 +7,8 @@ bottleneck. Both run inside the load test's process, on its event loop.
   chosen kind, and the ``DecodeService.TransferKV`` stream on a gRPC server; ``target`` names
   both, and the prefill worker picks one by its own ``--kv-transport``. Every message is
   answered as soon as it arrived; the sink counts transfers and bytes and checks only that a
-  transfer opens with its header (the decode worker's checks are the decode load test's).
+  transfer opens with its header (on the stream, an ``open`` frame may come before it, as a
+  prefill worker sends one; the decode worker's checks are the decode load test's).
 - ``StubWorkers`` — one prefill and one decode worker without a model, registered with a router
   (``ReportLoad``, as real workers do) for the router load test: ``Prefill`` answers a first
   token and ``done`` at once, ``ReserveKV`` reserves nothing, ``StreamTokens`` streams the
@@ -120,10 +121,13 @@ class KVSink(decode_pb2_grpc.DecodeServiceServicer):
         try:
             async for message in request_iterator:
                 kind = message.WhichOneof("frame")
+                if kind == "open":  # decode.proto: may come first, the header follows
+                    reservation_id = message.open.reservation_id
+                    continue
                 if kind == "header":
                     reservation_id = message.header.reservation_id
                 if reservation_id is None:
-                    raise InvalidRequestError("a transfer must start with its header")
+                    raise InvalidRequestError("a transfer must start with its open or header")
                 size = len(message.layer.data) if kind == "layer" else 0
                 answer = self._frame(reservation_id, kind, size)
                 if kind == "end":

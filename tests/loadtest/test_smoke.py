@@ -109,18 +109,44 @@ def test_decode_imports_kv_and_streams_every_token(service_procs, tmp_path):
 
 
 def test_decode_run_again_sends_only_the_blocks_the_worker_does_not_hold(service_procs, tmp_path):
-    """The same seeded prompts twice (short runs: fewer blocks than the pool, so none is
-    evicted): the worker's prefix cache holds the first run's, and the second run sends each
-    layer from the block ReserveKV names, with no error (a run longer than the pool holds
-    cycles it, and later prompts find theirs evicted: nothing to reuse then)."""
+    """The same seeded prompts twice (``--nonce`` repeated; short runs: fewer blocks than the
+    pool, so none is evicted): the worker's prefix cache holds the first run's, and the second
+    run sends each layer from the block ReserveKV names, with no error (a run longer than the
+    pool holds cycles it, and later prompts find theirs evicted: nothing to reuse then)."""
     target = service_procs["decode"].address
     args = ("--target", target, "--users", "2", "--prompt-len", "40", "--max-tokens", "2",
-            "--seed", "11", "--duration", "0.4s")  # fmt: skip
+            "--seed", "11", "--nonce", "smoke-again", "--duration", "0.4s")  # fmt: skip
     runs = [loadtest(tmp_path / str(i), "decode", *args)["steps"][0] for i in range(2)]
     rows = [assert_sane(step, ["request", "ReserveKV", "TransferKV", "StreamTokens first token",
                                "StreamTokens"]) for step in runs]  # fmt: skip
     per_request = [r["TransferKV"]["bytes"] / r["request"]["ok"] for r in rows]
     assert per_request[1] < per_request[0]  # 40 tokens: blocks 0 and 1 are cached, 2 is sent
+
+
+def test_every_step_and_every_run_sends_uncached_prompts(service_procs, tmp_path):
+    """A sweep's steps reused the first step's prompts, and a run with the same seed the last
+    run's: the decode worker's prefix cache held them, and later steps moved a fraction of
+    the KV. Now every request of every step of both runs moves the whole prompt's KV."""
+    target = service_procs["decode"].address
+    args = ("--target", target, "--users", "1,1", "--max-requests", "2", "--prompt-len", "40",
+            "--max-tokens", "2", "--seed", "4242")  # fmt: skip
+    runs = [loadtest(tmp_path / str(i), "decode", *args) for i in range(2)]
+    for report in runs:
+        per_request = report["scenario"]["kv_bytes_per_request"]
+        moved = [{r["name"]: r for r in s["rpcs"]}["TransferKV"]["bytes"] for s in report["steps"]]
+        assert moved == [2 * per_request, 2 * per_request]
+    assert runs[0]["scenario"]["nonce"] != runs[1]["scenario"]["nonce"]
+
+
+def test_prefill_sends_to_a_stream_sink(service_procs, tmp_path):
+    """``--sink-transport stream`` refused the worker's transfer (its ``open`` frame)."""
+    target = service_procs["bare-prefill"].address
+    report = loadtest(tmp_path, "prefill", "--target", target, "--max-requests", "3",
+                      "--prompt-len", "32", "--sink-transport", "stream")  # fmt: skip
+    (step,) = report["steps"]
+    rows = assert_sane(step, ["request", "Prefill first token", "Prefill"])
+    assert rows["Prefill"]["ok"] == 3
+    assert step["server_after"]["sink_transfers"] == 3 + 1  # and the warm-up's
 
 
 def test_prefill_sends_each_prompt_to_the_sink_at_the_poisson_rate(service_procs, tmp_path):
@@ -181,7 +207,7 @@ def test_coordinator_cycles_migrations_then_lists_and_describes_them(service_pro
     (step,) = cycle["steps"]
     rows = assert_sane(step, ["cycle", "StartMigration", "to ACTIVE", "RevertMigration", "to DONE"])
     assert rows["cycle"]["ok"] == 3  # --max-requests, and the warm-up's before them
-    assert step["server_after"] == {"num_live": 0, "leaks": ""}
+    assert step["server_after"] == {"num_live": 0, "held": {}, "leaks": ""}
     listed = loadtest(tmp_path, "coordinator", "--target", target, "--users", "2")
     (step,) = listed["steps"]
     rows = assert_sane(step, ["list", "ListMigrations"])
