@@ -33,7 +33,13 @@ import pytest
 
 from services.common.types import SamplingParams
 from services.launcher import ClusterSpec
-from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+from services.rpc.gen.banaserve.v1 import (
+    common_pb2,
+    decode_pb2,
+    decode_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
+)
 from tests.clusters import running_cluster, wait_for
 from tests.e2e.test_overload import held
 from tests.e2e.test_up import children, cmdline, gone, start_up
@@ -103,9 +109,19 @@ def frozen_with_requests(cluster, pool, count: int):
     calls = [pool.submit(generate, cluster.router.address) for _ in range(count)]
     url = f"http://{cluster.router.http_address}/v1"
     streamed = pool.submit(stream_http, url)
-    time.sleep(0.5)  # routed and reserved; their prompts wait on the prefill worker
+    # Routed and reserved on the decode worker; their prompts wait on the prefill worker. (A
+    # fixed 0.5 s once left the HTTP stream still connecting under load: the router's
+    # SIGTERM then refused its connection.)
+    wait_for(lambda: reservations(cluster) == count + 1, "every request reserved", 15)
     assert not any(c.done() for c in calls) and not streamed.done()
     return calls, streamed
+
+
+def reservations(cluster) -> int:
+    """The decode worker's reservations (the prefill worker is frozen: not asked)."""
+    with grpc.insecure_channel(cluster.child("decode-0").address) as channel:
+        stub = decode_pb2_grpc.DecodeServiceStub(channel)
+        return len(stub.Stats(decode_pb2.DecodeServiceStatsRequest(), timeout=5).reservations)
 
 
 def test_a_stopping_router_finishes_the_requests_it_has_and_refuses_new_ones(
