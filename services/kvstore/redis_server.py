@@ -31,6 +31,7 @@ from redis.retry import Retry
 
 from services.common.arg_types import port_number
 from services.common.logs import configure_logging
+from services.rpc.security import read_redis_password
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def exec_redis_server(host: str, port: int, password_file: str) -> NoReturn:
     """Becomes ``redis-server`` (the same pid: signals, its parent's death signal and the exit
     status are Redis's), its password handed over on stdin (``redis-server -`` reads its
     configuration there), not in its command line, which any local user can read."""
-    password = read_password(password_file)
+    password = read_redis_password(Path(password_file))
     executable = shutil.which("redis-server")
     if executable is None:
         raise FileNotFoundError("redis-server is not installed (`make setup` installs it)")
@@ -94,14 +95,6 @@ def exec_redis_server(host: str, port: int, password_file: str) -> NoReturn:
     os.dup2(read_end, 0)
     os.close(read_end)
     os.execv(executable, [executable, "-", *redis_server_args(host, port)])
-
-
-def read_password(path: str) -> str:
-    """The password in ``path`` (as ``banaserve certs`` writes it: one line, printable ASCII)."""
-    password = Path(path).read_text(encoding="ascii").strip()
-    if len(password) < 16 or not all("!" <= c <= "~" for c in password):
-        raise ValueError(f"the Redis password in {path} must be >= 16 printable ASCII characters")
-    return password
 
 
 def _ends_with_its_parent() -> list[str]:
@@ -129,7 +122,7 @@ class RedisServer:
     ) -> None:
         self.host = host
         self.password_file = password_file
-        self.password = read_password(password_file) if password_file else None
+        self.password = read_redis_password(Path(password_file)) if password_file else None
         self.embedded = shutil.which("redis-server") is None if embedded is None else embedded
         if embedded is None and self.embedded:
             log.warning("redis-server not found: using the embedded fakeredis server")
@@ -251,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.exec_redis_server:
         exec_redis_server(args.host, args.port, args.password_file)
     log.warning("serving the embedded fakeredis server, not a real Redis")
-    password = read_password(args.password_file) if args.password_file else ""
+    password = read_redis_password(Path(args.password_file)) if args.password_file else ""
     serve_embedded(args.host, args.port, password)
 
 

@@ -260,8 +260,14 @@ def redis_password(tls_dir: str) -> str:
     if not path.exists():
         log.warning("%s is missing: Redis without a password (`banaserve certs` writes it)", path)
         return ""
+    return read_redis_password(path)
+
+
+def read_redis_password(path: Path) -> str:
+    """The password in ``path``, as ``banaserve certs`` writes it (one line of printable ASCII,
+    at least 16 characters); ConfigError naming the file otherwise."""
     try:
-        password = path.read_text(encoding="ascii").strip()
+        password = Path(path).read_text(encoding="ascii").strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read the Redis password {path}: {exc}") from None
     if len(password) < 16 or not all("!" <= c <= "~" for c in password):
