@@ -75,6 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-http", action="store_true", help="serve no HTTP API")
     p.add_argument(
+        "--http-tls",
+        action="store_true",
+        help="serve the HTTP API over TLS with the router's certificate (needs --tls-dir; "
+        "clients verify it with DIR/ca.crt)",
+    )
+    p.add_argument(
         "--http-body-timeout-s",
         type=positive(float),
         default=BODY_TIMEOUT_S,
@@ -156,7 +162,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_host_args(p)
     add_drain_args(p)
     add_metrics_args(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.http_tls and not args.tls_dir:
+        p.error("--http-tls serves the router's certificate: it needs --tls-dir")
+    return args
 
 
 def load_tokenizer(model_dir: Path) -> tuple[Encoder, ResumeCheck]:
@@ -210,7 +219,8 @@ async def start_http(
     # The HTTP API's own grace outlasts the drain: a request the drain fails still sends its
     # error (a stream's last event) before its connection closes.
     grace = rpc.grace_s + HTTP_FINISH_S
-    http = HttpServer(app, rpc.host, args.http_port, grace, on_stop=api.close)
+    tls = rpc.security.tls if args.http_tls and rpc.security is not None else None
+    http = HttpServer(app, rpc.host, args.http_port, grace, on_stop=api.close, tls=tls)
     await http.start()
     return http
 

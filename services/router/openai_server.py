@@ -33,6 +33,8 @@ import uvicorn
 from starlette.types import ASGIApp
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from services.rpc.security import TlsFiles
+
 # A request line and headers past this are refused (431): bearer tokens and the usual headers
 # take a few hundred bytes; nginx's default buffers allow 32 KiB, Node's 16 KiB.
 MAX_HEADER_BYTES = 64 << 10
@@ -55,8 +57,10 @@ class HttpServer:
         grace_s: float,
         on_stop: Callable[[], None] = lambda: None,
         header_timeout_s: float = HEADER_TIMEOUT_S,
+        tls: TlsFiles | None = None,
     ) -> None:
-        """``on_stop``: called once the server has stopped (the app's own cleanup)."""
+        """``on_stop``: called once the server has stopped (the app's own cleanup). ``tls``:
+        HTTPS with its certificate and key (the router's; server authentication only)."""
         self._socket = _listen(host, port)
         self.port = self._socket.getsockname()[1]
         self.host = host
@@ -67,6 +71,8 @@ class HttpServer:
             lifespan="off",
             timeout_graceful_shutdown=grace_s,
             http=guarded_http(header_timeout_s),
+            ssl_certfile=str(tls.cert) if tls is not None else None,
+            ssl_keyfile=str(tls.key) if tls is not None else None,
         )
         config.load()
         self._server = uvicorn.Server(config)
