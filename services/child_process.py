@@ -14,6 +14,7 @@ import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import IO
 
 from services.common.config import DRAIN_TIMEOUT_S
@@ -51,7 +52,9 @@ class Child:
         self.name = name
         self.argv = argv
         self.address = ""
-        self.http_address = ""  # "HOST:PORT" of an ``HTTP HOST:PORT`` line (the router's API)
+        # "HOST:PORT" and "http" or "https" of an ``HTTP HOST:PORT SCHEME`` line (the router's API)
+        self.http_address = ""
+        self.http_scheme = "http"
         self.cpus: set[int] = set()  # pinned to these (all if empty), again after a restart
         self._env = env
         self._log = log
@@ -98,7 +101,8 @@ class Child:
             while True:
                 line = self._lines.get(timeout=timeout_s) if timeout_s else self._lines.get_nowait()
                 if line.startswith("HTTP "):  # printed before LISTENING
-                    self.http_address = line.split()[1]
+                    _, self.http_address, *scheme = line.split()
+                    self.http_scheme = scheme[0] if scheme else "http"
                 if line.startswith("LISTENING "):
                     self.address = line.split()[1]
                     return True
@@ -198,16 +202,15 @@ class RedisChild(Child):
 
     drain_timeout_s = 0.0  # Redis has no drain of its own: it stops at once
 
-    def __init__(
-        self, env: dict[str, str], log: IO[str], password_file: str = "", password: str = ""
-    ) -> None:
-        """``password_file``: Redis requires the password in it (``password``, for PING)."""
+    def __init__(self, env: dict[str, str], log: IO[str], password_file: str = "") -> None:
+        """``password_file``: Redis requires the password in it."""
         from services.kvstore.redis_server import free_port, redis_command
+        from services.rpc.security import read_redis_password
 
         # Bound, closed and handed over: another process could take it in between, in which
         # case Redis fails to bind and exits, which start() reports.
         self._port = free_port(HOST)
-        self._password = password or None
+        self._password = read_redis_password(Path(password_file)) if password_file else None
         argv = redis_command(self._port, HOST, password_file=password_file)
         super().__init__("redis", argv, env, log, announces=False)
 

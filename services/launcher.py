@@ -326,9 +326,10 @@ class LocalCluster:
         if not (self.spec.num_kvstore or self.spec.coordinator):
             return []
         # With TLS on, Redis takes the certificates directory's password, as the services do.
-        password = redis_password(self.spec.tls_dir)
-        secret = str(Path(self.spec.tls_dir) / REDIS_SECRET_FILE) if password else ""
-        redis = RedisChild(self._env, self.log, secret, password)
+        secret = Path(self.spec.tls_dir) / REDIS_SECRET_FILE
+        redis = RedisChild(
+            self._env, self.log, str(secret) if redis_password(self.spec.tls_dir) else ""
+        )
         self.children.append(redis)
         redis.wait_ready(deadline, self.stopping)
         args = [

@@ -239,8 +239,8 @@ def run_up(args: argparse.Namespace) -> int:
     for child in cluster.children:
         print(f"{child.name} {child.address}", flush=True)
     if cluster.router.http_address:
-        scheme = "https" if "--http-tls" in spec.service_args.get("router", ()) else "http"
-        print(f"openai {scheme}://{cluster.router.http_address}/v1", flush=True)
+        router = cluster.router
+        print(f"openai {router.http_scheme}://{router.http_address}/v1", flush=True)
     print(
         f"cluster ready: generate with `banaserve generate --router {cluster.router.address}`",
         flush=True,

@@ -175,7 +175,18 @@ class AttentionQuery:
     num_tokens: int  # tokens [0, num_tokens) the helper must hold for this sequence
 
 
-class StagePort(ABC):
+class EvictionCount:
+    """What a port's migration reports as recomputed at its end: the sequences the engine sent
+    back to recompute, their KV on the helper lost, after the port failed a step
+    (``Placement.recover``, on the stepping thread: read once it is done)."""
+
+    num_evicted = 0
+
+    def evicted(self, request_ids: Sequence[str]) -> None:
+        self.num_evicted += len(request_ids)
+
+
+class StagePort(EvictionCount, ABC):
     @abstractmethod
     def submit(self, work: StageWork) -> Future[torch.Tensor]:
         """Start ``work``; the future gives the hidden states after its last layer."""
@@ -198,19 +209,12 @@ class StagePort(ABC):
     def close(self) -> None:
         """Release the port's own resources (threads, connections)."""
 
-    # Sequences the engine sent back to recompute, their KV on the helper lost, after the port
-    # failed a step (``Placement.recover``, on the stepping thread: read once it is done).
-    num_evicted = 0
-
-    def evicted(self, request_ids: Sequence[str]) -> None:
-        self.num_evicted += len(request_ids)
-
 
 def _no_kv(port: StagePort, request_id: str) -> NoReturn:
     raise PortError([request_id], f"{type(port).__name__} carries no KV")
 
 
-class AttentionPort(ABC):
+class AttentionPort(EvictionCount, ABC):
     @abstractmethod
     def submit(
         self, layer: int, queries: Sequence[AttentionQuery]
@@ -224,10 +228,3 @@ class AttentionPort(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release the port's own resources (threads, connections)."""
-
-    # Located sequences the engine sent back to recompute after the port failed a step
-    # (``Placement.recover``, on the stepping thread: read once it is done).
-    num_evicted = 0
-
-    def evicted(self, request_ids: Sequence[str]) -> None:
-        self.num_evicted += len(request_ids)

@@ -1,7 +1,7 @@
 """``python -m services.router``: config → wiring → serve.
 
 Prints ``LISTENING HOST:PORT`` on stdout (flushed) once the server accepts calls, for launchers
-to parse; before it, ``HTTP HOST:PORT`` once the OpenAI-compatible HTTP API accepts requests
+to parse; before it, ``HTTP HOST:PORT SCHEME`` once the OpenAI-compatible HTTP API accepts requests
 (``--http-port``; off with ``--no-http``, or without ``--model``). Logs go to stderr.
 SIGTERM/SIGINT drain (``--drain-timeout``): new requests are refused at once on both APIs
 (UNAVAILABLE; HTTP 503), the running ones get the drain's time to finish on the workers, and
@@ -278,7 +278,7 @@ async def serve(args: argparse.Namespace) -> None:
     )
     http = await start_http(args, driver, rpc, prompts.limits, admission.controller)
     if http is not None:
-        print(f"HTTP {http.address}", flush=True)
+        print(f"HTTP {http.address} {http.scheme}", flush=True)
     await start_metrics(args, rpc.host, RouterCollector(router), requests.registry)
     print(f"LISTENING {server.address}", flush=True)
 

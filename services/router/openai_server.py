@@ -64,6 +64,7 @@ class HttpServer:
         self._socket = _listen(host, port)
         self.port = self._socket.getsockname()[1]
         self.host = host
+        self.scheme = "https" if tls is not None else "http"
         config = uvicorn.Config(
             app,
             log_config=None,  # the process's logging (services.common.logs) stays as it is

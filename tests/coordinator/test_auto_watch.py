@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import socket
 
 import grpc
 import pytest
@@ -13,6 +12,7 @@ import pytest
 from services.common.errors import ConfigError
 from services.coordinator.cli import add_migrations_arguments, format_row, run_migrations
 from services.coordinator.watch import WorkerLine, check_watch_args, render, watch, worker_lines
+from services.kvstore.redis_server import free_port
 from services.rpc.convert import duration
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2
 from services.rpc.gen.banaserve.v1 import coordinator_pb2 as pb
@@ -101,12 +101,6 @@ def test_watch_flags():
         ["--watch", "--router", "127.0.0.1:1", "--count", "2", "--coordinator", "127.0.0.1:2"]
     )
     assert (args.watch, args.router, args.count, args.interval) == (True, "127.0.0.1:1", 2, 1.0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_service_that_does_not_answer_is_shown_and_asked_again(capsys):
