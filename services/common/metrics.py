@@ -329,6 +329,11 @@ class KVStoreCollector(Collector):
         for name, doc, value in (
             ("banaserve_kvstore_evictions", "blocks evicted from memory", s.num_evicted),
             ("banaserve_kvstore_promotions", "blocks read back from disk", s.num_promoted),
+            (
+                "banaserve_kvstore_duplicates_dropped",
+                "blocks dropped as another node holds them in the index",
+                self._node.num_duplicates_dropped,
+            ),
             ("banaserve_kvstore_lookup_hit_blocks", "looked-up blocks found", self.num_hit_blocks),
             (
                 "banaserve_kvstore_lookup_miss_blocks",

@@ -52,7 +52,7 @@ from services.kvstore.metadata import (
     NodeInfo,
     NodeNotRegisteredError,
 )
-from services.kvstore.pool import BlockPool, BlockStatus, PoolStats, ReadPin, WriteReservation
+from services.kvstore.pool import BlockPool, PoolStats, ReadPin, WriteReservation
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,7 @@ class KVStoreNode:
         self._withdraw_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.draining = False  # ``begin_drain``
+        self.num_duplicates_dropped = 0  # ``drop_duplicates``
 
     def on_evict(self, hashes: list[BlockHash]) -> None:
         """The pool's eviction callback: queue the withdrawals (never calls into the pool)."""
@@ -134,7 +135,11 @@ class KVStoreNode:
         """Registers ``node`` (this node's addresses) in Redis and starts the background work."""
         self.node = node
         self.session = MetadataSession(
-            self.metadata, node, self.holdings, interval_s=self.config.heartbeat_interval_s
+            self.metadata,
+            node,
+            self.holdings,
+            on_refused=self.drop_duplicates,
+            interval_s=self.config.heartbeat_interval_s,
         )
         await self.session.start()
         self._tasks = [
@@ -163,11 +168,19 @@ class KVStoreNode:
         await self.metadata.close()
 
     def holdings(self) -> list[BlockEntry]:
-        return [
-            BlockEntry(b.block_hash, b.num_bytes, b.num_layers)
-            for b in self.pool.blocks.values()
-            if b.status is BlockStatus.COMMITTED
-        ]
+        return [BlockEntry(*held) for held in self.pool.holdings()]
+
+    def drop_duplicates(self, hashes: list[BlockHash]) -> None:
+        """Another live node owns these blocks in the index (it announced them first): this
+        node's copies could never be looked up, so they go (``MetadataStore.announce``)."""
+        dropped = self.pool.discard(hashes)
+        self.num_duplicates_dropped += len(dropped)
+        log.info(
+            "dropped %d of %d blocks another node holds in the index (%d pinned kept)",
+            len(dropped),
+            len(hashes),
+            len(hashes) - len(dropped),
+        )
 
     # -- control plane ---------------------------------------------------------------------
 
@@ -219,7 +232,9 @@ class KVStoreNode:
         entries = [self._entry(h) for h in committed]
         if entries and not self.draining:  # a stopping node is out of the index for good
             try:
-                await self.metadata.announce(self.node, entries)
+                refused = await self.metadata.announce(self.node, entries)
+                if refused:
+                    self.drop_duplicates(refused)
             except (MetadataUnavailableError, NodeNotRegisteredError) as exc:
                 # Not lost: the session announces every holding when it next syncs.
                 log.warning("announce of %d blocks deferred: %s", len(entries), exc)

@@ -45,8 +45,8 @@ class DiskTier:
             raise ConfigError(f"disk capacity_bytes must be positive, got {capacity_bytes}")
         self.directory = Path(directory)
         self.capacity_bytes = capacity_bytes
-        # hash -> file size, least recently used first.
-        self._files: OrderedDict[BlockHash, int] = OrderedDict()
+        # hash -> (file size, num_layers), least recently used first.
+        self._files: OrderedDict[BlockHash, tuple[int, int]] = OrderedDict()
         self.num_bytes = 0
         output_dir(self.directory, "--disk-dir")  # a file, a read-only or unmakeable path
         try:
@@ -64,6 +64,10 @@ class DiskTier:
         """Stored hashes, least recently used first."""
         return list(self._files)
 
+    def entries(self) -> list[tuple[BlockHash, int, int]]:
+        """``(hash, payload bytes, num_layers)`` of every stored block (what a node announces)."""
+        return [(h, size - HEADER.size, n) for h, (size, n) in self._files.items()]
+
     def path(self, block_hash: BlockHash) -> Path:
         return self.directory / f"{block_hash.hex()}.kv"
 
@@ -77,7 +81,7 @@ class DiskTier:
         dropped = self._make_room(size)
         if not self._write(block_hash, layers):
             return [*dropped, block_hash]
-        self._files[block_hash] = size
+        self._files[block_hash] = (size, len(layers))
         self.num_bytes += size
         return dropped
 
@@ -94,10 +98,10 @@ class DiskTier:
         return stored
 
     def discard(self, block_hash: BlockHash) -> None:
-        size = self._files.pop(block_hash, None)
-        if size is None:
+        stored = self._files.pop(block_hash, None)
+        if stored is None:
             return
-        self.num_bytes -= size
+        self.num_bytes -= stored[0]
         self.path(block_hash).unlink(missing_ok=True)
 
     def _make_room(self, size: int) -> list[BlockHash]:

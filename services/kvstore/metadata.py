@@ -12,7 +12,10 @@ plane. Every key lives under one prefix (default ``banaserve:kv``) so clusters a
                                       ``lookup``); PEXPIRE two seen windows
 
 Invariant (every script keeps it atomically): a block entry names node n exactly when its hash is
-in n's owned set. A block has one location; the last announce wins.
+in n's owned set. A block has one location: the first live node to announce it. An announce
+of a block another live node owns is refused, and the announcer drops its copy (a copy no lookup
+can name would cost it capacity until its LRU took it: 23 of 1,055 blocks on a rejoined node in
+the probe of session 43); an entry of a node whose key lapsed is taken over.
 
 Lifecycle of a node:
 1. ``register_node`` withdraws every entry the node id owned before (a restarted process no
@@ -20,7 +23,8 @@ Lifecycle of a node:
 2. ``announce`` / ``withdraw`` / ``touch`` as blocks are stored, evicted and read;
    announcing is refused unless the node key carries the caller's incarnation;
 3. ``heartbeat`` refreshes the TTL; ``MetadataSession`` runs it and re-registers and re-announces
-   everything the node holds when the node key is gone or Redis's run_id changed (restart);
+   everything the node holds when the node key is gone or Redis's run_id changed (restart),
+   and the node drops what another live node announced meanwhile (``on_refused``);
 4. ``deregister_node`` on clean shutdown withdraws everything; a node that dies instead stops
    being returned as soon as its key expires, and ``sweep_dead_nodes`` later deletes its entries.
 
@@ -270,14 +274,16 @@ class MetadataStore:
     async def deregister_node(self, node: NodeInfo) -> None:
         await self._call(self._deregister, node.node_id, node.incarnation)
 
-    async def announce(self, node: NodeInfo, entries: Sequence[BlockEntry]) -> None:
-        """Records ``entries`` as held by ``node``; raises NodeNotRegisteredError if its key is
-        gone (the session re-announces everything once it has re-registered)."""
+    async def announce(self, node: NodeInfo, entries: Sequence[BlockEntry]) -> list[BlockHash]:
+        """Records ``entries`` as held by ``node``; returns the hashes refused because another
+        live node owns them (the caller drops its copies). Raises NodeNotRegisteredError if its
+        key is gone (the session re-announces everything once it has re-registered)."""
         if not entries:
-            return
+            return []
         flat = [v for e in entries for v in (e.block_hash.hex(), e.size_bytes, e.num_layers)]
         head = (node.node_id, node.incarnation, repr(self.clock()))
-        await self._call_batched(self._announce, head, _chunks(flat, 3 * _BATCH))
+        refused = await self._call_batched(self._announce, head, _chunks(flat, 3 * _BATCH))
+        return [bytes.fromhex(_text(h)) for chunk in refused for h in chunk]
 
     async def withdraw(self, node: NodeInfo, hashes: Sequence[BlockHash]) -> int:
         """Removes the entries of ``hashes`` that ``node`` owns; returns how many it removed."""
@@ -372,7 +378,8 @@ class MetadataSession:
 
     Every ``interval_s`` it reads Redis's run_id and heartbeats. A first beat, a changed run_id
     or a missing node key triggers a resync: register (which withdraws stale entries) and
-    announce ``holdings()`` in full. While Redis is down beats fail, are logged once per outage
+    announce ``holdings()`` in full; what another live node announced while this one was out
+    of the index goes to ``on_refused``, for the node to drop. While Redis is down beats fail, are logged once per outage
     and retried with exponential backoff up to ``max_backoff_s``; the loop never dies of it. A
     superseded node (same id, newer incarnation) stops the loop: the newer process owns the id.
     """
@@ -383,6 +390,7 @@ class MetadataSession:
         node: NodeInfo,
         holdings: Callable[[], Sequence[BlockEntry]],
         *,
+        on_refused: Callable[[list[BlockHash]], None] | None = None,
         interval_s: float = 1.0,
         max_backoff_s: float = 5.0,
         sweep_every: int = 10,  # beats between sweeps of dead nodes; 0: never
@@ -395,6 +403,7 @@ class MetadataSession:
         self.store = store
         self.node = node
         self.holdings = holdings
+        self.on_refused = on_refused  # blocks another live node owns: the node drops its copies
         self.interval_s = interval_s
         self.max_backoff_s = max_backoff_s
         self.sweep_every = sweep_every
@@ -473,7 +482,9 @@ class MetadataSession:
         self._synced = False
         if not await self.store.register_node(self.node, takeover=self.num_syncs == 0):
             return self._give_up()
-        await self.store.announce(self.node, list(self.holdings()))
+        refused = await self.store.announce(self.node, list(self.holdings()))
+        if refused and self.on_refused is not None:
+            self.on_refused(refused)
         self._run_id = run_id
         self._synced = True
         self.num_syncs += 1

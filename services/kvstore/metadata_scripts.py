@@ -60,23 +60,31 @@ return 1
 """
 )
 
-# ARGV: prefix, node_id, incarnation, now, then (hex, size, layers) per block
+# ARGV: prefix, node_id, incarnation, now, then (hex, size, layers) per block -> the hexes
+# refused: blocks another live node (its node key present) already owns. The first live copy
+# stays the one indexed; the announcer drops its own (a copy nobody can look up only costs it
+# capacity). An entry of a node whose key lapsed is taken over.
 LUA_ANNOUNCE = """
 local prefix, node_id = ARGV[1], ARGV[2]
 if redis.call('HGET', prefix .. ':node:' .. node_id, 'incarnation') ~= ARGV[3] then
   return redis.error_reply('NOTREGISTERED node ' .. node_id)
 end
 local owned = prefix .. ':owned:' .. node_id
+local refused = {}
 for i = 5, #ARGV, 3 do
   local hex = ARGV[i]
   local block = prefix .. ':block:' .. hex
   local old = redis.call('HGET', block, 'node')
-  if old and old ~= node_id then redis.call('SREM', prefix .. ':owned:' .. old, hex) end
-  redis.call('HSET', block, 'node', node_id, 'size', ARGV[i + 1], 'layers', ARGV[i + 2],
-             'last_use', ARGV[4])
-  redis.call('SADD', owned, hex)
+  if old and old ~= node_id and redis.call('EXISTS', prefix .. ':node:' .. old) == 1 then
+    refused[#refused + 1] = hex
+  else
+    if old and old ~= node_id then redis.call('SREM', prefix .. ':owned:' .. old, hex) end
+    redis.call('HSET', block, 'node', node_id, 'size', ARGV[i + 1], 'layers', ARGV[i + 2],
+               'last_use', ARGV[4])
+    redis.call('SADD', owned, hex)
+  end
 end
-return (#ARGV - 4) / 3
+return refused
 """
 
 # ARGV: prefix, node_id, incarnation, hex... -> entries removed

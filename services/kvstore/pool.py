@@ -250,6 +250,31 @@ class BlockPool:
     def contains(self, block_hash: BlockHash) -> bool:
         return self.locate(block_hash) is not None
 
+    def holdings(self) -> list[tuple[BlockHash, int, int]]:
+        """``(hash, payload bytes, num_layers)`` of every readable block, in memory and on disk:
+        what the node announces in full when it (re)joins the index. A block only on disk is
+        served too (``pin`` promotes it), so it is announced as well."""
+        held = [(h, b.num_bytes, b.num_layers) for h, b in self.blocks.items() if h in self._lru]
+        return held + (self.disk.entries() if self.disk is not None else [])
+
+    def discard(self, hashes: Sequence[BlockHash]) -> list[BlockHash]:
+        """Drops the committed copies of ``hashes`` no reader holds, from either tier; returns
+        the hashes dropped. A pinned copy stays until its readers are done (and the LRU takes
+        it); a block being written, or not held, is left alone. ``on_evict`` is not called: the
+        caller knows these blocks are not indexed as this node's."""
+        dropped = []
+        for h in hashes:
+            block = self.blocks.get(h)
+            if block is not None:
+                if block.status is BlockStatus.COMMITTED and block.num_pins == 0:
+                    self._remove(block)
+                    dropped.append(h)
+            elif self.disk is not None and h in self.disk:
+                self.disk.discard(h)
+                self._disk_checksums.pop(h, None)
+                dropped.append(h)
+        return dropped
+
     def stats(self) -> PoolStats:
         return PoolStats(
             capacity_bytes=self.config.capacity_bytes,

@@ -55,6 +55,7 @@ DOCUMENTED = {
         "banaserve_kvstore_committed_blocks",
         "banaserve_kvstore_evictions",
         "banaserve_kvstore_promotions",
+        "banaserve_kvstore_duplicates_dropped",
         "banaserve_kvstore_lookup_hit_blocks",
         "banaserve_kvstore_lookup_miss_blocks",
         "process_resident_memory_bytes",

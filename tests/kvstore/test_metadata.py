@@ -202,15 +202,54 @@ def test_withdraw_removes_only_the_callers_entries(redis_server, kv_prefix):
             await store.register_node(a)
             await store.register_node(b)
             await store.announce(a, entries(0, 1))
-            await store.announce(b, entries(1))  # the last announce owns block 1
-            assert await store.withdraw(a, HASHES[:2]) == 1
-            assert await store.longest_prefix(HASHES[:2]) == []
-            assert await store.longest_prefix(HASHES[1:2]) == [loc(1, b)]
+            await store.announce(b, entries(2))
+            assert await store.withdraw(a, HASHES[:3]) == 2  # not b's block 2
+            assert await store.longest_prefix(HASHES[:3]) == []
+            assert await store.longest_prefix(HASHES[2:3]) == [loc(2, b)]
             raw = store.client
             assert await raw.smembers(f"{kv_prefix}:owned:kv-a") == set()
-            assert await raw.smembers(f"{kv_prefix}:owned:kv-b") == {HASHES[1].hex().encode()}
+            assert await raw.smembers(f"{kv_prefix}:owned:kv-b") == {HASHES[2].hex().encode()}
             await store.deregister_node(a)
             await store.deregister_node(b)
+
+    asyncio.run(main())
+    assert keys_under(redis_server, kv_prefix) == []
+
+
+def test_the_first_live_announce_keeps_a_block_and_later_ones_are_refused(redis_server, kv_prefix):
+    """A block has one entry: another live node's announce of it is refused (and returned, so
+    that node drops its copy); a node whose key lapsed loses its entries to the next announce.
+    Before session 44 the last announce won and the loser kept a copy no lookup could name."""
+    a, b, c = node("kv-a"), node("kv-b"), node("kv-c")
+
+    async def main():
+        async with (
+            open_store(redis_server, kv_prefix) as store,
+            open_store(redis_server, kv_prefix, node_ttl_s=0.2) as short,
+        ):
+            await store.register_node(a)
+            await store.register_node(b)
+            await short.register_node(c)
+            assert await store.announce(a, entries(0, 1)) == []
+            assert await store.announce(b, entries(1, 2)) == [HASHES[1]]
+            assert await store.announce(a, entries(0, 1)) == []  # its own: kept, not refused
+            assert await store.longest_prefix(HASHES[:3]) == [loc(0, a), loc(1, a), loc(2, b)]
+            raw = store.client
+            assert await raw.smembers(f"{kv_prefix}:owned:kv-b") == {HASHES[2].hex().encode()}
+            # c's key lapses (no heartbeat): its entry goes to the next node that announces it.
+            assert await short.announce(c, entries(3)) == []
+            await asyncio.sleep(0.4)
+            assert await store.announce(b, entries(3)) == []
+            assert await store.longest_prefix(HASHES[3:4]) == [loc(3, b)]
+            assert await raw.smembers(f"{kv_prefix}:owned:kv-c") == set()
+            # Refusals across more than one script call come back whole.
+            many = block_hashes(list(range(2100)), 1, "other-model")
+            await store.announce(a, [BlockEntry(h, 64, 1) for h in many])
+            refused = await store.announce(b, [BlockEntry(h, 64, 1) for h in many[::-1]])
+            assert refused == many[::-1]
+            for n in (a, b):
+                await store.deregister_node(n)
+            await store.client.srem(f"{kv_prefix}:nodes", "kv-c")
 
     asyncio.run(main())
     assert keys_under(redis_server, kv_prefix) == []
@@ -273,6 +312,33 @@ def test_session_announces_holdings_and_reannounces_when_its_keys_are_lost(redis
                 await eventually(lambda: store.longest_prefix(HASHES), [loc(0, a), loc(1, a)])
                 assert session.num_syncs == 2
             assert keys_under(redis_server, kv_prefix) == []
+
+    asyncio.run(main())
+
+
+def test_a_rejoining_session_hands_back_what_another_node_announced_meanwhile(
+    redis_server, kv_prefix
+):
+    a, b = node("kv-a"), node("kv-b")
+    refused: list = []
+
+    async def main():
+        async with open_store(redis_server, kv_prefix) as store:
+            session = MetadataSession(
+                store, a, lambda: entries(0, 1, 2), on_refused=refused.extend, interval_s=0.05
+            )
+            async with session:
+                assert refused == []
+                await store.client.delete(f"{kv_prefix}:node:kv-a")  # a's key lapses...
+                await store.sweep_dead_nodes()  # ...and its entries are swept
+                await store.register_node(b)
+                await store.announce(b, entries(1))  # b stores block 1 meanwhile
+                await eventually(lambda: asyncio.sleep(0, len(refused)), 1)
+                assert refused == [HASHES[1]]
+                assert session.num_syncs == 2
+                assert await store.longest_prefix(HASHES[:3]) == [loc(0, a), loc(1, b), loc(2, a)]
+                await store.deregister_node(b)
+        assert keys_under(redis_server, kv_prefix) == []
 
     asyncio.run(main())
 

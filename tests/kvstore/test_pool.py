@@ -378,3 +378,36 @@ def test_corrupt_disk_file_is_a_miss_and_announced(tmp_path: Path) -> None:
     assert t.pool.locate(h(1)) is None
     t.pool.unpin(pin.pin_id)
     assert_no_leaks(t.pool)
+
+
+def test_holdings_name_every_readable_block_in_memory_and_on_disk(tmp_path: Path) -> None:
+    """What a node re-announces when it rejoins the index: a block only on the disk tier is
+    served too (a pin promotes it), so it is named as well (before session 44 it was not, and
+    after a resync it was never found again)."""
+    t = Harness(num_blocks=2, disk=DiskTier(tmp_path, 10 * FILE_BYTES))
+    t.store(h(1), h(2), h(3))  # h(1) goes to disk
+    t.pool.reserve([h(4)], NUM_LAYERS, LAYER_BYTES)  # being written: not readable yet
+    held = sorted(t.pool.holdings())
+    payload_bytes = NUM_LAYERS * LAYER_BYTES
+    assert held == [(h(i), payload_bytes, NUM_LAYERS) for i in (1, 2, 3)]
+    assert t.pool.locate(h(1)) is Tier.DISK
+
+
+def test_discard_drops_unpinned_copies_from_either_tier_and_keeps_pinned_ones(
+    tmp_path: Path,
+) -> None:
+    t = Harness(num_blocks=3, disk=DiskTier(tmp_path, 10 * FILE_BYTES))
+    t.store(h(1), h(2), h(3), h(4))  # h(1) on disk
+    pin = t.pool.pin([h(3)])
+    writing = t.pool.reserve([h(5)], NUM_LAYERS, LAYER_BYTES)
+    assert t.pool.locate(h(1)) is Tier.DISK
+    dropped = t.pool.discard([h(1), h(2), h(3), h(5), h(9)])
+    assert dropped == [h(1), h(2)]
+    assert [t.pool.locate(h(i)) for i in (1, 2, 3, 4)] == [None, None, Tier.MEMORY, Tier.MEMORY]
+    assert not any(tmp_path.glob("*.kv"))  # h(1)'s file is gone
+    assert t.evicted == []  # the caller knows: nothing to withdraw
+    t.fill(writing.reservation_id, [h(5)])
+    t.pool.commit(writing.reservation_id)
+    t.pool.unpin(pin.pin_id)
+    assert sorted(b for b, _, _ in t.pool.holdings()) == [h(3), h(4), h(5)]
+    assert_no_leaks(t.pool)
