@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from bench.machine import loadavg, machine_info
-from services.common.arg_types import thread_count
+from services.common.arg_types import label_arg, positive, thread_count
 from services.common.config import EngineConfig, models_dir
 from services.common.types import SamplingParams
 from services.engine.engine import Engine
@@ -47,14 +47,16 @@ from services.migration.records import AgentConfig, Peer, Role
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--seqs", type=int, default=8, help="sequences A decodes")
-    p.add_argument("--located", type=int, default=4, help="of them, located on B")
-    p.add_argument("--prompt", type=int, default=1024, help="prompt tokens of each")
-    p.add_argument("--steps", type=int, default=30, help="decode steps per variant and round")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--seqs", type=positive(int), default=8, help="sequences A decodes")
+    p.add_argument("--located", type=positive(int), default=4, help="of them, located on B")
+    p.add_argument("--prompt", type=positive(int), default=1024, help="prompt tokens of each")
+    p.add_argument(
+        "--steps", type=positive(int), default=30, help="decode steps per variant and round"
+    )
+    p.add_argument("--rounds", type=positive(int), default=2)
     p.add_argument("--threads", type=thread_count, default=1, help="torch threads (both engines)")
     p.add_argument("--out", default="", help="directory for attention[-LABEL].json")
-    p.add_argument("--label", default="")
+    p.add_argument("--label", type=label_arg, default=None)
     p.add_argument(
         "--no-blocking-channel",
         dest="blocking",

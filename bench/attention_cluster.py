@@ -53,7 +53,7 @@ from bench.machine import loadavg, machine_info
 from bench.migration_load import Stream, gaps_in, prompts, send_all
 from bench.serve_report import distribution
 from services.client.client import AsyncBanaServeClient
-from services.common.arg_types import thread_count
+from services.common.arg_types import label_arg, positive, thread_count
 from services.launcher import ClusterSpec, LocalCluster
 from services.rpc.gen.banaserve.v1 import coordinator_pb2 as pb
 from services.rpc.gen.banaserve.v1 import (
@@ -74,12 +74,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=thread_count, default=1)
     p.add_argument("--pin", action="store_true")
     p.add_argument("--transport", default="tcp", choices=("tcp", "ucx"))
-    p.add_argument("--decode-blocks", type=int, default=640)
-    p.add_argument("--prefill-blocks", type=int, default=4096)
-    p.add_argument("--requests", type=int, default=16)
-    p.add_argument("--input-len", type=int, default=2000)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--max-sequences", type=int, default=3)
+    p.add_argument("--decode-blocks", type=positive(int), default=640)
+    p.add_argument("--prefill-blocks", type=positive(int), default=4096)
+    p.add_argument("--requests", type=positive(int), default=16)
+    p.add_argument("--input-len", type=positive(int), default=2000)
+    p.add_argument("--output-len", type=positive(int), default=128)
+    p.add_argument("--max-sequences", type=positive(int), default=3)
     p.add_argument(
         "--no-refill",
         dest="refill",
@@ -87,12 +87,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="cycle migrations (start, revert once its sequences ended) instead of one migration "
         "kept filled with up to --max-sequences located sequences",
     )
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=positive(int), default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=1800.0)
+    p.add_argument("--timeout", type=positive(float), default=1800.0)
     # A decode reservation waits for its prompt behind the others on the one prefill worker:
     # on a loaded CPU that outlasts the router's 30 s default lease (the request fails).
-    p.add_argument("--reserve-lease", type=float, default=300.0, metavar="S")
+    p.add_argument("--reserve-lease", type=positive(float), default=300.0, metavar="S")
     p.add_argument(
         "--located-micro-batches", type=int, default=None, metavar="N",
         help="the decode worker's (default: the engine's); 1: a step's located sequences wait "
@@ -120,7 +120,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="which to run, in ABBA order (default: both)",
     )
     p.add_argument("--out", default="")
-    p.add_argument("--label", default="")
+    p.add_argument("--label", type=label_arg, default=None)
 
 
 def variants(text: str) -> tuple[str, ...]:

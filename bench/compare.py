@@ -50,6 +50,7 @@ from bench.workloads import FAMILIES, Workload, plan, workload
 from bench.workloads_synthetic import VOCAB, PlannedRequest
 from bench.workloads_trace import DEFAULT_TRACES_DIR
 from services.common.arg_types import (
+    label_arg,
     name_list,
     non_negative,
     path_arg,
@@ -139,7 +140,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a new cluster for every workload, not one per mode")  # fmt: skip
     p.add_argument("--plan-only", action="store_true", help="write the plans, start nothing")
     p.add_argument("--out", type=path_arg, default=REPO_ROOT / "bench" / "results")
-    p.add_argument("--label", default="", help="file suffix: compare-LABEL.*")
+    p.add_argument("--label", type=label_arg, default=None, help="file suffix: compare-LABEL.*")
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from bench.migration_cost import measure_bandwidth, one_cpu, profile_layers
 from bench.migration_driver import ClusterBench
 from bench.migration_report import render_markdown
 from bench.serve_bench import vocab_range
-from services.common.arg_types import positive, thread_count
+from services.common.arg_types import label_arg, positive, thread_count
 from services.common.paths import output_dir
 from services.engine.models.prepare import resolve_model
 from services.launcher import ClusterSpec, LocalCluster
@@ -80,7 +80,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds allowed per request and per migration step")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPO_ROOT / "bench" / "results"))
-    p.add_argument("--label", default="", help="file suffix: migration-LABEL.json / .md")
+    p.add_argument(
+        "--label", type=label_arg, default=None, help="file suffix: migration-LABEL.json / .md"
+    )
 
 
 def profile(args: argparse.Namespace, model_dir: Path) -> dict:

@@ -30,7 +30,7 @@ from bench.machine import loadavg, machine_info
 from bench.serve_report import OK, RequestRecord, load_summary, render_markdown, summarise
 from bench.serve_targets import Endpoint, Sampling, Target, TargetError, make_target, parse_target
 from bench.serve_workload import WORKLOADS, Request, WorkloadSpec, arrival_times, make_request
-from services.common.arg_types import path_arg, positive
+from services.common.arg_types import label_arg, non_negative, path_arg, positive
 from services.common.errors import ConfigError
 from services.common.paths import output_dir
 
@@ -95,13 +95,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="hard deadline of the whole run (default: computed, see docs)")  # fmt: skip
     p.add_argument("--slo-ttft-ms", type=positive(float), default=1000.0)
     p.add_argument("--slo-tpot-ms", type=positive(float), default=100.0)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument(
+        "--temperature", type=non_negative(float), default=0.0, help="0: greedy (default)"
+    )
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="generate exactly the sampled output length (default: on)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of prompts, lengths and arrivals")
     p.add_argument("--out", type=path_arg, default=REPO_ROOT / "bench" / "results",
                    help="output directory for serve.json and serve.md")  # fmt: skip
-    p.add_argument("--label", default="", help="file suffix: serve-LABEL.json / .md")
+    p.add_argument(
+        "--label", type=label_arg, default=None, help="file suffix: serve-LABEL.json / .md"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 

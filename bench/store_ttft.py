@@ -26,7 +26,7 @@ import torch
 
 from bench.machine import machine_info
 from services.client.client import BanaServeClient, BanaServeClientError
-from services.common.arg_types import host_port, path_arg, positive, share
+from services.common.arg_types import host_port, label_arg, path_arg, positive, share
 from services.common.paths import output_dir
 from services.rpc.gen.banaserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 
@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--output-len", type=positive(int), default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--label", default="")
+    p.add_argument("--label", type=label_arg, default=None)
     p.add_argument("--out", type=path_arg, default=REPO_ROOT / "bench" / "results")
 
 

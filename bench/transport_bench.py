@@ -38,7 +38,7 @@ import numpy as np
 from bench.engine_bench import csv_of
 from bench.machine import loadavg, machine_info
 from bench.serve_report import distribution, fmt
-from services.common.arg_types import non_negative, path_arg, positive
+from services.common.arg_types import label_arg, non_negative, path_arg, positive
 from services.common.paths import output_dir
 from services.rpc.dataplane import KINDS, DataPlaneError, connect, serve
 
@@ -93,7 +93,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the payload bytes")
     p.add_argument("--out", type=path_arg, default=REPO_ROOT / "bench" / "results",
                    help="output directory for transport.json and transport.md")  # fmt: skip
-    p.add_argument("--label", default="", help="file suffix: transport-LABEL.json / .md")
+    p.add_argument(
+        "--label", type=label_arg, default=None, help="file suffix: transport-LABEL.json / .md"
+    )
 
 
 # ---- the server process -----------------------------------------------------------------

@@ -25,6 +25,7 @@ import threading
 import time
 from pathlib import Path
 
+from services.common.arg_types import label_arg
 from services.launcher import ClusterSpec, LocalCluster
 
 
@@ -88,7 +89,7 @@ def main() -> int:
     p.add_argument("--router-args", default="", help="extra router flags")
     p.add_argument("--no-admission", action="store_true", help="every service: --no-admission")
     p.add_argument("--out", default="bench/results/overload")
-    p.add_argument("--label", default="overload")
+    p.add_argument("--label", type=label_arg, default="overload")
     p.add_argument("--rates", default="", help="run these steps instead (a sweep: R1,R2,...)")
     args = p.parse_args()
     extra = ("--no-admission",) if args.no_admission else ()

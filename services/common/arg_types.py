@@ -108,6 +108,36 @@ def path_arg(text: str) -> Path:
     return Path(text)
 
 
+MAX_LABEL_CHARS = 100  # a report's name, label included, stays far below a file name's 255 bytes
+
+
+def plain_name(what: str, max_chars: int = MAX_LABEL_CHARS) -> Callable[[str], str]:
+    """A plain file-name component (a report's ``--label``): no ``/`` or ``\\``, not ``.`` or
+    ``..``, no control characters, at most ``max_chars``. An unchecked label ``../x`` wrote
+    outside ``--out``, and ``a/b`` failed with a traceback after the whole run (session 44)."""
+
+    def parse(text: str) -> str:
+        bad = (
+            not text
+            or len(text) > max_chars
+            or text in (".", "..")
+            or "/" in text
+            or "\\" in text
+            or not text.isprintable()
+        )
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"expected a plain {what} (a file-name part of at most {max_chars} characters, "
+                f"no '/'), got {text!r}"
+            )
+        return text
+
+    return parse
+
+
+label_arg = plain_name("label")
+
+
 def shell_words(text: str) -> str:
     """Flags for another command, in one string as a shell splits them (``"--x 1 --y 'a b'"``);
     returned as given, once ``shlex`` can split it."""

@@ -254,6 +254,32 @@ def test_bench_serve_takes_the_same_address_rule(capsys, target):
     assert code == 2 and "a port in 1..65535" in err
 
 
+BENCH_REPORTS = [
+    ["bench", "serve", "--target", f"grpc://{ROUTER}"],
+    ["bench", "transport"],
+    ["bench", "compare", "--plan-only"],
+    ["bench", "migration"],
+    ["bench", "store-ttft", "--router", ROUTER, "--kvstore", ROUTER],
+]
+
+
+@pytest.mark.parametrize("argv", BENCH_REPORTS, ids=lambda argv: argv[1])
+@pytest.mark.parametrize("label", ["../escaped", "a/b", "..", "", "x" * 101, "tab\there"])
+def test_a_bench_label_must_be_a_plain_file_name_part(no_connection, capsys, tmp_path, argv, label):
+    """A label names the report's files in ``--out``: ``../escaped`` wrote outside it and
+    ``a/b`` failed with a traceback once the run was over (session 44)."""
+    code, err = run_cli([*argv, "--out", str(tmp_path), "--label", label], capsys)
+    assert code == 2 and "argument --label: expected a plain label" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_serve_refuses_a_negative_temperature(no_connection, capsys):
+    code, err = run_cli(
+        ["bench", "serve", "--target", f"grpc://{ROUTER}", "--temperature", "-1"], capsys
+    )
+    assert code == 2 and "argument --temperature: expected a number >= 0" in err
+
+
 @pytest.mark.parametrize("client", [BanaServeClient, AsyncBanaServeClient])
 @pytest.mark.parametrize("target", ["", "127.0.0.1:99999", "host", "127.0.0.1:-1"])
 def test_the_client_library_refuses_a_bad_target(no_connection, client, target):
