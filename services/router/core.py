@@ -36,10 +36,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 from services.common.errors import (
     ConfigError,
@@ -64,6 +62,7 @@ from services.router.registry import (
     WorkerRole,
     WorkerStatus,
 )
+from services.router.waiting import WaitingRoom
 
 POLICIES = ("load", "round_robin", "prefix_affinity", "colocated")
 
@@ -82,15 +81,6 @@ class NoRoomNowError(ResourceExhaustedError):
         super().__init__(message)
         self.worker_ids = worker_ids
         self.num_blocks = num_blocks
-
-
-class _Waiter(NamedTuple):
-    """A request the router holds for want of room (``Router.route``)."""
-
-    last: float  # when it last found no room
-    since: float  # when it first did: its place in the line
-    worker_ids: tuple[str, ...]  # the workers whose pools hold it in total
-    num_blocks: int  # what it needs on one of them
 
 
 # A request waiting for room is routed again every ``admission_poll_s`` (50 ms) until it gets
@@ -196,8 +186,7 @@ class Router:
         self._policy = make_policy(self.config)
         self._colocated = self.config.policy == "colocated"
         self._clock = clock
-        # the requests waiting for room, the least recently tried first
-        self._waiting: OrderedDict[str, _Waiter] = OrderedDict()
+        self._waiting = WaitingRoom(WAITING_FOR_ROOM_TTL_S)  # requests waiting for room
 
     def register(
         self, worker_id: str, address: str, role: WorkerRole, capacity: WorkerCapacity
@@ -221,34 +210,21 @@ class Router:
         assignment against the load of that worker (None: of both) where no report did yet."""
         self._registry.settle(request_id, worker_id)
         if worker_id is None:
-            self._waiting.pop(request_id, None)
+            self._waiting.leave(request_id)
 
     def waiting_for_room(self, worker_id: str) -> int:
         """Requests held because no worker had room for them now, that this worker could hold
         once its running requests end (its pool holds them in total): its KV is what they wait
         for (``utilisation_memory``). Counted until routed, settled, or not tried again for
         ``WAITING_FOR_ROOM_TTL_S``."""
-        self._forget_given_up(self._clock())
-        return sum(worker_id in w.worker_ids for w in self._waiting.values())
-
-    def _forget_given_up(self, now: float) -> None:
-        while (
-            self._waiting and now - next(iter(self._waiting.values())).last > WAITING_FOR_ROOM_TTL_S
-        ):
-            self._waiting.popitem(last=False)
+        self._waiting.forget(self._clock())
+        return self._waiting.count(worker_id)
 
     def _held(self, request_id: str, now: float) -> dict[str, int]:
         """Blocks per worker held for the requests that began waiting for room before
         ``request_id`` did (before now, if it is not waiting): first come, first served."""
-        self._forget_given_up(now)
-        mine = self._waiting.get(request_id)
-        since = mine.since if mine is not None else now
-        held: dict[str, int] = {}
-        for other_id, w in self._waiting.items():
-            if other_id != request_id and (w.since, other_id) < (since, request_id):
-                for worker_id in w.worker_ids:
-                    held[worker_id] = held.get(worker_id, 0) + w.num_blocks
-        return held
+        self._waiting.forget(now)
+        return self._waiting.held_ahead_of(request_id, now)
 
     def num_inflight(self) -> int:
         """Assignments still counted without a report, over all workers (0 when idle)."""
@@ -285,12 +261,10 @@ class Router:
         try:
             assignment = self._route(request, held)
         except NoRoomNowError as e:
-            waiter = self._waiting.pop(request.request_id, None)
-            since = waiter.since if waiter is not None else now
-            self._waiting[request.request_id] = _Waiter(now, since, e.worker_ids, e.num_blocks)
-            self._forget_given_up(now)
+            self._waiting.wait(request.request_id, now, e.worker_ids, e.num_blocks)
+            self._waiting.forget(now)
             raise
-        self._waiting.pop(request.request_id, None)
+        self._waiting.leave(request.request_id)
         return assignment
 
     def _route(self, request: RouteRequest, held: dict[str, int]) -> Assignment:
