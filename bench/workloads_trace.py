@@ -58,7 +58,7 @@ def parse_trace_line(line: str, number: int) -> TraceRequest:
             int(row["output_length"]),
             tuple(int(h) for h in row["hash_ids"]),
         )
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError) as exc:  # Infinity, 1e400: Overflow
         raise ConfigError(f"trace line {number}: {exc!r}") from None
     blocks = math.ceil(request.input_length / TRACE_BLOCK_TOKENS)
     _require(request.timestamp_ms >= 0, f"trace line {number}: negative timestamp")

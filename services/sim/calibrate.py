@@ -40,7 +40,7 @@ from services.common.arg_types import (
 )
 from services.common.config import EngineConfig
 from services.common.errors import ConfigError
-from services.common.paths import output_dir
+from services.common.paths import output_dir, output_file
 from services.sim.fit import fit_decode, fit_prefill, fit_transport, relative_errors
 from services.sim.inputs import read_json
 from services.sim.profile import DecodeModel, MigrationModel, Profile, TransportModel
@@ -377,6 +377,8 @@ def run(args: argparse.Namespace) -> int:
     for model in args.models:
         resolve_model(model)  # an unknown or unprepared model: said now, not after the others
     output_dir(args.out, "--out")
+    for model in args.models:  # a profile's path that is a directory: said now, not after
+        output_file(profile_path(args.out, model), "--out")  # its measurements
     transports = measure_transports(args.transports)
     if not transports[0]:
         raise SystemExit(f"no transport could be measured: {transports[1]}")

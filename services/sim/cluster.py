@@ -232,6 +232,7 @@ class SimCluster:
         self._unfinished.discard(r.request_id)
         self.router.settle(r.request_id)
         r.status, r.done_s = "DEADLINE_EXCEEDED", None
+        r.message = "unfinished at the run's deadline (its arrival window + drain)"
 
     def _route(self, r: SimRequest) -> None:
         if r.status != "NOT_SENT" or self.loop.now > self._deadline:

@@ -19,7 +19,7 @@ from bench.workloads_synthetic import (
     PlannedRequest,
     SyntheticWorkload,
 )
-from bench.workloads_trace import DEFAULT_TRACES_DIR
+from bench.workloads_trace import DEFAULT_TRACES_DIR, TraceWorkload
 from services.common.errors import ConfigError
 from services.launcher import Mode
 
@@ -57,13 +57,20 @@ def plan_workload(
     traces_dir: Path = DEFAULT_TRACES_DIR,
     vocab: tuple[int, int] = VOCAB,
 ) -> list[PlannedRequest]:
-    """``bench.workloads.plan`` after ``check_plan_size``; a trace that cannot be read is a
-    ``ConfigError`` naming it."""
+    """``bench.workloads.plan`` after ``check_plan_size``; a trace that cannot be read, or
+    whose content is refused (a line that is not a request, arrivals out of order, no request
+    at all), is a ``ConfigError`` naming the file."""
     check_plan_size(w, duration_s)
     try:
         return plan(w, duration_s, seed, max_model_len, traces_dir, vocab)
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{w.name}: cannot read its trace ({exc})") from None
+    except ConfigError as exc:
+        path = Path(traces_dir) / w.file if isinstance(w, TraceWorkload) else None
+        if path is None or str(path) in str(exc):  # not a trace's, or names it already
+            raise
+        reason = str(exc).removeprefix(f"{w.name}: ")
+        raise ConfigError(f"{w.name}: trace {path}: {reason}") from None
 
 
 def read_json(path: Path | str, what: str) -> dict:

@@ -5,6 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 MODES = ("colocated", "static-pd", "banaserve")
+METRICS = (("output_throughput", "output tok/s"), ("goodput", "goodput (req/s)"))
+UTILISATION_FILE = "sim-scale-utilisation.png"
+# What ``write_plots`` writes in its directory (``sim run`` checks each before its first run).
+PLOT_FILES = (*(f"sim-scale-{metric}.png" for metric, _ in METRICS), UTILISATION_FILE)
 
 
 def write_plots(points: list[dict], out: Path) -> list[Path]:
@@ -17,7 +21,7 @@ def write_plots(points: list[dict], out: Path) -> list[Path]:
     sizes = sorted({p["workers"] for p in points})
     names = list(dict.fromkeys(p["workload"] for p in points))
     by = {(p["workers"], p["workload"]): p for p in points}
-    for metric, label in (("output_throughput", "output tok/s"), ("goodput", "goodput (req/s)")):
+    for metric, label in METRICS:
         fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
         for ax, n in zip(axes[0], sizes, strict=True):
             width = 0.8 / len(MODES)
@@ -56,7 +60,7 @@ def _utilisation(points: list[dict], out: Path, plt) -> Path:  # noqa: ANN001
         ax.set_title(f"banaserve, {p['workers']} workers, {p['workload']}")
         ax.set_xlabel("simulated s")
         ax.legend()
-    path = out / "sim-scale-utilisation.png"
+    path = out / UTILISATION_FILE
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path

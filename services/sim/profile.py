@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from services.common.errors import ConfigError
 from services.sim.inputs import is_count, is_number, read_json
+
+T = TypeVar("T")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -45,6 +49,22 @@ def _scales(**values: object) -> None:
     for name, value in values.items():
         _require(is_number(value, above=True),
                  f"{name} must be > 0 (a finite number), got {value!r}")  # fmt: skip
+
+
+def _part(name: str, build: Callable[..., T], value: object) -> T:
+    """``build(**value)`` for the profile's part ``name`` (``prefill``, ``transports.tcp``,
+    ``serving.mixed``...), its errors naming the part: one that is not an object, lacks a
+    field or has one of another name is a ``TypeError`` (``Profile.load``: not a profile), a
+    bad value a ``ConfigError``."""
+    if not isinstance(value, dict):
+        raise TypeError(f"{name} must be an object of its fields, got {value!r}")
+    try:
+        return build(**value)
+    except ConfigError as exc:  # a value: "field must be ...", named within the part
+        message = str(exc)
+        raise ConfigError(message if message.startswith(name) else f"{name}.{message}") from None
+    except TypeError as exc:  # a missing or unknown field
+        raise TypeError(f"{name}: {exc}") from None
 
 
 def _counts(minimum: int, **values: object) -> None:
@@ -79,11 +99,15 @@ class DecodeModel:
 
     def __post_init__(self) -> None:
         _seconds(**{f"decode.{k}": v for k, v in asdict(self).items() if k != "batch_s"})
-        knots = tuple((float(b), float(t)) for b, t in self.batch_s)
-        object.__setattr__(self, "batch_s", knots)
-        for batch, t in knots:
+        pairs = self.batch_s
+        _require(isinstance(pairs, (list, tuple))
+                 and all(isinstance(x, (list, tuple)) and len(x) == 2 for x in pairs),
+                 f"decode.batch_s must be a list of [batch, seconds], got {pairs!r}")  # fmt: skip
+        for batch, t in pairs:
             _require(is_number(batch, above=True), f"decode.batch_s: batch {batch!r} must be > 0")
             _seconds(**{f"decode.batch_s[{batch:g}]": t})
+        knots = tuple((float(b), float(t)) for b, t in pairs)
+        object.__setattr__(self, "batch_s", knots)
         _require(all(x[0] < y[0] for x, y in zip(knots, knots[1:], strict=False)),
                  "decode.batch_s must be in ascending batch order")  # fmt: skip
 
@@ -223,11 +247,15 @@ class ServingModel:
                 f"{self.source or 'not fitted: the engine alone'}")  # fmt: skip
 
     @classmethod
+    def from_json_fields(cls, **data: object) -> ServingModel:
+        return cls.from_json(data)
+
+    @classmethod
     def from_json(cls, data: dict) -> ServingModel:
         d = dict(data)
         for kind in ("mixed", "store"):
             if d.get(kind) is not None:
-                d[kind] = StepCosts(**d[kind])
+                d[kind] = _part(f"serving.{kind}", StepCosts, d[kind])
         return cls(**d)
 
 
@@ -277,11 +305,16 @@ class Profile:
     @classmethod
     def from_json(cls, data: dict) -> Profile:
         d = dict(data)
-        d["prefill"] = PrefillModel(**d["prefill"])
-        d["decode"] = DecodeModel(**d["decode"])
-        d["transports"] = {k: TransportModel(**v) for k, v in d["transports"].items()}
-        d["migration"] = MigrationModel(**d["migration"])
-        d["serving"] = ServingModel.from_json(d.get("serving", {}))  # absent: profiles before it
+        for key, kind in (("prefill", PrefillModel), ("decode", DecodeModel),
+                          ("migration", MigrationModel)):  # fmt: skip
+            d[key] = _part(key, kind, d.get(key))
+        transports = d.get("transports")
+        if not isinstance(transports, dict):
+            raise TypeError(f"transports must be an object by name, got {transports!r}")
+        d["transports"] = {k: _part(f"transports.{k}", TransportModel, v)
+                           for k, v in transports.items()}  # fmt: skip
+        # absent: profiles from before it
+        d["serving"] = _part("serving", ServingModel.from_json_fields, d.get("serving", {}))
         return cls(**d)
 
     def save(self, path: Path) -> None:

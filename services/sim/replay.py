@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from bench.compare_report import row
 from bench.serve_report import summarise
@@ -15,7 +15,7 @@ from services.coordinator.policy import PolicyConfig
 from services.launcher import Mode
 from services.sim.cluster import SimCluster, SimSpec
 from services.sim.profile import Profile
-from services.sim.requests import from_plan
+from services.sim.requests import SimRequest, from_plan
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,9 @@ class RunOutcome:
     sim_s: float
     num_store_hit_tokens: int = 0  # prompt tokens fetched from banaserve's KV store
     num_local_prefills: int = 0  # PD requests a decode worker prefilled (the router's rule)
+    # Each failure status's first message (``summary["failures"]`` counts them): why requests
+    # failed, e.g. one larger than any worker's KV pool, so a report can say so.
+    failure_messages: dict[str, str] = field(default_factory=dict)
 
 
 def coordinator_policy(coordinator_args: list[str]) -> tuple[PolicyConfig, float | None, bool]:
@@ -91,8 +94,18 @@ def simulate_sequence(
                                    cluster.loop.num_events - events_before,
                                    end - start,
                                    cluster.num_store_hit_tokens - hits_before,
-                                   cluster.num_local_prefills - local_before))  # fmt: skip
+                                   cluster.num_local_prefills - local_before,
+                                   failure_messages(requests)))  # fmt: skip
     return outcomes
+
+
+def failure_messages(requests: list[SimRequest]) -> dict[str, str]:
+    """Each failure status's first message, in the order the statuses first occur."""
+    out: dict[str, str] = {}
+    for r in requests:
+        if r.status != "OK":
+            out.setdefault(r.status, r.message)
+    return out
 
 
 def spec_for(mode: Mode, num_workers: int, num_prefill: int | None, base: SimSpec) -> SimSpec:

@@ -30,14 +30,15 @@ from services.common.arg_types import (
     share_list,
 )
 from services.common.errors import ConfigError
-from services.common.paths import output_dir
+from services.common.paths import output_dir, output_file
 from services.launcher import Mode
 from services.prefill.write_backs import WritePolicy
 from services.sim.calibrate import DEFAULT_PROFILE_DIR, find_profile
 from services.sim.cluster import SimSpec, check_cluster_size
 from services.sim.inputs import check_plan_size, plan_workload
+from services.sim.plots import PLOT_FILES
 from services.sim.profile import Profile
-from services.sim.replay import simulate
+from services.sim.replay import RunOutcome, simulate
 from services.sim.store import DEFAULT_CAPACITY_BYTES
 from services.sim.validate import BANASERVE_DECODE, BANASERVE_ROUTER
 
@@ -54,6 +55,7 @@ PAPER = {"colocated": (1.2, 3.9), "static-pd": (1.1, 2.8)}
 # pool bounds it further (``cluster.MAX_CLUSTER_BLOCKS``).
 MAX_WORKERS = 4096
 DEFAULT_MODEL = "smollm2-135m"
+REPORT_FILES = ("sim-scale.md", "sim-scale.json")  # in --out, with the plots' PLOT_FILES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -154,20 +156,29 @@ def scale_point(n: int, name: str, profile: Profile, args: argparse.Namespace) -
                            decode_max_prefill_tokens_while_decoding=(
                                args.decode_max_prefill_tokens_while_decoding))  # fmt: skip
         res = simulate(spec, profile, planned, name, slo)
-        out["runs"][mode.value] = res.row | {"wall_s": res.wall_s, "samples": res.samples,
-                                             "store_hit_tokens": res.num_store_hit_tokens,
-                                             "local_prefills": res.num_local_prefills}  # fmt: skip
+        out["runs"][mode.value] = res.row | failures(res) | {
+            "wall_s": res.wall_s, "samples": res.samples,
+            "store_hit_tokens": res.num_store_hit_tokens,
+            "local_prefills": res.num_local_prefills}  # fmt: skip
     best = None
     splits = []
     for k in prefill_counts(n, args.splits):
         spec = replace(base, mode=Mode.STATIC_PD, num_prefill=k)
-        r = simulate(spec, profile, planned, name, slo).row | {"num_prefill": k}
+        res = simulate(spec, profile, planned, name, slo)
+        r = res.row | failures(res) | {"num_prefill": k}
         splits.append(r)
         if better(r, best):
             best = r
     out["runs"]["static-pd"] = best
     out["splits"] = splits
     return out
+
+
+def failures(res: RunOutcome) -> dict:
+    """A run's failed requests by status, and each status's first message (a request larger
+    than any worker's KV pool, one unfinished at the deadline): every planned request is
+    either among ``num_ok`` or here."""
+    return {"failures": res.summary["failures"], "failure_messages": res.failure_messages}
 
 
 def ratios(point: dict) -> dict:
@@ -192,17 +203,20 @@ def render(points: list[dict], profile: Profile, args: argparse.Namespace) -> st
         "Ratios are banaserve / baseline "
         "(output throughput; goodput at the workload's SLO). Paper: 1.2-3.9x vs vLLM "
         "(colocated), 1.1-2.8x vs DistServe (static PD).", "",
-        "| N | workload | requests | best static P:D | out tok/s coloc / static / bana "
+        "| N | workload | requests | completed coloc / static / bana | best static P:D "
+        "| out tok/s coloc / static / bana "
         "| goodput coloc / static / bana | bana/coloc thr | bana/static thr | bana/coloc goodput "
         "| bana/static goodput | migrations | store hit tokens | prefilled by decode |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     f = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     for p in points:
         r, q = p["runs"], ratios(p)
         k = r["static-pd"]["num_prefill"]
+        done = " / ".join(str(r[m]["num_ok"]) for m in ("colocated", "static-pd", "banaserve"))
         lines.append(
-            f"| {p['workers']} | {p['workload']} | {p['num_requests']} | {k}:{p['workers'] - k} "
+            f"| {p['workers']} | {p['workload']} | {p['num_requests']} | {done} "
+            f"| {k}:{p['workers'] - k} "
             f"| {f(r['colocated']['output_throughput'])} / {f(r['static-pd']['output_throughput'])}"
             f" / {f(r['banaserve']['output_throughput'])} | {f(r['colocated']['goodput'])} / "
             f"{f(r['static-pd']['goodput'])} / {f(r['banaserve']['goodput'])} "
@@ -212,7 +226,22 @@ def render(points: list[dict], profile: Profile, args: argparse.Namespace) -> st
             f"| {r['banaserve'].get('store_hit_tokens', 0)} "
             f"| {r['banaserve'].get('local_prefills', 0)} |"
         )
+    failed = failed_lines(points)
+    if failed:
+        lines += ["", "Failed requests (not in the throughputs and goodputs above):", "", *failed]
     return "\n".join(lines) + "\n"
+
+
+def failed_lines(points: list[dict]) -> list[str]:
+    """One line per run that failed requests: how many, by status, with the first message."""
+    lines = []
+    for p in points:
+        for mode, r in p["runs"].items():
+            for status, count in r.get("failures", {}).items():
+                message = r.get("failure_messages", {}).get(status, "")
+                lines.append(f"- N={p['workers']} {p['workload']} {mode}: {count} of "
+                             f"{r['num_requests']} {status}{': ' if message else ''}{message}")  # fmt: skip
+    return lines
 
 
 def _local_prefill(args: argparse.Namespace) -> str:
@@ -230,10 +259,10 @@ def write_report(points: list[dict], profile: Profile, args: argparse.Namespace)
     stopped and still leaves what it measured)."""
     args.out.mkdir(parents=True, exist_ok=True)
     markdown = render(points, profile, args)
-    (args.out / "sim-scale.md").write_text(markdown)
+    (args.out / REPORT_FILES[0]).write_text(markdown)
     slim = [p | {"runs": {m: {k: v for k, v in r.items() if k != "samples"}
                           for m, r in p["runs"].items()}} for p in points]  # fmt: skip
-    (args.out / "sim-scale.json").write_text(json.dumps(slim, indent=1) + "\n")
+    (args.out / REPORT_FILES[1]).write_text(json.dumps(slim, indent=1) + "\n")
     return markdown
 
 
@@ -246,6 +275,8 @@ def check_inputs(profile: Profile, args: argparse.Namespace) -> None:
     for name in args.workloads:
         check_plan_size(workload_of(name, n / 2 * args.load), args.duration)
     output_dir(args.out, "--out")
+    for name in (*REPORT_FILES, *PLOT_FILES):  # each file of the report, not only its directory
+        output_file(args.out / name, "--out")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -262,6 +293,8 @@ def run(args: argparse.Namespace) -> int:
             points.append(scale_point(n, name, profile, args))
             print(f"N={n} {name}: {points[-1]['num_requests']} requests, "
                   f"{time.perf_counter() - started:.1f} s", flush=True)  # fmt: skip
+            for line in failed_lines(points[-1:]):
+                print(f"  {line[2:]}", flush=True)
             markdown = write_report(points, profile, args)
     from services.sim.plots import write_plots
 

@@ -2,7 +2,7 @@
 
 ``sim calibrate`` times the engine's steps in-process, in CPU time. A real worker's step takes
 longer: its engine loop, gRPC and token streaming, and the two cores it shares with the router,
-Redis and the benchmark's client (docs/simulator.md, "Validation"). Those costs are not
+Redis and the benchmark's client (docs/simulator.md, "Validate"). Those costs are not
 modelled one by one; they are measured here as two multipliers (``ServingModel``) of the
 calibrated step times, fitted on one real ``bench compare`` run and then held fixed — so a
 ``sim validate`` against *another* run is a test of the model, not of the fit:

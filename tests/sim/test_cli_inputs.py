@@ -157,6 +157,20 @@ def profile_json(path: str, value) -> dict:  # noqa: ANN001
         ("num_layers", 2.5, "num_layers must be an integer >= 2"),
         ("layer_share", "0.03", "layer_share must be > 0"),
         ("model", 5, "model must be a name"),
+        # a part of the wrong shape, named (before: "TypeError: 'NoneType' object is not
+        # iterable", "AttributeError: 'list' object has no attribute 'items'", a bandwidth or
+        # a serving scale without its transport or worker kind)
+        ("prefill", None, "prefill must be an object of its fields, got None"),
+        ("serving", None, "serving must be an object of its fields, got None"),
+        ("serving", [1, 2], "serving must be an object of its fields, got [1, 2]"),
+        ("transports", [1], "transports must be an object by name, got [1]"),
+        ("transports.tcp", 5, "transports.tcp must be an object of its fields, got 5"),
+        ("transports.tcp.bandwidth_bytes_per_s", 0, "transports.tcp.bandwidth_bytes_per_s must"),
+        ("serving.mixed", {"prefill_scale": "x"}, "serving.mixed.prefill_scale must be > 0"),
+        ("migration.bogus", 1, "migration: MigrationModel.__init__() got an unexpected keyword"),
+        ("decode.batch_s", "abc", "decode.batch_s must be a list of [batch, seconds], got 'abc'"),
+        ("decode.batch_s", [[1, 2, 3]], "decode.batch_s must be a list of [batch, seconds]"),
+        ("decode.batch_s", [[1, "x"]], "decode.batch_s[1] must be >= 0 (a finite number)"),
     ],
 )
 def test_a_profile_with_a_bad_value_is_refused_when_loaded(tmp_path, path, value, message):
@@ -322,3 +336,67 @@ def test_calibrate_refuses_bad_sizes_models_outputs_and_migration_times(tmp_path
     (tmp_path / "a-file").write_text("")
     code, err = run_cli(["sim", "calibrate", "--out", f"{tmp_path}/a-file"], capsys)
     assert code == 2 and f"--out {tmp_path}/a-file is a file, not a directory" in err
+
+
+def test_sim_run_checks_each_report_file_before_simulating(tmp_path, capsys, no_work):
+    """A directory where a report file goes (``sim-scale.json``, a plot): refused before the
+    first run. Before, a traceback (IsADirectoryError) after the first point's simulations."""
+    names = ("sim-scale.md", "sim-scale.json", "sim-scale-output_throughput.png",
+             "sim-scale-goodput.png", "sim-scale-utilisation.png")  # fmt: skip
+    for name in names:
+        out = tmp_path / name.replace(".", "-")
+        (out / name).mkdir(parents=True)
+        argv = ["sim", "run", "--workers", "2", "--workloads", "mixed", "--out", str(out)]
+        code, err = run_cli(argv, capsys)
+        assert code == 2 and f"--out {out / name} is a directory, not a file" in err, err
+
+
+def test_calibrate_checks_each_profile_path_before_measuring(tmp_path, capsys, monkeypatch):
+    def measured(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise AssertionError("measured before the output paths were checked")
+
+    from services.engine.models import prepare
+
+    monkeypatch.setattr(calibrate, "measure_transports", measured)
+    monkeypatch.setattr(calibrate, "calibrate_model", measured)
+    monkeypatch.setattr(prepare, "resolve_model", lambda name: tmp_path)
+    taken = calibrate.profile_path(tmp_path, "tiny-llama")
+    taken.mkdir()  # the second model's profile: after the first's 1-2 min, a traceback
+    argv = ["sim", "calibrate", "--models", "smollm2-135m,tiny-llama", "--out", str(tmp_path)]
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and f"--out {taken} is a directory, not a file" in err, err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "start 0 is past the trace's 0"),  # empty
+        ("\n  \n", "start 0 is past the trace's 0"),  # blank lines only
+        ('{"timestamp": 0, "input_length": 100, "output', "trace line 1: JSONDecodeError"),
+        (
+            '{"timestamp": 0, "input_length": 0, "output_length": 5, "hash_ids": []}',
+            "trace line 1: input_length must be positive",
+        ),  # fmt: skip
+        (
+            '{"timestamp": 9, "input_length": 9, "output_length": 5, "hash_ids": [1]}\n'
+            '{"timestamp": 0, "input_length": 9, "output_length": 5, "hash_ids": [2]}',
+            "trace request 2 arrives before 1",
+        ),  # fmt: skip
+        (  # numbers no int holds: an OverflowError traceback before (probe, session 44)
+            '{"timestamp": Infinity, "input_length": 100, "output_length": 5, "hash_ids": [1]}',
+            "trace line 1: OverflowError",
+        ),
+        (
+            '{"timestamp": 0, "input_length": 1e400, "output_length": 5, "hash_ids": [1]}',
+            "trace line 1: OverflowError",
+        ),
+    ],
+)
+def test_sim_run_names_the_trace_whose_content_it_refuses(tmp_path, capsys, content, message):
+    # Before: "banaserve: error: trace line 1: ..." with no word of which file, or workload.
+    trace = tmp_path / "mooncake_conversation.jsonl"
+    trace.write_text(content)
+    argv = ["sim", "run", "--workers", "2", "--workloads", "mooncake", "--duration", "2",
+            "--traces-dir", str(tmp_path), "--out", str(tmp_path / "out")]  # fmt: skip
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and err.startswith(f"banaserve: error: mooncake: trace {trace}: {message}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from services.cli import main
 from services.sim.scale import better, prefill_counts
@@ -82,3 +83,35 @@ def test_banaserve_runs_its_routers_conditional_disaggregation_as_told(tmp_path,
     assert point["runs"]["banaserve"]["local_prefills"] == 0
     report = (tmp_path / "sim-scale.md").read_text()
     assert "no local prefill on banaserve's decode workers" in report
+
+
+def test_failed_requests_are_counted_and_said_in_the_report(tmp_path, capsys):
+    """Every planned request is completed or reported as failed, with why: a prompt larger than
+    any worker's KV pool is refused by the router (RESOURCE_EXHAUSTED). Before, the report
+    showed only "n/a" cells, and the JSON no reason."""
+    argv = _argv(tmp_path)
+    argv[argv.index("--profile") + 1] = str(tmp_path / "tiny.json")
+    replace(profile(), num_kv_blocks=4).save(tmp_path / "tiny.json")  # 64 tokens a worker
+    assert main(argv) == 0
+    (point,) = json.loads((tmp_path / "sim-scale.json").read_text())
+    for run in [*point["runs"].values(), *point["splits"]]:
+        assert run["num_ok"] + sum(run["failures"].values()) == point["num_requests"] > 0
+        assert run["failures"] == {"RESOURCE_EXHAUSTED": point["num_requests"]}
+        assert "more than any" in run["failure_messages"]["RESOURCE_EXHAUSTED"]
+    report = (tmp_path / "sim-scale.md").read_text()
+    assert f"| 4 | mixed | {point['num_requests']} | 0 / 0 / 0 |" in report
+    n = point["num_requests"]
+    assert f"- N=4 mixed colocated: {n} of {n} RESOURCE_EXHAUSTED: request " in report
+    assert f"N=4 mixed banaserve: {n} of {n} RESOURCE_EXHAUSTED" in capsys.readouterr().out
+
+
+def test_a_request_unfinished_at_the_deadline_is_reported_with_why(tmp_path, capsys):
+    argv = _argv(tmp_path)
+    argv[argv.index("--drain-s") + 1] = "0"  # the last requests cannot finish by the deadline
+    assert main(argv) == 0
+    (point,) = json.loads((tmp_path / "sim-scale.json").read_text())
+    run = point["runs"]["colocated"]
+    assert run["failures"]["DEADLINE_EXCEEDED"] == point["num_requests"] - run["num_ok"] > 0
+    assert "deadline" in run["failure_messages"]["DEADLINE_EXCEEDED"]
+    assert "DEADLINE_EXCEEDED: unfinished at the run's deadline" in (
+        tmp_path / "sim-scale.md").read_text()  # fmt: skip
