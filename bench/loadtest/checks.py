@@ -10,40 +10,17 @@ earlier run left (a pin inside the kvstore's TTL) is not this run's leak.
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 from pathlib import Path
 
 from bench.loadtest.driver import process_cpu_seconds
+from services.common.arg_types import MAX_LABEL_CHARS, plain_name
 from services.common.errors import ConfigError
 from services.common.paths import output_dir
 
-MAX_LABEL_CHARS = 100  # SERVICE-LABEL-samples.csv stays far below a file name's 255 bytes
 MAX_NONCE_CHARS = 64
 FILE_SUFFIXES = (".json", ".csv", "-samples.csv")
-
-
-def plain_name(what: str, max_chars: int):  # noqa: ANN201 - an argparse ``type=``
-    """A plain file-name component: no ``/``, not ``.`` or ``..``, no control characters."""
-
-    def parse(text: str) -> str:
-        bad = (
-            not text
-            or len(text) > max_chars
-            or text in (".", "..")
-            or "/" in text
-            or "\\" in text
-            or not text.isprintable()
-        )
-        if bad:
-            raise argparse.ArgumentTypeError(
-                f"expected a plain {what} (a file-name part of at most {max_chars} characters, "
-                f"no '/'), got {text!r}"
-            )
-        return text
-
-    return parse
 
 
 label_arg = plain_name("label", MAX_LABEL_CHARS)

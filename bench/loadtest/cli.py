@@ -42,6 +42,8 @@ import grpc
 
 from bench.loadtest import coordinator, decode, kvstore, prefill, router
 from bench.loadtest.checks import check_pids, label_arg, leaks_of, nonce_arg, output_paths
+from bench.loadtest.credentials import Credentials
+from bench.loadtest.credentials import hint as credentials_hint
 from bench.loadtest.driver import (
     LoadSpec,
     Loop,
@@ -169,6 +171,12 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=path_arg, default=DEFAULT_OUT, help="output directory")
     p.add_argument("--label", type=label_arg, default=None,
                    help="file suffix: SERVICE-LABEL.json (a plain file-name part)")  # fmt: skip
+    p.add_argument("--tls-dir", default="", metavar="DIR",
+                   help="mutual TLS with the certificates `banaserve certs DIR` wrote, each of the "
+                   "roles this load test plays (docs/loadtest.md; default: plaintext)")  # fmt: skip
+    p.add_argument("--api-token-file", default="", metavar="FILE",
+                   help="bearer tokens, one per line: the first is sent where the service's "
+                   "client API wants one (router, coordinator)")  # fmt: skip
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -188,7 +196,10 @@ def rpc_timeout(load_class: type, args: argparse.Namespace) -> float:
 
 
 def build_scenario(service: Service, args: argparse.Namespace) -> Scenario:
+    """The service's scenario; every certificate the roles it plays need is checked here,
+    before anything connects (a missing one is refused naming the file)."""
     nonce = args.nonce or new_nonce()
+    creds = Credentials.from_args(args)
     try:
         if service is Service.KVSTORE:
             (layer_bytes,) = size_list(args.layer_bytes)
@@ -197,20 +208,21 @@ def build_scenario(service: Service, args: argparse.Namespace) -> Scenario:
                 args.write_fraction, seed=args.seed, nonce=nonce,
                 rpc_timeout_s=rpc_timeout(kvstore.KVStoreLoad, args),
             )  # fmt: skip
-            return kvstore.KVStoreScenario(args.target, load)
+            return kvstore.KVStoreScenario(args.target, load, credentials=creds)
         if service is Service.DECODE:
             load = decode.DecodeLoad(
                 args.model, args.dtype, args.block_size, args.prompt_len, args.max_tokens,
                 args.kv_transport, seed=args.seed, nonce=nonce,
                 rpc_timeout_s=rpc_timeout(decode.DecodeLoad, args),
             )  # fmt: skip
-            return decode.DecodeScenario(args.target, load)
+            return decode.DecodeScenario(args.target, load, credentials=creds)
         if service is Service.PREFILL:
             load = prefill.PrefillLoad(
-                args.prompt_len, args.vocab_range, args.sink_transport, seed=args.seed,
+                args.prompt_len, args.vocab_range,
+                prefill.sink_transport(args.sink_transport, creds), seed=args.seed,
                 nonce=nonce, rpc_timeout_s=rpc_timeout(prefill.PrefillLoad, args),
             )  # fmt: skip
-            return prefill.PrefillScenario(args.target, load)
+            return prefill.PrefillScenario(args.target, load, credentials=creds)
         if service is Service.COORDINATOR:
             if args.op == "cycle" and (args.rate or (args.users and args.users != [1])):
                 raise ConfigError(
@@ -222,12 +234,12 @@ def build_scenario(service: Service, args: argparse.Namespace) -> Scenario:
                 args.end_layer, args.poll_ms / 1000,
                 rpc_timeout_s=rpc_timeout(coordinator.CoordinatorLoad, args),
             )  # fmt: skip
-            return coordinator.CoordinatorScenario(args.target, load)
+            return coordinator.CoordinatorScenario(args.target, load, credentials=creds)
         load = router.RouterLoad(
             args.prompt_len, args.max_tokens, args.vocab_range, args.stub_workers, args.model,
             seed=args.seed, nonce=nonce, rpc_timeout_s=rpc_timeout(router.RouterLoad, args),
         )  # fmt: skip
-        return router.RouterScenario(args.target, load)
+        return router.RouterScenario(args.target, load, credentials=creds)
     except (argparse.ArgumentTypeError, ValueError) as exc:
         raise ConfigError(str(exc)) from exc
 
@@ -302,7 +314,11 @@ def hint(scenario: Scenario, exc: BaseException) -> str:
         target = getattr(scenario, "target", "the target")
         return f" ({target} does not serve {expected}: is --target the right service?)"
     told = getattr(scenario, "hint", None)
-    return told(status, message_of(exc)) if told else ""
+    said = told(status, message_of(exc)) if told else ""
+    credentials = getattr(scenario, "credentials", None)
+    if said or credentials is None:
+        return said
+    return credentials_hint(credentials, status, message_of(exc))
 
 
 async def prepare(scenario: Scenario, warmup: int, timeout_s: float | None) -> dict[str, int]:

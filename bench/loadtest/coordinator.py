@@ -17,6 +17,9 @@ Every iteration is one ``--op``:
 
 After each run ``ListMigrations(live_only)`` is the leak check: no migration left live (one
 the run started and did not bring to DONE would hold the workers' layers and leases).
+
+With ``--tls-dir`` and ``--api-token-file`` the load test presents what ``banaserve migrate``
+does: the ``client`` certificate, and the first token on every call (``credentials.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from bench.loadtest.credentials import NONE, Credentials
 from bench.loadtest.driver import Recorder, ScenarioError
 from services.common.arg_types import positive
 from services.common.config import RpcConfig
@@ -37,6 +41,7 @@ from services.common.types import MAX_UINT32
 from services.rpc.channels import open_channel
 from services.rpc.gen.banaserve.v1 import coordinator_pb2 as pb
 from services.rpc.gen.banaserve.v1 import coordinator_pb2_grpc
+from services.rpc.security import Role
 
 OPS = ("list", "describe", "cycle")
 RPC_NAMES = {
@@ -100,12 +105,17 @@ class CoordinatorScenario:
     sample_names: tuple[str, ...]
     grpc_service = pb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
 
-    def __init__(self, target: str, load: CoordinatorLoad, rpc: RpcConfig | None = None) -> None:
+    def __init__(
+        self, target: str, load: CoordinatorLoad, rpc: RpcConfig | None = None,
+        credentials: Credentials = NONE,
+    ) -> None:  # fmt: skip
         self.target = target
         self.load = load
+        self.credentials = credentials
         self.name = load.op
         self.sample_names = (load.op, *RPC_NAMES[load.op])
-        self._rpc = rpc or RpcConfig()
+        self._rpc = credentials.rpc(Role.CLIENT, rpc)
+        self._metadata = credentials.metadata
         self._channel: grpc.aio.Channel | None = None
         self._ids: list[str] = []
         self._next_id = itertools.count()
@@ -146,7 +156,9 @@ class CoordinatorScenario:
 
     async def _list(self, live_only: bool) -> pb.ListMigrationsResponse:
         request = pb.ListMigrationsRequest(live_only=live_only)
-        return await self._stub.ListMigrations(request, timeout=self.load.rpc_timeout_s)
+        return await self._stub.ListMigrations(
+            request, timeout=self.load.rpc_timeout_s, metadata=self._metadata
+        )
 
     async def run_one(self, index: int, rec: Recorder) -> None:
         if self.load.op == "list":
@@ -162,7 +174,9 @@ class CoordinatorScenario:
 
     async def _describe(self, migration_id: str) -> pb.Migration:
         request = pb.DescribeMigrationRequest(migration_id=migration_id)
-        reply = await self._stub.DescribeMigration(request, timeout=self.load.rpc_timeout_s)
+        reply = await self._stub.DescribeMigration(
+            request, timeout=self.load.rpc_timeout_s, metadata=self._metadata
+        )
         return reply.migration
 
     async def _cycle(self, rec: Recorder) -> None:
@@ -176,6 +190,7 @@ class CoordinatorScenario:
             reply = await self._stub.StartMigration(
                 pb.StartMigrationRequest(kind=pb.MIGRATION_KIND_LAYERS, layers=spec),
                 timeout=timeout,
+                metadata=self._metadata,
             )
         migration_id = reply.migration.migration_id
         try:
@@ -184,13 +199,14 @@ class CoordinatorScenario:
             reverted = rec.clock()
             async with rec.rpc("RevertMigration"):
                 request = pb.RevertMigrationRequest(migration_id=migration_id)
-                await self._stub.RevertMigration(request, timeout=timeout)
+                await self._stub.RevertMigration(request, timeout=timeout, metadata=self._metadata)
             await self._until(migration_id, DONE)
             rec.mark("to DONE", reverted)
         except BaseException:  # a failed or cancelled cycle leaves nothing live behind it
             with contextlib.suppress(grpc.RpcError, asyncio.CancelledError):
                 request = pb.AbortMigrationRequest(migration_id=migration_id, reason="loadtest")
-                await asyncio.shield(self._stub.AbortMigration(request, timeout=timeout))
+                call = self._stub.AbortMigration(request, timeout=timeout, metadata=self._metadata)
+                await asyncio.shield(call)
             raise
 
     async def _until(self, migration_id: str, state: int) -> None:

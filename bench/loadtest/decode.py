@@ -21,6 +21,11 @@ Each iteration is one request, as the router and a prefill worker drive it:
 The header's block hashes are the prompt's (``services.common.hashing``), which the worker
 checks. After each run the worker's ``Stats`` is the leak check: no block used, no
 reservation open.
+
+With ``--tls-dir`` no one role may make every call (``RULES``): ``ReserveKV``,
+``StreamTokens`` and ``Stats`` go with the ``router`` certificate, and the KV, as a prefill
+worker sends it, with ``prefill``'s (the gRPC data plane admits workers only) and the data-plane
+secret (``credentials.py``).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from bench.loadtest.credentials import NONE, Credentials
 from bench.loadtest.driver import Recorder, ScenarioError, new_nonce
 from services.common.arg_types import positive
 from services.common.config import RpcConfig
@@ -42,6 +48,7 @@ from services.common.hashing import block_hashes
 from services.rpc.channels import open_channel
 from services.rpc.convert import DATA_TRANSPORT_FROM_PROTO, duration
 from services.rpc.gen.banaserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+from services.rpc.security import Role, secure_data_planes
 
 KV_TRANSPORTS = ("auto", "grpc")
 LEASE_S = 30.0
@@ -91,10 +98,17 @@ class DecodeScenario:
         "StreamTokens first token",
     )
 
-    def __init__(self, target: str, load: DecodeLoad, rpc: RpcConfig | None = None) -> None:
+    def __init__(
+        self, target: str, load: DecodeLoad, rpc: RpcConfig | None = None,
+        credentials: Credentials = NONE,
+    ) -> None:  # fmt: skip
         self.target = target
         self.load = load
-        self._rpc = rpc or RpcConfig()
+        self.credentials = credentials
+        # Two callers, two certificates: the router's calls, and the prefill worker's KV.
+        self._rpc = credentials.rpc(Role.ROUTER, rpc)
+        self._sender_rpc = credentials.rpc(Role.PREFILL, rpc)
+        self._sender_security = credentials.security(Role.PREFILL)
         self._nonce = load.nonce
         self._channel: grpc.aio.Channel | None = None
         self._kv_bytes: int | None = None
@@ -135,8 +149,9 @@ class DecodeScenario:
         ]
         self._kv_bytes = sum(t.nbytes for t in self._layers)
         self._kv_heads_dim = (spec.num_kv_heads, spec.head_dim)
+        secure_data_planes(self._sender_security)  # before the sender's data planes connect
         data = DataPlaneKVTransport() if load.kv_transport == "auto" else None
-        self._transport = TargetKVTransport(GrpcKVTransport(self._rpc), data)
+        self._transport = TargetKVTransport(GrpcKVTransport(self._sender_rpc), data)
         self._channel = open_channel(self.target, self._rpc)
         self._stub = decode_pb2_grpc.DecodeServiceStub(self._channel)
 
@@ -144,6 +159,7 @@ class DecodeScenario:
         if self._channel is not None:
             await self._transport.close()
             await self._channel.close()
+        secure_data_planes(None)
 
     async def server_state(self) -> dict:
         s = await self._stub.Stats(decode_pb2.DecodeServiceStatsRequest(), timeout=10)

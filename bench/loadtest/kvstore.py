@@ -23,6 +23,11 @@ Then every iteration is one ``--op``:
 - ``mixed``: ``write`` with probability ``--write-fraction``, else ``read``.
 A read that finds fewer blocks than stored (evicted meanwhile) fails as ``MISS``.
 After each run, every node's ``Stats`` is the leak check: no pin and no reservation left open.
+
+With ``--tls-dir`` the load test is a prefill worker (the ``prefill`` certificate on every
+call, the data-plane secret on its data planes), but ``Stats`` is an observer's, not a
+worker's (``RULES``): the leak check reads it with the ``client`` certificate
+(``credentials.py``).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
+from bench.loadtest.credentials import NONE, Credentials
 from bench.loadtest.driver import Recorder, ScenarioError, new_nonce
 from services.common.config import RpcConfig
 from services.common.errors import ConfigError
@@ -49,6 +55,7 @@ from services.rpc.convert import DATA_TRANSPORT_FROM_PROTO
 from services.rpc.dataplane.base import MAX_HEADER_BYTES
 from services.rpc.dataplane.tcp import DEFAULT_MAX_PAYLOAD_BYTES
 from services.rpc.gen.banaserve.v1 import kvstore_pb2, kvstore_pb2_grpc
+from services.rpc.security import Role, secure_data_planes
 
 OPS = ("lookup", "read", "write", "mixed")
 # The iteration's name in the report, apart from the RPC names (Lookup, DataRead, ...).
@@ -117,6 +124,8 @@ class Node:
     node_id: str
     stub: kvstore_pb2_grpc.KVStoreServiceStub
     data: dataplane.DataClient
+    # Stats, the leak check's (an observer's certificate under TLS); None: ``stub``.
+    stats_stub: kvstore_pb2_grpc.KVStoreServiceStub | None = None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -131,12 +140,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 class KVStoreScenario:
     grpc_service = kvstore_pb2.DESCRIPTOR.services_by_name["KVStoreService"].full_name
 
-    def __init__(self, target: str, load: KVStoreLoad, rpc: RpcConfig | None = None) -> None:
+    def __init__(
+        self, target: str, load: KVStoreLoad, rpc: RpcConfig | None = None,
+        credentials: Credentials = NONE,
+    ) -> None:  # fmt: skip
         self.target = target
         self.load = load
+        self.credentials = credentials
         self.name = ITERATION_NAMES[load.op]
         self.sample_names = (self.name, *RPC_NAMES[load.op])
-        self._rpc = rpc or RpcConfig()
+        self._rpc = credentials.rpc(Role.PREFILL, rpc)
+        self._observer_rpc = credentials.rpc(Role.CLIENT, rpc) if credentials.tls_dir else None
+        self._data_security = credentials.security(Role.PREFILL)
         self._fingerprint = f"loadtest-{load.nonce}"
         self._channels: list[grpc.aio.Channel] = []
         self._nodes: dict[str, Node] = {}
@@ -163,6 +178,7 @@ class KVStoreScenario:
     # -- setup -----------------------------------------------------------------------------
 
     async def setup(self) -> None:
+        secure_data_planes(self._data_security)  # before any data plane connects
         self._target_stub = kvstore_pb2_grpc.KVStoreServiceStub(self._channel(self.target))
         probe = kvstore_pb2.LookupRequest(block_hashes=[self._hashes("probe")[0]])
         reply = await self._target_stub.Lookup(probe, timeout=self.load.rpc_timeout_s)
@@ -172,14 +188,18 @@ class KVStoreScenario:
             transport = DATA_TRANSPORT_FROM_PROTO.get(n.data_transport, "grpc")
             data = await dataplane.connect(transport, n.data_address, CONNECT_TIMEOUT_S)
             stub = kvstore_pb2_grpc.KVStoreServiceStub(self._channel(n.grpc_address))
-            self._nodes[n.node_id] = Node(n.node_id, stub, data)
+            stats = None
+            if self._observer_rpc is not None:
+                channel = self._channel(n.grpc_address, self._observer_rpc)
+                stats = kvstore_pb2_grpc.KVStoreServiceStub(channel)
+            self._nodes[n.node_id] = Node(n.node_id, stub, data, stats)
         for i in range(self.load.num_prefixes):
             hashes = self._hashes(f"prefix-{i}")
             await self._write(hashes, Recorder())
             self._prefixes.append(hashes)
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        channel = open_channel(address, self._rpc)
+    def _channel(self, address: str, rpc: RpcConfig | None = None) -> grpc.aio.Channel:
+        channel = open_channel(address, rpc or self._rpc)
         self._channels.append(channel)
         return channel
 
@@ -194,11 +214,12 @@ class KVStoreScenario:
                 await node.data.close()
         for channel in self._channels:
             await channel.close()
+        secure_data_planes(None)
 
     async def server_state(self) -> dict:
         nodes = {}
         for node in self._nodes.values():
-            s = await node.stub.Stats(
+            s = await (node.stats_stub or node.stub).Stats(
                 kvstore_pb2.KVStoreServiceStatsRequest(), timeout=self.load.rpc_timeout_s
             )
             nodes[node.node_id] = {

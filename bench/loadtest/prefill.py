@@ -17,6 +17,11 @@ ends the request and the whole KV is always sent. Recorded: ``Prefill`` (call to
 its prompt tokens count towards tokens/s and its KV bytes towards GB/s) and
 ``Prefill first token``. After each run the worker's ``Stats`` is the leak check (no block used,
 no transfer open, nothing queued), and the sink has no transfer open.
+
+With ``--tls-dir`` the load test is the router (``Prefill`` and ``Stats`` are the router's) and
+the sink a decode worker: its gRPC server has the ``decode`` certificate, its data planes the
+data-plane secret (``credentials.py``). A UCX sink authenticates no peer and listens on every
+interface (docs/security.md), so with TLS the sink is TCP by default and UCX is refused.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from bench.loadtest.credentials import NONE, Credentials
 from bench.loadtest.driver import Recorder, ScenarioError, new_nonce
 from bench.loadtest.stubs import KVSink
 from services.common.config import RpcConfig
@@ -34,8 +40,11 @@ from services.common.errors import ConfigError
 from services.rpc import dataplane
 from services.rpc.channels import open_channel
 from services.rpc.gen.banaserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
+from services.rpc.security import Role, secure_data_planes
 
 SINK_TRANSPORTS = (*dataplane.KINDS, "stream")
+DEFAULT_SINK = "ucx"
+DEFAULT_TLS_SINK = "tcp"  # UCX authenticates no peer: with TLS the sink is TCP unless told
 
 
 @dataclass(frozen=True)
@@ -60,8 +69,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per request")
     p.add_argument("--vocab-range", type=vocab_range, default=(5, 4000),
                    help="prompt token ids from [LOW, HIGH) (default 5:4000, tiny-llama's)")  # fmt: skip
-    p.add_argument("--sink-transport", choices=SINK_TRANSPORTS, default="ucx",
-                   help="the KV sink's data plane (stream: TransferKV only)")  # fmt: skip
+    p.add_argument("--sink-transport", choices=SINK_TRANSPORTS, default=None,
+                   help="the KV sink's data plane (stream: TransferKV only; default ucx, tcp "
+                   "with --tls-dir)")  # fmt: skip
+
+
+def sink_transport(chosen: str | None, credentials: Credentials) -> str:
+    """``--sink-transport``, or its default; UCX refused with TLS (it authenticates no peer)."""
+    if chosen is None:
+        return DEFAULT_TLS_SINK if credentials.tls_dir else DEFAULT_SINK
+    if chosen == "ucx" and credentials.tls_dir:
+        raise ConfigError(
+            "--sink-transport ucx with --tls-dir: a UCX data plane authenticates no peer and "
+            "listens on every interface (docs/security.md); use tcp, grpc or stream"
+        )
+    return chosen
 
 
 class PrefillScenario:
@@ -69,12 +91,19 @@ class PrefillScenario:
     name = "request"
     sample_names = ("request", "Prefill", "Prefill first token")
 
-    def __init__(self, target: str, load: PrefillLoad, rpc: RpcConfig | None = None) -> None:
+    def __init__(
+        self, target: str, load: PrefillLoad, rpc: RpcConfig | None = None,
+        credentials: Credentials = NONE,
+    ) -> None:  # fmt: skip
         self.target = target
         self.load = load
-        self._rpc = rpc or RpcConfig()
+        self.credentials = credentials
+        self._rpc = credentials.rpc(Role.ROUTER, rpc)
         self._nonce = load.nonce
-        self._sink = KVSink(load.sink_transport)
+        # The sink stands in for a decode worker: its certificate, and its data-plane secret.
+        self._sink_security = credentials.security(Role.DECODE)
+        sink_rpc = credentials.rpc(Role.DECODE, RpcConfig(grace_s=1.0))
+        self._sink = KVSink(sink_transport(load.sink_transport, credentials), sink_rpc)
         self._channel: grpc.aio.Channel | None = None
 
     def hint(self, status: str, message: str) -> str:
@@ -96,6 +125,7 @@ class PrefillScenario:
         }
 
     async def setup(self) -> None:
+        secure_data_planes(self._sink_security)  # before the sink's data plane starts
         await self._sink.start()
         self._channel = open_channel(self.target, self._rpc)
         self._stub = prefill_pb2_grpc.PrefillServiceStub(self._channel)
@@ -104,6 +134,7 @@ class PrefillScenario:
         if self._channel is not None:
             await self._channel.close()
         await self._sink.stop()
+        secure_data_planes(None)
 
     async def server_state(self) -> dict:
         s = await self._stub.Stats(prefill_pb2.PrefillServiceStatsRequest(), timeout=10)

@@ -14,6 +14,10 @@ index (unique across a sweep's steps): no prompt any server has seen, greedy, ``
 Recorded: ``Generate`` (call to ``finished``; its tokens count towards tokens/s) and
 ``Generate first token``. After each run ``ListWorkers`` is the leak check: once the workers
 report again, none holds a running sequence or a used KV block.
+
+With ``--tls-dir`` the load test is a client (the ``client`` certificate, and the first token of
+``--api-token-file`` on every call); the stub workers serve and register with the ``prefill``
+and ``decode`` certificates (``credentials.py``).
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from bench.loadtest.credentials import NONE, Credentials
 from bench.loadtest.driver import Recorder, ScenarioError, new_nonce
 from bench.loadtest.stubs import StubWorkers
 from services.common.config import RpcConfig
 from services.common.errors import ConfigError
 from services.rpc.channels import open_channel
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+from services.rpc.security import Role
 
 
 @dataclass(frozen=True)
@@ -66,12 +72,19 @@ class RouterScenario:
     name = "request"
     sample_names = ("request", "Generate", "Generate first token")
 
-    def __init__(self, target: str, load: RouterLoad, rpc: RpcConfig | None = None) -> None:
+    def __init__(
+        self, target: str, load: RouterLoad, rpc: RpcConfig | None = None,
+        credentials: Credentials = NONE,
+    ) -> None:  # fmt: skip
         self.target = target
         self.load = load
-        self._rpc = rpc or RpcConfig()
+        self.credentials = credentials
+        self._rpc = credentials.rpc(Role.CLIENT, rpc)
+        self._metadata = credentials.metadata
         self._nonce = load.nonce
-        self._stubs = StubWorkers(target, load.model, self._rpc) if load.stub_workers else None
+        self._stubs = None
+        if load.stub_workers:
+            self._stubs = StubWorkers(target, load.model, rpc, credentials)
         self._channel: grpc.aio.Channel | None = None
 
     def describe(self) -> dict:
@@ -96,7 +109,9 @@ class RouterScenario:
             await self._channel.close()
 
     async def server_state(self) -> dict:
-        reply = await self._stub.ListWorkers(router_pb2.ListWorkersRequest(), timeout=10)
+        reply = await self._stub.ListWorkers(
+            router_pb2.ListWorkersRequest(), timeout=10, metadata=self._metadata
+        )
         workers = {
             w.info.worker_id: {
                 "active": w.state == router_pb2.WORKER_STATE_ACTIVE,
@@ -128,7 +143,10 @@ class RouterScenario:
         start = rec.clock()
         async with rec.rpc("Generate") as counts:
             finished = None
-            async for frame in self._stub.Generate(request, timeout=self.load.rpc_timeout_s):
+            stream = self._stub.Generate(
+                request, timeout=self.load.rpc_timeout_s, metadata=self._metadata
+            )
+            async for frame in stream:
                 kind = frame.WhichOneof("frame")
                 if kind == "delta":
                     if counts.num_tokens == 0:

@@ -14,6 +14,12 @@ bottleneck. Both run inside the load test's process, on its event loop.
   token and ``done`` at once, ``ReserveKV`` reserves nothing, ``StreamTokens`` streams the
   request's ``max_tokens - 1`` remaining tokens at once. Register them with a router that has
   no other workers, or the router shares its requests between them and the real ones.
+
+Under TLS each serves with the certificate of the service it stands in for (``credentials.py``):
+the sink and the stub decode worker with ``decode``'s, the stub prefill worker with
+``prefill``'s, and each stub worker registers with its own. The sink's TCP data plane
+authenticates with the process's data-plane secret (``secure_data_planes``), which the prefill
+load test sets before the sink starts.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+from bench.loadtest.credentials import NONE, Credentials
 from services.common.config import RpcConfig
 from services.common.errors import InvalidRequestError, RequestNotFoundError
 from services.common.load import LoadReport
@@ -37,6 +44,7 @@ from services.rpc.gen.banaserve.v1 import (
     prefill_pb2_grpc,
 )
 from services.rpc.load_reports import reporting_to, worker_info
+from services.rpc.security import Role
 from services.rpc.server import RunningServer, Service, start_server
 
 STUB_BLOCKS = 1 << 20
@@ -189,10 +197,18 @@ class StubWorkers:
     """Serves ``StubPrefill`` and ``StubDecode`` and registers both with ``router`` under the
     model name ``model`` (a router started with ``--model`` takes only that name)."""
 
-    def __init__(self, router: str, model: str, rpc: RpcConfig | None = None) -> None:
+    def __init__(
+        self, router: str, model: str, rpc: RpcConfig | None = None,
+        credentials: Credentials = NONE,
+    ) -> None:  # fmt: skip
         self.router = router
         self.model = model
-        self._rpc = rpc or RpcConfig(grace_s=1.0)
+        base = rpc or RpcConfig(grace_s=1.0)
+        # Each stub serves, and registers with the router, as the worker it plays.
+        self._rpcs = {
+            "prefill": credentials.rpc(Role.PREFILL, base),
+            "decode": credentials.rpc(Role.DECODE, base),
+        }
         self.decode = StubDecode()
         self._stack = contextlib.AsyncExitStack()
 
@@ -208,15 +224,14 @@ class StubWorkers:
             decode_pb2.DESCRIPTOR.services_by_name["DecodeService"],
         )
         for role, service in (("prefill", prefill), ("decode", decode)):
-            server = await start_server([service], self._rpc)
+            rpc = self._rpcs[role]
+            server = await start_server([service], rpc)
             self._stack.push_async_callback(server.stop, 0.5)
             info = worker_info(
                 f"loadtest-stub-{role}", server.address, role, self.model, "loadtest-stub",
                 16, STUB_BLOCKS, STUB_MAX_MODEL_LEN,
             )  # fmt: skip
-            await self._stack.enter_async_context(
-                reporting_to(self.router, info, self._load, self._rpc)
-            )
+            await self._stack.enter_async_context(reporting_to(self.router, info, self._load, rpc))
 
     async def _load(self) -> LoadReport:
         self.decode.expire()
@@ -230,7 +245,7 @@ class StubWorkers:
 
         wanted = {"loadtest-stub-prefill", "loadtest-stub-decode"}
         deadline = time.monotonic() + REGISTER_TIMEOUT_S
-        channel = open_channel(self.router, self._rpc)
+        channel = open_channel(self.router, self._rpcs["prefill"])
         try:
             stub = router_pb2_grpc.RouterServiceStub(channel)
             while True:
