@@ -347,15 +347,15 @@ class KVStoreCollector(Collector):
 
 
 class CoordinatorCollector(Collector):
-    """The coordinator's migrations (``Coordinator.list``, every one it knows, recovered ones
-    included): how many by kind and state, the bytes they moved and the seconds they spent in
-    each state (a state still open counts up to now, on the coordinator's clock)."""
+    """The coordinator's migrations: how many by kind and state in its table
+    (``Coordinator.list``, recovered ones included), and, over every migration it has known
+    (``Coordinator.totals``: those its table forgot too), the bytes they moved and the seconds
+    they spent in each state (a state still open counts up to now, on its clock)."""
 
     def __init__(self, coordinator: Any) -> None:
         self._coordinator = coordinator
 
     def collect(self) -> Iterable[Metric]:
-        now = self._coordinator.now()
         count = _gauge("banaserve_coordinator_migrations", "migrations", ["kind", "state"])
         moved = CounterMetricFamily(
             "banaserve_coordinator_migration_bytes",
@@ -368,16 +368,11 @@ class CoordinatorCollector(Collector):
             labels=["kind", "state"],
         )
         counts: dict[tuple[str, str], int] = {}
-        num_bytes: dict[tuple[str, str], int] = {}
-        durations: dict[tuple[str, str], float] = {}
         for m in self._coordinator.list():
             kind = m.kind.value
             counts[kind, m.state.value] = counts.get((kind, m.state.value), 0) + 1
-            for what, n in (("weights", m.num_weight_bytes), ("kv", m.num_kv_bytes)):
-                num_bytes[kind, what] = num_bytes.get((kind, what), 0) + n
-            for t in m.timings:
-                key = (kind, t.state.value)
-                durations[key] = durations.get(key, 0.0) + t.duration(now)
+        # Counters: every migration it has known, the ones its bounded table forgot included.
+        num_bytes, durations = self._coordinator.totals()
         for family, values in ((count, counts), (moved, num_bytes), (seconds, durations)):
             for labels, value in sorted(values.items()):
                 family.add_metric(list(labels), value)

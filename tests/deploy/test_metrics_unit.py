@@ -113,10 +113,11 @@ def test_kvstore_collector_counts_lookup_hits_and_misses():
         num_evicted=3,
         num_promoted=0,
     )
-    node = SimpleNamespace(lookup=lookup, stats=lambda: pool)
+    node = SimpleNamespace(lookup=lookup, stats=lambda: pool, num_duplicates_dropped=1)
     registry = CollectorRegistry()
     registry.register(KVStoreCollector(node))
     asyncio.run(node.lookup([b"1", b"2", b"3", b"4", b"5"]))
+    assert sample(registry, "banaserve_kvstore_duplicates_dropped_total") == 1
     assert sample(registry, "banaserve_kvstore_lookup_hit_blocks_total") == 2
     assert sample(registry, "banaserve_kvstore_lookup_miss_blocks_total") == 3
     assert sample(registry, "banaserve_kvstore_evictions_total") == 3
@@ -191,6 +192,8 @@ def test_replicas_on_one_port_in_their_own_containers_get_ids_of_their_own():
 
 def test_coordinator_collector_counts_migrations_bytes_and_state_seconds():
     from services.common.metrics import CoordinatorCollector
+    from services.coordinator.config import CoordinatorConfig
+    from services.coordinator.core import Coordinator
     from services.coordinator.migration import Migration, MigrationKind, MigrationState, StateTime
 
     done = Migration("m1", MigrationKind.LAYERS, "decode-a", "decode-b", 0, 4, created_at=100.0)
@@ -203,7 +206,10 @@ def test_coordinator_collector_counts_migrations_bytes_and_state_seconds():
     live = Migration("m2", MigrationKind.ATTENTION, "decode-a", "decode-c", 0, 4, created_at=108.0)
     live.state, live.num_kv_bytes = MigrationState.COPYING, 50
     live.timings = [StateTime(MigrationState.COPYING, 108.0, None)]
-    coordinator = SimpleNamespace(now=lambda: 110.0, list=lambda: [done, live])
+    clock = lambda: 110.0  # noqa: E731
+    core = Coordinator(None, None, CoordinatorConfig(), clock=clock)  # no store, no workers
+    core._migrations = {m.migration_id: m for m in (done, live)}
+    coordinator = core
     registry = CollectorRegistry()
     registry.register(CoordinatorCollector(coordinator))
     gauge = "banaserve_coordinator_migrations"
