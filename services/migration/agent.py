@@ -51,6 +51,8 @@ from services.migration.layer_agent import LayerAgent
 from services.migration.link import HelperLink
 from services.migration.own_layers import OwnLayers
 from services.migration.records import (
+    KV_IMPORTS,
+    KV_MESSAGES,
     SWITCHED,
     AgentConfig,
     MigrationRecord,
@@ -427,12 +429,12 @@ class MigrationAgent:
         record = self.records.get(migration_id)
         if record is None or record.state.terminal:
             return
-        if kind in ("kv_import", "kv_export"):
+        if kind in KV_MESSAGES:
             record.moved(nbytes, ids)
-        if kind == "kv_import" and record.state is not MigrationState.PLANNED:
+        if kind in KV_IMPORTS and record.state is not MigrationState.PLANNED:
             return  # a copy stage, or (switched) a sequence imported since: the state stays
         nxt = {
-            "kv_import": MigrationState.COPYING,
+            **dict.fromkeys(KV_IMPORTS, MigrationState.COPYING),
             "weights_import": MigrationState.COPYING,
             "stage_run": MigrationState.ACTIVE,
             "kv_export": MigrationState.REVERTING,

@@ -54,7 +54,14 @@ from services.migration.attention_host import AttentionHost
 from services.migration.attention_port import DataAttentionPort, OverlapReport
 from services.migration.donor import PauseResult
 from services.migration.link import HelperLink
-from services.migration.records import SWITCHED, MigrationRecord, Peer, Role
+from services.migration.records import (
+    KV_IMPORTS,
+    KV_MESSAGES,
+    SWITCHED,
+    MigrationRecord,
+    Peer,
+    Role,
+)
 from services.rpc.convert import duration
 from services.rpc.dataplane import DataPlaneError, ErrorKind
 from services.rpc.dataplane.blocking_tcp import BlockingTcpChannel
@@ -253,7 +260,10 @@ class AttentionAgent:
             if not chunks:  # finished or preempted meanwhile
                 await link._request(wire.encode_release(migration_id, [rid]))
                 continue
-            num_bytes += await link.send(chunks)
+            # Recorded by the caller (the copy's bytes; a refill's located sequences): the
+            # link's own report counted them again (the probe of session 44: a record's KV
+            # bytes 3x the copy's after its revert).
+            num_bytes += await link.send(chunks, report=False)
             move.copied[rid] = hashes
             moved.append(rid)
         return num_bytes, moved
@@ -425,9 +435,10 @@ class AttentionAgent:
         record = self.agent.records.get(migration_id)
         if record is None or record.state.terminal:
             return
-        if kind in ("kv_import", "kv_export"):
+        if kind in KV_MESSAGES:
             record.moved(nbytes, ids)
-        nxt = {"kv_import": S.COPYING, "attention_run": S.ACTIVE, "kv_export": S.REVERTING}
+        nxt = {**dict.fromkeys(KV_IMPORTS, S.COPYING), "attention_run": S.ACTIVE,
+               "kv_export": S.REVERTING}  # fmt: skip
         if kind in nxt and _ORDER.index(nxt[kind]) > _ORDER.index(record.state):
             record.state = nxt[kind]  # forward only: a refill imports while ACTIVE
 

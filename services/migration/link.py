@@ -58,10 +58,11 @@ class HelperLink:
         header, _ = await self._request(wire.encode_held_tokens(self.migration_id, request_ids))
         return wire.decode_held_tokens(header, request_ids)
 
-    async def send(self, chunks: list[KVChunk]) -> int:
+    async def send(self, chunks: list[KVChunk], report: bool = True) -> int:
         """Every chunk, packed into ``kv_import_batch`` messages of up to ``BATCH_BYTES`` each
         (a one-step delta of many sequences is thousands of small chunks) sent at once (the
-        connection multiplexes them); bytes sent."""
+        connection multiplexes them); bytes sent. ``report`` False: not passed to
+        ``on_moved`` (an attention copy records its bytes and sequences itself)."""
         batches: list[list[KVChunk]] = [[]]
         size = 0
         for chunk in chunks:
@@ -74,7 +75,8 @@ class HelperLink:
         messages = [wire.encode_kv_import_batch(self.migration_id, b) for b in batches if b]
         await asyncio.gather(*(self._request(h, p) for h, p in messages))
         num_bytes = sum(data.numel() * data.element_size() for _, data, _ in chunks)
-        self.on_moved(num_bytes, {c[0] for c in chunks})
+        if report:
+            self.on_moved(num_bytes, {c[0] for c in chunks})
         return num_bytes
 
     async def send_tokens(self, deltas: list[TokenDelta]) -> int:

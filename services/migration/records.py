@@ -19,6 +19,12 @@ from services.common.errors import ConfigError
 from services.common.migration_states import SMALL_COPY_BYTES, MigrationState
 from services.engine.ports import StagePort
 
+# The data-plane messages that move KV, as a helper's host handles them: its view's bytes and
+# sequences follow them. ``kv_import_batch`` (how ``HelperLink.send`` sends) and the deltas were
+# missing: a helper's view counted none of a copy's bytes (probe, session 44).
+KV_IMPORTS = frozenset({"kv_import", "kv_import_batch", "kv_tokens"})
+KV_MESSAGES = KV_IMPORTS | {"kv_export", "kv_tokens_export"}
+
 
 class Role(enum.Enum):
     DONOR = "donor"

@@ -279,6 +279,35 @@ def test_an_abort_counts_the_located_sequences_it_sends_back_to_recompute(tiny_l
     assert_no_leaks(b)
 
 
+def test_the_donor_counts_the_bytes_it_moved_once(tiny_llama, loop):
+    """Probe, session 44: the donor's record (the coordinator's ``num_kv_bytes`` follows it)
+    counted an attention copy's bytes twice, its link's report and the copy's own: after the
+    revert, 3x the copy. Now the copy's, then the copy's and the revert's, as the helper saw."""
+    a, b = make_engine(tiny_llama, num_kv_blocks=64), make_engine(tiny_llama, num_kv_blocks=64)
+    for i in range(2):
+        a.add_request(f"r-{i}", list(range(40 + i, 80 + i)), params(30))
+    pair = AttentionPair(loop, a, b)
+    try:
+        for _ in range(3):
+            pair.a_thread.step()
+        pair.prepare()
+        copied, _, _ = pair.copy()
+        donor, helper = pair.donor.records[pair.mid], pair.helper.records[pair.mid]
+        assert copied > 0 and donor.bytes_moved == copied == helper.bytes_moved
+        assert pair.switch() == 2
+        assert donor.bytes_moved == copied and donor.sequences == {"r-0", "r-1"}
+        result = pair.loop.call(pair.donor.revert(pair.mid))
+        assert result.num_bytes > 0 and donor.bytes_moved == copied + result.num_bytes
+        pair.loop.call(pair.donor.release(pair.mid))
+        pair.loop.call(pair.helper.release(pair.mid))
+        while a.has_unfinished_requests:
+            pair.a_thread.step()
+    finally:
+        pair.close()
+    assert_no_leaks(a)
+    assert_no_leaks(b)
+
+
 def test_named_requests_none_of_which_decode_here_fail_the_copy(tiny_llama, loop):
     """A probe's attention migration naming requests the donor does not run went ACTIVE with
     nothing moved and held both workers; now its first copy fails NOT_FOUND (the coordinator
