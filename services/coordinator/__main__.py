@@ -26,7 +26,7 @@ import time
 from opentelemetry import trace
 
 from services.common.arg_types import optional_host_port, port_number, redis_url
-from services.common.config import RpcConfig, TracingConfig
+from services.common.config import RpcConfig
 from services.common.errors import ConfigError
 from services.common.fencing import ANNOUNCE_INTERVAL_S
 from services.common.metrics import (
@@ -50,7 +50,7 @@ from services.rpc.server import (
     run_service,
     start_server,
 )
-from services.rpc.tracing import setup_tracing
+from services.rpc.tracing import add_tracing_args, setup_tracing, tracing_config
 
 log = logging.getLogger("services.coordinator")
 
@@ -91,8 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help="ended migrations kept, the newest (default %(default)s)",
     )
-    p.add_argument("--tracing", choices=("none", "console", "otlp"), default="none")
-    p.add_argument("--otlp-endpoint", default="")
+    add_tracing_args(p)
     p.add_argument("--log-level", default=env("BANASERVE_LOG_LEVEL", "INFO"))
     add_security_args(p)
     add_host_args(p)
@@ -166,9 +165,7 @@ def drain_for(coordinator: Coordinator) -> Drain:
 async def serve(args: argparse.Namespace) -> None:
     config = coordinator_config(args)
     check_auto_arguments(args)  # every setting before the server exists (none left to stop)
-    tracing = setup_tracing(
-        TracingConfig(args.tracing, args.otlp_endpoint, service_name="banaserve-coordinator")
-    )
+    tracing = setup_tracing(tracing_config(args, "coordinator"))
     security = security_config(args, Role.COORDINATOR)
     rpc = RpcConfig(
         host=resolve_host(args.host),
@@ -200,6 +197,7 @@ async def serve(args: argparse.Namespace) -> None:
                 collectors = [CoordinatorCollector(coordinator)]
                 if auto is not None:
                     collectors.append(AutoMigrationCollector(auto.stats))
+                    coordinator.auto_stats = auto.stats
                 await start_metrics(args, rpc.host, *collectors)
                 print(f"LISTENING {server.address}", flush=True)
                 live = len(coordinator.list(live_only=True))

@@ -279,9 +279,7 @@ def run_migrations(args: argparse.Namespace) -> int:
     if args.watch:
         listing = pb.ListMigrationsRequest(live_only=args.live)
         try:
-            return watch.watch(
-                args, lambda: client.call("ListMigrations", listing).migrations, format_row
-            )
+            return watch.watch(args, lambda: client.call("ListMigrations", listing), format_row)
         except grpc.RpcError as exc:
             return _refused(exc)
         finally:

@@ -125,6 +125,9 @@ class Coordinator:
         # Set once ``drain`` begins: the service refuses new commands (servicer.py), which the
         # server's stop would otherwise cancel half-way; its own ends of migrations go on.
         self.draining = False
+        # Automatic mode's ``DecisionStats`` (auto.py), once it runs: ListMigrations shows the
+        # utilisations its policy saw at its last decision.
+        self.auto_stats: Any = None
 
     # -- queries --------------------------------------------------------------------------
 

@@ -133,7 +133,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     async def ListMigrations(self, request, context):
         migrations = self._coordinator.list(live_only=request.live_only)
-        return pb.ListMigrationsResponse(migrations=[self._out(m) for m in migrations])
+        stats = self._coordinator.auto_stats
+        seen = sorted(stats.utilisations.items()) if stats is not None else []
+        return pb.ListMigrationsResponse(
+            migrations=[self._out(m) for m in migrations],
+            utilisations=[pb.WorkerUtilisation(worker_id=w, compute=u.compute, memory=u.memory)
+                          for w, u in seen],
+        )  # fmt: skip
 
     async def DescribeMigration(self, request, context):
         m = self._coordinator.describe(_id(request))

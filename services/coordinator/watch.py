@@ -2,7 +2,10 @@
 
 Each refresh reads the router's ``ListWorkers`` (the one source of load reports) and the
 coordinator's ``ListMigrations``, and redraws one screen (``render``, pure: what a test
-checks). Utilisation is ``services.common.load``'s, as the router and the policy compute it.
+checks). Utilisation is ``services.common.load``'s of each worker's last report, as measured;
+in automatic mode the coordinator's listing also carries the U its policy saw at its last
+decision (a window's mean, an ACTIVE layer migration's share counted on its helper), shown
+beside it.
 A service that does not answer (restarting: ``banaserve up`` brings it back in seconds) is
 named on the screen in its part's place, and the next refresh tries again; any other refusal
 ends the watch.
@@ -13,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,15 +69,19 @@ def render(
     at: str = "",
     workers_error: str = "",
     migrations_error: str = "",
+    policy: Mapping[str, float] | None = None,
 ) -> str:
-    """One screen: a line per worker (U = max(compute, memory)), then the live migrations and
+    """One screen: a line per worker (U = max(compute, memory) of its last report, measured;
+    ``policy``: the U automatic mode's policy saw at its last decision, a window's mean with an
+    ACTIVE layer migration's share counted on its helper, or "-"), then the live migrations and
     the last few that ended. ``*_error``: that part could not be read (shown instead)."""
+    policy = policy or {}
     lines = [f"workers{'  ' + at if at else ''}"]
     after = _migration_lines(migrations, format_row, migrations_error)
     if workers_error:
         return "\n".join([*lines, f"  {workers_error}", *after])
     lines.append(
-        f"  {'worker':<16} {'role':<8} {'U':>5} {'compute':>8} {'memory':>7} "
+        f"  {'worker':<16} {'role':<8} {'U':>5} {'policy':>6} {'compute':>8} {'memory':>7} "
         f"{'blocks':>11} {'seqs':>5} {'wait':>5} {'hosted':>7} {'report':>7}"
     )
     for w in workers:
@@ -88,8 +95,9 @@ def render(
         held = w.load.num_hosted_layer_blocks + w.load.num_hosted_blocks
         hosted = f"{w.load.num_hosted_layers}L/{held}B"
         age = f"{w.age_s:.1f}s" + (" STALE" if w.stale else "")
+        seen = f"{policy[w.worker_id]:.2f}" if w.worker_id in policy else "-"
         lines.append(
-            f"  {w.worker_id:<16} {w.role:<8} {max(c, m):>5.2f} {c:>8.2f} {m:>7.2f} "
+            f"  {w.worker_id:<16} {w.role:<8} {max(c, m):>5.2f} {seen:>6} {c:>8.2f} {m:>7.2f} "
             f"{blocks:>11} {w.load.num_running_seqs:>5} {w.waiting_for_room:>5} {hosted:>7} "
             f"{age:>7}"
         )
@@ -119,7 +127,7 @@ def _unreachable(service: str, exc: grpc.RpcError) -> str:
 
 def watch(
     args: argparse.Namespace,
-    list_migrations: Callable[[], Sequence[pb.Migration]],
+    list_migrations: Callable[[], pb.ListMigrationsResponse],
     format_row: Callable[[pb.Migration], str],
 ) -> int:
     """Redraws every ``--interval`` seconds, ``--count`` times (0: until Ctrl-C); the router
@@ -142,6 +150,7 @@ def watch(
                 time.sleep(args.interval)
             workers: list[WorkerLine] = []
             migrations: Sequence[pb.Migration] = ()
+            policy: dict[str, float] = {}
             workers_error = migrations_error = ""
             try:
                 request = router_pb2.ListWorkersRequest()
@@ -149,7 +158,9 @@ def watch(
             except grpc.RpcError as exc:
                 workers_error = _unreachable("the router", exc)
             try:
-                migrations = list_migrations()
+                listed = list_migrations()
+                migrations = listed.migrations
+                policy = {u.worker_id: max(u.compute, u.memory) for u in listed.utilisations}
             except grpc.RpcError as exc:
                 migrations_error = _unreachable("the coordinator", exc)
             screen = render(
@@ -159,6 +170,7 @@ def watch(
                 at=time.strftime("%H:%M:%S"),
                 workers_error=workers_error,
                 migrations_error=migrations_error,
+                policy=policy,
             )
             print(CLEAR + screen if args.count != 1 else screen, flush=True)
             incomplete = bool(workers_error or migrations_error)

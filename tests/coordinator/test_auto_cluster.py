@@ -118,6 +118,8 @@ def test_a_decode_burst_migrates_and_reverts_on_its_own(
         S.MIGRATION_STATE_ACTIVE, S.MIGRATION_STATE_REVERTING, S.MIGRATION_STATE_DONE,
     ]  # fmt: skip
     assert [line.split()[:2] for line in screen[2:4]] == [[decode, "decode"], [prefill, "prefill"]]
+    # Automatic mode: beside each worker's last report, the U its policy saw (session 44).
+    assert all(float(line.split()[3]) >= 0 for line in screen[2:4]), screen
     assert screen[4:] == ["migrations: 0 live", *(f"  {format_row(m)}" for m in done)]
     print(
         f"{len(outputs)} waves, migrations: "

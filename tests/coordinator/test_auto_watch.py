@@ -37,12 +37,13 @@ def test_one_screen_per_worker_utilisation_then_migrations():
         migration("m-1", pb.MIGRATION_STATE_DONE, 2, 1234),
         migration("m-2", pb.MIGRATION_STATE_ACTIVE, 3, 99),
     ]
-    assert render(workers, migrations, format_row, at="01:02:03").splitlines() == [
+    policy = {"decode-0": 0.62, "mixed-0": 0.3}  # what automatic mode's policy last saw
+    assert render(workers, migrations, format_row, at="01:02:03", policy=policy).splitlines() == [
         "workers  01:02:03",
-        "  worker           role         U  compute  memory      blocks  seqs  wait  hosted  report",
-        "  decode-0         decode    1.00     0.90    1.00     100/512    25     2   0L/0B    0.1s",
+        "  worker           role         U policy  compute  memory      blocks  seqs  wait  hosted  report",
+        "  decode-0         decode    1.00   0.62     0.90    1.00     100/512    25     2   0L/0B    0.1s",
         "  mixed-0          mixed        -   no report yet",
-        "  prefill-0        prefill   0.50     0.50    0.00       0/512     0     0   0L/0B 2.5s STALE",
+        "  prefill-0        prefill   0.50      -     0.50    0.00       0/512     0     0   0L/0B 2.5s STALE",
         "migrations: 1 live",
         "  m-2    layers    ACTIVE         decode-0 -> prefill-0    [3, 4)    kv           99 B",
         "  m-1    layers    DONE           decode-0 -> prefill-0    [2, 4)    kv        1,234 B",
@@ -151,3 +152,31 @@ def test_watch_flags_without_watch_are_refused():
         with pytest.raises(ConfigError, match=f"^{message}: only with --watch$"):
             check_watch_args(args)
     check_watch_args(p.parse_args(["--coordinator", "127.0.0.1:2"]))  # a plain listing
+
+
+def test_list_migrations_carries_what_the_policy_saw_for_the_watch():
+    """Probe, session 44: during an automatic layer migration ``--watch`` showed the donor at
+    0.84-0.99 and the helper at 0.00 (their last reports, measured), while the coordinator's
+    metrics said 0.50-0.56 and 0.35-0.41 (its window means, the moved layers' share counted
+    on the helper), and the docs said the watch showed the latter. ListMigrations now carries
+    the policy's, and the watch shows both."""
+    import asyncio
+
+    from services.coordinator.auto import DecisionStats
+    from services.coordinator.core import Coordinator
+    from services.coordinator.policy_types import Utilisation
+    from services.coordinator.servicer import CoordinatorServicer
+
+    coordinator = Coordinator(None, None)  # no store, no workers: the listing only
+    servicer = CoordinatorServicer(coordinator)
+    request = pb.ListMigrationsRequest()
+    assert list(asyncio.run(servicer.ListMigrations(request, None)).utilisations) == []
+    coordinator.auto_stats = DecisionStats(
+        utilisations={"prefill-0": Utilisation(0.38, 0.1, 0, 512),
+                      "decode-0": Utilisation(0.53, 0.2, 100, 512)}
+    )  # fmt: skip
+    listed = asyncio.run(servicer.ListMigrations(request, None))
+    assert [(u.worker_id, u.compute, u.memory) for u in listed.utilisations] == [
+        ("decode-0", 0.53, 0.2),
+        ("prefill-0", 0.38, 0.1),
+    ]
