@@ -55,6 +55,7 @@ class Child:
         # "HOST:PORT" and "http" or "https" of an ``HTTP HOST:PORT SCHEME`` line (the router's API)
         self.http_address = ""
         self.http_scheme = "http"
+        self.metrics_address = ""  # "HOST:PORT" of a ``METRICS HOST:PORT`` line (--metrics-port)
         self.cpus: set[int] = set()  # pinned to these (all if empty), again after a restart
         self._env = env
         self._log = log
@@ -100,6 +101,8 @@ class Child:
         try:
             while True:
                 line = self._lines.get(timeout=timeout_s) if timeout_s else self._lines.get_nowait()
+                if line.startswith("METRICS "):  # printed before LISTENING
+                    self.metrics_address = line.split()[1]
                 if line.startswith("HTTP "):  # printed before LISTENING
                     _, self.http_address, *scheme = line.split()
                     self.http_scheme = scheme[0] if scheme else "http"

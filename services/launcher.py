@@ -54,6 +54,7 @@ from services.common.engine_args import KV_TRANSPORTS
 from services.common.errors import ConfigError
 from services.common.limits import MAX_THREADS
 from services.common.parent import child_env
+from services.kvstore.redis_server import free_port
 from services.rpc.dataplane import KINDS as DATA_TRANSPORTS
 from services.rpc.security import REDIS_SECRET_FILE, read_tokens, redis_password, security_argv
 from services.supervisor import (
@@ -107,6 +108,9 @@ class ClusterSpec:
     # Extra flags per service module ("router", "prefill", "decode", "kvstore"), appended to
     # its command line (e.g. the admission limits, docs/reliability.md).
     service_args: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Every service serves Prometheus metrics, each on a free port of its host (``up
+    # --metrics``; a ``--metrics-port`` in ``service_args`` wins); ``Child.metrics_address``.
+    metrics: bool = False
 
     def __post_init__(self) -> None:
         counts = (self.num_prefill, self.num_decode, self.num_mixed)
@@ -155,7 +159,7 @@ class ClusterSpec:
             names = {a.split("=", 1)[0] for a in self.service_args.get(module, ())}
             if count > 1 and (flags := sorted(names & ONE_PROCESS_FLAGS)):
                 raise ConfigError(
-                    f"{flags[0]} names one process's port, address or id, and this "
+                    f"{flags[0]} names one process's port, address, id or directory, and this "
                     f"cluster runs {count} {module} processes: each would get the same"
                 )
 
@@ -179,7 +183,8 @@ class ClusterSpec:
 # that could not bind, or two that registered one address).
 ONE_PROCESS_FLAGS = frozenset(
     {"--port", "--data-port", "--http-port", "--metrics-port", "--advertise", "--advertise-data",
-     "--worker-id", "--node-id", "--migration-data-port", "--advertise-migration-data"}
+     "--worker-id", "--node-id", "--migration-data-port", "--advertise-migration-data",
+     "--disk-dir"}
 )  # fmt: skip
 
 
@@ -315,6 +320,8 @@ class LocalCluster:
         if self.stopping.is_set():
             raise StartInterrupted(f"stopped before {name} started")
         argv = [sys.executable, "-m", module, "--port", "0", *args]
+        if self.spec.metrics:  # a port of its own, kept across restarts (Child.restart_argv)
+            argv += ["--metrics-port", str(free_port())]
         argv += security_argv(self.spec.tls_dir, self.spec.api_token_file)
         argv += self.spec.service_args.get(module.rsplit(".", 1)[-1], ())
         child = Child(name, argv, self._env, self.log)

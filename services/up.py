@@ -134,18 +134,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help='extra flags for the coordinator, one string (e.g. "--gap-high 0.3 --cooldown-s 5" '
         "with --mode banaserve, whose coordinator runs --auto; docs/coordinator.md)",
     )
-    for role, example in (("router", "--local-prefill-max-tokens 64"),
-                          ("prefill", "--max-num-batched-tokens 512"),
-                          ("decode", "--max-num-seqs 64")):  # fmt: skip
+    for role, whom, example in (
+        ("router", "the router", "--local-prefill-max-tokens 64"),
+        ("prefill", "every prefill worker", "--max-num-batched-tokens 512"),
+        ("decode", "every decode worker (mixed ones too)", "--max-num-seqs 64"),
+        ("kvstore", "every kvstore node", "--tracing otlp --seen-window 30"),
+    ):
         p.add_argument(
             f"--{role}-args",
             type=shell_words,
             default="",
             metavar="ARGS",
-            help=f"extra flags for {'the router' if role == 'router' else f'every {role} worker'}"
-            + (" (mixed ones too)" if role == "decode" else "")
-            + f', one string (e.g. "{example}")',
+            help=f'extra flags for {whom}, one string (e.g. "{example}")',
         )
+    p.add_argument(
+        "--metrics",
+        action="store_true",
+        help="every service serves Prometheus metrics on a free port of 127.0.0.1 (printed "
+        "once the cluster is ready; a --metrics-port in a service's --*-args wins)",
+    )
     add_security_args(p)
     add_restart_arguments(p)
 
@@ -172,9 +179,11 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         store_write_policy=args.store_write_policy,
         tls_dir=args.tls_dir,
         api_token_file=args.api_token_file,
+        metrics=args.metrics,
     )
     extra = {"coordinator": args.coordinator_args, "router": args.router_args,
-             "prefill": args.prefill_args, "decode": args.decode_args}  # fmt: skip
+             "prefill": args.prefill_args, "decode": args.decode_args,
+             "kvstore": args.kvstore_args}  # fmt: skip
     if service_args := {k: tuple(shlex.split(v)) for k, v in extra.items() if v}:
         common["service_args"] = service_args
     given = {f: v for f, flag in MODE_FLAGS.items() if (v := getattr(args, flag)) is not None}
@@ -238,6 +247,9 @@ def run_up(args: argparse.Namespace) -> int:
         return 1
     for child in cluster.children:
         print(f"{child.name} {child.address}", flush=True)
+    for child in cluster.children:
+        if child.metrics_address:
+            print(f"metrics {child.name} http://{child.metrics_address}/metrics", flush=True)
     if cluster.router.http_address:
         router = cluster.router
         print(f"openai {router.http_scheme}://{router.http_address}/v1", flush=True)

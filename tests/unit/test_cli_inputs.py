@@ -136,6 +136,8 @@ def test_a_client_tool_refuses_an_address_before_connecting(
         ),  # fmt: skip
         ({"num_kvstore": 2, "service_args": {"kvstore": ("--node-id", "k")}}, "--node-id"),
         ({"num_prefill": 2, "service_args": {"prefill": ("--metrics-port", "9100")}}, "--metrics"),
+        # Two nodes on one disk directory: each clears it at start (session 44).
+        ({"num_kvstore": 2, "service_args": {"kvstore": ("--disk-dir", "/tmp/kv")}}, "--disk-dir"),
         ({"num_decode": 1, "service_args": {"decode": ("--data-port", "5000")}}, None),
     ],
 )
@@ -449,6 +451,10 @@ def test_up_fills_in_only_the_flags_not_given():
     assert (spec.policy, spec.num_kvstore, spec.coordinator) == ("round_robin", 1, False)
     spec = up.cluster_spec(p.parse_args(["--coordinator", "--coordinator-args", "--gap-high 0.3"]))
     assert spec.service_args == {"coordinator": ("--gap-high", "0.3")}
+    # The kvstore nodes' own flags (their metrics, tracing, disk tier: session 44's probe could
+    # not reach them through ``up``).
+    spec = up.cluster_spec(p.parse_args(["--kvstore-args", "--tracing otlp", "--metrics"]))
+    assert spec.service_args == {"kvstore": ("--tracing", "otlp")} and spec.metrics
 
 
 def test_up_says_which_extra_flags_its_cluster_does_not_use():
@@ -463,7 +469,7 @@ def test_up_says_which_extra_flags_its_cluster_does_not_use():
 
 
 @pytest.mark.parametrize("flag", ["--router-args", "--prefill-args", "--decode-args",
-                                  "--coordinator-args"])  # fmt: skip
+                                  "--coordinator-args", "--kvstore-args"])  # fmt: skip
 @pytest.mark.usefixtures("nothing_starts")
 def test_up_refuses_extra_flags_no_shell_would_split(capsys, flag):
     code, err = run_cli(["up", "--coordinator", flag, "--x 'unbalanced"], capsys)
