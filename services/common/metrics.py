@@ -222,8 +222,17 @@ class RouterCollector(Collector):
             yield gauge
 
 
+# How a request ended (services/router/driver_types.py ``Outcome``): every value is exported
+# from the start, at 0, as are the token kinds, so that ``rate()`` and alerts work before the
+# first request of each kind.
+REQUEST_OUTCOMES = ("stop", "length", "abort", "cancelled", "error", "refused")
+TOKEN_KINDS = ("prompt", "completion", "cached")
+
+
 class RequestMetrics:
-    """The router's per-request figures, fed by the driver as each request ends."""
+    """The router's per-request figures, fed by the driver as each request ends
+    (``RequestObserver``): one outcome per request, and what it did however it ended (the
+    tokens it delivered, its TTFT if a first token reached its caller, KV moved)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
@@ -264,25 +273,39 @@ class RequestMetrics:
             "requests resumed on another worker after theirs was lost mid-stream",
             registry=r,
         )
+        for outcome in REQUEST_OUTCOMES:
+            self.requests.labels(outcome)
+        for kind in TOKEN_KINDS:
+            self.tokens.labels(kind)
 
-    def finished(self, event: Any) -> None:
-        """A ``Finished`` event: the request's outcome is its finish reason."""
+    def ended(self, outcome: str, event: Any) -> None:
+        """A request ended with ``outcome`` (one of ``REQUEST_OUTCOMES``); ``event``: the
+        ``Finished`` of what it did (None: refused before any work). TTFT, E2E and TPOT are
+        observed for a request whose first token reached its caller (``ttft_s`` > 0),
+        whatever its outcome; TPOT is ``(e2e - ttft) / (completion tokens - 1)``."""
+        self.requests.labels(str(outcome)).inc()
+        if event is None:
+            return
         t = event.timings
-        self.requests.labels(event.finish_reason.name.lower()).inc()
+        n = event.num_completion_tokens
         self.tokens.labels("prompt").inc(event.num_prompt_tokens)
-        self.tokens.labels("completion").inc(event.num_completion_tokens)
+        self.tokens.labels("completion").inc(n)
         self.tokens.labels("cached").inc(event.num_cached_tokens)
-        if event.num_completion_tokens > 0:
+        if n > 0 and t.ttft_s > 0:
             self.ttft.observe(t.ttft_s)
             self.e2e.observe(t.total_s)
-        if event.num_completion_tokens > 1:
-            self.tpot.observe((t.total_s - t.ttft_s) / (event.num_completion_tokens - 1))
+            if n > 1:
+                self.tpot.observe((t.total_s - t.ttft_s) / (n - 1))
         if t.kv_bytes:
             self.kv_bytes.inc(t.kv_bytes)
             self.kv_transfer.observe(t.kv_transfer_s)
 
-    def failed(self, exc: BaseException) -> None:
-        self.requests.labels("error").inc()
+    def finished(self, event: Any) -> None:
+        """A ``Finished`` event: the request's outcome is its finish reason."""
+        self.ended(event.finish_reason.value, event)
+
+    def failed(self, exc: BaseException | None = None, event: Any = None) -> None:
+        self.ended("error", event)
 
     def resumed(self) -> None:
         self.resumes.inc()

@@ -12,7 +12,11 @@ Shape of a migration's trace:
     └── migration.aborted | migration.done   (zero length: the outcome)
 
 The root starts a new trace (a migration outlives the StartMigration call) and links to the call
-that asked for it. Worker calls run with their ``migration.<step>`` span current, so the gRPC
+that asked for it; the ``migration.reverting`` and ``migration.aborted`` spans link to the call of
+another trace that asked for them, if any (a Revert or Abort RPC, a policy decision). An ABORTED
+migration's root (when this process opened it), the state span it was aborted in and its
+``migration.aborted`` span are ERROR, with the reason as description; one that reverted (DONE)
+stays UNSET. Worker calls run with their ``migration.<step>`` span current, so the gRPC
 client interceptor (services/rpc/tracing.py) propagates it and the worker's spans join the
 trace. The root's ids are kept in the migration's record: a restarted coordinator hangs the
 spans of what it resumes under the same root, so the trace stays one.
@@ -85,10 +89,16 @@ class MigrationSpans:
 
     def enter(self, m: Migration, left: MigrationState, now: float) -> None:
         """``m`` just moved from ``left`` to ``m.state`` at ``now``."""
-        outcome = "aborted" if m.state is MigrationState.ABORTED else "ok"
-        self._close_state(m, left, outcome, now)
-        self._open_state(m, m.state, now)
+        aborted = m.state is MigrationState.ABORTED
+        if aborted:
+            self._fail(self._states.get(m.migration_id), m)
+        self._close_state(m, left, "aborted" if aborted else "ok", now)
+        asked = m.state in (MigrationState.REVERTING, MigrationState.ABORTED)
+        self._open_state(m, m.state, now, caller=self._caller(m) if asked else None)
         if m.state.terminal:
+            if aborted:
+                self._fail(self._states.get(m.migration_id), m)
+                self._fail(self._roots.get(m.migration_id), m)
             self._close_state(m, m.state, m.state.value, now)
             self._close_root(m, now)
 
@@ -132,8 +142,27 @@ class MigrationSpans:
         )
         return trace.set_span_in_context(NonRecordingSpan(remote))
 
+    @staticmethod
+    def _fail(span: Span | None, m: Migration) -> None:
+        if span is not None:
+            span.set_status(Status(StatusCode.ERROR, m.reason or "aborted"))
+
+    @staticmethod
+    def _caller(m: Migration) -> SpanContext | None:
+        """The span current where ``m`` changes state, if it is of another trace: the RPC or
+        decision that asked for the change (its own worker calls are of the migration's)."""
+        caller = trace.get_current_span().get_span_context()
+        if caller.is_valid and caller.trace_id != m.trace_id:
+            return caller
+        return None
+
     def _open_state(
-        self, m: Migration, state: MigrationState, now: float, resumed: bool = False
+        self,
+        m: Migration,
+        state: MigrationState,
+        now: float,
+        resumed: bool = False,
+        caller: SpanContext | None = None,
     ) -> None:
         attributes = {**_identity(m), "migration.state": state.value}
         if resumed:
@@ -142,6 +171,7 @@ class MigrationSpans:
             f"migration.{state.value}",
             context=self._root_context(m),
             attributes=attributes,
+            links=[Link(caller)] if caller is not None else None,
             start_time=_ns(now),
         )
 

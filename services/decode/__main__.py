@@ -16,7 +16,7 @@ import os
 import sys
 
 from services.common.arg_types import optional_host_port, port_number, positive
-from services.common.config import RpcConfig, TracingConfig
+from services.common.config import RpcConfig
 from services.common.engine_args import (
     NO_KV_TRANSPORT,
     add_engine_args,
@@ -45,7 +45,7 @@ from services.rpc.security import (
     security_config,
 )
 from services.rpc.server import PortHold, add_drain_args, run_service, start_server
-from services.rpc.tracing import setup_tracing
+from services.rpc.tracing import add_tracing_args, setup_tracing, tracing_config
 
 log = logging.getLogger("services.decode")
 
@@ -84,8 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="reserve fresh blocks for every prompt: take its whole KV even when this worker's "
         "prefix cache holds its first blocks (default: reuse them; the handoff sends the rest)",
     )
-    p.add_argument("--tracing", choices=("none", "console", "otlp"), default="none")
-    p.add_argument("--otlp-endpoint", default="")
+    add_tracing_args(p)
     p.add_argument("--log-level", default=env("BANASERVE_LOG_LEVEL", "INFO"))
     add_security_args(p)
     add_admission_args(p, reservations=True)
@@ -117,9 +116,7 @@ def _worker_info(args: argparse.Namespace, engine: Engine, address: str):
 
 
 async def serve(args: argparse.Namespace) -> None:
-    tracing = setup_tracing(
-        TracingConfig(args.tracing, args.otlp_endpoint, service_name="banaserve-decode")
-    )
+    tracing = setup_tracing(tracing_config(args, "decode"))
     rpc = RpcConfig(
         host=resolve_host(args.host),
         port=args.port,

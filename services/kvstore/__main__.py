@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from services.common.arg_types import port_number, positive, redis_url
-from services.common.config import RpcConfig, TracingConfig
+from services.common.config import RpcConfig
 from services.common.metrics import KVStoreCollector, add_metrics_args, start_metrics
 from services.common.network import (
     add_advertise_args,
@@ -38,7 +38,7 @@ from services.rpc.security import (
     security_config,
 )
 from services.rpc.server import add_drain_args, drain_while, run_service, start_server
-from services.rpc.tracing import setup_tracing
+from services.rpc.tracing import add_tracing_args, setup_tracing, tracing_config
 
 log = logging.getLogger("services.kvstore")
 # A stopping node waits at least this long after leaving the index: a Pin sent by a reader whose
@@ -77,8 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a prefix looked up again within S to 2S seconds counts as reused: what prefill "
         "workers write back by default (docs/kvstore.md; default %(default)s)",
     )
-    p.add_argument("--tracing", choices=("none", "console", "otlp"), default="none")
-    p.add_argument("--otlp-endpoint", default="")
+    add_tracing_args(p)
     p.add_argument("--log-level", default=env("BANASERVE_LOG_LEVEL", "INFO"))
     add_security_args(p)
     add_admission_args(p)
@@ -100,9 +99,7 @@ def make_pool(args: argparse.Namespace) -> BlockPool:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    tracing = setup_tracing(
-        TracingConfig(args.tracing, args.otlp_endpoint, service_name="banaserve-kvstore")
-    )
+    tracing = setup_tracing(tracing_config(args, "kvstore"))
     pool = make_pool(args)
     security = security_config(args, Role.KVSTORE)
     metadata = MetadataStore.from_url(

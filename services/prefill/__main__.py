@@ -17,7 +17,7 @@ from services.common.arg_types import (
     port_number,
     positive,
 )
-from services.common.config import RpcConfig, TracingConfig
+from services.common.config import RpcConfig
 from services.common.engine_args import (
     NO_KV_TRANSPORT,
     add_engine_args,
@@ -49,7 +49,7 @@ from services.rpc.security import (
     security_config,
 )
 from services.rpc.server import PortHold, add_drain_args, run_service, start_server
-from services.rpc.tracing import setup_tracing
+from services.rpc.tracing import add_tracing_args, setup_tracing, tracing_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -109,8 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--report-interval", type=positive(float), default=0.1, help="seconds between reports"
     )
-    p.add_argument("--tracing", choices=("none", "console", "otlp"), default="none")
-    p.add_argument("--otlp-endpoint", default="")
+    add_tracing_args(p)
     p.add_argument("--log-level", default="INFO")
     add_security_args(p)
     add_admission_args(p)
@@ -134,11 +133,7 @@ async def serve(args: argparse.Namespace) -> None:
     )
     hold = PortHold(rpc.host, rpc.port)  # until its server binds it
     secure_data_planes(rpc.security)
-    tracing = setup_tracing(
-        TracingConfig(
-            exporter=args.tracing, otlp_endpoint=args.otlp_endpoint, service_name="prefill"
-        )
-    )
+    tracing = setup_tracing(tracing_config(args, "prefill"))
     engine = Engine(engine_config(args))
     data_plane = args.kv_transport != NO_KV_TRANSPORT
     transport = TargetKVTransport(
@@ -147,7 +142,9 @@ async def serve(args: argparse.Namespace) -> None:
     )
     if args.router:  # KV only to workers the router registered (docs/security.md)
         transport = checked_by_router(transport, args.router, rpc)
-    store = KVStoreClient(args.kvstore, rpc, args.kvstore_timeout) if args.kvstore else None
+    store = (
+        KVStoreClient(args.kvstore, rpc, args.kvstore_timeout, tracing) if args.kvstore else None
+    )
     worker = PrefillWorker(
         engine,
         transport,

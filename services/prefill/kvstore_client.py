@@ -28,12 +28,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 import torch
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext
 
 from services.common import kv_wire
 from services.common.config import RpcConfig
@@ -43,11 +47,15 @@ from services.rpc import dataplane
 from services.rpc.channels import open_channel
 from services.rpc.convert import DATA_TRANSPORT_FROM_PROTO
 from services.rpc.gen.banaserve.v1 import kvstore_pb2, kvstore_pb2_grpc
+from services.rpc.tracing import DISABLED, Tracing
 
 log = logging.getLogger(__name__)
 
 # A lookup failing so: the node is gone, stopping or frozen; another answers the same.
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# With tracing: the trace context of the request that last looked each block up, for this
+# many blocks at most (``KVStoreClient._traced``).
+MAX_TRACED_BLOCKS = 1 << 14
 
 
 class StoreError(Exception):
@@ -81,6 +89,9 @@ class CachedPrefix:
     runs: tuple[PinnedRun, ...]  # ``start``: a block index of the whole prompt
     layer_bytes: int
     first_block: int = 0
+    # The lookup's trace context (tracing on): the unpin is a span of the same request even
+    # when it runs from a task of no request (a fetch the engine thread started).
+    trace_context: otel_context.Context | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -109,6 +120,19 @@ class _Reserved:
     committed: bool = False
 
 
+@contextlib.contextmanager
+def _attached(context: otel_context.Context | None) -> Iterator[None]:
+    """``context`` current inside (None: the current one, untouched)."""
+    if context is None:
+        yield
+        return
+    token = otel_context.attach(context)
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
 def _raise_first(results: Sequence[object]) -> None:
     for result in results:
         if isinstance(result, BaseException):
@@ -121,8 +145,14 @@ class KVStoreClient:
         address: str | Sequence[str],
         rpc: RpcConfig | None = None,
         timeout_s: float = 2.0,
+        tracing: Tracing = DISABLED,
     ) -> None:
-        """``address``: kvstore nodes' gRPC addresses (a list, or one string, commas between)."""
+        """``address``: kvstore nodes' gRPC addresses (a list, or one string, commas between).
+        ``tracing``: the worker's, so each store call is a span of the request it serves: the
+        lookup and pins run in its Prefill call, with that span current; an unpin and a
+        write-back run later, from tasks of no request (or of another: the write-back queue's
+        task is started by the first request that queues one), so they run under the trace
+        context of the request that looked their blocks up (``_traced``)."""
         seeds = address.split(",") if isinstance(address, str) else list(address)
         self._seeds = [a for a in seeds if a]
         if not self._seeds:
@@ -130,6 +160,8 @@ class KVStoreClient:
         self._address = self._seeds[0]  # where lookups go now
         self._rpc = rpc or RpcConfig()
         self._timeout_s = timeout_s
+        self._tracing = tracing
+        self._traced: OrderedDict[BlockHash, SpanContext] = OrderedDict()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._data: dict[str, dataplane.DataClient] = {}
         self._nodes: list[Node] = []
@@ -140,7 +172,7 @@ class KVStoreClient:
     def _stub(self, address: str) -> kvstore_pb2_grpc.KVStoreServiceStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = open_channel(address, self._rpc)
+            channel = self._channels[address] = open_channel(address, self._rpc, self._tracing)
         return kvstore_pb2_grpc.KVStoreServiceStub(channel)
 
     async def _data_client(self, node: Node) -> dataplane.DataClient:
@@ -188,6 +220,7 @@ class KVStoreClient:
         if not 0 <= first_block < len(hashes):
             raise ValueError(f"first_block {first_block} outside 0..{len(hashes) - 1}")
         hashes = hashes[first_block:]
+        self._remember_trace(hashes)
         try:
             reply = await self._stub(self._address).Lookup(
                 kvstore_pb2.LookupRequest(block_hashes=list(hashes)), timeout=self._timeout_s
@@ -242,7 +275,8 @@ class KVStoreClient:
             start = end
         if not runs:
             return None
-        return CachedPrefix(first_block + start, tuple(runs), layer_bytes, first_block)
+        context = otel_context.get_current() if self._tracing.enabled else None
+        return CachedPrefix(first_block + start, tuple(runs), layer_bytes, first_block, context)
 
     async def read_layer(
         self, prefix: CachedPrefix, layer: int, positions: Sequence[int], like: torch.Tensor
@@ -283,8 +317,9 @@ class KVStoreClient:
         return payload
 
     async def release(self, prefix: CachedPrefix) -> None:
-        for run in prefix.runs:
-            await self._unpin(run.node, run.pin_id)
+        with _attached(prefix.trace_context):
+            for run in prefix.runs:
+                await self._unpin(run.node, run.pin_id)
 
     async def _unpin(self, node: Node, pin_id: int) -> None:
         with contextlib.suppress(StoreError):
@@ -312,9 +347,16 @@ class KVStoreClient:
         reserves the blocks it lacks, then ``encode(groups)`` gives each node's payload (the
         blocks at those indices of ``hashes``, kv_wire's layout; None: they are gone, nothing
         is written), then the writes and commits. Returns how many blocks this writer stored
-        (others were there or in flight). Any failure aborts what was reserved."""
+        (others were there or in flight). Any failure aborts what was reserved. With tracing,
+        the calls are spans of the request that last looked these blocks up (``__init__``)."""
         if not hashes:
             return 0
+        with _attached(self._lookup_trace(hashes)):
+            return await self._write_blocks(hashes, num_layers, layer_bytes, encode)
+
+    async def _write_blocks(
+        self, hashes: Sequence[BlockHash], num_layers: int, layer_bytes: int, encode: Encode
+    ) -> int:
         if self._nodes_stale or not self._nodes:
             await self._refresh_nodes()
         if not self._nodes:
@@ -347,6 +389,31 @@ class KVStoreClient:
             await asyncio.gather(*(self._abort(w) for w in writes if not w.committed))
             raise
         return sum(len(w.todo) for w in writes)
+
+    # -- tracing ---------------------------------------------------------------------------
+
+    def _remember_trace(self, hashes: Sequence[BlockHash]) -> None:
+        """With tracing, in a traced request: its trace context, for the blocks it looks up."""
+        span = trace.get_current_span().get_span_context()
+        if not self._tracing.enabled or not span.is_valid:
+            return
+        for block_hash in hashes:
+            self._traced[block_hash] = span
+            self._traced.move_to_end(block_hash)
+        while len(self._traced) > MAX_TRACED_BLOCKS:
+            self._traced.popitem(last=False)
+
+    def _lookup_trace(self, hashes: Sequence[BlockHash]) -> otel_context.Context | None:
+        """The trace context a write-back of ``hashes`` runs under: that of the request that
+        last looked one of them up; none known, no trace's (never that of whatever request
+        started the task it runs on). None: tracing is off."""
+        if not self._tracing.enabled:
+            return None
+        found = (self._traced.get(h) for h in hashes)
+        span = next((c for c in found if c is not None), None)
+        if span is None:
+            return otel_context.Context()
+        return trace.set_span_in_context(NonRecordingSpan(span), otel_context.Context())
 
     async def _refresh_nodes(self) -> None:
         """The live nodes, from a ``Lookup`` of nothing (a worker that only hits its own prefix

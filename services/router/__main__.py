@@ -21,7 +21,7 @@ from pathlib import Path
 
 from services.common.admission import AdmissionController
 from services.common.arg_types import int_range, port_number, positive
-from services.common.config import RpcConfig, TracingConfig
+from services.common.config import RpcConfig
 from services.common.limits import PromptLimits
 from services.common.metrics import RequestMetrics, RouterCollector, add_metrics_args, start_metrics
 from services.common.model_files import read_json_object
@@ -48,7 +48,7 @@ from services.rpc.admission import (
 )
 from services.rpc.security import Role, add_security_args, require_bearer, security_config
 from services.rpc.server import add_drain_args, run_service, start_server
-from services.rpc.tracing import setup_tracing
+from services.rpc.tracing import add_tracing_args, setup_tracing, tracing_config
 
 log = logging.getLogger("services.router")
 # What a request past the drain gets to send its end (module docstring): on the HTTP API
@@ -154,8 +154,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="... and any prompt while the prefill worker has at least Q prompt tokens queued "
         "and the decode worker fewer (0: never; docs/services.md)",
     )
-    p.add_argument("--tracing", choices=("none", "console", "otlp"), default="none")
-    p.add_argument("--otlp-endpoint", default="")
+    add_tracing_args(p)
     p.add_argument("--log-level", default="INFO")
     add_security_args(p)
     add_admission_args(p)
@@ -236,11 +235,7 @@ async def serve(args: argparse.Namespace) -> None:
         security=security,
         grace_s=args.drain_timeout,
     )
-    tracing = setup_tracing(
-        TracingConfig(
-            exporter=args.tracing, otlp_endpoint=args.otlp_endpoint, service_name="router"
-        )
-    )
+    tracing = setup_tracing(tracing_config(args, "router"))
     router = Router(RouterConfig(policy=args.policy, report_timeout_s=args.report_timeout_s))
     clients = GrpcWorkerClients(rpc, tracing)
     driver = RequestDriver(

@@ -56,6 +56,12 @@ and what they hold released, as an abort's.
 
 Usage: ``Finished.num_completion_tokens`` is the number of tokens this driver delivered to the
 caller, however the request ended.
+
+Metrics: the ``observer`` (services/common/metrics.py ``RequestMetrics``) is told once how each
+request ended (``Outcome``): its finish reason, ABORT, CANCELLED (its caller went away: a
+cancelled gRPC call, an HTTP client gone, seen as ``cancel``, ``asyncio.CancelledError`` or
+``GeneratorExit``, whichever comes first), ERROR, or REFUSED (``refused``), with what it
+delivered and its TTFT if a first token reached the caller.
 """
 
 from __future__ import annotations
@@ -103,6 +109,7 @@ from services.router.driver_types import (  # the driver's API, imported from he
     Finished,
     GenerateInput,
     KVTarget,
+    Outcome,
     PrefillClient,
     PrefillResult,
     ReleaseReason,
@@ -158,6 +165,7 @@ __all__ = [
     "Finished",
     "GenerateInput",
     "KVTarget",
+    "Outcome",
     "PrefillClient",
     "PrefillResult",
     "ReleaseReason",
@@ -195,6 +203,13 @@ class _Job:
     routing_s: float = 0.0  # of the first try: from arrival to its worker pair
     ttft_s: float = 0.0
     prefill: PrefillResult | None = None  # the prefill worker's, once one has ended
+    # For its one ``RequestObserver.ended``: when it arrived, its prompt, the tokens its
+    # caller had before this call (a resend's) and has now, and whether it was told.
+    arrival: float = 0.0
+    num_prompt_tokens: int = 0
+    num_resumed: int = 0
+    num_delivered: int = 0
+    observed: bool = False
 
     @property
     def ending(self) -> bool:
@@ -322,6 +337,7 @@ class RequestDriver:
         job = self._jobs.get(request_id)
         if job is None or job.task is None or (stream is not None and job.ticket is not stream):
             return
+        self._observe_gone(job)  # counted now: its stream may never run again
         self._end(job)
 
     def _end(self, job: _Job) -> None:
@@ -343,14 +359,26 @@ class RequestDriver:
         # Completion tokens handed to the caller: by this stream, and before it by a broken one
         # (a request its client resumes, GenerateRequest.resume_output_token_ids).
         num_delivered = len(request.resume_output_token_ids)
+        num_prompt = len(request.prompt_token_ids)
         if self._was_aborted(request):
             # Aborted while its stream was broken: the resend gets what that stream would have.
-            aborted = aborted_finished(request, arrival, arrival, num_delivered)
-            self._observe(aborted)
+            aborted = aborted_finished(num_prompt, arrival, arrival, num_delivered)
+            if self.observer is not None:  # (this call delivered nothing)
+                self.observer.ended(
+                    Outcome.ABORT, dataclasses.replace(aborted, num_completion_tokens=0)
+                )
             yield self._started(request, request.request_id)
             yield aborted
             return
-        job = self._open(request, arrival + (timeout_s or self.config.default_timeout_s), ticket)
+        try:
+            job = self._open(
+                request, arrival + (timeout_s or self.config.default_timeout_s), ticket
+            )
+        except Exception as exc:
+            self.refused(exc)
+            raise
+        job.arrival, job.num_prompt_tokens = arrival, num_prompt
+        job.num_resumed = job.num_delivered = num_delivered
         request = dataclasses.replace(request, request_id=job.request_id)
         task = job.task = asyncio.create_task(self._run(job, request, arrival))
         self._tasks_by_id.setdefault(job.request_id, set()).add(task)
@@ -360,8 +388,8 @@ class RequestDriver:
             while True:
                 event = await self._next(job, task)
                 if isinstance(event, _Stop):
-                    aborted = aborted_finished(request, arrival, self._clock(), num_delivered)
-                    self._observe(aborted)
+                    aborted = self._so_far(job)
+                    self._observe(job, Outcome.ABORT, aborted)
                     if not started:
                         yield self._started(request, job.request_id)
                     yield aborted
@@ -369,20 +397,23 @@ class RequestDriver:
                 if isinstance(event, Started):
                     started = True
                 elif isinstance(event, Delta):
-                    num_delivered += len(event.token_ids)
+                    job.num_delivered += len(event.token_ids)
                 elif isinstance(event, Finished):
-                    event = dataclasses.replace(event, num_completion_tokens=num_delivered)
-                    self._observe(event)
+                    event = dataclasses.replace(event, num_completion_tokens=job.num_delivered)
+                    self._observe(job, Outcome.of(event.finish_reason), event)
                     if not started:  # ended without a worker's token (a resume complete)
                         yield self._started(request, job.request_id)
                 yield event
                 if isinstance(event, Finished):
                     return
-        except Exception as exc:
-            if self.observer is not None:
-                self.observer.failed(exc)
+        except Exception:
+            self._observe(job, Outcome.ERROR)
             raise
         finally:
+            # Not told yet: its caller went away (asyncio.CancelledError while it waited for an
+            # event: a gRPC cancel, an HTTP client gone; GeneratorExit: its stream closed at a
+            # yield), which neither of the above catches.
+            self._observe_gone(job)
             job.ended.set()
             if self._clock() >= job.deadline:  # grpc may cancel us at the deadline first
                 job.release_reason = ReleaseReason.DEADLINE_EXCEEDED
@@ -393,9 +424,49 @@ class RequestDriver:
         """The Started of a stream that ends before any worker's token: no worker served it."""
         return Started(request_id, len(request.prompt_token_ids), "", "")
 
-    def _observe(self, finished: Finished) -> None:
+    def refused(self, exc: BaseException) -> None:
+        """A request refused before any work (``exc``: why): by ``generate`` itself (the router
+        draining, an empty prompt, its id in use), or by a front end's own checks of it (the
+        prompt, the sampling parameters) before it called ``generate``."""
         if self.observer is not None:
-            self.observer.finished(finished)
+            self.observer.ended(Outcome.REFUSED, None)
+
+    def _so_far(self, job: _Job) -> Finished:
+        """The ``Finished`` of ``job`` ending now, not by a worker's finish: what it delivered,
+        its TTFT if a first token reached its caller, its prefill if one ended."""
+        first = job.num_delivered > job.num_resumed
+        return aborted_finished(
+            job.num_prompt_tokens,
+            job.arrival,
+            self._clock(),
+            job.num_delivered,
+            ttft_s=job.ttft_s if first else 0.0,
+            routing_s=job.routing_s,
+            prefill=job.prefill,
+        )
+
+    def _observe(self, job: _Job, outcome: Outcome, event: Finished | None = None) -> None:
+        """Tells the observer, once per request, how ``job`` ended (``event``: as its caller was
+        told; None: ``_so_far``). The tokens its client resumed from are the earlier call's."""
+        if job.observed:
+            return
+        job.observed = True
+        if self.observer is None:
+            return
+        event = event or self._so_far(job)
+        first = job.num_delivered > job.num_resumed
+        timings = dataclasses.replace(event.timings, ttft_s=event.timings.ttft_s if first else 0.0)
+        new = max(0, event.num_completion_tokens - job.num_resumed)
+        self.observer.ended(
+            outcome, dataclasses.replace(event, num_completion_tokens=new, timings=timings)
+        )
+
+    def _observe_gone(self, job: _Job) -> None:
+        """``job``'s caller went away: CANCELLED, or ERROR if that was its deadline (grpc may
+        cancel the call at the deadline before the driver's own timer fires: its client saw
+        DEADLINE_EXCEEDED)."""
+        at_deadline = self._clock() >= job.deadline - REASON_MARGIN_S
+        self._observe(job, Outcome.ERROR if at_deadline else Outcome.CANCELLED)
 
     async def wait_for_id(self, request_id: str, timeout_s: float | None) -> None:
         """Waits, at most ``id_reuse_wait_s`` (and until ``REASON_MARGIN_S`` before

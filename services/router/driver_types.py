@@ -3,6 +3,7 @@ it yields, what the worker clients promise, and the driver's config (no grpc).""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from collections.abc import AsyncIterator
@@ -154,12 +155,30 @@ class Finished:
 Event = Started | Delta | Finished
 
 
+class Outcome(enum.StrEnum):
+    """How a request ended, as ``RequestObserver.ended`` is told (the ``outcome`` label of
+    ``banaserve_router_requests_total``): exactly one per request the driver was given."""
+
+    STOP = "stop"  # finished: EOS, a stop token or string
+    LENGTH = "length"  # finished: max_tokens or the context
+    ABORT = "abort"  # ``RequestDriver.abort`` (the Abort RPC)
+    CANCELLED = "cancelled"  # its caller went away: a gRPC cancel, an HTTP client disconnecting
+    ERROR = "error"  # failed once accepted: deadline, no worker, worker lost, drain...
+    REFUSED = "refused"  # refused before any work (``RequestDriver.refused``)
+
+    @classmethod
+    def of(cls, reason: FinishReason) -> Outcome:
+        return cls(reason.value)
+
+
 class RequestObserver(Protocol):
     """Told by the driver, on its event loop, how each request ended."""
 
-    def finished(self, event: Finished) -> None: ...
-
-    def failed(self, exc: BaseException) -> None: ...
+    def ended(self, outcome: Outcome, event: Finished | None) -> None:
+        """Once per request. ``event``: what this call did (None for a refused one): the
+        tokens it delivered (``num_completion_tokens``: not those its client resumed from,
+        which the call that delivered them counted), its timings (``ttft_s`` 0.0: no token
+        reached the caller), KV moved, however it ended."""
 
     def resumed(self) -> None:
         """A request lost its worker after its first token and goes on on another."""
@@ -305,13 +324,32 @@ def admission_wait(now: float, give_up: float, poll_s: float) -> float | None:
 
 
 def aborted_finished(
-    request: GenerateInput, arrival: float, now: float, num_delivered: int
+    num_prompt_tokens: int,
+    arrival: float,
+    now: float,
+    num_delivered: int,
+    ttft_s: float = 0.0,
+    routing_s: float = 0.0,
+    prefill: PrefillResult | None = None,
 ) -> Finished:
-    """The ``Finished`` of a request that was aborted after delivering ``num_delivered`` tokens."""
+    """The ``Finished`` of a request that ended (aborted, or its caller gone, or failed) after
+    delivering ``num_delivered`` tokens: its TTFT if a first token reached the caller
+    (``ttft_s``; 0.0: none did), and its prefill as the prefill worker measured it, if one
+    ended (its KV moved)."""
+    cached = prefill.num_cached_tokens if prefill is not None else 0
+    timings = Timings(routing_s=routing_s, ttft_s=ttft_s, total_s=now - arrival)
+    if prefill is not None:
+        timings = dataclasses.replace(
+            timings,
+            prefill_s=prefill.prefill_s,
+            kv_transfer_s=prefill.kv_transfer_s,
+            kv_transfer_exposed_s=prefill.kv_transfer_exposed_s,
+            kv_bytes=prefill.kv_bytes,
+        )
     return Finished(
         FinishReason.ABORT,
-        len(request.prompt_token_ids),
+        num_prompt_tokens,
         num_delivered,
-        0,
-        Timings(total_s=now - arrival),
+        min(cached, num_prompt_tokens),
+        timings,
     )

@@ -19,6 +19,13 @@ Lifecycle of one ``POST /v1/completions`` or ``/v1/chat/completions``:
      closed, which cancels the request's work and waits for it to release every block it held
      on every worker, as for a cancelled gRPC call.
 
+Each request is one span (kind SERVER, ``POST /v1/completions``), from its headers to its
+response's last byte, under the caller's W3C ``traceparent``/``tracestate`` when it sends one;
+the driver's worker calls are started with it current, so they are its children, as under gRPC
+``Generate``'s span (one trace across router, prefill and decode). It carries
+``http.response.status_code``; a 5xx, an error event after the 200 and a client that went away
+(499, or a stream cut off) mark it ERROR.
+
 Errors keep OpenAI's shape, with the status of ``openai_errors.py``.
 """
 
@@ -36,6 +43,9 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mappin
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from opentelemetry import trace
+from opentelemetry.propagate import extract
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -139,10 +149,13 @@ class OpenAIApi:
         clock: Callable[[], float] = time.time,
         admission: AdmissionController | None = None,
         body_timeout_s: float = BODY_TIMEOUT_S,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         """``admission``: the router's (its gRPC API's) controller, so both APIs share its
         limits; None: every request admitted. ``body_timeout_s``: how long a request's body
-        may take to arrive."""
+        may take to arrive. ``tracer``: the requests' spans (default: the process's global
+        provider's, which ``setup_tracing`` sets; none set, nothing is recorded)."""
+        self._tracer = tracer or trace.get_tracer(__name__)
         self._driver = driver
         self._admission = admission
         self._router = driver.router
@@ -218,6 +231,41 @@ class OpenAIApi:
         self._parser.close()
 
     async def _generate(self, request: Request, kind: Kind) -> Response:
+        """The request's span (module docstring) around ``_serve``: current while the request
+        starts, ended with the response (a stream's: once its body is closed)."""
+        span = self._tracer.start_span(
+            f"{request.method} {request.url.path}",
+            context=extract(request.headers),
+            kind=SpanKind.SERVER,
+            attributes={
+                "http.request.method": request.method,
+                "http.route": request.url.path,
+                "url.path": request.url.path,
+                "url.scheme": request.url.scheme,
+            },
+        )
+        try:
+            with trace.use_span(span, record_exception=False, set_status_on_exception=False):
+                response = await self._serve(request, kind)
+        except BaseException as exc:
+            _span_failed(span, exc)
+            span.end()
+            raise
+        if isinstance(response, SSEResponse):
+            closed = response.on_close
+
+            def on_close() -> None:
+                try:
+                    closed()
+                finally:
+                    _stream_closed(span)
+
+            response.on_close = on_close
+        else:
+            _span_answered(span, response)
+        return response
+
+    async def _serve(self, request: Request, kind: Kind) -> Response:
         """The body is read first (at most ``max_body_bytes``, within ``body_timeout_s``: a
         client that sends it slowly or never holds no slot), then the request is admitted
         (``services/common/admission.py``: shed at once with 429 or 503 and a Retry-After);
@@ -250,7 +298,9 @@ class OpenAIApi:
         try:
             call = await self._prepare(kind, body, request.headers)
         except Exception as exc:
+            self._driver.refused(exc)  # counted as refused (RequestMetrics)
             return error_response(exc)
+        trace.get_current_span().set_attribute("banaserve.request_id", call.input.request_id)
         events = self._driver.generate(call.input, call.timeout_s)
         if call.stream:
             return await self._stream(request, call, events)
@@ -361,10 +411,11 @@ class OpenAIApi:
             if isinstance(exc, ClientDisconnectedError):
                 return Response(status_code=499)
             return error_response(exc)
-        return SSEResponse(self._sse(call.rendering, event, events))
+        span = trace.get_current_span()  # the request's (``_generate``)
+        return SSEResponse(self._sse(call.rendering, event, events, span))
 
     async def _sse(
-        self, rendering: Rendering, first: drv.Event, events: drv.EventStream
+        self, rendering: Rendering, first: drv.Event, events: drv.EventStream, span: Span
     ) -> AsyncIterator[str]:
         async with contextlib.aclosing(events):
             try:
@@ -374,8 +425,11 @@ class OpenAIApi:
                     for chunk in _chunks(rendering, event):
                         yield chunk
             except Exception as exc:
-                yield _sse(error_json(exc)[1])
+                status, body = error_json(exc)
+                _span_error(span, status, body)
+                yield _sse(body)
         yield DONE
+        _span_answered(span, None)  # sent to its end (a stream cut off: ``_stream_closed``)
 
     async def _unless_disconnected(
         self, request: Request, call: _Call, work: Coroutine[Any, Any, T]
@@ -397,6 +451,46 @@ class OpenAIApi:
                 # that release midway.
                 task.cancel()
                 await asyncio.wait({task})
+
+
+def _span_answered(span: Span, response: Response | None) -> None:
+    """Ends the request's span with its response (None: a stream sent to its end, 200)."""
+    status = 200 if response is None else response.status_code
+    span.set_attribute("http.response.status_code", status)
+    if response is not None and (status >= 500 or status == 499):
+        try:
+            body = json.loads(bytes(response.body))
+        except (ValueError, TypeError):
+            body = {}
+        if status == 499:  # no body: the client went away
+            body = {"error": {"message": "the client went away before its response"}}
+        _span_error(span, status, body)
+    span.end()
+
+
+def _span_error(span: Span, status: int, body: dict[str, Any]) -> None:
+    error = body.get("error") if isinstance(body, dict) else None
+    error = error if isinstance(error, dict) else {}
+    span.set_attribute("error.type", str(error.get("code") or status))
+    span.set_status(Status(StatusCode.ERROR, f"{status}: {error.get('message', '')}"))
+
+
+def _span_failed(span: Span, exc: BaseException) -> None:
+    """The request's handling raised (a cancellation: the server stopping)."""
+    if isinstance(exc, Exception):
+        span.record_exception(exc)
+    span.set_attribute("error.type", type(exc).__name__)
+    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+
+
+def _stream_closed(span: Span) -> None:
+    """A stream's body was closed: its span ends, unless the stream ran to its end."""
+    if not span.is_recording():  # ended (or never recorded)
+        return
+    span.set_attribute("http.response.status_code", 200)
+    message = "the client went away before the stream ended"
+    _span_error(span, 499, {"error": {"message": message, "code": "client_disconnected"}})
+    span.end()
 
 
 @contextlib.contextmanager

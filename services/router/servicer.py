@@ -143,7 +143,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def Generate(self, request, context):
         self._generate_calls += 1
         context.add_done_callback(self._generate_call_done)
-        generate_input = await self._generate_input(request, caller_identity(context))
+        try:
+            generate_input = await self._generate_input(request, caller_identity(context))
+        except Exception as exc:  # a bad request: counted as refused (RequestMetrics)
+            self._driver.refused(exc)
+            raise
         request_id = generate_input.request_id
         if generate_input.resend:
             self._driver.take_over(request_id, generate_input.owner)

@@ -4,6 +4,7 @@ what the requests did."""
 
 from __future__ import annotations
 
+import time
 import urllib.error
 import urllib.request
 
@@ -31,6 +32,7 @@ DOCUMENTED = {
         "banaserve_router_kv_transfer_seconds",
         "banaserve_router_kv_transfer_bytes",
         "banaserve_router_tokens",
+        "banaserve_router_resumes",
         "banaserve_router_workers",
         "banaserve_router_inflight_assignments",
         "banaserve_router_worker_queued_tokens",
@@ -159,3 +161,42 @@ def test_metrics_are_off_unless_asked_and_unknown_paths_are_404(cluster):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(f"http://127.0.0.1:{ports['router']}/other", timeout=5)
     assert err.value.code == 404
+
+
+def test_a_cancelled_call_counts_cancelled_with_the_tokens_it_delivered(cluster):
+    """A real router and workers: a gRPC call cancelled mid-stream ends in one outcome,
+    ``cancelled``, with the tokens its caller got (session 44's probe: none were counted)."""
+    import grpc
+
+    from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+    c, ports = cluster
+    router = "banaserve_router_"
+    before = scrape(ports["router"])
+    request = router_pb2.GenerateRequest(
+        token_ids=common_pb2.TokenIds(ids=PROMPT),
+        sampling=common_pb2.SamplingParams(max_tokens=200, ignore_eos=True),
+    )
+    with grpc.insecure_channel(c.router.address) as channel:
+        call = router_pb2_grpc.RouterServiceStub(channel).Generate(request, timeout=60)
+        frames = [next(call) for _ in range(4)]  # started, then three deltas
+        assert [f.WhichOneof("frame") for f in frames] == ["started", "delta", "delta", "delta"]
+        call.cancel()
+    after = scrape(ports["router"])
+    for _ in range(50):  # the router sees the cancel a moment later
+        after = scrape(ports["router"])
+        if value(after, router + "requests", router + "requests_total", outcome="cancelled"):
+            break
+        time.sleep(0.1)
+
+    def moved(family: str, sample: str, **labels: str) -> float:
+        return value(after, family, sample, **labels) - value(before, family, sample, **labels)
+
+    requests = router + "requests"
+    outcomes = ("stop", "length", "abort", "cancelled", "error", "refused")
+    counts = {o: moved(requests, requests + "_total", outcome=o) for o in outcomes}
+    assert {o: n for o, n in counts.items() if n} == {"cancelled": 1}
+    tokens = router + "tokens"
+    assert moved(tokens, tokens + "_total", kind="prompt") == len(PROMPT)
+    assert 3 <= moved(tokens, tokens + "_total", kind="completion") < 200
+    assert moved(router + "ttft_seconds", router + "ttft_seconds_count") == 1

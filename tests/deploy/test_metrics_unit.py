@@ -223,3 +223,35 @@ def test_coordinator_collector_counts_migrations_bytes_and_state_seconds():
     assert sample(registry, secs, kind="layers", state="copying") == 3.0
     assert sample(registry, secs, kind="layers", state="done") == 6.0  # open: up to now
     assert sample(registry, secs, kind="attention", state="copying") == 2.0
+
+
+def test_request_outcomes_and_token_kinds_are_exported_at_zero_before_any_request():
+    from services.common.metrics import REQUEST_OUTCOMES, TOKEN_KINDS
+    from services.router.driver import Outcome
+
+    assert tuple(o.value for o in Outcome) == REQUEST_OUTCOMES  # the driver's, every one
+    r = RequestMetrics().registry
+    for outcome in REQUEST_OUTCOMES:
+        assert sample(r, "banaserve_router_requests_total", outcome=outcome) == 0
+    for kind in TOKEN_KINDS:
+        assert sample(r, "banaserve_router_tokens_total", kind=kind) == 0
+
+
+def test_request_latencies_only_for_a_first_token_delivered_and_tpot_after_it():
+    m = RequestMetrics()
+    r = m.registry
+    # Cancelled after 20 tokens: counted with its tokens, TTFT as the caller saw it, TPOT
+    # (e2e - ttft) / (n - 1).
+    m.ended("cancelled", finished(FinishReason.ABORT, 20, ttft=0.065, total=0.5, kv=0))
+    # Aborted before a token reached its caller: no TTFT (not a 0 s one), no E2E, no TPOT.
+    m.ended("abort", finished(FinishReason.ABORT, 0, ttft=0.0, total=0.3, kv=0))
+    m.ended("refused", None)  # refused before any work: no tokens
+    assert sample(r, "banaserve_router_requests_total", outcome="cancelled") == 1
+    assert sample(r, "banaserve_router_requests_total", outcome="abort") == 1
+    assert sample(r, "banaserve_router_requests_total", outcome="refused") == 1
+    assert sample(r, "banaserve_router_tokens_total", kind="prompt") == 80
+    assert sample(r, "banaserve_router_tokens_total", kind="completion") == 20
+    assert sample(r, "banaserve_router_ttft_seconds_count") == 1
+    assert sample(r, "banaserve_router_ttft_seconds_sum") == pytest.approx(0.065)
+    assert sample(r, "banaserve_router_e2e_seconds_count") == 1
+    assert sample(r, "banaserve_router_tpot_seconds_sum") == pytest.approx((0.5 - 0.065) / 19)
