@@ -204,15 +204,28 @@ class RouterCollector(Collector):
         )
         inflight.add_metric([], self._router.num_inflight())
         yield inflight
+        # Held for want of KV room (services/router/waiting.py): their TTFT runs meanwhile, and
+        # no other metric showed them (probe, session 44: TTFTs up to 4.5 s, nothing queued).
+        waiting = _gauge(
+            "banaserve_router_requests_waiting_for_room",
+            "requests held because no decode worker has room for them now",
+        )
+        waiting.add_metric([], self._router.num_waiting_for_room())
+        yield waiting
         labels = ["worker_id", "role"]
         per_worker = {
             "banaserve_router_worker_queued_tokens": ("prefill tokens queued or assigned", []),
             "banaserve_router_worker_kv_blocks_free": ("free KV blocks (estimate)", []),
             "banaserve_router_worker_kv_blocks_used": ("used KV blocks (estimate)", []),
             "banaserve_router_worker_utilisation_ratio": ("max(compute, memory) share", []),
+            "banaserve_router_worker_waiting_for_room": (
+                "requests held that this worker could hold once its running ones end",
+                [],
+            ),
         }
         for w in workers:
-            values = (w.num_queued_tokens, w.num_free_blocks, w.num_used_blocks, w.utilisation)
+            values = (w.num_queued_tokens, w.num_free_blocks, w.num_used_blocks, w.utilisation,
+                      self._router.waiting_for_room(w.worker_id))  # fmt: skip
             for (_, samples), value in zip(per_worker.values(), values, strict=True):
                 samples.append(([w.worker_id, w.role.name.lower()], value))
         for name, (doc, samples) in per_worker.items():

@@ -220,6 +220,11 @@ class Router:
         self._waiting.forget(self._clock())
         return self._waiting.count(worker_id)
 
+    def num_waiting_for_room(self) -> int:
+        """Requests held now because no worker had room for them (``waiting_for_room``)."""
+        self._waiting.forget(self._clock())
+        return len(self._waiting)
+
     def _held(self, request_id: str, now: float) -> dict[str, int]:
         """Blocks per worker held for the requests that began waiting for room before
         ``request_id`` did (before now, if it is not waiting): first come, first served."""

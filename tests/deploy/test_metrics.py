@@ -35,6 +35,8 @@ DOCUMENTED = {
         "banaserve_router_resumes",
         "banaserve_router_workers",
         "banaserve_router_inflight_assignments",
+        "banaserve_router_requests_waiting_for_room",
+        "banaserve_router_worker_waiting_for_room",
         "banaserve_router_worker_queued_tokens",
         "banaserve_router_worker_kv_blocks_free",
         "banaserve_router_worker_kv_blocks_used",

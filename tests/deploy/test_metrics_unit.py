@@ -255,3 +255,24 @@ def test_request_latencies_only_for_a_first_token_delivered_and_tpot_after_it():
     assert sample(r, "banaserve_router_ttft_seconds_sum") == pytest.approx(0.065)
     assert sample(r, "banaserve_router_e2e_seconds_count") == 1
     assert sample(r, "banaserve_router_tpot_seconds_sum") == pytest.approx((0.5 - 0.065) / 19)
+
+
+def test_router_collector_counts_the_requests_waiting_for_room():
+    """Probe, session 44: requests the router held for want of KV room (TTFTs up to 4.5 s)
+    appeared in no router metric."""
+    from services.common.metrics import RouterCollector
+    from services.router.core import NoRoomNowError
+    from tests.router.factories import FakeClock, load, make_router, request
+
+    router = make_router("load", prefill=1, decode=2, clock=FakeClock())
+    for worker_id in ("p0", "d0", "d1"):
+        router.report(worker_id, load(free=2, used=98), 0.0)
+    for _ in range(3):
+        with pytest.raises(NoRoomNowError):
+            router.route(request(40, max_tokens=8))
+    registry = CollectorRegistry()
+    registry.register(RouterCollector(router))
+    assert sample(registry, "banaserve_router_requests_waiting_for_room") == 3
+    per_worker = "banaserve_router_worker_waiting_for_room"
+    assert sample(registry, per_worker, worker_id="d0", role="decode") == 3
+    assert sample(registry, per_worker, worker_id="p0", role="prefill") == 0
