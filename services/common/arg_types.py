@@ -159,11 +159,12 @@ def utf8_text(text: str) -> str:
 
 
 def number_list(kind: type) -> Callable[[str], list]:
-    """A comma list of positive numbers, like ``8`` or ``8,16``."""
+    """A comma list of positive numbers, like ``8`` or ``8,16``; an empty item (``8,,16``, a
+    trailing comma) is refused, not dropped (probe, session 44: ``--workers 2,,8`` ran 2 and 8)."""
 
     def parse(text: str) -> list:
         try:
-            values = [kind(v) for v in text.split(",") if v.strip()]
+            values = [kind(v) for v in text.split(",")]  # "" is not a number: refused
         except ValueError:
             values = []
         if not values or not all(v > 0 and math.isfinite(v) for v in values):

@@ -63,6 +63,8 @@ def test_a_bad_input_document_is_a_clear_error(files, capsys, argv, message):
         (["--workers", "0"], "expected positive numbers"),
         (["--workers", "1"], "at least 2 workers"),
         (["--workers", "8,x"], "expected positive numbers"),
+        (["--workers", "2,,8"], "expected positive numbers"),  # an empty item: was dropped
+        (["--workers", "8,"], "expected positive numbers"),
         (["--workloads", "mixed,nope"], "unknown: 'nope'"),
         (["--splits", "0.5,2"], "shares in (0, 1)"),
         (["--load", "-1"], "expected a positive number"),
