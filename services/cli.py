@@ -263,8 +263,33 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# Flags whose value is other flags, in one string (``up --decode-args "--max-num-seqs 64"``).
+# argparse takes a value that starts with '-' and holds no space (``--kvstore-args
+# "--disk-dir=/x"``) for a flag of its own and refused it, "expected one argument" (probe,
+# session 44); ``main`` joins such a pair as ``--kvstore-args=--disk-dir=/x``, which it reads.
+FLAGS_OF_FLAGS = frozenset(
+    {"--router-args", "--prefill-args", "--decode-args", "--kvstore-args", "--coordinator-args",
+     "--up-args"}
+)  # fmt: skip
+
+
+def join_flags_of_flags(argv: list[str]) -> list[str]:
+    joined: list[str] = []
+    pending = ""
+    for arg in argv:
+        if pending:
+            joined.append(f"{pending}={arg}")
+            pending = ""
+        elif arg in FLAGS_OF_FLAGS:
+            pending = arg
+        else:
+            joined.append(arg)
+    return joined + ([pending] if pending else [])  # a last one without its value: argparse's
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser(sys.argv[1:] if argv is None else argv).parse_args(argv)
+    argv = join_flags_of_flags(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return args.func(args)
     except BanaServeError as exc:

@@ -155,7 +155,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-in-flight", type=positive(int), default=1024,
                    help="open loop: at most in flight")  # fmt: skip
     p.add_argument("--warmup", type=non_negative(int, at_most=MAX_WARMUP), default=1,
-                   help="unrecorded iterations first, each bounded by --timeout")  # fmt: skip
+                   help="unrecorded iterations first (default 1; they reach the service: its "
+                   "counters count them), each bounded by --timeout")  # fmt: skip
     p.add_argument("--p99-target-ms", type=positive(float), default=None,
                    help="SLO: each step passes if the --slo name's p99 is within this")  # fmt: skip
     p.add_argument("--slo", default=None,

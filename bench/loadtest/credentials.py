@@ -34,6 +34,7 @@ from services.rpc.security import (
     Role,
     SecurityConfig,
     bearer_metadata,
+    flags_hint,
     read_tokens,
     security_config,
 )
@@ -98,14 +99,4 @@ def _without_redis_warning() -> Iterator[None]:
 
 def hint(credentials: Credentials, status: str, message: str = "") -> str:
     """What a refused or failed first call likely means about the flags: " (...)" or ""."""
-    if status == "UNAVAILABLE" and "connection refused" not in message.lower():
-        if credentials.tls_dir:
-            return (" (if the service is up, it may run without --tls-dir or with certificates "
-                    "of another CA: the TLS handshake then fails)")  # fmt: skip
-        return (" (if the service runs with --tls-dir, pass --tls-dir DIR, the directory "
-                "`banaserve certs` wrote: a plaintext connection fails its TLS handshake)")  # fmt: skip
-    if status == "UNAUTHENTICATED":
-        if credentials.token:
-            return " (the service does not accept the first token of --api-token-file)"
-        return " (the service wants an API token: pass --api-token-file FILE)"
-    return ""
+    return flags_hint(credentials.tls_dir, credentials.token, status, message)

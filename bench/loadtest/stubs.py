@@ -30,9 +30,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+import grpc
+
 from bench.loadtest.credentials import NONE, Credentials
 from services.common.config import RpcConfig
-from services.common.errors import InvalidRequestError, RequestNotFoundError
+from services.common.errors import ConfigError, InvalidRequestError, RequestNotFoundError
 from services.common.load import LoadReport
 from services.rpc import dataplane
 from services.rpc.convert import DATA_TRANSPORT_TO_PROTO, duration
@@ -43,7 +45,7 @@ from services.rpc.gen.banaserve.v1 import (
     prefill_pb2,
     prefill_pb2_grpc,
 )
-from services.rpc.load_reports import reporting_to, worker_info
+from services.rpc.load_reports import LoadReporter, reporting_to, worker_info
 from services.rpc.security import Role
 from services.rpc.server import RunningServer, Service, start_server
 
@@ -51,6 +53,13 @@ STUB_BLOCKS = 1 << 20
 STUB_MAX_MODEL_LEN = 1 << 16
 DEFAULT_MAX_TOKENS = 16  # SamplingParams' default, for a request that sets none
 REGISTER_TIMEOUT_S = 10.0
+# A registration the router refuses so (another model's workers, a worker id in use, a role its
+# certificate does not allow) is not retried into REGISTER_TIMEOUT_S (probe, session 44: 10.7 s).
+REFUSED_FOR_GOOD = frozenset(
+    {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS,
+     grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
+     grpc.StatusCode.FAILED_PRECONDITION}
+)  # fmt: skip
 
 
 class KVSink(decode_pb2_grpc.DecodeServiceServicer):
@@ -211,6 +220,7 @@ class StubWorkers:
         }
         self.decode = StubDecode()
         self._stack = contextlib.AsyncExitStack()
+        self._reporters: list[LoadReporter] = []
 
     async def start(self) -> None:
         prefill = Service.bind(
@@ -231,7 +241,10 @@ class StubWorkers:
                 f"loadtest-stub-{role}", server.address, role, self.model, "loadtest-stub",
                 16, STUB_BLOCKS, STUB_MAX_MODEL_LEN,
             )  # fmt: skip
-            await self._stack.enter_async_context(reporting_to(self.router, info, self._load, rpc))
+            reporter = await self._stack.enter_async_context(
+                reporting_to(self.router, info, self._load, rpc)
+            )
+            self._reporters.append(reporter)
 
     async def _load(self) -> LoadReport:
         self.decode.expire()
@@ -257,6 +270,14 @@ class StubWorkers:
                 }
                 if wanted <= ids:
                     return
+                for reporter in self._reporters:  # refused for good: said now, not in 10 s
+                    error = reporter.last_error
+                    if error is not None and error.code() in REFUSED_FOR_GOOD:
+                        raise ConfigError(
+                            f"the router refused the stub workers: {error.code().name}: "
+                            f"{error.details()} (--stub-workers needs a router with no "
+                            f"workers of another model)"
+                        )
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"stub workers not active on {self.router} in time")
                 await asyncio.sleep(0.05)

@@ -28,6 +28,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from services.common.arg_types import port_number
+from services.common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,13 @@ async def start_metrics(
     for collector in collectors:
         registry.register(collector)
     endpoint = MetricsEndpoint(registry)
-    await endpoint.start(host, args.metrics_port)
+    try:
+        await endpoint.start(host, args.metrics_port)
+    except OSError as exc:  # in use, or not this host's: one line (run_service), no traceback
+        raise ConfigError(
+            f"--metrics-port {args.metrics_port}: cannot listen on {host}:{args.metrics_port} "
+            f"({exc.strerror or exc})"
+        ) from None
     print(f"METRICS {endpoint.address}", flush=True)
     return endpoint
 

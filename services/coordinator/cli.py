@@ -257,7 +257,7 @@ def run_migrate(args: argparse.Namespace) -> int:
         if getattr(args, "wait", False):
             m = client.wait(m.migration_id, args.wait_timeout)
     except grpc.RpcError as exc:
-        return _refused(exc)
+        return _refused(exc, args)
     finally:
         client.channel.close()
     print(format_migration(m), flush=True)
@@ -281,7 +281,7 @@ def run_migrations(args: argparse.Namespace) -> int:
         try:
             return watch.watch(args, lambda: client.call("ListMigrations", listing), format_row)
         except grpc.RpcError as exc:
-            return _refused(exc)
+            return _refused(exc, args)
         finally:
             client.channel.close()
     try:
@@ -291,7 +291,7 @@ def run_migrations(args: argparse.Namespace) -> int:
             return 0
         listed = client.call("ListMigrations", pb.ListMigrationsRequest(live_only=args.live))
     except grpc.RpcError as exc:
-        return _refused(exc)
+        return _refused(exc, args)
     finally:
         client.channel.close()
     for m in listed.migrations:
@@ -301,9 +301,13 @@ def run_migrations(args: argparse.Namespace) -> int:
     return 0
 
 
-def _refused(exc: grpc.RpcError) -> int:
-    hint = ""
+def _refused(exc: grpc.RpcError, args: argparse.Namespace) -> int:
     if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # another service answers on that port
         hint = " (is --coordinator a coordinator's address? `banaserve up` prints it)"
+    else:
+        token = "x" if getattr(args, "api_token_file", "") else ""
+        hint = security.flags_hint(
+            getattr(args, "tls_dir", ""), token, exc.code().name, exc.details() or ""
+        )
     print(f"banaserve: error: {exc.code().name}: {exc.details()}{hint}", file=sys.stderr)
     return 2

@@ -118,11 +118,13 @@ def _migration_lines(
     return [f"migrations: {len(live)} live", *[f"  {format_row(m)}" for m in [*live, *ended]]]
 
 
-def _unreachable(service: str, exc: grpc.RpcError) -> str:
+def _unreachable(service: str, exc: grpc.RpcError, tls_dir: str = "") -> str:
     """The screen's line for a service that did not answer; other refusals end the watch."""
     if exc.code() not in TRANSIENT:
         raise exc
-    return f"{service} unreachable ({exc.code().name}: {exc.details()}); trying again"
+    details = exc.details() or ""
+    hint = security.flags_hint(tls_dir, "", exc.code().name, details)
+    return f"{service} unreachable ({exc.code().name}: {details}){hint}; trying again"
 
 
 def watch(
@@ -156,13 +158,13 @@ def watch(
                 request = router_pb2.ListWorkersRequest()
                 workers = worker_lines(stub.ListWorkers(request, timeout=5.0, metadata=metadata))
             except grpc.RpcError as exc:
-                workers_error = _unreachable("the router", exc)
+                workers_error = _unreachable("the router", exc, args.tls_dir)
             try:
                 listed = list_migrations()
                 migrations = listed.migrations
                 policy = {u.worker_id: max(u.compute, u.memory) for u in listed.utilisations}
             except grpc.RpcError as exc:
-                migrations_error = _unreachable("the coordinator", exc)
+                migrations_error = _unreachable("the coordinator", exc, args.tls_dir)
             screen = render(
                 workers,
                 migrations,

@@ -93,6 +93,7 @@ class LoadReporter:
         self._stopped = asyncio.Event()
         self._draining = False
         self._failures = 0  # report streams failed in a row: the first logged, then the return
+        self.last_error: grpc.aio.AioRpcError | None = None  # of the last failed stream
 
     def begin_drain(self) -> None:
         """The worker is stopping: every report from now on says ``draining``, so the router
@@ -120,6 +121,7 @@ class LoadReporter:
                 # A router away (restarting, or stopped first by `up`) fails every retry: said
                 # once, then again when it is back (``frames``).
                 self._failures += 1
+                self.last_error = exc
                 level = logging.WARNING if self._failures == 1 else logging.DEBUG
                 log.log(level, "load reports to the router failed: %s %s%s", exc.code(),
                         exc.details(), " (retrying; said again once it works)" if

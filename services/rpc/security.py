@@ -250,6 +250,24 @@ def security_config(args: argparse.Namespace, role: Role) -> SecurityConfig | No
     return SecurityConfig(role, tls, tokens, secret, redis_password(args.tls_dir))
 
 
+def flags_hint(tls_dir: str, token: str, status: str, message: str = "") -> str:
+    """What a failed first call of a client tool likely means about its ``--tls-dir`` and
+    ``--api-token-file`` (``status``: the gRPC code's name): " (...)", or "" (the load tests
+    and ``banaserve migrate``/``migrations``: a plaintext call to a TLS service failed
+    "UNAVAILABLE: Socket closed" with no word of TLS; probe, session 44)."""
+    if status == "UNAVAILABLE" and "connection refused" not in message.lower():
+        if tls_dir:
+            return (" (if the service is up, it may run without --tls-dir or with certificates "
+                    "of another CA: the TLS handshake then fails)")  # fmt: skip
+        return (" (if the service runs with --tls-dir, pass --tls-dir DIR, the directory "
+                "`banaserve certs` wrote: a plaintext connection fails its TLS handshake)")  # fmt: skip
+    if status == "UNAUTHENTICATED":
+        if token:
+            return " (the service does not accept the first token of --api-token-file)"
+        return " (the service wants an API token: pass --api-token-file FILE)"
+    return ""
+
+
 def redis_password(tls_dir: str) -> str:
     """The cluster Redis's password, from ``tls_dir``'s REDIS_SECRET_FILE; "" without TLS, or
     from a certificates directory older than the file (Redis then takes no password, as

@@ -136,6 +136,7 @@ class RunningServer:
             # its token stream opened).
             grace = await drain(grace)
         await self._server.stop(0.0 if self._forced else grace)
+        _started.discard(self)
         log.info("stopped %s", self.address)
 
     async def wait(self) -> None:
@@ -257,8 +258,15 @@ async def start_server(
     for name in ("", *names):  # "": the server as a whole, as the health protocol defines
         await health_servicer.set(name, SERVING)
     running = RunningServer(server, health_servicer, config, port, names)
+    _started.add(running)
     log.info("serving %s on %s", ", ".join(names) or "(health only)", running.address)
     return running
+
+
+# The servers this process started and has not stopped: ``run_service`` stops them when its
+# service fails after starting one (a metrics port in use), so the process exits with its one
+# error line: gRPC core aborted the process (SIGABRT) at exit with a server left running.
+_started: set[RunningServer] = set()
 
 
 class PortHold:
@@ -306,6 +314,15 @@ def _add_port(server: grpc.aio.Server, config: RpcConfig) -> int:
     return server.add_secure_port(address, server_credentials(tls))
 
 
+async def _serve_and_clean_up(serve: Callable[[Any], Any], args: Any) -> None:
+    try:
+        await serve(args)
+    finally:
+        for running in list(_started):  # left running by a failure: stopped, at once
+            with contextlib.suppress(Exception):
+                await running.stop(0)
+
+
 def run_service(
     parse_args: Callable[[list[str] | None], Any],
     serve: Callable[[Any], Any],
@@ -320,7 +337,7 @@ def run_service(
     configure_logging(args.log_level)
     watch_parent()  # started by a launcher: stop once it is gone
     try:
-        asyncio.run(serve(args))
+        asyncio.run(_serve_and_clean_up(serve, args))
     except (ConfigError, ModelNotFoundError, ModelFormatError) as exc:
         log.error("error: %s", exc)
         return 2

@@ -180,3 +180,24 @@ def test_list_migrations_carries_what_the_policy_saw_for_the_watch():
         ("decode-0", 0.53, 0.2),
         ("prefill-0", 0.38, 0.1),
     ]
+
+
+class SocketClosed(grpc.RpcError):
+    def code(self):
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self):
+        return "Socket closed"
+
+
+def test_a_plaintext_call_to_a_tls_coordinator_names_the_flag(capsys):
+    """Probe, session 44: ``migrations`` without ``--tls-dir`` against a TLS coordinator said
+    only "UNAVAILABLE: Socket closed"; the load tests said what to pass. Now both do."""
+    from services.coordinator.cli import _refused
+
+    plain = argparse.Namespace(tls_dir="", api_token_file="")
+    assert _refused(SocketClosed(), plain) == 2
+    assert "pass --tls-dir DIR" in capsys.readouterr().err
+    with_tls = argparse.Namespace(tls_dir="/etc/banaserve", api_token_file="")
+    _refused(SocketClosed(), with_tls)
+    assert "may run without --tls-dir" in capsys.readouterr().err

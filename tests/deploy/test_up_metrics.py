@@ -49,3 +49,30 @@ def test_every_service_serves_its_metrics_on_a_port_of_its_own(
         "prefill-0",
         "router",
     ]
+
+
+@pytest.mark.parametrize("service", ["router", "kvstore"])
+def test_a_metrics_port_in_use_is_one_error_line_and_exit_2(service, tmp_path):
+    """Probe, session 44: a service whose metrics port was taken died with two tracebacks
+    (and, restarted by ``up``, with SIGABRT: gRPC core aborted at exit with its server left
+    running). One ``error:`` line and exit 2, as any flag the service refuses."""
+    import socket
+    import subprocess
+    import sys
+
+    from services.kvstore.redis_server import free_port
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        extra = {"router": ["--model", "tiny-llama"],
+                 "kvstore": ["--redis", f"redis://127.0.0.1:{free_port()}"]}[service]  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", f"services.{service}", "--port", "0", "--metrics-port",
+             str(port), *extra],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert f"--metrics-port {port}: cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr and "never awaited" not in done.stderr

@@ -192,6 +192,24 @@ def test_router_alone_with_stub_workers(service_procs, tmp_path):
     }
 
 
+def test_stub_workers_a_router_refuses_fail_at_once_with_its_reason(
+    service_procs, tmp_path, capsys
+):
+    """Probe, session 44: against a router serving real workers (another model), the stubs'
+    registration was refused INVALID_ARGUMENT and retried for 10.7 s, the reason repeated,
+    ending "stub workers not active in time". Now the router's reason, at once."""
+    import time
+
+    router = service_procs["router"].address
+    started = time.monotonic()
+    code = main(["loadtest", "router", "--target", router, "--max-requests", "1",
+                 "--stub-workers", "--out", str(tmp_path), "--timeout", "20s"])  # fmt: skip
+    took = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert code == 2 and "the router refused the stub workers: INVALID_ARGUMENT" in err, err
+    assert took < 8.0, took  # it took 10.7 s: REGISTER_TIMEOUT_S, then the retries
+
+
 def test_coordinator_cycles_migrations_then_lists_and_describes_them(service_procs, tmp_path):
     """``loadtest coordinator``, which was a stub saying "not written yet": whole layer
     migrations of the real cluster started, ACTIVE, reverted and DONE one after another, then

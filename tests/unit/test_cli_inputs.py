@@ -693,3 +693,13 @@ def test_up_stopped_while_starting_exits_with_the_signal_and_is_never_ready(
     out, err = capsys.readouterr()
     assert err == "banaserve: stopped while router was starting; stopped every service started\n"
     assert out == ""  # no addresses, no "cluster ready"
+
+
+@pytest.mark.usefixtures("nothing_starts")
+def test_a_flags_of_flags_value_that_is_one_flag_with_its_value_is_taken(capsys):
+    """Probe, session 44: ``--kvstore-args "--disk-dir=/x"`` (a value that starts with '-' and
+    holds no space) was refused by argparse as a flag of its own, "expected one argument"; it
+    is read as ``--kvstore-args=--disk-dir=/x``, here refused for what it says."""
+    code, err = run_cli(["up", "--kvstore", "2", "--kvstore-args", "--disk-dir=/tmp/x"], capsys)
+    assert code == 2 and "--disk-dir names one process's port, address, id or directory" in err
+    assert "expected one argument" not in err
