@@ -162,7 +162,7 @@ def test_a_coordinator_command_sent_to_another_service_says_what_to_check(capsys
         def details(self):
             return "Method not found!"
 
-    assert _refused(Unimplemented()) == 2
+    assert _refused(Unimplemented(), argparse.Namespace(tls_dir="", api_token_file="")) == 2
     assert capsys.readouterr().err == (
         "banaserve: error: UNIMPLEMENTED: Method not found! (is --coordinator a coordinator's "
         "address? `banaserve up` prints it)\n"
