@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from services.rpc.tracing import tracing_with_exporter
 from tests.coordinator.factories import coordinator
@@ -113,11 +114,21 @@ def test_an_aborted_migration_ends_its_trace_with_the_reason(redis_server, store
         ) as coord:
             await coord.start_layers(D, P, 2)
             await hold.entered.wait()
-            await coord.abort("m-1", "operator")
+            with tracer.start_as_current_span("AbortMigration") as call:
+                await coord.abort("m-1", "operator")
+            return call.get_span_context()
 
-    asyncio.run(main())
+    call = asyncio.run(main())
     spans = exporter.get_finished_spans()
     by_name = {s.name: s for s in spans}
+    # ERROR with the reason: the root, the state it was aborted in, its end (session 44: all
+    # UNSET, only ``migration.outcome`` said it); the aborted state links to the Abort call.
+    for name in ("migration", "migration.switching", "migration.aborted"):
+        status = by_name[name].status
+        assert (status.status_code, status.description) == (StatusCode.ERROR, "operator"), name
+    for name in ("migration.planned", "migration.copying"):
+        assert by_name[name].status.status_code is StatusCode.UNSET, name
+    assert [link.context for link in by_name["migration.aborted"].links] == [call]
     root = by_name["migration"]
     assert children(spans, root) == [
         "migration.planned",

@@ -12,8 +12,10 @@ end with no block held and nothing hosted.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
+from collections.abc import Iterator
 
 import pytest
 
@@ -256,9 +258,10 @@ def test_a_selection_with_nothing_to_move_fails_the_copy_and_names_match_client_
     assert_no_leaks(b)
 
 
-def test_an_abort_counts_the_located_sequences_it_sends_back_to_recompute(tiny_llama, loop):
-    """Probe, session 40: an attention migration aborted with sequences located reported 0
-    recomputed. The donor's record (its view's ``num_requeued_at_end``) counts them."""
+@contextlib.contextmanager
+def two_decoding(tiny_llama, loop) -> Iterator[AttentionPair]:
+    """Donor A decoding two 40-token prompts (3 steps in), helper B, an attention migration
+    prepared; at the end A runs them to completion and neither engine holds anything."""
     a, b = make_engine(tiny_llama, num_kv_blocks=64), make_engine(tiny_llama, num_kv_blocks=64)
     for i in range(2):
         a.add_request(f"r-{i}", list(range(40 + i, 80 + i)), params(30))
@@ -267,10 +270,7 @@ def test_an_abort_counts_the_located_sequences_it_sends_back_to_recompute(tiny_l
         for _ in range(3):
             pair.a_thread.step()
         pair.prepare()
-        pair.copy()
-        assert pair.switch() == 2
-        pair.abort()
-        assert pair.donor.records[pair.mid].num_requeued_at_end == 2
+        yield pair
         while a.has_unfinished_requests:
             pair.a_thread.step()
     finally:
@@ -279,18 +279,21 @@ def test_an_abort_counts_the_located_sequences_it_sends_back_to_recompute(tiny_l
     assert_no_leaks(b)
 
 
+def test_an_abort_counts_the_located_sequences_it_sends_back_to_recompute(tiny_llama, loop):
+    """Probe, session 40: an attention migration aborted with sequences located reported 0
+    recomputed. The donor's record (its view's ``num_requeued_at_end``) counts them."""
+    with two_decoding(tiny_llama, loop) as pair:
+        pair.copy()
+        assert pair.switch() == 2
+        pair.abort()
+        assert pair.donor.records[pair.mid].num_requeued_at_end == 2
+
+
 def test_the_donor_counts_the_bytes_it_moved_once(tiny_llama, loop):
     """Probe, session 44: the donor's record (the coordinator's ``num_kv_bytes`` follows it)
     counted an attention copy's bytes twice, its link's report and the copy's own: after the
     revert, 3x the copy. Now the copy's, then the copy's and the revert's, as the helper saw."""
-    a, b = make_engine(tiny_llama, num_kv_blocks=64), make_engine(tiny_llama, num_kv_blocks=64)
-    for i in range(2):
-        a.add_request(f"r-{i}", list(range(40 + i, 80 + i)), params(30))
-    pair = AttentionPair(loop, a, b)
-    try:
-        for _ in range(3):
-            pair.a_thread.step()
-        pair.prepare()
+    with two_decoding(tiny_llama, loop) as pair:
         copied, _, _ = pair.copy()
         donor, helper = pair.donor.records[pair.mid], pair.helper.records[pair.mid]
         assert copied > 0 and donor.bytes_moved == copied == helper.bytes_moved
@@ -300,12 +303,6 @@ def test_the_donor_counts_the_bytes_it_moved_once(tiny_llama, loop):
         assert result.num_bytes > 0 and donor.bytes_moved == copied + result.num_bytes
         pair.loop.call(pair.donor.release(pair.mid))
         pair.loop.call(pair.helper.release(pair.mid))
-        while a.has_unfinished_requests:
-            pair.a_thread.step()
-    finally:
-        pair.close()
-    assert_no_leaks(a)
-    assert_no_leaks(b)
 
 
 def test_named_requests_none_of_which_decode_here_fail_the_copy(tiny_llama, loop):
