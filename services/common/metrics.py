@@ -320,13 +320,6 @@ class RequestMetrics:
             self.kv_bytes.inc(t.kv_bytes)
             self.kv_transfer.observe(t.kv_transfer_s)
 
-    def finished(self, event: Any) -> None:
-        """A ``Finished`` event: the request's outcome is its finish reason."""
-        self.ended(event.finish_reason.value, event)
-
-    def failed(self, exc: BaseException | None = None, event: Any = None) -> None:
-        self.ended("error", event)
-
     def resumed(self) -> None:
         self.resumes.inc()
 

@@ -212,6 +212,11 @@ class _Job:
     observed: bool = False
 
     @property
+    def delivered_first(self) -> bool:
+        """This call handed its caller a token (the first this call delivered reached it)."""
+        return self.num_delivered > self.num_resumed
+
+    @property
     def ending(self) -> bool:
         return self.ended.is_set()
 
@@ -434,13 +439,12 @@ class RequestDriver:
     def _so_far(self, job: _Job) -> Finished:
         """The ``Finished`` of ``job`` ending now, not by a worker's finish: what it delivered,
         its TTFT if a first token reached its caller, its prefill if one ended."""
-        first = job.num_delivered > job.num_resumed
         return aborted_finished(
             job.num_prompt_tokens,
             job.arrival,
             self._clock(),
             job.num_delivered,
-            ttft_s=job.ttft_s if first else 0.0,
+            ttft_s=job.ttft_s if job.delivered_first else 0.0,
             routing_s=job.routing_s,
             prefill=job.prefill,
         )
@@ -454,8 +458,8 @@ class RequestDriver:
         if self.observer is None:
             return
         event = event or self._so_far(job)
-        first = job.num_delivered > job.num_resumed
-        timings = dataclasses.replace(event.timings, ttft_s=event.timings.ttft_s if first else 0.0)
+        ttft_s = event.timings.ttft_s if job.delivered_first else 0.0
+        timings = dataclasses.replace(event.timings, ttft_s=ttft_s)
         new = max(0, event.num_completion_tokens - job.num_resumed)
         self.observer.ended(
             outcome, dataclasses.replace(event, num_completion_tokens=new, timings=timings)

@@ -20,7 +20,7 @@ from services.common.network import default_id, resolve_host
 from services.common.types import FinishReason
 from services.kvstore.core import LookupResult
 from services.prefill.write_backs import WriteBackStats
-from services.router.driver import Finished, Timings
+from services.router.driver import Finished, Outcome, Timings
 
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
@@ -34,9 +34,9 @@ def finished(reason: FinishReason, num_completion: int, ttft: float, total: floa
 
 def test_request_metrics_count_outcomes_tokens_and_latencies():
     m = RequestMetrics()
-    m.finished(finished(FinishReason.LENGTH, 5, ttft=0.04, total=0.08, kv=1024))
-    m.finished(finished(FinishReason.STOP, 1, ttft=0.5, total=0.5, kv=0))
-    m.failed(RuntimeError("no worker"))
+    m.ended(Outcome.LENGTH, finished(FinishReason.LENGTH, 5, ttft=0.04, total=0.08, kv=1024))
+    m.ended(Outcome.STOP, finished(FinishReason.STOP, 1, ttft=0.5, total=0.5, kv=0))
+    m.ended(Outcome.ERROR, None)
     r = m.registry
     assert [
         sample(r, "banaserve_router_requests_total", outcome=o) for o in ("length", "stop", "error")
@@ -127,7 +127,7 @@ def test_kvstore_collector_counts_lookup_hits_and_misses():
 def test_endpoint_serves_metrics_and_refuses_other_paths():
     registry = CollectorRegistry()
     m = RequestMetrics(registry)
-    m.failed(RuntimeError())
+    m.ended(Outcome.ERROR, None)
 
     async def main():
         endpoint = MetricsEndpoint(registry)
