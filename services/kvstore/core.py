@@ -176,7 +176,7 @@ class KVStoreNode:
         dropped = self.pool.discard(hashes)
         self.num_duplicates_dropped += len(dropped)
         log.info(
-            "dropped %d of %d blocks another node holds in the index (%d pinned kept)",
+            "dropped %d of %d blocks another node holds in the index (%d pinned or gone)",
             len(dropped),
             len(hashes),
             len(hashes) - len(dropped),

@@ -394,8 +394,10 @@ class KVStoreClient:
 
     def _remember_trace(self, hashes: Sequence[BlockHash]) -> None:
         """With tracing, in a traced request: its trace context, for the blocks it looks up."""
+        if not self._tracing.enabled:  # every lookup passes here: nothing to do when off
+            return
         span = trace.get_current_span().get_span_context()
-        if not self._tracing.enabled or not span.is_valid:
+        if not span.is_valid:
             return
         for block_hash in hashes:
             self._traced[block_hash] = span
