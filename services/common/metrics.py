@@ -323,6 +323,9 @@ class RequestMetrics:
     def resumed(self) -> None:
         self.resumes.inc()
 
+    def superseded(self, num_completion_tokens: int) -> None:
+        self.tokens.labels("completion").inc(num_completion_tokens)
+
     def collectors(self) -> list[Collector]:
         return [self.registry]  # a registry collects everything registered with it
 

@@ -61,7 +61,9 @@ Metrics: the ``observer`` (services/common/metrics.py ``RequestMetrics``) is tol
 request ended (``Outcome``): its finish reason, ABORT, CANCELLED (its caller went away: a
 cancelled gRPC call, an HTTP client gone, seen as ``cancel``, ``asyncio.CancelledError`` or
 ``GeneratorExit``, whichever comes first), ERROR, or REFUSED (``refused``), with what it
-delivered and its TTFT if a first token reached the caller.
+delivered and its TTFT if a first token reached the caller. A call its client sent again
+(``take_over``) tells no outcome: the request goes on in the new call, which tells it; the old
+one tells ``superseded`` the tokens it delivered.
 """
 
 from __future__ import annotations
@@ -411,6 +413,9 @@ class RequestDriver:
                 yield event
                 if isinstance(event, Finished):
                     return
+        except SupersededError:
+            self._observe_superseded(job)
+            raise
         except Exception:
             self._observe(job, Outcome.ERROR)
             raise
@@ -464,6 +469,15 @@ class RequestDriver:
         self.observer.ended(
             outcome, dataclasses.replace(event, num_completion_tokens=new, timings=timings)
         )
+
+    def _observe_superseded(self, job: _Job) -> None:
+        """``job``'s client sent it again (``take_over``): the request goes on in that call,
+        which tells its outcome; this one counts only the tokens it delivered."""
+        if job.observed:
+            return
+        job.observed = True
+        if self.observer is not None:
+            self.observer.superseded(max(0, job.num_delivered - job.num_resumed))
 
     def _observe_gone(self, job: _Job) -> None:
         """``job``'s caller went away: CANCELLED, or ERROR if that was its deadline (grpc may

@@ -183,6 +183,10 @@ class RequestObserver(Protocol):
     def resumed(self) -> None:
         """A request lost its worker after its first token and goes on on another."""
 
+    def superseded(self, num_completion_tokens: int) -> None:
+        """A call its client sent again (a broken stream resumed) ended having delivered
+        these tokens; the request goes on in the new call, whose ``ended`` tells its outcome."""
+
 
 class DecodeClient(Protocol):
     """The router's calls to one decode (or mixed) worker; failures raise ``WorkerCallError``."""

@@ -28,12 +28,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -59,6 +61,11 @@ DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # A second signal: how long the server's ``on_force`` may take to end its drain (the router
 # fails its requests left and lets their calls send that: ~1 s) before it is cancelled.
 FORCE_S = 3.0
+
+# A stop that outlasts its grace by this much says where it waits, before its launcher's kill
+# (``STOP_TIMEOUT_S``, 15 s after the grace): each pending task's stack and, from a watchdog
+# thread, each thread's (an event loop blocked in a call runs no task).
+STUCK_REPORT_S = 5.0
 
 # A server's own drain: given the grace, it returns once its work is done (or the grace is
 # up) with the grace the calls still open get (None: none, cancelled at once).
@@ -171,6 +178,7 @@ class RunningServer:
                 "%s: %s, draining for up to %.1fs (again to stop at once)",
                 self.address, sig.name, self._config.grace_s,
             )  # fmt: skip
+            _arm_stuck_report(self.address, self._config.grace_s + STUCK_REPORT_S)
             if on_signal is not None:
                 on_signal()
             stopping = asyncio.ensure_future(self.stop(drain=drain))
@@ -202,8 +210,49 @@ class RunningServer:
         stopping.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await stopping
-        await self._server.stop(0)  # a smaller grace than a stop in flight: at once
-        log.info("stopped %s", self.address)
+        if self in _started:  # the stop was cancelled before it ended (else it said so)
+            await self._server.stop(0)  # a smaller grace than a stop in flight: at once
+            _started.discard(self)
+            log.info("stopped %s", self.address)
+
+
+# Set by ``run_service``: this process is a service of its own, so a stuck stop may also dump
+# every thread's stack to stderr (not in a test process that serves in-process).
+_dump_threads_when_stuck = False
+
+
+def _arm_stuck_report(address: str, after_s: float) -> None:
+    """Once ``after_s`` have passed and the process still runs, logs where each pending task
+    of this loop waits; a second later, if it still runs, every thread's stack goes to stderr
+    (``faulthandler``, from a thread of its own: it fires even if the loop is blocked). The
+    process exiting disarms both."""
+    asyncio.get_running_loop().call_later(after_s, _log_pending_tasks, address, after_s)
+    if _dump_threads_when_stuck:
+        faulthandler.dump_traceback_later(after_s + 1.0, exit=False)
+
+
+def _log_pending_tasks(address: str, after_s: float) -> None:
+    chains = [_awaits(task.get_coro()) for task in asyncio.all_tasks() if not task.done()]
+    # gRPC's own tasks (compiled code: no line numbers) wait for calls; they say nothing
+    ours = [chain for chain in chains if ".py:" in chain]
+    log.warning(
+        "%s: still stopping %.1fs after the signal; %d tasks wait (and %d of gRPC's own):\n%s",
+        address, after_s, len(ours), len(chains) - len(ours), "\n".join(f"  {c}" for c in ours),
+    )  # fmt: skip
+
+
+def _awaits(coro: Any, depth: int = 24) -> str:
+    """Where a suspended coroutine waits: the chain of coroutines it awaits, outermost first."""
+    chain = []
+    while coro is not None and len(chain) < depth:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is None:  # a future, or a coroutine of compiled code: its repr says what
+            chain.append(type(coro).__name__)
+            break
+        code = frame.f_code
+        chain.append(f"{code.co_qualname} ({Path(code.co_filename).name}:{frame.f_lineno})")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return " -> ".join(chain)
 
 
 def drain_while(
@@ -333,12 +382,16 @@ def run_service(
     blocks; ``ModelNotFoundError``: a model that is not there; ``ModelFormatError``: one whose
     files are damaged or disagree) is one ``error:`` line and exit status 2, as a bad flag is,
     not a traceback."""
+    global _dump_threads_when_stuck
     args = parse_args(argv)
     configure_logging(args.log_level)
     watch_parent()  # started by a launcher: stop once it is gone
+    _dump_threads_when_stuck = True
     try:
         asyncio.run(_serve_and_clean_up(serve, args))
     except (ConfigError, ModelNotFoundError, ModelFormatError) as exc:
         log.error("error: %s", exc)
         return 2
+    finally:
+        faulthandler.cancel_dump_traceback_later()
     return 0

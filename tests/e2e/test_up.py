@@ -33,7 +33,7 @@ def start_up(home: Path, *flags: str) -> tuple[subprocess.Popen, list[str]]:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
-        assert line, f"banaserve up ended early: {proc.stderr.read()[-2000:]}"
+        assert line, f"banaserve up ended early: {proc.stderr.read()[-8000:]}"
         lines.append(line.rstrip("\n"))
         if line.startswith("cluster ready"):
             return proc, lines
@@ -101,7 +101,7 @@ def test_up_prints_services_serves_generate_and_stops_cleanly(banaserve_home, ti
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
-    assert code == 0, proc.stderr.read()[-2000:]
+    assert code == 0, proc.stderr.read()[-8000:]
     assert all(gone(pid) for pid in kids)  # Redis and the kvstore node included
 
 
@@ -112,7 +112,7 @@ def test_up_without_kvstore_starts_no_redis_and_stops_cleanly_on_ctrl_c(banaserv
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal: the foreground group
     code = proc.wait(timeout=60)
     # Only `up` got it: each service is stopped once, in order, and exits 0.
-    assert code == 0, proc.stderr.read()[-2000:]
+    assert code == 0, proc.stderr.read()[-8000:]
     assert all(gone(pid) for pid in kids)
     names = [line.split()[0] for line in lines if not line.startswith("openai ")]
     assert names == ["router", "prefill-0", "decode-0", "cluster"]
@@ -149,7 +149,7 @@ def test_ctrl_c_while_up_starts_stops_what_started_at_once(banaserve_home, tiny_
             kids.update(children(proc.pid))  # a child spawned after the signal counts too
         time.sleep(0.02)
     out, err = proc.communicate(timeout=10)
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == 130, err[-8000:]
     assert time.monotonic() - signalled < 10
     assert "cluster ready" not in out
     assert "stopped every service started" in err

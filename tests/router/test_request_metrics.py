@@ -17,7 +17,7 @@ from services.router.openai_api import OpenAIApi
 from services.router.openai_server import HttpServer
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2
 from tests.router.grpc_fakes import cluster
-from tests.router.test_generate import request, seconds, status_of
+from tests.router.test_generate import request, resumed_request, seconds, status_of
 from tests.router.test_openai_api import LIMITS, MODEL, _take, completion
 
 
@@ -116,6 +116,37 @@ def test_a_request_aborted_before_its_first_token_observes_no_ttft():
             assert sample(m, "banaserve_router_ttft_seconds_count") == 0
             assert sample(m, "banaserve_router_e2e_seconds_count") == 0
             assert (tokens(m, "prompt"), tokens(m, "completion")) == (20, 0)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("resent_tokens", [[7], []], ids=["with-tokens", "before-any-token"])
+def test_a_request_its_client_resends_counts_one_outcome_and_each_token_once(resent_tokens):
+    """The client's stream broke on its side and it sent the request again (``take_over``): one
+    request, one ``length``; the old call (ABORTED to its dead stream) counts no outcome of its
+    own (it counted ``error`` before), and the prompt once."""
+
+    async def main():
+        async with observed(hang_decode=True) as (c, m):
+            old = c.stub.Generate(request(), timeout=10)
+            assert (await old.read()).WhichOneof("frame") == "started"
+            assert (await old.read()).WhichOneof("frame") == "delta"  # token 7
+            c.workers["d0"].hang_decode = False
+            resend = resumed_request(resent_tokens)
+            resend.resume = True
+            frames = [frame async for frame in c.stub.Generate(resend, timeout=5)]
+            assert frames[-1].finished.usage.num_completion_tokens == 4
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                while True:  # d0's token 8 may have come before the resend
+                    assert (await old.read()).WhichOneof("frame") == "delta"
+            assert info.value.code() == grpc.StatusCode.ABORTED
+            await until(lambda: c.driver.num_running == 0)
+            await asyncio.sleep(0.1)
+            assert outcomes(m) == {"length": 1}
+            assert tokens(m, "prompt") == 20
+            # The old call delivered token 7 (and maybe 8); the resend all it sent.
+            delivered = sum(len(f.delta.token_ids) for f in frames if f.HasField("delta"))
+            assert tokens(m, "completion") >= 1 + delivered
 
     asyncio.run(main())
 

@@ -8,7 +8,11 @@ import logging
 import os
 import signal
 import socket
+import subprocess
+import sys
+import textwrap
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -18,6 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from services.common.config import RpcConfig
 from services.common.errors import ConfigError
 from services.rpc.gen.banaserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+from services.rpc import server as server_module
 from services.rpc.server import PortHold, drain_while, start_server
 from tests.rpc.helpers import DECODE_SERVICE, SECRET, FakeDecode, fake_decode_service, serving
 
@@ -258,6 +263,80 @@ def test_a_second_signal_ends_a_drain_at_once_and_cancels_the_calls_left(forced)
     assert sig == signal.SIGTERM and elapsed < 1.0, elapsed
     assert code in (C.CANCELLED, C.UNAVAILABLE)
     assert ended == ["cut" if forced else "cancelled"]
+
+
+def test_a_stop_that_outlasts_its_grace_logs_where_its_tasks_wait(monkeypatch, caplog):
+    """A drain that overruns its grace (it ignores it): once the grace and STUCK_REPORT_S
+    have passed, one warning names the coroutine the stop waits in, before any kill."""
+    monkeypatch.setattr(server_module, "STUCK_REPORT_S", 0.2)
+
+    async def stuck_in_the_drain(grace_s: float) -> float:
+        await asyncio.sleep(1.0)
+        return 0.0
+
+    async def main():
+        server = await start_server([fake_decode_service(FakeDecode())], RpcConfig(grace_s=0.1))
+        task = asyncio.create_task(server.serve_until_signal(drain=stuck_in_the_drain))
+        await asyncio.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return await asyncio.wait_for(task, timeout=5)
+
+    with caplog.at_level(logging.WARNING, logger="services.rpc.server"):
+        assert asyncio.run(main()) == signal.SIGTERM
+    [report] = [r.getMessage() for r in caplog.records if "still stopping" in r.getMessage()]
+    assert "still stopping 0.3s after the signal" in report
+    assert "stuck_in_the_drain" in report
+
+
+def test_a_service_whose_loop_is_blocked_in_its_stop_dumps_every_thread(tmp_path):
+    """A service process (``run_service``) whose drain blocks its event loop: no task can
+    report, so a watchdog thread writes every thread's stack to stderr."""
+    script = tmp_path / "blocked.py"
+    script.write_text(textwrap.dedent(
+        """
+        import argparse, asyncio, time
+        from services.common.config import RpcConfig
+        from services.rpc import server as srv
+        from tests.rpc.helpers import FakeDecode, fake_decode_service
+
+        srv.STUCK_REPORT_S = 0.2
+
+        def blocked_in_a_call(grace_s):
+            time.sleep(2.5)
+
+        async def drain(grace_s):
+            blocked_in_a_call(grace_s)
+            return 0.0
+
+        async def serve(args):
+            server = await srv.start_server(
+                [fake_decode_service(FakeDecode())], RpcConfig(grace_s=0.1)
+            )
+            print("LISTENING", flush=True)
+            await server.serve_until_signal(drain=drain)
+
+        def parse(argv):
+            return argparse.Namespace(log_level="INFO")
+
+        raise SystemExit(srv.run_service(parse, serve, []))
+        """
+    ))  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+    )
+    try:
+        assert proc.stdout.readline().strip() == "LISTENING"
+        time.sleep(0.5)  # its signal handlers go in just after the line
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "most recent call first" in err and "blocked_in_a_call" in err, err
 
 
 def test_drain_while_waits_for_the_work_at_least_its_minimum_and_at_most_its_grace():
