@@ -29,7 +29,7 @@ Sampling. A new trace is recorded with probability ``sample_ratio`` (``--trace-s
 a span with a parent follows its parent's decision, so a trace is never recorded by halves and
 a caller's sampled ``traceparent`` is always honoured. The periodic control-plane calls
 (``PERIODIC_METHODS``: the coordinator's load feed and announcements, lease renewals, ``--watch``
-polls) never start a trace of their own: without a sampled parent they are not recorded at all
+polls, a worker's load report stream) never start a trace of their own: without a sampled parent they are not recorded at all
 (they made over half of all spans, four root traces a second); inside a sampled trace they are.
 """
 
@@ -97,6 +97,9 @@ PERIODIC_METHODS = frozenset(
         "/banaserve.v1.MigrationWorkerService/RenewLease",
         # ``migrations --watch``
         "/banaserve.v1.CoordinatorService/ListMigrations",
+        # a worker's load report stream to the router: one call open for the worker's life
+        # (each a span of hours, ended by the worker's stop; session 44's probe)
+        "/banaserve.v1.RouterService/ReportLoad",
     }
 )
 

@@ -80,6 +80,9 @@ class PrefillModel:
 
     def __post_init__(self) -> None:
         _seconds(**{f"prefill.{k}": v for k, v in asdict(self).items()})
+        _require(self.a + self.b + self.c > 0,
+                 "prefill: a step must take time (a + b + c > 0): all 0 models a prefill worker "
+                 "that computes any prompt at once")  # fmt: skip
 
     def time(self, num_tokens: int, attention_work: float) -> float:
         return self.a + self.b * num_tokens + self.c * attention_work
@@ -110,6 +113,9 @@ class DecodeModel:
         object.__setattr__(self, "batch_s", knots)
         _require(all(x[0] < y[0] for x, y in zip(knots, knots[1:], strict=False)),
                  "decode.batch_s must be in ascending batch order")  # fmt: skip
+        _require(self.batch_time(1) + self.c > 0,
+                 "decode: a step must take time (a + b + c > 0, or batch_s's first time or c > "
+                 "0): all 0 models a decode worker that makes every token at once")  # fmt: skip
 
     def time(self, batch: int, context: int) -> float:
         return self.batch_time(batch) + self.c * context

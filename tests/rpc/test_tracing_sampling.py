@@ -43,6 +43,7 @@ def test_periodic_calls_start_no_trace_but_join_a_sampled_one():
         "/banaserve.v1.MigrationWorkerService/List",
         "/banaserve.v1.MigrationWorkerService/RenewLease",
         "/banaserve.v1.CoordinatorService/ListMigrations",
+        "/banaserve.v1.RouterService/ReportLoad",
     } == PERIODIC_METHODS
     for name in PERIODIC_METHODS:
         assert not recorded(tracer, name)

@@ -173,6 +173,10 @@ def profile_json(path: str, value) -> dict:  # noqa: ANN001
         ("decode.batch_s", "abc", "decode.batch_s must be a list of [batch, seconds], got 'abc'"),
         ("decode.batch_s", [[1, 2, 3]], "decode.batch_s must be a list of [batch, seconds]"),
         ("decode.batch_s", [[1, "x"]], "decode.batch_s[1] must be >= 0 (a finite number)"),
+        # steps that take no time: a report of every mode alike (session 45)
+        ("prefill", {"a": 0, "b": 0, "c": 0}, "prefill: a step must take time (a + b + c > 0)"),
+        ("decode", {"a": 0, "b": 0, "c": 0}, "decode: a step must take time"),
+        ("decode", {"a": 1, "b": 1, "c": 0, "batch_s": [[1, 0], [2, 0.01]]}, "decode: a step"),
     ],
 )
 def test_a_profile_with_a_bad_value_is_refused_when_loaded(tmp_path, path, value, message):
@@ -182,6 +186,20 @@ def test_a_profile_with_a_bad_value_is_refused_when_loaded(tmp_path, path, value
     f.write_text(json.dumps(profile_json(path, value)))
     with pytest.raises(ConfigError, match=re.escape(message)):
         Profile.load(f)
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("prefill", {"a": 0, "b": 0, "c": 1e-9}),  # attention alone
+        ("decode", {"a": 0, "b": 0, "c": 1e-9}),  # context alone
+        ("decode", {"a": 0, "b": 0, "c": 0, "batch_s": [[1, 0.02], [4, 0.03]]}),
+    ],
+)
+def test_a_profile_whose_steps_take_time_by_one_term_alone_loads(tmp_path, path, value):
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps(profile_json(path, value)))
+    assert Profile.load(f) is not None
 
 
 def test_sim_run_refuses_a_bad_profile_value_before_simulating(tmp_path, capsys, no_work):
