@@ -164,6 +164,7 @@ class RunningServer:
         received: asyncio.Future[signal.Signals] = loop.create_future()
         again: asyncio.Future[signal.Signals] = loop.create_future()
         terminated = asyncio.ensure_future(self.wait())
+        report: asyncio.TimerHandle | None = None
         signals = tuple(signals)
         for signum in signals:
             loop.add_signal_handler(signum, _resolve_once, received, signum)
@@ -178,7 +179,7 @@ class RunningServer:
                 "%s: %s, draining for up to %.1fs (again to stop at once)",
                 self.address, sig.name, self._config.grace_s,
             )  # fmt: skip
-            _arm_stuck_report(self.address, self._config.grace_s + STUCK_REPORT_S)
+            report = _arm_stuck_report(self.address, self._config.grace_s + STUCK_REPORT_S)
             if on_signal is not None:
                 on_signal()
             stopping = asyncio.ensure_future(self.stop(drain=drain))
@@ -192,6 +193,8 @@ class RunningServer:
             terminated.cancel()
             for signum in signals:
                 loop.remove_signal_handler(signum)
+            if report is not None and not _dump_threads_when_stuck:
+                report.cancel()  # served in-process (a test): its stop has ended here
 
     async def _force(
         self,
@@ -221,14 +224,20 @@ class RunningServer:
 _dump_threads_when_stuck = False
 
 
-def _arm_stuck_report(address: str, after_s: float) -> None:
-    """Once ``after_s`` have passed and the process still runs, logs where each pending task
-    of this loop waits; a second later, if it still runs, every thread's stack goes to stderr
-    (``faulthandler``, from a thread of its own: it fires even if the loop is blocked). The
-    process exiting disarms both."""
-    asyncio.get_running_loop().call_later(after_s, _log_pending_tasks, address, after_s)
+def _arm_stuck_report(address: str, after_s: float) -> asyncio.TimerHandle:
+    """Once ``after_s`` have passed and the service still runs, logs where each pending task
+    of this loop waits; a second later, if the process still runs, every thread's stack goes to
+    stderr (``faulthandler``, from a thread of its own: it fires even if the loop is blocked).
+    ``run_service`` disarms them once the service's ``serve`` has returned and once the process
+    is about to exit; returns the first."""
+    report = asyncio.get_running_loop().call_later(after_s, _log_pending_tasks, address, after_s)
     if _dump_threads_when_stuck:
         faulthandler.dump_traceback_later(after_s + 1.0, exit=False)
+        _stuck_reports.append(report)
+    return report
+
+
+_stuck_reports: list[asyncio.TimerHandle] = []
 
 
 def _log_pending_tasks(address: str, after_s: float) -> None:
@@ -370,6 +379,8 @@ async def _serve_and_clean_up(serve: Callable[[Any], Any], args: Any) -> None:
         for running in list(_started):  # left running by a failure: stopped, at once
             with contextlib.suppress(Exception):
                 await running.stop(0)
+        for report in _stuck_reports:  # its stop has ended (``_arm_stuck_report``)
+            report.cancel()
 
 
 def run_service(

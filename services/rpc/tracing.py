@@ -29,8 +29,9 @@ Sampling. A new trace is recorded with probability ``sample_ratio`` (``--trace-s
 a span with a parent follows its parent's decision, so a trace is never recorded by halves and
 a caller's sampled ``traceparent`` is always honoured. The periodic control-plane calls
 (``PERIODIC_METHODS``: the coordinator's load feed and announcements, lease renewals, ``--watch``
-polls, a worker's load report stream) never start a trace of their own: without a sampled parent they are not recorded at all
-(they made over half of all spans, four root traces a second); inside a sampled trace they are.
+polls, a worker's load report stream) never start a trace of their own: without a sampled
+parent they are not recorded at all (they made over half of all spans, four root traces a
+second); inside a sampled trace they are.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.common.config import RpcConfig
 from services.common.errors import ConfigError
-from services.rpc.gen.banaserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from services.rpc import server as server_module
+from services.rpc.gen.banaserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from services.rpc.server import PortHold, drain_while, start_server
 from tests.rpc.helpers import DECODE_SERVICE, SECRET, FakeDecode, fake_decode_service, serving
 
