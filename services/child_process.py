@@ -56,6 +56,7 @@ class Child:
         self.http_address = ""
         self.http_scheme = "http"
         self.metrics_address = ""  # "HOST:PORT" of a ``METRICS HOST:PORT`` line (--metrics-port)
+        self.metrics_scheme = "http"  # "https": ``METRICS HOST:PORT https`` (--metrics-tls)
         self.cpus: set[int] = set()  # pinned to these (all if empty), again after a restart
         self._env = env
         self._log = log
@@ -102,7 +103,8 @@ class Child:
             while True:
                 line = self._lines.get(timeout=timeout_s) if timeout_s else self._lines.get_nowait()
                 if line.startswith("METRICS "):  # printed before LISTENING
-                    self.metrics_address = line.split()[1]
+                    _, self.metrics_address, *scheme = line.split()
+                    self.metrics_scheme = scheme[0] if scheme else "http"
                 if line.startswith("HTTP "):  # printed before LISTENING
                     _, self.http_address, *scheme = line.split()
                     self.http_scheme = scheme[0] if scheme else "http"

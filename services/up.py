@@ -249,7 +249,8 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"{child.name} {child.address}", flush=True)
     for child in cluster.children:
         if child.metrics_address:
-            print(f"metrics {child.name} http://{child.metrics_address}/metrics", flush=True)
+            address = f"{child.metrics_scheme}://{child.metrics_address}/metrics"
+            print(f"metrics {child.name} {address}", flush=True)
     if cluster.router.http_address:
         router = cluster.router
         print(f"openai {router.http_scheme}://{router.http_address}/v1", flush=True)

@@ -19,8 +19,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import ssl
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -29,6 +30,9 @@ from prometheus_client.registry import Collector
 
 from services.common.arg_types import port_number
 from services.common.errors import ConfigError
+
+if TYPE_CHECKING:  # services.rpc imports grpc: not for this module's torch- and grpc-free users
+    from services.rpc.security import SecurityConfig, TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,34 @@ def add_metrics_args(p: argparse.ArgumentParser) -> None:
         default=0,
         help="serve Prometheus metrics on this port, on the service's --host (0: off)",
     )
+    p.add_argument(
+        "--metrics-tls",
+        action="store_true",
+        help="with --tls-dir: /metrics over HTTPS with the service's certificate, only for "
+        "scrapers that present one of the cluster CA (e.g. DIR/client.crt; docs/deploy.md)",
+    )
+
+
+def check_metrics_args(args: argparse.Namespace) -> None:
+    """Flags that cannot work together, refused before the service does any work
+    (``run_service``)."""
+    if getattr(args, "metrics_tls", False) and not getattr(args, "tls_dir", ""):
+        raise ConfigError("--metrics-tls needs --tls-dir (the certificate it serves with)")
+
+
+# A scraper that opens a connection and sends nothing, or stalls in the TLS handshake, is
+# dropped after this long.
+HANDSHAKE_TIMEOUT_S = 10.0
+
+
+def metrics_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
+    """The server side of mutual TLS for ``/metrics``: the service's certificate, and a client
+    certificate signed by the cluster CA required of every scraper."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tls.ca))
+    context.load_cert_chain(str(tls.cert), str(tls.key))
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 class MetricsEndpoint:
@@ -54,9 +86,19 @@ class MetricsEndpoint:
         self.registry = registry
         self._server: asyncio.Server | None = None
         self.address = ""
+        self.scheme = "http"
 
-    async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._handle, host, port)
+    async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
+        """``tls``: HTTPS (``metrics_ssl_context``); a client that fails its handshake is
+        dropped before any request is read."""
+        self._server = await asyncio.start_server(
+            self._handle,
+            host,
+            port,
+            ssl=tls,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if tls is not None else None,
+        )
+        self.scheme = "https" if tls is not None else "http"
         bound = self._server.sockets[0].getsockname()
         self.address = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
 
@@ -91,10 +133,18 @@ class MetricsEndpoint:
 
 
 async def start_metrics(
-    args: argparse.Namespace, host: str, *collectors: Collector
+    args: argparse.Namespace,
+    host: str,
+    *collectors: Collector,
+    security: SecurityConfig | None = None,
 ) -> MetricsEndpoint | None:
-    """Serves ``collectors`` (and process metrics) if ``--metrics-port`` is set; prints
-    ``METRICS HOST:PORT`` on stdout (before the service's ``LISTENING`` line)."""
+    """Serves ``collectors`` (and process metrics) if ``--metrics-port`` is set, over HTTPS
+    with ``--metrics-tls`` (``security``: the service's, whose certificate it presents); prints
+    ``METRICS HOST:PORT`` (``METRICS HOST:PORT https``) on stdout, before the service's
+    ``LISTENING`` line."""
+    tls_files = security.tls if security is not None else None
+    if args.metrics_tls and tls_files is None:
+        raise ConfigError("--metrics-tls needs --tls-dir (the certificate it serves with)")
     if not args.metrics_port:
         return None
     registry = CollectorRegistry()
@@ -102,14 +152,16 @@ async def start_metrics(
     for collector in collectors:
         registry.register(collector)
     endpoint = MetricsEndpoint(registry)
+    tls = metrics_ssl_context(tls_files) if args.metrics_tls and tls_files is not None else None
     try:
-        await endpoint.start(host, args.metrics_port)
+        await endpoint.start(host, args.metrics_port, tls)
     except OSError as exc:  # in use, or not this host's: one line (run_service), no traceback
         raise ConfigError(
             f"--metrics-port {args.metrics_port}: cannot listen on {host}:{args.metrics_port} "
             f"({exc.strerror or exc})"
         ) from None
-    print(f"METRICS {endpoint.address}", flush=True)
+    suffix = f" {endpoint.scheme}" if tls is not None else ""
+    print(f"METRICS {endpoint.address}{suffix}", flush=True)
     return endpoint
 
 

@@ -198,7 +198,7 @@ async def serve(args: argparse.Namespace) -> None:
                 if auto is not None:
                     collectors.append(AutoMigrationCollector(auto.stats))
                     coordinator.auto_stats = auto.stats
-                await start_metrics(args, rpc.host, *collectors)
+                await start_metrics(args, rpc.host, *collectors, security=security)
                 print(f"LISTENING {server.address}", flush=True)
                 live = len(coordinator.list(live_only=True))
                 mode = ", automatic mode" if auto is not None else ""

@@ -159,7 +159,12 @@ async def serve(args: argparse.Namespace) -> None:
         interceptors=admission_interceptors(args, seqs),
         port_hold=hold,
     )
-    await start_metrics(args, rpc.host, EngineCollector(args.role, args.model, engine, worker))
+    await start_metrics(
+        args,
+        rpc.host,
+        EngineCollector(args.role, args.model, engine, worker),
+        security=rpc.security,
+    )
     print(f"LISTENING {server.address}", flush=True)
     info = _worker_info(args, engine, server.address)  # its id from the port it binds
     died = None

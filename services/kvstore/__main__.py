@@ -125,7 +125,7 @@ async def serve(args: argparse.Namespace) -> None:
         args.data_transport,
     )
     await node.start(info)
-    await start_metrics(args, host, KVStoreCollector(node))
+    await start_metrics(args, host, KVStoreCollector(node), security=security)
     print(f"LISTENING {server.address}", flush=True)
     log.info("node %s: data plane %s over %s", info.node_id, data.address, args.data_transport)
     # The drain (services/kvstore/core.py, 4): out of the index first, then the reads pinned

@@ -163,7 +163,12 @@ async def serve(args: argparse.Namespace) -> None:
         interceptors=admission_interceptors(args, engine.config.max_num_seqs),
         port_hold=hold,
     )
-    await start_metrics(args, rpc.host, EngineCollector("prefill", args.model, engine, worker))
+    await start_metrics(
+        args,
+        rpc.host,
+        EngineCollector("prefill", args.model, engine, worker),
+        security=rpc.security,
+    )
     print(f"LISTENING {server.address}", flush=True)
     info = worker_info(
         args.worker_id or default_id("prefill", args.advertise or server.address),

@@ -274,7 +274,9 @@ async def serve(args: argparse.Namespace) -> None:
     http = await start_http(args, driver, rpc, prompts.limits, admission.controller)
     if http is not None:
         print(f"HTTP {http.address} {http.scheme}", flush=True)
-    await start_metrics(args, rpc.host, RouterCollector(router), requests.registry)
+    await start_metrics(
+        args, rpc.host, RouterCollector(router), requests.registry, security=rpc.security
+    )
     print(f"LISTENING {server.address}", flush=True)
 
     async def drain(grace_s: float) -> None:  # then the calls left (report streams) end at once

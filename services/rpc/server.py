@@ -47,6 +47,7 @@ from services.common.arg_types import non_negative
 from services.common.config import DRAIN_TIMEOUT_S, RpcConfig
 from services.common.errors import ConfigError, ModelFormatError, ModelNotFoundError
 from services.common.logs import configure_logging
+from services.common.metrics import check_metrics_args
 from services.common.parent import watch_parent
 from services.rpc.channels import server_options
 from services.rpc.security import AuthInterceptor, server_credentials
@@ -399,6 +400,7 @@ def run_service(
     watch_parent()  # started by a launcher: stop once it is gone
     _dump_threads_when_stuck = True
     try:
+        check_metrics_args(args)
         asyncio.run(_serve_and_clean_up(serve, args))
     except (ConfigError, ModelNotFoundError, ModelFormatError) as exc:
         log.error("error: %s", exc)

@@ -8,7 +8,9 @@ import contextlib
 import ipaddress
 import os
 import signal
+import ssl
 import struct
+import urllib.error
 from pathlib import Path
 
 import grpc
@@ -27,6 +29,7 @@ from services.rpc.security import (
 )
 from tests.e2e.test_up import children, start_up
 from tests.security.helpers import TOKEN_A, TOKEN_B
+from tests.security.test_metrics_tls import scrape, scraper
 
 pytestmark = pytest.mark.e2e
 
@@ -92,9 +95,11 @@ def test_locked_down_cluster_listens_on_loopback_only_and_refuses_the_attacks(
     token_file = tmp_path / "tokens"
     token_file.write_text(f"# one per client\n{TOKEN_A}\n{TOKEN_B}\n")
     flags = ["--tls-dir", str(certs), "--api-token-file", str(token_file)]
-    flags += ["--kv-transport", "tcp", "--kvstore-transport", "tcp"]
+    flags += ["--kv-transport", "tcp", "--kvstore-transport", "tcp", "--metrics"]
+    flags += [f"--{role}-args=--metrics-tls" for role in ("router", "prefill", "decode", "kvstore")]
     proc, lines = start_up(banaserve_home, *flags)
     try:
+        _metrics_want_a_client_certificate(lines, certs)
         found = listeners(_descendants(proc.pid))
         assert sum(len(a) for a in found.values()) >= 8  # redis, store (2), router (2), workers
         assert _non_loopback(found) == []
@@ -115,6 +120,19 @@ def test_locked_down_cluster_listens_on_loopback_only_and_refuses_the_attacks(
         _redis_wants_the_password(lines, certs, _descendants(proc.pid))
     finally:
         _stop(proc)
+
+
+def _metrics_want_a_client_certificate(lines: list[str], certs: Path) -> None:
+    """``--metrics-tls`` on every service (session 45: /metrics was plain HTTP only): ``up``
+    prints HTTPS addresses; a scraper with the client certificate reads each, one without
+    none."""
+    urls = {line.split()[1]: line.split()[2] for line in lines if line.startswith("metrics ")}
+    assert sorted(urls) == ["decode-0", "kvstore-0", "prefill-0", "router"]
+    for url in urls.values():
+        assert url.startswith("https://127.0.0.1:") and url.endswith("/metrics")
+        assert b"process_resident_memory_bytes" in scrape(url, scraper(certs, certs))
+        with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+            scrape(url, scraper(certs, None))
 
 
 def _redis_wants_the_password(lines: list[str], certs: Path, pids: list[int]) -> None:
