@@ -29,6 +29,7 @@ from services.common.arg_types import optional_host_port, port_number, redis_url
 from services.common.config import RpcConfig
 from services.common.errors import ConfigError
 from services.common.fencing import ANNOUNCE_INTERVAL_S
+from services.common.logs import add_logging_args
 from services.common.metrics import (
     AutoMigrationCollector,
     CoordinatorCollector,
@@ -92,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ended migrations kept, the newest (default %(default)s)",
     )
     add_tracing_args(p)
-    p.add_argument("--log-level", default=env("BANASERVE_LOG_LEVEL", "INFO"))
+    add_logging_args(p)
     add_security_args(p)
     add_host_args(p)
     add_drain_args(p)

@@ -23,6 +23,7 @@ from services.common.engine_args import (
     add_kv_transport_arg,
     engine_config,
 )
+from services.common.logs import add_logging_args
 from services.common.metrics import EngineCollector, add_metrics_args, start_metrics
 from services.common.network import (
     add_advertise_args,
@@ -85,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "prefix cache holds its first blocks (default: reuse them; the handoff sends the rest)",
     )
     add_tracing_args(p)
-    p.add_argument("--log-level", default=env("BANASERVE_LOG_LEVEL", "INFO"))
+    add_logging_args(p)
     add_security_args(p)
     add_admission_args(p, reservations=True)
     add_host_args(p)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from services.common.arg_types import port_number, positive, redis_url
 from services.common.config import RpcConfig
+from services.common.logs import add_logging_args
 from services.common.metrics import KVStoreCollector, add_metrics_args, start_metrics
 from services.common.network import (
     add_advertise_args,
@@ -78,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "workers write back by default (docs/kvstore.md; default %(default)s)",
     )
     add_tracing_args(p)
-    p.add_argument("--log-level", default=env("BANASERVE_LOG_LEVEL", "INFO"))
+    add_logging_args(p)
     add_security_args(p)
     add_admission_args(p)
     add_host_args(p)

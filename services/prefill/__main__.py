@@ -24,6 +24,7 @@ from services.common.engine_args import (
     add_kv_transport_arg,
     engine_config,
 )
+from services.common.logs import add_logging_args
 from services.common.metrics import EngineCollector, add_metrics_args, start_metrics
 from services.common.network import (
     add_advertise_args,
@@ -110,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--report-interval", type=positive(float), default=0.1, help="seconds between reports"
     )
     add_tracing_args(p)
-    p.add_argument("--log-level", default="INFO")
+    add_logging_args(p)
     add_security_args(p)
     add_admission_args(p)
     add_host_args(p)

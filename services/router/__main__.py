@@ -23,6 +23,7 @@ from services.common.admission import AdmissionController
 from services.common.arg_types import int_range, port_number, positive
 from services.common.config import RpcConfig
 from services.common.limits import PromptLimits
+from services.common.logs import add_logging_args
 from services.common.metrics import RequestMetrics, RouterCollector, add_metrics_args, start_metrics
 from services.common.model_files import read_json_object
 from services.common.network import add_host_args, resolve_host
@@ -155,7 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "and the decode worker fewer (0: never; docs/services.md)",
     )
     add_tracing_args(p)
-    p.add_argument("--log-level", default="INFO")
+    add_logging_args(p)
     add_security_args(p)
     add_admission_args(p)
     add_host_args(p)

@@ -32,6 +32,7 @@ import faulthandler
 import logging
 import signal
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -384,6 +385,16 @@ async def _serve_and_clean_up(serve: Callable[[Any], Any], args: Any) -> None:
             report.cancel()
 
 
+def _service_name(parse_args: Callable[..., Any]) -> str:
+    """``banaserve-<role>`` of a ``services.<role>.__main__``'s parser: the name its traces
+    carry too (a decode worker's is ``banaserve-decode``, whatever its ``--role``)."""
+    module = getattr(parse_args, "__module__", "")
+    if module == "__main__":  # python -m services.<role>: its spec has the name
+        module = getattr(sys.modules["__main__"].__spec__, "name", "")
+    parts = module.split(".")
+    return f"banaserve-{parts[1]}" if len(parts) == 3 and parts[0] == "services" else "banaserve"
+
+
 def run_service(
     parse_args: Callable[[list[str] | None], Any],
     serve: Callable[[Any], Any],
@@ -396,7 +407,9 @@ def run_service(
     not a traceback."""
     global _dump_threads_when_stuck
     args = parse_args(argv)
-    configure_logging(args.log_level)
+    configure_logging(
+        args.log_level, getattr(args, "log_format", "text"), _service_name(parse_args)
+    )
     watch_parent()  # started by a launcher: stop once it is gone
     _dump_threads_when_stuck = True
     try:
