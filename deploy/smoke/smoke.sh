@@ -199,6 +199,32 @@ scaled=$("${compose[@]}" run --rm -T client router:50051 "$prompt" "$max_tokens"
 }
 [ "$scaled" = "$expected" ] || { echo "FAIL: after scaling out got $(printf %q "$scaled")"; exit 1; }
 
+step "a recreated router (a new container, on a new IP) has its workers back within seconds"
+# The workers dial router:50051. gRPC looked the name up again at most every 30 s: after a
+# compose restart or recreate the workers dialled the old IP for ~28 s and every request failed
+# "no healthy worker", every container healthy (session 45's probe). Now within a few seconds.
+router_ip() { podman inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$("${compose[@]}" ps -q router)"; }
+before=$(router_ip)
+"${compose[@]}" up -d --no-build --no-deps --force-recreate router
+deadline=$(($(date +%s) + 120))
+wait_healthy router
+echo "router: $before -> $(router_ip)"
+"${compose[@]}" run --rm -T --entrypoint python client - <<'PYEOF'
+import os, time
+from services.client.client import BanaServeClient
+token = open(os.environ["BANASERVE_API_TOKEN_FILE"]).read().split()[0]
+start = time.monotonic()
+with BanaServeClient("router:50051", tls_dir=os.environ["BANASERVE_TLS_DIR"], token=token) as c:
+    while True:
+        active = sorted(w.worker_id for w in c.list_workers() if w.active)
+        if len(active) == 3:  # a prefill and two decode workers
+            break
+        assert time.monotonic() - start < 20, f"after 20 s the router has {active}"
+        time.sleep(0.25)
+    print(f"all 3 workers active {time.monotonic() - start:.1f} s after this client started")
+    assert len(c.complete([1, 2, 3, 4], max_tokens=4, temperature=0.0).token_ids) == 4
+PYEOF
+
 step "down"
 kill "$pump"; pump=""
 "${compose[@]}" down -v --remove-orphans -t 20

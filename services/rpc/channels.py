@@ -48,6 +48,14 @@ RECONNECT_BACKOFF_MS = 1000
 CONNECT_TIMEOUT_MS = 5000
 
 
+# A peer reached by name whose address changed — a container recreated (compose's `restart`,
+# a new pod) comes back on a new IP — is looked up again once its connection fails, at most
+# this often. gRPC's default is 30 s: a probe (session 45) saw workers dial a recreated
+# router's old IP for 28 s, every request failing "no healthy worker", while every container
+# was healthy (tests/rpc/test_channel_dns.py).
+DNS_REFRESH_MS = 1000
+
+
 def channel_options(config: RpcConfig) -> Options:
     """A service's channel to a peer: pings on the channel keepalive (RpcConfig)."""
     keepalive = (config.channel_keepalive_s, config.channel_keepalive_timeout_s)
@@ -58,6 +66,7 @@ def channel_options(config: RpcConfig) -> Options:
         ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
         ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
         ("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MS),
+        ("grpc.dns_min_time_between_resolutions_ms", DNS_REFRESH_MS),
     ]
 
 
