@@ -4,9 +4,10 @@ Prints ``LISTENING HOST:PORT`` on stdout (flushed) once the server accepts calls
 to parse; before it, ``HTTP HOST:PORT SCHEME`` once the OpenAI-compatible HTTP API accepts requests
 (``--http-port``; off with ``--no-http``, or without ``--model``). Logs go to stderr.
 SIGTERM/SIGINT drain (``--drain-timeout``): new requests are refused at once on both APIs
-(UNAVAILABLE; HTTP 503), the running ones get the drain's time to finish on the workers, and
-those still running then fail UNAVAILABLE ("shutting down", which the client library resumes
-elsewhere); then the workers' report streams end, the HTTP API stops and the channels close.
+(UNAVAILABLE; HTTP 503 with Retry-After, ``/ready`` 503 "draining": both listeners stay open),
+the running ones get the drain's time to finish on the workers, and those still running then
+fail UNAVAILABLE ("shutting down", which the client library resumes elsewhere); then the
+workers' report streams end, the HTTP API stops and the channels close.
 A second signal fails the requests left at once ("stopped at once (a second signal)").
 """
 
@@ -281,16 +282,18 @@ async def serve(args: argparse.Namespace) -> None:
     print(f"LISTENING {server.address}", flush=True)
 
     async def drain(grace_s: float) -> None:  # then the calls left (report streams) end at once
+        # The HTTP listener stays open while the requests run: a new request gets 503 with
+        # Retry-After and /ready 503 "draining" (a closed listener refused connections, and the
+        # documented 503 was never seen: session 45's probe); it closes once they have ended.
         driver.begin_drain()
-        stopping = asyncio.ensure_future(http.stop()) if http is not None else None
         if failed := await driver.drain(grace_s):
             log.warning("drain: %d requests still running after %gs failed UNAVAILABLE", failed,
                         grace_s)  # fmt: skip
         # The calls it ended send their status before the server cancels what is left (the
-        # workers' report streams).
+        # workers' report streams); an HTTP stream its last event.
         await servicer.generate_calls_done(CALL_FINISH_S)
-        if stopping is not None:
-            await stopping
+        if http is not None:
+            await http.stop(grace_s=HTTP_FINISH_S)
 
     def force() -> None:  # a second signal: what is left fails now, HTTP waits no more
         driver.cut_drain()

@@ -274,6 +274,11 @@ class RequestDriver:
     def num_running(self) -> int:
         return sum(not job.ending for job in self._jobs.values())
 
+    @property
+    def draining(self) -> bool:
+        """The router is stopping: new requests are refused (``begin_drain``)."""
+        return self._draining
+
     def begin_drain(self) -> None:
         """Every request from now on fails ``ShuttingDownError`` before any work."""
         self._draining = True

@@ -186,7 +186,7 @@ class OpenAIApi:
 
     async def ready(self, request: Request) -> Response:
         """200 once a prefill-capable and a decode-capable worker are registered (and not
-        draining: stopping), else 503."""
+        draining: stopping), else 503; 503 ``draining`` while the router itself stops."""
         roles = [
             w.role
             for w in self._router.workers()
@@ -196,9 +196,9 @@ class OpenAIApi:
         colocated = self._router.config.policy == "colocated"
         prefill = counts["mixed"] + (0 if colocated else counts["prefill"])
         decode = counts["mixed"] + (0 if colocated else counts["decode"])
-        ready = prefill > 0 and decode > 0
-        body = {"status": "ready" if ready else "not_ready", "workers": counts}
-        return JSONResponse(body, status_code=200 if ready else 503)
+        ready = prefill > 0 and decode > 0 and not self._driver.draining
+        status = "draining" if self._driver.draining else "ready" if ready else "not_ready"
+        return JSONResponse({"status": status, "workers": counts}, 200 if ready else 503)
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [self._card()]})

@@ -97,9 +97,13 @@ class HttpServer:
         """A stop in flight (or the next) waits no more for open connections."""
         self._server.force_exit = True
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Closes the listener, then waits for the open connections (``grace_s``: this long at
+        most, else the server's grace)."""
         if self._main_loop is None:
             return
+        if grace_s is not None:
+            self._server.config.timeout_graceful_shutdown = grace_s
         self._server.should_exit = True
         await self._main_loop
         self._main_loop = None

@@ -136,6 +136,15 @@ def test_a_stopping_router_finishes_the_requests_it_has_and_refuses_new_ones(
                 time.sleep(0.3)
                 code, _, details = generate(cluster.router.address)
                 assert code is C.UNAVAILABLE, (code, details)
+                # The HTTP API too, on a new connection: 503 with Retry-After, not a refused
+                # connection (its listener closed at the signal: session 45's probe).
+                http = f"http://{cluster.router.http_address}"
+                body = {"model": "tiny-llama", "prompt": PROMPT, "max_tokens": 4}
+                refused = httpx2.post(http + "/v1/completions", json=body, timeout=10)
+                assert refused.status_code == 503 and "Retry-After" in refused.headers
+                assert "the router is shutting down" in refused.json()["error"]["message"]
+                ready = httpx2.get(http + "/ready", timeout=10)
+                assert (ready.status_code, ready.json()["status"]) == (503, "draining")
             finally:
                 os.kill(cluster.child("prefill-0").proc.pid, signal.SIGCONT)
             started = time.monotonic()
