@@ -59,10 +59,10 @@ def _seconds(d) -> float:
     return d.seconds + d.nanos / 1e9
 
 
-def format_row(m: pb.Migration) -> str:
+def format_row(m: pb.Migration, width: int = 12) -> str:
     layers = f"[{m.start_layer}, {m.end_layer})"
-    row = f"{m.migration_id:<6} {_kind(m.kind):<9} {_state(m.state):<10} {m.donor:>12} -> "
-    row += f"{m.helper:<12} {layers:<9} kv {m.num_kv_bytes:>12,} B"
+    row = f"{m.migration_id:<6} {_kind(m.kind):<9} {_state(m.state):<10} {m.donor:>{width}} -> "
+    row += f"{m.helper:<{width}} {layers:<9} kv {m.num_kv_bytes:>12,} B"
     return row + (f"  {m.reason}" if m.reason else "")
 
 
@@ -294,8 +294,9 @@ def run_migrations(args: argparse.Namespace) -> int:
         return _refused(exc, args)
     finally:
         client.channel.close()
+    width = watch.worker_width(listed.migrations)
     for m in listed.migrations:
-        print(format_row(m))
+        print(format_row(m, width))
     if not listed.migrations:
         print("no migrations")
     return 0

@@ -64,7 +64,7 @@ def worker_lines(reply: router_pb2.ListWorkersResponse) -> list[WorkerLine]:
 def render(
     workers: Sequence[WorkerLine],
     migrations: Sequence[pb.Migration],
-    format_row: Callable[[pb.Migration], str],
+    format_row: Callable[[pb.Migration, int], str],
     prefill_capacity_tokens: int = 4096,
     at: str = "",
     workers_error: str = "",
@@ -80,13 +80,15 @@ def render(
     after = _migration_lines(migrations, format_row, migrations_error)
     if workers_error:
         return "\n".join([*lines, f"  {workers_error}", *after])
+    # as wide as the longest id (a compose worker's, decode-10.89.0.5-50065: 22 characters)
+    width = max([16, *(len(w.worker_id) for w in workers)])
     lines.append(
-        f"  {'worker':<16} {'role':<8} {'U':>5} {'policy':>6} {'compute':>8} {'memory':>7} "
+        f"  {'worker':<{width}} {'role':<8} {'U':>5} {'policy':>6} {'compute':>8} {'memory':>7} "
         f"{'blocks':>11} {'seqs':>5} {'wait':>5} {'hosted':>7} {'report':>7}"
     )
     for w in workers:
         if w.load is None:
-            lines.append(f"  {w.worker_id:<16} {w.role:<8} {'-':>5}   no report yet")
+            lines.append(f"  {w.worker_id:<{width}} {w.role:<8} {'-':>5}   no report yet")
             continue
         c = utilisation_compute(w.load, prefill_capacity_tokens)
         m = utilisation_memory(w.load, w.waiting_for_room)
@@ -97,7 +99,7 @@ def render(
         age = f"{w.age_s:.1f}s" + (" STALE" if w.stale else "")
         seen = f"{policy[w.worker_id]:.2f}" if w.worker_id in policy else "-"
         lines.append(
-            f"  {w.worker_id:<16} {w.role:<8} {max(c, m):>5.2f} {seen:>6} {c:>8.2f} {m:>7.2f} "
+            f"  {w.worker_id:<{width}} {w.role:<8} {max(c, m):>5.2f} {seen:>6} {c:>8.2f} {m:>7.2f} "
             f"{blocks:>11} {w.load.num_running_seqs:>5} {w.waiting_for_room:>5} {hosted:>7} "
             f"{age:>7}"
         )
@@ -106,16 +108,24 @@ def render(
     return "\n".join([*lines, *after])
 
 
+def worker_width(migrations: Sequence[pb.Migration], least: int = 12) -> int:
+    """The donor and helper columns' width for these rows: their longest id (a compose
+    worker's, ``decode-10.89.0.5-50065``, is 22 characters), at least ``least``."""
+    return max([least, *(len(w) for m in migrations for w in (m.donor, m.helper))])
+
+
 def _migration_lines(
     migrations: Sequence[pb.Migration],
-    format_row: Callable[[pb.Migration], str],
+    format_row: Callable[[pb.Migration, int], str],
     error: str,
 ) -> list[str]:
     if error:
         return ["migrations", f"  {error}"]
     live = [m for m in migrations if m.state not in ENDED]
     ended = [m for m in migrations if m.state in ENDED][-5:]
-    return [f"migrations: {len(live)} live", *[f"  {format_row(m)}" for m in [*live, *ended]]]
+    shown = [*live, *ended]
+    width = worker_width(shown)
+    return [f"migrations: {len(live)} live", *[f"  {format_row(m, width)}" for m in shown]]
 
 
 def _unreachable(service: str, exc: grpc.RpcError, tls_dir: str = "") -> str:
@@ -130,7 +140,7 @@ def _unreachable(service: str, exc: grpc.RpcError, tls_dir: str = "") -> str:
 def watch(
     args: argparse.Namespace,
     list_migrations: Callable[[], pb.ListMigrationsResponse],
-    format_row: Callable[[pb.Migration], str],
+    format_row: Callable[[pb.Migration, int], str],
 ) -> int:
     """Redraws every ``--interval`` seconds, ``--count`` times (0: until Ctrl-C); the router
     with the same TLS and token flags as the coordinator (``check_watch_args`` first). 0, or

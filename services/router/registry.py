@@ -26,6 +26,7 @@ block hashes mean the same on each of them and KV can move between any two.
 from __future__ import annotations
 
 import enum
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -33,6 +34,8 @@ from dataclasses import dataclass, field, replace
 
 from services.common.errors import InvalidRequestError, RequestNotFoundError
 from services.common.load import LoadReport, utilisation_compute, utilisation_memory
+
+log = logging.getLogger(__name__)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -157,8 +160,13 @@ class WorkerRegistry:
         _check_address(address)
         _check(isinstance(role, WorkerRole), f"role must be a WorkerRole, got {role!r}")
         self._check_same_model(worker_id, capacity)
+        again = " again" if worker_id in self._workers else ""
         worker = _Worker(worker_id, address, role, capacity, last_seen=now)
         self._workers[worker_id] = worker
+        log.info(
+            "worker %s registered%s: %s at %s, %d KV blocks",
+            worker_id, again, role.value, address, capacity.num_kv_blocks,
+        )  # fmt: skip
         return self._snapshot(worker, now)
 
     def report(self, worker_id: str, load: LoadReport, timestamp: float) -> bool:
@@ -247,6 +255,7 @@ class WorkerRegistry:
         return [w.worker_id for w in expired]
 
     def _remove(self, worker: _Worker, reason: str) -> None:
+        log.info("worker %s removed: %s", worker.worker_id, reason)
         worker.status = WorkerStatus.REMOVED
         worker.removed_reason = reason
         worker.inflight.clear()

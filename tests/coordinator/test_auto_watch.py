@@ -201,3 +201,21 @@ def test_a_plaintext_call_to_a_tls_coordinator_names_the_flag(capsys):
     with_tls = argparse.Namespace(tls_dir="/etc/banaserve", api_token_file="")
     _refused(SocketClosed(), with_tls)
     assert "may run without --tls-dir" in capsys.readouterr().err
+
+
+def test_columns_widen_to_the_longest_worker_id():
+    """Probe, session 45: compose workers' ids (``decode-10.89.0.5-50065``) shifted every column
+    after them; the worker, donor and helper columns now widen to the longest id shown."""
+    long_id = "decode-10.89.0.5-50065"
+    workers = [
+        WorkerLine(long_id, "decode", False, report(0.9, 100), 0.05),
+        WorkerLine("prefill-0", "prefill", False, report(0.1, 0), 0.05),
+    ]
+    moved = migration("m-1", pb.MIGRATION_STATE_ACTIVE, 2, 1)
+    moved.donor = long_id
+    lines = render(workers, [moved], format_row).splitlines()
+    header, first, second = lines[1:4]
+    assert header.index(" role ") == first.index(" decode ") == second.index(" prefill ")
+    assert lines[-1] == (
+        f"  m-1    layers    ACTIVE     {long_id} -> prefill-0              [2, 4)    kv            1 B"
+    )

@@ -252,3 +252,22 @@ def test_report_with_more_blocks_than_registered() -> None:
     with pytest.raises(InvalidRequestError, match="reports 101 KV blocks .* than the 100"):
         registry.report("d0", load(free=100, used=1), 1.0)
     assert registry.healthy()[0].last_report is None
+
+
+def test_registrations_and_removals_are_logged_with_their_reason(caplog) -> None:
+    """An operator sees workers come and go in the router's log (session 45's probe: it logged
+    nothing when a worker registered)."""
+    clock = FakeClock()
+    registry = make_registry(clock)
+    with caplog.at_level("INFO", logger="services.router.registry"):
+        registry.register("d0", "10.0.0.5:50065", WorkerRole.DECODE, capacity(80))
+        clock.advance(1.5)
+        registry.expire()
+        registry.register("d0", "10.0.0.5:50065", WorkerRole.DECODE, capacity(80))
+        registry.remove("d0", "its report stream ended")
+    assert [r.getMessage() for r in caplog.records] == [
+        "worker d0 registered: decode at 10.0.0.5:50065, 80 KV blocks",
+        "worker d0 removed: no load report for 1.500 s",
+        "worker d0 registered again: decode at 10.0.0.5:50065, 80 KV blocks",
+        "worker d0 removed: its report stream ended",
+    ]
