@@ -16,7 +16,7 @@ import time
 import grpc
 import pytest
 from dnslib import QTYPE, RR, A
-from dnslib.server import BaseResolver, DNSServer
+from dnslib.server import BaseResolver, DNSLogger, DNSServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.config import RpcConfig
@@ -65,7 +65,8 @@ def free_port_on_both() -> int:
 @pytest.fixture
 def dns():
     zone = Zone("127.0.0.1")
-    server = DNSServer(zone, address="127.0.0.1", port=free_udp_port())
+    quiet = DNSLogger("-request,-reply,-truncated,-error,-recv,-send,-data")  # logs to stdout
+    server = DNSServer(zone, address="127.0.0.1", port=free_udp_port(), logger=quiet)
     server.start_thread()
     try:
         yield zone, server.server.server_address[1]
