@@ -234,7 +234,8 @@ def _arm_stuck_report(address: str, after_s: float) -> asyncio.TimerHandle:
     is about to exit; returns the first."""
     report = asyncio.get_running_loop().call_later(after_s, _log_pending_tasks, address, after_s)
     if _dump_threads_when_stuck:
-        faulthandler.dump_traceback_later(after_s + 1.0, exit=False)
+        with contextlib.suppress(ValueError, OSError, AttributeError):  # a stderr with no fd
+            faulthandler.dump_traceback_later(after_s + 1.0, exit=False)
         _stuck_reports.append(report)
     return report
 
@@ -420,4 +421,6 @@ def run_service(
         return 2
     finally:
         faulthandler.cancel_dump_traceback_later()
+        _dump_threads_when_stuck = False  # a caller that goes on (a test) serves in-process
+        _stuck_reports.clear()
     return 0
