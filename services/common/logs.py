@@ -43,7 +43,9 @@ def _log_format(value: str) -> str:
 
 
 def add_logging_args(p: argparse.ArgumentParser) -> None:
-    env = os.environ.get
+    def env(name: str, default: str) -> str:  # set but empty (``VAR=``) is unset, as compose has it
+        return os.environ.get(name, "").strip() or default
+
     p.add_argument(
         "--log-level",
         type=_level,

@@ -368,11 +368,21 @@ class PortHold:
 
 
 def _add_port(server: grpc.aio.Server, config: RpcConfig) -> int:
+    """Binds the server's port; one that is taken (or an address not this host's) is a
+    ``ConfigError`` naming it (``run_service``: one ``error:`` line, exit 2), not gRPC's
+    RuntimeError traceback (session 45's probe)."""
     address = _address(config.host, config.port)
     tls = config.security.tls if config.security is not None else None
-    if tls is None:
-        return server.add_insecure_port(address)
-    return server.add_secure_port(address, server_credentials(tls))
+    try:
+        if tls is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, server_credentials(tls))
+    except RuntimeError as exc:
+        if "Failed to bind" not in str(exc):
+            raise
+        raise ConfigError(
+            f"--port {config.port}: cannot listen on {address} (in use, or not this host's)"
+        ) from None
 
 
 async def _serve_and_clean_up(serve: Callable[[Any], Any], args: Any) -> None:

@@ -58,7 +58,7 @@ from opentelemetry.instrumentation.grpc._aio_server import (
     _OpenTelemetryAioServicerContext,
 )
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
@@ -372,11 +372,17 @@ def _processor(config: TracingConfig) -> SpanProcessor:
     if config.exporter == "console":
         # Spans go to stderr: stdout belongs to the CLI's output contract. Unbatched, so a
         # span is visible as soon as it ends.
-        return SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stderr))
+        # One span a line, compact JSON: the SDK's default is a pretty-printed object of ~35
+        # lines, which broke ``--log-format json``'s one object a line (session 45's probe).
+        return SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stderr, formatter=_span_line))
     # Imported here: the OTLP exporter pulls in its own protobuf modules.
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
     return BatchSpanProcessor(OTLPSpanExporter(endpoint=config.otlp_endpoint, insecure=True))
+
+
+def _span_line(span: ReadableSpan) -> str:
+    return span.to_json(indent=None) + "\n"
 
 
 def make_provider(

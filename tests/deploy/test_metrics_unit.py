@@ -223,6 +223,13 @@ def test_coordinator_collector_counts_migrations_bytes_and_state_seconds():
     assert sample(registry, secs, kind="layers", state="copying") == 3.0
     assert sample(registry, secs, kind="layers", state="done") == 6.0  # open: up to now
     assert sample(registry, secs, kind="attention", state="copying") == 2.0
+    # every kind and state exported, from 0 (probe, session 45: "no data" before a migration)
+    assert sample(registry, gauge, kind="attention", state="reverting") == 0
+    assert sample(registry, moved, kind="attention", what="weights") == 0
+    assert sample(registry, secs, kind="layers", state="switching") == 0
+    idle = CollectorRegistry()
+    idle.register(CoordinatorCollector(Coordinator(None, None, CoordinatorConfig(), clock=clock)))
+    assert sample(idle, gauge, kind="layers", state="active") == 0
 
 
 def test_request_outcomes_and_token_kinds_are_exported_at_zero_before_any_request():

@@ -358,7 +358,7 @@ def test_drain_while_waits_for_the_work_at_least_its_minimum_and_at_most_its_gra
 def test_a_port_in_use_fails_loudly():
     async def main():
         async with serving() as (server, _, _):
-            with pytest.raises(RuntimeError):
+            with pytest.raises(ConfigError, match="cannot listen"):
                 await start_server([], RpcConfig(port=server.port))
 
     asyncio.run(main())
@@ -378,3 +378,28 @@ def test_a_port_in_use_fails_loudly():
 def test_rpc_config_rejects_bad_values(kwargs):
     with pytest.raises(ConfigError):
         RpcConfig(**kwargs)
+
+
+def test_a_port_in_use_is_a_config_error_naming_it():
+    """Probe, session 45: a service whose --port was taken died with gRPC's RuntimeError
+    traceback; now one ``error:`` line naming the port (``run_service``), exit 2."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        async def main():
+            await start_server([fake_decode_service(FakeDecode())], RpcConfig(port=port))
+
+        with pytest.raises(ConfigError, match=f"--port {port}: cannot listen on 127.0.0.1:{port}"):
+            asyncio.run(main())
+        run = subprocess.run(
+            [sys.executable, "-m", "services.router", "--port", str(port), "--no-http"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=Path(__file__).parents[2],
+        )
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert f"error: --port {port}: cannot listen" in run.stderr
+    assert "Traceback" not in run.stderr

@@ -14,10 +14,13 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.common.logs import JsonFormatter, configure_logging
+from services.rpc.gen.banaserve.v1.router_pb2 import AbortRequest
+from services.rpc.gen.banaserve.v1.router_pb2_grpc import RouterServiceStub
 from services.rpc.tracing import tracing_with_exporter
 
 ROOT = Path(__file__).parents[2]
@@ -98,6 +101,10 @@ def test_bad_log_flags_are_usage_errors_and_the_environment_gives_the_defaults(
     monkeypatch.setenv("BANASERVE_LOG_LEVEL", "warning")
     args = parse_args([])
     assert (args.log_format, args.log_level) == ("json", "WARNING")
+    monkeypatch.setenv("BANASERVE_LOG_FORMAT", "")  # set but empty: unset, not an error
+    monkeypatch.setenv("BANASERVE_LOG_LEVEL", " ")
+    args = parse_args([])
+    assert (args.log_format, args.log_level) == ("text", "INFO")
 
 
 def test_a_service_process_logs_json_lines_named_by_its_role(tmp_path):
@@ -119,6 +126,31 @@ def test_a_service_process_logs_json_lines_named_by_its_role(tmp_path):
     entries = [json.loads(line) for line in err.splitlines()]
     assert entries and {e["service"] for e in entries} == {"banaserve-router"}
     assert any("draining" in e["message"] for e in entries)  # the SIGTERM's line, in JSON too
+
+
+def test_with_console_tracing_every_stderr_line_is_still_one_json_object(tmp_path):
+    """Probe, session 45: ``--tracing console`` printed each span as ~35 lines of indented
+    JSON on the same stderr as the JSON logs. A real router, one call (a health check makes a
+    span): every line parses, log lines and span lines alike."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.router", "--port", "0", "--log-format", "json",
+         "--tracing", "console"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, "BANASERVE_HOME": str(tmp_path)},
+    )  # fmt: skip
+    try:
+        address = proc.stdout.readline().split()[1]
+        # an Abort of no request: one span
+        with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError):
+            RouterServiceStub(channel).Abort(AbortRequest(request_id="none"), timeout=10)
+        time.sleep(0.5)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    entries = [json.loads(line) for line in err.splitlines()]
+    spans = [e for e in entries if "context" in e]
+    assert spans and all(e["context"]["trace_id"].startswith("0x") for e in spans)
+    assert any(e.get("service") == "banaserve-router" for e in entries)
 
 
 def test_text_stays_the_default_format(capsys):
