@@ -102,14 +102,19 @@ class LoadReporter:
 
     async def frames(self) -> AsyncIterator[router_pb2.ReportLoadRequest]:
         yield router_pb2.ReportLoadRequest(worker=self._info)
-        if self._failures:  # the registration went out: the router is back
-            log.info("load reports to the router again after %d failed tries", self._failures)
-            self._failures = 0
+        sent = 0
         while not self._stopped.is_set():
             load = await self._load()
             if self._draining:
                 load = dataclasses.replace(load, draining=True)
             yield router_pb2.ReportLoadRequest(load=load_to_proto(load))
+            sent += 1
+            if sent == 2 and self._failures:
+                # The call outlived a report interval: the router took the registration. (Said
+                # once the registration merely went out, a worker the router refuses at once —
+                # an id taken — logged "again" and a failure every second: session 45's probe.)
+                log.info("load reports to the router again after %d failed tries", self._failures)
+                self._failures = 0
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopped.wait(), self._interval_s)
 

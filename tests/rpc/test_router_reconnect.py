@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 
 from services.common.config import RpcConfig
 from services.common.load import LoadReport
 from services.rpc.gen.banaserve.v1 import router_pb2, router_pb2_grpc
-from services.rpc.load_reports import reporting_to, worker_info
+from services.rpc.load_reports import LoadReporter, reporting_to, router_channel, worker_info
 from services.rpc.server import Service, start_server
 
 pytestmark = pytest.mark.integration
@@ -103,3 +104,54 @@ def test_a_worker_whose_report_stream_was_stranded_registers_again_within_second
 
     # ping after 1 s, dead 2 s later, a reconnect within ~1 s
     assert asyncio.run(main()) < 5.5
+
+
+class RefusingRouter(router_pb2_grpc.RouterServiceServicer):
+    """Refuses every registration at once, as the router refuses an id another worker holds."""
+
+    def __init__(self) -> None:
+        self.tries = 0
+
+    async def ReportLoad(self, request_iterator, context):
+        async for _ in request_iterator:
+            self.tries += 1
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, "worker id taken")
+
+
+def test_a_worker_the_router_refuses_says_so_once_and_never_that_it_is_back(caplog):
+    """Probe, session 45: a worker refused at once logged "load reports to the router again
+    after 1 failed tries" and a new failure warning every second (its registration had only
+    gone out). Now one warning; "again" only once a stream outlives a report interval."""
+
+    async def main() -> int:
+        rpc = RpcConfig(grace_s=0.1)
+        refusing = RefusingRouter()
+        server = await start_server([router_service(refusing)], rpc)
+        info = worker_info("prefill-0", "127.0.0.1:1", "prefill", "tiny-llama", "fp", 16, 32, 64)
+        channel = router_channel(server.address, rpc)
+        reporter = LoadReporter(channel, info, load, interval_s=0.05, retry_s=0.1)
+        task = asyncio.create_task(reporter.run())
+        with caplog.at_level("DEBUG", logger="services.rpc.load_reports"):
+            try:
+                await asyncio.sleep(1.5)
+                refused = [r.getMessage() for r in caplog.records]
+                assert sum(r.levelname == "WARNING" for r in caplog.records) == 1, refused
+                assert not any("again after" in m for m in refused), refused
+                await server.stop(0)
+                accepting = RegistrationRouter()
+                server = await start_server(
+                    [router_service(accepting)], RpcConfig(port=server.port, grace_s=0.1)
+                )
+                await asyncio.wait_for(accepting.registered.wait(), 10)
+                await asyncio.sleep(0.5)
+            finally:
+                reporter.stop()
+                await asyncio.wait({task}, timeout=2.0)
+                task.cancel()
+                await channel.close()
+        await server.stop(0)
+        [back] = [r.getMessage() for r in caplog.records if "again after" in r.getMessage()]
+        assert back.startswith("load reports to the router again after ")
+        return refusing.tries
+
+    assert asyncio.run(main()) >= 5  # it kept trying, quietly
