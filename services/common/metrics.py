@@ -143,9 +143,8 @@ async def start_metrics(
     with ``--metrics-tls`` (``security``: the service's, whose certificate it presents); prints
     ``METRICS HOST:PORT`` (``METRICS HOST:PORT https``) on stdout, before the service's
     ``LISTENING`` line."""
+    check_metrics_args(args)  # run_service checked it before any work; a caller in-process too
     tls_files = security.tls if security is not None else None
-    if args.metrics_tls and tls_files is None:
-        raise ConfigError("--metrics-tls needs --tls-dir (the certificate it serves with)")
     if not args.metrics_port:
         return None
     registry = CollectorRegistry()
