@@ -63,6 +63,11 @@ def check_metrics_args(args: argparse.Namespace) -> None:
     (``run_service``)."""
     if getattr(args, "metrics_tls", False) and not getattr(args, "tls_dir", ""):
         raise ConfigError("--metrics-tls needs --tls-dir (the certificate it serves with)")
+    if getattr(args, "metrics_tls", False) and not getattr(args, "metrics_port", 0):
+        raise ConfigError(
+            "--metrics-tls needs --metrics-port (metrics are off without one; "
+            "banaserve up: --metrics)"
+        )
 
 
 # A scraper that opens a connection and sends nothing, or stalls in the TLS handshake, is

@@ -260,6 +260,7 @@ async def cluster(
     max_resumes: int = DriverConfig.max_resumes,
     resumable: ResumeCheck | None = None,
     lease_s: float = DriverConfig.lease_s,
+    id_reuse_wait_s: float = DriverConfig.id_reuse_wait_s,
     **behaviour,
 ) -> AsyncIterator[Cluster]:
     """A router with fake workers p0.., d0.. registered (each in ``dead`` at a dead address)."""
@@ -272,6 +273,7 @@ async def cluster(
         local_prefill_queue_tokens=local_prefill_queue_tokens,
         max_resumes=max_resumes,
         lease_s=lease_s,
+        id_reuse_wait_s=id_reuse_wait_s,
     )
     driver = RequestDriver(router, clients, config)
     prompts = PromptEncoder(

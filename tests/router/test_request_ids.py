@@ -87,7 +87,9 @@ def test_an_id_reused_before_the_old_calls_cancel_arrives_waits_for_it(monkeypat
     first_stream_hangs(monkeypatch)
 
     async def main():
-        async with cluster() as c:
+        # a window far longer than the test's 0.2 s pause: a loaded machine that runs the pause
+        # late must not see the new call give up first (it flaked once at the default 0.5 s)
+        async with cluster(id_reuse_wait_s=3.0) as c:
             old = c.stub.Generate(request("late"), timeout=5)
             kinds = [(await old.read()).WhichOneof("frame") for _ in range(2)]
             assert kinds == ["started", "delta"]

@@ -78,9 +78,11 @@ def test_metrics_over_https_take_only_scrapers_with_a_certificate_of_the_cluster
 
 def test_plain_metrics_print_no_scheme(capsys):
     args = argparse.Namespace(metrics_port=free_port(), metrics_tls=False, tls_dir="")
+    registry = CollectorRegistry()
+    RequestMetrics(registry)
 
     async def main():
-        endpoint = await start_metrics(args, "127.0.0.1", CollectorRegistry())
+        endpoint = await start_metrics(args, "127.0.0.1", registry)
         try:
             return endpoint.address, await asyncio.to_thread(
                 scrape, f"http://{endpoint.address}/metrics"
@@ -89,14 +91,18 @@ def test_plain_metrics_print_no_scheme(capsys):
             await endpoint.stop()
 
     address, body = asyncio.run(main())
-    assert b"process_" in body or body == b""  # the registry holds the process collector
+    assert b"banaserve_router_requests_total" in body
+    assert b"process_" in body  # start_metrics adds the process collector
     assert capsys.readouterr().out == f"METRICS {address}\n"
 
 
-def test_metrics_tls_without_a_tls_dir_is_refused():
+def test_metrics_tls_without_a_tls_dir_or_a_metrics_port_is_refused():
     with pytest.raises(ConfigError, match="--metrics-tls needs --tls-dir"):
-        check_metrics_args(argparse.Namespace(metrics_tls=True, tls_dir=""))
-    check_metrics_args(argparse.Namespace(metrics_tls=False, tls_dir=""))
+        check_metrics_args(argparse.Namespace(metrics_tls=True, tls_dir="", metrics_port=9))
+    with pytest.raises(ConfigError, match="--metrics-tls needs --metrics-port"):
+        check_metrics_args(argparse.Namespace(metrics_tls=True, tls_dir="d", metrics_port=0))
+    check_metrics_args(argparse.Namespace(metrics_tls=False, tls_dir="", metrics_port=0))
+    check_metrics_args(argparse.Namespace(metrics_tls=True, tls_dir="d", metrics_port=9))
 
 
 @pytest.mark.parametrize("service", ["router", "kvstore", "coordinator", "prefill", "decode"])
@@ -112,4 +118,18 @@ def test_a_service_given_metrics_tls_without_a_tls_dir_stops_at_once_with_one_li
     )
     assert run.returncode == 2, run.stderr
     assert "error: --metrics-tls needs --tls-dir" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_a_service_given_metrics_tls_without_a_metrics_port_stops_at_once_with_one_line(certs):
+    """Metrics are off without a port: the flag would be silently ignored."""
+    run = subprocess.run(
+        [sys.executable, "-m", "services.router", "--tls-dir", str(certs), "--metrics-tls"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert run.returncode == 2, run.stderr
+    assert "error: --metrics-tls needs --metrics-port" in run.stderr
     assert "Traceback" not in run.stderr
