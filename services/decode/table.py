@@ -31,6 +31,7 @@ from services.decode.entries import (
 )
 from services.engine.engine import Engine
 from services.engine.loop import EngineLoop
+from services.engine.ports import settle_like
 
 
 class EntryTable:
@@ -170,7 +171,7 @@ class EntryTable:
         freed: Future[int] = Future()
 
         def abort_after_import(_: Future[None]) -> None:  # on the import's thread
-            self._loop.submit(abort).add_done_callback(lambda f: _copy_result(f, freed))
+            self._loop.submit(abort).add_done_callback(lambda f: settle_like(freed, f))
 
         entry.importing.add_done_callback(abort_after_import)
         return freed
@@ -258,10 +259,3 @@ def _aborter(engine_id: str) -> Callable[[Engine], int]:
         return engine.block_manager.num_free_blocks - before
 
     return abort
-
-
-def _copy_result(source: Future[int], target: Future[int]) -> None:
-    if source.exception() is not None:
-        target.set_exception(source.exception())
-    else:
-        target.set_result(source.result())

@@ -50,9 +50,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 
@@ -99,17 +99,46 @@ def settled(fn: Callable[[], T]) -> Future[T]:
 
 
 def then(future: Future[T], fn: Callable[[T], U]) -> Future[U]:
-    """A future of ``fn(result)`` once ``future`` settles (its exception passes through)."""
+    """A future of ``fn(result)`` once ``future`` settles (its exception passes through, its
+    cancellation too); cancelling the returned future cancels ``future`` if it can be."""
     out: Future[U] = Future()
 
     def done(f: Future[T]) -> None:
+        if f.cancelled():
+            out.cancel()
+            return
         try:
-            out.set_result(fn(f.result()))
+            result = fn(f.result())
         except BaseException as e:  # noqa: BLE001 - carried to whoever waits on ``out``
-            out.set_exception(e)
+            _settle(out, out.set_exception, e)
+        else:
+            _settle(out, out.set_result, result)
 
+    out.add_done_callback(lambda o: o.cancelled() and future.cancel())
     future.add_done_callback(done)
     return out
+
+
+def settle_like(target: Future[T], source: Future[T]) -> None:
+    """Gives ``target`` the outcome of the settled ``source``: its result, its exception or its
+    cancellation. A ``target`` its waiter has cancelled meanwhile (a stream aborted, a call
+    cancelled) keeps that: the outcome has no taker. Safe in a done-callback."""
+    if source.cancelled():
+        target.cancel()
+        return
+    error = source.exception()
+    if error is None:
+        _settle(target, target.set_result, source.result())
+    else:
+        _settle(target, target.set_exception, error)
+
+
+def _settle(target: Future[Any], setter: Callable[[Any], None], outcome: Any) -> None:
+    try:
+        setter(outcome)
+    except InvalidStateError:
+        if not target.cancelled():  # set twice: a defect, not a waiter that left
+            raise
 
 
 class PortFailed(Exception):

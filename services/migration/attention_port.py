@@ -35,7 +35,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from services.engine.attention import PartialAttention
-from services.engine.ports import AttentionPort, AttentionQuery, PortError
+from services.engine.ports import AttentionPort, AttentionQuery, PortError, settle_like
 from services.migration import attention_wire, wire
 from services.migration.ports import helper_lost
 from services.rpc.dataplane import DataClient, DataPlaneError, ErrorKind
@@ -181,7 +181,7 @@ class DataAttentionPort(AttentionPort):
             inner = asyncio.run_coroutine_threadsafe(
                 self._run(queries, header, payload, started), self.loop
             )
-            inner.add_done_callback(lambda done: _settle(future, done))
+            inner.add_done_callback(lambda done: settle_like(future, done))
         except Exception as e:  # noqa: BLE001 - the future carries it to the step
             future.set_exception(e)
         return future
@@ -237,11 +237,3 @@ class DataAttentionPort(AttentionPort):
         self.closed = True
         if self.channel is not None:
             self.channel.close()
-
-
-def _settle(future: Future[Parts], done: Future[Parts]) -> None:
-    error = done.exception()
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(done.result())
