@@ -20,6 +20,7 @@ compares enum members, never status names.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
@@ -143,8 +144,23 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> N
     if context.done():
         log.debug("call ended before its handler failed: %s: %s", type(exc).__name__, exc)
         return
+    if context.time_remaining() == 0:
+        # Past its deadline gRPC ends the call (DEADLINE_EXCEEDED) if it has not already: a
+        # status sent now may find it ended, which gRPC logs as an error with a traceback
+        # (session 46's soak probe). A cancellation is what gRPC expects of such a handler.
+        log.debug("call past its deadline when its handler failed: %s: %s", type(exc).__name__, exc)
+        raise asyncio.CancelledError(f"past its deadline: {type(exc).__name__}: {exc}")
     code, message = status_for(exc)
-    await context.abort(code, message)
+    try:
+        await context.abort(code, message)
+    except grpc.aio.AbortError:
+        raise
+    except Exception as failed:  # noqa: BLE001 - the status could not be sent
+        if not context.done():  # the abort never reached sending: not an ended call
+            raise
+        # The call ended (its deadline, a cancel) while the status was on its way; gRPC ends
+        # the handler quietly once it returns (its abort is recorded).
+        log.debug("call ended as its handler's status was sent: %r (%s)", failed, exc)
 
 
 def decode_request(message_type: type[_M], data: bytes) -> _M:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 
@@ -9,7 +10,14 @@ import grpc
 import pytest
 
 from services.common import errors
-from services.rpc.status import GRPC_CODES, STATUS_CODES, error_code, grpc_code, status_for
+from services.rpc.status import (
+    GRPC_CODES,
+    STATUS_CODES,
+    abort_with,
+    error_code,
+    grpc_code,
+    status_for,
+)
 
 C = grpc.StatusCode
 
@@ -81,3 +89,50 @@ def test_ok_or_an_unknown_number_is_no_failure_code():
     assert error_code(C.OK) is errors.ErrorCode.UNKNOWN
     assert error_code(0) is errors.ErrorCode.UNKNOWN
     assert error_code(99) is errors.ErrorCode.UNKNOWN
+
+
+class _EndedCall:
+    """The parts of a grpc.aio.ServicerContext that ``abort_with`` reads, for a call gRPC ends
+    under it: its deadline passed (``time_remaining`` 0), or it ends while the status is sent
+    (``abort`` marks the status sent, as gRPC's does, then fails to send it)."""
+
+    def __init__(self, remaining: float | None, send_fails: bool) -> None:
+        self.remaining, self.send_fails = remaining, send_fails
+        self.status_sent = False
+        self.aborted: list[tuple[grpc.StatusCode, str]] = []
+
+    def done(self) -> bool:
+        return self.status_sent
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.aborted.append((code, details))
+        self.status_sent = True
+        if self.send_fails:
+            raise RuntimeError('Failed "execute_batch"')  # gRPC's ExecuteBatchError
+        raise grpc.aio.AbortError("Locally aborted.")
+
+
+def test_a_handler_failing_past_its_deadline_sends_no_status():
+    """Session 46's soak probe: such a status found the call ended, and gRPC logged
+    ``ExecuteBatchError raised in core by servicer method`` with a traceback at ERROR."""
+    call = _EndedCall(remaining=0, send_fails=True)
+    with pytest.raises(asyncio.CancelledError, match="past its deadline: TimeoutError"):
+        asyncio.run(abort_with(call, TimeoutError("the deadline passed while reserving")))
+    assert call.aborted == []
+
+
+def test_a_status_that_finds_the_call_ended_is_no_error():
+    call = _EndedCall(remaining=3.0, send_fails=True)
+    asyncio.run(abort_with(call, errors.RequestNotFoundError("gone")))  # returns quietly
+    assert call.aborted == [(grpc.StatusCode.NOT_FOUND, "gone")]
+
+
+def test_a_live_call_is_aborted_with_its_status():
+    for remaining in (None, 3.0):  # no deadline, or one ahead
+        call = _EndedCall(remaining=remaining, send_fails=False)
+        with pytest.raises(grpc.aio.AbortError):
+            asyncio.run(abort_with(call, errors.RequestNotFoundError("gone")))
+        assert call.aborted == [(grpc.StatusCode.NOT_FOUND, "gone")]
