@@ -119,3 +119,33 @@ def test_a_kernel_layer_digests_like_a_onednn_one(monkeypatch):
     assert ours.kernel and not onednn.kernel
     assert torch.equal(ours.state_dict()["packed"], linear.weight)
     assert layer_digest(ours) == layer_digest(onednn)
+
+
+def test_onednn_row_counts_past_decode_batches_take_a_bounded_set_of_sizes():
+    """oneDNN keeps memory per row count it meets (packed_linear.py): past EXACT_ROWS a call
+    is padded to one of ROW_STEPS_PER_OCTAVE sizes per power of two, at most 1/16 more rows."""
+    sizes = {m: packed_linear.padded_rows(m) for m in range(1, 8193)}
+    assert all(sizes[m] == m for m in range(1, packed_linear.EXACT_ROWS + 1))
+    assert all(m <= p <= m * (1 + 1 / packed_linear.ROW_STEPS_PER_OCTAVE) for m, p in sizes.items())
+    assert (sizes[65], sizes[100], sizes[1000], sizes[1024], sizes[1025]) == (
+        68,
+        100,
+        1024,
+        1024,
+        1088,
+    )
+    octaves = (8192).bit_length() - packed_linear.EXACT_ROWS.bit_length()
+    assert len(set(sizes.values())) <= packed_linear.EXACT_ROWS + 16 * octaves + 1
+    assert all(packed_linear.padded_rows(p) == p for p in sizes.values())  # stable
+
+
+@pytest.mark.parametrize("shape", [(3, 64), (2, 50, 64), (130, 64), (1, 1000, 64)])
+def test_a_padded_onednn_call_gives_the_rows_asked_for(shape):
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    layer = PackedLinear(linear)
+    assert not layer.kernel  # float32: oneDNN
+    x = torch.randn(*shape)
+    out = layer(x)
+    assert out.shape == (*shape[:-1], 48)
+    torch.testing.assert_close(out, linear(x), rtol=1e-5, atol=1e-5)
