@@ -453,6 +453,10 @@ class BanaServeClient:
         return generation.result
 
     def abort(self, request_id: str, timeout_s: float = 5.0) -> None:
+        """Ends request ``request_id`` (its stream then ends with finish reason ``abort``).
+        An id that is not running is ``RequestNotFoundError`` (NOT_FOUND): never sent, or
+        finished already, which a caller still reading its stream's buffered tokens may not
+        have seen yet."""
         try:
             self._stub.Abort(
                 router_pb2.AbortRequest(request_id=request_id),
@@ -507,6 +511,7 @@ class AsyncBanaServeClient:
         return generation.result
 
     async def abort(self, request_id: str, timeout_s: float = 5.0) -> None:
+        """As ``BanaServeClient.abort`` (an id not running: ``RequestNotFoundError``)."""
         try:
             await self._stub.Abort(
                 router_pb2.AbortRequest(request_id=request_id),
