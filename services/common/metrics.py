@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector
 from services.common.arg_types import port_number
 from services.common.errors import ConfigError
 from services.common.migration_states import MigrationState
+from services.coordinator.migration import MigrationKind
 
 if TYPE_CHECKING:  # services.rpc imports grpc: not for this module's torch- and grpc-free users
     from services.rpc.security import SecurityConfig, TlsFiles
@@ -442,10 +443,6 @@ class KVStoreCollector(Collector):
             yield counter
 
 
-# The coordinator's migration kinds (services/coordinator/migration.py ``MigrationKind``).
-MIGRATION_KINDS = ("layers", "attention")
-
-
 class CoordinatorCollector(Collector):
     """The coordinator's migrations: how many by kind and state in its table
     (``Coordinator.list``, recovered ones included), and, over every migration it has known
@@ -469,14 +466,15 @@ class CoordinatorCollector(Collector):
         )
         # Every kind and state from 0, before the first migration (a dashboard or an alert on
         # these sees 0, not "no data"; session 45's probe), as the router's outcomes.
-        states = [(kind, state.value) for kind in MIGRATION_KINDS for state in MigrationState]
+        kinds = [kind.value for kind in MigrationKind]
+        states = [(kind, state.value) for kind in kinds for state in MigrationState]
         counts: dict[tuple[str, str], int] = dict.fromkeys(states, 0)
         for m in self._coordinator.list():
             kind = m.kind.value
             counts[kind, m.state.value] = counts.get((kind, m.state.value), 0) + 1
         # Counters: every migration it has known, the ones its bounded table forgot included.
         num_bytes, durations = self._coordinator.totals()
-        whats = [(kind, what) for kind in MIGRATION_KINDS for what in ("weights", "kv")]
+        whats = [(kind, what) for kind in kinds for what in ("weights", "kv")]
         num_bytes = {**dict.fromkeys(whats, 0), **num_bytes}
         durations = {**dict.fromkeys(states, 0.0), **durations}
         for family, values in ((count, counts), (moved, num_bytes), (seconds, durations)):

@@ -32,10 +32,11 @@ _BATCH_HINT = 16
 # oneDNN builds (JIT-compiles) and caches a primitive per row count, and a process that meets
 # every prompt length keeps the memory of each: session 46's soak probe saw a prefill worker
 # grow 1.41 -> 2.2 GB under load, and a decode worker hosting a prefill worker's layers keep
-# ~550 MB after the migration ended (not Python objects, and mostly not freeable by
+# ~700 MB after the migration ended (not Python objects, and mostly not freeable by
 # malloc_trim). Past EXACT_ROWS (decode batches) a call's rows are padded up to one of
-# ROW_STEPS_PER_OCTAVE sizes per power of two: two smollm2 linears at 2,048 random row counts
-# grew a process by 1.27 GB, at these sizes by 0.14 GB, for 2-3 % more time per call.
+# ROW_STEPS_PER_OCTAVE sizes per power of two: 6,000 calls of smollm2's gate/up and down
+# linears at random row counts up to 2,048 grew a process by 2.1 GB exact, by 0.21 GB padded,
+# for 2-3 % more time per call (docs/engine.md, "Weights").
 EXACT_ROWS = 64
 ROW_STEPS_PER_OCTAVE = 16
 _TILE = 32  # outputs per tile of the small_gemm packing
@@ -112,15 +113,14 @@ class PackedLinear(nn.Module):
             destination[prefix + "packed"] = tiles[: self.out_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
         if not self.kernel:
-            rows = x.reshape(-1, self.in_features)
             m = rows.shape[0]
             padded = padded_rows(m)
             if padded != m:  # the padding rows' outputs are computed and dropped
                 rows = F.pad(rows, (0, 0, 0, padded - m))
             out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
             return out[:m].view(*x.shape[:-1], self.out_features)
-        rows = x.reshape(-1, self.in_features)
         if rows.stride(-1) != 1:
             rows = rows.contiguous()
         out = rows.new_empty(rows.shape[0], self.out_features)
