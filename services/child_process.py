@@ -8,6 +8,8 @@ argv again with the port the child had, after checking no socket still listens t
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
 import queue
 import socket
@@ -159,9 +161,17 @@ class Child:
                 return self.proc.wait(timeout=max(0.0, min(0.1, deadline - time.monotonic())))
             except subprocess.TimeoutExpired:
                 if time.monotonic() >= deadline:
+                    state = process_state(self.proc.pid)
+                    self._say(f"{self.name} did not exit in time: killed; {state}")
                     break
         self.proc.kill()
         return self.proc.wait()
+
+    def _say(self, line: str) -> None:
+        """One line of the launcher's own in the cluster's log."""
+        with contextlib.suppress(OSError, ValueError):  # a log closed or gone: said nowhere
+            self._log.write(f"banaserve: {line}\n")
+            self._log.flush()
 
 
 def _read_lines(proc: subprocess.Popen[str], lines: queue.Queue[str]) -> None:
@@ -187,6 +197,23 @@ def with_flag(argv: list[str], flag: str, value: str) -> list[str]:
         return [*argv, flag, value]
     i = argv.index(flag)
     return [*argv[: i + 1], value, *argv[i + 2 :]]
+
+
+def process_state(pid: int) -> str:
+    """What a process is doing, from /proc, for a launcher that is about to kill it: its
+    threads' states (R running, S sleeping, D in the kernel, T stopped by a signal, t traced)
+    and the kernel functions the non-running ones wait in, counted."""
+    states: collections.Counter[str] = collections.Counter()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            # "pid (comm) S ...": comm may hold spaces and parentheses, the state follows the last ")"
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            wchan = (task / "wchan").read_text().strip() if state != "R" else ""
+            states[f"{state} {wchan}".strip() if wchan not in ("", "0") else state] += 1
+    if not states:
+        return "its threads' states could not be read"
+    listed = ", ".join(f"{n} {what}" for what, n in states.most_common())
+    return f"its threads: {listed}"
 
 
 def port_in_use(port: int, host: str = HOST) -> bool:

@@ -16,6 +16,8 @@ from services.launcher import ClusterSpec, LocalCluster
 
 T = TypeVar("T")
 
+LOG_TAIL_LINES = 80
+
 
 @contextmanager
 def running_cluster(
@@ -31,7 +33,15 @@ def running_cluster(
         finally:
             codes = cluster.stop()
     left = {name: code for name, code in codes.items() if name not in killed}
-    assert set(left.values()) == {0}, f"services exited with {codes}"
+    assert set(left.values()) == {0}, f"services exited with {codes}; " + log_tail(log_path)
+
+
+def log_tail(log_path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` of a cluster's log, for a failure's message: a child that had to be
+    killed at its stop has said where it waited there (services/rpc/server.py, the stuck
+    report), and CI keeps no file but its own output."""
+    tail = log_path.read_text(errors="replace").splitlines()[-lines:]
+    return f"the log's last {len(tail)} lines:\n" + "\n".join(tail)
 
 
 def wait_for(predicate: Callable[[], T], what: str, timeout_s: float = 60.0) -> T:

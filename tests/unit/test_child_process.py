@@ -5,6 +5,8 @@ service: it prints ``LISTENING HOST:PORT`` like every BanaServe service)."""
 from __future__ import annotations
 
 import os
+import re
+import signal
 import socket
 import sys
 import threading
@@ -154,6 +156,9 @@ def test_a_child_gets_its_drain_then_is_killed_and_force_kills_it_at_once(tmp_pa
         started = time.monotonic()
         assert child.stop() == -9
         assert 0.7 <= time.monotonic() - started < 3
+        # What it was doing, for whoever reads why it was killed: one thread, asleep.
+        said = (tmp_path / "child.log").read_text()
+        assert re.search(r"banaserve: svc did not exit in time: killed; its threads: 1 S\b", said)
 
         child = Child("svc", [sys.executable, "-c", DRAINING], dict(os.environ), log, False)
         time.sleep(0.5)
@@ -162,3 +167,18 @@ def test_a_child_gets_its_drain_then_is_killed_and_force_kills_it_at_once(tmp_pa
         started = time.monotonic()
         assert child.stop(force) == -9  # its drain would be 30 s
         assert time.monotonic() - started < 2
+
+
+@pytest.mark.integration
+def test_a_child_killed_at_its_deadline_is_said_to_be_frozen_if_it_was(tmp_path, monkeypatch):
+    """A child stopped by a signal (SIGSTOP: it cannot drain, log or dump its stack) is killed
+    at its deadline, and the log says that it was stopped, not only that it was slow."""
+    monkeypatch.setattr(child_process, "STOP_TIMEOUT_S", 0.2)
+    with open(tmp_path / "child.log", "w") as log:
+        child = Child("svc", [sys.executable, "-c", DRAINING], dict(os.environ), log, False)
+        child.argv = [*child.argv, "--drain-timeout", "0.1"]
+        time.sleep(0.5)
+        os.kill(child.proc.pid, signal.SIGSTOP)
+        assert child.stop() == -9
+    said = (tmp_path / "child.log").read_text()
+    assert re.search(r"svc did not exit in time: killed; its threads: \d+ T\b", said), said
