@@ -422,6 +422,10 @@ def run_service(
         args.log_level, getattr(args, "log_format", "text"), _service_name(parse_args)
     )
     watch_parent()  # started by a launcher: stop once it is gone
+    with contextlib.suppress(ValueError, OSError, AttributeError):  # a stderr with no fd
+        # A crash in compiled code (gRPC's core, torch) says where each thread was, on stderr,
+        # before the process dies of its signal: otherwise it dies without a word.
+        faulthandler.enable()
     _dump_threads_when_stuck = True
     try:
         check_metrics_args(args)

@@ -403,3 +403,38 @@ def test_a_port_in_use_is_a_config_error_naming_it():
     assert run.returncode == 2, run.stderr[-2000:]
     assert f"error: --port {port}: cannot listen" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_a_service_that_crashes_in_compiled_code_says_where_before_it_dies(tmp_path):
+    """A service process (``run_service``) killed by a fatal signal in C code (here a
+    segfault through ctypes): every thread's Python stack is on stderr, and the process still
+    dies of that signal."""
+    script = tmp_path / "crash.py"
+    script.write_text(textwrap.dedent(
+        """
+        import argparse, ctypes
+        from services.rpc import server as srv
+
+        def crashes_in_compiled_code():
+            ctypes.string_at(0)
+
+        async def serve(args):
+            crashes_in_compiled_code()
+
+        def parse(argv):
+            return argparse.Namespace(log_level="INFO")
+
+        raise SystemExit(srv.run_service(parse, serve, []))
+        """
+    ))  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+    )
+    assert run.returncode == -signal.SIGSEGV, run.stderr
+    assert "Segmentation fault" in run.stderr and "crashes_in_compiled_code" in run.stderr, (
+        run.stderr
+    )
