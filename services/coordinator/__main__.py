@@ -30,12 +30,8 @@ from services.common.config import RpcConfig
 from services.common.errors import ConfigError
 from services.common.fencing import ANNOUNCE_INTERVAL_S
 from services.common.logs import add_logging_args
-from services.common.metrics import (
-    AutoMigrationCollector,
-    CoordinatorCollector,
-    add_metrics_args,
-    start_metrics,
-)
+from services.common.metrics import AutoMigrationCollector, CoordinatorCollector
+from services.common.metrics_endpoint import add_metrics_args, start_metrics
 from services.common.network import add_host_args, resolve_host
 from services.coordinator.auto import add_auto_arguments, automatic, check_auto_arguments
 from services.coordinator.clients import RouterWorkers

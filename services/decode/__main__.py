@@ -24,7 +24,8 @@ from services.common.engine_args import (
     engine_config,
 )
 from services.common.logs import add_logging_args
-from services.common.metrics import EngineCollector, add_metrics_args, start_metrics
+from services.common.metrics import EngineCollector
+from services.common.metrics_endpoint import add_metrics_args, start_metrics
 from services.common.network import (
     add_advertise_args,
     add_host_args,

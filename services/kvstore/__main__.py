@@ -18,7 +18,8 @@ from pathlib import Path
 from services.common.arg_types import port_number, positive, redis_url
 from services.common.config import RpcConfig
 from services.common.logs import add_logging_args
-from services.common.metrics import KVStoreCollector, add_metrics_args, start_metrics
+from services.common.metrics import KVStoreCollector
+from services.common.metrics_endpoint import add_metrics_args, start_metrics
 from services.common.network import (
     add_advertise_args,
     add_host_args,

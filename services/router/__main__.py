@@ -25,7 +25,8 @@ from services.common.arg_types import int_range, port_number, positive
 from services.common.config import RpcConfig
 from services.common.limits import PromptLimits
 from services.common.logs import add_logging_args
-from services.common.metrics import RequestMetrics, RouterCollector, add_metrics_args, start_metrics
+from services.common.metrics import RequestMetrics, RouterCollector
+from services.common.metrics_endpoint import add_metrics_args, start_metrics
 from services.common.model_files import read_json_object
 from services.common.network import add_host_args, resolve_host
 from services.router.clients import GrpcWorkerClients

@@ -48,7 +48,7 @@ from services.common.arg_types import non_negative
 from services.common.config import DRAIN_TIMEOUT_S, RpcConfig
 from services.common.errors import ConfigError, ModelFormatError, ModelNotFoundError
 from services.common.logs import configure_logging
-from services.common.metrics import check_metrics_args
+from services.common.metrics_endpoint import check_metrics_args
 from services.common.parent import watch_parent
 from services.rpc.channels import server_options
 from services.rpc.security import AuthInterceptor, server_credentials

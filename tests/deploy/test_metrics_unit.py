@@ -10,12 +10,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from services.common.errors import ConfigError
-from services.common.metrics import (
-    EngineCollector,
-    KVStoreCollector,
-    MetricsEndpoint,
-    RequestMetrics,
-)
+from services.common.metrics import EngineCollector, KVStoreCollector, RequestMetrics
+from services.common.metrics_endpoint import MetricsEndpoint
 from services.common.network import default_id, resolve_host
 from services.common.types import FinishReason
 from services.kvstore.core import LookupResult

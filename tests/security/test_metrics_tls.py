@@ -17,7 +17,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from services.common.errors import ConfigError
-from services.common.metrics import RequestMetrics, check_metrics_args, start_metrics
+from services.common.metrics import RequestMetrics
+from services.common.metrics_endpoint import check_metrics_args, start_metrics
 from services.rpc.security import Role, SecurityConfig, TlsFiles
 from tests.prefill.helpers import free_port
 
