@@ -206,7 +206,7 @@ def process_state(pid: int) -> str:
     states: collections.Counter[str] = collections.Counter()
     for task in Path(f"/proc/{pid}/task").glob("*"):
         with contextlib.suppress(OSError):
-            # "pid (comm) S ...": comm may hold spaces and parentheses, the state follows the last ")"
+            # "pid (comm) S ...": comm may hold spaces and ")"; the state follows the last ")"
             state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
             wchan = (task / "wchan").read_text().strip() if state != "R" else ""
             states[f"{state} {wchan}".strip() if wchan not in ("", "0") else state] += 1

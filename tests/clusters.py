@@ -3,7 +3,6 @@ checked to stop cleanly, and a bounded poll of another process's state."""
 
 from __future__ import annotations
 
-import re
 import time
 import urllib.request
 from collections.abc import Callable, Collection, Iterator
@@ -18,8 +17,6 @@ from services.launcher import ClusterSpec, LocalCluster
 T = TypeVar("T")
 
 LOG_TAIL_LINES = 80
-# A line gRPC core writes itself: "I1207 15:03:43.896402   24476 chttp2_transport.cc:1403] ..."
-GRPC_CORE_LINE = re.compile(r"^[IW]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+\.cc:\d+\].*$", re.M)
 
 
 @contextmanager
