@@ -492,7 +492,12 @@ def test_a_resend_by_the_client_takes_over_its_request_still_running_here(resent
         async with cluster(hang_decode=True) as c:
             old = c.stub.Generate(request(), timeout=10)
             assert (await old.read()).WhichOneof("frame") == "started"
-            assert tokens_of([await old.read()]) == [7]
+            assert tokens_of([await old.read()]) == [7]  # the prefill worker's token
+            # d0's stream has started, and stalls after this token: only now may the next
+            # stream run free. Cleared after token 7 alone, it was cleared before d0's stream
+            # started when the machine was loaded, and the old request ran to its end before
+            # the resend came (CI, session 47).
+            assert tokens_of([await old.read()]) == [8]
             c.workers["d0"].hang_decode = False
             resend = resumed_request(resent_tokens)
             resend.resume = True
@@ -500,8 +505,7 @@ def test_a_resend_by_the_client_takes_over_its_request_still_running_here(resent
             assert tokens_of(frames) == [7, 8, 9, 10][len(resent_tokens) :]
             assert frames[-1].finished.usage.num_completion_tokens == 4
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                while True:  # d0's token 8 may have come before the resend
-                    assert (await old.read()).WhichOneof("frame") == "delta"
+                await old.read()
             error = info.value
             assert error.code() == C.ABORTED
             assert "'r1' was sent again by its client" in error.details()
