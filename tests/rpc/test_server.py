@@ -288,15 +288,28 @@ def test_a_stop_that_outlasts_its_grace_logs_where_its_tasks_wait(monkeypatch, c
     assert "stuck_in_the_drain" in report
 
 
+def service_script(tmp_path: Path, body: str) -> list[str]:
+    """The argv of a stand-in service process: ``body`` (which defines ``serve(args)``, with
+    ``srv`` the server module) run by ``run_service`` as every service's ``main`` is."""
+    script = tmp_path / "service.py"
+    script.write_text(
+        "import argparse\nfrom services.rpc import server as srv\n"
+        + textwrap.dedent(body)
+        + "\ndef parse(argv):\n    return argparse.Namespace(log_level='INFO')\n"
+        + "\nraise SystemExit(srv.run_service(parse, serve, []))\n"
+    )
+    return [sys.executable, str(script)]
+
+
+SCRIPT_ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+
+
 def test_a_service_whose_loop_is_blocked_in_its_stop_dumps_every_thread(tmp_path):
     """A service process (``run_service``) whose drain blocks its event loop: no task can
     report, so a watchdog thread writes every thread's stack to stderr."""
-    script = tmp_path / "blocked.py"
-    script.write_text(textwrap.dedent(
-        """
-        import argparse, asyncio, time
+    argv = service_script(tmp_path, """
+        import time
         from services.common.config import RpcConfig
-        from services.rpc import server as srv
         from tests.rpc.helpers import FakeDecode, fake_decode_service
 
         srv.STUCK_REPORT_S = 0.2
@@ -314,19 +327,9 @@ def test_a_service_whose_loop_is_blocked_in_its_stop_dumps_every_thread(tmp_path
             )
             print("LISTENING", flush=True)
             await server.serve_until_signal(drain=drain)
-
-        def parse(argv):
-            return argparse.Namespace(log_level="INFO")
-
-        raise SystemExit(srv.run_service(parse, serve, []))
-        """
-    ))  # fmt: skip
+        """)  # fmt: skip
     proc = subprocess.Popen(
-        [sys.executable, str(script)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=SCRIPT_ENV
     )
     try:
         assert proc.stdout.readline().strip() == "LISTENING"
@@ -337,6 +340,26 @@ def test_a_service_whose_loop_is_blocked_in_its_stop_dumps_every_thread(tmp_path
         proc.kill()
     assert proc.returncode == 0, err
     assert "most recent call first" in err and "blocked_in_a_call" in err, err
+
+
+def test_a_service_that_crashes_in_compiled_code_says_where_before_it_dies(tmp_path):
+    """A service process (``run_service``) killed by a fatal signal in C code (here a
+    segfault through ctypes): every thread's Python stack is on stderr, and the process still
+    dies of that signal."""
+    argv = service_script(tmp_path, """
+        import ctypes
+
+        def crashes_in_compiled_code():
+            ctypes.string_at(0)
+
+        async def serve(args):
+            crashes_in_compiled_code()
+        """)  # fmt: skip
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=SCRIPT_ENV)
+    assert run.returncode == -signal.SIGSEGV, run.stderr
+    assert "Segmentation fault" in run.stderr and "crashes_in_compiled_code" in run.stderr, (
+        run.stderr
+    )
 
 
 def test_drain_while_waits_for_the_work_at_least_its_minimum_and_at_most_its_grace():
@@ -403,38 +426,3 @@ def test_a_port_in_use_is_a_config_error_naming_it():
     assert run.returncode == 2, run.stderr[-2000:]
     assert f"error: --port {port}: cannot listen" in run.stderr
     assert "Traceback" not in run.stderr
-
-
-def test_a_service_that_crashes_in_compiled_code_says_where_before_it_dies(tmp_path):
-    """A service process (``run_service``) killed by a fatal signal in C code (here a
-    segfault through ctypes): every thread's Python stack is on stderr, and the process still
-    dies of that signal."""
-    script = tmp_path / "crash.py"
-    script.write_text(textwrap.dedent(
-        """
-        import argparse, ctypes
-        from services.rpc import server as srv
-
-        def crashes_in_compiled_code():
-            ctypes.string_at(0)
-
-        async def serve(args):
-            crashes_in_compiled_code()
-
-        def parse(argv):
-            return argparse.Namespace(log_level="INFO")
-
-        raise SystemExit(srv.run_service(parse, serve, []))
-        """
-    ))  # fmt: skip
-    run = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
-    )
-    assert run.returncode == -signal.SIGSEGV, run.stderr
-    assert "Segmentation fault" in run.stderr and "crashes_in_compiled_code" in run.stderr, (
-        run.stderr
-    )
