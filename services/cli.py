@@ -6,10 +6,14 @@ import argparse
 import os
 import sys
 
-from services.common.arg_types import host_port, path_arg, positive, thread_count, utf8_text
-from services.common.errors import BanaServeError, ConfigError
-from services.rpc.probe import add_health_parser
-from services.sim.cli import add_sim
+from services.common.grpc_env import quiet_grpc_core
+
+quiet_grpc_core()  # before anything imports grpc: a client command's stderr is the user's
+
+from services.common.arg_types import host_port, path_arg, positive, thread_count, utf8_text  # noqa: E402
+from services.common.errors import BanaServeError, ConfigError  # noqa: E402
+from services.rpc.probe import add_health_parser  # noqa: E402
+from services.sim.cli import add_sim  # noqa: E402
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:

@@ -6,6 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from services.common.grpc_env import quiet_grpc_core
+
+# The test process runs servers and clients in-process: gRPC core's raw INFO lines (a
+# server's stop, a goaway) would otherwise land in every failure's captured output.
+quiet_grpc_core()
+
 
 def pytest_configure(config: pytest.Config) -> None:
     # One intra-op thread: tiny models gain nothing from two, and on a 2-core
