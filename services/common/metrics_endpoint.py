@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 
 from services.common.arg_types import port_number
 from services.common.errors import ConfigError
+from services.common.https_port import https_or_refusal
 
 if TYPE_CHECKING:  # services.rpc imports grpc: not for this module's torch- and grpc-free users
     from services.rpc.security import SecurityConfig, TlsFiles
@@ -80,14 +81,19 @@ class MetricsEndpoint:
 
     async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
         """``tls``: HTTPS (``metrics_ssl_context``); a client that fails its handshake is
-        dropped before any request is read."""
-        self._server = await asyncio.start_server(
-            self._handle,
-            host,
-            port,
-            ssl=tls,
-            ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if tls is not None else None,
-        )
+        dropped before any request is read, and a plain-HTTP request gets a 400 that says to
+        use https (``services/common/https_port.py``)."""
+        if tls is None:
+            self._server = await asyncio.start_server(self._handle, host, port)
+        else:
+            loop = asyncio.get_running_loop()
+
+            def streams() -> asyncio.StreamReaderProtocol:  # what start_server builds
+                return asyncio.StreamReaderProtocol(asyncio.StreamReader(loop=loop), self._handle)
+
+            self._server = await loop.create_server(
+                https_or_refusal(streams, tls, HANDSHAKE_TIMEOUT_S), host, port
+            )
         self.scheme = "https" if tls is not None else "http"
         bound = self._server.sockets[0].getsockname()
         self.address = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"

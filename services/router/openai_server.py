@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,7 @@ import uvicorn
 from starlette.types import ASGIApp
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from services.common.https_port import https_or_refusal
 from services.rpc.security import TlsFiles
 
 # A request line and headers past this are refused (431): bearer tokens and the usual headers
@@ -65,15 +67,16 @@ class HttpServer:
         self.port = self._socket.getsockname()[1]
         self.host = host
         self.scheme = "https" if tls is not None else "http"
+        http: Callable[..., asyncio.Protocol] = guarded_http(header_timeout_s)
+        if tls is not None:  # TLS, or a plain-HTTP request's 400 (services/common/https_port.py)
+            http = https_first(http, server_tls_context(tls), header_timeout_s)
         config = uvicorn.Config(
             app,
             log_config=None,  # the process's logging (services.common.logs) stays as it is
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=grace_s,
-            http=guarded_http(header_timeout_s),
-            ssl_certfile=str(tls.cert) if tls is not None else None,
-            ssl_keyfile=str(tls.key) if tls is not None else None,
+            http=http,  # type: ignore[arg-type]  # uvicorn calls it as it would a class
         )
         config.load()
         self._server = uvicorn.Server(config)
@@ -259,6 +262,27 @@ def guarded_http(header_timeout_s: float) -> type[GuardedHttp]:
     """``GuardedHttp`` with this server's header timeout (uvicorn builds the protocol)."""
     attrs: dict[str, Any] = {"header_timeout_s": header_timeout_s}
     return type("GuardedHttp", (GuardedHttp,), attrs)
+
+
+def server_tls_context(tls: TlsFiles) -> ssl.SSLContext:
+    """Server authentication with the router's certificate (clients verify it against the
+    cluster CA); no client certificate asked for: callers authenticate with a bearer token."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(tls.cert), str(tls.key))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def https_first(
+    http: Callable[..., asyncio.Protocol], context: ssl.SSLContext, first_byte_timeout_s: float
+) -> Callable[..., asyncio.Protocol]:
+    """uvicorn's protocol factory (called with uvicorn's keywords) behind an HTTPS port that
+    refuses plain HTTP with a 400 (``https_or_refusal``)."""
+
+    def make(**kwargs: Any) -> asyncio.Protocol:
+        return https_or_refusal(lambda: http(**kwargs), context, first_byte_timeout_s)()
+
+    return make
 
 
 def _listen(host: str, port: int) -> socket.socket:

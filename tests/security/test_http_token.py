@@ -9,6 +9,7 @@ import ssl
 import httpx2
 import pytest
 
+from services.common.https_port import REFUSAL_BODY
 from services.router.__main__ import parse_args
 from services.router.openai_api import OpenAIApi
 from services.router.openai_server import HttpServer
@@ -61,8 +62,8 @@ def test_http_api_needs_a_valid_bearer_token():
 def test_the_http_api_over_tls_with_the_routers_certificate(certs):
     """Probe, session 43: under ``--tls-dir`` the HTTP API stayed plain HTTP, the token in
     clear. ``--http-tls`` serves it over TLS with the router's certificate: a client that
-    verifies against the cluster CA is served (the token still checked), plain HTTP gets no
-    answer, and a client that trusts another CA fails the handshake."""
+    verifies against the cluster CA is served (the token still checked), plain HTTP gets a
+    400 that says to use https, and a client that trusts another CA fails the handshake."""
     tls = TlsFiles.in_dir(certs, Role.ROUTER)
 
     async def main():
@@ -81,8 +82,10 @@ def test_the_http_api_over_tls_with_the_routers_certificate(certs):
                     r = await client.post("/v1/completions", json=completion(), headers=ok)
                     assert r.json()["choices"][0]["text"] == "<7><8><9><10>"
                 async with httpx2.AsyncClient(base_url=f"http://{http.address}") as plain:
-                    with pytest.raises(httpx2.HTTPError):
-                        await plain.get("/health")
+                    r = await plain.get("/health")  # before session 48: closed, no reply
+                    assert (r.status_code, r.content) == (400, REFUSAL_BODY)
+                    r = await plain.post("/v1/completions", json=completion(), headers=ok)
+                    assert r.status_code == 400  # the token was not read, nor served
                 async with httpx2.AsyncClient(base_url=url) as stranger:  # the system's CAs
                     with pytest.raises(httpx2.ConnectError):
                         await stranger.get("/health")
