@@ -218,7 +218,7 @@ def _add_certs(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "dir",
         type=path_arg,
-        help="directory to write ca.crt, <role>.crt/.key, dataplane.secret to",
+        help="directory to write ca.crt, <role>.crt/.key, dataplane.secret, redis.secret to",
     )
     p.add_argument(  # at most a century: checked with the rest in create_certs
         "--days", type=positive(int), default=365, help="validity of every certificate"
