@@ -30,6 +30,7 @@ from services.router.driver import (
     WorkerCallError,
 )
 from services.router.registry import WorkerInfo
+from services.rpc import aio_calls
 from services.rpc.channels import open_channel
 from services.rpc.convert import (
     DATA_TRANSPORT_FROM_PROTO,
@@ -89,7 +90,7 @@ class GrpcDecodeClient:
             resume_output_token_ids=request.resume_output_token_ids,
         )
         try:
-            reply = await self._stub.ReserveKV(message, timeout=timeout_s)
+            reply = await aio_calls.unary(self._stub.ReserveKV(message, timeout=timeout_s))
         except grpc.aio.AioRpcError as exc:
             raise _call_error(self._worker, "ReserveKV", exc) from None
         transport = DATA_TRANSPORT_FROM_PROTO.get(reply.data_transport, "")
@@ -121,7 +122,7 @@ class GrpcDecodeClient:
     async def release(self, request_id: str, reason: ReleaseReason, timeout_s: float) -> None:
         message = decode_pb2.ReleaseRequest(request_id=request_id, reason=RELEASE_TO_PROTO[reason])
         try:
-            await self._stub.Release(message, timeout=timeout_s)
+            await aio_calls.unary(self._stub.Release(message, timeout=timeout_s))
         except grpc.aio.AioRpcError as exc:
             raise _call_error(self._worker, "Release", exc) from None
 
@@ -132,7 +133,7 @@ class GrpcDecodeClient:
             request_id=request_id, reservation_id=reservation_id, lease=duration(lease_s)
         )
         try:
-            reply = await self._stub.RenewLease(message, timeout=timeout_s)
+            reply = await aio_calls.unary(self._stub.RenewLease(message, timeout=timeout_s))
         except grpc.aio.AioRpcError as exc:
             raise _call_error(self._worker, "RenewLease", exc) from None
         return seconds(reply.lease)
@@ -182,7 +183,7 @@ def _prefill_result(done: prefill_pb2.PrefillDone) -> PrefillResult:
 async def _frames(call: Any, worker: WorkerInfo, name: str) -> AsyncIterator[Any]:
     """The frames of a server-streaming call; the call is cancelled if abandoned early."""
     try:
-        async for frame in call:
+        async for frame in aio_calls.frames(call):  # (not ``call``: services/rpc/aio_calls.py)
             yield frame
     except grpc.aio.AioRpcError as exc:
         raise _call_error(worker, name, exc) from None

@@ -1,0 +1,49 @@
+"""Awaiting grpc.aio client calls without leaking native memory when the awaiting task is
+cancelled.
+
+grpc.aio runs each operation batch of a call in a task of its own and frees the batch's
+native ops only once that task has its result: a task cancelled while a batch is in flight
+drops it with its ops still allocated (grpc/grpc#43360, open for grpcio 1.69–1.85). The router
+cancels such tasks for every request whose client cancels it or whose deadline passes (its
+calls to the workers are awaited in the request's task): measured on a real cluster
+(2026-12-07, tiny-llama, 1P1D), the router grew ~250 B per cancelled request — 33 MB over
+131,000 requests with a 5 ms deadline — and ~25 B per request that ended normally.
+
+Here the awaiting task waits on a shield: cancelled, it cancels the call itself
+(``call.cancel()``, which ends the batch in gRPC core) and waits for the batch's task to end
+before it re-raises, so the batch is freed. The caller sees the same ``CancelledError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+
+async def _shielded(call: Any, awaitable: Any) -> Any:
+    operation = asyncio.ensure_future(awaitable)
+    try:
+        return await asyncio.shield(operation)
+    except asyncio.CancelledError:
+        call.cancel()
+        await asyncio.wait({operation})  # ended: its batch is freed
+        if not operation.cancelled():
+            operation.exception()  # retrieved: no "never retrieved" warning
+        raise
+
+
+async def unary(call: Any) -> Any:
+    """The response of a unary call (``stub.Method(request)``), as ``await call``."""
+    return await _shielded(call, call)
+
+
+async def frames(call: Any) -> AsyncIterator[Any]:
+    """The messages of a server-streaming call, as ``async for frame in call``."""
+    while True:
+        frame = await _shielded(call, call.read())
+        if frame is grpc.aio.EOF:
+            return
+        yield frame
