@@ -4,10 +4,11 @@ cancelled.
 grpc.aio runs each operation batch of a call in a task of its own and frees the batch's
 native ops only once that task has its result: a task cancelled while a batch is in flight
 drops it with its ops still allocated (grpc/grpc#43360, open for grpcio 1.69–1.85). The router
-cancels such tasks for every request whose client cancels it or whose deadline passes (its
-calls to the workers are awaited in the request's task): measured on a real cluster
-(2026-12-07, tiny-llama, 1P1D), the router grew ~250 B per cancelled request — 33 MB over
-131,000 requests with a 5 ms deadline — and ~25 B per request that ended normally.
+awaits its calls to the workers in each request's task, and a request whose client cancels it
+has that task cancelled: measured on a real cluster (2026-12-07, tiny-llama, 1P1D), the router
+kept 263 B per request cancelled after its first token (~25 B per request that ended
+normally), 34 B with the calls awaited here. (Requests with a 5 ms deadline kept ~250–360 B
+each with or without this: another path, not found; docs/reliability.md, session 48.)
 
 Here the awaiting task waits on a shield: cancelled, it cancels the call itself
 (``call.cancel()``, which ends the batch in gRPC core) and waits for the batch's task to end
