@@ -8,7 +8,8 @@ awaits its calls to the workers in each request's task, and a request whose clie
 has that task cancelled: measured on a real cluster (2026-12-07, tiny-llama, 1P1D), the router
 kept 263 B per request cancelled after its first token (~25 B per request that ended
 normally), 34 B with the calls awaited here. (Requests with a 5 ms deadline kept ~250–360 B
-each with or without this: another path, not found; docs/reliability.md, session 48.)
+each with or without this: a batch that fails at its gRPC deadline is not freed either, and
+the shield does not help that; docs/reliability.md, session 48.)
 
 Here the awaiting task waits on a shield: cancelled, it cancels the call itself
 (``call.cancel()``, which ends the batch in gRPC core) and waits for the batch's task to end
