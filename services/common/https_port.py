@@ -37,9 +37,10 @@ from collections.abc import Callable
 # handshake); SSL 2's hello is not accepted by any context this project builds.
 TLS_HANDSHAKE = 0x16
 
-# A refused plain-HTTP client's lingering close: long enough for a client on any network these
-# ports serve to finish a write and read the answer, short enough that one that never stops
-# sending holds nothing for long (as the HTTP API's, services/router/openai_server.py).
+# A refused connection's lingering close (here, and the HTTP API's refusals:
+# services/router/openai_server.py): long enough for a client on any network these ports serve
+# to finish a write and read the answer, short enough that one that never stops sending holds
+# nothing for long.
 LINGER_S = 2.0
 LINGER_MAX_BYTES = 1 << 20
 
@@ -48,6 +49,17 @@ REFUSAL = (
     b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
     b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(REFUSAL_BODY)
 ) + REFUSAL_BODY
+
+
+def https_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSLContext:
+    """A server's TLS context (TLS 1.2 or later) with its certificate and key; with
+    ``client_ca``, every client must present a certificate that CA signed."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=client_ca)
+    context.load_cert_chain(cert, key)
+    if client_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 class HttpsOrRefusal(asyncio.Protocol):

@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 
 from services.common.arg_types import port_number
 from services.common.errors import ConfigError
-from services.common.https_port import https_or_refusal
+from services.common.https_port import https_context, https_or_refusal
 
 if TYPE_CHECKING:  # services.rpc imports grpc: not for this module's torch- and grpc-free users
     from services.rpc.security import SecurityConfig, TlsFiles
@@ -63,11 +63,7 @@ HANDSHAKE_TIMEOUT_S = 10.0
 def metrics_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
     """The server side of mutual TLS for ``/metrics``: the service's certificate, and a client
     certificate signed by the cluster CA required of every scraper."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tls.ca))
-    context.load_cert_chain(str(tls.cert), str(tls.key))
-    context.verify_mode = ssl.CERT_REQUIRED
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
+    return https_context(str(tls.cert), str(tls.key), client_ca=str(tls.ca))
 
 
 class MetricsEndpoint:

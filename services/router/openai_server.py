@@ -34,7 +34,7 @@ import uvicorn
 from starlette.types import ASGIApp
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from services.common.https_port import https_or_refusal
+from services.common.https_port import LINGER_S, https_context, https_or_refusal
 from services.rpc.security import TlsFiles
 
 # A request line and headers past this are refused (431): bearer tokens and the usual headers
@@ -43,10 +43,8 @@ MAX_HEADER_BYTES = 64 << 10
 # How long a request's line and headers may take to arrive: one round trip on any network
 # this API serves; as the body's (openai_api.BODY_TIMEOUT_S).
 HEADER_TIMEOUT_S = 30.0
-# A refused connection's lingering close (module docstring): long enough for a client on any
-# network this API serves to finish a write and read the answer, short enough that a client
-# that never stops sending holds nothing for long.
-LINGER_S = 2.0
+# A refused connection's lingering close (module docstring) lasts ``LINGER_S`` (https_port's)
+# and reads at most this much.
 LINGER_MAX_BYTES = 64 << 20
 
 
@@ -69,7 +67,9 @@ class HttpServer:
         self.scheme = "https" if tls is not None else "http"
         http: Callable[..., asyncio.Protocol] = guarded_http(header_timeout_s)
         if tls is not None:  # TLS, or a plain-HTTP request's 400 (services/common/https_port.py)
-            http = https_first(http, server_tls_context(tls), header_timeout_s)
+            # the router's certificate; no client certificate: callers send a bearer token
+            context = https_context(str(tls.cert), str(tls.key))
+            http = https_first(http, context, header_timeout_s)
         config = uvicorn.Config(
             app,
             log_config=None,  # the process's logging (services.common.logs) stays as it is
@@ -262,15 +262,6 @@ def guarded_http(header_timeout_s: float) -> type[GuardedHttp]:
     """``GuardedHttp`` with this server's header timeout (uvicorn builds the protocol)."""
     attrs: dict[str, Any] = {"header_timeout_s": header_timeout_s}
     return type("GuardedHttp", (GuardedHttp,), attrs)
-
-
-def server_tls_context(tls: TlsFiles) -> ssl.SSLContext:
-    """Server authentication with the router's certificate (clients verify it against the
-    cluster CA); no client certificate asked for: callers authenticate with a bearer token."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(str(tls.cert), str(tls.key))
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
 
 
 def https_first(

@@ -76,8 +76,9 @@ def test_frames_and_unary_pass_results_through():
 
 @pytest.mark.parametrize("kind", ["stream", "unary"])
 def test_a_cancelled_awaiter_cancels_the_call_and_waits_for_it_to_end(kind):
-    """Plain ``await call`` / ``async for frame in call`` leave the call running (its batch
-    dropped); here it has ended, cancelled, once the caller sees its CancelledError."""
+    """The wrapper keeps what a cancelled awaiter of the plain forms gets: its
+    CancelledError, the call ended and cancelled (so do ``await call`` and ``async for frame
+    in call``: the difference, the native memory, is the next test's)."""
 
     async def main():
         server, port = await served()

@@ -7,14 +7,14 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from services.common import https_port
-from services.common.https_port import REFUSAL, https_or_refusal
-from services.router.openai_server import server_tls_context
+from services.common.https_port import REFUSAL, https_context, https_or_refusal
 from services.rpc.security import Role, TlsFiles
 
 
@@ -39,9 +39,8 @@ class Hello(asyncio.Protocol):
 
 
 def serve(context: ssl.SSLContext, timeout_s: float):
-    """A server on 127.0.0.1 in a thread of its own; yields its port."""
-    import threading
-
+    """A server on 127.0.0.1 on an event loop in a thread of its own: its port, the loop and
+    the thread."""
     ready: dict = {}
     loop = asyncio.new_event_loop()
 
@@ -50,7 +49,6 @@ def serve(context: ssl.SSLContext, timeout_s: float):
             https_or_refusal(Hello, context, timeout_s), "127.0.0.1", 0
         )
         ready["port"] = server.sockets[0].getsockname()[1]
-        ready["server"] = server
 
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -60,7 +58,8 @@ def serve(context: ssl.SSLContext, timeout_s: float):
 
 @pytest.fixture
 def port(certs: Path):
-    context = server_tls_context(TlsFiles.in_dir(certs, Role.ROUTER))
+    tls = TlsFiles.in_dir(certs, Role.ROUTER)
+    context = https_context(str(tls.cert), str(tls.key))
     port, loop, thread = serve(context, timeout_s=1.0)
     yield port
     loop.call_soon_threadsafe(loop.stop)
