@@ -48,7 +48,7 @@ from services.client.resume import (
 from services.common.config import RpcConfig
 from services.common.errors import ConfigError
 from services.common.limits import check_target
-from services.rpc import security
+from services.rpc import aio_calls, security
 from services.rpc.channels import MIN_CLIENT_KEEPALIVE_S, client_library_options
 from services.rpc.deadlines import bounded
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
@@ -334,7 +334,7 @@ class AsyncGeneration(Generation):
     async def _frames(self) -> AsyncIterator[Delta]:
         while True:
             try:
-                async for frame in self._call:
+                async for frame in aio_calls.frames(self._call):
                     delta = self._add(frame)
                     if delta is not None:
                         yield delta
@@ -513,20 +513,24 @@ class AsyncBanaServeClient:
     async def abort(self, request_id: str, timeout_s: float = 5.0) -> None:
         """As ``BanaServeClient.abort`` (an id not running: ``RequestNotFoundError``)."""
         try:
-            await self._stub.Abort(
-                router_pb2.AbortRequest(request_id=request_id),
-                timeout=_timeout(timeout_s),
-                metadata=self._metadata,
+            await aio_calls.unary(
+                self._stub.Abort(
+                    router_pb2.AbortRequest(request_id=request_id),
+                    timeout=_timeout(timeout_s),
+                    metadata=self._metadata,
+                )
             )
         except grpc.RpcError as exc:
             raise _error(exc) from None
 
     async def list_workers(self, timeout_s: float = 5.0) -> list[WorkerStatus]:
         try:
-            reply = await self._stub.ListWorkers(
-                router_pb2.ListWorkersRequest(),
-                timeout=_timeout(timeout_s),
-                metadata=self._metadata,
+            reply = await aio_calls.unary(
+                self._stub.ListWorkers(
+                    router_pb2.ListWorkersRequest(),
+                    timeout=_timeout(timeout_s),
+                    metadata=self._metadata,
+                )
             )
         except grpc.RpcError as exc:
             raise _error(exc) from None

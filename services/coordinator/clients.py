@@ -33,6 +33,7 @@ from services.coordinator.ports import (
     WorkerNotFoundError,
     lease_lost,
 )
+from services.rpc import aio_calls
 from services.rpc.channels import open_channel
 from services.rpc.convert import (
     DATA_TRANSPORT_FROM_PROTO,
@@ -75,7 +76,7 @@ class GrpcWorkerPort:
     async def _call(self, method: str, request: object) -> object:
         metadata = epoch_metadata(self._workers.epoch())
         try:
-            return await getattr(self._stub, method)(request, metadata=metadata)
+            return await aio_calls.unary(getattr(self._stub, method)(request, metadata=metadata))
         except grpc.aio.AioRpcError as exc:
             raise _domain(exc) from None
 
@@ -268,7 +269,9 @@ class RouterWorkers:
             return  # no router: no worker is known
         stub = router_pb2_grpc.RouterServiceStub(self._router_channel)
         try:
-            reply = await stub.ListWorkers(router_pb2.ListWorkersRequest(), timeout=5.0)
+            reply = await aio_calls.unary(
+                stub.ListWorkers(router_pb2.ListWorkersRequest(), timeout=5.0)
+            )
         except grpc.aio.AioRpcError as exc:
             raise errors.DependencyUnavailableError(f"router: {exc.details()}") from None
         self._addresses = {w.info.worker_id: w.info.address for w in reply.workers}

@@ -30,6 +30,7 @@ from services.common.errors import BanaServeError
 from services.common.load import LoadReport
 from services.coordinator.policy import Sample, WorkerView
 from services.coordinator.ports import Workers
+from services.rpc import aio_calls
 from services.rpc.channels import open_channel
 from services.rpc.convert import seconds
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
@@ -96,7 +97,9 @@ class RouterLoadFeed:
         self._roles: dict[str, int] = {}
 
     async def poll(self) -> None:
-        reply = await self._stub.ListWorkers(router_pb2.ListWorkersRequest(), timeout=5.0)
+        reply = await aio_calls.unary(
+            self._stub.ListWorkers(router_pb2.ListWorkersRequest(), timeout=5.0)
+        )
         now = self._clock()
         active = [
             w

@@ -24,6 +24,7 @@ import grpc
 from services.common.config import RpcConfig
 from services.common.errors import ErrorCode
 from services.prefill.transport import KVSender, KVTarget, KVTransport, TransferError
+from services.rpc import aio_calls
 from services.rpc.dataplane.base import split_address
 from services.rpc.gen.banaserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 from services.rpc.load_reports import router_channel
@@ -42,8 +43,10 @@ def router_lister(
     async def list_workers() -> Targets:
         # wait_for_ready: a channel between reconnects (a name lookup or connection that
         # failed a moment ago) is waited for within the timeout, not failed at once
-        reply = await stub.ListWorkers(
-            router_pb2.ListWorkersRequest(), timeout=timeout_s, wait_for_ready=True
+        reply = await aio_calls.unary(
+            stub.ListWorkers(
+                router_pb2.ListWorkersRequest(), timeout=timeout_s, wait_for_ready=True
+            )
         )
         return {
             w.info.worker_id: w.info.address

@@ -43,7 +43,7 @@ from services.common import kv_wire
 from services.common.config import RpcConfig
 from services.common.errors import InvalidRequestError
 from services.common.hashing import BlockHash, place
-from services.rpc import dataplane
+from services.rpc import aio_calls, dataplane
 from services.rpc.channels import open_channel
 from services.rpc.convert import DATA_TRANSPORT_FROM_PROTO
 from services.rpc.gen.banaserve.v1 import kvstore_pb2, kvstore_pb2_grpc
@@ -222,8 +222,10 @@ class KVStoreClient:
         hashes = hashes[first_block:]
         self._remember_trace(hashes)
         try:
-            reply = await self._stub(self._address).Lookup(
-                kvstore_pb2.LookupRequest(block_hashes=list(hashes)), timeout=self._timeout_s
+            reply = await aio_calls.unary(
+                self._stub(self._address).Lookup(
+                    kvstore_pb2.LookupRequest(block_hashes=list(hashes)), timeout=self._timeout_s
+                )
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() in _UNREACHABLE:
@@ -421,8 +423,10 @@ class KVStoreClient:
         """The live nodes, from a ``Lookup`` of nothing (a worker that only hits its own prefix
         cache looks nothing up otherwise)."""
         try:
-            reply = await self._stub(self._address).Lookup(
-                kvstore_pb2.LookupRequest(), timeout=self._timeout_s
+            reply = await aio_calls.unary(
+                self._stub(self._address).Lookup(
+                    kvstore_pb2.LookupRequest(), timeout=self._timeout_s
+                )
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() in _UNREACHABLE:
@@ -477,9 +481,8 @@ class KVStoreClient:
 
     async def _call(self, node: Node, method: str, message):
         try:
-            return await getattr(self._stub(node.grpc_address), method)(
-                message, timeout=self._timeout_s
-            )
+            stub = self._stub(node.grpc_address)
+            return await aio_calls.unary(getattr(stub, method)(message, timeout=self._timeout_s))
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 self._nodes_stale = True

@@ -3,17 +3,25 @@ cancelled.
 
 grpc.aio runs each operation batch of a call in a task of its own and frees the batch's
 native ops only once that task has its result: a task cancelled while a batch is in flight
-drops it with its ops still allocated (grpc/grpc#43360, open; measured here on grpcio 1.85.4). The router
-awaits its calls to the workers in each request's task, and a request whose client cancels it
-has that task cancelled: measured on a real cluster (2026-12-07, tiny-llama, 1P1D), the router
-kept 263 B per request cancelled after its first token (~25 B per request that ended
-normally), 34 B with the calls awaited here. (Requests with a 5 ms deadline kept ~250–360 B
-each with or without this: a batch that fails at its gRPC deadline is not freed either, and
-the shield does not help that; docs/reliability.md, session 48.)
+drops it with its ops still allocated, and so does a batch that fails (grpc/grpc#43360, open;
+measured here on grpcio 1.85.4). The router awaits its calls to the workers in each request's
+task, and a request whose client cancels it, or whose deadline passes, has that task cancelled.
 
-Here the awaiting task waits on a shield: cancelled, it cancels the call itself
-(``call.cancel()``, which ends the batch in gRPC core) and waits for the batch's task to end
-before it re-raises, so the batch is freed. The caller sees the same ``CancelledError``.
+Here the awaiting task waits on a shield. Cancelled, it cancels the call and waits for the
+batch's task to end before it re-raises, so the batch ends in gRPC core and is freed; the
+caller sees the same ``CancelledError``.
+
+- A unary call is cancelled in gRPC core only (``_cancel_in_core``). grpc.aio's own
+  ``cancel()`` would also cancel the task that awaits the call's one batch, the leak itself:
+  ~960 B a call cancelled in flight, ~0 this way (2026-12-08, ``tests/rpc/aio_leak_probe.py``).
+- A stream is cancelled with ``call.cancel()``. Once its headers have come (its first read
+  went out), that ends the read's batch in core: ~115 B a call cancelled in a read with
+  ``async for``, ~10 B this way. Before the headers, the batch that waits for them fails
+  whichever way the call ends (~100 B: cancelled, deadline passed or server gone), which is
+  why every BanaServe server sends a response stream's headers at once
+  (``services/rpc/status.py``, ``ErrorInterceptor``).
+
+A call through client interceptors (tracing on) is cancelled with its own ``cancel()``.
 """
 
 from __future__ import annotations
@@ -24,28 +32,44 @@ from typing import Any
 
 import grpc
 
+try:  # the base of grpc.aio's own call objects: its cancel() ends the call in core only
+    from grpc.aio._call import Call as _PlainCall
+except ImportError:  # pragma: no cover - another grpcio layout: plain cancel() (the leak)
+    _PlainCall = None
 
-async def _shielded(call: Any, awaitable: Any) -> Any:
+
+def _cancel_in_core(call: Any) -> None:
+    if _PlainCall is not None and isinstance(call, _PlainCall):
+        _PlainCall.cancel(call)
+    else:
+        call.cancel()
+
+
+async def _shielded(call: Any, awaitable: Any, cancel: Any) -> Any:
     operation = asyncio.ensure_future(awaitable)
     try:
         return await asyncio.shield(operation)
     except asyncio.CancelledError:
-        call.cancel()
+        cancel(call)
         await asyncio.wait({operation})  # ended: its batch is freed
         if not operation.cancelled():
             operation.exception()  # retrieved: no "never retrieved" warning
         raise
 
 
+def _cancel(call: Any) -> None:
+    call.cancel()
+
+
 async def unary(call: Any) -> Any:
     """The response of a unary call (``stub.Method(request)``), as ``await call``."""
-    return await _shielded(call, call)
+    return await _shielded(call, call, _cancel_in_core)
 
 
 async def frames(call: Any) -> AsyncIterator[Any]:
     """The messages of a server-streaming call, as ``async for frame in call``."""
     while True:
-        frame = await _shielded(call, call.read())
+        frame = await _shielded(call, call.read(), _cancel)
         if frame is grpc.aio.EOF:
             return
         yield frame

@@ -21,6 +21,7 @@ compares enum members, never status names.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -270,9 +271,42 @@ _HANDLER_KINDS = {
 }
 
 
+def _headers_first(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    """A response stream's handler that sends the stream's headers (empty initial metadata)
+    before anything else; an async generator or a coroutine that writes (``context.write``,
+    as grpc's health service does).
+
+    Until a stream's headers arrive, a grpc.aio client has a batch in flight that fails if the
+    call ends first (its caller cancels, its deadline passes), and grpc.aio never frees a
+    failed batch (grpc/grpc#43360): ~80 B a call in the client (``services/rpc/aio_calls.py``).
+    gRPC sends headers with the first message, which may be seconds away (a prefill, a queue).
+    """
+
+    async def headers(context: grpc.aio.ServicerContext) -> None:
+        # (failing: the call has ended already, which the handler finds out itself)
+        with contextlib.suppress(Exception):
+            await context.send_initial_metadata(())
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await headers(context)
+            async for response in behavior(request, context):
+                yield response
+
+        return stream
+
+    async def writer(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await headers(context)
+        return await behavior(request, context)
+
+    return writer
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Applies ``translate_errors`` to every method of every service on a server, and decodes
-    their requests tolerantly (module docstring)."""
+    their requests tolerantly (module docstring). A response stream sends its headers at once
+    (``_headers_first``)."""
 
     async def intercept_service(
         self,
@@ -285,6 +319,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         streaming = handler.request_streaming
         attr, make = _HANDLER_KINDS[(streaming, handler.response_streaming)]
         behavior = getattr(handler, attr)
+        if handler.response_streaming:
+            behavior = _headers_first(behavior)
         return make(
             translate_errors(behavior, handler_call_details.method, streaming),
             request_deserializer=_tolerant(handler.request_deserializer),

@@ -29,6 +29,7 @@ class FakeDecode(decode_pb2_grpc.DecodeServiceServicer):
     def __init__(self) -> None:
         self.slow_started = asyncio.Event()
         self.late_failure = asyncio.Event()
+        self.first_frame = asyncio.Event()  # "late" streams wait for it before their first
 
     async def Stats(self, request, context):
         kv = common_pb2.KVPoolStats(num_blocks_total=8, num_blocks_free=8)
@@ -46,6 +47,8 @@ class FakeDecode(decode_pb2_grpc.DecodeServiceServicer):
         return decode_pb2.ReserveKVResponse(reservation_id="res-1", num_blocks=1)
 
     async def StreamTokens(self, request, context):
+        if request.request_id == "late":
+            await self.first_frame.wait()
         yield decode_pb2.StreamTokensResponse(delta=common_pb2.TokenDelta(token_ids=[1]))
         if request.request_id == "outlives-its-client":
             # Work that fails after the client cancelled (a prefill whose reservation the

@@ -110,17 +110,26 @@ def test_a_cancelled_awaiter_cancels_the_call_and_waits_for_it_to_end(kind):
     assert asyncio.run(main()) == (True, True)
 
 
-def test_cancelled_awaiters_leak_no_native_memory():
-    """10,000 reads cancelled in flight, in a fresh process (``aio_leak_probe.py``): ~115 B a
-    call stay allocated with ``async for frame in call`` (grpcio 1.85, 2026-12-07), ~11 B
-    through ``aio_calls.frames``."""
+# What each case is: aio_leak_probe.py's docstring. Measured 2026-12-08, grpcio 1.85.4, 2,000
+# calls, heap bytes a call, the plain form first: a read cancelled in flight 82 against -12, a
+# unary call 947 against -7, a stream cancelled before its first message 81 from a bare server
+# against -14 from one that sends its headers at once.
+LEAK_CASES = ["read-shielded", "unary-shielded", "headers-first"]
+
+
+@pytest.mark.parametrize("case", LEAK_CASES)
+def test_cancelled_awaiters_leak_no_native_memory(case):
+    """Calls cancelled in flight, in a fresh process (``aio_leak_probe.py``): what stays
+    allocated per call, through ``aio_calls`` and against a server with ``ErrorInterceptor``.
+    The plain forms keep ~80–1,000 B a call (grpc/grpc#43360), not asserted here: that is
+    grpc's to fix."""
     probe = Path(__file__).with_name("aio_leak_probe.py")
     run = subprocess.run(
-        [sys.executable, str(probe), "shielded", "10000"],
+        [sys.executable, str(probe), case, "2000"],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=Path(__file__).parents[2],
     )
     assert run.returncode == 0, run.stderr
-    assert float(run.stdout) < 50.0, f"{run.stdout.strip()} B a cancelled call"
+    assert float(run.stdout) < 20.0, f"{case}: {run.stdout.strip()} B a cancelled call"

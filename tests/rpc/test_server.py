@@ -60,6 +60,35 @@ def test_health_reports_serving_per_service_and_overall():
     asyncio.run(main())
 
 
+def test_a_response_stream_sends_its_headers_before_its_first_message():
+    """Its client's batch waiting for them ends at once, not with the call (a cancelled or
+    timed-out one fails and leaks in grpc.aio: services/rpc/aio_calls.py); both handler forms,
+    an async generator (StreamTokens) and a coroutine that writes (the health service's
+    Watch), still stream their messages."""
+
+    async def main():
+        async with serving() as (server, channel, servicer):
+            stub = decode_pb2_grpc.DecodeServiceStub(channel)
+            call = stub.StreamTokens(decode_pb2.StreamTokensRequest(request_id="late"))
+            headers = await asyncio.wait_for(call.initial_metadata(), 5)
+            waiting = not servicer.first_frame.is_set()
+            servicer.first_frame.set()
+            first = await call.read()
+            health = health_pb2_grpc.HealthStub(channel)
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=DECODE_SERVICE))
+            seen = [(await watch.read()).status]
+            await server.set_serving(DECODE_SERVICE, False)
+            seen.append((await watch.read()).status)
+            watch.cancel()
+            return headers, waiting, list(first.delta.token_ids), seen
+
+    headers, waiting, first, seen = asyncio.run(main())
+    assert waiting  # the headers came while the handler still waited for its first message
+    assert first == [1]
+    status = health_pb2.HealthCheckResponse
+    assert seen == [status.SERVING, status.NOT_SERVING]
+
+
 def test_reflection_lists_the_services():
     async def main():
         async with serving() as (_, channel, _):

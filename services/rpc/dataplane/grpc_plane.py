@@ -16,6 +16,7 @@ from __future__ import annotations
 import grpc
 
 from services.common.config import RpcConfig
+from services.rpc import aio_calls
 from services.rpc.channels import open_channel
 from services.rpc.dataplane.base import (
     DEFAULT_GRACE_S,
@@ -116,7 +117,7 @@ class GrpcClient(DataClient):
             header=bytes(header), payload=_as_bytes(payload)
         )
         try:
-            reply = await self._stub.Call(message, timeout=timeout_s)
+            reply = await aio_calls.unary(self._stub.Call(message, timeout=timeout_s))
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from None
         return reply.header, bytearray(reply.payload)
