@@ -110,7 +110,7 @@ def test_a_cancelled_awaiter_cancels_the_call_and_waits_for_it_to_end(kind):
     assert asyncio.run(main()) == (True, True)
 
 
-# What each case is: aio_leak_probe.py's docstring. Measured 2026-12-08, grpcio 1.85.4, 2,000
+# What each case is: aio_leak_probe.py's docstring. Measured 2026-12-07, grpcio 1.85.4, 2,000
 # calls, heap bytes a call, the plain form first: a read cancelled in flight 82 against -12, a
 # unary call 947 against -7, a stream cancelled before its first message 81 from a bare server
 # against -14 from one that sends its headers at once.
