@@ -33,7 +33,7 @@ A call through client interceptors (tracing on) is cancelled with its own ``canc
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -51,7 +51,11 @@ def _cancel_in_core(call: Any) -> None:
         call.cancel()
 
 
-async def _shielded(call: Any, awaitable: Any, cancel: Any) -> Any:
+def _cancel(call: Any) -> None:
+    call.cancel()
+
+
+async def _shielded(call: Any, awaitable: Any, cancel: Callable[[Any], None]) -> Any:
     operation = asyncio.ensure_future(awaitable)
     try:
         return await asyncio.shield(operation)
@@ -61,10 +65,6 @@ async def _shielded(call: Any, awaitable: Any, cancel: Any) -> Any:
         if not operation.cancelled():
             operation.exception()  # retrieved: no "never retrieved" warning
         raise
-
-
-def _cancel(call: Any) -> None:
-    call.cancel()
 
 
 async def unary(call: Any) -> Any:
