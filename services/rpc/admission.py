@@ -33,6 +33,7 @@ from services.common.admission import (
     fair_share,
 )
 from services.rpc.deadlines import time_left
+from services.rpc.handlers import HANDLER_KINDS
 from services.rpc.security import caller_identity
 
 log = logging.getLogger(__name__)
@@ -121,14 +122,6 @@ def _admitted(
     return unary
 
 
-_HANDLER_KINDS = {
-    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
-    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
-    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
-    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
-}
-
-
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     """Applies ``controller`` to every WORK and STREAM method of a server (``start_server``'s
     ``interceptors``); EXEMPT methods pass untouched."""
@@ -151,7 +144,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or method_class is MethodClass.EXEMPT:
             return handler
         kinds = (handler.request_streaming, handler.response_streaming)
-        attr, make = _HANDLER_KINDS[kinds]
+        attr, make = HANDLER_KINDS[kinds]
         behavior = _admitted(getattr(handler, attr), self.controller, method_class, self._identify)
         return make(
             behavior,

@@ -23,9 +23,8 @@ import enum
 import functools
 import hashlib
 import hmac
-import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import grpc
 
 from services.common.errors import ConfigError
 from services.rpc.dataplane import peer_auth
+from services.rpc.handlers import HANDLER_KINDS, preceded
 
 log = logging.getLogger(__name__)
 
@@ -434,7 +434,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         kind = (handler.request_streaming, handler.response_streaming)
-        attr, make = _HANDLER_KINDS[kind]
+        attr, make = HANDLER_KINDS[kind]
         checked = _checked(getattr(handler, attr), self._security, details.method)
         return make(
             checked,
@@ -449,28 +449,7 @@ def _checked(behavior: Callable[..., Any], security: SecurityConfig, method: str
         if refused is not None:
             await context.abort(*refused)
 
-    if inspect.isasyncgenfunction(behavior):
-
-        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            await check(context)
-            async for response in behavior(request, context):
-                yield response
-
-        return stream
-
-    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await check(context)
-        return await behavior(request, context)
-
-    return unary
-
-
-_HANDLER_KINDS = {
-    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
-    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
-    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
-    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
-}
+    return preceded(behavior, check)
 
 
 # -- the OpenAI HTTP API -------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import grpc
 from google.protobuf.message import Message
 
 from services.common import errors
+from services.rpc.handlers import HANDLER_KINDS, preceded
 
 log = logging.getLogger(__name__)
 _M = TypeVar("_M", bound=Message)
@@ -262,15 +263,6 @@ def translate_errors(
     return _wrap_unary_response(behavior, unpack)
 
 
-_HANDLER_KINDS = {
-    # (request_streaming, response_streaming) -> the constructor that rebuilds the handler
-    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
-    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
-    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
-    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
-}
-
-
 def _headers_first(behavior: Callable[..., Any]) -> Callable[..., Any]:
     """A response stream's handler that sends the stream's headers (empty initial metadata)
     before anything else; an async generator or a coroutine that writes (``context.write``,
@@ -287,20 +279,7 @@ def _headers_first(behavior: Callable[..., Any]) -> Callable[..., Any]:
         with contextlib.suppress(Exception):
             await context.send_initial_metadata(())
 
-    if inspect.isasyncgenfunction(behavior):
-
-        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            await headers(context)
-            async for response in behavior(request, context):
-                yield response
-
-        return stream
-
-    async def writer(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await headers(context)
-        return await behavior(request, context)
-
-    return writer
+    return preceded(behavior, headers)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -317,7 +296,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:  # unknown method: grpc answers UNIMPLEMENTED itself
             return handler
         streaming = handler.request_streaming
-        attr, make = _HANDLER_KINDS[(streaming, handler.response_streaming)]
+        attr, make = HANDLER_KINDS[(streaming, handler.response_streaming)]
         behavior = getattr(handler, attr)
         if handler.response_streaming:
             behavior = _headers_first(behavior)

@@ -13,21 +13,13 @@ import grpc
 import pytest
 
 from services.rpc import aio_calls
-
-
-def ident(b: bytes) -> bytes:
-    return b
+from tests.rpc.aio_leak_probe import answer_late, ident
 
 
 async def three_then_wait(request, context):
     for _ in range(3):
         yield b"frame"
     await asyncio.sleep(60)
-
-
-async def answer_late(request, context):
-    await asyncio.sleep(60)
-    return b"late"
 
 
 async def answer(request, context):
